@@ -1,0 +1,41 @@
+# `make run`, `make serve` and `make test` work on a fresh machine: the first use
+# creates .venv and installs the pinned dependencies (torch from the CPU wheel).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run serve test bench clean venv browser
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Chromium for the editor's browser tests (Debian's package; Playwright never downloads one).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium package for the browser tests"; fi; }
+
+run: $(STAMP)
+	$(BIN)/python -m engine.demo
+
+serve: $(STAMP)
+	$(BIN)/kiln serve
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python bench/img2img_vs_diffusers.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,132 @@
+"""What a node may touch: a narrow context instead of globals.
+
+:class:`Environment` is shared by every job of one process (folders, the model
+manager, the device, settings). :class:`NodeContext` is made per node per job:
+progress reporting and the interruption check are bound to that job, so two jobs
+can never see each other's state.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.paths import SafeRoot
+
+
+class Interrupted(Exception):
+    """Raised inside a node when its job was asked to stop."""
+
+
+class NodeError(Exception):
+    """A failure a user can act on: names the input at fault and why.
+
+    Nodes raise it for bad input ("strength must be within 0..1") so the error event
+    carries the input name next to the node id instead of a bare traceback.
+    """
+
+    def __init__(self, message: str, input_name: str | None = None) -> None:
+        super().__init__(message)
+        self.input_name = input_name
+
+
+@dataclass
+class Paths:
+    """The folders a process works in; every one is a :class:`SafeRoot`."""
+
+    input: SafeRoot
+    output: SafeRoot
+    temp: SafeRoot
+    models: SafeRoot
+    workflows: SafeRoot
+
+    @classmethod
+    def under(cls, base: str | Path, models: str | Path | None = None,
+              workflows: str | Path | None = None) -> "Paths":
+        base = Path(base)
+        return cls(
+            input=SafeRoot(base / "input", create=True),
+            output=SafeRoot(base / "output", create=True),
+            temp=SafeRoot(base / "temp", create=True),
+            models=SafeRoot(Path(models) if models else base / "models", create=True),
+            workflows=SafeRoot(Path(workflows) if workflows else base / "workflows", create=True),
+        )
+
+
+@dataclass
+class Settings:
+    #: LoadImage may fetch http(s) URLs (the CLI allows it; the server only when enabled).
+    allow_url_images: bool = False
+    url_max_bytes: int = 20 * 1024 * 1024
+    url_timeout_s: float = 20.0
+    #: Largest image, in pixels, a node will decode (guards against decompression bombs).
+    max_image_pixels: int = 8192 * 8192
+    #: Embed the workflow in saved PNGs (users may turn it off for privacy).
+    embed_workflow: bool = True
+
+
+@dataclass
+class Environment:
+    paths: Paths
+    #: The model manager (engine.models.ModelManager); typed loosely so the engine
+    #: does not need torch to be importable for non-diffusion work.
+    models: Any = None
+    device: str = "cpu"
+    settings: Settings = field(default_factory=Settings)
+
+    @classmethod
+    def for_folder(cls, base: str | Path, **kwargs: Any) -> "Environment":
+        return cls(paths=Paths.under(base), **kwargs)
+
+
+@dataclass
+class JobInfo:
+    """What a job carries that some nodes record (SaveImage embeds it in PNGs)."""
+
+    id: str
+    workflow: dict[str, Any] = field(default_factory=dict)  # ComfyUI API format
+    kiln_workflow: dict[str, Any] = field(default_factory=dict)
+    extra_pnginfo: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NodeContext:
+    env: Environment
+    job: JobInfo
+    node_id: str
+    node_type: str
+    _progress: Callable[[int, int, Any], None]
+    _is_interrupted: Callable[[], bool]
+    _message: Callable[[str], None]
+
+    @property
+    def device(self) -> str:
+        return self.env.device
+
+    @property
+    def models(self) -> Any:
+        return self.env.models
+
+    @property
+    def paths(self) -> Paths:
+        return self.env.paths
+
+    def check_interrupted(self) -> None:
+        """Raise :class:`Interrupted` if this job was asked to stop."""
+        if self._is_interrupted():
+            raise Interrupted()
+
+    def progress(self, value: int, maximum: int, preview: Any = None) -> None:
+        """Report progress (e.g. a sampler step); also an interruption point."""
+        self.check_interrupted()
+        self._progress(value, maximum, preview)
+
+    def message(self, text: str) -> None:
+        """Tell the user something about this node's work (e.g. "resized to 512x512")."""
+        self._message(text)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("KILN_DATA", Path.cwd() / "data"))

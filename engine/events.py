@@ -1,0 +1,123 @@
+"""The typed event stream of a job.
+
+The CLI, the server's websocket and history, and the tests all consume these same
+events. ``to_dict`` gives the JSON shape (``{"type": ..., ...}``); a preview image
+travels as bytes in :class:`Preview` and is left out of the JSON form, so that
+transports can send it as a binary frame instead of base64.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Preview:
+    data: bytes
+    mime: str = "image/jpeg"
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class Event:
+    type: ClassVar[str] = "event"
+    job_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"type": self.type}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Preview):
+                d["preview"] = {"mime": value.mime, "width": value.width, "height": value.height}
+                continue
+            d[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+        return d
+
+
+@dataclass
+class JobStarted(Event):
+    type: ClassVar[str] = "job_started"
+    node_ids: list[str] = field(default_factory=list)
+    timestamp: int = field(default_factory=now_ms)
+
+
+@dataclass
+class NodesCached(Event):
+    type: ClassVar[str] = "nodes_cached"
+    node_ids: list[str] = field(default_factory=list)
+    timestamp: int = field(default_factory=now_ms)
+
+
+@dataclass
+class NodeStarted(Event):
+    type: ClassVar[str] = "node_started"
+    node_id: str = ""
+    node_type: str = ""
+
+
+@dataclass
+class Progress(Event):
+    type: ClassVar[str] = "progress"
+    node_id: str = ""
+    value: int = 0
+    max: int = 0
+    preview: Preview | None = None
+
+
+@dataclass
+class NodeMessage(Event):
+    type: ClassVar[str] = "node_message"
+    node_id: str = ""
+    node_type: str = ""
+    message: str = ""
+
+
+@dataclass
+class NodeFinished(Event):
+    type: ClassVar[str] = "node_finished"
+    node_id: str = ""
+    node_type: str = ""
+    ui: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class JobFinished(Event):
+    type: ClassVar[str] = "job_finished"
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    timestamp: int = field(default_factory=now_ms)
+
+
+@dataclass
+class JobFailed(Event):
+    type: ClassVar[str] = "job_failed"
+    node_id: str | None = None
+    node_type: str | None = None
+    input_name: str | None = None
+    message: str = ""
+    exception_type: str = ""
+    traceback: list[str] = field(default_factory=list)
+    executed: list[str] = field(default_factory=list)
+    timestamp: int = field(default_factory=now_ms)
+
+
+@dataclass
+class JobInterrupted(Event):
+    type: ClassVar[str] = "job_interrupted"
+    node_id: str | None = None
+    node_type: str | None = None
+    executed: list[str] = field(default_factory=list)
+    timestamp: int = field(default_factory=now_ms)
+
+
+TERMINAL = (JobFinished, JobFailed, JobInterrupted)

@@ -1,0 +1,230 @@
+"""The executor: plan -> run -> events. The only place that calls node functions.
+
+For each node of the plan the executor computes a signature from what determines
+its result (type, version, literal inputs, external fingerprint, and the
+signatures of the nodes feeding it). Walking back from the output nodes, a node
+runs only when a node that must run needs its result and the cache does not hold
+it; everything else is served from the cache or skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import traceback as tb
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from engine.cache import OutputCache
+from engine.context import Environment, Interrupted, JobInfo, NodeContext, NodeError
+from engine.events import (Event, JobFailed, JobFinished, JobInterrupted, JobStarted, NodeFinished, NodeMessage,
+                           NodesCached, NodeStarted, Preview, Progress)
+from engine.node import ALWAYS, Result
+from engine.registry import Registry
+from engine.validate import Plan, PlannedNode, validate
+from engine.workflow import Workflow
+
+EventSink = Callable[[Event], None]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def node_signature(node: PlannedNode, input_signatures: dict[str, tuple[str, int]], fingerprint: Any) -> str:
+    """Hash of everything that determines the node's result; its id is not part of it."""
+    payload = {
+        "type": node.spec.type,
+        "version": node.spec.version,
+        "literals": node.literals,
+        "links": sorted((name, sig, idx) for name, (sig, idx) in input_signatures.items()),
+        "fingerprint": fingerprint,
+    }
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    status: str  # "succeeded" | "failed" | "interrupted"
+    #: UI outputs (saved file names, text) of every node that produced some.
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Output values of every node that was computed or fetched, by node id.
+    results: dict[str, tuple] = field(default_factory=dict)
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    error: JobFailed | None = None
+
+
+class Executor:
+    def __init__(self, registry: Registry, env: Environment, cache: OutputCache | None = None) -> None:
+        self.registry = registry
+        self.env = env
+        self.cache = cache if cache is not None else OutputCache()
+        self._lock = threading.Lock()
+
+    def plan(self, workflow: Workflow, outputs: Iterable[str] | None = None) -> Plan:
+        return validate(workflow, self.registry, self.env, outputs)
+
+    def signatures(self, plan: Plan) -> dict[str, str]:
+        sigs: dict[str, str] = {}
+        for node_id in plan.order:
+            node = plan.nodes[node_id]
+            inputs = {name: (sigs[link.node_id], link.output) for name, link in node.links.items()}
+            sigs[node_id] = node_signature(node, inputs, self._fingerprint(node))
+        return sigs
+
+    def _fingerprint(self, node: PlannedNode) -> Any:
+        hook = node.spec.fingerprint
+        if hook is None:
+            return None
+        try:
+            value = hook(self.env, node.literals)
+        except Exception:
+            value = ALWAYS  # the node will run and report the problem itself
+        return uuid.uuid4().hex if value is ALWAYS else value
+
+    def run(
+        self,
+        workflow: Workflow | Plan,
+        *,
+        job_id: str | None = None,
+        force: bool = False,
+        on_event: EventSink | None = None,
+        interrupt: threading.Event | None = None,
+        outputs: Iterable[str] | None = None,
+        job: JobInfo | None = None,
+    ) -> JobOutcome:
+        """Run a workflow to the end; validation errors raise before any event is sent."""
+        plan = workflow if isinstance(workflow, Plan) else self.plan(workflow, outputs)
+        job_id = job_id or (job.id if job else uuid.uuid4().hex)
+        if job is None:
+            job = JobInfo(id=job_id, workflow=plan.workflow.to_api(), kiln_workflow=plan.workflow.to_kiln())
+        with self._lock:
+            return _Run(self, plan, job_id, job, force, on_event or (lambda e: None),
+                        interrupt or threading.Event()).execute()
+
+
+class _Run:
+    """One job's state: kept off the Executor so nothing leaks between jobs."""
+
+    def __init__(self, executor: Executor, plan: Plan, job_id: str, job: JobInfo, force: bool,
+                 emit: EventSink, interrupt: threading.Event) -> None:
+        self.ex, self.plan, self.job_id, self.job = executor, plan, job_id, job
+        self.force, self.emit, self.interrupt = force, emit, interrupt
+        self.outcome = JobOutcome(job_id, "running")
+
+    def _schedule(self, sigs: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+        """Which nodes must run, and the cache entries of those served from it."""
+        consumers: dict[str, list[str]] = {n: [] for n in self.plan.order}
+        for node_id in self.plan.order:
+            for link in self.plan.nodes[node_id].links.values():
+                consumers[link.node_id].append(node_id)
+        to_run: set[str] = set()
+        from_cache: dict[str, Any] = {}
+        targets = set(self.plan.outputs)
+        for node_id in reversed(self.plan.order):
+            if node_id not in targets and not any(c in to_run for c in consumers[node_id]):
+                continue
+            entry = None if self.force else self.ex.cache.get(sigs[node_id])
+            if entry is None:
+                to_run.add(node_id)
+            else:
+                from_cache[node_id] = entry  # pinned for this job even if later evicted
+        return [n for n in self.plan.order if n in to_run], from_cache
+
+    def execute(self) -> JobOutcome:
+        started = time.perf_counter()
+        sigs = self.ex.signatures(self.plan)
+        run_order, from_cache = self._schedule(sigs)
+        cached = [n for n in self.plan.order if n in from_cache]
+        self.outcome.cached = cached
+        self.emit(JobStarted(self.job_id, node_ids=list(self.plan.order)))
+        self.emit(NodesCached(self.job_id, node_ids=cached))
+        for node_id in cached:
+            entry = from_cache[node_id]
+            self.outcome.results[node_id] = entry.outputs
+            if entry.ui:
+                self.outcome.outputs[node_id] = entry.ui
+                node = self.plan.nodes[node_id]
+                self.emit(NodeFinished(self.job_id, node_id=node_id, node_type=node.spec.type, ui=entry.ui, cached=True))
+
+        for node_id in run_order:
+            node = self.plan.nodes[node_id]
+            if self.interrupt.is_set():
+                return self._interrupted(node)
+            try:
+                self._run_node(node, sigs[node_id])
+            except Interrupted:
+                return self._interrupted(node)
+            except Exception as exc:  # a node failure ends the job, never the process
+                return self._failed(node, exc)
+        self.outcome.status = "succeeded"
+        self.emit(JobFinished(self.job_id, outputs=self.outcome.outputs, executed=self.outcome.executed,
+                              cached=cached, seconds=round(time.perf_counter() - started, 4)))
+        return self.outcome
+
+    def _run_node(self, node: PlannedNode, signature: str) -> None:
+        self.emit(NodeStarted(self.job_id, node_id=node.id, node_type=node.spec.type))
+        t0 = time.perf_counter()
+        kwargs = dict(node.literals)
+        for name, link in node.links.items():
+            kwargs[name] = self.outcome.results[link.node_id][link.output]
+        ctx = NodeContext(
+            env=self.ex.env, job=self.job, node_id=node.id, node_type=node.spec.type,
+            _progress=lambda v, m, p, nid=node.id: self._progress(nid, v, m, p),
+            _is_interrupted=self.interrupt.is_set,
+            _message=lambda text, n=node: self.emit(
+                NodeMessage(self.job_id, node_id=n.id, node_type=n.spec.type, message=text)),
+        )
+        raw = node.spec.fn(ctx, **kwargs)
+        outputs, ui = _normalise(raw, node)
+        self.outcome.results[node.id] = outputs
+        self.outcome.executed.append(node.id)
+        if ui:
+            self.outcome.outputs[node.id] = ui
+        self.ex.cache.put(signature, outputs, ui)
+        self.emit(NodeFinished(self.job_id, node_id=node.id, node_type=node.spec.type, ui=ui,
+                               seconds=round(time.perf_counter() - t0, 4)))
+
+    def _progress(self, node_id: str, value: int, maximum: int, preview: Any) -> None:
+        self.emit(Progress(self.job_id, node_id=node_id, value=int(value), max=int(maximum),
+                           preview=preview if isinstance(preview, Preview) else None))
+
+    def _interrupted(self, node: PlannedNode) -> JobOutcome:
+        self.outcome.status = "interrupted"
+        self.emit(JobInterrupted(self.job_id, node_id=node.id, node_type=node.spec.type,
+                                 executed=list(self.outcome.executed)))
+        return self.outcome
+
+    def _failed(self, node: PlannedNode, exc: Exception) -> JobOutcome:
+        self.outcome.status = "failed"
+        event = JobFailed(
+            self.job_id, node_id=node.id, node_type=node.spec.type,
+            input_name=getattr(exc, "input_name", None),
+            message=str(exc) or type(exc).__name__, exception_type=type(exc).__name__,
+            traceback=tb.format_exception(type(exc), exc, exc.__traceback__),
+            executed=list(self.outcome.executed))
+        self.outcome.error = event
+        self.emit(event)
+        return self.outcome
+
+
+def _normalise(raw: Any, node: PlannedNode) -> tuple[tuple, dict[str, Any]]:
+    ui: dict[str, Any] = {}
+    if isinstance(raw, Result):
+        raw, ui = raw.outputs, raw.ui
+    if raw is None:
+        raw = ()
+    if not isinstance(raw, tuple):
+        raw = (raw,) if len(node.spec.outputs) == 1 else tuple(raw)
+    if len(raw) != len(node.spec.outputs):
+        raise NodeError(f"returned {len(raw)} value(s) for {len(node.spec.outputs)} declared output(s)")
+    return raw, ui
+
+
+def execute(workflow: Workflow, registry: Registry, env: Environment, **kwargs: Any) -> JobOutcome:
+    """One-shot convenience: validate and run with a fresh cache."""
+    return Executor(registry, env).run(workflow, **kwargs)

@@ -1,0 +1,265 @@
+"""How a node declares itself.
+
+One declaration drives everything that needs to know about a node: validation,
+the executor's call, the editor's widgets (Kiln schema) and ComfyUI's
+``/object_info`` shape. A node is a plain function whose first parameter is the
+:class:`~engine.context.NodeContext` and whose other parameters are its inputs, by name.
+
+    @define_node(
+        "ImageInvert",
+        category="image",
+        inputs=[Input("image", IMAGE)],
+        outputs=[Output("IMAGE", IMAGE)],
+    )
+    def image_invert(ctx, image):
+        return (1.0 - image,)
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from engine import types as T
+
+
+class _NoDefault:
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT: Any = _NoDefault()
+
+
+class _Always:
+    """Fingerprint value meaning "this node's result can never be reused"."""
+
+    def __repr__(self) -> str:
+        return "ALWAYS"
+
+
+ALWAYS: Any = _Always()
+
+Choices = Sequence[str] | Callable[[], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Input:
+    """One typed input. Inputs of widget types may be typed in or linked."""
+
+    name: str
+    type: str
+    default: Any = NO_DEFAULT
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    round: float | None = None
+    choices: Choices | None = None
+    multiline: bool = False
+    optional: bool = False
+    tooltip: str = ""
+    #: Seed-like inputs: the editor offers fixed / increment / randomize after a run.
+    control_after_generate: bool = False
+    #: Hints for the editor: {"display": "slider"}, {"image_upload": True}, ...
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.choices is not None and self.type != T.COMBO:
+            object.__setattr__(self, "type", T.COMBO)
+
+    @property
+    def required(self) -> bool:
+        return not self.optional and self.default is NO_DEFAULT
+
+    def choice_list(self) -> list[str]:
+        if self.choices is None:
+            return []
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+    def options(self) -> dict[str, Any]:
+        """The input's options as ComfyUI's second list element expects them."""
+        opts: dict[str, Any] = {}
+        if self.default is not NO_DEFAULT:
+            opts["default"] = self.default
+        for key in ("min", "max", "step", "round"):
+            value = getattr(self, key)
+            if value is not None:
+                opts[key] = value
+        if self.multiline:
+            opts["multiline"] = True
+        if self.control_after_generate:
+            opts["control_after_generate"] = True
+        if self.tooltip:
+            opts["tooltip"] = self.tooltip
+        opts.update(self.extra)
+        return opts
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    type: str
+    tooltip: str = ""
+
+
+@dataclass
+class Result:
+    """What a node returns when it has UI output (saved files, text) to report."""
+
+    outputs: tuple = ()
+    ui: dict[str, Any] = field(default_factory=dict)
+
+
+FingerprintFn = Callable[[Any, Mapping[str, Any]], Any]
+ValidateFn = Callable[[Any, Mapping[str, Any]], "list[tuple[str, str]]"]
+
+
+@dataclass
+class NodeSpec:
+    """A registered node type: its declaration plus the function that runs it."""
+
+    type: str
+    fn: Callable[..., Any]
+    inputs: list[Input]
+    outputs: list[Output]
+    category: str = ""
+    display_name: str = ""
+    description: str = ""
+    version: int = 1
+    output_node: bool = False
+    #: ``fingerprint(env, literal_inputs) -> hashable | ALWAYS``: external state the
+    #: result depends on (a file's content hash), so a changed file re-runs the node.
+    fingerprint: FingerprintFn | None = None
+    #: ``validate(env, literal_inputs) -> [(input_name, message)]``: checks that need
+    #: the environment (does the file exist?), run before anything executes.
+    validate: ValidateFn | None = None
+    aliases: tuple[str, ...] = ()
+    python_module: str = "nodes"
+    deprecated: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.display_name:
+            self.display_name = self.type
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node {self.type}: duplicate input names {names}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def input(self, name: str) -> Input | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+    def signature_mismatches(self) -> list[str]:
+        """Differences between the function's parameters and the declared inputs.
+
+        Empty when they agree; used by a test over every registered node so that a
+        declaration cannot drift from the code it describes.
+        """
+        params = list(inspect.signature(self.fn).parameters.values())
+        problems = []
+        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            return [f"{self.type}: first parameter must be the context"]
+        declared = {i.name: i for i in self.inputs}
+        taken = {p.name: p for p in params[1:]}
+        for name, inp in declared.items():
+            if name not in taken:
+                problems.append(f"{self.type}: input '{name}' has no parameter")
+            elif not inp.required and taken[name].default is inspect.Parameter.empty and inp.default is NO_DEFAULT:
+                problems.append(f"{self.type}: optional input '{name}' needs a default in the function")
+        for name, param in taken.items():
+            if name not in declared and param.kind is not param.VAR_KEYWORD:
+                problems.append(f"{self.type}: parameter '{name}' is not a declared input")
+        return problems
+
+    # -- schemas ----------------------------------------------------------------
+
+    def schema(self) -> dict[str, Any]:
+        """Kiln's own description of the node, for the editor and `kiln nodes`."""
+        inputs = []
+        for i in self.inputs:
+            entry: dict[str, Any] = {"name": i.name, "type": i.type, "required": i.required, **i.options()}
+            if i.type == T.COMBO:
+                entry["choices"] = i.choice_list()
+            entry["widget"] = i.type in T.WIDGET_TYPES
+            inputs.append(entry)
+        return {
+            "type": self.type,
+            "display_name": self.display_name,
+            "category": self.category,
+            "description": self.description,
+            "version": self.version,
+            "output_node": self.output_node,
+            "inputs": inputs,
+            "outputs": [{"name": o.name, "type": o.type, **({"tooltip": o.tooltip} if o.tooltip else {})}
+                        for o in self.outputs],
+            "aliases": list(self.aliases),
+        }
+
+    def object_info(self, name: str | None = None) -> dict[str, Any]:
+        """The node in ComfyUI's ``/object_info`` shape."""
+        required: dict[str, list] = {}
+        optional: dict[str, list] = {}
+        for i in self.inputs:
+            head: Any = i.choice_list() if i.type == T.COMBO else i.type
+            opts = i.options()
+            (optional if i.optional else required)[i.name] = [head, opts] if opts else [head]
+        info: dict[str, Any] = {
+            "input": {"required": required, **({"optional": optional} if optional else {})},
+            "input_order": {"required": list(required), **({"optional": list(optional)} if optional else {})},
+            "output": [o.type for o in self.outputs],
+            "output_is_list": [False for _ in self.outputs],
+            "output_name": [o.name for o in self.outputs],
+            "name": name or self.type,
+            "display_name": self.display_name,
+            "description": self.description,
+            "python_module": self.python_module,
+            "category": self.category,
+            "output_node": self.output_node,
+        }
+        if any(o.tooltip for o in self.outputs):
+            info["output_tooltips"] = [o.tooltip for o in self.outputs]
+        if self.deprecated:
+            info["deprecated"] = True
+        return info
+
+
+def define_node(
+    type: str,
+    *,
+    inputs: Sequence[Input] = (),
+    outputs: Sequence[Output] = (),
+    category: str = "",
+    display_name: str = "",
+    description: str = "",
+    version: int = 1,
+    output_node: bool = False,
+    fingerprint: FingerprintFn | None = None,
+    validate: ValidateFn | None = None,
+    aliases: Sequence[str] = (),
+) -> Callable[[Callable[..., Any]], NodeSpec]:
+    """Decorator turning a function into a :class:`NodeSpec`.
+
+    The description defaults to the function's docstring, so the text a developer
+    writes for readers of the code is the text users see in the editor.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> NodeSpec:
+        module = fn.__module__ or "nodes"
+        return NodeSpec(
+            type=type,
+            fn=fn,
+            inputs=list(inputs),
+            outputs=list(outputs),
+            category=category,
+            display_name=display_name,
+            description=description or inspect.cleandoc(fn.__doc__ or ""),
+            version=version,
+            output_node=output_node,
+            fingerprint=fingerprint,
+            validate=validate,
+            aliases=tuple(aliases),
+            python_module="nodes" if module.startswith("nodes") else f"custom_nodes.{module.split('.')[0]}",
+        )
+
+    return wrap

@@ -1,0 +1,83 @@
+"""The one path resolver every file access goes through.
+
+Every name that arrives from outside (a `/view` query, an upload, a LoadImage
+input, a workflow or model name) is resolved against a :class:`SafeRoot`. A name
+is refused when it is absolute, contains ``..``, or resolves (after following
+symlinks) to a real path outside the root. ComfyUI's repeated path-traversal bugs
+came from checks spread over routes; here there is one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+
+class PathRefused(ValueError):
+    """A name that would leave its root, or that is not a plain relative name."""
+
+
+class SafeRoot:
+    def __init__(self, root: str | Path, create: bool = False) -> None:
+        root = Path(root)
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+
+    def __repr__(self) -> str:
+        return f"SafeRoot({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    @staticmethod
+    def _parts(name: str) -> list[str]:
+        if not isinstance(name, str):
+            raise PathRefused("a file name must be a string")
+        if "\x00" in name:
+            raise PathRefused("a file name may not contain NUL")
+        name = name.replace("\\", "/")
+        if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+            raise PathRefused(f"absolute paths are not allowed: {name!r}")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts):
+            raise PathRefused(f"'..' is not allowed in a file name: {name!r}")
+        return parts
+
+    def resolve(self, name: str, subfolder: str = "", *, must_exist: bool = False) -> Path:
+        """The real path of ``subfolder/name`` inside the root, or :class:`PathRefused`."""
+        parts = self._parts(subfolder or "") + self._parts(name)
+        if not parts:
+            raise PathRefused("empty file name")
+        candidate = self.root.joinpath(*parts)
+        real = Path(os.path.realpath(candidate))
+        if real != self.root and self.root not in real.parents:
+            raise PathRefused(f"{name!r} leads outside its folder")
+        if must_exist and not real.is_file():
+            raise FileNotFoundError(f"no such file: {'/'.join(parts)}")
+        return real
+
+    def relative(self, path: Path) -> str:
+        """The name, relative to the root in POSIX form, by which ``path`` is known."""
+        return Path(os.path.realpath(path)).relative_to(self.root).as_posix()
+
+    def list(self, extensions: Iterable[str] | None = None) -> list[str]:
+        """Files under the root (recursively) as relative POSIX names, sorted.
+
+        Symlinks that lead outside the root are left out, so a listing never
+        advertises a name that :meth:`resolve` would refuse.
+        """
+        exts = tuple(e.lower() for e in extensions) if extensions else None
+        names = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in filenames:
+                if filename.startswith(".") or (exts and not filename.lower().endswith(exts)):
+                    continue
+                rel = Path(dirpath, filename).relative_to(self.root).as_posix()
+                try:
+                    self.resolve(rel, must_exist=True)
+                except (PathRefused, FileNotFoundError):
+                    continue
+                names.append(rel)
+        return sorted(names)

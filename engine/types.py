@@ -1,0 +1,42 @@
+"""Socket types.
+
+A type is a plain upper-case string, as in ComfyUI, so third-party nodes can invent
+their own without registering anything. Only the few rules about which types may be
+connected live here.
+"""
+from __future__ import annotations
+
+IMAGE = "IMAGE"
+MASK = "MASK"
+LATENT = "LATENT"
+MODEL = "MODEL"
+CLIP = "CLIP"
+VAE = "VAE"
+CONDITIONING = "CONDITIONING"
+INT = "INT"
+FLOAT = "FLOAT"
+STRING = "STRING"
+BOOLEAN = "BOOLEAN"
+COMBO = "COMBO"
+ANY = "*"
+
+#: Types whose values can be typed into a widget rather than only linked.
+WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
+
+
+def _alternatives(socket_type: str) -> set[str]:
+    # ComfyUI lets a socket accept several types written "A,B".
+    return {part.strip() for part in socket_type.split(",") if part.strip()}
+
+
+def compatible(output_type: str, input_type: str) -> bool:
+    """Can an output of ``output_type`` feed an input of ``input_type``?
+
+    A combo input accepts a STRING output (a string node feeding a choice) because
+    the value is checked against the choices at run time anyway.
+    """
+    if ANY in (output_type, input_type):
+        return True
+    if input_type == COMBO:
+        return output_type in (COMBO, STRING)
+    return bool(_alternatives(output_type) & _alternatives(input_type))

@@ -1,0 +1,279 @@
+"""Validation: every problem of a workflow, found before anything runs.
+
+The result of a successful validation is a :class:`Plan`: the nodes that output
+nodes need, in topological order, with literal inputs coerced and defaults filled.
+Error types use ComfyUI's names where ComfyUI has one, so ComfyUI clients can
+read Kiln's 400 bodies unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+
+from engine import types as T
+from engine.node import NO_DEFAULT, Input, NodeSpec
+from engine.registry import Registry
+from engine.workflow import Link, Workflow
+
+# Error types (ComfyUI's names where it has one).
+REQUIRED_INPUT_MISSING = "required_input_missing"
+BAD_LINKED_INPUT = "bad_linked_input"
+RETURN_TYPE_MISMATCH = "return_type_mismatch"
+INVALID_INPUT_TYPE = "invalid_input_type"
+VALUE_SMALLER_THAN_MIN = "value_smaller_than_min"
+VALUE_BIGGER_THAN_MAX = "value_bigger_than_max"
+VALUE_NOT_IN_LIST = "value_not_in_list"
+CUSTOM_VALIDATION_FAILED = "custom_validation_failed"
+UNKNOWN_NODE_TYPE = "unknown_node_type"
+DEPENDENCY_CYCLE = "dependency_cycle"
+NO_OUTPUTS = "prompt_no_outputs"
+INVALID_WORKFLOW = "invalid_workflow"
+UNKNOWN_OUTPUT_TARGET = "unknown_output_target"
+
+
+@dataclass
+class ValidationError:
+    type: str
+    message: str
+    node_id: str | None = None
+    node_type: str | None = None
+    input_name: str | None = None
+    details: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "message": self.message,
+            "node_id": self.node_id,
+            "node_type": self.node_type,
+            "input_name": self.input_name,
+            "details": self.details,
+            "extra_info": {**self.extra, **({"input_name": self.input_name} if self.input_name else {})},
+        }
+
+    def __str__(self) -> str:
+        where = []
+        if self.node_id is not None:
+            where.append(f"node {self.node_id}" + (f" ({self.node_type})" if self.node_type else ""))
+        if self.input_name:
+            where.append(f"input '{self.input_name}'")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+class WorkflowInvalid(Exception):
+    def __init__(self, errors: list[ValidationError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+@dataclass
+class PlannedNode:
+    id: str
+    spec: NodeSpec
+    literals: dict[str, Any]
+    links: dict[str, Link]
+    title: str | None = None
+
+
+@dataclass
+class Plan:
+    workflow: Workflow
+    nodes: dict[str, PlannedNode]
+    order: list[str]
+    outputs: list[str]
+
+
+def _coerce(inp: Input, value: Any) -> tuple[Any, str | None]:
+    """ComfyUI-style coercion; returns (value, error message or None)."""
+    t = inp.type
+    if t == T.INT:
+        if isinstance(value, bool):
+            return value, "expected an integer, got a boolean"
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value), None
+            return value, f"expected an integer, got {value!r}"
+        if isinstance(value, str):
+            try:
+                return int(value.strip()), None
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    return value, f"expected an integer, got {value!r}"
+                if f.is_integer():
+                    return int(f), None
+                return value, f"expected an integer, got {value!r}"
+        return value, f"expected an integer, got {type(value).__name__}"
+    if t == T.FLOAT:
+        if isinstance(value, bool):
+            return value, "expected a number, got a boolean"
+        if isinstance(value, (int, float)):
+            result = float(value)
+        elif isinstance(value, str):
+            try:
+                result = float(value.strip())
+            except ValueError:
+                return value, f"expected a number, got {value!r}"
+        else:
+            return value, f"expected a number, got {type(value).__name__}"
+        if not math.isfinite(result):
+            return value, "expected a finite number"
+        return result, None
+    if t == T.BOOLEAN:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value), None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes"), None
+        return value, f"expected true or false, got {value!r}"
+    if t in (T.STRING, T.COMBO):
+        if isinstance(value, str):
+            return value, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value), None
+        return value, f"expected text, got {type(value).__name__}"
+    # Non-widget types (IMAGE, MODEL, ...) only arrive through links.
+    return value, f"{t} input needs a link [node_id, output_index], not a value"
+
+
+def _check_literal(node_id: str, spec: NodeSpec, inp: Input, raw: Any) -> tuple[Any, list[ValidationError]]:
+    def err(kind: str, message: str, **extra: Any) -> ValidationError:
+        return ValidationError(kind, message, node_id, spec.type, inp.name, extra={"received_value": raw, **extra})
+
+    value, problem = _coerce(inp, raw)
+    if problem:
+        return value, [err(INVALID_INPUT_TYPE, problem)]
+    if inp.type in (T.INT, T.FLOAT):
+        if inp.min is not None and value < inp.min:
+            return value, [err(VALUE_SMALLER_THAN_MIN, f"{value} is smaller than the minimum {inp.min}")]
+        if inp.max is not None and value > inp.max:
+            return value, [err(VALUE_BIGGER_THAN_MAX, f"{value} is bigger than the maximum {inp.max}")]
+    if inp.type == T.COMBO:
+        choices = inp.choice_list()
+        if value not in choices:
+            shown = choices if len(choices) <= 20 else choices[:20] + ["..."]
+            hint = f"; choose one of: {', '.join(map(str, shown))}" if choices else "; there are no choices available"
+            return value, [err(VALUE_NOT_IN_LIST, f"'{value}' is not a valid choice{hint}", input_config=shown)]
+    return value, []
+
+
+def validate(
+    workflow: Workflow,
+    registry: Registry,
+    env: Any = None,
+    outputs: Iterable[str] | None = None,
+) -> Plan:
+    """Check everything; return the plan or raise :class:`WorkflowInvalid` with every error."""
+    errors: list[ValidationError] = [ValidationError(INVALID_WORKFLOW, p) for p in workflow.problems]
+    planned: dict[str, PlannedNode] = {}
+
+    for node in workflow.nodes.values():
+        for input_name, problem in node.problems:
+            kind = BAD_LINKED_INPUT if input_name else INVALID_WORKFLOW
+            errors.append(ValidationError(kind, problem, node.id, node.type, input_name))
+        if node.type is None:
+            continue
+        spec = registry.get(node.type)
+        if spec is None:
+            errors.append(ValidationError(
+                UNKNOWN_NODE_TYPE, f"unknown node type '{node.type}' (is the package that provides it installed?)",
+                node.id, node.type))
+            continue
+        literals: dict[str, Any] = {}
+        links: dict[str, Link] = {}
+        node_errors: list[ValidationError] = []
+        for inp in spec.inputs:
+            if inp.name not in node.inputs:
+                if inp.default is not NO_DEFAULT:
+                    literals[inp.name] = inp.default
+                elif not inp.optional:
+                    node_errors.append(ValidationError(
+                        REQUIRED_INPUT_MISSING, f"required input '{inp.name}' ({inp.type}) is missing",
+                        node.id, spec.type, inp.name))
+                continue
+            raw = node.inputs[inp.name]
+            if isinstance(raw, Link):
+                node_errors += _check_link(workflow, registry, node.id, spec, inp, raw)
+                links[inp.name] = raw
+            elif any(p[0] == inp.name for p in node.problems):
+                continue  # already reported as a malformed link
+            else:
+                value, problems = _check_literal(node.id, spec, inp, raw)
+                node_errors += problems
+                literals[inp.name] = value
+        if not node_errors and spec.validate is not None and env is not None:
+            for input_name, message in spec.validate(env, literals) or []:
+                node_errors.append(ValidationError(CUSTOM_VALIDATION_FAILED, message, node.id, spec.type, input_name))
+        errors += node_errors
+        planned[node.id] = PlannedNode(node.id, spec, literals, links, node.title)
+
+    graph = workflow.graph()
+    cycles = list(nx.simple_cycles(graph))
+    for cycle in cycles:
+        path = " -> ".join(cycle + [cycle[0]])
+        first = workflow.nodes[cycle[0]]
+        errors.append(ValidationError(DEPENDENCY_CYCLE, f"nodes form a cycle: {path}", first.id, first.type))
+
+    targets = _output_targets(workflow, registry, outputs, errors)
+    if errors:
+        raise WorkflowInvalid(errors)
+
+    needed: set[str] = set()
+    for target in targets:
+        needed |= nx.ancestors(graph, target) | {target}
+    order = [n for n in nx.lexicographical_topological_sort(graph.subgraph(needed), key=_id_sort_key)]
+    return Plan(workflow=workflow, nodes={n: planned[n] for n in order}, order=order, outputs=targets)
+
+
+def _id_sort_key(node_id: str) -> tuple:
+    # Numeric ids in numeric order ("2" before "10") so runs are deterministic and readable.
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def _check_link(workflow: Workflow, registry: Registry, node_id: str, spec: NodeSpec, inp: Input,
+                link: Link) -> list[ValidationError]:
+    def err(kind: str, message: str) -> list[ValidationError]:
+        return [ValidationError(kind, message, node_id, spec.type, inp.name, extra={"linked_node": link.to_json()})]
+
+    source = workflow.nodes.get(link.node_id)
+    if source is None:
+        return err(BAD_LINKED_INPUT, f"links to node '{link.node_id}', which is not in the workflow")
+    source_spec = registry.get(source.type) if source.type else None
+    if source_spec is None:
+        return []  # the source's own unknown-type error says it all
+    if not 0 <= link.output < len(source_spec.outputs):
+        return err(BAD_LINKED_INPUT,
+                   f"links to output {link.output} of node {link.node_id} ({source_spec.type}), "
+                   f"which has {len(source_spec.outputs)} output(s)")
+    out_type = source_spec.outputs[link.output].type
+    if not T.compatible(out_type, inp.type):
+        return err(RETURN_TYPE_MISMATCH,
+                   f"expects {inp.type} but node {link.node_id} ({source_spec.type}) output {link.output} is {out_type}")
+    return []
+
+
+def _output_targets(workflow: Workflow, registry: Registry, outputs: Iterable[str] | None,
+                    errors: list[ValidationError]) -> list[str]:
+    if outputs is not None:
+        targets = []
+        for node_id in outputs:
+            node_id = str(node_id)
+            if node_id not in workflow.nodes:
+                errors.append(ValidationError(UNKNOWN_OUTPUT_TARGET, f"output target '{node_id}' is not a node here"))
+            else:
+                targets.append(node_id)
+        return targets
+    targets = [n.id for n in workflow.nodes.values()
+               if n.type and (s := registry.get(n.type)) is not None and s.output_node]
+    if not targets and not any(e.type == UNKNOWN_NODE_TYPE for e in errors):
+        errors.append(ValidationError(NO_OUTPUTS, "the workflow has no output node (such as SaveImage), so nothing would run"))
+    return sorted(targets, key=_id_sort_key)
