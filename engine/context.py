@@ -64,6 +64,9 @@ class Settings:
     max_image_pixels: int = 8192 * 8192
     #: Embed the workflow in saved PNGs (users may turn it off for privacy).
     embed_workflow: bool = True
+    #: LoadImage may read any path on disk (the CLI, run by the file's owner); the
+    #: server keeps every name inside its input folder.
+    allow_absolute_paths: bool = False
 
 
 @dataclass

@@ -40,7 +40,9 @@ class _Always:
 
 ALWAYS: Any = _Always()
 
-Choices = Sequence[str] | Callable[[], Sequence[str]]
+#: A fixed list, or a function of the Environment (files in a folder), evaluated
+#: whenever a schema is served or a workflow validated.
+Choices = Sequence[str] | Callable[[Any], Sequence[str]]
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,12 @@ class Input:
     def required(self) -> bool:
         return not self.optional and self.default is NO_DEFAULT
 
-    def choice_list(self) -> list[str]:
+    def choice_list(self, env: Any = None) -> list[str]:
         if self.choices is None:
             return []
-        return list(self.choices() if callable(self.choices) else self.choices)
+        if callable(self.choices):
+            return list(self.choices(env)) if env is not None else []
+        return list(self.choices)
 
     def options(self) -> dict[str, Any]:
         """The input's options as ComfyUI's second list element expects them."""
@@ -174,13 +178,13 @@ class NodeSpec:
 
     # -- schemas ----------------------------------------------------------------
 
-    def schema(self) -> dict[str, Any]:
+    def schema(self, env: Any = None) -> dict[str, Any]:
         """Kiln's own description of the node, for the editor and `kiln nodes`."""
         inputs = []
         for i in self.inputs:
             entry: dict[str, Any] = {"name": i.name, "type": i.type, "required": i.required, **i.options()}
             if i.type == T.COMBO:
-                entry["choices"] = i.choice_list()
+                entry["choices"] = i.choice_list(env)
             entry["widget"] = i.type in T.WIDGET_TYPES
             inputs.append(entry)
         return {
@@ -196,12 +200,12 @@ class NodeSpec:
             "aliases": list(self.aliases),
         }
 
-    def object_info(self, name: str | None = None) -> dict[str, Any]:
+    def object_info(self, name: str | None = None, env: Any = None) -> dict[str, Any]:
         """The node in ComfyUI's ``/object_info`` shape."""
         required: dict[str, list] = {}
         optional: dict[str, list] = {}
         for i in self.inputs:
-            head: Any = i.choice_list() if i.type == T.COMBO else i.type
+            head: Any = i.choice_list(env) if i.type == T.COMBO else i.type
             opts = i.options()
             (optional if i.optional else required)[i.name] = [head, opts] if opts else [head]
         info: dict[str, Any] = {

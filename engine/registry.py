@@ -88,16 +88,17 @@ class Registry:
         """Every name a workflow may use, aliases included."""
         return [*self._specs, *self._aliases]
 
-    def schemas(self) -> dict[str, dict[str, Any]]:
-        return {spec.type: spec.schema() for spec in self}
+    def schemas(self, env: Any = None) -> dict[str, dict[str, Any]]:
+        """Kiln schemas; ``env`` fills choices that depend on folders (checkpoints, images)."""
+        return {spec.type: spec.schema(env) for spec in self}
 
-    def object_info(self) -> dict[str, dict[str, Any]]:
+    def object_info(self, env: Any = None) -> dict[str, dict[str, Any]]:
         """ComfyUI's ``/object_info``: aliases appear as nodes of their own."""
         info = {}
         for spec in self:
-            info[spec.type] = spec.object_info()
+            info[spec.type] = spec.object_info(env=env)
             for alias in spec.aliases:
-                info[alias] = spec.object_info(alias)
+                info[alias] = spec.object_info(alias, env=env)
         return info
 
 

@@ -145,7 +145,7 @@ def _coerce(inp: Input, value: Any) -> tuple[Any, str | None]:
     return value, f"{t} input needs a link [node_id, output_index], not a value"
 
 
-def _check_literal(node_id: str, spec: NodeSpec, inp: Input, raw: Any) -> tuple[Any, list[ValidationError]]:
+def _check_literal(node_id: str, spec: NodeSpec, inp: Input, raw: Any, env: Any) -> tuple[Any, list[ValidationError]]:
     def err(kind: str, message: str, **extra: Any) -> ValidationError:
         return ValidationError(kind, message, node_id, spec.type, inp.name, extra={"received_value": raw, **extra})
 
@@ -158,7 +158,7 @@ def _check_literal(node_id: str, spec: NodeSpec, inp: Input, raw: Any) -> tuple[
         if inp.max is not None and value > inp.max:
             return value, [err(VALUE_BIGGER_THAN_MAX, f"{value} is bigger than the maximum {inp.max}")]
     if inp.type == T.COMBO:
-        choices = inp.choice_list()
+        choices = inp.choice_list(env)
         if value not in choices:
             shown = choices if len(choices) <= 20 else choices[:20] + ["..."]
             hint = f"; choose one of: {', '.join(map(str, shown))}" if choices else "; there are no choices available"
@@ -207,7 +207,7 @@ def validate(
             elif any(p[0] == inp.name for p in node.problems):
                 continue  # already reported as a malformed link
             else:
-                value, problems = _check_literal(node.id, spec, inp, raw)
+                value, problems = _check_literal(node.id, spec, inp, raw, env)
                 node_errors += problems
                 literals[inp.name] = value
         if not node_errors and spec.validate is not None and env is not None:

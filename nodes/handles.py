@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
+if TYPE_CHECKING:  # node modules stay importable without torch, so `kiln serve` starts fast
+    import torch
 
 
 @dataclass(eq=False)
@@ -44,7 +45,7 @@ class ModelHandle:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @contextlib.contextmanager
-    def unet(self) -> Iterator[torch.nn.Module]:
+    def unet(self) -> Iterator["torch.nn.Module"]:
         assert self._use_unet is not None, "model handle has no loader"
         with self._use_unet() as unet:
             yield unet
