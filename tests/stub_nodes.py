@@ -74,8 +74,9 @@ def blob(ctx, size, tag):
     return (bytearray(size),)
 
 
-@define_node("BlobSize", category="test", output_node=True, inputs=[Input("blob", "BLOB")])
-def blob_size(ctx, blob):
+@define_node("BlobSize", category="test", output_node=True,
+             inputs=[Input("blob", "BLOB"), Input("label", T.STRING, default="")])
+def blob_size(ctx, blob, label):
     _record(ctx)
     return Result(ui={"text": [str(len(blob))]})
 

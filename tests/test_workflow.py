@@ -1,0 +1,107 @@
+"""Both workflow formats parse to the same graph; named parameters; round trips."""
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+import pytest
+
+import stub_nodes as stubs
+from engine.validate import validate
+from engine.workflow import Link, WorkflowFormatError, parse
+
+KILN = {
+    "version": 1,
+    "params": {"start": "1.value", "sep": "7.sep"},
+    "nodes": {
+        "1": {"type": "Number", "inputs": {"value": 2}, "ui": {"pos": [10, 20]}},
+        "2": {"type": "Add", "inputs": {"a": ["1", 0], "b": 3}},
+        "3": {"type": "Format", "inputs": {"value": ["2", 0]}, "title": "as text"},
+        "7": {"type": "Join", "inputs": {"a": ["3", 0], "b": "x", "sep": "-"}},
+        "4": {"type": "Show", "inputs": {"text": ["7", 0]}},
+    },
+}
+
+API = {
+    "1": {"class_type": "Number", "inputs": {"value": 2}},
+    "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 3}},
+    "3": {"class_type": "Format", "inputs": {"value": ["2", 0]}, "_meta": {"title": "as text"}},
+    "7": {"class_type": "Join", "inputs": {"a": ["3", 0], "b": "x", "sep": "-"}},
+    "4": {"class_type": "Show", "inputs": {"text": ["7", 0]}},
+}
+
+
+def edge_set(wf):
+    return {(u, v, k, d["output"]) for u, v, k, d in wf.graph().edges(keys=True, data=True)}
+
+
+def test_comfyui_api_format_parses_to_the_same_graph_as_kiln_format():
+    kiln, api = parse(KILN), parse(API)
+    assert (kiln.source_format, api.source_format) == ("kiln", "comfyui-api")
+    assert edge_set(kiln) == edge_set(api)
+    assert nx.utils.graphs_equal(nx.DiGraph(kiln.graph()), nx.DiGraph(api.graph()))
+    for node_id in kiln.nodes:
+        assert kiln.nodes[node_id].type == api.nodes[node_id].type
+        assert kiln.nodes[node_id].inputs == api.nodes[node_id].inputs
+    assert api.nodes["3"].title == "as text"
+    # the /prompt body wrapper is accepted too
+    assert edge_set(parse({"prompt": API, "client_id": "abc"})) == edge_set(kiln)
+
+
+def test_value_wrapping_and_links():
+    wf = parse({"1": {"class_type": "Join", "inputs": {"a": {"__value__": [1, 2]}, "b": ["5", 0]}}})
+    assert wf.nodes["1"].inputs["a"] == [1, 2]
+    assert wf.nodes["1"].inputs["b"] == Link("5", 0)
+    assert wf.to_api()["1"]["inputs"]["a"] == {"__value__": [1, 2]}
+
+
+def test_kiln_round_trip_and_api_export_are_stable():
+    wf = parse(KILN)
+    again = parse(json.loads(json.dumps(wf.to_kiln())))
+    assert again.to_kiln() == wf.to_kiln()
+    assert parse(wf.to_api()).to_api() == wf.to_api()
+    assert again.nodes["1"].ui == {"pos": [10, 20]}
+    assert again.params == {"start": ("1", "value"), "sep": ("7", "sep")}
+
+
+def test_named_parameters_and_node_input_overrides():
+    wf = parse(KILN)
+    new = wf.with_overrides({"start": 10, "7.b": "y", "sep": ","})
+    assert new.nodes["1"].inputs["value"] == 10
+    assert new.nodes["7"].inputs["b"] == "y" and new.nodes["7"].inputs["sep"] == ","
+    assert wf.nodes["1"].inputs["value"] == 2  # the original is untouched
+    with pytest.raises(KeyError) as info:
+        wf.with_overrides({"nope": 1, "99.value": 2})
+    assert "nope" in str(info.value) and "99.value" in str(info.value)
+
+
+def test_bad_params_declaration_is_a_validation_error():
+    doc = json.loads(json.dumps(KILN))
+    doc["params"]["ghost"] = "42.value"
+    from engine.validate import WorkflowInvalid
+
+    with pytest.raises(WorkflowInvalid) as info:
+        validate(parse(doc), stubs.make_registry())
+    assert "ghost" in str(info.value)
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ("not json", "JSON"),
+    ([1, 2], "object"),
+    ({}, "no nodes"),
+    ({"version": 99, "nodes": {}}, "newer"),
+    ({"nodes": [], "links": []}, "UI-format"),
+])
+def test_documents_that_are_not_workflows(doc, needle):
+    with pytest.raises(WorkflowFormatError) as info:
+        parse(doc)
+    assert needle in str(info.value)
+
+
+def test_nodes_missing_class_type_are_reported_not_raised():
+    from engine.validate import WorkflowInvalid
+
+    wf = parse({"1": {"class_type": "Number", "inputs": {}}, "2": {"inputs": {}}})
+    with pytest.raises(WorkflowInvalid) as info:
+        validate(wf, stubs.make_registry())
+    assert any(e.node_id == "2" and "class_type" in e.message for e in info.value.errors)
