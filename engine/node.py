@@ -64,6 +64,11 @@ class Input:
     control_after_generate: bool = False
     #: Hints for the editor: {"display": "slider"}, {"image_upload": True}, ...
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The choices are suggestions, not a closed list: validation skips the
+    #: membership check and the node's ``validate`` hook judges the value instead
+    #: (ComfyUI does the same for inputs its VALIDATE_INPUTS takes over, e.g.
+    #: LoadImage accepting a path or URL besides the listed input files).
+    open_choices: bool = False
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
@@ -185,6 +190,8 @@ class NodeSpec:
             entry: dict[str, Any] = {"name": i.name, "type": i.type, "required": i.required, **i.options()}
             if i.type == T.COMBO:
                 entry["choices"] = i.choice_list(env)
+                if i.open_choices:
+                    entry["open_choices"] = True
             entry["widget"] = i.type in T.WIDGET_TYPES
             inputs.append(entry)
         return {

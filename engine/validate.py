@@ -157,7 +157,7 @@ def _check_literal(node_id: str, spec: NodeSpec, inp: Input, raw: Any, env: Any)
             return value, [err(VALUE_SMALLER_THAN_MIN, f"{value} is smaller than the minimum {inp.min}")]
         if inp.max is not None and value > inp.max:
             return value, [err(VALUE_BIGGER_THAN_MAX, f"{value} is bigger than the maximum {inp.max}")]
-    if inp.type == T.COMBO:
+    if inp.type == T.COMBO and not inp.open_choices:
         choices = inp.choice_list(env)
         if value not in choices:
             shown = choices if len(choices) <= 20 else choices[:20] + ["..."]
