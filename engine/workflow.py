@@ -189,8 +189,12 @@ def is_api_format(doc: Mapping[str, Any]) -> bool:
     return bool(doc) and all(isinstance(v, dict) and "class_type" in v for v in doc.values())
 
 
-def parse(doc: Any) -> Workflow:
-    """Parse a Kiln or ComfyUI API-format document."""
+def parse(doc: Any, registry: Any = None) -> Workflow:
+    """Parse a Kiln or ComfyUI API-format document.
+
+    With a registry, ComfyUI's editor (UI) format is accepted too: converting it
+    needs the node declarations (see engine.workflow_ui).
+    """
     if isinstance(doc, (str, bytes)):
         try:
             doc = json.loads(doc)
@@ -203,6 +207,10 @@ def parse(doc: Any) -> Workflow:
     if isinstance(doc.get("nodes"), dict):
         return _parse_kiln(doc)
     if isinstance(doc.get("nodes"), list) and "links" in doc:
+        if registry is not None:
+            from engine.workflow_ui import from_comfy_ui
+
+            return from_comfy_ui(doc, registry)
         raise WorkflowFormatError(
             "this is a ComfyUI editor (UI-format) workflow; export it with 'Save (API Format)' "
             "or open it in Kiln's editor, which converts it"
@@ -242,5 +250,5 @@ def _parse_kiln(doc: Mapping[str, Any]) -> Workflow:
     return wf
 
 
-def load(path: str | Path) -> Workflow:
-    return parse(Path(path).read_text(encoding="utf-8"))
+def load(path: str | Path, registry: Any = None) -> Workflow:
+    return parse(Path(path).read_text(encoding="utf-8"), registry)

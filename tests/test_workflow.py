@@ -105,3 +105,62 @@ def test_nodes_missing_class_type_are_reported_not_raised():
     with pytest.raises(WorkflowInvalid) as info:
         validate(wf, stubs.make_registry())
     assert any(e.node_id == "2" and "class_type" in e.message for e in info.value.errors)
+
+
+def test_comfyui_editor_format_converts_with_the_registry():
+    """A litegraph file: positional widgets (with a seed-control value), a Reroute,
+    a bypassed node, a muted branch, a Primitive and a Note."""
+    from engine.node import Input, Output, define_node
+
+    registry = stubs.make_registry()
+
+    @define_node("Seeded", inputs=[Input("a", "FLOAT"), Input("seed", "INT", default=0, control_after_generate=True),
+                                   Input("scale", "FLOAT", default=1.0)], outputs=[Output("v", "FLOAT")])
+    def seeded(ctx, a, seed, scale):
+        return (a * scale + seed,)
+
+    registry.add(seeded)
+    ui = {
+        "last_node_id": 9, "last_link_id": 9, "version": 0.4,
+        "nodes": [
+            {"id": 1, "type": "Number", "pos": [0, 0], "mode": 0, "inputs": [],
+             "outputs": [{"name": "value", "type": "FLOAT", "links": [1]}], "widgets_values": [2.0]},
+            {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}],
+             "outputs": [{"name": "", "type": "FLOAT", "links": [2]}]},
+            {"id": 3, "type": "Seeded", "mode": 0, "pos": {"0": 5, "1": 6},
+             "inputs": [{"name": "a", "type": "FLOAT", "link": 2}],
+             "outputs": [{"name": "v", "type": "FLOAT", "links": [3]}], "widgets_values": [0.0, 7, "randomize", 3.0]},
+            {"id": 4, "type": "Multiply", "mode": 4, "inputs": [{"name": "a", "type": "FLOAT", "link": 3}],
+             "outputs": [{"name": "product", "type": "FLOAT", "links": [4]}], "widgets_values": [100.0]},
+            {"id": 5, "type": "Format", "mode": 0, "inputs": [{"name": "value", "type": "FLOAT", "link": 4}],
+             "outputs": [{"name": "text", "type": "STRING", "links": [5]}]},
+            {"id": 6, "type": "Join", "mode": 0,
+             "inputs": [{"name": "a", "type": "STRING", "link": 5}, {"name": "b", "type": "STRING", "link": 8,
+                                                                     "widget": {"name": "b"}}],
+             "outputs": [{"name": "text", "type": "STRING", "links": [6]}], "widgets_values": ["", "", "-"]},
+            {"id": 7, "type": "Show", "mode": 0, "inputs": [{"name": "text", "type": "STRING", "link": 6}], "outputs": []},
+            {"id": 8, "type": "PrimitiveNode", "mode": 0, "outputs": [{"name": "STRING", "type": "STRING", "links": [8]}],
+             "widgets_values": ["prim"]},
+            {"id": 9, "type": "Show", "mode": 2, "inputs": [{"name": "text", "type": "STRING", "link": 9}], "outputs": []},
+            {"id": 10, "type": "Note", "mode": 0, "widgets_values": ["hello"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "FLOAT"], [2, 2, 0, 3, 0, "FLOAT"], [3, 3, 0, 4, 0, "FLOAT"],
+                  [4, 4, 0, 5, 0, "FLOAT"], [5, 5, 0, 6, 0, "STRING"], [6, 6, 0, 7, 0, "STRING"],
+                  [8, 8, 0, 6, 1, "STRING"], [9, 6, 0, 9, 0, "STRING"]],
+    }
+    with pytest.raises(WorkflowFormatError):
+        parse(ui)
+    wf = parse(ui, registry)
+    assert wf.source_format == "comfyui-ui"
+    assert set(wf.nodes) == {"1", "3", "5", "6", "7"}
+    assert wf.nodes["3"].inputs == {"a": Link("1", 0), "seed": 7, "scale": 3.0}
+    assert wf.nodes["5"].inputs == {"value": Link("3", 0)}  # bypassed Multiply passed through
+    assert wf.nodes["6"].inputs == {"a": Link("5", 0), "b": "prim", "sep": "-"}
+    assert wf.nodes["3"].ui == {"pos": [5, 6]}
+
+    from engine.context import Environment
+    from engine.executor import Executor
+
+    import tempfile
+    outcome = Executor(registry, Environment.for_folder(tempfile.mkdtemp())).run(wf)
+    assert outcome.outputs["7"] == {"text": ["13-prim"]}  # 2*3+7 = 13
