@@ -1,0 +1,293 @@
+"""Where LoadImage's bytes come from, how they are decoded, and how PNGs are written.
+
+Kept apart from the node declarations in :mod:`nodes.image` so the rules that guard
+the process (path containment, download caps, decompression-bomb checks, atomic
+writes) read in one place. Nothing here imports torch; PIL and numpy are imported
+inside functions so that listing nodes stays fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.context import Environment, NodeError
+from engine.paths import PathRefused
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Smallest side accepted. Below 8 pixels an image does not even fill one latent
+#: cell of an SD VAE, so a 1-pixel file is almost certainly a mistake (a tracking
+#: pixel saved by accident, a broken export) and is refused with a clear message.
+MIN_SIDE = 8
+_CHUNK = 64 * 1024
+
+
+# -- where the image is --------------------------------------------------------------
+
+def is_url(value: Any) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
+
+
+def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
+    """The file a LoadImage value names.
+
+    A name is first looked up inside the input folder (through SafeRoot, so
+    ``../`` and symlinks out are refused). Only when the environment allows it
+    (the CLI, run by the owner of the files) is it then taken as a filesystem
+    path, absolute or relative to the working directory.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise NodeError("no image given", input_name)
+    refused: str | None = None
+    try:
+        return env.paths.input.resolve(name, must_exist=True)
+    except PathRefused as exc:
+        refused = str(exc)
+    except FileNotFoundError:
+        pass
+    if env.settings.allow_absolute_paths:
+        path = Path(name).expanduser()
+        if path.is_file():
+            return path.resolve()
+        if path.exists():
+            raise NodeError(f"'{name}' is not a file", input_name)
+        raise NodeError(f"no such image file: '{name}' (looked in the input folder "
+                        f"{env.paths.input.root} and at that path)", input_name)
+    if refused:
+        raise NodeError(f"refused '{name}': {refused}; only files inside the input folder can be loaded here",
+                        input_name)
+    raise NodeError(f"no image named '{name}' in the input folder {env.paths.input.root}", input_name)
+
+
+# -- downloads -------------------------------------------------------------------------
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect to ftp://; a URL image may only ever be http(s)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        if not is_url(newurl):
+            raise urllib.error.URLError(f"redirect to a non-http(s) address refused: {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_HttpOnlyRedirects)
+# The fingerprint hook and the node run both need the bytes; a small cache keeps
+# that to one download per job. Entries are short-lived so a changed URL is seen.
+_url_cache: "OrderedDict[str, tuple[float, bytes]]" = OrderedDict()
+_url_lock = threading.Lock()
+_URL_CACHE_ENTRIES = 4
+_URL_CACHE_TTL_S = 120.0
+
+
+def fetch_url(env: Environment, url: str, input_name: str = "image") -> bytes:
+    """Download an image, capped in bytes (settings.url_max_bytes) and in total time."""
+    if not env.settings.allow_url_images:
+        raise NodeError("loading images from URLs is turned off here (the server enables it with "
+                        "--allow-url-images)", input_name)
+    now = time.monotonic()
+    with _url_lock:
+        hit = _url_cache.get(url)
+        if hit and now - hit[0] < _URL_CACHE_TTL_S:
+            _url_cache.move_to_end(url)
+            return hit[1]
+    limit = int(env.settings.url_max_bytes)
+    timeout = float(env.settings.url_timeout_s)
+    deadline = now + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "kiln", "Accept": "image/*"})
+    try:
+        with _opener.open(request, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > limit:
+                raise NodeError(f"{url} is {int(length)} bytes, more than the limit of {limit}", input_name)
+            buf = bytearray()
+            while True:
+                chunk = resp.read(_CHUNK)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > limit:
+                    raise NodeError(f"{url} is larger than the limit of {limit} bytes", input_name)
+                if time.monotonic() > deadline:
+                    raise NodeError(f"downloading {url} took longer than {timeout:g} s", input_name)
+            content_type = resp.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        raise NodeError(f"fetching {url} failed: HTTP {exc.code} {exc.reason}", input_name) from None
+    except urllib.error.URLError as exc:
+        raise NodeError(f"fetching {url} failed: {exc.reason}", input_name) from None
+    except (TimeoutError, OSError) as exc:
+        raise NodeError(f"fetching {url} failed: {exc or type(exc).__name__}", input_name) from None
+    data = bytes(buf)
+    if content_type.startswith("text/"):
+        raise NodeError(f"{url} returned {content_type}, not an image", input_name)
+    with _url_lock:
+        _url_cache[url] = (time.monotonic(), data)
+        while len(_url_cache) > _URL_CACHE_ENTRIES:
+            _url_cache.popitem(last=False)
+    return data
+
+
+# -- content hashes (fingerprints) -----------------------------------------------------
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file, remembered per (path, size, mtime) so unchanged files hash once."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    digest = _hash_cache.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if len(_hash_cache) > 1024:
+            _hash_cache.clear()
+        _hash_cache[key] = digest
+    return digest
+
+
+# -- decoding --------------------------------------------------------------------------
+
+def open_image(source: Path | bytes, label: str, max_pixels: int, input_name: str = "image") -> Any:
+    """Decode to a loaded PIL image with EXIF orientation applied.
+
+    The size is checked from the header, before any pixel is decoded, so a
+    decompression bomb costs nothing.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        im = Image.open(stream)
+    except UnidentifiedImageError:
+        raise NodeError(f"{label} is not an image (corrupt, empty, or a format Pillow cannot read)",
+                        input_name) from None
+    except Image.DecompressionBombError as exc:
+        raise NodeError(f"{label} is too large to decode safely: {exc}", input_name) from None
+    except OSError as exc:
+        raise NodeError(f"cannot read {label}: {exc}", input_name) from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise NodeError(f"{label} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
+                        f"(settings.max_image_pixels)", input_name)
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise NodeError(f"{label} is only {w}x{h} pixels; images need at least {MIN_SIDE}x{MIN_SIDE}", input_name)
+    try:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise NodeError(f"{label} is corrupt or truncated: {exc}", input_name) from None
+    return im
+
+
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
+
+
+def to_arrays(im: Any, background: str) -> tuple[Any, Any]:
+    """(rgb float32 [H,W,3] 0..1, mask float32 [H,W] = 1 - alpha, or None without alpha)."""
+    import numpy as np
+
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        grey = np.asarray(im, dtype=np.float32)
+        scale = 65535.0 if im.mode.startswith("I;16") or grey.max(initial=0) > 255 else 255.0
+        grey = np.clip(grey / scale, 0.0, 1.0)
+        return np.repeat(grey[..., None], 3, axis=2), None
+    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+    if not has_alpha:
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, None
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+    rgb, alpha = rgba[..., :3], rgba[..., 3]
+    if background != "none":
+        bg = np.asarray(BACKGROUNDS[background], dtype=np.float32)
+        rgb = rgb * alpha[..., None] + bg * (1.0 - alpha[..., None])
+    return np.ascontiguousarray(rgb, dtype=np.float32), (1.0 - alpha).astype(np.float32)
+
+
+# -- writing ---------------------------------------------------------------------------
+
+def to_pil(image: Any) -> Any:
+    """One IMAGE item [H,W,C] (tensor or array, 0..1) to an 8-bit PIL image, rounding."""
+    import numpy as np
+    from PIL import Image
+
+    arr = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, dtype=np.float32)
+    arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    channels = arr.shape[-1] if arr.ndim == 3 else 1
+    if arr.ndim == 3 and channels == 1:
+        arr = arr[..., 0]
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+    if mode is None:
+        raise NodeError(f"cannot save an image with {channels} channels (expected 1, 3 or 4)", "images")
+    return Image.fromarray(arr, mode)
+
+
+def png_text(chunks: Mapping[str, Any]) -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
+    return info
+
+
+def _next_counter(folder: Path, base: str) -> int:
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})_\.png$")
+    highest = 0
+    try:
+        for entry in os.scandir(folder):
+            m = pattern.match(entry.name)
+            if m:
+                highest = max(highest, int(m.group(1)))
+    except FileNotFoundError:
+        pass
+    return highest + 1
+
+
+def write_png_atomic(image: Any, folder: Path, base: str, pnginfo: Any, compress_level: int) -> str:
+    """Write ``base_NNNNN_.png`` into ``folder`` and return its name.
+
+    The PNG is written to a temporary file first and then published under its
+    final name in one step, so no reader ever sees half a file. Publishing with
+    ``os.link`` fails if the name exists, which keeps two concurrent saves from
+    overwriting each other (they simply take the next counter); filesystems
+    without hard links fall back to an exclusive placeholder plus ``os.replace``.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".png.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo, compress_level=compress_level)
+            f.flush()
+            os.fsync(f.fileno())
+        counter = _next_counter(folder, base)
+        for _ in range(10000):
+            name = f"{base}_{counter:05d}_.png"
+            final = folder / name
+            try:
+                os.link(tmp, final)
+                return name
+            except FileExistsError:
+                counter += 1
+            except OSError:
+                try:
+                    os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    counter += 1
+                    continue
+                os.replace(tmp, final)
+                return name
+        raise NodeError(f"could not find a free file name for '{base}' in {folder}", "filename_prefix")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
