@@ -1,0 +1,399 @@
+"""The `kiln` command: run | validate | nodes | serve.
+
+``kiln run`` executes a workflow in this process with the same Executor the
+server uses, so a workflow behaves identically headless and behind the API. It is
+made for scripts: stdout carries only results (NDJSON events with ``--json``),
+progress and errors go to stderr, and the exit code says what happened:
+
+    0  the job succeeded
+    1  a node failed (its id, type, input and message are printed)
+    2  the workflow (or a --set value) is invalid; every problem is printed
+    130 interrupted (Ctrl-C: the job stops at the next node or sampler step)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+from engine import types as T
+from engine.context import Environment, JobInfo, Paths, Settings, default_data_dir
+from engine.paths import PathRefused, SafeRoot
+from engine.registry import Registry, default_registry
+from engine.validate import WorkflowInvalid
+from engine.workflow import Workflow, WorkflowFormatError
+from engine.workflow import load as load_workflow
+
+EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageProblem(Exception):
+    """Something wrong with what the user asked for (file, --set), reported like a validation error."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(e["message"] for e in errors))
+
+
+def _problem(kind: str, message: str, **where: Any) -> dict[str, Any]:
+    return {"type": kind, "message": message, "node_id": where.get("node_id"),
+            "node_type": where.get("node_type"), "input_name": where.get("input_name"),
+            "details": "", "extra_info": {}}
+
+
+# -- the environment -------------------------------------------------------------------
+
+def _model_manager(device: str | None) -> Any:
+    """engine.models.ModelManager when it exists: cheap to build, torch loads on first model."""
+    try:
+        from engine.models import ModelManager
+    except ModuleNotFoundError as exc:
+        if exc.name == "engine.models":
+            return None
+        raise
+    return ModelManager(device=device)
+
+
+def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_output: bool = False,
+              with_models: bool = False) -> Environment:
+    paths = Paths(
+        input=SafeRoot(args.input_dir),
+        output=SafeRoot(args.output_dir, create=create_output),
+        temp=SafeRoot(temp_dir or tempfile.gettempdir(), create=True),
+        models=SafeRoot(args.models),
+        workflows=SafeRoot(getattr(args, "workflows", None) or "workflows"),
+    )
+    # The CLI is run by the owner of the files and URLs it names.
+    settings = Settings(allow_absolute_paths=True, allow_url_images=True)
+    env = Environment(paths=paths, settings=settings)
+    if with_models:
+        env.models = _model_manager(args.device)
+        device = getattr(env.models, "device", None) or args.device
+        if device:
+            env.device = str(device)
+    return env
+
+
+# -- reading the workflow and --set ----------------------------------------------------
+
+def _parse_value(raw: str, input_type: str | None) -> Any:
+    """--set values stay strings (validation coerces them by the schema), except JSON lists/objects.
+
+    Text inputs (STRING, COMBO) always keep the string, so a prompt that happens
+    to start with '[' is not turned into a list.
+    """
+    if input_type in (T.STRING, T.COMBO):
+        return raw
+    stripped = raw.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _apply_sets(wf: Workflow, registry: Registry, sets: Sequence[str],
+                image: str | None) -> tuple[Workflow, dict, list[dict[str, Any]]]:
+    """The workflow with the valid --set / --image values applied, their targets, and the problems.
+
+    Bad names do not stop the others from being applied, so validation can then
+    report every problem of the command line and the workflow together.
+    """
+    problems: list[dict[str, Any]] = []
+    raw: dict[str, str] = {}
+    for item in sets:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            problems.append(_problem("invalid_parameter", f"--set '{item}' is not NAME=VALUE"))
+            continue
+        raw[name.strip()] = value
+    if image is not None:
+        loaders = sorted((n for n in wf.nodes.values() if n.type and registry.get(n.type) is not None
+                          and registry.get(n.type).type == "LoadImage"), key=lambda n: _id_key(n.id))
+        if not loaders:
+            problems.append(_problem("invalid_parameter", "--image given but the workflow has no LoadImage node"))
+        else:
+            raw.setdefault(f"{loaders[0].id}.image", image)
+    targets: dict[str, tuple[str, str]] = {}
+    values: dict[str, Any] = {}
+    known = ", ".join(sorted(wf.params)) or "none declared"
+    for name, value in raw.items():
+        target = wf.resolve_param(name)
+        if target is None:
+            problems.append(_problem(
+                "unknown_parameter",
+                f"--set {name}: no such parameter; use a named parameter ({known}) or NODE_ID.INPUT"))
+            continue
+        node = wf.nodes[target[0]]
+        spec = registry.get(node.type) if node.type else None
+        inp = spec.input(target[1]) if spec else None
+        if spec is not None and inp is None:
+            names = ", ".join(i.name for i in spec.inputs)
+            problems.append(_problem(
+                "unknown_parameter", f"--set {name}: node {node.id} ({spec.type}) has no input '{target[1]}' "
+                                     f"(its inputs: {names})", node_id=node.id, node_type=spec.type,
+                input_name=target[1]))
+            continue
+        targets[name] = target
+        values[name] = _parse_value(value, inp.type if inp else None)
+    return wf.with_overrides(values), targets, problems
+
+
+def _id_key(node_id: str) -> tuple:
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def _load(path: str) -> Workflow:
+    try:
+        return load_workflow(path)
+    except FileNotFoundError:
+        raise UsageProblem([_problem("invalid_workflow", f"no such workflow file: {path}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageProblem([_problem("invalid_workflow", f"cannot read {path}: {exc}")]) from None
+    except WorkflowFormatError as exc:
+        raise UsageProblem([_problem("invalid_workflow", f"{path}: {exc}")]) from None
+
+
+# -- reporting -------------------------------------------------------------------------
+
+def _emit_json(stream: TextIO, payload: dict[str, Any]) -> None:
+    stream.write(json.dumps(payload, default=str) + "\n")
+    stream.flush()
+
+
+def _report_invalid(errors: list[dict[str, Any]], as_json: bool) -> int:
+    sys.stderr.write(f"invalid workflow: {len(errors)} problem(s)\n")
+    for e in errors:
+        where = []
+        if e.get("node_id") is not None:
+            where.append(f"node {e['node_id']}" + (f" ({e['node_type']})" if e.get("node_type") else ""))
+        if e.get("input_name"):
+            where.append(f"input '{e['input_name']}'")
+        prefix = ", ".join(where)
+        sys.stderr.write(f"  - [{e['type']}] {prefix + ': ' if prefix else ''}{e['message']}\n")
+    if as_json:
+        _emit_json(sys.stdout, {"type": "validation_failed", "errors": errors})
+    return EXIT_INVALID
+
+
+def _prepare(args: argparse.Namespace, env: Environment, registry: Registry) -> tuple[Workflow, Any, dict]:
+    """Load, apply --set, validate; raises UsageProblem carrying every problem found."""
+    wf = _load(args.workflow)
+    wf, targets, problems = _apply_sets(wf, registry, args.set or [], getattr(args, "image", None))
+    from engine.executor import Executor
+
+    try:
+        plan = Executor(registry, env).plan(wf)
+    except WorkflowInvalid as exc:
+        raise UsageProblem(problems + [e.to_dict() for e in exc.errors]) from None
+    if problems:
+        raise UsageProblem(problems)
+    # Store the coerced values so the workflow embedded in outputs is typed ("0.5" -> 0.5).
+    params = {}
+    for name, (node_id, input_name) in targets.items():
+        if node_id in plan.nodes and input_name in plan.nodes[node_id].literals:
+            value = plan.nodes[node_id].literals[input_name]
+            wf.nodes[node_id].inputs[input_name] = value
+            params[name] = value
+    return wf, plan, params
+
+
+# -- commands --------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.executor import Executor
+
+    registry = default_registry()
+    temp_dir = tempfile.mkdtemp(prefix="kiln-run-")
+    try:
+        env = build_env(args, temp_dir=temp_dir, create_output=True, with_models=True)
+        try:
+            wf, plan, params = _prepare(args, env, registry)
+        except UsageProblem as exc:
+            return _report_invalid(exc.errors, args.json)
+
+        def locate(image: dict[str, Any]) -> Path | None:
+            root = {"output": env.paths.output, "temp": env.paths.temp, "input": env.paths.input}.get(image.get("type"))
+            try:
+                return root.resolve(image["filename"], image.get("subfolder", "")) if root else None
+            except (PathRefused, KeyError):
+                return None
+
+        from engine.console import ProgressRenderer
+
+        renderer = ProgressRenderer(sys.stderr, live=sys.stderr.isatty() and not args.json, locate=locate,
+                                    errors_only=args.json)
+
+        def on_event(event: Any) -> None:
+            if args.json:
+                _emit_json(sys.stdout, event.to_dict())
+            renderer(event)
+
+        job = JobInfo(id=uuid.uuid4().hex, workflow=wf.to_api(), kiln_workflow=wf.to_kiln(), params=params)
+        interrupt = threading.Event()
+        with _sigint_sets(interrupt):
+            try:
+                outcome = Executor(registry, env).run(plan, job=job, force=args.force, on_event=on_event,
+                                                      interrupt=interrupt)
+            except KeyboardInterrupt:
+                sys.stderr.write("aborted\n")
+                return EXIT_INTERRUPTED
+        if not args.json and outcome.status == "succeeded" and not sys.stdout.isatty():
+            for path in renderer.files:  # scripts piping stdout get the saved files, one per line
+                sys.stdout.write(f"{path}\n")
+        return {"succeeded": EXIT_OK, "failed": EXIT_NODE_FAILED}.get(outcome.status, EXIT_INTERRUPTED)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class _sigint_sets:
+    """Ctrl-C sets the job's interrupt event (the executor stops cooperatively); a second one aborts."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        sys.stderr.write("\ninterrupting... (Ctrl-C again to abort at once)\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> "_sigint_sets":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    env = build_env(args)
+    try:
+        _, plan, _ = _prepare(args, env, registry)
+    except UsageProblem as exc:
+        return _report_invalid(exc.errors, args.json)
+    if args.json:
+        _emit_json(sys.stdout, {"type": "valid", "nodes": plan.order, "outputs": plan.outputs})
+    else:
+        print(f"ok: {len(plan.order)} node(s) would run, output node(s): {', '.join(plan.outputs)}")
+    return EXIT_OK
+
+
+def _describe_input(entry: dict[str, Any]) -> str:
+    text = f"{entry['name']}:{entry['type']}"
+    return text if entry.get("required") else text + "?"
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    env = build_env(args)
+    schemas = registry.schemas(env)
+    for name, reason in registry.load_errors.items():
+        sys.stderr.write(f"warning: node package '{name}' failed to load: {reason}\n")
+    if args.json:
+        print(json.dumps(schemas, indent=2, default=str))
+        return EXIT_OK
+    rows = [(s["type"], s["category"], ", ".join(_describe_input(i) for i in s["inputs"]),
+             ", ".join(o["type"] for o in s["outputs"]) or ("(output)" if s["output_node"] else ""))
+            for s in sorted(schemas.values(), key=lambda s: (s["category"], s["type"]))]
+    header = ("TYPE", "CATEGORY", "INPUTS (? = optional)", "OUTPUTS")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
+    for row in [header, *rows]:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}  ->  {row[3]}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from engine.server.app import run_server
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("engine.server"):
+            sys.stderr.write("error: the server is not available in this installation\n")
+            return EXIT_NODE_FAILED
+        raise
+    run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
+               workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images)
+    return EXIT_OK
+
+
+# -- arguments -------------------------------------------------------------------------
+
+def _folders(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--input-dir", default="input", metavar="DIR", help="folder LoadImage names refer to (./input)")
+    if output:
+        p.add_argument("--output-dir", default="output", metavar="DIR", help="where images are saved (./output)")
+    p.add_argument("--models", default="models", metavar="DIR", help="model folder with checkpoints/, vae/ (./models)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: a node-graph engine for diffusion images")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a workflow here, without a server",
+                         description="Run a workflow in this process. Exit codes: 0 ok, 1 a node failed, "
+                                     "2 invalid workflow, 130 interrupted.")
+    run.add_argument("workflow", help="workflow JSON (Kiln or ComfyUI API format)")
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="set a named parameter or NODE_ID.INPUT (repeatable); typed by the node's schema")
+    run.add_argument("--image", metavar="PATH_OR_URL", help="image for the first LoadImage node")
+    _folders(run)
+    run.add_argument("--device", default=None, help="compute device (default: the best available)")
+    run.add_argument("--json", action="store_true", help="NDJSON events on stdout, one per line")
+    run.add_argument("--force", action="store_true", help="run every node even if cached")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a workflow without running it")
+    val.add_argument("workflow")
+    val.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    val.add_argument("--image", metavar="PATH_OR_URL")
+    _folders(val)
+    val.add_argument("--json", action="store_true")
+    val.set_defaults(func=cmd_validate)
+
+    nodes = sub.add_parser("nodes", help="list the installed node types")
+    nodes.add_argument("--json", action="store_true", help="full schemas as JSON")
+    _folders(nodes, output=False)
+    nodes.set_defaults(func=cmd_nodes, output_dir="output")
+
+    serve = sub.add_parser("serve", help="start the HTTP server and editor")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--models", default="models", metavar="DIR")
+    serve.add_argument("--data", default=None, metavar="DIR", help="queue, history, input/output (./data or $KILN_DATA)")
+    serve.add_argument("--workflows", default="workflows", metavar="DIR")
+    serve.add_argument("--token", default=os.environ.get("KILN_TOKEN"),
+                       help="require this bearer token (default: $KILN_TOKEN)")
+    serve.add_argument("--allow-url-images", action="store_true", help="let LoadImage fetch http(s) URLs")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.data is None:
+        args.data = str(default_data_dir())
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `kiln run --json ... | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
