@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 #: One module per family; a module missing here is simply not registered yet.
-FAMILIES = ("image", "latent", "sampling", "loaders", "text", "grid")
+FAMILIES = ("image", "latent", "sampling", "loaders", "text", "vae", "grid")
 
 
 def register(registry) -> None:
