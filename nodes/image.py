@@ -203,7 +203,7 @@ def image_resize(ctx, image, width: int, height: int, mode: str, multiple_of: st
 def _split_prefix(prefix: str) -> tuple[str, str]:
     prefix = prefix.replace("\\", "/").strip()
     subfolder, _, base = prefix.rpartition("/")
-    return subfolder.strip("/"), base
+    return subfolder.rstrip("/"), base
 
 
 def _prefix_problem(env: Environment, prefix: Any) -> str | None:

@@ -108,7 +108,7 @@ def fetch_url(env: Environment, url: str, input_name: str = "image") -> bytes:
         with _opener.open(request, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > limit:
-                raise NodeError(f"{url} is {int(length)} bytes, more than the limit of {limit}", input_name)
+                raise NodeError(f"{url} is {int(length)} bytes, more than the limit of {limit} bytes", input_name)
             buf = bytearray()
             while True:
                 chunk = resp.read(_CHUNK)
