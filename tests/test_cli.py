@@ -1,0 +1,136 @@
+"""`kiln run` / `kiln validate` / `kiln nodes` end to end, as a user's script runs them.
+
+Each test starts the real console entry point in a subprocess on a real PNG, so
+exit codes, stdout/stderr separation and the files written are what a shell sees.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+RESIZE = {
+    "version": 1,
+    "params": {"width": "2.width", "height": "2.height", "image": "1.image"},
+    "nodes": {
+        "1": {"type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"type": "ImageResize", "inputs": {"image": ["1", 0], "width": 32, "height": 24, "mode": "stretch"}},
+        "3": {"type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cli"}},
+    },
+}
+
+
+def kiln(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "input").mkdir()
+    Image.new("RGB", (64, 48), (200, 40, 10)).save(tmp_path / "input" / "photo.png")
+    (tmp_path / "resize.json").write_text(json.dumps(RESIZE))
+    return tmp_path
+
+
+def test_run_saves_the_image_with_the_workflow_in_its_text_chunks(project: Path):
+    proc = kiln("run", "resize.json", "--set", "width=40", "--set", "2.height=16", cwd=project, check=True)
+    saved = [Path(line) for line in proc.stdout.split()]
+    assert len(saved) == 1 and saved[0].parent == project / "output"
+    with Image.open(saved[0]) as img:
+        assert img.size == (40, 16)
+        assert img.getpixel((5, 5))[:3] == (200, 40, 10)
+        text = dict(img.text)
+    kiln_wf = json.loads(text["kiln_workflow"])
+    prompt = json.loads(text["prompt"])
+    # --set values are typed by the schema and recorded in what the file embeds
+    assert kiln_wf["nodes"]["2"]["inputs"]["width"] == 40
+    assert prompt["2"]["inputs"]["height"] == 16 and prompt["2"]["class_type"] == "ImageResize"
+    assert json.loads(text["parameters"])["width"] == 40
+
+
+def test_json_mode_prints_one_event_per_line_and_only_events(project: Path):
+    proc = kiln("run", "resize.json", "--json", "--output-dir", "elsewhere", cwd=project, check=True)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "job_started" and kinds[-1] == "job_finished"
+    started = [e["node_id"] for e in events if e["type"] == "node_started"]
+    assert started == ["1", "2", "3"]
+    finished = [e for e in events if e["type"] == "node_finished" and e["node_id"] == "3"][0]
+    image = finished["ui"]["images"][0]
+    assert (project / "elsewhere" / image.get("subfolder", "") / image["filename"]).is_file()
+
+
+def test_invalid_workflow_exits_2_and_lists_every_problem(project: Path):
+    proc = kiln("run", "resize.json", "--set", "width=abc", "--set", "9.nothing=1",
+                "--set", "image=missing.png", cwd=project)
+    assert proc.returncode == 2, proc.stderr
+    assert "width" in proc.stderr and "abc" in proc.stderr
+    assert "9" in proc.stderr
+    assert "missing.png" in proc.stderr
+    assert not (project / "output").exists() or not any((project / "output").iterdir())
+
+    proc = kiln("validate", "resize.json", "--set", "width=-5", "--json", cwd=project)
+    assert proc.returncode == 2
+    errors = json.loads(proc.stdout.splitlines()[-1])["errors"]
+    assert any(e["node_id"] == "2" and e["input_name"] == "width" for e in errors)
+    assert kiln("validate", "resize.json", cwd=project).returncode == 0
+
+
+def test_node_failure_exits_1_naming_the_node(project: Path):
+    (project / "input" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    proc = kiln("run", "resize.json", "--set", "image=broken.png", cwd=project)
+    assert proc.returncode == 1
+    assert "LoadImage" in proc.stderr and "broken.png" in proc.stderr
+
+
+def test_image_flag_points_the_first_load_image_at_a_path(project: Path, tmp_path_factory):
+    other = tmp_path_factory.mktemp("elsewhere") / "blue.png"
+    Image.new("RGB", (10, 10), (0, 0, 255)).save(other)
+    proc = kiln("run", "resize.json", "--image", str(other), cwd=project, check=True)
+    with Image.open(proc.stdout.split()[0]) as img:
+        assert img.getpixel((3, 3))[:3] == (0, 0, 255)
+
+
+def test_nodes_lists_schemas(project: Path):
+    proc = kiln("nodes", "--json", cwd=project, check=True)
+    schemas = json.loads(proc.stdout)
+    assert {"LoadImage", "ImageResize", "SaveImage", "ImageGrid"} <= set(schemas)
+    assert kiln("nodes", cwd=project, check=True).stdout.count("LoadImage") == 1
+
+
+def test_ctrl_c_interrupts_with_exit_130(project: Path):
+    """A big grid keeps the job busy long enough for SIGINT to arrive mid-run."""
+    Image.new("RGB", (2048, 2048), (9, 9, 9)).save(project / "input" / "huge.png")
+    nodes = {"1": {"type": "LoadImage", "inputs": {"image": "huge.png"}}}
+    previous = "1"
+    for i in range(2, 40):  # a long chain of resizes: many node boundaries to stop at
+        nodes[str(i)] = {"type": "ImageResize",
+                         "inputs": {"image": [previous, 0], "width": 2048 - i, "height": 2048 - i, "mode": "stretch"}}
+        previous = str(i)
+    nodes["99"] = {"type": "SaveImage", "inputs": {"images": [previous, 0]}}
+    (project / "long.json").write_text(json.dumps({"version": 1, "nodes": nodes}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "long.json", "--json"], cwd=project,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until nodes are really running
+        if json.loads(line)["type"] == "node_finished":
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    kinds = [json.loads(line)["type"] for line in out.splitlines()]
+    assert kinds[-1] == "job_interrupted"
+    assert not (project / "output").exists() or not any((project / "output").iterdir())
