@@ -199,11 +199,12 @@ def _prepare(args: argparse.Namespace, env: Environment, registry: Registry) -> 
         raise UsageProblem(problems)
     # Store the coerced values so the workflow embedded in outputs is typed ("0.5" -> 0.5).
     params = {}
-    for name, (node_id, input_name) in targets.items():
-        if node_id in plan.nodes and input_name in plan.nodes[node_id].literals:
-            value = plan.nodes[node_id].literals[input_name]
-            wf.nodes[node_id].inputs[input_name] = value
-            params[name] = value
+    for name, first in targets.items():
+        for node_id, input_name in wf.param_fanout.get(name) or [first]:
+            if node_id in plan.nodes and input_name in plan.nodes[node_id].literals:
+                value = plan.nodes[node_id].literals[input_name]
+                wf.nodes[node_id].inputs[input_name] = value
+                params.setdefault(name, value)
     return wf, plan, params
 
 

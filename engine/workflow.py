@@ -57,8 +57,11 @@ class WorkflowFormatError(ValueError):
 @dataclass
 class Workflow:
     nodes: dict[str, NodeInstance]
-    #: Named parameters: name -> (node id, input name).
+    #: Named parameters: name -> (node id, input name) of its first target.
     params: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Parameters that set several inputs at once (one "seed" for AddNoise and
+    #: KSampler): name -> every target. Absent for single-target parameters.
+    param_fanout: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     source_format: str = "kiln"
     #: Problems with the workflow as a whole (bad params declarations).
@@ -98,8 +101,8 @@ class Workflow:
             )
         new = copy.deepcopy(self)
         for name, value in values.items():
-            node_id, input_name = new.resolve_param(name)  # type: ignore[misc]
-            new.nodes[node_id].inputs[input_name] = value
+            for node_id, input_name in new.param_fanout.get(name) or [new.resolve_param(name)]:  # type: ignore[list-item]
+                new.nodes[node_id].inputs[input_name] = copy.deepcopy(value)
         return new
 
     # -- writing -------------------------------------------------------------------------
@@ -116,7 +119,9 @@ class Workflow:
         doc: dict[str, Any] = {"version": KILN_FORMAT_VERSION}
         doc.update({k: v for k, v in self.meta.items() if k not in ("version", "nodes", "params")})
         if self.params:
-            doc["params"] = {name: f"{nid}.{inp}" for name, (nid, inp) in self.params.items()}
+            doc["params"] = {
+                name: [f"{n}.{i}" for n, i in self.param_fanout[name]] if name in self.param_fanout else f"{nid}.{inp}"
+                for name, (nid, inp) in self.params.items()}
         doc["nodes"] = nodes
         return doc
 
@@ -239,14 +244,20 @@ def _parse_kiln(doc: Mapping[str, Any]) -> Workflow:
     wf.meta = {k: v for k, v in doc.items() if k not in ("nodes", "params", "version")}
     params = doc.get("params", {})
     if not isinstance(params, dict):
-        wf.problems.append("'params' must be an object of name -> \"NODE_ID.INPUT\"")
+        wf.problems.append("'params' must be an object of name -> \"NODE_ID.INPUT\" (or a list of them)")
         params = {}
-    for name, target in params.items():
-        node_id, dot, input_name = str(target).rpartition(".")
-        if not dot or node_id not in nodes or not input_name:
-            wf.problems.append(f"parameter '{name}' points at '{target}', which is not NODE_ID.INPUT of a node here")
-            continue
-        wf.params[str(name)] = (node_id, input_name)
+    for name, declared in params.items():
+        targets = []
+        for target in declared if isinstance(declared, list) else [declared]:
+            node_id, dot, input_name = str(target).rpartition(".")
+            if not dot or node_id not in nodes or not input_name:
+                wf.problems.append(f"parameter '{name}' points at '{target}', which is not NODE_ID.INPUT of a node here")
+                continue
+            targets.append((node_id, input_name))
+        if targets:
+            wf.params[str(name)] = targets[0]
+            if len(targets) > 1:
+                wf.param_fanout[str(name)] = targets
     return wf
 
 

@@ -164,3 +164,13 @@ def test_comfyui_editor_format_converts_with_the_registry():
     import tempfile
     outcome = Executor(registry, Environment.for_folder(tempfile.mkdtemp())).run(wf)
     assert outcome.outputs["7"] == {"text": ["13-prim"]}  # 2*3+7 = 13
+
+
+def test_one_parameter_may_set_several_inputs():
+    doc = dict(KILN, params={"v": ["1.value", "2.b"], "sep": "7.sep"})
+    wf = parse(doc)
+    assert wf.resolve_param("v") == ("1", "value")
+    changed = wf.with_overrides({"v": 9})
+    assert changed.nodes["1"].inputs["value"] == 9 and changed.nodes["2"].inputs["b"] == 9
+    assert changed.to_kiln()["params"] == {"v": ["1.value", "2.b"], "sep": "7.sep"}
+    assert parse(dict(KILN, params={"v": ["1.value", "nope.x"]})).problems
