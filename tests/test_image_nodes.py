@@ -331,3 +331,39 @@ def test_node_modules_do_not_import_torch_at_import_time():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_image_grid_places_every_image_under_its_label(registry, env):
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (32, 24), colour).save(env.paths.input.root / f"c{i}.png")
+    doc = {str(i): {"type": "LoadImage", "inputs": {"image": f"c{i}.png"}} for i in range(3)}
+    doc["9"] = {"type": "ImageGrid", "inputs": {"image1": ["0", 0], "image2": ["1", 0], "image4": ["2", 0],
+                                                 "labels": "red\ngreen\n" + "a very long label " * 5, "columns": 2}}
+    doc["10"] = {"type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    outcome = run(registry, env, doc)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    grid = outcome.results["9"][0]
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3
+    h, w = int(grid.shape[1]), int(grid.shape[2])
+    gap = 2
+    assert w == 2 * 32 + 3 * gap  # two columns of 32 px cells
+    assert h > 2 * 24 + 3 * gap  # two rows plus the label bands
+    pixels = (grid[0].numpy() * 255).round().astype(int)
+    band = (h - 3 * gap) // 2 - 24
+    assert tuple(pixels[gap + 5, gap + 5]) == colours[0]
+    assert tuple(pixels[gap + 5, 2 * gap + 32 + 5]) == colours[1]
+    assert tuple(pixels[2 * gap + 24 + band + 5, gap + 5]) == colours[2]
+    # labels are drawn (dark pixels) in the band under the first cell
+    label_band = pixels[gap + 24: gap + 24 + band, gap: gap + 32]
+    assert (label_band.sum(axis=-1) < 200).any()
+
+
+def test_image_grid_without_labels_has_no_band(registry, env):
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(env.paths.input.root / "a.png")
+    doc = {"1": {"type": "LoadImage", "inputs": {"image": "a.png"}},
+           "2": {"type": "ImageGrid", "inputs": {"image1": ["1", 0], "image2": ["1", 0]}},
+           "3": {"type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    outcome = run(registry, env, doc)
+    grid = outcome.results["2"][0]
+    assert tuple(grid.shape) == (1, 16 + 2 * 2, 2 * 16 + 3 * 2, 3)
