@@ -1,0 +1,61 @@
+"""What every server module shares, in one typed place: ``app[STATE]``.
+
+Route modules (jobs, ComfyUI routes, files, workflows, OpenAPI) each expose
+``add_routes(app)`` and read what they need from ``app[STATE]`` instead of
+module globals, so two apps (two tests, two ports) in one process never share
+a queue, a folder or a websocket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from engine.context import Environment
+from engine.registry import Registry
+
+if TYPE_CHECKING:  # the concrete classes import this module's neighbours
+    from engine.server.hub import Hub
+    from engine.server.store import JobStore
+    from engine.server.worker import Worker
+
+#: Repository folder holding the editor's static files.
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+
+
+@dataclass
+class ServerSettings:
+    """Limits and switches of one server; defaults are the safe ones."""
+
+    host: str = "127.0.0.1"
+    port: int = 8188
+    #: Bearer token required on every route when set (mandatory beyond loopback).
+    token: str | None = None
+    allow_url_images: bool = False
+    #: Largest request body aiohttp accepts (JSON workflows, form fields).
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: Largest uploaded image file, and the most pixels it may decode to.
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_upload_pixels: int = 8192 * 8192
+    #: Most progress messages per second sent to one websocket (the last is always sent).
+    progress_per_second: float = 10.0
+    web_dir: Path = WEB_DIR
+
+
+@dataclass
+class AppState:
+    """The shared state of one running server (one per ``make_app`` call)."""
+
+    env: Environment
+    registry: Registry
+    store: "JobStore"
+    worker: "Worker"
+    hub: "Hub"
+    settings: ServerSettings = field(default_factory=ServerSettings)
+    #: Free-form room for later modules (e.g. a library index) without changing this class.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+STATE: web.AppKey[AppState] = web.AppKey("kiln", AppState)
