@@ -1,0 +1,203 @@
+"""Kiln's own API under ``/api/``: jobs, history, node schemas, models, cache.
+
+Shapes are the team's contract (see /api/openapi.json): a job is
+``{"id", "status", "progress", "outputs", "error", "created", "started", "finished", ...}``,
+a refused submission is ``400 {"error": {...}, "errors": [every problem]}``.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from engine.paths import PathRefused, SafeRoot
+from engine.server.http import fail, query_int, read_object
+from engine.server.jobs import SubmitRefused, job_view, submit
+from engine.server.state import STATE, AppState
+from engine.server.store import ACTIVE, TERMINAL
+
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".sft", ".pkl")
+
+
+def refused_body(exc: SubmitRefused) -> dict[str, Any]:
+    errors = [e.to_dict() for e in exc.errors]
+    first = errors[0] if errors else {"type": "invalid_workflow", "message": "invalid workflow"}
+    message = f"the workflow is invalid: {len(errors)} problem(s); first: {first['message']}"
+    return {"error": {"type": "invalid_workflow" if len(errors) != 1 else first["type"], "message": message,
+                      "details": "", "extra_info": {}},
+            "errors": errors}
+
+
+async def post_job(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await read_object(request, state.settings.max_body_bytes)
+    unknown = sorted(set(body) - {"workflow", "params", "force", "client_id", "outputs", "job_id", "extra_data"})
+    if unknown:
+        fail(400, "invalid_request", f"unknown field(s) {', '.join(unknown)}; expected workflow, params, force, "
+                                     "client_id, outputs")
+    if "workflow" not in body:
+        fail(400, "invalid_request", "'workflow' is required (Kiln or ComfyUI API format)")
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        fail(400, "invalid_request", "'client_id' must be a string")
+    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else None
+    try:
+        job = await asyncio.to_thread(
+            submit, state, body["workflow"], params=body.get("params"), outputs=body.get("outputs"),
+            force=bool(body.get("force", False)), client_id=client_id, job_id=_optional_id(body.get("job_id")),
+            extra_data=extra)
+    except SubmitRefused as exc:
+        return web.json_response(refused_body(exc), status=400)
+    _status_changed(state)
+    return web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
+                             status=201)
+
+
+def _optional_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 200:
+        fail(400, "invalid_request", "'job_id' must be a non-empty string of at most 200 characters")
+    return value
+
+
+def _status_changed(state: AppState) -> None:
+    state.hub.broadcast_status(state.store.count(ACTIVE))
+
+
+async def get_job(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    job = state.store.get(request.match_info["job_id"])
+    if job is None:
+        fail(404, "not_found", f"no job with id '{request.match_info['job_id']}'")
+    return web.json_response(job_view(state, job), dumps=_dumps)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    status = request.query.get("status")
+    statuses = tuple(s for s in (status or "").split(",") if s) or (*ACTIVE, *TERMINAL)
+    bad = [s for s in statuses if s not in (*ACTIVE, *TERMINAL)]
+    if bad:
+        fail(400, "invalid_query", f"unknown status {', '.join(bad)}")
+    limit = query_int(request, "limit", 100, minimum=1, maximum=10000)
+    offset = query_int(request, "offset", 0)
+    active = [j for j in state.store.active() if j.status in statuses]
+    rest = state.store.history(None, 0, [s for s in statuses if s in TERMINAL]) if any(
+        s in TERMINAL for s in statuses) else []
+    jobs = (active + rest)[offset:offset + limit]
+    return web.json_response({"jobs": [job_view(state, j, full=False) for j in jobs],
+                              "total": len(active) + len(rest), "limit": limit, "offset": offset}, dumps=_dumps)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    job_id = request.match_info["job_id"]
+    job = state.store.get(job_id)
+    if job is None:
+        fail(404, "not_found", f"no job with id '{job_id}'")
+    result = state.worker.cancel(job_id)
+    if result is None:
+        job = state.store.get(job_id)
+        if job is not None and job.status in TERMINAL:
+            return web.json_response({"id": job_id, "status": job.status, "cancelled": False,
+                                      "message": f"the job already ended ({job.status})"}, status=409)
+    job = state.store.get(job_id)
+    return web.json_response({"id": job_id, "status": job.status if job else None, "cancelled": result is not None,
+                              "interrupting": result == "interrupting"})
+
+
+async def history(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    limit = query_int(request, "limit", 50, minimum=1, maximum=10000)
+    offset = query_int(request, "offset", 0)
+    jobs = state.store.history(limit, offset)
+    return web.json_response({"jobs": [job_view(state, j, full=False) for j in jobs],
+                              "total": state.store.count(TERMINAL), "limit": limit, "offset": offset}, dumps=_dumps)
+
+
+async def nodes(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    schemas = await asyncio.to_thread(state.registry.schemas, state.env)
+    return web.json_response(schemas, dumps=_dumps)
+
+
+def list_models(models: SafeRoot, folder: str) -> list[str]:
+    """Model files (and diffusers folders) in one model folder, as names nodes accept."""
+    path = models.resolve(folder)
+    if "/" in folder.strip("/") or not path.is_dir():
+        raise FileNotFoundError(folder)
+    root = SafeRoot(path)
+    names = root.list(MODEL_EXTENSIONS)
+    for child in sorted(Path(root.root).iterdir()):
+        if child.is_dir() and ((child / "model_index.json").is_file() or (child / "config.json").is_file()):
+            try:
+                root.resolve(child.name)
+            except PathRefused:
+                continue
+            names.append(child.name)
+    # a diffusers folder's weight files are part of the folder, not models of their own
+    folders = [n for n in names if "/" not in n and (Path(root.root) / n).is_dir()]
+    return sorted(n for n in names if not any(n.startswith(f + "/") for f in folders))
+
+
+async def models_in_folder(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    folder = request.match_info["folder"]
+    try:
+        names = await asyncio.to_thread(list_models, state.env.paths.models, folder)
+    except PathRefused as exc:
+        fail(400, "path_refused", str(exc))
+    except FileNotFoundError:
+        fail(404, "not_found", f"no model folder '{folder}'")
+    return web.json_response(names)
+
+
+async def model_folders(request: web.Request) -> web.Response:
+    root = Path(request.app[STATE].env.paths.models.root)
+    return web.json_response(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+async def clear_cache(request: web.Request) -> web.Response:
+    cache = request.app[STATE].worker.cache
+    before = cache.stats()
+    cache.clear()
+    return web.json_response({"cleared": before["entries"], "freed_bytes": before["bytes"], "cache": cache.stats()})
+
+
+def free_models(state: AppState) -> dict[str, Any]:
+    manager = state.env.models
+    if manager is None:
+        return {"freed": False, "reason": "no model manager"}
+    for name in ("free", "unload_all"):
+        fn = getattr(manager, name, None)
+        if callable(fn):
+            fn()
+            break
+    stats = getattr(manager, "stats", None)
+    return {"freed": True, "models": stats() if callable(stats) else {}}
+
+
+async def post_free_models(request: web.Request) -> web.Response:
+    return web.json_response(await asyncio.to_thread(free_models, request.app[STATE]), dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/jobs", post_job)
+    app.router.add_get("/api/jobs", list_jobs)
+    app.router.add_get("/api/jobs/{job_id}", get_job)
+    app.router.add_post("/api/jobs/{job_id}/cancel", cancel_job)
+    # GET /api/history (Kiln's paged history) is routed by comfy_routes, which shares the path
+    app.router.add_get("/api/nodes", nodes)
+    app.router.add_get("/api/models", model_folders)
+    app.router.add_get("/api/models/{folder}", models_in_folder)
+    app.router.add_post("/api/cache/clear", clear_cache)
+    app.router.add_post("/api/models/free", post_free_models)

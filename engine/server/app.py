@@ -1,0 +1,228 @@
+"""Building and running the server: ``make_app`` wires the parts, ``run_server`` serves them.
+
+Startup stays cheap (about a second): the node registry imports node modules,
+which import torch only inside their functions, and the model manager loads
+nothing until a job needs a model. Route modules are independent; each exposes
+``add_routes(app)`` and reads ``app[STATE]``. Optional modules (files, security,
+OpenAPI, workflow library) are wired in when present, so the core runs and is
+testable without them.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ipaddress
+import logging
+import mimetypes
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from engine.cache import OutputCache
+from engine.context import Environment, Paths, Settings
+from engine.events import Event
+from engine.paths import PathRefused, SafeRoot
+from engine.registry import Registry, default_registry
+from engine.server import api_routes, comfy_routes, ws
+from engine.server.http import json_error
+from engine.server.hub import Hub
+from engine.server.state import STATE, AppState, ServerSettings
+from engine.server.store import ACTIVE, JobRecord, JobStore
+from engine.server.worker import Worker
+
+log = logging.getLogger("kiln.server")
+
+DB_NAME = "kiln.sqlite3"
+#: Route modules written alongside the core; each is optional.
+OPTIONAL_ROUTE_MODULES = ("engine.server.files", "engine.server.library", "engine.server.openapi")
+#: Content types for the editor's static files (ES modules need a JS type).
+STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
+                ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
+                ".woff2": "font/woff2", ".map": "application/json", ".txt": "text/plain"}
+
+
+def _model_manager(device: str | None) -> Any:
+    """engine.models.ModelManager when it exists; constructing it loads nothing."""
+    try:
+        from engine.models import ModelManager
+    except ModuleNotFoundError as exc:
+        if exc.name == "engine.models":
+            return None
+        raise
+    return ModelManager(device=device)
+
+
+def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir: str | Path | None,
+              allow_url_images: bool, device: str | None = None) -> Environment:
+    paths = Paths.under(data_dir, models=models_dir, workflows=workflows_dir)
+    env = Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
+    env.models = _model_manager(device)
+    chosen = getattr(env.models, "device", None) or device
+    if chosen:
+        env.device = str(chosen)
+    return env
+
+
+def _optional(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    """No request ends in an HTML error page or a dropped connection: API errors are JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 404 and exc.content_type != "application/json" and request.path.startswith("/api/"):
+            return json_error(404, "not_found", f"no route {request.method} {request.path}")
+        if exc.status == 405 and exc.content_type != "application/json":
+            return json_error(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return json_error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+# -- the editor's static files ------------------------------------------------------------
+
+async def index(request: web.Request) -> web.StreamResponse:
+    page = request.app[STATE].settings.web_dir / "index.html"
+    if not page.is_file():
+        return web.Response(text="Kiln server is running; the editor (web/index.html) is not installed.\n",
+                            content_type="text/plain")
+    return web.FileResponse(page, headers={"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"})
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    root = SafeRoot(request.app[STATE].settings.web_dir)
+    try:
+        path = root.resolve(request.match_info["path"], must_exist=True)
+    except PathRefused as exc:
+        return json_error(403, "path_refused", str(exc))
+    except FileNotFoundError:
+        return json_error(404, "not_found", f"no file web/{request.match_info['path']}")
+    kind = STATIC_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if kind.startswith("text/") or kind in ("application/json", "image/svg+xml"):
+        kind += "; charset=utf-8"
+    return web.FileResponse(path, headers={"Content-Type": kind, "X-Content-Type-Options": "nosniff",
+                                           "Cache-Control": "no-cache"})
+
+
+# -- building -----------------------------------------------------------------------------
+
+def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflows_dir: str | Path | None = None,
+             token: str | None = None, allow_url_images: bool = False, *, registry: Registry | None = None,
+             settings: ServerSettings | None = None, env: Environment | None = None,
+             devices: list[str] | None = None, host: str = "127.0.0.1", port: int = 8188) -> web.Application:
+    """A complete Kiln server app; the worker starts with the app and stops with it."""
+    settings = settings or ServerSettings()
+    settings.host, settings.port = host, port
+    if token is not None:
+        settings.token = token
+    settings.allow_url_images = allow_url_images or settings.allow_url_images
+    env = env or build_env(data_dir, models_dir, workflows_dir, settings.allow_url_images)
+    registry = registry if registry is not None else default_registry()
+    store = JobStore(Path(data_dir) / DB_NAME)
+    hub = Hub()
+    loop_box: dict[str, asyncio.AbstractEventLoop] = {}
+
+    def on_event(job: JobRecord, event: Event) -> None:  # worker thread -> event loop
+        loop = loop_box.get("loop")
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(hub.publish, job.client_id, event)
+
+    def on_queue_change() -> None:
+        loop = loop_box.get("loop")
+        if loop is not None and not loop.is_closed():
+            remaining = store.count(ACTIVE)
+            loop.call_soon_threadsafe(hub.broadcast_status, remaining)
+
+    worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
+                    on_queue_change=on_queue_change)
+    state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings)
+
+    middlewares: list[Any] = [errors_as_json]
+    security = _optional("engine.server.security")
+    if security is not None:
+        middlewares = [*security.middlewares(), errors_as_json]
+    # Uploads stream past this; JSON routes read with their own, smaller limit.
+    app = web.Application(client_max_size=max(settings.max_body_bytes, settings.max_upload_bytes + (1 << 20)),
+                          middlewares=middlewares)
+    app[STATE] = state
+
+    app.router.add_get("/", index)
+    app.router.add_get("/web/{path:.+}", static)
+    api_routes.add_routes(app)
+    comfy_routes.add_routes(app)
+    ws.add_routes(app)
+    for name in OPTIONAL_ROUTE_MODULES:
+        module = _optional(name)
+        if module is not None:
+            module.add_routes(app)
+
+    async def start(app: web.Application) -> None:
+        loop_box["loop"] = asyncio.get_running_loop()
+        if store.recovered:
+            log.warning("marked %d job(s) failed that were running when the server stopped: %s",
+                        len(store.recovered), ", ".join(store.recovered))
+        worker.start()
+
+    async def shutdown(app: web.Application) -> None:
+        await hub.close_all()
+
+    async def cleanup(app: web.Application) -> None:
+        await asyncio.to_thread(worker.stop)
+        loop_box.pop("loop", None)
+        store.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(cleanup)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path = "data",
+               models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
+               token: str | None = None, allow_url_images: bool = False, *,
+               registry: Registry | None = None) -> None:
+    """Serve until interrupted (``kiln serve``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    security = _optional("engine.server.security")
+    if security is not None:
+        token = security.resolve_token(token)
+        try:
+            security.check_bind(host, token)
+        except security.BindRefused as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise SystemExit(2) from None
+    elif not _is_loopback(host) and not token:
+        sys.stderr.write(f"error: binding to {host} exposes Kiln beyond this machine; "
+                         "give --token (or KILN_TOKEN) to require a bearer token\n")
+        raise SystemExit(2)
+    app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
+                   host=host, port=port)
+    shown = f"[{host}]" if ":" in host else host
+
+    def ready(_: Any = None) -> None:
+        print(f"Kiln serving on http://{shown}:{port}/ (data: {Path(data_dir).resolve()})", flush=True)
+
+    web.run_app(app, host=host, port=port, print=ready, access_log=None, handle_signals=True)

@@ -1,0 +1,268 @@
+"""The durable job queue and history: one SQLite file in the data folder.
+
+Why SQLite: it is embedded (nothing to install or start), a committed row survives
+``kill -9`` (WAL mode; ``synchronous=NORMAL`` only risks the last commits on power
+loss, not on a process crash), and a conditional ``UPDATE`` makes "claim the next
+queued job" and "cancel this job if it is still queued" atomic against each other
+without any lock of our own.
+
+Every thread gets its own connection (sqlite3 connections must not be shared
+across threads); the event loop, the worker thread and ``asyncio.to_thread`` helpers
+each open one lazily.
+
+Restart policy: a job found ``running`` when the store opens was cut off by a crash
+or a ``kill -9``. It is marked **failed** with the reason "server restarted while
+running" rather than re-queued, so that a job which itself crashes the process
+(out of memory, a native fault) cannot crash the server again on every start.
+Queued jobs stay queued and run in their original order.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, CANCELLED = (
+    "queued", "running", "succeeded", "failed", "interrupted", "cancelled")
+ACTIVE = (QUEUED, RUNNING)
+TERMINAL = (SUCCEEDED, FAILED, INTERRUPTED, CANCELLED)
+RESTART_REASON = "server restarted while running"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    number REAL NOT NULL,
+    status TEXT NOT NULL,
+    client_id TEXT,
+    source_format TEXT NOT NULL DEFAULT 'kiln',
+    workflow TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    params TEXT NOT NULL DEFAULT '{}',
+    outputs_to_execute TEXT NOT NULL DEFAULT '[]',
+    force INTEGER NOT NULL DEFAULT 0,
+    extra_data TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    outputs TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    messages TEXT NOT NULL DEFAULT '[]',
+    executed TEXT NOT NULL DEFAULT '[]',
+    cached TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, number, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);
+"""
+
+
+@dataclass
+class JobRecord:
+    """One row of the jobs table, JSON columns decoded."""
+
+    id: str
+    seq: int
+    number: float
+    status: str
+    client_id: str | None
+    source_format: str
+    workflow: dict[str, Any]
+    prompt: dict[str, Any]
+    params: dict[str, Any]
+    outputs_to_execute: list[str]
+    force: bool
+    extra_data: dict[str, Any]
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    messages: list[Any] = field(default_factory=list)
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "JobRecord":
+        def j(name: str, default: Any) -> Any:
+            raw = row[name]
+            return json.loads(raw) if raw else default
+
+        return cls(
+            id=row["id"], seq=row["seq"], number=row["number"], status=row["status"],
+            client_id=row["client_id"], source_format=row["source_format"],
+            workflow=j("workflow", {}), prompt=j("prompt", {}), params=j("params", {}),
+            outputs_to_execute=j("outputs_to_execute", []), force=bool(row["force"]),
+            extra_data=j("extra_data", {}), created=row["created"], started=row["started"],
+            finished=row["finished"], outputs=j("outputs", {}), error=j("error", None),
+            messages=j("messages", []), executed=j("executed", []), cached=j("cached", []),
+        )
+
+    @property
+    def comfy_number(self) -> int | float:
+        return int(self.number) if float(self.number).is_integer() else self.number
+
+
+class JobStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._counter_lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT COALESCE(MAX(ABS(number)), 0), COALESCE(MAX(seq), 0) FROM jobs").fetchone()
+        self._number = int(row[0])
+        self._seq = int(row[1])
+        #: Ids of jobs that were running when the previous process died.
+        self.recovered: list[str] = self._recover()
+
+    # -- connections ------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (other threads close theirs on exit)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _recover(self) -> list[str]:
+        conn = self._conn()
+        ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
+        if ids:
+            now = time.time()
+            error = json.dumps({"node_id": None, "node_type": None, "input_name": None,
+                                "message": RESTART_REASON, "exception_type": "ServerRestarted", "traceback": []})
+            conn.execute("UPDATE jobs SET status = ?, finished = ?, error = ? WHERE status = ?",
+                         (FAILED, now, error, RUNNING))
+            for job_id in ids:
+                self.append_message(job_id, ["execution_error", {
+                    "prompt_id": job_id, "node_id": None, "node_type": None, "executed": [],
+                    "exception_message": RESTART_REASON, "exception_type": "ServerRestarted",
+                    "traceback": [], "current_inputs": {}, "current_outputs": [], "timestamp": int(now * 1000)}])
+        return ids
+
+    # -- writing ----------------------------------------------------------------------
+
+    def next_number(self, front: bool = False) -> int:
+        """ComfyUI's queue number: increasing, negative to jump the queue."""
+        with self._counter_lock:
+            self._number += 1
+            return -self._number if front else self._number
+
+    def add(self, *, workflow: dict, prompt: dict, job_id: str | None = None, number: float | None = None,
+            front: bool = False, client_id: str | None = None, source_format: str = "kiln",
+            params: dict | None = None, outputs_to_execute: Iterable[str] = (), force: bool = False,
+            extra_data: dict | None = None) -> JobRecord:
+        """Queue a job; the row is committed before this returns."""
+        job_id = job_id or str(uuid.uuid4())
+        if number is None:
+            number = self.next_number(front)
+        with self._counter_lock:
+            self._seq += 1
+            seq = self._seq
+        now = time.time()
+        self._conn().execute(
+            "INSERT INTO jobs (id, seq, number, status, client_id, source_format, workflow, prompt, params,"
+            " outputs_to_execute, force, extra_data, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (job_id, seq, float(number), QUEUED, client_id, source_format, json.dumps(workflow), json.dumps(prompt),
+             json.dumps(params or {}), json.dumps(list(outputs_to_execute)), int(force),
+             json.dumps(extra_data or {}, default=str), now))
+        record = self.get(job_id)
+        assert record is not None
+        return record
+
+    def claim_next(self) -> JobRecord | None:
+        """Atomically move the first queued job to running and return it."""
+        conn = self._conn()
+        while True:
+            row = conn.execute("SELECT id FROM jobs WHERE status = ? ORDER BY number, seq LIMIT 1",
+                               (QUEUED,)).fetchone()
+            if row is None:
+                return None
+            cur = conn.execute("UPDATE jobs SET status = ?, started = ? WHERE id = ? AND status = ?",
+                               (RUNNING, time.time(), row["id"], QUEUED))
+            if cur.rowcount == 1:
+                return self.get(row["id"])
+            # cancelled between the SELECT and the UPDATE: take the next one
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job only if it has not started; False when it is running or done."""
+        cur = self._conn().execute("UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
+                                   (CANCELLED, time.time(), job_id, QUEUED))
+        return cur.rowcount == 1
+
+    def cancel_all_queued(self) -> list[str]:
+        conn = self._conn()
+        ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE status = ?", (QUEUED,))]
+        return [job_id for job_id in ids if self.cancel_queued(job_id)]
+
+    def finish(self, job_id: str, status: str, *, outputs: dict | None = None, error: dict | None = None,
+               messages: list | None = None, executed: list | None = None, cached: list | None = None) -> None:
+        self._conn().execute(
+            "UPDATE jobs SET status = ?, finished = ?, outputs = ?, error = ?, messages = ?, executed = ?,"
+            " cached = ? WHERE id = ?",
+            (status, time.time(), json.dumps(outputs or {}, default=str),
+             json.dumps(error, default=str) if error is not None else None,
+             json.dumps(messages or [], default=str), json.dumps(executed or []), json.dumps(cached or []), job_id))
+
+    def append_message(self, job_id: str, message: list) -> None:
+        conn = self._conn()
+        row = conn.execute("SELECT messages FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return
+        messages = json.loads(row["messages"] or "[]") + [message]
+        conn.execute("UPDATE jobs SET messages = ? WHERE id = ?", (json.dumps(messages, default=str), job_id))
+
+    def delete_finished(self, ids: Iterable[str] | None = None) -> int:
+        """Remove finished jobs from history (all of them when ``ids`` is None)."""
+        conn = self._conn()
+        marks = ",".join("?" * len(TERMINAL))
+        if ids is None:
+            return conn.execute(f"DELETE FROM jobs WHERE status IN ({marks})", TERMINAL).rowcount
+        total = 0
+        for job_id in ids:
+            total += conn.execute(f"DELETE FROM jobs WHERE id = ? AND status IN ({marks})",
+                                  (str(job_id), *TERMINAL)).rowcount
+        return total
+
+    # -- reading ----------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord.from_row(row) if row else None
+
+    def active(self) -> list[JobRecord]:
+        """Running first, then queued in the order they will run."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY status = 'queued', number, seq", ACTIVE).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def count(self, statuses: Iterable[str]) -> int:
+        statuses = tuple(statuses)
+        marks = ",".join("?" * len(statuses))
+        return self._conn().execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+
+    def history(self, limit: int | None = None, offset: int = 0, statuses: Iterable[str] = TERMINAL,
+                newest_first: bool = True) -> list[JobRecord]:
+        statuses = tuple(statuses)
+        marks = ",".join("?" * len(statuses))
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY finished {order}, seq {order} LIMIT ? OFFSET ?"
+        rows = self._conn().execute(sql, (*statuses, -1 if limit is None else int(limit), int(offset))).fetchall()
+        return [JobRecord.from_row(r) for r in rows]

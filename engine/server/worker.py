@@ -1,0 +1,224 @@
+"""The worker: takes jobs from the durable store, runs them, records the outcome.
+
+Execution runs off the event loop, one thread per device, so the API answers
+while a sampler runs. The worker is deliberately narrow (claim a job, report its
+events, finish it) so that another backend (for example one worker per GPU
+machine behind Dask distributed) can replace it without touching the routes.
+
+Nothing a job does may stop the worker: validation problems found at run time
+(a file deleted since submission), node failures and bugs in the engine all end
+as a ``failed`` job with a reason, and the loop takes the next one.
+
+Ordering guarantee for clients: a job's terminal event (success, error,
+interrupted) is published only after its outcome is committed to the store, so a
+client that reads ``/history`` when it sees ``executing`` with node null always
+finds the finished job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import traceback as tb
+from typing import Any, Callable
+
+from engine.cache import OutputCache
+from engine.context import Environment, JobInfo
+from engine.events import TERMINAL, Event, JobFailed, JobStarted, Progress
+from engine.executor import Executor
+from engine.registry import Registry
+from engine.server import comfy_messages as cm
+from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
+from engine.validate import WorkflowInvalid
+from engine.workflow import WorkflowFormatError, parse
+
+log = logging.getLogger(__name__)
+
+#: Called from a worker thread with every event of a job (after the store is updated
+#: for terminal ones). The app hands them to the event loop.
+EventSink = Callable[[JobRecord, Event], None]
+
+_STATUS = {"succeeded": SUCCEEDED, "failed": FAILED, "interrupted": INTERRUPTED}
+
+
+class _Lane:
+    """One thread and what it is running right now."""
+
+    def __init__(self, name: str, executor: Executor) -> None:
+        self.name = name
+        self.executor = executor
+        self.thread: threading.Thread | None = None
+        self.job_id: str | None = None
+        self.interrupt = threading.Event()
+
+
+class Worker:
+    def __init__(self, store: JobStore, registry: Registry, env: Environment, *,
+                 cache: OutputCache | None = None, devices: list[str] | None = None,
+                 on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
+                 poll_s: float = 1.0) -> None:
+        self.store, self.registry, self.env = store, registry, env
+        self.cache = cache if cache is not None else OutputCache()
+        self.on_event = on_event or (lambda job, event: None)
+        self.on_queue_change = on_queue_change or (lambda: None)
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._progress: dict[str, dict[str, Any]] = {}
+        devices = devices or [env.device]
+        self.lanes = []
+        for i, device in enumerate(devices):
+            lane_env = env if device == env.device else dataclasses.replace(env, device=device)
+            self.lanes.append(_Lane(f"kiln-worker-{i}-{device}", Executor(registry, lane_env, self.cache)))
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for lane in self.lanes:
+            lane.thread = threading.Thread(target=self._loop, args=(lane,), name=lane.name, daemon=True)
+            lane.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask every lane to stop after (interrupting) its current job."""
+        self._stop.set()
+        self._wake.set()
+        for lane in self.lanes:
+            lane.interrupt.set()
+        for lane in self.lanes:
+            if lane.thread is not None:
+                lane.thread.join(timeout)
+
+    def wake(self) -> None:
+        """A job was queued: stop waiting for the next poll."""
+        self._wake.set()
+
+    # -- control ------------------------------------------------------------------------
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [lane.job_id for lane in self.lanes if lane.job_id is not None]
+
+    def progress(self, job_id: str) -> dict[str, Any] | None:
+        return self._progress.get(job_id)
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a queued job or interrupt a running one.
+
+        Returns "cancelled", "interrupting", or None when the job is neither queued
+        nor running here. Claiming and cancelling share a lock, so a job is never
+        lost between "queued" and "running".
+        """
+        with self._lock:
+            if self.store.cancel_queued(job_id):
+                result = CANCELLED
+            else:
+                result = None
+                for lane in self.lanes:
+                    if lane.job_id == job_id:
+                        lane.interrupt.set()
+                        result = "interrupting"
+        if result == CANCELLED:
+            self.on_queue_change()
+        return result
+
+    def interrupt_all(self) -> list[str]:
+        """Interrupt every running job (ComfyUI's global /interrupt)."""
+        with self._lock:
+            ids = []
+            for lane in self.lanes:
+                if lane.job_id is not None:
+                    lane.interrupt.set()
+                    ids.append(lane.job_id)
+            return ids
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _claim(self, lane: _Lane) -> JobRecord | None:
+        with self._lock:
+            job = self.store.claim_next()
+            if job is not None:
+                lane.job_id = job.id
+                lane.interrupt = threading.Event()
+            return job
+
+    def _loop(self, lane: _Lane) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._claim(lane)
+            except Exception:  # the database is busy or broken: retry, never die
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            self.on_queue_change()
+            try:
+                self._run(lane, job)
+            except Exception:
+                log.exception("job %s: the worker failed to record it", job.id)
+            finally:
+                with self._lock:
+                    lane.job_id = None
+                self._progress.pop(job.id, None)
+                self.on_queue_change()
+
+    def _run(self, lane: _Lane, job: JobRecord) -> None:
+        history: list[list[Any]] = []
+        held: list[Event] = []
+
+        def sink(event: Event) -> None:
+            if isinstance(event, Progress):
+                self._progress[job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
+            for name, data in cm.to_comfy(event):
+                if name in cm.HISTORY_MESSAGES:
+                    history.append([name, data])
+            if isinstance(event, TERMINAL):
+                held.append(event)  # published once the store has the outcome
+            else:
+                self._publish(job, event)
+
+        try:
+            outcome_status, outputs, error, executed, cached = self._execute(lane, job, sink)
+        except Exception as exc:  # an engine bug: the job fails, the worker goes on
+            event = JobFailed(job.id, message=f"internal error: {exc}", exception_type=type(exc).__name__,
+                              traceback=tb.format_exception(type(exc), exc, exc.__traceback__))
+            sink(event)
+            outcome_status, outputs, error, executed, cached = FAILED, {}, _error_dict(event), [], []
+        self.store.finish(job.id, outcome_status, outputs=outputs, error=error, messages=history,
+                          executed=executed, cached=cached)
+        for event in held:
+            self._publish(job, event)
+
+    def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
+        try:
+            workflow = parse(job.workflow, self.registry)
+            plan = lane.executor.plan(workflow, job.outputs_to_execute or None)
+        except (WorkflowInvalid, WorkflowFormatError) as exc:
+            # Valid when submitted, not any more (a file was deleted, a model removed).
+            first = exc.errors[0] if isinstance(exc, WorkflowInvalid) else None
+            sink(JobStarted(job.id))
+            event = JobFailed(job.id, node_id=getattr(first, "node_id", None),
+                              node_type=getattr(first, "node_type", None),
+                              input_name=getattr(first, "input_name", None),
+                              message=f"the workflow is no longer valid: {exc}", exception_type=type(exc).__name__)
+            sink(event)
+            return FAILED, {}, _error_dict(event), [], []
+        info = JobInfo(id=job.id, workflow=job.prompt or workflow.to_api(), kiln_workflow=workflow.to_kiln(),
+                       extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params)
+        outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
+        error = _error_dict(outcome.error) if outcome.error is not None else None
+        return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
+
+    def _publish(self, job: JobRecord, event: Event) -> None:
+        try:
+            self.on_event(job, event)
+        except Exception:
+            log.exception("publishing an event of job %s failed", job.id)
+
+
+def _error_dict(event: JobFailed) -> dict[str, Any]:
+    return {"node_id": event.node_id, "node_type": event.node_type, "input_name": event.input_name,
+            "message": event.message, "exception_type": event.exception_type, "traceback": list(event.traceback)}
+
