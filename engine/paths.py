@@ -11,10 +11,22 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 from typing import Iterable
+from urllib.parse import unquote
 
 
 class PathRefused(ValueError):
     """A name that would leave its root, or that is not a plain relative name."""
+
+
+def _decodings(name: str, rounds: int = 3) -> list[str]:
+    """``name`` and its successive percent-decodings (``%252e`` -> ``%2e`` -> ``.``)."""
+    forms = [name]
+    while len(forms) <= rounds and "%" in forms[-1]:
+        decoded = unquote(forms[-1])
+        if decoded == forms[-1]:
+            break
+        forms.append(decoded)
+    return forms
 
 
 class SafeRoot:
@@ -36,13 +48,17 @@ class SafeRoot:
             raise PathRefused("a file name must be a string")
         if "\x00" in name:
             raise PathRefused("a file name may not contain NUL")
-        name = name.replace("\\", "/")
-        if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
-            raise PathRefused(f"absolute paths are not allowed: {name!r}")
-        parts = [p for p in name.split("/") if p not in ("", ".")]
-        if any(p == ".." for p in parts):
-            raise PathRefused(f"'..' is not allowed in a file name: {name!r}")
-        return parts
+        # A name that still carries percent-escapes may be decoded again further on
+        # (a client, a proxy, a later join); judge every decoding of it, not just this one.
+        for form in _decodings(name):
+            form = form.replace("\\", "/")
+            if form.startswith("/") or PurePosixPath(form).is_absolute() or (len(form) > 1 and form[1] == ":"):
+                raise PathRefused(f"absolute paths are not allowed: {name!r}")
+            if any(p == ".." for p in form.split("/")):
+                raise PathRefused(f"'..' is not allowed in a file name: {name!r}")
+            if "\x00" in form:
+                raise PathRefused("a file name may not contain NUL")
+        return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
 
     def resolve(self, name: str, subfolder: str = "", *, must_exist: bool = False) -> Path:
         """The real path of ``subfolder/name`` inside the root, or :class:`PathRefused`."""
