@@ -230,7 +230,8 @@ def system_stats_body(state: AppState) -> dict[str, Any]:
     return {
         "system": {"os": os.name, "platform": platform.platform(), "python_version": sys.version,
                    "embedded_python": False, "comfyui_version": "kiln-" + _kiln_version(),
-                   "pytorch_version": _torch_version(), "argv": sys.argv, "ram_total": total, "ram_free": free},
+                   "pytorch_version": _torch_version(), "argv": sys.argv, "ram_total": total, "ram_free": free,
+                   "torch_loaded": torch is not None},
         "devices": [{"name": device, "type": device.split(":")[0], "index": 0, "vram_total": vram_total or total,
                      "vram_free": vram_free or free, "torch_vram_total": vram_total, "torch_vram_free": vram_free}],
     }

@@ -1,0 +1,253 @@
+"""The durable queue and the worker: cancel, interrupt, failures, load, and kill -9 restarts."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from server_helpers import (free_port, kiln, save_workflow, show_workflow, slow_workflow,  # noqa: F401
+                            wait_status)
+
+from engine.server.store import RESTART_REASON
+
+FAIL = {"version": 1, "nodes": {"1": {"type": "Number", "inputs": {"value": 3}},
+                                "2": {"type": "Fail", "inputs": {"value": ["1", 0]}},
+                                "3": {"type": "Format", "inputs": {"value": ["2", 0]}},
+                                "4": {"type": "Show", "inputs": {"text": ["3", 0]}}}}
+
+
+async def _submit(client, workflow, **extra) -> str:
+    r = await client.post("/api/jobs", json={"workflow": workflow, **extra})
+    assert r.status == 201, await r.text()
+    return (await r.json())["job_id"]
+
+
+async def test_cancel_pending_and_running(kiln):
+    running = await _submit(kiln, slow_workflow(1))
+    pending = await _submit(kiln, slow_workflow(2))
+    job = await wait_status(kiln, running, ("running",))
+    await asyncio.sleep(0.1)
+    job = await (await kiln.get(f"/api/jobs/{running}")).json()
+    assert job["progress"]["node_id"] == "1" and job["progress"]["max"] == 2000 and job["progress"]["value"] > 0
+
+    r = await kiln.post(f"/api/jobs/{pending}/cancel")
+    assert r.status == 200 and (await r.json())["status"] == "cancelled"
+    assert (await (await kiln.get(f"/api/jobs/{pending}")).json())["status"] == "cancelled"
+
+    t0 = time.monotonic()
+    r = await kiln.post(f"/api/jobs/{running}/cancel")
+    assert (await r.json())["interrupting"] is True
+    job = await wait_status(kiln, running, timeout=5)
+    assert job["status"] == "interrupted" and time.monotonic() - t0 < 2  # not the 20 s it would run
+    assert job["outputs"] == {}
+    # cancelling a finished job is a 409 and changes nothing
+    r = await kiln.post(f"/api/jobs/{running}/cancel")
+    assert r.status == 409 and (await r.json())["status"] == "interrupted"
+    # the worker goes on
+    assert (await wait_status(kiln, await _submit(kiln, show_workflow(4))))["status"] == "succeeded"
+    hist = await (await kiln.get(f"/history/{running}")).json()
+    assert hist[running]["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_comfy_interrupt_and_queue_delete(kiln):
+    a = await _submit(kiln, slow_workflow(1))
+    b = await _submit(kiln, slow_workflow(2))
+    c = await _submit(kiln, slow_workflow(3))
+    await wait_status(kiln, a, ("running",))
+    queue = await (await kiln.get("/queue")).json()
+    assert [q[1] for q in queue["queue_running"]] == [a]
+    assert [q[1] for q in queue["queue_pending"]] == [b, c]
+    await kiln.post("/queue", json={"delete": [b]})
+    assert (await (await kiln.get(f"/api/jobs/{b}")).json())["status"] == "cancelled"
+    await kiln.post("/interrupt", json={"prompt_id": "not-running"})  # ignored, as ComfyUI does
+    await asyncio.sleep(0.1)
+    assert (await (await kiln.get(f"/api/jobs/{a}")).json())["status"] == "running"
+    await kiln.post("/interrupt", json={"prompt_id": a})
+    assert (await wait_status(kiln, a, timeout=5))["status"] == "interrupted"
+    await wait_status(kiln, c, ("running",))
+    await kiln.post("/api/interrupt")  # global, no body
+    assert (await wait_status(kiln, c, timeout=5))["status"] == "interrupted"
+    d = await _submit(kiln, slow_workflow(4))
+    e = await _submit(kiln, slow_workflow(5))
+    await wait_status(kiln, d, ("running",))
+    await kiln.post("/queue", json={"clear": True})
+    assert (await (await kiln.get(f"/api/jobs/{e}")).json())["status"] == "cancelled"
+    await kiln.post(f"/api/jobs/{d}/cancel")
+    await wait_status(kiln, d)
+
+
+async def test_front_jumps_the_queue(kiln):
+    blocker = await _submit(kiln, slow_workflow(1))
+    await wait_status(kiln, blocker, ("running",))
+    prompt = {"1": {"class_type": "Number", "inputs": {"value": 1}},
+              "2": {"class_type": "Format", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "Show", "inputs": {"text": ["2", 0]}}}
+    late = (await (await kiln.post("/prompt", json={"prompt": prompt})).json())["prompt_id"]
+    prompt["1"]["inputs"]["value"] = 2
+    first = (await (await kiln.post("/prompt", json={"prompt": prompt, "front": True})).json())["prompt_id"]
+    pending = (await (await kiln.get("/queue")).json())["queue_pending"]
+    assert [p[1] for p in pending] == [first, late]
+    await kiln.post(f"/api/jobs/{blocker}/cancel")
+    a, b = await wait_status(kiln, first), await wait_status(kiln, late)
+    assert a["started"] < b["started"]
+
+
+async def test_a_failing_job_never_stops_the_worker(kiln):
+    failed = await wait_status(kiln, await _submit(kiln, FAIL))
+    assert failed["status"] == "failed"
+    err = failed["error"]
+    assert (err["node_id"], err["node_type"], err["input_name"]) == ("2", "Fail", "value")
+    assert err["message"] == "refusing 3.0" and any("refusing" in line for line in err["traceback"])
+    hist = await (await kiln.get(f"/history/{failed['id']}")).json()
+    status = hist[failed["id"]]["status"]
+    assert status["status_str"] == "error" and status["completed"] is False
+    assert status["messages"][-1][0] == "execution_error"
+    assert (await wait_status(kiln, await _submit(kiln, show_workflow(5))))["status"] == "succeeded"
+
+
+async def test_a_job_invalid_at_run_time_fails_with_a_reason(kiln, tmp_path):
+    """A job that breaks at run time (its output folder became a file) fails with the node named."""
+    blocker = await _submit(kiln, slow_workflow(1))
+    await wait_status(kiln, blocker, ("running",))
+    doomed = await _submit(kiln, save_workflow("hello", prefix="sub/x"))
+    out = tmp_path / "data" / "output"
+    (out / "sub").write_text("a file where a folder should be")
+    await kiln.post(f"/api/jobs/{blocker}/cancel")
+    job = await wait_status(kiln, doomed)
+    assert job["status"] == "failed" and job["error"]["node_id"] == "1"
+    assert (await wait_status(kiln, await _submit(kiln, save_workflow("ok"))))["status"] == "succeeded"
+
+
+async def test_200_jobs_from_20_concurrent_clients(kiln):
+    """Nothing lost: every submission gets an id, runs once and ends succeeded."""
+    async def one_client(c: int) -> list[tuple[str, str]]:
+        submitted = []
+        for j in range(10):
+            text = f"c{c}-j{j}"
+            wf = {"version": 1, "nodes": {"1": {"type": "Join", "inputs": {"a": f"c{c}", "b": f"j{j}", "sep": "-"}},
+                                          "2": {"type": "Show", "inputs": {"text": ["1", 0]}}}}
+            async with aiohttp.ClientSession() as session:  # separate connections, like separate programs
+                r = await session.post(kiln.make_url("/api/jobs"), json={"workflow": wf, "client_id": f"c{c}"})
+                assert r.status == 201
+                submitted.append(((await r.json())["job_id"], text))
+        return submitted
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one_client(c) for c in range(20)))
+    submitted = [item for group in results for item in group]
+    assert len({job_id for job_id, _ in submitted}) == 200
+    for job_id, text in submitted:
+        job = await wait_status(kiln, job_id, timeout=60)
+        assert job["status"] == "succeeded" and job["outputs"]["2"]["text"] == [text]
+    page = await (await kiln.get("/api/history?limit=1000")).json()
+    assert page["total"] == 200 and {j["id"] for j in page["jobs"]} == {i for i, _ in submitted}
+    assert time.monotonic() - t0 < 60
+
+
+def _start(port: int, data: Path) -> subprocess.Popen:
+    helper = Path(__file__).parent / "server_helpers.py"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(helper), str(port), str(data)], env=env, cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+async def _wait_up(session: aiohttp.ClientSession, base: str, proc: subprocess.Popen, timeout: float = 20) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read().decode()}")
+        try:
+            async with session.get(f"{base}/prompt") as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("server did not come up")
+
+
+async def _job(session: aiohttp.ClientSession, base: str, job_id: str) -> dict:
+    async with session.get(f"{base}/api/jobs/{job_id}") as r:
+        return await r.json()
+
+
+async def _until(session, base, job_id, statuses, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await _job(session, base, job_id)
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, f"{job_id} still {job['status']}"
+        await asyncio.sleep(0.05)
+
+
+async def test_kill_9_restart_keeps_queue_history_and_files(tmp_path):
+    port, data = free_port(), tmp_path / "data"
+    base = f"http://127.0.0.1:{port}"
+    proc = _start(port, data)
+    try:
+        async with aiohttp.ClientSession() as s:
+            await _wait_up(s, base, proc)
+            async with s.post(f"{base}/api/jobs", json={"workflow": save_workflow("kept")}) as r:
+                done = (await r.json())["job_id"]
+            finished = await _until(s, base, done, ("succeeded",))
+            saved = data / "output" / finished["outputs"]["1"]["files"][0]["filename"]
+            assert saved.read_text() == "kept"
+            async with s.post(f"{base}/api/jobs", json={"workflow": slow_workflow(1, ticks=100000)}) as r:
+                running = (await r.json())["job_id"]
+            queued = []
+            for i in range(3):
+                async with s.post(f"{base}/api/jobs", json={"workflow": save_workflow(f"q{i}")}) as r:
+                    queued.append(((await r.json())["job_id"], f"q{i}"))
+            await _until(s, base, running, ("running",))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+        proc = _start(port, data)
+        async with aiohttp.ClientSession() as s:
+            await _wait_up(s, base, proc)
+            job = await _until(s, base, running, ("failed",))
+            assert job["error"]["message"] == RESTART_REASON
+            for job_id, text in queued:
+                job = await _until(s, base, job_id, ("succeeded",))
+                name = job["outputs"]["1"]["files"][0]["filename"]
+                assert (data / "output" / name).read_text() == text
+            async with s.get(f"{base}/history/{done}") as r:
+                entry = (await r.json())[done]
+            assert entry["status"]["status_str"] == "success"
+            assert entry["outputs"]["1"]["files"][0]["filename"] == saved.name and saved.read_text() == "kept"
+            async with s.get(f"{base}/history/{running}") as r:
+                assert (await r.json())[running]["status"]["messages"][-1][1]["exception_message"] == RESTART_REASON
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+async def test_kiln_serve_is_ready_fast(tmp_path):
+    """The real command with the real node library answers within a few seconds, torch not imported."""
+    port = free_port()
+    kiln_bin = Path(sys.executable).parent / "kiln"
+    cmd = [str(kiln_bin)] if kiln_bin.exists() else [sys.executable, "-m", "engine.cli"]
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--data", str(tmp_path / "data"),
+                             "--models", str(tmp_path / "models"), "--workflows", str(tmp_path / "wf")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        async with aiohttp.ClientSession() as s:
+            elapsed = await _wait_up(s, f"http://127.0.0.1:{port}", proc)
+            assert elapsed < 8, elapsed  # ~1 s on an idle machine; generous for a loaded CI box
+            async with s.get(f"http://127.0.0.1:{port}/object_info/SaveImage") as r:
+                assert "SaveImage" in await r.json()
+            async with s.get(f"http://127.0.0.1:{port}/system_stats") as r:
+                assert (await r.json())["system"]["torch_loaded"] is False
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
