@@ -10,3 +10,37 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# -- tiny Stable Diffusion models (see tests/tiny_models.py) ---------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    """A models folder: checkpoints/tiny-<variant>.safetensors (original layout),
+    checkpoints/tiny-<variant>-diffusers/ and vae/tiny-vae.safetensors, for the
+    variants sd1, sd2, sd2-v and sdxl. Built once per test session (~2 s)."""
+    from diffusers.utils import logging as dlog
+
+    import tiny_models
+
+    dlog.disable_progress_bar()
+    return tiny_models.make_models_folder(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture()
+def tiny_env(tiny_models_dir, tmp_path):
+    """An Environment over a fresh data folder whose models folder is ``tiny_models_dir``,
+    with its own model manager (unloaded at the end of the test)."""
+    from engine.context import Environment, Paths
+
+    try:
+        from engine.models import ModelManager
+    except ImportError:  # the model manager lands in a later commit
+        ModelManager = None
+    models = ModelManager() if ModelManager else None
+    env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir), models=models)
+    yield env
+    if models is not None:
+        models.unload_all()

@@ -1,0 +1,100 @@
+"""Tiny random-weight Stable Diffusion models for tests (seconds to build, no downloads).
+
+API (variant is one of "sd1", "sd2", "sd2-v" (v-prediction), "sdxl"):
+
+    components(variant)            -> dict of diffusers/transformers parts, keyed as
+                                      pipelines name them: unet, vae, text_encoder,
+                                      tokenizer, scheduler (+ text_encoder_2, tokenizer_2
+                                      for sdxl). Cached per variant: do not mutate.
+    fresh_components(variant, seed=0) -> the same, newly built (safe to modify).
+    pipeline(variant, cls=None)    -> a diffusers pipeline over components(variant);
+                                      cls e.g. StableDiffusionImg2ImgPipeline or
+                                      StableDiffusionXLImg2ImgPipeline (default: txt2img).
+    save_diffusers(variant, folder)          -> folder (a diffusers pipeline folder)
+    save_single_file(variant, path, half=False) -> path (original LDM/ComfyUI layout)
+    save_vae(variant, path)        -> path (a standalone VAE .safetensors, original layout)
+    make_models_folder(root)       -> root, with
+        checkpoints/tiny-<variant>.safetensors and checkpoints/tiny-<variant>-diffusers/
+        for every variant, and vae/tiny-vae.safetensors (sd1's VAE).
+    checkpoint_name(variant, fmt="single"|"diffusers") -> the name a loader node takes.
+
+Pytest fixtures (tests/conftest.py): ``tiny_models_dir`` (session-scoped models
+folder as above) and ``tiny_env`` (an engine Environment whose models folder is it).
+
+Sizes: UNet 0.3-1.5 M params, VAE ~1 M, text encoders 3.3 M (mostly CLIP's
+49408-token embedding). The weights of a variant are the same on every call
+(fixed seed). A 64x64 image gives an 8x8 latent, as with real SD.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint.tiny import VARIANTS, build_components, pipeline_from_components, prediction_of
+
+__all__ = ["VARIANTS", "components", "fresh_components", "pipeline", "save_diffusers", "save_single_file",
+           "save_vae", "make_models_folder", "checkpoint_name"]
+
+
+def fresh_components(variant: str, seed: int = 0) -> dict[str, Any]:
+    return build_components(variant, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def components(variant: str) -> dict[str, Any]:
+    return build_components(variant, 0)
+
+
+def pipeline(variant: str, cls: Any = None, parts: dict[str, Any] | None = None) -> Any:
+    return pipeline_from_components(dict(parts or components(variant)), cls)
+
+
+def save_diffusers(variant: str, folder: str | Path, parts: dict[str, Any] | None = None) -> Path:
+    folder = Path(folder)
+    pipeline(variant, parts=parts).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def save_single_file(variant: str, path: str | Path, half: bool = False,
+                     parts: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.to_original import components_to_original
+
+    state = components_to_original(parts or components(variant), prediction_of(variant))
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def save_vae(variant: str, path: str | Path) -> Path:
+    """A standalone VAE file as users download them (keys without ``first_stage_model.``)."""
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.to_original import vae_to_original
+
+    vae = components(variant)["vae"]
+    state = vae_to_original(vae.state_dict(), dict(vae.config))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k[len("first_stage_model."):]: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def checkpoint_name(variant: str, fmt: str = "single") -> str:
+    return f"tiny-{variant}.safetensors" if fmt == "single" else f"tiny-{variant}-diffusers"
+
+
+def make_models_folder(root: str | Path) -> Path:
+    root = Path(root)
+    for variant in VARIANTS:
+        save_single_file(variant, root / "checkpoints" / checkpoint_name(variant))
+        save_diffusers(variant, root / "checkpoints" / checkpoint_name(variant, "diffusers"))
+    save_vae("sd1", root / "vae" / "tiny-vae.safetensors")
+    (root / "tiny-models.json").write_text(json.dumps({"variants": list(VARIANTS)}))
+    return root
