@@ -244,3 +244,29 @@ async def test_the_real_node_library_serves_schemas(aiohttp_client, tmp_path):
     body = json.loads(await (await client.get("/api/nodes")).text())
     assert body["SaveImage"]["output_node"] is True
     await asyncio.sleep(0)
+
+
+async def test_outputs_selects_which_output_nodes_run(kiln):
+    wf = show_workflow(3)
+    wf["nodes"]["4"] = {"type": "Join", "inputs": {"a": "x", "b": "y"}}
+    wf["nodes"]["5"] = {"type": "Show", "inputs": {"text": ["4", 0]}}
+    r = await kiln.post("/api/jobs", json={"workflow": wf, "outputs": ["5"]})
+    job = await wait_status(kiln, (await r.json())["job_id"])
+    assert job["outputs"] == {"5": {"text": ["x y"]}} and job["executed"] == ["4", "5"]
+    r = await kiln.post("/api/jobs", json={"workflow": wf, "outputs": ["42"]})
+    assert r.status == 400 and (await r.json())["errors"][0]["type"] == "unknown_output_target"
+    r = await kiln.post("/api/jobs", json={"workflow": wf, "outputs": "5"})
+    assert r.status == 400
+
+
+async def test_job_list_pages_across_active_and_finished(kiln):
+    ids = []
+    for i in range(4):
+        ids.append((await (await kiln.post("/api/jobs", json={"workflow": show_workflow(i)})).json())["job_id"])
+    for job_id in ids:
+        await wait_status(kiln, job_id)
+    page1 = await (await kiln.get("/api/jobs?limit=3")).json()
+    page2 = await (await kiln.get("/api/jobs?limit=3&offset=3")).json()
+    assert page1["total"] == page2["total"] == 4
+    assert [j["id"] for j in page1["jobs"] + page2["jobs"]] == ids[::-1]
+    assert "workflow" not in page1["jobs"][0]

@@ -251,3 +251,33 @@ async def test_kiln_serve_is_ready_fast(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_store_claim_order_cancel_and_recovery(tmp_path):
+    """The store alone: run order by (number, seq), atomic cancel/claim, restart policy."""
+    from engine.server.store import JobStore
+
+    path = tmp_path / "q.sqlite3"
+    store = JobStore(path)
+    a = store.add(workflow={}, prompt={})
+    b = store.add(workflow={}, prompt={})
+    front = store.add(workflow={}, prompt={}, front=True)
+    assert front.number < 0
+    assert store.claim_next().id == front.id
+    assert store.cancel_queued(a.id) is True and store.cancel_queued(a.id) is False
+    assert store.claim_next().id == b.id
+    assert store.cancel_queued(b.id) is False  # running: cancel must interrupt instead
+    assert store.claim_next() is None
+    c = store.add(workflow={"n": 1}, prompt={})
+    store.close()
+
+    reopened = JobStore(path)  # as after kill -9: two jobs were left "running"
+    assert sorted(reopened.recovered) == sorted([front.id, b.id])
+    for job_id in (front.id, b.id):
+        job = reopened.get(job_id)
+        assert job.status == "failed" and job.error["message"] == RESTART_REASON and job.finished
+        assert job.messages[-1][0] == "execution_error"
+    assert reopened.get(c.id).status == "queued" and reopened.get(c.id).workflow == {"n": 1}
+    assert reopened.claim_next().id == c.id
+    nxt = reopened.add(workflow={}, prompt={})
+    assert nxt.number > c.number  # numbering continues after a restart

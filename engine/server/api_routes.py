@@ -84,12 +84,15 @@ async def list_jobs(request: web.Request) -> web.Response:
         fail(400, "invalid_query", f"unknown status {', '.join(bad)}")
     limit = query_int(request, "limit", 100, minimum=1, maximum=10000)
     offset = query_int(request, "offset", 0)
+    # Active jobs first (in run order), then finished ones newest first; only one page is read.
     active = [j for j in state.store.active() if j.status in statuses]
-    rest = state.store.history(None, 0, [s for s in statuses if s in TERMINAL]) if any(
-        s in TERMINAL for s in statuses) else []
-    jobs = (active + rest)[offset:offset + limit]
+    finished_statuses = [s for s in statuses if s in TERMINAL]
+    finished_total = state.store.count(finished_statuses) if finished_statuses else 0
+    jobs = active[offset:offset + limit]
+    if finished_statuses and len(jobs) < limit:
+        jobs += state.store.history(limit - len(jobs), max(0, offset - len(active)), finished_statuses)
     return web.json_response({"jobs": [job_view(state, j, full=False) for j in jobs],
-                              "total": len(active) + len(rest), "limit": limit, "offset": offset}, dumps=_dumps)
+                              "total": len(active) + finished_total, "limit": limit, "offset": offset}, dumps=_dumps)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
