@@ -1,0 +1,110 @@
+"""Latent nodes: EmptyLatentImage (text to image) and AddNoise (image-to-image strength).
+
+AddNoise does not mix noise into the latent itself. The noise level that a
+strength means depends on the sampler's schedule (which AddNoise cannot know), so
+AddNoise records the clean latent, the seeded noise and the strength, and KSampler
+forms the noisy latent at its own first step. That keeps AddNoise a real node (its
+output is cached; changing only the seed re-runs AddNoise and what follows) while
+the sampler still lands exactly on diffusers' img2img grid. The strength rule and
+Stability's ``start_schedule`` mapping are documented in
+``nodes/samplers/plan.py``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from engine import types as T
+from engine.context import NodeError
+from engine.node import Input, Output, define_node
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+LATENT_CHANNELS = 4
+
+
+def image_seeds(seed: int, batch: int, batch_index: Any = None) -> list[int]:
+    """The seed of each image of a batch: ``seed + i`` (or ``seed + batch_index[i]``).
+
+    Each image thus equals a single run with its own seed, whatever the batch size.
+    Seeds wrap at 2**64, the range torch generators accept.
+    """
+    offsets = list(batch_index) if batch_index is not None else list(range(batch))
+    if len(offsets) != batch:
+        offsets = list(range(batch))
+    return [(int(seed) + int(k)) % (MAX_SEED + 1) for k in offsets]
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> Any:
+    """Gaussian noise [B, ...] drawn on the CPU, image i from a generator seeded ``seeds[i]``.
+
+    Drawing on the CPU makes a seed give the same noise on any device.
+    """
+    import torch
+
+    draws = []
+    for s in seeds:
+        gen = torch.Generator("cpu").manual_seed(s)
+        draws.append(torch.randn((1, *shape[1:]), generator=gen, dtype=torch.float32))
+    return torch.cat(draws)
+
+
+@define_node(
+    "EmptyLatentImage",
+    category="latent",
+    display_name="Empty Latent Image",
+    inputs=[
+        Input("width", T.INT, default=512, min=16, max=16384, step=8),
+        Input("height", T.INT, default=512, min=16, max=16384, step=8),
+        Input("batch_size", T.INT, default=1, min=1, max=4096),
+    ],
+    outputs=[Output("LATENT", T.LATENT)],
+)
+def empty_latent_image(ctx, width: int, height: int, batch_size: int = 1):
+    """A blank latent to sample an image from text: zeros [batch, 4, height/8, width/8]."""
+    import torch
+
+    w, h = int(width) // 8 * 8, int(height) // 8 * 8
+    if (w, h) != (int(width), int(height)):
+        ctx.message(f"{width}x{height} is not a multiple of 8: the latent is for {w}x{h} pixels")
+    return ({"samples": torch.zeros([int(batch_size), LATENT_CHANNELS, h // 8, w // 8])},)
+
+
+@define_node(
+    "AddNoise",
+    category="latent",
+    display_name="Add Noise (strength)",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("latent", T.LATENT),
+        Input("strength", T.FLOAT, default=0.75, min=0.0, max=1.0, step=0.01, extra={"display": "slider"},
+              tooltip="How much of the image is repainted: 0 keeps it, 1 starts from noise"),
+        Input("seed", T.INT, default=0, min=0, max=MAX_SEED, control_after_generate=True,
+              tooltip="Image i of a batch uses seed + i"),
+    ],
+    outputs=[Output("LATENT", T.LATENT)],
+)
+def add_noise(ctx, model, latent, strength: float = 0.75, seed: int = 0):
+    """Mark a latent for image-to-image: record the strength and draw its seeded noise.
+
+    KSampler then runs int(steps * strength) of its steps, starting from this
+    latent noised to the matching level (diffusers' / A1111's strength rule).
+    """
+    import torch
+
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise NodeError("expected a LATENT (a dict with 'samples')", "latent")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", "latent")
+    channels = getattr(model, "latent_channels", samples.shape[1])
+    if samples.shape[1] != channels:
+        raise NodeError(f"the latent has {samples.shape[1]} channels but the model expects {channels}", "latent")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise NodeError(f"strength must be a number, got {strength!r}", "strength") from None
+    if not 0.0 <= strength <= 1.0:
+        raise NodeError(f"strength must be within 0..1, got {strength}", "strength")
+    seeds = image_seeds(seed, samples.shape[0], latent.get("batch_index"))
+    out = dict(latent)
+    out.update({"noise": seeded_noise(tuple(samples.shape), seeds), "strength": strength, "seed": int(seed)})
+    return (out,)

@@ -1,0 +1,166 @@
+"""Sigma schedules: which noise levels a sampler visits.
+
+Two families of schedules live here, because Kiln answers to two conventions:
+
+* **diffusers' grid** (AddNoise strength, text-to-image): the schedule a diffusers
+  scheduler builds from the checkpoint's ``scheduler_config`` (its
+  ``timestep_spacing``, ``steps_offset``, Karras/exponential flags).
+  :func:`diffusers_sigmas` asks diffusers' own Euler scheduler for that list, so
+  the sigma-space samplers Kiln runs itself see exactly the grid diffusers' k-samplers do.
+* **ComfyUI's grid** (``KSampler.denoise`` < 1 without AddNoise): ComfyUI's
+  ``normal``/``karras``/``exponential``/``simple``/``sgm_uniform`` schedules over
+  the model's training sigmas, and its ``denoise`` rule (see :func:`comfy_sigmas`).
+
+Every list is descending and ends with 0.0, one entry more than the steps it drives.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+#: diffusers config switches that turn a scheduler's own grid into each schedule.
+#: ``simple`` has no diffusers counterpart and is always computed here.
+DIFFUSERS_FLAGS: dict[str, dict[str, Any]] = {
+    "normal": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "sgm_uniform": {"timestep_spacing": "trailing"},
+}
+
+
+def training_sigmas(config: Mapping[str, Any]) -> "torch.Tensor":
+    """sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for t = 0..T-1, float32.
+
+    The betas come from diffusers (built from the checkpoint's scheduler config), so
+    every beta schedule diffusers knows is covered without re-deriving it here.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler.from_config(dict(config))
+    ac = sched.alphas_cumprod.to(torch.float64)
+    return ((1 - ac) / ac).sqrt().to(torch.float32)
+
+
+class TrainingSchedule:
+    """sigma <-> timestep over the training sigmas, interpolating in log sigma.
+
+    This is the continuous-time view both ComfyUI (``ModelSamplingDiscrete``) and
+    diffusers' k-schedulers (``_sigma_to_t``) take of a discrete 1000-step model.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.sigmas = training_sigmas(config)
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma(self, t: "torch.Tensor | float") -> "torch.Tensor":
+        import torch
+
+        t = torch.as_tensor(t, dtype=torch.float32).clamp(0, len(self.sigmas) - 1)
+        lo, hi = t.floor().long(), t.ceil().long()
+        w = t.frac()
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+
+    def timestep(self, sigma: "torch.Tensor | float") -> "torch.Tensor":
+        import torch
+
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        lo_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(self.log_sigmas) - 2)
+        hi_idx = lo_idx + 1
+        lo, hi = self.log_sigmas[lo_idx], self.log_sigmas[hi_idx]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return ((1 - w) * lo_idx + w * hi_idx).view(torch.as_tensor(sigma).shape)
+
+
+def _append_zero(values: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    return torch.cat([values.to(torch.float32), values.new_zeros(1, dtype=torch.float32)])
+
+
+def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor":
+    """ComfyUI's schedule ``name`` for ``steps`` steps (``steps + 1`` sigmas)."""
+    import torch
+
+    if steps <= 0:
+        return torch.zeros(0)
+    if name in ("normal", "sgm_uniform"):
+        start, end = float(ts.timestep(ts.sigma_max)), float(ts.timestep(ts.sigma_min))
+        if name == "sgm_uniform":
+            times = torch.linspace(start, end, steps + 1)[:-1]
+        else:
+            times = torch.linspace(start, end, steps)
+        return _append_zero(torch.stack([ts.sigma(t) for t in times]))
+    if name == "simple":
+        stride = len(ts.sigmas) / steps
+        return _append_zero(torch.stack([ts.sigmas[-(1 + int(i * stride))] for i in range(steps)]))
+    if name == "karras":
+        rho = 7.0
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        lo, hi = ts.sigma_min ** (1 / rho), ts.sigma_max ** (1 / rho)
+        return _append_zero((hi + ramp * (lo - hi)) ** rho)
+    if name == "exponential":
+        return _append_zero(torch.linspace(math.log(ts.sigma_max), math.log(ts.sigma_min), steps,
+                                           dtype=torch.float64).exp())
+    raise KeyError(f"unknown scheduler '{name}'")
+
+
+def comfy_sigmas(ts: TrainingSchedule, name: str, steps: int, denoise: float = 1.0,
+                 discard_penultimate: bool = False) -> "torch.Tensor":
+    """The sigmas ComfyUI's KSampler runs for ``steps`` at ``denoise``.
+
+    ComfyUI always runs exactly ``steps`` steps: with denoise < 1 it builds the
+    schedule for ``int(steps / denoise)`` steps and keeps its last ``steps + 1``
+    sigmas (steps=20, denoise=0.5 runs the quieter half of a 40-step schedule).
+    denoise <= 0 leaves nothing to do (an empty list).
+    """
+    import torch
+
+    def full(n: int) -> "torch.Tensor":
+        if discard_penultimate:
+            s = comfy_schedule(ts, name, n + 1)
+            return torch.cat([s[:-2], s[-1:]])
+        return comfy_schedule(ts, name, n)
+
+    if denoise > 0.9999:
+        return full(steps)
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    return full(int(steps / denoise))[-(steps + 1):]
+
+
+def diffusers_sigmas(config: Mapping[str, Any], name: str, steps: int) -> "torch.Tensor":
+    """The ``steps``-step grid of schedule ``name`` as diffusers' k-schedulers build it
+    from this checkpoint's config (``simple``, which diffusers lacks, is ComfyUI's)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    if name == "simple":
+        return comfy_schedule(TrainingSchedule(config), "simple", steps)
+    overrides = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                 "final_sigmas_type": "zero", **DIFFUSERS_FLAGS[name]}
+    sched = EulerDiscreteScheduler.from_config(dict(config), **overrides)
+    sched.set_timesteps(steps)
+    return sched.sigmas.to(torch.float32)
+
+
+def strength_steps(steps: int, strength: float) -> tuple[int, int]:
+    """(first step index, steps run) of an N-step schedule at img2img ``strength``.
+
+    diffusers' and A1111's rule: ``int(N * strength)`` steps run, starting at step
+    ``N - int(N * strength)`` of the N-step grid, from the noise level of that step.
+    """
+    run = min(int(steps * strength), steps)
+    return max(steps - run, 0), run

@@ -1,0 +1,195 @@
+"""Turn (sampler, schedule) into a ready-to-step scheduler object.
+
+Every stepper here has diffusers' scheduler surface: ``timesteps``, ``order``,
+``scale_model_input(x, t)``, ``step(model_output, t, x, ...)`` returning an object
+with ``prev_sample``. The sampling loop (``loop.py``) therefore treats diffusers'
+schedulers and Kiln's own sigma-space sampler alike.
+
+Two ways to make one:
+
+* :func:`native` — diffusers' scheduler on its own grid (config switches select
+  Karras/exponential/trailing spacing). Used whenever the scheduler can express the
+  schedule itself, because then Kiln runs *exactly* what diffusers' pipelines run.
+* :func:`on_sigmas` — a scheduler made to follow a given sigma list (ComfyUI's
+  grids, ``simple``, or a schedule the class has no switch for). diffusers'
+  k-schedulers build their arrays from the list their Karras hook returns, so the
+  list is handed to them through that hook and the scheduler's own bookkeeping
+  (Heun's doubled steps, DPM-2's midpoints, DPM-Solver's timesteps) does the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from nodes.samplers.names import SamplerSpec, resolve_sampler
+from nodes.samplers.schedules import DIFFUSERS_FLAGS
+
+if TYPE_CHECKING:
+    import torch
+
+#: Classes with a ``use_karras_sigmas`` hook (``_convert_to_karras``) in diffusers.
+_HOOKABLE = {
+    "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
+}
+#: Classes that only know timestep spacing (no Karras/exponential switches).
+_SPACING_ONLY = {"EulerAncestralDiscreteScheduler", "DDIMScheduler", "PNDMScheduler"}
+
+
+def has_native(spec: SamplerSpec, schedule: str) -> bool:
+    """Can diffusers' scheduler for ``spec`` build ``schedule`` on its own grid?"""
+    if not spec.diffusers_class or schedule not in DIFFUSERS_FLAGS:
+        return False
+    if spec.diffusers_class in _SPACING_ONLY:
+        return schedule in ("normal", "sgm_uniform")
+    return True
+
+
+def _scheduler_class(name: str) -> Any:
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _overrides(spec: SamplerSpec, **extra: Any) -> dict[str, Any]:
+    """Config switches for ``from_config``: this sampler's, then the schedule's.
+
+    They go in as keyword arguments, not into the config dict: diffusers drops dict
+    values that the checkpoint's scheduler only had by default (``_use_default_values``)
+    so a swapped-in class keeps its own defaults. That is what diffusers' pipelines
+    do when a user swaps schedulers, and Kiln must do the same to match them.
+    """
+    return {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+            **spec.config, **extra}
+
+
+def native(spec: SamplerSpec, config: Mapping[str, Any], schedule: str, steps: int) -> Any:
+    """diffusers' scheduler for ``spec`` with ``set_timesteps(steps)`` done on its own grid."""
+    cls = _scheduler_class(spec.diffusers_class)
+    sched = cls.from_config(dict(config), **_overrides(spec, **DIFFUSERS_FLAGS[schedule]))
+    sched.set_timesteps(steps)
+    return sched
+
+
+def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
+    """A scheduler for ``spec`` that visits exactly ``sigmas`` (descending, ending in 0)."""
+    import numpy as np
+    import torch
+
+    if spec.sigma_fallback:
+        spec = resolve_sampler(spec.sigma_fallback)
+    steps = len(sigmas) - 1
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("a sigma schedule must end with 0")
+    if not spec.diffusers_class:
+        return DPMpp2SAncestral(config, sigmas)
+    cls = _scheduler_class(spec.diffusers_class)
+    if spec.diffusers_class in _HOOKABLE:
+        sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
+        wanted = np.asarray(sigmas[:-1].tolist(), dtype=np.float64)
+        sched._convert_to_karras = lambda *args, **kwargs: wanted.copy()
+        sched.set_timesteps(steps)
+        return sched
+    if spec.diffusers_class == "EulerAncestralDiscreteScheduler":
+        # No Karras hook: its step reads only .sigmas and .timesteps, set both.
+        from nodes.samplers.schedules import TrainingSchedule
+
+        sched = cls.from_config(dict(config), **_overrides(spec))
+        sched.set_timesteps(steps)
+        sched.sigmas = sigmas.to(torch.float32).clone()
+        sched.timesteps = TrainingSchedule(config).timestep(sigmas[:-1]).to(torch.float32)
+        return sched
+    raise ValueError(f"sampler {spec.name} cannot follow a sigma schedule")
+
+
+@dataclass
+class _Output:
+    prev_sample: "torch.Tensor"
+    pred_original_sample: "torch.Tensor | None" = None
+
+
+def _randn_like(x: "torch.Tensor", generator: Any) -> "torch.Tensor":
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class DPMpp2SAncestral:
+    """DPM-Solver++(2S) ancestral over a sigma list (k-diffusion's ``dpmpp_2s_ancestral``).
+
+    diffusers has no scheduler for it, so it is written here in the k-diffusion
+    parameterisation every diffusers k-scheduler uses (x = x0 + sigma * eps, model
+    input scaled by 1/sqrt(sigma^2 + 1)). Each step takes the ancestral target
+    sigma_down, evaluates the model once more at the log-midpoint sqrt(sigma *
+    sigma_down) (the "2S" second stage), lands on sigma_down and adds fresh noise of
+    size sigma_up. Stages are laid out up front as a timestep list, like Heun's
+    doubled list in diffusers, so the loop calls ``step`` once per model evaluation.
+    """
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
+        import torch
+
+        from nodes.samplers.schedules import TrainingSchedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        self.stages: list[tuple[int, int, float]] = []  # (step, stage, sigma the model sees)
+        self.down_up: list[tuple[float, float]] = []
+        for i in range(len(sigmas) - 1):
+            s_from, s_to = float(sigmas[i]), float(sigmas[i + 1])
+            up = min(s_to, eta * math.sqrt(max(s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2, 0.0)))
+            down = math.sqrt(max(s_to ** 2 - up ** 2, 0.0))
+            self.down_up.append((down, up))
+            self.stages.append((i, 0, s_from))
+            if down > 0:
+                self.stages.append((i, 1, math.sqrt(s_from * down)))
+        stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
+        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
+        self._index = 0
+        self._x_start: "torch.Tensor | None" = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        sigma = self.stages[self._index][2]
+        return sample / ((sigma ** 2 + 1) ** 0.5)
+
+    def _denoised(self, out: "torch.Tensor", x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        if self.prediction_type == "epsilon":
+            return x - sigma * out
+        if self.prediction_type == "v_prediction":
+            return x / (sigma ** 2 + 1) - out * (sigma / (sigma ** 2 + 1) ** 0.5)
+        if self.prediction_type == "sample":
+            return out
+        raise ValueError(f"unsupported prediction_type {self.prediction_type}")
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> _Output:
+        i, stage, sigma = self.stages[self._index]
+        self._index += 1
+        denoised = self._denoised(model_output, sample, sigma)
+        s_i, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        down, up = self.down_up[i]
+        if stage == 0 and down == 0:  # last step to sigma 0: plain Euler lands on the prediction
+            x = denoised
+        elif stage == 0:  # first stage: go to the log-midpoint and evaluate there next
+            self._x_start = sample
+            h = math.log(s_i) - math.log(down)
+            x_mid = (math.sqrt(s_i * down) / s_i) * sample - math.expm1(-h / 2) * denoised
+            return _Output(prev_sample=x_mid, pred_original_sample=denoised)
+        else:
+            h = math.log(s_i) - math.log(down)
+            x = (down / s_i) * self._x_start - math.expm1(-h) * denoised
+            self._x_start = None
+        if s_next > 0 and up > 0:
+            x = x + _randn_like(x, generator) * up
+        return _Output(prev_sample=x, pred_original_sample=denoised)

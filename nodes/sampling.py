@@ -1,0 +1,103 @@
+"""KSampler: denoise a latent with a diffusion model, guided by prompts.
+
+The rules (which steps run for a strength or a ``denoise``, how noise is seeded)
+are in ``nodes/samplers/plan.py``; the sampler and schedule names in
+``nodes/samplers/names.py``.
+"""
+from __future__ import annotations
+
+from engine import types as T
+from engine.context import NodeError
+from engine.node import Input, Output, define_node
+from nodes.latent import MAX_SEED, image_seeds
+from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
+
+#: Keys AddNoise puts on a LATENT; spent by the sampler, never passed on.
+_NOISE_KEYS = ("noise", "strength", "seed")
+
+
+@define_node(
+    "KSampler",
+    category="sampling",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("seed", T.INT, default=0, min=0, max=MAX_SEED, control_after_generate=True,
+              tooltip="Noise seed; image i of a batch uses seed + i"),
+        Input("steps", T.INT, default=30, min=1, max=10000),
+        Input("cfg", T.FLOAT, default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+              tooltip="Classifier-free guidance scale"),
+        Input("sampler_name", T.COMBO, default="euler", choices=sampler_choices()),
+        Input("scheduler", T.COMBO, default="normal", choices=list(SCHEDULERS)),
+        Input("positive", T.CONDITIONING),
+        Input("negative", T.CONDITIONING),
+        Input("latent_image", T.LATENT),
+        Input("denoise", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.01,
+              tooltip="ComfyUI's denoise, for latents that did not pass through AddNoise"),
+    ],
+    outputs=[Output("LATENT", T.LATENT)],
+)
+def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+             positive, negative, latent_image, denoise: float = 1.0):
+    """Denoise the latent. After AddNoise: diffusers' img2img strength rule. Otherwise
+    denoise < 1 follows ComfyUI (always `steps` steps on the tail of a longer schedule)
+    and denoise = 1 is text to image."""
+    import torch
+
+    from nodes.latent import seeded_noise
+    from nodes.samplers import loop
+    from nodes.samplers.plan import plan as make_plan
+
+    try:
+        spec = resolve_sampler(sampler_name)
+    except KeyError as exc:
+        raise NodeError(str(exc.args[0]), "sampler_name") from None
+    try:
+        schedule = resolve_scheduler(scheduler)
+    except KeyError as exc:
+        raise NodeError(str(exc.args[0]), "scheduler") from None
+    if not isinstance(latent_image, dict) or not isinstance(latent_image.get("samples"), torch.Tensor):
+        raise NodeError("expected a LATENT (a dict with 'samples')", "latent_image")
+    if int(steps) < 1:
+        raise NodeError(f"steps must be at least 1, got {steps}", "steps")
+    samples = latent_image["samples"].to(torch.float32)
+    if samples.ndim != 4:
+        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", "latent_image")
+    batch = samples.shape[0]
+
+    # One generator per image: its first draw is that image's starting noise, later
+    # draws feed ancestral/SDE steps (diffusers' pipelines draw in the same order).
+    seeds = image_seeds(seed, batch, latent_image.get("batch_index"))
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = torch.cat([torch.randn((1, *samples.shape[1:]), generator=g) for g in generators])
+
+    strength = latent_image.get("strength")
+    if strength is not None:
+        strength = float(strength)
+        if not 0.0 <= strength <= 1.0:
+            raise NodeError(f"the latent's strength must be within 0..1, got {strength}", "latent_image")
+        given = latent_image.get("noise")
+        if not isinstance(given, torch.Tensor) or given.shape != samples.shape:
+            raise NodeError("the latent has a strength but no noise of its shape (re-run AddNoise)", "latent_image")
+        noise = given.to(torch.float32)
+        if float(denoise) < 1.0:
+            ctx.message("denoise is ignored: AddNoise's strength sets where sampling starts")
+    x0 = samples * float(model.latent_scale)
+    p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
+                  strength=strength, denoise=float(denoise))
+    out = {k: v for k, v in latent_image.items() if k not in _NOISE_KEYS}
+    if p.start is None:  # strength 0 / denoise 0: nothing to denoise
+        out["samples"] = latent_image["samples"]
+        return (out,)
+    if hasattr(p.scheduler, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
+        p.scheduler.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
+
+    image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
+    try:
+        with model.unet() as unet:
+            result = loop.run(unet, p, positive=positive, negative=negative, cfg=float(cfg),
+                              generators=generators, family=model.family, image_size=image_size,
+                              progress=ctx.progress, check_interrupted=ctx.check_interrupted)
+    except loop.ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
+    out["samples"] = (result / float(model.latent_scale)).to("cpu", torch.float32)
+    return (out,)
