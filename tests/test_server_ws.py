@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine.server.app import make_app
 from engine.server.state import STATE, ServerSettings
-from server_helpers import kiln, make_registry, show_workflow, wait_status  # noqa: F401  (fixture)
+from server_helpers import kiln, wait_status  # noqa: F401  (fixture)
 
 
 def spin_workflow(ticks: int = 50, preview: bool = False, value: float = 1.0) -> dict[str, Any]:

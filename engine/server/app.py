@@ -59,9 +59,10 @@ def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir
     paths = Paths.under(data_dir, models=models_dir, workflows=workflows_dir)
     env = Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
     env.models = _model_manager(device)
-    chosen = getattr(env.models, "device", None) or device
-    if chosen:
-        env.device = str(chosen)
+    if device:
+        env.device = device
+    # Otherwise the worker asks the model manager before the first job: finding the
+    # best device imports torch, which startup must not pay for.
     return env
 
 

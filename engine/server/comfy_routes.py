@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.server import api_routes
-from engine.server.http import fail, query_int, read_object
+from engine.server.http import query_int, read_object
 from engine.server.jobs import SubmitRefused, dependent_outputs, submit
 from engine.server.state import STATE, AppState
 from engine.server.store import ACTIVE, RUNNING, SUCCEEDED, TERMINAL, JobRecord

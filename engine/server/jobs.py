@@ -8,12 +8,11 @@ files can vanish while it waits).
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 from engine.server.state import AppState
 from engine.server.store import JobRecord
-from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid
+from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid, validate
 from engine.workflow import Workflow, WorkflowFormatError, parse
 
 #: extra_data keys never stored (ComfyUI's SENSITIVE_EXTRA_DATA_KEYS).
@@ -60,8 +59,6 @@ def prepare(state: AppState, doc: Any, params: Any = None, outputs: Any = None) 
         else:
             targets = [str(o) for o in outputs]
     try:
-        from engine.validate import validate
-
         plan = validate(workflow, state.registry, state.env, targets)
     except WorkflowInvalid as exc:
         raise SubmitRefused(problems + list(exc.errors), workflow) from None

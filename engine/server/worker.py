@@ -66,6 +66,8 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: dict[str, dict[str, Any]] = {}
+        #: Without explicit devices, the model manager picks one (lazily, at the first job).
+        self._pick_device = not devices
         devices = devices or [env.device]
         self.lanes = []
         for i, device in enumerate(devices):
@@ -191,7 +193,15 @@ class Worker:
         for event in held:
             self._publish(job, event)
 
+    def _resolve_device(self, lane: _Lane) -> None:
+        if self._pick_device:
+            self._pick_device = False
+            chosen = getattr(self.env.models, "device", None)  # imports torch: here, not at startup
+            if chosen:
+                self.env.device = lane.executor.env.device = str(chosen)
+
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
+        self._resolve_device(lane)
         try:
             workflow = parse(job.workflow, self.registry)
             plan = lane.executor.plan(workflow, job.outputs_to_execute or None)
