@@ -131,13 +131,19 @@ async def test_view_missing_and_bad_requests(client: Any) -> None:
     assert (await client.get("/view", params={"filename": "", "subfolder": ""})).status == 400
 
 
-async def test_view_preview_and_channel(client: Any) -> None:
+async def test_view_preview_and_channel(client: Any, data: Path) -> None:
     await upload(client, png(mode="RGBA", colour=(200, 10, 10, 128)))
     r = await client.get("/view", params={"filename": "a.png", "type": "input", "preview": "webp;80"})
     assert r.status == 200 and r.headers["Content-Type"] == "image/webp"
     assert Image.open(io.BytesIO(await r.read())).format == "WEBP"
     r = await client.get("/view", params={"filename": "a.png", "type": "input", "channel": "rgb"})
     assert Image.open(io.BytesIO(await r.read())).mode == "RGB"
+    # a preview never decodes more than an upload may: a bomb or a broken file is served as it is
+    for name, body in (("bomb.png", bomb_png(9000, 9000)), ("broken.png", png()[:50])):
+        (data / "output" / name).write_bytes(body)
+        r = await client.get("/view", params={"filename": name, "preview": "webp;80"})
+        assert r.status == 200 and r.headers["Content-Type"] == "image/png"
+        assert await r.read() == body
 
 
 TRAVERSALS = [

@@ -94,17 +94,33 @@ async def view(request: web.Request) -> web.StreamResponse:
         fail(404, "not_found", f"no file {filename!r} in {kind}")
     preview = query.get("preview") or query.get("channel")
     if preview and path.suffix.lower() in INLINE_TYPES:
-        body, headers = await asyncio.to_thread(_transcode, path, query.get("preview"), query.get("channel"))
-        return web.Response(body=body, headers=headers)
+        max_pixels = request.app[STATE].settings.max_upload_pixels
+        result = await asyncio.to_thread(_transcode, path, query.get("preview"), query.get("channel"), max_pixels)
+        if result is not None:
+            return web.Response(body=result[0], headers=result[1])
     return web.FileResponse(path, headers=content_headers(path))
 
 
-def _transcode(path: Path, preview: str | None, channel: str | None) -> tuple[bytes, dict[str, str]]:
-    """ComfyUI's ``preview=webp;90`` re-encoding and ``channel=rgb|a`` extraction."""
+def _transcode(path: Path, preview: str | None, channel: str | None,
+               max_pixels: int) -> tuple[bytes, dict[str, str]] | None:
+    """ComfyUI's ``preview=webp;90`` re-encoding and ``channel=rgb|a`` extraction.
+
+    None (serve the file as it is) when the file does not decode or would decode
+    to more pixels than an upload may have: a preview must never cost more than the file.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
+    try:
+        im = Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    with im:
+        if im.size[0] * im.size[1] > max_pixels:
+            return None
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError):
+            return None
         if channel == "rgb":
             im = im.convert("RGB")
         elif channel == "a":
