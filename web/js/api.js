@@ -1,0 +1,99 @@
+// The server's HTTP routes, as the editor uses them. Every call goes through
+// `request`, so a token (for a server started with one) is added in one place.
+
+export class ApiError extends Error {
+  constructor(status, body, message) {
+    super(message);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+export class Api {
+  constructor(base = "", token = null) {
+    this.base = base.replace(/\/$/, "");
+    this.token = token;
+  }
+
+  headers(extra = {}) {
+    return this.token ? { ...extra, Authorization: `Bearer ${this.token}` } : extra;
+  }
+
+  async request(method, path, body, { raw = false } = {}) {
+    const init = { method, headers: this.headers() };
+    if (body instanceof FormData) init.body = body;
+    else if (body !== undefined) {
+      init.body = JSON.stringify(body);
+      init.headers["Content-Type"] = "application/json";
+    }
+    const res = await fetch(this.base + path, init);
+    if (raw) return res;
+    const text = await res.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch { data = text; }
+    if (!res.ok) {
+      const msg = (data && (data.error?.message || data.message || (typeof data.error === "string" && data.error)))
+        || `${method} ${path}: HTTP ${res.status}`;
+      throw new ApiError(res.status, data, msg);
+    }
+    return data;
+  }
+
+  /** Node definitions: Kiln's schemas, or ComfyUI's /object_info from a plain ComfyUI-compatible server. */
+  async nodes() {
+    try { return await this.request("GET", "/api/nodes"); }
+    catch (e) { if (e.status === 404) return this.request("GET", "/object_info"); throw e; }
+  }
+
+  submit(workflow, clientId, opts = {}) {
+    return this.request("POST", "/api/jobs", { workflow, client_id: clientId, ...opts });
+  }
+
+  job(id) { return this.request("GET", `/api/jobs/${encodeURIComponent(id)}`); }
+  cancel(id) { return this.request("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`, {}); }
+  interrupt() { return this.request("POST", "/interrupt", {}); }
+
+  async workflows() {
+    const data = await this.request("GET", "/api/workflows");
+    const list = Array.isArray(data) ? data : data?.workflows || [];
+    return list.map((w) => (typeof w === "string" ? { name: w } : w));
+  }
+
+  async workflow(name) {
+    const data = await this.request("GET", `/api/workflows/${encodeURIComponent(name)}`);
+    // The document itself, or wrapped with its metadata.
+    return data && !data.nodes && data.workflow ? data.workflow : data;
+  }
+
+  saveWorkflow(name, doc) { return this.request("PUT", `/api/workflows/${encodeURIComponent(name)}`, doc); }
+
+  /** Upload an input image; returns the value a LoadImage input takes. */
+  async upload(file) {
+    const form = new FormData();
+    form.append("image", file, file.name || "image.png");
+    form.append("type", "input");
+    const r = await this.request("POST", "/upload/image", form);
+    return r.subfolder ? `${r.subfolder}/${r.name}` : r.name;
+  }
+
+  /** URL of an image the server holds ({filename, subfolder, type}). */
+  viewUrl(image) {
+    const q = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder || "", type: image.type || "output" });
+    if (this.token) q.set("token", this.token);
+    return `${this.base}/view?${q}`;
+  }
+
+  /** URL of a LoadImage value (a name in the input folder, maybe with a subfolder). */
+  inputUrl(value) {
+    const i = value.lastIndexOf("/");
+    return this.viewUrl({ filename: i >= 0 ? value.slice(i + 1) : value, subfolder: i >= 0 ? value.slice(0, i) : "", type: "input" });
+  }
+
+  socketUrl(clientId) {
+    const u = new URL(this.base || window.location.origin, window.location.href);
+    u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
+    u.pathname = "/ws";
+    u.search = new URLSearchParams({ clientId, protocol: "kiln", ...(this.token ? { token: this.token } : {}) }).toString();
+    return u.toString();
+  }
+}
