@@ -1,0 +1,357 @@
+"""KSampler, AddNoise, EmptyLatentImage on tiny random-weight models.
+
+The numerics claim is that Kiln runs the same math as diffusers' pipelines: on the
+same weights, conditioning, init latent, seed, steps, strength and cfg, the decoded
+image equals StableDiffusionImg2ImgPipeline's / StableDiffusionXLImg2ImgPipeline's /
+StableDiffusionPipeline's within 1/255 per pixel. Both sides get the same init
+latents (diffusers samples the VAE posterior from the noise generator, which the
+VAE nodes deliberately do not; VAE encoding is tested with the VAE nodes).
+"""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tiny_models
+from engine.context import Interrupted, NodeContext, NodeError
+from engine.events import Preview
+from nodes.handles import ModelHandle
+from nodes.latent import add_noise, empty_latent_image
+from nodes.samplers import schedules
+from nodes.samplers.names import SAMPLERS, SCHEDULERS, resolve_sampler
+from nodes.sampling import ksampler
+
+PIXEL_TOL = 1 / 255 + 1e-6
+KILN_TO_DIFFUSERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+
+
+class Recorder:
+    """A real NodeContext whose progress, messages and interruption the test controls."""
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.steps: list[tuple[int, int, object]] = []
+        self.messages: list[str] = []
+        self.interrupt_after = interrupt_after
+        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
+                               _progress=lambda v, m, p: self.steps.append((v, m, p)),
+                               _is_interrupted=self._interrupted, _message=self.messages.append)
+
+    def _interrupted(self) -> bool:
+        return self.interrupt_after is not None and len(self.steps) >= self.interrupt_after
+
+
+class Tiny:
+    """One tiny model: diffusers parts, a Kiln ModelHandle over the same UNet, conditioning."""
+
+    def __init__(self, variant: str) -> None:
+        self.parts = tiny_models.components(variant)
+        self.family = "sd2" if variant.startswith("sd2") else variant
+        self.sdxl = self.family == "sdxl"
+        self.unet_calls = 0
+        unet = self.parts["unet"]
+        unet.register_forward_pre_hook(self._count)
+        self.scale = float(self.parts["vae"].config.scaling_factor)
+        self.model = ModelHandle(self.family, scheduler_config=dict(self.parts["scheduler"].config),
+                                 latent_scale=self.scale, _use_unet=lambda: contextlib.nullcontext(unet))
+        pipe = tiny_models.pipeline(variant)
+        with torch.no_grad():
+            enc = pipe.encode_prompt("a red barn in a field", device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=True, negative_prompt="blurry")
+        if self.sdxl:
+            pos, neg, pooled, neg_pooled = enc
+            self.pos, self.neg = [[pos, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]]
+            self.embeds = dict(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+                               negative_pooled_prompt_embeds=neg_pooled)
+        else:
+            pos, neg = enc
+            self.pos, self.neg = [[pos, {"pooled_output": None}]], [[neg, {"pooled_output": None}]]
+            self.embeds = dict(prompt_embeds=pos, negative_prompt_embeds=neg)
+        self.init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * 4  # unscaled latent
+
+    def _count(self, *args) -> None:
+        self.unet_calls += 1
+
+    def diffusers_pipe(self, kind: str, sampler: str, karras: bool = False):
+        import diffusers
+
+        if kind == "img2img":
+            cls = diffusers.StableDiffusionXLImg2ImgPipeline if self.sdxl else diffusers.StableDiffusionImg2ImgPipeline
+        else:
+            cls = diffusers.StableDiffusionXLPipeline if self.sdxl else diffusers.StableDiffusionPipeline
+        pipe = tiny_models.pipeline(self.family if self.family != "sd2" else "sd2", cls=cls, parts=dict(self.parts))
+        name, extra = KILN_TO_DIFFUSERS[sampler]
+        if karras:
+            extra = {**extra, "use_karras_sigmas": True}
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+        return pipe
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            image = self.parts["vae"].decode(samples).sample
+        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def img2img(self, sampler: str, scheduler: str = "normal", *, seed: int = 42, steps: int = 10,
+                strength: float = 0.6, cfg: float = 7.5, latent: torch.Tensor | None = None,
+                rec: Recorder | None = None, denoise: float = 1.0) -> dict:
+        rec = rec or Recorder()
+        lat, = add_noise(rec.ctx, self.model, {"samples": self.init if latent is None else latent}, strength, seed)
+        out, = ksampler(rec.ctx, self.model, seed, steps, cfg, sampler, scheduler, self.pos, self.neg, lat, denoise)
+        return out
+
+
+@pytest.fixture(scope="module")
+def sd1() -> Tiny:
+    return Tiny("sd1")
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> Tiny:
+    return Tiny("sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd2v() -> Tiny:
+    return Tiny("sd2-v")
+
+
+# -- numerics: equal to diffusers' pipelines ---------------------------------------------
+
+def _check_img2img(tiny: Tiny, sampler: str, karras: bool = False) -> None:
+    pipe = tiny.diffusers_pipe("img2img", sampler, karras)
+    ref = pipe(image=tiny.init * tiny.scale, strength=0.6, num_inference_steps=10, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(42), output_type="pt", **tiny.embeds).images
+    out = tiny.img2img(sampler, "karras" if karras else "normal")
+    ours = tiny.decode(out["samples"])
+    ref = ref.permute(0, 2, 3, 1)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= PIXEL_TOL
+    # Not vacuous: the sampler changed the image, and a different seed would too.
+    assert (ours - tiny.decode(tiny.init)).abs().max().item() > 0.01
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun", "lms", "dpm_2_ancestral"])
+def test_sd1_img2img_equals_diffusers(sd1, sampler):
+    _check_img2img(sd1, sampler)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+def test_sd1_img2img_karras_equals_diffusers(sd1, sampler):
+    _check_img2img(sd1, sampler, karras=True)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun"])
+def test_sdxl_img2img_equals_diffusers(sdxl, sampler):
+    _check_img2img(sdxl, sampler)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_v_prediction_img2img_equals_diffusers(sd2v, sampler):
+    _check_img2img(sd2v, sampler)
+
+
+@pytest.mark.parametrize("variant,sampler", [("sd1", "euler_ancestral"), ("sd1", "dpmpp_2m"), ("sdxl", "euler")])
+def test_txt2img_equals_diffusers(variant, sampler, sd1, sdxl):
+    tiny = sd1 if variant == "sd1" else sdxl
+    pipe = tiny.diffusers_pipe("txt2img", sampler)
+    ref = pipe(height=64, width=64, num_inference_steps=8, guidance_scale=6.0, output_type="pt",
+               generator=torch.Generator().manual_seed(5), **tiny.embeds).images.permute(0, 2, 3, 1)
+    rec = Recorder()
+    empty, = empty_latent_image(rec.ctx, 64, 64, 1)
+    out, = ksampler(rec.ctx, tiny.model, 5, 8, 6.0, sampler, "normal", tiny.pos, tiny.neg, empty)
+    assert (tiny.decode(out["samples"]) - ref).abs().max().item() <= PIXEL_TOL
+
+
+def test_stability_names_are_the_same_samplers(sd1):
+    a = sd1.img2img("k_euler_ancestral", steps=4)["samples"]
+    b = sd1.img2img("euler_ancestral", steps=4)["samples"]
+    assert torch.equal(a, b)
+    assert {s.stability_name for s in SAMPLERS} >= {"k_euler", "k_dpmpp_2m", "k_dpmpp_sde", "plms", "ddim"}
+    assert len(SAMPLERS) == 11
+
+
+# -- ComfyUI's denoise -------------------------------------------------------------------
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+WORKED_HALF = [1.5482, 1.4225, 1.3078, 1.2026, 1.1056, 1.0158, 0.9324, 0.8543, 0.7811, 0.7119, 0.6462,
+               0.5834, 0.5230, 0.4644, 0.4069, 0.3495, 0.2909, 0.2287, 0.1567, 0.0292, 0.0]
+
+
+def test_comfy_denoise_sigmas_equal_worked_values():
+    ts = schedules.TrainingSchedule(SD15)
+    assert ts.sigma_min == pytest.approx(0.029167, abs=1e-5)
+    assert ts.sigma_max == pytest.approx(14.614641, abs=1e-4)
+    full = schedules.comfy_sigmas(ts, "normal", 20)
+    assert len(full) == 21
+    assert full[:5].tolist() == pytest.approx([14.6146, 10.7468, 8.0815, 6.2049, 4.8557], abs=1e-4)
+    assert full[-3:].tolist() == pytest.approx([0.2322, 0.0292, 0.0], abs=1e-4)
+    half = schedules.comfy_sigmas(ts, "normal", 20, denoise=0.5)
+    assert half.tolist() == pytest.approx(WORKED_HALF, abs=1e-4)
+    assert len(schedules.comfy_sigmas(ts, "normal", 20, denoise=0.0)) == 0
+
+
+def test_comfy_denoise_runs_steps_on_the_schedule_tail(sd1):
+    """ComfyUI's rule: always `steps` steps; Euler makes one UNet batch call per step."""
+    from nodes.samplers.plan import MODE_COMFY, plan
+
+    x0 = sd1.init * sd1.scale
+    p = plan(resolve_sampler("euler"), "normal", sd1.model.scheduler_config, 20, x0=x0,
+             noise=torch.zeros_like(x0), strength=None, denoise=0.5)
+    assert p.mode == MODE_COMFY and len(p.timesteps) == 20
+    assert p.scheduler.sigmas.tolist() == pytest.approx(WORKED_HALF, abs=1e-4)
+    rec = Recorder()
+    before = sd1.unet_calls
+    out, = ksampler(rec.ctx, sd1.model, 1, 20, 7.0, "euler", "normal", sd1.pos, sd1.neg, {"samples": sd1.init}, 0.5)
+    assert sd1.unet_calls - before == 20 and [s[:2] for s in rec.steps] == [(i, 20) for i in range(1, 21)]
+    # ComfyUI's noise: torch.manual_seed(seed) on the CPU, one draw of the latent's shape.
+    noise = torch.randn(sd1.init.shape, generator=torch.Generator("cpu").manual_seed(1))
+    assert torch.allclose(p.start, x0)  # (zero noise given above) the start is the latent + noise * sigma0
+    p2 = plan(resolve_sampler("euler"), "normal", sd1.model.scheduler_config, 20, x0=x0, noise=noise,
+              strength=None, denoise=0.5)
+    assert torch.allclose(p2.start, x0 + noise * WORKED_HALF[0], atol=1e-3)
+    assert not torch.equal(out["samples"], sd1.init)
+
+
+# -- seeds, strength, batches ------------------------------------------------------------
+
+def test_same_seed_same_bytes_different_seed_differs(sd1):
+    a = sd1.img2img("euler_ancestral", seed=3, steps=6)["samples"]
+    b = sd1.img2img("euler_ancestral", seed=3, steps=6)["samples"]
+    c = sd1.img2img("euler_ancestral", seed=4, steps=6)["samples"]
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+    assert (a - c).abs().max().item() > 1e-3
+
+
+def test_strength_zero_returns_the_input_latent(sd1):
+    before = sd1.unet_calls
+    out = sd1.img2img("dpmpp_2m", strength=0.0)
+    assert torch.equal(out["samples"], sd1.init) and sd1.unet_calls == before
+    assert not {"noise", "strength", "seed"} & set(out)
+
+
+def test_strength_runs_int_steps_times_strength(sd1):
+    for strength, evals in ((0.6, 6), (0.25, 2), (1.0, 10), (0.05, 0)):
+        rec = Recorder()
+        sd1.img2img("euler", steps=10, strength=strength, rec=rec)
+        assert len(rec.steps) == evals, strength
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_sde", "dpmpp_2s_ancestral"])
+def test_batch_item_equals_single_run_with_seed_plus_i(sd1, sampler):
+    batch = torch.cat([sd1.init, sd1.init * 0.5, -sd1.init])
+    out = sd1.img2img(sampler, seed=100, steps=4, latent=batch)["samples"]
+    for i in range(3):
+        single = sd1.img2img(sampler, seed=100 + i, steps=4, latent=batch[i:i + 1])["samples"]
+        assert torch.allclose(out[i:i + 1], single, rtol=1e-4, atol=1e-4), i  # batch-size BLAS rounding only
+
+
+def test_txt2img_batch_item_equals_single_run(sd1):
+    rec = Recorder()
+    empty, = empty_latent_image(rec.ctx, 64, 64, 2)
+    out, = ksampler(rec.ctx, sd1.model, 9, 3, 7.0, "euler_ancestral", "karras", sd1.pos, sd1.neg, empty)
+    one, = empty_latent_image(rec.ctx, 64, 64, 1)
+    second, = ksampler(rec.ctx, sd1.model, 10, 3, 7.0, "euler_ancestral", "karras", sd1.pos, sd1.neg, one)
+    assert torch.allclose(out["samples"][1:], second["samples"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["samples"][0], out["samples"][1], atol=1e-3)
+
+
+def test_add_noise_draws_per_image_cpu_noise():
+    rec = Recorder()
+    lat, = add_noise(rec.ctx, ModelHandle("sd1", {}, 0.18215), {"samples": torch.zeros(2, 4, 3, 5)}, 0.3, 11)
+    assert lat["strength"] == 0.3 and lat["seed"] == 11 and lat["noise"].shape == (2, 4, 3, 5)
+    for i in range(2):
+        expect = torch.randn((1, 4, 3, 5), generator=torch.Generator("cpu").manual_seed(11 + i))
+        assert torch.equal(lat["noise"][i:i + 1], expect)
+
+
+# -- every sampler x schedule, in each mode ----------------------------------------------
+
+@pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
+def test_every_sampler_and_schedule_runs(sd1, sampler):
+    for scheduler in SCHEDULERS:
+        for strength, denoise in ((0.5, 1.0), (None, 0.6), (None, 1.0)):
+            rec = Recorder()
+            if strength is None:
+                lat = {"samples": sd1.init if denoise < 1 else torch.zeros_like(sd1.init)}
+            else:
+                lat, = add_noise(rec.ctx, sd1.model, {"samples": sd1.init}, strength, 1)
+            out, = ksampler(rec.ctx, sd1.model, 1, 4, 5.0, sampler, scheduler, sd1.pos, sd1.neg, lat, denoise)
+            s = out["samples"]
+            assert s.shape == sd1.init.shape and torch.isfinite(s).all(), (scheduler, strength, denoise)
+            assert rec.steps and rec.steps[-1][0] == rec.steps[-1][1], (scheduler, strength, denoise)
+
+
+# -- progress, previews, interruption ----------------------------------------------------
+
+def test_progress_every_step_with_a_preview(sdxl):
+    rec = Recorder()
+    sdxl.img2img("heun", steps=5, strength=1.0, rec=rec)
+    assert [s[:2] for s in rec.steps] == [(i, 9) for i in range(1, 10)]  # Heun: 2 evaluations per step but the last
+    preview = rec.steps[-1][2]
+    assert isinstance(preview, Preview) and preview.mime == "image/jpeg"
+    assert preview.data[:2] == b"\xff\xd8" and (preview.width, preview.height) == (8, 8)
+
+
+def test_interruption_stops_promptly(sd1):
+    rec = Recorder(interrupt_after=3)
+    before = sd1.unet_calls
+    with pytest.raises(Interrupted):
+        sd1.img2img("euler", steps=30, strength=1.0, rec=rec)
+    assert sd1.unet_calls - before == 3
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+def test_bad_input_names_the_input(sd1, sdxl):
+    rec = Recorder()
+    with pytest.raises(NodeError) as err:
+        sd1.img2img("k_warp_drive")
+    assert err.value.input_name == "sampler_name" and "k_euler" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        add_noise(rec.ctx, sd1.model, {"samples": sd1.init}, 1.5, 0)
+    assert err.value.input_name == "strength"
+    with pytest.raises(NodeError) as err:
+        ksampler(rec.ctx, sdxl.model, 0, 2, 7.0, "euler", "normal", [[sdxl.pos[0][0], {}]], sdxl.neg,
+                 {"samples": sdxl.init}, 0.5)
+    assert err.value.input_name == "positive" and "pooled" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        ksampler(rec.ctx, sd1.model, 0, 2, 7.0, "euler", "normal", sd1.pos, sd1.neg, {"wrong": 1}, 1.0)
+    assert err.value.input_name == "latent_image"
+
+
+def test_empty_latent_image():
+    rec = Recorder()
+    lat, = empty_latent_image(rec.ctx, 512, 768, 3)
+    assert lat["samples"].shape == (3, 4, 96, 64) and not lat["samples"].any()
+    lat, = empty_latent_image(rec.ctx, 500, 64, 1)
+    assert lat["samples"].shape == (1, 4, 8, 62) and "496" in rec.messages[0]
+
+
+def test_node_modules_import_without_torch():
+    code = ("import sys, nodes.latent, nodes.sampling, nodes.samplers.plan, nodes.samplers.loop; "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_declarations_match_functions():
+    from nodes.latent import add_noise as an, empty_latent_image as el
+    from nodes.sampling import ksampler as ks
+
+    for spec in (an, el, ks):
+        assert spec.signature_mismatches() == []
+    assert [i.name for i in ks.inputs] == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler",
+                                           "positive", "negative", "latent_image", "denoise"]
+    assert ks.input("steps").default == 30 and ks.input("cfg").default == 7.0
+    assert an.input("strength").extra == {"display": "slider"}
