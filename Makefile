@@ -25,10 +25,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install Debian's chromium package for the browser tests"; fi; }
 
+# Runs workflows/img2img.json headless on the sample image with the first checkpoint in
+# models/checkpoints/ (a random-weight demo one when there is none; it says so).
 run: $(STAMP)
-	$(BIN)/python -m engine.demo
+	$(BIN)/python -m nodes.demo run
 
 serve: $(STAMP)
+	$(BIN)/python -m nodes.demo prepare --input $${KILN_DATA:-data}/input
 	$(BIN)/kiln serve
 
 test: $(STAMP) browser
