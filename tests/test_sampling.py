@@ -355,3 +355,32 @@ def test_declarations_match_functions():
                                            "positive", "negative", "latent_image", "denoise"]
     assert ks.input("steps").default == 30 and ks.input("cfg").default == 7.0
     assert an.input("strength").extra == {"display": "slider"}
+
+
+# -- Kiln's own sampler (diffusers has no DPM++ 2S ancestral) -----------------------------
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_dpmpp_2s_ancestral_lands_on_the_clean_latent_with_a_perfect_denoiser(prediction):
+    """With a model that always predicts the true clean latent, a correct sampler ends
+    exactly there, whatever noise it adds on the way."""
+    from nodes.samplers.steppers import DPMpp2SAncestral
+
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_schedule(ts, "karras", 6)
+    stepper = DPMpp2SAncestral({**SD15, "prediction_type": prediction}, sigmas)
+    assert len(stepper.timesteps) == 11  # two evaluations per step, one for the last
+    stage_sigmas = torch.tensor([s for _, _, s in stepper.stages])
+    assert torch.allclose(ts.sigma(stepper.timesteps), stage_sigmas, rtol=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 8, 8, generator=gen)
+    x = x0 + sigmas[0] * torch.randn(1, 4, 8, 8, generator=gen)
+    for k, t in enumerate(stepper.timesteps):
+        sigma = stepper.stages[k][2]
+        if prediction == "epsilon":
+            out = (x - x0) / sigma
+        else:
+            out = (x / (sigma ** 2 + 1) - x0) * (sigma ** 2 + 1) ** 0.5 / sigma
+        before = x
+        x = stepper.step(out, t, x, generator=[gen]).prev_sample
+        assert not torch.equal(x, before)
+    assert torch.allclose(x, x0, atol=1e-4)

@@ -50,6 +50,12 @@ def has_native(spec: SamplerSpec, schedule: str) -> bool:
 def _scheduler_class(name: str) -> Any:
     import diffusers
 
+    if name == "DPMSolverSDEScheduler":
+        # torchsde warns on every query a float32 rounding outside its interval
+        # ("Should have ta>=t0 but got ..."): harmless, and it would flood the job log.
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"Should have t[ab]", category=UserWarning)
     return getattr(diffusers, name)
 
 
