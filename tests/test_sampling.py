@@ -34,6 +34,10 @@ KILN_TO_DIFFUSERS = {
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    # Kiln seeds the SDE's Brownian tree with [seed + i]; diffusers takes it from the config.
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": [42]}),
 }
 
 
@@ -141,7 +145,8 @@ def _check_img2img(tiny: Tiny, sampler: str, karras: bool = False) -> None:
     assert (ours - tiny.decode(tiny.init)).abs().max().item() > 0.01
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun", "lms", "dpm_2_ancestral"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun", "lms", "dpm_2_ancestral",
+                                     "dpm_2", "plms", "dpmpp_sde"])
 def test_sd1_img2img_equals_diffusers(sd1, sampler):
     _check_img2img(sd1, sampler)
 
@@ -238,6 +243,9 @@ def test_strength_zero_returns_the_input_latent(sd1):
     before = sd1.unet_calls
     out = sd1.img2img("dpmpp_2m", strength=0.0)
     assert torch.equal(out["samples"], sd1.init) and sd1.unet_calls == before
+    rec = Recorder()  # AddNoise's strength rules; a ComfyUI denoise next to it is reported, not mixed in
+    again = sd1.img2img("dpmpp_2m", strength=0.0, denoise=0.3, rec=rec)
+    assert torch.equal(again["samples"], sd1.init) and "denoise is ignored" in rec.messages[0]
     assert not {"noise", "strength", "seed"} & set(out)
 
 
