@@ -392,3 +392,54 @@ def test_dpmpp_2s_ancestral_lands_on_the_clean_latent_with_a_perfect_denoiser(pr
         x = stepper.step(out, t, x, generator=[gen]).prev_sample
         assert not torch.equal(x, before)
     assert torch.allclose(x, x0, atol=1e-4)
+
+
+# -- through the real executor -----------------------------------------------------------
+
+def test_img2img_graph_through_the_executor(sd1, tmp_path):
+    """AddNoise -> KSampler in a real job: progress events carry previews, and a new seed
+    re-runs only AddNoise and what follows it."""
+    from engine import types as T
+    from engine.context import Environment
+    from engine.executor import Executor
+    from engine.node import Input, Output, Result, define_node
+    from engine.registry import Registry
+    from engine.workflow import parse
+    from nodes import latent, sampling
+
+    @define_node("TinyModelSource", outputs=[Output("MODEL", T.MODEL), Output("positive", T.CONDITIONING),
+                                             Output("negative", T.CONDITIONING), Output("LATENT", T.LATENT)])
+    def source(ctx):
+        return (sd1.model, sd1.pos, sd1.neg, {"samples": sd1.init})
+
+    @define_node("LatentMean", output_node=True, inputs=[Input("samples", T.LATENT)])
+    def latent_mean(ctx, samples):
+        return Result(ui={"mean": [float(samples["samples"].mean())]})
+
+    registry = Registry()
+    registry.add_module(latent)
+    registry.add_module(sampling)
+    registry.add(source)
+    registry.add(latent_mean)
+    executor = Executor(registry, Environment.for_folder(tmp_path))
+
+    def doc(seed: int) -> dict:
+        return {"version": 1, "nodes": {
+            "1": {"type": "TinyModelSource", "inputs": {}},
+            "2": {"type": "AddNoise", "inputs": {"model": ["1", 0], "latent": ["1", 3], "strength": 0.5, "seed": seed}},
+            "3": {"type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 8, "cfg": 7.0,
+                                                 "sampler_name": "k_dpmpp_2m", "scheduler": "karras",
+                                                 "positive": ["1", 1], "negative": ["1", 2],
+                                                 "latent_image": ["2", 0], "denoise": 1.0}},
+            "4": {"type": "LatentMean", "inputs": {"samples": ["3", 0]}},
+        }}
+
+    events: list = []
+    first = executor.run(parse(doc(1)), on_event=events.append)
+    assert first.status == "succeeded", first.error
+    steps = [e for e in events if type(e).__name__ == "Progress" and e.node_id == "3"]
+    assert [(e.value, e.max) for e in steps] == [(i, 4) for i in range(1, 5)]
+    assert all(isinstance(e.preview, Preview) for e in steps)
+    second = executor.run(parse(doc(2)))
+    assert sorted(second.executed) == ["2", "3", "4"] and "1" in second.cached
+    assert second.outputs["4"]["mean"] != first.outputs["4"]["mean"]

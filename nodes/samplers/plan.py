@@ -26,6 +26,9 @@ ancestral and SDE samplers continue drawing from it. That is the order diffusers
 pipelines draw in, which is what lets Kiln's output equal theirs, and it makes
 each image of a batch the same as a single run with its own seed, on any device.
 (ComfyUI draws a whole batch from one generator; for batch size 1 the two agree.)
+One exception to "any device": ``dpmpp_sde`` takes its noise from a Brownian tree
+(torchsde) seeded ``seed + i`` per image, which draws on the latent's device, so it
+is reproducible per device but not across CPU and GPU.
 """
 from __future__ import annotations
 
