@@ -1,0 +1,316 @@
+"""The model manager: each model loaded once, placed on the best device, offloaded when memory runs short.
+
+The engine knows nothing about diffusion: a loader callable from the node library
+builds the model (any object; typically a dict of named torch modules) and the
+manager stores it under a key (a file's real path, mtime and size, plus a kind),
+so two nodes that load the same file share one copy. Torch modules inside the
+stored object are the unit of placement: :meth:`ModelManager.use` moves one to the
+compute device for the duration of a ``with`` block and leaves it there afterwards
+(the next job is likely to need it), until room is needed for another, when the
+least recently used idle modules go back to the CPU. Entries beyond the CPU memory
+budget are dropped entirely, least recently used first; handles that still refer
+to them reload on demand, because every access goes through :meth:`acquire` with
+the loader.
+
+Constructing a manager is cheap and imports nothing heavy: torch is imported the
+first time a model is loaded or a device is asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+#: Memory left free on the compute device for activations, beyond the weights.
+DEFAULT_DEVICE_RESERVE = 1536 * 1024**2
+
+
+def file_key(path: str | os.PathLike[str], kind: str = "") -> tuple[str, str, int, int]:
+    """Identity of a model file or folder: the same content under the same name shares an entry.
+
+    A folder (a diffusers pipeline) is identified by its newest file, so editing any
+    component reloads it.
+    """
+    real = Path(os.path.realpath(path))
+    st = real.stat()
+    mtime, size = st.st_mtime_ns, st.st_size
+    if real.is_dir():
+        for dirpath, _, files in os.walk(real):
+            for name in files:
+                fst = os.stat(os.path.join(dirpath, name))
+                mtime, size = max(mtime, fst.st_mtime_ns), size + fst.st_size
+    return (kind, str(real), mtime, size)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 1024**3
+
+
+def _modules(value: Any) -> dict[str, Any]:
+    """The torch modules inside a stored object, by name.
+
+    A module itself is named ""; a dict contributes its module values; any other
+    object may list its modules with a ``kiln_modules()`` method returning a dict.
+    """
+    import torch
+
+    if isinstance(value, torch.nn.Module):
+        return {"": value}
+    listed = getattr(value, "kiln_modules", None)
+    if callable(listed):
+        value = listed()
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if isinstance(v, torch.nn.Module)}
+    return {}
+
+
+def _module_bytes(module: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _module_device(module: Any) -> str:
+    for t in module.parameters():
+        return str(t.device)
+    return "cpu"
+
+
+@dataclass
+class _Entry:
+    key: tuple
+    value: Any
+    modules: dict[str, Any]
+    nbytes: int
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: dict[str, int] = field(default_factory=dict)  # module name -> active `use` blocks
+    module_last_used: dict[str, float] = field(default_factory=dict)
+
+
+class ModelManager:
+    def __init__(self, device: str | None = None, *, device_reserve_bytes: int = DEFAULT_DEVICE_RESERVE,
+                 cpu_budget_bytes: int | None = None, device_budget_bytes: int | None = None) -> None:
+        self._requested_device = device
+        self._device: str | None = None
+        self.device_reserve_bytes = device_reserve_bytes
+        #: Weights kept in CPU memory at most (entries beyond it are unloaded, LRU first).
+        self.cpu_budget_bytes = cpu_budget_bytes if cpu_budget_bytes is not None else int(_physical_memory() * 0.6)
+        #: Weights kept on the compute device at most; None = what the device reports free.
+        self.device_budget_bytes = device_budget_bytes
+        self._entries: dict[tuple, _Entry] = {}
+        self._lock = threading.RLock()
+        self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0}
+
+    # -- device and dtype ----------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """The compute device: the one asked for, else CUDA, then MPS, then the CPU."""
+        if self._device is None:
+            if self._requested_device:
+                self._device = self._requested_device
+            else:
+                import torch
+
+                if torch.cuda.is_available():
+                    self._device = "cuda"
+                elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                    self._device = "mps"
+                else:
+                    self._device = "cpu"
+        return self._device
+
+    @property
+    def is_gpu(self) -> bool:
+        return not self.device.startswith("cpu")
+
+    @property
+    def dtype(self) -> Any:
+        """float16 on a GPU; always float32 on the CPU, where half precision is ~80x slower."""
+        import torch
+
+        return torch.float16 if self.is_gpu else torch.float32
+
+    # -- loading -------------------------------------------------------------------
+
+    def acquire(self, key: tuple, loader: Callable[["ModelManager"], Any]) -> Any:
+        """The object stored under ``key``, built by ``loader(self)`` if not held.
+
+        The loader runs under the manager's lock, so two nodes asking for the same
+        file at once still load it once.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self.counters["hits"] += 1
+                entry.last_used = time.monotonic()
+                return entry.value
+            value = loader(self)
+            modules = _modules(value)
+            entry = _Entry(key, value, modules, sum(_module_bytes(m) for m in modules.values()))
+            self._entries[key] = entry
+            self.counters["loads"] += 1
+            self._fit_cpu_budget(keep=key)
+            return value
+
+    def get(self, key: tuple) -> Any | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.value if entry else None
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    @contextlib.contextmanager
+    def use(self, key: tuple, name: str, loader: Callable[["ModelManager"], Any]) -> Iterator[Any]:
+        """Yield module ``name`` of the entry on the compute device (loading the entry if needed).
+
+        While the block runs the module is pinned: no other load offloads it.
+        """
+        with self._lock:
+            self.acquire(key, loader)
+            entry = self._entries[key]
+            module = entry.modules[name]
+            entry.in_use[name] = entry.in_use.get(name, 0) + 1
+            try:
+                self._place(entry, name, module)
+            except BaseException:
+                self._release(entry, name)
+                raise
+        try:
+            yield module
+        finally:
+            with self._lock:
+                self._release(entry, name)
+
+    def _release(self, entry: _Entry, name: str) -> None:
+        entry.in_use[name] -= 1
+        if not entry.in_use[name]:
+            del entry.in_use[name]
+        now = time.monotonic()
+        entry.last_used = entry.module_last_used[name] = now
+
+    def _place(self, entry: _Entry, name: str, module: Any) -> None:
+        if _module_device(module).split(":")[0] == self.device.split(":")[0]:
+            return
+        if self.is_gpu:
+            self._make_room(_module_bytes(module))
+        module.to(self.device)
+        self.counters["onloads"] += 1
+
+    # -- memory pressure -------------------------------------------------------------
+
+    def _device_resident(self) -> list[tuple[float, _Entry, str]]:
+        out = []
+        for entry in self._entries.values():
+            for name, module in entry.modules.items():
+                if name not in entry.in_use and _module_device(module) != "cpu":
+                    out.append((entry.module_last_used.get(name, entry.last_used), entry, name))
+        return sorted(out, key=lambda t: t[0])
+
+    def _device_free(self) -> int:
+        import torch
+
+        if self.device_budget_bytes is not None:
+            used = sum(_module_bytes(m) for e in self._entries.values() for m in e.modules.values()
+                       if _module_device(m) != "cpu")
+            return self.device_budget_bytes - used
+        if self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            return free - self.device_reserve_bytes
+        return 1 << 62  # MPS shares system memory; it reports no free figure worth trusting
+
+    def _make_room(self, needed: int) -> None:
+        """Offload idle modules, least recently used first, until ``needed`` bytes fit."""
+        for _, entry, name in self._device_resident():
+            if self._device_free() >= needed:
+                return
+            entry.modules[name].to("cpu")
+            self.counters["offloads"] += 1
+            self._empty_device_cache()
+
+    def _fit_cpu_budget(self, keep: tuple) -> None:
+        total = sum(e.nbytes for e in self._entries.values())
+        for entry in sorted(self._entries.values(), key=lambda e: e.last_used):
+            if total <= self.cpu_budget_bytes:
+                break
+            if entry.key == keep or entry.in_use:
+                continue
+            total -= entry.nbytes
+            self._drop(entry.key)
+
+    def _drop(self, key: tuple) -> None:
+        self._entries.pop(key, None)
+        self.counters["unloads"] += 1
+
+    def _empty_device_cache(self) -> None:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            torch.mps.empty_cache()
+
+    # -- on request --------------------------------------------------------------------
+
+    def unload(self, key: tuple) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.in_use:
+                return False
+            self._drop(key)
+        gc.collect()
+        self._empty_device_cache()
+        return True
+
+    def unload_all(self) -> int:
+        """Forget every idle model (in-use ones stay); returns how many were dropped."""
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if not e.in_use]
+            for key in keys:
+                self._drop(key)
+        gc.collect()
+        self._empty_device_cache()
+        return len(keys)
+
+    def free(self) -> int:
+        """Move every idle module back to the CPU; returns the bytes moved off the device."""
+        moved = 0
+        with self._lock:
+            for _, entry, name in self._device_resident():
+                module = entry.modules[name]
+                moved += _module_bytes(module)
+                module.to("cpu")
+                self.counters["offloads"] += 1
+        self._empty_device_cache()
+        return moved
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able view: device, entries with their modules' bytes and placement, counters."""
+        with self._lock:
+            entries = []
+            for entry in self._entries.values():
+                kind, path = entry.key[0], entry.key[1] if len(entry.key) > 1 else ""
+                entries.append({
+                    "kind": kind, "path": str(path), "bytes": entry.nbytes, "in_use": sorted(entry.in_use),
+                    "modules": {name or "model": {"bytes": _module_bytes(m), "device": _module_device(m)}
+                                for name, m in entry.modules.items()},
+                })
+            return {
+                "device": self._device or self._requested_device or "auto",
+                "loaded": len(entries),
+                "bytes": sum(e["bytes"] for e in entries),
+                "cpu_budget_bytes": self.cpu_budget_bytes,
+                "entries": entries,
+                **self.counters,
+            }
