@@ -1,0 +1,221 @@
+"""Which model a single-file checkpoint holds, and its architecture, from key names and tensor shapes.
+
+Like ComfyUI's model detection, nothing here depends on a file name or a config
+download: the family comes from which text encoder layout is present, and every
+size (channels, levels, layers per level, transformer depth, cross-attention and
+text widths) from the shapes. What shapes cannot tell (head counts, activations,
+norm groups, schedule) comes from :mod:`nodes.checkpoint.families`. The result
+is a set of diffusers/transformers config dicts, so a full-size SD 1.5 file yields
+SD 1.5's config and a tiny test file the tiny one, through the same code.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from nodes.checkpoint import families as fam
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_TEXT = "cond_stage_model.transformer."
+SD2_TEXT = "cond_stage_model.model."
+XL_TEXT1 = "conditioner.embedders.0.transformer."
+XL_TEXT2 = "conditioner.embedders.1.model."
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+class UnsupportedCheckpoint(ValueError):
+    """The file is readable but holds no model Kiln can run; the message says what it holds."""
+
+
+@dataclass
+class Detected:
+    family: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    #: name ("text_encoder", "text_encoder_2") -> (key prefix, "openai" | "openclip", CLIPTextConfig kwargs)
+    text: dict[str, tuple[str, str, dict[str, Any]]] = field(default_factory=dict)
+    #: Why this prediction type was chosen, for the loader's message.
+    prediction_reason: str = ""
+
+
+def _indices(shapes: Shapes, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
+
+
+def family_of(shapes: Shapes) -> str:
+    """Family from the text encoder layout, with a clear error for what is not a supported SD model."""
+    has = lambda prefix: any(k.startswith(prefix) for k in shapes)  # noqa: E731
+    if not has(UNET):
+        if has("encoder.down.") or has(VAE):
+            raise UnsupportedCheckpoint("this file holds only a VAE; put it in models/vae and load it with VAELoader")
+        if any(k.startswith(("lora_", "lora_unet_", "lora_te")) or ".lora_" in k for k in shapes):
+            raise UnsupportedCheckpoint("this file is a LoRA, not a checkpoint")
+        raise UnsupportedCheckpoint("no Stable Diffusion UNet in this file (no 'model.diffusion_model.*' keys)")
+    in_ch = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
+    if in_ch != 4:
+        raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (an inpainting or depth model); "
+                                    "only text/image-to-image checkpoints with 4 are supported")
+    if has(XL_TEXT1) and has(XL_TEXT2):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise UnsupportedCheckpoint("this is an SDXL refiner checkpoint; only SDXL base is supported")
+    if has(SD2_TEXT):
+        return "sd2"
+    if has(SD1_TEXT):
+        return "sd1"
+    raise UnsupportedCheckpoint("unknown model family: no text encoder this loader knows "
+                                "(expected SD 1.x, SD 2.x or SDXL base keys)")
+
+
+def unet_config(shapes: Shapes, family: str, pooled_dim: int | None = None) -> dict[str, Any]:
+    p = UNET
+    blocks = _indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\.")
+    levels: list[list[int]] = [[]]  # input block indices of the resnets, per level
+    for k in blocks[1:]:
+        if p + f"input_blocks.{k}.0.op.weight" in shapes:
+            levels.append([])
+        else:
+            levels[-1].append(k)
+    layers = len(levels[0])
+    if any(len(lv) != layers for lv in levels):
+        raise UnsupportedCheckpoint("UNet levels have different numbers of layers; not an SD UNet")
+    channels = [shapes[p + f"input_blocks.{lv[0]}.0.out_layers.3.weight"][0] for lv in levels]
+
+    def depth(prefix: str) -> int:
+        return len(_indices(shapes, re.escape(p + prefix) + r"transformer_blocks\.(\d+)\."))
+
+    down_attn = [depth(f"input_blocks.{lv[0]}.1.") > 0 for lv in levels]
+    n = len(levels)
+    up_attn = [depth(f"output_blocks.{i * (layers + 1)}.1.") > 0 for i in range(n)]
+    attn_keys = sorted(k for k in shapes if k.startswith(p) and k.endswith("attn2.to_k.weight"))
+    if not attn_keys:
+        raise UnsupportedCheckpoint("the UNet has no cross-attention; not a text-conditioned SD model")
+    proj_in = next(k for k in sorted(shapes) if k.startswith(p) and k.endswith(".proj_in.weight"))
+    base = channels[0]
+    config: dict[str, Any] = dict(
+        fam.unet_defaults(family),
+        in_channels=shapes[p + "input_blocks.0.0.weight"][1],
+        out_channels=shapes[p + "out.2.weight"][0],
+        layers_per_block=layers,
+        block_out_channels=tuple(channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn),
+        cross_attention_dim=shapes[attn_keys[0]][1],
+        use_linear_projection=len(shapes[proj_in]) == 2,
+        transformer_layers_per_block=tuple(max(1, depth(f"input_blocks.{lv[0]}.1.")) for lv in levels),
+    )
+    if depth("middle_block.1.") not in (0, config["transformer_layers_per_block"][-1]):
+        raise UnsupportedCheckpoint("the UNet's middle block depth does not match its last level")
+    if family == "sd1":
+        config["attention_head_dim"] = fam.SD1_UNET_HEADS
+    else:  # diffusers names the head *count* attention_head_dim for these configs
+        config["attention_head_dim"] = tuple(max(1, c // fam.HEAD_WIDTH) for c in channels)
+    time_dim = shapes[p + "time_embed.0.weight"][0]
+    if time_dim != 4 * base:
+        config["time_embedding_dim"] = time_dim
+    if family == "sdxl":
+        adm = shapes[p + "label_emb.0.0.weight"][1]
+        if pooled_dim is None or (adm - pooled_dim) % 6:
+            raise UnsupportedCheckpoint(f"cannot split the SDXL size embedding ({adm}) into 6 time ids + pooled text")
+        config.update(projection_class_embeddings_input_dim=adm, addition_time_embed_dim=(adm - pooled_dim) // 6)
+    elif p + "label_emb.0.0.weight" in shapes:
+        raise UnsupportedCheckpoint("the UNet has a class/size embedding (unCLIP or upscaler); not supported")
+    return config
+
+
+def vae_config(shapes: Shapes, family: str, prefix: str = VAE) -> dict[str, Any]:
+    p = prefix
+    levels = _indices(shapes, re.escape(p) + r"encoder\.down\.(\d+)\.")
+    if not levels or p + "decoder.conv_in.weight" not in shapes:
+        raise UnsupportedCheckpoint("no VAE in this file (no encoder/decoder weights)")
+    layers = len(_indices(shapes, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\."))
+    return dict(
+        fam.vae_defaults(family),
+        in_channels=shapes[p + "encoder.conv_in.weight"][1],
+        out_channels=shapes[p + "decoder.conv_out.weight"][0],
+        latent_channels=shapes[p + "decoder.conv_in.weight"][1],
+        layers_per_block=layers,
+        block_out_channels=tuple(shapes[p + f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels),
+        down_block_types=("DownEncoderBlock2D",) * len(levels),
+        up_block_types=("UpDecoderBlock2D",) * len(levels),
+    )
+
+
+def openai_text_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
+    p = prefix + "text_model." if (prefix + "text_model.embeddings.token_embedding.weight") in shapes else prefix
+    vocab, width = shapes[p + "embeddings.token_embedding.weight"]
+    layers = _indices(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\.")
+    return dict(fam.text_config_defaults("openai"), vocab_size=vocab, hidden_size=width,
+                max_position_embeddings=shapes[p + "embeddings.position_embedding.weight"][0],
+                num_hidden_layers=len(layers), num_attention_heads=max(1, width // fam.TEXT_HEAD_WIDTH),
+                intermediate_size=shapes[p + "encoder.layers.0.mlp.fc1.weight"][0], projection_dim=width)
+
+
+def openclip_text_config(shapes: Shapes, prefix: str, drop_last: bool) -> dict[str, Any]:
+    """OpenCLIP text tower; SD 2.x conditions on its penultimate layer, so the last is dropped."""
+    vocab, width = shapes[prefix + "token_embedding.weight"]
+    layers = len(_indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
+    proj = shapes.get(prefix + "text_projection", (width, width))
+    return dict(fam.text_config_defaults("openclip"), vocab_size=vocab, hidden_size=width,
+                max_position_embeddings=shapes[prefix + "positional_embedding"][0],
+                num_hidden_layers=layers - (1 if drop_last else 0),
+                num_attention_heads=max(1, width // fam.TEXT_HEAD_WIDTH),
+                intermediate_size=shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0],
+                projection_dim=proj[1])
+
+
+def prediction_type(shapes: Shapes, family: str, unet: dict[str, Any],
+                    std_of: Callable[[str], float | None] | None = None) -> tuple[str, str]:
+    """epsilon or v_prediction, and why.
+
+    1. A ``v_pred`` key marks v-prediction (ComfyUI's convention, also written by
+       Kiln's own converter).
+    2. SD 2.x without it: the 768-v and 512-base releases share every shape, so,
+       like ComfyUI, look at the last output block's first transformer norm: the
+       spread (std) of its bias is above 0.09 in v-models and below in epsilon ones.
+    3. Otherwise epsilon (SD 1.x and SDXL base are epsilon models).
+    The loader's ``prediction`` input overrides all of this.
+    """
+    if "v_pred" in shapes:
+        return "v_prediction", "the checkpoint has a 'v_pred' key"
+    if family == "sd2" and std_of is not None:
+        probe = std_probe_key(unet)
+        std = std_of(probe) if probe in shapes else None
+        if std is not None:
+            kind = "v_prediction" if std > 0.09 else "epsilon"
+            return kind, f"SD 2.x rule: std of {probe[len(UNET):]} is {std:.3f} ({'>' if std > 0.09 else '<='} 0.09)"
+    return "epsilon", "the family's default"
+
+
+def std_probe_key(unet: dict[str, Any]) -> str:
+    """ComfyUI's SD 2.x probe (output_blocks.11 in full-size SD 2), generalised to any depth."""
+    n, layers = len(unet["block_out_channels"]), unet["layers_per_block"]
+    last = n * (layers + 1) - 1
+    return UNET + f"output_blocks.{last}.1.transformer_blocks.0.norm1.bias"
+
+
+def detect(shapes: Shapes, std_of: Callable[[str], float | None] | None = None) -> Detected:
+    """Family, prediction type and component configs; ``std_of(key)`` reads a tensor's std."""
+    family = family_of(shapes)
+    text: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    pooled = None
+    if family == "sd1":
+        text["text_encoder"] = (SD1_TEXT, "openai", openai_text_config(shapes, SD1_TEXT))
+    elif family == "sd2":
+        text["text_encoder"] = (SD2_TEXT, "openclip", openclip_text_config(shapes, SD2_TEXT, drop_last=True))
+    else:
+        text["text_encoder"] = (XL_TEXT1, "openai", openai_text_config(shapes, XL_TEXT1))
+        cfg2 = openclip_text_config(shapes, XL_TEXT2, drop_last=False)
+        text["text_encoder_2"] = (XL_TEXT2, "openclip", cfg2)
+        pooled = cfg2["projection_dim"]
+    unet = unet_config(shapes, family, pooled)
+    vae = vae_config(shapes, family)
+    pred, why = prediction_type(shapes, family, unet, std_of)
+    if pred == "v_prediction" and family == "sd2":
+        unet["sample_size"] = 96
+    return Detected(family, pred, unet, vae, text, why)

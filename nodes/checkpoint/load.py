@@ -1,0 +1,303 @@
+"""Build diffusers/transformers components from a checkpoint file or a diffusers folder, offline.
+
+Single files: :mod:`nodes.checkpoint.detect` infers the family and every
+component config from the keys and shapes; modules are created without random
+initialisation (weights "on meta", then assigned) and filled with diffusers' own
+original-layout converters, the same ones ``from_single_file`` uses. Nothing is
+fetched: the configs come from the shapes plus the family table, the tokenizer
+from the shipped BPE merges.
+
+Pickle files (.ckpt/.pt/.pth/.bin) are only read with ``torch.load(weights_only=True)``,
+which cannot run code; a file that needs more is refused.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint import detect as det
+from nodes.checkpoint import families as fam
+
+SAFE_EXTENSIONS = (".safetensors",)
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded; the message says why in the user's terms."""
+
+
+@dataclass
+class Loaded:
+    """What the model manager stores for one checkpoint (torch modules are placed by it)."""
+
+    family: str
+    scheduler_config: dict[str, Any]
+    latent_scale: float
+    modules: dict[str, Any]  # unet, vae, text_encoder[, text_encoder_2]
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def kiln_modules(self) -> dict[str, Any]:
+        """The modules the model manager places and offloads (see engine.models)."""
+        return self.modules
+
+
+# -- reading tensors ----------------------------------------------------------------
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """All tensors of a file on the CPU; clear errors for corrupt files and unsafe pickles."""
+    name = path.name
+    if path.suffix.lower() in SAFE_EXTENSIONS:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {exc}") from exc
+    if path.suffix.lower() in PICKLE_EXTENSIONS:
+        import pickle
+
+        import torch
+
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{name} is a pickle file that needs arbitrary code to load, which Kiln refuses for safety "
+                "(torch.load with weights_only=True failed). Convert it to .safetensors first.") from exc
+        except Exception as exc:  # noqa: BLE001 - zip/EOF errors of a damaged file
+            raise CheckpointError(f"{name} could not be read as a PyTorch file (truncated or corrupt?): {exc}") from exc
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            data = data["state_dict"]
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise CheckpointError(f"{name} does not hold a state dict of named tensors")
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    raise CheckpointError(f"{name}: unsupported file type {path.suffix!r} (use .safetensors or a diffusers folder)")
+
+
+# -- building modules without random initialisation -----------------------------------
+
+
+def _empty(cls: Any, config: Any) -> Any:
+    """A module whose parameters are not initialised (they are assigned from the file next)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return cls(config) if not isinstance(config, dict) else cls(**config)
+
+
+def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any) -> Any:
+    """Load ``state`` into ``module`` strictly (every weight present, none left over)."""
+    own = module.state_dict()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"the {what} weights do not fit the detected architecture "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"the {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, buf in list(module.named_buffers()):
+        if buf.is_floating_point() and buf.dtype != dtype:
+            buf.data = buf.data.to(dtype)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _text_state(state: dict[str, Any], module: Any) -> dict[str, Any]:
+    """Match transformers' key style (CLIPTextModel dropped ``text_model.`` in 5.6) and depth."""
+    own = module.state_dict()
+    flat = not any(k.startswith("text_model.") for k in own)
+    out = {}
+    layers = module.config.num_hidden_layers
+    for k, v in state.items():
+        if k.endswith("position_ids"):
+            continue
+        key = k[len("text_model."):] if flat and k.startswith("text_model.") else k
+        if ".layers." in key and int(key.split(".layers.")[1].split(".")[0]) >= layers:
+            continue  # SD 2.x's unused last OpenCLIP block
+        if key == "text_projection.weight" and key not in own:
+            continue
+        out[key] = v
+    return out
+
+
+def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
+
+    state = read_state_dict(path)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
+    except det.UnsupportedCheckpoint as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from exc
+    except (KeyError, IndexError, StopIteration) as exc:
+        raise CheckpointError(f"{path.name}: the weights are incomplete or of an unknown layout ({exc})") from exc
+    import torch
+
+    vae_dtype = vae_dtype or (torch.float32 if found.vae.get("force_upcast") else dtype)
+    pred, why = found.prediction_type, found.prediction_reason
+    if prediction != "auto":
+        pred, why = prediction, "set on the loader"
+
+    unet = _empty(UNet2DConditionModel, found.unet)
+    unet = _assign(unet, sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)), "UNet", dtype)
+    vae = _empty(AutoencoderKL, found.vae)
+    vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", vae_dtype or dtype)
+    modules: dict[str, Any] = {"unet": unet, "vae": vae}
+    for name, (prefix, kind, cfg) in found.text.items():
+        cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+        te = _empty(cls, CLIPTextConfig(**cfg))
+        if kind == "openai":
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not any(k.startswith("text_model.") for k in sub):
+                sub = {"text_model." + k: v for k, v in sub.items()}
+        else:
+            sub = sfu.convert_open_clip_checkpoint(te, state, prefix=prefix)
+            if name == "text_encoder" and found.family == "sd2":
+                sub.pop("text_projection.weight", None)
+        modules[name] = _assign(te, _text_state(sub, te), f"text encoder ({name})", dtype)
+    del state
+    tokenizers = {"tokenizer": clip_tokenizer(PAD_BANG if found.family == "sd2" else PAD_EOS)}
+    if found.family == "sdxl":
+        tokenizers["tokenizer_2"] = clip_tokenizer(PAD_BANG)
+    return Loaded(
+        family=found.family,
+        scheduler_config=fam.scheduler_config(found.family, pred),
+        latent_scale=fam.LATENT_SCALE[found.family],
+        modules=modules,
+        tokenizers=tokenizers,
+        info={"format": "single_file", "prediction_type": pred, "prediction_reason": why},
+    )
+
+
+def quiet_progress() -> None:
+    """No tqdm bars from diffusers/transformers while loading (they would flood a CLI or server log)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+# -- diffusers folders ------------------------------------------------------------------
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir()
+
+
+def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
+
+    quiet_progress()
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(sched_file.read_text()) if sched_file.is_file() else None
+        sdxl = "text_encoder_2" in index and (path / "text_encoder_2").is_dir()
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
+        te = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
+        modules: dict[str, Any] = {"unet": unet, "vae": vae, "text_encoder": te}
+        if sdxl:
+            modules["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                str(path), subfolder="text_encoder_2", local_files_only=True)
+    except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: not a loadable diffusers folder ({exc})") from exc
+    family = "sdxl" if sdxl else ("sd2" if te.config.hidden_act == "gelu" else "sd1")
+    if vae_dtype is None:
+        import torch
+
+        vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else dtype
+    for name, m in modules.items():
+        target = vae_dtype if name == "vae" else dtype
+        if m.dtype != target:  # .to() on diffusers models logs a warning even when it changes nothing
+            m.to(target)
+        m.eval()
+        m.requires_grad_(False)
+    tokenizers = {}
+    for name, pad in (("tokenizer", PAD_BANG if family == "sd2" else PAD_EOS), ("tokenizer_2", PAD_BANG)):
+        if name == "tokenizer_2" and not sdxl:
+            continue
+        if (path / name).is_dir():
+            tokenizers[name] = CLIPTokenizer.from_pretrained(str(path), subfolder=name, local_files_only=True)
+        else:
+            tokenizers[name] = clip_tokenizer(pad)
+    config = fam.scheduler_config(family)
+    if scheduler:
+        config.update({k: v for k, v in scheduler.items() if not k.startswith("_diffusers")})
+    if prediction != "auto":
+        config["prediction_type"] = prediction
+    return Loaded(
+        family=family, scheduler_config=config,
+        latent_scale=float(vae.config.scaling_factor or fam.LATENT_SCALE[family]),
+        modules=modules, tokenizers=tokenizers,
+        info={"format": "diffusers", "prediction_type": config.get("prediction_type", "epsilon"),
+              "prediction_reason": "set on the loader" if prediction != "auto" else "the folder's scheduler config"},
+    )
+
+
+def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
+        return load_diffusers_folder(path, dtype, vae_dtype, prediction)
+    return load_single_file(path, dtype, vae_dtype, prediction)
+
+
+def load_vae_file(path: Path, dtype: Any, family: str = "sd1") -> Any:
+    """A standalone VAE (keys with or without ``first_stage_model.``, or a diffusers AutoencoderKL)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
+    if path.is_dir():
+        try:
+            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path.name}: not a diffusers VAE folder ({exc})") from exc
+        return vae.to(dtype).eval().requires_grad_(False)
+    state = read_state_dict(path)
+    if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers layout in one file
+        prefix_state = {k: v for k, v in state.items()}
+        cfg = _diffusers_vae_config(prefix_state, family)
+        vae = _empty(AutoencoderKL, cfg)
+        return _assign(vae, prefix_state, "VAE", dtype)
+    if not any(k.startswith(det.VAE) for k in state):
+        state = {det.VAE + k: v for k, v in state.items()}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        cfg = det.vae_config(shapes, family)
+    except (det.UnsupportedCheckpoint, KeyError) as exc:
+        raise CheckpointError(f"{path.name}: no VAE weights found ({exc})") from exc
+    vae = _empty(AutoencoderKL, cfg)
+    return _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", dtype)
+
+
+def _diffusers_vae_config(state: dict[str, Any], family: str) -> dict[str, Any]:
+    import re
+
+    levels = sorted({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+    layers = len({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
+    return dict(fam.vae_defaults(family), layers_per_block=layers,
+                in_channels=state["encoder.conv_in.weight"].shape[1],
+                out_channels=state["decoder.conv_out.weight"].shape[0],
+                latent_channels=state["decoder.conv_in.weight"].shape[1],
+                block_out_channels=tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels),
+                down_block_types=("DownEncoderBlock2D",) * len(levels),
+                up_block_types=("UpDecoderBlock2D",) * len(levels))

@@ -1,0 +1,205 @@
+"""Loader nodes: CheckpointLoader (alias CheckpointLoaderSimple) and VAELoader.
+
+They return light handles (nodes.handles); the weights live in the model manager
+(``ctx.env.models``), keyed by the file's real path, mtime and size, so two loader
+nodes naming the same file share one copy, and cache entries never hold weights.
+A handle reloads through the manager if the model was unloaded meanwhile.
+
+torch/diffusers are imported only when a model is actually loaded.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine import types as T
+from engine.context import Environment, NodeError
+from engine.models import ModelManager, file_key
+from engine.node import Input, Output, define_node
+from engine.paths import PathRefused
+from nodes.handles import ClipHandle, ModelHandle, VaeHandle
+
+CHECKPOINT_FOLDER = "checkpoints"
+VAE_FOLDER = "vae"
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PREDICTIONS = ["auto", "epsilon", "v_prediction"]
+
+_fallback: ModelManager | None = None
+
+
+def _manager(env: Environment) -> ModelManager:
+    """The environment's model manager (a process-wide one if the caller built none)."""
+    global _fallback
+    if env.models is not None:
+        return env.models
+    if _fallback is None:
+        _fallback = ModelManager()
+    return _fallback
+
+
+def list_models(env: Environment | None, folder: str, diffusers_marker: str) -> list[str]:
+    """Model files under ``<models>/<folder>`` and diffusers folders (holding ``diffusers_marker``)."""
+    if env is None:
+        return []
+    root = Path(env.paths.models.root) / folder
+    names: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        if diffusers_marker in filenames and rel != Path("."):
+            names.append(rel.as_posix())
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names += [(rel / f).as_posix() for f in filenames
+                  if f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
+    return sorted(names)
+
+
+def _checkpoints(env: Environment | None) -> list[str]:
+    return list_models(env, CHECKPOINT_FOLDER, "model_index.json")
+
+
+def _vaes(env: Environment | None) -> list[str]:
+    return list_models(env, VAE_FOLDER, "config.json")
+
+
+def _locate(env: Environment, folder: str, name: Any, input_name: str) -> Path:
+    if not isinstance(name, str) or not name:
+        raise NodeError(f"{input_name} must be a file name in models/{folder}", input_name=input_name)
+    try:
+        path = env.paths.models.resolve(name, folder)
+    except PathRefused as exc:
+        raise NodeError(f"{input_name}: {exc}", input_name=input_name) from exc
+    if not path.exists():
+        raise NodeError(f"no model named {name!r} in {Path(env.paths.models.root) / folder}", input_name=input_name)
+    return path
+
+
+def _validator(folder: str, input_name: str):
+    def validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        try:
+            _locate(env, folder, inputs.get(input_name), input_name)
+        except NodeError as exc:
+            return [(input_name, str(exc))]
+        return []
+    return validate
+
+
+def _fingerprinter(folder: str, input_name: str):
+    def fingerprint(env: Environment, inputs: Mapping[str, Any]) -> Any:
+        # The file's identity, not a hash of gigabytes: replacing or touching it reloads.
+        try:
+            return list(file_key(_locate(env, folder, inputs.get(input_name), input_name)))
+        except (NodeError, OSError):
+            return None
+    return fingerprint
+
+
+# -- CheckpointLoader -------------------------------------------------------------------------
+
+
+def _load_checkpoint(path: Path, manager: ModelManager) -> Any:
+    from nodes.checkpoint.load import load_checkpoint
+
+    return load_checkpoint(path, manager.dtype)
+
+
+def _acquire(manager: ModelManager, key: tuple, loader: Any, input_name: str, name: str) -> Any:
+    from nodes.checkpoint.load import CheckpointError
+
+    try:
+        return manager.acquire(key, loader)
+    except CheckpointError as exc:
+        raise NodeError(str(exc), input_name=input_name) from exc
+    except MemoryError as exc:
+        raise NodeError(f"not enough memory to load {name}", input_name=input_name) from exc
+
+
+@define_node(
+    "CheckpointLoader",
+    category="loaders",
+    display_name="Load Checkpoint",
+    aliases=["CheckpointLoaderSimple"],
+    inputs=[
+        Input("ckpt_name", T.COMBO, choices=_checkpoints,
+              tooltip="A .safetensors checkpoint (SD 1.x, SD 2.x, SDXL base) or a diffusers folder "
+                      "in models/checkpoints."),
+        Input("prediction", T.COMBO, default="auto", choices=PREDICTIONS, optional=True,
+              tooltip="What the UNet predicts. 'auto': a 'v_pred' key means v-prediction; SD 2.x files "
+                      "without it use ComfyUI's rule (a v-model's last output norm bias has std > 0.09); "
+                      "diffusers folders use their scheduler config; otherwise epsilon."),
+    ],
+    outputs=[Output("MODEL", T.MODEL), Output("CLIP", T.CLIP), Output("VAE", T.VAE)],
+    validate=_validator(CHECKPOINT_FOLDER, "ckpt_name"),
+    fingerprint=_fingerprinter(CHECKPOINT_FOLDER, "ckpt_name"),
+)
+def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
+    """Load a Stable Diffusion checkpoint once; outputs handles to its UNet, text encoder(s) and VAE.
+
+    The family is detected from the keys and every size from the tensor shapes,
+    with nothing fetched from a hub. Pickle files (.ckpt/.pt) load only if
+    ``torch.load(weights_only=True)`` accepts them; convert others to .safetensors.
+    """
+    if prediction not in PREDICTIONS:
+        raise NodeError(f"prediction must be one of {', '.join(PREDICTIONS)}", input_name="prediction")
+    path = _locate(ctx.env, CHECKPOINT_FOLDER, ckpt_name, "ckpt_name")
+    manager = _manager(ctx.env)
+    key = file_key(path, "checkpoint")
+    loader = functools.partial(_load_checkpoint, path)
+    loaded = _acquire(manager, key, loader, "ckpt_name", ckpt_name)
+    use = functools.partial(manager.use, key)
+    info = dict(loaded.info)
+    scheduler_config = dict(loaded.scheduler_config)
+    if prediction != "auto":  # one loaded copy whatever the override; only the handle differs
+        scheduler_config["prediction_type"] = prediction
+        info.update(prediction_type=prediction, prediction_reason="set on the loader")
+    model = ModelHandle(family=loaded.family, scheduler_config=scheduler_config,
+                        latent_scale=loaded.latent_scale, _use_unet=lambda: use("unet", loader),
+                        name=ckpt_name, extra=info)
+    clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
+                      _use=lambda which: use(which, loader), name=ckpt_name)
+    vae = VaeHandle(latent_scale=loaded.latent_scale, _use_vae=lambda: use("vae", loader), name=ckpt_name,
+                    latent_channels=int(loaded.modules["vae"].config.latent_channels))
+    ctx.message(f"{ckpt_name}: {loaded.family}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
+                f"{info.get('format')}, on {manager.device}")
+    return (model, clip, vae)
+
+
+# -- VAELoader --------------------------------------------------------------------------------
+
+
+def _load_vae(path: Path, manager: ModelManager) -> Any:
+    from nodes.checkpoint.load import load_vae_file
+
+    return load_vae_file(path, manager.dtype)
+
+
+@define_node(
+    "VAELoader",
+    category="loaders",
+    display_name="Load VAE",
+    inputs=[Input("vae_name", T.COMBO, choices=_vaes,
+                  tooltip="A VAE .safetensors file or diffusers AutoencoderKL folder in models/vae.")],
+    outputs=[Output("VAE", T.VAE)],
+    validate=_validator(VAE_FOLDER, "vae_name"),
+    fingerprint=_fingerprinter(VAE_FOLDER, "vae_name"),
+)
+def vae_loader(ctx, vae_name: str):
+    """Load a standalone VAE (original or diffusers layout), e.g. to replace a checkpoint's own.
+
+    Latents stay unscaled on the wire, so the VAE needs no scale of its own; its
+    ``latent_scale`` (0.13025 when the name contains "xl", else 0.18215, or the
+    folder's config) is informational.
+    """
+    path = _locate(ctx.env, VAE_FOLDER, vae_name, "vae_name")
+    manager = _manager(ctx.env)
+    key = file_key(path, "vae")
+    loader = functools.partial(_load_vae, path)
+    module = _acquire(manager, key, loader, "vae_name", vae_name)
+    scale = getattr(module.config, "scaling_factor", None) if path.is_dir() else None
+    if scale is None:
+        scale = 0.13025 if "xl" in Path(vae_name).name.lower() else 0.18215
+    return (VaeHandle(latent_scale=float(scale), _use_vae=lambda: manager.use(key, "", loader), name=vae_name,
+                      latent_channels=int(module.config.latent_channels)),)
