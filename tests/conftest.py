@@ -32,15 +32,12 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_env(tiny_models_dir, tmp_path):
     """An Environment over a fresh data folder whose models folder is ``tiny_models_dir``,
-    with its own model manager (unloaded at the end of the test)."""
+    with its own CPU model manager (float32, so results compare bit for bit with the
+    CPU-built source models even on a GPU machine), unloaded at the end of the test."""
     from engine.context import Environment, Paths
+    from engine.models import ModelManager
 
-    try:
-        from engine.models import ModelManager
-    except ImportError:  # the model manager lands in a later commit
-        ModelManager = None
-    models = ModelManager() if ModelManager else None
+    models = ModelManager(device="cpu")
     env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir), models=models)
     yield env
-    if models is not None:
-        models.unload_all()
+    models.unload_all()

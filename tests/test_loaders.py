@@ -319,3 +319,34 @@ def test_environment_without_manager_still_loads(tmp_path, tiny_models_dir):
     model = call(loaders.checkpoint_loader, env, ckpt_name="tiny-sd1.safetensors")[0]
     assert model.family == "sd1"
 
+
+
+def test_comfyui_workflow_loads_once_through_the_executor(tiny_env):
+    """A ComfyUI API-format graph with two CheckpointLoaderSimple nodes on one file: one load, one copy."""
+    from PIL import Image
+
+    import nodes.image
+    import nodes.text
+    import nodes.vae
+    from engine.executor import Executor
+    from engine.registry import Registry
+    from engine.workflow import parse
+
+    registry = Registry()
+    for module in (loaders, nodes.image, nodes.text, nodes.vae):
+        registry.add_module(module)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(Path(tiny_env.paths.input.root) / "red.png")
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd1.safetensors"}},
+        "2": {"class_type": "CheckpointLoaderSimple",
+              "inputs": {"ckpt_name": "tiny-sd1.safetensors", "prediction": "epsilon"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "red.png"}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 2]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "rt"}},
+    }
+    outcome = Executor(registry, tiny_env).run(parse(graph))
+    assert outcome.status == "succeeded", outcome
+    assert list(Path(tiny_env.paths.output.root).glob("rt*.png"))
+    stats = tiny_env.models.stats()
+    assert stats["loaded"] == 1 and stats["loads"] == 1
