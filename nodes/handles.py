@@ -79,8 +79,7 @@ class ClipHandle:
         """Token ids (77, padded) and whether the text had to be truncated."""
         tok = self.tokenizers[which]
         ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-        full = tok(text, padding="longest").input_ids
-        return list(ids), len(full) > tok.model_max_length
+        return list(ids), len(tok.tokenize(text)) + 2 > tok.model_max_length  # + start and end tokens
 
     def encode(self, text: str) -> list:
         """CONDITIONING for ``text``: [[embeds [1, 77, dim] float32 CPU, {"pooled_output": ...}]]."""

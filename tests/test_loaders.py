@@ -350,3 +350,25 @@ def test_comfyui_workflow_loads_once_through_the_executor(tiny_env):
     assert list(Path(tiny_env.paths.output.root).glob("rt*.png"))
     stats = tiny_env.models.stats()
     assert stats["loaded"] == 1 and stats["loads"] == 1
+
+
+def test_vae_files_in_other_layouts(tiny_env):
+    """A diffusers-layout VAE file and an original-layout one with the checkpoint prefix both load."""
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.to_original import vae_to_original
+
+    src = tm.components("sdxl")["vae"]
+    folder = Path(tiny_env.paths.models.root) / "vae"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(folder / "diffusers-layout-xl.safetensors"))
+    save_file(vae_to_original(src.state_dict(), dict(src.config)), str(folder / "prefixed.safetensors"))
+    try:
+        for name in ("diffusers-layout-xl.safetensors", "prefixed.safetensors"):
+            handle = call(loaders.vae_loader, tiny_env, vae_name=name)[0]
+            with handle._use_vae() as v:
+                assert _same_weights(v, src) == [], name
+        assert handle.latent_scale == 0.18215
+        assert call(loaders.vae_loader, tiny_env, vae_name="diffusers-layout-xl.safetensors")[0].latent_scale == 0.13025
+    finally:
+        (folder / "diffusers-layout-xl.safetensors").unlink()
+        (folder / "prefixed.safetensors").unlink()
