@@ -306,11 +306,9 @@ export class Graph extends EventTarget {
     const node = { id: String(id), type: String(raw[typeKey] ?? ""), title, pos: pos || [0, 0], values, links, ui };
     const d = this.def(node.type);
     if (d) {
+      // Missing widget values are left out (the server fills the same defaults), so
+      // opening and saving a file changes nothing the user did not change.
       for (const inp of d.inputs) {
-        if (inp.widget && !(inp.name in values) && !(inp.name in links)) {
-          const v = defaultValue(inp);
-          if (v !== undefined) values[inp.name] = v;
-        }
         if (inp.control && !ui.controls?.[inp.name]) ui.controls = { ...(ui.controls || {}), [inp.name]: "fixed" };
       }
     }

@@ -3,6 +3,7 @@
 
 import { createWidget, controlWidget } from "./widgets.js";
 import { typeColour } from "./types.js";
+import { defaultValue } from "./schema.js";
 
 function div(cls, text) {
   const e = document.createElement("div");
@@ -83,7 +84,7 @@ export class NodeView {
       head.append(socket("in", d.type, { node: this.id, input: name }), div("slot-name", name));
       if (d.tooltip) head.title = d.tooltip;
       const linked = !!n.links[name];
-      const w = createWidget(d, n.values[name], (v, final) => this.hooks.onValue(this.id, name, v, final));
+      const w = createWidget(d, name in n.values ? n.values[name] : defaultValue(d), (v, final) => this.hooks.onValue(this.id, name, v, final));
       w.el.classList.add("widget");
       row.append(head, w.el);
       if (d.control) {
@@ -138,7 +139,10 @@ export class NodeView {
     for (const s of this.el.querySelectorAll(".socket.in")) s.classList.toggle("connected", !!n.links[s.dataset.input]);
     for (const [key, w] of this.widgets) {
       if (key.endsWith(":control")) w.set(n.ui.controls?.[key.slice(0, -8)]);
-      else if (!n.links[key]) w.set(n.values[key]);
+      else if (!n.links[key]) {
+        const d = this.graph.inputDef(this.id, key);
+        w.set(key in n.values || !d ? n.values[key] : defaultValue(d));
+      }
     }
     for (const [name, thumb] of Object.entries(this.thumbs || {})) {
       const v = n.values[name];

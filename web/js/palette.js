@@ -6,7 +6,7 @@
 import { compatible } from "./types.js";
 
 function score(def, words) {
-  const hay = `${def.title} ${def.type} ${def.category}`.toLowerCase();
+  const hay = `${def.title} ${def.type} ${def.category} ${(def.aliases || []).join(" ")}`.toLowerCase();
   let s = 0;
   for (const w of words) {
     const i = hay.indexOf(w);

@@ -35,6 +35,7 @@ export class Runner extends EventTarget {
     this.previewUrls = new Map();
     this.total = 0; this.done = new Set();
     this.current = null;
+    this.shown = new Set();
     this.socket.addEventListener("event", (e) => this.onEvent(e.detail));
   }
 
@@ -49,6 +50,7 @@ export class Runner extends EventTarget {
     this.view.clearStatus(true);
     const workflow = this.graph.toKiln();
     this.running = true; this.jobId = null; this.total = 0; this.done = new Set(); this.current = null;
+    this.shown = new Set();
     this.emitState();
     this.progress("submitting\u2026", 0);
     let res;
@@ -121,7 +123,14 @@ export class Runner extends EventTarget {
     const images = this.imagesOf(ui);
     if (!images.length) return;
     this.view.setStatus(nodeId, { images: images.map((i) => this.api.viewUrl(i)), preview: null });
-    this.onImages(images, nodeId);
+    // node_finished and job_finished both report a node's images: show each once.
+    const fresh = images.filter((i) => {
+      const key = `${i.type}/${i.subfolder || ""}/${i.filename}`;
+      if (this.shown.has(key)) return false;
+      this.shown.add(key);
+      return true;
+    });
+    if (fresh.length) this.onImages(fresh, nodeId);
   }
 
   handle(ev) {

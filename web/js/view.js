@@ -205,7 +205,10 @@ export class CanvasView {
       const t = e.target;
       if (t instanceof Element && t.closest("textarea, select") && !e.ctrlKey) return;
       e.preventDefault();
-      this.zoomAt(e.clientX, e.clientY, Math.exp(-e.deltaY * 0.0015));
+      // Lines or pages (Firefox, some mice) to pixels, and one notch capped, so a
+      // wheel click zooms by about 10 % whatever the device reports.
+      const px = e.deltaY * (e.deltaMode === 1 ? 40 : e.deltaMode === 2 ? 400 : 1);
+      this.zoomAt(e.clientX, e.clientY, Math.exp(-Math.max(-70, Math.min(70, px)) * 0.0015));
       this.scheduleLinks();
     }, { passive: false });
     root.addEventListener("dblclick", (e) => {

@@ -1,0 +1,417 @@
+"""The canvas editor end to end: Debian's Chromium driving the page served by a
+real ``kiln serve`` (a subprocess on a free loopback port) with the tiny
+random-weight model in its models folder.
+
+Every graph edit here is a real mouse or keyboard action at coordinates the page's
+test hook (``window.kiln``) reports; the hook is only read, never used to edit.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from browser_support import REPO, VIEWPORT, launch_browser
+from server_helpers import free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TINY_CKPT = "tiny-sd1.safetensors"
+RUN_TIMEOUT_MS = 90_000
+
+
+# -- the server --------------------------------------------------------------------------------
+
+def tiny_img2img(title: str = "Image to image", strength: float = 0.6) -> dict[str, Any]:
+    """The repository's img2img.json, shrunk to the tiny model: 64 px, 3 steps."""
+    doc = json.loads((REPO / "workflows" / "img2img.json").read_text())
+    doc["title"] = title
+    for node in doc["nodes"].values():
+        inputs = node["inputs"]
+        if node["type"] in ("CheckpointLoaderSimple", "CheckpointLoader"):
+            inputs["ckpt_name"] = TINY_CKPT
+        if node["type"] == "ImageResize":
+            inputs["width"] = inputs["height"] = 64
+        if node["type"] == "KSampler":
+            inputs.update(steps=3, sampler_name="euler", scheduler="normal")
+        if node["type"] == "AddNoise":
+            inputs["strength"] = strength
+    return doc
+
+
+def http_json(base: str, method: str, path: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+class Server:
+    def __init__(self, root: Path, models: Path) -> None:
+        self.root, self.data, self.workflows = root, root / "data", root / "workflows"
+        (self.data / "input").mkdir(parents=True)
+        self.workflows.mkdir()
+        gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+        gradient.save(self.data / "input" / "sample.png")
+        (self.workflows / "img2img.json").write_text(json.dumps(tiny_img2img(), indent=1))
+        (self.workflows / "strong.json").write_text(json.dumps(tiny_img2img("Strong repaint", 0.9), indent=1))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+        self.log = open(root / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows)],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/api/nodes", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"kiln serve did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models_dir):
+    srv = Server(tmp_path_factory.mktemp("editor"), tiny_models_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from launch_browser()
+
+
+class Editor:
+    """A page with the editor open, and the mouse moves the tests share."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.console_errors: list[str] = []
+        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
+
+    def doc(self) -> dict[str, Any]:
+        return self.page.evaluate("window.kiln.toKiln()")
+
+    def socket(self, node_id: str, kind: str, key: Any) -> tuple[float, float]:
+        pos = self.page.evaluate("([id, kind, key]) => window.kiln.socketPos(id, kind, key)", [node_id, kind, key])
+        assert pos, f"no {kind} socket {key!r} on node {node_id}"
+        return pos[0], pos[1]
+
+    def drag(self, start: tuple[float, float], end: tuple[float, float]) -> None:
+        m = self.page.mouse
+        m.move(*start)
+        m.down()
+        m.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=4)
+        m.move(*end, steps=4)
+        m.up()
+
+    def link(self, src: str, output: int, dst: str, input_name: str) -> None:
+        self.drag(self.socket(src, "out", output), self.socket(dst, "in", input_name))
+
+    def node(self, node_id: str) -> Any:
+        return self.page.locator(f'.node[data-id="{node_id}"]')
+
+    def canvas_point(self, x: float, y: float) -> tuple[float, float]:
+        box = self.page.locator("#canvas").bounding_box()
+        return box["x"] + x, box["y"] + y
+
+    def add_node(self, query: str, x: float, y: float) -> str:
+        """Double-click the canvas at (x, y), search, press Enter; returns the new node's id."""
+        before = set(self.doc()["nodes"])
+        self.page.mouse.dblclick(*self.canvas_point(x, y))
+        self.page.locator(".palette-input").fill(query)
+        self.page.keyboard.press("Enter")
+        added = set(self.doc()["nodes"]) - before
+        assert len(added) == 1, f"searching {query!r} added {added}"
+        return added.pop()
+
+    def wait_output_image(self, node_id: str) -> None:
+        self.page.wait_for_function(
+            """id => { const img = document.querySelector(`.node[data-id="${id}"] .node-media img.output`);
+                       return img && img.complete && img.naturalWidth > 0; }""",
+            arg=node_id, timeout=RUN_TIMEOUT_MS)
+
+    def wait_idle(self) -> None:
+        self.page.wait_for_function("!document.querySelector('#run').disabled", timeout=RUN_TIMEOUT_MS)
+
+
+@pytest.fixture
+def editor(browser, server):
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+    ed = Editor(page)
+    yield ed
+    page.close()
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+def test_page_starts_with_the_img2img_workflow(editor, server):
+    doc = editor.doc()
+    assert doc == json.loads((server.workflows / "img2img.json").read_text()) | {"nodes": doc["nodes"]}
+    expected = json.loads((server.workflows / "img2img.json").read_text())["nodes"]
+    for node_id, node in expected.items():
+        assert doc["nodes"][node_id]["inputs"] == node["inputs"]
+        assert doc["nodes"][node_id]["ui"]["pos"] == node["ui"]["pos"]
+    assert editor.page.locator(".node").count() == len(expected)
+    assert editor.console_errors == []
+
+
+def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path):
+    page = editor.page
+    page.click("#new")
+    assert editor.doc()["nodes"] == {}
+    # Zoom out with the wheel so the whole graph fits at 1280x800.
+    page.mouse.move(*editor.canvas_point(10, 10))
+    while page.evaluate("window.kiln.view.scale") > 0.62:
+        page.mouse.wheel(0, 60)
+        page.wait_for_timeout(60)
+    assert page.evaluate("window.kiln.view.scale") > 0.45
+    ids = {
+        "ckpt": editor.add_node("checkpoint", 20, 20),
+        "image": editor.add_node("load image", 20, 330),
+        "pos": editor.add_node("clip text", 200, 20),
+        "neg": editor.add_node("clip text", 200, 190),
+        "encode": editor.add_node("vae encode", 200, 400),
+        "noise": editor.add_node("addnoise", 380, 400),
+        "sampler": editor.add_node("ksampler", 560, 20),
+        "decode": editor.add_node("vae decode", 740, 20),
+        "save": editor.add_node("save image", 740, 200),
+    }
+    types = {k: editor.doc()["nodes"][v]["type"] for k, v in ids.items()}
+    assert types["sampler"] == "KSampler" and types["noise"] == "AddNoise" and types["save"] == "SaveImage"
+
+    links = [("ckpt", 1, "pos", "clip"), ("ckpt", 1, "neg", "clip"), ("image", 0, "encode", "pixels"),
+             ("ckpt", 2, "encode", "vae"), ("ckpt", 0, "noise", "model"), ("encode", 0, "noise", "latent"),
+             ("ckpt", 0, "sampler", "model"), ("pos", 0, "sampler", "positive"), ("neg", 0, "sampler", "negative"),
+             ("noise", 0, "sampler", "latent_image"), ("sampler", 0, "decode", "samples"),
+             ("ckpt", 2, "decode", "vae"), ("decode", 0, "save", "images")]
+    for src, out, dst, name in links:
+        editor.link(ids[src], out, ids[dst], name)
+    nodes = editor.doc()["nodes"]
+    for src, out, dst, name in links:
+        assert nodes[ids[dst]]["inputs"][name] == [ids[src], out], (src, dst, name)
+
+    # Widgets: checkpoint and image dropdowns, prompt text, steps, and the strength slider.
+    editor.node(ids["ckpt"]).locator("select").first.select_option(TINY_CKPT)
+    editor.node(ids["image"]).locator("select").first.select_option("sample.png")
+    editor.node(ids["pos"]).locator("textarea").fill("a watercolor lake")
+    steps = editor.node(ids["sampler"]).locator('.widget-row[data-input="steps"] input')
+    steps.click()
+    steps.fill("3")
+    steps.press("Enter")
+    slider = editor.node(ids["noise"]).locator('.widget-row[data-input="strength"] input[type=range]')
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.75, box["y"] + box["height"] / 2)
+    inputs = editor.doc()["nodes"]
+    assert 0.65 <= inputs[ids["noise"]]["inputs"]["strength"] <= 0.85
+    assert inputs[ids["sampler"]]["inputs"]["steps"] == 3
+    assert inputs[ids["pos"]]["inputs"]["text"] == "a watercolor lake"
+
+    page.click("#run")
+    editor.wait_output_image(ids["save"])
+    editor.wait_idle()
+    assert editor.page.locator("#gallery-list img").count() == 1  # one image, shown once
+    assert not editor.node(ids["sampler"]).evaluate("e => e.classList.contains('failed')")
+    shot = tmp_path / "editor-img2img-run.png"
+    page.screenshot(path=str(shot))
+    print(f"screenshot of the finished run: {shot}")
+    assert editor.console_errors == []
+
+
+def test_open_a_workflow_from_the_library_and_run_it(editor, server):
+    page = editor.page
+    page.click("#open")
+    page.locator('.modal-item[data-value="strong.json"]').click()
+    page.wait_for_function("document.querySelector('#doc-name').textContent === 'strong.json'")
+    doc = editor.doc()
+    assert doc["title"] == "Strong repaint" and doc["nodes"]["7"]["inputs"]["strength"] == 0.9
+    page.keyboard.press("Control+Enter")
+    editor.wait_output_image("10")
+    editor.wait_idle()
+    assert "succeeded" in page.locator("#status").text_content()
+    assert editor.console_errors == []
+
+
+def test_a_latent_to_image_drag_is_refused(editor):
+    before = editor.doc()
+    # VAEEncode's LATENT output onto SaveImage's IMAGE input.
+    editor.link("6", 0, "10", "images")
+    refused = editor.page.locator(".toast.warn").first
+    refused.wait_for(timeout=3000)
+    assert "LATENT" in refused.text_content() and "IMAGE" in refused.text_content()
+    assert editor.page.evaluate("window.kiln.view.lastRefusal").startswith("cannot connect LATENT to IMAGE")
+    assert editor.doc() == before
+    assert editor.doc()["nodes"]["10"]["inputs"]["images"] == ["9", 0]
+
+
+def test_a_validation_error_is_shown_on_the_right_node(editor):
+    # Drag KSampler's positive input away: that detaches the link.
+    start = editor.socket("8", "in", "positive")
+    editor.drag(start, (start[0] - 60, start[1] + 260))
+    assert "positive" not in editor.doc()["nodes"]["8"]["inputs"]
+    editor.page.click("#run")
+    node = editor.node("8")
+    node.locator(".node-error").wait_for(timeout=10_000)
+    assert "positive" in node.locator(".node-error").text_content()
+    assert node.evaluate("e => e.classList.contains('has-error')")
+    errored = editor.page.evaluate("[...document.querySelectorAll('.node.has-error')].map(e => e.dataset.id)")
+    assert errored == ["8"]
+    assert not editor.page.locator("#run").is_disabled()
+
+
+def test_undo_and_redo_restore_the_graph_exactly(editor):
+    page = editor.page
+    original = editor.doc()
+    # 1. move the VAEDecode node by its title
+    title = page.evaluate("window.kiln.titlePos('9')")
+    editor.drag(tuple(title), (title[0] + 80, title[1] + 60))
+    # 2. step KSampler's steps up with the arrow button
+    editor.node("8").locator('.widget-row[data-input="steps"] .w-step.inc').click()
+    # 3. detach the negative prompt link
+    start = editor.socket("8", "in", "negative")
+    editor.drag(start, (start[0] - 40, start[1] + 300))
+    # 4. select the negative prompt node and delete it
+    title3 = page.evaluate("window.kiln.titlePos('3')")
+    page.mouse.click(*title3)
+    page.keyboard.press("Delete")
+    edited = editor.doc()
+    assert edited != original and "3" not in edited["nodes"]
+    assert edited["nodes"]["8"]["inputs"]["steps"] == original["nodes"]["8"]["inputs"]["steps"] + 1
+    for _ in range(4):
+        page.keyboard.press("Control+z")
+    assert editor.doc() == original
+    assert page.locator(".node").count() == len(original["nodes"])
+    for _ in range(4):
+        page.keyboard.press("Control+Shift+z")
+    assert editor.doc() == edited
+    page.click("#undo")
+    assert "3" in editor.doc()["nodes"]
+    assert editor.console_errors == []
+
+
+def drop_file(editor: Editor, data: bytes, name: str, mime: str) -> None:
+    x, y = editor.canvas_point(500, 600)
+    editor.page.evaluate(
+        """([b64, name, mime, x, y]) => {
+             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+             const dt = new DataTransfer();
+             dt.items.add(new File([bytes], name, { type: mime }));
+             const target = document.elementFromPoint(x, y);
+             for (const type of ['dragover', 'drop'])
+               target.dispatchEvent(new DragEvent(type, { dataTransfer: dt, clientX: x, clientY: y, bubbles: true, cancelable: true }));
+           }""", [base64.b64encode(data).decode(), name, mime, x, y])
+
+
+def test_dropping_a_saved_png_restores_its_workflow(editor, server):
+    page = editor.page
+    # A PNG saved by Kiln itself: run a workflow through the HTTP API and take its file.
+    wf = tiny_img2img("Dropped lake", 0.4)
+    job = http_json(server.url, "POST", "/api/jobs", {"workflow": wf})
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while (state := http_json(server.url, "GET", f"/api/jobs/{job['job_id']}"))["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "succeeded", state
+    image = state["outputs"]["10"]["images"][0]
+    png = (server.data / "output" / image.get("subfolder", "") / image["filename"]).read_bytes()
+
+    page.click("#new")
+    drop_file(editor, png, "kiln.png", "image/png")
+    page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+    doc = editor.doc()
+    assert doc["title"] == "Dropped lake"
+    for node_id, node in wf["nodes"].items():
+        assert doc["nodes"][node_id]["type"] == node["type"]
+        assert doc["nodes"][node_id]["inputs"] == node["inputs"]
+        assert doc["nodes"][node_id]["ui"]["pos"] == node["ui"]["pos"]
+
+    # A ComfyUI-style PNG carries only the API-format "prompt": it is laid out automatically.
+    api = {nid: {"class_type": n["type"], "inputs": n["inputs"]} for nid, n in wf["nodes"].items()}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(api))
+    out = server.root / "comfy.png"
+    Image.new("RGB", (8, 8)).save(out, pnginfo=info)
+    page.click("#new")
+    drop_file(editor, out.read_bytes(), "ComfyUI_00001_.png", "image/png")
+    page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+    doc = editor.doc()
+    assert {nid: n["inputs"] for nid, n in doc["nodes"].items()} == {nid: n["inputs"] for nid, n in api.items()}
+    xs = {nid: n["ui"]["pos"][0] for nid, n in doc["nodes"].items()}
+    assert xs["1"] < xs["6"] < xs["7"] < xs["8"] < xs["9"] < xs["10"]
+    assert editor.console_errors == []
+
+
+def test_an_image_picked_on_load_image_is_uploaded_and_shown(editor, server):
+    picture = server.root / "red.png"
+    Image.new("RGB", (48, 40), (220, 20, 20)).save(picture)
+    editor.node("4").locator("input.upload-file").set_input_files(str(picture))
+    editor.page.wait_for_function("window.kiln.toKiln().nodes['4'].inputs.image === 'red.png'")
+    thumb = editor.node("4").locator("img.thumb")
+    thumb.wait_for(state="visible", timeout=5000)
+    assert thumb.evaluate("i => i.naturalWidth") == 48
+    assert (server.data / "input" / "red.png").is_file()
+    assert editor.console_errors == []
+
+
+def test_copy_and_paste_keep_links_also_into_another_tab(editor, browser, server):
+    page = editor.page
+    page.mouse.click(*page.evaluate("window.kiln.titlePos('7')"))  # AddNoise
+    page.keyboard.press("Control+c")
+    page.mouse.move(*editor.canvas_point(600, 650))
+    page.keyboard.press("Control+v")
+    doc = editor.doc()
+    assert len(doc["nodes"]) == 11
+    pasted = doc["nodes"]["11"]
+    assert pasted["type"] == "AddNoise"
+    assert pasted["inputs"]["model"] == ["1", 0] and pasted["inputs"]["latent"] == ["6", 0]
+    # Copy two linked nodes and paste them into a second tab: the link between them travels.
+    page.mouse.click(*page.evaluate("window.kiln.titlePos('8')"))
+    page.keyboard.down("Shift")
+    page.mouse.click(*page.evaluate("window.kiln.titlePos('9')"))
+    page.keyboard.up("Shift")
+    page.keyboard.press("Control+c")
+    other = browser.new_page(viewport=VIEWPORT)
+    try:
+        other.goto(server.url + "/")
+        other.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+        other.click("#new")
+        other.mouse.move(400, 300)
+        other.keyboard.press("Control+v")
+        nodes = other.evaluate("window.kiln.toKiln()")["nodes"]
+        assert sorted(n["type"] for n in nodes.values()) == ["KSampler", "VAEDecode"]
+        sampler = next(i for i, n in nodes.items() if n["type"] == "KSampler")
+        decode = next(n for n in nodes.values() if n["type"] == "VAEDecode")
+        assert decode["inputs"]["samples"] == [sampler, 0]
+        assert "vae" not in decode["inputs"], "links from nodes that did not travel are dropped"
+    finally:
+        other.close()
