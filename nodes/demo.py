@@ -89,14 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workflow", default=str(WORKFLOW))
     args, rest = parser.parse_known_args(argv)
     inputs = args.input or [Path("input")]
-    name, _ = prepare(args.models, inputs)
+    name, is_demo = prepare(args.models, inputs)
     if args.command == "prepare":
         return 0
     from engine.cli import main as kiln
 
+    # The demo model's output is noise at any size: 256 px keeps its run to seconds.
+    size = ["--set", "width=256", "--set", "height=256"] if is_demo else []
     return kiln(["run", args.workflow, "--models", str(args.models), "--input-dir", str(inputs[0]),
                  "--output-dir", args.output, "--set", f"checkpoint={name}", "--set", f"image={SAMPLE_NAME}",
-                 *rest])
+                 *size, *rest])
 
 
 if __name__ == "__main__":

@@ -255,6 +255,12 @@ def _next_counter(folder: Path, base: str) -> int:
     return highest + 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_png_atomic(image: Any, folder: Path, base: str, pnginfo: Any, compress_level: int) -> str:
     """Write ``base_NNNNN_.png`` into ``folder`` and return its name.
 
@@ -266,6 +272,7 @@ def write_png_atomic(image: Any, folder: Path, base: str, pnginfo: Any, compress
     """
     fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".png.tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=pnginfo, compress_level=compress_level)
             f.flush()
