@@ -237,9 +237,27 @@ def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path)
     assert inputs[ids["sampler"]]["inputs"]["steps"] == 3
     assert inputs[ids["pos"]]["inputs"]["text"] == "a watercolor lake"
 
+    # Watch (without touching) what the page shows while the job runs.
+    page.evaluate("""sampler => {
+        window.seen = { events: [], running: false, previewShown: false, bar: 0 };
+        window.kiln.app.socket.addEventListener('event', e => window.seen.events.push(e.detail.type));
+        const el = window.kiln.nodeEl(sampler);
+        new MutationObserver(() => {
+          if (el.classList.contains('running')) window.seen.running = true;
+          if (el.querySelector('.node-media img.preview')) window.seen.previewShown = true;
+        }).observe(el, { attributes: true, subtree: true, childList: true });
+        new MutationObserver(() => {
+          window.seen.bar = Math.max(window.seen.bar, parseFloat(document.querySelector('#progress-fill').style.width) || 0);
+        }).observe(document.querySelector('#progress-fill'), { attributes: true });
+    }""", ids["sampler"])
     page.click("#run")
     editor.wait_output_image(ids["save"])
     editor.wait_idle()
+    seen = page.evaluate("window.seen")
+    assert seen["running"], "the sampler was highlighted while it ran"
+    assert "progress" in seen["events"] and "preview" in seen["events"], seen["events"]
+    assert seen["previewShown"], "a live preview appeared on the sampler"
+    assert seen["bar"] == 100
     assert editor.page.locator("#gallery-list img").count() == 1  # one image, shown once
     assert not editor.node(ids["sampler"]).evaluate("e => e.classList.contains('failed')")
     shot = tmp_path / "editor-img2img-run.png"
@@ -259,6 +277,18 @@ def test_open_a_workflow_from_the_library_and_run_it(editor, server):
     editor.wait_output_image("10")
     editor.wait_idle()
     assert "succeeded" in page.locator("#status").text_content()
+    # The same graph again: the server reuses every result and the nodes say so.
+    page.click("#run")
+    page.wait_for_function("document.querySelectorAll('.node.cached').length === 10", timeout=RUN_TIMEOUT_MS)
+    editor.wait_idle()
+    assert editor.node("10").locator("img.output").count() == 1
+    # Save it back to the library under a new name.
+    page.click("#save-as")
+    page.locator(".modal-input").fill("mine")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#doc-name').textContent === 'mine.json'")
+    saved = json.loads((server.workflows / "mine.json").read_text())
+    assert saved["nodes"] == editor.doc()["nodes"] and saved["title"] == "Strong repaint"
     assert editor.console_errors == []
 
 

@@ -160,8 +160,8 @@ export class App {
     this.doc.addEventListener("keydown", (e) => {
       const mod = e.ctrlKey || e.metaKey;
       if (mod && e.key === "Enter") { e.preventDefault(); this.runner.run(); return; }
-      if (e.key === "Escape" && this.runner.running && !this.palette.isOpen) { this.runner.stop(); return; }
       if (isTyping(e.target) || this.doc.querySelector(".modal-back")) return;
+      if (e.key === "Escape" && this.runner.running && !this.palette.isOpen) { this.runner.stop(); return; }
       const key = e.key.toLowerCase();
       if (mod && key === "z") { e.preventDefault(); if (e.shiftKey) this.redo(); else this.undo(); }
       else if (mod && key === "y") { e.preventDefault(); this.redo(); }

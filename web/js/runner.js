@@ -35,7 +35,7 @@ export class Runner extends EventTarget {
     this.previewUrls = new Map();
     this.total = 0; this.done = new Set();
     this.current = null;
-    this.shown = new Set();
+    this.shown = new Set(); this.planned = []; this.started = new Set();
     this.socket.addEventListener("event", (e) => this.onEvent(e.detail));
   }
 
@@ -50,7 +50,7 @@ export class Runner extends EventTarget {
     this.view.clearStatus(true);
     const workflow = this.graph.toKiln();
     this.running = true; this.jobId = null; this.total = 0; this.done = new Set(); this.current = null;
-    this.shown = new Set();
+    this.shown = new Set(); this.planned = []; this.started = new Set();
     this.emitState();
     this.progress("submitting\u2026", 0);
     let res;
@@ -137,7 +137,8 @@ export class Runner extends EventTarget {
     const id = ev.node_id != null ? String(ev.node_id) : null;
     switch (ev.type) {
       case "job_started":
-        this.total = (ev.node_ids || []).length;
+        this.planned = (ev.node_ids || []).map(String);
+        this.total = this.planned.length;
         for (const n of ev.node_ids || []) this.view.setStatus(String(n), { state: "queued", error: "", inputErrors: {}, message: "" });
         this.updateBar();
         break;
@@ -146,6 +147,7 @@ export class Runner extends EventTarget {
         this.updateBar();
         break;
       case "node_started":
+        this.started.add(id);
         this.current = { id, type: ev.node_type, value: 0, max: 0 };
         this.view.setStatus(id, { state: "running", progress: null, message: "" });
         this.updateBar();
@@ -196,6 +198,11 @@ export class Runner extends EventTarget {
     if (!this.running) return;
     this.running = false;
     clearTimeout(this.pollTimer);
+    if (status === "succeeded") {
+      // Planned nodes that never started were not needed: a cached result downstream
+      // (or their own) stood in for them, so they count as cached too.
+      for (const id of this.planned) if (!this.started.has(id)) this.view.setStatus(id, { state: "cached" });
+    }
     for (const [id, s] of this.view.status) if (s.state === "running" || s.state === "queued") this.view.setStatus(id, { state: s.state === "running" && status !== "succeeded" ? "failed" : "", progress: null });
     for (const url of this.previewUrls.values()) URL.revokeObjectURL(url);
     this.previewUrls.clear();
