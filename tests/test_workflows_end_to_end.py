@@ -94,7 +94,8 @@ def test_strength_sweep_and_refine_loop_run_and_reuse_shared_work(registry, tiny
     from nodes.sample_image import draw_landscape
 
     draw_landscape(SIZE, SIZE).save(tiny_env.paths.input.root / "init.png")
-    common = dict(checkpoint=tiny_models.checkpoint_name("sd1"), image="init.png", steps=4)
+    common = dict(checkpoint=tiny_models.checkpoint_name("sd1"), image="init.png", steps=4, width=SIZE,
+                  height=SIZE)
     executor = Executor(registry, tiny_env)
     sweep = load(WORKFLOWS / "strength-sweep.json").with_overrides(common)
     events = []
