@@ -62,6 +62,7 @@ class Server:
         self.workflows.mkdir()
         gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
         gradient.save(self.data / "input" / "sample.png")
+        (self.data / "input" / "broken.png").write_bytes(b"not a png at all")  # fails only when loaded
         (self.workflows / "img2img.json").write_text(json.dumps(tiny_img2img(), indent=1))
         (self.workflows / "strong.json").write_text(json.dumps(tiny_img2img("Strong repaint", 0.9), indent=1))
         self.port = free_port()
@@ -317,6 +318,35 @@ def test_a_validation_error_is_shown_on_the_right_node(editor):
     errored = editor.page.evaluate("[...document.querySelectorAll('.node.has-error')].map(e => e.dataset.id)")
     assert errored == ["8"]
     assert not editor.page.locator("#run").is_disabled()
+
+
+def test_a_node_failure_shows_its_message_on_that_node(editor):
+    editor.node("4").locator('.widget-row[data-input="image"] select').select_option("broken.png")
+    editor.page.click("#run")
+    node = editor.node("4")
+    node.locator(".node-error").wait_for(timeout=RUN_TIMEOUT_MS)
+    assert "not an image" in node.locator(".node-error").text_content()
+    assert "not an image" in node.locator('.widget-row[data-input="image"] .row-error').text_content()
+    assert node.evaluate("e => e.classList.contains('failed')")
+    editor.wait_idle()
+    assert "failed" in editor.page.locator("#status").text_content()
+    assert editor.page.evaluate("[...document.querySelectorAll('.node.has-error')].map(e => e.dataset.id)") == ["4"]
+
+
+def test_stop_interrupts_the_running_sampler(editor):
+    steps = editor.node("8").locator('.widget-row[data-input="steps"] input')
+    steps.fill("400")
+    steps.press("Enter")
+    editor.node("7").locator('.widget-row[data-input="seed"] input.w-num-input').fill("5")  # not cached
+    editor.page.keyboard.press("Enter")
+    editor.page.click("#run")
+    editor.page.wait_for_function("window.kiln.nodeEl('8').classList.contains('running')", timeout=RUN_TIMEOUT_MS)
+    editor.page.click("#stop")
+    editor.wait_idle()
+    status = editor.page.locator("#status").text_content()
+    assert "interrupted" in status or "cancelled" in status, status
+    assert not editor.node("8").evaluate("e => e.classList.contains('running')")
+    assert editor.node("10").locator("img.output").count() == 0
 
 
 def test_undo_and_redo_restore_the_graph_exactly(editor):

@@ -49,6 +49,13 @@ export class App {
       onPalette: (world, link) => this.openPalette(world, link),
       onUpload: (id, name, file) => this.files.uploadTo(id, name, file),
       imageUrl: (name) => this.api.inputUrl(name),
+      onRename: async (id) => {
+        const n = this.graph.node(id);
+        const title = await this.dialogs.prompt("Node title (empty for the default)", n.title || this.graph.def(n.type)?.title || n.type);
+        if (title === null) return;
+        this.graph.setTitle(id, !title || title === (this.graph.def(n.type)?.title || n.type) ? null : title);
+        this.commit();
+      },
     });
     this.palette = new Palette(this.doc.body, () => this.graph.defs);
     this.gallery = new Gallery(this.$("#gallery-list"), this.doc.body, (img) => this.api.viewUrl(img));

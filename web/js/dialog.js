@@ -68,7 +68,7 @@ export class Dialogs {
       box.append(form);
       let done = false;
       const finish = (v) => { if (!done) { done = true; close(); resolve(v); } };
-      form.addEventListener("submit", (e) => { e.preventDefault(); finish(input.value.trim() || null); });
+      form.addEventListener("submit", (e) => { e.preventDefault(); finish(input.value.trim()); });
       cancel.addEventListener("click", () => finish(null));
       box.parentElement.addEventListener("keydown", (e) => { if (e.key === "Escape") finish(null); });
       new MutationObserver((_, obs) => { if (!box.isConnected) { obs.disconnect(); finish(null); } }).observe(this.host, { childList: true });

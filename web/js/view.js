@@ -212,6 +212,8 @@ export class CanvasView {
       this.scheduleLinks();
     }, { passive: false });
     root.addEventListener("dblclick", (e) => {
+      const title = e.target.closest(".node-title");
+      if (title) { this.hooks.onRename?.(title.closest(".node").dataset.id); return; }
       if (e.target.closest(".node")) return;
       this.hooks.onPalette(this.toWorld(e.clientX, e.clientY), null);
     });
