@@ -379,8 +379,9 @@ def test_undo_and_redo_restore_the_graph_exactly(editor):
     assert editor.console_errors == []
 
 
-def drop_file(editor: Editor, data: bytes, name: str, mime: str) -> None:
-    x, y = editor.canvas_point(500, 600)
+def drop_file(editor: Editor, data: bytes, name: str, mime: str, at: tuple[float, float] | None = None) -> None:
+    """Drop a file as the browser would after a drag from the desktop (at client coordinates)."""
+    x, y = at or editor.canvas_point(500, 600)
     editor.page.evaluate(
         """([b64, name, mime, x, y]) => {
              const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
@@ -440,6 +441,16 @@ def test_an_image_picked_on_load_image_is_uploaded_and_shown(editor, server):
     thumb.wait_for(state="visible", timeout=5000)
     assert thumb.evaluate("i => i.naturalWidth") == 48
     assert (server.data / "input" / "red.png").is_file()
+    # Dropping an image onto the node uploads it too (even a PNG that carries a workflow).
+    blue = server.root / "blue.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps({"1": {"class_type": "VAEDecode", "inputs": {}}}))
+    Image.new("RGB", (30, 20), (20, 20, 220)).save(blue, pnginfo=info)
+    box = editor.node("4").bounding_box()
+    drop_file(editor, blue.read_bytes(), "blue.png", "image/png", (box["x"] + box["width"] / 2, box["y"] + 30))
+    editor.page.wait_for_function("window.kiln.toKiln().nodes['4'].inputs.image === 'blue.png'")
+    editor.page.wait_for_function("document.querySelector('.node[data-id=\"4\"] img.thumb').naturalWidth === 30")
+    assert len(editor.doc()["nodes"]) == 10, "the graph was not replaced"
     assert editor.console_errors == []
 
 

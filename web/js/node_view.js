@@ -145,8 +145,11 @@ export class NodeView {
       }
     }
     for (const [name, thumb] of Object.entries(this.thumbs || {})) {
-      const v = n.values[name];
-      const url = v ? this.hooks.imageUrl(String(v)) : "";
+      // Only files the server listed (or this page uploaded) get a thumbnail: asking
+      // for a name that is not there would only log a 404.
+      const d = this.graph.inputDef(this.id, name);
+      const v = name in n.values ? n.values[name] : d && defaultValue(d);
+      const url = v && (!d?.choices || d.choices.includes(String(v))) ? this.hooks.imageUrl(String(v)) : "";
       if (thumb.dataset.src !== url) {
         thumb.dataset.src = url;
         thumb.hidden = true;
