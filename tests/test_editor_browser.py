@@ -357,21 +357,26 @@ def test_undo_and_redo_restore_the_graph_exactly(editor):
     editor.drag(tuple(title), (title[0] + 80, title[1] + 60))
     # 2. step KSampler's steps up with the arrow button
     editor.node("8").locator('.widget-row[data-input="steps"] .w-step.inc').click()
-    # 3. detach the negative prompt link
+    # 3. scrub KSampler's cfg: a 60 px drag to the right is ten steps of 0.1
+    cfg = editor.node("8").locator('.widget-row[data-input="cfg"] input').bounding_box()
+    centre = (cfg["x"] + cfg["width"] / 2, cfg["y"] + cfg["height"] / 2)
+    editor.drag(centre, (centre[0] + 60, centre[1]))
+    # 4. detach the negative prompt link
     start = editor.socket("8", "in", "negative")
     editor.drag(start, (start[0] - 40, start[1] + 300))
-    # 4. select the negative prompt node and delete it
+    # 5. select the negative prompt node and delete it
     title3 = page.evaluate("window.kiln.titlePos('3')")
     page.mouse.click(*title3)
     page.keyboard.press("Delete")
     edited = editor.doc()
     assert edited != original and "3" not in edited["nodes"]
     assert edited["nodes"]["8"]["inputs"]["steps"] == original["nodes"]["8"]["inputs"]["steps"] + 1
-    for _ in range(4):
+    assert edited["nodes"]["8"]["inputs"]["cfg"] == pytest.approx(original["nodes"]["8"]["inputs"]["cfg"] + 1.0)
+    for _ in range(5):
         page.keyboard.press("Control+z")
     assert editor.doc() == original
     assert page.locator(".node").count() == len(original["nodes"])
-    for _ in range(4):
+    for _ in range(5):
         page.keyboard.press("Control+Shift+z")
     assert editor.doc() == edited
     page.click("#undo")
