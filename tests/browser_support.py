@@ -1,7 +1,8 @@
 """Shared helpers for the editor's browser tests: Debian's Chromium driven by Playwright.
 
-The browser is launched from ``/usr/bin/chromium`` (never a downloaded one); tests
-are skipped with a clear reason where Playwright or Chromium is missing.
+The browser is launched from ``/usr/bin/chromium`` (never a downloaded one). CI
+installs it (``make browser``), so a missing Chromium fails the tests with the
+command that installs it rather than skipping them.
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ VIEWPORT = {"width": 1280, "height": 800}
 def chromium_path() -> str:
     path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium") or ""
     if not path:
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (apt-get install chromium)")
     return path
 
 
 def launch_browser() -> Iterator[Any]:
     """A headless Chromium for one test module; closed afterwards."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-smooth-scrolling"])

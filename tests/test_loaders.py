@@ -18,7 +18,7 @@ from engine.models import ModelManager
 from node_call import Called, call
 from nodes import loaders
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 FORMATS = ("single", "diffusers")
 
