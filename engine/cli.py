@@ -26,6 +26,7 @@ from typing import Any, Sequence, TextIO
 
 from engine import types as T
 from engine.context import Environment, JobInfo, Paths, Settings, default_data_dir
+from engine.models import ModelManager
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
 from engine.validate import WorkflowInvalid
@@ -51,17 +52,6 @@ def _problem(kind: str, message: str, **where: Any) -> dict[str, Any]:
 
 # -- the environment -------------------------------------------------------------------
 
-def _model_manager(device: str | None) -> Any:
-    """engine.models.ModelManager when it exists: cheap to build, torch loads on first model."""
-    try:
-        from engine.models import ModelManager
-    except ModuleNotFoundError as exc:
-        if exc.name == "engine.models":
-            return None
-        raise
-    return ModelManager(device=device)
-
-
 def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_output: bool = False,
               with_models: bool = False) -> Environment:
     paths = Paths(
@@ -75,7 +65,7 @@ def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_o
     settings = Settings(allow_absolute_paths=True, allow_url_images=True)
     env = Environment(paths=paths, settings=settings)
     if with_models:
-        env.models = _model_manager(args.device)
+        env.models = ModelManager(device=args.device)
         device = getattr(env.models, "device", None) or args.device
         if device:
             env.device = str(device)

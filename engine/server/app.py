@@ -23,6 +23,7 @@ from aiohttp import web
 from engine.cache import OutputCache
 from engine.context import Environment, Paths, Settings
 from engine.events import Event
+from engine.models import ModelManager
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
 from engine.server import api_routes, comfy_routes, ws
@@ -43,22 +44,11 @@ STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "te
                 ".woff2": "font/woff2", ".map": "application/json", ".txt": "text/plain"}
 
 
-def _model_manager(device: str | None) -> Any:
-    """engine.models.ModelManager when it exists; constructing it loads nothing."""
-    try:
-        from engine.models import ModelManager
-    except ModuleNotFoundError as exc:
-        if exc.name == "engine.models":
-            return None
-        raise
-    return ModelManager(device=device)
-
-
 def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir: str | Path | None,
               allow_url_images: bool, device: str | None = None) -> Environment:
     paths = Paths.under(data_dir, models=models_dir, workflows=workflows_dir)
     env = Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
-    env.models = _model_manager(device)
+    env.models = ModelManager(device=device)
     if device:
         env.device = device
     # Otherwise the worker asks the model manager before the first job: finding the
