@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from server_helpers import free_port
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 TINY_CKPT = "tiny-sd1.safetensors"
+DEMO_CKPT = "kiln-demo-random-weights.safetensors"  # what nodes/demo.py puts in a fresh models folder
 RUN_TIMEOUT_MS = 90_000
 
 
@@ -56,15 +58,18 @@ def http_json(base: str, method: str, path: str, body: Any = None) -> Any:
 
 
 class Server:
-    def __init__(self, root: Path, models: Path) -> None:
+    def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None) -> None:
         self.root, self.data, self.workflows = root, root / "data", root / "workflows"
         (self.data / "input").mkdir(parents=True)
         self.workflows.mkdir()
         gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
         gradient.save(self.data / "input" / "sample.png")
         (self.data / "input" / "broken.png").write_bytes(b"not a png at all")  # fails only when loaded
-        (self.workflows / "img2img.json").write_text(json.dumps(tiny_img2img(), indent=1))
-        (self.workflows / "strong.json").write_text(json.dumps(tiny_img2img("Strong repaint", 0.9), indent=1))
+        if workflows is None:
+            workflows = {"img2img.json": json.dumps(tiny_img2img(), indent=1),
+                         "strong.json": json.dumps(tiny_img2img("Strong repaint", 0.9), indent=1)}
+        for name, text in workflows.items():
+            (self.workflows / name).write_text(text)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
@@ -100,6 +105,18 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models_dir):
     srv = Server(tmp_path_factory.mktemp("editor"), tiny_models_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fresh_server(tmp_path_factory, tiny_models_dir):
+    """A first start as `make serve` leaves it: one checkpoint, named otherwise than the
+    repository's own workflows/img2img.json expects, and sample.png in the input folder."""
+    root = tmp_path_factory.mktemp("fresh")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(tiny_models_dir / "checkpoints" / TINY_CKPT, root / "models" / "checkpoints" / DEMO_CKPT)
+    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()})
     yield srv
     srv.stop()
 
@@ -491,3 +508,57 @@ def test_copy_and_paste_keep_links_also_into_another_tab(editor, browser, server
         assert "vae" not in decode["inputs"], "links from nodes that did not travel are dropped"
     finally:
         other.close()
+
+
+def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(browser, fresh_server, tmp_path):
+    shipped = json.loads((REPO / "workflows" / "img2img.json").read_text())
+    wanted = shipped["nodes"]["1"]["inputs"]["ckpt_name"]
+    assert wanted != DEMO_CKPT
+    page = browser.new_page(viewport=VIEWPORT)
+    editor = Editor(page)
+    try:
+        page.goto(fresh_server.url + "/")
+        page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+        notice = page.locator(".toast.notice")
+        notice.wait_for(timeout=5000)
+        text = notice.text_content()
+        assert f"#1: ckpt_name '{wanted}' is not available here; using '{DEMO_CKPT}'" in text, text
+        assert notice.locator("li").count() == 1, "only the checkpoint was replaced"
+        row = editor.node("1").locator('.widget-row[data-input="ckpt_name"]')
+        assert row.evaluate("e => e.classList.contains('substituted')")
+        assert wanted in row.locator(".row-note").text_content()
+        assert row.locator("select").input_value() == DEMO_CKPT
+        doc = editor.doc()
+        for node_id, node in shipped["nodes"].items():
+            expected = node["inputs"] | ({"ckpt_name": DEMO_CKPT} if node_id == "1" else {})
+            assert doc["nodes"][node_id]["inputs"] == expected, node_id
+        assert page.locator("#undo").is_disabled(), "opening the page is not an edit"
+
+        # Only to keep the test short: 64 px instead of 512 for the tiny model, typed
+        # into ImageResize's fields; the checkpoint is left as the editor chose it.
+        for name in ("width", "height"):
+            field = editor.node("5").locator(f'.widget-row[data-input="{name}"] input')
+            field.click()
+            field.fill("64")
+            field.press("Enter")
+        assert editor.doc()["nodes"]["5"]["inputs"]["width"] == 64
+        started = time.monotonic()
+        page.click("#run")
+        editor.wait_output_image("10")
+        editor.wait_idle()
+        assert "succeeded" in page.locator("#status").text_content()
+        print(f"the starter workflow ran in {time.monotonic() - started:.1f} s")
+        page.screenshot(path=str(tmp_path / "editor-fresh-server-run.png"))
+
+        # The same file dropped onto the canvas later: replaced again, and one undo step.
+        page.click("#new")
+        notice.locator(".notice-close").click()
+        drop_file(editor, json.dumps(shipped).encode(), "img2img.json", "application/json")
+        page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+        assert editor.doc()["nodes"]["1"]["inputs"]["ckpt_name"] == DEMO_CKPT
+        assert wanted in page.locator(".toast.notice").text_content()
+        page.keyboard.press("Control+z")
+        assert editor.doc()["nodes"] == {}
+        assert editor.console_errors == []
+    finally:
+        page.close()

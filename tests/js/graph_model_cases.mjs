@@ -11,6 +11,7 @@ import { comfyUiToKiln } from "../../web/js/comfy_ui.js";
 import { readPngText, workflowFromPngText } from "../../web/js/png.js";
 import { validationErrors } from "../../web/js/runner.js";
 import { autoLayout } from "../../web/js/layout.js";
+import { unavailableChoices, applySubstitutions, describeSubstitution } from "../../web/js/choices.js";
 
 // -- a tiny assertion kit (node:assert does not exist in the browser) -------------
 
@@ -276,5 +277,54 @@ export const cases = [
     eq(kiln.map((e) => [e.node_id, e.input_name]), [["7", "positive"]]);
     const comfy = validationErrors({ error: { message: "x" }, node_errors: { "3": { class_type: "KSampler", errors: [{ message: "too big", extra_info: { input_name: "steps" } }] } } });
     eq(comfy.map((e) => [e.node_id, e.input_name, e.message]), [["3", "steps", "too big"]]);
+  }],
+  ["choices: values this server lacks are found, open, linked and empty lists left alone", () => {
+    const d = defs();
+    d.set("Empty", parseNodeDefs({ Empty: N("Empty", "x", [I("pick", "COMBO", { choices: [] })], []) }).get("Empty"));
+    d.set("Numbered", parseNodeDefs({ Numbered: N("Numbered", "x", [I("multiple_of", "COMBO", { choices: ["1", "8"] })], []) }).get("Numbered"));
+    const g = new Graph(d);
+    const api = JSON.parse(JSON.stringify(IMG2IMG_API));
+    api["1"].inputs.ckpt_name = "v1-5-pruned-emaonly.safetensors";
+    api["4"].inputs.image = "not-uploaded-yet.png";       // open choices: the server decides
+    api["7"].inputs.scheduler = "exotic";
+    api["7"]._meta = { title: "my sampler" };
+    api["10"] = { class_type: "Empty", inputs: { pick: "anything" } };   // nothing to switch to
+    api["11"] = { class_type: "Numbered", inputs: { multiple_of: 8 } };   // 8 is "8" to the server
+    g.load(api);
+    const before = JSON.stringify(g.toKiln());
+    const subs = unavailableChoices(g);
+    eq(subs, [
+      { id: "1", type: "CheckpointLoaderSimple", label: "CheckpointLoaderSimple", input: "ckpt_name",
+        value: "v1-5-pruned-emaonly.safetensors", replacement: "tiny.safetensors" },
+      { id: "7", type: "KSampler", label: "my sampler", input: "scheduler", value: "exotic", replacement: "normal" },
+    ]);
+    eq(JSON.stringify(g.toKiln()), before, "finding changes nothing");
+    eq(unavailableChoices(g, ["7"]).map((s) => s.id), ["7"], "limited to the ids asked about");
+    eq(describeSubstitution(subs[0]),
+      "CheckpointLoaderSimple #1: ckpt_name 'v1-5-pruned-emaonly.safetensors' is not available here; using 'tiny.safetensors'");
+    // A linked input is never judged by its stale literal.
+    g.node("1").values.ckpt_name = "v1-5-pruned-emaonly.safetensors";
+    g.node("1").links.ckpt_name = ["2", 0];
+    eq(unavailableChoices(g, ["1"]), []);
+  }],
+  ["choices: the substitution is part of the load's undo step and is announced once", () => {
+    const g = img2img();
+    const h = new History(g);
+    const original = g.snapshot();
+    const api = JSON.parse(JSON.stringify(IMG2IMG_API));
+    api["1"].inputs.ckpt_name = "elsewhere.safetensors";
+    api["2"].inputs.text = "another workflow";
+    g.load(api);
+    const events = [];
+    g.addEventListener("change", (e) => events.push(e.detail));
+    const subs = unavailableChoices(g);
+    applySubstitutions(g, subs);
+    ok(h.commit(), "the load and its substitution are recorded");
+    eq(events, [{ kind: "value", ids: ["1"] }]);
+    eq(g.toKiln().nodes["1"].inputs.ckpt_name, "tiny.safetensors");
+    eq(unavailableChoices(g), [], "nothing left to substitute");
+    ok(h.undo() && g.snapshot() === original, "one undo returns to the graph before the load");
+    ok(!h.canUndo);
+    ok(h.redo() && g.toKiln().nodes["1"].inputs.ckpt_name === "tiny.safetensors");
   }],
 ];

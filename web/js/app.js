@@ -13,6 +13,7 @@ import { Runner } from "./runner.js";
 import { Files, normalizeDocument } from "./files.js";
 import { Dialogs } from "./dialog.js";
 import { Gallery } from "./gallery.js";
+import { unavailableChoices, applySubstitutions, describeSubstitution } from "./choices.js";
 
 const STARTER = "img2img.json";
 
@@ -63,6 +64,7 @@ export class App {
       api: this.api, graph: this.graph, view: this.view, dialog: this.dialogs,
       onCommit: () => this.commit(), toast: (m, k) => this.toast(m, k),
       onLoaded: (name) => { this.$("#doc-name").textContent = name || "untitled"; },
+      adapt: (ids) => this.fixChoices(ids),
     });
     this.files.bindDrop(canvasEl);
     this.socket = new JobSocket(this.api.socketUrl(this.clientId));
@@ -96,6 +98,21 @@ export class App {
     this.history.reset();
     this.updateUndoButtons();
     this.doc.body.classList.add("ready");
+  }
+
+  /**
+   * Switch loaded values this server does not offer (another machine's checkpoint)
+   * to its first choice, mark each widget and say so; the caller's undo step
+   * includes the change, so the load is still one step and nothing looks edited.
+   */
+  fixChoices(ids = null) {
+    const subs = unavailableChoices(this.graph, ids);
+    if (!subs.length) return subs;
+    applySubstitutions(this.graph, subs);
+    for (const s of subs) this.view.noteSubstitution(s);
+    this.dialogs.notice(subs.length === 1 ? "A value this server does not have was replaced"
+      : `${subs.length} values this server does not have were replaced`, subs.map(describeSubstitution));
+    return subs;
   }
 
   // -- toolbar ------------------------------------------------------------------
@@ -230,6 +247,7 @@ export class App {
       } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
     }
     const ids = this.graph.paste(doc, this.view.toWorld(...this.view.lastPointer));
+    this.fixChoices(ids);
     this.view.select(ids);
     this.commit();
     return ids;

@@ -18,6 +18,27 @@ export class Dialogs {
     setTimeout(() => t.remove(), kind === "error" ? ms * 2 : ms);
   }
 
+  /** A warning that stays until dismissed (or a minute): it says what the editor changed for the user. */
+  notice(title, lines, ms = 60000) {
+    const t = document.createElement("div");
+    t.className = "toast warn notice";
+    t.setAttribute("role", "alert");
+    const body = document.createElement("div");
+    const head = document.createElement("strong");
+    head.textContent = title;
+    const list = document.createElement("ul");
+    list.append(...lines.map((line) => { const li = document.createElement("li"); li.textContent = line; return li; }));
+    body.append(head, list);
+    const close = document.createElement("button");
+    close.type = "button"; close.className = "notice-close"; close.textContent = "\u00D7";
+    close.setAttribute("aria-label", "dismiss");
+    close.addEventListener("click", () => t.remove());
+    t.append(body, close);
+    this.toasts.append(t);
+    setTimeout(() => t.remove(), ms);
+    return t;
+  }
+
   modal(title) {
     const back = document.createElement("div");
     back.className = "modal-back";

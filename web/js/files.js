@@ -16,7 +16,12 @@ function isImage(file) {
 }
 
 export class Files {
-  /** @param {{api:any, graph:any, view:any, onLoaded(name:string|null):void, onCommit():void, toast(m:string,k?:string):void, dialog:any}} o */
+  /**
+   * `adapt(ids)` runs on freshly loaded (ids null) or pasted nodes before the undo
+   * step is recorded, so what it changes is part of the load (app.js: choices).
+   * @param {{api:any, graph:any, view:any, onLoaded(name:string|null):void, onCommit():void, toast(m:string,k?:string):void,
+   *   dialog:any, adapt?(ids:string[]|null):void}} o
+   */
   constructor(o) {
     Object.assign(this, o);
     this.name = null; // library name of the open workflow
@@ -27,6 +32,8 @@ export class Files {
     const info = this.graph.load(normalizeDocument(doc, this.graph.defs));
     this.name = name;
     this.view.status.clear();
+    this.view.notes.clear();
+    this.adapt?.(null);
     this.view.rebuild();
     this.view.fit();
     this.onCommit();
@@ -94,7 +101,9 @@ export class Files {
     catch { this.toast(`${file.name} is neither JSON nor an image`, "error"); return null; }
     if (Graph.isClipboard(doc)) {
       const at = clientPos ? this.view.toWorld(...clientPos) : null;
-      this.view.select(this.graph.paste(doc, at));
+      const ids = this.graph.paste(doc, at);
+      this.adapt?.(ids);
+      this.view.select(ids);
       this.onCommit();
       return "paste";
     }

@@ -26,7 +26,8 @@ export class NodeView {
   /**
    * @param {import("./graph.js").Graph} graph
    * @param {string} id
-   * @param {{onValue(id,name,value,final), onControl(id,name,mode), onUpload(id,name,file), imageUrl(name):string}} hooks
+   * @param {{onValue(id,name,value,final), onControl(id,name,mode), onUpload(id,name,file), imageUrl(name):string,
+   *   notes?(id):Object<string,{value:string,replacement:string}>}} hooks
    */
   constructor(graph, id, hooks) {
     this.graph = graph; this.id = id; this.hooks = hooks;
@@ -94,7 +95,7 @@ export class NodeView {
         this.widgets.set(`${name}:control`, c);
       }
       if (d.imageUpload) row.append(this.uploadControls(name));
-      row.append(div("row-error"));
+      row.append(div("row-error"), div("row-note"));
       row.classList.toggle("linked", linked);
       this.widgets.set(name, w);
       this.rows.set(name, row);
@@ -137,6 +138,16 @@ export class NodeView {
       if (row.classList.contains("widget-row")) row.classList.toggle("linked", !!n.links[name]);
     }
     for (const s of this.el.querySelectorAll(".socket.in")) s.classList.toggle("connected", !!n.links[s.dataset.input]);
+    // A value the editor substituted on load stays marked while it is still in place.
+    const notes = this.hooks.notes?.(this.id) || {};
+    for (const [name, row] of this.rows) {
+      const note = row.querySelector(".row-note");
+      if (!note) continue;
+      const s = notes[name];
+      const on = !!s && s.type === n.type && !n.links[name] && n.values[name] === s.replacement;
+      row.classList.toggle("substituted", on);
+      note.textContent = on ? `'${s.value}' is not available; using '${s.replacement}'` : "";
+    }
     for (const [key, w] of this.widgets) {
       if (key.endsWith(":control")) w.set(n.ui.controls?.[key.slice(0, -8)]);
       else if (!n.links[key]) {

@@ -26,6 +26,7 @@ export class CanvasView {
     this.views = new Map();
     this.selected = new Set();
     this.status = new Map(); // node id -> run status, survives rebuilds (undo)
+    this.notes = new Map();  // node id -> {input: substitution made on load}, shown on the widget
     this.world = document.createElement("div");
     this.world.className = "world";
     this.svg = document.createElementNS(SVG, "svg");
@@ -111,6 +112,7 @@ export class CanvasView {
       onControl: (id, name, mode) => { this.graph.setControl(id, name, mode); this.hooks.onCommit(); },
       onUpload: (id, name, file) => this.hooks.onUpload(id, name, file),
       imageUrl: (name) => this.hooks.imageUrl(name),
+      notes: (id) => this.notes.get(id),
     };
   }
 
@@ -186,6 +188,12 @@ export class CanvasView {
     const s = { ...(this.status.get(id) || {}), ...status };
     this.status.set(id, s);
     this.views.get(id)?.applyStatus(s);
+  }
+
+  /** Mark a widget whose value the editor substituted on load (see choices.js). */
+  noteSubstitution(s) {
+    this.notes.set(s.id, { ...(this.notes.get(s.id) || {}), [s.input]: s });
+    this.views.get(s.id)?.update();
   }
 
   clearStatus(keepImages = true) {
