@@ -19,11 +19,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Chromium for the editor's browser tests (Debian's package; Playwright never downloads one).
+# Browsers for the editor's tests: Debian's chromium (Playwright never downloads one) and
+# firefox-esr (driven over WebDriver BiDi). Installed when missing and we are root.
 browser:
-	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-	  else echo "install Debian's chromium package for the browser tests"; fi; }
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	  command -v firefox-esr >/dev/null || command -v firefox >/dev/null || missing="$$missing firefox-esr"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } \
+	      || echo "could not install $$missing; the browser tests that need it will say so"; \
+	    else echo "install Debian's $$missing package(s) for the browser tests"; fi; fi
 
 # Runs workflows/img2img.json headless on the sample image with the first checkpoint in
 # models/checkpoints/ (a random-weight demo one when there is none; it says so).

@@ -9,97 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image, PngImagePlugin
 
-from browser_support import REPO, VIEWPORT, launch_browser
-from server_helpers import free_port
+from browser_support import DEMO_CKPT, REPO, TINY_CKPT, VIEWPORT, Server, http_json, launch_browser, tiny_img2img
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-TINY_CKPT = "tiny-sd1.safetensors"
-DEMO_CKPT = "kiln-demo-random-weights.safetensors"  # what nodes/demo.py puts in a fresh models folder
 RUN_TIMEOUT_MS = 90_000
-
-
-# -- the server --------------------------------------------------------------------------------
-
-def tiny_img2img(title: str = "Image to image", strength: float = 0.6) -> dict[str, Any]:
-    """The repository's img2img.json, shrunk to the tiny model: 64 px, 3 steps."""
-    doc = json.loads((REPO / "workflows" / "img2img.json").read_text())
-    doc["title"] = title
-    for node in doc["nodes"].values():
-        inputs = node["inputs"]
-        if node["type"] in ("CheckpointLoaderSimple", "CheckpointLoader"):
-            inputs["ckpt_name"] = TINY_CKPT
-        if node["type"] == "ImageResize":
-            inputs["width"] = inputs["height"] = 64
-        if node["type"] == "KSampler":
-            inputs.update(steps=3, sampler_name="euler", scheduler="normal")
-        if node["type"] == "AddNoise":
-            inputs["strength"] = strength
-    return doc
-
-
-def http_json(base: str, method: str, path: str, body: Any = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
-
-
-class Server:
-    def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None) -> None:
-        self.root, self.data, self.workflows = root, root / "data", root / "workflows"
-        (self.data / "input").mkdir(parents=True)
-        self.workflows.mkdir()
-        gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
-        gradient.save(self.data / "input" / "sample.png")
-        (self.data / "input" / "broken.png").write_bytes(b"not a png at all")  # fails only when loaded
-        if workflows is None:
-            workflows = {"img2img.json": json.dumps(tiny_img2img(), indent=1),
-                         "strong.json": json.dumps(tiny_img2img("Strong repaint", 0.9), indent=1)}
-        for name, text in workflows.items():
-            (self.workflows / name).write_text(text)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
-        self.log = open(root / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows)],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/api/nodes", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"kiln serve did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

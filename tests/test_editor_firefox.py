@@ -1,0 +1,143 @@
+"""The editor in Firefox: Debian's firefox-esr, driven over WebDriver BiDi.
+
+Playwright drives only its own patched Firefox, which cannot be downloaded here,
+so this test speaks the W3C WebDriver BiDi protocol that Firefox serves itself
+(``--remote-debugging-port``) over an aiohttp websocket. It loads the page from a
+real ``kiln serve``, checks that every node of the start-up workflow is drawn,
+clicks Run with a real pointer action and waits for the image on SaveImage, with
+no console error or uncaught exception on the way. The Chromium tests cover the
+editing gestures; this one proves the same modules load and run in Firefox.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from browser_support import Server
+from server_helpers import free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+FIREFOX = shutil.which("firefox-esr") or shutil.which("firefox")
+if FIREFOX is None:  # `make browser` installs it where it can (root with apt)
+    pytest.skip("Firefox is not installed (apt-get install firefox-esr)", allow_module_level=True)
+
+
+class BiDi:
+    """The few WebDriver BiDi commands this test needs, and the log events."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws, self.ids, self.log = ws, itertools.count(1), []
+        self.pending: dict[int, asyncio.Future] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data and data["id"] in self.pending:
+                self.pending.pop(data["id"]).set_result(data)
+            elif data.get("method") == "log.entryAdded":
+                self.log.append(data["params"])
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        command_id = next(self.ids)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[command_id] = future
+        await self.ws.send_str(json.dumps({"id": command_id, "method": method, "params": params}))
+        reply = await asyncio.wait_for(future, 60)
+        if reply.get("type") == "error":
+            raise AssertionError(f"{method}: {reply.get('error')}: {reply.get('message')}")
+        return reply["result"]
+
+    async def evaluate(self, context: str, expression: str) -> Any:
+        result = await self.send("script.evaluate", expression=expression, target={"context": context},
+                                 awaitPromise=True, resultOwnership="none")
+        if result["type"] == "exception":
+            raise AssertionError(f"{expression}: {result['exceptionDetails'].get('text')}")
+        return json.loads(result["result"]["value"]) if result["result"].get("type") == "string" else None
+
+    async def wait_for(self, context: str, expression: str, timeout: float = 90) -> Any:
+        """Poll a JSON-returning expression until it is truthy."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            value = await self.evaluate(context, f"JSON.stringify({expression})")
+            if value:
+                return value
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {expression}")
+            await asyncio.sleep(0.2)
+
+
+async def drive(firefox_port: int, url: str, screenshot: Path) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(150):  # Firefox takes a few seconds to open its remote agent
+            try:
+                ws = await session.ws_connect(f"ws://127.0.0.1:{firefox_port}/session", max_msg_size=0)
+                break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("Firefox's WebDriver BiDi endpoint did not open")
+        bidi = BiDi(ws)
+        await bidi.send("session.new", capabilities={})
+        await bidi.send("session.subscribe", events=["log.entryAdded"])
+        context = (await bidi.send("browsingContext.getTree"))["contexts"][0]["context"]
+        await bidi.send("browsingContext.setViewport", context=context, viewport={"width": 1280, "height": 800})
+        await bidi.send("browsingContext.navigate", context=context, url=url, wait="complete")
+        nodes = await bidi.wait_for(context, "window.kiln && document.querySelectorAll('.node').length")
+        types = await bidi.evaluate(
+            context, "JSON.stringify(Object.values(window.kiln.toKiln().nodes).map(n => n.type).sort())")
+        box = await bidi.evaluate(
+            context, "JSON.stringify((r => [r.x + r.width / 2, r.y + r.height / 2])"
+                     "(document.querySelector('#run').getBoundingClientRect()))")
+        await bidi.send("input.performActions", context=context, actions=[{
+            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [{"type": "pointerMove", "x": int(box[0]), "y": int(box[1])},
+                        {"type": "pointerDown", "button": 0}, {"type": "pointerUp", "button": 0}]}])
+        width = await bidi.wait_for(
+            context, "(img => img && img.complete && img.naturalWidth)"
+                     "([...document.querySelectorAll('.node .node-media img.output')][0])")
+        shot = await bidi.send("browsingContext.captureScreenshot", context=context)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        await bidi.send("session.end")
+        bidi.reader.cancel()
+        await ws.close()
+        return {"nodes": nodes, "types": types, "image_width": width, "log": bidi.log}
+
+
+def test_editor_loads_and_runs_in_firefox(tmp_path, tiny_models_dir):
+    server = Server(tmp_path / "server", tiny_models_dir)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "user.js").write_text('user_pref("remote.active-protocols", 1);\n'
+                                     'user_pref("browser.shell.checkDefaultBrowser", false);\n')
+    port = free_port()
+    firefox = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
+                                f"--remote-debugging-port={port}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        result = asyncio.run(drive(port, server.url + "/", tmp_path / "firefox-run.png"))
+    finally:
+        firefox.terminate()
+        try:
+            firefox.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            firefox.kill()
+        server.stop()
+    print(f"screenshot: {tmp_path / 'firefox-run.png'}")
+    expected = sorted(n["type"] for n in json.loads((server.workflows / "img2img.json").read_text())["nodes"].values())
+    assert result["types"] == expected and result["nodes"] == len(expected)
+    assert result["image_width"] == 64  # the tiny workflow's output, shown on SaveImage
+    problems = [e for e in result["log"] if e.get("level") == "error"]
+    assert problems == [], problems
+    assert (tmp_path / "firefox-run.png").stat().st_size > 1000
