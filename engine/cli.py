@@ -65,10 +65,9 @@ def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_o
     settings = Settings(allow_absolute_paths=True, allow_url_images=True)
     env = Environment(paths=paths, settings=settings)
     if with_models:
+        # Constructing the manager is cheap; finding the best device imports torch,
+        # which cmd_run pays only once the workflow is known to be valid.
         env.models = ModelManager(device=args.device)
-        device = getattr(env.models, "device", None) or args.device
-        if device:
-            env.device = str(device)
     return env
 
 
@@ -211,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wf, plan, params = _prepare(args, env, registry)
         except UsageProblem as exc:
             return _report_invalid(exc.errors, args.json)
+        env.device = env.models.device
 
         def locate(image: dict[str, Any]) -> Path | None:
             root = {"output": env.paths.output, "temp": env.paths.temp, "input": env.paths.input}.get(image.get("type"))

@@ -134,3 +134,13 @@ def test_ctrl_c_interrupts_with_exit_130(project: Path):
     kinds = [json.loads(line)["type"] for line in out.splitlines()]
     assert kinds[-1] == "job_interrupted"
     assert not (project / "output").exists() or not any((project / "output").iterdir())
+
+
+def test_an_invalid_run_is_reported_before_torch_is_imported(project: Path):
+    """A script's typo costs a fraction of a second: the device (which needs torch) is found only for a valid job."""
+    code = ("import sys; from engine.cli import main; "
+            "rc = main(['run', 'resize.json', '--set', 'width=abc']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
