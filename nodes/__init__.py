@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import importlib
 
-#: One module per family; a module missing here is simply not registered yet.
+#: One module per family. Every one must import: a typo here or a deleted module
+#: fails registration loudly instead of silently dropping a family's nodes.
 FAMILIES = ("image", "latent", "sampling", "loaders", "text", "vae", "grid")
 
 
 def register(registry) -> None:
     for family in FAMILIES:
-        try:
-            module = importlib.import_module(f"nodes.{family}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"nodes.{family}":
-                continue
-            raise
-        registry.add_module(module)
+        registry.add_module(importlib.import_module(f"nodes.{family}"))

@@ -367,3 +367,31 @@ def test_image_grid_without_labels_has_no_band(registry, env):
     outcome = run(registry, env, doc)
     grid = outcome.results["2"][0]
     assert tuple(grid.shape) == (1, 16 + 2 * 2, 2 * 16 + 3 * 2, 3)
+
+
+def test_every_node_family_registers_and_a_missing_one_fails(monkeypatch):
+    """FAMILIES names exactly the modules that define nodes, and a wrong name is an error.
+
+    A typo in FAMILIES (or a deleted family module) used to be skipped silently,
+    so a whole family of nodes could vanish from the editor without a word.
+    """
+    import importlib
+    import pkgutil
+
+    import nodes
+    from engine.node import NodeSpec
+
+    defining = set()
+    for info in pkgutil.iter_modules(nodes.__path__):
+        module = importlib.import_module(f"nodes.{info.name}")
+        if any(isinstance(v, NodeSpec) for v in vars(module).values()):
+            defining.add(info.name)
+    assert set(nodes.FAMILIES) == defining
+
+    registry = Registry()
+    nodes.register(registry)
+    assert {"LoadImage", "VAEEncode", "KSampler", "CheckpointLoaderSimple", "CLIPTextEncode"} <= set(registry.names())
+
+    monkeypatch.setattr(nodes, "FAMILIES", (*nodes.FAMILIES, "imgae"))
+    with pytest.raises(ModuleNotFoundError, match="nodes.imgae"):
+        nodes.register(Registry())
