@@ -91,8 +91,8 @@ def _parse_value(raw: str, input_type: str | None) -> Any:
 
 
 def _apply_sets(wf: Workflow, registry: Registry, sets: Sequence[str],
-                image: str | None) -> tuple[Workflow, dict, list[dict[str, Any]]]:
-    """The workflow with the valid --set / --image values applied, their targets, and the problems.
+                image: str | None) -> tuple[Workflow, list[str], list[dict[str, Any]]]:
+    """The workflow with the valid --set / --image values applied, their names, and the problems.
 
     Bad names do not stop the others from being applied, so validation can then
     report every problem of the command line and the workflow together.
@@ -112,7 +112,6 @@ def _apply_sets(wf: Workflow, registry: Registry, sets: Sequence[str],
             problems.append(_problem("invalid_parameter", "--image given but the workflow has no LoadImage node"))
         else:
             raw.setdefault(f"{loaders[0].id}.image", image)
-    targets: dict[str, tuple[str, str]] = {}
     values: dict[str, Any] = {}
     known = ", ".join(sorted(wf.params)) or "none declared"
     for name, value in raw.items():
@@ -132,9 +131,8 @@ def _apply_sets(wf: Workflow, registry: Registry, sets: Sequence[str],
                                      f"(its inputs: {names})", node_id=node.id, node_type=spec.type,
                 input_name=target[1]))
             continue
-        targets[name] = target
         values[name] = _parse_value(value, inp.type if inp else None)
-    return wf.with_overrides(values), targets, problems
+    return wf.with_overrides(values), list(values), problems
 
 
 def _id_key(node_id: str) -> tuple:
@@ -177,7 +175,7 @@ def _report_invalid(errors: list[dict[str, Any]], as_json: bool) -> int:
 def _prepare(args: argparse.Namespace, env: Environment, registry: Registry) -> tuple[Workflow, Any, dict]:
     """Load, apply --set, validate; raises UsageProblem carrying every problem found."""
     wf = _load(args.workflow)
-    wf, targets, problems = _apply_sets(wf, registry, args.set or [], getattr(args, "image", None))
+    wf, names, problems = _apply_sets(wf, registry, args.set or [], getattr(args, "image", None))
     from engine.executor import Executor
 
     try:
@@ -186,15 +184,8 @@ def _prepare(args: argparse.Namespace, env: Environment, registry: Registry) -> 
         raise UsageProblem(problems + [e.to_dict() for e in exc.errors]) from None
     if problems:
         raise UsageProblem(problems)
-    # Store the coerced values so the workflow embedded in outputs is typed ("0.5" -> 0.5).
-    params = {}
-    for name, first in targets.items():
-        for node_id, input_name in wf.param_fanout.get(name) or [first]:
-            if node_id in plan.nodes and input_name in plan.nodes[node_id].literals:
-                value = plan.nodes[node_id].literals[input_name]
-                wf.nodes[node_id].inputs[input_name] = value
-                params.setdefault(name, value)
-    return wf, plan, params
+    # The workflow embedded in outputs carries typed values ("0.5" -> 0.5).
+    return wf, plan, plan.record_params(names)
 
 
 # -- commands --------------------------------------------------------------------------

@@ -87,6 +87,21 @@ class Plan:
     order: list[str]
     outputs: list[str]
 
+    def record_params(self, names: Iterable[str]) -> dict[str, Any]:
+        """Write the validated values of parameters ``names`` back into the workflow; name -> value.
+
+        A value set from a command line or a form arrives as text ("0.5"); history
+        and saved PNGs should carry what the node received (0.5).
+        """
+        applied: dict[str, Any] = {}
+        for name in names:
+            for node_id, input_name in self.workflow.param_targets(name):
+                node = self.nodes.get(node_id)
+                if node is not None and input_name in node.literals:
+                    self.workflow.nodes[node_id].inputs[input_name] = node.literals[input_name]
+                    applied.setdefault(name, node.literals[input_name])
+        return applied
+
 
 def _coerce(inp: Input, value: Any) -> tuple[Any, str | None]:
     """ComfyUI-style coercion; returns (value, error message or None)."""

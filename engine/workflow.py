@@ -91,6 +91,13 @@ class Workflow:
             return node_id, input_name
         return None
 
+    def param_targets(self, name: str) -> list[tuple[str, str]]:
+        """Every (node id, input) that parameter ``name`` sets; empty if it names nothing."""
+        if name in self.param_fanout:
+            return list(self.param_fanout[name])
+        target = self.resolve_param(name)
+        return [target] if target else []
+
     def with_overrides(self, values: Mapping[str, Any]) -> "Workflow":
         """A copy with literal inputs replaced; unknown names raise with all of them listed."""
         unknown = [name for name in values if self.resolve_param(name) is None]
@@ -101,7 +108,7 @@ class Workflow:
             )
         new = copy.deepcopy(self)
         for name, value in values.items():
-            for node_id, input_name in new.param_fanout.get(name) or [new.resolve_param(name)]:  # type: ignore[list-item]
+            for node_id, input_name in new.param_targets(name):
                 new.nodes[node_id].inputs[input_name] = copy.deepcopy(value)
         return new
 

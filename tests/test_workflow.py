@@ -174,3 +174,15 @@ def test_one_parameter_may_set_several_inputs():
     assert changed.nodes["1"].inputs["value"] == 9 and changed.nodes["2"].inputs["b"] == 9
     assert changed.to_kiln()["params"] == {"v": ["1.value", "2.b"], "sep": "7.sep"}
     assert parse(dict(KILN, params={"v": ["1.value", "nope.x"]})).problems
+
+
+def test_validated_parameter_values_are_recorded_typed_at_every_target():
+    """"9" from a command line or form is stored as 9.0 in both inputs a fanned-out parameter sets."""
+    wf = parse(dict(KILN, params={"v": ["1.value", "2.b"], "sep": "7.sep"}))
+    assert wf.param_targets("v") == [("1", "value"), ("2", "b")]
+    assert wf.param_targets("7.b") == [("7", "b")] and wf.param_targets("nope") == []
+    plan = validate(wf.with_overrides({"v": "9", "7.b": "y"}), stubs.make_registry())
+    assert plan.record_params(["v", "7.b"]) == {"v": 9.0, "7.b": "y"}
+    inputs = plan.workflow.to_kiln()["nodes"]
+    assert inputs["1"]["inputs"]["value"] == 9.0 and inputs["2"]["inputs"]["b"] == 9.0
+    assert isinstance(inputs["2"]["inputs"]["b"], float)
