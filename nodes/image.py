@@ -94,8 +94,12 @@ def load_image(ctx, image: str, background: str = "white"):
 
 # -- ImageResize -----------------------------------------------------------------------
 
-def _round_to(value: int, multiple: int) -> int:
-    return max(multiple, int(value / multiple + 0.5) * multiple)
+def round_to_multiple(value: int, multiple: int) -> int:
+    """The nearest multiple of ``multiple`` (halves round up), at least one multiple.
+
+    The one rounding rule for sizes: ImageResize and VAEEncode's ``resize`` both use it.
+    """
+    return max(multiple, (int(value) + multiple // 2) // multiple * multiple)
 
 
 def _parse_colour(text: str) -> tuple[float, float, float] | None:
@@ -116,7 +120,8 @@ def _resize_validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[
     return []
 
 
-def _interpolate(image: Any, height: int, width: int) -> Any:
+def resize_pixels(image: Any, height: int, width: int) -> Any:
+    """Bicubic, antialiased resize of an IMAGE to exactly height x width (VAEEncode's too)."""
     import torch.nn.functional as F
 
     if image.shape[1] == height and image.shape[2] == width:
@@ -134,7 +139,7 @@ def target_size(src_w: int, src_h: int, width: int, height: int, multiple: int) 
         width = max(1, round(src_w * height / src_h))
     elif height == 0:
         height = max(1, round(src_h * width / src_w))
-    return width, height, _round_to(width, multiple), _round_to(height, multiple)
+    return width, height, round_to_multiple(width, multiple), round_to_multiple(height, multiple)
 
 
 @define_node(
@@ -170,17 +175,17 @@ def image_resize(ctx, image, width: int, height: int, mode: str, multiple_of: st
     src_h, src_w = int(image.shape[1]), int(image.shape[2])
     want_w, want_h, out_w, out_h = target_size(src_w, src_h, width, height, multiple)
     if mode == "stretch":
-        result = _interpolate(image, out_h, out_w)
+        result = resize_pixels(image, out_h, out_w)
     elif mode == "crop":
         scale = max(out_w / src_w, out_h / src_h)
         sw, sh = max(out_w, round(src_w * scale)), max(out_h, round(src_h * scale))
-        scaled = _interpolate(image, sh, sw)
+        scaled = resize_pixels(image, sh, sw)
         top, left = (sh - out_h) // 2, (sw - out_w) // 2
         result = scaled[:, top:top + out_h, left:left + out_w, :].contiguous()
     elif mode == "pad":
         scale = min(out_w / src_w, out_h / src_h)
         sw, sh = min(out_w, max(1, round(src_w * scale))), min(out_h, max(1, round(src_h * scale)))
-        scaled = _interpolate(image, sh, sw)
+        scaled = resize_pixels(image, sh, sw)
         colour = _parse_colour(pad_color)
         if colour is None:
             raise NodeError(f"'{pad_color}' is not a colour; write it as #rrggbb", "pad_color")

@@ -13,16 +13,15 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, Result, define_node
 from nodes.handles import VaeHandle
+from nodes.image import resize_pixels, round_to_multiple
 
 SIZE_RULES = ["resize", "reject", "crop"]
 MIN_SIDE = 8
 
 
 def target_size(height: int, width: int, multiple: int = 8) -> tuple[int, int]:
-    """The nearest multiple of ``multiple`` for each side (halves round up), at least one multiple."""
-    def near(n: int) -> int:
-        return max(multiple, ((n + multiple // 2) // multiple) * multiple)
-    return near(height), near(width)
+    """The nearest multiple of ``multiple`` for each side (ImageResize's rounding rule)."""
+    return round_to_multiple(height, multiple), round_to_multiple(width, multiple)
 
 
 def _check_vae(vae: Any) -> VaeHandle:
@@ -33,8 +32,6 @@ def _check_vae(vae: Any) -> VaeHandle:
 
 def fit_to_multiple(pixels: Any, multiple: int, rule: str) -> tuple[Any, str]:
     """Apply ``rule`` to an IMAGE whose sides are not multiples; returns (image, what was done)."""
-    import torch
-
     _, h, w, _ = pixels.shape
     if h % multiple == 0 and w % multiple == 0:
         return pixels, ""
@@ -46,9 +43,7 @@ def fit_to_multiple(pixels: Any, multiple: int, rule: str) -> tuple[Any, str]:
         top, left = (h - nh) // 2, (w - nw) // 2
         return pixels[:, top:top + nh, left:left + nw, :], f"cropped {w}x{h} to {nw}x{nh} (centre)"
     nh, nw = target_size(h, w, multiple)
-    x = pixels.permute(0, 3, 1, 2)
-    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-    return x.clamp(0, 1).permute(0, 2, 3, 1).contiguous(), f"resized {w}x{h} to {nw}x{nh} (nearest multiple of {multiple})"
+    return resize_pixels(pixels, nh, nw), f"resized {w}x{h} to {nw}x{nh} (nearest multiple of {multiple})"
 
 
 @define_node(
