@@ -29,7 +29,7 @@ from engine.context import Environment, JobInfo, Paths, Settings, default_data_d
 from engine.models import ModelManager
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
-from engine.validate import WorkflowInvalid
+from engine.validate import WorkflowInvalid, validate
 from engine.workflow import Workflow, WorkflowFormatError
 from engine.workflow import load as load_workflow
 
@@ -176,10 +176,8 @@ def _prepare(args: argparse.Namespace, env: Environment, registry: Registry) -> 
     """Load, apply --set, validate; raises UsageProblem carrying every problem found."""
     wf = _load(args.workflow)
     wf, names, problems = _apply_sets(wf, registry, args.set or [], getattr(args, "image", None))
-    from engine.executor import Executor
-
     try:
-        plan = Executor(registry, env).plan(wf)
+        plan = validate(wf, registry, env)
     except WorkflowInvalid as exc:
         raise UsageProblem(problems + [e.to_dict() for e in exc.errors]) from None
     if problems:
