@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from nodes.loaders import model_names
 from nodes.sample_image import ensure_sample
 
 DEMO_NAME = "kiln-demo-random-weights.safetensors"
@@ -28,16 +29,6 @@ NOISE_WARNING = f"""\
 *** that the pipeline runs. For real images put a Stable Diffusion 1.x, 2.x or
 *** SDXL .safetensors file (or a diffusers folder) in {{folder}}.
 """
-
-
-def checkpoints(folder: Path) -> list[str]:
-    """Checkpoint names as the loader lists them: .safetensors files and diffusers folders."""
-    if not folder.is_dir():
-        return []
-    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
-             if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    names += [p.parent.relative_to(folder).as_posix() for p in folder.rglob("model_index.json")]
-    return sorted(set(names))
 
 
 def build_demo_checkpoint(path: Path) -> Path:
@@ -60,7 +51,7 @@ def build_demo_checkpoint(path: Path) -> Path:
 def choose_checkpoint(models: Path) -> tuple[str, bool]:
     """(name inside checkpoints/, is_demo): the first real checkpoint, else the demo one."""
     folder = models / "checkpoints"
-    real = [n for n in checkpoints(folder) if Path(n).name != DEMO_NAME]
+    real = [n for n in model_names(folder, "model_index.json") if Path(n).name != DEMO_NAME]
     if real:
         return real[0], False
     if not (folder / DEMO_NAME).exists():

@@ -43,7 +43,11 @@ def list_models(env: Environment | None, folder: str, diffusers_marker: str) -> 
     """Model files under ``<models>/<folder>`` and diffusers folders (holding ``diffusers_marker``)."""
     if env is None:
         return []
-    root = Path(env.paths.models.root) / folder
+    return model_names(Path(env.paths.models.root) / folder, diffusers_marker)
+
+
+def model_names(root: Path, diffusers_marker: str) -> list[str]:
+    """The names a loader accepts for the models in ``root`` (sorted; none if it is missing)."""
     names: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)

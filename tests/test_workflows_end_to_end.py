@@ -158,3 +158,12 @@ def test_demo_prefers_a_real_checkpoint(tmp_path, tiny_models_dir):
     (models / "checkpoints" / "mine.safetensors").symlink_to(tiny_models_dir / "checkpoints" / "tiny-sd1.safetensors")
     assert choose_checkpoint(models) == ("mine.safetensors", False)
     assert not (models / "checkpoints" / "kiln-demo-random-weights.safetensors").exists()
+    # The demo picks among exactly the names CheckpointLoader offers (one listing, not two).
+    from engine.context import Environment, Paths
+    from nodes.loaders import checkpoint_loader
+
+    (models / "checkpoints" / "a-first.ckpt").symlink_to(models / "checkpoints" / "mine.safetensors")
+    env = Environment(paths=Paths.under(tmp_path / "data", models=models))
+    offered = checkpoint_loader.inputs[0].choice_list(env)
+    assert offered == ["a-first.ckpt", "mine.safetensors"]
+    assert choose_checkpoint(models) == (offered[0], False)
