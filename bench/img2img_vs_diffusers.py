@@ -33,34 +33,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(REPO))
 
-SD15_UNET = dict(attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), in_channels=4,
-                 layers_per_block=2, norm_num_groups=32, out_channels=4, sample_size=64,
+# SD 1.5's widths and depths; what every SD1 model shares comes from nodes/checkpoint/families.py.
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, in_channels=4, out_channels=4,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), layers_per_block=2,
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-SD15_TE = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-               num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-               bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_TE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               projection_dim=768)
 PROMPT, NEGATIVE = "a watercolor painting of a lake at sunset", "blurry"
 
 
 def full_size_components() -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusers import PNDMScheduler
-
-    from nodes.checkpoint import families
+    from nodes.checkpoint import families as fam
     from nodes.checkpoint.tokenizer import PAD_EOS, clip_tokenizer
 
     torch.manual_seed(0)
-    return {"unet": UNet2DConditionModel(**SD15_UNET).eval(), "vae": AutoencoderKL(**SD_VAE).eval(),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TE)).eval(),
-            "tokenizer": clip_tokenizer(PAD_EOS),
-            "scheduler": PNDMScheduler.from_config(families.scheduler_config("sd1"))}
+    unet = UNet2DConditionModel(**fam.unet_defaults("sd1"), **SD15_UNET, attention_head_dim=fam.SD1_UNET_HEADS)
+    text = CLIPTextConfig(**fam.text_config_defaults("openai"), **SD15_TE)
+    return {"unet": unet.eval(), "vae": AutoencoderKL(**fam.vae_defaults("sd1"), **SD_VAE).eval(),
+            "text_encoder": CLIPTextModel(text).eval(), "tokenizer": clip_tokenizer(PAD_EOS),
+            "scheduler": PNDMScheduler.from_config(fam.scheduler_config("sd1"))}
 
 
 def tiny_components() -> dict[str, Any]:
