@@ -1,0 +1,85 @@
+"""engine.models on its own: model identity (file_key) and placement on a real GPU.
+
+The loader tests (test_loaders.py) run the manager on the CPU with real
+checkpoints; what only a GPU exercises, moving modules on and off the device,
+pinning and LRU offload, is tested here with plain torch modules.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.models import ModelManager, file_key
+
+
+def _bump_mtime(path: Path, seconds: int = 5) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def test_a_diffusers_folder_is_a_new_model_when_any_component_changes(tmp_path: Path):
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    first = file_key(folder, "checkpoint")
+    assert file_key(folder, "checkpoint") == first
+    assert file_key(folder, "vae") != first  # the kind is part of the identity
+    (tmp_path / "link").symlink_to(folder)
+    assert file_key(tmp_path / "link", "checkpoint") == first  # one copy whatever the name
+
+    _bump_mtime(weights)  # a nested file touched: the folder's own mtime does not change
+    touched = file_key(folder, "checkpoint")
+    assert touched != first
+
+    st = weights.stat()
+    weights.write_bytes(b"\0" * 65)  # same mtime, different size
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_key(folder, "checkpoint") != touched
+
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_the_best_device_is_cuda_in_half_precision():
+    import torch
+
+    manager = ModelManager()
+    assert (manager.device, manager.is_gpu, manager.dtype) == ("cuda", True, torch.float16)
+
+
+@cuda
+def test_modules_in_use_stay_pinned_and_idle_ones_leave_least_recently_used_first():
+    import torch
+
+    mods = {name: torch.nn.Linear(256, 256) for name in "abc"}
+    size = sum(t.numel() * t.element_size() for t in mods["a"].parameters())
+    manager = ModelManager(device_budget_bytes=int(size * 2.5))
+    key = ("test", "abc", 0, 0)
+    load = lambda m: mods  # noqa: E731
+
+    with manager.use(key, "a", load) as a:
+        with manager.use(key, "b", load) as b:
+            assert a.weight.device.type == b.weight.device.type == "cuda"
+            with manager.use(key, "c", load) as c:  # over budget, but a and b are in use: nothing moves
+                assert {m.weight.device.type for m in (a, b, c)} == {"cuda"}
+    assert manager.counters["offloads"] == 0
+    assert manager.free() == 3 * size and all(m.weight.device.type == "cpu" for m in mods.values())
+
+    with manager.use(key, "a", load):
+        pass
+    with manager.use(key, "b", load):
+        pass
+    # a and b idle on the device (a used longer ago); c needs room for one more
+    with manager.use(key, "c", load) as c:
+        assert c.weight.device.type == "cuda"
+        assert mods["a"].weight.device.type == "cpu" and mods["b"].weight.device.type == "cuda"
+    out = c(torch.ones(1, 256, device="cuda"))  # the module left on the device still computes there
+    assert out.device.type == "cuda"
+    stats = manager.stats()
+    assert stats["entries"][0]["modules"]["b"]["device"].startswith("cuda")
+    assert stats["entries"][0]["modules"]["a"]["device"] == "cpu"
