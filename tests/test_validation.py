@@ -141,3 +141,47 @@ def test_custom_validation_hook_runs_with_environment(tmp_path):
     assert [(e.type, e.input_name) for e in errors] == [("custom_validation_failed", "name")]
     (env.paths.input.root / "a.png").write_bytes(b"x")
     assert validate(parse({"nodes": {"1": {"type": "NeedsFile", "inputs": {"name": "a.png"}}}}), registry, env)
+
+
+def test_choices_from_the_environment_and_open_choices(tmp_path):
+    """Folder-listed choices are read per environment; open choices leave the verdict to the node's hook."""
+    from engine.context import Environment
+    from engine.node import Input, define_node
+    from engine.registry import Registry
+
+    def files(env):
+        return sorted(p.name for p in env.paths.input.root.iterdir())
+
+    @define_node("PickFile", output_node=True, inputs=[Input("name", "COMBO", choices=files)])
+    def pick_file(ctx, name):
+        return None
+
+    @define_node("PickOrPath", output_node=True, inputs=[Input("name", "COMBO", choices=files, open_choices=True)],
+                 validate=lambda env, inputs: [] if inputs["name"].startswith(("/", "a"))
+                 else [("name", f"{inputs['name']!r} is neither listed nor a path")])
+    def pick_or_path(ctx, name):
+        return None
+
+    registry = Registry()
+    registry.add(pick_file)
+    registry.add(pick_or_path)
+    env = Environment.for_folder(tmp_path)
+    (env.paths.input.root / "a.png").write_bytes(b"x")
+
+    def doc(node_type, name):
+        return {"nodes": {"1": {"type": node_type, "inputs": {"name": name}}}}
+
+    assert registry.schemas(env)["PickFile"]["inputs"][0]["choices"] == ["a.png"]
+    assert "open_choices" not in registry.schemas(env)["PickFile"]["inputs"][0]
+    assert registry.schemas(env)["PickOrPath"]["inputs"][0]["open_choices"] is True
+    assert registry.object_info(env)["PickFile"]["input"]["required"]["name"] == [["a.png"]]
+    assert validate(parse(doc("PickFile", "a.png")), registry, env)
+    (env.paths.input.root / "b.png").write_bytes(b"x")  # listed at the next validation, no restart
+    assert validate(parse(doc("PickFile", "b.png")), registry, env)
+    errors = errors_of(doc("PickFile", "/tmp/c.png"), registry, env=env)
+    assert [(e.type, e.input_name) for e in errors] == [("value_not_in_list", "name")]
+    assert "a.png" in errors[0].message and "b.png" in errors[0].message
+
+    assert validate(parse(doc("PickOrPath", "/tmp/c.png")), registry, env)  # not listed, the hook accepts it
+    errors = errors_of(doc("PickOrPath", "c.png"), registry, env=env)
+    assert [(e.type, e.input_name) for e in errors] == [("custom_validation_failed", "name")]
