@@ -48,7 +48,7 @@ def from_comfy_ui(doc: Mapping[str, Any], registry: Registry) -> Workflow:
     raw_nodes = {str(n.get("id")): n for n in doc["nodes"] if isinstance(n, dict)}
     links = _links_table(doc)
 
-    def source_of(node: Mapping[str, Any], slot_input: Mapping[str, Any]) -> Link | None:
+    def source_of(slot_input: Mapping[str, Any]) -> Link | None:
         link_id = slot_input.get("link")
         if link_id is None or int(link_id) not in links:
             return None
@@ -90,7 +90,7 @@ def from_comfy_ui(doc: Mapping[str, Any], registry: Registry) -> Workflow:
         for name, value in values.items():
             node.inputs[name] = value
         for name, slot_input in slot_inputs.items():
-            link = source_of(raw, slot_input)
+            link = source_of(slot_input)
             if link is not None:
                 node.inputs[name] = link
             elif (node_id, name) in primitive_values:
