@@ -270,3 +270,33 @@ async def test_job_list_pages_across_active_and_finished(kiln):
     assert page1["total"] == page2["total"] == 4
     assert [j["id"] for j in page1["jobs"] + page2["jobs"]] == ids[::-1]
     assert "workflow" not in page1["jobs"][0]
+
+
+async def test_free_routes_unload_models_and_clear_the_cache(kiln):
+    """/api/models/free and ComfyUI's /free really drop loaded models (not just move them off the GPU)."""
+    import torch
+
+    state = kiln.server.app[STATE]
+    manager = state.env.models
+
+    def load(name: str) -> None:
+        manager.acquire(("test", name), lambda m: {"net": torch.nn.Linear(4, 4)})
+
+    load("a")
+    assert manager.stats()["loaded"] == 1
+    r = await kiln.post("/api/models/free")
+    body = await r.json()
+    assert r.status == 200 and body["freed"] is True and body["unloaded"] == 1
+    assert body["models"]["loaded"] == 0 and manager.stats()["loaded"] == 0
+
+    load("b")
+    assert (await kiln.post("/free", json={})).status == 200  # nothing asked: nothing dropped
+    assert manager.stats()["loaded"] == 1
+    assert (await kiln.post("/free", json={"unload_models": True})).status == 200
+    assert manager.stats()["loaded"] == 0
+
+    load("c")
+    await wait_status(kiln, (await (await kiln.post("/api/jobs", json={"workflow": show_workflow(8)})).json())["job_id"])
+    assert state.worker.cache.stats()["entries"] > 0
+    assert (await kiln.post("/api/free", json={"free_memory": True})).status == 200
+    assert manager.stats()["loaded"] == 0 and state.worker.cache.stats()["entries"] == 0

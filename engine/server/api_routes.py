@@ -171,16 +171,15 @@ async def clear_cache(request: web.Request) -> web.Response:
 
 
 def free_models(state: AppState) -> dict[str, Any]:
+    """Drop every idle model (ComfyUI's ``unload_models``); handles reload them on their next use.
+
+    ``ModelManager.free`` only moves weights off the GPU, which frees nothing on a
+    CPU machine and keeps every model in RAM; the routes promise to unload.
+    """
     manager = state.env.models
     if manager is None:
         return {"freed": False, "reason": "no model manager"}
-    for name in ("free", "unload_all"):
-        fn = getattr(manager, name, None)
-        if callable(fn):
-            fn()
-            break
-    stats = getattr(manager, "stats", None)
-    return {"freed": True, "models": stats() if callable(stats) else {}}
+    return {"freed": True, "unloaded": manager.unload_all(), "models": manager.stats()}
 
 
 async def post_free_models(request: web.Request) -> web.Response:
