@@ -171,11 +171,10 @@ class Worker:
         held: list[Event] = []
 
         def sink(event: Event) -> None:
-            if isinstance(event, Progress):
+            if isinstance(event, Progress):  # the hot path: a sampler may tick thousands of times
                 self._progress[job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
-            for name, data in cm.to_comfy(event):
-                if name in cm.HISTORY_MESSAGES:
-                    history.append([name, data])
+            else:
+                history.extend([name, data] for name, data in cm.to_comfy(event) if name in cm.HISTORY_MESSAGES)
             if isinstance(event, TERMINAL):
                 held.append(event)  # published once the store has the outcome
             else:
