@@ -3,15 +3,11 @@
 Startup stays cheap (about a second): the node registry imports node modules,
 which import torch only inside their functions, and the model manager loads
 nothing until a job needs a model. Route modules are independent; each exposes
-``add_routes(app)`` and reads ``app[STATE]``. Optional modules (files, security,
-OpenAPI, workflow library) are wired in when present, so the core runs and is
-testable without them.
+``add_routes(app)`` and reads ``app[STATE]``.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
-import ipaddress
 import logging
 import mimetypes
 import sys
@@ -26,7 +22,7 @@ from engine.events import Event
 from engine.models import ModelManager
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
-from engine.server import api_routes, comfy_routes, ws
+from engine.server import api_routes, comfy_routes, files, library, openapi, security, ws
 from engine.server.http import json_error
 from engine.server.hub import Hub
 from engine.server.state import STATE, AppState, ServerSettings
@@ -36,8 +32,6 @@ from engine.server.worker import Worker
 log = logging.getLogger("kiln.server")
 
 DB_NAME = "kiln.sqlite3"
-#: Route modules written alongside the core; each is optional.
-OPTIONAL_ROUTE_MODULES = ("engine.server.files", "engine.server.library", "engine.server.openapi")
 #: Content types for the editor's static files (ES modules need a JS type).
 STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
                 ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
@@ -54,15 +48,6 @@ def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir
     # Otherwise the worker asks the model manager before the first job: finding the
     # best device imports torch, which startup must not pay for.
     return env
-
-
-def _optional(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return None
-        raise
 
 
 @web.middleware
@@ -142,24 +127,15 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
                     on_queue_change=on_queue_change)
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings)
 
-    middlewares: list[Any] = [errors_as_json]
-    security = _optional("engine.server.security")
-    if security is not None:
-        middlewares = [*security.middlewares(), errors_as_json]
     # Uploads stream past this; JSON routes read with their own, smaller limit.
     app = web.Application(client_max_size=max(settings.max_body_bytes, settings.max_upload_bytes + (1 << 20)),
-                          middlewares=middlewares)
+                          middlewares=[*security.middlewares(), errors_as_json])
     app[STATE] = state
 
     app.router.add_get("/", index)
     app.router.add_get("/web/{path:.+}", static)
-    api_routes.add_routes(app)
-    comfy_routes.add_routes(app)
-    ws.add_routes(app)
-    for name in OPTIONAL_ROUTE_MODULES:
-        module = _optional(name)
-        if module is not None:
-            module.add_routes(app)
+    for module in (api_routes, comfy_routes, ws, files, library, openapi):
+        module.add_routes(app)
 
     async def start(app: web.Application) -> None:
         loop_box["loop"] = asyncio.get_running_loop()
@@ -182,33 +158,18 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     return app
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path = "data",
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
                registry: Registry | None = None) -> None:
     """Serve until interrupted (``kiln serve``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    security = _optional("engine.server.security")
-    if security is not None:
-        token = security.resolve_token(token)
-        try:
-            security.check_bind(host, token)
-        except security.BindRefused as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            raise SystemExit(2) from None
-    elif not _is_loopback(host) and not token:
-        sys.stderr.write(f"error: binding to {host} exposes Kiln beyond this machine; "
-                         "give --token (or KILN_TOKEN) to require a bearer token\n")
-        raise SystemExit(2)
+    token = security.resolve_token(token)
+    try:
+        security.check_bind(host, token)
+    except security.BindRefused as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
     app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
                    host=host, port=port)
     shown = f"[{host}]" if ":" in host else host
