@@ -12,7 +12,7 @@ import struct
 from typing import Any
 
 from engine.events import (Event, JobFailed, JobFinished, JobInterrupted, JobStarted, NodeFinished, NodesCached,
-                           NodeStarted, Preview, Progress, now_ms)
+                           NodeStarted, Preview, Progress)
 
 #: ComfyUI's binary event types (protocol.py BinaryEventTypes).
 PREVIEW_IMAGE = 1
@@ -55,17 +55,6 @@ def to_comfy(event: Event, current_inputs: dict[str, Any] | None = None) -> list
                                            "executed": list(event.executed), "timestamp": event.timestamp}),
                 ("executing", {"node": None, "prompt_id": pid})]
     return []
-
-
-def failure_messages(job_id: str, message: str, exception_type: str = "ValidationError",
-                     node_id: str | None = None, node_type: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """Messages for a job that failed before the executor started (e.g. a file vanished)."""
-    ts = now_ms()
-    return [("execution_start", {"prompt_id": job_id, "timestamp": ts}),
-            ("execution_error", {"prompt_id": job_id, "node_id": node_id, "node_type": node_type, "executed": [],
-                                 "exception_message": message, "exception_type": exception_type,
-                                 "traceback": [], "current_inputs": {}, "current_outputs": [], "timestamp": ts}),
-            ("executing", {"node": None, "prompt_id": job_id})]
 
 
 def _as_jpeg_or_png(preview: Preview) -> tuple[int, bytes]:

@@ -57,7 +57,6 @@ class Client:
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.sent = 0
 
     # -- filling (event-loop thread only) ---------------------------------------------
 
@@ -119,7 +118,6 @@ class Client:
                 await self.ws.send_bytes(frame)
             else:
                 await self.ws.send_str(frame)
-            self.sent += 1
 
     # -- encoding ---------------------------------------------------------------------
 

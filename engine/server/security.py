@@ -25,7 +25,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
@@ -154,23 +154,6 @@ async def origin_middleware(request: web.Request, handler: Handler) -> web.Strea
     return await handler(request)
 
 
-def middlewares(app: web.Application | None = None) -> list[Handler]:
+def middlewares() -> list[Handler]:
     """The security middlewares, outermost first, for ``web.Application(middlewares=...)``."""
     return [token_middleware, origin_middleware]
-
-
-def middleware(state: Any = None) -> Handler:
-    """Both checks as one middleware (token first, then origin and host).
-
-    Settings are read from ``request.app[STATE]`` on every request, so the
-    argument is accepted only for the caller's convenience.
-    """
-
-    @web.middleware
-    async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
-        async def inner(req: web.Request) -> web.StreamResponse:
-            return await origin_middleware(req, handler)
-
-        return await token_middleware(request, inner)
-
-    return security

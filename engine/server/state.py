@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -54,8 +54,6 @@ class AppState:
     worker: "Worker"
     hub: "Hub"
     settings: ServerSettings = field(default_factory=ServerSettings)
-    #: Free-form room for later modules (e.g. a library index) without changing this class.
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("kiln", AppState)

@@ -207,11 +207,6 @@ class JobStore:
                                    (CANCELLED, time.time(), job_id, QUEUED))
         return cur.rowcount == 1
 
-    def cancel_all_queued(self) -> list[str]:
-        conn = self._conn()
-        ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE status = ?", (QUEUED,))]
-        return [job_id for job_id in ids if self.cancel_queued(job_id)]
-
     def finish(self, job_id: str, status: str, *, outputs: dict | None = None, error: dict | None = None,
                messages: list | None = None, executed: list | None = None, cached: list | None = None) -> None:
         self._conn().execute(
