@@ -92,6 +92,7 @@ export const cases = [
     const brief = (d) => d.inputs.map((i) => [i.name, i.type, i.widget, i.choices || null, !!i.control]);
     eq(brief(info), brief(kiln));
     eq(info.outputs, kiln.outputs);
+    eq(info, kiln, "the whole NodeDef, titles, flags and widget options included:");
     ok(isSlider(kiln.inputs.find((i) => i.name === "denoise")), "0..1 floats are sliders");
     ok(!isSlider(kiln.inputs.find((i) => i.name === "cfg")), "cfg is a number field");
     eq(defaultValue(kiln.inputs.find((i) => i.name === "sampler_name")), "euler");

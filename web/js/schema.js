@@ -12,21 +12,26 @@ import { WIDGET_TYPES, COMBO } from "./types.js";
  *   inputs:InputDef[],outputs:{name:string,type:string}[],aliases:string[]}} NodeDef
  */
 
+/**
+ * The InputDef both wire shapes share: Kiln's schema input and ComfyUI's option
+ * dict use the same key names for everything past name, type and choices.
+ */
+function inputDef(name, type, required, widget, opts) {
+  const def = { name, type, required, widget, tooltip: opts.tooltip || "" };
+  for (const key of ["default", "min", "max", "step", "round", "multiline"]) {
+    if (opts[key] !== undefined) def[key] = opts[key];
+  }
+  if (opts.control_after_generate) def.control = true;
+  if (opts.display) def.display = opts.display;
+  if (opts.image_upload) def.imageUpload = true;
+  return def;
+}
+
 function inputFromKiln(raw) {
   const type = raw.type;
-  const def = {
-    name: raw.name, type, required: !!raw.required,
-    widget: raw.widget !== undefined ? !!raw.widget : WIDGET_TYPES.has(type),
-    tooltip: raw.tooltip || "",
-  };
-  for (const key of ["default", "min", "max", "step", "round", "multiline"]) {
-    if (raw[key] !== undefined) def[key] = raw[key];
-  }
+  const def = inputDef(raw.name, type, !!raw.required, raw.widget !== undefined ? !!raw.widget : WIDGET_TYPES.has(type), raw);
   if (type === COMBO || Array.isArray(raw.choices)) def.choices = raw.choices || [];
   if (raw.open_choices) def.openChoices = true;
-  if (raw.control_after_generate) def.control = true;
-  if (raw.display) def.display = raw.display;
-  if (raw.image_upload) def.imageUpload = true;
   return def;
 }
 
@@ -36,32 +41,29 @@ function inputFromComfy(name, spec, required) {
   let choices;
   if (Array.isArray(head)) { type = COMBO; choices = head.map(String); }
   else if (head === COMBO) { choices = (opts.options || []).map(String); }
-  const def = {
-    name, type, required: required && opts.default === undefined,
-    widget: WIDGET_TYPES.has(type), tooltip: opts.tooltip || "",
-  };
-  for (const key of ["default", "min", "max", "step", "round", "multiline"]) {
-    if (opts[key] !== undefined) def[key] = opts[key];
-  }
+  const def = inputDef(name, type, required && opts.default === undefined, WIDGET_TYPES.has(type), opts);
   if (choices) def.choices = choices;
-  if (opts.control_after_generate) def.control = true;
-  if (opts.display) def.display = opts.display;
-  if (opts.image_upload) def.imageUpload = true;
   return def;
+}
+
+/** The NodeDef both wire shapes share; `type` is the node's own name in either. */
+function nodeDef(raw, type, inputs, outputs, aliases) {
+  return {
+    type,
+    title: raw.display_name || type,
+    category: raw.category || "",
+    description: raw.description || "",
+    outputNode: !!raw.output_node,
+    inputs,
+    outputs,
+    aliases,
+  };
 }
 
 /** One Kiln schema (NodeSpec.schema) to a NodeDef. */
 export function fromKilnSchema(type, raw) {
-  return {
-    type: raw.type || type,
-    title: raw.display_name || raw.type || type,
-    category: raw.category || "",
-    description: raw.description || "",
-    outputNode: !!raw.output_node,
-    inputs: (raw.inputs || []).map(inputFromKiln),
-    outputs: (raw.outputs || []).map((o) => ({ name: o.name, type: o.type })),
-    aliases: raw.aliases || [],
-  };
+  return nodeDef(raw, raw.type || type, (raw.inputs || []).map(inputFromKiln),
+    (raw.outputs || []).map((o) => ({ name: o.name, type: o.type })), raw.aliases || []);
 }
 
 /** One ComfyUI /object_info entry to a NodeDef. */
@@ -73,16 +75,8 @@ export function fromObjectInfo(type, raw) {
     for (const name of order) if (specs[name]) inputs.push(inputFromComfy(name, specs[name], required));
   }
   const names = raw.output_name || raw.output || [];
-  return {
-    type: raw.name || type,
-    title: raw.display_name || raw.name || type,
-    category: raw.category || "",
-    description: raw.description || "",
-    outputNode: !!raw.output_node,
-    inputs,
-    outputs: (raw.output || []).map((t, i) => ({ name: names[i] || t, type: t })),
-    aliases: [],
-  };
+  return nodeDef(raw, raw.name || type, inputs,
+    (raw.output || []).map((t, i) => ({ name: names[i] || t, type: t })), []);
 }
 
 /** A whole response (either shape) to a Map type -> NodeDef, aliases included. */
