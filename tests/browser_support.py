@@ -93,6 +93,17 @@ def tiny_img2img(title: str = "Image to image", strength: float = 0.6) -> dict[s
     return doc
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Ask a child process to end (SIGTERM), and kill it if it has not within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def http_json(base: str, method: str, path: str, body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -135,11 +146,5 @@ class Server:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from browser_support import Server
+from browser_support import Server, stop_process
 from server_helpers import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -128,11 +128,7 @@ def test_editor_loads_and_runs_in_firefox(tmp_path, tiny_models_dir):
     try:
         result = asyncio.run(drive(port, server.url + "/", tmp_path / "firefox-run.png"))
     finally:
-        firefox.terminate()
-        try:
-            firefox.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            firefox.kill()
+        stop_process(firefox)
         server.stop()
     print(f"screenshot: {tmp_path / 'firefox-run.png'}")
     expected = sorted(n["type"] for n in json.loads((server.workflows / "img2img.json").read_text())["nodes"].values())
