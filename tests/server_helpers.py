@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,13 +92,17 @@ def save_workflow(text: str, prefix: str = "out") -> dict[str, Any]:
 
 async def wait_status(client: Any, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "interrupted",
                                                                             "cancelled"),
-                      timeout: float = 20.0) -> dict[str, Any]:
-    """Poll GET /api/jobs/{id} until its status is one of ``statuses``."""
+                      timeout: float = 20.0, base: str = "") -> dict[str, Any]:
+    """Poll GET /api/jobs/{id} until its status is one of ``statuses``.
+
+    ``client`` is aiohttp's test client (paths only) or a ``ClientSession`` with the
+    server's ``base`` URL (a subprocess server).
+    """
     deadline = time.monotonic() + timeout
     while True:
-        r = await client.get(f"/api/jobs/{job_id}")
-        assert r.status == 200, await r.text()
-        job = await r.json()
+        async with client.get(f"{base}/api/jobs/{job_id}") as r:
+            assert r.status == 200, await r.text()
+            job = await r.json()
         if job["status"] in statuses:
             return job
         if time.monotonic() > deadline:
@@ -111,6 +117,21 @@ async def kiln(aiohttp_client: Any, tmp_path: Path) -> Any:
 
     app = make_app(tmp_path / "data", tmp_path / "models", tmp_path / "workflows", registry=make_registry())
     return await aiohttp_client(app)
+
+
+async def wait_up(session: Any, base: str, proc: subprocess.Popen, timeout: float = 20) -> float:
+    """Seconds until a subprocess server answers GET /prompt; fails early if it exits."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read().decode() if proc.stdout else proc.returncode}")
+        try:
+            async with session.get(f"{base}/prompt") as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("server did not come up")
 
 
 def free_port() -> int:

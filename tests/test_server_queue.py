@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from server_helpers import (free_port, kiln, save_workflow, show_workflow, slow_workflow,  # noqa: F401
-                            wait_status)
+                            wait_status, wait_up)
 
 from engine.server.store import RESTART_REASON
 
@@ -159,45 +159,16 @@ def _start(port: int, data: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-async def _wait_up(session: aiohttp.ClientSession, base: str, proc: subprocess.Popen, timeout: float = 20) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read().decode()}")
-        try:
-            async with session.get(f"{base}/prompt") as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except aiohttp.ClientConnectionError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("server did not come up")
-
-
-async def _job(session: aiohttp.ClientSession, base: str, job_id: str) -> dict:
-    async with session.get(f"{base}/api/jobs/{job_id}") as r:
-        return await r.json()
-
-
-async def _until(session, base, job_id, statuses, timeout=20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = await _job(session, base, job_id)
-        if job["status"] in statuses:
-            return job
-        assert time.monotonic() < deadline, f"{job_id} still {job['status']}"
-        await asyncio.sleep(0.05)
-
-
 async def test_kill_9_restart_keeps_queue_history_and_files(tmp_path):
     port, data = free_port(), tmp_path / "data"
     base = f"http://127.0.0.1:{port}"
     proc = _start(port, data)
     try:
         async with aiohttp.ClientSession() as s:
-            await _wait_up(s, base, proc)
+            await wait_up(s, base, proc)
             async with s.post(f"{base}/api/jobs", json={"workflow": save_workflow("kept")}) as r:
                 done = (await r.json())["job_id"]
-            finished = await _until(s, base, done, ("succeeded",))
+            finished = await wait_status(s, done, ("succeeded",), base=base)
             saved = data / "output" / finished["outputs"]["1"]["files"][0]["filename"]
             assert saved.read_text() == "kept"
             async with s.post(f"{base}/api/jobs", json={"workflow": slow_workflow(1, ticks=100000)}) as r:
@@ -206,17 +177,17 @@ async def test_kill_9_restart_keeps_queue_history_and_files(tmp_path):
             for i in range(3):
                 async with s.post(f"{base}/api/jobs", json={"workflow": save_workflow(f"q{i}")}) as r:
                     queued.append(((await r.json())["job_id"], f"q{i}"))
-            await _until(s, base, running, ("running",))
+            await wait_status(s, running, ("running",), base=base)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
         proc = _start(port, data)
         async with aiohttp.ClientSession() as s:
-            await _wait_up(s, base, proc)
-            job = await _until(s, base, running, ("failed",))
+            await wait_up(s, base, proc)
+            job = await wait_status(s, running, ("failed",), base=base)
             assert job["error"]["message"] == RESTART_REASON
             for job_id, text in queued:
-                job = await _until(s, base, job_id, ("succeeded",))
+                job = await wait_status(s, job_id, ("succeeded",), base=base)
                 name = job["outputs"]["1"]["files"][0]["filename"]
                 assert (data / "output" / name).read_text() == text
             async with s.get(f"{base}/history/{done}") as r:
@@ -241,7 +212,7 @@ async def test_kiln_serve_is_ready_fast(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
     try:
         async with aiohttp.ClientSession() as s:
-            elapsed = await _wait_up(s, f"http://127.0.0.1:{port}", proc)
+            elapsed = await wait_up(s, f"http://127.0.0.1:{port}", proc)
             assert elapsed < 8, elapsed  # ~1 s on an idle machine; generous for a loaded CI box
             async with s.get(f"http://127.0.0.1:{port}/object_info/SaveImage") as r:
                 assert "SaveImage" in await r.json()

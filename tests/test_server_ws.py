@@ -43,6 +43,16 @@ async def comfy_messages_until_done(ws: aiohttp.ClientWebSocketResponse, prompt_
             return texts, binaries
 
 
+async def drain(ws: aiohttp.ClientWebSocketResponse, quiet: float = 0.1) -> list[dict]:
+    """Every JSON message already sent, read until the socket is quiet for ``quiet`` seconds."""
+    seen = []
+    while True:
+        try:
+            seen.append(await ws.receive_json(timeout=quiet))
+        except asyncio.TimeoutError:
+            return seen
+
+
 async def test_comfy_messages_in_order_and_routed_to_the_submitter(kiln):
     mine = await kiln.ws_connect("/ws?clientId=alice")
     other = await kiln.ws_connect("/ws?clientId=bob")
@@ -65,12 +75,7 @@ async def test_comfy_messages_in_order_and_routed_to_the_submitter(kiln):
     assert all(m["data"].get("prompt_id") == pid for m in texts if m["type"] != "status")
     # bob saw queue status only, never alice's job
     await asyncio.sleep(0.2)
-    seen = []
-    while True:
-        try:
-            seen.append(await other.receive_json(timeout=0.1))
-        except asyncio.TimeoutError:
-            break
+    seen = await drain(other)
     assert seen and {m["type"] for m in seen} == {"status"}
     assert seen[-1]["data"]["status"]["exec_info"]["queue_remaining"] == 0
     await mine.close()
@@ -192,12 +197,7 @@ async def test_jobs_without_client_id_broadcast_only_progress(kiln):
     job_id = (await (await kiln.post("/api/jobs", json={"workflow": spin_workflow(3)})).json())["job_id"]
     await wait_status(kiln, job_id)
     await asyncio.sleep(0.3)
-    seen = []
-    while True:
-        try:
-            seen.append(await ws.receive_json(timeout=0.1))
-        except asyncio.TimeoutError:
-            break
+    seen = await drain(ws)
     assert {m["type"] for m in seen} <= {"status", "progress"}
     assert any(m["type"] == "progress" for m in seen)
     await ws.close()
