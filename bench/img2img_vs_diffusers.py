@@ -99,7 +99,6 @@ def main() -> None:
 
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
-    from PIL import Image
     from safetensors.torch import save_file
 
     from engine.context import Environment, Paths
