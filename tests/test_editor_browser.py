@@ -176,6 +176,12 @@ def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path)
     assert inputs[ids["sampler"]]["inputs"]["steps"] == 3
     assert inputs[ids["pos"]]["inputs"]["text"] == "a watercolor lake"
 
+    # The seed widgets' after-run rules: the sampler's counts up, AddNoise's draws a new seed.
+    seed_row = '.widget-row[data-input="seed"]'
+    editor.node(ids["sampler"]).locator(f"{seed_row} select.w-control").select_option("increment")
+    editor.node(ids["noise"]).locator(f"{seed_row} select.w-control").select_option("randomize")
+    assert inputs[ids["sampler"]]["inputs"]["seed"] == 0 and inputs[ids["noise"]]["inputs"]["seed"] == 0
+
     # Watch (without touching) what the page shows while the job runs.
     page.evaluate("""sampler => {
         window.seen = { events: [], running: false, previewShown: false, bar: 0 };
@@ -199,6 +205,14 @@ def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path)
     assert seen["bar"] == 100
     assert editor.page.locator("#gallery-list img").count() == 1  # one image, shown once
     assert not editor.node(ids["sampler"]).evaluate("e => e.classList.contains('failed')")
+    # The job ran with the seeds as they were; after it the widgets show the next ones.
+    job = http_json(server.url, "GET", f"/api/jobs/{page.evaluate('window.kiln.app.runner.jobId')}")
+    ran = job["workflow"]["nodes"]
+    assert ran[ids["sampler"]]["inputs"]["seed"] == 0 and ran[ids["noise"]]["inputs"]["seed"] == 0
+    after = editor.doc()["nodes"]
+    assert after[ids["sampler"]]["inputs"]["seed"] == 1
+    assert after[ids["noise"]]["inputs"]["seed"] != 0
+    assert editor.node(ids["sampler"]).locator(f"{seed_row} input.w-num-input").input_value() == "1"
     shot = tmp_path / "editor-img2img-run.png"
     page.screenshot(path=str(shot))
     print(f"screenshot of the finished run: {shot}")
