@@ -336,6 +336,97 @@ def test_undo_and_redo_restore_the_graph_exactly(editor):
     assert editor.console_errors == []
 
 
+def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
+    page = editor.page
+    original = editor.doc()
+    boxes = lambda: page.evaluate(  # noqa: E731
+        "Object.fromEntries([...document.querySelectorAll('.node')].map(e => "
+        "[e.dataset.id, (r => [r.left, r.top, r.right, r.bottom])(e.getBoundingClientRect())]))")
+    empty = lambda x, y: page.evaluate(  # noqa: E731
+        "([x, y]) => document.elementFromPoint(x, y) === document.querySelector('#canvas')", [x, y])
+
+    # Pan: dragging empty space moves the view, not the graph, and is no edit.
+    start = editor.canvas_point(10, 10)
+    assert empty(*start)
+    before = boxes()
+    editor.drag(start, (start[0] + 700, start[1] + 500))
+    after = boxes()
+    assert after["1"][:2] == pytest.approx([before["1"][0] + 700, before["1"][1] + 500], abs=1)
+    assert editor.doc() == original and page.locator("#undo").is_disabled()
+
+    # Zoom in with the wheel, then F fits the whole graph back into the canvas, centred.
+    scale = lambda: page.evaluate("window.kiln.view.scale")  # noqa: E731
+    loaded = scale()  # the page fitted the graph when it opened it
+    page.mouse.move(*editor.canvas_point(600, 400))
+    for _ in range(4):
+        page.mouse.wheel(0, -100)
+    assert scale() > loaded * 1.3
+    page.keyboard.press("f")
+    assert scale() == pytest.approx(loaded)
+    canvas = page.locator("#canvas").bounding_box()
+    fitted = boxes().values()
+    x0, y0 = min(b[0] for b in fitted), min(b[1] for b in fitted)
+    x1, y1 = max(b[2] for b in fitted), max(b[3] for b in fitted)
+    left, top = x0 - canvas["x"], y0 - canvas["y"]
+    right, bottom = canvas["x"] + canvas["width"] - x1, canvas["y"] + canvas["height"] - y1
+    assert min(left, top, right, bottom) >= 39, (left, top, right, bottom)
+    assert left == pytest.approx(right, abs=2) and top == pytest.approx(bottom, abs=2)
+    assert min(left, top) <= 41, "the graph fills the canvas in one direction"
+
+    # Box-select: Shift+drag from empty space above-left of the two prompts to the second one's middle.
+    b2, b3 = boxes()["2"], boxes()["3"]
+    corner = (b2[0] - 6, b2[1] - 6)
+    assert empty(*corner)
+    page.keyboard.down("Shift")
+    editor.drag(corner, ((b3[0] + b3[2]) / 2, (b3[1] + b3[3]) / 2))
+    page.keyboard.up("Shift")
+    assert sorted(page.evaluate("[...window.kiln.view.selected]")) == ["2", "3"]
+    selected = page.evaluate("[...document.querySelectorAll('.node.selected')].map(e => e.dataset.id)")
+    assert sorted(selected) == ["2", "3"]
+
+    # Duplicate (Ctrl+D): copies keep their values and their links from the rest of the graph; one undo step.
+    page.keyboard.press("Control+d")
+    nodes = editor.doc()["nodes"]
+    assert len(nodes) == 12 and sorted(page.evaluate("[...window.kiln.view.selected]")) == ["11", "12"]
+    for old, new in (("2", "11"), ("3", "12")):
+        assert nodes[new]["type"] == "CLIPTextEncode" and nodes[new]["inputs"] == original["nodes"][old]["inputs"]
+    page.keyboard.press("Control+z")
+    assert editor.doc() == original
+
+    # Arrow keys in a number field step by the input's step and stop at its min and max.
+    cfg = editor.node("8").locator('.widget-row[data-input="cfg"] input')
+    value = lambda name: editor.doc()["nodes"]["8"]["inputs"][name]  # noqa: E731
+    cfg.focus()
+    cfg.press("ArrowUp")
+    assert value("cfg") == pytest.approx(original["nodes"]["8"]["inputs"]["cfg"] + 0.1)
+    cfg.press("Shift+ArrowDown")
+    assert value("cfg") == pytest.approx(original["nodes"]["8"]["inputs"]["cfg"] - 0.9)
+    cfg.fill("99.95")
+    cfg.press("Enter")
+    assert value("cfg") == 100  # snapped to the 0.1 grid, within max
+    cfg.focus()
+    cfg.press("ArrowUp")
+    assert value("cfg") == 100 and cfg.input_value() == "100.00"
+    steps = editor.node("8").locator('.widget-row[data-input="steps"] input')
+    steps.focus()
+    for _ in range(original["nodes"]["8"]["inputs"]["steps"] + 2):
+        steps.press("ArrowDown")
+    assert value("steps") == 1 and steps.input_value() == "1"
+    strength = editor.node("7").locator('.widget-row[data-input="strength"] .w-slider-value')
+    strength.focus()
+    strength.press("ArrowUp")
+    assert editor.doc()["nodes"]["7"]["inputs"]["strength"] == pytest.approx(original["nodes"]["7"]["inputs"]["strength"] + 0.01)
+
+    # The palette opens with a key and finds a node by its category alone.
+    page.mouse.click(*editor.canvas_point(10, 10))
+    page.keyboard.press("/")
+    page.locator(".palette-input").fill("conditioning")
+    assert page.locator(".palette-item").first.get_attribute("data-type") == "CLIPTextEncode"
+    page.keyboard.press("Enter")
+    assert sorted(n["type"] for n in editor.doc()["nodes"].values()).count("CLIPTextEncode") == 3
+    assert editor.console_errors == []
+
+
 def drop_file(editor: Editor, data: bytes, name: str, mime: str, at: tuple[float, float] | None = None) -> None:
     """Drop a file as the browser would after a drag from the desktop (at client coordinates)."""
     x, y = at or editor.canvas_point(500, 600)
