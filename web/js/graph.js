@@ -316,7 +316,7 @@ export class Graph extends EventTarget {
   }
 
   /** Replace the graph with a document in Kiln, ComfyUI API or /prompt-body form. */
-  load(doc, sizeOf) {
+  load(doc) {
     if (typeof doc === "string") doc = JSON.parse(doc);
     if (!doc || typeof doc !== "object") throw new Error("a workflow must be a JSON object");
     if (doc.prompt && typeof doc.prompt === "object" && !doc.nodes) doc = doc.prompt;
@@ -344,7 +344,7 @@ export class Graph extends EventTarget {
         else this.meta[k] = clone(v);
       }
     }
-    if (!allPlaced) autoLayout(this, sizeOf);
+    if (!allPlaced) autoLayout(this);
     this._emit("load", [...nodes.keys()]);
     return { format: kiln ? "kiln" : "comfyui-api", laidOut: !allPlaced };
   }

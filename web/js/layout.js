@@ -4,8 +4,8 @@
 
 const GAP_X = 70, GAP_Y = 36, ORIGIN = [40, 40];
 
-/** A size guess from the node's definition, for when the view cannot measure it. */
-export function estimateSize(graph, node) {
+/** A size guess from the node's definition: the layout runs in the model, before any view has measured a node. */
+function estimateSize(graph, node) {
   const d = graph.def(node.type);
   const rows = d ? d.inputs.length + d.outputs.length : Object.keys(node.values).length + Object.keys(node.links).length + 1;
   let extra = 0;
@@ -13,9 +13,8 @@ export function estimateSize(graph, node) {
   return [260, 44 + rows * 28 + extra];
 }
 
-/** Set every node's pos from the graph's links. `sizeOf(node)` gives [w, h]. */
-export function autoLayout(graph, sizeOf) {
-  const size = sizeOf || ((n) => estimateSize(graph, n));
+/** Set every node's pos from the graph's links. */
+export function autoLayout(graph) {
   const nodes = [...graph.nodes.values()];
   const depth = new Map();
   const visiting = new Set();
@@ -48,7 +47,7 @@ export function autoLayout(graph, sizeOf) {
     column.sort((a, b) => key(a) - key(b) || String(a.id).localeCompare(String(b.id), undefined, { numeric: true }));
     let y = ORIGIN[1], width = 0;
     column.forEach((n, i) => {
-      const [w, h] = size(n);
+      const [w, h] = estimateSize(graph, n);
       n.pos = [x, y];
       rank.set(n.id, i);
       y += h + GAP_Y;
