@@ -99,7 +99,7 @@ function numberWidget(def, value, onChange) {
     input.addEventListener("pointerup", up);
     input.addEventListener("pointercancel", up);
   });
-  return { el: root, input, set(v) { if (document.activeElement !== input) { current = normalizeNumber(def, v); show(); } } };
+  return { el: root, set(v) { if (document.activeElement !== input) { current = normalizeNumber(def, v); show(); } } };
 }
 
 /** 0..1 values (strength, denoise): a slider with the exact number beside it. */
@@ -123,7 +123,7 @@ function sliderWidget(def, value, onChange) {
       show(); onChange(current, true);
     }
   });
-  return { el: root, input: range, set(v) { if (![range, box].includes(document.activeElement)) { current = normalizeNumber(def, v); show(); } } };
+  return { el: root, set(v) { if (![range, box].includes(document.activeElement)) { current = normalizeNumber(def, v); show(); } } };
 }
 
 function comboWidget(def, value, onChange) {
@@ -137,7 +137,7 @@ function comboWidget(def, value, onChange) {
   };
   fill(value);
   select.addEventListener("change", () => { fill(select.value); onChange(select.value, true); });
-  return { el: select, input: select, set(v) { if (document.activeElement !== select) fill(v); } };
+  return { el: select, set(v) { if (document.activeElement !== select) fill(v); } };
 }
 
 function textWidget(def, value, onChange) {
@@ -147,14 +147,14 @@ function textWidget(def, value, onChange) {
   input.value = value ?? "";
   input.addEventListener("input", () => onChange(input.value, false));
   input.addEventListener("change", () => onChange(input.value, true));
-  return { el: input, input, set(v) { if (document.activeElement !== input) input.value = v ?? ""; } };
+  return { el: input, set(v) { if (document.activeElement !== input) input.value = v ?? ""; } };
 }
 
 function boolWidget(def, value, onChange) {
   const input = el("input", "w-bool", { type: "checkbox", "aria-label": def.name });
   input.checked = !!value;
   input.addEventListener("change", () => onChange(input.checked, true));
-  return { el: input, input, set(v) { input.checked = !!v; } };
+  return { el: input, set(v) { input.checked = !!v; } };
 }
 
 export const CONTROL_MODES = ["fixed", "increment", "decrement", "randomize"];
@@ -167,7 +167,7 @@ export function controlWidget(mode, onChange) {
   }
   select.value = mode || "fixed";
   select.addEventListener("change", () => onChange(select.value));
-  return { el: select, input: select, set(v) { select.value = v || "fixed"; } };
+  return { el: select, set(v) { select.value = v || "fixed"; } };
 }
 
 /** The widget for one input definition. */
