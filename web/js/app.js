@@ -246,10 +246,6 @@ export class App {
         doc = scratch.copy([...scratch.nodes.keys()]);
       } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
     }
-    const ids = this.graph.paste(doc, this.view.toWorld(...this.view.lastPointer));
-    this.fixChoices(ids);
-    this.view.select(ids);
-    this.commit();
-    return ids;
+    return this.files.paste(doc, this.view.toWorld(...this.view.lastPointer));
   }
 }

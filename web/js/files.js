@@ -100,17 +100,22 @@ export class Files {
     try { doc = JSON.parse(await file.text()); }
     catch { this.toast(`${file.name} is neither JSON nor an image`, "error"); return null; }
     if (Graph.isClipboard(doc)) {
-      const at = clientPos ? this.view.toWorld(...clientPos) : null;
-      const ids = this.graph.paste(doc, at);
-      this.adapt?.(ids);
-      this.view.select(ids);
-      this.onCommit();
+      this.paste(doc, clientPos ? this.view.toWorld(...clientPos) : null);
       return "paste";
     }
     try { this.loadDocument(doc, null); }
     catch (e) { this.toast(`cannot open ${file.name}: ${e.message}`, "error"); return null; }
     this.toast(`opened ${file.name}`);
     return "workflow";
+  }
+
+  /** Paste clipboard JSON at `at` (world coordinates), adapted and selected, as one undo step; returns the new ids. */
+  paste(clip, at) {
+    const ids = this.graph.paste(clip, at);
+    this.adapt?.(ids);
+    this.view.select(ids);
+    this.onCommit();
+    return ids;
   }
 
   /** The LoadImage-like node (an image_upload input) under a point, if any. */

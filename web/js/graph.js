@@ -14,6 +14,13 @@ let graphCounter = 0;
 
 function clone(x) { return x === undefined ? undefined : JSON.parse(JSON.stringify(x)); }
 
+/** Seed-like inputs without an after-run rule start with "fixed". */
+function defaultControls(node, def) {
+  for (const inp of def ? def.inputs : []) {
+    if (inp.control && !node.ui.controls?.[inp.name]) node.ui.controls = { ...(node.ui.controls || {}), [inp.name]: "fixed" };
+  }
+}
+
 function isLinkValue(v) {
   return Array.isArray(v) && v.length === 2 && (typeof v[0] === "string" || typeof v[0] === "number")
     && typeof v[0] !== "boolean" && Number.isInteger(v[1]);
@@ -112,9 +119,7 @@ export class Graph extends EventTarget {
     Object.assign(values, opts.values || {});
     const node = { id, type: d ? d.type : type, title: opts.title || null, pos: [Math.round(pos[0]), Math.round(pos[1])],
       values, links: {}, ui: clone(opts.ui) || {} };
-    if (d) for (const inp of d.inputs) if (inp.control && !node.ui.controls?.[inp.name]) {
-      node.ui.controls = { ...(node.ui.controls || {}), [inp.name]: "fixed" };
-    }
+    defaultControls(node, d);
     this.nodes.set(id, node);
     this._emit("add", [id]);
     return node;
@@ -304,14 +309,9 @@ export class Graph extends EventTarget {
     delete ui.pos;
     const title = raw.title || raw._meta?.title || null;
     const node = { id: String(id), type: String(raw[typeKey] ?? ""), title, pos: pos || [0, 0], values, links, ui };
-    const d = this.def(node.type);
-    if (d) {
-      // Missing widget values are left out (the server fills the same defaults), so
-      // opening and saving a file changes nothing the user did not change.
-      for (const inp of d.inputs) {
-        if (inp.control && !ui.controls?.[inp.name]) ui.controls = { ...(ui.controls || {}), [inp.name]: "fixed" };
-      }
-    }
+    // Missing widget values are left out (the server fills the same defaults), so
+    // opening and saving a file changes nothing the user did not change.
+    defaultControls(node, this.def(node.type));
     return { node, placed: !!pos };
   }
 
