@@ -103,7 +103,7 @@ def main() -> None:
 
     from engine.context import Environment, Paths
     from engine.executor import Executor
-    from engine.models import ModelManager
+    from nodes.runtime.models import ModelManager
     from engine.registry import default_registry
     from engine.workflow import load
     from nodes.checkpoint.to_original import components_to_original

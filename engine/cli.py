@@ -26,7 +26,6 @@ from typing import Any, Sequence, TextIO
 
 from engine import types as T
 from engine.context import Environment, JobInfo, Paths, Settings, default_data_dir
-from engine.models import ModelManager
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
 from engine.validate import WorkflowInvalid, validate
@@ -53,7 +52,7 @@ def _problem(kind: str, message: str, **where: Any) -> dict[str, Any]:
 # -- the environment -------------------------------------------------------------------
 
 def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_output: bool = False,
-              with_models: bool = False) -> Environment:
+              registry: Registry | None = None) -> Environment:
     paths = Paths(
         input=SafeRoot(args.input_dir),
         output=SafeRoot(args.output_dir, create=create_output),
@@ -64,10 +63,10 @@ def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_o
     # The CLI is run by the owner of the files and URLs it names.
     settings = Settings(allow_absolute_paths=True, allow_url_images=True)
     env = Environment(paths=paths, settings=settings)
-    if with_models:
+    if registry is not None:
         # Constructing the manager is cheap; finding the best device imports torch,
         # which cmd_run pays only once the workflow is known to be valid.
-        env.models = ModelManager(device=args.device)
+        env.models = registry.make_model_host(args.device)
     return env
 
 
@@ -194,12 +193,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = default_registry()
     temp_dir = tempfile.mkdtemp(prefix="kiln-run-")
     try:
-        env = build_env(args, temp_dir=temp_dir, create_output=True, with_models=True)
+        env = build_env(args, temp_dir=temp_dir, create_output=True, registry=registry)
         try:
             wf, plan, params = _prepare(args, env, registry)
         except UsageProblem as exc:
             return _report_invalid(exc.errors, args.json)
-        env.device = env.models.device
+        if env.models is not None:
+            env.device = env.models.device
 
         def locate(image: dict[str, Any]) -> Path | None:
             root = {"output": env.paths.output, "temp": env.paths.temp, "input": env.paths.input}.get(image.get("type"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from engine.paths import SafeRoot
 
@@ -69,12 +69,31 @@ class Settings:
     allow_absolute_paths: bool = False
 
 
+class ModelHost(Protocol):
+    """What the engine and the server ask of the node library's model manager.
+
+    The engine never builds one (it does not know torch): the node library
+    registers a factory (:attr:`engine.registry.Registry.model_host_factory`) and
+    the CLI and server call it. The routes that free memory and report what is
+    loaded use only this surface.
+    """
+
+    @property
+    def device(self) -> str: ...
+
+    def unload_all(self) -> int: ...
+
+    def free(self) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class Environment:
     paths: Paths
-    #: The model manager (engine.models.ModelManager); typed loosely so the engine
-    #: does not need torch to be importable for non-diffusion work.
-    models: Any = None
+    #: The node library's model manager (see :class:`ModelHost`), or None when no
+    #: node library provides one (a pure image workflow needs none).
+    models: ModelHost | None = None
     device: str = "cpu"
     settings: Settings = field(default_factory=Settings)
 

@@ -31,6 +31,13 @@ class Registry:
         #: Entry points that failed to load, with the reason: a broken plugin is
         #: reported (``kiln nodes``, the server log) instead of taking Kiln down.
         self.load_errors: dict[str, str] = {}
+        #: Builds the model manager for a device (None = the best one); set by the node
+        #: library that owns model placement, so the engine never imports torch.
+        self.model_host_factory: Callable[[str | None], Any] | None = None
+
+    def make_model_host(self, device: str | None = None) -> Any:
+        """A fresh model manager from the node library, or None if none registered one."""
+        return self.model_host_factory(device) if self.model_host_factory else None
 
     # -- adding -------------------------------------------------------------------
 

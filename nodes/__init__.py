@@ -9,5 +9,8 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "text", "vae", "grid")
 
 
 def register(registry) -> None:
+    from nodes.runtime.models import ModelManager
+
     for family in FAMILIES:
         registry.add_module(importlib.import_module(f"nodes.{family}"))
+    registry.model_host_factory = lambda device=None: ModelManager(device=device)

@@ -1,7 +1,7 @@
 """The values that travel on MODEL, CLIP, VAE, CONDITIONING and LATENT sockets.
 
 Loaders produce these; the sampling and latent nodes consume them. They are light
-handles: the weights belong to the model manager (engine.models), which places
+handles: the weights belong to the model manager (nodes.runtime.models), which places
 them on a device when a node uses them and may offload them in between. Cache
 entries therefore hold handles, never a second copy of a model.
 

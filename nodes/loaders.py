@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from engine import types as T
 from engine.context import Environment, NodeError
-from engine.models import ModelManager, file_key
+from nodes.runtime.models import ModelManager, file_key
 from engine.node import Input, Output, define_node
 from engine.paths import PathRefused
 from nodes.handles import ClipHandle, ModelHandle, VaeHandle

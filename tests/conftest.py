@@ -35,7 +35,7 @@ def tiny_env(tiny_models_dir, tmp_path):
     with its own CPU model manager (float32, so results compare bit for bit with the
     CPU-built source models even on a GPU machine), unloaded at the end of the test."""
     from engine.context import Environment, Paths
-    from engine.models import ModelManager
+    from nodes.runtime.models import ModelManager
 
     models = ModelManager(device="cpu")
     env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir), models=models)

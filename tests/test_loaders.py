@@ -14,7 +14,7 @@ import pytest
 import tiny_models as tm
 from engine.cache import value_nbytes
 from engine.context import Environment, NodeError, Paths
-from engine.models import ModelManager
+from nodes.runtime.models import ModelManager
 from node_call import Called, call
 from nodes import loaders
 
@@ -279,7 +279,7 @@ def test_manager_is_cheap_and_picks_float32_on_cpu():
     import subprocess
     import sys
 
-    code = ("import sys; from engine.models import ModelManager; m = ModelManager(); s = m.stats(); "
+    code = ("import sys; from nodes.runtime.models import ModelManager; m = ModelManager(); s = m.stats(); "
             "assert 'torch' not in sys.modules, 'constructing imported torch'; "
             "import nodes.loaders, nodes.text, nodes.vae; assert 'torch' not in sys.modules, 'nodes import torch'; "
             "print(m.device, m.dtype)")

@@ -19,7 +19,6 @@ from aiohttp import web
 from engine.cache import OutputCache
 from engine.context import Environment, Paths, Settings
 from engine.events import Event
-from engine.models import ModelManager
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
 from engine.server import api_routes, comfy_routes, files, library, openapi, security, ws
@@ -39,15 +38,14 @@ STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "te
 
 
 def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir: str | Path | None,
-              allow_url_images: bool, device: str | None = None) -> Environment:
+              allow_url_images: bool) -> Environment:
+    """The environment without a model manager: make_app adds the node library's.
+
+    The worker asks the model manager for the device before the first job: finding
+    the best device imports torch, which startup must not pay for.
+    """
     paths = Paths.under(data_dir, models=models_dir, workflows=workflows_dir)
-    env = Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
-    env.models = ModelManager(device=device)
-    if device:
-        env.device = device
-    # Otherwise the worker asks the model manager before the first job: finding the
-    # best device imports torch, which startup must not pay for.
-    return env
+    return Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
 
 
 @web.middleware
@@ -108,6 +106,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     settings.allow_url_images = allow_url_images or settings.allow_url_images
     env = env or build_env(data_dir, models_dir, workflows_dir, settings.allow_url_images)
     registry = registry if registry is not None else default_registry()
+    if env.models is None:
+        env.models = registry.make_model_host(None)
     store = JobStore(Path(data_dir) / DB_NAME)
     hub = Hub()
     loop_box: dict[str, asyncio.AbstractEventLoop] = {}

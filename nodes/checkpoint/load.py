@@ -41,7 +41,7 @@ class Loaded:
     info: dict[str, Any] = field(default_factory=dict)
 
     def kiln_modules(self) -> dict[str, Any]:
-        """The modules the model manager places and offloads (see engine.models)."""
+        """The modules the model manager places and offloads (see nodes.runtime.models)."""
         return self.modules
 
 

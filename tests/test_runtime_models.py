@@ -1,4 +1,4 @@
-"""engine.models on its own: model identity (file_key) and placement on a real GPU.
+"""nodes.runtime.models on its own: model identity (file_key) and placement on a real GPU.
 
 The loader tests (test_loaders.py) run the manager on the CPU with real
 checkpoints; what only a GPU exercises, moving modules on and off the device,
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.models import ModelManager, file_key
+from nodes.runtime.models import ModelManager, file_key
 
 
 def _bump_mtime(path: Path, seconds: int = 5) -> None:

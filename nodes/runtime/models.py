@@ -1,4 +1,4 @@
-"""The model manager: each model loaded once, placed on the best device, offloaded when memory runs short.
+"""The model manager (the node library's engine.context.ModelHost): each model loaded once, placed on the best device, offloaded when memory runs short.
 
 The engine knows nothing about diffusion: a loader callable from the node library
 builds the model (any object; typically a dict of named torch modules) and the
@@ -159,11 +159,6 @@ class ModelManager:
             self._fit_cpu_budget(keep=key)
             return value
 
-    def get(self, key: tuple) -> Any | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry.value if entry else None
-
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
             return key in self._entries
@@ -262,16 +257,6 @@ class ModelManager:
             torch.mps.empty_cache()
 
     # -- on request --------------------------------------------------------------------
-
-    def unload(self, key: tuple) -> bool:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.in_use:
-                return False
-            self._drop(key)
-        gc.collect()
-        self._empty_device_cache()
-        return True
 
     def unload_all(self) -> int:
         """Forget every idle model (in-use ones stay); returns how many were dropped."""
