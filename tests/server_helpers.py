@@ -63,6 +63,10 @@ def make_registry() -> Registry:
     registry = stub_nodes.make_registry()
     registry.add(spin)
     registry.add(save_text)
+    # The node library's model manager, as nodes.register provides it to a real server.
+    from nodes.runtime.models import ModelManager
+
+    registry.model_host_factory = lambda device=None: ModelManager(device=device)
     return registry
 
 
