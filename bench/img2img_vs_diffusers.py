@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(REPO))
 
-# SD 1.5's widths and depths; what every SD1 model shares comes from nodes/checkpoint/families.py.
+# SD 1.5's widths and depths; what every SD1 model shares comes from nodes/families/sd1.py.
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, in_channels=4, out_channels=4,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), layers_per_block=2,
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
@@ -49,15 +49,16 @@ def full_size_components() -> dict[str, Any]:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.checkpoint import families as fam
+    from nodes.checkpoint.clip_configs import text_config_defaults
+    from nodes.families.sd1 import FAMILY as SD1
     from nodes.checkpoint.tokenizer import PAD_EOS, clip_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**fam.unet_defaults("sd1"), **SD15_UNET, attention_head_dim=fam.SD1_UNET_HEADS)
-    text = CLIPTextConfig(**fam.text_config_defaults("openai"), **SD15_TE)
-    return {"unet": unet.eval(), "vae": AutoencoderKL(**fam.vae_defaults("sd1"), **SD_VAE).eval(),
+    unet = UNet2DConditionModel(**SD1.unet_defaults(), **SD15_UNET, attention_head_dim=SD1.unet_heads([]))
+    text = CLIPTextConfig(**text_config_defaults("openai"), **SD15_TE)
+    return {"unet": unet.eval(), "vae": AutoencoderKL(**SD1.vae_defaults(), **SD_VAE).eval(),
             "text_encoder": CLIPTextModel(text).eval(), "tokenizer": clip_tokenizer(PAD_EOS),
-            "scheduler": PNDMScheduler.from_config(fam.scheduler_config("sd1"))}
+            "scheduler": PNDMScheduler.from_config(SD1.scheduler_config())}
 
 
 def tiny_components() -> dict[str, Any]:

@@ -11,7 +11,7 @@ custom-node authors):
 * IMAGE: float32 tensor [B, H, W, C] in 0..1, on the CPU.
 * MASK: float32 tensor [B, H, W] in 0..1.
 * LATENT: dict {"samples": tensor [B, C, h, w] *unscaled* (raw VAE space), plus
-  optional keys}. The MODEL's ``latent_scale`` is applied inside sampling.
+  optional keys}. The MODEL's latent format (scale, shift) is applied inside sampling.
   AddNoise adds {"noise": tensor like samples, "strength": float, "seed": int}.
 * CONDITIONING: list of [embeds tensor [1, tokens, dim], {"pooled_output": tensor | None, ...}].
 """
@@ -21,33 +21,57 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from nodes.families.base import Family, LatentFormat
+
 if TYPE_CHECKING:  # node modules stay importable without torch, so `kiln serve` starts fast
     import torch
+
+    from nodes.runtime.patches import LoraStack
 
 
 @dataclass(eq=False)
 class ModelHandle:
-    """MODEL: a denoiser (UNet) plus what sampling must know about it."""
+    """MODEL: a denoiser network plus what sampling must know about it.
 
-    family: str  # "sd1" | "sd2" | "sdxl"
+    ``loras`` is the LoRA stack of this handle: LoraLoader returns a new handle
+    with one more entry, so the base handle (and every cache entry holding it)
+    keeps sampling without it. The weights are patched only inside :meth:`unet`.
+    """
+
+    family: Family
     #: diffusers scheduler config of the checkpoint (betas, prediction_type, ...).
     scheduler_config: dict[str, Any]
-    #: VAE latent scaling factor (0.18215 for SD1/SD2, 0.13025 for SDXL).
-    latent_scale: float
-    latent_channels: int = 4
-    #: Returns a context manager yielding the UNet on the compute device and dtype.
+    latent: LatentFormat
+    #: Returns a context manager yielding the network on the compute device and dtype.
     _use_unet: Callable[[], contextlib.AbstractContextManager] | None = None
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    loras: "LoraStack" = ()
+    #: Returns the network wherever it is, to read its names and shapes (LoRA matching).
+    _peek: Callable[[], Any] | None = None
+
+    def peek(self) -> "torch.nn.Module":
+        if self._peek is not None:
+            return self._peek()
+        with self.unet() as unet:  # handles built without a peek (tests) place it once
+            return unet
 
     @property
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def latent_channels(self) -> int:
+        return self.latent.channels
+
     @contextlib.contextmanager
     def unet(self) -> Iterator["torch.nn.Module"]:
+        """The network on the compute device with this handle's LoRAs applied; they are
+        removed exactly (the saved weights copied back) when the block ends."""
+        from nodes.runtime.patches import patched
+
         assert self._use_unet is not None, "model handle has no loader"
-        with self._use_unet() as unet:
+        with self._use_unet() as unet, patched(unet, self.loras, "unet"):
             yield unet
 
     def __kiln_nbytes__(self) -> int:
@@ -59,21 +83,34 @@ ConditioningValue = list  # [[embeds, {"pooled_output": ...}], ...]
 
 @dataclass(eq=False)
 class ClipHandle:
-    """CLIP: the text encoder(s) and tokenizer(s) of a checkpoint.
+    """CLIP: the text encoder(s) and tokenizer(s) of a family; encoding is in nodes.families.text.
 
-    ``encode`` matches diffusers' pipelines token for token: 77 tokens padded to the
-    maximum and truncated (as ``encode_prompt`` does; ComfyUI's >77-token chunking
-    is not done). SD 1.x and SD 2.x give the encoder's last hidden state (the SD 2.x
-    encoder is built without OpenCLIP's last block, i.e. its penultimate layer
-    with the final norm, as diffusers' SD 2 configs do). SDXL concatenates both
-    encoders' penultimate hidden states and pools with text_encoder_2's projection.
+    ``layer`` is CLIPSetLastLayer's value (None: the family's default layer);
+    ``loras`` the text-encoder side of the LoRA stack.
     """
 
-    family: str
+    family: Family
     tokenizers: dict[str, Any]
     #: encoder name ("text_encoder", "text_encoder_2") -> context manager yielding it on the device
     _use: Callable[[str], contextlib.AbstractContextManager] | None = None
     name: str = ""
+    layer: int | None = None
+    loras: "LoraStack" = ()
+    #: module name -> that encoder wherever it is, to read its names and shapes.
+    _peek: Callable[[str], Any] | None = None
+
+    def peek(self, module: str) -> "torch.nn.Module":
+        assert self._peek is not None, "clip handle has no loader"
+        return self._peek(module)
+
+    @contextlib.contextmanager
+    def encoder(self, module: str) -> Iterator["torch.nn.Module"]:
+        """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use."""
+        from nodes.runtime.patches import patched
+
+        assert self._use is not None, "clip handle has no loader"
+        with self._use(module) as te, patched(te, self.loras, module):
+            yield te
 
     def tokenize(self, text: str, which: str = "tokenizer") -> tuple[list[int], bool]:
         """Token ids (77, padded) and whether the text had to be truncated."""
@@ -82,25 +119,10 @@ class ClipHandle:
         return list(ids), len(tok.tokenize(text)) + 2 > tok.model_max_length  # + start and end tokens
 
     def encode(self, text: str) -> list:
-        """CONDITIONING for ``text``: [[embeds [1, 77, dim] float32 CPU, {"pooled_output": ...}]]."""
-        import torch
+        """CONDITIONING for ``text`` (see nodes.families.text.encode)."""
+        from nodes.families.text import encode
 
-        assert self._use is not None, "clip handle has no loader"
-        names = ["text_encoder", "text_encoder_2"] if self.family == "sdxl" else ["text_encoder"]
-        states, pooled = [], None
-        with torch.inference_mode():
-            for enc, tok in zip(names, ["tokenizer", "tokenizer_2"]):
-                ids, _ = self.tokenize(text, tok)
-                with self._use(enc) as te:
-                    out = te(torch.tensor([ids], device=te.device), output_hidden_states=self.family == "sdxl")
-                if self.family == "sdxl":
-                    states.append(out.hidden_states[-2])
-                    if enc == "text_encoder_2":
-                        pooled = out.text_embeds.to("cpu", torch.float32)
-                else:
-                    states.append(out.last_hidden_state)
-        embeds = torch.cat([s.to("cpu", torch.float32) for s in states], dim=-1)
-        return [[embeds, {"pooled_output": pooled}]]
+        return encode(self, text)
 
     def __kiln_nbytes__(self) -> int:
         return 0
@@ -108,7 +130,7 @@ class ClipHandle:
 
 @dataclass(eq=False)
 class VaeHandle:
-    """VAE: IMAGE <-> unscaled latents (the MODEL's latent_scale is applied by sampling)."""
+    """VAE: IMAGE <-> unscaled latents (the MODEL's latent format is applied by sampling)."""
 
     latent_scale: float
     downscale: int = 8

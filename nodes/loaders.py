@@ -39,19 +39,23 @@ def _manager(env: Environment) -> ModelManager:
     return _fallback
 
 
-def list_models(env: Environment | None, folder: str, diffusers_marker: str) -> list[str]:
+def list_models(env: Environment | None, folder: str, diffusers_marker: str | None) -> list[str]:
     """Model files under ``<models>/<folder>`` and diffusers folders (holding ``diffusers_marker``)."""
     if env is None:
         return []
     return model_names(Path(env.paths.models.root) / folder, diffusers_marker)
 
 
-def model_names(root: Path, diffusers_marker: str) -> list[str]:
-    """The names a loader accepts for the models in ``root`` (sorted; none if it is missing)."""
+def model_names(root: Path, diffusers_marker: str | None) -> list[str]:
+    """The names a loader accepts for the models in ``root`` (sorted; none if it is missing).
+
+    A folder holding ``diffusers_marker`` is one model (a diffusers folder); None:
+    the loader reads single files only.
+    """
     names: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        if diffusers_marker in filenames and rel != Path("."):
+        if diffusers_marker and diffusers_marker in filenames and rel != Path("."):
             names.append(rel.as_posix())
             dirnames[:] = []
             continue
@@ -69,7 +73,7 @@ def _vaes(env: Environment | None) -> list[str]:
     return list_models(env, VAE_FOLDER, "config.json")
 
 
-def _locate(env: Environment, folder: str, name: Any, input_name: str) -> Path:
+def locate(env: Environment, folder: str, name: Any, input_name: str) -> Path:
     if not isinstance(name, str) or not name:
         raise NodeError(f"{input_name} must be a file name in models/{folder}", input_name=input_name)
     try:
@@ -81,21 +85,21 @@ def _locate(env: Environment, folder: str, name: Any, input_name: str) -> Path:
     return path
 
 
-def _validator(folder: str, input_name: str):
+def validator(folder: str, input_name: str):
     def validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
         try:
-            _locate(env, folder, inputs.get(input_name), input_name)
+            locate(env, folder, inputs.get(input_name), input_name)
         except NodeError as exc:
             return [(input_name, str(exc))]
         return []
     return validate
 
 
-def _fingerprinter(folder: str, input_name: str):
+def fingerprinter(folder: str, input_name: str):
     def fingerprint(env: Environment, inputs: Mapping[str, Any]) -> Any:
         # The file's identity, not a hash of gigabytes: replacing or touching it reloads.
         try:
-            return list(file_key(_locate(env, folder, inputs.get(input_name), input_name)))
+            return list(file_key(locate(env, folder, inputs.get(input_name), input_name)))
         except (NodeError, OSError):
             return None
     return fingerprint
@@ -108,6 +112,11 @@ def _load_checkpoint(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.load import load_checkpoint
 
     return load_checkpoint(path, manager.dtype)
+
+
+def peek_module(manager: ModelManager, key: tuple, loader: Any, name: str) -> Any:
+    """Module ``name`` of a loaded entry wherever it is (to read names and shapes, not to run)."""
+    return manager.acquire(key, loader).kiln_modules()[name]
 
 
 def _acquire(manager: ModelManager, key: tuple, loader: Any, input_name: str, name: str) -> Any:
@@ -136,8 +145,8 @@ def _acquire(manager: ModelManager, key: tuple, loader: Any, input_name: str, na
                       "diffusers folders use their scheduler config; otherwise epsilon."),
     ],
     outputs=[Output("MODEL", T.MODEL), Output("CLIP", T.CLIP), Output("VAE", T.VAE)],
-    validate=_validator(CHECKPOINT_FOLDER, "ckpt_name"),
-    fingerprint=_fingerprinter(CHECKPOINT_FOLDER, "ckpt_name"),
+    validate=validator(CHECKPOINT_FOLDER, "ckpt_name"),
+    fingerprint=fingerprinter(CHECKPOINT_FOLDER, "ckpt_name"),
 )
 def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     """Load a Stable Diffusion checkpoint once; outputs handles to its UNet, text encoder(s) and VAE.
@@ -148,7 +157,7 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     """
     if prediction not in PREDICTIONS:
         raise NodeError(f"prediction must be one of {', '.join(PREDICTIONS)}", input_name="prediction")
-    path = _locate(ctx.env, CHECKPOINT_FOLDER, ckpt_name, "ckpt_name")
+    path = locate(ctx.env, CHECKPOINT_FOLDER, ckpt_name, "ckpt_name")
     manager = _manager(ctx.env)
     key = file_key(path, "checkpoint")
     loader = functools.partial(_load_checkpoint, path)
@@ -159,14 +168,15 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     if prediction != "auto":  # one loaded copy whatever the override; only the handle differs
         scheduler_config["prediction_type"] = prediction
         info.update(prediction_type=prediction, prediction_reason="set on the loader")
+    peek = functools.partial(peek_module, manager, key, loader)
     model = ModelHandle(family=loaded.family, scheduler_config=scheduler_config,
-                        latent_scale=loaded.latent_scale, _use_unet=lambda: use("unet", loader),
-                        name=ckpt_name, extra=info)
+                        latent=loaded.latent, _use_unet=lambda: use("unet", loader),
+                        name=ckpt_name, extra=info, _peek=lambda: peek("unet"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
-                      _use=lambda which: use(which, loader), name=ckpt_name)
-    vae = VaeHandle(latent_scale=loaded.latent_scale, _use_vae=lambda: use("vae", loader), name=ckpt_name,
+                      _use=lambda which: use(which, loader), name=ckpt_name, _peek=peek)
+    vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=ckpt_name,
                     latent_channels=int(loaded.modules["vae"].config.latent_channels))
-    ctx.message(f"{ckpt_name}: {loaded.family}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
+    ctx.message(f"{ckpt_name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
                 f"{info.get('format')}, on {manager.device}")
     return (model, clip, vae)
 
@@ -187,8 +197,8 @@ def _load_vae(path: Path, manager: ModelManager) -> Any:
     inputs=[Input("vae_name", T.COMBO, choices=_vaes,
                   tooltip="A VAE .safetensors file or diffusers AutoencoderKL folder in models/vae.")],
     outputs=[Output("VAE", T.VAE)],
-    validate=_validator(VAE_FOLDER, "vae_name"),
-    fingerprint=_fingerprinter(VAE_FOLDER, "vae_name"),
+    validate=validator(VAE_FOLDER, "vae_name"),
+    fingerprint=fingerprinter(VAE_FOLDER, "vae_name"),
 )
 def vae_loader(ctx, vae_name: str):
     """Load a standalone VAE (original or diffusers layout), e.g. to replace a checkpoint's own.
@@ -197,7 +207,7 @@ def vae_loader(ctx, vae_name: str):
     ``latent_scale`` (0.13025 when the name contains "xl", else 0.18215, or the
     folder's config) is informational.
     """
-    path = _locate(ctx.env, VAE_FOLDER, vae_name, "vae_name")
+    path = locate(ctx.env, VAE_FOLDER, vae_name, "vae_name")
     manager = _manager(ctx.env)
     key = file_key(path, "vae")
     loader = functools.partial(_load_vae, path)

@@ -81,7 +81,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
         noise = given.to(torch.float32)
         if float(denoise) < 1.0:
             ctx.message("denoise is ignored: AddNoise's strength sets where sampling starts")
-    x0 = samples * float(model.latent_scale)
+    x0 = model.latent.to_model(samples)
     p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
                   strength=strength, denoise=float(denoise))
     out = {k: v for k, v in latent_image.items() if k not in _NOISE_KEYS}
@@ -95,9 +95,10 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     try:
         with model.unet() as unet:
             result = loop.run(unet, p, positive=positive, negative=negative, cfg=float(cfg),
-                              generators=generators, family=model.family, image_size=image_size,
+                              generators=generators, family=model.family, latent=model.latent,
+                              training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
-    out["samples"] = (result / float(model.latent_scale)).to("cpu", torch.float32)
+    out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
     return (out,)

@@ -17,6 +17,7 @@ from engine.context import Environment, NodeError, Paths
 from nodes.runtime.models import ModelManager
 from node_call import Called, call
 from nodes import loaders
+from nodes.families import sd1, sd2, sdxl
 
 import torch  # noqa: E402
 
@@ -48,9 +49,9 @@ def test_loads_identical_model(tiny_env, variant, fmt):
     model, clip, vae = call(loaders.checkpoint_loader, tiny_env, rec, ckpt_name=tm.checkpoint_name(variant, fmt))
     src = tm.components(variant)
     family = "sd2" if variant.startswith("sd2") else variant
-    assert model.family == clip.family == family
+    assert model.family.name == clip.family.name == family
     assert model.prediction_type == ("v_prediction" if variant == "sd2-v" else "epsilon")
-    assert model.latent_scale == vae.latent_scale == src["vae"].config.scaling_factor
+    assert model.latent.scale == vae.latent_scale == src["vae"].config.scaling_factor
     assert rec.messages and family in rec.messages[0]
     with model.unet() as unet:
         assert _same_weights(unet, src["unet"]) == []
@@ -121,20 +122,20 @@ def test_full_size_architectures_detected_from_shapes():
             unet = UNet2DConditionModel(**cfg)
             sd = {**unet_to_original(unet.state_dict(), dict(unet.config)), **vae_sd}
             if family == "sd1":
-                sd.update(openai_clip_to_original(te_l, detect.SD1_TEXT))
+                sd.update(openai_clip_to_original(te_l, sd1.TEXT_PREFIX))
             elif family == "sd2":
-                sd.update(open_clip_to_original(te_h, detect.SD2_TEXT, projection=torch.empty(1024, 1024, device="meta")))
+                sd.update(open_clip_to_original(te_h, sd2.TEXT_PREFIX, projection=torch.empty(1024, 1024, device="meta")))
             else:
-                sd.update(openai_clip_to_original(te_l, detect.XL_TEXT1))
-                sd.update(open_clip_to_original(te_g, detect.XL_TEXT2))
+                sd.update(openai_clip_to_original(te_l, sdxl.TEXT1_PREFIX))
+                sd.update(open_clip_to_original(te_g, sdxl.TEXT2_PREFIX))
             found = detect.detect({k: tuple(v.shape) for k, v in sd.items()})
-            assert found.family == family
+            assert found.family.name == family
             for key, value in cfg.items():
                 got = found.unet[key]
                 assert (tuple(got) if isinstance(got, (list, tuple)) else got) == value, (family, key)
             for key, value in vae_cfg.items():
                 assert tuple(found.vae[key]) == value if isinstance(value, tuple) else found.vae[key] == value
-            texts = {name: cfg for name, (_, _, cfg) in found.text.items()}
+            texts = found.text
             expect = {"sd1": {"text_encoder": (768, 12, 12, 3072)},
                       "sd2": {"text_encoder": (1024, 23, 16, 4096)},  # SD 2 conditions on the penultimate layer
                       "sdxl": {"text_encoder": (768, 12, 12, 3072), "text_encoder_2": (1280, 32, 20, 5120)}}[family]
@@ -317,7 +318,7 @@ def test_cpu_budget_drops_least_recently_used_entry():
 def test_environment_without_manager_still_loads(tmp_path, tiny_models_dir):
     env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir))
     model = call(loaders.checkpoint_loader, env, ckpt_name="tiny-sd1.safetensors")[0]
-    assert model.family == "sd1"
+    assert model.family.name == "sd1"
 
 
 

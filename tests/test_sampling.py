@@ -10,6 +10,7 @@ VAE nodes deliberately do not; VAE encoding is tested with the VAE nodes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import torch
 import tiny_models
 from engine.context import Interrupted, NodeContext, NodeError
 from engine.events import Preview
+from nodes import families
 from nodes.handles import ModelHandle
 from nodes.latent import add_noise, empty_latent_image
 from nodes.samplers import schedules
@@ -67,8 +69,10 @@ class Tiny:
         unet = self.parts["unet"]
         unet.register_forward_pre_hook(self._count)
         self.scale = float(self.parts["vae"].config.scaling_factor)
-        self.model = ModelHandle(self.family, scheduler_config=dict(self.parts["scheduler"].config),
-                                 latent_scale=self.scale, _use_unet=lambda: contextlib.nullcontext(unet))
+        fam = families.by_name(self.family)
+        self.model = ModelHandle(fam, scheduler_config=dict(self.parts["scheduler"].config),
+                                 latent=dataclasses.replace(fam.latent, scale=self.scale),
+                                 _use_unet=lambda: contextlib.nullcontext(unet))
         pipe = tiny_models.pipeline(variant)
         with torch.no_grad():
             enc = pipe.encode_prompt("a red barn in a field", device="cpu", num_images_per_prompt=1,

@@ -1,55 +1,34 @@
 """Which model a single-file checkpoint holds, and its architecture, from key names and tensor shapes.
 
 Like ComfyUI's model detection, nothing here depends on a file name or a config
-download: the family comes from which text encoder layout is present, and every
-size (channels, levels, layers per level, transformer depth, cross-attention and
-text widths) from the shapes. What shapes cannot tell (head counts, activations,
-norm groups, schedule) comes from :mod:`nodes.checkpoint.families`. The result
-is a set of diffusers/transformers config dicts, so a full-size SD 1.5 file yields
-SD 1.5's config and a tiny test file the tiny one, through the same code.
+download: each family (:mod:`nodes.families`) recognises its own text-encoder
+layout, and every size (channels, levels, layers per level, transformer depth,
+cross-attention and text widths) comes from the shapes. What shapes cannot tell
+(head counts, activations, norm groups, schedule) comes from the family. The
+result is a set of diffusers/transformers config dicts, so a full-size SD 1.5 file
+yields SD 1.5's config and a tiny test file the tiny one, through the same code.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-from nodes.checkpoint import families as fam
+from nodes import families
+from nodes.checkpoint.clip_configs import TEXT_HEAD_WIDTH, text_config_defaults
+from nodes.families.base import Detected, Family, Shapes, has_prefix
+from nodes.families.base import indices as _indices
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-SD1_TEXT = "cond_stage_model.transformer."
-SD2_TEXT = "cond_stage_model.model."
-XL_TEXT1 = "conditioner.embedders.0.transformer."
-XL_TEXT2 = "conditioner.embedders.1.model."
-
-Shapes = Mapping[str, tuple[int, ...]]
 
 
 class UnsupportedCheckpoint(ValueError):
     """The file is readable but holds no model Kiln can run; the message says what it holds."""
 
 
-@dataclass
-class Detected:
-    family: str  # "sd1" | "sd2" | "sdxl"
-    prediction_type: str
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    #: name ("text_encoder", "text_encoder_2") -> (key prefix, "openai" | "openclip", CLIPTextConfig kwargs)
-    text: dict[str, tuple[str, str, dict[str, Any]]] = field(default_factory=dict)
-    #: Why this prediction type was chosen, for the loader's message.
-    prediction_reason: str = ""
-
-
-def _indices(shapes: Shapes, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
-
-
-def family_of(shapes: Shapes) -> str:
-    """Family from the text encoder layout, with a clear error for what is not a supported SD model."""
-    has = lambda prefix: any(k.startswith(prefix) for k in shapes)  # noqa: E731
+def family_of(shapes: Shapes) -> Family:
+    """The family whose layout the file has, with a clear error for what is not a supported model."""
+    has = lambda prefix: has_prefix(shapes, prefix)  # noqa: E731
     if not has(UNET):
         if has("encoder.down.") or has(VAE):
             raise UnsupportedCheckpoint("this file holds only a VAE; put it in models/vae and load it with VAELoader")
@@ -60,19 +39,16 @@ def family_of(shapes: Shapes) -> str:
     if in_ch != 4:
         raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (an inpainting or depth model); "
                                     "only text/image-to-image checkpoints with 4 are supported")
-    if has(XL_TEXT1) and has(XL_TEXT2):
-        return "sdxl"
-    if has("conditioner.embedders.0.model."):
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         raise UnsupportedCheckpoint("this is an SDXL refiner checkpoint; only SDXL base is supported")
-    if has(SD2_TEXT):
-        return "sd2"
-    if has(SD1_TEXT):
-        return "sd1"
+    for family in families.ALL:
+        if family.claims(shapes):
+            return family
     raise UnsupportedCheckpoint("unknown model family: no text encoder this loader knows "
                                 "(expected SD 1.x, SD 2.x or SDXL base keys)")
 
 
-def unet_config(shapes: Shapes, family: str, pooled_dim: int | None = None) -> dict[str, Any]:
+def unet_config(shapes: Shapes, family: Family, pooled_dim: int | None = None) -> dict[str, Any]:
     p = UNET
     blocks = _indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\.")
     levels: list[list[int]] = [[]]  # input block indices of the resnets, per level
@@ -98,7 +74,7 @@ def unet_config(shapes: Shapes, family: str, pooled_dim: int | None = None) -> d
     proj_in = next(k for k in sorted(shapes) if k.startswith(p) and k.endswith(".proj_in.weight"))
     base = channels[0]
     config: dict[str, Any] = dict(
-        fam.unet_defaults(family),
+        family.unet_defaults(),
         in_channels=shapes[p + "input_blocks.0.0.weight"][1],
         out_channels=shapes[p + "out.2.weight"][0],
         layers_per_block=layers,
@@ -111,14 +87,11 @@ def unet_config(shapes: Shapes, family: str, pooled_dim: int | None = None) -> d
     )
     if depth("middle_block.1.") not in (0, config["transformer_layers_per_block"][-1]):
         raise UnsupportedCheckpoint("the UNet's middle block depth does not match its last level")
-    if family == "sd1":
-        config["attention_head_dim"] = fam.SD1_UNET_HEADS
-    else:  # diffusers names the head *count* attention_head_dim for these configs
-        config["attention_head_dim"] = tuple(max(1, c // fam.HEAD_WIDTH) for c in channels)
+    config["attention_head_dim"] = family.unet_heads(channels)
     time_dim = shapes[p + "time_embed.0.weight"][0]
     if time_dim != 4 * base:
         config["time_embedding_dim"] = time_dim
-    if family == "sdxl":
+    if config.get("addition_embed_type") == "text_time":
         adm = shapes[p + "label_emb.0.0.weight"][1]
         if pooled_dim is None or (adm - pooled_dim) % 6:
             raise UnsupportedCheckpoint(f"cannot split the SDXL size embedding ({adm}) into 6 time ids + pooled text")
@@ -128,14 +101,14 @@ def unet_config(shapes: Shapes, family: str, pooled_dim: int | None = None) -> d
     return config
 
 
-def vae_config(shapes: Shapes, family: str, prefix: str = VAE) -> dict[str, Any]:
+def vae_config(shapes: Shapes, family: Family, prefix: str = VAE) -> dict[str, Any]:
     p = prefix
     levels = _indices(shapes, re.escape(p) + r"encoder\.down\.(\d+)\.")
     if not levels or p + "decoder.conv_in.weight" not in shapes:
         raise UnsupportedCheckpoint("no VAE in this file (no encoder/decoder weights)")
     layers = len(_indices(shapes, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\."))
     return dict(
-        fam.vae_defaults(family),
+        family.vae_defaults(),
         in_channels=shapes[p + "encoder.conv_in.weight"][1],
         out_channels=shapes[p + "decoder.conv_out.weight"][0],
         latent_channels=shapes[p + "decoder.conv_in.weight"][1],
@@ -150,9 +123,9 @@ def openai_text_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
     p = prefix + "text_model." if (prefix + "text_model.embeddings.token_embedding.weight") in shapes else prefix
     vocab, width = shapes[p + "embeddings.token_embedding.weight"]
     layers = _indices(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\.")
-    return dict(fam.text_config_defaults("openai"), vocab_size=vocab, hidden_size=width,
+    return dict(text_config_defaults("openai"), vocab_size=vocab, hidden_size=width,
                 max_position_embeddings=shapes[p + "embeddings.position_embedding.weight"][0],
-                num_hidden_layers=len(layers), num_attention_heads=max(1, width // fam.TEXT_HEAD_WIDTH),
+                num_hidden_layers=len(layers), num_attention_heads=max(1, width // TEXT_HEAD_WIDTH),
                 intermediate_size=shapes[p + "encoder.layers.0.mlp.fc1.weight"][0], projection_dim=width)
 
 
@@ -161,15 +134,15 @@ def openclip_text_config(shapes: Shapes, prefix: str, drop_last: bool) -> dict[s
     vocab, width = shapes[prefix + "token_embedding.weight"]
     layers = len(_indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
     proj = shapes.get(prefix + "text_projection", (width, width))
-    return dict(fam.text_config_defaults("openclip"), vocab_size=vocab, hidden_size=width,
+    return dict(text_config_defaults("openclip"), vocab_size=vocab, hidden_size=width,
                 max_position_embeddings=shapes[prefix + "positional_embedding"][0],
                 num_hidden_layers=layers - (1 if drop_last else 0),
-                num_attention_heads=max(1, width // fam.TEXT_HEAD_WIDTH),
+                num_attention_heads=max(1, width // TEXT_HEAD_WIDTH),
                 intermediate_size=shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0],
                 projection_dim=proj[1])
 
 
-def prediction_type(shapes: Shapes, family: str, unet: dict[str, Any],
+def prediction_type(shapes: Shapes, family: Family, unet: dict[str, Any],
                     std_of: Callable[[str], float | None] | None = None) -> tuple[str, str]:
     """epsilon or v_prediction, and why.
 
@@ -183,13 +156,13 @@ def prediction_type(shapes: Shapes, family: str, unet: dict[str, Any],
     """
     if "v_pred" in shapes:
         return "v_prediction", "the checkpoint has a 'v_pred' key"
-    if family == "sd2" and std_of is not None:
+    if family.prediction_from_weights and std_of is not None:
         probe = std_probe_key(unet)
         std = std_of(probe) if probe in shapes else None
         if std is not None:
             kind = "v_prediction" if std > 0.09 else "epsilon"
             return kind, f"SD 2.x rule: std of {probe[len(UNET):]} is {std:.3f} ({'>' if std > 0.09 else '<='} 0.09)"
-    return "epsilon", "the family's default"
+    return family.default_prediction, "the family's default"
 
 
 def std_probe_key(unet: dict[str, Any]) -> str:
@@ -199,23 +172,42 @@ def std_probe_key(unet: dict[str, Any]) -> str:
     return UNET + f"output_blocks.{last}.1.transformer_blocks.0.norm1.bias"
 
 
+def text_configs(shapes: Shapes, family: Family) -> dict[str, dict[str, Any]]:
+    """CLIPTextConfig kwargs of each of the family's encoders, from the file's shapes."""
+    out = {}
+    for spec in family.text_encoders:
+        if spec.kind == "openai":
+            out[spec.module] = openai_text_config(shapes, spec.prefix)
+        else:
+            out[spec.module] = openclip_text_config(shapes, spec.prefix, drop_last=spec.dropped > 0)
+    return out
+
+
 def detect(shapes: Shapes, std_of: Callable[[str], float | None] | None = None) -> Detected:
     """Family, prediction type and component configs; ``std_of(key)`` reads a tensor's std."""
     family = family_of(shapes)
-    text: dict[str, tuple[str, str, dict[str, Any]]] = {}
-    pooled = None
-    if family == "sd1":
-        text["text_encoder"] = (SD1_TEXT, "openai", openai_text_config(shapes, SD1_TEXT))
-    elif family == "sd2":
-        text["text_encoder"] = (SD2_TEXT, "openclip", openclip_text_config(shapes, SD2_TEXT, drop_last=True))
-    else:
-        text["text_encoder"] = (XL_TEXT1, "openai", openai_text_config(shapes, XL_TEXT1))
-        cfg2 = openclip_text_config(shapes, XL_TEXT2, drop_last=False)
-        text["text_encoder_2"] = (XL_TEXT2, "openclip", cfg2)
-        pooled = cfg2["projection_dim"]
+    text = text_configs(shapes, family)
+    pooled = next((text[s.module]["projection_dim"] for s in family.text_encoders if s.pooled), None)
     unet = unet_config(shapes, family, pooled)
     vae = vae_config(shapes, family)
     pred, why = prediction_type(shapes, family, unet, std_of)
-    if pred == "v_prediction" and family == "sd2":
-        unet["sample_size"] = 96
     return Detected(family, pred, unet, vae, text, why)
+
+
+def text_encoder_layout(shapes: Shapes) -> tuple[str, str] | None:
+    """("openai" | "openclip", key prefix) of a lone text-encoder file, or None.
+
+    Accepts the layouts people have: transformers' (with or without the
+    ``text_model.`` prefix that transformers 5 dropped), OpenCLIP's original one,
+    and either inside a checkpoint-style prefix.
+    """
+    for k in sorted(shapes):
+        for marker, kind in (("embeddings.token_embedding.weight", "openai"), ("token_embedding.weight", "openclip")):
+            if k.endswith(marker):
+                prefix = k[: -len(marker)]
+                if kind == "openai" and prefix.endswith("text_model."):
+                    prefix = prefix[: -len("text_model.")]
+                if kind == "openclip" and (prefix + "transformer.resblocks.0.attn.in_proj_weight") not in shapes:
+                    continue
+                return kind, prefix
+    return None

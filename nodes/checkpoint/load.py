@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import detect as det
-from nodes.checkpoint import families as fam
+from nodes import families
+from nodes.families.base import Family, LatentFormat
 
 SAFE_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
@@ -33,9 +34,9 @@ class CheckpointError(ValueError):
 class Loaded:
     """What the model manager stores for one checkpoint (torch modules are placed by it)."""
 
-    family: str
+    family: Family
     scheduler_config: dict[str, Any]
-    latent_scale: float
+    latent: LatentFormat
     modules: dict[str, Any]  # unet, vae, text_encoder[, text_encoder_2]
     tokenizers: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -130,12 +131,29 @@ def _text_state(state: dict[str, Any], module: Any) -> dict[str, Any]:
     return out
 
 
-def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def build_text_encoder(state: dict[str, Any], spec: Any, config: dict[str, Any], dtype: Any) -> Any:
+    """A CLIP text encoder from ``state`` (keys under ``spec.prefix``, transformers or OpenCLIP layout)."""
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
+    cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
+    te = _empty(cls, CLIPTextConfig(**config))
+    if spec.kind == "openai":
+        sub = {k[len(spec.prefix):]: v for k, v in state.items() if k.startswith(spec.prefix)}
+        if not any(k.startswith("text_model.") for k in sub):
+            sub = {("text_model." + k if k != "text_projection.weight" else k): v for k, v in sub.items()}
+    else:
+        sub = sfu.convert_open_clip_checkpoint(te, state, prefix=spec.prefix)
+        if not spec.pooled:
+            sub.pop("text_projection.weight", None)
+    return _assign(te, _text_state(sub, te), f"text encoder ({spec.module})", dtype)
+
+
+def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    from nodes.checkpoint.tokenizer import clip_tokenizer
 
     state = read_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -157,26 +175,14 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     vae = _empty(AutoencoderKL, found.vae)
     vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", vae_dtype or dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}
-    for name, (prefix, kind, cfg) in found.text.items():
-        cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-        te = _empty(cls, CLIPTextConfig(**cfg))
-        if kind == "openai":
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not any(k.startswith("text_model.") for k in sub):
-                sub = {"text_model." + k: v for k, v in sub.items()}
-        else:
-            sub = sfu.convert_open_clip_checkpoint(te, state, prefix=prefix)
-            if name == "text_encoder" and found.family == "sd2":
-                sub.pop("text_projection.weight", None)
-        modules[name] = _assign(te, _text_state(sub, te), f"text encoder ({name})", dtype)
+    for spec in found.family.text_encoders:
+        modules[spec.module] = build_text_encoder(state, spec, found.text[spec.module], dtype)
     del state
-    tokenizers = {"tokenizer": clip_tokenizer(PAD_BANG if found.family == "sd2" else PAD_EOS)}
-    if found.family == "sdxl":
-        tokenizers["tokenizer_2"] = clip_tokenizer(PAD_BANG)
+    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in found.family.text_encoders}
     return Loaded(
         family=found.family,
-        scheduler_config=fam.scheduler_config(found.family, pred),
-        latent_scale=fam.LATENT_SCALE[found.family],
+        scheduler_config=found.family.scheduler_config(pred),
+        latent=found.family.latent,
         modules=modules,
         tokenizers=tokenizers,
         info={"format": "single_file", "prediction_type": pred, "prediction_reason": why},
@@ -203,7 +209,7 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
+    from nodes.checkpoint.tokenizer import clip_tokenizer
 
     quiet_progress()
     try:
@@ -220,7 +226,10 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
                 str(path), subfolder="text_encoder_2", local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers folder ({exc})") from exc
-    family = "sdxl" if sdxl else ("sd2" if te.config.hidden_act == "gelu" else "sd1")
+    try:
+        family = families.for_folder(set(modules), te.config.hidden_act)
+    except KeyError as exc:
+        raise CheckpointError(f"{path.name}: {exc.args[0]}") from None
     if vae_dtype is None:
         import torch
 
@@ -232,25 +241,32 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
         m.eval()
         m.requires_grad_(False)
     tokenizers = {}
-    for name, pad in (("tokenizer", PAD_BANG if family == "sd2" else PAD_EOS), ("tokenizer_2", PAD_BANG)):
-        if name == "tokenizer_2" and not sdxl:
-            continue
-        if (path / name).is_dir():
-            tokenizers[name] = CLIPTokenizer.from_pretrained(str(path), subfolder=name, local_files_only=True)
+    for spec in family.text_encoders:
+        if (path / spec.tokenizer).is_dir():
+            tokenizers[spec.tokenizer] = CLIPTokenizer.from_pretrained(str(path), subfolder=spec.tokenizer,
+                                                                      local_files_only=True)
         else:
-            tokenizers[name] = clip_tokenizer(pad)
-    config = fam.scheduler_config(family)
+            tokenizers[spec.tokenizer] = clip_tokenizer(spec.pad)
+    config = family.scheduler_config()
     if scheduler:
         config.update({k: v for k, v in scheduler.items() if not k.startswith("_diffusers")})
     if prediction != "auto":
         config["prediction_type"] = prediction
     return Loaded(
         family=family, scheduler_config=config,
-        latent_scale=float(vae.config.scaling_factor or fam.LATENT_SCALE[family]),
+        latent=latent_format(family, vae),
         modules=modules, tokenizers=tokenizers,
         info={"format": "diffusers", "prediction_type": config.get("prediction_type", "epsilon"),
               "prediction_reason": "set on the loader" if prediction != "auto" else "the folder's scheduler config"},
     )
+
+
+def latent_format(family: Family, vae: Any) -> LatentFormat:
+    """The family's latent format, with the scale a diffusers VAE config states (if any)."""
+    import dataclasses
+
+    scale = getattr(vae.config, "scaling_factor", None)
+    return dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
 
 
 def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
@@ -261,7 +277,7 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
     return load_single_file(path, dtype, vae_dtype, prediction)
 
 
-def load_vae_file(path: Path, dtype: Any, family: str = "sd1") -> Any:
+def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:
     """A standalone VAE (keys with or without ``first_stage_model.``, or a diffusers AutoencoderKL)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
@@ -272,6 +288,7 @@ def load_vae_file(path: Path, dtype: Any, family: str = "sd1") -> Any:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name}: not a diffusers VAE folder ({exc})") from exc
         return vae.to(dtype).eval().requires_grad_(False)
+    family = family or families.by_name("sd1")
     state = read_state_dict(path)
     if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers layout in one file
         prefix_state = {k: v for k, v in state.items()}
@@ -289,12 +306,12 @@ def load_vae_file(path: Path, dtype: Any, family: str = "sd1") -> Any:
     return _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", dtype)
 
 
-def _diffusers_vae_config(state: dict[str, Any], family: str) -> dict[str, Any]:
+def _diffusers_vae_config(state: dict[str, Any], family: Family) -> dict[str, Any]:
     import re
 
     levels = sorted({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
     layers = len({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
-    return dict(fam.vae_defaults(family), layers_per_block=layers,
+    return dict(family.vae_defaults(), layers_per_block=layers,
                 in_channels=state["encoder.conv_in.weight"].shape[1],
                 out_channels=state["decoder.conv_out.weight"].shape[0],
                 latent_channels=state["decoder.conv_in.weight"].shape[1],

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.checkpoint import families as fam
+from nodes import families
+from nodes.checkpoint import clip_configs
 
 #: Family variants the builders know. "sd2-v" is SD 2.x with v-prediction (768-v).
 VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl")
 WIDTH = 64  # text encoder width: one 64-wide head, as CLIP's head width
 
 
-def family_of(variant: str) -> str:
-    return "sd2" if variant.startswith("sd2") else variant
+def family_of(variant: str) -> Any:
+    return families.by_name("sd2" if variant.startswith("sd2") else variant)
 
 
 def prediction_of(variant: str) -> str:
@@ -34,13 +35,13 @@ def prediction_of(variant: str) -> str:
 def _unet(variant: str):
     from diffusers import UNet2DConditionModel
 
-    family = family_of(variant)
-    common = dict(fam.unet_defaults(family), sample_size=8, in_channels=4, out_channels=4, layers_per_block=1)
+    family = family_of(variant).name
+    common = dict(family_of(variant).unet_defaults(), sample_size=8, in_channels=4, out_channels=4, layers_per_block=1)
     if family == "sd1":
         return UNet2DConditionModel(**common, block_out_channels=(32, 64),
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                    cross_attention_dim=WIDTH, attention_head_dim=fam.SD1_UNET_HEADS)
+                                    cross_attention_dim=WIDTH, attention_head_dim=family_of(variant).unet_heads([32, 64]))
     if family == "sd2":
         return UNet2DConditionModel(**common, block_out_channels=(64, 128),
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -60,7 +61,7 @@ def _vae(variant: str):
     from diffusers import AutoencoderKL
 
     # Four levels: a downscale factor of 8, like every SD VAE.
-    return AutoencoderKL(**fam.vae_defaults(family_of(variant)), latent_channels=4, layers_per_block=1,
+    return AutoencoderKL(**family_of(variant).vae_defaults(), latent_channels=4, layers_per_block=1,
                          block_out_channels=(32, 32, 64, 64),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
@@ -68,8 +69,8 @@ def _vae(variant: str):
 def _text(kind: str, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(**fam.text_config_defaults(kind), hidden_size=WIDTH, intermediate_size=2 * WIDTH,
-                            num_hidden_layers=2, num_attention_heads=WIDTH // fam.TEXT_HEAD_WIDTH,
+    config = CLIPTextConfig(**clip_configs.text_config_defaults(kind), hidden_size=WIDTH, intermediate_size=2 * WIDTH,
+                            num_hidden_layers=2, num_attention_heads=WIDTH // clip_configs.TEXT_HEAD_WIDTH,
                             projection_dim=WIDTH)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
@@ -78,8 +79,8 @@ def _scheduler(variant: str):
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
     family = family_of(variant)
-    cls = EulerDiscreteScheduler if family == "sdxl" else PNDMScheduler
-    config = fam.scheduler_config(family, prediction_of(variant))
+    cls = EulerDiscreteScheduler if family.name == "sdxl" else PNDMScheduler
+    config = family.scheduler_config(prediction_of(variant))
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
@@ -104,7 +105,7 @@ def build_components(variant: str, seed: int = 0) -> dict[str, Any]:
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model variant {variant!r}; known: {', '.join(VARIANTS)}")
-    family = family_of(variant)
+    family = family_of(variant).name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         parts: dict[str, Any] = {"unet": _unet(variant), "vae": _vae(variant)}

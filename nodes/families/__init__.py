@@ -1,0 +1,32 @@
+"""Model families: one module per architecture, behind the interface in base.py.
+
+To add a family: write ``nodes/families/<name>.py`` with a :class:`Family`
+subclass and ``FAMILY = <instance>``, add the module name to :data:`MODULES`, and
+add its parity test against diffusers' pipeline for that model. Nothing in the
+sampling loop, AddNoise, previews or latent nodes changes.
+"""
+from __future__ import annotations
+
+import importlib
+
+from nodes.families.base import Family
+
+#: Checked in this order when detecting a single file (most specific first).
+MODULES = ("sdxl", "sd2", "sd1")
+
+ALL: tuple[Family, ...] = tuple(importlib.import_module(f"nodes.families.{m}").FAMILY for m in MODULES)
+
+
+def by_name(name: str) -> Family:
+    for family in ALL:
+        if family.name == name:
+            return family
+    raise KeyError(f"unknown model family {name!r}; known: {', '.join(f.name for f in ALL)}")
+
+
+def for_folder(components: set[str], text_act: str) -> Family:
+    """The family of a diffusers folder from its component folders and text activation."""
+    for family in ALL:
+        if family.claims_folder(components, text_act):
+            return family
+    raise KeyError(f"no known family has the components {sorted(components)}")

@@ -1,0 +1,215 @@
+"""The interface every model family implements, and the parts SD-style families share.
+
+A family is what a checkpoint's weights do not say but inference must know: how to
+recognise it from key names and shapes, the defaults of its networks, its latent
+space (channels, scale and shift, a latent-to-RGB preview), its text encoding, its
+training schedule and prediction type (model sampling), and how its network is
+called (time ids, pooled embeddings, extra input channels). The sampling loop,
+AddNoise, previews and the latent nodes ask the family object and never compare
+family names, so a new family is one module here plus its parity test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+#: Every released SD UNet/VAE uses 32 groups in its group norms.
+NORM_GROUPS = 32
+#: CLIP text transformers (OpenAI's and OpenCLIP's) all use 64-wide heads.
+TEXT_HEAD_WIDTH = 64
+
+
+class ConditioningError(ValueError):
+    """Conditioning a family cannot use; ``input_name`` says which input it came on."""
+
+    def __init__(self, message: str, input_name: str) -> None:
+        super().__init__(message)
+        self.input_name = input_name
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """A family's latent space: what the VAE makes and what the denoiser works in.
+
+    LATENT sockets carry raw VAE latents (as ComfyUI does); the denoiser works on
+    ``(raw - shift) * scale``. ``rgb`` maps each channel of a model-space latent to
+    RGB for previews (fitted once against real decodes; ComfyUI and A1111 ship the
+    same kind of table); ``rgb_bias`` is added after.
+    """
+
+    channels: int
+    scale: float
+    shift: float = 0.0
+    rgb: tuple[tuple[float, float, float], ...] = ()
+    rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def to_model(self, raw: "torch.Tensor") -> "torch.Tensor":
+        return (raw - self.shift) * self.scale if self.shift else raw * self.scale
+
+    def from_model(self, x: "torch.Tensor") -> "torch.Tensor":
+        return x / self.scale + self.shift if self.shift else x / self.scale
+
+    def preview_rgb(self, latent: "torch.Tensor") -> "torch.Tensor":
+        """[C,h,w] model-space latent -> [h,w,3] uint8."""
+        import torch
+
+        lat = latent.detach().to("cpu", torch.float32)
+        if len(self.rgb) != lat.shape[0]:  # an unknown layout: the first channel as grey
+            grey = lat[:1].expand(3, -1, -1).permute(1, 2, 0)
+            return ((grey + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+        rgb = lat.permute(1, 2, 0) @ torch.tensor(self.rgb, dtype=torch.float32) + torch.tensor(self.rgb_bias)
+        return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family.
+
+    ``layer`` is the hidden layer the family conditions on by default, counted
+    from the end of the *full* released encoder (-1 last, -2 penultimate), as
+    ComfyUI's CLIPSetLastLayer counts. ``dropped`` is how many final blocks the
+    built encoder lacks (SD 2.x is built without OpenCLIP's last block, as
+    diffusers does, so its output already is the penultimate layer).
+    ``norm_hidden``: apply the final layer norm to an inner layer's output (SD 1.x
+    and 2.x do; SDXL conditions on the raw penultimate state).
+    """
+
+    module: str  # "text_encoder" | "text_encoder_2" (the pipeline's component name)
+    tokenizer: str  # "tokenizer" | "tokenizer_2"
+    kind: str  # "openai" | "openclip"
+    prefix: str  # key prefix in the original single-file layout
+    layer: int = -1
+    dropped: int = 0
+    norm_hidden: bool = True
+    pooled: bool = False  # this encoder gives the pooled output (SDXL's second)
+    pad: str = "<|endoftext|>"
+
+
+@dataclass
+class Detected:
+    """What detection found in a single file: the family and every component config."""
+
+    family: "Family"
+    prediction_type: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    #: encoder module name -> CLIPTextConfig kwargs
+    text: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prediction_reason: str = ""
+
+
+class Family:
+    """The base of every family; SD-style defaults, overridden where a family differs."""
+
+    name: str = ""
+    latent: LatentFormat
+    text_encoders: tuple[TextEncoderSpec, ...] = ()
+    #: The UNet's default sample size (latent pixels) for configs built from shapes.
+    sample_size: int = 64
+    vae_sample_size: int = 512
+    default_prediction: str = "epsilon"
+    #: Releases of the family differ in prediction type but not in shapes, so detection
+    #: reads weight statistics (SD 2.x: ComfyUI's rule in nodes.checkpoint.detect).
+    prediction_from_weights: bool = False
+    #: diffusers' scheduler class the family's pipelines ship with (for configs).
+    scheduler_class: str = "PNDMScheduler"
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # -- detection ---------------------------------------------------------------
+
+    def claims(self, shapes: Shapes) -> bool:
+        """Whether a single file in the original layout holds this family's model."""
+        raise NotImplementedError
+
+    def claims_folder(self, components: set[str], text_act: str) -> bool:
+        """Whether a diffusers folder with these component folders is this family's
+        (``text_act``: the first text encoder's activation, which tells OpenAI CLIP from OpenCLIP)."""
+        wanted = {s.module for s in self.text_encoders}
+        first = self.text_encoders[0].kind if self.text_encoders else ""
+        return wanted == {c for c in components if c.startswith("text_encoder")} and \
+            (text_act == "gelu") == (first == "openclip")
+
+    def claims_text(self, shapes: Shapes) -> bool:
+        """Whether a text-encoder-only file (CLIPLoader) is this family's."""
+        return False
+
+    # -- building ------------------------------------------------------------------
+
+    def unet_defaults(self) -> dict[str, Any]:
+        """UNet2DConditionModel arguments shared by every checkpoint of the family."""
+        return dict(act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+                    freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=NORM_GROUPS,
+                    sample_size=self.sample_size)
+
+    def unet_heads(self, channels: list[int]) -> Any:
+        """diffusers' ``attention_head_dim`` (a head *count* for SD configs)."""
+        return tuple(max(1, c // 64) for c in channels)
+
+    def vae_defaults(self) -> dict[str, Any]:
+        return dict(act_fn="silu", norm_num_groups=NORM_GROUPS, in_channels=3, out_channels=3,
+                    sample_size=self.vae_sample_size, scaling_factor=self.latent.scale, force_upcast=False)
+
+    # -- model sampling ------------------------------------------------------------
+
+    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
+        """The diffusers scheduler config the family was trained with (1000-step DDPM betas).
+
+        The sampler class is chosen by the sampling node; only the training
+        schedule and the prediction type belong to the model.
+        """
+        return {
+            "_class_name": self.scheduler_class, "num_train_timesteps": 1000, "beta_start": 0.00085,
+            "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+            "prediction_type": prediction_type or self.default_prediction, "set_alpha_to_one": False,
+            "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading",
+        }
+
+    # -- text encoding ---------------------------------------------------------------
+
+    def encoder_layer(self, spec: TextEncoderSpec, clip_layer: int | None) -> int:
+        """The built encoder's layer for a CLIPSetLastLayer value (None: the family's default)."""
+        wanted = spec.layer if clip_layer is None else int(clip_layer)
+        return wanted + spec.dropped
+
+    def combine_text(self, states: list["torch.Tensor"]) -> "torch.Tensor":
+        """One conditioning tensor from each encoder's hidden states (SDXL concatenates)."""
+        import torch
+
+        return torch.cat(states, dim=-1)
+
+    # -- the denoiser's call signature ----------------------------------------------------
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        """Extra keyword arguments of one network call, from each conditioning's extras.
+
+        ``extras`` has one dict per conditioning in the call's batch order (each
+        applies to ``batch`` consecutive rows). SD 1.x/2.x need nothing.
+        """
+        return {}
+
+    def extra_channels(self, x: "torch.Tensor", conditioning_extras: list[dict]) -> "torch.Tensor":
+        """The network input: the latent plus any channels the family concatenates (inpainting)."""
+        return x
+
+
+def indices(shapes: Shapes, pattern: str) -> list[int]:
+    """Sorted integers captured by ``pattern``'s first group over the keys (layer numbers)."""
+    import re
+
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
+
+
+def has_prefix(shapes: Shapes, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in shapes)
+
+
+StdOf = Callable[[str], "float | None"]

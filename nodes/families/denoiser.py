@@ -1,0 +1,111 @@
+"""The denoiser: one network evaluation with classifier-free guidance, for any family.
+
+The sampling loop hands it the scheduler's model input and timestep and gets back
+the guided network output in the model's prediction space (epsilon, v or flow),
+which is what diffusers' schedulers step with. How the network is called (time
+ids, pooled embeddings, extra input channels) is the family's business
+(:meth:`Family.network_kwargs`, :meth:`Family.extra_channels`); how several
+conditionings combine (ComfyUI's areas, masks, strengths and timestep ranges) is
+:mod:`nodes.families.conditioning`'s. :meth:`Denoiser.predict` gives the clean-image
+prediction ``denoised`` for samplers that work in that form.
+
+Guidance runs the unconditional and conditional passes as ONE batch of 2B
+([negatives..., positives...], diffusers' order) whenever each side is a single
+plain conditioning, halving the number of network calls and keeping diffusers'
+exact arithmetic.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from nodes.families import conditioning as cond_rules
+from nodes.families.base import ConditioningError, Family
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Denoiser:
+    def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
+                 image_size: tuple[int, int], batch: int, schedule: Any = None) -> None:
+        """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
+        which turns timesteps into noise levels for conditionings with timestep ranges."""
+        self.network, self.family = network, family
+        self.device, self.dtype = network.device, network.dtype
+        self.cfg = float(cfg)
+        self.guided = self.cfg != 1.0
+        self.image_size, self.batch = image_size, batch
+        self.positive = cond_rules.entries(positive, "positive")
+        self.negative = cond_rules.entries(negative, "negative") if self.guided else []
+        self.schedule = schedule
+        self._plain = (cond_rules.is_plain(self.positive) and (not self.guided or cond_rules.is_plain(self.negative)))
+        if self._plain:
+            self._prepare_plain()
+
+    # -- the plain case: one conditioning per side, one batch -----------------------------
+
+    def _prepare_plain(self) -> None:
+        import torch
+
+        pos = self.positive[0]
+        b = self.batch
+        if self.guided:
+            neg = self.negative[0]
+            p, n = cond_rules.match_tokens(pos.embeds, neg.embeds)
+            context = torch.cat([n.expand(b, -1, -1), p.expand(b, -1, -1)])
+            extras = [neg.extra, pos.extra]
+        else:
+            context, extras = pos.embeds.expand(b, -1, -1), [pos.extra]
+        self._context = context.to(device=self.device, dtype=self.dtype)
+        self._kwargs = self.family.network_kwargs(extras, b, self.image_size, self.device, self.dtype)
+
+    def call(self, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
+             extras: list[dict]) -> "torch.Tensor":
+        """One network call in the network's dtype; the output in float32."""
+        import torch
+
+        x = self.family.extra_channels(x, extras)
+        out = self.network(x.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        return out.to(torch.float32)
+
+    # -- the loop's entry point ------------------------------------------------------------
+
+    def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+        """The guided network output for the scheduler-scaled input ``model_in`` [B, C, h, w]."""
+        import torch
+
+        if self._plain:
+            if self.guided:
+                extras = [self.negative[0].extra, self.positive[0].extra]
+                out = self.call(torch.cat([model_in, model_in]), t, self._context, self._kwargs, extras)
+                uncond, cond = out.chunk(2)
+                return uncond + self.cfg * (cond - uncond)
+            return self.call(model_in, t, self._context, self._kwargs, [self.positive[0].extra])
+        sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
+        cond = cond_rules.combine(self, self.positive, model_in, t, sigma)
+        if not self.guided:
+            return cond
+        uncond = cond_rules.combine(self, self.negative, model_in, t, sigma)
+        return uncond + self.cfg * (cond - uncond)
+
+    def sigma_at_percent(self, percent: float) -> float:
+        """ComfyUI's percent -> noise level: 0 is above every sigma, 1 is zero."""
+        if percent <= 0.0:
+            return math.inf
+        if percent >= 1.0:
+            return 0.0
+        return float(self.schedule.sigma((1.0 - percent) * (len(self.schedule.sigmas) - 1)))
+
+    def predict(self, x: "torch.Tensor", sigma: float, prediction_type: str, timestep: Any) -> "torch.Tensor":
+        """``denoised``: the clean-latent prediction at noise level ``sigma`` (k-diffusion's
+        parameterisation x = x0 + sigma * eps, model input scaled by 1/sqrt(sigma^2 + 1))."""
+        c_in = 1.0 / math.sqrt(sigma ** 2 + 1.0)
+        out = self.model_output(x * c_in, timestep)
+        if prediction_type == "epsilon":
+            return x - sigma * out
+        if prediction_type == "v_prediction":
+            return x / (sigma ** 2 + 1) - out * (sigma / math.sqrt(sigma ** 2 + 1))
+        if prediction_type == "sample":
+            return out
+        raise ConditioningError(f"unsupported prediction type {prediction_type}", "model")

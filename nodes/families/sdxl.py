@@ -1,0 +1,74 @@
+"""SDXL base: CLIP-L and OpenCLIP bigG together, pooled text and size conditioning.
+
+Recognised by the two ``conditioner.embedders.{0,1}`` encoders. Both encoders'
+penultimate hidden states (without the final norm) are concatenated; the second
+encoder's projected pooled output and six "time ids" (original size, crop
+offset, target size) go to the UNet's added conditioning, which this module's
+``network_kwargs`` builds so the sampling loop never knows about them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec, has_prefix
+
+TEXT1_PREFIX = "conditioner.embedders.0.transformer."
+TEXT2_PREFIX = "conditioner.embedders.1.model."
+
+SDXL_LATENT = LatentFormat(
+    channels=4, scale=0.13025,
+    rgb=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
+    rgb_bias=(0.1084, -0.0175, -0.0011),
+)
+
+
+def time_ids(extra: dict, height: int, width: int) -> list[float]:
+    """(original h, w) + (crop top, left) + (target h, w), diffusers' defaults unless the
+    conditioning carries ComfyUI's CLIPTextEncodeSDXL keys."""
+    return [float(extra.get("height", height)), float(extra.get("width", width)),
+            float(extra.get("crop_h", 0)), float(extra.get("crop_w", 0)),
+            float(extra.get("target_height", height)), float(extra.get("target_width", width))]
+
+
+class SDXL(Family):
+    name = "sdxl"
+    latent = SDXL_LATENT
+    text_encoders = (
+        TextEncoderSpec("text_encoder", "tokenizer", "openai", TEXT1_PREFIX, layer=-2, norm_hidden=False),
+        TextEncoderSpec("text_encoder_2", "tokenizer_2", "openclip", TEXT2_PREFIX, layer=-2, norm_hidden=False,
+                        pooled=True, pad="!"),
+    )
+    sample_size = 128
+    vae_sample_size = 1024
+    scheduler_class = "EulerDiscreteScheduler"
+
+    def claims(self, shapes: Shapes) -> bool:
+        return has_prefix(shapes, TEXT1_PREFIX) and has_prefix(shapes, TEXT2_PREFIX)
+
+    def unet_defaults(self) -> dict[str, Any]:
+        return dict(super().unet_defaults(), addition_embed_type="text_time", addition_embed_type_num_heads=64)
+
+    def vae_defaults(self) -> dict[str, Any]:
+        return dict(super().vae_defaults(), force_upcast=True)
+
+    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
+        return dict(super().scheduler_config(prediction_type), interpolation_type="linear",
+                    use_karras_sigmas=False, sample_max_value=1.0)
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        pooled, ids = [], []
+        for extra in extras:
+            p = extra.get("pooled_output")
+            if p is None:
+                raise ConditioningError("this SDXL model needs conditioning with a pooled_output (encode the "
+                                        "prompt with an SDXL CLIP)", extra.get("_input", "positive"))
+            pooled.append(p.reshape(1, -1).expand(batch, -1))
+            ids += [time_ids(extra, *image_size)] * batch
+        return {"added_cond_kwargs": {"text_embeds": torch.cat(pooled).to(device=device, dtype=dtype),
+                                      "time_ids": torch.tensor(ids, device=device, dtype=dtype)}}
+
+
+FAMILY = SDXL()

@@ -1,0 +1,146 @@
+"""LoRA files as people download them, matched to the modules of a loaded model.
+
+Formats read (one file may mix them):
+
+* kohya / A1111: ``lora_unet_<module>``, ``lora_te_<module>`` (``lora_te1_`` and
+  ``lora_te2_`` for SDXL's two encoders) with ``.lora_down.weight``,
+  ``.lora_up.weight`` and ``.alpha``; the module path with dots written as
+  underscores, in diffusers' UNet naming (kohya's SD 1.x/2.x trainer) or the
+  original one (``input_blocks_4_1_...``, kohya's SDXL trainer). LoCon adds the
+  same keys for convolutions (``[rank, in, kh, kw]`` down factors).
+* diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (also the
+  older ``.lora.down.weight`` / ``.lora.up.weight``), ``text_encoder.``/
+  ``text_encoder_2.`` for the encoders; ComfyUI-saved ``diffusion_model.<original
+  module>`` keys too.
+
+Module names are matched against the model itself (its parameter names, plus the
+original-layout names computed by Kiln's own diffusers -> original converter), so
+the rule cannot drift from the networks. Anything not matched is reported, and a
+file matching nothing is an error, never a silent no-op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodes.runtime.patches import LowRank
+
+#: (suffix of the "down" factor, suffix of the "up" factor)
+_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+          (".lora.down.weight", ".lora.up.weight"))
+#: kohya prefix -> target module of the model or CLIP
+_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                  ("lora_te_", "text_encoder"))
+_DOTTED_TARGETS = (("unet.", "unet"), ("diffusion_model.", "unet"), ("model.diffusion_model.", "unet"),
+                   ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+                   ("lora_unet.", "unet"))
+
+
+class LoraError(ValueError):
+    """A LoRA file that does not fit the model; the message says why."""
+
+
+@dataclass
+class Matched:
+    """Factors by target and parameter name, and what could not be matched."""
+
+    tables: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # name fits, shape does not
+
+    @property
+    def count(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+
+def module_names(network: Any, target: str, unet_config: dict | None = None) -> dict[str, str]:
+    """Every name a LoRA may use for a weight of ``network`` -> its parameter name.
+
+    Names are given both dotted and kohya-underscored; for a UNet also in the
+    original layout; for a text encoder with and without transformers'
+    ``text_model.`` prefix.
+    """
+    weights = [n for n, p in network.named_parameters() if n.endswith(".weight") and p.ndim >= 2]
+    names: dict[str, str] = {}
+
+    def add(alias: str, param: str) -> None:
+        names.setdefault(alias, param)
+        names.setdefault(alias.replace(".", "_"), param)
+
+    for param in weights:
+        module = param[: -len(".weight")]
+        add(module, param)
+        if target != "unet":
+            bare = module[len("text_model."):] if module.startswith("text_model.") else module
+            add(bare, param)
+            add("text_model." + bare, param)
+    if target == "unet" and unet_config is not None:
+        from nodes.checkpoint.to_original import unet_to_original
+
+        original = unet_to_original({p: p for p in weights}, unet_config)
+        for key, param in original.items():
+            add(key[len("model.diffusion_model."): -len(".weight")], param)
+    return names
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """(module key, "down" | "up" | "alpha") of a LoRA tensor key, or None."""
+    for down, up in _PAIRS:
+        if key.endswith(down):
+            return key[: -len(down)], "down"
+        if key.endswith(up):
+            return key[: -len(up)], "up"
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")], "alpha"
+    return None
+
+
+def _locate(module_key: str, lookups: dict[str, dict[str, str]]) -> tuple[str, str] | None:
+    """(target, parameter name) of a LoRA module key in the model's name tables."""
+    for prefix, target in _KOHYA_TARGETS:
+        if module_key.startswith(prefix) and target in lookups:
+            param = lookups[target].get(module_key[len(prefix):])
+            return (target, param) if param else None
+    for prefix, target in _DOTTED_TARGETS:
+        if module_key.startswith(prefix) and target in lookups:
+            param = lookups[target].get(module_key[len(prefix):])
+            return (target, param) if param else None
+    return None
+
+
+def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dict[str, dict[str, tuple]]) -> Matched:
+    """Pair up the file's factors and find the weight each one patches.
+
+    ``lookups``: target -> name table (:func:`module_names`); ``shapes``: target ->
+    parameter name -> shape, to refuse factors of another architecture.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    result = Matched()
+    for key, value in state.items():
+        split = _split(key)
+        if split is None:
+            result.unmatched.append(key)
+            continue
+        groups.setdefault(split[0], {})[split[1]] = value
+    for module_key, parts in sorted(groups.items()):
+        if "down" not in parts or "up" not in parts:
+            result.unmatched.append(module_key)
+            continue
+        found = _locate(module_key, lookups)
+        if found is None:
+            result.unmatched.append(module_key)
+            continue
+        target, param = found
+        down, up = parts["down"], parts["up"]
+        rank = down.shape[0]
+        shape = shapes[target][param]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if up.shape[0] != shape[0] or up.flatten(1).shape[1] != rank or up.shape[0] * down.flatten(1).shape[1] != numel:
+            result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs {shape}")
+            continue
+        alpha = parts.get("alpha")
+        scale = float(alpha) / rank if alpha is not None else 1.0
+        result.tables.setdefault(target, {})[param] = LowRank(up.float(), down.float(), scale)
+    return result

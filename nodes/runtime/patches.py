@@ -1,0 +1,77 @@
+"""Weight patches (LoRA) applied while a model is in use, removed exactly afterwards.
+
+A LoRA never gets its own copy of a model. While a network is in use for one
+job (``with patched(...)``), each patched weight is saved to the CPU, the LoRA
+deltas are added in place, and when the block ends the saved tensors are copied
+back: the base model is bit-identical afterwards, whatever stack was applied, and
+two jobs with different stacks alternate on one copy of the weights. Only the
+patched weights are saved, and only for the duration of the block.
+
+A delta is ``strength * scale * (up @ down)`` reshaped to the weight (LoCon's
+convolution factors flatten the same way); ``scale`` is the file's
+``alpha / rank`` (1 when the file has no alpha, as diffusers/PEFT files do).
+An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """One module's factors: ``up`` [out, rank, ...] and ``down`` [rank, in, ...]."""
+
+    up: "torch.Tensor"
+    down: "torch.Tensor"
+    scale: float
+
+    def delta(self, shape: tuple[int, ...], device: Any) -> "torch.Tensor":
+        import torch
+
+        up = self.up.to(device, torch.float32).flatten(1)
+        down = self.down.to(device, torch.float32).flatten(1)
+        return (up @ down).reshape(shape) * self.scale
+
+
+@dataclass(frozen=True, eq=False)
+class LoraEntry:
+    """One LoRA in a stack: per target ("unet", "text_encoder", ...) the factors by parameter name."""
+
+    name: str
+    strength: float
+    tables: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+
+
+LoraStack = tuple  # tuple[LoraEntry, ...]
+
+
+@contextlib.contextmanager
+def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
+    """Apply ``stack``'s deltas for ``target`` (its parameter names) to ``module`` for the block."""
+    active = [(e, e.tables[target]) for e in stack if e.strength != 0.0 and e.tables.get(target)]
+    if not active:
+        yield
+        return
+    import torch
+
+    params = dict(module.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for entry, table in active:
+                for name, factors in table.items():
+                    p = params[name]
+                    if name not in saved:
+                        saved[name] = p.detach().to("cpu", copy=True)
+                    delta = factors.delta(tuple(p.shape), p.device) * entry.strength
+                    p.copy_((p.to(torch.float32) + delta).to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                params[name].copy_(original.to(params[name].device))
