@@ -5,7 +5,7 @@ import importlib
 
 #: One module per family. Every one must import: a typo here or a deleted module
 #: fails registration loudly instead of silently dropping a family's nodes.
-FAMILIES = ("image", "latent", "sampling", "loaders", "text", "vae", "grid", "lora")
+FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "vae", "grid", "lora")
 
 
 def register(registry) -> None:

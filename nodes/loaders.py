@@ -39,11 +39,21 @@ def _manager(env: Environment) -> ModelManager:
     return _fallback
 
 
-def list_models(env: Environment | None, folder: str, diffusers_marker: str | None) -> list[str]:
-    """Model files under ``<models>/<folder>`` and diffusers folders (holding ``diffusers_marker``)."""
+#: A models subfolder, or several that one loader reads (ComfyUI's aliases: the first
+#: is the current name, e.g. ("diffusion_models", "unet")).
+Folders = str | tuple[str, ...]
+
+
+def _folders(folder: Folders) -> tuple[str, ...]:
+    return (folder,) if isinstance(folder, str) else tuple(folder)
+
+
+def list_models(env: Environment | None, folder: Folders, diffusers_marker: str | None) -> list[str]:
+    """Model files under ``<models>/<folder>`` (each alias) and diffusers folders (holding ``diffusers_marker``)."""
     if env is None:
         return []
-    return model_names(Path(env.paths.models.root) / folder, diffusers_marker)
+    names = {n for f in _folders(folder) for n in model_names(Path(env.paths.models.root) / f, diffusers_marker)}
+    return sorted(names)
 
 
 def model_names(root: Path, diffusers_marker: str | None) -> list[str]:
@@ -73,19 +83,23 @@ def _vaes(env: Environment | None) -> list[str]:
     return list_models(env, VAE_FOLDER, "config.json")
 
 
-def locate(env: Environment, folder: str, name: Any, input_name: str) -> Path:
+def locate(env: Environment, folder: Folders, name: Any, input_name: str) -> Path:
+    """The model ``name`` in the first of the folders that has it; errors name the input."""
+    folders = _folders(folder)
     if not isinstance(name, str) or not name:
-        raise NodeError(f"{input_name} must be a file name in models/{folder}", input_name=input_name)
-    try:
-        path = env.paths.models.resolve(name, folder)
-    except PathRefused as exc:
-        raise NodeError(f"{input_name}: {exc}", input_name=input_name) from exc
-    if not path.exists():
-        raise NodeError(f"no model named {name!r} in {Path(env.paths.models.root) / folder}", input_name=input_name)
-    return path
+        raise NodeError(f"{input_name} must be a file name in models/{folders[0]}", input_name=input_name)
+    for sub in folders:
+        try:
+            path = env.paths.models.resolve(name, sub)
+        except PathRefused as exc:
+            raise NodeError(f"{input_name}: {exc}", input_name=input_name) from exc
+        if path.exists():
+            return path
+    where = " or ".join(f"models/{f}" for f in folders)
+    raise NodeError(f"no model named {name!r} in {where}", input_name=input_name)
 
 
-def validator(folder: str, input_name: str):
+def validator(folder: Folders, input_name: str):
     def validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
         try:
             locate(env, folder, inputs.get(input_name), input_name)
@@ -95,7 +109,7 @@ def validator(folder: str, input_name: str):
     return validate
 
 
-def fingerprinter(folder: str, input_name: str):
+def fingerprinter(folder: Folders, input_name: str):
     def fingerprint(env: Environment, inputs: Mapping[str, Any]) -> Any:
         # The file's identity, not a hash of gigabytes: replacing or touching it reloads.
         try:

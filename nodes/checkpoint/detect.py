@@ -195,19 +195,55 @@ def detect(shapes: Shapes, std_of: Callable[[str], float | None] | None = None) 
 
 
 def text_encoder_layout(shapes: Shapes) -> tuple[str, str] | None:
-    """("openai" | "openclip", key prefix) of a lone text-encoder file, or None.
+    """("transformers" | "openclip", key prefix) of a lone text-encoder file, or None.
 
     Accepts the layouts people have: transformers' (with or without the
-    ``text_model.`` prefix that transformers 5 dropped), OpenCLIP's original one,
-    and either inside a checkpoint-style prefix.
+    ``text_model.`` prefix that transformers 5 dropped) and OpenCLIP's original
+    one, either under any prefix (ComfyUI-saved files carry one).
     """
     for k in sorted(shapes):
-        for marker, kind in (("embeddings.token_embedding.weight", "openai"), ("token_embedding.weight", "openclip")):
-            if k.endswith(marker):
-                prefix = k[: -len(marker)]
-                if kind == "openai" and prefix.endswith("text_model."):
-                    prefix = prefix[: -len("text_model.")]
-                if kind == "openclip" and (prefix + "transformer.resblocks.0.attn.in_proj_weight") not in shapes:
-                    continue
-                return kind, prefix
+        if k.endswith("embeddings.token_embedding.weight"):
+            prefix = k[: -len("embeddings.token_embedding.weight")]
+            return "transformers", prefix[: -len("text_model.")] if prefix.endswith("text_model.") else prefix
+        if k.endswith("token_embedding.weight"):
+            prefix = k[: -len("token_embedding.weight")]
+            if prefix + "transformer.resblocks.0.attn.in_proj_weight" in shapes:
+                return "openclip", prefix
     return None
+
+
+def text_kind(shapes: Shapes, layout: str, prefix: str) -> str:
+    """Which CLIP a lone encoder is: "openai" (CLIP-L) or "openclip" (ViT-H / bigG).
+
+    OpenCLIP's own layout says so; in transformers' layout the width (1024 and 1280
+    are OpenCLIP's H and bigG) or a text projection (SDXL's second encoder) does.
+    """
+    if layout == "openclip":
+        return "openclip"
+    p = prefix + "text_model." if prefix + "text_model.embeddings.token_embedding.weight" in shapes else prefix
+    width = shapes[p + "embeddings.token_embedding.weight"][1]
+    return "openclip" if width in (1024, 1280) or prefix + "text_projection.weight" in shapes else "openai"
+
+
+def lone_text_config(shapes: Shapes, layout: str, prefix: str, kind: str, drop_last: bool) -> dict[str, Any]:
+    """CLIPTextConfig kwargs of a lone encoder file in either layout, with ``kind``'s ids and activation."""
+    if layout == "openclip":
+        return openclip_text_config(shapes, prefix, drop_last=drop_last)
+    config = dict(openai_text_config(shapes, prefix), **{k: v for k, v in text_config_defaults(kind).items()
+                                                         if k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                                  "hidden_act")})
+    projection = shapes.get(prefix + "text_projection.weight")
+    if projection is not None:
+        config["projection_dim"] = projection[0]
+    return config
+
+
+def unet_layout_config(shapes: Shapes) -> dict[str, Any]:
+    """The block structure of a diffusers-layout UNet file (what the layout converter needs)."""
+    n = len(_indices(shapes, r"down_blocks\.(\d+)\."))
+    return dict(layers_per_block=len(_indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")),
+                block_out_channels=tuple(range(n)),
+                down_block_types=tuple("CrossAttnDownBlock2D" if has_prefix(shapes, f"down_blocks.{i}.attentions.")
+                                       else "DownBlock2D" for i in range(n)),
+                up_block_types=tuple("CrossAttnUpBlock2D" if has_prefix(shapes, f"up_blocks.{i}.attentions.")
+                                     else "UpBlock2D" for i in range(n)))

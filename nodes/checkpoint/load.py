@@ -131,21 +131,25 @@ def _text_state(state: dict[str, Any], module: Any) -> dict[str, Any]:
     return out
 
 
-def build_text_encoder(state: dict[str, Any], spec: Any, config: dict[str, Any], dtype: Any) -> Any:
-    """A CLIP text encoder from ``state`` (keys under ``spec.prefix``, transformers or OpenCLIP layout)."""
+def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: Any, config: dict[str, Any],
+                       dtype: Any) -> Any:
+    """A CLIP text encoder from the keys under ``prefix`` in ``layout`` ("transformers" | "openclip")."""
     from diffusers.loaders import single_file_utils as sfu
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
     te = _empty(cls, CLIPTextConfig(**config))
-    if spec.kind == "openai":
-        sub = {k[len(spec.prefix):]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    if layout == "transformers":
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not any(k.startswith("text_model.") for k in sub):
             sub = {("text_model." + k if k != "text_projection.weight" else k): v for k, v in sub.items()}
     else:
-        sub = sfu.convert_open_clip_checkpoint(te, state, prefix=spec.prefix)
-        if not spec.pooled:
-            sub.pop("text_projection.weight", None)
+        try:
+            sub = sfu.convert_open_clip_checkpoint(te, state, prefix=prefix)
+        except KeyError as exc:
+            raise CheckpointError(f"the OpenCLIP text encoder is incomplete: {exc} is missing") from None
+    if not spec.pooled:
+        sub.pop("text_projection.weight", None)
     return _assign(te, _text_state(sub, te), f"text encoder ({spec.module})", dtype)
 
 
@@ -171,12 +175,17 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
         pred, why = prediction, "set on the loader"
 
     unet = _empty(UNet2DConditionModel, found.unet)
-    unet = _assign(unet, sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)), "UNet", dtype)
+    try:
+        converted = sfu.convert_ldm_unet_checkpoint(state, dict(unet.config))
+    except KeyError as exc:
+        raise CheckpointError(f"{path.name}: the {found.family.name} UNet is incomplete: {exc} is missing") from None
+    unet = _assign(unet, converted, f"{found.family.name} UNet", dtype)
     vae = _empty(AutoencoderKL, found.vae)
     vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", vae_dtype or dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}
     for spec in found.family.text_encoders:
-        modules[spec.module] = build_text_encoder(state, spec, found.text[spec.module], dtype)
+        layout = "transformers" if spec.kind == "openai" else "openclip"
+        modules[spec.module] = build_text_encoder(state, spec.prefix, layout, spec, found.text[spec.module], dtype)
     del state
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in found.family.text_encoders}
     return Loaded(

@@ -30,3 +30,11 @@ def for_folder(components: set[str], text_act: str) -> Family:
         if family.claims_folder(components, text_act):
             return family
     raise KeyError(f"no known family has the components {sorted(components)}")
+
+
+def for_unet(shapes) -> Family:
+    """The family of a UNet-only file (original layout keys) from its shapes."""
+    for family in ALL:
+        if family.claims_unet(shapes):
+            return family
+    raise KeyError("no known family has this UNet")

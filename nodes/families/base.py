@@ -113,6 +113,8 @@ class Family:
     sample_size: int = 64
     vae_sample_size: int = 512
     default_prediction: str = "epsilon"
+    #: ComfyUI's CLIPLoader / DualCLIPLoader ``type`` values that load this family's encoders.
+    clip_types: tuple[str, ...] = ()
     #: Releases of the family differ in prediction type but not in shapes, so detection
     #: reads weight statistics (SD 2.x: ComfyUI's rule in nodes.checkpoint.detect).
     prediction_from_weights: bool = False
@@ -136,9 +138,13 @@ class Family:
         return wanted == {c for c in components if c.startswith("text_encoder")} and \
             (text_act == "gelu") == (first == "openclip")
 
-    def claims_text(self, shapes: Shapes) -> bool:
-        """Whether a text-encoder-only file (CLIPLoader) is this family's."""
+    def claims_unet(self, shapes: Shapes) -> bool:
+        """Whether a UNet-only file (original layout, ``model.diffusion_model.`` keys) is this family's."""
         return False
+
+    def pooled_dim(self, shapes: Shapes) -> int | None:
+        """Width of the pooled text the UNet's added conditioning takes (None: it takes none)."""
+        return None
 
     # -- building ------------------------------------------------------------------
 

@@ -23,16 +23,13 @@ class SD1(Family):
     latent = SD_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "openai", TEXT_PREFIX, layer=-1),)
     sample_size = 64
+    clip_types = ("stable_diffusion",)
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT_PREFIX)
 
-    def claims_text(self, shapes: Shapes) -> bool:
-        """A lone CLIP-L file: 768 wide (SDXL's first encoder is the same model)."""
-        from nodes.checkpoint import detect
-
-        found = detect.text_encoder_layout(shapes)
-        return found is not None and found[0] == "openai"
+    def claims_unet(self, shapes: Shapes) -> bool:
+        return "model.diffusion_model.label_emb.0.0.weight" not in shapes  # after SD2 (see MODULES' order)
 
     def unet_heads(self, channels: list[int]) -> Any:
         return 8  # SD 1.x UNets have 8 heads in every attention

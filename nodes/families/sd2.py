@@ -20,17 +20,20 @@ class SD2(Family):
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "openclip", TEXT_PREFIX, layer=-2, dropped=1,
                                      pad="!"),)
     sample_size = 96
+    clip_types = ("stable_diffusion",)
     #: 512-base and 768-v share every shape: detection looks at weight statistics.
     prediction_from_weights = True
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT_PREFIX)
 
-    def claims_text(self, shapes: Shapes) -> bool:
-        from nodes.checkpoint import detect
-
-        found = detect.text_encoder_layout(shapes)
-        return found is not None and found[0] == "openclip"
+    def claims_unet(self, shapes: Shapes) -> bool:
+        """ViT-H's 1024-wide context, or linear transformer projections (SD 1.x uses 1x1 convolutions)."""
+        if "model.diffusion_model.label_emb.0.0.weight" in shapes:
+            return False
+        context = [v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight")]
+        proj = [v for k, v in shapes.items() if k.endswith(".proj_in.weight")]
+        return (bool(context) and context[0] == 1024) or (bool(proj) and len(proj[0]) == 2)
 
 
 FAMILY = SD2()

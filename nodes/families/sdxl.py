@@ -41,9 +41,21 @@ class SDXL(Family):
     sample_size = 128
     vae_sample_size = 1024
     scheduler_class = "EulerDiscreteScheduler"
+    clip_types = ("sdxl",)
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT1_PREFIX) and has_prefix(shapes, TEXT2_PREFIX)
+
+    def claims_unet(self, shapes: Shapes) -> bool:
+        return "model.diffusion_model.label_emb.0.0.weight" in shapes
+
+    def pooled_dim(self, shapes: Shapes) -> int | None:
+        """bigG's width: the context is CLIP-L (768) + bigG; in a UNet-only file no encoder says so.
+
+        Models narrower than CLIP-L (the tiny test ones) use two equal encoders.
+        """
+        context = next(v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
+        return context - 768 if context > 768 else context // 2
 
     def unet_defaults(self) -> dict[str, Any]:
         return dict(super().unet_defaults(), addition_embed_type="text_time", addition_embed_type_num_heads=64)

@@ -1,0 +1,125 @@
+"""Models kept as separate files, as ComfyUI users store them: a UNet, text encoders.
+
+A UNet file may be in the original layout (with or without
+``model.diffusion_model.``) or diffusers' (``down_blocks.*``); either is brought to
+the original layout and goes through the same detection and conversion as a
+checkpoint. A text-encoder file may be in transformers' layout (transformers 4
+or 5 keys, with or without ``text_model.``) or OpenCLIP's. A file whose keys do
+not fit names the expected family and what is missing or unexpected; the wrong
+kind of file (a CLIP given as a UNet, a VAE, a LoRA) says which loader it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from nodes import families
+from nodes.checkpoint import detect as det
+from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty, build_text_encoder, read_state_dict
+from nodes.families.base import Family, has_prefix
+
+
+def _what_else(name: str, shapes: dict[str, tuple]) -> str:
+    """Why a file is not a UNet, in the user's terms."""
+    if det.text_encoder_layout(shapes) is not None:
+        return f"{name} holds a text encoder (CLIP), not a diffusion model; load it with CLIPLoader"
+    if has_prefix(shapes, "encoder.down") or has_prefix(shapes, "first_stage_model."):
+        return f"{name} holds a VAE, not a diffusion model; load it with VAELoader"
+    if any(k.startswith("lora_") or ".lora_" in k for k in shapes):
+        return f"{name} is a LoRA, not a diffusion model; load it with LoraLoader"
+    return f"{name} holds no UNet Kiln knows (no input_blocks.* or down_blocks.* keys; e.g. {sorted(shapes)[:3]})"
+
+
+def unet_to_original_layout(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """The UNet's tensors under ``model.diffusion_model.`` in the original layout."""
+    from nodes.checkpoint.to_original import unet_to_original
+
+    if has_prefix(state, det.UNET):
+        return {k: v for k, v in state.items() if k.startswith(det.UNET)}
+    if has_prefix(state, "input_blocks.") and has_prefix(state, "middle_block."):
+        return {det.UNET + k: v for k, v in state.items()}
+    if has_prefix(state, "down_blocks.") and "conv_in.weight" in state:
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        try:
+            return unet_to_original(state, det.unet_layout_config(shapes))
+        except KeyError as exc:
+            raise CheckpointError(f"{name}: a diffusers-layout UNet with a key Kiln does not know ({exc})") from None
+    raise CheckpointError(_what_else(name, {k: tuple(v.shape) for k, v in state.items()}))
+
+
+def load_unet_file(path: Path, dtype: Any) -> Loaded:
+    """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    state = unet_to_original_layout(read_state_dict(path), path.name)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        family = families.for_unet(shapes)
+        config = det.unet_config(shapes, family, family.pooled_dim(shapes))
+    except (det.UnsupportedCheckpoint, KeyError, StopIteration, IndexError) as exc:
+        raise CheckpointError(f"{path.name}: not a UNet of a known family ({exc})") from None
+    pred, why = det.prediction_type(shapes, family, config, lambda k: float(state[k].float().std(unbiased=False)))
+    unet = _empty(UNet2DConditionModel, config)
+    try:
+        converted = sfu.convert_ldm_unet_checkpoint(state, dict(unet.config))
+    except KeyError as exc:
+        raise CheckpointError(f"{path.name}: the {family.name} UNet is incomplete: {exc} is missing") from None
+    unet = _assign(unet, converted, f"{family.name} UNet", dtype)
+    return Loaded(family=family, scheduler_config=family.scheduler_config(pred), latent=family.latent,
+                  modules={"unet": unet},
+                  info={"format": "unet", "prediction_type": pred, "prediction_reason": why})
+
+
+@dataclasses.dataclass
+class TextFile:
+    """One text-encoder file as found: its tensors, layout, key prefix and CLIP kind."""
+
+    name: str
+    state: dict[str, Any]
+    layout: str
+    prefix: str
+    kind: str
+
+    @classmethod
+    def read(cls, path: Path) -> "TextFile":
+        state = read_state_dict(path)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        found = det.text_encoder_layout(shapes)
+        if found is None:
+            what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
+                else "no CLIP text encoder"
+            raise CheckpointError(f"{path.name} holds {what} (no token embedding); CLIPLoader needs a text encoder")
+        layout, prefix = found
+        return cls(path.name, state, layout, prefix, det.text_kind(shapes, layout, prefix))
+
+
+def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
+    """The family that loads these encoder files under ComfyUI's ``type``, by their CLIP kinds."""
+    kinds = sorted(f.kind for f in files)
+    for family in families.ALL:
+        if clip_type in family.clip_types and sorted(s.kind for s in family.text_encoders) == kinds:
+            return family
+    names = ", ".join(f"{f.name} ({f.kind})" for f in files)
+    raise CheckpointError(f"type {clip_type!r} has no model family with text encoders {names}")
+
+
+def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded:
+    """The family's encoders, each from the file of its kind (any order)."""
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+
+    modules = {}
+    remaining = list(files)
+    for spec in family.text_encoders:
+        file = next(f for f in remaining if f.kind == spec.kind)
+        remaining.remove(file)
+        shapes = {k: tuple(v.shape) for k, v in file.state.items()}
+        config = det.lone_text_config(shapes, file.layout, file.prefix, spec.kind, drop_last=spec.dropped > 0)
+        try:
+            modules[spec.module] = build_text_encoder(file.state, file.prefix, file.layout, spec, config, dtype)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
+    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in family.text_encoders}
+    return Loaded(family=family, scheduler_config={}, latent=family.latent, modules=modules, tokenizers=tokenizers,
+                  info={"format": "text_encoders"})
