@@ -34,7 +34,7 @@ def clip_text_encode(ctx, text: str, clip: ClipHandle):
         raise NodeError("text must be a string", input_name="text")
     if not isinstance(clip, ClipHandle):
         raise NodeError(f"clip must come from a checkpoint loader, got {type(clip).__name__}", input_name="clip")
-    names = ["tokenizer", "tokenizer_2"] if clip.family == "sdxl" else ["tokenizer"]
+    names = [spec.tokenizer for spec in clip.family.text_encoders]
     if any(clip.tokenize(text, n)[1] for n in names if n in clip.tokenizers):
         ctx.message("the prompt is longer than CLIP's 77-token window; the rest was cut off")
     return (clip.encode(text),)
