@@ -190,8 +190,14 @@ class _Run:
                                seconds=round(time.perf_counter() - t0, 4)))
 
     def _progress(self, node_id: str, value: int, maximum: int, preview: Any) -> None:
-        self.emit(Progress(self.job_id, node_id=node_id, value=int(value), max=int(maximum),
-                           preview=preview if isinstance(preview, Preview) else None))
+        preview = preview if isinstance(preview, Preview) else None
+        guard = self.ex.env.output_guard
+        if preview is not None and guard is not None:
+            try:  # every preview any node makes passes here: none leaves unchecked
+                preview = guard.check_preview(preview)
+            except Exception:  # fail closed, and a preview must never fail a job
+                preview = None
+        self.emit(Progress(self.job_id, node_id=node_id, value=int(value), max=int(maximum), preview=preview))
 
     def _interrupted(self, node: PlannedNode) -> JobOutcome:
         self.outcome.status = "interrupted"
