@@ -77,5 +77,15 @@ def artifacts(outputs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def unchecked_images(ui: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The images a node reported that did not pass the guard (they carry no ``filtered``).
+
+    Kiln's image writer stamps every image it saves while a guard is on; an image
+    without the stamp was written some other way (a third-party node with its own
+    writer), so the executor withholds it rather than let it out unchecked.
+    """
+    return [e for e in _entries(ui.get("images")) if "filtered" not in e]
+
+
 def _entries(value: Any) -> Iterable[Mapping[str, Any]]:
     return [e for e in value if isinstance(e, Mapping)] if isinstance(value, list) else []

@@ -265,3 +265,26 @@ def test_the_guard_refuses_to_start_without_a_usable_checker(env):
         build_guard(env, "blur", "")
     with pytest.raises(GuardRefused, match="not a StableDiffusionSafetyChecker"):
         build_guard(env, "blur", "clip-text.safetensors")
+
+
+def test_an_output_node_that_saves_around_the_guard_fails_and_its_file_is_removed(env):
+    """A third-party node with its own PNG writer cannot slip an image past an enforced filter."""
+    from engine import types as T
+    from engine.node import Input, Result, define_node
+    from engine.registry import Registry
+
+    @define_node("OwnWriter", inputs=[Input("name", T.STRING)], output_node=True)
+    def own_writer(ctx, name):
+        tiny_safety.image_a().save(ctx.env.paths.output.root / name)
+        return Result(ui={"images": [{"filename": name, "subfolder": "", "type": "output"}]})
+
+    registry = Registry()
+    registry.add(own_writer)
+    wf = parse({"version": 1, "nodes": {"7": {"type": "OwnWriter", "inputs": {"name": "sneaky.png"}}}}, registry)
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded"  # no guard: the node's business
+    env.output_guard = build_guard(env, "blur", FILE)
+    outcome = Executor(registry, env).run(wf, force=True)
+    assert outcome.status == "failed" and outcome.error.node_id == "7"
+    assert "safety filter is on" in outcome.error.message and "removed" in outcome.error.message
+    assert not (env.paths.output.root / "sneaky.png").exists() and outcome.outputs == {}
