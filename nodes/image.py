@@ -326,7 +326,8 @@ def save_image(ctx, images, filename_prefix: str = "Kiln"):
     Files are written atomically and never overwrite each other. The PNG text
     chunks carry the workflow in Kiln's format (``kiln_workflow``) and in
     ComfyUI's (``prompt``, plus ``workflow`` when the client sent one), and the
-    named parameters (``parameters``).
+    named parameters (``parameters``). On a server with a safety filter, every
+    image is checked before it is written (see the README's safety section).
     """
     return _save_batch(ctx, images, ctx.env.paths.output, filename_prefix, "output", compress_level=4)
 

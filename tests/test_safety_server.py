@@ -182,10 +182,10 @@ async def _drive(base: str, proc: subprocess.Popen):
 @pytest.mark.parametrize("extra,needle", [
     (["--safety-filter", "blur", "--safety-checker", "missing.safetensors"], "safety_checker"),
     (["--safety-filter", "smudge", "--safety-checker", CHECKER], "unknown mode 'smudge'"),
-    (["--safety-filter", "blur", "--safety-checker", "clip-text.safetensors"], "not a StableDiffusionSafetyChecker"),
     (["--safety-checker", CHECKER], "needs --safety-filter"),
 ])
 def test_the_server_refuses_to_start_with_a_filter_it_cannot_apply(site, tmp_path, extra, needle):
+    """Exit 2 before listening. (A foreign checker file takes the same path: test_safety.py checks its message.)"""
     done = subprocess.run(serve_command(site, free_port(), *extra), cwd=tmp_path, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr

@@ -16,7 +16,6 @@ flagged: a deterministic stand-in for "this image is unwanted".
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +44,15 @@ def image_b() -> Image.Image:
 
 
 def processor() -> Any:
+    """The feature extractor a Stable Diffusion 1.x repository ships (its preprocessor_config.json,
+    written out here independently of Kiln's copy), at the tiny tower's input size."""
     from transformers import CLIPImageProcessorPil
 
-    raw = json.loads((Path(__file__).resolve().parents[1] / "nodes/assets/safety_checker_preprocessor.json")
-                     .read_text())
-    raw.update(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return CLIPImageProcessorPil(**raw)
+    return CLIPImageProcessorPil.from_dict({
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "size": {"shortest_edge": IMAGE_SIZE}})
 
 
 def _embed(checker: Any, image: Image.Image) -> Any:

@@ -161,9 +161,7 @@ def _processor(folder: Path | None, image_size: int) -> Any:
     raw = json.loads((own if own is not None and own.is_file() else _ASSET).read_text())
     raw["size"] = {"shortest_edge": image_size}
     raw["crop_size"] = {"height": image_size, "width": image_size}
-    raw.pop("feature_extractor_type", None)
-    raw.pop("image_processor_type", None)
-    return CLIPImageProcessorPil(**raw)
+    return CLIPImageProcessorPil.from_dict(raw)  # also reads the older CLIPFeatureExtractor files
 
 
 def load_checker(path: Path, dtype: Any, label: str | None = None) -> LoadedChecker:
