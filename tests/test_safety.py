@@ -240,6 +240,7 @@ def test_every_preview_passes_the_guard(env, mode):
     registry = Registry()
     registry.add(previews)
     env.output_guard = build_guard(env, mode, FILE)
+    env.output_guard.preview_share = 1.0  # check every one, however long checks take
     events = []
     Executor(registry, env).run(parse({"version": 1, "nodes": {"1": {"type": "Previews", "inputs": {
         "which": "a,b"}}}}, registry), on_event=events.append)
@@ -288,3 +289,16 @@ def test_an_output_node_that_saves_around_the_guard_fails_and_its_file_is_remove
     assert outcome.status == "failed" and outcome.error.node_id == "7"
     assert "safety filter is on" in outcome.error.message and "removed" in outcome.error.message
     assert not (env.paths.output.root / "sneaky.png").exists() and outcome.outputs == {}
+
+
+def test_previews_the_guard_has_no_time_to_check_are_not_sent(env):
+    """Checks take at most ``preview_share`` of the time: a preview right after a check is withheld."""
+    guard = build_guard(env, "blur", FILE)
+    guard.preview_share = 1e-6  # the next check may start only a million check-times later
+    b = jpeg(tiny_safety.image_b())
+    assert guard.check_preview(b) is b  # checked, passes
+    assert guard.check_preview(b) is None  # not checked, so not sent
+    guard.preview_share = 1.0
+    assert guard.check_preview(b) is None  # the wait set by the last check still stands
+    guard._next_preview_check = 0.0
+    assert guard.check_preview(b) is b

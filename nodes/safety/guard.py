@@ -10,6 +10,7 @@ graph can route an image around either, because they are the only ways out.
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,21 @@ WHERE_IT_GOES = ("put diffusers' StableDiffusionSafetyChecker there: the safety_
                  ".safetensors file; Kiln never downloads it")
 
 
+#: Preview checks may take at most this share of a job's time. A preview the guard has
+#: no time to check is not sent: on a GPU (a check takes milliseconds) every preview is
+#: checked; on a CPU, where the full-size checker takes seconds, most are withheld
+#: rather than slowing every sampler step by a checker pass.
+PREVIEW_SHARE = 0.2
+
+
 class SafetyGuard:
     """Classifies with one checker and applies one mode to everything a job lets out."""
 
-    def __init__(self, env: Environment, mode: str, checker: SafetyCheckerHandle) -> None:
+    def __init__(self, env: Environment, mode: str, checker: SafetyCheckerHandle,
+                 preview_share: float = PREVIEW_SHARE) -> None:
         self.env, self.mode, self.checker = env, mode, checker
+        self.preview_share = preview_share
+        self._next_preview_check = 0.0
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "checker": self.checker.name}
@@ -37,9 +48,23 @@ class SafetyGuard:
         return apply_mode(images, self.checker.flags(images), self.mode)
 
     def check_preview(self, preview: Preview) -> Preview | None:
-        """The preview as the mode leaves it: unchanged, blurred, black, or None (not sent)."""
+        """The preview as the mode leaves it: unchanged, blurred, black, or None (not sent).
+
+        Previews arriving sooner after a check than the check's cost allows
+        (``preview_share``) are not sent either.
+        """
         if self.mode == "flag":  # the operator asked for reports only; a preview has none to carry
             return preview
+        started = time.monotonic()
+        if started < self._next_preview_check:
+            return None  # no time to check it, so it is not sent
+        try:
+            return self._check_preview(preview)
+        finally:
+            spent = time.monotonic() - started
+            self._next_preview_check = time.monotonic() + spent * (1 / self.preview_share - 1)
+
+    def _check_preview(self, preview: Preview) -> Preview | None:
         import numpy as np
         import torch
         from PIL import Image
