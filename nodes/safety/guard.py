@@ -96,5 +96,5 @@ def build_guard(env: Environment, mode: str, checker_name: str) -> SafetyGuard:
         handle = open_checker(env, checker_name, "safety_checker")
     except NodeError as exc:
         hint = "" if "StableDiffusionSafetyChecker" in str(exc) else f"; {WHERE_IT_GOES}"
-        raise GuardRefused(f"--safety-checker: {exc}{hint}") from None
+        raise GuardRefused(f"--safety-checker: {exc} (that folder is {folder}){hint}") from None
     return SafetyGuard(env, mode, handle)
