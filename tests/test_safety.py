@@ -93,6 +93,24 @@ def test_the_single_file_and_the_folder_are_the_same_checker(env):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_folder_with_the_first_published_config_shape_loads(env, tmp_path):
+    """The first safety_checker/config.json files gave only "vision_config_dict" (transformers reads it)."""
+    folder = env.paths.models.root / "safety_checker" / "old-style"
+    shutil.copytree(env.paths.models.root / "safety_checker" / FOLDER, folder, dirs_exist_ok=True)
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        vision = raw.pop("vision_config")
+        raw["vision_config_dict"] = {k: vision[k] for k in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "patch_size",
+            "image_size")}
+        raw.pop("text_config", None)
+        (folder / "config.json").write_text(json.dumps(raw))
+        images = as_image(tiny_safety.image_a(), tiny_safety.image_b())
+        assert load(env, "old-style").flags(images) == load(env, FOLDER).flags(images) == [True, False]
+    finally:
+        shutil.rmtree(folder)
+
+
 @pytest.mark.parametrize("name,reason", [
     ("clip-text.safetensors", "not a StableDiffusionSafetyChecker"),
     ("clip-text-diffusers", "declares CLIPTextModel"),
