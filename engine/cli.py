@@ -305,8 +305,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sys.stderr.write("error: the server is not available in this installation\n")
             return EXIT_NODE_FAILED
         raise
+    safety = None
+    if args.safety_filter is not None or args.safety_checker is not None:
+        if args.safety_filter is None:
+            sys.stderr.write("error: --safety-checker needs --safety-filter MODE (flag, blur, black or drop)\n")
+            return EXIT_INVALID
+        safety = (args.safety_filter, args.safety_checker or "")
     run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
-               workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images)
+               workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
+               safety=safety)
     return EXIT_OK
 
 
@@ -358,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=os.environ.get("KILN_TOKEN"),
                        help="require this bearer token (default: $KILN_TOKEN)")
     serve.add_argument("--allow-url-images", action="store_true", help="let LoadImage fetch http(s) URLs")
+    # The modes are the node library's to define and check; the engine only passes them on.
+    serve.add_argument("--safety-filter", default=None, metavar="MODE",
+                       help="classify every image a job saves or previews: flag, blur, black or drop the "
+                            "flagged ones (needs --safety-checker)")
+    serve.add_argument("--safety-checker", default=None, metavar="NAME",
+                       help="the StableDiffusionSafetyChecker in MODELS/safety_checker (folder or .safetensors)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -96,6 +96,8 @@ class Environment:
     models: ModelHost | None = None
     device: str = "cpu"
     settings: Settings = field(default_factory=Settings)
+    #: Checks every image before it leaves a job (see :mod:`engine.guard`); None: no checks.
+    output_guard: Any = None
 
     @classmethod
     def for_folder(cls, base: str | Path, **kwargs: Any) -> "Environment":

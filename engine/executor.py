@@ -21,7 +21,9 @@ from engine.cache import OutputCache
 from engine.context import Environment, Interrupted, JobInfo, NodeContext, NodeError
 from engine.events import (Event, JobFailed, JobFinished, JobInterrupted, JobStarted, NodeFinished, NodeMessage,
                            NodesCached, NodeStarted, Preview, Progress)
+from engine.guard import unchecked_images
 from engine.node import ALWAYS, Result
+from engine.paths import PathRefused
 from engine.registry import Registry
 from engine.validate import Plan, PlannedNode, validate
 from engine.workflow import Workflow
@@ -181,6 +183,8 @@ class _Run:
         )
         raw = node.spec.fn(ctx, **kwargs)
         outputs, ui = _normalise(raw, node)
+        if self.ex.env.output_guard is not None:
+            self._withhold_unchecked(ui)
         self.outcome.results[node.id] = outputs
         self.outcome.executed.append(node.id)
         if ui:
@@ -189,9 +193,31 @@ class _Run:
         self.emit(NodeFinished(self.job_id, node_id=node.id, node_type=node.spec.type, ui=ui,
                                seconds=round(time.perf_counter() - t0, 4)))
 
+    def _withhold_unchecked(self, ui: dict[str, Any]) -> None:
+        """Fail closed: images saved around the guard are deleted and the node fails."""
+        stray = unchecked_images(ui)
+        if not stray:
+            return
+        roots = {"output": self.ex.env.paths.output, "temp": self.ex.env.paths.temp}
+        for entry in stray:
+            root = roots.get(str(entry.get("type")))
+            try:
+                if root is not None:
+                    root.resolve(str(entry.get("filename")), str(entry.get("subfolder") or "")).unlink(missing_ok=True)
+            except (PathRefused, OSError, ValueError):
+                pass
+        raise NodeError(f"the server's safety filter is on and this node saved {len(stray)} image(s) without "
+                        "passing them through it; they were removed (save images with Kiln's image writer)")
+
     def _progress(self, node_id: str, value: int, maximum: int, preview: Any) -> None:
-        self.emit(Progress(self.job_id, node_id=node_id, value=int(value), max=int(maximum),
-                           preview=preview if isinstance(preview, Preview) else None))
+        preview = preview if isinstance(preview, Preview) else None
+        guard = self.ex.env.output_guard
+        if preview is not None and guard is not None:
+            try:  # every preview any node makes passes here: none leaves unchecked
+                preview = guard.check_preview(preview)
+            except Exception:  # fail closed, and a preview must never fail a job
+                preview = None
+        self.emit(Progress(self.job_id, node_id=node_id, value=int(value), max=int(maximum), preview=preview))
 
     def _interrupted(self, node: PlannedNode) -> JobOutcome:
         self.outcome.status = "interrupted"

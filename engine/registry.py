@@ -34,10 +34,21 @@ class Registry:
         #: Builds the model manager for a device (None = the best one); set by the node
         #: library that owns model placement, so the engine never imports torch.
         self.model_host_factory: Callable[[str | None], Any] | None = None
+        #: Builds the output guard ``(env, mode, checker_name) -> guard`` (see engine.guard);
+        #: set by the node library that can classify images.
+        self.output_guard_factory: Callable[[Any, str, str], Any] | None = None
 
     def make_model_host(self, device: str | None = None) -> Any:
         """A fresh model manager from the node library, or None if none registered one."""
         return self.model_host_factory(device) if self.model_host_factory else None
+
+    def make_output_guard(self, env: Any, mode: str, checker: str) -> Any:
+        """The node library's output guard; raises GuardRefused when none can be built."""
+        from engine.guard import GuardRefused
+
+        if self.output_guard_factory is None:
+            raise GuardRefused("no installed node library provides a safety filter")
+        return self.output_guard_factory(env, mode, checker)
 
     # -- adding -------------------------------------------------------------------
 

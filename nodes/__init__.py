@@ -5,7 +5,7 @@ import importlib
 
 #: One module per family. Every one must import: a typo here or a deleted module
 #: fails registration loudly instead of silently dropping a family's nodes.
-FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "vae", "grid", "lora")
+FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "vae", "grid", "lora", "safety")
 
 
 def register(registry) -> None:
@@ -14,3 +14,4 @@ def register(registry) -> None:
     for family in FAMILIES:
         registry.add_module(importlib.import_module(f"nodes.{family}"))
     registry.model_host_factory = lambda device=None: ModelManager(device=device)
+    registry.output_guard_factory = importlib.import_module("nodes.safety.guard").build_guard

@@ -281,13 +281,31 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
         raise NodeError(f"'{prefix}' is not allowed: {exc}", "filename_prefix") from None
     except OSError as exc:
         raise NodeError(f"cannot create the folder for '{prefix}': {exc}", "filename_prefix") from None
-    info = io_.png_text(_metadata(ctx))
+    chunks = _metadata(ctx)
+    guard = ctx.env.output_guard
+    # The server's safety guard sees every batch before a byte is written (engine.guard).
+    verdict = guard.check_images(images) if guard is not None else None
+    batch = verdict.images if verdict is not None else images
     saved = []
-    for i in range(images.shape[0]):
-        name = io_.write_png_atomic(io_.to_pil(images[i]), Path(folder), base, info, compress_level)
-        saved.append({"filename": name, "subfolder": subfolder, "type": kind})
-        ctx.progress(i + 1, images.shape[0])
-    return Result(ui={"images": saved})
+    for j in range(batch.shape[0]):
+        entry: dict[str, Any] = {"filename": "", "subfolder": subfolder, "type": kind}
+        info = chunks
+        if verdict is not None:
+            entry["filtered"] = verdict.flags[verdict.kept[j]]
+            info = {**chunks, "kiln_safety": {"filtered": entry["filtered"], **guard.describe()}}
+        entry["filename"] = io_.write_png_atomic(io_.to_pil(batch[j]), Path(folder), base, io_.png_text(info),
+                                                 compress_level)
+        saved.append(entry)
+        ctx.progress(j + 1, batch.shape[0])
+    ui: dict[str, Any] = {"images": saved}
+    if verdict is not None and verdict.count:
+        from nodes.safety.modes import summary
+
+        dropped = [{"index": i, "filtered": True} for i in range(len(verdict.flags)) if i not in verdict.kept]
+        if dropped:
+            ui["dropped"] = dropped
+        ctx.message(summary(verdict, guard.mode))
+    return Result(ui=ui)
 
 
 @define_node(
@@ -308,7 +326,8 @@ def save_image(ctx, images, filename_prefix: str = "Kiln"):
     Files are written atomically and never overwrite each other. The PNG text
     chunks carry the workflow in Kiln's format (``kiln_workflow``) and in
     ComfyUI's (``prompt``, plus ``workflow`` when the client sent one), and the
-    named parameters (``parameters``).
+    named parameters (``parameters``). On a server with a safety filter, every
+    image is checked before it is written (see the README's safety section).
     """
     return _save_batch(ctx, images, ctx.env.paths.output, filename_prefix, "output", compress_level=4)
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from engine.cache import OutputCache
 from engine.context import Environment, Paths, Settings
 from engine.events import Event
+from engine.guard import GuardRefused
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
 from engine.server import api_routes, comfy_routes, files, library, openapi, security, ws
@@ -97,8 +98,14 @@ async def static(request: web.Request) -> web.StreamResponse:
 def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflows_dir: str | Path | None = None,
              token: str | None = None, allow_url_images: bool = False, *, registry: Registry | None = None,
              settings: ServerSettings | None = None, env: Environment | None = None,
-             devices: list[str] | None = None, host: str = "127.0.0.1", port: int = 8188) -> web.Application:
-    """A complete Kiln server app; the worker starts with the app and stops with it."""
+             devices: list[str] | None = None, host: str = "127.0.0.1", port: int = 8188,
+             safety: tuple[str, str] | None = None) -> web.Application:
+    """A complete Kiln server app; the worker starts with the app and stops with it.
+
+    ``safety`` = (mode, checker name) installs the node library's output guard on
+    every job (engine.guard); it raises GuardRefused when that cannot be done, so a
+    server asked to filter never runs unfiltered.
+    """
     settings = settings or ServerSettings()
     settings.host, settings.port = host, port
     if token is not None:
@@ -108,6 +115,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     registry = registry if registry is not None else default_registry()
     if env.models is None:
         env.models = registry.make_model_host(None)
+    if safety is not None:
+        env.output_guard = registry.make_output_guard(env, *safety)
     store = JobStore(Path(data_dir) / DB_NAME)
     hub = Hub()
     loop_box: dict[str, asyncio.AbstractEventLoop] = {}
@@ -161,8 +170,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
 def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path = "data",
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
-               registry: Registry | None = None) -> None:
-    """Serve until interrupted (``kiln serve``)."""
+               registry: Registry | None = None, safety: tuple[str, str] | None = None) -> None:
+    """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = security.resolve_token(token)
     try:
@@ -170,8 +179,15 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
     except security.BindRefused as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
-    app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
-                   host=host, port=port)
+    try:
+        app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
+                       host=host, port=port, safety=safety)
+    except GuardRefused as exc:
+        sys.stderr.write(f"error: the safety filter cannot start: {exc}\n")
+        raise SystemExit(2) from None
+    if safety is not None:
+        log.info("safety filter on: every saved or previewed image is checked (%s)",
+                 ", ".join(f"{k} {v}" for k, v in app[STATE].env.output_guard.describe().items()))
     shown = f"[{host}]" if ":" in host else host
 
     def ready(_: Any = None) -> None:

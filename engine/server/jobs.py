@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Iterable
 
+from engine.guard import artifacts
 from engine.server.state import AppState
 from engine.server.store import JobRecord
 from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid, validate
@@ -108,6 +109,7 @@ def job_view(state: AppState, job: JobRecord, *, full: bool = True) -> dict[str,
         "created": job.created, "started": job.started, "finished": job.finished,
         "client_id": job.client_id, "number": job.comfy_number, "params": job.params,
         "executed": job.executed, "cached": job.cached,
+        "artifacts": artifacts(job.outputs or {}),
     }
     if full:
         view["workflow"] = job.workflow

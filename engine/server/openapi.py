@@ -113,6 +113,20 @@ SCHEMAS: dict[str, Any] = {
             "client_id": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
             "params": ANY_OBJECT, "executed": {"type": ["array", "null"]}, "cached": {"type": ["array", "null"]},
             "workflow": ANY_OBJECT,
+            "artifacts": {"type": "array", "items": _ref("Artifact"),
+                          "description": "Every image the job reported, with its safety-filter result."},
+        },
+    },
+    "Artifact": {
+        "type": "object", "required": ["node_id", "filtered", "finish_reason"],
+        "properties": {
+            "node_id": {"type": "string"}, "filename": {"type": ["string", "null"]},
+            "subfolder": {"type": ["string", "null"]}, "type": {"type": ["string", "null"]},
+            "index": {"type": "integer", "description": "For a dropped image: its index in the node's batch."},
+            "filtered": {"type": "boolean", "description": "The server's safety filter flagged this image."},
+            "finish_reason": {"enum": ["SUCCESS", "FILTER"],
+                              "description": "As Stability's API: FILTER when the safety filter flagged the "
+                                             "image (blurred, blacked out or, without a file, dropped)."},
         },
     },
     "JobPage": {"type": "object", "properties": {
