@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from engine import types as T
 from engine.context import Environment, NodeError
+from engine.budget import Size
 from engine.node import Input, Output, Result, define_node
 from engine.paths import PathRefused
 from nodes import image_io as io_
@@ -159,6 +160,7 @@ def target_size(src_w: int, src_h: int, width: int, height: int, multiple: int) 
     ],
     outputs=[Output("IMAGE", T.IMAGE), Output("width", T.INT), Output("height", T.INT)],
     validate=_resize_validate,
+    size=Size(width="width", height="height", like="image", work=3),  # resize, clamp, copy
 )
 def image_resize(ctx, image, width: int, height: int, mode: str, multiple_of: str, pad_color: str):
     """Resize to a target size by stretching, cropping or padding; the final size is always stated.

@@ -39,28 +39,16 @@ async def post_job(request: web.Request) -> web.Response:
                                      "client_id, outputs")
     if "workflow" not in body:
         fail(400, "invalid_request", "'workflow' is required (Kiln or ComfyUI API format)")
-    client_id = body.get("client_id")
-    if client_id is not None and not isinstance(client_id, str):
-        fail(400, "invalid_request", "'client_id' must be a string")
-    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else None
     try:
         job = await asyncio.to_thread(
             submit, state, body["workflow"], params=body.get("params"), outputs=body.get("outputs"),
-            force=bool(body.get("force", False)), client_id=client_id, job_id=_optional_id(body.get("job_id")),
-            extra_data=extra)
+            force=bool(body.get("force", False)), client_id=body.get("client_id"), job_id=body.get("job_id"),
+            extra_data=body.get("extra_data"))
     except SubmitRefused as exc:
         return web.json_response(refused_body(exc), status=400)
     _status_changed(state)
     return web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
                              status=201)
-
-
-def _optional_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > 200:
-        fail(400, "invalid_request", "'job_id' must be a non-empty string of at most 200 characters")
-    return value
 
 
 def _status_changed(state: AppState) -> None:

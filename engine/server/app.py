@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from engine.cache import OutputCache
-from engine.context import Environment, Paths, Settings
+from engine.context import Environment, Paths, Settings, build_env
 from engine.events import Event
 from engine.guard import GuardRefused
 from engine.paths import PathRefused, SafeRoot
@@ -36,17 +36,6 @@ DB_NAME = "kiln.sqlite3"
 STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
                 ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
                 ".woff2": "font/woff2", ".map": "application/json", ".txt": "text/plain"}
-
-
-def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir: str | Path | None,
-              allow_url_images: bool) -> Environment:
-    """The environment without a model manager: make_app adds the node library's.
-
-    The worker asks the model manager for the device before the first job: finding
-    the best device imports torch, which startup must not pay for.
-    """
-    paths = Paths.under(data_dir, models=models_dir, workflows=workflows_dir)
-    return Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
 
 
 @web.middleware
@@ -99,21 +88,26 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
              token: str | None = None, allow_url_images: bool = False, *, registry: Registry | None = None,
              settings: ServerSettings | None = None, env: Environment | None = None,
              devices: list[str] | None = None, host: str = "127.0.0.1", port: int = 8188,
-             safety: tuple[str, str] | None = None) -> web.Application:
+             safety: tuple[str, str] | None = None, env_settings: Settings | None = None) -> web.Application:
     """A complete Kiln server app; the worker starts with the app and stops with it.
 
     ``safety`` = (mode, checker name) installs the node library's output guard on
     every job (engine.guard); it raises GuardRefused when that cannot be done, so a
-    server asked to filter never runs unfiltered.
+    server asked to filter never runs unfiltered. ``env_settings`` carries what nodes
+    see (the resource budget); URL images follow ``allow_url_images``.
     """
     settings = settings or ServerSettings()
     settings.host, settings.port = host, port
     if token is not None:
         settings.token = token
     settings.allow_url_images = allow_url_images or settings.allow_url_images
-    env = env or build_env(data_dir, models_dir, workflows_dir, settings.allow_url_images)
     registry = registry if registry is not None else default_registry()
-    if env.models is None:
+    if env is None:
+        env_settings = env_settings or Settings()
+        env_settings.allow_url_images = settings.allow_url_images
+        # The worker asks the model manager for the device before the first job.
+        env = build_env(Paths.under(data_dir, models=models_dir, workflows=workflows_dir), env_settings, registry)
+    elif env.models is None:
         env.models = registry.make_model_host(None)
     if safety is not None:
         env.output_guard = registry.make_output_guard(env, *safety)
@@ -170,7 +164,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
 def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path = "data",
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
-               registry: Registry | None = None, safety: tuple[str, str] | None = None) -> None:
+               registry: Registry | None = None, safety: tuple[str, str] | None = None,
+               env_settings: Settings | None = None) -> None:
     """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = security.resolve_token(token)
@@ -181,7 +176,8 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
         raise SystemExit(2) from None
     try:
         app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
-                       host=host, port=port, safety=safety)
+                       host=host, port=port, safety=safety,
+                       env_settings=env_settings)
     except GuardRefused as exc:
         sys.stderr.write(f"error: the safety filter cannot start: {exc}\n")
         raise SystemExit(2) from None
