@@ -302,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         safety = (args.safety_filter, args.safety_checker or "")
     run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
                workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
-               safety=safety, env_settings=limits_from_args(args, Settings()))
+               safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug)
     return EXIT_OK
 
 
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--safety-checker", default=None, metavar="NAME",
                        help="the StableDiffusionSafetyChecker in MODELS/safety_checker (folder or .safetensors)")
     _limits(serve)
+    serve.add_argument("--debug", action="store_true",
+                       help="also keep a failed job's traceback (shortened) in its record; "
+                            "tracebacks always go to the server log")
     serve.set_defaults(func=cmd_serve)
     return parser
 

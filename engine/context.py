@@ -42,6 +42,16 @@ class Paths:
     models: SafeRoot
     workflows: SafeRoot
 
+    def scrub(self, text: str) -> str:
+        """``text`` with each folder's absolute path replaced by its name (``/srv/kiln/data/input/cat.png``
+        becomes ``input/cat.png``), so messages shown to clients never reveal where the server keeps files."""
+        roots = sorted(((str(getattr(self, name).root), name) for name in ("input", "output", "temp", "models",
+                                                                           "workflows")),
+                       key=lambda item: -len(item[0]))
+        for root, name in roots:
+            text = text.replace(root + os.sep, name + "/").replace(root, name)
+        return text
+
     @classmethod
     def under(cls, base: str | Path, models: str | Path | None = None,
               workflows: str | Path | None = None) -> "Paths":

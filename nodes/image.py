@@ -282,7 +282,7 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
     except PathRefused as exc:
         raise NodeError(f"'{prefix}' is not allowed: {exc}", "filename_prefix") from None
     except OSError as exc:
-        raise NodeError(f"cannot create the folder for '{prefix}': {exc}", "filename_prefix") from None
+        raise NodeError(f"cannot create the folder for '{prefix}': {exc.strerror or exc}", "filename_prefix") from None
     chunks = _metadata(ctx)
     guard = ctx.env.output_guard
     # The server's safety guard sees every batch before a byte is written (engine.guard).

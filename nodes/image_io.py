@@ -57,16 +57,19 @@ def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
         pass
     if env.settings.allow_absolute_paths:
         path = Path(name).expanduser()
-        if path.is_file():
-            return path.resolve()
-        if path.exists():
-            raise NodeError(f"'{name}' is not a file", input_name)
-        raise NodeError(f"no such image file: '{name}' (looked in the input folder "
-                        f"{env.paths.input.root} and at that path)", input_name)
+        try:
+            if path.is_file():
+                return path.resolve()
+            if path.exists():
+                raise NodeError(f"'{name}' is not a file", input_name)
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL
+            raise NodeError(f"cannot open '{name}': {getattr(exc, 'strerror', None) or exc}", input_name) from None
+        raise NodeError(f"no such image file: '{name}' (looked in the input folder and at that path)", input_name)
     if refused:
         raise NodeError(f"refused '{name}': {refused}; only files inside the input folder can be loaded here",
                         input_name)
-    raise NodeError(f"no image named '{name}' in the input folder {env.paths.input.root}", input_name)
+    # Named relative to its folder: error messages never show the server's own paths.
+    raise NodeError(f"no image named 'input/{name}' in the input folder", input_name)
 
 
 # -- downloads -------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def write_png_atomic(image: Any, folder: Path, base: str, pnginfo: Any, compress
                     continue
                 os.replace(tmp, final)
                 return name
-        raise NodeError(f"could not find a free file name for '{base}' in {folder}", "filename_prefix")
+        raise NodeError(f"could not find a free file name for '{base}' in its folder", "filename_prefix")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

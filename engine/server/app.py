@@ -32,6 +32,8 @@ from engine.server.worker import Worker
 log = logging.getLogger("kiln.server")
 
 DB_NAME = "kiln.sqlite3"
+#: How much of a failed job's traceback ``--debug`` keeps in its record.
+DEBUG_TRACEBACK_CHARS = 16_000
 #: Content types for the editor's static files (ES modules need a JS type).
 STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
                 ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
@@ -127,7 +129,7 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
             loop.call_soon_threadsafe(hub.broadcast_status, remaining)
 
     worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
-                    on_queue_change=on_queue_change)
+                    on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings)
 
     # Uploads stream past this; JSON routes read with their own, smaller limit.
@@ -165,7 +167,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
                registry: Registry | None = None, safety: tuple[str, str] | None = None,
-               env_settings: Settings | None = None) -> None:
+               env_settings: Settings | None = None, debug: bool = False) -> None:
     """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = security.resolve_token(token)
@@ -174,10 +176,10 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
     except security.BindRefused as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
+    settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0)
     try:
         app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
-                       host=host, port=port, safety=safety,
-                       env_settings=env_settings)
+                       host=host, port=port, safety=safety, env_settings=env_settings, settings=settings)
     except GuardRefused as exc:
         sys.stderr.write(f"error: the safety filter cannot start: {exc}\n")
         raise SystemExit(2) from None

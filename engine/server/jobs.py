@@ -28,11 +28,22 @@ SubmitRefused = SubmissionInvalid
 #: The longest job id or client id accepted: ``/api/jobs/{id}`` must be able to name
 #: every job, so ``/prompt`` and ``/api/jobs`` share this one limit.
 MAX_ID_LENGTH = 200
+#: Longest error message a job list shows per job; the job's own route has it all.
+LIST_MESSAGE_CHARS = 500
 
 
 def prepare(state: AppState, doc: Any, params: Any = None, outputs: Any = None) -> tuple[Workflow, Plan, dict]:
-    """Parse and validate a submission; raises :class:`SubmitRefused` with every problem."""
-    return submission.prepare(doc, state.registry, state.env, params, outputs)
+    """Parse and validate a submission; raises :class:`SubmitRefused` with every problem.
+
+    Messages name files by their folder (``models/checkpoints/x``), never by the
+    server's absolute paths, whatever a node's validate hook wrote.
+    """
+    try:
+        return submission.prepare(doc, state.registry, state.env, params, outputs)
+    except SubmitRefused as exc:
+        for error in exc.errors:
+            error.message = state.env.paths.scrub(error.message)
+        raise
 
 
 def _id_problem(field: str, value: Any) -> ValidationError | None:
@@ -86,8 +97,13 @@ def job_view(state: AppState, job: JobRecord, *, full: bool = True) -> dict[str,
     """Kiln's job JSON (``GET /api/jobs/{id}``)."""
     error = None
     if job.error:
-        error = {k: job.error.get(k) for k in ("node_id", "node_type", "input_name", "message", "traceback")}
-        error["exception_type"] = job.error.get("exception_type")
+        error = {k: job.error.get(k) for k in ("node_id", "node_type", "input_name", "message", "exception_type")}
+        if full:
+            error["traceback"] = job.error.get("traceback") or []
+        else:  # a list stays small whatever the jobs' errors were
+            message = str(error.get("message") or "")
+            error["message"] = message if len(message) <= LIST_MESSAGE_CHARS else \
+                message[:LIST_MESSAGE_CHARS] + "... (GET /api/jobs/{id} has all of it)"
     view: dict[str, Any] = {
         "id": job.id, "status": job.status,
         "progress": state.worker.progress(job.id) if job.status == "running" else None,

@@ -56,8 +56,11 @@ class Worker:
     def __init__(self, store: JobStore, registry: Registry, env: Environment, *,
                  cache: OutputCache | None = None, devices: list[str] | None = None,
                  on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, traceback_chars: int = 0) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: Tracebacks always go to the server log; to the job's record (and its clients)
+        #: only when this is positive (``kiln serve --debug``), cut to this many characters.
+        self.traceback_chars = traceback_chars
         self.cache = cache if cache is not None else OutputCache()
         self.on_event = on_event or (lambda job, event: None)
         self.on_queue_change = on_queue_change or (lambda: None)
@@ -171,6 +174,8 @@ class Worker:
         held: list[Event] = []
 
         def sink(event: Event) -> None:
+            if isinstance(event, JobFailed):
+                event = self._redact(job, event)
             if isinstance(event, Progress):  # the hot path: a sampler may tick thousands of times
                 self._progress[job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
             else:
@@ -191,6 +196,14 @@ class Worker:
                           executed=executed, cached=cached)
         for event in held:
             self._publish(job, event)
+
+    def _redact(self, job: JobRecord, event: JobFailed) -> JobFailed:
+        """The failure as clients see it: server paths named by folder, the traceback logged, not shown."""
+        if event.traceback:
+            log.error("job %s failed at node %s (%s):\n%s", job.id, event.node_id, event.node_type,
+                      "".join(event.traceback).rstrip())
+        return dataclasses.replace(event, message=self.env.paths.scrub(event.message),
+                                   traceback=bounded_traceback(event.traceback, self.traceback_chars))
 
     def _resolve_device(self, lane: _Lane) -> None:
         if self._pick_device:
@@ -225,6 +238,22 @@ class Worker:
             self.on_event(job, event)
         except Exception:
             log.exception("publishing an event of job %s failed", job.id)
+
+
+def bounded_traceback(lines: list[str], limit: int) -> list[str]:
+    """The last lines of a traceback that fit in ``limit`` characters (the end says most)."""
+    kept: list[str] = []
+    size = 0
+    for line in reversed(lines):
+        if size + len(line) > limit:
+            if not kept and limit > 0:
+                kept.append("..." + line[-(limit - 3):])
+            break
+        kept.append(line)
+        size += len(line)
+    if len(kept) < len(lines) and kept:
+        kept.append("... (traceback shortened; the server log has all of it)\n")
+    return kept[::-1]
 
 
 def _error_dict(event: JobFailed) -> dict[str, Any]:
