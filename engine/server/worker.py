@@ -175,7 +175,10 @@ class Worker:
 
         def sink(event: Event) -> None:
             if isinstance(event, JobFailed):
-                event = self._redact(job, event)
+                if event.traceback:
+                    log.error("job %s failed at node %s (%s):\n%s", job.id, event.node_id, event.node_type,
+                              "".join(event.traceback).rstrip())
+                event = self._redact(event)
             if isinstance(event, Progress):  # the hot path: a sampler may tick thousands of times
                 self._progress[job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
             else:
@@ -191,17 +194,15 @@ class Worker:
             event = JobFailed(job.id, message=f"internal error: {exc}", exception_type=type(exc).__name__,
                               traceback=tb.format_exception(type(exc), exc, exc.__traceback__))
             sink(event)
-            outcome_status, outputs, error, executed, cached = FAILED, {}, _error_dict(event), [], []
+            outcome_status, outputs, error, executed, cached = FAILED, {}, _error_dict(self._redact(event)), [], []
         self.store.finish(job.id, outcome_status, outputs=outputs, error=error, messages=history,
                           executed=executed, cached=cached)
         for event in held:
             self._publish(job, event)
 
-    def _redact(self, job: JobRecord, event: JobFailed) -> JobFailed:
-        """The failure as clients see it: server paths named by folder, the traceback logged, not shown."""
-        if event.traceback:
-            log.error("job %s failed at node %s (%s):\n%s", job.id, event.node_id, event.node_type,
-                      "".join(event.traceback).rstrip())
+    def _redact(self, event: JobFailed) -> JobFailed:
+        """The failure as clients and the record see it: server paths named by folder, the traceback
+        (logged by the sink) kept only as far as ``traceback_chars`` allows."""
         return dataclasses.replace(event, message=self.env.paths.scrub(event.message),
                                    traceback=bounded_traceback(event.traceback, self.traceback_chars))
 
@@ -230,7 +231,7 @@ class Worker:
         info = JobInfo(id=job.id, workflow=job.prompt or workflow.to_api(), kiln_workflow=workflow.to_kiln(),
                        extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params)
         outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
-        error = _error_dict(outcome.error) if outcome.error is not None else None
+        error = _error_dict(self._redact(outcome.error)) if outcome.error is not None else None
         return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
 
     def _publish(self, job: JobRecord, event: Event) -> None:
@@ -241,17 +242,23 @@ class Worker:
 
 
 def bounded_traceback(lines: list[str], limit: int) -> list[str]:
-    """The last lines of a traceback that fit in ``limit`` characters (the end says most)."""
+    """The last lines of a traceback that fit in ``limit`` characters (the end says most).
+
+    Each line is first cut to an eighth of the limit, so one huge exception message
+    cannot push out the frames that say where it came from.
+    """
     kept: list[str] = []
     size = 0
-    for line in reversed(lines):
+    longest = max(200, limit // 8)
+    clipped = [line if len(line) <= longest else line[:longest] + "...\n" for line in lines]
+    for line in reversed(clipped):
         if size + len(line) > limit:
             if not kept and limit > 0:
                 kept.append("..." + line[-(limit - 3):])
             break
         kept.append(line)
         size += len(line)
-    if len(kept) < len(lines) and kept:
+    if kept and (len(kept) < len(lines) or clipped != lines):
         kept.append("... (traceback shortened; the server log has all of it)\n")
     return kept[::-1]
 
