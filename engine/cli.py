@@ -302,7 +302,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         safety = (args.safety_filter, args.safety_checker or "")
     run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
                workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
-               safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug)
+               safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug,
+               move_damaged_db=args.move_damaged_db)
     return EXIT_OK
 
 
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--debug", action="store_true",
                        help="also keep a failed job's traceback (shortened) in its record; "
                             "tracebacks always go to the server log")
+    serve.add_argument("--move-damaged-db", action="store_true",
+                       help="if the job database is damaged, move it aside and start empty "
+                            "(default: report it and stop)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -26,7 +27,7 @@ from engine.server import api_routes, comfy_routes, files, library, openapi, sec
 from engine.server.http import json_error
 from engine.server.hub import Hub
 from engine.server.state import STATE, AppState, ServerSettings
-from engine.server.store import ACTIVE, JobRecord, JobStore
+from engine.server.store import ACTIVE, JobRecord, JobStore, StoreDamaged
 from engine.server.worker import Worker
 
 log = logging.getLogger("kiln.server")
@@ -54,6 +55,14 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except sqlite3.DatabaseError as exc:
+        # A damaged page (or a full disk): this request cannot be answered, the
+        # server and every route that does not need the damaged part keep working.
+        log.error("%s %s: the job database failed: %s", request.method, request.path, exc)
+        return json_error(503, "database_unavailable",
+                          f"the job database cannot be read or written right now ({exc}); the server log "
+                          "says more, and an operator can move the damaged file aside (kiln serve "
+                          "--move-damaged-db)")
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal_error", f"{type(exc).__name__}: {exc}")
@@ -113,7 +122,9 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
         env.models = registry.make_model_host(None)
     if safety is not None:
         env.output_guard = registry.make_output_guard(env, *safety)
-    store = JobStore(Path(data_dir) / DB_NAME)
+    store = JobStore(Path(data_dir) / DB_NAME, move_damaged=settings.move_damaged_db)
+    if store.moved_aside is not None:
+        log.warning("the job database was damaged; it was moved to %s and an empty one started", store.moved_aside)
     hub = Hub()
     loop_box: dict[str, asyncio.AbstractEventLoop] = {}
 
@@ -167,8 +178,9 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
                registry: Registry | None = None, safety: tuple[str, str] | None = None,
-               env_settings: Settings | None = None, debug: bool = False) -> None:
-    """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build."""
+               env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False) -> None:
+    """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build
+    or a damaged job database."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = security.resolve_token(token)
     try:
@@ -176,12 +188,16 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
     except security.BindRefused as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
-    settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0)
+    settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0,
+                              move_damaged_db=move_damaged_db)
     try:
         app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
                        host=host, port=port, safety=safety, env_settings=env_settings, settings=settings)
     except GuardRefused as exc:
         sys.stderr.write(f"error: the safety filter cannot start: {exc}\n")
+        raise SystemExit(2) from None
+    except StoreDamaged as exc:
+        sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
     if safety is not None:
         log.info("safety filter on: every saved or previewed image is checked (%s)",

@@ -44,6 +44,9 @@ class ServerSettings:
     #: Characters of a failed job's traceback kept in its record and sent to clients;
     #: 0 (the default) keeps tracebacks in the server log only (``kiln serve --debug``).
     traceback_chars: int = 0
+    #: A damaged job database is moved aside and an empty one started, instead of
+    #: refusing to start (``kiln serve --move-damaged-db``).
+    move_damaged_db: bool = False
     web_dir: Path = WEB_DIR
 
 
