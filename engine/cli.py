@@ -64,11 +64,13 @@ def cli_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_out
 
 
 def limits_from_args(args: argparse.Namespace, settings: Settings) -> Settings:
-    """``--max-image-pixels`` / ``--max-job-memory`` (run, validate and serve) into the settings."""
+    """``--max-image-pixels``, ``--max-job-memory``, ``--allow-url-host`` (run, validate, serve) into the settings."""
     if getattr(args, "max_image_pixels", None):
         settings.max_image_pixels = args.max_image_pixels
     if getattr(args, "max_job_memory", None):
         settings.max_job_bytes = args.max_job_memory
+    if getattr(args, "allow_url_host", None):
+        settings.url_allow_hosts = tuple(args.allow_url_host)
     return settings
 
 
@@ -322,6 +324,9 @@ def _limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-job-memory", type=_option(parse_bytes), metavar="SIZE",
                    help="estimated memory of a job's images and latents, e.g. 16G "
                         "(default: half of this machine's memory)")
+    p.add_argument("--allow-url-host", action="append", default=[], metavar="HOST_OR_CIDR",
+                   help="a trusted host name or network (10.1.0.0/16) that URL images may reach although its "
+                        "addresses are loopback, private or link-local (repeatable)")
 
 
 def _option(parse_fn: Any) -> Any:

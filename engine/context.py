@@ -70,7 +70,11 @@ class Settings:
     #: LoadImage may fetch http(s) URLs (the CLI allows it; the server only when enabled).
     allow_url_images: bool = False
     url_max_bytes: int = 20 * 1024 * 1024
+    #: One deadline for a whole download, however slowly the sender trickles.
     url_timeout_s: float = 20.0
+    #: Hosts or networks ("images.lan", "10.1.0.0/16") URL images may reach although
+    #: their addresses are loopback, private or link-local (``--allow-url-host``).
+    url_allow_hosts: tuple[str, ...] = ()
     #: Largest image, in pixels, a node will decode (guards against decompression bombs)
     #: or make (the resource budget checks every declared size against it).
     max_image_pixels: int = DEFAULT_IMAGE_PIXELS
