@@ -31,7 +31,8 @@ from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
 from engine.submission import MAX_JSON_DEPTH, SubmissionInvalid, json_problem, prepare, problem
 from engine.validate import ValidationError
-from engine.workflow import Workflow, WorkflowFormatError, parse
+from engine.formats import parse_document
+from engine.workflow import Workflow, WorkflowFormatError
 
 EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -145,7 +146,7 @@ def _load(path: str, registry: Registry) -> Workflow:
     if trouble:
         raise UsageProblem([problem("invalid_workflow", f"{path}: {trouble}")])
     try:
-        return parse(doc, registry)
+        return parse_document(doc, registry)
     except WorkflowFormatError as exc:
         raise UsageProblem([problem("invalid_workflow", f"{path}: {exc}")]) from None
 

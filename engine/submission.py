@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 
 from engine.registry import Registry
 from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid, validate
-from engine.workflow import Workflow, WorkflowFormatError, parse
+from engine.formats import parse_document
+from engine.workflow import Workflow, WorkflowFormatError
 
 #: The deepest JSON a submission may nest. Real workflows stay under ten levels;
 #: Python's own parsers and encoders fail somewhere near a thousand, so a limit far
@@ -88,7 +89,7 @@ def prepare(doc: Any, registry: Registry, env: Any, params: Mapping[str, Any] | 
         if trouble:
             raise SubmissionInvalid(errors + [problem(INVALID_WORKFLOW, trouble)])
         try:
-            workflow = parse(doc, registry)
+            workflow = parse_document(doc, registry)
         except WorkflowFormatError as exc:
             raise SubmissionInvalid(errors + [problem(INVALID_WORKFLOW, str(exc))]) from None
     values: dict[str, Any] = {}

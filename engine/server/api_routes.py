@@ -12,13 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.model_files import model_names
 from engine.paths import PathRefused, SafeRoot
 from engine.server.http import fail, query_int, read_object
 from engine.server.jobs import SubmitRefused, job_view, submit
 from engine.server.state import STATE, AppState
 from engine.server.store import ACTIVE, TERMINAL
-
-MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".sft", ".pkl")
 
 
 def refused_body(exc: SubmitRefused) -> dict[str, Any]:
@@ -116,22 +115,11 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 def list_models(models: SafeRoot, folder: str) -> list[str]:
-    """Model files (and diffusers folders) in one model folder, as names nodes accept."""
+    """The models of one model folder, as the loaders list them (engine.model_files)."""
     path = models.resolve(folder)
     if "/" in folder.strip("/") or not path.is_dir():
         raise FileNotFoundError(folder)
-    root = SafeRoot(path)
-    names = root.list(MODEL_EXTENSIONS)
-    for child in sorted(Path(root.root).iterdir()):
-        if child.is_dir() and ((child / "model_index.json").is_file() or (child / "config.json").is_file()):
-            try:
-                root.resolve(child.name)
-            except PathRefused:
-                continue
-            names.append(child.name)
-    # a diffusers folder's weight files are part of the folder, not models of their own
-    folders = [n for n in names if "/" not in n and (Path(root.root) / n).is_dir()]
-    return sorted(n for n in names if not any(n.startswith(f + "/") for f in folders))
+    return model_names(models.root, path.name)
 
 
 async def models_in_folder(request: web.Request) -> web.Response:

@@ -30,7 +30,8 @@ from engine.registry import Registry
 from engine.server import comfy_messages as cm
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.validate import WorkflowInvalid
-from engine.workflow import WorkflowFormatError, parse
+from engine.formats import parse_document
+from engine.workflow import WorkflowFormatError
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class Worker:
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
         self._resolve_device(lane)
         try:
-            workflow = parse(job.workflow, self.registry)
+            workflow = parse_document(job.workflow, self.registry)
             plan = lane.executor.plan(workflow, job.outputs_to_execute or None)
         except (WorkflowInvalid, WorkflowFormatError) as exc:
             # Valid when submitted, not any more (a file was deleted, a model removed).
