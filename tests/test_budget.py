@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine import types as T
 from engine.budget import Size, parse_bytes, parse_pixels
-from engine.context import Environment, Paths, Settings
+from engine.context import Environment, Paths
 from engine.node import Input, Output, define_node
 from engine.registry import default_registry
 from engine.validate import OVER_BUDGET, WorkflowInvalid, validate
