@@ -7,6 +7,7 @@ tiny img2img job from the library whose previews and result image are shown.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -39,6 +40,15 @@ def browser():
     yield from launch_browser()
 
 
+def wait_until(page: Any, expression: str, timeout_s: float = 60.0) -> None:
+    """Poll ``expression`` with page.evaluate. Playwright's wait_for_function compiles its
+    predicate with ``new Function`` inside the page, which this very policy forbids."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s: {expression}"
+        time.sleep(0.1)
+
+
 WATCH_CSP = """
 window.__cspViolations = [];
 document.addEventListener('securitypolicyviolation',
@@ -55,17 +65,16 @@ def test_the_editor_loads_and_runs_under_its_policy_without_violations(browser, 
     try:
         response = page.goto(server.url + "/")
         assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
-        page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+        wait_until(page, "document.body.classList.contains('ready')", 20)
         assert page.locator(".node").count() > 0  # the modules ran and drew the starter workflow
         # the library, the run (websocket, sampler previews as blob: images) and the result image
         page.click("#open")
         page.locator('.modal-item[data-value="strong.json"]').click()
-        page.wait_for_function("document.querySelector('#doc-name').textContent === 'strong.json'")
+        wait_until(page, "document.querySelector('#doc-name').textContent === 'strong.json'", 20)
         page.keyboard.press("Control+Enter")
-        page.wait_for_function(
-            """() => { const img = document.querySelector('.node[data-id="10"] .node-media img.output');
-                       return img && img.complete && img.naturalWidth > 0; }""", timeout=90_000)
-        page.wait_for_function("!document.querySelector('#run').disabled", timeout=90_000)
+        wait_until(page, """(() => { const img = document.querySelector('.node[data-id="10"] .node-media img.output');
+                                   return !!img && img.complete && img.naturalWidth > 0; })()""", 90)
+        wait_until(page, "!document.querySelector('#run').disabled", 90)
         assert "succeeded" in page.locator("#status").text_content()
         violations: list[Any] = page.evaluate("window.__cspViolations")
         assert violations == []
