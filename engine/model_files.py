@@ -3,8 +3,8 @@
 ``/api/models/{folder}`` (and ComfyUI's ``/models/{folder}``) and the loader nodes'
 choices used to list separately and disagreed (the routes offered ``.sft`` files
 the loaders refuse, and missed the nested diffusers folders the loaders offer).
-Both now call :func:`model_names`, so a name a client is offered is a name a
-loader accepts.
+Both now call :func:`model_names`, with the diffusers marker of :func:`marker_for`,
+so a name a client is offered is a name a loader accepts.
 """
 from __future__ import annotations
 
@@ -15,41 +15,36 @@ from pathlib import Path
 #: with ``weights_only=True`` (refused with a clear message if that fails).
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: The file that marks a folder as one diffusers model (listed by its folder name, not
-#: its files): a whole pipeline in checkpoints/, one component (config.json) elsewhere.
-DIFFUSERS_MARKERS = {"checkpoints": "model_index.json"}
-DEFAULT_MARKER = "config.json"
+#: its files): a whole pipeline in checkpoints/, one component in vae/. Other folders
+#: hold single files only.
+DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json"}
 
 
-def marker_for(folder: str) -> str:
-    return DIFFUSERS_MARKERS.get(folder, DEFAULT_MARKER)
+def marker_for(folder: str) -> str | None:
+    return DIFFUSERS_MARKERS.get(folder)
 
 
-def model_names(models_root: str | Path, folder: str) -> list[str]:
-    """The names a loader accepts for the models in ``<models_root>/<folder>``, sorted; none if it is missing.
+def model_names(root: str | Path, diffusers_marker: str | None) -> list[str]:
+    """The names a loader accepts for the models in ``root`` (sorted; none if it is missing).
 
-    Files are listed by their path below the folder (``sd15/model.safetensors``),
-    diffusers folders at any depth by theirs. Hidden files and folders, and symlinks
-    that lead outside the folder, are left out.
+    Files are listed by their path below ``root`` (``sd15/model.safetensors``); a folder
+    holding ``diffusers_marker``, at any depth, by its own path. Hidden entries are
+    left out.
     """
-    root = Path(models_root) / folder
-    marker = marker_for(folder)
-    real_root = Path(os.path.realpath(root))
+    root = Path(root)
     names: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        real = Path(os.path.realpath(dirpath))
-        if real != real_root and real_root not in real.parents:
-            dirnames[:] = []
-            continue
-        if marker in filenames and rel != Path("."):
+        if diffusers_marker and diffusers_marker in filenames and rel != Path("."):
             names.append(rel.as_posix())
             dirnames[:] = []
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if f.startswith(".") or not f.lower().endswith(MODEL_EXTENSIONS):
-                continue
-            target = Path(os.path.realpath(Path(dirpath) / f))
-            if real_root in target.parents:
-                names.append((rel / f).as_posix())
+        names += [(rel / f).as_posix() for f in filenames
+                  if f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
     return sorted(names)
+
+
+def folder_models(models_root: str | Path, folder: str) -> list[str]:
+    """The models of ``<models_root>/<folder>`` as that folder's loader lists them."""
+    return model_names(Path(models_root) / folder, marker_for(folder))

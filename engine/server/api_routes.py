@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.model_files import model_names
+from engine.model_files import folder_models
 from engine.paths import PathRefused, SafeRoot
 from engine.server.http import fail, query_int, read_object
 from engine.server.jobs import SubmitRefused, job_view, submit
@@ -119,7 +119,7 @@ def list_models(models: SafeRoot, folder: str) -> list[str]:
     path = models.resolve(folder)
     if "/" in folder.strip("/") or not path.is_dir():
         raise FileNotFoundError(folder)
-    return model_names(models.root, path.name)
+    return folder_models(models.root, path.name)
 
 
 async def models_in_folder(request: web.Request) -> web.Response:
