@@ -180,6 +180,11 @@ class JobStore:
             if verdict != "ok":
                 raise StoreDamaged(self.path, f"SQLite's check failed ({verdict})")
             self._migrate(conn)
+        except sqlite3.OperationalError as exc:
+            self.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise  # another process holds it: not damage, and nothing to move aside
+            raise StoreDamaged(self.path, str(exc)) from None
         except sqlite3.DatabaseError as exc:
             self.close()
             raise StoreDamaged(self.path, str(exc)) from None
