@@ -299,7 +299,7 @@ def test_an_output_node_that_saves_around_the_guard_fails_and_its_file_is_remove
 
     registry = Registry()
     registry.add(own_writer)
-    wf = parse({"version": 1, "nodes": {"7": {"type": "OwnWriter", "inputs": {"name": "sneaky.png"}}}}, registry)
+    wf = parse({"version": 1, "nodes": {"7": {"type": "OwnWriter", "inputs": {"name": "sneaky.png"}}}})
     outcome = Executor(registry, env).run(wf)
     assert outcome.status == "succeeded"  # no guard: the node's business
     env.output_guard = build_guard(env, "blur", FILE)
