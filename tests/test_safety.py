@@ -204,7 +204,7 @@ def read_png(env, entry) -> tuple[np.ndarray, dict]:
 
 def test_the_guard_blurs_what_any_output_node_saves_and_says_so(env):
     env.output_guard = build_guard(env, "blur", FILE)
-    outcome = Executor(default_registry(), env).run(parse(graph_without_filter(), default_registry()))
+    outcome = Executor(default_registry(), env).run(parse(graph_without_filter()))
     assert outcome.status == "succeeded", outcome.error
     a = np.asarray(tiny_safety.image_a(), dtype=np.float32) / 255.0
     b = np.asarray(tiny_safety.image_b(), dtype=np.float32) / 255.0
@@ -223,7 +223,7 @@ def test_the_guard_blurs_what_any_output_node_saves_and_says_so(env):
 
 def test_the_guard_in_drop_mode_saves_no_flagged_file(env):
     env.output_guard = build_guard(env, "drop", FILE)
-    outcome = Executor(default_registry(), env).run(parse(graph_without_filter("drop"), default_registry()))
+    outcome = Executor(default_registry(), env).run(parse(graph_without_filter("drop")))
     assert outcome.status == "succeeded", outcome.error
     assert outcome.outputs["3"] == {"images": [], "dropped": [{"index": 0, "filtered": True}]}
     assert [e["filtered"] for e in outcome.outputs["4"]["images"]] == [False]
