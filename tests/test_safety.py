@@ -128,7 +128,7 @@ def test_a_missing_checker_fails_validation_naming_node_and_input(env):
         "1": {"type": "LoadImage", "inputs": {"image": "a.png"}},
         "2": {"type": "SafetyCheckerLoader", "inputs": {"checker_name": "nope.safetensors"}},
         "3": {"type": "SafetyFilter", "inputs": {"images": ["1", 0], "safety_checker": ["2", 0], "mode": "smudge"}},
-        "4": {"type": "SaveImage", "inputs": {"images": ["3", 0]}}}}, default_registry())
+        "4": {"type": "SaveImage", "inputs": {"images": ["3", 0]}}}})
     with pytest.raises(WorkflowInvalid) as err:
         Executor(default_registry(), env).plan(wf)
     found = {(e.node_id, e.input_name) for e in err.value.errors}
@@ -261,7 +261,7 @@ def test_every_preview_passes_the_guard(env, mode):
     env.output_guard.preview_share = 1.0  # check every one, however long checks take
     events = []
     Executor(registry, env).run(parse({"version": 1, "nodes": {"1": {"type": "Previews", "inputs": {
-        "which": "a,b"}}}}, registry), on_event=events.append)
+        "which": "a,b"}}}}), on_event=events.append)
     sent = [e.preview for e in events if isinstance(e, Progress)]
     assert len(sent) == 2
     assert sent[1] is frames["b"]  # B passes untouched
