@@ -171,7 +171,7 @@ def inprocess_bench(data: Path, jobs: int) -> float:
     from engine.context import Environment, Paths
     from engine.executor import Executor
     from engine.registry import default_registry
-    from engine.workflow import parse
+    from engine.formats import parse_document as parse
 
     registry = default_registry()
     env = Environment(paths=Paths.under(data))

@@ -25,34 +25,31 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from engine import types as T
-from engine.context import Environment, JobInfo, Paths, Settings, default_data_dir
+from engine.budget import parse_bytes, parse_pixels
+from engine.context import Environment, JobInfo, Paths, Settings, build_env, default_data_dir
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
-from engine.validate import WorkflowInvalid, validate
+from engine.submission import MAX_JSON_DEPTH, SubmissionInvalid, json_problem, prepare, problem
+from engine.validate import ValidationError
+from engine.formats import parse_document
 from engine.workflow import Workflow, WorkflowFormatError
-from engine.workflow import load as load_workflow
 
 EXIT_OK, EXIT_NODE_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageProblem(Exception):
-    """Something wrong with what the user asked for (file, --set), reported like a validation error."""
+    """Something wrong with what the user asked for (file, --set, the workflow): every problem found."""
 
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
+    def __init__(self, errors: list[ValidationError]) -> None:
         self.errors = errors
-        super().__init__("; ".join(e["message"] for e in errors))
-
-
-def _problem(kind: str, message: str, **where: Any) -> dict[str, Any]:
-    return {"type": kind, "message": message, "node_id": where.get("node_id"),
-            "node_type": where.get("node_type"), "input_name": where.get("input_name"),
-            "details": "", "extra_info": {}}
+        super().__init__("; ".join(e.message for e in errors))
 
 
 # -- the environment -------------------------------------------------------------------
 
-def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_output: bool = False,
-              registry: Registry | None = None) -> Environment:
+def cli_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_output: bool = False,
+            registry: Registry | None = None) -> Environment:
+    """The CLI's folders and settings, through the one :func:`engine.context.build_env`."""
     paths = Paths(
         input=SafeRoot(args.input_dir),
         output=SafeRoot(args.output_dir, create=create_output),
@@ -61,13 +58,21 @@ def build_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_o
         workflows=SafeRoot(getattr(args, "workflows", None) or "workflows"),
     )
     # The CLI is run by the owner of the files and URLs it names.
-    settings = Settings(allow_absolute_paths=True, allow_url_images=True)
-    env = Environment(paths=paths, settings=settings)
-    if registry is not None:
-        # Constructing the manager is cheap; finding the best device imports torch,
-        # which cmd_run pays only once the workflow is known to be valid.
-        env.models = registry.make_model_host(args.device)
-    return env
+    settings = limits_from_args(args, Settings(allow_absolute_paths=True, allow_url_images=True))
+    # Constructing the manager is cheap; finding the best device imports torch,
+    # which cmd_run pays only once the workflow is known to be valid.
+    return build_env(paths, settings, registry, getattr(args, "device", None))
+
+
+def limits_from_args(args: argparse.Namespace, settings: Settings) -> Settings:
+    """``--max-image-pixels``, ``--max-job-memory``, ``--allow-url-host`` (run, validate, serve) into the settings."""
+    if getattr(args, "max_image_pixels", None):
+        settings.max_image_pixels = args.max_image_pixels
+    if getattr(args, "max_job_memory", None):
+        settings.max_job_bytes = args.max_job_memory
+    if getattr(args, "allow_url_host", None):
+        settings.url_allow_hosts = tuple(args.allow_url_host)
+    return settings
 
 
 # -- reading the workflow and --set ----------------------------------------------------
@@ -89,64 +94,61 @@ def _parse_value(raw: str, input_type: str | None) -> Any:
     return raw
 
 
-def _apply_sets(wf: Workflow, registry: Registry, sets: Sequence[str],
-                image: str | None) -> tuple[Workflow, list[str], list[dict[str, Any]]]:
-    """The workflow with the valid --set / --image values applied, their names, and the problems.
+def _read_sets(wf: Workflow, registry: Registry, sets: Sequence[str],
+               image: str | None) -> tuple[dict[str, Any], list[ValidationError]]:
+    """The --set / --image values as parameters (typed where the target input is known), and the problems.
 
-    Bad names do not stop the others from being applied, so validation can then
-    report every problem of the command line and the workflow together.
+    Names are judged by the shared submission path, so an unknown one is reported
+    with every other problem of the command line and the workflow.
     """
-    problems: list[dict[str, Any]] = []
+    problems: list[ValidationError] = []
     raw: dict[str, str] = {}
     for item in sets:
         name, eq, value = item.partition("=")
         if not eq or not name.strip():
-            problems.append(_problem("invalid_parameter", f"--set '{item}' is not NAME=VALUE"))
+            problems.append(problem("invalid_parameter", f"--set '{item}' is not NAME=VALUE"))
             continue
         raw[name.strip()] = value
     if image is not None:
         loaders = sorted((n for n in wf.nodes.values() if n.type and registry.get(n.type) is not None
                           and registry.get(n.type).type == "LoadImage"), key=lambda n: _id_key(n.id))
         if not loaders:
-            problems.append(_problem("invalid_parameter", "--image given but the workflow has no LoadImage node"))
+            problems.append(problem("invalid_parameter", "--image given but the workflow has no LoadImage node"))
         else:
             raw.setdefault(f"{loaders[0].id}.image", image)
     values: dict[str, Any] = {}
-    known = ", ".join(sorted(wf.params)) or "none declared"
     for name, value in raw.items():
         target = wf.resolve_param(name)
-        if target is None:
-            problems.append(_problem(
-                "unknown_parameter",
-                f"--set {name}: no such parameter; use a named parameter ({known}) or NODE_ID.INPUT"))
-            continue
-        node = wf.nodes[target[0]]
-        spec = registry.get(node.type) if node.type else None
-        inp = spec.input(target[1]) if spec else None
-        if spec is not None and inp is None:
-            names = ", ".join(i.name for i in spec.inputs)
-            problems.append(_problem(
-                "unknown_parameter", f"--set {name}: node {node.id} ({spec.type}) has no input '{target[1]}' "
-                                     f"(its inputs: {names})", node_id=node.id, node_type=spec.type,
-                input_name=target[1]))
-            continue
+        node = wf.nodes[target[0]] if target else None
+        spec = registry.get(node.type) if node is not None and node.type else None
+        inp = spec.input(target[1]) if spec is not None and target else None
         values[name] = _parse_value(value, inp.type if inp else None)
-    return wf.with_overrides(values), list(values), problems
+    return values, problems
 
 
 def _id_key(node_id: str) -> tuple:
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 
 
-def _load(path: str) -> Workflow:
+def _load(path: str, registry: Registry) -> Workflow:
     try:
-        return load_workflow(path)
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageProblem([_problem("invalid_workflow", f"no such workflow file: {path}")]) from None
+        raise UsageProblem([problem("invalid_workflow", f"no such workflow file: {path}")]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageProblem([_problem("invalid_workflow", f"cannot read {path}: {exc}")]) from None
+        raise UsageProblem([problem("invalid_workflow", f"cannot read {path}: {exc}")]) from None
+    except json.JSONDecodeError as exc:
+        raise UsageProblem([problem("invalid_workflow", f"{path}: not valid JSON: {exc}")]) from None
+    except RecursionError:
+        raise UsageProblem([problem("invalid_workflow", f"{path}: the JSON nests deeper than "
+                                                        f"{MAX_JSON_DEPTH} levels")]) from None
+    trouble = json_problem(doc)
+    if trouble:
+        raise UsageProblem([problem("invalid_workflow", f"{path}: {trouble}")])
+    try:
+        return parse_document(doc, registry)
     except WorkflowFormatError as exc:
-        raise UsageProblem([_problem("invalid_workflow", f"{path}: {exc}")]) from None
+        raise UsageProblem([problem("invalid_workflow", f"{path}: {exc}")]) from None
 
 
 # -- reporting -------------------------------------------------------------------------
@@ -156,33 +158,23 @@ def _emit_json(stream: TextIO, payload: dict[str, Any]) -> None:
     stream.flush()
 
 
-def _report_invalid(errors: list[dict[str, Any]], as_json: bool) -> int:
+def _report_invalid(errors: list[ValidationError], as_json: bool) -> int:
     sys.stderr.write(f"invalid workflow: {len(errors)} problem(s)\n")
     for e in errors:
-        where = []
-        if e.get("node_id") is not None:
-            where.append(f"node {e['node_id']}" + (f" ({e['node_type']})" if e.get("node_type") else ""))
-        if e.get("input_name"):
-            where.append(f"input '{e['input_name']}'")
-        prefix = ", ".join(where)
-        sys.stderr.write(f"  - [{e['type']}] {prefix + ': ' if prefix else ''}{e['message']}\n")
+        sys.stderr.write(f"  - [{e.type}] {e}\n")
     if as_json:
-        _emit_json(sys.stdout, {"type": "validation_failed", "errors": errors})
+        _emit_json(sys.stdout, {"type": "validation_failed", "errors": [e.to_dict() for e in errors]})
     return EXIT_INVALID
 
 
 def _prepare(args: argparse.Namespace, env: Environment, registry: Registry) -> tuple[Workflow, Any, dict]:
-    """Load, apply --set, validate; raises UsageProblem carrying every problem found."""
-    wf = _load(args.workflow)
-    wf, names, problems = _apply_sets(wf, registry, args.set or [], getattr(args, "image", None))
+    """Load, read --set, and go through the shared submission path; UsageProblem carries every problem."""
+    wf = _load(args.workflow, registry)
+    values, problems = _read_sets(wf, registry, args.set or [], getattr(args, "image", None))
     try:
-        plan = validate(wf, registry, env)
-    except WorkflowInvalid as exc:
-        raise UsageProblem(problems + [e.to_dict() for e in exc.errors]) from None
-    if problems:
-        raise UsageProblem(problems)
-    # The workflow embedded in outputs carries typed values ("0.5" -> 0.5).
-    return wf, plan, plan.record_params(names)
+        return prepare(wf, registry, env, values, problems=problems)
+    except SubmissionInvalid as exc:
+        raise UsageProblem(exc.errors) from None
 
 
 # -- commands --------------------------------------------------------------------------
@@ -193,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = default_registry()
     temp_dir = tempfile.mkdtemp(prefix="kiln-run-")
     try:
-        env = build_env(args, temp_dir=temp_dir, create_output=True, registry=registry)
+        env = cli_env(args, temp_dir=temp_dir, create_output=True, registry=registry)
         try:
             wf, plan, params = _prepare(args, env, registry)
         except UsageProblem as exc:
@@ -261,7 +253,7 @@ class _sigint_sets:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     registry = default_registry()
-    env = build_env(args)
+    env = cli_env(args)
     try:
         _, plan, _ = _prepare(args, env, registry)
     except UsageProblem as exc:
@@ -280,7 +272,7 @@ def _describe_input(entry: dict[str, Any]) -> str:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     registry = default_registry()
-    env = build_env(args)
+    env = cli_env(args)
     schemas = registry.schemas(env)
     for name, reason in registry.load_errors.items():
         sys.stderr.write(f"warning: node package '{name}' failed to load: {reason}\n")
@@ -313,7 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         safety = (args.safety_filter, args.safety_checker or "")
     run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
                workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
-               safety=safety)
+               safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug,
+               move_damaged_db=args.move_damaged_db)
     return EXIT_OK
 
 
@@ -324,6 +317,27 @@ def _folders(p: argparse.ArgumentParser, output: bool = True) -> None:
     if output:
         p.add_argument("--output-dir", default="output", metavar="DIR", help="where images are saved (./output)")
     p.add_argument("--models", default="models", metavar="DIR", help="model folder with checkpoints/, vae/ (./models)")
+
+
+def _limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=_option(parse_pixels), metavar="WxH",
+                   help="largest image a node may load or make, e.g. 8192x8192 (the default)")
+    p.add_argument("--max-job-memory", type=_option(parse_bytes), metavar="SIZE",
+                   help="estimated memory of a job's images and latents, e.g. 16G "
+                        "(default: half of this machine's memory)")
+    p.add_argument("--allow-url-host", action="append", default=[], metavar="HOST_OR_CIDR",
+                   help="a trusted host name or network (10.1.0.0/16) that URL images may reach although its "
+                        "addresses are loopback, private or link-local (repeatable)")
+
+
+def _option(parse_fn: Any) -> Any:
+    def convert(text: str) -> int:
+        try:
+            return parse_fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse_fn.__name__.removeprefix("parse_")
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="compute device (default: the best available)")
     run.add_argument("--json", action="store_true", help="NDJSON events on stdout, one per line")
     run.add_argument("--force", action="store_true", help="run every node even if cached")
+    _limits(run)
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a workflow without running it")
@@ -349,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--image", metavar="PATH_OR_URL")
     _folders(val)
     val.add_argument("--json", action="store_true")
+    _limits(val)
     val.set_defaults(func=cmd_validate)
 
     nodes = sub.add_parser("nodes", help="list the installed node types")
@@ -371,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "flagged ones (needs --safety-checker)")
     serve.add_argument("--safety-checker", default=None, metavar="NAME",
                        help="the StableDiffusionSafetyChecker in MODELS/safety_checker (folder or .safetensors)")
+    _limits(serve)
+    serve.add_argument("--debug", action="store_true",
+                       help="also keep a failed job's traceback (shortened) in its record; "
+                            "tracebacks always go to the server log")
+    serve.add_argument("--move-damaged-db", action="store_true",
+                       help="if the job database is damaged, move it aside and start empty "
+                            "(default: report it and stop)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from engine.budget import DEFAULT_IMAGE_PIXELS, Budget
 from engine.paths import SafeRoot
 
 
@@ -41,6 +42,16 @@ class Paths:
     models: SafeRoot
     workflows: SafeRoot
 
+    def scrub(self, text: str) -> str:
+        """``text`` with each folder's absolute path replaced by its name (``/srv/kiln/data/input/cat.png``
+        becomes ``input/cat.png``), so messages shown to clients never reveal where the server keeps files."""
+        roots = sorted(((str(getattr(self, name).root), name) for name in ("input", "output", "temp", "models",
+                                                                           "workflows")),
+                       key=lambda item: -len(item[0]))
+        for root, name in roots:
+            text = text.replace(root + os.sep, name + "/").replace(root, name)
+        return text
+
     @classmethod
     def under(cls, base: str | Path, models: str | Path | None = None,
               workflows: str | Path | None = None) -> "Paths":
@@ -59,14 +70,24 @@ class Settings:
     #: LoadImage may fetch http(s) URLs (the CLI allows it; the server only when enabled).
     allow_url_images: bool = False
     url_max_bytes: int = 20 * 1024 * 1024
+    #: One deadline for a whole download, however slowly the sender trickles.
     url_timeout_s: float = 20.0
-    #: Largest image, in pixels, a node will decode (guards against decompression bombs).
-    max_image_pixels: int = 8192 * 8192
+    #: Hosts or networks ("images.lan", "10.1.0.0/16") URL images may reach although
+    #: their addresses are loopback, private or link-local (``--allow-url-host``).
+    url_allow_hosts: tuple[str, ...] = ()
+    #: Largest image, in pixels, a node will decode (guards against decompression bombs)
+    #: or make (the resource budget checks every declared size against it).
+    max_image_pixels: int = DEFAULT_IMAGE_PIXELS
+    #: Estimated bytes of a job's images and latents; 0 means half of this host's memory.
+    max_job_bytes: int = 0
     #: Embed the workflow in saved PNGs (users may turn it off for privacy).
     embed_workflow: bool = True
     #: LoadImage may read any path on disk (the CLI, run by the file's owner); the
     #: server keeps every name inside its input folder.
     allow_absolute_paths: bool = False
+
+    def budget(self) -> Budget:
+        return Budget(max_image_pixels=self.max_image_pixels, max_job_bytes=self.max_job_bytes)
 
 
 class ModelHost(Protocol):
@@ -150,6 +171,19 @@ class NodeContext:
     def message(self, text: str) -> None:
         """Tell the user something about this node's work (e.g. "resized to 512x512")."""
         self._message(text)
+
+
+def build_env(paths: Paths, settings: Settings | None = None, registry: Any = None,
+              device: str | None = None) -> Environment:
+    """The one way a front door (``kiln run``, ``kiln serve``) makes its environment.
+
+    The folders and settings are the caller's; the model manager comes from the
+    node library through the registry (the engine knows no torch). Building it is
+    cheap: finding the best device imports torch, which happens at the first job.
+    """
+    env = Environment(paths=paths, settings=settings or Settings())
+    env.models = registry.make_model_host(device) if registry is not None else None
+    return env
 
 
 def default_data_dir() -> Path:

@@ -250,7 +250,3 @@ def _normalise(raw: Any, node: PlannedNode) -> tuple[tuple, dict[str, Any]]:
         raise NodeError(f"returned {len(raw)} value(s) for {len(node.spec.outputs)} declared output(s)")
     return raw, ui
 
-
-def execute(workflow: Workflow, registry: Registry, env: Environment, **kwargs: Any) -> JobOutcome:
-    """One-shot convenience: validate and run with a fresh cache."""
-    return Executor(registry, env).run(workflow, **kwargs)

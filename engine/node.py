@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from engine import types as T
+from engine.budget import Size
 
 
 class _NoDefault:
@@ -145,6 +146,9 @@ class NodeSpec:
     aliases: tuple[str, ...] = ()
     python_module: str = "nodes"
     deprecated: bool = False
+    #: How the node sizes the images/latents it outputs, read from its inputs, so
+    #: validation can check the job against the resource budget (engine.budget).
+    size: Size | None = None
 
     def __post_init__(self) -> None:
         if not self.display_name:
@@ -152,6 +156,11 @@ class NodeSpec:
         names = [i.name for i in self.inputs]
         if len(set(names)) != len(names):
             raise ValueError(f"node {self.type}: duplicate input names {names}")
+        if self.size is not None:
+            named = [getattr(self.size, f) for f in ("width", "height", "batch", "scale", "like")]
+            unknown = [n for n in named if isinstance(n, str) and n not in names]
+            if unknown:
+                raise ValueError(f"node {self.type}: size names unknown input(s) {unknown}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -248,11 +257,14 @@ def define_node(
     fingerprint: FingerprintFn | None = None,
     validate: ValidateFn | None = None,
     aliases: Sequence[str] = (),
+    size: Size | None = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Decorator turning a function into a :class:`NodeSpec`.
 
     The description defaults to the function's docstring, so the text a developer
-    writes for readers of the code is the text users see in the editor.
+    writes for readers of the code is the text users see in the editor. ``size``
+    declares how the node sizes its image outputs from its inputs (see
+    :mod:`engine.budget`), checked against the resource budget before a job runs.
     """
 
     def wrap(fn: Callable[..., Any]) -> NodeSpec:
@@ -270,6 +282,7 @@ def define_node(
             fingerprint=fingerprint,
             validate=validate,
             aliases=tuple(aliases),
+            size=size,
             python_module="nodes" if module.startswith("nodes") else f"custom_nodes.{module.split('.')[0]}",
         )
 

@@ -18,6 +18,14 @@ class PathRefused(ValueError):
     """A name that would leave its root, or that is not a plain relative name."""
 
 
+#: Longest file or folder name, in bytes, that Linux, macOS and Windows file systems
+#: all store; a longer one fails with ENAMETOOLONG deep inside whatever opens it.
+NAME_MAX_BYTES = 255
+#: Deepest folder nesting a name may ask for: enough for any real layout, and far
+#: below PATH_MAX, so "a/a/a/..." thousands deep is refused here and not by the OS.
+MAX_DEPTH = 32
+
+
 def _decodings(name: str, rounds: int = 3) -> list[str]:
     """``name`` and its successive percent-decodings (``%252e`` -> ``%2e`` -> ``.``)."""
     forms = [name]
@@ -48,6 +56,10 @@ class SafeRoot:
             raise PathRefused("a file name must be a string")
         if "\x00" in name:
             raise PathRefused("a file name may not contain NUL")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PathRefused("a file name must be valid text (it holds a lone UTF-16 surrogate)") from None
         # A name that still carries percent-escapes may be decoded again further on
         # (a client, a proxy, a later join); judge every decoding of it, not just this one.
         for form in _decodings(name):
@@ -58,13 +70,19 @@ class SafeRoot:
                 raise PathRefused(f"'..' is not allowed in a file name: {name!r}")
             if "\x00" in form:
                 raise PathRefused("a file name may not contain NUL")
-        return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        for part in parts:
+            if len(part.encode("utf-8")) > NAME_MAX_BYTES:
+                raise PathRefused(f"a file or folder name is longer than {NAME_MAX_BYTES} bytes: {part[:40]!r}...")
+        return parts
 
     def resolve(self, name: str, subfolder: str = "", *, must_exist: bool = False) -> Path:
         """The real path of ``subfolder/name`` inside the root, or :class:`PathRefused`."""
         parts = self._parts(subfolder or "") + self._parts(name)
         if not parts:
             raise PathRefused("empty file name")
+        if len(parts) > MAX_DEPTH + 1:
+            raise PathRefused(f"folders may nest at most {MAX_DEPTH} deep; this name has {len(parts) - 1}")
         candidate = self.root.joinpath(*parts)
         real = Path(os.path.realpath(candidate))
         if real != self.root and self.root not in real.parents:

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import networkx as nx
 
+from engine import budget
 from engine import types as T
 from engine.node import NO_DEFAULT, Input, NodeSpec
 from engine.registry import Registry
@@ -32,6 +33,7 @@ DEPENDENCY_CYCLE = "dependency_cycle"
 NO_OUTPUTS = "prompt_no_outputs"
 INVALID_WORKFLOW = "invalid_workflow"
 UNKNOWN_OUTPUT_TARGET = "unknown_output_target"
+OVER_BUDGET = "over_budget"
 
 
 @dataclass
@@ -246,6 +248,12 @@ def validate(
     for target in targets:
         needed |= nx.ancestors(graph, target) | {target}
     order = [n for n in nx.lexicographical_topological_sort(graph.subgraph(needed), key=_id_sort_key)]
+    settings = getattr(env, "settings", None)
+    overruns = budget.check(planned, order, settings.budget() if settings is not None else budget.Budget())
+    if overruns:
+        raise WorkflowInvalid([
+            ValidationError(OVER_BUDGET, o.message, o.node_id, planned[o.node_id].spec.type, o.input_name,
+                            extra={"limit": o.limit}) for o in overruns])
     return Plan(workflow=workflow, nodes={n: planned[n] for n in order}, order=order, outputs=targets)
 
 

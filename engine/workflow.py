@@ -201,17 +201,25 @@ def is_api_format(doc: Mapping[str, Any]) -> bool:
     return bool(doc) and all(isinstance(v, dict) and "class_type" in v for v in doc.values())
 
 
-def parse(doc: Any, registry: Any = None) -> Workflow:
-    """Parse a Kiln or ComfyUI API-format document.
-
-    With a registry, ComfyUI's editor (UI) format is accepted too: converting it
-    needs the node declarations (see engine.workflow_ui).
-    """
+def decode(doc: Any) -> Any:
+    """A document given as JSON text decoded; anything else as it is."""
     if isinstance(doc, (str, bytes)):
         try:
-            doc = json.loads(doc)
+            return json.loads(doc)
         except json.JSONDecodeError as exc:
             raise WorkflowFormatError(f"not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise WorkflowFormatError("the JSON nests too deeply to be a workflow") from None
+    return doc
+
+
+def parse(doc: Any) -> Workflow:
+    """Parse a Kiln or ComfyUI API-format document.
+
+    ComfyUI's editor (UI) format needs the node declarations to convert:
+    :func:`engine.formats.parse_document` takes every format.
+    """
+    doc = decode(doc)
     if not isinstance(doc, dict):
         raise WorkflowFormatError("a workflow must be a JSON object")
     if "prompt" in doc and isinstance(doc["prompt"], dict) and "nodes" not in doc:
@@ -219,10 +227,6 @@ def parse(doc: Any, registry: Any = None) -> Workflow:
     if isinstance(doc.get("nodes"), dict):
         return _parse_kiln(doc)
     if isinstance(doc.get("nodes"), list) and "links" in doc:
-        if registry is not None:
-            from engine.workflow_ui import from_comfy_ui
-
-            return from_comfy_ui(doc, registry)
         raise WorkflowFormatError(
             "this is a ComfyUI editor (UI-format) workflow; export it with 'Save (API Format)' "
             "or open it in Kiln's editor, which converts it"
@@ -268,5 +272,5 @@ def _parse_kiln(doc: Mapping[str, Any]) -> Workflow:
     return wf
 
 
-def load(path: str | Path, registry: Any = None) -> Workflow:
-    return parse(Path(path).read_text(encoding="utf-8"), registry)
+def load(path: str | Path) -> Workflow:
+    return parse(Path(path).read_text(encoding="utf-8"))

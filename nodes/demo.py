@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from nodes.loaders import model_names
+from engine.model_files import folder_models
 from nodes.sample_image import ensure_sample
 
 DEMO_NAME = "kiln-demo-random-weights.safetensors"
@@ -51,7 +51,7 @@ def build_demo_checkpoint(path: Path) -> Path:
 def choose_checkpoint(models: Path) -> tuple[str, bool]:
     """(name inside checkpoints/, is_demo): the first real checkpoint, else the demo one."""
     folder = models / "checkpoints"
-    real = [n for n in model_names(folder, "model_index.json") if Path(n).name != DEMO_NAME]
+    real = [n for n in folder_models(models, "checkpoints") if Path(n).name != DEMO_NAME]
     if real:
         return real[0], False
     if not (folder / DEMO_NAME).exists():

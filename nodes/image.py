@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from engine import types as T
 from engine.context import Environment, NodeError
+from engine.budget import Size
 from engine.node import Input, Output, Result, define_node
 from engine.paths import PathRefused
 from nodes import image_io as io_
@@ -159,6 +160,7 @@ def target_size(src_w: int, src_h: int, width: int, height: int, multiple: int) 
     ],
     outputs=[Output("IMAGE", T.IMAGE), Output("width", T.INT), Output("height", T.INT)],
     validate=_resize_validate,
+    size=Size(width="width", height="height", like="image", work=3),  # resize, clamp, copy
 )
 def image_resize(ctx, image, width: int, height: int, mode: str, multiple_of: str, pad_color: str):
     """Resize to a target size by stretching, cropping or padding; the final size is always stated.
@@ -280,7 +282,7 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
     except PathRefused as exc:
         raise NodeError(f"'{prefix}' is not allowed: {exc}", "filename_prefix") from None
     except OSError as exc:
-        raise NodeError(f"cannot create the folder for '{prefix}': {exc}", "filename_prefix") from None
+        raise NodeError(f"cannot create the folder for '{prefix}': {exc.strerror or exc}", "filename_prefix") from None
     chunks = _metadata(ctx)
     guard = ctx.env.output_guard
     # The server's safety guard sees every batch before a byte is written (engine.guard).

@@ -15,8 +15,6 @@ import re
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,7 +27,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 #: cell of an SD VAE, so a 1-pixel file is almost certainly a mistake (a tracking
 #: pixel saved by accident, a broken export) and is refused with a clear message.
 MIN_SIDE = 8
-_CHUNK = 64 * 1024
 
 
 # -- where the image is --------------------------------------------------------------
@@ -57,83 +54,64 @@ def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
         pass
     if env.settings.allow_absolute_paths:
         path = Path(name).expanduser()
-        if path.is_file():
-            return path.resolve()
-        if path.exists():
-            raise NodeError(f"'{name}' is not a file", input_name)
-        raise NodeError(f"no such image file: '{name}' (looked in the input folder "
-                        f"{env.paths.input.root} and at that path)", input_name)
+        try:
+            if path.is_file():
+                return path.resolve()
+            if path.exists():
+                raise NodeError(f"'{name}' is not a file", input_name)
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL
+            raise NodeError(f"cannot open '{name}': {getattr(exc, 'strerror', None) or exc}", input_name) from None
+        raise NodeError(f"no such image file: '{name}' (looked in the input folder and at that path)", input_name)
     if refused:
         raise NodeError(f"refused '{name}': {refused}; only files inside the input folder can be loaded here",
                         input_name)
-    raise NodeError(f"no image named '{name}' in the input folder {env.paths.input.root}", input_name)
+    # Named relative to its folder: error messages never show the server's own paths.
+    raise NodeError(f"no image named 'input/{name}' in the input folder", input_name)
 
 
 # -- downloads -------------------------------------------------------------------------
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib would follow a redirect to ftp://; a URL image may only ever be http(s)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
-        if not is_url(newurl):
-            raise urllib.error.URLError(f"redirect to a non-http(s) address refused: {newurl}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_opener = urllib.request.build_opener(_HttpOnlyRedirects)
-# The fingerprint hook and the node run both need the bytes; a small cache keeps
-# that to one download per job. Entries are short-lived so a changed URL is seen.
-_url_cache: "OrderedDict[str, tuple[float, bytes]]" = OrderedDict()
+# The fingerprint hook and the node run both need the bytes of a URL; this cache makes
+# it one download per job. A failure is remembered too (briefly), so a slow or broken
+# URL costs one deadline per job, not one for the fingerprint and another for the run.
+_url_cache: "OrderedDict[str, tuple[float, bytes | str]]" = OrderedDict()
 _url_lock = threading.Lock()
 _URL_CACHE_ENTRIES = 4
 _URL_CACHE_TTL_S = 120.0
+_URL_FAILURE_TTL_S = 30.0
 
 
 def fetch_url(env: Environment, url: str, input_name: str = "image") -> bytes:
-    """Download an image, capped in bytes (settings.url_max_bytes) and in total time."""
+    """Download an image within the settings' byte cap, total deadline and address rules (nodes.url_fetch)."""
+    from nodes import url_fetch
+
     if not env.settings.allow_url_images:
         raise NodeError("loading images from URLs is turned off here (the server enables it with "
                         "--allow-url-images)", input_name)
     now = time.monotonic()
     with _url_lock:
         hit = _url_cache.get(url)
-        if hit and now - hit[0] < _URL_CACHE_TTL_S:
+        if hit and now - hit[0] < (_URL_CACHE_TTL_S if isinstance(hit[1], bytes) else _URL_FAILURE_TTL_S):
             _url_cache.move_to_end(url)
+            if isinstance(hit[1], str):
+                raise NodeError(hit[1], input_name)
             return hit[1]
-    limit = int(env.settings.url_max_bytes)
-    timeout = float(env.settings.url_timeout_s)
-    deadline = now + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "kiln", "Accept": "image/*"})
     try:
-        with _opener.open(request, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > limit:
-                raise NodeError(f"{url} is {int(length)} bytes, more than the limit of {limit} bytes", input_name)
-            buf = bytearray()
-            while True:
-                chunk = resp.read(_CHUNK)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > limit:
-                    raise NodeError(f"{url} is larger than the limit of {limit} bytes", input_name)
-                if time.monotonic() > deadline:
-                    raise NodeError(f"downloading {url} took longer than {timeout:g} s", input_name)
-            content_type = resp.headers.get_content_type()
-    except urllib.error.HTTPError as exc:
-        raise NodeError(f"fetching {url} failed: HTTP {exc.code} {exc.reason}", input_name) from None
-    except urllib.error.URLError as exc:
-        raise NodeError(f"fetching {url} failed: {exc.reason}", input_name) from None
-    except (TimeoutError, OSError) as exc:
-        raise NodeError(f"fetching {url} failed: {exc or type(exc).__name__}", input_name) from None
-    data = bytes(buf)
-    if content_type.startswith("text/"):
-        raise NodeError(f"{url} returned {content_type}, not an image", input_name)
+        data, content_type = url_fetch.fetch(url, max_bytes=int(env.settings.url_max_bytes),
+                                             timeout_s=float(env.settings.url_timeout_s),
+                                             allow=url_fetch.AllowList.parse(env.settings.url_allow_hosts))
+        if content_type.lower().startswith("text/"):
+            raise url_fetch.FetchRefused(f"it is {content_type.split(';')[0]}, not an image")
+        result: bytes | str = data
+    except url_fetch.FetchRefused as exc:
+        result = f"fetching {url} failed: {exc}"
     with _url_lock:
-        _url_cache[url] = (time.monotonic(), data)
+        _url_cache[url] = (time.monotonic(), result)
         while len(_url_cache) > _URL_CACHE_ENTRIES:
             _url_cache.popitem(last=False)
-    return data
+    if isinstance(result, str):
+        raise NodeError(result, input_name)
+    return result
 
 
 # -- content hashes (fingerprints) -----------------------------------------------------
@@ -294,7 +272,7 @@ def write_png_atomic(image: Any, folder: Path, base: str, pnginfo: Any, compress
                     continue
                 os.replace(tmp, final)
                 return name
-        raise NodeError(f"could not find a free file name for '{base}' in {folder}", "filename_prefix")
+        raise NodeError(f"could not find a free file name for '{base}' in its folder", "filename_prefix")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -15,6 +15,7 @@ from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
+from engine.budget import Size
 from engine.node import Input, Output, define_node
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -57,6 +58,7 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> Any:
         Input("batch_size", T.INT, default=1, min=1, max=4096),
     ],
     outputs=[Output("LATENT", T.LATENT)],
+    size=Size(width="width", height="height", batch="batch_size"),
 )
 def empty_latent_image(ctx, width: int, height: int, batch_size: int = 1):
     """A blank latent to sample an image from text: zeros [batch, 4, height/8, width/8]."""

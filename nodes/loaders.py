@@ -10,12 +10,12 @@ torch/diffusers are imported only when a model is actually loaded.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from engine import types as T
 from engine.context import Environment, NodeError
+from engine.model_files import marker_for, model_names
 from nodes.runtime.models import ModelManager, file_key
 from engine.node import Input, Output, define_node
 from engine.paths import PathRefused
@@ -23,7 +23,6 @@ from nodes.handles import ClipHandle, ModelHandle, VaeHandle
 
 CHECKPOINT_FOLDER = "checkpoints"
 VAE_FOLDER = "vae"
-MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PREDICTIONS = ["auto", "epsilon", "v_prediction"]
 
 _fallback: ModelManager | None = None
@@ -49,38 +48,23 @@ def _folders(folder: Folders) -> tuple[str, ...]:
 
 
 def list_models(env: Environment | None, folder: Folders, diffusers_marker: str | None) -> list[str]:
-    """Model files under ``<models>/<folder>`` (each alias) and diffusers folders (holding ``diffusers_marker``)."""
+    """Model files under ``<models>/<folder>`` (each alias) and diffusers folders (holding ``diffusers_marker``).
+
+    The listing itself is engine.model_files.model_names, which the model routes
+    serve too, so a route never offers a name a loader refuses.
+    """
     if env is None:
         return []
     names = {n for f in _folders(folder) for n in model_names(Path(env.paths.models.root) / f, diffusers_marker)}
     return sorted(names)
 
 
-def model_names(root: Path, diffusers_marker: str | None) -> list[str]:
-    """The names a loader accepts for the models in ``root`` (sorted; none if it is missing).
-
-    A folder holding ``diffusers_marker`` is one model (a diffusers folder); None:
-    the loader reads single files only.
-    """
-    names: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        if diffusers_marker and diffusers_marker in filenames and rel != Path("."):
-            names.append(rel.as_posix())
-            dirnames[:] = []
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names += [(rel / f).as_posix() for f in filenames
-                  if f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
-    return sorted(names)
-
-
 def _checkpoints(env: Environment | None) -> list[str]:
-    return list_models(env, CHECKPOINT_FOLDER, "model_index.json")
+    return list_models(env, CHECKPOINT_FOLDER, marker_for(CHECKPOINT_FOLDER))
 
 
 def _vaes(env: Environment | None) -> list[str]:
-    return list_models(env, VAE_FOLDER, "config.json")
+    return list_models(env, VAE_FOLDER, marker_for(VAE_FOLDER))
 
 
 def locate(env: Environment, folder: Folders, name: Any, input_name: str) -> Path:

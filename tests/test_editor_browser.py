@@ -102,9 +102,15 @@ class Editor:
         self.page.wait_for_function("!document.querySelector('#run').disabled", timeout=RUN_TIMEOUT_MS)
 
 
+#: Playwright's wait_for_function compiles its predicate with ``new Function`` in the page,
+#: which the editor's Content-Security-Policy forbids; these tests drive the editor, and
+#: tests/test_editor_csp.py checks it under its policy.
+PAGE = {"viewport": VIEWPORT, "bypass_csp": True}
+
+
 @pytest.fixture
 def editor(browser, server):
-    page = browser.new_page(viewport=VIEWPORT)
+    page = browser.new_page(**PAGE)
     page.goto(server.url + "/")
     page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
     ed = Editor(page)
@@ -519,7 +525,7 @@ def test_copy_and_paste_keep_links_also_into_another_tab(editor, browser, server
     page.mouse.click(*page.evaluate("window.kiln.titlePos('9')"))
     page.keyboard.up("Shift")
     page.keyboard.press("Control+c")
-    other = browser.new_page(viewport=VIEWPORT)
+    other = browser.new_page(**PAGE)
     try:
         other.goto(server.url + "/")
         other.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
@@ -540,7 +546,7 @@ def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(bro
     shipped = json.loads((REPO / "workflows" / "img2img.json").read_text())
     wanted = shipped["nodes"]["1"]["inputs"]["ckpt_name"]
     assert wanted != DEMO_CKPT
-    page = browser.new_page(viewport=VIEWPORT)
+    page = browser.new_page(**PAGE)
     editor = Editor(page)
     try:
         page.goto(fresh_server.url + "/")

@@ -193,6 +193,7 @@ def test_url_images(registry, env, http_root):
     with pytest.raises(WorkflowInvalid, match="turned off"):
         run(registry, env, load_and_save(f"{base}/pic.png"))
     env.settings.allow_url_images = True
+    env.settings.url_allow_hosts = ("127.0.0.1",)  # the test server is on loopback
     pixels, _ = load_image(registry, env, f"{base}/pic.png")
     assert tuple(pixels.shape) == (1, 16, 24, 3)
     assert "not an image" in _failure(registry, env, f"{base}/page.html")

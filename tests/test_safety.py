@@ -128,7 +128,7 @@ def test_a_missing_checker_fails_validation_naming_node_and_input(env):
         "1": {"type": "LoadImage", "inputs": {"image": "a.png"}},
         "2": {"type": "SafetyCheckerLoader", "inputs": {"checker_name": "nope.safetensors"}},
         "3": {"type": "SafetyFilter", "inputs": {"images": ["1", 0], "safety_checker": ["2", 0], "mode": "smudge"}},
-        "4": {"type": "SaveImage", "inputs": {"images": ["3", 0]}}}}, default_registry())
+        "4": {"type": "SaveImage", "inputs": {"images": ["3", 0]}}}})
     with pytest.raises(WorkflowInvalid) as err:
         Executor(default_registry(), env).plan(wf)
     found = {(e.node_id, e.input_name) for e in err.value.errors}
@@ -204,7 +204,7 @@ def read_png(env, entry) -> tuple[np.ndarray, dict]:
 
 def test_the_guard_blurs_what_any_output_node_saves_and_says_so(env):
     env.output_guard = build_guard(env, "blur", FILE)
-    outcome = Executor(default_registry(), env).run(parse(graph_without_filter(), default_registry()))
+    outcome = Executor(default_registry(), env).run(parse(graph_without_filter()))
     assert outcome.status == "succeeded", outcome.error
     a = np.asarray(tiny_safety.image_a(), dtype=np.float32) / 255.0
     b = np.asarray(tiny_safety.image_b(), dtype=np.float32) / 255.0
@@ -223,7 +223,7 @@ def test_the_guard_blurs_what_any_output_node_saves_and_says_so(env):
 
 def test_the_guard_in_drop_mode_saves_no_flagged_file(env):
     env.output_guard = build_guard(env, "drop", FILE)
-    outcome = Executor(default_registry(), env).run(parse(graph_without_filter("drop"), default_registry()))
+    outcome = Executor(default_registry(), env).run(parse(graph_without_filter("drop")))
     assert outcome.status == "succeeded", outcome.error
     assert outcome.outputs["3"] == {"images": [], "dropped": [{"index": 0, "filtered": True}]}
     assert [e["filtered"] for e in outcome.outputs["4"]["images"]] == [False]
@@ -261,7 +261,7 @@ def test_every_preview_passes_the_guard(env, mode):
     env.output_guard.preview_share = 1.0  # check every one, however long checks take
     events = []
     Executor(registry, env).run(parse({"version": 1, "nodes": {"1": {"type": "Previews", "inputs": {
-        "which": "a,b"}}}}, registry), on_event=events.append)
+        "which": "a,b"}}}}), on_event=events.append)
     sent = [e.preview for e in events if isinstance(e, Progress)]
     assert len(sent) == 2
     assert sent[1] is frames["b"]  # B passes untouched
@@ -299,7 +299,7 @@ def test_an_output_node_that_saves_around_the_guard_fails_and_its_file_is_remove
 
     registry = Registry()
     registry.add(own_writer)
-    wf = parse({"version": 1, "nodes": {"7": {"type": "OwnWriter", "inputs": {"name": "sneaky.png"}}}}, registry)
+    wf = parse({"version": 1, "nodes": {"7": {"type": "OwnWriter", "inputs": {"name": "sneaky.png"}}}})
     outcome = Executor(registry, env).run(wf)
     assert outcome.status == "succeeded"  # no guard: the node's business
     env.output_guard = build_guard(env, "blur", FILE)

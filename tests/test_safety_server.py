@@ -106,7 +106,7 @@ def local_reference(site: Path, tmp_path: Path) -> tuple[list, list, bool]:
     env = Environment(paths=Paths.under(tmp_path / "ref", models=site / "models"), models=ModelManager(device="cpu"))
     registry = default_registry()
     events: list = []
-    outcome = Executor(registry, env).run(parse(sampler_nodes(), registry), on_event=events.append)
+    outcome = Executor(registry, env).run(parse(sampler_nodes()), on_event=events.append)
     assert outcome.status == "succeeded", outcome.error
     guard = build_guard(env, "blur", CHECKER)
     guard.preview_share = 1.0  # what each preview becomes if checked (the server may withhold some)

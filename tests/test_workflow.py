@@ -8,6 +8,7 @@ import pytest
 
 import stub_nodes as stubs
 from engine.validate import validate
+from engine.formats import parse_document
 from engine.workflow import Link, WorkflowFormatError, parse
 
 KILN = {
@@ -150,7 +151,7 @@ def test_comfyui_editor_format_converts_with_the_registry():
     }
     with pytest.raises(WorkflowFormatError):
         parse(ui)
-    wf = parse(ui, registry)
+    wf = parse_document(ui, registry)
     assert wf.source_format == "comfyui-ui"
     assert set(wf.nodes) == {"1", "3", "5", "6", "7"}
     assert wf.nodes["3"].inputs == {"a": Link("1", 0), "seed": 7, "scale": 3.0}

@@ -12,13 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.model_files import folder_models
 from engine.paths import PathRefused, SafeRoot
 from engine.server.http import fail, query_int, read_object
 from engine.server.jobs import SubmitRefused, job_view, submit
 from engine.server.state import STATE, AppState
 from engine.server.store import ACTIVE, TERMINAL
-
-MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".sft", ".pkl")
 
 
 def refused_body(exc: SubmitRefused) -> dict[str, Any]:
@@ -39,28 +38,16 @@ async def post_job(request: web.Request) -> web.Response:
                                      "client_id, outputs")
     if "workflow" not in body:
         fail(400, "invalid_request", "'workflow' is required (Kiln or ComfyUI API format)")
-    client_id = body.get("client_id")
-    if client_id is not None and not isinstance(client_id, str):
-        fail(400, "invalid_request", "'client_id' must be a string")
-    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else None
     try:
         job = await asyncio.to_thread(
             submit, state, body["workflow"], params=body.get("params"), outputs=body.get("outputs"),
-            force=bool(body.get("force", False)), client_id=client_id, job_id=_optional_id(body.get("job_id")),
-            extra_data=extra)
+            force=bool(body.get("force", False)), client_id=body.get("client_id"), job_id=body.get("job_id"),
+            extra_data=body.get("extra_data"))
     except SubmitRefused as exc:
         return web.json_response(refused_body(exc), status=400)
     _status_changed(state)
     return web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
                              status=201)
-
-
-def _optional_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > 200:
-        fail(400, "invalid_request", "'job_id' must be a non-empty string of at most 200 characters")
-    return value
 
 
 def _status_changed(state: AppState) -> None:
@@ -128,22 +115,11 @@ async def nodes(request: web.Request) -> web.Response:
 
 
 def list_models(models: SafeRoot, folder: str) -> list[str]:
-    """Model files (and diffusers folders) in one model folder, as names nodes accept."""
+    """The models of one model folder, as the loaders list them (engine.model_files)."""
     path = models.resolve(folder)
     if "/" in folder.strip("/") or not path.is_dir():
         raise FileNotFoundError(folder)
-    root = SafeRoot(path)
-    names = root.list(MODEL_EXTENSIONS)
-    for child in sorted(Path(root.root).iterdir()):
-        if child.is_dir() and ((child / "model_index.json").is_file() or (child / "config.json").is_file()):
-            try:
-                root.resolve(child.name)
-            except PathRefused:
-                continue
-            names.append(child.name)
-    # a diffusers folder's weight files are part of the folder, not models of their own
-    folders = [n for n in names if "/" not in n and (Path(root.root) / n).is_dir()]
-    return sorted(n for n in names if not any(n.startswith(f + "/") for f in folders))
+    return folder_models(models.root, path.name)
 
 
 async def models_in_folder(request: web.Request) -> web.Response:

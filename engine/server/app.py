@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -17,7 +18,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from engine.cache import OutputCache
-from engine.context import Environment, Paths, Settings
+from engine.context import Environment, Paths, Settings, build_env
 from engine.events import Event
 from engine.guard import GuardRefused
 from engine.paths import PathRefused, SafeRoot
@@ -26,27 +27,18 @@ from engine.server import api_routes, comfy_routes, files, library, openapi, sec
 from engine.server.http import json_error
 from engine.server.hub import Hub
 from engine.server.state import STATE, AppState, ServerSettings
-from engine.server.store import ACTIVE, JobRecord, JobStore
+from engine.server.store import ACTIVE, JobRecord, JobStore, StoreDamaged
 from engine.server.worker import Worker
 
 log = logging.getLogger("kiln.server")
 
 DB_NAME = "kiln.sqlite3"
+#: How much of a failed job's traceback ``--debug`` keeps in its record.
+DEBUG_TRACEBACK_CHARS = 16_000
 #: Content types for the editor's static files (ES modules need a JS type).
 STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
                 ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
                 ".woff2": "font/woff2", ".map": "application/json", ".txt": "text/plain"}
-
-
-def build_env(data_dir: str | Path, models_dir: str | Path | None, workflows_dir: str | Path | None,
-              allow_url_images: bool) -> Environment:
-    """The environment without a model manager: make_app adds the node library's.
-
-    The worker asks the model manager for the device before the first job: finding
-    the best device imports torch, which startup must not pay for.
-    """
-    paths = Paths.under(data_dir, models=models_dir, workflows=workflows_dir)
-    return Environment(paths=paths, settings=Settings(allow_url_images=allow_url_images))
 
 
 @web.middleware
@@ -63,6 +55,14 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except sqlite3.DatabaseError as exc:
+        # A damaged page (or a full disk): this request cannot be answered, the
+        # server and every route that does not need the damaged part keep working.
+        log.error("%s %s: the job database failed: %s", request.method, request.path, exc)
+        return json_error(503, "database_unavailable",
+                          f"the job database cannot be read or written right now ({exc}); the server log "
+                          "says more, and an operator can move the damaged file aside (kiln serve "
+                          "--move-damaged-db)")
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "internal_error", f"{type(exc).__name__}: {exc}")
@@ -70,12 +70,22 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
 
 # -- the editor's static files ------------------------------------------------------------
 
+#: The editor page's policy: its own scripts, styles, API and websocket only (no inline
+#: script, no eval, no third-party origin), previews as blob: images, and never inside
+#: a frame (clickjacking). ``connect-src 'self'`` covers the same-origin websocket.
+EDITOR_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+              "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; "
+              "frame-ancestors 'none'; object-src 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": EDITOR_CSP, "X-Frame-Options": "DENY",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
 async def index(request: web.Request) -> web.StreamResponse:
     page = request.app[STATE].settings.web_dir / "index.html"
     if not page.is_file():
         return web.Response(text="Kiln server is running; the editor (web/index.html) is not installed.\n",
-                            content_type="text/plain")
-    return web.FileResponse(page, headers={"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"})
+                            content_type="text/plain", headers=SECURITY_HEADERS)
+    return web.FileResponse(page, headers={"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache",
+                                           **SECURITY_HEADERS})
 
 
 async def static(request: web.Request) -> web.StreamResponse:
@@ -89,8 +99,7 @@ async def static(request: web.Request) -> web.StreamResponse:
     kind = STATIC_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if kind.startswith("text/") or kind in ("application/json", "image/svg+xml"):
         kind += "; charset=utf-8"
-    return web.FileResponse(path, headers={"Content-Type": kind, "X-Content-Type-Options": "nosniff",
-                                           "Cache-Control": "no-cache"})
+    return web.FileResponse(path, headers={"Content-Type": kind, "Cache-Control": "no-cache", **SECURITY_HEADERS})
 
 
 # -- building -----------------------------------------------------------------------------
@@ -99,25 +108,32 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
              token: str | None = None, allow_url_images: bool = False, *, registry: Registry | None = None,
              settings: ServerSettings | None = None, env: Environment | None = None,
              devices: list[str] | None = None, host: str = "127.0.0.1", port: int = 8188,
-             safety: tuple[str, str] | None = None) -> web.Application:
+             safety: tuple[str, str] | None = None, env_settings: Settings | None = None) -> web.Application:
     """A complete Kiln server app; the worker starts with the app and stops with it.
 
     ``safety`` = (mode, checker name) installs the node library's output guard on
     every job (engine.guard); it raises GuardRefused when that cannot be done, so a
-    server asked to filter never runs unfiltered.
+    server asked to filter never runs unfiltered. ``env_settings`` carries what nodes
+    see (the resource budget); URL images follow ``allow_url_images``.
     """
     settings = settings or ServerSettings()
     settings.host, settings.port = host, port
     if token is not None:
         settings.token = token
     settings.allow_url_images = allow_url_images or settings.allow_url_images
-    env = env or build_env(data_dir, models_dir, workflows_dir, settings.allow_url_images)
     registry = registry if registry is not None else default_registry()
-    if env.models is None:
+    if env is None:
+        env_settings = env_settings or Settings()
+        env_settings.allow_url_images = settings.allow_url_images
+        # The worker asks the model manager for the device before the first job.
+        env = build_env(Paths.under(data_dir, models=models_dir, workflows=workflows_dir), env_settings, registry)
+    elif env.models is None:
         env.models = registry.make_model_host(None)
     if safety is not None:
         env.output_guard = registry.make_output_guard(env, *safety)
-    store = JobStore(Path(data_dir) / DB_NAME)
+    store = JobStore(Path(data_dir) / DB_NAME, move_damaged=settings.move_damaged_db)
+    if store.moved_aside is not None:
+        log.warning("the job database was damaged; it was moved to %s and an empty one started", store.moved_aside)
     hub = Hub()
     loop_box: dict[str, asyncio.AbstractEventLoop] = {}
 
@@ -133,7 +149,7 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
             loop.call_soon_threadsafe(hub.broadcast_status, remaining)
 
     worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
-                    on_queue_change=on_queue_change)
+                    on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings)
 
     # Uploads stream past this; JSON routes read with their own, smaller limit.
@@ -170,8 +186,10 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
 def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path = "data",
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
-               registry: Registry | None = None, safety: tuple[str, str] | None = None) -> None:
-    """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build."""
+               registry: Registry | None = None, safety: tuple[str, str] | None = None,
+               env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False) -> None:
+    """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build
+    or a damaged job database."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = security.resolve_token(token)
     try:
@@ -179,11 +197,16 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
     except security.BindRefused as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
+    settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0,
+                              move_damaged_db=move_damaged_db)
     try:
         app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
-                       host=host, port=port, safety=safety)
+                       host=host, port=port, safety=safety, env_settings=env_settings, settings=settings)
     except GuardRefused as exc:
         sys.stderr.write(f"error: the safety filter cannot start: {exc}\n")
+        raise SystemExit(2) from None
+    except StoreDamaged as exc:
+        sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
     if safety is not None:
         log.info("safety filter on: every saved or previewed image is checked (%s)",

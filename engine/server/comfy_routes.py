@@ -62,7 +62,7 @@ async def post_prompt(request: web.Request) -> web.Response:
         return web.json_response({"error": {"type": "no_prompt", "message": "No prompt provided",
                                             "details": "No prompt provided", "extra_info": {}},
                                   "node_errors": {}}, status=400)
-    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+    extra = body.get("extra_data")  # malformed extra data is refused by submit, as on /api/jobs
     client_id = body.get("client_id") if isinstance(body.get("client_id"), str) else None
     number = body.get("number")
     if number is not None and (not isinstance(number, (int, float)) or isinstance(number, bool)):

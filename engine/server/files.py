@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.paths import PathRefused, SafeRoot
 from engine.server.http import fail
@@ -169,7 +170,10 @@ async def _read_form(request: web.Request, max_bytes: int) -> UploadForm:
     form = UploadForm()
     seen_image = False
     while True:
-        part = await reader.next()
+        try:
+            part = await reader.next()
+        except HttpProcessingError as exc:  # a malformed part header (a NUL in a file name)
+            fail(400, "bad_form", f"malformed multipart part: {exc.message}")
         if part is None:
             break
         if not hasattr(part, "read_chunk"):
@@ -245,6 +249,8 @@ def inspect_image(data: bytes, max_pixels: int) -> str:
 def stored_name(filename: str, fmt: str, digest: str) -> str:
     """The file name to store under: the client's base name with an extension matching the content."""
     name = filename.replace("\\", "/")
+    if any(ord(c) < 32 for c in name):
+        fail(400, "bad_filename", "the file name may not contain NUL or other control characters")
     if "/" in name:
         fail(400, "bad_filename", f"the file name may not contain a path: {filename!r}; use 'subfolder'")
     if name.startswith("."):

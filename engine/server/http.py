@@ -2,7 +2,7 @@
 
 A JSON route reads its body through :func:`read_json`, which refuses a body over
 the limit before reading it all (413) and malformed JSON with a 400 that says
-where, so no route ever answers a bad request with a 500 or an empty body.
+where (JSON nested absurdly deep or carrying text that is not valid Unicode too), so no route ever answers a bad request with a 500 or an empty body.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import json
 from typing import Any, NoReturn
 
 from aiohttp import web
+
+from engine.submission import MAX_JSON_DEPTH, json_problem
 
 DEFAULT_JSON_LIMIT = 8 * 1024 * 1024
 
@@ -58,12 +60,18 @@ async def read_json(request: web.Request, limit: int | None = None, *, allow_emp
             return {}
         fail(400, "invalid_json", "the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except UnicodeDecodeError:
         fail(400, "invalid_json", "the request body is not UTF-8 text")
     except json.JSONDecodeError as exc:
         fail(400, "invalid_json", f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                                   f"column {exc.colno}")
+    except RecursionError:
+        fail(400, "invalid_json", f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    trouble = json_problem(body)
+    if trouble:
+        fail(400, "invalid_json", trouble)
+    return body
 
 
 async def read_object(request: web.Request, limit: int | None = None, *, allow_empty: bool = False) -> dict[str, Any]:

@@ -38,10 +38,6 @@ class Outgoing:
     event: Event | None = None
     queue_remaining: int = 0
 
-    @property
-    def coalescable(self) -> bool:
-        return self.event is None or isinstance(self.event, Progress)
-
 
 class Client:
     """One websocket: its protocol, outbox and the task draining it."""

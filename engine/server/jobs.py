@@ -1,7 +1,7 @@
-"""Submitting a job: parse, apply parameters, validate everything, queue durably.
+"""Submitting a job: the shared submission path (engine.submission), then a durable queue.
 
 Shared by Kiln's ``POST /api/jobs`` and ComfyUI's ``POST /prompt`` so both refuse
-the same workflows for the same reasons. Validation happens before the job is
+the same workflows, ids and extra data for the same reasons. Validation happens before the job is
 stored: a queued job was valid when it was accepted (the worker re-validates, since
 files can vanish while it waits).
 """
@@ -10,76 +10,73 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Iterable
 
+from engine import submission
 from engine.guard import artifacts
 from engine.server.state import AppState
 from engine.server.store import JobRecord
-from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid, validate
-from engine.workflow import Workflow, WorkflowFormatError, parse
+from engine.submission import SubmissionInvalid, problem
+from engine.validate import Plan, ValidationError
+from engine.workflow import Workflow
 
 #: extra_data keys never stored (ComfyUI's SENSITIVE_EXTRA_DATA_KEYS).
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
 
-class SubmitRefused(Exception):
-    """The submission is invalid; carries every problem found."""
+#: Refusals are the shared submission path's (one problem shape for every door).
+SubmitRefused = SubmissionInvalid
 
-    def __init__(self, errors: list[ValidationError], workflow: Workflow | None = None) -> None:
-        self.errors = errors
-        self.workflow = workflow
-        super().__init__("; ".join(str(e) for e in errors))
-
-
-def _problem(kind: str, message: str, **where: Any) -> ValidationError:
-    return ValidationError(kind, message, where.get("node_id"), where.get("node_type"), where.get("input_name"))
+#: The longest job id or client id accepted: ``/api/jobs/{id}`` must be able to name
+#: every job, so ``/prompt`` and ``/api/jobs`` share this one limit.
+MAX_ID_LENGTH = 200
+#: Longest error message a job list shows per job; the job's own route has it all.
+LIST_MESSAGE_CHARS = 500
 
 
 def prepare(state: AppState, doc: Any, params: Any = None, outputs: Any = None) -> tuple[Workflow, Plan, dict]:
-    """Parse and validate a submission; raises :class:`SubmitRefused` with every problem."""
-    if doc is None:
-        raise SubmitRefused([_problem("no_prompt", "no workflow given")])
+    """Parse and validate a submission; raises :class:`SubmitRefused` with every problem.
+
+    Messages name files by their folder (``models/checkpoints/x``), never by the
+    server's absolute paths, whatever a node's validate hook wrote.
+    """
     try:
-        workflow = parse(doc, state.registry)
-    except WorkflowFormatError as exc:
-        raise SubmitRefused([_problem(INVALID_WORKFLOW, str(exc))]) from None
-    problems: list[ValidationError] = []
-    values: dict[str, Any] = {}
-    if params is not None and not isinstance(params, dict):
-        problems.append(_problem("invalid_parameter", "'params' must be an object of name -> value"))
-    for name, value in (params or {}).items() if isinstance(params, dict) else ():
-        if workflow.resolve_param(str(name)) is None:
-            known = ", ".join(sorted(workflow.params)) or "none declared"
-            problems.append(_problem("unknown_parameter",
-                                     f"no parameter '{name}': use a named parameter ({known}) or NODE_ID.INPUT"))
-        else:
-            values[str(name)] = value
-    workflow = workflow.with_overrides(values)
-    targets: list[str] | None = None
-    if outputs is not None:
-        if not isinstance(outputs, list) or not outputs:
-            problems.append(_problem("invalid_outputs", "'outputs' must be a non-empty list of node ids"))
-        else:
-            targets = [str(o) for o in outputs]
-    try:
-        plan = validate(workflow, state.registry, state.env, targets)
-    except WorkflowInvalid as exc:
-        raise SubmitRefused(problems + list(exc.errors), workflow) from None
-    if problems:
-        raise SubmitRefused(problems, workflow)
-    # Record coerced values ("0.5" -> 0.5) so history and saved PNGs carry typed values.
-    applied: dict[str, Any] = {}
-    for name in values:
-        for node_id, input_name in workflow.param_fanout.get(name) or [workflow.resolve_param(name)]:
-            node = plan.nodes.get(node_id)
-            if node is not None and input_name in node.literals:
-                workflow.nodes[node_id].inputs[input_name] = node.literals[input_name]
-                applied.setdefault(name, node.literals[input_name])
-    return workflow, plan, applied
+        return submission.prepare(doc, state.registry, state.env, params, outputs)
+    except SubmitRefused as exc:
+        for error in exc.errors:
+            error.message = state.env.paths.scrub(error.message)
+        raise
+
+
+def _id_problem(field: str, value: Any) -> ValidationError | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        return problem("invalid_request", f"'{field}' must be a non-empty string of at most {MAX_ID_LENGTH} "
+                                          "characters")
+    trouble = submission.json_problem(value)
+    if trouble or any(ord(c) < 32 for c in value):
+        return problem("invalid_request", f"'{field}' may contain only printable text")
+    return None
+
+
+def _extra_problem(extra: Any) -> ValidationError | None:
+    if extra is None:
+        return None
+    if not isinstance(extra, dict):
+        return problem("invalid_request", "'extra_data' must be an object")
+    if not isinstance(extra.get("extra_pnginfo", {}), dict):
+        return problem("invalid_request", "'extra_data.extra_pnginfo' must be an object of name -> value")
+    trouble = submission.json_problem(extra)
+    return problem("invalid_request", f"extra_data: {trouble}") if trouble else None
 
 
 def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None, force: bool = False,
            client_id: str | None = None, job_id: str | None = None, number: float | None = None,
            front: bool = False, extra_data: dict[str, Any] | None = None) -> JobRecord:
     """Validate and durably queue a job; the row is committed when this returns."""
+    trouble = [p for p in (_id_problem("job_id", job_id), _id_problem("client_id", client_id),
+                           _extra_problem(extra_data)) if p is not None]
+    if trouble:
+        raise SubmitRefused(trouble)
     workflow, plan, applied = prepare(state, doc, params, outputs)
     extra = {k: v for k, v in (extra_data or {}).items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
     if client_id:
@@ -89,7 +86,7 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
                               front=front, client_id=client_id or None, source_format=workflow.source_format,
                               params=applied, outputs_to_execute=plan.outputs, force=force, extra_data=extra)
     except sqlite3.IntegrityError:
-        raise SubmitRefused([_problem("duplicate_id", f"a job with id '{job_id}' already exists")]) from None
+        raise SubmitRefused([problem("duplicate_id", f"a job with id '{job_id}' already exists")]) from None
     state.worker.wake()
     return job
 
@@ -100,8 +97,13 @@ def job_view(state: AppState, job: JobRecord, *, full: bool = True) -> dict[str,
     """Kiln's job JSON (``GET /api/jobs/{id}``)."""
     error = None
     if job.error:
-        error = {k: job.error.get(k) for k in ("node_id", "node_type", "input_name", "message", "traceback")}
-        error["exception_type"] = job.error.get("exception_type")
+        error = {k: job.error.get(k) for k in ("node_id", "node_type", "input_name", "message", "exception_type")}
+        if full:
+            error["traceback"] = job.error.get("traceback") or []
+        else:  # a list stays small whatever the jobs' errors were
+            message = str(error.get("message") or "")
+            error["message"] = message if len(message) <= LIST_MESSAGE_CHARS else \
+                message[:LIST_MESSAGE_CHARS] + "... (GET /api/jobs/{id} has all of it)"
     view: dict[str, Any] = {
         "id": job.id, "status": job.status,
         "progress": state.worker.progress(job.id) if job.status == "running" else None,

@@ -22,7 +22,8 @@ from aiohttp import web
 from engine.paths import PathRefused, SafeRoot
 from engine.server.http import fail, read_json
 from engine.server.state import STATE
-from engine.workflow import WorkflowFormatError, parse
+from engine.formats import parse_document
+from engine.workflow import WorkflowFormatError
 
 MAX_NAME = 200
 
@@ -110,7 +111,7 @@ async def put_workflow(request: web.Request) -> web.Response:
     path = workflow_path(root, name)
     doc = await read_json(request, state.settings.max_body_bytes)
     try:
-        parse(doc, state.registry)
+        parse_document(doc, state.registry)
     except (WorkflowFormatError, ValueError, KeyError, TypeError) as exc:
         fail(400, "invalid_workflow", f"not a workflow: {exc}")
     existed = path.is_file()

@@ -41,6 +41,12 @@ class ServerSettings:
     max_upload_pixels: int = 8192 * 8192
     #: Most progress messages per second sent to one websocket (the last is always sent).
     progress_per_second: float = 10.0
+    #: Characters of a failed job's traceback kept in its record and sent to clients;
+    #: 0 (the default) keeps tracebacks in the server log only (``kiln serve --debug``).
+    traceback_chars: int = 0
+    #: A damaged job database is moved aside and an empty one started, instead of
+    #: refusing to start (``kiln serve --move-damaged-db``).
+    move_damaged_db: bool = False
     web_dir: Path = WEB_DIR
 
 

@@ -15,6 +15,14 @@ or a ``kill -9``. It is marked **failed** with the reason "server restarted whil
 running" rather than re-queued, so that a job which itself crashes the process
 (out of memory, a native fault) cannot crash the server again on every start.
 Queued jobs stay queued and run in their original order.
+
+Upgrades and damage: the file carries its schema version (``PRAGMA user_version``)
+and :data:`MIGRATIONS` bring an older file up to date in one transaction when it
+opens; a file from a newer Kiln is refused rather than guessed at. A file that is
+not a database, fails SQLite's ``quick_check``, or is empty (zero bytes: something
+truncated it; a new database is never created by an empty file) raises
+:class:`StoreDamaged` naming the path and the choices, unless the caller chose to
+move it aside and start empty.
 """
 from __future__ import annotations
 
@@ -33,7 +41,10 @@ ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, INTERRUPTED, CANCELLED)
 RESTART_REASON = "server restarted while running"
 
-_SCHEMA = """
+#: The schema this code reads and writes; ``PRAGMA user_version`` of a current file.
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -59,6 +70,33 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, number, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);
 """
+
+#: version -> the SQL that brings a file at version - 1 to it. Version 0 is a new file
+#: or one written before files were versioned, whose jobs table is version 1's.
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+class StoreDamaged(Exception):
+    """The job database cannot be used as it is; the message names the file and the choices."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"the job database {path} is damaged: {reason}.\n"
+            f"Choose one:\n"
+            f"  * keep it and stop (what happened now): repair it, e.g. "
+            f"`sqlite3 {path} .recover | sqlite3 repaired.sqlite3`, and put the result in its place;\n"
+            f"  * move it aside and start with an empty queue and history: "
+            f"`kiln serve --move-damaged-db` (the file is kept as {path.name}.damaged-<time>).")
+
+
+class StoreTooNew(StoreDamaged):
+    """The file was written by a newer Kiln (a higher schema version)."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        Exception.__init__(self, f"the job database {path} has schema version {version}, newer than this Kiln "
+                                 f"understands ({SCHEMA_VERSION}); run the newer Kiln or use another --data folder")
+        self.path, self.reason = path, f"schema version {version}"
 
 
 @dataclass
@@ -108,18 +146,79 @@ class JobRecord:
 
 
 class JobStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, move_damaged: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._counter_lock = threading.Lock()
-        conn = self._conn()
-        conn.executescript(_SCHEMA)
+        #: Where a damaged file was moved (``move_damaged``), else None.
+        self.moved_aside: Path | None = None
+        try:
+            conn = self._open_checked()
+        except StoreTooNew:
+            raise
+        except StoreDamaged:
+            if not move_damaged:
+                raise
+            self.moved_aside = self._move_aside()
+            conn = self._open_checked()
         row = conn.execute("SELECT COALESCE(MAX(ABS(number)), 0), COALESCE(MAX(seq), 0) FROM jobs").fetchone()
         self._number = int(row[0])
         self._seq = int(row[1])
         #: Ids of jobs that were running when the previous process died.
         self.recovered: list[str] = self._recover()
+
+    # -- opening ----------------------------------------------------------------------
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """This thread's connection to a sound, current file (migrated if it was older)."""
+        if self.path.exists() and self.path.stat().st_size == 0:
+            raise StoreDamaged(self.path, "the file is empty (0 bytes), so its jobs are gone; it was truncated")
+        try:
+            conn = self._conn()
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise StoreDamaged(self.path, f"SQLite's check failed ({verdict})")
+            self._migrate(conn)
+        except sqlite3.OperationalError as exc:
+            self.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise  # another process holds it: not damage, and nothing to move aside
+            raise StoreDamaged(self.path, str(exc)) from None
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StoreDamaged(self.path, str(exc)) from None
+        except StoreDamaged:
+            self.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            self.close()
+            raise StoreTooNew(self.path, version)
+        if version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _move_aside(self) -> Path:
+        target = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                source.rename(Path(str(target) + suffix))
+        return target
 
     # -- connections ------------------------------------------------------------------
 
@@ -128,9 +227,13 @@ class JobStore:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error:
+                conn.close()
+                raise
             self._local.conn = conn
         return conn
 

@@ -30,7 +30,8 @@ from engine.registry import Registry
 from engine.server import comfy_messages as cm
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.validate import WorkflowInvalid
-from engine.workflow import WorkflowFormatError, parse
+from engine.formats import parse_document
+from engine.workflow import WorkflowFormatError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,11 @@ class Worker:
     def __init__(self, store: JobStore, registry: Registry, env: Environment, *,
                  cache: OutputCache | None = None, devices: list[str] | None = None,
                  on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, traceback_chars: int = 0) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: Tracebacks always go to the server log; to the job's record (and its clients)
+        #: only when this is positive (``kiln serve --debug``), cut to this many characters.
+        self.traceback_chars = traceback_chars
         self.cache = cache if cache is not None else OutputCache()
         self.on_event = on_event or (lambda job, event: None)
         self.on_queue_change = on_queue_change or (lambda: None)
@@ -171,6 +175,11 @@ class Worker:
         held: list[Event] = []
 
         def sink(event: Event) -> None:
+            if isinstance(event, JobFailed):
+                if event.traceback:
+                    log.error("job %s failed at node %s (%s):\n%s", job.id, event.node_id, event.node_type,
+                              "".join(event.traceback).rstrip())
+                event = self._redact(event)
             if isinstance(event, Progress):  # the hot path: a sampler may tick thousands of times
                 self._progress[job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
             else:
@@ -186,11 +195,17 @@ class Worker:
             event = JobFailed(job.id, message=f"internal error: {exc}", exception_type=type(exc).__name__,
                               traceback=tb.format_exception(type(exc), exc, exc.__traceback__))
             sink(event)
-            outcome_status, outputs, error, executed, cached = FAILED, {}, _error_dict(event), [], []
+            outcome_status, outputs, error, executed, cached = FAILED, {}, _error_dict(self._redact(event)), [], []
         self.store.finish(job.id, outcome_status, outputs=outputs, error=error, messages=history,
                           executed=executed, cached=cached)
         for event in held:
             self._publish(job, event)
+
+    def _redact(self, event: JobFailed) -> JobFailed:
+        """The failure as clients and the record see it: server paths named by folder, the traceback
+        (logged by the sink) kept only as far as ``traceback_chars`` allows."""
+        return dataclasses.replace(event, message=self.env.paths.scrub(event.message),
+                                   traceback=bounded_traceback(event.traceback, self.traceback_chars))
 
     def _resolve_device(self, lane: _Lane) -> None:
         if self._pick_device:
@@ -202,7 +217,7 @@ class Worker:
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
         self._resolve_device(lane)
         try:
-            workflow = parse(job.workflow, self.registry)
+            workflow = parse_document(job.workflow, self.registry)
             plan = lane.executor.plan(workflow, job.outputs_to_execute or None)
         except (WorkflowInvalid, WorkflowFormatError) as exc:
             # Valid when submitted, not any more (a file was deleted, a model removed).
@@ -217,7 +232,7 @@ class Worker:
         info = JobInfo(id=job.id, workflow=job.prompt or workflow.to_api(), kiln_workflow=workflow.to_kiln(),
                        extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params)
         outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
-        error = _error_dict(outcome.error) if outcome.error is not None else None
+        error = _error_dict(self._redact(outcome.error)) if outcome.error is not None else None
         return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
 
     def _publish(self, job: JobRecord, event: Event) -> None:
@@ -225,6 +240,28 @@ class Worker:
             self.on_event(job, event)
         except Exception:
             log.exception("publishing an event of job %s failed", job.id)
+
+
+def bounded_traceback(lines: list[str], limit: int) -> list[str]:
+    """The last lines of a traceback that fit in ``limit`` characters (the end says most).
+
+    Each line is first cut to an eighth of the limit, so one huge exception message
+    cannot push out the frames that say where it came from.
+    """
+    kept: list[str] = []
+    size = 0
+    longest = max(200, limit // 8)
+    clipped = [line if len(line) <= longest else line[:longest] + "...\n" for line in lines]
+    for line in reversed(clipped):
+        if size + len(line) > limit:
+            if not kept and limit > 0:
+                kept.append("..." + line[-(limit - 3):])
+            break
+        kept.append(line)
+        size += len(line)
+    if kept and (len(kept) < len(lines) or clipped != lines):
+        kept.append("... (traceback shortened; the server log has all of it)\n")
+    return kept[::-1]
 
 
 def _error_dict(event: JobFailed) -> dict[str, Any]:

@@ -1,0 +1,50 @@
+"""Which models a model folder holds: one listing for the loaders' choices and the model routes.
+
+``/api/models/{folder}`` (and ComfyUI's ``/models/{folder}``) and the loader nodes'
+choices used to list separately and disagreed (the routes offered ``.sft`` files
+the loaders refuse, and missed the nested diffusers folders the loaders offer).
+Both now call :func:`model_names`, with the diffusers marker of :func:`marker_for`,
+so a name a client is offered is a name a loader accepts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: File types the loaders open: safetensors, and the pickle formats torch reads
+#: with ``weights_only=True`` (refused with a clear message if that fails).
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+#: The file that marks a folder as one diffusers model (listed by its folder name, not
+#: its files): a whole pipeline in checkpoints/, one component in vae/. Other folders
+#: hold single files only.
+DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json"}
+
+
+def marker_for(folder: str) -> str | None:
+    return DIFFUSERS_MARKERS.get(folder)
+
+
+def model_names(root: str | Path, diffusers_marker: str | None) -> list[str]:
+    """The names a loader accepts for the models in ``root`` (sorted; none if it is missing).
+
+    Files are listed by their path below ``root`` (``sd15/model.safetensors``); a folder
+    holding ``diffusers_marker``, at any depth, by its own path. Hidden entries are
+    left out.
+    """
+    root = Path(root)
+    names: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        if diffusers_marker and diffusers_marker in filenames and rel != Path("."):
+            names.append(rel.as_posix())
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names += [(rel / f).as_posix() for f in filenames
+                  if f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
+    return sorted(names)
+
+
+def folder_models(models_root: str | Path, folder: str) -> list[str]:
+    """The models of ``<models_root>/<folder>`` as that folder's loader lists them."""
+    return model_names(Path(models_root) / folder, marker_for(folder))
