@@ -39,6 +39,8 @@ class Denoiser:
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
         self.schedule = schedule
+        #: ((h, w), (positive, negative)) resolved for that latent size (the general path)
+        self._sides: Any = None
         self._plain = (cond_rules.is_plain(self.positive) and (not self.guided or cond_rules.is_plain(self.negative)))
         if self._plain:
             self._prepare_plain()
@@ -83,10 +85,14 @@ class Denoiser:
                 return uncond + self.cfg * (cond - uncond)
             return self.call(model_in, t, self._context, self._kwargs, [self.positive[0].extra])
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
-        cond = cond_rules.combine(self, self.positive, model_in, t, sigma)
+        h, w = model_in.shape[2], model_in.shape[3]
+        if self._sides is None or self._sides[0] != (h, w):
+            self._sides = ((h, w), cond_rules.prepare(self.positive, self.negative, h, w, self.device))
+        sides = [s for s in self._sides[1] if s]
+        outputs = cond_rules.combine(self, sides, model_in, t, sigma)
         if not self.guided:
-            return cond
-        uncond = cond_rules.combine(self, self.negative, model_in, t, sigma)
+            return outputs[0]
+        cond, uncond = outputs
         return uncond + self.cfg * (cond - uncond)
 
     def sigma_at_percent(self, percent: float) -> float:
