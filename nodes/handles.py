@@ -112,12 +112,13 @@ class ClipHandle:
         with self._use(module) as te, patched(te, self.loras, module):
             yield te
 
-    def encode(self, text: str, report: Any = None) -> list:
+    def encode(self, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING for ``text`` with ComfyUI's prompt syntax (see nodes.families.text.encode;
-        ``report``, a nodes.families.text.Report, collects token counts and notes)."""
+        ``report``, a nodes.families.text.Report, collects token counts and notes; ``texts``
+        gives encoders their own prompts by tokenizer name)."""
         from nodes.families.text import encode
 
-        return encode(self, text, report)
+        return encode(self, text, report, texts)
 
     def __kiln_nbytes__(self) -> int:
         return 0

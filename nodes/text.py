@@ -90,3 +90,49 @@ def clip_set_last_layer(ctx, clip: ClipHandle, stop_at_clip_layer: int):
             except LayerError as exc:
                 raise NodeError(f"this {clip.family.name} CLIP: {exc}", input_name="stop_at_clip_layer") from None
     return (dataclasses.replace(clip, layer=layer),)
+
+
+_SIZE = dict(min=0, max=16384)
+
+
+@define_node(
+    "CLIPTextEncodeSDXL",
+    category="advanced/conditioning",
+    display_name="CLIPTextEncodeSDXL",
+    inputs=[
+        Input("clip", T.CLIP),
+        Input("width", T.INT, default=1024, **_SIZE),
+        Input("height", T.INT, default=1024, **_SIZE),
+        Input("crop_w", T.INT, default=0, **_SIZE),
+        Input("crop_h", T.INT, default=0, **_SIZE),
+        Input("target_width", T.INT, default=1024, **_SIZE),
+        Input("target_height", T.INT, default=1024, **_SIZE),
+        Input("text_g", T.STRING, default="", multiline=True, tooltip="The prompt for OpenCLIP bigG."),
+        Input("text_l", T.STRING, default="", multiline=True, tooltip="The prompt for CLIP-L."),
+    ],
+    outputs=[Output("CONDITIONING", T.CONDITIONING)],
+)
+def clip_text_encode_sdxl(ctx, clip: ClipHandle, width: int, height: int, crop_w: int, crop_h: int,
+                          target_width: int, target_height: int, text_g: str, text_l: str):
+    """SDXL's two prompts and its size conditioning: the original size and crop the model is
+    told the image had, and the target size (SDXL was trained with them; CLIPTextEncode uses
+    the latent's size and no crop)."""
+    from nodes.families.text import LayerError, Report
+
+    clip = _clip(clip)
+    names = [spec.tokenizer for spec in clip.family.text_encoders]
+    if names != ["tokenizer", "tokenizer_2"]:
+        raise NodeError(f"needs an SDXL CLIP (two text encoders); this one is {clip.family.name}", input_name="clip")
+    for name, value in (("text_g", text_g), ("text_l", text_l)):
+        if not isinstance(value, str):
+            raise NodeError("must be a string", input_name=name)
+    report = Report()
+    try:
+        cond = clip.encode(text_g, report, texts={"tokenizer": text_l, "tokenizer_2": text_g})
+    except LayerError as exc:
+        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
+    for problem in report.problems:
+        ctx.message(f"prompt: {problem}")
+    sizes = dict(width=int(width), height=int(height), crop_w=int(crop_w), crop_h=int(crop_h),
+                 target_width=int(target_width), target_height=int(target_height))
+    return ([[embeds, {**extra, **sizes}] for embeds, extra in cond],)

@@ -203,3 +203,38 @@ def test_declarations_match_functions():
         assert spec.signature_mismatches() == []
     inp = text.clip_set_last_layer.input("stop_at_clip_layer")
     assert (inp.default, inp.min, inp.max) == (-1, -24, -1)
+
+
+# -- CLIPTextEncodeSDXL -----------------------------------------------------------------
+
+
+def test_clip_text_encode_sdxl_prompts_and_sizes(tiny_env):
+    from nodes.families import by_name
+
+    clip = _clip(tiny_env, "sdxl")
+    sizes = dict(width=832, height=1216, crop_w=16, crop_h=32, target_width=1024, target_height=1024)
+    same = call(text.clip_text_encode_sdxl, tiny_env, clip=clip, text_g="a cat", text_l="a cat", **sizes)[0]
+    plain = _encode(tiny_env, clip, "a cat")
+    assert torch.equal(same[0][0], plain[0][0]) and torch.equal(same[0][1]["pooled_output"], plain[0][1]["pooled_output"])
+    assert {k: same[0][1][k] for k in sizes} == sizes
+    # the size keys reach the UNet as SDXL's time ids (original h, w, crop top, left, target h, w)
+    kwargs = by_name("sdxl").network_kwargs([same[0][1]], 1, (64, 64), "cpu", torch.float32)
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[1216.0, 832.0, 32.0, 16.0, 1024.0, 1024.0]]
+
+    # different prompts: CLIP-L's half is text_l's, bigG's half and the pooled output are text_g's;
+    # the shorter (one window) is padded with an empty-prompt window to the longer's two
+    long_l = "a dog " * 40
+    mixed = call(text.clip_text_encode_sdxl, tiny_env, clip=clip, text_g="a cat", text_l=long_l, **sizes)[0]
+    width_l = tm.components("sdxl")["text_encoder"].config.hidden_size
+    l_part = _encode(tiny_env, clip, long_l)[0][0][..., :width_l]
+    g_cat = _encode(tiny_env, clip, "a cat")[0][0][..., width_l:]
+    g_empty = _encode(tiny_env, clip, "")[0][0][..., width_l:]
+    assert mixed[0][0].shape == (1, 154, 128)
+    assert torch.equal(mixed[0][0][..., :width_l], l_part)
+    assert torch.allclose(mixed[0][0][:, :77, width_l:], g_cat[:, :77], atol=1e-5)
+    assert torch.allclose(mixed[0][0][:, 77:, width_l:], g_empty, atol=1e-5)
+    assert torch.allclose(mixed[0][1]["pooled_output"], plain[0][1]["pooled_output"], atol=1e-5)
+    with pytest.raises(NodeError) as err:
+        call(text.clip_text_encode_sdxl, tiny_env, clip=_clip(tiny_env, "sd1"), text_g="a", text_l="a", **sizes)
+    assert err.value.input_name == "clip" and "SDXL" in str(err.value)
+    assert text.clip_text_encode_sdxl.signature_mismatches() == []

@@ -14,8 +14,9 @@ Prompts follow ComfyUI's rules (the syntax is parsed in :mod:`nodes.prompt_synta
   left as they are, and a prompt without weights encodes no empty prompt at all.
 * **Layers.** Which hidden layer, whether the final norm applies, and how several
   encoders combine come from the family's :class:`~nodes.families.base.TextEncoderSpec`
-  list and CLIPSetLastLayer's value; this module names no family. SDXL's two
-  encoders are cut to the shorter one's token count before they are joined.
+  list and CLIPSetLastLayer's value; this module names no family. When two
+  encoders get prompts of different lengths (CLIPTextEncodeSDXL's text_g and
+  text_l), the shorter is padded with empty-prompt windows so their tokens line up.
 
 A prompt with no weights and at most 75 tokens is one window, one encoder call of
 batch 1, exactly what diffusers' ``encode_prompt`` gives (the parity tests hold this).
@@ -184,26 +185,40 @@ class Report:
     problems: list[str] = field(default_factory=list)
 
 
-def encode(clip: Any, text: str, report: Report | None = None) -> list:
-    """CONDITIONING [[embeds [1, tokens, dim] float32 CPU, {"pooled_output": tensor | None}]]."""
+def encode(clip: Any, text: str, report: Report | None = None, texts: dict[str, str] | None = None) -> list:
+    """CONDITIONING [[embeds [1, tokens, dim] float32 CPU, {"pooled_output": tensor | None}]].
+
+    ``texts`` gives some encoders their own prompt (tokenizer name -> text, as
+    CLIPTextEncodeSDXL's text_g and text_l); encoders whose prompts need fewer
+    windows get empty-prompt windows appended, as ComfyUI does.
+    """
     import torch
 
     family = clip.family
-    parsed = parse(text)
-    states, pooled = [], None
     report = report if report is not None else Report()
-    report.problems += parsed.problems
+    parsed_by_text: dict[str, Parsed] = {}
+    tokens = []
+    for spec in family.text_encoders:
+        prompt = (texts or {}).get(spec.tokenizer, text)
+        if prompt not in parsed_by_text:
+            parsed_by_text[prompt] = parse(prompt)
+            report.problems += [p for p in parsed_by_text[prompt].problems if p not in report.problems]
+        tokens.append(tokenize(clip.tokenizers[spec.tokenizer], parsed_by_text[prompt]))
+    windows = max(len(t.windows) for t in tokens)
+    for t in tokens:
+        t.windows += [list(t.empty)] * (windows - len(t.windows))
+        t.weights += [[1.0] * len(t.empty)] * (windows - len(t.weights))
+        report.tokens = max(report.tokens, t.count)
+        for name in t.skipped:
+            note = f"embedding:{name} left out: Kiln does not load textual-inversion embeddings"
+            if note not in report.problems:
+                report.problems.append(note)
+    report.windows = windows
+    states, pooled = [], None
     with torch.inference_mode():
-        for spec in family.text_encoders:
-            tokens = tokenize(clip.tokenizers[spec.tokenizer], parsed)
-            h, p = _encode_one(clip, spec, tokens, family.encoder_layer(spec, clip.layer))
+        for spec, t in zip(family.text_encoders, tokens):
+            h, p = _encode_one(clip, spec, t, family.encoder_layer(spec, clip.layer))
             states.append(h)
             if p is not None:
                 pooled = p
-            report.tokens, report.windows = max(report.tokens, tokens.count), max(report.windows, len(tokens.windows))
-            for name in tokens.skipped:
-                note = f"embedding:{name} left out: Kiln does not load textual-inversion embeddings"
-                if note not in report.problems:
-                    report.problems.append(note)
-    shortest = min(s.shape[1] for s in states)
-    return [[family.combine_text([s[:, :shortest] for s in states]), {"pooled_output": pooled}]]
+    return [[family.combine_text(states), {"pooled_output": pooled}]]
