@@ -245,3 +245,23 @@ def test_declarations_match_functions_and_comfyui_names():
     assert [i.name for i in cn.conditioning_set_mask.inputs] == ["conditioning", "mask", "strength", "set_cond_area"]
     assert [i.name for i in cn.conditioning_set_area.inputs] == ["conditioning", "width", "height", "x", "y",
                                                                  "strength"]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_uncovered_pixels_predict_a_zero_clean_latent(sd1, prediction):
+    """ComfyUI: where no entry applies, the weighted sum is 0 / 1e-37, a denoised latent of zero."""
+    parts, c = sd1
+    left = _area(c["a red barn"], 64, 64, 0, 0)
+    d = Denoiser(parts["unet"], families.by_name("sd1"), positive=left, negative=c["blurry"], cfg=1.0,
+                 image_size=(H * 8, W * 8), batch=1, schedule=TrainingSchedule(dict(parts["scheduler"].config)),
+                 prediction_type=prediction)
+    x, t = _x(5) * 3, torch.tensor(600)
+    sigma = float(d.schedule.sigma(600))
+    with torch.inference_mode():
+        denoised = d.predict(x, sigma, prediction, t)
+        region = _unet(parts, x[..., :8] / (sigma ** 2 + 1) ** 0.5, t, c["a red barn"])
+    assert torch.allclose(denoised[..., 8:], torch.zeros(1, 4, H, 8), atol=1e-4)
+    expected = x[..., :8] - sigma * region if prediction == "epsilon" else \
+        x[..., :8] / (sigma ** 2 + 1) - region * sigma / (sigma ** 2 + 1) ** 0.5
+    assert torch.allclose(denoised[..., :8], expected, rtol=1e-4, atol=1e-4)
+    assert denoised[..., :8].abs().max() > 0.1

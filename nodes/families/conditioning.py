@@ -17,9 +17,8 @@ area, strength, mask and range) carrying the other side's prompt, taken from the
 smallest of its entries whose area contains it (else its first entry without an
 area). Guidance then compares like with like inside every area.
 
-One difference: a latent pixel that no entry covers gets ComfyUI's ``denoised``
-of zero there, but Kiln returns a network output of zero (no change predicted);
-both mean a workflow left part of the image without a prompt.
+A latent pixel that no entry covers (no area reaches it, or only zero mask
+weight) gets ComfyUI's prediction there: a clean latent of zero.
 
 Entries with the same crop and token count are evaluated in one network call.
 """
@@ -226,9 +225,31 @@ class _Job:
     area: tuple[int, int, int, int]
 
 
+def fill_uncovered(out: "torch.Tensor", covered: "torch.Tensor", model_in: "torch.Tensor", sigma: float,
+                   prediction_type: str) -> "torch.Tensor":
+    """``out`` where an entry covers the pixel; elsewhere the output whose clean-latent
+    prediction is zero (ComfyUI's result there, whose weighted sum is 0 / 1e-37).
+
+    ``model_in`` is the variance-preserving sample ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``
+    with ``sigma^2 = (1 - a) / a``; x0 = 0 means eps = x_t sqrt(sigma^2 + 1) / sigma and v = x_t / sigma.
+    """
+    import torch
+
+    if bool(covered.all()):
+        return out
+    if prediction_type == "epsilon":
+        empty = model_in * (math.sqrt(sigma ** 2 + 1.0) / sigma)
+    elif prediction_type == "v_prediction":
+        empty = model_in / sigma
+    else:
+        empty = torch.zeros_like(model_in)
+    return torch.where(covered, out, empty.to(out.dtype))
+
+
 def combine(denoiser: Any, sides: list[list[Entry]], model_in: "torch.Tensor", t: Any,
-            sigma: float | None) -> list["torch.Tensor"]:
-    """Each side's network output: entries evaluated on their areas and blended by weight.
+            sigma: float | None) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+    """Each side's (network output, mask of the pixels some entry covers with nonzero weight):
+    entries evaluated on their areas and blended by weight.
 
     Entries of all sides with the same crop and token count share one network call.
     """
@@ -262,4 +283,4 @@ def combine(denoiser: Any, sides: list[list[Entry]], model_in: "torch.Tensor", t
             mult = weight(job.entry.extra, b, area, h, w, out.device)
             totals[job.side][:, :, ay:ay + ah, ax:ax + aw] += out[k * b:(k + 1) * b] * mult
             counts[job.side][:, :, ay:ay + ah, ax:ax + aw] += mult
-    return [tot / cnt for tot, cnt in zip(totals, counts)]
+    return [(tot / cnt, cnt > 1e-37) for tot, cnt in zip(totals, counts)]
