@@ -131,7 +131,7 @@ def _walk(units: list[str], weight: float, out: list[Segment], problems: list[st
             out.append(Segment(_join(item), weight))
 
 
-def _balance_problems(units: list[str], text: str) -> list[str]:
+def _balance_problems(units: list[str]) -> list[str]:
     """Where the parentheses do not balance (positions count characters of the prompt)."""
     problems, opened, depth, pos = [], [], 0, 0
     for u in units:
@@ -155,7 +155,7 @@ def _balance_problems(units: list[str], text: str) -> list[str]:
 def parse(text: str) -> Parsed:
     """Segments of ``text`` with their weights, in order; empty pieces are dropped."""
     units = _units(text)
-    problems = _balance_problems(units, text)
+    problems = _balance_problems(units)
     segments: list[Segment] = []
     _walk(units, 1.0, segments, problems)
     return Parsed([s for s in segments if s.text], problems)

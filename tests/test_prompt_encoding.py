@@ -215,7 +215,8 @@ def test_clip_text_encode_sdxl_prompts_and_sizes(tiny_env):
     sizes = dict(width=832, height=1216, crop_w=16, crop_h=32, target_width=1024, target_height=1024)
     same = call(text.clip_text_encode_sdxl, tiny_env, clip=clip, text_g="a cat", text_l="a cat", **sizes)[0]
     plain = _encode(tiny_env, clip, "a cat")
-    assert torch.equal(same[0][0], plain[0][0]) and torch.equal(same[0][1]["pooled_output"], plain[0][1]["pooled_output"])
+    assert torch.equal(same[0][0], plain[0][0])
+    assert torch.equal(same[0][1]["pooled_output"], plain[0][1]["pooled_output"])
     assert {k: same[0][1][k] for k in sizes} == sizes
     # the size keys reach the UNet as SDXL's time ids (original h, w, crop top, left, target h, w)
     kwargs = by_name("sdxl").network_kwargs([same[0][1]], 1, (64, 64), "cpu", torch.float32)
