@@ -112,17 +112,13 @@ class ClipHandle:
         with self._use(module) as te, patched(te, self.loras, module):
             yield te
 
-    def tokenize(self, text: str, which: str = "tokenizer") -> tuple[list[int], bool]:
-        """Token ids (77, padded) and whether the text had to be truncated."""
-        tok = self.tokenizers[which]
-        ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-        return list(ids), len(tok.tokenize(text)) + 2 > tok.model_max_length  # + start and end tokens
-
-    def encode(self, text: str) -> list:
-        """CONDITIONING for ``text`` (see nodes.families.text.encode)."""
+    def encode(self, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
+        """CONDITIONING for ``text`` with ComfyUI's prompt syntax (see nodes.families.text.encode;
+        ``report``, a nodes.families.text.Report, collects token counts and notes; ``texts``
+        gives encoders their own prompts by tokenizer name)."""
         from nodes.families.text import encode
 
-        return encode(self, text)
+        return encode(self, text, report, texts)
 
     def __kiln_nbytes__(self) -> int:
         return 0

@@ -1,15 +1,27 @@
-"""CLIPTextEncode: text -> CONDITIONING through the checkpoint's text encoder(s).
+"""CLIPTextEncode and CLIPSetLastLayer: text -> CONDITIONING through the checkpoint's text encoder(s).
 
-The encoding itself lives in nodes.handles.ClipHandle (so it can be compared
-one-to-one with diffusers' ``encode_prompt``); this node adds the user-facing
-checks and messages. torch is imported only when a prompt is encoded.
+The prompt syntax is nodes.prompt_syntax's and the encoding nodes.families.text's
+(so it can be compared one-to-one with diffusers' ``encode_prompt``); these nodes
+add the user-facing checks and messages. torch is imported only when a prompt is encoded.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle
+
+#: ComfyUI's range for CLIPSetLastLayer (OpenCLIP bigG has 32 layers, but ComfyUI stops at -24).
+DEEPEST_LAYER = -24
+
+
+def _clip(clip: object) -> ClipHandle:
+    if not isinstance(clip, ClipHandle):
+        raise NodeError(f"clip must come from a checkpoint or CLIP loader, got {type(clip).__name__}",
+                        input_name="clip")
+    return clip
 
 
 @define_node(
@@ -18,23 +30,109 @@ from nodes.handles import ClipHandle
     display_name="CLIP Text Encode (Prompt)",
     inputs=[
         Input("text", T.STRING, default="", multiline=True,
-              tooltip="The prompt. Longer than 75 tokens is cut to CLIP's 77-token window, as diffusers does."),
+              tooltip="The prompt. (word) = weight 1.1, (word:1.3) = weight 1.3, \\( \\) = literal parentheses; "
+                      "longer than 75 tokens is encoded in several 77-token windows, as ComfyUI does."),
         Input("clip", T.CLIP),
     ],
     outputs=[Output("CONDITIONING", T.CONDITIONING)],
 )
 def clip_text_encode(ctx, text: str, clip: ClipHandle):
-    """Encode a prompt exactly as diffusers' pipelines do (SDXL: both encoders plus the pooled output).
+    """Encode a prompt with ComfyUI's emphasis syntax and long-prompt windows (SDXL: both
+    encoders plus the pooled output). A prompt without weights that fits one window gives
+    exactly what diffusers' pipelines give.
 
     An empty text is encoded like any other (it is what diffusers does with
     ``negative_prompt=""``); SDXL pipelines called with no negative prompt use zeros
-    instead, which a workflow gets with ConditioningZeroOut-style nodes, not here.
+    instead, which a workflow gets with ConditioningZeroOut.
     """
+    from nodes.families.text import LayerError, Report
+
     if not isinstance(text, str):
         raise NodeError("text must be a string", input_name="text")
-    if not isinstance(clip, ClipHandle):
-        raise NodeError(f"clip must come from a checkpoint loader, got {type(clip).__name__}", input_name="clip")
+    clip = _clip(clip)
+    report = Report()
+    try:
+        cond = clip.encode(text, report)
+    except LayerError as exc:
+        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
+    for problem in report.problems:
+        ctx.message(f"prompt: {problem}")
+    if report.windows > 1:
+        ctx.message(f"the prompt has {report.tokens} tokens, more than the 75 of one CLIP window: encoded as "
+                    f"{report.windows} windows of 77 tokens, concatenated (ComfyUI's rule)")
+    return (cond,)
+
+
+@define_node(
+    "CLIPSetLastLayer",
+    category="conditioning",
+    display_name="CLIP Set Last Layer",
+    inputs=[
+        Input("clip", T.CLIP),
+        Input("stop_at_clip_layer", T.INT, default=-1, min=DEEPEST_LAYER, max=-1, step=1,
+              tooltip="The text encoder layer prompts are taken from: -1 the last, -2 the one before "
+                      "('clip skip 2' in A1111 terms). SD 2.x and SDXL use -2 by default."),
+    ],
+    outputs=[Output("CLIP", T.CLIP)],
+)
+def clip_set_last_layer(ctx, clip: ClipHandle, stop_at_clip_layer: int):
+    """The same CLIP, encoding prompts from an earlier layer of its text encoder(s)."""
+    from nodes.families.text import LayerError, check_layer
+
+    clip = _clip(clip)
+    layer = int(stop_at_clip_layer)
+    if not DEEPEST_LAYER <= layer <= -1:
+        raise NodeError(f"must be between {DEEPEST_LAYER} and -1, got {layer}", input_name="stop_at_clip_layer")
+    if clip._peek is not None:  # checked here, where the user chose it (encoding checks again)
+        for spec in clip.family.text_encoders:
+            try:
+                check_layer(spec, clip.peek(spec.module).config.num_hidden_layers, layer)
+            except LayerError as exc:
+                raise NodeError(f"this {clip.family.name} CLIP: {exc}", input_name="stop_at_clip_layer") from None
+    return (dataclasses.replace(clip, layer=layer),)
+
+
+_SIZE = dict(min=0, max=16384)
+
+
+@define_node(
+    "CLIPTextEncodeSDXL",
+    category="advanced/conditioning",
+    display_name="CLIPTextEncodeSDXL",
+    inputs=[
+        Input("clip", T.CLIP),
+        Input("width", T.INT, default=1024, **_SIZE),
+        Input("height", T.INT, default=1024, **_SIZE),
+        Input("crop_w", T.INT, default=0, **_SIZE),
+        Input("crop_h", T.INT, default=0, **_SIZE),
+        Input("target_width", T.INT, default=1024, **_SIZE),
+        Input("target_height", T.INT, default=1024, **_SIZE),
+        Input("text_g", T.STRING, default="", multiline=True, tooltip="The prompt for OpenCLIP bigG."),
+        Input("text_l", T.STRING, default="", multiline=True, tooltip="The prompt for CLIP-L."),
+    ],
+    outputs=[Output("CONDITIONING", T.CONDITIONING)],
+)
+def clip_text_encode_sdxl(ctx, clip: ClipHandle, width: int, height: int, crop_w: int, crop_h: int,
+                          target_width: int, target_height: int, text_g: str, text_l: str):
+    """SDXL's two prompts and its size conditioning: the original size and crop the model is
+    told the image had, and the target size (SDXL was trained with them; CLIPTextEncode uses
+    the latent's size and no crop)."""
+    from nodes.families.text import LayerError, Report
+
+    clip = _clip(clip)
     names = [spec.tokenizer for spec in clip.family.text_encoders]
-    if any(clip.tokenize(text, n)[1] for n in names if n in clip.tokenizers):
-        ctx.message("the prompt is longer than CLIP's 77-token window; the rest was cut off")
-    return (clip.encode(text),)
+    if names != ["tokenizer", "tokenizer_2"]:
+        raise NodeError(f"needs an SDXL CLIP (two text encoders); this one is {clip.family.name}", input_name="clip")
+    for name, value in (("text_g", text_g), ("text_l", text_l)):
+        if not isinstance(value, str):
+            raise NodeError("must be a string", input_name=name)
+    report = Report()
+    try:
+        cond = clip.encode(text_g, report, texts={"tokenizer": text_l, "tokenizer_2": text_g})
+    except LayerError as exc:
+        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
+    for problem in report.problems:
+        ctx.message(f"prompt: {problem}")
+    sizes = dict(width=int(width), height=int(height), crop_w=int(crop_w), crop_h=int(crop_h),
+                 target_width=int(target_width), target_height=int(target_height))
+    return ([[embeds, {**extra, **sizes}] for embeds, extra in cond],)

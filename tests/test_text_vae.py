@@ -50,13 +50,14 @@ def test_diffusers_folder_clip_matches_single_file(tiny_env):
 
 
 def test_prompts_differ_and_long_prompt_is_reported(tiny_env):
+    """(What a long prompt encodes to is checked in test_prompt_encoding.py.)"""
     _, clip, _ = _load(tiny_env, "sd1")
     a = call(text.clip_text_encode, tiny_env, text="a cat", clip=clip)[0][0][0]
     b = call(text.clip_text_encode, tiny_env, text="a dog", clip=clip)[0][0][0]
     assert not torch.equal(a, b)
     rec = Called()
     call(text.clip_text_encode, tiny_env, rec, text="cat " * 100, clip=clip)
-    assert any("77-token" in m for m in rec.messages)
+    assert any("100 tokens" in m and "2 windows of 77 tokens" in m for m in rec.messages), rec.messages
     with pytest.raises(NodeError) as err:
         call(text.clip_text_encode, tiny_env, text="x", clip="not a clip")
     assert err.value.input_name == "clip"

@@ -28,9 +28,11 @@ if TYPE_CHECKING:
 
 class Denoiser:
     def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
-                 image_size: tuple[int, int], batch: int, schedule: Any = None) -> None:
+                 image_size: tuple[int, int], batch: int, schedule: Any = None,
+                 prediction_type: str = "epsilon") -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
-        which turns timesteps into noise levels for conditionings with timestep ranges."""
+        which turns timesteps into noise levels for conditionings with timestep ranges;
+        ``prediction_type``: what the network predicts (for pixels no conditioning covers)."""
         self.network, self.family = network, family
         self.device, self.dtype = network.device, network.dtype
         self.cfg = float(cfg)
@@ -39,6 +41,9 @@ class Denoiser:
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
         self.schedule = schedule
+        self.prediction_type = prediction_type
+        #: ((h, w), (positive, negative)) resolved for that latent size (the general path)
+        self._sides: Any = None
         self._plain = (cond_rules.is_plain(self.positive) and (not self.guided or cond_rules.is_plain(self.negative)))
         if self._plain:
             self._prepare_plain()
@@ -83,10 +88,19 @@ class Denoiser:
                 return uncond + self.cfg * (cond - uncond)
             return self.call(model_in, t, self._context, self._kwargs, [self.positive[0].extra])
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
-        cond = cond_rules.combine(self, self.positive, model_in, t, sigma)
+        h, w = model_in.shape[2], model_in.shape[3]
+        if self._sides is None or self._sides[0] != (h, w):
+            self._sides = ((h, w), cond_rules.prepare(self.positive, self.negative, h, w, self.device))
+        sides = [s for s in self._sides[1] if s]
+        outputs = cond_rules.combine(self, sides, model_in, t, sigma)
+        if sigma is not None and sigma > 0:
+            outputs = [cond_rules.fill_uncovered(out, covered, model_in, sigma, self.prediction_type)
+                       for out, covered in outputs]
+        else:
+            outputs = [out for out, _ in outputs]
         if not self.guided:
-            return cond
-        uncond = cond_rules.combine(self, self.negative, model_in, t, sigma)
+            return outputs[0]
+        cond, uncond = outputs
         return uncond + self.cfg * (cond - uncond)
 
     def sigma_at_percent(self, percent: float) -> float:
