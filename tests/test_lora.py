@@ -222,3 +222,26 @@ def test_changing_only_the_lora_strength_reruns_nothing_upstream(tiny_env, lora_
     ran = {e.node_id for e in events if e.type == "node_started"}
     assert ran.isdisjoint({"1", "4", "5", "6"})  # checkpoint, image, resize, VAE encode stay cached
     assert {"11", "8", "9"} <= ran
+
+
+def test_locon_convolution_factors_patch_conv_weights(tiny_env, lora_files):
+    """LoCon: kohya factors for a 3x3 convolution ([rank, in, 3, 3] down, [out, rank, 1, 1] up)."""
+    from safetensors.torch import save_file
+
+    model = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))[0]
+    with model.unet() as unet:
+        conv = unet.down_blocks[0].resnets[0].conv1.weight.detach().clone()
+    out_c, in_c = conv.shape[:2]
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(2, in_c, 3, 3, generator=g), torch.randn(out_c, 2, 1, 1, generator=g)
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": down,
+               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": up,
+               "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(1.0)},
+              str(lora_files / "locon.safetensors"))
+    patched = call(lora.lora_loader_model_only, tiny_env, model=model, lora_name="locon.safetensors",
+                   strength_model=0.7)[0]
+    expected = conv + 0.7 * 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(conv.shape)
+    with patched.unet() as unet:
+        assert torch.allclose(unet.down_blocks[0].resnets[0].conv1.weight, expected, atol=1e-6)
+    with model.unet() as unet:
+        assert torch.equal(unet.down_blocks[0].resnets[0].conv1.weight, conv)
