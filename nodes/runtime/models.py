@@ -126,6 +126,14 @@ class ModelManager:
                     self._device = "cpu"
         return self._device
 
+    def visible_devices(self) -> list[str]:
+        """Every device a lane could use: each visible CUDA GPU, else this manager's device."""
+        import torch
+
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [self.device]
+
     @property
     def is_gpu(self) -> bool:
         return not self.device.startswith("cpu")
