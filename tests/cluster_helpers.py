@@ -63,10 +63,10 @@ class Cluster:
         self.address = ""
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def start_scheduler(self, timeout: float = 30) -> str:
+    def start_scheduler(self, timeout: float = 30, port: int = 0) -> str:
         info = self.base / f"scheduler-{time.monotonic_ns()}.json"
         self.scheduler = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
              "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(info)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=self.base)
         deadline = time.monotonic() + timeout
@@ -99,6 +99,11 @@ class Cluster:
         proc = self.workers.pop(name)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+    def stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            stop(self.scheduler)
+            self.scheduler = None
 
     def stop_worker(self, name: str) -> None:
         stop(self.workers.pop(name))

@@ -246,6 +246,35 @@ def test_an_unreachable_scheduler_is_a_clear_error_not_a_hang(tmp_path, command)
     assert f"cannot reach the Dask scheduler at {address}" in done.stderr
 
 
+async def test_a_lost_scheduler_keeps_the_queue_and_everyone_reconnects(aiohttp_client, tmp_path):
+    """Its own scheduler (restarted on the same port) and worker, so the shared cluster is left alone."""
+    own = Cluster(tmp_path)
+    try:
+        port = int(own.start_scheduler().rsplit(":", 1)[1])
+        own.start_worker("r1", tmp_path / "models")
+        app = make_app(tmp_path / "data", tmp_path / "models", tmp_path / "wf", registry=make_registry(),
+                       cluster=own.address, cluster_timeout=2)
+        client = await aiohttp_client(app)
+        worker = app[STATE].worker
+        await wait_for(lambda: worker.devices() == ["r1"], 90, "the worker to join")
+        first = await submit(client, slow_workflow(1, ticks=200, delay=0.01))
+        await running_with_progress(client, first)
+
+        own.stop_scheduler()
+        await wait_for(lambda: worker.running() == [], 30, "the server to notice")
+        assert (await job(client, first))["status"] == "queued"  # not lost, not failed: queued again
+        second = await submit(client, save_workflow("after the outage"))
+        assert (await job(client, second))["status"] == "queued"
+
+        own.start_scheduler(port=port)
+        for job_id in (first, second):
+            done = await wait_status(client, job_id, timeout=90)
+            assert done["status"] == "succeeded" and done["worker"] == "r1", done["error"]
+        assert (await job(client, first))["outputs"]["3"]["text"] == ["1"]
+    finally:
+        own.close()
+
+
 # -- the websocket ----------------------------------------------------------------------------
 
 def _normal(messages: list[dict], prompt_id: str) -> list[Any]:

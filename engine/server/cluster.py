@@ -358,7 +358,7 @@ class ClusterWorker:
             if self._stopping:
                 raise
             result = None
-            if not remote.abandoned and remote.job.id in self._jobs:  # the scheduler dropped it
+            if not remote.abandoned:  # the scheduler dropped it
                 await self._lost(remote)
         except Exception as exc:
             result = None
@@ -381,10 +381,16 @@ class ClusterWorker:
 
     async def _lost(self, remote: _Remote) -> None:
         remote.abandoned = True
-        self._jobs.pop(remote.job.id, None)
+        self._forget(remote)
         if self.store.requeue(remote.job.id):
             log.warning("job %s: the cluster lost it; it is queued again", remote.job.id)
         self.on_queue_change()
+
+    def _forget(self, remote: _Remote) -> None:
+        """Drop the job from the running set, unless it was queued again and claimed anew meanwhile."""
+        if self._jobs.get(remote.job.id) is remote:
+            del self._jobs[remote.job.id]
+            self._progress.pop(remote.job.id, None)
 
     def _release(self, remote: _Remote) -> None:
         if remote.worker is not None and self._busy.get(remote.worker) == remote.job.id:
@@ -441,7 +447,7 @@ class ClusterWorker:
              cached: list) -> None:
         """Record the outcome (commit, then publish) and forget the job."""
         remote.abandoned = True
-        self._jobs.pop(remote.job.id, None)
+        self._forget(remote)
         if remote in self._waiting:
             self._waiting.remove(remote)
         remote.report.event(terminal)
@@ -449,7 +455,6 @@ class ClusterWorker:
         try:
             remote.report.finish(self.store, _STATUS.get(status, FAILED), outputs, error, executed, cached)
         finally:
-            self._progress.pop(remote.job.id, None)
             removed = remote.files.drop_lost_attempts()
             if removed:
                 log.info("job %s: removed %d file(s) of lost attempts", remote.job.id, len(removed))

@@ -78,7 +78,10 @@ class KilnWorkerPlugin(WorkerPlugin):
         self._lock = threading.Lock()
 
     def setup(self, worker: Worker) -> None:
+        """Build the state once; a worker re-created after a lost scheduler keeps its models and cache."""
         self.worker = worker
+        if getattr(self, "executor", None) is not None:
+            return
         paths = Paths.under(self.data_dir, models=self.models_dir)
         self.env = Environment(paths=paths, settings=Settings())
         self.env.models = self.registry.make_model_host(self.device)
@@ -316,27 +319,42 @@ async def check_scheduler(address: str, timeout: float) -> str | None:
 async def serve(address: str, registry: Registry, devices: list[str | None], data_dir: str | Path,
                 models_dir: str | Path | None, *, name: str | None = None, host: str | None = None,
                 timeout: float = 10.0, version: str = __version__) -> None:
-    """Run one Dask worker per device until the scheduler goes away or the process is stopped."""
-    server_version = await check_scheduler(address, timeout)
-    if server_version is not None and server_version != version:
-        raise VersionRefused(f"this worker runs Kiln {version} but the server on {address} runs Kiln "
-                             f"{server_version}: install the same Kiln version on both")
+    """Run one Dask worker per device until the process is stopped.
+
+    The first connection must succeed within ``timeout`` (a wrong address is an
+    error, not a hang). When the scheduler later goes away the Dask workers
+    close; they are then started again, with the same models and caches, as
+    soon as a scheduler answers at the address.
+    """
     host = host or _listen_host(address)
     base = name or f"kiln-{os.uname().nodename}-{os.getpid()}"
-    workers = []
-    for i, device in enumerate(devices):
-        label = base if len(devices) == 1 else f"{base}-{i}"
-        folder = Path(data_dir) / label
-        plugin = KilnWorkerPlugin(registry, folder, models_dir, device, label)
-        workers.append(Worker(address, nthreads=1, name=label, resources={resource_name(version): 1},
-                              plugins=(plugin,), host=host, dashboard=False,
-                              dashboard_address=f"{host or ''}:0", memory_limit=0,
-                              local_directory=str(folder / "dask"), validate=False))
-    await asyncio.gather(*workers)
-    for w in workers:
-        print(f"Kiln worker {w.name} on {w.address} (device {w.plugins[PLUGIN_NAME].env.device}), "
-              f"scheduler {address}", flush=True)
-    try:
-        await asyncio.gather(*(w.finished() for w in workers))
-    finally:
-        await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+    labels = [base if len(devices) == 1 else f"{base}-{i}" for i in range(len(devices))]
+    plugins = [KilnWorkerPlugin(registry, Path(data_dir) / label, models_dir, device, label)
+               for label, device in zip(labels, devices)]
+    first = True
+    while True:
+        try:
+            server_version = await check_scheduler(address, timeout)
+        except OSError as exc:
+            if first:
+                raise
+            log.warning("%s; retrying", exc)
+            await asyncio.sleep(1.0)
+            continue
+        if server_version is not None and server_version != version:
+            raise VersionRefused(f"this worker runs Kiln {version} but the server on {address} runs Kiln "
+                                 f"{server_version}: install the same Kiln version on both")
+        workers = [Worker(address, nthreads=1, name=label, resources={resource_name(version): 1},
+                          plugins=(plugin,), host=host, dashboard=False, dashboard_address=f"{host or ''}:0",
+                          memory_limit=0, local_directory=str(Path(data_dir) / label / "dask"), validate=False)
+                   for label, plugin in zip(labels, plugins)]
+        await asyncio.gather(*workers)
+        for w in workers:
+            print(f"Kiln worker {w.name} on {w.address} (device {w.plugins[PLUGIN_NAME].env.device}), "
+                  f"scheduler {address}", flush=True)
+        first = False
+        try:
+            await asyncio.gather(*(w.finished() for w in workers))
+        finally:
+            await asyncio.gather(*(w.close() for w in workers), return_exceptions=True)
+        log.warning("the scheduler at %s went away; reconnecting", address)
