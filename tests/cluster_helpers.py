@@ -27,11 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_registry() -> Registry:
-    """Stub nodes (Spin, SaveText, ...) and the real node library, in one registry."""
+    """Stub nodes (Spin, SaveText, ...), Crash, and the real node library, in one registry."""
     import nodes
     import server_helpers
+    from engine import types as T
+    from engine.node import Input, Output, define_node
+
+    @define_node("Crash", category="test", inputs=[Input("value", T.FLOAT)], outputs=[Output("value", T.FLOAT)])
+    def crash(ctx, value):
+        """Kills its own process at once, as a native fault or the OOM killer would."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
     registry = server_helpers.make_registry()
+    registry.add(crash)
     nodes.register(registry)
     return registry
 

@@ -196,6 +196,23 @@ async def test_kill_9_of_a_worker_mid_job_loses_nothing_and_saves_nothing_twice(
     assert kinds.count("execution_start") == 1 and kinds[-1] == "execution_success"  # the final attempt's
 
 
+async def test_a_job_that_kills_its_workers_ends_failed_with_the_reason(aiohttp_client, cluster, tmp_path):
+    ensure_workers(cluster)
+    app = make_app(tmp_path / "data", cluster.base / "models-server", tmp_path / "wf", registry=make_registry(),
+                   cluster=cluster.address, max_attempts=2)
+    client = await aiohttp_client(app)
+    await wait_for(lambda: sorted(app[STATE].worker.devices()) == ["w1", "w2"], 90, "both workers to join")
+    deadly = {"version": 1, "nodes": {"1": {"type": "Crash", "inputs": {"value": 1.0}},
+                                      "2": {"type": "Format", "inputs": {"value": ["1", 0]}},
+                                      "3": {"type": "Show", "inputs": {"text": ["2", 0]}}}}
+    done = await wait_status(client, await submit(client, deadly), timeout=90)
+    assert done["status"] == "failed"
+    assert "lost with 2 worker(s) that died while running it" in done["error"]["message"]
+    for name in ("w1", "w2"):  # both really died (the fixture starts them again for the next test)
+        assert cluster.workers[name].wait(30) == -9
+        cluster.workers.pop(name)
+
+
 async def test_a_checkpoint_a_worker_lacks_goes_to_one_that_has_it(server):
     busy = await submit(server, slow_workflow(1, ticks=3000))
     holder = (await running_with_progress(server, busy))["worker"]

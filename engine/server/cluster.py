@@ -263,22 +263,33 @@ class ClusterWorker:
                 self._refused[addr] = (f"worker {ident.get('name', addr)} runs Kiln {theirs[0]}, "
                                        f"this server runs Kiln {__version__}")
                 log.error("refusing %s: %s", addr, self._refused[addr])
-        for addr in set(self._workers) - set(current):
-            self._worker_lost(addr)
+        lost = set(self._workers) - set(current)
         self._workers = current
+        for addr in lost:
+            self._worker_lost(addr)
 
     def _worker_lost(self, addr: str) -> None:
+        """Count the death against the job it ran.
+
+        When the server does not know of a job on that worker (it died before its
+        "attempt" message left), the death is counted against every job whose last
+        known worker is gone too: Dask moved those to some other worker.
+        """
         self._warm.pop(addr, None)
         job_id = self._busy.pop(addr, None)
         remote = self._jobs.get(job_id) if job_id else None
-        if remote is None or remote.worker != addr:
-            return
-        remote.deaths += 1
-        log.warning("job %s: worker %s was lost while running it (%d of %d)", job_id, addr, remote.deaths,
-                    self.max_attempts)
-        if remote.deaths >= self.max_attempts:
-            self._give_up(remote, f"the job was lost with {remote.deaths} worker(s) that died while running it "
-                                  f"(the last: {addr}); it is not tried again")
+        if remote is not None and remote.worker == addr:
+            victims = [remote]
+        else:
+            victims = [r for r in self._jobs.values()
+                       if r.future is not None and r.worker not in self._workers and r.worker != addr]
+        for remote in victims:
+            remote.deaths += 1
+            log.warning("job %s: worker %s was lost while running it (%d of %d)", remote.job.id, addr,
+                        remote.deaths, self.max_attempts)
+            if remote.deaths >= self.max_attempts:
+                self._give_up(remote, f"the job was lost with {remote.deaths} worker(s) that died while running "
+                                      f"it (the last: {addr}); it is not tried again")
 
     def _idle(self) -> list[str]:
         return [a for a in self._workers if a not in self._busy]
@@ -320,7 +331,7 @@ class ClusterWorker:
             workflow = parse_document(job.workflow, self.registry)
             plan = validate(workflow, self.registry, self.env, job.outputs_to_execute or None)
             inputs = input_files(job.workflow.get("nodes") or {}, self.env.paths.input)
-        except (WorkflowInvalid, WorkflowFormatError, ValueError, OSError) as exc:
+        except Exception as exc:  # anything: a claimed job must never stay "running" with nobody on it
             first = exc.errors[0] if isinstance(exc, WorkflowInvalid) else None
             report.event(JobStarted(job.id))
             event = JobFailed(job.id, node_id=getattr(first, "node_id", None),
