@@ -8,7 +8,6 @@ wait is on a condition.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil

@@ -40,7 +40,6 @@ from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRe
 from engine.server.worker import EventSink, JobReport, error_dict, redact
 from engine.validate import WorkflowInvalid, validate
 from engine.formats import parse_document
-from engine.workflow import WorkflowFormatError
 
 log = logging.getLogger("kiln.cluster")
 
@@ -95,7 +94,8 @@ class ClusterWorker:
                  max_attempts: int = 3, connect_timeout: float = 10.0, poll_s: float = 0.5,
                  traceback_chars: int = 0) -> None:
         self.store, self.registry, self.env = store, registry, env
-        self.address, self.max_attempts, self.connect_timeout, self.poll_s = address, max_attempts, connect_timeout, poll_s
+        self.address, self.max_attempts = address, max_attempts
+        self.connect_timeout, self.poll_s = connect_timeout, poll_s
         self.traceback_chars = traceback_chars
         self.on_event = on_event or (lambda job, event: None)
         self.on_queue_change = on_queue_change or (lambda: None)

@@ -40,7 +40,7 @@ from engine.events import TERMINAL, Event, JobFailed, JobInterrupted, JobStarted
 from engine.executor import Executor
 from engine.paths import PathRefused
 from engine.registry import Registry
-from engine.server.job_files import FILE_TYPES, file_refs
+from engine.server.job_files import file_refs
 from engine.validate import WorkflowInvalid
 from engine.formats import parse_document
 from engine.workflow import WorkflowFormatError
