@@ -169,6 +169,13 @@ async def test_a_new_seed_lands_on_the_warm_worker(server):
         with Image.open(io.BytesIO(await r.read())) as im:
             assert im.size == (64, 64) and json.loads(im.text["prompt"])["6"]["class_type"] == "KSampler"
 
+    # the cache and model routes reach the workers
+    cleared = await (await server.post("/api/cache/clear")).json()
+    assert cleared["cleared"] >= 7 and cleared["cache"]["entries"] == 0
+    freed = await (await server.post("/api/models/free")).json()
+    assert freed["freed"] is True and freed["unloaded"] >= 1
+    assert freed["models"][second["worker"]]["loaded"] == 0
+
 
 # -- faults ---------------------------------------------------------------------------------
 

@@ -69,6 +69,11 @@ async def test_two_cpu_lanes_run_two_jobs_at_once_each_with_its_own_models(aioht
     system = await (await client.get("/system_stats")).json()
     assert [d["name"] for d in system["devices"]] == ["cpu", "cpu"]
 
+    # The two loads took turns: accelerate's process-wide "empty weights" patch is not left behind.
+    import torch
+
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
 
 def test_devices_option_parsing():
     assert _devices(None) is None and _devices("") is None
