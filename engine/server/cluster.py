@@ -110,6 +110,7 @@ class ClusterWorker:
         self._progress: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._refreshed = 0.0
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -212,7 +213,9 @@ class ClusterWorker:
                 if self.client is None or self.client.status != "running":
                     await self._reconnect()
                 else:
-                    await self._refresh_workers()
+                    if time.monotonic() - self._refreshed >= self.poll_s:  # not on every submission
+                        await self._refresh_workers()
+                        self._refreshed = time.monotonic()
                     self._dispatch()
             except asyncio.CancelledError:
                 raise
@@ -235,6 +238,7 @@ class ClusterWorker:
         self._waiting.clear()
         self._busy.clear()
         self._workers.clear()
+        self._refreshed = 0.0
         self.on_queue_change()
         old, self.client = self.client, None
         if old is not None:
