@@ -252,6 +252,35 @@ async def test_a_worker_of_another_version_is_refused_naming_both(server, cluste
     assert "Kiln 0.0.0-old" in log and f"Kiln {__version__}" in log
 
 
+async def test_a_server_never_sends_jobs_to_a_worker_of_another_version(aiohttp_client, tmp_path):
+    """The other order: the old worker joined before any server announced its version."""
+    own = Cluster(tmp_path)
+    try:
+        own.start_scheduler()
+        own.start_worker("old", tmp_path / "models", version="0.0.0-old")
+        from distributed import Client
+
+        async with Client(own.address, asynchronous=True) as dask:  # the old worker is in before the server
+            async def joined() -> bool:
+                info = await dask.scheduler.identity()
+                return any(w.get("name") == "old" for w in info["workers"].values())
+            await wait_for(joined, 90, "the old worker to join the scheduler")
+        app = make_app(tmp_path / "data", tmp_path / "models", tmp_path / "wf", registry=make_registry(),
+                       cluster=own.address)
+        client = await aiohttp_client(app)
+        worker = app[STATE].worker
+        refused = await wait_for(lambda: worker.workers()["refused"], 90, "the old worker to be seen")
+        [reason] = refused.values()
+        assert "Kiln 0.0.0-old" in reason and f"Kiln {__version__}" in reason and worker.devices() == []
+        job_id = await submit(client, save_workflow("for the right version"))
+        assert (await job(client, job_id))["status"] == "queued"
+        own.start_worker("new", tmp_path / "models")
+        done = await wait_status(client, job_id, timeout=90)
+        assert done["status"] == "succeeded" and done["worker"] == "new"
+    finally:
+        own.close()
+
+
 def _kiln() -> list[str]:
     kiln_bin = Path(sys.executable).parent / "kiln"
     return [str(kiln_bin)] if kiln_bin.exists() else [sys.executable, "-m", "engine.cli"]
