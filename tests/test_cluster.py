@@ -365,3 +365,12 @@ async def test_the_comfyui_websocket_sequence_matches_the_in_process_one(server,
     expected, expected_last = await _comfy_run(local)
     seen, last = await _comfy_run(server)
     assert seen == expected and last == expected_last == {"value": 5, "max": 5, "node": "1"}
+
+
+def test_the_safety_filter_is_refused_with_a_cluster(tmp_path):
+    """The guard runs where nodes run; workers build none yet, so a filtering server must not start."""
+    from engine.guard import GuardRefused
+
+    with pytest.raises(GuardRefused, match="cluster"):
+        make_app(tmp_path / "data", registry=make_registry(), cluster=f"tcp://127.0.0.1:{free_port()}",
+                 safety=("blur", "checker"))
