@@ -1,4 +1,4 @@
-"""The `kiln` command: run | validate | nodes | serve.
+"""The `kiln` command: run | validate | nodes | serve | worker.
 
 ``kiln run`` executes a workflow in this process with the same Executor the
 server uses, so a workflow behaves identically headless and behind the API. It is
@@ -306,7 +306,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
                workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
                safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug,
-               move_damaged_db=args.move_damaged_db)
+               move_damaged_db=args.move_damaged_db, devices=_devices(args.devices), cluster=args.cluster,
+               cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts)
+    return EXIT_OK
+
+
+def _devices(text: str | None) -> list[str] | None:
+    """``cuda:0,cuda:1`` -> a list; None (every visible GPU, or the CPU) when not given."""
+    if not text:
+        return None
+    return [d.strip() for d in text.split(",") if d.strip()] or None
+
+
+def cmd_worker(args: argparse.Namespace, registry: Registry | None = None) -> int:
+    """Join a Dask cluster as Kiln workers, one per device, until stopped."""
+    import asyncio
+    import logging
+
+    try:
+        from engine.server import cluster_worker
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"error: kiln worker needs Dask distributed ({exc.name} is not installed)\n")
+        return EXIT_NODE_FAILED
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = registry or default_registry()
+    devices: list[str | None] = list(_devices(args.devices) or [None])
+    try:
+        asyncio.run(cluster_worker.serve(args.scheduler, registry, devices, args.data, args.models, name=args.name,
+                                         host=args.listen, timeout=args.timeout))
+    except (OSError, cluster_worker.VersionRefused) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_INVALID
     return EXIT_OK
 
 
@@ -394,7 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--move-damaged-db", action="store_true",
                        help="if the job database is damaged, move it aside and start empty "
                             "(default: report it and stop)")
+    serve.add_argument("--devices", default=None, metavar="LIST",
+                       help="one job lane per device, e.g. cuda:0,cuda:1 (default: every visible GPU, or the CPU)")
+    serve.add_argument("--cluster", default=None, metavar="tcp://HOST:PORT",
+                       help="send jobs to `kiln worker`s through this Dask scheduler instead of running them here")
+    serve.add_argument("--cluster-timeout", type=float, default=10.0, metavar="S",
+                       help="give up reaching the scheduler after S seconds (10)")
+    serve.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                       help="a job whose workers die N times fails instead of running again (3)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="serve jobs of a `kiln serve --cluster` server from a Dask scheduler")
+    worker.add_argument("scheduler", metavar="tcp://HOST:PORT", help="the Dask scheduler's address")
+    worker.add_argument("--devices", default=None, metavar="LIST",
+                        help="one Dask worker per device, e.g. cuda:0,cuda:1 (default: the best one)")
+    worker.add_argument("--models", default="models", metavar="DIR", help="model folder (./models)")
+    worker.add_argument("--data", default="kiln-worker", metavar="DIR",
+                        help="scratch folder for input copies and outputs on their way back (./kiln-worker)")
+    worker.add_argument("--name", default=None, help="worker name shown in job records (default: host and pid)")
+    worker.add_argument("--listen", default=None, metavar="HOST",
+                        help="interface to listen on (default: loopback for a loopback scheduler, else Dask's pick)")
+    worker.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="give up reaching the scheduler after S seconds (10)")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -108,6 +108,10 @@ class ModelHost(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    # Optional: ``visible_devices() -> list[str]``, every device a lane could use
+    # (one per GPU); the server's worker asks it once, at the first job, when no
+    # devices were given, and runs one lane per device it lists.
+
 
 @dataclass
 class Environment:

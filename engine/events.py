@@ -121,3 +121,27 @@ class JobInterrupted(Event):
 
 
 TERMINAL = (JobFinished, JobFailed, JobInterrupted)
+
+
+_BY_TYPE: dict[str, type[Event]] = {cls.type: cls for cls in (
+    JobStarted, NodesCached, NodeStarted, Progress, NodeMessage, NodeFinished, JobFinished, JobFailed,
+    JobInterrupted)}
+
+
+def to_wire(event: Event) -> dict[str, Any]:
+    """The event as plain data another process can rebuild, preview bytes included (msgpack-able)."""
+    d = event.to_dict()
+    preview = getattr(event, "preview", None)
+    if preview is not None:
+        d["preview"] = asdict(preview)
+    return d
+
+
+def from_wire(data: dict[str, Any]) -> Event:
+    """Rebuild an event sent with :func:`to_wire` (unknown keys are ignored, so older peers still parse)."""
+    data = dict(data)
+    cls = _BY_TYPE[data.pop("type")]
+    if data.get("preview") is not None:
+        data["preview"] = Preview(**data["preview"])
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})

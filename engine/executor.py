@@ -47,6 +47,21 @@ def node_signature(node: PlannedNode, input_signatures: dict[str, tuple[str, int
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()
 
 
+def structural_signatures(plan: Plan) -> dict[str, str]:
+    """Node signatures without the external fingerprints (file identities).
+
+    Two machines compute the same ones for the same graph, whatever their paths
+    and file times, so a cluster server can tell which worker already holds a
+    job's upstream results (it routes by warmth) without asking the workers.
+    """
+    sigs: dict[str, str] = {}
+    for node_id in plan.order:
+        node = plan.nodes[node_id]
+        inputs = {name: (sigs[link.node_id], link.output) for name, link in node.links.items()}
+        sigs[node_id] = node_signature(node, inputs, None)
+    return sigs
+
+
 @dataclass
 class JobOutcome:
     job_id: str

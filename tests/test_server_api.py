@@ -297,6 +297,6 @@ async def test_free_routes_unload_models_and_clear_the_cache(kiln):
 
     load("c")
     await wait_status(kiln, (await (await kiln.post("/api/jobs", json={"workflow": show_workflow(8)})).json())["job_id"])
-    assert state.worker.cache.stats()["entries"] > 0
+    assert (await state.worker.cache_stats())["entries"] > 0
     assert (await kiln.post("/api/free", json={"free_memory": True})).status == 200
-    assert manager.stats()["loaded"] == 0 and state.worker.cache.stats()["entries"] == 0
+    assert manager.stats()["loaded"] == 0 and (await state.worker.cache_stats())["entries"] == 0

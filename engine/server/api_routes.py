@@ -140,26 +140,14 @@ async def model_folders(request: web.Request) -> web.Response:
 
 
 async def clear_cache(request: web.Request) -> web.Response:
-    cache = request.app[STATE].worker.cache
-    before = cache.stats()
-    cache.clear()
-    return web.json_response({"cleared": before["entries"], "freed_bytes": before["bytes"], "cache": cache.stats()})
-
-
-def free_models(state: AppState) -> dict[str, Any]:
-    """Drop every idle model (ComfyUI's ``unload_models``); handles reload them on their next use.
-
-    ``ModelManager.free`` only moves weights off the GPU, which frees nothing on a
-    CPU machine and keeps every model in RAM; the routes promise to unload.
-    """
-    manager = state.env.models
-    if manager is None:
-        return {"freed": False, "reason": "no model manager"}
-    return {"freed": True, "unloaded": manager.unload_all(), "models": manager.stats()}
+    worker = request.app[STATE].worker
+    before = await worker.clear_cache()
+    return web.json_response({"cleared": before.get("entries", 0), "freed_bytes": before.get("bytes", 0),
+                              "cache": await worker.cache_stats()})
 
 
 async def post_free_models(request: web.Request) -> web.Response:
-    return web.json_response(await asyncio.to_thread(free_models, request.app[STATE]), dumps=_dumps)
+    return web.json_response(await request.app[STATE].worker.free_models(), dumps=_dumps)
 
 
 def _dumps(value: Any) -> str:

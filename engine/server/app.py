@@ -108,13 +108,17 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
              token: str | None = None, allow_url_images: bool = False, *, registry: Registry | None = None,
              settings: ServerSettings | None = None, env: Environment | None = None,
              devices: list[str] | None = None, host: str = "127.0.0.1", port: int = 8188,
-             safety: tuple[str, str] | None = None, env_settings: Settings | None = None) -> web.Application:
+             safety: tuple[str, str] | None = None, env_settings: Settings | None = None,
+             cluster: str | None = None, cluster_timeout: float = 10.0, max_attempts: int = 3) -> web.Application:
     """A complete Kiln server app; the worker starts with the app and stops with it.
 
     ``safety`` = (mode, checker name) installs the node library's output guard on
     every job (engine.guard); it raises GuardRefused when that cannot be done, so a
     server asked to filter never runs unfiltered. ``env_settings`` carries what nodes
     see (the resource budget); URL images follow ``allow_url_images``.
+
+    ``devices`` runs one in-process lane per device; ``cluster`` (a Dask scheduler
+    address) sends jobs to ``kiln worker`` processes instead.
     """
     settings = settings or ServerSettings()
     settings.host, settings.port = host, port
@@ -129,6 +133,9 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
         env = build_env(Paths.under(data_dir, models=models_dir, workflows=workflows_dir), env_settings, registry)
     elif env.models is None:
         env.models = registry.make_model_host(None)
+    if safety is not None and cluster:
+        # The guard lives in the process that runs the nodes; Kiln workers do not build one yet.
+        raise GuardRefused("the safety filter does not run on cluster workers yet; serve without --cluster")
     if safety is not None:
         env.output_guard = registry.make_output_guard(env, *safety)
     store = JobStore(Path(data_dir) / DB_NAME, move_damaged=settings.move_damaged_db)
@@ -148,8 +155,16 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
             remaining = store.count(ACTIVE)
             loop.call_soon_threadsafe(hub.broadcast_status, remaining)
 
-    worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
-                    on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
+    worker: Any
+    if cluster:
+        from engine.server.cluster import ClusterWorker  # imports distributed only for a cluster server
+
+        worker = ClusterWorker(store, registry, env, address=cluster, on_event=on_event,
+                               on_queue_change=on_queue_change, max_attempts=max_attempts,
+                               connect_timeout=cluster_timeout, traceback_chars=settings.traceback_chars)
+    else:
+        worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
+                        on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings)
 
     # Uploads stream past this; JSON routes read with their own, smaller limit.
@@ -167,13 +182,13 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
         if store.recovered:
             log.warning("marked %d job(s) failed that were running when the server stopped: %s",
                         len(store.recovered), ", ".join(store.recovered))
-        worker.start()
+        await worker.start()
 
     async def shutdown(app: web.Application) -> None:
         await hub.close_all()
 
     async def cleanup(app: web.Application) -> None:
-        await asyncio.to_thread(worker.stop)
+        await worker.stop()
         loop_box.pop("loop", None)
         store.close()
 
@@ -187,7 +202,9 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
                registry: Registry | None = None, safety: tuple[str, str] | None = None,
-               env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False) -> None:
+               env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False,
+               devices: list[str] | None = None, cluster: str | None = None, cluster_timeout: float = 10.0,
+               max_attempts: int = 3) -> None:
     """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build
     or a damaged job database."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,11 +214,23 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
     except security.BindRefused as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
+    if cluster:
+        from engine.server.cluster import ClusterUnreachable, connect
+
+        async def reachable() -> None:
+            client = await connect(cluster, cluster_timeout)
+            await client.close()
+        try:
+            asyncio.run(reachable())
+        except ClusterUnreachable as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise SystemExit(2) from None
     settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0,
                               move_damaged_db=move_damaged_db)
     try:
         app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
-                       host=host, port=port, safety=safety, env_settings=env_settings, settings=settings)
+                       host=host, port=port, safety=safety, env_settings=env_settings, settings=settings,
+                       devices=devices, cluster=cluster, cluster_timeout=cluster_timeout, max_attempts=max_attempts)
     except GuardRefused as exc:
         sys.stderr.write(f"error: the safety filter cannot start: {exc}\n")
         raise SystemExit(2) from None

@@ -130,9 +130,9 @@ async def post_free(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_object(request, state.settings.max_body_bytes, allow_empty=True)
     if body.get("unload_models") or body.get("free_memory"):
-        await asyncio.to_thread(api_routes.free_models, state)
+        await state.worker.free_models()
     if body.get("free_memory"):
-        state.worker.cache.clear()
+        await state.worker.clear_cache()
     return web.Response(status=200)
 
 
@@ -219,21 +219,24 @@ def _memory() -> tuple[int, int]:
 
 def system_stats_body(state: AppState) -> dict[str, Any]:
     total, free = _memory()
-    device = state.env.device or "cpu"
-    vram_total = vram_free = 0
     torch = sys.modules.get("torch")
-    if torch is not None and device.startswith("cuda"):
-        try:
-            vram_free, vram_total = torch.cuda.mem_get_info()
-        except Exception:
-            pass
+    devices = []
+    for index, device in enumerate(state.worker.devices() or [state.env.device or "cpu"]):
+        vram_total = vram_free = 0
+        if torch is not None and device.startswith("cuda"):
+            try:
+                vram_free, vram_total = torch.cuda.mem_get_info(device)
+            except Exception:
+                pass
+        devices.append({"name": device, "type": device.split(":")[0], "index": index,
+                        "vram_total": vram_total or total, "vram_free": vram_free or free,
+                        "torch_vram_total": vram_total, "torch_vram_free": vram_free})
     return {
         "system": {"os": os.name, "platform": platform.platform(), "python_version": sys.version,
                    "embedded_python": False, "comfyui_version": "kiln-" + _kiln_version(),
                    "pytorch_version": _torch_version(), "argv": sys.argv, "ram_total": total, "ram_free": free,
                    "torch_loaded": torch is not None},
-        "devices": [{"name": device, "type": device.split(":")[0], "index": 0, "vram_total": vram_total or total,
-                     "vram_free": vram_free or free, "torch_vram_total": vram_total, "torch_vram_free": vram_free}],
+        "devices": devices,
     }
 
 

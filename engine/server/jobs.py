@@ -110,7 +110,7 @@ def job_view(state: AppState, job: JobRecord, *, full: bool = True) -> dict[str,
         "outputs": job.outputs, "error": error,
         "created": job.created, "started": job.started, "finished": job.finished,
         "client_id": job.client_id, "number": job.comfy_number, "params": job.params,
-        "executed": job.executed, "cached": job.cached,
+        "executed": job.executed, "cached": job.cached, "worker": job.worker,
         "artifacts": artifacts(job.outputs or {}),
     }
     if full:

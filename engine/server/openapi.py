@@ -112,6 +112,8 @@ SCHEMAS: dict[str, Any] = {
             "finished": {"type": ["number", "string", "null"]},
             "client_id": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
             "params": ANY_OBJECT, "executed": {"type": ["array", "null"]}, "cached": {"type": ["array", "null"]},
+            "worker": {"type": ["string", "null"],
+                       "description": "The cluster worker that ran the job (kiln serve --cluster); null in-process."},
             "workflow": ANY_OBJECT,
             "artifacts": {"type": "array", "items": _ref("Artifact"),
                           "description": "Every image the job reported, with its safety-filter result."},

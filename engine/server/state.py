@@ -19,6 +19,7 @@ from engine.registry import Registry
 if TYPE_CHECKING:  # the concrete classes import this module's neighbours
     from engine.server.hub import Hub
     from engine.server.store import JobStore
+    from engine.server.cluster import ClusterWorker
     from engine.server.worker import Worker
 
 #: Repository folder holding the editor's static files.
@@ -57,7 +58,7 @@ class AppState:
     env: Environment
     registry: Registry
     store: "JobStore"
-    worker: "Worker"
+    worker: "Worker | ClusterWorker"
     hub: "Hub"
     settings: ServerSettings = field(default_factory=ServerSettings)
 

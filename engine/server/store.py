@@ -42,7 +42,7 @@ TERMINAL = (SUCCEEDED, FAILED, INTERRUPTED, CANCELLED)
 RESTART_REASON = "server restarted while running"
 
 #: The schema this code reads and writes; ``PRAGMA user_version`` of a current file.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -73,7 +73,11 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished);
 
 #: version -> the SQL that brings a file at version - 1 to it. Version 0 is a new file
 #: or one written before files were versioned, whose jobs table is version 1's.
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+MIGRATIONS: dict[int, str] = {
+    1: _SCHEMA_V1,
+    # 2: the cluster worker that ran a job (kiln serve --cluster); null for the in-process worker
+    2: "ALTER TABLE jobs ADD COLUMN worker TEXT",
+}
 
 
 class StoreDamaged(Exception):
@@ -123,6 +127,8 @@ class JobRecord:
     messages: list[Any] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
+    #: The cluster worker that ran (or runs) the job; None for the in-process worker.
+    worker: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "JobRecord":
@@ -138,6 +144,7 @@ class JobRecord:
             extra_data=j("extra_data", {}), created=row["created"], started=row["started"],
             finished=row["finished"], outputs=j("outputs", {}), error=j("error", None),
             messages=j("messages", []), executed=j("executed", []), cached=j("cached", []),
+            worker=row["worker"] if "worker" in row.keys() else None,
         )
 
     @property
@@ -303,6 +310,16 @@ class JobStore:
             if cur.rowcount == 1:
                 return self.get(row["id"])
             # cancelled between the SELECT and the UPDATE: take the next one
+
+    def requeue(self, job_id: str) -> bool:
+        """Put a running job back in the queue (its cluster was lost before it finished)."""
+        cur = self._conn().execute(
+            "UPDATE jobs SET status = ?, started = NULL, worker = NULL WHERE id = ? AND status = ?",
+            (QUEUED, job_id, RUNNING))
+        return cur.rowcount == 1
+
+    def set_worker(self, job_id: str, worker: str) -> None:
+        self._conn().execute("UPDATE jobs SET worker = ? WHERE id = ?", (worker, job_id))
 
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job only if it has not started; False when it is running or done."""

@@ -1,9 +1,13 @@
-"""The worker: takes jobs from the durable store, runs them, records the outcome.
+"""The in-process worker: takes jobs from the durable store, runs them, records the outcome.
 
-Execution runs off the event loop, one thread per device, so the API answers
-while a sampler runs. The worker is deliberately narrow (claim a job, report its
-events, finish it) so that another backend (for example one worker per GPU
-machine behind Dask distributed) can replace it without touching the routes.
+Execution runs off the event loop, one thread ("lane") per device, so the API
+answers while a sampler runs. Each lane owns its model host (from
+``registry.make_model_host(device)``), its output cache and an Environment copy
+carrying both, so nodes place models on their lane's device and two lanes never
+share a loaded model or a cached handle that points into another lane's host.
+The worker is deliberately narrow (claim a job, report its events, finish it):
+:class:`engine.server.cluster.ClusterWorker` is the other backend, sending jobs
+to Dask workers, behind the same methods.
 
 Nothing a job does may stop the worker: validation problems found at run time
 (a file deleted since submission), node failures and bugs in the engine all end
@@ -16,6 +20,7 @@ finds the finished job.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -43,11 +48,13 @@ _STATUS = {"succeeded": SUCCEEDED, "failed": FAILED, "interrupted": INTERRUPTED}
 
 
 class _Lane:
-    """One thread and what it is running right now."""
+    """One thread, its device's environment, executor and cache, and what it is running now."""
 
-    def __init__(self, name: str, executor: Executor) -> None:
+    def __init__(self, name: str, env: Environment, cache: OutputCache, registry: Registry) -> None:
         self.name = name
-        self.executor = executor
+        self.env = env
+        self.cache = cache
+        self.executor = Executor(registry, env, cache)
         self.thread: threading.Thread | None = None
         self.job_id: str | None = None
         self.interrupt = threading.Event()
@@ -62,7 +69,6 @@ class Worker:
         #: Tracebacks always go to the server log; to the job's record (and its clients)
         #: only when this is positive (``kiln serve --debug``), cut to this many characters.
         self.traceback_chars = traceback_chars
-        self.cache = cache if cache is not None else OutputCache()
         self.on_event = on_event or (lambda job, event: None)
         self.on_queue_change = on_queue_change or (lambda: None)
         self.poll_s = poll_s
@@ -70,22 +76,27 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: dict[str, dict[str, Any]] = {}
-        #: Without explicit devices, the model manager picks one (lazily, at the first job).
+        #: Without explicit devices, one lane whose model host picks the best device
+        #: lazily, at the first job (finding it imports torch, which startup must not pay for).
         self._pick_device = not devices
-        devices = devices or [env.device]
-        self.lanes = []
-        for i, device in enumerate(devices):
-            lane_env = env if device == env.device else dataclasses.replace(env, device=device)
-            self.lanes.append(_Lane(f"kiln-worker-{i}-{device}", Executor(registry, lane_env, self.cache)))
+        if not devices:
+            self.lanes = [_Lane("kiln-worker-0", env, cache if cache is not None else OutputCache(), registry)]
+        else:
+            self.lanes = [_Lane(f"kiln-worker-{i}-{device}", lane_environment(env, registry, device),
+                                OutputCache(cache.budget_bytes) if cache is not None else OutputCache(), registry)
+                          for i, device in enumerate(devices)]
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         for lane in self.lanes:
             lane.thread = threading.Thread(target=self._loop, args=(lane,), name=lane.name, daemon=True)
             lane.thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_threads)
+
+    def stop_threads(self, timeout: float = 5.0) -> None:
         """Ask every lane to stop after (interrupting) its current job."""
         self._stop.set()
         self._wake.set()
@@ -138,6 +149,51 @@ class Worker:
                     ids.append(lane.job_id)
             return ids
 
+    async def clear_cache(self) -> dict[str, int]:
+        """Empty every lane's output cache; returns what was held before."""
+        before = self._cache_stats()
+        for lane in self.lanes:
+            lane.cache.clear()
+        return before
+
+    async def cache_stats(self) -> dict[str, int]:
+        return self._cache_stats()
+
+    def _cache_stats(self) -> dict[str, int]:
+        """The lanes' caches added up (entries, bytes, hits, ...)."""
+        total: dict[str, int] = {}
+        for lane in self.lanes:
+            for key, value in lane.cache.stats().items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    async def free_models(self) -> dict[str, Any]:
+        """Drop every idle model of every lane (ComfyUI's ``unload_models``); handles reload on next use.
+
+        ``free`` on a host only moves weights off the GPU, which frees nothing on a
+        CPU machine and keeps every model in RAM; the routes promise to unload.
+        """
+        hosts = self.model_hosts()
+        if not hosts:
+            return {"freed": False, "reason": "no model manager"}
+
+        def unload() -> dict[str, Any]:
+            unloaded = sum(host.unload_all() for host in hosts)
+            stats = [host.stats() for host in hosts]
+            return {"freed": True, "unloaded": unloaded, "models": stats[0] if len(stats) == 1 else stats}
+        return await asyncio.to_thread(unload)
+
+    def model_hosts(self) -> list[Any]:
+        """Every lane's model host, each once (None when the node library registered none)."""
+        hosts: list[Any] = []
+        for lane in self.lanes:
+            if lane.env.models is not None and all(h is not lane.env.models for h in hosts):
+                hosts.append(lane.env.models)
+        return hosts
+
+    def devices(self) -> list[str]:
+        return [lane.env.device for lane in self.lanes]
+
     # -- the loop -----------------------------------------------------------------------
 
     def _claim(self, lane: _Lane) -> JobRecord | None:
@@ -171,48 +227,44 @@ class Worker:
                 self.on_queue_change()
 
     def _run(self, lane: _Lane, job: JobRecord) -> None:
-        history: list[list[Any]] = []
-        held: list[Event] = []
-
-        def sink(event: Event) -> None:
-            if isinstance(event, JobFailed):
-                if event.traceback:
-                    log.error("job %s failed at node %s (%s):\n%s", job.id, event.node_id, event.node_type,
-                              "".join(event.traceback).rstrip())
-                event = self._redact(event)
-            if isinstance(event, Progress):  # the hot path: a sampler may tick thousands of times
-                self._progress[job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
-            else:
-                history.extend([name, data] for name, data in cm.to_comfy(event) if name in cm.HISTORY_MESSAGES)
-            if isinstance(event, TERMINAL):
-                held.append(event)  # published once the store has the outcome
-            else:
-                self._publish(job, event)
-
+        report = JobReport(job, self._publish, self._progress, self._redact)
         try:
-            outcome_status, outputs, error, executed, cached = self._execute(lane, job, sink)
+            outcome_status, outputs, error, executed, cached = self._execute(lane, job, report.event)
         except Exception as exc:  # an engine bug: the job fails, the worker goes on
-            event = JobFailed(job.id, message=f"internal error: {exc}", exception_type=type(exc).__name__,
-                              traceback=tb.format_exception(type(exc), exc, exc.__traceback__))
-            sink(event)
-            outcome_status, outputs, error, executed, cached = FAILED, {}, _error_dict(self._redact(event)), [], []
-        self.store.finish(job.id, outcome_status, outputs=outputs, error=error, messages=history,
-                          executed=executed, cached=cached)
-        for event in held:
-            self._publish(job, event)
+            event = internal_error(job.id, exc)
+            report.event(event)
+            outcome_status, outputs, error, executed, cached = FAILED, {}, error_dict(self._redact(event)), [], []
+        report.finish(self.store, outcome_status, outputs, error, executed, cached)
 
     def _redact(self, event: JobFailed) -> JobFailed:
-        """The failure as clients and the record see it: server paths named by folder, the traceback
-        (logged by the sink) kept only as far as ``traceback_chars`` allows."""
-        return dataclasses.replace(event, message=self.env.paths.scrub(event.message),
-                                   traceback=bounded_traceback(event.traceback, self.traceback_chars))
+        return redact(event, self.env.paths, self.traceback_chars)
 
     def _resolve_device(self, lane: _Lane) -> None:
-        if self._pick_device:
+        """At the first job without explicit devices: pick the device, and add a lane per further GPU.
+
+        Done here rather than at startup because asking imports torch, which the
+        server's one-second start must not pay for.
+        """
+        with self._lock:
+            if not self._pick_device:
+                return
             self._pick_device = False
-            chosen = getattr(self.env.models, "device", None)  # imports torch: here, not at startup
-            if chosen:
-                self.env.device = lane.executor.env.device = str(chosen)
+        chosen = getattr(self.env.models, "device", None)  # imports torch: here, not at startup
+        if not chosen:
+            return
+        self.env.device = lane.env.device = str(chosen)
+        lister = getattr(self.env.models, "visible_devices", None)
+        others = [d for d in (lister() if callable(lister) else []) if d.split(":")[0] == str(chosen).split(":")[0]]
+        if len(others) > 1:  # "cuda" picked with several GPUs visible: lane 0 takes the first, one lane each
+            self.env.device = lane.env.device = others[0]
+            for i, device in enumerate(others[1:], start=1):
+                extra = _Lane(f"kiln-worker-{i}-{device}", lane_environment(self.env, self.registry, device),
+                              OutputCache(lane.cache.budget_bytes), self.registry)
+                with self._lock:
+                    self.lanes.append(extra)
+                if not self._stop.is_set():
+                    extra.thread = threading.Thread(target=self._loop, args=(extra,), name=extra.name, daemon=True)
+                    extra.thread.start()
 
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
         self._resolve_device(lane)
@@ -228,11 +280,11 @@ class Worker:
                               input_name=getattr(first, "input_name", None),
                               message=f"the workflow is no longer valid: {exc}", exception_type=type(exc).__name__)
             sink(event)
-            return FAILED, {}, _error_dict(event), [], []
+            return FAILED, {}, error_dict(event), [], []
         info = JobInfo(id=job.id, workflow=job.prompt or workflow.to_api(), kiln_workflow=workflow.to_kiln(),
                        extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params)
         outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
-        error = _error_dict(self._redact(outcome.error)) if outcome.error is not None else None
+        error = error_dict(self._redact(outcome.error)) if outcome.error is not None else None
         return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
 
     def _publish(self, job: JobRecord, event: Event) -> None:
@@ -240,6 +292,13 @@ class Worker:
             self.on_event(job, event)
         except Exception:
             log.exception("publishing an event of job %s failed", job.id)
+
+
+def redact(event: JobFailed, paths: Any, traceback_chars: int) -> JobFailed:
+    """The failure as clients and the record see it: server paths named by folder, the traceback
+    (logged by :class:`JobReport`) kept only as far as ``traceback_chars`` allows."""
+    return dataclasses.replace(event, message=paths.scrub(event.message),
+                               traceback=bounded_traceback(event.traceback, traceback_chars))
 
 
 def bounded_traceback(lines: list[str], limit: int) -> list[str]:
@@ -264,7 +323,63 @@ def bounded_traceback(lines: list[str], limit: int) -> list[str]:
     return kept[::-1]
 
 
-def _error_dict(event: JobFailed) -> dict[str, Any]:
+def lane_environment(env: Environment, registry: Registry, device: str) -> Environment:
+    """A copy of ``env`` for one device: the same folders and settings, its own model host."""
+    return dataclasses.replace(env, device=device, models=registry.make_model_host(device))
+
+
+class JobReport:
+    """What happens to one job's events on the server, whichever backend ran it.
+
+    Progress is kept for ``GET /api/jobs/{id}`` (the hot path: a sampler may tick
+    thousands of times), history messages are collected for ``/history``, and the
+    terminal event is held back until :meth:`finish` has committed the outcome,
+    so a client that reads history on "executing null" always finds the job done.
+    """
+
+    def __init__(self, job: JobRecord, publish: Callable[[JobRecord, Event], None],
+                 progress: dict[str, dict[str, Any]],
+                 redact: Callable[[JobFailed], JobFailed] = lambda event: event) -> None:
+        self.job, self._publish, self._progress, self._redact = job, publish, progress, redact
+        self.history: list[list[Any]] = []
+        self.held: list[Event] = []
+
+    def event(self, event: Event) -> None:
+        if isinstance(event, JobFailed):
+            if event.traceback:
+                log.error("job %s failed at node %s (%s):\n%s", self.job.id, event.node_id, event.node_type,
+                          "".join(event.traceback).rstrip())
+            event = self._redact(event)
+        if isinstance(event, Progress):
+            self._progress[self.job.id] = {"node_id": event.node_id, "value": event.value, "max": event.max}
+        else:
+            self.history.extend([name, data] for name, data in cm.to_comfy(event) if name in cm.HISTORY_MESSAGES)
+        if isinstance(event, TERMINAL):
+            self.held.append(event)
+        else:
+            self._publish(self.job, event)
+
+    def restart(self) -> None:
+        """A new attempt begins (its worker was lost): its history replaces the previous one's."""
+        self.history.clear()
+        self.held.clear()
+
+    def finish(self, store: JobStore, status: str, outputs: dict | None, error: dict | None,
+               executed: list | None, cached: list | None) -> None:
+        """Commit the outcome, then publish the held terminal event."""
+        store.finish(self.job.id, status, outputs=outputs, error=error, messages=self.history,
+                     executed=executed, cached=cached)
+        for event in self.held:
+            self._publish(self.job, event)
+
+
+def internal_error(job_id: str, exc: BaseException, message: str | None = None) -> JobFailed:
+    """The event of a job that failed outside any node (an engine bug, a lost worker)."""
+    return JobFailed(job_id, message=message or f"internal error: {exc}", exception_type=type(exc).__name__,
+                     traceback=tb.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def error_dict(event: JobFailed) -> dict[str, Any]:
     return {"node_id": event.node_id, "node_type": event.node_type, "input_name": event.input_name,
             "message": event.message, "exception_type": event.exception_type, "traceback": list(event.traceback)}
 

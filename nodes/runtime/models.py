@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+#: accelerate's ``init_empty_weights`` (used by Kiln's checkpoint loader and inside diffusers'
+#: ``from_pretrained``) patches ``torch.nn.Module`` for the whole process while it runs. Two lanes
+#: loading at once would interleave the patch and its undo and leave it in place (every module
+#: built afterwards on "meta"), so loads take turns process-wide; sampling still runs in parallel.
+_LOAD_LOCK = threading.Lock()
+
 #: Memory left free on the compute device for activations, beyond the weights.
 DEFAULT_DEVICE_RESERVE = 1536 * 1024**2
 
@@ -126,6 +132,14 @@ class ModelManager:
                     self._device = "cpu"
         return self._device
 
+    def visible_devices(self) -> list[str]:
+        """Every device a lane could use: each visible CUDA GPU, else this manager's device."""
+        import torch
+
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [self.device]
+
     @property
     def is_gpu(self) -> bool:
         return not self.device.startswith("cpu")
@@ -151,7 +165,8 @@ class ModelManager:
                 self.counters["hits"] += 1
                 entry.last_used = time.monotonic()
                 return entry.value
-            value = loader(self)
+            with _LOAD_LOCK:
+                value = loader(self)
             modules = _modules(value)
             entry = _Entry(key, value, modules, sum(_module_bytes(m) for m in modules.values()))
             self._entries[key] = entry

@@ -86,7 +86,7 @@ def _stage(shown: "torch.Tensor") -> tuple["torch.Tensor", Any]:
         return item, None
     staged = item.to("cpu", non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(item.device))  # the lane's GPU, not the thread's current one
     return staged, done
 
 
