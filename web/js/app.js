@@ -90,7 +90,7 @@ export class App {
       this.toast(`cannot load node definitions: ${e.message}`, "error");
     }
     try {
-      this.files.loadDocument(await this.api.workflow(STARTER), STARTER);
+      await this.files.loadDocument(await this.api.workflow(STARTER), STARTER);
     } catch (e) {
       this.graph.clear();
       this.toast(`starter workflow unavailable (${e.message}); double-click the canvas to add nodes`, "warn");
@@ -236,13 +236,13 @@ export class App {
   }
 
   /** Paste Kiln clipboard JSON (or a whole workflow document) at the pointer. */
-  pasteText(text) {
+  async pasteText(text) {
     let doc;
     try { doc = JSON.parse(text); } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
     if (!Graph.isClipboard(doc)) {
       try {
         const scratch = new Graph(this.graph.defs);
-        scratch.load(normalizeDocument(doc, this.graph.defs));
+        scratch.load(await normalizeDocument(doc, this.api));
         doc = scratch.copy([...scratch.nodes.keys()]);
       } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
     }
