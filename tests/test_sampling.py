@@ -512,7 +512,11 @@ def test_samplers_on_a_sigma_list_land_on_the_clean_latent_with_a_perfect_denois
     sched = steppers.on_sigmas(resolve_sampler(sampler), config, sigmas)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 4, 8, 8, generator=gen)
-    x = steppers.to_state(sched, x0 + float(sigmas[0]) * torch.randn(1, 4, 8, 8, generator=gen), float(sigmas[0]))
+    noised = x0 + float(sigmas[0]) * torch.randn(1, 4, 8, 8, generator=gen)
+    x = steppers.to_state(sched, noised, float(sigmas[0]))
+    # What the UNet sees first is the noised latent in VP scale, whatever space the sampler steps in.
+    first_in = sched.scale_model_input(x, sched.timesteps[0])
+    assert torch.allclose(first_in, noised / (1 + float(sigmas[0]) ** 2) ** 0.5, atol=1e-5)
     import inspect
 
     kwargs = {"generator": [gen]} if "generator" in inspect.signature(sched.step).parameters else {}
