@@ -42,10 +42,12 @@ def preview_text(value: Any) -> str:
 
 
 @define_node("PreviewAny", category="utils", display_name="Preview Any", output_node=True,
-             inputs=[Input("source", T.ANY)])
+             inputs=[Input("source", T.ANY)], outputs=[Output("STRING", T.STRING)])
 def preview_any(ctx, source):
-    """Show any value as text in the job's outputs (``{"text": [...]}``, as ComfyUI reports it)."""
-    return Result(ui={"text": [preview_text(source)]})
+    """Show any value as text in the job's outputs (``{"text": [...]}``, as ComfyUI reports it),
+    and pass the text on (ComfyUI's newer PreviewAny has this output; templates use it)."""
+    text = preview_text(source)
+    return Result(outputs=(text,), ui={"text": [text]})
 
 
 def _png(image) -> tuple[bytes, int, int]:
