@@ -1,7 +1,8 @@
 """Samplers diffusers has no scheduler for, as Kiln steppers over a sigma list.
 
 Each one is ComfyUI's published algorithm (``comfy/k_diffusion/sampling.py``:
-``sample_ipndm``, ``res_multistep`` with eta = 0, ``sample_lcm``, ``sample_ddpm``),
+``sample_ipndm``, ``res_multistep`` with eta = 0, ``sample_lcm``, ``sample_ddpm``,
+``sample_dpm_fast``),
 rewritten on diffusers' scheduler surface so the sampling loop runs it like any
 other: ``timesteps``, ``scale_model_input``, ``step`` returning ``prev_sample``.
 They work in the k-diffusion parameterisation every diffusers k-scheduler uses:
@@ -166,4 +167,84 @@ class ResMultistep(SigmaStepper):
         return math.exp(-h) * x + h * (b1 * denoised + b2 * old)
 
 
-STEPPERS: dict[str, type[SigmaStepper]] = {"lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep}
+class DPMFast:
+    """DPM-Solver-fast (Lu et al. 2022, as k-diffusion's ``dpm_solver_fast`` with eta = 0).
+
+    ComfyUI's ``dpm_fast`` keeps only the ends of the schedule it is given: it spends
+    its ``steps`` model evaluations on an even grid in t = -log(sigma) from the first
+    sigma down to the smallest nonzero one, in third-order steps (three evaluations:
+    at t, t + h/3, t + 2h/3) and a second/first-order tail so the count comes out
+    exact. Like ComfyUI's, it stops at that smallest sigma rather than at 0. Stages are
+    laid out up front (one ``step`` call per evaluation), like DPMpp2SAncestral's.
+    """
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        import torch
+
+        from nodes.samplers.schedules import TrainingSchedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        nfe = len(sigmas) - 1
+        sigma_max = float(sigmas[0])
+        # One step has no nonzero end: ComfyUI then takes the start, and the step changes nothing.
+        sigma_min = float(sigmas[-2]) if float(sigmas[-1]) == 0 else float(sigmas[-1])
+        m = nfe // 3 + 1
+        t0, t1 = -math.log(sigma_max), -math.log(sigma_min)
+        self.grid = [t0 + (t1 - t0) * k / m for k in range(m + 1)]
+        self.orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+        self.stages: list[tuple[int, int, float]] = []  # (step, stage, sigma the model sees)
+        for i, order in enumerate(self.orders):
+            t, h = self.grid[i], self.grid[i + 1] - self.grid[i]
+            for k in range(order):
+                self.stages.append((i, k, math.exp(-(t + h * k / order))))
+        stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
+        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
+        self._index = 0
+        self._x: "torch.Tensor | None" = None
+        self._eps: list["torch.Tensor"] = []
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return sample / ((self.stages[self._index][2] ** 2 + 1) ** 0.5)
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        i, k, sigma = self.stages[self._index]
+        self._index += 1
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        if k == 0:
+            self._x, self._eps = sample, []
+        self._eps.append((sample - denoised) / sigma)
+        order, x, eps = self.orders[i], self._x, self._eps
+        t, t_next = self.grid[i], self.grid[i + 1]
+        h = t_next - t
+        s_next = math.exp(-t_next)
+        em1 = math.expm1(h)
+        if order == 1:
+            out = x - s_next * em1 * eps[0]
+        elif order == 2 and k == 0:  # to the midpoint, evaluated next
+            out = x - math.exp(-(t + h / 2)) * math.expm1(h / 2) * eps[0]
+        elif order == 2:
+            out = x - s_next * em1 * eps[0] - s_next * em1 * (eps[1] - eps[0])  # r1 = 1/2: 1 / (2 r1) = 1
+        elif k == 0:  # third order: to t + h/3
+            out = x - math.exp(-(t + h / 3)) * math.expm1(h / 3) * eps[0]
+        elif k == 1:  # to t + 2h/3, with the first correction
+            r1, r2 = 1 / 3, 2 / 3
+            out = (x - math.exp(-(t + r2 * h)) * math.expm1(r2 * h) * eps[0]
+                   - math.exp(-(t + r2 * h)) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps[1] - eps[0]))
+        else:
+            out = x - s_next * em1 * eps[0] - s_next / (2 / 3) * (em1 / h - 1) * (eps[2] - eps[0])
+        return StepOutput(out, denoised)
+
+
+STEPPERS: dict[str, Any] = {"lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep,
+                            "dpm_fast": DPMFast}

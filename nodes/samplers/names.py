@@ -11,7 +11,7 @@ Each sampler is backed by a diffusers scheduler class where diffusers has one
 diffusers' pipelines). Where diffusers has none, Kiln runs ComfyUI's published
 algorithm (its ``comfy/k_diffusion/sampling.py``) as a sigma-space stepper of its
 own (``kiln_stepper``, see ``kdiffusion.py``): ``dpmpp_2s_ancestral``, ``ipndm``,
-``res_multistep``. Timestep-based schedulers (DDIM, PNDM, DDPM, LCM) cannot follow
+``res_multistep``, ``dpm_fast``. Timestep-based schedulers (DDIM, PNDM, DDPM, LCM) cannot follow
 an arbitrary sigma list; on such a schedule they run a sigma-space counterpart
 (``sigma_fallback``): ComfyUI's own definitions of ``ddim``, ``ddpm`` and ``lcm``
 are sigma-space ones.
@@ -19,8 +19,7 @@ are sigma-space ones.
 Not here, on purpose: ``euler_cfg_pp``/``euler_ancestral_cfg_pp`` (and the other
 ``_cfg_pp`` ones) need the unguided prediction from the guidance loop, which is
 being rewritten; ``dpm_adaptive`` chooses its own number of model evaluations, which
-the loop's fixed step list cannot express yet; ``dpm_fast`` likewise runs its own
-time grid; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
+the loop's fixed step list cannot express yet; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
 and ``sa_solver*`` are not implemented.
 """
 from __future__ import annotations
@@ -70,6 +69,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
                 discard_penultimate_sigma=True),
     SamplerSpec("lms", "k_lms", "LMSDiscreteScheduler"),
+    SamplerSpec("dpm_fast", "dpm_fast", "", kiln_stepper="dpm_fast"),
     SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True, kiln_stepper="dpmpp_2s_ancestral"),
     SamplerSpec("dpmpp_sde", "k_dpmpp_sde", "DPMSolverSDEScheduler", stochastic=True),
     SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True),
