@@ -10,7 +10,7 @@ import { CanvasView } from "./view.js";
 import { Palette } from "./palette.js";
 import { JobSocket } from "./socket.js";
 import { Runner } from "./runner.js";
-import { Files, normalizeDocument } from "./files.js";
+import { Files, isComfyUiWorkflow, normalizeDocument } from "./files.js";
 import { Dialogs } from "./dialog.js";
 import { Gallery } from "./gallery.js";
 import { unavailableChoices, applySubstitutions, describeSubstitution } from "./choices.js";
@@ -244,7 +244,11 @@ export class App {
         const scratch = new Graph(this.graph.defs);
         scratch.load(await normalizeDocument(doc, this.api));
         doc = scratch.copy([...scratch.nodes.keys()]);
-      } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
+      } catch (e) {
+        // A ComfyUI editor file the server refused (a subgraph cycle, ...) says why.
+        this.toast(isComfyUiWorkflow(doc) ? `cannot paste this ComfyUI workflow: ${e.message}` : "the clipboard holds no nodes", "warn");
+        return [];
+      }
     }
     return this.files.paste(doc, this.view.toWorld(...this.view.lastPointer));
   }
