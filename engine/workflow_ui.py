@@ -193,7 +193,7 @@ class _Converter:
         kind = node.get("type")
         spec = self.registry.get(kind) if isinstance(kind, str) else None
         inputs, controls = widget_inputs(node.get("widgets_values"), spec, node.get("widgets_values_named"))
-        for index, slot in enumerate(node.get("inputs") or []):
+        for slot in node.get("inputs") or []:
             if not isinstance(slot, dict) or slot.get("link") is None:
                 continue
             name = str(slot.get("name"))
