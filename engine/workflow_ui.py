@@ -14,7 +14,8 @@ What the conversion has to know, learnt from ComfyUI's frontend (its
   A seed-like widget (``control_after_generate``) is followed by its mode,
   "fixed"/"increment"/"decrement"/"randomize", or a boolean in files from before
   those words existed; an image-upload combo is followed by its upload button's
-  value. Neither is an input. A widget converted to an input keeps its slot in
+  value. Neither is an input. A widget the editor does not serialize (hidden
+  ones, ``serialize: false``) still holds its index, as ``null``. A widget converted to an input keeps its slot in
   the list; the link wins.
 * Muted nodes (mode 2) vanish, and so does whatever reads only from them.
   Bypassed nodes (mode 4) pass an input of the wanted type through. Reroutes pass
@@ -414,6 +415,8 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
                 controls[inp.name] = queue.pop(0)
             elif isinstance(mode, bool) and extra_slots:  # before the words: true meant randomize
                 controls[inp.name] = "randomize" if queue.pop(0) else "fixed"
+            elif mode is None and extra_slots:  # a widget not serialized keeps its slot as null
+                queue.pop(0)
         if inp.extra.get("image_upload") and queue:
             queue.pop(0)  # the upload button's value ("image", or the button itself in some files)
     return inputs, controls

@@ -91,7 +91,7 @@ def subgraph(id_, name, nodes, links, inputs=(), outputs=()):
 
 def test_seed_modes_in_every_saved_form(registry):
     for saved, mode in (("randomize", "randomize"), ("increment", "increment"), (True, "randomize"),
-                        (False, "fixed")):
+                        (False, "fixed"), (None, None)):  # None: a mode widget not serialized
         ui = doc([node(1, "Number", outputs=[out("value", "FLOAT", [1])], widgets=[2.0]),
                   node(2, "Seeded", inputs=[inp("a", "FLOAT", 1)], widgets=[0.0, 7, saved, 3.0]),
                   node(3, "Format", inputs=[inp("value", "FLOAT", 2)], outputs=[out("text", "STRING", [3])]),
@@ -100,7 +100,7 @@ def test_seed_modes_in_every_saved_form(registry):
         ui["nodes"][1]["outputs"] = [out("v", "FLOAT", [2])]
         wf = parse(ui, registry)
         assert wf.nodes["2"].inputs == {"a": Link("1", 0), "seed": 7, "scale": 3.0}, saved
-        assert wf.nodes["2"].ui["controls"] == {"seed": mode}
+        assert wf.nodes["2"].ui.get("controls") == ({"seed": mode} if mode else None)
         assert run(registry, wf).outputs["4"] == {"text": ["13"]}
 
 
