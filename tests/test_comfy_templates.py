@@ -165,3 +165,44 @@ def test_comfyui_default_template_runs_and_equals_diffusers(registry, corpus, ti
                      generator=torch.Generator("cpu").manual_seed(156680208700286)).images
     assert ours.shape == reference.shape == (1, 64, 64, 3)
     assert np.abs(ours - reference).max() <= 1 / 255 and ours.std() > 0.01
+
+
+def test_comfyui_lora_template_runs_and_equals_diffusers_fused_lora(registry, corpus, tiny_models_dir, tmp_path):
+    """ComfyUI's `lora` template: a bypassed LoraLoader (its MODEL and CLIP pass through by type)
+    before an active one, dpmpp_2m on karras. On a tiny SD1.5 checkpoint and a LoRA saved as PEFT
+    writes it, it equals diffusers' pipeline with the LoRA fused at the same strength. The prompts
+    are replaced by plain text (the template's use ComfyUI's weighting syntax, which diffusers lacks)."""
+    from diffusers import DPMSolverMultistepScheduler
+    from safetensors.torch import save_file
+
+    from nodes.runtime.models import ModelManager
+    from test_lora import _adapted, _peft_state
+
+    lora_dir = Path(tiny_models_dir) / "loras"
+    lora_dir.mkdir(exist_ok=True)
+    lora_path = lora_dir / "template-sd1-peft.safetensors"
+    save_file(_peft_state(_adapted("sd1")), str(lora_path))
+    wf = parse(corpus["0.1.48"]["lora.json"], registry)
+    assert "13" not in wf.nodes and wf.nodes["11"].inputs["model"].node_id == "4"  # 13 bypassed
+    assert (wf.nodes["11"].inputs["strength_model"], wf.nodes["11"].inputs["strength_clip"]) == (0.75, 1)
+    positive, negative = "a teddy bear among flowers", "blurry"
+    wf = wf.with_overrides({"4.ckpt_name": tiny_models.checkpoint_name("sd1"), "11.lora_name": lora_path.name,
+                            "11.strength_clip": 0.75, "5.width": 64, "5.height": 64, "3.steps": 4,
+                            "6.text": positive, "7.text": negative})
+    env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir), models=ModelManager(device="cpu"))
+    try:
+        outcome = Executor(registry, env).run(wf)
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        ours = outcome.results["8"][0].numpy()
+    finally:
+        env.models.unload_all()
+    pipe = tiny_models.pipeline("sd1", parts=tiny_models.fresh_components("sd1"))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             solver_order=2, use_karras_sigmas=True)
+    pipe.load_lora_weights(str(lora_dir), weight_name=lora_path.name)
+    pipe.fuse_lora(lora_scale=0.75)
+    reference = pipe(prompt=positive, negative_prompt=negative, height=64, width=64, num_inference_steps=4,
+                     guidance_scale=7.0, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(261660645921551)).images
+    assert ours.shape == reference.shape == (1, 64, 64, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255 and ours.std() > 0.01
