@@ -30,8 +30,9 @@ What the conversion has to know, learnt from ComfyUI's frontend (its
   a promoted widget gives that widget's value (positional over the promoted
   inputs, when the instance stores them), else the inner widget keeps its own
   value. An instance's output is whatever feeds the subgraph's output node.
-  A definition that contains itself, directly or through others, and nesting past
-  :data:`MAX_SUBGRAPH_DEPTH` are refused with a :class:`ConversionError`.
+  A definition that contains itself, directly or through others, nesting past
+  :data:`MAX_SUBGRAPH_DEPTH`, and an expansion past :data:`MAX_EXPANDED_NODES` nodes
+  are refused with a :class:`ConversionError`.
 
 The result is a plain Kiln-format dict (JSON), so this module needs nothing from
 ``engine.workflow``; ``engine.formats.parse_document`` parses what it returns.
@@ -52,6 +53,9 @@ LEGACY_PRIMITIVE = "PrimitiveNode"
 SUBGRAPH_INPUT_NODE, SUBGRAPH_OUTPUT_NODE = -10, -20
 #: ComfyUI's own templates nest two deep; this leaves room and stops runaway files.
 MAX_SUBGRAPH_DEPTH = 16
+#: Expanded size cap: a subgraph used k times inside one used k times ... grows as k^depth,
+#: so depth alone does not stop a small file from expanding into billions of nodes.
+MAX_EXPANDED_NODES = 20000
 
 
 class ConversionError(ValueError):
@@ -151,6 +155,7 @@ class _Converter:
         self.root = _Scope(_Graph.read(doc))
         self.out: dict[str, dict[str, Any]] = {}
         self.children: dict[tuple[str, ...], _Scope] = {}
+        self.expanded = 0
 
     # -- expanding ---------------------------------------------------------------
 
@@ -180,6 +185,10 @@ class _Converter:
 
     def _expand(self, scope: _Scope, offset: tuple[float, float]) -> None:
         for node_id, node in scope.graph.nodes.items():
+            self.expanded += 1
+            if self.expanded > MAX_EXPANDED_NODES:
+                raise ConversionError(f"the workflow expands to more than {MAX_EXPANDED_NODES} nodes "
+                                      f"(subgraphs used inside subgraphs many times over)")
             kind, mode = node.get("type"), node.get("mode", 0)
             if mode in (MODE_MUTED, MODE_BYPASS) or kind in IGNORED or kind in REROUTES or kind == LEGACY_PRIMITIVE:
                 continue

@@ -16,7 +16,7 @@ from engine.context import Environment
 from engine.executor import Executor
 from engine.node import Input, Output, define_node
 from engine.workflow import Link, WorkflowFormatError, parse
-from engine.workflow_ui import MAX_SUBGRAPH_DEPTH, ConversionError, to_kiln
+from engine.workflow_ui import MAX_EXPANDED_NODES, MAX_SUBGRAPH_DEPTH, ConversionError, to_kiln
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +279,19 @@ def test_nesting_past_the_limit_is_refused(registry):
         parse(doc([node(1, ids[0])], [], defs), registry)
     ok = to_kiln(doc([node(1, ids[2])], [], defs), registry)  # 16 levels of instances: fine
     assert len(next(iter(ok["nodes"])).split(":")) == MAX_SUBGRAPH_DEPTH + 1
+
+
+def test_exponential_expansion_is_refused_quickly(registry):
+    """Ten levels, each using the next level ten times: 10^10 nodes if expanded. Refused fast."""
+    import time
+
+    ids = [f"{i:08x}-1111-4000-8000-000000000000" for i in range(10)]
+    defs = [subgraph(ids[i], f"L{i}", [node(k, ids[i + 1]) for k in range(1, 11)] if i + 1 < len(ids) else
+                     [node(1, "Number", widgets=[1.0])], []) for i in range(len(ids))]
+    start = time.monotonic()
+    with pytest.raises(ConversionError, match=f"more than {MAX_EXPANDED_NODES} nodes"):
+        to_kiln(doc([node(1, ids[0])], [], defs), registry)
+    assert time.monotonic() - start < 5
 
 
 def test_a_missing_definition_is_an_unknown_node_type_not_a_crash(registry):
