@@ -28,7 +28,7 @@ from engine.context import Environment, Paths
 from engine.executor import Executor
 from engine.registry import default_registry
 from engine.validate import WorkflowInvalid, validate
-from engine.workflow import parse
+from engine.formats import parse_document as parse
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-")
 LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than_min", "value_bigger_than_max",

@@ -15,7 +15,8 @@ import stub_nodes as stubs
 from engine.context import Environment
 from engine.executor import Executor
 from engine.node import Input, Output, define_node
-from engine.workflow import Link, WorkflowFormatError, parse
+from engine.formats import parse_document as parse
+from engine.workflow import Link, WorkflowFormatError
 from engine.workflow_ui import MAX_EXPANDED_NODES, MAX_SUBGRAPH_DEPTH, ConversionError, to_kiln
 
 
