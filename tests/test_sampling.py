@@ -308,7 +308,7 @@ def test_add_noise_draws_per_image_cpu_noise():
 @pytest.mark.parametrize("index,sampler", list(enumerate(s.name for s in SAMPLERS)))
 def test_every_sampler_and_schedule_runs(sd1, index, sampler):
     """Each sampler on two schedules in each mode; over all samplers every schedule is
-    covered several times (all 26 x 9 x 3 would take minutes on two cores)."""
+    covered several times (all 24 x 9 x 3 would take minutes on two cores)."""
     for scheduler in (SCHEDULERS[index % len(SCHEDULERS)], SCHEDULERS[(index + 4) % len(SCHEDULERS)]):
         for strength, denoise in ((0.5, 1.0), (None, 0.6), (None, 1.0)):
             rec = Recorder()
