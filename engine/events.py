@@ -22,6 +22,9 @@ class Preview:
     mime: str = "image/jpeg"
     width: int = 0
     height: int = 0
+    #: A finished output image sent in a preview frame (SaveImageWebsocket), not a
+    #: sampling preview: every one is delivered, in order, never replaced by a later one.
+    output: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.registry import Registry
 from engine.workflow import Workflow, WorkflowFormatError, decode, parse
-from engine.workflow_ui import from_comfy_ui, is_ui_format
+from engine.workflow_ui import ConversionError, is_ui_format, to_kiln
 
 
 def parse_document(doc: Any, registry: Registry | None = None) -> Workflow:
@@ -21,9 +21,15 @@ def parse_document(doc: Any, registry: Registry | None = None) -> Workflow:
     if is_ui_format(doc):
         if registry is None:
             raise WorkflowFormatError(
-                "this is a ComfyUI editor (UI-format) workflow; export it with 'Save (API Format)' "
-                "or open it in Kiln's editor, which converts it")
-        return from_comfy_ui(doc, registry)
+                "this is a ComfyUI editor (UI-format) workflow; converting it needs the node declarations "
+                "(pass the registry)")
+        try:
+            converted = to_kiln(doc, registry)
+        except ConversionError as exc:  # a subgraph cycle, nesting or expansion too deep: the file's fault
+            raise WorkflowFormatError(str(exc)) from exc
+        workflow = parse(converted)
+        workflow.source_format = "comfyui-ui"
+        return workflow
     return parse(doc)
 
 

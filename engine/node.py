@@ -168,6 +168,18 @@ class NodeSpec:
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
 
+    def comfy_input_order(self) -> list[Input]:
+        """Inputs as ComfyUI lays them out: required ones, then optional ones, each in declared order.
+
+        ``/object_info`` lists them so, ComfyUI's editor builds its widgets in this
+        order, and an editor file's positional ``widgets_values`` follow it.
+        """
+        return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
+
+    def widget_order(self) -> list[Input]:
+        """The widget inputs in the order an editor file's ``widgets_values`` lists them."""
+        return [i for i in self.comfy_input_order() if i.type in T.WIDGET_TYPES]
+
     def signature_mismatches(self) -> list[str]:
         """Differences between the function's parameters and the declared inputs.
 
@@ -220,7 +232,7 @@ class NodeSpec:
         """The node in ComfyUI's ``/object_info`` shape."""
         required: dict[str, list] = {}
         optional: dict[str, list] = {}
-        for i in self.inputs:
+        for i in self.comfy_input_order():
             head: Any = i.choice_list(env) if i.type == T.COMBO else i.type
             opts = i.options()
             (optional if i.optional else required)[i.name] = [head, opts] if opts else [head]

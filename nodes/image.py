@@ -307,7 +307,8 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
         if dropped:
             ui["dropped"] = dropped
         ctx.message(summary(verdict, guard.mode))
-    return Result(ui=ui)
+    # The images go on as saved (after the guard, if one is on), as ComfyUI's newer nodes pass them.
+    return Result(outputs=(batch,), ui=ui)
 
 
 @define_node(
@@ -320,6 +321,8 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
         Input("filename_prefix", T.STRING, default="Kiln",
               tooltip="File name start; may include a subfolder ('portraits/Kiln'), always inside the output folder"),
     ],
+    # The images again, as ComfyUI's newer SaveImage/PreviewImage pass them on (templates link from it).
+    outputs=[Output("images", T.IMAGE)],
     validate=_save_validate,
 )
 def save_image(ctx, images, filename_prefix: str = "Kiln"):
@@ -340,6 +343,7 @@ def save_image(ctx, images, filename_prefix: str = "Kiln"):
     display_name="Preview Image",
     output_node=True,
     inputs=[Input("images", T.IMAGE)],
+    outputs=[Output("images", T.IMAGE)],
 )
 def preview_image(ctx, images):
     """Show images without keeping them: written to the temp folder (``type: temp``)."""

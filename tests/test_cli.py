@@ -144,3 +144,29 @@ def test_an_invalid_run_is_reported_before_torch_is_imported(project: Path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.stdout.split() == ["2", "False"], proc.stderr
+
+
+def test_validate_and_run_take_comfyui_editor_files(project: Path):
+    """The same editor file the server and the editor accept: LoadImage -> ImageResize -> SaveImage
+    saved by ComfyUI's editor (with the upload button's value), run headless; and a subgraph
+    that contains itself is refused with exit 2 and the reason."""
+    ui = {"version": 0.4, "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]], "nodes": [
+        {"id": 1, "type": "LoadImage", "mode": 0, "widgets_values": ["photo.png", "image"],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}]},
+        {"id": 2, "type": "ImageResize", "mode": 0, "inputs": [{"name": "image", "type": "IMAGE", "link": 1}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}], "widgets_values": [24, 16, "stretch"]},
+        {"id": 3, "type": "SaveImage", "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 2}],
+         "widgets_values": ["editor"]}]}
+    (project / "editor.json").write_text(json.dumps(ui))
+    assert kiln("validate", "editor.json", cwd=project).returncode == 0
+    proc = kiln("run", "editor.json", cwd=project, check=True)
+    saved = Path(proc.stdout.split()[0])
+    assert saved.name.startswith("editor_")
+    with Image.open(saved) as img:
+        assert img.size == (24, 16)
+    sub = "dddddddd-0000-4000-8000-000000000000"
+    ui["definitions"] = {"subgraphs": [{"id": sub, "name": "Loop", "nodes": [{"id": 1, "type": sub}], "links": []}]}
+    ui["nodes"].append({"id": 4, "type": sub, "mode": 0})
+    (project / "loop.json").write_text(json.dumps(ui))
+    proc = kiln("validate", "loop.json", cwd=project)
+    assert proc.returncode == 2 and "contains itself" in proc.stderr

@@ -11,6 +11,7 @@ import base64
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -594,3 +595,23 @@ def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(bro
         assert editor.console_errors == []
     finally:
         page.close()
+
+
+def test_dropping_a_comfyui_editor_file_shows_the_server_s_conversion(editor, server):
+    """ComfyUI's own default template (as its editor saved it, with the legacy `true` seed
+    mode) dropped on the canvas: the editor shows exactly what /api/convert/comfyui says."""
+    import comfyui_workflow_templates
+
+    data = (Path(comfyui_workflow_templates.__file__).parent / "templates" / "default.json").read_bytes()
+    expect = http_json(server.url, "POST", "/api/convert/comfyui", json.loads(data))
+    editor.page.click("#new")
+    drop_file(editor, data, "default.json", "application/json")
+    editor.page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 7")
+    doc = editor.doc()
+    assert set(doc["nodes"]) == set(expect["nodes"])
+    for node_id, node in expect["nodes"].items():
+        assert doc["nodes"][node_id]["type"] == node["type"]
+        shown = {k: v for k, v in doc["nodes"][node_id]["inputs"].items() if k != "ckpt_name"}
+        assert shown == {k: v for k, v in node["inputs"].items() if k != "ckpt_name"}, node_id
+    assert doc["nodes"]["3"]["inputs"]["steps"] == 20 and doc["nodes"]["3"]["ui"]["controls"]["seed"] == "randomize"
+    assert editor.console_errors == []

@@ -40,6 +40,14 @@ KILN_TO_DIFFUSERS = {
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
     # Kiln seeds the SDE's Brownian tree with [seed + i]; diffusers takes it from the config.
     "dpmpp_sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": [42]}),
+    # Issue 15's samplers that diffusers has (names.py says why these configs).
+    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}),
+    "uni_pc_bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_3m_sde_gpu": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "deis": ("DEISMultistepScheduler", {"solver_order": 3}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 
 
@@ -150,7 +158,8 @@ def _check_img2img(tiny: Tiny, sampler: str, karras: bool = False) -> None:
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun", "lms", "dpm_2_ancestral",
-                                     "dpm_2", "plms", "dpmpp_sde"])
+                                     "dpm_2", "plms", "dpmpp_sde", "uni_pc", "uni_pc_bh2", "dpmpp_2m_sde",
+                                     "dpmpp_3m_sde_gpu", "deis", "ddpm", "lcm"])
 def test_sd1_img2img_equals_diffusers(sd1, sampler):
     _check_img2img(sd1, sampler)
 
@@ -187,7 +196,13 @@ def test_stability_names_are_the_same_samplers(sd1):
     b = sd1.img2img("euler_ancestral", steps=4)["samples"]
     assert torch.equal(a, b)
     assert {s.stability_name for s in SAMPLERS} >= {"k_euler", "k_dpmpp_2m", "k_dpmpp_sde", "plms", "ddim"}
-    assert len(SAMPLERS) == 11
+    names = [s.name for s in SAMPLERS]
+    assert set(names) >= {"uni_pc", "uni_pc_bh2", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde",
+                          "dpmpp_3m_sde_gpu", "lcm", "deis", "ddpm", "res_multistep", "ipndm"}
+    assert list(SCHEDULERS) == ["normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform", "beta",
+                                "linear_quadratic", "kl_optimal"]
+    # A _gpu name is the same sampler (Kiln's noise comes from each image's CPU generator).
+    assert torch.equal(sd1.img2img("dpmpp_2m_sde", steps=4)["samples"], sd1.img2img("dpmpp_2m_sde_gpu", steps=4)["samples"])
 
 
 # -- ComfyUI's denoise -------------------------------------------------------------------
@@ -290,9 +305,11 @@ def test_add_noise_draws_per_image_cpu_noise():
 
 # -- every sampler x schedule, in each mode ----------------------------------------------
 
-@pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
-def test_every_sampler_and_schedule_runs(sd1, sampler):
-    for scheduler in SCHEDULERS:
+@pytest.mark.parametrize("index,sampler", list(enumerate(s.name for s in SAMPLERS)))
+def test_every_sampler_and_schedule_runs(sd1, index, sampler):
+    """Each sampler on two schedules in each mode; over all samplers every schedule is
+    covered several times (all 24 x 9 x 3 would take minutes on two cores)."""
+    for scheduler in (SCHEDULERS[index % len(SCHEDULERS)], SCHEDULERS[(index + 4) % len(SCHEDULERS)]):
         for strength, denoise in ((0.5, 1.0), (None, 0.6), (None, 1.0)):
             rec = Recorder()
             if strength is None:
@@ -447,3 +464,70 @@ def test_img2img_graph_through_the_executor(sd1, tmp_path):
     second = executor.run(parse(doc(2)))
     assert sorted(second.executed) == ["2", "3", "4"] and "1" in second.cached
     assert second.outputs["4"]["mean"] != first.outputs["4"]["mean"]
+
+
+# -- issue 15: ComfyUI's other schedules and the samplers diffusers lacks --------------------
+
+def test_comfy_schedules_follow_comfyui_formulas():
+    ts = schedules.TrainingSchedule(SD15)
+    sig = ts.sigmas
+    ddim = schedules.comfy_schedule(ts, "ddim_uniform", 20)  # every 50th training sigma from index 1
+    assert ddim.tolist() == pytest.approx([float(sig[i]) for i in range(951, 0, -50)] + [0.0], rel=1e-6)
+    kl = schedules.comfy_schedule(ts, "kl_optimal", 10)
+    assert kl[0] == pytest.approx(ts.sigma_max, rel=1e-5) and kl[-2] == pytest.approx(ts.sigma_min, rel=1e-5)
+    atans = torch.atan(kl[:-1].double())
+    assert torch.allclose(atans[1:] - atans[:-1], (atans[1] - atans[0]).expand(9), rtol=1e-4)  # even in arctan
+    lq = schedules.comfy_schedule(ts, "linear_quadratic", 10)
+    assert len(lq) == 11 and lq[0] == pytest.approx(ts.sigma_max) and lq[-1] == 0
+    # the linear half: 0.025 / 5 of sigma_max per step
+    assert (lq[:5] - lq[1:6]).tolist() == pytest.approx([ts.sigma_max * 0.005] * 5, rel=1e-4)
+    beta = schedules.comfy_schedule(ts, "beta", 20)
+    assert beta[0] == pytest.approx(ts.sigma_max) and beta[-1] == 0 and bool((beta[:-1] > beta[1:]).all())
+    steps_near_ends = (beta[:3] - beta[1:4]).abs().mean(), (beta[8:11] - beta[9:12]).abs().mean()
+    assert len(beta) <= 21 and steps_near_ends[0] > steps_near_ends[1]  # dense at both ends in t, coarse sigma at top
+    for name in ("ddim_uniform", "beta", "linear_quadratic", "kl_optimal"):
+        tail = schedules.comfy_sigmas(ts, name, 10, denoise=0.5)
+        assert len(tail) == 11 and tail[-1] == 0 and tail[0] < ts.sigma_max
+
+
+def _perfect(model_in, sigma, x0, prediction):
+    """What an ideal model predicts for a VP input at ``sigma`` whose clean latent is x0."""
+    alpha = (1 + sigma ** 2) ** -0.5
+    eps = (model_in - alpha * x0) / (alpha * sigma)
+    return eps if prediction == "epsilon" else alpha * eps - sigma * alpha * x0
+
+
+@pytest.mark.parametrize("sampler", ["lcm", "ddpm", "ipndm", "res_multistep", "dpm_fast", "dpmpp_2m", "uni_pc_bh2",
+                                     "deis", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_samplers_on_a_sigma_list_land_on_the_clean_latent_with_a_perfect_denoiser(sampler, prediction):
+    """On ComfyUI's grids every sampler runs on a sigma list (Kiln's steppers, or diffusers'
+    multistep solvers whose state is variance-preserving: steppers.to_state). With a model
+    that predicts the true clean latent, each must end there from x0 + sigma0 * noise."""
+    from nodes.samplers import steppers
+
+    config = {**SD15, "prediction_type": prediction}
+    ts = schedules.TrainingSchedule(config)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 8)
+    sched = steppers.on_sigmas(resolve_sampler(sampler), config, sigmas)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 8, 8, generator=gen)
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    noised = x0 + float(sigmas[0]) * noise
+    x = steppers.to_state(sched, noised, float(sigmas[0]))
+    # What the UNet sees first is the noised latent in VP scale, whatever space the sampler steps in.
+    first_in = sched.scale_model_input(x, sched.timesteps[0])
+    assert torch.allclose(first_in, noised / (1 + float(sigmas[0]) ** 2) ** 0.5, atol=1e-5)
+    import inspect
+
+    kwargs = {"generator": [gen]} if "generator" in inspect.signature(sched.step).parameters else {}
+    for t in sched.timesteps:
+        model_in = sched.scale_model_input(x, t)
+        out = _perfect(model_in, float(ts.sigma(t)), x0, prediction)
+        x = sched.step(out, t, x, return_dict=True, **kwargs).prev_sample
+    # diffusers' DEIS and ComfyUI's dpm_fast end on the smallest nonzero sigma (0.029 here), not 0:
+    # the leftover is that sigma times the noise (|noise| < 5), the same with any number of steps.
+    tolerance = 0.03 * 5 if sampler in ("deis", "dpm_fast") else 2e-2
+    assert torch.allclose(x, x0, atol=tolerance), (x - x0).abs().max()
+    if sampler == "dpm_fast":  # exact on this denoiser: every stage formula must be right to land there
+        assert torch.allclose(x, x0 + float(sigmas[-2]) * noise, atol=1e-4)

@@ -182,3 +182,46 @@ async def test_no_route_installs_code(app_and_client: Any) -> None:
         path = (info.get("path") or info.get("formatter") or "").lower()
         if route.method in ("POST", "PUT", "PATCH"):
             assert not any(w in path for w in words), path
+
+
+UI_SUB = "0c0c0c0c-0000-4000-8000-000000000001"
+UI_DOC = {"version": 0.4, "nodes": [
+    {"id": 1, "type": "Number", "mode": 0, "pos": [0, 0], "outputs": [{"name": "value", "type": "FLOAT", "links": [1]}],
+     "widgets_values": [3.0]},
+    {"id": 2, "type": UI_SUB, "mode": 0, "pos": [100, 0], "inputs": [{"name": "x", "type": "FLOAT", "link": 1}],
+     "outputs": [{"name": "text", "type": "STRING", "links": [2]}]},
+    {"id": 3, "type": "Show", "mode": 0, "pos": [200, 0], "inputs": [{"name": "text", "type": "STRING", "link": 2}]}],
+    "links": [[1, 1, 0, 2, 0, "FLOAT"], [2, 2, 0, 3, 0, "STRING"]],
+    "definitions": {"subgraphs": [{"id": UI_SUB, "name": "Describe", "inputs": [{"name": "x", "type": "FLOAT"}],
+                                   "outputs": [{"name": "text", "type": "STRING"}],
+                                   "nodes": [{"id": 5, "type": "Format", "mode": 0, "pos": [10, 10],
+                                              "inputs": [{"name": "value", "type": "FLOAT", "link": 7}],
+                                              "outputs": [{"name": "text", "type": "STRING", "links": [8]}]}],
+                                   "links": [{"id": 7, "origin_id": -10, "origin_slot": 0, "target_id": 5,
+                                              "target_slot": 0, "type": "FLOAT"},
+                                             {"id": 8, "origin_id": 5, "origin_slot": 0, "target_id": -20,
+                                              "target_slot": 0, "type": "STRING"}]}]}}
+
+
+async def test_editor_files_convert_on_the_server_the_editor_and_prompt_share_it(client: Any) -> None:
+    r = await client.post("/api/convert/comfyui", json=UI_DOC)
+    assert r.status == 200
+    doc = await r.json()
+    assert doc["version"] == 1 and set(doc["nodes"]) == {"1", "2:5", "3"}
+    assert doc["nodes"]["2:5"] == {"type": "Format", "inputs": {"value": ["1", 0]}, "ui": {"pos": [110.0, 10.0]}}
+    assert doc["nodes"]["3"]["inputs"] == {"text": ["2:5", 0]}
+    # /prompt takes the same editor file and runs what the conversion says
+    r = await client.post("/prompt", json={"prompt": UI_DOC})
+    assert r.status == 200, await r.text()
+
+
+async def test_conversion_refuses_cycles_and_non_editor_files_with_400(client: Any) -> None:
+    looped = json.loads(json.dumps(UI_DOC))
+    looped["definitions"]["subgraphs"][0]["nodes"].append({"id": 6, "type": UI_SUB, "mode": 0})
+    for path in ("/api/convert/comfyui", "/prompt"):
+        body = looped if path.startswith("/api") else {"prompt": looped}
+        r = await client.post(path, json=body)
+        assert r.status == 400, path
+        assert "contains itself" in json.dumps(await r.json())
+    r = await client.post("/api/convert/comfyui", json=WORKFLOW)
+    assert r.status == 400 and "not a ComfyUI editor workflow" in (await r.json())["error"]["message"]

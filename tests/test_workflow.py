@@ -157,7 +157,7 @@ def test_comfyui_editor_format_converts_with_the_registry():
     assert wf.nodes["3"].inputs == {"a": Link("1", 0), "seed": 7, "scale": 3.0}
     assert wf.nodes["5"].inputs == {"value": Link("3", 0)}  # bypassed Multiply passed through
     assert wf.nodes["6"].inputs == {"a": Link("5", 0), "b": "prim", "sep": "-"}
-    assert wf.nodes["3"].ui == {"pos": [5, 6]}
+    assert wf.nodes["3"].ui == {"pos": [5, 6], "controls": {"seed": "randomize"}}
 
     from engine.context import Environment
     from engine.executor import Executor

@@ -61,8 +61,8 @@ class Client:
             return
         if item.event is None:
             self._pending_status = item
-        elif isinstance(item.event, Progress):
-            self._pending_progress = item
+        elif isinstance(item.event, Progress) and not getattr(item.event.preview, "output", False):
+            self._pending_progress = item  # only the latest sampling step matters: coalesced
         else:
             if self._pending_progress is not None:
                 self._outbox.append(self._pending_progress)

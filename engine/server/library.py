@@ -24,6 +24,7 @@ from engine.server.http import fail, read_json
 from engine.server.state import STATE
 from engine.formats import parse_document
 from engine.workflow import WorkflowFormatError
+from engine.workflow_ui import ConversionError, is_ui_format, to_kiln
 
 MAX_NAME = 200
 
@@ -129,7 +130,26 @@ async def delete_workflow(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def convert_comfy_ui(request: web.Request) -> web.Response:
+    """``POST /api/convert/comfyui``: a ComfyUI editor file as a Kiln document.
+
+    Kiln's editor sends the editor files it opens here instead of converting them
+    itself, so the browser and ``/prompt``/``kiln run`` share one converter.
+    """
+    state = request.app[STATE]
+    doc = await read_json(request, state.settings.max_body_bytes)
+    if not is_ui_format(doc):
+        fail(400, "invalid_workflow", "not a ComfyUI editor workflow: expected an object with 'nodes' (a list) "
+                                      "and 'links'")
+    try:
+        converted = await asyncio.to_thread(to_kiln, doc, state.registry)
+    except ConversionError as exc:
+        fail(400, "invalid_workflow", str(exc))
+    return web.json_response(converted)
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/convert/comfyui", convert_comfy_ui)
     app.router.add_get("/api/workflows", list_workflows)
     app.router.add_get("/api/workflows/{name:.+}", get_workflow)
     app.router.add_put("/api/workflows/{name:.+}", put_workflow)

@@ -224,6 +224,16 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/cache/clear": {
         "post": _op("Clear the node output cache", "cache", {"200": _json(ANY_OBJECT)}),
     },
+    "/api/convert/comfyui": {
+        "post": _op("Convert a ComfyUI editor (UI-format) workflow to Kiln's format", "workflows",
+                    {"200": _json(_ref("Workflow")), "400": _error("Not an editor file, or a subgraph cycle or "
+                                                                   "nesting too deep."),
+                     "413": _error("Body too large.")},
+                    body=_json_body(ANY_OBJECT),
+                    description="The conversion `/prompt`, `/api/jobs` and `kiln run` apply to editor files: "
+                                "subgraphs expanded (inner ids `instance:inner`), bypassed/muted nodes, Reroutes "
+                                "and Primitive nodes resolved, widget values named by the node's declaration."),
+    },
     "/api/workflows": {
         "get": _op("List the workflow library", "workflows",
                    {"200": _json({"type": "array", "items": _ref("WorkflowEntry")})}),

@@ -8,10 +8,19 @@ editor lists ComfyUI's spellings (that is what ComfyUI workflows store); the
 
 Each sampler is backed by a diffusers scheduler class where diffusers has one
 (the math then is diffusers' own, which is what makes Kiln's output equal to
-diffusers' pipelines). Two samplers are defined over sigmas inside Kiln:
-``dpmpp_2s_ancestral`` (diffusers has no ancestral single-step DPM-Solver++), and
-``ddim``/``plms`` whenever the schedule is not one their timestep-based schedulers
-can follow (see ``sigma_fallback``).
+diffusers' pipelines). Where diffusers has none, Kiln runs ComfyUI's published
+algorithm (its ``comfy/k_diffusion/sampling.py``) as a sigma-space stepper of its
+own (``kiln_stepper``, see ``kdiffusion.py``): ``dpmpp_2s_ancestral``, ``ipndm``,
+``res_multistep``, ``dpm_fast``. Timestep-based schedulers (DDIM, PNDM, DDPM, LCM) cannot follow
+an arbitrary sigma list; on such a schedule they run a sigma-space counterpart
+(``sigma_fallback``): ComfyUI's own definitions of ``ddim``, ``ddpm`` and ``lcm``
+are sigma-space ones.
+
+Not here, on purpose: ``euler_cfg_pp``/``euler_ancestral_cfg_pp`` (and the other
+``_cfg_pp`` ones) need the unguided prediction from the guidance loop, which is
+being rewritten; ``dpm_adaptive`` chooses its own number of model evaluations, which
+the loop's fixed step list cannot express yet; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
+and ``sa_solver*`` are not implemented.
 """
 from __future__ import annotations
 
@@ -34,12 +43,24 @@ class SamplerSpec:
     #: sampler instead: DDIM with eta=0 *is* the Euler method in sigma space (ComfyUI
     #: defines its ``ddim`` the same way), and k-LMS is PLMS's sigma-space counterpart.
     sigma_fallback: str = ""
+    #: A Kiln sigma-space stepper (kdiffusion.STEPPERS) that runs this sampler when
+    #: there is no diffusers class, or on sigma lists the class cannot follow.
+    kiln_stepper: str = ""
     #: ComfyUI computes steps+1 sigmas for these and drops the penultimate one
     #: (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS); Kiln does the same in its
     #: ComfyUI (``denoise``) mode so a ComfyUI workflow gets ComfyUI's grid.
     discard_penultimate_sigma: bool = False
 
 
+_SDE_2M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+           "final_sigmas_type": "zero"}
+_SDE_3M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "final_sigmas_type": "zero"}
+
+#: ComfyUI's order (comfy/samplers.py SAMPLER_NAMES) for the ones Kiln has; plms last.
+#: The ``_gpu`` variants differ in ComfyUI only in the device of the Brownian tree
+#: their noise comes from; in Kiln a ``_gpu`` name runs the same sampler as the plain
+#: one (dpmpp_2m_sde/3m_sde draw from each image's CPU generator, so their results do
+#: not depend on the device; dpmpp_sde's tree lives on the latent's device, plan.py).
 SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("euler", "k_euler", "EulerDiscreteScheduler"),
     SamplerSpec("euler_ancestral", "k_euler_ancestral", "EulerAncestralDiscreteScheduler", stochastic=True),
@@ -48,16 +69,41 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
                 discard_penultimate_sigma=True),
     SamplerSpec("lms", "k_lms", "LMSDiscreteScheduler"),
-    SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True),
+    SamplerSpec("dpm_fast", "dpm_fast", "", kiln_stepper="dpm_fast"),
+    SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True, kiln_stepper="dpmpp_2s_ancestral"),
     SamplerSpec("dpmpp_sde", "k_dpmpp_sde", "DPMSolverSDEScheduler", stochastic=True),
+    SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True),
     SamplerSpec("dpmpp_2m", "k_dpmpp_2m", "DPMSolverMultistepScheduler",
                 config={"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}),
+    SamplerSpec("dpmpp_2m_sde", "dpmpp_2m_sde", "DPMSolverMultistepScheduler", config=_SDE_2M, stochastic=True),
+    SamplerSpec("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_gpu", "DPMSolverMultistepScheduler", config=_SDE_2M,
+                stochastic=True),
+    SamplerSpec("dpmpp_3m_sde", "dpmpp_3m_sde", "DPMSolverMultistepScheduler", config=_SDE_3M, stochastic=True),
+    SamplerSpec("dpmpp_3m_sde_gpu", "dpmpp_3m_sde_gpu", "DPMSolverMultistepScheduler", config=_SDE_3M,
+                stochastic=True),
+    SamplerSpec("ddpm", "ddpm", "DDPMScheduler", stochastic=True, kiln_stepper="ddpm"),
+    SamplerSpec("lcm", "lcm", "LCMScheduler", stochastic=True, kiln_stepper="lcm"),
+    SamplerSpec("ipndm", "ipndm", "", kiln_stepper="ipndm"),
+    # ComfyUI's deis runs up to third order; diffusers' DEIS defaults to second.
+    SamplerSpec("deis", "deis", "DEISMultistepScheduler", config={"solver_order": 3}),
+    SamplerSpec("res_multistep", "res_multistep", "", kiln_stepper="res_multistep"),
     SamplerSpec("ddim", "ddim", "DDIMScheduler", sigma_fallback="euler"),
+    # ComfyUI runs UniPC at order 3 (lower orders for the final steps), B(h) = h ("bh1") or e^h - 1 ("bh2").
+    # diffusers' bh1 step onto sigma 0 divides by zero (NaN); ComfyUI stops its UniPC at
+    # sigma 0.001 for the same reason, so bh1 here stops at the training sigma_min.
+    SamplerSpec("uni_pc", "uni_pc", "UniPCMultistepScheduler",
+                config={"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
+                discard_penultimate_sigma=True),
+    SamplerSpec("uni_pc_bh2", "uni_pc_bh2", "UniPCMultistepScheduler",
+                config={"solver_type": "bh2", "solver_order": 3, "final_sigmas_type": "zero"},
+                discard_penultimate_sigma=True),
     SamplerSpec("plms", "plms", "PNDMScheduler", config={"skip_prk_steps": True}, sigma_fallback="lms"),
 )
 
-#: Order follows ComfyUI's schedule list for the ones Kiln has.
-SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "simple", "sgm_uniform")
+#: ComfyUI's schedule list (comfy/samplers.py SCHEDULER_NAMES), in its order but with
+#: Kiln's long-standing first entry kept first (it is the default).
+SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform", "beta",
+                               "linear_quadratic", "kl_optimal")
 
 _BY_NAME: dict[str, SamplerSpec] = {}
 for _spec in SAMPLERS:

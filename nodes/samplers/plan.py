@@ -94,7 +94,8 @@ def plan(spec: SamplerSpec, schedule: str, config: Mapping[str, Any], steps: int
             return Plan(MODE_IMG2IMG, sched, timesteps, start, getattr(sched, "sigmas", None))
         sigmas = schedules.diffusers_sigmas(config, schedule, steps)[first:]
         sched = steppers.on_sigmas(spec, config, sigmas)
-        return Plan(MODE_IMG2IMG, sched, sched.timesteps, x0 + noise * float(sigmas[0]), sigmas)
+        start = steppers.to_state(sched, x0 + noise * float(sigmas[0]), float(sigmas[0]))
+        return Plan(MODE_IMG2IMG, sched, sched.timesteps, start, sigmas)
 
     if denoise < 0.9999:
         ts = schedules.TrainingSchedule(config)
@@ -106,7 +107,7 @@ def plan(spec: SamplerSpec, schedule: str, config: Mapping[str, Any], steps: int
         sigma0 = float(sigmas[0])
         full = math.isclose(ts.sigma_max, sigma0, rel_tol=1e-5) or sigma0 > ts.sigma_max
         scale = math.sqrt(1 + sigma0 ** 2) if full else sigma0
-        return Plan(MODE_COMFY, sched, sched.timesteps, x0 + noise * scale, sigmas)
+        return Plan(MODE_COMFY, sched, sched.timesteps, steppers.to_state(sched, x0 + noise * scale, sigma0), sigmas)
 
     # Text to image: the whole schedule from noise. A non-empty latent here (an encoded
     # image with neither AddNoise nor denoise < 1) is image to image at strength 1.
@@ -121,4 +122,4 @@ def plan(spec: SamplerSpec, schedule: str, config: Mapping[str, Any], steps: int
     sched = steppers.on_sigmas(spec, config, sigmas)
     sigma0 = float(sigmas[0])
     start = noise * _init_noise_sigma(config, sigma0) if empty else x0 + noise * sigma0
-    return Plan(MODE_TXT2IMG, sched, sched.timesteps, start, sigmas)
+    return Plan(MODE_TXT2IMG, sched, sched.timesteps, steppers.to_state(sched, start, sigma0), sigmas)

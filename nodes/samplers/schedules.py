@@ -8,8 +8,12 @@ Two families of schedules live here, because Kiln answers to two conventions:
   :func:`diffusers_sigmas` asks diffusers' own Euler scheduler for that list, so
   the sigma-space samplers Kiln runs itself see exactly the grid diffusers' k-samplers do.
 * **ComfyUI's grid** (``KSampler.denoise`` < 1 without AddNoise): ComfyUI's
-  ``normal``/``karras``/``exponential``/``simple``/``sgm_uniform`` schedules over
-  the model's training sigmas, and its ``denoise`` rule (see :func:`comfy_sigmas`).
+  ``normal``/``karras``/``exponential``/``simple``/``sgm_uniform``/``ddim_uniform``/
+  ``beta``/``linear_quadratic``/``kl_optimal`` schedules over the model's training
+  sigmas, and its ``denoise`` rule (see :func:`comfy_sigmas`). The four last ones
+  follow ComfyUI's published formulas (``comfy/samplers.py``); ``beta`` is also
+  diffusers' ``use_beta_sigmas`` (alpha = beta = 0.6), which its schedulers use on
+  their own grid.
 
 Every list is descending and ends with 0.0, one entry more than the steps it drives.
 """
@@ -28,6 +32,7 @@ DIFFUSERS_FLAGS: dict[str, dict[str, Any]] = {
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True},
     "sgm_uniform": {"timestep_spacing": "trailing"},
+    "beta": {"use_beta_sigmas": True},
 }
 
 
@@ -114,7 +119,66 @@ def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor
     if name == "exponential":
         return _append_zero(torch.linspace(math.log(ts.sigma_max), math.log(ts.sigma_min), steps,
                                            dtype=torch.float64).exp())
+    if name == "ddim_uniform":
+        return _ddim_uniform(ts, steps)
+    if name == "beta":
+        return _beta(ts, steps)
+    if name == "linear_quadratic":
+        return _linear_quadratic(ts, steps)
+    if name == "kl_optimal":
+        # Sigmas evenly spaced in arctan(sigma) (A1111 PR 15608, as ComfyUI has it).
+        w = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+        return _append_zero((w * math.atan(ts.sigma_min) + (1 - w) * math.atan(ts.sigma_max)).tan())
     raise KeyError(f"unknown scheduler '{name}'")
+
+
+def _ddim_uniform(ts: TrainingSchedule, steps: int) -> "torch.Tensor":
+    """Every ``T // steps``-th training sigma from index 1 upwards, descending, ending in 0.
+
+    This is DDIM's "uniform" timestep skip; like ComfyUI it may give one sigma more or
+    less than ``steps`` when T is not a multiple of it.
+    """
+    import torch
+
+    stride = max(len(ts.sigmas) // steps, 1)
+    picked = [float(ts.sigmas[i]) for i in range(1, len(ts.sigmas), stride)]
+    return torch.tensor([*picked[::-1], 0.0], dtype=torch.float32)
+
+
+def _beta(ts: TrainingSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> "torch.Tensor":
+    """Timesteps at the Beta(0.6, 0.6) quantiles (dense at both ends), repeats dropped."""
+    import numpy as np
+    import torch
+    from scipy.stats import beta as beta_dist
+
+    last = len(ts.sigmas) - 1
+    times = np.rint(beta_dist.ppf(1 - np.linspace(0, 1, steps, endpoint=False), alpha, beta) * last)
+    picked: list[float] = []
+    previous = None
+    for t in times:
+        if t != previous:
+            picked.append(float(ts.sigmas[int(t)]))
+        previous = t
+    return torch.tensor([*picked, 0.0], dtype=torch.float32)
+
+
+def _linear_quadratic(ts: TrainingSchedule, steps: int, threshold: float = 0.025) -> "torch.Tensor":
+    """Mochi's schedule: linear for the first half up to ``threshold``, then quadratic, times sigma_max."""
+    import torch
+
+    if steps == 1:
+        fractions = [1.0, 0.0]
+    else:
+        linear = steps // 2
+        head = [i * threshold / linear for i in range(linear)]
+        step_diff = linear - threshold * steps
+        quad = steps - linear
+        quad_coef = step_diff / (linear * quad ** 2)
+        lin_coef = threshold / linear - 2 * step_diff / quad ** 2
+        const = quad_coef * linear ** 2
+        tail = [quad_coef * i ** 2 + lin_coef * i + const for i in range(linear, steps)]
+        fractions = [1.0 - x for x in head + tail + [1.0]]
+    return torch.tensor(fractions, dtype=torch.float32) * ts.sigma_max
 
 
 def comfy_sigmas(ts: TrainingSchedule, name: str, steps: int, denoise: float = 1.0,
@@ -143,12 +207,12 @@ def comfy_sigmas(ts: TrainingSchedule, name: str, steps: int, denoise: float = 1
 
 def diffusers_sigmas(config: Mapping[str, Any], name: str, steps: int) -> "torch.Tensor":
     """The ``steps``-step grid of schedule ``name`` as diffusers' k-schedulers build it
-    from this checkpoint's config (``simple``, which diffusers lacks, is ComfyUI's)."""
+    from this checkpoint's config (schedules diffusers lacks are ComfyUI's)."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
-    if name == "simple":
-        return comfy_schedule(TrainingSchedule(config), "simple", steps)
+    if name not in DIFFUSERS_FLAGS:  # simple, ddim_uniform, linear_quadratic, kl_optimal: ComfyUI's
+        return comfy_schedule(TrainingSchedule(config), name, steps)
     overrides = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                  "final_sigmas_type": "zero", **DIFFUSERS_FLAGS[name]}
     sched = EulerDiscreteScheduler.from_config(dict(config), **overrides)

@@ -19,9 +19,9 @@ Two ways to make one:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from nodes.samplers.kdiffusion import STEPPERS, StepOutput, denoised_from, randn_like
 from nodes.samplers.names import SamplerSpec, resolve_sampler
 from nodes.samplers.schedules import DIFFUSERS_FLAGS
 
@@ -32,10 +32,26 @@ if TYPE_CHECKING:
 _HOOKABLE = {
     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSDEScheduler",
+    "DPMSolverSDEScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
 }
 #: Classes that only know timestep spacing (no Karras/exponential switches).
-_SPACING_ONLY = {"EulerAncestralDiscreteScheduler", "DDIMScheduler", "PNDMScheduler"}
+_SPACING_ONLY = {"EulerAncestralDiscreteScheduler", "DDIMScheduler", "PNDMScheduler", "LCMScheduler",
+                 "DDPMScheduler"}
+#: Classes whose sample is variance-preserving (x = alpha * x0 + sigma_t * eps, the model
+#: input unscaled) rather than k-diffusion's x0 + sigma * eps: the multistep solvers.
+_VP_STATE = {"DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"}
+
+
+def to_state(sched: Any, x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+    """A latent noised k-diffusion style (x0 + sigma * noise) in the space ``sched`` steps in.
+
+    The plan forms starting latents as x0 + sigma * noise; a VP-state solver (DPM-Solver,
+    UniPC, DEIS) on a sigma list needs that divided by sqrt(1 + sigma^2), which is
+    what diffusers' own ``add_noise`` gives those classes on their native grids.
+    """
+    if type(sched).__name__ in _VP_STATE:
+        return x / math.sqrt(1.0 + sigma ** 2)
+    return x
 
 
 def has_native(spec: SamplerSpec, schedule: str) -> bool:
@@ -89,8 +105,9 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
     steps = len(sigmas) - 1
     if float(sigmas[-1]) != 0.0:
         raise ValueError("a sigma schedule must end with 0")
-    if not spec.diffusers_class:
-        return DPMpp2SAncestral(config, sigmas)
+    if spec.kiln_stepper and spec.diffusers_class not in _HOOKABLE:
+        stepper = DPMpp2SAncestral if spec.kiln_stepper == "dpmpp_2s_ancestral" else STEPPERS[spec.kiln_stepper]
+        return stepper(config, sigmas)
     cls = _scheduler_class(spec.diffusers_class)
     if spec.diffusers_class in _HOOKABLE:
         sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
@@ -108,18 +125,6 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
         sched.timesteps = TrainingSchedule(config).timestep(sigmas[:-1]).to(torch.float32)
         return sched
     raise ValueError(f"sampler {spec.name} cannot follow a sigma schedule")
-
-
-@dataclass
-class _Output:
-    prev_sample: "torch.Tensor"
-    pred_original_sample: "torch.Tensor | None" = None
-
-
-def _randn_like(x: "torch.Tensor", generator: Any) -> "torch.Tensor":
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 class DPMpp2SAncestral:
@@ -169,20 +174,11 @@ class DPMpp2SAncestral:
         sigma = self.stages[self._index][2]
         return sample / ((sigma ** 2 + 1) ** 0.5)
 
-    def _denoised(self, out: "torch.Tensor", x: "torch.Tensor", sigma: float) -> "torch.Tensor":
-        if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":
-            return x / (sigma ** 2 + 1) - out * (sigma / (sigma ** 2 + 1) ** 0.5)
-        if self.prediction_type == "sample":
-            return out
-        raise ValueError(f"unsupported prediction_type {self.prediction_type}")
-
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True) -> _Output:
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
         i, stage, sigma = self.stages[self._index]
         self._index += 1
-        denoised = self._denoised(model_output, sample, sigma)
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
         s_i, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         down, up = self.down_up[i]
         if stage == 0 and down == 0:  # last step to sigma 0: plain Euler lands on the prediction
@@ -191,11 +187,11 @@ class DPMpp2SAncestral:
             self._x_start = sample
             h = math.log(s_i) - math.log(down)
             x_mid = (math.sqrt(s_i * down) / s_i) * sample - math.expm1(-h / 2) * denoised
-            return _Output(prev_sample=x_mid, pred_original_sample=denoised)
+            return StepOutput(prev_sample=x_mid, pred_original_sample=denoised)
         else:
             h = math.log(s_i) - math.log(down)
             x = (down / s_i) * self._x_start - math.expm1(-h) * denoised
             self._x_start = None
         if s_next > 0 and up > 0:
-            x = x + _randn_like(x, generator) * up
-        return _Output(prev_sample=x, pred_original_sample=denoised)
+            x = x + randn_like(x, generator) * up
+        return StepOutput(prev_sample=x, pred_original_sample=denoised)

@@ -65,6 +65,9 @@ export class Api {
     return data && !data.nodes && data.workflow ? data.workflow : data;
   }
 
+  /** A ComfyUI editor file as a Kiln document, converted by the server (the one converter). */
+  convertComfyUi(doc) { return this.request("POST", "/api/convert/comfyui", doc); }
+
   saveWorkflow(name, doc) { return this.request("PUT", `/api/workflows/${encodeURIComponent(name)}`, doc); }
 
   /** Upload an input image; returns the value a LoadImage input takes. */

@@ -10,7 +10,7 @@ import { CanvasView } from "./view.js";
 import { Palette } from "./palette.js";
 import { JobSocket } from "./socket.js";
 import { Runner } from "./runner.js";
-import { Files, normalizeDocument } from "./files.js";
+import { Files, isComfyUiWorkflow, normalizeDocument } from "./files.js";
 import { Dialogs } from "./dialog.js";
 import { Gallery } from "./gallery.js";
 import { unavailableChoices, applySubstitutions, describeSubstitution } from "./choices.js";
@@ -90,7 +90,7 @@ export class App {
       this.toast(`cannot load node definitions: ${e.message}`, "error");
     }
     try {
-      this.files.loadDocument(await this.api.workflow(STARTER), STARTER);
+      await this.files.loadDocument(await this.api.workflow(STARTER), STARTER);
     } catch (e) {
       this.graph.clear();
       this.toast(`starter workflow unavailable (${e.message}); double-click the canvas to add nodes`, "warn");
@@ -236,15 +236,19 @@ export class App {
   }
 
   /** Paste Kiln clipboard JSON (or a whole workflow document) at the pointer. */
-  pasteText(text) {
+  async pasteText(text) {
     let doc;
     try { doc = JSON.parse(text); } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
     if (!Graph.isClipboard(doc)) {
       try {
         const scratch = new Graph(this.graph.defs);
-        scratch.load(normalizeDocument(doc, this.graph.defs));
+        scratch.load(await normalizeDocument(doc, this.api));
         doc = scratch.copy([...scratch.nodes.keys()]);
-      } catch { this.toast("the clipboard holds no nodes", "warn"); return []; }
+      } catch (e) {
+        // A ComfyUI editor file the server refused (a subgraph cycle, ...) says why.
+        this.toast(isComfyUiWorkflow(doc) ? `cannot paste this ComfyUI workflow: ${e.message}` : "the clipboard holds no nodes", "warn");
+        return [];
+      }
     }
     return this.files.paste(doc, this.view.toWorld(...this.view.lastPointer));
   }

@@ -2,13 +2,21 @@
 // canvas (a workflow JSON, a PNG carrying its workflow, or an image for LoadImage).
 
 import { readPngText, workflowFromPngText } from "./png.js";
-import { comfyUiToKiln, isComfyUiWorkflow } from "./comfy_ui.js";
 import { Graph } from "./graph.js";
 
-/** Any supported document to something Graph.load takes (Kiln or API format). */
-export function normalizeDocument(doc, defs) {
-  if (isComfyUiWorkflow(doc)) return comfyUiToKiln(doc, defs);
-  return doc;
+/** A ComfyUI editor ("litegraph") file: a list of nodes plus links. */
+export function isComfyUiWorkflow(doc) {
+  return !!doc && typeof doc === "object" && Array.isArray(doc.nodes) && "links" in doc;
+}
+
+/**
+ * Any supported document to something Graph.load takes (Kiln or API format).
+ * An editor file is converted by the server, which runs the same conversion for
+ * /prompt and `kiln run` (subgraphs, bypass, widget order): one converter, so the
+ * editor can never show a graph other than the one that would run.
+ */
+export async function normalizeDocument(doc, api) {
+  return isComfyUiWorkflow(doc) ? api.convertComfyUi(doc) : doc;
 }
 
 function isImage(file) {
@@ -27,9 +35,9 @@ export class Files {
     this.name = null; // library name of the open workflow
   }
 
-  /** Replace the graph with a document; returns what Graph.load says. */
-  loadDocument(doc, name = null) {
-    const info = this.graph.load(normalizeDocument(doc, this.graph.defs));
+  /** Replace the graph with a document; resolves to what Graph.load says. */
+  async loadDocument(doc, name = null) {
+    const info = this.graph.load(await normalizeDocument(doc, this.api));
     this.name = name;
     this.view.status.clear();
     this.view.notes.clear();
@@ -43,7 +51,7 @@ export class Files {
 
   async openFromLibrary(name) {
     const doc = await this.api.workflow(name);
-    this.loadDocument(doc, name);
+    await this.loadDocument(doc, name);
     this.toast(`opened ${name}`);
   }
 
@@ -90,7 +98,8 @@ export class Files {
       const buffer = await file.arrayBuffer();
       const found = workflowFromPngText(await readPngText(buffer));
       if (found) {
-        this.loadDocument(found.doc, null);
+        try { await this.loadDocument(found.doc, null); }
+        catch (e) { this.toast(`cannot open the workflow in ${file.name}: ${e.message}`, "error"); return null; }
         this.toast(`restored the workflow from ${file.name}`);
         return "workflow";
       }
@@ -103,7 +112,7 @@ export class Files {
       this.paste(doc, clientPos ? this.view.toWorld(...clientPos) : null);
       return "paste";
     }
-    try { this.loadDocument(doc, null); }
+    try { await this.loadDocument(doc, null); }
     catch (e) { this.toast(`cannot open ${file.name}: ${e.message}`, "error"); return null; }
     this.toast(`opened ${file.name}`);
     return "workflow";

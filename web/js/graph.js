@@ -321,7 +321,7 @@ export class Graph extends EventTarget {
     if (!doc || typeof doc !== "object") throw new Error("a workflow must be a JSON object");
     if (doc.prompt && typeof doc.prompt === "object" && !doc.nodes) doc = doc.prompt;
     let kiln = doc.nodes && typeof doc.nodes === "object" && !Array.isArray(doc.nodes);
-    if (!kiln && Array.isArray(doc.nodes)) throw new Error("this is a ComfyUI editor file; convert it first (comfy_ui.js)");
+    if (!kiln && Array.isArray(doc.nodes)) throw new Error("this is a ComfyUI editor file; convert it first (POST /api/convert/comfyui, files.js)");
     const entries = kiln ? doc.nodes : doc;
     if (!kiln && !Object.values(entries).every((v) => v && typeof v === "object" && "class_type" in v)) {
       throw new Error("not a workflow: expected {\"version\": 1, \"nodes\": {...}} or a ComfyUI API prompt");

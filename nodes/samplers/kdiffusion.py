@@ -1,0 +1,250 @@
+"""Samplers diffusers has no scheduler for, as Kiln steppers over a sigma list.
+
+Each one is ComfyUI's published algorithm (``comfy/k_diffusion/sampling.py``:
+``sample_ipndm``, ``res_multistep`` with eta = 0, ``sample_lcm``, ``sample_ddpm``,
+``sample_dpm_fast``),
+rewritten on diffusers' scheduler surface so the sampling loop runs it like any
+other: ``timesteps``, ``scale_model_input``, ``step`` returning ``prev_sample``.
+They work in the k-diffusion parameterisation every diffusers k-scheduler uses:
+the state is x = x0 + sigma * eps, the model sees x / sqrt(sigma^2 + 1) at the
+timestep of sigma, and one model evaluation is one step.
+
+``lcm`` and ``ddpm`` also have diffusers schedulers (LCMScheduler, DDPMScheduler),
+which run on their own timestep grids; these steppers are their counterparts on a
+sigma list (ComfyUI's grids), where a timestep-only scheduler cannot go. Fresh
+noise (LCM, DDPM) comes from each image's generator, like every stochastic sampler.
+
+Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class StepOutput:
+    prev_sample: "torch.Tensor"
+    pred_original_sample: "torch.Tensor | None" = None
+
+
+def randn_like(x: "torch.Tensor", generator: Any) -> "torch.Tensor":
+    """Noise shaped like ``x`` from one generator per batch item (or one for all)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def denoised_from(prediction_type: str, out: "torch.Tensor", x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+    """The model's clean-latent prediction, for a state x = x0 + sigma * eps."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    if prediction_type == "v_prediction":
+        return x / (sigma ** 2 + 1) - out * (sigma / (sigma ** 2 + 1) ** 0.5)
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"unsupported prediction_type {prediction_type}")
+
+
+class SigmaStepper:
+    """One model evaluation per step over ``sigmas`` (descending, ending in 0)."""
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        import torch
+
+        from nodes.samplers.schedules import TrainingSchedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        self.timesteps = TrainingSchedule(config).timestep(self.sigmas[:-1]).to(torch.float32)
+        self._index = 0
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return sample / ((float(self.sigmas[self._index]) ** 2 + 1) ** 0.5)
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        i = self._index
+        self._index += 1
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        return StepOutput(self.update(i, sample, denoised, sigma, sigma_next, generator), denoised)
+
+    def update(self, i: int, x: "torch.Tensor", denoised: "torch.Tensor", sigma: float, sigma_next: float,
+               generator: Any) -> "torch.Tensor":
+        raise NotImplementedError
+
+
+class LCM(SigmaStepper):
+    """Latent consistency sampling: jump to the prediction, re-noise to the next sigma."""
+
+    def update(self, i, x, denoised, sigma, sigma_next, generator):
+        if sigma_next > 0:
+            return denoised + sigma_next * randn_like(denoised, generator)
+        return denoised
+
+
+class DDPM(SigmaStepper):
+    """Ancestral DDPM (Ho et al.) on a sigma list: the posterior mean plus its variance's noise.
+
+    The step is taken in variance-preserving space (x / sqrt(1 + sigma^2)), with
+    alpha-bar = 1 / (1 + sigma^2) at each end, as ComfyUI's ``DDPMSampler_step``.
+    """
+
+    def update(self, i, x, denoised, sigma, sigma_next, generator):
+        eps = (x - denoised) / sigma
+        x_vp = x / math.sqrt(1.0 + sigma ** 2)
+        ac, ac_prev = 1 / (sigma ** 2 + 1), 1 / (sigma_next ** 2 + 1)
+        alpha = ac / ac_prev
+        mu = math.sqrt(1.0 / alpha) * (x_vp - (1 - alpha) * eps / math.sqrt(1 - ac))
+        if sigma_next > 0:
+            mu = mu + math.sqrt((1 - alpha) * (1.0 - ac_prev) / (1.0 - ac)) * randn_like(mu, generator)
+            return mu * math.sqrt(1.0 + sigma_next ** 2)
+        return mu
+
+
+class IPNDM(SigmaStepper):
+    """Improved PNDM: Adams-Bashforth on the derivative d = (x - x0) / sigma, up to
+    fourth order from the previous derivatives; the last step lands on the prediction."""
+
+    max_order = 4
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        super().__init__(config, sigmas)
+        self._history: list["torch.Tensor"] = []
+
+    def update(self, i, x, denoised, sigma, sigma_next, generator):
+        d = (x - denoised) / sigma
+        h = self._history
+        order = min(self.max_order, len(h) + 1)
+        if sigma_next == 0:
+            out = denoised
+        elif order == 1:
+            out = x + (sigma_next - sigma) * d
+        elif order == 2:
+            out = x + (sigma_next - sigma) * (3 * d - h[-1]) / 2
+        elif order == 3:
+            out = x + (sigma_next - sigma) * (23 * d - 16 * h[-1] + 5 * h[-2]) / 12
+        else:
+            out = x + (sigma_next - sigma) * (55 * d - 59 * h[-1] + 37 * h[-2] - 9 * h[-3]) / 24
+        h.append(d)
+        del h[:-(self.max_order - 1)]
+        return out
+
+
+class ResMultistep(SigmaStepper):
+    """RES second-order multistep (arXiv 2308.02157) as ComfyUI's ``res_multistep``:
+    an exponential-integrator step in t = -log(sigma) that reuses the previous
+    prediction; the first and the last step are Euler steps."""
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        super().__init__(config, sigmas)
+        self._old_denoised: "torch.Tensor | None" = None
+
+    def update(self, i, x, denoised, sigma, sigma_next, generator):
+        old, self._old_denoised = self._old_denoised, denoised
+        if sigma_next == 0 or old is None:
+            return x + (x - denoised) / sigma * (sigma_next - sigma)
+        t, t_next, t_prev = -math.log(sigma), -math.log(sigma_next), -math.log(float(self.sigmas[i - 1]))
+        h = t_next - t
+        c2 = (t_prev - t) / h  # with eta = 0 the previous step landed on sigma itself
+        phi1 = math.expm1(-h) / -h
+        phi2 = (phi1 - 1.0) / -h
+        b1, b2 = phi1 - phi2 / c2, phi2 / c2
+        return math.exp(-h) * x + h * (b1 * denoised + b2 * old)
+
+
+class DPMFast:
+    """DPM-Solver-fast (Lu et al. 2022, as k-diffusion's ``dpm_solver_fast`` with eta = 0).
+
+    ComfyUI's ``dpm_fast`` keeps only the ends of the schedule it is given: it spends
+    its ``steps`` model evaluations on an even grid in t = -log(sigma) from the first
+    sigma down to the smallest nonzero one, in third-order steps (three evaluations:
+    at t, t + h/3, t + 2h/3) and a second/first-order tail so the count comes out
+    exact. Like ComfyUI's, it stops at that smallest sigma rather than at 0. Stages are
+    laid out up front (one ``step`` call per evaluation), like DPMpp2SAncestral's.
+    """
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        import torch
+
+        from nodes.samplers.schedules import TrainingSchedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        nfe = len(sigmas) - 1
+        sigma_max = float(sigmas[0])
+        # One step has no nonzero end: ComfyUI then takes the start, and the step changes nothing.
+        sigma_min = float(sigmas[-2]) if float(sigmas[-1]) == 0 else float(sigmas[-1])
+        m = nfe // 3 + 1
+        t0, t1 = -math.log(sigma_max), -math.log(sigma_min)
+        self.grid = [t0 + (t1 - t0) * k / m for k in range(m + 1)]
+        self.orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+        self.stages: list[tuple[int, int, float]] = []  # (step, stage, sigma the model sees)
+        for i, order in enumerate(self.orders):
+            t, h = self.grid[i], self.grid[i + 1] - self.grid[i]
+            for k in range(order):
+                self.stages.append((i, k, math.exp(-(t + h * k / order))))
+        stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
+        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
+        self._index = 0
+        self._x: "torch.Tensor | None" = None
+        self._eps: list["torch.Tensor"] = []
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return sample / ((self.stages[self._index][2] ** 2 + 1) ** 0.5)
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        i, k, sigma = self.stages[self._index]
+        self._index += 1
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        if k == 0:
+            self._x, self._eps = sample, []
+        self._eps.append((sample - denoised) / sigma)
+        order, x, eps = self.orders[i], self._x, self._eps
+        t, t_next = self.grid[i], self.grid[i + 1]
+        h = t_next - t
+        s_next = math.exp(-t_next)
+        em1 = math.expm1(h)
+        if order == 1:
+            out = x - s_next * em1 * eps[0]
+        elif order == 2 and k == 0:  # to the midpoint, evaluated next
+            out = x - math.exp(-(t + h / 2)) * math.expm1(h / 2) * eps[0]
+        elif order == 2:
+            out = x - s_next * em1 * eps[0] - s_next * em1 * (eps[1] - eps[0])  # r1 = 1/2: 1 / (2 r1) = 1
+        elif k == 0:  # third order: to t + h/3
+            out = x - math.exp(-(t + h / 3)) * math.expm1(h / 3) * eps[0]
+        elif k == 1:  # to t + 2h/3, with the first correction
+            r1, r2 = 1 / 3, 2 / 3
+            out = (x - math.exp(-(t + r2 * h)) * math.expm1(r2 * h) * eps[0]
+                   - math.exp(-(t + r2 * h)) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps[1] - eps[0]))
+        else:
+            out = x - s_next * em1 * eps[0] - s_next / (2 / 3) * (em1 / h - 1) * (eps[2] - eps[0])
+        return StepOutput(out, denoised)
+
+
+STEPPERS: dict[str, Any] = {"lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep,
+                            "dpm_fast": DPMFast}
