@@ -7,6 +7,7 @@ a refused submission is ``400 {"error": {...}, "errors": [every problem]}``.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp import web
 from engine.model_files import folder_models
 from engine.paths import PathRefused, SafeRoot
 from engine.server.http import fail, query_int, read_object
-from engine.server.jobs import SubmitRefused, job_view, submit
+from engine.server.jobs import SubmitRefused, job_view, reply_then_release, submit_held
 from engine.server.state import STATE, AppState
 from engine.server.store import ACTIVE, TERMINAL
 
@@ -39,15 +40,17 @@ async def post_job(request: web.Request) -> web.Response:
     if "workflow" not in body:
         fail(400, "invalid_request", "'workflow' is required (Kiln or ComfyUI API format)")
     try:
-        job = await asyncio.to_thread(
-            submit, state, body["workflow"], params=body.get("params"), outputs=body.get("outputs"),
-            force=bool(body.get("force", False)), client_id=body.get("client_id"), job_id=body.get("job_id"),
-            extra_data=body.get("extra_data"))
+        job_id = body.get("job_id")
+        job = await submit_held(state, body["workflow"], str(uuid.uuid4()) if job_id is None else job_id,
+                                params=body.get("params"), outputs=body.get("outputs"),
+                                force=bool(body.get("force", False)), client_id=body.get("client_id"),
+                                extra_data=body.get("extra_data"))
     except SubmitRefused as exc:
         return web.json_response(refused_body(exc), status=400)
     _status_changed(state)
-    return web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
-                             status=201)
+    reply = web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
+                              status=201)
+    return await reply_then_release(request, reply, state, job.id)
 
 
 def _status_changed(state: AppState) -> None:

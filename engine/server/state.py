@@ -48,6 +48,9 @@ class ServerSettings:
     #: A damaged job database is moved aside and an empty one started, instead of
     #: refusing to start (``kiln serve --move-damaged-db``).
     move_damaged_db: bool = False
+    #: ComfyUI's ``--preview-method``: "none" (its default: no preview frames unless a
+    #: job asks with ``extra_data.preview_method``), "auto", "latent2rgb" or "taesd".
+    preview_method: str = "none"
     web_dir: Path = WEB_DIR
 
 
