@@ -397,3 +397,26 @@ async def test_comfy_client_img2img_flow_with_the_tiny_model(real, request):
     with Image.open(io.BytesIO(png)) as im:
         assert im.size == (64, 64)
     assert [m[0] for m in history["status"]["messages"]][-1] == "execution_success"
+
+
+async def test_save_image_default_prefix_follows_the_workflows_format(real):
+    """A ComfyUI-format workflow without filename_prefix saves as ComfyUI would (ComfyUI_00001_.png);
+    the same graph in Kiln's format keeps Kiln's default; ComfyUI's /object_info shows ComfyUI's."""
+    src = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(src, "PNG")
+    form = aiohttp.FormData()
+    form.add_field("image", src.getvalue(), filename="p.png", content_type="image/png")
+    assert (await real.post("/upload/image", data=form)).status == 200
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "p.png"}},
+           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}
+    kiln_doc = {"version": 1, "nodes": {"1": {"type": "LoadImage", "inputs": {"image": "p.png"}},
+                                        "2": {"type": "SaveImage", "inputs": {"images": ["1", 0]}}}}
+    names = {}
+    for label, body in (("comfy", {"workflow": api}), ("kiln", {"workflow": kiln_doc, "force": True})):
+        job_id = (await (await real.post("/api/jobs", json=body)).json())["job_id"]
+        job = await wait_status(real, job_id)
+        assert job["status"] == "succeeded", job
+        names[label] = job["outputs"]["2"]["images"][0]["filename"]
+    assert names == {"comfy": "ComfyUI_00001_.png", "kiln": "Kiln_00001_.png"}
+    info = await (await real.get("/object_info/SaveImage")).json()
+    assert info["SaveImage"]["input"]["required"]["filename_prefix"][1]["default"] == "ComfyUI"
