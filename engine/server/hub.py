@@ -60,6 +60,8 @@ class Client:
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        #: The client's ``feature_flags`` message, once it sent one (ComfyUI's frontend does).
+        self.features: dict[str, Any] | None = None
 
     # -- filling (event-loop thread only) ---------------------------------------------
 
@@ -132,7 +134,10 @@ class Client:
             return [_dumps({"type": "status", "data": status_data(item.queue_remaining)})]
         event = item.event
         if isinstance(event, NodeMessage):
-            return [cm.text_frame(event.node_id, event.message)]
+            # A binary TEXT frame only for clients that negotiated features (ComfyUI's
+            # frontend shows it as progress_text): simple clients such as
+            # comfy-api-simplified take every binary frame for an image.
+            return [cm.text_frame(event.node_id, event.message)] if self.features is not None else []
         frames: list[str | bytes] = [_dumps({"type": t, "data": d}) for t, d in cm.to_comfy(event)]
         if isinstance(event, Progress) and event.preview is not None:
             frames.append(cm.preview_frame(event.preview))

@@ -51,6 +51,9 @@ class ServerSettings:
     #: ComfyUI's ``--preview-method``: "none" (its default: no preview frames unless a
     #: job asks with ``extra_data.preview_method``), "auto", "latent2rgb" or "taesd".
     preview_method: str = "none"
+    #: Seconds between writing a submission's reply and sending the job's first websocket
+    #: message (see engine.server.jobs.reply_then_release).
+    event_grace_s: float = 0.05
     web_dir: Path = WEB_DIR
 
 
