@@ -252,9 +252,8 @@ async def system_stats(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    models = request.app[STATE].env.paths.models
     try:
-        names = api_routes.list_models(models, "embeddings")
+        names = await asyncio.to_thread(api_routes.list_models, request.app[STATE], "embeddings")
     except (FileNotFoundError, ValueError):
         names = []
     return web.json_response([n.rsplit(".", 1)[0] for n in names])

@@ -55,6 +55,9 @@ class ServerSettings:
     #: message (see engine.server.jobs.reply_then_release).
     event_grace_s: float = 0.05
     web_dir: Path = WEB_DIR
+    #: The page at "/": Kiln's editor ("kiln"), or ComfyUI's official frontend ("comfyui",
+    #: from the comfyui-frontend-package wheel) with Kiln's editor at /kiln/.
+    frontend: str = "kiln"
 
 
 @dataclass
@@ -67,6 +70,8 @@ class AppState:
     worker: "Worker | ClusterWorker"
     hub: "Hub"
     settings: ServerSettings = field(default_factory=ServerSettings)
+    #: The server's data folder (queue database, input/output, per-user settings).
+    data_dir: Path = Path("data")
 
 
 STATE: web.AppKey[AppState] = web.AppKey("kiln", AppState)
