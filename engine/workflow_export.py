@@ -4,8 +4,9 @@ ComfyUI's frontend opens only its editor format (templates, the saved-workflows
 panel). This writes that format the way the frontend itself lays out a node from
 ``/object_info``: widget inputs (INT, FLOAT, STRING, BOOLEAN, combos) in the
 declaration order, required before optional, each seed-like widget followed by
-its control value ("fixed": Kiln's workflow holds the seed to use), an image
-upload widget followed by its "image" value; every other input, and every widget
+its control value ("fixed": Kiln's workflow holds the seed to use), and after
+all of them the "image" value of an upload button (the frontend appends that
+widget last, as a real frontend save shows); every other input, and every widget
 input that is linked, is a slot. Kiln's named parameters travel in
 ``extra.kiln_params`` so nothing of the workflow is lost.
 """
@@ -68,6 +69,7 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
         spec = registry.get(node.type) if node.type else None
         slots: list[dict[str, Any]] = []
         values: list[Any] = []
+        uploads: list[Any] = []  # the frontend adds an upload button after all declared widgets
         declared = _ordered_inputs(spec) if spec is not None else []
         for inp in declared:
             raw = node.inputs.get(inp.name)
@@ -81,13 +83,14 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
                 if inp.control_after_generate:
                     values.append("fixed")
                 if inp.extra.get("image_upload"):
-                    values.append("image")
+                    uploads.append("image")
             if not widget or isinstance(raw, Link):
                 slot: dict[str, Any] = {"name": inp.name, "type": inp.type if inp.type != T.COMBO else "COMBO",
                                         "link": None}
                 if widget:
                     slot["widget"] = {"name": inp.name}
                 slots.append(slot)
+        values += uploads
         if spec is None:  # not installed here: keep every input as a slot or a value
             for name, raw in node.inputs.items():
                 if isinstance(raw, Link):

@@ -43,7 +43,8 @@ _LOCK: web.AppKey[asyncio.Lock] = web.AppKey("kiln_userdata_lock", asyncio.Lock)
 
 #: Files the frontend reads at start whether or not the user ever wrote them, with the
 #: content an absent one stands for (so a fresh server answers them instead of a 404).
-ABSENT_DEFAULTS = {"user.css": (b"", "text/css"), "comfy.templates.json": (b"[]", "application/json")}
+ABSENT_DEFAULTS = {"user.css": (b"", "text/css"), "comfy.templates.json": (b"[]", "application/json"),
+                   "workflows/.index.json": (b'{"favorites": []}', "application/json")}
 #: Folders the frontend lists at start (ComfyUI creates them on first use).
 STANDARD_DIRS = ("subgraphs",)
 
@@ -72,8 +73,6 @@ def user_path(state: AppState, name: str) -> Path:
         path = root.resolve(inner) if inner else root.root
     except PathRefused as exc:
         fail(403, "path_refused", str(exc))
-    if any(p.startswith(".") for p in inner.replace("\\", "/").split("/") if p not in ("", ".")):
-        fail(400, "bad_name", f"a user-data path may not have hidden parts: {name!r}")
     return path
 
 
