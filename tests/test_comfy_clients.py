@@ -174,8 +174,10 @@ def test_own_websocket_client_follows_comfyuis_protocol(server: dict[str, Any]) 
         assert json.loads(ws.recv(timeout=10))["type"] == "feature_flags"
 
         # 1. no preview method anywhere: progress messages, no binary frame
-        reply = _post(f"{server['url']}/prompt", {"prompt": img2img_prompt(server["ckpt"], "own.png", seed=7),
-                                                  "client_id": client_id})
+        prompt = img2img_prompt(server["ckpt"], "own.png", seed=7)
+        prompt["11"] = {"class_type": "ImageResize", "inputs": {"image": ["10", 0], "width": 64, "height": 64}}
+        prompt["12"]["inputs"]["pixels"] = ["11", 0]  # a node that always reports what it did
+        reply = _post(f"{server['url']}/prompt", {"prompt": prompt, "client_id": client_id})
         assert set(reply) >= {"prompt_id", "number", "node_errors"} and reply["node_errors"] == {}
         texts, frames = _messages_until_done(ws, reply["prompt_id"])
         kinds = [m["type"] for m in texts if m["type"] != "status"]
@@ -187,12 +189,12 @@ def test_own_websocket_client_follows_comfyuis_protocol(server: dict[str, Any]) 
         kinds_of_frames = [struct.unpack(">I", f[:4])[0] for f in frames]
         assert 1 not in kinds_of_frames, "no PREVIEW_IMAGE frame: nobody asked for previews"
         # this client negotiated features, so it also gets TEXT (progress_text) frames:
-        # [type 3][len(node id)][node id][utf-8 text], here the loader's note on what it loaded
+        # [type 3][len(node id)][node id][utf-8 text], here ImageResize's note on what it did
         texts_by_node = {}
         for f in frames:
             (n,) = struct.unpack(">I", f[4:8])
             texts_by_node[f[8:8 + n].decode()] = f[8 + n:].decode()
-        assert set(kinds_of_frames) == {3} and server["ckpt"] in texts_by_node["4"]
+        assert set(kinds_of_frames) == {3} and "64" in texts_by_node["11"], texts_by_node
         executed = [m["data"] for m in texts if m["type"] == "executed"]
         assert executed[-1]["node"] == "9" and executed[-1]["output"]["images"][0]["type"] == "output"
 
