@@ -120,11 +120,13 @@ import sys, time
 from comfy_script.runtime import load, Workflow
 load(sys.argv[1])
 from comfy_script.runtime.nodes import LoadImage, SaveImage
-for i in range(20):
-    with Workflow(wait=True):
-        image, _ = LoadImage('cs.png')
-        SaveImage(image, 'cs')
-    print('done', i, flush=True)
+with open(sys.argv[2], 'w') as out:  # comfy-script prints from its own thread: keep our count apart
+    for i in range(20):
+        with Workflow(wait=True):
+            image, _ = LoadImage('cs.png')
+            SaveImage(image, 'cs')
+        out.write(f'done {i}\\n')
+        out.flush()
 """
 
 
@@ -134,10 +136,12 @@ def test_comfy_script_identical_resubmissions_never_hang(server: dict[str, Any],
     png_file(server["data"] / "input" / "cs.png", (5, 5, 5), (16, 16))
     script = tmp_path / "cs.py"
     script.write_text(COMFY_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), server["url"] + "/"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    done = [line for line in run.stdout.splitlines() if line.startswith("done ")]
-    assert run.returncode == 0 and len(done) == 20, (run.stdout[-2000:], run.stderr[-3000:])
+    progress = tmp_path / "done.txt"
+    run = subprocess.run([sys.executable, str(script), server["url"] + "/", str(progress)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = progress.read_text().split("\n") if progress.exists() else []
+    assert run.returncode == 0 and done == [f"done {i}" for i in range(20)] + [""], (run.stdout[-2000:],
+                                                                                    run.stderr[-3000:])
     assert "Failed to watch" not in run.stdout + run.stderr
 
 
