@@ -81,7 +81,7 @@ def _warm_up(url: str) -> None:
     """Import torch and load the checkpoint while the page loads (a different seed: nothing is shared
     with the browser's job but the loaded model and the text encodings)."""
     from engine.registry import default_registry
-    from engine.workflow import parse
+    from engine.formats import parse_document as parse
 
     prompt = parse(json.loads((REPO / "workflows" / "img2img.json").read_text()), default_registry()).to_api()
     prompt["5"]["inputs"].update(width=64, height=64)

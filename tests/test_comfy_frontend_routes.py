@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine.server.app import make_app
 from engine.server.state import STATE
-from engine.workflow import parse
+from engine.formats import parse_document as parse
 from server_helpers import wait_status
 
 REPO = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def shipped_workflows() -> dict[str, Path]:
 
 
 def _template_doc(state: AppState, path: Path) -> dict[str, Any]:
-    from engine.workflow import parse
+    from engine.formats import parse_document as parse
     from engine.workflow_export import to_comfy_ui
 
     doc = json.loads(path.read_text(encoding="utf-8"))
