@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def assert_same_graph(ui_doc: dict[str, Any], original: Any, registry: Any) -> None:
     """The editor-format export, read back by Kiln's converter, has every node, link and value.
 
-    (Compared input by input over the original's inputs: the converter on this branch still
-    reads LoadImage's upload-widget value into the next widget, the issue's item 1.)
+    (Compared input by input over the original's inputs: the editor format holds a value for
+    every widget, so inputs the original left to their defaults come back written out.)
     """
     back = parse(ui_doc, registry)
     assert set(back.nodes) == set(original.nodes)
