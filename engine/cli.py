@@ -307,7 +307,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
                safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug,
                move_damaged_db=args.move_damaged_db, devices=_devices(args.devices), cluster=args.cluster,
-               cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts)
+               cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts,
+               preview_method=args.preview_method, frontend=args.frontend)
     return EXIT_OK
 
 
@@ -432,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give up reaching the scheduler after S seconds (10)")
     serve.add_argument("--max-attempts", type=int, default=3, metavar="N",
                        help="a job whose workers die N times fails instead of running again (3)")
+    from engine.server.previews import PREVIEW_METHODS  # plain data: no server dependencies
+
+    serve.add_argument("--frontend", default="kiln", choices=("kiln", "comfyui"),
+                       help="the page at /: Kiln's editor, or ComfyUI's official frontend (needs the "
+                            "comfyui-frontend-package; Kiln's editor then lives at /kiln/)")
+    serve.add_argument("--preview-method", default="none", choices=PREVIEW_METHODS,
+                       help="live previews for jobs that do not choose (ComfyUI's flag; default none: a job "
+                            "gets previews only if it asks with extra_data.preview_method)")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="serve jobs of a `kiln serve --cluster` server from a Dask scheduler")

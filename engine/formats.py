@@ -16,7 +16,11 @@ from engine.workflow_ui import ConversionError, is_ui_format, to_kiln
 
 
 def parse_document(doc: Any, registry: Registry | None = None) -> Workflow:
-    """Parse a Kiln, ComfyUI API or (with a registry) ComfyUI editor document."""
+    """Parse a Kiln, ComfyUI API or (with a registry) ComfyUI editor document.
+
+    With a registry, a workflow in either ComfyUI format gets ComfyUI's defaults
+    where they differ from Kiln's (SaveImage's "ComfyUI" prefix).
+    """
     doc = decode(doc)
     if is_ui_format(doc):
         if registry is None:
@@ -29,8 +33,26 @@ def parse_document(doc: Any, registry: Registry | None = None) -> Workflow:
             raise WorkflowFormatError(str(exc)) from exc
         workflow = parse(converted)
         workflow.source_format = "comfyui-ui"
-        return workflow
-    return parse(doc)
+    else:
+        workflow = parse(doc)
+    if registry is not None and workflow.source_format != "kiln":
+        fill_comfy_defaults(workflow, registry)
+    return workflow
+
+
+def fill_comfy_defaults(workflow: Workflow, registry: Registry) -> None:
+    """Write ComfyUI's default into every input a ComfyUI-format workflow left out.
+
+    Written into the workflow (not applied at validation) because a job is stored
+    and re-run in Kiln's format, which must keep meaning what the client sent.
+    """
+    from engine.node import NO_DEFAULT
+
+    for node in workflow.nodes.values():
+        spec = registry.get(node.type) if node.type else None
+        for inp in spec.inputs if spec is not None else ():
+            if inp.comfy_default is not NO_DEFAULT and inp.name not in node.inputs:
+                node.inputs[inp.name] = inp.comfy_default
 
 
 def load_document(path: str | Path, registry: Registry | None = None) -> Workflow:

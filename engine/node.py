@@ -70,6 +70,10 @@ class Input:
     #: (ComfyUI does the same for inputs its VALIDATE_INPUTS takes over, e.g.
     #: LoadImage accepting a path or URL besides the listed input files).
     open_choices: bool = False
+    #: The default when the workflow came in ComfyUI's format (API or editor), where
+    #: ComfyUI's own default differs from Kiln's (SaveImage's "ComfyUI" prefix):
+    #: filled in when such a workflow is parsed, so its files are named as in ComfyUI.
+    comfy_default: Any = NO_DEFAULT
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
@@ -235,6 +239,8 @@ class NodeSpec:
         for i in self.comfy_input_order():
             head: Any = i.choice_list(env) if i.type == T.COMBO else i.type
             opts = i.options()
+            if i.comfy_default is not NO_DEFAULT:  # ComfyUI's clients see ComfyUI's default
+                opts["default"] = i.comfy_default
             (optional if i.optional else required)[i.name] = [head, opts] if opts else [head]
         info: dict[str, Any] = {
             "input": {"required": required, **({"optional": optional} if optional else {})},

@@ -37,6 +37,9 @@ class Registry:
         #: Builds the output guard ``(env, mode, checker_name) -> guard`` (see engine.guard);
         #: set by the node library that can classify images.
         self.output_guard_factory: Callable[[Any, str, str], Any] | None = None
+        #: The model folders the node library's loaders read (listed by the model routes
+        #: even while empty); what each holds is engine.model_files' one listing.
+        self.model_folders: tuple[str, ...] = ()
 
     def make_model_host(self, device: str | None = None) -> Any:
         """A fresh model manager from the node library, or None if none registered one."""

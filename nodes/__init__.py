@@ -16,3 +16,6 @@ def register(registry) -> None:
         registry.add_module(importlib.import_module(f"nodes.{family}"))
     registry.model_host_factory = lambda device=None: ModelManager(device=device)
     registry.output_guard_factory = importlib.import_module("nodes.safety.guard").build_guard
+    from nodes import model_folders
+
+    registry.model_folders = model_folders.FOLDERS

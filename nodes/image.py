@@ -318,7 +318,7 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
     output_node=True,
     inputs=[
         Input("images", T.IMAGE),
-        Input("filename_prefix", T.STRING, default="Kiln",
+        Input("filename_prefix", T.STRING, default="Kiln", comfy_default="ComfyUI",
               tooltip="File name start; may include a subfolder ('portraits/Kiln'), always inside the output folder"),
     ],
     # The images again, as ComfyUI's newer SaveImage/PreviewImage pass them on (templates link from it).

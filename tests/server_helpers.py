@@ -67,6 +67,9 @@ def make_registry() -> Registry:
     from nodes.runtime.models import ModelManager
 
     registry.model_host_factory = lambda device=None: ModelManager(device=device)
+    from nodes import model_folders
+
+    registry.model_folders = model_folders.FOLDERS
     return registry
 
 

@@ -161,7 +161,9 @@ async def _drive(base: str, proc: subprocess.Popen):
         await wait_up(session, base, proc, timeout=120)
         ws = await session.ws_connect(f"{base}/ws?clientId=safety")
         await ws.receive_json()
-        r = await session.post(f"{base}/prompt", json={"prompt": prompt(), "client_id": "safety"})
+        r = await session.post(f"{base}/prompt", json={"prompt": prompt(), "client_id": "safety",
+                                                          # previews are opt-in per job, as in ComfyUI
+                                                          "extra_data": {"preview_method": "auto"}})
         assert r.status == 200, await r.text()
         pid = (await r.json())["prompt_id"]
         texts, frames = await comfy_messages_until_done(ws, pid, timeout=240)

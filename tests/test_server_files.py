@@ -203,11 +203,18 @@ async def test_upload_deduplicates_by_content(client: Any, data: Path) -> None:
     first, second = png(colour=(1, 1, 1)), png(colour=(2, 2, 2))
     assert (await (await upload(client, first)).json())["name"] == "a.png"
     assert (await (await upload(client, first)).json())["name"] == "a.png"       # same bytes, same name
-    assert (await (await upload(client, first, "b.png")).json())["name"] == "a.png"  # same bytes elsewhere
-    assert (await (await upload(client, second)).json())["name"] == "a (1).png"  # different file, new name
+    # same bytes under another name: stored under the name asked for, sharing the bytes (a hard link)
+    assert (await (await upload(client, first, "b.png")).json())["name"] == "b.png"
+    assert (data / "input" / "b.png").read_bytes() == first
+    assert os.path.samefile(data / "input" / "a.png", data / "input" / "b.png")
+    # ComfyUI's collision rule: a different file gets "stem (n)"; a candidate with the same bytes is reused
     assert (await (await upload(client, second)).json())["name"] == "a (1).png"
+    assert (await (await upload(client, second)).json())["name"] == "a (1).png"
+    third = png(colour=(3, 3, 3))
+    assert (await (await upload(client, third)).json())["name"] == "a (2).png"
     assert (data / "input" / "a.png").read_bytes() == first
-    assert sorted(p.name for p in (data / "input").iterdir()) == ["a (1).png", "a.png"]
+    assert (data / "input" / "a (1).png").read_bytes() == second
+    assert sorted(p.name for p in (data / "input").iterdir()) == ["a (1).png", "a (2).png", "a.png", "b.png"]
 
 
 async def test_upload_overwrite_is_explicit(client: Any, data: Path) -> None:
@@ -226,6 +233,11 @@ async def test_upload_subfolder_type_and_extension(client: Any, data: Path) -> N
     # the stored extension follows the content, so a PNG cannot become a served .html page
     r = await upload(client, png(colour=(9, 9, 9)), "evil.html")
     assert (await r.json())["name"] == "evil.png"
+    # an image extension is kept as asked even if the bytes are another format: the client's prompt names it
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4), (7, 7, 7)).save(jpeg, "JPEG")
+    r = await upload(client, jpeg.getvalue(), "photo.png")
+    assert (await r.json())["name"] == "photo.png"
     r = await upload(client, png(colour=(8, 8, 8)), "")
     name = (await r.json())["name"]
     assert name.startswith("upload_") and name.endswith(".png")

@@ -137,12 +137,16 @@ def _template(path: str) -> str:
     return re.sub(r"\{[^}]*\}", "{}", path)
 
 
+#: Every route under these is in the OpenAPI document (the rest serve the editors' files).
+DOCUMENTED = ("/api/", "/internal/", "/templates/", "/user.css")
+
+
 def _registered_api_routes(app: Any) -> set[tuple[str, str]]:
     routes = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
-        if path and path.startswith("/api/") and route.method not in ("HEAD", "*"):
+        if path and path.startswith(DOCUMENTED) and route.method not in ("HEAD", "*"):
             routes.add((route.method.lower(), _template(path)))
     return routes
 

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from PIL import Image
 
+from engine.events import Preview, Progress
 from engine.server.app import make_app
 from engine.server.state import STATE, ServerSettings
 from server_helpers import kiln, wait_status  # noqa: F401  (fixture)
@@ -24,6 +25,13 @@ def spin_workflow(ticks: int = 50, preview: bool = False, value: float = 1.0) ->
         "1": {"type": "Spin", "inputs": {"value": value, "ticks": ticks, "preview": preview}},
         "2": {"type": "Format", "inputs": {"value": ["1", 0]}},
         "3": {"type": "Show", "inputs": {"text": ["2", 0]}}}}
+
+
+def api_spin(ticks: int, value: float) -> dict[str, Any]:
+    """The same graph in ComfyUI's API format, with previews produced at every tick."""
+    return {"1": {"class_type": "Spin", "inputs": {"value": value, "ticks": ticks, "preview": True}},
+            "2": {"class_type": "Format", "inputs": {"value": ["1", 0]}},
+            "3": {"class_type": "Show", "inputs": {"text": ["2", 0]}}}
 
 
 async def comfy_messages_until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str,
@@ -137,13 +145,111 @@ async def test_comfy_binary_preview_frame(kiln):
     ws = await kiln.ws_connect("/ws?clientId=p")
     await ws.receive_json()
     job_id = (await (await kiln.post("/api/jobs", json={"workflow": spin_workflow(3, preview=True),
-                                                        "client_id": "p"})).json())["job_id"]
+                                                        "client_id": "p",
+                                                        "extra_data": {"preview_method": "auto"}})).json())["job_id"]
     texts, binaries = await comfy_messages_until_done(ws, job_id)
     assert binaries
     event_type, image_type = struct.unpack(">II", binaries[-1][:8])
     assert (event_type, image_type) == (1, 1)  # PREVIEW_IMAGE, JPEG
     assert Image.open(io.BytesIO(binaries[-1][8:])).size == (8, 8)
     await ws.close()
+
+
+async def test_no_preview_frames_unless_the_job_or_the_server_asks(kiln):
+    """ComfyUI's rule: --preview-method defaults to none; a job may override it, "default" defers."""
+    ws = await kiln.ws_connect("/ws?clientId=np")
+    kiln_ws = await kiln.ws_connect("/ws?clientId=np&protocol=kiln")
+    await ws.receive_json()
+    await kiln_ws.receive_json()
+    for i, extra in enumerate(({}, {"preview_method": "default"}, {"preview_method": "none"})):
+        body = {"prompt": api_spin(3, value=float(i)), "client_id": "np", "extra_data": extra}
+        job_id = (await (await kiln.post("/prompt", json=body)).json())["prompt_id"]
+        texts, binaries = await comfy_messages_until_done(ws, job_id)
+        assert [m for m in texts if m["type"] == "progress"], "progress still arrives"
+        assert binaries == [], extra
+        events = []
+        while not events or events[-1].get("type") != "job_finished":
+            events.append(await kiln_ws.receive_json(timeout=10))
+        assert all(e.get("preview") is None for e in events if e.get("type") == "progress"), extra
+    # the server-wide setting (kiln serve --preview-method auto) turns them on for every job
+    kiln.server.app[STATE].settings.preview_method = "auto"
+    job_id = (await (await kiln.post("/prompt", json={"prompt": api_spin(3, value=9.0),
+                                                      "client_id": "np"})).json())["prompt_id"]
+    texts, binaries = await comfy_messages_until_done(ws, job_id)
+    assert binaries and struct.unpack(">I", binaries[0][:4])[0] == 1
+    # ... and a job can still refuse them
+    job_id = (await (await kiln.post("/prompt", json={"prompt": api_spin(3, value=10.0), "client_id": "np",
+                                                      "extra_data": {"preview_method": "none"}})).json())["prompt_id"]
+    texts, binaries = await comfy_messages_until_done(ws, job_id)
+    assert binaries == []
+    await ws.close()
+    await kiln_ws.close()
+
+
+@pytest.mark.parametrize("route", ["/prompt", "/api/jobs"])
+async def test_no_message_about_a_job_before_its_reply(aiohttp_client, tmp_path, route):
+    """A fully cached job ends within milliseconds, on the worker thread, while its reply is
+    still being written. Writing a reply is slowed here (0.3 s before its headers go out):
+    every message about the job must still arrive after the reply, never before."""
+    async def slow_reply(request, response):
+        if request.method == "POST" and request.path == route:
+            await asyncio.sleep(0.3)
+
+    from server_helpers import make_registry
+
+    app = make_app(tmp_path / "data", tmp_path / "models", tmp_path / "workflows", registry=make_registry())
+    app.on_response_prepare.append(slow_reply)
+    kiln = await aiohttp_client(app)
+    ws = await kiln.ws_connect("/ws?clientId=order")
+    await ws.receive_json()
+    body = ({"prompt": api_spin(2, value=5.0), "client_id": "order"} if route == "/prompt"
+            else {"workflow": api_spin(2, value=5.0), "client_id": "order"})
+    for attempt in range(3):  # the first run computes, the next two are served from the cache
+        order: list[str] = []
+
+        async def read_ws() -> None:
+            while True:
+                data = await ws.receive_json(timeout=10)
+                if data["type"] != "status":
+                    order.append(f"ws:{data['type']}")
+                if data["type"] == "executing" and data["data"]["node"] is None:
+                    return
+
+        reader = asyncio.create_task(read_ws())
+        r = await kiln.post(route, json=body)
+        order.append("reply")
+        assert r.status in (200, 201), await r.text()
+        await reader
+        assert order[0] == "reply", (attempt, order)
+        assert "ws:execution_success" in order
+    await ws.close()
+
+
+async def test_hub_holds_a_jobs_events_until_released():
+    """The hub's side of the rule: events of a held job are kept in order, then delivered."""
+    from engine.events import JobFinished, JobStarted
+    from engine.server.hub import Hub
+
+    hub = Hub()
+    got: list[str] = []
+
+    class Sink:
+        client_id = "c"
+
+        def put(self, item):
+            got.append(item.event.type)
+
+    hub._clients["c"] = {Sink()}
+    hub.hold("j")
+    hub.publish("c", JobStarted("j"))
+    hub.publish("c", Progress("j", node_id="1", value=1, max=1,
+                              preview=Preview(b"x", "image/jpeg", 1, 1)), previews=False)
+    hub.publish("c", JobStarted("other"))  # another job is not held
+    assert got == ["job_started"]
+    hub.release("j")
+    hub.publish("c", JobFinished("j"))
+    assert got == ["job_started", "job_started", "progress", "job_finished"]
+    hub.release("j")  # releasing twice is harmless
 
 
 async def test_kiln_protocol_json_and_msgpack(kiln):
@@ -153,7 +259,8 @@ async def test_kiln_protocol_json_and_msgpack(kiln):
     first = await mp.receive()
     assert first.type == aiohttp.WSMsgType.BINARY and msgpack.unpackb(first.data)["sid"] == "k"
     job_id = (await (await kiln.post("/api/jobs", json={"workflow": spin_workflow(3, preview=True),
-                                                        "client_id": "k"})).json())["job_id"]
+                                                        "client_id": "k",
+                                                        "extra_data": {"preview_method": "latent2rgb"}})).json())["job_id"]
 
     async def collect(ws, decode):
         out = []
@@ -290,3 +397,26 @@ async def test_comfy_client_img2img_flow_with_the_tiny_model(real, request):
     with Image.open(io.BytesIO(png)) as im:
         assert im.size == (64, 64)
     assert [m[0] for m in history["status"]["messages"]][-1] == "execution_success"
+
+
+async def test_save_image_default_prefix_follows_the_workflows_format(real):
+    """A ComfyUI-format workflow without filename_prefix saves as ComfyUI would (ComfyUI_00001_.png);
+    the same graph in Kiln's format keeps Kiln's default; ComfyUI's /object_info shows ComfyUI's."""
+    src = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(src, "PNG")
+    form = aiohttp.FormData()
+    form.add_field("image", src.getvalue(), filename="p.png", content_type="image/png")
+    assert (await real.post("/upload/image", data=form)).status == 200
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "p.png"}},
+           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}
+    kiln_doc = {"version": 1, "nodes": {"1": {"type": "LoadImage", "inputs": {"image": "p.png"}},
+                                        "2": {"type": "SaveImage", "inputs": {"images": ["1", 0]}}}}
+    names = {}
+    for label, body in (("comfy", {"workflow": api}), ("kiln", {"workflow": kiln_doc, "force": True})):
+        job_id = (await (await real.post("/api/jobs", json=body)).json())["job_id"]
+        job = await wait_status(real, job_id)
+        assert job["status"] == "succeeded", job
+        names[label] = job["outputs"]["2"]["images"][0]["filename"]
+    assert names == {"comfy": "ComfyUI_00001_.png", "kiln": "Kiln_00001_.png"}
+    info = await (await real.get("/object_info/SaveImage")).json()
+    assert info["SaveImage"]["input"]["required"]["filename_prefix"][1]["default"] == "ComfyUI"

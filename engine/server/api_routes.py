@@ -7,18 +7,18 @@ a refused submission is ``400 {"error": {...}, "errors": [every problem]}``.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from engine.model_files import folder_models
-from engine.paths import PathRefused, SafeRoot
+from engine.paths import PathRefused
 from engine.server.http import fail, query_int, read_object
-from engine.server.jobs import SubmitRefused, job_view, submit
+from engine.server.jobs import SubmitRefused, job_view, reply_then_release, submit_held
 from engine.server.state import STATE, AppState
 from engine.server.store import ACTIVE, TERMINAL
-
 
 def refused_body(exc: SubmitRefused) -> dict[str, Any]:
     errors = [e.to_dict() for e in exc.errors]
@@ -39,15 +39,17 @@ async def post_job(request: web.Request) -> web.Response:
     if "workflow" not in body:
         fail(400, "invalid_request", "'workflow' is required (Kiln or ComfyUI API format)")
     try:
-        job = await asyncio.to_thread(
-            submit, state, body["workflow"], params=body.get("params"), outputs=body.get("outputs"),
-            force=bool(body.get("force", False)), client_id=body.get("client_id"), job_id=body.get("job_id"),
-            extra_data=body.get("extra_data"))
+        job_id = body.get("job_id")
+        job = await submit_held(state, body["workflow"], str(uuid.uuid4()) if job_id is None else job_id,
+                                params=body.get("params"), outputs=body.get("outputs"),
+                                force=bool(body.get("force", False)), client_id=body.get("client_id"),
+                                extra_data=body.get("extra_data"))
     except SubmitRefused as exc:
         return web.json_response(refused_body(exc), status=400)
     _status_changed(state)
-    return web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
-                             status=201)
+    reply = web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
+                              status=201)
+    return await reply_then_release(request, reply, state, job.id)
 
 
 def _status_changed(state: AppState) -> None:
@@ -114,19 +116,32 @@ async def nodes(request: web.Request) -> web.Response:
     return web.json_response(schemas, dumps=_dumps)
 
 
-def list_models(models: SafeRoot, folder: str) -> list[str]:
-    """The models of one model folder, as the loaders list them (engine.model_files)."""
-    path = models.resolve(folder)
-    if "/" in folder.strip("/") or not path.is_dir():
+def model_folder_names(state: AppState) -> list[str]:
+    """Every model folder: those the node library reads, and any other present on disk."""
+    root = Path(state.env.paths.models.root)
+    present = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
+    return sorted(present | set(state.registry.model_folders))
+
+
+def list_models(state: AppState, folder: str) -> list[str]:
+    """The model names a loader accepts in one folder (the node library's one listing).
+
+    The folder name itself goes through the models root's resolver first; an
+    unknown folder (neither read by a node nor present) is FileNotFoundError.
+    """
+    if not folder or "/" in folder.strip("/") or "\\" in folder:
+        raise PathRefused(f"a model folder is one name, not a path: {folder!r}")
+    path = state.env.paths.models.resolve(folder)
+    if folder not in state.registry.model_folders and not path.is_dir():
         raise FileNotFoundError(folder)
-    return folder_models(models.root, path.name)
+    return folder_models(state.env.paths.models.root, folder)
 
 
 async def models_in_folder(request: web.Request) -> web.Response:
     state = request.app[STATE]
     folder = request.match_info["folder"]
     try:
-        names = await asyncio.to_thread(list_models, state.env.paths.models, folder)
+        names = await asyncio.to_thread(list_models, state, folder)
     except PathRefused as exc:
         fail(400, "path_refused", str(exc))
     except FileNotFoundError:
@@ -135,8 +150,7 @@ async def models_in_folder(request: web.Request) -> web.Response:
 
 
 async def model_folders(request: web.Request) -> web.Response:
-    root = Path(request.app[STATE].env.paths.models.root)
-    return web.json_response(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    return web.json_response(await asyncio.to_thread(model_folder_names, request.app[STATE]))
 
 
 async def clear_cache(request: web.Request) -> web.Response:
@@ -156,14 +170,25 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+#: Kiln's versioned prefix: always Kiln's shapes (the unversioned /api/ paths are shared with
+#: ComfyUI's routes; see engine.server.comfy_jobs for how a shared path picks its shape).
+V1 = "/api/v1"
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/jobs", post_job)
-    app.router.add_get("/api/jobs", list_jobs)
-    app.router.add_get("/api/jobs/{job_id}", get_job)
-    app.router.add_post("/api/jobs/{job_id}/cancel", cancel_job)
-    # GET /api/history (Kiln's paged history) is routed by comfy_routes, which shares the path
-    app.router.add_get("/api/nodes", nodes)
-    app.router.add_get("/api/models", model_folders)
-    app.router.add_get("/api/models/{folder}", models_in_folder)
-    app.router.add_post("/api/cache/clear", clear_cache)
-    app.router.add_post("/api/models/free", post_free_models)
+    r = app.router
+    r.add_post("/api/jobs", post_job)
+    # GET /api/jobs, GET /api/jobs/{id} and POST /api/jobs/{id}/cancel are shared with
+    # ComfyUI's jobs API: comfy_jobs routes them. GET /api/history is shared likewise
+    # with ComfyUI's history (comfy_routes).
+    for prefix in ("/api", V1):
+        r.add_get(f"{prefix}/nodes", nodes)
+        r.add_get(f"{prefix}/models", model_folders)
+        r.add_get(f"{prefix}/models/{{folder}}", models_in_folder)
+        r.add_post(f"{prefix}/cache/clear", clear_cache)
+        r.add_post(f"{prefix}/models/free", post_free_models)
+    r.add_post(f"{V1}/jobs", post_job)
+    r.add_get(f"{V1}/jobs", list_jobs)
+    r.add_get(f"{V1}/jobs/{{job_id}}", get_job)
+    r.add_post(f"{V1}/jobs/{{job_id}}/cancel", cancel_job)
+    r.add_get(f"{V1}/history", history)

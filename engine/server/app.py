@@ -23,9 +23,11 @@ from engine.events import Event
 from engine.guard import GuardRefused
 from engine.paths import PathRefused, SafeRoot
 from engine.registry import Registry, default_registry
-from engine.server import api_routes, comfy_routes, files, library, openapi, security, ws
+from engine.server import (api_routes, comfy_catalog, comfy_frontend, comfy_jobs, comfy_routes, comfy_user, files,
+                           library, openapi, security, ws)
 from engine.server.http import json_error
 from engine.server.hub import Hub
+from engine.server.previews import check_method, previews_enabled
 from engine.server.state import STATE, AppState, ServerSettings
 from engine.server.store import ACTIVE, JobRecord, JobStore, StoreDamaged
 from engine.server.worker import Worker
@@ -147,7 +149,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     def on_event(job: JobRecord, event: Event) -> None:  # worker thread -> event loop
         loop = loop_box.get("loop")
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(hub.publish, job.client_id, event)
+            loop.call_soon_threadsafe(hub.publish, job.client_id, event,
+                                      previews_enabled(settings.preview_method, job.extra_data))
 
     def on_queue_change() -> None:
         loop = loop_box.get("loop")
@@ -165,17 +168,21 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     else:
         worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
                         on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
-    state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings)
+    state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings,
+                     data_dir=Path(data_dir))
 
     # Uploads stream past this; JSON routes read with their own, smaller limit.
     app = web.Application(client_max_size=max(settings.max_body_bytes, settings.max_upload_bytes + (1 << 20)),
                           middlewares=[*security.middlewares(), errors_as_json])
     app[STATE] = state
 
-    app.router.add_get("/", index)
     app.router.add_get("/web/{path:.+}", static)
-    for module in (api_routes, comfy_routes, ws, files, library, openapi):
+    for module in (api_routes, comfy_routes, comfy_jobs, comfy_user, comfy_catalog, ws, files, library, openapi):
         module.add_routes(app)
+    if settings.frontend == "comfyui":
+        comfy_frontend.add_routes(app, index)  # its catch-all for static files comes after every route
+    else:
+        app.router.add_get("/", index)
 
     async def start(app: web.Application) -> None:
         loop_box["loop"] = asyncio.get_running_loop()
@@ -204,7 +211,8 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                registry: Registry | None = None, safety: tuple[str, str] | None = None,
                env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False,
                devices: list[str] | None = None, cluster: str | None = None, cluster_timeout: float = 10.0,
-               max_attempts: int = 3) -> None:
+               max_attempts: int = 3, preview_method: str = "none",
+               frontend: str = "kiln") -> None:
     """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build
     or a damaged job database."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -226,7 +234,14 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
             sys.stderr.write(f"error: {exc}\n")
             raise SystemExit(2) from None
     settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0,
-                              move_damaged_db=move_damaged_db)
+                              move_damaged_db=move_damaged_db, preview_method=check_method(preview_method),
+                              frontend=frontend)
+    if frontend == "comfyui":
+        try:
+            comfy_frontend.frontend_dir()
+        except comfy_frontend.FrontendMissing as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise SystemExit(2) from None
     try:
         app = make_app(data_dir, models_dir, workflows_dir, token, allow_url_images, registry=registry,
                        host=host, port=port, safety=safety, env_settings=env_settings, settings=settings,

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from engine.server import api_routes
 from engine.server.http import query_int, read_object
-from engine.server.jobs import SubmitRefused, dependent_outputs, submit
+from engine.server.jobs import SubmitRefused, dependent_outputs, reply_then_release, submit_held
 from engine.server.state import STATE, AppState
 from engine.server.store import ACTIVE, RUNNING, SUCCEEDED, TERMINAL, JobRecord
 from engine.validate import UNKNOWN_NODE_TYPE
@@ -70,14 +70,14 @@ async def post_prompt(request: web.Request) -> web.Response:
     targets = body.get("partial_execution_targets")
     prompt_id = body.get("prompt_id") if isinstance(body.get("prompt_id"), str) and body.get("prompt_id") else None
     try:
-        job = await asyncio.to_thread(
-            submit, state, prompt, outputs=targets if isinstance(targets, list) and targets else None,
-            client_id=client_id, job_id=prompt_id or str(uuid.uuid4()), number=number,
-            front=bool(body.get("front")), extra_data=extra)
+        job = await submit_held(state, prompt, prompt_id or str(uuid.uuid4()),
+                                outputs=targets if isinstance(targets, list) and targets else None,
+                                client_id=client_id, number=number, front=bool(body.get("front")), extra_data=extra)
     except SubmitRefused as exc:
         return web.json_response(comfy_refusal(state, exc), status=400)
     state.hub.broadcast_status(state.store.count(ACTIVE))
-    return web.json_response({"prompt_id": job.id, "number": job.comfy_number, "node_errors": {}})
+    reply = web.json_response({"prompt_id": job.id, "number": job.comfy_number, "node_errors": {}})
+    return await reply_then_release(request, reply, state, job.id)
 
 
 async def get_prompt(request: web.Request) -> web.Response:
@@ -252,9 +252,8 @@ async def system_stats(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    models = request.app[STATE].env.paths.models
     try:
-        names = api_routes.list_models(models, "embeddings")
+        names = await asyncio.to_thread(api_routes.list_models, request.app[STATE], "embeddings")
     except (FileNotFoundError, ValueError):
         names = []
     return web.json_response([n.rsplit(".", 1)[0] for n in names])

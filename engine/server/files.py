@@ -8,8 +8,9 @@ into running: the three image types the editor shows inline, everything else as
 an ``application/octet-stream`` attachment, always with ``nosniff``.
 
 Uploads are streamed with a byte limit, must decode as an image within a pixel
-limit (no decompression bombs), are de-duplicated by content hash and never
-replace a different file unless ``overwrite`` is asked for.
+limit (no decompression bombs), keep the name the client asked for (ComfyUI's
+numbered variant on a collision), share bytes with an identical file by a hard
+link, and never replace a different file unless ``overwrite`` is asked for.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,8 +248,19 @@ def inspect_image(data: bytes, max_pixels: int) -> str:
     return fmt
 
 
+#: Every extension an accepted image may be stored under.
+IMAGE_EXTENSIONS = frozenset(ext for exts in UPLOAD_FORMATS.values() for ext in exts)
+
+
 def stored_name(filename: str, fmt: str, digest: str) -> str:
-    """The file name to store under: the client's base name with an extension matching the content."""
+    """The file name to store under: the client's, unless it would not be served as an image.
+
+    A name with an image extension is kept exactly, even when the extension
+    names another image format ("photo.png" holding JPEG bytes): the client's
+    prompt will name that file, and loaders judge the content, not the name.
+    Any other extension is replaced by the content's ("evil.html" -> "evil.png"),
+    so an upload can never become a page the server would serve as such.
+    """
     name = filename.replace("\\", "/")
     if any(ord(c) < 32 for c in name):
         fail(400, "bad_filename", "the file name may not contain NUL or other control characters")
@@ -258,9 +271,8 @@ def stored_name(filename: str, fmt: str, digest: str) -> str:
     stem, ext = os.path.splitext(name)
     if not stem:
         stem = f"upload_{digest[:12]}"
-    allowed = UPLOAD_FORMATS[fmt]
-    if ext.lower() not in allowed:
-        ext = allowed[0]
+    if ext.lower() not in IMAGE_EXTENSIONS:
+        ext = UPLOAD_FORMATS[fmt][0]
     return stem + ext
 
 
@@ -272,40 +284,46 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _same_bytes_in(folder: Path, size: int, digest: str) -> str | None:
-    """The name of a file in ``folder`` holding exactly these bytes (only equal sizes are hashed)."""
+def _holds(path: Path, size: int, digest: str) -> bool:
+    """Whether ``path`` is a regular file with exactly these bytes (only equal sizes are hashed)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size and _digest(path) == digest
+
+
+def _same_bytes_in(folder: Path, size: int, digest: str) -> Path | None:
+    """A file in ``folder`` holding exactly these bytes, to share them by a hard link."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except FileNotFoundError:
         return None
     for entry in entries:
-        if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-            continue
-        if entry.stat(follow_symlinks=False).st_size == size and _digest(Path(entry.path)) == digest:
-            return entry.name
+        if not entry.name.startswith(".") and _holds(Path(entry.path), size, digest):
+            return Path(entry.path)
     return None
 
 
 def store_upload(root: SafeRoot, subfolder: str, name: str, data: bytes, overwrite: bool) -> str:
-    """Write ``data`` as ``subfolder/name`` (or a free variant of it); return the name used.
+    """Write ``data`` as ``subfolder/name`` (or ComfyUI's next free variant of it); return the name used.
 
-    Same bytes already in that folder: their existing name, nothing written.
-    Otherwise a different file under ``name`` is replaced only with ``overwrite``;
-    without it the new file gets ``"stem (1).ext"``, ``"stem (2).ext"``, ...
-    The write is atomic (temporary file, then link or rename) so a reader never
-    sees half a file and two uploads never claim one name.
+    ComfyUI's collision rule: try ``name``, then ``"stem (1).ext"``, ``"stem (2).ext"``, ...;
+    the first candidate that is free is written, and a candidate that already
+    holds exactly these bytes is answered without writing. The client therefore
+    always gets back the name it asked for or a numbered variant of it, never
+    another file's name. With ``overwrite`` the name itself is replaced.
+
+    De-duplication shares bytes, not names: when another file in the folder
+    already holds the same bytes, the new name is a hard link to it. Writes are
+    atomic (temporary file, then link or rename): a reader never sees half a
+    file and two uploads never claim one name.
     """
     target = root.resolve(name, subfolder)
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     root.resolve(name, subfolder)  # again, now that the folders exist (a symlinked subfolder)
     digest = hashlib.sha256(data).hexdigest()
-    if not overwrite:
-        if target.is_file() and target.stat().st_size == len(data) and _digest(target) == digest:
-            return target.name
-        existing = _same_bytes_in(folder, len(data), digest)
-        if existing is not None:
-            return existing
     fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -313,14 +331,25 @@ def store_upload(root: SafeRoot, subfolder: str, name: str, data: bytes, overwri
         if overwrite:
             os.replace(tmp, target)
             return target.name
+        twin = _same_bytes_in(folder, len(data), digest)
         stem, ext = os.path.splitext(target.name)
-        for n in range(0, 10000):
+        n = 0
+        while n < 10000:
             candidate = folder / (target.name if n == 0 else f"{stem} ({n}){ext}")
+            if _holds(candidate, len(data), digest):
+                return candidate.name
+            if os.path.lexists(candidate):
+                n += 1
+                continue
             try:
-                os.link(tmp, candidate)
+                os.link(twin if twin is not None else tmp, candidate)
                 return candidate.name
             except FileExistsError:
-                continue
+                continue  # taken meanwhile: judge it again
+            except OSError:
+                if twin is None:
+                    raise
+                twin = None  # the twin cannot be linked (another device): link the fresh copy
         fail(409, "name_taken", f"no free name left for {target.name!r}")
     finally:
         if os.path.exists(tmp):

@@ -10,11 +10,18 @@ and sends it at most ``rate`` times a second; any other event first flushes the
 pending progress, so order is kept and the last progress is always delivered.
 A sampler ticking a thousand times a second therefore costs a slow client a few
 messages, while "executed" and "execution_success" are never dropped.
+
+Ordering against HTTP: the route that queues a job *holds* its id here before the
+job is stored and *releases* it once the reply (which carries the id) has been
+written. Events of a held job wait in order, so no client ever hears about a
+job it does not know yet; a fully cached job can otherwise finish, on another
+thread, before its ``/prompt`` reply leaves (comfy-script then waited forever).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import time
@@ -53,6 +60,8 @@ class Client:
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        #: The client's ``feature_flags`` message, once it sent one (ComfyUI's frontend does).
+        self.features: dict[str, Any] | None = None
 
     # -- filling (event-loop thread only) ---------------------------------------------
 
@@ -125,7 +134,10 @@ class Client:
             return [_dumps({"type": "status", "data": status_data(item.queue_remaining)})]
         event = item.event
         if isinstance(event, NodeMessage):
-            return [cm.text_frame(event.node_id, event.message)]
+            # A binary TEXT frame only for clients that negotiated features (ComfyUI's
+            # frontend shows it as progress_text): simple clients such as
+            # comfy-api-simplified take every binary frame for an image.
+            return [cm.text_frame(event.node_id, event.message)] if self.features is not None else []
         frames: list[str | bytes] = [_dumps({"type": t, "data": d}) for t, d in cm.to_comfy(event)]
         if isinstance(event, Progress) and event.preview is not None:
             frames.append(cm.preview_frame(event.preview))
@@ -172,6 +184,8 @@ class Hub:
     def __init__(self) -> None:
         self._clients: dict[str, set[Client]] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: Job id -> its events waiting for the job's HTTP reply to be written.
+        self._held: dict[str, list[tuple[str | None, Event]]] = {}
 
     def add(self, client: Client) -> None:
         self._clients.setdefault(client.client_id, set()).add(client)
@@ -195,8 +209,30 @@ class Hub:
     def __len__(self) -> int:
         return sum(len(g) for g in self._clients.values())
 
-    def publish(self, client_id: str | None, event: Event) -> None:
-        """Deliver a job's event to the sockets of the client that submitted it."""
+    def hold(self, job_id: str) -> None:
+        """Keep this job's events back until :meth:`release` (its reply is being written)."""
+        self._held.setdefault(job_id, [])
+
+    def release(self, job_id: str) -> None:
+        """Send the events held for this job, in order, and stop holding them."""
+        for client_id, event in self._held.pop(job_id, []):
+            self._deliver(client_id, event)
+
+    def publish(self, client_id: str | None, event: Event, previews: bool = True) -> None:
+        """Deliver a job's event to the sockets of the client that submitted it.
+
+        ``previews`` False strips the preview image from progress events (the
+        job's preview method is ``none``; see engine.server.previews).
+        """
+        if not previews and isinstance(event, Progress) and event.preview is not None:
+            event = dataclasses.replace(event, preview=None)
+        held = self._held.get(event.job_id)
+        if held is not None:
+            held.append((client_id, event))
+            return
+        self._deliver(client_id, event)
+
+    def _deliver(self, client_id: str | None, event: Event) -> None:
         if client_id:
             targets = self.clients(client_id)
         elif isinstance(event, _BROADCAST_WITHOUT_CLIENT):

@@ -150,7 +150,8 @@ async def convert_comfy_ui(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/convert/comfyui", convert_comfy_ui)
-    app.router.add_get("/api/workflows", list_workflows)
-    app.router.add_get("/api/workflows/{name:.+}", get_workflow)
-    app.router.add_put("/api/workflows/{name:.+}", put_workflow)
-    app.router.add_delete("/api/workflows/{name:.+}", delete_workflow)
+    for prefix in ("/api", "/api/v1"):
+        app.router.add_get(f"{prefix}/workflows", list_workflows)
+        app.router.add_get(f"{prefix}/workflows/{{name:.+}}", get_workflow)
+        app.router.add_put(f"{prefix}/workflows/{{name:.+}}", put_workflow)
+        app.router.add_delete(f"{prefix}/workflows/{{name:.+}}", delete_workflow)

@@ -297,6 +297,24 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Kiln's own routes, also served under /api/v1/ (always in Kiln's shapes there).
+V1_PATHS = ("/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel", "/api/nodes", "/api/models",
+            "/api/models/{folder}", "/api/models/free", "/api/cache/clear", "/api/workflows", "/api/workflows/{name}")
+
+
+def all_paths() -> dict[str, dict[str, Any]]:
+    """Kiln's entries, their /api/v1/ twins, then ComfyUI's frontend routes (which may share a path)."""
+    from engine.server import openapi_comfy
+
+    paths = {path: dict(ops) for path, ops in PATHS.items()}
+    for path in V1_PATHS:
+        paths["/api/v1" + path[len("/api"):]] = dict(PATHS[path])
+    paths["/api/v1/history"] = {"get": PATHS["/api/history"]["get"]}
+    for path, ops in openapi_comfy.paths().items():
+        paths.setdefault(path, {}).update(ops)
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
     return {
@@ -305,7 +323,7 @@ def document() -> dict[str, Any]:
                  "description": "Node-graph diffusion engine. Kiln's API plus ComfyUI-compatible routes. "
                                 "With a token configured every route needs 'Authorization: Bearer <token>'; "
                                 "state-changing requests from another browser origin are refused."},
-        "paths": PATHS,
+        "paths": all_paths(),
         "components": {"schemas": SCHEMAS,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{}, {"bearer": []}],

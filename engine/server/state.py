@@ -48,7 +48,16 @@ class ServerSettings:
     #: A damaged job database is moved aside and an empty one started, instead of
     #: refusing to start (``kiln serve --move-damaged-db``).
     move_damaged_db: bool = False
+    #: ComfyUI's ``--preview-method``: "none" (its default: no preview frames unless a
+    #: job asks with ``extra_data.preview_method``), "auto", "latent2rgb" or "taesd".
+    preview_method: str = "none"
+    #: Seconds between writing a submission's reply and sending the job's first websocket
+    #: message (see engine.server.jobs.reply_then_release).
+    event_grace_s: float = 0.05
     web_dir: Path = WEB_DIR
+    #: The page at "/": Kiln's editor ("kiln"), or ComfyUI's official frontend ("comfyui",
+    #: from the comfyui-frontend-package wheel) with Kiln's editor at /kiln/.
+    frontend: str = "kiln"
 
 
 @dataclass
@@ -61,6 +70,8 @@ class AppState:
     worker: "Worker | ClusterWorker"
     hub: "Hub"
     settings: ServerSettings = field(default_factory=ServerSettings)
+    #: The server's data folder (queue database, input/output, per-user settings).
+    data_dir: Path = Path("data")
 
 
 STATE: web.AppKey[AppState] = web.AppKey("kiln", AppState)

@@ -49,6 +49,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             except json.JSONDecodeError:
                 continue
             if isinstance(data, dict) and data.get("type") == "feature_flags":
+                flags = data.get("data")
+                client.features = dict(flags) if isinstance(flags, dict) else {}
                 await ws.send_str(json.dumps({"type": "feature_flags", "data": SERVER_FEATURES}))
     finally:
         state.hub.remove(client)

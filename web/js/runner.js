@@ -55,7 +55,9 @@ export class Runner extends EventTarget {
     this.progress("submitting\u2026", 0);
     let res;
     try {
-      res = await this.api.submit(workflow, this.clientId);
+      // Previews are opt-in per job, as in ComfyUI (a server started without
+      // --preview-method sends none); the editor always wants them.
+      res = await this.api.submit(workflow, this.clientId, { extra_data: { preview_method: "auto" } });
     } catch (e) {
       this.running = false;
       this.emitState();

@@ -1,0 +1,14 @@
+"""The model folders the node library's loaders read, for the routes that list every folder.
+
+What a folder holds is :func:`engine.model_files.folder_models`, the one listing the
+loaders' choices and every model route share; this only names the folders, so
+``/api/models`` and ComfyUI's ``/experiment/models`` show a folder a loader reads
+even before anything is put in it. A loader that reads a new folder adds it here.
+"""
+from __future__ import annotations
+
+from nodes.loaders import CHECKPOINT_FOLDER, VAE_FOLDER
+from nodes.lora import LORA_FOLDER
+from nodes.split_loaders import TEXT_FOLDERS, UNET_FOLDERS
+
+FOLDERS: tuple[str, ...] = (CHECKPOINT_FOLDER, VAE_FOLDER, LORA_FOLDER, *UNET_FOLDERS, *TEXT_FOLDERS, "embeddings")
