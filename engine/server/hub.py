@@ -222,9 +222,10 @@ class Hub:
         """Deliver a job's event to the sockets of the client that submitted it.
 
         ``previews`` False strips the preview image from progress events (the
-        job's preview method is ``none``; see engine.server.previews).
+        job's preview method is ``none``; see engine.server.previews). Output images
+        sent as preview frames (SaveImageWebsocket) always go: they are results.
         """
-        if not previews and isinstance(event, Progress) and event.preview is not None:
+        if not previews and isinstance(event, Progress) and event.preview is not None and not event.preview.output:
             event = dataclasses.replace(event, preview=None)
         held = self._held.get(event.job_id)
         if held is not None:
