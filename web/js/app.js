@@ -6,13 +6,16 @@ import { Api } from "./api.js";
 import { parseNodeDefs } from "./schema.js";
 import { Graph } from "./graph.js";
 import { History } from "./history.js";
+import { Session } from "./session.js";
 import { CanvasView } from "./view.js";
 import { Palette } from "./palette.js";
 import { JobSocket } from "./socket.js";
 import { Runner } from "./runner.js";
 import { Files, normalizeDocument } from "./files.js";
 import { Dialogs } from "./dialog.js";
-import { Gallery } from "./gallery.js";
+import { Results } from "./results.js";
+import { QueuePanel } from "./queue.js";
+import { Viewer } from "./viewer.js";
 import { unavailableChoices, applySubstitutions, describeSubstitution } from "./choices.js";
 
 const STARTER = "img2img.json";
@@ -28,6 +31,25 @@ function tokenFromUrl() {
   return t || sessionStorage.getItem("kiln-token");
 }
 
+/**
+ * A job's workflow with the parameters it was submitted with written into the
+ * inputs they name (a declared parameter, or "NODE.INPUT"), so the graph opened
+ * from the history is the one that ran.
+ */
+export function withParams(workflow, params) {
+  const doc = JSON.parse(JSON.stringify(workflow));
+  for (const [name, value] of Object.entries(params || {})) {
+    const declared = doc.params?.[name];
+    const targets = declared === undefined ? [name] : Array.isArray(declared) ? declared : [declared];
+    for (const t of targets) {
+      const [id, input] = String(t).split(/\.(.+)/);
+      const node = doc.nodes?.[id];
+      if (node && input) node.inputs = { ...(node.inputs || {}), [input]: value };
+    }
+  }
+  return doc;
+}
+
 export class App {
   constructor(doc = document) {
     this.doc = doc;
@@ -36,11 +58,29 @@ export class App {
     this.clientId = `editor-${crypto.randomUUID ? crypto.randomUUID() : Math.random().toString(36).slice(2)}`;
     this.graph = new Graph(new Map());
     this.history = new History(this.graph);
+    this.session = new Session({ history: this.history, onChange: () => this.showDocName() });
     this.dialogs = new Dialogs(doc.body);
   }
 
   toast(msg, kind) { this.dialogs.toast(msg, kind); }
-  commit() { if (this.history.commit()) this.updateUndoButtons(); }
+  commit() { if (this.history.commit()) { this.updateUndoButtons(); this.session.changed(); } }
+
+  /** The document's name, with a marker while it has unsaved changes. */
+  showDocName() {
+    const name = this.session.name || "untitled";
+    const el = this.$("#doc-name");
+    el.textContent = name;
+    el.classList.toggle("modified", this.session.dirty);
+    el.title = this.session.dirty ? `${name}: unsaved changes (kept in this browser)` : name;
+    this.doc.title = `${this.session.dirty ? "\u2022 " : ""}${name} \u2014 Kiln`;
+  }
+
+  /** Before the open document is replaced: ask, when it has unsaved changes. */
+  async confirmReplace() {
+    if (!this.session.dirty) return true;
+    return this.dialogs.confirm("Replace the open workflow?",
+      `${this.session.name || "The untitled workflow"} has unsaved changes. Replacing it can be undone (Ctrl+Z).`, "Replace");
+  }
 
   async start() {
     const canvasEl = this.$("#canvas");
@@ -59,24 +99,30 @@ export class App {
       },
     });
     this.palette = new Palette(this.doc.body, () => this.graph.defs);
-    this.gallery = new Gallery(this.$("#gallery-list"), this.doc.body, (img) => this.api.viewUrl(img));
+    this.viewer = new Viewer(this.doc.body);
+    this.results = new Results({ list: this.$("#gallery-list"), api: this.api, viewer: this.viewer,
+      onOpenJob: (id) => this.openJob(id), toast: (m, k) => this.toast(m, k) });
     this.files = new Files({
       api: this.api, graph: this.graph, view: this.view, dialog: this.dialogs,
       onCommit: () => this.commit(), toast: (m, k) => this.toast(m, k),
-      onLoaded: (name) => { this.$("#doc-name").textContent = name || "untitled"; },
+      onLoaded: (name) => this.session.markSaved(name),
       adapt: (ids) => this.fixChoices(ids),
+      confirmReplace: () => this.confirmReplace(),
     });
     this.files.bindDrop(canvasEl);
     this.socket = new JobSocket(this.api.socketUrl(this.clientId));
     this.socket.addEventListener("event", (e) => {
       if (e.detail.type === "socket_open") this.$("#conn").classList.add("online");
       if (e.detail.type === "socket_closed") this.$("#conn").classList.remove("online");
+      if (e.detail.type === "status" || e.detail.type === "socket_open") this.queue?.refresh();
     });
     this.runner = new Runner({
       api: this.api, socket: this.socket, graph: this.graph, view: this.view, clientId: this.clientId,
       onCommit: () => this.commit(), toast: (m, k) => this.toast(m, k),
-      onImages: (images) => this.gallery.add(images),
+      onImages: () => {},
     });
+    this.queue = new QueuePanel({ list: this.$("#queue-list"), clear: this.$("#queue-clear"), count: this.$("#queue-count"),
+      api: this.api, runner: this.runner, toast: (m, k) => this.toast(m, k) });
     this.runner.addEventListener("state", (e) => this.onRunState(e.detail));
     this.runner.addEventListener("progress", (e) => this.onProgress(e.detail));
     this.bindToolbar();
@@ -89,14 +135,22 @@ export class App {
     } catch (e) {
       this.toast(`cannot load node definitions: ${e.message}`, "error");
     }
-    try {
-      this.files.loadDocument(await this.api.workflow(STARTER), STARTER);
-    } catch (e) {
-      this.graph.clear();
-      this.toast(`starter workflow unavailable (${e.message}); double-click the canvas to add nodes`, "warn");
+    if (this.session.restore()) {
+      // The graph as it was before the reload (or crash), with its undo history.
+      this.view.fit();
+    } else {
+      try {
+        this.files.loadDocument(await this.api.workflow(STARTER), STARTER);
+      } catch (e) {
+        this.graph.clear();
+        this.toast(`starter workflow unavailable (${e.message}); double-click the canvas to add nodes`, "warn");
+      }
+      this.history.reset();
+      this.session.markSaved(this.files.name);
     }
-    this.history.reset();
+    this.session.guardUnload();
     this.updateUndoButtons();
+    await Promise.all([this.results.refresh(), this.queue.refresh()]);
     this.doc.body.classList.add("ready");
   }
 
@@ -111,7 +165,7 @@ export class App {
     applySubstitutions(this.graph, subs);
     for (const s of subs) this.view.noteSubstitution(s);
     this.dialogs.notice(subs.length === 1 ? "A value this server does not have was replaced"
-      : `${subs.length} values this server does not have were replaced`, subs.map(describeSubstitution));
+      : `${subs.length} values this server does not have were replaced`, subs.map(describeSubstitution), undefined, "substitutions");
     return subs;
   }
 
@@ -125,17 +179,28 @@ export class App {
     on("#save", () => this.files.saveToLibrary(false));
     on("#save-as", () => this.files.saveToLibrary(true));
     on("#download", () => this.files.download());
+    on("#download-api", () => this.files.download("api"));
     on("#open-file", () => this.$("#file-input").click());
     this.$("#file-input").addEventListener("change", async (e) => {
       const f = e.target.files[0];
       e.target.value = "";
       if (f) await this.files.openFile(f);
     });
-    on("#new", () => { this.graph.clear(); this.files.name = null; this.$("#doc-name").textContent = "untitled"; this.commit(); });
+    on("#new", () => this.newDocument());
     on("#add", () => this.openPalette(null, null));
     on("#fit", () => this.view.fit());
+    on("#tab-results", () => this.showTab("results"));
+    on("#tab-queue", () => this.showTab("queue"));
     on("#undo", () => this.undo());
     on("#redo", () => this.redo());
+  }
+
+  /** An empty canvas; the old graph stays one undo step away. */
+  async newDocument() {
+    if (!(await this.confirmReplace())) return;
+    this.graph.clear();
+    this.commit();
+    this.session.markSaved(null);
   }
 
   updateUndoButtons() {
@@ -143,11 +208,33 @@ export class App {
     this.$("#redo").disabled = !this.history.canRedo;
   }
 
-  onRunState({ running, status }) {
-    this.$("#run").disabled = running;
+  onRunState({ running, busy, status }) {
     this.$("#stop").disabled = !running;
     this.doc.body.classList.toggle("running", running);
+    this.doc.body.classList.toggle("busy", busy);
     if (status) this.$("#status").textContent = `last run: ${status}`;
+    this.queue.refresh();
+    if (status) this.results.refresh();
+  }
+
+  showTab(name) {
+    for (const t of ["results", "queue"]) {
+      const on = t === name;
+      this.$(`#tab-${t}`).classList.toggle("active", on);
+      this.$(`#tab-${t}`).setAttribute("aria-selected", String(on));
+      this.$(`#${t}-panel`).hidden = !on;
+    }
+  }
+
+  /** Open the graph a past job ran (from the results panel), as one undo step. */
+  async openJob(id) {
+    let job;
+    try { job = await this.api.job(id); }
+    catch (e) { this.toast(`cannot open that run: ${e.message}`, "error"); return; }
+    if (!job.workflow) { this.toast("that run kept no graph", "warn"); return; }
+    if (!(await this.confirmReplace())) return;
+    this.files.loadDocument(withParams(job.workflow, job.params), null);
+    this.toast("opened the graph of that run");
   }
 
   onProgress({ text, fraction }) {
@@ -157,7 +244,7 @@ export class App {
 
   undo() { if (this.history.undo()) this.afterHistory(); }
   redo() { if (this.history.redo()) this.afterHistory(); }
-  afterHistory() { this.updateUndoButtons(); }
+  afterHistory() { this.updateUndoButtons(); this.session.changed(); }
 
   // -- palette ------------------------------------------------------------------
 

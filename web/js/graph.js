@@ -36,6 +36,14 @@ export class Graph extends EventTarget {
     this.meta = {};       // title, description, other top-level keys of the document
     this.params = {};     // named parameters, kept as the document wrote them
     this.uid = `g${++graphCounter}-${Math.random().toString(36).slice(2, 8)}`;
+    // Counts documents: a new or opened one is a new generation, so state kept by
+    // node id (run badges, substitution notes) is not carried onto the next graph's
+    // nodes that happen to reuse the same numbers. Undo and redo keep the generation.
+    this.generation = 0;
+    // The library name the document was opened or saved as. It is part of the
+    // undo state (undoing an Open brings back the name too, so Save cannot write
+    // one document over another's file), but not of the workflow document.
+    this.name = null;
   }
 
   // -- reading ------------------------------------------------------------------
@@ -98,8 +106,8 @@ export class Graph extends EventTarget {
 
   // -- editing ------------------------------------------------------------------
 
-  _emit(kind, ids = []) {
-    this.dispatchEvent(new CustomEvent("change", { detail: { kind, ids: ids.map(String) } }));
+  _emit(kind, ids = [], extra = {}) {
+    this.dispatchEvent(new CustomEvent("change", { detail: { kind, ids: ids.map(String), ...extra } }));
   }
 
   /** Add a node of a known type with its default widget values. */
@@ -257,19 +265,20 @@ export class Graph extends EventTarget {
 
   /** Everything the editor knows, exactly; restore() brings it back. */
   snapshot() {
-    return JSON.stringify({ nodes: [...this.nodes.values()], meta: this.meta, params: this.params });
+    return JSON.stringify({ nodes: [...this.nodes.values()], meta: this.meta, params: this.params, name: this.name });
   }
 
   restore(text) {
     const s = JSON.parse(text);
     this.nodes = new Map(s.nodes.map((n) => [n.id, n]));
-    this.meta = s.meta; this.params = s.params;
+    this.meta = s.meta; this.params = s.params; this.name = s.name ?? null;
     this._emit("load", [...this.nodes.keys()]);
   }
 
   clear() {
-    this.nodes = new Map(); this.meta = {}; this.params = {};
-    this._emit("load", []);
+    this.nodes = new Map(); this.meta = {}; this.params = {}; this.name = null;
+    this.generation++;
+    this._emit("load", [], { fresh: true });
   }
 
   // -- Kiln format ---------------------------------------------------------------
@@ -345,7 +354,8 @@ export class Graph extends EventTarget {
       }
     }
     if (!allPlaced) autoLayout(this);
-    this._emit("load", [...nodes.keys()]);
+    this.generation++;
+    this._emit("load", [...nodes.keys()], { fresh: true });
     return { format: kiln ? "kiln" : "comfyui-api", laidOut: !allPlaced };
   }
 

@@ -134,7 +134,8 @@ export class CanvasView {
     return v;
   }
 
-  onGraphChange({ kind, ids }) {
+  onGraphChange({ kind, ids, fresh }) {
+    if (fresh) { this.status.clear(); this.notes.clear(); }
     if (kind === "load") { this.rebuild(); return; }
     if (kind === "add") for (const id of ids) if (!this.views.has(id)) this.addView(id);
     if (kind === "remove") {
