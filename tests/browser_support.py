@@ -186,8 +186,10 @@ class Editor:
     def close_checked(self) -> None:
         """Close the page, then fail if it logged an error no test expected (every test, not only those that ask)."""
         errors = self.unexpected_errors()
+        missing = [p for p in self.expected_errors if not any(re.search(p, e) for e in self.console_errors)]
         self.page.close()
         assert errors == [], errors
+        assert missing == [], f"errors the test expected did not occur: {missing}"
 
     def screenshot(self, name: str) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)

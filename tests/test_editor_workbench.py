@@ -111,3 +111,139 @@ def test_work_survives_a_reload_with_its_undo_history_and_replacing_asks_first(e
         assert editor.doc() == edited and page.locator("#doc-name").text_content() == "img2img.json"
     finally:
         (server.workflows / "img2img.json").write_text(json.dumps(tiny_img2img(), indent=1))
+
+
+def test_runs_queue_and_results_come_back_from_the_history(editor, server):
+    page = editor.page
+    steps = editor.node("8").locator('.widget-row[data-input="steps"] input')
+    seed = editor.node("7").locator('.widget-row[data-input="seed"] input.w-num-input')
+
+    def set_field(field, value):
+        field.fill(str(value))
+        field.press("Enter")
+
+    # A long first job, then two more queued behind it while it runs.
+    set_field(steps, 400)
+    set_field(seed, 101)
+    page.click("#run")
+    page.wait_for_function("window.kiln.nodeEl('8').classList.contains('running')", timeout=RUN_TIMEOUT_MS)
+    set_field(steps, 3)
+    set_field(seed, 102)
+    page.keyboard.press("Control+Enter")
+    set_field(seed, 103)
+    page.click("#run")
+    page.click("#tab-queue")
+    page.wait_for_function("document.querySelectorAll('#queue-list .queue-item').length === 3")
+    rows = page.locator("#queue-list .queue-item")
+    assert [rows.nth(i).get_attribute("class").split()[-1] for i in range(3)] == ["running", "queued", "queued"]
+    assert page.locator("#queue-count").text_content() == "3"
+    page.wait_for_function("parseFloat(document.querySelector('.queue-item.running .queue-bar-fill').style.width) > 0")
+    editor.screenshot("workbench-queue")
+    queued = [rows.nth(i).get_attribute("data-job") for i in (1, 2)]
+    # Cancel the last one in the panel: the server drops it.
+    rows.nth(2).locator(".queue-cancel").click()
+    page.wait_for_function("document.querySelectorAll('#queue-list .queue-item').length === 2")
+    assert http_json(server.url, "GET", f"/api/jobs/{queued[1]}")["status"] == "cancelled"
+    # Stop the running one: the canvas follows the next, which runs to its image.
+    page.click("#stop")
+    editor.wait_output_image("10")
+    editor.wait_idle()
+    assert page.evaluate("window.kiln.app.runner.jobId") == queued[0]
+    assert http_json(server.url, "GET", f"/api/jobs/{queued[0]}")["status"] == "succeeded"
+    page.wait_for_function("document.querySelectorAll('#queue-list .queue-item').length === 0")
+
+    # The results panel lists the finished jobs from the server; after a reload too.
+    page.click("#tab-results")
+    card = page.locator(f'.result-job[data-job="{queued[0]}"]')
+    card.locator("img").wait_for(timeout=5000)
+    page.reload()
+    page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+    card.locator("img").wait_for(timeout=5000)
+    page.wait_for_function("[...document.querySelectorAll('#gallery-list img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator(".result-job.interrupted").count() >= 1
+    editor.screenshot("workbench-results-after-reload")
+
+    # Open that run's graph: the seed it ran with (the graph now holds later edits, so it asks).
+    set_field(editor.node("7").locator('.widget-row[data-input="seed"] input.w-num-input'), 555)
+    card.locator(".result-open").click()
+    page.click(".modal.confirm .modal-ok")
+    page.wait_for_function("window.kiln.toKiln().nodes['7'].inputs.seed === 102")
+    assert editor.doc()["nodes"]["8"]["inputs"]["steps"] == 3
+    # Delete it from the history.
+    card.locator(".result-delete").click()
+    card.wait_for(state="detached", timeout=5000)
+    assert all(j["id"] != queued[0] for j in http_json(server.url, "GET", "/api/history?limit=100")["jobs"])
+
+
+def test_the_viewer_steps_zooms_and_compares_two_results(editor, server):
+    page = editor.page
+    for strength in (0.3, 0.9):
+        assert run_job(server, tiny_img2img(f"sweep {strength}", strength))["status"] == "succeeded"
+    page.reload()
+    page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+    page.wait_for_function("document.querySelectorAll('#gallery-list img').length >= 2")
+    page.locator("#gallery-list img").first.click()
+    viewer = page.locator(".viewer")
+    viewer.wait_for()
+    name = page.locator(".viewer-name")
+    first = name.text_content()
+    assert first.endswith(f"(1/{page.locator('#gallery-list img').count()})")
+    page.keyboard.press("ArrowRight")
+    assert "(2/" in name.text_content()
+    page.keyboard.press("ArrowLeft")
+    assert name.text_content() == first
+    # Zoom at the pointer and pan by dragging.
+    stage = page.locator(".viewer-stage").bounding_box()
+    centre = (stage["x"] + stage["width"] / 2, stage["y"] + stage["height"] / 2)
+    page.mouse.move(*centre)
+    page.mouse.wheel(0, -100)
+    page.mouse.wheel(0, -100)
+    transform = page.evaluate("document.querySelector('.viewer-frame').style.transform")
+    assert "scale(1.3" in transform, transform
+    # A/B: the second image under the first, split by the slider.
+    page.click(".viewer-compare")
+    a_src = page.evaluate("document.querySelector('.viewer-img').src")
+    b_src = page.evaluate("document.querySelector('.viewer-img-b').src")
+    assert a_src != b_src and page.locator(".viewer-slider").is_visible()
+    page.locator(".viewer-slider").fill("25")
+    assert page.evaluate("document.querySelector('.viewer-img').style.clipPath") == "inset(0px 75% 0px 0px)"
+    page.wait_for_function("document.querySelector('.viewer-img-b').naturalWidth > 0")
+    editor.screenshot("workbench-viewer-ab")
+    page.keyboard.press("Escape")
+    viewer.wait_for(state="detached")
+
+
+def test_fixes_from_the_walk(editor, server):
+    page = editor.page
+    # KSampler's denoise says it does nothing while AddNoise feeds its latent.
+    row = editor.node("8").locator('.widget-row[data-input="denoise"]')
+    assert row.evaluate("e => e.classList.contains('inactive')")
+    assert "AddNoise #7" in row.locator(".row-note").text_content()
+    start = editor.socket("8", "in", "latent_image")
+    editor.drag(start, (start[0] - 40, start[1] + 300))  # detach the latent: denoise matters again
+    assert not row.evaluate("e => e.classList.contains('inactive')") and row.locator(".row-note").text_content() == ""
+    page.keyboard.press("Control+z")
+
+    # Export in ComfyUI's API format, next to Kiln's.
+    with page.expect_download() as info:
+        page.click("#download-api")
+    download = info.value
+    assert download.suggested_filename == "img2img.api.json"
+    api = json.loads(open(download.path()).read())
+    doc = editor.doc()
+    assert api == {nid: {"class_type": n["type"], "inputs": n["inputs"]} | ({"_meta": {"title": n["title"]}} if "title" in n else {})
+                   for nid, n in doc["nodes"].items()}
+    assert api["2"]["_meta"] == {"title": "positive prompt"}
+
+    # Run badges belong to their graph: after New, a new node #1 shows none.
+    page.click("#run")
+    editor.wait_idle()
+    page.wait_for_function("document.querySelectorAll('.node.done, .node.cached').length > 0")
+    page.click("#new")
+    if page.locator(".modal.confirm").count():
+        page.click(".modal.confirm .modal-ok")
+    node = editor.add_node("ksampler", 300, 200)
+    assert node == "1"
+    classes = editor.node("1").get_attribute("class").split()
+    assert not {"done", "cached", "failed", "running"} & set(classes), classes
+    assert editor.node("1").locator(".node-badge").text_content() == ""
