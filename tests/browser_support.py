@@ -26,7 +26,7 @@ from server_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("KILN_CHROMIUM", "/usr/bin/chromium")
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT = {"width": 2200, "height": 1200}  # the shipped img2img fits at a readable zoom
 RUN_TIMEOUT_MS = 90_000
 ARTIFACTS = REPO / "test-artifacts"  # screenshots of the editor's states (ignored by git)
 

@@ -16,6 +16,7 @@ import { Dialogs } from "./dialog.js";
 import { Results } from "./results.js";
 import { QueuePanel } from "./queue.js";
 import { Viewer } from "./viewer.js";
+import { tidyLayout } from "./tidy.js";
 import { unavailableChoices, applySubstitutions, describeSubstitution } from "./choices.js";
 
 const STARTER = "img2img.json";
@@ -189,6 +190,19 @@ export class App {
     on("#new", () => this.newDocument());
     on("#add", () => this.openPalette(null, null));
     on("#fit", () => this.view.fit());
+    on("#tidy", () => this.tidy());
+    on("#menu-toggle", () => {
+      const open = this.$(".toolbar").classList.toggle("menu-open");
+      this.$("#menu-toggle").setAttribute("aria-expanded", String(open));
+    });
+    // A choice in the folded menu closes it.
+    this.$("#toolbar-menu").addEventListener("click", (e) => {
+      if (e.target.closest("button")) { this.$(".toolbar").classList.remove("menu-open"); this.$("#menu-toggle").setAttribute("aria-expanded", "false"); }
+    });
+    on("#sidebar-toggle", () => {
+      const open = this.doc.body.classList.toggle("drawer-open");
+      this.$("#sidebar-toggle").setAttribute("aria-expanded", String(open));
+    });
     on("#tab-results", () => this.showTab("results"));
     on("#tab-queue", () => this.showTab("queue"));
     on("#undo", () => this.undo());
@@ -285,6 +299,18 @@ export class App {
       else if (!mod && (e.key === "Delete" || e.key === "Backspace")) { e.preventDefault(); this.deleteSelection(); }
       else if (!mod && key === "f") { e.preventDefault(); this.view.fit(); }
     });
+  }
+
+  /** Lay the graph out so no two nodes touch and no link hides under a node (one undo step). */
+  tidy() {
+    const { pos, routes } = tidyLayout(this.graph, this.view.measure());
+    for (const [id, p] of pos) this.graph.setPos(id, p);
+    for (const [id, byInput] of routes) {
+      for (const input of Object.keys(this.graph.node(id).links)) this.graph.setRoute(id, input, byInput[input] || []);
+    }
+    this.commit();
+    this.view.drawLinks();
+    this.view.fit();
   }
 
   deleteSelection() {

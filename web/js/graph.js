@@ -191,6 +191,7 @@ export class Graph extends EventTarget {
     const reason = this.canConnect(src, output, dst, input);
     if (reason) return { ok: false, reason };
     this.node(dst).links[input] = [String(src), output];
+    this._dropRoute(this.node(dst), input);
     this._emit("link", [dst]);
     return { ok: true, reason: null };
   }
@@ -200,6 +201,7 @@ export class Graph extends EventTarget {
     if (!n || !n.links[input]) return null;
     const was = n.links[input];
     delete n.links[input];
+    this._dropRoute(n, input);
     this._emit("link", [dst]);
     return was;
   }
@@ -233,11 +235,38 @@ export class Graph extends EventTarget {
   }
 
   moveBy(ids, dx, dy) {
-    for (const id of ids) {
+    const moved = new Set(ids.map(String));
+    for (const id of moved) {
       const n = this.node(id);
-      if (n) n.pos = [Math.round(n.pos[0] + dx), Math.round(n.pos[1] + dy)];
+      if (!n) continue;
+      n.pos = [Math.round(n.pos[0] + dx), Math.round(n.pos[1] + dy)];
+      // A routed link between two moved nodes moves with them.
+      for (const [input, pts] of Object.entries(n.ui.routes || {})) {
+        if (moved.has(n.links[input]?.[0])) n.ui.routes[input] = pts.map(([x, y]) => [x + dx, y + dy]);
+      }
     }
     this._emit("move", ids);
+  }
+
+  /**
+   * Waypoints a link passes through on its way into `input` (world coordinates,
+   * kept in the node's ui as `routes`); Tidy up sets them so long links run
+   * through gaps. An empty list removes the route.
+   */
+  setRoute(id, input, points) {
+    const n = this.node(id);
+    if (!n) return;
+    const routes = { ...(n.ui.routes || {}) };
+    if (points && points.length) routes[input] = points.map(([x, y]) => [Math.round(x), Math.round(y)]);
+    else delete routes[input];
+    if (Object.keys(routes).length) n.ui.routes = routes; else delete n.ui.routes;
+    this._emit("move", [id]);
+  }
+
+  _dropRoute(n, input) {
+    if (!n.ui.routes?.[input]) return;
+    delete n.ui.routes[input];
+    if (!Object.keys(n.ui.routes).length) delete n.ui.routes;
   }
 
   /** Apply each seed-like widget's after-run rule (increment / randomize). */

@@ -5,9 +5,13 @@
 
 import { NodeView } from "./node_view.js";
 import { typeColour } from "./types.js";
+import { linkPath, routePath } from "./curve.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const MIN_ZOOM = 0.2, MAX_ZOOM = 2.5;
+// Fit never zooms out past this: node text (12-13 px) stays at about 10 px, and a
+// graph too big for the window at this zoom opens at its start (top left), to pan.
+export const READABLE_ZOOM = 0.8;
 
 function isEditable(t) {
   return t instanceof Element && !!t.closest("input, textarea, select, button, .upload, [contenteditable]");
@@ -95,8 +99,11 @@ export class CanvasView {
       x1 = Math.max(x1, n.pos[0] + v.el.offsetWidth); y1 = Math.max(y1, n.pos[1] + v.el.offsetHeight);
     }
     const margin = 40;
-    this.scale = Math.min(1, Math.max(MIN_ZOOM, Math.min((r.width - 2 * margin) / (x1 - x0), (r.height - 2 * margin) / (y1 - y0))));
-    this.offset = [(r.width - (x1 - x0) * this.scale) / 2 - x0 * this.scale, (r.height - (y1 - y0) * this.scale) / 2 - y0 * this.scale];
+    const whole = Math.min((r.width - 2 * margin) / (x1 - x0), (r.height - 2 * margin) / (y1 - y0));
+    this.scale = Math.min(1, Math.max(READABLE_ZOOM, whole));
+    // Centred where it fits; else from its top-left corner, where the data flow starts.
+    const place = (size, span, lo) => (span * this.scale <= size - 2 * margin ? (size - span * this.scale) / 2 : margin) - lo * this.scale;
+    this.offset = [place(r.width, x1 - x0, x0), place(r.height, y1 - y0, y0)];
     this.applyTransform();
     this.drawLinks();
   }
@@ -153,9 +160,19 @@ export class CanvasView {
     this._linkFrame = requestAnimationFrame(() => { this._linkFrame = null; this.drawLinks(); });
   }
 
-  curve(a, b) {
-    const dx = Math.max(40, Math.abs(b[0] - a[0]) * 0.5);
-    return `M ${a[0]} ${a[1]} C ${a[0] + dx} ${a[1]}, ${b[0] - dx} ${b[1]}, ${b[0]} ${b[1]}`;
+  curve(a, b) { return linkPath(a, b); }
+
+  /** What the tidy-up layout needs to know of the drawn nodes (world units). */
+  measure() {
+    return {
+      size: (id) => { const v = this.views.get(id); return [v.el.offsetWidth, v.el.offsetHeight]; },
+      socket: (id, kind, key) => {
+        const n = this.graph.node(id), p = this.socketPoint(id, kind, key);
+        if (!p) return [kind === "out" ? this.views.get(id).el.offsetWidth : 0, 14];
+        const w = this.toWorld(...p);
+        return [w[0] - n.pos[0], w[1] - n.pos[1]];
+      },
+    };
   }
 
   drawLinks() {
@@ -165,7 +182,8 @@ export class CanvasView {
       if (!a || !b) continue;
       const p = document.createElementNS(SVG, "path");
       p.classList.add("link");
-      p.setAttribute("d", this.curve(this.toWorld(...a), this.toWorld(...b)));
+      const route = this.graph.node(l.to)?.ui.routes?.[l.input] || [];
+      p.setAttribute("d", routePath([this.toWorld(...a), ...route, this.toWorld(...b)]));
       p.style.stroke = typeColour(l.type);
       p.dataset.from = l.from; p.dataset.to = l.to; p.dataset.input = l.input;
       paths.push(p);
