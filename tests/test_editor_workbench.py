@@ -247,3 +247,114 @@ def test_fixes_from_the_walk(editor, server):
     classes = editor.node("1").get_attribute("class").split()
     assert not {"done", "cached", "failed", "running"} & set(classes), classes
     assert editor.node("1").locator(".node-badge").text_content() == ""
+
+
+def right_click(editor, x: float, y: float) -> None:
+    editor.page.mouse.click(x, y, button="right")
+    editor.page.locator(".context-menu").wait_for(timeout=3000)
+
+
+def menu(editor, action: str) -> None:
+    editor.page.click(f'.context-menu .menu-item[data-action="{action}"]')
+
+
+def test_comfyui_habits_space_pan_menus_groups_reroutes_minimap_and_search(editor):
+    page = editor.page
+    original = editor.doc()
+    title = page.evaluate("window.kiln.titlePos('8')")
+    # Space held: a drag that starts on a node pans the view; nothing moves, no text gets selected, no search opens.
+    offset = page.evaluate("window.kiln.view.offset")
+    page.keyboard.down(" ")
+    editor.drag(tuple(title), (title[0] - 200, title[1] + 80))
+    page.keyboard.up(" ")
+    assert page.evaluate("window.kiln.view.offset") == [offset[0] - 200, offset[1] + 80]
+    assert editor.doc() == original and not page.locator(".palette").is_visible()
+    assert page.evaluate("getSelection().toString()") == ""
+
+    # Right-click a node: bypass AddNoise; what runs skips it and KSampler takes VAEEncode's latent.
+    right_click(editor, *page.evaluate("window.kiln.titlePos('7')"))
+    editor.screenshot("habits-node-menu")
+    menu(editor, "bypass")
+    assert "bypassed" in editor.node("7").get_attribute("class")
+    run = page.evaluate("window.kiln.graph.toSubmit()")
+    assert "7" not in run["nodes"] and run["nodes"]["8"]["inputs"]["latent_image"] == ["6", 0]
+    assert editor.doc()["nodes"]["7"]["ui"]["mode"] == "bypass"
+    # Mute the negative prompt: it does not run and nothing takes its output.
+    right_click(editor, *page.evaluate("window.kiln.titlePos('3')"))
+    menu(editor, "mute")
+    run = page.evaluate("window.kiln.graph.toSubmit()")
+    assert "3" not in run["nodes"] and "negative" not in run["nodes"]["8"]["inputs"]
+    # Colour, collapse and pin.
+    right_click(editor, *page.evaluate("window.kiln.titlePos('9')"))
+    page.click('.context-menu .swatch[data-color="#3f7a3a"]')
+    assert editor.doc()["nodes"]["9"]["ui"]["color"] == "#3f7a3a"
+    right_click(editor, *page.evaluate("window.kiln.titlePos('9')"))
+    menu(editor, "collapse")
+    assert editor.node("9").locator(".node-body").is_hidden()
+    assert page.locator('svg.links path.link[data-to="9"]').count() == 2, "its two links still drawn"
+    right_click(editor, *page.evaluate("window.kiln.titlePos('10')"))
+    menu(editor, "pin")
+    pinned = editor.doc()["nodes"]["10"]["ui"]["pos"]
+    t10 = page.evaluate("window.kiln.titlePos('10')")
+    editor.drag(tuple(t10), (t10[0] + 120, t10[1] + 50))
+    assert editor.doc()["nodes"]["10"]["ui"]["pos"] == pinned
+
+    # Groups: Ctrl+G around the two prompts; dragging its title moves them; rename; remove.
+    page.mouse.click(*page.evaluate("window.kiln.titlePos('2')"))
+    page.keyboard.down("Shift")
+    page.mouse.click(*page.evaluate("window.kiln.titlePos('3')"))
+    page.keyboard.up("Shift")
+    page.keyboard.press("Control+g")
+    groups = editor.doc()["groups"]
+    assert len(groups) == 1
+    before = {i: editor.doc()["nodes"][i]["ui"]["pos"] for i in ("2", "3", "8")}
+    gt = page.locator(".group-title").bounding_box()
+    editor.drag((gt["x"] + 30, gt["y"] + 10), (gt["x"] + 30 + 60, gt["y"] + 10 + 40))
+    after = editor.doc()["nodes"]
+    scale = page.evaluate("window.kiln.view.scale")
+    for i in ("2", "3"):
+        assert after[i]["ui"]["pos"] == [before[i][0] + round(60 / scale), before[i][1] + round(40 / scale)], i
+    assert after["8"]["ui"]["pos"] == before["8"], "a node outside the group stays"
+    gt = page.locator(".group-title").bounding_box()
+    page.mouse.dblclick(gt["x"] + 30, gt["y"] + 10)
+    page.locator(".modal-input").fill("Prompts")
+    page.keyboard.press("Enter")
+    assert editor.doc()["groups"][0]["title"] == "Prompts"
+    editor.screenshot("habits-group")
+    right_click(editor, gt["x"] + 30, gt["y"] + 10)
+    menu(editor, "remove-group")
+    assert "groups" not in editor.doc()
+
+    # A reroute point on a link (right-click the link), then delete the link from its menu.
+    path = page.locator('svg.links path.link[data-to="5"]')
+    mid = page.evaluate("""() => { const p = document.querySelector('svg.links path.link[data-to="5"]');
+        const q = p.getPointAtLength(p.getTotalLength() / 2); return window.kiln.view.toClient(q.x, q.y); }""")
+    assert path.count() == 1
+    right_click(editor, *mid)
+    menu(editor, "reroute")
+    assert len(editor.doc()["nodes"]["5"]["ui"]["routes"]["image"]) == 1
+    right_click(editor, *mid)
+    menu(editor, "delete-link")
+    assert "image" not in editor.doc()["nodes"]["5"]["inputs"]
+
+    # The minimap moves the view to where it is clicked.
+    box = page.locator(".minimap").bounding_box()
+    offset = page.evaluate("window.kiln.view.offset")
+    page.mouse.click(box["x"] + 20, box["y"] + 20)
+    assert page.evaluate("window.kiln.view.offset") != offset
+
+    # Fuzzy search, search by type, and a "nothing found" state.
+    page.mouse.click(*editor.canvas_point(30, 30))
+    page.keyboard.press("/")
+    search = page.locator(".palette-input")
+    search.fill("ksmp")
+    assert page.locator(".palette-item").first.get_attribute("data-type") == "KSampler"
+    search.fill("in:LATENT")
+    found = {page.locator(".palette-item").nth(i).get_attribute("data-type") for i in range(page.locator(".palette-item").count())}
+    assert {"VAEDecode", "KSampler", "AddNoise"} <= found and "CLIPTextEncode" not in found
+    search.fill("zzqqxx")
+    assert page.locator(".palette-item").count() == 0 and "Nothing found" in page.locator(".palette-empty").text_content()
+    page.keyboard.press("Escape")
+    # Node descriptions show as text in tooltips, never as markup.
+    text = page.evaluate("import('/web/js/node_view.js').then(m => m.plainText('<b>Fast</b> **sampler**, see [docs](http://x)'))")
+    assert text == "Fast sampler, see docs"

@@ -17,6 +17,8 @@ import { Results } from "./results.js";
 import { QueuePanel } from "./queue.js";
 import { Viewer } from "./viewer.js";
 import { tidyLayout } from "./tidy.js";
+import { ContextMenu } from "./menu.js";
+import { Minimap } from "./minimap.js";
 import { unavailableChoices, applySubstitutions, describeSubstitution } from "./choices.js";
 
 const STARTER = "img2img.json";
@@ -98,7 +100,13 @@ export class App {
         this.graph.setTitle(id, !title || title === (this.graph.def(n.type)?.title || n.type) ? null : title);
         this.commit();
       },
+      onRenameGroup: (i) => this.renameGroup(i),
+      onMenu: (x, y, hit) => this.openMenu(x, y, hit),
     });
+    this.menu = new ContextMenu(this.doc.body);
+    this.minimap = new Minimap(canvasEl, this.view);
+    this.view.onViewChange = () => this.minimap.schedule();
+    this.graph.addEventListener("change", () => this.minimap.schedule());
     this.palette = new Palette(this.doc.body, () => this.graph.defs);
     this.viewer = new Viewer(this.doc.body);
     this.results = new Results({ list: this.$("#gallery-list"), api: this.api, viewer: this.viewer,
@@ -285,7 +293,7 @@ export class App {
     this.doc.addEventListener("keydown", (e) => {
       const mod = e.ctrlKey || e.metaKey;
       if (mod && e.key === "Enter") { e.preventDefault(); this.runner.run(); return; }
-      if (isTyping(e.target) || this.doc.querySelector(".modal-back")) return;
+      if (isTyping(e.target) || this.doc.querySelector(".modal-back") || this.menu.isOpen) return;
       if (e.key === "Escape" && this.runner.running && !this.palette.isOpen) { this.runner.stop(); return; }
       const key = e.key.toLowerCase();
       if (mod && key === "z") { e.preventDefault(); if (e.shiftKey) this.redo(); else this.undo(); }
@@ -295,7 +303,8 @@ export class App {
       else if (mod && key === "a") { e.preventDefault(); this.view.select([...this.graph.nodes.keys()]); }
       else if (mod && key === "d") { e.preventDefault(); this.duplicate(); }
       else if (mod && key === "k") { e.preventDefault(); this.openPalette(null, null); }
-      else if (!mod && (e.key === "/" || e.key === " ")) { e.preventDefault(); this.openPalette(null, null); }
+      else if (mod && key === "g") { e.preventDefault(); this.groupSelection(); }
+      else if (!mod && e.key === "/") { e.preventDefault(); this.openPalette(null, null); }
       else if (!mod && (e.key === "Delete" || e.key === "Backspace")) { e.preventDefault(); this.deleteSelection(); }
       else if (!mod && key === "f") { e.preventDefault(); this.view.fit(); }
     });
@@ -311,6 +320,91 @@ export class App {
     this.commit();
     this.view.drawLinks();
     this.view.fit();
+  }
+
+  // -- groups and the right-click menu --------------------------------------------
+
+  /** A group around the selected nodes (Ctrl+G), or around everything when nothing is selected. */
+  groupSelection() {
+    const ids = this.view.selected.size ? [...this.view.selected] : [...this.graph.nodes.keys()];
+    if (!ids.length) return null;
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const id of ids) {
+      const n = this.graph.node(id), el = this.view.views.get(id)?.el;
+      x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1]);
+      x1 = Math.max(x1, n.pos[0] + (el?.offsetWidth || 260)); y1 = Math.max(y1, n.pos[1] + (el?.offsetHeight || 100));
+    }
+    const pad = 20, head = 34;
+    const index = this.graph.addGroup([x0 - pad, y0 - pad - head, x1 - x0 + 2 * pad, y1 - y0 + 2 * pad + head]);
+    this.commit();
+    return index;
+  }
+
+  async renameGroup(i) {
+    const g = this.graph.groups[i];
+    if (!g) return;
+    const title = await this.dialogs.prompt("Group title", g.title);
+    if (title === null) return;
+    this.graph.updateGroup(i, { title: title || "Group" });
+    this.commit();
+  }
+
+  /** What a right-click offers: on a node (acting on the selection), a group, a link, or the canvas. */
+  openMenu(x, y, hit) {
+    const COLOURS = [["", "no colour"], ["#8a3b3b", "red"], ["#8a6a2b", "brown"], ["#3f7a3a", "green"], ["#2f5f8f", "blue"], ["#5d3f8f", "purple"]];
+    const done = (fn) => () => { fn(); this.commit(); };
+    let items;
+    if (hit.node) {
+      const ids = [...this.view.selected];
+      const n = this.graph.node(hit.node);
+      const all = (key, value) => done(() => ids.forEach((id) => this.graph.setUi(id, key, value)));
+      items = [
+        { id: "bypass", label: "Bypass", checked: n.ui.mode === "bypass", action: all("mode", n.ui.mode === "bypass" ? null : "bypass") },
+        { id: "mute", label: "Mute", checked: n.ui.mode === "mute", action: all("mode", n.ui.mode === "mute" ? null : "mute") },
+        { id: "collapse", label: n.ui.collapsed ? "Expand" : "Collapse", action: all("collapsed", !n.ui.collapsed) },
+        { id: "pin", label: n.ui.pinned ? "Unpin" : "Pin", action: all("pinned", !n.ui.pinned) },
+        { swatches: COLOURS.map(([c, name]) => ({ color: c, label: `colour: ${name}`, action: all("color", c || null) })) },
+        "-",
+        { id: "rename", label: "Rename…", action: () => this.view.hooks.onRename(hit.node) },
+        { id: "clone", label: "Clone", action: () => this.duplicate() },
+        { id: "group", label: "Group selection (Ctrl+G)", action: () => this.groupSelection() },
+        { id: "remove", label: "Remove", action: () => this.deleteSelection() },
+      ];
+    } else if (hit.group !== undefined) {
+      const i = hit.group;
+      items = [
+        { id: "rename-group", label: "Rename group…", action: () => this.renameGroup(i) },
+        { swatches: COLOURS.map(([c, name]) => ({ color: c, label: `colour: ${name}`, action: done(() => this.graph.updateGroup(i, { color: c || null })) })) },
+        { id: "select-group", label: "Select nodes in group", action: () => this.view.select(this.graph.nodesInGroup(i)) },
+        { id: "remove-group", label: "Remove group (keep nodes)", action: done(() => this.graph.removeGroup(i)) },
+      ];
+    } else if (hit.link) {
+      const l = hit.link;
+      items = [
+        { id: "reroute", label: "Add reroute point here", action: done(() => this.addReroute(l, this.view.toWorld(x, y))) },
+        { id: "straighten", label: "Remove reroute points", disabled: !this.graph.node(l.to)?.ui.routes?.[l.input], action: done(() => this.graph.setRoute(l.to, l.input, [])) },
+        { id: "delete-link", label: "Delete link", action: done(() => this.graph.disconnect(l.to, l.input)) },
+      ];
+    } else {
+      const at = this.view.toWorld(x, y);
+      items = [
+        { id: "add-node", label: "Add node here…", action: () => this.openPalette(at, null) },
+        { id: "group-all", label: this.view.selected.size ? "Group selection (Ctrl+G)" : "Group everything", action: () => this.groupSelection() },
+        { id: "tidy", label: "Tidy up", action: () => this.tidy() },
+        { id: "fit", label: "Fit (F)", action: () => this.view.fit() },
+      ];
+    }
+    this.menu.open(x, y, items);
+  }
+
+  /** A reroute point: a waypoint the link passes through, kept in the order along the link. */
+  addReroute(link, at) {
+    const n = this.graph.node(link.to);
+    const pts = [...(n.ui.routes?.[link.input] || [])];
+    // Insert by x, since links run left to right.
+    const i = pts.findIndex((p) => p[0] > at[0]);
+    pts.splice(i < 0 ? pts.length : i, 0, at);
+    this.graph.setRoute(link.to, link.input, pts);
   }
 
   deleteSelection() {

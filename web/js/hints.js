@@ -18,7 +18,7 @@ export function inactiveInputs(graph, id) {
   for (const [type, input, via, source, why] of RULES) {
     if (n.type !== type || n.links[input]) continue;
     const from = n.links[via] && graph.node(n.links[via][0]);
-    if (from && from.type === source) out[input] = `${why.replace("AddNoise's", `AddNoise #${from.id}'s`)}`;
+    if (from && from.type === source && !from.ui.mode) out[input] = `${why.replace("AddNoise's", `AddNoise #${from.id}'s`)}`;
   }
   return out;
 }

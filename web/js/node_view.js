@@ -24,6 +24,15 @@ function socket(kind, type, attrs) {
 }
 
 /**
+ * A description as a person reads it: node descriptions may carry HTML or
+ * Markdown (ComfyUI's do), and a tooltip shows text, not markup.
+ */
+export function plainText(text) {
+  const parsed = new DOMParser().parseFromString(String(text), "text/html").body.textContent || "";
+  return parsed.replace(/\*\*|__|`/g, "").replace(/\[([^\]]*)\]\([^)]*\)/g, "$1").replace(/[ \t]+/g, " ").trim();
+}
+
+/**
  * Revoke a live preview's blob URL once the image that shows it is done with it.
  * Revoking while the <img> is still loading makes that load fail (a console
  * error, and a blank preview), so a replaced image that has not settled yet
@@ -68,7 +77,7 @@ export class NodeView {
     const badge = div("node-badge");
     const idTag = div("node-id", `#${n.id}`);
     title.append(label, badge, idTag);
-    title.title = def ? `${n.type} (${def.category})${def.description ? "\n" + def.description : ""}` : `unknown node type ${n.type}`;
+    title.title = def ? `${n.type} (${def.category})${def.description ? "\n" + plainText(def.description) : ""}` : `unknown node type ${n.type}`;
     this.el.append(title);
     this.titleEl = title; this.badgeEl = badge;
 
@@ -189,6 +198,13 @@ export class NodeView {
     }
     const def = this.graph.def(n.type);
     this.el.querySelector(".node-label").textContent = n.title || def?.title || n.type;
+    const cls = this.el.classList;
+    cls.toggle("bypassed", n.ui.mode === "bypass");
+    cls.toggle("muted", n.ui.mode === "mute");
+    cls.toggle("collapsed", !!n.ui.collapsed);
+    cls.toggle("pinned", !!n.ui.pinned);
+    if (n.ui.color) this.el.style.setProperty("--node-color", n.ui.color); else this.el.style.removeProperty("--node-color");
+    this.badgeEl.dataset.mode = n.ui.mode === "bypass" ? "bypassed" : n.ui.mode === "mute" ? "muted" : "";
   }
 
   outputSocket(index) { return this.el.querySelector(`.socket.out[data-output="${index}"]`); }

@@ -55,7 +55,7 @@ export class Runner extends EventTarget {
 
   /** Submit the graph as it is now; while another job runs, it waits in the server's queue. */
   async run() {
-    const workflow = this.graph.toKiln();
+    const workflow = this.graph.toSubmit();
     if (!this.running) {
       this.view.clearStatus(true);
       this.progress("submitting\u2026", 0);
