@@ -6,9 +6,11 @@ command that installs it rather than skipping them.
 """
 from __future__ import annotations
 
+import base64
 import json
 import mimetypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,9 @@ from server_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("KILN_CHROMIUM", "/usr/bin/chromium")
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT = {"width": 2200, "height": 1200}  # the shipped img2img fits at a readable zoom
+RUN_TIMEOUT_MS = 90_000
+ARTIFACTS = REPO / "test-artifacts"  # screenshots of the editor's states (ignored by git)
 
 
 def chromium_path() -> str:
@@ -148,3 +152,119 @@ class Server:
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()
+
+
+# -- the editor page ----------------------------------------------------------------------------
+
+class Editor:
+    """A page with the editor open, and the mouse moves the tests share."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.console_errors: list[str] = []
+        #: patterns of console errors a test provokes on purpose (each must then occur)
+        self.expected_errors: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
+        page.on("requestfailed", self._on_failed)
+
+    def _on_console(self, m: Any) -> None:
+        if m.type == "error":
+            where = m.location.get("url", "") if isinstance(m.location, dict) else ""
+            self.console_errors.append(f"{m.text} [{where}]" if where else m.text)
+
+    def _on_failed(self, request: Any) -> None:
+        # A failed request names its URL here; the console message alone often does not.
+        # An aborted one (an image replaced before it loaded, the page closing) is no error.
+        if not request.url.startswith("data:") and "ERR_ABORTED" not in str(request.failure):
+            self.console_errors.append(f"request failed: {request.url} ({request.failure})")
+
+    def unexpected_errors(self) -> list[str]:
+        """Console errors, page errors and failed requests that no test asked for."""
+        return [e for e in self.console_errors if not any(re.search(p, e) for p in self.expected_errors)]
+
+    def close_checked(self) -> None:
+        """Close the page, then fail if it logged an error no test expected (every test, not only those that ask)."""
+        errors = self.unexpected_errors()
+        missing = [p for p in self.expected_errors if not any(re.search(p, e) for e in self.console_errors)]
+        self.page.close()
+        assert errors == [], errors
+        assert missing == [], f"errors the test expected did not occur: {missing}"
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def doc(self) -> dict[str, Any]:
+        return self.page.evaluate("window.kiln.toKiln()")
+
+    def socket(self, node_id: str, kind: str, key: Any) -> tuple[float, float]:
+        pos = self.page.evaluate("([id, kind, key]) => window.kiln.socketPos(id, kind, key)", [node_id, kind, key])
+        assert pos, f"no {kind} socket {key!r} on node {node_id}"
+        return pos[0], pos[1]
+
+    def drag(self, start: tuple[float, float], end: tuple[float, float]) -> None:
+        m = self.page.mouse
+        m.move(*start)
+        m.down()
+        m.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=4)
+        m.move(*end, steps=4)
+        m.up()
+
+    def link(self, src: str, output: int, dst: str, input_name: str) -> None:
+        self.drag(self.socket(src, "out", output), self.socket(dst, "in", input_name))
+
+    def node(self, node_id: str) -> Any:
+        return self.page.locator(f'.node[data-id="{node_id}"]')
+
+    def canvas_point(self, x: float, y: float) -> tuple[float, float]:
+        box = self.page.locator("#canvas").bounding_box()
+        return box["x"] + x, box["y"] + y
+
+    def add_node(self, query: str, x: float, y: float) -> str:
+        """Double-click the canvas at (x, y), search, press Enter; returns the new node's id."""
+        before = set(self.doc()["nodes"])
+        self.page.mouse.dblclick(*self.canvas_point(x, y))
+        self.page.locator(".palette-input").fill(query)
+        self.page.keyboard.press("Enter")
+        added = set(self.doc()["nodes"]) - before
+        assert len(added) == 1, f"searching {query!r} added {added}"
+        return added.pop()
+
+    def wait_output_image(self, node_id: str) -> None:
+        self.page.wait_for_function(
+            """id => { const img = document.querySelector(`.node[data-id="${id}"] .node-media img.output`);
+                       return img && img.complete && img.naturalWidth > 0; }""",
+            arg=node_id, timeout=RUN_TIMEOUT_MS)
+
+    def wait_idle(self) -> None:
+        self.page.wait_for_function("!document.body.classList.contains('busy')", timeout=RUN_TIMEOUT_MS)
+
+
+def open_editor(browser: Any, server: Server, viewport: dict[str, int] | None = None, **context: Any) -> Editor:
+    """A new page (its own browser context, so its own localStorage) with the editor ready.
+
+    The page bypasses the editor's Content-Security-Policy: Playwright's wait_for_function
+    compiles its predicate with ``new Function``, which the policy forbids
+    (tests/test_editor_csp.py checks the editor under its policy)."""
+    page = browser.new_page(viewport=viewport or VIEWPORT, **({"bypass_csp": True} | context))
+    ed = Editor(page)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
+    return ed
+
+
+def drop_file(editor: Editor, data: bytes, name: str, mime: str, at: tuple[float, float] | None = None) -> None:
+    """Drop a file as the browser would after a drag from the desktop (at client coordinates)."""
+    x, y = at or editor.canvas_point(500, 600)
+    editor.page.evaluate(
+        """([b64, name, mime, x, y]) => {
+             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+             const dt = new DataTransfer();
+             dt.items.add(new File([bytes], name, { type: mime }));
+             const target = document.elementFromPoint(x, y);
+             for (const type of ['dragover', 'drop'])
+               target.dispatchEvent(new DragEvent(type, { dataTransfer: dt, clientX: x, clientY: y, bubbles: true, cancelable: true }));
+           }""", [base64.b64encode(data).decode(), name, mime, x, y])

@@ -7,7 +7,6 @@ test hook (``window.kiln``) reports; the hook is only read, never used to edit.
 """
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import time
@@ -17,11 +16,10 @@ from typing import Any
 import pytest
 from PIL import Image, PngImagePlugin
 
-from browser_support import DEMO_CKPT, REPO, TINY_CKPT, VIEWPORT, Server, http_json, launch_browser, tiny_img2img
+from browser_support import (DEMO_CKPT, REPO, RUN_TIMEOUT_MS, TINY_CKPT, VIEWPORT, Editor, Server, drop_file, http_json,
+                             launch_browser, open_editor, tiny_img2img)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-RUN_TIMEOUT_MS = 90_000
 
 
 @pytest.fixture(scope="module")
@@ -48,61 +46,6 @@ def browser():
     yield from launch_browser()
 
 
-class Editor:
-    """A page with the editor open, and the mouse moves the tests share."""
-
-    def __init__(self, page: Any) -> None:
-        self.page = page
-        self.console_errors: list[str] = []
-        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
-
-    def doc(self) -> dict[str, Any]:
-        return self.page.evaluate("window.kiln.toKiln()")
-
-    def socket(self, node_id: str, kind: str, key: Any) -> tuple[float, float]:
-        pos = self.page.evaluate("([id, kind, key]) => window.kiln.socketPos(id, kind, key)", [node_id, kind, key])
-        assert pos, f"no {kind} socket {key!r} on node {node_id}"
-        return pos[0], pos[1]
-
-    def drag(self, start: tuple[float, float], end: tuple[float, float]) -> None:
-        m = self.page.mouse
-        m.move(*start)
-        m.down()
-        m.move((start[0] + end[0]) / 2, (start[1] + end[1]) / 2, steps=4)
-        m.move(*end, steps=4)
-        m.up()
-
-    def link(self, src: str, output: int, dst: str, input_name: str) -> None:
-        self.drag(self.socket(src, "out", output), self.socket(dst, "in", input_name))
-
-    def node(self, node_id: str) -> Any:
-        return self.page.locator(f'.node[data-id="{node_id}"]')
-
-    def canvas_point(self, x: float, y: float) -> tuple[float, float]:
-        box = self.page.locator("#canvas").bounding_box()
-        return box["x"] + x, box["y"] + y
-
-    def add_node(self, query: str, x: float, y: float) -> str:
-        """Double-click the canvas at (x, y), search, press Enter; returns the new node's id."""
-        before = set(self.doc()["nodes"])
-        self.page.mouse.dblclick(*self.canvas_point(x, y))
-        self.page.locator(".palette-input").fill(query)
-        self.page.keyboard.press("Enter")
-        added = set(self.doc()["nodes"]) - before
-        assert len(added) == 1, f"searching {query!r} added {added}"
-        return added.pop()
-
-    def wait_output_image(self, node_id: str) -> None:
-        self.page.wait_for_function(
-            """id => { const img = document.querySelector(`.node[data-id="${id}"] .node-media img.output`);
-                       return img && img.complete && img.naturalWidth > 0; }""",
-            arg=node_id, timeout=RUN_TIMEOUT_MS)
-
-    def wait_idle(self) -> None:
-        self.page.wait_for_function("!document.querySelector('#run').disabled", timeout=RUN_TIMEOUT_MS)
-
-
 #: Playwright's wait_for_function compiles its predicate with ``new Function`` in the page,
 #: which the editor's Content-Security-Policy forbids; these tests drive the editor, and
 #: tests/test_editor_csp.py checks it under its policy.
@@ -111,12 +54,9 @@ PAGE = {"viewport": VIEWPORT, "bypass_csp": True}
 
 @pytest.fixture
 def editor(browser, server):
-    page = browser.new_page(**PAGE)
-    page.goto(server.url + "/")
-    page.wait_for_function("document.body.classList.contains('ready')", timeout=20_000)
-    ed = Editor(page)
+    ed = open_editor(browser, server)
     yield ed
-    page.close()
+    ed.close_checked()
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -129,7 +69,7 @@ def test_page_starts_with_the_img2img_workflow(editor, server):
         assert doc["nodes"][node_id]["inputs"] == node["inputs"]
         assert doc["nodes"][node_id]["ui"]["pos"] == node["ui"]["pos"]
     assert editor.page.locator(".node").count() == len(expected)
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path):
@@ -210,7 +150,7 @@ def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path)
     assert "progress" in seen["events"] and "preview" in seen["events"], seen["events"]
     assert seen["previewShown"], "a live preview appeared on the sampler"
     assert seen["bar"] == 100
-    assert editor.page.locator("#gallery-list img").count() == 1  # one image, shown once
+    page.wait_for_function("document.querySelectorAll('#gallery-list img').length === 1")  # one image, shown once
     assert not editor.node(ids["sampler"]).evaluate("e => e.classList.contains('failed')")
     # The job ran with the seeds as they were; after it the widgets show the next ones.
     job = http_json(server.url, "GET", f"/api/jobs/{page.evaluate('window.kiln.app.runner.jobId')}")
@@ -223,7 +163,7 @@ def test_build_img2img_from_an_empty_canvas_and_run_it(editor, server, tmp_path)
     shot = tmp_path / "editor-img2img-run.png"
     page.screenshot(path=str(shot))
     print(f"screenshot of the finished run: {shot}")
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def test_open_a_workflow_from_the_library_and_run_it(editor, server):
@@ -249,7 +189,7 @@ def test_open_a_workflow_from_the_library_and_run_it(editor, server):
     page.wait_for_function("document.querySelector('#doc-name').textContent === 'mine.json'")
     saved = json.loads((server.workflows / "mine.json").read_text())
     assert saved["nodes"] == editor.doc()["nodes"] and saved["title"] == "Strong repaint"
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def test_a_latent_to_image_drag_is_refused(editor):
@@ -265,6 +205,7 @@ def test_a_latent_to_image_drag_is_refused(editor):
 
 
 def test_a_validation_error_is_shown_on_the_right_node(editor):
+    editor.expected_errors.append(r"status of 400 \(Bad Request\) \[http://127\.0\.0\.1:\d+/api/jobs\]")
     # Drag KSampler's positive input away: that detaches the link.
     start = editor.socket("8", "in", "positive")
     editor.drag(start, (start[0] - 60, start[1] + 260))
@@ -340,7 +281,7 @@ def test_undo_and_redo_restore_the_graph_exactly(editor):
     assert editor.doc() == edited
     page.click("#undo")
     assert "3" in editor.doc()["nodes"]
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
@@ -431,7 +372,7 @@ def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
     assert page.locator(".palette-item").first.get_attribute("data-type") == "KSampler"
     page.keyboard.press("Enter")
     assert sorted(n["type"] for n in editor.doc()["nodes"].values()).count("KSampler") == 2
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def drop_file(editor: Editor, data: bytes, name: str, mime: str, at: tuple[float, float] | None = None) -> None:
@@ -484,7 +425,7 @@ def test_dropping_a_saved_png_restores_its_workflow(editor, server):
     assert {nid: n["inputs"] for nid, n in doc["nodes"].items()} == {nid: n["inputs"] for nid, n in api.items()}
     xs = {nid: n["ui"]["pos"][0] for nid, n in doc["nodes"].items()}
     assert xs["1"] < xs["6"] < xs["7"] < xs["8"] < xs["9"] < xs["10"]
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def test_an_image_picked_on_load_image_is_uploaded_and_shown(editor, server):
@@ -506,7 +447,7 @@ def test_an_image_picked_on_load_image_is_uploaded_and_shown(editor, server):
     editor.page.wait_for_function("window.kiln.toKiln().nodes['4'].inputs.image === 'blue.png'")
     editor.page.wait_for_function("document.querySelector('.node[data-id=\"4\"] img.thumb').naturalWidth === 30")
     assert len(editor.doc()["nodes"]) == 10, "the graph was not replaced"
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []
 
 
 def test_copy_and_paste_keep_links_also_into_another_tab(editor, browser, server):
@@ -583,16 +524,22 @@ def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(bro
         print(f"the starter workflow ran in {time.monotonic() - started:.1f} s")
         page.screenshot(path=str(tmp_path / "editor-fresh-server-run.png"))
 
-        # The same file dropped onto the canvas later: replaced again, and one undo step.
+        # The graph has unsaved edits (64 px): New asks before replacing it.
         page.click("#new")
-        notice.locator(".notice-close").click()
+        page.locator(".modal.confirm").wait_for(timeout=3000)
+        assert len(editor.doc()["nodes"]) == 10, "nothing replaced before the answer"
+        page.click(".modal.confirm .modal-ok")
+        assert editor.doc()["nodes"] == {}
+        # The same file dropped onto the canvas later: replaced again, and one undo step;
+        # its notice replaces the one still shown instead of stacking a second copy.
         drop_file(editor, json.dumps(shipped).encode(), "img2img.json", "application/json")
         page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
         assert editor.doc()["nodes"]["1"]["inputs"]["ckpt_name"] == DEMO_CKPT
         assert wanted in page.locator(".toast.notice").text_content()
+        assert page.locator(".toast.notice").count() == 1
         page.keyboard.press("Control+z")
         assert editor.doc()["nodes"] == {}
-        assert editor.console_errors == []
+        assert editor.unexpected_errors() == []
     finally:
         page.close()
 
@@ -614,4 +561,4 @@ def test_dropping_a_comfyui_editor_file_shows_the_server_s_conversion(editor, se
         shown = {k: v for k, v in doc["nodes"][node_id]["inputs"].items() if k != "ckpt_name"}
         assert shown == {k: v for k, v in node["inputs"].items() if k != "ckpt_name"}, node_id
     assert doc["nodes"]["3"]["inputs"]["steps"] == 20 and doc["nodes"]["3"]["ui"]["controls"]["seed"] == "randomize"
-    assert editor.console_errors == []
+    assert editor.unexpected_errors() == []

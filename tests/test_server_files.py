@@ -202,6 +202,7 @@ async def test_view_refuses_symlinks_out_of_the_root(client: Any, data: Path) ->
 async def test_upload_deduplicates_by_content(client: Any, data: Path) -> None:
     first, second = png(colour=(1, 1, 1)), png(colour=(2, 2, 2))
     assert (await (await upload(client, first)).json())["name"] == "a.png"
+    assert (data / "input" / "a.png").stat().st_mode & 0o777 == 0o644
     assert (await (await upload(client, first)).json())["name"] == "a.png"       # same bytes, same name
     # same bytes under another name: stored under the name asked for, sharing the bytes (a hard link)
     assert (await (await upload(client, first, "b.png")).json())["name"] == "b.png"

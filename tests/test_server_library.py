@@ -47,6 +47,7 @@ async def test_crud(client: Any, library: Path) -> None:
     entry = await r.json()
     assert entry["name"] == "add.json" and entry["title"] == "Add two"
     assert json.loads((library / "add.json").read_text()) == WORKFLOW
+    assert (library / "add.json").stat().st_mode & 0o777 == 0o644, "readable like the shipped workflows"
 
     r = await client.put("/api/workflows/api.json", json=API_PROMPT)
     assert r.status == 201

@@ -326,6 +326,7 @@ def store_upload(root: SafeRoot, subfolder: str, name: str, data: bytes, overwri
     digest = hashlib.sha256(data).hexdigest()
     fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=folder)
     try:
+        os.fchmod(fd, 0o644)  # as any other file in the folder, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if overwrite:

@@ -94,6 +94,7 @@ def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".save-", suffix=".json", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make saved workflows unlike the shipped ones
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

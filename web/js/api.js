@@ -53,6 +53,21 @@ export class Api {
   cancel(id) { return this.request("POST", `/api/jobs/${encodeURIComponent(id)}/cancel`, {}); }
   interrupt() { return this.request("POST", "/interrupt", {}); }
 
+  /** Jobs by status ("queued,running"), active ones first in run order. */
+  async jobs(status) {
+    const data = await this.request("GET", `/api/jobs?${new URLSearchParams({ status, limit: "200" })}`);
+    return data?.jobs || [];
+  }
+
+  /** Finished jobs, newest first (the server keeps them across restarts). */
+  async history(limit = 30) {
+    const data = await this.request("GET", `/api/history?${new URLSearchParams({ limit: String(limit) })}`);
+    return data?.jobs || [];
+  }
+
+  deleteHistory(ids) { return this.request("POST", "/history", { delete: ids }); }
+  clearQueue() { return this.request("POST", "/queue", { clear: true }); }
+
   async workflows() {
     const data = await this.request("GET", "/api/workflows");
     const list = Array.isArray(data) ? data : data?.workflows || [];

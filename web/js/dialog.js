@@ -18,10 +18,15 @@ export class Dialogs {
     setTimeout(() => t.remove(), kind === "error" ? ms * 2 : ms);
   }
 
-  /** A warning that stays until dismissed (or a minute): it says what the editor changed for the user. */
-  notice(title, lines, ms = 60000) {
+  /**
+   * A warning that stays until dismissed (or a minute): it says what the editor changed for the user.
+   * A notice with the same `key` replaces the one shown before, so reopening a file does not stack copies.
+   */
+  notice(title, lines, ms = 60000, key = title) {
+    for (const old of this.toasts.querySelectorAll(".toast.notice")) if (old.dataset.key === key) old.remove();
     const t = document.createElement("div");
     t.className = "toast warn notice";
+    t.dataset.key = key;
     t.setAttribute("role", "alert");
     const body = document.createElement("div");
     const head = document.createElement("strong");
@@ -73,6 +78,30 @@ export class Dialogs {
     }
     box.append(list);
     list.querySelector("button")?.focus();
+  }
+
+  /** Ask yes or no in the page; resolves true only for the OK button. */
+  confirm(title, text, ok = "OK", cancelLabel = "Cancel") {
+    return new Promise((resolve) => {
+      const { box, close } = this.modal(title);
+      box.classList.add("confirm");
+      if (text) { const p = document.createElement("p"); p.textContent = text; box.append(p); }
+      const row = document.createElement("div");
+      row.className = "modal-buttons";
+      const yes = document.createElement("button");
+      yes.type = "button"; yes.className = "primary modal-ok"; yes.textContent = ok;
+      const no = document.createElement("button");
+      no.type = "button"; no.className = "modal-cancel"; no.textContent = cancelLabel;
+      row.append(no, yes);
+      box.append(row);
+      let done = false;
+      const finish = (v) => { if (!done) { done = true; close(); resolve(v); } };
+      yes.addEventListener("click", () => finish(true));
+      no.addEventListener("click", () => finish(false));
+      box.parentElement.addEventListener("keydown", (e) => { if (e.key === "Escape") finish(false); });
+      new MutationObserver((_, obs) => { if (!box.isConnected) { obs.disconnect(); finish(false); } }).observe(this.host, { childList: true });
+      yes.focus();
+    });
   }
 
   prompt(title, value = "") {

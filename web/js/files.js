@@ -28,12 +28,15 @@ export class Files {
    * `adapt(ids)` runs on freshly loaded (ids null) or pasted nodes before the undo
    * step is recorded, so what it changes is part of the load (app.js: choices).
    * @param {{api:any, graph:any, view:any, onLoaded(name:string|null):void, onCommit():void, toast(m:string,k?:string):void,
-   *   dialog:any, adapt?(ids:string[]|null):void}} o
+   *   dialog:any, adapt?(ids:string[]|null):void, confirmReplace?():Promise<boolean>}} o
    */
   constructor(o) {
     Object.assign(this, o);
-    this.name = null; // library name of the open workflow
   }
+
+  /** The library name of the open workflow (kept by the graph, so undo restores it). */
+  get name() { return this.graph.name; }
+  set name(v) { this.graph.name = v; }
 
   /** Replace the graph with a document; resolves to what Graph.load says. */
   async loadDocument(doc, name = null) {
@@ -49,8 +52,12 @@ export class Files {
     return info;
   }
 
+  /** Whether the open document may be replaced (app.js asks when it has unsaved changes). */
+  async mayReplace() { return this.confirmReplace ? this.confirmReplace() : true; }
+
   async openFromLibrary(name) {
     const doc = await this.api.workflow(name);
+    if (!(await this.mayReplace())) return;
     await this.loadDocument(doc, name);
     this.toast(`opened ${name}`);
   }
@@ -79,11 +86,15 @@ export class Files {
     } catch (e) { this.toast(`cannot save ${name}: ${e.message}`, "error"); return null; }
   }
 
-  download() {
-    const blob = new Blob([JSON.stringify(this.graph.toKiln(), null, 2)], { type: "application/json" });
+  /** Download the workflow: Kiln's format, or ComfyUI's API format (what its /prompt and `prompt` PNG chunk take). */
+  download(format = "kiln") {
+    const api = format === "api";
+    const doc = api ? this.graph.toApi() : this.graph.toKiln();
+    const base = (this.name || "workflow.json").replace(/\.json$/i, "");
+    const blob = new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" });
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
-    a.download = this.name || "workflow.json";
+    a.download = api ? `${base}.api.json` : `${base}.json`;
     document.body.append(a);
     a.click();
     a.remove();
@@ -98,6 +109,7 @@ export class Files {
       const buffer = await file.arrayBuffer();
       const found = workflowFromPngText(await readPngText(buffer));
       if (found) {
+        if (!(await this.mayReplace())) return null;
         try { await this.loadDocument(found.doc, null); }
         catch (e) { this.toast(`cannot open the workflow in ${file.name}: ${e.message}`, "error"); return null; }
         this.toast(`restored the workflow from ${file.name}`);
@@ -112,6 +124,7 @@ export class Files {
       this.paste(doc, clientPos ? this.view.toWorld(...clientPos) : null);
       return "paste";
     }
+    if (!(await this.mayReplace())) return null;
     try { await this.loadDocument(doc, null); }
     catch (e) { this.toast(`cannot open ${file.name}: ${e.message}`, "error"); return null; }
     this.toast(`opened ${file.name}`);

@@ -36,6 +36,16 @@ export class Graph extends EventTarget {
     this.meta = {};       // title, description, other top-level keys of the document
     this.params = {};     // named parameters, kept as the document wrote them
     this.uid = `g${++graphCounter}-${Math.random().toString(36).slice(2, 8)}`;
+    // Counts documents: a new or opened one is a new generation, so state kept by
+    // node id (run badges, substitution notes) is not carried onto the next graph's
+    // nodes that happen to reuse the same numbers. Undo and redo keep the generation.
+    this.generation = 0;
+    // The library name the document was opened or saved as. It is part of the
+    // undo state (undoing an Open brings back the name too, so Save cannot write
+    // one document over another's file), but not of the workflow document.
+    this.name = null;
+    /** Groups: boxes on the canvas with a title and colour ({title, color, bounding:[x, y, w, h]}), saved as "groups". */
+    this.groups = [];
   }
 
   // -- reading ------------------------------------------------------------------
@@ -98,8 +108,8 @@ export class Graph extends EventTarget {
 
   // -- editing ------------------------------------------------------------------
 
-  _emit(kind, ids = []) {
-    this.dispatchEvent(new CustomEvent("change", { detail: { kind, ids: ids.map(String) } }));
+  _emit(kind, ids = [], extra = {}) {
+    this.dispatchEvent(new CustomEvent("change", { detail: { kind, ids: ids.map(String), ...extra } }));
   }
 
   /** Add a node of a known type with its default widget values. */
@@ -183,6 +193,7 @@ export class Graph extends EventTarget {
     const reason = this.canConnect(src, output, dst, input);
     if (reason) return { ok: false, reason };
     this.node(dst).links[input] = [String(src), output];
+    this._dropRoute(this.node(dst), input);
     this._emit("link", [dst]);
     return { ok: true, reason: null };
   }
@@ -192,6 +203,7 @@ export class Graph extends EventTarget {
     if (!n || !n.links[input]) return null;
     const was = n.links[input];
     delete n.links[input];
+    this._dropRoute(n, input);
     this._emit("link", [dst]);
     return was;
   }
@@ -225,11 +237,114 @@ export class Graph extends EventTarget {
   }
 
   moveBy(ids, dx, dy) {
-    for (const id of ids) {
+    const moved = new Set(ids.map(String));
+    for (const id of moved) {
       const n = this.node(id);
-      if (n) n.pos = [Math.round(n.pos[0] + dx), Math.round(n.pos[1] + dy)];
+      if (!n) continue;
+      n.pos = [Math.round(n.pos[0] + dx), Math.round(n.pos[1] + dy)];
+      // A routed link between two moved nodes moves with them.
+      for (const [input, pts] of Object.entries(n.ui.routes || {})) {
+        if (moved.has(n.links[input]?.[0])) n.ui.routes[input] = pts.map(([x, y]) => [x + dx, y + dy]);
+      }
     }
     this._emit("move", ids);
+  }
+
+  /**
+   * Waypoints a link passes through on its way into `input` (world coordinates,
+   * kept in the node's ui as `routes`); Tidy up sets them so long links run
+   * through gaps. An empty list removes the route.
+   */
+  setRoute(id, input, points) {
+    const n = this.node(id);
+    if (!n) return;
+    const routes = { ...(n.ui.routes || {}) };
+    if (points && points.length) routes[input] = points.map(([x, y]) => [Math.round(x), Math.round(y)]);
+    else delete routes[input];
+    if (Object.keys(routes).length) n.ui.routes = routes; else delete n.ui.routes;
+    this._emit("move", [id]);
+  }
+
+  _dropRoute(n, input) {
+    if (!n.ui.routes?.[input]) return;
+    delete n.ui.routes[input];
+    if (!Object.keys(n.ui.routes).length) delete n.ui.routes;
+  }
+
+  /** Set (or, with null, remove) a display flag in a node's ui: mode, collapsed, color, pinned. */
+  setUi(id, key, value) {
+    const n = this.node(id);
+    if (!n) return;
+    if (value === null || value === undefined || value === false) delete n.ui[key]; else n.ui[key] = value;
+    this._emit("value", [id]);
+  }
+
+  // -- groups ---------------------------------------------------------------------
+
+  addGroup(bounding, title = "Group", color = null) {
+    const g = { title, bounding: bounding.map(Math.round) };
+    if (color) g.color = color;
+    this.groups.push(g);
+    this._emit("groups");
+    return this.groups.length - 1;
+  }
+
+  updateGroup(index, changes) {
+    const g = this.groups[index];
+    if (!g) return;
+    Object.assign(g, changes);
+    if (!g.color) delete g.color;
+    this._emit("groups");
+  }
+
+  removeGroup(index) {
+    this.groups.splice(index, 1);
+    this._emit("groups");
+  }
+
+  /** Ids of the nodes whose top-left corner lies inside group `index`. */
+  nodesInGroup(index) {
+    const [x, y, w, h] = this.groups[index]?.bounding || [0, 0, 0, 0];
+    return [...this.nodes.values()].filter((n) => n.pos[0] >= x && n.pos[0] < x + w && n.pos[1] >= y && n.pos[1] < y + h).map((n) => n.id);
+  }
+
+  // -- what runs ------------------------------------------------------------------
+
+  /**
+   * The workflow to submit: Kiln's document without muted nodes (ComfyUI's "never":
+   * they do not run, and what needs them is reported missing) and without bypassed
+   * ones (their consumers take what fed the bypassed node, the first input of the
+   * same type, as in ComfyUI).
+   */
+  toSubmit() {
+    const doc = this.toKiln();
+    const mode = (id) => this.node(id)?.ui.mode;
+    const through = (src, out, depth = 0) => {
+      if (mode(src) !== "bypass") return mode(src) === "mute" ? null : [src, out];
+      if (depth > this.nodes.size) return null;
+      const type = this.outputType(src, out);
+      const n = this.node(src);
+      for (const [input, [from, idx]] of Object.entries(n.links)) {
+        if (this.outputType(from, idx) === type) return through(from, idx, depth + 1);
+      }
+      return null;
+    };
+    for (const [id, entry] of Object.entries(doc.nodes)) {
+      if (mode(id)) { delete doc.nodes[id]; continue; }
+      for (const [input, v] of Object.entries(entry.inputs)) {
+        if (!isLinkValue(v)) continue;
+        const to = through(String(v[0]), v[1]);
+        if (to) entry.inputs[input] = to; else delete entry.inputs[input];
+      }
+    }
+    if (doc.params) {
+      for (const [name, target] of Object.entries(doc.params)) {
+        const list = (Array.isArray(target) ? target : [target]).filter((t) => String(t).split(".")[0] in doc.nodes);
+        if (!list.length) delete doc.params[name]; else doc.params[name] = Array.isArray(target) ? list : list[0];
+      }
+      if (!Object.keys(doc.params).length) delete doc.params;
+    }
+    return doc;
   }
 
   /** Apply each seed-like widget's after-run rule (increment / randomize). */
@@ -257,19 +372,20 @@ export class Graph extends EventTarget {
 
   /** Everything the editor knows, exactly; restore() brings it back. */
   snapshot() {
-    return JSON.stringify({ nodes: [...this.nodes.values()], meta: this.meta, params: this.params });
+    return JSON.stringify({ nodes: [...this.nodes.values()], meta: this.meta, params: this.params, name: this.name, groups: this.groups });
   }
 
   restore(text) {
     const s = JSON.parse(text);
     this.nodes = new Map(s.nodes.map((n) => [n.id, n]));
-    this.meta = s.meta; this.params = s.params;
+    this.meta = s.meta; this.params = s.params; this.name = s.name ?? null; this.groups = s.groups || [];
     this._emit("load", [...this.nodes.keys()]);
   }
 
   clear() {
-    this.nodes = new Map(); this.meta = {}; this.params = {};
-    this._emit("load", []);
+    this.nodes = new Map(); this.meta = {}; this.params = {}; this.name = null; this.groups = [];
+    this.generation++;
+    this._emit("load", [], { fresh: true });
   }
 
   // -- Kiln format ---------------------------------------------------------------
@@ -292,6 +408,7 @@ export class Graph extends EventTarget {
   toKiln() {
     const doc = { version: 1, ...clone(this.meta) };
     if (Object.keys(this.params).length) doc.params = clone(this.params);
+    if (this.groups.length) doc.groups = clone(this.groups);
     doc.nodes = {};
     for (const n of this.nodes.values()) doc.nodes[n.id] = this._nodeEntry(n);
     return doc;
@@ -337,15 +454,18 @@ export class Graph extends EventTarget {
     this.nodes = nodes;
     this.meta = {};
     this.params = {};
+    this.groups = [];
     if (kiln) {
       for (const [k, v] of Object.entries(doc)) {
         if (k === "nodes" || k === "version") continue;
         if (k === "params") this.params = clone(v);
+        else if (k === "groups" && Array.isArray(v)) this.groups = clone(v);
         else this.meta[k] = clone(v);
       }
     }
     if (!allPlaced) autoLayout(this);
-    this._emit("load", [...nodes.keys()]);
+    this.generation++;
+    this._emit("load", [...nodes.keys()], { fresh: true });
     return { format: kiln ? "kiln" : "comfyui-api", laidOut: !allPlaced };
   }
 

@@ -13,9 +13,8 @@ function estimateSize(graph, node) {
   return [260, 44 + rows * 28 + extra];
 }
 
-/** Set every node's pos from the graph's links. */
-export function autoLayout(graph) {
-  const nodes = [...graph.nodes.values()];
+/** Nodes in columns by the longest path from a source (a cycle is cut where it is met). */
+export function columnsOf(graph) {
   const depth = new Map();
   const visiting = new Set();
   const depthOf = (n) => {
@@ -32,14 +31,16 @@ export function autoLayout(graph) {
     return d;
   };
   const columns = [];
-  for (const n of nodes) {
-    const d = depthOf(n);
-    (columns[d] ||= []).push(n);
-  }
+  for (const n of graph.nodes.values()) (columns[depthOf(n)] ||= []).push(n);
+  return columns.filter(Boolean);
+}
+
+/** Set every node's pos from the graph's links. */
+export function autoLayout(graph) {
+  const columns = columnsOf(graph);
   const rank = new Map();
   let x = ORIGIN[0];
   for (const column of columns) {
-    if (!column) continue;
     const key = (n) => {
       const ranks = Object.values(n.links).map(([src]) => rank.get(src)).filter((r) => r !== undefined);
       return ranks.length ? ranks.reduce((a, b) => a + b, 0) / ranks.length : Infinity;

@@ -4,6 +4,7 @@
 import { createWidget, controlWidget } from "./widgets.js";
 import { typeColour } from "./types.js";
 import { defaultValue } from "./schema.js";
+import { inactiveInputs } from "./hints.js";
 
 function div(cls, text) {
   const e = document.createElement("div");
@@ -20,6 +21,32 @@ function socket(kind, type, attrs) {
   for (const [k, v] of Object.entries(attrs)) s.dataset[k] = v;
   s.title = type;
   return s;
+}
+
+/**
+ * A description as a person reads it: node descriptions may carry HTML or
+ * Markdown (ComfyUI's do), and a tooltip shows text, not markup.
+ */
+export function plainText(text) {
+  const parsed = new DOMParser().parseFromString(String(text), "text/html").body.textContent || "";
+  return parsed.replace(/\*\*|__|`/g, "").replace(/\[([^\]]*)\]\([^)]*\)/g, "$1").replace(/[ \t]+/g, " ").trim();
+}
+
+/**
+ * Revoke a live preview's blob URL once the image that shows it is done with it.
+ * Revoking while the <img> is still loading makes that load fail (a console
+ * error, and a blank preview), so a replaced image that has not settled yet
+ * revokes its URL when it does.
+ */
+export function releaseBlob(img) {
+  const src = img.getAttribute("src") || "";
+  if (!src.startsWith("blob:")) return;
+  const revoke = () => URL.revokeObjectURL(src);
+  if (img.complete) revoke();
+  else {
+    img.addEventListener("load", revoke, { once: true });
+    img.addEventListener("error", revoke, { once: true });
+  }
 }
 
 export class NodeView {
@@ -50,7 +77,7 @@ export class NodeView {
     const badge = div("node-badge");
     const idTag = div("node-id", `#${n.id}`);
     title.append(label, badge, idTag);
-    title.title = def ? `${n.type} (${def.category})${def.description ? "\n" + def.description : ""}` : `unknown node type ${n.type}`;
+    title.title = def ? `${n.type} (${def.category})${def.description ? "\n" + plainText(def.description) : ""}` : `unknown node type ${n.type}`;
     this.el.append(title);
     this.titleEl = title; this.badgeEl = badge;
 
@@ -140,13 +167,15 @@ export class NodeView {
     for (const s of this.el.querySelectorAll(".socket.in")) s.classList.toggle("connected", !!n.links[s.dataset.input]);
     // A value the editor substituted on load stays marked while it is still in place.
     const notes = this.hooks.notes?.(this.id) || {};
+    const inactive = inactiveInputs(this.graph, this.id);
     for (const [name, row] of this.rows) {
       const note = row.querySelector(".row-note");
       if (!note) continue;
       const s = notes[name];
       const on = !!s && s.type === n.type && !n.links[name] && n.values[name] === s.replacement;
       row.classList.toggle("substituted", on);
-      note.textContent = on ? `'${s.value}' is not available; using '${s.replacement}'` : "";
+      row.classList.toggle("inactive", !on && !!inactive[name]);
+      note.textContent = on ? `'${s.value}' is not available; using '${s.replacement}'` : inactive[name] || "";
     }
     for (const [key, w] of this.widgets) {
       if (key.endsWith(":control")) w.set(n.ui.controls?.[key.slice(0, -8)]);
@@ -169,6 +198,13 @@ export class NodeView {
     }
     const def = this.graph.def(n.type);
     this.el.querySelector(".node-label").textContent = n.title || def?.title || n.type;
+    const cls = this.el.classList;
+    cls.toggle("bypassed", n.ui.mode === "bypass");
+    cls.toggle("muted", n.ui.mode === "mute");
+    cls.toggle("collapsed", !!n.ui.collapsed);
+    cls.toggle("pinned", !!n.ui.pinned);
+    if (n.ui.color) this.el.style.setProperty("--node-color", n.ui.color); else this.el.style.removeProperty("--node-color");
+    this.badgeEl.dataset.mode = n.ui.mode === "bypass" ? "bypassed" : n.ui.mode === "mute" ? "muted" : "";
   }
 
   outputSocket(index) { return this.el.querySelector(`.socket.out[data-output="${index}"]`); }
@@ -194,8 +230,10 @@ export class NodeView {
       if (re) re.textContent = msg;
     }
     const wanted = s.preview ? [s.preview] : s.images || [];
-    const have = [...this.mediaEl.querySelectorAll("img")].map((i) => i.getAttribute("src"));
+    const old = [...this.mediaEl.querySelectorAll("img")];
+    const have = old.map((i) => i.getAttribute("src"));
     if (JSON.stringify(have) !== JSON.stringify(wanted)) {
+      for (const img of old) if (!wanted.includes(img.getAttribute("src"))) releaseBlob(img);
       this.mediaEl.replaceChildren(...wanted.map((src) => {
         const img = document.createElement("img");
         img.src = src; img.alt = s.preview ? "live preview" : "output image";

@@ -4,17 +4,50 @@
 // take that link are offered).
 
 import { compatible } from "./types.js";
+import { plainText } from "./node_view.js";
 
-function score(def, words) {
+/**
+ * How well a node matches the typed words; -1 when it does not. Each word must be
+ * found in the node's title, type, category or aliases, whole or as a fuzzy
+ * subsequence ("ksmp" finds KSampler), or be one of its input or output types
+ * ("latent" lists what takes or makes a LATENT). "in:TYPE" and "out:TYPE" ask for
+ * that side only. Word starts and exact titles rank first.
+ */
+export function score(def, words) {
   const hay = `${def.title} ${def.type} ${def.category} ${(def.aliases || []).join(" ")}`.toLowerCase();
+  const ins = def.inputs.filter((i) => !i.widget || i.type !== "COMBO").map((i) => i.type.toLowerCase());
+  const outs = def.outputs.map((o) => o.type.toLowerCase());
   let s = 0;
   for (const w of words) {
+    const side = /^(in|out):(.+)$/.exec(w);
+    if (side) {
+      if (!(side[1] === "in" ? ins : outs).includes(side[2])) return -1;
+      s += 2;
+      continue;
+    }
     const i = hay.indexOf(w);
-    if (i < 0) return -1;
-    s += i === 0 ? 3 : hay[i - 1] === " " || hay[i - 1] === "/" ? 2 : 1;
+    if (i >= 0) { s += i === 0 ? 3 : hay[i - 1] === " " || hay[i - 1] === "/" ? 2 : 1; continue; }
+    if (ins.includes(w) || outs.includes(w)) { s += 1; continue; }
+    const f = fuzzy(hay, w);
+    if (f < 0) return -1;
+    s += f;
   }
   if (def.title.toLowerCase() === words.join(" ") || def.type.toLowerCase() === words.join("")) s += 10;
   return s;
+}
+
+/** A subsequence match inside one word of `hay`, scored below any plain match (0..0.9); -1 when none. */
+function fuzzy(hay, w) {
+  if (w.length < 2) return -1;
+  let best = -1;
+  for (const word of hay.split(/[\s/_-]+/)) {
+    let j = 0, gaps = 0, last = -1;
+    for (let k = 0; k < word.length && j < w.length; k++) {
+      if (word[k] === w[j]) { if (last >= 0 && k > last + 1) gaps++; last = k; j++; }
+    }
+    if (j === w.length && word[0] === w[0]) best = Math.max(best, 0.9 - Math.min(0.8, gaps * 0.2));
+  }
+  return best;
 }
 
 export class Palette {
@@ -26,7 +59,7 @@ export class Palette {
     this.el.hidden = true;
     this.input = document.createElement("input");
     this.input.type = "search";
-    this.input.placeholder = "Add node: type a name or category\u2026";
+    this.input.placeholder = "Add node: a name, category or type (in:LATENT)\u2026";
     this.input.className = "palette-input";
     this.list = document.createElement("ul");
     this.list.className = "palette-list";
@@ -88,6 +121,13 @@ export class Palette {
     rows.sort((a, b) => b.s - a.s || a.def.category.localeCompare(b.def.category) || a.def.title.localeCompare(b.def.title));
     this.items = rows.slice(0, 60);
     this.active = 0;
+    if (!this.items.length) {
+      const none = document.createElement("li");
+      none.className = "palette-empty";
+      none.textContent = `Nothing found for \u201c${this.input.value.trim()}\u201d. Try part of a name, a category, or a type (latent, in:IMAGE).`;
+      this.list.replaceChildren(none);
+      return;
+    }
     this.list.replaceChildren(...this.items.map((r, i) => {
       const li = document.createElement("li");
       li.className = "palette-item";
@@ -97,7 +137,7 @@ export class Palette {
       const cat = document.createElement("span");
       cat.className = "palette-category"; cat.textContent = r.def.category;
       li.append(name, cat);
-      li.title = r.def.description || r.def.type;
+      li.title = r.def.description ? plainText(r.def.description) : r.def.type;
       li.addEventListener("pointerdown", (e) => { e.preventDefault(); this.pick(i); });
       return li;
     }));

@@ -6,6 +6,7 @@
 import { ApiError } from "./api.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "interrupted", "cancelled"]);
+const TERMINAL_EVENTS = new Set(["job_finished", "job_failed", "job_interrupted", "job_cancelled"]);
 
 /** Validation errors of a 400 body, in Kiln's list or ComfyUI's node_errors form. */
 export function validationErrors(body) {
@@ -23,62 +24,100 @@ export function validationErrors(body) {
 
 export class Runner extends EventTarget {
   /**
+   * Run queues: each Run submits a job; the canvas follows one job at a time (the
+   * one the server is running, else the oldest of this page's that is waiting),
+   * and the queue panel shows the rest.
    * @param {{api:import("./api.js").Api, socket:import("./socket.js").JobSocket, graph:any, view:any,
    *   clientId:string, onCommit():void, onImages(images:object[], nodeId:string):void, toast(msg:string, kind?:string):void}} o
    */
   constructor(o) {
     super();
     Object.assign(this, o);
-    this.jobId = null;
-    this.running = false;
-    this.pending = new Map(); // job id -> events that came before the POST answered
-    this.previewUrls = new Map();
+    this.jobId = null;       // the job the canvas follows
+    this.running = false;    // whether that job is still queued or running
+    this.mine = [];          // this page's submitted jobs that have not ended, oldest first
+    this.submitting = 0;
+    this.early = new Map();  // job id -> events that came before the POST answered
     this.total = 0; this.done = new Set();
     this.current = null;
     this.shown = new Set(); this.planned = []; this.started = new Set();
     this.socket.addEventListener("event", (e) => this.onEvent(e.detail));
   }
 
+  /** Whether any job this page submitted is still queued or running. */
+  get busy() { return this.mine.length > 0 || this.submitting > 0; }
+
   emitState(extra = {}) {
-    this.dispatchEvent(new CustomEvent("state", { detail: { running: this.running, jobId: this.jobId, ...extra } }));
+    this.dispatchEvent(new CustomEvent("state", { detail: { running: this.running, busy: this.busy, jobId: this.jobId, queued: [...this.mine], ...extra } }));
   }
 
-  progress(text, fraction) { this.dispatchEvent(new CustomEvent("progress", { detail: { text, fraction } })); }
+  progress(text, fraction) { this.dispatchEvent(new CustomEvent("progress", { detail: { text, fraction, jobId: this.jobId } })); }
 
+  /** Submit the graph as it is now; while another job runs, it waits in the server's queue. */
   async run() {
-    if (this.running) { this.toast("a job is already running", "warn"); return null; }
-    this.view.clearStatus(true);
-    const workflow = this.graph.toKiln();
-    this.running = true; this.jobId = null; this.total = 0; this.done = new Set(); this.current = null;
-    this.shown = new Set(); this.planned = []; this.started = new Set();
+    const workflow = this.graph.toSubmit();
+    if (!this.running) {
+      this.view.clearStatus(true);
+      this.progress("submitting\u2026", 0);
+    }
+    this.submitting++;
     this.emitState();
-    this.progress("submitting\u2026", 0);
     let res;
     try {
       // Previews are opt-in per job, as in ComfyUI (a server started without
       // --preview-method sends none); the editor always wants them.
       res = await this.api.submit(workflow, this.clientId, { extra_data: { preview_method: "auto" } });
     } catch (e) {
-      this.running = false;
+      this.submitting--;
       this.emitState();
       if (e instanceof ApiError && e.status === 400) this.showValidation(validationErrors(e.body));
       else this.toast(`could not submit: ${e.message}`, "error");
-      this.progress("", 0);
+      if (!this.running) this.progress("", 0);
       return null;
     }
-    this.jobId = res.job_id || res.prompt_id;
-    this.emitState();
+    this.submitting--;
+    const id = res.job_id || res.prompt_id;
+    this.mine.push(id);
     if (this.graph.applyControls().length) this.onCommit();
-    for (const ev of this.pending.get(this.jobId) || []) this.handle(ev);
-    this.pending.clear();
-    this.poll();
-    return this.jobId;
+    if (!this.running) this.follow(id);
+    else { this.toast("queued: it runs when the current job ends"); this.emitState(); }
+    const early = this.early.get(id) || [];
+    this.early.delete(id);
+    for (const ev of early) this.onEvent(ev);
+    return id;
   }
 
+  /** Show this job on the canvas from now on. */
+  follow(id) {
+    clearTimeout(this.pollTimer);
+    if (this.jobId !== id) this.view.clearStatus(true);
+    this.jobId = id; this.running = true;
+    this.total = 0; this.done = new Set(); this.current = null;
+    this.shown = new Set(); this.planned = []; this.started = new Set();
+    this.generation = this.graph.generation;
+    this.emitState();
+    this.progress("queued", 0);
+    this.poll();
+  }
+
+  /** Stop the job the canvas follows (queued or running). */
   async stop() {
     if (!this.jobId || !this.running) return;
-    try { await this.api.cancel(this.jobId); }
-    catch { try { await this.api.interrupt(); } catch (e) { this.toast(`could not stop: ${e.message}`, "error"); } }
+    await this.cancel(this.jobId);
+  }
+
+  async cancel(jobId) {
+    try { await this.api.cancel(jobId); }
+    catch (e) {
+      if (e instanceof ApiError && e.status === 409) return; // it ended meanwhile
+      try { await this.api.interrupt(); } catch (e2) { this.toast(`could not stop: ${e2.message}`, "error"); }
+    }
+  }
+
+  /** A job the page no longer waits for (ended, cancelled in the queue panel). */
+  forget(jobId) {
+    const i = this.mine.indexOf(jobId);
+    if (i >= 0) this.mine.splice(i, 1);
   }
 
   showValidation(errors) {
@@ -101,12 +140,24 @@ export class Runner extends EventTarget {
   onEvent(ev) {
     if (!ev || !ev.type || ev.type.startsWith("socket_") || ev.type === "status") return;
     if (!ev.job_id) return;
-    if (this.jobId === null && this.running) {
-      if (!this.pending.has(ev.job_id)) this.pending.set(ev.job_id, []);
-      this.pending.get(ev.job_id).push(ev);
+    if (ev.job_id === this.jobId && this.running) { this.handle(ev); return; }
+    if (this.mine.includes(ev.job_id)) {
+      // The server moved on to the next of this page's jobs: follow it.
+      if (ev.type === "job_started") { this.follow(ev.job_id); this.handle(ev); }
+      else if (TERMINAL_EVENTS.has(ev.type)) { this.forget(ev.job_id); this.emitState(); }
       return;
     }
-    if (ev.job_id === this.jobId) this.handle(ev);
+    if (this.submitting) {
+      // A job whose POST has not answered yet: keep its events for when it does.
+      if (!this.early.has(ev.job_id)) this.early.set(ev.job_id, []);
+      this.early.get(ev.job_id).push(ev);
+    }
+  }
+
+  /** Node status for the followed job, unless the graph was replaced since it was submitted. */
+  setStatus(id, status) {
+    if (this.graph.generation !== this.generation || !this.graph.node(id)) return;
+    this.view.setStatus(id, status);
   }
 
   updateBar() {
@@ -124,7 +175,7 @@ export class Runner extends EventTarget {
   showImages(nodeId, ui) {
     const images = this.imagesOf(ui);
     if (!images.length) return;
-    this.view.setStatus(nodeId, { images: images.map((i) => this.api.viewUrl(i)), preview: null });
+    this.setStatus(nodeId, { images: images.map((i) => this.api.viewUrl(i)), preview: null });
     // node_finished and job_finished both report a node's images: show each once.
     const fresh = images.filter((i) => {
       const key = `${i.type}/${i.subfolder || ""}/${i.filename}`;
@@ -141,38 +192,34 @@ export class Runner extends EventTarget {
       case "job_started":
         this.planned = (ev.node_ids || []).map(String);
         this.total = this.planned.length;
-        for (const n of ev.node_ids || []) this.view.setStatus(String(n), { state: "queued", error: "", inputErrors: {}, message: "" });
+        for (const n of ev.node_ids || []) this.setStatus(String(n), { state: "queued", error: "", inputErrors: {}, message: "" });
         this.updateBar();
         break;
       case "nodes_cached":
-        for (const n of ev.node_ids || []) { this.view.setStatus(String(n), { state: "cached" }); this.done.add(String(n)); }
+        for (const n of ev.node_ids || []) { this.setStatus(String(n), { state: "cached" }); this.done.add(String(n)); }
         this.updateBar();
         break;
       case "node_started":
         this.started.add(id);
         this.current = { id, type: ev.node_type, value: 0, max: 0 };
-        this.view.setStatus(id, { state: "running", progress: null, message: "" });
+        this.setStatus(id, { state: "running", progress: null, message: "" });
         this.updateBar();
         break;
       case "progress":
         this.current = { id, type: ev.node_type || this.graph.node(id)?.type, value: ev.value, max: ev.max };
-        this.view.setStatus(id, { progress: ev.max ? ev.value / ev.max : null });
+        this.setStatus(id, { progress: ev.max ? ev.value / ev.max : null });
         this.updateBar();
         break;
-      case "preview": {
-        const url = URL.createObjectURL(ev.blob);
-        const old = this.previewUrls.get(id);
-        if (old) URL.revokeObjectURL(old);
-        this.previewUrls.set(id, url);
-        this.view.setStatus(id, { preview: url });
+      case "preview":
+        // The node view revokes the URL once its image is replaced and settled (node_view.js).
+        if (this.graph.generation === this.generation && this.view.views.has(id)) this.setStatus(id, { preview: URL.createObjectURL(ev.blob) });
         break;
-      }
       case "node_message":
-        this.view.setStatus(id, { message: ev.message });
+        this.setStatus(id, { message: ev.message });
         break;
       case "node_finished":
         this.done.add(id);
-        this.view.setStatus(id, { state: ev.cached ? "cached" : "done", progress: null, preview: null });
+        this.setStatus(id, { state: ev.cached ? "cached" : "done", progress: null, preview: null });
         this.showImages(id, ev.ui);
         if (this.current?.id === id) this.current = null;
         this.updateBar();
@@ -183,7 +230,7 @@ export class Runner extends EventTarget {
         break;
       case "job_failed":
         if (id && this.graph.node(id)) {
-          this.view.setStatus(id, { state: "failed", progress: null, error: ev.message,
+          this.setStatus(id, { state: "failed", progress: null, error: ev.message,
             inputErrors: ev.input_name ? { [ev.input_name]: ev.message } : {} });
         }
         this.finish("failed", ev.message);
@@ -199,19 +246,20 @@ export class Runner extends EventTarget {
   finish(status, message = "") {
     if (!this.running) return;
     this.running = false;
+    this.forget(this.jobId);
     clearTimeout(this.pollTimer);
     if (status === "succeeded") {
       // Planned nodes that never started were not needed: a cached result downstream
       // (or their own) stood in for them, so they count as cached too.
-      for (const id of this.planned) if (!this.started.has(id)) this.view.setStatus(id, { state: "cached" });
+      for (const id of this.planned) if (!this.started.has(id)) this.setStatus(id, { state: "cached" });
     }
-    for (const [id, s] of this.view.status) if (s.state === "running" || s.state === "queued") this.view.setStatus(id, { state: s.state === "running" && status !== "succeeded" ? "failed" : "", progress: null });
-    for (const url of this.previewUrls.values()) URL.revokeObjectURL(url);
-    this.previewUrls.clear();
+    for (const [id, s] of this.view.status) if (s.state === "running" || s.state === "queued") this.setStatus(id, { state: s.state === "running" && status !== "succeeded" ? "failed" : "", progress: null });
     this.progress(status === "succeeded" ? "done" : status, status === "succeeded" ? 1 : 0);
     if (status === "failed") this.toast(`the run failed${message ? ": " + message : ""}`, "error");
     else if (status !== "succeeded") this.toast(`the run was ${status}`, "warn");
-    this.emitState({ status });
+    this.emitState({ status, finished: this.jobId });
+    // The next of this page's queued jobs, if any: its job_started will confirm it.
+    if (this.mine.length) this.follow(this.mine[0]);
   }
 
   /** The safety net: ask the server how the job stands, now and then. */

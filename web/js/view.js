@@ -5,9 +5,13 @@
 
 import { NodeView } from "./node_view.js";
 import { typeColour } from "./types.js";
+import { linkPath, routePath, routePoints } from "./curve.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const MIN_ZOOM = 0.2, MAX_ZOOM = 2.5;
+// Fit never zooms out past this: node text (12-13 px) stays at about 10 px, and a
+// graph too big for the window at this zoom opens at its start (top left), to pan.
+export const READABLE_ZOOM = 0.8;
 
 function isEditable(t) {
   return t instanceof Element && !!t.closest("input, textarea, select, button, .upload, [contenteditable]");
@@ -35,7 +39,10 @@ export class CanvasView {
     this.dragPath.classList.add("link", "dragging");
     this.box = document.createElement("div");
     this.box.className = "selection-box";
-    this.world.append(this.svg);
+    this.groupLayer = document.createElement("div");
+    this.groupLayer.className = "groups";
+    this.world.append(this.groupLayer, this.svg);
+    this.spaceDown = false;
     root.append(this.world, this.box);
     this.lastPointer = [0, 0];
     this.lastRefusal = null;
@@ -50,6 +57,7 @@ export class CanvasView {
     this.world.style.transform = `translate(${this.offset[0]}px, ${this.offset[1]}px) scale(${this.scale})`;
     this.root.style.setProperty("--grid-size", `${24 * this.scale}px`);
     this.root.style.backgroundPosition = `${this.offset[0]}px ${this.offset[1]}px`;
+    this.onViewChange?.();
   }
 
   toWorld(clientX, clientY) {
@@ -71,7 +79,13 @@ export class CanvasView {
   socketPoint(id, kind, key) {
     const v = this.views.get(String(id));
     const s = v && (kind === "out" ? v.outputSocket(key) : v.inputSocket(key));
-    return s ? this.centerOf(s) : null;
+    if (!s) return null;
+    if (!s.offsetParent) {
+      // A collapsed node: its links meet the title bar's edges.
+      const r = v.titleEl.getBoundingClientRect();
+      return [kind === "out" ? r.right : r.left, r.top + r.height / 2];
+    }
+    return this.centerOf(s);
   }
 
   zoomAt(clientX, clientY, factor) {
@@ -95,8 +109,11 @@ export class CanvasView {
       x1 = Math.max(x1, n.pos[0] + v.el.offsetWidth); y1 = Math.max(y1, n.pos[1] + v.el.offsetHeight);
     }
     const margin = 40;
-    this.scale = Math.min(1, Math.max(MIN_ZOOM, Math.min((r.width - 2 * margin) / (x1 - x0), (r.height - 2 * margin) / (y1 - y0))));
-    this.offset = [(r.width - (x1 - x0) * this.scale) / 2 - x0 * this.scale, (r.height - (y1 - y0) * this.scale) / 2 - y0 * this.scale];
+    const whole = Math.min((r.width - 2 * margin) / (x1 - x0), (r.height - 2 * margin) / (y1 - y0));
+    this.scale = Math.min(1, Math.max(READABLE_ZOOM, whole));
+    // Centred where it fits; else from its top-left corner, where the data flow starts.
+    const place = (size, span, lo) => (span * this.scale <= size - 2 * margin ? (size - span * this.scale) / 2 : margin) - lo * this.scale;
+    this.offset = [place(r.width, x1 - x0, x0), place(r.height, y1 - y0, y0)];
     this.applyTransform();
     this.drawLinks();
   }
@@ -124,6 +141,24 @@ export class CanvasView {
     this.refreshSelection();
     this.applyTransform();
     this.drawLinks();
+    this.drawGroups();
+  }
+
+  /** Groups, behind the nodes: a title bar to drag (with the nodes inside), rename or right-click. */
+  drawGroups() {
+    this.groupLayer.replaceChildren(...this.graph.groups.map((g, i) => {
+      const el = document.createElement("div");
+      el.className = "group-box";
+      el.dataset.group = String(i);
+      const [x, y, w, h] = g.bounding;
+      Object.assign(el.style, { left: `${x}px`, top: `${y}px`, width: `${w}px`, height: `${h}px` });
+      if (g.color) el.style.setProperty("--group-color", g.color);
+      const title = document.createElement("div");
+      title.className = "group-title";
+      title.textContent = g.title;
+      el.append(title);
+      return el;
+    }));
   }
 
   addView(id) {
@@ -134,8 +169,10 @@ export class CanvasView {
     return v;
   }
 
-  onGraphChange({ kind, ids }) {
+  onGraphChange({ kind, ids, fresh }) {
+    if (fresh) { this.status.clear(); this.notes.clear(); }
     if (kind === "load") { this.rebuild(); return; }
+    if (kind === "groups") { this.drawGroups(); return; }
     if (kind === "add") for (const id of ids) if (!this.views.has(id)) this.addView(id);
     if (kind === "remove") {
       for (const id of ids) {
@@ -152,9 +189,19 @@ export class CanvasView {
     this._linkFrame = requestAnimationFrame(() => { this._linkFrame = null; this.drawLinks(); });
   }
 
-  curve(a, b) {
-    const dx = Math.max(40, Math.abs(b[0] - a[0]) * 0.5);
-    return `M ${a[0]} ${a[1]} C ${a[0] + dx} ${a[1]}, ${b[0] - dx} ${b[1]}, ${b[0]} ${b[1]}`;
+  curve(a, b) { return linkPath(a, b); }
+
+  /** What the tidy-up layout needs to know of the drawn nodes (world units). */
+  measure() {
+    return {
+      size: (id) => { const v = this.views.get(id); return [v.el.offsetWidth, v.el.offsetHeight]; },
+      socket: (id, kind, key) => {
+        const n = this.graph.node(id), p = this.socketPoint(id, kind, key);
+        if (!p) return [kind === "out" ? this.views.get(id).el.offsetWidth : 0, 14];
+        const w = this.toWorld(...p);
+        return [w[0] - n.pos[0], w[1] - n.pos[1]];
+      },
+    };
   }
 
   drawLinks() {
@@ -164,12 +211,29 @@ export class CanvasView {
       if (!a || !b) continue;
       const p = document.createElementNS(SVG, "path");
       p.classList.add("link");
-      p.setAttribute("d", this.curve(this.toWorld(...a), this.toWorld(...b)));
+      const route = this.graph.node(l.to)?.ui.routes?.[l.input] || [];
+      p.setAttribute("d", routePath([this.toWorld(...a), ...route, this.toWorld(...b)]));
       p.style.stroke = typeColour(l.type);
       p.dataset.from = l.from; p.dataset.to = l.to; p.dataset.input = l.input;
       paths.push(p);
     }
     this.svg.replaceChildren(...paths, this.dragPath);
+  }
+
+  /** The link drawn nearest a client point (within a few pixels), or null. */
+  linkAt(clientX, clientY) {
+    const p = this.toWorld(clientX, clientY), reach = 8 / this.scale;
+    let best = null, bestD = reach;
+    for (const l of this.graph.links()) {
+      const a = this.socketPoint(l.from, "out", l.output), b = this.socketPoint(l.to, "in", l.input);
+      if (!a || !b) continue;
+      const route = this.graph.node(l.to)?.ui.routes?.[l.input] || [];
+      for (const q of routePoints([this.toWorld(...a), ...route, this.toWorld(...b)], 24)) {
+        const d = Math.hypot(q[0] - p[0], q[1] - p[1]);
+        if (d < bestD) { bestD = d; best = l; }
+      }
+    }
+    return best;
   }
 
   // -- selection -----------------------------------------------------------------
@@ -222,11 +286,30 @@ export class CanvasView {
     root.addEventListener("dblclick", (e) => {
       const title = e.target.closest(".node-title");
       if (title) { this.hooks.onRename?.(title.closest(".node").dataset.id); return; }
+      const groupTitle = e.target.closest(".group-title");
+      if (groupTitle) { this.hooks.onRenameGroup?.(Number(groupTitle.parentElement.dataset.group)); return; }
       if (e.target.closest(".node")) return;
       this.hooks.onPalette(this.toWorld(e.clientX, e.clientY), null);
     });
     root.addEventListener("pointerdown", (e) => this.onPointerDown(e));
-    root.addEventListener("contextmenu", (e) => { if (!isEditable(e.target)) e.preventDefault(); });
+    root.addEventListener("contextmenu", (e) => {
+      if (isEditable(e.target)) return;
+      e.preventDefault();
+      const nodeEl = e.target.closest?.(".node"), groupEl = e.target.closest?.(".group-title");
+      const hit = nodeEl ? { node: nodeEl.dataset.id }
+        : groupEl ? { group: Number(groupEl.parentElement.dataset.group) }
+        : (this.linkAt(e.clientX, e.clientY) ? { link: this.linkAt(e.clientX, e.clientY) } : {});
+      if (hit.node && !this.selected.has(hit.node)) this.select([hit.node]);
+      this.hooks.onMenu?.(e.clientX, e.clientY, hit);
+    });
+    // Space held: drag anywhere pans (ComfyUI's habit), and no text gets selected.
+    window.addEventListener("keydown", (e) => {
+      if (e.key !== " " || isEditable(e.target) || e.target.closest?.(".modal-back, .palette")) return;
+      e.preventDefault();
+      if (!this.spaceDown) { this.spaceDown = true; root.classList.add("space-pan"); }
+    });
+    window.addEventListener("keyup", (e) => { if (e.key === " ") { this.spaceDown = false; root.classList.remove("space-pan"); } });
+    window.addEventListener("blur", () => { this.spaceDown = false; root.classList.remove("space-pan"); });
   }
 
   track(e, move, up) {
@@ -244,8 +327,10 @@ export class CanvasView {
 
   onPointerDown(e) {
     const t = e.target;
-    if (e.button === 1 || (e.button === 0 && e.altKey)) return this.startPan(e);
+    if (e.button === 1 || (e.button === 0 && (e.altKey || this.spaceDown))) return this.startPan(e);
     if (e.button !== 0) return;
+    const groupTitle = t.closest?.(".group-title");
+    if (groupTitle) { e.preventDefault(); return this.startGroupMove(e, Number(groupTitle.parentElement.dataset.group)); }
     const sock = t.closest?.(".socket");
     if (sock) { e.preventDefault(); return sock.classList.contains("out") ? this.startLinkFromOutput(e, sock) : this.startLinkFromInput(e, sock); }
     if (isEditable(t)) return;
@@ -306,7 +391,8 @@ export class CanvasView {
       return;
     }
     if (!this.selected.has(id)) this.select([id]);
-    const ids = [...this.selected];
+    const ids = [...this.selected].filter((n) => !this.graph.node(n)?.ui.pinned);
+    if (!ids.length) return;
     const start = [e.clientX, e.clientY];
     let last = [0, 0];
     this.root.classList.add("moving");
@@ -319,6 +405,22 @@ export class CanvasView {
       this.root.classList.remove("moving");
       if (last[0] || last[1]) this.hooks.onCommit();
     });
+  }
+
+  /** Drag a group by its title: the nodes inside move with it (one undo step). */
+  startGroupMove(e, index) {
+    const g = this.graph.groups[index];
+    if (!g) return;
+    const inside = this.graph.nodesInGroup(index).filter((id) => !this.graph.node(id)?.ui.pinned);
+    const origin = [...g.bounding], start = [e.clientX, e.clientY];
+    let last = [0, 0];
+    this.track(e, (m) => {
+      const d = [Math.round((m.clientX - start[0]) / this.scale), Math.round((m.clientY - start[1]) / this.scale)];
+      if (d[0] === last[0] && d[1] === last[1]) return;
+      if (inside.length) this.graph.moveBy(inside, d[0] - last[0], d[1] - last[1]);
+      this.graph.updateGroup(index, { bounding: [origin[0] + d[0], origin[1] + d[1], origin[2], origin[3]] });
+      last = d;
+    }, () => { if (last[0] || last[1]) this.hooks.onCommit(); });
   }
 
   /** Drag a new link from an output; drop on an input connects, on empty canvas offers matching nodes. */
