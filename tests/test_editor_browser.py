@@ -239,7 +239,8 @@ def test_open_a_workflow_from_the_library_and_run_it(editor, server):
     assert "succeeded" in page.locator("#status").text_content()
     # The same graph again: the server reuses every result and the nodes say so.
     page.click("#run")
-    page.wait_for_function("document.querySelectorAll('.node.cached').length === 10", timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function(f"document.querySelectorAll('.node.cached').length === {len(doc['nodes'])}",
+                           timeout=RUN_TIMEOUT_MS)
     editor.wait_idle()
     assert editor.node("10").locator("img.output").count() == 1
     # Save it back to the library under a new name.
@@ -463,7 +464,7 @@ def test_dropping_a_saved_png_restores_its_workflow(editor, server):
 
     page.click("#new")
     drop_file(editor, png, "kiln.png", "image/png")
-    page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+    page.wait_for_function(f"Object.keys(window.kiln.toKiln().nodes).length === {len(wf['nodes'])}")
     doc = editor.doc()
     assert doc["title"] == "Dropped lake"
     for node_id, node in wf["nodes"].items():
@@ -479,7 +480,7 @@ def test_dropping_a_saved_png_restores_its_workflow(editor, server):
     Image.new("RGB", (8, 8)).save(out, pnginfo=info)
     page.click("#new")
     drop_file(editor, out.read_bytes(), "ComfyUI_00001_.png", "image/png")
-    page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+    page.wait_for_function(f"Object.keys(window.kiln.toKiln().nodes).length === {len(wf['nodes'])}")
     doc = editor.doc()
     assert {nid: n["inputs"] for nid, n in doc["nodes"].items()} == {nid: n["inputs"] for nid, n in api.items()}
     xs = {nid: n["ui"]["pos"][0] for nid, n in doc["nodes"].items()}
@@ -587,7 +588,7 @@ def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(bro
         page.click("#new")
         notice.locator(".notice-close").click()
         drop_file(editor, json.dumps(shipped).encode(), "img2img.json", "application/json")
-        page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+        page.wait_for_function(f"Object.keys(window.kiln.toKiln().nodes).length === {len(shipped['nodes'])}")
         assert editor.doc()["nodes"]["1"]["inputs"]["ckpt_name"] == DEMO_CKPT
         assert wanted in page.locator(".toast.notice").text_content()
         page.keyboard.press("Control+z")
