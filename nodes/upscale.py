@@ -15,14 +15,14 @@ from typing import Any, Callable, Iterator
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
-from nodes.loaders import _fingerprinter, _locate, _manager, _validator, list_models
+from nodes.loaders import _manager, fingerprinter, list_models, locate, validator
 
 UPSCALE_FOLDER = "upscale_models"
 UPSCALE_MODEL = "UPSCALE_MODEL"
 
 
 def _upscale_models(env: Any) -> list[str]:
-    return list_models(env, UPSCALE_FOLDER, diffusers_marker="")  # single files only
+    return list_models(env, UPSCALE_FOLDER, diffusers_marker=None)  # single files only
 
 
 @dataclass(eq=False)
@@ -58,15 +58,15 @@ def _load(path, manager) -> Any:
                   tooltip="An upscale model (ESRGAN, Real-ESRGAN, SwinIR, HAT, ... as spandrel reads them) "
                           "in models/upscale_models, .safetensors or a weights-only .pth")],
     outputs=[Output("UPSCALE_MODEL", UPSCALE_MODEL)],
-    validate=_validator(UPSCALE_FOLDER, "model_name"),
-    fingerprint=_fingerprinter(UPSCALE_FOLDER, "model_name"),
+    validate=validator(UPSCALE_FOLDER, "model_name"),
+    fingerprint=fingerprinter(UPSCALE_FOLDER, "model_name"),
 )
 def upscale_model_loader(ctx, model_name: str):
     """Load an upscale model; spandrel recognises its architecture and scale from the weights."""
     from nodes.runtime.models import file_key
     from nodes.upscale_models import UpscaleModelError
 
-    path = _locate(ctx.env, UPSCALE_FOLDER, model_name, "model_name")
+    path = locate(ctx.env, UPSCALE_FOLDER, model_name, "model_name")
     manager = _manager(ctx.env)
     key = file_key(path, "upscale")
     loader = functools.partial(_load, path)
