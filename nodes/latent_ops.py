@@ -225,6 +225,8 @@ def repeat_latent_batch(ctx, samples, amount: int):
     """
     latent = plain_latent(samples, "samples", "RepeatLatentBatch")
     amount = int(amount)
+    if amount == 1:
+        return (samples,)  # nothing to repeat: the very same latent, so results stay bit-identical
     out = _derived(samples, latent.repeat((amount, 1, 1, 1)))
     mask = samples.get("noise_mask")
     if mask is not None and mask.shape[0] > 1:
