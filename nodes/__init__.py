@@ -6,7 +6,8 @@ import importlib
 #: One module per family. Every one must import: a typo here or a deleted module
 #: fails registration loudly instead of silently dropping a family's nodes.
 FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "conditioning_nodes", "vae", "grid", "lora",
-            "safety", "primitives", "utility")
+            "safety", "primitives", "utility",
+            "masks", "image_ops", "latent_ops", "vae_tiled", "upscale")
 
 
 def register(registry) -> None:

@@ -179,7 +179,8 @@ def test_open_a_workflow_from_the_library_and_run_it(editor, server):
     assert "succeeded" in page.locator("#status").text_content()
     # The same graph again: the server reuses every result and the nodes say so.
     page.click("#run")
-    page.wait_for_function("document.querySelectorAll('.node.cached').length === 10", timeout=RUN_TIMEOUT_MS)
+    page.wait_for_function(f"document.querySelectorAll('.node.cached').length === {len(doc['nodes'])}",
+                           timeout=RUN_TIMEOUT_MS)
     editor.wait_idle()
     assert editor.node("10").locator("img.output").count() == 1
     # Save it back to the library under a new name.
@@ -335,8 +336,11 @@ def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
     # Duplicate (Ctrl+D): copies keep their values and their links from the rest of the graph; one undo step.
     page.keyboard.press("Control+d")
     nodes = editor.doc()["nodes"]
-    assert len(nodes) == 12 and sorted(page.evaluate("[...window.kiln.view.selected]")) == ["11", "12"]
-    for old, new in (("2", "11"), ("3", "12")):
+    first = max(int(k) for k in original["nodes"]) + 1  # new nodes take the next free ids
+    copies = [str(first), str(first + 1)]
+    assert len(nodes) == len(original["nodes"]) + 2
+    assert sorted(page.evaluate("[...window.kiln.view.selected]"), key=int) == copies
+    for old, new in zip(("2", "3"), copies):
         assert nodes[new]["type"] == "CLIPTextEncode" and nodes[new]["inputs"] == original["nodes"][old]["inputs"]
     page.keyboard.press("Control+z")
     assert editor.doc() == original
@@ -404,7 +408,7 @@ def test_dropping_a_saved_png_restores_its_workflow(editor, server):
 
     page.click("#new")
     drop_file(editor, png, "kiln.png", "image/png")
-    page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+    page.wait_for_function(f"Object.keys(window.kiln.toKiln().nodes).length === {len(wf['nodes'])}")
     doc = editor.doc()
     assert doc["title"] == "Dropped lake"
     for node_id, node in wf["nodes"].items():
@@ -420,7 +424,7 @@ def test_dropping_a_saved_png_restores_its_workflow(editor, server):
     Image.new("RGB", (8, 8)).save(out, pnginfo=info)
     page.click("#new")
     drop_file(editor, out.read_bytes(), "ComfyUI_00001_.png", "image/png")
-    page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+    page.wait_for_function(f"Object.keys(window.kiln.toKiln().nodes).length === {len(wf['nodes'])}")
     doc = editor.doc()
     assert {nid: n["inputs"] for nid, n in doc["nodes"].items()} == {nid: n["inputs"] for nid, n in api.items()}
     xs = {nid: n["ui"]["pos"][0] for nid, n in doc["nodes"].items()}
@@ -446,21 +450,23 @@ def test_an_image_picked_on_load_image_is_uploaded_and_shown(editor, server):
     drop_file(editor, blue.read_bytes(), "blue.png", "image/png", (box["x"] + box["width"] / 2, box["y"] + 30))
     editor.page.wait_for_function("window.kiln.toKiln().nodes['4'].inputs.image === 'blue.png'")
     editor.page.wait_for_function("document.querySelector('.node[data-id=\"4\"] img.thumb').naturalWidth === 30")
-    assert len(editor.doc()["nodes"]) == 10, "the graph was not replaced"
+    shipped = json.loads((server.workflows / "img2img.json").read_text())
+    assert len(editor.doc()["nodes"]) == len(shipped["nodes"]), "the graph was not replaced"
     assert editor.unexpected_errors() == []
 
 
 def test_copy_and_paste_keep_links_also_into_another_tab(editor, browser, server):
     page = editor.page
+    before = editor.doc()["nodes"]
     page.mouse.click(*page.evaluate("window.kiln.titlePos('7')"))  # AddNoise
     page.keyboard.press("Control+c")
     page.mouse.move(*editor.canvas_point(600, 650))
     page.keyboard.press("Control+v")
     doc = editor.doc()
-    assert len(doc["nodes"]) == 11
-    pasted = doc["nodes"]["11"]
+    assert len(doc["nodes"]) == len(before) + 1
+    pasted = doc["nodes"][str(max(int(k) for k in before) + 1)]
     assert pasted["type"] == "AddNoise"
-    assert pasted["inputs"]["model"] == ["1", 0] and pasted["inputs"]["latent"] == ["6", 0]
+    assert pasted["inputs"]["model"] == ["1", 0] and pasted["inputs"]["latent"] == before["7"]["inputs"]["latent"]
     # Copy two linked nodes and paste them into a second tab: the link between them travels.
     page.mouse.click(*page.evaluate("window.kiln.titlePos('8')"))
     page.keyboard.down("Shift")
@@ -533,7 +539,7 @@ def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(bro
         # The same file dropped onto the canvas later: replaced again, and one undo step;
         # its notice replaces the one still shown instead of stacking a second copy.
         drop_file(editor, json.dumps(shipped).encode(), "img2img.json", "application/json")
-        page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 10")
+        page.wait_for_function(f"Object.keys(window.kiln.toKiln().nodes).length === {len(shipped['nodes'])}")
         assert editor.doc()["nodes"]["1"]["inputs"]["ckpt_name"] == DEMO_CKPT
         assert wanted in page.locator(".toast.notice").text_content()
         assert page.locator(".toast.notice").count() == 1
