@@ -379,20 +379,6 @@ def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
     assert editor.unexpected_errors() == []
 
 
-def drop_file(editor: Editor, data: bytes, name: str, mime: str, at: tuple[float, float] | None = None) -> None:
-    """Drop a file as the browser would after a drag from the desktop (at client coordinates)."""
-    x, y = at or editor.canvas_point(500, 600)
-    editor.page.evaluate(
-        """([b64, name, mime, x, y]) => {
-             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-             const dt = new DataTransfer();
-             dt.items.add(new File([bytes], name, { type: mime }));
-             const target = document.elementFromPoint(x, y);
-             for (const type of ['dragover', 'drop'])
-               target.dispatchEvent(new DragEvent(type, { dataTransfer: dt, clientX: x, clientY: y, bubbles: true, cancelable: true }));
-           }""", [base64.b64encode(data).decode(), name, mime, x, y])
-
-
 def test_dropping_a_saved_png_restores_its_workflow(editor, server):
     page = editor.page
     # A PNG saved by Kiln itself: run a workflow through the HTTP API and take its file.
