@@ -348,7 +348,8 @@ async def _comfy_run(client: Any) -> tuple[list[Any], dict]:
     await ws.receive_json()
     prompt = {k: {"class_type": v["type"], "inputs": v["inputs"]}
               for k, v in spin_workflow(5, preview=True)["nodes"].items()}
-    r = await client.post("/prompt", json={"prompt": prompt, "client_id": "cmp"})
+    # ComfyUI clients get previews only when they ask (extra_data.preview_method), on both backends
+    r = await client.post("/prompt", json={"prompt": prompt, "client_id": "cmp", "extra_data": {"preview_method": "auto"}})
     pid = (await r.json())["prompt_id"]
     texts, binaries = await comfy_messages_until_done(ws, pid, timeout=60)
     await ws.close()

@@ -271,13 +271,13 @@ def test_comfyui_habits_space_pan_menus_groups_reroutes_minimap_and_search(edito
     assert editor.doc() == original and not page.locator(".palette").is_visible()
     assert page.evaluate("getSelection().toString()") == ""
 
-    # Right-click a node: bypass AddNoise; what runs skips it and KSampler takes VAEEncode's latent.
+    # Right-click a node: bypass AddNoise; what runs skips it and KSampler takes AddNoise's own latent input.
     right_click(editor, *page.evaluate("window.kiln.titlePos('7')"))
     editor.screenshot("habits-node-menu")
     menu(editor, "bypass")
     assert "bypassed" in editor.node("7").get_attribute("class")
     run = page.evaluate("window.kiln.graph.toSubmit()")
-    assert "7" not in run["nodes"] and run["nodes"]["8"]["inputs"]["latent_image"] == ["6", 0]
+    assert "7" not in run["nodes"] and run["nodes"]["8"]["inputs"]["latent_image"] == original["nodes"]["7"]["inputs"]["latent"]
     assert editor.doc()["nodes"]["7"]["ui"]["mode"] == "bypass"
     # Mute the negative prompt: it does not run and nothing takes its output.
     right_click(editor, *page.evaluate("window.kiln.titlePos('3')"))
