@@ -318,8 +318,10 @@ def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
     x1, y1 = max(b[2] for b in fitted), max(b[3] for b in fitted)
     left, top = x0 - canvas["x"], y0 - canvas["y"]
     right, bottom = canvas["x"] + canvas["width"] - x1, canvas["y"] + canvas["height"] - y1
-    assert min(left, top, right, bottom) >= 39, (left, top, right, bottom)
-    assert left == pytest.approx(right, abs=2) and top == pytest.approx(bottom, abs=2)
+    # A graph wider than the canvas at the readable zoom floor starts at the left margin and scrolls.
+    fits_across = x1 - x0 <= canvas["width"] - 2 * 39
+    assert min(left, top, bottom) >= 39 and (right >= 39 or not fits_across), (left, top, right, bottom)
+    assert (left == pytest.approx(right, abs=2) or not fits_across) and top == pytest.approx(bottom, abs=2)
     assert min(left, top) <= 41, "the graph fills the canvas in one direction"
 
     # Box-select: Shift+drag from empty space above-left of the two prompts to the second one's middle.
