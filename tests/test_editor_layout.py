@@ -70,7 +70,11 @@ def test_shipped_workflows_have_no_overlaps_and_no_hidden_links(editor):
     assert len(SHIPPED) >= 4
     for name in SHIPPED:
         open_from_library(editor, name)
-        assert editor.page.evaluate(PROBLEMS) == [], name
+        problems = editor.page.evaluate(PROBLEMS)
+        if problems:  # measured before the nodes' final sizes settled (seen under load): look again
+            editor.page.wait_for_timeout(1000)
+            problems = editor.page.evaluate(PROBLEMS)
+        assert problems == [], name
         editor.screenshot(f"layout-{name[:-5]}")
 
 
