@@ -28,7 +28,7 @@ PREDICTIONS = ["auto", "epsilon", "v_prediction"]
 _fallback: ModelManager | None = None
 
 
-def _manager(env: Environment) -> ModelManager:
+def model_manager(env: Environment) -> ModelManager:
     """The environment's model manager (a process-wide one if the caller built none)."""
     global _fallback
     if env.models is not None:
@@ -156,7 +156,7 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     if prediction not in PREDICTIONS:
         raise NodeError(f"prediction must be one of {', '.join(PREDICTIONS)}", input_name="prediction")
     path = locate(ctx.env, CHECKPOINT_FOLDER, ckpt_name, "ckpt_name")
-    manager = _manager(ctx.env)
+    manager = model_manager(ctx.env)
     key = file_key(path, "checkpoint")
     loader = functools.partial(_load_checkpoint, path)
     loaded = _acquire(manager, key, loader, "ckpt_name", ckpt_name)
@@ -206,7 +206,7 @@ def vae_loader(ctx, vae_name: str):
     folder's config) is informational.
     """
     path = locate(ctx.env, VAE_FOLDER, vae_name, "vae_name")
-    manager = _manager(ctx.env)
+    manager = model_manager(ctx.env)
     key = file_key(path, "vae")
     loader = functools.partial(_load_vae, path)
     module = _acquire(manager, key, loader, "vae_name", vae_name)

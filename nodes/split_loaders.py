@@ -16,7 +16,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle, ModelHandle
-from nodes.loaders import _acquire, _manager, fingerprinter, list_models, locate, peek_module, validator
+from nodes.loaders import _acquire, model_manager, fingerprinter, list_models, locate, peek_module, validator
 from nodes.runtime.models import ModelManager, file_key
 
 UNET_FOLDERS = ("diffusion_models", "unet")
@@ -64,7 +64,7 @@ def _load_unet(path: Path, manager: ModelManager) -> Any:
 def unet_loader(ctx, unet_name: str, weight_dtype: str = "default"):
     """Load a diffusion model on its own; its family comes from its shapes."""
     path = locate(ctx.env, UNET_FOLDERS, unet_name, "unet_name")
-    manager = _manager(ctx.env)
+    manager = model_manager(ctx.env)
     key = file_key(path, "unet")
     loader = functools.partial(_load_unet, path)
     loaded = _acquire(manager, key, loader, "unet_name", unet_name)
@@ -89,7 +89,7 @@ def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:
     from nodes.checkpoint.load import CheckpointError
 
     paths = [locate(ctx.env, TEXT_FOLDERS, name, input_name) for input_name, name in names]
-    manager = _manager(ctx.env)
+    manager = model_manager(ctx.env)
     key = ("text_encoders", clip_type, *(part for p in paths for part in file_key(p)))
     loader = functools.partial(_load_texts, paths, clip_type)
     input_name = names[0][0]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
-from nodes.loaders import _manager, fingerprinter, list_models, locate, validator
+from nodes.loaders import model_manager, fingerprinter, list_models, locate, validator
 
 UPSCALE_FOLDER = "upscale_models"
 UPSCALE_MODEL = "UPSCALE_MODEL"
@@ -67,7 +67,7 @@ def upscale_model_loader(ctx, model_name: str):
     from nodes.upscale_models import UpscaleModelError
 
     path = locate(ctx.env, UPSCALE_FOLDER, model_name, "model_name")
-    manager = _manager(ctx.env)
+    manager = model_manager(ctx.env)
     key = file_key(path, "upscale")
     loader = functools.partial(_load, path)
     try:

@@ -14,7 +14,7 @@ from typing import Any
 from engine import types as T
 from engine.context import Environment, NodeError
 from engine.node import Input, Output, Result, define_node
-from nodes.loaders import _manager, fingerprinter, list_models, locate, validator
+from nodes.loaders import model_manager, fingerprinter, list_models, locate, validator
 from nodes.runtime.models import file_key
 from nodes.safety.checker import FOLDER, CheckerError, SafetyCheckerHandle, load_checker
 from nodes.safety.modes import MODES, apply_mode, summary
@@ -35,7 +35,7 @@ def _load(path: Path, name: str, manager: Any) -> Any:
 def open_checker(env: Environment, name: Any, input_name: str = "checker_name") -> SafetyCheckerHandle:
     """A handle to the checker ``name`` in models/safety_checker, loaded once through the model manager."""
     path = locate(env, FOLDER, name, input_name)
-    manager = _manager(env)
+    manager = model_manager(env)
     key = file_key(path, "safety_checker")
     loader = functools.partial(_load, path, name)
     try:
@@ -60,7 +60,7 @@ def open_checker(env: Environment, name: Any, input_name: str = "checker_name") 
 def safety_checker_loader(ctx, checker_name: str):
     """Load the CLIP-based image safety classifier Stable Diffusion 1.x ships (offline)."""
     handle = open_checker(ctx.env, checker_name)
-    ctx.message(f"{checker_name}: safety checker on {_manager(ctx.env).device}")
+    ctx.message(f"{checker_name}: safety checker on {model_manager(ctx.env).device}")
     return (handle,)
 
 
