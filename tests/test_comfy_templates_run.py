@@ -3,10 +3,11 @@
 Each runs from the editor file exactly as ComfyUI's template package ships it
 (only file names, sizes and step counts are overridden) and is tied to something
 proven elsewhere: ``image2image`` equals diffusers' img2img pipeline (ComfyUI's
-``denoise`` d with n steps is the\nlast n steps of ComfyUI's n/d-step schedule, which diffusers enters at strength d); ``hiresfix_latent_workflow`` feeds its second sampler the first
-one's latent, upscaled as ``LatentUpscale`` says; ``esrgan_example`` and
-``hiresfix_esrgan_workflow`` pass the decoded image through the upscale model
-exactly as spandrel's own call does.
+``denoise`` d with n steps runs the last n steps of its n/d-step schedule, which
+diffusers enters at strength d); ``hiresfix_latent_workflow`` feeds its second
+sampler the first one's latent, upscaled as ``LatentUpscale`` says;
+``esrgan_example`` and ``hiresfix_esrgan_workflow`` pass the decoded image
+through the upscale model exactly as spandrel's own call does.
 """
 from __future__ import annotations
 
