@@ -18,13 +18,17 @@ sums the bytes the job's tensors take and checks two limits:
 
 An error names the node, the input that sets the size and the limit (with the
 option that raises it). The estimate is a floor, not a model of every kernel:
-``work`` lets a node count its intermediates (a resize holds about three copies).
+``work`` lets a node count its intermediates (a resize holds about three copies),
+and ``transient`` what it needs only while it runs (a VAE's full-resolution
+activations), which counts against the limit at that node but is not carried on.
+A node whose size comes from a file (LoadImage) gives a ``probe`` that reads the
+size without decoding the pixels, so a huge input is refused before it is loaded.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from engine import types as T
 
@@ -97,8 +101,13 @@ class Size:
     ``height`` are in pixels; 0 (or a missing value) means "follow the other side's
     aspect ratio, or the incoming size"; ``like`` names the linked input whose size
     that is. ``scale`` multiplies the incoming size (an upscale factor), ``batch``
-    sets the batch (else it is the incoming one), and ``work`` counts the node's
-    intermediate copies in the job's memory estimate.
+    sets the batch (else it is the incoming one), ``repeat`` multiplies it,
+    ``pad`` names the (left, top, right, bottom) inputs added to the incoming size,
+    ``megapixels`` sets the area in units of 1024x1024 at the incoming aspect
+    ratio, ``work`` counts the node's intermediate copies in the job's memory
+    estimate and ``transient`` the elements per output pixel it holds only while
+    running. ``probe(env, literals)`` returns (width, height, batch) when the size
+    is in a file the literals name, or None when it cannot be known yet.
     """
 
     width: str | int | None = None
@@ -106,7 +115,18 @@ class Size:
     batch: str | int | None = None
     scale: str | float | None = None
     like: str | None = None
+    repeat: str | None = None
+    pad: tuple[str, str, str, str] | None = None
+    megapixels: str | None = None
     work: float = 1.0
+    transient: float = 0.0
+    probe: Callable[[Any, Mapping[str, Any]], tuple[int, int, int] | None] | None = None
+
+    def input_names(self) -> list[str]:
+        """Every input this declaration reads (the node checks that each exists)."""
+        named = [self.width, self.height, self.batch, self.scale, self.like, self.repeat, self.megapixels,
+                 *(self.pad or ())]
+        return [n for n in named if isinstance(n, str)]
 
 
 @dataclass(frozen=True)
@@ -153,12 +173,32 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def extent_of(size: Size, literals: Mapping[str, Any], incoming: Mapping[str, Extent]) -> Extent | None:
+def extent_of(size: Size, literals: Mapping[str, Any], incoming: Mapping[str, Extent],
+              env: Any = None) -> Extent | None:
     """The output size a declaration gives, or None when it cannot be known before running."""
+    if size.probe is not None:
+        found = size.probe(env, literals) if env is not None else None
+        return Extent(*found) if found else None
     base = incoming.get(size.like) if size.like else next(iter(incoming.values()), None)
+    extent = _extent(size, literals, base)
+    if extent is None:
+        return None
+    repeat = _number(literals.get(size.repeat)) if size.repeat else None
+    if size.pad:
+        left, top, right, bottom = (_number(literals.get(name)) or 0 for name in size.pad)
+        extent = Extent(extent.width + int(left + right), extent.height + int(top + bottom), extent.batch)
+    if repeat:
+        extent = Extent(extent.width, extent.height, extent.batch * max(1, int(repeat)))
+    return extent
+
+
+def _extent(size: Size, literals: Mapping[str, Any], base: Extent | None) -> Extent | None:
     width, height = _number(_value(size.width, literals)), _number(_value(size.height, literals))
     scale = _number(_value(size.scale, literals))
     batch = _number(_value(size.batch, literals))
+    megapixels = _number(literals.get(size.megapixels)) if size.megapixels else None
+    if megapixels is not None and base is not None:
+        scale = (megapixels * 1024 * 1024 / max(1, base.pixels)) ** 0.5
     if scale is not None:
         if base is None:
             return None
@@ -176,17 +216,23 @@ def extent_of(size: Size, literals: Mapping[str, Any], incoming: Mapping[str, Ex
                   max(1, int(batch)) if batch else (base.batch if base else 1))
 
 
-def _size_input(size: Size, prefer_batch: bool) -> str | None:
-    for decl in ((size.batch,) if prefer_batch else ()) + (size.scale, size.width, size.height, size.batch):
+def _size_input(size: Size, prefer_batch: bool, literals: Mapping[str, Any]) -> str | None:
+    """The input to name in an error: the batch when batches made it big, else what set the size."""
+    if size.pad and not prefer_batch:
+        return max(size.pad, key=lambda name: _number(literals.get(name)) or 0)
+    batch = (size.batch, size.repeat) if prefer_batch else ()
+    for decl in batch + (size.scale, size.megapixels, size.width, size.height, *(size.pad or ()), size.batch,
+                         size.repeat):
         if isinstance(decl, str):
             return decl
     return None
 
 
-def check(plan_nodes: Mapping[str, Any], order: list[str], budget: Budget) -> list[Overrun]:
+def check(plan_nodes: Mapping[str, Any], order: list[str], budget: Budget, env: Any = None) -> list[Overrun]:
     """Every limit the plan's nodes would break, in plan order.
 
-    ``plan_nodes`` maps node ids to planned nodes (``spec``, ``literals``, ``links``).
+    ``plan_nodes`` maps node ids to planned nodes (``spec``, ``literals``, ``links``);
+    ``env`` is handed to probes (without it, sizes in files count as unknown).
     """
     extents: dict[str, Extent] = {}
     overruns: list[Overrun] = []
@@ -198,26 +244,30 @@ def check(plan_nodes: Mapping[str, Any], order: list[str], budget: Budget) -> li
         spec = node.spec
         incoming = {name: extents[link.node_id] for name, link in node.links.items() if link.node_id in extents}
         size: Size | None = getattr(spec, "size", None)
-        extent = extent_of(size, node.literals, incoming) if size else next(iter(incoming.values()), None)
+        extent = extent_of(size, node.literals, incoming, env) if size else next(iter(incoming.values()), None)
         if extent is None:
             continue
         extents[node_id] = extent
-        if size is not None and extent.pixels > budget.max_image_pixels:
+        if size is not None and (size.input_names() or size.probe) and extent.pixels > budget.max_image_pixels:
             overruns.append(Overrun(
-                node_id, _size_input(size, False),
+                node_id, _size_input(size, False, node.literals),
                 f"{extent.width}x{extent.height} = {extent.pixels} pixels is over the limit of "
                 f"{budget.max_image_pixels} pixels per image (raise it with --max-image-pixels)",
                 budget.max_image_pixels))
             continue
         per_pixel = sum(_PER_PIXEL.get(o.type, 0.0) for o in spec.outputs)
-        node_bytes = per_pixel * extent.pixels * extent.batch * ELEMENT_BYTES * (size.work if size else 1.0)
-        total += node_bytes
-        if total > job_limit and not over_job:
+        elements = extent.pixels * extent.batch
+        total += per_pixel * elements * ELEMENT_BYTES * (size.work if size else 1.0)
+        running = total + (size.transient * elements * ELEMENT_BYTES if size else 0.0)
+        if running > job_limit and not over_job:
             over_job = True
             what = f"{extent.width}x{extent.height} pixels" + (f" x {extent.batch} images" if extent.batch > 1 else "")
+            held = (f"the job would need about {format_bytes(running)} while this node runs"
+                    if running > total else f"the job would hold about {format_bytes(total)} of images and latents "
+                                            f"by this node")
             overruns.append(Overrun(
-                node_id, _size_input(size, extent.batch > 1) if size else None,
-                f"the job would hold about {format_bytes(total)} of images and latents by this node "
-                f"({what} here), over the budget of {format_bytes(job_limit)} per job "
-                f"(raise it with --max-job-memory)", job_limit))
+                node_id, _size_input(size, extent.batch > 1, node.literals) if size else None,
+                f"{held} ({what} here), over the budget of {format_bytes(job_limit)} per job "
+                f"(raise it with --max-job-memory{', or use a tiled node' if running > total else ''})",
+                job_limit))
     return overruns

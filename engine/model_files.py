@@ -45,6 +45,8 @@ def model_names(root: str | Path, diffusers_marker: str | None) -> list[str]:
     return sorted(names)
 
 
-def folder_models(models_root: str | Path, folder: str) -> list[str]:
-    """The models of ``<models_root>/<folder>`` as that folder's loader lists them."""
-    return model_names(Path(models_root) / folder, marker_for(folder))
+def folder_models(models_root: str | Path, folder: str | tuple[str, ...]) -> list[str]:
+    """The models of ``<models_root>/<folder>`` as that folder's loader lists them; for
+    several folders read together (aliases), their union."""
+    folders = (folder,) if isinstance(folder, str) else folder
+    return sorted({n for f in folders for n in model_names(Path(models_root) / f, marker_for(f))})

@@ -161,8 +161,7 @@ class NodeSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"node {self.type}: duplicate input names {names}")
         if self.size is not None:
-            named = [getattr(self.size, f) for f in ("width", "height", "batch", "scale", "like")]
-            unknown = [n for n in named if isinstance(n, str) and n not in names]
+            unknown = [n for n in self.size.input_names() if n not in names]
             if unknown:
                 raise ValueError(f"node {self.type}: size names unknown input(s) {unknown}")
 

@@ -18,6 +18,11 @@ class PathRefused(ValueError):
     """A name that would leave its root, or that is not a plain relative name."""
 
 
+class PathMalformed(PathRefused):
+    """A name no file system could hold (too long, too deep, NUL, not text): bad input,
+    told apart from an escape attempt so that servers answer 400 rather than 403."""
+
+
 #: Longest file or folder name, in bytes, that Linux, macOS and Windows file systems
 #: all store; a longer one fails with ENAMETOOLONG deep inside whatever opens it.
 NAME_MAX_BYTES = 255
@@ -53,13 +58,13 @@ class SafeRoot:
     @staticmethod
     def _parts(name: str) -> list[str]:
         if not isinstance(name, str):
-            raise PathRefused("a file name must be a string")
+            raise PathMalformed("a file name must be a string")
         if "\x00" in name:
-            raise PathRefused("a file name may not contain NUL")
+            raise PathMalformed("a file name may not contain NUL")
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            raise PathRefused("a file name must be valid text (it holds a lone UTF-16 surrogate)") from None
+            raise PathMalformed("a file name must be valid text (it holds a lone UTF-16 surrogate)") from None
         # A name that still carries percent-escapes may be decoded again further on
         # (a client, a proxy, a later join); judge every decoding of it, not just this one.
         for form in _decodings(name):
@@ -73,16 +78,16 @@ class SafeRoot:
         parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
         for part in parts:
             if len(part.encode("utf-8")) > NAME_MAX_BYTES:
-                raise PathRefused(f"a file or folder name is longer than {NAME_MAX_BYTES} bytes: {part[:40]!r}...")
+                raise PathMalformed(f"a file or folder name is longer than {NAME_MAX_BYTES} bytes: {part[:40]!r}...")
         return parts
 
     def resolve(self, name: str, subfolder: str = "", *, must_exist: bool = False) -> Path:
         """The real path of ``subfolder/name`` inside the root, or :class:`PathRefused`."""
         parts = self._parts(subfolder or "") + self._parts(name)
         if not parts:
-            raise PathRefused("empty file name")
+            raise PathMalformed("empty file name")
         if len(parts) > MAX_DEPTH + 1:
-            raise PathRefused(f"folders may nest at most {MAX_DEPTH} deep; this name has {len(parts) - 1}")
+            raise PathMalformed(f"folders may nest at most {MAX_DEPTH} deep; this name has {len(parts) - 1}")
         candidate = self.root.joinpath(*parts)
         real = Path(os.path.realpath(candidate))
         if real != self.root and self.root not in real.parents:

@@ -40,6 +40,9 @@ class Registry:
         #: The model folders the node library's loaders read (listed by the model routes
         #: even while empty); what each holds is engine.model_files' one listing.
         self.model_folders: tuple[str, ...] = ()
+        #: Folders one loader reads together (ComfyUI's aliases, e.g. "unet" and
+        #: "diffusion_models"): a route listing one of them lists them all, as the loader does.
+        self.model_folder_aliases: dict[str, tuple[str, ...]] = {}
 
     def make_model_host(self, device: str | None = None) -> Any:
         """A fresh model manager from the node library, or None if none registered one."""

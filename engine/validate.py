@@ -249,7 +249,7 @@ def validate(
         needed |= nx.ancestors(graph, target) | {target}
     order = [n for n in nx.lexicographical_topological_sort(graph.subgraph(needed), key=_id_sort_key)]
     settings = getattr(env, "settings", None)
-    overruns = budget.check(planned, order, settings.budget() if settings is not None else budget.Budget())
+    overruns = budget.check(planned, order, settings.budget() if settings is not None else budget.Budget(), env)
     if overruns:
         raise WorkflowInvalid([
             ValidationError(OVER_BUDGET, o.message, o.node_id, planned[o.node_id].spec.type, o.input_name,

@@ -20,3 +20,4 @@ def register(registry) -> None:
     from nodes import model_folders
 
     registry.model_folders = model_folders.FOLDERS
+    registry.model_folder_aliases = model_folders.ALIASES

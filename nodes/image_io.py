@@ -170,6 +170,26 @@ def open_image(source: Path | bytes, label: str, max_pixels: int, input_name: st
     return im
 
 
+def header_size(env: Environment, literals: Mapping[str, Any], input_name: str = "image") -> tuple[int, int, int] | None:
+    """(width, height, 1) of the input file a LoadImage value names, read from its header.
+
+    The resource budget's probe: validation learns how big the loaded image will be
+    without decoding it. None for URLs (fetched only when the job runs) and for
+    files that cannot be read (the node's own validation says why).
+    """
+    from PIL import Image
+
+    value = literals.get(input_name)
+    if not isinstance(value, str) or is_url(value):
+        return None
+    try:
+        with Image.open(locate_file(env, value, input_name)) as im:
+            width, height = im.size
+    except (NodeError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return int(width), int(height), 1
+
+
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 
 

@@ -13,6 +13,7 @@ import math
 
 from engine import types as T
 from engine.context import NodeError
+from engine.budget import Size
 from engine.node import Input, Output, define_node
 from nodes.resample import CROP_METHODS, IMAGE_METHODS
 
@@ -43,6 +44,7 @@ def _scaled(ctx, image, width: int, height: int, method: str, crop: str = "disab
             Input("crop", T.COMBO, choices=CROP_METHODS,
                   tooltip="center: cut the excess around the centre first so the aspect ratio is kept")],
     outputs=[Output("IMAGE", T.IMAGE)],
+    size=Size(width="width", height="height", like="image", work=2),
 )
 def image_scale(ctx, image, upscale_method: str, width: int, height: int, crop: str):
     """Resize to width x height (0 for one side keeps the aspect ratio; both 0 keeps the image)."""
@@ -66,6 +68,7 @@ def image_scale(ctx, image, upscale_method: str, width: int, height: int, crop: 
     inputs=[Input("image", T.IMAGE), Input("upscale_method", T.COMBO, choices=IMAGE_METHODS),
             Input("scale_by", T.FLOAT, default=1.0, min=0.01, max=8.0, step=0.01)],
     outputs=[Output("IMAGE", T.IMAGE)],
+    size=Size(scale="scale_by", work=2),
 )
 def image_scale_by(ctx, image, upscale_method: str, scale_by: float):
     """Resize by a factor; each side is rounded to the nearest pixel."""
@@ -86,6 +89,7 @@ def image_scale_by(ctx, image, upscale_method: str, scale_by: float):
             Input("resolution_steps", T.INT, default=1, min=1, max=256, optional=True,
                   tooltip="Round each side to a multiple of this (8 for an SD VAE)")],
     outputs=[Output("IMAGE", T.IMAGE)],
+    size=Size(megapixels="megapixels", work=2),
 )
 def image_scale_to_total_pixels(ctx, image, upscale_method: str, megapixels: float, resolution_steps: int = 1):
     """Resize, keeping the aspect ratio, to about ``megapixels`` x 1024 x 1024 pixels."""
@@ -109,6 +113,7 @@ def image_scale_to_total_pixels(ctx, image, upscale_method: str, megapixels: flo
             Input("x", T.INT, default=0, min=0, max=MAX_RESOLUTION, step=1),
             Input("y", T.INT, default=0, min=0, max=MAX_RESOLUTION, step=1)],
     outputs=[Output("IMAGE", T.IMAGE)],
+    size=Size(width="width", height="height"),
 )
 def image_crop(ctx, image, width: int, height: int, x: int, y: int):
     """The width x height region from (x, y); a start past the edge moves to the last pixel (ComfyUI's rule)."""
@@ -155,6 +160,7 @@ def pad_mask(height: int, width: int, left: int, top: int, right: int, bottom: i
     + [Input("feathering", T.INT, default=40, min=0, max=MAX_RESOLUTION, step=1,
              tooltip="Pixels over which the mask fades into the original image")],
     outputs=[Output("IMAGE", T.IMAGE), Output("MASK", T.MASK)],
+    size=Size(pad=("left", "top", "right", "bottom"), work=2),
 )
 def image_pad_for_outpaint(ctx, image, left: int, top: int, right: int, bottom: int, feathering: int):
     """Extend the canvas with grey (0.5) and return the mask of what to paint (the new border).
@@ -317,6 +323,7 @@ def image_batch(ctx, image1, image2):
     display_name="Repeat Image Batch",
     inputs=[Input("image", T.IMAGE), Input("amount", T.INT, default=1, min=1, max=4096)],
     outputs=[Output("IMAGE", T.IMAGE)],
+    size=Size(repeat="amount"),
 )
 def repeat_image_batch(ctx, image, amount: int):
     """The batch repeated ``amount`` times."""

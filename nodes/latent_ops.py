@@ -17,6 +17,7 @@ from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
+from engine.budget import Size
 from engine.node import Input, Output, define_node
 from nodes.resample import CROP_METHODS, LATENT_METHODS
 
@@ -70,6 +71,7 @@ def _upscaled(ctx, latent: dict, width_cells: int, height_cells: int, method: st
                   tooltip="In pixels; 0 follows the width, keeping the aspect ratio"),
             Input("crop", T.COMBO, choices=CROP_METHODS)],
     outputs=[Output("LATENT", T.LATENT)],
+    size=Size(width="width", height="height"),
 )
 def latent_upscale(ctx, samples, upscale_method: str, width: int, height: int, crop: str):
     """Resize the latent to the size of a width x height image (each side at least 64 px, as in ComfyUI)."""
@@ -95,6 +97,7 @@ def latent_upscale(ctx, samples, upscale_method: str, width: int, height: int, c
     inputs=[Input("samples", T.LATENT), Input("upscale_method", T.COMBO, choices=LATENT_METHODS),
             Input("scale_by", T.FLOAT, default=1.5, min=0.01, max=8.0, step=0.01)],
     outputs=[Output("LATENT", T.LATENT)],
+    size=Size(scale="scale_by"),
 )
 def latent_upscale_by(ctx, samples, upscale_method: str, scale_by: float):
     """Resize the latent by a factor (each side rounded to whole latent cells)."""
@@ -216,6 +219,7 @@ def latent_blend(ctx, samples1, samples2, blend_factor: float):
     display_name="Repeat Latent Batch",
     inputs=[Input("samples", T.LATENT), Input("amount", T.INT, default=1, min=1, max=64)],
     outputs=[Output("LATENT", T.LATENT)],
+    size=Size(repeat="amount"),
 )
 def repeat_latent_batch(ctx, samples, amount: int):
     """The batch repeated ``amount`` times: with AddNoise after it, image i is seeded seed + i.

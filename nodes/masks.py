@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from engine import types as T
 from engine.context import NodeError
+from engine.budget import Size
 from engine.node import Input, Output, define_node
 from nodes import image as _image_nodes  # a module, so LoadImage is not registered twice
 
@@ -102,6 +103,7 @@ def invert_mask(ctx, mask):
             Input("width", T.INT, default=512, min=1, max=MAX_RESOLUTION, step=1),
             Input("height", T.INT, default=512, min=1, max=MAX_RESOLUTION, step=1)],
     outputs=[Output("MASK", T.MASK)],
+    size=Size(width="width", height="height", batch=1),
 )
 def solid_mask(ctx, value: float, width: int, height: int):
     """A [1, height, width] mask filled with ``value``."""

@@ -12,3 +12,5 @@ from nodes.lora import LORA_FOLDER
 from nodes.split_loaders import TEXT_FOLDERS, UNET_FOLDERS
 
 FOLDERS: tuple[str, ...] = (CHECKPOINT_FOLDER, VAE_FOLDER, LORA_FOLDER, *UNET_FOLDERS, *TEXT_FOLDERS, "embeddings")
+#: Each folder of a group that one loader reads together maps to the whole group.
+ALIASES: dict[str, tuple[str, ...]] = {folder: group for group in (UNET_FOLDERS, TEXT_FOLDERS) for folder in group}

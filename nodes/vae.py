@@ -11,6 +11,7 @@ from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
+from engine.budget import Size
 from engine.node import Input, Output, Result, define_node
 from nodes.handles import VaeHandle
 from nodes.image import resize_pixels, round_to_multiple
@@ -45,6 +46,14 @@ def fit_to_multiple(pixels: Any, multiple: int, rule: str) -> tuple[Any, str]:
     nh, nw = target_size(h, w, multiple)
     return resize_pixels(pixels, nh, nw), f"resized {w}x{h} to {nw}x{nh} (nearest multiple of {multiple})"
 
+#: Float32 elements per image pixel an SD-shaped VAE holds while it runs (its
+#: 128-channel full-resolution activations), measured as the peak resident memory
+#: of diffusers' AutoencoderKL on the CPU at 256 and 512 px (1010 to decode, 640 to
+#: encode, the same at both sizes). The resource budget counts them at the node, so a decode far too
+#: large for the host is refused before it starts and the tiled nodes suggested.
+DECODE_ELEMENTS_PER_PIXEL = 1000.0
+ENCODE_ELEMENTS_PER_PIXEL = 640.0
+
 
 @define_node(
     "VAEEncode",
@@ -59,6 +68,7 @@ def fit_to_multiple(pixels: Any, multiple: int, rule: str) -> tuple[Any, str]:
                       "The node says which it did."),
     ],
     outputs=[Output("LATENT", T.LATENT)],
+    size=Size(transient=ENCODE_ELEMENTS_PER_PIXEL),
 )
 def vae_encode(ctx, pixels, vae: VaeHandle, size_rule: str = "resize"):
     """Encode an image to latents: the VAE posterior's mean (deterministic, unscaled).
@@ -93,6 +103,7 @@ def vae_encode(ctx, pixels, vae: VaeHandle, size_rule: str = "resize"):
     display_name="VAE Decode",
     inputs=[Input("samples", T.LATENT), Input("vae", T.VAE)],
     outputs=[Output("IMAGE", T.IMAGE)],
+    size=Size(transient=DECODE_ELEMENTS_PER_PIXEL),
 )
 def vae_decode(ctx, samples, vae: VaeHandle):
     """Decode unscaled latents to an IMAGE (float32, 0..1, on the CPU)."""

@@ -142,3 +142,76 @@ async def test_the_server_refuses_an_over_budget_job_with_400(aiohttp_client, tm
     r = await client.post("/prompt", json={"prompt": parse(resize_job(16384, 16384)).to_api()})
     assert r.status == 400
     assert (await r.json())["node_errors"]["2"]["errors"][0]["type"] == OVER_BUDGET
+
+
+def _graph(*nodes: tuple[str, dict]) -> dict:
+    """A chain: node i takes node i-1's first output on the input named by its '<-' key."""
+    out = {}
+    for i, (node_type, inputs) in enumerate(nodes, start=1):
+        inputs = dict(inputs)
+        link = inputs.pop("<-", None)
+        if link:
+            inputs[link] = [str(i - 1), 0]
+        out[str(i)] = {"type": node_type, "inputs": inputs}
+    return {"version": 1, "nodes": out}
+
+
+@pytest.mark.parametrize("node_type,inputs,input_name", [
+    ("ImageScale", {"upscale_method": "bilinear", "width": 16384, "height": 16384, "crop": "disabled"}, "width"),
+    ("ImageScaleBy", {"upscale_method": "bilinear", "scale_by": 8.0}, "scale_by"),
+    ("ImageScaleToTotalPixels", {"upscale_method": "bilinear", "megapixels": 16.0}, "megapixels"),
+    ("ImagePadForOutpaint", {"left": 0, "top": 0, "right": 0, "bottom": 16000, "feathering": 0}, "bottom"),
+])
+def test_every_image_sizing_node_is_checked_before_it_runs(registry, env, node_type, inputs, input_name):
+    """The issue-11 nodes declare their sizes too: 64x48 made 16384 wide, 8x, 16 MP or 16000 taller
+    are each over a limit of 500x300 pixels."""
+    env.settings.max_image_pixels = 500 * 300
+    (e,) = refusal(_graph(("LoadImage", {"image": "photo.png"}), (node_type, {"<-": "image", **inputs}),
+                          ("SaveImage", {"<-": "images"})), registry, env)
+    assert (e.node_id, e.node_type, e.input_name) == ("2", node_type, input_name)
+    assert "--max-image-pixels" in e.message
+
+
+def test_repeated_batches_multiply_and_latent_upscales_scale(registry, env):
+    env.settings.max_job_bytes = 64 << 20  # 64 MB
+    ok = _graph(("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+                ("RepeatLatentBatch", {"<-": "samples", "amount": 4}),
+                ("LatentUpscaleBy", {"<-": "samples", "upscale_method": "bilinear", "scale_by": 2.0}))
+    validate(parse(ok), registry, env, ["3"])
+    ok["nodes"]["2"]["inputs"]["amount"] = 64  # 16 MB of 1024 px latents, then 64 MB more at 2048 px
+    (e,) = refusal(ok, registry, env, outputs=["3"])
+    assert (e.node_id, e.input_name) == ("3", "scale_by") and "x 64 images" in e.message
+
+
+def test_load_image_size_comes_from_the_file_header(registry, env, tmp_path):
+    """A huge input file is refused at validation, before a pixel is decoded."""
+    Image.new("1", (9000, 8000)).save(tmp_path / "input" / "huge.png")  # 1 bit/px: small on disk
+    env.settings.max_image_pixels = 8192 * 8192
+    (e,) = refusal(_graph(("LoadImage", {"image": "huge.png"}), ("SaveImage", {"<-": "images"})), registry, env)
+    assert (e.node_id, e.node_type) == ("1", "LoadImage") and "9000x8000" in e.message
+    # the header's size is carried on: a resize of the 64x48 photo by 2 stays small
+    validate(parse(_graph(("LoadImage", {"image": "photo.png"}),
+                          ("ImageScaleBy", {"<-": "image", "upscale_method": "bilinear", "scale_by": 2.0}),
+                          ("SaveImage", {"<-": "images"}))), registry, env)
+
+
+def test_a_vae_decode_too_large_for_the_host_is_refused_and_the_tiled_node_passes(registry, env, tmp_path):
+    """The VAE's full-resolution activations (measured, nodes/vae.py) count while it runs."""
+    env.settings.max_job_bytes = 2 << 30  # 2 GB: a 2048^2 decode needs about 16 GB
+    env.settings.max_image_pixels = 4096 * 4096
+    doc = {"version": 1, "nodes": {
+        "1": {"type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "any.safetensors"}},
+        "2": {"type": "EmptyLatentImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1}},
+        "3": {"type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"type": "SaveImage", "inputs": {"images": ["3", 0]}}}}
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "models" / "checkpoints" / "any.safetensors").write_bytes(b"")
+    (e,) = refusal(doc, registry, env)
+    assert (e.node_id, e.node_type) == ("3", "VAEDecode")
+    assert "while this node runs" in e.message and "tiled node" in e.message
+    doc["nodes"]["3"]["type"] = "VAEDecodeTiled"
+    doc["nodes"]["3"]["inputs"].update({"tile_size": 512, "overlap": 64})
+    try:
+        validate(parse(doc), registry, env)
+    except WorkflowInvalid as exc:  # the empty checkpoint may be refused; never for the budget
+        assert not [err for err in exc.errors if err.type == OVER_BUDGET], [str(err) for err in exc.errors]

@@ -25,6 +25,10 @@ def make_models(root: Path) -> Path:
     (root / "vae" / "vdiff").mkdir(parents=True)
     (root / "vae" / "vdiff" / "config.json").write_text("{}")
     (root / "vae" / "v.safetensors").write_bytes(b"x")
+    for folder, name in (("diffusion_models", "new.safetensors"), ("unet", "old.safetensors"),
+                         ("text_encoders", "t5.safetensors"), ("clip", "clip_l.safetensors")):
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / name).write_bytes(b"x")
     return root
 
 
@@ -37,7 +41,14 @@ async def test_the_model_routes_offer_exactly_what_the_loaders_accept(aiohttp_cl
     loader_choices = {
         "checkpoints": next(i for i in schemas["CheckpointLoader"]["inputs"] if i["name"] == "ckpt_name")["choices"],
         "vae": next(i for i in schemas["VAELoader"]["inputs"] if i["name"] == "vae_name")["choices"],
+        "unet": next(i for i in schemas["UNETLoader"]["inputs"] if i["name"] == "unet_name")["choices"],
+        "clip": next(i for i in schemas["CLIPLoader"]["inputs"] if i["name"] == "clip_name")["choices"],
     }
+    # ComfyUI's alias folders: the loader reads both, and so does the route for either name
+    loader_choices["diffusion_models"] = loader_choices["unet"]
+    loader_choices["text_encoders"] = loader_choices["clip"]
+    assert loader_choices["unet"] == ["new.safetensors", "old.safetensors"]
+    assert loader_choices["clip"] == ["clip_l.safetensors", "t5.safetensors"]
     assert loader_choices["checkpoints"] == ["a.safetensors", "d.ckpt", "family/nested-diffusers",
                                              "sub/e.safetensors", "top-diffusers"]
     assert loader_choices["vae"] == ["v.safetensors", "vdiff"]

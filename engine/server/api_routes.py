@@ -134,7 +134,7 @@ def list_models(state: AppState, folder: str) -> list[str]:
     path = state.env.paths.models.resolve(folder)
     if folder not in state.registry.model_folders and not path.is_dir():
         raise FileNotFoundError(folder)
-    return folder_models(state.env.paths.models.root, folder)
+    return folder_models(state.env.paths.models.root, state.registry.model_folder_aliases.get(folder, folder))
 
 
 async def models_in_folder(request: web.Request) -> web.Response:

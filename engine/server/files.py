@@ -29,7 +29,7 @@ from urllib.parse import quote
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from engine.paths import PathRefused, SafeRoot
+from engine.paths import PathMalformed, PathRefused, SafeRoot
 from engine.server.http import fail
 from engine.server.state import STATE
 
@@ -46,6 +46,8 @@ _UPLOAD_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("kiln_upload_lock", asyncio.
 
 
 def _refused(exc: Exception) -> NoReturn:
+    if isinstance(exc, PathMalformed):
+        fail(400, "bad_path", str(exc))
     fail(403, "path_refused", str(exc))
 
 
