@@ -57,10 +57,6 @@ class Plan:
     #: The sigma list the sampler follows, when known (for reporting and tests).
     sigmas: "torch.Tensor | None" = None
 
-    @property
-    def model_evaluations(self) -> int:
-        return len(self.timesteps)
-
 
 def _init_noise_sigma(config: Mapping[str, Any], sigma0: float) -> float:
     # diffusers' k-schedulers: sigma_max for linspace/trailing grids, else sqrt(sigma_max^2 + 1).
