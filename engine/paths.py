@@ -9,6 +9,7 @@ came from checks spread over routes; here there is one.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 from urllib.parse import unquote
@@ -120,3 +121,24 @@ class SafeRoot:
                     continue
                 names.append(rel)
         return sorted(names)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` so that a reader sees the old file or the whole new one, never a part.
+
+    A temporary file in the same folder is written, synced and renamed over the
+    target; readable by all (0644, not mkstemp's 0600) like every other file Kiln
+    writes, so saved files are not unlike shipped ones.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -20,13 +20,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from engine.paths import PathRefused, SafeRoot
+from engine.paths import PathRefused, SafeRoot, atomic_write
 from engine.server.comfy_frontend import offline_defaults
 from engine.server.http import fail, read_json
 from engine.server.state import STATE, AppState
@@ -76,20 +75,6 @@ def user_path(state: AppState, name: str) -> Path:
     return path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".save-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _file_info(path: Path, relative_to: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": path.relative_to(relative_to).as_posix(), "size": st.st_size, "modified": st.st_mtime,
@@ -119,7 +104,7 @@ def _read_settings(state: AppState) -> dict[str, Any]:
 
 
 def _write_settings(state: AppState, settings: dict[str, Any]) -> None:
-    _write_atomic(user_root(state).resolve(SETTINGS_FILE), json.dumps(settings, indent=2).encode())
+    atomic_write(user_root(state).resolve(SETTINGS_FILE), json.dumps(settings, indent=2).encode())
 
 
 def _setting_id(request: web.Request) -> str:
@@ -324,7 +309,7 @@ async def post_userdata(request: web.Request) -> web.Response:
     async with request.app[_LOCK]:
         if not overwrite and path.exists():
             fail(409, "exists", f"{name!r} already exists")
-        await asyncio.to_thread(_write_atomic, path, data)
+        await asyncio.to_thread(atomic_write, path, data)
     return web.json_response(_reply_for(state, name, path, request.query.get("full_info", "").lower() == "true"))
 
 

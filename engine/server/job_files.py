@@ -18,11 +18,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.paths import PathRefused, SafeRoot
+from engine.paths import PathRefused, SafeRoot, atomic_write
 
 #: UI file entries of these types are files the server must hold.
 FILE_TYPES = ("output", "temp")
@@ -64,18 +63,6 @@ def free_name(folder: Path, name: str) -> str:
     return f"{prefix}{highest + 1:0{width}d}{rest}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class JobFiles:
     """One job's returned files on the server, across its attempts."""
 
@@ -110,7 +97,7 @@ class JobFiles:
             self._names[key] = server_name
         target = self.roots[kind].resolve(server_name, subfolder)
         if not (target.is_file() and _same_content(target, data)):
-            _write_atomic(target, data)
+            atomic_write(target, data)
         self._this_attempt.add(key)
         item["filename"] = server_name
 

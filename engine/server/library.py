@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from engine.paths import PathRefused, SafeRoot
+from engine.paths import PathRefused, SafeRoot, atomic_write
 from engine.server.http import fail, read_json
 from engine.server.state import STATE
 from engine.formats import parse_document
@@ -88,21 +87,6 @@ async def get_workflow(request: web.Request) -> web.Response:
     text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     return web.Response(text=text, content_type="application/json",
                         headers={"Last-Modified": _iso(path.stat().st_mtime)})
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".save-", suffix=".json", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make saved workflows unlike the shipped ones
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 async def put_workflow(request: web.Request) -> web.Response:
