@@ -121,11 +121,13 @@ class Size:
     work: float = 1.0
     transient: float = 0.0
     probe: Callable[[Any, Mapping[str, Any]], tuple[int, int, int] | None] | None = None
+    #: the input naming the file ``probe`` reads (what an error about its size names)
+    reads: str | None = None
 
     def input_names(self) -> list[str]:
         """Every input this declaration reads (the node checks that each exists)."""
         named = [self.width, self.height, self.batch, self.scale, self.like, self.repeat, self.megapixels,
-                 *(self.pad or ())]
+                 self.reads, *(self.pad or ())]
         return [n for n in named if isinstance(n, str)]
 
 
@@ -221,7 +223,7 @@ def _size_input(size: Size, prefer_batch: bool, literals: Mapping[str, Any]) -> 
     if size.pad and not prefer_batch:
         return max(size.pad, key=lambda name: _number(literals.get(name)) or 0)
     batch = (size.batch, size.repeat) if prefer_batch else ()
-    for decl in batch + (size.scale, size.megapixels, size.width, size.height, *(size.pad or ()), size.batch,
+    for decl in batch + (size.reads, size.scale, size.megapixels, size.width, size.height, *(size.pad or ()), size.batch,
                          size.repeat):
         if isinstance(decl, str):
             return decl

@@ -65,7 +65,7 @@ def _load_fingerprint(env: Environment, inputs: Mapping[str, Any]) -> str:
     outputs=[Output("IMAGE", T.IMAGE), Output("MASK", T.MASK, tooltip="1 where the image was transparent")],
     validate=_load_validate,
     fingerprint=_load_fingerprint,
-    size=Size(probe=io_.header_size),
+    size=Size(probe=io_.header_size, reads="image"),
 )
 def load_image(ctx, image: str, background: str = "white"):
     """Load an image from the input folder, a path (CLI) or an http(s) URL.

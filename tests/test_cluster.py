@@ -151,10 +151,10 @@ async def _upload(client: Any) -> str:
 
 async def test_a_new_seed_lands_on_the_warm_worker(server):
     image = await _upload(server)  # exists only in the server's input folder: it travels with the job
-    first = await wait_status(server, await submit(server, img2img(1, image)), timeout=120)
+    first = await wait_status(server, await submit(server, img2img(1, image)), timeout=400)
     assert first["status"] == "succeeded", first["error"]
     # Another seed: the idle-longest rule alone would pick the other (never used) worker.
-    second = await wait_status(server, await submit(server, img2img(2, image)), timeout=120)
+    second = await wait_status(server, await submit(server, img2img(2, image)), timeout=400)
     assert second["status"] == "succeeded", second["error"]
     assert second["worker"] == first["worker"]
     # its VAE encoding and text encodings came from that worker's cache (LoadImage was not even needed)

@@ -131,12 +131,16 @@ def test_corrupt_truncated_tiny_and_oversize_files_are_clear_errors(registry, en
     Image.new("RGB", (1, 1)).save(root / "dot.png")
     assert "1x1" in _failure(registry, env, "dot.png")
 
-    # The pixel limit is checked from the header before decoding: a file whose
-    # pixel data is garbage is refused for its size, not for its corruption.
+    # The pixel limit is checked from the header, at validation (the resource budget's
+    # probe), before anything runs: a file whose pixel data is garbage is refused for
+    # its size, not for its corruption.
     env.settings.max_image_pixels = 50 * 50
     (root / "bomb.png").write_bytes(data[:200])
-    message = _failure(registry, env, "bomb.png")
-    assert "64x64" in message and "limit of 2500" in message
+    with pytest.raises(WorkflowInvalid) as info:
+        run(registry, env, load_and_save("bomb.png"))
+    (err,) = info.value.errors
+    assert (err.node_id, err.node_type, err.input_name) == ("1", "LoadImage", "image")
+    assert "64x64" in err.message and "limit of 2500" in err.message
 
 
 def test_missing_file_and_escaping_paths_fail_validation(registry, env, tmp_path):
