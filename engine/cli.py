@@ -190,8 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             wf, plan, params = _prepare(args, env, registry)
         except UsageProblem as exc:
             return _report_invalid(exc.errors, args.json)
-        if env.models is not None:
-            env.device = env.models.device
+        # No device is resolved here: asking imports torch, which an image-only workflow never
+        # needs; a model loader's prefetch (started by the executor) imports it in the background.
 
         def locate(image: dict[str, Any]) -> Path | None:
             root = {"output": env.paths.output, "temp": env.paths.temp, "input": env.paths.input}.get(image.get("type"))

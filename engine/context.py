@@ -152,7 +152,8 @@ class NodeContext:
 
     @property
     def device(self) -> str:
-        return self.env.device
+        """The compute device, asked of the model host only when a node wants it (asking imports torch)."""
+        return str(self.env.models.device) if self.env.models is not None else self.env.device
 
     @property
     def models(self) -> Any:
