@@ -210,7 +210,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _emit_json(sys.stdout, event.to_dict())
             renderer(event)
 
-        job = JobInfo(id=uuid.uuid4().hex, workflow=wf.to_api(), kiln_workflow=wf.to_kiln(), params=params)
+        # The console shows no images and --json carries none: no node makes previews.
+        job = JobInfo(id=uuid.uuid4().hex, workflow=wf.to_api(), kiln_workflow=wf.to_kiln(), params=params,
+                      previews=False)
         interrupt = threading.Event()
         with _sigint_sets(interrupt):
             try:

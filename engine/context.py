@@ -138,6 +138,9 @@ class JobInfo:
     kiln_workflow: dict[str, Any] = field(default_factory=dict)
     extra_pnginfo: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    #: Whether anyone will see live previews of this job. Nodes skip making them when
+    #: not (a sampler's preview costs a latent-to-RGB projection and a JPEG per step).
+    previews: bool = True
 
 
 @dataclass
@@ -162,6 +165,11 @@ class NodeContext:
     @property
     def paths(self) -> Paths:
         return self.env.paths
+
+    @property
+    def wants_previews(self) -> bool:
+        """True when a preview passed to :meth:`progress` would reach someone; else make none."""
+        return getattr(self.job, "previews", True)  # a bare context (tests, scripts) without a job: yes
 
     def check_interrupted(self) -> None:
         """Raise :class:`Interrupted` if this job was asked to stop."""

@@ -97,7 +97,8 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
             result = loop.run(unet, p, positive=positive, negative=negative, cfg=float(cfg),
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
-                              progress=ctx.progress, check_interrupted=ctx.check_interrupted)
+                              progress=ctx.progress, check_interrupted=ctx.check_interrupted,
+                              previews=ctx.wants_previews)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)

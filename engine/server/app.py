@@ -167,7 +167,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
                                connect_timeout=cluster_timeout, traceback_chars=settings.traceback_chars)
     else:
         worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
-                        on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
+                        on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars,
+                        wants_previews=lambda job: previews_enabled(settings.preview_method, job.extra_data))
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings,
                      data_dir=Path(data_dir))
 
