@@ -85,6 +85,11 @@ class Settings:
     #: LoadImage may read any path on disk (the CLI, run by the file's owner); the
     #: server keeps every name inside its input folder.
     allow_absolute_paths: bool = False
+    #: Compiled mode of the model host (``--compile``): "auto", "on" or "off"; the node
+    #: library defines what each means (nodes.runtime.compiled).
+    compile: str = "auto"
+    #: Where compiled artefacts are kept across processes (the data folder's ``compiled/``).
+    compile_cache: str | None = None
 
     def budget(self) -> Budget:
         return Budget(max_image_pixels=self.max_image_pixels, max_job_bytes=self.max_job_bytes)
@@ -195,7 +200,7 @@ def build_env(paths: Paths, settings: Settings | None = None, registry: Any = No
     cheap: finding the best device imports torch, which happens at the first job.
     """
     env = Environment(paths=paths, settings=settings or Settings())
-    env.models = registry.make_model_host(device) if registry is not None else None
+    env.models = registry.make_model_host(device, env.settings) if registry is not None else None
     return env
 
 

@@ -178,11 +178,13 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     peek = functools.partial(peek_module, manager, key, loader)
     model = ModelHandle(family=loaded.family, scheduler_config=scheduler_config,
                         latent=loaded.latent, _use_unet=lambda: use("unet", loader),
-                        name=ckpt_name, extra=info, _peek=lambda: peek("unet"))
+                        name=ckpt_name, extra=info, _peek=lambda: peek("unet"),
+                        _compile_note=lambda: manager.compile_pending(key, "unet"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
                       _use=lambda which: use(which, loader), name=ckpt_name, _peek=peek)
     vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=ckpt_name,
-                    latent_channels=int(loaded.modules["vae"].config.latent_channels))
+                    latent_channels=int(loaded.modules["vae"].config.latent_channels),
+                    _compile_note=lambda: manager.compile_pending(key, "vae"))
     ctx.message(f"{ckpt_name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
                 f"{info.get('format')}, on {manager.device}")
     return (model, clip, vae)

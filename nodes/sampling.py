@@ -92,6 +92,9 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
         p.scheduler.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
 
     image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
+    note = getattr(model, "compile_note", lambda: None)()
+    if note:
+        ctx.message(note)
     try:
         with model.unet() as unet:
             result = loop.run(unet, p, positive=positive, negative=negative, cfg=float(cfg),

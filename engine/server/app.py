@@ -131,10 +131,12 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     if env is None:
         env_settings = env_settings or Settings()
         env_settings.allow_url_images = settings.allow_url_images
+        if env_settings.compile_cache is None:
+            env_settings.compile_cache = str(Path(data_dir) / "compiled")
         # The worker asks the model manager for the device before the first job.
         env = build_env(Paths.under(data_dir, models=models_dir, workflows=workflows_dir), env_settings, registry)
     elif env.models is None:
-        env.models = registry.make_model_host(None)
+        env.models = registry.make_model_host(None, env.settings)
     if safety is not None and cluster:
         # The guard lives in the process that runs the nodes; Kiln workers do not build one yet.
         raise GuardRefused("the safety filter does not run on cluster workers yet; serve without --cluster")

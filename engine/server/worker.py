@@ -330,7 +330,7 @@ def bounded_traceback(lines: list[str], limit: int) -> list[str]:
 
 def lane_environment(env: Environment, registry: Registry, device: str) -> Environment:
     """A copy of ``env`` for one device: the same folders and settings, its own model host."""
-    return dataclasses.replace(env, device=device, models=registry.make_model_host(device))
+    return dataclasses.replace(env, device=device, models=registry.make_model_host(device, env.settings))
 
 
 class JobReport:
