@@ -49,7 +49,9 @@ class Registry:
         """A fresh model manager from the node library, or None if none registered one."""
         if self.model_host_factory is None:
             return None
-        return self.model_host_factory(device) if settings is None else self.model_host_factory(device, settings)
+        if settings is None or not _takes_two(self.model_host_factory):  # older factories take the device only
+            return self.model_host_factory(device)
+        return self.model_host_factory(device, settings)
 
     def make_output_guard(self, env: Any, mode: str, checker: str) -> Any:
         """The node library's output guard; raises GuardRefused when none can be built."""
@@ -130,6 +132,17 @@ class Registry:
 
 
 _default: Registry | None = None
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def default_registry(loader: Callable[[Registry], None] | None = None) -> Registry:
