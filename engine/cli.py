@@ -59,6 +59,7 @@ def cli_env(args: argparse.Namespace, *, temp_dir: str | None = None, create_out
     )
     # The CLI is run by the owner of the files and URLs it names.
     settings = limits_from_args(args, Settings(allow_absolute_paths=True, allow_url_images=True))
+    compile_from_args(args, settings, default_cache=_user_compile_cache())
     # Constructing the manager is cheap; finding the best device imports torch,
     # which cmd_run pays only once the workflow is known to be valid.
     return build_env(paths, settings, registry, getattr(args, "device", None))
@@ -73,6 +74,29 @@ def limits_from_args(args: argparse.Namespace, settings: Settings) -> Settings:
     if getattr(args, "allow_url_host", None):
         settings.url_allow_hosts = tuple(args.allow_url_host)
     return settings
+
+
+def compile_from_args(args: argparse.Namespace, settings: Settings, default_cache: str | None = None) -> Settings:
+    """``--compile MODE`` (run, serve) into the settings, and where compiled code is kept."""
+    if getattr(args, "compile", None):
+        settings.compile = args.compile
+    if default_cache is not None and settings.compile_cache is None:
+        settings.compile_cache = default_cache
+    return settings
+
+
+def _user_compile_cache() -> str:
+    """kiln run's compiled-code folder: $KILN_DATA/compiled, else the user's cache folder (never ./data)."""
+    if os.environ.get("KILN_DATA"):
+        return str(Path(os.environ["KILN_DATA"]) / "compiled")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "kiln" / "compiled")
+
+
+def _compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the denoiser and VAE decoder: auto = on CUDA only, where it pays "
+                        "(default); compiled code is kept under the data folder's compiled/ for the next start")
 
 
 # -- reading the workflow and --set ----------------------------------------------------
@@ -190,8 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             wf, plan, params = _prepare(args, env, registry)
         except UsageProblem as exc:
             return _report_invalid(exc.errors, args.json)
-        if env.models is not None:
-            env.device = env.models.device
+        # No device is resolved here: asking imports torch, which an image-only workflow never
+        # needs; a model loader's prefetch (started by the executor) imports it in the background.
 
         def locate(image: dict[str, Any]) -> Path | None:
             root = {"output": env.paths.output, "temp": env.paths.temp, "input": env.paths.input}.get(image.get("type"))
@@ -210,7 +234,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _emit_json(sys.stdout, event.to_dict())
             renderer(event)
 
-        job = JobInfo(id=uuid.uuid4().hex, workflow=wf.to_api(), kiln_workflow=wf.to_kiln(), params=params)
+        # The console shows no images and --json carries none: no node makes previews.
+        job = JobInfo(id=uuid.uuid4().hex, workflow=wf.to_api(), kiln_workflow=wf.to_kiln(), params=params,
+                      previews=False)
         interrupt = threading.Event()
         with _sigint_sets(interrupt):
             try:
@@ -305,7 +331,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         safety = (args.safety_filter, args.safety_checker or "")
     run_server(host=args.host, port=args.port, data_dir=args.data, models_dir=args.models,
                workflows_dir=args.workflows, token=args.token, allow_url_images=args.allow_url_images,
-               safety=safety, env_settings=limits_from_args(args, Settings()), debug=args.debug,
+               safety=safety, env_settings=compile_from_args(args, limits_from_args(args, Settings())),
+               debug=args.debug,
                move_damaged_db=args.move_damaged_db, devices=_devices(args.devices), cluster=args.cluster,
                cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts,
                preview_method=args.preview_method, frontend=args.frontend)
@@ -386,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="compute device (default: the best available)")
     run.add_argument("--json", action="store_true", help="NDJSON events on stdout, one per line")
     run.add_argument("--force", action="store_true", help="run every node even if cached")
+    _compile_option(run)
     _limits(run)
     run.set_defaults(func=cmd_run)
 
@@ -419,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--safety-checker", default=None, metavar="NAME",
                        help="the StableDiffusionSafetyChecker in MODELS/safety_checker (folder or .safetensors)")
     _limits(serve)
+    _compile_option(serve)
     serve.add_argument("--debug", action="store_true",
                        help="also keep a failed job's traceback (shortened) in its record; "
                             "tracebacks always go to the server log")

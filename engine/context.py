@@ -85,6 +85,11 @@ class Settings:
     #: LoadImage may read any path on disk (the CLI, run by the file's owner); the
     #: server keeps every name inside its input folder.
     allow_absolute_paths: bool = False
+    #: Compiled mode of the model host (``--compile``): "auto", "on" or "off"; the node
+    #: library defines what each means (nodes.runtime.compiled).
+    compile: str = "auto"
+    #: Where compiled artefacts are kept across processes (the data folder's ``compiled/``).
+    compile_cache: str | None = None
 
     def budget(self) -> Budget:
         return Budget(max_image_pixels=self.max_image_pixels, max_job_bytes=self.max_job_bytes)
@@ -138,6 +143,9 @@ class JobInfo:
     kiln_workflow: dict[str, Any] = field(default_factory=dict)
     extra_pnginfo: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    #: Whether anyone will see live previews of this job. Nodes skip making them when
+    #: not (a sampler's preview costs a latent-to-RGB projection and a JPEG per step).
+    previews: bool = True
 
 
 @dataclass
@@ -152,7 +160,8 @@ class NodeContext:
 
     @property
     def device(self) -> str:
-        return self.env.device
+        """The compute device, asked of the model host only when a node wants it (asking imports torch)."""
+        return str(self.env.models.device) if self.env.models is not None else self.env.device
 
     @property
     def models(self) -> Any:
@@ -161,6 +170,11 @@ class NodeContext:
     @property
     def paths(self) -> Paths:
         return self.env.paths
+
+    @property
+    def wants_previews(self) -> bool:
+        """True when a preview passed to :meth:`progress` would reach someone; else make none."""
+        return getattr(self.job, "previews", True)  # a bare context (tests, scripts) without a job: yes
 
     def check_interrupted(self) -> None:
         """Raise :class:`Interrupted` if this job was asked to stop."""
@@ -186,7 +200,7 @@ def build_env(paths: Paths, settings: Settings | None = None, registry: Any = No
     cheap: finding the best device imports torch, which happens at the first job.
     """
     env = Environment(paths=paths, settings=settings or Settings())
-    env.models = registry.make_model_host(device) if registry is not None else None
+    env.models = registry.make_model_host(device, env.settings) if registry is not None else None
     return env
 
 

@@ -156,6 +156,7 @@ class _Run:
         started = time.perf_counter()
         sigs = self.ex.signatures(self.plan)
         run_order, from_cache = self._schedule(sigs)
+        self._start_prefetch(run_order)
         cached = [n for n in self.plan.order if n in from_cache]
         self.outcome.cached = cached
         self.emit(JobStarted(self.job_id, node_ids=list(self.plan.order)))
@@ -182,6 +183,31 @@ class _Run:
         self.emit(JobFinished(self.job_id, outputs=self.outcome.outputs, executed=self.outcome.executed,
                               cached=cached, seconds=round(time.perf_counter() - started, 4)))
         return self.outcome
+
+    def _start_prefetch(self, run_order: list[str]) -> None:
+        """Start the prefetch hooks of the nodes that will run, in one background thread, in plan order.
+
+        A model loader's hook puts the model into the manager, whose lock makes the
+        node's own load wait for it and then find it: the load overlaps whatever runs
+        first (loading an image, importing torch) instead of following it. Nothing
+        starts when no node to run has a hook, so an image-only job imports no torch.
+        """
+        hooks = [(self.plan.nodes[n].spec.prefetch, dict(self.plan.nodes[n].literals)) for n in run_order
+                 if self.plan.nodes[n].spec.prefetch is not None]
+        if not hooks:
+            return
+        env = self.ex.env
+
+        def work() -> None:
+            for hook, literals in hooks:
+                if self.interrupt.is_set():
+                    return
+                try:
+                    hook(env, literals)
+                except Exception:  # the node reports it when it runs
+                    pass
+
+        threading.Thread(target=work, name=f"kiln-prefetch-{self.job_id[:8]}", daemon=True).start()
 
     def _run_node(self, node: PlannedNode, signature: str) -> None:
         self.emit(NodeStarted(self.job_id, node_id=node.id, node_type=node.spec.type))

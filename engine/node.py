@@ -125,6 +125,7 @@ class Result:
 
 
 FingerprintFn = Callable[[Any, Mapping[str, Any]], Any]
+PrefetchFn = Callable[[Any, Mapping[str, Any]], None]
 ValidateFn = Callable[[Any, Mapping[str, Any]], "list[tuple[str, str]]"]
 
 
@@ -153,6 +154,12 @@ class NodeSpec:
     #: How the node sizes the images/latents it outputs, read from its inputs, so
     #: validation can check the job against the resource budget (engine.budget).
     size: Size | None = None
+    #: ``prefetch(env, literal_inputs)``: slow preparation the node's run will need
+    #: (reading a model file), started in the background as soon as the job is planned,
+    #: so it overlaps the nodes and start-up work before it. It must leave its result
+    #: where the node's run finds it (the model manager); errors are ignored here and
+    #: reported by the node itself when it runs.
+    prefetch: PrefetchFn | None = None
 
     def __post_init__(self) -> None:
         if not self.display_name:
@@ -275,6 +282,7 @@ def define_node(
     validate: ValidateFn | None = None,
     aliases: Sequence[str] = (),
     size: Size | None = None,
+    prefetch: PrefetchFn | None = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Decorator turning a function into a :class:`NodeSpec`.
 
@@ -300,6 +308,7 @@ def define_node(
             validate=validate,
             aliases=tuple(aliases),
             size=size,
+            prefetch=prefetch,
             python_module="nodes" if module.startswith("nodes") else f"custom_nodes.{module.split('.')[0]}",
         )
 

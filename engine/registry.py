@@ -33,7 +33,8 @@ class Registry:
         self.load_errors: dict[str, str] = {}
         #: Builds the model manager for a device (None = the best one); set by the node
         #: library that owns model placement, so the engine never imports torch.
-        self.model_host_factory: Callable[[str | None], Any] | None = None
+        #: Called as ``factory(device)`` or ``factory(device, settings)`` (engine.context.Settings).
+        self.model_host_factory: Callable[..., Any] | None = None
         #: Builds the output guard ``(env, mode, checker_name) -> guard`` (see engine.guard);
         #: set by the node library that can classify images.
         self.output_guard_factory: Callable[[Any, str, str], Any] | None = None
@@ -44,9 +45,13 @@ class Registry:
         #: "diffusion_models"): a route listing one of them lists them all, as the loader does.
         self.model_folder_aliases: dict[str, tuple[str, ...]] = {}
 
-    def make_model_host(self, device: str | None = None) -> Any:
+    def make_model_host(self, device: str | None = None, settings: Any = None) -> Any:
         """A fresh model manager from the node library, or None if none registered one."""
-        return self.model_host_factory(device) if self.model_host_factory else None
+        if self.model_host_factory is None:
+            return None
+        if settings is None or not _takes_two(self.model_host_factory):  # older factories take the device only
+            return self.model_host_factory(device)
+        return self.model_host_factory(device, settings)
 
     def make_output_guard(self, env: Any, mode: str, checker: str) -> Any:
         """The node library's output guard; raises GuardRefused when none can be built."""
@@ -127,6 +132,17 @@ class Registry:
 
 
 _default: Registry | None = None
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def default_registry(loader: Callable[[Registry], None] | None = None) -> Registry:

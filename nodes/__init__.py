@@ -15,7 +15,7 @@ def register(registry) -> None:
 
     for family in FAMILIES:
         registry.add_module(importlib.import_module(f"nodes.{family}"))
-    registry.model_host_factory = lambda device=None: ModelManager(device=device)
+    registry.model_host_factory = ModelManager.for_settings
     registry.output_guard_factory = importlib.import_module("nodes.safety.guard").build_guard
     from nodes import model_folders
 

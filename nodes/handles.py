@@ -49,6 +49,11 @@ class ModelHandle:
     loras: "LoraStack" = ()
     #: Returns the network wherever it is, to read its names and shapes (LoRA matching).
     _peek: Callable[[], Any] | None = None
+    #: Returns a note when the next use compiles the network (compiled mode), else None.
+    _compile_note: Callable[[], str | None] | None = None
+
+    def compile_note(self) -> str | None:
+        return self._compile_note() if self._compile_note is not None else None
 
     def peek(self) -> "torch.nn.Module":
         if self._peek is not None:
@@ -134,6 +139,11 @@ class VaeHandle:
     #: Returns a context manager yielding the AutoencoderKL on the compute device.
     _use_vae: Callable[[], contextlib.AbstractContextManager] | None = None
     name: str = ""
+    #: Returns a note when the next use compiles the decoder (compiled mode), else None.
+    _compile_note: Callable[[], str | None] | None = None
+
+    def compile_note(self) -> str | None:
+        return self._compile_note() if self._compile_note is not None else None
 
     def _pixels_in(self, pixels: "torch.Tensor", vae: Any) -> "torch.Tensor":
         x = pixels[..., :3].permute(0, 3, 1, 2) * 2.0 - 1.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from engine import types as T
 from engine.context import Environment, NodeError
@@ -103,6 +103,14 @@ def fingerprinter(folder: Folders, input_name: str):
     return fingerprint
 
 
+def prefetcher(folder: Folders, input_name: str, kind: str, load: Callable[[Path, ModelManager], Any]):
+    """A loader node's prefetch hook: the same key and load its run uses, started before it runs."""
+    def prefetch(env: Environment, inputs: Mapping[str, Any]) -> None:
+        path = locate(env, folder, inputs.get(input_name), input_name)
+        model_manager(env).acquire(file_key(path, kind), functools.partial(load, path))
+    return prefetch
+
+
 # -- CheckpointLoader -------------------------------------------------------------------------
 
 
@@ -145,6 +153,7 @@ def _acquire(manager: ModelManager, key: tuple, loader: Any, input_name: str, na
     outputs=[Output("MODEL", T.MODEL), Output("CLIP", T.CLIP), Output("VAE", T.VAE)],
     validate=validator(CHECKPOINT_FOLDER, "ckpt_name"),
     fingerprint=fingerprinter(CHECKPOINT_FOLDER, "ckpt_name"),
+    prefetch=prefetcher(CHECKPOINT_FOLDER, "ckpt_name", "checkpoint", _load_checkpoint),
 )
 def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     """Load a Stable Diffusion checkpoint once; outputs handles to its UNet, text encoder(s) and VAE.
@@ -169,11 +178,13 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     peek = functools.partial(peek_module, manager, key, loader)
     model = ModelHandle(family=loaded.family, scheduler_config=scheduler_config,
                         latent=loaded.latent, _use_unet=lambda: use("unet", loader),
-                        name=ckpt_name, extra=info, _peek=lambda: peek("unet"))
+                        name=ckpt_name, extra=info, _peek=lambda: peek("unet"),
+                        _compile_note=lambda: manager.compile_pending(key, "unet"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
                       _use=lambda which: use(which, loader), name=ckpt_name, _peek=peek)
     vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=ckpt_name,
-                    latent_channels=int(loaded.modules["vae"].config.latent_channels))
+                    latent_channels=int(loaded.modules["vae"].config.latent_channels),
+                    _compile_note=lambda: manager.compile_pending(key, "vae"))
     ctx.message(f"{ckpt_name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
                 f"{info.get('format')}, on {manager.device}")
     return (model, clip, vae)
@@ -197,6 +208,7 @@ def _load_vae(path: Path, manager: ModelManager) -> Any:
     outputs=[Output("VAE", T.VAE)],
     validate=validator(VAE_FOLDER, "vae_name"),
     fingerprint=fingerprinter(VAE_FOLDER, "vae_name"),
+    prefetch=prefetcher(VAE_FOLDER, "vae_name", "vae", _load_vae),
 )
 def vae_loader(ctx, vae_name: str):
     """Load a standalone VAE (original or diffusers layout), e.g. to replace a checkpoint's own.

@@ -92,12 +92,16 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
         p.scheduler.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
 
     image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
+    note = getattr(model, "compile_note", lambda: None)()
+    if note:
+        ctx.message(note)
     try:
         with model.unet() as unet:
             result = loop.run(unet, p, positive=positive, negative=negative, cfg=float(cfg),
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
-                              progress=ctx.progress, check_interrupted=ctx.check_interrupted)
+                              progress=ctx.progress, check_interrupted=ctx.check_interrupted,
+                              previews=ctx.wants_previews)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)

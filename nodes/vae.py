@@ -117,4 +117,7 @@ def vae_decode(ctx, samples, vae: VaeHandle):
     if latent.shape[1] != vae.latent_channels:
         raise NodeError(f"the latent has {latent.shape[1]} channels but this VAE expects {vae.latent_channels}",
                         input_name="samples")
+    note = getattr(vae, "compile_note", lambda: None)()
+    if note:
+        ctx.message(note)
     return (vae.decode(latent),)

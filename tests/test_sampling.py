@@ -465,6 +465,18 @@ def test_img2img_graph_through_the_executor(sd1, tmp_path):
     assert sorted(second.executed) == ["2", "3", "4"] and "1" in second.cached
     assert second.outputs["4"]["mean"] != first.outputs["4"]["mean"]
 
+    # Nobody watching (kiln run, a server job without a preview method): the same steps and
+    # result, and no preview is made at all.
+    from engine.context import JobInfo
+
+    quiet: list = []
+    third = executor.run(parse(doc(1)), force=True, on_event=quiet.append,
+                         job=JobInfo(id="quiet", previews=False))
+    assert third.outputs["4"] == first.outputs["4"]
+    steps = [e for e in quiet if type(e).__name__ == "Progress" and e.node_id == "3"]
+    assert [(e.value, e.max) for e in steps] == [(i, 4) for i in range(1, 5)]
+    assert all(e.preview is None for e in steps)
+
 
 # -- issue 15: ComfyUI's other schedules and the samplers diffusers lacks --------------------
 

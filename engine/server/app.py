@@ -131,10 +131,12 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     if env is None:
         env_settings = env_settings or Settings()
         env_settings.allow_url_images = settings.allow_url_images
+        if env_settings.compile_cache is None:
+            env_settings.compile_cache = str(Path(data_dir) / "compiled")
         # The worker asks the model manager for the device before the first job.
         env = build_env(Paths.under(data_dir, models=models_dir, workflows=workflows_dir), env_settings, registry)
     elif env.models is None:
-        env.models = registry.make_model_host(None)
+        env.models = registry.make_model_host(None, env.settings)
     if safety is not None and cluster:
         # The guard lives in the process that runs the nodes; Kiln workers do not build one yet.
         raise GuardRefused("the safety filter does not run on cluster workers yet; serve without --cluster")
@@ -167,7 +169,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
                                connect_timeout=cluster_timeout, traceback_chars=settings.traceback_chars)
     else:
         worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
-                        on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars)
+                        on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars,
+                        wants_previews=lambda job: previews_enabled(settings.preview_method, job.extra_data))
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings,
                      data_dir=Path(data_dir))
 

@@ -64,8 +64,12 @@ class Worker:
     def __init__(self, store: JobStore, registry: Registry, env: Environment, *,
                  cache: OutputCache | None = None, devices: list[str] | None = None,
                  on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
-                 poll_s: float = 1.0, traceback_chars: int = 0) -> None:
+                 poll_s: float = 1.0, traceback_chars: int = 0,
+                 wants_previews: Callable[[JobRecord], bool] = lambda job: True) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: Whether a job's previews reach its client (engine.server.previews' rule, given by the app):
+        #: when not, its nodes are told to make none.
+        self.wants_previews = wants_previews
         #: Tracebacks always go to the server log; to the job's record (and its clients)
         #: only when this is positive (``kiln serve --debug``), cut to this many characters.
         self.traceback_chars = traceback_chars
@@ -282,7 +286,8 @@ class Worker:
             sink(event)
             return FAILED, {}, error_dict(event), [], []
         info = JobInfo(id=job.id, workflow=job.prompt or workflow.to_api(), kiln_workflow=workflow.to_kiln(),
-                       extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params)
+                       extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params,
+                       previews=self.wants_previews(job))
         outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
         error = error_dict(self._redact(outcome.error)) if outcome.error is not None else None
         return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
@@ -325,7 +330,7 @@ def bounded_traceback(lines: list[str], limit: int) -> list[str]:
 
 def lane_environment(env: Environment, registry: Registry, device: str) -> Environment:
     """A copy of ``env`` for one device: the same folders and settings, its own model host."""
-    return dataclasses.replace(env, device=device, models=registry.make_model_host(device))
+    return dataclasses.replace(env, device=device, models=registry.make_model_host(device, env.settings))
 
 
 class JobReport:

@@ -85,8 +85,16 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 
 
 def _empty(cls: Any, config: Any) -> Any:
-    """A module whose parameters are not initialised (they are assigned from the file next)."""
-    from accelerate import init_empty_weights
+    """A module whose parameters are not initialised (they are assigned from the file next).
+
+    Without accelerate (a bare torch + diffusers machine) the module is built
+    initialised: slower and briefly one more copy of its weights, but the same result,
+    since every weight is then assigned from the file.
+    """
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        return cls(config) if not isinstance(config, dict) else cls(**config)
 
     with init_empty_weights(include_buffers=False):
         return cls(config) if not isinstance(config, dict) else cls(**config)

@@ -101,8 +101,15 @@ class _Entry:
 
 class ModelManager:
     def __init__(self, device: str | None = None, *, device_reserve_bytes: int = DEFAULT_DEVICE_RESERVE,
-                 cpu_budget_bytes: int | None = None, device_budget_bytes: int | None = None) -> None:
+                 cpu_budget_bytes: int | None = None, device_budget_bytes: int | None = None,
+                 compile_mode: str = "off", compile_cache: str | os.PathLike[str] | None = None) -> None:
+        from nodes.runtime.compiled import check_mode
+
         self._requested_device = device
+        #: Compiled mode (nodes.runtime.compiled): "auto", "on" or "off"; "off" unless asked,
+        #: so scripts and tests get the eager modules; the CLI and server pass ``--compile``.
+        self.compile_mode = check_mode(compile_mode)
+        self.compile_cache = compile_cache
         self._device: str | None = None
         self.device_reserve_bytes = device_reserve_bytes
         #: Weights kept in CPU memory at most (entries beyond it are unloaded, LRU first).
@@ -112,6 +119,14 @@ class ModelManager:
         self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.RLock()
         self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0}
+
+    @classmethod
+    def for_settings(cls, device: str | None = None, settings: Any = None) -> "ModelManager":
+        """The registry's model host factory: a manager for ``device`` with the settings' compiled mode."""
+        if settings is None:
+            return cls(device=device)
+        return cls(device=device, compile_mode=getattr(settings, "compile", "off"),
+                   compile_cache=getattr(settings, "compile_cache", None))
 
     # -- device and dtype ----------------------------------------------------------
 
@@ -208,12 +223,42 @@ class ModelManager:
         entry.last_used = entry.module_last_used[name] = now
 
     def _place(self, entry: _Entry, name: str, module: Any) -> None:
+        if self.compiles():
+            from nodes.runtime.compiled import compile_in_place, use_cache_dir
+
+            use_cache_dir(self.compile_cache)
+            compile_in_place(module, name)  # in place: moving it between devices keeps the compiled forward
         if _module_device(module).split(":")[0] == self.device.split(":")[0]:
             return
         if self.is_gpu:
             self._make_room(_module_bytes(module))
         module.to(self.device)
         self.counters["onloads"] += 1
+
+    # -- compiled mode -------------------------------------------------------------------
+
+    def compiles(self) -> bool:
+        """Whether this manager compiles its denoisers and VAE decoders (nodes.runtime.compiled's rule)."""
+        from nodes.runtime.compiled import should_compile
+
+        return should_compile(self.compile_mode, self.device)
+
+    def compile_pending(self, key: tuple, name: str) -> str | None:
+        """A note for the user when the next use of module ``name`` compiles it (None otherwise):
+        what is compiled and the expected wait, said once per module by the node that uses it."""
+        if not self.compiles():
+            return None
+        from nodes.runtime.compiled import EXPECTED_WAIT, TARGETS, is_compiled
+
+        with self._lock:
+            entry = self._entries.get(key)
+            module = entry.modules.get(name) if entry is not None else None
+        if name not in TARGETS or (module is not None and is_compiled(module, name)):
+            return None
+        what = {"unet": "the denoiser", "vae": "the VAE decoder"}.get(name, name)
+        wait = EXPECTED_WAIT["cuda" if self.device.startswith("cuda") else "cpu"]
+        return (f"compiling {what} for {self.device} (--compile {self.compile_mode}): this first job waits "
+                f"{wait}; later jobs reuse it, and restarts reuse the compiled code kept on disk")
 
     # -- memory pressure -------------------------------------------------------------
 
@@ -311,6 +356,7 @@ class ModelManager:
                 "loaded": len(entries),
                 "bytes": sum(e["bytes"] for e in entries),
                 "cpu_budget_bytes": self.cpu_budget_bytes,
+                "compile": self.compile_mode,
                 "entries": entries,
                 **self.counters,
             }

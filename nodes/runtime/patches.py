@@ -11,6 +11,12 @@ A delta is ``strength * scale * (up @ down)`` reshaped to the weight (LoCon's
 convolution factors flatten the same way); ``scale`` is the file's
 ``alpha / rank`` (1 when the file has no alpha, as diffusers/PEFT files do).
 An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
+
+A float32 weight takes its delta with ``add_`` (bit-identical to adding into a
+copy, without the weight-sized temporary). ``addmm_`` with ``alpha = scale *
+strength`` would save the delta tensor too, but it rounds once where the delta
+rounds twice (``(up @ down) * scale * strength``) and the GEMM may sum in another
+order, so its weights differ in the last bits: not used.
 """
 from __future__ import annotations
 
@@ -69,7 +75,10 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
                     delta = factors.delta(tuple(p.shape), p.device) * entry.strength
-                    p.copy_((p.to(torch.float32) + delta).to(p.dtype))
+                    if p.dtype == torch.float32:  # in place: the same single rounding, no weight-sized temporary
+                        p.add_(delta)
+                    else:
+                        p.copy_((p.to(torch.float32) + delta).to(p.dtype))
         yield
     finally:
         with torch.no_grad():

@@ -27,8 +27,11 @@ ProgressFn = Callable[[int, int, Any], None]
 
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
-        progress: ProgressFn, check_interrupted: Callable[[], None]) -> "torch.Tensor":
-    """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32)."""
+        progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True) -> "torch.Tensor":
+    """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
+
+    With ``previews`` False (nobody will see them) progress is reported without one.
+    """
     import torch
 
     from nodes.families.denoiser import Denoiser
@@ -49,6 +52,9 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             out = denoiser.model_output(sched.scale_model_input(x, t), t)
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
             x = result.prev_sample
+            if not previews:
+                progress(i + 1, total, None)
+                continue
             staged = (i + 1, *_stage(_shown(result, sched, x)))
             if staged[2] is None:
                 _report(staged, total, latent, progress)
