@@ -121,9 +121,7 @@ class ClipHandle:
         """CONDITIONING for ``text`` with ComfyUI's prompt syntax (see nodes.families.text.encode;
         ``report``, a nodes.families.text.Report, collects token counts and notes; ``texts``
         gives encoders their own prompts by tokenizer name)."""
-        from nodes.families.text import encode
-
-        return encode(self, text, report, texts)
+        return self.family.encode_text(self, text, report, texts)
 
     def __kiln_nbytes__(self) -> int:
         return 0

@@ -82,8 +82,11 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
         if float(denoise) < 1.0:
             ctx.message("denoise is ignored: AddNoise's strength sets where sampling starts")
     x0 = model.latent.to_model(samples)
-    p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
-                  strength=strength, denoise=float(denoise))
+    try:
+        p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
+                      strength=strength, denoise=float(denoise))
+    except loop.ConditioningError as exc:  # e.g. a sampler the model's sampling (flow) lacks
+        raise NodeError(str(exc), exc.input_name) from None
     out = {k: v for k, v in latent_image.items() if k not in _NOISE_KEYS}
     if p.start is None:  # strength 0 / denoise 0: nothing to denoise
         out["samples"] = latent_image["samples"]

@@ -12,9 +12,16 @@ import importlib
 from nodes.families.base import Family
 
 #: Checked in this order when detecting a single file (most specific first).
-MODULES = ("sdxl", "sd2", "sd1")
+#: A module may hold several families (``FAMILIES``, most specific first), e.g. FLUX [schnell] and [dev].
+MODULES = ("flux", "sdxl", "sd2", "sd1")
 
-ALL: tuple[Family, ...] = tuple(importlib.import_module(f"nodes.families.{m}").FAMILY for m in MODULES)
+
+def _families_of(module: str) -> tuple[Family, ...]:
+    mod = importlib.import_module(f"nodes.families.{module}")
+    return tuple(getattr(mod, "FAMILIES", (mod.FAMILY,)))
+
+
+ALL: tuple[Family, ...] = tuple(f for m in MODULES for f in _families_of(m))
 
 
 def by_name(name: str) -> Family:

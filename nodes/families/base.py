@@ -201,6 +201,19 @@ class Family:
         """
         return {}
 
+    def wrap_network(self, network: Any) -> Any:
+        """The network in the UNet calling convention the denoiser uses:
+        ``net(x [B, C, h, w], t, encoder_hidden_states=..., return_dict=False, **kwargs)`` with
+        ``.device``/``.dtype``. SD UNets already are; a transformer family adapts its own here
+        (patching, position ids, timestep units)."""
+        return network
+
+    def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
+        """CONDITIONING for ``text``: CLIP families share nodes.families.text; others override."""
+        from nodes.families.text import encode
+
+        return encode(clip, text, report, texts)
+
     def extra_channels(self, x: "torch.Tensor", conditioning_extras: list[dict]) -> "torch.Tensor":
         """The network input: the latent plus any channels the family concatenates (inpainting)."""
         return x

@@ -33,6 +33,7 @@ class Denoiser:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers)."""
+        network = family.wrap_network(network)
         self.network, self.family = network, family
         self.device, self.dtype = network.device, network.dtype
         self.cfg = float(cfg)

@@ -1,0 +1,223 @@
+"""FLUX.1 ([dev] and [schnell]): a rectified-flow transformer on 16-channel latents.
+
+What differs from the SD families, and where it lives:
+
+* **Network.** diffusers' ``FluxTransformer2DModel`` works on the latent cut into
+  2x2 patches (``[B, h/2 * w/2, 64]`` tokens) with 3-axis position ids, and takes
+  the flow time (0..1) rather than a 0..1000 timestep. :class:`FluxNetwork` wraps
+  it in the UNet calling convention the denoiser uses (``net(x, t,
+  encoder_hidden_states=..., **kwargs)`` on ``[B, 16, h, w]``), so guidance,
+  conditioning rules and the sampling loop stay the same for every family.
+* **Distilled guidance.** [dev] has a guidance embedder: the guidance value is a
+  network input (``guidance``), carried on the conditioning as ComfyUI does
+  (``CLIPTextEncodeFlux``/``FluxGuidance`` set ``extra["guidance"]``). [schnell]
+  has none and ignores it. Classifier-free guidance (a second, negative pass)
+  stays KSampler's ``cfg``; FLUX workflows use cfg 1 (one pass).
+* **Text.** CLIP-L's pooled output (``pooled_projections``) and T5-XXL's last
+  hidden state (the token sequence), padded to 512 tokens as diffusers'
+  FluxPipeline does; see :meth:`Flux.encode_text`.
+* **Model sampling.** Flow matching: the state at flow time t is
+  ``(1 - t) * x0 + t * noise`` and the network predicts the velocity
+  ``noise - x0``; the grid is shifted by the image size (diffusers'
+  ``use_dynamic_shifting``). The scheduler config below says so, and
+  :mod:`nodes.samplers.flow` plans on it; the loop never names the family.
+* **Latents.** 16 channels, ``(raw - 0.1159) * 0.3611`` in model space.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec
+
+#: Original (BFL) key layout: these two only exist in a FLUX transformer.
+DOUBLE_BLOCKS = "double_blocks."
+SINGLE_BLOCKS = "single_blocks."
+#: diffusers' layout of the same transformer.
+DIFFUSERS_MARKERS = ("transformer_blocks.0.attn.add_q_proj.weight", "single_transformer_blocks.0.proj_mlp.weight")
+#: Where all-in-one single files keep the parts (ComfyUI's checkpoint save layout).
+UNET_PREFIX = "model.diffusion_model."
+CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+VAE_PREFIX = "vae."
+#: T5 tokens the transformer sees (diffusers' default max_sequence_length).
+T5_TOKENS = 512
+#: The released [dev]/[schnell] default guidance (ComfyUI's CLIPTextEncodeFlux default).
+DEFAULT_GUIDANCE = 3.5
+
+#: 16-channel latent -> RGB factors (ComfyUI's published table for the FLUX VAE, model-space latents).
+FLUX_LATENT = LatentFormat(
+    channels=16, scale=0.3611, shift=0.1159,
+    rgb=((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433),
+         (-0.0174, 0.0160, 0.0617), (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115),
+         (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259), (-0.0245, 0.0250, 0.1180),
+         (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+         (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499),
+         (-0.1262, -0.0982, -0.0778)),
+    rgb_bias=(-0.0329, -0.0718, -0.0851),
+)
+
+
+def pack(x: "Any") -> "Any":
+    """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: 2x2 patches as tokens (diffusers' ``_pack_latents``)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: "Any", h: int, w: int) -> "Any":
+    """The inverse of :func:`pack` for a latent of ``h`` x ``w``."""
+    b, _, d = x.shape
+    c = d // 4
+    x = x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device: Any, dtype: Any) -> "Any":
+    """Position ids [(h/2)(w/2), 3] of the patches: (0, row, column)."""
+    import torch
+
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxNetwork:
+    """The transformer behind the UNet calling convention (see the module docstring)."""
+
+    def __init__(self, transformer: Any) -> None:
+        self.transformer = transformer
+        self.device, self.dtype = transformer.device, transformer.dtype
+
+    def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
+                 **kwargs: Any) -> tuple:
+        import torch
+
+        b, _, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ConditioningError(f"a FLUX latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
+                                    "latent_image")
+        time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
+        out = self.transformer(hidden_states=pack(x), timestep=time.to(self.dtype),
+                               encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
+                               img_ids=image_ids(h, w, self.device, self.dtype), return_dict=False, **kwargs)[0]
+        return (unpack(out, h, w),)
+
+
+class Flux(Family):
+    name = "flux"
+    latent = FLUX_LATENT
+    text_encoders = (
+        TextEncoderSpec("text_encoder", "tokenizer", "openai", "text_encoders.clip_l.transformer.", pooled=True),
+        TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", T5_PREFIX),
+    )
+    clip_types = ("flux",)
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    flow = True
+
+    # -- detection -----------------------------------------------------------------
+
+    def claims(self, shapes: Shapes) -> bool:
+        return self.claims_unet(shapes)
+
+    def claims_unet(self, shapes: Shapes) -> bool:
+        return any(k.startswith(DOUBLE_BLOCKS) or k.startswith(UNET_PREFIX + DOUBLE_BLOCKS) for k in shapes) or \
+            all(k in shapes for k in DIFFUSERS_MARKERS)
+
+    def claims_folder(self, components: set[str], text_act: str) -> bool:
+        return "transformer" in components
+
+    # -- model sampling --------------------------------------------------------------
+
+    def scheduler_config(self, prediction_type: str | None = None, *, guidance: bool = True) -> dict[str, Any]:
+        """diffusers' FlowMatchEulerDiscreteScheduler config of the releases: [dev] (guidance)
+        shifts with the image size; [schnell] is unshifted."""
+        if guidance:
+            return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": 3.0,
+                    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                    "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
+        return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": 1.0,
+                "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+                "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
+
+    # -- the network -------------------------------------------------------------------
+
+    def wrap_network(self, network: Any) -> Any:
+        return FluxNetwork(network)
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        pooled, guidance = [], []
+        for extra in extras:
+            p = extra.get("pooled_output")
+            if p is None:
+                raise ConditioningError("this FLUX model needs conditioning with a pooled_output (encode the prompt "
+                                        "with a FLUX CLIP: DualCLIPLoader type flux)", extra.get("_input", "positive"))
+            pooled.append(p.reshape(1, -1).expand(batch, -1))
+            guidance += [float(extra.get("guidance", DEFAULT_GUIDANCE))] * batch
+        kwargs = {"pooled_projections": torch.cat(pooled).to(device=device, dtype=dtype)}
+        kwargs["guidance"] = torch.tensor(guidance, device=device, dtype=torch.float32)
+        return kwargs
+
+    # -- text ----------------------------------------------------------------------------
+
+    def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
+        """CONDITIONING: T5's last hidden state (512 tokens) with CLIP-L's pooled output.
+
+        As diffusers' FluxPipeline: CLIP-L sees 77 tokens padded, its pooler output
+        is the pooled text; T5 sees the prompt padded (or cut) to 512 tokens.
+        ComfyUI's weight syntax is not applied to FLUX prompts (the text goes in as
+        written); ``report`` says so when the prompt uses it.
+        """
+        import torch
+
+        texts = texts or {}
+        clip_text, t5_text = texts.get("tokenizer", text), texts.get("tokenizer_2", text)
+        if report is not None and any(c in clip_text + t5_text for c in "()"):
+            note = "FLUX prompts are encoded as written: (word:1.2) weights are not applied"
+            if note not in report.problems:
+                report.problems.append(note)
+        clip_tok, t5_tok = clip.tokenizers["tokenizer"], clip.tokenizers["tokenizer_2"]
+        with torch.inference_mode():
+            ids = clip_tok([clip_text], padding="max_length", max_length=clip_tok.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+            with clip.encoder("text_encoder") as te:
+                pooled = te(ids.to(te.device), output_hidden_states=False).pooler_output
+            t5_ids = t5_tok([t5_text], padding="max_length", max_length=T5_TOKENS, truncation=True,
+                            return_tensors="pt").input_ids
+            with clip.encoder("text_encoder_2") as t5:
+                states = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
+        if report is not None:
+            report.tokens = max(report.tokens, int((t5_ids != t5_tok.pad_token_id).sum()) - 1)
+            report.windows = 1
+        return [[states.to("cpu", torch.float32), {"pooled_output": pooled.to("cpu", torch.float32)}]]
+
+
+class FluxSchnell(Flux):
+    """[schnell]: the same transformer without the guidance embedder, unshifted schedule."""
+
+    name = "flux-schnell"
+
+    def claims_unet(self, shapes: Shapes) -> bool:
+        return super().claims_unet(shapes) and not any("guidance_in" in k or "guidance_embedder" in k for k in shapes)
+
+    def claims_folder(self, components: set[str], text_act: str) -> bool:
+        return False  # a folder's transformer config says which (see nodes.checkpoint.flux_load)
+
+    def scheduler_config(self, prediction_type: str | None = None, *, guidance: bool = False) -> dict[str, Any]:
+        return super().scheduler_config(prediction_type, guidance=False)
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        kwargs = super().network_kwargs(extras, batch, image_size, device, dtype)
+        kwargs.pop("guidance")
+        return kwargs
+
+
+FAMILY = Flux()
+SCHNELL = FluxSchnell()
+#: Detection order: [schnell] (no guidance embedder) before [dev].
+FAMILIES = (SCHNELL, FAMILY)

@@ -1,0 +1,126 @@
+"""FLUX.1 on a tiny random model: Kiln's nodes against diffusers' Flux pipelines.
+
+Both sides get the same weights, conditioning, init latent, seed, steps,
+strength and guidance; the decoded images must agree within 1/255 per pixel.
+diffusers samples the VAE posterior with the noise generator (Kiln's VAEEncode
+takes the mean), so both get the same init latent, handed to the pipeline as a
+16-channel "image" (it uses such an input as the latent). Each parity test also
+checks that changing strength/guidance changes the result, so agreement is not
+vacuous.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import tiny_flux
+from engine.context import NodeContext, NodeError
+from nodes.families import flux
+from nodes.handles import ModelHandle
+from nodes.latent import add_noise
+from nodes.sampling import ksampler
+
+PIXEL_TOL = 1 / 255 + 1e-6
+PROMPT = "a red barn in a field"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
+                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
+
+
+def _model(variant: str) -> ModelHandle:
+    parts = tiny_flux.components(variant)
+    family = flux.FAMILY if variant == "dev" else flux.SCHNELL
+    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                       _use_unet=lambda: contextlib.nullcontext(parts["transformer"]))
+
+
+def _embeds(variant: str):
+    pipe = tiny_flux.pipeline(variant)
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, device="cpu", max_sequence_length=512)
+    return embeds, pooled
+
+
+def _decode(variant: str, raw: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        image = tiny_flux.components(variant)["vae"].decode(raw).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _init_raw() -> torch.Tensor:
+    return torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 + 0.1159
+
+
+def kiln_img2img(variant: str, strength: float, guidance: float, steps: int = 6, seed: int = 42) -> torch.Tensor:
+    embeds, pooled = _embeds(variant)
+    cond = [[embeds, {"pooled_output": pooled, "guidance": guidance}]]
+    model = _model(variant)
+    (latent,) = add_noise(Recorder().ctx, model, {"samples": _init_raw()}, strength=strength, seed=seed)
+    (out,) = ksampler(Recorder().ctx, model, seed, steps, 1.0, "euler", "normal", cond, cond, latent)
+    return _decode(variant, out["samples"])
+
+
+def diffusers_img2img(variant: str, strength: float, guidance: float, steps: int = 6, seed: int = 42) -> torch.Tensor:
+    from diffusers import FluxImg2ImgPipeline
+
+    embeds, pooled = _embeds(variant)
+    pipe = tiny_flux.pipeline(variant, cls=FluxImg2ImgPipeline)
+    init = flux.FLUX_LATENT.to_model(_init_raw())
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=init, strength=strength, height=64,
+                   width=64, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return out.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("variant,strength,guidance", [("dev", 0.6, 3.5), ("schnell", 0.8, 0.0)])
+def test_img2img_equals_flux_img2img_pipeline(variant, strength, guidance):
+    ours = kiln_img2img(variant, strength, guidance)
+    theirs = diffusers_img2img(variant, strength, guidance)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    other = kiln_img2img(variant, strength - 0.3, guidance)
+    assert (ours - other).abs().max() > 0.02  # strength matters: the comparison is not vacuous
+
+
+def test_dev_guidance_is_a_network_input():
+    a, b = kiln_img2img("dev", 0.8, 1.5), kiln_img2img("dev", 0.8, 6.0)
+    assert (a - b).abs().max() > 0.005
+    assert (kiln_img2img("dev", 0.8, 6.0) - diffusers_img2img("dev", 0.8, 6.0)).abs().max() <= PIXEL_TOL
+
+
+def test_strength_rounding_is_flux_img2img_s():
+    from nodes.samplers.flow import strength_start
+
+    assert strength_start(10, 0.75) == 2  # runs 8 steps (SD's rule would run int(7.5) = 7)
+    assert strength_start(10, 0.0) == 10 and strength_start(10, 1.0) == 0
+
+
+def test_txt2img_equals_flux_pipeline():
+    from nodes.families.flux import FLUX_LATENT
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    (out,) = ksampler(Recorder().ctx, _model("dev"), 5, 4, 1.0, "euler", "normal", cond, cond, empty)
+    ours = _decode("dev", out["samples"])
+    with torch.no_grad():
+        theirs = tiny_flux.pipeline("dev")(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+                                            num_inference_steps=4, guidance_scale=3.5,
+                                            generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert (ours - theirs.permute(0, 2, 3, 1)).abs().max() <= PIXEL_TOL
+    assert FLUX_LATENT.channels == 16
+
+
+def test_flow_refuses_samplers_it_lacks():
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled}]]
+    with pytest.raises(NodeError) as err:
+        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpmpp_2m", "normal", cond, cond,
+                 {"samples": torch.zeros(1, 16, 8, 8)})
+    assert err.value.input_name == "sampler_name" and "flow" in str(err.value)
