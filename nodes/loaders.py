@@ -222,7 +222,8 @@ def vae_loader(ctx, vae_name: str):
     key = file_key(path, "vae")
     loader = functools.partial(_load_vae, path)
     module = _acquire(manager, key, loader, "vae_name", vae_name)
-    scale = getattr(module.config, "scaling_factor", None) if path.is_dir() else None
+    scale = getattr(module.config, "scaling_factor", None) \
+        if path.is_dir() or getattr(module.config, "shift_factor", None) else None
     if scale is None:
         scale = 0.13025 if "xl" in Path(vae_name).name.lower() else 0.18215
     return (VaeHandle(latent_scale=float(scale), _use_vae=lambda: manager.use(key, "", loader), name=vae_name,

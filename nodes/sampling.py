@@ -63,6 +63,11 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     if samples.ndim != 4:
         raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", "latent_image")
     batch = samples.shape[0]
+    channels = getattr(model, "latent_channels", samples.shape[1])
+    if samples.shape[1] != channels:
+        raise NodeError(f"the latent has {samples.shape[1]} channels but this {model.family.name} model works on "
+                        f"{channels}-channel latents (use its VAE, or EmptySD3LatentImage for 16 channels)",
+                        "latent_image")
 
     # One generator per image: its first draw is that image's starting noise, later
     # draws feed ancestral/SDE steps (diffusers' pipelines draw in the same order).
@@ -81,6 +86,8 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
         noise = given.to(torch.float32)
         if float(denoise) < 1.0:
             ctx.message("denoise is ignored: AddNoise's strength sets where sampling starts")
+    for note in model.family.conditioning_notes([positive, negative]):
+        ctx.message(note)
     x0 = model.latent.to_model(samples)
     try:
         p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("dev", "schnell")
-#: Transformer: 2 heads of 16 (rope axes 4 + 6 + 6), one double and one single block.
-HEADS, HEAD_DIM, AXES = 2, 16, (4, 6, 6)
+#: Transformer: 2 heads of 32 (rope axes 4 + 14 + 14, the released 16 + 56 + 56 scaled), one double and one single block.
+HEADS, HEAD_DIM, AXES = 2, 32, (4, 14, 14)
 TEXT = 32  # CLIP-L width = pooled width; T5 width = joint attention width
 
 
@@ -53,7 +53,7 @@ def build(variant: str = "dev", seed: int = 0) -> dict[str, Any]:
             num_attention_heads=HEADS, joint_attention_dim=TEXT, pooled_projection_dim=TEXT,
             guidance_embeds=variant == "dev", axes_dims_rope=AXES)
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
-                            block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+                            block_out_channels=(32, 32, 64, 64), norm_num_groups=32,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                             use_post_quant_conv=False, sample_size=64, force_upcast=True)
@@ -90,3 +90,71 @@ def save_diffusers(variant: str, folder: str | Path) -> Path:
     folder = Path(folder)
     pipeline(variant).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def _save(path: Path, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def to_fp8(state: dict) -> dict:
+    """Linear weights (2-D) as float8_e4m3fn, as the flux1-*-fp8 files store them."""
+    import torch
+
+    return {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.endswith(".weight") else v for k, v in state.items()}
+
+
+def bfl_transformer(variant: str) -> dict:
+    from nodes.checkpoint.flux_keys import diffusers_to_bfl
+
+    return diffusers_to_bfl(components(variant)["transformer"].state_dict())
+
+
+def clip_l_state(variant: str = "dev") -> dict:
+    from nodes.checkpoint.to_original import openai_clip_to_original
+
+    return openai_clip_to_original(components(variant)["text_encoder"].state_dict(), "")
+
+
+def t5_state(variant: str = "dev") -> dict:
+    state = dict(components(variant)["text_encoder_2"].state_dict())
+    state.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; files keep one
+    return state
+
+
+def vae_state(variant: str = "dev") -> dict:
+    from nodes.checkpoint.to_original import vae_to_original
+
+    vae = components(variant)["vae"]
+    state = vae_to_original(vae.state_dict(), dict(vae.config))
+    return {k[len("first_stage_model."):]: v for k, v in state.items()}
+
+
+def make_models_folder(root: str | Path) -> Path:
+    """ComfyUI's folders with the tiny FLUX in every layout the loaders read:
+
+    diffusion_models/tiny-flux-{dev,schnell}.safetensors (BFL keys), tiny-flux-dev-fp8.safetensors
+    (fp8 linear weights, ``model.diffusion_model.`` prefix), text_encoders/tiny-clip_l.safetensors and
+    tiny-t5xxl.safetensors, vae/tiny-flux-ae.safetensors, checkpoints/tiny-flux-dev-aio.safetensors
+    (all in one, ComfyUI's prefixes) and checkpoints/tiny-flux-{dev,schnell}-diffusers/.
+    """
+    root = Path(root)
+    for variant in VARIANTS:
+        _save(root / "diffusion_models" / f"tiny-flux-{variant}.safetensors", bfl_transformer(variant))
+        save_diffusers(variant, root / "checkpoints" / f"tiny-flux-{variant}-diffusers")
+    _save(root / "diffusion_models" / "tiny-flux-dev-fp8.safetensors",
+          {"model.diffusion_model." + k: v for k, v in to_fp8(bfl_transformer("dev")).items()})
+    _save(root / "text_encoders" / "tiny-clip_l.safetensors", clip_l_state())
+    _save(root / "text_encoders" / "tiny-t5xxl.safetensors", t5_state())
+    _save(root / "vae" / "tiny-flux-ae.safetensors", vae_state())
+    aio = {"model.diffusion_model." + k: v for k, v in bfl_transformer("dev").items()}
+    aio.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip_l_state().items()})
+    aio.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5_state().items()})
+    aio.update({"vae." + k: v for k, v in vae_state().items()})
+    _save(root / "checkpoints" / "tiny-flux-dev-aio.safetensors", aio)
+    _save(root / "checkpoints" / "tiny-flux-dev-transformer-only.safetensors",
+          {"model.diffusion_model." + k: v for k, v in bfl_transformer("dev").items()})
+    return root

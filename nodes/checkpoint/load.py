@@ -169,6 +169,10 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
 
     state = read_state_dict(path)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    from nodes.checkpoint import flux_load
+
+    if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
+        return flux_load.load_single_file(state, path.name, dtype)
     try:
         found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
     except det.UnsupportedCheckpoint as exc:
@@ -288,6 +292,10 @@ def latent_format(family: Family, vae: Any) -> LatentFormat:
 
 def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
     if path.is_dir():
+        from nodes.checkpoint import flux_load
+
+        if flux_load.is_flux_folder(path):
+            return flux_load.load_folder(path, dtype)
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
         return load_diffusers_folder(path, dtype, vae_dtype, prediction)
@@ -315,6 +323,10 @@ def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:
     if not any(k.startswith(det.VAE) for k in state):
         state = {det.VAE + k: v for k, v in state.items()}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    from nodes.checkpoint import flux_load
+
+    if flux_load.is_flux_vae(shapes, det.VAE):  # FLUX's ae.safetensors: 16 channels, scale and shift
+        return flux_load.build_vae(state, det.VAE, path.name, dtype)
     try:
         cfg = det.vae_config(shapes, family)
     except (det.UnsupportedCheckpoint, KeyError) as exc:

@@ -20,6 +20,11 @@ from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty, buil
 from nodes.families.base import Family, has_prefix
 
 
+#: How errors name the text encoder kinds.
+KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL"}
+T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+
+
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     """Why a file is not a UNet, in the user's terms."""
     if det.text_encoder_layout(shapes) is not None:
@@ -53,7 +58,12 @@ def load_unet_file(path: Path, dtype: Any) -> Loaded:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    state = unet_to_original_layout(read_state_dict(path), path.name)
+    state = read_state_dict(path)
+    from nodes.checkpoint import flux_load
+
+    if flux_load.has_flux_transformer({k: () for k in state}):
+        return flux_load.load_transformer_file(state, path.name, dtype)
+    state = unet_to_original_layout(state, path.name)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
         family = families.for_unet(shapes)
@@ -87,6 +97,9 @@ class TextFile:
         state = read_state_dict(path)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         found = det.text_encoder_layout(shapes)
+        t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
+        if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
+            return cls(path.name, state, "t5", t5, "t5")
         if found is None:
             what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
                 else "no CLIP text encoder"
@@ -101,7 +114,11 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     for family in families.ALL:
         if clip_type in family.clip_types and sorted(s.kind for s in family.text_encoders) == kinds:
             return family
-    names = ", ".join(f"{f.name} ({f.kind})" for f in files)
+    names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
+    wanted = [f for f in families.ALL if clip_type in f.clip_types]
+    if wanted:
+        needs = " + ".join(KIND_NAMES.get(s.kind, s.kind) for s in wanted[0].text_encoders)
+        raise CheckpointError(f"type {clip_type!r} needs {needs}, got {names}")
     raise CheckpointError(f"type {clip_type!r} has no model family with text encoders {names}")
 
 
@@ -114,12 +131,21 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
     for spec in family.text_encoders:
         file = next(f for f in remaining if f.kind == spec.kind)
         remaining.remove(file)
+        if spec.kind == "t5":
+            from nodes.checkpoint.flux_load import build_t5
+
+            modules[spec.module] = build_t5(file.state, file.prefix, file.name, dtype)
+            continue
         shapes = {k: tuple(v.shape) for k, v in file.state.items()}
         config = det.lone_text_config(shapes, file.layout, file.prefix, spec.kind, drop_last=spec.dropped > 0)
         try:
             modules[spec.module] = build_text_encoder(file.state, file.prefix, file.layout, spec, config, dtype)
         except CheckpointError as exc:
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
-    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in family.text_encoders}
+    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in family.text_encoders if spec.kind != "t5"}
+    if any(spec.kind == "t5" for spec in family.text_encoders):
+        from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+
+        tokenizers.update({spec.tokenizer: t5_tokenizer() for spec in family.text_encoders if spec.kind == "t5"})
     return Loaded(family=family, scheduler_config={}, latent=family.latent, modules=modules, tokenizers=tokenizers,
                   info={"format": "text_encoders"})

@@ -201,6 +201,10 @@ class Family:
         """
         return {}
 
+    def conditioning_notes(self, conditionings: list) -> list[str]:
+        """Messages for the sampling node about conditioning this family ignores (none by default)."""
+        return []
+
     def wrap_network(self, network: Any) -> Any:
         """The network in the UNet calling convention the denoiser uses:
         ``net(x [B, C, h, w], t, encoder_hidden_states=..., return_dict=False, **kwargs)`` with

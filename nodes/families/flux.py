@@ -86,8 +86,10 @@ class FluxNetwork:
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
     def __init__(self, transformer: Any) -> None:
+        from nodes.runtime.fp8 import compute_dtype
+
         self.transformer = transformer
-        self.device, self.dtype = transformer.device, transformer.dtype
+        self.device, self.dtype = transformer.device, compute_dtype(transformer)
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  **kwargs: Any) -> tuple:
@@ -109,7 +111,7 @@ class Flux(Family):
     name = "flux"
     latent = FLUX_LATENT
     text_encoders = (
-        TextEncoderSpec("text_encoder", "tokenizer", "openai", "text_encoders.clip_l.transformer.", pooled=True),
+        TextEncoderSpec("text_encoder", "tokenizer", "openai", CLIP_L_PREFIX),  # pooler_output, no projection
         TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", T5_PREFIX),
     )
     clip_types = ("flux",)
@@ -200,6 +202,7 @@ class FluxSchnell(Flux):
     """[schnell]: the same transformer without the guidance embedder, unshifted schedule."""
 
     name = "flux-schnell"
+    clip_types = ()  # the text encoders are [dev]'s: DualCLIPLoader type flux loads them for both
 
     def claims_unet(self, shapes: Shapes) -> bool:
         return super().claims_unet(shapes) and not any("guidance_in" in k or "guidance_embedder" in k for k in shapes)
@@ -215,6 +218,16 @@ class FluxSchnell(Flux):
         kwargs = super().network_kwargs(extras, batch, image_size, device, dtype)
         kwargs.pop("guidance")
         return kwargs
+
+    def conditioning_notes(self, conditionings: list) -> list[str]:
+        values = sorted({float(extra["guidance"]) for cond in conditionings if isinstance(cond, list)
+                         for entry in cond if isinstance(entry, (list, tuple)) and len(entry) == 2
+                         for extra in [entry[1]] if isinstance(extra, dict) and "guidance" in extra})
+        if not values:
+            return []
+        shown = ", ".join(f"{v:g}" for v in values)
+        return [f"guidance {shown} is ignored: FLUX.1 [schnell] has no guidance embedder (it is distilled to "
+                "sample in few steps without guidance)"]
 
 
 FAMILY = Flux()

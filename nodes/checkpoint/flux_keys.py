@@ -1,0 +1,161 @@
+"""FLUX transformer weights: the original (BFL) key layout <-> diffusers' FluxTransformer2DModel.
+
+One table, used both ways: loading a ``flux1-*.safetensors`` (BFL -> diffusers)
+and writing one (diffusers -> BFL, for tests and exports). diffusers ships a
+converter for the first direction (``convert_flux_transformer_checkpoint_to_
+diffusers``) but it assumes the released width (3072) when it splits the single
+blocks' fused projection, so it cannot load a FLUX-shaped model of another width;
+this table takes the widths from the tensors and is checked against diffusers'
+converter key for key (tests/test_flux_loading.py).
+
+Fused tensors: a double block's ``qkv`` is q, k, v stacked; a single block's
+``linear1`` is q, k, v and the MLP input stacked; the final norm's modulation is
+(shift, scale) in BFL and (scale, shift) in diffusers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+#: (BFL name, diffusers name) of plain renames, "{i}" the block index; weight and bias both.
+_TOP = [
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("txt_in", "context_embedder"),
+    ("img_in", "x_embedder"),
+    ("final_layer.linear", "proj_out"),
+]
+_DOUBLE = [
+    ("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+    ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+    ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+]
+_DOUBLE_NORMS = [
+    ("img_attn.norm.query_norm.scale", "attn.norm_q.weight"), ("img_attn.norm.key_norm.scale", "attn.norm_k.weight"),
+    ("txt_attn.norm.query_norm.scale", "attn.norm_added_q.weight"),
+    ("txt_attn.norm.key_norm.scale", "attn.norm_added_k.weight"),
+]
+_SINGLE = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
+_SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
+_FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
+
+
+def _blocks(keys: Any, prefix: str) -> list[int]:
+    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
+
+
+def _swap_halves(t: Any) -> Any:
+    import torch
+
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _pairs(bfl_keys: Any, diff_keys: Any) -> list[tuple[list[str], list[str], str]]:
+    """(BFL names, diffusers names, how) for every tensor; ``how`` is rename, fuse or swap."""
+    double = _blocks(bfl_keys, "double_blocks.") or _blocks(diff_keys, "transformer_blocks.")
+    single = _blocks(bfl_keys, "single_blocks.") or _blocks(diff_keys, "single_transformer_blocks.")
+    out: list[tuple[list[str], list[str], str]] = []
+    for suffix in ("weight", "bias"):
+        out += [([f"{b}.{suffix}"], [f"{d}.{suffix}"], "rename") for b, d in _TOP]
+        out.append(([f"{_FINAL_MOD[0]}.{suffix}"], [f"{_FINAL_MOD[1]}.{suffix}"], "swap"))
+        for i in double:
+            b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+            out += [([f"{b}{x}.{suffix}"], [f"{d}{y}.{suffix}"], "rename") for x, y in _DOUBLE]
+            out.append(([f"{b}img_attn.qkv.{suffix}"], [f"{d}attn.to_{q}.{suffix}" for q in "qkv"], "fuse"))
+            out.append(([f"{b}txt_attn.qkv.{suffix}"], [f"{d}attn.add_{q}_proj.{suffix}" for q in "qkv"], "fuse"))
+        for i in single:
+            b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+            out += [([f"{b}{x}.{suffix}"], [f"{d}{y}.{suffix}"], "rename") for x, y in _SINGLE]
+            out.append(([f"{b}linear1.{suffix}"],
+                        [f"{d}attn.to_q.{suffix}", f"{d}attn.to_k.{suffix}", f"{d}attn.to_v.{suffix}",
+                         f"{d}proj_mlp.{suffix}"], "fuse"))
+    for i in double:
+        out += [([f"double_blocks.{i}.{x}"], [f"transformer_blocks.{i}.{y}"], "rename") for x, y in _DOUBLE_NORMS]
+    for i in single:
+        out += [([f"single_blocks.{i}.{x}"], [f"single_transformer_blocks.{i}.{y}"], "rename")
+                for x, y in _SINGLE_NORMS]
+    return out
+
+
+class KeyMismatch(KeyError):
+    """Keys a FLUX file lacks or has beyond the layout; the message names them."""
+
+
+def bfl_to_diffusers(state: dict[str, Any], hidden: int | None = None) -> dict[str, Any]:
+    """diffusers-layout tensors from BFL-layout ones (``model.diffusion_model.`` stripped first).
+
+    ``hidden``: the transformer width (from ``img_in.weight``), which splits the fused tensors.
+    Raises :class:`KeyMismatch` naming missing and left-over keys.
+    """
+    import torch
+
+    state = {k[len("model.diffusion_model."):] if k.startswith("model.diffusion_model.") else k: v
+             for k, v in state.items()}
+    hidden = hidden or int(state["img_in.weight"].shape[0])
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    for bfl, diff, how in _pairs(state.keys(), ()):
+        key = bfl[0]
+        if key not in state:
+            if not key.startswith("guidance_in."):  # [schnell] has no guidance embedder
+                missing.append(key)
+            continue
+        t = state[key]
+        used.add(key)
+        if how == "rename":
+            out[diff[0]] = t
+        elif how == "swap":
+            out[diff[0]] = _swap_halves(t)
+        else:
+            sizes = [hidden] * 3 + ([t.shape[0] - 3 * hidden] if len(diff) == 4 else [])
+            for name, part in zip(diff, torch.split(t, sizes, dim=0)):
+                out[name] = part
+    extra = sorted(set(state) - used)
+    if missing or extra:
+        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    return out
+
+
+def diffusers_to_bfl(state: dict[str, Any]) -> dict[str, Any]:
+    """BFL-layout tensors from a FluxTransformer2DModel state dict (the inverse of :func:`bfl_to_diffusers`)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for bfl, diff, how in _pairs((), state.keys()):
+        if diff[0] not in state:
+            continue
+        if how == "rename":
+            out[bfl[0]] = state[diff[0]]
+        elif how == "swap":
+            out[bfl[0]] = _swap_halves(state[diff[0]])
+        else:
+            out[bfl[0]] = torch.cat([state[d] for d in diff], dim=0)
+    return out
+
+
+def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """FluxTransformer2DModel arguments from BFL-layout shapes (nothing fetched).
+
+    The rotary axes are not in the weights: the released models split a 128-wide
+    head as (16, 56, 56); other head widths keep those proportions (1/8, 7/16, 7/16).
+    """
+    s = {k[len("model.diffusion_model."):] if k.startswith("model.diffusion_model.") else k: v
+         for k, v in shapes.items()}
+    hidden, in_channels = s["img_in.weight"]
+    head = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    return dict(patch_size=1, in_channels=in_channels, out_channels=None,
+                num_layers=len(_blocks(s, "double_blocks.")), num_single_layers=len(_blocks(s, "single_blocks.")),
+                attention_head_dim=head, num_attention_heads=hidden // head,
+                joint_attention_dim=s["txt_in.weight"][1], pooled_projection_dim=s["vector_in.in_layer.weight"][1],
+                guidance_embeds="guidance_in.in_layer.weight" in s,
+                axes_dims_rope=(head // 8, head * 7 // 16, head * 7 // 16))
+
+
+Converter = Callable[[dict[str, Any]], dict[str, Any]]

@@ -1,0 +1,238 @@
+"""Loading FLUX.1 offline from the files people have.
+
+* ComfyUI's split layout: the transformer alone in the original (BFL) key layout
+  (``models/diffusion_models/flux1-dev.safetensors``, also fp8 ``float8_e4m3fn``
+  files), with or without ``model.diffusion_model.``, or in diffusers' layout;
+  CLIP-L and T5-XXL as separate text-encoder files; ``ae.safetensors`` as the VAE.
+* All-in-one single files (ComfyUI's checkpoint layout: ``model.diffusion_model.``,
+  ``text_encoders.clip_l.transformer.``, ``text_encoders.t5xxl.transformer.``,
+  ``vae.`` or ``first_stage_model.``).
+* diffusers folders (``transformer/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``).
+
+Configs come from tensor shapes (nodes.checkpoint.flux_keys); tokenizers are the
+folder's or the shipped ones. fp8 transformer weights stay fp8 (nodes.runtime.fp8).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint import detect as det
+from nodes.checkpoint import flux_keys
+from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
+from nodes.families import flux as fam
+
+T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+
+
+def has_flux_transformer(shapes: Any) -> bool:
+    return fam.FAMILY.claims_unet(shapes)
+
+
+def family_of(shapes: Any) -> fam.Flux:
+    return fam.SCHNELL if fam.SCHNELL.claims_unet(shapes) else fam.FAMILY
+
+
+def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
+    """FluxTransformer2DModel from BFL- or diffusers-layout tensors (fp8 weights kept fp8)."""
+    from diffusers import FluxTransformer2DModel
+
+    from nodes.runtime.fp8 import keep_fp8_linears
+
+    state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
+    if all(k in state for k in fam.DIFFUSERS_MARKERS):  # diffusers layout in one file
+        state = flux_keys.diffusers_to_bfl(state)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        config = flux_keys.transformer_config(shapes)
+        converted = flux_keys.bfl_to_diffusers(state)
+    except flux_keys.KeyMismatch as exc:
+        raise CheckpointError(f"{what}: the FLUX transformer's keys do not fit the FLUX layout: {exc}") from None
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: not a complete FLUX transformer ({exc} is missing)") from None
+    model = _empty(FluxTransformer2DModel, config)
+    converted = keep_fp8_linears(model, converted, dtype)
+    try:
+        return _assign_mixed(model, converted, f"FLUX transformer ({what})")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+
+
+def _assign_mixed(module: Any, state: dict[str, Any], what: str) -> Any:
+    """_assign without a dtype cast (the state is already in its storage dtypes)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"the {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"the {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def build_t5(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
+    """T5EncoderModel from transformers-layout keys under ``prefix`` (config from the shapes)."""
+    from transformers import T5Config, T5EncoderModel
+
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        d_ff, d_model = sub["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape
+        vocab = sub.get("shared.weight", sub.get("encoder.embed_tokens.weight")).shape[0]
+        buckets, heads = sub["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+        inner = sub["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+    except (KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{what}: not a T5 v1.1 encoder (no {exc})") from None
+    layers = len({k.split(".")[2] for k in sub if k.startswith("encoder.block.")})
+    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                      num_heads=heads, relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
+                      is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+    model = _empty(T5EncoderModel, config)
+    own = model.state_dict()
+    if "shared.weight" not in sub:
+        sub["shared.weight"] = sub["encoder.embed_tokens.weight"]
+    if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sub:
+        sub["encoder.embed_tokens.weight"] = sub["shared.weight"]
+    sub = {k: v for k, v in sub.items() if k in own or not k.endswith("embed_tokens.weight")}
+    import torch
+
+    # fp8 T5 files (t5xxl_fp8_e4m3fn) are upcast: T5 runs once per prompt and is released after.
+    sub = {k: v.to(torch.float32) if v.dtype.itemsize == 1 and v.is_floating_point() else v for k, v in sub.items()}
+    try:
+        return _assign(model, sub, f"T5 text encoder ({what})", dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+
+
+def build_vae(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
+    """The 16-channel FLUX AutoencoderKL from original-layout keys under ``prefix``."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
+    sub = {det.VAE + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    shapes = {k: tuple(v.shape) for k, v in sub.items()}
+    try:
+        config = det.vae_config(shapes, fam.FAMILY)
+    except det.UnsupportedCheckpoint as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    config.update(scaling_factor=fam.FLUX_LATENT.scale, shift_factor=fam.FLUX_LATENT.shift, force_upcast=False,
+                  use_quant_conv=det.VAE + "quant_conv.weight" in shapes,
+                  use_post_quant_conv=det.VAE + "post_quant_conv.weight" in shapes)
+    vae = _empty(AutoencoderKL, config)
+    try:
+        converted = sfu.convert_ldm_vae_checkpoint(sub, dict(vae.config))
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: the FLUX VAE is incomplete ({exc} is missing)") from None
+    return _assign(vae, converted, f"FLUX VAE ({what})", dtype)
+
+
+def is_flux_vae(shapes: Any, prefix: str = "") -> bool:
+    key = prefix + "decoder.conv_in.weight"
+    return key in shapes and shapes[key][1] == fam.FLUX_LATENT.channels
+
+
+def _tokenizers() -> dict[str, Any]:
+    from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+
+    return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
+
+
+def _sched(family: fam.Flux) -> dict[str, Any]:
+    return family.scheduler_config()
+
+
+def load_transformer_file(state: dict[str, Any], name: str, dtype: Any) -> Loaded:
+    """UNETLoader's FLUX path: the transformer alone."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    family = family_of({k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v
+                        for k, v in shapes.items()})
+    transformer = build_transformer(state, name, dtype)
+    from nodes.runtime.fp8 import fp8_bytes
+
+    fp8 = fp8_bytes(transformer)
+    return Loaded(family=family, scheduler_config=_sched(family), latent=family.latent,
+                  modules={"unet": transformer},
+                  info={"format": "unet", "prediction_type": "flow",
+                        "prediction_reason": "flow matching (FLUX)" + (", fp8 weights kept fp8" if fp8 else "")})
+
+
+def load_single_file(state: dict[str, Any], name: str, dtype: Any) -> Loaded:
+    """An all-in-one FLUX checkpoint: transformer, CLIP-L, T5-XXL and VAE in one file."""
+    from nodes.checkpoint.load import build_text_encoder
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    clip_found = any(k.startswith(fam.CLIP_L_PREFIX) for k in shapes)
+    t5_found = any(k.startswith(fam.T5_PREFIX) for k in shapes)
+    vae_prefix = next((p for p in ("vae.", "first_stage_model.") if is_flux_vae(shapes, p)), None)
+    lacking = [what for what, ok in (("CLIP-L (text_encoders.clip_l.*)", clip_found),
+                                     ("T5-XXL (text_encoders.t5xxl.*)", t5_found),
+                                     ("the VAE (vae.*)", vae_prefix is not None)) if not ok]
+    if lacking:
+        raise CheckpointError(
+            f"{name} holds a FLUX transformer without {', '.join(lacking)}: it is a diffusion model, not a "
+            "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, the text encoders with "
+            "DualCLIPLoader (type flux: clip_l + t5xxl) and ae.safetensors with VAELoader")
+    unet_state = {k: v for k, v in state.items() if k.startswith(fam.UNET_PREFIX)}
+    family = family_of({k[len(fam.UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(fam.UNET_PREFIX)})
+    transformer = build_transformer(unet_state, name, dtype)
+    spec = fam.FAMILY.text_encoders[0]
+    clip_shapes = {k: v for k, v in shapes.items() if k.startswith(fam.CLIP_L_PREFIX)}
+    config = det.lone_text_config(clip_shapes, "transformers", fam.CLIP_L_PREFIX, "openai", drop_last=False)
+    clip = build_text_encoder(state, fam.CLIP_L_PREFIX, "transformers", spec, config, dtype)
+    t5 = build_t5(state, fam.T5_PREFIX, name, dtype)
+    vae = build_vae(state, vae_prefix, name, dtype)
+    return Loaded(family=family, scheduler_config=_sched(family), latent=family.latent,
+                  modules={"unet": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5},
+                  tokenizers=_tokenizers(),
+                  info={"format": "single_file", "prediction_type": "flow", "prediction_reason": "flow matching (FLUX)"})
+
+
+def is_flux_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file() and (path / "transformer").is_dir()
+
+
+def load_folder(path: Path, dtype: Any) -> Loaded:
+    """A diffusers FLUX pipeline folder (FluxPipeline.save_pretrained / the hub layout)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from nodes.checkpoint.load import quiet_progress
+
+    quiet_progress()
+    p = str(path)
+    try:
+        modules = {
+            "unet": FluxTransformer2DModel.from_pretrained(p, subfolder="transformer", local_files_only=True),
+            "vae": AutoencoderKL.from_pretrained(p, subfolder="vae", local_files_only=True),
+            "text_encoder": CLIPTextModel.from_pretrained(p, subfolder="text_encoder", local_files_only=True),
+            "text_encoder_2": T5EncoderModel.from_pretrained(p, subfolder="text_encoder_2", local_files_only=True),
+        }
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX folder ({exc})") from exc
+    for m in modules.values():
+        if m.dtype != dtype:
+            m.to(dtype)
+        m.eval()
+        m.requires_grad_(False)
+    tokenizers = _tokenizers()
+    if (path / "tokenizer").is_dir():
+        tokenizers["tokenizer"] = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer", local_files_only=True)
+    if (path / "tokenizer_2").is_dir():
+        tokenizers["tokenizer_2"] = T5TokenizerFast.from_pretrained(p, subfolder="tokenizer_2", local_files_only=True)
+    family = fam.FAMILY if modules["unet"].config.guidance_embeds else fam.SCHNELL
+    config = family.scheduler_config()
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
+    vae_cfg = modules["vae"].config
+    import dataclasses
+
+    latent = dataclasses.replace(family.latent, scale=float(vae_cfg.scaling_factor),
+                                 shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
+    return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules, tokenizers=tokenizers,
+                  info={"format": "diffusers", "prediction_type": "flow", "prediction_reason": "flow matching (FLUX)"})

@@ -1,0 +1,72 @@
+"""Weights stored in 8-bit floats, computed in the compute dtype one layer at a time.
+
+FLUX's transformer is 12 B parameters: 24 GB in bf16, 12 GB as ``float8_e4m3fn``
+(the ``flux1-dev-fp8`` files). Kiln keeps such weights in fp8 in memory (on the
+GPU and on the CPU) and casts each linear layer's weight to the compute dtype
+(bf16/fp16 on a GPU, fp32 on a CPU) only while that layer runs, so the full-size
+copy never exists. Only ``nn.Linear`` weights stay fp8 (they are >99 % of the
+bytes); norms, embeddings and biases are cast once at load.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+
+def is_fp8(t: Any) -> bool:
+    return str(t.dtype).replace("torch.", "") in FP8_DTYPES
+
+
+def _cast_linear_class():
+    import torch
+
+    class CastLinear(torch.nn.Linear):
+        """nn.Linear whose stored weight may be fp8: cast per call to the input's dtype."""
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            w = self.weight.to(x.dtype)
+            b = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, w, b)
+
+    return CastLinear
+
+
+_CAST = None
+
+
+def keep_fp8_linears(module: Any, state: dict[str, Any], compute_dtype: Any) -> dict[str, Any]:
+    """Prepare ``state`` for ``module``: fp8 weights of linear layers stay fp8 (their layers
+    cast per call), every other float tensor goes to ``compute_dtype``. Returns the new state."""
+    global _CAST
+    import torch
+
+    if _CAST is None:
+        _CAST = _cast_linear_class()
+    linears = {name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    out = {}
+    for k, v in state.items():
+        owner = k.rsplit(".", 1)[0]
+        if is_fp8(v) and k.endswith(".weight") and owner in linears:
+            out[k] = v
+            sub = module.get_submodule(owner)
+            sub.__class__ = _CAST
+        elif v.is_floating_point():
+            out[k] = v.to(compute_dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def fp8_bytes(module: Any) -> int:
+    """Bytes of a module's parameters held in fp8."""
+    return sum(p.numel() for p in module.parameters() if is_fp8(p))
+
+
+def compute_dtype(module: Any) -> Any:
+    """The dtype a module computes in: its first parameter that is not fp8 (diffusers' ``.dtype``
+    reports the first parameter's, which for an fp8 file is the storage dtype)."""
+    for p in module.parameters():
+        if p.is_floating_point() and not is_fp8(p):
+            return p.dtype
+    return module.dtype
