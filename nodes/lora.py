@@ -74,6 +74,11 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
         raise NodeError(f"no module of {lora_name} matched this {family} model (0 of {len(found.unmatched)} "
                         f"LoRA modules, e.g. {found.unmatched[:3]}); is it a LoRA for another model family?",
                         "lora_name")
+    # text-encoder modules may fit (FLUX and SD 1.x share CLIP-L) while the network part fits nothing
+    unet_keys = [k for k in found.unmatched if k.startswith(("lora_unet", "unet.", "model.diffusion_model."))]
+    if model is not None and unet_keys and not found.tables.get("unet"):
+        raise NodeError(f"{lora_name}'s diffusion-model part ({len(unet_keys)} modules, e.g. {unet_keys[:2]}) matches "
+                        f"nothing in this {family} model; is it a LoRA for another model family?", "lora_name")
     parts = ", ".join(f"{len(t)} in {name}" for name, t in sorted(found.tables.items()))
     note = f"{lora_name}: {found.count} modules patched ({parts})"
     if skipped:

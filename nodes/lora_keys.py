@@ -74,7 +74,7 @@ def module_names(network: Any, target: str, unet_config: dict | None = None) -> 
             bare = module[len("text_model."):] if module.startswith("text_model.") else module
             add(bare, param)
             add("text_model." + bare, param)
-    if target == "unet" and unet_config is not None:
+    if target == "unet" and unet_config is not None and "block_out_channels" in unet_config:  # a UNet's LDM names
         from nodes.checkpoint.to_original import unet_to_original
 
         original = unet_to_original({p: p for p in weights}, unet_config)

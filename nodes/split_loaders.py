@@ -39,10 +39,10 @@ def _texts(env: Any) -> list[str]:
     return list_models(env, TEXT_FOLDERS, None)
 
 
-def _load_unet(path: Path, manager: ModelManager) -> Any:
+def _load_unet(path: Path, manager: ModelManager, fp8: str = "") -> Any:
     from nodes.checkpoint.split import load_unet_file
 
-    return load_unet_file(path, manager.dtype)
+    return load_unet_file(path, manager.dtype, fp8=fp8)
 
 
 @define_node(
@@ -54,8 +54,9 @@ def _load_unet(path: Path, manager: ModelManager) -> Any:
               tooltip="A diffusion model (UNet) file in models/diffusion_models or models/unet, in the original "
                       "or diffusers layout."),
         Input("weight_dtype", T.COMBO, default="default", choices=WEIGHT_DTYPES, optional=True,
-              tooltip="Accepted for ComfyUI workflows; Kiln keeps weights in the compute dtype (fp16 on a GPU, "
-                      "fp32 on the CPU)."),
+              tooltip="fp8_*: store a FLUX transformer's linear weights in 8-bit floats (half the memory of "
+                      "bf16), each layer cast to the compute dtype while it runs; fp8 files stay fp8 anyway. SD "
+                      "UNets keep the compute dtype (fp16 on a GPU, fp32 on the CPU)."),
     ],
     outputs=[Output("MODEL", T.MODEL)],
     validate=validator(UNET_FOLDERS, "unet_name"),
@@ -65,11 +66,14 @@ def unet_loader(ctx, unet_name: str, weight_dtype: str = "default"):
     """Load a diffusion model on its own; its family comes from its shapes."""
     path = locate(ctx.env, UNET_FOLDERS, unet_name, "unet_name")
     manager = model_manager(ctx.env)
-    key = file_key(path, "unet")
-    loader = functools.partial(_load_unet, path)
+    fp8 = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_e4m3fn_fast": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}.get(
+        weight_dtype, "")
+    key = file_key(path, "unet" + (f"-{fp8}" if fp8 else ""))
+    loader = functools.partial(_load_unet, path, fp8=fp8)
     loaded = _acquire(manager, key, loader, "unet_name", unet_name)
-    if weight_dtype != "default":
-        ctx.message(f"weight_dtype {weight_dtype} is not applied: weights stay in the compute dtype")
+    if fp8 and not loaded.info.get("fp8"):
+        ctx.message(f"weight_dtype {weight_dtype} is applied to FLUX transformers only: this {loaded.family.name} "
+                    "UNet's weights stay in the compute dtype")
     ctx.message(f"{unet_name}: {loaded.family.name} UNet, {loaded.info['prediction_type']} "
                 f"({loaded.info['prediction_reason']}), on {manager.device}")
     return (ModelHandle(family=loaded.family, scheduler_config=dict(loaded.scheduler_config), latent=loaded.latent,

@@ -238,3 +238,39 @@ def test_guidance_on_schnell_is_reported_as_ignored(env):
     call(ksampler, env, rec, model=model, seed=1, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple",
          positive=cond, negative=cond, latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
     assert any("guidance 3.5 is ignored" in m and "schnell" in m for m in rec.messages)
+
+
+def test_sd1_lora_on_flux_is_refused_naming_the_family(env, flux_root):
+    from safetensors.torch import save_file
+
+    import tiny_models
+    from nodes import lora
+
+    # kohya's names of SD1 UNet and text-encoder modules (the shapes do not matter: nothing may match)
+    state = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(64, 4)}
+    assert tiny_models.components("sd1")["unet"].down_blocks[0].attentions[0].proj_in is not None
+    (flux_root / "loras").mkdir(exist_ok=True)
+    save_file(state, str(flux_root / "loras" / "sd1-style.safetensors"))
+    (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"])
+    (clip,) = call(split_loaders.dual_clip_loader, env, clip_name1=SPLIT["clip_l"], clip_name2=SPLIT["t5xxl"],
+                   type="flux")
+    for kwargs in ({"clip": clip, "strength_clip": 1.0}, {}):
+        spec = lora.lora_loader if kwargs else lora.lora_loader_model_only
+        with pytest.raises(NodeError) as err:
+            call(spec, env, model=model, lora_name="sd1-style.safetensors", strength_model=1.0, **kwargs)
+        assert err.value.input_name == "lora_name" and "flux" in str(err.value)
+
+
+def test_weight_dtype_fp8_stores_a_bf16_file_in_fp8(env):
+    rec = Called()
+    (model,) = call(split_loaders.unet_loader, env, rec, unet_name=SPLIT["diffusion_model"], weight_dtype="fp8_e4m3fn")
+    with model.unet() as net:
+        assert net.x_embedder.weight.dtype == torch.float8_e4m3fn
+        assert net.norm_out.linear.weight.dtype == torch.float8_e4m3fn
+    assert "fp8 weights kept fp8" in rec.messages[0]
+    (plain,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"])
+    with plain.unet() as net:  # a separate entry: the default load is untouched
+        assert net.x_embedder.weight.dtype == torch.float32

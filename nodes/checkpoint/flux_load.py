@@ -146,19 +146,27 @@ def _sched(family: fam.Flux) -> dict[str, Any]:
     return family.scheduler_config()
 
 
-def load_transformer_file(state: dict[str, Any], name: str, dtype: Any) -> Loaded:
-    """UNETLoader's FLUX path: the transformer alone."""
+def load_transformer_file(state: dict[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
+    """UNETLoader's FLUX path: the transformer alone; ``fp8`` (a torch dtype name) stores its
+    linear weights in that 8-bit float (UNETLoader's weight_dtype)."""
+    if fp8:
+        import torch
+
+        target = getattr(torch, fp8)
+        state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
+                 for k, v in state.items()}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     family = family_of({k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v
                         for k, v in shapes.items()})
     transformer = build_transformer(state, name, dtype)
     from nodes.runtime.fp8 import fp8_bytes
 
-    fp8 = fp8_bytes(transformer)
+    stored_fp8 = fp8_bytes(transformer) > 0
     return Loaded(family=family, scheduler_config=_sched(family), latent=family.latent,
                   modules={"unet": transformer},
-                  info={"format": "unet", "prediction_type": "flow",
-                        "prediction_reason": "flow matching (FLUX)" + (", fp8 weights kept fp8" if fp8 else "")})
+                  info={"format": "unet", "prediction_type": "flow", "fp8": stored_fp8,
+                        "prediction_reason": "flow matching (FLUX)" +
+                        (", fp8 weights kept fp8" if stored_fp8 else "")})
 
 
 def load_single_file(state: dict[str, Any], name: str, dtype: Any) -> Loaded:

@@ -53,7 +53,7 @@ def unet_to_original_layout(state: dict[str, Any], name: str) -> dict[str, Any]:
     raise CheckpointError(_what_else(name, {k: tuple(v.shape) for k, v in state.items()}))
 
 
-def load_unet_file(path: Path, dtype: Any) -> Loaded:
+def load_unet_file(path: Path, dtype: Any, fp8: str = "") -> Loaded:
     """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
@@ -62,7 +62,7 @@ def load_unet_file(path: Path, dtype: Any) -> Loaded:
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer({k: () for k in state}):
-        return flux_load.load_transformer_file(state, path.name, dtype)
+        return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
     state = unet_to_original_layout(state, path.name)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:

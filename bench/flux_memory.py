@@ -1,0 +1,132 @@
+"""Peak memory and time per step of a FLUX-shaped transformer, in the compute and fp8 storage modes.
+
+    # this machine (CPU): full width, reduced depth and resolution, fp32 compute
+    PYTHONPATH=. python bench/flux_memory.py
+    # a lent GPU: the full 12 B transformer (19 double + 38 single blocks) with random weights,
+    # bf16 and fp8 (float8_e4m3fn storage, bf16 compute one layer at a time) at 1024x1024
+    PYTHONPATH=. python bench/flux_memory.py --full-size --device cuda
+
+The model is built on the meta device (no memory), then materialised directly on
+the target device in the storage dtype and filled with random numbers, so the
+full size never passes through host memory. Each variant runs in its own
+process (clean peak counters). Needs torch and diffusers only (no Kiln venv):
+Kiln's own pieces used are nodes.families.flux (patching, ids, the network
+wrapper the sampler calls) and nodes.runtime.fp8 (fp8 storage, cast per layer).
+Reports one JSON line per variant: weights in bytes, peak memory, seconds per step
+(mean of the timed steps after one warm-up step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+RELEASED = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, in_channels=64, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def _build(config: dict, device: str, storage: str, compute):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from nodes.runtime.fp8 import _cast_linear_class
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    model = model.to(dtype=compute)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cast = _cast_linear_class()
+    with torch.no_grad():
+        # one module at a time, so an fp8 model never exists in full at the compute dtype
+        for module in model.modules():
+            module.to_empty(device=device, recurse=False)
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.ndim >= 2:
+                    p.normal_(0.0, 0.02, generator=gen)
+                else:
+                    p.fill_(1.0 if "norm" in name else 0.0)
+            for b in module.buffers(recurse=False):
+                if b.is_floating_point():
+                    b.zero_()
+            if storage == "fp8" and isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
+                module.__class__ = cast
+    return model.eval().requires_grad_(False)
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    from nodes.families.flux import FluxNetwork
+
+    device = args.device
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    config = dict(RELEASED)
+    if not args.full_size:
+        config.update(num_layers=args.double, num_single_layers=args.single)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = _build(config, device, args.storage, compute)
+    build_s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    net = FluxNetwork(model)
+    h = w = args.size // 8
+    x = torch.randn(1, 16, h, w, device=device, dtype=compute)
+    text = torch.randn(1, args.tokens, config["joint_attention_dim"], device=device, dtype=compute)
+    kwargs = {"pooled_projections": torch.randn(1, config["pooled_projection_dim"], device=device, dtype=compute),
+              "guidance": torch.full((1,), 3.5, device=device)}
+    times = []
+    with torch.inference_mode():
+        for i in range(args.steps + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = net(x, torch.tensor([1000.0 * (1 - i / (args.steps + 1))]), text, **kwargs)[0]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first call warms up kernels and allocators
+                times.append(time.perf_counter() - start)
+            x = x - 0.05 * out
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"storage": args.storage, "compute": str(compute).replace("torch.", ""), "device": device,
+            "double_blocks": config["num_layers"], "single_blocks": config["num_single_layers"],
+            "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+            "weights_gb": round(weights / 1e9, 2), "peak_gb": round(peak / 1e9, 2),
+            "peak_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS",
+            "size": args.size, "text_tokens": args.tokens, "build_s": round(build_s, 1),
+            "s_per_step": round(sum(times) / len(times), 3), "finite": bool(torch.isfinite(x).all())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--full-size", action="store_true", help="the released 19 + 38 blocks")
+    parser.add_argument("--double", type=int, default=1, help="double blocks when not --full-size")
+    parser.add_argument("--single", type=int, default=1, help="single blocks when not --full-size")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024 on cuda, 256 on cpu)")
+    parser.add_argument("--tokens", type=int, default=512, help="T5 tokens")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on cuda, 2 on cpu)")
+    parser.add_argument("--storage", choices=["compute", "fp8", "both"], default="both")
+    args = parser.parse_args()
+    args.size = args.size or (1024 if args.device == "cuda" else 256)
+    args.steps = args.steps or (5 if args.device == "cuda" else 2)
+    if args.storage != "both":
+        print(json.dumps(run_variant(args)), flush=True)
+        return
+    for storage in ("compute", "fp8"):  # one process each: clean peaks
+        argv = [a for a in sys.argv[1:] if not a.startswith("--storage")]
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--storage", storage], check=True)
+
+
+if __name__ == "__main__":
+    main()
