@@ -15,8 +15,8 @@ from engine.budget import Size
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle, ModelHandle
+from nodes.latent_ops import MAX_RESOLUTION
 
-MAX_RESOLUTION = 16384
 #: A FLUX latent is cut into 2x2 patches of an 8x-downscaled image: sizes are multiples of 16 pixels.
 FLUX_MULTIPLE = 16
 
