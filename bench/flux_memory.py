@@ -124,7 +124,12 @@ def main() -> None:
         print(json.dumps(run_variant(args)), flush=True)
         return
     for storage in ("compute", "fp8"):  # one process each: clean peaks
-        argv = [a for a in sys.argv[1:] if not a.startswith("--storage")]
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # everything but --storage and its value
+            if skip or a.startswith("--storage"):
+                skip = a == "--storage"
+                continue
+            argv.append(a)
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--storage", storage], check=True)
 
 
