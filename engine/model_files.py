@@ -17,7 +17,7 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: The file that marks a folder as one diffusers model (listed by its folder name, not
 #: its files): a whole pipeline in checkpoints/, one component in vae/. Other folders
 #: hold single files only.
-DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json"}
+DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json", "controlnet": "config.json"}
 
 
 def marker_for(folder: str) -> str | None:

@@ -7,7 +7,8 @@ import importlib
 #: fails registration loudly instead of silently dropping a family's nodes.
 FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "conditioning_nodes", "vae", "grid", "lora",
             "safety", "primitives", "utility",
-            "masks", "image_ops", "latent_ops", "vae_tiled", "upscale", "flux_nodes")
+            "masks", "image_ops", "latent_ops", "vae_tiled", "upscale", "flux_nodes",
+            "controlnet", "canny")
 
 
 def register(registry) -> None:

@@ -98,3 +98,60 @@ def make_models_folder(root: str | Path) -> Path:
     save_vae("sd1", root / "vae" / "tiny-vae.safetensors")
     (root / "tiny-models.json").write_text(json.dumps({"variants": list(VARIANTS)}))
     return root
+
+
+# -- tiny ControlNets ----------------------------------------------------------------------
+#: The hint encoder's widths (released ControlNets: 16, 32, 96, 256; four levels, /8 like the VAE).
+HINT_CHANNELS = (8, 8, 16, 16)
+
+
+def fresh_controlnet(variant: str, seed: int = 1) -> Any:
+    """A ControlNet for ``variant``'s tiny UNet (its encoder copied, as diffusers' ``from_unet``
+    does), every weight moved off its initial value (the zero convolutions too, strongly
+    enough that the control visibly changes a 64x64 image)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(components(variant)["unet"], conditioning_embedding_out_channels=HINT_CHANNELS)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                scale = 0.3 if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                                "controlnet_cond_embedding.conv_out")) else 0.02
+                p.add_(torch.randn_like(p) * scale)
+    return net.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def controlnet(variant: str, seed: int = 1) -> Any:
+    return fresh_controlnet(variant, seed)
+
+
+def save_controlnet(net: Any, path: str | Path, layout: str = "original", base_unet: Any = None) -> Path:
+    """Write ``net`` as users find ControlNets: "original" (``control_model.*`` keys, as
+    lllyasviel's files), "plain" (the same without the prefix, ComfyUI's repacks),
+    "diffusers-file" (diffusers key names in one file), "diffusers" (a folder), or "diff"
+    (original layout holding the difference to ``base_unet``, with a ``difference`` key)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nodes.control.load import diffusers_to_original
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "diffusers":
+        net.save_pretrained(str(path), safe_serialization=True)
+        return path
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if layout == "diff":
+        base = base_unet.state_dict()
+        state = {k: (v - base[k] if k in base else v) for k, v in state.items()}
+    if layout != "diffusers-file":
+        state = diffusers_to_original(state, path.name)
+        if layout in ("original", "diff"):
+            state = {"control_model." + k: v for k, v in state.items()}
+        if layout == "diff":
+            state["difference"] = torch.tensor([])
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

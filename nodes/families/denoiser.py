@@ -41,6 +41,9 @@ class Denoiser:
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
+        from nodes.control.apply import share_with_uncond
+
+        share_with_uncond(self.positive, self.negative)
         self.schedule = schedule
         self.prediction_type = prediction_type
         #: ((h, w), (positive, negative)) resolved for that latent size (the general path)
@@ -68,11 +71,16 @@ class Denoiser:
 
     def call(self, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
              extras: list[dict]) -> "torch.Tensor":
-        """One network call in the network's dtype; the output in float32."""
+        """One network call in the network's dtype; the output in float32. ControlNets carried by
+        the conditionings (``extra["control"]``) add their residuals (nodes.control.apply)."""
         import torch
 
+        from nodes.control.apply import residuals
+
+        control = residuals(self, x, t, context, extras)
         x = self.family.extra_channels(x, extras)
-        out = self.network(x.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        out = self.network(x.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs,
+                           **control)[0]
         return out.to(torch.float32)
 
     # -- the loop's entry point ------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""Reading a ControlNet file into diffusers' ControlNetModel, offline, whatever its layout.
+
+Three layouts exist in the wild: the original one (lllyasviel's ``control_v11p_sd15_*.pth``,
+keys ``control_model.input_blocks...``, ``input_hint_block``, ``zero_convs``,
+``middle_block_out``; ComfyUI's fp16 repacks drop the ``control_model.`` prefix), the
+diffusers one as a single file (``controlnet_cond_embedding``, ``down_blocks``,
+``controlnet_down_blocks``...) and a diffusers folder (``config.json`` + weights).
+
+A folder is read with ``ControlNetModel.from_pretrained`` (its config is local). A
+single file of either layout is brought to the original layout, where the
+architecture is read from shapes by the same rule as checkpoints
+(:func:`nodes.checkpoint.detect.unet_config`, the family by
+:func:`nodes.families.for_unet`), then converted with diffusers' own
+``convert_controlnet_checkpoint`` (what ``from_single_file`` uses, which would need a
+hub config). A "diff" ControlNet (a ``difference`` key: weights stored as the
+difference to the base UNet) needs the model it was made against: DiffControlNetLoader
+adds that UNet's weights, as ComfyUI does.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodes import families
+from nodes.checkpoint import detect as det
+from nodes.checkpoint.load import CheckpointError, _assign, _empty, read_state_dict
+from nodes.checkpoint.to_original import unet_to_original
+from nodes.families.base import Family, has_prefix
+
+PREFIX = "control_model."
+#: diffusers' hint encoder: conv_in, 6 blocks, conv_out -> the original Sequential's conv indices.
+HINT_CONVS = 8
+
+
+@dataclass
+class LoadedControlNet:
+    """What the model manager stores: the ControlNetModel it places, and what it is."""
+
+    family: Family
+    network: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def kiln_modules(self) -> dict[str, Any]:
+        return {"": self.network}
+
+
+def _hint_pairs() -> list[tuple[str, str]]:
+    pairs = [("controlnet_cond_embedding.conv_in.", "input_hint_block.0."),
+             ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * (HINT_CONVS - 1)}.")]
+    pairs += [(f"controlnet_cond_embedding.blocks.{i}.", f"input_hint_block.{2 * (i + 1)}.")
+              for i in range(HINT_CONVS - 2)]
+    return pairs
+
+
+def diffusers_to_original(state: dict[str, Any], name: str) -> dict[str, Any]:
+    """A diffusers-layout ControlNet's tensors under original-layout names (no prefix)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    own: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    hint = dict(_hint_pairs())
+    for key, value in state.items():
+        m = re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key)
+        if m:
+            own[f"zero_convs.{m.group(1)}.0.{m.group(2)}"] = value
+        elif key.startswith("controlnet_mid_block."):
+            own["middle_block_out.0." + key[len("controlnet_mid_block."):]] = value
+        elif key.startswith("controlnet_cond_embedding."):
+            prefix = next((a for a in hint if key.startswith(a)), None)
+            if prefix is None:
+                raise CheckpointError(f"{name}: a hint encoder layer Kiln does not know ({key})")
+            own[hint[prefix] + key[len(prefix):]] = value
+        else:
+            rest[key] = value
+    try:
+        unet = unet_to_original(rest, det.unet_layout_config(shapes))
+    except KeyError as exc:
+        raise CheckpointError(f"{name}: a diffusers-layout ControlNet with a key Kiln does not know ({exc})") from None
+    own.update({k[len(det.UNET):]: v for k, v in unet.items()})
+    return own
+
+
+def original_state(state: dict[str, Any], name: str) -> tuple[dict[str, Any], bool]:
+    """(tensors under original-layout names without prefix, whether it is a diff ControlNet)."""
+    diff = "difference" in state
+    state = {k: v for k, v in state.items() if k != "difference"}
+    if has_prefix(state, PREFIX):
+        return {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}, diff
+    if "input_hint_block.0.weight" in state:
+        return state, diff
+    if "controlnet_cond_embedding.conv_in.weight" in state:
+        return diffusers_to_original(state, name), diff
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") or "conv_in.weight" in shapes:
+        what = "a diffusion model (UNet), not a ControlNet: it has no hint encoder"
+    elif any(k.startswith(("lora_", "lora_unet_")) or ".lora_" in k for k in shapes):
+        what = "a LoRA, not a ControlNet"
+    else:
+        what = "no ControlNet (no input_hint_block / controlnet_cond_embedding weights); " \
+               "T2I-Adapters and control-LoRAs are not supported"
+    raise CheckpointError(f"{name} holds {what}")
+
+
+def controlnet_config(shapes: dict[str, tuple], name: str) -> tuple[Family, dict[str, Any]]:
+    """The family and ControlNetModel config of an original-layout ControlNet (no prefix)."""
+    from diffusers import ControlNetModel
+
+    prefixed = {det.UNET + k: v for k, v in shapes.items()}
+    try:
+        family = families.for_unet(prefixed)
+        # unet_config reads a full UNet; a ControlNet has no decoder, whose output width it asks for.
+        prefixed.setdefault(det.UNET + "out.2.weight", (shapes["input_blocks.0.0.weight"][1],))
+        unet = det.unet_config(prefixed, family, family.pooled_dim(prefixed))
+    except (det.UnsupportedCheckpoint, KeyError, StopIteration, IndexError) as exc:
+        raise CheckpointError(f"{name}: not a ControlNet of a known family ({exc})") from None
+    hint = [shapes.get(f"input_hint_block.{2 * i}.weight") for i in range(HINT_CONVS)]
+    if any(h is None for h in hint) or f"input_hint_block.{2 * HINT_CONVS}.weight" in shapes:
+        raise CheckpointError(f"{name}: the hint encoder is not the standard 8-convolution one")
+    accepted = set(inspect.signature(ControlNetModel.__init__).parameters)
+    config = {k: v for k, v in unet.items() if k in accepted}
+    config.update(conditioning_channels=hint[0][1],
+                  conditioning_embedding_out_channels=tuple(hint[i][0] for i in (0, 2, 4, 6)))
+    return family, config
+
+
+def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedControlNet:
+    """The ControlNet in ``path`` (file or diffusers folder) in ``dtype``, eval mode.
+
+    ``base_unet``: the diffusers UNet a diff ControlNet's weights are added to.
+    """
+    if path.is_dir():
+        return _load_folder(path, dtype)
+    from diffusers import ControlNetModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    state, diff = original_state(read_state_dict(path), path.name)
+    if diff and base_unet is None:
+        raise CheckpointError(f"{path.name} is a diff ControlNet (its weights are differences to a base model): "
+                              "load it with DiffControlNetLoader, which takes the model")
+    family, config = controlnet_config({k: tuple(v.shape) for k, v in state.items()}, path.name)
+    network = _empty(ControlNetModel, config)
+    try:
+        converted = sfu.convert_controlnet_checkpoint(state, dict(network.config))
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(f"{path.name}: the {family.name} ControlNet is incomplete: {exc} is missing") from None
+    for new, old in (("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")):
+        for kind in ("weight", "bias"):  # diffusers' converter leaves SDXL's size embedding out
+            if old + kind in state:
+                converted[new + kind] = state[old + kind]
+    converted = {k: v for k, v in converted.items() if v is not None}
+    info = {"format": "diff" if diff else "single file"}
+    if diff:
+        converted = add_base(converted, base_unet, path.name)
+    return LoadedControlNet(family, _assign(network, converted, f"{family.name} ControlNet", dtype), info)
+
+
+def add_base(state: dict[str, Any], base_unet: Any, name: str) -> dict[str, Any]:
+    """A diff ControlNet's weights plus the base UNet's same-named ones (the shared blocks)."""
+    base = base_unet.state_dict()
+    out = {}
+    for key, value in state.items():
+        if key in base:
+            if tuple(base[key].shape) != tuple(value.shape):
+                raise CheckpointError(f"{name}: the diff ControlNet's {key} has shape {tuple(value.shape)}, the "
+                                      f"model's {tuple(base[key].shape)}: it was made for another model")
+            value = value.float() + base[key].to("cpu", value.dtype if value.is_floating_point() else None).float()
+        out[key] = value
+    return out
+
+
+def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
+    from diffusers import ControlNetModel
+
+    from nodes.checkpoint.load import quiet_progress
+
+    quiet_progress()
+    try:
+        network = ControlNetModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path.name}: not a readable diffusers ControlNet folder ({exc})") from None
+    network.eval().requires_grad_(False)
+    shapes = {det.UNET + k: v for k, v in diffusers_to_original(
+        {k: v for k, v in network.state_dict().items()}, path.name).items()}
+    family = families.for_unet({k: tuple(v.shape) for k, v in shapes.items()})
+    return LoadedControlNet(family, network, {"format": "diffusers"})

@@ -1,0 +1,190 @@
+"""ControlNet nodes with ComfyUI's names, inputs and outputs.
+
+ControlNetLoader / DiffControlNetLoader read ``models/controlnet`` (original,
+ComfyUI-repacked and diffusers layouts; see nodes/control/load.py) and return a light
+CONTROL_NET handle: the network belongs to the model manager like every model.
+ControlNetApplyAdvanced puts the ControlNet on the positive and the negative
+conditioning (one shared link, so both passes of guidance are controlled, each with
+its own prompt); ControlNetApply (ComfyUI's "OLD" node) on one conditioning, and
+ComfyUI lets that control reach the negative too. Applying again on the result
+stacks ControlNets: their residuals add up. The control acts while the noise level
+is between ``start_percent`` and ``end_percent`` of the model's schedule (ComfyUI's
+sigma rule, not diffusers' step fractions). How residuals reach the UNet is
+nodes/control/apply.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator
+
+from engine import types as T
+from engine.context import NodeError
+from engine.node import Input, Output, define_node
+from nodes.control.apply import ControlLink, ControlNetHandle
+from nodes.loaders import fingerprinter, list_models, locate, model_manager, validator
+
+CONTROLNET_FOLDER = "controlnet"
+CONTROL_NET = "CONTROL_NET"
+
+
+def _controlnets(env: Any) -> list[str]:
+    from engine.model_files import marker_for
+
+    return list_models(env, CONTROLNET_FOLDER, marker_for(CONTROLNET_FOLDER))
+
+
+def _load(path, base: Any, manager) -> Any:
+    from nodes.control.load import load_controlnet
+
+    return load_controlnet(path, manager.dtype, base)
+
+
+def _handle(ctx, control_net_name: str, model: Any = None) -> ControlNetHandle:
+    from nodes.checkpoint.load import CheckpointError
+    from nodes.runtime.models import file_key
+
+    path = locate(ctx.env, CONTROLNET_FOLDER, control_net_name, "control_net_name")
+    manager = model_manager(ctx.env)
+    base = model.peek() if model is not None else None
+    # A diff ControlNet's weights depend on the model they are added to: one entry per base.
+    key = file_key(path, "controlnet") + ((id(base),) if base is not None else ())
+    loader = functools.partial(_load, path, base)
+    try:
+        loaded = manager.acquire(key, loader)
+    except CheckpointError as exc:
+        raise NodeError(str(exc), "control_net_name") from None
+    except MemoryError:
+        raise NodeError(f"not enough memory to load {control_net_name}", "control_net_name") from None
+
+    @contextlib.contextmanager
+    def use() -> Iterator[Any]:
+        with manager.use(key, "", loader) as network:
+            yield network
+
+    ctx.message(f"{control_net_name}: {loaded.family.name} ControlNet ({loaded.info.get('format')}), "
+                f"on {manager.device}")
+    return ControlNetHandle(name=control_net_name, family=loaded.family, config=dict(loaded.network.config),
+                            _use=use)
+
+
+@define_node(
+    "ControlNetLoader",
+    category="loaders",
+    display_name="Load ControlNet Model",
+    inputs=[Input("control_net_name", T.COMBO, choices=_controlnets,
+                  tooltip="A ControlNet in models/controlnet: .safetensors/.pth in the original or diffusers "
+                          "layout, or a diffusers folder")],
+    outputs=[Output("CONTROL_NET", CONTROL_NET)],
+    validate=validator(CONTROLNET_FOLDER, "control_net_name"),
+    fingerprint=fingerprinter(CONTROLNET_FOLDER, "control_net_name"),
+)
+def controlnet_loader(ctx, control_net_name: str):
+    """Load a ControlNet once; its family is read from its weights."""
+    return (_handle(ctx, control_net_name),)
+
+
+@define_node(
+    "DiffControlNetLoader",
+    category="loaders",
+    display_name="Load ControlNet Model (diff)",
+    inputs=[Input("model", T.MODEL),
+            Input("control_net_name", T.COMBO, choices=_controlnets,
+                  tooltip="A ControlNet whose weights are stored as differences to a base model")],
+    outputs=[Output("CONTROL_NET", CONTROL_NET)],
+    validate=validator(CONTROLNET_FOLDER, "control_net_name"),
+    fingerprint=fingerprinter(CONTROLNET_FOLDER, "control_net_name"),
+)
+def diff_controlnet_loader(ctx, model, control_net_name: str):
+    """Load a "diff" ControlNet against ``model``'s UNet (its weights, without LoRAs, are added);
+    an ordinary ControlNet loads as with ControlNetLoader."""
+    if not hasattr(model, "peek"):
+        raise NodeError("model must be a MODEL from a loader", "model")
+    return (_handle(ctx, control_net_name, model),)
+
+
+def _hint(image: Any) -> Any:
+    import torch
+
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+        raise NodeError("image must be an IMAGE [B, H, W, C] with at least 3 channels", "image")
+    return image[..., :3].movedim(-1, 1).to(torch.float32).contiguous()
+
+
+def _check(control_net: Any, start: float = 0.0, end: float = 1.0) -> None:
+    if not isinstance(control_net, ControlNetHandle):
+        raise NodeError(f"control_net must come from a ControlNet loader, got {type(control_net).__name__}",
+                        "control_net")
+    if start > end:
+        raise NodeError(f"start_percent ({start}) is after end_percent ({end})", "start_percent")
+
+
+def _apply(conditioning: Any, name: str, links: dict, make: Any, **flags: Any) -> list:
+    if not isinstance(conditioning, (list, tuple)):
+        raise NodeError(f"{name} is not CONDITIONING", name)
+    out = []
+    for item in conditioning:
+        try:
+            embeds, extra = item[0], dict(item[1] or {})
+        except (TypeError, IndexError, KeyError):
+            raise NodeError(f"{name} is not CONDITIONING ([[embeds, {{...}}], ...])", name) from None
+        previous = extra.get("control")
+        if id(previous) not in links:  # one link per previous chain, shared by both sides
+            links[id(previous)] = make(previous)
+        extra["control"] = links[id(previous)]
+        extra.update(flags)
+        out.append([embeds, extra])
+    return out
+
+
+@define_node(
+    "ControlNetApplyAdvanced",
+    category="conditioning/controlnet",
+    display_name="Apply ControlNet",
+    inputs=[Input("positive", T.CONDITIONING), Input("negative", T.CONDITIONING),
+            Input("control_net", CONTROL_NET), Input("image", T.IMAGE,
+                                                     tooltip="The hint (e.g. Canny edges), 0..1 RGB"),
+            Input("strength", T.FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+            Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
+            Input("vae", T.VAE, optional=True,
+                  tooltip="Only ControlNets that take a latent hint need it; SD 1.x/2.x/SDXL ones ignore it")],
+    outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
+)
+def controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength: float,
+                              start_percent: float, end_percent: float, vae: Any = None):
+    """Control both sides of guidance with one ControlNet and hint; strength 0 changes nothing."""
+    _check(control_net, float(start_percent), float(end_percent))
+    hint = _hint(image)
+    if float(strength) == 0.0:
+        return (positive, negative)
+
+    def make(previous: Any) -> ControlLink:
+        return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),
+                           previous, "ControlNetApplyAdvanced")
+
+    links: dict = {}
+    return (_apply(positive, "positive", links, make, control_apply_to_uncond=False),
+            _apply(negative, "negative", links, make, control_apply_to_uncond=False))
+
+
+@define_node(
+    "ControlNetApply",
+    category="conditioning/controlnet",
+    display_name="Apply ControlNet (OLD)",
+    inputs=[Input("conditioning", T.CONDITIONING), Input("control_net", CONTROL_NET), Input("image", T.IMAGE),
+            Input("strength", T.FLOAT, default=1.0, min=0.0, max=10.0, step=0.01)],
+    outputs=[Output("CONDITIONING", T.CONDITIONING)],
+)
+def controlnet_apply(ctx, conditioning, control_net, image, strength: float):
+    """ComfyUI's older node: one conditioning, the whole schedule; the negative side of
+    guidance borrows this control when it has none (ComfyUI's ``control_apply_to_uncond``)."""
+    _check(control_net)
+    hint = _hint(image)
+    if float(strength) == 0.0:
+        return (conditioning,)
+
+    def make(previous: Any) -> ControlLink:
+        return ControlLink(control_net, hint, float(strength), 0.0, 1.0, previous, "ControlNetApply")
+
+    return (_apply(conditioning, "conditioning", {}, make, control_apply_to_uncond=True),)
