@@ -19,6 +19,11 @@ STRING = "STRING"
 BOOLEAN = "BOOLEAN"
 COMBO = "COMBO"
 ANY = "*"
+#: ComfyUI's custom-sampling values: a noise source, a sampler, a sigma list, a guider.
+NOISE = "NOISE"
+SAMPLER = "SAMPLER"
+SIGMAS = "SIGMAS"
+GUIDER = "GUIDER"
 
 #: Types whose values can be typed into a widget rather than only linked.
 WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})

@@ -177,6 +177,14 @@ class Family:
             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading",
         }
 
+    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
+        """The object the custom-sampling nodes ask for sigmas, starting noise and steppers
+        (nodes.samplers.model_sampling). DDPM-trained families share the discrete one;
+        a flow-matching family returns its own with the same methods."""
+        from nodes.samplers.model_sampling import DiscreteSampling
+
+        return DiscreteSampling(scheduler_config)
+
     # -- text encoding ---------------------------------------------------------------
 
     def encoder_layer(self, spec: TextEncoderSpec, clip_layer: int | None) -> int:

@@ -27,10 +27,13 @@ ProgressFn = Callable[[int, int, Any], None]
 
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
-        progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True) -> "torch.Tensor":
+        progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
+        denoised: list | None = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
+    ``denoised``, when given, receives the last step's clean-latent prediction (ComfyUI's
+    ``denoised_output``).
     """
     import torch
 
@@ -52,6 +55,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             out = denoiser.model_output(sched.scale_model_input(x, t), t)
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
             x = result.prev_sample
+            if denoised is not None:
+                denoised[:] = [_shown(result, sched, x)]
             if not previews:
                 progress(i + 1, total, None)
                 continue

@@ -58,7 +58,7 @@ class Plan:
     sigmas: "torch.Tensor | None" = None
 
 
-def _init_noise_sigma(config: Mapping[str, Any], sigma0: float) -> float:
+def init_noise_sigma(config: Mapping[str, Any], sigma0: float) -> float:
     # diffusers' k-schedulers: sigma_max for linspace/trailing grids, else sqrt(sigma_max^2 + 1).
     if config.get("timestep_spacing", "leading") in ("linspace", "trailing"):
         return sigma0
@@ -121,5 +121,5 @@ def plan(spec: SamplerSpec, schedule: str, config: Mapping[str, Any], steps: int
     sigmas = schedules.diffusers_sigmas(config, schedule, steps)
     sched = steppers.on_sigmas(spec, config, sigmas)
     sigma0 = float(sigmas[0])
-    start = noise * _init_noise_sigma(config, sigma0) if empty else x0 + noise * sigma0
+    start = noise * init_noise_sigma(config, sigma0) if empty else x0 + noise * sigma0
     return Plan(MODE_TXT2IMG, sched, sched.timesteps, steppers.to_state(sched, start, sigma0), sigmas)

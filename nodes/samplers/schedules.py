@@ -112,10 +112,7 @@ def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor
         stride = len(ts.sigmas) / steps
         return _append_zero(torch.stack([ts.sigmas[-(1 + int(i * stride))] for i in range(steps)]))
     if name == "karras":
-        rho = 7.0
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        lo, hi = ts.sigma_min ** (1 / rho), ts.sigma_max ** (1 / rho)
-        return _append_zero((hi + ramp * (lo - hi)) ** rho)
+        return karras(steps, ts.sigma_min, ts.sigma_max)
     if name == "exponential":
         return _append_zero(torch.linspace(math.log(ts.sigma_max), math.log(ts.sigma_min), steps,
                                            dtype=torch.float64).exp())
@@ -130,6 +127,15 @@ def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor
         w = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
         return _append_zero((w * math.atan(ts.sigma_min) + (1 - w) * math.atan(ts.sigma_max)).tan())
     raise KeyError(f"unknown scheduler '{name}'")
+
+
+def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> "torch.Tensor":
+    """Karras et al.'s schedule: ``steps`` sigmas evenly spaced in sigma^(1/rho), then 0."""
+    import torch
+
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
 
 
 def _ddim_uniform(ts: TrainingSchedule, steps: int) -> "torch.Tensor":

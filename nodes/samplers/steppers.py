@@ -95,6 +95,50 @@ def native(spec: SamplerSpec, config: Mapping[str, Any], schedule: str, steps: i
     return sched
 
 
+def from_state(sched: Any, x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+    """The inverse of :func:`to_state`: a stepper's state at ``sigma`` back in x0 + sigma * noise form
+    (what a LATENT carries when sampling stops above sigma 0, e.g. KSamplerAdvanced's leftover noise)."""
+    if type(sched).__name__ in _VP_STATE:
+        return x * math.sqrt(1.0 + sigma ** 2)
+    return x
+
+
+def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
+    """A scheduler for ``spec`` over any sigma list, and the timesteps of its model evaluations.
+
+    Unlike :func:`on_sigmas` the list may end above 0 (the high half of ComfyUI's
+    SplitSigmas, KSamplerAdvanced's leftover noise): diffusers' classes always step
+    down to their own final sigma, so they are given the whole list as a schedule one
+    step longer and only its first ``len(sigmas) - 1`` steps run. Kiln's own steppers
+    take any end as it is.
+    """
+    import torch
+
+    steps = len(sigmas) - 1
+    if float(sigmas[-1]) == 0.0:
+        sched = on_sigmas(spec, config, sigmas)
+        return sched, sched.timesteps
+    if spec.sigma_fallback:
+        spec = resolve_sampler(spec.sigma_fallback)
+    if spec.kiln_stepper and spec.diffusers_class not in _HOOKABLE:
+        sched = (DPMpp2SAncestral if spec.kiln_stepper == "dpmpp_2s_ancestral" else STEPPERS[spec.kiln_stepper])(
+            config, sigmas.to(torch.float32))
+        return sched, sched.timesteps
+    if spec.diffusers_class == "EulerAncestralDiscreteScheduler":
+        sched = on_sigmas(spec, config, torch.cat([sigmas.to(torch.float32), torch.zeros(1)]))
+        return sched, sched.timesteps[:steps]
+    cls = _scheduler_class(spec.diffusers_class)
+    if spec.diffusers_class not in _HOOKABLE:
+        raise ValueError(f"sampler {spec.name} cannot follow a sigma schedule")
+    import numpy as np
+
+    sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
+    wanted = np.asarray(sigmas.tolist(), dtype=np.float64)
+    sched._convert_to_karras = lambda *args, **kwargs: wanted.copy()
+    sched.set_timesteps(steps + 1)
+    return sched, sched.timesteps[:steps * sched.order]
+
+
 def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
     """A scheduler for ``spec`` that visits exactly ``sigmas`` (descending, ending in 0)."""
     import numpy as np

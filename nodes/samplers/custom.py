@@ -1,0 +1,146 @@
+"""Sampling over a given sigma list: what SamplerCustomAdvanced, SamplerCustom and
+KSamplerAdvanced share.
+
+The values on ComfyUI's custom-sampling sockets are small records: :class:`Noise`
+(NOISE), :class:`Guider` (GUIDER), a :class:`~nodes.samplers.names.SamplerSpec`
+(SAMPLER) and a 1-D float32 tensor (SIGMAS). :func:`sample` turns them into one run
+of the sampling loop; the model's sampling object (``model_sampling.for_model``)
+decides how noise is applied and what steps over the sigmas, so nothing here knows
+a model family.
+
+Noise follows KSampler's rule (plan.py): image i of a batch draws from a CPU
+generator seeded ``seed + i`` (or ``seed + batch_index[i]``); that generator then
+feeds the ancestral/SDE steps. DisableNoise starts from the latent as it is and,
+as in ComfyUI, seeds the sampler's own noise with 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from engine.context import NodeError
+
+if TYPE_CHECKING:
+    import torch
+
+#: Keys AddNoise puts on a LATENT; spent by a sampler, never passed on.
+NOISE_KEYS = ("noise", "strength", "seed")
+
+
+@dataclass(frozen=True)
+class Noise:
+    """NOISE: where the starting noise comes from (``enabled`` False: none is added)."""
+
+    seed: int
+    enabled: bool = True
+
+    def draw(self, samples: "torch.Tensor", batch_index: Any = None) -> tuple["torch.Tensor", list]:
+        """(starting noise like ``samples``, one generator per image positioned after that draw)."""
+        import torch
+
+        from nodes.latent import image_seeds
+
+        seeds = image_seeds(self.seed, samples.shape[0], batch_index)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if not self.enabled:
+            return torch.zeros_like(samples, dtype=torch.float32), generators
+        noise = torch.cat([torch.randn((1, *samples.shape[1:]), generator=g) for g in generators])
+        return noise, generators
+
+
+@dataclass(frozen=True, eq=False)
+class Guider:
+    """GUIDER: a model with its conditioning and guidance scale (cfg 1: positive only)."""
+
+    model: Any
+    positive: Any
+    negative: Any
+    cfg: float
+
+    def __kiln_nbytes__(self) -> int:
+        return 0  # conditioning tensors are counted where they were made
+
+
+def check_sigmas(sigmas: Any, input_name: str = "sigmas") -> "torch.Tensor":
+    """A SIGMAS value as a 1-D float32 CPU tensor; a NodeError naming ``input_name`` otherwise."""
+    import torch
+
+    if not isinstance(sigmas, torch.Tensor):
+        raise NodeError(f"expected SIGMAS (a 1-D tensor of noise levels), got {type(sigmas).__name__}", input_name)
+    if sigmas.ndim != 1:
+        raise NodeError(f"SIGMAS must be a 1-D list of noise levels, got shape {tuple(sigmas.shape)}", input_name)
+    sigmas = sigmas.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+        raise NodeError("SIGMAS must be finite and not negative", input_name)
+    return sigmas
+
+
+def check_latent(latent: Any, input_name: str = "latent_image") -> "torch.Tensor":
+    import torch
+
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise NodeError("expected a LATENT (a dict with 'samples')", input_name)
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", input_name)
+    return samples.to(torch.float32)
+
+
+def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: dict, noise: Noise, *,
+           sigmas_input: str = "sigmas", latent_input: str = "latent_image") -> tuple[dict, dict]:
+    """Denoise ``latent`` over ``sigmas``; returns (output, denoised_output) LATENTs.
+
+    ``output`` is the state at the last sigma (with leftover noise when that is not 0);
+    ``denoised_output`` the model's clean-latent prediction at the last step.
+    """
+    import torch
+
+    from nodes.samplers import loop
+    from nodes.samplers.model_sampling import for_model
+    from nodes.samplers.plan import Plan
+
+    model = guider.model
+    sigmas = check_sigmas(sigmas, sigmas_input)
+    if len(sigmas) < 2:
+        raise NodeError(f"SIGMAS has {len(sigmas)} value(s): sampling needs at least 2 (a start and an end); "
+                        "check the scheduler's steps and denoise or where SplitSigmas splits", sigmas_input)
+    samples = check_latent(latent, latent_input)
+    if model.latent.channels and samples.shape[1] != model.latent.channels:
+        raise NodeError(f"the latent has {samples.shape[1]} channels but this model works on "
+                        f"{model.latent.channels}", latent_input)
+    if latent.get("strength") is not None:
+        ctx.message("the latent's AddNoise strength is ignored here: the sigmas set where sampling starts")
+    sampling = for_model(model)
+    start_noise, generators = noise.draw(samples, latent.get("batch_index"))
+    # ComfyUI's rule: an empty latent is not shifted into model space (it stays zero).
+    x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
+    try:
+        sched, timesteps = sampling.stepper(spec, sigmas)
+    except ValueError as exc:
+        raise NodeError(str(exc), sigmas_input) from None
+    sigma0 = float(sigmas[0])
+    start = sampling.to_state(sched, sampling.start(sigma0, start_noise, x0), sigma0)
+    if hasattr(sched, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
+        from nodes.latent import image_seeds
+
+        seeds = image_seeds(noise.seed, samples.shape[0], latent.get("batch_index"))
+        sched.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
+    plan = Plan("custom", sched, timesteps, start, sigmas)
+    image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
+    denoised: list = []
+    try:
+        with model.unet() as unet:
+            result = loop.run(unet, plan, positive=guider.positive, negative=guider.negative, cfg=guider.cfg,
+                              generators=generators, family=model.family, latent=model.latent,
+                              training_config=model.scheduler_config, image_size=image_size,
+                              progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised)
+    except loop.ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
+    result = sampling.from_state(sched, result, float(sigmas[-1]))
+    out = {k: v for k, v in latent.items() if k not in NOISE_KEYS}
+    out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
+    if not denoised:
+        return out, out
+    clean = dict(out)
+    clean["samples"] = model.latent.from_model(denoised[0].to(torch.float32)).to("cpu", torch.float32)
+    return out, clean
