@@ -275,3 +275,32 @@ def ksampler_advanced(ctx, model, add_noise: str, noise_seed: int, steps: int, c
     out, _ = sample(ctx, Guider(model, positive, negative, float(cfg)), spec, sigmas[start:], latent_image,
                     Noise(int(noise_seed), enabled=add_noise == "enable"))
     return (out,)
+
+
+# -- model sampling ---------------------------------------------------------------------------
+
+#: ComfyUI's ModelSamplingDiscrete choices -> diffusers' prediction_type.
+PREDICTIONS = {"eps": "epsilon", "v_prediction": "v_prediction", "lcm": "", "x0": "sample"}
+
+
+@define_node("ModelSamplingDiscrete", category="advanced/model",
+             inputs=[Input("model", T.MODEL),
+                     Input("sampling", T.COMBO, default="eps", choices=list(PREDICTIONS)),
+                     Input("zsnr", T.BOOLEAN, default=False)],
+             outputs=[Output("MODEL", T.MODEL)])
+def model_sampling_discrete(ctx, model, sampling: str, zsnr: bool):
+    """Tell Kiln what a discrete-time model predicts (eps, v_prediction, x0) when its file does
+    not say, and whether its schedule was rescaled to zero terminal SNR (zsnr: the last
+    training step is pure noise, sigma_max about 4096 as diffusers sets it; ComfyUI's is
+    about 4500). Returns a new MODEL; the loaded one keeps its own setting."""
+    import dataclasses
+
+    if sampling not in PREDICTIONS:
+        raise NodeError(f"must be one of {', '.join(PREDICTIONS)}, got {sampling!r}", "sampling")
+    if sampling == "lcm":
+        raise NodeError("'lcm' (ComfyUI's 50-step distilled schedule) is not supported yet; for an LCM model "
+                        "use sampling 'eps' with the lcm sampler", "sampling")
+    if "num_train_timesteps" not in model.scheduler_config:
+        raise NodeError("this model is not a discrete-time (DDPM-trained) one", "model")
+    config = dict(model.scheduler_config, prediction_type=PREDICTIONS[sampling], rescale_betas_zero_snr=bool(zsnr))
+    return (dataclasses.replace(model, scheduler_config=config),)

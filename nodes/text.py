@@ -136,3 +136,40 @@ def clip_text_encode_sdxl(ctx, clip: ClipHandle, width: int, height: int, crop_w
     sizes = dict(width=int(width), height=int(height), crop_w=int(crop_w), crop_h=int(crop_h),
                  target_width=int(target_width), target_height=int(target_height))
     return ([[embeds, {**extra, **sizes}] for embeds, extra in cond],)
+
+
+@define_node(
+    "CLIPTextEncodeSDXLRefiner",
+    category="advanced/conditioning",
+    display_name="CLIPTextEncodeSDXLRefiner",
+    inputs=[
+        Input("ascore", T.FLOAT, default=6.0, min=0.0, max=1000.0, step=0.01,
+              tooltip="The aesthetic score the SDXL refiner is conditioned on (6 is its usual value)."),
+        Input("width", T.INT, default=1024, **_SIZE),
+        Input("height", T.INT, default=1024, **_SIZE),
+        Input("text", T.STRING, default="", multiline=True),
+        Input("clip", T.CLIP),
+    ],
+    outputs=[Output("CONDITIONING", T.CONDITIONING)],
+)
+def clip_text_encode_sdxl_refiner(ctx, ascore: float, width: int, height: int, text: str, clip: ClipHandle):
+    """The prompt for SDXL's refiner, with its aesthetic score and the image's original size.
+    The refiner's UNet is not a Kiln family yet: on SDXL base the width and height act as the
+    original size (as CLIPTextEncodeSDXL's) and the score is carried but unused."""
+    from nodes.families.text import LayerError, Report
+
+    clip = _clip(clip)
+    if not isinstance(text, str):
+        raise NodeError("must be a string", input_name="text")
+    if not any(spec.pooled for spec in clip.family.text_encoders):
+        raise NodeError(f"needs an SDXL CLIP (with a pooled OpenCLIP bigG); this one is {clip.family.name}",
+                        input_name="clip")
+    report = Report()
+    try:
+        cond = clip.encode(text, report)
+    except LayerError as exc:
+        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
+    for problem in report.problems:
+        ctx.message(f"prompt: {problem}")
+    extra = dict(aesthetic_score=float(ascore), width=int(width), height=int(height))
+    return ([[embeds, {**e, **extra}] for embeds, e in cond],)

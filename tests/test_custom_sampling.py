@@ -350,3 +350,58 @@ async def test_api_format_graph_runs_through_the_server(aiohttp_client, tiny_mod
     assert images and images[0]["filename"].startswith("custom")
     r = await client.get("/view", params={"filename": images[0]["filename"], "type": "output"})
     assert r.status == 200 and (await r.read())[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- issue 15's small nodes ------------------------------------------------------------------------
+
+def test_model_sampling_discrete_sets_what_the_model_predicts():
+    """A v-prediction model loaded as epsilon samples as the v model once told 'v_prediction'."""
+    import dataclasses
+
+    v = Tiny("sd2-v")
+    latent = {"samples": torch.zeros_like(v.init)}
+    ref, = ksampler(Recorder().ctx, v.model, 4, 5, 7.0, "euler", "normal", v.pos, v.neg, latent, 1.0)
+    wrong = dataclasses.replace(v.model, scheduler_config=dict(v.model.scheduler_config, prediction_type="epsilon"))
+    bad, = ksampler(Recorder().ctx, wrong, 4, 5, 7.0, "euler", "normal", v.pos, v.neg, latent, 1.0)
+    assert _pixels_close(v, bad["samples"], ref["samples"]) > 0.01
+    fixed, = cs.model_sampling_discrete(None, wrong, "v_prediction", False)
+    assert wrong.prediction_type == "epsilon" and fixed.prediction_type == "v_prediction"
+    good, = ksampler(Recorder().ctx, fixed, 4, 5, 7.0, "euler", "normal", v.pos, v.neg, latent, 1.0)
+    assert _pixels_close(v, good["samples"], ref["samples"]) <= PIXEL_TOL
+    assert cs.model_sampling_discrete(None, wrong, "x0", False)[0].prediction_type == "sample"
+    with pytest.raises(NodeError) as err:
+        cs.model_sampling_discrete(None, wrong, "lcm", False)
+    assert err.value.input_name == "sampling"
+
+
+def test_model_sampling_discrete_zsnr_rescales_the_schedule(sd1):
+    from nodes.samplers.model_sampling import for_model
+
+    plain = for_model(sd1.model)
+    zsnr = for_model(cs.model_sampling_discrete(None, sd1.model, "eps", True)[0])
+    assert plain.sigma_max == pytest.approx(14.6146, abs=1e-3)
+    # Zero terminal SNR: alpha-bar at the last step is 2^-24 (diffusers' floor), sigma = sqrt((1 - a) / a).
+    assert zsnr.sigma_max == pytest.approx(math.sqrt((1 - 2 ** -24) / 2 ** -24), rel=1e-3)
+    sigmas, = cs.basic_scheduler(None, cs.model_sampling_discrete(None, sd1.model, "v_prediction", True)[0],
+                                 "karras", 4, 0.99)
+    # ComfyUI's karras grid (denoise < 1: int(4 / 0.99) = 4 steps) starts at the model's sigma_max.
+    assert sigmas[0].item() == pytest.approx(zsnr.sigma_max, rel=1e-4) and len(sigmas) == 5
+
+
+def test_clip_text_encode_sdxl_refiner(tiny_env):
+    from node_call import Called, call
+    from nodes import loaders, text
+    import tiny_models as tm
+
+    clip = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sdxl"))[1]
+    cond = call(text.clip_text_encode_sdxl_refiner, tiny_env, ascore=2.5, width=768, height=512, text="a cat",
+                clip=clip)[0]
+    plain = call(text.clip_text_encode, tiny_env, Called(), text="a cat", clip=clip)[0]
+    (embeds, extra), = cond
+    assert torch.equal(embeds, plain[0][0]) and torch.equal(extra["pooled_output"], plain[0][1]["pooled_output"])
+    assert (extra["aesthetic_score"], extra["width"], extra["height"]) == (2.5, 768, 512)
+    sd1_clip = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))[1]
+    with pytest.raises(NodeError) as err:
+        call(text.clip_text_encode_sdxl_refiner, tiny_env, ascore=6.0, width=1024, height=1024, text="a",
+             clip=sd1_clip)
+    assert err.value.input_name == "clip"
