@@ -405,3 +405,48 @@ def test_clip_text_encode_sdxl_refiner(tiny_env):
         call(text.clip_text_encode_sdxl_refiner, tiny_env, ascore=6.0, width=1024, height=1024, text="a",
              clip=sd1_clip)
     assert err.value.input_name == "clip"
+
+
+# -- CFG++ samplers against the published update written out here ---------------------------------
+
+def _cfgpp_reference(tiny: Tiny, *, seed: int, steps: int, cfg: float, ancestral: bool) -> torch.Tensor:
+    """CFG++ Euler (arXiv 2406.08070, ComfyUI's sample_euler[_ancestral]_cfg_pp) driven by hand:
+    diffusers' Euler grid and timesteps, one UNet batch [negative, positive] per step,
+    x' = denoised + sigma_down * (x - uncond_denoised) / sigma, plus sigma_up of fresh noise."""
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler.from_config(dict(tiny.model.scheduler_config))
+    sched.set_timesteps(steps)
+    sigmas = sched.sigmas.tolist()
+    log_sigmas = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod).sqrt().log().numpy()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 4, 8, 8), generator=gen) * float(sched.init_noise_sigma)
+    unet = tiny.parts["unet"]
+    context = torch.cat([tiny.neg[0][0], tiny.pos[0][0]])
+    with torch.no_grad():
+        for i in range(steps):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            t = float(sched._sigma_to_t(torch.tensor(s).numpy(), log_sigmas))
+            out = unet(torch.cat([x, x]) / math.sqrt(s * s + 1), t, encoder_hidden_states=context).sample
+            eps_u, eps_c = out.chunk(2)
+            denoised = x - s * (eps_u + cfg * (eps_c - eps_u))
+            d = eps_u  # (x - uncond_denoised) / sigma for an epsilon model
+            up = 0.0
+            if ancestral and s_next > 0:
+                up = min(s_next, math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+            x = denoised + d * math.sqrt(s_next ** 2 - up ** 2)
+            if up > 0:
+                x = x + torch.randn((1, 4, 8, 8), generator=gen) * up
+    return x / tiny.model.latent.scale
+
+
+@pytest.mark.parametrize("sampler", ["euler_cfg_pp", "euler_ancestral_cfg_pp"])
+def test_cfg_pp_samplers_follow_the_published_update(sd1, sampler):
+    latent = {"samples": torch.zeros_like(sd1.init)}
+    ours, = ksampler(Recorder().ctx, sd1.model, 12, 6, 1.5, sampler, "normal", sd1.pos, sd1.neg, latent, 1.0)
+    ref = _cfgpp_reference(sd1, seed=12, steps=6, cfg=1.5, ancestral=sampler.startswith("euler_ancestral"))
+    assert _pixels_close(sd1, ours["samples"], ref) <= PIXEL_TOL
+    # Not vacuous: CFG++ is not the plain sampler at the same settings.
+    plain_name = sampler.replace("_cfg_pp", "")
+    plain, = ksampler(Recorder().ctx, sd1.model, 12, 6, 1.5, plain_name, "normal", sd1.pos, sd1.neg, latent, 1.0)
+    assert _pixels_close(sd1, plain["samples"], ref) > 0.01

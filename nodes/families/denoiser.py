@@ -48,6 +48,9 @@ class Denoiser:
         self.prediction_type = prediction_type
         #: ((h, w), (positive, negative)) resolved for that latent size (the general path)
         self._sides: Any = None
+        #: The last call's unguided (negative-side) output, for CFG++ samplers; the output
+        #: itself when there is no guidance.
+        self.last_uncond: "torch.Tensor | None" = None
         self._plain = (cond_rules.is_plain(self.positive) and (not self.guided or cond_rules.is_plain(self.negative)))
         if self._plain:
             self._prepare_plain()
@@ -94,8 +97,11 @@ class Denoiser:
                 extras = [self.negative[0].extra, self.positive[0].extra]
                 out = self.call(torch.cat([model_in, model_in]), t, self._context, self._kwargs, extras)
                 uncond, cond = out.chunk(2)
+                self.last_uncond = uncond
                 return uncond + self.cfg * (cond - uncond)
-            return self.call(model_in, t, self._context, self._kwargs, [self.positive[0].extra])
+            out = self.call(model_in, t, self._context, self._kwargs, [self.positive[0].extra])
+            self.last_uncond = out
+            return out
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
         h, w = model_in.shape[2], model_in.shape[3]
         if self._sides is None or self._sides[0] != (h, w):
@@ -108,8 +114,10 @@ class Denoiser:
         else:
             outputs = [out for out, _ in outputs]
         if not self.guided:
+            self.last_uncond = outputs[0]
             return outputs[0]
         cond, uncond = outputs
+        self.last_uncond = uncond
         return uncond + self.cfg * (cond - uncond)
 
     def sigma_at_percent(self, percent: float) -> float:

@@ -246,5 +246,46 @@ class DPMFast:
         return StepOutput(out, denoised)
 
 
+class EulerCFGPP(SigmaStepper):
+    """CFG++ Euler (Chung et al. 2024, arXiv 2406.08070) as ComfyUI's ``euler_cfg_pp``: the
+    step lands on the guided prediction and re-noises along the *unguided* noise
+    direction, x' = denoised + sigma_next * (x - uncond_denoised) / sigma, which keeps
+    the sample on the data manifold at low guidance scales (CFG++ is used with cfg
+    around 1-2). The loop hands ``uncond``, the unguided network output, to ``step``;
+    without it (no guidance) this is plain Euler."""
+
+    ancestral = False
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
+        super().__init__(config, sigmas)
+        self.eta = eta
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
+        i = self._index
+        self._index += 1
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        plain = denoised if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
+        d = (sample - plain) / sigma
+        down, up = sigma_next, 0.0
+        if self.ancestral and sigma_next > 0:
+            up = min(sigma_next, self.eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2)
+                                                          / sigma ** 2, 0.0)))
+            down = math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0))
+        x = denoised + d * down
+        if up > 0:
+            x = x + randn_like(x, generator) * up
+        return StepOutput(x, denoised)
+
+
+class EulerAncestralCFGPP(EulerCFGPP):
+    """CFG++ Euler ancestral (ComfyUI's ``euler_ancestral_cfg_pp``, eta 1): to the ancestral
+    sigma_down along the unguided direction, then fresh noise of size sigma_up."""
+
+    ancestral = True
+
+
 STEPPERS: dict[str, Any] = {"lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep,
-                            "dpm_fast": DPMFast}
+                            "dpm_fast": DPMFast, "euler_cfg_pp": EulerCFGPP,
+                            "euler_ancestral_cfg_pp": EulerAncestralCFGPP}

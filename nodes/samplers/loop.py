@@ -47,12 +47,15 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                         prediction_type=training_config.get("prediction_type", "epsilon"))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
+    wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
     total = len(plan.timesteps)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode():
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             out = denoiser.model_output(sched.scale_model_input(x, t), t)
+            if wants_uncond:
+                step_kwargs["uncond"] = denoiser.last_uncond
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
             x = result.prev_sample
             if denoised is not None:

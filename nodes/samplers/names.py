@@ -16,9 +16,10 @@ an arbitrary sigma list; on such a schedule they run a sigma-space counterpart
 (``sigma_fallback``): ComfyUI's own definitions of ``ddim``, ``ddpm`` and ``lcm``
 are sigma-space ones.
 
-Not here, on purpose: ``euler_cfg_pp``/``euler_ancestral_cfg_pp`` (and the other
-``_cfg_pp`` ones) need the unguided prediction from the guidance loop, which is
-being rewritten; ``dpm_adaptive`` chooses its own number of model evaluations, which
+``euler_cfg_pp`` and ``euler_ancestral_cfg_pp`` are Kiln steppers too; they step with the
+unguided prediction as well, which the loop hands them (``Denoiser.last_uncond``).
+
+Not here, on purpose: the other ``_cfg_pp`` samplers; ``dpm_adaptive`` chooses its own number of model evaluations, which
 the loop's fixed step list cannot express yet; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
 and ``sa_solver*`` are not implemented.
 """
@@ -63,7 +64,10 @@ _SDE_3M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "final_sigmas
 #: not depend on the device; dpmpp_sde's tree lives on the latent's device, plan.py).
 SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("euler", "k_euler", "EulerDiscreteScheduler"),
+    SamplerSpec("euler_cfg_pp", "euler_cfg_pp", "", kiln_stepper="euler_cfg_pp"),
     SamplerSpec("euler_ancestral", "k_euler_ancestral", "EulerAncestralDiscreteScheduler", stochastic=True),
+    SamplerSpec("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "", stochastic=True,
+                kiln_stepper="euler_ancestral_cfg_pp"),
     SamplerSpec("heun", "k_heun", "HeunDiscreteScheduler"),
     SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True),
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
