@@ -450,3 +450,48 @@ def test_cfg_pp_samplers_follow_the_published_update(sd1, sampler):
     plain_name = sampler.replace("_cfg_pp", "")
     plain, = ksampler(Recorder().ctx, sd1.model, 12, 6, 1.5, plain_name, "normal", sd1.pos, sd1.neg, latent, 1.0)
     assert _pixels_close(sd1, plain["samples"], ref) > 0.01
+
+
+# -- dpm_adaptive against the exact solution of the probability-flow ODE --------------------------
+
+def _drive(stepper, x: torch.Tensor, data_std: float) -> torch.Tensor:
+    """Run a stepper as the loop does, on the ideal denoiser for Gaussian data N(0, c^2):
+    D(x, sigma) = x * c^2 / (c^2 + sigma^2) (an epsilon model's output is (x - D) / sigma)."""
+    for t in stepper.timesteps:
+        sigma = stepper.current_sigma
+        denoised = x * data_std ** 2 / (data_std ** 2 + sigma ** 2)
+        x = stepper.step((x - denoised) / sigma, t, x).prev_sample
+    return x
+
+
+def test_dpm_adaptive_lands_on_the_exact_ode_solution():
+    """For Gaussian data the ODE dx/dsigma = (x - D) / sigma has the closed form
+    x(sigma) = x_T * sqrt(c^2 + sigma^2) / sqrt(c^2 + sigma_T^2): the solver, which only
+    sees the two ends of the list, must land there (within its error control: a few
+    percent at ComfyUI's loose defaults); a tighter tolerance costs more evaluations."""
+    from nodes.samplers.kdiffusion import DPMAdaptive
+    from test_sampling import SD15
+
+    c, sigmas = 0.5, torch.tensor([14.6, 7.0, 1.0, 0.03, 0.0])
+    x_t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 14.6
+    exact = x_t * math.sqrt(c ** 2 + 0.03 ** 2) / math.sqrt(c ** 2 + 14.6 ** 2)
+    loose = DPMAdaptive(SD15, sigmas)
+    x = _drive(loose, x_t.clone(), c)
+    scale = exact.abs().max().item()
+    assert (x - exact).abs().max().item() < 0.03 * scale
+    assert loose.evaluations % 3 == 0 and loose.evaluations == len(loose.timesteps) > 3
+    tight = DPMAdaptive(SD15, sigmas, rtol=0.001, atol=0.0001)
+    x = _drive(tight, x_t.clone(), c)
+    assert tight.evaluations > loose.evaluations and tight.n_reject > 0
+    assert (x - exact).abs().max().item() < 0.03 * scale
+    # Not vacuous: stopping at the ends' first step (no solving) is far off.
+    assert (x_t - exact).abs().max().item() > 1.0
+
+
+def test_dpm_adaptive_runs_in_ksampler(sd1):
+    rec = Recorder()
+    out, = ksampler(rec.ctx, sd1.model, 3, 6, 7.0, "dpm_adaptive", "karras", sd1.pos, sd1.neg,
+                    {"samples": torch.zeros_like(sd1.init)}, 1.0)
+    assert torch.isfinite(out["samples"]).all()
+    assert len(rec.steps) >= 6 and len(rec.steps) % 3 == 0
+    assert rec.steps[-1][0] == rec.steps[-1][1] == len(rec.steps)

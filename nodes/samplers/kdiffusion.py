@@ -286,6 +286,158 @@ class EulerAncestralCFGPP(EulerCFGPP):
     ancestral = True
 
 
-STEPPERS: dict[str, Any] = {"lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep,
+class _PID:
+    """k-diffusion's PID step-size controller (Söderlind's digital filters; ComfyUI's defaults
+    are a pure I controller): grow or shrink h by the error's history, accept when the
+    proposed factor is at least ``accept_safety``."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float,
+                 accept_safety: float) -> None:
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.errs: list[float] = []
+
+    def propose(self, error: float) -> bool:
+        inv = 1 / (error + 1e-8)
+        if not self.errs:
+            self.errs = [inv, inv, inv]
+        self.errs[0] = inv
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+class DPMAdaptive:
+    """Adaptive DPM-Solver (Lu et al. 2022, k-diffusion's ``dpm_solver_adaptive``, ComfyUI's
+    ``dpm_adaptive`` with its defaults: order 3, rtol 0.05, atol 0.0078, h_init 0.05, eta 0).
+
+    It keeps only the ends of the list it is given (the first sigma and the smallest
+    nonzero one, where it stops, as ComfyUI's does) and chooses its own steps in
+    t = -log(sigma): each attempt evaluates the model three times (at t, t + h/3,
+    t + 2h/3), compares the second-order and third-order results, and a PID
+    controller accepts the step or retries it shorter. The number of model
+    evaluations is therefore not known up front: ``timesteps`` grows as the solver
+    goes, and the loop (which iterates over the same list) follows it; progress
+    reports the evaluations so far against the growing total.
+    """
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", *, rtol: float = 0.05,
+                 atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
+                 dcoeff: float = 0.0, accept_safety: float = 0.81, solver_order: int = 3,
+                 max_evaluations: int = 3000) -> None:
+        import torch
+
+        from nodes.samplers.schedules import TrainingSchedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        self._training = TrainingSchedule(config)
+        sigma_max = float(sigmas[0])
+        sigma_min = float(sigmas[-2]) if float(sigmas[-1]) == 0 and len(sigmas) > 1 else float(sigmas[-1])
+        if sigma_min <= 0 or sigma_max <= 0:
+            raise ValueError("dpm_adaptive needs sigmas above 0 at both ends")
+        self.t_start, self.t_end = -math.log(sigma_max), -math.log(sigma_min)
+        self.forward = self.t_end > self.t_start
+        self.solver_order = solver_order
+        self.rtol, self.atol = rtol, atol
+        self.max_evaluations = max_evaluations
+        self.pid = _PID(abs(h_init) * (1 if self.forward else -1), pcoeff, icoeff, dcoeff, solver_order,
+                        accept_safety)
+        self.timesteps: list = []
+        self.evaluations = 0
+        self._s = self.t_start
+        self._x: "torch.Tensor | None" = None
+        self._x_prev: "torch.Tensor | None" = None
+        self._eps: list["torch.Tensor"] = []
+        self._stage_t = self.t_start
+        self._t_next = self.t_start
+        self.n_accept = self.n_reject = 0
+        self._queue(self.t_start)
+
+    def _queue(self, t: float) -> None:
+        import torch
+
+        self._stage_t = t
+        self.timesteps.append(self._training.timestep(torch.tensor(math.exp(-t))).to(torch.float32))
+
+    @property
+    def current_sigma(self) -> float:
+        return math.exp(-self._stage_t)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        pass
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return sample / ((self.current_sigma ** 2 + 1) ** 0.5)
+
+    def _done(self) -> bool:
+        return self._s >= self.t_end - 1e-5 if self.forward else self._s <= self.t_end + 1e-5
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        import torch
+
+        self.evaluations += 1
+        sigma = self.current_sigma
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        eps = (sample - denoised) / sigma
+        if not self._eps:  # the first evaluation of an attempt, at s
+            self._x = sample
+            if self._x_prev is None:
+                self._x_prev = sample
+            t = min(self.t_end, self._s + self.pid.h) if self.forward else max(self.t_end, self._s + self.pid.h)
+            self._t_next = t
+        self._eps.append(eps)
+        x, s, t = self._x, self._s, self._t_next
+        h = t - s
+        r1, r2 = (1 / 3, 2 / 3) if self.solver_order == 3 else (1 / 2, 1.0)
+        e = self._eps
+        if len(e) == 1:  # to s + r1 h, evaluated next
+            s1 = s + r1 * h
+            self._queue(s1)
+            return StepOutput(x - math.exp(-s1) * math.expm1(r1 * h) * e[0], denoised)
+        sig_t, em1 = math.exp(-t), math.expm1(h)
+        if self.solver_order == 3 and len(e) == 2:  # to s + r2 h with the first correction
+            s2 = s + r2 * h
+            u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * e[0]
+                  - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e[1] - e[0]))
+            self._queue(s2)
+            return StepOutput(u2, denoised)
+        if self.solver_order == 3:
+            x_low = x - sig_t * em1 * e[0] - sig_t / (2 * r1) * em1 * (e[1] - e[0])
+            x_high = x - sig_t * em1 * e[0] - sig_t / r2 * (em1 / h - 1) * (e[2] - e[0])
+        else:
+            x_low = x - sig_t * em1 * e[0]
+            x_high = x - sig_t * em1 * e[0] - sig_t / (2 * r1) * em1 * (e[1] - e[0])
+        delta = max(self.atol, self.rtol * max(float(x_low.abs().max()), float(self._x_prev.abs().max())))
+        error = float(torch.linalg.norm(x_low - x_high)) / delta / math.sqrt(x.numel())
+        self._eps = []
+        if self.pid.propose(error):
+            self.n_accept += 1
+            self._x_prev, self._s = x_low, t
+            x = x_high
+        else:
+            self.n_reject += 1
+        if not self._done():
+            if self.evaluations >= self.max_evaluations:
+                raise ValueError(f"dpm_adaptive did not reach the end within {self.max_evaluations} model evaluations")
+            self._queue(self._s)
+        return StepOutput(x, denoised)
+
+
+STEPPERS: dict[str, Any] = {"dpm_adaptive": DPMAdaptive, "lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep,
                             "dpm_fast": DPMFast, "euler_cfg_pp": EulerCFGPP,
                             "euler_ancestral_cfg_pp": EulerAncestralCFGPP}

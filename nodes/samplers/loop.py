@@ -48,7 +48,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
-    total = len(plan.timesteps)
+    # The total is read at each report: an adaptive stepper (dpm_adaptive) adds timesteps as it goes.
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode():
         for i, t in enumerate(plan.timesteps):
@@ -65,13 +65,13 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                 continue
             staged = (i + 1, *_stage(_shown(result, sched, x)))
             if staged[2] is None:
-                _report(staged, total, latent, progress)
+                _report(staged, len(plan.timesteps), latent, progress)
                 continue
             if pending is not None:
-                _report(pending, total, latent, progress)
+                _report(pending, len(plan.timesteps), latent, progress)
             pending = staged
     if pending is not None:
-        _report(pending, total, latent, progress)
+        _report(pending, len(plan.timesteps), latent, progress)
     return x
 
 

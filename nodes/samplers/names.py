@@ -19,8 +19,10 @@ are sigma-space ones.
 ``euler_cfg_pp`` and ``euler_ancestral_cfg_pp`` are Kiln steppers too; they step with the
 unguided prediction as well, which the loop hands them (``Denoiser.last_uncond``).
 
-Not here, on purpose: the other ``_cfg_pp`` samplers; ``dpm_adaptive`` chooses its own number of model evaluations, which
-the loop's fixed step list cannot express yet; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
+``dpm_adaptive`` chooses its own number of model evaluations: its stepper's timestep list
+grows as it goes (kdiffusion.DPMAdaptive).
+
+Not here, on purpose: the other ``_cfg_pp`` samplers; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
 and ``sa_solver*`` are not implemented.
 """
 from __future__ import annotations
@@ -74,6 +76,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
                 discard_penultimate_sigma=True),
     SamplerSpec("lms", "k_lms", "LMSDiscreteScheduler"),
     SamplerSpec("dpm_fast", "dpm_fast", "", kiln_stepper="dpm_fast"),
+    SamplerSpec("dpm_adaptive", "dpm_adaptive", "", kiln_stepper="dpm_adaptive"),
     SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True, kiln_stepper="dpmpp_2s_ancestral"),
     SamplerSpec("dpmpp_sde", "k_dpmpp_sde", "DPMSolverSDEScheduler", stochastic=True),
     SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True),
