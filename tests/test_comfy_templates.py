@@ -35,10 +35,11 @@ LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than
                   "custom_validation_failed"}
 #: (node type, input, value): values templates really hold that Kiln refuses. Each was checked to be
 #: the template's own value, not a slot slip: an empty SaveImage prefix (ComfyUI takes it, Kiln asks
-#: for a name), the er_sde sampler (not implemented, see nodes/samplers/names.py), and the beta57
-#: scheduler (a custom node's, not ComfyUI's).
+#: for a name), the er_sde and gradient_estimation samplers (not implemented, see
+#: nodes/samplers/names.py; the LTX-2 video templates pick the latter in KSamplerSelect), and the
+#: beta57 scheduler (a custom node's, not ComfyUI's).
 KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "sampler_name", "er_sde"),
-         ("KSampler", "scheduler", "beta57")}
+         ("KSampler", "scheduler", "beta57"), ("KSamplerSelect", "sampler_name", "gradient_estimation")}
 
 
 def _package_dir(module: str) -> Path:
