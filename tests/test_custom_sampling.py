@@ -250,8 +250,12 @@ def test_bad_input_names_the_input(sd1):
         cs.sampler_custom_advanced(ctx, noise, "not a guider", spec, torch.tensor([1.0, 0.0]), latent)
     assert err.value.input_name == "guider"
     with pytest.raises(NodeError) as err:
-        cs.sampler_custom_advanced(ctx, noise, guider, spec, torch.tensor([1.0, 0.0]), {"samples": torch.zeros(1, 3, 8, 8)})
+        cs.sampler_custom_advanced(ctx, noise, guider, spec, torch.tensor([1.0, 0.0]), {"samples": torch.ones(1, 3, 8, 8)})
     assert err.value.input_name == "latent_image" and "channels" in str(err.value)
+    # An empty latent of another channel count takes the model's (ComfyUI's rule, for FLUX templates).
+    out, _ = cs.sampler_custom_advanced(ctx, noise, guider, spec, torch.tensor([1.0, 0.0]),
+                                        {"samples": torch.zeros(1, 16, 8, 8)})
+    assert out["samples"].shape == (1, 4, 8, 8)
     with pytest.raises(NodeError) as err:
         cs.ksampler_select(ctx, "nope")
     assert err.value.input_name == "sampler_name"

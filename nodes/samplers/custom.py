@@ -105,7 +105,12 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
         raise NodeError(f"SIGMAS has {len(sigmas)} value(s): sampling needs at least 2 (a start and an end); "
                         "check the scheduler's steps and denoise or where SplitSigmas splits", sigmas_input)
     samples = check_latent(latent, latent_input)
-    if model.latent.channels and samples.shape[1] != model.latent.channels:
+    channels = model.latent.channels
+    if channels and samples.shape[1] != channels and not bool(torch.count_nonzero(samples)):
+        # ComfyUI's rule: an empty latent takes the model's channel count (EmptyLatentImage's
+        # 4 channels feeding a 16-channel model in a FLUX template).
+        samples = torch.zeros((samples.shape[0], channels, *samples.shape[2:]), dtype=torch.float32)
+    elif channels and samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this model works on "
                         f"{model.latent.channels}", latent_input)
     if latent.get("strength") is not None:
