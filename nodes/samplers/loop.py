@@ -61,7 +61,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             if denoised is not None:
                 denoised[:] = [_shown(result, sched, x)]
             if not previews:
-                progress(i + 1, total, None)
+                progress(i + 1, len(plan.timesteps), None)
                 continue
             staged = (i + 1, *_stage(_shown(result, sched, x)))
             if staged[2] is None:
