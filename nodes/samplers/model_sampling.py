@@ -89,5 +89,15 @@ class DiscreteSampling:
 
 
 def for_model(model: Any) -> Any:
-    """The sampling object of a MODEL handle, from its family (the seam a new family extends)."""
+    """The sampling object of a MODEL handle, from its family (the seam a new family extends).
+
+    A flow-matching model (FLUX) whose family does not yet override ``model_sampling`` is
+    refused by name rather than sampled on a discrete schedule it was not trained with."""
+    from engine.context import NodeError
+    from nodes.families.base import Family
+    from nodes.samplers import flow
+
+    if flow.is_flow(model.scheduler_config) and type(model.family).model_sampling is Family.model_sampling:
+        raise NodeError(f"the custom-sampling nodes cannot sample this {model.family.name} (flow-matching) model "
+                        "yet; use KSampler", "model")
     return model.family.model_sampling(model.scheduler_config)
