@@ -27,10 +27,13 @@ ProgressFn = Callable[[int, int, Any], None]
 
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
-        progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True) -> "torch.Tensor":
+        progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
+        hold: Any = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
+    ``hold``: a nodes.samplers.hold.Hold keeping the unmasked region at the input (noise masks)
+    before each evaluation; the caller applies ``hold.finish`` to the result.
     """
     import torch
 
@@ -45,10 +48,14 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     total = len(plan.timesteps)
+    if hold is not None:
+        hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode():
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
+            if hold is not None:
+                x = hold.before(sched, x, t)
             out = denoiser.model_output(sched.scale_model_input(x, t), t)
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
             x = result.prev_sample
