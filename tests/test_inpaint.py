@@ -264,3 +264,36 @@ def test_vae_encode_for_inpaint_greys_and_grows():
     expected[:, 4:12, 3:10] = 1
     assert torch.equal(grown6, expected)
     assert torch.equal(grow(mask, 0), mask.round())
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("heun", "normal"), ("dpm_2", "karras"), ("lms", "normal"),
+                                               ("dpmpp_2s_ancestral", "normal"), ("ddpm", "simple"),
+                                               ("uni_pc", "karras"), ("euler", "sgm_uniform"), ("lcm", "normal"),
+                                               ("dpmpp_sde", "normal")])
+def test_noise_mask_holds_with_every_kind_of_sampler(sd1, sampler, scheduler):
+    """diffusers' schedulers on their grids or on a given sigma list, and Kiln's own steppers:
+    the outside is the input's bit for bit, the inside changes (ComfyUI's denoise path here)."""
+    from nodes.samplers.schedules import TrainingSchedule
+
+    rec = Recorder()
+    lat, = set_latent_noise_mask(rec.ctx, {"samples": sd1.init}, block_mask())
+    seen = []
+    hook = sd1.parts["unet"].register_forward_pre_hook(lambda m, args: seen.append((args[0][:1].clone(), args[1])))
+    try:
+        out, = ksampler(rec.ctx, sd1.model, 5, 3, 7.0, sampler, scheduler, sd1.pos, sd1.neg, lat, 0.7)
+    finally:
+        hook.remove()
+    keep = (torch.nn.functional.interpolate(block_mask().unsqueeze(1), size=(8, 8)) < 0.5).expand_as(sd1.init)
+    assert torch.equal(out["samples"][keep], sd1.init[keep])
+    # Every network input is, outside the mask, the input latent noised to that call's level
+    # with the run's noise (KSampler's first draw for seed 5), as the network sees it.
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    x0 = sd1.model.latent.to_model(sd1.init)
+    schedule = TrainingSchedule(sd1.model.scheduler_config)
+    assert seen
+    for model_in, t in seen:
+        sigma = float(schedule.sigma(float(t)))
+        expected = (x0 + noise * sigma) / (sigma ** 2 + 1) ** 0.5
+        assert torch.allclose(model_in[keep], expected[keep], atol=2e-3), (float(t), sigma)
+    assert (out["samples"][~keep] - sd1.init[~keep]).abs().max().item() > 0.05
+    assert torch.isfinite(out["samples"]).all()
