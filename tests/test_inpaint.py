@@ -297,3 +297,27 @@ def test_noise_mask_holds_with_every_kind_of_sampler(sd1, sampler, scheduler):
         assert torch.allclose(model_in[keep], expected[keep], atol=2e-3), (float(t), sigma)
     assert (out["samples"][~keep] - sd1.init[~keep]).abs().max().item() > 0.05
     assert torch.isfinite(out["samples"]).all()
+
+
+@pytest.mark.parametrize("variant", ["sd1-inpaint", "sdxl-inpaint"])
+def test_inpainting_single_files_load_as_nine_channel_models(tmp_path, variant):
+    """The checkpoint loader reads a 9-channel single file (original layout) into the same UNet."""
+    from engine.context import Environment, Paths
+    from node_call import Called, call
+    from nodes import loaders
+    from nodes.inpaint_sampling import in_channels
+    from nodes.runtime.models import ModelManager
+
+    src = tiny_models.components(variant)
+    models = tmp_path / "models"
+    tiny_models.save_single_file(variant, models / "checkpoints" / f"tiny-{variant}.safetensors", parts=src)
+    env = Environment(paths=Paths.under(tmp_path / "data", models=models), models=ModelManager(device="cpu"))
+    try:
+        model, _, _ = call(loaders.checkpoint_loader, env, Called(), ckpt_name=f"tiny-{variant}.safetensors")
+        assert model.family.name == variant.removesuffix("-inpaint") and in_channels(model) == 9
+        with model.unet() as unet:
+            mine, theirs = unet.state_dict(), src["unet"].state_dict()
+            assert mine.keys() == theirs.keys()
+            assert all(torch.equal(mine[k].float(), theirs[k].float()) for k in mine)
+    finally:
+        env.models.unload_all()
