@@ -44,7 +44,10 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     import torch
 
     from nodes.latent import seeded_noise
+    from nodes import inpaint_sampling
     from nodes.samplers import loop
+    from nodes.samplers.hold import Hold
+    from nodes.samplers.schedules import TrainingSchedule
     from nodes.samplers.plan import plan as make_plan
 
     try:
@@ -88,7 +91,13 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
             ctx.message("denoise is ignored: AddNoise's strength sets where sampling starts")
     for note in model.family.conditioning_notes([positive, negative]):
         ctx.message(note)
+    if samples.shape[1] != model.latent.channels:
+        raise NodeError(f"the latent has {samples.shape[1]} channels but the model's latent space has "
+                        f"{model.latent.channels}", "latent_image")
     x0 = model.latent.to_model(samples)
+    prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message)
+    if prep.nothing_to_repaint:
+        return ({k: v for k, v in latent_image.items() if k not in _NOISE_KEYS},)
     try:
         p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
                       strength=strength, denoise=float(denoise))
@@ -105,14 +114,17 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     note = getattr(model, "compile_note", lambda: None)()
     if note:
         ctx.message(note)
+    hold = None if prep.mask is None else Hold(x0, noise, prep.mask, TrainingSchedule(model.scheduler_config))
     try:
         with model.unet() as unet:
-            result = loop.run(unet, p, positive=positive, negative=negative, cfg=float(cfg),
+            result = loop.run(unet, p, positive=prep.positive, negative=prep.negative, cfg=float(cfg),
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted,
-                              previews=ctx.wants_previews)
+                              previews=ctx.wants_previews, hold=hold)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
+    if hold is not None:
+        out["samples"] = hold.finish(samples, out["samples"])
     return (out,)

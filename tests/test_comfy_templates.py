@@ -207,3 +207,43 @@ def test_comfyui_lora_template_runs_and_equals_diffusers_fused_lora(registry, co
                      generator=torch.Generator("cpu").manual_seed(261660645921551)).images
     assert ours.shape == reference.shape == (1, 64, 64, 3)
     assert np.abs(ours - reference).max() <= 1 / 255 and ours.std() > 0.01
+
+
+@pytest.mark.parametrize("name,mask_node", [("inpaint_example.json", "20"), ("inpaint_model_outpainting.json", "30")])
+def test_comfyui_inpaint_templates_run_on_a_tiny_inpainting_checkpoint(registry, corpus, tmp_path, name, mask_node):
+    """ComfyUI's inpainting templates (VAEEncodeForInpaint into KSampler at denoise 1) on a tiny
+    9-channel SD1 inpainting checkpoint (scaled to their minimum, ~100 px): outside the grown noise mask the sampled
+    latent is VAEEncodeForInpaint's exactly, inside it was repainted."""
+    from PIL import Image
+
+    from nodes.runtime.models import ModelManager
+    from nodes.sample_image import draw_landscape
+
+    models = tmp_path / "models"
+    tiny_models.save_single_file("sd1-inpaint", models / "checkpoints" / "tiny-sd1-inpaint.safetensors",
+                                 parts=tiny_models.components("sd1-inpaint"))
+    env = Environment(paths=Paths.under(tmp_path / "data", models=models), models=ModelManager(device="cpu"))
+    rgba = np.array(draw_landscape(64, 64).convert("RGBA"))
+    rgba[16:40, 24:48, 3] = 0  # transparent: to repaint
+    wf = parse(corpus["0.1.48"][name], registry)
+    image_name = wf.nodes["20"].inputs["image"]
+    Image.fromarray(rgba).save(env.paths.input.root / image_name)
+    scale_node = "33" if "33" in wf.nodes else "38"
+    overrides = {"29.ckpt_name": "tiny-sd1-inpaint.safetensors", f"{scale_node}.megapixels": 0.01,  # the minimum: about 100x100
+                 "3.steps": 4}
+    if name == "inpaint_model_outpainting.json":
+        overrides.update({"30.left": 8, "30.top": 8, "30.right": 8, "30.bottom": 16})
+    try:
+        outcome = Executor(registry, env).run(wf.with_overrides(overrides))
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    finally:
+        env.models.unload_all()
+    encoded = outcome.results["26"][0]
+    sampled = outcome.results["3"][0]["samples"]
+    keep = torch.nn.functional.interpolate(encoded["noise_mask"], size=sampled.shape[2:], mode="bilinear") == 0
+    keep = keep.expand_as(sampled)
+    assert bool(keep.any()) and bool((~keep).any())
+    assert torch.equal(sampled[keep], encoded["samples"][keep])
+    assert float((sampled[~keep] - encoded["samples"][~keep]).abs().mean()) > 0.05
+    image = outcome.results["8"][0]
+    assert image.shape[1:] == (encoded["samples"].shape[2] * 8, encoded["samples"].shape[3] * 8, 3)

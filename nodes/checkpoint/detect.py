@@ -16,6 +16,7 @@ from typing import Any, Callable
 from nodes import families
 from nodes.checkpoint.clip_configs import TEXT_HEAD_WIDTH, text_config_defaults
 from nodes.families.base import Detected, Family, Shapes, has_prefix
+from nodes.families import inpaint
 from nodes.families.base import indices as _indices
 
 UNET = "model.diffusion_model."
@@ -36,9 +37,9 @@ def family_of(shapes: Shapes) -> Family:
             raise UnsupportedCheckpoint("this file is a LoRA, not a checkpoint")
         raise UnsupportedCheckpoint("no Stable Diffusion UNet in this file (no 'model.diffusion_model.*' keys)")
     in_ch = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
-    if in_ch != 4:
-        raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (an inpainting or depth model); "
-                                    "only text/image-to-image checkpoints with 4 are supported")
+    if in_ch != 4 and not inpaint.is_inpainting(in_ch, 4):
+        raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (a depth or other conditioned model); "
+                                    "checkpoints with 4 (text/image-to-image) or 9 (inpainting) are supported")
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         raise UnsupportedCheckpoint("this is an SDXL refiner checkpoint; only SDXL base is supported")
     for family in families.ALL:

@@ -21,11 +21,16 @@ from nodes.checkpoint import clip_configs
 
 #: Family variants the builders know. "sd2-v" is SD 2.x with v-prediction (768-v).
 VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl")
+#: Inpainting variants: the same family with a 9-channel UNet input (latent + mask +
+#: masked-image latent), as SD 1.5 inpainting and SDXL inpainting. Kept apart from
+#: VARIANTS so the shared models folder and the loaders' sweeps stay as they were.
+INPAINT_VARIANTS = ("sd1-inpaint", "sdxl-inpaint")
+INPAINT_SUFFIX = "-inpaint"
 WIDTH = 64  # text encoder width: one 64-wide head, as CLIP's head width
 
 
 def family_of(variant: str) -> Any:
-    return families.by_name("sd2" if variant.startswith("sd2") else variant)
+    return families.by_name("sd2" if variant.startswith("sd2") else variant.removesuffix(INPAINT_SUFFIX))
 
 
 def prediction_of(variant: str) -> str:
@@ -36,7 +41,9 @@ def _unet(variant: str):
     from diffusers import UNet2DConditionModel
 
     family = family_of(variant).name
-    common = dict(family_of(variant).unet_defaults(), sample_size=8, in_channels=4, out_channels=4, layers_per_block=1)
+    in_channels = 9 if variant.endswith(INPAINT_SUFFIX) else 4
+    common = dict(family_of(variant).unet_defaults(), sample_size=8, in_channels=in_channels, out_channels=4,
+                  layers_per_block=1)
     if family == "sd1":
         return UNet2DConditionModel(**common, block_out_channels=(32, 64),
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -103,8 +110,8 @@ def build_components(variant: str, seed: int = 0) -> dict[str, Any]:
 
     from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
 
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown tiny model variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + INPAINT_VARIANTS:
+        raise ValueError(f"unknown tiny model variant {variant!r}; known: {', '.join(VARIANTS + INPAINT_VARIANTS)}")
     family = family_of(variant).name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -227,8 +227,13 @@ class Family:
         return encode(clip, text, report, texts)
 
     def extra_channels(self, x: "torch.Tensor", conditioning_extras: list[dict]) -> "torch.Tensor":
-        """The network input: the latent plus any channels the family concatenates (inpainting)."""
-        return x
+        """The network input: the latent plus any channels the family concatenates.
+
+        SD-style families append an inpainting checkpoint's mask and masked-image
+        latent (nodes.families.inpaint), which KSampler put on the extras."""
+        from nodes.families import inpaint
+
+        return inpaint.append(x, conditioning_extras)
 
 
 def indices(shapes: Shapes, pattern: str) -> list[int]:

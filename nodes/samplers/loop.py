@@ -28,12 +28,14 @@ ProgressFn = Callable[[int, int, Any], None]
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
-        denoised: list | None = None) -> "torch.Tensor":
+        denoised: list | None = None, hold: Any = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
     ``denoised``, when given, receives the last step's clean-latent prediction (ComfyUI's
-    ``denoised_output``).
+    ``denoised_output``). ``hold``: a nodes.samplers.hold.Hold keeping the unmasked region
+    at the input (noise masks) before each evaluation; the caller applies ``hold.finish``
+    to the result.
     """
     import torch
 
@@ -49,10 +51,14 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
     # The total is read at each report: an adaptive stepper (dpm_adaptive) adds timesteps as it goes.
+    if hold is not None:
+        hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode():
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
+            if hold is not None:
+                x = hold.before(sched, x, t)
             out = denoiser.model_output(sched.scale_model_input(x, t), t)
             if wants_uncond:
                 step_kwargs["uncond"] = denoiser.last_uncond

@@ -1,0 +1,132 @@
+"""What KSampler does with inpainting inputs before the loop runs.
+
+Two independent mechanisms, as in ComfyUI:
+
+* A LATENT's ``noise_mask`` (SetLatentNoiseMask, VAEEncodeForInpaint,
+  InpaintModelConditioning) makes any checkpoint keep the unmasked region at the
+  input at every step (:mod:`nodes.samplers.hold`).
+* An inpainting checkpoint (``conv_in`` 2C+1 wide) gets its mask and masked-image
+  channels from the conditioning's ``concat_latent_image``/``concat_mask``
+  (InpaintModelConditioning), else from the noise mask and the input latent, else
+  "repaint everything" (mask of ones, grey masked image) — ComfyUI's defaults,
+  announced in a node message. The channels ride on the conditioning's extras for
+  the family's ``extra_channels`` (:mod:`nodes.families.inpaint`).
+
+The noise mask follows the mask size rule (nodes.masking) against the latent's
+image size (8 pixels per latent pixel), then is resized bilinearly to the
+latent, as ComfyUI does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from engine.context import NodeError
+from nodes.families import inpaint
+from nodes.masking import fit_mask, is_empty
+
+#: Pixels per latent pixel of every SD VAE.
+DOWNSCALE = 8
+
+
+@dataclass
+class Prepared:
+    positive: Any
+    negative: Any
+    #: latent-size noise mask [B, 1, h, w] (None: no noise mask)
+    mask: Any = None
+    #: True when the noise mask marks nothing: there is nothing to repaint
+    nothing_to_repaint: bool = False
+
+
+def _latent_mask(mask: Any, size: tuple[int, int], batch: int, input_name: str,
+                 message: Callable[[str], None], what: str) -> Any:
+    """A pixel-size mask (any of ComfyUI's shapes) at latent ``size`` [batch, 1, h, w] (bilinear)."""
+    import torch
+    import torch.nn.functional as F
+
+    from nodes.masking import repeat_to_batch
+
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3, 4):
+        raise NodeError(f"{what} must be a mask tensor [batch, height, width], got {type(mask).__name__}", input_name)
+    mask = mask.to(torch.float32).reshape(-1, mask.shape[-2], mask.shape[-1])
+    h, w = size
+    mask = fit_mask(mask, h * DOWNSCALE, w * DOWNSCALE, input_name, message,
+                    target=f"the latent's image ({w * DOWNSCALE}x{h * DOWNSCALE})")
+    mask = F.interpolate(mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
+    return repeat_to_batch(mask.clamp(0, 1), batch)
+
+
+def _with_concat(cond: Any, concat_for: Callable[[dict], Any]) -> Any:
+    """A copy of a CONDITIONING with each entry's inpaint channels in its extras."""
+    return [[embeds, {**extra, inpaint.CONCAT_KEY: concat_for(extra)}] for embeds, extra in cond]
+
+
+def in_channels(model: Any) -> int:
+    """A UNet's ``conv_in`` width; the latent's channels for networks without one (a
+    transformer such as Flux packs its input its own way, which is its family's business)."""
+    conv_in = getattr(model.peek(), "conv_in", None)
+    return int(getattr(conv_in, "in_channels", None) or model.latent.channels)
+
+
+def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: Any,
+            message: Callable[[str], None]) -> Prepared:
+    """Check the inpainting inputs against the model and make them ready for the loop.
+
+    ``x0``: the input latent in model space [B, C, h, w].
+    """
+    import torch
+
+    batch, channels, h, w = x0.shape
+    raw_mask = latent_image.get("noise_mask")
+    mask = None
+    if raw_mask is not None:
+        mask = _latent_mask(raw_mask, (h, w), batch, "latent_image", message, "the latent's noise_mask")
+        if is_empty(mask):
+            message("the noise mask is empty: nothing to repaint, so the latent is returned unchanged")
+            return Prepared(positive, negative, mask, nothing_to_repaint=True)
+
+    width = in_channels(model)
+    if width == channels:  # a plain model: InpaintModelConditioning's channels are not for it (ComfyUI too)
+        return Prepared(positive, negative, mask)
+    if not inpaint.is_inpainting(width, channels):
+        raise NodeError(f"the model's network takes {width} input channels; Kiln knows {channels} (plain) and "
+                        f"{2 * channels + 1} (inpainting) for {channels}-channel latents", "model")
+    carries = any(isinstance(c, list) and any("concat_latent_image" in e[1] for e in c) for c in (positive, negative))
+    if not carries and mask is None:
+        message(f"this is an inpainting model ({width} input channels) but nothing says what to keep: it "
+                "repaints the whole image (mask of ones, grey masked image), as ComfyUI does. Use "
+                "VAEEncodeForInpaint or InpaintModelConditioning to repaint a region")
+
+    def concat_for(input_name: str) -> Callable[[dict], Any]:
+        def build(extra: dict) -> Any:
+            given = extra.get("concat_latent_image")
+            own_mask = extra.get("concat_mask")
+            m = mask if own_mask is None else _latent_mask(own_mask, (h, w), batch, input_name, message,
+                                                           "the conditioning's concat_mask")
+            if m is None:
+                return torch.cat([torch.ones_like(x0[:, :1]), inpaint.blank_latent_like(x0)], dim=1)
+            if given is None:
+                image = x0
+            else:
+                image = _concat_latent(model, given, x0, input_name)
+            return torch.cat([m.round(), image], dim=1)
+        return build
+
+    return Prepared(_with_concat(positive, concat_for("positive")),
+                    _with_concat(negative, concat_for("negative")) if isinstance(negative, list) else negative, mask)
+
+
+def _concat_latent(model: Any, given: Any, x0: Any, input_name: str) -> Any:
+    """InpaintModelConditioning's masked-image latent (raw VAE space) in model space, checked."""
+    import torch
+
+    from nodes.masking import repeat_to_batch
+
+    if not isinstance(given, torch.Tensor) or given.ndim != 4:
+        raise NodeError("the conditioning's concat_latent_image must be a latent [B, C, h, w]", input_name)
+    if given.shape[1] != x0.shape[1] or given.shape[2:] != x0.shape[2:]:
+        raise NodeError(f"the inpaint conditioning's image latent is {tuple(given.shape[1:])} (channels, h, w) but "
+                        f"the latent being sampled is {tuple(x0.shape[1:])}: encode the same image at the same "
+                        "size with this model's VAE", input_name)
+    return repeat_to_batch(model.latent.to_model(given.to(torch.float32)), x0.shape[0])
