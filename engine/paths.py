@@ -15,6 +15,23 @@ from typing import Iterable
 from urllib.parse import unquote
 
 
+#: ComfyUI's folder annotations: ``"photo.png [output]"`` names a file of that folder.
+FOLDER_TYPES = ("output", "input", "temp")
+
+
+def split_annotation(filename: str, default: str) -> tuple[str, str]:
+    """ComfyUI's ``"name.png [input]"`` form: (name, folder type); the annotation overrides ``default``.
+
+    ComfyUI's mask editor writes LoadImage values this way
+    (``"clipspace/clipspace-mask-1.png [input]"``), and ``/view`` accepts it too.
+    """
+    for kind in FOLDER_TYPES:
+        suffix = f" [{kind}]"
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)], kind
+    return filename, default
+
+
 class PathRefused(ValueError):
     """A name that would leave its root, or that is not a plain relative name."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.context import Environment, NodeError
-from engine.paths import PathRefused
+from engine.paths import PathRefused, split_annotation
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 #: Smallest side accepted. Below 8 pixels an image does not even fill one latent
@@ -46,8 +46,11 @@ def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
     if not isinstance(name, str) or not name.strip():
         raise NodeError("no image given", input_name)
     refused: str | None = None
+    # ComfyUI's annotated form ("clipspace/clipspace-mask-1.png [input]", as its mask
+    # editor writes it; "[output]" and "[temp]" name those folders), one rule with /view.
+    plain, kind = split_annotation(name, "input")
     try:
-        return env.paths.input.resolve(name, must_exist=True)
+        return getattr(env.paths, kind).resolve(plain, must_exist=True)
     except PathRefused as exc:
         refused = str(exc)
     except FileNotFoundError:
@@ -66,7 +69,7 @@ def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
         raise NodeError(f"refused '{name}': {refused}; only files inside the input folder can be loaded here",
                         input_name)
     # Named relative to its folder: error messages never show the server's own paths.
-    raise NodeError(f"no image named 'input/{name}' in the input folder", input_name)
+    raise NodeError(f"no image named '{kind}/{plain}' in the {kind} folder", input_name)
 
 
 # -- downloads -------------------------------------------------------------------------

@@ -71,6 +71,24 @@ def halves(w, h, left, right, mode="RGB"):
 
 # -- LoadImage -----------------------------------------------------------------------
 
+def test_load_image_takes_comfyui_annotated_names(registry, env):
+    """ComfyUI's mask editor sets LoadImage to "clipspace/<file> [input]": Kiln loads the same file,
+    and MASK is 1 where the painter made the picture transparent."""
+    folder = Path(env.paths.input.root) / "clipspace"
+    folder.mkdir(parents=True)
+    im = Image.new("RGBA", (16, 8), (10, 20, 30, 255))
+    im.paste((10, 20, 30, 0), (2, 1, 6, 5))
+    im.save(folder / "clipspace-mask-1.png")
+    out = load_image(registry, env, "clipspace/clipspace-mask-1.png [input]", background="none")
+    mask = out[1][0].numpy()
+    expected = np.zeros((8, 16), dtype=np.float32)
+    expected[1:5, 2:6] = 1.0
+    assert np.array_equal(mask, expected)
+    assert np.allclose(out[0][0].numpy(), np.array([10, 20, 30]) / 255.0)
+    with pytest.raises(WorkflowInvalid) as info:
+        run(registry, env, load_and_save("clipspace/clipspace-mask-1.png [output]"))
+    assert "output/clipspace/clipspace-mask-1.png" in info.value.errors[0].message, "looked in the output folder"
+
 def test_exif_orientation_is_applied(registry, env):
     # Stored 40 wide x 20 high, red left / blue right; orientation 6 means "rotate 90
     # degrees clockwise to display", which puts the red half on top of a 20x40 image.

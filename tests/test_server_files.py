@@ -324,6 +324,41 @@ async def test_upload_mask_writes_alpha_into_a_copy(client: Any, data: Path) -> 
     assert r.status == 404
 
 
+async def test_upload_mask_as_comfyui_mask_editor_sends_it(client: Any, data: Path) -> None:
+    """The wire form of ComfyUI's mask editor (and Kiln's): the picture with alpha = 255 - mask,
+    named clipspace-mask-<ms>.png, type input, subfolder clipspace, original_ref the LoadImage file."""
+    from PIL.PngImagePlugin import PngInfo
+
+    base = Image.new("RGB", (24, 16), (50, 60, 70))
+    base.putpixel((0, 0), (200, 10, 10))
+    info = PngInfo()
+    info.add_text("workflow", "{}")
+    out = io.BytesIO()
+    base.save(out, "PNG", pnginfo=info)
+    await upload(client, out.getvalue(), "photo.png")
+    sent = base.convert("RGBA")
+    alpha = Image.new("L", (24, 16), 255)
+    alpha.paste(0, (4, 2, 12, 10))  # painted region: transparent
+    sent.putalpha(alpha)
+    body = io.BytesIO()
+    sent.save(body, "PNG")
+    ref = json.dumps({"filename": "photo.png", "subfolder": "", "type": "input"})
+    r = await upload(client, body.getvalue(), "clipspace-mask-1733300000000.png", route="/upload/mask",
+                     original_ref=ref, type="input", subfolder="clipspace")
+    assert r.status == 200, await r.text()
+    assert await r.json() == {"name": "clipspace-mask-1733300000000.png", "subfolder": "clipspace", "type": "input"}
+    stored = Image.open(data / "input" / "clipspace" / "clipspace-mask-1733300000000.png")
+    assert stored.mode == "RGBA" and stored.size == (24, 16)
+    assert stored.text.get("workflow") == "{}", "the original's text chunks are kept"
+    assert list(stored.getchannel("A").getdata()) == list(alpha.getdata())
+    assert stored.convert("RGB").tobytes() == base.tobytes(), "colours come from the original"
+    # the same file is served back with its alpha (what the painter reads when it reopens a mask)
+    r = await client.get("/view", params={"filename": "clipspace-mask-1733300000000.png [input]",
+                                          "subfolder": "clipspace", "channel": "a"})
+    assert r.status == 200
+    assert list(Image.open(io.BytesIO(await r.read())).getchannel("A").getdata()) == list(alpha.getdata())
+
+
 async def test_model_and_static_names_refused(client: Any) -> None:
     """The other routes that take a file name from the URL use the same resolver."""
     for raw in ("/api/models/..%2F..", "/api/models/%2e%2e", "/api/models/%2Fetc",

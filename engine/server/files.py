@@ -29,11 +29,10 @@ from urllib.parse import quote
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from engine.paths import PathMalformed, PathRefused, SafeRoot
+from engine.paths import FOLDER_TYPES, PathMalformed, PathRefused, SafeRoot, split_annotation
 from engine.server.http import fail
 from engine.server.state import STATE
 
-FOLDER_TYPES = ("output", "input", "temp")
 #: Served inline; anything else is a download.
 INLINE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 #: Image formats an upload may be in, and the extensions each may be stored under.
@@ -56,15 +55,6 @@ def folder_root(app: web.Application, kind: str) -> SafeRoot:
     if kind not in FOLDER_TYPES:
         fail(400, "bad_type", f"type must be one of {', '.join(FOLDER_TYPES)}, not {kind!r}")
     return getattr(app[STATE].env.paths, kind)
-
-
-def split_annotation(filename: str, default: str) -> tuple[str, str]:
-    """ComfyUI's ``"name.png [input]"`` form: the annotation overrides ``type``."""
-    for kind in FOLDER_TYPES:
-        suffix = f" [{kind}]"
-        if filename.endswith(suffix):
-            return filename[: -len(suffix)], kind
-    return filename, default
 
 
 def content_headers(path: Path) -> dict[str, str]:
@@ -404,7 +394,9 @@ async def upload_mask(request: web.Request) -> web.Response:
     ref = form.original_ref
     if ref is None or not ref.get("filename"):
         fail(400, "bad_original_ref", "original_ref {filename, subfolder, type} is required")
-    ref_name, ref_kind = split_annotation(str(ref["filename"]), str(ref.get("type") or "input"))
+    # ComfyUI's default folder for a ref without a type is "output" (its server.py); its
+    # mask editor always sends one ("input" for a LoadImage picture).
+    ref_name, ref_kind = split_annotation(str(ref["filename"]), str(ref.get("type") or "output"))
     ref_root = folder_root(request.app, ref_kind)
     try:
         original = ref_root.resolve(ref_name, str(ref.get("subfolder") or ""))

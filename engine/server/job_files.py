@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.paths import PathRefused, SafeRoot, atomic_write
+from engine.paths import PathRefused, SafeRoot, atomic_write, split_annotation
 
 #: UI file entries of these types are files the server must hold.
 FILE_TYPES = ("output", "temp")
@@ -144,7 +144,10 @@ def input_files(nodes: dict[str, dict[str, Any]], input_root: SafeRoot) -> list[
     total = 0
     for node in nodes.values():
         for value in (node.get("inputs") or {}).values():
-            if not isinstance(value, str) or not value or value in files:
+            if not isinstance(value, str) or not value:
+                continue
+            value, kind = split_annotation(value, "input")  # ComfyUI's "clipspace/m.png [input]"
+            if kind != "input" or value in files:
                 continue
             try:
                 path = input_root.resolve(value, must_exist=True)
