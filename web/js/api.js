@@ -1,6 +1,8 @@
 // The server's HTTP routes, as the editor uses them. Every call goes through
 // `request`, so a token (for a server started with one) is added in one place.
 
+import { split } from "./image_ref.js";
+
 export class ApiError extends Error {
   constructor(status, body, message) {
     super(message);
@@ -94,18 +96,15 @@ export class Api {
     return r.subfolder ? `${r.subfolder}/${r.name}` : r.name;
   }
 
-  /** URL of an image the server holds ({filename, subfolder, type}). */
-  viewUrl(image) {
-    const q = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder || "", type: image.type || "output" });
+  /** URL of an image the server holds ({filename, subfolder, type}); `extra` adds e.g. {channel: "a"}. */
+  viewUrl(image, extra = {}) {
+    const q = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder || "", type: image.type || "output", ...extra });
     if (this.token) q.set("token", this.token);
     return `${this.base}/view?${q}`;
   }
 
-  /** URL of a LoadImage value (a name in the input folder, maybe with a subfolder). */
-  inputUrl(value) {
-    const i = value.lastIndexOf("/");
-    return this.viewUrl({ filename: i >= 0 ? value.slice(i + 1) : value, subfolder: i >= 0 ? value.slice(0, i) : "", type: "input" });
-  }
+  /** URL of a LoadImage value (a name in the input folder, maybe with a subfolder or ComfyUI's " [input]"). */
+  inputUrl(value) { return this.viewUrl(split(value)); }
 
   socketUrl(clientId) {
     const u = new URL(this.base || window.location.origin, window.location.href);

@@ -16,6 +16,8 @@ import { Dialogs } from "./dialog.js";
 import { Results } from "./results.js";
 import { QueuePanel } from "./queue.js";
 import { Viewer } from "./viewer.js";
+import { MaskPainter } from "./mask_painter.js";
+import { defaultValue } from "./schema.js";
 import { tidyLayout } from "./tidy.js";
 import { ContextMenu } from "./menu.js";
 import { Minimap } from "./minimap.js";
@@ -92,6 +94,7 @@ export class App {
       onRefused: (reason) => this.toast(`refused: ${reason}`, "warn"),
       onPalette: (world, link) => this.openPalette(world, link),
       onUpload: (id, name, file) => this.files.uploadTo(id, name, file),
+      onMask: (id, name) => this.editMask(id, name),
       imageUrl: (name) => this.api.inputUrl(name),
       onRename: async (id) => {
         const n = this.graph.node(id);
@@ -109,6 +112,7 @@ export class App {
     this.graph.addEventListener("change", () => this.minimap.schedule());
     this.palette = new Palette(this.doc.body, () => this.graph.defs);
     this.viewer = new Viewer(this.doc.body);
+    this.maskPainter = new MaskPainter(this.doc.body, this.api);
     this.results = new Results({ list: this.$("#gallery-list"), api: this.api, viewer: this.viewer,
       onOpenJob: (id) => this.openJob(id), toast: (m, k) => this.toast(m, k) });
     this.files = new Files({
@@ -248,6 +252,26 @@ export class App {
     }
   }
 
+  /**
+   * Paint the mask of a LoadImage picture; the saved copy (input/clipspace/...)
+   * becomes the node's image, as one undo step.
+   */
+  async editMask(id, input) {
+    const d = this.graph.inputDef(id, input);
+    const n = this.graph.node(id);
+    const value = n && (input in n.values ? n.values[input] : d && defaultValue(d));
+    if (!value) { this.toast("choose an image first, then paint its mask", "warn"); return null; }
+    let next;
+    try { next = await this.maskPainter.open(String(value)); }
+    catch (e) { this.maskPainter.close(); this.toast(`cannot paint a mask on ${value}: ${e.message}`, "error"); return null; }
+    if (!next || !this.graph.node(id)) return null;
+    if (d?.choices && !d.choices.includes(next)) d.choices.push(next);
+    this.graph.setValue(id, input, next);
+    this.commit();
+    this.toast(`mask saved: ${next}`);
+    return next;
+  }
+
   /** Open the graph a past job ran (from the results panel), as one undo step. */
   async openJob(id) {
     let job;
@@ -366,6 +390,7 @@ export class App {
         { id: "pin", label: n.ui.pinned ? "Unpin" : "Pin", action: all("pinned", !n.ui.pinned) },
         { swatches: COLOURS.map(([c, name]) => ({ color: c, label: `colour: ${name}`, action: all("color", c || null) })) },
         "-",
+        ...this.maskItem(hit.node),
         { id: "rename", label: "Rename…", action: () => this.view.hooks.onRename(hit.node) },
         { id: "clone", label: "Clone", action: () => this.duplicate() },
         { id: "group", label: "Group selection (Ctrl+G)", action: () => this.groupSelection() },
@@ -396,6 +421,12 @@ export class App {
       ];
     }
     this.menu.open(x, y, items);
+  }
+
+  /** "Edit mask…" for a node that takes an uploaded picture (LoadImage). */
+  maskItem(id) {
+    const input = this.graph.def(this.graph.node(id)?.type)?.inputs.find((i) => i.imageUpload);
+    return input ? [{ id: "edit-mask", label: "Edit mask…", action: () => this.editMask(id, input.name) }] : [];
   }
 
   /** A reroute point: a waypoint the link passes through, kept in the order along the link. */

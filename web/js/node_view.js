@@ -53,7 +53,7 @@ export class NodeView {
   /**
    * @param {import("./graph.js").Graph} graph
    * @param {string} id
-   * @param {{onValue(id,name,value,final), onControl(id,name,mode), onUpload(id,name,file), imageUrl(name):string,
+   * @param {{onValue(id,name,value,final), onControl(id,name,mode), onUpload(id,name,file), onMask?(id,name), imageUrl(name):string,
    *   notes?(id):Object<string,{value:string,replacement:string}>}} hooks
    */
   constructor(graph, id, hooks) {
@@ -150,7 +150,11 @@ export class NodeView {
     thumb.className = "thumb"; thumb.alt = ""; thumb.hidden = true;
     thumb.addEventListener("error", () => { thumb.hidden = true; });
     thumb.addEventListener("load", () => { thumb.hidden = false; });
-    box.append(pick, file, thumb);
+    const mask = document.createElement("button");
+    mask.type = "button"; mask.className = "mask-button"; mask.textContent = "mask\u2026";
+    mask.title = "Paint the region to repaint (saved as the picture's transparency, as ComfyUI's mask editor does)";
+    mask.addEventListener("click", () => this.hooks.onMask?.(this.id, name));
+    box.append(pick, mask, file, thumb);
     this.thumbs = { ...(this.thumbs || {}), [name]: thumb };
     return box;
   }

@@ -6,6 +6,7 @@
 import { NodeView } from "./node_view.js";
 import { typeColour } from "./types.js";
 import { linkPath, routePath, routePoints } from "./curve.js";
+import { wheelZoomFactor } from "./zoom.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const MIN_ZOOM = 0.2, MAX_ZOOM = 2.5;
@@ -128,6 +129,7 @@ export class CanvasView {
       },
       onControl: (id, name, mode) => { this.graph.setControl(id, name, mode); this.hooks.onCommit(); },
       onUpload: (id, name, file) => this.hooks.onUpload(id, name, file),
+      onMask: (id, name) => this.hooks.onMask?.(id, name),
       imageUrl: (name) => this.hooks.imageUrl(name),
       notes: (id) => this.notes.get(id),
     };
@@ -277,10 +279,7 @@ export class CanvasView {
       const t = e.target;
       if (t instanceof Element && t.closest("textarea, select") && !e.ctrlKey) return;
       e.preventDefault();
-      // Lines or pages (Firefox, some mice) to pixels, and one notch capped, so a
-      // wheel click zooms by about 10 % whatever the device reports.
-      const px = e.deltaY * (e.deltaMode === 1 ? 40 : e.deltaMode === 2 ? 400 : 1);
-      this.zoomAt(e.clientX, e.clientY, Math.exp(-Math.max(-70, Math.min(70, px)) * 0.0015));
+      this.zoomAt(e.clientX, e.clientY, wheelZoomFactor(e));
       this.scheduleLinks();
     }, { passive: false });
     root.addEventListener("dblclick", (e) => {

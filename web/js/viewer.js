@@ -3,6 +3,8 @@
 // A/B compare: a second image under the first, revealed by a slider, to see what
 // a strength or a seed changed.
 
+import { wheelZoomFactor } from "./zoom.js";
+
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
@@ -74,7 +76,7 @@ export class Viewer {
       e.preventDefault();
       const r = this.stage.getBoundingClientRect();
       const px = e.clientX - r.left - r.width / 2, py = e.clientY - r.top - r.height / 2;
-      const next = Math.min(16, Math.max(0.25, this.scale * Math.exp(-Math.sign(e.deltaY) * 0.15)));
+      const next = Math.min(16, Math.max(0.25, this.scale * wheelZoomFactor(e)));
       const k = next / this.scale;
       this.offset = [px - (px - this.offset[0]) * k, py - (py - this.offset[1]) * k];
       this.scale = next;

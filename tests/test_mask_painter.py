@@ -1,0 +1,185 @@
+"""The mask painter (issue 11 item 8) in Chromium against a real ``kiln serve`` with the tiny model.
+
+Paint and erase at two zooms, undo, invert, clear; save through ``/upload/mask`` in
+ComfyUI's wire form; the file's alpha is the painted region, reopening reads it
+back, and a run of an inpainting graph keeps every pixel outside the mask while
+LoadImage's MASK output equals the painted region pixel for pixel.
+
+The graph uses nodes already in main: the picture is encoded, fully re-noised and
+sampled, decoded, and ImageCompositeMasked puts the result back only where the
+mask is (ComfyUI's pixel-space "keep the unmasked area"). With workflows/inpaint.json
+(SetLatentNoiseMask) the outside would match up to the VAE round trip instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from browser_support import Server, launch_browser, open_editor, tiny_img2img
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_models_dir):
+    srv = Server(tmp_path_factory.mktemp("maskpainter"), tiny_models_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from launch_browser()
+
+
+@pytest.fixture
+def editor(browser, server):
+    ed = open_editor(browser, server)
+    yield ed
+    ed.close_checked()
+
+
+def inpaint_graph() -> dict[str, Any]:
+    """img2img shrunk to the tiny model, repainting only under LoadImage's MASK."""
+    doc = tiny_img2img("Masked repaint", strength=1.0)
+    nodes = doc["nodes"]
+    nodes["4"]["inputs"]["background"] = "none"  # the stored colours, as ComfyUI's LoadImage
+    del nodes["5"]  # no resize: the picture is 64 px already
+    nodes["6"]["inputs"]["pixels"] = ["4", 0]
+    doc["params"] = {k: v for k, v in doc["params"].items() if not str(v).startswith("5.")}
+    nodes["20"] = {"type": "ImageCompositeMasked", "inputs": {
+        "destination": ["4", 0], "source": ["9", 0], "x": 0, "y": 0, "resize_source": False, "mask": ["4", 1]},
+        "ui": {"pos": [1500, 80]}}
+    nodes["10"]["inputs"].update(images=["20", 0], filename_prefix="inpaint")
+    nodes["21"] = {"type": "MaskToImage", "inputs": {"mask": ["4", 1]}, "ui": {"pos": [1500, 400]}}
+    nodes["22"] = {"type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "painted-mask"},
+                   "ui": {"pos": [1800, 400]}}
+    return doc
+
+
+class Painter:
+    """The open painter, driven with the real mouse and keyboard."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+
+    def point(self, x: float, y: float) -> tuple[float, float]:
+        """Client coordinates of the centre of picture pixel (x, y), at the current zoom."""
+        return tuple(self.page.evaluate(
+            """([x, y]) => { const c = document.querySelector('.mask-canvas'), r = c.getBoundingClientRect();
+                             return [r.left + (x + .5) * r.width / c.width, r.top + (y + .5) * r.height / c.height]; }""",
+            [x, y]))
+
+    def stroke(self, *pixels: tuple[float, float]) -> None:
+        m = self.page.mouse
+        m.move(*self.point(*pixels[0]))
+        m.down()
+        for p in pixels[1:]:
+            m.move(*self.point(*p), steps=6)
+        m.up()
+
+    def bits(self) -> np.ndarray:
+        size = self.page.evaluate("[document.querySelector('.mask-canvas').width, document.querySelector('.mask-canvas').height]")
+        flat = self.page.evaluate("window.kiln.app.maskPainter.maskBits()")
+        return np.array(flat, dtype=np.uint8).reshape(size[1], size[0])
+
+    def scale(self) -> float:
+        return self.page.evaluate("window.kiln.app.maskPainter.scale")
+
+
+def open_painter(editor: Any, node_id: str = "4") -> Painter:
+    editor.node(node_id).locator(".mask-button").click()
+    editor.page.locator(".mask-painter .mask-canvas").wait_for(state="visible")
+    return Painter(editor.page)
+
+
+def test_paint_save_reopen_and_inpaint_keeps_the_unmasked_pixels(editor, server):
+    page = editor.page
+    page.evaluate("doc => window.kiln.app.files.loadDocument(doc, null)", inpaint_graph())
+    page.wait_for_function("window.kiln.graph.node('20') !== undefined")
+    painter = open_painter(editor)
+    assert painter.bits().sum() == 0, "sample.png has no transparency: nothing painted yet"
+
+    # Brush of 6 px; zoom in at the pointer, then paint a horizontal stroke.
+    page.locator(".mask-size").fill("6")
+    assert page.locator(".mask-size-value").text_content() == "6 px"
+    fitted = painter.scale()
+    page.mouse.move(*painter.point(30, 20))
+    for _ in range(3):
+        page.mouse.wheel(0, -100)
+    assert painter.scale() > fitted * 1.4
+    painter.stroke((10, 20), (40, 20))
+    bits = painter.bits()
+    assert bits[20, 10] == bits[20, 25] == bits[20, 40] == 1
+    assert bits[20, 5] == 0 and bits[27, 25] == 0 and bits[13, 25] == 0, "the brush is 6 px wide, no wider"
+    # Zoomed out (a pinch: ctrl + wheel) the same brush paints the same pixels under the cursor.
+    page.mouse.move(*painter.point(32, 32))
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, 40)
+    page.mouse.wheel(0, 40)
+    page.keyboard.up("Control")
+    assert painter.scale() < fitted
+    painter.stroke((50, 40), (50, 55))
+    bits = painter.bits()
+    assert bits[40, 50] == bits[48, 50] == bits[55, 50] == 1 and bits[48, 56] == 0
+    editor.screenshot("mask-painter-painted")
+
+    # Erase a gap in the first stroke; undo brings it back.
+    painted = painter.bits()
+    page.click(".mask-erase")
+    painter.stroke((25, 20), (26, 20))
+    assert painter.bits()[20, 25] == 0 and painter.bits()[20, 10] == 1
+    page.keyboard.press("Control+z")
+    assert np.array_equal(painter.bits(), painted)
+    # Invert, then undo; clear, then undo.
+    page.click(".mask-invert")
+    assert np.array_equal(painter.bits(), 1 - painted)
+    page.click(".mask-undo")
+    assert np.array_equal(painter.bits(), painted)
+    page.click(".mask-clear")
+    assert painter.bits().sum() == 0
+    page.click(".mask-undo")
+    assert np.array_equal(painter.bits(), painted)
+    assert 150 < painted.sum() < 64 * 64 / 2
+
+    # Save: the node now loads the masked copy in input/clipspace, as ComfyUI's editor saves it.
+    page.click(".mask-save")
+    page.locator(".mask-painter").wait_for(state="detached")
+    value = editor.doc()["nodes"]["4"]["inputs"]["image"]
+    assert value.startswith("clipspace/clipspace-mask-") and value.endswith(".png"), value
+    stored = Image.open(server.data / "input" / value)
+    assert stored.mode == "RGBA"
+    alpha = np.asarray(stored.getchannel("A"))
+    assert np.array_equal(alpha, np.where(painted == 1, 0, 255)), "transparent exactly where painted"
+    original = np.asarray(Image.open(server.data / "input" / "sample.png").convert("RGB"))
+    assert np.array_equal(np.asarray(stored.convert("RGB")), original), "the picture itself is unchanged"
+    page.click("#undo")
+    assert editor.doc()["nodes"]["4"]["inputs"]["image"] == "sample.png", "saving the mask is one undo step"
+    page.click("#redo")
+    assert editor.doc()["nodes"]["4"]["inputs"]["image"] == value
+
+    # Reopening reads the mask back from the file's alpha.
+    painter = open_painter(editor)
+    assert np.array_equal(painter.bits(), painted)
+    page.keyboard.press("Escape")
+    page.locator(".mask-painter").wait_for(state="detached")
+    assert editor.doc()["nodes"]["4"]["inputs"]["image"] == value, "cancel changes nothing"
+
+    # Run: MASK is the painted region exactly; outside it every pixel is the picture's own.
+    page.click("#run")
+    editor.wait_output_image("10")
+    editor.wait_output_image("22")
+    out = Path(server.data / "output")
+    mask_png = max(out.glob("painted-mask*.png"), key=lambda p: p.stat().st_mtime)
+    result_png = max(out.glob("inpaint*.png"), key=lambda p: p.stat().st_mtime)
+    mask = np.asarray(Image.open(mask_png).convert("L"))
+    assert np.array_equal(mask > 127, painted == 1)
+    result = np.asarray(Image.open(result_png).convert("RGB")).astype(int)
+    outside, inside = painted == 0, painted == 1
+    assert np.abs(result[outside] - original[outside].astype(int)).max() <= 1
+    assert np.abs(result[inside] - original[inside].astype(int)).mean() > 8, "the masked region was repainted"
+    assert page.evaluate("window.kiln.app.maskPainter.isOpen") is False
