@@ -235,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             renderer(event)
 
         # The console shows no images and --json carries none: no node makes previews.
-        job = JobInfo(id=uuid.uuid4().hex, workflow=wf.to_api(), kiln_workflow=wf.to_kiln(), params=params,
+        job = JobInfo(id=uuid.uuid4().hex, workflow=plan.api_prompt(), kiln_workflow=wf.to_kiln(), params=params,
                       previews=False)
         interrupt = threading.Event()
         with _sigint_sets(interrupt):

@@ -118,7 +118,7 @@ class Executor:
         plan = workflow if isinstance(workflow, Plan) else self.plan(workflow, outputs)
         job_id = job_id or (job.id if job else uuid.uuid4().hex)
         if job is None:
-            job = JobInfo(id=job_id, workflow=plan.workflow.to_api(), kiln_workflow=plan.workflow.to_kiln())
+            job = JobInfo(id=job_id, workflow=plan.api_prompt(), kiln_workflow=plan.workflow.to_kiln())
         with self._lock:
             return _Run(self, plan, job_id, job, force, on_event or (lambda e: None),
                         interrupt or threading.Event()).execute()

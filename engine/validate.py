@@ -17,6 +17,7 @@ from engine import budget
 from engine import types as T
 from engine.node import NO_DEFAULT, Input, NodeSpec
 from engine.registry import Registry
+from engine.modes import apply_modes
 from engine.workflow import Link, Workflow
 
 # Error types (ComfyUI's names where it has one).
@@ -88,6 +89,12 @@ class Plan:
     nodes: dict[str, PlannedNode]
     order: list[str]
     outputs: list[str]
+    #: What runs: the document with muted and bypassed nodes applied (engine/modes.py).
+    active: Workflow | None = None
+
+    def api_prompt(self) -> dict[str, Any]:
+        """ComfyUI's API prompt of what runs, as its ``prompt`` PNG chunk and history carry it."""
+        return (self.active or self.workflow).to_api()
 
     def record_params(self, names: Iterable[str]) -> dict[str, Any]:
         """Write the validated values of parameters ``names`` back into the workflow; name -> value.
@@ -189,7 +196,12 @@ def validate(
     env: Any = None,
     outputs: Iterable[str] | None = None,
 ) -> Plan:
-    """Check everything; return the plan or raise :class:`WorkflowInvalid` with every error."""
+    """Check everything; return the plan or raise :class:`WorkflowInvalid` with every error.
+
+    Muted and bypassed nodes (:mod:`engine.modes`) are taken out first, so every
+    front door runs what the editor shows; the plan keeps the whole document.
+    """
+    document, workflow = workflow, apply_modes(workflow, registry)
     errors: list[ValidationError] = [ValidationError(INVALID_WORKFLOW, p) for p in workflow.problems]
     planned: dict[str, PlannedNode] = {}
 
@@ -254,7 +266,8 @@ def validate(
         raise WorkflowInvalid([
             ValidationError(OVER_BUDGET, o.message, o.node_id, planned[o.node_id].spec.type, o.input_name,
                             extra={"limit": o.limit}) for o in overruns])
-    return Plan(workflow=workflow, nodes={n: planned[n] for n in order}, order=order, outputs=targets)
+    return Plan(workflow=document, nodes={n: planned[n] for n in order}, order=order, outputs=targets,
+                active=workflow)
 
 
 def _id_sort_key(node_id: str) -> tuple:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from engine import types as T
+from engine.modes import bypass_index
 from engine.registry import Registry
 
 MODE_MUTED, MODE_BYPASS = 2, 4
@@ -360,28 +361,11 @@ def _promoted_value(instance: Mapping[str, Any], inst_input: Mapping[str, Any]) 
 
 
 def _bypass_input(node: Mapping[str, Any], slot: int, wanted: str) -> int:
-    """Which input a bypassed node passes to its output ``slot`` (ComfyUI's rule).
-
-    The input at the same index when its type fits both the output and the reader;
-    else the first input of exactly the reader's type; else the first that fits.
-    """
+    """Which input a bypassed node passes to its output ``slot``: :func:`engine.modes.bypass_index`."""
     inputs = [s if isinstance(s, dict) else {} for s in node.get("inputs") or []]
     outputs = node.get("outputs") or []
     out_type = str(outputs[slot].get("type", "*")) if 0 <= slot < len(outputs) and isinstance(outputs[slot], dict) else "*"
-    if wanted in ("*", ""):
-        return slot if slot < len(inputs) else (0 if inputs else -1)
-    if slot < len(inputs):
-        t = str(inputs[slot].get("type", "*"))
-        if T.compatible(t, out_type) and T.compatible(t, wanted):
-            return slot
-    for i, s in enumerate(inputs):
-        if str(s.get("type", "*")) == wanted:
-            return i
-    for i, s in enumerate(inputs):
-        t = str(s.get("type", "*"))
-        if T.compatible(t, out_type) and T.compatible(t, wanted):
-            return i
-    return -1
+    return bypass_index([str(s.get("type", "*")) for s in inputs], slot, out_type, wanted)
 
 
 def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, Any], dict[str, str]]:

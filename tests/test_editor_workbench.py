@@ -276,14 +276,18 @@ def test_comfyui_habits_space_pan_menus_groups_reroutes_minimap_and_search(edito
     editor.screenshot("habits-node-menu")
     menu(editor, "bypass")
     assert "bypassed" in editor.node("7").get_attribute("class")
-    run = page.evaluate("window.kiln.graph.toSubmit()")
-    assert "7" not in run["nodes"] and run["nodes"]["8"]["inputs"]["latent_image"] == original["nodes"]["7"]["inputs"]["latent"]
+    # The page submits the graph with its modes; the server applies them (engine/modes.py, the
+    # rule kiln run and /prompt share), seen here through its ComfyUI API conversion.
+    sent = page.evaluate("window.kiln.graph.toSubmit()")
+    assert sent["nodes"]["7"]["ui"]["mode"] == "bypass"
+    run = page.evaluate("window.kiln.app.api.toApiFormat(window.kiln.graph.toSubmit())")
+    assert "7" not in run and run["8"]["inputs"]["latent_image"] == original["nodes"]["7"]["inputs"]["latent"]
     assert editor.doc()["nodes"]["7"]["ui"]["mode"] == "bypass"
     # Mute the negative prompt: it does not run and nothing takes its output.
     right_click(editor, *page.evaluate("window.kiln.titlePos('3')"))
     menu(editor, "mute")
-    run = page.evaluate("window.kiln.graph.toSubmit()")
-    assert "3" not in run["nodes"] and "negative" not in run["nodes"]["8"]["inputs"]
+    run = page.evaluate("window.kiln.app.api.toApiFormat(window.kiln.graph.toSubmit())")
+    assert "3" not in run and "negative" not in run["8"]["inputs"]
     # Colour, collapse and pin.
     right_click(editor, *page.evaluate("window.kiln.titlePos('9')"))
     page.click('.context-menu .swatch[data-color="#3f7a3a"]')

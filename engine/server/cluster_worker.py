@@ -147,7 +147,7 @@ class KilnWorkerPlugin(WorkerPlugin):
                 job_id, node_id=getattr(first, "node_id", None), node_type=getattr(first, "node_type", None),
                 input_name=getattr(first, "input_name", None), message=str(exc),
                 exception_type=type(exc).__name__), [], []
-        info = JobInfo(id=job_id, workflow=payload.get("prompt") or workflow.to_api(),
+        info = JobInfo(id=job_id, workflow=payload.get("prompt") or plan.api_prompt(),
                        kiln_workflow=workflow.to_kiln(), extra_pnginfo=dict(payload.get("extra_pnginfo") or {}),
                        params=dict(payload.get("params") or {}))
         outcome = self.executor.run(plan, job=info, force=bool(payload.get("force")), on_event=stream.emit,

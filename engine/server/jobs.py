@@ -85,7 +85,7 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
     if client_id:
         extra["client_id"] = client_id
     try:
-        job = state.store.add(workflow=workflow.to_kiln(), prompt=workflow.to_api(), job_id=job_id, number=number,
+        job = state.store.add(workflow=workflow.to_kiln(), prompt=plan.api_prompt(), job_id=job_id, number=number,
                               front=front, client_id=client_id or None, source_format=workflow.source_format,
                               params=applied, outputs_to_execute=plan.outputs, force=force, extra_data=extra)
     except sqlite3.IntegrityError:

@@ -22,6 +22,7 @@ from engine.paths import PathRefused, SafeRoot, atomic_write
 from engine.server.http import fail, read_json
 from engine.server.state import STATE
 from engine.formats import parse_document
+from engine.modes import apply_modes
 from engine.workflow import WorkflowFormatError
 from engine.workflow_ui import ConversionError, is_ui_format, to_kiln
 
@@ -133,8 +134,25 @@ async def convert_comfy_ui(request: web.Request) -> web.Response:
     return web.json_response(converted)
 
 
+async def convert_to_api(request: web.Request) -> web.Response:
+    """``POST /api/convert/api``: any workflow document as ComfyUI's API prompt, as it would run.
+
+    ComfyUI's API format has no node modes, so muted and bypassed nodes are applied
+    here (:func:`engine.modes.apply_modes`, the rule every run follows) rather than
+    exported as if they ran; the editor's "Export API" uses this route.
+    """
+    state = request.app[STATE]
+    doc = await read_json(request, state.settings.max_body_bytes)
+    try:
+        workflow = await asyncio.to_thread(parse_document, doc, state.registry)
+    except WorkflowFormatError as exc:
+        fail(400, "invalid_workflow", str(exc))
+    return web.json_response(apply_modes(workflow, state.registry).to_api())
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/convert/comfyui", convert_comfy_ui)
+    app.router.add_post("/api/convert/api", convert_to_api)
     for prefix in ("/api", "/api/v1"):
         app.router.add_get(f"{prefix}/workflows", list_workflows)
         app.router.add_get(f"{prefix}/workflows/{{name:.+}}", get_workflow)

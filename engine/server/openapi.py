@@ -234,6 +234,13 @@ PATHS: dict[str, dict[str, Any]] = {
                                 "subgraphs expanded (inner ids `instance:inner`), bypassed/muted nodes, Reroutes "
                                 "and Primitive nodes resolved, widget values named by the node's declaration."),
     },
+    "/api/convert/api": {
+        "post": _op("Convert any workflow document to ComfyUI's API format, as it would run", "workflows",
+                    {"200": _json(ANY_OBJECT), "400": _error("Not a workflow."), "413": _error("Body too large.")},
+                    body=_json_body(ANY_OBJECT),
+                    description="Muted nodes left out and bypassed nodes passed through (their `ui.mode`), "
+                                "the rule `kiln run`, `/prompt` and `/api/jobs` apply."),
+    },
     "/api/workflows": {
         "get": _op("List the workflow library", "workflows",
                    {"200": _json({"type": "array", "items": _ref("WorkflowEntry")})}),

@@ -285,7 +285,7 @@ class Worker:
                               message=f"the workflow is no longer valid: {exc}", exception_type=type(exc).__name__)
             sink(event)
             return FAILED, {}, error_dict(event), [], []
-        info = JobInfo(id=job.id, workflow=job.prompt or workflow.to_api(), kiln_workflow=workflow.to_kiln(),
+        info = JobInfo(id=job.id, workflow=job.prompt or plan.api_prompt(), kiln_workflow=workflow.to_kiln(),
                        extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params,
                        previews=self.wants_previews(job))
         outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)

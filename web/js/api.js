@@ -85,6 +85,9 @@ export class Api {
   /** A ComfyUI editor file as a Kiln document, converted by the server (the one converter). */
   convertComfyUi(doc) { return this.request("POST", "/api/convert/comfyui", doc); }
 
+  /** ComfyUI's API format of a document, as it would run (bypassed and muted nodes applied by the server). */
+  toApiFormat(doc) { return this.request("POST", "/api/convert/api", doc); }
+
   saveWorkflow(name, doc) { return this.request("PUT", `/api/workflows/${encodeURIComponent(name)}`, doc); }
 
   /** Upload an input image; returns the value a LoadImage input takes. */

@@ -87,9 +87,14 @@ export class Files {
   }
 
   /** Download the workflow: Kiln's format, or ComfyUI's API format (what its /prompt and `prompt` PNG chunk take). */
-  download(format = "kiln") {
+  async download(format = "kiln") {
     const api = format === "api";
-    const doc = api ? this.graph.toApi() : this.graph.toKiln();
+    let doc = this.graph.toKiln();
+    if (api) {
+      // ComfyUI's API format has no modes: the server applies bypass/mute as a run would.
+      try { doc = await this.api.toApiFormat(doc); }
+      catch (e) { this.toast(`cannot export in ComfyUI's API format: ${e.message}`, "error"); return; }
+    }
     const base = (this.name || "workflow.json").replace(/\.json$/i, "");
     const blob = new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" });
     const a = document.createElement("a");

@@ -311,41 +311,12 @@ export class Graph extends EventTarget {
   // -- what runs ------------------------------------------------------------------
 
   /**
-   * The workflow to submit: Kiln's document without muted nodes (ComfyUI's "never":
-   * they do not run, and what needs them is reported missing) and without bypassed
-   * ones (their consumers take what fed the bypassed node, the first input of the
-   * same type, as in ComfyUI).
+   * The workflow to submit: Kiln's document as it is. Bypassed and muted nodes
+   * keep their `ui.mode` and the server applies them (engine/modes.py), the one
+   * rule that `kiln run`, /prompt and /api/jobs also follow, so a saved workflow
+   * gives the same result from every front door.
    */
-  toSubmit() {
-    const doc = this.toKiln();
-    const mode = (id) => this.node(id)?.ui.mode;
-    const through = (src, out, depth = 0) => {
-      if (mode(src) !== "bypass") return mode(src) === "mute" ? null : [src, out];
-      if (depth > this.nodes.size) return null;
-      const type = this.outputType(src, out);
-      const n = this.node(src);
-      for (const [input, [from, idx]] of Object.entries(n.links)) {
-        if (this.outputType(from, idx) === type) return through(from, idx, depth + 1);
-      }
-      return null;
-    };
-    for (const [id, entry] of Object.entries(doc.nodes)) {
-      if (mode(id)) { delete doc.nodes[id]; continue; }
-      for (const [input, v] of Object.entries(entry.inputs)) {
-        if (!isLinkValue(v)) continue;
-        const to = through(String(v[0]), v[1]);
-        if (to) entry.inputs[input] = to; else delete entry.inputs[input];
-      }
-    }
-    if (doc.params) {
-      for (const [name, target] of Object.entries(doc.params)) {
-        const list = (Array.isArray(target) ? target : [target]).filter((t) => String(t).split(".")[0] in doc.nodes);
-        if (!list.length) delete doc.params[name]; else doc.params[name] = Array.isArray(target) ? list : list[0];
-      }
-      if (!Object.keys(doc.params).length) delete doc.params;
-    }
-    return doc;
-  }
+  toSubmit() { return this.toKiln(); }
 
   /** Apply each seed-like widget's after-run rule (increment / randomize). */
   applyControls(random = Math.random) {
