@@ -15,6 +15,7 @@ from aiohttp import web
 
 from engine import submission
 from engine.guard import artifacts
+from engine.paths import split_annotation
 from engine.server.state import AppState
 from engine.server.store import JobRecord
 from engine.submission import SubmissionInvalid, problem
@@ -161,10 +162,32 @@ def job_view(state: AppState, job: JobRecord, *, full: bool = True) -> dict[str,
         "client_id": job.client_id, "number": job.comfy_number, "params": job.params,
         "executed": job.executed, "cached": job.cached, "worker": job.worker,
         "artifacts": artifacts(job.outputs or {}),
+        "input_images": input_images(state, job.workflow),
     }
     if full:
         view["workflow"] = job.workflow
     return view
+
+
+def input_images(state: AppState, workflow: Any) -> list[dict[str, str]]:
+    """The pictures a job loaded (inputs declared ``image_upload``, as LoadImage's), as /view refs.
+
+    The editor's result viewer compares a result with its input (A/B) from these.
+    """
+    found: list[dict[str, str]] = []
+    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
+    for node in (nodes.values() if isinstance(nodes, dict) else ()):
+        spec = state.registry.get(node.get("type")) if isinstance(node, dict) and isinstance(node.get("type"), str) else None
+        for inp in spec.inputs if spec is not None else ():
+            value = (node.get("inputs") or {}).get(inp.name)
+            if not inp.extra.get("image_upload") or not isinstance(value, str) or not value or "://" in value:
+                continue
+            name, kind = split_annotation(value, "input")
+            subfolder, _, filename = name.rpartition("/")
+            ref = {"filename": filename, "subfolder": subfolder, "type": kind}
+            if ref not in found:
+                found.append(ref)
+    return found
 
 
 def dependent_outputs(workflow: Workflow | None, node_ids: Iterable[str], registry: Any) -> dict[str, list[str]]:

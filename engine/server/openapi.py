@@ -117,6 +117,9 @@ SCHEMAS: dict[str, Any] = {
             "workflow": ANY_OBJECT,
             "artifacts": {"type": "array", "items": _ref("Artifact"),
                           "description": "Every image the job reported, with its safety-filter result."},
+            "input_images": {"type": "array", "items": {"type": "object", "properties": {
+                "filename": {"type": "string"}, "subfolder": {"type": "string"}, "type": {"type": "string"}}},
+                "description": "The pictures the job loaded (LoadImage and other image-upload inputs), as /view refs."},
         },
     },
     "Artifact": {

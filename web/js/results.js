@@ -48,7 +48,11 @@ export class Results {
   /** Every image listed, newest first, as the viewer takes them. */
   images() {
     const out = [];
-    for (const job of this.jobs) for (const img of jobImages(job)) out.push({ url: this.api.viewUrl(img), name: img.filename, job: job.id });
+    for (const job of this.jobs) {
+      // The pictures the job loaded, for the viewer's A/B "input vs result".
+      const inputs = (job.input_images || []).map((img) => ({ url: this.api.viewUrl(img), name: img.filename }));
+      for (const img of jobImages(job)) out.push({ url: this.api.viewUrl(img), name: img.filename, job: job.id, inputs });
+    }
     return out;
   }
 

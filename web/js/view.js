@@ -207,7 +207,7 @@ export class CanvasView {
   }
 
   drawLinks() {
-    const paths = [];
+    const paths = [], handles = [];
     for (const l of this.graph.links()) {
       const a = this.socketPoint(l.from, "out", l.output), b = this.socketPoint(l.to, "in", l.input);
       if (!a || !b) continue;
@@ -218,8 +218,17 @@ export class CanvasView {
       p.style.stroke = typeColour(l.type);
       p.dataset.from = l.from; p.dataset.to = l.to; p.dataset.input = l.input;
       paths.push(p);
+      // Reroute points: a handle each, to drag (double-click removes one).
+      route.forEach(([x, y], i) => {
+        const c = document.createElementNS(SVG, "circle");
+        c.classList.add("reroute");
+        c.setAttribute("cx", String(x)); c.setAttribute("cy", String(y)); c.setAttribute("r", "5");
+        c.style.fill = typeColour(l.type);
+        c.dataset.to = l.to; c.dataset.input = l.input; c.dataset.index = String(i);
+        handles.push(c);
+      });
     }
-    this.svg.replaceChildren(...paths, this.dragPath);
+    this.svg.replaceChildren(...paths, ...handles, this.dragPath);
   }
 
   /** The link drawn nearest a client point (within a few pixels), or null. */
@@ -283,6 +292,15 @@ export class CanvasView {
       this.scheduleLinks();
     }, { passive: false });
     root.addEventListener("dblclick", (e) => {
+      const reroute = e.target.closest?.(".reroute");
+      if (reroute) {
+        const { to, input } = reroute.dataset;
+        const pts = [...(this.graph.node(to)?.ui.routes?.[input] || [])];
+        pts.splice(Number(reroute.dataset.index), 1);
+        this.graph.setRoute(to, input, pts);
+        this.hooks.onCommit();
+        return;
+      }
       const title = e.target.closest(".node-title");
       if (title) { this.hooks.onRename?.(title.closest(".node").dataset.id); return; }
       const groupTitle = e.target.closest(".group-title");
@@ -330,6 +348,8 @@ export class CanvasView {
     if (e.button !== 0) return;
     const groupTitle = t.closest?.(".group-title");
     if (groupTitle) { e.preventDefault(); return this.startGroupMove(e, Number(groupTitle.parentElement.dataset.group)); }
+    const reroute = t.closest?.(".reroute");
+    if (reroute) { e.preventDefault(); return this.startRerouteMove(e, reroute.dataset.to, reroute.dataset.input, Number(reroute.dataset.index)); }
     const sock = t.closest?.(".socket");
     if (sock) { e.preventDefault(); return sock.classList.contains("out") ? this.startLinkFromOutput(e, sock) : this.startLinkFromInput(e, sock); }
     if (isEditable(t)) return;
@@ -420,6 +440,25 @@ export class CanvasView {
       this.graph.updateGroup(index, { bounding: [origin[0] + d[0], origin[1] + d[1], origin[2], origin[3]] });
       last = d;
     }, () => { if (last[0] || last[1]) this.hooks.onCommit(); });
+  }
+
+  /** Drag one reroute point of the link into ``input`` of node ``to`` (one undo step). */
+  startRerouteMove(e, to, input, index) {
+    const origin = this.graph.node(to)?.ui.routes?.[input]?.[index];
+    if (!origin) return;
+    const start = [e.clientX, e.clientY];
+    let moved = false;
+    this.root.classList.add("moving");
+    this.track(e, (m) => {
+      const pts = (this.graph.node(to)?.ui.routes?.[input] || []).map((p) => [...p]);
+      if (!pts[index]) return;
+      pts[index] = [origin[0] + (m.clientX - start[0]) / this.scale, origin[1] + (m.clientY - start[1]) / this.scale];
+      moved = true;
+      this.graph.setRoute(to, input, pts);
+    }, () => {
+      this.root.classList.remove("moving");
+      if (moved) this.hooks.onCommit();
+    });
   }
 
   /** Drag a new link from an output; drop on an input connects, on empty canvas offers matching nodes. */

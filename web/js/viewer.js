@@ -1,7 +1,8 @@
 // The result viewer: one image large, wheel to zoom at the pointer, drag to pan,
 // arrows (or the buttons) for the previous and next result, Esc to close, and an
 // A/B compare: a second image under the first, revealed by a slider, to see what
-// a strength or a seed changed.
+// a strength or a seed changed — B is the result's own input picture (what the run
+// started from) or another result.
 
 import { wheelZoomFactor } from "./zoom.js";
 
@@ -19,7 +20,8 @@ export class Viewer {
   get isOpen() { return !!this.back?.isConnected; }
 
   /**
-   * @param {{url:string, name:string}[]} items newest first
+   * @param {{url:string, name:string, inputs?:{url:string, name:string}[]}[]} items newest first;
+   *   `inputs` are the pictures the item's job loaded (B can be one of them)
    * @param {number} index the one to show
    */
   open(items, index = 0) {
@@ -36,7 +38,7 @@ export class Viewer {
     this.caption = el("a", "viewer-name");
     this.caption.target = "_blank";
     const compare = el("button", "viewer-compare", "A/B");
-    compare.type = "button"; compare.title = "Compare with another result: the slider reveals it (B picks which)";
+    compare.type = "button"; compare.title = "Compare with the input picture or another result: the slider reveals it (B picks which)";
     this.pickB = el("select", "viewer-b");
     this.pickB.title = "The image to compare with";
     this.pickB.hidden = true;
@@ -62,7 +64,7 @@ export class Viewer {
     next.addEventListener("click", () => this.step(1));
     close.addEventListener("click", () => this.close());
     compare.addEventListener("click", () => this.toggleCompare());
-    this.pickB.addEventListener("change", () => { this.compareWith = Number(this.pickB.value); this.show(); });
+    this.pickB.addEventListener("change", () => { this.compareWith = this.pickB.value; this.show(); });
     this.slider.addEventListener("input", () => this.applySplit());
     back.addEventListener("keydown", (e) => {
       e.stopPropagation();
@@ -110,10 +112,21 @@ export class Viewer {
     this.show();
   }
 
+  /** What B can be for the shown result: its input pictures first, then the other results. */
+  candidates() {
+    const it = this.items[this.index];
+    return [
+      ...(it.inputs || []).map((x, i) => ({ key: `in:${i}`, url: x.url, label: `B: input ${x.name}` })),
+      ...this.items.map((x, i) => ({ key: `res:${i}`, url: x.url, label: `B: ${x.name}` })).filter((c) => c.key !== `res:${this.index}`),
+    ];
+  }
+
+  /** A/B on: against the result's input when it has one (input vs result), else the next result. */
   toggleCompare() {
     if (this.compareWith === null) {
-      if (this.items.length < 2) return;
-      this.compareWith = this.index + 1 < this.items.length ? this.index + 1 : this.index - 1;
+      const c = this.candidates();
+      if (!c.length) return;
+      this.compareWith = c[0].key;
     } else this.compareWith = null;
     this.show();
   }
@@ -123,13 +136,16 @@ export class Viewer {
     this.imgA.src = it.url;
     this.caption.textContent = `${it.name} (${this.index + 1}/${this.items.length})`;
     this.caption.href = it.url;
-    const comparing = this.compareWith !== null && this.items[this.compareWith];
-    this.back.classList.toggle("comparing", !!comparing);
-    this.imgB.hidden = this.slider.hidden = this.pickB.hidden = !comparing;
-    if (comparing) {
-      this.imgB.src = this.items[this.compareWith].url;
-      this.pickB.replaceChildren(...this.items.map((x, i) => {
-        const o = el("option", "", `B: ${x.name}`); o.value = String(i); o.selected = i === this.compareWith; return o;
+    const options = this.candidates();
+    // Stepping to a result without that input (or onto B itself) picks B again.
+    if (this.compareWith !== null && !options.some((c) => c.key === this.compareWith)) this.compareWith = options[0]?.key ?? null;
+    const b = options.find((c) => c.key === this.compareWith);
+    this.back.classList.toggle("comparing", !!b);
+    this.imgB.hidden = this.slider.hidden = this.pickB.hidden = !b;
+    if (b) {
+      this.imgB.src = b.url;
+      this.pickB.replaceChildren(...options.map((c) => {
+        const o = el("option", "", c.label); o.value = c.key; o.selected = c.key === this.compareWith; return o;
       }));
     }
     this.applySplit();
