@@ -5,8 +5,10 @@ so this test speaks the W3C WebDriver BiDi protocol that Firefox serves itself
 (``--remote-debugging-port``) over an aiohttp websocket. It loads the page from a
 real ``kiln serve``, checks that every node of the start-up workflow is drawn,
 clicks Run with a real pointer action and waits for the image on SaveImage, with
-no console error or uncaught exception on the way. The Chromium tests cover the
-editing gestures; this one proves the same modules load and run in Firefox.
+no console error or uncaught exception on the way. A second test uses Firefox's own
+input events for the gestures that differ between browsers: Space held while dragging
+pans (no text selected, no node moved), and right-click opens the node menu, whose
+Bypass marks the node.
 """
 from __future__ import annotations
 
@@ -137,3 +139,88 @@ def test_editor_loads_and_runs_in_firefox(tmp_path, tiny_models_dir):
     problems = [e for e in result["log"] if e.get("level") == "error"]
     assert problems == [], problems
     assert (tmp_path / "firefox-run.png").stat().st_size > 1000
+
+
+async def gestures(firefox_port: int, url: str, screenshot: Path) -> dict[str, Any]:
+    """Space-drag and the right-click menu with Firefox's own input events (WebDriver BiDi actions)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(150):
+            try:
+                ws = await session.ws_connect(f"ws://127.0.0.1:{firefox_port}/session", max_msg_size=0)
+                break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("Firefox's WebDriver BiDi endpoint did not open")
+        bidi = BiDi(ws)
+        await bidi.send("session.new", capabilities={})
+        await bidi.send("session.subscribe", events=["log.entryAdded"])
+        context = (await bidi.send("browsingContext.getTree"))["contexts"][0]["context"]
+        await bidi.send("browsingContext.setViewport", context=context, viewport={"width": 1600, "height": 900})
+        await bidi.send("browsingContext.navigate", context=context, url=url, wait="complete")
+        await bidi.wait_for(context, "document.body.classList.contains('ready') && window.kiln.titlePos('2')")
+        js = lambda expr: bidi.evaluate(context, f"JSON.stringify({expr})")  # noqa: E731
+
+        async def act(*sources: dict[str, Any]) -> None:
+            await bidi.send("input.performActions", context=context, actions=list(sources))
+
+        def pointer(*steps: dict[str, Any]) -> dict[str, Any]:
+            return {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"}, "actions": list(steps)}
+
+        def move(x: float, y: float) -> dict[str, Any]:
+            return {"type": "pointerMove", "x": int(x), "y": int(y), "duration": 50}
+
+        out: dict[str, Any] = {}
+        doc_before = await js("window.kiln.toKiln()")
+        offset = await js("window.kiln.view.offset")
+        tx, ty = await js("window.kiln.titlePos('2')")
+        assert await js(f"window.kiln.nodeEl('2').contains(document.elementFromPoint({tx}, {ty}))"), "title in sight"
+        # Space held, drag from a node's title: the view pans, the node stays, nothing gets selected.
+        await act({"type": "key", "id": "kb", "actions": [{"type": "keyDown", "value": " "}]})
+        await act(pointer(move(tx, ty), {"type": "pointerDown", "button": 0}, move(tx - 60, ty + 20),
+                          move(tx - 150, ty + 60), {"type": "pointerUp", "button": 0}))
+        await act({"type": "key", "id": "kb", "actions": [{"type": "keyUp", "value": " "}]})
+        out["offset_before"], out["offset_after"] = offset, await js("window.kiln.view.offset")
+        out["doc_same"] = (await js("window.kiln.toKiln()")) == doc_before
+        out["selection"] = await js("getSelection().toString()")
+        out["palette"] = await js("!!document.querySelector('.palette') && document.querySelector('.palette').offsetParent !== null")
+        # Right-click AddNoise's title: the node menu opens; Bypass from it marks the node.
+        tx, ty = await js("window.kiln.titlePos('7')")
+        await act(pointer(move(tx, ty), {"type": "pointerDown", "button": 2}, {"type": "pointerUp", "button": 2}))
+        await bidi.wait_for(context, "!!document.querySelector('.context-menu')")
+        bx, by = await js("(r => [r.x + r.width / 2, r.y + r.height / 2])(document.querySelector("
+                          "'.context-menu .menu-item[data-action=\"bypass\"]').getBoundingClientRect())")
+        await act(pointer(move(bx, by), {"type": "pointerDown", "button": 0}, {"type": "pointerUp", "button": 0}))
+        out["mode"] = await bidi.wait_for(context, "window.kiln.toKiln().nodes['7'].ui.mode")
+        out["bypassed_class"] = await js("window.kiln.nodeEl('7').classList.contains('bypassed')")
+        out["menu_closed"] = await js("!document.querySelector('.context-menu')")
+        shot = await bidi.send("browsingContext.captureScreenshot", context=context)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        await bidi.send("session.end")
+        bidi.reader.cancel()
+        await ws.close()
+        out["log"] = bidi.log
+        return out
+
+
+def test_space_drag_pans_and_the_context_menu_bypasses_in_firefox(tmp_path, tiny_models_dir):
+    server = Server(tmp_path / "server", tiny_models_dir)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "user.js").write_text('user_pref("remote.active-protocols", 1);\n'
+                                     'user_pref("browser.shell.checkDefaultBrowser", false);\n')
+    port = free_port()
+    firefox = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
+                                f"--remote-debugging-port={port}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        result = asyncio.run(gestures(port, server.url + "/", tmp_path / "firefox-gestures.png"))
+    finally:
+        stop_process(firefox)
+        server.stop()
+    before, after = result["offset_before"], result["offset_after"]
+    assert after[0] == pytest.approx(before[0] - 150, abs=1) and after[1] == pytest.approx(before[1] + 60, abs=1)
+    assert result["doc_same"] and result["selection"] == "" and not result["palette"]
+    assert result["mode"] == "bypass" and result["bypassed_class"] and result["menu_closed"]
+    problems = [e for e in result["log"] if e.get("level") == "error"]
+    assert problems == [], problems
