@@ -41,3 +41,34 @@ def tiny_env(tiny_models_dir, tmp_path):
     env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir), models=models)
     yield env
     models.unload_all()
+
+
+# -- the editor's browser tests (see tests/browser_support.py) ---------------------------
+# One definition for every editor test module; a module that needs another server (its own
+# models or workflows) or browser defines a fixture of the same name, which takes precedence.
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory, tiny_models_dir):
+    """A real ``kiln serve`` on a loopback port, with a data folder of this test module's own."""
+    from browser_support import Server
+
+    srv = Server(tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_")), tiny_models_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from browser_support import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.fixture
+def editor(browser, server):
+    """The editor open on ``server``; fails the test on any console error it did not expect."""
+    from browser_support import open_editor
+
+    ed = open_editor(browser, server)
+    yield ed
+    ed.close_checked()

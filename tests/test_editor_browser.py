@@ -16,17 +16,10 @@ from typing import Any
 import pytest
 from PIL import Image, PngImagePlugin
 
-from browser_support import (DEMO_CKPT, REPO, RUN_TIMEOUT_MS, TINY_CKPT, VIEWPORT, Editor, Server, drop_file, http_json,
-                             launch_browser, open_editor, tiny_img2img)
+from browser_support import (DEMO_CKPT, REPO, RUN_TIMEOUT_MS, TINY_CKPT, VIEWPORT, Editor, Server, drop_file,
+                             http_json, tiny_img2img)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models_dir):
-    srv = Server(tmp_path_factory.mktemp("editor"), tiny_models_dir)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +34,10 @@ def fresh_server(tmp_path_factory, tiny_models_dir):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    yield from launch_browser()
-
-
 #: Playwright's wait_for_function compiles its predicate with ``new Function`` in the page,
 #: which the editor's Content-Security-Policy forbids; these tests drive the editor, and
 #: tests/test_editor_csp.py checks it under its policy.
 PAGE = {"viewport": VIEWPORT, "bypass_csp": True}
-
-
-@pytest.fixture
-def editor(browser, server):
-    ed = open_editor(browser, server)
-    yield ed
-    ed.close_checked()
 
 
 # -- tests -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from browser_support import REPO, Server, drop_file, launch_browser, open_editor
+from browser_support import REPO, Server, drop_file, open_editor
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -50,18 +50,6 @@ def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("layout"), models, workflows)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from launch_browser()
-
-
-@pytest.fixture
-def editor(browser, server):
-    ed = open_editor(browser, server)
-    yield ed
-    ed.close_checked()
 
 
 def open_from_library(editor, name: str) -> None:

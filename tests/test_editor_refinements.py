@@ -10,28 +10,9 @@ from typing import Any
 
 import pytest
 
-from browser_support import RUN_TIMEOUT_MS, Server, http_json, launch_browser, open_editor, tiny_img2img
+from browser_support import RUN_TIMEOUT_MS, http_json, tiny_img2img
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models_dir):
-    srv = Server(tmp_path_factory.mktemp("refinements"), tiny_models_dir)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from launch_browser()
-
-
-@pytest.fixture
-def editor(browser, server):
-    ed = open_editor(browser, server)
-    yield ed
-    ed.close_checked()
 
 
 def test_reroute_points_drag_by_their_handle_undo_and_remove(editor):

@@ -19,28 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser_support import Server, launch_browser, open_editor, tiny_img2img
+from browser_support import tiny_img2img
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models_dir):
-    srv = Server(tmp_path_factory.mktemp("maskpainter"), tiny_models_dir)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from launch_browser()
-
-
-@pytest.fixture
-def editor(browser, server):
-    ed = open_editor(browser, server)
-    yield ed
-    ed.close_checked()
 
 
 def inpaint_graph() -> dict[str, Any]:
