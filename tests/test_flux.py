@@ -217,3 +217,24 @@ def test_custom_sampling_on_flow_refuses_by_node_input_and_notes_the_shift_size(
     rec = Recorder()
     custom_advanced(_fixed(_model("dev")), cond, None, 1.0, empty, seed=0, steps=1, denoise=1.0, ctx=rec.ctx)
     assert not any("ModelSamplingFlux" in m for m in rec.messages)
+
+
+def test_split_sigmas_with_disable_noise_continues_a_flow_run():
+    """High half with RandomNoise, low half with DisableNoise: one euler run (the flow state is
+    handed on as it is, not blended again with 1 - sigma)."""
+    from nodes.custom_sampling import (basic_guider, basic_scheduler, disable_noise, ksampler_select, random_noise,
+                                       sampler_custom_advanced, split_sigmas)
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model, ctx = _fixed(_model("dev")), Recorder().ctx
+    guider, sampler = basic_guider(ctx, model, cond)[0], ksampler_select(ctx, "euler")[0]
+    (sigmas,) = basic_scheduler(ctx, model, "normal", 4, 1.0)
+    high, low = split_sigmas(ctx, sigmas, 2)
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    whole, _ = sampler_custom_advanced(ctx, random_noise(ctx, 5)[0], guider, sampler, sigmas, empty)
+    half, _ = sampler_custom_advanced(ctx, random_noise(ctx, 5)[0], guider, sampler, high, empty)
+    done, _ = sampler_custom_advanced(ctx, disable_noise(ctx)[0], guider, sampler, low, half)
+    ours = _decode("dev", done["samples"])
+    assert (ours - _decode("dev", whole["samples"])).abs().max() <= PIXEL_TOL
+    assert (_decode("dev", half["samples"]) - ours).abs().max() > 0.02  # the halves really split the run

@@ -129,7 +129,10 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     except ValueError as exc:
         raise NodeError(str(exc), sigmas_input) from None
     sigma0 = float(sigmas[0])
-    start = sampling.to_state(sched, sampling.start(sigma0, start_noise, x0), sigma0)
+    # DisableNoise: the latent is the state at sigma0 already (e.g. the low half of a split run).
+    # A flow model's blend would scale it by 1 - sigma0 (ComfyUI does; custom nodes work around it).
+    begin = sampling.start(sigma0, start_noise, x0) if noise.enabled else x0
+    start = sampling.to_state(sched, begin, sigma0)
     if hasattr(sched, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
         from nodes.latent import image_seeds
 
