@@ -85,12 +85,21 @@ def basic_scheduler(ctx, model, scheduler: str, steps: int, denoise: float):
     """The model's sigmas for ``steps`` steps: the ones KSampler would run with the same
     scheduler, steps and denoise (denoise < 1: always ``steps`` steps, on the quiet end
     of a ``steps / denoise`` schedule; denoise 0: an empty list)."""
-    from nodes.samplers.model_sampling import for_model
-
     name = _scheduler(scheduler)
     if int(steps) < 1:
         raise NodeError(f"steps must be at least 1, got {steps}", "steps")
-    return (for_model(model).sigmas(name, int(steps), float(denoise)).cpu(),)
+    return (_model_sigmas(model, name, int(steps), float(denoise)),)
+
+
+def _model_sigmas(model, scheduler: str, steps: int, denoise: float):
+    """The model's sigmas; a schedule its sampling lacks (flow) is an error naming ``scheduler``."""
+    from nodes.families.base import ConditioningError
+    from nodes.samplers.model_sampling import for_model
+
+    try:
+        return for_model(model).sigmas(scheduler, steps, denoise).cpu()
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
 
 
 @define_node("KarrasScheduler", category="sampling/schedulers",
@@ -249,7 +258,6 @@ def ksampler_advanced(ctx, model, add_noise: str, noise_seed: int, steps: int, c
     the second continues with add_noise disabled. Stopping early without leftover noise
     ends on sigma 0 (the image is finished there), as ComfyUI does."""
     from nodes.samplers.custom import Guider, Noise, check_latent, sample
-    from nodes.samplers.model_sampling import for_model
 
     spec = _spec(sampler_name)
     name = _scheduler(scheduler)
@@ -263,7 +271,7 @@ def ksampler_advanced(ctx, model, add_noise: str, noise_seed: int, steps: int, c
     start, end = int(start_at_step), int(end_at_step)
     if start < 0 or end < 0:
         raise NodeError("start_at_step and end_at_step must not be negative", "start_at_step" if start < 0 else "end_at_step")
-    sigmas = for_model(model).sigmas(name, int(steps), 1.0)
+    sigmas = _model_sigmas(model, name, int(steps), 1.0)
     if end < len(sigmas) - 1:
         sigmas = sigmas[:end + 1].clone()
         if return_with_leftover_noise != "enable":
@@ -273,7 +281,7 @@ def ksampler_advanced(ctx, model, add_noise: str, noise_seed: int, steps: int, c
                     "the latent is returned unchanged")
         return ({k: v for k, v in latent_image.items()},)
     out, _ = sample(ctx, Guider(model, positive, negative, float(cfg)), spec, sigmas[start:], latent_image,
-                    Noise(int(noise_seed), enabled=add_noise == "enable"))
+                    Noise(int(noise_seed), enabled=add_noise == "enable"), sampler_input="sampler_name")
     return (out,)
 
 

@@ -124,3 +124,117 @@ def test_flow_refuses_samplers_it_lacks():
         ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpmpp_2m", "normal", cond, cond,
                  {"samples": torch.zeros(1, 16, 8, 8)})
     assert err.value.input_name == "sampler_name" and "flow" in str(err.value)
+
+
+# -- ComfyUI's custom-sampling nodes on FLUX ---------------------------------------------------
+
+def _fixed(model: ModelHandle) -> ModelHandle:
+    """The model with ModelSamplingFlux at the tests' 64 px (the shift KSampler uses for that size)."""
+    from nodes.flux_nodes import model_sampling_flux
+
+    return model_sampling_flux(Recorder().ctx, model, 1.15, 0.5, 64, 64)[0]
+
+
+def custom_advanced(model, positive, negative, cfg, latent, *, seed, steps, denoise, sampler="euler",
+                    scheduler="normal", ctx=None):
+    from nodes.custom_sampling import (basic_guider, basic_scheduler, cfg_guider, ksampler_select, random_noise,
+                                       sampler_custom_advanced)
+
+    ctx = ctx or Recorder().ctx
+    (sigmas,) = basic_scheduler(ctx, model, scheduler, steps, denoise)
+    guider = basic_guider(ctx, model, positive)[0] if negative is None else \
+        cfg_guider(ctx, model, positive, negative, cfg)[0]
+    out, _ = sampler_custom_advanced(ctx, random_noise(ctx, seed)[0], guider, ksampler_select(ctx, sampler)[0],
+                                     sigmas, latent)
+    return sigmas, out
+
+
+def test_basic_scheduler_gives_ksamplers_flow_sigmas():
+    from nodes.custom_sampling import basic_scheduler
+    from nodes.samplers import flow
+
+    model = _fixed(_model("dev"))
+    ctx = Recorder().ctx
+    (full,) = basic_scheduler(ctx, model, "normal", 4, 1.0)
+    assert torch.equal(full, flow.scheduler(model.scheduler_config, "normal", 4, 8, 8).sigmas)
+    (tail,) = basic_scheduler(ctx, model, "simple", 4, 0.5)  # KSampler's denoise rule: last 4 of 8
+    assert torch.equal(tail, flow.scheduler(model.scheduler_config, "simple", 8, 8, 8).sigmas[4:])
+    # without ModelSamplingFlux the scheduler cannot see the size: ComfyUI's 1024 px shift
+    (unfixed,) = basic_scheduler(ctx, _model("dev"), "normal", 4, 1.0)
+    assert torch.equal(unfixed, flow.scheduler(model.scheduler_config | {flow.SHIFT_SEQ_LEN: 4096}, "normal", 4,
+                                               8, 8).sigmas)
+    assert (unfixed - full).abs().max() > 0.01
+
+
+def test_custom_advanced_txt2img_equals_ksampler():
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model = _fixed(_model("dev"))
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    (ref,) = ksampler(Recorder().ctx, model, 5, 4, 1.0, "euler", "normal", cond, cond, empty)
+    _, out = custom_advanced(model, cond, None, 1.0, empty, seed=5, steps=4, denoise=1.0)
+    ours = _decode("dev", out["samples"])
+    assert (ours - _decode("dev", ref["samples"])).abs().max() <= PIXEL_TOL
+    _, other = custom_advanced(model, cond, None, 1.0, empty, seed=6, steps=4, denoise=1.0)
+    assert (ours - _decode("dev", other["samples"])).abs().max() > 0.02  # the seed matters: not vacuous
+
+
+def test_custom_advanced_img2img_with_cfg_guider_equals_ksampler_denoise():
+    embeds, pooled = _embeds("dev")
+    positive = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    negative = [[embeds * 0.5, {"pooled_output": pooled, "guidance": 1.0}]]
+    model = _fixed(_model("dev"))
+    latent = {"samples": _init_raw()}
+    (ref,) = ksampler(Recorder().ctx, model, 9, 4, 2.0, "euler", "simple", positive, negative, latent, denoise=0.6)
+    _, out = custom_advanced(model, positive, negative, 2.0, latent, seed=9, steps=4, denoise=0.6,
+                             scheduler="simple")
+    ours = _decode("dev", out["samples"])
+    assert (ours - _decode("dev", ref["samples"])).abs().max() <= PIXEL_TOL
+    _, other = custom_advanced(model, positive, negative, 2.0, latent, seed=10, steps=4, denoise=0.6,
+                               scheduler="simple")
+    assert (ours - _decode("dev", other["samples"])).abs().max() > 0.02
+
+
+def test_custom_sampling_on_flow_refuses_by_node_input_and_notes_the_shift_size():
+    from nodes.custom_sampling import basic_scheduler, ksampler_advanced
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled}]]
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    with pytest.raises(NodeError) as err:
+        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="dpmpp_2m")
+    assert err.value.input_name == "sampler" and "dpmpp_2m" in str(err.value) and "flow" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        ksampler_advanced(Recorder().ctx, _model("dev"), "enable", 0, 2, 1.0, "heun", "normal", cond, cond, empty,
+                          0, 10000, "disable")
+    assert err.value.input_name == "sampler_name" and "heun" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        basic_scheduler(Recorder().ctx, _model("dev"), "ddim_uniform", 4, 1.0)
+    assert err.value.input_name == "scheduler" and "ddim_uniform" in str(err.value)
+    rec = Recorder()
+    custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=1, denoise=1.0, ctx=rec.ctx)
+    assert any("ModelSamplingFlux" in m and "64x64" in m for m in rec.messages)
+    rec = Recorder()
+    custom_advanced(_fixed(_model("dev")), cond, None, 1.0, empty, seed=0, steps=1, denoise=1.0, ctx=rec.ctx)
+    assert not any("ModelSamplingFlux" in m for m in rec.messages)
+
+
+def test_split_sigmas_with_disable_noise_continues_a_flow_run():
+    """High half with RandomNoise, low half with DisableNoise: one euler run (the flow state is
+    handed on as it is, not blended again with 1 - sigma)."""
+    from nodes.custom_sampling import (basic_guider, basic_scheduler, disable_noise, ksampler_select, random_noise,
+                                       sampler_custom_advanced, split_sigmas)
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model, ctx = _fixed(_model("dev")), Recorder().ctx
+    guider, sampler = basic_guider(ctx, model, cond)[0], ksampler_select(ctx, "euler")[0]
+    (sigmas,) = basic_scheduler(ctx, model, "normal", 4, 1.0)
+    high, low = split_sigmas(ctx, sigmas, 2)
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    whole, _ = sampler_custom_advanced(ctx, random_noise(ctx, 5)[0], guider, sampler, sigmas, empty)
+    half, _ = sampler_custom_advanced(ctx, random_noise(ctx, 5)[0], guider, sampler, high, empty)
+    done, _ = sampler_custom_advanced(ctx, disable_noise(ctx)[0], guider, sampler, low, half)
+    ours = _decode("dev", done["samples"])
+    assert (ours - _decode("dev", whole["samples"])).abs().max() <= PIXEL_TOL
+    assert (_decode("dev", half["samples"]) - ours).abs().max() > 0.02  # the halves really split the run

@@ -171,6 +171,49 @@ def test_comfyui_api_workflow_with_split_loaders_runs_unchanged(registry, env):
     assert np.abs(kiln - shifted).max() > 0.003
 
 
+def _comfy_flux_dev_template(seed: int = 3) -> dict:
+    """ComfyUI's FLUX [dev] template graph (custom-sampling nodes), API format, at the tests' size."""
+    return {
+        "12": {"class_type": "UNETLoader", "inputs": {"unet_name": SPLIT["diffusion_model"],
+                                                      "weight_dtype": "default"}},
+        "11": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": SPLIT["t5xxl"], "clip_name2": SPLIT["clip_l"],
+                                                          "type": "flux"}},
+        "10": {"class_type": "VAELoader", "inputs": {"vae_name": SPLIT["vae"]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["11", 0]}},
+        "60": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": 3.5}},
+        "22": {"class_type": "BasicGuider", "inputs": {"model": ["12", 0], "conditioning": ["60", 0]}},
+        "16": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "17": {"class_type": "BasicScheduler", "inputs": {"model": ["12", 0], "scheduler": "simple", "steps": 4,
+                                                          "denoise": 1.0}},
+        "25": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "27": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "13": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["25", 0], "guider": ["22", 0],
+                                                                 "sampler": ["16", 0], "sigmas": ["17", 0],
+                                                                 "latent_image": ["27", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["10", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "flux"}},
+    }
+
+
+def test_comfyui_flux_dev_template_with_custom_sampling_runs_unchanged(registry, env):
+    """The template runs as ComfyUI builds it (its scheduler shifts for 1024 px, as ComfyUI's does);
+    with ModelSamplingFlux at the sampled size it equals FluxPipeline, and the seed matters."""
+    template = run(registry, env, parse(_comfy_flux_dev_template())).results["8"][0].numpy()
+    graph = _comfy_flux_dev_template()
+    graph["30"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["12", 0], "max_shift": 1.15,
+                                                                 "base_shift": 0.5, "width": SIZE, "height": SIZE}}
+    graph["22"]["inputs"]["model"] = graph["17"]["inputs"]["model"] = ["30", 0]
+    kiln = run(registry, env, parse(graph)).results["8"][0].numpy()
+    reference = tiny_flux.pipeline("dev")(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=4,
+                                          guidance_scale=3.5, output_type="np",
+                                          generator=torch.Generator("cpu").manual_seed(3)).images
+    assert np.abs(kiln - reference).max() <= 1 / 255
+    assert np.abs(template - kiln).max() > 0.003  # the 1024 px shift is another schedule
+    graph["25"]["inputs"]["noise_seed"] = 4
+    other = run(registry, env, parse(graph)).results["8"][0].numpy()
+    assert np.abs(kiln - other).max() > 0.02
+
+
 def test_key_map_matches_diffusers_converter_at_the_released_width():
     """Our BFL table gives the keys and shapes diffusers' own converter gives (built on meta: no memory)."""
     from diffusers import FluxTransformer2DModel

@@ -143,6 +143,12 @@ class Flux(Family):
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
 
+    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
+        """Flow-matching sampling for the custom-sampling nodes (KSampler's grid and stepper)."""
+        from nodes.samplers.model_sampling import FlowSampling
+
+        return FlowSampling(scheduler_config)
+
     # -- the network -------------------------------------------------------------------
 
     def wrap_network(self, network: Any) -> Any:

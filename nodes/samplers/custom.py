@@ -87,7 +87,8 @@ def check_latent(latent: Any, input_name: str = "latent_image") -> "torch.Tensor
 
 
 def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: dict, noise: Noise, *,
-           sigmas_input: str = "sigmas", latent_input: str = "latent_image") -> tuple[dict, dict]:
+           sigmas_input: str = "sigmas", latent_input: str = "latent_image",
+           sampler_input: str = "sampler") -> tuple[dict, dict]:
     """Denoise ``latent`` over ``sigmas``; returns (output, denoised_output) LATENTs.
 
     ``output`` is the state at the last sigma (with leftover noise when that is not 0);
@@ -119,12 +120,19 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     start_noise, generators = noise.draw(samples, latent.get("batch_index"))
     # ComfyUI's rule: an empty latent is not shifted into model space (it stays zero).
     x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
+    for note in sampling.notes(samples.shape[2], samples.shape[3]):
+        ctx.message(note)
     try:
         sched, timesteps = sampling.stepper(spec, sigmas)
+    except loop.ConditioningError as exc:  # a sampler this model's sampling (flow) lacks
+        raise NodeError(str(exc), sampler_input if exc.input_name == "sampler" else exc.input_name) from None
     except ValueError as exc:
         raise NodeError(str(exc), sigmas_input) from None
     sigma0 = float(sigmas[0])
-    start = sampling.to_state(sched, sampling.start(sigma0, start_noise, x0), sigma0)
+    # DisableNoise: the latent is the state at sigma0 already (e.g. the low half of a split run).
+    # A flow model's blend would scale it by 1 - sigma0 (ComfyUI does; custom nodes work around it).
+    begin = sampling.start(sigma0, start_noise, x0) if noise.enabled else x0
+    start = sampling.to_state(sched, begin, sigma0)
     if hasattr(sched, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
         from nodes.latent import image_seeds
 

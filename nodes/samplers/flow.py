@@ -50,6 +50,8 @@ SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
 }
 #: Kiln's own keys in a flow config (not diffusers'): the patch count ModelSamplingFlux fixed.
 SHIFT_SEQ_LEN = "kiln_shift_seq_len"
+#: The image side (pixels) a scheduler node shifts for when it is not told the size (ComfyUI's default).
+DEFAULT_SHIFT_SIZE = 1024
 
 
 def is_flow(config: Mapping[str, Any]) -> bool:
@@ -109,14 +111,44 @@ def scheduler(config: Mapping[str, Any], schedule: str, steps: int, h: int, w: i
     return sched
 
 
-def check(spec: "SamplerSpec", schedule: str) -> None:
-    """Refuse samplers and schedules flow sampling does not have, naming the input."""
+def check_sampler(spec: "SamplerSpec", input_name: str = "sampler_name") -> None:
+    """Refuse a sampler flow sampling does not have, naming ``input_name``."""
     if spec.name not in SAMPLERS:
         raise ConditioningError(f"sampler {spec.name!r} does not run flow-matching models (FLUX) yet; use "
-                                f"{', '.join(SAMPLERS)}", "sampler_name")
+                                f"{', '.join(SAMPLERS)}", input_name)
+
+
+def check_schedule(schedule: str) -> None:
+    """Refuse a schedule flow sampling does not have, naming ``scheduler``."""
     if schedule not in SCHEDULE_FLAGS:
         raise ConditioningError(f"scheduler {schedule!r} has no flow-matching form; use one of "
                                 f"{', '.join(SCHEDULE_FLAGS)}", "scheduler")
+
+
+def check(spec: "SamplerSpec", schedule: str) -> None:
+    """Refuse samplers and schedules flow sampling does not have, naming the input."""
+    check_sampler(spec)
+    check_schedule(schedule)
+
+
+def follow(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> FlowStepper:
+    """The flow Euler stepper over exactly ``sigmas`` (a SIGMAS list, last value included),
+    for the custom-sampling nodes: diffusers' scheduler with the shift already in the list
+    (shift 1, no dynamic shifting), its terminal value set to the list's last one so a
+    split list stops where it says."""
+    import numpy as np
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    check_sampler(spec, "sampler")
+    clean = {k: v for k, v in config.items() if not k.startswith("kiln_") and k != "prediction_type"}
+    sched = FlowMatchEulerDiscreteScheduler.from_config(
+        clean, shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False)
+    values = sigmas.detach().to("cpu", dtype=torch.float32).numpy()
+    sched.set_timesteps(sigmas=np.asarray(values[:-1], dtype=np.float32))
+    sched.sigmas[-1] = float(values[-1])
+    return FlowStepper(sched, 0)
 
 
 def strength_start(steps: int, strength: float) -> int:

@@ -5,7 +5,7 @@ KSamplerAdvanced never look at a model's training schedule themselves: they ask
 this object, which the model's family provides (:meth:`Family.model_sampling`).
 :class:`DiscreteSampling` is the one for the 1000-step DDPM-trained families
 (SD 1.x/2.x/SDXL, epsilon or v prediction); a flow-matching family (FLUX) returns
-its own object with the same four methods, and the nodes run unchanged on it.
+its own (:class:`FlowSampling`) with the same methods, and the nodes run unchanged on it.
 
 Kiln's rules, kept equal to KSampler's so a custom-sampling graph gives KSampler's
 result with the same settings:
@@ -87,17 +87,80 @@ class DiscreteSampling:
 
         return steppers.from_state(stepper, x, sigma)
 
+    def notes(self, h: int, w: int) -> list[str]:
+        return []  # the discrete schedule does not depend on the image size
+
+
+class FlowSampling:
+    """Model sampling of a flow-matching model (FLUX): the state at flow time t is
+    ``t * noise + (1 - t) * x0`` and the sigmas *are* flow times (1 = pure noise).
+
+    The grid, shift and stepper are :mod:`nodes.samplers.flow`'s, the ones KSampler
+    samples FLUX with, so BasicScheduler at denoise 1 gives KSampler's sigmas and
+    below 1 KSampler's ``steps / denoise`` tail. The resolution-dependent shift needs
+    the image size, which a scheduler node is not given: it is the one ModelSamplingFlux
+    fixed, otherwise ComfyUI's default size (``flow.DEFAULT_SHIFT_SIZE``, 1024 x 1024);
+    :meth:`notes` says when the latent sampled is another size.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+
+    @property
+    def sigma_min(self) -> float:
+        return 1.0 / float(self.config.get("num_train_timesteps", 1000))
+
+    @property
+    def sigma_max(self) -> float:
+        return 1.0
+
+    def sigmas(self, scheduler: str, steps: int, denoise: float = 1.0) -> "torch.Tensor":
+        """The descending flow times (ending in 0) for ``steps`` steps of ``scheduler`` at ``denoise``;
+        a schedule flow sampling lacks is a ConditioningError naming ``scheduler``."""
+        import torch
+
+        from nodes.samplers import flow
+
+        flow.check_schedule(scheduler)
+        if denoise <= 0.0:
+            return torch.zeros(0)
+        total = steps if denoise > 0.9999 else int(steps / denoise)
+        size = flow.DEFAULT_SHIFT_SIZE // 8
+        sched = flow.scheduler(self.config, scheduler, total, size, size)
+        return sched.sigmas[total - steps:].to(torch.float32).clone()
+
+    def start(self, sigma0: float, noise: "torch.Tensor", x0: "torch.Tensor") -> "torch.Tensor":
+        """The state at flow time ``sigma0``: the blend diffusers' ``scale_noise`` makes."""
+        return sigma0 * noise + (1.0 - sigma0) * x0
+
+    def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
+        """(flow Euler stepper over exactly ``sigmas``, its timesteps); a sampler flow sampling
+        lacks is a ConditioningError naming ``sampler``."""
+        from nodes.samplers import flow
+
+        stepper = flow.follow(spec, self.config, sigmas)
+        return stepper, stepper.timesteps
+
+    def to_state(self, stepper: Any, x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        return x  # the flow state is the latent itself
+
+    def from_state(self, stepper: Any, x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        return x
+
+    def notes(self, h: int, w: int) -> list[str]:
+        """What to tell the user about sampling a latent of h x w on sigmas made without its size."""
+        from nodes.samplers import flow
+
+        if not self.config.get("use_dynamic_shifting") or self.config.get(flow.SHIFT_SEQ_LEN):
+            return []
+        default = flow.DEFAULT_SHIFT_SIZE // 8
+        if (h // 2) * (w // 2) == (default // 2) ** 2:
+            return []
+        return [f"the sigmas are shifted for {flow.DEFAULT_SHIFT_SIZE}x{flow.DEFAULT_SHIFT_SIZE} (ComfyUI's default; "
+                f"the scheduler does not see the image), this latent is {w * 8}x{h * 8}: put ModelSamplingFlux "
+                "with its width and height before the scheduler for the shift KSampler uses"]
+
 
 def for_model(model: Any) -> Any:
-    """The sampling object of a MODEL handle, from its family (the seam a new family extends).
-
-    A flow-matching model (FLUX) whose family does not yet override ``model_sampling`` is
-    refused by name rather than sampled on a discrete schedule it was not trained with."""
-    from engine.context import NodeError
-    from nodes.families.base import Family
-    from nodes.samplers import flow
-
-    if flow.is_flow(model.scheduler_config) and type(model.family).model_sampling is Family.model_sampling:
-        raise NodeError(f"the custom-sampling nodes cannot sample this {model.family.name} (flow-matching) model "
-                        "yet; use KSampler", "model")
+    """The sampling object of a MODEL handle, from its family (the seam a new family extends)."""
     return model.family.model_sampling(model.scheduler_config)
