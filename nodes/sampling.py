@@ -47,7 +47,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     from nodes import inpaint_sampling
     from nodes.samplers import loop
     from nodes.samplers.hold import Hold
-    from nodes.samplers.schedules import TrainingSchedule
+    from nodes.samplers.model_sampling import for_model
     from nodes.samplers.plan import plan as make_plan
 
     try:
@@ -114,7 +114,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     note = getattr(model, "compile_note", lambda: None)()
     if note:
         ctx.message(note)
-    hold = None if prep.mask is None else Hold(x0, noise, prep.mask, TrainingSchedule(model.scheduler_config))
+    hold = None if prep.mask is None else Hold(x0, noise, prep.mask, for_model(model))
     try:
         with model.unet() as unet:
             result = loop.run(unet, p, positive=prep.positive, negative=prep.negative, cfg=float(cfg),

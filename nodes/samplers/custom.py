@@ -96,7 +96,9 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     """
     import torch
 
+    from nodes import inpaint_sampling
     from nodes.samplers import loop
+    from nodes.samplers.hold import Hold
     from nodes.samplers.model_sampling import for_model
     from nodes.samplers.plan import Plan
 
@@ -122,6 +124,11 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
     for note in sampling.notes(samples.shape[2], samples.shape[3]):
         ctx.message(note)
+    # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
+    prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message)
+    if prep.nothing_to_repaint:
+        out = {k: v for k, v in latent.items() if k not in NOISE_KEYS}
+        return out, out
     try:
         sched, timesteps = sampling.stepper(spec, sigmas)
     except loop.ConditioningError as exc:  # a sampler this model's sampling (flow) lacks
@@ -139,20 +146,25 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
         seeds = image_seeds(noise.seed, samples.shape[0], latent.get("batch_index"))
         sched.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
     plan = Plan("custom", sched, timesteps, start, sigmas)
+    hold = None if prep.mask is None else Hold(x0, start_noise, prep.mask, sampling)
     image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
     denoised: list = []
     try:
         with model.unet() as unet:
-            result = loop.run(unet, plan, positive=guider.positive, negative=guider.negative, cfg=guider.cfg,
+            result = loop.run(unet, plan, positive=prep.positive, negative=prep.negative, cfg=guider.cfg,
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised,
-                              previews=ctx.wants_previews)
+                              previews=ctx.wants_previews, hold=hold)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))
     out = {k: v for k, v in latent.items() if k not in NOISE_KEYS}
     out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
+    if hold is not None and float(sigmas[-1]) == 0.0:
+        # Kept pixels are the input's exactly once the run is done; a run that stops early
+        # (leftover noise for a second sampler) hands on its held, noised state as it is.
+        out["samples"] = hold.finish(samples, out["samples"])
     if not denoised:
         return out, out
     clean = dict(out)

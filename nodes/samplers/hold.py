@@ -25,31 +25,30 @@ class Hold:
     noise: "torch.Tensor"
     #: 1 = repaint, 0 = keep; [B, 1, h, w] at latent size
     mask: "torch.Tensor"
-    #: nodes.samplers.schedules.TrainingSchedule, for samplers without add_noise
-    schedule: Any = None
+    #: the model's sampling object (nodes.samplers.model_sampling): how the input is noised to a
+    #: level (x0 + sigma * noise for DDPM-trained models, a blend for flow models)
+    sampling: Any
 
     def to(self, device: Any) -> "Hold":
-        return Hold(self.x0.to(device), self.noise.to(device), self.mask.to(device), self.schedule)
+        return Hold(self.x0.to(device), self.noise.to(device), self.mask.to(device), self.sampling)
 
     def noised(self, sched: Any, t: Any) -> "torch.Tensor":
         """The input latent at the level of this evaluation, in the state space ``sched`` steps in.
 
         Samplers that keep sigmas (diffusers' k-style and multistep classes, Kiln's
-        steppers) get x0 + sigma * noise (VP form where they step in it, as the plan
-        forms the starting latent) at the sigma the scheduler evaluates now, midpoints
-        of second-order samplers included (diffusers' ``add_noise`` would use the step's
-        first sigma there, and the network's timestep may be rounded). Timestep-only
-        schedulers (DDIM, PLMS, DDPM, LCM on their grids) use their own ``add_noise``.
+        steppers, the flow steppers) get the model sampling's noised state at the sigma
+        the scheduler evaluates now, midpoints of second-order samplers included
+        (diffusers' ``add_noise`` would use the step's first sigma there, and the
+        network's timestep may be rounded). Timestep-only schedulers (DDIM, PLMS, DDPM,
+        LCM on their grids) use their own ``add_noise``.
         """
         import torch
-
-        from nodes.samplers.steppers import to_state
 
         if getattr(sched, "sigmas", None) is None and getattr(sched, "stages", None) is None:
             ts = torch.as_tensor(t).reshape(1).repeat(self.x0.shape[0])
             return sched.add_noise(self.x0, self.noise, ts)
         sigma = self._current_sigma(sched, t)
-        return to_state(sched, self.x0 + self.noise * sigma, sigma)
+        return self.sampling.to_state(sched, self.sampling.noised(self.x0, self.noise, sigma), sigma)
 
     def _current_sigma(self, sched: Any, t: Any) -> float:
         stages = getattr(sched, "stages", None)
@@ -61,7 +60,7 @@ class Hold:
                 sched._init_step_index(t)  # what scale_model_input is about to do
             index = sched.step_index
         if index is None:
-            return float(self.schedule.sigma(float(t)))
+            return float(self.sampling.sigma_at(float(t)))
         if getattr(sched, "state_in_first_order", True) is False:  # a second-order midpoint
             for name in ("sigmas_interpol", "mid_point_sigma"):
                 value = getattr(sched, name, None)

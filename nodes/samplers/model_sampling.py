@@ -71,6 +71,14 @@ class DiscreteSampling:
             return noise * init_noise_sigma(self.config, sigma0)
         return x0 + noise * sigma0
 
+    def noised(self, x0: "torch.Tensor", noise: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        """The clean latent noised to ``sigma`` (what a noise mask holds the kept region to)."""
+        return x0 + noise * sigma
+
+    def sigma_at(self, timestep: float) -> float:
+        """The sigma of a (possibly fractional) training timestep."""
+        return float(self.schedule.sigma(timestep))
+
     def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
         """(scheduler-like stepper over ``sigmas``, the timesteps of its model evaluations)."""
         from nodes.samplers import steppers
@@ -132,6 +140,13 @@ class FlowSampling:
     def start(self, sigma0: float, noise: "torch.Tensor", x0: "torch.Tensor") -> "torch.Tensor":
         """The state at flow time ``sigma0``: the blend diffusers' ``scale_noise`` makes."""
         return sigma0 * noise + (1.0 - sigma0) * x0
+
+    def noised(self, x0: "torch.Tensor", noise: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        return self.start(sigma, noise, x0)
+
+    def sigma_at(self, timestep: float) -> float:
+        """A flow timestep is its flow time scaled by the training steps (diffusers' convention)."""
+        return float(timestep) / float(self.config.get("num_train_timesteps", 1000))
 
     def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
         """(flow Euler stepper over exactly ``sigmas``, its timesteps); a sampler flow sampling
