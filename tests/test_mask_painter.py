@@ -2,16 +2,13 @@
 
 Paint and erase at two zooms, undo, invert, clear; save through ``/upload/mask`` in
 ComfyUI's wire form; the file's alpha is the painted region, reopening reads it
-back, and a run of an inpainting graph keeps every pixel outside the mask while
-LoadImage's MASK output equals the painted region pixel for pixel.
-
-The graph uses nodes already in main: the picture is encoded, fully re-noised and
-sampled, decoded, and ImageCompositeMasked puts the result back only where the
-mask is (ComfyUI's pixel-space "keep the unmasked area"). With workflows/inpaint.json
-(SetLatentNoiseMask) the outside would match up to the VAE round trip instead.
+back, and a run of the repository's ``workflows/inpaint.json`` (shrunk to the tiny
+model) repaints the painted region: LoadImage's MASK output equals the painted
+region pixel for pixel, and every pixel outside the grown mask is the picture's own.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +16,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser_support import tiny_img2img
+from browser_support import REPO, TINY_CKPT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def inpaint_graph() -> dict[str, Any]:
-    """img2img shrunk to the tiny model, repainting only under LoadImage's MASK."""
-    doc = tiny_img2img("Masked repaint", strength=1.0)
+    """workflows/inpaint.json on the tiny model (3 euler steps), also saving the painted and grown masks."""
+    doc = json.loads((REPO / "workflows" / "inpaint.json").read_text())
     nodes = doc["nodes"]
-    nodes["4"]["inputs"]["background"] = "none"  # the stored colours, as ComfyUI's LoadImage
-    del nodes["5"]  # no resize: the picture is 64 px already
-    nodes["6"]["inputs"]["pixels"] = ["4", 0]
-    doc["params"] = {k: v for k, v in doc["params"].items() if not str(v).startswith("5.")}
-    nodes["20"] = {"type": "ImageCompositeMasked", "inputs": {
-        "destination": ["4", 0], "source": ["9", 0], "x": 0, "y": 0, "resize_source": False, "mask": ["4", 1]},
-        "ui": {"pos": [1500, 80]}}
-    nodes["10"]["inputs"].update(images=["20", 0], filename_prefix="inpaint")
-    nodes["21"] = {"type": "MaskToImage", "inputs": {"mask": ["4", 1]}, "ui": {"pos": [1500, 400]}}
-    nodes["22"] = {"type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "painted-mask"},
-                   "ui": {"pos": [1800, 400]}}
+    types = {node["type"]: node_id for node_id, node in nodes.items()}
+    assert {"LoadImage", "GrowMask", "KSampler", "ImageCompositeMasked", "SaveImage"} <= set(types)
+    nodes[types["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = TINY_CKPT
+    nodes[types["KSampler"]]["inputs"].update(steps=3, sampler_name="euler", scheduler="normal")
+    nodes[types["LoadImage"]]["inputs"]["background"] = "none"  # the stored colours, as ComfyUI's LoadImage
+    for node_id, mask, prefix, y in (("21", [types["LoadImage"], 1], "painted-mask", 900),
+                                     ("23", [types["GrowMask"], 0], "grown-mask", 1200)):
+        nodes[node_id] = {"type": "MaskToImage", "inputs": {"mask": mask}, "ui": {"pos": [1500, y]}}
+        nodes[str(int(node_id) + 1)] = {"type": "SaveImage", "inputs": {
+            "images": [node_id, 0], "filename_prefix": prefix}, "ui": {"pos": [1800, y]}}
     return doc
 
 
@@ -81,7 +77,7 @@ def open_painter(editor: Any, node_id: str = "4") -> Painter:
 def test_paint_save_reopen_and_inpaint_keeps_the_unmasked_pixels(editor, server):
     page = editor.page
     page.evaluate("doc => window.kiln.app.files.loadDocument(doc, null)", inpaint_graph())
-    page.wait_for_function("window.kiln.graph.node('20') !== undefined")
+    page.wait_for_function("window.kiln.graph.node('24') !== undefined")
     painter = open_painter(editor)
     assert painter.bits().sum() == 0, "sample.png has no transparency: nothing painted yet"
 
@@ -150,17 +146,22 @@ def test_paint_save_reopen_and_inpaint_keeps_the_unmasked_pixels(editor, server)
     page.locator(".mask-painter").wait_for(state="detached")
     assert editor.doc()["nodes"]["4"]["inputs"]["image"] == value, "cancel changes nothing"
 
-    # Run: MASK is the painted region exactly; outside it every pixel is the picture's own.
+    # Run: MASK is the painted region exactly; the result is repainted inside the grown mask and
+    # every pixel outside it is the picture's own (the workflow pastes the repaint back through it).
     page.click("#run")
-    editor.wait_output_image("10")
+    editor.wait_output_image("11")
     editor.wait_output_image("22")
+    editor.wait_output_image("24")
     out = Path(server.data / "output")
-    mask_png = max(out.glob("painted-mask*.png"), key=lambda p: p.stat().st_mtime)
-    result_png = max(out.glob("inpaint*.png"), key=lambda p: p.stat().st_mtime)
-    mask = np.asarray(Image.open(mask_png).convert("L"))
-    assert np.array_equal(mask > 127, painted == 1)
-    result = np.asarray(Image.open(result_png).convert("RGB")).astype(int)
-    outside, inside = painted == 0, painted == 1
-    assert np.abs(result[outside] - original[outside].astype(int)).max() <= 1
-    assert np.abs(result[inside] - original[inside].astype(int)).mean() > 8, "the masked region was repainted"
+
+    def newest(prefix: str) -> np.ndarray:
+        return np.asarray(Image.open(max(out.glob(f"{prefix}_*.png"), key=lambda p: p.stat().st_mtime)).convert("RGB"))
+
+    assert np.array_equal(newest("painted-mask")[..., 0] > 127, painted == 1)
+    grown = newest("grown-mask")[..., 0] > 127
+    assert grown[painted == 1].all() and grown.sum() > painted.sum(), "GrowMask widens the painted region"
+    result = newest("inpaint").astype(int)
+    outside = ~grown
+    assert np.array_equal(result[outside], original[outside].astype(int))
+    assert np.abs(result[painted == 1] - original[painted == 1].astype(int)).mean() > 8, "the region was repainted"
     assert page.evaluate("window.kiln.app.maskPainter.isOpen") is False
