@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -80,7 +81,28 @@ class BiDi:
             await asyncio.sleep(0.2)
 
 
-async def drive(firefox_port: int, url: str, screenshot: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def firefox_and_server(tmp_path: Path, models: Path) -> Iterator[tuple[Server, int]]:
+    """A real ``kiln serve`` and a headless Firefox whose WebDriver BiDi agent listens on the yielded port."""
+    server = Server(tmp_path / "server", models)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "user.js").write_text('user_pref("remote.active-protocols", 1);\n'
+                                     'user_pref("browser.shell.checkDefaultBrowser", false);\n')
+    port = free_port()
+    firefox = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
+                                f"--remote-debugging-port={port}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server, port
+    finally:
+        stop_process(firefox)
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def page(firefox_port: int, url: str, viewport: dict[str, int]) -> AsyncIterator[tuple[BiDi, str]]:
+    """A BiDi session with ``url`` loaded in Firefox's first tab: (the session, that tab's context)."""
     async with aiohttp.ClientSession() as session:
         for _ in range(150):  # Firefox takes a few seconds to open its remote agent
             try:
@@ -94,8 +116,23 @@ async def drive(firefox_port: int, url: str, screenshot: Path) -> dict[str, Any]
         await bidi.send("session.new", capabilities={})
         await bidi.send("session.subscribe", events=["log.entryAdded"])
         context = (await bidi.send("browsingContext.getTree"))["contexts"][0]["context"]
-        await bidi.send("browsingContext.setViewport", context=context, viewport={"width": 1280, "height": 800})
+        await bidi.send("browsingContext.setViewport", context=context, viewport=viewport)
         await bidi.send("browsingContext.navigate", context=context, url=url, wait="complete")
+        try:
+            yield bidi, context
+        finally:
+            await bidi.send("session.end")
+            bidi.reader.cancel()
+            await ws.close()
+
+
+async def screenshot(bidi: BiDi, context: str, path: Path) -> None:
+    shot = await bidi.send("browsingContext.captureScreenshot", context=context)
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+async def drive(firefox_port: int, url: str, shot: Path) -> dict[str, Any]:
+    async with page(firefox_port, url, {"width": 1280, "height": 800}) as (bidi, context):
         nodes = await bidi.wait_for(context, "window.kiln && document.querySelectorAll('.node').length")
         types = await bidi.evaluate(
             context, "JSON.stringify(Object.values(window.kiln.toKiln().nodes).map(n => n.type).sort())")
@@ -109,29 +146,13 @@ async def drive(firefox_port: int, url: str, screenshot: Path) -> dict[str, Any]
         width = await bidi.wait_for(
             context, "(img => img && img.complete && img.naturalWidth)"
                      "([...document.querySelectorAll('.node .node-media img.output')][0])")
-        shot = await bidi.send("browsingContext.captureScreenshot", context=context)
-        screenshot.write_bytes(base64.b64decode(shot["data"]))
-        await bidi.send("session.end")
-        bidi.reader.cancel()
-        await ws.close()
-        return {"nodes": nodes, "types": types, "image_width": width, "log": bidi.log}
+        await screenshot(bidi, context, shot)
+    return {"nodes": nodes, "types": types, "image_width": width, "log": bidi.log}
 
 
 def test_editor_loads_and_runs_in_firefox(tmp_path, tiny_models_dir):
-    server = Server(tmp_path / "server", tiny_models_dir)
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    (profile / "user.js").write_text('user_pref("remote.active-protocols", 1);\n'
-                                     'user_pref("browser.shell.checkDefaultBrowser", false);\n')
-    port = free_port()
-    firefox = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
-                                f"--remote-debugging-port={port}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with firefox_and_server(tmp_path, tiny_models_dir) as (server, port):
         result = asyncio.run(drive(port, server.url + "/", tmp_path / "firefox-run.png"))
-    finally:
-        stop_process(firefox)
-        server.stop()
     print(f"screenshot: {tmp_path / 'firefox-run.png'}")
     expected = sorted(n["type"] for n in json.loads((server.workflows / "img2img.json").read_text())["nodes"].values())
     assert result["types"] == expected and result["nodes"] == len(expected)
@@ -141,23 +162,9 @@ def test_editor_loads_and_runs_in_firefox(tmp_path, tiny_models_dir):
     assert (tmp_path / "firefox-run.png").stat().st_size > 1000
 
 
-async def gestures(firefox_port: int, url: str, screenshot: Path) -> dict[str, Any]:
+async def gestures(firefox_port: int, url: str, shot: Path) -> dict[str, Any]:
     """Space-drag and the right-click menu with Firefox's own input events (WebDriver BiDi actions)."""
-    async with aiohttp.ClientSession() as session:
-        for _ in range(150):
-            try:
-                ws = await session.ws_connect(f"ws://127.0.0.1:{firefox_port}/session", max_msg_size=0)
-                break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.2)
-        else:
-            raise AssertionError("Firefox's WebDriver BiDi endpoint did not open")
-        bidi = BiDi(ws)
-        await bidi.send("session.new", capabilities={})
-        await bidi.send("session.subscribe", events=["log.entryAdded"])
-        context = (await bidi.send("browsingContext.getTree"))["contexts"][0]["context"]
-        await bidi.send("browsingContext.setViewport", context=context, viewport={"width": 1600, "height": 900})
-        await bidi.send("browsingContext.navigate", context=context, url=url, wait="complete")
+    async with page(firefox_port, url, {"width": 1600, "height": 900}) as (bidi, context):
         await bidi.wait_for(context, "document.body.classList.contains('ready') && window.kiln.titlePos('2')")
         js = lambda expr: bidi.evaluate(context, f"JSON.stringify({expr})")  # noqa: E731
 
@@ -194,30 +201,14 @@ async def gestures(firefox_port: int, url: str, screenshot: Path) -> dict[str, A
         out["mode"] = await bidi.wait_for(context, "window.kiln.toKiln().nodes['7'].ui.mode")
         out["bypassed_class"] = await js("window.kiln.nodeEl('7').classList.contains('bypassed')")
         out["menu_closed"] = await js("!document.querySelector('.context-menu')")
-        shot = await bidi.send("browsingContext.captureScreenshot", context=context)
-        screenshot.write_bytes(base64.b64decode(shot["data"]))
-        await bidi.send("session.end")
-        bidi.reader.cancel()
-        await ws.close()
-        out["log"] = bidi.log
-        return out
+        await screenshot(bidi, context, shot)
+    out["log"] = bidi.log
+    return out
 
 
 def test_space_drag_pans_and_the_context_menu_bypasses_in_firefox(tmp_path, tiny_models_dir):
-    server = Server(tmp_path / "server", tiny_models_dir)
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    (profile / "user.js").write_text('user_pref("remote.active-protocols", 1);\n'
-                                     'user_pref("browser.shell.checkDefaultBrowser", false);\n')
-    port = free_port()
-    firefox = subprocess.Popen([FIREFOX, "--headless", "--no-remote", "--profile", str(profile),
-                                f"--remote-debugging-port={port}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with firefox_and_server(tmp_path, tiny_models_dir) as (server, port):
         result = asyncio.run(gestures(port, server.url + "/", tmp_path / "firefox-gestures.png"))
-    finally:
-        stop_process(firefox)
-        server.stop()
     before, after = result["offset_before"], result["offset_after"]
     assert after[0] == pytest.approx(before[0] - 150, abs=1) and after[1] == pytest.approx(before[1] + 60, abs=1)
     assert result["doc_same"] and result["selection"] == "" and not result["palette"]

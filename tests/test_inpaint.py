@@ -48,19 +48,7 @@ class Tiny:
                                  latent=dataclasses.replace(fam.latent, scale=self.scale),
                                  _use_unet=lambda: contextlib.nullcontext(unet))
         self.vae = VaeHandle(latent_scale=self.scale, _use_vae=lambda: contextlib.nullcontext(vae))
-        pipe = tiny_models.pipeline(variant)
-        with torch.no_grad():
-            enc = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
-                                     do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
-        if self.sdxl:
-            pos, neg, pooled, neg_pooled = enc
-            self.pos, self.neg = [[pos, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]]
-            self.embeds = dict(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
-                               negative_pooled_prompt_embeds=neg_pooled)
-        else:
-            pos, neg = enc
-            self.pos, self.neg = [[pos, {"pooled_output": None}]], [[neg, {"pooled_output": None}]]
-            self.embeds = dict(prompt_embeds=pos, negative_prompt_embeds=neg)
+        self.pos, self.neg, self.embeds = tiny_models.encoded_prompts(variant, PROMPT, NEGATIVE)
         # A smooth image with some structure (IMAGE [1, 64, 64, 3] in 0..1).
         yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
         self.image = torch.stack([yy, xx, (yy * 3 + xx * 5).sin() * 0.5 + 0.5], -1).unsqueeze(0)

@@ -81,19 +81,7 @@ class Tiny:
         self.model = ModelHandle(fam, scheduler_config=dict(self.parts["scheduler"].config),
                                  latent=dataclasses.replace(fam.latent, scale=self.scale),
                                  _use_unet=lambda: contextlib.nullcontext(unet))
-        pipe = tiny_models.pipeline(variant)
-        with torch.no_grad():
-            enc = pipe.encode_prompt("a red barn in a field", device="cpu", num_images_per_prompt=1,
-                                     do_classifier_free_guidance=True, negative_prompt="blurry")
-        if self.sdxl:
-            pos, neg, pooled, neg_pooled = enc
-            self.pos, self.neg = [[pos, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]]
-            self.embeds = dict(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
-                               negative_pooled_prompt_embeds=neg_pooled)
-        else:
-            pos, neg = enc
-            self.pos, self.neg = [[pos, {"pooled_output": None}]], [[neg, {"pooled_output": None}]]
-            self.embeds = dict(prompt_embeds=pos, negative_prompt_embeds=neg)
+        self.pos, self.neg, self.embeds = tiny_models.encoded_prompts(variant, "a red barn in a field", "blurry")
         self.init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * 4  # unscaled latent
 
     def _count(self, *args) -> None:

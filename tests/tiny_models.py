@@ -35,7 +35,7 @@ from typing import Any
 from nodes.checkpoint.tiny import VARIANTS, build_components, pipeline_from_components, prediction_of
 
 __all__ = ["VARIANTS", "components", "fresh_components", "pipeline", "save_diffusers", "save_single_file",
-           "save_vae", "make_models_folder", "checkpoint_name"]
+           "save_vae", "make_models_folder", "checkpoint_name", "encoded_prompts"]
 
 
 def fresh_components(variant: str, seed: int = 0) -> dict[str, Any]:
@@ -49,6 +49,25 @@ def components(variant: str) -> dict[str, Any]:
 
 def pipeline(variant: str, cls: Any = None, parts: dict[str, Any] | None = None) -> Any:
     return pipeline_from_components(dict(parts or components(variant)), cls)
+
+
+def encoded_prompts(variant: str, prompt: str, negative: str) -> tuple[list, list, dict[str, Any]]:
+    """(positive, negative) CONDITIONING as Kiln's text nodes give them, and the same embeddings as
+    keyword arguments for a diffusers pipeline, encoded once by diffusers' own ``encode_prompt`` so a
+    parity test compares the sampling alone."""
+    import torch
+
+    with torch.no_grad():
+        enc = pipeline(variant).encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=True, negative_prompt=negative)
+    if len(enc) == 4:  # SDXL: pooled embeddings as well
+        pos, neg, pooled, neg_pooled = enc
+        return ([[pos, {"pooled_output": pooled}]], [[neg, {"pooled_output": neg_pooled}]],
+                dict(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+                     negative_pooled_prompt_embeds=neg_pooled))
+    pos, neg = enc
+    return ([[pos, {"pooled_output": None}]], [[neg, {"pooled_output": None}]],
+            dict(prompt_embeds=pos, negative_prompt_embeds=neg))
 
 
 def save_diffusers(variant: str, folder: str | Path, parts: dict[str, Any] | None = None) -> Path:
