@@ -317,3 +317,37 @@ def test_weight_dtype_fp8_stores_a_bf16_file_in_fp8(env):
     (plain,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"])
     with plain.unet() as net:  # a separate entry: the default load is untouched
         assert net.x_embedder.weight.dtype == torch.float32
+
+
+def test_prompt_weights_apply_to_t5_tokens_and_not_to_the_pooled_text(env):
+    """ComfyUI's rule on FLUX: a weighted T5 token is empty + (h - empty) * w, every other token and
+    CLIP-L's pooled output are those of the prompt without its syntax (checked against the encoders
+    called directly); an unweighted prompt is diffusers' encoding."""
+    from nodes.text import clip_text_encode
+
+    clip, = call(split_loaders.dual_clip_loader, env, clip_name1=SPLIT["clip_l"], clip_name2=SPLIT["t5xxl"],
+                 type="flux")
+    rec = Called()
+    weighted, = call(clip_text_encode, env, rec, text="a (lighthouse:1.6) on a cliff", clip=clip)
+    plain, = call(clip_text_encode, env, text=PROMPT, clip=clip)
+    parts = tiny_flux.components("dev")
+    tok, t5 = parts["tokenizer_2"], parts["text_encoder_2"]
+    with torch.no_grad():
+        embeds, pooled, _ = tiny_flux.pipeline("dev").encode_prompt(PROMPT, prompt_2=None, device="cpu",
+                                                                     max_sequence_length=512)
+        empty_ids = tok([""], padding="max_length", max_length=512, return_tensors="pt").input_ids
+        empty = t5(empty_ids)[0]
+    assert torch.allclose(plain[0][0], embeds, atol=1e-5)  # diffusers' own encoding, unweighted
+    ids = tok(PROMPT).input_ids
+    word = tok("lighthouse", add_special_tokens=False).input_ids
+    start = ids.index(word[0])
+    marked = torch.zeros(512, dtype=torch.bool)
+    marked[start:start + len(word)] = True
+    w_states, p_states = weighted[0][0][0], plain[0][0][0]
+    expected = empty[0][marked] + (p_states[marked] - empty[0][marked]) * 1.6
+    assert torch.allclose(w_states[marked], expected, atol=1e-4)
+    assert torch.allclose(w_states[~marked], p_states[~marked], atol=1e-5)
+    assert (w_states[marked] - p_states[marked]).abs().max() > 1e-3  # not vacuous: the weight changed them
+    assert torch.equal(weighted[0][1]["pooled_output"], plain[0][1]["pooled_output"])
+    assert torch.allclose(plain[0][1]["pooled_output"], pooled, atol=1e-5)
+    assert not any("not applied" in m for m in rec.messages)

@@ -177,29 +177,38 @@ class Flux(Family):
 
         As diffusers' FluxPipeline: CLIP-L sees 77 tokens padded, its pooler output
         is the pooled text; T5 sees the prompt padded (or cut) to 512 tokens.
-        ComfyUI's weight syntax is not applied to FLUX prompts (the text goes in as
-        written); ``report`` says so when the prompt uses it.
+        ComfyUI's weight syntax is read as for SD prompts: weights apply to T5's
+        tokens (:mod:`nodes.families.t5_weights`) and, as in ComfyUI, not to the pooled
+        output, which CLIP-L gives for the prompt without its syntax. An unweighted
+        prompt is encoded exactly as diffusers encodes it.
         """
         import torch
 
+        from nodes.families import t5_weights
+        from nodes.prompt_syntax import parse
+
         texts = texts or {}
-        clip_text, t5_text = texts.get("tokenizer", text), texts.get("tokenizer_2", text)
-        if report is not None and any(c in clip_text + t5_text for c in "()"):
-            note = "FLUX prompts are encoded as written: (word:1.2) weights are not applied"
-            if note not in report.problems:
-                report.problems.append(note)
+        clip_parsed, t5_parsed = (parse(texts.get(name, text)) for name in ("tokenizer", "tokenizer_2"))
+        if report is not None:
+            report.problems += [p for p in clip_parsed.problems + t5_parsed.problems if p not in report.problems]
+        clip_text, t5_text = ("".join(seg.text for seg in p.segments) for p in (clip_parsed, t5_parsed))
         clip_tok, t5_tok = clip.tokenizers["tokenizer"], clip.tokenizers["tokenizer_2"]
         with torch.inference_mode():
             ids = clip_tok([clip_text], padding="max_length", max_length=clip_tok.model_max_length,
                            truncation=True, return_tensors="pt").input_ids
             with clip.encoder("text_encoder") as te:
                 pooled = te(ids.to(te.device), output_hidden_states=False).pooler_output
-            t5_ids = t5_tok([t5_text], padding="max_length", max_length=T5_TOKENS, truncation=True,
-                            return_tensors="pt").input_ids
             with clip.encoder("text_encoder_2") as t5:
-                states = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
+                if t5_parsed.weighted:
+                    tokens = t5_weights.tokenize(t5_tok, t5_parsed, T5_TOKENS)
+                    states, count = t5_weights.encode(t5, tokens), tokens.count
+                else:
+                    t5_ids = t5_tok([t5_text], padding="max_length", max_length=T5_TOKENS, truncation=True,
+                                    return_tensors="pt").input_ids
+                    states = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
+                    count = int((t5_ids != t5_tok.pad_token_id).sum()) - 1
         if report is not None:
-            report.tokens = max(report.tokens, int((t5_ids != t5_tok.pad_token_id).sum()) - 1)
+            report.tokens = max(report.tokens, count)
             report.windows = 1
         return [[states.to("cpu", torch.float32), {"pooled_output": pooled.to("cpu", torch.float32)}]]
 

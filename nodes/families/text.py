@@ -99,7 +99,7 @@ def hidden_state(te: Any, ids: "torch.Tensor", spec: "TextEncoderSpec", layer: i
     return states, pooled
 
 
-def _pieces(parsed: Parsed) -> tuple[list[tuple[str, float]], list[str]]:
+def prompt_pieces(parsed: Parsed) -> tuple[list[tuple[str, float]], list[str]]:
     """(text, weight) units ComfyUI tokenizes separately, and the embedding names left out.
 
     ComfyUI splits each segment before `` embedding:name`` references; Kiln has no
@@ -126,7 +126,7 @@ def tokenize(tok: Any, parsed: Parsed) -> Tokens:
     size = tok.model_max_length
     empty_ids = tok("").input_ids
     start, end, pad = empty_ids[0], empty_ids[-1], tok.pad_token_id
-    pieces, skipped = _pieces(parsed)
+    pieces, skipped = prompt_pieces(parsed)
     windows: list[list[tuple[int, float]]] = []
     current: list[tuple[int, float]] = [(start, 1.0)]
     count = 0
