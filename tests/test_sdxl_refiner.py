@@ -83,6 +83,27 @@ def test_refiner_file_loads_as_its_own_family(env):
     assert base.family.name == "sdxl"
 
 
+def test_unet_loader_tells_a_refiner_unet_from_a_base_one(env, models_dir):
+    """UNet-only files (ComfyUI's UNETLoader): the refiner's size embedding is its context width plus
+    five time ids; base's is pooled + six against a wider context."""
+    from safetensors.torch import load_file, save_file
+
+    from nodes import split_loaders
+
+    folder = models_dir / "diffusion_models"
+    folder.mkdir(exist_ok=True)
+    for source, name in ((REFINER_FILE, "refiner-unet.safetensors"),
+                         (tiny_models.checkpoint_name("sdxl"), "base-unet.safetensors")):
+        state = load_file(str(models_dir / "checkpoints" / source))
+        save_file({k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}, str(folder / name))
+    refiner = call(split_loaders.unet_loader, env, unet_name="refiner-unet.safetensors")[0]
+    base = call(split_loaders.unet_loader, env, unet_name="base-unet.safetensors")[0]
+    assert (refiner.family.name, base.family.name) == ("sdxl-refiner", "sdxl")
+    with refiner.unet() as unet:
+        ours, ref = unet.state_dict(), tiny_models.components(REFINER)["unet"].state_dict()
+        assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
 def _kiln_img2img(env, pos, neg, init, seed=42, strength=0.6, steps=10, cfg=7.5):
     model = call(loaders.checkpoint_loader, env, ckpt_name=REFINER_FILE)[0]
     lat, = call(add_noise, env, model=model, latent={"samples": init}, strength=strength, seed=seed)
