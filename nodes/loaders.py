@@ -143,7 +143,7 @@ def _acquire(manager: ModelManager, key: tuple, loader: Any, input_name: str, na
     aliases=["CheckpointLoaderSimple"],
     inputs=[
         Input("ckpt_name", T.COMBO, choices=_checkpoints,
-              tooltip="A .safetensors checkpoint (SD 1.x, SD 2.x, SDXL base) or a diffusers folder "
+              tooltip="A .safetensors checkpoint (SD 1.x, SD 2.x, SDXL base or refiner) or a diffusers folder "
                       "in models/checkpoints."),
         Input("prediction", T.COMBO, default="auto", choices=PREDICTIONS, optional=True,
               tooltip="What the UNet predicts. 'auto': a 'v_pred' key means v-prediction; SD 2.x files "

@@ -154,8 +154,9 @@ def clip_text_encode_sdxl(ctx, clip: ClipHandle, width: int, height: int, crop_w
 )
 def clip_text_encode_sdxl_refiner(ctx, ascore: float, width: int, height: int, text: str, clip: ClipHandle):
     """The prompt for SDXL's refiner, with its aesthetic score and the image's original size.
-    The refiner's UNet is not a Kiln family yet: on SDXL base the width and height act as the
-    original size (as CLIPTextEncodeSDXL's) and the score is carried but unused."""
+    On the refiner (nodes.families.sdxl_refiner) these are its five time ids with crop 0; on
+    SDXL base the width and height act as the original size (as CLIPTextEncodeSDXL's) and the
+    score is carried but unused."""
     from nodes.families.text import LayerError, Report
 
     clip = _clip(clip)

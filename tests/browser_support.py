@@ -116,7 +116,13 @@ def http_json(base: str, method: str, path: str, body: Any = None) -> Any:
 
 
 class Server:
-    def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None) -> None:
+    """``kiln serve`` as a subprocess on a free loopback port, polled until it answers.
+
+    ``workflows``: files for its library (None: the tiny img2img pair the editor tests use;
+    ``{}``: none). ``extra_args`` go on the command line (e.g. ``--frontend comfyui``)."""
+
+    def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.root, self.data, self.workflows = root, root / "data", root / "workflows"
         (self.data / "input").mkdir(parents=True)
         self.workflows.mkdir()
@@ -134,7 +140,8 @@ class Server:
         self.log = open(root / "server.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows)],
+             "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows),
+             *(extra_args or [])],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

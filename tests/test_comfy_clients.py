@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import pytest
 from PIL import Image
 
-from server_helpers import free_port
+from browser_support import Server
 
 ROOT = Path(__file__).parents[1]
 
@@ -39,32 +39,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     models = base_dir / "models"
     ckpt = tiny.checkpoint_name("sd1")
     tiny.save_single_file("sd1", models / "checkpoints" / ckpt)
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
-                             "--data", str(base_dir / "data"), "--models", str(models),
-                             "--workflows", str(base_dir / "workflows")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/prompt", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "kiln serve did not start")
-            time.sleep(0.1)
+    srv = Server(base_dir / "kiln", models, workflows={})
     try:
-        yield {"url": url, "port": port, "data": base_dir / "data", "ckpt": ckpt, "dir": base_dir}
+        yield {"url": srv.url, "port": srv.port, "data": srv.data, "ckpt": ckpt, "dir": base_dir}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        srv.stop()
 
 
 def img2img_prompt(ckpt: str, image: str, seed: int = 1) -> dict[str, Any]:

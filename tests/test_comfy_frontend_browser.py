@@ -13,9 +13,6 @@ and 3 steps in the page (the shipped 512 px / 20 steps take minutes on a busy 2-
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,8 +21,7 @@ from typing import Any, Iterator
 import pytest
 from PIL import Image
 
-from browser_support import launch_browser
-from server_helpers import free_port
+from browser_support import Server, launch_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -39,37 +35,16 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A fresh ``kiln serve --frontend comfyui`` (no saved workflows, so the templates panel opens)."""
     import tiny_models as tiny
 
     tiny.save_single_file("sd1", tmp_path / "models" / "checkpoints" / CKPT)
-    (tmp_path / "data" / "input").mkdir(parents=True)
-    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "data" / "input" / "sample.png")
     Image.new("RGB", (96, 80), (30, 120, 200)).save(tmp_path / "upload.png")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--frontend", "comfyui",
-                             "--data", str(tmp_path / "data"), "--models", str(tmp_path / "models"),
-                             "--workflows", str(tmp_path / "workflows")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/prompt", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(proc.stdout.read().decode() if proc.stdout else "no server")
-            time.sleep(0.1)
+    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, extra_args=["--frontend", "comfyui"])
     try:
-        yield {"url": url, "dir": tmp_path, "proc": proc}
+        yield {"url": srv.url, "dir": srv.root, "upload": tmp_path / "upload.png"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        srv.stop()
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +125,7 @@ def test_official_frontend_runs_kilns_img2img(browser: Any, server: dict[str, An
         except Exception:
             continue
     assert chooser is not None, "the LoadImage upload button opened no file chooser"
-    chooser.set_files(str(folder / "upload.png"))
+    chooser.set_files(str(server["upload"]))
     page.wait_for_function("() => window.app.graph.nodes.find(n => n.type === 'LoadImage')"
                            ".widgets.find(w => w.name === 'image').value === 'upload.png'", timeout=20000)
     uploaded = folder / "data" / "input" / "upload.png"
@@ -181,8 +156,21 @@ def test_official_frontend_runs_kilns_img2img(browser: Any, server: dict[str, An
     page.get_by_role("button", name="Assets (a)").click()
     page.wait_for_selector(f"img[src*='{image['filename']}']", timeout=30000)
 
-    # saved in the frontend -> Kiln's library -> Kiln's editor
     page.get_by_role("button", name="Assets (a)").click()  # closes the panel again
+
+    # the job-history panel (registered only with the docked queue, setting Comfy.Queue.QPOV2, which the
+    # frontend stores through Kiln's /api/settings) lists the job with its output's name and thumbnail
+    page.evaluate("() => window.app.extensionManager.setting.set('Comfy.Queue.QPOV2', true)")
+    stored = json.loads(urllib.request.urlopen(f"{url}/api/settings/Comfy.Queue.QPOV2").read())
+    assert stored is True
+    page.get_by_role("button", name="Job History").first.click(timeout=20000)
+    row = page.locator(f"[data-testid=job-history-sidebar] [data-job-id='{job_id}']")
+    row.wait_for(timeout=30000)
+    assert image["filename"] in row.inner_text()
+    assert image["filename"] in (row.locator("img").first.get_attribute("src") or "")
+    page.get_by_role("button", name="Job History").first.click()  # closes the panel again
+
+    # saved in the frontend -> Kiln's library -> Kiln's editor
     # the command the Save menu entry and Ctrl+S run; a template is a new workflow, so it asks for a name
     page.evaluate("() => { window.app.extensionManager.command.execute('Comfy.SaveWorkflow'); }")
     name_box = page.locator("[role=dialog] input").first

@@ -1,6 +1,8 @@
 """Tiny random-weight Stable Diffusion models for tests (seconds to build, no downloads).
 
-API (variant is one of "sd1", "sd2", "sd2-v" (v-prediction), "sdxl"):
+API (variant is one of "sd1", "sd2", "sd2-v" (v-prediction), "sdxl"; also "sdxl-refiner"
+(bigG alone, aesthetic-score time ids) and the "-inpaint" variants, which the shared models
+folder below leaves out):
 
     components(variant)            -> dict of diffusers/transformers parts, keyed as
                                       pipelines name them: unet, vae, text_encoder,

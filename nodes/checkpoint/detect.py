@@ -40,13 +40,11 @@ def family_of(shapes: Shapes) -> Family:
     if in_ch != 4 and not inpaint.is_inpainting(in_ch, 4):
         raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (a depth or other conditioned model); "
                                     "checkpoints with 4 (text/image-to-image) or 9 (inpainting) are supported")
-    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
-        raise UnsupportedCheckpoint("this is an SDXL refiner checkpoint; only SDXL base is supported")
     for family in families.ALL:
         if family.claims(shapes):
             return family
     raise UnsupportedCheckpoint("unknown model family: no text encoder this loader knows "
-                                "(expected SD 1.x, SD 2.x or SDXL base keys)")
+                                "(expected SD 1.x, SD 2.x, SDXL base or refiner keys)")
 
 
 def unet_config(shapes: Shapes, family: Family, pooled_dim: int | None = None) -> dict[str, Any]:
@@ -86,7 +84,12 @@ def unet_config(shapes: Shapes, family: Family, pooled_dim: int | None = None) -
         use_linear_projection=len(shapes[proj_in]) == 2,
         transformer_layers_per_block=tuple(max(1, depth(f"input_blocks.{lv[0]}.1.")) for lv in levels),
     )
-    if depth("middle_block.1.") not in (0, config["transformer_layers_per_block"][-1]):
+    # diffusers' middle block takes the last level's depth; a last level without attention has none of
+    # its own, so it takes the middle block's (SDXL refiner: depths 0, 4, 4, 0, middle block 4).
+    mid = depth("middle_block.1.")
+    if mid and not down_attn[-1]:
+        config["transformer_layers_per_block"] = config["transformer_layers_per_block"][:-1] + (mid,)
+    if mid not in (0, config["transformer_layers_per_block"][-1]):
         raise UnsupportedCheckpoint("the UNet's middle block depth does not match its last level")
     config["attention_head_dim"] = family.unet_heads(channels)
     time_dim = shapes[p + "time_embed.0.weight"][0]
@@ -94,9 +97,12 @@ def unet_config(shapes: Shapes, family: Family, pooled_dim: int | None = None) -
         config["time_embedding_dim"] = time_dim
     if config.get("addition_embed_type") == "text_time":
         adm = shapes[p + "label_emb.0.0.weight"][1]
-        if pooled_dim is None or (adm - pooled_dim) % 6:
-            raise UnsupportedCheckpoint(f"cannot split the SDXL size embedding ({adm}) into 6 time ids + pooled text")
-        config.update(projection_class_embeddings_input_dim=adm, addition_time_embed_dim=(adm - pooled_dim) // 6)
+        ids = getattr(family, "time_id_count", 6)
+        if pooled_dim is None or adm <= pooled_dim or (adm - pooled_dim) % ids:
+            raise UnsupportedCheckpoint(f"cannot split the {family.name} size embedding "
+                                        f"(model.diffusion_model.label_emb.0.0.weight, {adm} wide) into {ids} time "
+                                        f"ids + pooled text ({pooled_dim} wide)")
+        config.update(projection_class_embeddings_input_dim=adm, addition_time_embed_dim=(adm - pooled_dim) // ids)
     elif p + "label_emb.0.0.weight" in shapes:
         raise UnsupportedCheckpoint("the UNet has a class/size embedding (unCLIP or upscaler); not supported")
     return config

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
 from nodes import families
@@ -100,12 +100,21 @@ def _empty(cls: Any, config: Any) -> Any:
         return cls(config) if not isinstance(config, dict) else cls(**config)
 
 
-def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any) -> Any:
-    """Load ``state`` into ``module`` strictly (every weight present, none left over)."""
+def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any,
+            file_names: Callable[[list[str]], list[str]] | None = None) -> Any:
+    """Load ``state`` into ``module`` strictly (every weight present, none left over).
+
+    ``file_names`` maps module key names back to the file's own, so an error names
+    the keys a user can find in the file."""
     own = module.state_dict()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    if missing and file_names is not None:
+        try:
+            missing = [f"{f} ({m})" for f, m in zip(file_names(missing), missing)]
+        except KeyError:  # a name with no original-layout twin: keep the module's
+            pass
     if missing or unexpected:
         raise CheckpointError(f"the {what} weights do not fit the detected architecture "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -158,7 +167,7 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
             raise CheckpointError(f"the OpenCLIP text encoder is incomplete: {exc} is missing") from None
     if not spec.pooled:
         sub.pop("text_projection.weight", None)
-    return _assign(te, _text_state(sub, te), f"text encoder ({spec.module})", dtype)
+    return _assign(te, _text_state(sub, te), f"text encoder ({spec.module}) under {prefix}", dtype)
 
 
 def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
@@ -186,12 +195,28 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if prediction != "auto":
         pred, why = prediction, "set on the loader"
 
+    try:
+        return _build_single_file(state, found, dtype, vae_dtype, pred, why)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path.name}: {exc}") from None
+
+
+def _build_single_file(state: dict[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
+                       why: str) -> "Loaded":
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+
     unet = _empty(UNet2DConditionModel, found.unet)
     try:
         converted = sfu.convert_ldm_unet_checkpoint(state, dict(unet.config))
     except KeyError as exc:
-        raise CheckpointError(f"{path.name}: the {found.family.name} UNet is incomplete: {exc} is missing") from None
-    unet = _assign(unet, converted, f"{found.family.name} UNet", dtype)
+        raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
+    from nodes.checkpoint.to_original import unet_to_original
+
+    unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
+                   lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
     vae = _empty(AutoencoderKL, found.vae)
     vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", vae_dtype or dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}
@@ -240,15 +265,18 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
         sdxl = "text_encoder_2" in index and (path / "text_encoder_2").is_dir()
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
-        te = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
-        modules: dict[str, Any] = {"unet": unet, "vae": vae, "text_encoder": te}
+        modules: dict[str, Any] = {"unet": unet, "vae": vae}
+        te = None
+        if (path / "text_encoder").is_dir() or not sdxl:  # SDXL's refiner has only text_encoder_2
+            te = modules["text_encoder"] = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder",
+                                                                         local_files_only=True)
         if sdxl:
             modules["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 str(path), subfolder="text_encoder_2", local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers folder ({exc})") from exc
     try:
-        family = families.for_folder(set(modules), te.config.hidden_act)
+        family = families.for_folder(set(modules), te.config.hidden_act if te is not None else "gelu")
     except KeyError as exc:
         raise CheckpointError(f"{path.name}: {exc.args[0]}") from None
     if vae_dtype is None:

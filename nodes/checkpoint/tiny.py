@@ -26,10 +26,15 @@ VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl")
 #: VARIANTS so the shared models folder and the loaders' sweeps stay as they were.
 INPAINT_VARIANTS = ("sd1-inpaint", "sdxl-inpaint")
 INPAINT_SUFFIX = "-inpaint"
+#: SDXL's refiner: bigG alone, five time ids (aesthetic score), attention only in the middle
+#: two of four levels, as sd_xl_refiner_1.0. Also kept out of VARIANTS.
+REFINER = "sdxl-refiner"
 WIDTH = 64  # text encoder width: one 64-wide head, as CLIP's head width
 
 
 def family_of(variant: str) -> Any:
+    if variant == REFINER:
+        return families.by_name(REFINER)
     return families.by_name("sd2" if variant.startswith("sd2") else variant.removesuffix(INPAINT_SUFFIX))
 
 
@@ -55,6 +60,16 @@ def _unet(variant: str):
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                                     cross_attention_dim=WIDTH, attention_head_dim=(1, 2), use_linear_projection=True)
     time_dim = 8
+    if family == REFINER:
+        return UNet2DConditionModel(**common, block_out_channels=(32, 64, 64, 64),
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                      "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                                    "UpBlock2D"),
+                                    transformer_layers_per_block=2, cross_attention_dim=WIDTH,
+                                    attention_head_dim=(1, 1, 1, 1), use_linear_projection=True,
+                                    addition_time_embed_dim=time_dim,
+                                    projection_class_embeddings_input_dim=5 * time_dim + WIDTH)
     return UNet2DConditionModel(**common, block_out_channels=(32, 64),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -86,7 +101,7 @@ def _scheduler(variant: str):
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
     family = family_of(variant)
-    cls = EulerDiscreteScheduler if family.name == "sdxl" else PNDMScheduler
+    cls = EulerDiscreteScheduler if family.name.startswith("sdxl") else PNDMScheduler
     config = family.scheduler_config(prediction_of(variant))
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
@@ -110,8 +125,9 @@ def build_components(variant: str, seed: int = 0) -> dict[str, Any]:
 
     from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
 
-    if variant not in VARIANTS + INPAINT_VARIANTS:
-        raise ValueError(f"unknown tiny model variant {variant!r}; known: {', '.join(VARIANTS + INPAINT_VARIANTS)}")
+    known = VARIANTS + INPAINT_VARIANTS + (REFINER,)
+    if variant not in known:
+        raise ValueError(f"unknown tiny model variant {variant!r}; known: {', '.join(known)}")
     family = family_of(variant).name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,14 +135,17 @@ def build_components(variant: str, seed: int = 0) -> dict[str, Any]:
         if family == "sdxl":
             parts["text_encoder"] = _text("openai")
             parts["text_encoder_2"] = _text("openclip", projection=True)
+        elif family == REFINER:
+            parts["text_encoder_2"] = _text("openclip", projection=True)
         else:
             parts["text_encoder"] = _text("openai" if family == "sd1" else "openclip")
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if name in parts:
                 _perturb(parts[name])
                 parts[name].eval()
-    parts["tokenizer"] = clip_tokenizer(PAD_EOS if family in ("sd1", "sdxl") else PAD_BANG)
-    if family == "sdxl":
+    if family != REFINER:
+        parts["tokenizer"] = clip_tokenizer(PAD_EOS if family in ("sd1", "sdxl") else PAD_BANG)
+    if family in ("sdxl", REFINER):
         parts["tokenizer_2"] = clip_tokenizer(PAD_BANG)
     parts["scheduler"] = _scheduler(variant)
     return parts
@@ -135,6 +154,13 @@ def build_components(variant: str, seed: int = 0) -> dict[str, Any]:
 def pipeline_from_components(components: dict[str, Any], cls: Any = None) -> Any:
     """A diffusers pipeline over the given components (txt2img class by default)."""
     sdxl = "text_encoder_2" in components
+    if "text_encoder" not in components and sdxl:  # the refiner: bigG alone, aesthetic-score time ids
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        pipe = (cls or StableDiffusionXLImg2ImgPipeline)(**components, text_encoder=None, tokenizer=None,
+                                                         requires_aesthetics_score=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     if cls is None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

@@ -147,13 +147,16 @@ def components_to_original(components: dict[str, Any], prediction_type: str = "e
 
     SD 2.x is recognised by an OpenCLIP-style first encoder (gelu); its unused last
     OpenCLIP block and projection are filled with seeded random values, as a real
-    file has them. v-prediction is marked with ComfyUI's ``v_pred`` key.
+    file has them. Without a first encoder (SDXL's refiner) the second is written
+    alone at ``conditioner.embedders.0.model.``. v-prediction is marked with ComfyUI's ``v_pred`` key.
     """
     import torch
 
-    unet, vae, te = components["unet"], components["vae"], components["text_encoder"]
+    unet, vae, te = components["unet"], components["vae"], components.get("text_encoder")
     sd = {**unet_to_original(unet.state_dict(), dict(unet.config)), **vae_to_original(vae.state_dict(), dict(vae.config))}
-    if "text_encoder_2" in components:
+    if te is None:  # SDXL refiner: OpenCLIP bigG alone, at embedders.0
+        sd.update(open_clip_to_original(components["text_encoder_2"].state_dict(), "conditioner.embedders.0.model."))
+    elif "text_encoder_2" in components:
         te2 = components["text_encoder_2"]
         sd.update(openai_clip_to_original(te.state_dict(), "conditioner.embedders.0.transformer."))
         sd.update(open_clip_to_original(te2.state_dict(), "conditioner.embedders.1.model."))

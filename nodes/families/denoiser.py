@@ -41,6 +41,7 @@ class Denoiser:
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
+        _check_width(network, family, self.positive + self.negative)
         from nodes.control.apply import share_with_uncond
 
         share_with_uncond(self.positive, self.negative)
@@ -140,3 +141,17 @@ class Denoiser:
         if prediction_type == "sample":
             return out
         raise ConditioningError(f"unsupported prediction type {prediction_type}", "model")
+
+
+def _check_width(network: Any, family: Family, entries: list) -> None:
+    """A prompt encoded by another model's CLIP (SDXL base's on the refiner, SD 1.5's on SDXL) is
+    an error naming the input, not a matrix-shape failure deep in the network."""
+    width = getattr(getattr(network, "config", None), "cross_attention_dim", None)
+    if not isinstance(width, int):
+        return
+    for entry in entries:
+        got = entry.embeds.shape[-1]
+        if got != width:
+            name = entry.extra.get("_input", "positive")
+            raise ConditioningError(f"{name} was encoded by a text encoder {got} wide, but this {family.name} model "
+                                    f"takes {width}: encode the prompt with this model's CLIP", name)

@@ -42,6 +42,8 @@ class SDXL(Family):
     vae_sample_size = 1024
     scheduler_class = "EulerDiscreteScheduler"
     clip_types = ("sdxl",)
+    #: Time ids in the UNet's added conditioning (the refiner has 5).
+    time_id_count = 6
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT1_PREFIX) and has_prefix(shapes, TEXT2_PREFIX)
