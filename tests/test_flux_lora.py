@@ -1,0 +1,227 @@
+"""FLUX LoRAs in the three layouts people download, against diffusers' FluxPipeline.load_lora_weights.
+
+One LoRA is trained-shaped with PEFT on the tiny FLUX transformer (random,
+non-zero factors on attention, MLP and modulation layers of both block kinds and
+the final layer) and saved by diffusers' ``FluxPipeline.save_lora_weights``
+(``transformer.<module>.lora_A/B`` keys). The test then writes the same factors
+in the original (BFL) layout ComfyUI uses and in kohya's, with its own
+conversion below: fused ``qkv`` / ``linear1`` modules get the stacked ``down``
+factors and a block-diagonal ``up`` (exactly the same delta), the final
+modulation's halves swap, kohya's ``up`` is rescaled for its ``alpha``.
+Kiln loads the split BFL transformer through UNETLoader, adds the LoRA with
+LoraLoaderModelOnly and samples with KSampler; every file must give diffusers'
+pixels within 1/255 at strength 1 and 0.5.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_flux
+from engine.context import Environment, NodeError, Paths
+from node_call import Called, call
+from nodes import lora, split_loaders
+from nodes.runtime.models import ModelManager
+from nodes.sampling import ksampler
+
+PIXEL_TOL = 1 / 255 + 1e-6
+PROMPT = "a lighthouse on a cliff"
+RANK, ALPHA = 4, 2.0
+STEPS, SEED = 4, 3
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+           "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear", "norm_out.linear", "x_embedder"]
+#: diffusers module -> original (BFL) module, written out here (not Kiln's table); "{d}"/"{s}": block index
+_RENAMES = {"transformer_blocks.{d}.attn.to_out.0": "double_blocks.{d}.img_attn.proj",
+            "transformer_blocks.{d}.attn.to_add_out": "double_blocks.{d}.txt_attn.proj",
+            "transformer_blocks.{d}.ff.net.0.proj": "double_blocks.{d}.img_mlp.0",
+            "transformer_blocks.{d}.ff.net.2": "double_blocks.{d}.img_mlp.2",
+            "transformer_blocks.{d}.ff_context.net.0.proj": "double_blocks.{d}.txt_mlp.0",
+            "transformer_blocks.{d}.ff_context.net.2": "double_blocks.{d}.txt_mlp.2",
+            "transformer_blocks.{d}.norm1.linear": "double_blocks.{d}.img_mod.lin",
+            "transformer_blocks.{d}.norm1_context.linear": "double_blocks.{d}.txt_mod.lin",
+            "single_transformer_blocks.{s}.proj_out": "single_blocks.{s}.linear2",
+            "single_transformer_blocks.{s}.norm.linear": "single_blocks.{s}.modulation.lin",
+            "proj_out": "final_layer.linear", "x_embedder": "img_in"}
+_FUSED = {"double_blocks.{d}.img_attn.qkv": ["transformer_blocks.{d}.attn.to_" + q for q in "qkv"],
+          "double_blocks.{d}.txt_attn.qkv": [f"transformer_blocks.{{d}}.attn.add_{q}_proj" for q in "qkv"],
+          "single_blocks.{s}.linear1": [f"single_transformer_blocks.{{s}}.attn.to_{q}" for q in "qkv"]
+          + ["single_transformer_blocks.{s}.proj_mlp"]}
+
+
+def _factors() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """diffusers module -> (down, up) of a PEFT LoRA on a copy of the tiny transformer."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = copy.deepcopy(tiny_flux.components("dev")["transformer"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(21)
+        transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                           target_modules=TARGETS))
+    state = get_peft_model_state_dict(transformer)
+    out = {}
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            out[module] = (state[key].detach().clone(), state[module + ".lora_B.weight"].detach() * 0.3)
+    return out
+
+
+def _bfl(factors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The same deltas under the original layout's module names."""
+    out = {}
+    for module, (down, up) in factors.items():
+        for pattern, bfl in _RENAMES.items():
+            if module == pattern.replace("{d}", "0").replace("{s}", "0"):
+                out[bfl.replace("{d}", "0").replace("{s}", "0")] = (down, up)
+    for bfl, parts in _FUSED.items():
+        names = [p.replace("{d}", "0").replace("{s}", "0") for p in parts]
+        downs, ups = zip(*(factors[n] for n in names))
+        out[bfl.replace("{d}", "0").replace("{s}", "0")] = (torch.cat(downs), torch.block_diag(*ups))
+    down, up = factors["norm_out.linear"]  # diffusers (scale, shift) -> BFL (shift, scale)
+    out["final_layer.adaLN_modulation.1"] = (down, torch.cat(up.chunk(2)[::-1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux_lora_root(tmp_path_factory, tiny_models_dir) -> Path:
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("flux-lora")
+    tiny_flux._save(root / "diffusion_models" / "tiny-flux-dev.safetensors", tiny_flux.bfl_transformer("dev"))
+    (root / "checkpoints").mkdir()
+    sd1 = tiny_models.checkpoint_name("sd1")
+    shutil.copyfile(Path(tiny_models_dir) / "checkpoints" / sd1, root / "checkpoints" / sd1)  # links are refused
+    loras = root / "loras"
+    factors = _factors()
+    peft = {}
+    for module, (down, up) in factors.items():
+        peft[f"{module}.lora_A.weight"], peft[f"{module}.lora_B.weight"] = down, up
+    FluxPipeline.save_lora_weights(str(loras), transformer_lora_layers=peft, weight_name="flux-peft.safetensors")
+    bfl = _bfl(factors)
+    assert len(bfl) == len(factors) - 7  # 3 + 3 + 4 fused into 3
+    save_file({f"diffusion_model.{m}.{k}": t.contiguous() for m, (down, up) in bfl.items()
+               for k, t in (("lora_A.weight", down), ("lora_B.weight", up))}, str(loras / "flux-bfl.safetensors"))
+    kohya = {}
+    for m, (down, up) in bfl.items():
+        base = "lora_unet_" + m.replace(".", "_")
+        kohya[base + ".lora_down.weight"] = down.contiguous()
+        kohya[base + ".lora_up.weight"] = (up * (down.shape[0] / ALPHA)).contiguous()  # alpha/rank undoes it
+        kohya[base + ".alpha"] = torch.tensor(ALPHA)
+    save_file(kohya, str(loras / "flux-kohya.safetensors"))
+    return root
+
+
+@pytest.fixture()
+def env(flux_lora_root, tmp_path):
+    models = ModelManager(device="cpu")
+    yield Environment(paths=Paths.under(tmp_path / "data", models=flux_lora_root), models=models)
+    models.unload_all()
+
+
+def _cond():
+    pipe = tiny_flux.pipeline("dev")
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, device="cpu", max_sequence_length=512)
+    return embeds, pooled
+
+
+def _decode(raw: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        image = tiny_flux.components("dev")["vae"].decode(raw).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _kiln(env, model, lora_name: str | None = None, strength: float = 1.0, rec: Called | None = None):
+    if lora_name is not None:
+        (model,) = call(lora.lora_loader_model_only, env, rec, model=model, lora_name=lora_name,
+                        strength_model=strength)
+    embeds, pooled = _cond()
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    (out,) = call(ksampler, env, model=model, seed=SEED, steps=STEPS, cfg=1.0, sampler_name="euler",
+                  scheduler="normal", positive=cond, negative=cond,
+                  latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
+    return out["samples"]
+
+
+@pytest.fixture(scope="module")
+def reference(flux_lora_root) -> dict[float, torch.Tensor]:
+    """diffusers' FluxPipeline with the diffusers-format file loaded, at adapter weight 1, 0.5 and without."""
+    parts = dict(tiny_flux.components("dev"), transformer=copy.deepcopy(tiny_flux.components("dev")["transformer"]))
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, pooled = _cond()
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+                        num_inference_steps=STEPS, guidance_scale=3.5, generator=torch.Generator().manual_seed(SEED),
+                        output_type="pt").images.permute(0, 2, 3, 1)
+
+    images = {0.0: run()}
+    pipe.load_lora_weights(str(flux_lora_root / "loras"), weight_name="flux-peft.safetensors", adapter_name="a")
+    images[1.0] = run()
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    images[0.5] = run()
+    return images
+
+
+@pytest.mark.parametrize("fmt", ["peft", "bfl", "kohya"])
+def test_flux_lora_equals_diffusers_load_lora_weights(env, reference, fmt):
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev.safetensors")
+    rec = Called()
+    for strength in (1.0, 0.5):
+        ours = _decode(_kiln(env, model, f"flux-{fmt}.safetensors", strength, rec))
+        assert (ours - reference[strength]).abs().max() <= PIXEL_TOL, (fmt, strength)
+    assert (reference[1.0] - reference[0.0]).abs().max() > 0.02  # the LoRA changes the image: not vacuous
+    assert (reference[1.0] - reference[0.5]).abs().max() > 0.01
+    from safetensors import safe_open
+
+    with safe_open(str(env.paths.models.root / "loras" / "flux-peft.safetensors"), "pt") as f:
+        patched = len(list(f.keys())) // 2  # every module of the file, fused ones split back
+    assert f"{patched} modules patched" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages
+
+
+def test_strength_zero_is_no_lora_and_the_weights_are_restored_exactly(env):
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev.safetensors")
+    with model.unet() as net:
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+    plain = _kiln(env, model)
+    assert torch.equal(_kiln(env, model, "flux-bfl.safetensors", 0.0), plain)
+    assert not torch.equal(_kiln(env, model, "flux-kohya.safetensors", 1.0), plain)
+    with model.unet() as net:
+        after = net.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(_kiln(env, model), plain)
+
+
+def test_flux_lora_on_sd1_and_sd1_lora_on_flux_are_named_errors(env, flux_lora_root):
+    from safetensors.torch import save_file
+
+    from nodes import loaders
+
+    model, clip, _ = call(loaders.checkpoint_loader, env, ckpt_name="tiny-sd1.safetensors")
+    for name in ("flux-peft.safetensors", "flux-bfl.safetensors", "flux-kohya.safetensors"):
+        with pytest.raises(NodeError) as err:
+            call(lora.lora_loader, env, model=model, clip=clip, lora_name=name, strength_model=1.0,
+                 strength_clip=1.0)
+        assert err.value.input_name == "lora_name" and "sd1" in str(err.value)
+        assert "FLUX LoRA" in str(err.value), str(err.value)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)},
+              str(flux_lora_root / "loras" / "sd1-unet.safetensors"))
+    (flux_model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev.safetensors")
+    with pytest.raises(NodeError) as err:
+        call(lora.lora_loader_model_only, env, model=flux_model, lora_name="sd1-unet.safetensors",
+             strength_model=1.0)
+    assert err.value.input_name == "lora_name" and "flux" in str(err.value) and "SD LoRA" in str(err.value)
