@@ -34,9 +34,10 @@ from nodes.runtime.patches import LowRank
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
           (".lora.down.weight", ".lora.up.weight"))
 #: kohya prefix -> target module of the model or CLIP
-_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                  ("lora_te_", "text_encoder"))
-_DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"), ("model.diffusion_model.", "unet"),
+_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "text_encoder"),
+                  ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"))
+_DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"),
+                   ("model.diffusion_model.", "unet"),
                    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                    ("lora_unet.", "unet"))
 
