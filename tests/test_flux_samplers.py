@@ -188,3 +188,39 @@ def test_split_sigmas_continue_a_heun_run():
     ours = _decode("dev", done["samples"])
     assert (ours - _decode("dev", whole["samples"])).abs().max() <= PIXEL_TOL
     assert (_decode("dev", half["samples"]) - ours).abs().max() > 0.02  # the halves really split the run
+
+
+def test_flow_runs_use_the_flow_training_schedule_and_log_no_scheduler_warning():
+    """The loop used to build SD's 1000-step schedule from the flow config, and diffusers logged
+    ``kiln_shift_seq_len ... not expected`` on every run with ModelSamplingFlux."""
+    import logging
+
+    from test_flux import _fixed
+
+    from nodes.families import flux
+    from nodes.families.denoiser import Denoiser
+    from nodes.samplers.schedules import training_schedule
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever another test set: the warning must be emitted if it happens
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model = _fixed(_model("dev"))
+    try:
+        ksampler(Recorder().ctx, model, 1, 2, 1.0, "euler", "normal", cond, cond, {"samples": torch.zeros(1, 16, 8, 8)})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert flow.SHIFT_SEQ_LEN in model.scheduler_config
+    assert not [r.getMessage() for r in records if "not expected" in r.getMessage()]
+    schedule = training_schedule(model.scheduler_config)
+    assert isinstance(schedule, flow.FlowSchedule)
+    denoiser = Denoiser(tiny_flux.components("dev")["transformer"], flux.FAMILY, positive=cond, negative=cond, cfg=1.0,
+                        image_size=(64, 64), batch=1, schedule=schedule)
+    assert denoiser.sigma_at_percent(0.3) == pytest.approx(0.7)  # ComfyUI's flow rule: 1 - percent
+    assert float(schedule.sigma(schedule.timestep(0.25))) == pytest.approx(0.25)

@@ -91,6 +91,41 @@ def mu_for(config: Mapping[str, Any], h: int, w: int) -> float | None:
     return calculate_mu(config, int(seq_len))
 
 
+class FlowSchedule:
+    """A flow model's training schedule, the counterpart of ``schedules.TrainingSchedule``:
+    the noise level is the flow time, ``timestep / T`` (T = ``num_train_timesteps``).
+
+    ``sigmas`` lists the levels at timestep indices 0..T, so the denoiser's
+    percent -> level rule gives ``1 - percent``, ComfyUI's for flow models (timestep
+    ranges on FLUX conditioning). Building the 1000-step DDPM schedule from a flow
+    config instead would be meaningless (and diffusers complains about the flow keys).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        import torch
+
+        self.steps = int(config.get("num_train_timesteps", 1000))
+        self.sigmas = torch.linspace(0.0, 1.0, self.steps + 1)
+
+    @property
+    def sigma_min(self) -> float:
+        return 1.0 / self.steps
+
+    @property
+    def sigma_max(self) -> float:
+        return 1.0
+
+    def sigma(self, t: "torch.Tensor | float") -> "torch.Tensor":
+        import torch
+
+        return (torch.as_tensor(t, dtype=torch.float32) / self.steps).clamp(0.0, 1.0)
+
+    def timestep(self, sigma: "torch.Tensor | float") -> "torch.Tensor":
+        import torch
+
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.steps
+
+
 class FlowStepper:
     """A diffusers flow scheduler on the surface the loop expects (``scale_model_input``,
     a ``step`` that also reports the clean-latent prediction for previews).
