@@ -72,6 +72,19 @@ def _factors() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def _clip_factors() -> dict[str, torch.Tensor]:
+    """A PEFT LoRA on a copy of the tiny FLUX's CLIP-L (attention projections), its state as diffusers saves it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    clip = copy.deepcopy(tiny_flux.components("dev")["text_encoder"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(22)
+        clip.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(clip).items()}
+
+
 def _bfl(factors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The same deltas under the original layout's module names."""
     out = {}
@@ -106,6 +119,10 @@ def flux_lora_root(tmp_path_factory, tiny_models_dir) -> Path:
     for module, (down, up) in factors.items():
         peft[f"{module}.lora_A.weight"], peft[f"{module}.lora_B.weight"] = down, up
     FluxPipeline.save_lora_weights(str(loras), transformer_lora_layers=peft, weight_name="flux-peft.safetensors")
+    FluxPipeline.save_lora_weights(str(loras), transformer_lora_layers=peft, text_encoder_lora_layers=_clip_factors(),
+                                   weight_name="flux-peft-te.safetensors")
+    tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
+    tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     bfl = _bfl(factors)
     assert len(bfl) == len(factors) - 7  # 3 + 3 + 4 fused into 3
     save_file({f"diffusion_model.{m}.{k}": t.contiguous() for m, (down, up) in bfl.items()
@@ -225,3 +242,38 @@ def test_flux_lora_on_sd1_and_sd1_lora_on_flux_are_named_errors(env, flux_lora_r
         call(lora.lora_loader_model_only, env, model=flux_model, lora_name="sd1-unet.safetensors",
              strength_model=1.0)
     assert err.value.input_name == "lora_name" and "flux" in str(err.value) and "SD LoRA" in str(err.value)
+
+
+def test_a_flux_lora_with_a_clip_l_part_equals_diffusers(env, flux_lora_root):
+    """LoraLoader on UNETLoader + DualCLIPLoader (flux): the CLIP-L part (diffusers' ``text_encoder.`` keys)
+    patches Kiln's CLIP-L; prompt encoding included, the image equals FluxPipeline with the file loaded."""
+    from diffusers import FluxPipeline
+
+    from nodes.flux_nodes import clip_text_encode_flux
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev.safetensors")
+    (clip,) = call(split_loaders.dual_clip_loader, env, clip_name1="tiny-clip_l.safetensors",
+                   clip_name2="tiny-t5xxl.safetensors", type="flux")
+
+    def kiln(strength_clip: float) -> torch.Tensor:
+        rec = Called()
+        m, c = call(lora.lora_loader, env, rec, model=model, clip=clip, lora_name="flux-peft-te.safetensors",
+                    strength_model=1.0, strength_clip=strength_clip)
+        assert "in text_encoder" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages
+        (cond,) = call(clip_text_encode_flux, env, clip=c, clip_l=PROMPT, t5xxl=PROMPT, guidance=3.5)
+        (out,) = call(ksampler, env, model=m, seed=SEED, steps=STEPS, cfg=1.0, sampler_name="euler",
+                      scheduler="normal", positive=cond, negative=cond,
+                      latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
+        return _decode(out["samples"])
+
+    parts = dict(tiny_flux.components("dev"))
+    parts.update(transformer=copy.deepcopy(parts["transformer"]), text_encoder=copy.deepcopy(parts["text_encoder"]))
+    pipe = FluxPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(flux_lora_root / "loras"), weight_name="flux-peft-te.safetensors")
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPT, height=64, width=64, num_inference_steps=STEPS, guidance_scale=3.5,
+                      generator=torch.Generator().manual_seed(SEED), output_type="pt").images.permute(0, 2, 3, 1)
+    ours = kiln(1.0)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - kiln(0.0)).abs().max() > 0.02  # the CLIP-L part matters (measured 0.05): not vacuous
