@@ -121,6 +121,8 @@ def flux_lora_root(tmp_path_factory, tiny_models_dir) -> Path:
     FluxPipeline.save_lora_weights(str(loras), transformer_lora_layers=peft, weight_name="flux-peft.safetensors")
     FluxPipeline.save_lora_weights(str(loras), transformer_lora_layers=peft, text_encoder_lora_layers=_clip_factors(),
                                    weight_name="flux-peft-te.safetensors")
+    tiny_flux._save(root / "diffusion_models" / "tiny-flux-dev-fp8.safetensors",
+                    {"model.diffusion_model." + k: v for k, v in tiny_flux.to_fp8(tiny_flux.bfl_transformer("dev")).items()})
     tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
     tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     bfl = _bfl(factors)
@@ -277,3 +279,39 @@ def test_a_flux_lora_with_a_clip_l_part_equals_diffusers(env, flux_lora_root):
     ours = kiln(1.0)
     assert (ours - theirs).abs().max() <= PIXEL_TOL
     assert (ours - kiln(0.0)).abs().max() > 0.02  # the CLIP-L part matters (measured 0.05): not vacuous
+
+
+def test_a_lora_on_fp8_weights_runs_beside_them_and_equals_diffusers_on_the_same_weights(env, flux_lora_root):
+    """fp8 linear weights keep their bytes: the LoRA is added to the layer's output in the compute
+    dtype (adding its small delta into fp8 would round most of it away). Reference: FluxPipeline
+    on the fp8 values upcast, with the diffusers file loaded."""
+    from diffusers import FluxPipeline
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev-fp8.safetensors")
+    with model.unet() as net:
+        stored = {k: v.clone() for k, v in net.state_dict().items()}
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    plain = _kiln(env, model)
+    ours = _decode(_kiln(env, model, "flux-bfl.safetensors", 1.0))
+    with model.unet() as net:
+        assert all(torch.equal(stored[k].view(torch.uint8) if stored[k].dtype == torch.float8_e4m3fn else stored[k],
+                               v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
+                   for k, v in net.state_dict().items())
+        assert not any("kiln_lora" in vars(m) for m in net.modules())
+    assert torch.equal(_kiln(env, model), plain)
+
+    transformer = copy.deepcopy(tiny_flux.components("dev")["transformer"])
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if p.ndim == 2 and name.endswith(".weight"):
+                p.copy_(p.to(torch.float8_e4m3fn).to(torch.float32))
+    pipe = FluxPipeline(**dict(tiny_flux.components("dev"), transformer=transformer))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(flux_lora_root / "loras"), weight_name="flux-peft.safetensors")
+    embeds, pooled = _cond()
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+                      num_inference_steps=STEPS, guidance_scale=3.5, generator=torch.Generator().manual_seed(SEED),
+                      output_type="pt").images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - _decode(plain)).abs().max() > 0.02
