@@ -14,7 +14,8 @@ Formats read (one file may mix them):
   module>`` keys too.
 * FLUX: diffusers' ``transformer.<module>`` (FluxLoraLoaderMixin.save_lora_weights),
   the original (BFL) layout as ComfyUI and kohya's FLUX trainer write it
-  (``diffusion_model.double_blocks.0.img_attn.qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``);
+  (``diffusion_model.double_blocks.0.img_attn.qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``;
+  its T5 as ``lora_te3_``);
   a LoRA on a fused original module (``qkv``, ``linear1``) is split row-wise onto
   the separate diffusers projections (the family's key map, ``Family.lora_modules``).
 
@@ -33,9 +34,11 @@ from nodes.runtime.patches import LowRank
 #: (suffix of the "down" factor, suffix of the "up" factor)
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
           (".lora.down.weight", ".lora.up.weight"))
-#: kohya prefix -> target module of the model or CLIP
+#: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders
+#: by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); FLUX keeps its T5 as text_encoder_2, and a T5 name
+#: never matches SDXL's CLIP-G there, so te3 can point at text_encoder_2 for every family.
 _KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "text_encoder"),
-                  ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder"))
+                  ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_2"), ("lora_te_", "text_encoder"))
 _DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"),
                    ("model.diffusion_model.", "unet"),
                    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),

@@ -315,3 +315,29 @@ def test_a_lora_on_fp8_weights_runs_beside_them_and_equals_diffusers_on_the_same
                       output_type="pt").images.permute(0, 2, 3, 1)
     assert (ours - theirs).abs().max() <= PIXEL_TOL
     assert (ours - _decode(plain)).abs().max() > 0.02
+
+
+def test_kohyas_t5_keys_patch_flux_t5(env, flux_lora_root):
+    """sd-scripts' FLUX trainer writes T5 modules as ``lora_te3_<module>`` (ComfyUI's numbering):
+    they patch DualCLIPLoader's T5 by exactly ``alpha / rank * up @ down``, and only while in use."""
+    from safetensors.torch import save_file
+
+    module = "encoder.block.0.layer.0.SelfAttention.q"
+    down, up = torch.randn(RANK, 32) * 0.1, torch.randn(32, RANK) * 0.1
+    save_file({f"lora_te3_{module.replace('.', '_')}.lora_down.weight": down,
+               f"lora_te3_{module.replace('.', '_')}.lora_up.weight": up,
+               f"lora_te3_{module.replace('.', '_')}.alpha": torch.tensor(ALPHA)},
+              str(flux_lora_root / "loras" / "flux-t5-kohya.safetensors"))
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev.safetensors")
+    (clip,) = call(split_loaders.dual_clip_loader, env, clip_name1="tiny-clip_l.safetensors",
+                   clip_name2="tiny-t5xxl.safetensors", type="flux")
+    rec = Called()
+    _, patched_clip = call(lora.lora_loader, env, rec, model=model, clip=clip, lora_name="flux-t5-kohya.safetensors",
+                           strength_model=1.0, strength_clip=0.5)
+    assert "1 in text_encoder_2" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages
+    with clip.encoder("text_encoder_2") as t5:
+        base = t5.get_parameter(module + ".weight").detach().clone()
+    with patched_clip.encoder("text_encoder_2") as t5:
+        assert torch.allclose(t5.get_parameter(module + ".weight"), base + 0.5 * ALPHA / RANK * (up @ down), atol=1e-6)
+    with clip.encoder("text_encoder_2") as t5:
+        assert torch.equal(t5.get_parameter(module + ".weight"), base)
