@@ -60,25 +60,30 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
     path = locate(ctx.env, LORA_FOLDER, lora_name, "lora_name")
     state = _read(path)
     networks = _targets(model, clip)
-    lookups = {t: lora_keys.module_names(n, t, dict(n.config) if t == "unet" else None) for t, n in networks.items()}
+    kind = (model or clip).family
+    lookups = {t: lora_keys.module_names(n, t, dict(n.config), kind.lora_modules(n)) if t == "unet" else
+               lora_keys.module_names(n, t) for t, n in networks.items()}
     shapes = {t: {k: tuple(p.shape) for k, p in n.named_parameters()} for t, n in networks.items()}
     found = lora_keys.match(state, lookups, shapes)
-    family = (model or clip).family.name
+    family = kind.name
+    made_for = lora_keys.made_for(state)
+    guess = f"it looks like a {made_for} LoRA" if made_for and not family.startswith(made_for.lower()) else \
+        "was it made for another model family?"
     if found.mismatched:
         raise NodeError(f"{lora_name} does not fit this {family} model: {len(found.mismatched)} of its modules have "
-                        f"other shapes (e.g. {found.mismatched[0]}); was it made for another model family?",
+                        f"other shapes (e.g. {found.mismatched[0]}); {guess}",
                         "lora_name")
     skipped = [k for k in found.unmatched if clip is None and k.startswith(("lora_te", "text_encoder"))]
     unmatched = [k for k in found.unmatched if k not in skipped]
     if found.count == 0:
         raise NodeError(f"no module of {lora_name} matched this {family} model (0 of {len(found.unmatched)} "
-                        f"LoRA modules, e.g. {found.unmatched[:3]}); is it a LoRA for another model family?",
+                        f"LoRA modules, e.g. {found.unmatched[:3]}); {guess}",
                         "lora_name")
     # text-encoder modules may fit (FLUX and SD 1.x share CLIP-L) while the network part fits nothing
-    unet_keys = [k for k in found.unmatched if k.startswith(("lora_unet", "unet.", "model.diffusion_model."))]
+    unet_keys = lora_keys.network_keys(found.unmatched)
     if model is not None and unet_keys and not found.tables.get("unet"):
         raise NodeError(f"{lora_name}'s diffusion-model part ({len(unet_keys)} modules, e.g. {unet_keys[:2]}) matches "
-                        f"nothing in this {family} model; is it a LoRA for another model family?", "lora_name")
+                        f"nothing in this {family} model; {guess}", "lora_name")
     parts = ", ".join(f"{len(t)} in {name}" for name, t in sorted(found.tables.items()))
     note = f"{lora_name}: {found.count} modules patched ({parts})"
     if skipped:

@@ -12,6 +12,12 @@ Formats read (one file may mix them):
   older ``.lora.down.weight`` / ``.lora.up.weight``), ``text_encoder.``/
   ``text_encoder_2.`` for the encoders; ComfyUI-saved ``diffusion_model.<original
   module>`` keys too.
+* FLUX: diffusers' ``transformer.<module>`` (FluxLoraLoaderMixin.save_lora_weights),
+  the original (BFL) layout as ComfyUI and kohya's FLUX trainer write it
+  (``diffusion_model.double_blocks.0.img_attn.qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``;
+  its T5 as ``lora_te3_``);
+  a LoRA on a fused original module (``qkv``, ``linear1``) is split row-wise onto
+  the separate diffusers projections (the family's key map, ``Family.lora_modules``).
 
 Module names are matched against the model itself (its parameter names, plus the
 original-layout names computed by Kiln's own diffusers -> original converter), so
@@ -28,10 +34,13 @@ from nodes.runtime.patches import LowRank
 #: (suffix of the "down" factor, suffix of the "up" factor)
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
           (".lora.down.weight", ".lora.up.weight"))
-#: kohya prefix -> target module of the model or CLIP
-_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                  ("lora_te_", "text_encoder"))
-_DOTTED_TARGETS = (("unet.", "unet"), ("diffusion_model.", "unet"), ("model.diffusion_model.", "unet"),
+#: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders
+#: by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); FLUX keeps its T5 as text_encoder_2, and a T5 name
+#: never matches SDXL's CLIP-G there, so te3 can point at text_encoder_2 for every family.
+_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "text_encoder"),
+                  ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_2"), ("lora_te_", "text_encoder"))
+_DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"),
+                   ("model.diffusion_model.", "unet"),
                    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                    ("lora_unet.", "unet"))
 
@@ -53,17 +62,19 @@ class Matched:
         return sum(len(t) for t in self.tables.values())
 
 
-def module_names(network: Any, target: str, unet_config: dict | None = None) -> dict[str, str]:
+def module_names(network: Any, target: str, unet_config: dict | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every name a LoRA may use for a weight of ``network`` -> its parameter name.
 
     Names are given both dotted and kohya-underscored; for a UNet also in the
     original layout; for a text encoder with and without transformers'
-    ``text_model.`` prefix.
+    ``text_model.`` prefix. ``extra``: the family's own module names
+    (``Family.lora_modules``), a parameter name or fused parts each.
     """
     weights = [n for n, p in network.named_parameters() if n.endswith(".weight") and p.ndim >= 2]
-    names: dict[str, str] = {}
+    names: dict[str, Any] = {}
 
-    def add(alias: str, param: str) -> None:
+    def add(alias: str, param: Any) -> None:
         names.setdefault(alias, param)
         names.setdefault(alias.replace(".", "_"), param)
 
@@ -80,7 +91,25 @@ def module_names(network: Any, target: str, unet_config: dict | None = None) -> 
         original = unet_to_original({p: p for p in weights}, unet_config)
         for key, param in original.items():
             add(key[len("model.diffusion_model."): -len(".weight")], param)
+    for alias, param in (extra or {}).items():
+        add(alias, param)
     return names
+
+
+def network_keys(keys: Any) -> list[str]:
+    """The keys of a LoRA file that address a diffusion network (UNet or transformer), by prefix."""
+    prefixes = tuple(p for p, t in _KOHYA_TARGETS + _DOTTED_TARGETS if t == "unet")
+    return [k for k in keys if k.startswith(prefixes)]
+
+
+def made_for(keys: Any) -> str | None:
+    """The model family a LoRA's network names point to ("FLUX" or "SD"), for error messages."""
+    text = " ".join(network_keys(keys))
+    if any(m in text for m in ("double_blocks", "single_blocks", "single_transformer_blocks")):
+        return "FLUX"
+    if any(m in text for m in ("down_blocks", "input_blocks", "up_blocks", "output_blocks", "mid_block")):
+        return "SD"
+    return None
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -95,7 +124,7 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _locate(module_key: str, lookups: dict[str, dict[str, str]]) -> tuple[str, str] | None:
+def _locate(module_key: str, lookups: dict[str, dict[str, Any]]) -> tuple[str, Any] | None:
     """(target, parameter name) of a LoRA module key in the model's name tables."""
     for prefix, target in _KOHYA_TARGETS:
         if module_key.startswith(prefix) and target in lookups:
@@ -132,15 +161,32 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             continue
         target, param = found
         down, up = parts["down"], parts["up"]
-        rank = down.shape[0]
-        shape = shapes[target][param]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if up.shape[0] != shape[0] or up.flatten(1).shape[1] != rank or up.shape[0] * down.flatten(1).shape[1] != numel:
-            result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs {shape}")
-            continue
         alpha = parts.get("alpha")
-        scale = float(alpha) / rank if alpha is not None else 1.0
-        result.tables.setdefault(target, {})[param] = LowRank(up.float(), down.float(), scale)
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        if isinstance(param, str):
+            pieces = [(param, up)]
+        else:  # a fused module: each parameter takes its rows of up
+            import torch
+
+            total = sum(b - a for _, rows in param for a, b in rows)
+            if up.shape[0] != total:
+                result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs {total} rows")
+                continue
+            pieces = [(name, torch.cat([up[a:b] for a, b in rows])) for name, rows in param]
+        bad = [p for p, u in pieces if not _fits(u, down, shapes[target][p])]
+        if bad:
+            result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs "
+                                     f"{shapes[target][bad[0]]}")
+            continue
+        for name, piece in pieces:
+            result.tables.setdefault(target, {})[name] = LowRank(piece.float(), down.float(), scale)
     return result
+
+
+def _fits(up: Any, down: Any, shape: tuple) -> bool:
+    """Whether ``up @ down`` has the weight's shape (a LoCon conv factor flattened)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return up.shape[0] == shape[0] and up.flatten(1).shape[1] == down.shape[0] and \
+        up.shape[0] * down.flatten(1).shape[1] == numel

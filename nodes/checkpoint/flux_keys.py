@@ -159,3 +159,31 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
 
 
 Converter = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+#: rows of a fused/reordered original-layout weight that one diffusers weight takes, in order
+Rows = tuple[tuple[int, int], ...]
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[str, Rows], ...]]:
+    """Original (BFL) module name -> the diffusers weights it covers, with their rows of it.
+
+    For LoRAs written against the original layout (ComfyUI, kohya's FLUX trainer): a
+    LoRA on a fused module (``img_attn.qkv``, ``linear1``) has one ``down`` factor
+    and an ``up`` factor whose rows stack the parts, so each diffusers weight takes
+    its rows of ``up`` with the whole ``down``; the final modulation's halves swap.
+    ``shapes``: the diffusers model's parameter shapes (row counts come from them).
+    """
+    out: dict[str, tuple[tuple[str, Rows], ...]] = {}
+    for bfl, diff, how in _pairs((), shapes.keys()):
+        if not bfl[0].endswith(".weight") or any(d not in shapes or len(shapes[d]) != 2 for d in diff):
+            continue
+        rows = [shapes[d][0] for d in diff]
+        if how == "swap":
+            half = rows[0] // 2
+            parts: tuple[tuple[str, Rows], ...] = ((diff[0], ((half, 2 * half), (0, half))),)
+        else:
+            starts = [sum(rows[:i]) for i in range(len(rows))]
+            parts = tuple((d, ((s, s + n),)) for d, s, n in zip(diff, starts, rows))
+        out[bfl[0][: -len(".weight")]] = parts
+    return out

@@ -220,6 +220,12 @@ class Family:
         (patching, position ids, timestep units)."""
         return network
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """Module names LoRA files use for ``network``'s weights beyond its own parameter names
+        (see nodes.lora_keys.module_names). SD UNets: none here (nodes.lora_keys derives their
+        original-layout names itself)."""
+        return {}
+
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING for ``text``: CLIP families share nodes.families.text; others override."""
         from nodes.families.text import encode

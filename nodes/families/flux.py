@@ -154,6 +154,13 @@ class Flux(Family):
     def wrap_network(self, network: Any) -> Any:
         return FluxNetwork(network)
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original (BFL) layout's names, ComfyUI's and kohya's FLUX LoRAs use them: the
+        loader's key map, read for LoRAs (fused qkv / linear1 split row-wise onto q, k, v, mlp)."""
+        from nodes.checkpoint.flux_keys import lora_modules
+
+        return lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
+
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         import torch

@@ -5,7 +5,8 @@ FLUX's transformer is 12 B parameters: 24 GB in bf16, 12 GB as ``float8_e4m3fn``
 GPU and on the CPU) and casts each linear layer's weight to the compute dtype
 (bf16/fp16 on a GPU, fp32 on a CPU) only while that layer runs, so the full-size
 copy never exists. Only ``nn.Linear`` weights stay fp8 (they are >99 % of the
-bytes); norms, embeddings and biases are cast once at load.
+bytes); norms, embeddings and biases are cast once at load. LoRAs on such layers run
+beside the weight (low rank, in the compute dtype) instead of being added into it.
 """
 from __future__ import annotations
 
@@ -22,12 +23,23 @@ def _cast_linear_class():
     import torch
 
     class CastLinear(torch.nn.Linear):
-        """nn.Linear whose stored weight may be fp8: cast per call to the input's dtype."""
+        """nn.Linear whose stored weight may be fp8: cast per call to the input's dtype.
+
+        ``kiln_lora``, set only while LoRA patches are applied (nodes.runtime.patches):
+        ``(up, down, coefficient)`` factors added as ``coefficient * (x @ down.T) @ up.T``,
+        because adding a LoRA's small delta into fp8 weights would round most of it away.
+        """
+
+        kiln_lora: tuple = ()
 
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
             w = self.weight.to(x.dtype)
             b = self.bias.to(x.dtype) if self.bias is not None else None
-            return torch.nn.functional.linear(x, w, b)
+            out = torch.nn.functional.linear(x, w, b)
+            for up, down, coefficient in self.kiln_lora:
+                out = out + torch.nn.functional.linear(torch.nn.functional.linear(x, down.to(x.dtype)),
+                                                       up.to(x.dtype)) * coefficient
+            return out
 
     return CastLinear
 

@@ -12,6 +12,11 @@ convolution factors flatten the same way); ``scale`` is the file's
 ``alpha / rank`` (1 when the file has no alpha, as diffusers/PEFT files do).
 An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 
+A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
+``weight + delta`` back to fp8 would lose most of a LoRA's small delta. Its layer gets
+the factors instead (``kiln_lora``) and adds ``strength * scale * (x @ down.T) @ up.T``
+to its output while the block lasts; the attribute is removed afterwards.
+
 A float32 weight takes its delta with ``add_`` (bit-identical to adding into a
 copy, without the weight-sized temporary). ``addmm_`` with ``alpha = scale *
 strength`` would save the delta tensor too, but it rounds once where the delta
@@ -65,13 +70,21 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
         return
     import torch
 
+    from nodes.runtime.fp8 import is_fp8
+
     params = dict(module.named_parameters())
     saved: dict[str, torch.Tensor] = {}
+    beside: dict[str, list] = {}  # fp8 layers: owner module name -> (up, down, coefficient)
     try:
         with torch.no_grad():
             for entry, table in active:
                 for name, factors in table.items():
                     p = params[name]
+                    if is_fp8(p) and hasattr(module.get_submodule(name.rsplit(".", 1)[0]), "kiln_lora"):
+                        beside.setdefault(name.rsplit(".", 1)[0], []).append(
+                            (factors.up.to(p.device, torch.float32).flatten(1),
+                             factors.down.to(p.device, torch.float32).flatten(1), factors.scale * entry.strength))
+                        continue
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
                     delta = factors.delta(tuple(p.shape), p.device) * entry.strength
@@ -79,8 +92,12 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                         p.add_(delta)
                     else:
                         p.copy_((p.to(torch.float32) + delta).to(p.dtype))
+            for owner, factors in beside.items():
+                module.get_submodule(owner).kiln_lora = tuple(factors)
         yield
     finally:
         with torch.no_grad():
             for name, original in saved.items():
                 params[name].copy_(original.to(params[name].device))
+        for owner in beside:
+            vars(module.get_submodule(owner)).pop("kiln_lora", None)

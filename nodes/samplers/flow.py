@@ -22,10 +22,26 @@ rounding: ``t_start = int(N - N * s)`` (SD img2img rounds the steps run down,
 at the flow time of step ``t_start``. ComfyUI's ``denoise`` runs the last
 ``steps`` steps of the ``int(steps / denoise)``-step grid, as for SD.
 
-Samplers: ``euler`` (diffusers' FlowMatchEulerDiscreteScheduler, the one FLUX's
-pipelines use). Schedules: ``normal``, ``simple`` and ``sgm_uniform`` are the
-pipeline's uniform grid; ``karras``, ``exponential`` and ``beta`` are diffusers'
-flags on it. Others are refused with the list.
+Samplers, each over the same grid (the network sees the state itself at timestep
+``1000 * t``, and ``x - t * v`` is its clean-latent prediction, as ComfyUI's flow
+sampling has it):
+
+* ``euler``: diffusers' FlowMatchEulerDiscreteScheduler, the one FLUX's pipelines use.
+* ``heun``: diffusers' FlowMatchHeunDiscreteScheduler (Heun's second-order step, two
+  evaluations per step, the step to t = 0 a single Euler one), given the grid.
+* ``dpmpp_2m``: diffusers' DPMSolverMultistepScheduler with ``use_flow_sigmas``
+  (DPM-Solver++(2M), midpoint, in the flow's own log-SNR ``log((1 - t) / t)``), given
+  the grid. ComfyUI's ``dpmpp_2m`` applies the variance-exploding formulas
+  (``-log t``) to the flow state instead, so its FLUX pixels differ from these.
+* ``euler_ancestral``: ComfyUI's rectified-flow ancestral Euler
+  (``sample_euler_ancestral_RF``, eta 1): an Euler step to ``t_down = t'^2 / t``, the
+  state rescaled by ``(1 - t') / (1 - t_down)`` and fresh noise added so its noise
+  level is exactly ``t'``; the last step lands on the prediction. diffusers has no
+  flow scheduler for it (:class:`FlowEulerAncestral`).
+
+Schedules: ``normal``, ``simple`` and ``sgm_uniform`` are the pipeline's uniform
+grid; ``karras``, ``exponential`` and ``beta`` are diffusers' flags on it. Others are
+refused with the list.
 """
 from __future__ import annotations
 
@@ -33,7 +49,7 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 from nodes.families.base import ConditioningError
-from nodes.samplers.kdiffusion import StepOutput
+from nodes.samplers.kdiffusion import StepOutput, randn_like
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +58,7 @@ if TYPE_CHECKING:
     from nodes.samplers.plan import Plan
 
 FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
-SAMPLERS = ("euler",)
+SAMPLERS = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
     "normal": {}, "simple": {}, "sgm_uniform": {},
     "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
@@ -75,16 +91,55 @@ def mu_for(config: Mapping[str, Any], h: int, w: int) -> float | None:
     return calculate_mu(config, int(seq_len))
 
 
+class FlowSchedule:
+    """A flow model's training schedule, the counterpart of ``schedules.TrainingSchedule``:
+    the noise level is the flow time, ``timestep / T`` (T = ``num_train_timesteps``).
+
+    ``sigmas`` lists the levels at timestep indices 0..T, so the denoiser's
+    percent -> level rule gives ``1 - percent``, ComfyUI's for flow models (timestep
+    ranges on FLUX conditioning). Building the 1000-step DDPM schedule from a flow
+    config instead would be meaningless (and diffusers complains about the flow keys).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        import torch
+
+        self.steps = int(config.get("num_train_timesteps", 1000))
+        self.sigmas = torch.linspace(0.0, 1.0, self.steps + 1)
+
+    @property
+    def sigma_min(self) -> float:
+        return 1.0 / self.steps
+
+    @property
+    def sigma_max(self) -> float:
+        return 1.0
+
+    def sigma(self, t: "torch.Tensor | float") -> "torch.Tensor":
+        import torch
+
+        return (torch.as_tensor(t, dtype=torch.float32) / self.steps).clamp(0.0, 1.0)
+
+    def timestep(self, sigma: "torch.Tensor | float") -> "torch.Tensor":
+        import torch
+
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.steps
+
+
 class FlowStepper:
-    """diffusers' flow Euler scheduler on the surface the loop expects (``scale_model_input``,
-    a ``step`` that also reports the clean-latent prediction for previews)."""
+    """A diffusers flow scheduler on the surface the loop expects (``scale_model_input``,
+    a ``step`` that also reports the clean-latent prediction for previews).
+
+    ``timesteps``: the evaluations to run (all of the scheduler's from ``begin`` by
+    default); ``grid``: the flow times visited, for the plan (the scheduler's sigmas).
+    """
 
     order = 1
 
-    def __init__(self, sched: Any, begin: int) -> None:
+    def __init__(self, sched: Any, begin: int, timesteps: Any = None, grid: Any = None) -> None:
         self.sched = sched
-        self.timesteps = sched.timesteps[begin:]
-        self.sigmas = sched.sigmas[begin:]
+        self.timesteps = sched.timesteps[begin:] if timesteps is None else timesteps
+        self.sigmas = sched.sigmas[begin:] if grid is None else grid
         sched.set_begin_index(begin)
 
     def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
@@ -111,6 +166,85 @@ def scheduler(config: Mapping[str, Any], schedule: str, steps: int, h: int, w: i
     return sched
 
 
+class FlowEulerAncestral:
+    """Ancestral Euler on a flow model (ComfyUI's ``sample_euler_ancestral_RF``, eta 1).
+
+    From t to t' > 0: ``t_down = t'^2 / t``; Euler to t_down,
+    ``x = (t_down / t) x + (1 - t_down / t) x0``; then
+    ``x = (1 - t') / (1 - t_down) * x + sqrt(t'^2 - (t_down (1 - t') / (1 - t_down))^2) * noise``,
+    which makes the state ``(1 - t') x0 + t' * (unit noise)`` again. To t' = 0 the step
+    lands on the prediction ``x0 = x - t v``. Noise comes from each image's generator.
+    """
+
+    order = 1
+
+    def __init__(self, sigmas: "torch.Tensor", num_train_timesteps: int = 1000) -> None:
+        import torch
+
+        self.sigmas = sigmas.to(torch.float32).clone()
+        self.timesteps = self.sigmas[:-1] * num_train_timesteps
+        self._index = 0
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return sample
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        i = self._index
+        self._index += 1
+        t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        denoised = sample - t * model_output
+        if t_next == 0:
+            return StepOutput(denoised, denoised)
+        t_down = t_next * t_next / t
+        x = (t_down / t) * sample + (1 - t_down / t) * denoised
+        keep = (1 - t_next) / (1 - t_down)
+        renoise = math.sqrt(max(t_next ** 2 - (t_down * keep) ** 2, 0.0))
+        return StepOutput(keep * x + renoise * randn_like(x, generator), denoised)
+
+
+def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> FlowStepper | FlowEulerAncestral:
+    """A stepper for ``spec`` (not euler) visiting exactly ``sigmas`` (descending flow times).
+
+    The list may end above 0 (a split list): the scheduler is then built on the list
+    followed by 0 and only the evaluations of the list's own steps run. diffusers'
+    Heun and DPM-Solver classes build their grids themselves (no ``sigmas`` argument),
+    so their arrays are set to the list the way their ``set_timesteps`` lays them out.
+    """
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler
+
+    sigmas = sigmas.to("cpu", torch.float32)
+    steps = len(sigmas) - 1
+    ends_above = float(sigmas[-1]) > 0
+    grid = sigmas if ends_above else sigmas[:-1]  # the flow times the model is evaluated at (+ the end)
+    train = int(config.get("num_train_timesteps", 1000))
+    if spec.name == "euler_ancestral":
+        stepper = FlowEulerAncestral(sigmas if not ends_above else torch.cat([sigmas, torch.zeros(1)]), train)
+        stepper.timesteps = stepper.timesteps[:steps]
+        return stepper
+    if spec.name == "heun":
+        sched = FlowMatchHeunDiscreteScheduler(num_train_timesteps=train, shift=1.0)
+        sched.set_timesteps(len(grid))
+        doubled = torch.cat([grid[:1], grid[1:].repeat_interleave(2)])
+        sched.sigmas = torch.cat([doubled, torch.zeros(1)])
+        sched.timesteps = doubled * train
+        return FlowStepper(sched, 0, sched.timesteps[:2 * steps - (0 if ends_above else 1)], sigmas)
+    if spec.name == "dpmpp_2m":
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=train, solver_order=2, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+            solver_type="midpoint", use_flow_sigmas=True, flow_shift=1.0, final_sigmas_type="zero",
+            lower_order_final=True)
+        sched.set_timesteps(len(grid))
+        sched.sigmas = torch.cat([grid, torch.zeros(1)])
+        sched.timesteps = grid * train
+        return FlowStepper(sched, 0, sched.timesteps[:steps], sigmas)
+    raise ValueError(f"no flow stepper for {spec.name}")  # pragma: no cover - check_sampler refused it
+
+
 def check_sampler(spec: "SamplerSpec", input_name: str = "sampler_name") -> None:
     """Refuse a sampler flow sampling does not have, naming ``input_name``."""
     if spec.name not in SAMPLERS:
@@ -131,9 +265,10 @@ def check(spec: "SamplerSpec", schedule: str) -> None:
     check_schedule(schedule)
 
 
-def follow(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> FlowStepper:
-    """The flow Euler stepper over exactly ``sigmas`` (a SIGMAS list, last value included),
-    for the custom-sampling nodes: diffusers' scheduler with the shift already in the list
+def follow(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
+    """The flow stepper over exactly ``sigmas`` (a SIGMAS list, last value included), for the
+    custom-sampling nodes; samplers other than euler: :func:`on_grid`. Euler: diffusers' scheduler
+    with the shift already in the list
     (shift 1, no dynamic shifting), its terminal value set to the list's last one so a
     split list stops where it says."""
     import numpy as np
@@ -141,6 +276,8 @@ def follow(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     check_sampler(spec, "sampler")
+    if spec.name != "euler":
+        return on_grid(spec, config, sigmas)
     clean = {k: v for k, v in config.items() if not k.startswith("kiln_") and k != "prediction_type"}
     sched = FlowMatchEulerDiscreteScheduler.from_config(
         clean, shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
@@ -177,9 +314,10 @@ def plan(spec: "SamplerSpec", schedule: str, config: Mapping[str, Any], steps: i
     if begin >= total:
         return Plan(mode, None, torch.zeros(0), None)
     sched = scheduler(config, schedule, total, h, w)
-    stepper = FlowStepper(sched, begin)
+    stepper = FlowStepper(sched, begin) if spec.name == "euler" else on_grid(spec, config, sched.sigmas[begin:])
     t = float(stepper.sigmas[0])
-    start = sched.scale_noise(x0, stepper.timesteps[:1].repeat(x0.shape[0]), noise)
+    sched.set_begin_index(begin)  # the euler grid's scheduler also makes the start (its scale_noise)
+    start = sched.scale_noise(x0, sched.timesteps[begin:begin + 1].repeat(x0.shape[0]), noise)
     if not math.isfinite(t):  # pragma: no cover - a broken config
         raise ConditioningError("the flow schedule has no finite start", "model")
     return Plan(mode, stepper, stepper.timesteps, start, stepper.sigmas)

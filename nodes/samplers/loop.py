@@ -40,12 +40,12 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     import torch
 
     from nodes.families.denoiser import Denoiser
-    from nodes.samplers.schedules import TrainingSchedule
+    from nodes.samplers.schedules import training_schedule
 
     sched = plan.scheduler
     x = plan.start.to(device=network.device, dtype=torch.float32)
     denoiser = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
-                        batch=x.shape[0], schedule=TrainingSchedule(training_config),
+                        batch=x.shape[0], schedule=training_schedule(training_config),
                         prediction_type=training_config.get("prediction_type", "epsilon"))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}

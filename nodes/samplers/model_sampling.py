@@ -149,7 +149,7 @@ class FlowSampling:
         return float(timestep) / float(self.config.get("num_train_timesteps", 1000))
 
     def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
-        """(flow Euler stepper over exactly ``sigmas``, its timesteps); a sampler flow sampling
+        """(flow stepper for ``spec`` over exactly ``sigmas``, its timesteps); a sampler flow sampling
         lacks is a ConditioningError naming ``sampler``."""
         from nodes.samplers import flow
 

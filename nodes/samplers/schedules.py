@@ -89,6 +89,14 @@ class TrainingSchedule:
         return ((1 - w) * lo_idx + w * hi_idx).view(torch.as_tensor(sigma).shape)
 
 
+def training_schedule(config: Mapping[str, Any]) -> Any:
+    """The model's training schedule (timestep <-> noise level): a flow model's own
+    (:class:`nodes.samplers.flow.FlowSchedule`), otherwise the DDPM one (:class:`TrainingSchedule`)."""
+    from nodes.samplers import flow
+
+    return flow.FlowSchedule(config) if flow.is_flow(config) else TrainingSchedule(config)
+
+
 def _append_zero(values: "torch.Tensor") -> "torch.Tensor":
     import torch
 
