@@ -240,48 +240,73 @@ def test_split_sigmas_with_disable_noise_continues_a_flow_run():
     assert (_decode("dev", half["samples"]) - ours).abs().max() > 0.02  # the halves really split the run
 
 
+def _block_mask() -> torch.Tensor:
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 0:32] = 1.0  # on the 16-pixel patch grid, so nearest and bilinear downscaling agree
+    return mask
+
+
+def _masked_run(sampler: str, seen: list | None = None) -> tuple[dict, dict]:
+    """(the masked, AddNoise 0.7 latent, KSampler's output) on FLUX [dev]; ``seen`` collects the
+    transformer's (hidden_states, timestep) per call."""
+    from nodes.inpaint import set_latent_noise_mask
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model, rec = _model("dev"), Recorder()
+    (lat,) = set_latent_noise_mask(rec.ctx, {"samples": _init_raw()}, _block_mask())
+    (lat,) = add_noise(rec.ctx, model, lat, strength=0.7, seed=42)
+    net = tiny_flux.components("dev")["transformer"]
+    hook = net.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"], kw["timestep"])) if seen is not None else None,
+        with_kwargs=True)
+    try:
+        (out,) = ksampler(rec.ctx, model, 42, 5, 1.0, sampler, "normal", cond, cond, lat)
+    finally:
+        hook.remove()
+    return lat, out
+
+
+def _kept() -> torch.Tensor:
+    return (torch.nn.functional.interpolate(_block_mask().unsqueeze(1), size=(8, 8)) < 0.5).expand(1, 16, 8, 8)
+
+
 def test_noise_mask_equals_flux_inpaint_pipeline():
     """SetLatentNoiseMask on FLUX: the kept region is held to the input noised as a flow model
     noises (a blend, not x0 + sigma * noise), as FluxInpaintPipeline does after every step."""
     from diffusers import FluxInpaintPipeline
 
-    from nodes.inpaint import set_latent_noise_mask
-
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 16:48, 0:32] = 1.0  # on the 16-pixel patch grid, so nearest and bilinear downscaling agree
     embeds, pooled = _embeds("dev")
-    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
-    model, rec = _model("dev"), Recorder()
-    (lat,) = set_latent_noise_mask(rec.ctx, {"samples": _init_raw()}, mask)
-    (lat,) = add_noise(rec.ctx, model, lat, strength=0.7, seed=42)
-    (out,) = ksampler(rec.ctx, model, 42, 5, 1.0, "euler", "normal", cond, cond, lat)
+    _, out = _masked_run("euler")
     init = flux.FLUX_LATENT.to_model(_init_raw())
     pipe = tiny_flux.pipeline("dev", cls=FluxInpaintPipeline)
     with torch.no_grad():
-        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=init, mask_image=mask.unsqueeze(1),
-                      masked_image_latents=init, strength=0.7, height=64, width=64, num_inference_steps=5,
-                      guidance_scale=3.5, generator=torch.Generator().manual_seed(42), output_type="pt").images
+        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=init,
+                      mask_image=_block_mask().unsqueeze(1), masked_image_latents=init, strength=0.7, height=64,
+                      width=64, num_inference_steps=5, guidance_scale=3.5, generator=torch.Generator().manual_seed(42),
+                      output_type="pt").images
     ours = _decode("dev", out["samples"])
     assert (ours - theirs.permute(0, 2, 3, 1)).abs().max() <= PIXEL_TOL
-    keep = (torch.nn.functional.interpolate(mask.unsqueeze(1), size=(8, 8)) < 0.5).expand_as(out["samples"])
-    assert torch.equal(out["samples"][keep], _init_raw()[keep])
-    # Every transformer input is, outside the mask, the input blended with the run's noise at
-    # that call's flow time (held as x0 + sigma * noise, the DDPM rule, it would not be).
+    assert torch.equal(out["samples"][_kept()], _init_raw()[_kept()])
+
+
+@pytest.mark.parametrize("sampler,calls", [("euler", 4), ("heun", 7), ("dpmpp_2m", 4), ("euler_ancestral", 4)])
+def test_noise_mask_holds_the_flow_blend_with_every_flow_sampler(sampler, calls):
+    """Every transformer input is, outside the mask, the input blended with the run's noise at that
+    call's flow time (heun's second evaluations included); held as x0 + sigma * noise, the DDPM
+    rule, it would not be. The result outside the mask is the input exactly, inside it changed."""
     from diffusers import FluxPipeline
 
-    seen = []
-    net = tiny_flux.components("dev")["transformer"]
-    hook = net.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["hidden_states"], kw["timestep"])),
-                                         with_kwargs=True)
-    try:
-        ksampler(rec.ctx, model, 42, 5, 1.0, "euler", "normal", cond, cond, lat)
-    finally:
-        hook.remove()
+    seen: list = []
+    lat, out = _masked_run(sampler, seen)
+    init = flux.FLUX_LATENT.to_model(_init_raw())
     pack = lambda x: FluxPipeline._pack_latents(x, 1, 16, 8, 8)  # noqa: E731
-    kept = pack(keep.to(torch.float32)) > 0.5
-    assert len(seen) == 4  # 5 steps at strength 0.7: the last 4 (FluxImg2ImgPipeline's rounding)
+    kept = pack(_kept().to(torch.float32)) > 0.5
+    assert len(seen) == calls  # 5 steps at strength 0.7 run the last 4 (FluxImg2ImgPipeline's rounding)
     for hidden, t in seen:
         sigma = float(t.reshape(-1)[0])
         blend = pack(sigma * lat["noise"] + (1 - sigma) * init)
         assert torch.allclose(hidden[kept], blend[kept], atol=1e-5), sigma
         assert not torch.allclose(hidden[kept], pack(init + sigma * lat["noise"])[kept], atol=1e-2)
+    assert torch.equal(out["samples"][_kept()], _init_raw()[_kept()])
+    assert (out["samples"][~_kept()] - _init_raw()[~_kept()]).abs().max() > 0.05
