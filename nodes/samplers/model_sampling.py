@@ -112,15 +112,18 @@ class FlowSampling:
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
+        from nodes.samplers.flow import FlowSchedule
+
         self.config = dict(config)
+        self.schedule = FlowSchedule(self.config)
 
     @property
     def sigma_min(self) -> float:
-        return 1.0 / float(self.config.get("num_train_timesteps", 1000))
+        return self.schedule.sigma_min
 
     @property
     def sigma_max(self) -> float:
-        return 1.0
+        return self.schedule.sigma_max
 
     def sigmas(self, scheduler: str, steps: int, denoise: float = 1.0) -> "torch.Tensor":
         """The descending flow times (ending in 0) for ``steps`` steps of ``scheduler`` at ``denoise``;
@@ -145,8 +148,7 @@ class FlowSampling:
         return self.start(sigma, noise, x0)
 
     def sigma_at(self, timestep: float) -> float:
-        """A flow timestep is its flow time scaled by the training steps (diffusers' convention)."""
-        return float(timestep) / float(self.config.get("num_train_timesteps", 1000))
+        return float(self.schedule.sigma(timestep))
 
     def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
         """(flow stepper for ``spec`` over exactly ``sigmas``, its timesteps); a sampler flow sampling
