@@ -23,6 +23,10 @@ processor; Kiln's denoiser is the same diffusers UNet). Figures:
 * start-up (CPU/any, unless --no-startup): ``kiln run`` of the same workflow in a
   fresh process, time from process start to the first node starting and to the end.
 
+Peak memory (a ``kiln serve`` with the model loaded after one job against diffusers'
+pipeline, each in a fresh process) is ``bench/peak_memory.py``; the identical-resubmit
+figures are in ``bench/server_load.py``.
+
 Each timed run records the 1-minute load average before it; a run whose load
 exceeds the number of CPU cores is marked ``*`` (contended). A benchmark, not a
 test: nothing is asserted. The last line is JSON with every figure.

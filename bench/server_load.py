@@ -13,7 +13,12 @@ jobs one after another as fast as the server answers. Reported:
 * websocket event delay: arrival time minus the ``job_finished`` event's own
   timestamp (both wall-clock ms on this machine) p50 / p99,
 * the same jobs run in-process through :class:`engine.executor.Executor`
-  directly, and the server's throughput as a fraction of it.
+  directly, and the server's throughput as a fraction of it,
+* an identical resubmit (``--resubmits`` times, no ``force``: every node cached):
+  the POST round trip, the server's side (submission to the job_finished event's
+  timestamp), the client's whole round trip to that event on its websocket, and
+  the server process's CPU time per resubmit (robust to a loaded machine, where
+  the wall-clock figures include waiting for a core).
 
 It also checks that nothing was lost: every submitted job finished and ended
 ``succeeded`` in GET /api/jobs/{id}. A benchmark, not a test: no timing is asserted.
@@ -164,6 +169,48 @@ async def server_bench(base: str, jobs: int, clients: int) -> dict[str, Any]:
     return results
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc); NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+async def resubmit_bench(base: str, count: int) -> dict[str, list[float]]:
+    """The same workflow submitted ``count`` times in a row (no ``force``): every node is cached.
+
+    Per submission (ms): ``reply`` = POST round trip; ``server`` = the job_finished
+    event's own timestamp minus the wall clock just before the POST (the server's
+    side: request, validation, the durable queue row, the cache-hit run, history);
+    ``notified`` = the event's arrival on the websocket minus the same start (the
+    client's whole round trip, including any hold of the events after the reply).
+    """
+    out: dict[str, list[float]] = {"reply": [], "server": [], "notified": []}
+    body = {"workflow": workflow("bench/resubmit"), "client_id": "resubmit"}
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"{base.replace('http', 'ws')}/ws?clientId=resubmit&protocol=kiln")
+        await ws.receive()  # the status greeting
+        for i in range(count + 1):  # the first run fills the cache
+            wall, t0 = time.time() * 1000, time.perf_counter()
+            async with session.post(f"{base}/api/jobs", json=body) as r:
+                job_id = (await r.json())["job_id"]
+            reply = time.perf_counter() - t0
+            while True:
+                event = json.loads((await ws.receive(timeout=60)).data)
+                if event.get("job_id") == job_id and event.get("type") in ("job_finished", "job_failed"):
+                    break
+            if event["type"] != "job_finished":
+                raise RuntimeError(f"resubmitted job failed: {event}")
+            if i:
+                out["reply"].append(reply * 1000)
+                out["server"].append(event["timestamp"] - wall)
+                out["notified"].append((time.perf_counter() - t0) * 1000)
+        await ws.close()
+    return out
+
+
 # -- the in-process baseline ---------------------------------------------------------------------
 
 def inprocess_bench(data: Path, jobs: int) -> float:
@@ -191,6 +238,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--size", type=int, default=64, help="side of the input PNG")
+    parser.add_argument("--resubmits", type=int, default=50, help="identical resubmissions timed one by one")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
@@ -208,6 +256,9 @@ def main() -> int:
         try:
             ready = asyncio.run(wait_ready(base, proc))
             res = asyncio.run(server_bench(base, args.jobs, args.clients))
+            cpu0 = cpu_seconds(proc.pid)
+            again = asyncio.run(resubmit_bench(base, args.resubmits)) if args.resubmits else None
+            cpu_per_resubmit = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(1, args.resubmits + 1)
         finally:
             proc.terminate()
             try:
@@ -233,6 +284,10 @@ def main() -> int:
         ("server / in-process", f"{server_rate / inproc_rate:.2f}"),
         ("lost / not succeeded", f"{res['lost']} / {res['not_succeeded'] + len(res['failed'])}"),
     ]
+    if again:
+        rows += [(f"identical resubmit {k} p50 / p90", f"{percentile(v, 50):.1f} / {percentile(v, 90):.1f} ms")
+                 for k, v in again.items()]
+        rows.append(("identical resubmit server CPU", f"{cpu_per_resubmit:.2f} ms per job (user + system, all threads)"))
     width = max(len(k) for k, _ in rows)
     print(f"Kiln server load (LoadImage -> ImageResize -> SaveImage, {args.size}px PNG, force)")
     for key, value in rows:

@@ -26,6 +26,7 @@ size without decoding the pixels, so a huge input is refused before it is loaded
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -38,8 +39,14 @@ ELEMENT_BYTES = 4
 _PER_PIXEL = {T.IMAGE: 3.0, T.MASK: 1.0, T.LATENT: 4.0 / 64.0}
 
 
+@functools.lru_cache(maxsize=1)
 def host_memory_bytes() -> int:
-    """Memory this process may use: the physical memory, or the cgroup's limit if lower."""
+    """Memory this process may use: the physical memory, or the cgroup's limit if lower.
+
+    Read once per process: every validation asks (twice per server job, at submission
+    and again in the worker), and opening the cgroup files each time cost more than the
+    rest of a cached job's budget check.
+    """
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -490,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "run", "worker"):  # processes that load models and run jobs
+        from engine.allocator import return_large_frees
+
+        return_large_frees()
     if args.command == "serve" and args.data is None:
         args.data = str(default_data_dir())
     try:

@@ -7,6 +7,7 @@ inside functions so that listing nodes stays fast.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -186,11 +187,22 @@ def header_size(env: Environment, literals: Mapping[str, Any], input_name: str =
     if not isinstance(value, str) or is_url(value):
         return None
     try:
-        with Image.open(locate_file(env, value, input_name)) as im:
-            width, height = im.size
+        path = locate_file(env, value, input_name)
+        st = os.stat(path)
+        width, height = _image_size(str(path), st.st_mtime_ns, st.st_size, st.st_ino)
     except (NodeError, OSError, ValueError, Image.DecompressionBombError):
         return None
     return int(width), int(height), 1
+
+
+@functools.lru_cache(maxsize=256)
+def _image_size(path: str, mtime_ns: int, size: int, inode: int) -> tuple[int, int]:
+    """An image file's size from its header, remembered per file version (the stat is the key):
+    a resubmitted job is validated twice (submission, worker) and would open the file each time."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
 
 
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}

@@ -83,3 +83,36 @@ def test_modules_in_use_stay_pinned_and_idle_ones_leave_least_recently_used_firs
     stats = manager.stats()
     assert stats["entries"][0]["modules"]["b"]["device"].startswith("cuda")
     assert stats["entries"][0]["modules"]["a"]["device"] == "cpu"
+
+
+def test_text_encoders_leave_the_device_after_use_only_when_memory_is_short():
+    from nodes.runtime.models import leaves_after_use
+
+    mib = 1 << 20
+    # room for the denoiser and VAE still to come: the encoder stays for the next prompt
+    assert not leaves_after_use("text_encoder", free_bytes=4000 * mib, pending_bytes=3500 * mib)
+    assert not leaves_after_use("text_encoder_2", free_bytes=100 * mib, pending_bytes=0)
+    # short: what comes next would not fit, or the activation reserve is already eaten into
+    assert leaves_after_use("text_encoder", free_bytes=3000 * mib, pending_bytes=3500 * mib)
+    assert leaves_after_use("text_encoder_2", free_bytes=-1, pending_bytes=0)
+    # the denoiser and the VAE never leave on their own: they run again at once
+    assert not leaves_after_use("unet", free_bytes=-1, pending_bytes=10 * mib)
+    assert not leaves_after_use("vae", free_bytes=0, pending_bytes=10 * mib)
+
+
+@cuda
+def test_a_text_encoder_leaves_the_gpu_after_encoding_when_the_denoiser_would_not_fit():
+    import torch
+
+    mods = {"text_encoder": torch.nn.Linear(256, 256), "unet": torch.nn.Linear(512, 512)}
+    te_size = sum(t.numel() * t.element_size() for t in mods["text_encoder"].parameters())
+    key = ("test", "te", 0, 0)
+    roomy = ModelManager(device_budget_bytes=te_size * 100)
+    with roomy.use(key, "text_encoder", lambda m: mods):
+        pass
+    assert mods["text_encoder"].weight.device.type == "cuda"  # room for the UNet: it stays
+    roomy.free()
+    short = ModelManager(device_budget_bytes=te_size * 2)  # the UNet (4x the encoder) would not fit beside it
+    with short.use(key, "text_encoder", lambda m: mods) as te:
+        assert te.weight.device.type == "cuda"
+    assert mods["text_encoder"].weight.device.type == "cpu" and short.counters["offloads"] == 1

@@ -77,7 +77,7 @@ async def post_prompt(request: web.Request) -> web.Response:
         return web.json_response(comfy_refusal(state, exc), status=400)
     state.hub.broadcast_status(state.store.count(ACTIVE))
     reply = web.json_response({"prompt_id": job.id, "number": job.comfy_number, "node_errors": {}})
-    return await reply_then_release(request, reply, state, job.id)
+    return await reply_then_release(request, reply, state, job.id, state.settings.event_grace_s)
 
 
 async def get_prompt(request: web.Request) -> web.Response:

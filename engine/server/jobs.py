@@ -113,27 +113,32 @@ async def submit_held(state: AppState, doc: Any, job_id: Any, **options: Any) ->
 
 
 async def reply_then_release(request: web.Request, response: web.StreamResponse, state: AppState,
-                             job_id: str) -> web.StreamResponse:
+                             job_id: str, grace: float = 0.0) -> web.StreamResponse:
     """Write a submission's reply, then let the job's websocket events go.
 
     The route holds the job's id in the hub before submitting (``hub.hold``), so
     no message about the job reaches any socket before this reply, which names
     the job, has been written to the client's connection.
 
-    The events then wait a little longer (``settings.event_grace_s``, 50 ms):
-    clients such as comfy-script read the reply on one thread and the socket on
-    another, and a fully cached job's whole message sequence, sent the moment
-    the reply is out, still overtook the thread that registers the prompt id
-    (2 hangs in 4 runs of 20 resubmissions with no margin, none in 6 runs with
-    10-50 ms). ComfyUI's own path from queue to first message (a thread
-    hand-off, then execution) is of that order, so these clients never see the
-    race there. Only a job that finishes within the margin waits at all.
+    ComfyUI's ``/prompt`` passes ``grace`` (``settings.event_grace_s``, 50 ms):
+    the events then wait that much longer, because clients such as comfy-script
+    read the reply on one thread and the socket on another, and a fully cached
+    job's whole message sequence, sent the moment the reply is out, still
+    overtook the thread that registers the prompt id (2 hangs in 4 runs of 20
+    resubmissions with no margin, none in 6 runs with 10-50 ms). ComfyUI's own
+    path from queue to first message (a thread hand-off, then execution) is of
+    that order, so these clients never see the race there. Only a job that
+    finishes within the margin waits at all.
+
+    Kiln's ``/api/jobs`` passes none: its websocket tells a job finished as soon as
+    it has (an identical resubmit in a few ms instead of 50). Its clients keep
+    events of a job id they have not seen answered yet until the reply names it
+    (the editor's runner does), which the reply-first order makes a short wait.
     """
     try:
         await response.prepare(request)
         await response.write_eof()
     finally:
-        grace = state.settings.event_grace_s
         if grace > 0:
             asyncio.get_running_loop().call_later(grace, state.hub.release, job_id)
         else:

@@ -51,8 +51,9 @@ class ServerSettings:
     #: ComfyUI's ``--preview-method``: "none" (its default: no preview frames unless a
     #: job asks with ``extra_data.preview_method``), "auto", "latent2rgb" or "taesd".
     preview_method: str = "none"
-    #: Seconds between writing a submission's reply and sending the job's first websocket
-    #: message (see engine.server.jobs.reply_then_release).
+    #: Seconds between writing a ComfyUI ``/prompt`` reply and sending the job's first websocket
+    #: message (for clients that read the two on separate threads; Kiln's ``/api/jobs``
+    #: sends at once: see engine.server.jobs.reply_then_release).
     event_grace_s: float = 0.05
     web_dir: Path = WEB_DIR
     #: The page at "/": Kiln's editor ("kiln"), or ComfyUI's official frontend ("comfyui",

@@ -12,12 +12,15 @@ which cannot run code; a file that needs more is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
+from nodes.checkpoint.tensors import LazyState, cast_view, plain, shapes_of
 from nodes import families
 from nodes.families.base import Family, LatentFormat
 
@@ -81,6 +84,31 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     raise CheckpointError(f"{name}: unsupported file type {path.suffix!r} (use .safetensors or a diffusers folder)")
 
 
+def open_state(path: Path) -> Mapping[str, Any]:
+    """A checkpoint's tensors for building modules: a .safetensors file as a
+    :class:`~nodes.checkpoint.tensors.LazyState` (each tensor read and cast when a
+    converter asks for it, so a load never holds two copies), a pickle as a dict."""
+    if path.suffix.lower() not in SAFE_EXTENSIONS:
+        return read_state_dict(path)
+    from safetensors import SafetensorError
+
+    try:
+        return LazyState.open(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turns a read failure in the middle of a lazy load into the same clear error as one at opening."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): {exc}") from exc
+
+
 # -- building modules without random initialisation -----------------------------------
 
 
@@ -107,7 +135,12 @@ def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any,
     ``file_names`` maps module key names back to the file's own, so an error names
     the keys a user can find in the file."""
     own = module.state_dict()
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # one tensor at a time: each cast replaces its source in the dict, never a second full set
+    state = dict(state)
+    for k, v in state.items():
+        if v.is_floating_point() and v.dtype != dtype:
+            state[k] = v.to(dtype)
+            del v
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing and file_names is not None:
@@ -157,12 +190,13 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
     cls = CLIPTextModelWithProjection if spec.pooled else CLIPTextModel
     te = _empty(cls, CLIPTextConfig(**config))
     if layout == "transformers":
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = cast_view(state, dtype)
+        sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix) and not k.endswith("position_ids")}
         if not any(k.startswith("text_model.") for k in sub):
             sub = {("text_model." + k if k != "text_projection.weight" else k): v for k, v in sub.items()}
     else:
         try:
-            sub = sfu.convert_open_clip_checkpoint(te, state, prefix=prefix)
+            sub = sfu.convert_open_clip_checkpoint(te, cast_view(state, dtype), prefix=prefix)
         except KeyError as exc:
             raise CheckpointError(f"the OpenCLIP text encoder is incomplete: {exc} is missing") from None
     if not spec.pooled:
@@ -171,37 +205,35 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
 
 
 def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-
-    from nodes.checkpoint.tokenizer import clip_tokenizer
-
-    state = read_state_dict(path)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    """A checkpoint file's modules; tensors are read one by one, each cast as it is read."""
+    state = open_state(path)
+    shapes = shapes_of(state)
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
-        return flux_load.load_single_file(state, path.name, dtype)
-    try:
-        found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
-    except det.UnsupportedCheckpoint as exc:
-        raise CheckpointError(f"{path.name}: {exc}") from exc
-    except (KeyError, IndexError, StopIteration) as exc:
-        raise CheckpointError(f"{path.name}: the weights are incomplete or of an unknown layout ({exc})") from exc
-    import torch
+        with reading(path):
+            return flux_load.load_single_file(plain(state), path.name, dtype)
+    with reading(path):
+        try:
+            found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
+        except det.UnsupportedCheckpoint as exc:
+            raise CheckpointError(f"{path.name}: {exc}") from exc
+        except (KeyError, IndexError, StopIteration) as exc:
+            raise CheckpointError(f"{path.name}: the weights are incomplete or of an unknown layout ({exc})") from exc
+        import torch
 
-    vae_dtype = vae_dtype or (torch.float32 if found.vae.get("force_upcast") else dtype)
-    pred, why = found.prediction_type, found.prediction_reason
-    if prediction != "auto":
-        pred, why = prediction, "set on the loader"
+        vae_dtype = vae_dtype or (torch.float32 if found.vae.get("force_upcast") else dtype)
+        pred, why = found.prediction_type, found.prediction_reason
+        if prediction != "auto":
+            pred, why = prediction, "set on the loader"
 
-    try:
-        return _build_single_file(state, found, dtype, vae_dtype, pred, why)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path.name}: {exc}") from None
+        try:
+            return _build_single_file(state, found, dtype, vae_dtype, pred, why)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path.name}: {exc}") from None
 
 
-def _build_single_file(state: dict[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
+def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
                        why: str) -> "Loaded":
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
@@ -210,15 +242,16 @@ def _build_single_file(state: dict[str, Any], found: Any, dtype: Any, vae_dtype:
 
     unet = _empty(UNet2DConditionModel, found.unet)
     try:
-        converted = sfu.convert_ldm_unet_checkpoint(state, dict(unet.config))
+        converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
     except KeyError as exc:
         raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
     from nodes.checkpoint.to_original import unet_to_original
 
     unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
                    lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
+    del converted
     vae = _empty(AutoencoderKL, found.vae)
-    vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", vae_dtype or dtype)
+    vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(cast_view(state, vae_dtype), dict(vae.config)), "VAE", vae_dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}
     for spec in found.family.text_encoders:
         layout = "transformers" if spec.kind == "openai" else "openclip"
@@ -263,26 +296,25 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
         sched_file = path / "scheduler" / "scheduler_config.json"
         scheduler = json.loads(sched_file.read_text()) if sched_file.is_file() else None
         sdxl = "text_encoder_2" in index and (path / "text_encoder_2").is_dir()
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
+        if vae_dtype is None:
+            import torch
+
+            vae_config = json.loads((path / "vae" / "config.json").read_text())
+            vae_dtype = torch.float32 if vae_config.get("force_upcast", False) else dtype
+        unet = folder_component(path / "unet", UNet2DConditionModel, dtype)
+        vae = folder_component(path / "vae", AutoencoderKL, vae_dtype)
         modules: dict[str, Any] = {"unet": unet, "vae": vae}
         te = None
         if (path / "text_encoder").is_dir() or not sdxl:  # SDXL's refiner has only text_encoder_2
-            te = modules["text_encoder"] = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder",
-                                                                         local_files_only=True)
+            te = modules["text_encoder"] = folder_component(path / "text_encoder", CLIPTextModel, dtype)
         if sdxl:
-            modules["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                str(path), subfolder="text_encoder_2", local_files_only=True)
+            modules["text_encoder_2"] = folder_component(path / "text_encoder_2", CLIPTextModelWithProjection, dtype)
     except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers folder ({exc})") from exc
     try:
         family = families.for_folder(set(modules), te.config.hidden_act if te is not None else "gelu")
     except KeyError as exc:
         raise CheckpointError(f"{path.name}: {exc.args[0]}") from None
-    if vae_dtype is None:
-        import torch
-
-        vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else dtype
     for name, m in modules.items():
         target = vae_dtype if name == "vae" else dtype
         if m.dtype != target:  # .to() on diffusers models logs a warning even when it changes nothing
@@ -310,6 +342,44 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     )
 
 
+#: The weights file of a diffusers / transformers component folder that Kiln reads tensor by tensor.
+FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def folder_component(folder: Path, cls: Any, dtype: Any) -> Any:
+    """One component of a diffusers pipeline folder (unet/, vae/, text_encoder/...), in ``dtype``.
+
+    A component with one .safetensors file is built empty from its config and filled
+    tensor by tensor, each cast as it is read (``from_pretrained`` maps the whole file
+    and casts afterwards: the file plus the cast copy at the peak). Sharded, .bin or
+    otherwise unusual components, and keys that do not fit strictly, go through
+    ``from_pretrained`` as before.
+    """
+    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if weights is not None and (folder / "config.json").is_file():
+        try:
+            return _component_from_file(folder, weights, cls, dtype)
+        except (CheckpointError, TypeError):
+            pass  # e.g. renamed legacy keys: diffusers' own loader knows them
+    module = cls.from_pretrained(str(folder), local_files_only=True)
+    if module.dtype != dtype:  # .to() on diffusers models logs a warning even when it changes nothing
+        module.to(dtype)
+    return module
+
+
+def _component_from_file(folder: Path, weights: Path, cls: Any, dtype: Any) -> Any:
+    state = open_state(weights).with_dtype(dtype)
+    with reading(weights):
+        if hasattr(cls, "load_config"):  # a diffusers model
+            init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
+            module = _empty(cls, dict(init))
+            return _assign(module, state, cls.__name__, dtype)
+        config = cls.config_class.from_pretrained(str(folder))  # a transformers model
+        module = _empty(cls, config)
+        keys = {k: k for k in state if not k.endswith("position_ids")}
+        return _assign(module, _text_state(state.renamed(keys), module), cls.__name__, dtype)
+
+
 def latent_format(family: Family, vae: Any) -> LatentFormat:
     """The family's latent format, with the scale a diffusers VAE config states (if any)."""
     import dataclasses
@@ -333,45 +403,52 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:
     """A standalone VAE (keys with or without ``first_stage_model.``, or a diffusers AutoencoderKL)."""
     from diffusers import AutoencoderKL
-    from diffusers.loaders import single_file_utils as sfu
 
     if path.is_dir():
         try:
-            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+            vae = folder_component(path, AutoencoderKL, dtype)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name}: not a diffusers VAE folder ({exc})") from exc
-        return vae.to(dtype).eval().requires_grad_(False)
+        return vae.eval().requires_grad_(False)
     family = family or families.by_name("sd1")
-    state = read_state_dict(path)
+    state = open_state(path)
+    with reading(path):
+        return _build_vae(path, state, dtype, family)
+
+
+def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family) -> Any:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
     if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers layout in one file
-        prefix_state = {k: v for k, v in state.items()}
-        cfg = _diffusers_vae_config(prefix_state, family)
+        cfg = _diffusers_vae_config(shapes_of(state), family)
         vae = _empty(AutoencoderKL, cfg)
-        return _assign(vae, prefix_state, "VAE", dtype)
+        return _assign(vae, cast_view(state, dtype), "VAE", dtype)
     if not any(k.startswith(det.VAE) for k in state):
-        state = {det.VAE + k: v for k, v in state.items()}
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+        state = state.renamed({det.VAE + k: k for k in state}) if isinstance(state, LazyState) \
+            else {det.VAE + k: v for k, v in state.items()}
+    shapes = shapes_of(state)
     from nodes.checkpoint import flux_load
 
     if flux_load.is_flux_vae(shapes, det.VAE):  # FLUX's ae.safetensors: 16 channels, scale and shift
-        return flux_load.build_vae(state, det.VAE, path.name, dtype)
+        return flux_load.build_vae(plain(state), det.VAE, path.name, dtype)
     try:
         cfg = det.vae_config(shapes, family)
     except (det.UnsupportedCheckpoint, KeyError) as exc:
         raise CheckpointError(f"{path.name}: no VAE weights found ({exc})") from exc
     vae = _empty(AutoencoderKL, cfg)
-    return _assign(vae, sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", dtype)
+    return _assign(vae, sfu.convert_ldm_vae_checkpoint(cast_view(state, dtype), dict(vae.config)), "VAE", dtype)
 
 
-def _diffusers_vae_config(state: dict[str, Any], family: Family) -> dict[str, Any]:
+def _diffusers_vae_config(shapes: dict[str, tuple], family: Family) -> dict[str, Any]:
     import re
 
-    levels = sorted({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
-    layers = len({int(m.group(1)) for k in state for m in [re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
+    levels = sorted({int(m.group(1)) for k in shapes for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+    layers = len({int(m.group(1)) for k in shapes for m in [re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
     return dict(family.vae_defaults(), layers_per_block=layers,
-                in_channels=state["encoder.conv_in.weight"].shape[1],
-                out_channels=state["decoder.conv_out.weight"].shape[0],
-                latent_channels=state["decoder.conv_in.weight"].shape[1],
-                block_out_channels=tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels),
+                in_channels=shapes["encoder.conv_in.weight"][1],
+                out_channels=shapes["decoder.conv_out.weight"][0],
+                latent_channels=shapes["decoder.conv_in.weight"][1],
+                block_out_channels=tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in levels),
                 down_block_types=("DownEncoderBlock2D",) * len(levels),
                 up_block_types=("UpDecoderBlock2D",) * len(levels))

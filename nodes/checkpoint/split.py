@@ -16,7 +16,8 @@ from typing import Any
 
 from nodes import families
 from nodes.checkpoint import detect as det
-from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty, build_text_encoder, read_state_dict
+from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty, build_text_encoder, open_state, reading
+from nodes.checkpoint.tensors import cast_view, plain, shapes_of
 from nodes.families.base import Family, has_prefix
 
 
@@ -36,35 +37,49 @@ def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     return f"{name} holds no UNet Kiln knows (no input_blocks.* or down_blocks.* keys; e.g. {sorted(shapes)[:3]})"
 
 
-def unet_to_original_layout(state: dict[str, Any], name: str) -> dict[str, Any]:
-    """The UNet's tensors under ``model.diffusion_model.`` in the original layout."""
+def unet_to_original_layout(state: Any, name: str) -> Any:
+    """The UNet's tensors under ``model.diffusion_model.`` in the original layout.
+
+    A renamed view of ``state``: the keys are mapped, no tensor is read.
+    """
+    from nodes.checkpoint.tensors import LazyState
     from nodes.checkpoint.to_original import unet_to_original
 
-    if has_prefix(state, det.UNET):
-        return {k: v for k, v in state.items() if k.startswith(det.UNET)}
-    if has_prefix(state, "input_blocks.") and has_prefix(state, "middle_block."):
-        return {det.UNET + k: v for k, v in state.items()}
-    if has_prefix(state, "down_blocks.") and "conv_in.weight" in state:
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
+    keys = {k: k for k in state}  # new name -> this state's name; the tensors are read later, once
+    if has_prefix(keys, det.UNET):
+        renames = {k: k for k in keys if k.startswith(det.UNET)}
+    elif has_prefix(keys, "input_blocks.") and has_prefix(keys, "middle_block."):
+        renames = {det.UNET + k: k for k in keys}
+    elif has_prefix(keys, "down_blocks.") and "conv_in.weight" in keys:
         try:
-            return unet_to_original(state, det.unet_layout_config(shapes))
+            renames = unet_to_original(keys, det.unet_layout_config(shapes_of(state)))
         except KeyError as exc:
             raise CheckpointError(f"{name}: a diffusers-layout UNet with a key Kiln does not know ({exc})") from None
-    raise CheckpointError(_what_else(name, {k: tuple(v.shape) for k, v in state.items()}))
+    else:
+        raise CheckpointError(_what_else(name, shapes_of(state)))
+    if isinstance(state, LazyState):
+        return state.renamed(renames)
+    return {new: state[old] for new, old in renames.items()}
 
 
 def load_unet_file(path: Path, dtype: Any, fp8: str = "") -> Loaded:
     """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-
-    state = read_state_dict(path)
+    state = open_state(path)
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer({k: () for k in state}):
-        return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+        with reading(path):
+            return flux_load.load_transformer_file(plain(state), path.name, dtype, fp8=fp8)
     state = unet_to_original_layout(state, path.name)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    with reading(path):
+        return _build_unet(path, state, dtype)
+
+
+def _build_unet(path: Path, state: Any, dtype: Any) -> Loaded:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    shapes = shapes_of(state)
     try:
         family = families.for_unet(shapes)
         config = det.unet_config(shapes, family, family.pooled_dim(shapes))
@@ -73,7 +88,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "") -> Loaded:
     pred, why = det.prediction_type(shapes, family, config, lambda k: float(state[k].float().std(unbiased=False)))
     unet = _empty(UNet2DConditionModel, config)
     try:
-        converted = sfu.convert_ldm_unet_checkpoint(state, dict(unet.config))
+        converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
     except KeyError as exc:
         raise CheckpointError(f"{path.name}: the {family.name} UNet is incomplete: {exc} is missing") from None
     unet = _assign(unet, converted, f"{family.name} UNet", dtype)
@@ -94,8 +109,8 @@ class TextFile:
 
     @classmethod
     def read(cls, path: Path) -> "TextFile":
-        state = read_state_dict(path)
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        state = open_state(path)
+        shapes = shapes_of(state)
         found = det.text_encoder_layout(shapes)
         t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
@@ -134,12 +149,13 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
         if spec.kind == "t5":
             from nodes.checkpoint.flux_load import build_t5
 
-            modules[spec.module] = build_t5(file.state, file.prefix, file.name, dtype)
+            modules[spec.module] = build_t5(plain(file.state), file.prefix, file.name, dtype)
             continue
-        shapes = {k: tuple(v.shape) for k, v in file.state.items()}
+        shapes = shapes_of(file.state)
         config = det.lone_text_config(shapes, file.layout, file.prefix, spec.kind, drop_last=spec.dropped > 0)
         try:
-            modules[spec.module] = build_text_encoder(file.state, file.prefix, file.layout, spec, config, dtype)
+            with reading(Path(file.name)):
+                modules[spec.module] = build_text_encoder(file.state, file.prefix, file.layout, spec, config, dtype)
         except CheckpointError as exc:
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in family.text_encoders if spec.kind != "t5"}

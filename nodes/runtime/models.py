@@ -36,6 +36,26 @@ _LOAD_LOCK = threading.Lock()
 DEFAULT_DEVICE_RESERVE = 1536 * 1024**2
 
 
+#: Modules that leave the compute device the moment their use ends, when memory is short
+#: (see :func:`leaves_after_use`): text encoders run once per prompt, the denoiser then runs
+#: for every step and needs the room.
+LEAVE_AFTER_USE = ("text_encoder",)
+
+
+def leaves_after_use(name: str, free_bytes: int, pending_bytes: int) -> bool:
+    """Whether module ``name`` goes back to the CPU as soon as its use ends.
+
+    Only text encoders (names starting with :data:`LEAVE_AFTER_USE`) and only when memory
+    is short: ``free_bytes`` (room left on the device for weights, the activation reserve
+    already taken off) would not hold ``pending_bytes`` (the same model's modules not yet
+    on the device: the denoiser and VAE about to run), or the reserve itself is already
+    eaten into. Otherwise the encoder stays, so the next prompt encodes without a
+    transfer; if room is needed later, the LRU offload of :meth:`ModelManager._make_room`
+    still moves it then.
+    """
+    return name.startswith(LEAVE_AFTER_USE) and free_bytes < pending_bytes
+
+
 def file_key(path: str | os.PathLike[str], kind: str = "") -> tuple[str, str, int, int]:
     """Identity of a model file or folder: the same content under the same name shares an entry.
 
@@ -214,6 +234,7 @@ class ModelManager:
         finally:
             with self._lock:
                 self._release(entry, name)
+                self._leave_if_short(entry, name, module)
 
     def _release(self, entry: _Entry, name: str) -> None:
         entry.in_use[name] -= 1
@@ -221,6 +242,18 @@ class ModelManager:
             del entry.in_use[name]
         now = time.monotonic()
         entry.last_used = entry.module_last_used[name] = now
+
+    def _leave_if_short(self, entry: _Entry, name: str, module: Any) -> None:
+        """A text encoder whose use ended goes back to the CPU when memory is short (:func:`leaves_after_use`)."""
+        if not self.is_gpu or name in entry.in_use or not name.startswith(LEAVE_AFTER_USE):
+            return
+        if _module_device(module) == "cpu":
+            return
+        pending = sum(_module_bytes(m) for n, m in entry.modules.items() if n != name and _module_device(m) == "cpu")
+        if leaves_after_use(name, self._device_free(), pending):
+            module.to("cpu")
+            self.counters["offloads"] += 1
+            self._empty_device_cache()
 
     def _place(self, entry: _Entry, name: str, module: Any) -> None:
         if self.compiles():

@@ -1,0 +1,93 @@
+"""A checkpoint's tensors read one at a time, so a load never holds two copies of a weight set.
+
+``safetensors.torch.load_file`` memory-maps the whole file and hands out views of
+that one mapping: every page read while converting stays resident until the last
+view is gone, so casting an fp16 file to fp32 (or fp32 to fp16 for a GPU) peaks
+at the file plus the converted set. :class:`LazyState` instead reads each tensor
+with ``pread`` when a converter asks for it and casts it at once (to the dtype of
+the view it was read through), so the source tensor is dropped before the next
+is read: the peak is the converted set plus one tensor. The weights are then
+ordinary memory, independent of the file (replacing or truncating a loaded file
+cannot fault a running model).
+
+Detection reads through the uncast view (``dtype=None``), so its statistics are
+those of the file's own values, as before.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class LazyState(Mapping):
+    """A read-only ``{name: tensor}`` view of a .safetensors file; tensors are read on access.
+
+    ``renames`` maps this view's keys to the file's (a prefix added or dropped, a
+    layout change); ``dtype`` casts floating tensors as they are read. Views share
+    the open file; each access reads anew, so hold a tensor only as long as needed.
+    """
+
+    def __init__(self, handle: Any, renames: dict[str, str], dtype: Any = None) -> None:
+        self._handle = handle
+        self._renames = renames
+        self.dtype = dtype
+
+    @classmethod
+    def open(cls, path: Path) -> "LazyState":
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt", backend="pread")
+        return cls(handle, {k: k for k in handle.keys()})
+
+    # -- views -------------------------------------------------------------------------------
+
+    def with_dtype(self, dtype: Any) -> "LazyState":
+        """The same tensors, floating ones cast to ``dtype`` as they are read."""
+        return LazyState(self._handle, self._renames, dtype)
+
+    def renamed(self, renames: dict[str, str]) -> "LazyState":
+        """A view whose key ``new`` reads this view's key ``renames[new]``."""
+        return LazyState(self._handle, {new: self._renames[old] for new, old in renames.items()}, self.dtype)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the header alone (nothing is read)."""
+        return {k: tuple(self._handle.get_slice(src).get_shape()) for k, src in self._renames.items()}
+
+    def materialise(self) -> dict[str, Any]:
+        """A plain dict of every tensor (for code that needs one, e.g. FLUX's loaders)."""
+        return {k: self[k] for k in self._renames}
+
+    # -- Mapping -------------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        tensor = self._handle.get_tensor(self._renames[key])
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
+        return tensor
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._renames
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._renames)
+
+    def __len__(self) -> int:
+        return len(self._renames)
+
+
+def shapes_of(state: Mapping) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a LazyState (header only) or of a plain dict of tensors."""
+    if isinstance(state, LazyState):
+        return state.shapes()
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def cast_view(state: Mapping, dtype: Any) -> Mapping:
+    """``state`` read as ``dtype``: a casting view of a LazyState, a plain dict unchanged (cast on assign)."""
+    return state.with_dtype(dtype) if isinstance(state, LazyState) else state
+
+
+def plain(state: Mapping) -> dict[str, Any]:
+    """A plain dict for code that wants one (FLUX's loaders): a LazyState is read in full."""
+    return state.materialise() if isinstance(state, LazyState) else state
