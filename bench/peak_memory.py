@@ -82,7 +82,7 @@ async def run_job(base: str, doc: dict[str, Any], params: dict[str, Any], timeou
     raise RuntimeError("the job did not finish in time")
 
 
-def kiln_server(work: Path, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+def kiln_server(work: Path, params: dict[str, Any], timeout: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -90,7 +90,7 @@ def kiln_server(work: Path, params: dict[str, Any], timeout: float) -> dict[str,
     log = open(work / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--data", str(work / "data"), "--models", str(work / "models"),
-                             "--workflows", str(work / "wf")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             "--workflows", str(work / "wf"), *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=log)
     try:
         asyncio.run(wait_ready(base, proc))
@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--order", default="kiln,diffusers", help="which fresh process runs first")
+    parser.add_argument("--order", default="kiln,diffusers",
+                        help="sides in the order their fresh processes run: kiln, kiln-lean (--lean-memory), diffusers")
     args = parser.parse_args()
 
     import torch
@@ -161,7 +162,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     for side in args.order.split(","):
         load = os.getloadavg()[0]
-        results[side] = kiln_server(work, params, args.timeout) if side == "kiln" else diffusers_process(work, args)
+        if side == "diffusers":
+            results[side] = diffusers_process(work, args)
+        else:  # "kiln", or "kiln-lean" (kiln serve --lean-memory)
+            results[side] = kiln_server(work, params, args.timeout, ("--lean-memory",) if side == "kiln-lean" else ())
         results[side]["load"] = load
         print(f"{side}: peak {results[side]['VmHWM'] / 2**20:.0f} MiB, resident after the job "
               f"{results[side]['VmRSS'] / 2**20:.0f} MiB ({results[side]['job_s']:.1f} s, load {load:.1f})", flush=True)

@@ -93,6 +93,13 @@ def _user_compile_cache() -> str:
     return str(Path(base) / "kiln" / "compiled")
 
 
+def _lean_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lean-memory", action="store_true",
+                   help="return buffers a job frees to the system at once (glibc's mmap threshold fixed at "
+                        "1 MiB): about 160 MiB less peak memory for SD1.5 at 256 px on the CPU, but sampling "
+                        "measured 3-15 %% slower, so it is off by default")
+
+
 def _compile_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="torch.compile the denoiser and VAE decoder: auto = on CUDA only, where it pays "
@@ -414,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="NDJSON events on stdout, one per line")
     run.add_argument("--force", action="store_true", help="run every node even if cached")
     _compile_option(run)
+    _lean_memory_option(run)
     _limits(run)
     run.set_defaults(func=cmd_run)
 
@@ -448,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the StableDiffusionSafetyChecker in MODELS/safety_checker (folder or .safetensors)")
     _limits(serve)
     _compile_option(serve)
+    _lean_memory_option(serve)
     serve.add_argument("--debug", action="store_true",
                        help="also keep a failed job's traceback (shortened) in its record; "
                             "tracebacks always go to the server log")
@@ -484,13 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="interface to listen on (default: loopback for a loopback scheduler, else Dask's pick)")
     worker.add_argument("--timeout", type=float, default=10.0, metavar="S",
                         help="give up reaching the scheduler after S seconds (10)")
+    _lean_memory_option(worker)
     worker.set_defaults(func=cmd_worker)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "run", "worker"):  # processes that load models and run jobs
+    if getattr(args, "lean_memory", False):  # serve, run, worker: the processes that run jobs
         from engine.allocator import return_large_frees
 
         return_large_frees()
