@@ -8,12 +8,52 @@ from __future__ import annotations
 
 from engine import types as T
 from engine.context import NodeError
-from engine.node import Input, Output, define_node
+from engine.node import Batch, Input, Output, define_node
 from nodes.latent import MAX_SEED, image_seeds
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
 #: Keys AddNoise puts on a LATENT; spent by the sampler, never passed on.
 _NOISE_KEYS = ("noise", "strength", "seed")
+#: Conditioning extras that mean the same for every image of a batch (size hints, pooled
+#: text, FLUX guidance): jobs whose prompts carry only these may share one sampler batch.
+_BATCH_SAFE_EXTRAS = frozenset({"pooled_output", "width", "height", "crop_w", "crop_h", "target_width",
+                                "target_height", "guidance", "aesthetic_score"})
+
+
+def _ksampler_batch(ctx, items, model, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                    positive, negative, latent_image, denoise: float = 1.0):
+    """Several jobs' KSamplers that differ only in seed, as one sampler batch.
+
+    Each job's images take their noise from their own seed (one generator per image,
+    as in a single run), so each result equals that job's single run up to the
+    floating-point effect of a larger batch on the network. Declines (None) where
+    a batch would not be exact or the inputs are not a plain batch-of-one setup:
+    img2img through AddNoise (the noise is the latent's), noise masks and inpainting
+    models, regional/ControlNet conditionings, and dpm_adaptive (its step size follows
+    the error of the whole batch).
+    """
+    import torch
+
+    from nodes import inpaint_sampling
+
+    if not isinstance(latent_image, dict) or not isinstance(latent_image.get("samples"), torch.Tensor):
+        return None
+    if any(k in latent_image for k in (*_NOISE_KEYS, "noise_mask")) or sampler_name == "dpm_adaptive":
+        return None
+    for side in (positive, negative):
+        if not isinstance(side, (list, tuple)) or len(side) != 1:
+            return None
+        embeds, extra = side[0][0], dict(side[0][1] or {})
+        pooled = extra.get("pooled_output")
+        if (not isinstance(embeds, torch.Tensor) or embeds.shape[0] != 1 or not set(extra) <= _BATCH_SAFE_EXTRAS
+                or (isinstance(pooled, torch.Tensor) and pooled.shape[0] != 1)):
+            return None
+    samples = latent_image["samples"]
+    if samples.ndim != 4 or inpaint_sampling.in_channels(model) != samples.shape[1]:
+        return None
+    outs = _sample(ctx, model, [int(item["seed"]) for item in items], steps, cfg, sampler_name, scheduler,
+                   positive, negative, latent_image, denoise)
+    return [(out,) for out in outs]
 
 
 @define_node(
@@ -35,12 +75,21 @@ _NOISE_KEYS = ("noise", "strength", "seed")
               tooltip="ComfyUI's denoise, for latents that did not pass through AddNoise"),
     ],
     outputs=[Output("LATENT", T.LATENT)],
+    batch=Batch(vary=("seed",), run=_ksampler_batch),
 )
 def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
              positive, negative, latent_image, denoise: float = 1.0):
     """Denoise the latent. After AddNoise: diffusers' img2img strength rule. Otherwise
     denoise < 1 follows ComfyUI (always `steps` steps on the tail of a longer schedule)
     and denoise = 1 is text to image."""
+    return (_sample(ctx, model, [seed], steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                    denoise)[0],)
+
+
+def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_name: str, scheduler: str,
+            positive, negative, latent_image, denoise: float) -> list[dict]:
+    """KSampler's work for one job, or for several jobs of one batch (one seed each,
+    _ksampler_batch having checked they can share it): one output LATENT per job."""
     import torch
 
     from nodes.latent import seeded_noise
@@ -74,7 +123,9 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
 
     # One generator per image: its first draw is that image's starting noise, later
     # draws feed ancestral/SDE steps (diffusers' pipelines draw in the same order).
-    seeds = image_seeds(seed, batch, latent_image.get("batch_index"))
+    seeds = [s for seed in job_seeds for s in image_seeds(seed, batch, latent_image.get("batch_index"))]
+    if len(job_seeds) > 1:  # each job's copy of the latent, one after the other
+        samples = samples.repeat(len(job_seeds), 1, 1, 1)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn((1, *samples.shape[1:]), generator=g) for g in generators])
 
@@ -97,7 +148,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     x0 = model.latent.to_model(samples)
     prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message)
     if prep.nothing_to_repaint:
-        return ({k: v for k, v in latent_image.items() if k not in _NOISE_KEYS},)
+        return [{k: v for k, v in latent_image.items() if k not in _NOISE_KEYS}]
     try:
         p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
                       strength=strength, denoise=float(denoise))
@@ -105,8 +156,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
         raise NodeError(str(exc), exc.input_name) from None
     out = {k: v for k, v in latent_image.items() if k not in _NOISE_KEYS}
     if p.start is None:  # strength 0 / denoise 0: nothing to denoise
-        out["samples"] = latent_image["samples"]
-        return (out,)
+        return [{**out, "samples": latent_image["samples"]} for _ in job_seeds]
     if hasattr(p.scheduler, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
         p.scheduler.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
 
@@ -124,7 +174,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
                               previews=ctx.wants_previews, hold=hold)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
-    out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
+    final = model.latent.from_model(result).to("cpu", torch.float32)
     if hold is not None:
-        out["samples"] = hold.finish(samples, out["samples"])
-    return (out,)
+        final = hold.finish(samples, final)
+    return [{**out, "samples": part} for part in final.split(batch)]
