@@ -215,7 +215,9 @@ class _Together:
         ctx = NodeContext(
             env=self.ex.env, job=dataclasses.replace(lead.job, previews=any(r.job.previews for r in runs)),
             node_id=node_id, node_type=node.spec.type,
-            _progress=lambda v, m, p: [r._progress(node_id, v, m, p) for r in runs] and None,
+            # A preview shows the call's first image, the first job's: the others get progress without one.
+            _progress=lambda v, m, p: [r._progress(node_id, v, m, p if k == 0 else None)
+                                       for k, r in enumerate(runs)] and None,
             _is_interrupted=lambda: any(r.interrupt.is_set() for r in runs),
             _message=lambda text: [self._message(i, node_id, text) for i in group] and None,
         )

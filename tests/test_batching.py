@@ -253,3 +253,41 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
         images.append(saved)
     assert np.abs(images[0] - images[1]).max() > 10  # the seeds were honoured
     env.models.unload_all()
+
+
+# -- KSampler's declaration, node level --------------------------------------------------------
+
+def test_ksampler_batch_equals_each_jobs_single_run_and_declines_inexact_cases(tiny_env) -> None:
+    import torch
+
+    import tiny_models
+    from node_call import call
+    from nodes import loaders, sampling, text
+
+    model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tiny_models.checkpoint_name("sd1"))
+    pos = call(text.clip_text_encode, tiny_env, text="a castle", clip=clip)[0]
+    neg = call(text.clip_text_encode, tiny_env, text="fog", clip=clip)[0]
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}  # two images per job: seeds s and s + 1
+    shared = dict(model=model, steps=3, cfg=5.0, scheduler="normal", positive=pos, negative=neg, denoise=1.0)
+    ctx = _ctx(tiny_env)
+    seeds = [7, 20, 31]
+    outs = sampling.ksampler.batch.run(ctx, [{"seed": s} for s in seeds], sampler_name="euler_ancestral",
+                                       latent_image=latent, **shared)
+    assert len(outs) == 3
+    for seed, (out,) in zip(seeds, outs):
+        single = call(sampling.ksampler, tiny_env, seed=seed, sampler_name="euler_ancestral", latent_image=latent,
+                      **shared)[0]["samples"]
+        assert out["samples"].shape == (2, 4, 8, 8)
+        assert torch.allclose(out["samples"], single, atol=1e-4), (out["samples"] - single).abs().max()
+    noised = {**latent, "noise": torch.randn(2, 4, 8, 8), "strength": 0.5, "seed": 1}  # as AddNoise leaves it
+    assert sampling.ksampler.batch.run(ctx, [{"seed": 1}, {"seed": 2}], sampler_name="euler",
+                                       latent_image=noised, **shared) is None  # the noise is the latent's
+    assert sampling.ksampler.batch.run(ctx, [{"seed": 1}, {"seed": 2}], sampler_name="dpm_adaptive",
+                                       latent_image=latent, **shared) is None  # its steps follow the batch
+
+
+def _ctx(env: Environment) -> Any:
+    from engine.context import NodeContext
+
+    return NodeContext(env=env, job=JobInfo(id="t"), node_id="3", node_type="KSampler",
+                       _progress=lambda v, m, p=None: None, _is_interrupted=lambda: False, _message=lambda t: None)

@@ -30,19 +30,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: How many queued jobs behind the first one are looked at (each is parsed and planned).
+#: At most this many queued jobs behind the first one are looked at (each is parsed and planned).
 LOOK_AHEAD = 16
 
 
 def run_group(worker: "Worker", lane: "_Lane", job: JobRecord) -> bool:
     """Run ``job`` with the queued jobs that can share its batch; False (nothing done) when none can."""
+    queued = worker.store.queued(min(LOOK_AHEAD, worker.batch_jobs - 1))
+    if not queued:  # the usual case on a quiet server: one query, nothing planned twice
+        return False
     worker._resolve_device(lane)
     first = _plan(worker, lane, job)
     key = batch_key(first) if first is not None else None
     if first is None or key is None:
         return False
     group: list[tuple[JobRecord, Plan]] = [(job, first)]
-    for candidate in worker.store.queued(LOOK_AHEAD):
+    for candidate in queued:
         if len(group) >= worker.batch_jobs or not _fits(job, candidate):
             break
         plan = _plan(worker, lane, candidate)
