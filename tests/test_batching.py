@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,17 @@ from engine.registry import Registry
 CALLS: list[tuple[str, Any]] = []
 
 
-def _noisy_batch(ctx, items, value, scale):
+def _ticks(ctx, ticks: int, delay: float) -> None:
+    for i in range(ticks):
+        ctx.progress(i + 1, ticks)
+        time.sleep(delay)
+
+
+def _noisy_batch(ctx, items, value, scale, ticks=3, delay=0.0):
     CALLS.append(("batch", [item["seed"] for item in items]))
     if any(item["seed"] == 13 for item in items):
         raise RuntimeError("seed 13 breaks the batch")
-    for i in range(3):
-        ctx.progress(i + 1, 3)
+    _ticks(ctx, ticks, delay)
     return [(value * scale + item["seed"],) for item in items]
 
 
@@ -48,14 +54,14 @@ def constant(ctx, value):
 
 
 @define_node("Noisy", inputs=[Input("value", T.FLOAT), Input("seed", T.INT, default=0, min=0, max=100),
-                              Input("scale", T.FLOAT, default=1.0)],
+                              Input("scale", T.FLOAT, default=1.0), Input("ticks", T.INT, default=3, min=1, max=10000),
+                              Input("delay", T.FLOAT, default=0.0, min=0.0, max=1.0)],
              outputs=[Output("value", T.FLOAT)], batch=Batch(vary=("seed",), run=_noisy_batch))
-def noisy(ctx, value, seed, scale):
+def noisy(ctx, value, seed, scale, ticks=3, delay=0.0):
     CALLS.append(("alone", seed))
     if seed == 13:
         raise NodeError("seed 13 is unlucky", "seed")
-    for i in range(3):
-        ctx.progress(i + 1, 3)
+    _ticks(ctx, ticks, delay)
     return (value * scale + seed,)
 
 
@@ -151,6 +157,36 @@ def test_an_interrupted_job_leaves_the_batch_and_the_others_finish(tmp_path: Pat
     outcomes = run_together(executor, items)
     assert [o.status for o in outcomes] == ["succeeded", "interrupted"]
     assert outcomes[0].outputs["3"]["value"] == [11.0]
+
+
+async def test_cancelling_one_job_of_a_batch_on_the_server_leaves_the_others(aiohttp_client, tmp_path) -> None:
+    """Through the real worker and API: the cancelled job ends interrupted, the rest finish alone."""
+    from engine.server.app import make_app
+    from server_helpers import spin, wait_status
+
+    registry = _registry()
+    registry.add(spin)
+    client = await aiohttp_client(make_app(tmp_path / "data", tmp_path / "models", tmp_path / "wf",
+                                           registry=registry))
+    busy = await client.post("/prompt", json={"prompt": {
+        "1": {"class_type": "Spin", "inputs": {"value": 1.0, "ticks": 100000, "delay": 0.01}},
+        "2": {"class_type": "Keep", "inputs": {"value": ["1", 0]}}}})
+    busy_id = (await busy.json())["prompt_id"]
+    await wait_status(client, busy_id, ("running",))
+    ids = []
+    for seed in (1, 2, 3):
+        prompt = _prompt(seed)
+        prompt["2"]["inputs"].update(ticks=400, delay=0.01)
+        ids.append((await (await client.post("/prompt", json={"prompt": prompt})).json())["prompt_id"])
+    await client.post(f"/api/jobs/{busy_id}/cancel")
+    for job_id in ids:  # claimed together
+        await wait_status(client, job_id, ("running",))
+    r = await client.post(f"/api/jobs/{ids[1]}/cancel")
+    assert (await r.json())["interrupting"] is True
+    done = [await wait_status(client, job_id, timeout=60) for job_id in ids]
+    assert [d["status"] for d in done] == ["succeeded", "interrupted", "succeeded"]
+    hist = await (await client.get("/history")).json()
+    assert hist[ids[0]]["outputs"]["3"]["value"] == [11.0] and hist[ids[2]]["outputs"]["3"]["value"] == [13.0]
 
 
 # -- the server, with the tiny SD1 checkpoint -------------------------------------------------

@@ -112,6 +112,8 @@ class Worker:
         self._wake.set()
         for lane in self.lanes:
             lane.interrupt.set()
+            for interrupt in list(lane.followers.values()):
+                interrupt.set()
         for lane in self.lanes:
             if lane.thread is not None:
                 lane.thread.join(timeout)
