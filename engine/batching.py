@@ -154,12 +154,21 @@ class _Together:
             if node.spec is not first.spec or set(node.links) != set(first.links):
                 return None
             if any(self.sigs[i][link.node_id] != self.sigs[group[0]][first.links[name].node_id]
-                   or link.output != first.links[name].output for name, link in node.links.items()):
+                   or link.output != first.links[name].output
+                   for name, link in node.links.items() if name not in batch.vary):
                 return None
             fixed = {k: v for k, v in node.literals.items() if k not in batch.vary}
             if fixed != {k: v for k, v in first.literals.items() if k not in batch.vary}:
                 return None
-        return [{name: node.literals[name] for name in batch.vary if name in node.literals} for node in nodes]
+        items = []
+        for i, node in zip(group, nodes):
+            item = {name: node.literals[name] for name in batch.vary if name in node.literals}
+            for name in batch.vary:
+                link = node.links.get(name)
+                if link is not None:  # a linked input the node batches (KSampler's latents): this job's value
+                    item[name] = self.runs[i].outcome.results[link.node_id][link.output]
+            items.append(item)
+        return items
 
     def _batched(self, node_id: str, group: list[int], items: list[dict[str, Any]]) -> list[int]:
         """Run the node once for the group through its Batch.run; returns the jobs still to run it alone."""
@@ -200,8 +209,9 @@ class _Together:
         """Call a node once on behalf of ``group``: every job sees it start, its progress and messages.
 
         Inputs are read from the first job (the callers made sure they are the same
-        in all); ``literals`` replaces the node's literals when given (the batched call
-        leaves out the varying ones). Any job's interrupt stops the call.
+        in all); ``literals`` replaces the node's literals when given: the batched call,
+        which leaves out the varying literals and links (its items carry them). Any
+        job's interrupt stops the call.
         """
         lead = self.runs[group[0]]
         node = lead.plan.nodes[node_id]
@@ -210,8 +220,10 @@ class _Together:
             run.emit(NodeStarted(run.job_id, node_id=node_id, node_type=node.spec.type))
         t0 = time.perf_counter()
         kwargs = dict(node.literals if literals is None else literals)
+        vary = node.spec.batch.vary if literals is not None and node.spec.batch is not None else ()
         for name, link in node.links.items():
-            kwargs[name] = lead.outcome.results[link.node_id][link.output]
+            if name not in vary:  # a batched call gets those per job, in its items
+                kwargs[name] = lead.outcome.results[link.node_id][link.output]
         ctx = NodeContext(
             env=self.ex.env, job=dataclasses.replace(lead.job, previews=any(r.job.previews for r in runs)),
             node_id=node_id, node_type=node.spec.type,

@@ -136,7 +136,9 @@ class Batch:
     to its single run.
 
     ``run(ctx, items, **inputs)``: ``items`` holds one dict per job with that job's
-    values of the ``vary`` inputs; ``inputs`` are the values all jobs share. It
+    values of the ``vary`` inputs, literal or linked (a sampler's latent, which
+    differs per job when an upstream node such as AddNoise varies too); ``inputs``
+    are the values all jobs share. It
     returns one output tuple per item, in order, or None to decline (the jobs'
     inputs are a case the node cannot batch exactly): the node then runs per job.
     """

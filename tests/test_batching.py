@@ -298,28 +298,69 @@ def test_ksampler_batch_equals_each_jobs_single_run_and_declines_inexact_cases(t
 
     import tiny_models
     from node_call import call
+    from nodes import latent as latent_nodes
     from nodes import loaders, sampling, text
 
     model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tiny_models.checkpoint_name("sd1"))
     pos = call(text.clip_text_encode, tiny_env, text="a castle", clip=clip)[0]
     neg = call(text.clip_text_encode, tiny_env, text="fog", clip=clip)[0]
-    latent = {"samples": torch.zeros(2, 4, 8, 8)}  # two images per job: seeds s and s + 1
+    empty = {"samples": torch.zeros(2, 4, 8, 8)}  # two images per job: seeds s and s + 1
     shared = dict(model=model, steps=3, cfg=5.0, scheduler="normal", positive=pos, negative=neg, denoise=1.0)
     ctx = _ctx(tiny_env)
-    seeds = [7, 20, 31]
-    outs = sampling.ksampler.batch.run(ctx, [{"seed": s} for s in seeds], sampler_name="euler_ancestral",
-                                       latent_image=latent, **shared)
-    assert len(outs) == 3
-    for seed, (out,) in zip(seeds, outs):
-        single = call(sampling.ksampler, tiny_env, seed=seed, sampler_name="euler_ancestral", latent_image=latent,
-                      **shared)[0]["samples"]
-        assert out["samples"].shape == (2, 4, 8, 8)
-        assert torch.allclose(out["samples"], single, atol=1e-4), (out["samples"] - single).abs().max()
-    noised = {**latent, "noise": torch.randn(2, 4, 8, 8), "strength": 0.5, "seed": 1}  # as AddNoise leaves it
-    assert sampling.ksampler.batch.run(ctx, [{"seed": 1}, {"seed": 2}], sampler_name="euler",
-                                       latent_image=noised, **shared) is None  # the noise is the latent's
-    assert sampling.ksampler.batch.run(ctx, [{"seed": 1}, {"seed": 2}], sampler_name="dpm_adaptive",
-                                       latent_image=latent, **shared) is None  # its steps follow the batch
+
+    def check(sampler: str, latents: list[dict], seeds: list[int]) -> None:
+        outs = sampling.ksampler.batch.run(ctx, [{"seed": s, "latent_image": lat} for s, lat in zip(seeds, latents)],
+                                           sampler_name=sampler, **shared)
+        assert outs is not None and len(outs) == len(seeds)
+        for seed, lat, (out,) in zip(seeds, latents, outs):
+            single = call(sampling.ksampler, tiny_env, seed=seed, sampler_name=sampler, latent_image=lat, **shared)[0]
+            assert set(out) == set(single) and out["samples"].shape == (2, 4, 8, 8)
+            assert torch.allclose(out["samples"], single["samples"], atol=1e-4), \
+                (out["samples"] - single["samples"]).abs().max()
+
+    check("euler_ancestral", [empty] * 3, [7, 20, 31])  # txt2img: the jobs share one latent
+    encoded = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    noised = [call(latent_nodes.add_noise, tiny_env, model=model, latent=encoded, strength=0.6, seed=s)[0]
+              for s in (1, 2)]
+    check("euler", noised, [5, 6])  # img2img: each job's own AddNoise latent
+    items = [{"seed": 1, "latent_image": lat} for lat in noised]
+    assert sampling.ksampler.batch.run(ctx, items, sampler_name="dpm_adaptive", **shared) is None
+    other = dict(noised[1], strength=0.5)
+    assert sampling.ksampler.batch.run(ctx, [items[0], {"seed": 2, "latent_image": other}], sampler_name="euler",
+                                       **shared) is None  # another strength: another schedule
+    assert sampling.ksampler.batch.run(ctx, [{"seed": 1, "latent_image": empty}, {"seed": 2, "latent_image": encoded}],
+                                       sampler_name="euler", **shared) is None  # empty vs encoded start differently
+
+
+def test_img2img_jobs_differing_in_seed_batch_through_addnoise(tiny_env) -> None:
+    """The img2img workflow (AddNoise owns a seed, KSampler another): queued with new seeds, one batch."""
+    from engine.registry import default_registry
+    from engine.workflow import load
+
+    import tiny_models
+    from nodes.sample_image import draw_landscape
+
+    registry = default_registry()
+    draw_landscape(64, 64).save(tiny_env.paths.input.root / "init.png")
+    base = load(Path(__file__).parents[1] / "workflows" / "img2img.json").with_overrides(
+        {"checkpoint": tiny_models.checkpoint_name("sd1"), "image": "init.png", "width": 64, "height": 64,
+         "steps": 4, "strength": 0.6})
+    jobs = [base.with_overrides({"seed": seed}) for seed in (11, 12)]
+    executor = Executor(registry, tiny_env)
+    events: list[list[Any]] = [[], []]
+    items = [BatchItem(executor.plan(wf), JobInfo(id=f"j{i}"), events[i].append, threading.Event())
+             for i, wf in enumerate(jobs)]
+    assert batch_key(items[0].plan) == batch_key(items[1].plan)
+    outcomes = run_together(executor, items)
+    decode = next(i for i, n in base.nodes.items() if n.type == "VAEDecode")
+    alone = Executor(registry, tiny_env)  # its own cache: nothing of the batch is reused
+    for wf, outcome, seen in zip(jobs, outcomes, events):
+        assert outcome.status == "succeeded", outcome.error
+        notes = [e.message for e in seen if isinstance(e, NodeMessage)]
+        assert sum("one batch of 2 jobs" in n for n in notes) == 2, notes  # AddNoise and KSampler
+        single = alone.run(wf)
+        diff = (outcome.results[decode][0] - single.results[decode][0]).abs().max().item()
+        assert diff * 255 <= 1.0, diff
 
 
 def _ctx(env: Environment) -> Any:
