@@ -20,11 +20,12 @@ processor; Kiln's denoiser is the same diffusers UNet). Figures:
 * batching: N images as one sampler batch in one job (the workflow's ``samples``)
   against N jobs one by one, seconds per image. This is the gain cross-job batching
   would bring at most;
-* cross-job batching (--queued 1,2,4): N queued txt2img jobs that differ only in seed,
-  run the way the server's worker batches them (engine.batching.run_together: shared
-  nodes once, one KSampler batch, decode and save per job) against the same N jobs one
-  by one through the executor; both warm (model loaded, prompts encoded and cached),
-  each round with new seeds so sampling, decoding and saving really run;
+* cross-job batching (--queued 1,2,4): N queued txt2img / img2img jobs (--queued-workflows)
+  that differ only in seed, run the way the server's worker batches them
+  (engine.batching.run_together: shared nodes once, one KSampler batch, decode and save
+  per job) against the same N jobs one by one through the executor; both warm (model
+  loaded, prompts and the init image encoded and cached), each round with new seeds so
+  noising, sampling, decoding and saving really run;
 * start-up (CPU/any, unless --no-startup): ``kiln run`` of the same workflow in a
   fresh process, time from process start to the first node starting and to the end.
 
@@ -113,41 +114,48 @@ def startup(work: Path, overrides: dict[str, Any], device: str) -> dict[str, flo
             "rc": proc.returncode}
 
 
-def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any) -> dict[int, dict[str, float]]:
-    """Cross-job batching: N txt2img jobs differing in seed, batched as the worker does, vs one by one."""
+def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
+                kinds: list[str]) -> dict[str, dict[int, dict[str, float]]]:
+    """Cross-job batching: N jobs differing in seed, batched as the worker does, vs one by one.
+
+    ``kinds``: "txt2img" (EmptyLatentImage) and/or "img2img" (AddNoise then KSampler, the
+    suite's main workflow, both seeded by the one "seed" parameter).
+    """
     import threading
 
     from engine.batching import BatchItem, run_together
     from engine.context import JobInfo
     from engine.workflow import load
 
-    base = load(REPO / "workflows" / "txt2img.json").with_overrides(
-        {"checkpoint": "bench.safetensors", "width": args.px, "height": args.px, "prompt": PROMPT,
-         "negative": NEGATIVE, "steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal"})
+    common = {"checkpoint": "bench.safetensors", "width": args.px, "height": args.px, "prompt": PROMPT,
+              "negative": NEGATIVE, "steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal"}
+    extra = {"txt2img": {}, "img2img": {"image": "init.png", "strength": args.strength}}
     seeds = iter(range(1000, 10 ** 6))
+    figures: dict[str, dict[int, dict[str, float]]] = {}
+    for kind in kinds:
+        base = load(REPO / "workflows" / f"{kind}.json").with_overrides({**common, **extra[kind]})
 
-    def jobs(n: int) -> list[Any]:
-        return [base.with_overrides({"seed": next(seeds)}) for _ in range(n)]
+        def jobs(n: int) -> list[Any]:
+            return [base.with_overrides({"seed": next(seeds)}) for _ in range(n)]
 
-    def batched(n: int) -> None:
-        items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"), lambda e: None, threading.Event())
-                 for i, wf in enumerate(jobs(n))]
-        outcomes = run_together(executor, items)
-        assert all(o.status == "succeeded" for o in outcomes), [o.error for o in outcomes]
+        def batched(n: int) -> None:
+            items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"), lambda e: None, threading.Event())
+                     for i, wf in enumerate(jobs(n))]
+            outcomes = run_together(executor, items)
+            assert all(o.status == "succeeded" for o in outcomes), [o.error for o in outcomes]
 
-    def one_by_one(n: int) -> None:
-        for wf in jobs(n):
-            assert executor.run(wf).status == "succeeded"
+        def one_by_one(n: int) -> None:
+            for wf in jobs(n):
+                assert executor.run(wf).status == "succeeded"
 
-    one_by_one(1)  # warm: the txt2img prompts encoded and cached, the decoder loaded
-    figures: dict[int, dict[str, float]] = {}
-    for _ in range(max(1, args.rounds - 1)):
-        for n in counts:
-            timed(f"{n} queued, batched", lambda: batched(n))
-            timed(f"{n} queued, one by one", lambda: one_by_one(n))
-    for n in counts:
-        figures[n] = {"batched_s_per_image": timed.median(f"{n} queued, batched") / n,
-                      "one_by_one_s_per_image": timed.median(f"{n} queued, one by one") / n}
+        one_by_one(1)  # warm: the prompts (and the init image's encoding) cached, the decoder loaded
+        for _ in range(max(1, args.rounds - 1)):
+            for n in counts:
+                timed(f"{kind} {n} queued, batched", lambda: batched(n))
+                timed(f"{kind} {n} queued, one by one", lambda: one_by_one(n))
+        figures[kind] = {n: {"batched_s_per_image": timed.median(f"{kind} {n} queued, batched") / n,
+                             "one_by_one_s_per_image": timed.median(f"{kind} {n} queued, one by one") / n}
+                         for n in counts}
     return figures
 
 
@@ -164,6 +172,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4", help="images per job for the batching figure ('' = skip)")
     parser.add_argument("--queued", default="1,2,4",
                         help="queued txt2img jobs for the cross-job batching figure ('' = skip)")
+    parser.add_argument("--queued-workflows", default="txt2img,img2img",
+                        help="workflows for the cross-job batching figure (txt2img, img2img)")
     parser.add_argument("--no-startup", action="store_true")
     args = parser.parse_args()
 
@@ -258,7 +268,8 @@ def main() -> None:
         batching[n] = {"one_job_s_per_image": timed.median(f"batch {n} in one job") / n,
                        "one_by_one_s_per_image": timed.median(f"{n} jobs one by one") / n}
 
-    queued = queued_jobs(executors[eager], timed, [int(q) for q in args.queued.split(",") if q], args)
+    queued = queued_jobs(executors[eager], timed, [int(q) for q in args.queued.split(",") if q], args,
+                         [k for k in args.queued_workflows.split(",") if k])
 
     start_figures = None if args.no_startup else startup(work, overrides, args.device)
 
@@ -291,13 +302,14 @@ def main() -> None:
         print(timed.row(name))
     for name in (f"{n} jobs one by one" for n in batching):
         print(timed.row(name))
-    for n, figs in queued.items():
-        print(f"{n} queued job(s): {figs['batched_s_per_image']:.3f} s/image batched, "
-              f"{figs['one_by_one_s_per_image']:.3f} s/image one by one "
-              f"(throughput x{figs['one_by_one_s_per_image'] / figs['batched_s_per_image']:.2f})")
-    for n in queued:
-        print(timed.row(f"{n} queued, batched"))
-        print(timed.row(f"{n} queued, one by one"))
+    for kind, by_n in queued.items():
+        for n, figs in by_n.items():
+            print(f"{kind}, {n} queued job(s): {figs['batched_s_per_image']:.3f} s/image batched, "
+                  f"{figs['one_by_one_s_per_image']:.3f} s/image one by one "
+                  f"(throughput x{figs['one_by_one_s_per_image'] / figs['batched_s_per_image']:.2f})")
+        for n in by_n:
+            print(timed.row(f"{kind} {n} queued, batched"))
+            print(timed.row(f"{kind} {n} queued, one by one"))
     if start_figures:
         print(f"kiln run in a fresh process: first node after {start_figures['to_first_node_s']:.2f} s, "
               f"exit after {start_figures['total_s']:.2f} s, of which the job {start_figures['job_s']:.2f} s "
