@@ -368,3 +368,28 @@ def _ctx(env: Environment) -> Any:
 
     return NodeContext(env=env, job=JobInfo(id="t"), node_id="3", node_type="KSampler",
                        _progress=lambda v, m, p=None: None, _is_interrupted=lambda: False, _message=lambda t: None)
+
+
+def test_flux_ksampler_batch_equals_single_runs() -> None:
+    """Flow models batch as well: txt2img and AddNoise img2img on the tiny FLUX [dev]."""
+    import torch
+
+    from nodes.latent import add_noise
+    from nodes.sampling import ksampler
+    from test_flux import Recorder, _embeds, _init_raw, _model  # the FLUX tests' tiny model and prompt
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model = _model("dev")
+    shared = dict(model=model, steps=4, cfg=1.0, sampler_name="euler", scheduler="normal", positive=cond,
+                  negative=cond, denoise=1.0)
+    noised = [add_noise(Recorder().ctx, model, {"samples": _init_raw()}, strength=0.7, seed=s)[0] for s in (1, 2)]
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    for latents in (noised, [empty, empty]):
+        outs = ksampler.batch.run(Recorder().ctx, [{"seed": s, "latent_image": lat} for s, lat in zip((1, 2), latents)],
+                                  **shared)
+        assert outs is not None
+        for seed, lat, (out,) in zip((1, 2), latents, outs):
+            single = ksampler(Recorder().ctx, seed=seed, latent_image=lat, **shared)[0]["samples"]
+            assert torch.allclose(out["samples"], single, atol=1e-4)
+        assert not torch.allclose(outs[0][0]["samples"], outs[1][0]["samples"])
