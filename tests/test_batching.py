@@ -189,6 +189,42 @@ async def test_cancelling_one_job_of_a_batch_on_the_server_leaves_the_others(aio
     assert hist[ids[0]]["outputs"]["3"]["value"] == [11.0] and hist[ids[2]]["outputs"]["3"]["value"] == [13.0]
 
 
+async def test_a_database_error_while_gathering_a_batch_runs_every_job_alone(aiohttp_client, tmp_path) -> None:
+    """Claiming the second job of a batch fails (a busy database): the first runs alone, the claimed
+    ones go back to the queue, and every job still finishes."""
+    from engine.server.app import make_app
+    from engine.server.state import STATE
+    from server_helpers import spin, wait_status
+
+    registry = _registry()
+    registry.add(spin)
+    client = await aiohttp_client(make_app(tmp_path / "data", tmp_path / "models", tmp_path / "wf",
+                                           registry=registry))
+    store = client.app[STATE].store
+    claim, claims = store.claim, []
+
+    def flaky_claim(job_id: str) -> Any:  # fault injection into the real store: every second claim fails
+        claims.append(job_id)
+        if len(claims) % 2 == 0:
+            raise RuntimeError("database is locked")
+        return claim(job_id)
+
+    store.claim = flaky_claim
+    busy = await client.post("/prompt", json={"prompt": {
+        "1": {"class_type": "Spin", "inputs": {"value": 1.0, "ticks": 100000, "delay": 0.01}},
+        "2": {"class_type": "Keep", "inputs": {"value": ["1", 0]}}}})
+    busy_id = (await busy.json())["prompt_id"]
+    await wait_status(client, busy_id, ("running",))
+    ids = [(await (await client.post("/prompt", json={"prompt": _prompt(seed)})).json())["prompt_id"]
+           for seed in (1, 2, 3)]
+    await client.post(f"/api/jobs/{busy_id}/cancel")
+    done = [await wait_status(client, job_id, timeout=60) for job_id in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 3
+    hist = await (await client.get("/history")).json()
+    assert [hist[i]["outputs"]["3"]["value"] for i in ids] == [[11.0], [12.0], [13.0]]
+    assert len(claims) >= 2  # the failure did happen
+
+
 # -- the server, with the tiny SD1 checkpoint -------------------------------------------------
 
 SEEDS = (3, 4, 5)

@@ -36,15 +36,36 @@ LOOK_AHEAD = 16
 
 def run_group(worker: "Worker", lane: "_Lane", job: JobRecord) -> bool:
     """Run ``job`` with the queued jobs that can share its batch; False (nothing done) when none can."""
+    try:
+        group = _gather(worker, lane, job)
+    except Exception:  # the database is busy or broken: the job runs alone, as it would without batching
+        log.exception("looking for jobs to batch with %s failed; it runs alone", job.id)
+        _give_back(worker, lane)
+        return False
+    if len(group) == 1:
+        return False
+    worker.on_queue_change()
+    try:
+        _run(worker, lane, group)
+    finally:
+        with worker._lock:
+            lane.followers.clear()
+        for member, _ in group[1:]:
+            worker._progress.pop(member.id, None)
+    return True
+
+
+def _gather(worker: "Worker", lane: "_Lane", job: JobRecord) -> list[tuple[JobRecord, Plan | None]]:
+    """``job`` and the jobs queued right behind it that fit its batch, claimed."""
     queued = worker.store.queued(min(LOOK_AHEAD, worker.batch_jobs - 1))
     if not queued:  # the usual case on a quiet server: one query, nothing planned twice
-        return False
+        return [(job, None)]
     worker._resolve_device(lane)
     first = _plan(worker, lane, job)
     key = batch_key(first) if first is not None else None
     if first is None or key is None:
-        return False
-    group: list[tuple[JobRecord, Plan]] = [(job, first)]
+        return [(job, first)]
+    group: list[tuple[JobRecord, Plan | None]] = [(job, first)]
     for candidate in queued:
         if len(group) >= worker.batch_jobs or not _fits(job, candidate):
             break
@@ -57,17 +78,18 @@ def run_group(worker: "Worker", lane: "_Lane", job: JobRecord) -> bool:
                 continue
             lane.followers[claimed.id] = threading.Event()
         group.append((claimed, plan))
-    if len(group) == 1:
-        return False
-    worker.on_queue_change()
-    try:
-        _run(worker, lane, group)
-    finally:
-        with worker._lock:
-            lane.followers.clear()
-        for member, _ in group[1:]:
-            worker._progress.pop(member.id, None)
-    return True
+    return group
+
+
+def _give_back(worker: "Worker", lane: "_Lane") -> None:
+    """Put the jobs claimed for a batch that will not run back in the queue, in their places."""
+    with worker._lock:
+        for job_id in list(lane.followers):
+            try:
+                worker.store.requeue(job_id)
+            except Exception:
+                log.exception("job %s could not be put back in the queue", job_id)
+        lane.followers.clear()
 
 
 def _fits(job: JobRecord, candidate: JobRecord) -> bool:
