@@ -76,6 +76,8 @@ class BatchItem:
 
 def run_together(executor: Executor, items: list[BatchItem]) -> list[JobOutcome]:
     """Run the jobs (same :func:`batch_key`) in step; one outcome per item, in order."""
+    if any(item.plan.order != items[0].plan.order for item in items):
+        raise ValueError("jobs run together must have the same nodes in the same order (the same batch_key)")
     with executor._lock:
         return _Together(executor, items).execute()
 

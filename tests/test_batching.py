@@ -12,6 +12,7 @@ with another graph is not batched.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -317,8 +318,9 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
     images = []
     for seed, job_id in zip(SEEDS, ids):
         hist = (await (await client.get(f"/history/{job_id}")).json())[job_id]
-        saved = np.asarray(Image.open(tmp_path / "data" / "output" / hist["outputs"]["9"]["images"][0]["filename"]),
-                           dtype=np.int16)
+        with Image.open(tmp_path / "data" / "output" / hist["outputs"]["9"]["images"][0]["filename"]) as png:
+            assert json.loads(png.info["prompt"])["3"]["inputs"]["seed"] == seed  # its own workflow inside
+            saved = np.asarray(png.convert("RGB"), dtype=np.int16)
         outcome = alone.run(parse_document(_txt2img(ckpt, seed), node_registry))
         single = (outcome.results["8"][0][0].numpy() * 255).round().clip(0, 255).astype(np.int16)
         assert np.abs(saved - single).max() <= 1, f"seed {seed}"
