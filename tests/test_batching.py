@@ -395,7 +395,7 @@ def test_img2img_jobs_differing_in_seed_batch_through_addnoise(tiny_env) -> None
     for wf, outcome, seen in zip(jobs, outcomes, events):
         assert outcome.status == "succeeded", outcome.error
         notes = [e.message for e in seen if isinstance(e, NodeMessage)]
-        assert sum("one batch of 2 jobs" in n for n in notes) == 2, notes  # AddNoise and KSampler
+        assert sum("one batch of 2 jobs" in n for n in notes) == 3, notes  # AddNoise, KSampler, VAEDecode
         single = alone.run(wf)
         diff = (outcome.results[decode][0] - single.results[decode][0]).abs().max().item()
         assert diff * 255 <= 1.0, diff
