@@ -19,7 +19,13 @@ processor; Kiln's denoiser is the same diffusers UNet). Figures:
   compile has paid for itself;
 * batching: N images as one sampler batch in one job (the workflow's ``samples``)
   against N jobs one by one, seconds per image. This is the gain cross-job batching
-  would bring; Kiln does not yet merge separate queued jobs (see the perf notes);
+  would bring at most;
+* cross-job batching (--queued 1,2,4): N queued txt2img / img2img jobs (--queued-workflows)
+  that differ only in seed, run the way the server's worker batches them
+  (engine.batching.run_together: shared nodes once, one KSampler batch, decode and save
+  per job) against the same N jobs one by one through the executor; both warm (model
+  loaded, prompts and the init image encoded and cached), each round with new seeds so
+  noising, sampling, decoding and saving really run;
 * start-up (CPU/any, unless --no-startup): ``kiln run`` of the same workflow in a
   fresh process, time from process start to the first node starting and to the end.
 
@@ -108,6 +114,51 @@ def startup(work: Path, overrides: dict[str, Any], device: str) -> dict[str, flo
             "rc": proc.returncode}
 
 
+def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
+                kinds: list[str]) -> dict[str, dict[int, dict[str, float]]]:
+    """Cross-job batching: N jobs differing in seed, batched as the worker does, vs one by one.
+
+    ``kinds``: "txt2img" (EmptyLatentImage) and/or "img2img" (AddNoise then KSampler, the
+    suite's main workflow, both seeded by the one "seed" parameter).
+    """
+    import threading
+
+    from engine.batching import BatchItem, run_together
+    from engine.context import JobInfo
+    from engine.workflow import load
+
+    common = {"checkpoint": "bench.safetensors", "width": args.px, "height": args.px, "prompt": PROMPT,
+              "negative": NEGATIVE, "steps": args.steps, "cfg": args.cfg, "sampler": "euler", "scheduler": "normal"}
+    extra = {"txt2img": {}, "img2img": {"image": "init.png", "strength": args.strength}}
+    seeds = iter(range(1000, 10 ** 6))
+    figures: dict[str, dict[int, dict[str, float]]] = {}
+    for kind in kinds:
+        base = load(REPO / "workflows" / f"{kind}.json").with_overrides({**common, **extra[kind]})
+
+        def jobs(n: int) -> list[Any]:
+            return [base.with_overrides({"seed": next(seeds)}) for _ in range(n)]
+
+        def batched(n: int) -> None:
+            items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"), lambda e: None, threading.Event())
+                     for i, wf in enumerate(jobs(n))]
+            outcomes = run_together(executor, items)
+            assert all(o.status == "succeeded" for o in outcomes), [o.error for o in outcomes]
+
+        def one_by_one(n: int) -> None:
+            for wf in jobs(n):
+                assert executor.run(wf).status == "succeeded"
+
+        one_by_one(1)  # warm: the prompts (and the init image's encoding) cached, the decoder loaded
+        for _ in range(max(1, args.rounds - 1)):
+            for n in counts:
+                timed(f"{kind} {n} queued, batched", lambda: batched(n))
+                timed(f"{kind} {n} queued, one by one", lambda: one_by_one(n))
+        figures[kind] = {n: {"batched_s_per_image": timed.median(f"{kind} {n} queued, batched") / n,
+                             "one_by_one_s_per_image": timed.median(f"{kind} {n} queued, one by one") / n}
+                         for n in counts}
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -119,6 +170,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", default="off", help="compile modes to compare, e.g. off,on")
     parser.add_argument("--batches", default="1,2,4", help="images per job for the batching figure ('' = skip)")
+    parser.add_argument("--queued", default="1,2,4",
+                        help="queued txt2img jobs for the cross-job batching figure ('' = skip)")
+    parser.add_argument("--queued-workflows", default="txt2img,img2img",
+                        help="workflows for the cross-job batching figure (txt2img, img2img)")
     parser.add_argument("--no-startup", action="store_true")
     args = parser.parse_args()
 
@@ -213,6 +268,9 @@ def main() -> None:
         batching[n] = {"one_job_s_per_image": timed.median(f"batch {n} in one job") / n,
                        "one_by_one_s_per_image": timed.median(f"{n} jobs one by one") / n}
 
+    queued = queued_jobs(executors[eager], timed, [int(q) for q in args.queued.split(",") if q], args,
+                         [k for k in args.queued_workflows.split(",") if k])
+
     start_figures = None if args.no_startup else startup(work, overrides, args.device)
 
     print(f"\n{args.size} SD1 {args.px}x{args.px}, {args.steps} steps at strength {args.strength} "
@@ -244,12 +302,20 @@ def main() -> None:
         print(timed.row(name))
     for name in (f"{n} jobs one by one" for n in batching):
         print(timed.row(name))
+    for kind, by_n in queued.items():
+        for n, figs in by_n.items():
+            print(f"{kind}, {n} queued job(s): {figs['batched_s_per_image']:.3f} s/image batched, "
+                  f"{figs['one_by_one_s_per_image']:.3f} s/image one by one "
+                  f"(throughput x{figs['one_by_one_s_per_image'] / figs['batched_s_per_image']:.2f})")
+        for n in by_n:
+            print(timed.row(f"{kind} {n} queued, batched"))
+            print(timed.row(f"{kind} {n} queued, one by one"))
     if start_figures:
         print(f"kiln run in a fresh process: first node after {start_figures['to_first_node_s']:.2f} s, "
               f"exit after {start_figures['total_s']:.2f} s, of which the job {start_figures['job_s']:.2f} s "
               f"(rc {start_figures['rc']})")
     print(json.dumps({"device": args.device, "gpu": gpu, "size": args.size, "px": args.px, "medians_s": med,
-                      "first_s": first, "compiled": compiled, "batching": batching, "startup": start_figures,
+                      "first_s": first, "compiled": compiled, "batching": batching, "queued": queued, "startup": start_figures,
                       "runs": timed.runs}))
 
 

@@ -342,7 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                debug=args.debug,
                move_damaged_db=args.move_damaged_db, devices=_devices(args.devices), cluster=args.cluster,
                cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts,
-               preview_method=args.preview_method, frontend=args.frontend)
+               preview_method=args.preview_method, frontend=args.frontend, batch_jobs=args.batch_jobs)
     return EXIT_OK
 
 
@@ -472,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-attempts", type=int, default=3, metavar="N",
                        help="a job whose workers die N times fails instead of running again (3)")
     from engine.server.previews import PREVIEW_METHODS  # plain data: no server dependencies
+    from engine.batching import BATCH_JOBS_DEFAULT
 
     serve.add_argument("--frontend", default="kiln", choices=("kiln", "comfyui"),
                        help="the page at /: Kiln's editor, or ComfyUI's official frontend (needs the "
@@ -479,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--preview-method", default="none", choices=PREVIEW_METHODS,
                        help="live previews for jobs that do not choose (ComfyUI's flag; default none: a job "
                             "gets previews only if it asks with extra_data.preview_method)")
+    serve.add_argument("--batch-jobs", type=int, default=BATCH_JOBS_DEFAULT, metavar="N",
+                       help="run up to N queued jobs that differ only in their seeds as one sampler batch "
+                            f"(default {BATCH_JOBS_DEFAULT}; 1 runs every job alone)")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="serve jobs of a `kiln serve --cluster` server from a Dask scheduler")

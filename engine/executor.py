@@ -155,8 +155,27 @@ class _Run:
     def execute(self) -> JobOutcome:
         started = time.perf_counter()
         sigs = self.ex.signatures(self.plan)
+        run_order = self.begin(sigs)
+        for node_id in run_order:
+            node = self.plan.nodes[node_id]
+            if self.interrupt.is_set():
+                return self._interrupted(node)
+            try:
+                self._run_node(node, sigs[node_id])
+            except Interrupted:
+                return self._interrupted(node)
+            except Exception as exc:  # a node failure ends the job, never the process
+                return self._failed(node, exc)
+        return self.succeed(started)
+
+    def begin(self, sigs: dict[str, str], prefetch: bool = True) -> list[str]:
+        """Start the job: schedule it, report what the cache serves; returns the nodes to run, in order.
+
+        Shared with :mod:`engine.batching`, which runs several jobs' nodes in step.
+        """
         run_order, from_cache = self._schedule(sigs)
-        self._start_prefetch(run_order)
+        if prefetch:
+            self._start_prefetch(run_order)
         cached = [n for n in self.plan.order if n in from_cache]
         self.outcome.cached = cached
         self.emit(JobStarted(self.job_id, node_ids=list(self.plan.order)))
@@ -168,20 +187,12 @@ class _Run:
                 self.outcome.outputs[node_id] = entry.ui
                 node = self.plan.nodes[node_id]
                 self.emit(NodeFinished(self.job_id, node_id=node_id, node_type=node.spec.type, ui=entry.ui, cached=True))
+        return run_order
 
-        for node_id in run_order:
-            node = self.plan.nodes[node_id]
-            if self.interrupt.is_set():
-                return self._interrupted(node)
-            try:
-                self._run_node(node, sigs[node_id])
-            except Interrupted:
-                return self._interrupted(node)
-            except Exception as exc:  # a node failure ends the job, never the process
-                return self._failed(node, exc)
+    def succeed(self, started: float) -> JobOutcome:
         self.outcome.status = "succeeded"
         self.emit(JobFinished(self.job_id, outputs=self.outcome.outputs, executed=self.outcome.executed,
-                              cached=cached, seconds=round(time.perf_counter() - started, 4)))
+                              cached=self.outcome.cached, seconds=round(time.perf_counter() - started, 4)))
         return self.outcome
 
     def _start_prefetch(self, run_order: list[str]) -> None:

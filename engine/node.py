@@ -124,6 +124,29 @@ class Result:
     ui: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """How one node runs the copies of itself from several queued jobs as one call.
+
+    The server may run jobs whose graphs are the same except for some literal
+    inputs of such nodes (a sampler's seed) together: nodes they share run once,
+    this node runs once for all of them through ``run``, and what follows runs per
+    job. The declaration lives on the node because only the node knows which of
+    its inputs can differ within one call and how it keeps each job's result equal
+    to its single run.
+
+    ``run(ctx, items, **inputs)``: ``items`` holds one dict per job with that job's
+    values of the ``vary`` inputs, literal or linked (a sampler's latent, which
+    differs per job when an upstream node such as AddNoise varies too); ``inputs``
+    are the values all jobs share. It
+    returns one output tuple per item, in order, or None to decline (the jobs'
+    inputs are a case the node cannot batch exactly): the node then runs per job.
+    """
+
+    vary: tuple[str, ...]
+    run: Callable[..., "list[tuple] | None"]
+
+
 FingerprintFn = Callable[[Any, Mapping[str, Any]], Any]
 PrefetchFn = Callable[[Any, Mapping[str, Any]], None]
 ValidateFn = Callable[[Any, Mapping[str, Any]], "list[tuple[str, str]]"]
@@ -160,6 +183,8 @@ class NodeSpec:
     #: where the node's run finds it (the model manager); errors are ignored here and
     #: reported by the node itself when it runs.
     prefetch: PrefetchFn | None = None
+    #: How queued jobs differing only in some of this node's literal inputs run it as one call (see :class:`Batch`).
+    batch: Batch | None = None
 
     def __post_init__(self) -> None:
         if not self.display_name:
@@ -171,6 +196,8 @@ class NodeSpec:
             unknown = [n for n in self.size.input_names() if n not in names]
             if unknown:
                 raise ValueError(f"node {self.type}: size names unknown input(s) {unknown}")
+        if self.batch is not None and not set(self.batch.vary) <= set(names):
+            raise ValueError(f"node {self.type}: batch varies unknown input(s) {sorted(set(self.batch.vary) - set(names))}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -283,6 +310,7 @@ def define_node(
     aliases: Sequence[str] = (),
     size: Size | None = None,
     prefetch: PrefetchFn | None = None,
+    batch: Batch | None = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Decorator turning a function into a :class:`NodeSpec`.
 
@@ -309,6 +337,7 @@ def define_node(
             aliases=tuple(aliases),
             size=size,
             prefetch=prefetch,
+            batch=batch,
             python_module="nodes" if module.startswith("nodes") else f"custom_nodes.{module.split('.')[0]}",
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 from engine import types as T
 from engine.context import NodeError
 from engine.budget import Size
-from engine.node import Input, Output, define_node
+from engine.node import Batch, Input, Output, define_node
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 LATENT_CHANNELS = 4
@@ -70,6 +70,12 @@ def empty_latent_image(ctx, width: int, height: int, batch_size: int = 1):
     return ({"samples": torch.zeros([int(batch_size), LATENT_CHANNELS, h // 8, w // 8])},)
 
 
+def _add_noise_batch(ctx, items, model, latent, strength: float = 0.75):
+    """Queued jobs differing in AddNoise's seed: each job's own noise (cheap; declared so that
+    their samplers, which then differ only in seed and latent, can share one batch)."""
+    return [add_noise(ctx, model, latent, strength, item["seed"]) for item in items]
+
+
 @define_node(
     "AddNoise",
     category="latent",
@@ -83,6 +89,7 @@ def empty_latent_image(ctx, width: int, height: int, batch_size: int = 1):
               tooltip="Image i of a batch uses seed + i"),
     ],
     outputs=[Output("LATENT", T.LATENT)],
+    batch=Batch(vary=("seed",), run=_add_noise_batch),
 )
 def add_noise(ctx, model, latent, strength: float = 0.75, seed: int = 0):
     """Mark a latent for image-to-image: record the strength and draw its seeded noise.

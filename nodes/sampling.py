@@ -8,12 +8,81 @@ from __future__ import annotations
 
 from engine import types as T
 from engine.context import NodeError
-from engine.node import Input, Output, define_node
+from engine.node import Batch, Input, Output, define_node
 from nodes.latent import MAX_SEED, image_seeds
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
 #: Keys AddNoise puts on a LATENT; spent by the sampler, never passed on.
 _NOISE_KEYS = ("noise", "strength", "seed")
+#: Conditioning extras that mean the same for every image of a batch (size hints, pooled
+#: text, FLUX guidance): jobs whose prompts carry only these may share one sampler batch.
+_BATCH_SAFE_EXTRAS = frozenset({"pooled_output", "width", "height", "crop_w", "crop_h", "target_width",
+                                "target_height", "guidance", "aesthetic_score"})
+
+
+#: The LATENT keys a batch of jobs may carry (what EmptyLatentImage, VAEEncode and AddNoise make).
+_BATCH_LATENT_KEYS = frozenset({"samples", "batch_index", *_NOISE_KEYS})
+
+
+def _ksampler_batch(ctx, items, model, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                    positive, negative, denoise: float = 1.0):
+    """Several jobs' KSamplers that differ only in seed and latent, as one sampler batch.
+
+    Each job's images take their noise from their own seed (one generator per image,
+    as in a single run) or from their own AddNoise, so each result equals that job's
+    single run up to the floating-point effect of a larger batch on the network.
+    Declines (None) where one batch would not reproduce the single runs: latents
+    of different shapes, strengths, batch indices or kinds (empty vs encoded: the
+    txt2img start differs), noise masks and inpainting models, conditionings other
+    than one plain prompt per side, and dpm_adaptive (its step size follows the error
+    of the whole batch).
+    """
+    import torch
+
+    from nodes import inpaint_sampling
+
+    latents = [item.get("latent_image") for item in items]
+    if sampler_name == "dpm_adaptive" or not all(_plain_latent(lat) for lat in latents):
+        return None
+    first = latents[0]
+    shape, keys = first["samples"].shape, set(first)
+    for lat in latents:
+        if (set(lat) != keys or lat["samples"].shape != shape or lat.get("batch_index") != first.get("batch_index")
+                or bool(torch.count_nonzero(lat["samples"])) != bool(torch.count_nonzero(first["samples"]))):
+            return None
+        if "strength" in keys and (float(lat["strength"]) != float(first["strength"])
+                                   or not isinstance(lat.get("noise"), torch.Tensor) or lat["noise"].shape != shape):
+            return None
+    for side in (positive, negative):
+        if not isinstance(side, (list, tuple)) or len(side) != 1:
+            return None
+        embeds, extra = side[0][0], dict(side[0][1] or {})
+        pooled = extra.get("pooled_output")
+        if (not isinstance(embeds, torch.Tensor) or embeds.shape[0] != 1 or not set(extra) <= _BATCH_SAFE_EXTRAS
+                or (isinstance(pooled, torch.Tensor) and pooled.shape[0] != 1)):
+            return None
+    if inpaint_sampling.in_channels(model) != shape[1]:
+        return None
+    combined = {"samples": torch.cat([lat["samples"] for lat in latents])}
+    if "batch_index" in first:
+        combined["batch_index"] = first["batch_index"]
+    if "strength" in keys:
+        combined.update(noise=torch.cat([lat["noise"] for lat in latents]), strength=first["strength"])
+    parts = _sample(ctx, model, [int(item["seed"]) for item in items], steps, cfg, sampler_name, scheduler,
+                    positive, negative, combined, denoise)
+    return [({**_passed_on(lat), "samples": part},) for lat, part in zip(latents, parts)]
+
+
+def _plain_latent(latent) -> bool:
+    import torch
+
+    return (isinstance(latent, dict) and isinstance(latent.get("samples"), torch.Tensor)
+            and latent["samples"].ndim == 4 and set(latent) <= _BATCH_LATENT_KEYS)
+
+
+def _passed_on(latent) -> dict:
+    """What of the input LATENT the output keeps: everything but AddNoise's keys."""
+    return {k: v for k, v in latent.items() if k not in _NOISE_KEYS} if isinstance(latent, dict) else {}
 
 
 @define_node(
@@ -35,12 +104,23 @@ _NOISE_KEYS = ("noise", "strength", "seed")
               tooltip="ComfyUI's denoise, for latents that did not pass through AddNoise"),
     ],
     outputs=[Output("LATENT", T.LATENT)],
+    batch=Batch(vary=("seed", "latent_image"), run=_ksampler_batch),
 )
 def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
              positive, negative, latent_image, denoise: float = 1.0):
     """Denoise the latent. After AddNoise: diffusers' img2img strength rule. Otherwise
     denoise < 1 follows ComfyUI (always `steps` steps on the tail of a longer schedule)
     and denoise = 1 is text to image."""
+    samples = _sample(ctx, model, [seed], steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                      denoise)[0]
+    return ({**_passed_on(latent_image), "samples": samples},)
+
+
+def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_name: str, scheduler: str,
+            positive, negative, latent_image, denoise: float) -> list:
+    """KSampler's work for one job, or for several jobs of one batch (``latent_image`` holds
+    their latents one after the other, one seed each; _ksampler_batch checked they can
+    share a batch): the sampled latent of each job."""
     import torch
 
     from nodes.latent import seeded_noise
@@ -65,7 +145,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     samples = latent_image["samples"].to(torch.float32)
     if samples.ndim != 4:
         raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", "latent_image")
-    batch = samples.shape[0]
+    batch = samples.shape[0] // len(job_seeds)  # images per job
     channels = getattr(model, "latent_channels", samples.shape[1])
     if samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this {model.family.name} model works on "
@@ -74,7 +154,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
 
     # One generator per image: its first draw is that image's starting noise, later
     # draws feed ancestral/SDE steps (diffusers' pipelines draw in the same order).
-    seeds = image_seeds(seed, batch, latent_image.get("batch_index"))
+    seeds = [s for seed in job_seeds for s in image_seeds(seed, batch, latent_image.get("batch_index"))]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn((1, *samples.shape[1:]), generator=g) for g in generators])
 
@@ -97,16 +177,14 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
     x0 = model.latent.to_model(samples)
     prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message)
     if prep.nothing_to_repaint:
-        return ({k: v for k, v in latent_image.items() if k not in _NOISE_KEYS},)
+        return list(latent_image["samples"].split(batch))
     try:
         p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
                       strength=strength, denoise=float(denoise))
     except loop.ConditioningError as exc:  # e.g. a sampler the model's sampling (flow) lacks
         raise NodeError(str(exc), exc.input_name) from None
-    out = {k: v for k, v in latent_image.items() if k not in _NOISE_KEYS}
     if p.start is None:  # strength 0 / denoise 0: nothing to denoise
-        out["samples"] = latent_image["samples"]
-        return (out,)
+        return list(latent_image["samples"].split(batch))
     if hasattr(p.scheduler, "noise_sampler_seed"):  # DPM++ SDE: one Brownian tree per image
         p.scheduler.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
 
@@ -124,7 +202,7 @@ def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, s
                               previews=ctx.wants_previews, hold=hold)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
-    out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
+    final = model.latent.from_model(result).to("cpu", torch.float32)
     if hold is not None:
-        out["samples"] = hold.finish(samples, out["samples"])
-    return (out,)
+        final = hold.finish(samples, final)
+    return list(final.split(batch))

@@ -12,7 +12,7 @@ from typing import Any
 from engine import types as T
 from engine.context import NodeError
 from engine.budget import Size
-from engine.node import Input, Output, Result, define_node
+from engine.node import Batch, Input, Output, Result, define_node
 from nodes.handles import VaeHandle
 from nodes.image import resize_pixels, round_to_multiple
 
@@ -97,6 +97,19 @@ def vae_encode(ctx, pixels, vae: VaeHandle, size_rule: str = "resize"):
     return ({"samples": samples},)
 
 
+def _vae_decode_batch(ctx, items, vae):
+    """Queued jobs' latents of one shape decoded as one batch (the decoder works per image),
+    each job's images split back out in order; None (decode per job) otherwise."""
+    import torch
+
+    latents = [item.get("samples") for item in items]
+    if not all(isinstance(lat, dict) and isinstance(lat.get("samples"), torch.Tensor) and lat["samples"].ndim == 4
+               for lat in latents) or len({tuple(lat["samples"].shape) for lat in latents}) != 1:
+        return None
+    (images,) = vae_decode(ctx, {"samples": torch.cat([lat["samples"] for lat in latents])}, vae)
+    return [(part,) for part in images.split(latents[0]["samples"].shape[0])]
+
+
 @define_node(
     "VAEDecode",
     category="latent",
@@ -104,6 +117,7 @@ def vae_encode(ctx, pixels, vae: VaeHandle, size_rule: str = "resize"):
     inputs=[Input("samples", T.LATENT), Input("vae", T.VAE)],
     outputs=[Output("IMAGE", T.IMAGE)],
     size=Size(transient=DECODE_ELEMENTS_PER_PIXEL),
+    batch=Batch(vary=("samples",), run=_vae_decode_batch),
 )
 def vae_decode(ctx, samples, vae: VaeHandle):
     """Decode unscaled latents to an IMAGE (float32, 0..1, on the CPU)."""

@@ -28,6 +28,7 @@ from engine.server import (api_routes, comfy_catalog, comfy_frontend, comfy_jobs
 from engine.server.http import json_error
 from engine.server.hub import Hub
 from engine.server.previews import check_method, previews_enabled
+from engine.batching import BATCH_JOBS_DEFAULT
 from engine.server.state import STATE, AppState, ServerSettings
 from engine.server.store import ACTIVE, JobRecord, JobStore, StoreDamaged
 from engine.server.worker import Worker
@@ -170,7 +171,8 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     else:
         worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
                         on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars,
-                        wants_previews=lambda job: previews_enabled(settings.preview_method, job.extra_data))
+                        wants_previews=lambda job: previews_enabled(settings.preview_method, job.extra_data),
+                        batch_jobs=settings.batch_jobs)
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings,
                      data_dir=Path(data_dir))
 
@@ -215,7 +217,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False,
                devices: list[str] | None = None, cluster: str | None = None, cluster_timeout: float = 10.0,
                max_attempts: int = 3, preview_method: str = "none",
-               frontend: str = "kiln") -> None:
+               frontend: str = "kiln", batch_jobs: int = BATCH_JOBS_DEFAULT) -> None:
     """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build
     or a damaged job database."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -238,7 +240,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
             raise SystemExit(2) from None
     settings = ServerSettings(traceback_chars=DEBUG_TRACEBACK_CHARS if debug else 0,
                               move_damaged_db=move_damaged_db, preview_method=check_method(preview_method),
-                              frontend=frontend)
+                              frontend=frontend, batch_jobs=batch_jobs)
     if frontend == "comfyui":
         try:
             comfy_frontend.frontend_dir()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from engine.batching import BATCH_JOBS_DEFAULT
 from engine.context import Environment
 from engine.registry import Registry
 
@@ -51,6 +52,9 @@ class ServerSettings:
     #: ComfyUI's ``--preview-method``: "none" (its default: no preview frames unless a
     #: job asks with ``extra_data.preview_method``), "auto", "latent2rgb" or "taesd".
     preview_method: str = "none"
+    #: Queued jobs differing only in seeds that may run as one sampler batch (engine.server.batching);
+    #: 1 runs every job alone (``kiln serve --batch-jobs``).
+    batch_jobs: int = BATCH_JOBS_DEFAULT
     #: Seconds between writing a ComfyUI ``/prompt`` reply and sending the job's first websocket
     #: message (for clients that read the two on separate threads; Kiln's ``/api/jobs``
     #: sends at once: see engine.server.jobs.reply_then_release).

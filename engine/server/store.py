@@ -311,6 +311,18 @@ class JobStore:
                 return self.get(row["id"])
             # cancelled between the SELECT and the UPDATE: take the next one
 
+    def claim(self, job_id: str) -> JobRecord | None:
+        """Move one given queued job to running (the worker taking it into a batch); None if not queued."""
+        cur = self._conn().execute("UPDATE jobs SET status = ?, started = ? WHERE id = ? AND status = ?",
+                                   (RUNNING, time.time(), job_id, QUEUED))
+        return self.get(job_id) if cur.rowcount == 1 else None
+
+    def queued(self, limit: int) -> list[JobRecord]:
+        """The first ``limit`` queued jobs, in the order they will run."""
+        rows = self._conn().execute("SELECT * FROM jobs WHERE status = ? ORDER BY number, seq LIMIT ?",
+                                    (QUEUED, int(limit))).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
     def requeue(self, job_id: str) -> bool:
         """Put a running job back in the queue (its cluster was lost before it finished)."""
         cur = self._conn().execute(

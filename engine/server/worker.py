@@ -32,6 +32,7 @@ from engine.context import Environment, JobInfo
 from engine.events import TERMINAL, Event, JobFailed, JobStarted, Progress
 from engine.executor import Executor
 from engine.registry import Registry
+from engine.server import batching
 from engine.server import comfy_messages as cm
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.validate import WorkflowInvalid
@@ -58,6 +59,8 @@ class _Lane:
         self.thread: threading.Thread | None = None
         self.job_id: str | None = None
         self.interrupt = threading.Event()
+        #: The other jobs running with ``job_id`` as one batch (engine.server.batching), with their interrupts.
+        self.followers: dict[str, threading.Event] = {}
 
 
 class Worker:
@@ -65,8 +68,11 @@ class Worker:
                  cache: OutputCache | None = None, devices: list[str] | None = None,
                  on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
                  poll_s: float = 1.0, traceback_chars: int = 0,
-                 wants_previews: Callable[[JobRecord], bool] = lambda job: True) -> None:
+                 wants_previews: Callable[[JobRecord], bool] = lambda job: True, batch_jobs: int = 1) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: At most this many queued jobs that differ only in what their nodes batch (seeds) run
+        #: together (engine.server.batching); 1 runs every job alone.
+        self.batch_jobs = max(1, int(batch_jobs))
         #: Whether a job's previews reach its client (engine.server.previews' rule, given by the app):
         #: when not, its nodes are told to make none.
         self.wants_previews = wants_previews
@@ -106,6 +112,8 @@ class Worker:
         self._wake.set()
         for lane in self.lanes:
             lane.interrupt.set()
+            for interrupt in list(lane.followers.values()):
+                interrupt.set()
         for lane in self.lanes:
             if lane.thread is not None:
                 lane.thread.join(timeout)
@@ -118,7 +126,8 @@ class Worker:
 
     def running(self) -> list[str]:
         with self._lock:
-            return [lane.job_id for lane in self.lanes if lane.job_id is not None]
+            return [job_id for lane in self.lanes if lane.job_id is not None
+                    for job_id in (lane.job_id, *lane.followers)]
 
     def progress(self, job_id: str) -> dict[str, Any] | None:
         return self._progress.get(job_id)
@@ -139,6 +148,9 @@ class Worker:
                     if lane.job_id == job_id:
                         lane.interrupt.set()
                         result = "interrupting"
+                    elif job_id in lane.followers:
+                        lane.followers[job_id].set()
+                        result = "interrupting"
         if result == CANCELLED:
             self.on_queue_change()
         return result
@@ -151,6 +163,9 @@ class Worker:
                 if lane.job_id is not None:
                     lane.interrupt.set()
                     ids.append(lane.job_id)
+                for job_id, interrupt in lane.followers.items():
+                    interrupt.set()
+                    ids.append(job_id)
             return ids
 
     async def clear_cache(self) -> dict[str, int]:
@@ -231,6 +246,8 @@ class Worker:
                 self.on_queue_change()
 
     def _run(self, lane: _Lane, job: JobRecord) -> None:
+        if self.batch_jobs > 1 and batching.run_group(self, lane, job):
+            return
         report = JobReport(job, self._publish, self._progress, self._redact)
         try:
             outcome_status, outputs, error, executed, cached = self._execute(lane, job, report.event)
@@ -285,12 +302,16 @@ class Worker:
                               message=f"the workflow is no longer valid: {exc}", exception_type=type(exc).__name__)
             sink(event)
             return FAILED, {}, error_dict(event), [], []
-        info = JobInfo(id=job.id, workflow=job.prompt or plan.api_prompt(), kiln_workflow=workflow.to_kiln(),
-                       extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params,
-                       previews=self.wants_previews(job))
+        info = self._job_info(job, plan)
         outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
         error = error_dict(self._redact(outcome.error)) if outcome.error is not None else None
         return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
+
+    def _job_info(self, job: JobRecord, plan: Any) -> JobInfo:
+        """What the job's nodes may read about it (SaveImage embeds the workflow)."""
+        return JobInfo(id=job.id, workflow=job.prompt or plan.api_prompt(), kiln_workflow=plan.workflow.to_kiln(),
+                       extra_pnginfo=dict(job.extra_data.get("extra_pnginfo") or {}), params=job.params,
+                       previews=self.wants_previews(job))
 
     def _publish(self, job: JobRecord, event: Event) -> None:
         try:
