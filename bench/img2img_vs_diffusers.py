@@ -67,6 +67,20 @@ def tiny_components() -> dict[str, Any]:
     return build_components("sd1")
 
 
+def saved_components(size: str, work: Path) -> dict[str, Any]:
+    """A random-weight SD1 ("full" or "tiny") saved single-file as work/models/checkpoints/bench.safetensors,
+    as a user's checkpoint is; returns its diffusers components for the reference side."""
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.to_original import components_to_original
+
+    parts = full_size_components() if size == "full" else tiny_components()
+    state = components_to_original(parts)
+    (work / "models" / "checkpoints").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "models" / "checkpoints" / "bench.safetensors"))
+    return parts
+
+
 class UNetCalls:
     """Counts UNet forward calls anywhere in the process (both sides' UNets)."""
 
@@ -100,24 +114,18 @@ def main() -> None:
 
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
-    from safetensors.torch import save_file
 
     from engine.context import Environment, Paths
     from engine.executor import Executor
     from nodes.runtime.models import ModelManager
     from engine.registry import default_registry
     from engine.workflow import load
-    from nodes.checkpoint.to_original import components_to_original
     from nodes.sample_image import draw_landscape
 
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     t0 = time.perf_counter()
-    parts = full_size_components() if args.size == "full" else tiny_components()
-    state = components_to_original(parts)
-    (work / "models" / "checkpoints").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "models" / "checkpoints" / "bench.safetensors"))
-    del state
+    parts = saved_components(args.size, work)
     print(f"built and saved a random-weight {args.size} SD1 model in {time.perf_counter() - t0:.1f} s")
 
     init = draw_landscape(args.px, args.px)

@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from img2img_vs_diffusers import NEGATIVE, PROMPT, full_size_components, tiny_components  # noqa: E402
-from server_load import free_port, wait_ready  # noqa: E402
+from img2img_vs_diffusers import NEGATIVE, PROMPT, saved_components  # noqa: E402
+from server_load import free_port, stop_server, wait_ready  # noqa: E402
 
 DIFFUSERS_JOB = """
 import json, sys, torch
@@ -102,12 +102,7 @@ def kiln_server(work: Path, params: dict[str, Any], timeout: float, extra: tuple
             raise RuntimeError(f"the Kiln job ended {job['status']}: {job.get('error')}")
         return {**proc_memory(proc.pid), "job_s": seconds}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_server(proc, log)
 
 
 def diffusers_process(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -135,19 +130,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from safetensors.torch import save_file
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from nodes.checkpoint.to_original import components_to_original
     from nodes.sample_image import draw_landscape
 
     work = Path(tempfile.mkdtemp(prefix="kiln-mem-"))
     t0 = time.perf_counter()
-    parts = full_size_components() if args.size == "full" else tiny_components()
-    state = components_to_original(parts)
-    (work / "models" / "checkpoints").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "models" / "checkpoints" / "bench.safetensors"))
-    del state
+    parts = saved_components(args.size, work)
     StableDiffusionImg2ImgPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False).save_pretrained(str(work / "diffusers"))
     weights = sum(p.numel() * p.element_size() for n in ("unet", "vae", "text_encoder") for p in parts[n].parameters())

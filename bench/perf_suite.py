@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from img2img_vs_diffusers import NEGATIVE, PROMPT, UNetCalls, full_size_components, tiny_components  # noqa: E402
+from img2img_vs_diffusers import NEGATIVE, PROMPT, UNetCalls, saved_components  # noqa: E402
 
 CORES = os.cpu_count() or 1
 
@@ -179,13 +179,11 @@ def main() -> None:
 
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
-    from safetensors.torch import save_file
 
     from engine.context import Environment, Paths
     from engine.executor import Executor
     from engine.registry import default_registry
     from engine.workflow import load
-    from nodes.checkpoint.to_original import components_to_original
     from nodes.runtime.models import ModelManager
     from nodes.sample_image import draw_landscape
 
@@ -196,11 +194,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if cuda else "none"
     work = Path(tempfile.mkdtemp(prefix="kiln-perf-"))
     t0 = time.perf_counter()
-    parts = full_size_components() if args.size == "full" else tiny_components()
-    state = components_to_original(parts)
-    (work / "models" / "checkpoints").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "models" / "checkpoints" / "bench.safetensors"))
-    del state
+    parts = saved_components(args.size, work)
     print(f"built and saved a random-weight {args.size} SD1 model in {time.perf_counter() - t0:.1f} s", flush=True)
 
     init = draw_landscape(args.px, args.px)

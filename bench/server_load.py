@@ -77,6 +77,16 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- the server run ---------------------------------------------------------------------------
 
+def stop_server(proc: subprocess.Popen, log: Any, timeout: float = 30) -> None:
+    """End a benchmark's server process (SIGTERM, then SIGKILL after ``timeout`` s) and close its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> float:
     start = time.perf_counter()
     async with aiohttp.ClientSession() as session:
@@ -260,12 +270,7 @@ def main() -> int:
             again = asyncio.run(resubmit_bench(base, args.resubmits)) if args.resubmits else None
             cpu_per_resubmit = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(1, args.resubmits + 1)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            stop_server(proc, log)
         write_input(Path(tmp) / "inproc", args.size)
         inproc = inprocess_bench(Path(tmp) / "inproc", args.jobs)
 

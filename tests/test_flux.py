@@ -219,16 +219,18 @@ def test_custom_sampling_on_flow_refuses_by_node_input_and_notes_the_shift_size(
     assert not any("ModelSamplingFlux" in m for m in rec.messages)
 
 
-def test_split_sigmas_with_disable_noise_continues_a_flow_run():
-    """High half with RandomNoise, low half with DisableNoise: one euler run (the flow state is
-    handed on as it is, not blended again with 1 - sigma)."""
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_split_sigmas_with_disable_noise_continues_a_flow_run(name):
+    """High half with RandomNoise, low half with DisableNoise: one run (the flow state is handed
+    on as it is, not blended again with 1 - sigma). Heun keeps no history, so it splits too (the
+    high half, ending above 0, takes its last step's second evaluation there)."""
     from nodes.custom_sampling import (basic_guider, basic_scheduler, disable_noise, ksampler_select, random_noise,
                                        sampler_custom_advanced, split_sigmas)
 
     embeds, pooled = _embeds("dev")
     cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
     model, ctx = _fixed(_model("dev")), Recorder().ctx
-    guider, sampler = basic_guider(ctx, model, cond)[0], ksampler_select(ctx, "euler")[0]
+    guider, sampler = basic_guider(ctx, model, cond)[0], ksampler_select(ctx, name)[0]
     (sigmas,) = basic_scheduler(ctx, model, "normal", 4, 1.0)
     high, low = split_sigmas(ctx, sigmas, 2)
     empty = {"samples": torch.zeros(1, 16, 8, 8)}

@@ -167,29 +167,6 @@ def test_custom_sampling_with_a_flow_sampler_equals_ksampler(sampler):
     assert (_decode("dev", out["samples"]) - _decode("dev", ref["samples"])).abs().max() <= PIXEL_TOL
 
 
-def test_split_sigmas_continue_a_heun_run():
-    """Heun keeps no history, so a run split in two (the high half ending above 0 takes its
-    last step's second evaluation there) equals the whole run."""
-    from test_flux import _fixed
-
-    from nodes.custom_sampling import (basic_guider, basic_scheduler, disable_noise, ksampler_select, random_noise,
-                                       sampler_custom_advanced, split_sigmas)
-
-    embeds, pooled = _embeds("dev")
-    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
-    model, ctx = _fixed(_model("dev")), Recorder().ctx
-    guider, heun = basic_guider(ctx, model, cond)[0], ksampler_select(ctx, "heun")[0]
-    (sigmas,) = basic_scheduler(ctx, model, "normal", 4, 1.0)
-    high, low = split_sigmas(ctx, sigmas, 2)
-    empty = {"samples": torch.zeros(1, 16, 8, 8)}
-    whole, _ = sampler_custom_advanced(ctx, random_noise(ctx, 5)[0], guider, heun, sigmas, empty)
-    half, _ = sampler_custom_advanced(ctx, random_noise(ctx, 5)[0], guider, heun, high, empty)
-    done, _ = sampler_custom_advanced(ctx, disable_noise(ctx)[0], guider, heun, low, half)
-    ours = _decode("dev", done["samples"])
-    assert (ours - _decode("dev", whole["samples"])).abs().max() <= PIXEL_TOL
-    assert (_decode("dev", half["samples"]) - ours).abs().max() > 0.02  # the halves really split the run
-
-
 def test_flow_runs_use_the_flow_training_schedule_and_log_no_scheduler_warning():
     """The loop used to build SD's 1000-step schedule from the flow config, and diffusers logged
     ``kiln_shift_seq_len ... not expected`` on every run with ModelSamplingFlux."""

@@ -69,6 +69,13 @@ class SDXL(Family):
         return dict(super().scheduler_config(prediction_type), interpolation_type="linear",
                     use_karras_sigmas=False, sample_max_value=1.0)
 
+    #: what a conditioning without a pooled output is told
+    needs_pooled = "this SDXL model needs conditioning with a pooled_output (encode the prompt with an SDXL CLIP)"
+
+    def time_ids(self, extra: dict, height: int, width: int) -> list[float]:
+        """The micro-conditioning ids one conditioning entry gives the UNet's size embedding."""
+        return time_ids(extra, height, width)
+
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         import torch
@@ -77,10 +84,9 @@ class SDXL(Family):
         for extra in extras:
             p = extra.get("pooled_output")
             if p is None:
-                raise ConditioningError("this SDXL model needs conditioning with a pooled_output (encode the "
-                                        "prompt with an SDXL CLIP)", extra.get("_input", "positive"))
+                raise ConditioningError(self.needs_pooled, extra.get("_input", "positive"))
             pooled.append(p.reshape(1, -1).expand(batch, -1))
-            ids += [time_ids(extra, *image_size)] * batch
+            ids += [self.time_ids(extra, *image_size)] * batch
         return {"added_cond_kwargs": {"text_embeds": torch.cat(pooled).to(device=device, dtype=dtype),
                                       "time_ids": torch.tensor(ids, device=device, dtype=dtype)}}
 

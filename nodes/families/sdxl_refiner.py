@@ -16,9 +16,7 @@ ComfyUI assumes 768).
 """
 from __future__ import annotations
 
-from typing import Any
-
-from nodes.families.base import ConditioningError, Shapes, TextEncoderSpec, has_prefix
+from nodes.families.base import Shapes, TextEncoderSpec, has_prefix
 from nodes.families.sdxl import SDXL
 
 TEXT_PREFIX = "conditioner.embedders.0.model."
@@ -64,20 +62,11 @@ class SDXLRefiner(SDXL):
         """bigG's width is the context width: bigG is the only encoder."""
         return next(v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
 
-    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
-                       device: Any, dtype: Any) -> dict[str, Any]:
-        import torch
+    needs_pooled = ("the SDXL refiner needs conditioning with a pooled_output (encode the prompt with the "
+                    "refiner's CLIP)")
 
-        pooled, ids = [], []
-        for extra in extras:
-            p = extra.get("pooled_output")
-            if p is None:
-                raise ConditioningError("the SDXL refiner needs conditioning with a pooled_output (encode the "
-                                        "prompt with the refiner's CLIP)", extra.get("_input", "positive"))
-            pooled.append(p.reshape(1, -1).expand(batch, -1))
-            ids += [refiner_time_ids(extra, *image_size)] * batch
-        return {"added_cond_kwargs": {"text_embeds": torch.cat(pooled).to(device=device, dtype=dtype),
-                                      "time_ids": torch.tensor(ids, device=device, dtype=dtype)}}
+    def time_ids(self, extra: dict, height: int, width: int) -> list[float]:
+        return refiner_time_ids(extra, height, width)
 
 
 FAMILY = SDXLRefiner()
