@@ -30,15 +30,17 @@ if TYPE_CHECKING:
     from nodes.samplers.names import SamplerSpec
 
 
-class DiscreteSampling:
-    """Model sampling of a discrete-time (DDPM-trained) model in k-diffusion's
-    parameterisation: the state is x0 + sigma * noise."""
+class _Sampling:
+    """What every model sampling shares: its config and its training schedule (timestep <-> level),
+    which gives the level range and the level of any timestep."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        from nodes.samplers.schedules import TrainingSchedule
-
         self.config = dict(config)
-        self.schedule = TrainingSchedule(self.config)
+        self.schedule = self._training_schedule(self.config)
+
+    @staticmethod
+    def _training_schedule(config: dict) -> Any:
+        raise NotImplementedError
 
     @property
     def sigma_min(self) -> float:
@@ -47,6 +49,21 @@ class DiscreteSampling:
     @property
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
+
+    def sigma_at(self, timestep: float) -> float:
+        """The level of a (possibly fractional) training timestep."""
+        return float(self.schedule.sigma(timestep))
+
+
+class DiscreteSampling(_Sampling):
+    """Model sampling of a discrete-time (DDPM-trained) model in k-diffusion's
+    parameterisation: the state is x0 + sigma * noise."""
+
+    @staticmethod
+    def _training_schedule(config: dict) -> Any:
+        from nodes.samplers.schedules import TrainingSchedule
+
+        return TrainingSchedule(config)
 
     def sigmas(self, scheduler: str, steps: int, denoise: float = 1.0) -> "torch.Tensor":
         """The descending sigma list (ending in 0) for ``steps`` steps of ``scheduler`` at ``denoise``."""
@@ -75,10 +92,6 @@ class DiscreteSampling:
         """The clean latent noised to ``sigma`` (what a noise mask holds the kept region to)."""
         return x0 + noise * sigma
 
-    def sigma_at(self, timestep: float) -> float:
-        """The sigma of a (possibly fractional) training timestep."""
-        return float(self.schedule.sigma(timestep))
-
     def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
         """(scheduler-like stepper over ``sigmas``, the timesteps of its model evaluations)."""
         from nodes.samplers import steppers
@@ -99,7 +112,7 @@ class DiscreteSampling:
         return []  # the discrete schedule does not depend on the image size
 
 
-class FlowSampling:
+class FlowSampling(_Sampling):
     """Model sampling of a flow-matching model (FLUX): the state at flow time t is
     ``t * noise + (1 - t) * x0`` and the sigmas *are* flow times (1 = pure noise).
 
@@ -111,19 +124,11 @@ class FlowSampling:
     :meth:`notes` says when the latent sampled is another size.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    @staticmethod
+    def _training_schedule(config: dict) -> Any:
         from nodes.samplers.flow import FlowSchedule
 
-        self.config = dict(config)
-        self.schedule = FlowSchedule(self.config)
-
-    @property
-    def sigma_min(self) -> float:
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.schedule.sigma_max
+        return FlowSchedule(config)
 
     def sigmas(self, scheduler: str, steps: int, denoise: float = 1.0) -> "torch.Tensor":
         """The descending flow times (ending in 0) for ``steps`` steps of ``scheduler`` at ``denoise``;
@@ -146,9 +151,6 @@ class FlowSampling:
 
     def noised(self, x0: "torch.Tensor", noise: "torch.Tensor", sigma: float) -> "torch.Tensor":
         return self.start(sigma, noise, x0)
-
-    def sigma_at(self, timestep: float) -> float:
-        return float(self.schedule.sigma(timestep))
 
     def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
         """(flow stepper for ``spec`` over exactly ``sigmas``, its timesteps); a sampler flow sampling
