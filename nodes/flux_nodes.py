@@ -53,7 +53,7 @@ def with_guidance(conditioning, guidance: float, input_name: str = "conditioning
 )
 def clip_text_encode_flux(ctx, clip, clip_l: str, t5xxl: str, guidance: float = 3.5):
     """Encode two prompts (CLIP-L's and T5's) and attach the distilled guidance."""
-    from nodes.families.text import Report
+    from nodes.text import encode_reported
 
     if not isinstance(clip, ClipHandle):
         raise NodeError(f"clip must come from a CLIP loader, got {type(clip).__name__}", "clip")
@@ -64,10 +64,7 @@ def clip_text_encode_flux(ctx, clip, clip_l: str, t5xxl: str, guidance: float = 
         if not isinstance(value, str):
             raise NodeError(f"{name} must be a string", name)
     value = _guidance_value(guidance)
-    report = Report()
-    cond = clip.encode(t5xxl, report, texts={"tokenizer": clip_l, "tokenizer_2": t5xxl})
-    for problem in report.problems:
-        ctx.message(f"prompt: {problem}")
+    cond, _ = encode_reported(ctx, clip, t5xxl, texts={"tokenizer": clip_l, "tokenizer_2": t5xxl})
     return (with_guidance(cond, value, "clip"),)
 
 

@@ -7,11 +7,15 @@ add the user-facing checks and messages. torch is imported only when a prompt is
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle
+
+if TYPE_CHECKING:
+    from nodes.families.text import Report
 
 #: ComfyUI's range for CLIPSetLastLayer (OpenCLIP bigG has 32 layers, but ComfyUI stops at -24).
 DEEPEST_LAYER = -24
@@ -22,6 +26,22 @@ def _clip(clip: object) -> ClipHandle:
         raise NodeError(f"clip must come from a checkpoint or CLIP loader, got {type(clip).__name__}",
                         input_name="clip")
     return clip
+
+
+def encode_reported(ctx, clip: ClipHandle, text: str, texts: dict[str, str] | None = None) -> tuple[list, "Report"]:
+    """(CONDITIONING, report) for a prompt, every text-encoding node's one way in: a layer
+    CLIPSetLastLayer asked for that the encoder lacks is an error on ``clip``, and each prompt
+    problem (an unbalanced parenthesis, an unread weight, a left-out embedding) is a node message."""
+    from nodes.families.text import LayerError, Report
+
+    report = Report()
+    try:
+        cond = clip.encode(text, report, texts=texts)
+    except LayerError as exc:
+        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
+    for problem in report.problems:
+        ctx.message(f"prompt: {problem}")
+    return cond, report
 
 
 @define_node(
@@ -45,18 +65,9 @@ def clip_text_encode(ctx, text: str, clip: ClipHandle):
     ``negative_prompt=""``); SDXL pipelines called with no negative prompt use zeros
     instead, which a workflow gets with ConditioningZeroOut.
     """
-    from nodes.families.text import LayerError, Report
-
     if not isinstance(text, str):
         raise NodeError("text must be a string", input_name="text")
-    clip = _clip(clip)
-    report = Report()
-    try:
-        cond = clip.encode(text, report)
-    except LayerError as exc:
-        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
-    for problem in report.problems:
-        ctx.message(f"prompt: {problem}")
+    cond, report = encode_reported(ctx, _clip(clip), text)
     if report.windows > 1:
         ctx.message(f"the prompt has {report.tokens} tokens, more than the 75 of one CLIP window: encoded as "
                     f"{report.windows} windows of 77 tokens, concatenated (ComfyUI's rule)")
@@ -117,8 +128,6 @@ def clip_text_encode_sdxl(ctx, clip: ClipHandle, width: int, height: int, crop_w
     """SDXL's two prompts and its size conditioning: the original size and crop the model is
     told the image had, and the target size (SDXL was trained with them; CLIPTextEncode uses
     the latent's size and no crop)."""
-    from nodes.families.text import LayerError, Report
-
     clip = _clip(clip)
     names = [spec.tokenizer for spec in clip.family.text_encoders]
     if names != ["tokenizer", "tokenizer_2"]:
@@ -126,13 +135,7 @@ def clip_text_encode_sdxl(ctx, clip: ClipHandle, width: int, height: int, crop_w
     for name, value in (("text_g", text_g), ("text_l", text_l)):
         if not isinstance(value, str):
             raise NodeError("must be a string", input_name=name)
-    report = Report()
-    try:
-        cond = clip.encode(text_g, report, texts={"tokenizer": text_l, "tokenizer_2": text_g})
-    except LayerError as exc:
-        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
-    for problem in report.problems:
-        ctx.message(f"prompt: {problem}")
+    cond, _ = encode_reported(ctx, clip, text_g, texts={"tokenizer": text_l, "tokenizer_2": text_g})
     sizes = dict(width=int(width), height=int(height), crop_w=int(crop_w), crop_h=int(crop_h),
                  target_width=int(target_width), target_height=int(target_height))
     return ([[embeds, {**extra, **sizes}] for embeds, extra in cond],)
@@ -157,20 +160,12 @@ def clip_text_encode_sdxl_refiner(ctx, ascore: float, width: int, height: int, t
     On the refiner (nodes.families.sdxl_refiner) these are its five time ids with crop 0; on
     SDXL base the width and height act as the original size (as CLIPTextEncodeSDXL's) and the
     score is carried but unused."""
-    from nodes.families.text import LayerError, Report
-
     clip = _clip(clip)
     if not isinstance(text, str):
         raise NodeError("must be a string", input_name="text")
     if not any(spec.pooled for spec in clip.family.text_encoders):
         raise NodeError(f"needs an SDXL CLIP (with a pooled OpenCLIP bigG); this one is {clip.family.name}",
                         input_name="clip")
-    report = Report()
-    try:
-        cond = clip.encode(text, report)
-    except LayerError as exc:
-        raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
-    for problem in report.problems:
-        ctx.message(f"prompt: {problem}")
+    cond, _ = encode_reported(ctx, clip, text)
     extra = dict(aesthetic_score=float(ascore), width=int(width), height=int(height))
     return ([[embeds, {**e, **extra}] for embeds, e in cond],)
