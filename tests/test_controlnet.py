@@ -26,7 +26,7 @@ from nodes.controlnet import (controlnet_apply, controlnet_apply_advanced, contr
                               diff_controlnet_loader)
 from nodes.latent import add_noise
 from nodes.sampling import ksampler
-from test_sampling import PIXEL_TOL, Recorder, Tiny
+from test_sampling import PIXEL_TOL, Recorder, Tiny, sd1, sdxl  # noqa: F401 (the two are fixtures)
 
 SIZE = 64
 STEPS, STRENGTH, CFG, SEED = 8, 0.7, 6.0, 42
@@ -46,16 +46,6 @@ def handle(variant: str, net=None, name: str = "tiny-cn") -> ControlNetHandle:
     net = net if net is not None else tiny_models.controlnet(variant)
     return ControlNetHandle(name=name, family=families.by_name(variant), config=dict(net.config),
                             _use=lambda: contextlib.nullcontext(net))
-
-
-@pytest.fixture(scope="module")
-def sd1() -> Tiny:
-    return Tiny("sd1")
-
-
-@pytest.fixture(scope="module")
-def sdxl() -> Tiny:
-    return Tiny("sdxl")
 
 
 def kiln(tiny: Tiny, pos, neg, sampler: str = "euler") -> torch.Tensor:

@@ -18,12 +18,7 @@ import torch
 from engine.context import NodeError
 from nodes import custom_sampling as cs
 from nodes.sampling import ksampler
-from test_sampling import PIXEL_TOL, Recorder, Tiny
-
-
-@pytest.fixture(scope="module")
-def sd1() -> Tiny:
-    return Tiny("sd1")
+from test_sampling import PIXEL_TOL, Recorder, Tiny, sd1  # noqa: F401 (sd1 is a fixture)
 
 
 def _custom(tiny: Tiny, *, seed: int, steps: int, cfg: float, sampler: str, scheduler: str, latent: dict,

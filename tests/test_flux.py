@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tiny_flux
+import tiny_models
 from engine.context import NodeContext, NodeError
 from nodes.families import flux
 from nodes.handles import ModelHandle
@@ -48,9 +49,7 @@ def _embeds(variant: str):
 
 
 def _decode(variant: str, raw: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        image = tiny_flux.components(variant)["vae"].decode(raw).sample
-    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return tiny_models.decode(tiny_flux.components(variant)["vae"], raw)
 
 
 def _init_raw() -> torch.Tensor:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import tiny_flux
+import tiny_models
 from engine.context import Environment, NodeError, Paths
 from node_call import Called, call
 from nodes import lora, split_loaders
@@ -154,9 +155,7 @@ def _cond():
 
 
 def _decode(raw: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        image = tiny_flux.components("dev")["vae"].decode(raw).sample
-    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return tiny_models.decode(tiny_flux.components("dev")["vae"], raw)
 
 
 def _kiln(env, model, lora_name: str | None = None, strength: float = 1.0, rec: Called | None = None):

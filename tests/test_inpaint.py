@@ -64,9 +64,7 @@ class Tiny:
         return pipe
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            image = self.parts["vae"].decode(samples).sample
-        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return tiny_models.decode(self.parts["vae"], samples)
 
 
 def block_mask() -> torch.Tensor:

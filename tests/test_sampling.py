@@ -102,9 +102,7 @@ class Tiny:
         return pipe
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            image = self.parts["vae"].decode(samples).sample
-        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return tiny_models.decode(self.parts["vae"], samples)
 
     def img2img(self, sampler: str, scheduler: str = "normal", *, seed: int = 42, steps: int = 10,
                 strength: float = 0.6, cfg: float = 7.5, latent: torch.Tensor | None = None,

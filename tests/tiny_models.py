@@ -37,7 +37,7 @@ from typing import Any
 from nodes.checkpoint.tiny import VARIANTS, build_components, pipeline_from_components, prediction_of
 
 __all__ = ["VARIANTS", "components", "fresh_components", "pipeline", "save_diffusers", "save_single_file",
-           "save_vae", "make_models_folder", "checkpoint_name", "encoded_prompts"]
+           "save_vae", "make_models_folder", "checkpoint_name", "encoded_prompts", "decode"]
 
 
 def fresh_components(variant: str, seed: int = 0) -> dict[str, Any]:
@@ -70,6 +70,16 @@ def encoded_prompts(variant: str, prompt: str, negative: str) -> tuple[list, lis
     pos, neg = enc
     return ([[pos, {"pooled_output": None}]], [[neg, {"pooled_output": None}]],
             dict(prompt_embeds=pos, negative_prompt_embeds=neg))
+
+
+def decode(vae: Any, samples: Any) -> Any:
+    """A raw latent decoded by a diffusers VAE as an IMAGE [B, H, W, C] in 0..1, the form parity tests
+    compare pixels in."""
+    import torch
+
+    with torch.no_grad():
+        image = vae.decode(samples).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 def save_diffusers(variant: str, folder: str | Path, parts: dict[str, Any] | None = None) -> Path:
