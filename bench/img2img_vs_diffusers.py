@@ -44,19 +44,28 @@ SD15_TE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, nu
 PROMPT, NEGATIVE = "a watercolor painting of a lake at sunset", "blurry"
 
 
-def full_size_components() -> dict[str, Any]:
+def full_size_unet() -> Any:
+    """SD 1.5's UNet with random weights (seeded), in eval mode."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from nodes.families.sd1 import FAMILY as SD1
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**SD1.unet_defaults(), **SD15_UNET, attention_head_dim=SD1.unet_heads([])).eval()
+
+
+def full_size_components() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from nodes.checkpoint.clip_configs import text_config_defaults
     from nodes.families.sd1 import FAMILY as SD1
     from nodes.checkpoint.tokenizer import PAD_EOS, clip_tokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD1.unet_defaults(), **SD15_UNET, attention_head_dim=SD1.unet_heads([]))
+    unet = full_size_unet()
     text = CLIPTextConfig(**text_config_defaults("openai"), **SD15_TE)
-    return {"unet": unet.eval(), "vae": AutoencoderKL(**SD1.vae_defaults(), **SD_VAE).eval(),
+    return {"unet": unet, "vae": AutoencoderKL(**SD1.vae_defaults(), **SD_VAE).eval(),
             "text_encoder": CLIPTextModel(text).eval(), "tokenizer": clip_tokenizer(PAD_EOS),
             "scheduler": PNDMScheduler.from_config(SD1.scheduler_config())}
 
