@@ -71,20 +71,29 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
     import torch
 
     from nodes.runtime.fp8 import is_fp8
+    from nodes.runtime.offload import compute_device, offloaded
 
     params = dict(module.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     beside: dict[str, list] = {}  # fp8 layers: owner module name -> (up, down, coefficient)
+    # Weights paged to disk (nodes.runtime.offload) rest as placeholders: every LoRA runs beside.
+    paged = getattr(offloaded(module), "paged", False)
+    device = compute_device(module)  # where the layer runs (an offloaded weight rests elsewhere)
     try:
         with torch.no_grad():
             for entry, table in active:
                 for name, factors in table.items():
                     p = params[name]
-                    if is_fp8(p) and hasattr(module.get_submodule(name.rsplit(".", 1)[0]), "kiln_lora"):
-                        beside.setdefault(name.rsplit(".", 1)[0], []).append(
-                            (factors.up.to(p.device, torch.float32).flatten(1),
-                             factors.down.to(p.device, torch.float32).flatten(1), factors.scale * entry.strength))
+                    owner = name.rsplit(".", 1)[0]
+                    if (is_fp8(p) or paged) and hasattr(module.get_submodule(owner), "kiln_lora"):
+                        beside.setdefault(owner, []).append(
+                            (factors.up.to(device, torch.float32).flatten(1),
+                             factors.down.to(device, torch.float32).flatten(1), factors.scale * entry.strength))
                         continue
+                    if paged:
+                        raise ValueError(f"{entry.name}: its {owner} is not a linear layer, and this model's "
+                                         "weights are offloaded to disk, where only linear layers take a LoRA "
+                                         "(give Kiln more memory, or leave this LoRA out)")
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
                     delta = factors.delta(tuple(p.shape), p.device) * entry.strength
