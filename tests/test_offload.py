@@ -68,6 +68,17 @@ def test_rest_for_is_the_placement_rule():
         ModelManager(offload_mode="sometimes")
 
 
+def test_the_offload_switch_reaches_the_model_manager():
+    from engine.cli import build_parser, compile_from_args
+    from engine.context import Settings
+
+    for command in (["serve"], ["run", "wf.json"]):
+        assert ModelManager.for_settings("cpu", compile_from_args(build_parser().parse_args(command),
+                                                                  Settings())).offload_mode == "auto"
+        args = build_parser().parse_args([*command, "--offload", "on"])
+        assert ModelManager.for_settings("cpu", compile_from_args(args, Settings())).offload_mode == "on"
+
+
 def test_a_flux_img2img_job_paged_to_disk_equals_the_whole_model(flux_lora_root, tmp_path, whole):
     env = _env(flux_lora_root, tmp_path, "data", cpu_budget_bytes=1 << 20)  # 1 MiB: the transformer cannot stay
     (model,) = call(split_loaders.unet_loader, env, unet_name=FLUX)
