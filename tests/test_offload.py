@@ -140,3 +140,24 @@ def test_an_sd1_job_paged_to_disk_equals_the_whole_unet(tiny_models_dir, tmp_pat
     assert nets[1].down_blocks[0]._diffusers_hook.get_hook("group_offloading") is not None
     assert (outs[0] - outs[1]).abs().max() <= 1e-5
     assert (outs[0] - start).abs().max() > 0.05  # sampling changed the latent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI hosts)")
+def test_on_a_gpu_blocks_rest_in_cpu_memory_and_a_lora_patched_in_place_reaches_the_device(flux_lora_root, tmp_path):
+    """The GPU path (memory mode, weights at rest on the CPU, in-place LoRA patches): unverified on
+    the CPU hosts this suite runs on; a lent GPU runs it."""
+    outs = {}
+    for name, manager in (("whole", {"offload_mode": "off"}), ("blocks", {"offload_mode": "on"})):
+        env = Environment(paths=Paths.under(tmp_path / name, models=flux_lora_root),
+                          models=ModelManager(device="cuda", **manager))
+        (model,) = call(split_loaders.unet_loader, env, unet_name=FLUX)
+        outs[name] = (_img2img(env, model), _img2img(env, model, lora_name="flux-bfl.safetensors"))
+        net = _transformer(env, model)
+        if name == "blocks":
+            info = offload.offloaded(net)
+            assert info is not None and info.rest == "cpu" and not info.paged
+            assert next(net.parameters()).device.type == "cpu"  # at rest
+            assert offload.compute_device(net).type == "cuda"
+    for plain_or_lora in (0, 1):
+        assert (outs["whole"][plain_or_lora] - outs["blocks"][plain_or_lora]).abs().max() <= 2e-3
+    assert (outs["blocks"][1] - outs["blocks"][0]).abs().max() > 1e-2

@@ -329,8 +329,10 @@ class ModelManager:
         with self._lock:
             entry = self._entries.get(key)
             module = entry.modules.get(name) if entry is not None else None
-        if name not in TARGETS or (module is not None and is_compiled(module, name)):
-            return None
+        from nodes.runtime.offload import offloaded
+
+        if name not in TARGETS or (module is not None and (is_compiled(module, name) or offloaded(module))):
+            return None  # an offloaded denoiser runs eagerly, block by block
         what = {"unet": "the denoiser", "vae": "the VAE decoder"}.get(name, name)
         wait = EXPECTED_WAIT["cuda" if self.device.startswith("cuda") else "cpu"]
         return (f"compiling {what} for {self.device} (--compile {self.compile_mode}): this first job waits "
