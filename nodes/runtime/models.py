@@ -7,7 +7,8 @@ so two nodes that load the same file share one copy. Torch modules inside the
 stored object are the unit of placement: :meth:`ModelManager.use` moves one to the
 compute device for the duration of a ``with`` block and leaves it there afterwards
 (the next job is likely to need it), until room is needed for another, when the
-least recently used idle modules go back to the CPU. Entries beyond the CPU memory
+least recently used idle modules go back to the CPU. A denoiser that does not fit whole
+is placed block by block instead (nodes.runtime.offload). Entries beyond the CPU memory
 budget are dropped entirely, least recently used first; handles that still refer
 to them reload on demand, because every access goes through :meth:`acquire` with
 the loader.

@@ -15,7 +15,9 @@ An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
 ``weight + delta`` back to fp8 would lose most of a LoRA's small delta. Its layer gets
 the factors instead (``kiln_lora``) and adds ``strength * scale * (x @ down.T) @ up.T``
-to its output while the block lasts; the attribute is removed afterwards.
+to its output while the block lasts; the attribute is removed afterwards. The same holds for
+every linear layer of a model whose blocks are paged to disk (nodes.runtime.offload): its
+resting weights are placeholders, so a delta added into them would never run.
 
 A float32 weight takes its delta with ``add_`` (bit-identical to adding into a
 copy, without the weight-sized temporary). ``addmm_`` with ``alpha = scale *
