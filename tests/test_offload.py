@@ -161,3 +161,29 @@ def test_on_a_gpu_blocks_rest_in_cpu_memory_and_a_lora_patched_in_place_reaches_
     for plain_or_lora in (0, 1):
         assert (outs["whole"][plain_or_lora] - outs["blocks"][plain_or_lora]).abs().max() <= 2e-3
     assert (outs["blocks"][1] - outs["blocks"][0]).abs().max() > 1e-2
+
+
+def test_a_convolution_lora_on_a_paged_unet_is_a_named_error(tiny_models_dir, tmp_path):
+    import tiny_models
+    from safetensors.torch import save_file
+
+    from engine.context import NodeError
+    from nodes.loaders import checkpoint_loader
+
+    env = _env(tiny_models_dir, tmp_path, "data", offload_mode="on")
+    model, _, _ = call(checkpoint_loader, env, ckpt_name=tiny_models.checkpoint_name("sd1"))
+    conv = model.peek().down_blocks[0].resnets[0].conv1.weight
+    g = torch.Generator().manual_seed(5)
+    folder = Path(tiny_models_dir) / "loras"
+    folder.mkdir(exist_ok=True)
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.randn(2, conv.shape[1], 3, 3, generator=g),
+               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.randn(conv.shape[0], 2, 1, 1, generator=g)},
+              str(folder / "offload-locon.safetensors"))
+    (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name="offload-locon.safetensors",
+                      strength_model=1.0)
+    pos, neg, _ = tiny_models.encoded_prompts("sd1", "a red barn in a field", "blurry")
+    with pytest.raises(NodeError, match="offload-locon.*resnets.0.conv1 is not a linear layer.*offloaded to disk") as err:
+        call(ksampler, env, model=patched, seed=4, steps=2, cfg=7.5, sampler_name="euler", scheduler="normal",
+             positive=pos, negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
+    assert err.value.input_name == "model"
+    assert offload.offloaded(model.peek()).paged  # the error came from the paged placement

@@ -92,10 +92,12 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                             (factors.up.to(device, torch.float32).flatten(1),
                              factors.down.to(device, torch.float32).flatten(1), factors.scale * entry.strength))
                         continue
-                    if paged:
-                        raise ValueError(f"{entry.name}: its {owner} is not a linear layer, and this model's "
-                                         "weights are offloaded to disk, where only linear layers take a LoRA "
-                                         "(give Kiln more memory, or leave this LoRA out)")
+                    if paged:  # only a denoiser is paged, so the input at fault is the model
+                        from engine.context import NodeError
+
+                        raise NodeError(f"LoRA {entry.name}: its {owner} is not a linear layer, and this model's "
+                                        "weights are offloaded to disk, where only linear layers take a LoRA "
+                                        "(give Kiln more memory, or leave this LoRA out)", "model")
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
                     delta = factors.delta(tuple(p.shape), p.device) * entry.strength
