@@ -187,3 +187,29 @@ def test_a_convolution_lora_on_a_paged_unet_is_a_named_error(tiny_models_dir, tm
              positive=pos, negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
     assert err.value.input_name == "model"
     assert offload.offloaded(model.peek()).paged  # the error came from the paged placement
+
+
+def test_the_gpu_rule_rests_blocks_in_cpu_memory_where_in_place_lora_patches_land(flux_lora_root):
+    """The GPU decision without a GPU: with a 1 KiB device budget the manager offloads the tiny
+    FLUX transformer to CPU memory (setting up the hooks touches no device; running would).
+    What a GPU run relies on is checked here: the compute device is CUDA although the weights
+    rest on the CPU, and a LoRA patch lands in the resting weights that each onload copies."""
+    from nodes.runtime.patches import LoraEntry, LowRank, patched
+
+    manager = ModelManager(device="cuda", device_budget_bytes=1024)
+    env = Environment(paths=Paths.under(flux_lora_root / "unused", models=flux_lora_root), models=manager)
+    (model,) = call(split_loaders.unet_loader, env, unet_name=FLUX)
+    with model.unet() as net:
+        info = offload.offloaded(net)
+        assert info is not None and info.rest == "cpu" and not info.paged and "does not fit" in info.note
+        assert offload.compute_device(net) == torch.device("cuda")
+        assert all(p.device.type == "cpu" for p in net.parameters())
+        assert net.transformer_blocks[0]._diffusers_hook.get_hook("group_offloading") is not None
+        weight = net.transformer_blocks[0].attn.to_q.weight
+        before = weight.detach().clone()
+        up, down = torch.ones(weight.shape[0], 1), torch.ones(1, weight.shape[1])
+        stack = (LoraEntry("ones", 0.5, {"unet": {"transformer_blocks.0.attn.to_q.weight": LowRank(up, down, 1.0)}}),)
+        with patched(net, stack, "unet"):
+            assert torch.equal(weight, before + 0.5)  # in place, in the tensor the hook onloads from
+        assert torch.equal(weight, before)
+    assert manager.counters["block_offloads"] == 1 and manager.counters["onloads"] == 0
