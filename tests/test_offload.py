@@ -176,13 +176,15 @@ def test_a_convolution_lora_on_a_paged_unet_is_a_named_error(tiny_models_dir, tm
     g = torch.Generator().manual_seed(5)
     folder = Path(tiny_models_dir) / "loras"
     folder.mkdir(exist_ok=True)
-    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.randn(2, conv.shape[1], 3, 3, generator=g),
-               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.randn(conv.shape[0], 2, 1, 1, generator=g)},
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file({f"{key}.lora_down.weight": torch.randn(2, conv.shape[1], 3, 3, generator=g),
+               f"{key}.lora_up.weight": torch.randn(conv.shape[0], 2, 1, 1, generator=g)},
               str(folder / "offload-locon.safetensors"))
     (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name="offload-locon.safetensors",
                       strength_model=1.0)
     pos, neg, _ = tiny_models.encoded_prompts("sd1", "a red barn in a field", "blurry")
-    with pytest.raises(NodeError, match="offload-locon.*resnets.0.conv1 is not a linear layer.*offloaded to disk") as err:
+    expected = "offload-locon.*resnets.0.conv1 is not a linear layer.*offloaded to disk"
+    with pytest.raises(NodeError, match=expected) as err:
         call(ksampler, env, model=patched, seed=4, steps=2, cfg=7.5, sampler_name="euler", scheduler="normal",
              positive=pos, negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
     assert err.value.input_name == "model"

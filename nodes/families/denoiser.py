@@ -37,7 +37,8 @@ class Denoiser:
 
         network = family.wrap_network(network)
         self.network, self.family = network, family
-        self.device, self.dtype = compute_device(network), network.dtype  # not the weights' place: they may rest off it
+        # where it computes, not where its weights are: offloaded ones rest off the device
+        self.device, self.dtype = compute_device(network), network.dtype
         self.cfg = float(cfg)
         self.guided = self.cfg != 1.0
         self.image_size, self.batch = image_size, batch
