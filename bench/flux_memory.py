@@ -5,6 +5,10 @@
     # a lent GPU: the full 12 B transformer (19 double + 38 single blocks) with random weights,
     # bf16 and fp8 (float8_e4m3fn storage, bf16 compute one layer at a time) at 1024x1024
     PYTHONPATH=. python bench/flux_memory.py --full-size --device cuda
+    # block-by-block offloading (nodes.runtime.offload) against the model held whole: on the CPU
+    # the blocks rest on disk, on CUDA in CPU memory; add --storage compute to halve the runs
+    PYTHONPATH=. python bench/flux_memory.py --offload both --double 4 --single 8
+    PYTHONPATH=. python bench/flux_memory.py --offload both --full-size --device cuda
 
 The model is built on the meta device (no memory), then materialised directly on
 the target device in the storage dtype and filled with random numbers, so the
@@ -13,7 +17,11 @@ process (clean peak counters). Needs torch and diffusers only (no Kiln venv):
 Kiln's own pieces used are nodes.families.flux (patching, ids, the network
 wrapper the sampler calls) and nodes.runtime.fp8 (fp8 storage, cast per layer).
 Reports one JSON line per variant: weights in bytes, peak memory, seconds per step
-(mean of the timed steps after one warm-up step).
+(mean of the timed steps after one warm-up step). With ``--offload`` the model is built on
+the CPU and placed by Kiln's ``offload_blocks`` exactly as the model manager does;
+``steps_peak_gb`` is then the peak while sampling only (the process's RSS high-water mark
+reset through /proc/self/clear_refs after placing, or CUDA's peak counter reset), since
+building the model holds it whole once in either case.
 """
 from __future__ import annotations
 
@@ -58,6 +66,35 @@ def _build(config: dict, device: str, storage: str, compute):
     return model.eval().requires_grad_(False)
 
 
+def _rss(field: str) -> int | None:
+    """A /proc/self/status figure in bytes (VmRSS now, VmHWM the high-water mark); None off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak(device: str) -> None:
+    """Start the peak counters afresh: building the model is not what is measured."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
 def run_variant(args) -> dict:
     import torch
 
@@ -71,9 +108,17 @@ def run_variant(args) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = _build(config, device, args.storage, compute)
-    build_s = time.perf_counter() - t0
+    model = _build(config, "cpu" if args.offload == "blocks" else device, args.storage, compute)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rest = None
+    if args.offload == "blocks":
+        from nodes.runtime.offload import offload_blocks
+
+        rest = "cpu" if device != "cpu" else "disk"
+        offload_blocks(model, device, rest, "bench", args.offload_folder)
+    build_s = time.perf_counter() - t0
+    _reset_peak(device)
+    placed_rss = _rss("VmRSS")
     net = FluxNetwork(model)
     h = w = args.size // 8
     x = torch.randn(1, 16, h, w, device=device, dtype=compute)
@@ -93,12 +138,16 @@ def run_variant(args) -> dict:
                 times.append(time.perf_counter() - start)
             x = x - 0.05 * out
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+        peak = steps_peak = torch.cuda.max_memory_allocated()
     else:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"storage": args.storage, "compute": str(compute).replace("torch.", ""), "device": device,
+        steps_peak = _rss("VmHWM")
+    return {"storage": args.storage, "offload": rest or "none", "compute": str(compute).replace("torch.", ""),
+            "device": device, "steps_peak_gb": round(steps_peak / 1e9, 2) if steps_peak else None,
+            "rss_after_placing_gb": round(placed_rss / 1e9, 2) if placed_rss else None,
+            "load_1min": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads(),
             "double_blocks": config["num_layers"], "single_blocks": config["num_single_layers"],
             "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
             "weights_gb": round(weights / 1e9, 2), "peak_gb": round(peak / 1e9, 2),
@@ -117,20 +166,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="T5 tokens")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on cuda, 2 on cpu)")
     parser.add_argument("--storage", choices=["compute", "fp8", "both"], default="both")
+    parser.add_argument("--offload", choices=["none", "blocks", "both"], default="none",
+                        help="blocks: Kiln's block-by-block offloading (disk on the CPU, CPU memory on CUDA)")
+    parser.add_argument("--offload-folder", default=None, help="where disk-offloaded blocks go (system temp)")
     args = parser.parse_args()
     args.size = args.size or (1024 if args.device == "cuda" else 256)
     args.steps = args.steps or (5 if args.device == "cuda" else 2)
-    if args.storage != "both":
+    if args.storage != "both" and args.offload != "both":
         print(json.dumps(run_variant(args)), flush=True)
         return
-    for storage in ("compute", "fp8"):  # one process each: clean peaks
-        argv, skip = [], False
-        for a in sys.argv[1:]:  # everything but --storage and its value
-            if skip or a.startswith("--storage"):
-                skip = a == "--storage"
-                continue
-            argv.append(a)
-        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--storage", storage], check=True)
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # everything but --storage, --offload and their values
+        if skip or a.startswith(("--storage", "--offload=")) or a == "--offload":
+            skip = a in ("--storage", "--offload")
+            continue
+        argv.append(a)
+    storages = ("compute", "fp8") if args.storage == "both" else (args.storage,)
+    offloads = ("none", "blocks") if args.offload == "both" else (args.offload,)
+    for storage in storages:  # one process each: clean peaks
+        for offload in offloads:
+            subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--storage", storage,
+                            "--offload", offload], check=True)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def compile_from_args(args: argparse.Namespace, settings: Settings, default_cach
     """``--compile MODE`` (run, serve) into the settings, and where compiled code is kept."""
     if getattr(args, "compile", None):
         settings.compile = args.compile
+    if getattr(args, "offload", None):  # --offload travels with --compile: both say how models are placed
+        settings.offload = args.offload
     if default_cache is not None and settings.compile_cache is None:
         settings.compile_cache = default_cache
     return settings
@@ -98,6 +100,12 @@ def _lean_memory_option(p: argparse.ArgumentParser) -> None:
                    help="return buffers a job frees to the system at once (glibc's mmap threshold fixed at "
                         "1 MiB): about 160 MiB less peak memory for SD1.5 at 256 px on the CPU, but sampling "
                         "measured 3-15 %% slower, so it is off by default")
+
+
+def _offload_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", default="auto", choices=("auto", "on", "off"),
+                   help="run the denoiser block by block, its weights resting in CPU memory (GPU) or on disk "
+                        "(CPU host): auto = only when it does not fit the free memory (default); slower steps")
 
 
 def _compile_option(p: argparse.ArgumentParser) -> None:
@@ -421,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="NDJSON events on stdout, one per line")
     run.add_argument("--force", action="store_true", help="run every node even if cached")
     _compile_option(run)
+    _offload_option(run)
     _lean_memory_option(run)
     _limits(run)
     run.set_defaults(func=cmd_run)
@@ -456,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the StableDiffusionSafetyChecker in MODELS/safety_checker (folder or .safetensors)")
     _limits(serve)
     _compile_option(serve)
+    _offload_option(serve)
     _lean_memory_option(serve)
     serve.add_argument("--debug", action="store_true",
                        help="also keep a failed job's traceback (shortened) in its record; "

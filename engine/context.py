@@ -90,6 +90,9 @@ class Settings:
     compile: str = "auto"
     #: Where compiled artefacts are kept across processes (the data folder's ``compiled/``).
     compile_cache: str | None = None
+    #: Block-by-block offloading of a denoiser that does not fit (``--offload``): "auto",
+    #: "on" or "off"; the node library defines what each means (nodes.runtime.offload).
+    offload: str = "auto"
 
     def budget(self) -> Budget:
         return Budget(max_image_pixels=self.max_image_pixels, max_job_bytes=self.max_job_bytes)

@@ -10,6 +10,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Batch, Input, Output, define_node
 from nodes.latent import MAX_SEED, image_seeds
+from nodes.runtime.offload import say_if_offloaded
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
 #: Keys AddNoise puts on a LATENT; spent by the sampler, never passed on.
@@ -195,6 +196,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     hold = None if prep.mask is None else Hold(x0, noise, prep.mask, for_model(model))
     try:
         with model.unet() as unet:
+            say_if_offloaded(unet, ctx.message)
             result = loop.run(unet, p, positive=prep.positive, negative=prep.negative, cfg=float(cfg),
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,

@@ -33,9 +33,12 @@ class Denoiser:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers)."""
+        from nodes.runtime.offload import compute_device
+
         network = family.wrap_network(network)
         self.network, self.family = network, family
-        self.device, self.dtype = network.device, network.dtype
+        # where it computes, not where its weights are: offloaded ones rest off the device
+        self.device, self.dtype = compute_device(network), network.dtype
         self.cfg = float(cfg)
         self.guided = self.cfg != 1.0
         self.image_size, self.batch = image_size, batch

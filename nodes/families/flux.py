@@ -87,9 +87,10 @@ class FluxNetwork:
 
     def __init__(self, transformer: Any) -> None:
         from nodes.runtime.fp8 import compute_dtype
+        from nodes.runtime.offload import compute_device
 
         self.transformer = transformer
-        self.device, self.dtype = transformer.device, compute_dtype(transformer)
+        self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  **kwargs: Any) -> tuple:

@@ -47,6 +47,16 @@ def _cast_linear_class():
 _CAST = None
 
 
+def as_cast_linear(module: Any) -> Any:
+    """Make one ``nn.Linear`` a CastLinear in place (same arithmetic when its weight is not fp8;
+    LoRAs can then run beside the weight, see ``kiln_lora``)."""
+    global _CAST
+    if _CAST is None:
+        _CAST = _cast_linear_class()
+    module.__class__ = _CAST
+    return module
+
+
 def keep_fp8_linears(module: Any, state: dict[str, Any], compute_dtype: Any) -> dict[str, Any]:
     """Prepare ``state`` for ``module``: fp8 weights of linear layers stay fp8 (their layers
     cast per call), every other float tensor goes to ``compute_dtype``. Returns the new state."""

@@ -7,7 +7,8 @@ so two nodes that load the same file share one copy. Torch modules inside the
 stored object are the unit of placement: :meth:`ModelManager.use` moves one to the
 compute device for the duration of a ``with`` block and leaves it there afterwards
 (the next job is likely to need it), until room is needed for another, when the
-least recently used idle modules go back to the CPU. Entries beyond the CPU memory
+least recently used idle modules go back to the CPU. A denoiser that does not fit whole
+is placed block by block instead (nodes.runtime.offload). Entries beyond the CPU memory
 budget are dropped entirely, least recently used first; handles that still refer
 to them reload on demand, because every access goes through :meth:`acquire` with
 the loader.
@@ -40,6 +41,11 @@ DEFAULT_DEVICE_RESERVE = 1536 * 1024**2
 #: (see :func:`leaves_after_use`): text encoders run once per prompt, the denoiser then runs
 #: for every step and needs the room.
 LEAVE_AFTER_USE = ("text_encoder",)
+
+
+#: The module a model's denoiser is stored under: the one placed block by block when it does
+#: not fit (nodes.runtime.offload), whatever the family.
+DENOISER = "unet"
 
 
 def leaves_after_use(name: str, free_bytes: int, pending_bytes: int) -> bool:
@@ -122,8 +128,16 @@ class _Entry:
 class ModelManager:
     def __init__(self, device: str | None = None, *, device_reserve_bytes: int = DEFAULT_DEVICE_RESERVE,
                  cpu_budget_bytes: int | None = None, device_budget_bytes: int | None = None,
-                 compile_mode: str = "off", compile_cache: str | os.PathLike[str] | None = None) -> None:
+                 compile_mode: str = "off", compile_cache: str | os.PathLike[str] | None = None,
+                 offload_mode: str = "auto", offload_folder: str | None = None) -> None:
+        from nodes.runtime import offload
         from nodes.runtime.compiled import check_mode
+
+        #: Block-by-block offloading of a denoiser that does not fit (nodes.runtime.offload):
+        #: "auto" when short of memory, "on" always, "off" never (``--offload``).
+        self.offload_mode = offload.check_mode(offload_mode)
+        #: Where disk-offloaded blocks are written (None: the system's temporary folder).
+        self.offload_folder = offload_folder
 
         self._requested_device = device
         #: Compiled mode (nodes.runtime.compiled): "auto", "on" or "off"; "off" unless asked,
@@ -138,7 +152,7 @@ class ModelManager:
         self.device_budget_bytes = device_budget_bytes
         self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.RLock()
-        self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0}
+        self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0, "block_offloads": 0}
 
     @classmethod
     def for_settings(cls, device: str | None = None, settings: Any = None) -> "ModelManager":
@@ -146,7 +160,8 @@ class ModelManager:
         if settings is None:
             return cls(device=device)
         return cls(device=device, compile_mode=getattr(settings, "compile", "off"),
-                   compile_cache=getattr(settings, "compile_cache", None))
+                   compile_cache=getattr(settings, "compile_cache", None),
+                   offload_mode=getattr(settings, "offload", "auto"))
 
     # -- device and dtype ----------------------------------------------------------
 
@@ -256,6 +271,10 @@ class ModelManager:
             self._empty_device_cache()
 
     def _place(self, entry: _Entry, name: str, module: Any) -> None:
+        from nodes.runtime.offload import offloaded
+
+        if offloaded(module) is not None or (name == DENOISER and self._offload_if_short(entry, module)):
+            return  # its blocks come to the device as they run
         if self.compiles():
             from nodes.runtime.compiled import compile_in_place, use_cache_dir
 
@@ -267,6 +286,31 @@ class ModelManager:
             self._make_room(_module_bytes(module))
         module.to(self.device)
         self.counters["onloads"] += 1
+
+    def _offload_if_short(self, entry: _Entry, module: Any) -> bool:
+        """Place a denoiser block by block (nodes.runtime.offload) when it does not fit whole:
+        on a GPU, the device's free room once idle modules went back to the CPU; on a CPU
+        host, the RAM budget less every other module held. Returns whether it did."""
+        from nodes.runtime import offload
+
+        nbytes = _module_bytes(module)
+        if self.is_gpu:
+            if _module_device(module) != "cpu":
+                return False  # already whole on the device
+            if self.offload_mode == "auto":
+                self._make_room(nbytes)
+            free = self._device_free()
+        else:
+            free = self.cpu_budget_bytes - (sum(e.nbytes for e in self._entries.values()) - nbytes)
+        rest = offload.rest_for(self.offload_mode, nbytes, free, gpu=self.is_gpu)
+        if rest is None:
+            return False
+        text = offload.note(rest, nbytes, free, forced=self.offload_mode == "on")
+        offload.offload_blocks(module, self.device, rest, text, self.offload_folder)
+        if rest == "disk":
+            entry.nbytes -= nbytes  # no longer held in RAM
+        self.counters["block_offloads"] += 1
+        return True
 
     # -- compiled mode -------------------------------------------------------------------
 
@@ -286,8 +330,10 @@ class ModelManager:
         with self._lock:
             entry = self._entries.get(key)
             module = entry.modules.get(name) if entry is not None else None
-        if name not in TARGETS or (module is not None and is_compiled(module, name)):
-            return None
+        from nodes.runtime.offload import offloaded
+
+        if name not in TARGETS or (module is not None and (is_compiled(module, name) or offloaded(module))):
+            return None  # an offloaded denoiser runs eagerly, block by block
         what = {"unet": "the denoiser", "vae": "the VAE decoder"}.get(name, name)
         wait = EXPECTED_WAIT["cuda" if self.device.startswith("cuda") else "cpu"]
         return (f"compiling {what} for {self.device} (--compile {self.compile_mode}): this first job waits "

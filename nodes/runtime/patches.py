@@ -15,7 +15,9 @@ An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
 ``weight + delta`` back to fp8 would lose most of a LoRA's small delta. Its layer gets
 the factors instead (``kiln_lora``) and adds ``strength * scale * (x @ down.T) @ up.T``
-to its output while the block lasts; the attribute is removed afterwards.
+to its output while the block lasts; the attribute is removed afterwards. The same holds for
+every linear layer of a model whose blocks are paged to disk (nodes.runtime.offload): its
+resting weights are placeholders, so a delta added into them would never run.
 
 A float32 weight takes its delta with ``add_`` (bit-identical to adding into a
 copy, without the weight-sized temporary). ``addmm_`` with ``alpha = scale *
@@ -71,20 +73,31 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
     import torch
 
     from nodes.runtime.fp8 import is_fp8
+    from nodes.runtime.offload import compute_device, offloaded
 
     params = dict(module.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     beside: dict[str, list] = {}  # fp8 layers: owner module name -> (up, down, coefficient)
+    # Weights paged to disk (nodes.runtime.offload) rest as placeholders: every LoRA runs beside.
+    paged = getattr(offloaded(module), "paged", False)
+    device = compute_device(module)  # where the layer runs (an offloaded weight rests elsewhere)
     try:
         with torch.no_grad():
             for entry, table in active:
                 for name, factors in table.items():
                     p = params[name]
-                    if is_fp8(p) and hasattr(module.get_submodule(name.rsplit(".", 1)[0]), "kiln_lora"):
-                        beside.setdefault(name.rsplit(".", 1)[0], []).append(
-                            (factors.up.to(p.device, torch.float32).flatten(1),
-                             factors.down.to(p.device, torch.float32).flatten(1), factors.scale * entry.strength))
+                    owner = name.rsplit(".", 1)[0]
+                    if (is_fp8(p) or paged) and hasattr(module.get_submodule(owner), "kiln_lora"):
+                        beside.setdefault(owner, []).append(
+                            (factors.up.to(device, torch.float32).flatten(1),
+                             factors.down.to(device, torch.float32).flatten(1), factors.scale * entry.strength))
                         continue
+                    if paged:  # only a denoiser is paged, so the input at fault is the model
+                        from engine.context import NodeError
+
+                        raise NodeError(f"LoRA {entry.name}: its {owner} is not a linear layer, and this model's "
+                                        "weights are offloaded to disk, where only linear layers take a LoRA "
+                                        "(give Kiln more memory, or leave this LoRA out)", "model")
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
                     delta = factors.delta(tuple(p.shape), p.device) * entry.strength

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.context import NodeError
+from nodes.runtime.offload import say_if_offloaded
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +152,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     denoised: list = []
     try:
         with model.unet() as unet:
+            say_if_offloaded(unet, ctx.message)
             result = loop.run(unet, plan, positive=prep.positive, negative=prep.negative, cfg=guider.cfg,
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,

@@ -40,10 +40,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     import torch
 
     from nodes.families.denoiser import Denoiser
+    from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
 
     sched = plan.scheduler
-    x = plan.start.to(device=network.device, dtype=torch.float32)
+    x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     denoiser = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                         batch=x.shape[0], schedule=training_schedule(training_config),
                         prediction_type=training_config.get("prediction_type", "epsilon"))
