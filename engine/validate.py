@@ -317,7 +317,10 @@ def validate(
     needed: set[str] = set()
     for target in targets:
         needed |= nx.ancestors(graph, target) | {target}
-    order = [n for n in nx.lexicographical_topological_sort(graph.subgraph(needed), key=_id_sort_key)]
+    # A subgraph view filters every edge lookup (4x slower to sort, a third of a small job's
+    # validation): the usual case, where every node is needed, sorts the graph itself.
+    needed_graph = graph if len(needed) == graph.number_of_nodes() else graph.subgraph(needed)
+    order = list(nx.lexicographical_topological_sort(needed_graph, key=_id_sort_key))
     overruns = _budget_errors(planned, order, env)
     if overruns:
         raise WorkflowInvalid(overruns)
