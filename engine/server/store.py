@@ -136,7 +136,7 @@ class JobRecord:
     worker: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "JobRecord":
+    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "JobRecord":
         def j(name: str, default: Any) -> Any:
             raw = row[name]
             return json.loads(raw) if raw else default
@@ -301,28 +301,22 @@ class JobStore:
             self._seq += 1
             seq = self._seq
         now = time.time()
+        row = {"id": job_id, "seq": seq, "number": float(number), "status": QUEUED, "client_id": client_id,
+               "source_format": source_format, "workflow": json.dumps(workflow), "prompt": json.dumps(prompt),
+               "params": json.dumps(params or {}), "outputs_to_execute": json.dumps(list(outputs_to_execute)),
+               "force": int(force), "extra_data": json.dumps(extra_data or {}, default=str), "created": now}
         if plan is not None:  # before the row exists, so a worker that claims it at once finds the plan
             self._hand(job_id, plan)
         try:
-            self._insert(job_id, seq, number, client_id, source_format, workflow, prompt, params, outputs_to_execute,
-                         force, extra_data, now)
+            self._conn().execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                                 tuple(row.values()))
         except BaseException:
             if plan is not None:
                 self._drop_plan(job_id)
             raise
-        record = self.get(job_id)
-        assert record is not None
-        return record
-
-    def _insert(self, job_id: str, seq: int, number: float, client_id: str | None, source_format: str,
-                workflow: dict, prompt: dict, params: dict | None, outputs_to_execute: Iterable[str], force: bool,
-                extra_data: dict | None, now: float) -> None:
-        self._conn().execute(
-            "INSERT INTO jobs (id, seq, number, status, client_id, source_format, workflow, prompt, params,"
-            " outputs_to_execute, force, extra_data, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (job_id, seq, float(number), QUEUED, client_id, source_format, json.dumps(workflow), json.dumps(prompt),
-             json.dumps(params or {}), json.dumps(list(outputs_to_execute)), int(force),
-             json.dumps(extra_data or {}, default=str), now))
+        # The record as a read would give it (decoded from what was written), without reading it back.
+        return JobRecord.from_row({**row, "started": None, "finished": None, "outputs": "{}", "error": None,
+                                   "messages": "[]", "executed": "[]", "cached": "[]", "worker": None})
 
     def _hand(self, job_id: str, plan: Any) -> None:
         with self._plans_lock:
