@@ -99,3 +99,19 @@ def test_a_plan_is_reused_only_on_its_own_basis(tmp_path):
     assert not still_valid(plan, make_registry(), env)
     assert not still_valid(plan, registry, Environment(paths=Paths.under(tmp_path / "other")))
     assert not still_valid(plan, registry, None)
+
+
+async def test_a_refused_duplicate_id_leaves_the_queued_jobs_plan(kiln):
+    blocker = await _submit(kiln, slow_workflow(1, ticks=300, delay=0.01))
+    await wait_status(kiln, blocker, ("running",))
+    r = await kiln.post("/api/jobs", json={"workflow": show_workflow(5), "job_id": "same"})
+    assert r.status == 201
+    store = kiln.server.app[STATE].store
+    handed = store.handed_plan("same")
+    r = await kiln.post("/api/jobs", json={"workflow": show_workflow(6), "job_id": "same"})
+    assert r.status == 400 and (await r.json())["errors"][0]["type"] == "duplicate_id"
+    assert store.handed_plan("same") is handed
+    await kiln.post(f"/api/jobs/{blocker}/cancel")
+    job = await wait_status(kiln, "same")
+    assert job["status"] == "succeeded" and job["outputs"]["3"]["text"] == ["5"]
+    assert _validations(kiln) == 0

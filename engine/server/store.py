@@ -305,15 +305,12 @@ class JobStore:
                "source_format": source_format, "workflow": json.dumps(workflow), "prompt": json.dumps(prompt),
                "params": json.dumps(params or {}), "outputs_to_execute": json.dumps(list(outputs_to_execute)),
                "force": int(force), "extra_data": json.dumps(extra_data or {}, default=str), "created": now}
-        if plan is not None:  # before the row exists, so a worker that claims it at once finds the plan
+        self._conn().execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             tuple(row.values()))
+        # Only once the row is ours: a refused duplicate id must not replace another job's plan. A
+        # worker that claims the job before this line (it is woken after add returns) validates it anew.
+        if plan is not None:
             self._hand(job_id, plan)
-        try:
-            self._conn().execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                                 tuple(row.values()))
-        except BaseException:
-            if plan is not None:
-                self._drop_plan(job_id)
-            raise
         # The record as a read would give it (decoded from what was written), without reading it back.
         return JobRecord.from_row({**row, "started": None, "finished": None, "outputs": "{}", "error": None,
                                    "messages": "[]", "executed": "[]", "cached": "[]", "worker": None})
