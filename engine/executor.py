@@ -25,7 +25,7 @@ from engine.guard import unchecked_images
 from engine.node import ALWAYS, Result
 from engine.paths import PathRefused
 from engine.registry import Registry
-from engine.validate import Plan, PlannedNode, validate
+from engine.validate import Plan, PlannedNode, still_valid, validate
 from engine.workflow import Workflow
 
 EventSink = Callable[[Event], None]
@@ -81,9 +81,20 @@ class Executor:
         self.env = env
         self.cache = cache if cache is not None else OutputCache()
         self._lock = threading.Lock()
+        #: Whole validations this executor made (:meth:`plan`); a plan reused by :meth:`replan` adds none.
+        self.validations = 0
 
     def plan(self, workflow: Workflow, outputs: Iterable[str] | None = None) -> Plan:
+        self.validations += 1
         return validate(workflow, self.registry, self.env, outputs)
+
+    def replan(self, plan: Plan) -> Plan:
+        """``plan`` (validated earlier, e.g. when its job was submitted) if it may still run here, else
+        a fresh validation of its workflow, which raises what has become invalid
+        (:func:`engine.validate.still_valid` decides)."""
+        if still_valid(plan, self.registry, self.env):
+            return plan
+        return self.plan(plan.workflow, plan.outputs)
 
     def signatures(self, plan: Plan) -> dict[str, str]:
         sigs: dict[str, str] = {}

@@ -117,7 +117,8 @@ def prepare(doc: Any, registry: Registry, env: Any, params: Mapping[str, Any] | 
                                   node_id=node.id, node_type=spec.type, input_name=target[1]))
             continue
         values[name] = value
-    workflow = workflow.with_overrides(values)
+    if values:  # a copy only when something is set (deep-copying a workflow is most of a small one's parse)
+        workflow = workflow.with_overrides(values)
     targets: list[str] | None = None
     if outputs is not None:
         if not isinstance(outputs, (list, tuple)) or not outputs:

@@ -27,6 +27,7 @@ from engine.server import (api_routes, comfy_catalog, comfy_frontend, comfy_jobs
                            library, openapi, security, ws)
 from engine.server.http import json_error
 from engine.server.hub import Hub
+from engine.server.loop_calls import LoopCalls
 from engine.server.previews import check_method, previews_enabled
 from engine.batching import BATCH_JOBS_DEFAULT
 from engine.server.state import STATE, AppState, ServerSettings
@@ -147,19 +148,14 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     if store.moved_aside is not None:
         log.warning("the job database was damaged; it was moved to %s and an empty one started", store.moved_aside)
     hub = Hub()
-    loop_box: dict[str, asyncio.AbstractEventLoop] = {}
+    to_loop = LoopCalls()
 
     def on_event(job: JobRecord, event: Event) -> None:  # worker thread -> event loop
-        loop = loop_box.get("loop")
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(hub.publish, job.client_id, event,
-                                      previews_enabled(settings.preview_method, job.extra_data))
+        to_loop.call(hub.publish, job.client_id, event, previews_enabled(settings.preview_method, job.extra_data))
 
     def on_queue_change() -> None:
-        loop = loop_box.get("loop")
-        if loop is not None and not loop.is_closed():
-            remaining = store.count(ACTIVE)
-            loop.call_soon_threadsafe(hub.broadcast_status, remaining)
+        if to_loop.attached:
+            to_loop.call(hub.broadcast_status, store.count(ACTIVE))
 
     worker: Any
     if cluster:
@@ -190,7 +186,7 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
         app.router.add_get("/", index)
 
     async def start(app: web.Application) -> None:
-        loop_box["loop"] = asyncio.get_running_loop()
+        to_loop.attach(asyncio.get_running_loop())
         if store.recovered:
             log.warning("marked %d job(s) failed that were running when the server stopped: %s",
                         len(store.recovered), ", ".join(store.recovered))
@@ -201,7 +197,7 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
 
     async def cleanup(app: web.Application) -> None:
         await worker.stop()
-        loop_box.pop("loop", None)
+        to_loop.attach(None)
         store.close()
 
     app.on_startup.append(start)

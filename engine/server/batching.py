@@ -21,7 +21,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from engine.batching import BatchItem, batch_key, run_together
-from engine.formats import parse_document
 from engine.server.store import FAILED, JobRecord
 from engine.validate import Plan
 
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: At most this many queued jobs behind the first one are looked at (each is parsed and planned).
+#: At most this many queued jobs behind the first one are looked at (each is planned: see worker.job_plan).
 LOOK_AHEAD = 16
 
 
@@ -99,9 +98,10 @@ def _fits(job: JobRecord, candidate: JobRecord) -> bool:
 
 def _plan(worker: "Worker", lane: "_Lane", job: JobRecord) -> Plan | None:
     """The job's plan, or None when it does not plan (it then runs alone and reports why)."""
+    from engine.server.worker import job_plan
+
     try:
-        workflow = parse_document(job.workflow, worker.registry)
-        return lane.executor.plan(workflow, job.outputs_to_execute or None)
+        return job_plan(worker.store, worker.registry, lane.executor, job)
     except Exception:
         return None
 

@@ -32,14 +32,14 @@ from typing import Any, Callable
 from engine import __version__
 from engine.context import Environment
 from engine.events import Event, JobFailed, JobFinished, JobInterrupted, JobStarted, from_wire
-from engine.executor import structural_signatures
+from engine.cache import OutputCache
+from engine.executor import Executor, structural_signatures
 from engine.registry import Registry
 from engine.server import cluster_worker as cw
 from engine.server.job_files import JobFiles, input_files
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
-from engine.server.worker import EventSink, JobReport, error_dict, redact
-from engine.validate import WorkflowInvalid, validate
-from engine.formats import parse_document
+from engine.server.worker import EventSink, JobReport, error_dict, job_plan, redact
+from engine.validate import WorkflowInvalid
 
 log = logging.getLogger("kiln.cluster")
 
@@ -94,6 +94,8 @@ class ClusterWorker:
                  max_attempts: int = 3, connect_timeout: float = 10.0, poll_s: float = 0.5,
                  traceback_chars: int = 0) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: Plans jobs here (routing needs their structural signatures); it never runs one.
+        self._planner = Executor(registry, env, OutputCache(0))
         self.address, self.max_attempts = address, max_attempts
         self.connect_timeout, self.poll_s = connect_timeout, poll_s
         self.traceback_chars = traceback_chars
@@ -332,8 +334,7 @@ class ClusterWorker:
         report = JobReport(job, self._publish, self._progress, self._redact)
         files = JobFiles({"output": self.env.paths.output, "temp": self.env.paths.temp})
         try:
-            workflow = parse_document(job.workflow, self.registry)
-            plan = validate(workflow, self.registry, self.env, job.outputs_to_execute or None)
+            plan = job_plan(self.store, self.registry, self._planner, job)
             inputs = input_files(job.workflow.get("nodes") or {}, self.env.paths.input)
         except Exception as exc:  # anything: a claimed job must never stay "running" with nobody on it
             first = exc.errors[0] if isinstance(exc, WorkflowInvalid) else None

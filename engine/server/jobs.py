@@ -2,8 +2,10 @@
 
 Shared by Kiln's ``POST /api/jobs`` and ComfyUI's ``POST /prompt`` so both refuse
 the same workflows, ids and extra data for the same reasons. Validation happens before the job is
-stored: a queued job was valid when it was accepted (the worker re-validates, since
-files can vanish while it waits).
+stored: a queued job was valid when it was accepted. The plan that validation made goes
+to the worker with the job (``JobStore.add(plan=...)``), which re-checks only what can
+have changed while it waited (files, the budget: engine.validate.still_valid)
+instead of validating the whole workflow again.
 """
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
     try:
         job = state.store.add(workflow=workflow.to_kiln(), prompt=plan.api_prompt(), job_id=job_id, number=number,
                               front=front, client_id=client_id or None, source_format=workflow.source_format,
-                              params=applied, outputs_to_execute=plan.outputs, force=force, extra_data=extra)
+                              params=applied, outputs_to_execute=plan.outputs, force=force, extra_data=extra,
+                              plan=plan)
     except sqlite3.IntegrityError:
         raise SubmitRefused([problem("duplicate_id", f"a job with id '{job_id}' already exists")]) from None
     state.worker.wake()

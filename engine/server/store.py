@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,6 +41,10 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, CANCELLED = (
 ACTIVE = (QUEUED, RUNNING)
 TERMINAL = (SUCCEEDED, FAILED, INTERRUPTED, CANCELLED)
 RESTART_REASON = "server restarted while running"
+
+#: At most this many plans validated at submission are kept in memory for their queued jobs
+#: (:meth:`JobStore.handed_plan`); a job beyond it is validated again when it runs, as after a restart.
+HANDED_PLANS = 1024
 
 #: The schema this code reads and writes; ``PRAGMA user_version`` of a current file.
 SCHEMA_VERSION = 2
@@ -131,7 +136,7 @@ class JobRecord:
     worker: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "JobRecord":
+    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "JobRecord":
         def j(name: str, default: Any) -> Any:
             raw = row[name]
             return json.loads(raw) if raw else default
@@ -174,6 +179,10 @@ class JobStore:
         self._seq = int(row[1])
         #: Ids of jobs that were running when the previous process died.
         self.recovered: list[str] = self._recover()
+        #: job id -> the plan its submission validated, in this process only (never written:
+        #: a job restored from the file after a restart has none and is validated anew).
+        self._plans: OrderedDict[str, Any] = OrderedDict()
+        self._plans_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------
 
@@ -278,8 +287,13 @@ class JobStore:
     def add(self, *, workflow: dict, prompt: dict, job_id: str | None = None, number: float | None = None,
             front: bool = False, client_id: str | None = None, source_format: str = "kiln",
             params: dict | None = None, outputs_to_execute: Iterable[str] = (), force: bool = False,
-            extra_data: dict | None = None) -> JobRecord:
-        """Queue a job; the row is committed before this returns."""
+            extra_data: dict | None = None, plan: Any = None) -> JobRecord:
+        """Queue a job; the row is committed before this returns.
+
+        ``plan`` is what validating the job at submission produced: kept in memory for
+        the worker (:meth:`handed_plan`), which then need not validate the whole
+        workflow again (engine.validate.still_valid says when it may reuse it).
+        """
         job_id = job_id or str(uuid.uuid4())
         if number is None:
             number = self.next_number(front)
@@ -287,15 +301,37 @@ class JobStore:
             self._seq += 1
             seq = self._seq
         now = time.time()
-        self._conn().execute(
-            "INSERT INTO jobs (id, seq, number, status, client_id, source_format, workflow, prompt, params,"
-            " outputs_to_execute, force, extra_data, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (job_id, seq, float(number), QUEUED, client_id, source_format, json.dumps(workflow), json.dumps(prompt),
-             json.dumps(params or {}), json.dumps(list(outputs_to_execute)), int(force),
-             json.dumps(extra_data or {}, default=str), now))
-        record = self.get(job_id)
-        assert record is not None
-        return record
+        row = {"id": job_id, "seq": seq, "number": float(number), "status": QUEUED, "client_id": client_id,
+               "source_format": source_format, "workflow": json.dumps(workflow), "prompt": json.dumps(prompt),
+               "params": json.dumps(params or {}), "outputs_to_execute": json.dumps(list(outputs_to_execute)),
+               "force": int(force), "extra_data": json.dumps(extra_data or {}, default=str), "created": now}
+        self._conn().execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             tuple(row.values()))
+        # Only once the row is ours: a refused duplicate id must not replace another job's plan. A
+        # worker that claims the job before this line (it is woken after add returns) validates it anew.
+        if plan is not None:
+            self._hand(job_id, plan)
+        # The record as a read would give it (decoded from what was written), without reading it back.
+        return JobRecord.from_row({**row, "started": None, "finished": None, "outputs": "{}", "error": None,
+                                   "messages": "[]", "executed": "[]", "cached": "[]", "worker": None})
+
+    def _hand(self, job_id: str, plan: Any) -> None:
+        with self._plans_lock:
+            self._plans[job_id] = plan
+            while len(self._plans) > HANDED_PLANS:
+                self._plans.popitem(last=False)
+
+    def _drop_plan(self, job_id: str) -> None:
+        with self._plans_lock:
+            self._plans.pop(job_id, None)
+
+    def handed_plan(self, job_id: str) -> Any:
+        """The plan validated when job ``job_id`` was submitted to this process, or None.
+
+        Kept until the job is finished or cancelled (a job put back in the queue keeps it).
+        """
+        with self._plans_lock:
+            return self._plans.get(job_id)
 
     def claim_next(self) -> JobRecord | None:
         """Atomically move the first queued job to running and return it."""
@@ -337,6 +373,8 @@ class JobStore:
         """Cancel a job only if it has not started; False when it is running or done."""
         cur = self._conn().execute("UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
                                    (CANCELLED, time.time(), job_id, QUEUED))
+        if cur.rowcount == 1:
+            self._drop_plan(job_id)
         return cur.rowcount == 1
 
     def finish(self, job_id: str, status: str, *, outputs: dict | None = None, error: dict | None = None,
@@ -347,6 +385,7 @@ class JobStore:
             (status, time.time(), json.dumps(outputs or {}, default=str),
              json.dumps(error, default=str) if error is not None else None,
              json.dumps(messages or [], default=str), json.dumps(executed or []), json.dumps(cached or []), job_id))
+        self._drop_plan(job_id)
 
     def append_message(self, job_id: str, message: list) -> None:
         conn = self._conn()

@@ -35,7 +35,7 @@ from engine.registry import Registry
 from engine.server import batching
 from engine.server import comfy_messages as cm
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
-from engine.validate import WorkflowInvalid
+from engine.validate import Plan, WorkflowInvalid
 from engine.formats import parse_document
 from engine.workflow import WorkflowFormatError
 
@@ -290,8 +290,7 @@ class Worker:
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
         self._resolve_device(lane)
         try:
-            workflow = parse_document(job.workflow, self.registry)
-            plan = lane.executor.plan(workflow, job.outputs_to_execute or None)
+            plan = job_plan(self.store, self.registry, lane.executor, job)
         except (WorkflowInvalid, WorkflowFormatError) as exc:
             # Valid when submitted, not any more (a file was deleted, a model removed).
             first = exc.errors[0] if isinstance(exc, WorkflowInvalid) else None
@@ -318,6 +317,16 @@ class Worker:
             self.on_event(job, event)
         except Exception:
             log.exception("publishing an event of job %s failed", job.id)
+
+
+def job_plan(store: JobStore, registry: Registry, executor: Executor, job: JobRecord) -> Plan:
+    """The plan to run a claimed job with: the one its submission validated in this process, if
+    it may still run (:meth:`Executor.replan`), else a fresh validation of the stored workflow
+    (a job restored after a restart). Raises what validation raises."""
+    handed = store.handed_plan(job.id)
+    if handed is not None:
+        return executor.replan(handed)
+    return executor.plan(parse_document(job.workflow, registry), job.outputs_to_execute or None)
 
 
 def redact(event: JobFailed, paths: Any, traceback_chars: int) -> JobFailed:
