@@ -147,7 +147,7 @@ def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
         def batched(n: int) -> None:
             notes: list[str] = []
             items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"),
-                               lambda e: notes.append(f"{e.node_type}: {getattr(e, 'message', '')}"), threading.Event())
+                               lambda e: notes.append(f"{getattr(e, 'node_type', '')}: {getattr(e, 'message', '')}"), threading.Event())
                      for i, wf in enumerate(jobs(n))]
             outcomes = run_together(executor, items)
             assert all(o.status == "succeeded" for o in outcomes), [o.error for o in outcomes]
