@@ -47,7 +47,10 @@ def batch_key(plan: Plan) -> str | None:
     The structural signatures of every node with each batchable node's ``vary``
     literals left out, plus the node ids, the order and the outputs asked for.
     The literals of :func:`per_job_nodes` (the prompts, the input image) are left
-    out too: they only feed inputs a batchable node takes per job.
+    out too: they only feed inputs a batchable node takes per job. Those that set
+    an image size (a node's ``Size`` declaration: width, height, batch, scale...)
+    stay in: jobs of other sizes cannot share a sampler batch, and grouping them
+    would only hold the first job back until the last one is done.
     """
     masked: dict[str, str] = {}
     batchable = False
@@ -56,8 +59,11 @@ def batch_key(plan: Plan) -> str | None:
         node = plan.nodes[node_id]
         vary = node.spec.batch.vary if node.spec.batch is not None else ()
         batchable = batchable or bool(vary)
-        literals = ({k: None for k in node.literals} if node_id in free
-                    else {k: v for k, v in node.literals.items() if k not in vary})
+        if node_id in free:  # its literals may differ, except those that set an image size
+            shape = _size_inputs(node.spec)
+            literals = {k: (v if k in shape else None) for k, v in node.literals.items()}
+        else:
+            literals = {k: v for k, v in node.literals.items() if k not in vary}
         payload = {"type": node.spec.type, "version": node.spec.version, "literals": literals,
                    "links": sorted((name, masked[link.node_id], link.output) for name, link in node.links.items())}
         masked[node_id] = hashlib.sha256(_canonical(payload).encode()).hexdigest()
@@ -65,6 +71,15 @@ def batch_key(plan: Plan) -> str | None:
         return None
     whole = {"order": list(plan.order), "nodes": masked, "outputs": sorted(plan.outputs)}
     return hashlib.sha256(_canonical(whole).encode()).hexdigest()
+
+
+def _size_inputs(spec: Any) -> set[str]:
+    """The inputs with which a node sets the size of what it makes (not the file it reads, nor the
+    input it takes its size from)."""
+    size = spec.size
+    if size is None:
+        return set()
+    return set(size.input_names()) - {size.reads, size.like}
 
 
 def per_job_nodes(plan: Plan) -> set[str]:

@@ -167,15 +167,17 @@ def test_a_prompt_of_another_token_count_falls_back_to_per_job_sampling(tiny_env
 
 
 def test_only_what_feeds_per_job_inputs_may_differ(tiny_env) -> None:
-    """Prompt encoders and image loading may differ between jobs of one batch; the sampler's settings may not."""
+    """Prompt encoders and image loading may differ between jobs of one batch; the sampler's settings
+    and the image size may not."""
     from engine.registry import default_registry
 
     registry = default_registry()
     executor = Executor(registry, tiny_env)
-    first, other_prompt, other_steps = _img2img_jobs(tiny_env, [{"prompt": "a lake"}, {"prompt": "a road"},
-                                                                {"steps": 5}])
-    plans = [executor.plan(wf) for wf in (first, other_prompt, other_steps)]
+    workflows = _img2img_jobs(tiny_env, [{"prompt": "a lake"}, {"prompt": "a road", "image": "b.png"},
+                                         {"steps": 5}, {"width": 128}])
+    plans = [executor.plan(wf) for wf in workflows]
     free = {plans[0].nodes[n].spec.type for n in per_job_nodes(plans[0])}
     assert free == {"CLIPTextEncode", "LoadImage", "ImageResize", "VAEEncode", "RepeatLatentBatch"}
     assert batch_key(plans[0]) == batch_key(plans[1])
-    assert batch_key(plans[0]) != batch_key(plans[2])
+    assert batch_key(plans[0]) != batch_key(plans[2])  # the sampler's settings
+    assert batch_key(plans[0]) != batch_key(plans[3])  # ImageResize's size: latents of another shape
