@@ -146,8 +146,11 @@ def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
 
         def batched(n: int) -> None:
             notes: list[str] = []
-            items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"),
-                               lambda e: notes.append(f"{getattr(e, 'node_type', '')}: {getattr(e, 'message', '')}"), threading.Event())
+
+            def note(event: Any) -> None:
+                notes.append(f"{getattr(event, 'node_type', '')}: {getattr(event, 'message', '')}")
+
+            items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"), note, threading.Event())
                      for i, wf in enumerate(jobs(n))]
             outcomes = run_together(executor, items)
             assert all(o.status == "succeeded" for o in outcomes), [o.error for o in outcomes]

@@ -95,7 +95,8 @@ def _conditioning(sides: list[list]) -> list | None:
             embeds, extra = cond[0][0], dict(cond[0][1] or {})
             pooled = extra.get("pooled_output")
             if (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != 1
-                    or not set(extra) <= _BATCH_SAFE_EXTRAS or (isinstance(pooled, torch.Tensor) and pooled.shape[0] != 1)):
+                    or not set(extra) <= _BATCH_SAFE_EXTRAS
+                    or (isinstance(pooled, torch.Tensor) and pooled.shape[0] != 1)):
                 return None
     if all(cond is conds[0] for conds in sides for cond in conds):
         return [conds[0] for conds in sides]  # one prompt pair for every job: the single-run path

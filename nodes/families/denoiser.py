@@ -81,7 +81,8 @@ class Denoiser:
             context = torch.cat([n.expand(b, -1, -1) for _, n in pairs] + [p.expand(b, -1, -1) for p, _ in pairs])
             extras = [e.extra for e in self.negative] + [e.extra for e in self.positive]
         else:
-            context, extras = torch.cat([e.embeds.expand(b, -1, -1) for e in self.positive]), [e.extra for e in self.positive]
+            context = torch.cat([e.embeds.expand(b, -1, -1) for e in self.positive])
+            extras = [e.extra for e in self.positive]
         self._extras = extras
         self._context = context.to(device=self.device, dtype=self.dtype)
         self._kwargs = self.family.network_kwargs(extras, b, self.image_size, self.device, self.dtype)
