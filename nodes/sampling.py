@@ -103,7 +103,7 @@ def _conditioning(sides: list[list]) -> list | None:
     for conds in sides:
         if len({tuple(cond[0][0].shape) for cond in conds}) != 1:
             return None
-        pooled = [cond[0][1].get("pooled_output") for cond in conds]
+        pooled = [(cond[0][1] or {}).get("pooled_output") for cond in conds]
         if len({tuple(p.shape) if isinstance(p, torch.Tensor) else None for p in pooled}) != 1:
             return None
     return [PerJob(cond[0] for cond in conds) for conds in sides]
