@@ -21,7 +21,8 @@ processor; Kiln's denoiser is the same diffusers UNet). Figures:
   against N jobs one by one, seconds per image. This is the gain cross-job batching
   would bring at most;
 * cross-job batching (--queued 1,2,4): N queued txt2img / img2img jobs (--queued-workflows)
-  that differ only in seed, run the way the server's worker batches them
+  that differ only in seed (or, with --queued-vary prompt, in seed and prompt: each job
+  then also encodes its own new prompt, in both modes), run the way the server's worker batches them
   (engine.batching.run_together: shared nodes once, one KSampler batch, decode and save
   per job) against the same N jobs one by one through the executor; both warm (model
   loaded, prompts and the init image encoded and cached), each round with new seeds so
@@ -116,7 +117,7 @@ def startup(work: Path, overrides: dict[str, Any], device: str) -> dict[str, flo
 
 def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
                 kinds: list[str]) -> dict[str, dict[int, dict[str, float]]]:
-    """Cross-job batching: N jobs differing in seed, batched as the worker does, vs one by one.
+    """Cross-job batching: N jobs differing in seed (and prompt), batched as the worker does, vs one by one.
 
     ``kinds``: "txt2img" (EmptyLatentImage) and/or "img2img" (AddNoise then KSampler, the
     suite's main workflow, both seeded by the one "seed" parameter).
@@ -136,13 +137,25 @@ def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
         base = load(REPO / "workflows" / f"{kind}.json").with_overrides({**common, **extra[kind]})
 
         def jobs(n: int) -> list[Any]:
-            return [base.with_overrides({"seed": next(seeds)}) for _ in range(n)]
+            out = []
+            for _ in range(n):
+                seed = next(seeds)
+                prompt = {"prompt": f"{PROMPT}, variation {seed}"} if args.queued_vary == "prompt" else {}
+                out.append(base.with_overrides({"seed": seed, **prompt}))
+            return out
 
         def batched(n: int) -> None:
-            items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"), lambda e: None, threading.Event())
+            notes: list[str] = []
+
+            def note(event: Any) -> None:
+                notes.append(f"{getattr(event, 'node_type', '')}: {getattr(event, 'message', '')}")
+
+            items = [BatchItem(executor.plan(wf), JobInfo(id=f"q{i}"), note, threading.Event())
                      for i, wf in enumerate(jobs(n))]
             outcomes = run_together(executor, items)
             assert all(o.status == "succeeded" for o in outcomes), [o.error for o in outcomes]
+            assert n == 1 or any(x.startswith(f"KSampler: ran as one batch of {n} jobs") for x in notes), \
+                "the sampler did not run as one batch"
 
         def one_by_one(n: int) -> None:
             for wf in jobs(n):
@@ -174,6 +187,8 @@ def main() -> None:
                         help="queued txt2img jobs for the cross-job batching figure ('' = skip)")
     parser.add_argument("--queued-workflows", default="txt2img,img2img",
                         help="workflows for the cross-job batching figure (txt2img, img2img)")
+    parser.add_argument("--queued-vary", choices=["seed", "prompt"], default="seed",
+                        help="what the queued jobs differ in: the seed, or the seed and the prompt")
     parser.add_argument("--no-startup", action="store_true")
     args = parser.parse_args()
 

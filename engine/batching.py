@@ -46,21 +46,70 @@ def batch_key(plan: Plan) -> str | None:
 
     The structural signatures of every node with each batchable node's ``vary``
     literals left out, plus the node ids, the order and the outputs asked for.
+    The literals of :func:`per_job_nodes` (the prompts, the input image) are left
+    out too: they only feed inputs a batchable node takes per job. Those that set
+    an image size (a node's ``Size`` declaration: width, height, batch, scale...)
+    stay in: jobs of other sizes cannot share a sampler batch, and grouping them
+    would only hold the first job back until the last one is done.
     """
     masked: dict[str, str] = {}
     batchable = False
+    free = per_job_nodes(plan)
     for node_id in plan.order:
         node = plan.nodes[node_id]
         vary = node.spec.batch.vary if node.spec.batch is not None else ()
         batchable = batchable or bool(vary)
-        payload = {"type": node.spec.type, "version": node.spec.version,
-                   "literals": {k: v for k, v in node.literals.items() if k not in vary},
+        if node_id in free:  # its literals may differ, except those that set an image size
+            shape = _size_inputs(node.spec)
+            literals = {k: (v if k in shape else None) for k, v in node.literals.items()}
+        else:
+            literals = {k: v for k, v in node.literals.items() if k not in vary}
+        payload = {"type": node.spec.type, "version": node.spec.version, "literals": literals,
                    "links": sorted((name, masked[link.node_id], link.output) for name, link in node.links.items())}
         masked[node_id] = hashlib.sha256(_canonical(payload).encode()).hexdigest()
     if not batchable:
         return None
     whole = {"order": list(plan.order), "nodes": masked, "outputs": sorted(plan.outputs)}
     return hashlib.sha256(_canonical(whole).encode()).hexdigest()
+
+
+def _size_inputs(spec: Any) -> set[str]:
+    """The inputs with which a node sets the size of what it makes (not the file it reads, nor the
+    input it takes its size from)."""
+    size = spec.size
+    if size is None:
+        return set()
+    return set(size.input_names()) - {size.reads, size.like}
+
+
+def per_job_nodes(plan: Plan) -> set[str]:
+    """Nodes whose literals may differ between jobs of one batch (each job runs them itself).
+
+    A node qualifies when its results reach the rest of the graph only through
+    inputs that a batchable node declares it takes per job (``vary``), directly
+    or through other such nodes, and it is upstream of every batchable node: the
+    prompt encoders feeding a sampler's ``positive``, the image loading and
+    encoding feeding AddNoise's ``latent``. Batchable nodes themselves and what
+    follows them do not: there the jobs meet, and their settings (steps, sampler)
+    must match, or jobs that cannot share a call would be held in step for nothing.
+    """
+    consumers: dict[str, list[tuple[str, str]]] = {}
+    after: set[str] = set()  # batchable nodes and what depends on them
+    for node_id in plan.order:
+        node = plan.nodes[node_id]
+        for name, link in node.links.items():
+            consumers.setdefault(link.node_id, []).append((node_id, name))
+        if node.spec.batch is not None or any(link.node_id in after for link in node.links.values()):
+            after.add(node_id)
+    free: set[str] = set()
+    for node_id in reversed(plan.order):
+        uses = consumers.get(node_id)
+        if node_id in after or plan.nodes[node_id].spec.output_node or not uses:
+            continue
+        if all(user in free or (plan.nodes[user].spec.batch is not None and name in plan.nodes[user].spec.batch.vary)
+               for user, name in uses):
+            free.add(node_id)
+    return free
 
 
 @dataclass

@@ -70,10 +70,11 @@ def empty_latent_image(ctx, width: int, height: int, batch_size: int = 1):
     return ({"samples": torch.zeros([int(batch_size), LATENT_CHANNELS, h // 8, w // 8])},)
 
 
-def _add_noise_batch(ctx, items, model, latent, strength: float = 0.75):
-    """Queued jobs differing in AddNoise's seed: each job's own noise (cheap; declared so that
-    their samplers, which then differ only in seed and latent, can share one batch)."""
-    return [add_noise(ctx, model, latent, strength, item["seed"]) for item in items]
+def _add_noise_batch(ctx, items, model, latent=None, strength: float = 0.75):
+    """Queued jobs differing in AddNoise's seed or input latent (their own input images): each
+    job's own noise on its own latent (cheap; declared so that their samplers, which then
+    differ only in seed and latent, can share one batch)."""
+    return [add_noise(ctx, model, item.get("latent", latent), strength, item["seed"]) for item in items]
 
 
 @define_node(
@@ -89,7 +90,7 @@ def _add_noise_batch(ctx, items, model, latent, strength: float = 0.75):
               tooltip="Image i of a batch uses seed + i"),
     ],
     outputs=[Output("LATENT", T.LATENT)],
-    batch=Batch(vary=("seed",), run=_add_noise_batch),
+    batch=Batch(vary=("seed", "latent"), run=_add_noise_batch),
 )
 def add_noise(ctx, model, latent, strength: float = 0.75, seed: int = 0):
     """Mark a latent for image-to-image: record the strength and draw its seeded noise.

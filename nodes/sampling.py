@@ -15,8 +15,9 @@ from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler,
 
 #: Keys AddNoise puts on a LATENT; spent by the sampler, never passed on.
 _NOISE_KEYS = ("noise", "strength", "seed")
-#: Conditioning extras that mean the same for every image of a batch (size hints, pooled
-#: text, FLUX guidance): jobs whose prompts carry only these may share one sampler batch.
+#: Conditioning extras the families turn into per-conditioning rows of the network's inputs
+#: (size hints, pooled text, FLUX guidance): jobs whose prompts carry only these, each job
+#: its own, may share one sampler batch.
 _BATCH_SAFE_EXTRAS = frozenset({"pooled_output", "width", "height", "crop_w", "crop_h", "target_width",
                                 "target_height", "guidance", "aesthetic_score"})
 
@@ -26,17 +27,21 @@ _BATCH_LATENT_KEYS = frozenset({"samples", "batch_index", *_NOISE_KEYS})
 
 
 def _ksampler_batch(ctx, items, model, steps: int, cfg: float, sampler_name: str, scheduler: str,
-                    positive, negative, denoise: float = 1.0):
-    """Several jobs' KSamplers that differ only in seed and latent, as one sampler batch.
+                    positive=None, negative=None, denoise: float = 1.0):
+    """Several jobs' KSamplers that differ only in seed, latent and prompts, as one sampler batch.
 
     Each job's images take their noise from their own seed (one generator per image,
-    as in a single run) or from their own AddNoise, so each result equals that job's
-    single run up to the floating-point effect of a larger batch on the network.
-    Declines (None) where one batch would not reproduce the single runs: latents
-    of different shapes, strengths, batch indices or kinds (empty vs encoded: the
-    txt2img start differs), noise masks and inpainting models, conditionings other
-    than one plain prompt per side, and dpm_adaptive (its step size follows the error
-    of the whole batch).
+    as in a single run) or from their own AddNoise, and their conditioning from their
+    own prompts (the denoiser's per-job context rows, conditioning.PerJob), so each
+    result equals that job's single run up to the floating-point effect of a larger
+    batch on the network. ``positive``/``negative`` come per job in ``items``
+    (given here only when a caller shares one prompt). Declines (None) where one
+    batch would not reproduce the single runs: latents of different shapes,
+    strengths, batch indices or kinds (empty vs encoded: the txt2img start
+    differs), noise masks and inpainting models, conditionings other than one plain
+    prompt per side (areas, masks, timestep ranges, ControlNets), prompts of different
+    token counts (see _conditioning), and dpm_adaptive (its step size follows the
+    error of the whole batch).
     """
     import torch
 
@@ -54,15 +59,9 @@ def _ksampler_batch(ctx, items, model, steps: int, cfg: float, sampler_name: str
         if "strength" in keys and (float(lat["strength"]) != float(first["strength"])
                                    or not isinstance(lat.get("noise"), torch.Tensor) or lat["noise"].shape != shape):
             return None
-    for side in (positive, negative):
-        if not isinstance(side, (list, tuple)) or len(side) != 1:
-            return None
-        embeds, extra = side[0][0], dict(side[0][1] or {})
-        pooled = extra.get("pooled_output")
-        if (not isinstance(embeds, torch.Tensor) or embeds.shape[0] != 1 or not set(extra) <= _BATCH_SAFE_EXTRAS
-                or (isinstance(pooled, torch.Tensor) and pooled.shape[0] != 1)):
-            return None
-    if inpaint_sampling.in_channels(model) != shape[1]:
+    sides = _conditioning([[item.get(name, shared) for item in items]
+                           for name, shared in (("positive", positive), ("negative", negative))])
+    if sides is None or inpaint_sampling.in_channels(model) != shape[1]:
         return None
     combined = {"samples": torch.cat([lat["samples"] for lat in latents])}
     if "batch_index" in first:
@@ -70,8 +69,44 @@ def _ksampler_batch(ctx, items, model, steps: int, cfg: float, sampler_name: str
     if "strength" in keys:
         combined.update(noise=torch.cat([lat["noise"] for lat in latents]), strength=first["strength"])
     parts = _sample(ctx, model, [int(item["seed"]) for item in items], steps, cfg, sampler_name, scheduler,
-                    positive, negative, combined, denoise)
+                    sides[0], sides[1], combined, denoise)
     return [({**_passed_on(lat), "samples": part},) for lat, part in zip(latents, parts)]
+
+
+def _conditioning(sides: list[list]) -> list | None:
+    """The batch's (positive, negative) from each job's: the shared conditioning when every job
+    has the same one, else one PerJob per side (each job's own prompt for its own images);
+    None when they cannot share a batch exactly.
+
+    Each job's side must be one plain prompt whose extras are per-conditioning values the
+    family turns into per-image rows (SDXL's pooled text and size ids, FLUX's pooled text
+    and guidance). Prompts of different token counts (a long prompt encoded in more
+    77-token windows) decline: stacking them needs padding or repeating, which changes
+    the attention's arithmetic (and for FLUX's joint attention its result).
+    """
+    import torch
+
+    from nodes.families.conditioning import PerJob
+
+    for conds in sides:
+        for cond in conds:
+            if not isinstance(cond, (list, tuple)) or len(cond) != 1:
+                return None
+            embeds, extra = cond[0][0], dict(cond[0][1] or {})
+            pooled = extra.get("pooled_output")
+            if (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != 1
+                    or not set(extra) <= _BATCH_SAFE_EXTRAS
+                    or (isinstance(pooled, torch.Tensor) and pooled.shape[0] != 1)):
+                return None
+    if all(cond is conds[0] for conds in sides for cond in conds):
+        return [conds[0] for conds in sides]  # one prompt pair for every job: the single-run path
+    for conds in sides:
+        if len({tuple(cond[0][0].shape) for cond in conds}) != 1:
+            return None
+        pooled = [(cond[0][1] or {}).get("pooled_output") for cond in conds]
+        if len({tuple(p.shape) if isinstance(p, torch.Tensor) else None for p in pooled}) != 1:
+            return None
+    return [PerJob(cond[0] for cond in conds) for conds in sides]
 
 
 def _plain_latent(latent) -> bool:
@@ -105,7 +140,7 @@ def _passed_on(latent) -> dict:
               tooltip="ComfyUI's denoise, for latents that did not pass through AddNoise"),
     ],
     outputs=[Output("LATENT", T.LATENT)],
-    batch=Batch(vary=("seed", "latent_image"), run=_ksampler_batch),
+    batch=Batch(vary=("seed", "latent_image", "positive", "negative"), run=_ksampler_batch),
 )
 def ksampler(ctx, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
              positive, negative, latent_image, denoise: float = 1.0):

@@ -4,7 +4,7 @@ Engine level, with stub nodes: jobs differing only in a batchable node's declare
 inputs share their common nodes, run that node as one call, and keep their own
 events and outcomes; a failing batch falls back to per-job runs so only the bad
 job fails. Server level, with the tiny SD1 checkpoint on a real loopback server:
-three queued jobs differing only in seed run as one sampler batch (each job is
+three queued jobs differing in seed (one also in prompt) run as one sampler batch (each job is
 told so in a node message), each image equals the same job run alone within
 1/255, each job has its own history entry, files and websocket events, and a job
 with another graph is not batched.
@@ -229,16 +229,18 @@ async def test_a_database_error_while_gathering_a_batch_runs_every_job_alone(aio
 # -- the server, with the tiny SD1 checkpoint -------------------------------------------------
 
 SEEDS = (3, 4, 5)
+#: The last job has its own prompt: it still shares the sampler batch (per-job conditioning).
+TEXTS = ("a lighthouse", "a lighthouse", "a red boat")
 
 
-def _txt2img(ckpt: str, seed: int, steps: int = 3, prefix: str = "batch") -> dict[str, Any]:
+def _txt2img(ckpt: str, seed: int, steps: int = 3, prefix: str = "batch", text: str = "a lighthouse") -> dict[str, Any]:
     def node(cls: str, **inputs: Any) -> dict[str, Any]:
         return {"class_type": cls, "inputs": inputs}
 
     return {
         "4": node("CheckpointLoaderSimple", ckpt_name=ckpt),
         "5": node("EmptyLatentImage", width=64, height=64, batch_size=1),
-        "6": node("CLIPTextEncode", text="a lighthouse", clip=["4", 1]),
+        "6": node("CLIPTextEncode", text=text, clip=["4", 1]),
         "7": node("CLIPTextEncode", text="", clip=["4", 1]),
         "3": node("KSampler", model=["4", 0], seed=seed, steps=steps, cfg=5.0, sampler_name="euler_ancestral",
                   scheduler="normal", positive=["6", 0], negative=["7", 0], latent_image=["5", 0], denoise=1.0),
@@ -278,8 +280,8 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
     busy_id = (await busy.json())["prompt_id"]
     await wait_status(client, busy_id, ("running",))
     ids = []
-    for seed in SEEDS:
-        r = await client.post("/prompt", json={"client_id": "b", "prompt": _txt2img(ckpt, seed)})
+    for seed, text in zip(SEEDS, TEXTS):
+        r = await client.post("/prompt", json={"client_id": "b", "prompt": _txt2img(ckpt, seed, text=text)})
         ids.append((await r.json())["prompt_id"])
     r = await client.post("/prompt", json={"client_id": "b", "prompt": _txt2img(ckpt, 3, steps=2, prefix="other")})
     other = (await r.json())["prompt_id"]
@@ -316,12 +318,12 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
                       models=node_registry.make_model_host("cpu", None))
     alone = Executor(node_registry, env)
     images = []
-    for seed, job_id in zip(SEEDS, ids):
+    for seed, text, job_id in zip(SEEDS, TEXTS, ids):
         hist = (await (await client.get(f"/history/{job_id}")).json())[job_id]
         with Image.open(tmp_path / "data" / "output" / hist["outputs"]["9"]["images"][0]["filename"]) as png:
             assert json.loads(png.info["prompt"])["3"]["inputs"]["seed"] == seed  # its own workflow inside
             saved = np.asarray(png.convert("RGB"), dtype=np.int16)
-        outcome = alone.run(parse_document(_txt2img(ckpt, seed), node_registry))
+        outcome = alone.run(parse_document(_txt2img(ckpt, seed, text=text), node_registry))
         single = (outcome.results["8"][0][0].numpy() * 255).round().clip(0, 255).astype(np.int16)
         assert np.abs(saved - single).max() <= 1, f"seed {seed}"
         images.append(saved)

@@ -65,6 +65,18 @@ def entries(cond: Any, name: str) -> list[Entry]:
     return out
 
 
+class PerJob(list):
+    """A side's conditioning in a cross-job batch: one plain ``[embeds, extras]`` entry per job.
+
+    KSampler's batched run (nodes/sampling.py) gives the sampler several queued
+    jobs' latents one after the other, each job the same number of images; entry
+    j conditions job j's images only (the denoiser stacks one context row per
+    image, and the family's per-conditioning extras, such as SDXL's pooled text
+    and size ids or FLUX's pooled text and guidance, follow the same rows). A plain
+    list instead means entries that combine over the whole batch (areas, masks).
+    """
+
+
 def is_plain(side: list[Entry]) -> bool:
     """One entry over the whole latent at full strength for every step."""
     if len(side) != 1:

@@ -13,6 +13,12 @@ Guidance runs the unconditional and conditional passes as ONE batch of 2B
 ([negatives..., positives...], diffusers' order) whenever each side is a single
 plain conditioning, halving the number of network calls and keeping diffusers'
 exact arithmetic.
+
+A side given as :class:`~nodes.families.conditioning.PerJob` (a cross-job batch
+of queued jobs with their own prompts) holds one plain entry per job; each job's
+share of the batch gets its own context rows and its own family extras, in the
+same [negatives..., positives...] layout, so each image sees exactly the
+conditioning of its single run.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ class Denoiser:
         ``prediction_type``: what the network predicts (for pixels no conditioning covers)."""
         from nodes.runtime.offload import compute_device
 
+        #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
+        self.jobs = len(positive) if isinstance(positive, cond_rules.PerJob) else 1
         network = family.wrap_network(network)
         self.network, self.family = network, family
         # where it computes, not where its weights are: offloaded ones rest off the device
@@ -55,7 +63,10 @@ class Denoiser:
         #: The last call's unguided (negative-side) output, for CFG++ samplers; the output
         #: itself when there is no guidance.
         self.last_uncond: "torch.Tensor | None" = None
-        self._plain = (cond_rules.is_plain(self.positive) and (not self.guided or cond_rules.is_plain(self.negative)))
+        self._plain = _plain(self.positive, self.jobs) and (not self.guided or _plain(self.negative, self.jobs))
+        if self.jobs > 1 and (not self._plain or batch % self.jobs):
+            raise ConditioningError("a cross-job batch needs one plain conditioning per job and side, and the "
+                                    "same number of images per job", "positive")
         if self._plain:
             self._prepare_plain()
 
@@ -64,15 +75,15 @@ class Denoiser:
     def _prepare_plain(self) -> None:
         import torch
 
-        pos = self.positive[0]
-        b = self.batch
+        b = self.batch // self.jobs  # images per conditioning (per job)
         if self.guided:
-            neg = self.negative[0]
-            p, n = cond_rules.match_tokens(pos.embeds, neg.embeds)
-            context = torch.cat([n.expand(b, -1, -1), p.expand(b, -1, -1)])
-            extras = [neg.extra, pos.extra]
+            pairs = [cond_rules.match_tokens(p.embeds, n.embeds) for p, n in zip(self.positive, self.negative)]
+            context = torch.cat([n.expand(b, -1, -1) for _, n in pairs] + [p.expand(b, -1, -1) for p, _ in pairs])
+            extras = [e.extra for e in self.negative] + [e.extra for e in self.positive]
         else:
-            context, extras = pos.embeds.expand(b, -1, -1), [pos.extra]
+            context = torch.cat([e.embeds.expand(b, -1, -1) for e in self.positive])
+            extras = [e.extra for e in self.positive]
+        self._extras = extras
         self._context = context.to(device=self.device, dtype=self.dtype)
         self._kwargs = self.family.network_kwargs(extras, b, self.image_size, self.device, self.dtype)
 
@@ -98,12 +109,11 @@ class Denoiser:
 
         if self._plain:
             if self.guided:
-                extras = [self.negative[0].extra, self.positive[0].extra]
-                out = self.call(torch.cat([model_in, model_in]), t, self._context, self._kwargs, extras)
+                out = self.call(torch.cat([model_in, model_in]), t, self._context, self._kwargs, self._extras)
                 uncond, cond = out.chunk(2)
                 self.last_uncond = uncond
                 return uncond + self.cfg * (cond - uncond)
-            out = self.call(model_in, t, self._context, self._kwargs, [self.positive[0].extra])
+            out = self.call(model_in, t, self._context, self._kwargs, self._extras)
             self.last_uncond = out
             return out
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
@@ -144,6 +154,11 @@ class Denoiser:
         if prediction_type == "sample":
             return out
         raise ConditioningError(f"unsupported prediction type {prediction_type}", "model")
+
+
+def _plain(side: list, jobs: int) -> bool:
+    """One plain entry (cond_rules.is_plain) for each job of the batch."""
+    return len(side) == jobs and all(cond_rules.is_plain([entry]) for entry in side)
 
 
 def _check_width(network: Any, family: Family, entries: list) -> None:
