@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 BATCH_JOBS_DEFAULT = 4
 
 
-def batch_key(plan: Plan) -> str | None:
+def batch_key(plan: Plan, env: Any = None) -> str | None:
     """What must be equal for jobs to run together; None when the plan has no batchable node.
 
     The structural signatures of every node with each batchable node's ``vary``
@@ -50,7 +50,10 @@ def batch_key(plan: Plan) -> str | None:
     out too: they only feed inputs a batchable node takes per job. Those that set
     an image size (a node's ``Size`` declaration: width, height, batch, scale...)
     stay in: jobs of other sizes cannot share a sampler batch, and grouping them
-    would only hold the first job back until the last one is done.
+    would only hold the first job back until the last one is done. For the same
+    reason a per-job node whose size comes from its file (LoadImage's ``probe``)
+    keys on the size the probe reads with ``env`` (the header only, cached), so
+    images of other sizes that are not resized to one size do not group.
     """
     masked: dict[str, str] = {}
     batchable = False
@@ -62,6 +65,9 @@ def batch_key(plan: Plan) -> str | None:
         if node_id in free:  # its literals may differ, except those that set an image size
             shape = _size_inputs(node.spec)
             literals = {k: (v if k in shape else None) for k, v in node.literals.items()}
+            probe = getattr(node.spec.size, "probe", None)
+            if probe is not None and env is not None:
+                literals[" probed size"] = probe(env, node.literals)
         else:
             literals = {k: v for k, v in node.literals.items() if k not in vary}
         payload = {"type": node.spec.type, "version": node.spec.version, "literals": literals,

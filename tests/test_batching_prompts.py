@@ -181,3 +181,37 @@ def test_only_what_feeds_per_job_inputs_may_differ(tiny_env) -> None:
     assert batch_key(plans[0]) == batch_key(plans[1])
     assert batch_key(plans[0]) != batch_key(plans[2])  # the sampler's settings
     assert batch_key(plans[0]) != batch_key(plans[3])  # ImageResize's size: latents of another shape
+
+
+def test_images_of_other_sizes_not_resized_to_one_do_not_group(tiny_env) -> None:
+    """ComfyUI's image2image shape (LoadImage straight into VAEEncode): the latent's size is the
+    file's, so the key holds the size LoadImage's probe reads. Another picture of the same size
+    groups; one of another size does not (it could not share the sampler batch, and grouping it
+    would only hold the first job back until the last one is done)."""
+    import tiny_models
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+    from nodes.sample_image import draw_landscape
+
+    draw_landscape(64, 64).save(tiny_env.paths.input.root / "a.png")
+    draw_landscape(64, 64).rotate(90).save(tiny_env.paths.input.root / "b.png")
+    draw_landscape(96, 64).save(tiny_env.paths.input.root / "wide.png")
+    registry = default_registry()
+    executor = Executor(registry, tiny_env)
+
+    def key(image: str, env: Environment | None = tiny_env) -> str | None:
+        prompt = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_models.checkpoint_name("sd1")}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lake", "clip": ["1", 1]}},
+            "5": {"class_type": "KSampler", "inputs": {
+                "model": ["1", 0], "seed": 1, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["3", 0], "denoise": 0.6}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "k"}}}
+        return batch_key(executor.plan(parse_document(prompt, registry)), env)
+
+    assert key("a.png") == key("b.png") is not None
+    assert key("a.png") != key("wide.png")
+    assert key("a.png", None) == key("wide.png", None)  # what the size read from the file decides

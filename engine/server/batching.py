@@ -61,7 +61,7 @@ def _gather(worker: "Worker", lane: "_Lane", job: JobRecord) -> list[tuple[JobRe
         return [(job, None)]
     worker._resolve_device(lane)
     first = _plan(worker, lane, job)
-    key = batch_key(first) if first is not None else None
+    key = batch_key(first, lane.env) if first is not None else None
     if first is None or key is None:
         return [(job, first)]
     group: list[tuple[JobRecord, Plan | None]] = [(job, first)]
@@ -69,7 +69,7 @@ def _gather(worker: "Worker", lane: "_Lane", job: JobRecord) -> list[tuple[JobRe
         if len(group) >= worker.batch_jobs or not _fits(job, candidate):
             break
         plan = _plan(worker, lane, candidate)
-        if plan is None or batch_key(plan) != key:
+        if plan is None or batch_key(plan, lane.env) != key:
             break
         with worker._lock:  # the same lock as cancelling: a job is never lost between queued and running
             claimed = worker.store.claim(candidate.id)
