@@ -9,6 +9,7 @@ came from checks spread over routes; here there is one.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -60,12 +61,23 @@ def _decodings(name: str, rounds: int = 3) -> list[str]:
     return forms
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file from another at the same path: a replaced file (a new inode, or an
+    inode number reused) differs here, since creating or relinking a file sets its ctime."""
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, stat.S_IFMT(st.st_mode))
+
+
 class SafeRoot:
     def __init__(self, root: str | Path, create: bool = False) -> None:
         root = Path(root)
         if create:
             root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
+        #: (name, subfolder) -> (real path, the candidate path, identity of the file it led to).
+        self._known: dict[tuple[str, str], tuple[Path, str, tuple[int, int, int, int]]] = {}
+
+    #: Names remembered per root before the memory is emptied (a server checks the same few names per job).
+    KNOWN_MAX = 4096
 
     def __repr__(self) -> str:
         return f"SafeRoot({str(self.root)!r})"
@@ -100,7 +112,28 @@ class SafeRoot:
         return parts
 
     def resolve(self, name: str, subfolder: str = "", *, must_exist: bool = False) -> Path:
-        """The real path of ``subfolder/name`` inside the root, or :class:`PathRefused`."""
+        """The real path of ``subfolder/name`` inside the root, or :class:`PathRefused`.
+
+        A name resolved before is answered from memory when one ``stat`` of the same
+        candidate path shows the very file it led to then (device, inode, ctime and
+        kind): following symlinks (a ``realpath``, one ``lstat`` per component) is what
+        a server re-checking a queued job's files would otherwise pay on every check.
+        Any difference (the file replaced, gone, a folder swapped for a symlink that
+        leads elsewhere) resolves the name again with every check, so nothing that
+        would be refused is answered from memory, and what is answered is a path
+        that passed the checks.
+        """
+        key = (name, subfolder or "") if isinstance(name, str) and isinstance(subfolder or "", str) else None
+        known = self._known.get(key) if key is not None else None
+        if known is not None:
+            real, candidate, identity = known
+            try:
+                st = os.stat(candidate)
+            except (OSError, ValueError):
+                st = None
+            if st is not None and _identity(st) == identity and (not must_exist or stat.S_ISREG(st.st_mode)):
+                return real
+            self._known.pop(key, None)
         parts = self._parts(subfolder or "") + self._parts(name)
         if not parts:
             raise PathMalformed("empty file name")
@@ -110,10 +143,17 @@ class SafeRoot:
         real = Path(os.path.realpath(candidate))
         if real != self.root and self.root not in real.parents:
             raise PathRefused(f"{name!r} leads outside its folder")
-        if must_exist and not real.is_file():
+        try:
+            st = os.stat(real)
+        except OSError:
+            st = None
+        if must_exist and (st is None or not stat.S_ISREG(st.st_mode)):
             raise FileNotFoundError(f"no such file: {'/'.join(parts)}")
+        if st is not None and key is not None:
+            if len(self._known) >= self.KNOWN_MAX:
+                self._known.clear()
+            self._known[key] = (real, str(candidate), _identity(st))
         return real
-
     def relative(self, path: Path) -> str:
         """The name, relative to the root in POSIX form, by which ``path`` is known."""
         return Path(os.path.realpath(path)).relative_to(self.root).as_posix()

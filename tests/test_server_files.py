@@ -197,6 +197,31 @@ async def test_view_refuses_symlinks_out_of_the_root(client: Any, data: Path) ->
     assert r.status == 200 and await r.read() == png()
 
 
+async def test_a_name_served_before_is_refused_once_its_folder_or_file_leads_out(client: Any, data: Path) -> None:
+    """SafeRoot remembers names it resolved; swapping what a served name leads to must not be
+    answered from that memory (a folder becomes a symlink out, a file becomes one, a file is replaced)."""
+    inp = data / "input"
+    (inp / "sub").mkdir()
+    (inp / "sub" / "secret.png").write_bytes(png())
+    (inp / "pic.png").write_bytes(png())
+    for params in ({"filename": "secret.png", "subfolder": "sub"}, {"filename": "pic.png"}):
+        for _ in range(2):  # the second answer comes from the remembered resolution
+            r = await client.get("/view", params={**params, "type": "input"})
+            assert r.status == 200 and await r.read() == png()
+    os.rename(inp / "sub", inp / "was-sub")
+    os.symlink(data.parent, inp / "sub")  # data.parent holds secret.png too
+    os.remove(inp / "pic.png")
+    os.symlink(data.parent / "secret.png", inp / "pic.png")
+    for params in ({"filename": "secret.png", "subfolder": "sub"}, {"filename": "pic.png"}):
+        r = await client.get("/view", params={**params, "type": "input"})
+        await assert_refused(r)
+        assert r.status == 403
+    os.remove(inp / "pic.png")
+    (inp / "pic.png").write_bytes(png(colour=(7, 7, 7)))  # replaced by another file: served as it is now
+    r = await client.get("/view", params={"filename": "pic.png", "type": "input"})
+    assert r.status == 200 and await r.read() == png(colour=(7, 7, 7))
+
+
 # -- /upload/image ------------------------------------------------------------------------------
 
 async def test_upload_deduplicates_by_content(client: Any, data: Path) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from server_helpers import (free_port, kiln, save_workflow, show_workflow, slow_workflow,  # noqa: F401
                             wait_status, wait_up)
@@ -227,12 +228,15 @@ async def test_kiln_serve_is_ready_fast(tmp_path):
             proc.wait(10)
 
 
-def test_store_claim_order_cancel_and_recovery(tmp_path):
-    """The store alone: run order by (number, seq), atomic cancel/claim, restart policy."""
+@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "select-then-update"])
+def test_store_claim_order_cancel_and_recovery(tmp_path, returning):
+    """The store alone: run order by (number, seq), atomic cancel/claim, restart policy; both claim
+    paths (one UPDATE ... RETURNING statement, and the one for SQLite older than 3.35)."""
     from engine.server.store import JobStore
 
     path = tmp_path / "q.sqlite3"
     store = JobStore(path)
+    store.returning = returning
     a = store.add(workflow={}, prompt={})
     b = store.add(workflow={}, prompt={})
     front = store.add(workflow={}, prompt={}, front=True)
@@ -246,6 +250,7 @@ def test_store_claim_order_cancel_and_recovery(tmp_path):
     store.close()
 
     reopened = JobStore(path)  # as after kill -9: two jobs were left "running"
+    reopened.returning = returning
     assert sorted(reopened.recovered) == sorted([front.id, b.id])
     for job_id in (front.id, b.id):
         job = reopened.get(job_id)
