@@ -154,6 +154,7 @@ class SafeRoot:
                 self._known.clear()
             self._known[key] = (real, str(candidate), _identity(st))
         return real
+
     def relative(self, path: Path) -> str:
         """The name, relative to the root in POSIX form, by which ``path`` is known."""
         return Path(os.path.realpath(path)).relative_to(self.root).as_posix()
