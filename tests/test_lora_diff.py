@@ -88,7 +88,8 @@ def sd1_files(tiny_models_dir) -> Path:
     save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.diff_b": _r(32),
                "lora_unet_down_blocks_0_resnets_0_conv2.diff": _r(32, 32, 3, 3)},
               str(folder / "sd1-diff-no-bias.safetensors"))
-    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.diff": _r(32, 16, 3, 3)}, str(folder / "sd1-diff-bad.safetensors"))
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.diff": _r(32, 16, 3, 3)},
+              str(folder / "sd1-diff-bad.safetensors"))
     return folder
 
 
@@ -196,7 +197,8 @@ def flux_root(tmp_path_factory) -> Path:
     upcast = {k: v.float() if v.dtype == torch.float8_e4m3fn else v for k, v in fp8.items()}
     tiny_flux._save(models / "fp8-hand.safetensors", _flux_hand(upcast))  # fp32, the fp8 values plus the diffs
     state = {key: _FLUX[r] for key, (_, r) in _FLUX_DIFFS.items()}
-    state.update({"diffusion_model.img_in.lora_A.weight": _FLUX["A"], "diffusion_model.img_in.lora_B.weight": _FLUX["B"],
+    state.update({"diffusion_model.img_in.lora_A.weight": _FLUX["A"],
+                  "diffusion_model.img_in.lora_B.weight": _FLUX["B"],
                   "diffusion_model.img_in.lora_B.bias": _FLUX["B_b"]})  # BFL's control-LoRA shape of key
     tiny_flux._save(root / "loras" / "flux-diff.safetensors", state)
     tiny_flux._save(root / "loras" / "flux-diff-norm.safetensors", dict(state, **{_NORM_KEY: _FLUX["qn"]}))
