@@ -160,6 +160,42 @@ def test_a_bias_difference_for_a_layer_without_bias_is_reported_and_a_wrong_shap
     assert err.value.input_name == "lora_name" and "conv1.diff (32, 16, 3, 3) vs (32, 32, 3, 3)" in str(err.value)
 
 
+def test_sdxl_diffs_under_original_unet_names_and_both_text_encoders(tiny_env, tiny_models_dir):
+    """kohya's SDXL naming: the UNet in the original layout (``label_emb``, ``input_blocks``), the
+    encoders as ``lora_te1_`` / ``lora_te2_``; each difference lands on its weight exactly."""
+    model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sdxl"))
+    #: file key -> (target, diffusers parameter without the text encoders' optional "text_model.")
+    keys = {"lora_unet_label_emb_0_0.diff": ("unet", "add_embedding.linear_1.weight"),
+            "lora_unet_label_emb_0_0.diff_b": ("unet", "add_embedding.linear_1.bias"),
+            "lora_unet_input_blocks_1_0_out_layers_0.w_norm": ("unet", "down_blocks.0.resnets.0.norm2.weight"),
+            "lora_unet_input_blocks_1_0_out_layers_0.b_norm": ("unet", "down_blocks.0.resnets.0.norm2.bias"),
+            "lora_te1_text_model_final_layer_norm.diff": ("text_encoder", "final_layer_norm.weight"),
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.diff_b": ("text_encoder_2", "encoder.layers.0.mlp.fc1.bias")}
+    base = {}
+    with model.unet() as unet:
+        base["unet"] = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    for name in ("text_encoder", "text_encoder_2"):
+        with clip.encoder(name) as te:
+            base[name] = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    params = {key: (t, p if p in base[t] else "text_model." + p) for key, (t, p) in keys.items()}
+    state = {key: _r(*base[t][p].shape) for key, (t, p) in params.items()}
+    save_file(state, str(Path(tiny_models_dir) / "loras" / "sdxl-diff.safetensors"))
+    rec = Called()
+    m, c = call(lora.lora_loader, tiny_env, rec, model=model, clip=clip, lora_name="sdxl-diff.safetensors",
+                strength_model=0.8, strength_clip=0.8)
+    assert "6 modules patched" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages
+    with m.unet() as unet:
+        ours = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()}}
+    for name in ("text_encoder", "text_encoder_2"):
+        with c.encoder(name) as te:
+            ours[name] = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    hand = {t: dict(sd) for t, sd in base.items()}
+    for key, (t, p) in params.items():
+        hand[t][p] = base[t][p] + state[key] * 0.8
+    assert all(torch.equal(ours[t][k], hand[t][k]) for t in hand for k in hand[t])
+    assert sum(not torch.equal(ours[t][k], base[t][k]) for t in base for k in base[t]) == 6
+
+
 # -- FLUX: original-layout names (fused qkv, swapped final modulation), fp8 and paged weights ----
 
 _FLUX = {"qkv": _r(192, 64), "qkv_b": _r(192), "l2_b": _r(64), "mod_b": _r(128), "A": _r(4, 64), "B": _r(64, 4),
