@@ -41,7 +41,8 @@ from nodes.runtime.patches import Diff, LowRank
 #: (suffix of the "down" factor, suffix of the "up" factor)
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
           (".lora.down.weight", ".lora.up.weight"))
-#: suffix of a whole difference -> (the parameter it adds to, "weight" or "bias"; its kind in _split)
+#: (suffix of a whole difference, what it adds to: the module's "weight", its "bias", or its bias
+#: as a LoRA's own bias, "lora_bias", scaled like the pair)
 _DIFFS = ((".diff_b", "bias"), (".diff", "weight"), (".w_norm", "weight"), (".b_norm", "bias"),
           (".lora_B.bias", "lora_bias"), (".lora_up.bias", "lora_bias"), (".lora.up.bias", "lora_bias"))
 #: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders

@@ -81,7 +81,8 @@ class Diff:
 
     def beside(self, device: Any, coefficient: float) -> tuple:
         """The layer-side form: a weight difference as ``(diff, None, c)`` (``c * x @ diff.T``), a bias
-        difference as ``(diff, "bias", c)`` (``c * diff`` added to the output)."""
+        difference as ``(diff, "bias", c)`` (``c * diff`` added to the output). Only linear layers run
+        patches beside, so the rank tells the two apart: their weights are 2-D, their biases 1-D."""
         import torch
 
         diff = self.diff.to(device, torch.float32)
