@@ -55,7 +55,7 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
                strength_model: float, strength_clip: float) -> tuple[ModelHandle | None, ClipHandle | None]:
     """The handles with the LoRA added to their stacks; errors and a message name what matched."""
     from nodes import lora_keys
-    from nodes.runtime.patches import LoraEntry
+    from nodes.runtime.patches import Diff, LoraEntry
 
     path = locate(ctx.env, LORA_FOLDER, lora_name, "lora_name")
     state = _read(path)
@@ -86,6 +86,9 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
                         f"nothing in this {family} model; {guess}", "lora_name")
     parts = ", ".join(f"{len(t)} in {name}" for name, t in sorted(found.tables.items()))
     note = f"{lora_name}: {found.count} modules patched ({parts})"
+    whole = sum(isinstance(p, Diff) for t in found.tables.values() for p in t.values())
+    if whole:
+        note += f"; {whole} of them by whole weight or bias differences"
     if skipped:
         note += f"; {len(skipped)} text-encoder modules ignored (no CLIP input)"
     if unmatched:

@@ -18,6 +18,13 @@ Formats read (one file may mix them):
   its T5 as ``lora_te3_``);
   a LoRA on a fused original module (``qkv``, ``linear1``) is split row-wise onto
   the separate diffusers projections (the family's key map, ``Family.lora_modules``).
+* Whole differences, under any of the module names above (ComfyUI applies them as
+  ``weight += strength * diff``): ``<module>.diff`` for the weight (LyCORIS "full"
+  modules, also on norms and other 1-D weights), ``<module>.diff_b`` for the bias,
+  LyCORIS' ``.w_norm`` / ``.b_norm`` for a norm's weight and bias, and a LoRA's own
+  bias (``.lora_B.bias``, ``.lora_up.bias``: PEFT with ``lora_bias``, BFL's control
+  LoRAs), which adds ``alpha / rank * bias`` to the layer's bias (PEFT scales the whole
+  ``lora_B`` output; ComfyUI reads BFL's, which have no alpha, as a plain ``diff_b``).
 
 Module names are matched against the model itself (its parameter names, plus the
 original-layout names computed by Kiln's own diffusers -> original converter), so
@@ -29,11 +36,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodes.runtime.patches import LowRank
+from nodes.runtime.patches import Diff, LowRank
 
 #: (suffix of the "down" factor, suffix of the "up" factor)
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
           (".lora.down.weight", ".lora.up.weight"))
+#: (suffix of a whole difference, what it adds to: the module's "weight", its "bias", or its bias
+#: as a LoRA's own bias, "lora_bias", scaled like the pair)
+_DIFFS = ((".diff_b", "bias"), (".diff", "weight"), (".w_norm", "weight"), (".b_norm", "bias"),
+          (".lora_B.bias", "lora_bias"), (".lora_up.bias", "lora_bias"), (".lora.up.bias", "lora_bias"))
 #: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders
 #: by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); FLUX keeps its T5 as text_encoder_2, and a T5 name
 #: never matches SDXL's CLIP-G there, so te3 can point at text_encoder_2 for every family.
@@ -53,7 +64,7 @@ class LoraError(ValueError):
 class Matched:
     """Factors by target and parameter name, and what could not be matched."""
 
-    tables: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+    tables: dict[str, dict[str, LowRank | Diff]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # name fits, shape does not
 
@@ -71,7 +82,8 @@ def module_names(network: Any, target: str, unet_config: dict | None = None,
     ``text_model.`` prefix. ``extra``: the family's own module names
     (``Family.lora_modules``), a parameter name or fused parts each.
     """
-    weights = [n for n, p in network.named_parameters() if n.endswith(".weight") and p.ndim >= 2]
+    # 1-D weights (norms) too: a file's whole differences may address them (factor pairs never fit them)
+    weights = [n for n, p in network.named_parameters() if n.endswith(".weight")]
     names: dict[str, Any] = {}
 
     def add(alias: str, param: Any) -> None:
@@ -113,7 +125,10 @@ def made_for(keys: Any) -> str | None:
 
 
 def _split(key: str) -> tuple[str, str] | None:
-    """(module key, "down" | "up" | "alpha") of a LoRA tensor key, or None."""
+    """(module key, "down" | "up" | "alpha" | a _DIFFS suffix) of a LoRA tensor key, or None."""
+    for suffix, _ in _DIFFS:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
     for down, up in _PAIRS:
         if key.endswith(down):
             return key[: -len(down)], "down"
@@ -138,7 +153,7 @@ def _locate(module_key: str, lookups: dict[str, dict[str, Any]]) -> tuple[str, A
 
 
 def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dict[str, dict[str, tuple]]) -> Matched:
-    """Pair up the file's factors and find the weight each one patches.
+    """Pair up the file's factors, read its whole differences, and find the parameter each patches.
 
     ``lookups``: target -> name table (:func:`module_names`); ``shapes``: target ->
     parameter name -> shape, to refuse factors of another architecture.
@@ -152,7 +167,9 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             continue
         groups.setdefault(split[0], {})[split[1]] = value
     for module_key, parts in sorted(groups.items()):
-        if "down" not in parts or "up" not in parts:
+        has_pair = "down" in parts and "up" in parts
+        diffs = [k for k in parts if k not in ("down", "up", "alpha")]
+        if ("down" in parts) != ("up" in parts) or not (has_pair or diffs):
             result.unmatched.append(module_key)
             continue
         found = _locate(module_key, lookups)
@@ -160,27 +177,79 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             result.unmatched.append(module_key)
             continue
         target, param = found
-        down, up = parts["down"], parts["up"]
         alpha = parts.get("alpha")
-        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        if isinstance(param, str):
-            pieces = [(param, up)]
-        else:  # a fused module: each parameter takes its rows of up
-            import torch
-
-            total = sum(b - a for _, rows in param for a, b in rows)
-            if up.shape[0] != total:
-                result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs {total} rows")
+        patches: list[tuple[str, Any]] = []
+        if has_pair:
+            pair = _pair(module_key, param, parts["down"], parts["up"], alpha, shapes[target], result)
+            if pair is None:
                 continue
-            pieces = [(name, torch.cat([up[a:b] for a, b in rows])) for name, rows in param]
-        bad = [p for p, u in pieces if not _fits(u, down, shapes[target][p])]
-        if bad:
-            result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs "
-                                     f"{shapes[target][bad[0]]}")
-            continue
-        for name, piece in pieces:
-            result.tables.setdefault(target, {})[name] = LowRank(piece.float(), down.float(), scale)
+            patches += pair
+        for suffix in diffs:
+            diff = _diff(module_key + suffix, param, parts[suffix], dict(_DIFFS)[suffix], alpha, parts.get("down"),
+                         shapes[target], result)
+            patches += diff or []
+        table = result.tables.setdefault(target, {}) if patches else {}
+        for name, patch in patches:
+            if name in table:  # one file giving a parameter twice: keep the first, say so
+                result.unmatched.append(f"{module_key} (a second patch for {name})")
+            else:
+                table[name] = patch
     return result
+
+
+def _rows(param: Any, tensor: Any, bias: bool) -> list[tuple[str, Any]]:
+    """(parameter name, its part of ``tensor``) for a module's weight or bias: one piece, or the
+    rows of a fused original module spread over the separate diffusers parameters."""
+    import torch
+
+    def name(weight: str) -> str:
+        return weight[: -len(".weight")] + ".bias" if bias else weight
+
+    if isinstance(param, str):
+        return [(name(param), tensor)]
+    return [(name(p), torch.cat([tensor[a:b] for a, b in rows])) for p, rows in param]
+
+
+def _fused_rows(param: Any) -> int | None:
+    return None if isinstance(param, str) else sum(b - a for _, rows in param for a, b in rows)
+
+
+def _pair(module_key: str, param: Any, down: Any, up: Any, alpha: Any, shapes: dict[str, tuple],
+          result: Matched) -> list[tuple[str, LowRank]] | None:
+    """The factor pair as LowRank patches, or None (recorded as mismatched) when it does not fit."""
+    scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+    total = _fused_rows(param)
+    if total is not None and up.shape[0] != total:
+        result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs {total} rows")
+        return None
+    pieces = _rows(param, up, bias=False)
+    bad = [p for p, u in pieces if not _fits(u, down, shapes[p])]
+    if bad:
+        result.mismatched.append(f"{module_key} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs {shapes[bad[0]]}")
+        return None
+    return [(name, LowRank(piece.float(), down.float(), scale)) for name, piece in pieces]
+
+
+def _diff(key: str, param: Any, diff: Any, kind: str, alpha: Any, down: Any, shapes: dict[str, tuple],
+          result: Matched) -> list[tuple[str, Diff]] | None:
+    """A whole difference as Diff patches, or None (recorded) when the layer has no such parameter
+    (a bias difference for a layer without a bias: unmatched) or its shape differs (mismatched)."""
+    bias = kind != "weight"
+    scale = float(alpha) / down.shape[0] if kind == "lora_bias" and alpha is not None and down is not None else 1.0
+    total = _fused_rows(param)
+    if total is not None and diff.shape[0] != total:
+        result.mismatched.append(f"{key} {tuple(diff.shape)} vs {total} rows")
+        return None
+    pieces = _rows(param, diff, bias)
+    missing = [p for p, _ in pieces if p not in shapes]
+    if missing:
+        result.unmatched.append(f"{key} (the layer has no {missing[0].rsplit('.', 1)[1]})")
+        return None
+    bad = [p for p, d in pieces if tuple(d.shape) != tuple(shapes[p])]
+    if bad:
+        result.mismatched.append(f"{key} {tuple(diff.shape)} vs {shapes[bad[0]]}")
+        return None
+    return [(name, Diff(piece.float(), scale)) for name, piece in pieces]
 
 
 def _fits(up: Any, down: Any, shape: tuple) -> bool:

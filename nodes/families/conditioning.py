@@ -18,7 +18,8 @@ smallest of its entries whose area contains it (else its first entry without an
 area). Guidance then compares like with like inside every area.
 
 A latent pixel that no entry covers (no area reaches it, or only zero mask
-weight) gets ComfyUI's prediction there: a clean latent of zero.
+weight) gets ComfyUI's prediction there: a clean latent of zero, written in the
+network's own parametrisation (epsilon, v, or a flow model's velocity).
 
 Entries with the same crop and token count are evaluated in one network call.
 """
@@ -244,6 +245,9 @@ def fill_uncovered(out: "torch.Tensor", covered: "torch.Tensor", model_in: "torc
 
     ``model_in`` is the variance-preserving sample ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``
     with ``sigma^2 = (1 - a) / a``; x0 = 0 means eps = x_t sqrt(sigma^2 + 1) / sigma and v = x_t / sigma.
+    A flow model ("flow") sees its state ``x_t = (1 - sigma) x0 + sigma noise`` unscaled and predicts
+    the velocity ``noise - x0``, so ``x0 = x_t - sigma v``: x0 = 0 means v = x_t / sigma. (Its output
+    of zero would mean x0 = x_t: the region would keep its noise to the end.)
     """
     import torch
 
@@ -251,7 +255,7 @@ def fill_uncovered(out: "torch.Tensor", covered: "torch.Tensor", model_in: "torc
         return out
     if prediction_type == "epsilon":
         empty = model_in * (math.sqrt(sigma ** 2 + 1.0) / sigma)
-    elif prediction_type == "v_prediction":
+    elif prediction_type in ("v_prediction", "flow"):  # the same number in both parametrisations
         empty = model_in / sigma
     else:
         empty = torch.zeros_like(model_in)

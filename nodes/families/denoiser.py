@@ -57,7 +57,8 @@ class Denoiser:
 
         share_with_uncond(self.positive, self.negative)
         self.schedule = schedule
-        self.prediction_type = prediction_type
+        # a flow model's scheduler config names no prediction type; its schedule says it predicts velocity
+        self.prediction_type = getattr(schedule, "prediction_type", None) or prediction_type
         #: ((h, w), (positive, negative)) resolved for that latent size (the general path)
         self._sides: Any = None
         #: The last call's unguided (negative-side) output, for CFG++ samplers; the output

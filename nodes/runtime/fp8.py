@@ -28,6 +28,8 @@ def _cast_linear_class():
         ``kiln_lora``, set only while LoRA patches are applied (nodes.runtime.patches):
         ``(up, down, coefficient)`` factors added as ``coefficient * (x @ down.T) @ up.T``,
         because adding a LoRA's small delta into fp8 weights would round most of it away.
+        A whole weight difference comes as ``(diff, None, c)`` (``c * x @ diff.T``), a bias
+        difference as ``(diff, "bias", c)`` (``c * diff``; see ``patches.Diff.beside``).
         """
 
         kiln_lora: tuple = ()
@@ -37,8 +39,11 @@ def _cast_linear_class():
             b = self.bias.to(x.dtype) if self.bias is not None else None
             out = torch.nn.functional.linear(x, w, b)
             for up, down, coefficient in self.kiln_lora:
-                out = out + torch.nn.functional.linear(torch.nn.functional.linear(x, down.to(x.dtype)),
-                                                       up.to(x.dtype)) * coefficient
+                if isinstance(down, str):  # "bias": a bias difference
+                    out = out + up.to(x.dtype) * coefficient
+                    continue
+                h = x if down is None else torch.nn.functional.linear(x, down.to(x.dtype))
+                out = out + torch.nn.functional.linear(h, up.to(x.dtype)) * coefficient
             return out
 
     return CastLinear

@@ -10,6 +10,8 @@ patched weights are saved, and only for the duration of the block.
 A delta is ``strength * scale * (up @ down)`` reshaped to the weight (LoCon's
 convolution factors flatten the same way); ``scale`` is the file's
 ``alpha / rank`` (1 when the file has no alpha, as diffusers/PEFT files do).
+A full difference (:class:`Diff`: a file's ``.diff`` for a weight, ``.diff_b`` for a
+bias, a LoRA's own bias) is ``strength * scale * diff``, on the same path.
 An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
@@ -50,14 +52,53 @@ class LowRank:
         down = self.down.to(device, torch.float32).flatten(1)
         return (up @ down).reshape(shape) * self.scale
 
+    def beside(self, device: Any, coefficient: float) -> tuple:
+        """The layer-side form (``CastLinear.kiln_lora``): ``coefficient * (x @ down.T) @ up.T``."""
+        import torch
+
+        return (self.up.to(device, torch.float32).flatten(1), self.down.to(device, torch.float32).flatten(1),
+                coefficient * self.scale)
+
+
+@dataclass(frozen=True)
+class Diff:
+    """A whole difference for one parameter: ``scale * diff`` is added to it.
+
+    Files carry these beside their factor pairs: ``<layer>.diff`` (a full weight
+    difference, LyCORIS' "full" modules), ``<layer>.diff_b`` (a bias difference) and a
+    LoRA's own bias (PEFT's ``lora_B.bias``, BFL's control LoRAs), which adds to the bias
+    the way ``up @ down`` adds to the weight. ``scale``: the file's ``alpha / rank`` for a
+    LoRA bias (PEFT scales its whole ``lora_B`` output), 1 otherwise.
+    """
+
+    diff: "torch.Tensor"
+    scale: float = 1.0
+
+    def delta(self, shape: tuple[int, ...], device: Any) -> "torch.Tensor":
+        import torch
+
+        return self.diff.to(device, torch.float32).reshape(shape) * self.scale
+
+    def beside(self, device: Any, coefficient: float) -> tuple:
+        """The layer-side form: a weight difference as ``(diff, None, c)`` (``c * x @ diff.T``), a bias
+        difference as ``(diff, "bias", c)`` (``c * diff`` added to the output). Only linear layers run
+        patches beside, so the rank tells the two apart: their weights are 2-D, their biases 1-D."""
+        import torch
+
+        diff = self.diff.to(device, torch.float32)
+        return (diff, "bias" if diff.ndim == 1 else None, coefficient * self.scale)
+
+
+Patch = Any  # LowRank | Diff: what a table holds per parameter name
+
 
 @dataclass(frozen=True, eq=False)
 class LoraEntry:
-    """One LoRA in a stack: per target ("unet", "text_encoder", ...) the factors by parameter name."""
+    """One LoRA in a stack: per target ("unet", "text_encoder", ...) the patch by parameter name."""
 
     name: str
     strength: float
-    tables: dict[str, dict[str, LowRank]] = field(default_factory=dict)
+    tables: dict[str, dict[str, Patch]] = field(default_factory=dict)
 
 
 LoraStack = tuple  # tuple[LoraEntry, ...]
@@ -88,9 +129,7 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                     p = params[name]
                     owner = name.rsplit(".", 1)[0]
                     if (is_fp8(p) or paged) and hasattr(module.get_submodule(owner), "kiln_lora"):
-                        beside.setdefault(owner, []).append(
-                            (factors.up.to(device, torch.float32).flatten(1),
-                             factors.down.to(device, torch.float32).flatten(1), factors.scale * entry.strength))
+                        beside.setdefault(owner, []).append(factors.beside(device, entry.strength))
                         continue
                     if paged:  # only a denoiser is paged, so the input at fault is the model
                         from engine.context import NodeError

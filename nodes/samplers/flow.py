@@ -101,6 +101,9 @@ class FlowSchedule:
     config instead would be meaningless (and diffusers complains about the flow keys).
     """
 
+    #: What the network predicts: the velocity (the denoiser fills uncovered area pixels by it).
+    prediction_type = "flow"
+
     def __init__(self, config: Mapping[str, Any]) -> None:
         import torch
 
