@@ -12,11 +12,14 @@ samples as one batch of 3 with the same results as alone.
 """
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine.batching import BatchItem, batch_key, per_job_nodes, run_together
 from engine.context import Environment, JobInfo, NodeContext
@@ -26,9 +29,19 @@ from engine.executor import Executor
 LONG = ", ".join(["a very long prompt about a small red house by a lake"] * 12)  # > 77 tokens
 
 
-def _ctx(env: Environment | None) -> NodeContext:
+def _ctx(env: Environment | None, previews: list | None = None) -> NodeContext:
+    """A KSampler's context; ``previews`` (when given) receives each progress report's preview(s)."""
+    def progress(v: int, m: int, p: Any = None) -> None:
+        if previews is not None:
+            previews.append(p)
+
     return NodeContext(env=env, job=JobInfo(id="t"), node_id="3", node_type="KSampler",
-                       _progress=lambda v, m, p=None: None, _is_interrupted=lambda: False, _message=lambda t: None)
+                       _progress=progress, _is_interrupted=lambda: False, _message=lambda t: None)
+
+
+def _pixels(preview: Any) -> "np.ndarray":
+    with Image.open(io.BytesIO(preview.data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sdxl"])
@@ -107,17 +120,22 @@ def test_prompts_of_other_token_counts_share_the_batch(tiny_env, variant: str) -
     empty = {"samples": torch.zeros(2, 4, 8, 8)}  # two images per job
     shared = dict(model=model, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     items = [{"seed": 7, "latent_image": empty, "positive": p, "negative": n} for p, n in prompts]
+    shown: list[Any] = []
     with _Calls(model) as calls:
-        outs = sampling.ksampler.batch.run(_ctx(tiny_env), items, **shared)
+        outs = sampling.ksampler.batch.run(_ctx(tiny_env, shown), items, **shared)
     assert outs is not None and len(outs) == 4
     # Per step one call for the two short jobs and one for the two long ones (2 sides x 2 images each),
     # not one per job: the batch did not fall back to per-job sampling.
     assert sorted(calls.seen) == sorted([(8, short_len), (8, long_len)] * 3), calls.seen
     singles = []
-    for item, (out,) in zip(items, outs):
-        single = call(sampling.ksampler, tiny_env, **item, **shared)[0]["samples"]
+    assert len(shown) == 3 and all(len(p) == 4 for p in shown)  # each step: one preview per job
+    for j, (item, (out,)) in enumerate(zip(items, outs)):
+        alone: list[Any] = []
+        single = sampling.ksampler.fn(_ctx(tiny_env, alone), **item, **shared)[0]["samples"]
         assert torch.allclose(out["samples"], single, atol=1e-4), (out["samples"] - single).abs().max()
         singles.append(single)
+        # The job's preview shows its own first image: the one its single run previews.
+        assert np.abs(_pixels(shown[-1][j]) - _pixels(alone[-1])).max() <= 3, j
     for k in range(1, 4):  # same seed, other prompts: each job's own conditioning was used
         assert (singles[0] - singles[k]).abs().max() > 1e-2
 
