@@ -4,7 +4,7 @@ Engine level, with stub nodes: jobs differing only in a batchable node's declare
 inputs share their common nodes, run that node as one call, and keep their own
 events and outcomes; a failing batch falls back to per-job runs so only the bad
 job fails. Server level, with the tiny SD1 checkpoint on a real loopback server:
-three queued jobs differing in seed (one also in prompt) run as one sampler batch (each job is
+three queued jobs differing in seed (one also in prompt, a long one) run as one sampler batch (each job is
 told so in a node message), each image equals the same job run alone within
 1/255, each job has its own history entry, files and websocket events (its own live
 previews among them), and a job with another graph is not batched.
@@ -263,8 +263,9 @@ async def test_a_database_error_while_gathering_a_batch_runs_every_job_alone(aio
 # -- the server, with the tiny SD1 checkpoint -------------------------------------------------
 
 SEEDS = (3, 4, 5)
-#: The last job has its own prompt: it still shares the sampler batch (per-job conditioning).
-TEXTS = ("a lighthouse", "a lighthouse", "a red boat")
+#: The last job has its own prompt, longer than 77 tokens (a 154-token context): it still shares
+#: the sampler batch (per-job conditioning, one network call per token count).
+TEXTS = ("a lighthouse", "a lighthouse", ", ".join(["a red boat on a calm sea at dawn"] * 12))
 
 
 def _txt2img(ckpt: str, seed: int, steps: int = 3, prefix: str = "batch", text: str = "a lighthouse") -> dict[str, Any]:
