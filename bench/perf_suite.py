@@ -22,7 +22,9 @@ processor; Kiln's denoiser is the same diffusers UNet). Figures:
   would bring at most;
 * cross-job batching (--queued 1,2,4): N queued txt2img / img2img jobs (--queued-workflows)
   that differ only in seed (or, with --queued-vary prompt, in seed and prompt: each job
-  then also encodes its own new prompt, in both modes), run the way the server's worker batches them
+  then also encodes its own new prompt, in both modes; with --queued-vary long-prompt the
+  second job's prompt is longer than 77 tokens, so the batch's denoiser makes one network call
+  per token count), run the way the server's worker batches them
   (engine.batching.run_together: shared nodes once, one KSampler batch, decode and save
   per job) against the same N jobs one by one through the executor; both warm (model
   loaded, prompts and the init image encoded and cached), each round with new seeds so
@@ -65,6 +67,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from img2img_vs_diffusers import NEGATIVE, PROMPT, UNetCalls, saved_components  # noqa: E402
 
 CORES = os.cpu_count() or 1
+#: A prompt past one 77-token window (``--queued-vary long-prompt``): its context is 154 tokens.
+LONG_PROMPT = ", ".join([PROMPT] * 12)
 
 
 class Timed:
@@ -138,9 +142,11 @@ def queued_jobs(executor: Any, timed: Timed, counts: list[int], args: Any,
 
         def jobs(n: int) -> list[Any]:
             out = []
-            for _ in range(n):
+            for i in range(n):
                 seed = next(seeds)
-                prompt = {"prompt": f"{PROMPT}, variation {seed}"} if args.queued_vary == "prompt" else {}
+                prompt = {"prompt": f"{PROMPT}, variation {seed}"} if args.queued_vary != "seed" else {}
+                if args.queued_vary == "long-prompt" and i == 1:  # past 77 tokens: a 154-token context
+                    prompt = {"prompt": f"{LONG_PROMPT}, variation {seed}"}
                 out.append(base.with_overrides({"seed": seed, **prompt}))
             return out
 
@@ -187,8 +193,9 @@ def main() -> None:
                         help="queued txt2img jobs for the cross-job batching figure ('' = skip)")
     parser.add_argument("--queued-workflows", default="txt2img,img2img",
                         help="workflows for the cross-job batching figure (txt2img, img2img)")
-    parser.add_argument("--queued-vary", choices=["seed", "prompt"], default="seed",
-                        help="what the queued jobs differ in: the seed, or the seed and the prompt")
+    parser.add_argument("--queued-vary", choices=["seed", "prompt", "long-prompt"], default="seed",
+                        help="what the queued jobs differ in: the seed, or the seed and the prompt; "
+                             "long-prompt: as prompt, the second job's prompt longer than 77 tokens")
     parser.add_argument("--no-startup", action="store_true")
     args = parser.parse_args()
 

@@ -118,6 +118,21 @@ def per_job_nodes(plan: Plan) -> set[str]:
     return free
 
 
+def _share_progress(runs: list[_Run], node_id: str, value: int, maximum: int, preview: Any) -> None:
+    """One progress report of a call made for several jobs, to each of them.
+
+    A batched call may pass one preview per job (a list in the order of its items:
+    each job's own image); a single preview is the first job's image, so the others
+    get progress without one. A job nobody watches gets none.
+    """
+    if isinstance(preview, (list, tuple)) and len(preview) == len(runs):
+        previews = list(preview)
+    else:
+        previews = [preview] + [None] * (len(runs) - 1)
+    for run, own in zip(runs, previews):
+        run._progress(node_id, value, maximum, own if run.job.previews else None)
+
+
 @dataclass
 class BatchItem:
     """One job of a group: its plan, what it carries, where its events go, its interrupt."""
@@ -284,9 +299,7 @@ class _Together:
         ctx = NodeContext(
             env=self.ex.env, job=dataclasses.replace(lead.job, previews=any(r.job.previews for r in runs)),
             node_id=node_id, node_type=node.spec.type,
-            # A preview shows the call's first image, the first job's: the others get progress without one.
-            _progress=lambda v, m, p: [r._progress(node_id, v, m, p if k == 0 else None)
-                                       for k, r in enumerate(runs)] and None,
+            _progress=lambda v, m, p: _share_progress(runs, node_id, v, m, p),
             _is_interrupted=lambda: any(r.interrupt.is_set() for r in runs),
             _message=lambda text: [self._message(i, node_id, text) for i in group] and None,
         )

@@ -185,7 +185,10 @@ class NodeContext:
             raise Interrupted()
 
     def progress(self, value: int, maximum: int, preview: Any = None) -> None:
-        """Report progress (e.g. a sampler step); also an interruption point."""
+        """Report progress (e.g. a sampler step); also an interruption point.
+
+        A node's ``Batch.run`` (several jobs in one call) may pass a list of previews, one
+        per item in the items' order, so each job sees its own image (engine.batching)."""
         self.check_interrupted()
         self._progress(value, maximum, preview)
 

@@ -39,8 +39,8 @@ def _ksampler_batch(ctx, items, model, steps: int, cfg: float, sampler_name: str
     batch would not reproduce the single runs: latents of different shapes,
     strengths, batch indices or kinds (empty vs encoded: the txt2img start
     differs), noise masks and inpainting models, conditionings other than one plain
-    prompt per side (areas, masks, timestep ranges, ControlNets), prompts of different
-    token counts (see _conditioning), and dpm_adaptive (its step size follows the
+    prompt per side (areas, masks, timestep ranges, ControlNets), prompts from text
+    encoders of other widths (see _conditioning), and dpm_adaptive (its step size follows the
     error of the whole batch).
     """
     import torch
@@ -81,8 +81,10 @@ def _conditioning(sides: list[list]) -> list | None:
     Each job's side must be one plain prompt whose extras are per-conditioning values the
     family turns into per-image rows (SDXL's pooled text and size ids, FLUX's pooled text
     and guidance). Prompts of different token counts (a long prompt encoded in more
-    77-token windows) decline: stacking them needs padding or repeating, which changes
-    the attention's arithmetic (and for FLUX's joint attention its result).
+    77-token windows) share the batch: the denoiser makes one network call per token
+    count (nodes.families.token_groups) rather than padding or repeating contexts,
+    which would change the attention's arithmetic (and for FLUX's joint attention its
+    result). Encoders of other widths decline (the single runs would fail alone).
     """
     import torch
 
@@ -100,8 +102,8 @@ def _conditioning(sides: list[list]) -> list | None:
                 return None
     if all(cond is conds[0] for conds in sides for cond in conds):
         return [conds[0] for conds in sides]  # one prompt pair for every job: the single-run path
-    for conds in sides:
-        if len({tuple(cond[0][0].shape) for cond in conds}) != 1:
+    for conds in sides:  # the token count may differ (the denoiser groups by it), the width may not
+        if len({(cond[0][0].shape[0], cond[0][0].shape[2]) for cond in conds}) != 1:
             return None
         pooled = [(cond[0][1] or {}).get("pooled_output") for cond in conds]
         if len({tuple(p.shape) if isinstance(p, torch.Tensor) else None for p in pooled}) != 1:
@@ -236,7 +238,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted,
-                              previews=ctx.wants_previews, hold=hold)
+                              previews=ctx.wants_previews, hold=hold, jobs=len(job_seeds))
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     final = model.latent.from_model(result).to("cpu", torch.float32)

@@ -4,20 +4,22 @@ Engine level, with stub nodes: jobs differing only in a batchable node's declare
 inputs share their common nodes, run that node as one call, and keep their own
 events and outcomes; a failing batch falls back to per-job runs so only the bad
 job fails. Server level, with the tiny SD1 checkpoint on a real loopback server:
-three queued jobs differing in seed (one also in prompt) run as one sampler batch (each job is
+three queued jobs differing in seed (one also in prompt, a long one) run as one sampler batch (each job is
 told so in a node message), each image equals the same job run alone within
-1/255, each job has its own history entry, files and websocket events, and a job
-with another graph is not batched.
+1/255, each job has its own history entry, files and websocket events (its own live
+previews among them), and a job with another graph is not batched.
 """
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,7 +27,7 @@ from PIL import Image
 from engine import types as T
 from engine.batching import BatchItem, batch_key, run_together
 from engine.context import Environment, JobInfo, NodeError
-from engine.events import JobFailed, JobFinished, JobStarted, NodeFinished, NodeMessage, Progress
+from engine.events import JobFailed, JobFinished, JobStarted, NodeFinished, NodeMessage, Preview, Progress
 from engine.executor import Executor
 from engine.formats import parse_document
 from engine.node import Batch, Input, Output, Result, define_node
@@ -125,6 +127,38 @@ def test_jobs_share_common_nodes_and_run_the_batchable_one_once(tmp_path: Path) 
         assert len(notes) == 1 and "one batch of 3 jobs" in notes[0]
         assert {e.node_id for e in seen if isinstance(e, NodeFinished)} == {"1", "2", "3"}
         assert seen[-1].executed == ["1", "2", "3"]
+
+
+def _painted_batch(ctx, items, value):
+    """Each job's own preview (its seed in the bytes), in the items' order."""
+    ctx.progress(1, 1, [Preview(data=bytes([item["seed"]])) for item in items])
+    return [(value + item["seed"],) for item in items]
+
+
+@define_node("Painted", inputs=[Input("value", T.FLOAT), Input("seed", T.INT, default=0, min=0, max=100)],
+             outputs=[Output("value", T.FLOAT)], batch=Batch(vary=("seed",), run=_painted_batch))
+def painted(ctx, value, seed):
+    ctx.progress(1, 1, Preview(data=bytes([seed])))
+    return (value + seed,)
+
+
+def test_a_batched_call_gives_each_job_its_own_preview(tmp_path: Path) -> None:
+    """A Batch.run passing one preview per item: each job gets its own; one nobody watches gets none."""
+    registry = _registry()
+    registry.add(painted)
+    executor = Executor(registry, Environment.for_folder(tmp_path))
+    events: list[list[Any]] = [[], [], []]
+    items = []
+    for i, seed in enumerate((1, 2, 3)):
+        prompt = {"1": {"class_type": "Constant", "inputs": {"value": 5.0}},
+                  "2": {"class_type": "Painted", "inputs": {"value": ["1", 0], "seed": seed}},
+                  "3": {"class_type": "Keep", "inputs": {"value": ["2", 0]}}}
+        items.append(BatchItem(executor.plan(parse_document(prompt, registry)),
+                               JobInfo(id=f"p{seed}", previews=seed != 2), events[i].append, threading.Event()))
+    outcomes = run_together(executor, items)
+    assert [o.outputs["3"]["value"] for o in outcomes] == [[6.0], [7.0], [8.0]]
+    shown = [[e.preview.data if e.preview else None for e in seen if isinstance(e, Progress)] for seen in events]
+    assert shown == [[b"\x01"], [None], [b"\x03"]]
 
 
 def test_a_failing_batch_falls_back_so_only_the_bad_job_fails(tmp_path: Path) -> None:
@@ -229,8 +263,9 @@ async def test_a_database_error_while_gathering_a_batch_runs_every_job_alone(aio
 # -- the server, with the tiny SD1 checkpoint -------------------------------------------------
 
 SEEDS = (3, 4, 5)
-#: The last job has its own prompt: it still shares the sampler batch (per-job conditioning).
-TEXTS = ("a lighthouse", "a lighthouse", "a red boat")
+#: The last job has its own prompt, longer than 77 tokens (a 154-token context): it still shares
+#: the sampler batch (per-job conditioning, one network call per token count).
+TEXTS = ("a lighthouse", "a lighthouse", ", ".join(["a red boat on a calm sea at dawn"] * 12))
 
 
 def _txt2img(ckpt: str, seed: int, steps: int = 3, prefix: str = "batch", text: str = "a lighthouse") -> dict[str, Any]:
@@ -272,7 +307,7 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
     ckpt = tiny_models.checkpoint_name("sd1")
     client = await aiohttp_client(make_app(tmp_path / "data", tiny_models_dir, tmp_path / "wf",
                                            registry=node_registry))
-    ws = await client.ws_connect("/ws?clientId=b&protocol=kiln")
+    ws = await client.ws_connect("/ws?clientId=b&protocol=kiln&encoding=msgpack")  # previews inside the event
     busy = await client.post("/prompt", json={"client_id": "b", "prompt": {
         "1": {"class_type": "Spin", "inputs": {"value": 1.0, "ticks": 100000, "delay": 0.01}},
         "2": {"class_type": "Format", "inputs": {"value": ["1", 0]}},
@@ -281,7 +316,8 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
     await wait_status(client, busy_id, ("running",))
     ids = []
     for seed, text in zip(SEEDS, TEXTS):
-        r = await client.post("/prompt", json={"client_id": "b", "prompt": _txt2img(ckpt, seed, text=text)})
+        r = await client.post("/prompt", json={"client_id": "b", "prompt": _txt2img(ckpt, seed, text=text),
+                                               "extra_data": {"preview_method": "auto"}})
         ids.append((await r.json())["prompt_id"])
     r = await client.post("/prompt", json={"client_id": "b", "prompt": _txt2img(ckpt, 3, steps=2, prefix="other")})
     other = (await r.json())["prompt_id"]
@@ -291,24 +327,32 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
 
     events: dict[str, list[dict]] = {}
     while True:  # every event up to the last job's end
-        msg = await asyncio.wait_for(ws.receive_json(), 30)
+        msg = msgpack.unpackb(await asyncio.wait_for(ws.receive_bytes(), 30), raw=False)
         events.setdefault(msg.get("job_id"), []).append(msg)
         if msg.get("type") == "job_finished" and msg.get("job_id") == other:
             break
     await ws.close()
 
-    files = set()
+    files, previews = set(), []
     for job_id in ids:
         seen = [e["type"] for e in events[job_id]]
         assert seen[0] == "job_started" and seen[-1] == "job_finished" and "progress" in seen
         notes = [e["message"] for e in events[job_id] if e["type"] == "node_message"]
         assert any("one batch of 3 jobs" in n for n in notes), notes  # it did run as one batch
+        # Each job of the batch gets live previews of its own images, not only the first job.
+        steps = [e for e in events[job_id] if e["type"] == "progress" and e["node_id"] == "3"]
+        assert steps and all(e.get("preview") for e in steps), steps
+        with Image.open(io.BytesIO(steps[-1]["preview"]["data"])) as im:
+            previews.append(np.asarray(im.convert("RGB"), dtype=np.int16))
         executed = [e for e in events[job_id] if e["type"] == "node_finished" and e["ui"]]
         assert [e["node_id"] for e in executed] == ["9"]
         hist = (await (await client.get(f"/history/{job_id}")).json())[job_id]
         assert hist["status"]["status_str"] == "success"
         files.add(hist["outputs"]["9"]["images"][0]["filename"])
     assert len(files) == 3  # each job its own file
+    for a in range(3):  # the seeds differ, so do the previews: each shows its own job's latent
+        for b in range(a + 1, 3):
+            assert np.abs(previews[a] - previews[b]).max() > 10, (a, b)
     assert not any(e["type"] == "node_message" and "batch" in e["message"] for e in events[other])
 
     # Each image equals the same job run alone (a fresh executor, nothing shared with the server).

@@ -3,18 +3,23 @@
 Node level: KSampler's batched run with each job's own positive/negative equals each
 job's single run (SD1, SDXL, FLUX [dev] with its own guidance per job), and the
 per-job conditioning is really used (same seed, other prompt: another image);
-prompts of different token counts decline. Executor level, with the shipped
-img2img workflow: two jobs with other prompts and other input images have one
-batch key and sample as one batch of 2, each result equal to its single run;
-one with a long prompt falls back to per-job sampling with the same results.
+prompts of different token counts (a long prompt, a negative longer than its
+positive, a shorter T5 context) share the batch with one network call per token
+count (counted). Executor level, with the shipped img2img workflow: two jobs with
+other prompts and other input images have one batch key and sample as one batch
+of 2, each result equal to its single run; a long prompt among short ones still
+samples as one batch of 3 with the same results as alone.
 """
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine.batching import BatchItem, batch_key, per_job_nodes, run_together
 from engine.context import Environment, JobInfo, NodeContext
@@ -24,9 +29,19 @@ from engine.executor import Executor
 LONG = ", ".join(["a very long prompt about a small red house by a lake"] * 12)  # > 77 tokens
 
 
-def _ctx(env: Environment | None) -> NodeContext:
+def _ctx(env: Environment | None, previews: list | None = None) -> NodeContext:
+    """A KSampler's context; ``previews`` (when given) receives each progress report's preview(s)."""
+    def progress(v: int, m: int, p: Any = None) -> None:
+        if previews is not None:
+            previews.append(p)
+
     return NodeContext(env=env, job=JobInfo(id="t"), node_id="3", node_type="KSampler",
-                       _progress=lambda v, m, p=None: None, _is_interrupted=lambda: False, _message=lambda t: None)
+                       _progress=progress, _is_interrupted=lambda: False, _message=lambda t: None)
+
+
+def _pixels(preview: Any) -> "np.ndarray":
+    with Image.open(io.BytesIO(preview.data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sdxl"])
@@ -55,10 +70,74 @@ def test_ksampler_batch_gives_each_job_its_own_prompts(tiny_env, variant: str) -
     # Same seed, other prompts: the per-job conditioning was used, not the first job's for all.
     assert (outs[0][0]["samples"] - outs[1][0]["samples"]).abs().max() > 1e-2
 
-    # A prompt longer than one 77-token window: its context has more tokens; no exact stack, decline.
-    long_items = [items[0], dict(items[1], positive=encode(LONG))]
-    assert long_items[1]["positive"][0][0].shape[1] != items[0]["positive"][0][0].shape[1]
-    assert sampling.ksampler.batch.run(_ctx(tiny_env), long_items, **shared) is None
+    # A prompt from a text encoder of another width cannot share the batch (nor run alone): decline.
+    import torch as _torch
+
+    narrow = [[_torch.zeros(1, 77, 7), {}]]
+    assert sampling.ksampler.batch.run(_ctx(tiny_env), [items[0], dict(items[1], positive=narrow)], **shared) is None
+
+
+class _Calls:
+    """Counts the network's forward calls (rows, context tokens) while installed."""
+
+    def __init__(self, model: Any) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self.net = model.peek()
+
+    def __enter__(self) -> "_Calls":
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # UNet / FLUX
+            self.seen.append((x.shape[0], kwargs["encoder_hidden_states"].shape[1]))
+
+        self.handle = self.net.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
+def test_prompts_of_other_token_counts_share_the_batch(tiny_env, variant: str) -> None:
+    """A positive longer than one 77-token window (its context 154 tokens), and a negative longer than
+    its positive: the batch makes one network call per token count, short-prompt jobs together, and
+    each job equals its single run (where its positive and negative are matched as always)."""
+    import torch
+
+    import tiny_models
+    from node_call import call
+    from nodes import loaders, sampling, text
+
+    model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tiny_models.checkpoint_name(variant))
+
+    def encode(prompt: str) -> list:
+        return call(text.clip_text_encode, tiny_env, text=prompt, clip=clip)[0]
+
+    short, long_ = encode("a castle"), encode(LONG)
+    short_len, long_len = short[0][0].shape[1], long_[0][0].shape[1]
+    assert long_len > short_len
+    prompts = [(short, encode("fog")), (long_, encode("blurry")), (encode("a red boat"), long_),
+               (encode("a lake"), encode("rain"))]
+    empty = {"samples": torch.zeros(2, 4, 8, 8)}  # two images per job
+    shared = dict(model=model, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    items = [{"seed": 7, "latent_image": empty, "positive": p, "negative": n} for p, n in prompts]
+    shown: list[Any] = []
+    with _Calls(model) as calls:
+        outs = sampling.ksampler.batch.run(_ctx(tiny_env, shown), items, **shared)
+    assert outs is not None and len(outs) == 4
+    # Per step one call for the two short jobs and one for the two long ones (2 sides x 2 images each),
+    # not one per job: the batch did not fall back to per-job sampling.
+    assert sorted(calls.seen) == sorted([(8, short_len), (8, long_len)] * 3), calls.seen
+    singles = []
+    assert len(shown) == 3 and all(len(p) == 4 for p in shown)  # each step: one preview per job
+    for j, (item, (out,)) in enumerate(zip(items, outs)):
+        alone: list[Any] = []
+        single = sampling.ksampler.fn(_ctx(tiny_env, alone), **item, **shared)[0]["samples"]
+        assert torch.allclose(out["samples"], single, atol=1e-4), (out["samples"] - single).abs().max()
+        singles.append(single)
+        # The job's preview shows its own first image: the one its single run previews.
+        assert np.abs(_pixels(shown[-1][j]) - _pixels(alone[-1])).max() <= 3, j
+    for k in range(1, 4):  # same seed, other prompts: each job's own conditioning was used
+        assert (singles[0] - singles[k]).abs().max() > 1e-2
 
 
 def test_sdxl_batch_keeps_each_jobs_size_conditioning(tiny_env) -> None:
@@ -110,6 +189,18 @@ def test_flux_batch_gives_each_job_its_own_prompt_and_guidance() -> None:
         assert torch.allclose(out["samples"], single, atol=1e-4), (out["samples"] - single).abs().max()
     assert (outs[0][0]["samples"] - outs[1][0]["samples"]).abs().max() > 1e-2
 
+    # A T5 context of another length (Kiln pads to 512, another encoder may not): joint attention
+    # over padded tokens would change the image, so the batch calls the network once per length.
+    cut = [[other[0][0][:, :256], other[0][1]]]
+    items = [items[0], dict(items[1], positive=cut, negative=cut), dict(items[0], seed=6)]
+    with _Calls(model) as calls:
+        outs = ksampler.batch.run(Recorder().ctx, items, **shared)
+    assert outs is not None
+    assert sorted(calls.seen) == sorted([(2, 512), (1, 256)] * 4), calls.seen  # cfg 1: positives only
+    for item, (out,) in zip(items, outs):
+        single = ksampler(Recorder().ctx, **item, **shared)[0]["samples"]
+        assert torch.allclose(out["samples"], single, atol=1e-4), (out["samples"] - single).abs().max()
+
 
 # -- executor level, the shipped img2img workflow ------------------------------------------------
 
@@ -147,7 +238,8 @@ def _run_and_compare(env: Environment, workflows: list) -> list[list[str]]:
         diff = (outcome.results[decode][0] - single).abs().max().item()
         assert diff * 255 <= 1.0, diff
         images.append(single)
-    assert (images[0] - images[1]).abs().max() > 2 / 255  # the jobs really differ
+    for other in images[1:]:
+        assert (images[0] - other).abs().max() > 2 / 255  # the jobs really differ
     return [[f"{e.node_type}: {e.message}" for e in seen if isinstance(e, NodeMessage)] for seen in events]
 
 
@@ -158,12 +250,15 @@ def test_img2img_jobs_with_other_prompts_and_images_sample_as_one_batch(tiny_env
         assert [n.split(":")[0] for n in notes if "one batch of 2 jobs" in n] == ["AddNoise", "KSampler", "VAEDecode"]
 
 
-def test_a_prompt_of_another_token_count_falls_back_to_per_job_sampling(tiny_env) -> None:
+def test_a_prompt_of_another_token_count_still_samples_in_the_batch(tiny_env) -> None:
+    """One long prompt (154 tokens) among short ones no longer sends the whole group back to per-job
+    sampling: the sampler still runs as one batch of 3, and every job equals its single run."""
     workflows = _img2img_jobs(tiny_env, [{"prompt": "a lake at dawn", "image": "a.png"},
-                                         {"prompt": LONG, "image": "a.png"}])
+                                         {"prompt": LONG, "image": "a.png"},
+                                         {"prompt": "a desert road", "negative": LONG, "image": "a.png"}])
     for notes in _run_and_compare(tiny_env, workflows):
-        batched = [n.split(":")[0] for n in notes if "one batch of 2 jobs" in n]
-        assert batched == ["VAEDecode"], notes  # the sampler declined and ran per job (AddNoise is shared)
+        batched = [n.split(":")[0] for n in notes if "one batch of 3 jobs" in n]
+        assert batched == ["KSampler", "VAEDecode"], notes  # AddNoise is shared (same image and seed)
 
 
 def test_only_what_feeds_per_job_inputs_may_differ(tiny_env) -> None:

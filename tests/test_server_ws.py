@@ -252,6 +252,38 @@ async def test_hub_holds_a_jobs_events_until_released():
     hub.release("j")  # releasing twice is harmless
 
 
+async def test_progress_is_coalesced_per_job():
+    """A socket watching several jobs at once (a cross-job batch) keeps each job's latest step:
+    coalescing never drops one job's progress (and preview) for another's."""
+    from engine.server.hub import KILN, Client, Outgoing
+
+    class Socket:  # the sending side of a websocket: records frames
+        closed = False
+
+        def __init__(self) -> None:
+            self.frames: list[Any] = []
+
+        async def send_str(self, text: str) -> None:
+            self.frames.append(json.loads(text))
+
+        async def send_bytes(self, data: bytes) -> None:
+            self.frames.append(data)
+
+    sock = Socket()
+    client = Client(sock, "c", protocol=KILN, rate=1000.0)
+    for step in (1, 2):
+        for job in ("a", "b", "c"):
+            client.put(Outgoing(Progress(job, node_id="3", value=step, max=2)))
+    task = asyncio.get_running_loop().create_task(client.run())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(sock.frames) >= 3:
+            break
+    client.close()
+    await task
+    assert [(f["job_id"], f["value"]) for f in sock.frames] == [("a", 2), ("b", 2), ("c", 2)]
+
+
 async def test_kiln_protocol_json_and_msgpack(kiln):
     js = await kiln.ws_connect("/ws?clientId=k&protocol=kiln")
     mp = await kiln.ws_connect("/ws?clientId=k&protocol=kiln&encoding=msgpack")

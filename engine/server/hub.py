@@ -5,8 +5,9 @@ back another or the worker thread. Events are addressed by the ``client_id`` the
 job was submitted with; there is no global "current client".
 
 Throttling: progress (and queue status) messages are *coalesced*, not queued. A
-socket holds at most one pending progress message, replaced by every newer one,
-and sends it at most ``rate`` times a second; any other event first flushes the
+socket holds at most one pending progress message per job, replaced by that job's
+every newer one (so a client watching a cross-job batch sees each job's progress and
+preview, not only the last job's), and sends them at most ``rate`` times a second; any other event first flushes the
 pending progress, so order is kept and the last progress is always delivered.
 A sampler ticking a thousand times a second therefore costs a slow client a few
 messages, while "executed" and "execution_success" are never dropped.
@@ -54,7 +55,8 @@ class Client:
         self.ws, self.client_id, self.protocol, self.encoding = ws, client_id, protocol, encoding
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self._outbox: collections.deque[Outgoing] = collections.deque()
-        self._pending_progress: Outgoing | None = None
+        #: job id -> its latest progress not sent yet (insertion order kept)
+        self._pending_progress: dict[str, Outgoing] = {}
         self._pending_status: Outgoing | None = None
         self._last_progress = 0.0
         self._wake = asyncio.Event()
@@ -71,11 +73,11 @@ class Client:
         if item.event is None:
             self._pending_status = item
         elif isinstance(item.event, Progress) and not getattr(item.event.preview, "output", False):
-            self._pending_progress = item  # only the latest sampling step matters: coalesced
+            # only each job's latest sampling step matters: coalesced per job
+            self._pending_progress[item.event.job_id] = item
         else:
-            if self._pending_progress is not None:
-                self._outbox.append(self._pending_progress)
-                self._pending_progress = None
+            self._outbox.extend(self._pending_progress.values())
+            self._pending_progress.clear()
             self._outbox.append(item)
         self._wake.set()
 
@@ -96,15 +98,17 @@ class Client:
                 if self._pending_status is not None:
                     item, self._pending_status = self._pending_status, None
                     await self._send(item)
-                if self._pending_progress is not None:
+                if self._pending_progress:
                     wait = self._last_progress + self.interval - time.monotonic()
                     if wait > 0:
                         if self._timer is None:
                             self._timer = asyncio.get_running_loop().call_later(wait, self._tick)
                         continue
-                    item, self._pending_progress = self._pending_progress, None
+                    items = list(self._pending_progress.values())
+                    self._pending_progress.clear()
                     self._last_progress = time.monotonic()
-                    await self._send(item)
+                    for item in items:
+                        await self._send(item)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
         except Exception:  # a bad frame must not kill the server

@@ -18,7 +18,10 @@ A side given as :class:`~nodes.families.conditioning.PerJob` (a cross-job batch
 of queued jobs with their own prompts) holds one plain entry per job; each job's
 share of the batch gets its own context rows and its own family extras, in the
 same [negatives..., positives...] layout, so each image sees exactly the
-conditioning of its single run.
+conditioning of its single run. Jobs whose prompts have other token counts (a
+long prompt encoded in several 77-token windows) are evaluated in one network
+call per token count (:mod:`nodes.families.token_groups`), each call with exactly
+its rows' own contexts.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from nodes.families import conditioning as cond_rules
+from nodes.families import token_groups
 from nodes.families.base import ConditioningError, Family
 
 if TYPE_CHECKING:
@@ -79,12 +83,17 @@ class Denoiser:
         b = self.batch // self.jobs  # images per conditioning (per job)
         if self.guided:
             pairs = [cond_rules.match_tokens(p.embeds, n.embeds) for p, n in zip(self.positive, self.negative)]
-            context = torch.cat([n.expand(b, -1, -1) for _, n in pairs] + [p.expand(b, -1, -1) for p, _ in pairs])
+            blocks = [n for _, n in pairs] + [p for p, _ in pairs]
             extras = [e.extra for e in self.negative] + [e.extra for e in self.positive]
         else:
-            context = torch.cat([e.embeds.expand(b, -1, -1) for e in self.positive])
+            blocks = [e.embeds for e in self.positive]
             extras = [e.extra for e in self.positive]
         self._extras = extras
+        #: Jobs whose prompts have other token counts: one network call per count (token_groups).
+        self._groups = token_groups.split(blocks, extras, b, self.family, self.image_size, self.device, self.dtype)
+        if self._groups is not None:
+            return
+        context = torch.cat([block.expand(b, -1, -1) for block in blocks])
         self._context = context.to(device=self.device, dtype=self.dtype)
         self._kwargs = self.family.network_kwargs(extras, b, self.image_size, self.device, self.dtype)
 
@@ -102,6 +111,12 @@ class Denoiser:
                            **control)[0]
         return out.to(torch.float32)
 
+    def _plain_call(self, x: "torch.Tensor", t: Any) -> "torch.Tensor":
+        """The plain case's network output: one call, or one per token count (token_groups)."""
+        if self._groups is not None:
+            return token_groups.evaluate(self.call, self._groups, x, t)
+        return self.call(x, t, self._context, self._kwargs, self._extras)
+
     # -- the loop's entry point ------------------------------------------------------------
 
     def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
@@ -110,11 +125,11 @@ class Denoiser:
 
         if self._plain:
             if self.guided:
-                out = self.call(torch.cat([model_in, model_in]), t, self._context, self._kwargs, self._extras)
+                out = self._plain_call(torch.cat([model_in, model_in]), t)
                 uncond, cond = out.chunk(2)
                 self.last_uncond = uncond
                 return uncond + self.cfg * (cond - uncond)
-            out = self.call(model_in, t, self._context, self._kwargs, self._extras)
+            out = self._plain_call(model_in, t)
             self.last_uncond = out
             return out
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None

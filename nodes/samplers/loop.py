@@ -28,14 +28,16 @@ ProgressFn = Callable[[int, int, Any], None]
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
-        denoised: list | None = None, hold: Any = None) -> "torch.Tensor":
+        denoised: list | None = None, hold: Any = None, jobs: int = 1) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
     ``denoised``, when given, receives the last step's clean-latent prediction (ComfyUI's
     ``denoised_output``). ``hold``: a nodes.samplers.hold.Hold keeping the unmasked region
     at the input (noise masks) before each evaluation; the caller applies ``hold.finish``
-    to the result.
+    to the result. ``jobs`` > 1: the batch holds that many queued jobs' images one after
+    the other (a cross-job batch), and each report carries one preview per job, of its
+    own first image, in job order (engine.batching gives each job its own).
     """
     import torch
 
@@ -70,7 +72,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             if not previews:
                 progress(i + 1, len(plan.timesteps), None)
                 continue
-            staged = (i + 1, *_stage(_shown(result, sched, x)))
+            staged = (i + 1, *_stage(_shown(result, sched, x), jobs))
             if staged[2] is None:
                 _report(staged, len(plan.timesteps), latent, progress)
                 continue
@@ -91,8 +93,9 @@ def _shown(result: Any, sched: Any, x: "torch.Tensor") -> "torch.Tensor":
     return shown
 
 
-def _stage(shown: "torch.Tensor") -> tuple["torch.Tensor", Any]:
-    """Start moving batch item 0 to the CPU: (tensor, CUDA event to wait for, or None).
+def _stage(shown: "torch.Tensor", jobs: int = 1) -> tuple["torch.Tensor", Any]:
+    """Start moving each job's first image (batch item 0 of a single job) to the CPU:
+    (tensor [jobs, C, h, w], CUDA event to wait for, or None).
 
     Reading a CUDA tensor right away would stall the CPU until the step finishes,
     so the next step's kernels could not be queued meanwhile: measured on an H100
@@ -102,7 +105,7 @@ def _stage(shown: "torch.Tensor") -> tuple["torch.Tensor", Any]:
     """
     import torch
 
-    item = shown[:1].detach()
+    item = shown[::shown.shape[0] // jobs].detach() if jobs > 1 else shown[:1].detach()
     if item.device.type != "cuda":
         return item, None
     staged = item.to("cpu", non_blocking=True)
@@ -115,8 +118,10 @@ def _report(staged: tuple[int, "torch.Tensor", Any], total: int, latent: LatentF
     step, shown, done = staged
     if done is not None:
         done.synchronize()
-    try:
-        preview = make_preview(shown, latent)
-    except Exception:  # a preview must never fail a job
-        preview = None
-    progress(step, total, preview)
+    previews = []
+    for k in range(shown.shape[0]):
+        try:
+            previews.append(make_preview(shown[k:k + 1], latent))
+        except Exception:  # a preview must never fail a job
+            previews.append(None)
+    progress(step, total, previews[0] if len(previews) == 1 else previews)
