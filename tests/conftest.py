@@ -31,16 +31,11 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tiny_env(tiny_models_dir, tmp_path):
-    """An Environment over a fresh data folder whose models folder is ``tiny_models_dir``,
-    with its own CPU model manager (float32, so results compare bit for bit with the
-    CPU-built source models even on a GPU machine), unloaded at the end of the test."""
-    from engine.context import Environment, Paths
-    from nodes.runtime.models import ModelManager
+    """An Environment over a fresh data folder whose models folder is ``tiny_models_dir``
+    (node_call.environment_over: its own CPU model manager, unloaded after the test)."""
+    from node_call import environment_over
 
-    models = ModelManager(device="cpu")
-    env = Environment(paths=Paths.under(tmp_path / "data", models=tiny_models_dir), models=models)
-    yield env
-    models.unload_all()
+    yield from environment_over(tiny_models_dir, tmp_path)
 
 
 # -- the editor's browser tests (see tests/browser_support.py) ---------------------------

@@ -5,9 +5,11 @@ elsewhere; this is for asserting on one node's outputs, errors and messages.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from engine.context import Environment, JobInfo, NodeContext
+from engine.context import Environment, JobInfo, NodeContext, Paths
 from engine.node import NodeSpec, Result
 
 
@@ -29,3 +31,17 @@ def call(spec: NodeSpec, env: Environment, record: Called | None = None, **input
         rec.ui = out.ui
         out = out.outputs
     return tuple(out)
+
+
+def environment_over(models_root: Path | None, tmp_path: Path) -> Iterator[Environment]:
+    """Yield an Environment over ``tmp_path/data`` whose models folder is ``models_root``
+    (the data folder's own when None), with its own CPU model manager (float32, so results
+    compare bit for bit with CPU-built source models even on a GPU machine), unloaded after.
+    A fixture body (``yield from``) for modules with their own models folder."""
+    from nodes.runtime.models import ModelManager
+
+    models = ModelManager(device="cpu")
+    data = tmp_path / "data"
+    paths = Paths.under(data, models=models_root) if models_root is not None else Paths.under(data)
+    yield Environment(paths=paths, models=models)
+    models.unload_all()

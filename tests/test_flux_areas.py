@@ -17,12 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.context import Environment, Paths
-from node_call import Called, call
+from node_call import Called, call, environment_over
 from nodes import conditioning_nodes as cn
 from nodes import split_loaders
 from nodes.families.denoiser import Denoiser
-from nodes.runtime.models import ModelManager
 from nodes.samplers.schedules import training_schedule
 from nodes.sampling import ksampler
 from test_flux_lora import _cond, flux_lora_root  # noqa: F401 (a fixture)
@@ -32,9 +30,7 @@ FLUX = "tiny-flux-dev.safetensors"
 
 @pytest.fixture()
 def env(flux_lora_root, tmp_path):
-    models = ModelManager(device="cpu")
-    yield Environment(paths=Paths.under(tmp_path / "data", models=flux_lora_root), models=models)
-    models.unload_all()
+    yield from environment_over(flux_lora_root, tmp_path)
 
 
 @pytest.fixture(scope="module")

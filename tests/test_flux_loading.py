@@ -16,14 +16,13 @@ import pytest
 import torch
 
 import tiny_flux
-from engine.context import Environment, NodeError, Paths
+from engine.context import NodeError
 from engine.executor import Executor
 from engine.registry import default_registry
 from engine.workflow import load, parse
-from node_call import Called, call
+from node_call import Called, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import flux_keys
-from nodes.runtime.models import ModelManager
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a lighthouse on a cliff"
@@ -39,9 +38,7 @@ def flux_root(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def env(flux_root, tmp_path):
-    models = ModelManager(device="cpu")
-    yield Environment(paths=Paths.under(tmp_path / "data", models=flux_root), models=models)
-    models.unload_all()
+    yield from environment_over(flux_root, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,9 @@ import torch
 
 import tiny_flux
 import tiny_models
-from engine.context import Environment, NodeError, Paths
-from node_call import Called, call
+from engine.context import NodeError
+from node_call import Called, call, environment_over
 from nodes import lora, split_loaders
-from nodes.runtime.models import ModelManager
 from nodes.sampling import ksampler
 
 PIXEL_TOL = 1 / 255 + 1e-6
@@ -142,9 +141,7 @@ def flux_lora_root(tmp_path_factory, tiny_models_dir) -> Path:
 
 @pytest.fixture()
 def env(flux_lora_root, tmp_path):
-    models = ModelManager(device="cpu")
-    yield Environment(paths=Paths.under(tmp_path / "data", models=flux_lora_root), models=models)
-    models.unload_all()
+    yield from environment_over(flux_lora_root, tmp_path)
 
 
 def _cond():

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.context import Environment, NodeError, Paths
-from node_call import Called, call
+from engine.context import Environment, NodeError
+from node_call import Called, call, environment_over
 from nodes import upscale
-from nodes.runtime.models import ModelManager
 from nodes.upscale_models import spandrel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,9 +38,7 @@ def make_esrgan(path: Path, scale: int = 2, seed: int = 0) -> Path:
 
 @pytest.fixture
 def env(tmp_path) -> Environment:
-    models = ModelManager(device="cpu")
-    yield Environment(paths=Paths.under(tmp_path / "data"), models=models)
-    models.unload_all()
+    yield from environment_over(None, tmp_path)
 
 
 @pytest.fixture
