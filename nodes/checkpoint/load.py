@@ -204,15 +204,17 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
     return _assign(te, _text_state(sub, te), f"text encoder ({spec.module}) under {prefix}", dtype)
 
 
-def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
-    """A checkpoint file's modules; tensors are read one by one, each cast as it is read."""
+def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
+                     offload: Any = None) -> Loaded:
+    """A checkpoint file's modules; tensors are read one by one, each cast as it is read.
+    ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
-            return flux_load.load_single_file(plain(state), path.name, dtype)
+            return flux_load.load_single_file(state, path.name, dtype, offload=offload)
     with reading(path):
         try:
             found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
@@ -388,7 +390,11 @@ def latent_format(family: Family, vae: Any) -> LatentFormat:
     return dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
 
 
-def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
+                    offload: Any = None) -> Loaded:
+    """A checkpoint file or diffusers folder. ``offload``: the model manager's plan for the denoiser,
+    asked before building (ModelManager.plan_for_load); a single-file FLUX transformer that will be
+    paged to disk is built straight into its blocks (nodes.checkpoint.flux_blocks)."""
     if path.is_dir():
         from nodes.checkpoint import flux_load
 
@@ -397,7 +403,7 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
         return load_diffusers_folder(path, dtype, vae_dtype, prediction)
-    return load_single_file(path, dtype, vae_dtype, prediction)
+    return load_single_file(path, dtype, vae_dtype, prediction, offload=offload)
 
 
 def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:

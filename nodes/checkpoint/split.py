@@ -62,14 +62,17 @@ def unet_to_original_layout(state: Any, name: str) -> Any:
     return {new: state[old] for new, old in renames.items()}
 
 
-def load_unet_file(path: Path, dtype: Any, fp8: str = "") -> Loaded:
-    """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE."""
+def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
+    """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE.
+    ``offload``: the model manager's plan for the denoiser, asked before building (a FLUX
+    transformer that will be paged to disk is built straight into its blocks; see
+    nodes.checkpoint.flux_load.OffloadAsk)."""
     state = open_state(path)
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer({k: () for k in state}):
         with reading(path):
-            return flux_load.load_transformer_file(plain(state), path.name, dtype, fp8=fp8)
+            return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     state = unet_to_original_layout(state, path.name)
     with reading(path):
         return _build_unet(path, state, dtype)
