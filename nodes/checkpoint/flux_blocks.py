@@ -84,7 +84,6 @@ def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
 def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str = "") -> Any:
     """FluxTransformer2DModel from BFL-layout ``state`` (prefix stripped), paged to disk block by block
     as it is read (the module docstring); ``plan``: the manager's "disk" nodes.runtime.offload.Plan."""
-    import torch
     from diffusers import FluxTransformer2DModel
 
     from nodes.checkpoint.load import CheckpointError, _empty
@@ -102,10 +101,10 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
     hidden = int(shapes["img_in.weight"][0])
     model = _empty(FluxTransformer2DModel, config)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    targets = [name for _, diff, _ in rows for name in diff]
-    missing, unexpected = [k for k in own if k not in set(targets)], [k for k in targets if k not in own]
+    targets = {name for _, diff, _ in rows for name in diff}
+    missing, unexpected = [k for k in own if k not in targets], sorted(k for k in targets if k not in own)
     if missing or unexpected:
-        raise CheckpointError(f"{what}: the FLUX transformer ({what}) weights do not fit "
+        raise CheckpointError(f"{what}: the FLUX transformer weights do not fit "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     folder = offload.prepare_paged(model, plan.folder_root)
     target = _fp8_target(fp8)
@@ -139,6 +138,5 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
         offload.rest_block_on_disk(block, name, i, plan.onload, folder)
     model.eval()
     model.requires_grad_(False)
-    with torch.no_grad():
-        offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
+    offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
     return model
