@@ -224,3 +224,18 @@ def test_a_family_wrapper_exposes_its_network_for_the_placement(flux_lora_root, 
     wrapped = flux.FAMILY.wrap_network(net)
     assert wrapped.kiln_network is net and offload.offloaded(wrapped) is net.kiln_offload
     assert offload.compute_device(wrapped) == torch.device("cpu")
+
+
+def test_a_bad_file_fails_before_any_block_is_written(deep_root, tmp_path):
+    from nodes.checkpoint.flux_load import load_transformer_file
+    from nodes.checkpoint.load import CheckpointError
+
+    good = LazyState.open(deep_root / "diffusion_models" / DEEP).materialise()
+    plan = offload.Plan(onload="cpu", rest="disk", note="test", folder_root=str(tmp_path))
+    wrong = dict(good, **{"single_blocks.3.linear2.weight": torch.zeros(64, 100)})
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*single_blocks\.3\.linear2\.weight.*\(64, 100\)"):
+        load_transformer_file(wrong, "bad.safetensors", torch.float32, offload=lambda n, b: plan)
+    lacking = {k: v for k, v in good.items() if k != "double_blocks.1.txt_mlp.0.bias"}
+    with pytest.raises(CheckpointError, match=r"lacking\.safetensors.*missing.*double_blocks\.1\.txt_mlp\.0\.bias"):
+        load_transformer_file(lacking, "lacking.safetensors", torch.float32, offload=lambda n, b: plan)
+    assert list(tmp_path.iterdir()) == []  # no block folder was made

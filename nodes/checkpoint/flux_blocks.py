@@ -106,6 +106,13 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
     if missing or unexpected:
         raise CheckpointError(f"{what}: the FLUX transformer weights do not fit "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    import torch
+
+    for key, diff, how in rows:  # every converted shape, from the header: a bad file fails before any write
+        for k, v in flux_keys.convert(torch.empty(shapes[key], device="meta"), diff, how, hidden).items():
+            if own[k] != tuple(v.shape):
+                raise CheckpointError(f"{what}: the FLUX transformer weight {key} gives {k} the shape "
+                                      f"{tuple(v.shape)}, expected {own[k]}")
     folder = offload.prepare_paged(model, plan.folder_root)
     target = _fp8_target(fp8)
 
@@ -116,12 +123,7 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
             if target is not None and t.ndim == 2 and key.endswith(".weight") and t.is_floating_point():
                 t = t.to(target)  # UNETLoader's weight_dtype, as load_transformer_file casts
             out.update(flux_keys.convert(t, diff, how, hidden))
-        out = keep_fp8_linears(model, out, dtype)
-        for k, v in out.items():
-            if own[k] != tuple(v.shape):
-                raise CheckpointError(f"{what}: the FLUX transformer weight {k} has shape {tuple(v.shape)}, "
-                                      f"expected {own[k]}")
-        return out
+        return keep_fp8_linears(model, out, dtype)
 
     layout = offload.blocks(model)
     owners = {f"{name}.{i}.": (name, i) for name, i, _ in layout}
