@@ -239,3 +239,71 @@ def test_a_bad_file_fails_before_any_block_is_written(deep_root, tmp_path):
     with pytest.raises(CheckpointError, match=r"lacking\.safetensors.*missing.*double_blocks\.1\.txt_mlp\.0\.bias"):
         load_transformer_file(lacking, "lacking.safetensors", torch.float32, offload=lambda n, b: plan)
     assert list(tmp_path.iterdir()) == []  # no block folder was made
+
+
+def _unet_forward(unet: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4)
+    cfg = unet.config
+    x = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+    text = torch.randn(1, 7, cfg.cross_attention_dim, generator=g)
+    extra = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled, generator=g),
+                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}}
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), encoder_hidden_states=text, return_dict=False, **extra)[0]
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_an_sd_checkpoints_unet_loads_straight_into_blocks_and_equals_the_whole_load(tiny_models_dir, variant,
+                                                                                       alive, monkeypatch):
+    import tiny_models
+    from nodes.checkpoint import paged as paged_module
+
+    build, phase = paged_module.build_paged, []
+
+    def measured(*args, **kwargs):  # the meter's peak while the UNet itself is built
+        alive.peak = start = alive.now
+        out = build(*args, **kwargs)
+        phase.append(alive.peak - start)
+        return out
+
+    monkeypatch.setattr(paged_module, "build_paged", measured)
+
+    path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name(variant)
+    whole = load_checkpoint(path, torch.float32)
+    unet_bytes = _module_bytes(whole.modules["unet"])
+    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    whole_peak = alive.peak
+    alive.peak = before = alive.now
+    asked = []
+    paged = load_checkpoint(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk())
+    assert asked[0][0] == unet_bytes and 0.5 * besides < asked[0][1] <= 1.5 * besides
+    unet = paged.modules["unet"]
+    info = offload.offloaded(unet)
+    assert info is not None and info.paged
+    assert unet.down_blocks[0]._diffusers_hook.get_hook("group_offloading") is not None
+    # the meter saw the whole load hold the UNet beside the rest; the straight load held the rest and at
+    # most part of the UNet at once (its blocks went to disk as they were read)
+    assert whole_peak >= besides + 0.9 * unet_bytes
+    assert alive.peak - before < besides + unet_bytes // 2, (alive.peak - before, besides, unet_bytes)
+    # building the UNet held at most its parts outside the blocks and one block (a whole build: all of it)
+    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    assert phase[0] <= unet_bytes - sum(sizes) + max(sizes), (phase, unet_bytes, sizes)
+    assert phase[0] < 0.8 * unet_bytes
+    assert (_unet_forward(unet) - _unet_forward(whole.modules["unet"])).abs().max() <= 1e-5
+
+
+def test_an_sd_unet_file_loads_straight_into_blocks(tiny_models_dir, tmp_path):
+    """UNETLoader's SD path (an original-layout UNet alone, ComfyUI's diffusion_models file)."""
+    import tiny_models
+
+    full = LazyState.open(Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1"))
+    path = tiny_flux._save(tmp_path / "sd1-unet.safetensors",
+                           {k: full[k] for k in full if k.startswith("model.diffusion_model.")})
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    asked = []
+    paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
+    assert asked == [(_module_bytes(whole), 0)] and offload.offloaded(paged).paged
+    assert (_unet_forward(paged) - _unet_forward(whole)).abs().max() <= 1e-5

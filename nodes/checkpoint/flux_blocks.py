@@ -17,12 +17,14 @@ header's shapes and dtypes give the bytes the model will hold), and this module 
 4. diffusers' hooks applied over the files already written (nodes.runtime.offload.offload_blocks).
 
 The result is the module the manager would have made by loading whole and offloading, so the
-same jobs give the same latents and LoRAs run beside the paged weights the same way. A
+same jobs give the same latents and LoRAs run beside the paged weights the same way (the
+family-independent steps are nodes.checkpoint.paged.build_paged; SD UNets use them too). A
 diffusers-layout transformer in one file is loaded whole as before (its fused keys are rebuilt
-from the whole set; rare as a download), and so are SD UNets.
+from the whole set; rare as a download).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,7 +89,7 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
     from diffusers import FluxTransformer2DModel
 
     from nodes.checkpoint.load import CheckpointError, _empty
-    from nodes.runtime import offload
+    from nodes.checkpoint.paged import build_paged
     from nodes.runtime.fp8 import keep_fp8_linears
 
     shapes = shapes_of(state)
@@ -100,45 +102,13 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
         raise CheckpointError(f"{what}: not a complete FLUX transformer ({exc} is missing)") from None
     hidden = int(shapes["img_in.weight"][0])
     model = _empty(FluxTransformer2DModel, config)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    targets = {name for _, diff, _ in rows for name in diff}
-    missing, unexpected = [k for k in own if k not in targets], sorted(k for k in targets if k not in own)
-    if missing or unexpected:
-        raise CheckpointError(f"{what}: the FLUX transformer weights do not fit "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    import torch
-
-    for key, diff, how in rows:  # every converted shape, from the header: a bad file fails before any write
-        for k, v in flux_keys.convert(torch.empty(shapes[key], device="meta"), diff, how, hidden).items():
-            if own[k] != tuple(v.shape):
-                raise CheckpointError(f"{what}: the FLUX transformer weight {key} gives {k} the shape "
-                                      f"{tuple(v.shape)}, expected {own[k]}")
-    folder = offload.prepare_paged(model, plan.folder_root)
     target = _fp8_target(fp8)
 
-    def read(part: list[tuple[str, list[str], str]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, diff, how in part:
-            t = state[key]
-            if target is not None and t.ndim == 2 and key.endswith(".weight") and t.is_floating_point():
-                t = t.to(target)  # UNETLoader's weight_dtype, as load_transformer_file casts
-            out.update(flux_keys.convert(t, diff, how, hidden))
-        return keep_fp8_linears(model, out, dtype)
+    def prepare(key: str, t: Any) -> Any:  # UNETLoader's weight_dtype, as load_transformer_file casts
+        if target is not None and t.ndim == 2 and key.endswith(".weight") and t.is_floating_point():
+            return t.to(target)
+        return t
 
-    layout = offload.blocks(model)
-    owners = {f"{name}.{i}.": (name, i) for name, i, _ in layout}
-    parts: dict[Any, list[tuple[str, list[str], str]]] = {}
-    for row in rows:
-        head = row[1][0].split(".", 2)
-        parts.setdefault(owners.get(f"{head[0]}.{head[1]}." if len(head) > 2 else ""), []).append(row)
-    model.load_state_dict(read(parts.pop(None, [])), strict=False, assign=True)  # outside the blocks
-    for name, i, block in layout:
-        prefix = f"{name}.{i}."
-        sub = {k[len(prefix):]: v for k, v in read(parts.pop((name, i), [])).items()}
-        block.load_state_dict(sub, strict=True, assign=True)
-        del sub
-        offload.rest_block_on_disk(block, name, i, plan.onload, folder)
-    model.eval()
-    model.requires_grad_(False)
-    offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
-    return model
+    table = [(key, functools.partial(flux_keys.convert, diff=diff, how=how, hidden=hidden)) for key, diff, how in rows]
+    return build_paged(model, table, state, shapes, functools.partial(keep_fp8_linears, model, compute_dtype=dtype),
+                       plan, f"{what}: the FLUX transformer", prepare)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
-from nodes.checkpoint.tensors import LazyState, cast_view, plain, shapes_of
+from nodes.checkpoint.tensors import LazyState, cast_view, dtypes_of, plain, shapes_of
 from nodes import families
 from nodes.families.base import Family, LatentFormat
 
@@ -230,28 +230,36 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             pred, why = prediction, "set on the loader"
 
         try:
-            return _build_single_file(state, found, dtype, vae_dtype, pred, why)
+            return _build_single_file(state, found, dtype, vae_dtype, pred, why, offload)
         except CheckpointError as exc:
             raise CheckpointError(f"{path.name}: {exc}") from None
 
 
 def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
-                       why: str) -> "Loaded":
+                       why: str, offload: Any = None) -> "Loaded":
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
+    from nodes.checkpoint.paged import float_bytes, unet_straight
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
     unet = _empty(UNet2DConditionModel, found.unet)
-    try:
-        converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
-    except KeyError as exc:
-        raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
-    from nodes.checkpoint.to_original import unet_to_original
+    others = {k: s for k, s in shapes_of(state).items() if not k.startswith(det.UNET)}
+    paged = None if offload is None else unet_straight(
+        unet, state, dtype, offload, f"the {found.family.name} UNet",
+        besides=float_bytes(others, dtypes_of(state), dtype))
+    if paged is not None:
+        unet = paged
+    else:
+        try:
+            converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
+        except KeyError as exc:
+            raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
+        from nodes.checkpoint.to_original import unet_to_original
 
-    unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
-                   lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
-    del converted
+        unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
+                       lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
+        del converted
     vae = _empty(AutoencoderKL, found.vae)
     vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(cast_view(state, vae_dtype), dict(vae.config)), "VAE", vae_dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}
