@@ -117,7 +117,7 @@ def prefetcher(folder: Folders, input_name: str, kind: str, load: Callable[[Path
 def _load_checkpoint(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.load import load_checkpoint
 
-    return load_checkpoint(path, manager.dtype)
+    return load_checkpoint(path, manager.dtype, offload=manager.plan_for_load)
 
 
 def peek_module(manager: ModelManager, key: tuple, loader: Any, name: str) -> Any:

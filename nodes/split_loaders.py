@@ -42,7 +42,7 @@ def _texts(env: Any) -> list[str]:
 def _load_unet(path: Path, manager: ModelManager, fp8: str = "") -> Any:
     from nodes.checkpoint.split import load_unet_file
 
-    return load_unet_file(path, manager.dtype, fp8=fp8)
+    return load_unet_file(path, manager.dtype, fp8=fp8, offload=manager.plan_for_load)
 
 
 @define_node(

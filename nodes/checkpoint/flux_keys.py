@@ -86,40 +86,52 @@ class KeyMismatch(KeyError):
     """Keys a FLUX file lacks or has beyond the layout; the message names them."""
 
 
+def plan(keys: Any) -> list[tuple[str, list[str], str]]:
+    """(BFL name, diffusers names, how) for every tensor of a BFL-layout key set, from the keys alone.
+
+    No tensor is read, so a loader can check a file and then read it piece by piece (a block at a
+    time, nodes.checkpoint.flux_blocks). Raises :class:`KeyMismatch` naming missing and left-over keys.
+    """
+    keys = set(keys)
+    out: list[tuple[str, list[str], str]] = []
+    missing: list[str] = []
+    for bfl, diff, how in _pairs(keys, ()):
+        if bfl[0] in keys:
+            out.append((bfl[0], diff, how))
+        elif not bfl[0].startswith("guidance_in."):  # [schnell] has no guidance embedder
+            missing.append(bfl[0])
+    extra = sorted(keys - {key for key, _, _ in out})
+    if missing or extra:
+        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    return out
+
+
+def convert(t: Any, diff: list[str], how: str, hidden: int) -> dict[str, Any]:
+    """The diffusers tensors of one BFL tensor ``t`` (one row of :func:`plan`); ``hidden`` splits fused ones."""
+    import torch
+
+    if how == "rename":
+        return {diff[0]: t}
+    if how == "swap":
+        return {diff[0]: _swap_halves(t)}
+    sizes = [hidden] * 3 + ([t.shape[0] - 3 * hidden] if len(diff) == 4 else [])
+    return dict(zip(diff, torch.split(t, sizes, dim=0)))
+
+
 def bfl_to_diffusers(state: dict[str, Any], hidden: int | None = None) -> dict[str, Any]:
     """diffusers-layout tensors from BFL-layout ones (``model.diffusion_model.`` stripped first).
 
     ``hidden``: the transformer width (from ``img_in.weight``), which splits the fused tensors.
     Raises :class:`KeyMismatch` naming missing and left-over keys.
     """
-    import torch
-
     state = {k[len("model.diffusion_model."):] if k.startswith("model.diffusion_model.") else k: v
              for k, v in state.items()}
+    rows = plan(state.keys())
     hidden = hidden or int(state["img_in.weight"].shape[0])
     out: dict[str, Any] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    for bfl, diff, how in _pairs(state.keys(), ()):
-        key = bfl[0]
-        if key not in state:
-            if not key.startswith("guidance_in."):  # [schnell] has no guidance embedder
-                missing.append(key)
-            continue
-        t = state[key]
-        used.add(key)
-        if how == "rename":
-            out[diff[0]] = t
-        elif how == "swap":
-            out[diff[0]] = _swap_halves(t)
-        else:
-            sizes = [hidden] * 3 + ([t.shape[0] - 3 * hidden] if len(diff) == 4 else [])
-            for name, part in zip(diff, torch.split(t, sizes, dim=0)):
-                out[name] = part
-    extra = sorted(set(state) - used)
-    if missing or extra:
-        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    for key, diff, how in rows:
+        out.update(convert(state[key], diff, how, hidden))
     return out
 
 

@@ -15,12 +15,14 @@ folder's or the shipped ones. fp8 transformer weights stay fp8 (nodes.runtime.fp
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
 from nodes.checkpoint import flux_keys
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
+from nodes.checkpoint.tensors import plain, shapes_of
 from nodes.families import flux as fam
 
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -79,7 +81,7 @@ def build_t5(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
     """T5EncoderModel from transformers-layout keys under ``prefix`` (config from the shapes)."""
     from transformers import T5Config, T5EncoderModel
 
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
     try:
         d_ff, d_model = sub["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape
         vocab = sub.get("shared.weight", sub.get("encoder.embed_tokens.weight")).shape[0]
@@ -113,7 +115,7 @@ def build_vae(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
 
-    sub = {det.VAE + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sub = {det.VAE + k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
     shapes = {k: tuple(v.shape) for k, v in sub.items()}
     try:
         config = det.vae_config(shapes, fam.FAMILY)
@@ -146,19 +148,44 @@ def _sched(family: fam.Flux) -> dict[str, Any]:
     return family.scheduler_config()
 
 
-def load_transformer_file(state: dict[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's FLUX path: the transformer alone; ``fp8`` (a torch dtype name) stores its
-    linear weights in that 8-bit float (UNETLoader's weight_dtype)."""
-    if fp8:
-        import torch
+#: A loader's question to the model manager before it builds a denoiser (ModelManager.plan_for_load):
+#: ``(bytes the denoiser will hold, bytes of the same load's other modules)`` -> an offload Plan or None.
+OffloadAsk = Callable[[int, int], Any]
 
-        target = getattr(torch, fp8)
-        state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
-                 for k, v in state.items()}
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    family = family_of({k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v
-                        for k, v in shapes.items()})
-    transformer = build_transformer(state, name, dtype)
+
+def _straight_into_blocks(state: Mapping, name: str, dtype: Any, fp8: str, offload: OffloadAsk | None,
+                          besides: int = 0) -> Any:
+    """The transformer built straight into blocks resting on disk (nodes.checkpoint.flux_blocks) when the
+    manager, asked with the size from the header, will page it to disk anyway; None otherwise (load whole)."""
+    from nodes.checkpoint import flux_blocks
+
+    if offload is None or not flux_blocks.is_bfl(state):
+        return None
+    plan = offload(flux_blocks.held_bytes(state, dtype, fp8), besides)
+    if plan is None or plan.rest != "disk":  # on a GPU host the blocks rest in RAM: built whole, then placed
+        return None
+    return flux_blocks.build_into_blocks(state, name, dtype, plan, fp8=fp8)
+
+
+def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
+                          offload: OffloadAsk | None = None) -> Loaded:
+    """UNETLoader's FLUX path: the transformer alone; ``fp8`` (a torch dtype name) stores its
+    linear weights in that 8-bit float (UNETLoader's weight_dtype). ``offload``: the manager's
+    plan for the denoiser, asked before building (None: always built whole)."""
+    from nodes.checkpoint.flux_blocks import strip_prefix
+
+    bare = strip_prefix(state, fam.UNET_PREFIX) if any(k.startswith(fam.UNET_PREFIX) for k in state) else state
+    family = family_of({k: () for k in bare})
+    transformer = _straight_into_blocks(bare, name, dtype, fp8, offload)
+    if transformer is None:
+        state = plain(state)
+        if fp8:
+            import torch
+
+            target = getattr(torch, fp8)
+            state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
+                     for k, v in state.items()}
+        transformer = build_transformer(state, name, dtype)
     from nodes.runtime.fp8 import fp8_bytes
 
     stored_fp8 = fp8_bytes(transformer) > 0
@@ -169,11 +196,19 @@ def load_transformer_file(state: dict[str, Any], name: str, dtype: Any, fp8: str
                         (", fp8 weights kept fp8" if stored_fp8 else "")})
 
 
-def load_single_file(state: dict[str, Any], name: str, dtype: Any) -> Loaded:
-    """An all-in-one FLUX checkpoint: transformer, CLIP-L, T5-XXL and VAE in one file."""
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:
+    """An all-in-one FLUX checkpoint: transformer, CLIP-L, T5-XXL and VAE in one file, read tensor by
+    tensor (a LazyState); ``offload`` as for :func:`load_transformer_file`."""
     from nodes.checkpoint.load import build_text_encoder
 
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    shapes = shapes_of(state)
     clip_found = any(k.startswith(fam.CLIP_L_PREFIX) for k in shapes)
     t5_found = any(k.startswith(fam.T5_PREFIX) for k in shapes)
     vae_prefix = next((p for p in ("vae.", "first_stage_model.") if is_flux_vae(shapes, p)), None)
@@ -185,9 +220,14 @@ def load_single_file(state: dict[str, Any], name: str, dtype: Any) -> Loaded:
             f"{name} holds a FLUX transformer without {', '.join(lacking)}: it is a diffusion model, not a "
             "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, the text encoders with "
             "DualCLIPLoader (type flux: clip_l + t5xxl) and ae.safetensors with VAELoader")
-    unet_state = {k: v for k, v in state.items() if k.startswith(fam.UNET_PREFIX)}
+    from nodes.checkpoint.flux_blocks import strip_prefix
+
     family = family_of({k[len(fam.UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(fam.UNET_PREFIX)})
-    transformer = build_transformer(unet_state, name, dtype)
+    besides = sum(_numel(s) for k, s in shapes.items() if not k.startswith(fam.UNET_PREFIX)) * dtype.itemsize
+    transformer = _straight_into_blocks(strip_prefix(state, fam.UNET_PREFIX), name, dtype, "", offload, besides)
+    if transformer is None:
+        transformer = build_transformer(plain({k: state[k] for k in state if k.startswith(fam.UNET_PREFIX)}),
+                                        name, dtype)
     spec = fam.FAMILY.text_encoders[0]
     clip_shapes = {k: v for k, v in shapes.items() if k.startswith(fam.CLIP_L_PREFIX)}
     config = det.lone_text_config(clip_shapes, "transformers", fam.CLIP_L_PREFIX, "openai", drop_last=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
-from nodes.checkpoint.tensors import LazyState, cast_view, plain, shapes_of
+from nodes.checkpoint.tensors import LazyState, cast_view, dtypes_of, plain, shapes_of
 from nodes import families
 from nodes.families.base import Family, LatentFormat
 
@@ -204,15 +204,17 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
     return _assign(te, _text_state(sub, te), f"text encoder ({spec.module}) under {prefix}", dtype)
 
 
-def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
-    """A checkpoint file's modules; tensors are read one by one, each cast as it is read."""
+def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
+                     offload: Any = None) -> Loaded:
+    """A checkpoint file's modules; tensors are read one by one, each cast as it is read.
+    ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
-            return flux_load.load_single_file(plain(state), path.name, dtype)
+            return flux_load.load_single_file(state, path.name, dtype, offload=offload)
     with reading(path):
         try:
             found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
@@ -228,28 +230,36 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             pred, why = prediction, "set on the loader"
 
         try:
-            return _build_single_file(state, found, dtype, vae_dtype, pred, why)
+            return _build_single_file(state, found, dtype, vae_dtype, pred, why, offload)
         except CheckpointError as exc:
             raise CheckpointError(f"{path.name}: {exc}") from None
 
 
 def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
-                       why: str) -> "Loaded":
+                       why: str, offload: Any = None) -> "Loaded":
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
+    from nodes.checkpoint.paged import float_bytes, unet_straight
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
     unet = _empty(UNet2DConditionModel, found.unet)
-    try:
-        converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
-    except KeyError as exc:
-        raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
-    from nodes.checkpoint.to_original import unet_to_original
+    others = {k: s for k, s in shapes_of(state).items() if not k.startswith(det.UNET)}
+    paged = None if offload is None else unet_straight(
+        unet, state, dtype, offload, f"the {found.family.name} UNet",
+        besides=float_bytes(others, dtypes_of(state), dtype))
+    if paged is not None:
+        unet = paged
+    else:
+        try:
+            converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
+        except KeyError as exc:
+            raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
+        from nodes.checkpoint.to_original import unet_to_original
 
-    unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
-                   lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
-    del converted
+        unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
+                       lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
+        del converted
     vae = _empty(AutoencoderKL, found.vae)
     vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(cast_view(state, vae_dtype), dict(vae.config)), "VAE", vae_dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}
@@ -388,7 +398,11 @@ def latent_format(family: Family, vae: Any) -> LatentFormat:
     return dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
 
 
-def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
+                    offload: Any = None) -> Loaded:
+    """A checkpoint file or diffusers folder. ``offload``: the model manager's plan for the denoiser,
+    asked before building (ModelManager.plan_for_load); a single-file FLUX transformer that will be
+    paged to disk is built straight into its blocks (nodes.checkpoint.flux_blocks)."""
     if path.is_dir():
         from nodes.checkpoint import flux_load
 
@@ -397,7 +411,7 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
         return load_diffusers_folder(path, dtype, vae_dtype, prediction)
-    return load_single_file(path, dtype, vae_dtype, prediction)
+    return load_single_file(path, dtype, vae_dtype, prediction, offload=offload)
 
 
 def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:

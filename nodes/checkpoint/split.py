@@ -62,20 +62,23 @@ def unet_to_original_layout(state: Any, name: str) -> Any:
     return {new: state[old] for new, old in renames.items()}
 
 
-def load_unet_file(path: Path, dtype: Any, fp8: str = "") -> Loaded:
-    """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE."""
+def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
+    """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE.
+    ``offload``: the model manager's plan for the denoiser, asked before building (a FLUX
+    transformer that will be paged to disk is built straight into its blocks; see
+    nodes.checkpoint.flux_load.OffloadAsk)."""
     state = open_state(path)
     from nodes.checkpoint import flux_load
 
     if flux_load.has_flux_transformer({k: () for k in state}):
         with reading(path):
-            return flux_load.load_transformer_file(plain(state), path.name, dtype, fp8=fp8)
+            return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     state = unet_to_original_layout(state, path.name)
     with reading(path):
-        return _build_unet(path, state, dtype)
+        return _build_unet(path, state, dtype, offload)
 
 
-def _build_unet(path: Path, state: Any, dtype: Any) -> Loaded:
+def _build_unet(path: Path, state: Any, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
@@ -87,11 +90,17 @@ def _build_unet(path: Path, state: Any, dtype: Any) -> Loaded:
         raise CheckpointError(f"{path.name}: not a UNet of a known family ({exc})") from None
     pred, why = det.prediction_type(shapes, family, config, lambda k: float(state[k].float().std(unbiased=False)))
     unet = _empty(UNet2DConditionModel, config)
-    try:
-        converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
-    except KeyError as exc:
-        raise CheckpointError(f"{path.name}: the {family.name} UNet is incomplete: {exc} is missing") from None
-    unet = _assign(unet, converted, f"{family.name} UNet", dtype)
+    from nodes.checkpoint.paged import unet_straight
+
+    paged = unet_straight(unet, state, dtype, offload, f"{path.name}: the {family.name} UNet")
+    if paged is not None:
+        unet = paged
+    else:
+        try:
+            converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
+        except KeyError as exc:
+            raise CheckpointError(f"{path.name}: the {family.name} UNet is incomplete: {exc} is missing") from None
+        unet = _assign(unet, converted, f"{family.name} UNet", dtype)
     return Loaded(family=family, scheduler_config=family.scheduler_config(pred), latent=family.latent,
                   modules={"unet": unet},
                   info={"format": "unet", "prediction_type": pred, "prediction_reason": why})

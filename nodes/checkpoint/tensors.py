@@ -54,6 +54,13 @@ class LazyState(Mapping):
         """Every tensor's shape, from the header alone (nothing is read)."""
         return {k: tuple(self._handle.get_slice(src).get_shape()) for k, src in self._renames.items()}
 
+    def dtypes(self) -> dict[str, Any]:
+        """Every tensor's dtype as stored in the file, from the header alone (nothing is read)."""
+        import torch
+
+        return {k: getattr(torch, _DTYPES[self._handle.get_slice(src).get_dtype()])
+                for k, src in self._renames.items()}
+
     def materialise(self) -> dict[str, Any]:
         """A plain dict of every tensor (for code that needs one, e.g. FLUX's loaders)."""
         return {k: self[k] for k in self._renames}
@@ -81,6 +88,19 @@ def shapes_of(state: Mapping) -> dict[str, tuple[int, ...]]:
     if isinstance(state, LazyState):
         return state.shapes()
     return {k: tuple(v.shape) for k, v in state.items()}
+
+
+#: safetensors' dtype names -> torch's.
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+           "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+           "BOOL": "bool"}
+
+
+def dtypes_of(state: Mapping) -> dict[str, Any]:
+    """Tensor dtypes of a LazyState (header only) or of a plain dict of tensors."""
+    if isinstance(state, LazyState):
+        return state.dtypes()
+    return {k: v.dtype for k, v in state.items()}
 
 
 def cast_view(state: Mapping, dtype: Any) -> Mapping:

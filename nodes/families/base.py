@@ -217,7 +217,8 @@ class Family:
         """The network in the UNet calling convention the denoiser uses:
         ``net(x [B, C, h, w], t, encoder_hidden_states=..., return_dict=False, **kwargs)`` with
         ``.device``/``.dtype``. SD UNets already are; a transformer family adapts its own here
-        (patching, position ids, timestep units)."""
+        (patching, position ids, timestep units). A wrapper exposes the module it wraps as
+        ``kiln_network``, where the runtime reads its placement (nodes.runtime.offload.offloaded)."""
         return network
 
     def lora_modules(self, network: Any) -> dict[str, Any]:

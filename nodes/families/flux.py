@@ -92,6 +92,11 @@ class FluxNetwork:
         self.transformer = transformer
         self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
 
+    @property
+    def kiln_network(self) -> Any:
+        """The wrapped module (see Family.wrap_network): where its placement is read."""
+        return self.transformer
+
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  **kwargs: Any) -> tuple:
         import torch

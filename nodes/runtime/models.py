@@ -108,6 +108,14 @@ def _module_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def _held_bytes(module: Any) -> int:
+    """Bytes a module holds in RAM: none for one paged to disk (its tensors are unbacked placeholders)."""
+    from nodes.runtime.offload import offloaded
+
+    info = offloaded(module)
+    return 0 if info is not None and info.paged else _module_bytes(module)
+
+
 def _module_device(module: Any) -> str:
     for t in module.parameters():
         return str(t.device)
@@ -218,7 +226,11 @@ class ModelManager:
             with _LOAD_LOCK:
                 value = loader(self)
             modules = _modules(value)
-            entry = _Entry(key, value, modules, sum(_module_bytes(m) for m in modules.values()))
+            entry = _Entry(key, value, modules, sum(_held_bytes(m) for m in modules.values()))
+            from nodes.runtime.offload import offloaded
+
+            # a loader that was given an offload plan built the denoiser straight into its blocks
+            self.counters["block_offloads"] += sum(offloaded(m) is not None for m in modules.values())
             self._entries[key] = entry
             self.counters["loads"] += 1
             self._fit_cpu_budget(keep=key)
@@ -287,27 +299,48 @@ class ModelManager:
         module.to(self.device)
         self.counters["onloads"] += 1
 
-    def _offload_if_short(self, entry: _Entry, module: Any) -> bool:
-        """Place a denoiser block by block (nodes.runtime.offload) when it does not fit whole:
-        on a GPU, the device's free room once idle modules went back to the CPU; on a CPU
-        host, the RAM budget less every other module held. Returns whether it did."""
+    def offload_plan(self, nbytes: int, held_besides: int = 0) -> Any:
+        """Whether a denoiser of ``nbytes`` is placed block by block, and where its blocks rest
+        (a nodes.runtime.offload.Plan), or None when it is placed whole: the one rule, asked by a
+        loader before it builds the model (from the file's header) and by :meth:`_place` after.
+
+        The room is, on a GPU, the device's free room plus what moving its idle modules to the
+        CPU would free (nothing is moved to decide: if the denoiser goes block by block anyway,
+        an eviction would be wasted); on a CPU host, the RAM budget less ``held_besides`` (every
+        other module held, the same load's included)."""
         from nodes.runtime import offload
 
+        with self._lock:
+            if self.is_gpu:
+                idle = sum(_module_bytes(e.modules[n]) for _, e, n in self._device_resident())
+                free = self._device_free() + idle
+            else:
+                free = self.cpu_budget_bytes - held_besides
+            rest = offload.rest_for(self.offload_mode, nbytes, free, gpu=self.is_gpu)
+            if rest is None:
+                return None
+            text = offload.note(rest, nbytes, free, forced=self.offload_mode == "on")
+            return offload.Plan(onload=self.device, rest=rest, note=text, folder_root=self.offload_folder)
+
+    def plan_for_load(self, nbytes: int, besides: int = 0) -> Any:
+        """:meth:`offload_plan` for a denoiser not built yet (a loader asks it with sizes from the
+        file's header): held besides it are every entry now and ``besides``, the same load's other modules."""
+        with self._lock:
+            return self.offload_plan(nbytes, sum(e.nbytes for e in self._entries.values()) + besides)
+
+    def _offload_if_short(self, entry: _Entry, module: Any) -> bool:
+        """Place a loaded denoiser block by block (nodes.runtime.offload) when :meth:`offload_plan`
+        says it does not fit whole. Returns whether it did."""
+        from nodes.runtime import offload
+
+        if self.is_gpu and _module_device(module) != "cpu":
+            return False  # already whole on the device
         nbytes = _module_bytes(module)
-        if self.is_gpu:
-            if _module_device(module) != "cpu":
-                return False  # already whole on the device
-            if self.offload_mode == "auto":
-                self._make_room(nbytes)
-            free = self._device_free()
-        else:
-            free = self.cpu_budget_bytes - (sum(e.nbytes for e in self._entries.values()) - nbytes)
-        rest = offload.rest_for(self.offload_mode, nbytes, free, gpu=self.is_gpu)
-        if rest is None:
+        plan = self.offload_plan(nbytes, sum(e.nbytes for e in self._entries.values()) - nbytes)
+        if plan is None:
             return False
-        text = offload.note(rest, nbytes, free, forced=self.offload_mode == "on")
-        offload.offload_blocks(module, self.device, rest, text, self.offload_folder)
-        if rest == "disk":
+        offload.offload_blocks(module, plan.onload, plan.rest, plan.note, plan.folder_root)
+        if plan.rest == "disk":
             entry.nbytes -= nbytes  # no longer held in RAM
         self.counters["block_offloads"] += 1
         return True

@@ -29,6 +29,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,39 +81,114 @@ def note(rest: str, module_bytes: int, free_bytes: int, forced: bool) -> str:
             "is brought in as it runs; expect slower steps")
 
 
-def offload_blocks(module: Any, onload: str, rest: str, note_text: str, folder_root: str | None = None) -> Offloaded:
+@dataclass(frozen=True)
+class Plan:
+    """The manager's decision for a denoiser not yet placed (ModelManager.offload_plan): where its
+    blocks will rest, where it computes, the user's note and the disk folders' parent (None: the
+    system's temporary folder). A loader given a "disk" plan builds the model straight into its
+    resting blocks (nodes.checkpoint.flux_blocks) instead of whole."""
+
+    onload: str
+    rest: str
+    note: str
+    folder_root: str | None = None
+
+
+def prepare_paged(module: Any, folder_root: str | None = None) -> str:
+    """Ready ``module`` for disk mode: every linear layer a CastLinear (LoRAs must run beside the
+    paged weights, see the module docstring) and a private block folder, removed with the module.
+    Works on a module still on the meta device (only classes change). Returns the folder."""
+    import torch
+
+    from nodes.runtime.fp8 import as_cast_linear
+
+    for sub in module.modules():
+        if type(sub) is torch.nn.Linear:
+            as_cast_linear(sub)
+    folder = tempfile.mkdtemp(prefix="kiln-offload-", dir=folder_root)
+    weakref.finalize(module, shutil.rmtree, folder, True)
+    return folder
+
+
+def offload_blocks(module: Any, onload: str, rest: str, note_text: str, folder_root: str | None = None,
+                   folder: str | None = None) -> Offloaded:
     """Place ``module`` with diffusers' block-level group offloading (one block per group, no streams).
 
     ``rest``: "cpu" or "disk" (see the module docstring). The disk folder is private to this
     module (block files of two models of one class have the same names) and is removed when
-    the module is garbage-collected.
+    the module is garbage-collected. ``folder``: one :func:`prepare_paged` made, whose block
+    files :func:`rest_block_on_disk` already wrote (a model loaded straight into its blocks):
+    diffusers then keeps those files and writes only the parts outside the blocks.
     """
     import torch
     from diffusers.hooks import apply_group_offloading
 
-    folder = None
-    if rest == "disk":
-        from nodes.runtime.fp8 import as_cast_linear
-
-        for sub in module.modules():  # LoRAs must run beside the weights (see the module docstring)
-            if type(sub) is torch.nn.Linear:
-                as_cast_linear(sub)
-        folder = tempfile.mkdtemp(prefix="kiln-offload-", dir=folder_root)
-        weakref.finalize(module, shutil.rmtree, folder, True)
+    if rest == "disk" and folder is None:
+        folder = prepare_paged(module, folder_root)
+    written = set(Path(folder).iterdir()) if folder is not None else set()
     module.to("cpu")
     apply_group_offloading(module, onload_device=torch.device(onload), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=1, use_stream=False,
-                           offload_to_disk_path=folder)
-    info = Offloaded(onload=onload, rest=rest, folder=folder, note=note_text)
+                           offload_to_disk_path=folder if rest == "disk" else None)
+    if written:
+        _check_prewritten(module, written)
+    info = Offloaded(onload=onload, rest=rest, folder=folder if rest == "disk" else None, note=note_text)
     module.kiln_offload = info
     return info
 
 
+def blocks(module: Any) -> list[tuple[str, int, Any]]:
+    """The blocks diffusers' block-level offloading pages one by one: (list name, index, block) for each
+    entry of a top-level ModuleList/Sequential, in its order. Everything else stays in one group."""
+    import torch
+
+    return [(name, i, block) for name, child in module.named_children()
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for i, block in enumerate(child)]
+
+
+def _group(block: Any, name: str, index: int, onload: str, folder: str) -> Any:
+    """The diffusers ModuleGroup that block-level offloading makes for this block (its file name and the
+    order of its tensors in that file come from the group id and the block's own tensor order)."""
+    import torch
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    return ModuleGroup(modules=[block], offload_device=torch.device("cpu"), onload_device=torch.device(onload),
+                       offload_leader=block, onload_leader=block, offload_to_disk_path=folder,
+                       group_id=f"{name}_{index}_{index}")
+
+
+def rest_block_on_disk(block: Any, name: str, index: int, onload: str, folder: str) -> None:
+    """Write one materialised block to its block file, as diffusers' disk mode would, and drop its values
+    (its tensors become unbacked placeholders). Loading straight into blocks calls this block after
+    block, so the whole weight set is never in memory at once.
+
+    Why not diffusers alone: its disk mode writes each group from the module's live tensors when the
+    hooks are applied, so the whole model must be materialised first. Its groups skip a file that
+    already exists, so Kiln writes each block's file itself through diffusers' own ModuleGroup (same
+    file name, same tensor keys), one block at a time, then applies the hooks; :func:`offload_blocks`
+    checks that every block's group found the file written here.
+    """
+    _group(block, name, index, onload, folder).offload_()
+
+
+def _check_prewritten(module: Any, written: set) -> None:
+    missing = []
+    for name, i, block in blocks(module):
+        hook = getattr(block, "_diffusers_hook", None)
+        group = hook.get_hook("group_offloading").group if hook is not None else None
+        if group is None or Path(group.safetensors_file_path) not in written:
+            missing.append(f"{name}.{i}")
+    if missing:  # a diffusers upgrade named its groups differently: the placeholders would be written
+        raise RuntimeError(f"group offloading did not find the block files written while loading for {missing[:3]}; "
+                           "nodes.runtime.offload._group must follow diffusers' group ids")
+
+
 def offloaded(module: Any) -> Offloaded | None:
-    """The offload placement of ``module`` (or of the network a family wrapper holds), or None."""
+    """The offload placement of ``module`` (or of the network a family wrapper exposes as
+    ``kiln_network``, see Family.wrap_network), or None."""
     info = getattr(module, "kiln_offload", None)
     if info is None:
-        inner = getattr(module, "transformer", None)
+        inner = getattr(module, "kiln_network", None)
         info = getattr(inner, "kiln_offload", None) if inner is not None else None
     return info
 

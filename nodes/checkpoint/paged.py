@@ -1,0 +1,136 @@
+"""Building a denoiser straight into its blocks at rest on disk, whatever its family.
+
+The model manager decides before anything is read whether a denoiser will be paged to disk
+(ModelManager.plan_for_load, with the size the file's header gives). When it will, building it
+whole first would need its full size free in RAM for the length of the load, and only the
+steady state would be lower. :func:`build_paged` instead:
+
+1. takes the module built on the meta device and a conversion table (each file tensor -> the
+   module tensors it becomes), checks every key and every converted shape from the header
+   (a bad file fails before anything is written);
+2. makes every linear layer a CastLinear and a private block folder (nodes.runtime.offload.prepare_paged);
+3. reads and assigns the parts outside the blocks, then each block in turn: its tensors read one
+   by one (a LazyState reads with pread), converted, assigned, written to the block file
+   diffusers' group offloading reads, and dropped (nodes.runtime.offload.rest_block_on_disk);
+4. applies diffusers' hooks over the files already written (nodes.runtime.offload.offload_blocks).
+
+The result is the module the manager would have made by loading whole and offloading, so jobs
+give the same latents and LoRAs run beside the paged weights the same way. The families' tables:
+nodes.checkpoint.flux_blocks (FLUX, BFL layout) and :func:`unet_rows` (SD UNets, original layout).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+#: (file key, conversion): the module tensors one file tensor becomes, by their module names.
+Row = tuple[str, Callable[[Any], dict[str, Any]]]
+
+
+def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, tuple[int, ...]],
+                finish: Callable[[dict[str, Any]], dict[str, Any]], plan: Any, what: str,
+                prepare: Callable[[str, Any], Any] | None = None) -> Any:
+    """Fill the meta-device ``model`` from ``state`` block by block, each block paged to disk as soon as
+    it is read (module docstring). ``finish``: the dtype rule over one part's converted tensors;
+    ``prepare``: applied to each file tensor as read; ``plan``: the manager's "disk" Plan."""
+    import torch
+
+    from nodes.checkpoint.load import CheckpointError
+    from nodes.runtime import offload
+
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    converted: dict[str, tuple[int, ...]] = {}
+    for key, convert in rows:  # from the header alone: meta tensors through the same conversion
+        for k, v in convert(torch.empty(shapes[key], device="meta")).items():
+            converted[k] = tuple(v.shape)
+            if k in own and own[k] != converted[k]:
+                raise CheckpointError(f"{what}: the weight {key} gives {k} the shape {converted[k]}, "
+                                      f"expected {own[k]}")
+    missing, unexpected = [k for k in own if k not in converted], sorted(k for k in converted if k not in own)
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: the weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    folder = offload.prepare_paged(model, plan.folder_root)
+
+    def read(part: list[Row]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, convert in part:
+            t = state[key]
+            out.update(convert(prepare(key, t) if prepare is not None else t))
+        return finish(out)
+
+    layout = offload.blocks(model)
+    owners = {f"{name}.{i}.": (name, i) for name, i, _ in layout}
+    parts: dict[Any, list[Row]] = {}
+    for row in rows:
+        head = next(iter(row[1](torch.empty(shapes[row[0]], device="meta")))).split(".", 2)
+        parts.setdefault(owners.get(f"{head[0]}.{head[1]}." if len(head) > 2 else ""), []).append(row)
+    model.load_state_dict(read(parts.pop(None, [])), strict=False, assign=True)  # outside the blocks
+    for name, i, block in layout:
+        prefix = f"{name}.{i}."
+        sub = {k[len(prefix):]: v for k, v in read(parts.pop((name, i), [])).items()}
+        block.load_state_dict(sub, strict=True, assign=True)
+        del sub
+        offload.rest_block_on_disk(block, name, i, plan.onload, folder)
+    model.eval()
+    model.requires_grad_(False)
+    offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
+    return model
+
+
+def float_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], dtype: Any) -> int:
+    """Bytes of tensors held with every float in ``dtype`` (the rest as stored)."""
+    total = 0
+    for key, shape in shapes.items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        total += numel * (dtype.itemsize if dtypes[key].is_floating_point else dtypes[key].itemsize)
+    return total
+
+
+def unet_rows(model: Any, keys: Any) -> list[Row] | None:
+    """An SD UNet's table: original-layout file keys (``model.diffusion_model.*``) -> diffusers names, a
+    pure renaming (nodes.checkpoint.to_original's map, run on the module's own names). None when the
+    map does not cover the module or the file (the caller then builds whole)."""
+    from nodes.checkpoint.to_original import unet_to_original
+
+    try:
+        names = unet_to_original({k: k for k in model.state_dict()}, dict(model.config))
+    except KeyError:
+        return None
+    keys = set(keys)
+    if set(names) != keys:
+        return None
+    return [(orig, lambda t, d=diff: {d: t}) for orig, diff in names.items()]
+
+
+def build_unet_paged(model: Any, state: Mapping, dtype: Any, plan: Any, what: str) -> Any | None:
+    """An SD UNet (meta ``model``, its config from the file) built straight into disk blocks; None when
+    :func:`unet_rows` has no table for it. Floats are cast to ``dtype``, as the whole load does."""
+    from nodes.checkpoint.tensors import shapes_of
+
+    keys = [k for k in state if k.startswith("model.diffusion_model.")]
+    rows = unet_rows(model, keys)
+    if rows is None:
+        return None
+
+    def finish(part: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in part.items()}
+
+    return build_paged(model, rows, state, shapes_of(state), finish, plan, what)
+
+
+def unet_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:
+    """The SD UNet built straight into disk blocks when the manager (``offload``: the loader's question,
+    nodes.checkpoint.flux_load.OffloadAsk), asked with its size from the header, will page it to disk;
+    None otherwise (the caller builds it whole)."""
+    from nodes.checkpoint.tensors import dtypes_of, shapes_of
+
+    if offload is None:
+        return None
+    keys = [k for k in state if k.startswith("model.diffusion_model.")]
+    shapes, dtypes = shapes_of(state), dtypes_of(state)
+    plan = offload(float_bytes({k: shapes[k] for k in keys}, dtypes, dtype), besides)
+    if plan is None or plan.rest != "disk":
+        return None
+    return build_unet_paged(model, state, dtype, plan, what)
