@@ -62,7 +62,7 @@ _FF = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"  # [32, 128]
 _ATT = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"  # to_out.0, to_k, to_v: [32, 32]
 _RES = "down_blocks.0.resnets.0"  # conv1, conv2: [32, 32, 3, 3]
 _F = {"ff": [_r(32, 2), _r(2, 128), _r(32, 2), _r(2, 128)], "out_w1": _r(4, 4), "out_w2": [_r(8, 2), _r(2, 8)],
-      "k_w1": [_r(2, 1), _r(1, 4)], "k_w2": _r(16, 8), "v_w1": _r(2, 2), "v_w2": _r(16, 16),
+      "k_w1": [_r(2, 1), _r(1, 4)], "q_w1": [_r(4, 1), _r(1, 4)], "q_w2": [_r(8, 3), _r(3, 8)], "k_w2": _r(16, 8), "v_w1": _r(2, 2), "v_w2": _r(16, 16),
       "c1": [_r(2, 2, 3, 3), _r(2, 32), _r(2, 32), _r(2, 2, 3, 3), _r(2, 32), _r(2, 32)],
       "c2_w1": _r(4, 4), "c2_w2": _r(8, 8, 3, 3), "fc1": [_r(128, 3), _r(3, 64), _r(128, 3), _r(3, 64)]}
 _FC1 = "encoder.layers.0.mlp.fc1"  # CLIP [128, 64]
@@ -77,6 +77,9 @@ def _sd1_file() -> dict[str, torch.Tensor]:
     k = "lora_unet_" + f"{_ATT}.to_k".replace(".", "_")
     state.update({f"{k}.lokr_w1_a": f["k_w1"][0], f"{k}.lokr_w1_b": f["k_w1"][1], f"{k}.lokr_w2": f["k_w2"],
                   f"{k}.alpha": torch.tensor(4.0)})
+    q = "lora_unet_" + f"{_ATT}.to_q".replace(".", "_")  # both factored, alpha 3
+    state.update({f"{q}.lokr_w1_a": f["q_w1"][0], f"{q}.lokr_w1_b": f["q_w1"][1], f"{q}.lokr_w2_a": f["q_w2"][0],
+                  f"{q}.lokr_w2_b": f["q_w2"][1], f"{q}.alpha": torch.tensor(3.0)})
     v = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_v"  # the original layout's name
     state.update({f"{v}.lokr_w1": f["v_w1"], f"{v}.lokr_w2": f["v_w2"], f"{v}.alpha": torch.tensor(8.0)})
     t1, a1, b1, t2, a2, b2 = f["c1"]
@@ -96,6 +99,8 @@ def _sd1_deltas() -> dict[tuple[str, str], torch.Tensor]:
     return {("unet", f"{_FF}.weight"): (w1a @ w1b) * (w2a @ w2b) * (1 / 2),
             ("unet", f"{_ATT}.to_out.0.weight"): kron(f["out_w1"], f["out_w2"][0] @ f["out_w2"][1]) * (1 / 2),
             ("unet", f"{_ATT}.to_k.weight"): kron(f["k_w1"][0] @ f["k_w1"][1], f["k_w2"]) * (4 / 1),
+            # both factored: the rank is w2's (3), not w1's (1)
+            ("unet", f"{_ATT}.to_q.weight"): kron(f["q_w1"][0] @ f["q_w1"][1], f["q_w2"][0] @ f["q_w2"][1]) * (3 / 3),
             ("unet", f"{_ATT}.to_v.weight"): kron(f["v_w1"], f["v_w2"]),  # both whole: scale 1
             ("unet", f"{_RES}.conv1.weight"): tucker(t1, a1, b1) * tucker(t2, a2, b2) * (2 / 2),
             ("unet", f"{_RES}.conv2.weight"): kron(f["c2_w1"], f["c2_w2"]),
@@ -132,8 +137,8 @@ def test_sd1_loha_and_lokr_equal_the_weights_changed_by_hand_and_leave_the_base(
                     strength_model=strength, strength_clip=strength)
         note = rec.messages[0]
         assert "not matched" not in note, note
-        assert "7 modules patched (1 in text_encoder, 6 in unet)" in note, note
-        assert "7 by LyCORIS LoHa (3) and LoKr (4)" in note, note
+        assert "8 modules patched (1 in text_encoder, 7 in unet)" in note, note
+        assert "8 by LyCORIS LoHa (3) and LoKr (5)" in note, note
         ours, hand = _states(m, c), _hand(base, strength)
         changed = {(t, k) for t in ours for k in ours[t] if not torch.equal(ours[t][k], base[t][k])}
         assert changed == set(_sd1_deltas()), changed
@@ -194,6 +199,33 @@ def test_incomplete_or_misfit_lycoris_modules_are_reported(tiny_env, tiny_models
     assert err.value.input_name == "lora_name" and "conv1 (32, 128) vs (32, 32, 3, 3)" in str(err.value)
 
 
+def test_sdxl_lokr_under_original_unet_names_and_the_second_text_encoder(tiny_env, tiny_models_dir):
+    model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sdxl"))
+    with model.unet() as unet:
+        label = unet.state_dict()["add_embedding.linear_1.weight"].clone()
+    with clip.encoder("text_encoder_2") as te:
+        te_state = {k: v.clone() for k, v in te.state_dict().items()}
+    fc1 = next(k for k in te_state if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    (o, i), (p, j) = label.shape, te_state[fc1].shape
+    w1, w2 = _r(2, 2), _r(o // 2, i // 2)
+    h = [_r(p, 2), _r(2, j), _r(p, 2), _r(2, j)]
+    state = {"lora_unet_label_emb_0_0.lokr_w1": w1, "lora_unet_label_emb_0_0.lokr_w2": w2,
+             **_loha("lora_te2_text_model_encoder_layers_0_mlp_fc1", *h, alpha=4)}
+    save_file(state, str(Path(tiny_models_dir) / "loras" / "sdxl-lycoris.safetensors"))
+    rec = Called()
+    m, c = call(lora.lora_loader, tiny_env, rec, model=model, clip=clip, lora_name="sdxl-lycoris.safetensors",
+                strength_model=0.5, strength_clip=1.5)
+    assert "2 modules patched" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages
+    with m.unet() as unet:
+        assert torch.allclose(unet.state_dict()["add_embedding.linear_1.weight"], label + kron(w1, w2) * 0.5,
+                              atol=1e-6, rtol=0)
+    with c.encoder("text_encoder_2") as te:
+        ours = te.state_dict()
+        assert torch.allclose(ours[fc1], te_state[fc1] + (h[0] @ h[1]) * (h[2] @ h[3]) * (4 / 2) * 1.5,
+                              atol=1e-6, rtol=0)
+        assert sum(not torch.equal(v, te_state[k]) for k, v in ours.items()) == 1
+
+
 # -- FLUX: original-layout names (a fused qkv), beside fp8 and disk-paged linear layers -----------
 
 _Q = [_r(192, 2), _r(2, 64), _r(192, 2), _r(2, 64)]  # LoHa on double_blocks.0.img_attn.qkv [192, 64]
@@ -252,12 +284,18 @@ def test_flux_lycoris_beside_fp8_and_paged_weights_equal_the_file_changed_by_han
     env = _env(flux_root, tmp_path / "fp8")
     (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")
     (hand,) = call(split_loaders.unet_loader, env, unet_name="fp8-hand.safetensors")
+    with fp8.unet() as net:
+        stored = {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v.clone()
+                  for k, v in net.state_dict().items()}
     plain = _sample(env, fp8)
     ours = _sample(env, _with(env, fp8, "flux-lycoris.safetensors"))
     assert (ours - _sample(env, hand)).abs().max() <= 1e-5
     assert (ours - plain).abs().max() > 1e-3
     assert torch.equal(_sample(env, _with(env, fp8, "flux-lycoris.safetensors", 0.0)), plain)
-    with fp8.unet() as net:
+    with fp8.unet() as net:  # the fp8 bytes as stored; nothing left on the layers
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+        assert all(torch.equal(stored[k], v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
+                   for k, v in net.state_dict().items())
         assert not any("kiln_lora" in vars(m) for m in net.modules())
 
     whole = _env(flux_root, tmp_path / "whole")
