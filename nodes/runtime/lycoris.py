@@ -53,7 +53,7 @@ def _lokr(f: dict[str, Any]) -> Any:
         w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2)
+    return torch.kron(w1.contiguous(), w2.contiguous())  # an einsum's result may be strided (kron needs views)
 
 
 def read(parts: dict[str, Any], alpha: Any) -> tuple[str, dict[str, Any], float] | str:
