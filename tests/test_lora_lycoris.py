@@ -65,6 +65,7 @@ _F = {"ff": [_r(32, 2), _r(2, 128), _r(32, 2), _r(2, 128)], "out_w1": _r(4, 4), 
       "k_w1": [_r(2, 1), _r(1, 4)], "q_w1": [_r(4, 1), _r(1, 4)], "q_w2": [_r(8, 3), _r(3, 8)], "k_w2": _r(16, 8), "v_w1": _r(2, 2), "v_w2": _r(16, 16),
       "c1": [_r(2, 2, 3, 3), _r(2, 32), _r(2, 32), _r(2, 2, 3, 3), _r(2, 32), _r(2, 32)],
       "ci": [_r(4, 2), _r(2, 2, 3, 3), _r(2, 8), _r(2, 2)],  # conv_in [32, 4, 3, 3]: w1, t2, w2_a, w2_b
+      "co": [_r(4, 2), _r(2, 288), _r(4, 2), _r(2, 288)],  # LoHa on conv_out [4, 32, 3, 3], no Tucker
       "c2_w1": _r(4, 4), "c2_w2": _r(8, 8, 3, 3), "fc1": [_r(128, 3), _r(3, 64), _r(128, 3), _r(3, 64)]}
 _FC1 = "encoder.layers.0.mlp.fc1"  # CLIP [128, 64]
 
@@ -90,6 +91,7 @@ def _sd1_file() -> dict[str, torch.Tensor]:
     ci = "lora_unet_input_blocks_0_0"  # conv_in, original name; LoKr with a Tucker core, alpha 1
     state.update({f"{ci}.lokr_w1": f["ci"][0], f"{ci}.lokr_t2": f["ci"][1], f"{ci}.lokr_w2_a": f["ci"][2],
                   f"{ci}.lokr_w2_b": f["ci"][3], f"{ci}.alpha": torch.tensor(1.0)})
+    state.update(_loha("lora_unet_conv_out", *f["co"], alpha=4))
     state.update(_loha("lora_te_text_model_encoder_layers_0_mlp_fc1", *f["fc1"]))
     return state
 
@@ -108,6 +110,8 @@ def _sd1_deltas() -> dict[tuple[str, str], torch.Tensor]:
             ("unet", f"{_ATT}.to_v.weight"): kron(f["v_w1"], f["v_w2"]),  # both whole: scale 1
             ("unet", f"{_RES}.conv1.weight"): tucker(t1, a1, b1) * tucker(t2, a2, b2) * (2 / 2),
             ("unet", f"{_RES}.conv2.weight"): kron(f["c2_w1"], f["c2_w2"]),
+            ("unet", "conv_out.weight"): ((f["co"][0] @ f["co"][1]) * (f["co"][2] @ f["co"][3])).reshape(4, 32, 3, 3)
+            * (4 / 2),
             ("unet", "conv_in.weight"): kron(f["ci"][0], tucker(f["ci"][1], f["ci"][2], f["ci"][3])) * (1 / 2),
             ("text_encoder", f"{_FC1}.weight"): (c1 @ c2) * (c3 @ c4)}
 
@@ -142,8 +146,8 @@ def test_sd1_loha_and_lokr_equal_the_weights_changed_by_hand_and_leave_the_base(
                     strength_model=strength, strength_clip=strength)
         note = rec.messages[0]
         assert "not matched" not in note, note
-        assert "9 modules patched (1 in text_encoder, 8 in unet)" in note, note
-        assert "9 by LyCORIS LoHa (3) and LoKr (6)" in note, note
+        assert "10 modules patched (1 in text_encoder, 9 in unet)" in note, note
+        assert "10 by LyCORIS LoHa (4) and LoKr (6)" in note, note
         ours, hand = _states(m, c), _hand(base, strength)
         changed = {(t, k) for t in ours for k in ours[t] if not torch.equal(ours[t][k], base[t][k])}
         assert changed == set(_sd1_deltas()), changed
