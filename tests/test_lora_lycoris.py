@@ -318,3 +318,21 @@ def test_flux_lycoris_beside_fp8_and_paged_weights_equal_the_file_changed_by_han
     assert (ours - expected).abs().max() <= 1e-5
     assert (ours - plain).abs().max() > 1e-3
     assert torch.equal(_sample(paged_env, paged), plain)
+
+
+def test_a_lycoris_convolution_on_a_paged_unet_is_an_error_naming_lora_and_layer(sd1_files, tiny_models_dir, tmp_path):
+    """Paged weights rest as placeholders; only linear layers run a difference beside them."""
+    from engine.context import Environment, NodeError, Paths
+    from nodes.runtime.models import ModelManager
+
+    env = Environment(paths=Paths.under(tmp_path / "data", models=Path(tiny_models_dir)),
+                      models=ModelManager(device="cpu", offload_mode="on"))
+    model, _, _ = call(loaders.checkpoint_loader, env, ckpt_name=tm.checkpoint_name("sd1"))
+    (m,) = call(lora.lora_loader_model_only, env, model=model, lora_name="sd1-lycoris.safetensors",
+                strength_model=1.0)
+    with model.unet() as unet:
+        assert offload.offloaded(unet).paged
+    with pytest.raises(NodeError, match=r"sd1-lycoris.*(conv1|conv2|conv_in|conv_out) is not a linear layer") as err:
+        with m.unet():
+            pass
+    assert err.value.input_name == "model"
