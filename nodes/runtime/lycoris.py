@@ -108,5 +108,11 @@ class Product:
 
     def beside(self, device: Any, coefficient: float) -> tuple:
         """The layer-side form ``(self, "product", c)``: the layer rebuilds ``c * delta`` per call
-        (``CastLinear.kiln_lora``), so no weight-sized tensor is held for every layer at once."""
-        return (self, "product", coefficient)
+        (``CastLinear.kiln_lora``), so no weight-sized tensor is held for every layer at once. The small
+        factors move to ``device`` once here, not on every call."""
+        import dataclasses
+
+        import torch
+
+        moved = {k: v.to(device, torch.float32) for k, v in self.factors.items()}
+        return (dataclasses.replace(self, factors=moved), "product", coefficient)
