@@ -55,6 +55,7 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
                strength_model: float, strength_clip: float) -> tuple[ModelHandle | None, ClipHandle | None]:
     """The handles with the LoRA added to their stacks; errors and a message name what matched."""
     from nodes import lora_keys
+    from nodes.runtime import lycoris
     from nodes.runtime.patches import Diff, LoraEntry
 
     path = locate(ctx.env, LORA_FOLDER, lora_name, "lora_name")
@@ -89,6 +90,10 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
     whole = sum(isinstance(p, Diff) for t in found.tables.values() for p in t.values())
     if whole:
         note += f"; {whole} of them by whole weight or bias differences"
+    products = [p.kind for t in found.tables.values() for p in t.values() if isinstance(p, lycoris.Product)]
+    if products:
+        note += f"; {len(products)} by LyCORIS " + " and ".join(
+            f"{k} ({products.count(k.lower())})" for k in ("LoHa", "LoKr") if k.lower() in products)
     if skipped:
         note += f"; {len(skipped)} text-encoder modules ignored (no CLIP input)"
     if unmatched:
@@ -118,7 +123,7 @@ def _check(model: Any, clip: Any = None, need_clip: bool = False) -> None:
         Input("model", T.MODEL),
         Input("clip", T.CLIP),
         Input("lora_name", T.COMBO, choices=_loras, tooltip="A LoRA file in models/loras (kohya/A1111, "
-              "diffusers/PEFT or LoCon format)."),
+              "diffusers/PEFT, LoCon, or LyCORIS LoHa/LoKr format)."),
         _strength("strength_model", "How strongly the LoRA changes the diffusion model; 0 = not at all, "
                   "negative inverts it."),
         _strength("strength_clip", "How strongly the LoRA changes the text encoder(s)."),

@@ -25,6 +25,8 @@ Formats read (one file may mix them):
   bias (``.lora_B.bias``, ``.lora_up.bias``: PEFT with ``lora_bias``, BFL's control
   LoRAs), which adds ``alpha / rank * bias`` to the layer's bias (PEFT scales the whole
   ``lora_B`` output; ComfyUI reads BFL's, which have no alpha, as a plain ``diff_b``).
+* LyCORIS LoHa (``.hada_w1_a`` ...) and LoKr (``.lokr_w1`` ...) modules, under the same module
+  names, with or without Tucker cores; their formulas are in nodes.runtime.lycoris.
 
 Module names are matched against the model itself (its parameter names, plus the
 original-layout names computed by Kiln's own diffusers -> original converter), so
@@ -36,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodes.runtime import lycoris
 from nodes.runtime.patches import Diff, LowRank
 
 #: (suffix of the "down" factor, suffix of the "up" factor)
@@ -64,7 +67,7 @@ class LoraError(ValueError):
 class Matched:
     """Factors by target and parameter name, and what could not be matched."""
 
-    tables: dict[str, dict[str, LowRank | Diff]] = field(default_factory=dict)
+    tables: dict[str, dict[str, LowRank | Diff | lycoris.Product]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # name fits, shape does not
 
@@ -125,7 +128,11 @@ def made_for(keys: Any) -> str | None:
 
 
 def _split(key: str) -> tuple[str, str] | None:
-    """(module key, "down" | "up" | "alpha" | a _DIFFS suffix) of a LoRA tensor key, or None."""
+    """(module key, "down" | "up" | "alpha" | a _DIFFS suffix | a LyCORIS part name) of a LoRA tensor
+    key, or None."""
+    for suffix in lycoris.SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix[1:]
     for suffix, _ in _DIFFS:
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix
@@ -168,8 +175,9 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
         groups.setdefault(split[0], {})[split[1]] = value
     for module_key, parts in sorted(groups.items()):
         has_pair = "down" in parts and "up" in parts
-        diffs = [k for k in parts if k not in ("down", "up", "alpha")]
-        if ("down" in parts) != ("up" in parts) or not (has_pair or diffs):
+        lyco = [k for k in parts if "." + k in lycoris.SUFFIXES]
+        diffs = [k for k in parts if k not in ("down", "up", "alpha") and k not in lyco]
+        if ("down" in parts) != ("up" in parts) or not (has_pair or diffs or lyco):
             result.unmatched.append(module_key)
             continue
         found = _locate(module_key, lookups)
@@ -184,6 +192,8 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             if pair is None:
                 continue
             patches += pair
+        if lyco:
+            patches += _product(module_key, param, parts, alpha, shapes[target], result) or []
         for suffix in diffs:
             diff = _diff(module_key + suffix, param, parts[suffix], dict(_DIFFS)[suffix], alpha, parts.get("down"),
                          shapes[target], result)
@@ -252,10 +262,35 @@ def _diff(key: str, param: Any, diff: Any, kind: str, alpha: Any, down: Any, sha
     return [(name, Diff(piece.float(), scale)) for name, piece in pieces]
 
 
+def _product(module_key: str, param: Any, parts: dict[str, Any], alpha: Any, shapes: dict[str, tuple],
+             result: Matched) -> list[tuple[str, lycoris.Product]] | None:
+    """A LoHa / LoKr module as Product patches (a fused module's rows spread like ``_rows``), or None
+    (recorded: unmatched when its tensors are incomplete, mismatched when its size differs)."""
+    read = lycoris.read(parts, alpha)
+    if isinstance(read, str):
+        result.unmatched.append(f"{module_key} ({read})")
+        return None
+    kind, factors, scale = read
+    factors = {k: v.float() for k, v in factors.items()}
+    full = lycoris.full_shape(kind, factors)
+    total = _fused_rows(param)
+    names = [(param, None)] if isinstance(param, str) else [(p, tuple(rows)) for p, rows in param]
+    wanted = [shapes[p] for p, _ in names]
+    numel = sum(_numel(s) for s in wanted)
+    if full[0] != (total if total is not None else wanted[0][0]) or _numel(full) != numel:
+        result.mismatched.append(f"{module_key} {full} vs {wanted[0] if total is None else f'{total} rows'}")
+        return None
+    return [(p, lycoris.Product(kind, factors, scale, shapes[p], rows)) for p, rows in names]
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _fits(up: Any, down: Any, shape: tuple) -> bool:
     """Whether ``up @ down`` has the weight's shape (a LoCon conv factor flattened)."""
-    numel = 1
-    for d in shape:
-        numel *= d
     return up.shape[0] == shape[0] and up.flatten(1).shape[1] == down.shape[0] and \
-        up.shape[0] * down.flatten(1).shape[1] == numel
+        up.shape[0] * down.flatten(1).shape[1] == _numel(shape)

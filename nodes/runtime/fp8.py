@@ -29,7 +29,8 @@ def _cast_linear_class():
         ``(up, down, coefficient)`` factors added as ``coefficient * (x @ down.T) @ up.T``,
         because adding a LoRA's small delta into fp8 weights would round most of it away.
         A whole weight difference comes as ``(diff, None, c)`` (``c * x @ diff.T``), a bias
-        difference as ``(diff, "bias", c)`` (``c * diff``; see ``patches.Diff.beside``).
+        difference as ``(diff, "bias", c)`` (``c * diff``; see ``patches.Diff.beside``), a LoHa / LoKr
+        patch as ``(patch, "product", c)`` (``c * x @ patch.delta().T``; see ``runtime.lycoris``).
         """
 
         kiln_lora: tuple = ()
@@ -39,6 +40,10 @@ def _cast_linear_class():
             b = self.bias.to(x.dtype) if self.bias is not None else None
             out = torch.nn.functional.linear(x, w, b)
             for up, down, coefficient in self.kiln_lora:
+                if down == "product":  # a LyCORIS LoHa / LoKr patch, rebuilt for this call
+                    delta = up.delta(up.shape, x.device).to(x.dtype)
+                    out = out + torch.nn.functional.linear(x, delta) * coefficient
+                    continue
                 if isinstance(down, str):  # "bias": a bias difference
                     out = out + up.to(x.dtype) * coefficient
                     continue

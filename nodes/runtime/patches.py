@@ -12,6 +12,8 @@ convolution factors flatten the same way); ``scale`` is the file's
 ``alpha / rank`` (1 when the file has no alpha, as diffusers/PEFT files do).
 A full difference (:class:`Diff`: a file's ``.diff`` for a weight, ``.diff_b`` for a
 bias, a LoRA's own bias) is ``strength * scale * diff``, on the same path.
+A LyCORIS LoHa or LoKr module (:class:`nodes.runtime.lycoris.Product`) rebuilds its
+difference from its factors on the same path.
 An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
@@ -89,7 +91,7 @@ class Diff:
         return (diff, "bias" if diff.ndim == 1 else None, coefficient * self.scale)
 
 
-Patch = Any  # LowRank | Diff: what a table holds per parameter name
+Patch = Any  # LowRank | Diff | lycoris.Product: what a table holds per parameter name
 
 
 @dataclass(frozen=True, eq=False)
