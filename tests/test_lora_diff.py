@@ -313,6 +313,6 @@ def test_flux_diffs_beside_paged_weights_equal_the_file_changed_by_hand(flux_roo
     assert (ours - expected).abs().max() <= 1e-5
     assert (ours - plain).abs().max() > 1e-3
     assert (_sample(env, model) - plain).abs().max() == 0  # the base afterwards
-    with pytest.raises(NodeError, match="flux-diff-norm.*norm_q is not a linear layer.*offloaded to disk") as err:
+    with pytest.raises(NodeError, match="flux-diff-norm.*norm_q is not a linear, convolution or norm layer.*offloaded to disk") as err:
         _sample(env, _with(env, model, "flux-diff-norm.safetensors"))
     assert err.value.input_name == "model"
