@@ -58,6 +58,7 @@ def deep_root(tmp_path_factory) -> Path:
     aio.update({"text_encoders.t5xxl.transformer." + k: v for k, v in tiny_flux.t5_state().items()})
     aio.update({"vae." + k: v for k, v in tiny_flux.vae_state().items()})
     tiny_flux._save(root / "checkpoints" / "deep-flux-aio.safetensors", aio)
+    tiny_flux._save(root / "diffusion_models" / "deep-flux-diffusers.safetensors", net.state_dict())
     return root
 
 
@@ -307,3 +308,20 @@ def test_an_sd_unet_file_loads_straight_into_blocks(tiny_models_dir, tmp_path):
     paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
     assert asked == [(_module_bytes(whole), 0)] and offload.offloaded(paged).paged
     assert (_unet_forward(paged) - _unet_forward(whole)).abs().max() <= 1e-5
+
+
+def test_a_diffusers_layout_flux_file_loads_straight_into_blocks_with_no_conversion(deep_root, alive):
+    """A FLUX transformer saved with diffusers' names in one file: the same path (paged.own_rows)."""
+    path = deep_root / "diffusion_models" / "deep-flux-diffusers.safetensors"
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    assert alive.peak >= 0.95 * alive.total  # the whole load held everything: the meter can fail
+    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole)]
+    top = _module_bytes(whole) - sum(sizes)
+    alive.peak = before = alive.now
+    asked = []
+    paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
+    assert asked == [(_module_bytes(whole), 0)]
+    assert offload.offloaded(paged).paged
+    assert alive.peak - before <= top + max(sizes), (alive.peak - before, top, sizes)
+    assert alive.peak - before < 0.4 * _module_bytes(whole)
+    assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5

@@ -159,7 +159,7 @@ def _straight_into_blocks(state: Mapping, name: str, dtype: Any, fp8: str, offlo
     manager, asked with the size from the header, will page it to disk anyway; None otherwise (load whole)."""
     from nodes.checkpoint import flux_blocks
 
-    if offload is None or not flux_blocks.is_bfl(state):
+    if offload is None or not (flux_blocks.is_bfl(state) or flux_blocks.is_diffusers(state)):
         return None
     plan = offload(flux_blocks.held_bytes(state, dtype, fp8), besides)
     if plan is None or plan.rest != "disk":  # on a GPU host the blocks rest in RAM: built whole, then placed

@@ -16,7 +16,8 @@ steady state would be lower. :func:`build_paged` instead:
 
 The result is the module the manager would have made by loading whole and offloading, so jobs
 give the same latents and LoRAs run beside the paged weights the same way. The families' tables:
-nodes.checkpoint.flux_blocks (FLUX, BFL layout) and :func:`unet_rows` (SD UNets, original layout).
+nodes.checkpoint.flux_blocks (FLUX, BFL or diffusers layout) and :func:`unet_rows` (SD UNets, original
+layout); a file in the module's own (diffusers) layout needs no conversion: :func:`own_rows`.
 """
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
     model.requires_grad_(False)
     offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
     return model
+
+
+def own_rows(keys: Any) -> list[Row]:
+    """The table of a file already in the module's own layout (a diffusers-layout file): each key is
+    its own module tensor. build_paged still checks every key and shape against the module."""
+    return [(k, lambda t, k=k: {k: t}) for k in keys]
 
 
 def float_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], dtype: Any) -> int:
