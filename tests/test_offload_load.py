@@ -325,3 +325,33 @@ def test_a_diffusers_layout_flux_file_loads_straight_into_blocks_with_no_convers
     assert alive.peak - before <= top + max(sizes), (alive.peak - before, top, sizes)
     assert alive.peak - before < 0.4 * _module_bytes(whole)
     assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
+
+
+def test_an_sd1_diffusers_folders_unet_loads_straight_into_blocks(tiny_models_dir, alive, monkeypatch):
+    """A diffusers folder's unet/ (the module's own names): the same path, no conversion; the UNet is
+    asked last, with the bytes of the folder's other components beside it."""
+    import tiny_models
+    from nodes.checkpoint import paged as paged_module
+
+    build, phase = paged_module.build_paged, []
+
+    def measured(*args, **kwargs):  # the meter's peak while the UNet itself is built
+        alive.peak = start = alive.now
+        out = build(*args, **kwargs)
+        phase.append(alive.peak - start)
+        return out
+
+    monkeypatch.setattr(paged_module, "build_paged", measured)
+    path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1", "diffusers")
+    whole = load_checkpoint(path, torch.float32)
+    unet_bytes = _module_bytes(whole.modules["unet"])
+    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    asked = []
+    paged = load_checkpoint(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk())
+    assert asked == [(unet_bytes, besides)]
+    unet = paged.modules["unet"]
+    assert offload.offloaded(unet).paged and offload.offloaded(whole.modules["unet"]) is None
+    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    assert len(phase) == 1 and phase[0] <= unet_bytes - sum(sizes) + max(sizes), (phase, unet_bytes, sizes)
+    assert phase[0] < 0.8 * unet_bytes
+    assert (_unet_forward(unet) - _unet_forward(whole.modules["unet"])).abs().max() <= 1e-5

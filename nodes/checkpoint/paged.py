@@ -21,6 +21,7 @@ layout); a file in the module's own (diffusers) layout needs no conversion: :fun
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -121,10 +122,27 @@ def build_unet_paged(model: Any, state: Mapping, dtype: Any, plan: Any, what: st
     if rows is None:
         return None
 
-    def finish(part: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in part.items()}
+    return build_paged(model, rows, state, shapes_of(state), functools.partial(_cast_floats, dtype=dtype), plan, what)
 
-    return build_paged(model, rows, state, shapes_of(state), finish, plan, what)
+
+def _cast_floats(part: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Floats in the compute ``dtype``, as a whole load casts them."""
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in part.items()}
+
+
+def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:
+    """A denoiser from a file in its own (diffusers) layout, e.g. a diffusers folder's ``unet/``, built
+    straight into disk blocks when the manager (``offload``, asked with the header's size) will page it
+    to disk; None otherwise (the caller builds it whole). Floats are cast to ``dtype``."""
+    from nodes.checkpoint.tensors import dtypes_of, shapes_of
+
+    if offload is None:
+        return None
+    shapes = shapes_of(state)
+    plan = offload(float_bytes(shapes, dtypes_of(state), dtype), besides)
+    if plan is None or plan.rest != "disk":
+        return None
+    return build_paged(model, own_rows(shapes), state, shapes, functools.partial(_cast_floats, dtype=dtype), plan, what)
 
 
 def unet_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:
