@@ -372,10 +372,14 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
     ``from_pretrained`` as before. ``offload``/``besides``: a denoiser's question to the model
     manager (nodes.checkpoint.paged.own_layout_straight) with the bytes of the load's other modules.
     """
+    if offload is not None:
+        paged = paged_component(folder, cls, dtype, offload, besides)
+        if paged is not None:
+            return paged
     weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is not None and (folder / "config.json").is_file():
         try:
-            return _component_from_file(folder, weights, cls, dtype, offload, besides)
+            return _component_from_file(folder, weights, cls, dtype)
         except (CheckpointError, TypeError):
             pass  # e.g. renamed legacy keys: diffusers' own loader knows them
     module = cls.from_pretrained(str(folder), local_files_only=True)
@@ -384,20 +388,30 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
     return module
 
 
-def _component_from_file(folder: Path, weights: Path, cls: Any, dtype: Any, offload: Any = None,
-                         besides: int = 0) -> Any:
+def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: int = 0) -> Any | None:
+    """A diffusers denoiser folder (unet/, transformer/; one .safetensors file or shards with their index
+    json) built straight into disk blocks when the manager (``offload``) will page it there; its keys are
+    the module's own names (nodes.checkpoint.paged.own_layout_straight). None: build it whole."""
+    from nodes.checkpoint.paged import own_layout_straight
+    from nodes.checkpoint.tensors import ShardedState
+
+    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if not (folder / "config.json").is_file() or (weights is None and not index.is_file()):
+        return None
+    state = open_state(weights) if weights is not None else ShardedState.open_index(index)
+    init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
+    with reading(weights or index):
+        return own_layout_straight(_empty(cls, dict(init)), state, dtype, offload,
+                                   f"{folder.parent.name}/{folder.name}", besides)
+
+
+def _component_from_file(folder: Path, weights: Path, cls: Any, dtype: Any) -> Any:
     state = open_state(weights).with_dtype(dtype)
     with reading(weights):
         if hasattr(cls, "load_config"):  # a diffusers model
             init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
             module = _empty(cls, dict(init))
-            if offload is not None:
-                from nodes.checkpoint.paged import own_layout_straight
-
-                paged = own_layout_straight(module, open_state(weights), dtype, offload,
-                                            f"{folder.parent.name}/{folder.name}", besides)
-                if paged is not None:
-                    return paged
             return _assign(module, state, cls.__name__, dtype)
         config = cls.config_class.from_pretrained(str(folder))  # a transformers model
         module = _empty(cls, config)
@@ -422,7 +436,7 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
         from nodes.checkpoint import flux_load
 
         if flux_load.is_flux_folder(path):
-            return flux_load.load_folder(path, dtype)
+            return flux_load.load_folder(path, dtype, offload=offload)
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
         return load_diffusers_folder(path, dtype, vae_dtype, prediction, offload=offload)
