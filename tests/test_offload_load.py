@@ -381,3 +381,24 @@ def test_a_sharded_flux_diffusers_folder_loads_its_transformer_straight_into_blo
     # the encoders and VAE come through from_pretrained (not metered); the transformer's reads are
     assert alive.peak - before <= unet_bytes - sum(sizes) + max(sizes), (alive.peak - before, unet_bytes, sizes)
     assert (_forward(unet) - _forward(whole.modules["unet"])).abs().max() <= 1e-5
+
+
+def test_a_bad_diffusers_folder_fails_by_name_before_any_block_is_written(tiny_models_dir, tmp_path):
+    import shutil
+
+    import tiny_models
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.load import CheckpointError
+
+    folder = tmp_path / "bad-sd1"
+    shutil.copytree(Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1", "diffusers"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = LazyState.open(weights).materialise()
+    save_file({k: v for k, v in state.items() if k != "up_blocks.1.resnets.0.conv2.bias"}, str(weights))
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    plan = offload.Plan(onload="cpu", rest="disk", note="test", folder_root=str(blocks))
+    with pytest.raises(CheckpointError, match=r"bad-sd1/unet.*missing.*up_blocks\.1\.resnets\.0\.conv2\.bias"):
+        load_checkpoint(folder, torch.float32, offload=lambda n, b: plan)
+    assert list(blocks.iterdir()) == []  # no block folder was made
