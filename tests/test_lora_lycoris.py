@@ -339,8 +339,7 @@ def test_a_lycoris_convolution_on_a_paged_unet_equals_it_on_the_whole_unet(sd1_f
         for handle in (model, m, model):
             with handle.unet() as unet, torch.no_grad():
                 assert bool(offload.offloaded(unet) and offload.offloaded(unet).paged) == (name == "paged")
-                runs.append(unet(x, torch.tensor([500]), encoder_hidden_states=text[..., :unet.config.cross_attention_dim],
-                                 return_dict=False)[0])
+                runs.append(unet(x, torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0])
         outs[name] = runs
     assert (outs["whole"][1] - outs["whole"][0]).abs().max() > 1e-3  # the LoRA changes the UNet
     for i in range(3):  # plain, with the LoRA, plain again afterwards

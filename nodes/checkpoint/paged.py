@@ -130,7 +130,8 @@ def _cast_floats(part: dict[str, Any], dtype: Any) -> dict[str, Any]:
     return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in part.items()}
 
 
-def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:
+def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str,
+                        besides: int = 0) -> Any | None:
     """A denoiser from a file in its own (diffusers) layout, e.g. a diffusers folder's ``unet/``, built
     straight into disk blocks when the manager (``offload``, asked with the header's size) will page it
     to disk; None otherwise (the caller builds it whole). Floats are cast to ``dtype``."""
