@@ -327,7 +327,7 @@ def test_a_lycoris_convolution_on_a_paged_unet_equals_it_on_the_whole_unet(sd1_f
     from nodes.runtime.models import ModelManager
 
     g = torch.Generator().manual_seed(4)
-    x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 256, generator=g)
+    x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 64, generator=g)
     outs = {}
     for name, mode in (("whole", "off"), ("paged", "on")):
         env = Environment(paths=Paths.under(tmp_path / name, models=Path(tiny_models_dir)),
