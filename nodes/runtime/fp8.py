@@ -74,7 +74,7 @@ def _with_deltas(layer: Any) -> tuple:
     in the in-place patch's arithmetic: float32 sum, back to the stored dtype."""
     import torch
 
-    w, b = layer.weight, layer.bias
+    w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
     for kind, patch, strength in layer.kiln_deltas:
         t = b if kind == "bias" else w
         t = (t.to(torch.float32) + patch.delta(tuple(t.shape), t.device) * strength).to(t.dtype)
@@ -84,7 +84,7 @@ def _with_deltas(layer: Any) -> tuple:
 
 def _run_time_classes() -> dict:
     """Layers that take their patches while they run (a model paged to disk, whose resting weights
-    are placeholders, see nodes.runtime.offload): convolutions and norms, by their torch class.
+    are placeholders, see nodes.runtime.offload): 2-D convolutions and group/layer/RMS norms, by class.
 
     ``kiln_deltas``, set only while patches are applied (nodes.runtime.patches):
     ``("weight" | "bias", patch, strength)``; the patch's own ``delta`` (the one the in-place path
@@ -119,14 +119,22 @@ def _run_time_classes() -> dict:
             w, b = _with_deltas(self)
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
-    return {torch.nn.Conv2d: CastConv2d, torch.nn.GroupNorm: CastGroupNorm, torch.nn.LayerNorm: CastLayerNorm}
+    class CastRMSNorm(torch.nn.RMSNorm):  # FLUX's q/k norms
+        kiln_deltas: tuple = ()
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            w, _ = _with_deltas(self)
+            return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+    return {torch.nn.Conv2d: CastConv2d, torch.nn.GroupNorm: CastGroupNorm, torch.nn.LayerNorm: CastLayerNorm,
+            torch.nn.RMSNorm: CastRMSNorm}
 
 
 _RUN_TIME: dict | None = None
 
 
 def as_run_time_patched(module: Any) -> bool:
-    """Make one plain ``nn.Conv2d`` / ``nn.GroupNorm`` / ``nn.LayerNorm`` its run-time-patched
+    """Make one plain ``nn.Conv2d`` / ``nn.GroupNorm`` / ``nn.LayerNorm`` / ``nn.RMSNorm`` its run-time-patched
     class in place (same arithmetic while no patch is set). False for any other layer."""
     global _RUN_TIME
     if _RUN_TIME is None:
