@@ -163,32 +163,83 @@ def test_on_a_gpu_blocks_rest_in_cpu_memory_and_a_lora_patched_in_place_reaches_
     assert (outs["blocks"][1] - outs["blocks"][0]).abs().max() > 1e-2
 
 
-def test_a_convolution_lora_on_a_paged_unet_is_a_named_error(tiny_models_dir, tmp_path):
+def _sd1_job(env: Environment, model, lora_name: str | None = None) -> torch.Tensor:
     import tiny_models
+
+    if lora_name is not None:
+        (model,) = call(lora.lora_loader_model_only, env, model=model, lora_name=lora_name, strength_model=0.8)
+    pos, neg, _ = tiny_models.encoded_prompts("sd1", "a red barn in a field", "blurry")
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    (out,) = call(ksampler, env, model=model, seed=4, steps=2, cfg=1.5, sampler_name="euler", scheduler="normal",
+                  positive=pos, negative=neg, latent_image={"samples": start}, denoise=0.6)
+    return out["samples"]
+
+
+def _write_sd1_conv_loras(folder: Path, unet) -> None:
+    """A LoCon (3x3 down, 1x1 up, alpha) on one convolution, a whole weight and bias difference on
+    another, a LoCon on the 1x1 ``proj_in`` convolution, group and layer norm differences."""
     from safetensors.torch import save_file
 
-    from engine.context import NodeError
+    g = torch.Generator().manual_seed(5)
+    conv1 = unet.down_blocks[0].resnets[0].conv1.weight
+    conv2 = unet.up_blocks[1].resnets[0].conv2.weight
+    proj = unet.down_blocks[0].attentions[0].proj_in.weight
+    assert proj.ndim == 4  # SD1's proj_in is a 1x1 convolution
+    gn = unet.down_blocks[0].resnets[0].norm1.weight
+    ln = unet.down_blocks[0].attentions[0].transformer_blocks[0].norm1.weight
+    locon, diff, proj_key = ("lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_up_blocks_1_resnets_0_conv2",
+                             "lora_unet_down_blocks_0_attentions_0_proj_in")
+    folder.mkdir(exist_ok=True)
+    save_file({f"{locon}.lora_down.weight": torch.randn(3, conv1.shape[1], 3, 3, generator=g) * 0.2,
+               f"{locon}.lora_up.weight": torch.randn(conv1.shape[0], 3, 1, 1, generator=g) * 0.2,
+               f"{locon}.alpha": torch.tensor(2.0),
+               f"{diff}.diff": torch.randn(*conv2.shape, generator=g) * 0.02,
+               f"{diff}.diff_b": torch.randn(conv2.shape[0], generator=g) * 0.05,
+               f"{proj_key}.lora_down.weight": torch.randn(2, proj.shape[1], 1, 1, generator=g) * 0.2,
+               f"{proj_key}.lora_up.weight": torch.randn(proj.shape[0], 2, 1, 1, generator=g) * 0.2,
+               "lora_unet_down_blocks_0_resnets_0_norm1.diff": torch.randn(gn.shape[0], generator=g) * 0.1,
+               "lora_unet_down_blocks_0_resnets_0_norm1.diff_b": torch.randn(gn.shape[0], generator=g) * 0.1,
+               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_norm1.diff":
+                   torch.randn(ln.shape[0], generator=g) * 0.1},
+              str(folder / "offload-locon.safetensors"))
+
+
+def test_a_convolution_lora_on_a_paged_unet_equals_it_on_the_whole_unet(tiny_models_dir, tmp_path):
+    """LoCon and convolution differences run beside the paged weights (CastConv2d): the same latents
+    as the LoRA merged into the whole UNet, and the base weights are the same before and after."""
+    import tiny_models
     from nodes.loaders import checkpoint_loader
 
-    env = _env(tiny_models_dir, tmp_path, "data", offload_mode="on")
-    model, _, _ = call(checkpoint_loader, env, ckpt_name=tiny_models.checkpoint_name("sd1"))
-    conv = model.peek().down_blocks[0].resnets[0].conv1.weight
-    g = torch.Generator().manual_seed(5)
-    folder = Path(tiny_models_dir) / "loras"
-    folder.mkdir(exist_ok=True)
-    key = "lora_unet_down_blocks_0_resnets_0_conv1"
-    save_file({f"{key}.lora_down.weight": torch.randn(2, conv.shape[1], 3, 3, generator=g),
-               f"{key}.lora_up.weight": torch.randn(conv.shape[0], 2, 1, 1, generator=g)},
-              str(folder / "offload-locon.safetensors"))
-    (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name="offload-locon.safetensors",
-                      strength_model=1.0)
-    pos, neg, _ = tiny_models.encoded_prompts("sd1", "a red barn in a field", "blurry")
-    expected = "offload-locon.*resnets.0.conv1 is not a linear layer.*offloaded to disk"
-    with pytest.raises(NodeError, match=expected) as err:
-        call(ksampler, env, model=patched, seed=4, steps=2, cfg=7.5, sampler_name="euler", scheduler="normal",
-             positive=pos, negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
-    assert err.value.input_name == "model"
-    assert offload.offloaded(model.peek()).paged  # the error came from the paged placement
+    outs, nets = {}, {}
+    for name, manager in (("whole", {}), ("paged", {"offload_mode": "on"})):
+        env = _env(tiny_models_dir, tmp_path, name, **manager)
+        model, _, _ = call(checkpoint_loader, env, ckpt_name=tiny_models.checkpoint_name("sd1"))
+        if name == "whole":
+            _write_sd1_conv_loras(Path(tiny_models_dir) / "loras", model.peek())
+        plain = _sd1_job(env, model)
+        outs[name] = (plain, _sd1_job(env, model, "offload-locon.safetensors"), _sd1_job(env, model))
+        nets[name] = _transformer(env, model)
+        if name == "whole":
+            base = {k: v.detach().clone() for k, v in nets[name].state_dict().items()}
+    (with_lora,) = call(lora.lora_loader_model_only, env, model=model, lora_name="offload-locon.safetensors")
+    assert set(with_lora.loras[-1].tables["unet"]) == {  # every module of the file matched
+        "down_blocks.0.resnets.0.conv1.weight", "up_blocks.1.resnets.0.conv2.weight",
+        "up_blocks.1.resnets.0.conv2.bias", "down_blocks.0.attentions.0.proj_in.weight",
+        "down_blocks.0.resnets.0.norm1.weight", "down_blocks.0.resnets.0.norm1.bias",
+        "down_blocks.0.attentions.0.transformer_blocks.0.norm1.weight"}
+    paged = nets["paged"]
+    assert offload.offloaded(paged).paged and offload.offloaded(nets["whole"]) is None
+    assert type(paged.down_blocks[0].resnets[0].conv1).__name__ == "CastConv2d"
+    assert type(paged.down_blocks[0].resnets[0].norm1).__name__ == "CastGroupNorm"
+    whole_plain, whole_lora, _ = outs["whole"]
+    paged_plain, paged_lora, paged_after = outs["paged"]
+    assert (whole_lora - whole_plain).abs().max() > 1e-3  # the LoRA changes the result
+    assert (paged_lora - whole_lora).abs().max() <= 1e-5
+    assert (paged_plain - whole_plain).abs().max() <= 1e-5
+    assert (paged_after - whole_plain).abs().max() <= 1e-5  # removing the LoRA restores the base
+    assert not any(vars(m).get("kiln_lora") or vars(m).get("kiln_deltas") for m in paged.modules())
+    for k, v in nets["whole"].state_dict().items():
+        assert torch.equal(v, base[k]), k  # the merged LoRA was taken out exactly
 
 
 def test_the_gpu_rule_rests_blocks_in_cpu_memory_where_in_place_lora_patches_land(flux_lora_root):

@@ -58,6 +58,7 @@ def deep_root(tmp_path_factory) -> Path:
     aio.update({"text_encoders.t5xxl.transformer." + k: v for k, v in tiny_flux.t5_state().items()})
     aio.update({"vae." + k: v for k, v in tiny_flux.vae_state().items()})
     tiny_flux._save(root / "checkpoints" / "deep-flux-aio.safetensors", aio)
+    tiny_flux._save(root / "diffusion_models" / "deep-flux-diffusers.safetensors", net.state_dict())
     return root
 
 
@@ -307,3 +308,97 @@ def test_an_sd_unet_file_loads_straight_into_blocks(tiny_models_dir, tmp_path):
     paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
     assert asked == [(_module_bytes(whole), 0)] and offload.offloaded(paged).paged
     assert (_unet_forward(paged) - _unet_forward(whole)).abs().max() <= 1e-5
+
+
+def test_a_diffusers_layout_flux_file_loads_straight_into_blocks_with_no_conversion(deep_root, alive):
+    """A FLUX transformer saved with diffusers' names in one file: the same path (paged.own_rows)."""
+    path = deep_root / "diffusion_models" / "deep-flux-diffusers.safetensors"
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    assert alive.peak >= 0.95 * alive.total  # the whole load held everything: the meter can fail
+    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole)]
+    top = _module_bytes(whole) - sum(sizes)
+    alive.peak = before = alive.now
+    asked = []
+    paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
+    assert asked == [(_module_bytes(whole), 0)]
+    assert offload.offloaded(paged).paged
+    assert alive.peak - before <= top + max(sizes), (alive.peak - before, top, sizes)
+    assert alive.peak - before < 0.4 * _module_bytes(whole)
+    assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
+
+
+def test_an_sd1_diffusers_folders_unet_loads_straight_into_blocks(tiny_models_dir, alive, monkeypatch):
+    """A diffusers folder's unet/ (the module's own names): the same path, no conversion; the UNet is
+    asked last, with the bytes of the folder's other components beside it."""
+    import tiny_models
+    from nodes.checkpoint import paged as paged_module
+
+    build, phase = paged_module.build_paged, []
+
+    def measured(*args, **kwargs):  # the meter's peak while the UNet itself is built
+        alive.peak = start = alive.now
+        out = build(*args, **kwargs)
+        phase.append(alive.peak - start)
+        return out
+
+    monkeypatch.setattr(paged_module, "build_paged", measured)
+    path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1", "diffusers")
+    whole = load_checkpoint(path, torch.float32)
+    unet_bytes = _module_bytes(whole.modules["unet"])
+    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    asked = []
+    paged = load_checkpoint(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk())
+    assert asked == [(unet_bytes, besides)]
+    unet = paged.modules["unet"]
+    assert offload.offloaded(unet).paged and offload.offloaded(whole.modules["unet"]) is None
+    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    assert len(phase) == 1 and phase[0] <= unet_bytes - sum(sizes) + max(sizes), (phase, unet_bytes, sizes)
+    assert phase[0] < 0.8 * unet_bytes
+    assert (_unet_forward(unet) - _unet_forward(whole.modules["unet"])).abs().max() <= 1e-5
+
+
+def test_a_sharded_flux_diffusers_folder_loads_its_transformer_straight_into_blocks(tmp_path, alive):
+    """A FLUX pipeline folder whose transformer/ is sharded (index json + several files, as on the hub)."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    folder = tiny_flux.save_diffusers("dev", tmp_path / "flux-diffusers")
+    net = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"))
+    shutil.rmtree(folder / "transformer")
+    net.save_pretrained(str(folder / "transformer"), safe_serialization=True, max_shard_size="200KB")
+    assert len(list((folder / "transformer").glob("*.safetensors"))) > 2  # really sharded
+    whole = load_checkpoint(folder, torch.float32)
+    unet_bytes = _module_bytes(whole.modules["unet"])
+    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    alive.peak = before = alive.now
+    asked = []
+    paged = load_checkpoint(folder, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk())
+    assert asked == [(unet_bytes, besides)]
+    unet = paged.modules["unet"]
+    assert offload.offloaded(unet).paged and offload.offloaded(whole.modules["unet"]) is None
+    # the encoders and VAE come through from_pretrained (not metered); the transformer's reads are
+    assert alive.peak - before <= unet_bytes - sum(sizes) + max(sizes), (alive.peak - before, unet_bytes, sizes)
+    assert (_forward(unet) - _forward(whole.modules["unet"])).abs().max() <= 1e-5
+
+
+def test_a_bad_diffusers_folder_fails_by_name_before_any_block_is_written(tiny_models_dir, tmp_path):
+    import shutil
+
+    import tiny_models
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.load import CheckpointError
+
+    folder = tmp_path / "bad-sd1"
+    shutil.copytree(Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1", "diffusers"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = LazyState.open(weights).materialise()
+    save_file({k: v for k, v in state.items() if k != "up_blocks.1.resnets.0.conv2.bias"}, str(weights))
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    plan = offload.Plan(onload="cpu", rest="disk", note="test", folder_root=str(blocks))
+    with pytest.raises(CheckpointError, match=r"bad-sd1/unet.*missing.*up_blocks\.1\.resnets\.0\.conv2\.bias"):
+        load_checkpoint(folder, torch.float32, offload=lambda n, b: plan)
+    assert list(blocks.iterdir()) == []  # no block folder was made

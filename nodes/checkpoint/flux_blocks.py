@@ -19,8 +19,8 @@ header's shapes and dtypes give the bytes the model will hold), and this module 
 The result is the module the manager would have made by loading whole and offloading, so the
 same jobs give the same latents and LoRAs run beside the paged weights the same way (the
 family-independent steps are nodes.checkpoint.paged.build_paged; SD UNets use them too). A
-diffusers-layout transformer in one file is loaded whole as before (its fused keys are rebuilt
-from the whole set; rare as a download).
+diffusers-layout transformer in one file takes the same path with no conversion (its keys are
+the module's own names; the config comes from its shapes run through the BFL conversion on meta).
 """
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def strip_prefix(state: Mapping, prefix: str) -> Mapping:
 def is_bfl(state: Mapping) -> bool:
     """Whether ``state`` (prefix stripped) is in the original BFL layout, which loads block by block."""
     return "img_in.weight" in state and "double_blocks.0.img_attn.qkv.weight" in state
+
+
+def is_diffusers(state: Mapping) -> bool:
+    """Whether ``state`` (prefix stripped) is in diffusers' layout (the module's own names), which loads
+    block by block with no conversion."""
+    from nodes.families.flux import DIFFUSERS_MARKERS
+
+    return all(k in state for k in DIFFUSERS_MARKERS)
 
 
 def _fp8_target(fp8: str) -> Any:
@@ -84,7 +92,7 @@ def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
 
 
 def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str = "") -> Any:
-    """FluxTransformer2DModel from BFL-layout ``state`` (prefix stripped), paged to disk block by block
+    """FluxTransformer2DModel from BFL- or diffusers-layout ``state`` (prefix stripped), paged to disk block by block
     as it is read (the module docstring); ``plan``: the manager's "disk" nodes.runtime.offload.Plan."""
     from diffusers import FluxTransformer2DModel
 
@@ -92,15 +100,24 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
     from nodes.checkpoint.paged import build_paged
     from nodes.runtime.fp8 import keep_fp8_linears
 
+    import torch
+
+    from nodes.checkpoint.paged import own_rows
+
     shapes = shapes_of(state)
     try:
-        config = flux_keys.transformer_config(shapes)
-        rows = flux_keys.plan(shapes)
+        if is_bfl(state):
+            config = flux_keys.transformer_config(shapes)
+            rows = flux_keys.plan(shapes)
+            hidden = int(shapes["img_in.weight"][0])
+        else:  # diffusers layout: the config from the same tensors in BFL layout, on meta (no memory)
+            bfl = flux_keys.diffusers_to_bfl({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+            config = flux_keys.transformer_config({k: tuple(v.shape) for k, v in bfl.items()})
+            rows = None
     except flux_keys.KeyMismatch as exc:
         raise CheckpointError(f"{what}: the FLUX transformer's keys do not fit the FLUX layout: {exc}") from None
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete FLUX transformer ({exc} is missing)") from None
-    hidden = int(shapes["img_in.weight"][0])
     model = _empty(FluxTransformer2DModel, config)
     target = _fp8_target(fp8)
 
@@ -109,6 +126,7 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
             return t.to(target)
         return t
 
-    table = [(key, functools.partial(flux_keys.convert, diff=diff, how=how, hidden=hidden)) for key, diff, how in rows]
+    table = own_rows(shapes) if rows is None else \
+        [(key, functools.partial(flux_keys.convert, diff=diff, how=how, hidden=hidden)) for key, diff, how in rows]
     return build_paged(model, table, state, shapes, functools.partial(keep_fp8_linears, model, compute_dtype=dtype),
                        plan, f"{what}: the FLUX transformer", prepare)

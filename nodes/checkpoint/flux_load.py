@@ -159,7 +159,7 @@ def _straight_into_blocks(state: Mapping, name: str, dtype: Any, fp8: str, offlo
     manager, asked with the size from the header, will page it to disk anyway; None otherwise (load whole)."""
     from nodes.checkpoint import flux_blocks
 
-    if offload is None or not flux_blocks.is_bfl(state):
+    if offload is None or not (flux_blocks.is_bfl(state) or flux_blocks.is_diffusers(state)):
         return None
     plan = offload(flux_blocks.held_bytes(state, dtype, fp8), besides)
     if plan is None or plan.rest != "disk":  # on a GPU host the blocks rest in RAM: built whole, then placed
@@ -244,25 +244,39 @@ def is_flux_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file() and (path / "transformer").is_dir()
 
 
-def load_folder(path: Path, dtype: Any) -> Loaded:
-    """A diffusers FLUX pipeline folder (FluxPipeline.save_pretrained / the hub layout)."""
+def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:
+    """A diffusers FLUX pipeline folder (FluxPipeline.save_pretrained / the hub layout). ``offload``: the
+    manager's plan for the transformer, asked last with the other components' bytes (built straight
+    into disk blocks when it will be paged there: nodes.checkpoint.load.paged_component)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     from nodes.checkpoint.load import quiet_progress
 
+    from nodes.runtime.offload import offloaded as offload_of
+
     quiet_progress()
     p = str(path)
     try:
         modules = {
-            "unet": FluxTransformer2DModel.from_pretrained(p, subfolder="transformer", local_files_only=True),
             "vae": AutoencoderKL.from_pretrained(p, subfolder="vae", local_files_only=True),
             "text_encoder": CLIPTextModel.from_pretrained(p, subfolder="text_encoder", local_files_only=True),
             "text_encoder_2": T5EncoderModel.from_pretrained(p, subfolder="text_encoder_2", local_files_only=True),
         }
+        unet = None
+        if offload is not None:
+            from nodes.checkpoint.load import paged_component
+            from nodes.runtime.models import _module_bytes
+
+            besides = sum(_module_bytes(m) for m in modules.values())
+            unet = paged_component(path / "transformer", FluxTransformer2DModel, dtype, offload, besides)
+        modules["unet"] = unet if unet is not None else \
+            FluxTransformer2DModel.from_pretrained(p, subfolder="transformer", local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX folder ({exc})") from exc
     for m in modules.values():
+        if offload_of(m) is not None:  # paged: built in dtype, its weights rest on disk
+            continue
         if m.dtype != dtype:
             m.to(dtype)
         m.eval()

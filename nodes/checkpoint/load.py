@@ -294,7 +294,10 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir()
 
 
-def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto") -> Loaded:
+def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
+                          offload: Any = None) -> Loaded:
+    """An SD pipeline folder. ``offload``: see :func:`load_checkpoint` (the UNet, asked last with the other
+    components' bytes, may be built straight into disk blocks: nodes.checkpoint.paged.own_layout_straight)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -311,14 +314,17 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
 
             vae_config = json.loads((path / "vae" / "config.json").read_text())
             vae_dtype = torch.float32 if vae_config.get("force_upcast", False) else dtype
-        unet = folder_component(path / "unet", UNet2DConditionModel, dtype)
         vae = folder_component(path / "vae", AutoencoderKL, vae_dtype)
-        modules: dict[str, Any] = {"unet": unet, "vae": vae}
+        modules: dict[str, Any] = {"vae": vae}
         te = None
         if (path / "text_encoder").is_dir() or not sdxl:  # SDXL's refiner has only text_encoder_2
             te = modules["text_encoder"] = folder_component(path / "text_encoder", CLIPTextModel, dtype)
         if sdxl:
             modules["text_encoder_2"] = folder_component(path / "text_encoder_2", CLIPTextModelWithProjection, dtype)
+        from nodes.runtime.models import _module_bytes
+
+        besides = sum(_module_bytes(m) for m in modules.values())
+        modules["unet"] = folder_component(path / "unet", UNet2DConditionModel, dtype, offload, besides)
     except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers folder ({exc})") from exc
     try:
@@ -356,15 +362,20 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
-def folder_component(folder: Path, cls: Any, dtype: Any) -> Any:
+def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, besides: int = 0) -> Any:
     """One component of a diffusers pipeline folder (unet/, vae/, text_encoder/...), in ``dtype``.
 
     A component with one .safetensors file is built empty from its config and filled
     tensor by tensor, each cast as it is read (``from_pretrained`` maps the whole file
     and casts afterwards: the file plus the cast copy at the peak). Sharded, .bin or
     otherwise unusual components, and keys that do not fit strictly, go through
-    ``from_pretrained`` as before.
+    ``from_pretrained`` as before. ``offload``/``besides``: a denoiser's question to the model
+    manager (nodes.checkpoint.paged.own_layout_straight) with the bytes of the load's other modules.
     """
+    if offload is not None:
+        paged = paged_component(folder, cls, dtype, offload, besides)
+        if paged is not None:
+            return paged
     weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is not None and (folder / "config.json").is_file():
         try:
@@ -375,6 +386,24 @@ def folder_component(folder: Path, cls: Any, dtype: Any) -> Any:
     if module.dtype != dtype:  # .to() on diffusers models logs a warning even when it changes nothing
         module.to(dtype)
     return module
+
+
+def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: int = 0) -> Any | None:
+    """A diffusers denoiser folder (unet/, transformer/; one .safetensors file or shards with their index
+    json) built straight into disk blocks when the manager (``offload``) will page it there; its keys are
+    the module's own names (nodes.checkpoint.paged.own_layout_straight). None: build it whole."""
+    from nodes.checkpoint.paged import own_layout_straight
+    from nodes.checkpoint.tensors import ShardedState
+
+    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if not (folder / "config.json").is_file() or (weights is None and not index.is_file()):
+        return None
+    state = open_state(weights) if weights is not None else ShardedState.open_index(index)
+    init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
+    with reading(weights or index):
+        return own_layout_straight(_empty(cls, dict(init)), state, dtype, offload,
+                                   f"{folder.parent.name}/{folder.name}", besides)
 
 
 def _component_from_file(folder: Path, weights: Path, cls: Any, dtype: Any) -> Any:
@@ -407,10 +436,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
         from nodes.checkpoint import flux_load
 
         if flux_load.is_flux_folder(path):
-            return flux_load.load_folder(path, dtype)
+            return flux_load.load_folder(path, dtype, offload=offload)
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
-        return load_diffusers_folder(path, dtype, vae_dtype, prediction)
+        return load_diffusers_folder(path, dtype, vae_dtype, prediction, offload=offload)
     return load_single_file(path, dtype, vae_dtype, prediction, offload=offload)
 
 

@@ -16,10 +16,12 @@ steady state would be lower. :func:`build_paged` instead:
 
 The result is the module the manager would have made by loading whole and offloading, so jobs
 give the same latents and LoRAs run beside the paged weights the same way. The families' tables:
-nodes.checkpoint.flux_blocks (FLUX, BFL layout) and :func:`unet_rows` (SD UNets, original layout).
+nodes.checkpoint.flux_blocks (FLUX, BFL or diffusers layout) and :func:`unet_rows` (SD UNets, original
+layout); a file in the module's own (diffusers) layout needs no conversion: :func:`own_rows`.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -77,6 +79,12 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
     return model
 
 
+def own_rows(keys: Any) -> list[Row]:
+    """The table of a file already in the module's own layout (a diffusers-layout file): each key is
+    its own module tensor. build_paged still checks every key and shape against the module."""
+    return [(k, lambda t, k=k: {k: t}) for k in keys]
+
+
 def float_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], dtype: Any) -> int:
     """Bytes of tensors held with every float in ``dtype`` (the rest as stored)."""
     total = 0
@@ -114,10 +122,28 @@ def build_unet_paged(model: Any, state: Mapping, dtype: Any, plan: Any, what: st
     if rows is None:
         return None
 
-    def finish(part: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in part.items()}
+    return build_paged(model, rows, state, shapes_of(state), functools.partial(_cast_floats, dtype=dtype), plan, what)
 
-    return build_paged(model, rows, state, shapes_of(state), finish, plan, what)
+
+def _cast_floats(part: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Floats in the compute ``dtype``, as a whole load casts them."""
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in part.items()}
+
+
+def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str,
+                        besides: int = 0) -> Any | None:
+    """A denoiser from a file in its own (diffusers) layout, e.g. a diffusers folder's ``unet/``, built
+    straight into disk blocks when the manager (``offload``, asked with the header's size) will page it
+    to disk; None otherwise (the caller builds it whole). Floats are cast to ``dtype``."""
+    from nodes.checkpoint.tensors import dtypes_of, shapes_of
+
+    if offload is None:
+        return None
+    shapes = shapes_of(state)
+    plan = offload(float_bytes(shapes, dtypes_of(state), dtype), besides)
+    if plan is None or plan.rest != "disk":
+        return None
+    return build_paged(model, own_rows(shapes), state, shapes, functools.partial(_cast_floats, dtype=dtype), plan, what)
 
 
 def unet_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:

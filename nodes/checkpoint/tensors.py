@@ -83,9 +83,45 @@ class LazyState(Mapping):
         return len(self._renames)
 
 
+class ShardedState(Mapping):
+    """One read-only view over a component saved in several .safetensors files (diffusers' sharded
+    ``*.safetensors.index.json``: each key's file in ``weight_map``); tensors are read on access."""
+
+    def __init__(self, parts: dict[str, LazyState]) -> None:
+        self._parts = parts  # key -> the LazyState of its file
+
+    @classmethod
+    def open_index(cls, index: Path) -> "ShardedState":
+        import json
+
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {f: LazyState.open(index.parent / f) for f in sorted(set(weight_map.values()))}
+        return cls({k: files[f] for k, f in weight_map.items()})
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        per_file = {id(p): p.shapes() for p in self._parts.values()}
+        return {k: per_file[id(p)][k] for k, p in self._parts.items()}
+
+    def dtypes(self) -> dict[str, Any]:
+        per_file = {id(p): p.dtypes() for p in self._parts.values()}
+        return {k: per_file[id(p)][k] for k, p in self._parts.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._parts[key][key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._parts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+
 def shapes_of(state: Mapping) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a LazyState (header only) or of a plain dict of tensors."""
-    if isinstance(state, LazyState):
+    """Tensor shapes of a LazyState or ShardedState (header only) or of a plain dict of tensors."""
+    if isinstance(state, (LazyState, ShardedState)):
         return state.shapes()
     return {k: tuple(v.shape) for k, v in state.items()}
 
@@ -97,8 +133,8 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def dtypes_of(state: Mapping) -> dict[str, Any]:
-    """Tensor dtypes of a LazyState (header only) or of a plain dict of tensors."""
-    if isinstance(state, LazyState):
+    """Tensor dtypes of a LazyState or ShardedState (header only) or of a plain dict of tensors."""
+    if isinstance(state, (LazyState, ShardedState)):
         return state.dtypes()
     return {k: v.dtype for k, v in state.items()}
 

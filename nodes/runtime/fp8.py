@@ -7,6 +7,8 @@ GPU and on the CPU) and casts each linear layer's weight to the compute dtype
 copy never exists. Only ``nn.Linear`` weights stay fp8 (they are >99 % of the
 bytes); norms, embeddings and biases are cast once at load. LoRAs on such layers run
 beside the weight (low rank, in the compute dtype) instead of being added into it.
+The same layer classes serve a model paged to disk (nodes.runtime.offload), with run-time
+patched convolutions and norms beside CastLinear (``as_run_time_patched``).
 """
 from __future__ import annotations
 
@@ -65,6 +67,82 @@ def as_cast_linear(module: Any) -> Any:
         _CAST = _cast_linear_class()
     module.__class__ = _CAST
     return module
+
+
+def _with_deltas(layer: Any) -> tuple:
+    """``layer``'s weight and bias with its ``kiln_deltas`` added (see :func:`_run_time_classes`),
+    in the in-place patch's arithmetic: float32 sum, back to the stored dtype."""
+    import torch
+
+    w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
+    for kind, patch, strength in layer.kiln_deltas:
+        t = b if kind == "bias" else w
+        t = (t.to(torch.float32) + patch.delta(tuple(t.shape), t.device) * strength).to(t.dtype)
+        w, b = (w, t) if kind == "bias" else (t, b)
+    return w, b
+
+
+def _run_time_classes() -> dict:
+    """Layers that take their patches while they run (a model paged to disk, whose resting weights
+    are placeholders, see nodes.runtime.offload): 2-D convolutions and group/layer/RMS norms, by class.
+
+    ``kiln_deltas``, set only while patches are applied (nodes.runtime.patches):
+    ``("weight" | "bias", patch, strength)``; the patch's own ``delta`` (the one the in-place path
+    adds) times the strength is added to the tensor just brought in from its block file, for this
+    call only, in the same order and arithmetic, so a paged UNet gives the merged UNet's result
+    (any patch kind with a ``delta`` works). Running a LoCon's low-rank form beside the weight
+    (``down`` with the layer's kernel, then ``up`` 1x1) would need no weight-sized temporary but
+    rounds differently: a tiny SD1 job drifted 3e-5 on latents of magnitude 26. The temporary
+    lives only while the layer runs, next to the weight itself.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class CastConv2d(torch.nn.Conv2d):
+        kiln_deltas: tuple = ()
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            w, b = _with_deltas(self)
+            return self._conv_forward(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
+
+    class CastGroupNorm(torch.nn.GroupNorm):
+        kiln_deltas: tuple = ()
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            w, b = _with_deltas(self)
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
+
+    class CastLayerNorm(torch.nn.LayerNorm):
+        kiln_deltas: tuple = ()
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            w, b = _with_deltas(self)
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+    class CastRMSNorm(torch.nn.RMSNorm):  # FLUX's q/k norms
+        kiln_deltas: tuple = ()
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            w, _ = _with_deltas(self)
+            return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+    return {torch.nn.Conv2d: CastConv2d, torch.nn.GroupNorm: CastGroupNorm, torch.nn.LayerNorm: CastLayerNorm,
+            torch.nn.RMSNorm: CastRMSNorm}
+
+
+_RUN_TIME: dict | None = None
+
+
+def as_run_time_patched(module: Any) -> bool:
+    """Make one plain ``nn.Conv2d`` / ``nn.GroupNorm`` / ``nn.LayerNorm`` / ``nn.RMSNorm`` its run-time-patched
+    class in place (same arithmetic while no patch is set). False for any other layer."""
+    global _RUN_TIME
+    if _RUN_TIME is None:
+        _RUN_TIME = _run_time_classes()
+    cls = _RUN_TIME.get(type(module))
+    if cls is not None:
+        module.__class__ = cls
+    return cls is not None
 
 
 def keep_fp8_linears(module: Any, state: dict[str, Any], compute_dtype: Any) -> dict[str, Any]:

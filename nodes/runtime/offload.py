@@ -19,7 +19,9 @@ mode the weights at rest are the module's own CPU tensors, so Kiln's in-place Lo
 (nodes.runtime.patches) still apply: each block's device copy is taken from them. In disk
 mode the tensors at rest are empty placeholders (the values live in the files), so every
 linear layer becomes a CastLinear (nodes.runtime.fp8: same arithmetic for a non-fp8
-weight) and LoRAs run beside the weight, as they do for fp8 weights.
+weight) and LoRAs run beside the weight, as they do for fp8 weights; 2-D convolutions and
+group/layer norms add their patches to the weight brought in, while they run. Other layers
+(FLUX's RMS norms, embeddings) cannot take a LoRA there: a clear error says so.
 
 Because the weights rest off the device, ``module.device`` (the first parameter's) no longer
 says where the module computes: :func:`compute_device` is the one place that answers it.
@@ -95,16 +97,19 @@ class Plan:
 
 
 def prepare_paged(module: Any, folder_root: str | None = None) -> str:
-    """Ready ``module`` for disk mode: every linear layer a CastLinear (LoRAs must run beside the
+    """Ready ``module`` for disk mode: every linear layer a CastLinear, every 2-D convolution, group
+    and layer norm its run-time-patched class (fp8.as_run_time_patched) (LoRAs must run beside the
     paged weights, see the module docstring) and a private block folder, removed with the module.
     Works on a module still on the meta device (only classes change). Returns the folder."""
     import torch
 
-    from nodes.runtime.fp8 import as_cast_linear
+    from nodes.runtime.fp8 import as_cast_linear, as_run_time_patched
 
     for sub in module.modules():
         if type(sub) is torch.nn.Linear:
             as_cast_linear(sub)
+        else:
+            as_run_time_patched(sub)
     folder = tempfile.mkdtemp(prefix="kiln-offload-", dir=folder_root)
     weakref.finalize(module, shutil.rmtree, folder, True)
     return folder

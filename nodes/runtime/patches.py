@@ -21,7 +21,9 @@ A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rou
 the factors instead (``kiln_lora``) and adds ``strength * scale * (x @ down.T) @ up.T``
 to its output while the block lasts; the attribute is removed afterwards. The same holds for
 every linear layer of a model whose blocks are paged to disk (nodes.runtime.offload): its
-resting weights are placeholders, so a delta added into them would never run.
+resting weights are placeholders, so a delta added into them would never run. Its
+convolutions and norms get their patches instead (``kiln_deltas``) and add the same delta to
+the weight brought in from disk while they run (fp8.as_run_time_patched).
 
 A float32 weight takes its delta with ``add_`` (bit-identical to adding into a
 copy, without the weight-sized temporary). ``addmm_`` with ``alpha = scale *
@@ -121,6 +123,7 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
     params = dict(module.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     beside: dict[str, list] = {}  # fp8 layers: owner module name -> (up, down, coefficient)
+    deltas: dict[str, list] = {}  # paged convolutions/norms: owner -> (kind, patch, strength)
     # Weights paged to disk (nodes.runtime.offload) rest as placeholders: every LoRA runs beside.
     paged = getattr(offloaded(module), "paged", False)
     device = compute_device(module)  # where the layer runs (an offloaded weight rests elsewhere)
@@ -129,15 +132,19 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
             for entry, table in active:
                 for name, factors in table.items():
                     p = params[name]
-                    owner = name.rsplit(".", 1)[0]
+                    owner, kind = name.rsplit(".", 1)
+                    if paged and hasattr(module.get_submodule(owner), "kiln_deltas"):  # fp8.as_run_time_patched
+                        deltas.setdefault(owner, []).append((kind, factors, entry.strength))
+                        continue
                     if (is_fp8(p) or paged) and hasattr(module.get_submodule(owner), "kiln_lora"):
                         beside.setdefault(owner, []).append(factors.beside(device, entry.strength))
                         continue
                     if paged:  # only a denoiser is paged, so the input at fault is the model
                         from engine.context import NodeError
 
-                        raise NodeError(f"LoRA {entry.name}: its {owner} is not a linear layer, and this model's "
-                                        "weights are offloaded to disk, where only linear layers take a LoRA "
+                        raise NodeError(f"LoRA {entry.name}: its {owner} is not a linear, convolution or norm layer, "
+                                        "and this model's weights are offloaded to disk, where only those layers "
+                                        "take a LoRA "
                                         "(give Kiln more memory, or leave this LoRA out)", "model")
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
@@ -148,6 +155,8 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                         p.copy_((p.to(torch.float32) + delta).to(p.dtype))
             for owner, factors in beside.items():
                 module.get_submodule(owner).kiln_lora = tuple(factors)
+            for owner, items in deltas.items():
+                module.get_submodule(owner).kiln_deltas = tuple(items)
         yield
     finally:
         with torch.no_grad():
@@ -155,3 +164,5 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                 params[name].copy_(original.to(params[name].device))
         for owner in beside:
             vars(module.get_submodule(owner)).pop("kiln_lora", None)
+        for owner in deltas:
+            vars(module.get_submodule(owner)).pop("kiln_deltas", None)
