@@ -34,6 +34,7 @@ from engine.executor import Executor
 from engine.registry import Registry
 from engine.server import batching
 from engine.server import comfy_messages as cm
+from engine.server.handoff import Handed, Inbox
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.validate import Plan, WorkflowInvalid
 from engine.formats import parse_document
@@ -58,6 +59,8 @@ class _Lane:
         self.executor = Executor(registry, env, cache)
         self.thread: threading.Thread | None = None
         self.job_id: str | None = None
+        #: Waiting for work (no job claimed): submissions may be handed to this lane (engine.server.handoff).
+        self.idle = False
         self.interrupt = threading.Event()
         #: The other jobs running with ``job_id`` as one batch (engine.server.batching), with their interrupts.
         self.followers: dict[str, threading.Event] = {}
@@ -86,6 +89,7 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: dict[str, dict[str, Any]] = {}
+        self._inbox = Inbox()
         #: Without explicit devices, one lane whose model host picks the best device
         #: lazily, at the first job (finding it imports torch, which startup must not pay for).
         self._pick_device = not devices
@@ -121,6 +125,16 @@ class Worker:
     def wake(self) -> None:
         """A job was queued: stop waiting for the next poll."""
         self._wake.set()
+
+    def offer(self, fn: Callable[[], Any]) -> Handed | None:
+        """Hand a submission to an idle lane, which runs it before it next claims; None when every
+        lane is busy (the caller runs it elsewhere). See engine.server.handoff."""
+        if self._stop.is_set() or not any(lane.idle for lane in self.lanes):
+            return None
+        item = Handed(fn)
+        self._inbox.put(item)
+        self._wake.set()
+        return item
 
     # -- control ------------------------------------------------------------------------
 
@@ -225,15 +239,18 @@ class Worker:
 
     def _loop(self, lane: _Lane) -> None:
         while not self._stop.is_set():
+            self._inbox.run_waiting()  # submissions handed to an idle lane: stored here, claimed next
             try:
                 job = self._claim(lane)
             except Exception:  # the database is busy or broken: retry, never die
                 log.exception("claiming a job failed")
                 job = None
             if job is None:
+                lane.idle = True
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
+            lane.idle = False
             self.on_queue_change()
             try:
                 self._run(lane, job)
