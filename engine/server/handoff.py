@@ -7,7 +7,9 @@ threads may wait for a core, and those waits, not the work, made the tail
 (issue 16: p90 5.8-7.4 ms with both cores busy). When a lane is idle, the
 submission is handed to that lane: it validates and commits the job on its own
 thread, then claims it straight away, one hand-off fewer, and no second
-thread wanting the GIL while the job runs.
+thread wanting the GIL while the job runs. The lane also holds its calls to the loop
+(the reply, then the job's events: engine.server.loop_calls) until the job ends or
+a node starts real work, so a cached job wakes the loop once.
 
 Nothing here runs on the loop, so a large workflow's validation or a slow disk
 still stalls no other request. A lane found idle may have started a job since
@@ -30,8 +32,12 @@ FALLBACK_S = 0.02
 class Handed:
     """One submission offered to a lane; run by the first of the lane and the fallback to take it."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], deliver: Callable[..., None] | None = None) -> None:
         self.fn = fn
+        #: How the outcome reaches the loop: ``deliver(settle, value)``. A worker passes
+        #: LoopCalls.call, so the reply waits in line with the job's events (and is flushed
+        #: with them); by default the future is settled at once.
+        self._deliver = deliver or (lambda settle, value: settle(value))
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._taken = False
         self._lock = threading.Lock()
@@ -51,9 +57,9 @@ class Handed:
         try:
             result = self.fn()
         except BaseException as exc:  # handed to the waiting request, which answers with it
-            self.future.set_exception(exc)
+            self._deliver(self.future.set_exception, exc)
         else:
-            self.future.set_result(result)
+            self._deliver(self.future.set_result, result)
 
 
 class Inbox:
@@ -65,8 +71,9 @@ class Inbox:
     def put(self, item: Handed) -> None:
         self._items.append(item)
 
-    def run_waiting(self) -> int:
-        """Run (on the calling lane's thread) every item no one has taken yet; how many ran."""
+    def run_waiting(self, before: Callable[[], None] = lambda: None) -> int:
+        """Run (on the calling lane's thread) every item no one has taken yet, calling ``before``
+        ahead of the first; how many ran."""
         ran = 0
         while True:
             try:
@@ -74,6 +81,8 @@ class Inbox:
             except IndexError:
                 return ran
             if item.take():
+                if not ran:
+                    before()
                 item.run()
                 ran += 1
 

@@ -29,12 +29,13 @@ from typing import Any, Callable
 
 from engine.cache import OutputCache
 from engine.context import Environment, JobInfo
-from engine.events import TERMINAL, Event, JobFailed, JobStarted, Progress
+from engine.events import TERMINAL, Event, JobFailed, JobStarted, NodeMessage, NodeStarted, Progress
 from engine.executor import Executor
 from engine.registry import Registry
 from engine.server import batching
 from engine.server import comfy_messages as cm
 from engine.server.handoff import Handed, Inbox
+from engine.server.loop_calls import LoopCalls
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.validate import Plan, WorkflowInvalid
 from engine.formats import parse_document
@@ -71,8 +72,12 @@ class Worker:
                  cache: OutputCache | None = None, devices: list[str] | None = None,
                  on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
                  poll_s: float = 1.0, traceback_chars: int = 0,
-                 wants_previews: Callable[[JobRecord], bool] = lambda job: True, batch_jobs: int = 1) -> None:
+                 wants_previews: Callable[[JobRecord], bool] = lambda job: True, batch_jobs: int = 1,
+                 to_loop: LoopCalls | None = None) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: The app's calls onto the loop (the same that ``on_event`` uses): a lane that runs a
+        #: handed submission holds them until its job ends or does real work (engine.server.handoff).
+        self.to_loop = to_loop
         #: At most this many queued jobs that differ only in what their nodes batch (seeds) run
         #: together (engine.server.batching); 1 runs every job alone.
         self.batch_jobs = max(1, int(batch_jobs))
@@ -131,7 +136,7 @@ class Worker:
         lane is busy (the caller runs it elsewhere). See engine.server.handoff."""
         if self._stop.is_set() or not any(lane.idle for lane in self.lanes):
             return None
-        item = Handed(fn)
+        item = Handed(fn, self.to_loop.call if self.to_loop is not None else None)
         self._inbox.put(item)
         self._wake.set()
         return item
@@ -239,13 +244,15 @@ class Worker:
 
     def _loop(self, lane: _Lane) -> None:
         while not self._stop.is_set():
-            self._inbox.run_waiting()  # submissions handed to an idle lane: stored here, claimed next
+            # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
+            self._inbox.run_waiting(before=self._hold)
             try:
                 job = self._claim(lane)
             except Exception:  # the database is busy or broken: retry, never die
                 log.exception("claiming a job failed")
                 job = None
             if job is None:
+                self._flush()
                 lane.idle = True
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
@@ -261,6 +268,16 @@ class Worker:
                     lane.job_id = None
                 self._progress.pop(job.id, None)
                 self.on_queue_change()
+                self._flush()
+        self._flush()
+
+    def _hold(self) -> None:
+        if self.to_loop is not None:
+            self.to_loop.hold()
+
+    def _flush(self) -> None:
+        if self.to_loop is not None:
+            self.to_loop.flush()
 
     def _run(self, lane: _Lane, job: JobRecord) -> None:
         if self.batch_jobs > 1 and batching.run_group(self, lane, job):
@@ -305,6 +322,8 @@ class Worker:
                     extra.thread.start()
 
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
+        if self._pick_device:
+            self._flush()  # finding the device imports torch: the held reply must not wait for that
         self._resolve_device(lane)
         try:
             plan = job_plan(self.store, self.registry, lane.executor, job)
@@ -330,6 +349,8 @@ class Worker:
                        previews=self.wants_previews(job))
 
     def _publish(self, job: JobRecord, event: Event) -> None:
+        if isinstance(event, (NodeStarted, Progress, NodeMessage)):
+            self._flush()  # a node does real work: from here on its events flow live
         try:
             self.on_event(job, event)
         except Exception:
