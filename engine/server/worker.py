@@ -60,7 +60,7 @@ class _Lane:
         self.executor = Executor(registry, env, cache)
         self.thread: threading.Thread | None = None
         self.job_id: str | None = None
-        #: Waiting for work (no job claimed): submissions may be handed to this lane (engine.server.handoff).
+        #: Waiting for work: submissions may be handed to this lane (engine.server.handoff).
         self.idle = False
         self.interrupt = threading.Event()
         #: The other jobs running with ``job_id`` as one batch (engine.server.batching), with their interrupts.
@@ -78,6 +78,8 @@ class Worker:
         #: The app's calls onto the loop (the same that ``on_event`` uses): a lane that runs a
         #: handed submission holds them until its job ends or does real work (engine.server.handoff).
         self.to_loop = to_loop
+        #: Submissions a lane stored itself (handed over by :meth:`offer`), for tests and diagnostics.
+        self.stored_on_lanes = 0
         #: At most this many queued jobs that differ only in what their nodes batch (seeds) run
         #: together (engine.server.batching); 1 runs every job alone.
         self.batch_jobs = max(1, int(batch_jobs))
@@ -245,7 +247,7 @@ class Worker:
     def _loop(self, lane: _Lane) -> None:
         while not self._stop.is_set():
             # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
-            self._inbox.run_waiting(before=self._hold)
+            self.stored_on_lanes += self._inbox.run_waiting(before=self._hold)
             try:
                 job = self._claim(lane)
             except Exception:  # the database is busy or broken: retry, never die
@@ -253,11 +255,11 @@ class Worker:
                 job = None
             if job is None:
                 self._flush()
-                lane.idle = True
+                lane.idle = True  # only while waiting: a second submission never queues behind a first's validation
                 self._wake.wait(self.poll_s)
+                lane.idle = False
                 self._wake.clear()
                 continue
-            lane.idle = False
             self.on_queue_change()
             try:
                 self._run(lane, job)
