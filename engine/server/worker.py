@@ -60,7 +60,9 @@ class _Lane:
         self.executor = Executor(registry, env, cache)
         self.thread: threading.Thread | None = None
         self.job_id: str | None = None
-        #: Waiting for work: submissions may be handed to this lane (engine.server.handoff).
+        #: Between jobs: a submission handed to this lane is run before it claims the next job
+        #: (engine.server.handoff); one that waits behind another's long validation goes to a
+        #: pool thread after handoff.FALLBACK_S.
         self.idle = False
         self.interrupt = threading.Event()
         #: The other jobs running with ``job_id`` as one batch (engine.server.batching), with their interrupts.
@@ -97,6 +99,7 @@ class Worker:
         self._stop = threading.Event()
         self._progress: dict[str, dict[str, Any]] = {}
         self._inbox = Inbox()
+        self._on_lane = threading.local()
         #: Without explicit devices, one lane whose model host picks the best device
         #: lazily, at the first job (finding it imports torch, which startup must not pay for).
         self._pick_device = not devices
@@ -130,8 +133,11 @@ class Worker:
                 lane.thread.join(timeout)
 
     def wake(self) -> None:
-        """A job was queued: stop waiting for the next poll."""
-        self._wake.set()
+        """A job was queued: stop waiting for the next poll. The only lane, when it stored the job
+        itself, claims next anyway (an extra wake would cost it a useless turn just when the next
+        submission comes)."""
+        if len(self.lanes) > 1 or not getattr(self._on_lane, "yes", False):
+            self._wake.set()
 
     def offer(self, fn: Callable[[], Any]) -> Handed | None:
         """Hand a submission to an idle lane, which runs it before it next claims; None when every
@@ -245,6 +251,8 @@ class Worker:
             return job
 
     def _loop(self, lane: _Lane) -> None:
+        self._on_lane.yes = True
+        lane.idle = True
         while not self._stop.is_set():
             # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
             self.stored_on_lanes += self._inbox.run_waiting(before=self._hold)
@@ -255,11 +263,10 @@ class Worker:
                 job = None
             if job is None:
                 self._flush()
-                lane.idle = True  # only while waiting: a second submission never queues behind a first's validation
                 self._wake.wait(self.poll_s)
-                lane.idle = False
                 self._wake.clear()
                 continue
+            lane.idle = False
             self.on_queue_change()
             try:
                 self._run(lane, job)
@@ -269,8 +276,10 @@ class Worker:
                 with self._lock:
                     lane.job_id = None
                 self._progress.pop(job.id, None)
+                self._flush()  # the job's end reaches its clients now, the queue count right after
                 self.on_queue_change()
-                self._flush()
+                lane.idle = True
+        lane.idle = False
         self._flush()
 
     def _hold(self) -> None:
