@@ -168,7 +168,7 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
         worker = Worker(store, registry, env, cache=OutputCache(), devices=devices, on_event=on_event,
                         on_queue_change=on_queue_change, traceback_chars=settings.traceback_chars,
                         wants_previews=lambda job: previews_enabled(settings.preview_method, job.extra_data),
-                        batch_jobs=settings.batch_jobs)
+                        batch_jobs=settings.batch_jobs, to_loop=to_loop)
     state = AppState(env=env, registry=registry, store=store, worker=worker, hub=hub, settings=settings,
                      data_dir=Path(data_dir))
 

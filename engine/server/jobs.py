@@ -10,6 +10,7 @@ instead of validating the whole workflow again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from typing import Any, Iterable
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from engine import submission
 from engine.guard import artifacts
 from engine.paths import split_annotation
+from engine.server.handoff import run_submission
 from engine.server.state import AppState
 from engine.server.store import JobRecord
 from engine.submission import SubmissionInvalid, problem
@@ -99,7 +101,9 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
 
 
 async def submit_held(state: AppState, doc: Any, job_id: Any, **options: Any) -> JobRecord:
-    """:func:`submit` off the event loop with the job's events held until its reply is written.
+    """:func:`submit` off the event loop (on an idle worker lane when there is one, which then runs
+    the job without another hand-off: engine.server.handoff) with the job's events held until its
+    reply is written.
 
     The caller answers through :func:`reply_then_release`; on any failure here the
     hold is dropped at once (nothing was queued under this id by this call).
@@ -108,7 +112,8 @@ async def submit_held(state: AppState, doc: Any, job_id: Any, **options: Any) ->
     if held:
         state.hub.hold(held)
     try:
-        return await asyncio.to_thread(submit, state, doc, job_id=job_id, **options)
+        return await run_submission(getattr(state.worker, "offer", None),
+                                    functools.partial(submit, state, doc, job_id=job_id, **options))
     except BaseException:
         if held:
             state.hub.release(held)

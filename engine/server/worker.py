@@ -29,11 +29,13 @@ from typing import Any, Callable
 
 from engine.cache import OutputCache
 from engine.context import Environment, JobInfo
-from engine.events import TERMINAL, Event, JobFailed, JobStarted, Progress
+from engine.events import TERMINAL, Event, JobFailed, JobStarted, NodeMessage, NodeStarted, Progress
 from engine.executor import Executor
 from engine.registry import Registry
 from engine.server import batching
 from engine.server import comfy_messages as cm
+from engine.server.handoff import Handed, Inbox
+from engine.server.loop_calls import LoopCalls
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.validate import Plan, WorkflowInvalid
 from engine.formats import parse_document
@@ -58,6 +60,10 @@ class _Lane:
         self.executor = Executor(registry, env, cache)
         self.thread: threading.Thread | None = None
         self.job_id: str | None = None
+        #: Between jobs: a submission handed to this lane is run before it claims the next job
+        #: (engine.server.handoff); one that waits behind another's long validation goes to a
+        #: pool thread after handoff.FALLBACK_S.
+        self.idle = False
         self.interrupt = threading.Event()
         #: The other jobs running with ``job_id`` as one batch (engine.server.batching), with their interrupts.
         self.followers: dict[str, threading.Event] = {}
@@ -68,8 +74,14 @@ class Worker:
                  cache: OutputCache | None = None, devices: list[str] | None = None,
                  on_event: EventSink | None = None, on_queue_change: Callable[[], None] | None = None,
                  poll_s: float = 1.0, traceback_chars: int = 0,
-                 wants_previews: Callable[[JobRecord], bool] = lambda job: True, batch_jobs: int = 1) -> None:
+                 wants_previews: Callable[[JobRecord], bool] = lambda job: True, batch_jobs: int = 1,
+                 to_loop: LoopCalls | None = None) -> None:
         self.store, self.registry, self.env = store, registry, env
+        #: The app's calls onto the loop (the same that ``on_event`` uses): a lane that runs a
+        #: handed submission holds them until its job ends or does real work (engine.server.handoff).
+        self.to_loop = to_loop
+        #: Submissions a lane stored itself (handed over by :meth:`offer`), for tests and diagnostics.
+        self.stored_on_lanes = 0
         #: At most this many queued jobs that differ only in what their nodes batch (seeds) run
         #: together (engine.server.batching); 1 runs every job alone.
         self.batch_jobs = max(1, int(batch_jobs))
@@ -86,6 +98,8 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: dict[str, dict[str, Any]] = {}
+        self._inbox = Inbox()
+        self._on_lane = threading.local()
         #: Without explicit devices, one lane whose model host picks the best device
         #: lazily, at the first job (finding it imports torch, which startup must not pay for).
         self._pick_device = not devices
@@ -119,8 +133,21 @@ class Worker:
                 lane.thread.join(timeout)
 
     def wake(self) -> None:
-        """A job was queued: stop waiting for the next poll."""
+        """A job was queued: stop waiting for the next poll. The only lane, when it stored the job
+        itself, claims next anyway (an extra wake would cost it a useless turn just when the next
+        submission comes)."""
+        if len(self.lanes) > 1 or not getattr(self._on_lane, "yes", False):
+            self._wake.set()
+
+    def offer(self, fn: Callable[[], Any]) -> Handed | None:
+        """Hand a submission to an idle lane, which runs it before it next claims; None when every
+        lane is busy (the caller runs it elsewhere). See engine.server.handoff."""
+        if self._stop.is_set() or not any(lane.idle for lane in self.lanes):
+            return None
+        item = Handed(fn, self.to_loop.call if self.to_loop is not None else None)
+        self._inbox.put(item)
         self._wake.set()
+        return item
 
     # -- control ------------------------------------------------------------------------
 
@@ -224,16 +251,22 @@ class Worker:
             return job
 
     def _loop(self, lane: _Lane) -> None:
+        self._on_lane.yes = True
+        lane.idle = True
         while not self._stop.is_set():
+            # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
+            self.stored_on_lanes += self._inbox.run_waiting(before=self._hold)
             try:
                 job = self._claim(lane)
             except Exception:  # the database is busy or broken: retry, never die
                 log.exception("claiming a job failed")
                 job = None
             if job is None:
+                self._flush()
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
+            lane.idle = False
             self.on_queue_change()
             try:
                 self._run(lane, job)
@@ -243,7 +276,19 @@ class Worker:
                 with self._lock:
                     lane.job_id = None
                 self._progress.pop(job.id, None)
+                self._flush()  # the job's end reaches its clients now, the queue count right after
                 self.on_queue_change()
+                lane.idle = True
+        lane.idle = False
+        self._flush()
+
+    def _hold(self) -> None:
+        if self.to_loop is not None:
+            self.to_loop.hold()
+
+    def _flush(self) -> None:
+        if self.to_loop is not None:
+            self.to_loop.flush()
 
     def _run(self, lane: _Lane, job: JobRecord) -> None:
         if self.batch_jobs > 1 and batching.run_group(self, lane, job):
@@ -288,6 +333,8 @@ class Worker:
                     extra.thread.start()
 
     def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
+        if self._pick_device:
+            self._flush()  # finding the device imports torch: the held reply must not wait for that
         self._resolve_device(lane)
         try:
             plan = job_plan(self.store, self.registry, lane.executor, job)
@@ -313,6 +360,8 @@ class Worker:
                        previews=self.wants_previews(job))
 
     def _publish(self, job: JobRecord, event: Event) -> None:
+        if isinstance(event, (NodeStarted, Progress, NodeMessage)):
+            self._flush()  # a node does real work: from here on its events flow live
         try:
             self.on_event(job, event)
         except Exception:
