@@ -235,31 +235,42 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             raise CheckpointError(f"{path.name}: {exc}") from None
 
 
-def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
-                       why: str, offload: Any = None) -> "Loaded":
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def build_sd_unet(config: dict, state: Mapping[str, Any], dtype: Any, offload: Any, family_name: str,
+                  where: str = "", besides: int = 0) -> Any:
+    """An SD UNet from original-layout tensors (``model.diffusion_model.`` keys): straight into
+    disk blocks when the manager (``offload``, may be None) will page it, else built whole; the
+    one path for checkpoints and UNet files. ``where`` prefixes errors (a file's name and ": ");
+    ``besides``: the bytes of the same load's other modules."""
+    from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    from nodes.checkpoint.paged import float_bytes, unet_straight
+    from nodes.checkpoint.paged import unet_straight
+    from nodes.checkpoint.to_original import unet_to_original
+
+    what = f"{where}the {family_name} UNet"
+    unet = _empty(UNet2DConditionModel, config)
+    paged = unet_straight(unet, state, dtype, offload, what, besides=besides)
+    if paged is not None:
+        return paged
+    try:
+        converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
+    except KeyError as exc:
+        raise CheckpointError(f"{what} is incomplete: {exc} is missing") from None
+    return _assign(unet, converted, f"{family_name} UNet", dtype,
+                   lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
+
+
+def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dtype: Any, pred: str,
+                       why: str, offload: Any = None) -> "Loaded":
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sfu
+
+    from nodes.checkpoint.paged import float_bytes
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
-    unet = _empty(UNet2DConditionModel, found.unet)
     others = {k: s for k, s in shapes_of(state).items() if not k.startswith(det.UNET)}
-    paged = None if offload is None else unet_straight(
-        unet, state, dtype, offload, f"the {found.family.name} UNet",
-        besides=float_bytes(others, dtypes_of(state), dtype))
-    if paged is not None:
-        unet = paged
-    else:
-        try:
-            converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
-        except KeyError as exc:
-            raise CheckpointError(f"the {found.family.name} UNet is incomplete: {exc} is missing") from None
-        from nodes.checkpoint.to_original import unet_to_original
-
-        unet = _assign(unet, converted, f"{found.family.name} UNet", dtype,
-                       lambda keys: list(unet_to_original(dict.fromkeys(keys), dict(unet.config))))
-        del converted
+    unet = build_sd_unet(found.unet, state, dtype, offload, found.family.name,
+                         besides=float_bytes(others, dtypes_of(state), dtype) if offload is not None else 0)
     vae = _empty(AutoencoderKL, found.vae)
     vae = _assign(vae, sfu.convert_ldm_vae_checkpoint(cast_view(state, vae_dtype), dict(vae.config)), "VAE", vae_dtype)
     modules: dict[str, Any] = {"unet": unet, "vae": vae}

@@ -16,8 +16,8 @@ from typing import Any
 
 from nodes import families
 from nodes.checkpoint import detect as det
-from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty, build_text_encoder, open_state, reading
-from nodes.checkpoint.tensors import cast_view, plain, shapes_of
+from nodes.checkpoint.load import CheckpointError, Loaded, build_sd_unet, build_text_encoder, open_state, reading
+from nodes.checkpoint.tensors import plain, shapes_of
 from nodes.families.base import Family, has_prefix
 
 
@@ -79,9 +79,6 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 
 
 def _build_unet(path: Path, state: Any, dtype: Any, offload: Any = None) -> Loaded:
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-
     shapes = shapes_of(state)
     try:
         family = families.for_unet(shapes)
@@ -89,18 +86,7 @@ def _build_unet(path: Path, state: Any, dtype: Any, offload: Any = None) -> Load
     except (det.UnsupportedCheckpoint, KeyError, StopIteration, IndexError) as exc:
         raise CheckpointError(f"{path.name}: not a UNet of a known family ({exc})") from None
     pred, why = det.prediction_type(shapes, family, config, lambda k: float(state[k].float().std(unbiased=False)))
-    unet = _empty(UNet2DConditionModel, config)
-    from nodes.checkpoint.paged import unet_straight
-
-    paged = unet_straight(unet, state, dtype, offload, f"{path.name}: the {family.name} UNet")
-    if paged is not None:
-        unet = paged
-    else:
-        try:
-            converted = sfu.convert_ldm_unet_checkpoint(cast_view(state, dtype), dict(unet.config))
-        except KeyError as exc:
-            raise CheckpointError(f"{path.name}: the {family.name} UNet is incomplete: {exc} is missing") from None
-        unet = _assign(unet, converted, f"{family.name} UNet", dtype)
+    unet = build_sd_unet(config, state, dtype, offload, family.name, where=f"{path.name}: ")
     return Loaded(family=family, scheduler_config=family.scheduler_config(pred), latent=family.latent,
                   modules={"unet": unet},
                   info={"format": "unet", "prediction_type": pred, "prediction_reason": why})
