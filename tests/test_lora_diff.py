@@ -18,13 +18,12 @@ from safetensors.torch import save_file
 
 import tiny_flux
 import tiny_models as tm
-from engine.context import Environment, NodeError, Paths
+from engine.context import NodeError
+from lora_support import (assert_fp8_patch_matches_hand, assert_paged_patch_matches_hand,
+                          assert_strength_zero_is_the_base, assert_unet_matches_hand, flux_env, flux_sample,
+                          net_state, patched_states, states, with_lora, write_flux_models)
 from node_call import Called, call
 from nodes import loaders, lora, split_loaders
-from nodes.runtime import offload
-from nodes.runtime.models import ModelManager
-from nodes.sampling import ksampler
-from test_flux_lora import _cond
 
 G = torch.Generator().manual_seed(41)
 
@@ -93,26 +92,15 @@ def sd1_files(tiny_models_dir) -> Path:
     return folder
 
 
-def _states(model, clip) -> dict[str, dict[str, torch.Tensor]]:
-    with model.unet() as unet:
-        u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    with clip.encoder("text_encoder") as te:
-        c = {k: v.detach().clone() for k, v in te.state_dict().items()}
-    return {"unet": u, "text_encoder": c}
-
-
 def test_sd1_diffs_equal_the_weights_changed_by_hand_and_leave_the_base(tiny_env, sd1_files):
     model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))
-    base = _states(model, clip)
+    base = states(model, clip)
     for strength in (1.0, -0.7):
-        rec = Called()
-        m, c = call(lora.lora_loader, tiny_env, rec, model=model, clip=clip, lora_name="sd1-diff.safetensors",
-                    strength_model=strength, strength_clip=strength)
-        note = rec.messages[0]
+        ours, note = patched_states(tiny_env, model, clip, "sd1-diff.safetensors", strength)
         assert "not matched" not in note, note
         assert "12 modules patched (3 in text_encoder, 9 in unet)" in note, note
         assert "10 of them by whole weight or bias differences" in note, note
-        ours, hand = _states(m, c), _by_hand(base, strength)
+        hand = _by_hand(base, strength)
         for target in ours:
             changed = [k for k in ours[target] if not torch.equal(ours[target][k], base[target][k])]
             assert len(changed) == {"unet": 9, "text_encoder": 3}[target], changed
@@ -120,31 +108,15 @@ def test_sd1_diffs_equal_the_weights_changed_by_hand_and_leave_the_base(tiny_env
                 assert torch.allclose(v, hand[target][k], atol=1e-6, rtol=0), (target, k)
         for _, param, target, _ in _SD1_DIFFS:  # whole differences: the same single rounding as by hand
             assert torch.equal(ours[target][param], hand[target][param]), param
-    zero = call(lora.lora_loader, tiny_env, model=model, clip=clip, lora_name="sd1-diff.safetensors",
-                strength_model=0.0, strength_clip=0.0)
-    for states in (_states(*zero), _states(model, clip)):  # strength 0; the base after every use
-        assert all(torch.equal(v, base[t][k]) for t in base for k, v in states[t].items())
+    assert_strength_zero_is_the_base(tiny_env, model, clip, "sd1-diff.safetensors", base)
 
 
 def test_sd1_diff_outputs_equal_the_unet_changed_by_hand(tiny_env, sd1_files):
     """Not only the weights: the patched UNet's prediction equals a UNet holding the hand-made weights."""
-    import copy
-
     model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))
     (m,) = call(lora.lora_loader_model_only, tiny_env, model=model, lora_name="sd1-diff.safetensors",
                 strength_model=1.0)
-    x, t = torch.randn(1, 4, 8, 8, generator=G), torch.tensor([500])
-    ctx = torch.randn(1, 77, 64, generator=G)
-    with torch.no_grad():
-        with model.unet() as unet:
-            hand = copy.deepcopy(unet)
-            plain = unet(x, t, encoder_hidden_states=ctx).sample
-        hand.load_state_dict(_by_hand({"unet": hand.state_dict()}, 1.0)["unet"])
-        expected = hand(x, t, encoder_hidden_states=ctx).sample
-        with m.unet() as unet:
-            ours = unet(x, t, encoder_hidden_states=ctx).sample
-    assert torch.allclose(ours, expected, atol=1e-5)
-    assert (ours - plain).abs().max() > 1e-3
+    assert_unet_matches_hand(model, m, lambda base: _by_hand({"unet": base}, 1.0)["unet"])
 
 
 def test_a_bias_difference_for_a_layer_without_bias_is_reported_and_a_wrong_shape_is_an_error(tiny_env, sd1_files):
@@ -171,12 +143,7 @@ def test_sdxl_diffs_under_original_unet_names_and_both_text_encoders(tiny_env, t
             "lora_unet_input_blocks_1_0_out_layers_0.b_norm": ("unet", "down_blocks.0.resnets.0.norm2.bias"),
             "lora_te1_text_model_final_layer_norm.diff": ("text_encoder", "final_layer_norm.weight"),
             "lora_te2_text_model_encoder_layers_0_mlp_fc1.diff_b": ("text_encoder_2", "encoder.layers.0.mlp.fc1.bias")}
-    base = {}
-    with model.unet() as unet:
-        base["unet"] = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    for name in ("text_encoder", "text_encoder_2"):
-        with clip.encoder(name) as te:
-            base[name] = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    base = states(model, clip, ("text_encoder", "text_encoder_2"))
     params = {key: (t, p if p in base[t] else "text_model." + p) for key, (t, p) in keys.items()}
     state = {key: _r(*base[t][p].shape) for key, (t, p) in params.items()}
     save_file(state, str(Path(tiny_models_dir) / "loras" / "sdxl-diff.safetensors"))
@@ -184,11 +151,7 @@ def test_sdxl_diffs_under_original_unet_names_and_both_text_encoders(tiny_env, t
     m, c = call(lora.lora_loader, tiny_env, rec, model=model, clip=clip, lora_name="sdxl-diff.safetensors",
                 strength_model=0.8, strength_clip=0.8)
     assert "6 modules patched" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages
-    with m.unet() as unet:
-        ours = {"unet": {k: v.detach().clone() for k, v in unet.state_dict().items()}}
-    for name in ("text_encoder", "text_encoder_2"):
-        with c.encoder(name) as te:
-            ours[name] = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    ours = states(m, c, ("text_encoder", "text_encoder_2"))
     hand = {t: dict(sd) for t, sd in base.items()}
     for key, (t, p) in params.items():
         hand[t][p] = base[t][p] + state[key] * 0.8
@@ -223,15 +186,8 @@ def _flux_hand(state: dict[str, torch.Tensor], norm: bool = False) -> dict[str, 
 @pytest.fixture(scope="module")
 def flux_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flux-diff")
-    bfl = tiny_flux.bfl_transformer("dev")
-    models = root / "diffusion_models"
-    tiny_flux._save(models / "base.safetensors", bfl)
-    tiny_flux._save(models / "hand.safetensors", _flux_hand(bfl))
-    tiny_flux._save(models / "hand-norm.safetensors", _flux_hand(bfl, norm=True))
-    fp8 = tiny_flux.to_fp8(bfl)
-    tiny_flux._save(models / "fp8.safetensors", fp8)
-    upcast = {k: v.float() if v.dtype == torch.float8_e4m3fn else v for k, v in fp8.items()}
-    tiny_flux._save(models / "fp8-hand.safetensors", _flux_hand(upcast))  # fp32, the fp8 values plus the diffs
+    bfl = write_flux_models(root, _flux_hand)
+    tiny_flux._save(root / "diffusion_models" / "hand-norm.safetensors", _flux_hand(bfl, norm=True))
     state = {key: _FLUX[r] for key, (_, r) in _FLUX_DIFFS.items()}
     state.update({"diffusion_model.img_in.lora_A.weight": _FLUX["A"],
                   "diffusion_model.img_in.lora_B.weight": _FLUX["B"],
@@ -241,35 +197,13 @@ def flux_root(tmp_path_factory) -> Path:
     return root
 
 
-def _env(root: Path, tmp_path: Path, **manager: object) -> Environment:
-    return Environment(paths=Paths.under(tmp_path / "data", models=root), models=ModelManager(device="cpu", **manager))
-
-
-def _sample(env: Environment, model) -> torch.Tensor:
-    embeds, pooled = _cond()
-    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
-    start = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
-    (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=1.0, sampler_name="euler", scheduler="normal",
-                  positive=cond, negative=cond, latent_image={"samples": start}, denoise=0.6)
-    return out["samples"]
-
-
-def _with(env, model, name: str, strength: float = 1.0, rec: Called | None = None):
-    return call(lora.lora_loader_model_only, env, rec, model=model, lora_name=name, strength_model=strength)[0]
-
-
-def _net_state(model) -> dict[str, torch.Tensor]:
-    with model.unet() as net:
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
 def test_flux_diffs_in_the_original_layout_equal_the_file_changed_by_hand(flux_root, tmp_path):
-    env = _env(flux_root, tmp_path)
+    env = flux_env(flux_root, tmp_path)
     (base,) = call(split_loaders.unet_loader, env, unet_name="base.safetensors")
     (hand,) = call(split_loaders.unet_loader, env, unet_name="hand-norm.safetensors")
-    before, expected = _net_state(base), _net_state(hand)
+    before, expected = net_state(base), net_state(hand)
     rec = Called()
-    ours = _net_state(_with(env, base, "flux-diff-norm.safetensors", rec=rec))
+    ours = net_state(with_lora(env, base, "flux-diff-norm.safetensors", rec=rec))
     assert "not matched" not in rec.messages[0] and "by whole weight or bias differences" in rec.messages[0]
     # qkv weight and bias split onto to_q/k/v (6), linear2's bias, the final modulation's bias, img_in's
     # weight and bias, the norm: 11 parameters
@@ -278,45 +212,24 @@ def test_flux_diffs_in_the_original_layout_equal_the_file_changed_by_hand(flux_r
     assert len(changed) == 11, changed
     assert all(torch.allclose(ours[k], expected[k], atol=1e-6, rtol=0) for k in ours)
     assert all(torch.equal(ours[k], expected[k]) for k in changed if "x_embedder" not in k)  # whole diffs: exact
-    assert all(torch.equal(v, before[k]) for k, v in _net_state(_with(env, base, "flux-diff.safetensors", 0.0)).items())
-    assert all(torch.equal(v, before[k]) for k, v in _net_state(base).items())
+    assert all(torch.equal(v, before[k]) for k, v in net_state(with_lora(env, base, "flux-diff.safetensors", 0.0)).items())
+    assert all(torch.equal(v, before[k]) for k, v in net_state(base).items())
 
 
 def test_flux_diffs_beside_fp8_weights_equal_the_upcast_file_changed_by_hand(flux_root, tmp_path):
-    env = _env(flux_root, tmp_path)
+    env = flux_env(flux_root, tmp_path)
     (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")
     (hand,) = call(split_loaders.unet_loader, env, unet_name="fp8-hand.safetensors")
-    with fp8.unet() as net:
-        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
-        stored = {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v.clone()
-                  for k, v in net.state_dict().items()}
-    plain = _sample(env, fp8)
-    ours = _sample(env, _with(env, fp8, "flux-diff.safetensors"))
-    assert (ours - _sample(env, hand)).abs().max() <= 1e-5
-    assert (ours - plain).abs().max() > 1e-3
-    with fp8.unet() as net:  # the fp8 bytes and the biases are as stored; nothing is left on the layers
-        assert all(torch.equal(stored[k], v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
-                   for k, v in net.state_dict().items())
-        assert not any("kiln_lora" in vars(m) for m in net.modules())
-    assert torch.equal(_sample(env, _with(env, fp8, "flux-diff.safetensors", 0.0)), plain)
+    assert_fp8_patch_matches_hand(env, fp8, hand, "flux-diff.safetensors")
 
 
 def test_flux_diffs_beside_paged_weights_equal_the_file_changed_by_hand(flux_root, tmp_path):
-    whole = _env(flux_root, tmp_path / "whole")
-    expected = _sample(whole, call(split_loaders.unet_loader, whole, unet_name="hand.safetensors")[0])
-    env = _env(flux_root, tmp_path, offload_mode="on")
-    (model,) = call(split_loaders.unet_loader, env, unet_name="base.safetensors")
-    plain = _sample(env, model)
-    with model.unet() as net:
-        assert offload.offloaded(net).paged  # not vacuous: the weights at rest are placeholders
-    ours = _sample(env, _with(env, model, "flux-diff.safetensors"))
-    assert (ours - expected).abs().max() <= 1e-5
-    assert (ours - plain).abs().max() > 1e-3
-    assert (_sample(env, model) - plain).abs().max() == 0  # the base afterwards
+    env, model, ours = assert_paged_patch_matches_hand(flux_root, tmp_path, "flux-diff.safetensors")
     # a q-norm difference (diffusers' RMSNorm): added to the weight brought in while it runs
+    whole = flux_env(flux_root, tmp_path / "whole")
     base = call(split_loaders.unet_loader, whole, unet_name="base.safetensors")[0]
-    with_norm = _sample(whole, _with(whole, base, "flux-diff-norm.safetensors"))
+    with_norm = flux_sample(whole, with_lora(whole, base, "flux-diff-norm.safetensors"))
     assert (with_norm - ours).abs().max() > 1e-4  # the norm difference counts
-    assert (_sample(env, _with(env, model, "flux-diff-norm.safetensors")) - with_norm).abs().max() <= 1e-5
+    assert (flux_sample(env, with_lora(env, model, "flux-diff-norm.safetensors")) - with_norm).abs().max() <= 1e-5
     with model.unet() as net:
         assert not any(vars(m).get("kiln_deltas") for m in net.modules())

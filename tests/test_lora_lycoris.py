@@ -10,7 +10,6 @@ the base; the node message names the modules as LoHa/LoKr, none as unmatched.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,12 @@ from safetensors.torch import save_file
 
 import tiny_flux
 import tiny_models as tm
+from lora_support import (assert_fp8_patch_matches_hand, assert_paged_patch_matches_hand,
+                          assert_strength_zero_is_the_base, assert_unet_matches_hand, flux_env, net_state,
+                          patched_states, states, with_lora, write_flux_models)
 from node_call import Called, call
 from nodes import loaders, lora, split_loaders
 from nodes.runtime import offload
-from test_lora_diff import _env, _net_state, _sample, _states, _with
 
 G = torch.Generator().manual_seed(43)
 
@@ -139,53 +140,31 @@ def _hand(base: dict, strength: float, plain: float = 0.0) -> dict:
 
 def test_sd1_loha_and_lokr_equal_the_weights_changed_by_hand_and_leave_the_base(tiny_env, sd1_files):
     model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))
-    base = _states(model, clip)
+    base = states(model, clip)
     for strength in (1.0, -0.6):
-        rec = Called()
-        m, c = call(lora.lora_loader, tiny_env, rec, model=model, clip=clip, lora_name="sd1-lycoris.safetensors",
-                    strength_model=strength, strength_clip=strength)
-        note = rec.messages[0]
+        ours, note = patched_states(tiny_env, model, clip, "sd1-lycoris.safetensors", strength)
         assert "not matched" not in note, note
         assert "10 modules patched (1 in text_encoder, 9 in unet)" in note, note
         assert "10 by LyCORIS LoHa (4) and LoKr (6)" in note, note
-        ours, hand = _states(m, c), _hand(base, strength)
+        hand = _hand(base, strength)
         changed = {(t, k) for t in ours for k in ours[t] if not torch.equal(ours[t][k], base[t][k])}
         assert changed == set(_sd1_deltas()), changed
         for t in ours:
             for k, v in ours[t].items():
                 assert torch.allclose(v, hand[t][k], atol=1e-6, rtol=0), (t, k)
     # stacked with an ordinary LoRA on the same layer: the differences add
-    (both,) = call(lora.lora_loader_model_only, tiny_env, model=m, lora_name="sd1-plain.safetensors",
-                   strength_model=0.5)
-    with both.unet() as unet:
-        stacked = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    m = with_lora(tiny_env, model, "sd1-lycoris.safetensors", -0.6)
+    stacked = net_state(with_lora(tiny_env, m, "sd1-plain.safetensors", 0.5))
     hand = _hand(base, -0.6, plain=0.5)["unet"]
     assert all(torch.allclose(v, hand[k], atol=1e-6, rtol=0) for k, v in stacked.items())
-    zero = call(lora.lora_loader, tiny_env, model=model, clip=clip, lora_name="sd1-lycoris.safetensors",
-                strength_model=0.0, strength_clip=0.0)
-    for states in (_states(*zero), _states(model, clip)):  # strength 0; the base after every use
-        assert all(torch.equal(v, base[t][k]) for t in base for k, v in states[t].items())
+    assert_strength_zero_is_the_base(tiny_env, model, clip, "sd1-lycoris.safetensors", base)
 
 
 def test_sd1_loha_and_lokr_outputs_equal_the_unet_changed_by_hand(tiny_env, sd1_files):
     model, _, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))
     (m,) = call(lora.lora_loader_model_only, tiny_env, model=model, lora_name="sd1-lycoris.safetensors",
                 strength_model=0.8)
-    x, t = torch.randn(1, 4, 8, 8, generator=G), torch.tensor([500])
-    ctx = torch.randn(1, 77, 64, generator=G)
-    with torch.no_grad():
-        with model.unet() as unet:
-            hand = copy.deepcopy(unet)
-            plain = unet(x, t, encoder_hidden_states=ctx).sample
-        hand.load_state_dict(_hand({"unet": hand.state_dict()}, 0.8)["unet"])
-        expected = hand(x, t, encoder_hidden_states=ctx).sample
-        with m.unet() as unet:
-            ours = unet(x, t, encoder_hidden_states=ctx).sample
-        with model.unet() as unet:
-            after = unet(x, t, encoder_hidden_states=ctx).sample
-    assert torch.allclose(ours, expected, atol=1e-5)
-    assert (ours - plain).abs().max() > 1e-3
-    assert torch.equal(after, plain)
+    assert_unet_matches_hand(model, m, lambda base: _hand({"unet": base}, 0.8)["unet"])
 
 
 def test_incomplete_or_misfit_lycoris_modules_are_reported(tiny_env, tiny_models_dir):
@@ -262,62 +241,33 @@ def _flux_hand(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def flux_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flux-lycoris")
-    bfl = tiny_flux.bfl_transformer("dev")
-    models = root / "diffusion_models"
-    tiny_flux._save(models / "base.safetensors", bfl)
-    tiny_flux._save(models / "hand.safetensors", _flux_hand(bfl))
-    fp8 = tiny_flux.to_fp8(bfl)
-    tiny_flux._save(models / "fp8.safetensors", fp8)
-    upcast = {k: v.float() if v.dtype == torch.float8_e4m3fn else v for k, v in fp8.items()}
-    tiny_flux._save(models / "fp8-hand.safetensors", _flux_hand(upcast))
+    write_flux_models(root, _flux_hand)
     tiny_flux._save(root / "loras" / "flux-lycoris.safetensors", _flux_file())
     return root
 
 
 def test_flux_loha_on_a_fused_qkv_and_lokr_equal_the_file_changed_by_hand(flux_root, tmp_path):
-    env = _env(flux_root, tmp_path)
+    env = flux_env(flux_root, tmp_path)
     (base,) = call(split_loaders.unet_loader, env, unet_name="base.safetensors")
     (hand,) = call(split_loaders.unet_loader, env, unet_name="hand.safetensors")
-    before, expected = _net_state(base), _net_state(hand)
+    before, expected = net_state(base), net_state(hand)
     rec = Called()
-    ours = _net_state(_with(env, base, "flux-lycoris.safetensors", rec=rec))
+    ours = net_state(with_lora(env, base, "flux-lycoris.safetensors", rec=rec))
     assert "not matched" not in rec.messages[0], rec.messages
     assert "4 modules patched" in rec.messages[0] and "LoHa (3) and LoKr (1)" in rec.messages[0], rec.messages
     changed = [k for k in ours if not torch.equal(ours[k], before[k])]
     assert len(changed) == 4, changed  # to_q, to_k, to_v, proj_out
     assert all(torch.allclose(ours[k], expected[k], atol=1e-6, rtol=0) for k in ours)
-    assert all(torch.equal(v, before[k]) for k, v in _net_state(base).items())
+    assert all(torch.equal(v, before[k]) for k, v in net_state(base).items())
 
 
 def test_flux_lycoris_beside_fp8_and_paged_weights_equal_the_file_changed_by_hand(flux_root, tmp_path):
-    env = _env(flux_root, tmp_path / "fp8")
+    env = flux_env(flux_root, tmp_path / "fp8")
     (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")
     (hand,) = call(split_loaders.unet_loader, env, unet_name="fp8-hand.safetensors")
-    with fp8.unet() as net:
-        stored = {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v.clone()
-                  for k, v in net.state_dict().items()}
-    plain = _sample(env, fp8)
-    ours = _sample(env, _with(env, fp8, "flux-lycoris.safetensors"))
-    assert (ours - _sample(env, hand)).abs().max() <= 1e-5
-    assert (ours - plain).abs().max() > 1e-3
-    assert torch.equal(_sample(env, _with(env, fp8, "flux-lycoris.safetensors", 0.0)), plain)
-    with fp8.unet() as net:  # the fp8 bytes as stored; nothing left on the layers
-        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
-        assert all(torch.equal(stored[k], v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
-                   for k, v in net.state_dict().items())
-        assert not any("kiln_lora" in vars(m) for m in net.modules())
+    assert_fp8_patch_matches_hand(env, fp8, hand, "flux-lycoris.safetensors")
 
-    whole = _env(flux_root, tmp_path / "whole")
-    expected = _sample(whole, call(split_loaders.unet_loader, whole, unet_name="hand.safetensors")[0])
-    paged_env = _env(flux_root, tmp_path / "paged", offload_mode="on")
-    (paged,) = call(split_loaders.unet_loader, paged_env, unet_name="base.safetensors")
-    plain = _sample(paged_env, paged)
-    with paged.unet() as net:
-        assert offload.offloaded(net).paged
-    ours = _sample(paged_env, _with(paged_env, paged, "flux-lycoris.safetensors"))
-    assert (ours - expected).abs().max() <= 1e-5
-    assert (ours - plain).abs().max() > 1e-3
-    assert torch.equal(_sample(paged_env, paged), plain)
+    assert_paged_patch_matches_hand(flux_root, tmp_path, "flux-lycoris.safetensors")
 
 
 def test_a_lycoris_convolution_on_a_paged_unet_equals_it_on_the_whole_unet(sd1_files, tiny_models_dir, tmp_path):

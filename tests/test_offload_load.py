@@ -111,6 +111,23 @@ def alive(monkeypatch) -> _Alive:
     return meter
 
 
+@pytest.fixture()
+def phase(alive, monkeypatch) -> list[int]:
+    """The meter's peak while each paged denoiser itself is built (one entry per build)."""
+    from nodes.checkpoint import paged as paged_module
+
+    build, peaks = paged_module.build_paged, []
+
+    def measured(*args, **kwargs):
+        alive.peak = start = alive.now
+        out = build(*args, **kwargs)
+        peaks.append(alive.peak - start)
+        return out
+
+    monkeypatch.setattr(paged_module, "build_paged", measured)
+    return peaks
+
+
 def _block_bytes(path: Path) -> tuple[int, int]:
     """(bytes outside the blocks, bytes of the largest block) of a BFL file, from its header."""
     state = flux_blocks.strip_prefix(LazyState.open(path), "model.diffusion_model.") \
@@ -258,19 +275,8 @@ def _unet_forward(unet: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
 def test_an_sd_checkpoints_unet_loads_straight_into_blocks_and_equals_the_whole_load(tiny_models_dir, variant,
-                                                                                       alive, monkeypatch):
+                                                                                       alive, phase):
     import tiny_models
-    from nodes.checkpoint import paged as paged_module
-
-    build, phase = paged_module.build_paged, []
-
-    def measured(*args, **kwargs):  # the meter's peak while the UNet itself is built
-        alive.peak = start = alive.now
-        out = build(*args, **kwargs)
-        phase.append(alive.peak - start)
-        return out
-
-    monkeypatch.setattr(paged_module, "build_paged", measured)
 
     path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name(variant)
     whole = load_checkpoint(path, torch.float32)
@@ -327,21 +333,10 @@ def test_a_diffusers_layout_flux_file_loads_straight_into_blocks_with_no_convers
     assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
 
 
-def test_an_sd1_diffusers_folders_unet_loads_straight_into_blocks(tiny_models_dir, alive, monkeypatch):
+def test_an_sd1_diffusers_folders_unet_loads_straight_into_blocks(tiny_models_dir, alive, phase):
     """A diffusers folder's unet/ (the module's own names): the same path, no conversion; the UNet is
     asked last, with the bytes of the folder's other components beside it."""
     import tiny_models
-    from nodes.checkpoint import paged as paged_module
-
-    build, phase = paged_module.build_paged, []
-
-    def measured(*args, **kwargs):  # the meter's peak while the UNet itself is built
-        alive.peak = start = alive.now
-        out = build(*args, **kwargs)
-        phase.append(alive.peak - start)
-        return out
-
-    monkeypatch.setattr(paged_module, "build_paged", measured)
     path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1", "diffusers")
     whole = load_checkpoint(path, torch.float32)
     unet_bytes = _module_bytes(whole.modules["unet"])
