@@ -302,6 +302,31 @@ def test_an_sd_checkpoints_unet_loads_straight_into_blocks_and_equals_the_whole_
     assert (_unet_forward(unet) - _unet_forward(whole.modules["unet"])).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("straight", [True, False], ids=["straight", "built-whole"])
+def test_an_sd_unets_mid_block_is_paged_block_by_block_not_held_through_the_forward(tiny_models_dir, straight):
+    """The mid block is no list entry of the UNet; left to diffusers it would join the group of everything
+    outside the blocks, which stays in memory for the whole forward. Its own lists are paged instead."""
+    import tiny_models
+
+    path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sdxl")
+    whole = load_checkpoint(path, torch.float32).modules["unet"]
+    if straight:
+        unet = load_checkpoint(path, torch.float32, offload=lambda n, b: _disk()).modules["unet"]
+    else:
+        unet = load_checkpoint(path, torch.float32).modules["unet"]
+        offload.offload_blocks(unet, "cpu", "disk", "test: paged")
+    assert offload.nested(unet) == ["mid_block"]
+    always = unet._diffusers_hook.get_hook("group_offloading").group.modules  # brought in for the whole forward
+    assert not any(m is unet.mid_block or m in list(unet.mid_block.modules()) for m in always)
+    mid = [(name, i) for name, i, _ in offload.blocks(unet) if name.startswith("mid_block.")]
+    assert ("mid_block.attentions", 0) in mid and ("mid_block.resnets", 1) in mid
+    files = {p.name for p in Path(offload.offloaded(unet).folder).iterdir()}
+    for block in (unet.mid_block.attentions[0], unet.mid_block.resnets[0]):
+        group = block._diffusers_hook.get_hook("group_offloading").group
+        assert group.modules == [block] and Path(group.safetensors_file_path).name in files
+    assert (_unet_forward(unet) - _unet_forward(whole)).abs().max() <= 1e-5
+
+
 def test_an_sd_unet_file_loads_straight_into_blocks(tiny_models_dir, tmp_path):
     """UNETLoader's SD path (an original-layout UNet alone, ComfyUI's diffusion_models file)."""
     import tiny_models

@@ -64,8 +64,9 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
     owners = {f"{name}.{i}.": (name, i) for name, i, _ in layout}
     parts: dict[Any, list[Row]] = {}
     for row in rows:
-        head = next(iter(row[1](torch.empty(shapes[row[0]], device="meta")))).split(".", 2)
-        parts.setdefault(owners.get(f"{head[0]}.{head[1]}." if len(head) > 2 else ""), []).append(row)
+        key = next(iter(row[1](torch.empty(shapes[row[0]], device="meta"))))
+        owner = next((owners[p] for p in _prefixes(key) if p in owners), None)
+        parts.setdefault(owner, []).append(row)
     model.load_state_dict(read(parts.pop(None, [])), strict=False, assign=True)  # outside the blocks
     for name, i, block in layout:
         prefix = f"{name}.{i}."
@@ -77,6 +78,13 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
     model.requires_grad_(False)
     offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
     return model
+
+
+def _prefixes(key: str) -> list[str]:
+    """"a.b.c.d" -> ["a.b.", "a.b.c."]: the block prefixes a tensor name can have (a top-level list's
+    "list.i." or a nested child's "child.list.i.")."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) + "." for n in (2, 3) if len(parts) > n]
 
 
 def own_rows(keys: Any) -> list[Row]:

@@ -134,7 +134,7 @@ def offload_blocks(module: Any, onload: str, rest: str, note_text: str, folder_r
     module.to("cpu")
     apply_group_offloading(module, onload_device=torch.device(onload), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=1, use_stream=False,
-                           offload_to_disk_path=folder if rest == "disk" else None)
+                           offload_to_disk_path=folder if rest == "disk" else None, block_modules=nested(module) or None)
     if written:
         _check_prewritten(module, written)
     info = Offloaded(onload=onload, rest=rest, folder=folder if rest == "disk" else None, note=note_text)
@@ -142,18 +142,39 @@ def offload_blocks(module: Any, onload: str, rest: str, note_text: str, folder_r
     return info
 
 
-def blocks(module: Any) -> list[tuple[str, int, Any]]:
-    """The blocks diffusers' block-level offloading pages one by one: (list name, index, block) for each
-    entry of a top-level ModuleList/Sequential, in its order. Everything else stays in one group."""
+def _lists(module: Any) -> list[tuple[str, Any]]:
     import torch
 
-    return [(name, i, block) for name, child in module.named_children()
-            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for i, block in enumerate(child)]
+    return [(name, child) for name, child in module.named_children()
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))]
+
+
+def nested(module: Any) -> list[str]:
+    """Direct children that are not block lists themselves but hold some (a UNet's ``mid_block``): given
+    to diffusers as ``block_modules``, so their blocks are paged one by one too. Otherwise such a
+    child joins the group of everything outside the blocks, which is brought in for the whole forward
+    (SDXL's mid block, ten transformer layers at 1280 channels, would then stay in memory throughout)."""
+    import torch
+
+    return [name for name, child in module.named_children()
+            if not isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and _lists(child)]
+
+
+def blocks(module: Any) -> list[tuple[str, int, Any]]:
+    """The blocks diffusers' block-level offloading pages one by one: (list name, index, block) for each
+    entry of a top-level ModuleList/Sequential, in its order, then those of the :func:`nested` children
+    (list name ``child.list``). Everything else stays in one group."""
+    out = [(name, i, block) for name, child in _lists(module) for i, block in enumerate(child)]
+    for outer in nested(module):
+        out += [(f"{outer}.{name}", i, block) for name, child in _lists(getattr(module, outer))
+                for i, block in enumerate(child)]
+    return out
 
 
 def _group(block: Any, name: str, index: int, onload: str, folder: str) -> Any:
     """The diffusers ModuleGroup that block-level offloading makes for this block (its file name and the
-    order of its tensors in that file come from the group id and the block's own tensor order)."""
+    order of its tensors in that file come from the group id and the block's own tensor order; a
+    nested child's lists are named ``child.list``, the prefix diffusers gives their group ids)."""
     import torch
     from diffusers.hooks.group_offloading import ModuleGroup
 
