@@ -100,12 +100,13 @@ def build_t5(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
     if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sub:
         sub["encoder.embed_tokens.weight"] = sub["shared.weight"]
     sub = {k: v for k, v in sub.items() if k in own or not k.endswith("embed_tokens.weight")}
-    import torch
+    from nodes.runtime.fp8 import keep_fp8_linears
 
-    # fp8 T5 files (t5xxl_fp8_e4m3fn) are upcast: T5 runs once per prompt and is released after.
-    sub = {k: v.to(torch.float32) if v.dtype.itemsize == 1 and v.is_floating_point() else v for k, v in sub.items()}
+    # T5-XXL is 4.7 B parameters, 19 GB in fp32: its linear weights stay as the file stores them
+    # (fp8, fp16, bf16), each cast per call, so a CPU host computing in fp32 holds 5-12 GB of it.
+    sub = keep_fp8_linears(model, sub, dtype, narrow=True)
     try:
-        return _assign(model, sub, f"T5 text encoder ({what})", dtype)
+        return _assign_mixed(model, sub, f"T5 text encoder ({what})")
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
 

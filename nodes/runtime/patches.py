@@ -117,12 +117,12 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
         return
     import torch
 
-    from nodes.runtime.fp8 import is_fp8
+    from nodes.runtime.fp8 import stored_apart
     from nodes.runtime.offload import compute_device, offloaded
 
     params = dict(module.named_parameters())
     saved: dict[str, torch.Tensor] = {}
-    beside: dict[str, list] = {}  # fp8 layers: owner module name -> (up, down, coefficient)
+    beside: dict[str, list] = {}  # fp8 / narrow-stored layers: owner module name -> (up, down, coefficient)
     deltas: dict[str, list] = {}  # paged convolutions/norms: owner -> (kind, patch, strength)
     # Weights paged to disk (nodes.runtime.offload) rest as placeholders: every LoRA runs beside.
     paged = getattr(offloaded(module), "paged", False)
@@ -136,7 +136,7 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                     if paged and hasattr(module.get_submodule(owner), "kiln_deltas"):  # fp8.as_run_time_patched
                         deltas.setdefault(owner, []).append((kind, factors, entry.strength))
                         continue
-                    if (is_fp8(p) or paged) and hasattr(module.get_submodule(owner), "kiln_lora"):
+                    if (paged or stored_apart(p, module)) and hasattr(module.get_submodule(owner), "kiln_lora"):
                         beside.setdefault(owner, []).append(factors.beside(device, entry.strength))
                         continue
                     if paged:  # only a denoiser is paged, so the input at fault is the model

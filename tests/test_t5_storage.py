@@ -1,0 +1,133 @@
+"""T5-XXL as the file stores it: 4.7 B parameters are 19 GB in fp32, so a CPU host computing in fp32
+keeps the linear weights of a fp16, bf16 or fp8 T5 file in that dtype and casts each per call.
+
+The encoding must be the one of the model upcast whole at load, bit for bit (casting per call gives
+the same values), the bytes held must shrink by what the narrower storage saves, T5's ``wo`` (before
+which T5 casts its activations to that weight's dtype) must be held in the compute dtype, and a LoRA
+on the kept layers must equal the LoRA on the upcast model: it runs beside the weight, since adding it
+into a fp16 weight would round it to fp16.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny_flux
+from engine.context import Environment, Paths
+from node_call import Called, call
+from nodes import lora, split_loaders
+from nodes.runtime.models import ModelManager
+
+STORED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+LORA = "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0"  # a kept layer, kohya's T5 name
+LORA_WO = "lora_te3_encoder_block_1_layer_1_DenseReluDense_wo"  # a layer held in the compute dtype
+
+
+def _stored(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file: every float tensor in ``dtype``, as t5xxl_fp16 files hold them (fp8: the 2-D weights only,
+    as t5xxl_fp8_e4m3fn files hold them, the rest fp16)."""
+    if dtype == torch.float8_e4m3fn:
+        return {k: v.to(dtype) if v.ndim == 2 and k.endswith(".weight") and "shared" not in k else v.half()
+                for k, v in state.items()}
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("t5-storage")
+    base = tiny_flux.t5_state()
+    for name, dtype in STORED.items():
+        tiny_flux._save(root / "text_encoders" / f"t5-{name}.safetensors", _stored(base, dtype))
+    tiny_flux._save(root / "text_encoders" / "clip_l.safetensors", tiny_flux.clip_l_state())
+    tiny_flux._save(root / "diffusion_models" / "flux.safetensors", tiny_flux.bfl_transformer("dev"))
+    g = torch.Generator().manual_seed(7)
+    wi, wo = base["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"], base["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    (root / "loras").mkdir()
+    save_file({f"{LORA}.lora_down.weight": torch.randn(2, wi.shape[1], generator=g) * 0.3,
+               f"{LORA}.lora_up.weight": torch.randn(wi.shape[0], 2, generator=g) * 0.3,
+               f"{LORA_WO}.lora_down.weight": torch.randn(2, wo.shape[1], generator=g) * 0.3,
+               f"{LORA_WO}.lora_up.weight": torch.randn(wo.shape[0], 2, generator=g) * 0.3},
+              str(root / "loras" / "t5.safetensors"))
+    return root
+
+
+def _env(root: Path, tmp_path: Path) -> Environment:
+    return Environment(paths=Paths.under(tmp_path / "data", models=root), models=ModelManager(device="cpu"))
+
+
+def _upcast_reference(name: str) -> torch.nn.Module:
+    """transformers' T5 holding the file's values upcast to fp32: what the loader built before."""
+    from safetensors.torch import load_file
+
+    ref = copy.deepcopy(tiny_flux.components("dev")["text_encoder_2"]).float()
+    state = {k: v.float() for k, v in load_file(str(name)).items()}
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    ref.load_state_dict(state)
+    return ref.eval()
+
+
+def _encode(t5: torch.nn.Module) -> torch.Tensor:
+    ids = torch.tensor([[37, 1782, 19, 3, 9, 1300, 3, 5, 1] + [0] * 7])
+    with torch.no_grad():
+        return t5(ids)[0]
+
+
+def _t5(env: Environment, name: str, rec: Called | None = None):
+    (clip,) = call(split_loaders.dual_clip_loader, env, rec, clip_name1="clip_l.safetensors",
+                   clip_name2=f"t5-{name}.safetensors", type="flux")
+    return clip
+
+
+@pytest.mark.parametrize("name", list(STORED))
+def test_a_narrow_t5_file_stays_narrow_and_encodes_as_the_upcast_model(root, tmp_path, name):
+    env = _env(root, tmp_path)
+    clip = _t5(env, name)
+    ref = _upcast_reference(root / "text_encoders" / f"t5-{name}.safetensors")
+    with clip.encoder("text_encoder_2") as t5:
+        block = t5.encoder.block[0]
+        kept = [block.layer[0].SelfAttention.q, block.layer[1].DenseReluDense.wi_0, block.layer[1].DenseReluDense.wi_1]
+        assert all(layer.weight.dtype == STORED[name] for layer in kept), [layer.weight.dtype for layer in kept]
+        assert block.layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # T5 casts its input to wo's dtype
+        assert t5.shared.weight.dtype == torch.float32 and block.layer[0].layer_norm.weight.dtype == torch.float32
+        held = sum(p.numel() * p.element_size() for p in t5.parameters())
+        full = sum(p.numel() * 4 for p in t5.parameters())
+        narrow = sum(m.weight.numel() for m in t5.modules()
+                     if isinstance(m, torch.nn.Linear) and m.weight.dtype == STORED[name])
+        assert held == full - narrow * (4 - STORED[name].itemsize) and held < full
+        ours = _encode(t5)
+    assert torch.equal(ours, _encode(ref))  # the same values: the cast per call is the upcast at load
+    assert ours.dtype == torch.float32
+
+
+def test_a_lora_on_a_narrow_t5_equals_it_on_the_upcast_model(root, tmp_path):
+    """Beside the fp16 weights of wi_0 (added into them it would be rounded to fp16), into wo (held in fp32)."""
+    from safetensors.torch import load_file
+
+    env = _env(root, tmp_path)
+    clip = _t5(env, "fp16")
+    (model,) = call(split_loaders.unet_loader, env, unet_name="flux.safetensors")
+    with clip.encoder("text_encoder_2") as t5:
+        plain = _encode(t5)
+        stored = {k: v.clone() for k, v in t5.state_dict().items()}
+    rec = Called()
+    _, patched = call(lora.lora_loader, env, rec, model=model, clip=clip, lora_name="t5.safetensors",
+                      strength_model=1.0, strength_clip=0.8)
+    assert "2 modules patched (2 in text_encoder_2)" in rec.messages[0], rec.messages
+    with patched.encoder("text_encoder_2") as t5:
+        ours = _encode(t5)
+    ref = _upcast_reference(root / "text_encoders" / "t5-fp16.safetensors")
+    factors = load_file(str(root / "loras" / "t5.safetensors"))
+    with torch.no_grad():
+        for key, layer in ((LORA, ref.encoder.block[0].layer[1].DenseReluDense.wi_0),
+                           (LORA_WO, ref.encoder.block[1].layer[1].DenseReluDense.wo)):
+            layer.weight += 0.8 * factors[f"{key}.lora_up.weight"] @ factors[f"{key}.lora_down.weight"]
+    expected = _encode(ref)
+    assert (ours - expected).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-2  # not vacuous: the LoRA changes the encoding
+    with clip.encoder("text_encoder_2") as t5:  # the stored weights are as loaded afterwards
+        assert all(torch.equal(v, stored[k]) for k, v in t5.state_dict().items())
+        assert torch.equal(_encode(t5), plain)
