@@ -35,7 +35,7 @@ def _disk(n: int = 0, besides: int = 0) -> offload.Plan:
 @pytest.fixture(scope="module")
 def deep_root(tmp_path_factory) -> Path:
     """A tiny FLUX with 2 double and 4 single blocks (so one block is a small share of the weights), saved
-    in the BFL layout in fp32 and with fp8 linear weights, and as an all-in-one checkpoint."""
+    in the BFL layout in fp32, in bf16 and with fp8 linear weights, and as an all-in-one checkpoint."""
     from diffusers import FluxTransformer2DModel
 
     from nodes.checkpoint.flux_keys import diffusers_to_bfl
@@ -53,6 +53,8 @@ def deep_root(tmp_path_factory) -> Path:
     tiny_flux._save(root / "diffusion_models" / DEEP, bfl)
     tiny_flux._save(root / "diffusion_models" / "deep-flux-fp8.safetensors",
                     {"model.diffusion_model." + k: v for k, v in tiny_flux.to_fp8(bfl).items()})
+    tiny_flux._save(root / "diffusion_models" / "deep-flux-bf16.safetensors",
+                    {"model.diffusion_model." + k: v.bfloat16() for k, v in bfl.items()})
     aio = {"model.diffusion_model." + k: v for k, v in bfl.items()}
     aio.update({"text_encoders.clip_l.transformer." + k: v for k, v in tiny_flux.clip_l_state().items()})
     aio.update({"text_encoders.t5xxl.transformer." + k: v for k, v in tiny_flux.t5_state().items()})
@@ -160,7 +162,7 @@ def test_loading_straight_into_blocks_never_holds_the_whole_weight_set(deep_root
 
 
 @pytest.mark.parametrize("name,fp8", [(DEEP, ""), ("deep-flux-fp8.safetensors", ""),
-                                      (DEEP, "float8_e4m3fn")])
+                                      (DEEP, "float8_e4m3fn"), ("deep-flux-bf16.safetensors", "")])
 def test_the_size_asked_before_building_is_the_built_models_and_fp8_stays_fp8(deep_root, name, fp8):
     path = deep_root / "diffusion_models" / name
     whole = load_unet_file(path, torch.float32, fp8=fp8).modules["unet"]
@@ -173,8 +175,9 @@ def test_the_size_asked_before_building_is_the_built_models_and_fp8_stays_fp8(de
     assert asked == [(_module_bytes(whole), 0)]
     stored = {n: p.dtype for n, p in paged.named_parameters()}
     assert stored == {n: p.dtype for n, p in whole.named_parameters()}
-    if name != DEEP or fp8:
-        assert stored["transformer_blocks.0.attn.to_q.weight"] == torch.float8_e4m3fn
+    if name != DEEP or fp8:  # kept as stored (bf16 too: narrower than the fp32 compute dtype)
+        assert stored["transformer_blocks.0.attn.to_q.weight"] == (torch.bfloat16 if "bf16" in name
+                                                                   else torch.float8_e4m3fn)
     assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
 
 

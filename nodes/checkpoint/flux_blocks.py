@@ -59,20 +59,13 @@ def _fp8_target(fp8: str) -> Any:
     return getattr(torch, fp8) if fp8 else None
 
 
-def _stored_fp8(key: str, ndim: int, dtype: Any, target: Any) -> bool:
-    """Whether a BFL tensor is held in fp8 (nodes.runtime.fp8.keep_fp8_linears: every 2-D weight of a
-    FLUX transformer is a linear layer's): stored so in the file, or cast so by UNETLoader's weight_dtype."""
-    from nodes.runtime.fp8 import FP8_DTYPES
-
-    if ndim != 2 or not key.endswith(".weight"):
-        return False
-    return str(dtype).replace("torch.", "") in FP8_DTYPES or (target is not None and dtype.is_floating_point)
-
-
 def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
-    """Bytes the built transformer will hold, from the header alone: fp8 linear weights 1 byte a
-    value, other floats in the compute ``dtype``, the rest as stored (the conversion to diffusers'
-    layout splits tensors but keeps every value). Equals the built module's parameter bytes."""
+    """Bytes the built transformer will hold, from the header alone, by the loader's own rule
+    (nodes.runtime.fp8.held_dtype; every 2-D weight of a FLUX transformer is a linear layer's, and
+    UNETLoader's weight_dtype makes them fp8 first); the conversion to diffusers' layout splits
+    tensors but keeps every value. Equals the built module's parameter bytes."""
+    from nodes.runtime.fp8 import held_dtype
+
     shapes, dtypes = shapes_of(state), dtypes_of(state)
     target = _fp8_target(fp8)
     total = 0
@@ -80,14 +73,9 @@ def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
         numel = 1
         for n in shape:
             numel *= n
-        stored = dtypes[key]
-        if _stored_fp8(key, len(shape), stored, target):
-            size = 1
-        elif stored.is_floating_point:
-            size = dtype.itemsize
-        else:
-            size = stored.itemsize
-        total += numel * size
+        linear = len(shape) == 2 and key.endswith(".weight")
+        stored = target if target is not None and linear and dtypes[key].is_floating_point else dtypes[key]
+        total += numel * held_dtype(stored, dtype, linear).itemsize
     return total
 
 
@@ -98,7 +86,7 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
 
     from nodes.checkpoint.load import CheckpointError, _empty
     from nodes.checkpoint.paged import build_paged
-    from nodes.runtime.fp8 import keep_fp8_linears
+    from nodes.runtime.fp8 import keep_linears_as_stored
 
     import torch
 
@@ -128,5 +116,5 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
 
     table = own_rows(shapes) if rows is None else \
         [(key, functools.partial(flux_keys.convert, diff=diff, how=how, hidden=hidden)) for key, diff, how in rows]
-    return build_paged(model, table, state, shapes, functools.partial(keep_fp8_linears, model, compute_dtype=dtype),
+    return build_paged(model, table, state, shapes, functools.partial(keep_linears_as_stored, model, compute_dtype=dtype),
                        plan, f"{what}: the FLUX transformer", prepare)

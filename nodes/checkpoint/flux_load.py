@@ -37,10 +37,11 @@ def family_of(shapes: Any) -> fam.Flux:
 
 
 def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
-    """FluxTransformer2DModel from BFL- or diffusers-layout tensors (fp8 weights kept fp8)."""
+    """FluxTransformer2DModel from BFL- or diffusers-layout tensors (linear weights held by
+    nodes.runtime.fp8.held_dtype: fp8 kept fp8, bf16 kept bf16 when computing in fp32)."""
     from diffusers import FluxTransformer2DModel
 
-    from nodes.runtime.fp8 import keep_fp8_linears
+    from nodes.runtime.fp8 import keep_linears_as_stored
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
     if all(k in state for k in fam.DIFFUSERS_MARKERS):  # diffusers layout in one file
@@ -54,7 +55,7 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete FLUX transformer ({exc} is missing)") from None
     model = _empty(FluxTransformer2DModel, config)
-    converted = keep_fp8_linears(model, converted, dtype)
+    converted = keep_linears_as_stored(model, converted, dtype)
     try:
         return _assign_mixed(model, converted, f"FLUX transformer ({what})")
     except CheckpointError as exc:
@@ -100,11 +101,11 @@ def build_t5(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
     if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sub:
         sub["encoder.embed_tokens.weight"] = sub["shared.weight"]
     sub = {k: v for k, v in sub.items() if k in own or not k.endswith("embed_tokens.weight")}
-    from nodes.runtime.fp8 import keep_fp8_linears
+    from nodes.runtime.fp8 import keep_linears_as_stored
 
     # T5-XXL is 4.7 B parameters, 19 GB in fp32: its linear weights stay as the file stores them
-    # (fp8, fp16, bf16), each cast per call, so a CPU host computing in fp32 holds 5-12 GB of it.
-    sub = keep_fp8_linears(model, sub, dtype, narrow=True)
+    # (fp8, fp16, bf16), each cast per call, so a CPU host computing in fp32 holds 8-12 GB of it.
+    sub = keep_linears_as_stored(model, sub, dtype)
     try:
         return _assign_mixed(model, sub, f"T5 text encoder ({what})")
     except CheckpointError as exc:
@@ -187,14 +188,15 @@ def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
             state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
                      for k, v in state.items()}
         transformer = build_transformer(state, name, dtype)
-    from nodes.runtime.fp8 import fp8_bytes
+    from nodes.runtime.fp8 import fp8_bytes, kept_as_stored
 
     stored_fp8 = fp8_bytes(transformer) > 0
+    kept = kept_as_stored(transformer)
     return Loaded(family=family, scheduler_config=_sched(family), latent=family.latent,
                   modules={"unet": transformer},
                   info={"format": "unet", "prediction_type": "flow", "fp8": stored_fp8,
                         "prediction_reason": "flow matching (FLUX)" +
-                        (", fp8 weights kept fp8" if stored_fp8 else "")})
+                        (f", {kept} weights kept {kept} and cast per layer" if kept else "")})
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -5,7 +5,9 @@ FLUX's transformer is 12 B parameters: 24 GB in bf16, 12 GB as ``float8_e4m3fn``
 GPU and on the CPU) and casts each linear layer's weight to the compute dtype
 (bf16/fp16 on a GPU, fp32 on a CPU) only while that layer runs, so the full-size
 copy never exists. Only ``nn.Linear`` weights stay fp8 (they are >99 % of the
-bytes); norms, embeddings and biases are cast once at load. LoRAs on such layers run
+bytes); norms, embeddings and biases are cast once at load. The same holds for any
+linear weight stored narrower than the compute dtype (bf16 FLUX or fp16 T5 files on a
+CPU computing in fp32; :func:`held_dtype` is the rule). LoRAs on such layers run
 beside the weight (low rank, in the compute dtype) instead of being added into it.
 The same layer classes serve a model paged to disk (nodes.runtime.offload), with run-time
 patched convolutions and norms beside CastLinear (``as_run_time_patched``).
@@ -145,16 +147,24 @@ def as_run_time_patched(module: Any) -> bool:
     return cls is not None
 
 
-def keep_fp8_linears(module: Any, state: dict[str, Any], compute_dtype: Any, narrow: bool = False) -> dict[str, Any]:
-    """Prepare ``state`` for ``module``: fp8 weights of linear layers stay fp8 (their layers
-    cast per call), every other float tensor goes to ``compute_dtype``. Returns the new state.
+def held_dtype(stored: Any, compute: Any, linear_weight: bool) -> Any:
+    """The one rule of what a loaded tensor is held as. A linear layer's weight stays as stored when
+    that is fp8 or any float narrower than the compute dtype (a bf16 FLUX or fp16 T5-XXL file run in
+    fp32 on a CPU: half the memory), its layer casting it per call, which gives the very values an
+    upcast at load would, so only memory changes. Every other float goes to the compute dtype; the
+    rest stays as stored. The header-based sizes (nodes.checkpoint.flux_blocks.held_bytes) use it too."""
+    if not stored.is_floating_point:
+        return stored
+    if linear_weight and (str(stored).replace("torch.", "") in FP8_DTYPES or stored.itemsize < compute.itemsize):
+        return stored
+    return compute
 
-    ``narrow``: any linear weight stored narrower than the compute dtype stays as stored too (a
-    T5-XXL file in fp16 or bf16 run in fp32 on a CPU: 9.5 GB instead of 19). Casting per call gives
-    the very values an upcast at load would, so only memory changes. Layers the model keeps in
-    full precision (transformers' ``_keep_in_fp32_modules``: T5's ``wo``, before which T5 casts
-    its activations to that weight's dtype) go to the compute dtype whatever they were stored in.
-    """
+
+def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: Any) -> dict[str, Any]:
+    """Prepare ``state`` for ``module`` by :func:`held_dtype`: linear weights kept as stored make their
+    layers CastLinear. Layers the model keeps in full precision (transformers' ``_keep_in_fp32_modules``:
+    T5's ``wo``, before which T5 casts its activations to that weight's dtype) go to the compute dtype
+    whatever they were stored in. Returns the new state."""
     global _CAST
     import torch
 
@@ -163,19 +173,15 @@ def keep_fp8_linears(module: Any, state: dict[str, Any], compute_dtype: Any, nar
     full = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     linears = {name for name, m in module.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in full}
-    width = torch.empty((), dtype=compute_dtype).element_size()
     out = {}
     for k, v in state.items():
         owner = k.rsplit(".", 1)[0]
-        kept = v.is_floating_point() and (is_fp8(v) or narrow and v.element_size() < width)
-        if kept and k.endswith(".weight") and owner in linears:
+        held = held_dtype(v.dtype, compute_dtype, k.endswith(".weight") and owner in linears)
+        if held == v.dtype and held != compute_dtype and v.is_floating_point():
             out[k] = v
-            sub = module.get_submodule(owner)
-            sub.__class__ = _CAST
-        elif v.is_floating_point():
-            out[k] = v.to(compute_dtype)
+            module.get_submodule(owner).__class__ = _CAST
         else:
-            out[k] = v
+            out[k] = v.to(held)
     module.kiln_compute_dtype = compute_dtype
     return out
 
@@ -187,13 +193,22 @@ def stored_apart(p: Any, module: Any) -> bool:
     return is_fp8(p) or (p.is_floating_point() and p.dtype != compute_dtype(module))
 
 
+def kept_as_stored(module: Any) -> str:
+    """The dtype names (e.g. "fp8", "bf16") of the linear weights ``module`` holds apart from its compute
+    dtype, joined; "" when none, for the loader's message."""
+    names = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
+    found = {names.get(str(p.dtype).replace("torch.", ""), str(p.dtype)) for p in module.parameters()
+             if stored_apart(p, module)}
+    return "/".join(sorted(found))
+
+
 def fp8_bytes(module: Any) -> int:
     """Bytes of a module's parameters held in fp8."""
     return sum(p.numel() for p in module.parameters() if is_fp8(p))
 
 
 def compute_dtype(module: Any) -> Any:
-    """The dtype a module computes in: the one :func:`keep_fp8_linears` was given, else its first
+    """The dtype a module computes in: the one :func:`keep_linears_as_stored` was given, else its first
     parameter that is not fp8 (diffusers' ``.dtype`` reports the first parameter's, which for an fp8
     file is the storage dtype)."""
     if getattr(module, "kiln_compute_dtype", None) is not None:

@@ -1,7 +1,8 @@
-"""T5-XXL as the file stores it: 4.7 B parameters are 19 GB in fp32, so a CPU host computing in fp32
-keeps the linear weights of a fp16, bf16 or fp8 T5 file in that dtype and casts each per call.
+"""Linear weights held as the file stores them (nodes.runtime.fp8.held_dtype). T5-XXL's 4.7 B parameters
+are 19 GB in fp32 and FLUX's 12 B are 48 GB, so a CPU host computing in fp32 keeps the linear weights
+of a fp16, bf16 or fp8 file in that dtype and casts each per call.
 
-The encoding must be the one of the model upcast whole at load, bit for bit (casting per call gives
+The result must be the one of the model upcast whole at load, bit for bit (casting per call gives
 the same values), the bytes held must shrink by what the narrower storage saves, T5's ``wo`` (before
 which T5 casts its activations to that weight's dtype) must be held in the compute dtype, and a LoRA
 on the kept layers must equal the LoRA on the upcast model: it runs beside the weight, since adding it
@@ -43,7 +44,11 @@ def root(tmp_path_factory) -> Path:
     for name, dtype in STORED.items():
         tiny_flux._save(root / "text_encoders" / f"t5-{name}.safetensors", _stored(base, dtype))
     tiny_flux._save(root / "text_encoders" / "clip_l.safetensors", tiny_flux.clip_l_state())
-    tiny_flux._save(root / "diffusion_models" / "flux.safetensors", tiny_flux.bfl_transformer("dev"))
+    bfl = tiny_flux.bfl_transformer("dev")
+    tiny_flux._save(root / "diffusion_models" / "flux.safetensors", bfl)
+    tiny_flux._save(root / "diffusion_models" / "flux-bf16.safetensors", {k: v.bfloat16() for k, v in bfl.items()})
+    tiny_flux._save(root / "diffusion_models" / "flux-bf16-upcast.safetensors",
+                    {k: v.bfloat16().float() for k, v in bfl.items()})
     g = torch.Generator().manual_seed(7)
     wi, wo = base["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"], base["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
     (root / "loras").mkdir()
@@ -131,3 +136,21 @@ def test_a_lora_on_a_narrow_t5_equals_it_on_the_upcast_model(root, tmp_path):
     with clip.encoder("text_encoder_2") as t5:  # the stored weights are as loaded afterwards
         assert all(torch.equal(v, stored[k]) for k, v in t5.state_dict().items())
         assert torch.equal(_encode(t5), plain)
+
+
+def test_a_bf16_flux_transformer_stays_bf16_on_the_cpu_and_samples_as_the_upcast_model(root, tmp_path):
+    """ComfyUI's flux1-dev.safetensors is bf16 (23.8 GB): upcast whole for the CPU it would take 48 GB."""
+    from lora_support import flux_sample
+
+    env = _env(root, tmp_path)
+    rec = Called()
+    (kept,) = call(split_loaders.unet_loader, env, rec, unet_name="flux-bf16.safetensors")
+    assert "bf16 weights kept bf16 and cast per layer" in rec.messages[0], rec.messages
+    (upcast,) = call(split_loaders.unet_loader, env, unet_name="flux-bf16-upcast.safetensors")
+    with kept.unet() as net, upcast.unet() as ref:
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+        assert net.x_embedder.weight.dtype == torch.bfloat16 and net.x_embedder.bias.dtype == torch.float32
+        assert net.transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32
+        held = sum(p.numel() * p.element_size() for p in net.parameters())
+        assert held < 0.6 * sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert torch.equal(flux_sample(env, kept), flux_sample(env, upcast))
