@@ -98,6 +98,8 @@ def test_a_narrow_t5_file_stays_narrow_and_encodes_as_the_upcast_model(root, tmp
         assert all(layer.weight.dtype == STORED[name] for layer in kept), [layer.weight.dtype for layer in kept]
         assert block.layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # T5 casts its input to wo's dtype
         assert t5.shared.weight.dtype == torch.float32 and block.layer[0].layer_norm.weight.dtype == torch.float32
+        # the embedding tied under two names is one upcast copy (0.5 GB for T5-XXL), not two
+        assert t5.shared.weight.data_ptr() == t5.encoder.embed_tokens.weight.data_ptr()
         held = sum(p.numel() * p.element_size() for p in t5.parameters())
         full = sum(p.numel() * 4 for p in t5.parameters())
         narrow = sum(m.weight.numel() for m in t5.modules()
@@ -154,3 +156,24 @@ def test_a_bf16_flux_transformer_stays_bf16_on_the_cpu_and_samples_as_the_upcast
         held = sum(p.numel() * p.element_size() for p in net.parameters())
         assert held < 0.6 * sum(p.numel() * p.element_size() for p in ref.parameters())
     assert torch.equal(flux_sample(env, kept), flux_sample(env, upcast))
+
+
+def test_the_size_a_flux_checkpoint_reports_before_building_counts_its_t5_as_held(tmp_path):
+    """An all-in-one FLUX file with a fp16 T5: the bytes of the load's other modules, asked before the
+    transformer is built, are those the built CLIP-L, T5 and VAE hold (T5's linears in fp16)."""
+    from nodes.checkpoint.load import load_checkpoint
+    from nodes.runtime.models import _module_bytes
+
+    aio = {"model.diffusion_model." + k: v for k, v in tiny_flux.bfl_transformer("dev").items()}
+    aio.update({"text_encoders.clip_l.transformer." + k: v for k, v in tiny_flux.clip_l_state().items()})
+    aio.update({"text_encoders.t5xxl.transformer." + k: v for k, v in _stored(tiny_flux.t5_state(), torch.float16).items()})
+    aio.update({"vae." + k: v for k, v in tiny_flux.vae_state().items()})
+    path = tiny_flux._save(tmp_path / "flux-aio.safetensors", aio)
+    asked = []
+    loaded = load_checkpoint(path, torch.float32, offload=lambda n, b: asked.append(b))
+    others = sum(_module_bytes(loaded.modules[name]) for name in ("text_encoder", "text_encoder_2", "vae"))
+    t5 = loaded.modules["text_encoder_2"]
+    assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16  # not vacuous
+    assert len(asked) == 1 and abs(asked[0] - others) <= 1024, (asked, others)  # CLIP-L's position ids: no file tensor
+    upcast = sum(v.numel() * 4 for k, v in aio.items() if not k.startswith("model.diffusion_model."))
+    assert upcast - others > 16 * 1024  # not vacuous: counted upcast, the T5 is 32 KB more

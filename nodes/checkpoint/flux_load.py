@@ -78,11 +78,11 @@ def _assign_mixed(module: Any, state: dict[str, Any], what: str) -> Any:
     return module
 
 
-def build_t5(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
-    """T5EncoderModel from transformers-layout keys under ``prefix`` (config from the shapes)."""
+def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:
+    """An uninitialised T5EncoderModel (accelerate's empty weights) configured from the shapes of the
+    transformers-layout tensors ``sub``."""
     from transformers import T5Config, T5EncoderModel
 
-    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
     try:
         d_ff, d_model = sub["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape
         vocab = sub.get("shared.weight", sub.get("encoder.embed_tokens.weight")).shape[0]
@@ -94,22 +94,49 @@ def build_t5(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
     config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
                       num_heads=heads, relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
                       is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-    model = _empty(T5EncoderModel, config)
+    return _empty(T5EncoderModel, config)
+
+
+def _t5_state(model: Any, sub: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """The file's T5 tensors as ``model`` holds them: the tied embedding under both names it may
+    have, and the linear weights as stored (nodes.runtime.fp8.keep_linears_as_stored). T5-XXL is
+    4.7 B parameters, 19 GB in fp32: kept as a fp16/fp8 file stores them, a CPU host computing in
+    fp32 holds 8-12 GB of it."""
+    from nodes.runtime.fp8 import keep_linears_as_stored
+
     own = model.state_dict()
     if "shared.weight" not in sub:
         sub["shared.weight"] = sub["encoder.embed_tokens.weight"]
     if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sub:
         sub["encoder.embed_tokens.weight"] = sub["shared.weight"]
     sub = {k: v for k, v in sub.items() if k in own or not k.endswith("embed_tokens.weight")}
-    from nodes.runtime.fp8 import keep_linears_as_stored
+    return keep_linears_as_stored(model, sub, dtype)
 
-    # T5-XXL is 4.7 B parameters, 19 GB in fp32: its linear weights stay as the file stores them
-    # (fp8, fp16, bf16), each cast per call, so a CPU host computing in fp32 holds 8-12 GB of it.
-    sub = keep_linears_as_stored(model, sub, dtype)
+
+def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> Any:
+    """T5EncoderModel from transformers-layout keys under ``prefix`` (config from the shapes)."""
+    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
+    model = _t5_skeleton(sub, what)
     try:
-        return _assign_mixed(model, sub, f"T5 text encoder ({what})")
+        return _assign_mixed(model, _t5_state(model, sub, dtype), f"T5 text encoder ({what})")
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
+
+
+def t5_held_bytes(state: Mapping[str, Any], prefix: str, dtype: Any) -> int:
+    """Bytes :func:`build_t5` will hold, from the header alone (tensors on the meta device through the
+    same rule), for the model manager's plan before anything is read."""
+    import torch
+
+    from nodes.checkpoint.tensors import dtypes_of, shapes_of
+
+    shapes, dtypes = shapes_of(state), dtypes_of(state)
+    sub = {k[len(prefix):]: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in shapes if k.startswith(prefix)}
+    with torch.device("meta"):
+        model = _t5_skeleton(sub, prefix)
+    held = _t5_state(model, sub, dtype)
+    tied = {"encoder.embed_tokens.weight"} if "shared.weight" in held else set()
+    return sum(v.numel() * v.element_size() for k, v in held.items() if k not in tied)
 
 
 def build_vae(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
@@ -226,7 +253,8 @@ def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk 
     from nodes.checkpoint.flux_blocks import strip_prefix
 
     family = family_of({k[len(fam.UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(fam.UNET_PREFIX)})
-    besides = sum(_numel(s) for k, s in shapes.items() if not k.startswith(fam.UNET_PREFIX)) * dtype.itemsize
+    besides = t5_held_bytes(state, fam.T5_PREFIX, dtype) + dtype.itemsize * sum(
+        _numel(s) for k, s in shapes.items() if not k.startswith((fam.UNET_PREFIX, fam.T5_PREFIX)))
     transformer = _straight_into_blocks(strip_prefix(state, fam.UNET_PREFIX), name, dtype, "", offload, besides)
     if transformer is None:
         transformer = build_transformer(plain({k: state[k] for k in state if k.startswith(fam.UNET_PREFIX)}),

@@ -173,7 +173,7 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
     full = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     linears = {name for name, m in module.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in full}
-    out = {}
+    out, cast = {}, {}  # cast: one converted copy per file tensor, so tied weights stay one tensor
     for k, v in state.items():
         owner = k.rsplit(".", 1)[0]
         held = held_dtype(v.dtype, compute_dtype, k.endswith(".weight") and owner in linears)
@@ -181,7 +181,7 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
             out[k] = v
             module.get_submodule(owner).__class__ = _CAST
         else:
-            out[k] = v.to(held)
+            out[k] = cast.setdefault(id(v), v.to(held))
     module.kiln_compute_dtype = compute_dtype
     return out
 

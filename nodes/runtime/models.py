@@ -105,7 +105,15 @@ def _modules(value: Any) -> dict[str, Any]:
 
 
 def _module_bytes(module: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    """Bytes of a module's parameters and buffers, a tensor tied under two names (T5's embedding as
+    ``shared`` and ``encoder.embed_tokens``) counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = id(t) if t.device.type == "meta" else (t.device, t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _held_bytes(module: Any) -> int:
