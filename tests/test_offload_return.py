@@ -21,6 +21,7 @@ from nodes.runtime import offload
 from nodes.runtime.models import ModelManager, _module_bytes
 from test_flux_lora import flux_lora_root  # noqa: F401 (a fixture)
 from test_offload import FLUX, _env, _img2img, _sd1_job, _write_sd1_conv_loras, whole  # noqa: F401 (a fixture)
+from test_offload_load import _forward, deep_root  # noqa: F401 (a fixture)
 
 LORA = "flux-bfl.safetensors"
 
@@ -107,7 +108,11 @@ def test_the_placement_stays_while_another_job_runs_the_model(flux_lora_root, tm
     env.models.offload_mode = "on"  # the rule again, the other way: forced block by block at the next use
     with model.unet() as net:
         assert offload.offloaded(net).paged and any(Path(offload.offloaded(net).folder).iterdir())
+        again = offload.offloaded(net).folder
     assert env.models.counters == {**env.models.counters, "block_offloads": 2, "made_whole": 1}
+    env.models.offload_mode = "auto"  # and back: whole, the second folder gone too
+    with model.unet() as net:
+        assert _is_whole(net) and not Path(again).exists() and env.models.counters["made_whole"] == 2
 
 
 def test_forced_offloading_never_returns_whole(flux_lora_root, tmp_path):
@@ -117,6 +122,29 @@ def test_forced_offloading_never_returns_whole(flux_lora_root, tmp_path):
         with model.unet() as net:
             assert offload.offloaded(net).paged
     assert not env.models.counters.get("made_whole")
+
+
+def test_fp8_weights_stay_fp8_when_a_paged_model_returns_whole(deep_root, tmp_path):
+    from nodes.checkpoint.split import load_unet_file
+
+    name = "deep-flux-fp8.safetensors"
+    reference = load_unet_file(deep_root / "diffusion_models" / name, torch.float32).modules["unet"]
+    env = _env(deep_root, tmp_path, "data", cpu_budget_bytes=1024)  # the fp8 file is small
+    (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+    assert offload.offloaded(model.peek()).paged
+    env.models.cpu_budget_bytes = 1 << 34
+    with model.unet() as net:
+        assert offload.offloaded(net) is None and env.models.counters["made_whole"] == 1
+        ours = _forward(net)
+    q = net.transformer_blocks[0].attn.to_q
+    assert q.weight.dtype == torch.float8_e4m3fn and type(q).__name__ == "CastLinear"  # casts per call still
+    assert type(net.norm_out.linear) is type(reference.norm_out.linear)  # as the whole load has it
+    assert [type(m) for m in net.modules()] == [type(m) for m in reference.modules()]
+    base = reference.state_dict()
+    assert all(torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+                           base[k].view(torch.uint8) if base[k].dtype == torch.float8_e4m3fn else base[k])
+               for k, v in net.state_dict().items())
+    assert (ours - _forward(reference)).abs().max() <= 1e-5
 
 
 def test_an_sd1_unet_paged_with_a_conv_lora_runs_whole_with_it_after_the_budget_grows(tiny_models_dir, tmp_path):
