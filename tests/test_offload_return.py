@@ -61,6 +61,7 @@ def test_a_flux_model_paged_on_a_short_host_runs_whole_once_the_budget_grows(flu
     net = model.peek()
     assert _is_whole(net) and env.models.counters["made_whole"] == 1
     assert not Path(info.folder).exists()  # the block files left with the placement
+    assert info.folder not in Path("/proc/self/maps").read_text()  # and no weight still maps one (disk freed)
     assert all(p.device.type == "cpu" for p in net.parameters())
     assert env.models.stats()["bytes"] == _module_bytes(net)  # counted in RAM again
     assert (with_lora - whole["lora"]).abs().max() <= 1e-5

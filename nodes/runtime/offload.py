@@ -179,6 +179,11 @@ def make_whole(module: Any) -> None:
     for group in groups.values():
         group.onload_device = torch.device("cpu")  # the values to CPU memory, whatever the compute device
         group.onload_()
+        if info.paged:
+            # diffusers reads a block file through a memory map: the values get memory of their own, or the
+            # deleted files would keep their disk space (and the weights be paged in from it)
+            for t in _tensors(group):
+                t.data = t.data.clone()
     HookRegistry.check_if_exists_or_initialize(module).remove_hook("group_offloading", recurse=True)
     for m in set(hooked) | {module}:
         if not m._diffusers_hook.hooks:
@@ -195,6 +200,12 @@ def make_whole(module: Any) -> None:
         if removal is not None:
             removal()
     del module.kiln_offload
+
+
+def _tensors(group: Any) -> list[Any]:
+    """The parameters and buffers one diffusers ModuleGroup brings in and sends back."""
+    out = [t for m in group.modules for t in (*m.parameters(), *m.buffers())]
+    return out + list(group.parameters) + list(group.buffers)
 
 
 def _lists(module: Any) -> list[tuple[str, Any]]:
