@@ -1,20 +1,23 @@
 """What a denoiser gains by going back whole once it fits again (ModelManager._fit_denoiser).
 
     PYTHONPATH=. python bench/offload_return.py                  # 4 double + 8 single blocks, width 1024
+    PYTHONPATH=. python bench/offload_return.py --cold           # block files evicted from the page cache
     PYTHONPATH=. python bench/offload_return.py --double 2 --single 4 --heads 24   # full width, fewer blocks
 
 A FLUX-shaped transformer (random weights, fp32, on the CPU) is handed to a ModelManager whose RAM
 budget is too small, so its first use pages it to disk block by block; timed forwards follow. The
 budget is then raised: the next use brings it back whole (timed: reading every block file back,
-removing the hooks, deleting the folder), and the same forwards are timed again. Reports one JSON
-line: weights, seconds per forward paged and whole (median of the timed runs after one warm-up),
-their ratio, and the switch's seconds. Block files sit in the page cache here (just written), so
-this is the paged path's best case; a cold disk only widens the gap.
+removing the hooks, deleting the folder), and the same forwards are timed again; then lowered again
+(timed: writing the block files), for ``--rounds`` interleaved rounds. Reports one JSON line:
+weights, seconds per forward paged and whole per round (median of the timed runs after one
+warm-up), the median ratio, and the switches' seconds. Without ``--cold`` the block files sit in the page cache (just
+written): the paged path's best case, where diffusers' memory-mapped reads cost little on a CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,10 +35,29 @@ def _forward(net, tokens: int, text: int, width: int):
                    return_dict=False)[0]
 
 
-def _timed(manager, key, loader, runs: int, tokens: int, text: int, width: int) -> tuple[float, object]:
+def _drop_cached(folder: str | None) -> None:
+    """Evict the block files from the page cache (only these files: the kernel does the same under the
+    memory pressure that paged the model), so the next forward reads them from the disk."""
+    if folder is None:
+        return
+    for path in Path(folder).iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _timed(manager, key, loader, runs: int, tokens: int, text: int, width: int,
+           cold: bool = False) -> tuple[float, object]:
+    from nodes.runtime import offload
+
     times, out = [], None
     with manager.use(key, "unet", loader) as net:
         for i in range(runs + 1):
+            if cold:
+                _drop_cached(getattr(offload.offloaded(net), "folder", None))
             start = time.perf_counter()
             out = _forward(net, tokens, text, width)
             if i:
@@ -49,7 +71,10 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8, help="attention heads of width 128 (24: FLUX's 3072)")
     parser.add_argument("--tokens", type=int, default=256, help="image tokens (256: a 256x256 image)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2, help="timed forwards per placement and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="evict the block files from the page cache before "
+                        "each paged forward (as memory pressure would)")
     args = parser.parse_args()
 
     import torch
@@ -70,18 +95,31 @@ def main() -> None:
     def loader(_):
         return {"unet": net}
 
-    paged, out_paged = _timed(manager, key, loader, args.runs, args.tokens, 64, width)
-    folder = offload.offloaded(net).folder
-    manager.cpu_budget_bytes = size * 4
-    start = time.perf_counter()
-    with manager.use(key, "unet", loader):
-        switch = time.perf_counter() - start
-    whole, out_whole = _timed(manager, key, loader, args.runs, args.tokens, 64, width)
-    print(json.dumps({"weights_gb": round(size / 1e9, 3), "blocks": args.double + args.single,
-                      "paged_s_per_forward": round(paged, 3), "whole_s_per_forward": round(whole, 3),
-                      "paged_over_whole": round(paged / whole, 2), "switch_s": round(switch, 3),
-                      "made_whole": manager.counters["made_whole"], "folder_left": Path(folder).exists(),
-                      "max_abs_diff": float((out_paged - out_whole).abs().max())}))
+    # interleaved rounds (paged, then whole), so a shared host's changing load hits both alike
+    paged, whole, to_whole, to_paged, diffs, folders = [], [], [], [], [], []
+    for _ in range(args.rounds):
+        manager.cpu_budget_bytes = size // 2
+        start = time.perf_counter()
+        with manager.use(key, "unet", loader):
+            to_paged.append(time.perf_counter() - start)  # the first round includes nothing else either
+        folders.append(offload.offloaded(net).folder)
+        t, out_paged = _timed(manager, key, loader, args.runs, args.tokens, 64, width, cold=args.cold)
+        paged.append(t)
+        manager.cpu_budget_bytes = size * 4
+        start = time.perf_counter()
+        with manager.use(key, "unet", loader):
+            to_whole.append(time.perf_counter() - start)
+        t, out_whole = _timed(manager, key, loader, args.runs, args.tokens, 64, width)
+        whole.append(t)
+        diffs.append(float((out_paged - out_whole).abs().max()))
+    med = statistics.median
+    print(json.dumps({"cold": args.cold, "weights_gb": round(size / 1e9, 3), "blocks": args.double + args.single, "rounds": args.rounds,
+                      "paged_s_per_forward": [round(t, 3) for t in paged],
+                      "whole_s_per_forward": [round(t, 3) for t in whole],
+                      "paged_over_whole_median": round(med(p / w for p, w in zip(paged, whole)), 2),
+                      "to_paged_s_median": round(med(to_paged), 3), "to_whole_s_median": round(med(to_whole), 3),
+                      "made_whole": manager.counters["made_whole"],
+                      "folders_left": sum(Path(f).exists() for f in folders), "max_abs_diff": max(diffs)}))
 
 
 if __name__ == "__main__":
