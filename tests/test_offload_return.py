@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from engine.context import Environment, Paths
 from node_call import call
-from nodes import split_loaders
+from nodes import lora, split_loaders
 from nodes.runtime import offload
 from nodes.runtime.models import ModelManager, _module_bytes
 from test_flux_lora import flux_lora_root  # noqa: F401 (a fixture)
@@ -51,13 +50,14 @@ def test_a_flux_model_paged_on_a_short_host_runs_whole_once_the_budget_grows(flu
     net = model.peek()
     info = offload.offloaded(net)
     assert info is not None and info.paged and Path(info.folder).is_dir()
-    # a LoRA while paged (run beside the placeholders), as before
-    assert (_img2img(env, model, lora_name=LORA) - whole["lora"]).abs().max() <= 1e-5
+    (lora_model,) = call(lora.lora_loader_model_only, env, model=model, lora_name=LORA, strength_model=1.0)
+    # the LoRA while paged (run beside the placeholders), as before
+    assert (_img2img(env, lora_model) - whole["lora"]).abs().max() <= 1e-5
     assert offload.offloaded(model.peek()) is info and not env.models.counters.get("made_whole")  # still short
     assert env.models.stats()["bytes"] == 0
 
     env.models.cpu_budget_bytes = 1 << 34  # memory freed: the next job finds room for the whole model
-    with_lora = _img2img(env, model, lora_name=LORA)  # the same LoRA handle, now patched in place
+    with_lora = _img2img(env, lora_model)  # the same LoRA'd handle, now patched into the whole weights in place
     net = model.peek()
     assert _is_whole(net) and env.models.counters["made_whole"] == 1
     assert not Path(info.folder).exists()  # the block files left with the placement
@@ -110,7 +110,7 @@ def test_the_placement_stays_while_another_job_runs_the_model(flux_lora_root, tm
     with model.unet() as net:
         assert offload.offloaded(net).paged and any(Path(offload.offloaded(net).folder).iterdir())
         again = offload.offloaded(net).folder
-    assert env.models.counters == {**env.models.counters, "block_offloads": 2, "made_whole": 1}
+    assert (env.models.counters["block_offloads"], env.models.counters["made_whole"]) == (2, 1)
     env.models.offload_mode = "auto"  # and back: whole, the second folder gone too
     with model.unet() as net:
         assert _is_whole(net) and not Path(again).exists() and env.models.counters["made_whole"] == 2
@@ -163,11 +163,13 @@ def test_an_sd1_unet_paged_with_a_conv_lora_runs_whole_with_it_after_the_budget_
 
     env = _env(tiny_models_dir, tmp_path, "paged", cpu_budget_bytes=1 << 20)
     (model, _, _) = call(checkpoint_loader, env, ckpt_name=ckpt)
-    assert (_sd1_job(env, model, "offload-locon.safetensors") - expected["lora"]).abs().max() <= 1e-5
+    (lora_model,) = call(lora.lora_loader_model_only, env, model=model, lora_name="offload-locon.safetensors",
+                         strength_model=0.8)  # _sd1_job's strength
+    assert (_sd1_job(env, lora_model) - expected["lora"]).abs().max() <= 1e-5
     unet = model.peek()
     assert offload.offloaded(unet).paged and type(unet.down_blocks[0].resnets[0].conv1).__name__ == "CastConv2d"
     env.models.cpu_budget_bytes = 1 << 34
-    with_lora = _sd1_job(env, model, "offload-locon.safetensors")
+    with_lora = _sd1_job(env, lora_model)  # the same LoRA'd handle across the switch
     assert _is_whole(unet) and type(unet.down_blocks[0].resnets[0].conv1) is torch.nn.Conv2d
     assert (with_lora - expected["lora"]).abs().max() <= 1e-5
     assert (with_lora - expected["plain"]).abs().max() > 1e-3
