@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+
+import tiny_flux
 
 from engine.context import Environment, Paths
 from node_call import call
@@ -20,7 +23,7 @@ from nodes.runtime import offload
 from nodes.runtime.models import ModelManager, _module_bytes
 from test_flux_lora import flux_lora_root  # noqa: F401 (a fixture)
 from test_offload import FLUX, _env, _img2img, _sd1_job, _write_sd1_conv_loras, whole  # noqa: F401 (a fixture)
-from test_offload_load import _forward, deep_root  # noqa: F401 (a fixture)
+from test_offload_load import DEEP, _forward, deep_root  # noqa: F401 (a fixture)
 
 LORA = "flux-bfl.safetensors"
 
@@ -125,12 +128,21 @@ def test_forced_offloading_never_returns_whole(flux_lora_root, tmp_path):
     assert not env.models.counters.get("made_whole")
 
 
-def test_fp8_weights_stay_fp8_when_a_paged_model_returns_whole(deep_root, tmp_path):
+@pytest.mark.parametrize("name,stored", [("deep-flux-fp8.safetensors", torch.float8_e4m3fn),
+                                         ("deep-flux-bf16.safetensors", torch.bfloat16)])
+def test_linears_held_as_stored_stay_so_when_a_paged_model_returns_whole(deep_root, tmp_path, name, stored):
+    """fp8 and bf16 linear weights are held as stored on this fp32 host (fp8.held_dtype), their layers
+    CastLinear: back whole, they stay so, exactly as a whole load holds them."""
+    from safetensors.torch import load_file
+
     from nodes.checkpoint.split import load_unet_file
 
-    name = "deep-flux-fp8.safetensors"
-    reference = load_unet_file(deep_root / "diffusion_models" / name, torch.float32).modules["unet"]
-    env = _env(deep_root, tmp_path, "data", cpu_budget_bytes=1024)  # the fp8 file is small
+    path = deep_root / "diffusion_models" / name
+    if not path.exists():
+        bf16 = {k: v.to(torch.bfloat16) for k, v in load_file(deep_root / "diffusion_models" / DEEP).items()}
+        tiny_flux._save(path, bf16)
+    reference = load_unet_file(path, torch.float32).modules["unet"]
+    env = _env(deep_root, tmp_path, "data", cpu_budget_bytes=1024)  # the file is small
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     assert offload.offloaded(model.peek()).paged
     env.models.cpu_budget_bytes = 1 << 34
@@ -138,13 +150,15 @@ def test_fp8_weights_stay_fp8_when_a_paged_model_returns_whole(deep_root, tmp_pa
         assert offload.offloaded(net) is None and env.models.counters["made_whole"] == 1
         ours = _forward(net)
     q = net.transformer_blocks[0].attn.to_q
-    assert q.weight.dtype == torch.float8_e4m3fn and type(q).__name__ == "CastLinear"  # casts per call still
-    assert type(net.norm_out.linear) is type(reference.norm_out.linear)  # as the whole load has it
+    assert q.weight.dtype == stored and type(q).__name__ == "CastLinear"  # casts per call still
+    assert type(net.norm_out.linear) is type(reference.norm_out.linear)
     assert [type(m) for m in net.modules()] == [type(m) for m in reference.modules()]
     base = reference.state_dict()
-    assert all(torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
-                           base[k].view(torch.uint8) if base[k].dtype == torch.float8_e4m3fn else base[k])
-               for k, v in net.state_dict().items())
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    assert all(v.dtype == base[k].dtype and torch.equal(raw(v), raw(base[k])) for k, v in net.state_dict().items())
     assert (ours - _forward(reference)).abs().max() <= 1e-5
 
 
