@@ -192,6 +192,21 @@ def test_an_sd1_unet_paged_with_a_conv_lora_runs_whole_with_it_after_the_budget_
     assert all(torch.equal(after[k], base[k]) for k in base)  # the base exactly, LoRA taken out
 
 
+def test_the_compile_note_follows_the_placement_the_next_use_will_make(tiny_models_dir, tmp_path):
+    """--compile on: a denoiser that stays paged runs eagerly (no note); once it fits, the next use
+    makes it whole and compiles it, so the node says so beforehand. Nothing is run (no compile here)."""
+    import tiny_models
+    from nodes.loaders import checkpoint_loader
+
+    env = _env(tiny_models_dir, tmp_path, "data", compile_mode="on", cpu_budget_bytes=1 << 20)
+    (model, _, _) = call(checkpoint_loader, env, ckpt_name=tiny_models.checkpoint_name("sd1"))
+    assert offload.offloaded(model.peek()).paged and model.compile_note() is None
+    env.models.cpu_budget_bytes = 1 << 34
+    note = model.compile_note()
+    assert note and "compiling the denoiser" in note
+    assert offload.offloaded(model.peek()).paged  # asking placed nothing
+
+
 class _OnDevice(torch.nn.Linear):
     """An idle module "on the GPU" without a GPU: it lives on the meta device, and leaving it
     (ModelManager._make_room's ``.to("cpu")``) gives it empty CPU storage of the same size."""

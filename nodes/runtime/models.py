@@ -342,14 +342,12 @@ class ModelManager:
         from nodes.runtime import offload
 
         info = offload.offloaded(module)
-        if info is None and self.is_gpu and _module_device(module) != "cpu":
-            return False  # already whole on the device
         if entry.in_use.get(DENOISER, 0) > 1:
             return info is not None
-        nbytes = _module_bytes(module)  # a paged module's placeholders have its full shapes and dtypes
-        plan = self.offload_plan(nbytes, sum(e.nbytes for e in self._entries.values()) - _held_bytes(module))
+        plan = self._denoiser_plan(module)
         if (plan is None) == (info is None):
             return info is not None
+        nbytes = _module_bytes(module)
         if plan is not None:
             offload.offload_blocks(module, plan.onload, plan.rest, plan.note, plan.folder_root)
             if plan.rest == "disk":
@@ -361,6 +359,17 @@ class ModelManager:
             entry.nbytes += nbytes  # held in RAM again
         self.counters["made_whole"] += 1
         return False
+
+    def _denoiser_plan(self, module: Any) -> Any:
+        """:meth:`offload_plan` for a denoiser already held (None when it is whole on the device: nothing
+        to decide): its own bytes (a paged module's placeholders have its full shapes and dtypes), every
+        other module held besides it."""
+        from nodes.runtime.offload import offloaded
+
+        if offloaded(module) is None and self.is_gpu and _module_device(module) != "cpu":
+            return None
+        return self.offload_plan(_module_bytes(module),
+                                 sum(e.nbytes for e in self._entries.values()) - _held_bytes(module))
 
     # -- compiled mode -------------------------------------------------------------------
 
@@ -377,12 +386,15 @@ class ModelManager:
             return None
         from nodes.runtime.compiled import EXPECTED_WAIT, TARGETS, is_compiled
 
+        from nodes.runtime.offload import offloaded
+
         with self._lock:
             entry = self._entries.get(key)
             module = entry.modules.get(name) if entry is not None else None
-        from nodes.runtime.offload import offloaded
-
-        if name not in TARGETS or (module is not None and (is_compiled(module, name) or offloaded(module))):
+            in_blocks = module is not None and (
+                offloaded(module) is not None if name != DENOISER or entry.in_use.get(name)
+                else self._denoiser_plan(module) is not None)  # how the next use will place it
+        if name not in TARGETS or (module is not None and (is_compiled(module, name) or in_blocks)):
             return None  # an offloaded denoiser runs eagerly, block by block
         what = {"unet": "the denoiser", "vae": "the VAE decoder"}.get(name, name)
         wait = EXPECTED_WAIT["cuda" if self.device.startswith("cuda") else "cpu"]
