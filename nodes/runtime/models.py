@@ -385,7 +385,6 @@ class ModelManager:
         if not self.compiles():
             return None
         from nodes.runtime.compiled import EXPECTED_WAIT, TARGETS, is_compiled
-
         from nodes.runtime.offload import offloaded
 
         with self._lock:

@@ -158,15 +158,14 @@ def make_whole(module: Any) -> None:
     """Undo :func:`offload_blocks`: ``module`` is whole in CPU memory again, as if never offloaded
     (the model manager calls this when it fits again, ModelManager._fit_denoiser).
 
-    Each of diffusers' groups is brought in once to the CPU (from its block file when paged: the
-    values come back; from CPU memory it is a no-op), then the hooks are removed, the layers
+    When paged, each of diffusers' groups is read back once from its block file (resting in CPU
+    memory, the values are already there), then the hooks are removed, the layers
     :func:`prepare_paged` changed go back to their torch classes (fp8.as_plain), so LoRAs are
     patched in place again, and the block folder is deleted now rather than when the module dies:
     kept, it would duplicate the whole model on disk while the RAM holds it, and if memory runs
     short again the files are simply written again from the (unchanged: patches are always
     restored exactly) weights, as on the first offload. Must not run while the module computes.
     """
-    import torch
     from diffusers.hooks import HookRegistry
 
     info = module.kiln_offload
@@ -176,14 +175,12 @@ def make_whole(module: Any) -> None:
         hook = m._diffusers_hook.get_hook("group_offloading")
         if hook is not None:
             groups[id(hook.group)] = hook.group
-    for group in groups.values():
-        group.onload_device = torch.device("cpu")  # the values to CPU memory, whatever the compute device
-        group.onload_()
-        if info.paged:
-            # diffusers reads a block file through a memory map: the values get memory of their own, or the
-            # deleted files would keep their disk space (and the weights be paged in from it)
-            for t in _tensors(group):
-                t.data = t.data.clone()
+    for group in groups.values() if info.paged else ():  # resting in CPU memory, the values are there already
+        group.onload_()  # from its file to where it computes (a CPU host: only there are models paged)
+        # diffusers reads a block file through a memory map: the values get memory of their own, or the
+        # deleted files would keep their disk space (and the weights be paged in from it)
+        for t in _tensors(group):
+            t.data = t.data.clone()
     HookRegistry.check_if_exists_or_initialize(module).remove_hook("group_offloading", recurse=True)
     for m in set(hooked) | {module}:
         if not m._diffusers_hook.hooks:
