@@ -216,6 +216,31 @@ def test_flux_diffs_in_the_original_layout_equal_the_file_changed_by_hand(flux_r
     assert all(torch.equal(v, before[k]) for k, v in net_state(base).items())
 
 
+@pytest.mark.parametrize("key,param", [
+    # ComfyUI names a parameter not called "weight" in full: BFL's q/k norms hold "scale"
+    ("diffusion_model.single_blocks.0.norm.query_norm.scale.diff", "single_transformer_blocks.0.attn.norm_q.weight"),
+    # LyCORIS / kohya name the module
+    ("lora_unet_double_blocks_0_txt_attn_norm_key_norm.diff", "transformer_blocks.0.attn.norm_added_k.weight"),
+])
+def test_a_flux_norm_difference_under_its_original_name_equals_it_under_the_diffusers_name(flux_root, tmp_path,
+                                                                                            key, param):
+    stem = param.replace(".", "-")
+    tiny_flux._save(flux_root / "loras" / f"bfl-{stem}.safetensors", {key: _FLUX["qn"]})
+    diffusers_key = "transformer." + param[: -len(".weight")] + ".diff"
+    tiny_flux._save(flux_root / "loras" / f"diffusers-{stem}.safetensors", {diffusers_key: _FLUX["qn"]})
+    env = flux_env(flux_root, tmp_path)
+    (base,) = call(split_loaders.unet_loader, env, unet_name="base.safetensors")
+    before = net_state(base)
+    rec = Called()
+    ours = net_state(with_lora(env, base, f"bfl-{stem}.safetensors", rec=rec))
+    assert "not matched" not in rec.messages[0] and "1 modules patched" in rec.messages[0], rec.messages
+    assert [k for k in ours if not torch.equal(ours[k], before[k])] == [param]
+    assert torch.equal(ours[param], before[param] + _FLUX["qn"])
+    theirs = net_state(with_lora(env, base, f"diffusers-{stem}.safetensors"))
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    assert all(torch.equal(v, before[k]) for k, v in net_state(base).items())
+
+
 def test_flux_diffs_beside_fp8_weights_equal_the_upcast_file_changed_by_hand(flux_root, tmp_path):
     env = flux_env(flux_root, tmp_path)
     (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")

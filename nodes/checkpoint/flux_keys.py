@@ -177,17 +177,23 @@ Converter = Callable[[dict[str, Any]], dict[str, Any]]
 Rows = tuple[tuple[int, int], ...]
 
 
-def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[str, Rows], ...]]:
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, str | tuple[tuple[str, Rows], ...]]:
     """Original (BFL) module name -> the diffusers weights it covers, with their rows of it.
 
     For LoRAs written against the original layout (ComfyUI, kohya's FLUX trainer): a
     LoRA on a fused module (``img_attn.qkv``, ``linear1``) has one ``down`` factor
     and an ``up`` factor whose rows stack the parts, so each diffusers weight takes
     its rows of ``up`` with the whole ``down``; the final modulation's halves swap.
+    A q/k norm's one parameter is ``scale`` in BFL (``weight`` in diffusers): a whole difference
+    for it may name the parameter (``...query_norm.scale.diff``, ComfyUI's key for a parameter
+    not called ``weight``) or the module (``...query_norm.diff``, LyCORIS), so both map to it.
     ``shapes``: the diffusers model's parameter shapes (row counts come from them).
     """
-    out: dict[str, tuple[tuple[str, Rows], ...]] = {}
+    out: dict[str, str | tuple[tuple[str, Rows], ...]] = {}
     for bfl, diff, how in _pairs((), shapes.keys()):
+        if bfl[0].endswith(".scale") and diff[0] in shapes:  # a q/k norm: a plain rename
+            out[bfl[0]] = out[bfl[0][: -len(".scale")]] = diff[0]
+            continue
         if not bfl[0].endswith(".weight") or any(d not in shapes or len(shapes[d]) != 2 for d in diff):
             continue
         rows = [shapes[d][0] for d in diff]

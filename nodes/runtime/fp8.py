@@ -147,6 +147,22 @@ def as_run_time_patched(module: Any) -> bool:
     return cls is not None
 
 
+def as_plain(layer: Any, model: Any) -> bool:
+    """Undo :func:`as_cast_linear` / :func:`as_run_time_patched` on one layer of ``model``, no longer
+    paged (nodes.runtime.offload.make_whole): every run-time patched class, and a CastLinear whose
+    weight rests in the model's compute dtype, go back to their torch class, so the whole model takes
+    its patches in place again as one never paged does. A CastLinear holding its weight apart
+    (:func:`stored_apart`: fp8, or kept narrow) stays: it casts per call. Returns whether it changed."""
+    base = {cls: plain for plain, cls in (_RUN_TIME or {}).items()}.get(type(layer))
+    if base is None and _CAST is not None and type(layer) is _CAST and not stored_apart(layer.weight, model):
+        import torch
+
+        base = torch.nn.Linear
+    if base is not None:
+        layer.__class__ = base
+    return base is not None
+
+
 def held_dtype(stored: Any, compute: Any, linear_weight: bool) -> Any:
     """The one rule of what a loaded tensor is held as. A linear layer's weight stays as stored when
     that is fp8 or any float narrower than the compute dtype (a bf16 FLUX or fp16 T5-XXL file run in

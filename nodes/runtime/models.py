@@ -168,7 +168,8 @@ class ModelManager:
         self.device_budget_bytes = device_budget_bytes
         self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.RLock()
-        self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0, "block_offloads": 0}
+        self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0, "block_offloads": 0,
+                         "made_whole": 0}
 
     @classmethod
     def for_settings(cls, device: str | None = None, settings: Any = None) -> "ModelManager":
@@ -293,7 +294,8 @@ class ModelManager:
     def _place(self, entry: _Entry, name: str, module: Any) -> None:
         from nodes.runtime.offload import offloaded
 
-        if offloaded(module) is not None or (name == DENOISER and self._offload_if_short(entry, module)):
+        in_blocks = self._fit_denoiser(entry, module) if name == DENOISER else offloaded(module) is not None
+        if in_blocks:
             return  # its blocks come to the device as they run
         if self.compiles():
             from nodes.runtime.compiled import compile_in_place, use_cache_dir
@@ -310,7 +312,8 @@ class ModelManager:
     def offload_plan(self, nbytes: int, held_besides: int = 0) -> Any:
         """Whether a denoiser of ``nbytes`` is placed block by block, and where its blocks rest
         (a nodes.runtime.offload.Plan), or None when it is placed whole: the one rule, asked by a
-        loader before it builds the model (from the file's header) and by :meth:`_place` after.
+        loader before it builds the model (from the file's header) and by :meth:`_fit_denoiser` at every
+        use after (which also brings a denoiser placed block by block back whole when this says it fits).
 
         The room is, on a GPU, the device's free room plus what moving its idle modules to the
         CPU would free (nothing is moved to decide: if the denoiser goes block by block anyway,
@@ -336,22 +339,45 @@ class ModelManager:
         with self._lock:
             return self.offload_plan(nbytes, sum(e.nbytes for e in self._entries.values()) + besides)
 
-    def _offload_if_short(self, entry: _Entry, module: Any) -> bool:
-        """Place a loaded denoiser block by block (nodes.runtime.offload) when :meth:`offload_plan`
-        says it does not fit whole. Returns whether it did."""
+    def _fit_denoiser(self, entry: _Entry, module: Any) -> bool:
+        """Place the denoiser about to run by :meth:`offload_plan`, asked again at every use: block by
+        block (nodes.runtime.offload) when it does not fit whole, and whole again when one placed block
+        by block now fits (memory was freed: another model unloaded, the budget raised, idle modules
+        that can leave the device). Returns whether it runs block by block.
+
+        While another job runs it (``in_use`` above this one), its placement stays: switching would
+        pull its weights or hooks from under that job (and write its in-place LoRA patches to disk)."""
         from nodes.runtime import offload
 
-        if self.is_gpu and _module_device(module) != "cpu":
-            return False  # already whole on the device
+        info = offload.offloaded(module)
+        if entry.in_use.get(DENOISER, 0) > 1:
+            return info is not None
+        plan = self._denoiser_plan(module)
+        if (plan is None) == (info is None):
+            return info is not None
         nbytes = _module_bytes(module)
-        plan = self.offload_plan(nbytes, sum(e.nbytes for e in self._entries.values()) - nbytes)
-        if plan is None:
-            return False
-        offload.offload_blocks(module, plan.onload, plan.rest, plan.note, plan.folder_root)
-        if plan.rest == "disk":
-            entry.nbytes -= nbytes  # no longer held in RAM
-        self.counters["block_offloads"] += 1
-        return True
+        if plan is not None:
+            offload.offload_blocks(module, plan.onload, plan.rest, plan.note, plan.folder_root)
+            if plan.rest == "disk":
+                entry.nbytes -= nbytes  # no longer held in RAM
+            self.counters["block_offloads"] += 1
+            return True
+        offload.make_whole(module)
+        if info.paged:
+            entry.nbytes += nbytes  # held in RAM again
+        self.counters["made_whole"] += 1
+        return False
+
+    def _denoiser_plan(self, module: Any) -> Any:
+        """:meth:`offload_plan` for a denoiser already held (None when it is whole on the device: nothing
+        to decide): its own bytes (a paged module's placeholders have its full shapes and dtypes), every
+        other module held besides it."""
+        from nodes.runtime.offload import offloaded
+
+        if offloaded(module) is None and self.is_gpu and _module_device(module) != "cpu":
+            return None
+        return self.offload_plan(_module_bytes(module),
+                                 sum(e.nbytes for e in self._entries.values()) - _held_bytes(module))
 
     # -- compiled mode -------------------------------------------------------------------
 
@@ -367,13 +393,15 @@ class ModelManager:
         if not self.compiles():
             return None
         from nodes.runtime.compiled import EXPECTED_WAIT, TARGETS, is_compiled
+        from nodes.runtime.offload import offloaded
 
         with self._lock:
             entry = self._entries.get(key)
             module = entry.modules.get(name) if entry is not None else None
-        from nodes.runtime.offload import offloaded
-
-        if name not in TARGETS or (module is not None and (is_compiled(module, name) or offloaded(module))):
+            in_blocks = module is not None and (
+                offloaded(module) is not None if name != DENOISER or entry.in_use.get(name)
+                else self._denoiser_plan(module) is not None)  # how the next use will place it
+        if name not in TARGETS or (module is not None and (is_compiled(module, name) or in_blocks)):
             return None  # an offloaded denoiser runs eagerly, block by block
         what = {"unet": "the denoiser", "vae": "the VAE decoder"}.get(name, name)
         wait = EXPECTED_WAIT["cuda" if self.device.startswith("cuda") else "cpu"]

@@ -20,8 +20,11 @@ mode the weights at rest are the module's own CPU tensors, so Kiln's in-place Lo
 mode the tensors at rest are empty placeholders (the values live in the files), so every
 linear layer becomes a CastLinear (nodes.runtime.fp8: same arithmetic for a non-fp8
 weight) and LoRAs run beside the weight, as they do for fp8 weights; 2-D convolutions and
-group/layer norms add their patches to the weight brought in, while they run. Other layers
-(FLUX's RMS norms, embeddings) cannot take a LoRA there: a clear error says so.
+group/layer/RMS norms add their patches to the weight brought in, while they run. Other layers
+(embeddings) cannot take a LoRA there: a clear error says so.
+
+Offloading is not for life: the model manager asks its rule again at every use, and a denoiser
+that fits again is made whole (:func:`make_whole`), its block files deleted.
 
 Because the weights rest off the device, ``module.device`` (the first parameter's) no longer
 says where the module computes: :func:`compute_device` is the one place that answers it.
@@ -111,8 +114,17 @@ def prepare_paged(module: Any, folder_root: str | None = None) -> str:
         else:
             as_run_time_patched(sub)
     folder = tempfile.mkdtemp(prefix="kiln-offload-", dir=folder_root)
-    weakref.finalize(module, shutil.rmtree, folder, True)
+    _REMOVALS[folder] = weakref.finalize(module, _remove_folder, folder)
     return folder
+
+
+#: Block folder -> the finaliser that removes it with its module (:func:`make_whole` runs it early).
+_REMOVALS: dict[str, Any] = {}
+
+
+def _remove_folder(folder: str) -> None:
+    _REMOVALS.pop(folder, None)
+    shutil.rmtree(folder, True)
 
 
 def offload_blocks(module: Any, onload: str, rest: str, note_text: str, folder_root: str | None = None,
@@ -140,6 +152,57 @@ def offload_blocks(module: Any, onload: str, rest: str, note_text: str, folder_r
     info = Offloaded(onload=onload, rest=rest, folder=folder if rest == "disk" else None, note=note_text)
     module.kiln_offload = info
     return info
+
+
+def make_whole(module: Any) -> None:
+    """Undo :func:`offload_blocks`: ``module`` is whole in CPU memory again, as if never offloaded
+    (the model manager calls this when it fits again, ModelManager._fit_denoiser).
+
+    When paged, each of diffusers' groups is read back once from its block file (resting in CPU
+    memory, the values are already there), then the hooks are removed, the layers
+    :func:`prepare_paged` changed go back to their torch classes (fp8.as_plain), so LoRAs are
+    patched in place again, and the block folder is deleted now rather than when the module dies:
+    kept, it would duplicate the whole model on disk while the RAM holds it, and if memory runs
+    short again the files are simply written again from the (unchanged: patches are always
+    restored exactly) weights, as on the first offload. Must not run while the module computes.
+    """
+    from diffusers.hooks import HookRegistry
+
+    info = module.kiln_offload
+    hooked = [m for m in module.modules() if getattr(m, "_diffusers_hook", None) is not None]
+    groups = {}
+    for m in hooked:
+        hook = m._diffusers_hook.get_hook("group_offloading")
+        if hook is not None:
+            groups[id(hook.group)] = hook.group
+    for group in groups.values() if info.paged else ():  # resting in CPU memory, the values are there already
+        group.onload_()  # from its file to where it computes (a CPU host: only there are models paged)
+        # diffusers reads a block file through a memory map: the values get memory of their own, or the
+        # deleted files would keep their disk space (and the weights be paged in from it)
+        for t in _tensors(group):
+            t.data = t.data.clone()
+    HookRegistry.check_if_exists_or_initialize(module).remove_hook("group_offloading", recurse=True)
+    for m in set(hooked) | {module}:
+        if not m._diffusers_hook.hooks:
+            del m._diffusers_hook
+        bound = vars(m).get("forward")  # removing a hook leaves the class's forward bound on the instance
+        if getattr(bound, "__self__", None) is m and getattr(bound, "__func__", None) is type(m).forward:
+            del m.forward
+    if info.paged:
+        from nodes.runtime.fp8 import as_plain
+
+        for sub in module.modules():
+            as_plain(sub, module)
+        removal = _REMOVALS.get(info.folder)
+        if removal is not None:
+            removal()
+    del module.kiln_offload
+
+
+def _tensors(group: Any) -> list[Any]:
+    """The parameters and buffers one diffusers ModuleGroup brings in and sends back."""
+    out = [t for m in group.modules for t in (*m.parameters(), *m.buffers())]
+    return out + list(group.parameters) + list(group.buffers)
 
 
 def _lists(module: Any) -> list[tuple[str, Any]]:
