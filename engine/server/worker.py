@@ -36,7 +36,7 @@ from engine.server import batching
 from engine.server import comfy_messages as cm
 from engine.server.handoff import Handed, Inbox
 from engine.server.loop_calls import LoopCalls
-from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
+from engine.server.store import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, JobRecord, JobStore
 from engine.validate import Plan, WorkflowInvalid
 from engine.formats import parse_document
 from engine.workflow import WorkflowFormatError
@@ -138,6 +138,22 @@ class Worker:
         submission comes)."""
         if len(self.lanes) > 1 or not getattr(self._on_lane, "yes", False):
             self._wake.set()
+
+    def add_job(self, add: Callable[[bool], JobRecord]) -> JobRecord:
+        """Store a submitted job through ``add(start)`` (JobStore.add). On a lane running the
+        submissions handed to it between jobs, the first is written as running and is this lane's
+        job at once (under the claim lock, so a cancel finds it running here): its queued row and
+        its claim in one commit. Anywhere else, or when a job waits ahead of it, it is queued."""
+        lane = getattr(self._on_lane, "starting", None)
+        if lane is None:
+            return add(False)
+        with self._lock:
+            job = add(True)
+            if job.status == RUNNING:
+                lane.job_id = job.id
+                lane.interrupt = threading.Event()
+                self._on_lane.starting, self._on_lane.started = None, job
+        return job
 
     def offer(self, fn: Callable[[], Any]) -> Handed | None:
         """Hand a submission to an idle lane, which runs it before it next claims; None when every
@@ -256,10 +272,14 @@ class Worker:
         while not self._stop.is_set():
             # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
             fresh: set[str] = set()
-            self.stored_on_lanes += self._inbox.run_waiting(
-                before=self._hold, on_result=lambda job: fresh.add(job.id) if isinstance(job, JobRecord) else None)
+            self._on_lane.starting, self._on_lane.started = lane, None  # see add_job
             try:
-                job = self._claim(lane)
+                self.stored_on_lanes += self._inbox.run_waiting(
+                    before=self._hold, on_result=lambda job: fresh.add(job.id) if isinstance(job, JobRecord) else None)
+            finally:
+                started, self._on_lane.starting, self._on_lane.started = self._on_lane.started, None, None
+            try:
+                job = started if started is not None else self._claim(lane)
             except Exception:  # the database is busy or broken: retry, never die
                 log.exception("claiming a job failed")
                 job = None
