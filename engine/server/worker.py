@@ -270,7 +270,8 @@ class Worker:
         self._on_lane.yes = True
         lane.idle = True
         while not self._stop.is_set():
-            # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
+            # Submissions handed to an idle lane: stored here and run next (the first is written as running
+            # at once, see add_job), the loop woken at the end.
             fresh: set[str] = set()
             self._on_lane.starting, self._on_lane.started = lane, None  # see add_job
             try:
