@@ -8,10 +8,13 @@ door: the CLI reads ``--set NAME=VALUE`` text, the server reads JSON bodies.
 """
 from __future__ import annotations
 
+import json
+import threading
+from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from engine.registry import Registry
-from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid, validate
+from engine.validate import INVALID_WORKFLOW, Plan, ValidationError, WorkflowInvalid, still_valid, validate
 from engine.formats import parse_document
 from engine.workflow import Workflow, WorkflowFormatError
 
@@ -19,6 +22,50 @@ from engine.workflow import Workflow, WorkflowFormatError
 #: Python's own parsers and encoders fail somewhere near a thousand, so a limit far
 #: below that keeps every later step (copying, storing, hashing) safe.
 MAX_JSON_DEPTH = 64
+
+
+#: How many recently accepted documents (without parameters) are remembered with their plan, and
+#: the longest (as JSON text) that is: an identical resubmission then re-runs only the checks
+#: that read the environment (engine.validate.still_valid), not the whole validation.
+RECENT_PLANS = 64
+RECENT_MAX_CHARS = 1 << 18
+
+
+class _RecentPlans:
+    """Plans of recently accepted documents, by the document's canonical JSON (and the outputs asked for)."""
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[str, tuple[Workflow, Plan]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(doc: Any, outputs: Any) -> str | None:
+        try:
+            key = json.dumps([doc, outputs], sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):  # not plain JSON: not remembered
+            return None
+        return key if len(key) <= RECENT_MAX_CHARS else None
+
+    def get(self, key: str) -> tuple[Workflow, Plan] | None:
+        with self._lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._plans.move_to_end(key)
+            return found
+
+    def put(self, key: str, workflow: Workflow, plan: Plan) -> None:
+        with self._lock:
+            self._plans[key] = (workflow, plan)
+            self._plans.move_to_end(key)
+            while len(self._plans) > RECENT_PLANS:
+                self._plans.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._plans.pop(key, None)
+
+
+_recent = _RecentPlans()
 
 
 class SubmissionInvalid(Exception):
@@ -80,6 +127,18 @@ def prepare(doc: Any, registry: Registry, env: Any, params: Mapping[str, Any] | 
     with every problem at once.
     """
     errors = list(problems)
+    # An identical document seen lately (the same JSON, no parameters, no problems found by the
+    # caller) parsed and validated to a plan that is read-only from then on: the same registry,
+    # folders and settings give it again, so only what reads the environment (files, computed
+    # choices, the budget) is checked again. Any failure there validates from the start below,
+    # which names the node and the input as always.
+    key = _recent.key(doc, outputs) if not errors and not params and not isinstance(doc, Workflow) else None
+    if key is not None:
+        found = _recent.get(key)
+        if found is not None:
+            if still_valid(found[1], registry, env):
+                return found[0], found[1], {}
+            _recent.drop(key)
     if isinstance(doc, Workflow):
         workflow = doc
     else:
@@ -131,5 +190,7 @@ def prepare(doc: Any, registry: Registry, env: Any, params: Mapping[str, Any] | 
         raise SubmissionInvalid(errors + list(exc.errors), workflow) from None
     if errors:
         raise SubmissionInvalid(errors, workflow)
+    if key is not None and not values:
+        _recent.put(key, workflow, plan)
     # History and saved PNGs carry what the nodes received ("0.5" -> 0.5).
     return workflow, plan, plan.record_params(values)

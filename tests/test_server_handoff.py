@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from server_helpers import kiln, make_registry, show_workflow, slow_workflow, wait_status  # noqa: F401
 
+from engine import types as T
 from engine.cache import OutputCache
 from engine.context import Environment, Paths
+from engine.node import Input, Result, define_node
 from engine.server.handoff import Handed, Inbox, run_submission
 from engine.server.loop_calls import LoopCalls
 from engine.server.state import STATE
@@ -128,3 +131,81 @@ async def test_a_submission_while_the_lane_runs_a_job_is_answered_before_that_jo
     assert (await (await kiln.get(f"/api/jobs/{queued}")).json())["status"] == "queued"
     await kiln.post(f"/api/jobs/{blocker}/cancel")
     assert (await wait_status(kiln, queued))["status"] == "succeeded"
+
+
+# -- what a lane skips when it stores a submission itself --------------------------------------
+
+#: tag -> how many times the Checked node's validate hook ran for it (the environment checks).
+CHECKS: dict[str, int] = {}
+
+
+def _count_check(env, literals):
+    CHECKS[literals["tag"]] = CHECKS.get(literals["tag"], 0) + 1
+    return []
+
+
+@define_node("Checked", category="test", output_node=True, inputs=[Input("tag", T.STRING)], validate=_count_check)
+def _checked(ctx, tag):
+    return Result(ui={"text": [tag]})
+
+
+@pytest.fixture
+async def kiln_checked(aiohttp_client, tmp_path, monkeypatch):
+    """A real server whose registry has the Checked node; a handed submission never falls back to a
+    pool thread (so which thread stored it does not depend on how busy the machine is)."""
+    from engine.server import handoff
+    from engine.server.app import make_app
+
+    monkeypatch.setattr(handoff, "FALLBACK_S", 30.0)
+    registry = make_registry()
+    registry.add(_checked)
+    return await aiohttp_client(make_app(tmp_path / "data", tmp_path / "models", tmp_path / "workflows",
+                                         registry=registry))
+
+
+def _checked_workflow(tag: str) -> dict:
+    return {"version": 1, "nodes": {"1": {"type": "Checked", "inputs": {"tag": tag}}}}
+
+
+async def test_a_job_the_lane_stored_itself_runs_on_that_validation_but_a_queued_one_is_checked_again(
+        kiln_checked):
+    kiln = kiln_checked
+    worker = kiln.server.app[STATE].worker
+    before = worker.stored_on_lanes
+    r = await kiln.post("/api/jobs", json={"workflow": _checked_workflow("idle")})
+    assert r.status == 201
+    assert (await wait_status(kiln, (await r.json())["job_id"]))["status"] == "succeeded"
+    assert worker.stored_on_lanes == before + 1
+    assert CHECKS["idle"] == 1  # validated when stored; claimed on the same turn, nothing re-checked
+
+    blocker = (await (await kiln.post("/api/jobs", json={"workflow": slow_workflow(1, ticks=2000,
+                                                                                     delay=0.01)})).json())["job_id"]
+    await wait_status(kiln, blocker, ("running",))
+    r = await kiln.post("/api/jobs", json={"workflow": _checked_workflow("queued")})
+    assert r.status == 201
+    queued = (await r.json())["job_id"]
+    assert CHECKS["queued"] == 1
+    await kiln.post(f"/api/jobs/{blocker}/cancel")
+    assert (await wait_status(kiln, queued))["status"] == "succeeded"
+    assert CHECKS["queued"] == 2  # it waited in the queue: its files and settings were checked again
+
+
+async def test_a_submission_sent_on_hearing_of_a_finish_is_stored_on_the_lane_and_the_queue_count_goes_out(
+        kiln_checked):
+    kiln = kiln_checked
+    worker = kiln.server.app[STATE].worker
+    ws = await kiln.ws_connect("/ws?clientId=r&protocol=kiln")
+    await ws.receive_json(timeout=10)  # the status greeting
+    before = worker.stored_on_lanes
+    for _ in range(5):  # identical: from the second on every node is cached
+        r = await kiln.post("/api/jobs", json={"workflow": _checked_workflow("again"), "client_id": "r"})
+        assert r.status == 201
+        job_id = (await r.json())["job_id"]
+        finished = emptied = False
+        while not (finished and emptied):  # the job's end, and the count the lane sent after it
+            event = await ws.receive_json(timeout=10)
+            finished = finished or (event["type"] == "job_finished" and event["job_id"] == job_id)
+            emptied = emptied or (event["type"] == "status" and event["queue_remaining"] == 0)
+    # The lane was idle each time the next submission arrived (it marks itself idle before the end leaves).
+    assert worker.stored_on_lanes == before + 5
+    await ws.close()

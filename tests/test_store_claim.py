@@ -70,3 +70,23 @@ def test_two_workers_on_two_connections_never_claim_the_same_job(tmp_path, retur
     claimed = [j for part in taken for j in part]
     assert sorted(claimed) == sorted(ids)  # every job once: none lost, none twice
     assert all(store.get(j).status == "succeeded" for j in ids)
+
+
+@PATHS
+def test_a_job_added_to_be_started_is_running_at_once_only_when_nothing_waits_ahead(tmp_path, returning):
+    store = JobStore(tmp_path / "q.sqlite3")
+    store.returning = returning
+    first = store.add(workflow={"nodes": {}}, prompt={}, params={"seed": 1}, start=True)
+    if not returning:  # the old-SQLite path never starts on add: the lane claims it as before
+        assert first.status == "queued" and store.claim_next().id == first.id
+        return
+    assert first.status == RUNNING and first.started is not None
+    assert store.get(first.id) == first  # committed, and what it returned is what is stored
+    assert store.claim_next() is None  # nobody else can claim it
+    waiting = store.add(workflow={}, prompt={})
+    behind = store.add(workflow={}, prompt={}, start=True)
+    assert behind.status == "queued" and behind.started is None  # a queued job is ahead: it waits its turn
+    assert [store.claim_next().id, store.claim_next().id] == [waiting.id, behind.id]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add(workflow={"other": 1}, prompt={}, job_id=first.id, start=True)
+    assert store.get(first.id) == first  # a refused duplicate replaced nothing

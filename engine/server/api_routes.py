@@ -18,7 +18,7 @@ from engine.paths import PathRefused
 from engine.server.http import fail, query_int, read_object
 from engine.server.jobs import SubmitRefused, job_view, reply_then_release, submit_held
 from engine.server.state import STATE, AppState
-from engine.server.store import ACTIVE, TERMINAL
+from engine.server.store import ACTIVE, RUNNING, TERMINAL
 
 def refused_body(exc: SubmitRefused) -> dict[str, Any]:
     errors = [e.to_dict() for e in exc.errors]
@@ -46,7 +46,8 @@ async def post_job(request: web.Request) -> web.Response:
                                 extra_data=body.get("extra_data"))
     except SubmitRefused as exc:
         return web.json_response(refused_body(exc), status=400)
-    _status_changed(state)
+    if job.status != RUNNING:  # a job a lane started at once was counted by that lane, with its events
+        _status_changed(state)
     reply = web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
                               status=201)
     return await reply_then_release(request, reply, state, job.id)

@@ -50,16 +50,18 @@ class Handed:
             self._taken = True
             return True
 
-    def run(self) -> None:
-        """Run the submission and settle the future; never raises (a lane must survive any request)."""
+    def run(self) -> Any:
+        """Run the submission and settle the future; its result, or None when it failed. Never raises
+        (a lane must survive any request)."""
         if not self.future.set_running_or_notify_cancel():
-            return  # the request went away before anyone started it
+            return None  # the request went away before anyone started it
         try:
             result = self.fn()
         except BaseException as exc:  # handed to the waiting request, which answers with it
             self._deliver(self.future.set_exception, exc)
-        else:
-            self._deliver(self.future.set_result, result)
+            return None
+        self._deliver(self.future.set_result, result)
+        return result
 
 
 class Inbox:
@@ -71,9 +73,10 @@ class Inbox:
     def put(self, item: Handed) -> None:
         self._items.append(item)
 
-    def run_waiting(self, before: Callable[[], None] = lambda: None) -> int:
+    def run_waiting(self, before: Callable[[], None] = lambda: None,
+                    on_result: Callable[[Any], None] = lambda result: None) -> int:
         """Run (on the calling lane's thread) every item no one has taken yet, calling ``before``
-        ahead of the first; how many ran."""
+        ahead of the first and ``on_result`` with each one's result; how many ran."""
         ran = 0
         while True:
             try:
@@ -83,7 +86,9 @@ class Inbox:
             if item.take():
                 if not ran:
                     before()
-                item.run()
+                result = item.run()
+                if result is not None:
+                    on_result(result)
                 ran += 1
 
 

@@ -89,11 +89,13 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
     extra = {k: v for k, v in (extra_data or {}).items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
     if client_id:
         extra["client_id"] = client_id
+    add = functools.partial(state.store.add, workflow=workflow.to_kiln(), prompt=plan.api_prompt(), job_id=job_id,
+                            number=number, front=front, client_id=client_id or None,
+                            source_format=workflow.source_format, params=applied, outputs_to_execute=plan.outputs,
+                            force=force, extra_data=extra, plan=plan)
+    add_job = getattr(state.worker, "add_job", None)  # an idle lane storing it starts it too
     try:
-        job = state.store.add(workflow=workflow.to_kiln(), prompt=plan.api_prompt(), job_id=job_id, number=number,
-                              front=front, client_id=client_id or None, source_format=workflow.source_format,
-                              params=applied, outputs_to_execute=plan.outputs, force=force, extra_data=extra,
-                              plan=plan)
+        job = add_job(lambda start: add(start=start)) if add_job is not None else add()
     except sqlite3.IntegrityError:
         raise SubmitRefused([problem("duplicate_id", f"a job with id '{job_id}' already exists")]) from None
     state.worker.wake()

@@ -287,12 +287,17 @@ class JobStore:
     def add(self, *, workflow: dict, prompt: dict, job_id: str | None = None, number: float | None = None,
             front: bool = False, client_id: str | None = None, source_format: str = "kiln",
             params: dict | None = None, outputs_to_execute: Iterable[str] = (), force: bool = False,
-            extra_data: dict | None = None, plan: Any = None) -> JobRecord:
+            extra_data: dict | None = None, plan: Any = None, start: bool = False) -> JobRecord:
         """Queue a job; the row is committed before this returns.
 
         ``plan`` is what validating the job at submission produced: kept in memory for
         the worker (:meth:`handed_plan`), which then need not validate the whole
         workflow again (engine.validate.still_valid says when it may reuse it).
+
+        ``start``: the caller (an idle worker lane) will run the job itself at once, so it is
+        written as running, in the same statement, when no queued job is waiting ahead of it
+        (one commit instead of a queued row and then its claim); otherwise it is queued as
+        usual. The returned record's status says which.
         """
         job_id = job_id or str(uuid.uuid4())
         if number is None:
@@ -305,14 +310,28 @@ class JobStore:
                "source_format": source_format, "workflow": json.dumps(workflow), "prompt": json.dumps(prompt),
                "params": json.dumps(params or {}), "outputs_to_execute": json.dumps(list(outputs_to_execute)),
                "force": int(force), "extra_data": json.dumps(extra_data or {}, default=str), "created": now}
-        self._conn().execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                             tuple(row.values()))
+        started = None
+        if start and self.returning:
+            # Running only if nothing is queued: the check and the write are one statement, so no
+            # other lane or process can queue or claim in between.
+            waiting = "EXISTS (SELECT 1 FROM jobs WHERE status = ?)"
+            exprs = [f"CASE WHEN {waiting} THEN ? ELSE ? END" if col == "status" else "?" for col in row]
+            values = [v for col, value in row.items() for v in ((QUEUED, QUEUED, RUNNING) if col == "status"
+                                                                else (value,))]
+            status, started = self._conn().execute(
+                f"INSERT INTO jobs ({', '.join(row)}, started) SELECT {', '.join(exprs)}, "
+                f"CASE WHEN {waiting} THEN NULL ELSE ? END RETURNING status, started",
+                (*values, QUEUED, now)).fetchall()[0]  # all: run the statement to its end (commit)
+            row["status"] = status
+        else:
+            self._conn().execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                                 tuple(row.values()))
         # Only once the row is ours: a refused duplicate id must not replace another job's plan. A
         # worker that claims the job before this line (it is woken after add returns) validates it anew.
         if plan is not None:
             self._hand(job_id, plan)
         # The record as a read would give it (decoded from what was written), without reading it back.
-        return JobRecord.from_row({**row, "started": None, "finished": None, "outputs": "{}", "error": None,
+        return JobRecord.from_row({**row, "started": started, "finished": None, "outputs": "{}", "error": None,
                                    "messages": "[]", "executed": "[]", "cached": "[]", "worker": None})
 
     def _hand(self, job_id: str, plan: Any) -> None:

@@ -36,7 +36,7 @@ from engine.server import batching
 from engine.server import comfy_messages as cm
 from engine.server.handoff import Handed, Inbox
 from engine.server.loop_calls import LoopCalls
-from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
+from engine.server.store import CANCELLED, FAILED, INTERRUPTED, RUNNING, SUCCEEDED, JobRecord, JobStore
 from engine.validate import Plan, WorkflowInvalid
 from engine.formats import parse_document
 from engine.workflow import WorkflowFormatError
@@ -138,6 +138,22 @@ class Worker:
         submission comes)."""
         if len(self.lanes) > 1 or not getattr(self._on_lane, "yes", False):
             self._wake.set()
+
+    def add_job(self, add: Callable[[bool], JobRecord]) -> JobRecord:
+        """Store a submitted job through ``add(start)`` (JobStore.add). On a lane running the
+        submissions handed to it between jobs, the first is written as running and is this lane's
+        job at once (under the claim lock, so a cancel finds it running here): its queued row and
+        its claim in one commit. Anywhere else, or when a job waits ahead of it, it is queued."""
+        lane = getattr(self._on_lane, "starting", None)
+        if lane is None:
+            return add(False)
+        with self._lock:
+            job = add(True)
+            if job.status == RUNNING:
+                lane.job_id = job.id
+                lane.interrupt = threading.Event()
+                self._on_lane.starting, self._on_lane.started = None, job
+        return job
 
     def offer(self, fn: Callable[[], Any]) -> Handed | None:
         """Hand a submission to an idle lane, which runs it before it next claims; None when every
@@ -254,10 +270,17 @@ class Worker:
         self._on_lane.yes = True
         lane.idle = True
         while not self._stop.is_set():
-            # Submissions handed to an idle lane: stored here and claimed next, the loop woken at the end.
-            self.stored_on_lanes += self._inbox.run_waiting(before=self._hold)
+            # Submissions handed to an idle lane: stored here and run next (the first is written as running
+            # at once, see add_job), the loop woken at the end.
+            fresh: set[str] = set()
+            self._on_lane.starting, self._on_lane.started = lane, None  # see add_job
             try:
-                job = self._claim(lane)
+                self.stored_on_lanes += self._inbox.run_waiting(
+                    before=self._hold, on_result=lambda job: fresh.add(job.id) if isinstance(job, JobRecord) else None)
+            finally:
+                started, self._on_lane.starting, self._on_lane.started = self._on_lane.started, None, None
+            try:
+                job = started if started is not None else self._claim(lane)
             except Exception:  # the database is busy or broken: retry, never die
                 log.exception("claiming a job failed")
                 job = None
@@ -269,16 +292,18 @@ class Worker:
             lane.idle = False
             self.on_queue_change()
             try:
-                self._run(lane, job)
+                self._run(lane, job, fresh=job.id in fresh)
             except Exception:
                 log.exception("job %s: the worker failed to record it", job.id)
             finally:
                 with self._lock:
                     lane.job_id = None
                 self._progress.pop(job.id, None)
-                self._flush()  # the job's end reaches its clients now, the queue count right after
-                self.on_queue_change()
+                # Idle before anything leaves: the client's next submission, sent when it hears of this
+                # end, is then handed here rather than to a pool thread that must wake this lane again.
                 lane.idle = True
+                self.on_queue_change()  # queued behind the job's end, and delivered with it: one loop wake-up
+                self._flush()
         lane.idle = False
         self._flush()
 
@@ -290,12 +315,13 @@ class Worker:
         if self.to_loop is not None:
             self.to_loop.flush()
 
-    def _run(self, lane: _Lane, job: JobRecord) -> None:
+    def _run(self, lane: _Lane, job: JobRecord, fresh: bool = False) -> None:
+        """Run one claimed job (with the queued jobs it batches with); ``fresh``: see :func:`job_plan`."""
         if self.batch_jobs > 1 and batching.run_group(self, lane, job):
             return
         report = JobReport(job, self._publish, self._progress, self._redact)
         try:
-            outcome_status, outputs, error, executed, cached = self._execute(lane, job, report.event)
+            outcome_status, outputs, error, executed, cached = self._execute(lane, job, report.event, fresh)
         except Exception as exc:  # an engine bug: the job fails, the worker goes on
             event = internal_error(job.id, exc)
             report.event(event)
@@ -332,12 +358,12 @@ class Worker:
                     extra.thread = threading.Thread(target=self._loop, args=(extra,), name=extra.name, daemon=True)
                     extra.thread.start()
 
-    def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None]) -> tuple:
+    def _execute(self, lane: _Lane, job: JobRecord, sink: Callable[[Event], None], fresh: bool = False) -> tuple:
         if self._pick_device:
             self._flush()  # finding the device imports torch: the held reply must not wait for that
         self._resolve_device(lane)
         try:
-            plan = job_plan(self.store, self.registry, lane.executor, job)
+            plan = job_plan(self.store, self.registry, lane.executor, job, fresh=fresh)
         except (WorkflowInvalid, WorkflowFormatError) as exc:
             # Valid when submitted, not any more (a file was deleted, a model removed).
             first = exc.errors[0] if isinstance(exc, WorkflowInvalid) else None
@@ -368,13 +394,18 @@ class Worker:
             log.exception("publishing an event of job %s failed", job.id)
 
 
-def job_plan(store: JobStore, registry: Registry, executor: Executor, job: JobRecord) -> Plan:
+def job_plan(store: JobStore, registry: Registry, executor: Executor, job: JobRecord, *,
+             fresh: bool = False) -> Plan:
     """The plan to run a claimed job with: the one its submission validated in this process, if
     it may still run (:meth:`Executor.replan`), else a fresh validation of the stored workflow
-    (a job restored after a restart). Raises what validation raises."""
+    (a job restored after a restart). Raises what validation raises.
+
+    ``fresh``: the calling lane validated and stored this very job in the same turn, just before
+    claiming it (engine.server.handoff), so nothing ran in between that could have changed what
+    validation read; its plan is used without checking the files and budget a second time."""
     handed = store.handed_plan(job.id)
     if handed is not None:
-        return executor.replan(handed)
+        return handed if fresh else executor.replan(handed)
     return executor.plan(parse_document(job.workflow, registry), job.outputs_to_execute or None)
 
 
