@@ -70,6 +70,7 @@ class Matched:
     tables: dict[str, dict[str, LowRank | Diff | lycoris.Product]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # name fits, shape does not
+    refused: list[str] = field(default_factory=list)  # fits, but Kiln cannot apply it exactly (why)
 
     @property
     def count(self) -> int:
@@ -143,6 +144,8 @@ def _split(key: str) -> tuple[str, str] | None:
             return key[: -len(up)], "up"
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
+    if key.endswith(".dora_scale"):
+        return key[: -len(".dora_scale")], "dora_scale"
     return None
 
 
@@ -176,9 +179,11 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
     for module_key, parts in sorted(groups.items()):
         has_pair = "down" in parts and "up" in parts
         lyco = [k for k in parts if "." + k in lycoris.SUFFIXES]
-        diffs = [k for k in parts if k not in ("down", "up", "alpha") and k not in lyco]
+        diffs = [k for k in parts if k not in ("down", "up", "alpha", "dora_scale") and k not in lyco]
         if ("down" in parts) != ("up" in parts) or not (has_pair or diffs or lyco):
-            result.unmatched.append(module_key)
+            lone = "dora_scale" in parts and not (has_pair or diffs or lyco)
+            result.unmatched.append(f"{module_key}.dora_scale (no LoRA, LoHa or LoKr factors beside it)" if lone
+                                    else module_key)
             continue
         found = _locate(module_key, lookups)
         if found is None:
@@ -198,6 +203,8 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             diff = _diff(module_key + suffix, param, parts[suffix], dict(_DIFFS)[suffix], alpha, parts.get("down"),
                          shapes[target], result)
             patches += diff or []
+        if "dora_scale" in parts:
+            patches = _decomposed(module_key, param, parts["dora_scale"], patches, shapes[target], result)
         table = result.tables.setdefault(target, {}) if patches else {}
         for name, patch in patches:
             if name in table:  # one file giving a parameter twice: keep the first, say so
@@ -294,3 +301,33 @@ def _fits(up: Any, down: Any, shape: tuple) -> bool:
     """Whether ``up @ down`` has the weight's shape (a LoCon conv factor flattened)."""
     return up.shape[0] == shape[0] and up.flatten(1).shape[1] == down.shape[0] and \
         up.shape[0] * down.flatten(1).shape[1] == _numel(shape)
+
+
+def _decomposed(module_key: str, param: Any, scale: Any, patches: list[tuple[str, Any]], shapes: dict[str, tuple],
+                result: Matched) -> list[tuple[str, Any]]:
+    """A DoRA module: its weight patch (LoRA pair, LoHa or LoKr) wrapped with its ``dora_scale``
+    (nodes.runtime.dora; a fused module's magnitudes split by rows like its factors). A magnitude
+    fitting no axis is mismatched; one per input channel of a fused module Kiln holds as separate
+    layers is refused (its norms span all of them); a ``dora_scale`` with no factors beside it is
+    unmatched. Other patches of the module (its bias) pass through."""
+    from nodes.runtime.dora import Dora, axis
+
+    weights = [(n, p) for n, p in patches if n.endswith(".weight") and hasattr(p, "delta")
+               and not isinstance(p, Diff)]
+    if not weights:
+        result.unmatched.append(f"{module_key}.dora_scale (no LoRA, LoHa or LoKr factors beside it)")
+        return patches
+    total = _fused_rows(param)
+    whole = (total, *shapes[weights[0][0]][1:]) if total is not None else shapes[weights[0][0]]
+    on = axis(tuple(scale.shape), tuple(whole))
+    if on is None:
+        result.mismatched.append(f"{module_key}.dora_scale {tuple(scale.shape)} vs {tuple(whole)}")
+        return []
+    if on == "in" and total is not None and len(param) > 1:
+        result.refused.append(f"{module_key}: its dora_scale normalises input channels across a fused layer that "
+                              "this model holds as separate layers (only per-output-row DoRA is supported there)")
+        return []
+    magnitude = scale.float().flatten()
+    pieces = dict(_rows(param, magnitude, bias=False)) if on == "out" else {}
+    wrapped = {n for n, _ in weights}
+    return [(n, Dora(p, pieces.get(n, magnitude), on) if n in wrapped else p) for n, p in patches]
