@@ -27,6 +27,7 @@ Formats read (one file may mix them):
   ``lora_B`` output; ComfyUI reads BFL's, which have no alpha, as a plain ``diff_b``).
 * LyCORIS LoHa (``.hada_w1_a`` ...) and LoKr (``.lokr_w1`` ...) modules, under the same module
   names, with or without Tucker cores; their formulas are in nodes.runtime.lycoris.
+* DoRA: a ``<module>.dora_scale`` beside any of those factors (nodes.runtime.dora).
 
 Module names are matched against the model itself (its parameter names, plus the
 original-layout names computed by Kiln's own diffusers -> original converter), so
