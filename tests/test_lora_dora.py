@@ -235,3 +235,34 @@ def test_flux_dora_per_input_channel_on_a_fused_qkv_is_an_error_naming_file_and_
         call(lora.lora_loader_model_only, env, model=base, lora_name="flux-dora-in.safetensors", strength_model=1.0)
     assert err.value.input_name == "lora_name"
     assert "flux-dora-in.safetensors" in str(err.value) and "double_blocks.0.img_attn.qkv" in str(err.value)
+
+
+def test_sdxl_dora_under_original_unet_names_and_the_second_text_encoder(tiny_env, tiny_models_dir):
+    (Path(tiny_models_dir) / "loras").mkdir(exist_ok=True)
+    model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sdxl"))
+    with model.unet() as unet:
+        label = unet.state_dict()["add_embedding.linear_1.weight"].clone()
+    with clip.encoder("text_encoder_2") as te:
+        te_state = {k: v.clone() for k, v in te.state_dict().items()}
+    fc1 = next(k for k in te_state if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    (o, i), (p, j) = label.shape, te_state[fc1].shape
+    ld, lu, lm = _r(2, i), _r(o, 2), _m(o, 1)  # per output row
+    td, tu, tm_ = _r(2, j), _r(p, 2), _m(1, j)  # per input channel
+    unet_key, te_key = "lora_unet_label_emb_0_0", "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    save_file({f"{unet_key}.lora_down.weight": ld, f"{unet_key}.lora_up.weight": lu, f"{unet_key}.dora_scale": lm,
+               f"{te_key}.lora_down.weight": td, f"{te_key}.lora_up.weight": tu, f"{te_key}.alpha": torch.tensor(4.0),
+               f"{te_key}.dora_scale": tm_}, str(Path(tiny_models_dir) / "loras" / "sdxl-dora.safetensors"))
+    rec = Called()
+    m, c = call(lora.lora_loader, tiny_env, rec, model=model, clip=clip, lora_name="sdxl-dora.safetensors",
+                strength_model=0.5, strength_clip=1.0)
+    assert "2 modules patched" in rec.messages[0] and "2 with DoRA" in rec.messages[0], rec.messages
+    assert "not matched" not in rec.messages[0], rec.messages
+    with m.unet() as unet:
+        assert torch.allclose(unet.state_dict()["add_embedding.linear_1.weight"],
+                              decomposed(label, lu @ ld, lm, 0.5), atol=1e-6, rtol=0)
+    with c.encoder("text_encoder_2") as te:
+        ours = te.state_dict()
+        assert torch.allclose(ours[fc1], decomposed(te_state[fc1], (tu @ td) * (4 / 2), tm_, 1.0), atol=1e-6, rtol=0)
+        assert sum(not torch.equal(v, te_state[k]) for k, v in ours.items()) == 1
+    with model.unet() as unet:
+        assert torch.equal(unet.state_dict()["add_embedding.linear_1.weight"], label)
