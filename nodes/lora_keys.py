@@ -27,7 +27,8 @@ Formats read (one file may mix them):
   ``lora_B`` output; ComfyUI reads BFL's, which have no alpha, as a plain ``diff_b``).
 * LyCORIS LoHa (``.hada_w1_a`` ...) and LoKr (``.lokr_w1`` ...) modules, under the same module
   names, with or without Tucker cores; their formulas are in nodes.runtime.lycoris.
-* DoRA: a ``<module>.dora_scale`` beside any of those factors (nodes.runtime.dora).
+* DoRA: a ``<module>.dora_scale`` (LyCORIS, kohya) or ``.lora_magnitude_vector`` (peft) beside any of
+  those factors (nodes.runtime.dora).
 
 Module names are matched against the model itself (its parameter names, plus the
 original-layout names computed by Kiln's own diffusers -> original converter), so
@@ -49,6 +50,10 @@ _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.
 #: as a LoRA's own bias, "lora_bias", scaled like the pair)
 _DIFFS = ((".diff_b", "bias"), (".diff", "weight"), (".w_norm", "weight"), (".b_norm", "bias"),
           (".lora_B.bias", "lora_bias"), (".lora_up.bias", "lora_bias"), (".lora.up.bias", "lora_bias"))
+#: DoRA magnitudes: LyCORIS/kohya's ``dora_scale`` (its axis by its shape, nodes.runtime.dora.axis) and
+#: peft's ``lora_magnitude_vector`` (always one per output row: ``[out]``, ``[1, out, 1, 1]`` for a conv)
+_MAGNITUDES = ((".dora_scale", "dora_scale"), (".lora_magnitude_vector.weight", "magnitude"),
+               (".lora_magnitude_vector", "magnitude"))
 #: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders
 #: by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); FLUX keeps its T5 as text_encoder_2, and a T5 name
 #: never matches SDXL's CLIP-G there, so te3 can point at text_encoder_2 for every family.
@@ -145,8 +150,9 @@ def _split(key: str) -> tuple[str, str] | None:
             return key[: -len(up)], "up"
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
-    if key.endswith(".dora_scale"):
-        return key[: -len(".dora_scale")], "dora_scale"
+    for suffix, part in _MAGNITUDES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
     return None
 
 
@@ -180,10 +186,11 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
     for module_key, parts in sorted(groups.items()):
         has_pair = "down" in parts and "up" in parts
         lyco = [k for k in parts if "." + k in lycoris.SUFFIXES]
-        diffs = [k for k in parts if k not in ("down", "up", "alpha", "dora_scale") and k not in lyco]
+        magnitude = next((p for _, p in _MAGNITUDES if p in parts), None)
+        diffs = [k for k in parts if k not in ("down", "up", "alpha", "dora_scale", "magnitude") and k not in lyco]
         if ("down" in parts) != ("up" in parts) or not (has_pair or diffs or lyco):
-            lone = "dora_scale" in parts and not (has_pair or diffs or lyco)
-            result.unmatched.append(f"{module_key}.dora_scale (no LoRA, LoHa or LoKr factors beside it)" if lone
+            lone = magnitude is not None and not (has_pair or diffs or lyco)
+            result.unmatched.append(f"{module_key}.{magnitude} (no LoRA, LoHa or LoKr factors beside it)" if lone
                                     else module_key)
             continue
         found = _locate(module_key, lookups)
@@ -204,8 +211,8 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             diff = _diff(module_key + suffix, param, parts[suffix], dict(_DIFFS)[suffix], alpha, parts.get("down"),
                          shapes[target], result)
             patches += diff or []
-        if "dora_scale" in parts:
-            patches = _decomposed(module_key, param, parts["dora_scale"], patches, shapes[target], result)
+        if magnitude is not None:
+            patches = _decomposed(module_key, param, parts[magnitude], magnitude, patches, shapes[target], result)
         table = result.tables.setdefault(target, {}) if patches else {}
         for name, patch in patches:
             if name in table:  # one file giving a parameter twice: keep the first, say so
@@ -304,25 +311,29 @@ def _fits(up: Any, down: Any, shape: tuple) -> bool:
         up.shape[0] * down.flatten(1).shape[1] == _numel(shape)
 
 
-def _decomposed(module_key: str, param: Any, scale: Any, patches: list[tuple[str, Any]], shapes: dict[str, tuple],
-                result: Matched) -> list[tuple[str, Any]]:
+def _decomposed(module_key: str, param: Any, scale: Any, part: str, patches: list[tuple[str, Any]],
+                shapes: dict[str, tuple], result: Matched) -> list[tuple[str, Any]]:
     """A DoRA module: its weight patch (LoRA pair, LoHa or LoKr) wrapped with its ``dora_scale``
     (nodes.runtime.dora; a fused module's magnitudes split by rows like its factors). A magnitude
     fitting no axis is mismatched; one per input channel of a fused module Kiln holds as separate
     layers is refused (its norms span all of them); a ``dora_scale`` with no factors beside it is
-    unmatched. Other patches of the module (its bias) pass through."""
+    unmatched. ``part``: "dora_scale" (axis by shape) or peft's "magnitude" (per output row).
+    Other patches of the module (its bias) pass through."""
     from nodes.runtime.dora import Dora, axis
 
     weights = [(n, p) for n, p in patches if n.endswith(".weight") and hasattr(p, "delta")
                and not isinstance(p, Diff)]
     if not weights:
-        result.unmatched.append(f"{module_key}.dora_scale (no LoRA, LoHa or LoKr factors beside it)")
+        result.unmatched.append(f"{module_key}.{part} (no LoRA, LoHa or LoKr factors beside it)")
         return patches
     total = _fused_rows(param)
     whole = (total, *shapes[weights[0][0]][1:]) if total is not None else shapes[weights[0][0]]
-    on = axis(tuple(scale.shape), tuple(whole))
+    if part == "magnitude":
+        on = "out" if scale.numel() == whole[0] else None
+    else:
+        on = axis(tuple(scale.shape), tuple(whole))
     if on is None:
-        result.mismatched.append(f"{module_key}.dora_scale {tuple(scale.shape)} vs {tuple(whole)}")
+        result.mismatched.append(f"{module_key}.{part} {tuple(scale.shape)} vs {tuple(whole)}")
         return []
     if on == "in" and total is not None and len(param) > 1:
         result.refused.append(f"{module_key}: its dora_scale normalises input channels across a fused layer that "

@@ -36,11 +36,12 @@ def _m(*shape: int) -> torch.Tensor:
     return torch.rand(*shape, generator=G) + 0.5
 
 
-def decomposed(w: torch.Tensor, dw: torch.Tensor, m: torch.Tensor, strength: float) -> torch.Tensor:
-    """The definition, one row or one input channel at a time (by ``m``'s first axis)."""
+def decomposed(w: torch.Tensor, dw: torch.Tensor, m: torch.Tensor, strength: float,
+               per_row: bool | None = None) -> torch.Tensor:
+    """The definition, one row or one input channel at a time (by ``m``'s first axis unless ``per_row``)."""
     merged = w.float() + dw
     out = torch.empty_like(merged)
-    if m.shape[0] == w.shape[0]:
+    if per_row if per_row is not None else m.shape[0] == w.shape[0]:
         for i in range(w.shape[0]):
             out[i] = m.flatten()[i] * merged[i] / (torch.sqrt((merged[i] ** 2).sum()) + EPS)
     else:
@@ -266,3 +267,30 @@ def test_sdxl_dora_under_original_unet_names_and_the_second_text_encoder(tiny_en
         assert sum(not torch.equal(v, te_state[k]) for k, v in ours.items()) == 1
     with model.unet() as unet:
         assert torch.equal(unet.state_dict()["add_embedding.linear_1.weight"], label)
+
+
+def test_peft_magnitude_vectors_are_per_output_row_whatever_their_shape(tiny_env, tiny_models_dir):
+    """peft's ``lora_magnitude_vector``: ``[out]`` for a linear, ``[1, out, 1, 1]`` for a conv; on a square
+    conv the dora_scale rule would read the latter per input channel, so the key decides."""
+    (Path(tiny_models_dir) / "loras").mkdir(exist_ok=True)
+    v, conv = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", "down_blocks.0.resnets.0.conv2"
+    va, vb, vm = _r(2, 32), _r(32, 2), _m(32)
+    ca, cb, cm = _r(2, 32, 3, 3), _r(32, 2, 1, 1), _m(1, 32, 1, 1)
+    save_file({f"unet.{v}.lora_A.weight": va, f"unet.{v}.lora_B.weight": vb, f"unet.{v}.lora_magnitude_vector": vm,
+               f"unet.{conv}.lora_A.weight": ca, f"unet.{conv}.lora_B.weight": cb,
+               f"unet.{conv}.lora_magnitude_vector.weight": cm},
+              str(Path(tiny_models_dir) / "loras" / "sd1-peft-dora.safetensors"))
+    model, _, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))
+    base = net_state(model)
+    rec = Called()
+    (m,) = call(lora.lora_loader_model_only, tiny_env, rec, model=model, lora_name="sd1-peft-dora.safetensors",
+                strength_model=1.0)
+    assert "2 modules patched" in rec.messages[0] and "2 with DoRA" in rec.messages[0], rec.messages
+    ours = net_state(m)
+    dconv = (cb.flatten(1) @ ca.flatten(1)).reshape(32, 32, 3, 3)
+    assert torch.allclose(ours[f"{v}.weight"], decomposed(base[f"{v}.weight"], vb @ va, vm, 1.0, per_row=True),
+                          atol=1e-6, rtol=0)
+    assert torch.allclose(ours[f"{conv}.weight"], decomposed(base[f"{conv}.weight"], dconv, cm, 1.0, per_row=True),
+                          atol=1e-6, rtol=0)
+    wrong = decomposed(base[f"{conv}.weight"], dconv, cm, 1.0, per_row=False)
+    assert (ours[f"{conv}.weight"] - wrong).abs().max() > 1e-2

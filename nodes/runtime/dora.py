@@ -9,7 +9,9 @@ and ``m`` the file's ``dora_scale``, the decomposed weight is ``W' = m * (W + Δ
 The norm's axis follows the magnitude's shape, ComfyUI's rule: ``dora_scale`` with as many rows
 as the weight (``[out, 1, ...]``, LyCORIS' ``wd_on_out``; peft's magnitudes are per output row
 too) takes one norm per OUTPUT row (over the input and kernel axes); any other (``[1, in, 1, 1]``,
-LyCORIS' default) one norm per INPUT channel (over the output and kernel axes). On the output
+LyCORIS' default) one norm per INPUT channel (over the output and kernel axes). peft's own
+key (``lora_magnitude_vector``: ``[out]``, ``[1, out, 1, 1]`` for a conv) is always per output row,
+as peft computes it (nodes.lora_keys reads the key to decide). On the output
 axis ComfyUI's current code divides by the norm of the base ``W``, not of ``W + ΔW``; its open
 PR #15458 calls that a bug, and peft, LyCORIS and the DoRA paper all normalise ``W + ΔW``, so
 Kiln does too (a LoRA trained by any of them is then applied as trained).
