@@ -19,7 +19,7 @@ import tiny_flux
 import tiny_models as tm
 from lora_support import (assert_fp8_patch_matches_hand, assert_paged_patch_matches_hand,
                           assert_strength_zero_is_the_base, assert_unet_matches_hand, flux_env, net_state,
-                          patched_states, states, write_flux_models)
+                          patched_states, states, with_lora, write_flux_models)
 from node_call import Called, call
 from nodes import loaders, lora, split_loaders
 from nodes.runtime import offload
@@ -105,7 +105,7 @@ def sd1_file(tiny_models_dir) -> str:
     return "sd1-dora.safetensors"
 
 
-def test_sd1_dora_equals_the_weights_decomposed_by_hand_and_leaves_the_base(tiny_env, sd1_file):
+def test_sd1_dora_equals_the_weights_decomposed_by_hand_and_leaves_the_base(tiny_env, tiny_models_dir, sd1_file):
     model, clip, _ = call(loaders.checkpoint_loader, tiny_env, ckpt_name=tm.checkpoint_name("sd1"))
     base = states(model, clip)
     for strength in (1.0, 0.5):
@@ -118,6 +118,15 @@ def test_sd1_dora_equals_the_weights_decomposed_by_hand_and_leaves_the_base(tiny
         for t, k in changed:
             assert torch.allclose(ours[t][k], hand[t][k], atol=1e-6, rtol=0), (t, k, strength)
             assert (ours[t][k] - plain[t][k]).abs().max() > 1e-2, (t, k)  # dora_scale ignored would fail here
+    # stacked after a plain LoRA on the same layer: the DoRA decomposes the weight that LoRA left
+    pd, pu = _r(3, 128), _r(32, 3)
+    save_file({f"{_kohya(_FF)}.lora_down.weight": pd, f"{_kohya(_FF)}.lora_up.weight": pu},
+              str(Path(tiny_models_dir) / "loras" / "sd1-plain-ff.safetensors"))
+    m = with_lora(tiny_env, model, "sd1-plain-ff.safetensors", 0.5)
+    stacked = net_state(with_lora(tiny_env, m, sd1_file, 1.0))
+    dw, mag = _sd1_patches()[("unet", f"{_FF}.weight")]
+    first = base["unet"][f"{_FF}.weight"] + (pu @ pd) * 0.5
+    assert torch.allclose(stacked[f"{_FF}.weight"], decomposed(first, dw, mag, 1.0), atol=1e-6, rtol=0)
     assert_strength_zero_is_the_base(tiny_env, model, clip, sd1_file, base)
 
 
