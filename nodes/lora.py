@@ -56,6 +56,7 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
     """The handles with the LoRA added to their stacks; errors and a message name what matched."""
     from nodes import lora_keys
     from nodes.runtime import lycoris
+    from nodes.runtime.dora import Dora
     from nodes.runtime.patches import Diff, LoraEntry
 
     path = locate(ctx.env, LORA_FOLDER, lora_name, "lora_name")
@@ -74,6 +75,8 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
         raise NodeError(f"{lora_name} does not fit this {family} model: {len(found.mismatched)} of its modules have "
                         f"other shapes (e.g. {found.mismatched[0]}); {guess}",
                         "lora_name")
+    if found.refused:
+        raise NodeError(f"{lora_name}: DoRA module {found.refused[0]}; leave this LoRA out", "lora_name")
     skipped = [k for k in found.unmatched if clip is None and k.startswith(("lora_te", "text_encoder"))]
     unmatched = [k for k in found.unmatched if k not in skipped]
     if found.count == 0:
@@ -90,10 +93,14 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
     whole = sum(isinstance(p, Diff) for t in found.tables.values() for p in t.values())
     if whole:
         note += f"; {whole} of them by whole weight or bias differences"
-    products = [p.kind for t in found.tables.values() for p in t.values() if isinstance(p, lycoris.Product)]
+    inner = [p.inner if isinstance(p, Dora) else p for t in found.tables.values() for p in t.values()]
+    products = [p.kind for p in inner if isinstance(p, lycoris.Product)]
     if products:
         note += f"; {len(products)} by LyCORIS " + " and ".join(
             f"{k} ({products.count(k.lower())})" for k in ("LoHa", "LoKr") if k.lower() in products)
+    doras = sum(isinstance(p, Dora) for t in found.tables.values() for p in t.values())
+    if doras:
+        note += f"; {doras} with DoRA weight decomposition"
     if skipped:
         note += f"; {len(skipped)} text-encoder modules ignored (no CLIP input)"
     if unmatched:
@@ -123,7 +130,7 @@ def _check(model: Any, clip: Any = None, need_clip: bool = False) -> None:
         Input("model", T.MODEL),
         Input("clip", T.CLIP),
         Input("lora_name", T.COMBO, choices=_loras, tooltip="A LoRA file in models/loras (kohya/A1111, "
-              "diffusers/PEFT, LoCon, or LyCORIS LoHa/LoKr format)."),
+              "diffusers/PEFT, LoCon, or LyCORIS LoHa/LoKr format, DoRA included)."),
         _strength("strength_model", "How strongly the LoRA changes the diffusion model; 0 = not at all, "
                   "negative inverts it."),
         _strength("strength_clip", "How strongly the LoRA changes the text encoder(s)."),

@@ -27,6 +27,8 @@ Formats read (one file may mix them):
   ``lora_B`` output; ComfyUI reads BFL's, which have no alpha, as a plain ``diff_b``).
 * LyCORIS LoHa (``.hada_w1_a`` ...) and LoKr (``.lokr_w1`` ...) modules, under the same module
   names, with or without Tucker cores; their formulas are in nodes.runtime.lycoris.
+* DoRA: a ``<module>.dora_scale`` (LyCORIS, kohya) or ``.lora_magnitude_vector`` (peft) beside any of
+  those factors (nodes.runtime.dora).
 
 Module names are matched against the model itself (its parameter names, plus the
 original-layout names computed by Kiln's own diffusers -> original converter), so
@@ -48,6 +50,10 @@ _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.
 #: as a LoRA's own bias, "lora_bias", scaled like the pair)
 _DIFFS = ((".diff_b", "bias"), (".diff", "weight"), (".w_norm", "weight"), (".b_norm", "bias"),
           (".lora_B.bias", "lora_bias"), (".lora_up.bias", "lora_bias"), (".lora.up.bias", "lora_bias"))
+#: DoRA magnitudes: LyCORIS/kohya's ``dora_scale`` (its axis by its shape, nodes.runtime.dora.axis) and
+#: peft's ``lora_magnitude_vector`` (always one per output row: ``[out]``, ``[1, out, 1, 1]`` for a conv)
+_MAGNITUDES = ((".dora_scale", "dora_scale"), (".lora_magnitude_vector.weight", "magnitude"),
+               (".lora_magnitude_vector", "magnitude"))
 #: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders
 #: by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); FLUX keeps its T5 as text_encoder_2, and a T5 name
 #: never matches SDXL's CLIP-G there, so te3 can point at text_encoder_2 for every family.
@@ -70,6 +76,7 @@ class Matched:
     tables: dict[str, dict[str, LowRank | Diff | lycoris.Product]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # name fits, shape does not
+    refused: list[str] = field(default_factory=list)  # fits, but Kiln cannot apply it exactly (why)
 
     @property
     def count(self) -> int:
@@ -143,6 +150,9 @@ def _split(key: str) -> tuple[str, str] | None:
             return key[: -len(up)], "up"
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
+    for suffix, part in _MAGNITUDES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
     return None
 
 
@@ -176,9 +186,12 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
     for module_key, parts in sorted(groups.items()):
         has_pair = "down" in parts and "up" in parts
         lyco = [k for k in parts if "." + k in lycoris.SUFFIXES]
-        diffs = [k for k in parts if k not in ("down", "up", "alpha") and k not in lyco]
+        magnitude = next((p for _, p in _MAGNITUDES if p in parts), None)
+        diffs = [k for k in parts if k not in ("down", "up", "alpha", "dora_scale", "magnitude") and k not in lyco]
         if ("down" in parts) != ("up" in parts) or not (has_pair or diffs or lyco):
-            result.unmatched.append(module_key)
+            lone = magnitude is not None and not (has_pair or diffs or lyco)
+            result.unmatched.append(f"{module_key}.{magnitude} (no LoRA, LoHa or LoKr factors beside it)" if lone
+                                    else module_key)
             continue
         found = _locate(module_key, lookups)
         if found is None:
@@ -198,6 +211,8 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             diff = _diff(module_key + suffix, param, parts[suffix], dict(_DIFFS)[suffix], alpha, parts.get("down"),
                          shapes[target], result)
             patches += diff or []
+        if magnitude is not None:
+            patches = _decomposed(module_key, param, parts[magnitude], magnitude, patches, shapes[target], result)
         table = result.tables.setdefault(target, {}) if patches else {}
         for name, patch in patches:
             if name in table:  # one file giving a parameter twice: keep the first, say so
@@ -294,3 +309,37 @@ def _fits(up: Any, down: Any, shape: tuple) -> bool:
     """Whether ``up @ down`` has the weight's shape (a LoCon conv factor flattened)."""
     return up.shape[0] == shape[0] and up.flatten(1).shape[1] == down.shape[0] and \
         up.shape[0] * down.flatten(1).shape[1] == _numel(shape)
+
+
+def _decomposed(module_key: str, param: Any, scale: Any, part: str, patches: list[tuple[str, Any]],
+                shapes: dict[str, tuple], result: Matched) -> list[tuple[str, Any]]:
+    """A DoRA module: its weight patch (LoRA pair, LoHa or LoKr) wrapped with its ``dora_scale``
+    (nodes.runtime.dora; a fused module's magnitudes split by rows like its factors). A magnitude
+    fitting no axis is mismatched; one per input channel of a fused module Kiln holds as separate
+    layers is refused (its norms span all of them); a ``dora_scale`` with no factors beside it is
+    unmatched. ``part``: "dora_scale" (axis by shape) or peft's "magnitude" (per output row).
+    Other patches of the module (its bias) pass through."""
+    from nodes.runtime.dora import Dora, axis
+
+    weights = [(n, p) for n, p in patches if n.endswith(".weight") and hasattr(p, "delta")
+               and not isinstance(p, Diff)]
+    if not weights:
+        result.unmatched.append(f"{module_key}.{part} (no LoRA, LoHa or LoKr factors beside it)")
+        return patches
+    total = _fused_rows(param)
+    whole = (total, *shapes[weights[0][0]][1:]) if total is not None else shapes[weights[0][0]]
+    if part == "magnitude":
+        on = "out" if scale.numel() == whole[0] else None
+    else:
+        on = axis(tuple(scale.shape), tuple(whole))
+    if on is None:
+        result.mismatched.append(f"{module_key}.{part} {tuple(scale.shape)} vs {tuple(whole)}")
+        return []
+    if on == "in" and total is not None and len(param) > 1:
+        result.refused.append(f"{module_key}: its dora_scale normalises input channels across a fused layer that "
+                              "this model holds as separate layers (only per-output-row DoRA is supported there)")
+        return []
+    magnitude = scale.float().flatten()
+    pieces = dict(_rows(param, magnitude, bias=False)) if on == "out" else {}
+    wrapped = {n for n, _ in weights}
+    return [(n, Dora(p, pieces.get(n, magnitude), on) if n in wrapped else p) for n, p in patches]

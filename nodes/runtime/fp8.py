@@ -35,11 +35,16 @@ def _cast_linear_class():
         A whole weight difference comes as ``(diff, None, c)`` (``c * x @ diff.T``), a bias
         difference as ``(diff, "bias", c)`` (``c * diff``; see ``patches.Diff.beside``), a LoHa / LoKr
         patch as ``(patch, "product", c)`` (``c * x @ patch.delta().T``; see ``runtime.lycoris``).
+        A DoRA patch, ``(patch, "dora", strength)``, rescales the rows or columns of ``W + ΔW`` by norms
+        of the weight itself, so no beside form exists: with one present the layer builds its whole
+        patched weight for the call from the weight it read (:func:`_merged`), every entry in order.
         """
 
         kiln_lora: tuple = ()
 
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            if any(down == "dora" for _, down, _ in self.kiln_lora):
+                return torch.nn.functional.linear(x, *_merged(self, x.dtype))
             w = self.weight.to(x.dtype)
             b = self.bias.to(x.dtype) if self.bias is not None else None
             out = torch.nn.functional.linear(x, w, b)
@@ -61,6 +66,27 @@ def _cast_linear_class():
 _CAST = None
 
 
+def _merged(layer: Any, dtype: Any) -> tuple:
+    """A CastLinear's weight and bias with every ``kiln_lora`` entry applied in order, float32 sums
+    as the in-place patch path makes them, then in ``dtype``: the DoRA case (see CastLinear)."""
+    import torch
+
+    w = layer.weight.to(torch.float32)
+    b = layer.bias.to(torch.float32) if layer.bias is not None else None
+    for up, down, c in layer.kiln_lora:
+        if down == "dora":
+            w = up.apply(w, c)
+        elif down == "product":
+            w = w + up.delta(tuple(w.shape), w.device) * c
+        elif down == "bias":
+            b = b + up * c
+        elif down is None:
+            w = w + up * c
+        else:
+            w = w + (up @ down).reshape(w.shape) * c
+    return w.to(dtype), b.to(dtype) if b is not None else None
+
+
 def as_cast_linear(module: Any) -> Any:
     """Make one ``nn.Linear`` a CastLinear in place (same arithmetic when its weight is not fp8;
     LoRAs can then run beside the weight, see ``kiln_lora``)."""
@@ -79,7 +105,10 @@ def _with_deltas(layer: Any) -> tuple:
     w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
     for kind, patch, strength in layer.kiln_deltas:
         t = b if kind == "bias" else w
-        t = (t.to(torch.float32) + patch.delta(tuple(t.shape), t.device) * strength).to(t.dtype)
+        if hasattr(patch, "apply"):  # DoRA: the new weight from the one just read (nodes.runtime.dora)
+            t = patch.apply(t, strength).to(t.dtype)
+        else:
+            t = (t.to(torch.float32) + patch.delta(tuple(t.shape), t.device) * strength).to(t.dtype)
         w, b = (w, t) if kind == "bias" else (t, b)
     return w, b
 

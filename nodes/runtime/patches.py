@@ -13,7 +13,9 @@ convolution factors flatten the same way); ``scale`` is the file's
 A full difference (:class:`Diff`: a file's ``.diff`` for a weight, ``.diff_b`` for a
 bias, a LoRA's own bias) is ``strength * scale * diff``, on the same path.
 A LyCORIS LoHa or LoKr module (:class:`nodes.runtime.lycoris.Product`) rebuilds its
-difference from its factors on the same path.
+difference from its factors on the same path. A DoRA module (:class:`nodes.runtime.dora.Dora`:
+one of those plus the file's ``dora_scale``) needs the weight itself: it gives the whole new
+weight (``apply``), written into the parameter on the same path.
 An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
@@ -93,7 +95,7 @@ class Diff:
         return (diff, "bias" if diff.ndim == 1 else None, coefficient * self.scale)
 
 
-Patch = Any  # LowRank | Diff | lycoris.Product: what a table holds per parameter name
+Patch = Any  # LowRank | Diff | lycoris.Product | dora.Dora: what a table holds per parameter name
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,6 +150,9 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                                         "(give Kiln more memory, or leave this LoRA out)", "model")
                     if name not in saved:
                         saved[name] = p.detach().to("cpu", copy=True)
+                    if hasattr(factors, "apply"):  # DoRA (nodes.runtime.dora): the new weight from the weight
+                        p.copy_(factors.apply(p, entry.strength).to(p.dtype))
+                        continue
                     delta = factors.delta(tuple(p.shape), p.device) * entry.strength
                     if p.dtype == torch.float32:  # in place: the same single rounding, no weight-sized temporary
                         p.add_(delta)
