@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_load import free_port, percentile, stop_server, wait_ready, workflow, write_input  # noqa: E402
+from server_load import (free_port, job_end, percentile, stop_server, wait_ready, workflow,  # noqa: E402
+                         write_input)
 
 STAGES = ["post", "http_in", "body", "offered", "taken", "validated", "stored", "claimed", "planned",
           "finished", "committed", "flushed", "drain", "replied", "sent", "notified"]
@@ -165,12 +166,7 @@ async def resubmits(base: str, count: int) -> list[dict[str, int]]:
             async with session.post(f"{base}/api/jobs", json=body) as r:
                 job_id = (await r.json())["job_id"]
             t_reply = time.perf_counter_ns()
-            while True:
-                event = json.loads((await ws.receive(timeout=60)).data)
-                if event.get("job_id") == job_id and event.get("type") in ("job_finished", "job_failed"):
-                    break
-            if event["type"] != "job_finished":
-                raise RuntimeError(f"resubmitted job failed: {event}")
+            await job_end(ws, job_id)
             if i:
                 rows.append({"post": t0, "reply": t_reply, "notified": time.perf_counter_ns()})
         await ws.close()

@@ -188,6 +188,17 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+async def job_end(ws: Any, job_id: str) -> dict[str, Any]:
+    """The ``job_finished`` event of ``job_id`` on a Kiln-protocol websocket; a failed job raises."""
+    while True:
+        event = json.loads((await ws.receive(timeout=60)).data)
+        if event.get("job_id") == job_id and event.get("type") in ("job_finished", "job_failed"):
+            break
+    if event["type"] != "job_finished":
+        raise RuntimeError(f"resubmitted job failed: {event}")
+    return event
+
+
 async def resubmit_bench(base: str, count: int) -> dict[str, list[float]]:
     """The same workflow submitted ``count`` times in a row (no ``force``): every node is cached.
 
@@ -207,12 +218,7 @@ async def resubmit_bench(base: str, count: int) -> dict[str, list[float]]:
             async with session.post(f"{base}/api/jobs", json=body) as r:
                 job_id = (await r.json())["job_id"]
             reply = time.perf_counter() - t0
-            while True:
-                event = json.loads((await ws.receive(timeout=60)).data)
-                if event.get("job_id") == job_id and event.get("type") in ("job_finished", "job_failed"):
-                    break
-            if event["type"] != "job_finished":
-                raise RuntimeError(f"resubmitted job failed: {event}")
+            event = await job_end(ws, job_id)
             if i:
                 out["reply"].append(reply * 1000)
                 out["server"].append(event["timestamp"] - wall)

@@ -104,6 +104,23 @@ def flux_sample(env: Environment, model) -> torch.Tensor:
     return out["samples"]
 
 
+def assert_flux_patch_matches_hand(root: Path, tmp_path: Path, lora_name: str) -> tuple[str, list[str]]:
+    """The LoRA on the BFL base gives the hand-changed file's weights (within 1e-6) and leaves the base as
+    it was. Returns the loader's message and the names of the parameters it changed."""
+    from nodes import split_loaders
+
+    env = flux_env(root, tmp_path)
+    (base,) = call(split_loaders.unet_loader, env, unet_name="base.safetensors")
+    (hand,) = call(split_loaders.unet_loader, env, unet_name="hand.safetensors")
+    before, expected = net_state(base), net_state(hand)
+    rec = Called()
+    ours = net_state(with_lora(env, base, lora_name, rec=rec))
+    assert "not matched" not in rec.messages[0], rec.messages
+    assert all(torch.allclose(ours[k], expected[k], atol=1e-6, rtol=0) for k in ours)
+    assert all(torch.equal(v, before[k]) for k, v in net_state(base).items())
+    return rec.messages[0], [k for k in ours if not torch.equal(ours[k], before[k])]
+
+
 def with_lora(env: Environment, model, name: str, strength: float = 1.0, rec: Called | None = None):
     return call(lora.lora_loader_model_only, env, rec, model=model, lora_name=name, strength_model=strength)[0]
 
@@ -115,9 +132,14 @@ def stored_bytes(model) -> State:
                 for k, v in net.state_dict().items()}
 
 
-def assert_fp8_patch_matches_hand(env: Environment, fp8, hand, lora_name: str) -> None:
+def assert_fp8_patch_matches_hand(root: Path, tmp_path: Path, lora_name: str) -> None:
     """A LoRA beside fp8 weights gives the upcast hand-made model's latents, changes the result, leaves
     the stored bytes and no patch state on the layers, and at strength 0 is the plain model."""
+    from nodes import split_loaders
+
+    env = flux_env(root, tmp_path / "fp8")
+    (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")
+    (hand,) = call(split_loaders.unet_loader, env, unet_name="fp8-hand.safetensors")
     with fp8.unet() as net:
         assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
     stored = stored_bytes(fp8)
@@ -132,7 +154,8 @@ def assert_fp8_patch_matches_hand(env: Environment, fp8, hand, lora_name: str) -
         assert not any("kiln_lora" in vars(m) for m in net.modules())
 
 
-def assert_paged_patch_matches_hand(root: Path, tmp_path: Path, lora_name: str) -> tuple[Environment, object, torch.Tensor]:
+def assert_paged_patch_matches_hand(root: Path, tmp_path: Path,
+                                    lora_name: str) -> tuple[Environment, object, torch.Tensor]:
     """A LoRA on the base paged to disk gives the whole hand-made model's latents, changes the result,
     and leaves the paged base as it was. Returns the paged environment, model and patched latents for further checks."""
     from nodes import split_loaders

@@ -242,11 +242,7 @@ def test_a_flux_norm_difference_under_its_original_name_equals_it_under_the_diff
 
 
 def test_flux_diffs_beside_fp8_weights_equal_the_upcast_file_changed_by_hand(flux_root, tmp_path):
-    env = flux_env(flux_root, tmp_path)
-    (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")
-    (hand,) = call(split_loaders.unet_loader, env, unet_name="fp8-hand.safetensors")
-    assert_fp8_patch_matches_hand(env, fp8, hand, "flux-diff.safetensors")
-
+    assert_fp8_patch_matches_hand(flux_root, tmp_path, "flux-diff.safetensors")
 
 def test_flux_diffs_beside_paged_weights_equal_the_file_changed_by_hand(flux_root, tmp_path):
     env, model, ours = assert_paged_patch_matches_hand(flux_root, tmp_path, "flux-diff.safetensors")

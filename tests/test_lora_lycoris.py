@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 
 import tiny_flux
 import tiny_models as tm
-from lora_support import (assert_fp8_patch_matches_hand, assert_paged_patch_matches_hand,
-                          assert_strength_zero_is_the_base, assert_unet_matches_hand, flux_env, net_state,
-                          patched_states, states, with_lora, write_flux_models)
+from lora_support import (assert_flux_patch_matches_hand, assert_fp8_patch_matches_hand,
+                          assert_paged_patch_matches_hand, assert_strength_zero_is_the_base,
+                          assert_unet_matches_hand, net_state, patched_states, states, with_lora,
+                          write_flux_models)
 from node_call import Called, call
-from nodes import loaders, lora, split_loaders
+from nodes import loaders, lora
 from nodes.runtime import offload
 
 G = torch.Generator().manual_seed(43)
@@ -247,26 +248,13 @@ def flux_root(tmp_path_factory) -> Path:
 
 
 def test_flux_loha_on_a_fused_qkv_and_lokr_equal_the_file_changed_by_hand(flux_root, tmp_path):
-    env = flux_env(flux_root, tmp_path)
-    (base,) = call(split_loaders.unet_loader, env, unet_name="base.safetensors")
-    (hand,) = call(split_loaders.unet_loader, env, unet_name="hand.safetensors")
-    before, expected = net_state(base), net_state(hand)
-    rec = Called()
-    ours = net_state(with_lora(env, base, "flux-lycoris.safetensors", rec=rec))
-    assert "not matched" not in rec.messages[0], rec.messages
-    assert "4 modules patched" in rec.messages[0] and "LoHa (3) and LoKr (1)" in rec.messages[0], rec.messages
-    changed = [k for k in ours if not torch.equal(ours[k], before[k])]
+    note, changed = assert_flux_patch_matches_hand(flux_root, tmp_path, "flux-lycoris.safetensors")
+    assert "4 modules patched" in note and "LoHa (3) and LoKr (1)" in note, note
     assert len(changed) == 4, changed  # to_q, to_k, to_v, proj_out
-    assert all(torch.allclose(ours[k], expected[k], atol=1e-6, rtol=0) for k in ours)
-    assert all(torch.equal(v, before[k]) for k, v in net_state(base).items())
 
 
 def test_flux_lycoris_beside_fp8_and_paged_weights_equal_the_file_changed_by_hand(flux_root, tmp_path):
-    env = flux_env(flux_root, tmp_path / "fp8")
-    (fp8,) = call(split_loaders.unet_loader, env, unet_name="fp8.safetensors")
-    (hand,) = call(split_loaders.unet_loader, env, unet_name="fp8-hand.safetensors")
-    assert_fp8_patch_matches_hand(env, fp8, hand, "flux-lycoris.safetensors")
-
+    assert_fp8_patch_matches_hand(flux_root, tmp_path, "flux-lycoris.safetensors")
     assert_paged_patch_matches_hand(flux_root, tmp_path, "flux-lycoris.safetensors")
 
 
