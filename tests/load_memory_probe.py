@@ -40,8 +40,13 @@ def main(specs: list[str]) -> None:
     import torch
     import transformers  # noqa: F401
 
+    from engine.allocator import return_large_frees
     from nodes.checkpoint.load import quiet_progress
 
+    # As every model process does (engine.allocator): without it, glibc's mmap threshold rises with
+    # each large block freed, so how much a load's freed buffers stay resident depends on what ran
+    # before (one fresh-clone run saw 124 MiB "extra" on a load that holds none), not on the load.
+    return_large_frees()
     quiet_progress()
     results = []
     for spec in specs:
