@@ -18,7 +18,8 @@ Kiln does too (a LoRA trained by any of them is then applied as trained).
 
 The decomposition needs the weight itself, so a :class:`Dora` has no weight-free ``delta``:
 the patch path asks it for the whole new weight (:meth:`Dora.apply`), in place where the weight
-is held, and from the weight read per call where it runs beside the weight (fp8, disk-paged).
+is held, and from the weight read per call where patches run beside the weight (fp8, kept narrow,
+disk-paged: nodes.runtime.fp8's ``kiln_deltas``).
 """
 from __future__ import annotations
 
@@ -55,28 +56,8 @@ class Dora:
         merged = w + self.inner.delta(tuple(w.shape), w.device)
         if self.on == "out":
             norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
-            m = self.magnitude.to(w.device, torch.float32).reshape(norm.shape)
         else:
             norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
-            m = self.magnitude.to(w.device, torch.float32).reshape(norm.shape)
+        m = self.magnitude.to(w.device, torch.float32).reshape(norm.shape)
         decomposed = merged * (m / (norm + torch.finfo(torch.float32).eps))
         return decomposed if strength == 1.0 else w + strength * (decomposed - w)
-
-    def beside(self, device: Any, coefficient: float) -> tuple:
-        """The layer-side form ``(self, "dora", strength)``: the layer applies it to the weight it casts
-        for the call (``fp8.CastLinear``), since the norms need that weight."""
-        import dataclasses
-
-        moved = dataclasses.replace(self, inner=_moved(self.inner, device))
-        return (moved, "dora", coefficient)
-
-
-def _moved(inner: Any, device: Any) -> Any:
-    """``inner`` with its factors on ``device`` once (not on every call)."""
-    import dataclasses
-
-    import torch
-
-    if hasattr(inner, "factors"):
-        return dataclasses.replace(inner, factors={k: v.to(device, torch.float32) for k, v in inner.factors.items()})
-    return dataclasses.replace(inner, up=inner.up.to(device, torch.float32), down=inner.down.to(device, torch.float32))

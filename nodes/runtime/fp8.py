@@ -35,16 +35,17 @@ def _cast_linear_class():
         A whole weight difference comes as ``(diff, None, c)`` (``c * x @ diff.T``), a bias
         difference as ``(diff, "bias", c)`` (``c * diff``; see ``patches.Diff.beside``), a LoHa / LoKr
         patch as ``(patch, "product", c)`` (``c * x @ patch.delta().T``; see ``runtime.lycoris``).
-        A DoRA patch, ``(patch, "dora", strength)``, rescales the rows or columns of ``W + ΔW`` by norms
-        of the weight itself, so no beside form exists: with one present the layer builds its whole
-        patched weight for the call from the weight it read (:func:`_merged`), every entry in order.
+        A DoRA patch rescales the rows or columns of ``W + ΔW`` by norms of the weight itself, so it has
+        no beside form: a layer with one among its patches gets them all as ``kiln_deltas`` instead
+        (nodes.runtime.patches) and builds its whole patched weight for the call from the weight it
+        read (:func:`_with_deltas`, as the run-time patched convolutions and norms do).
         """
 
         kiln_lora: tuple = ()
 
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-            if any(down == "dora" for _, down, _ in self.kiln_lora):
-                return torch.nn.functional.linear(x, *_merged(self, x.dtype))
+            if vars(self).get("kiln_deltas"):  # an instance attribute: patches.patched routes by the class's
+                return torch.nn.functional.linear(x, *_with_deltas(self, x.dtype))
             w = self.weight.to(x.dtype)
             b = self.bias.to(x.dtype) if self.bias is not None else None
             out = torch.nn.functional.linear(x, w, b)
@@ -66,27 +67,6 @@ def _cast_linear_class():
 _CAST = None
 
 
-def _merged(layer: Any, dtype: Any) -> tuple:
-    """A CastLinear's weight and bias with every ``kiln_lora`` entry applied in order, float32 sums
-    as the in-place patch path makes them, then in ``dtype``: the DoRA case (see CastLinear)."""
-    import torch
-
-    w = layer.weight.to(torch.float32)
-    b = layer.bias.to(torch.float32) if layer.bias is not None else None
-    for up, down, c in layer.kiln_lora:
-        if down == "dora":
-            w = up.apply(w, c)
-        elif down == "product":
-            w = w + up.delta(tuple(w.shape), w.device) * c
-        elif down == "bias":
-            b = b + up * c
-        elif down is None:
-            w = w + up * c
-        else:
-            w = w + (up @ down).reshape(w.shape) * c
-    return w.to(dtype), b.to(dtype) if b is not None else None
-
-
 def as_cast_linear(module: Any) -> Any:
     """Make one ``nn.Linear`` a CastLinear in place (same arithmetic when its weight is not fp8;
     LoRAs can then run beside the weight, see ``kiln_lora``)."""
@@ -97,20 +77,22 @@ def as_cast_linear(module: Any) -> Any:
     return module
 
 
-def _with_deltas(layer: Any) -> tuple:
-    """``layer``'s weight and bias with its ``kiln_deltas`` added (see :func:`_run_time_classes`),
-    in the in-place patch's arithmetic: float32 sum, back to the stored dtype."""
+def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
+    """``layer``'s weight and bias with its ``kiln_deltas`` applied in order (see :func:`_run_time_classes`)
+    in the in-place patch's arithmetic, float32 sums, then in ``dtype`` (default: as stored). A DoRA
+    patch (nodes.runtime.dora) gives its whole new weight from the one reached so far."""
     import torch
 
     w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
     for kind, patch, strength in layer.kiln_deltas:
-        t = b if kind == "bias" else w
-        if hasattr(patch, "apply"):  # DoRA: the new weight from the one just read (nodes.runtime.dora)
-            t = patch.apply(t, strength).to(t.dtype)
+        t = (b if kind == "bias" else w).to(torch.float32)
+        if hasattr(patch, "apply"):
+            t = patch.apply(t, strength)
         else:
-            t = (t.to(torch.float32) + patch.delta(tuple(t.shape), t.device) * strength).to(t.dtype)
+            t = t + patch.delta(tuple(t.shape), t.device) * strength
         w, b = (w, t) if kind == "bias" else (t, b)
-    return w, b
+    stored = (layer.weight, getattr(layer, "bias", None))  # a norm may have neither
+    return tuple(t.to(dtype or s.dtype) if t is not None else None for t, s in zip((w, b), stored))
 
 
 def _run_time_classes() -> dict:

@@ -124,7 +124,7 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
 
     params = dict(module.named_parameters())
     saved: dict[str, torch.Tensor] = {}
-    beside: dict[str, list] = {}  # fp8 / narrow-stored layers: owner module name -> (up, down, coefficient)
+    beside: dict[str, list] = {}  # fp8 / narrow-stored layers: owner module name -> (kind, patch, strength)
     deltas: dict[str, list] = {}  # paged convolutions/norms: owner -> (kind, patch, strength)
     # Weights paged to disk (nodes.runtime.offload) rest as placeholders: every LoRA runs beside.
     paged = getattr(offloaded(module), "paged", False)
@@ -139,7 +139,7 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                         deltas.setdefault(owner, []).append((kind, factors, entry.strength))
                         continue
                     if (paged or stored_apart(p, module)) and hasattr(module.get_submodule(owner), "kiln_lora"):
-                        beside.setdefault(owner, []).append(factors.beside(device, entry.strength))
+                        beside.setdefault(owner, []).append((kind, factors, entry.strength))
                         continue
                     if paged:  # only a denoiser is paged, so the input at fault is the model
                         from engine.context import NodeError
@@ -158,8 +158,11 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
                         p.add_(delta)
                     else:
                         p.copy_((p.to(torch.float32) + delta).to(p.dtype))
-            for owner, factors in beside.items():
-                module.get_submodule(owner).kiln_lora = tuple(factors)
+            for owner, items in beside.items():
+                if any(hasattr(factors, "apply") for _, factors, _ in items):
+                    deltas[owner] = items  # DoRA needs the weight itself: the layer builds it per call
+                else:
+                    module.get_submodule(owner).kiln_lora = tuple(f.beside(device, s) for _, f, s in items)
             for owner, items in deltas.items():
                 module.get_submodule(owner).kiln_deltas = tuple(items)
         yield
