@@ -134,9 +134,8 @@ def t5_held_bytes(state: Mapping[str, Any], prefix: str, dtype: Any) -> int:
     sub = {k[len(prefix):]: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in shapes if k.startswith(prefix)}
     with torch.device("meta"):
         model = _t5_skeleton(sub, prefix)
-    held = _t5_state(model, sub, dtype)
-    tied = {"encoder.embed_tokens.weight"} if "shared.weight" in held else set()
-    return sum(v.numel() * v.element_size() for k, v in held.items() if k not in tied)
+    held = {id(v): v for v in _t5_state(model, sub, dtype).values()}  # a tied tensor once, as build_t5 holds it
+    return sum(v.numel() * v.element_size() for v in held.values())
 
 
 def build_vae(state: dict[str, Any], prefix: str, what: str, dtype: Any) -> Any:
