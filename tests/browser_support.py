@@ -207,6 +207,11 @@ class Editor:
     def doc(self) -> dict[str, Any]:
         return self.page.evaluate("window.kiln.toKiln()")
 
+    def drawn(self) -> None:
+        """Wait until what the document now says is drawn: the editor redraws links (and their reroute
+        handles) on the next animation frame, so the document may be ahead of the SVG for one frame."""
+        self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
     def socket(self, node_id: str, kind: str, key: Any) -> tuple[float, float]:
         pos = self.page.evaluate("([id, kind, key]) => window.kiln.socketPos(id, kind, key)", [node_id, kind, key])
         assert pos, f"no {kind} socket {key!r} on node {node_id}"
