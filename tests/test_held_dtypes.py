@@ -177,3 +177,50 @@ def test_the_size_a_flux_checkpoint_reports_before_building_counts_its_t5_as_hel
     assert len(asked) == 1 and abs(asked[0] - others) <= 1024, (asked, others)  # CLIP-L's position ids: no file tensor
     upcast = sum(v.numel() * 4 for k, v in aio.items() if not k.startswith("model.diffusion_model."))
     assert upcast - others > 16 * 1024  # not vacuous: counted upcast, the T5 is 32 KB more
+
+
+def _flux_folder(folder: Path, dtype: torch.dtype) -> Path:
+    """The tiny FLUX pipeline folder with its transformer and T5 saved in ``dtype`` (the hub's FLUX.1 is
+    bf16, its T5 sharded with transformers' index json: the T5 here is sharded too)."""
+    import shutil
+
+    tiny_flux.save_diffusers("dev", folder)
+    parts = tiny_flux.components("dev")
+    for sub, module, shard in (("transformer", parts["transformer"], None), ("text_encoder_2", parts["text_encoder_2"], "400KB")):
+        shutil.rmtree(folder / sub)
+        held = copy.deepcopy(module).to(torch.bfloat16)
+        if dtype != torch.bfloat16:  # the same values, stored upcast
+            held = held.to(dtype)
+        held.save_pretrained(str(folder / sub), safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
+    return folder
+
+
+def test_a_bf16_flux_diffusers_folder_holds_its_transformer_and_t5_as_stored(tmp_path):
+    """The hub's FLUX.1 folder (bf16 transformer, sharded bf16 T5): held as the split files are, 23.8 GB
+    instead of 47.6 GB on a CPU, and sampling exactly as the same values stored upcast."""
+    from lora_support import flux_sample
+
+    from nodes import loaders
+
+    models = tmp_path / "models"
+    _flux_folder(models / "checkpoints" / "flux-bf16", torch.bfloat16)
+    _flux_folder(models / "checkpoints" / "flux-upcast", torch.float32)
+    assert len(list((models / "checkpoints" / "flux-bf16" / "text_encoder_2").glob("model-*.safetensors"))) > 1
+    env = _env(models, tmp_path)
+    rec = Called()
+    kept, clip, _ = call(loaders.checkpoint_loader, env, rec, ckpt_name="flux-bf16")
+    assert "bf16 weights kept bf16 and cast per layer" in rec.messages[0], rec.messages
+    upcast, upcast_clip, _ = call(loaders.checkpoint_loader, env, ckpt_name="flux-upcast")
+    with kept.unet() as net, upcast.unet() as ref:
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+        assert net.x_embedder.bias.dtype == torch.float32 and net.transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32
+        assert ref.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32  # not vacuous
+        held = sum(p.numel() * p.element_size() for p in net.parameters())
+        assert held < 0.6 * sum(p.numel() * p.element_size() for p in ref.parameters())
+    with clip.encoder("text_encoder_2") as t5, upcast_clip.encoder("text_encoder_2") as t5_ref:
+        block = t5.encoder.block[0]
+        assert block.layer[0].SelfAttention.q.weight.dtype == torch.bfloat16
+        assert block.layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+        assert t5.shared.weight.data_ptr() == t5.encoder.embed_tokens.weight.data_ptr()
+        assert torch.equal(_encode(t5), _encode(t5_ref))
+    assert torch.equal(flux_sample(env, kept), flux_sample(env, upcast))

@@ -57,25 +57,9 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     model = _empty(FluxTransformer2DModel, config)
     converted = keep_linears_as_stored(model, converted, dtype)
     try:
-        return _assign_mixed(model, converted, f"FLUX transformer ({what})")
+        return _assign(model, converted, f"FLUX transformer ({what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
-
-
-def _assign_mixed(module: Any, state: dict[str, Any], what: str) -> Any:
-    """_assign without a dtype cast (the state is already in its storage dtypes)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"the {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in state.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"the {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    module.load_state_dict(state, strict=True, assign=True)
-    module.eval()
-    module.requires_grad_(False)
-    return module
 
 
 def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:
@@ -113,12 +97,18 @@ def _t5_state(model: Any, sub: dict[str, Any], dtype: Any) -> dict[str, Any]:
     return keep_linears_as_stored(model, sub, dtype)
 
 
-def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> Any:
-    """T5EncoderModel from transformers-layout keys under ``prefix`` (config from the shapes)."""
+def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, config: Any = None) -> Any:
+    """T5EncoderModel from transformers-layout keys under ``prefix``; its ``config`` (a T5Config, e.g. a
+    folder's) or, lacking one, the config the shapes give."""
     sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
-    model = _t5_skeleton(sub, what)
+    if config is None:
+        model = _t5_skeleton(sub, what)
+    else:
+        from transformers import T5EncoderModel
+
+        model = _empty(T5EncoderModel, config)
     try:
-        return _assign_mixed(model, _t5_state(model, sub, dtype), f"T5 text encoder ({what})")
+        return _assign(model, _t5_state(model, sub, dtype), f"T5 text encoder ({what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
 
@@ -214,15 +204,20 @@ def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
             state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
                      for k, v in state.items()}
         transformer = build_transformer(state, name, dtype)
-    from nodes.runtime.fp8 import fp8_bytes, kept_as_stored
+    from nodes.runtime.fp8 import fp8_bytes
 
-    stored_fp8 = fp8_bytes(transformer) > 0
-    kept = kept_as_stored(transformer)
     return Loaded(family=family, scheduler_config=_sched(family), latent=family.latent,
                   modules={"unet": transformer},
-                  info={"format": "unet", "prediction_type": "flow", "fp8": stored_fp8,
-                        "prediction_reason": "flow matching (FLUX)" +
-                        (f", {kept} weights kept {kept} and cast per layer" if kept else "")})
+                  info={"format": "unet", "prediction_type": "flow", "fp8": fp8_bytes(transformer) > 0,
+                        "prediction_reason": _flow_reason(transformer)})
+
+
+def _flow_reason(transformer: Any) -> str:
+    """The loader's note on the transformer: flow matching, and the weights held as stored, if any."""
+    from nodes.runtime.fp8 import kept_as_stored
+
+    kept = kept_as_stored(transformer)
+    return "flow matching (FLUX)" + (f", {kept} weights kept {kept} and cast per layer" if kept else "")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -270,45 +265,49 @@ def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk 
                   info={"format": "single_file", "prediction_type": "flow", "prediction_reason": "flow matching (FLUX)"})
 
 
+def _folder_t5(folder: Path, dtype: Any) -> Any:
+    """A folder's T5 (``text_encoder_2/``), its linear weights held as stored (:func:`build_t5`, which
+    ties the embedding saved once under ``shared.weight``); .bin files through from_pretrained."""
+    from transformers import T5Config, T5EncoderModel
+
+    from nodes.checkpoint.load import folder_state, reading
+
+    found = folder_state(folder)
+    if found is None:
+        model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True)
+        return model if model.dtype == dtype else model.to(dtype)
+    with reading(found[0]):
+        return build_t5(found[1], "", f"{folder.parent.name}/{folder.name}", dtype, T5Config.from_pretrained(str(folder)))
+
+
 def is_flux_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file() and (path / "transformer").is_dir()
 
 
 def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:
-    """A diffusers FLUX pipeline folder (FluxPipeline.save_pretrained / the hub layout). ``offload``: the
-    manager's plan for the transformer, asked last with the other components' bytes (built straight
-    into disk blocks when it will be paged there: nodes.checkpoint.load.paged_component)."""
+    """A diffusers FLUX pipeline folder (FluxPipeline.save_pretrained / the hub layout, sharded or not).
+    The transformer's and T5's linear weights are held as stored, as from the split files
+    (nodes.runtime.fp8.held_dtype: the hub's bf16 transformer is 23.8 GB in a CPU's fp32 instead of
+    47.6 GB). ``offload``: the manager's plan for the transformer, asked last with the other
+    components' bytes (built straight into disk blocks when it will be paged there)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
-    from nodes.checkpoint.load import quiet_progress
-
-    from nodes.runtime.offload import offloaded as offload_of
+    from nodes.checkpoint.load import folder_component, quiet_progress
+    from nodes.runtime.models import _module_bytes
 
     quiet_progress()
     p = str(path)
     try:
-        modules = {
-            "vae": AutoencoderKL.from_pretrained(p, subfolder="vae", local_files_only=True),
-            "text_encoder": CLIPTextModel.from_pretrained(p, subfolder="text_encoder", local_files_only=True),
-            "text_encoder_2": T5EncoderModel.from_pretrained(p, subfolder="text_encoder_2", local_files_only=True),
-        }
-        unet = None
-        if offload is not None:
-            from nodes.checkpoint.load import paged_component
-            from nodes.runtime.models import _module_bytes
-
-            besides = sum(_module_bytes(m) for m in modules.values())
-            unet = paged_component(path / "transformer", FluxTransformer2DModel, dtype, offload, besides)
-        modules["unet"] = unet if unet is not None else \
-            FluxTransformer2DModel.from_pretrained(p, subfolder="transformer", local_files_only=True)
+        modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                   "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
+                   "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
+        besides = sum(_module_bytes(m) for m in modules.values())
+        modules["unet"] = folder_component(path / "transformer", FluxTransformer2DModel, dtype, offload, besides,
+                                           as_stored=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX folder ({exc})") from exc
     for m in modules.values():
-        if offload_of(m) is not None:  # paged: built in dtype, its weights rest on disk
-            continue
-        if m.dtype != dtype:
-            m.to(dtype)
         m.eval()
         m.requires_grad_(False)
     tokenizers = _tokenizers()
@@ -327,4 +326,5 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
     latent = dataclasses.replace(family.latent, scale=float(vae_cfg.scaling_factor),
                                  shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
     return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules, tokenizers=tokenizers,
-                  info={"format": "diffusers", "prediction_type": "flow", "prediction_reason": "flow matching (FLUX)"})
+                  info={"format": "diffusers", "prediction_type": "flow",
+                        "prediction_reason": _flow_reason(modules["unet"])})

@@ -130,7 +130,9 @@ def _empty(cls: Any, config: Any) -> Any:
 
 def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any,
             file_names: Callable[[list[str]], list[str]] | None = None) -> Any:
-    """Load ``state`` into ``module`` strictly (every weight present, none left over).
+    """Load ``state`` into ``module`` strictly (every weight present, none left over), floats cast to
+    ``dtype``; ``dtype`` None: the tensors are already as the module holds them
+    (nodes.runtime.fp8.keep_linears_as_stored).
 
     ``file_names`` maps module key names back to the file's own, so an error names
     the keys a user can find in the file."""
@@ -138,7 +140,7 @@ def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any,
     # one tensor at a time: each cast replaces its source in the dict, never a second full set
     state = dict(state)
     for k, v in state.items():
-        if v.is_floating_point() and v.dtype != dtype:
+        if dtype is not None and v.is_floating_point() and v.dtype != dtype:
             state[k] = v.to(dtype)
             del v
     missing = [k for k in own if k not in state]
@@ -156,7 +158,7 @@ def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any,
             raise CheckpointError(f"the {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     module.load_state_dict(state, strict=True, assign=True)
     for name, buf in list(module.named_buffers()):
-        if buf.is_floating_point() and buf.dtype != dtype:
+        if dtype is not None and buf.is_floating_point() and buf.dtype != dtype:
             buf.data = buf.data.to(dtype)
     module.eval()
     module.requires_grad_(False)
@@ -371,26 +373,46 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
 
 #: The weights file of a diffusers / transformers component folder that Kiln reads tensor by tensor.
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+#: The index json of such a component saved in shards (the hub's FLUX transformer and T5-XXL are).
+FOLDER_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 
-def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, besides: int = 0) -> Any:
-    """One component of a diffusers pipeline folder (unet/, vae/, text_encoder/...), in ``dtype``.
+def folder_state(folder: Path) -> tuple[Path, Mapping[str, Any]] | None:
+    """A component folder's weights file (or index) and its tensors, each read when asked for: one
+    .safetensors file, or shards listed by an index json; None for .bin and other layouts, which
+    ``from_pretrained`` reads."""
+    from nodes.checkpoint.tensors import ShardedState
 
-    A component with one .safetensors file is built empty from its config and filled
-    tensor by tensor, each cast as it is read (``from_pretrained`` maps the whole file
-    and casts afterwards: the file plus the cast copy at the peak). Sharded, .bin or
-    otherwise unusual components, and keys that do not fit strictly, go through
-    ``from_pretrained`` as before. ``offload``/``besides``: a denoiser's question to the model
-    manager (nodes.checkpoint.paged.own_layout_straight) with the bytes of the load's other modules.
+    if not (folder / "config.json").is_file():
+        return None
+    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
+    if weights is not None:
+        return weights, open_state(weights)
+    index = next((folder / n for n in FOLDER_INDEXES if (folder / n).is_file()), None)
+    return (index, ShardedState.open_index(index)) if index is not None else None
+
+
+def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, besides: int = 0,
+                     as_stored: bool = False) -> Any:
+    """One component of a diffusers pipeline folder (unet/, vae/, text_encoder/...), computing in ``dtype``.
+
+    Its .safetensors file (or shards) is read tensor by tensor into a module built empty from its
+    config, each tensor cast as it is read (``from_pretrained`` maps the whole file and casts
+    afterwards: the file plus the cast copy at the peak). ``as_stored``: linear weights are held as
+    stored (nodes.runtime.fp8.keep_linears_as_stored), as the split-file loaders hold FLUX's and
+    T5's. .bin files and keys that do not fit strictly go through ``from_pretrained`` as before.
+    ``offload``/``besides``: a denoiser's question to the model manager
+    (nodes.checkpoint.paged.own_layout_straight) with the bytes of the load's other modules.
     """
     if offload is not None:
-        paged = paged_component(folder, cls, dtype, offload, besides)
+        paged = paged_component(folder, cls, dtype, offload, besides, as_stored)
         if paged is not None:
             return paged
-    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
-    if weights is not None and (folder / "config.json").is_file():
+    found = folder_state(folder)
+    if found is not None:
         try:
-            return _component_from_file(folder, weights, cls, dtype)
+            with reading(found[0]):
+                return _component_from_state(folder, found[1], cls, dtype, as_stored)
         except (CheckpointError, TypeError):
             pass  # e.g. renamed legacy keys: diffusers' own loader knows them
     module = cls.from_pretrained(str(folder), local_files_only=True)
@@ -399,35 +421,37 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
     return module
 
 
-def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: int = 0) -> Any | None:
+def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: int = 0,
+                    as_stored: bool = False) -> Any | None:
     """A diffusers denoiser folder (unet/, transformer/; one .safetensors file or shards with their index
     json) built straight into disk blocks when the manager (``offload``) will page it there; its keys are
     the module's own names (nodes.checkpoint.paged.own_layout_straight). None: build it whole."""
     from nodes.checkpoint.paged import own_layout_straight
-    from nodes.checkpoint.tensors import ShardedState
 
-    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if not (folder / "config.json").is_file() or (weights is None and not index.is_file()):
+    found = folder_state(folder)
+    if found is None:
         return None
-    state = open_state(weights) if weights is not None else ShardedState.open_index(index)
     init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
-    with reading(weights or index):
-        return own_layout_straight(_empty(cls, dict(init)), state, dtype, offload,
-                                   f"{folder.parent.name}/{folder.name}", besides)
+    with reading(found[0]):
+        return own_layout_straight(_empty(cls, dict(init)), found[1], dtype, offload,
+                                   f"{folder.parent.name}/{folder.name}", besides, as_stored)
 
 
-def _component_from_file(folder: Path, weights: Path, cls: Any, dtype: Any) -> Any:
-    state = open_state(weights).with_dtype(dtype)
-    with reading(weights):
-        if hasattr(cls, "load_config"):  # a diffusers model
-            init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
-            module = _empty(cls, dict(init))
-            return _assign(module, state, cls.__name__, dtype)
-        config = cls.config_class.from_pretrained(str(folder))  # a transformers model
-        module = _empty(cls, config)
-        keys = {k: k for k in state if not k.endswith("position_ids")}
-        return _assign(module, _text_state(state.renamed(keys), module), cls.__name__, dtype)
+def _component_from_state(folder: Path, state: Mapping[str, Any], cls: Any, dtype: Any, as_stored: bool) -> Any:
+    if hasattr(cls, "load_config"):  # a diffusers model
+        init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
+        module = _empty(cls, dict(init))
+    else:  # a transformers model
+        module = _empty(cls, cls.config_class.from_pretrained(str(folder)))
+    if as_stored:
+        from nodes.runtime.fp8 import keep_linears_as_stored
+
+        state = keep_linears_as_stored(module, dict(state), dtype)
+    else:
+        state = cast_view(state, dtype)
+    if not hasattr(cls, "load_config"):
+        state = _text_state(state, module)
+    return _assign(module, state, cls.__name__, None if as_stored else dtype)
 
 
 def latent_format(family: Family, vae: Any) -> LatentFormat:

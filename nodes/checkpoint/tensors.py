@@ -98,6 +98,11 @@ class ShardedState(Mapping):
         files = {f: LazyState.open(index.parent / f) for f in sorted(set(weight_map.values()))}
         return cls({k: files[f] for k, f in weight_map.items()})
 
+    def with_dtype(self, dtype: Any) -> "ShardedState":
+        """The same tensors, floating ones cast to ``dtype`` as they are read (LazyState.with_dtype)."""
+        views = {id(p): p.with_dtype(dtype) for p in self._parts.values()}
+        return ShardedState({k: views[id(p)] for k, p in self._parts.items()})
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         per_file = {id(p): p.shapes() for p in self._parts.values()}
         return {k: per_file[id(p)][k] for k, p in self._parts.items()}
@@ -140,8 +145,9 @@ def dtypes_of(state: Mapping) -> dict[str, Any]:
 
 
 def cast_view(state: Mapping, dtype: Any) -> Mapping:
-    """``state`` read as ``dtype``: a casting view of a LazyState, a plain dict unchanged (cast on assign)."""
-    return state.with_dtype(dtype) if isinstance(state, LazyState) else state
+    """``state`` read as ``dtype``: a casting view of a LazyState or ShardedState, a plain dict unchanged
+    (cast on assign)."""
+    return state.with_dtype(dtype) if isinstance(state, (LazyState, ShardedState)) else state
 
 
 def plain(state: Mapping) -> dict[str, Any]:

@@ -193,13 +193,9 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
     T5's ``wo``, before which T5 casts its activations to that weight's dtype) go to the compute dtype
     whatever they were stored in. Returns the new state."""
     global _CAST
-    import torch
-
     if _CAST is None:
         _CAST = _cast_linear_class()
-    full = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-    linears = {name for name, m in module.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in full}
+    linears = _narrowable_linears(module)
     out, cast = {}, {}  # cast: one converted copy per file tensor, so tied weights stay one tensor
     for k, v in state.items():
         owner = k.rsplit(".", 1)[0]
@@ -211,6 +207,31 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
             out[k] = cast.setdefault(id(v), v.to(held))
     module.kiln_compute_dtype = compute_dtype
     return out
+
+
+def _narrowable_linears(module: Any) -> set[str]:
+    """Names of ``module``'s linear layers whose weight :func:`held_dtype` may keep as stored: all but
+    those the model keeps in full precision (transformers' ``_keep_in_fp32_modules``)."""
+    import torch
+
+    full = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return {name for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in full}
+
+
+def held_bytes(module: Any, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], compute_dtype: Any) -> int:
+    """Bytes :func:`keep_linears_as_stored` will make ``module`` hold from tensors of these shapes and
+    stored dtypes under the module's own names, from a file's header alone: the size the model manager
+    is asked about before anything is read."""
+    linears = _narrowable_linears(module)
+    total = 0
+    for key, shape in shapes.items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        linear = key.endswith(".weight") and key.rsplit(".", 1)[0] in linears
+        total += numel * held_dtype(dtypes[key], compute_dtype, linear).itemsize
+    return total
 
 
 def stored_apart(p: Any, module: Any) -> bool:
