@@ -270,7 +270,8 @@ def _folder_t5(folder: Path, dtype: Any) -> Any:
     ties the embedding saved once under ``shared.weight``); .bin files through from_pretrained."""
     from transformers import T5Config, T5EncoderModel
 
-    from nodes.checkpoint.load import folder_state, reading
+    from nodes.checkpoint.folders import folder_state
+    from nodes.checkpoint.load import reading
 
     found = folder_state(folder)
     if found is None:
@@ -293,7 +294,8 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
-    from nodes.checkpoint.load import folder_component, quiet_progress
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.load import quiet_progress
     from nodes.runtime.models import _module_bytes
 
     quiet_progress()

@@ -314,6 +314,7 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
     quiet_progress()
@@ -371,89 +372,6 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     )
 
 
-#: The weights file of a diffusers / transformers component folder that Kiln reads tensor by tensor.
-FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-#: The index json of such a component saved in shards (the hub's FLUX transformer and T5-XXL are).
-FOLDER_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
-
-
-def folder_state(folder: Path) -> tuple[Path, Mapping[str, Any]] | None:
-    """A component folder's weights file (or index) and its tensors, each read when asked for: one
-    .safetensors file, or shards listed by an index json; None for .bin and other layouts, which
-    ``from_pretrained`` reads."""
-    from nodes.checkpoint.tensors import ShardedState
-
-    if not (folder / "config.json").is_file():
-        return None
-    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
-    if weights is not None:
-        return weights, open_state(weights)
-    index = next((folder / n for n in FOLDER_INDEXES if (folder / n).is_file()), None)
-    return (index, ShardedState.open_index(index)) if index is not None else None
-
-
-def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, besides: int = 0,
-                     as_stored: bool = False) -> Any:
-    """One component of a diffusers pipeline folder (unet/, vae/, text_encoder/...), computing in ``dtype``.
-
-    Its .safetensors file (or shards) is read tensor by tensor into a module built empty from its
-    config, each tensor cast as it is read (``from_pretrained`` maps the whole file and casts
-    afterwards: the file plus the cast copy at the peak). ``as_stored``: linear weights are held as
-    stored (nodes.runtime.fp8.keep_linears_as_stored), as the split-file loaders hold FLUX's and
-    T5's. .bin files and keys that do not fit strictly go through ``from_pretrained`` as before.
-    ``offload``/``besides``: a denoiser's question to the model manager
-    (nodes.checkpoint.paged.own_layout_straight) with the bytes of the load's other modules.
-    """
-    if offload is not None:
-        paged = paged_component(folder, cls, dtype, offload, besides, as_stored)
-        if paged is not None:
-            return paged
-    found = folder_state(folder)
-    if found is not None:
-        try:
-            with reading(found[0]):
-                return _component_from_state(folder, found[1], cls, dtype, as_stored)
-        except (CheckpointError, TypeError):
-            pass  # e.g. renamed legacy keys: diffusers' own loader knows them
-    module = cls.from_pretrained(str(folder), local_files_only=True)
-    if module.dtype != dtype:  # .to() on diffusers models logs a warning even when it changes nothing
-        module.to(dtype)
-    return module
-
-
-def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: int = 0,
-                    as_stored: bool = False) -> Any | None:
-    """A diffusers denoiser folder (unet/, transformer/; one .safetensors file or shards with their index
-    json) built straight into disk blocks when the manager (``offload``) will page it there; its keys are
-    the module's own names (nodes.checkpoint.paged.own_layout_straight). None: build it whole."""
-    from nodes.checkpoint.paged import own_layout_straight
-
-    found = folder_state(folder)
-    if found is None:
-        return None
-    init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
-    with reading(found[0]):
-        return own_layout_straight(_empty(cls, dict(init)), found[1], dtype, offload,
-                                   f"{folder.parent.name}/{folder.name}", besides, as_stored)
-
-
-def _component_from_state(folder: Path, state: Mapping[str, Any], cls: Any, dtype: Any, as_stored: bool) -> Any:
-    if hasattr(cls, "load_config"):  # a diffusers model
-        init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
-        module = _empty(cls, dict(init))
-    else:  # a transformers model
-        module = _empty(cls, cls.config_class.from_pretrained(str(folder)))
-    if as_stored:
-        from nodes.runtime.fp8 import keep_linears_as_stored
-
-        state = keep_linears_as_stored(module, dict(state), dtype)
-    else:
-        state = cast_view(state, dtype)
-    if not hasattr(cls, "load_config"):
-        state = _text_state(state, module)
-    return _assign(module, state, cls.__name__, None if as_stored else dtype)
-
-
 def latent_format(family: Family, vae: Any) -> LatentFormat:
     """The family's latent format, with the scale a diffusers VAE config states (if any)."""
     import dataclasses
@@ -481,6 +399,8 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:
     """A standalone VAE (keys with or without ``first_stage_model.``, or a diffusers AutoencoderKL)."""
     from diffusers import AutoencoderKL
+
+    from nodes.checkpoint.folders import folder_component
 
     if path.is_dir():
         try:
