@@ -373,3 +373,35 @@ def test_vae_files_in_other_layouts(tiny_env):
     finally:
         (folder / "diffusers-layout-xl.safetensors").unlink()
         (folder / "prefixed.safetensors").unlink()
+
+
+def test_fp16_variant_folders_load_and_the_variant_follows_the_compute_dtype(tmp_path):
+    """``save_pretrained(variant="fp16")`` names its files ``*.fp16.safetensors``; hub downloads of only
+    those are common. Such a folder loads as diffusers' own ``from_pretrained(variant="fp16")`` does.
+    Where both files are there, a fp32 load reads the full file and a fp16 load the variant (its values
+    are the full file's cast: here they are made to differ, to see which file was read)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from nodes.checkpoint.load import load_checkpoint
+
+    both = tmp_path / "both"
+    tm.pipeline("sd1", parts=tm.fresh_components("sd1")).save_pretrained(str(both), safe_serialization=True)
+    variant = tm.pipeline("sd1", parts=tm.fresh_components("sd1", seed=1)).to(torch.float16)
+    variant.save_pretrained(str(both), safe_serialization=True, variant="fp16")
+    only = tmp_path / "only-fp16"
+    shutil.copytree(both, only)
+    for full in [*only.glob("*/diffusion_pytorch_model.safetensors"), *only.glob("*/model.safetensors")]:
+        full.unlink()
+    reference = StableDiffusionPipeline.from_pretrained(str(only), variant="fp16", local_files_only=True)
+    loaded = load_checkpoint(only, torch.float32).modules
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = loaded[name].state_dict(), getattr(reference, name).state_dict()
+        assert all(v.dtype == torch.float32 and torch.equal(v, theirs[k].float()) for k, v in ours.items()), name
+    full = tm.fresh_components("sd1")["unet"].state_dict()
+    assert all(torch.equal(v, full[k]) for k, v in load_checkpoint(both, torch.float32).modules["unet"].state_dict().items())
+    half = variant.unet.state_dict()
+    as_half = load_checkpoint(both, torch.float16).modules["unet"].state_dict()
+    assert all(v.dtype == torch.float16 and torch.equal(v, half[k]) for k, v in as_half.items())
+    assert not torch.equal(half["conv_in.weight"].float(), full["conv_in.weight"])  # not vacuous: the files differ

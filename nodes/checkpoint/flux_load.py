@@ -273,7 +273,7 @@ def _folder_t5(folder: Path, dtype: Any) -> Any:
     from nodes.checkpoint.folders import folder_state
     from nodes.checkpoint.load import reading
 
-    found = folder_state(folder)
+    found = folder_state(folder, dtype)
     if found is None:
         model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True)
         return model if model.dtype == dtype else model.to(dtype)

@@ -12,25 +12,42 @@ from nodes.checkpoint.load import CheckpointError, _assign, _empty, _text_state,
 from nodes.checkpoint.tensors import cast_view
 
 
-#: The weights file of a diffusers / transformers component folder that Kiln reads tensor by tensor.
-FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-#: The index json of such a component saved in shards (the hub's FLUX transformer and T5-XXL are).
-FOLDER_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+#: The stems of a diffusers / transformers component's weights: ``<stem>.safetensors``, shards listed by
+#: ``<stem>.safetensors.index.json``, and the variants ``save_pretrained(variant="fp16")`` writes
+#: (``<stem>.fp16.safetensors``, ``<stem>.safetensors.index.fp16.json``), which many hub downloads hold alone.
+FOLDER_STEMS = ("diffusion_pytorch_model", "model")
+#: The variant that holds the very values a load in this compute dtype would cast to.
+_VARIANT_OF = {"float16": "fp16", "bfloat16": "bf16"}
 
 
-def folder_state(folder: Path) -> tuple[Path, Mapping[str, Any]] | None:
-    """A component folder's weights file (or index) and its tensors, each read when asked for: one
-    .safetensors file, or shards listed by an index json; None for .bin and other layouts, which
-    ``from_pretrained`` reads."""
+def _weights_files(folder: Path, dtype: Any) -> list[tuple[Path, str]]:
+    """(weights file or shard index, its variant or "") in the folder, best first: the variant in the
+    compute dtype (the same values the full file gives, cast, at half the reading), the full file, then
+    any other variant."""
+    found: list[tuple[Path, str]] = []
+    for stem in FOLDER_STEMS:
+        for path in (folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"):
+            if path.is_file():
+                found.append((path, ""))
+        for path in sorted(folder.glob(f"{stem}.*.safetensors")) + sorted(folder.glob(f"{stem}.safetensors.index.*.json")):
+            variant = path.name.split(".")[-2]
+            if "-of-" not in variant:  # a shard of a variant, read through its index
+                found.append((path, variant))
+    wanted = _VARIANT_OF.get(str(dtype).replace("torch.", ""), "")
+    return sorted(found, key=lambda f: (f[1] != wanted, f[1] != "") if wanted else f[1] != "")
+
+
+def folder_state(folder: Path, dtype: Any = None) -> tuple[Path, Mapping[str, Any], str] | None:
+    """A component folder's weights file (or shard index), its tensors, each read when asked for, and its
+    variant ("" for none; :func:`_weights_files` chooses for the compute ``dtype``); None for .bin and
+    other layouts, which ``from_pretrained`` reads."""
     from nodes.checkpoint.tensors import ShardedState
 
-    if not (folder / "config.json").is_file():
+    files = _weights_files(folder, dtype) if (folder / "config.json").is_file() else []
+    if not files:
         return None
-    weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
-    if weights is not None:
-        return weights, open_state(weights)
-    index = next((folder / n for n in FOLDER_INDEXES if (folder / n).is_file()), None)
-    return (index, ShardedState.open_index(index)) if index is not None else None
+    path, variant = files[0]
+    return path, ShardedState.open_index(path) if path.name.endswith(".json") else open_state(path), variant
 
 
 def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, besides: int = 0,
@@ -49,14 +66,15 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
         paged = paged_component(folder, cls, dtype, offload, besides, as_stored)
         if paged is not None:
             return paged
-    found = folder_state(folder)
+    found = folder_state(folder, dtype)
     if found is not None:
         try:
             with reading(found[0]):
                 return _component_from_state(folder, found[1], cls, dtype, as_stored)
         except (CheckpointError, TypeError):
             pass  # e.g. renamed legacy keys: diffusers' own loader knows them
-    module = cls.from_pretrained(str(folder), local_files_only=True)
+    variant = {"variant": found[2]} if found is not None and found[2] else {}
+    module = cls.from_pretrained(str(folder), local_files_only=True, **variant)
     if module.dtype != dtype:  # .to() on diffusers models logs a warning even when it changes nothing
         module.to(dtype)
     return module
@@ -69,7 +87,7 @@ def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: i
     the module's own names (nodes.checkpoint.paged.own_layout_straight). None: build it whole."""
     from nodes.checkpoint.paged import own_layout_straight
 
-    found = folder_state(folder)
+    found = folder_state(folder, dtype)
     if found is None:
         return None
     init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))

@@ -173,11 +173,12 @@ def add_base(state: dict[str, Any], base_unet: Any, name: str) -> dict[str, Any]
 def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
     from diffusers import ControlNetModel
 
+    from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.load import quiet_progress
 
     quiet_progress()
     try:
-        network = ControlNetModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        network = folder_component(path, ControlNetModel, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path.name}: not a readable diffusers ControlNet folder ({exc})") from None
     network.eval().requires_grad_(False)
