@@ -43,6 +43,9 @@ def root(tmp_path_factory) -> Path:
     base = tiny_flux.t5_state()
     for name, dtype in STORED.items():
         tiny_flux._save(root / "text_encoders" / f"t5-{name}.safetensors", _stored(base, dtype))
+    both = _stored(base, torch.float16)  # the tied embedding stored under both its names, as some files do
+    both["encoder.embed_tokens.weight"] = both["shared.weight"].clone()
+    tiny_flux._save(root / "text_encoders" / "t5-both-names.safetensors", both)
     tiny_flux._save(root / "text_encoders" / "clip_l.safetensors", tiny_flux.clip_l_state())
     bfl = tiny_flux.bfl_transformer("dev")
     tiny_flux._save(root / "diffusion_models" / "flux.safetensors", bfl)
@@ -108,6 +111,20 @@ def test_a_narrow_t5_file_stays_narrow_and_encodes_as_the_upcast_model(root, tmp
         ours = _encode(t5)
     assert torch.equal(ours, _encode(ref))  # the same values: the cast per call is the upcast at load
     assert ours.dtype == torch.float32
+
+
+def test_a_t5_file_with_the_embedding_under_both_names_holds_one_copy(root, tmp_path):
+    """transformers ties encoder.embed_tokens to shared; a file may store both (0.5 GB each in fp32 for
+    T5-XXL): one is held, under both names, and the size reported before building counts it once."""
+    from nodes.checkpoint.flux_load import t5_held_bytes
+    from nodes.checkpoint.tensors import LazyState
+    from nodes.runtime.models import _module_bytes
+
+    path = root / "text_encoders" / "t5-both-names.safetensors"
+    with _t5(_env(root, tmp_path), "both-names").encoder("text_encoder_2") as t5:
+        assert t5.shared.weight.data_ptr() == t5.encoder.embed_tokens.weight.data_ptr()
+        assert t5_held_bytes(LazyState.open(path), "", torch.float32) == _module_bytes(t5)
+        assert torch.equal(_encode(t5), _encode(_upcast_reference(root / "text_encoders" / "t5-fp16.safetensors")))
 
 
 def test_a_lora_on_a_narrow_t5_equals_it_on_the_upcast_model(root, tmp_path):

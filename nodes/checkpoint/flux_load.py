@@ -89,18 +89,23 @@ def _t5_state(model: Any, sub: dict[str, Any], dtype: Any) -> dict[str, Any]:
     from nodes.runtime.fp8 import keep_linears_as_stored
 
     own = model.state_dict()
-    if "shared.weight" not in sub:
-        sub["shared.weight"] = sub["encoder.embed_tokens.weight"]
-    if "encoder.embed_tokens.weight" in own and "encoder.embed_tokens.weight" not in sub:
-        sub["encoder.embed_tokens.weight"] = sub["shared.weight"]
-    sub = {k: v for k, v in sub.items() if k in own or not k.endswith("embed_tokens.weight")}
+    # transformers ties encoder.embed_tokens to shared (T5's _tied_weights_keys) and loads shared: one
+    # tensor under both names, even where a file stores the two (0.5 GB each for T5-XXL in fp32)
+    embedding = sub.get("shared.weight", sub.get("encoder.embed_tokens.weight"))
+    sub = {k: v for k, v in sub.items() if not k.endswith("embed_tokens.weight") or
+           (k in own and k != "encoder.embed_tokens.weight")}
+    sub["shared.weight"] = embedding
+    if "encoder.embed_tokens.weight" in own:
+        sub["encoder.embed_tokens.weight"] = embedding
     return keep_linears_as_stored(model, sub, dtype)
 
 
 def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, config: Any = None) -> Any:
     """T5EncoderModel from transformers-layout keys under ``prefix``; its ``config`` (a T5Config, e.g. a
     folder's) or, lacking one, the config the shapes give."""
-    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
+    tied = prefix + "encoder.embed_tokens.weight"  # not read when shared.weight is there (_t5_state)
+    sub = {k[len(prefix):]: state[k] for k in state
+           if k.startswith(prefix) and not (k == tied and prefix + "shared.weight" in state)}
     if config is None:
         model = _t5_skeleton(sub, what)
     else:
