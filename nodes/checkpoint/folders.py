@@ -97,6 +97,8 @@ def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: i
 
 
 def _component_from_state(folder: Path, state: Mapping[str, Any], cls: Any, dtype: Any, as_stored: bool) -> Any:
+    """The module of a diffusers or transformers class, built empty from the folder's config and assigned
+    strictly, so a key that does not fit raises (and the caller falls back to ``from_pretrained``)."""
     if hasattr(cls, "load_config"):  # a diffusers model
         init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
         module = _empty(cls, dict(init))
