@@ -61,22 +61,13 @@ def _fp8_target(fp8: str) -> Any:
 
 def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
     """Bytes the built transformer will hold, from the header alone, by the loader's own rule
-    (nodes.runtime.fp8.held_dtype; every 2-D weight of a FLUX transformer is a linear layer's, and
+    (nodes.runtime.fp8.held_bytes; every 2-D weight of a FLUX transformer is a linear layer's, and
     UNETLoader's weight_dtype makes them fp8 first); the conversion to diffusers' layout splits
     tensors but keeps every value. Equals the built module's parameter bytes."""
-    from nodes.runtime.fp8 import held_dtype
+    from nodes.runtime import fp8 as held
 
-    shapes, dtypes = shapes_of(state), dtypes_of(state)
-    target = _fp8_target(fp8)
-    total = 0
-    for key, shape in shapes.items():
-        numel = 1
-        for n in shape:
-            numel *= n
-        linear = len(shape) == 2 and key.endswith(".weight")
-        stored = target if target is not None and linear and dtypes[key].is_floating_point else dtypes[key]
-        total += numel * held_dtype(stored, dtype, linear).itemsize
-    return total
+    return held.held_bytes(shapes_of(state), dtypes_of(state), dtype,
+                           lambda key, shape: len(shape) == 2 and key.endswith(".weight"), _fp8_target(fp8))
 
 
 def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str = "") -> Any:

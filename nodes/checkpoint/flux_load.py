@@ -15,6 +15,7 @@ folder's or the shipped ones. fp8 transformer weights stay fp8 (nodes.runtime.fp
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -225,13 +226,6 @@ def _flow_reason(transformer: Any) -> str:
     return "flow matching (FLUX)" + (f", {kept} weights kept {kept} and cast per layer" if kept else "")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
-
-
 def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:
     """An all-in-one FLUX checkpoint: transformer, CLIP-L, T5-XXL and VAE in one file, read tensor by
     tensor (a LazyState); ``offload`` as for :func:`load_transformer_file`."""
@@ -253,7 +247,7 @@ def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk 
 
     family = family_of({k[len(fam.UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(fam.UNET_PREFIX)})
     besides = t5_held_bytes(state, fam.T5_PREFIX, dtype) + dtype.itemsize * sum(
-        _numel(s) for k, s in shapes.items() if not k.startswith((fam.UNET_PREFIX, fam.T5_PREFIX)))
+        math.prod(s) for k, s in shapes.items() if not k.startswith((fam.UNET_PREFIX, fam.T5_PREFIX)))
     transformer = _straight_into_blocks(strip_prefix(state, fam.UNET_PREFIX), name, dtype, "", offload, besides)
     if transformer is None:
         transformer = build_transformer(plain({k: state[k] for k in state if k.startswith(fam.UNET_PREFIX)}),

@@ -22,6 +22,7 @@ layout); a file in the module's own (diffusers) layout needs no conversion: :fun
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -95,13 +96,8 @@ def own_rows(keys: Any) -> list[Row]:
 
 def float_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], dtype: Any) -> int:
     """Bytes of tensors held with every float in ``dtype`` (the rest as stored)."""
-    total = 0
-    for key, shape in shapes.items():
-        numel = 1
-        for n in shape:
-            numel *= n
-        total += numel * (dtype.itemsize if dtypes[key].is_floating_point else dtypes[key].itemsize)
-    return total
+    return sum(math.prod(shape) * (dtype.itemsize if dtypes[key].is_floating_point else dtypes[key].itemsize)
+               for key, shape in shapes.items())
 
 
 def unet_rows(model: Any, keys: Any) -> list[Row] | None:
@@ -151,7 +147,8 @@ def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, wh
     if offload is None:
         return None
     shapes, dtypes = shapes_of(state), dtypes_of(state)
-    size = fp8.held_bytes(model, shapes, dtypes, dtype) if as_stored else float_bytes(shapes, dtypes, dtype)
+    size = fp8.held_bytes(shapes, dtypes, dtype, fp8.linear_weights_of(model)) if as_stored else \
+        float_bytes(shapes, dtypes, dtype)
     plan = offload(size, besides)
     if plan is None or plan.rest != "disk":
         return None

@@ -14,7 +14,8 @@ patched convolutions and norms beside CastLinear (``as_run_time_patched``).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
@@ -219,19 +220,25 @@ def _narrowable_linears(module: Any) -> set[str]:
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in full}
 
 
-def held_bytes(module: Any, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], compute_dtype: Any) -> int:
-    """Bytes :func:`keep_linears_as_stored` will make ``module`` hold from tensors of these shapes and
-    stored dtypes under the module's own names, from a file's header alone: the size the model manager
-    is asked about before anything is read."""
-    linears = _narrowable_linears(module)
+def held_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], compute_dtype: Any,
+               is_linear_weight: Callable[[str, tuple[int, ...]], bool], fp8: Any = None) -> int:
+    """Bytes tensors of these shapes and stored dtypes will be held in by :func:`held_dtype`, from a file's
+    header alone: the size the model manager is asked about before anything is read.
+    ``is_linear_weight(key, shape)`` says which are linear layers' weights; ``fp8`` (a torch dtype): what
+    UNETLoader's weight_dtype turns those into first."""
     total = 0
     for key, shape in shapes.items():
-        numel = 1
-        for n in shape:
-            numel *= n
-        linear = key.endswith(".weight") and key.rsplit(".", 1)[0] in linears
-        total += numel * held_dtype(dtypes[key], compute_dtype, linear).itemsize
+        linear = is_linear_weight(key, shape)
+        stored = fp8 if fp8 is not None and linear and dtypes[key].is_floating_point else dtypes[key]
+        total += math.prod(shape) * held_dtype(stored, compute_dtype, linear).itemsize
     return total
+
+
+def linear_weights_of(module: Any) -> Callable[[str, tuple[int, ...]], bool]:
+    """:func:`held_bytes`' test for tensors under ``module``'s own names, as :func:`keep_linears_as_stored`
+    decides them."""
+    linears = _narrowable_linears(module)
+    return lambda key, shape: key.endswith(".weight") and key.rsplit(".", 1)[0] in linears
 
 
 def stored_apart(p: Any, module: Any) -> bool:
