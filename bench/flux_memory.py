@@ -1,4 +1,5 @@
-"""Peak memory and time per step of a FLUX-shaped transformer, in the compute and fp8 storage modes.
+"""Peak memory and time per step of a FLUX-shaped transformer, its linear weights held in the compute
+dtype, in fp8 or in bf16 (``--storage all``; bf16 is how a CPU holds ComfyUI's bf16 flux1-dev file).
 
     # this machine (CPU): full width, reduced depth and resolution, fp32 compute
     PYTHONPATH=. python bench/flux_memory.py
@@ -60,8 +61,10 @@ def _build(config: dict, device: str, storage: str, compute):
             for b in module.buffers(recurse=False):
                 if b.is_floating_point():
                     b.zero_()
-            if storage == "fp8" and isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(module.weight.to(torch.float8_e4m3fn), requires_grad=False)
+            held = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}.get(storage)
+            if held is not None and held != compute and isinstance(module, torch.nn.Linear):
+                # as the loader holds a fp8 or bf16 file's linear weights (nodes.runtime.fp8.held_dtype)
+                module.weight = torch.nn.Parameter(module.weight.to(held), requires_grad=False)
                 module.__class__ = cast
     return model.eval().requires_grad_(False)
 
@@ -165,14 +168,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024 on cuda, 256 on cpu)")
     parser.add_argument("--tokens", type=int, default=512, help="T5 tokens")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on cuda, 2 on cpu)")
-    parser.add_argument("--storage", choices=["compute", "fp8", "both"], default="both")
+    parser.add_argument("--storage", choices=["compute", "fp8", "bf16", "both", "all"], default="both",
+                        help="linear weights held in the compute dtype, fp8 or bf16 (a bf16 file on a CPU), "
+                             "cast per call; both: compute and fp8; all: the three")
     parser.add_argument("--offload", choices=["none", "blocks", "both"], default="none",
                         help="blocks: Kiln's block-by-block offloading (disk on the CPU, CPU memory on CUDA)")
     parser.add_argument("--offload-folder", default=None, help="where disk-offloaded blocks go (system temp)")
     args = parser.parse_args()
     args.size = args.size or (1024 if args.device == "cuda" else 256)
     args.steps = args.steps or (5 if args.device == "cuda" else 2)
-    if args.storage != "both" and args.offload != "both":
+    if args.storage not in ("both", "all") and args.offload != "both":
         print(json.dumps(run_variant(args)), flush=True)
         return
     argv, skip = [], False
@@ -181,7 +186,7 @@ def main() -> None:
             skip = a in ("--storage", "--offload")
             continue
         argv.append(a)
-    storages = ("compute", "fp8") if args.storage == "both" else (args.storage,)
+    storages = {"both": ("compute", "fp8"), "all": ("compute", "bf16", "fp8")}.get(args.storage, (args.storage,))
     offloads = ("none", "blocks") if args.offload == "both" else (args.offload,)
     for storage in storages:  # one process each: clean peaks
         for offload in offloads:

@@ -117,7 +117,21 @@ def prefetcher(folder: Folders, input_name: str, kind: str, load: Callable[[Path
 def _load_checkpoint(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.load import load_checkpoint
 
-    return load_checkpoint(path, manager.dtype, offload=manager.plan_for_load)
+    return widened(load_checkpoint(path, manager.dtype, offload=manager.plan_for_load), manager)
+
+
+def widened(loaded: Any, manager: ModelManager) -> Any:
+    """``loaded`` with its denoiser's narrow-kept weights upcast where the RAM budget allows
+    (ModelManager.widen_if_room), its ``info["held"]`` note saying so."""
+    note = manager.widen_if_room(loaded.modules)
+    if note:
+        loaded.info["held"] = note
+    return loaded
+
+
+def held_note(info: dict[str, Any]) -> str:
+    """", <how the weights are held>" for a loader's message, when the loader said (FLUX on a CPU)."""
+    return f", {info['held']}" if info.get("held") else ""
 
 
 def peek_module(manager: ModelManager, key: tuple, loader: Any, name: str) -> Any:
@@ -186,7 +200,7 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
                     latent_channels=int(loaded.modules["vae"].config.latent_channels),
                     _compile_note=lambda: manager.compile_pending(key, "vae"))
     ctx.message(f"{ckpt_name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
-                f"{info.get('format')}, on {manager.device}")
+                f"{info.get('format')}, on {manager.device}{held_note(info)}")
     return (model, clip, vae)
 
 

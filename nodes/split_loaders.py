@@ -16,7 +16,8 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle, ModelHandle
-from nodes.loaders import _acquire, model_manager, fingerprinter, list_models, locate, peek_module, validator
+from nodes.loaders import (_acquire, fingerprinter, held_note, list_models, locate, model_manager, peek_module, validator,
+                           widened)
 from nodes.runtime.models import ModelManager, file_key
 
 UNET_FOLDERS = ("diffusion_models", "unet")
@@ -42,7 +43,7 @@ def _texts(env: Any) -> list[str]:
 def _load_unet(path: Path, manager: ModelManager, fp8: str = "") -> Any:
     from nodes.checkpoint.split import load_unet_file
 
-    return load_unet_file(path, manager.dtype, fp8=fp8, offload=manager.plan_for_load)
+    return widened(load_unet_file(path, manager.dtype, fp8=fp8, offload=manager.plan_for_load), manager)
 
 
 @define_node(
@@ -75,7 +76,7 @@ def unet_loader(ctx, unet_name: str, weight_dtype: str = "default"):
         ctx.message(f"weight_dtype {weight_dtype} is applied to FLUX transformers only: this {loaded.family.name} "
                     "UNet's weights stay in the compute dtype")
     ctx.message(f"{unet_name}: {loaded.family.name} UNet, {loaded.info['prediction_type']} "
-                f"({loaded.info['prediction_reason']}), on {manager.device}")
+                f"({loaded.info['prediction_reason']}), on {manager.device}{held_note(loaded.info)}")
     return (ModelHandle(family=loaded.family, scheduler_config=dict(loaded.scheduler_config), latent=loaded.latent,
                         _use_unet=lambda: manager.use(key, "unet", loader), name=unet_name, extra=dict(loaded.info),
                         _peek=lambda: peek_module(manager, key, loader, "unet")),)

@@ -63,8 +63,23 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def _env(root: Path, tmp_path: Path) -> Environment:
-    return Environment(paths=Paths.under(tmp_path / "data", models=root), models=ModelManager(device="cpu"))
+def _env(root: Path, tmp_path: Path, budget: int | None = None) -> Environment:
+    return Environment(paths=Paths.under(tmp_path / "data", models=root),
+                       models=ModelManager(device="cpu", cpu_budget_bytes=budget))
+
+
+def _short_of_widening(path: Path) -> int:
+    """A RAM budget that holds the model at ``path`` (a transformer file or a pipeline folder) with its
+    bf16 linears as stored but not upcast, so the manager keeps them narrow (ModelManager.widen_if_room)."""
+    from nodes.checkpoint.load import load_checkpoint
+    from nodes.checkpoint.split import load_unet_file
+    from nodes.runtime import fp8
+    from nodes.runtime.models import _module_bytes
+
+    loaded = (load_checkpoint if path.is_dir() else load_unet_file)(path, torch.float32)
+    extra = fp8.widening_bytes(loaded.modules["unet"])
+    assert extra > 0
+    return sum(_module_bytes(m) for m in loaded.modules.values()) + extra // 2
 
 
 def _upcast_reference(name: str) -> torch.nn.Module:
@@ -157,15 +172,15 @@ def test_a_lora_on_a_narrow_t5_equals_it_on_the_upcast_model(root, tmp_path):
         assert torch.equal(_encode(t5), plain)
 
 
-def test_a_bf16_flux_transformer_stays_bf16_on_the_cpu_and_samples_as_the_upcast_model(root, tmp_path):
+def test_a_bf16_flux_transformer_stays_bf16_when_ram_is_short_and_samples_as_the_upcast_model(root, tmp_path):
     """ComfyUI's flux1-dev.safetensors is bf16 (23.8 GB): upcast whole for the CPU it would take 48 GB."""
     from lora_support import flux_sample
 
-    env = _env(root, tmp_path)
+    env = _env(root, tmp_path, _short_of_widening(root / "diffusion_models" / "flux-bf16.safetensors"))
     rec = Called()
     (kept,) = call(split_loaders.unet_loader, env, rec, unet_name="flux-bf16.safetensors")
     assert "bf16 weights kept bf16 and cast per layer" in rec.messages[0], rec.messages
-    (upcast,) = call(split_loaders.unet_loader, env, unet_name="flux-bf16-upcast.safetensors")
+    (upcast,) = call(split_loaders.unet_loader, _env(root, tmp_path), unet_name="flux-bf16-upcast.safetensors")
     with kept.unet() as net, upcast.unet() as ref:
         assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
         assert net.x_embedder.weight.dtype == torch.bfloat16 and net.x_embedder.bias.dtype == torch.float32
@@ -173,6 +188,32 @@ def test_a_bf16_flux_transformer_stays_bf16_on_the_cpu_and_samples_as_the_upcast
         held = sum(p.numel() * p.element_size() for p in net.parameters())
         assert held < 0.6 * sum(p.numel() * p.element_size() for p in ref.parameters())
     assert torch.equal(flux_sample(env, kept), flux_sample(env, upcast))
+
+
+def test_a_bf16_flux_transformer_is_upcast_at_load_when_the_ram_budget_holds_it(root, tmp_path):
+    """Kept bf16, each call casts every weight: about 40 % of a FLUX step on a CPU. Where the budget holds the
+    upcast beside what is loaded, the manager upcasts at load (the same values), and fp8 stays fp8."""
+    from lora_support import flux_sample
+
+    env = _env(root, tmp_path)
+    rec = Called()
+    (widened,) = call(split_loaders.unet_loader, env, rec, unet_name="flux-bf16.safetensors")
+    assert "bf16 weights upcast to float32" in rec.messages[0] and "kept bf16" not in rec.messages[0], rec.messages
+    (upcast,) = call(split_loaders.unet_loader, env, unet_name="flux-bf16-upcast.safetensors")
+    with widened.unet() as net, upcast.unet() as ref:
+        q = net.transformer_blocks[0].attn.to_q
+        assert q.weight.dtype == torch.float32 and type(q) is torch.nn.Linear
+        assert [type(m) for m in net.modules()] == [type(m) for m in ref.modules()]
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in net.state_dict().items())
+    # the manager counts what it holds: the widened entry's bytes, not the file's
+    assert sum(e.nbytes for e in env.models._entries.values()) == 2 * sum(
+        p.numel() * p.element_size() for p in ref.parameters())
+    assert torch.equal(flux_sample(env, widened), flux_sample(env, upcast))
+    fp8_file = root / "diffusion_models" / "flux-fp8.safetensors"
+    tiny_flux._save(fp8_file, tiny_flux.to_fp8(tiny_flux.bfl_transformer("dev")))
+    (fp8,) = call(split_loaders.unet_loader, env, unet_name="flux-fp8.safetensors")
+    with fp8.unet() as net:
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
 
 
 def test_the_size_a_flux_checkpoint_reports_before_building_counts_its_t5_as_held(tmp_path):
@@ -223,11 +264,11 @@ def test_a_bf16_flux_diffusers_folder_holds_its_transformer_and_t5_as_stored(tmp
     _flux_folder(models / "checkpoints" / "flux-bf16", torch.bfloat16)
     _flux_folder(models / "checkpoints" / "flux-upcast", torch.float32)
     assert len(list((models / "checkpoints" / "flux-bf16" / "text_encoder_2").glob("model-*.safetensors"))) > 1
-    env = _env(models, tmp_path)
+    env = _env(models, tmp_path, _short_of_widening(models / "checkpoints" / "flux-bf16"))
     rec = Called()
     kept, clip, _ = call(loaders.checkpoint_loader, env, rec, ckpt_name="flux-bf16")
     assert "bf16 weights kept bf16 and cast per layer" in rec.messages[0], rec.messages
-    upcast, upcast_clip, _ = call(loaders.checkpoint_loader, env, ckpt_name="flux-upcast")
+    upcast, upcast_clip, _ = call(loaders.checkpoint_loader, _env(models, tmp_path), ckpt_name="flux-upcast")
     with kept.unet() as net, upcast.unet() as ref:
         assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
         assert net.x_embedder.bias.dtype == torch.float32 and net.transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32

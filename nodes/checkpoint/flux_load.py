@@ -215,15 +215,16 @@ def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
     return Loaded(family=family, scheduler_config=_sched(family), latent=family.latent,
                   modules={"unet": transformer},
                   info={"format": "unet", "prediction_type": "flow", "fp8": fp8_bytes(transformer) > 0,
-                        "prediction_reason": _flow_reason(transformer)})
+                        "prediction_reason": "flow matching (FLUX)", **_held_note(transformer)})
 
 
-def _flow_reason(transformer: Any) -> str:
-    """The loader's note on the transformer: flow matching, and the weights held as stored, if any."""
+def _held_note(transformer: Any) -> dict[str, str]:
+    """``info["held"]`` for the loader's message: the weights held as stored, if any (a CPU host may then
+    widen them: nodes.runtime.models.ModelManager.widen_if_room replaces the note)."""
     from nodes.runtime.fp8 import kept_as_stored
 
     kept = kept_as_stored(transformer)
-    return "flow matching (FLUX)" + (f", {kept} weights kept {kept} and cast per layer" if kept else "")
+    return {"held": f"{kept} weights kept {kept} and cast per layer"} if kept else {}
 
 
 def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:
@@ -328,4 +329,4 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
                                  shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
     return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules, tokenizers=tokenizers,
                   info={"format": "diffusers", "prediction_type": "flow",
-                        "prediction_reason": _flow_reason(modules["unet"])})
+                        "prediction_reason": "flow matching (FLUX)", **_held_note(modules["unet"])})

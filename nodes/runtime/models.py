@@ -339,6 +339,28 @@ class ModelManager:
         with self._lock:
             return self.offload_plan(nbytes, sum(e.nbytes for e in self._entries.values()) + besides)
 
+    def widen_if_room(self, modules: dict[str, Any]) -> str:
+        """At load, on a CPU host: a denoiser held whole whose linear weights were kept bf16/fp16 only for
+        being narrower than the compute dtype (nodes.runtime.fp8.held_dtype) is upcast when that fits the
+        RAM budget beside every module held, the same load's included: the per-call casts cost about
+        40 % of a FLUX step, and only memory was saved. Returns a note for the loader's message ("" when
+        nothing was widened). fp8 stays fp8; a GPU computes in the file's own bf16/fp16."""
+        from nodes.runtime import fp8
+        from nodes.runtime.offload import offloaded
+
+        unet = modules.get(DENOISER)
+        if self.is_gpu or self.offload_mode == "on" or unet is None or offloaded(unet) is not None:
+            return ""
+        extra = fp8.widening_bytes(unet)
+        with self._lock:
+            held = sum(e.nbytes for e in self._entries.values()) + sum(_held_bytes(m) for m in modules.values())
+            if not extra or held + extra > self.cpu_budget_bytes:
+                return ""
+        from engine.budget import format_bytes
+
+        kept = fp8.widen(unet)
+        return f"{kept} weights upcast to {str(self.dtype).replace('torch.', '')}: {format_bytes(extra)} more fits the RAM budget"
+
     def _fit_denoiser(self, entry: _Entry, module: Any) -> bool:
         """Place the denoiser about to run by :meth:`offload_plan`, asked again at every use: block by
         block (nodes.runtime.offload) when it does not fit whole, and whole again when one placed block
