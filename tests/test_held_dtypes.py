@@ -208,7 +208,22 @@ def test_a_bf16_flux_transformer_is_upcast_at_load_when_the_ram_budget_holds_it(
     # the manager counts what it holds: the widened entry's bytes, not the file's
     assert sum(e.nbytes for e in env.models._entries.values()) == 2 * sum(
         p.numel() * p.element_size() for p in ref.parameters())
-    assert torch.equal(flux_sample(env, widened), flux_sample(env, upcast))
+    expected = flux_sample(env, upcast)
+    assert torch.equal(flux_sample(env, widened), expected)
+    # RAM grows short (the budget shrinks): the next use narrows it back rather than paging it to disk
+    from nodes.checkpoint import flux_blocks
+    from nodes.checkpoint.tensors import LazyState
+    from nodes.runtime import offload
+
+    whole = sum(p.numel() * p.element_size() for p in ref.parameters())
+    narrow = flux_blocks.held_bytes(LazyState.open(root / "diffusion_models" / "flux-bf16.safetensors"), torch.float32)
+    env.models.cpu_budget_bytes = whole + narrow + (whole - narrow) // 2
+    with widened.unet() as net:
+        q = net.transformer_blocks[0].attn.to_q
+        assert q.weight.dtype == torch.bfloat16 and type(q).__name__ == "CastLinear"
+        assert offload.offloaded(net) is None and env.models.counters["narrowed"] == 1
+    assert sum(e.nbytes for e in env.models._entries.values()) == whole + narrow
+    assert torch.equal(flux_sample(env, widened), expected)
     fp8_file = root / "diffusion_models" / "flux-fp8.safetensors"
     tiny_flux._save(fp8_file, tiny_flux.to_fp8(tiny_flux.bfl_transformer("dev")))
     (fp8,) = call(split_loaders.unet_loader, env, unet_name="flux-fp8.safetensors")

@@ -283,9 +283,28 @@ def widen(module: Any) -> str:
     widened = set()
     for layer in _narrow_kept(module):
         widened.add(names.get(str(layer.weight.dtype).replace("torch.", ""), str(layer.weight.dtype)))
+        layer.kiln_stored_dtype = layer.weight.dtype
         layer.weight = torch.nn.Parameter(layer.weight.detach().to(compute), requires_grad=False)
         layer.__class__ = torch.nn.Linear
     return "/".join(sorted(widened))
+
+
+def narrow(module: Any) -> int:
+    """Undo :func:`widen` (exactly: the upcast values round back to themselves), for a model that no longer
+    fits whole: narrower is cheaper than paging it to disk. Returns the bytes freed."""
+    import torch
+
+    global _CAST
+    if _CAST is None:
+        _CAST = _cast_linear_class()
+    freed = 0
+    for layer in module.modules():
+        stored = vars(layer).pop("kiln_stored_dtype", None)
+        if stored is not None:
+            freed += layer.weight.numel() * (layer.weight.element_size() - stored.itemsize)
+            layer.weight = torch.nn.Parameter(layer.weight.detach().to(stored), requires_grad=False)
+            layer.__class__ = _CAST
+    return freed
 
 
 def fp8_bytes(module: Any) -> int:

@@ -169,7 +169,7 @@ class ModelManager:
         self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.RLock()
         self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0, "block_offloads": 0,
-                         "made_whole": 0}
+                         "made_whole": 0, "narrowed": 0}
 
     @classmethod
     def for_settings(cls, device: str | None = None, settings: Any = None) -> "ModelManager":
@@ -344,7 +344,8 @@ class ModelManager:
         being narrower than the compute dtype (nodes.runtime.fp8.held_dtype) is upcast when that fits the
         RAM budget beside every module held, the same load's included: the per-call casts cost about
         40 % of a FLUX step, and only memory was saved. Returns a note for the loader's message ("" when
-        nothing was widened). fp8 stays fp8; a GPU computes in the file's own bf16/fp16."""
+        nothing was widened). fp8 stays fp8; a GPU computes in the file's own bf16/fp16. Should it no
+        longer fit whole at a later use, :meth:`_fit_denoiser` narrows it back before paging it."""
         from nodes.runtime import fp8
         from nodes.runtime.offload import offloaded
 
@@ -375,6 +376,14 @@ class ModelManager:
         if entry.in_use.get(DENOISER, 0) > 1:
             return info is not None
         plan = self._denoiser_plan(module)
+        if plan is not None and info is None and not self.is_gpu:  # widened at load, now short: narrow first
+            from nodes.runtime import fp8
+
+            freed = fp8.narrow(module)
+            if freed:
+                entry.nbytes -= freed
+                self.counters["narrowed"] += 1
+                plan = self._denoiser_plan(module)
         if (plan is None) == (info is None):
             return info is not None
         nbytes = _module_bytes(module)
