@@ -58,21 +58,27 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
     config, each tensor cast as it is read (``from_pretrained`` maps the whole file and casts
     afterwards: the file plus the cast copy at the peak). ``as_stored``: linear weights are held as
     stored (nodes.runtime.fp8.keep_linears_as_stored), as the split-file loaders hold FLUX's and
-    T5's. .bin files and keys that do not fit strictly go through ``from_pretrained`` as before.
-    ``offload``/``besides``: a denoiser's question to the model manager
-    (nodes.checkpoint.paged.own_layout_straight) with the bytes of the load's other modules.
+    T5's. ``offload``/``besides``: a denoiser's question to the model manager, asked with the header's
+    size and the bytes of the load's other modules, whose "disk" answer builds it straight into disk
+    blocks (nodes.checkpoint.paged.own_layout_straight) from the same opened files and empty module.
+    .bin files, and keys that do not fit strictly when built whole, go through ``from_pretrained``.
     """
-    if offload is not None:
-        paged = paged_component(folder, cls, dtype, offload, besides, as_stored)
-        if paged is not None:
-            return paged
     found = folder_state(folder, dtype)
     if found is not None:
-        try:
-            with reading(found[0]):
-                return _component_from_state(folder, found[1], cls, dtype, as_stored)
-        except (CheckpointError, TypeError):
-            pass  # e.g. renamed legacy keys: diffusers' own loader knows them
+        weights, state, _ = found
+        with reading(weights):
+            module = _empty_component(folder, cls)
+            if offload is not None:
+                from nodes.checkpoint.paged import own_layout_straight
+
+                paged = own_layout_straight(module, state, dtype, offload, f"{folder.parent.name}/{folder.name}",
+                                            besides, as_stored)
+                if paged is not None:
+                    return paged
+            try:
+                return _fill(module, state, dtype, as_stored)
+            except (CheckpointError, TypeError):
+                pass  # e.g. renamed legacy keys: diffusers' own loader knows them
     variant = {"variant": found[2]} if found is not None and found[2] else {}
     module = cls.from_pretrained(str(folder), local_files_only=True, **variant)
     if module.dtype != dtype:  # .to() on diffusers models logs a warning even when it changes nothing
@@ -80,36 +86,23 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
     return module
 
 
-def paged_component(folder: Path, cls: Any, dtype: Any, offload: Any, besides: int = 0,
-                    as_stored: bool = False) -> Any | None:
-    """A diffusers denoiser folder (unet/, transformer/; one .safetensors file or shards with their index
-    json) built straight into disk blocks when the manager (``offload``) will page it there; its keys are
-    the module's own names (nodes.checkpoint.paged.own_layout_straight). None: build it whole."""
-    from nodes.checkpoint.paged import own_layout_straight
-
-    found = folder_state(folder, dtype)
-    if found is None:
-        return None
-    init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
-    with reading(found[0]):
-        return own_layout_straight(_empty(cls, dict(init)), found[1], dtype, offload,
-                                   f"{folder.parent.name}/{folder.name}", besides, as_stored)
-
-
-def _component_from_state(folder: Path, state: Mapping[str, Any], cls: Any, dtype: Any, as_stored: bool) -> Any:
-    """The module of a diffusers or transformers class, built empty from the folder's config and assigned
-    strictly, so a key that does not fit raises (and the caller falls back to ``from_pretrained``)."""
+def _empty_component(folder: Path, cls: Any) -> Any:
+    """A module of a diffusers or transformers class, built empty from the folder's config."""
     if hasattr(cls, "load_config"):  # a diffusers model
         init, _, _ = cls.extract_init_dict(cls.load_config(str(folder)))
-        module = _empty(cls, dict(init))
-    else:  # a transformers model
-        module = _empty(cls, cls.config_class.from_pretrained(str(folder)))
+        return _empty(cls, dict(init))
+    return _empty(cls, cls.config_class.from_pretrained(str(folder)))
+
+
+def _fill(module: Any, state: Mapping[str, Any], dtype: Any, as_stored: bool) -> Any:
+    """``module`` assigned strictly from ``state``, so a key that does not fit raises (and the caller falls
+    back to ``from_pretrained``)."""
     if as_stored:
         from nodes.runtime.fp8 import keep_linears_as_stored
 
         state = keep_linears_as_stored(module, dict(state), dtype)
     else:
         state = cast_view(state, dtype)
-    if not hasattr(cls, "load_config"):
+    if not hasattr(module, "load_config"):  # a transformers model: its key style and depth
         state = _text_state(state, module)
-    return _assign(module, state, cls.__name__, None if as_stored else dtype)
+    return _assign(module, state, type(module).__name__, None if as_stored else dtype)
