@@ -42,13 +42,13 @@ def _build(config: dict, device: str, storage: str, compute):
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from nodes.runtime.fp8 import _cast_linear_class
+    from nodes.runtime.fp8 import cast_linear_class
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
     model = model.to(dtype=compute)
     gen = torch.Generator(device=device).manual_seed(0)
-    cast = _cast_linear_class()
+    cast = cast_linear_class()
     with torch.no_grad():
         # one module at a time, so an fp8 model never exists in full at the compute dtype
         for module in model.modules():

@@ -68,13 +68,19 @@ def _cast_linear_class():
 _CAST = None
 
 
-def as_cast_linear(module: Any) -> Any:
-    """Make one ``nn.Linear`` a CastLinear in place (same arithmetic when its weight is not fp8;
-    LoRAs can then run beside the weight, see ``kiln_lora``)."""
+def cast_linear_class() -> Any:
+    """The one CastLinear class (made on first use, so importing this module needs no torch): every layer
+    made CastLinear shares it, which is how :func:`as_plain` and :func:`widen` recognise them."""
     global _CAST
     if _CAST is None:
         _CAST = _cast_linear_class()
-    module.__class__ = _CAST
+    return _CAST
+
+
+def as_cast_linear(module: Any) -> Any:
+    """Make one ``nn.Linear`` a CastLinear in place (same arithmetic when its weight is not fp8;
+    LoRAs can then run beside the weight, see ``kiln_lora``)."""
+    module.__class__ = cast_linear_class()
     return module
 
 
@@ -193,9 +199,7 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
     layers CastLinear. Layers the model keeps in full precision (transformers' ``_keep_in_fp32_modules``:
     T5's ``wo``, before which T5 casts its activations to that weight's dtype) go to the compute dtype
     whatever they were stored in. Returns the new state."""
-    global _CAST
-    if _CAST is None:
-        _CAST = _cast_linear_class()
+    cast_linear = cast_linear_class()
     linears = _narrowable_linears(module)
     out, cast = {}, {}  # cast: one converted copy per file tensor, so tied weights stay one tensor
     for k, v in state.items():
@@ -203,7 +207,7 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
         held = held_dtype(v.dtype, compute_dtype, k.endswith(".weight") and owner in linears)
         if held == v.dtype and held != compute_dtype and v.is_floating_point():
             out[k] = v
-            module.get_submodule(owner).__class__ = _CAST
+            module.get_submodule(owner).__class__ = cast_linear
         else:
             out[k] = cast.setdefault(id(v), v.to(held))
     module.kiln_compute_dtype = compute_dtype
@@ -251,10 +255,13 @@ def stored_apart(p: Any, module: Any) -> bool:
 def kept_as_stored(module: Any) -> str:
     """The dtype names (e.g. "fp8", "bf16") of the linear weights ``module`` holds apart from its compute
     dtype, joined; "" when none, for the loader's message."""
-    names = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
-    found = {names.get(str(p.dtype).replace("torch.", ""), str(p.dtype)) for p in module.parameters()
-             if stored_apart(p, module)}
-    return "/".join(sorted(found))
+    return _short_names(p.dtype for p in module.parameters() if stored_apart(p, module))
+
+
+def _short_names(dtypes: Any) -> str:
+    """Storage dtypes as a loader's message names them ("bf16", "fp8"...), each once, joined by "/"."""
+    short = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
+    return "/".join(sorted({short.get(str(d).replace("torch.", ""), str(d)) for d in dtypes}))
 
 
 def _narrow_kept(module: Any) -> list[Any]:
@@ -279,14 +286,13 @@ def widen(module: Any) -> str:
     import torch
 
     compute = compute_dtype(module)
-    names = {"bfloat16": "bf16", "float16": "fp16"}
-    widened = set()
-    for layer in _narrow_kept(module):
-        widened.add(names.get(str(layer.weight.dtype).replace("torch.", ""), str(layer.weight.dtype)))
+    layers = _narrow_kept(module)
+    widened = _short_names(layer.weight.dtype for layer in layers)
+    for layer in layers:
         layer.kiln_stored_dtype = layer.weight.dtype
         layer.weight = torch.nn.Parameter(layer.weight.detach().to(compute), requires_grad=False)
         layer.__class__ = torch.nn.Linear
-    return "/".join(sorted(widened))
+    return widened
 
 
 def narrow(module: Any) -> int:
@@ -294,16 +300,13 @@ def narrow(module: Any) -> int:
     fits whole: narrower is cheaper than paging it to disk. Returns the bytes freed."""
     import torch
 
-    global _CAST
-    if _CAST is None:
-        _CAST = _cast_linear_class()
     freed = 0
     for layer in module.modules():
         stored = vars(layer).pop("kiln_stored_dtype", None)
         if stored is not None:
             freed += layer.weight.numel() * (layer.weight.element_size() - stored.itemsize)
             layer.weight = torch.nn.Parameter(layer.weight.detach().to(stored), requires_grad=False)
-            layer.__class__ = _CAST
+            layer.__class__ = cast_linear_class()
     return freed
 
 
