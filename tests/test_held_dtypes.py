@@ -224,6 +224,7 @@ def test_a_bf16_flux_transformer_is_upcast_at_load_when_the_ram_budget_holds_it(
         assert offload.offloaded(net) is None and env.models.counters["narrowed"] == 1
     assert sum(e.nbytes for e in env.models._entries.values()) == whole + narrow
     assert torch.equal(flux_sample(env, widened), expected)
+    env.models.cpu_budget_bytes = 1 << 34  # roomy again: fp8 would fit upcast, and stays fp8 by choice
     fp8_file = root / "diffusion_models" / "flux-fp8.safetensors"
     tiny_flux._save(fp8_file, tiny_flux.to_fp8(tiny_flux.bfl_transformer("dev")))
     (fp8,) = call(split_loaders.unet_loader, env, unet_name="flux-fp8.safetensors")
