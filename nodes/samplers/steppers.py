@@ -121,8 +121,7 @@ def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor")
     if spec.sigma_fallback:
         spec = resolve_sampler(spec.sigma_fallback)
     if spec.kiln_stepper and spec.diffusers_class not in _HOOKABLE:
-        sched = (DPMpp2SAncestral if spec.kiln_stepper == "dpmpp_2s_ancestral" else STEPPERS[spec.kiln_stepper])(
-            config, sigmas.to(torch.float32))
+        sched = kiln_stepper_class(spec.kiln_stepper)(config, sigmas.to(torch.float32))
         return sched, sched.timesteps
     if spec.diffusers_class == "EulerAncestralDiscreteScheduler":
         sched = on_sigmas(spec, config, torch.cat([sigmas.to(torch.float32), torch.zeros(1)]))
@@ -139,6 +138,15 @@ def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor")
     return sched, sched.timesteps[:steps * sched.order]
 
 
+def kiln_stepper_class(name: str) -> Any:
+    """The class of a Kiln sigma-space stepper (``SamplerSpec.kiln_stepper``), whichever
+    module defines it: each module keeps a table of its own steppers."""
+    from nodes.samplers import multistep, stochastic
+
+    table = {**STEPPERS, **multistep.STEPPERS, **stochastic.STEPPERS, "dpmpp_2s_ancestral": DPMpp2SAncestral}
+    return table[name]
+
+
 def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
     """A scheduler for ``spec`` that visits exactly ``sigmas`` (descending, ending in 0)."""
     import numpy as np
@@ -150,8 +158,7 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
     if float(sigmas[-1]) != 0.0:
         raise ValueError("a sigma schedule must end with 0")
     if spec.kiln_stepper and spec.diffusers_class not in _HOOKABLE:
-        stepper = DPMpp2SAncestral if spec.kiln_stepper == "dpmpp_2s_ancestral" else STEPPERS[spec.kiln_stepper]
-        return stepper(config, sigmas)
+        return kiln_stepper_class(spec.kiln_stepper)(config, sigmas)
     cls = _scheduler_class(spec.diffusers_class)
     if spec.diffusers_class in _HOOKABLE:
         sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
