@@ -81,14 +81,15 @@ def main() -> None:
     from diffusers import FluxTransformer2DModel
 
     from nodes.runtime import offload
-    from nodes.runtime.models import ModelManager, _module_bytes
+    from nodes.runtime.measure import module_bytes
+    from nodes.runtime.models import ModelManager
 
     torch.manual_seed(0)
     width = args.heads * 128
     net = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
                                  attention_head_dim=128, num_attention_heads=args.heads, joint_attention_dim=width,
                                  pooled_projection_dim=width, guidance_embeds=True, axes_dims_rope=(16, 56, 56)).eval()
-    size = _module_bytes(net)
+    size = module_bytes(net)
     manager = ModelManager(device="cpu", cpu_budget_bytes=size // 2)
     key = ("bench", "offload-return")
 

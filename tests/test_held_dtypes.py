@@ -74,12 +74,12 @@ def _short_of_widening(path: Path) -> int:
     from nodes.checkpoint.load import load_checkpoint
     from nodes.checkpoint.split import load_unet_file
     from nodes.runtime import fp8
-    from nodes.runtime.models import _module_bytes
+    from nodes.runtime.measure import module_bytes
 
     loaded = (load_checkpoint if path.is_dir() else load_unet_file)(path, torch.float32)
     extra = fp8.widening_bytes(loaded.modules["unet"])
     assert extra > 0
-    return sum(_module_bytes(m) for m in loaded.modules.values()) + extra // 2
+    return sum(module_bytes(m) for m in loaded.modules.values()) + extra // 2
 
 
 def _upcast_reference(name: str) -> torch.nn.Module:
@@ -133,12 +133,12 @@ def test_a_t5_file_with_the_embedding_under_both_names_holds_one_copy(root, tmp_
     T5-XXL): one is held, under both names, and the size reported before building counts it once."""
     from nodes.checkpoint.flux_load import t5_held_bytes
     from nodes.checkpoint.tensors import LazyState
-    from nodes.runtime.models import _module_bytes
+    from nodes.runtime.measure import module_bytes
 
     path = root / "text_encoders" / "t5-both-names.safetensors"
     with _t5(_env(root, tmp_path), "both-names").encoder("text_encoder_2") as t5:
         assert t5.shared.weight.data_ptr() == t5.encoder.embed_tokens.weight.data_ptr()
-        assert t5_held_bytes(LazyState.open(path), "", torch.float32) == _module_bytes(t5)
+        assert t5_held_bytes(LazyState.open(path), "", torch.float32) == module_bytes(t5)
         assert torch.equal(_encode(t5), _encode(_upcast_reference(root / "text_encoders" / "t5-fp16.safetensors")))
 
 
@@ -236,7 +236,7 @@ def test_the_size_a_flux_checkpoint_reports_before_building_counts_its_t5_as_hel
     """An all-in-one FLUX file with a fp16 T5: the bytes of the load's other modules, asked before the
     transformer is built, are those the built CLIP-L, T5 and VAE hold (T5's linears in fp16)."""
     from nodes.checkpoint.load import load_checkpoint
-    from nodes.runtime.models import _module_bytes
+    from nodes.runtime.measure import module_bytes
 
     aio = {"model.diffusion_model." + k: v for k, v in tiny_flux.bfl_transformer("dev").items()}
     aio.update({"text_encoders.clip_l.transformer." + k: v for k, v in tiny_flux.clip_l_state().items()})
@@ -245,7 +245,7 @@ def test_the_size_a_flux_checkpoint_reports_before_building_counts_its_t5_as_hel
     path = tiny_flux._save(tmp_path / "flux-aio.safetensors", aio)
     asked = []
     loaded = load_checkpoint(path, torch.float32, offload=lambda n, b: asked.append(b))
-    others = sum(_module_bytes(loaded.modules[name]) for name in ("text_encoder", "text_encoder_2", "vae"))
+    others = sum(module_bytes(loaded.modules[name]) for name in ("text_encoder", "text_encoder_2", "vae"))
     t5 = loaded.modules["text_encoder_2"]
     assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16  # not vacuous
     assert len(asked) == 1 and abs(asked[0] - others) <= 1024, (asked, others)  # CLIP-L's position ids: no file tensor

@@ -277,14 +277,14 @@ def _released_flux_bytes() -> dict[str, int]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from nodes.runtime.models import _module_bytes
+    from nodes.runtime.measure import module_bytes
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from flux_memory import RELEASED
 
     def fp8_linears(module: torch.nn.Module) -> int:
         linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-        return _module_bytes(module) - linear  # bf16 (2 bytes) everywhere, 1 byte per fp8 weight
+        return module_bytes(module) - linear  # bf16 (2 bytes) everywhere, 1 byte per fp8 weight
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**RELEASED).to(torch.bfloat16)
@@ -295,8 +295,8 @@ def _released_flux_bytes() -> dict[str, int]:
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16, layers_per_block=2,
                             down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4).to(torch.bfloat16)
-    return {"transformer_bf16": _module_bytes(transformer), "transformer_fp8": fp8_linears(transformer),
-            "t5_fp8": fp8_linears(t5), "clip_l": _module_bytes(clip), "vae": _module_bytes(vae)}
+    return {"transformer_bf16": module_bytes(transformer), "transformer_fp8": fp8_linears(transformer),
+            "t5_fp8": fp8_linears(t5), "clip_l": module_bytes(clip), "vae": module_bytes(vae)}
 
 
 def test_the_released_flux_fits_a_24_gb_gpu_by_the_managers_rules():

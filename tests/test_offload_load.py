@@ -21,7 +21,8 @@ from nodes.checkpoint.load import load_checkpoint
 from nodes.checkpoint.split import load_unet_file
 from nodes.checkpoint.tensors import LazyState
 from nodes.runtime import offload
-from nodes.runtime.models import ModelManager, _module_bytes
+from nodes.runtime.measure import module_bytes
+from nodes.runtime.models import ModelManager
 from test_flux_lora import flux_lora_root  # noqa: F401 (a fixture)
 from test_offload import FLUX, PIXEL_TOL, _decode, _env, _img2img, whole  # noqa: F401 (a fixture)
 
@@ -168,11 +169,11 @@ def test_the_size_asked_before_building_is_the_built_models_and_fp8_stays_fp8(de
     whole = load_unet_file(path, torch.float32, fp8=fp8).modules["unet"]
     state = LazyState.open(path)
     state = flux_blocks.strip_prefix(state, "model.diffusion_model.") if name != DEEP else state
-    assert flux_blocks.held_bytes(state, torch.float32, fp8) == _module_bytes(whole)
+    assert flux_blocks.held_bytes(state, torch.float32, fp8) == module_bytes(whole)
     asked = []
     paged = load_unet_file(path, torch.float32, fp8=fp8, offload=lambda n, b: asked.append((n, b)) or _disk())
     paged = paged.modules["unet"]
-    assert asked == [(_module_bytes(whole), 0)]
+    assert asked == [(module_bytes(whole), 0)]
     stored = {n: p.dtype for n, p in paged.named_parameters()}
     assert stored == {n: p.dtype for n, p in whole.named_parameters()}
     if name != DEEP or fp8:  # kept as stored (bf16 too: narrower than the fp32 compute dtype)
@@ -189,7 +190,7 @@ def test_a_single_file_flux_checkpoint_loads_its_transformer_straight_into_block
     # the encoders and VAE as the file holds them (fp32, the compute dtype here): what the load also holds
     besides = sum(t.numel() * 4 for part in (tiny_flux.clip_l_state(), tiny_flux.t5_state(), tiny_flux.vae_state())
                   for t in part.values())
-    assert asked == [(_module_bytes(whole.modules["unet"]), besides)]
+    assert asked == [(module_bytes(whole.modules["unet"]), besides)]
     assert offload.offloaded(paged.modules["unet"]).paged
     assert (_forward(paged.modules["unet"]) - _forward(whole.modules["unet"])).abs().max() <= 1e-5
     ids = torch.tensor([[1, 5, 9, 2]])
@@ -223,8 +224,8 @@ def test_the_gpu_rule_decides_before_evicting_anything(flux_lora_root):
     manager.acquire(("idle",), lambda m: {"vae": idle})
     env = Environment(paths=Paths.under(flux_lora_root / "unused", models=flux_lora_root), models=manager)
     (model,) = call(split_loaders.unet_loader, env, unet_name=FLUX)
-    size = _module_bytes(model.peek())
-    assert size > 2 * _module_bytes(idle)
+    size = module_bytes(model.peek())
+    assert size > 2 * module_bytes(idle)
     manager.device_budget_bytes = size - 1  # free: size - 1 - idle; with the idle module evicted: size - 1
     assert manager.offload_plan(size - 1) is None  # fits once the idle module leaves: placed whole
     assert manager.offload_plan(size).rest == "cpu"
@@ -283,8 +284,8 @@ def test_an_sd_checkpoints_unet_loads_straight_into_blocks_and_equals_the_whole_
 
     path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name(variant)
     whole = load_checkpoint(path, torch.float32)
-    unet_bytes = _module_bytes(whole.modules["unet"])
-    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    unet_bytes = module_bytes(whole.modules["unet"])
+    besides = sum(module_bytes(m) for name, m in whole.modules.items() if name != "unet")
     whole_peak = alive.peak
     alive.peak = before = alive.now
     asked = []
@@ -299,7 +300,7 @@ def test_an_sd_checkpoints_unet_loads_straight_into_blocks_and_equals_the_whole_
     assert whole_peak >= besides + 0.9 * unet_bytes
     assert alive.peak - before < besides + unet_bytes // 2, (alive.peak - before, besides, unet_bytes)
     # building the UNet held at most its parts outside the blocks and one block (a whole build: all of it)
-    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    sizes = [module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
     assert phase[0] <= unet_bytes - sum(sizes) + max(sizes), (phase, unet_bytes, sizes)
     assert phase[0] < 0.8 * unet_bytes
     assert (_unet_forward(unet) - _unet_forward(whole.modules["unet"])).abs().max() <= 1e-5
@@ -340,7 +341,7 @@ def test_an_sd_unet_file_loads_straight_into_blocks(tiny_models_dir, tmp_path):
     whole = load_unet_file(path, torch.float32).modules["unet"]
     asked = []
     paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
-    assert asked == [(_module_bytes(whole), 0)] and offload.offloaded(paged).paged
+    assert asked == [(module_bytes(whole), 0)] and offload.offloaded(paged).paged
     assert (_unet_forward(paged) - _unet_forward(whole)).abs().max() <= 1e-5
 
 
@@ -349,15 +350,15 @@ def test_a_diffusers_layout_flux_file_loads_straight_into_blocks_with_no_convers
     path = deep_root / "diffusion_models" / "deep-flux-diffusers.safetensors"
     whole = load_unet_file(path, torch.float32).modules["unet"]
     assert alive.peak >= 0.95 * alive.total  # the whole load held everything: the meter can fail
-    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole)]
-    top = _module_bytes(whole) - sum(sizes)
+    sizes = [module_bytes(block) for _, _, block in offload.blocks(whole)]
+    top = module_bytes(whole) - sum(sizes)
     alive.peak = before = alive.now
     asked = []
     paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
-    assert asked == [(_module_bytes(whole), 0)]
+    assert asked == [(module_bytes(whole), 0)]
     assert offload.offloaded(paged).paged
     assert alive.peak - before <= top + max(sizes), (alive.peak - before, top, sizes)
-    assert alive.peak - before < 0.4 * _module_bytes(whole)
+    assert alive.peak - before < 0.4 * module_bytes(whole)
     assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
 
 
@@ -367,14 +368,14 @@ def test_an_sd1_diffusers_folders_unet_loads_straight_into_blocks(tiny_models_di
     import tiny_models
     path = Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1", "diffusers")
     whole = load_checkpoint(path, torch.float32)
-    unet_bytes = _module_bytes(whole.modules["unet"])
-    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    unet_bytes = module_bytes(whole.modules["unet"])
+    besides = sum(module_bytes(m) for name, m in whole.modules.items() if name != "unet")
     asked = []
     paged = load_checkpoint(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk())
     assert asked == [(unet_bytes, besides)]
     unet = paged.modules["unet"]
     assert offload.offloaded(unet).paged and offload.offloaded(whole.modules["unet"]) is None
-    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    sizes = [module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
     assert len(phase) == 1 and phase[0] <= unet_bytes - sum(sizes) + max(sizes), (phase, unet_bytes, sizes)
     assert phase[0] < 0.8 * unet_bytes
     assert (_unet_forward(unet) - _unet_forward(whole.modules["unet"])).abs().max() <= 1e-5
@@ -395,9 +396,9 @@ def test_a_sharded_flux_diffusers_folder_loads_its_transformer_straight_into_blo
     assert len(list((folder / "transformer").glob("*.safetensors"))) > 2  # really sharded
     whole = load_checkpoint(folder, torch.float32)
     assert whole.modules["unet"].transformer_blocks[0].attn.to_q.weight.dtype == storage
-    unet_bytes = _module_bytes(whole.modules["unet"])
-    besides = sum(_module_bytes(m) for name, m in whole.modules.items() if name != "unet")
-    sizes = [_module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
+    unet_bytes = module_bytes(whole.modules["unet"])
+    besides = sum(module_bytes(m) for name, m in whole.modules.items() if name != "unet")
+    sizes = [module_bytes(block) for _, _, block in offload.blocks(whole.modules["unet"])]
     asked = []
     paged = load_checkpoint(folder, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk())
     assert asked == [(unet_bytes, besides)]

@@ -20,7 +20,8 @@ from engine.context import Environment, Paths
 from node_call import call
 from nodes import lora, split_loaders
 from nodes.runtime import offload
-from nodes.runtime.models import ModelManager, _module_bytes
+from nodes.runtime.measure import module_bytes
+from nodes.runtime.models import ModelManager
 from test_flux_lora import flux_lora_root  # noqa: F401 (a fixture)
 from test_offload import FLUX, _env, _img2img, _sd1_job, _write_sd1_conv_loras, whole  # noqa: F401 (a fixture)
 from test_offload_load import DEEP, _forward, deep_root  # noqa: F401 (a fixture)
@@ -66,7 +67,7 @@ def test_a_flux_model_paged_on_a_short_host_runs_whole_once_the_budget_grows(flu
     assert not Path(info.folder).exists()  # the block files left with the placement
     assert info.folder not in Path("/proc/self/maps").read_text()  # and no weight still maps one (disk freed)
     assert all(p.device.type == "cpu" for p in net.parameters())
-    assert env.models.stats()["bytes"] == _module_bytes(net)  # counted in RAM again
+    assert env.models.stats()["bytes"] == module_bytes(net)  # counted in RAM again
     assert (with_lora - whole["lora"]).abs().max() <= 1e-5
     assert (with_lora - whole["plain"]).abs().max() > 1e-3  # not vacuous: the LoRA counts
     after = _state(net)
@@ -82,7 +83,7 @@ def test_a_model_paged_beside_another_runs_whole_once_that_one_was_unloaded(flux
     """CPU host: the transformer fits the budget alone but not beside an idle model; loading a third
     model unloads that one (least recently used), and the next job runs the transformer whole."""
     probe = _env(flux_lora_root, tmp_path, "probe", offload_mode="on")
-    size = _module_bytes(call(split_loaders.unet_loader, probe, unet_name=FLUX)[0].peek())
+    size = module_bytes(call(split_loaders.unet_loader, probe, unet_name=FLUX)[0].peek())
     small = 4096
     budget = size + small + 1024
     env = _env(flux_lora_root, tmp_path, "data", cpu_budget_bytes=budget)
@@ -241,7 +242,7 @@ def test_on_a_gpu_an_offloaded_denoiser_returns_whole_when_evicting_idle_modules
     with model.unet() as net:
         info = offload.offloaded(net)
         assert info is not None and info.rest == "cpu" and all(p.device.type == "cpu" for p in net.parameters())
-    size, idle_bytes = _module_bytes(net), _module_bytes(idle)
+    size, idle_bytes = module_bytes(net), module_bytes(idle)
     manager.device_budget_bytes = size - 1  # free size - 1 - idle; counting the idle module, size - 1: short
     with model.unet() as net:
         assert offload.offloaded(net) is info

@@ -296,7 +296,7 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
 
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.load import quiet_progress
-    from nodes.runtime.models import _module_bytes
+    from nodes.runtime.measure import module_bytes
 
     quiet_progress()
     p = str(path)
@@ -304,7 +304,7 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
         modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
                    "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
                    "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
-        besides = sum(_module_bytes(m) for m in modules.values())
+        besides = sum(module_bytes(m) for m in modules.values())
         modules["unet"] = folder_component(path / "transformer", FluxTransformer2DModel, dtype, offload, besides,
                                            as_stored=True)
     except (OSError, ValueError, RuntimeError) as exc:

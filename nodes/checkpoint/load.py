@@ -335,9 +335,9 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
             te = modules["text_encoder"] = folder_component(path / "text_encoder", CLIPTextModel, dtype)
         if sdxl:
             modules["text_encoder_2"] = folder_component(path / "text_encoder_2", CLIPTextModelWithProjection, dtype)
-        from nodes.runtime.models import _module_bytes
+        from nodes.runtime.measure import module_bytes
 
-        besides = sum(_module_bytes(m) for m in modules.values())
+        besides = sum(module_bytes(m) for m in modules.values())
         modules["unet"] = folder_component(path / "unet", UNet2DConditionModel, dtype, offload, besides)
     except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers folder ({exc})") from exc

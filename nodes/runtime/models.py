@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from nodes.runtime.measure import held_bytes, module_bytes, module_device, modules_of, physical_memory
+
 #: accelerate's ``init_empty_weights`` (used by Kiln's checkpoint loader and inside diffusers'
 #: ``from_pretrained``) patches ``torch.nn.Module`` for the whole process while it runs. Two lanes
 #: loading at once would interleave the patch and its undo and leave it in place (every module
@@ -79,57 +81,6 @@ def file_key(path: str | os.PathLike[str], kind: str = "") -> tuple[str, str, in
     return (kind, str(real), mtime, size)
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * 1024**3
-
-
-def _modules(value: Any) -> dict[str, Any]:
-    """The torch modules inside a stored object, by name.
-
-    A module itself is named ""; a dict contributes its module values; any other
-    object may list its modules with a ``kiln_modules()`` method returning a dict.
-    """
-    import torch
-
-    if isinstance(value, torch.nn.Module):
-        return {"": value}
-    listed = getattr(value, "kiln_modules", None)
-    if callable(listed):
-        value = listed()
-    if isinstance(value, dict):
-        return {k: v for k, v in value.items() if isinstance(v, torch.nn.Module)}
-    return {}
-
-
-def _module_bytes(module: Any) -> int:
-    """Bytes of a module's parameters and buffers, a tensor tied under two names (T5's embedding as
-    ``shared`` and ``encoder.embed_tokens``) counted once."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = id(t) if t.device.type == "meta" else (t.device, t.data_ptr(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
-def _held_bytes(module: Any) -> int:
-    """Bytes a module holds in RAM: none for one paged to disk (its tensors are unbacked placeholders)."""
-    from nodes.runtime.offload import offloaded
-
-    info = offloaded(module)
-    return 0 if info is not None and info.paged else _module_bytes(module)
-
-
-def _module_device(module: Any) -> str:
-    for t in module.parameters():
-        return str(t.device)
-    return "cpu"
-
-
 @dataclass
 class _Entry:
     key: tuple
@@ -163,7 +114,7 @@ class ModelManager:
         self._device: str | None = None
         self.device_reserve_bytes = device_reserve_bytes
         #: Weights kept in CPU memory at most (entries beyond it are unloaded, LRU first).
-        self.cpu_budget_bytes = cpu_budget_bytes if cpu_budget_bytes is not None else int(_physical_memory() * 0.6)
+        self.cpu_budget_bytes = cpu_budget_bytes if cpu_budget_bytes is not None else int(physical_memory() * 0.6)
         #: Weights kept on the compute device at most; None = what the device reports free.
         self.device_budget_bytes = device_budget_bytes
         self._entries: dict[tuple, _Entry] = {}
@@ -234,8 +185,8 @@ class ModelManager:
                 return entry.value
             with _LOAD_LOCK:
                 value = loader(self)
-            modules = _modules(value)
-            entry = _Entry(key, value, modules, sum(_held_bytes(m) for m in modules.values()))
+            modules = modules_of(value)
+            entry = _Entry(key, value, modules, sum(held_bytes(m) for m in modules.values()))
             from nodes.runtime.offload import offloaded
 
             # a loader that was given an offload plan built the denoiser straight into its blocks
@@ -283,9 +234,9 @@ class ModelManager:
         """A text encoder whose use ended goes back to the CPU when memory is short (:func:`leaves_after_use`)."""
         if not self.is_gpu or name in entry.in_use or not name.startswith(LEAVE_AFTER_USE):
             return
-        if _module_device(module) == "cpu":
+        if module_device(module) == "cpu":
             return
-        pending = sum(_module_bytes(m) for n, m in entry.modules.items() if n != name and _module_device(m) == "cpu")
+        pending = sum(module_bytes(m) for n, m in entry.modules.items() if n != name and module_device(m) == "cpu")
         if leaves_after_use(name, self._device_free(), pending):
             module.to("cpu")
             self.counters["offloads"] += 1
@@ -302,10 +253,10 @@ class ModelManager:
 
             use_cache_dir(self.compile_cache)
             compile_in_place(module, name)  # in place: moving it between devices keeps the compiled forward
-        if _module_device(module).split(":")[0] == self.device.split(":")[0]:
+        if module_device(module).split(":")[0] == self.device.split(":")[0]:
             return
         if self.is_gpu:
-            self._make_room(_module_bytes(module))
+            self._make_room(module_bytes(module))
         module.to(self.device)
         self.counters["onloads"] += 1
 
@@ -323,7 +274,7 @@ class ModelManager:
 
         with self._lock:
             if self.is_gpu:
-                idle = sum(_module_bytes(e.modules[n]) for _, e, n in self._device_resident())
+                idle = sum(module_bytes(e.modules[n]) for _, e, n in self._device_resident())
                 free = self._device_free() + idle
             else:
                 free = self.cpu_budget_bytes - held_besides
@@ -354,7 +305,7 @@ class ModelManager:
             return ""
         extra = fp8.widening_bytes(unet)
         with self._lock:
-            held = sum(e.nbytes for e in self._entries.values()) + sum(_held_bytes(m) for m in modules.values())
+            held = sum(e.nbytes for e in self._entries.values()) + sum(held_bytes(m) for m in modules.values())
             if not extra or held + extra > self.cpu_budget_bytes:
                 return ""
         from engine.budget import format_bytes
@@ -386,7 +337,7 @@ class ModelManager:
                 plan = self._denoiser_plan(module)
         if (plan is None) == (info is None):
             return info is not None
-        nbytes = _module_bytes(module)
+        nbytes = module_bytes(module)
         if plan is not None:
             offload.offload_blocks(module, plan.onload, plan.rest, plan.note, plan.folder_root)
             if plan.rest == "disk":
@@ -405,10 +356,10 @@ class ModelManager:
         other module held besides it."""
         from nodes.runtime.offload import offloaded
 
-        if offloaded(module) is None and self.is_gpu and _module_device(module) != "cpu":
+        if offloaded(module) is None and self.is_gpu and module_device(module) != "cpu":
             return None
-        return self.offload_plan(_module_bytes(module),
-                                 sum(e.nbytes for e in self._entries.values()) - _held_bytes(module))
+        return self.offload_plan(module_bytes(module),
+                                 sum(e.nbytes for e in self._entries.values()) - held_bytes(module))
 
     # -- compiled mode -------------------------------------------------------------------
 
@@ -445,7 +396,7 @@ class ModelManager:
         out = []
         for entry in self._entries.values():
             for name, module in entry.modules.items():
-                if name not in entry.in_use and _module_device(module) != "cpu":
+                if name not in entry.in_use and module_device(module) != "cpu":
                     out.append((entry.module_last_used.get(name, entry.last_used), entry, name))
         return sorted(out, key=lambda t: t[0])
 
@@ -453,8 +404,8 @@ class ModelManager:
         import torch
 
         if self.device_budget_bytes is not None:
-            used = sum(_module_bytes(m) for e in self._entries.values() for m in e.modules.values()
-                       if _module_device(m) != "cpu")
+            used = sum(module_bytes(m) for e in self._entries.values() for m in e.modules.values()
+                       if module_device(m) != "cpu")
             return self.device_budget_bytes - used
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(torch.device(self.device))
@@ -513,7 +464,7 @@ class ModelManager:
         with self._lock:
             for _, entry, name in self._device_resident():
                 module = entry.modules[name]
-                moved += _module_bytes(module)
+                moved += module_bytes(module)
                 module.to("cpu")
                 self.counters["offloads"] += 1
         self._empty_device_cache()
@@ -527,7 +478,7 @@ class ModelManager:
                 kind, path = entry.key[0], entry.key[1] if len(entry.key) > 1 else ""
                 entries.append({
                     "kind": kind, "path": str(path), "bytes": entry.nbytes, "in_use": sorted(entry.in_use),
-                    "modules": {name or "model": {"bytes": _module_bytes(m), "device": _module_device(m)}
+                    "modules": {name or "model": {"bytes": module_bytes(m), "device": module_device(m)}
                                 for name, m in entry.modules.items()},
                 })
             return {
