@@ -8,11 +8,9 @@ the scheduler. Each claimed job becomes one Dask task (:func:`run_job` on a
 committed to the store before its terminal event is published (the in-process
 worker's rule, kept by the shared :class:`engine.server.worker.JobReport`).
 
-Routing by warmth: the server computes each job's structural signatures (node
-signatures without file fingerprints, identical on every machine) and remembers
-which worker ran which; a job goes to the idle worker holding most of them (its
-checkpoint loader, its text encodings, its VAE encoding), else to the idle worker
-that has waited longest. The task's worker restriction is loose, so when that
+Routing by warmth (:mod:`engine.server.cluster_warmth`): a job goes to the idle worker
+that most recently computed most of its nodes (its checkpoint loader, its text
+encodings, its VAE encoding), else to the idle worker that has waited longest. The task's worker restriction is loose, so when that
 worker dies the scheduler re-runs the task on another one; after
 ``max_attempts`` lost workers the job fails with that reason.
 
@@ -25,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,6 +34,7 @@ from engine.cache import OutputCache
 from engine.executor import Executor, structural_signatures
 from engine.registry import Registry
 from engine.server import cluster_worker as cw
+from engine.server.cluster_warmth import WarmthMap
 from engine.server.job_files import JobFiles, input_files
 from engine.server.store import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, JobRecord, JobStore
 from engine.server.worker import EventSink, JobReport, error_dict, job_plan, redact
@@ -44,8 +43,6 @@ from engine.validate import WorkflowInvalid
 log = logging.getLogger("kiln.cluster")
 
 _STATUS = {"succeeded": SUCCEEDED, "failed": FAILED, "interrupted": INTERRUPTED}
-#: Structural signatures remembered per worker (an approximation of its cache).
-WARM_ENTRIES = 20000
 #: How long the server waits for a finished attempt's last events to arrive.
 EVENT_GRACE_S = 10.0
 
@@ -106,7 +103,7 @@ class ClusterWorker:
         self._waiting: deque[_Remote] = deque()
         self._workers: dict[str, dict[str, Any]] = {}  # address -> scheduler identity, Kiln workers of our version
         self._busy: dict[str, str] = {}  # address -> job id
-        self._warm: dict[str, OrderedDict[str, None]] = {}
+        self._warm = WarmthMap()
         self._last_used: dict[str, float] = {}
         self._refused: dict[str, str] = {}
         self._progress: dict[str, dict[str, Any]] = {}
@@ -172,8 +169,7 @@ class ClusterWorker:
 
     async def clear_cache(self) -> dict[str, int]:
         before = _add_up((await self._broadcast(cw.clear_cache)).values())
-        for warm in self._warm.values():
-            warm.clear()
+        self._warm.clear()
         return before
 
     async def cache_stats(self) -> dict[str, int]:
@@ -281,7 +277,7 @@ class ClusterWorker:
         "attempt" message left), the death is counted against every job whose last
         known worker is gone too: Dask moved those to some other worker.
         """
-        self._warm.pop(addr, None)
+        self._warm.forget(addr)
         job_id = self._busy.pop(addr, None)
         remote = self._jobs.get(job_id) if job_id else None
         if remote is not None and remote.worker == addr:
@@ -320,15 +316,8 @@ class ClusterWorker:
 
     def _choose(self, remote: _Remote, fallback: str) -> str:
         """The idle worker holding most of the job's structural signatures (ties: the longest idle)."""
-        best, best_score = fallback, -1
-        for addr in sorted(self._idle(), key=lambda a: self._last_used.get(a, 0.0)):
-            if addr in remote.excluded:
-                continue
-            warm = self._warm.get(addr, {})
-            score = sum(1 for sig in remote.sigs.values() if sig in warm)
-            if score > best_score:
-                best, best_score = addr, score
-        return best
+        idle = sorted(self._idle(), key=lambda a: self._last_used.get(a, 0.0))
+        return self._warm.choose([a for a in idle if a not in remote.excluded], remote.sigs, fallback)
 
     def _prepare(self, job: JobRecord) -> _Remote | None:
         report = JobReport(job, self._publish, self._progress, self._redact)
@@ -448,14 +437,8 @@ class ClusterWorker:
             for ui in terminal.outputs.values():
                 remote.files.rename(ui)
         if result["status"] == "succeeded" or result.get("executed"):
-            warm = self._warm.setdefault(addr, OrderedDict())
-            for node_id in [*result.get("executed", []), *result.get("cached", [])]:
-                sig = remote.sigs.get(node_id)
-                if sig is not None:
-                    warm[sig] = None
-                    warm.move_to_end(sig)
-            while len(warm) > WARM_ENTRIES:
-                warm.popitem(last=False)
+            computed = [*result.get("executed", []), *result.get("cached", [])]
+            self._warm.remember(addr, [remote.sigs[n] for n in computed if n in remote.sigs])
         self._end(remote, result["status"], outputs, terminal, result.get("executed", []),
                   result.get("cached", []))
 
