@@ -291,7 +291,8 @@ def test_noise_mask_equals_flux_inpaint_pipeline():
     assert torch.equal(out["samples"][_kept()], _init_raw()[_kept()])
 
 
-@pytest.mark.parametrize("sampler,calls", [("euler", 4), ("heun", 7), ("dpmpp_2m", 4), ("euler_ancestral", 4)])
+@pytest.mark.parametrize("sampler,calls", [("euler", 4), ("heun", 7), ("dpmpp_2m", 4), ("euler_ancestral", 4),
+                                           ("ipndm", 4), ("res_multistep", 4), ("dpm_fast", 4)])
 def test_noise_mask_holds_the_flow_blend_with_every_flow_sampler(sampler, calls):
     """Every transformer input is, outside the mask, the input blended with the run's noise at that
     call's flow time (heun's second evaluations included); held as x0 + sigma * noise, the DDPM

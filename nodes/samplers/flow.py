@@ -38,6 +38,14 @@ sampling has it):
   state rescaled by ``(1 - t') / (1 - t_down)`` and fresh noise added so its noise
   level is exactly ``t'``; the last step lands on the prediction. diffusers has no
   flow scheduler for it (:class:`FlowEulerAncestral`).
+* Kiln's deterministic sigma-space steppers (:data:`KILN_ON_FLOW`: ``ipndm``,
+  ``res_multistep``, ``dpm_fast``, ...), as ComfyUI runs them on a flow model: their
+  formulas integrate ``dx/dsigma = (x - x0) / sigma``, and a flow state obeys the same
+  equation in t (``x - x0 = t * v``), so only what the network sees changes (the state
+  itself, at ``1000 * t``: the steppers ask the model's training schedule,
+  :class:`FlowSchedule`). ``ddim`` is Euler here as on SD. Stochastic samplers add
+  variance-exploding noise (``x + sigma_up * n``), which is no flow state, so only the
+  flow-aware ancestral Euler above draws noise.
 
 Schedules: ``normal``, ``simple`` and ``sgm_uniform`` are the pipeline's uniform
 grid; ``karras``, ``exponential`` and ``beta`` are diffusers' flags on it. Others are
@@ -58,7 +66,11 @@ if TYPE_CHECKING:
     from nodes.samplers.plan import Plan
 
 FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
-SAMPLERS = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
+#: Samplers with a flow form of their own (diffusers' flow schedulers, the RF ancestral Euler).
+FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
+#: Kiln steppers that run unchanged on a flow state (see the module docstring).
+KILN_ON_FLOW = ("euler_cfg_pp", "dpm_fast", "dpm_adaptive", "ipndm", "res_multistep")
+SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
     "normal": {}, "simple": {}, "sgm_uniform": {},
     "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
@@ -127,6 +139,11 @@ class FlowSchedule:
         import torch
 
         return torch.as_tensor(sigma, dtype=torch.float32) * self.steps
+
+    @staticmethod
+    def model_input(sample: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        """A flow model sees its state itself."""
+        return sample
 
 
 class FlowStepper:
@@ -209,7 +226,7 @@ class FlowEulerAncestral:
         return StepOutput(keep * x + renoise * randn_like(x, generator), denoised)
 
 
-def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> FlowStepper | FlowEulerAncestral:
+def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
     """A stepper for ``spec`` (not euler) visiting exactly ``sigmas`` (descending flow times).
 
     The list may end above 0 (a split list): the scheduler is then built on the list
@@ -225,6 +242,10 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
     ends_above = float(sigmas[-1]) > 0
     grid = sigmas if ends_above else sigmas[:-1]  # the flow times the model is evaluated at (+ the end)
     train = int(config.get("num_train_timesteps", 1000))
+    if spec.name in KILN_ON_FLOW:  # they take a list ending anywhere, and read the flow schedule from the config
+        from nodes.samplers.steppers import kiln_stepper_class
+
+        return kiln_stepper_class(spec.kiln_stepper)(config, sigmas)
     if spec.name == "euler_ancestral":
         stepper = FlowEulerAncestral(sigmas if not ends_above else torch.cat([sigmas, torch.zeros(1)]), train)
         stepper.timesteps = stepper.timesteps[:steps]
@@ -248,9 +269,16 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
     raise ValueError(f"no flow stepper for {spec.name}")  # pragma: no cover - check_sampler refused it
 
 
+def flow_spec(spec: "SamplerSpec") -> "SamplerSpec":
+    """The sampler that runs ``spec`` on a flow model: ``ddim`` is Euler, as on SD."""
+    from nodes.samplers.names import resolve_sampler
+
+    return resolve_sampler(spec.sigma_fallback) if spec.sigma_fallback == "euler" else spec
+
+
 def check_sampler(spec: "SamplerSpec", input_name: str = "sampler_name") -> None:
     """Refuse a sampler flow sampling does not have, naming ``input_name``."""
-    if spec.name not in SAMPLERS:
+    if flow_spec(spec).name not in SAMPLERS:
         raise ConditioningError(f"sampler {spec.name!r} does not run flow-matching models (FLUX) yet; use "
                                 f"{', '.join(SAMPLERS)}", input_name)
 
@@ -279,6 +307,7 @@ def follow(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     check_sampler(spec, "sampler")
+    spec = flow_spec(spec)
     if spec.name != "euler":
         return on_grid(spec, config, sigmas)
     clean = {k: v for k, v in config.items() if not k.startswith("kiln_") and k != "prediction_type"}
@@ -304,6 +333,7 @@ def plan(spec: "SamplerSpec", schedule: str, config: Mapping[str, Any], steps: i
     from nodes.samplers.plan import MODE_COMFY, MODE_IMG2IMG, MODE_TXT2IMG, Plan
 
     check(spec, schedule)
+    spec = flow_spec(spec)
     h, w = x0.shape[2], x0.shape[3]
     if strength is not None:
         mode, total, begin = MODE_IMG2IMG, steps, strength_start(steps, strength)

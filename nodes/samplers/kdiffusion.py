@@ -41,7 +41,7 @@ def randn_like(x: "torch.Tensor", generator: Any) -> "torch.Tensor":
 
 def denoised_from(prediction_type: str, out: "torch.Tensor", x: "torch.Tensor", sigma: float) -> "torch.Tensor":
     """The model's clean-latent prediction, for a state x = x0 + sigma * eps."""
-    if prediction_type == "epsilon":
+    if prediction_type in ("epsilon", "flow"):  # a flow state x = (1 - t) x0 + t eps, velocity eps - x0
         return x - sigma * out
     if prediction_type == "v_prediction":
         return x / (sigma ** 2 + 1) - out * (sigma / (sigma ** 2 + 1) ** 0.5)
@@ -58,11 +58,12 @@ class SigmaStepper:
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         import torch
 
-        from nodes.samplers.schedules import TrainingSchedule
+        from nodes.samplers.schedules import training_schedule
 
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.sigmas = sigmas.to(torch.float32).clone()
-        self.timesteps = TrainingSchedule(config).timestep(self.sigmas[:-1]).to(torch.float32)
+        self.schedule = training_schedule(config)
+        self.timesteps = self.schedule.timestep(self.sigmas[:-1]).to(torch.float32)
         self._index = 0
 
     @property
@@ -73,7 +74,7 @@ class SigmaStepper:
         self._index = index
 
     def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return sample / ((float(self.sigmas[self._index]) ** 2 + 1) ** 0.5)
+        return self.schedule.model_input(sample, float(self.sigmas[self._index]))
 
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
              generator: Any = None, return_dict: bool = True) -> StepOutput:
@@ -183,10 +184,11 @@ class DPMFast:
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         import torch
 
-        from nodes.samplers.schedules import TrainingSchedule
+        from nodes.samplers.schedules import training_schedule
 
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.sigmas = sigmas.to(torch.float32).clone()
+        self.schedule = training_schedule(config)
         nfe = len(sigmas) - 1
         sigma_max = float(sigmas[0])
         # One step has no nonzero end: ComfyUI then takes the start, and the step changes nothing.
@@ -201,7 +203,7 @@ class DPMFast:
             for k in range(order):
                 self.stages.append((i, k, math.exp(-(t + h * k / order))))
         stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
-        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
+        self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
         self._index = 0
         self._x: "torch.Tensor | None" = None
         self._eps: list["torch.Tensor"] = []
@@ -214,7 +216,7 @@ class DPMFast:
         self._index = index
 
     def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return sample / ((self.stages[self._index][2] ** 2 + 1) ** 0.5)
+        return self.schedule.model_input(sample, self.stages[self._index][2])
 
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
              generator: Any = None, return_dict: bool = True) -> StepOutput:
@@ -336,11 +338,11 @@ class DPMAdaptive:
                  max_evaluations: int = 3000) -> None:
         import torch
 
-        from nodes.samplers.schedules import TrainingSchedule
+        from nodes.samplers.schedules import training_schedule
 
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.sigmas = sigmas.to(torch.float32).clone()
-        self._training = TrainingSchedule(config)
+        self.schedule = training_schedule(config)
         sigma_max = float(sigmas[0])
         sigma_min = float(sigmas[-2]) if float(sigmas[-1]) == 0 and len(sigmas) > 1 else float(sigmas[-1])
         if sigma_min <= 0 or sigma_max <= 0:
@@ -367,7 +369,7 @@ class DPMAdaptive:
         import torch
 
         self._stage_t = t
-        self.timesteps.append(self._training.timestep(torch.tensor(math.exp(-t))).to(torch.float32))
+        self.timesteps.append(self.schedule.timestep(torch.tensor(math.exp(-t))).to(torch.float32))
 
     @property
     def current_sigma(self) -> float:
@@ -381,7 +383,7 @@ class DPMAdaptive:
         pass
 
     def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return sample / ((self.current_sigma ** 2 + 1) ** 0.5)
+        return self.schedule.model_input(sample, self.current_sigma)
 
     def _done(self) -> bool:
         return self._s >= self.t_end - 1e-5 if self.forward else self._s <= self.t_end + 1e-5

@@ -88,6 +88,12 @@ class TrainingSchedule:
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
         return ((1 - w) * lo_idx + w * hi_idx).view(torch.as_tensor(sigma).shape)
 
+    @staticmethod
+    def model_input(sample: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        """What the network sees of a state x = x0 + sigma * eps: the variance-preserving
+        x / sqrt(sigma^2 + 1) it was trained on."""
+        return sample / ((sigma ** 2 + 1) ** 0.5)
+
 
 def training_schedule(config: Mapping[str, Any]) -> Any:
     """The model's training schedule (timestep <-> noise level): a flow model's own

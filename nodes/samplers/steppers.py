@@ -195,10 +195,11 @@ class DPMpp2SAncestral:
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
         import torch
 
-        from nodes.samplers.schedules import TrainingSchedule
+        from nodes.samplers.schedules import training_schedule
 
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.sigmas = sigmas.to(torch.float32).clone()
+        self.schedule = training_schedule(config)
         self.stages: list[tuple[int, int, float]] = []  # (step, stage, sigma the model sees)
         self.down_up: list[tuple[float, float]] = []
         for i in range(len(sigmas) - 1):
@@ -210,7 +211,7 @@ class DPMpp2SAncestral:
             if down > 0:
                 self.stages.append((i, 1, math.sqrt(s_from * down)))
         stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
-        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
+        self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
         self._index = 0
         self._x_start: "torch.Tensor | None" = None
 
@@ -222,8 +223,7 @@ class DPMpp2SAncestral:
         self._index = index
 
     def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        sigma = self.stages[self._index][2]
-        return sample / ((sigma ** 2 + 1) ** 0.5)
+        return self.schedule.model_input(sample, self.stages[self._index][2])
 
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
              generator: Any = None, return_dict: bool = True) -> StepOutput:

@@ -1,0 +1,157 @@
+"""Kiln's deterministic sigma-space steppers on flow models (FLUX), as ComfyUI runs them.
+
+Their formulas integrate dx/dsigma = (x - x0) / sigma; a flow state x_t = (1 - t) x0 + t eps
+obeys the same equation in t, so the steppers carry over once the network sees the state
+itself at timestep 1000 t. Three checks: on Gaussian data, where the flow ODE has a closed
+form, each stepper converges to it at a higher order than Euler (a stepper that fed the
+network the variance-preserving input, or mixed up the flow time, would not converge at all);
+Kiln's FLUX KSampler with ``ipndm`` equals FluxPipeline running the same method, written out
+below as a pipeline scheduler; and each one runs through KSampler and the custom-sampling
+nodes on the tiny FLUX.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_flux
+from test_flux import PIXEL_TOL, Recorder, _embeds, _init_raw, _model
+from test_flux_samplers import STEPS, SEED, _euler_grid, _kiln
+from nodes.samplers import flow
+from nodes.samplers.names import resolve_sampler
+from nodes.sampling import ksampler
+
+FLOW_CONFIG = {"_class_name": flow.FLOW_CLASS, "num_train_timesteps": 1000, "prediction_type": "flow"}
+MU, S = 0.4, 0.5  # every latent element is x0 ~ N(MU, S^2)
+
+
+END = 0.1  # the runs stop here (a split list's high half): the last step to 0 would add its own error
+
+
+def _velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+    """The ideal velocity on Gaussian data: (x - E[x0 | x_t]) / t."""
+    var = (1 - t) ** 2 * S ** 2 + t ** 2
+    clean = MU + (1 - t) * S ** 2 / var * (x - (1 - t) * MU)
+    return (x - clean) / t
+
+
+def _error(name: str, steps: int) -> tuple[float, int]:
+    """Run the stepper from pure noise (t = 1) over an even grid down to END; returns the mean
+    distance to the exact state there, and the evaluations. Along the Gaussian flow the
+    standardised state (x - (1 - t) MU) / sqrt((1 - t)^2 S^2 + t^2) is constant."""
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    stepper = flow.on_grid(resolve_sampler(name), FLOW_CONFIG, torch.linspace(1.0, END, steps + 1))
+    x, i = noise.clone(), 0
+    while i < len(stepper.timesteps):  # dpm_adaptive's list grows as it goes
+        t = stepper.timesteps[i]
+        seen = stepper.scale_model_input(x, t)
+        assert torch.equal(seen, x)  # a flow model sees its state itself
+        x = stepper.step(_velocity(seen, float(t) / 1000), t, x).prev_sample
+        i += 1
+    exact = (1 - END) * MU + ((1 - END) ** 2 * S ** 2 + END ** 2) ** 0.5 * noise
+    return (x - exact).abs().mean().item(), i
+
+
+@pytest.mark.parametrize("name,ratio,beat", [("ipndm", 8.0, 0.2), ("res_multistep", 3.0, 0.7), ("dpm_fast", None, 0.2)])
+def test_each_converges_to_the_exact_flow_and_beats_euler(name, ratio, beat):
+    """At equal evaluations each stepper is closer than Euler by ``beat`` (res_multistep's first
+    step is an Euler step); doubling the steps cuts the error by ``ratio`` (Euler's first order
+    gives 1.9, checked below; dpm_fast's mix of orders, which depends on the count modulo 3,
+    has no clean ratio)."""
+    err = {}
+    for n in (8, 16):
+        err[n], evaluations = _error(name, n)
+        assert evaluations == n
+        assert err[n] < beat * _error("euler_cfg_pp", n)[0], (name, n, err)  # without an unguided output: Euler
+    if ratio is not None:
+        assert err[8] / err[16] > ratio, err
+
+
+def test_euler_is_first_order_here_and_dpm_adaptive_meets_its_tolerance():
+    """The baseline of the test above (so its ratios mean something), and the adaptive solver,
+    which picks its own evaluations whatever the list's length."""
+    e8, e16 = _error("euler_cfg_pp", 8)[0], _error("euler_cfg_pp", 16)[0]
+    assert 1.6 < e8 / e16 < 2.5
+    err, evaluations = _error("dpm_adaptive", 8)
+    assert err < 1e-3 and evaluations >= 6 and err < 0.05 * e16
+
+
+class FlowIPNDM:
+    """iPNDM (Adams-Bashforth up to fourth order on the velocity, the last step landing on the
+    prediction x - t v), written out as a FluxPipeline scheduler over the pipeline's own grid."""
+
+    order = 1
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+        self.sigmas = _euler_grid(sigmas=sigmas, mu=mu)
+        self.timesteps = self.sigmas[:-1] * 1000
+        self.i, self.history = 0, []
+
+    def set_begin_index(self, index=0):
+        self.i = index
+
+    def step(self, v, t, x, return_dict=False):
+        s, s_next = float(self.sigmas[self.i]), float(self.sigmas[self.i + 1])
+        self.i += 1
+        h = self.history
+        if s_next == 0:
+            out = x - s * v
+        elif not h:
+            out = x + (s_next - s) * v
+        elif len(h) == 1:
+            out = x + (s_next - s) * (3 * v - h[-1]) / 2
+        elif len(h) == 2:
+            out = x + (s_next - s) * (23 * v - 16 * h[-1] + 5 * h[-2]) / 12
+        else:
+            out = x + (s_next - s) * (55 * v - 59 * h[-1] + 37 * h[-2] - 9 * h[-3]) / 24
+        self.history = (h + [v])[-3:]
+        return (out,)
+
+
+def test_ipndm_on_flux_equals_flux_pipeline_running_the_same_method():
+    pipe = tiny_flux.pipeline("dev")
+    pipe.scheduler = FlowIPNDM(pipe.scheduler.config)
+    embeds, pooled = _embeds("dev")
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+                      num_inference_steps=STEPS, guidance_scale=3.5, generator=torch.Generator().manual_seed(SEED),
+                      output_type="pt").images.permute(0, 2, 3, 1)
+    ours = _kiln("ipndm")
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - _kiln("euler")).abs().max() > 0.002  # another method, not euler under another name
+
+
+@pytest.mark.parametrize("name", flow.KILN_ON_FLOW + ("ddim",))
+def test_each_runs_through_ksampler_and_custom_sampling_on_flux(name):
+    from test_flux import _fixed, custom_advanced
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    model, latent = _fixed(_model("dev")), {"samples": _init_raw()}
+    rec = Recorder()
+    (ref,) = ksampler(rec.ctx, model, 9, 4, 1.0, name, "simple", cond, cond, latent, denoise=0.6)
+    assert torch.isfinite(ref["samples"]).all()
+    _, out = custom_advanced(model, cond, None, 1.0, latent, seed=9, steps=4, denoise=0.6, sampler=name,
+                             scheduler="simple")
+    assert torch.allclose(out["samples"], ref["samples"], atol=1e-5)
+    (euler,) = ksampler(Recorder().ctx, model, 9, 4, 1.0, "euler", "simple", cond, cond, latent, denoise=0.6)
+    if name in ("ddim", "euler_cfg_pp"):  # ComfyUI's ddim is Euler; CFG++ without an unguided pass is too
+        assert torch.allclose(ref["samples"], euler["samples"], atol=1e-5)
+    else:
+        assert (ref["samples"] - euler["samples"]).abs().max() > 1e-3
+
+
+def test_stochastic_samplers_are_still_refused_on_flux_naming_the_choices():
+    from engine.context import NodeError
+
+    embeds, pooled = _embeds("dev")
+    cond = [[embeds, {"pooled_output": pooled}]]
+    with pytest.raises(NodeError) as err:
+        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpmpp_sde", "normal", cond, cond,
+                 {"samples": torch.zeros(1, 16, 8, 8)})
+    message = str(err.value)
+    assert err.value.input_name == "sampler_name" and "dpmpp_sde" in message
+    assert all(name in message for name in flow.SAMPLERS)
