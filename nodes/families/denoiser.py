@@ -151,12 +151,10 @@ class Denoiser:
         return uncond + self.cfg * (cond - uncond)
 
     def sigma_at_percent(self, percent: float) -> float:
-        """ComfyUI's percent -> noise level: 0 is above every sigma, 1 is zero."""
-        if percent <= 0.0:
-            return math.inf
-        if percent >= 1.0:
-            return 0.0
-        return float(self.schedule.sigma((1.0 - percent) * (len(self.schedule.sigmas) - 1)))
+        """ComfyUI's percent -> noise level (schedules.percent_to_sigma) on this model's schedule."""
+        from nodes.samplers.schedules import percent_to_sigma
+
+        return percent_to_sigma(self.schedule, percent)
 
     def predict(self, x: "torch.Tensor", sigma: float, prediction_type: str, timestep: Any) -> "torch.Tensor":
         """``denoised``: the clean-latent prediction at noise level ``sigma`` (k-diffusion's

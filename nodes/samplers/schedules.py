@@ -95,6 +95,16 @@ class TrainingSchedule:
         return sample / ((sigma ** 2 + 1) ** 0.5)
 
 
+def percent_to_sigma(schedule: Any, percent: float) -> float:
+    """ComfyUI's fraction of sampling -> noise level (timestep ranges on conditioning): the
+    level at training timestep (1 - percent) * T; 0 lies above every level (inf), 1 is 0."""
+    if percent <= 0.0:
+        return math.inf
+    if percent >= 1.0:
+        return 0.0
+    return float(schedule.sigma((1.0 - percent) * (len(schedule.sigmas) - 1)))
+
+
 def training_schedule(config: Mapping[str, Any]) -> Any:
     """The model's training schedule (timestep <-> noise level): a flow model's own
     (:class:`nodes.samplers.flow.FlowSchedule`), otherwise the DDPM one (:class:`TrainingSchedule`)."""
@@ -133,7 +143,7 @@ def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor
     if name == "ddim_uniform":
         return _ddim_uniform(ts, steps)
     if name == "beta":
-        return _beta(ts, steps)
+        return beta_levels(ts, steps)
     if name == "linear_quadratic":
         return _linear_quadratic(ts, steps)
     if name == "kl_optimal":
@@ -165,8 +175,9 @@ def _ddim_uniform(ts: TrainingSchedule, steps: int) -> "torch.Tensor":
     return torch.tensor([*picked[::-1], 0.0], dtype=torch.float32)
 
 
-def _beta(ts: TrainingSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> "torch.Tensor":
-    """Timesteps at the Beta(0.6, 0.6) quantiles (dense at both ends), repeats dropped."""
+def beta_levels(ts: TrainingSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> "torch.Tensor":
+    """Timesteps at the Beta(alpha, beta) quantiles (0.6, 0.6: dense at both ends, KSampler's
+    ``beta``), repeats dropped."""
     import numpy as np
     import torch
     from scipy.stats import beta as beta_dist
