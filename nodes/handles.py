@@ -51,6 +51,8 @@ class ModelHandle:
     _peek: Callable[[], Any] | None = None
     #: Returns a note when the next use compiles the network (compiled mode), else None.
     _compile_note: Callable[[], str | None] | None = None
+    #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
+    cfg_rescale: float = 0.0
 
     def compile_note(self) -> str | None:
         return self._compile_note() if self._compile_note is not None else None

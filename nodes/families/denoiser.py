@@ -39,10 +39,11 @@ if TYPE_CHECKING:
 class Denoiser:
     def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
-                 prediction_type: str = "epsilon") -> None:
+                 prediction_type: str = "epsilon", cfg_rescale: float = 0.0) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
-        ``prediction_type``: what the network predicts (for pixels no conditioning covers)."""
+        ``prediction_type``: what the network predicts (for pixels no conditioning covers);
+        ``cfg_rescale``: RescaleCFG's multiplier (:func:`rescale_guidance`)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -53,6 +54,7 @@ class Denoiser:
         self.device, self.dtype = compute_device(network), network.dtype
         self.cfg = float(cfg)
         self.guided = self.cfg != 1.0
+        self.cfg_rescale = float(cfg_rescale)
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
@@ -127,8 +129,7 @@ class Denoiser:
             if self.guided:
                 out = self._plain_call(torch.cat([model_in, model_in]), t)
                 uncond, cond = out.chunk(2)
-                self.last_uncond = uncond
-                return uncond + self.cfg * (cond - uncond)
+                return self._guide(cond, uncond, model_in, t)
             out = self._plain_call(model_in, t)
             self.last_uncond = out
             return out
@@ -147,8 +148,15 @@ class Denoiser:
             self.last_uncond = outputs[0]
             return outputs[0]
         cond, uncond = outputs
+        return self._guide(cond, uncond, model_in, t)
+
+    def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         self.last_uncond = uncond
-        return uncond + self.cfg * (cond - uncond)
+        guided = uncond + self.cfg * (cond - uncond)
+        if not self.cfg_rescale:
+            return guided
+        sigma = float(self.schedule.sigma(float(t)))
+        return rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale)
 
     def sigma_at_percent(self, percent: float) -> float:
         """ComfyUI's percent -> noise level (schedules.percent_to_sigma) on this model's schedule."""
@@ -168,6 +176,32 @@ class Denoiser:
         if prediction_type == "sample":
             return out
         raise ConditioningError(f"unsupported prediction type {prediction_type}", "model")
+
+
+def rescale_guidance(guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor", sigma: float,
+                     prediction_type: str, multiplier: float) -> "torch.Tensor":
+    """RescaleCFG (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4): a high guidance scale inflates the prediction's spread, so the
+    guided prediction is rescaled, image by image, to the standard deviation of the
+    conditional one, and ``multiplier`` blends that with the plain result. As ComfyUI's
+    RescaleCFG it works on the velocity v = sqrt(1 + sigma^2) eps - sigma z (z: the network's
+    variance-preserving input) whatever the network predicts; on a v-prediction model that is
+    diffusers' ``guidance_rescale``. Conversions are affine in the output, so guiding before
+    converting is the same as after."""
+    import torch
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConditioningError(f"RescaleCFG needs an epsilon or v-prediction model, not {prediction_type}", "model")
+    scale = math.sqrt(1.0 + sigma * sigma)
+
+    def to_v(out: "torch.Tensor") -> "torch.Tensor":
+        return out if prediction_type == "v_prediction" else scale * out - sigma * model_in
+
+    v_guided, v_cond = to_v(guided), to_v(cond)
+    dims = list(range(1, v_guided.ndim))
+    rescaled = v_guided * (v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True))
+    v_final = multiplier * rescaled + (1.0 - multiplier) * v_guided
+    return v_final if prediction_type == "v_prediction" else (v_final + sigma * model_in) / scale
 
 
 def _plain(side: list, jobs: int) -> bool:

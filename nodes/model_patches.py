@@ -1,0 +1,32 @@
+"""ComfyUI's model-patch nodes that change how a model is sampled, not its weights.
+
+Each returns a new MODEL handle with the change recorded on it (the handle it was given
+keeps sampling as before, so cached results upstream stay right); the sampler applies it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from engine import types as T
+from engine.context import NodeError
+from engine.node import Input, Output, define_node
+
+
+@define_node("RescaleCFG", category="advanced/model",
+             inputs=[Input("model", T.MODEL),
+                     Input("multiplier", T.FLOAT, default=0.7, min=0.0, max=1.0, step=0.01)],
+             outputs=[Output("MODEL", T.MODEL)])
+def rescale_cfg(ctx, model, multiplier: float):
+    """Classifier-free guidance rescaled to the conditional prediction's spread (0: plain CFG,
+    1: fully rescaled), which keeps high cfg from washing out colours on v-prediction and
+    zero-terminal-SNR models (nodes.families.denoiser.rescale_guidance)."""
+    from nodes.samplers.model_sampling import DiscreteSampling, for_model
+
+    if not isinstance(for_model(model), DiscreteSampling):
+        raise NodeError("RescaleCFG works on DDPM-trained models (SD1, SD2, SDXL); a flow model (FLUX) "
+                        "is guided by its distilled guidance instead", "model")
+    if model.prediction_type not in ("epsilon", "v_prediction"):
+        raise NodeError(f"RescaleCFG needs an epsilon or v-prediction model, not {model.prediction_type}", "model")
+    if not 0.0 <= float(multiplier) <= 1.0:
+        raise NodeError(f"multiplier must be between 0 and 1, got {multiplier}", "multiplier")
+    return (dataclasses.replace(model, cfg_rescale=float(multiplier)),)
