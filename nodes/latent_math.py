@@ -1,0 +1,203 @@
+"""ComfyUI's latent arithmetic, batching and geometry nodes, with its names, inputs and semantics:
+LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch,
+LatentBatchSeedBehavior, LatentFlip, LatentRotate, LatentCrop.
+
+As in nodes.latent_ops, a latent that went through AddNoise is refused (its noise was drawn
+for its shape and seeds), and ``batch_index`` (image i is seeded seed + batch_index[i]) is
+carried as ComfyUI carries it. Where ComfyUI leaves a ``noise_mask`` behind when the
+latent's geometry changes (flip, rotate, crop, batch), Kiln moves the mask with the
+latent, so the repainted region stays where the picture is.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from engine import types as T
+from engine.context import NodeError
+from engine.node import Input, Output, define_node
+from nodes.latent_ops import CELL, MAX_RESOLUTION, _derived, plain_latent
+
+FLIPS = {"x-axis: vertically": 2, "y-axis: horizontally": 3}
+ROTATIONS = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}
+
+
+def _second_like(ctx, first, second, input_name: str):
+    """``second`` shaped as ``first``: the same channels required, the size scaled (bilinear,
+    centre crop, said in a message) and the batch repeated, as ComfyUI's latent math does."""
+    from nodes.masking import repeat_to_batch
+    from nodes.resample import resize
+
+    if first.shape[1] != second.shape[1]:
+        raise NodeError(f"the latents have {first.shape[1]} and {second.shape[1]} channels", input_name)
+    if first.shape[-2:] != second.shape[-2:]:
+        ctx.message(f"{input_name} scaled from {second.shape[-1]}x{second.shape[-2]} to "
+                    f"{first.shape[-1]}x{first.shape[-2]} cells (bilinear, centre crop)")
+        second = resize(second.float(), first.shape[-1], first.shape[-2], "bilinear", "center")
+    return repeat_to_batch(second.to(first.dtype), first.shape[0])
+
+
+def _pair(ctx, samples1, samples2):
+    node = ctx.node_type
+    a = plain_latent(samples1, "samples1", node)
+    return a, _second_like(ctx, a, plain_latent(samples2, "samples2", node), "samples2")
+
+
+_PAIR_INPUTS = [Input("samples1", T.LATENT), Input("samples2", T.LATENT)]
+
+
+@define_node("LatentAdd", category="latent/advanced", inputs=_PAIR_INPUTS, outputs=[Output("LATENT", T.LATENT)])
+def latent_add(ctx, samples1, samples2):
+    """samples1 + samples2 (samples2 brought to samples1's shape); samples1's mask and seeds."""
+    a, b = _pair(ctx, samples1, samples2)
+    return (_derived(samples1, a + b),)
+
+
+@define_node("LatentSubtract", category="latent/advanced", inputs=_PAIR_INPUTS,
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_subtract(ctx, samples1, samples2):
+    """samples1 - samples2 (samples2 brought to samples1's shape); samples1's mask and seeds."""
+    a, b = _pair(ctx, samples1, samples2)
+    return (_derived(samples1, a - b),)
+
+
+@define_node("LatentMultiply", category="latent/advanced",
+             inputs=[Input("samples", T.LATENT),
+                     Input("multiplier", T.FLOAT, default=1.0, min=-10.0, max=10.0, step=0.01)],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_multiply(ctx, samples, multiplier: float):
+    return (_derived(samples, plain_latent(samples, "samples", "LatentMultiply") * float(multiplier)),)
+
+
+@define_node("LatentInterpolate", category="latent/advanced",
+             inputs=[*_PAIR_INPUTS, Input("ratio", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.01)],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_interpolate(ctx, samples1, samples2, ratio: float):
+    """Blend direction and length apart, cell by cell: the channel vectors are normalised, mixed
+    ``ratio`` : ``1 - ratio`` and normalised again, then given the mixed length. A plain
+    linear blend would shrink vectors pointing apart (washed-out results)."""
+    import torch
+
+    a, b = _pair(ctx, samples1, samples2)
+    r = float(ratio)
+    length_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    length_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    mixed = torch.nan_to_num(a / length_a) * r + torch.nan_to_num(b / length_b) * (1.0 - r)
+    direction = torch.nan_to_num(mixed / torch.linalg.vector_norm(mixed, dim=1, keepdim=True))
+    return (_derived(samples1, direction * (length_a * r + length_b * (1.0 - r))),)
+
+
+def _batch_index(latent: dict, size: int) -> list[int]:
+    return list(latent.get("batch_index", range(size)))
+
+
+def _mask_or_ones(latent: dict, samples) -> Any:
+    """The latent's noise mask at image size, one per image (all ones where it has none)."""
+    import torch
+    import torch.nn.functional as F
+
+    from nodes.masking import repeat_to_batch
+
+    size = (samples.shape[-2] * CELL, samples.shape[-1] * CELL)
+    mask = latent.get("noise_mask")
+    if mask is None:
+        return torch.ones(samples.shape[0], 1, *size)
+    mask = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    if tuple(mask.shape[-2:]) != size:
+        mask = F.interpolate(mask, size=size, mode="bilinear")
+    return repeat_to_batch(mask, samples.shape[0])
+
+
+@define_node("LatentBatch", category="latent/batch", inputs=_PAIR_INPUTS, outputs=[Output("LATENT", T.LATENT)])
+def latent_batch(ctx, samples1, samples2):
+    """samples1's images followed by samples2's (scaled to samples1's size when it differs); each
+    keeps its seed (batch_index), and a noise mask on either side covers its own images."""
+    import torch
+
+    from nodes.resample import resize
+
+    a = plain_latent(samples1, "samples1", "LatentBatch")
+    b = plain_latent(samples2, "samples2", "LatentBatch")
+    if a.shape[1] != b.shape[1]:
+        raise NodeError(f"the latents have {a.shape[1]} and {b.shape[1]} channels", "samples2")
+    if a.shape[-2:] != b.shape[-2:]:
+        ctx.message(f"samples2 scaled from {b.shape[-1]}x{b.shape[-2]} to {a.shape[-1]}x{a.shape[-2]} cells "
+                    f"(bilinear, centre crop)")
+        b = resize(b.float(), a.shape[-1], a.shape[-2], "bilinear", "center").to(a.dtype)
+    out = _derived(samples1, torch.cat([a, b]))
+    out["batch_index"] = _batch_index(samples1, a.shape[0]) + _batch_index(samples2, b.shape[0])
+    if "noise_mask" in samples1 or "noise_mask" in samples2:
+        out["noise_mask"] = torch.cat([_mask_or_ones(samples1, a), _mask_or_ones(samples2, b)])
+    return (out,)
+
+
+@define_node("LatentBatchSeedBehavior", category="latent/advanced",
+             inputs=[Input("samples", T.LATENT),
+                     Input("seed_behavior", T.COMBO, default="fixed", choices=["random", "fixed"])],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_batch_seed_behavior(ctx, samples, seed_behavior: str):
+    """``fixed``: every image gets the first image's seed (the same noise); ``random``: image i
+    gets seed + i again (its batch_index dropped)."""
+    latent = plain_latent(samples, "samples", "LatentBatchSeedBehavior")
+    out = dict(samples)
+    if seed_behavior == "random":
+        out.pop("batch_index", None)
+    elif seed_behavior == "fixed":
+        out["batch_index"] = [_batch_index(samples, latent.shape[0])[0]] * latent.shape[0]
+    else:
+        raise NodeError("seed_behavior must be random or fixed", "seed_behavior")
+    return (out,)
+
+
+def _moved(samples: dict, latent, move) -> dict:
+    """The latent and its noise mask (which lives at image size) through the same ``move``."""
+    out = _derived(samples, move(latent))
+    if samples.get("noise_mask") is not None:
+        out["noise_mask"] = move(samples["noise_mask"])
+    return out
+
+
+@define_node("LatentFlip", category="latent/transform",
+             inputs=[Input("samples", T.LATENT), Input("flip_method", T.COMBO, choices=list(FLIPS))],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_flip(ctx, samples, flip_method: str):
+    """Mirror the latent: ``x-axis`` turns it upside down, ``y-axis`` left to right."""
+    if flip_method not in FLIPS:
+        raise NodeError(f"flip_method must be one of {', '.join(FLIPS)}", "flip_method")
+    axis = FLIPS[flip_method]
+    return (_moved(samples, plain_latent(samples, "samples", "LatentFlip"), lambda x: x.flip(axis)),)
+
+
+@define_node("LatentRotate", category="latent/transform",
+             inputs=[Input("samples", T.LATENT), Input("rotation", T.COMBO, choices=list(ROTATIONS))],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_rotate(ctx, samples, rotation: str):
+    """Turn the latent clockwise by quarter turns."""
+    import torch
+
+    if rotation not in ROTATIONS:
+        raise NodeError(f"rotation must be one of {', '.join(ROTATIONS)}", "rotation")
+    k = ROTATIONS[rotation]
+    return (_moved(samples, plain_latent(samples, "samples", "LatentRotate"),
+                   lambda x: torch.rot90(x, k=k, dims=[3, 2])),)
+
+
+@define_node("LatentCrop", category="latent/transform",
+             inputs=[Input("samples", T.LATENT),
+                     Input("width", T.INT, default=512, min=64, max=MAX_RESOLUTION, step=8),
+                     Input("height", T.INT, default=512, min=64, max=MAX_RESOLUTION, step=8),
+                     Input("x", T.INT, default=0, min=0, max=MAX_RESOLUTION, step=8),
+                     Input("y", T.INT, default=0, min=0, max=MAX_RESOLUTION, step=8)],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_crop(ctx, samples, width: int, height: int, x: int, y: int):
+    """The width x height region at pixel (x, y), in whole latent cells (8 px); a start beyond
+    the latent moves back so at least one cell remains, as ComfyUI's does."""
+    latent = plain_latent(samples, "samples", "LatentCrop")
+    h, w = latent.shape[-2:]
+    left, top = min(int(x) // CELL, w - 1), min(int(y) // CELL, h - 1)
+    right, bottom = min(left + max(int(width) // CELL, 1), w), min(top + max(int(height) // CELL, 1), h)
+
+    def cut(t):
+        scale_h, scale_w = t.shape[-2] // h, t.shape[-1] // w  # 1 for the latent, 8 for its mask
+        return t[..., top * scale_h:bottom * scale_h, left * scale_w:right * scale_w].clone()
+
+    return (_moved(samples, latent, cut),)
