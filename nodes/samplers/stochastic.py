@@ -1,10 +1,77 @@
 """Stochastic samplers of ComfyUI's list that diffusers has no scheduler for.
 
+Each class is ComfyUI's published algorithm (``comfy/k_diffusion/sampling.py``,
+``comfy/k_diffusion/sa_solver.py``) with the defaults ComfyUI's KSampler binds to
+the name, rewritten as a Kiln sigma-space stepper (see ``kdiffusion.py``: state
+x = x0 + sigma * eps, model input x / sqrt(sigma^2 + 1)). Only the variance-
+exploding (SD) parameterisation is here: for it alpha = 1 and the half-log-SNR
+is lambda = -log(sigma), which is what ComfyUI's VP-data-prediction formulas
+reduce to; ComfyUI's flow-model branches are not carried over (flow models keep
+their own sampler list, ``flow.py``).
+
+Fresh noise: ComfyUI's KSampler draws these samplers' noise from
+``default_noise_sampler`` (independent standard normals per call, one generator for
+the batch). Kiln draws the same independent standard normals, scaled the same way,
+from each image's own generator (``kdiffusion.randn_like``), so a batch item equals
+its single run with seed + i; the noise is therefore not byte-equal to ComfyUI's.
+
+Samplers that evaluate the model more than once per step lay their evaluations out
+up front (``stages``: step, stage, sigma the model sees), like DPMpp2SAncestral, so
+the loop calls ``step`` once per model evaluation. CFG++ variants take the unguided
+network output as ``uncond=`` in ``step``, as EulerCFGPP does.
+
 Importing this module does not import torch.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any, Mapping
+
+from nodes.samplers.kdiffusion import ResMultistep, StepOutput, denoised_from, randn_like
+from nodes.samplers.steppers import DPMpp2SAncestral
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _CFGPP:
+    """CFG++ (Chung et al. 2024, arXiv 2406.08070) for a stepper whose math reads
+    ``self._unguided``: ``step`` also takes the unguided network output, turns it
+    into a clean-latent prediction at the sigma being evaluated and hands it on.
+    Without it (no guidance) the stepper runs its plain form."""
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
+        stages = getattr(self, "stages", None)
+        sigma = stages[self._index][2] if stages is not None else float(self.sigmas[self._index])
+        self._unguided = None if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
+        return super().step(model_output, timestep, sample, generator, return_dict)
+
+
+class ResMultistepAncestral(ResMultistep):
+    """ComfyUI's ``res_multistep_ancestral``: RES second-order multistep with eta = 1,
+    s_noise = 1 (the math is ``kdiffusion.ResMultistep``'s; this only sets eta)."""
+
+    eta = 1.0
+
+
+class ResMultistepAncestralCFGPP(_CFGPP, ResMultistepAncestral):
+    """ComfyUI's ``res_multistep_ancestral_cfg_pp``: the ancestral RES multistep stepping
+    along the unguided prediction (CFG++), eta = 1."""
+
+
+class DPMpp2SAncestralCFGPP(_CFGPP, DPMpp2SAncestral):
+    """ComfyUI's ``dpmpp_2s_ancestral_cfg_pp`` (eta = 1, s_noise = 1): DPM-Solver++(2S)
+    ancestral whose exponential steps start from x + (guided - unguided).
+
+    As in ComfyUI, the second stage's shift pairs the first stage's guided prediction
+    with the unguided prediction of the midpoint evaluation (ComfyUI keeps only the
+    latest unguided output); the math is ``steppers.DPMpp2SAncestral``'s."""
+
 
 #: name -> stepper class, looked up by ``steppers.kiln_stepper_class``.
-STEPPERS: dict[str, Any] = {}
+STEPPERS: dict[str, Any] = {
+    "res_multistep_ancestral": ResMultistepAncestral,
+    "res_multistep_ancestral_cfg_pp": ResMultistepAncestralCFGPP,
+    "dpmpp_2s_ancestral_cfg_pp": DPMpp2SAncestralCFGPP,
+}

@@ -1,0 +1,198 @@
+"""ComfyUI's stochastic samplers that Kiln runs as its own steppers (nodes/samplers/stochastic.py).
+
+Each sampler is checked three ways: with a perfect denoiser it lands on the clean
+latent (epsilon and v-prediction); on Gaussian data, where the ideal denoiser is known
+in closed form, its samples have the data's mean and standard deviation, and the same
+run with the fresh noise doubled or left out does not (so the check can tell a wrong
+noise scale); the same seed gives the same bytes and another seed differs. Running
+through ``ksampler`` on the tiny SD1 is test_sampling's
+test_every_sampler_and_schedule_runs, which covers every name in SAMPLERS.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+
+from nodes.samplers import kdiffusion, schedules, steppers, stochastic
+from nodes.samplers.names import resolve_sampler
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+#: Gaussian data: every latent element is x0 ~ N(MU, S^2).
+MU, S = 0.5, 0.8
+
+NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp"]
+
+
+def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
+    spec = resolve_sampler(name)
+    assert spec.stochastic and spec.kiln_stepper == name and name in stochastic.STEPPERS
+    return steppers.on_sigmas(spec, {**SD15, "prediction_type": prediction}, sigmas)
+
+
+def _sigma_now(sched) -> float:
+    """The sigma of the evaluation ``sched`` is about to take."""
+    stages = getattr(sched, "stages", None)
+    return float(stages[sched._index][2]) if stages is not None else float(sched.sigmas[sched._index])
+
+
+def _output(denoised: torch.Tensor, x: torch.Tensor, sigma: float, prediction: str) -> torch.Tensor:
+    """The network output whose clean-latent prediction at (x, sigma) is ``denoised``."""
+    eps = (x - denoised) / sigma
+    if prediction == "epsilon":
+        return eps
+    alpha = (1 + sigma ** 2) ** -0.5
+    return alpha * eps - sigma * alpha * denoised  # v = alpha * eps - sigma_vp * x0, sigma_vp = sigma * alpha
+
+
+def _run(sched, x: torch.Tensor, denoiser, generators: list, prediction: str = "epsilon",
+         unguided: Any = "same") -> torch.Tensor:
+    """The sampling loop with an analytic denoiser(x, sigma) -> clean prediction. CFG++
+    steppers get ``unguided``(x, sigma) as the unguided prediction; by default the guided
+    one (no guidance), with None no ``uncond`` at all."""
+    params = inspect.signature(sched.step).parameters
+    for t in sched.timesteps:
+        sigma = _sigma_now(sched)
+        out = _output(denoiser(x, sigma), x, sigma, prediction)
+        kwargs = {}
+        if "uncond" in params and unguided is not None:
+            kwargs["uncond"] = out if unguided == "same" else _output(unguided(x, sigma), x, sigma, prediction)
+        x = sched.step(out, t, x, generator=generators, **kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_lands_on_the_clean_latent_with_a_perfect_denoiser(name, prediction):
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 8)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 8, 8, generator=gen)
+    x = x0 + float(sigmas[0]) * torch.randn(1, 4, 8, 8, generator=gen)
+    sched = _stepper(name, sigmas, prediction)
+    out = _run(sched, x, lambda x, sigma: x0, [gen], prediction)
+    assert torch.allclose(out, x0, atol=1e-4), (out - x0).abs().max()
+
+
+def _scale_noise(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
+    """Every stepper module's fresh noise multiplied by ``scale`` (a deliberately wrong sampler)."""
+    def scaled(x, generator):
+        return scale * torch.randn(x.shape, generator=generator[0])
+    for module in (kdiffusion, steppers, stochastic):
+        monkeypatch.setattr(module, "randn_like", scaled)
+
+
+#: ComfyUI's dpmpp_2s_ancestral_cfg_pp is not the plain sampler even without guidance (its second
+#: stage pairs the first stage's guided prediction with the midpoint's unguided one: at 64 steps
+#: the Gaussian samples' std is 0.66, not 0.80), so its Gaussian check runs without ``uncond``
+#: (the plain path, which tests its noise) and test_cfgpp_steps_match_comfyui_formulas tests the shift.
+NO_UNCOND = {"dpmpp_2s_ancestral_cfg_pp"}
+
+
+def _gaussian_samples(name: str, seed: int, steps: int = 64, noise_scale: float = 1.0,
+                      monkeypatch: pytest.MonkeyPatch | None = None) -> torch.Tensor:
+    """Samples of N(MU, S^2) data from the ideal denoiser, started at sigma_max. Ancestral
+    samplers lose or gain variance on coarse grids (euler_ancestral: std 0.66 at 16 karras
+    steps, 0.77 at 64), hence the fine grid."""
+    if noise_scale != 1.0:
+        _scale_noise(monkeypatch, noise_scale)
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", steps)
+    gen = torch.Generator().manual_seed(seed)
+    s0 = float(sigmas[0])
+    x = MU + (S ** 2 + s0 ** 2) ** 0.5 * torch.randn(1, 4, 64, 64, generator=gen)
+
+    def ideal(x, sigma):
+        return MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
+
+    return _run(_stepper(name, sigmas), x, ideal, [gen], unguided=None if name in NO_UNCOND else "same")
+
+
+#: How close the samples' mean and std must come to MU and S: the sampling error of
+#: 16384 values is about 0.006; doubling or dropping the noise moves the std by > 0.1.
+TOL = 0.04
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gaussian_data_samples_have_the_data_mean_and_std(name):
+    """The final samples' mean and std match the data's. Checked to fail, by the test below,
+    when the fresh noise is doubled or left out."""
+    x = _gaussian_samples(name, seed=1)
+    assert abs(float(x.mean()) - MU) < TOL and abs(float(x.std()) - S) < TOL, (float(x.mean()), float(x.std()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("noise_scale", [0.0, 2.0])
+def test_a_wrong_noise_scale_breaks_the_gaussian_check(name, noise_scale, monkeypatch):
+    x = _gaussian_samples(name, seed=1, noise_scale=noise_scale, monkeypatch=monkeypatch)
+    assert abs(float(x.std()) - S) > 2 * TOL, float(x.std())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_bytes_another_seed_differs(name):
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 6)
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x = MU + (S ** 2 + float(sigmas[0]) ** 2) ** 0.5 * torch.randn(1, 4, 8, 8, generator=gen)
+        return _run(_stepper(name, sigmas), x, lambda x, sigma: MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU),
+                    [torch.Generator().manual_seed(seed)])
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.allclose(run(3), run(4), atol=1e-3)
+
+
+def _guided(x, sigma):
+    return MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
+
+
+def _unguided(x, sigma):
+    return 0.3 + 0.5 / (1 + sigma ** 2) * (x - 0.3)
+
+
+def _first_steps(sched, x: torch.Tensor, evaluations: int) -> torch.Tensor:
+    for t in sched.timesteps[:evaluations]:
+        sigma = _sigma_now(sched)
+        out, unc = _output(_guided(x, sigma), x, sigma, "epsilon"), _output(_unguided(x, sigma), x, sigma, "epsilon")
+        x = sched.step(out, t, x, generator=[torch.Generator().manual_seed(0)], uncond=unc).prev_sample
+    return x
+
+
+def test_cfgpp_steps_match_comfyui_formulas(monkeypatch):
+    """With guided and unguided predictions that differ (and the fresh noise off), the CFG++
+    steppers' first steps equal ComfyUI's formulas written out here: res_multistep's Euler
+    first step and its multistep second, DPM++(2S)'s two stages."""
+    import math
+
+    _scale_noise(monkeypatch, 0.0)
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 6)
+    s0, s1, s2 = (float(v) for v in sigmas[:3])
+    x = MU + 2.0 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    down0, _ = kdiffusion.ancestral_step(s0, s1)
+    down1, _ = kdiffusion.ancestral_step(s1, s2)
+
+    # res_multistep_ancestral_cfg_pp: x1 = Dc + (x - Du) / s0 * down0, then the RES step from x1 at s1.
+    x1 = _guided(x, s0) + (x - _unguided(x, s0)) / s0 * down0
+    assert torch.allclose(_first_steps(_stepper("res_multistep_ancestral_cfg_pp", sigmas), x, 1), x1, atol=1e-5)
+    h = math.log(s1 / down1)
+    c2 = (-math.log(s0) + math.log(down0)) / h  # (t_prev - t_old) / h: the previous step, from s0 to its down
+    phi1 = math.expm1(-h) / -h
+    phi2 = (phi1 - 1) / -h
+    du1 = _unguided(x1, s1)
+    x2 = math.exp(-h) * (x1 + _guided(x1, s1) - du1) + h * ((phi1 - phi2 / c2) * du1 + phi2 / c2 * _unguided(x, s0))
+    assert torch.allclose(_first_steps(_stepper("res_multistep_ancestral_cfg_pp", sigmas), x, 2), x2, atol=1e-5)
+
+    # dpmpp_2s_ancestral_cfg_pp: the midpoint from x + (Dc - Du), then the step, shifted by the
+    # first guided minus the midpoint's unguided prediction (as ComfyUI's code does).
+    h = math.log(s0 / down0)
+    mid = math.sqrt(s0 * down0)
+    x_mid = mid / s0 * (x + _guided(x, s0) - _unguided(x, s0)) - math.expm1(-h / 2) * _guided(x, s0)
+    x1 = down0 / s0 * (x + _guided(x, s0) - _unguided(x_mid, mid)) - math.expm1(-h) * _guided(x_mid, mid)
+    sched = _stepper("dpmpp_2s_ancestral_cfg_pp", sigmas)
+    assert torch.allclose(_first_steps(sched, x, 1), x_mid, atol=1e-5)
+    assert torch.allclose(_first_steps(_stepper("dpmpp_2s_ancestral_cfg_pp", sigmas), x, 2), x1, atol=1e-5)
