@@ -24,7 +24,7 @@ SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_s
 #: Gaussian data: every latent element is x0 ~ N(MU, S^2).
 MU, S = 0.5, 0.8
 
-NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde"]
+NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2"]
 
 
 def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):

@@ -122,10 +122,142 @@ class ERSDE(SigmaStepper):
         return out
 
 
+def _h_phi_2(z: float) -> float:
+    """h * phi_2(h) of exponential integrators, (e^z - 1 - z) / z, at z = -h."""
+    return (math.expm1(z) - z) / z
+
+
+class _Staged:
+    """Base for samplers with several model evaluations per step: ``stages`` lists every
+    evaluation as (step, stage, sigma the model sees), laid out up front like
+    DPMpp2SAncestral's, and ``step`` hands each one to ``advance``."""
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        import torch
+
+        from nodes.samplers.schedules import TrainingSchedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        self.stages: list[tuple[int, int, float]] = []
+        for i in range(len(sigmas) - 1):
+            self.stages.extend((i, k, sigma) for k, sigma in enumerate(self.stage_sigmas(i)))
+        stage_sigmas = torch.tensor([sigma for _, _, sigma in self.stages], dtype=torch.float32)
+        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
+        self._index = 0
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return sample / ((self.stages[self._index][2] ** 2 + 1) ** 0.5)
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        i, k, sigma = self.stages[self._index]
+        self._index += 1
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        return StepOutput(self.advance(i, k, sample, denoised, generator), denoised)
+
+    def stage_sigmas(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+    def advance(self, i: int, k: int, x: "torch.Tensor", denoised: "torch.Tensor", generator: Any) -> "torch.Tensor":
+        raise NotImplementedError
+
+
+class SEEDS(_Staged):
+    """SEEDS (Gonzalez et al. 2023, arXiv 2305.14267): stochastic explicit exponential
+    derivative-free solvers in data prediction, as ComfyUI's ``seeds_2`` (stages at
+    fraction r = 1/2 of the step in lambda = -log(sigma)) and ``seeds_3`` (1/3, 2/3),
+    with ComfyUI's defaults eta = 1, s_noise = 1.
+
+    Each stage goes from sigma along the SDE with h_eta = (1 + eta) h to its own sigma,
+    combining the predictions so far with exponential-integrator weights; the noise of
+    one step is one Brownian path: each stage decays the previous stage's noise by
+    e^(-eta dh) and adds the fresh part sqrt(1 - e^(-2 eta dh)), times the stage's sigma.
+    The last step to 0 lands on the first prediction (one evaluation).
+    """
+
+    fractions: tuple[float, ...] = (0.5,)
+    eta = 1.0
+    s_noise = 1.0
+    #: seeds_2's last stage: "phi_1" weights lerp(D0, D1, 1/(2r)) by e^-h_eta - 1 (ComfyUI's
+    #: default); "phi_2" is the second-order split that exp_heun_2_x0 uses.
+    solver_type = "phi_1"
+
+    def stage_sigmas(self, i: int) -> list[float]:
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        if sigma_next == 0:
+            return [sigma]
+        return [sigma] + [self._sigma_at(sigma, sigma_next, r) for r in self.fractions]
+
+    @staticmethod
+    def _sigma_at(sigma: float, sigma_next: float, r: float) -> float:
+        return math.exp((1 - r) * math.log(sigma) + r * math.log(sigma_next))
+
+    def advance(self, i, k, x, denoised, generator):
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        if sigma_next == 0:
+            return denoised
+        if k == 0:
+            self._x, self._preds, self._noise = x, [], None
+        self._preds.append(denoised)
+        h = math.log(sigma / sigma_next)
+        ends = (0.0, *self.fractions, 1.0)
+        c = ends[k + 1]
+        out = self._sigma_at(sigma, sigma_next, c) / sigma * math.exp(-c * h * self.eta) * self._x
+        out = out - self._combination(k, h * (1 + self.eta))
+        return self._add_noise(out, (c - ends[k]) * h, self._sigma_at(sigma, sigma_next, c), generator)
+
+    def _combination(self, k: int, h_eta: float) -> "torch.Tensor":
+        """The prediction term of stage ``k`` (subtracted from the decayed state)."""
+        d = self._preds
+        r = self.fractions
+        if k == 0:
+            return math.expm1(-r[0] * h_eta) * d[0]
+        if len(r) == 1:  # SEEDS-2's last stage
+            if self.solver_type == "phi_2":
+                b2 = _h_phi_2(-h_eta) / r[0]
+                return (math.expm1(-h_eta) - b2) * d[0] + b2 * d[1]
+            fac = 1 / (2 * r[0])
+            return math.expm1(-h_eta) * (d[0] + fac * (d[1] - d[0]))
+        if k == 1:  # SEEDS-3's second stage
+            a2 = r[1] / r[0] * _h_phi_2(-r[1] * h_eta)
+            return (math.expm1(-r[1] * h_eta) - a2) * d[0] + a2 * d[1]
+        b3 = _h_phi_2(-h_eta) / r[1]
+        return (math.expm1(-h_eta) - b3) * d[0] + b3 * d[2]
+
+    def _add_noise(self, out: "torch.Tensor", dh: float, sigma_to: float, generator: Any) -> "torch.Tensor":
+        if self.eta <= 0 or self.s_noise <= 0:
+            return out
+        fresh = math.sqrt(-math.expm1(-2 * self.eta * dh))
+        noise = None if self._noise is None else self._noise * math.exp(-self.eta * dh)
+        if fresh > 0:
+            z = randn_like(out, generator) * fresh
+            noise = z if noise is None else noise + z
+        self._noise = noise
+        return out if noise is None else out + noise * (sigma_to * self.s_noise)
+
+
+class SEEDS3(SEEDS):
+    """ComfyUI's ``seeds_3``: SEEDS with stages at 1/3 and 2/3 of each step (three evaluations)."""
+
+    fractions = (1 / 3, 2 / 3)
+
+
 #: name -> stepper class, looked up by ``steppers.kiln_stepper_class``.
 STEPPERS: dict[str, Any] = {
     "res_multistep_ancestral": ResMultistepAncestral,
     "res_multistep_ancestral_cfg_pp": ResMultistepAncestralCFGPP,
     "dpmpp_2s_ancestral_cfg_pp": DPMpp2SAncestralCFGPP,
     "er_sde": ERSDE,
+    "seeds_2": SEEDS,
+    "seeds_3": SEEDS3,
 }
