@@ -24,7 +24,7 @@ SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_s
 #: Gaussian data: every latent element is x0 ~ N(MU, S^2).
 MU, S = 0.5, 0.8
 
-NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2"]
+NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3"]
 
 
 def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
@@ -206,3 +206,21 @@ def test_er_sde_higher_stages_are_what_make_a_coarse_grid_accurate(monkeypatch):
     monkeypatch.setattr(stochastic.ERSDE, "max_stage", 1)
     x = _gaussian_samples("er_sde", seed=1, steps=16)
     assert abs(float(x.std()) - S) > 0.05, float(x.std())
+
+
+@pytest.mark.parametrize("name,per_step", [("seeds_2", 2), ("seeds_3", 3)])
+def test_staged_samplers_evaluate_at_their_stage_sigmas(name, per_step):
+    """SEEDS evaluates per_step times a step (once on the last step, to 0), at the sigmas
+    spaced evenly in log sigma between the step's ends; the timesteps the model gets are
+    those sigmas' timesteps."""
+    import math
+
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 6)
+    sched = _stepper(name, sigmas)
+    assert len(sched.timesteps) == per_step * 5 + 1
+    first = [s for i, _, s in sched.stages if i == 0]
+    s0, s1 = float(sigmas[0]), float(sigmas[1])
+    assert first == pytest.approx([s0 * (s1 / s0) ** (k / per_step) for k in range(per_step)])
+    assert torch.allclose(ts.sigma(sched.timesteps), torch.tensor([s for _, _, s in sched.stages]), rtol=1e-3)
+    assert math.isclose(sched.stages[-1][2], float(sigmas[-2]))
