@@ -24,7 +24,7 @@ SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_s
 #: Gaussian data: every latent element is x0 ~ N(MU, S^2).
 MU, S = 0.5, 0.8
 
-NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3"]
+NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
 
 
 def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
@@ -224,3 +224,37 @@ def test_staged_samplers_evaluate_at_their_stage_sigmas(name, per_step):
     assert first == pytest.approx([s0 * (s1 / s0) ** (k / per_step) for k in range(per_step)])
     assert torch.allclose(ts.sigma(sched.timesteps), torch.tensor([s for _, _, s in sched.stages]), rtol=1e-3)
     assert math.isclose(sched.stages[-1][2], float(sigmas[-2]))
+
+
+def test_sa_solver_stochastic_only_between_comfyuis_percent_sigmas():
+    """tau = 1 between the model's sigmas at 20% and 80% of the schedule (ComfyUI's
+    percent_to_sigma(0.8) and (0.2)), 0 outside; pece evaluates twice at every sigma but the first."""
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 10)
+    sched = _stepper("sa_solver", sigmas)
+    low, high = float(ts.sigma(0.2 * 999)), float(ts.sigma(0.8 * 999))
+    assert sched.tau_range == pytest.approx((low, high)) and 0.5 < low < 0.7 and 4.5 < high < 5.5
+    assert [sched.tau(s) for s in (high * 1.01, high * 0.99, low * 1.01, low * 0.99)] == [0.0, 1.0, 1.0, 0.0]
+    assert len(sched.timesteps) == 10
+    pece = _stepper("sa_solver_pece", sigmas)
+    assert [s for _, _, s in pece.stages] == pytest.approx([float(sigmas[0])] + [float(s) for s in sigmas[1:-1] for _ in (0, 1)])
+
+
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_sa_solver_adams_weights_are_high_order(name, monkeypatch):
+    """With tau forced to 0 (the ODE) on Gaussian data the exact endpoint is known: the
+    default orders (predictor 3, corrector 4) land within 0.01 of it at 16 steps; first-order
+    predictor and corrector miss by over 0.1, so the higher-order weights are right."""
+    ts = schedules.TrainingSchedule(SD15)
+    sigmas = schedules.comfy_sigmas(ts, "karras", 16)
+    s0 = float(sigmas[0])
+    gen = torch.Generator().manual_seed(2)
+    x = MU + (S ** 2 + s0 ** 2) ** 0.5 * torch.randn(1, 4, 16, 16, generator=gen)
+    exact = MU + (x - MU) * (S ** 2 / (S ** 2 + s0 ** 2)) ** 0.5
+    errors = []
+    for orders in ((3, 4), (1, 1)):
+        sched = _stepper(name, sigmas)
+        monkeypatch.setattr(sched, "tau", lambda sigma: 0.0)
+        sched.predictor_order, sched.corrector_order = orders
+        errors.append(float((_run(sched, x, _guided, [gen]) - exact).abs().max()))
+    assert errors[0] < 0.01 and errors[1] > 0.1, errors

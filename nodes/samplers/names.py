@@ -103,6 +103,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("er_sde", "er_sde", "", stochastic=True, kiln_stepper="er_sde"),
     SamplerSpec("seeds_2", "seeds_2", "", stochastic=True, kiln_stepper="seeds_2"),
     SamplerSpec("seeds_3", "seeds_3", "", stochastic=True, kiln_stepper="seeds_3"),
+    SamplerSpec("sa_solver", "sa_solver", "", stochastic=True, kiln_stepper="sa_solver"),
+    SamplerSpec("sa_solver_pece", "sa_solver_pece", "", stochastic=True, kiln_stepper="sa_solver_pece"),
     SamplerSpec("ddim", "ddim", "DDIMScheduler", sigma_fallback="euler"),
     # ComfyUI runs UniPC at order 3 (lower orders for the final steps), B(h) = h ("bh1") or e^h - 1 ("bh2").
     # diffusers' bh1 step onto sigma 0 divides by zero (NaN); ComfyUI stops its UniPC at
