@@ -24,7 +24,7 @@ SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_s
 #: Gaussian data: every latent element is x0 ~ N(MU, S^2).
 MU, S = 0.5, 0.8
 
-NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
+NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "exp_heun_2_x0_sde"]
 
 
 def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
@@ -208,11 +208,11 @@ def test_er_sde_higher_stages_are_what_make_a_coarse_grid_accurate(monkeypatch):
     assert abs(float(x.std()) - S) > 0.05, float(x.std())
 
 
-@pytest.mark.parametrize("name,per_step", [("seeds_2", 2), ("seeds_3", 3)])
+@pytest.mark.parametrize("name,per_step", [("seeds_2", 2), ("seeds_3", 3), ("exp_heun_2_x0_sde", 2)])
 def test_staged_samplers_evaluate_at_their_stage_sigmas(name, per_step):
     """SEEDS evaluates per_step times a step (once on the last step, to 0), at the sigmas
-    spaced evenly in log sigma between the step's ends; the timesteps the model gets are
-    those sigmas' timesteps."""
+    spaced evenly in log sigma between the step's ends (exp_heun_2_x0_sde: at the step's
+    start and end); the timesteps the model gets are those sigmas' timesteps."""
     import math
 
     ts = schedules.TrainingSchedule(SD15)
@@ -221,7 +221,8 @@ def test_staged_samplers_evaluate_at_their_stage_sigmas(name, per_step):
     assert len(sched.timesteps) == per_step * 5 + 1
     first = [s for i, _, s in sched.stages if i == 0]
     s0, s1 = float(sigmas[0]), float(sigmas[1])
-    assert first == pytest.approx([s0 * (s1 / s0) ** (k / per_step) for k in range(per_step)])
+    fractions = [k / per_step for k in range(per_step)] if name.startswith("seeds") else [0.0, 1.0]
+    assert first == pytest.approx([s0 * (s1 / s0) ** r for r in fractions])
     assert torch.allclose(ts.sigma(sched.timesteps), torch.tensor([s for _, _, s in sched.stages]), rtol=1e-3)
     assert math.isclose(sched.stages[-1][2], float(sigmas[-2]))
 
@@ -258,3 +259,23 @@ def test_sa_solver_adams_weights_are_high_order(name, monkeypatch):
         sched.predictor_order, sched.corrector_order = orders
         errors.append(float((_run(sched, x, _guided, [gen]) - exact).abs().max()))
     assert errors[0] < 0.01 and errors[1] > 0.1, errors
+
+
+@pytest.mark.parametrize("name,order", [("seeds_2", 2), ("seeds_3", 3), ("exp_heun_2_x0_sde", 2)])
+def test_seeds_stage_weights_have_the_methods_order(name, order):
+    """With eta = 0 SEEDS is a deterministic exponential Runge-Kutta method: on Gaussian data
+    (float64) its error against the exact ODE solution at the list's last sigma falls by about
+    2^order from 16 to 32 exponential steps (measured 4.1, 6.8, 4.1); a wrong stage weight
+    would leave it first order (ratio 2)."""
+    ts = schedules.TrainingSchedule(SD15)
+    errors = []
+    for steps in (16, 32):
+        sigmas = schedules.comfy_sigmas(ts, "exponential", steps)[:-1]  # stop above 0: no final Euler step
+        sched = stochastic.STEPPERS[name](SD15, sigmas)
+        sched.eta = 0.0
+        s0, end = float(sigmas[0]), float(sigmas[-1])
+        gen = torch.Generator().manual_seed(2)
+        x = MU + (S ** 2 + s0 ** 2) ** 0.5 * torch.randn(1, 4, 16, 16, generator=gen, dtype=torch.float64)
+        exact = MU + (x - MU) * ((S ** 2 + end ** 2) / (S ** 2 + s0 ** 2)) ** 0.5
+        errors.append(float((_run(sched, x, _guided, [gen]) - exact).abs().max()))
+    assert errors[0] / errors[1] > 2 ** order * 0.8, errors

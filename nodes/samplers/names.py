@@ -71,6 +71,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "", stochastic=True,
                 kiln_stepper="euler_ancestral_cfg_pp"),
     SamplerSpec("heun", "k_heun", "HeunDiscreteScheduler"),
+    SamplerSpec("exp_heun_2_x0_sde", "exp_heun_2_x0_sde", "", stochastic=True, kiln_stepper="exp_heun_2_x0_sde"),
     SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True),
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
                 discard_penultimate_sigma=True),

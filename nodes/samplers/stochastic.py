@@ -252,6 +252,16 @@ class SEEDS3(SEEDS):
     fractions = (1 / 3, 2 / 3)
 
 
+class ExpHeun2X0SDE(SEEDS):
+    """ComfyUI's ``exp_heun_2_x0_sde``: SEEDS-2 with its stage at the step's end (r = 1) and
+    the second-order ("phi_2") last stage, eta = 1, s_noise = 1: an exponential Heun step in
+    data prediction and log-SNR time. Both stages end at sigma_next and share one noise draw
+    (the second segment has length 0, so it adds no fresh noise)."""
+
+    fractions = (1.0,)
+    solver_type = "phi_2"
+
+
 def _stochastic_adams_weights(lambdas: list[float], lam_s: float, lam_t: float, tau: float) -> list[float]:
     """SA-Solver's b coefficients (its eqs. 15 and 18, data prediction, VE so alpha_t = 1):
     the integral from lam_s to lam_t of (1 + tau^2) e^((1 + tau^2)(l - lam_t)) times each
@@ -378,6 +388,7 @@ STEPPERS: dict[str, Any] = {
     "er_sde": ERSDE,
     "seeds_2": SEEDS,
     "seeds_3": SEEDS3,
+    "exp_heun_2_x0_sde": ExpHeun2X0SDE,
     "sa_solver": SASolver,
     "sa_solver_pece": SASolverPECE,
 }
