@@ -24,7 +24,8 @@ SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_s
 #: Gaussian data: every latent element is x0 ~ N(MU, S^2).
 MU, S = 0.5, 0.8
 
-NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "exp_heun_2_x0_sde"]
+NAMES = ["res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde", "seeds_2",
+         "seeds_3", "sa_solver", "sa_solver_pece", "exp_heun_2_x0_sde"]
 
 
 def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
@@ -238,7 +239,8 @@ def test_sa_solver_stochastic_only_between_comfyuis_percent_sigmas():
     assert [sched.tau(s) for s in (high * 1.01, high * 0.99, low * 1.01, low * 0.99)] == [0.0, 1.0, 1.0, 0.0]
     assert len(sched.timesteps) == 10
     pece = _stepper("sa_solver_pece", sigmas)
-    assert [s for _, _, s in pece.stages] == pytest.approx([float(sigmas[0])] + [float(s) for s in sigmas[1:-1] for _ in (0, 1)])
+    twice = [float(s) for s in sigmas[1:-1] for _ in (0, 1)]
+    assert [s for _, _, s in pece.stages] == pytest.approx([float(sigmas[0])] + twice)
 
 
 @pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
@@ -279,3 +281,26 @@ def test_seeds_stage_weights_have_the_methods_order(name, order):
         exact = MU + (x - MU) * ((S ** 2 + end ** 2) / (S ** 2 + s0 ** 2)) ** 0.5
         errors.append(float((_run(sched, x, _guided, [gen]) - exact).abs().max()))
     assert errors[0] / errors[1] > 2 ** order * 0.8, errors
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    from test_sampling import Tiny
+
+    return Tiny("sd1")
+
+
+@pytest.mark.parametrize("sampler", ["res_multistep_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "er_sde",
+                                     "seeds_3", "sa_solver_pece", "exp_heun_2_x0_sde"])
+def test_batch_item_equals_single_run_with_seed_plus_i(sd1, sampler):
+    """Through ksampler on the tiny SD1, guided (cfg 2, CFG++'s range), so CFG++ steppers get
+    the unguided output from the loop: each image's fresh noise comes from its own
+    generator, so batch item i is the single run with seed + i, and the items differ."""
+    def run(seed, latent):
+        return sd1.img2img(sampler, seed=seed, steps=6, latent=latent, strength=0.8, cfg=2.0)["samples"]
+
+    batch = torch.cat([sd1.init, sd1.init * 0.5])
+    out = run(100, batch)
+    for i in range(2):
+        assert torch.allclose(out[i:i + 1], run(100 + i, batch[i:i + 1]), rtol=1e-4, atol=1e-4), i
+    assert not torch.allclose(out[:1], run(101, batch[:1]), atol=1e-3)

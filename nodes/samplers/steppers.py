@@ -244,7 +244,8 @@ class DPMpp2SAncestral:
         elif stage == 0:  # first stage: go to the log-midpoint and evaluate there next
             self._x_start, self._denoised_start = sample, denoised
             h = math.log(s_i) - math.log(down)
-            x_mid = (math.sqrt(s_i * down) / s_i) * (sample + self._cfgpp_shift(denoised)) - math.expm1(-h / 2) * denoised
+            start = sample + self._cfgpp_shift(denoised)
+            x_mid = (math.sqrt(s_i * down) / s_i) * start - math.expm1(-h / 2) * denoised
             return StepOutput(prev_sample=x_mid, pred_original_sample=denoised)
         else:
             h = math.log(s_i) - math.log(down)
