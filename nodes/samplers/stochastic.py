@@ -192,6 +192,12 @@ class SEEDS(_Staged):
     #: default); "phi_2" is the second-order split that exp_heun_2_x0 uses.
     solver_type = "phi_1"
 
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        super().__init__(config, sigmas)
+        self._x: "torch.Tensor | None" = None  # the state at the step's start
+        self._preds: list["torch.Tensor"] = []  # this step's predictions, one per stage so far
+        self._noise: "torch.Tensor | None" = None  # this step's Brownian noise so far (unit scale)
+
     def stage_sigmas(self, i: int) -> list[float]:
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if sigma_next == 0:
