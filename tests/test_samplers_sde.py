@@ -324,3 +324,25 @@ def test_a_list_ending_above_zero_stops_at_its_last_sigma(name):
     x = _run(sched, x, _guided, [gen], unguided=None if name in NO_UNCOND else "same")
     spread = (S ** 2 + end ** 2) ** 0.5
     assert abs(float(x.mean()) - MU) < TOL and abs(float(x.std()) / spread - 1) < 0.025, (float(x.std()), spread)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_sigmas_through_sampler_custom_advanced(sd1, name):
+    """KSamplerSelect -> SamplerCustomAdvanced on the high half of a split karras list, then
+    the low half from its leftover noise: both run (every model evaluation reported) and
+    the result is finite."""
+    from test_sampling import Recorder
+
+    from nodes import custom_sampling as cs
+
+    ctx = Recorder().ctx
+    guider, = cs.cfg_guider(ctx, sd1.model, sd1.pos, sd1.neg, 2.0)
+    sigmas, = cs.basic_scheduler(ctx, sd1.model, "karras", 8, 1.0)
+    high, low = cs.split_sigmas(ctx, sigmas, 3)
+    spec, = cs.ksampler_select(ctx, name)
+    rec = Recorder()
+    first, _ = cs.sampler_custom_advanced(rec.ctx, cs.random_noise(ctx, 2)[0], guider, spec, high,
+                                          {"samples": torch.zeros_like(sd1.init)})
+    assert rec.steps and rec.steps[-1][0] == rec.steps[-1][1]
+    second, _ = cs.sampler_custom_advanced(ctx, cs.disable_noise(ctx)[0], guider, spec, low, first)
+    assert torch.isfinite(second["samples"]).all() and not torch.equal(second["samples"], first["samples"])
