@@ -50,6 +50,15 @@ def denoised_from(prediction_type: str, out: "torch.Tensor", x: "torch.Tensor", 
     raise ValueError(f"unsupported prediction_type {prediction_type}")
 
 
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """k-diffusion's ancestral split of a step: (sigma_down to step to deterministically,
+    sigma_up of fresh noise to add) with sigma_down^2 + sigma_up^2 = sigma_next^2."""
+    if not eta:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
+    return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
+
+
 class SigmaStepper:
     """One model evaluation per step over ``sigmas`` (descending, ending in 0)."""
 
@@ -149,23 +158,46 @@ class IPNDM(SigmaStepper):
 class ResMultistep(SigmaStepper):
     """RES second-order multistep (arXiv 2308.02157) as ComfyUI's ``res_multistep``:
     an exponential-integrator step in t = -log(sigma) that reuses the previous
-    prediction; the first and the last step are Euler steps."""
+    prediction; the first and the last step are Euler steps.
+
+    ComfyUI's one function also has the ancestral (``eta`` > 0) and CFG++ variants;
+    this class holds their math too, so the variants in ``stochastic.py`` only set
+    ``eta`` or hand in the unguided prediction. With ``eta`` > 0 each step goes to the
+    ancestral sigma_down and adds fresh noise of size sigma_up; the multistep weight
+    then measures the previous step from its own sigma_down. With ``_unguided`` set
+    (CFG++) the step direction and the remembered prediction are the unguided ones and
+    the state is first shifted by (guided - unguided), as ComfyUI's ``cfg_pp`` branch.
+    """
+
+    eta = 0.0
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         super().__init__(config, sigmas)
         self._old_denoised: "torch.Tensor | None" = None
+        self._old_down = 0.0
+        #: The current evaluation's unguided prediction (CFG++ subclasses set it); None otherwise.
+        self._unguided: "torch.Tensor | None" = None
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
-        old, self._old_denoised = self._old_denoised, denoised
-        if sigma_next == 0 or old is None:
-            return x + (x - denoised) / sigma * (sigma_next - sigma)
-        t, t_next, t_prev = -math.log(sigma), -math.log(sigma_next), -math.log(float(self.sigmas[i - 1]))
-        h = t_next - t
-        c2 = (t_prev - t) / h  # with eta = 0 the previous step landed on sigma itself
-        phi1 = math.expm1(-h) / -h
-        phi2 = (phi1 - 1.0) / -h
-        b1, b2 = phi1 - phi2 / c2, phi2 / c2
-        return math.exp(-h) * x + h * (b1 * denoised + b2 * old)
+        down, up = ancestral_step(sigma, sigma_next, self.eta)
+        plain = denoised if self._unguided is None else self._unguided
+        old, self._old_denoised = self._old_denoised, plain
+        old_down, self._old_down = self._old_down, down
+        if down == 0 or old is None:
+            out = denoised + (x - plain) / sigma * down
+        else:
+            t, t_next = -math.log(sigma), -math.log(down)
+            t_old, t_prev = -math.log(old_down), -math.log(float(self.sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h  # with eta = 0 the previous step landed on sigma itself
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1, b2 = phi1 - phi2 / c2, phi2 / c2
+            start = x if plain is denoised else x + (denoised - plain)
+            out = math.exp(-h) * start + h * (b1 * plain + b2 * old)
+        if up > 0:
+            out = out + randn_like(out, generator) * up
+        return out
 
 
 class DPMFast:

@@ -71,6 +71,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "", stochastic=True,
                 kiln_stepper="euler_ancestral_cfg_pp"),
     SamplerSpec("heun", "k_heun", "HeunDiscreteScheduler"),
+    SamplerSpec("exp_heun_2_x0_sde", "exp_heun_2_x0_sde", "", stochastic=True, kiln_stepper="exp_heun_2_x0_sde"),
     SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True),
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
                 discard_penultimate_sigma=True),
@@ -78,6 +79,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("dpm_fast", "dpm_fast", "", kiln_stepper="dpm_fast"),
     SamplerSpec("dpm_adaptive", "dpm_adaptive", "", kiln_stepper="dpm_adaptive"),
     SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True, kiln_stepper="dpmpp_2s_ancestral"),
+    SamplerSpec("dpmpp_2s_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "", stochastic=True,
+                kiln_stepper="dpmpp_2s_ancestral_cfg_pp"),
     SamplerSpec("dpmpp_sde", "k_dpmpp_sde", "DPMSolverSDEScheduler", stochastic=True),
     SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True),
     SamplerSpec("dpmpp_2m", "k_dpmpp_2m", "DPMSolverMultistepScheduler",
@@ -94,6 +97,15 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     # ComfyUI's deis runs up to third order; diffusers' DEIS defaults to second.
     SamplerSpec("deis", "deis", "DEISMultistepScheduler", config={"solver_order": 3}),
     SamplerSpec("res_multistep", "res_multistep", "", kiln_stepper="res_multistep"),
+    SamplerSpec("res_multistep_ancestral", "res_multistep_ancestral", "", stochastic=True,
+                kiln_stepper="res_multistep_ancestral"),
+    SamplerSpec("res_multistep_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp", "", stochastic=True,
+                kiln_stepper="res_multistep_ancestral_cfg_pp"),
+    SamplerSpec("er_sde", "er_sde", "", stochastic=True, kiln_stepper="er_sde"),
+    SamplerSpec("seeds_2", "seeds_2", "", stochastic=True, kiln_stepper="seeds_2"),
+    SamplerSpec("seeds_3", "seeds_3", "", stochastic=True, kiln_stepper="seeds_3"),
+    SamplerSpec("sa_solver", "sa_solver", "", stochastic=True, kiln_stepper="sa_solver"),
+    SamplerSpec("sa_solver_pece", "sa_solver_pece", "", stochastic=True, kiln_stepper="sa_solver_pece"),
     SamplerSpec("ddim", "ddim", "DDIMScheduler", sigma_fallback="euler"),
     # ComfyUI runs UniPC at order 3 (lower orders for the final steps), B(h) = h ("bh1") or e^h - 1 ("bh2").
     # diffusers' bh1 step onto sigma 0 divides by zero (NaN); ComfyUI stops its UniPC at

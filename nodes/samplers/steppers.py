@@ -214,6 +214,13 @@ class DPMpp2SAncestral:
         self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
         self._index = 0
         self._x_start: "torch.Tensor | None" = None
+        self._denoised_start: "torch.Tensor | None" = None
+        #: The current evaluation's unguided prediction (the CFG++ subclass sets it); None otherwise.
+        self._unguided: "torch.Tensor | None" = None
+
+    def _cfgpp_shift(self, guided: "torch.Tensor") -> Any:
+        """CFG++ moves the exponential step's starting point by (guided - unguided); 0 otherwise."""
+        return 0.0 if self._unguided is None else guided - self._unguided
 
     @property
     def init_noise_sigma(self) -> float:
@@ -235,14 +242,15 @@ class DPMpp2SAncestral:
         if stage == 0 and down == 0:  # last step to sigma 0: plain Euler lands on the prediction
             x = denoised
         elif stage == 0:  # first stage: go to the log-midpoint and evaluate there next
-            self._x_start = sample
+            self._x_start, self._denoised_start = sample, denoised
             h = math.log(s_i) - math.log(down)
-            x_mid = (math.sqrt(s_i * down) / s_i) * sample - math.expm1(-h / 2) * denoised
+            start = sample + self._cfgpp_shift(denoised)
+            x_mid = (math.sqrt(s_i * down) / s_i) * start - math.expm1(-h / 2) * denoised
             return StepOutput(prev_sample=x_mid, pred_original_sample=denoised)
         else:
             h = math.log(s_i) - math.log(down)
-            x = (down / s_i) * self._x_start - math.expm1(-h) * denoised
-            self._x_start = None
+            x = (down / s_i) * (self._x_start + self._cfgpp_shift(self._denoised_start)) - math.expm1(-h) * denoised
+            self._x_start = self._denoised_start = None
         if s_next > 0 and up > 0:
             x = x + randn_like(x, generator) * up
         return StepOutput(prev_sample=x, pred_original_sample=denoised)
