@@ -98,6 +98,53 @@ class SigmaStepper:
         raise NotImplementedError
 
 
+class StagedStepper:
+    """Base for samplers with several model evaluations per step: ``stages`` lists every
+    evaluation as (step, stage, sigma the model sees), laid out up front (as diffusers lays
+    out Heun's doubled list), so the loop calls ``step`` once per evaluation and ``step``
+    hands each one to ``advance``. ``stage_sigmas(i)`` is read once per step, at construction."""
+
+    order = 1
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        import torch
+
+        from nodes.samplers.schedules import training_schedule
+
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.sigmas = sigmas.to(torch.float32).clone()
+        self.schedule = training_schedule(config)
+        self.stages: list[tuple[int, int, float]] = []
+        for i in range(len(sigmas) - 1):
+            self.stages.extend((i, k, sigma) for k, sigma in enumerate(self.stage_sigmas(i)))
+        stage_sigmas = torch.tensor([sigma for _, _, sigma in self.stages], dtype=torch.float32)
+        self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
+        self._index = 0
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+
+    def set_begin_index(self, index: int = 0) -> None:
+        self._index = index
+
+    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
+        return self.schedule.model_input(sample, self.stages[self._index][2])
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True) -> StepOutput:
+        i, k, sigma = self.stages[self._index]
+        self._index += 1
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        return StepOutput(self.advance(i, k, sample, denoised, generator), denoised)
+
+    def stage_sigmas(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+    def advance(self, i: int, k: int, x: "torch.Tensor", denoised: "torch.Tensor", generator: Any) -> "torch.Tensor":
+        raise NotImplementedError
+
+
 class LCM(SigmaStepper):
     """Latent consistency sampling: jump to the prediction, re-noise to the next sigma."""
 
@@ -302,11 +349,7 @@ class EulerCFGPP(SigmaStepper):
         denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
         plain = denoised if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
         d = (sample - plain) / sigma
-        down, up = sigma_next, 0.0
-        if self.ancestral and sigma_next > 0:
-            up = min(sigma_next, self.eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2)
-                                                          / sigma ** 2, 0.0)))
-            down = math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0))
+        down, up = ancestral_step(sigma, sigma_next, self.eta) if self.ancestral and sigma_next > 0 else (sigma_next, 0.0)
         x = denoised + d * down
         if up > 0:
             x = x + randn_like(x, generator) * up

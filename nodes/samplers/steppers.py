@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping
 
-from nodes.samplers.kdiffusion import STEPPERS, StepOutput, denoised_from, randn_like
+from nodes.samplers.kdiffusion import STEPPERS, StagedStepper, ancestral_step, randn_like
 from nodes.samplers.names import SamplerSpec, resolve_sampler
 from nodes.samplers.schedules import DIFFUSERS_FLAGS
 
@@ -178,7 +178,7 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
     raise ValueError(f"sampler {spec.name} cannot follow a sigma schedule")
 
 
-class DPMpp2SAncestral:
+class DPMpp2SAncestral(StagedStepper):
     """DPM-Solver++(2S) ancestral over a sigma list (k-diffusion's ``dpmpp_2s_ancestral``).
 
     diffusers has no scheduler for it, so it is written here in the k-diffusion
@@ -190,53 +190,28 @@ class DPMpp2SAncestral:
     doubled list in diffusers, so the loop calls ``step`` once per model evaluation.
     """
 
-    order = 1
-
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
-        import torch
-
-        from nodes.samplers.schedules import training_schedule
-
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        self.sigmas = sigmas.to(torch.float32).clone()
-        self.schedule = training_schedule(config)
-        self.stages: list[tuple[int, int, float]] = []  # (step, stage, sigma the model sees)
+        self.eta = eta
+        #: (sigma_down, sigma_up) of each step, filled as the stages are laid out
         self.down_up: list[tuple[float, float]] = []
-        for i in range(len(sigmas) - 1):
-            s_from, s_to = float(sigmas[i]), float(sigmas[i + 1])
-            up = min(s_to, eta * math.sqrt(max(s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2, 0.0)))
-            down = math.sqrt(max(s_to ** 2 - up ** 2, 0.0))
-            self.down_up.append((down, up))
-            self.stages.append((i, 0, s_from))
-            if down > 0:
-                self.stages.append((i, 1, math.sqrt(s_from * down)))
-        stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
-        self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
-        self._index = 0
+        super().__init__(config, sigmas)
         self._x_start: "torch.Tensor | None" = None
         self._denoised_start: "torch.Tensor | None" = None
         #: The current evaluation's unguided prediction (the CFG++ subclass sets it); None otherwise.
         self._unguided: "torch.Tensor | None" = None
 
+    def stage_sigmas(self, i: int) -> list[float]:
+        s_from = float(self.sigmas[i])
+        down, up = ancestral_step(s_from, float(self.sigmas[i + 1]), self.eta)
+        self.down_up.append((down, up))
+        return [s_from, math.sqrt(s_from * down)] if down > 0 else [s_from]
+
     def _cfgpp_shift(self, guided: "torch.Tensor") -> Any:
         """CFG++ moves the exponential step's starting point by (guided - unguided); 0 otherwise."""
         return 0.0 if self._unguided is None else guided - self._unguided
 
-    @property
-    def init_noise_sigma(self) -> float:
-        return float(self.sigmas.max() ** 2 + 1) ** 0.5
-
-    def set_begin_index(self, index: int = 0) -> None:
-        self._index = index
-
-    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return self.schedule.model_input(sample, self.stages[self._index][2])
-
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True) -> StepOutput:
-        i, stage, sigma = self.stages[self._index]
-        self._index += 1
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+    def advance(self, i: int, stage: int, sample: "torch.Tensor", denoised: "torch.Tensor",
+                generator: Any) -> "torch.Tensor":
         s_i, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         down, up = self.down_up[i]
         if stage == 0 and down == 0:  # last step to sigma 0: plain Euler lands on the prediction
@@ -245,12 +220,11 @@ class DPMpp2SAncestral:
             self._x_start, self._denoised_start = sample, denoised
             h = math.log(s_i) - math.log(down)
             start = sample + self._cfgpp_shift(denoised)
-            x_mid = (math.sqrt(s_i * down) / s_i) * start - math.expm1(-h / 2) * denoised
-            return StepOutput(prev_sample=x_mid, pred_original_sample=denoised)
+            return (math.sqrt(s_i * down) / s_i) * start - math.expm1(-h / 2) * denoised
         else:
             h = math.log(s_i) - math.log(down)
             x = (down / s_i) * (self._x_start + self._cfgpp_shift(self._denoised_start)) - math.expm1(-h) * denoised
             self._x_start = self._denoised_start = None
         if s_next > 0 and up > 0:
             x = x + randn_like(x, generator) * up
-        return StepOutput(prev_sample=x, pred_original_sample=denoised)
+        return x

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping
 
-from nodes.samplers.kdiffusion import ResMultistep, SigmaStepper, StepOutput, denoised_from, randn_like
+from nodes.samplers.kdiffusion import ResMultistep, SigmaStepper, StagedStepper, StepOutput, denoised_from, randn_like
 from nodes.samplers.steppers import DPMpp2SAncestral
 
 if TYPE_CHECKING:
@@ -127,52 +127,7 @@ def _h_phi_2(z: float) -> float:
     return (math.expm1(z) - z) / z
 
 
-class _Staged:
-    """Base for samplers with several model evaluations per step: ``stages`` lists every
-    evaluation as (step, stage, sigma the model sees), laid out up front like
-    DPMpp2SAncestral's, and ``step`` hands each one to ``advance``."""
-
-    order = 1
-
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        import torch
-
-        from nodes.samplers.schedules import TrainingSchedule
-
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        self.sigmas = sigmas.to(torch.float32).clone()
-        self.stages: list[tuple[int, int, float]] = []
-        for i in range(len(sigmas) - 1):
-            self.stages.extend((i, k, sigma) for k, sigma in enumerate(self.stage_sigmas(i)))
-        stage_sigmas = torch.tensor([sigma for _, _, sigma in self.stages], dtype=torch.float32)
-        self.timesteps = TrainingSchedule(config).timestep(stage_sigmas).to(torch.float32)
-        self._index = 0
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return float(self.sigmas.max() ** 2 + 1) ** 0.5
-
-    def set_begin_index(self, index: int = 0) -> None:
-        self._index = index
-
-    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return sample / ((self.stages[self._index][2] ** 2 + 1) ** 0.5)
-
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True) -> StepOutput:
-        i, k, sigma = self.stages[self._index]
-        self._index += 1
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
-        return StepOutput(self.advance(i, k, sample, denoised, generator), denoised)
-
-    def stage_sigmas(self, i: int) -> list[float]:
-        raise NotImplementedError
-
-    def advance(self, i: int, k: int, x: "torch.Tensor", denoised: "torch.Tensor", generator: Any) -> "torch.Tensor":
-        raise NotImplementedError
-
-
-class SEEDS(_Staged):
+class SEEDS(StagedStepper):
     """SEEDS (Gonzalez et al. 2023, arXiv 2305.14267): stochastic explicit exponential
     derivative-free solvers in data prediction, as ComfyUI's ``seeds_2`` (stages at
     fraction r = 1/2 of the step in lambda = -log(sigma)) and ``seeds_3`` (1/3, 2/3),
@@ -285,7 +240,7 @@ def _stochastic_adams_weights(lambdas: list[float], lam_s: float, lam_t: float, 
     return torch.linalg.solve(vandermonde, torch.tensor(moments, dtype=torch.float64)).tolist()
 
 
-class SASolver(_Staged):
+class SASolver(StagedStepper):
     """SA-Solver (Xue et al. 2023, arXiv 2309.05019), ComfyUI's ``sa_solver`` with the
     defaults its KSampler binds: predictor order 3, corrector order 4, s_noise 1, and
     stochasticity tau = 1 for sigmas between the model's sigma at 80% and at 20% of
@@ -309,10 +264,8 @@ class SASolver(_Staged):
     corrector_order = 4
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        from nodes.samplers.schedules import TrainingSchedule
-
         super().__init__(config, sigmas)
-        ts = TrainingSchedule(config)
+        ts = self.schedule
         last = len(ts.sigmas) - 1
         self.tau_range = (float(ts.sigma(0.2 * last)), float(ts.sigma(0.8 * last)))  # (low, high)
         self.lambdas = [-math.log(s) if s > 0 else math.inf for s in self.sigmas.tolist()]
