@@ -332,6 +332,54 @@ def repeat_image_batch(ctx, image, amount: int):
     return (as_image(image).repeat((int(amount), 1, 1, 1)),)
 
 
+@define_node("ImageFlip", category="image/transform",
+             inputs=[Input("image", T.IMAGE), Input("flip_method", T.COMBO, choices=["x-axis: vertically",
+                                                                                    "y-axis: horizontally"])],
+             outputs=[Output("IMAGE", T.IMAGE)])
+def image_flip(ctx, image, flip_method: str):
+    """Mirror the image: ``x-axis`` turns it upside down, ``y-axis`` left to right."""
+    from nodes.latent_math import FLIPS
+    from nodes.masking import as_image
+
+    if flip_method not in FLIPS:
+        raise NodeError(f"flip_method must be one of {', '.join(FLIPS)}", "flip_method")
+    return (as_image(image).flip(1 if FLIPS[flip_method] == "height" else 2),)
+
+
+@define_node("ImageRotate", category="image/transform",
+             inputs=[Input("image", T.IMAGE),
+                     Input("rotation", T.COMBO, choices=["none", "90 degrees", "180 degrees", "270 degrees"])],
+             outputs=[Output("IMAGE", T.IMAGE)])
+def image_rotate(ctx, image, rotation: str):
+    """Turn the image clockwise by quarter turns."""
+    import torch
+
+    from nodes.latent_math import ROTATIONS
+    from nodes.masking import as_image
+
+    if rotation not in ROTATIONS:
+        raise NodeError(f"rotation must be one of {', '.join(ROTATIONS)}", "rotation")
+    return (torch.rot90(as_image(image), k=ROTATIONS[rotation], dims=[2, 1]),)
+
+
+@define_node("EmptyImage", category="image",
+             inputs=[Input("width", T.INT, default=512, min=1, max=MAX_RESOLUTION),
+                     Input("height", T.INT, default=512, min=1, max=MAX_RESOLUTION),
+                     Input("batch_size", T.INT, default=1, min=1, max=4096),
+                     Input("color", T.INT, default=0, min=0, max=0xFFFFFF)],
+             outputs=[Output("IMAGE", T.IMAGE)],
+             size=Size(width="width", height="height", batch="batch_size"))
+def empty_image(ctx, width: int, height: int, batch_size: int, color: int):
+    """A batch of one-colour images; ``color`` is 0xRRGGBB."""
+    import torch
+
+    from nodes.resample import check_pixel_budget
+
+    check_pixel_budget(ctx.env, int(width), int(height), "width", "the image")
+    rgb = torch.tensor([(int(color) >> shift) & 0xFF for shift in (16, 8, 0)], dtype=torch.float32) / 255.0
+    return (rgb.expand(int(batch_size), int(height), int(width), 3).clone(),)
+
+
 def batch_slice(size: int, batch_index: int, length: int) -> tuple[int, int]:
     """(start, length) of ComfyUI's *FromBatch: a negative index counts from the end; both clamp into the batch."""
     if batch_index < 0:

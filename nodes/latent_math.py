@@ -17,8 +17,11 @@ from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.latent_ops import CELL, MAX_RESOLUTION, _derived, plain_latent
 
-FLIPS = {"x-axis: vertically": 2, "y-axis: horizontally": 3}
+#: ComfyUI's flip and rotation choices (LatentFlip/ImageFlip, LatentRotate/ImageRotate): the
+#: axis mirrored, and clockwise quarter turns.
+FLIPS = {"x-axis: vertically": "height", "y-axis: horizontally": "width"}
 ROTATIONS = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}
+_LATENT_AXES = {"height": 2, "width": 3}
 
 
 def _second_like(ctx, first, second, input_name: str):
@@ -163,7 +166,7 @@ def latent_flip(ctx, samples, flip_method: str):
     """Mirror the latent: ``x-axis`` turns it upside down, ``y-axis`` left to right."""
     if flip_method not in FLIPS:
         raise NodeError(f"flip_method must be one of {', '.join(FLIPS)}", "flip_method")
-    axis = FLIPS[flip_method]
+    axis = _LATENT_AXES[FLIPS[flip_method]]
     return (_moved(samples, plain_latent(samples, "samples", "LatentFlip"), lambda x: x.flip(axis)),)
 
 

@@ -164,3 +164,28 @@ def test_latent_ops_refuse_a_latent_that_went_through_add_noise(env):
     assert err.value.input_name == "samples"
     with pytest.raises(NodeError, match="expected a LATENT"):
         call(latent_ops.latent_blend, env, samples1=torch.zeros(1), samples2=noised, blend_factor=0.5)
+
+
+def test_image_flip_rotate_and_empty_image(env):
+    image = ramp_image(2, 3)
+    (mirrored,) = call(image_ops.image_flip, env, image=image, flip_method="y-axis: horizontally")
+    assert torch.equal(mirrored, image.flip(2))
+    (upside,) = call(image_ops.image_flip, env, image=image, flip_method="x-axis: vertically")
+    assert torch.equal(upside[:, 0], image[:, 1])
+    (turned,) = call(image_ops.image_rotate, env, image=image, rotation="90 degrees")
+    assert turned.shape == (1, 3, 2, 3)
+    assert torch.equal(turned[0, 0, -1], image[0, 0, 0])  # clockwise: top-left goes to top-right
+    (back,) = call(image_ops.image_rotate, env, image=turned, rotation="270 degrees")
+    assert torch.equal(back, image)
+    (same,) = call(image_ops.image_rotate, env, image=image, rotation="none")
+    assert torch.equal(same, image)
+    (orange,) = call(image_ops.empty_image, env, width=5, height=4, batch_size=2, color=0xFF8000)
+    assert orange.shape == (2, 4, 5, 3)
+    assert torch.allclose(orange[1, 3, 4], torch.tensor([1.0, 128 / 255, 0.0]))
+    env.settings.max_image_pixels = 100
+    with pytest.raises(NodeError) as err:
+        call(image_ops.empty_image, env, width=20, height=20, batch_size=1, color=0)
+    assert err.value.input_name == "width"
+    with pytest.raises(NodeError) as err:
+        call(image_ops.image_flip, env, image=image, flip_method="diagonal")
+    assert err.value.input_name == "flip_method"

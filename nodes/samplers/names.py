@@ -10,20 +10,21 @@ Each sampler is backed by a diffusers scheduler class where diffusers has one
 (the math then is diffusers' own, which is what makes Kiln's output equal to
 diffusers' pipelines). Where diffusers has none, Kiln runs ComfyUI's published
 algorithm (its ``comfy/k_diffusion/sampling.py``) as a sigma-space stepper of its
-own (``kiln_stepper``, see ``kdiffusion.py``): ``dpmpp_2s_ancestral``, ``ipndm``,
-``res_multistep``, ``dpm_fast``. Timestep-based schedulers (DDIM, PNDM, DDPM, LCM) cannot follow
-an arbitrary sigma list; on such a schedule they run a sigma-space counterpart
-(``sigma_fallback``): ComfyUI's own definitions of ``ddim``, ``ddpm`` and ``lcm``
-are sigma-space ones.
+own (``kiln_stepper``): ``kdiffusion.py`` (``ipndm``, ``res_multistep``, ``dpm_fast``,
+``dpm_adaptive``, ...), ``steppers.py`` (``dpmpp_2s_ancestral``), ``multistep.py`` (the
+other deterministic ones) and ``stochastic.py`` (``er_sde``, ``seeds_*``, ``sa_solver*``,
+the ancestral RES and the stochastic CFG++ forms). Timestep-based schedulers (DDIM, PNDM,
+DDPM, LCM) cannot follow an arbitrary sigma list; on such a schedule they run a
+sigma-space counterpart (``sigma_fallback``): ComfyUI's own definitions of ``ddim``,
+``ddpm`` and ``lcm`` are sigma-space ones.
 
-``euler_cfg_pp`` and ``euler_ancestral_cfg_pp`` are Kiln steppers too; they step with the
-unguided prediction as well, which the loop hands them (``Denoiser.last_uncond``).
+The ``_cfg_pp`` samplers step with the unguided prediction as well, which the loop hands
+them (``Denoiser.last_uncond``) when their ``step`` takes ``uncond``.
 
 ``dpm_adaptive`` chooses its own number of model evaluations: its stepper's timestep list
 grows as it goes (kdiffusion.DPMAdaptive).
 
-Not here, on purpose: the other ``_cfg_pp`` samplers; ``heunpp2``, ``ipndm_v``, ``gradient_estimation``, ``er_sde``, ``seeds_*``
-and ``sa_solver*`` are not implemented.
+Flow models (FLUX) run the subset ``nodes.samplers.flow.SAMPLERS`` names.
 """
 from __future__ import annotations
 
