@@ -145,6 +145,20 @@ class StagedStepper:
         raise NotImplementedError
 
 
+class CFGPP:
+    """CFG++ (Chung et al. 2024, arXiv 2406.08070) for a stepper whose math reads
+    ``self._unguided``: ``step`` also takes the unguided network output, turns it
+    into a clean-latent prediction at the sigma being evaluated and hands it on.
+    Without it (no guidance) the stepper runs its plain form."""
+
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+             generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
+        stages = getattr(self, "stages", None)
+        sigma = stages[self._index][2] if stages is not None else float(self.sigmas[self._index])
+        self._unguided = None if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
+        return super().step(model_output, timestep, sample, generator, return_dict)
+
+
 class LCM(SigmaStepper):
     """Latent consistency sampling: jump to the prediction, re-noise to the next sigma."""
 

@@ -58,6 +58,7 @@ class SamplerSpec:
 
 _SDE_2M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
            "final_sigmas_type": "zero"}
+_SDE_2M_HEUN = {**_SDE_2M, "solver_type": "heun"}
 _SDE_3M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "final_sigmas_type": "zero"}
 
 #: ComfyUI's order (comfy/samplers.py SAMPLER_NAMES) for the ones Kiln has; plms last.
@@ -72,6 +73,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "", stochastic=True,
                 kiln_stepper="euler_ancestral_cfg_pp"),
     SamplerSpec("heun", "k_heun", "HeunDiscreteScheduler"),
+    SamplerSpec("heunpp2", "heunpp2", "", kiln_stepper="heunpp2"),
+    SamplerSpec("exp_heun_2_x0", "exp_heun_2_x0", "", kiln_stepper="exp_heun_2_x0"),
     SamplerSpec("exp_heun_2_x0_sde", "exp_heun_2_x0_sde", "", stochastic=True, kiln_stepper="exp_heun_2_x0_sde"),
     SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True),
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
@@ -86,22 +89,32 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True),
     SamplerSpec("dpmpp_2m", "k_dpmpp_2m", "DPMSolverMultistepScheduler",
                 config={"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}),
+    SamplerSpec("dpmpp_2m_cfg_pp", "dpmpp_2m_cfg_pp", "", kiln_stepper="dpmpp_2m_cfg_pp"),
     SamplerSpec("dpmpp_2m_sde", "dpmpp_2m_sde", "DPMSolverMultistepScheduler", config=_SDE_2M, stochastic=True),
     SamplerSpec("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_gpu", "DPMSolverMultistepScheduler", config=_SDE_2M,
                 stochastic=True),
+    SamplerSpec("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", "DPMSolverMultistepScheduler", config=_SDE_2M_HEUN,
+                stochastic=True),
+    SamplerSpec("dpmpp_2m_sde_heun_gpu", "dpmpp_2m_sde_heun_gpu", "DPMSolverMultistepScheduler",
+                config=_SDE_2M_HEUN, stochastic=True),
     SamplerSpec("dpmpp_3m_sde", "dpmpp_3m_sde", "DPMSolverMultistepScheduler", config=_SDE_3M, stochastic=True),
     SamplerSpec("dpmpp_3m_sde_gpu", "dpmpp_3m_sde_gpu", "DPMSolverMultistepScheduler", config=_SDE_3M,
                 stochastic=True),
     SamplerSpec("ddpm", "ddpm", "DDPMScheduler", stochastic=True, kiln_stepper="ddpm"),
     SamplerSpec("lcm", "lcm", "LCMScheduler", stochastic=True, kiln_stepper="lcm"),
     SamplerSpec("ipndm", "ipndm", "", kiln_stepper="ipndm"),
+    SamplerSpec("ipndm_v", "ipndm_v", "", kiln_stepper="ipndm_v"),
     # ComfyUI's deis runs up to third order; diffusers' DEIS defaults to second.
     SamplerSpec("deis", "deis", "DEISMultistepScheduler", config={"solver_order": 3}),
     SamplerSpec("res_multistep", "res_multistep", "", kiln_stepper="res_multistep"),
+    SamplerSpec("res_multistep_cfg_pp", "res_multistep_cfg_pp", "", kiln_stepper="res_multistep_cfg_pp"),
     SamplerSpec("res_multistep_ancestral", "res_multistep_ancestral", "", stochastic=True,
                 kiln_stepper="res_multistep_ancestral"),
     SamplerSpec("res_multistep_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp", "", stochastic=True,
                 kiln_stepper="res_multistep_ancestral_cfg_pp"),
+    SamplerSpec("gradient_estimation", "gradient_estimation", "", kiln_stepper="gradient_estimation"),
+    SamplerSpec("gradient_estimation_cfg_pp", "gradient_estimation_cfg_pp", "",
+                kiln_stepper="gradient_estimation_cfg_pp"),
     SamplerSpec("er_sde", "er_sde", "", stochastic=True, kiln_stepper="er_sde"),
     SamplerSpec("seeds_2", "seeds_2", "", stochastic=True, kiln_stepper="seeds_2"),
     SamplerSpec("seeds_3", "seeds_3", "", stochastic=True, kiln_stepper="seeds_3"),

@@ -27,25 +27,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Mapping
 
-from nodes.samplers.kdiffusion import ResMultistep, SigmaStepper, StagedStepper, StepOutput, denoised_from, randn_like
+from nodes.samplers.kdiffusion import CFGPP, ResMultistep, SigmaStepper, StagedStepper, randn_like
 from nodes.samplers.steppers import DPMpp2SAncestral
 
 if TYPE_CHECKING:
     import torch
-
-
-class _CFGPP:
-    """CFG++ (Chung et al. 2024, arXiv 2406.08070) for a stepper whose math reads
-    ``self._unguided``: ``step`` also takes the unguided network output, turns it
-    into a clean-latent prediction at the sigma being evaluated and hands it on.
-    Without it (no guidance) the stepper runs its plain form."""
-
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
-        stages = getattr(self, "stages", None)
-        sigma = stages[self._index][2] if stages is not None else float(self.sigmas[self._index])
-        self._unguided = None if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
-        return super().step(model_output, timestep, sample, generator, return_dict)
 
 
 class ResMultistepAncestral(ResMultistep):
@@ -55,12 +41,12 @@ class ResMultistepAncestral(ResMultistep):
     eta = 1.0
 
 
-class ResMultistepAncestralCFGPP(_CFGPP, ResMultistepAncestral):
+class ResMultistepAncestralCFGPP(CFGPP, ResMultistepAncestral):
     """ComfyUI's ``res_multistep_ancestral_cfg_pp``: the ancestral RES multistep stepping
     along the unguided prediction (CFG++), eta = 1."""
 
 
-class DPMpp2SAncestralCFGPP(_CFGPP, DPMpp2SAncestral):
+class DPMpp2SAncestralCFGPP(CFGPP, DPMpp2SAncestral):
     """ComfyUI's ``dpmpp_2s_ancestral_cfg_pp`` (eta = 1, s_noise = 1): DPM-Solver++(2S)
     ancestral whose exponential steps start from x + (guided - unguided).
 
