@@ -18,6 +18,7 @@ from __future__ import annotations
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
+from nodes.custom_schedulers import check_range, range_inputs
 from nodes.latent import MAX_SEED
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
@@ -103,10 +104,7 @@ def _model_sigmas(model, scheduler: str, steps: int, denoise: float):
 
 
 @define_node("KarrasScheduler", category="sampling/schedulers",
-             inputs=[Input("steps", T.INT, default=20, min=1, max=10000),
-                     Input("sigma_max", T.FLOAT, default=14.614642, min=0.0, max=5000.0, step=0.01),
-                     Input("sigma_min", T.FLOAT, default=0.0291675, min=0.0, max=5000.0, step=0.01),
-                     Input("rho", T.FLOAT, default=7.0, min=0.0, max=100.0, step=0.01)],
+             inputs=[*range_inputs(), Input("rho", T.FLOAT, default=7.0, min=0.0, max=100.0, step=0.01)],
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def karras_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float, rho: float):
     """Karras et al.'s schedule between sigma_max and sigma_min (rho 7 as in the paper), then 0."""
@@ -114,10 +112,7 @@ def karras_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float, rho: f
 
     if float(rho) <= 0:
         raise NodeError(f"rho must be above 0, got {rho}", "rho")
-    if float(sigma_min) <= 0:
-        raise NodeError(f"sigma_min must be above 0, got {sigma_min}", "sigma_min")
-    if float(sigma_max) < float(sigma_min):
-        raise NodeError(f"sigma_max ({sigma_max}) is below sigma_min ({sigma_min})", "sigma_max")
+    check_range(float(sigma_max), float(sigma_min))
     return (karras(int(steps), float(sigma_min), float(sigma_max), float(rho)),)
 
 

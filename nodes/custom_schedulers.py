@@ -30,13 +30,14 @@ AYS_LEVELS: dict[str, tuple[float, ...]] = {
 }
 
 
-def _range_inputs() -> list[Input]:
+def range_inputs() -> list[Input]:
+    """steps, sigma_max, sigma_min with ComfyUI's defaults (SD's training range)."""
     return [Input("steps", T.INT, default=20, min=1, max=10000),
             Input("sigma_max", T.FLOAT, default=_SIGMA_MAX, min=0.0, max=5000.0, step=0.01),
             Input("sigma_min", T.FLOAT, default=_SIGMA_MIN, min=0.0, max=5000.0, step=0.01)]
 
 
-def _check_range(sigma_max: float, sigma_min: float) -> None:
+def check_range(sigma_max: float, sigma_min: float) -> None:
     if sigma_min <= 0:
         raise NodeError(f"sigma_min must be above 0, got {sigma_min}", "sigma_min")
     if sigma_max < sigma_min:
@@ -49,7 +50,7 @@ def _with_zero(values):
     return torch.cat([values.to(torch.float32), torch.zeros(1, dtype=torch.float32)])
 
 
-@define_node("ExponentialScheduler", category="sampling/schedulers", inputs=_range_inputs(),
+@define_node("ExponentialScheduler", category="sampling/schedulers", inputs=range_inputs(),
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def exponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float):
     """``steps`` levels evenly spaced in log sigma from sigma_max to sigma_min, then 0."""
@@ -57,7 +58,7 @@ def exponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float):
 
 
 @define_node("PolyexponentialScheduler", category="sampling/schedulers",
-             inputs=[*_range_inputs(), Input("rho", T.FLOAT, default=1.0, min=0.0, max=100.0, step=0.01)],
+             inputs=[*range_inputs(), Input("rho", T.FLOAT, default=1.0, min=0.0, max=100.0, step=0.01)],
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def polyexponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float, rho: float):
     """log sigma runs from max to min along ramp^rho (ramp 1 -> 0): rho 1 is the exponential
@@ -65,7 +66,7 @@ def polyexponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: floa
     import torch
 
     sigma_max, sigma_min, rho = float(sigma_max), float(sigma_min), float(rho)
-    _check_range(sigma_max, sigma_min)
+    check_range(sigma_max, sigma_min)
     if rho <= 0:
         raise NodeError(f"rho must be above 0, got {rho}", "rho")
     ramp = torch.linspace(1, 0, int(steps), dtype=torch.float64) ** rho
@@ -73,7 +74,7 @@ def polyexponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: floa
 
 
 @define_node("LaplaceScheduler", category="sampling/schedulers",
-             inputs=[*_range_inputs(), Input("mu", T.FLOAT, default=0.0, min=-10.0, max=10.0, step=0.1),
+             inputs=[*range_inputs(), Input("mu", T.FLOAT, default=0.0, min=-10.0, max=10.0, step=0.1),
                      Input("beta", T.FLOAT, default=0.5, min=0.0, max=10.0, step=0.1)],
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def laplace_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float, mu: float, beta: float):
@@ -83,7 +84,7 @@ def laplace_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float, mu: f
     import torch
 
     sigma_max, sigma_min = float(sigma_max), float(sigma_min)
-    _check_range(sigma_max, sigma_min)
+    check_range(sigma_max, sigma_min)
     x = torch.linspace(0, 1, int(steps), dtype=torch.float64)
     offset = 0.5 - x
     log_sigma = float(mu) - float(beta) * torch.sign(offset) * torch.log(1 - 2 * offset.abs() + 1e-5)

@@ -15,7 +15,7 @@ from typing import Any
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
-from nodes.latent_ops import CELL, MAX_RESOLUTION, _derived, plain_latent
+from nodes.latent_ops import CELL, MAX_RESOLUTION, _derived, plain_latent, sized_like
 
 #: ComfyUI's flip and rotation choices (LatentFlip/ImageFlip, LatentRotate/ImageRotate): the
 #: axis mirrored, and clockwise quarter turns.
@@ -24,25 +24,14 @@ ROTATIONS = {"none": 0, "90 degrees": 1, "180 degrees": 2, "270 degrees": 3}
 _LATENT_AXES = {"height": 2, "width": 3}
 
 
-def _second_like(ctx, first, second, input_name: str):
-    """``second`` shaped as ``first``: the same channels required, the size scaled (bilinear,
-    centre crop, said in a message) and the batch repeated, as ComfyUI's latent math does."""
-    from nodes.masking import repeat_to_batch
-    from nodes.resample import resize
-
-    if first.shape[1] != second.shape[1]:
-        raise NodeError(f"the latents have {first.shape[1]} and {second.shape[1]} channels", input_name)
-    if first.shape[-2:] != second.shape[-2:]:
-        ctx.message(f"{input_name} scaled from {second.shape[-1]}x{second.shape[-2]} to "
-                    f"{first.shape[-1]}x{first.shape[-2]} cells (bilinear, centre crop)")
-        second = resize(second.float(), first.shape[-1], first.shape[-2], "bilinear", "center")
-    return repeat_to_batch(second.to(first.dtype), first.shape[0])
-
-
 def _pair(ctx, samples1, samples2):
+    """Both latents, the second at the first's size (bilinear) and batch, as ComfyUI's latent math."""
+    from nodes.masking import repeat_to_batch
+
     node = ctx.node_type
     a = plain_latent(samples1, "samples1", node)
-    return a, _second_like(ctx, a, plain_latent(samples2, "samples2", node), "samples2")
+    b = sized_like(ctx, a, plain_latent(samples2, "samples2", node), "samples2", "bilinear")
+    return a, repeat_to_batch(b, a.shape[0])
 
 
 _PAIR_INPUTS = [Input("samples1", T.LATENT), Input("samples2", T.LATENT)]
@@ -116,16 +105,8 @@ def latent_batch(ctx, samples1, samples2):
     keeps its seed (batch_index), and a noise mask on either side covers its own images."""
     import torch
 
-    from nodes.resample import resize
-
     a = plain_latent(samples1, "samples1", "LatentBatch")
-    b = plain_latent(samples2, "samples2", "LatentBatch")
-    if a.shape[1] != b.shape[1]:
-        raise NodeError(f"the latents have {a.shape[1]} and {b.shape[1]} channels", "samples2")
-    if a.shape[-2:] != b.shape[-2:]:
-        ctx.message(f"samples2 scaled from {b.shape[-1]}x{b.shape[-2]} to {a.shape[-1]}x{a.shape[-2]} cells "
-                    f"(bilinear, centre crop)")
-        b = resize(b.float(), a.shape[-1], a.shape[-2], "bilinear", "center").to(a.dtype)
+    b = sized_like(ctx, a, plain_latent(samples2, "samples2", "LatentBatch"), "samples2", "bilinear")
     out = _derived(samples1, torch.cat([a, b]))
     out["batch_index"] = _batch_index(samples1, a.shape[0]) + _batch_index(samples2, b.shape[0])
     if "noise_mask" in samples1 or "noise_mask" in samples2:

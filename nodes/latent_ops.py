@@ -49,6 +49,20 @@ def _derived(latent: dict, samples: Any) -> dict:
     return out
 
 
+def sized_like(ctx, first: Any, second: Any, input_name: str, method: str) -> Any:
+    """``second`` at ``first``'s size (scaled with ``method``, centre crop, said in a message);
+    the same channel count is required. ComfyUI's rule for nodes that combine two latents."""
+    from nodes.resample import resize
+
+    if first.shape[1] != second.shape[1]:
+        raise NodeError(f"the latents have {first.shape[1]} and {second.shape[1]} channels", input_name)
+    if first.shape[-2:] != second.shape[-2:]:
+        ctx.message(f"{input_name} scaled from {second.shape[-1]}x{second.shape[-2]} to "
+                    f"{first.shape[-1]}x{first.shape[-2]} cells ({method}, centre crop)")
+        second = resize(second.float(), first.shape[-1], first.shape[-2], method, "center")
+    return second.to(first.dtype)
+
+
 def _upscaled(ctx, latent: dict, width_cells: int, height_cells: int, method: str, crop: str, input_name: str):
     from nodes.resample import check_pixel_budget, resize
 
@@ -198,17 +212,10 @@ def latent_composite_masked(ctx, destination, source, x: int, y: int, resize_sou
 def latent_blend(ctx, samples1, samples2, blend_factor: float):
     """samples1 * factor + samples2 * (1 - factor); samples2 of another size is first scaled (bicubic, centre crop)."""
     from nodes.masking import repeat_to_batch
-    from nodes.resample import resize
 
     a = plain_latent(samples1, "samples1", "LatentBlend")
-    b = plain_latent(samples2, "samples2", "LatentBlend")
-    if a.shape[1] != b.shape[1]:
-        raise NodeError(f"the latents have {a.shape[1]} and {b.shape[1]} channels", "samples2")
-    if a.shape[-2:] != b.shape[-2:]:
-        ctx.message(f"samples2 scaled from {b.shape[-1]}x{b.shape[-2]} to {a.shape[-1]}x{a.shape[-2]} cells "
-                    f"(bicubic, centre crop)")
-        b = resize(b.float(), a.shape[-1], a.shape[-2], "bicubic", "center")
-    b = repeat_to_batch(b.to(a.dtype), a.shape[0])
+    b = repeat_to_batch(sized_like(ctx, a, plain_latent(samples2, "samples2", "LatentBlend"), "samples2", "bicubic"),
+                        a.shape[0])
     factor = float(blend_factor)
     return (_derived(samples1, a * factor + b * (1 - factor)),)
 

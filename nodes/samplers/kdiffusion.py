@@ -59,45 +59,6 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
 
 
-class SigmaStepper:
-    """One model evaluation per step over ``sigmas`` (descending, ending in 0)."""
-
-    order = 1
-
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        import torch
-
-        from nodes.samplers.schedules import training_schedule
-
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        self.sigmas = sigmas.to(torch.float32).clone()
-        self.schedule = training_schedule(config)
-        self.timesteps = self.schedule.timestep(self.sigmas[:-1]).to(torch.float32)
-        self._index = 0
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return float(self.sigmas.max() ** 2 + 1) ** 0.5
-
-    def set_begin_index(self, index: int = 0) -> None:
-        self._index = index
-
-    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return self.schedule.model_input(sample, float(self.sigmas[self._index]))
-
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True) -> StepOutput:
-        i = self._index
-        self._index += 1
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
-        return StepOutput(self.update(i, sample, denoised, sigma, sigma_next, generator), denoised)
-
-    def update(self, i: int, x: "torch.Tensor", denoised: "torch.Tensor", sigma: float, sigma_next: float,
-               generator: Any) -> "torch.Tensor":
-        raise NotImplementedError
-
-
 class StagedStepper:
     """Base for samplers with several model evaluations per step: ``stages`` lists every
     evaluation as (step, stage, sigma the model sees), laid out up front (as diffusers lays
@@ -115,7 +76,7 @@ class StagedStepper:
         self.sigmas = sigmas.to(torch.float32).clone()
         self.schedule = training_schedule(config)
         self.stages: list[tuple[int, int, float]] = []
-        for i in range(len(sigmas) - 1):
+        for i in range(self.step_count()):
             self.stages.extend((i, k, sigma) for k, sigma in enumerate(self.stage_sigmas(i)))
         stage_sigmas = torch.tensor([sigma for _, _, sigma in self.stages], dtype=torch.float32)
         self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
@@ -138,10 +99,29 @@ class StagedStepper:
         denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
         return StepOutput(self.advance(i, k, sample, denoised, generator), denoised)
 
+    def step_count(self) -> int:
+        """Steps to lay out: one per interval of the list, unless the sampler keeps its own grid."""
+        return len(self.sigmas) - 1
+
     def stage_sigmas(self, i: int) -> list[float]:
         raise NotImplementedError
 
     def advance(self, i: int, k: int, x: "torch.Tensor", denoised: "torch.Tensor", generator: Any) -> "torch.Tensor":
+        raise NotImplementedError
+
+
+class SigmaStepper(StagedStepper):
+    """One model evaluation per step over ``sigmas`` (descending, ending in 0): each step is
+    one stage, handed to ``update`` with its two ends."""
+
+    def stage_sigmas(self, i: int) -> list[float]:
+        return [float(self.sigmas[i])]
+
+    def advance(self, i, k, x, denoised, generator):
+        return self.update(i, x, denoised, float(self.sigmas[i]), float(self.sigmas[i + 1]), generator)
+
+    def update(self, i: int, x: "torch.Tensor", denoised: "torch.Tensor", sigma: float, sigma_next: float,
+               generator: Any) -> "torch.Tensor":
         raise NotImplementedError
 
 
@@ -153,8 +133,7 @@ class CFGPP:
 
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
              generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
-        stages = getattr(self, "stages", None)
-        sigma = stages[self._index][2] if stages is not None else float(self.sigmas[self._index])
+        sigma = self.stages[self._index][2]
         self._unguided = None if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
         return super().step(model_output, timestep, sample, generator, return_dict)
 
@@ -261,27 +240,18 @@ class ResMultistep(SigmaStepper):
         return out
 
 
-class DPMFast:
+class DPMFast(StagedStepper):
     """DPM-Solver-fast (Lu et al. 2022, as k-diffusion's ``dpm_solver_fast`` with eta = 0).
 
     ComfyUI's ``dpm_fast`` keeps only the ends of the schedule it is given: it spends
     its ``steps`` model evaluations on an even grid in t = -log(sigma) from the first
     sigma down to the smallest nonzero one, in third-order steps (three evaluations:
     at t, t + h/3, t + 2h/3) and a second/first-order tail so the count comes out
-    exact. Like ComfyUI's, it stops at that smallest sigma rather than at 0. Stages are
-    laid out up front (one ``step`` call per evaluation), like DPMpp2SAncestral's.
+    exact. Like ComfyUI's, it stops at that smallest sigma rather than at 0, and it lays
+    out the stages of its own grid (``step_count``), not of the list's intervals.
     """
 
-    order = 1
-
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        import torch
-
-        from nodes.samplers.schedules import training_schedule
-
-        self.prediction_type = config.get("prediction_type", "epsilon")
-        self.sigmas = sigmas.to(torch.float32).clone()
-        self.schedule = training_schedule(config)
         nfe = len(sigmas) - 1
         sigma_max = float(sigmas[0])
         # One step has no nonzero end: ComfyUI then takes the start, and the step changes nothing.
@@ -290,32 +260,19 @@ class DPMFast:
         t0, t1 = -math.log(sigma_max), -math.log(sigma_min)
         self.grid = [t0 + (t1 - t0) * k / m for k in range(m + 1)]
         self.orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-        self.stages: list[tuple[int, int, float]] = []  # (step, stage, sigma the model sees)
-        for i, order in enumerate(self.orders):
-            t, h = self.grid[i], self.grid[i + 1] - self.grid[i]
-            for k in range(order):
-                self.stages.append((i, k, math.exp(-(t + h * k / order))))
-        stage_sigmas = torch.tensor([s for _, _, s in self.stages], dtype=torch.float32)
-        self.timesteps = self.schedule.timestep(stage_sigmas).to(torch.float32)
-        self._index = 0
+        super().__init__(config, sigmas)
         self._x: "torch.Tensor | None" = None
         self._eps: list["torch.Tensor"] = []
 
-    @property
-    def init_noise_sigma(self) -> float:
-        return float(self.sigmas.max() ** 2 + 1) ** 0.5
+    def step_count(self) -> int:
+        return len(self.orders)
 
-    def set_begin_index(self, index: int = 0) -> None:
-        self._index = index
+    def stage_sigmas(self, i: int) -> list[float]:
+        t, h, order = self.grid[i], self.grid[i + 1] - self.grid[i], self.orders[i]
+        return [math.exp(-(t + h * k / order)) for k in range(order)]
 
-    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return self.schedule.model_input(sample, self.stages[self._index][2])
-
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True) -> StepOutput:
-        i, k, sigma = self.stages[self._index]
-        self._index += 1
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+    def advance(self, i, k, sample, denoised, generator):
+        sigma = self.stages[self._index - 1][2]
         if k == 0:
             self._x, self._eps = sample, []
         self._eps.append((sample - denoised) / sigma)
@@ -338,7 +295,7 @@ class DPMFast:
                    - math.exp(-(t + r2 * h)) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps[1] - eps[0]))
         else:
             out = x - s_next * em1 * eps[0] - s_next / (2 / 3) * (em1 / h - 1) * (eps[2] - eps[0])
-        return StepOutput(out, denoised)
+        return out
 
 
 class EulerCFGPP(SigmaStepper):
