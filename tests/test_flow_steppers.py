@@ -53,7 +53,8 @@ def _error(name: str, steps: int) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("name,ratio,beat", [("ipndm", 8.0, 0.2), ("ipndm_v", 8.0, 0.2), ("res_multistep", 3.0, 0.7),
-                                             ("dpmpp_2m_cfg_pp", 3.0, 0.5), ("dpm_fast", None, 0.2)])
+                                             ("dpmpp_2m_cfg_pp", 3.0, 0.5), ("deis", 8.0, 0.2), ("lms", 8.0, 0.2),
+                                             ("dpm_fast", None, 0.2)])
 def test_each_converges_to_the_exact_flow_and_beats_euler(name, ratio, beat):
     """At equal evaluations each stepper is closer than Euler by ``beat`` (res_multistep's first
     step is an Euler step); doubling the steps cuts the error by ``ratio`` (Euler's first order

@@ -24,9 +24,9 @@ SIGMA0, END = 10.0, 0.1
 
 
 def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
-    spec = resolve_sampler(name)
-    assert not spec.stochastic
-    return steppers.follow(spec, {**SD15, "prediction_type": prediction}, sigmas)[0]
+    """Kiln's own stepper for ``name`` (deis and lms included, which SD runs on diffusers)."""
+    assert not resolve_sampler(name).stochastic
+    return steppers.kiln_stepper_class(name)({**SD15, "prediction_type": prediction}, sigmas)
 
 
 def _ideal(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -159,3 +159,31 @@ def test_dpmpp_2m_sde_heun_is_its_own_method_and_gpu_is_the_same():
     sde_heun, gpu = resolve_sampler("dpmpp_2m_sde_heun"), resolve_sampler("dpmpp_2m_sde_heun_gpu")
     assert sde_heun.config["solver_type"] == "heun" and gpu.config == sde_heun.config
     assert resolve_sampler("dpmpp_2m_sde").config["solver_type"] == "midpoint"
+
+
+def test_the_lms_stepper_is_diffusers_lms():
+    """Kiln's LMS (variable-step Adams-Bashforth of order 4 on the derivative, integrating to 0)
+    and diffusers' LMSDiscreteScheduler (k-diffusion's LMS, scipy's quadrature) take the same
+    steps on the same Karras list: the one flow models run is the one SD runs."""
+    from diffusers import LMSDiscreteScheduler
+
+    sigmas = schedules.karras(9, 0.03, SIGMA0)
+    x = MU + math.sqrt(S ** 2 + SIGMA0 ** 2) * _noise()
+    ours = _run(_stepper("lms", sigmas), x, _ideal, [None])
+    theirs = steppers.on_sigmas(resolve_sampler("lms"), SD15, sigmas)
+    assert isinstance(theirs, LMSDiscreteScheduler)
+    y = x.clone()
+    for t in theirs.timesteps:
+        theirs.scale_model_input(y, t)  # sets the step index
+        sigma = float(theirs.sigmas[theirs.step_index])
+        y = theirs.step((y - _ideal(y, sigma)) / sigma, t, y).prev_sample
+    assert torch.allclose(ours, y, atol=1e-4), (ours - y).abs().max()
+    assert (ours - _run(_stepper("ipndm_v", sigmas), x, _ideal, [None])).abs().max() > 1e-4  # not landing early
+
+
+@pytest.mark.parametrize("name", ["deis", "lms"])
+def test_deis_and_lms_steppers_converge_at_high_order(name):
+    err8, calls = _error(name, 8)
+    err16, _ = _error(name, 16)
+    assert err8 / err16 > 5.0 and err8 < 0.5 * _error("euler_cfg_pp", calls + 1)[0], (err8, err16)
+

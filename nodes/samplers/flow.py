@@ -43,7 +43,9 @@ sampling has it):
   formulas integrate ``dx/dsigma = (x - x0) / sigma``, and a flow state obeys the same
   equation in t (``x - x0 = t * v``), so only what the network sees changes (the state
   itself, at ``1000 * t``: the steppers ask the model's training schedule,
-  :class:`FlowSchedule`). ``ddim`` is Euler here as on SD. Stochastic samplers add
+  :class:`FlowSchedule`). ``deis`` and ``lms`` run as the Adams-Bashforth methods they are
+  in ComfyUI (``multistep.DEISTab``, ``multistep.LMS``); ``ddim`` is Euler and ``plms`` LMS
+  here as on SD. Stochastic samplers add
   variance-exploding noise (``x + sigma_up * n``), which is no flow state, so only the
   flow-aware ancestral Euler above draws noise.
 
@@ -69,8 +71,8 @@ FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, the RF ancestral Euler).
 FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
-KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
-                "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp")
+KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
+                "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
     "normal": {}, "simple": {}, "sgm_uniform": {},
@@ -271,10 +273,10 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
 
 
 def flow_spec(spec: "SamplerSpec") -> "SamplerSpec":
-    """The sampler that runs ``spec`` on a flow model: ``ddim`` is Euler, as on SD."""
+    """The sampler that runs ``spec`` on a flow model: ``ddim`` is Euler and ``plms`` LMS, as on SD."""
     from nodes.samplers.names import resolve_sampler
 
-    return resolve_sampler(spec.sigma_fallback) if spec.sigma_fallback == "euler" else spec
+    return resolve_sampler(spec.sigma_fallback) if spec.sigma_fallback in SAMPLERS else spec
 
 
 def check_sampler(spec: "SamplerSpec", input_name: str = "sampler_name") -> None:

@@ -1,6 +1,8 @@
 """Deterministic samplers of ComfyUI's list that diffusers has no scheduler for, as Kiln
 steppers over a sigma list: ``heunpp2``, ``ipndm_v``, ``gradient_estimation`` (and its
-CFG++ form), ``dpmpp_2m_cfg_pp``, ``res_multistep_cfg_pp`` and ``exp_heun_2_x0``.
+CFG++ form), ``dpmpp_2m_cfg_pp``, ``res_multistep_cfg_pp`` and ``exp_heun_2_x0``; and the
+Adams-Bashforth forms of ``deis`` and ``lms`` that flow models run (diffusers' classes
+run them on SD).
 
 They work in the k-diffusion parameterisation of ``kdiffusion.py`` (state x0 + sigma eps,
 the derivative d = (x - x0) / sigma); the CFG++ forms receive the unguided prediction
@@ -81,18 +83,14 @@ def adams_bashforth_weights(points: list[float], target: float) -> list[float]:
     return weights
 
 
-class IPNDMV(SigmaStepper):
-    """Variable-step iPNDM (ComfyUI's ``ipndm_v``): Adams-Bashforth on the derivative up to
-    fourth order from the previous steps' derivatives, with the weights a non-uniform
-    grid really has; the last step to 0 lands on the prediction.
-
-    Deliberate difference: Kiln integrates the interpolating polynomial exactly
-    (:func:`adams_bashforth_weights`); ComfyUI's third- and fourth-order weights are an
-    approximation that equals these on an even grid only, so on Karras-like grids the
-    two differ slightly.
-    """
+class AdamsBashforth(SigmaStepper):
+    """Variable-step Adams-Bashforth on the derivative d = (x - x0) / sigma, up to
+    ``max_order`` from the previous steps' derivatives (:func:`adams_bashforth_weights`).
+    With ``lands_on_prediction`` the step to 0 is the prediction itself; without, that step
+    integrates the polynomial too. Three of ComfyUI's samplers are this method:"""
 
     max_order = 4
+    lands_on_prediction = True
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         super().__init__(config, sigmas)
@@ -102,13 +100,39 @@ class IPNDMV(SigmaStepper):
         d = (x - denoised) / sigma
         history = self._history[-(self.max_order - 1):]
         self._history = history + [d]
-        if sigma_next == 0:
+        if sigma_next == 0 and self.lands_on_prediction:
             return denoised
         derivatives = [d] + history[::-1]
         points = [float(self.sigmas[i - j]) for j in range(len(derivatives))]
         weights = adams_bashforth_weights(points, sigma_next)
         step = sum(w * dk for w, dk in zip(weights, derivatives))
         return x + (sigma_next - sigma) * step
+
+
+class IPNDMV(AdamsBashforth):
+    """Variable-step iPNDM (ComfyUI's ``ipndm_v``): fourth order, the last step to 0 landing
+    on the prediction.
+
+    Deliberate difference: Kiln integrates the interpolating polynomial exactly; ComfyUI's
+    third- and fourth-order weights are an approximation that equals these on an even grid
+    only, so on Karras-like grids the two differ slightly.
+    """
+
+
+class DEISTab(AdamsBashforth):
+    """ComfyUI's own ``deis`` (its default "tab" mode, third order): the same Lagrange
+    integrals, which ComfyUI sums numerically. Kiln runs it on flow models (FLUX); on SD
+    ``deis`` is diffusers' DEISMultistepScheduler (diffusers' parameterisation, for parity
+    with diffusers' pipelines)."""
+
+    max_order = 3
+
+
+class LMS(AdamsBashforth):
+    """k-diffusion's ``lms`` (fourth order, integrating to 0 as well), which diffusers'
+    LMSDiscreteScheduler also is: Kiln runs this one on flow models (FLUX), diffusers' on SD."""
+
+    lands_on_prediction = False
 
 
 class GradientEstimation(SigmaStepper):
@@ -182,4 +206,5 @@ class ExpHeun2X0(ExpHeun2X0SDE):
 #: name -> stepper class, looked up by ``steppers.kiln_stepper_class``.
 STEPPERS: dict[str, Any] = {"heunpp2": HeunPP2, "ipndm_v": IPNDMV, "gradient_estimation": GradientEstimation,
                             "gradient_estimation_cfg_pp": GradientEstimationCFGPP, "dpmpp_2m_cfg_pp": DPMpp2MCFGPP,
-                            "res_multistep_cfg_pp": ResMultistepCFGPP, "exp_heun_2_x0": ExpHeun2X0}
+                            "res_multistep_cfg_pp": ResMultistepCFGPP, "exp_heun_2_x0": ExpHeun2X0, "deis": DEISTab,
+                            "lms": LMS}

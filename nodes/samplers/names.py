@@ -47,8 +47,8 @@ class SamplerSpec:
     #: sampler instead: DDIM with eta=0 *is* the Euler method in sigma space (ComfyUI
     #: defines its ``ddim`` the same way), and k-LMS is PLMS's sigma-space counterpart.
     sigma_fallback: str = ""
-    #: A Kiln sigma-space stepper (kdiffusion.STEPPERS) that runs this sampler when
-    #: there is no diffusers class, or on sigma lists the class cannot follow.
+    #: A Kiln sigma-space stepper (steppers.kiln_stepper_class) that runs this sampler when
+    #: there is no diffusers class, on sigma lists the class cannot follow, and on flow models.
     kiln_stepper: str = ""
     #: ComfyUI computes steps+1 sigmas for these and drops the penultimate one
     #: (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS); Kiln does the same in its
@@ -79,7 +79,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True),
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
                 discard_penultimate_sigma=True),
-    SamplerSpec("lms", "k_lms", "LMSDiscreteScheduler"),
+    SamplerSpec("lms", "k_lms", "LMSDiscreteScheduler", kiln_stepper="lms"),
     SamplerSpec("dpm_fast", "dpm_fast", "", kiln_stepper="dpm_fast"),
     SamplerSpec("dpm_adaptive", "dpm_adaptive", "", kiln_stepper="dpm_adaptive"),
     SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True, kiln_stepper="dpmpp_2s_ancestral"),
@@ -105,7 +105,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("ipndm", "ipndm", "", kiln_stepper="ipndm"),
     SamplerSpec("ipndm_v", "ipndm_v", "", kiln_stepper="ipndm_v"),
     # ComfyUI's deis runs up to third order; diffusers' DEIS defaults to second.
-    SamplerSpec("deis", "deis", "DEISMultistepScheduler", config={"solver_order": 3}),
+    SamplerSpec("deis", "deis", "DEISMultistepScheduler", config={"solver_order": 3}, kiln_stepper="deis"),
     SamplerSpec("res_multistep", "res_multistep", "", kiln_stepper="res_multistep"),
     SamplerSpec("res_multistep_cfg_pp", "res_multistep_cfg_pp", "", kiln_stepper="res_multistep_cfg_pp"),
     SamplerSpec("res_multistep_ancestral", "res_multistep_ancestral", "", stochastic=True,
