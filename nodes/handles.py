@@ -53,6 +53,8 @@ class ModelHandle:
     _compile_note: Callable[[], str | None] | None = None
     #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
     cfg_rescale: float = 0.0
+    #: DifferentialDiffusion's strength (None: a soft noise mask blends as it is), see nodes.samplers.hold.
+    differential_diffusion: float | None = None
 
     def compile_note(self) -> str | None:
         return self._compile_note() if self._compile_note is not None else None

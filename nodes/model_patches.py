@@ -30,3 +30,17 @@ def rescale_cfg(ctx, model, multiplier: float):
     if not 0.0 <= float(multiplier) <= 1.0:
         raise NodeError(f"multiplier must be between 0 and 1, got {multiplier}", "multiplier")
     return (dataclasses.replace(model, cfg_rescale=float(multiplier)),)
+
+
+@define_node("DifferentialDiffusion", category="_for_testing",
+             inputs=[Input("model", T.MODEL),
+                     Input("strength", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.01, optional=True)],
+             outputs=[Output("MODEL", T.MODEL)])
+def differential_diffusion(ctx, model, strength: float = 1.0):
+    """A soft noise mask becomes a per-step schedule: a pixel masked at m is repainted over
+    the last m of the run, so edits fade into the kept image instead of blending a finished
+    repaint over it (nodes.samplers.hold). Below strength 1 that schedule is blended with
+    the soft mask."""
+    if not 0.0 <= float(strength) <= 1.0:
+        raise NodeError(f"strength must be between 0 and 1, got {strength}", "strength")
+    return (dataclasses.replace(model, differential_diffusion=float(strength)),)

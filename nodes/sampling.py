@@ -230,7 +230,8 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     note = getattr(model, "compile_note", lambda: None)()
     if note:
         ctx.message(note)
-    hold = None if prep.mask is None else Hold(x0, noise, prep.mask, for_model(model))
+    hold = None if prep.mask is None else Hold(x0, noise, prep.mask, for_model(model),
+                                                 strength=model.differential_diffusion)
     try:
         with model.unet() as unet:
             say_if_offloaded(unet, ctx.message)

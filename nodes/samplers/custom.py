@@ -147,7 +147,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
         seeds = image_seeds(noise.seed, samples.shape[0], latent.get("batch_index"))
         sched.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
     plan = Plan("custom", sched, timesteps, start, sigmas)
-    hold = None if prep.mask is None else Hold(x0, start_noise, prep.mask, sampling)
+    hold = None if prep.mask is None else Hold(x0, start_noise, prep.mask, sampling,
+                                                 strength=model.differential_diffusion, end_sigma=float(sigmas[-1]))
     image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
     denoised: list = []
     try:
