@@ -53,6 +53,8 @@ class ModelHandle:
     _compile_note: Callable[[], str | None] | None = None
     #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
     cfg_rescale: float = 0.0
+    #: PerturbedAttentionGuidance's scale (0: none), see nodes.families.perturbed.
+    pag_scale: float = 0.0
     #: DifferentialDiffusion's strength (None: a soft noise mask blends as it is), see nodes.samplers.hold.
     differential_diffusion: float | None = None
 

@@ -240,7 +240,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted,
                               previews=ctx.wants_previews, hold=hold, jobs=len(job_seeds),
-                              cfg_rescale=model.cfg_rescale)
+                              cfg_rescale=model.cfg_rescale, pag_scale=model.pag_scale)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     final = model.latent.from_model(result).to("cpu", torch.float32)

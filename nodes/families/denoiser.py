@@ -39,11 +39,12 @@ if TYPE_CHECKING:
 class Denoiser:
     def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
-                 prediction_type: str = "epsilon", cfg_rescale: float = 0.0) -> None:
+                 prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
-        ``cfg_rescale``: RescaleCFG's multiplier (:func:`rescale_guidance`)."""
+        ``cfg_rescale``: RescaleCFG's multiplier (:func:`rescale_guidance`); ``pag_scale``:
+        perturbed-attention guidance's scale (nodes.families.perturbed)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -55,6 +56,8 @@ class Denoiser:
         self.cfg = float(cfg)
         self.guided = self.cfg != 1.0
         self.cfg_rescale = float(cfg_rescale)
+        self.pag_scale = float(pag_scale)
+        self._perturbing = False  # inside the perturbed-attention pass
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
@@ -132,7 +135,7 @@ class Denoiser:
                 return self._guide(cond, uncond, model_in, t)
             out = self._plain_call(model_in, t)
             self.last_uncond = out
-            return out
+            return self._perturbation_guided(out, out, model_in, t)
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
         h, w = model_in.shape[2], model_in.shape[3]
         if self._sides is None or self._sides[0] != (h, w):
@@ -146,17 +149,38 @@ class Denoiser:
             outputs = [out for out, _ in outputs]
         if not self.guided:
             self.last_uncond = outputs[0]
-            return outputs[0]
+            return self._perturbation_guided(outputs[0], outputs[0], model_in, t)
         cond, uncond = outputs
         return self._guide(cond, uncond, model_in, t)
 
     def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         self.last_uncond = uncond
+        if self._perturbing:
+            return cond  # the perturbed pass only wants its conditional output
         guided = uncond + self.cfg * (cond - uncond)
-        if not self.cfg_rescale:
+        if self.cfg_rescale:
+            sigma = float(self.schedule.sigma(float(t)))
+            guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale)
+        return self._perturbation_guided(guided, cond, model_in, t)
+
+    def _perturbation_guided(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
+                             t: Any) -> "torch.Tensor":
+        """``guided`` pushed away from the conditional prediction of the network with identity
+        self-attention in its middle block, by ``pag_scale`` (diffusers' and ComfyUI's rule).
+        The perturbed pass evaluates both sides when guided (the same batches as the plain
+        pass) and keeps the conditional half."""
+        if not self.pag_scale or self._perturbing:
             return guided
-        sigma = float(self.schedule.sigma(float(t)))
-        return rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale)
+        from nodes.families.perturbed import identity_middle_attention
+
+        last_uncond = self.last_uncond
+        self._perturbing = True
+        try:
+            with identity_middle_attention(self.network):
+                perturbed = self.model_output(model_in, t)
+        finally:
+            self._perturbing, self.last_uncond = False, last_uncond
+        return guided + self.pag_scale * (cond - perturbed)
 
     def sigma_at_percent(self, percent: float) -> float:
         """ComfyUI's percent -> noise level (schedules.percent_to_sigma) on this model's schedule."""

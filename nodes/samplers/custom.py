@@ -158,7 +158,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised,
-                              previews=ctx.wants_previews, hold=hold, cfg_rescale=model.cfg_rescale)
+                              previews=ctx.wants_previews, hold=hold, cfg_rescale=model.cfg_rescale,
+                              pag_scale=model.pag_scale)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))

@@ -28,7 +28,8 @@ ProgressFn = Callable[[int, int, Any], None]
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
-        denoised: list | None = None, hold: Any = None, jobs: int = 1, cfg_rescale: float = 0.0) -> "torch.Tensor":
+        denoised: list | None = None, hold: Any = None, jobs: int = 1, cfg_rescale: float = 0.0,
+        pag_scale: float = 0.0) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
@@ -38,7 +39,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     to the result. ``jobs`` > 1: the batch holds that many queued jobs' images one after
     the other (a cross-job batch), and each report carries one preview per job, of its
     own first image, in job order (engine.batching gives each job its own).
-    ``cfg_rescale``: the model's RescaleCFG multiplier (ModelHandle.cfg_rescale).
+    ``cfg_rescale``, ``pag_scale``: the model's RescaleCFG multiplier and perturbed-attention
+    guidance scale (ModelHandle fields, applied by the denoiser).
     """
     import torch
 
@@ -50,7 +52,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     denoiser = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                         batch=x.shape[0], schedule=training_schedule(training_config),
-                        prediction_type=training_config.get("prediction_type", "epsilon"), cfg_rescale=cfg_rescale)
+                        prediction_type=training_config.get("prediction_type", "epsilon"), cfg_rescale=cfg_rescale,
+                        pag_scale=pag_scale)
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
