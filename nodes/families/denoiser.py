@@ -57,7 +57,10 @@ class Denoiser:
         self.guided = self.cfg != 1.0
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
-        self._perturbing = False  # inside the perturbed-attention pass
+        #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
+        self._perturbed: "Denoiser | None" = None
+        self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive, image_size=image_size, batch=batch,
+                          schedule=schedule, prediction_type=prediction_type)
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []
@@ -155,8 +158,6 @@ class Denoiser:
 
     def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         self.last_uncond = uncond
-        if self._perturbing:
-            return cond  # the perturbed pass only wants its conditional output
         guided = uncond + self.cfg * (cond - uncond)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
@@ -167,19 +168,16 @@ class Denoiser:
                              t: Any) -> "torch.Tensor":
         """``guided`` pushed away from the conditional prediction of the network with identity
         self-attention in its middle block, by ``pag_scale`` (diffusers' and ComfyUI's rule).
-        The perturbed pass evaluates both sides when guided (the same batches as the plain
-        pass) and keeps the conditional half."""
-        if not self.pag_scale or self._perturbing:
+        The perturbed pass is a conditional-only denoiser over the same network: one more
+        pass per evaluation, as diffusers' PAG pipeline makes."""
+        if not self.pag_scale:
             return guided
         from nodes.families.perturbed import identity_middle_attention
 
-        last_uncond = self.last_uncond
-        self._perturbing = True
-        try:
-            with identity_middle_attention(self.network):
-                perturbed = self.model_output(model_in, t)
-        finally:
-            self._perturbing, self.last_uncond = False, last_uncond
+        if self._perturbed is None:
+            self._perturbed = Denoiser(negative=None, cfg=1.0, **self._args)
+        with identity_middle_attention(self.network):
+            perturbed = self._perturbed.model_output(model_in, t)
         return guided + self.pag_scale * (cond - perturbed)
 
     def sigma_at_percent(self, percent: float) -> float:
