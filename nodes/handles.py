@@ -29,6 +29,35 @@ if TYPE_CHECKING:  # node modules stay importable without torch, so `kiln serve`
     from nodes.runtime.patches import LoraStack
 
 
+@dataclass(frozen=True)
+class SamplingPatches:
+    """What ComfyUI's model-patch nodes change in how a MODEL samples, each node returning a
+    handle with one field set (the handle it was given, and every cached result built on it,
+    sample as before). The sampling loop hands them on: the denoiser applies the guidance
+    ones, the noise-mask hold differential diffusion, the UNet hooks FreeU."""
+
+    #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
+    cfg_rescale: float = 0.0
+    #: PerturbedAttentionGuidance's scale (0: none), see nodes.families.perturbed.
+    pag_scale: float = 0.0
+    #: DifferentialDiffusion's strength (None: a soft noise mask blends as it is), see nodes.samplers.hold.
+    differential_diffusion: float | None = None
+    #: FreeU's settings (None: off), see nodes.families.freeu.
+    freeu: "FreeUSettings | None" = None
+
+
+@dataclass(frozen=True)
+class FreeUSettings:
+    """FreeU (``v1``) or FreeU_V2 (``v2``): backbone factors b1, b2 and skip factors s1, s2 for
+    the decoder levels with 4x and 2x the base channel count."""
+
+    version: str
+    b1: float
+    b2: float
+    s1: float
+    s2: float
+
+
 @dataclass(eq=False)
 class ModelHandle:
     """MODEL: a denoiser network plus what sampling must know about it.
@@ -51,12 +80,8 @@ class ModelHandle:
     _peek: Callable[[], Any] | None = None
     #: Returns a note when the next use compiles the network (compiled mode), else None.
     _compile_note: Callable[[], str | None] | None = None
-    #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
-    cfg_rescale: float = 0.0
-    #: PerturbedAttentionGuidance's scale (0: none), see nodes.families.perturbed.
-    pag_scale: float = 0.0
-    #: DifferentialDiffusion's strength (None: a soft noise mask blends as it is), see nodes.samplers.hold.
-    differential_diffusion: float | None = None
+    #: How it is sampled beyond its weights (ComfyUI's model-patch nodes, nodes/model_patches.py).
+    patches: "SamplingPatches" = field(default_factory=lambda: SamplingPatches())
 
     def compile_note(self) -> str | None:
         return self._compile_note() if self._compile_note is not None else None

@@ -12,6 +12,11 @@ from engine.context import NodeError
 from engine.node import Input, Output, define_node
 
 
+def _with(model, **changes):
+    """A new handle whose sampling patches differ by ``changes``."""
+    return dataclasses.replace(model, patches=dataclasses.replace(model.patches, **changes))
+
+
 @define_node("RescaleCFG", category="advanced/model",
              inputs=[Input("model", T.MODEL),
                      Input("multiplier", T.FLOAT, default=0.7, min=0.0, max=1.0, step=0.01)],
@@ -29,7 +34,7 @@ def rescale_cfg(ctx, model, multiplier: float):
         raise NodeError(f"RescaleCFG needs an epsilon or v-prediction model, not {model.prediction_type}", "model")
     if not 0.0 <= float(multiplier) <= 1.0:
         raise NodeError(f"multiplier must be between 0 and 1, got {multiplier}", "multiplier")
-    return (dataclasses.replace(model, cfg_rescale=float(multiplier)),)
+    return (_with(model, cfg_rescale=float(multiplier)),)
 
 
 @define_node("PerturbedAttentionGuidance", category="model_patches/unet",
@@ -49,7 +54,7 @@ def perturbed_attention_guidance(ctx, model, scale: float):
         middle_self_attentions(model.peek())
     except ConditioningError as exc:
         raise NodeError(f"{exc} (a flow transformer such as FLUX has no middle block)", "model") from None
-    return (dataclasses.replace(model, pag_scale=float(scale)),)
+    return (_with(model, pag_scale=float(scale)),)
 
 
 @define_node("DifferentialDiffusion", category="_for_testing",
@@ -63,4 +68,36 @@ def differential_diffusion(ctx, model, strength: float = 1.0):
     the soft mask."""
     if not 0.0 <= float(strength) <= 1.0:
         raise NodeError(f"strength must be between 0 and 1, got {strength}", "strength")
-    return (dataclasses.replace(model, differential_diffusion=float(strength)),)
+    return (_with(model, differential_diffusion=float(strength)),)
+
+
+def _freeu_inputs(b1: float, b2: float) -> list[Input]:
+    return [Input("model", T.MODEL), Input("b1", T.FLOAT, default=b1, min=0.0, max=10.0, step=0.01),
+            Input("b2", T.FLOAT, default=b2, min=0.0, max=10.0, step=0.01),
+            Input("s1", T.FLOAT, default=0.9, min=0.0, max=10.0, step=0.01),
+            Input("s2", T.FLOAT, default=0.2, min=0.0, max=10.0, step=0.01)]
+
+
+def _freeu(model, version: str, b1: float, b2: float, s1: float, s2: float):
+    from nodes.handles import FreeUSettings
+
+    if not hasattr(getattr(model.peek(), "kiln_network", model.peek()), "up_blocks"):
+        raise NodeError("FreeU works on UNets (SD1, SD2, SDXL); a flow transformer such as FLUX has no UNet decoder",
+                        "model")
+    return (_with(model, freeu=FreeUSettings(version, float(b1), float(b2), float(s1), float(s2))),)
+
+
+@define_node("FreeU", category="model_patches/unet", inputs=_freeu_inputs(1.1, 1.2),
+             outputs=[Output("MODEL", T.MODEL)])
+def freeu(ctx, model, b1: float, b2: float, s1: float, s2: float):
+    """FreeU: the UNet decoder's backbone features amplified, its skip features' low
+    frequencies damped (nodes.families.freeu)."""
+    return _freeu(model, "v1", b1, b2, s1, s2)
+
+
+@define_node("FreeU_V2", category="model_patches/unet", inputs=_freeu_inputs(1.3, 1.4),
+             outputs=[Output("MODEL", T.MODEL)])
+def freeu_v2(ctx, model, b1: float, b2: float, s1: float, s2: float):
+    """FreeU_V2: FreeU with the backbone boost following the features' own mean map."""
+    return _freeu(model, "v2", b1, b2, s1, s2)
+

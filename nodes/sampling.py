@@ -231,7 +231,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     if note:
         ctx.message(note)
     hold = None if prep.mask is None else Hold(x0, noise, prep.mask, for_model(model),
-                                                 strength=model.differential_diffusion)
+                                                 strength=model.patches.differential_diffusion)
     try:
         with model.unet() as unet:
             say_if_offloaded(unet, ctx.message)
@@ -240,7 +240,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted,
                               previews=ctx.wants_previews, hold=hold, jobs=len(job_seeds),
-                              cfg_rescale=model.cfg_rescale, pag_scale=model.pag_scale)
+                              patches=model.patches)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     final = model.latent.from_model(result).to("cpu", torch.float32)

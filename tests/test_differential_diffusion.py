@@ -67,7 +67,7 @@ def test_ksampler_with_it_keeps_the_unmasked_region_and_repaints_soft_regions_la
     full = (ours[..., 6:] - sd1.init[..., 6:]).abs().mean()
     assert 0 < soft < 0.8 * full
     assert not torch.allclose(ours, plain)
-    assert sd1.model.differential_diffusion is None  # the handle it was given is unchanged
+    assert sd1.model.patches.differential_diffusion is None  # the handle it was given is unchanged
 
 
 def test_strength_out_of_range_is_refused(sd1):

@@ -34,7 +34,7 @@ def test_on_v_prediction_it_equals_diffusers_guidance_rescale(sd2v):
     ours = _txt2img(sd2v, patched)
     assert (ours - ref).abs().max().item() <= PIXEL_TOL
     assert (ours - _txt2img(sd2v, sd2v.model)).abs().max().item() > 0.01  # the rescale changed the image
-    assert sd2v.model.cfg_rescale == 0.0  # the handle it was given samples as before
+    assert sd2v.model.patches.cfg_rescale == 0.0  # the handle it was given samples as before
 
 
 def test_on_epsilon_the_velocity_takes_the_conditional_spread_and_zero_is_plain_cfg(sd1):

@@ -148,7 +148,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
         sched.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
     plan = Plan("custom", sched, timesteps, start, sigmas)
     hold = None if prep.mask is None else Hold(x0, start_noise, prep.mask, sampling,
-                                                 strength=model.differential_diffusion, end_sigma=float(sigmas[-1]))
+                                                 strength=model.patches.differential_diffusion,
+                                                 end_sigma=float(sigmas[-1]))
     image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
     denoised: list = []
     try:
@@ -158,8 +159,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised,
-                              previews=ctx.wants_previews, hold=hold, cfg_rescale=model.cfg_rescale,
-                              pag_scale=model.pag_scale)
+                              previews=ctx.wants_previews, hold=hold, patches=model.patches)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))

@@ -28,8 +28,7 @@ ProgressFn = Callable[[int, int, Any], None]
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
-        denoised: list | None = None, hold: Any = None, jobs: int = 1, cfg_rescale: float = 0.0,
-        pag_scale: float = 0.0) -> "torch.Tensor":
+        denoised: list | None = None, hold: Any = None, jobs: int = 1, patches: Any = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
@@ -39,8 +38,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     to the result. ``jobs`` > 1: the batch holds that many queued jobs' images one after
     the other (a cross-job batch), and each report carries one preview per job, of its
     own first image, in job order (engine.batching gives each job its own).
-    ``cfg_rescale``, ``pag_scale``: the model's RescaleCFG multiplier and perturbed-attention
-    guidance scale (ModelHandle fields, applied by the denoiser).
+    ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale and perturbed
+    attention go to the denoiser, FreeU hooks the network while the loop runs).
     """
     import torch
 
@@ -52,8 +51,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     denoiser = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                         batch=x.shape[0], schedule=training_schedule(training_config),
-                        prediction_type=training_config.get("prediction_type", "epsilon"), cfg_rescale=cfg_rescale,
-                        pag_scale=pag_scale)
+                        prediction_type=training_config.get("prediction_type", "epsilon"),
+                        cfg_rescale=getattr(patches, "cfg_rescale", 0.0), pag_scale=getattr(patches, "pag_scale", 0.0))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
@@ -61,7 +60,9 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if hold is not None:
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
-    with torch.inference_mode():
+    from nodes.families.freeu import applied as freeu_applied
+
+    with torch.inference_mode(), freeu_applied(network, getattr(patches, "freeu", None)):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
