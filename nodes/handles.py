@@ -81,7 +81,7 @@ class ModelHandle:
     #: Returns a note when the next use compiles the network (compiled mode), else None.
     _compile_note: Callable[[], str | None] | None = None
     #: How it is sampled beyond its weights (ComfyUI's model-patch nodes, nodes/model_patches.py).
-    patches: "SamplingPatches" = field(default_factory=lambda: SamplingPatches())
+    patches: SamplingPatches = field(default_factory=SamplingPatches)
 
     def compile_note(self) -> str | None:
         return self._compile_note() if self._compile_note is not None else None

@@ -59,8 +59,8 @@ class Denoiser:
         self.pag_scale = float(pag_scale)
         #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
         self._perturbed: "Denoiser | None" = None
-        self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive, image_size=image_size, batch=batch,
-                          schedule=schedule, prediction_type=prediction_type)
+        self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
+                          image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type)
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, "positive")
         self.negative = cond_rules.entries(negative, "negative") if self.guided else []

@@ -44,15 +44,18 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     import torch
 
     from nodes.families.denoiser import Denoiser
+    from nodes.families.freeu import applied as freeu_applied
+    from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
 
+    patches = patches or SamplingPatches()
     sched = plan.scheduler
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     denoiser = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                         batch=x.shape[0], schedule=training_schedule(training_config),
                         prediction_type=training_config.get("prediction_type", "epsilon"),
-                        cfg_rescale=getattr(patches, "cfg_rescale", 0.0), pag_scale=getattr(patches, "pag_scale", 0.0))
+                        cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale)
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
@@ -60,9 +63,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if hold is not None:
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
-    from nodes.families.freeu import applied as freeu_applied
-
-    with torch.inference_mode(), freeu_applied(network, getattr(patches, "freeu", None)):
+    with torch.inference_mode(), freeu_applied(network, patches.freeu):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
