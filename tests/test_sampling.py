@@ -177,14 +177,24 @@ def test_txt2img_equals_diffusers(variant, sampler, sd1, sdxl):
     assert (tiny.decode(out["samples"]) - ref).abs().max().item() <= PIXEL_TOL
 
 
+#: ComfyUI's KSampler.SAMPLER_NAMES (comfy/samplers.py, late 2026): a workflow may name any of them.
+COMFY_SAMPLER_NAMES = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
+    "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
+
+
 def test_stability_names_are_the_same_samplers(sd1):
     a = sd1.img2img("k_euler_ancestral", steps=4)["samples"]
     b = sd1.img2img("euler_ancestral", steps=4)["samples"]
     assert torch.equal(a, b)
     assert {s.stability_name for s in SAMPLERS} >= {"k_euler", "k_dpmpp_2m", "k_dpmpp_sde", "plms", "ddim"}
     names = [s.name for s in SAMPLERS]
-    assert set(names) >= {"uni_pc", "uni_pc_bh2", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde",
-                          "dpmpp_3m_sde_gpu", "lcm", "deis", "ddpm", "res_multistep", "ipndm"}
+    assert names[:len(COMFY_SAMPLER_NAMES)] == COMFY_SAMPLER_NAMES  # every one of ComfyUI's, in its order
     assert list(SCHEDULERS) == ["normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform", "beta",
                                 "linear_quadratic", "kl_optimal"]
     # A _gpu name is the same sampler (Kiln's noise comes from each image's CPU generator).
