@@ -187,3 +187,24 @@ def test_deis_and_lms_steppers_converge_at_high_order(name):
     err16, _ = _error(name, 16)
     assert err8 / err16 > 5.0 and err8 < 0.5 * _error("euler_cfg_pp", calls + 1)[0], (err8, err16)
 
+
+def test_the_dpm_2_stepper_is_diffusers_kdpm2():
+    """DPM-Solver-2 (midpoint in log sigma, the last step Euler's): Kiln's stepper, which flow
+    models run, and diffusers' KDPM2DiscreteScheduler, which SD runs, take the same steps."""
+    from diffusers import KDPM2DiscreteScheduler
+
+    sigmas = schedules.karras(7, 0.03, SIGMA0)
+    x = MU + math.sqrt(S ** 2 + SIGMA0 ** 2) * _noise()
+    ours = _run(_stepper("dpm_2", sigmas), x, _ideal, [None])
+    theirs = steppers.on_sigmas(resolve_sampler("dpm_2"), SD15, sigmas)
+    assert isinstance(theirs, KDPM2DiscreteScheduler)
+    y = x.clone()
+    for t in theirs.timesteps:
+        theirs.scale_model_input(y, t)  # sets the step index
+        index = theirs.step_index
+        sigma = float(theirs.sigmas[index] if theirs.state_in_first_order else theirs.sigmas_interpol[index])
+        y = theirs.step((y - _ideal(y, sigma)) / sigma, t, y).prev_sample
+    assert torch.allclose(ours, y, atol=1e-4), (ours - y).abs().max()
+    err8, err16 = _error("dpm_2", 8)[0], _error("dpm_2", 16)[0]
+    assert err8 / err16 > 3.0, (err8, err16)
+

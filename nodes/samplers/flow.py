@@ -71,7 +71,7 @@ FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, the RF ancestral Euler).
 FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
-KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
+KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
                 "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {

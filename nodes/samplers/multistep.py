@@ -1,8 +1,8 @@
 """Deterministic samplers of ComfyUI's list that diffusers has no scheduler for, as Kiln
 steppers over a sigma list: ``heunpp2``, ``ipndm_v``, ``gradient_estimation`` (and its
 CFG++ form), ``dpmpp_2m_cfg_pp``, ``res_multistep_cfg_pp`` and ``exp_heun_2_x0``; and the
-Adams-Bashforth forms of ``deis`` and ``lms`` that flow models run (diffusers' classes
-run them on SD).
+Adams-Bashforth forms of ``deis`` and ``lms`` and the ``dpm_2`` stepper that flow models
+run (diffusers' classes run them on SD).
 
 They work in the k-diffusion parameterisation of ``kdiffusion.py`` (state x0 + sigma eps,
 the derivative d = (x - x0) / sigma); the CFG++ forms receive the unguided prediction
@@ -81,6 +81,28 @@ def adams_bashforth_weights(points: list[float], target: float) -> list[float]:
         integral = sum(c * (target ** (p + 1) - points[0] ** (p + 1)) / (p + 1) for p, c in enumerate(coeffs))
         weights.append(integral / h)
     return weights
+
+
+class DPM2(StagedStepper):
+    """k-diffusion's DPM-Solver-2 sampler (``dpm_2``): each step evaluates once more at the
+    log-midpoint sqrt(sigma sigma_next) from an Euler half step, then steps with that
+    derivative; the step to 0 is Euler's. diffusers' KDPM2DiscreteScheduler is the same
+    method, which SD runs; this one runs on flow models."""
+
+    def stage_sigmas(self, i: int) -> list[float]:
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        return [sigma] if sigma_next == 0 else [sigma, (sigma * sigma_next) ** 0.5]
+
+    def advance(self, i, k, x, denoised, generator):
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        if k == 0:
+            self._x = x
+            d = (x - denoised) / sigma
+            if sigma_next == 0:
+                return x + d * (sigma_next - sigma)
+            return x + d * ((sigma * sigma_next) ** 0.5 - sigma)  # to the midpoint, evaluated next
+        mid = (sigma * sigma_next) ** 0.5
+        return self._x + (x - denoised) / mid * (sigma_next - sigma)
 
 
 class AdamsBashforth(SigmaStepper):
@@ -207,4 +229,4 @@ class ExpHeun2X0(ExpHeun2X0SDE):
 STEPPERS: dict[str, Any] = {"heunpp2": HeunPP2, "ipndm_v": IPNDMV, "gradient_estimation": GradientEstimation,
                             "gradient_estimation_cfg_pp": GradientEstimationCFGPP, "dpmpp_2m_cfg_pp": DPMpp2MCFGPP,
                             "res_multistep_cfg_pp": ResMultistepCFGPP, "exp_heun_2_x0": ExpHeun2X0, "deis": DEISTab,
-                            "lms": LMS}
+                            "lms": LMS, "dpm_2": DPM2}

@@ -76,7 +76,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("heunpp2", "heunpp2", "", kiln_stepper="heunpp2"),
     SamplerSpec("exp_heun_2_x0", "exp_heun_2_x0", "", kiln_stepper="exp_heun_2_x0"),
     SamplerSpec("exp_heun_2_x0_sde", "exp_heun_2_x0_sde", "", stochastic=True, kiln_stepper="exp_heun_2_x0_sde"),
-    SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True),
+    SamplerSpec("dpm_2", "k_dpm_2", "KDPM2DiscreteScheduler", discard_penultimate_sigma=True, kiln_stepper="dpm_2"),
     SamplerSpec("dpm_2_ancestral", "k_dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", stochastic=True,
                 discard_penultimate_sigma=True),
     SamplerSpec("lms", "k_lms", "LMSDiscreteScheduler", kiln_stepper="lms"),
