@@ -121,7 +121,7 @@ def test_flow_refuses_samplers_it_lacks():
     embeds, pooled = _embeds("dev")
     cond = [[embeds, {"pooled_output": pooled}]]
     with pytest.raises(NodeError) as err:
-        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpm_2", "normal", cond, cond,
+        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "uni_pc", "normal", cond, cond,
                  {"samples": torch.zeros(1, 16, 8, 8)})
     assert err.value.input_name == "sampler_name" and "flow" in str(err.value)
     assert all(name in str(err.value) for name in flow.SAMPLERS)  # the message lists what runs
@@ -202,8 +202,8 @@ def test_custom_sampling_on_flow_refuses_by_node_input_and_notes_the_shift_size(
     cond = [[embeds, {"pooled_output": pooled}]]
     empty = {"samples": torch.zeros(1, 16, 8, 8)}
     with pytest.raises(NodeError) as err:
-        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="dpm_2")
-    assert err.value.input_name == "sampler" and "dpm_2" in str(err.value) and "flow" in str(err.value)
+        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="uni_pc")
+    assert err.value.input_name == "sampler" and "uni_pc" in str(err.value) and "flow" in str(err.value)
     with pytest.raises(NodeError) as err:
         ksampler_advanced(Recorder().ctx, _model("dev"), "enable", 0, 2, 1.0, "dpmpp_sde", "normal", cond, cond,
                           empty, 0, 10000, "disable")
