@@ -35,11 +35,9 @@ LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than
                   "custom_validation_failed"}
 #: (node type, input, value): values templates really hold that Kiln refuses. Each was checked to be
 #: the template's own value, not a slot slip: an empty SaveImage prefix (ComfyUI takes it, Kiln asks
-#: for a name), the gradient_estimation sampler (not implemented, see nodes/samplers/names.py; the
-#: LTX-2 video templates pick it in KSamplerSelect), and the beta57 scheduler (a custom node's, not
-#: ComfyUI's). The templates' er_sde sampler is implemented (nodes/samplers/stochastic.py).
-KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57"),
-         ("KSamplerSelect", "sampler_name", "gradient_estimation")}
+#: for a name) and the beta57 scheduler (a custom node's, not ComfyUI's). Every sampler name the
+#: templates hold is implemented (er_sde, gradient_estimation, ...: nodes/samplers/).
+KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57")}
 
 
 def _package_dir(module: str) -> Path:

@@ -11,6 +11,8 @@ nodes on the tiny FLUX.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -76,6 +78,50 @@ def test_euler_is_first_order_here_and_dpm_adaptive_meets_its_tolerance():
     assert 1.6 < e8 / e16 < 2.5
     err, evaluations = _error("dpm_adaptive", 8)
     assert err < 1e-3 and evaluations >= 6 and err < 0.05 * e16
+
+
+@pytest.mark.parametrize("noise", ["kept", "left out"])
+def test_er_sde_on_the_flow_samples_the_data_distribution(noise, monkeypatch):
+    """ER-SDE in its flow form (lambda = t / (1 - t), alpha = 1 - t): from pure noise its samples
+    have the data's mean and spread; with its fresh noise left out they do not (the spread
+    collapses), so the check can tell a wrong noise term."""
+    from nodes.samplers import stochastic
+
+    if noise == "left out":
+        monkeypatch.setattr(stochastic, "randn_like", lambda x, generator: torch.zeros_like(x))
+    t = torch.linspace(1.0, 1.0 / 24, 24, dtype=torch.float64)
+    grid = torch.cat([3 * t / (1 + 2 * t), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
+    stepper = flow.on_grid(resolve_sampler("er_sde"), FLOW_CONFIG, grid)
+    x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(1)]
+    for k, timestep in enumerate(stepper.timesteps):
+        sigma = stepper.stages[k][2]
+        x = stepper.step(_velocity(x, sigma), timestep, x, generator=generators).prev_sample
+    assert abs(float(stepper.stages[0][2]) - (1 - 1e-4)) < 1e-6  # the first level just below pure noise
+    if noise == "kept":
+        assert abs(float(x.mean()) - MU) < 0.03 and abs(float(x.std()) - S) < 0.03, (float(x.mean()), float(x.std()))
+    else:
+        assert abs(float(x.std()) - S) > 0.1, float(x.std())
+
+
+def test_er_sde_first_flow_step_by_hand():
+    """The flow form's first step written out from ER-SDE's definition: lambda = t / (1 - t),
+    x' = (a'/a) r x + a' (1 - r) x0 + a' sqrt(lambda'^2 - lambda^2 r^2) n with a = 1 - t and
+    r = f(lambda') / f(lambda). (On these data the variance-exploding form, a = 1, also lands
+    near the right spread, so the sampling check above cannot tell the two apart.)"""
+    grid = torch.tensor([1.0, 0.8, 0.5, 0.0])
+    stepper = flow.on_grid(resolve_sampler("er_sde"), FLOW_CONFIG, grid)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t0, t1 = 1 - 1e-4, 0.8
+    out = stepper.step(_velocity(x, t0), stepper.timesteps[0], x, generator=[torch.Generator().manual_seed(3)])
+    f = lambda v: v * (math.exp(v ** 0.3) + 10.0)  # noqa: E731 (ComfyUI's default noise scaler)
+    lam0, lam1 = t0 / (1 - t0), t1 / (1 - t1)
+    r = f(lam1) / f(lam0)
+    clean = x - t0 * _velocity(x, t0)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = (1 - t1) / (1 - t0) * r * x + (1 - t1) * (1 - r) * clean \
+        + (1 - t1) * math.sqrt(lam1 ** 2 - lam0 ** 2 * r ** 2) * noise
+    assert torch.allclose(out.prev_sample, expected, atol=1e-4)
 
 
 class FlowIPNDM:

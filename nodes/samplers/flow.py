@@ -47,7 +47,8 @@ sampling has it):
   in ComfyUI (``multistep.DEISTab``, ``multistep.LMS``); ``ddim`` is Euler and ``plms`` LMS
   here as on SD. Stochastic samplers add
   variance-exploding noise (``x + sigma_up * n``), which is no flow state, so only the
-  flow-aware ancestral Euler above draws noise.
+  flow-aware ones draw noise: the ancestral Euler above and ``er_sde``, whose solver reads
+  the clean latent's weight 1 - t from :class:`FlowSchedule` (ComfyUI's flow form).
 
 Schedules: ``normal``, ``simple`` and ``sgm_uniform`` are the pipeline's uniform
 grid; ``karras``, ``exponential`` and ``beta`` are diffusers' flags on it. Others are
@@ -71,7 +72,7 @@ FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, the RF ancestral Euler).
 FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
-KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
+KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "dpm_2", "lms", "er_sde", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
                 "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
@@ -147,6 +148,11 @@ class FlowSchedule:
     def model_input(sample: "torch.Tensor", sigma: float) -> "torch.Tensor":
         """A flow model sees its state itself."""
         return sample
+
+    @staticmethod
+    def alpha(sigma: float) -> float:
+        """The clean latent's weight in the state x = (1 - t) x0 + t eps."""
+        return 1.0 - sigma
 
 
 class FlowStepper:

@@ -135,9 +135,11 @@ class IPNDMV(AdamsBashforth):
     """Variable-step iPNDM (ComfyUI's ``ipndm_v``): fourth order, the last step to 0 landing
     on the prediction.
 
-    Deliberate difference: Kiln integrates the interpolating polynomial exactly; ComfyUI's
-    third- and fourth-order weights are an approximation that equals these on an even grid
-    only, so on Karras-like grids the two differ slightly.
+    Deliberate difference: Kiln integrates the interpolating polynomial exactly (Adams-
+    Bashforth). ComfyUI's ``ipndm_v`` takes its weights from the iPNDM-v code it credits:
+    the same at second order, another third-order rule on uneven grids, and at fourth order
+    (57, -65, 43, -11) / 24 even on an even grid, where Adams-Bashforth's are
+    (55, -59, 37, -9) / 24. So Kiln's ``ipndm_v`` pixels differ slightly from ComfyUI's.
     """
 
 

@@ -94,6 +94,11 @@ class TrainingSchedule:
         x / sqrt(sigma^2 + 1) it was trained on."""
         return sample / ((sigma ** 2 + 1) ** 0.5)
 
+    @staticmethod
+    def alpha(sigma: float) -> float:
+        """The clean latent's weight in the state at ``sigma`` (x = alpha x0 + sigma eps): 1 here."""
+        return 1.0
+
 
 def percent_to_sigma(schedule: Any, percent: float) -> float:
     """ComfyUI's fraction of sampling -> noise level (timestep ranges on conditioning): the

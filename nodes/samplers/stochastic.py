@@ -65,17 +65,30 @@ class ERSDE(SigmaStepper):
     first (second) divided difference of the predictions adds its term, with the
     integrals of 1/f (and (lambda - sigma)/f) over the step taken as ComfyUI does, a
     200-point Riemann sum; then fresh noise of size sqrt(sigma_next^2 - sigma^2 r^2).
-    In VE form lambda = sigma and alpha = 1. The last step to 0 lands on the prediction.
+    The solver works in lambda = sigma / alpha, the state's noise-to-signal ratio, with
+    alpha the clean latent's weight (the training schedule's ``alpha``): on SD alpha = 1 and
+    lambda = sigma; on a flow model alpha = 1 - t, ComfyUI's flow form, whose first level
+    t = 1 (no signal at all) is taken at 1 - 1e-4 as ComfyUI's is. The last step to 0 lands
+    on the prediction.
     """
 
     max_stage = 3
     integration_points = 200
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        from nodes.samplers.flow import is_flow
+
+        if is_flow(config) and float(sigmas[0]) >= 1.0:
+            sigmas = sigmas.clone()
+            sigmas[0] = 1.0 - 1e-4
         super().__init__(config, sigmas)
         self._old: "torch.Tensor | None" = None
         self._old_d: "torch.Tensor | None" = None
         self._held = 0  # predictions seen so far: how many stages the history allows
+
+    def _lam(self, i: int) -> float:
+        sigma = float(self.sigmas[i])
+        return sigma / self.schedule.alpha(sigma)
 
     @staticmethod
     def noise_scaler(value: float) -> float:
@@ -88,23 +101,25 @@ class ERSDE(SigmaStepper):
             return denoised
         stage = min(self.max_stage, self._held)
         f = self.noise_scaler
-        r = f(sigma_next) / f(sigma)
-        out = r * x + (1 - r) * denoised
+        alpha, alpha_next = self.schedule.alpha(sigma), self.schedule.alpha(sigma_next)
+        lam, lam_next = self._lam(i), self._lam(i + 1)
+        r = f(lam_next) / f(lam)
+        out = alpha_next / alpha * r * x + alpha_next * (1 - r) * denoised
         if stage >= 2:
-            dt = sigma_next - sigma
+            dt = lam_next - lam
             width = -dt / self.integration_points
-            points = [sigma_next + k * width for k in range(self.integration_points)]
+            points = [lam_next + k * width for k in range(self.integration_points)]
             scaled = [f(p) for p in points]
-            d = (denoised - old) / (sigma - float(self.sigmas[i - 1]))
-            out = out + (dt + sum(1 / v for v in scaled) * width * f(sigma_next)) * d
+            d = (denoised - old) / (lam - self._lam(i - 1))
+            out = out + alpha_next * (dt + sum(1 / v for v in scaled) * width * f(lam_next)) * d
             if stage >= 3:
-                moment = sum((p - sigma) / v for p, v in zip(points, scaled)) * width
-                u = (d - self._old_d) / ((sigma - float(self.sigmas[i - 2])) / 2)
-                out = out + (dt ** 2 / 2 + moment * f(sigma_next)) * u
+                moment = sum((p - lam) / v for p, v in zip(points, scaled)) * width
+                u = (d - self._old_d) / ((lam - self._lam(i - 2)) / 2)
+                out = out + alpha_next * (dt ** 2 / 2 + moment * f(lam_next)) * u
             self._old_d = d
-        spread = sigma_next ** 2 - sigma ** 2 * r ** 2
+        spread = lam_next ** 2 - lam ** 2 * r ** 2
         if spread > 0:
-            out = out + randn_like(out, generator) * math.sqrt(spread)
+            out = out + randn_like(out, generator) * (alpha_next * math.sqrt(spread))
         return out
 
 
