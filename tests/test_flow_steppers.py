@@ -80,18 +80,20 @@ def test_euler_is_first_order_here_and_dpm_adaptive_meets_its_tolerance():
     assert err < 1e-3 and evaluations >= 6 and err < 0.05 * e16
 
 
+@pytest.mark.parametrize("name", ["er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0_sde"])
 @pytest.mark.parametrize("noise", ["kept", "left out"])
-def test_er_sde_on_the_flow_samples_the_data_distribution(noise, monkeypatch):
-    """ER-SDE in its flow form (lambda = t / (1 - t), alpha = 1 - t): from pure noise its samples
-    have the data's mean and spread; with its fresh noise left out they do not (the spread
+def test_stochastic_flow_forms_sample_the_data_distribution(name, noise, monkeypatch):
+    """ComfyUI's flow forms (ER-SDE in lambda = t / (1 - t), SEEDS in the half-log-SNR
+    log((1 - t) / t), both with the clean latent's weight 1 - t): from pure noise the samples
+    have the data's mean and spread; with the fresh noise left out they do not (the spread
     collapses), so the check can tell a wrong noise term."""
     from nodes.samplers import stochastic
 
     if noise == "left out":
         monkeypatch.setattr(stochastic, "randn_like", lambda x, generator: torch.zeros_like(x))
-    t = torch.linspace(1.0, 1.0 / 24, 24, dtype=torch.float64)
-    grid = torch.cat([3 * t / (1 + 2 * t), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
-    stepper = flow.on_grid(resolve_sampler("er_sde"), FLOW_CONFIG, grid)
+    t = torch.linspace(1.0, 1.0 / 48, 48, dtype=torch.float64)  # fine enough that the last jump to the
+    grid = torch.cat([3 * t / (1 + 2 * t), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)  # mean is small
+    stepper = flow.on_grid(resolve_sampler(name), FLOW_CONFIG, grid)
     x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     generators = [torch.Generator().manual_seed(1)]
     for k, timestep in enumerate(stepper.timesteps):
@@ -102,6 +104,12 @@ def test_er_sde_on_the_flow_samples_the_data_distribution(noise, monkeypatch):
         assert abs(float(x.mean()) - MU) < 0.03 and abs(float(x.std()) - S) < 0.03, (float(x.mean()), float(x.std()))
     else:
         assert abs(float(x.std()) - S) > 0.1, float(x.std())
+
+
+def test_exp_heun_2_x0_converges_on_the_flow_and_beats_euler():
+    err8, calls = _error("exp_heun_2_x0", 8)
+    err16, _ = _error("exp_heun_2_x0", 16)
+    assert err8 / err16 > 3.0 and err8 < 0.5 * _error("euler_cfg_pp", calls)[0], (err8, err16)
 
 
 def test_er_sde_first_flow_step_by_hand():
@@ -121,6 +129,26 @@ def test_er_sde_first_flow_step_by_hand():
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     expected = (1 - t1) / (1 - t0) * r * x + (1 - t1) * (1 - r) * clean \
         + (1 - t1) * math.sqrt(lam1 ** 2 - lam0 ** 2 * r ** 2) * noise
+    assert torch.allclose(out.prev_sample, expected, atol=1e-4)
+
+
+def test_seeds_2_first_flow_stage_by_hand():
+    """SEEDS-2's first stage in the flow form, from its definition: half-log-SNR
+    lambda = log((1 - t) / t), the stage at the lambda midpoint, x_1 = (t_1 / t) e^(-h/2) x
+    - (1 - t_1) (e^(-h) - 1) x0 + t_1 sqrt(1 - e^(-h)) n with eta = 1 (h_eta = 2h)."""
+    grid = torch.tensor([1.0, 0.6, 0.0])
+    stepper = flow.on_grid(resolve_sampler("seeds_2"), FLOW_CONFIG, grid)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t0, t1 = 1 - 1e-4, 0.6
+    lam0, lam1 = math.log((1 - t0) / t0), math.log((1 - t1) / t1)
+    h = lam1 - lam0
+    t_mid = 1 / (1 + math.exp((lam0 + lam1) / 2))
+    assert stepper.stages[1][2] == pytest.approx(t_mid, rel=1e-5)
+    out = stepper.step(_velocity(x, t0), stepper.timesteps[0], x, generator=[torch.Generator().manual_seed(3)])
+    clean = x - t0 * _velocity(x, t0)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = t_mid / t0 * math.exp(-h / 2) * x - (1 - t_mid) * math.expm1(-h) * clean \
+        + t_mid * math.sqrt(-math.expm1(-h)) * noise
     assert torch.allclose(out.prev_sample, expected, atol=1e-4)
 
 

@@ -47,8 +47,10 @@ sampling has it):
   in ComfyUI (``multistep.DEISTab``, ``multistep.LMS``); ``ddim`` is Euler and ``plms`` LMS
   here as on SD. Stochastic samplers add
   variance-exploding noise (``x + sigma_up * n``), which is no flow state, so only the
-  flow-aware ones draw noise: the ancestral Euler above and ``er_sde``, whose solver reads
-  the clean latent's weight 1 - t from :class:`FlowSchedule` (ComfyUI's flow form).
+  flow-aware ones draw noise: the ancestral Euler above, ``er_sde``, ``seeds_2``,
+  ``seeds_3`` and ``exp_heun_2_x0_sde``, whose solvers read the half-log-SNR
+  log((1 - t) / t) and the clean latent's weight 1 - t from :class:`FlowSchedule`
+  (ComfyUI's flow forms; ``exp_heun_2_x0`` is the noise-free one).
 
 Schedules: ``normal``, ``simple`` and ``sgm_uniform`` are the pipeline's uniform
 grid; ``karras``, ``exponential`` and ``beta`` are diffusers' flags on it. Others are
@@ -72,8 +74,9 @@ FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, the RF ancestral Euler).
 FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
-KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "dpm_2", "lms", "er_sde", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
-                "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp")
+KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
+                "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
+                "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
     "normal": {}, "simple": {}, "sgm_uniform": {},
@@ -153,6 +156,15 @@ class FlowSchedule:
     def alpha(sigma: float) -> float:
         """The clean latent's weight in the state x = (1 - t) x0 + t eps."""
         return 1.0 - sigma
+
+    @staticmethod
+    def half_log_snr(sigma: float) -> float:
+        """log((1 - t) / t), the time exponential integrators step in."""
+        return math.log((1.0 - sigma) / sigma)
+
+    @staticmethod
+    def sigma_at_half_log_snr(value: float) -> float:
+        return 1.0 / (1.0 + math.exp(value))
 
 
 class FlowStepper:

@@ -99,6 +99,15 @@ class TrainingSchedule:
         """The clean latent's weight in the state at ``sigma`` (x = alpha x0 + sigma eps): 1 here."""
         return 1.0
 
+    @staticmethod
+    def half_log_snr(sigma: float) -> float:
+        """log(alpha / sigma), the time exponential integrators step in."""
+        return -math.log(sigma)
+
+    @staticmethod
+    def sigma_at_half_log_snr(value: float) -> float:
+        return math.exp(-value)
+
 
 def percent_to_sigma(schedule: Any, percent: float) -> float:
     """ComfyUI's fraction of sampling -> noise level (timestep ranges on conditioning): the

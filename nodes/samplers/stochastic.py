@@ -55,6 +55,18 @@ class DPMpp2SAncestralCFGPP(CFGPP, DPMpp2SAncestral):
     latest unguided output); the math is ``steppers.DPMpp2SAncestral``'s."""
 
 
+def below_pure_noise(config: Mapping[str, Any], sigmas: "torch.Tensor") -> "torch.Tensor":
+    """A flow run's list with its first level t = 1 (no signal: an infinite noise-to-signal
+    ratio) taken at 1 - 1e-4, as ComfyUI's flow forms take it; any other list as it is."""
+    from nodes.samplers.flow import is_flow
+
+    if not is_flow(config) or float(sigmas[0]) < 1.0:
+        return sigmas
+    sigmas = sigmas.clone()
+    sigmas[0] = 1.0 - 1e-4
+    return sigmas
+
+
 class ERSDE(SigmaStepper):
     """ER-SDE-Solver-3 (Cui et al. 2023, arXiv 2309.06169) as ComfyUI's ``er_sde`` with its
     defaults (s_noise 1, max_stage 3, noise scaler f(x) = x (e^(x^0.3) + 10)).
@@ -76,12 +88,7 @@ class ERSDE(SigmaStepper):
     integration_points = 200
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        from nodes.samplers.flow import is_flow
-
-        if is_flow(config) and float(sigmas[0]) >= 1.0:
-            sigmas = sigmas.clone()
-            sigmas[0] = 1.0 - 1e-4
-        super().__init__(config, sigmas)
+        super().__init__(config, below_pure_noise(config, sigmas))
         self._old: "torch.Tensor | None" = None
         self._old_d: "torch.Tensor | None" = None
         self._held = 0  # predictions seen so far: how many stages the history allows
@@ -138,7 +145,10 @@ class SEEDS(StagedStepper):
     combining the predictions so far with exponential-integrator weights; the noise of
     one step is one Brownian path: each stage decays the previous stage's noise by
     e^(-eta dh) and adds the fresh part sqrt(1 - e^(-2 eta dh)), times the stage's sigma.
-    The last step to 0 lands on the first prediction (one evaluation).
+    The last step to 0 lands on the first prediction (one evaluation). Time is the
+    half-log-SNR lambda = log(alpha / sigma) of the model's training schedule and the
+    prediction terms carry the clean latent's weight alpha, so the same steps serve SD
+    (alpha = 1) and flow models (alpha = 1 - t, ComfyUI's flow form).
     """
 
     fractions: tuple[float, ...] = (0.5,)
@@ -149,7 +159,7 @@ class SEEDS(StagedStepper):
     solver_type = "phi_1"
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, sigmas)
+        super().__init__(config, below_pure_noise(config, sigmas))
         self._x: "torch.Tensor | None" = None  # the state at the step's start
         self._preds: list["torch.Tensor"] = []  # this step's predictions, one per stage so far
         self._noise: "torch.Tensor | None" = None  # this step's Brownian noise so far (unit scale)
@@ -160,9 +170,10 @@ class SEEDS(StagedStepper):
             return [sigma]
         return [sigma] + [self._sigma_at(sigma, sigma_next, r) for r in self.fractions]
 
-    @staticmethod
-    def _sigma_at(sigma: float, sigma_next: float, r: float) -> float:
-        return math.exp((1 - r) * math.log(sigma) + r * math.log(sigma_next))
+    def _sigma_at(self, sigma: float, sigma_next: float, r: float) -> float:
+        """The level a fraction ``r`` of the way from sigma to sigma_next in half-log-SNR."""
+        lam, lam_next = self.schedule.half_log_snr(sigma), self.schedule.half_log_snr(sigma_next)
+        return self.schedule.sigma_at_half_log_snr((1 - r) * lam + r * lam_next)
 
     def advance(self, i, k, x, denoised, generator):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -171,12 +182,13 @@ class SEEDS(StagedStepper):
         if k == 0:
             self._x, self._preds, self._noise = x, [], None
         self._preds.append(denoised)
-        h = math.log(sigma / sigma_next)
+        h = self.schedule.half_log_snr(sigma_next) - self.schedule.half_log_snr(sigma)
         ends = (0.0, *self.fractions, 1.0)
         c = ends[k + 1]
-        out = self._sigma_at(sigma, sigma_next, c) / sigma * math.exp(-c * h * self.eta) * self._x
-        out = out - self._combination(k, h * (1 + self.eta))
-        return self._add_noise(out, (c - ends[k]) * h, self._sigma_at(sigma, sigma_next, c), generator)
+        sigma_to = self._sigma_at(sigma, sigma_next, c)
+        out = sigma_to / sigma * math.exp(-c * h * self.eta) * self._x
+        out = out - self.schedule.alpha(sigma_to) * self._combination(k, h * (1 + self.eta))
+        return self._add_noise(out, (c - ends[k]) * h, sigma_to, generator)
 
     def _combination(self, k: int, h_eta: float) -> "torch.Tensor":
         """The prediction term of stage ``k`` (subtracted from the decayed state)."""
