@@ -80,17 +80,19 @@ def test_euler_is_first_order_here_and_dpm_adaptive_meets_its_tolerance():
     assert err < 1e-3 and evaluations >= 6 and err < 0.05 * e16
 
 
-@pytest.mark.parametrize("name", ["er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0_sde"])
+@pytest.mark.parametrize("name", ["er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0_sde", "dpm_2_ancestral",
+                                  "dpmpp_2s_ancestral"])  # euler_ancestral: first order, slow to get there
 @pytest.mark.parametrize("noise", ["kept", "left out"])
 def test_stochastic_flow_forms_sample_the_data_distribution(name, noise, monkeypatch):
     """ComfyUI's flow forms (ER-SDE in lambda = t / (1 - t), SEEDS in the half-log-SNR
     log((1 - t) / t), both with the clean latent's weight 1 - t): from pure noise the samples
     have the data's mean and spread; with the fresh noise left out they do not (the spread
     collapses), so the check can tell a wrong noise term."""
-    from nodes.samplers import stochastic
+    from nodes.samplers import flow_ancestral, stochastic
 
     if noise == "left out":
-        monkeypatch.setattr(stochastic, "randn_like", lambda x, generator: torch.zeros_like(x))
+        for module in (stochastic, flow_ancestral):
+            monkeypatch.setattr(module, "randn_like", lambda x, generator: torch.zeros_like(x))
     t = torch.linspace(1.0, 1.0 / 48, 48, dtype=torch.float64)  # fine enough that the last jump to the
     grid = torch.cat([3 * t / (1 + 2 * t), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)  # mean is small
     stepper = flow.on_grid(resolve_sampler(name), FLOW_CONFIG, grid)
@@ -99,7 +101,8 @@ def test_stochastic_flow_forms_sample_the_data_distribution(name, noise, monkeyp
     for k, timestep in enumerate(stepper.timesteps):
         sigma = stepper.stages[k][2]
         x = stepper.step(_velocity(x, sigma), timestep, x, generator=generators).prev_sample
-    assert abs(float(stepper.stages[0][2]) - (1 - 1e-4)) < 1e-6  # the first level just below pure noise
+    if name not in flow.FLOW_ANCESTRAL:
+        assert abs(float(stepper.stages[0][2]) - (1 - 1e-4)) < 1e-6  # the first level just below pure noise
     if noise == "kept":
         assert abs(float(x.mean()) - MU) < 0.03 and abs(float(x.std()) - S) < 0.03, (float(x.mean()), float(x.std()))
     else:
@@ -152,6 +155,29 @@ def test_seeds_2_first_flow_stage_by_hand():
     assert torch.allclose(out.prev_sample, expected, atol=1e-4)
 
 
+def test_dpmpp_2s_ancestral_first_flow_step_by_hand():
+    """ComfyUI's RF form: the midpoint halfway to t_down = t'^2 / t in log((1 - t) / t) (0.9999
+    from pure noise), blends of state and prediction by the ratio of flow times, then the
+    renoise that makes the state a flow state at t' again."""
+    grid = torch.tensor([0.9, 0.6, 0.0])
+    stepper = flow.on_grid(resolve_sampler("dpmpp_2s_ancestral"), FLOW_CONFIG, grid)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, t_next = 0.9, 0.6
+    t_down = t_next * t_next / t
+    lam, lam_down = math.log((1 - t) / t), math.log((1 - t_down) / t_down)
+    t_mid = 1 / (1 + math.exp((lam + lam_down) / 2))
+    assert stepper.stages[1][2] == pytest.approx(t_mid, rel=1e-5)
+    clean = x - t * _velocity(x, t)
+    u = stepper.step(_velocity(x, t), stepper.timesteps[0], x).prev_sample
+    assert torch.allclose(u, t_mid / t * x + (1 - t_mid / t) * clean, atol=1e-5)
+    out = stepper.step(_velocity(u, t_mid), stepper.timesteps[1], u, generator=[torch.Generator().manual_seed(3)])
+    landed = t_down / t * x + (1 - t_down / t) * (u - t_mid * _velocity(u, t_mid))
+    keep = (1 - t_next) / (1 - t_down)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = keep * landed + math.sqrt(t_next ** 2 - (t_down * keep) ** 2) * noise
+    assert torch.allclose(out.prev_sample, expected, atol=1e-5)
+
+
 class FlowIPNDM:
     """iPNDM (Adams-Bashforth up to fourth order on the velocity, the last step landing on the
     prediction x - t v), written out as a FluxPipeline scheduler over the pipeline's own grid."""
@@ -200,7 +226,7 @@ def test_ipndm_on_flux_equals_flux_pipeline_running_the_same_method():
     assert (ours - _kiln("euler")).abs().max() > 0.002  # another method, not euler under another name
 
 
-@pytest.mark.parametrize("name", flow.KILN_ON_FLOW + ("ddim",))
+@pytest.mark.parametrize("name", flow.KILN_ON_FLOW + flow.FLOW_ANCESTRAL + ("ddim",))
 def test_each_runs_through_ksampler_and_custom_sampling_on_flux(name):
     from test_flux import _fixed, custom_advanced
 

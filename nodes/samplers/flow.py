@@ -37,7 +37,8 @@ sampling has it):
   (``sample_euler_ancestral_RF``, eta 1): an Euler step to ``t_down = t'^2 / t``, the
   state rescaled by ``(1 - t') / (1 - t_down)`` and fresh noise added so its noise
   level is exactly ``t'``; the last step lands on the prediction. diffusers has no
-  flow scheduler for it (:class:`FlowEulerAncestral`).
+  flow scheduler for it (``flow_ancestral.FlowEulerAncestral``; ``dpm_2_ancestral`` and
+  ``dpmpp_2s_ancestral`` take ComfyUI's RF forms there too).
 * Kiln's deterministic sigma-space steppers (:data:`KILN_ON_FLOW`: ``ipndm``,
   ``res_multistep``, ``dpm_fast``, ...), as ComfyUI runs them on a flow model: their
   formulas integrate ``dx/dsigma = (x - x0) / sigma``, and a flow state obeys the same
@@ -62,7 +63,7 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 from nodes.families.base import ConditioningError
-from nodes.samplers.kdiffusion import StepOutput, randn_like
+from nodes.samplers.kdiffusion import StepOutput
 
 if TYPE_CHECKING:
     import torch
@@ -71,8 +72,9 @@ if TYPE_CHECKING:
     from nodes.samplers.plan import Plan
 
 FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
-#: Samplers with a flow form of their own (diffusers' flow schedulers, the RF ancestral Euler).
-FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "euler_ancestral")
+#: Samplers with a flow form of their own (diffusers' flow schedulers, ComfyUI's RF ancestral ones).
+FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  # nodes.samplers.flow_ancestral
+FLOW_NATIVE = ("euler", "heun", "dpmpp_2m") + FLOW_ANCESTRAL
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
 KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
                 "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
@@ -207,46 +209,6 @@ def scheduler(config: Mapping[str, Any], schedule: str, steps: int, h: int, w: i
     return sched
 
 
-class FlowEulerAncestral:
-    """Ancestral Euler on a flow model (ComfyUI's ``sample_euler_ancestral_RF``, eta 1).
-
-    From t to t' > 0: ``t_down = t'^2 / t``; Euler to t_down,
-    ``x = (t_down / t) x + (1 - t_down / t) x0``; then
-    ``x = (1 - t') / (1 - t_down) * x + sqrt(t'^2 - (t_down (1 - t') / (1 - t_down))^2) * noise``,
-    which makes the state ``(1 - t') x0 + t' * (unit noise)`` again. To t' = 0 the step
-    lands on the prediction ``x0 = x - t v``. Noise comes from each image's generator.
-    """
-
-    order = 1
-
-    def __init__(self, sigmas: "torch.Tensor", num_train_timesteps: int = 1000) -> None:
-        import torch
-
-        self.sigmas = sigmas.to(torch.float32).clone()
-        self.timesteps = self.sigmas[:-1] * num_train_timesteps
-        self._index = 0
-
-    def set_begin_index(self, index: int = 0) -> None:
-        self._index = index
-
-    def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
-        return sample
-
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True) -> StepOutput:
-        i = self._index
-        self._index += 1
-        t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        denoised = sample - t * model_output
-        if t_next == 0:
-            return StepOutput(denoised, denoised)
-        t_down = t_next * t_next / t
-        x = (t_down / t) * sample + (1 - t_down / t) * denoised
-        keep = (1 - t_next) / (1 - t_down)
-        renoise = math.sqrt(max(t_next ** 2 - (t_down * keep) ** 2, 0.0))
-        return StepOutput(keep * x + renoise * randn_like(x, generator), denoised)
-
-
 def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
     """A stepper for ``spec`` (not euler) visiting exactly ``sigmas`` (descending flow times).
 
@@ -267,10 +229,10 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
         from nodes.samplers.steppers import kiln_stepper_class
 
         return kiln_stepper_class(spec.kiln_stepper)(config, sigmas)
-    if spec.name == "euler_ancestral":
-        stepper = FlowEulerAncestral(sigmas if not ends_above else torch.cat([sigmas, torch.zeros(1)]), train)
-        stepper.timesteps = stepper.timesteps[:steps]
-        return stepper
+    if spec.name in FLOW_ANCESTRAL:
+        from nodes.samplers.flow_ancestral import FLOW_STEPPERS
+
+        return FLOW_STEPPERS[spec.name](config, sigmas)
     if spec.name == "heun":
         sched = FlowMatchHeunDiscreteScheduler(num_train_timesteps=train, shift=1.0)
         sched.set_timesteps(len(grid))
