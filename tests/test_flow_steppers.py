@@ -56,6 +56,7 @@ def _error(name: str, steps: int) -> tuple[float, int]:
 
 @pytest.mark.parametrize("name,ratio,beat", [("ipndm", 8.0, 0.2), ("ipndm_v", 8.0, 0.2), ("res_multistep", 3.0, 0.7),
                                              ("dpmpp_2m_cfg_pp", 3.0, 0.5), ("deis", 8.0, 0.2), ("lms", 8.0, 0.2),
+                                             ("uni_pc", 5.0, 0.7), ("uni_pc_bh2", 5.0, 0.5),
                                              ("dpm_fast", None, 0.2)])
 def test_each_converges_to_the_exact_flow_and_beats_euler(name, ratio, beat):
     """At equal evaluations each stepper is closer than Euler by ``beat`` (res_multistep's first
@@ -69,6 +70,24 @@ def test_each_converges_to_the_exact_flow_and_beats_euler(name, ratio, beat):
         assert err[n] < beat * _error("euler_cfg_pp", n)[0], (name, n, err)  # without an unguided output: Euler
     if ratio is not None:
         assert err[8] / err[16] > ratio, err
+
+
+def test_unipc_runs_in_the_ve_frame_and_bh1_stops_just_above_zero():
+    """UniPC steps the flow state as a variance-exploding one (its VP form x / sqrt(1 + t^2)),
+    as ComfyUI's does; bh1 stops at t = 0.001 where its step onto 0 would divide by zero."""
+    from nodes.samplers.flow_ve import BH1_END
+
+    grid = torch.tensor([1.0, 0.7, 0.4, 0.0])
+    bh1 = flow.on_grid(resolve_sampler("uni_pc"), FLOW_CONFIG, grid)
+    bh2 = flow.on_grid(resolve_sampler("uni_pc_bh2"), FLOW_CONFIG, grid)
+    assert float(bh1.sigmas[-1]) == pytest.approx(BH1_END) and float(bh2.sigmas[-1]) == 0.0
+    assert bh1.sigmas[:3].tolist() == pytest.approx([1.0, 0.7, 0.4]) and len(bh1.timesteps) == 3
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = bh2.step(_velocity(x, 1.0 - 1e-6), bh2.timesteps[0], x).prev_sample
+    # the first UniPC step is a first-order exponential step in the VP frame: from the VE state x
+    # at sigma 1 to sigma 0.7 it lands on x0 + 0.7 (x - x0) / 1, Euler's result on the flow
+    clean = x - (1.0 - 1e-6) * _velocity(x, 1.0 - 1e-6)
+    assert torch.allclose(first, clean + 0.7 * (x - clean), atol=1e-4)
 
 
 def test_euler_is_first_order_here_and_dpm_adaptive_meets_its_tolerance():
@@ -226,7 +245,7 @@ def test_ipndm_on_flux_equals_flux_pipeline_running_the_same_method():
     assert (ours - _kiln("euler")).abs().max() > 0.002  # another method, not euler under another name
 
 
-@pytest.mark.parametrize("name", flow.KILN_ON_FLOW + flow.FLOW_ANCESTRAL + ("ddim",))
+@pytest.mark.parametrize("name", flow.KILN_ON_FLOW + flow.FLOW_ANCESTRAL + ("uni_pc", "uni_pc_bh2", "ddim"))
 def test_each_runs_through_ksampler_and_custom_sampling_on_flux(name):
     from test_flux import _fixed, custom_advanced
 

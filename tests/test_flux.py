@@ -121,7 +121,7 @@ def test_flow_refuses_samplers_it_lacks():
     embeds, pooled = _embeds("dev")
     cond = [[embeds, {"pooled_output": pooled}]]
     with pytest.raises(NodeError) as err:
-        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "uni_pc", "normal", cond, cond,
+        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpmpp_sde", "normal", cond, cond,
                  {"samples": torch.zeros(1, 16, 8, 8)})
     assert err.value.input_name == "sampler_name" and "flow" in str(err.value)
     assert all(name in str(err.value) for name in flow.SAMPLERS)  # the message lists what runs
@@ -202,8 +202,8 @@ def test_custom_sampling_on_flow_refuses_by_node_input_and_notes_the_shift_size(
     cond = [[embeds, {"pooled_output": pooled}]]
     empty = {"samples": torch.zeros(1, 16, 8, 8)}
     with pytest.raises(NodeError) as err:
-        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="uni_pc")
-    assert err.value.input_name == "sampler" and "uni_pc" in str(err.value) and "flow" in str(err.value)
+        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="dpmpp_sde")
+    assert err.value.input_name == "sampler" and "dpmpp_sde" in str(err.value) and "flow" in str(err.value)
     with pytest.raises(NodeError) as err:
         ksampler_advanced(Recorder().ctx, _model("dev"), "enable", 0, 2, 1.0, "dpmpp_sde", "normal", cond, cond,
                           empty, 0, 10000, "disable")
@@ -293,7 +293,7 @@ def test_noise_mask_equals_flux_inpaint_pipeline():
 
 
 @pytest.mark.parametrize("sampler,calls", [("euler", 4), ("heun", 7), ("dpmpp_2m", 4), ("euler_ancestral", 4),
-                                           ("ipndm", 4), ("res_multistep", 4), ("dpm_fast", 4)])
+                                           ("ipndm", 4), ("res_multistep", 4), ("dpm_fast", 4), ("uni_pc_bh2", 4)])
 def test_noise_mask_holds_the_flow_blend_with_every_flow_sampler(sampler, calls):
     """Every transformer input is, outside the mask, the input blended with the run's noise at that
     call's flow time (heun's second evaluations included); held as x0 + sigma * noise, the DDPM

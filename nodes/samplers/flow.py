@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, ComfyUI's RF ancestral ones).
 FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  # nodes.samplers.flow_ancestral
-FLOW_NATIVE = ("euler", "heun", "dpmpp_2m") + FLOW_ANCESTRAL
+FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "uni_pc", "uni_pc_bh2") + FLOW_ANCESTRAL
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
 KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
                 "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
@@ -233,6 +233,10 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
         from nodes.samplers.flow_ancestral import FLOW_STEPPERS
 
         return FLOW_STEPPERS[spec.name](config, sigmas)
+    if spec.name in ("uni_pc", "uni_pc_bh2"):
+        from nodes.samplers.flow_ve import unipc
+
+        return unipc(spec, sigmas, train)
     if spec.name == "heun":
         sched = FlowMatchHeunDiscreteScheduler(num_train_timesteps=train, shift=1.0)
         sched.set_timesteps(len(grid))
