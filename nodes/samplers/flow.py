@@ -74,7 +74,10 @@ if TYPE_CHECKING:
 FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, ComfyUI's RF ancestral ones).
 FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  # nodes.samplers.flow_ancestral
-FLOW_NATIVE = ("euler", "heun", "dpmpp_2m", "uni_pc", "uni_pc_bh2") + FLOW_ANCESTRAL
+#: diffusers' DPM-Solver++ (2M, and the 2M/3M SDE forms) with flow sigmas, in log((1 - t) / t).
+DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+              "dpmpp_3m_sde", "dpmpp_3m_sde_gpu")
+FLOW_NATIVE = ("euler", "heun", "uni_pc", "uni_pc_bh2") + DPM_SOLVER + FLOW_ANCESTRAL
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
 KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
                 "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
@@ -188,11 +191,16 @@ class FlowStepper:
     def scale_model_input(self, sample: "torch.Tensor", timestep: Any = None) -> "torch.Tensor":
         return sample  # a flow model sees the state itself
 
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
+    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor", generator: Any = None,
              return_dict: bool = True, **_: Any) -> StepOutput:
+        """One step; ``generator`` (one per image) reaches schedulers that draw noise (the SDE ones)."""
+        import inspect
+
         index = self.sched.step_index if self.sched.step_index is not None else self.sched.begin_index
         sigma = float(self.sched.sigmas[index])
-        out = self.sched.step(model_output, timestep, sample, return_dict=True)
+        noisy = generator is not None and "generator" in inspect.signature(self.sched.step).parameters
+        out = self.sched.step(model_output, timestep, sample, return_dict=True,
+                              **({"generator": generator} if noisy else {}))
         return StepOutput(out.prev_sample, sample - sigma * model_output)
 
 
@@ -244,11 +252,14 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
         sched.sigmas = torch.cat([doubled, torch.zeros(1)])
         sched.timesteps = doubled * train
         return FlowStepper(sched, 0, sched.timesteps[:2 * steps - (0 if ends_above else 1)], sigmas)
-    if spec.name == "dpmpp_2m":
+    if spec.name in DPM_SOLVER:
+        if spec.stochastic:  # the SDE forms start just below pure noise, as ComfyUI's (infinite log-SNR at t = 1)
+            from nodes.samplers.stochastic import below_pure_noise
+
+            grid = below_pure_noise(config, grid)
         sched = DPMSolverMultistepScheduler(
-            num_train_timesteps=train, solver_order=2, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
-            solver_type="midpoint", use_flow_sigmas=True, flow_shift=1.0, final_sigmas_type="zero",
-            lower_order_final=True)
+            num_train_timesteps=train, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+            lower_order_final=True, **{"solver_type": "midpoint", **spec.config, "final_sigmas_type": "zero"})
         sched.set_timesteps(len(grid))
         sched.sigmas = torch.cat([grid, torch.zeros(1)])
         sched.timesteps = grid * train
