@@ -163,6 +163,18 @@ def test_dpm_solver_sde_forms_on_the_flow_converge_to_the_data_distribution(name
     assert abs(float(_from_t09(name, 24).std()) - S) > 0.1
 
 
+def test_lcm_on_the_flow_renoises_by_the_flow_blend():
+    """LCM jumps to the prediction and noises it to the next level as the model does: on a
+    flow model (1 - t') x0 + t' n, not x0 + t' n."""
+    grid = torch.tensor([1.0, 0.6, 0.0])
+    stepper = flow.on_grid(resolve_sampler("lcm"), FLOW_CONFIG, grid)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = stepper.step(_velocity(x, 1.0), stepper.timesteps[0], x, generator=[torch.Generator().manual_seed(3)])
+    clean = x - _velocity(x, 1.0)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out.prev_sample, 0.4 * clean + 0.6 * noise, atol=1e-5)
+
+
 def test_er_sde_first_flow_step_by_hand():
     """The flow form's first step written out from ER-SDE's definition: lambda = t / (1 - t),
     x' = (a'/a) r x + a' (1 - r) x0 + a' sqrt(lambda'^2 - lambda^2 r^2) n with a = 1 - t and

@@ -81,7 +81,7 @@ FLOW_NATIVE = ("euler", "heun", "uni_pc", "uni_pc_bh2") + DPM_SOLVER + FLOW_ANCE
 #: Kiln steppers that run unchanged on a flow state (see the module docstring).
 KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
                 "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
-                "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3")
+                "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "lcm")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
     "normal": {}, "simple": {}, "sgm_uniform": {},

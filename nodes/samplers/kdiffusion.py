@@ -139,11 +139,12 @@ class CFGPP:
 
 
 class LCM(SigmaStepper):
-    """Latent consistency sampling: jump to the prediction, re-noise to the next sigma."""
+    """Latent consistency sampling: jump to the prediction, re-noise to the next level (the
+    model's own noising: x0 + sigma n on SD, the blend (1 - t) x0 + t n on a flow model)."""
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         if sigma_next > 0:
-            return denoised + sigma_next * randn_like(denoised, generator)
+            return self.schedule.alpha(sigma_next) * denoised + sigma_next * randn_like(denoised, generator)
         return denoised
 
 
