@@ -161,6 +161,18 @@ def test_dpmpp_2m_sde_heun_is_its_own_method_and_gpu_is_the_same():
     assert resolve_sampler("dpmpp_2m_sde").config["solver_type"] == "midpoint"
 
 
+def _run_diffusers(sched, x: torch.Tensor) -> torch.Tensor:
+    """A diffusers k-scheduler (state x0 + sigma eps) over the ideal denoiser; second-order
+    stages (KDPM2) evaluate at its interpolated sigma."""
+    for t in sched.timesteps:
+        sched.scale_model_input(x, t)  # sets the step index
+        index = sched.step_index
+        first = getattr(sched, "state_in_first_order", True)
+        sigma = float(sched.sigmas[index] if first else sched.sigmas_interpol[index])
+        x = sched.step((x - _ideal(x, sigma)) / sigma, t, x).prev_sample
+    return x
+
+
 def test_the_lms_stepper_is_diffusers_lms():
     """Kiln's LMS (variable-step Adams-Bashforth of order 4 on the derivative, integrating to 0)
     and diffusers' LMSDiscreteScheduler (k-diffusion's LMS, scipy's quadrature) take the same
@@ -172,11 +184,7 @@ def test_the_lms_stepper_is_diffusers_lms():
     ours = _run(_stepper("lms", sigmas), x, _ideal, [None])
     theirs = steppers.on_sigmas(resolve_sampler("lms"), SD15, sigmas)
     assert isinstance(theirs, LMSDiscreteScheduler)
-    y = x.clone()
-    for t in theirs.timesteps:
-        theirs.scale_model_input(y, t)  # sets the step index
-        sigma = float(theirs.sigmas[theirs.step_index])
-        y = theirs.step((y - _ideal(y, sigma)) / sigma, t, y).prev_sample
+    y = _run_diffusers(theirs, x)
     assert torch.allclose(ours, y, atol=1e-4), (ours - y).abs().max()
     assert (ours - _run(_stepper("ipndm_v", sigmas), x, _ideal, [None])).abs().max() > 1e-4  # not landing early
 
@@ -198,12 +206,7 @@ def test_the_dpm_2_stepper_is_diffusers_kdpm2():
     ours = _run(_stepper("dpm_2", sigmas), x, _ideal, [None])
     theirs = steppers.on_sigmas(resolve_sampler("dpm_2"), SD15, sigmas)
     assert isinstance(theirs, KDPM2DiscreteScheduler)
-    y = x.clone()
-    for t in theirs.timesteps:
-        theirs.scale_model_input(y, t)  # sets the step index
-        index = theirs.step_index
-        sigma = float(theirs.sigmas[index] if theirs.state_in_first_order else theirs.sigmas_interpol[index])
-        y = theirs.step((y - _ideal(y, sigma)) / sigma, t, y).prev_sample
+    y = _run_diffusers(theirs, x)
     assert torch.allclose(ours, y, atol=1e-4), (ours - y).abs().max()
     err8, err16 = _error("dpm_2", 8)[0], _error("dpm_2", 16)[0]
     assert err8 / err16 > 3.0, (err8, err16)
