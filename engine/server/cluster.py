@@ -10,9 +10,9 @@ worker's rule, kept by the shared :class:`engine.server.worker.JobReport`).
 
 Routing by warmth (:mod:`engine.server.cluster_warmth`): a job goes to the idle worker
 that most recently computed most of its nodes (its checkpoint loader, its text
-encodings, its VAE encoding), else to the idle worker that has waited longest. The task's worker restriction is loose, so when that
-worker dies the scheduler re-runs the task on another one; after
-``max_attempts`` lost workers the job fails with that reason.
+encodings, its VAE encoding), else to the idle worker that has waited longest. The
+task's worker restriction is loose, so when that worker dies the scheduler re-runs the
+task on another one; after ``max_attempts`` lost workers the job fails with that reason.
 
 A worker that cannot run a job (a checkpoint missing from its models folder)
 answers "invalid here"; the job then goes to another worker, and fails naming

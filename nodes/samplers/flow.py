@@ -46,12 +46,13 @@ sampling has it):
   itself, at ``1000 * t``: the steppers ask the model's training schedule,
   :class:`FlowSchedule`). ``deis`` and ``lms`` run as the Adams-Bashforth methods they are
   in ComfyUI (``multistep.DEISTab``, ``multistep.LMS``); ``ddim`` is Euler and ``plms`` LMS
-  here as on SD. Stochastic samplers add
-  variance-exploding noise (``x + sigma_up * n``), which is no flow state, so only the
-  flow-aware ones draw noise: the ancestral Euler above, ``er_sde``, ``seeds_2``,
-  ``seeds_3`` and ``exp_heun_2_x0_sde``, whose solvers read the half-log-SNR
-  log((1 - t) / t) and the clean latent's weight 1 - t from :class:`FlowSchedule`
-  (ComfyUI's flow forms; ``exp_heun_2_x0`` is the noise-free one).
+  here as on SD. A variance-exploding sampler's noise (``x + sigma_up * n``) makes no
+  flow state, so only flow forms draw noise here: the RF ancestral steppers
+  (``flow_ancestral.py``), diffusers' SDE DPM-Solver++ with flow sigmas, ``lcm`` (the flow
+  blend), and ``er_sde``, ``seeds_2``, ``seeds_3`` and ``exp_heun_2_x0_sde``, whose solvers
+  read the half-log-SNR log((1 - t) / t) and the clean latent's weight 1 - t from
+  :class:`FlowSchedule` (ComfyUI's flow forms; ``exp_heun_2_x0`` is the noise-free one).
+  The others are refused with the list.
 
 Schedules: ``normal``, ``simple`` and ``sgm_uniform`` are the pipeline's uniform
 grid; ``karras``, ``exponential`` and ``beta`` are diffusers' flags on it. Others are
@@ -78,7 +79,7 @@ FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  #
 DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
               "dpmpp_3m_sde", "dpmpp_3m_sde_gpu")
 FLOW_NATIVE = ("euler", "heun", "uni_pc", "uni_pc_bh2") + DPM_SOLVER + FLOW_ANCESTRAL
-#: Kiln steppers that run unchanged on a flow state (see the module docstring).
+#: Kiln steppers that run on a flow state, reading its training schedule (see the module docstring).
 KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
                 "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "lcm")
@@ -183,7 +184,11 @@ class FlowStepper:
     order = 1
 
     def __init__(self, sched: Any, begin: int, timesteps: Any = None, grid: Any = None) -> None:
+        import inspect
+
         self.sched = sched
+        #: schedulers that draw noise (the SDE ones) take each image's generator
+        self._takes_generator = "generator" in inspect.signature(sched.step).parameters
         self.timesteps = sched.timesteps[begin:] if timesteps is None else timesteps
         self.sigmas = sched.sigmas[begin:] if grid is None else grid
         sched.set_begin_index(begin)
@@ -194,11 +199,9 @@ class FlowStepper:
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor", generator: Any = None,
              return_dict: bool = True, **_: Any) -> StepOutput:
         """One step; ``generator`` (one per image) reaches schedulers that draw noise (the SDE ones)."""
-        import inspect
-
         index = self.sched.step_index if self.sched.step_index is not None else self.sched.begin_index
         sigma = float(self.sched.sigmas[index])
-        noisy = generator is not None and "generator" in inspect.signature(self.sched.step).parameters
+        noisy = generator is not None and self._takes_generator
         out = self.sched.step(model_output, timestep, sample, return_dict=True,
                               **({"generator": generator} if noisy else {}))
         return StepOutput(out.prev_sample, sample - sigma * model_output)

@@ -35,8 +35,8 @@ class FlowEulerAncestral(StagedStepper):
     def stage_sigmas(self, i: int) -> list[float]:
         return [float(self.sigmas[i])]
 
-    def advance(self, i, k, x, denoised, generator):
-        t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+    def advance(self, i, k, t, x, denoised, generator):
+        t_next = float(self.sigmas[i + 1])
         if t_next == 0:
             return denoised
         t_down, keep, renoise = rf_split(t, t_next)
@@ -54,16 +54,15 @@ class _FlowAncestral(StagedStepper):
             return [t]
         return [t, self.midpoint(t, rf_split(t, t_next)[0])]
 
-    def advance(self, i, k, x, denoised, generator):
+    def advance(self, i, k, sigma, x, denoised, generator):
         t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if t_next == 0:
             return denoised
         t_down, keep, renoise = rf_split(t, t_next)
-        t_mid = self.midpoint(t, t_down)
         if k == 0:
             self._x = x
-            return self.to_midpoint(t, t_mid, x, denoised)
-        out = self.land(t, t_down, t_mid, x, denoised)
+            return self.to_midpoint(t, self.midpoint(t, t_down), x, denoised)
+        out = self.land(t, t_down, sigma, x, denoised)  # sigma: the midpoint just evaluated
         return keep * out + renoise * randn_like(out, generator)
 
     def midpoint(self, t: float, t_down: float) -> float:

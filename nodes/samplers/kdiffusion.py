@@ -66,6 +66,8 @@ class StagedStepper:
     hands each one to ``advance``. ``stage_sigmas(i)`` is read once per step, at construction."""
 
     order = 1
+    #: The current evaluation's unguided prediction: set by :class:`CFGPP` steppers, None otherwise.
+    _unguided: "torch.Tensor | None" = None
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         import torch
@@ -97,7 +99,7 @@ class StagedStepper:
         i, k, sigma = self.stages[self._index]
         self._index += 1
         denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
-        return StepOutput(self.advance(i, k, sample, denoised, generator), denoised)
+        return StepOutput(self.advance(i, k, sigma, sample, denoised, generator), denoised)
 
     def step_count(self) -> int:
         """Steps to lay out: one per interval of the list, unless the sampler keeps its own grid."""
@@ -106,7 +108,10 @@ class StagedStepper:
     def stage_sigmas(self, i: int) -> list[float]:
         raise NotImplementedError
 
-    def advance(self, i: int, k: int, x: "torch.Tensor", denoised: "torch.Tensor", generator: Any) -> "torch.Tensor":
+    def advance(self, i: int, k: int, sigma: float, x: "torch.Tensor", denoised: "torch.Tensor",
+                generator: Any) -> "torch.Tensor":
+        """Stage ``k`` of step ``i``, evaluated at ``sigma``: the state the next evaluation sees
+        (or the step's result after its last stage)."""
         raise NotImplementedError
 
 
@@ -117,8 +122,8 @@ class SigmaStepper(StagedStepper):
     def stage_sigmas(self, i: int) -> list[float]:
         return [float(self.sigmas[i])]
 
-    def advance(self, i, k, x, denoised, generator):
-        return self.update(i, x, denoised, float(self.sigmas[i]), float(self.sigmas[i + 1]), generator)
+    def advance(self, i, k, sigma, x, denoised, generator):
+        return self.update(i, x, denoised, sigma, float(self.sigmas[i + 1]), generator)
 
     def update(self, i: int, x: "torch.Tensor", denoised: "torch.Tensor", sigma: float, sigma_next: float,
                generator: Any) -> "torch.Tensor":
@@ -216,8 +221,6 @@ class ResMultistep(SigmaStepper):
         super().__init__(config, sigmas)
         self._old_denoised: "torch.Tensor | None" = None
         self._old_down = 0.0
-        #: The current evaluation's unguided prediction (CFG++ subclasses set it); None otherwise.
-        self._unguided: "torch.Tensor | None" = None
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         down, up = ancestral_step(sigma, sigma_next, self.eta)
@@ -272,8 +275,7 @@ class DPMFast(StagedStepper):
         t, h, order = self.grid[i], self.grid[i + 1] - self.grid[i], self.orders[i]
         return [math.exp(-(t + h * k / order)) for k in range(order)]
 
-    def advance(self, i, k, sample, denoised, generator):
-        sigma = self.stages[self._index - 1][2]
+    def advance(self, i, k, sigma, sample, denoised, generator):
         if k == 0:
             self._x, self._eps = sample, []
         self._eps.append((sample - denoised) / sigma)
@@ -299,7 +301,7 @@ class DPMFast(StagedStepper):
         return out
 
 
-class EulerCFGPP(SigmaStepper):
+class EulerCFGPP(CFGPP, SigmaStepper):
     """CFG++ Euler (Chung et al. 2024, arXiv 2406.08070) as ComfyUI's ``euler_cfg_pp``: the
     step lands on the guided prediction and re-noises along the *unguided* noise
     direction, x' = denoised + sigma_next * (x - uncond_denoised) / sigma, which keeps
@@ -313,19 +315,13 @@ class EulerCFGPP(SigmaStepper):
         super().__init__(config, sigmas)
         self.eta = eta
 
-    def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
-             generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
-        i = self._index
-        self._index += 1
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
-        plain = denoised if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
-        d = (sample - plain) / sigma
+    def update(self, i, x, denoised, sigma, sigma_next, generator):
+        plain = denoised if self._unguided is None else self._unguided
         down, up = ancestral_step(sigma, sigma_next, self.eta) if self.ancestral and sigma_next > 0 else (sigma_next, 0.0)
-        x = denoised + d * down
+        out = denoised + (x - plain) / sigma * down
         if up > 0:
-            x = x + randn_like(x, generator) * up
-        return StepOutput(x, denoised)
+            out = out + randn_like(out, generator) * up
+        return out
 
 
 class EulerAncestralCFGPP(EulerCFGPP):

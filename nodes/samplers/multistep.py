@@ -31,22 +31,16 @@ class HeunPP2(StagedStepper):
     ahead the step is Heun's with w = sigma_next / (2 sigma_first); the last step is Euler.
     Three model evaluations per step."""
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        self._points: list[list[float]] = []  # each step's evaluation sigmas, filled by stage_sigmas
-        super().__init__(config, sigmas)
-
     def stage_sigmas(self, i: int) -> list[float]:
         end = float(self.sigmas[-1])
         ahead = [float(s) for s in self.sigmas[i + 1:i + 3]]
         points = [float(self.sigmas[i])]
         if ahead[0] != end:
             points += ahead[:1] if ahead[1] == end else ahead
-        self._points.append(points)
         return points
 
-    def advance(self, i, k, x, denoised, generator):
-        points = self._points[i]
-        sigma = points[k]
+    def advance(self, i, k, sigma, x, denoised, generator):
+        points = self.stage_sigmas(i)
         d = (x - denoised) / sigma
         if k == 0:
             self._x, self._d = x, [d]
@@ -93,16 +87,15 @@ class DPM2(StagedStepper):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         return [sigma] if sigma_next == 0 else [sigma, (sigma * sigma_next) ** 0.5]
 
-    def advance(self, i, k, x, denoised, generator):
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+    def advance(self, i, k, sigma, x, denoised, generator):
+        start, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if k == 0:
             self._x = x
             d = (x - denoised) / sigma
             if sigma_next == 0:
                 return x + d * (sigma_next - sigma)
             return x + d * ((sigma * sigma_next) ** 0.5 - sigma)  # to the midpoint, evaluated next
-        mid = (sigma * sigma_next) ** 0.5
-        return self._x + (x - denoised) / mid * (sigma_next - sigma)
+        return self._x + (x - denoised) / sigma * (sigma_next - start)  # sigma: the midpoint
 
 
 class AdamsBashforth(SigmaStepper):
@@ -171,7 +164,6 @@ class GradientEstimation(SigmaStepper):
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         super().__init__(config, sigmas)
         self._old_d: "torch.Tensor | None" = None
-        self._unguided: "torch.Tensor | None" = None
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         plain = denoised if self._unguided is None else self._unguided
@@ -197,7 +189,6 @@ class DPMpp2MCFGPP(CFGPP, SigmaStepper):
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
         super().__init__(config, sigmas)
-        self._unguided: "torch.Tensor | None" = None
         self._old: "torch.Tensor | None" = None
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):

@@ -192,28 +192,23 @@ class DPMpp2SAncestral(StagedStepper):
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
         self.eta = eta
-        #: (sigma_down, sigma_up) of each step, filled as the stages are laid out
-        self.down_up: list[tuple[float, float]] = []
         super().__init__(config, sigmas)
         self._x_start: "torch.Tensor | None" = None
         self._denoised_start: "torch.Tensor | None" = None
-        #: The current evaluation's unguided prediction (the CFG++ subclass sets it); None otherwise.
-        self._unguided: "torch.Tensor | None" = None
 
     def stage_sigmas(self, i: int) -> list[float]:
         s_from = float(self.sigmas[i])
-        down, up = ancestral_step(s_from, float(self.sigmas[i + 1]), self.eta)
-        self.down_up.append((down, up))
+        down = ancestral_step(s_from, float(self.sigmas[i + 1]), self.eta)[0]
         return [s_from, math.sqrt(s_from * down)] if down > 0 else [s_from]
 
     def _cfgpp_shift(self, guided: "torch.Tensor") -> Any:
         """CFG++ moves the exponential step's starting point by (guided - unguided); 0 otherwise."""
         return 0.0 if self._unguided is None else guided - self._unguided
 
-    def advance(self, i: int, stage: int, sample: "torch.Tensor", denoised: "torch.Tensor",
+    def advance(self, i: int, stage: int, sigma: float, sample: "torch.Tensor", denoised: "torch.Tensor",
                 generator: Any) -> "torch.Tensor":
         s_i, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        down, up = self.down_up[i]
+        down, up = ancestral_step(s_i, s_next, self.eta)
         if stage == 0 and down == 0:  # last step to sigma 0: plain Euler lands on the prediction
             x = denoised
         elif stage == 0:  # first stage: go to the log-midpoint and evaluate there next

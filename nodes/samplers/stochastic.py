@@ -175,7 +175,7 @@ class SEEDS(StagedStepper):
         lam, lam_next = self.schedule.half_log_snr(sigma), self.schedule.half_log_snr(sigma_next)
         return self.schedule.sigma_at_half_log_snr((1 - r) * lam + r * lam_next)
 
-    def advance(self, i, k, x, denoised, generator):
+    def advance(self, i, k, stage_sigma, x, denoised, generator):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if sigma_next == 0:
             return denoised
@@ -277,10 +277,10 @@ class SASolver(StagedStepper):
     corrector_order = 4
 
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+        from nodes.samplers.schedules import percent_to_sigma
+
         super().__init__(config, sigmas)
-        ts = self.schedule
-        last = len(ts.sigmas) - 1
-        self.tau_range = (float(ts.sigma(0.2 * last)), float(ts.sigma(0.8 * last)))  # (low, high)
+        self.tau_range = (percent_to_sigma(self.schedule, 0.8), percent_to_sigma(self.schedule, 0.2))  # (low, high)
         self.lambdas = [-math.log(s) if s > 0 else math.inf for s in self.sigmas.tolist()]
         self._to_end = float(self.sigmas[-1]) == 0
         self._preds: list["torch.Tensor"] = []
@@ -304,7 +304,7 @@ class SASolver(StagedStepper):
             total = total + w * d
         return total
 
-    def advance(self, i, k, x, denoised, generator):
+    def advance(self, i, k, stage_sigma, x, denoised, generator):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if k == 1:  # PECE: the corrected state evaluated again
             self._preds[-1] = denoised
