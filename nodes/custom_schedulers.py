@@ -44,12 +44,6 @@ def check_range(sigma_max: float, sigma_min: float) -> None:
         raise NodeError(f"sigma_max ({sigma_max}) is below sigma_min ({sigma_min})", "sigma_max")
 
 
-def _with_zero(values):
-    import torch
-
-    return torch.cat([values.to(torch.float32), torch.zeros(1, dtype=torch.float32)])
-
-
 @define_node("ExponentialScheduler", category="sampling/schedulers", inputs=range_inputs(),
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def exponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float):
@@ -62,15 +56,15 @@ def exponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float):
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def polyexponential_scheduler(ctx, steps: int, sigma_max: float, sigma_min: float, rho: float):
     """log sigma runs from max to min along ramp^rho (ramp 1 -> 0): rho 1 is the exponential
-    schedule, a larger rho spends more steps at low noise."""
-    import torch
+    schedule (KSampler's ``exponential`` over the model's range), a larger rho spends more
+    steps at low noise."""
+    from nodes.samplers.schedules import polyexponential
 
     sigma_max, sigma_min, rho = float(sigma_max), float(sigma_min), float(rho)
     check_range(sigma_max, sigma_min)
     if rho <= 0:
         raise NodeError(f"rho must be above 0, got {rho}", "rho")
-    ramp = torch.linspace(1, 0, int(steps), dtype=torch.float64) ** rho
-    return (_with_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))),)
+    return (polyexponential(int(steps), sigma_min, sigma_max, rho),)
 
 
 @define_node("LaplaceScheduler", category="sampling/schedulers",
@@ -105,7 +99,9 @@ def vp_scheduler(ctx, steps: int, beta_d: float, beta_min: float, eps_s: float):
     if float(eps_s) <= 0:
         raise NodeError(f"eps_s must be above 0, got {eps_s}", "eps_s")
     t = torch.linspace(1, float(eps_s), int(steps), dtype=torch.float64)
-    return (_with_zero(torch.sqrt(torch.expm1(float(beta_d) * t ** 2 / 2 + float(beta_min) * t))),)
+    from nodes.samplers.schedules import append_zero
+
+    return (append_zero(torch.sqrt(torch.expm1(float(beta_d) * t ** 2 / 2 + float(beta_min) * t))),)
 
 
 @define_node("AlignYourStepsScheduler", category="sampling/schedulers",
@@ -160,7 +156,9 @@ def sd_turbo_scheduler(ctx, model, steps: int, denoise: float):
     schedule = _discrete_levels(model)
     start = 10 - int(10 * float(denoise))
     timesteps = torch.arange(999, 0, -100)[start:start + int(steps)]
-    return (_with_zero(schedule.sigmas[timesteps]),)
+    from nodes.samplers.schedules import append_zero
+
+    return (append_zero(schedule.sigmas[timesteps]),)
 
 
 @define_node("BetaSamplingScheduler", category="sampling/schedulers",

@@ -79,11 +79,14 @@ def _freeu_inputs(b1: float, b2: float) -> list[Input]:
 
 
 def _freeu(model, version: str, b1: float, b2: float, s1: float, s2: float):
+    from nodes.families.base import ConditioningError
+    from nodes.families.freeu import unet_of
     from nodes.handles import FreeUSettings
 
-    if not hasattr(getattr(model.peek(), "kiln_network", model.peek()), "up_blocks"):
-        raise NodeError("FreeU works on UNets (SD1, SD2, SDXL); a flow transformer such as FLUX has no UNet decoder",
-                        "model")
+    try:
+        unet_of(model.peek())
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
     return (_with(model, freeu=FreeUSettings(version, float(b1), float(b2), float(s1), float(s2))),)
 
 

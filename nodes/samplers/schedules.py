@@ -127,7 +127,8 @@ def training_schedule(config: Mapping[str, Any]) -> Any:
     return flow.FlowSchedule(config) if flow.is_flow(config) else TrainingSchedule(config)
 
 
-def _append_zero(values: "torch.Tensor") -> "torch.Tensor":
+def append_zero(values: "torch.Tensor") -> "torch.Tensor":
+    """A list of levels as float32, with the final 0 every sampled list ends in."""
     import torch
 
     return torch.cat([values.to(torch.float32), values.new_zeros(1, dtype=torch.float32)])
@@ -145,15 +146,14 @@ def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor
             times = torch.linspace(start, end, steps + 1)[:-1]
         else:
             times = torch.linspace(start, end, steps)
-        return _append_zero(torch.stack([ts.sigma(t) for t in times]))
+        return append_zero(torch.stack([ts.sigma(t) for t in times]))
     if name == "simple":
         stride = len(ts.sigmas) / steps
-        return _append_zero(torch.stack([ts.sigmas[-(1 + int(i * stride))] for i in range(steps)]))
+        return append_zero(torch.stack([ts.sigmas[-(1 + int(i * stride))] for i in range(steps)]))
     if name == "karras":
         return karras(steps, ts.sigma_min, ts.sigma_max)
     if name == "exponential":
-        return _append_zero(torch.linspace(math.log(ts.sigma_max), math.log(ts.sigma_min), steps,
-                                           dtype=torch.float64).exp())
+        return polyexponential(steps, ts.sigma_min, ts.sigma_max, 1.0)
     if name == "ddim_uniform":
         return _ddim_uniform(ts, steps)
     if name == "beta":
@@ -163,7 +163,7 @@ def comfy_schedule(ts: TrainingSchedule, name: str, steps: int) -> "torch.Tensor
     if name == "kl_optimal":
         # Sigmas evenly spaced in arctan(sigma) (A1111 PR 15608, as ComfyUI has it).
         w = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
-        return _append_zero((w * math.atan(ts.sigma_min) + (1 - w) * math.atan(ts.sigma_max)).tan())
+        return append_zero((w * math.atan(ts.sigma_min) + (1 - w) * math.atan(ts.sigma_max)).tan())
     raise KeyError(f"unknown scheduler '{name}'")
 
 
@@ -173,7 +173,17 @@ def karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> 
 
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+    return append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def polyexponential(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> "torch.Tensor":
+    """``steps`` levels whose log runs from sigma_max to sigma_min along ramp^rho (ramp 1 -> 0),
+    then 0: rho 1 is the exponential schedule (even in log sigma), a larger rho spends more
+    steps at low noise."""
+    import torch
+
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    return append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
 
 
 def _ddim_uniform(ts: TrainingSchedule, steps: int) -> "torch.Tensor":
