@@ -107,13 +107,13 @@ class AdamsBashforth(SigmaStepper):
     max_order = 4
     lands_on_prediction = True
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, sigmas)
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, sigmas, **options)
         self._history: list["torch.Tensor"] = []  # newest last
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         d = (x - denoised) / sigma
-        history = self._history[-(self.max_order - 1):]
+        history = self._history[max(0, len(self._history) - (self.max_order - 1)):] if self.max_order > 1 else []
         self._history = history + [d]
         if sigma_next == 0 and self.lands_on_prediction:
             return denoised
@@ -161,8 +161,8 @@ class GradientEstimation(SigmaStepper):
 
     gamma = 2.0
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, sigmas)
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, sigmas, **options)
         self._old_d: "torch.Tensor | None" = None
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
@@ -187,8 +187,8 @@ class DPMpp2MCFGPP(CFGPP, SigmaStepper):
     with the second-order correction from the previous unguided prediction. Without an
     unguided output (no guidance) it is DPM-Solver++(2M)."""
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, sigmas)
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, sigmas, **options)
         self._old: "torch.Tensor | None" = None
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
