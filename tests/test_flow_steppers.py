@@ -147,19 +147,23 @@ def _from_t09(name: str, steps: int, generator_seed: int = 1) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("name,tol", [("dpmpp_2m_sde", 0.03), ("dpmpp_2m_sde_heun", 0.03), ("dpmpp_3m_sde", 0.04)])
+@pytest.mark.parametrize("name,tol", [("dpmpp_2m_sde", 0.03), ("dpmpp_2m_sde_heun", 0.03), ("dpmpp_3m_sde", 0.01)])
 def test_dpm_solver_sde_forms_on_the_flow_converge_to_the_data_distribution(name, tol, monkeypatch):
-    """diffusers' SDE DPM-Solver++ with flow sigmas: its spread error shrinks as the steps double
-    and ends within ``tol`` of the data's (these multistep SDE forms carry a larger bias at
-    few steps than the single-step ones, on SD too); with its noise left out the spread
-    collapses. Each image's generator reaches the scheduler (another seed, other samples)."""
+    """The SDE DPM-Solver++ forms with flow sigmas (2M: diffusers'; 3M: Kiln's, sde.DPMpp3MSDE):
+    the spread error shrinks as the steps double and ends within ``tol`` of the data's (these
+    multistep SDE forms carry a larger bias at few steps than the single-step ones, on SD
+    too); with the noise left out the spread collapses. Each image's generator reaches the
+    stepper (another seed, other samples)."""
     errors = [abs(float(_from_t09(name, n).std()) - S) for n in (24, 96)]
     assert errors[1] < errors[0] and errors[1] < tol, errors
     assert abs(float(_from_t09(name, 24).mean()) - MU) < 0.02
     assert not torch.allclose(_from_t09(name, 24), _from_t09(name, 24, generator_seed=2))
     from diffusers.schedulers import scheduling_dpmsolver_multistep as dpm
 
+    from nodes.samplers import sde
+
     monkeypatch.setattr(dpm, "randn_tensor", lambda shape, **kwargs: torch.zeros(shape))
+    monkeypatch.setattr(sde, "randn_like", lambda x, generator: torch.zeros_like(x))
     assert abs(float(_from_t09(name, 24).std()) - S) > 0.1
 
 

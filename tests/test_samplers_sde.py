@@ -36,6 +36,8 @@ def _stepper(name: str, sigmas: torch.Tensor, prediction: str = "epsilon"):
 
 def _sigma_now(sched) -> float:
     """The sigma of the evaluation ``sched`` is about to take."""
+    if hasattr(sched, "current_sigma"):  # dpm_adaptive chooses its levels as it goes
+        return float(sched.current_sigma)
     stages = getattr(sched, "stages", None)
     return float(stages[sched._index][2]) if stages is not None else float(sched.sigmas[sched._index])
 

@@ -44,7 +44,6 @@ KILN_TO_DIFFUSERS = {
     "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}),
     "uni_pc_bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 3}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_3m_sde_gpu": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "deis": ("DEISMultistepScheduler", {"solver_order": 3}),
     "ddpm": ("DDPMScheduler", {}),
     "lcm": ("LCMScheduler", {}),
@@ -145,7 +144,7 @@ def _check_img2img(tiny: Tiny, sampler: str, karras: bool = False) -> None:
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "ddim", "dpmpp_2m", "heun", "lms", "dpm_2_ancestral",
                                      "dpm_2", "plms", "dpmpp_sde", "uni_pc", "uni_pc_bh2", "dpmpp_2m_sde",
-                                     "dpmpp_3m_sde_gpu", "deis", "ddpm", "lcm"])
+                                     "deis", "ddpm", "lcm"])
 def test_sd1_img2img_equals_diffusers(sd1, sampler):
     _check_img2img(sd1, sampler)
 

@@ -76,11 +76,10 @@ FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, ComfyUI's RF ancestral ones).
 FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  # nodes.samplers.flow_ancestral
 #: diffusers' DPM-Solver++ (2M, and the 2M/3M SDE forms) with flow sigmas, in log((1 - t) / t).
-DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
-              "dpmpp_3m_sde", "dpmpp_3m_sde_gpu")
+DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu")
 FLOW_NATIVE = ("euler", "heun", "uni_pc", "uni_pc_bh2") + DPM_SOLVER + FLOW_ANCESTRAL
 #: Kiln steppers that run on a flow state, reading its training schedule (see the module docstring).
-KILN_ON_FLOW = ("euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
+KILN_ON_FLOW = ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
                 "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "lcm")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
@@ -237,13 +236,17 @@ def on_grid(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tenso
     grid = sigmas if ends_above else sigmas[:-1]  # the flow times the model is evaluated at (+ the end)
     train = int(config.get("num_train_timesteps", 1000))
     if spec.name in KILN_ON_FLOW:  # they take a list ending anywhere, and read the flow schedule from the config
-        from nodes.samplers.steppers import kiln_stepper_class
+        from nodes.samplers.steppers import kiln_stepper
 
-        return kiln_stepper_class(spec.kiln_stepper)(config, sigmas)
+        return kiln_stepper(spec, config, sigmas)
     if spec.name in FLOW_ANCESTRAL:
         from nodes.samplers.flow_ancestral import FLOW_STEPPERS
 
-        return FLOW_STEPPERS[spec.name](config, sigmas)
+        return FLOW_STEPPERS[spec.name](config, sigmas, **dict(spec.options))
+    if spec.options and spec.name in DPM_SOLVER:  # eta / s_noise set: Kiln's SDE steppers, in their flow forms
+        from nodes.samplers.steppers import kiln_stepper
+
+        return kiln_stepper(spec, config, sigmas)
     if spec.name in ("uni_pc", "uni_pc_bh2"):
         from nodes.samplers.flow_ve import unipc
 

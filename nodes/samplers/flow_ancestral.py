@@ -27,10 +27,19 @@ def rf_split(t: float, t_next: float, eta: float = 1.0) -> tuple[float, float, f
     return t_down, keep, math.sqrt(max(t_next ** 2 - (t_down * keep) ** 2, 0.0))
 
 
+def renoised(x: Any, size: float, generator: Any) -> Any:
+    """``x`` plus fresh unit noise times ``size`` (none drawn at size 0: eta 0 or s_noise 0)."""
+    return x + size * randn_like(x, generator) if size > 0 else x
+
+
 class FlowEulerAncestral(StagedStepper):
-    """ComfyUI's ``sample_euler_ancestral_RF`` (eta 1): from t to t' > 0, Euler to t_down,
-    ``x = (t_down / t) x + (1 - t_down / t) x0``, then the RF renoise makes the state
-    ``(1 - t') x0 + t' * (unit noise)`` again; to t' = 0 the step lands on the prediction."""
+    """ComfyUI's ``sample_euler_ancestral_RF`` (eta 1, s_noise 1 unless SamplerEulerAncestral
+    sets them): from t to t' > 0, Euler to t_down, ``x = (t_down / t) x + (1 - t_down / t) x0``,
+    then the RF renoise makes the state ``(1 - t') x0 + t' * (unit noise)`` again (s_noise
+    scales that noise); to t' = 0 the step lands on the prediction."""
+
+    eta = 1.0
+    s_noise = 1.0
 
     def stage_sigmas(self, i: int) -> list[float]:
         return [float(self.sigmas[i])]
@@ -39,31 +48,35 @@ class FlowEulerAncestral(StagedStepper):
         t_next = float(self.sigmas[i + 1])
         if t_next == 0:
             return denoised
-        t_down, keep, renoise = rf_split(t, t_next)
+        t_down, keep, renoise = rf_split(t, t_next, self.eta)
         x = (t_down / t) * x + (1 - t_down / t) * denoised
-        return keep * x + renoise * randn_like(x, generator)
+        return renoised(keep * x, renoise * self.s_noise, generator)
 
 
 class _FlowAncestral(StagedStepper):
     """Two evaluations a step (one for the step to 0): the step's start and a midpoint toward
-    t_down that the subclass picks; ``land`` takes the step to t_down, then the RF renoise."""
+    t_down that the subclass picks; ``land`` takes the step to t_down, then the RF renoise
+    (eta and s_noise as ComfyUI's Sampler* nodes set them)."""
+
+    eta = 1.0
+    s_noise = 1.0
 
     def stage_sigmas(self, i: int) -> list[float]:
         t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if t_next == 0:
             return [t]
-        return [t, self.midpoint(t, rf_split(t, t_next)[0])]
+        return [t, self.midpoint(t, rf_split(t, t_next, self.eta)[0])]
 
     def advance(self, i, k, sigma, x, denoised, generator):
         t, t_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if t_next == 0:
             return denoised
-        t_down, keep, renoise = rf_split(t, t_next)
+        t_down, keep, renoise = rf_split(t, t_next, self.eta)
         if k == 0:
             self._x = x
             return self.to_midpoint(t, self.midpoint(t, t_down), x, denoised)
         out = self.land(t, t_down, sigma, x, denoised)  # sigma: the midpoint just evaluated
-        return keep * out + renoise * randn_like(out, generator)
+        return renoised(keep * out, renoise * self.s_noise, generator)
 
     def midpoint(self, t: float, t_down: float) -> float:
         raise NotImplementedError

@@ -59,6 +59,17 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
 
 
+def set_options(stepper: Any, options: Mapping[str, Any]) -> None:
+    """Set a sampler's settings (ComfyUI's Sampler* nodes: eta, s_noise, orders, ...) on
+    ``stepper``. A setting is a class attribute of the stepper, whose value there is the
+    default ComfyUI's KSampler runs the name with, so the defaults live in one place; an
+    option the class does not declare is a programming error."""
+    for name, value in options.items():
+        if not hasattr(type(stepper), name) or callable(getattr(type(stepper), name)):
+            raise TypeError(f"{type(stepper).__name__} has no setting {name!r}")
+        setattr(stepper, name, value)
+
+
 class StagedStepper:
     """Base for samplers with several model evaluations per step: ``stages`` lists every
     evaluation as (step, stage, sigma the model sees), laid out up front (as diffusers lays
@@ -69,11 +80,12 @@ class StagedStepper:
     #: The current evaluation's unguided prediction: set by :class:`CFGPP` steppers, None otherwise.
     _unguided: "torch.Tensor | None" = None
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
         import torch
 
         from nodes.samplers.schedules import training_schedule
 
+        set_options(self, options)
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.sigmas = sigmas.to(torch.float32).clone()
         self.schedule = training_schedule(config)
@@ -178,8 +190,8 @@ class IPNDM(SigmaStepper):
 
     max_order = 4
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, sigmas)
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, sigmas, **options)
         self._history: list["torch.Tensor"] = []
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
@@ -217,8 +229,8 @@ class ResMultistep(SigmaStepper):
 
     eta = 0.0
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, sigmas)
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, sigmas, **options)
         self._old_denoised: "torch.Tensor | None" = None
         self._old_down = 0.0
 
@@ -255,7 +267,7 @@ class DPMFast(StagedStepper):
     out the stages of its own grid (``step_count``), not of the list's intervals.
     """
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
         nfe = len(sigmas) - 1
         sigma_max = float(sigmas[0])
         # One step has no nonzero end: ComfyUI then takes the start, and the step changes nothing.
@@ -264,7 +276,7 @@ class DPMFast(StagedStepper):
         t0, t1 = -math.log(sigma_max), -math.log(sigma_min)
         self.grid = [t0 + (t1 - t0) * k / m for k in range(m + 1)]
         self.orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-        super().__init__(config, sigmas)
+        super().__init__(config, sigmas, **options)
         self._x: "torch.Tensor | None" = None
         self._eps: list["torch.Tensor"] = []
 
@@ -301,34 +313,40 @@ class DPMFast(StagedStepper):
         return out
 
 
-class EulerCFGPP(CFGPP, SigmaStepper):
-    """CFG++ Euler (Chung et al. 2024, arXiv 2406.08070) as ComfyUI's ``euler_cfg_pp``: the
-    step lands on the guided prediction and re-noises along the *unguided* noise
-    direction, x' = denoised + sigma_next * (x - uncond_denoised) / sigma, which keeps
-    the sample on the data manifold at low guidance scales (CFG++ is used with cfg
-    around 1-2). The loop hands ``uncond``, the unguided network output, to ``step``;
-    without it (no guidance) this is plain Euler."""
+class EulerAncestral(SigmaStepper):
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``) with the settings of
+    ComfyUI's SamplerEulerAncestral: an Euler step to the ancestral sigma_down, then fresh
+    noise of size s_noise * sigma_up. With eta 1 and s_noise 1 (KSampler's
+    ``euler_ancestral``) Kiln runs diffusers' EulerAncestralDiscreteScheduler instead, for
+    parity with diffusers' pipelines; this stepper runs other settings.
 
-    ancestral = False
+    The CFG++ forms (:class:`EulerCFGPP`, :class:`EulerAncestralCFGPP`) step along the
+    *unguided* prediction, x' = denoised + sigma_down * (x - uncond_denoised) / sigma,
+    which keeps the sample on the data manifold at low guidance scales (Chung et al.
+    2024, arXiv 2406.08070; CFG++ is used with cfg around 1-2)."""
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
-        super().__init__(config, sigmas)
-        self.eta = eta
+    eta = 1.0
+    s_noise = 1.0
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         plain = denoised if self._unguided is None else self._unguided
-        down, up = ancestral_step(sigma, sigma_next, self.eta) if self.ancestral and sigma_next > 0 else (sigma_next, 0.0)
+        down, up = ancestral_step(sigma, sigma_next, self.eta)
         out = denoised + (x - plain) / sigma * down
-        if up > 0:
-            out = out + randn_like(out, generator) * up
+        if up > 0 and self.s_noise > 0:
+            out = out + randn_like(out, generator) * (up * self.s_noise)
         return out
 
 
-class EulerAncestralCFGPP(EulerCFGPP):
-    """CFG++ Euler ancestral (ComfyUI's ``euler_ancestral_cfg_pp``, eta 1): to the ancestral
-    sigma_down along the unguided direction, then fresh noise of size sigma_up."""
+class EulerCFGPP(CFGPP, EulerAncestral):
+    """ComfyUI's ``euler_cfg_pp``: CFG++ Euler, no fresh noise. Without guidance (no
+    unguided prediction handed in) this is plain Euler."""
 
-    ancestral = True
+    eta = 0.0
+
+
+class EulerAncestralCFGPP(CFGPP, EulerAncestral):
+    """ComfyUI's ``euler_ancestral_cfg_pp`` (eta 1, s_noise 1 unless SamplerEulerAncestralCFGPP
+    sets them): to the ancestral sigma_down along the unguided direction, then fresh noise."""
 
 
 class _PID:
@@ -361,28 +379,49 @@ class _PID:
 
 class DPMAdaptive:
     """Adaptive DPM-Solver (Lu et al. 2022, k-diffusion's ``dpm_solver_adaptive``, ComfyUI's
-    ``dpm_adaptive`` with its defaults: order 3, rtol 0.05, atol 0.0078, h_init 0.05, eta 0).
+    ``dpm_adaptive``), with ComfyUI's defaults as class settings (SamplerDPMAdaptative sets
+    them): order 3, rtol 0.05, atol 0.0078, h_init 0.05, a pure I controller, eta 0.
 
     It keeps only the ends of the list it is given (the first sigma and the smallest
     nonzero one, where it stops, as ComfyUI's does) and chooses its own steps in
     t = -log(sigma): each attempt evaluates the model three times (at t, t + h/3,
-    t + 2h/3), compares the second-order and third-order results, and a PID
-    controller accepts the step or retries it shorter. The number of model
+    t + 2h/3; order 2: twice, at t and t + h/2), compares the lower-order and higher-order
+    results element by element against rtol and atol, and a PID controller accepts the
+    step or retries it shorter. With eta > 0 an attempt solves to the ancestral sigma_down
+    of its step and an accepted step adds fresh noise of sigma_up times s_noise
+    (variance-exploding noise: flow models refuse it). The number of model
     evaluations is therefore not known up front: ``timesteps`` grows as the solver
     goes, and the loop (which iterates over the same list) follows it; progress
     reports the evaluations so far against the growing total.
     """
 
-    order = 1
+    order = 1  # the scheduler surface's: one model evaluation per ``step`` call
+    solver_order = 3
+    rtol = 0.05
+    atol = 0.0078
+    h_init = 0.05
+    pcoeff = 0.0
+    icoeff = 1.0
+    dcoeff = 0.0
+    accept_safety = 0.81
+    eta = 0.0
+    s_noise = 1.0
+    max_evaluations = 3000
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", *, rtol: float = 0.05,
-                 atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0, icoeff: float = 1.0,
-                 dcoeff: float = 0.0, accept_safety: float = 0.81, solver_order: int = 3,
-                 max_evaluations: int = 3000) -> None:
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
         import torch
 
+        from nodes.samplers.flow import is_flow
         from nodes.samplers.schedules import training_schedule
 
+        set_options(self, options)
+        if self.solver_order not in (2, 3):
+            raise ValueError(f"dpm_adaptive's order must be 2 or 3, got {self.solver_order}")
+        if self.eta > 0 and is_flow(config):
+            from nodes.families.base import ConditioningError
+
+            raise ConditioningError("dpm_adaptive with eta above 0 adds variance-exploding noise, which makes "
+                                    "no flow state: use eta 0 on flow-matching models", "sampler")
         self.prediction_type = config.get("prediction_type", "epsilon")
         self.sigmas = sigmas.to(torch.float32).clone()
         self.schedule = training_schedule(config)
@@ -392,11 +431,10 @@ class DPMAdaptive:
             raise ValueError("dpm_adaptive needs sigmas above 0 at both ends")
         self.t_start, self.t_end = -math.log(sigma_max), -math.log(sigma_min)
         self.forward = self.t_end > self.t_start
-        self.solver_order = solver_order
-        self.rtol, self.atol = rtol, atol
-        self.max_evaluations = max_evaluations
-        self.pid = _PID(abs(h_init) * (1 if self.forward else -1), pcoeff, icoeff, dcoeff, solver_order,
-                        accept_safety)
+        if self.eta > 0 and not self.forward:
+            raise ValueError("dpm_adaptive with eta above 0 cannot run towards more noise")
+        self.pid = _PID(abs(self.h_init) * (1 if self.forward else -1), self.pcoeff, self.icoeff, self.dcoeff,
+                        1.5 if self.eta > 0 else self.solver_order, self.accept_safety)
         self.timesteps: list = []
         self.evaluations = 0
         self._s = self.t_start
@@ -404,7 +442,8 @@ class DPMAdaptive:
         self._x_prev: "torch.Tensor | None" = None
         self._eps: list["torch.Tensor"] = []
         self._stage_t = self.t_start
-        self._t_next = self.t_start
+        self._t_next = self._t_accept = self.t_start
+        self._sigma_up = 0.0
         self.n_accept = self.n_reject = 0
         self._queue(self.t_start)
 
@@ -444,7 +483,12 @@ class DPMAdaptive:
             if self._x_prev is None:
                 self._x_prev = sample
             t = min(self.t_end, self._s + self.pid.h) if self.forward else max(self.t_end, self._s + self.pid.h)
-            self._t_next = t
+            self._t_next = self._t_accept = t
+            self._sigma_up = 0.0
+            if self.eta > 0:  # solve to the ancestral sigma_down; the rest of the way is fresh noise
+                down = ancestral_step(math.exp(-self._s), math.exp(-t), self.eta)[0]
+                self._t_next = min(self.t_end, -math.log(down)) if down > 0 else self.t_end
+                self._sigma_up = math.sqrt(max(math.exp(-2 * t) - math.exp(-2 * self._t_next), 0.0))
         self._eps.append(eps)
         x, s, t = self._x, self._s, self._t_next
         h = t - s
@@ -467,13 +511,15 @@ class DPMAdaptive:
         else:
             x_low = x - sig_t * em1 * e[0]
             x_high = x - sig_t * em1 * e[0] - sig_t / (2 * r1) * em1 * (e[1] - e[0])
-        delta = max(self.atol, self.rtol * max(float(x_low.abs().max()), float(self._x_prev.abs().max())))
-        error = float(torch.linalg.norm(x_low - x_high)) / delta / math.sqrt(x.numel())
+        delta = torch.clamp(self.rtol * torch.maximum(x_low.abs(), self._x_prev.abs()), min=self.atol)
+        error = float(torch.linalg.norm((x_low - x_high) / delta)) / math.sqrt(x.numel())
         self._eps = []
         if self.pid.propose(error):
             self.n_accept += 1
-            self._x_prev, self._s = x_low, t
+            self._x_prev, self._s = x_low, self._t_accept
             x = x_high
+            if self._sigma_up > 0 and self.s_noise > 0:
+                x = x + randn_like(x, generator) * (self._sigma_up * self.s_noise)
         else:
             self.n_reject += 1
         if not self._done():
@@ -484,5 +530,5 @@ class DPMAdaptive:
 
 
 STEPPERS: dict[str, Any] = {"dpm_adaptive": DPMAdaptive, "lcm": LCM, "ddpm": DDPM, "ipndm": IPNDM, "res_multistep": ResMultistep,
-                            "dpm_fast": DPMFast, "euler_cfg_pp": EulerCFGPP,
+                            "dpm_fast": DPMFast, "euler_ancestral": EulerAncestral, "euler_cfg_pp": EulerCFGPP,
                             "euler_ancestral_cfg_pp": EulerAncestralCFGPP}

@@ -48,18 +48,21 @@ class SamplerSpec:
     #: defines its ``ddim`` the same way), and k-LMS is PLMS's sigma-space counterpart.
     sigma_fallback: str = ""
     #: A Kiln sigma-space stepper (steppers.kiln_stepper_class) that runs this sampler when
-    #: there is no diffusers class, on sigma lists the class cannot follow, and on flow models.
+    #: there is no diffusers class, on sigma lists the class cannot follow, on flow models, and
+    #: with the settings of ComfyUI's Sampler* nodes (``options``; steppers.runs_kiln_stepper).
     kiln_stepper: str = ""
     #: ComfyUI computes steps+1 sigmas for these and drops the penultimate one
     #: (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS); Kiln does the same in its
     #: ComfyUI (``denoise``) mode so a ComfyUI workflow gets ComfyUI's grid.
     discard_penultimate_sigma: bool = False
+    #: Settings a ComfyUI Sampler* node changed from the name's defaults, as (name, value)
+    #: pairs set on the Kiln stepper (``steppers.with_settings``); empty for a plain name.
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 _SDE_2M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
            "final_sigmas_type": "zero"}
 _SDE_2M_HEUN = {**_SDE_2M, "solver_type": "heun"}
-_SDE_3M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "final_sigmas_type": "zero"}
 
 #: ComfyUI's order (comfy/samplers.py SAMPLER_NAMES) for the ones Kiln has; plms last.
 #: The ``_gpu`` variants differ in ComfyUI only in the device of the Brownian tree
@@ -69,7 +72,8 @@ _SDE_3M = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "final_sigmas
 SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("euler", "k_euler", "EulerDiscreteScheduler"),
     SamplerSpec("euler_cfg_pp", "euler_cfg_pp", "", kiln_stepper="euler_cfg_pp"),
-    SamplerSpec("euler_ancestral", "k_euler_ancestral", "EulerAncestralDiscreteScheduler", stochastic=True),
+    SamplerSpec("euler_ancestral", "k_euler_ancestral", "EulerAncestralDiscreteScheduler", stochastic=True,
+                kiln_stepper="euler_ancestral"),
     SamplerSpec("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp", "", stochastic=True,
                 kiln_stepper="euler_ancestral_cfg_pp"),
     SamplerSpec("heun", "k_heun", "HeunDiscreteScheduler"),
@@ -85,21 +89,23 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("dpmpp_2s_ancestral", "k_dpmpp_2s_ancestral", "", stochastic=True, kiln_stepper="dpmpp_2s_ancestral"),
     SamplerSpec("dpmpp_2s_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "", stochastic=True,
                 kiln_stepper="dpmpp_2s_ancestral_cfg_pp"),
-    SamplerSpec("dpmpp_sde", "k_dpmpp_sde", "DPMSolverSDEScheduler", stochastic=True),
-    SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True),
+    SamplerSpec("dpmpp_sde", "k_dpmpp_sde", "DPMSolverSDEScheduler", stochastic=True, kiln_stepper="dpmpp_sde"),
+    SamplerSpec("dpmpp_sde_gpu", "dpmpp_sde_gpu", "DPMSolverSDEScheduler", stochastic=True,
+                kiln_stepper="dpmpp_sde"),
     SamplerSpec("dpmpp_2m", "k_dpmpp_2m", "DPMSolverMultistepScheduler",
                 config={"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}),
     SamplerSpec("dpmpp_2m_cfg_pp", "dpmpp_2m_cfg_pp", "", kiln_stepper="dpmpp_2m_cfg_pp"),
-    SamplerSpec("dpmpp_2m_sde", "dpmpp_2m_sde", "DPMSolverMultistepScheduler", config=_SDE_2M, stochastic=True),
+    SamplerSpec("dpmpp_2m_sde", "dpmpp_2m_sde", "DPMSolverMultistepScheduler", config=_SDE_2M, stochastic=True,
+                kiln_stepper="dpmpp_2m_sde"),
     SamplerSpec("dpmpp_2m_sde_gpu", "dpmpp_2m_sde_gpu", "DPMSolverMultistepScheduler", config=_SDE_2M,
-                stochastic=True),
+                stochastic=True, kiln_stepper="dpmpp_2m_sde"),
     SamplerSpec("dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun", "DPMSolverMultistepScheduler", config=_SDE_2M_HEUN,
-                stochastic=True),
+                stochastic=True, kiln_stepper="dpmpp_2m_sde_heun"),
     SamplerSpec("dpmpp_2m_sde_heun_gpu", "dpmpp_2m_sde_heun_gpu", "DPMSolverMultistepScheduler",
-                config=_SDE_2M_HEUN, stochastic=True),
-    SamplerSpec("dpmpp_3m_sde", "dpmpp_3m_sde", "DPMSolverMultistepScheduler", config=_SDE_3M, stochastic=True),
-    SamplerSpec("dpmpp_3m_sde_gpu", "dpmpp_3m_sde_gpu", "DPMSolverMultistepScheduler", config=_SDE_3M,
-                stochastic=True),
+                config=_SDE_2M_HEUN, stochastic=True, kiln_stepper="dpmpp_2m_sde_heun"),
+    # Not diffusers' DPM-Solver++(3M) SDE: its third-order term has the wrong sign (sde.DPMpp3MSDE says how).
+    SamplerSpec("dpmpp_3m_sde", "dpmpp_3m_sde", "", stochastic=True, kiln_stepper="dpmpp_3m_sde"),
+    SamplerSpec("dpmpp_3m_sde_gpu", "dpmpp_3m_sde_gpu", "", stochastic=True, kiln_stepper="dpmpp_3m_sde"),
     SamplerSpec("ddpm", "ddpm", "DDPMScheduler", stochastic=True, kiln_stepper="ddpm"),
     SamplerSpec("lcm", "lcm", "LCMScheduler", stochastic=True, kiln_stepper="lcm"),
     SamplerSpec("ipndm", "ipndm", "", kiln_stepper="ipndm"),

@@ -120,8 +120,8 @@ def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor")
         return sched, sched.timesteps
     if spec.sigma_fallback:
         spec = resolve_sampler(spec.sigma_fallback)
-    if spec.kiln_stepper and spec.diffusers_class not in _HOOKABLE:
-        sched = kiln_stepper_class(spec.kiln_stepper)(config, sigmas.to(torch.float32))
+    if runs_kiln_stepper(spec):
+        sched = kiln_stepper(spec, config, sigmas.to(torch.float32))
         return sched, sched.timesteps
     if spec.diffusers_class == "EulerAncestralDiscreteScheduler":
         sched = on_sigmas(spec, config, torch.cat([sigmas.to(torch.float32), torch.zeros(1)]))
@@ -141,10 +141,38 @@ def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor")
 def kiln_stepper_class(name: str) -> Any:
     """The class of a Kiln sigma-space stepper (``SamplerSpec.kiln_stepper``), whichever
     module defines it: each module keeps a table of its own steppers."""
-    from nodes.samplers import multistep, stochastic
+    from nodes.samplers import multistep, sde, stochastic
 
-    table = {**STEPPERS, **multistep.STEPPERS, **stochastic.STEPPERS, "dpmpp_2s_ancestral": DPMpp2SAncestral}
+    table = {**STEPPERS, **multistep.STEPPERS, **stochastic.STEPPERS, **sde.STEPPERS,
+             "dpmpp_2s_ancestral": DPMpp2SAncestral}
     return table[name]
+
+
+def runs_kiln_stepper(spec: SamplerSpec) -> bool:
+    """Does Kiln's own stepper run ``spec`` on a sigma list? When diffusers has no class that
+    can follow one, and when a Sampler* node changed a setting diffusers' class lacks."""
+    if not spec.kiln_stepper:
+        return False
+    return bool(spec.options) or spec.diffusers_class not in _HOOKABLE | {"EulerAncestralDiscreteScheduler"}
+
+
+def kiln_stepper(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
+    """Kiln's stepper for ``spec`` over ``sigmas``, with the spec's settings."""
+    return kiln_stepper_class(spec.kiln_stepper)(config, sigmas, **dict(spec.options))
+
+
+def with_settings(spec: SamplerSpec, **settings: Any) -> SamplerSpec:
+    """``spec`` with a Sampler* node's settings, keeping only those that differ from what the
+    name runs with (the stepper class's defaults): at the defaults the result is ``spec``
+    itself, so it runs exactly as KSamplerSelect's does (diffusers' class where it has one)."""
+    import dataclasses
+
+    cls = kiln_stepper_class(spec.kiln_stepper)
+    unknown = [k for k in settings if not hasattr(cls, k)]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no setting {', '.join(unknown)}")
+    changed = tuple(sorted((k, v) for k, v in settings.items() if getattr(cls, k) != v))
+    return dataclasses.replace(spec, options=changed) if changed else spec
 
 
 def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor") -> Any:
@@ -157,8 +185,8 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
     steps = len(sigmas) - 1
     if float(sigmas[-1]) != 0.0:
         raise ValueError("a sigma schedule must end with 0")
-    if spec.kiln_stepper and spec.diffusers_class not in _HOOKABLE:
-        return kiln_stepper_class(spec.kiln_stepper)(config, sigmas)
+    if runs_kiln_stepper(spec):
+        return kiln_stepper(spec, config, sigmas)
     cls = _scheduler_class(spec.diffusers_class)
     if spec.diffusers_class in _HOOKABLE:
         sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
@@ -190,9 +218,11 @@ class DPMpp2SAncestral(StagedStepper):
     doubled list in diffusers, so the loop calls ``step`` once per model evaluation.
     """
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", eta: float = 1.0) -> None:
-        self.eta = eta
-        super().__init__(config, sigmas)
+    eta = 1.0
+    s_noise = 1.0
+
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, sigmas, **options)
         self._x_start: "torch.Tensor | None" = None
         self._denoised_start: "torch.Tensor | None" = None
 
@@ -220,6 +250,6 @@ class DPMpp2SAncestral(StagedStepper):
             h = math.log(s_i) - math.log(down)
             x = (down / s_i) * (self._x_start + self._cfgpp_shift(self._denoised_start)) - math.expm1(-h) * denoised
             self._x_start = self._denoised_start = None
-        if s_next > 0 and up > 0:
-            x = x + randn_like(x, generator) * up
+        if s_next > 0 and up > 0 and self.s_noise > 0:
+            x = x + randn_like(x, generator) * (up * self.s_noise)
         return x

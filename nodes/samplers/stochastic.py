@@ -86,9 +86,14 @@ class ERSDE(SigmaStepper):
 
     max_stage = 3
     integration_points = 200
+    #: SamplerER_SDE's choice: "ER-SDE" (this noise scaler), "Reverse-time SDE" (f(x) =
+    #: x^(eta + 1)) or "ODE" (f(x) = x and no noise: a deterministic first-to-third order solver).
+    solver_type = "ER-SDE"
+    eta = 1.0
+    s_noise = 1.0
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, below_pure_noise(config, sigmas))
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, below_pure_noise(config, sigmas), **options)
         self._old: "torch.Tensor | None" = None
         self._old_d: "torch.Tensor | None" = None
         self._held = 0  # predictions seen so far: how many stages the history allows
@@ -97,9 +102,10 @@ class ERSDE(SigmaStepper):
         sigma = float(self.sigmas[i])
         return sigma / self.schedule.alpha(sigma)
 
-    @staticmethod
-    def noise_scaler(value: float) -> float:
-        return value * (math.exp(value ** 0.3) + 10.0)
+    def noise_scaler(self, value: float) -> float:
+        if self.solver_type == "ER-SDE":
+            return value * (math.exp(value ** 0.3) + 10.0)
+        return value ** (1.0 if self.solver_type == "ODE" else self.eta + 1.0)
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         old, self._old = self._old, denoised
@@ -125,8 +131,8 @@ class ERSDE(SigmaStepper):
                 out = out + alpha_next * (dt ** 2 / 2 + moment * f(lam_next)) * u
             self._old_d = d
         spread = lam_next ** 2 - lam ** 2 * r ** 2
-        if spread > 0:
-            out = out + randn_like(out, generator) * (alpha_next * math.sqrt(spread))
+        if spread > 0 and self.s_noise > 0 and self.solver_type != "ODE":
+            out = out + randn_like(out, generator) * (alpha_next * math.sqrt(spread) * self.s_noise)
         return out
 
 
@@ -158,8 +164,8 @@ class SEEDS(StagedStepper):
     #: default); "phi_2" is the second-order split that exp_heun_2_x0 uses.
     solver_type = "phi_1"
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
-        super().__init__(config, below_pure_noise(config, sigmas))
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
+        super().__init__(config, below_pure_noise(config, sigmas), **options)
         self._x: "torch.Tensor | None" = None  # the state at the step's start
         self._preds: list["torch.Tensor"] = []  # this step's predictions, one per stage so far
         self._noise: "torch.Tensor | None" = None  # this step's Brownian noise so far (unit scale)
@@ -253,6 +259,21 @@ def _stochastic_adams_weights(lambdas: list[float], lam_s: float, lam_t: float, 
     return torch.linalg.solve(vandermonde, torch.tensor(moments, dtype=torch.float64)).tolist()
 
 
+def _simple_order_2_weights(lambdas: list[float], lam_s: float, lam_t: float, tau: float,
+                            corrector: bool) -> list[float]:
+    """SA-Solver's simpler order-2 coefficients (its Appendix D; ComfyUI's ``simple_order_2``),
+    oldest prediction first: a trapezoid-like corrector, and a predictor whose second
+    weight is the step's half-square over the previous interval."""
+    c = 1 + tau ** 2
+    h = lam_t - lam_s
+    whole = -math.expm1(-c * h)
+    if corrector:
+        newer = 0.5 * c * h
+        return [whole - newer, newer]
+    older = 0.5 * c * h ** 2 / (lambdas[0] - lam_s)
+    return [older, whole - older]
+
+
 class SASolver(StagedStepper):
     """SA-Solver (Xue et al. 2023, arXiv 2309.05019), ComfyUI's ``sa_solver`` with the
     defaults its KSampler binds: predictor order 3, corrector order 4, s_noise 1, and
@@ -275,12 +296,20 @@ class SASolver(StagedStepper):
     pece = False
     predictor_order = 3
     corrector_order = 4
+    #: SamplerSASolver's settings: tau (``eta``) between the sigmas at these fractions of the
+    #: schedule (0 outside), the noise's scale, and the paper's simpler order-2 coefficients.
+    eta = 1.0
+    sde_start_percent = 0.2
+    sde_end_percent = 0.8
+    s_noise = 1.0
+    simple_order_2 = False
 
-    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor") -> None:
+    def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
         from nodes.samplers.schedules import percent_to_sigma
 
-        super().__init__(config, sigmas)
-        self.tau_range = (percent_to_sigma(self.schedule, 0.8), percent_to_sigma(self.schedule, 0.2))  # (low, high)
+        super().__init__(config, sigmas, **options)
+        self.tau_range = (percent_to_sigma(self.schedule, self.sde_end_percent),
+                          percent_to_sigma(self.schedule, self.sde_start_percent))  # (low, high)
         self.lambdas = [-math.log(s) if s > 0 else math.inf for s in self.sigmas.tolist()]
         self._to_end = float(self.sigmas[-1]) == 0
         self._preds: list["torch.Tensor"] = []
@@ -295,7 +324,14 @@ class SASolver(StagedStepper):
 
     def tau(self, sigma: float) -> float:
         low, high = self.tau_range
-        return 1.0 if low <= sigma <= high else 0.0
+        return self.eta if self.eta > 0 and low <= sigma <= high else 0.0
+
+    def _weights(self, i: int, order: int, lam_s: float, lam_t: float, tau: float, corrector: bool) -> list[float]:
+        """The b coefficients over the last ``order`` predictions up to step ``i``'s."""
+        lambdas = self.lambdas[i - order + 1:i + 1]
+        if self.simple_order_2 and order == 2:
+            return _simple_order_2_weights(lambdas, lam_s, lam_t, tau, corrector)
+        return _stochastic_adams_weights(lambdas, lam_s, lam_t, tau)
 
     def _weighted(self, weights: list[float]) -> "torch.Tensor":
         preds = self._preds[-len(weights):]
@@ -320,8 +356,7 @@ class SASolver(StagedStepper):
         if corrector == 0:
             self._x = x
         else:
-            lam = self.lambdas
-            weights = _stochastic_adams_weights(lam[i - corrector + 1:i + 1], lam[i - 1], lam[i], self._tau)
+            weights = self._weights(i, corrector, self.lambdas[i - 1], self.lambdas[i], self._tau, corrector=True)
             self._x = (sigma / float(self.sigmas[i - 1]) * math.exp(-self._tau ** 2 * self._h) * self._x
                        + self._weighted(weights))
             if self._tau > 0 and self._noise is not None:
@@ -338,10 +373,12 @@ class SASolver(StagedStepper):
         lam = self.lambdas
         self._tau = tau = self.tau(sigma_next)
         self._h = h = lam[i + 1] - lam[i]
-        weights = _stochastic_adams_weights(lam[i - order + 1:i + 1], lam[i], lam[i + 1], tau)
+        weights = self._weights(i, order, lam[i], lam[i + 1], tau, corrector=False)
         out = sigma_next / sigma * math.exp(-tau ** 2 * h) * self._x + self._weighted(weights)
-        if tau > 0:
-            self._noise = randn_like(out, generator) * (sigma_next * math.sqrt(-math.expm1(-2 * tau ** 2 * h)))
+        self._noise = None
+        if tau > 0 and self.s_noise > 0:
+            self._noise = randn_like(out, generator) * (
+                sigma_next * math.sqrt(-math.expm1(-2 * tau ** 2 * h)) * self.s_noise)
             out = out + self._noise
         return out
 
