@@ -6,6 +6,9 @@ ImageScaleToMaxDimension, ``int`` truncation in ResizeAndPadImage and ImageStitc
 ComfyUI workflow gets images of the same size, pixel for pixel, as it did there. The
 resampling itself is ``nodes/resample.py`` (ComfyUI's ``common_upscale`` methods), and
 every node that can make a larger image checks the pixel budget for one image first.
+An image that already has the size it would be scaled to is used as it is: ComfyUI
+resamples it anyway, which changes nothing except with "lanczos", whose 8-bit round
+trip rounds the values to 1/255 (a deliberate, sub-level difference).
 IMAGE is float32 [B, H, W, C] in 0..1; torch is imported inside the functions so that
 listing nodes stays cheap.
 """

@@ -235,3 +235,28 @@ def test_mask_preview_writes_grey_pngs_to_temp_and_nothing_else(env):
     assert first.shape == (6, 8, 3) and (first[:, :4] == 255).all() and (first[:, 4:] == 0).all()
     second = np.asarray(Image.open(env.paths.temp.root / items[1]["filename"]).convert("RGB"))
     assert set(np.unique(second)) <= {127, 128}
+
+
+def test_a_comfyui_api_prompt_with_the_new_nodes_validates_and_runs(env):
+    from engine.executor import Executor
+    from engine.workflow import parse
+
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 20, "batch_size": 1, "color": 0xFF8000}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 10, "height": 10, "batch_size": 1, "color": 0x0000FF}},
+        "3": {"class_type": "ImageStitch", "inputs": {"image1": ["1", 0], "image2": ["2", 0], "direction": "right",
+                                                      "match_image_size": True, "spacing_width": 2,
+                                                      "spacing_color": "white"}},
+        "4": {"class_type": "ResizeAndPadImage", "inputs": {"image": ["3", 0], "target_width": 64, "target_height": 64,
+                                                            "padding_color": "black", "interpolation": "nearest-exact"}},
+        "5": {"class_type": "ImageColorToMask", "inputs": {"image": ["4", 0], "color": 0xFF8000}},
+        "6": {"class_type": "MaskPreview", "inputs": {"mask": ["5", 0]}},
+    }
+    outcome = Executor(default_registry(), env).run(parse(prompt))
+    assert outcome.status == "succeeded"
+    assert outcome.results["3"][0].shape == (1, 20, 62, 3)  # 40 + a 2-pixel spacer + image2 scaled to 20x20
+    # 62x20 into 64x64: scale 64/62, so 64x20 placed at row (64 - 20) // 2 = 22
+    mask = outcome.results["5"][0]
+    # nearest-exact maps output column x to source column floor((x + 0.5) * 62/64): orange (< 40) up to x = 40
+    assert torch.equal(mask[0, 22:42, :41], torch.ones(20, 41)) and int(mask.sum()) == 20 * 41
+    assert len(outcome.outputs["6"]["images"]) == 1
