@@ -307,7 +307,7 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
         if verdict is not None:
             entry["filtered"] = verdict.flags[verdict.kept[j]]
             info = {**chunks, "kiln_safety": {"filtered": entry["filtered"], **guard.describe()}}
-        entry["filename"] = io_.write_png_atomic(io_.to_pil(batch[j]), Path(folder), base, io_.png_text(info),
+        entry["filename"] = io_.write_png_atomic(io_.to_pil(batch[j]), folder, base, io_.png_text(info),
                                                  compress_level)
         saved.append(entry)
         ctx.progress(j + 1, batch.shape[0])

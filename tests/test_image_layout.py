@@ -247,8 +247,9 @@ def test_a_comfyui_api_prompt_with_the_new_nodes_validates_and_runs(env):
         "3": {"class_type": "ImageStitch", "inputs": {"image1": ["1", 0], "image2": ["2", 0], "direction": "right",
                                                       "match_image_size": True, "spacing_width": 2,
                                                       "spacing_color": "white"}},
-        "4": {"class_type": "ResizeAndPadImage", "inputs": {"image": ["3", 0], "target_width": 64, "target_height": 64,
-                                                            "padding_color": "black", "interpolation": "nearest-exact"}},
+        "4": {"class_type": "ResizeAndPadImage",
+              "inputs": {"image": ["3", 0], "target_width": 64, "target_height": 64, "padding_color": "black",
+                         "interpolation": "nearest-exact"}},
         "5": {"class_type": "ImageColorToMask", "inputs": {"image": ["4", 0], "color": 0xFF8000}},
         "6": {"class_type": "MaskPreview", "inputs": {"mask": ["5", 0]}},
     }
