@@ -8,8 +8,8 @@ import importlib
 FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "conditioning_nodes", "vae", "grid", "lora",
             "safety", "primitives", "utility",
             "masks", "image_ops", "latent_ops", "vae_tiled", "upscale", "flux_nodes",
-            "controlnet", "canny", "custom_sampling", "sampler_settings", "custom_schedulers", "inpaint", "image_filters", "model_patches",
-            "latent_math")
+            "controlnet", "canny", "custom_sampling", "sampler_settings", "custom_schedulers", "inpaint",
+            "image_filters", "model_patches", "latent_math", "image_layout", "latent_files")
 
 
 def register(registry) -> None:

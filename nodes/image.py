@@ -269,10 +269,14 @@ def _metadata(ctx) -> dict[str, Any]:
     return chunks
 
 
-def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) -> Result:
-    if images.ndim != 4:
-        raise NodeError(f"expected an IMAGE [B,H,W,C], got shape {tuple(images.shape)}", "images")
-    problem = _prefix_problem(ctx.env, prefix) if kind == "output" else None
+def save_folder(env: Environment, root: Any, prefix: str, kind: str) -> tuple[Path, str, str]:
+    """(folder, subfolder, base name) for files saved under ``prefix`` in ``root``, the folder created.
+
+    The one rule for every node that saves files (images, latents): an output prefix is
+    judged as validation judged it, and the containment is checked again once the
+    folders exist, since a symlink made in between could lead out.
+    """
+    problem = _prefix_problem(env, prefix) if kind == "output" else None
     if problem:
         raise NodeError(problem, "filename_prefix")
     subfolder, base = _split_prefix(prefix)
@@ -284,6 +288,13 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
         raise NodeError(f"'{prefix}' is not allowed: {exc}", "filename_prefix") from None
     except OSError as exc:
         raise NodeError(f"cannot create the folder for '{prefix}': {exc.strerror or exc}", "filename_prefix") from None
+    return Path(folder), subfolder, base
+
+
+def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) -> Result:
+    if images.ndim != 4:
+        raise NodeError(f"expected an IMAGE [B,H,W,C], got shape {tuple(images.shape)}", "images")
+    folder, subfolder, base = save_folder(ctx.env, root, prefix, kind)
     chunks = _metadata(ctx)
     guard = ctx.env.output_guard
     # The server's safety guard sees every batch before a byte is written (engine.guard).
@@ -296,7 +307,7 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
         if verdict is not None:
             entry["filtered"] = verdict.flags[verdict.kept[j]]
             info = {**chunks, "kiln_safety": {"filtered": entry["filtered"], **guard.describe()}}
-        entry["filename"] = io_.write_png_atomic(io_.to_pil(batch[j]), Path(folder), base, io_.png_text(info),
+        entry["filename"] = io_.write_png_atomic(io_.to_pil(batch[j]), folder, base, io_.png_text(info),
                                                  compress_level)
         saved.append(entry)
         ctx.progress(j + 1, batch.shape[0])

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 from engine.context import Environment, NodeError
 from engine.paths import PathRefused, split_annotation
@@ -36,8 +36,8 @@ def is_url(value: Any) -> bool:
     return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
 
 
-def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
-    """The file a LoadImage value names.
+def locate_file(env: Environment, name: str, input_name: str = "image", what: str = "image") -> Path:
+    """The file a LoadImage value names (or LoadLatent's: ``what`` names the kind in messages).
 
     A name is first looked up inside the input folder (through SafeRoot, so
     ``../`` and symlinks out are refused). Only when the environment allows it
@@ -45,7 +45,7 @@ def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
     path, absolute or relative to the working directory.
     """
     if not isinstance(name, str) or not name.strip():
-        raise NodeError("no image given", input_name)
+        raise NodeError(f"no {what} given", input_name)
     refused: str | None = None
     # ComfyUI's annotated form ("clipspace/clipspace-mask-1.png [input]", as its mask
     # editor writes it; "[output]" and "[temp]" name those folders), one rule with /view.
@@ -65,12 +65,12 @@ def locate_file(env: Environment, name: str, input_name: str = "image") -> Path:
                 raise NodeError(f"'{name}' is not a file", input_name)
         except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL
             raise NodeError(f"cannot open '{name}': {getattr(exc, 'strerror', None) or exc}", input_name) from None
-        raise NodeError(f"no such image file: '{name}' (looked in the input folder and at that path)", input_name)
+        raise NodeError(f"no such {what} file: '{name}' (looked in the input folder and at that path)", input_name)
     if refused:
         raise NodeError(f"refused '{name}': {refused}; only files inside the input folder can be loaded here",
                         input_name)
     # Named relative to its folder: error messages never show the server's own paths.
-    raise NodeError(f"no image named '{kind}/{plain}' in the {kind} folder", input_name)
+    raise NodeError(f"no {what} named '{kind}/{plain}' in the {kind} folder", input_name)
 
 
 # -- downloads -------------------------------------------------------------------------
@@ -255,8 +255,8 @@ def png_text(chunks: Mapping[str, Any]) -> Any:
     return info
 
 
-def _next_counter(folder: Path, base: str) -> int:
-    pattern = re.compile(re.escape(base) + r"_(\d{5,})_\.png$")
+def _next_counter(folder: Path, base: str, suffix: str) -> int:
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})_" + re.escape(suffix) + "$")
     highest = 0
     try:
         for entry in os.scandir(folder):
@@ -275,24 +275,31 @@ def _umask() -> int:
 
 
 def write_png_atomic(image: Any, folder: Path, base: str, pnginfo: Any, compress_level: int) -> str:
-    """Write ``base_NNNNN_.png`` into ``folder`` and return its name.
+    """Write ``base_NNNNN_.png`` into ``folder`` and return its name (see :func:`write_numbered_atomic`)."""
+    return write_numbered_atomic(
+        folder, base, ".png", lambda f: image.save(f, format="PNG", pnginfo=pnginfo, compress_level=compress_level))
 
-    The PNG is written to a temporary file first and then published under its
+
+def write_numbered_atomic(folder: Path, base: str, suffix: str, write: Callable[[BinaryIO], None]) -> str:
+    """Write ``base_NNNNN_<suffix>`` into ``folder`` through ``write(file)`` and return its name.
+
+    The file is written to a temporary file first and then published under its
     final name in one step, so no reader ever sees half a file. Publishing with
     ``os.link`` fails if the name exists, which keeps two concurrent saves from
     overwriting each other (they simply take the next counter); filesystems
     without hard links fall back to an exclusive placeholder plus ``os.replace``.
+    Saved images and saved latents (``.latent``) share it, so both count up alike.
     """
-    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=".png.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=f"{suffix}.tmp", dir=folder)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo, compress_level=compress_level)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        counter = _next_counter(folder, base)
+        counter = _next_counter(folder, base, suffix)
         for _ in range(10000):
-            name = f"{base}_{counter:05d}_.png"
+            name = f"{base}_{counter:05d}_{suffix}"
             final = folder / name
             try:
                 os.link(tmp, final)

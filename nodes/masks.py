@@ -1,7 +1,7 @@
 """Mask nodes with ComfyUI's names, inputs, outputs and semantics.
 
-LoadImageMask, ImageToMask, MaskToImage, InvertMask, SolidMask, GrowMask,
-FeatherMask, ThresholdMask, MaskComposite, CropMask. A MASK is float32
+LoadImageMask, ImageToMask, ImageColorToMask, MaskToImage, MaskPreview, InvertMask,
+SolidMask, GrowMask, FeatherMask, ThresholdMask, MaskComposite, CropMask. A MASK is float32
 [B, H, W] in 0..1, 1 = the region to act on (see ``nodes/masking.py`` for the
 shared rules). torch is imported inside the functions so listing nodes stays cheap.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from engine import types as T
 from engine.context import NodeError
 from engine.budget import Size
-from engine.node import Input, Output, define_node
+from engine.node import Input, Output, Result, define_node
 from nodes import image as _image_nodes  # a module, so LoadImage is not registered twice
 
 MAX_RESOLUTION = 16384
@@ -302,3 +302,52 @@ def crop_mask(ctx, mask, x: int, y: int, width: int, height: int):
     if tuple(out.shape[-2:]) != (int(height), int(width)):
         ctx.message(f"the crop reaches past the mask's edge: the result is {out.shape[-1]}x{out.shape[-2]}")
     return (out.contiguous(),)
+
+
+@define_node(
+    "ImageColorToMask",
+    category="mask",
+    display_name="Image Color to Mask",
+    inputs=[Input("image", T.IMAGE),
+            Input("color", T.INT, default=0, min=0, max=0xFFFFFF, step=1, extra={"display": "number"},
+                  tooltip="The colour to pick as 0xRRGGBB (0 black, 16777215 white)")],
+    outputs=[Output("MASK", T.MASK)],
+)
+def image_color_to_mask(ctx, image, color: int):
+    """1 where a pixel has exactly ``color``, 0 elsewhere.
+
+    Each channel is compared as ComfyUI compares it: clipped to 0..1 and rounded to
+    8 bits, so a colour read from a PNG matches the pixels it was saved as. An alpha
+    channel is not part of the colour.
+    """
+    import torch
+
+    from nodes.masking import as_image
+
+    image = as_image(image)
+    if image.shape[-1] < 3:
+        raise NodeError(f"the image has {image.shape[-1]} channel(s); a colour needs red, green and blue", "image")
+    color = int(color)
+    if not 0 <= color <= 0xFFFFFF:
+        raise NodeError(f"color must be between 0 and 0xFFFFFF (16777215), got {color}", "color")
+    levels = (image[..., :3].clamp(0.0, 1.0) * 255.0).round().to(torch.int64)
+    packed = (levels[..., 0] << 16) | (levels[..., 1] << 8) | levels[..., 2]
+    return ((packed == color).to(torch.float32),)
+
+
+@define_node(
+    "MaskPreview",
+    category="mask",
+    display_name="Preview Mask",
+    output_node=True,
+    inputs=[Input("mask", T.MASK)],
+)
+def mask_preview(ctx, mask):
+    """Show a mask as a grey image (white = 1) without keeping it, exactly as PreviewImage shows images.
+
+    The grey image is MaskToImage's, and the files are written by PreviewImage itself (the
+    temp folder, ``type: temp``), so masks and images preview by one rule. Like ComfyUI's
+    node it has no outputs.
+    """
+    (grey,) = mask_to_image.fn(ctx, mask)
+    return Result(ui=_image_nodes.preview_image.fn(ctx, grey).ui)
