@@ -348,3 +348,27 @@ def test_split_sigmas_through_sampler_custom_advanced(sd1, name):
     assert rec.steps and rec.steps[-1][0] == rec.steps[-1][1]
     second, _ = cs.sampler_custom_advanced(ctx, cs.disable_noise(ctx)[0], guider, spec, low, first)
     assert torch.isfinite(second["samples"]).all() and not torch.equal(second["samples"], first["samples"])
+
+
+def test_a_repeated_level_is_a_step_of_length_zero_for_every_kiln_stepper():
+    """A hand-made SIGMAS list may repeat a level. Every Kiln stepper that steps over the list's
+    intervals takes it exactly as the list without the repeat (the exponential and multistep
+    formulas divided by the step's length: NaN or ZeroDivisionError before); dpm_fast, which
+    spends one evaluation per interval on a grid of its own, stays finite."""
+    from nodes.samplers.names import SAMPLERS
+
+    base = schedules.karras(8, 0.05, 10.0)
+    repeated = torch.cat([base[:3], base[2:3], base[3:]])
+    x = MU + (S ** 2 + 100.0) ** 0.5 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def ideal(x, sigma):
+        return MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
+
+    names = sorted({spec.kiln_stepper for spec in SAMPLERS if spec.kiln_stepper})
+    assert len(names) > 30
+    for name in names:
+        outs = [_run(steppers.kiln_stepper_class(name)(SD15, sigmas), x, ideal, [torch.Generator().manual_seed(1)],
+                     unguided=None) for sigmas in (base, repeated)]
+        assert torch.isfinite(outs[1]).all(), name
+        if name != "dpm_fast":
+            assert torch.equal(outs[0], outs[1]), name

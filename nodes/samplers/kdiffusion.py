@@ -87,7 +87,10 @@ class StagedStepper:
 
         set_options(self, options)
         self.prediction_type = config.get("prediction_type", "epsilon")
-        self.sigmas = sigmas.to(torch.float32).clone()
+        # A level repeated in the list (a hand-made SIGMAS) is a step of length 0, across which
+        # the exponential and multistep formulas would divide by zero: it is dropped, so every
+        # step here moves and the model is not evaluated for nothing.
+        self.sigmas = torch.unique_consecutive(sigmas.to(torch.float32))
         self.schedule = training_schedule(config)
         self.stages: list[tuple[int, int, float]] = []
         for i in range(self.step_count()):

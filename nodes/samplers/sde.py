@@ -42,7 +42,7 @@ class _MultistepSDE(SigmaStepper):
     """The shared first-order part of DPM-Solver++(2M/3M) SDE: decay the state by
     sigma'/sigma * e^(-eta h), add (1 - e^(-(1 + eta) h)) alpha' times the prediction, let
     the subclass add its history terms, then fresh noise sigma' sqrt(1 - e^(-2 eta h)) s_noise.
-    The step to 0 lands on the prediction; a step of length 0 leaves the state as it is."""
+    The step to 0 lands on the prediction."""
 
     eta = 1.0
     s_noise = 1.0
@@ -53,8 +53,6 @@ class _MultistepSDE(SigmaStepper):
         self._steps: list[float] = []  # the previous steps' h, newest first
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
-        if sigma_next == sigma:  # a step of length 0: nothing to integrate, nothing to remember
-            return x
         preds, steps = self._preds, self._steps
         self._preds = [denoised, *preds][:2]
         if sigma_next == 0:
@@ -138,7 +136,7 @@ class DPMppSDE(StagedStepper):
 
     def stage_sigmas(self, i: int) -> list[float]:
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        if sigma_next == 0 or sigma_next == sigma:
+        if sigma_next == 0:
             return [sigma]
         return [sigma, self._middle(sigma, sigma_next)]
 
@@ -164,8 +162,6 @@ class DPMppSDE(StagedStepper):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if sigma_next == 0:
             return denoised
-        if sigma_next == sigma:
-            return x
         if k == 0:
             self._x, self._first = x, denoised
             return self._ancestral(x, sigma, self._middle(sigma, sigma_next), denoised, generator)
