@@ -57,6 +57,24 @@ def random_noise(ctx, noise_seed: int):
     return (Noise(int(noise_seed)),)
 
 
+@define_node("VariationNoise", category="sampling/noise",
+             inputs=[Input("noise_seed", T.INT, default=0, min=0, max=MAX_SEED, control_after_generate=True),
+                     Input("variation_seed", T.INT, default=1, min=0, max=MAX_SEED, control_after_generate=True),
+                     Input("variation_strength", T.FLOAT, default=0.1, min=0.0, max=1.0, step=0.01,
+                           tooltip="0: noise_seed's image; 1: variation_seed's; between: variations of it")],
+             outputs=[Output("NOISE", T.NOISE)])
+def variation_noise(ctx, noise_seed: int, variation_seed: int, variation_strength: float):
+    """Kiln's variation seeds (A1111's "variation seed" and "variation strength"): seeded noise
+    turned a little towards another seed's, for close variations of one image. The
+    sampler's own later noise (ancestral and SDE steps) still comes from noise_seed."""
+    from nodes.samplers.custom import Noise
+
+    strength = float(variation_strength)
+    if not 0.0 <= strength <= 1.0:
+        raise NodeError(f"variation_strength must be between 0 and 1, got {variation_strength}", "variation_strength")
+    return (Noise(int(noise_seed), variation_seed=int(variation_seed), variation_strength=strength),)
+
+
 @define_node("DisableNoise", category="sampling/noise", outputs=[Output("NOISE", T.NOISE)])
 def disable_noise(ctx):
     """No starting noise: sampling starts from the latent as it is (e.g. a latent that

@@ -30,10 +30,17 @@ NOISE_KEYS = ("noise", "strength", "seed")
 
 @dataclass(frozen=True)
 class Noise:
-    """NOISE: where the starting noise comes from (``enabled`` False: none is added)."""
+    """NOISE: where the starting noise comes from (``enabled`` False: none is added).
+
+    ``variation_strength`` > 0 (VariationNoise): each image's noise is turned towards the
+    noise of ``variation_seed`` (+ i) along the great circle between the two, as A1111's
+    variation seeds do, so a small strength gives a close variation of the same picture and
+    1 the other seed's picture. The sampler's later noise still comes from ``seed``."""
 
     seed: int
     enabled: bool = True
+    variation_seed: int = 0
+    variation_strength: float = 0.0
 
     def draw(self, samples: "torch.Tensor", batch_index: Any = None) -> tuple["torch.Tensor", list]:
         """(starting noise like ``samples``, one generator per image positioned after that draw)."""
@@ -46,7 +53,29 @@ class Noise:
         if not self.enabled:
             return torch.zeros_like(samples, dtype=torch.float32), generators
         noise = torch.cat([torch.randn((1, *samples.shape[1:]), generator=g) for g in generators])
+        if self.variation_strength > 0:
+            other = Noise(self.variation_seed).draw(samples, batch_index)[0]
+            noise = torch.cat([slerp(a, b, self.variation_strength) for a, b in zip(noise, other)])
         return noise, generators
+
+
+def slerp(a: "torch.Tensor", b: "torch.Tensor", t: float) -> "torch.Tensor":
+    """The point a fraction ``t`` of the way from ``a`` to ``b`` along the great circle through
+    them (as one vector each), with the norm going linearly from |a| to |b|: Gaussian noise
+    stays Gaussian-sized all the way, where a straight blend would shrink it (to 0.71 of its
+    size halfway between two independent draws). Returned with a batch axis of 1."""
+    import torch
+
+    flat_a, flat_b = a.reshape(-1).double(), b.reshape(-1).double()
+    norm_a, norm_b = flat_a.norm(), flat_b.norm()
+    cos = torch.clamp(torch.dot(flat_a, flat_b) / (norm_a * norm_b), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if float(torch.sin(omega)) < 1e-6:  # (anti)parallel: the circle is not defined, blend instead
+        mixed = (1 - t) * flat_a + t * flat_b
+    else:
+        unit = (torch.sin((1 - t) * omega) * flat_a / norm_a + torch.sin(t * omega) * flat_b / norm_b) / torch.sin(omega)
+        mixed = unit * ((1 - t) * norm_a + t * norm_b)
+    return mixed.reshape(1, *a.shape).to(a.dtype)
 
 
 @dataclass(frozen=True, eq=False)
