@@ -157,10 +157,10 @@ def sampler_sa_solver(ctx, model, eta: float, sde_start_percent: float, sde_end_
     """SA-Solver with its stochasticity tau (eta) over the part of the schedule between the
     two percentages, its noise scale, predictor and corrector orders, PECE mode and the
     simpler order-2 coefficients set. The percentages become sigmas of the model that samples."""
-    from nodes.samplers.flow import is_flow
+    from nodes.handles import ModelHandle
 
-    if is_flow(getattr(model, "scheduler_config", None) or {}):
-        raise NodeError("SA-Solver does not run flow-matching models (FLUX) yet", "model")
+    if not isinstance(model, ModelHandle):
+        raise NodeError(f"expected a MODEL, got {type(model).__name__}", "model")
     if not 1 <= int(predictor_order) <= 6:
         raise NodeError(f"predictor_order must be 1 to 6, got {predictor_order}", "predictor_order")
     if not 0 <= int(corrector_order) <= 6:

@@ -121,7 +121,7 @@ def test_flow_refuses_samplers_it_lacks():
     embeds, pooled = _embeds("dev")
     cond = [[embeds, {"pooled_output": pooled}]]
     with pytest.raises(NodeError) as err:
-        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "dpmpp_sde", "normal", cond, cond,
+        ksampler(Recorder().ctx, _model("dev"), 0, 4, 1.0, "ddpm", "normal", cond, cond,
                  {"samples": torch.zeros(1, 16, 8, 8)})
     assert err.value.input_name == "sampler_name" and "flow" in str(err.value)
     assert all(name in str(err.value) for name in flow.SAMPLERS)  # the message lists what runs
@@ -202,12 +202,12 @@ def test_custom_sampling_on_flow_refuses_by_node_input_and_notes_the_shift_size(
     cond = [[embeds, {"pooled_output": pooled}]]
     empty = {"samples": torch.zeros(1, 16, 8, 8)}
     with pytest.raises(NodeError) as err:
-        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="dpmpp_sde")
-    assert err.value.input_name == "sampler" and "dpmpp_sde" in str(err.value) and "flow" in str(err.value)
+        custom_advanced(_model("dev"), cond, None, 1.0, empty, seed=0, steps=2, denoise=1.0, sampler="ddpm")
+    assert err.value.input_name == "sampler" and "ddpm" in str(err.value) and "flow" in str(err.value)
     with pytest.raises(NodeError) as err:
-        ksampler_advanced(Recorder().ctx, _model("dev"), "enable", 0, 2, 1.0, "dpmpp_sde", "normal", cond, cond,
+        ksampler_advanced(Recorder().ctx, _model("dev"), "enable", 0, 2, 1.0, "ddpm", "normal", cond, cond,
                           empty, 0, 10000, "disable")
-    assert err.value.input_name == "sampler_name" and "dpmpp_sde" in str(err.value)
+    assert err.value.input_name == "sampler_name" and "ddpm" in str(err.value)
     with pytest.raises(NodeError) as err:
         basic_scheduler(Recorder().ctx, _model("dev"), "ddim_uniform", 4, 1.0)
     assert err.value.input_name == "scheduler" and "ddim_uniform" in str(err.value)

@@ -58,7 +58,7 @@ def test_at_the_defaults_a_node_gives_ksampler_select_s_sampler(node, args, name
 def test_changed_settings_are_kept_and_only_those():
     (spec,) = ss.sampler_dpmpp_2m_sde(CTX, "heun", 0.5, 1.0, "cpu")
     assert spec.name == "dpmpp_2m_sde_heun" and spec.options == (("eta", 0.5),)
-    (spec,) = ss.sampler_sa_solver(CTX, None, 1.0, 0.2, 0.8, 1.0, 2, 2, True, True)
+    (spec,) = ss.sampler_sa_solver(CTX, _sd1_handle(), 1.0, 0.2, 0.8, 1.0, 2, 2, True, True)
     assert spec.name == "sa_solver_pece"
     assert dict(spec.options) == {"predictor_order": 2, "corrector_order": 2, "simple_order_2": True}
     (spec,) = ss.sampler_er_sde(CTX, "Reverse-time SDE", 3, 0.0, 1.0)  # ComfyUI: no stochasticity is the ODE
@@ -67,7 +67,17 @@ def test_changed_settings_are_kept_and_only_those():
     assert not steppers.runs_kiln_stepper(resolve_sampler("dpmpp_2m_sde"))  # diffusers' class at the defaults
 
 
+def _sd1_handle():
+    from nodes.families import sd1
+    from nodes.handles import ModelHandle
+
+    return ModelHandle(sd1.FAMILY, scheduler_config=dict(SD15), latent=sd1.FAMILY.latent)
+
+
 def test_bad_settings_name_the_input():
+    with pytest.raises(NodeError) as err:
+        ss.sampler_sa_solver(CTX, "not a model", 1.0, 0.2, 0.8, 1.0, 3, 4, False, False)
+    assert err.value.input_name == "model"
     with pytest.raises(NodeError) as err:
         ss.sampler_dpmpp_2m_sde(CTX, "rk4", 1.0, 1.0, "cpu")
     assert err.value.input_name == "solver_type"
@@ -291,7 +301,7 @@ def test_sampler_nodes_run_on_the_tiny_sd1(sd1):
 
 def test_sampler_nodes_on_the_tiny_flux():
     """Flow models run the settings in ComfyUI's flow forms: the RF ancestral Euler at eta 0
-    is Euler; the SDE ones with eta set run; SA-Solver and an adaptive eta are refused."""
+    is Euler; the SDE ones and SA-Solver with settings changed run; an adaptive eta is refused."""
     from test_flux import _embeds, _fixed, _init_raw, _model
 
     embeds, pooled = _embeds("dev")
@@ -312,9 +322,8 @@ def test_sampler_nodes_on_the_tiny_flux():
                  ss.sampler_er_sde(CTX, "Reverse-time SDE", 3, 0.5, 1.0)[0]):
         out = run(spec)
         assert torch.isfinite(out).all() and (out - default).abs().max() > 1e-3, spec.name
-    with pytest.raises(NodeError) as err:
-        ss.sampler_sa_solver(CTX, model, 1.0, 0.2, 0.8, 1.0, 3, 4, False, False)
-    assert err.value.input_name == "model"
+    sa = run(ss.sampler_sa_solver(CTX, model, 0.5, 0.1, 0.9, 1.0, 2, 3, True, False)[0])
+    assert torch.isfinite(sa).all() and (sa - default).abs().max() > 1e-3
     with pytest.raises(NodeError) as err:
         run(ss.sampler_dpm_adaptive(CTX, 3, 0.05, 0.0078, 0.05, 0.0, 1.0, 0.0, 0.81, 0.5, 1.0)[0])
     assert err.value.input_name == "sampler"

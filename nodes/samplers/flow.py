@@ -48,8 +48,9 @@ sampling has it):
   in ComfyUI (``multistep.DEISTab``, ``multistep.LMS``); ``ddim`` is Euler and ``plms`` LMS
   here as on SD. A variance-exploding sampler's noise (``x + sigma_up * n``) makes no
   flow state, so only flow forms draw noise here: the RF ancestral steppers
-  (``flow_ancestral.py``), diffusers' SDE DPM-Solver++ with flow sigmas, ``lcm`` (the flow
-  blend), and ``er_sde``, ``seeds_2``, ``seeds_3`` and ``exp_heun_2_x0_sde``, whose solvers
+  (``flow_ancestral.py``), diffusers' SDE DPM-Solver++(2M) with flow sigmas, ``lcm`` (the
+  flow blend), and ``dpmpp_sde``, ``dpmpp_3m_sde`` (``sde.py``), ``er_sde``, ``seeds_2``,
+  ``seeds_3``, ``exp_heun_2_x0_sde``, ``sa_solver`` and ``sa_solver_pece``, whose solvers
   read the half-log-SNR log((1 - t) / t) and the clean latent's weight 1 - t from
   :class:`FlowSchedule` (ComfyUI's flow forms; ``exp_heun_2_x0`` is the noise-free one).
   The others are refused with the list.
@@ -79,9 +80,10 @@ FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  #
 DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu")
 FLOW_NATIVE = ("euler", "heun", "uni_pc", "uni_pc_bh2") + DPM_SOLVER + FLOW_ANCESTRAL
 #: Kiln steppers that run on a flow state, reading its training schedule (see the module docstring).
-KILN_ON_FLOW = ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "euler_cfg_pp", "heunpp2", "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast",
-                "dpm_adaptive", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
-                "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "lcm")
+KILN_ON_FLOW = ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "euler_cfg_pp", "heunpp2",
+                "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2m_cfg_pp",
+                "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation",
+                "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "lcm")
 SAMPLERS = FLOW_NATIVE + KILN_ON_FLOW
 SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
     "normal": {}, "simple": {}, "sgm_uniform": {},

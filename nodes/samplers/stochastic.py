@@ -3,11 +3,12 @@
 Each class is ComfyUI's published algorithm (``comfy/k_diffusion/sampling.py``,
 ``comfy/k_diffusion/sa_solver.py``) with the defaults ComfyUI's KSampler binds to
 the name, rewritten as a Kiln sigma-space stepper (see ``kdiffusion.py``: state
-x = x0 + sigma * eps, model input x / sqrt(sigma^2 + 1)). Only the variance-
-exploding (SD) parameterisation is here: for it alpha = 1 and the half-log-SNR
-is lambda = -log(sigma), which is what ComfyUI's VP-data-prediction formulas
-reduce to; ComfyUI's flow-model branches are not carried over (flow models keep
-their own sampler list, ``flow.py``).
+x = x0 + sigma * eps, model input x / sqrt(sigma^2 + 1)). ER-SDE, SEEDS and SA-Solver
+read the half-log-SNR and the clean latent's weight alpha from the model's training
+schedule (on SD alpha = 1 and lambda = -log(sigma), what ComfyUI's VP-data-prediction
+formulas reduce to), so they also run on flow models in ComfyUI's flow forms; the
+ancestral RES and the stochastic CFG++ forms are variance-exploding only (``flow.py``
+refuses them on flow models).
 
 Fresh noise: ComfyUI's KSampler draws these samplers' noise from
 ``default_noise_sampler`` (independent standard normals per call, one generator for
@@ -243,7 +244,8 @@ class ExpHeun2X0SDE(SEEDS):
 
 
 def _stochastic_adams_weights(lambdas: list[float], lam_s: float, lam_t: float, tau: float) -> list[float]:
-    """SA-Solver's b coefficients (its eqs. 15 and 18, data prediction, VE so alpha_t = 1):
+    """SA-Solver's b coefficients (its eqs. 15 and 18, data prediction, before the clean
+    latent's weight alpha_t that the caller applies):
     the integral from lam_s to lam_t of (1 + tau^2) e^((1 + tau^2)(l - lam_t)) times each
     Lagrange basis polynomial through ``lambdas``. The moments of the exponential weight
     come from integrating by parts; the basis integrals from the Vandermonde system."""
@@ -288,6 +290,11 @@ class SASolver(StagedStepper):
     the prediction. ``pece`` (``sa_solver_pece``) evaluates the corrected state again
     before predicting: two evaluations at each sigma after the first.
 
+    Time is the half-log-SNR of the model's training schedule and the prediction terms carry
+    the clean latent's weight alpha, so the same steps serve SD (alpha = 1, lambda =
+    -log(sigma)) and flow models (alpha = 1 - t, ComfyUI's flow form, its first level t = 1
+    taken at 1 - 1e-4).
+
     Deliberate difference: on a list that ends above 0 (e.g. KSamplerAdvanced's leftover
     noise) Kiln returns the state predicted at the list's last sigma; ComfyUI's function
     returns the corrected state one sigma earlier.
@@ -307,10 +314,10 @@ class SASolver(StagedStepper):
     def __init__(self, config: Mapping[str, Any], sigmas: "torch.Tensor", **options: Any) -> None:
         from nodes.samplers.schedules import percent_to_sigma
 
-        super().__init__(config, sigmas, **options)
+        super().__init__(config, below_pure_noise(config, sigmas), **options)
         self.tau_range = (percent_to_sigma(self.schedule, self.sde_end_percent),
                           percent_to_sigma(self.schedule, self.sde_start_percent))  # (low, high)
-        self.lambdas = [-math.log(s) if s > 0 else math.inf for s in self.sigmas.tolist()]
+        self.lambdas = [self.schedule.half_log_snr(s) if s > 0 else math.inf for s in self.sigmas.tolist()]
         self._to_end = float(self.sigmas[-1]) == 0
         self._preds: list["torch.Tensor"] = []
         self._x: "torch.Tensor | None" = None
@@ -326,12 +333,16 @@ class SASolver(StagedStepper):
         low, high = self.tau_range
         return self.eta if self.eta > 0 and low <= sigma <= high else 0.0
 
-    def _weights(self, i: int, order: int, lam_s: float, lam_t: float, tau: float, corrector: bool) -> list[float]:
-        """The b coefficients over the last ``order`` predictions up to step ``i``'s."""
-        lambdas = self.lambdas[i - order + 1:i + 1]
+    def _weights(self, i: int, order: int, end: int, tau: float, corrector: bool) -> list[float]:
+        """The b coefficients over the last ``order`` predictions up to step ``i``'s, for the move
+        from level end - 1 to level ``end``, times the clean latent's weight there (1 on SD)."""
+        lambdas, lam_s, lam_t = self.lambdas[i - order + 1:i + 1], self.lambdas[end - 1], self.lambdas[end]
         if self.simple_order_2 and order == 2:
-            return _simple_order_2_weights(lambdas, lam_s, lam_t, tau, corrector)
-        return _stochastic_adams_weights(lambdas, lam_s, lam_t, tau)
+            weights = _simple_order_2_weights(lambdas, lam_s, lam_t, tau, corrector)
+        else:
+            weights = _stochastic_adams_weights(lambdas, lam_s, lam_t, tau)
+        alpha = self.schedule.alpha(float(self.sigmas[end]))
+        return [alpha * w for w in weights]
 
     def _weighted(self, weights: list[float]) -> "torch.Tensor":
         preds = self._preds[-len(weights):]
@@ -356,7 +367,7 @@ class SASolver(StagedStepper):
         if corrector == 0:
             self._x = x
         else:
-            weights = self._weights(i, corrector, self.lambdas[i - 1], self.lambdas[i], self._tau, corrector=True)
+            weights = self._weights(i, corrector, i, self._tau, corrector=True)
             self._x = (sigma / float(self.sigmas[i - 1]) * math.exp(-self._tau ** 2 * self._h) * self._x
                        + self._weighted(weights))
             if self._tau > 0 and self._noise is not None:
@@ -373,7 +384,7 @@ class SASolver(StagedStepper):
         lam = self.lambdas
         self._tau = tau = self.tau(sigma_next)
         self._h = h = lam[i + 1] - lam[i]
-        weights = self._weights(i, order, lam[i], lam[i + 1], tau, corrector=False)
+        weights = self._weights(i, order, i + 1, tau, corrector=False)
         out = sigma_next / sigma * math.exp(-tau ** 2 * h) * self._x + self._weighted(weights)
         self._noise = None
         if tau > 0 and self.s_noise > 0:
