@@ -113,18 +113,37 @@ def _from_pure_noise(name: str, steps: int) -> tuple[torch.Tensor, object]:
     return x, stepper
 
 
-def test_dpmpp_sde_flow_form_converges_to_the_data_distribution(monkeypatch):
-    """DPM-Solver++ SDE (sde.DPMppSDE) on the flow: its ancestral stages lose spread on coarse
-    grids (0.45 against 0.5 at 48 steps, 0.48 at 192: first order, as on SD, where Kiln's
-    independent draws replace ComfyUI's Brownian tree), so the check is that the spread error
-    halves as the steps quadruple and the mean is right; without its noise it collapses."""
-    from nodes.samplers import sde
+@pytest.mark.parametrize("name", ["dpmpp_sde", "euler_ancestral_cfg_pp"])
+def test_first_order_stochastic_flow_forms_converge_to_the_data_distribution(name, monkeypatch):
+    """DPM-Solver++ SDE (sde.DPMppSDE) and CFG++ Euler ancestral (without an unguided pass,
+    Euler ancestral in sigma / alpha) on the flow lose spread on coarse grids (0.44-0.45
+    against 0.5 at 48 steps, 0.48 at 192: first order, as ancestral steps are on SD), so the
+    check is that the spread error halves as the steps quadruple and the mean is right;
+    without their noise the spread collapses."""
+    from nodes.samplers import kdiffusion, sde
 
-    errors = [abs(float(_from_pure_noise("dpmpp_sde", n)[0].std()) - S) for n in (48, 192)]
+    errors = [abs(float(_from_pure_noise(name, n)[0].std()) - S) for n in (48, 192)]
     assert errors[1] < errors[0] / 2 and errors[1] < 0.03, errors
-    assert abs(float(_from_pure_noise("dpmpp_sde", 48)[0].mean()) - MU) < 0.03
-    monkeypatch.setattr(sde, "randn_like", lambda x, generator: torch.zeros_like(x))
-    assert abs(float(_from_pure_noise("dpmpp_sde", 48)[0].std()) - S) > 0.1
+    assert abs(float(_from_pure_noise(name, 48)[0].mean()) - MU) < 0.03
+    for module in (sde, kdiffusion):
+        monkeypatch.setattr(module, "randn_like", lambda x, generator: torch.zeros_like(x))
+    assert abs(float(_from_pure_noise(name, 48)[0].std()) - S) > 0.1
+
+
+def test_euler_cfg_pp_first_flow_step_by_hand():
+    """ComfyUI's CFG++ Euler in its general form, x' = a' D + t' (x - a U) / t with a = 1 - t
+    (guided prediction D, unguided U): on a flow model the unguided noise estimate is
+    (x - a U) / t, and the variance-exploding form (a = 1) is another step once U != D."""
+    grid = torch.tensor([0.8, 0.5, 0.0])
+    stepper = flow.on_grid(resolve_sampler("euler_cfg_pp"), FLOW_CONFIG, grid)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t0, t1 = 0.8, 0.5
+    guided, unguided = _velocity(x, t0), 0.7 * _velocity(x, t0) + 0.1
+    out = stepper.step(guided, stepper.timesteps[0], x, uncond=unguided).prev_sample
+    clean, clean_u = x - t0 * guided, x - t0 * unguided
+    expected = (1 - t1) * clean + t1 * (x - (1 - t0) * clean_u) / t0
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert (out - (clean + t1 * (x - clean_u) / t0)).abs().max() > 1e-2  # the VE form is not it
 
 
 @pytest.mark.parametrize("name", ["er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0_sde", "dpm_2_ancestral",

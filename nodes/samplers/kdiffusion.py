@@ -55,7 +55,8 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     sigma_up of fresh noise to add) with sigma_down^2 + sigma_up^2 = sigma_next^2."""
     if not eta:
         return sigma_next, 0.0
-    up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2, 0.0)))
+    shrink = 1.0 if math.isinf(sigma) else (sigma ** 2 - sigma_next ** 2) / sigma ** 2  # from pure noise: 1
+    up = min(sigma_next, eta * math.sqrt(max(sigma_next ** 2 * shrink, 0.0)))
     return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
 
 
@@ -324,19 +325,23 @@ class EulerAncestral(SigmaStepper):
     parity with diffusers' pipelines; this stepper runs other settings.
 
     The CFG++ forms (:class:`EulerCFGPP`, :class:`EulerAncestralCFGPP`) step along the
-    *unguided* prediction, x' = denoised + sigma_down * (x - uncond_denoised) / sigma,
-    which keeps the sample on the data manifold at low guidance scales (Chung et al.
-    2024, arXiv 2406.08070; CFG++ is used with cfg around 1-2)."""
+    *unguided* prediction, x' = alpha' (denoised + sigma_down (x - alpha uncond_denoised) /
+    sigma), which keeps the sample on the data manifold at low guidance scales (Chung et
+    al. 2024, arXiv 2406.08070; CFG++ is used with cfg around 1-2). alpha is the clean
+    latent's weight and the ancestral split is taken on sigma / alpha, as ComfyUI's
+    ``sample_euler_ancestral_cfg_pp``: on SD alpha = 1; on a flow model alpha = 1 - t, so
+    the CFG++ forms run there too (the plain one has its RF form, ``flow_ancestral``)."""
 
     eta = 1.0
     s_noise = 1.0
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
         plain = denoised if self._unguided is None else self._unguided
-        down, up = ancestral_step(sigma, sigma_next, self.eta)
-        out = denoised + (x - plain) / sigma * down
+        alpha, alpha_next = self.schedule.alpha(sigma), self.schedule.alpha(sigma_next)
+        down, up = ancestral_step(sigma / alpha if alpha > 0 else math.inf, sigma_next / alpha_next, self.eta)
+        out = alpha_next * (denoised + (x - alpha * plain) / sigma * down)
         if up > 0 and self.s_noise > 0:
-            out = out + randn_like(out, generator) * (up * self.s_noise)
+            out = out + randn_like(out, generator) * (alpha_next * up * self.s_noise)
         return out
 
 
