@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -100,11 +100,15 @@ Patch = Any  # LowRank | Diff | lycoris.Product | dora.Dora: what a table holds 
 
 @dataclass(frozen=True, eq=False)
 class LoraEntry:
-    """One LoRA in a stack: per target ("unet", "text_encoder", ...) the patch by parameter name."""
+    """One LoRA in a stack: per target ("unet", "text_encoder", ...) the patch by parameter name.
+
+    A merge (nodes.runtime.merge) is an entry too: its patches are ``merge.Blend`` and
+    ``sources`` gives, per target, the second model's network in use (a context manager)."""
 
     name: str
     strength: float
     tables: dict[str, dict[str, Patch]] = field(default_factory=dict)
+    sources: dict[str, Callable[[], contextlib.AbstractContextManager]] = field(default_factory=dict)
 
 
 LoraStack = tuple  # tuple[LoraEntry, ...]
@@ -132,6 +136,9 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
     try:
         with torch.no_grad():
             for entry, table in active:
+                if target in entry.sources:
+                    _merge(module, params, entry, table, target, saved)
+                    continue
                 for name, factors in table.items():
                     p = params[name]
                     owner, kind = name.rsplit(".", 1)
@@ -174,3 +181,27 @@ def patched(module: Any, stack: LoraStack, target: str) -> Iterator[None]:
             vars(module.get_submodule(owner)).pop("kiln_lora", None)
         for owner in deltas:
             vars(module.get_submodule(owner)).pop("kiln_deltas", None)
+
+
+def _merge(module: Any, params: dict, entry: LoraEntry, table: dict, target: str, saved: dict) -> None:
+    """Write a merge entry's blends into ``module`` (nodes.runtime.merge), saving what it overwrites."""
+    from engine.context import NodeError
+    from nodes.runtime.merge import NotWhole, not_whole, other_weights
+
+    def refuse(reason: str) -> NodeError:
+        return NodeError(f"{entry.name}: merging needs both models' weights whole in memory, and some are {reason} "
+                         "(give Kiln more memory, or merge full-precision files)",
+                         "model" if target == "unet" else "clip")
+
+    reason = not_whole(module, list(table))
+    if reason:
+        raise refuse(reason)
+    try:
+        with other_weights(entry.sources[target], module, list(table)) as other:
+            for name, blend in table.items():
+                p = params[name]
+                if name not in saved:
+                    saved[name] = p.detach().to("cpu", copy=True)
+                p.copy_(blend.mixed(p, other[name]).to(p.dtype))
+    except NotWhole as exc:
+        raise refuse(str(exc)) from None

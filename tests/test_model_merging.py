@@ -1,0 +1,211 @@
+"""ComfyUI's model-merging nodes on tiny checkpoints loaded through the real loader.
+
+The claims: while the merged model is in use each shared weight is ComfyUI's combination
+(ratio * W1 + (1 - ratio) * W2, W1 + W2, m * (W1 - W2); per block for ModelMergeBlocks),
+with LoRAs on either model taken in; afterwards both models are bit-identical to before;
+ratio 1 samples exactly as model1 and ratio 0 exactly as model2; CLIP merges do the same
+for the text encoders; models of two families are refused naming model2.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import tiny_models as tm
+from engine.context import NodeError
+from node_call import Called, call
+from nodes import loaders
+from nodes import model_merging as mm
+from nodes import text
+from nodes.runtime.patches import LoraEntry, LowRank
+from nodes.sampling import ksampler
+
+SECOND = "tiny-sd1-b.safetensors"
+
+
+@pytest.fixture(scope="module")
+def merge_env(tmp_path_factory):
+    """Tiny SD1 twice (other random weights), and a tiny SDXL, in one models folder."""
+    from node_call import environment_over
+
+    root = tmp_path_factory.mktemp("merge-models")
+    tm.save_single_file("sd1", root / "checkpoints" / tm.checkpoint_name("sd1"))
+    tm.save_single_file("sd1", root / "checkpoints" / SECOND, parts=tm.fresh_components("sd1", seed=1))
+    tm.save_single_file("sdxl", root / "checkpoints" / tm.checkpoint_name("sdxl"))
+    yield from environment_over(root, tmp_path_factory.mktemp("merge-data"))
+
+
+def _load(env, name):
+    return call(loaders.checkpoint_loader, env, ckpt_name=name)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    with model.unet() as net:
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _sample(env, model, clip, seed=3):
+    pos = call(text.clip_text_encode, env, text="a red barn", clip=clip)[0]
+    neg = call(text.clip_text_encode, env, text="blurry", clip=clip)[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    return call(ksampler, env, model=model, seed=seed, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
+                positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]["samples"]
+
+
+def test_simple_merge_is_the_weighted_sum_and_both_models_are_restored(merge_env):
+    m1, c1, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, _, _ = _load(merge_env, SECOND)
+    w1, w2 = _weights(m1), _weights(m2)
+    rec = Called()
+    (merged,) = call(mm.model_merge_simple, merge_env, rec, model1=m1, model2=m2, ratio=0.3)
+    assert any("weights merged" in m for m in rec.messages)
+    got = _weights(merged)
+    for name in w1:
+        assert torch.allclose(got[name], 0.3 * w1[name] + 0.7 * w2[name], atol=1e-6), name
+    assert all(torch.equal(_weights(m1)[k], w1[k]) for k in w1)  # restored bit for bit
+    assert all(torch.equal(_weights(m2)[k], w2[k]) for k in w2)
+    assert (got["conv_in.weight"] - w1["conv_in.weight"]).abs().max() > 1e-3  # not vacuous
+
+
+def test_ratio_one_samples_as_model1_and_zero_as_model2(merge_env):
+    m1, c1, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, _, _ = _load(merge_env, SECOND)
+    one, two = _sample(merge_env, m1, c1), _sample(merge_env, m2, c1)
+    assert torch.equal(_sample(merge_env, call(mm.model_merge_simple, merge_env, model1=m1, model2=m2, ratio=1.0)[0],
+                               c1), one)
+    assert torch.equal(_sample(merge_env, call(mm.model_merge_simple, merge_env, model1=m1, model2=m2, ratio=0.0)[0],
+                               c1), two)
+    half = _sample(merge_env, call(mm.model_merge_simple, merge_env, model1=m1, model2=m2, ratio=0.5)[0], c1)
+    assert (half - one).abs().max() > 1e-3 and (half - two).abs().max() > 1e-3
+
+
+def test_add_subtract_and_a_difference_added_back(merge_env):
+    m1, _, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, _, _ = _load(merge_env, SECOND)
+    w1, w2 = _weights(m1), _weights(m2)
+    added = _weights(call(mm.model_merge_add, merge_env, model1=m1, model2=m2)[0])
+    (difference,) = call(mm.model_merge_subtract, merge_env, model1=m1, model2=m2, multiplier=0.5)
+    subtracted = _weights(difference)
+    # A merged handle as the second model: model2 + 0.5 (model1 - model2).
+    chained = _weights(call(mm.model_merge_add, merge_env, model1=m2, model2=difference)[0])
+    for name in ("conv_in.weight", "mid_block.resnets.0.conv1.weight"):
+        assert torch.allclose(added[name], w1[name] + w2[name], atol=1e-6)
+        assert torch.allclose(subtracted[name], 0.5 * (w1[name] - w2[name]), atol=1e-6)
+        assert torch.allclose(chained[name], w2[name] + 0.5 * (w1[name] - w2[name]), atol=1e-6)
+
+
+def test_blocks_take_their_own_ratios(merge_env):
+    m1, _, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, _, _ = _load(merge_env, SECOND)
+    w1, w2 = _weights(m1), _weights(m2)
+    got = _weights(call(mm.model_merge_blocks, merge_env, model1=m1, model2=m2, input=0.2, middle=0.5, out=0.9)[0])
+    expected = {"down_blocks.0.resnets.0.conv1.weight": 0.2, "conv_in.weight": 0.2, "time_embedding.linear_1.weight": 0.2,
+                "mid_block.resnets.0.conv1.weight": 0.5, "up_blocks.0.resnets.0.conv1.weight": 0.9,
+                "conv_out.weight": 0.9}
+    for name, r in expected.items():
+        assert torch.allclose(got[name], r * w1[name] + (1 - r) * w2[name], atol=1e-6), name
+
+
+def _lora_on(model, scale: float = 1.0):
+    """A one-module LoRA (built in memory) on conv_in-adjacent attention of ``model``."""
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    with model.unet() as net:
+        shape = tuple(net.get_parameter(name).shape)
+    gen = torch.Generator().manual_seed(4)
+    factors = LowRank(torch.randn(shape[0], 2, generator=gen), torch.randn(2, shape[1], generator=gen), scale)
+    entry = LoraEntry("test-lora", 1.0, {"unet": {name: factors}})
+    return dataclasses.replace(model, loras=(*model.loras, entry)), name, factors.delta(shape, "cpu")
+
+
+def test_loras_on_either_model_are_merged_and_a_model_merges_with_itself(merge_env):
+    m1, _, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, _, _ = _load(merge_env, SECOND)
+    w1, w2 = _weights(m1), _weights(m2)
+    m2_lora, name, delta = _lora_on(m2)
+    got = _weights(call(mm.model_merge_simple, merge_env, model1=m1, model2=m2_lora, ratio=0.25)[0])
+    assert torch.allclose(got[name], 0.25 * w1[name] + 0.75 * (w2[name] + delta), atol=1e-5)
+    m1_lora, _, delta1 = _lora_on(m1)
+    got = _weights(call(mm.model_merge_simple, merge_env, model1=m1_lora, model2=m2, ratio=0.25)[0])
+    assert torch.allclose(got[name], 0.25 * (w1[name] + delta1) + 0.75 * w2[name], atol=1e-5)
+    # One checkpoint, merged with itself plus a LoRA: half the LoRA, then the weights restored.
+    got = _weights(call(mm.model_merge_simple, merge_env, model1=m1, model2=m1_lora, ratio=0.5)[0])
+    assert torch.allclose(got[name], w1[name] + 0.5 * delta1, atol=1e-5)
+    assert torch.equal(_weights(m1)[name], w1[name])
+
+
+def test_another_family_is_refused_naming_model2(merge_env):
+    m1, c1, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    mx, cx, _ = _load(merge_env, tm.checkpoint_name("sdxl"))
+    with pytest.raises(NodeError) as err:  # the tiny SD1 and SDXL share 126 weights by name and shape
+        call(mm.model_merge_simple, merge_env, model1=m1, model2=mx, ratio=0.5)
+    assert err.value.input_name == "model2" and "sdxl" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        call(mm.clip_merge_add, merge_env, clip1=c1, clip2=cx)
+    assert err.value.input_name == "clip2"
+    with pytest.raises(NodeError) as err:
+        call(mm.model_merge_simple, merge_env, model1=m1, model2="not a model", ratio=0.5)
+    assert err.value.input_name == "model2"
+    with pytest.raises(NodeError) as err:
+        call(mm.clip_merge_simple, merge_env, clip1=c1, clip2=m1, ratio=0.5)
+    assert err.value.input_name == "clip2"
+
+
+def test_clip_merges(merge_env):
+    _, c1, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    _, c2, _ = _load(merge_env, SECOND)
+
+    def encoder_weights(clip):
+        with clip.encoder("text_encoder") as te:
+            return {k: v.detach().clone() for k, v in te.state_dict().items()}
+
+    def encode(clip):
+        return call(text.clip_text_encode, merge_env, text="a cat", clip=clip)[0][0][0]
+
+    e1, e2 = encoder_weights(c1), encoder_weights(c2)
+    (half,) = call(mm.clip_merge_simple, merge_env, clip1=c1, clip2=c2, ratio=0.5)
+    got = encoder_weights(half)
+    name = next(k for k in e1 if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+    assert torch.allclose(got[name], 0.5 * (e1[name] + e2[name]), atol=1e-6)
+    assert torch.equal(encoder_weights(c1)[name], e1[name])
+    assert torch.equal(encode(call(mm.clip_merge_simple, merge_env, clip1=c1, clip2=c2, ratio=1.0)[0]), encode(c1))
+    assert (encode(half) - encode(c1)).abs().max() > 1e-3
+    added = encoder_weights(call(mm.clip_merge_add, merge_env, clip1=c1, clip2=c2)[0])
+    assert torch.allclose(added[name], e1[name] + e2[name], atol=1e-6)
+    subtracted = encoder_weights(call(mm.clip_merge_subtract, merge_env, clip1=c1, clip2=c2, multiplier=2.0)[0])
+    assert torch.allclose(subtracted[name], 2.0 * (e1[name] - e2[name]), atol=1e-6)
+
+
+def test_the_table_leaves_unshared_and_reshaped_weights_to_model1():
+    from nodes.runtime.merge import Blend, table
+
+    patches, differing = table({"a": (2, 2), "b": (3,), "c": (4,), "d.position_ids": (1,)},
+                               {"a": (2, 2), "b": (5,), "d.position_ids": (1,)}, lambda name: (0.25, 0.75),
+                               skip=lambda name: name.endswith(mm.CLIP_KEPT))
+    assert patches == {"a": Blend(0.25, 0.75)} and differing == ["b"]
+
+
+def test_weights_not_whole_in_memory_are_refused_naming_the_model():
+    """A network stored in fp8 (FLUX's fp8 files) cannot take a merge written into its weights."""
+    import contextlib
+
+    from nodes.families import sd1
+    from nodes.handles import ModelHandle
+    from nodes.runtime.merge import not_whole
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    narrow = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    narrow[0].weight.data = narrow[0].weight.data.to(torch.float8_e4m3fn)
+    assert not_whole(net, ["0.weight"]) == "" and "fp8" in not_whole(narrow, ["0.weight"])
+
+    def handle(module):
+        return ModelHandle(sd1.FAMILY, scheduler_config={}, latent=sd1.FAMILY.latent,
+                           _use_unet=lambda: contextlib.nullcontext(module), _peek=lambda: module)
+
+    for first, second in ((handle(narrow), handle(net)), (handle(net), handle(narrow))):
+        (merged,) = call(mm.model_merge_simple, None, model1=first, model2=second, ratio=0.5)
+        with pytest.raises(NodeError) as err:
+            with merged.unet():
+                pass
+        assert err.value.input_name == "model" and "fp8" in str(err.value)
