@@ -174,6 +174,13 @@ class VaeHandle:
     def compile_note(self) -> str | None:
         return self._compile_note() if self._compile_note is not None else None
 
+    @contextlib.contextmanager
+    def module(self) -> Iterator["torch.nn.Module"]:
+        """The AutoencoderKL on the compute device (to read its weights, e.g. CheckpointSave)."""
+        assert self._use_vae is not None, "vae handle has no loader"
+        with self._use_vae() as vae:
+            yield vae
+
     def _pixels_in(self, pixels: "torch.Tensor", vae: Any) -> "torch.Tensor":
         x = pixels[..., :3].permute(0, 3, 1, 2) * 2.0 - 1.0
         return x.to(device=vae.device, dtype=vae.dtype)

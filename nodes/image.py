@@ -227,7 +227,7 @@ def _prefix_problem(env: Environment, prefix: Any) -> str | None:
     return None
 
 
-def _save_validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+def save_validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
     problem = _prefix_problem(env, inputs.get("filename_prefix"))
     return [("filename_prefix", problem)] if problem else []
 
@@ -267,6 +267,13 @@ def _metadata(ctx) -> dict[str, Any]:
     if params:
         chunks["parameters"] = json.dumps(params, default=str)
     return chunks
+
+
+def metadata_strings(ctx) -> dict[str, str]:
+    """The workflow chunks SaveImage embeds, as text values (safetensors metadata of saved latents
+    and checkpoints)."""
+    return {key: value if isinstance(value, str) else json.dumps(value, default=str)
+            for key, value in _metadata(ctx).items()}
 
 
 def save_folder(env: Environment, root: Any, prefix: str, kind: str) -> tuple[Path, str, str]:
@@ -335,7 +342,7 @@ def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) 
     ],
     # The images again, as ComfyUI's newer SaveImage/PreviewImage pass them on (templates link from it).
     outputs=[Output("images", T.IMAGE)],
-    validate=_save_validate,
+    validate=save_validate,
 )
 def save_image(ctx, images, filename_prefix: str = "Kiln"):
     """Save PNGs as ``prefix_00001_.png`` in the output folder, with the workflow embedded.

@@ -290,12 +290,23 @@ def write_numbered_atomic(folder: Path, base: str, suffix: str, write: Callable[
     without hard links fall back to an exclusive placeholder plus ``os.replace``.
     Saved images and saved latents (``.latent``) share it, so both count up alike.
     """
+    def make(path: Path) -> None:
+        with open(path, "wb") as f:
+            write(f)
+
+    return publish_numbered(folder, base, suffix, make)
+
+
+def publish_numbered(folder: Path, base: str, suffix: str, make: Callable[[Path], None]) -> str:
+    """:func:`write_numbered_atomic` for a writer that wants a path (``safetensors.torch.save_file``,
+    which streams a checkpoint to disk instead of building its bytes in memory): ``make(path)``
+    writes the temporary file, which is synced and published the same way."""
     fd, tmp = tempfile.mkstemp(prefix=".kiln-", suffix=f"{suffix}.tmp", dir=folder)
+    os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        make(Path(tmp))
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         counter = _next_counter(folder, base, suffix)
         for _ in range(10000):

@@ -15,7 +15,6 @@ validation, and fingerprints its content, so an edited file re-runs the node.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 from engine import types as T
@@ -31,12 +30,6 @@ VERSION_KEY = "latent_format_version_0"
 LEGACY_SCALE = 0.18215
 
 
-def _metadata_text(ctx) -> dict[str, str]:
-    """The workflow chunks SaveImage embeds, as safetensors metadata (text values only)."""
-    return {key: value if isinstance(value, str) else json.dumps(value, default=str)
-            for key, value in _image_nodes._metadata(ctx).items()}
-
-
 @define_node(
     "SaveLatent",
     category="_for_testing",
@@ -44,7 +37,7 @@ def _metadata_text(ctx) -> dict[str, str]:
     inputs=[Input("samples", T.LATENT),
             Input("filename_prefix", T.STRING, default="latents/Kiln", comfy_default="latents/ComfyUI",
                   tooltip="File name start; may include a subfolder, always inside the output folder")],
-    validate=_image_nodes._save_validate,
+    validate=_image_nodes.save_validate,
 )
 def save_latent(ctx, samples, filename_prefix: str = "latents/Kiln"):
     """Save the latent batch as ``prefix_00001_.latent`` in the output folder (ComfyUI's format).
@@ -60,7 +53,7 @@ def save_latent(ctx, samples, filename_prefix: str = "latents/Kiln"):
         raise NodeError("expected a LATENT (a dict with a 'samples' tensor)", "samples")
     folder, subfolder, base = _image_nodes.save_folder(ctx.env, ctx.env.paths.output, filename_prefix, "output")
     tensors = {TENSOR_KEY: samples["samples"].detach().to("cpu").contiguous(), VERSION_KEY: torch.tensor([])}
-    data = save(tensors, metadata=_metadata_text(ctx) or None)
+    data = save(tensors, metadata=_image_nodes.metadata_strings(ctx) or None)
     name = io_.write_numbered_atomic(folder, base, EXTENSION, lambda f: f.write(data))
     return Result(ui={"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]})
 

@@ -27,13 +27,14 @@ SECOND = "tiny-sd1-b.safetensors"
 
 @pytest.fixture(scope="module")
 def merge_env(tmp_path_factory):
-    """Tiny SD1 twice (other random weights), and a tiny SDXL, in one models folder."""
+    """Tiny SD1 twice (other random weights), a tiny SDXL and SD2-v, in one models folder."""
     from node_call import environment_over
 
     root = tmp_path_factory.mktemp("merge-models")
     tm.save_single_file("sd1", root / "checkpoints" / tm.checkpoint_name("sd1"))
     tm.save_single_file("sd1", root / "checkpoints" / SECOND, parts=tm.fresh_components("sd1", seed=1))
     tm.save_single_file("sdxl", root / "checkpoints" / tm.checkpoint_name("sdxl"))
+    tm.save_single_file("sd2-v", root / "checkpoints" / tm.checkpoint_name("sd2-v"))
     yield from environment_over(root, tmp_path_factory.mktemp("merge-data"))
 
 
@@ -209,3 +210,64 @@ def test_weights_not_whole_in_memory_are_refused_naming_the_model():
             with merged.unet():
                 pass
         assert err.value.input_name == "model" and "fp8" in str(err.value)
+
+
+# -- CheckpointSave -----------------------------------------------------------------------------
+
+def _saved_and_loaded(env, model, clip, vae, prefix="checkpoints/merged"):
+    """Save through CheckpointSave, move the file into the models folder, load it back."""
+    import shutil
+
+    from nodes import checkpoint_save
+
+    rec = Called()
+    call(checkpoint_save.checkpoint_save, env, rec, model=model, clip=clip, vae=vae, filename_prefix=prefix)
+    saved = rec.ui["checkpoints"][0]
+    source = env.paths.output.root / saved["subfolder"] / saved["filename"]
+    target = env.paths.models.root / "checkpoints" / saved["filename"]
+    shutil.move(str(source), str(target))
+    return call(loaders.checkpoint_loader, env, ckpt_name=saved["filename"]), rec
+
+
+def test_a_saved_merge_loads_back_as_the_merged_model(merge_env):
+    m1, c1, v1 = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, c2, _ = _load(merge_env, SECOND)
+    (merged,) = call(mm.model_merge_simple, merge_env, model1=m1, model2=m2, ratio=0.4)
+    (clip,) = call(mm.clip_merge_simple, merge_env, clip1=c1, clip2=c2, ratio=0.4)
+    (model, clip_back, vae), rec = _saved_and_loaded(merge_env, merged, clip, v1)
+    assert rec.messages and "tensors" in rec.messages[-1]
+    want, got = _weights(merged), _weights(model)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert torch.equal(_sample(merge_env, model, clip_back), _sample(merge_env, merged, clip))
+    pixels = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(vae.encode(pixels), v1.encode(pixels))
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "sd2-v"])
+def test_other_families_round_trip(merge_env, variant):
+    """SDXL's two encoders; SD2's OpenCLIP (its unused last block written anew) and v-prediction."""
+    model, clip, vae = _load(merge_env, tm.checkpoint_name(variant))
+    (back, clip_back, _), _ = _saved_and_loaded(merge_env, model, clip, vae, prefix=f"checkpoints/{variant}")
+    assert back.prediction_type == model.prediction_type
+    want, got = _weights(model), _weights(back)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert torch.equal(call(text.clip_text_encode, merge_env, text="a cat", clip=clip_back)[0][0][0],
+                       call(text.clip_text_encode, merge_env, text="a cat", clip=clip)[0][0][0])
+
+
+def test_checkpoint_save_refuses_what_it_cannot_write(merge_env):
+    from nodes import checkpoint_save
+    from nodes.families import flux
+    from nodes.handles import ModelHandle
+
+    model, clip, vae = _load(merge_env, tm.checkpoint_name("sd1"))
+    flux_model = ModelHandle(flux.FAMILY, scheduler_config={}, latent=flux.FAMILY.latent)
+    with pytest.raises(NodeError) as err:
+        call(checkpoint_save.checkpoint_save, merge_env, model=flux_model, clip=clip, vae=vae, filename_prefix="x")
+    assert err.value.input_name == "model"
+    _, clip_xl, _ = _load(merge_env, tm.checkpoint_name("sdxl"))
+    with pytest.raises(NodeError) as err:
+        call(checkpoint_save.checkpoint_save, merge_env, model=model, clip=clip_xl, vae=vae, filename_prefix="x")
+    assert err.value.input_name == "clip"
+    problems = checkpoint_save.checkpoint_save.validate(merge_env, {"filename_prefix": "../../escape"})
+    assert problems and problems[0][0] == "filename_prefix"
