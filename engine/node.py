@@ -229,9 +229,13 @@ class NodeSpec:
             return [f"{self.type}: first parameter must be the context"]
         declared = {i.name: i for i in self.inputs}
         taken = {p.name: p for p in params[1:]}
+        # ComfyUI names some inputs that no Python parameter can be named ("time_embed."): a
+        # function taking **kwargs receives every declared input it does not name there.
+        keywords = any(p.kind is p.VAR_KEYWORD for p in params[1:])
         for name, inp in declared.items():
             if name not in taken:
-                problems.append(f"{self.type}: input '{name}' has no parameter")
+                if not keywords:
+                    problems.append(f"{self.type}: input '{name}' has no parameter")
             elif not inp.required and taken[name].default is inspect.Parameter.empty and inp.default is NO_DEFAULT:
                 problems.append(f"{self.type}: optional input '{name}' needs a default in the function")
         for name, param in taken.items():

@@ -52,6 +52,7 @@ def _read(use: Callable[[], contextlib.AbstractContextManager], input_name: str)
 @define_node(
     "CheckpointSave",
     category="advanced/model_merging",
+    display_name="Save Checkpoint",
     output_node=True,
     inputs=[Input("model", T.MODEL), Input("clip", T.CLIP), Input("vae", T.VAE),
             Input("filename_prefix", T.STRING, default="checkpoints/Kiln", comfy_default="checkpoints/ComfyUI",

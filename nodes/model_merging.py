@@ -108,30 +108,31 @@ def model_merge_simple(ctx, model1, model2, ratio: float):
     return merge_models(ctx, model1, model2, f"ModelMergeSimple {r:g}", lambda name: (r, 1.0 - r))
 
 
-def block_of(name: str) -> str:
-    """ComfyUI's ModelMergeBlocks groups by the original UNet's prefixes (input_blocks,
-    middle_block, output_blocks and out); in diffusers' names those are the encoder side, the
-    middle block and the decoder side. Every other weight (time embedding, a transformer's)
-    takes ``input``'s ratio, ComfyUI's default."""
-    if name.startswith("mid_block."):
-        return "middle"
-    if name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")):
-        return "out"
-    return "input"
+def merge_by_blocks(ctx, model1: Any, model2: Any, label: str, ratios: dict[str, float]):
+    """ComfyUI's ModelMergeBlocks rule: a weight takes the ratio of the longest argument its
+    original-layout name starts with (``input`` matches ``input_blocks.*``, ``out`` both
+    ``output_blocks.*`` and ``out.*``), the first argument's when none does."""
+    if not isinstance(model1, ModelHandle):
+        raise NodeError(f"model1 must come from a model loader, got {type(model1).__name__}", "model1")
+    names = model1.family.original_names(model1.peek())
+    first = next(iter(ratios.values()))
+
+    def ratio_of(name: str) -> tuple[float, float]:
+        original = names.get(name, name)
+        best = max((arg for arg in ratios if original.startswith(arg)), key=len, default=None)
+        r = ratios[best] if best is not None else first
+        return r, 1.0 - r
+
+    return merge_models(ctx, model1, model2, label, ratio_of)
 
 
 @define_node("ModelMergeBlocks", category=CATEGORY,
              inputs=[*MODELS, _ratio("input"), _ratio("middle"), _ratio("out")], outputs=[Output("MODEL", T.MODEL)])
 def model_merge_blocks(ctx, model1, model2, input: float, middle: float, out: float):  # noqa: A002 (ComfyUI's name)
-    """A simple merge with its own ratio for the UNet's encoder side, middle block and decoder side."""
+    """A simple merge with its own ratio for the UNet's input blocks, middle block and output blocks."""
     ratios = {"input": float(input), "middle": float(middle), "out": float(out)}
-
-    def ratio_of(name: str) -> tuple[float, float]:
-        r = ratios[block_of(name)]
-        return r, 1.0 - r
-
     label = "ModelMergeBlocks " + "/".join(f"{v:g}" for v in ratios.values())
-    return merge_models(ctx, model1, model2, label, ratio_of)
+    return merge_by_blocks(ctx, model1, model2, label, ratios)
 
 
 @define_node("ModelMergeAdd", category=CATEGORY, inputs=MODELS, outputs=[Output("MODEL", T.MODEL)])
@@ -166,3 +167,35 @@ def clip_merge_subtract(ctx, clip1, clip2, multiplier: float):
     """multiplier * (clip1 - clip2)."""
     m = float(multiplier)
     return merge_clips(ctx, clip1, clip2, f"CLIPMergeSubtract {m:g}", m, -m)
+
+
+# -- ComfyUI's model-specific block merges: one ratio per block of the original layout ---------------
+
+SD1_BLOCKS = ("time_embed.", "label_emb.", *(f"input_blocks.{i}." for i in range(12)),
+              *(f"middle_block.{i}." for i in range(3)), *(f"output_blocks.{i}." for i in range(12)), "out.")
+SDXL_BLOCKS = ("time_embed.", "label_emb.", *(f"input_blocks.{i}" for i in range(9)),
+               *(f"middle_block.{i}" for i in range(3)), *(f"output_blocks.{i}" for i in range(9)), "out.")
+FLUX_BLOCKS = ("img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in.",
+               *(f"double_blocks.{i}." for i in range(19)), *(f"single_blocks.{i}." for i in range(38)),
+               "final_layer.")
+
+
+def _per_block(node_type: str, blocks: tuple[str, ...], families: tuple[str, ...]):
+    """A ComfyUI ModelMerge<family> node: ModelMergeBlocks' rule with one ratio per block (input
+    names as ComfyUI spells them, dots and all, so they reach the function as keywords)."""
+    def merge(ctx, model1, model2, **ratios):
+        if isinstance(model1, ModelHandle) and model1.family.name not in families:
+            raise NodeError(f"{node_type} merges {' or '.join(families)} models; model1 is a {model1.family.name} one",
+                            "model1")
+        return merge_by_blocks(ctx, model1, model2, node_type, {block: float(ratios[block]) for block in blocks})
+
+    merge.__doc__ = (f"A simple merge of two {' or '.join(families)} models with a ratio per block of the original "
+                     "layout (model1's share; a weight outside every named block takes the first one's).")
+    return define_node(node_type, category=f"{CATEGORY}/model_specific", inputs=[*MODELS, *map(_ratio, blocks)],
+                       outputs=[Output("MODEL", T.MODEL)])(merge)
+
+
+model_merge_sd1 = _per_block("ModelMergeSD1", SD1_BLOCKS, ("sd1", "sd2"))
+model_merge_sd2 = _per_block("ModelMergeSD2", SD1_BLOCKS, ("sd1", "sd2"))  # ComfyUI: the same blocks as SD1
+model_merge_sdxl = _per_block("ModelMergeSDXL", SDXL_BLOCKS, ("sdxl", "sdxl-refiner"))
+model_merge_flux1 = _per_block("ModelMergeFlux1", FLUX_BLOCKS, ("flux", "flux-schnell"))

@@ -271,3 +271,65 @@ def test_checkpoint_save_refuses_what_it_cannot_write(merge_env):
     assert err.value.input_name == "clip"
     problems = checkpoint_save.checkpoint_save.validate(merge_env, {"filename_prefix": "../../escape"})
     assert problems and problems[0][0] == "filename_prefix"
+
+
+# -- per-block merges on the original layout's names ------------------------------------------------
+
+def _in_memory(family, network):
+    import contextlib
+
+    from nodes.handles import ModelHandle
+
+    return ModelHandle(family, scheduler_config={}, latent=family.latent,
+                       _use_unet=lambda: contextlib.nullcontext(network), _peek=lambda: network)
+
+
+def test_model_merge_sd1_takes_each_block_s_ratio_by_its_original_name(merge_env):
+    m1, _, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, _, _ = _load(merge_env, SECOND)
+    w1, w2 = _weights(m1), _weights(m2)
+    names = m1.family.original_names(m1.peek())
+    # diffusers' names -> ComfyUI's blocks (the original layout's), as the per-block inputs address them
+    assert names["conv_in.weight"] == "input_blocks.0.0.weight"
+    assert names["down_blocks.0.resnets.0.conv1.weight"].startswith("input_blocks.1.0.")
+    assert names["mid_block.attentions.0.proj_in.weight"].startswith("middle_block.1.")
+    assert names["up_blocks.0.resnets.0.conv1.weight"].startswith("output_blocks.0.0.")
+    assert names["conv_out.weight"] == "out.2.weight" and names["time_embedding.linear_1.weight"] == "time_embed.0.weight"
+    ratios = {block: 1.0 for block in mm.SD1_BLOCKS}
+    ratios.update({"time_embed.": 0.3, "input_blocks.1.": 0.2, "middle_block.1.": 0.6, "output_blocks.0.": 0.9,
+                   "out.": 0.1})
+    (merged,) = call(mm.model_merge_sd1, merge_env, model1=m1, model2=m2, **ratios)
+    got = _weights(merged)
+    for name, r in {"time_embedding.linear_1.weight": 0.3, "down_blocks.0.resnets.0.conv1.weight": 0.2,
+                    "mid_block.attentions.0.proj_in.weight": 0.6, "mid_block.resnets.0.conv1.weight": 1.0,
+                    "up_blocks.0.resnets.0.conv1.weight": 0.9, "conv_out.weight": 0.1, "conv_in.weight": 1.0}.items():
+        assert torch.allclose(got[name], r * w1[name] + (1 - r) * w2[name], atol=1e-6), name
+    with pytest.raises(NodeError) as err:
+        call(mm.model_merge_sdxl, merge_env, model1=m1, model2=m2, **{b: 1.0 for b in mm.SDXL_BLOCKS})
+    assert err.value.input_name == "model1"
+
+
+def test_model_merge_flux1_on_the_bfl_names():
+    import tiny_flux
+
+    from nodes.families import flux
+
+    a = tiny_flux.build("dev", seed=0)["transformer"]
+    b = tiny_flux.build("dev", seed=1)["transformer"]
+    m1, m2 = _in_memory(flux.FAMILY, a), _in_memory(flux.FAMILY, b)
+    names = flux.FAMILY.original_names(a)
+    assert names["transformer_blocks.0.attn.to_q.weight"] == "double_blocks.0.img_attn.qkv.weight"
+    assert names["single_transformer_blocks.0.proj_out.weight"] == "single_blocks.0.linear2.weight"
+    assert names["x_embedder.weight"] == "img_in.weight"
+    w1 = {k: v.detach().clone() for k, v in a.state_dict().items()}
+    w2 = {k: v.detach().clone() for k, v in b.state_dict().items()}
+    ratios = {block: 1.0 for block in mm.FLUX_BLOCKS}
+    ratios.update({"img_in.": 0.25, "double_blocks.0.": 0.5, "single_blocks.0.": 0.75})
+    (merged,) = call(mm.model_merge_flux1, None, model1=m1, model2=m2, **ratios)
+    with merged.unet() as net:
+        got = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    for name, r in {"x_embedder.weight": 0.25, "transformer_blocks.0.attn.to_q.weight": 0.5,
+                    "transformer_blocks.0.attn.to_k.weight": 0.5, "single_transformer_blocks.0.proj_out.weight": 0.75,
+                    "single_transformer_blocks.0.attn.to_q.weight": 0.75, "proj_out.weight": 1.0}.items():
+        assert torch.allclose(got[name], r * w1[name] + (1 - r) * w2[name], atol=1e-6), name
+    assert all(torch.equal(a.state_dict()[k], w1[k]) for k in w1)  # restored

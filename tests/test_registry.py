@@ -34,6 +34,28 @@ def test_a_mismatched_declaration_is_caught():
     assert any("'b'" in p for p in problems) and any("'c'" in p for p in problems)
 
 
+def test_inputs_no_parameter_can_name_arrive_through_keywords():
+    """ComfyUI's per-block merge nodes name inputs "time_embed." and "input_blocks.0.": a function
+    with **kwargs takes them; without it they are still caught, and an undeclared named parameter
+    is caught either way."""
+    @define_node("Dotted", inputs=[Input("a", "INT"), Input("time_embed.", "FLOAT")])
+    def dotted(ctx, a, **ratios):
+        return ratios
+
+    @define_node("DottedBad", inputs=[Input("time_embed.", "FLOAT")])
+    def dotted_bad(ctx, extra, **ratios):
+        return ratios
+
+    @define_node("NoKeywords", inputs=[Input("time_embed.", "FLOAT")])
+    def no_keywords(ctx):
+        return None
+
+    assert dotted.signature_mismatches() == []
+    assert dotted(None, a=1, **{"time_embed.": 0.5}) == {"time_embed.": 0.5}
+    assert any("'extra'" in p for p in dotted_bad.signature_mismatches())
+    assert any("'time_embed.'" in p for p in no_keywords.signature_mismatches())
+
+
 def test_duplicate_names_and_aliases_are_refused():
     registry = stubs.make_registry()
     with pytest.raises(RegistryError):

@@ -152,6 +152,12 @@ def diffusers_to_bfl(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def original_names(diffusers_names: Any) -> dict[str, str]:
+    """diffusers name -> the BFL name of the tensor it is (or is a part of, for fused ones)."""
+    names = set(diffusers_names)
+    return {d: bfl[0] for bfl, diff, _ in _pairs((), names) for d in diff if d in names}
+
+
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """FluxTransformer2DModel arguments from BFL-layout shapes (nothing fetched).
 

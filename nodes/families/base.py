@@ -227,6 +227,15 @@ class Family:
         original-layout names itself)."""
         return {}
 
+    def original_names(self, network: Any) -> dict[str, str]:
+        """Each of ``network``'s parameter names in the original checkpoint layout, without
+        ``model.diffusion_model.`` (``input_blocks.1.0.in_layers.0.weight``): the names ComfyUI's
+        per-block merge nodes address. SD UNets: nodes.checkpoint.to_original's map."""
+        from nodes.checkpoint.to_original import unet_to_original
+
+        original = unet_to_original({name: name for name, _ in network.named_parameters()}, dict(network.config))
+        return {param: key[len("model.diffusion_model."):] for key, param in original.items()}
+
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING for ``text``: CLIP families share nodes.families.text; others override."""
         from nodes.families.text import encode

@@ -167,6 +167,13 @@ class Flux(Family):
 
         return lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
 
+    def original_names(self, network: Any) -> dict[str, str]:
+        """The original (BFL) layout's names (``double_blocks.3.img_attn.qkv.weight``); the parts of
+        a fused BFL tensor (q, k, v) each take its name."""
+        from nodes.checkpoint.flux_keys import original_names
+
+        return original_names([name for name, _ in network.named_parameters()])
+
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         import torch

@@ -118,7 +118,11 @@ export class Palette {
       if (s < 0) continue;
       rows.push({ def, match, s });
     }
-    rows.sort((a, b) => b.s - a.s || a.def.category.localeCompare(b.def.category) || a.def.title.localeCompare(b.def.title));
+    // Equal scores: everyday nodes before those filed under "advanced" (typing "checkpoint"
+    // should offer Load Checkpoint before Save Checkpoint), then by category and title.
+    const advanced = (def) => (/^(advanced|_for_testing)(\/|$)/.test(def.category) ? 1 : 0);
+    rows.sort((a, b) => b.s - a.s || advanced(a.def) - advanced(b.def) || a.def.category.localeCompare(b.def.category)
+      || a.def.title.localeCompare(b.def.title));
     this.items = rows.slice(0, 60);
     this.active = 0;
     if (!this.items.length) {
