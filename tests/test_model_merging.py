@@ -218,7 +218,7 @@ def _saved_and_loaded(env, model, clip, vae, prefix="checkpoints/merged"):
     """Save through CheckpointSave, move the file into the models folder, load it back."""
     import shutil
 
-    from nodes import checkpoint_save
+    from nodes import model_saving as checkpoint_save
 
     rec = Called()
     call(checkpoint_save.checkpoint_save, env, rec, model=model, clip=clip, vae=vae, filename_prefix=prefix)
@@ -255,8 +255,65 @@ def test_other_families_round_trip(merge_env, variant):
                        call(text.clip_text_encode, merge_env, text="a cat", clip=clip)[0][0][0])
 
 
+def _saved(env, spec, folder: str, key: str, **inputs) -> list[str]:
+    """Run a save node, move its file(s) into models/<folder>; their names."""
+    import shutil
+
+    rec = Called()
+    call(spec, env, rec, **inputs)
+    names = []
+    for saved in rec.ui[key]:
+        target = env.paths.models.root / folder / saved["filename"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(env.paths.output.root / saved["subfolder"] / saved["filename"]), str(target))
+        names.append(saved["filename"])
+    return names
+
+
+def test_model_clip_and_vae_saves_load_back_through_the_split_loaders(merge_env):
+    from nodes import model_saving, split_loaders
+
+    m1, c1, v1 = _load(merge_env, tm.checkpoint_name("sd1"))
+    m2, c2, _ = _load(merge_env, SECOND)
+    (merged,) = call(mm.model_merge_simple, merge_env, model1=m1, model2=m2, ratio=0.6)
+    (unet_name,) = _saved(merge_env, model_saving.model_save, "diffusion_models", "diffusion_models", model=merged,
+                          filename_prefix="diffusion_models/merged")
+    (back,) = call(split_loaders.unet_loader, merge_env, unet_name=unet_name)
+    want, got = _weights(merged), _weights(back)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    (clip_merged,) = call(mm.clip_merge_simple, merge_env, clip1=c1, clip2=c2, ratio=0.6)
+    (clip_name,) = _saved(merge_env, model_saving.clip_save, "text_encoders", "clip", clip=clip_merged,
+                          filename_prefix="clip/merged")
+    assert clip_name.startswith("merged_clip_l_")
+    (clip_back,) = call(split_loaders.clip_loader, merge_env, clip_name=clip_name, type="stable_diffusion")
+    assert torch.equal(call(text.clip_text_encode, merge_env, text="a cat", clip=clip_back)[0][0][0],
+                       call(text.clip_text_encode, merge_env, text="a cat", clip=clip_merged)[0][0][0])
+    (vae_name,) = _saved(merge_env, model_saving.vae_save, "vae", "vae", vae=v1, filename_prefix="vae/saved")
+    (vae_back,) = call(loaders.vae_loader, merge_env, vae_name=vae_name)
+    pixels = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(vae_back.encode(pixels), v1.encode(pixels))
+
+
+def test_a_flux_transformer_saves_in_bfl_layout_and_loads_back(merge_env):
+    import tiny_flux
+
+    from nodes import model_saving, split_loaders
+    from nodes.families import flux
+
+    net = tiny_flux.build("dev", seed=2)["transformer"]
+    (name,) = _saved(merge_env, model_saving.model_save, "diffusion_models", "diffusion_models",
+                     model=_in_memory(flux.FAMILY, net), filename_prefix="diffusion_models/flux")
+    from safetensors import safe_open
+
+    with safe_open(str(merge_env.paths.models.root / "diffusion_models" / name), "pt") as f:
+        assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in f.keys()
+    (back,) = call(split_loaders.unet_loader, merge_env, unet_name=name)
+    got = _weights(back)
+    assert all(torch.equal(v, got[k]) for k, v in net.state_dict().items())
+
+
 def test_checkpoint_save_refuses_what_it_cannot_write(merge_env):
-    from nodes import checkpoint_save
+    from nodes import model_saving as checkpoint_save
     from nodes.families import flux
     from nodes.handles import ModelHandle
 
