@@ -55,7 +55,7 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- whole runs against CFGGuider ---------------------------------------------------------------
 
-def test_regular_reduces_to_cfg_guider(sd1, third):
+def test_regular_reduces_to_cfg_guider(sd1):
     # cond2 = negative: N + s2 (N - N) + s1 (P - N) is CFG at cfg_conds
     assert _gap(_dual(sd1, sd1.pos, sd1.neg, sd1.neg, "regular"), _cfg(sd1, sd1.pos, sd1.neg, S1)) < TOL
     # cond2 = cond1: N + s2 (P - N) + s1 (P - P) is CFG at cfg_cond2_negative
@@ -280,8 +280,9 @@ def test_it_runs_on_flux():
 
     def run(guider):
         sigmas, = cs.basic_scheduler(ctx, model, "simple", 3, 1.0)
-        out, _ = cs.sampler_custom_advanced(ctx, cs.random_noise(ctx, 2)[0], guider, cs.ksampler_select(ctx, "euler")[0],
-                                            sigmas, {"samples": torch.zeros(1, 16, 8, 8)})
+        euler, = cs.ksampler_select(ctx, "euler")
+        out, _ = cs.sampler_custom_advanced(ctx, cs.random_noise(ctx, 2)[0], guider, euler, sigmas,
+                                            {"samples": torch.zeros(1, 16, 8, 8)})
         return out["samples"]
 
     def dual(c2, style, s1=2.0, s2=1.5):
