@@ -3,7 +3,7 @@
 The pieces of KSampler as separate nodes: a noise source (RandomNoise, DisableNoise),
 a sampler (KSamplerSelect), a sigma list (BasicScheduler, KarrasScheduler, and
 SplitSigmas / SplitSigmasDenoise / FlipSigmas to cut or turn it), a guider
-(BasicGuider, CFGGuider), and SamplerCustomAdvanced / SamplerCustom to run them.
+(BasicGuider, CFGGuider, DualCFGGuider), and SamplerCustomAdvanced / SamplerCustom to run them.
 FLUX workflows are built from these; they work for every family because the
 sigmas, the starting noise and the stepper come from the model's sampling object
 (``nodes.samplers.model_sampling``), never from a schedule written here.
@@ -200,6 +200,34 @@ def cfg_guider(ctx, model, positive, negative, cfg: float):
     from nodes.samplers.custom import Guider
 
     return (Guider(model, positive, negative, float(cfg)),)
+
+
+@define_node("DualCFGGuider", category="sampling/custom_sampling/guiders",
+             inputs=[Input("model", T.MODEL), Input("cond1", T.CONDITIONING), Input("cond2", T.CONDITIONING),
+                     Input("negative", T.CONDITIONING),
+                     Input("cfg_conds", T.FLOAT, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                     Input("cfg_cond2_negative", T.FLOAT, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                     Input("style", T.COMBO, default="regular", choices=["regular", "nested"])],
+             outputs=[Output("GUIDER", T.GUIDER)])
+def dual_cfg_guider(ctx, model, cond1, cond2, negative, cfg_conds: float, cfg_cond2_negative: float, style: str):
+    """Guidance with two prompts: cfg_cond2_negative from the negative to cond2 and cfg_conds from
+    cond2 to cond1, either added (regular) or one inside the other (nested); formulas in
+    nodes.families.dual_cfg. cond2 counts as a negative-type prompt, as in ComfyUI."""
+    from nodes.families import conditioning as cond_rules
+    from nodes.families.base import ConditioningError
+    from nodes.families.dual_cfg import STYLES, DualCFG
+    from nodes.samplers.custom import Guider
+
+    for name, cond in (("cond1", cond1), ("cond2", cond2), ("negative", negative)):
+        try:
+            cond_rules.entries(cond, name)
+        except ConditioningError as exc:
+            raise NodeError(str(exc), exc.input_name) from None
+    if style not in STYLES:
+        raise NodeError(f"style must be one of {', '.join(STYLES)}, got {style!r}", "style")
+    middle = [[item[0], {**(item[1] or {}), "prompt_type": "negative"}] for item in cond2]
+    dual = DualCFG(middle, float(cfg_cond2_negative), nested=style == "nested")
+    return (Guider(model, cond1, negative, float(cfg_conds), dual=dual),)
 
 
 # -- running ---------------------------------------------------------------------------------

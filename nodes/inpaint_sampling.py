@@ -37,6 +37,8 @@ class Prepared:
     mask: Any = None
     #: True when the noise mask marks nothing: there is nothing to repaint
     nothing_to_repaint: bool = False
+    #: DualCFGGuider's second prompt (cond2), prepared as the others; None without one
+    middle: Any = None
 
 
 def _latent_mask(mask: Any, size: tuple[int, int], batch: int, input_name: str,
@@ -70,10 +72,11 @@ def in_channels(model: Any) -> int:
 
 
 def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: Any,
-            message: Callable[[str], None]) -> Prepared:
+            message: Callable[[str], None], middle: Any = None) -> Prepared:
     """Check the inpainting inputs against the model and make them ready for the loop.
 
-    ``x0``: the input latent in model space [B, C, h, w].
+    ``x0``: the input latent in model space [B, C, h, w]; ``middle``: a third conditioning
+    (DualCFGGuider's cond2) that gets the same treatment.
     """
     import torch
 
@@ -84,15 +87,16 @@ def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: An
         mask = _latent_mask(raw_mask, (h, w), batch, "latent_image", message, "the latent's noise_mask")
         if is_empty(mask):
             message("the noise mask is empty: nothing to repaint, so the latent is returned unchanged")
-            return Prepared(positive, negative, mask, nothing_to_repaint=True)
+            return Prepared(positive, negative, mask, nothing_to_repaint=True, middle=middle)
 
     width = in_channels(model)
     if width == channels:  # a plain model: InpaintModelConditioning's channels are not for it (ComfyUI too)
-        return Prepared(positive, negative, mask)
+        return Prepared(positive, negative, mask, middle=middle)
     if not inpaint.is_inpainting(width, channels):
         raise NodeError(f"the model's network takes {width} input channels; Kiln knows {channels} (plain) and "
                         f"{2 * channels + 1} (inpainting) for {channels}-channel latents", "model")
-    carries = any(isinstance(c, list) and any("concat_latent_image" in e[1] for e in c) for c in (positive, negative))
+    carries = any(isinstance(c, list) and any("concat_latent_image" in e[1] for e in c)
+                  for c in (positive, negative, middle))
     if not carries and mask is None:
         message(f"this is an inpainting model ({width} input channels) but nothing says what to keep: it "
                 "repaints the whole image (mask of ones, grey masked image), as ComfyUI does. Use "
@@ -113,8 +117,11 @@ def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: An
             return torch.cat([m.round(), image], dim=1)
         return build
 
-    return Prepared(_with_concat(positive, concat_for("positive")),
-                    _with_concat(negative, concat_for("negative")) if isinstance(negative, list) else negative, mask)
+    def side(cond: Any, input_name: str) -> Any:
+        return _with_concat(cond, concat_for(input_name)) if isinstance(cond, list) else cond
+
+    return Prepared(_with_concat(positive, concat_for("positive")), side(negative, "negative"), mask,
+                    middle=side(middle, "cond2"))
 
 
 def _concat_latent(model: Any, given: Any, x0: Any, input_name: str) -> Any:

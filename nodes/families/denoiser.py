@@ -39,12 +39,15 @@ if TYPE_CHECKING:
 class Denoiser:
     def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
-                 prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0) -> None:
+                 prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
+                 names: tuple[str, str] = ("positive", "negative")) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
         ``cfg_rescale``: RescaleCFG's multiplier (:func:`rescale_guidance`); ``pag_scale``:
-        perturbed-attention guidance's scale (nodes.families.perturbed)."""
+        perturbed-attention guidance's scale (nodes.families.perturbed); ``names``: the node
+        inputs the two sides came from, which errors name (a guider composing several
+        denoisers, nodes.families.dual_cfg, passes its own)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -60,10 +63,11 @@ class Denoiser:
         #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
         self._perturbed: "Denoiser | None" = None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
-                          image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type)
+                          image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type,
+                          names=names)
         self.image_size, self.batch = image_size, batch
-        self.positive = cond_rules.entries(positive, "positive")
-        self.negative = cond_rules.entries(negative, "negative") if self.guided else []
+        self.positive = cond_rules.entries(positive, names[0])
+        self.negative = cond_rules.entries(negative, names[1]) if self.guided else []
         _check_width(network, family, self.positive + self.negative)
         from nodes.control.apply import share_with_uncond
 
@@ -76,6 +80,9 @@ class Denoiser:
         #: The last call's unguided (negative-side) output, for CFG++ samplers; the output
         #: itself when there is no guidance.
         self.last_uncond: "torch.Tensor | None" = None
+        #: The last call's conditional (positive-side) output, before RescaleCFG and PAG: what
+        #: dual CFG's regular style measures the first prompt's push from.
+        self.last_cond: "torch.Tensor | None" = None
         self._plain = _plain(self.positive, self.jobs) and (not self.guided or _plain(self.negative, self.jobs))
         if self.jobs > 1 and (not self._plain or batch % self.jobs):
             raise ConditioningError("a cross-job batch needs one plain conditioning per job and side, and the "
@@ -137,7 +144,7 @@ class Denoiser:
                 uncond, cond = out.chunk(2)
                 return self._guide(cond, uncond, model_in, t)
             out = self._plain_call(model_in, t)
-            self.last_uncond = out
+            self.last_uncond = self.last_cond = out
             return self._perturbation_guided(out, out, model_in, t)
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
         h, w = model_in.shape[2], model_in.shape[3]
@@ -151,14 +158,14 @@ class Denoiser:
         else:
             outputs = [out for out, _ in outputs]
         if not self.guided:
-            self.last_uncond = outputs[0]
+            self.last_uncond = self.last_cond = outputs[0]
             return self._perturbation_guided(outputs[0], outputs[0], model_in, t)
         cond, uncond = outputs
         return self._guide(cond, uncond, model_in, t)
 
     def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
-        self.last_uncond = uncond
-        guided = uncond + self.cfg * (cond - uncond)
+        self.last_uncond, self.last_cond = uncond, cond
+        guided = guide(cond, uncond, self.cfg)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
             guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale)
@@ -198,6 +205,11 @@ class Denoiser:
         if prediction_type == "sample":
             return out
         raise ConditioningError(f"unsupported prediction type {prediction_type}", "model")
+
+
+def guide(cond: "torch.Tensor", uncond: "torch.Tensor", scale: float) -> "torch.Tensor":
+    """Classifier-free guidance: ``uncond`` pushed towards ``cond`` by ``scale`` (1: ``cond``)."""
+    return uncond + scale * (cond - uncond)
 
 
 def rescale_guidance(guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor", sigma: float,

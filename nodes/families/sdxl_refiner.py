@@ -10,7 +10,8 @@ original size, crop offset and an *aesthetic score* where base has the target si
 The aesthetic score and original size come from CLIPTextEncodeSDXLRefiner's
 ``ascore``/``width``/``height``. A plain CLIPTextEncode works too, as in ComfyUI
 (whose own "SDXL base + refiner" template uses it): the score is 6 on the positive
-side and 2.5 on the negative, ComfyUI's and diffusers' defaults; the original size
+side and 2.5 on the negative (and on a prompt marked ``prompt_type: "negative"``, as
+DualCFGGuider's cond2), ComfyUI's and diffusers' defaults; the original size
 is the sampled image's (diffusers' default, and what Kiln's SDXL base does, where
 ComfyUI assumes 768).
 """
@@ -26,7 +27,8 @@ POSITIVE_SCORE, NEGATIVE_SCORE = 6.0, 2.5
 
 def refiner_time_ids(extra: dict, height: int, width: int) -> list[float]:
     """(original h, w) + (crop top, left) + aesthetic score."""
-    default = NEGATIVE_SCORE if extra.get("_input") == "negative" else POSITIVE_SCORE
+    # ComfyUI's prompt_type when a node set one (DualCFGGuider marks cond2 negative), else the side
+    default = NEGATIVE_SCORE if extra.get("prompt_type", extra.get("_input")) == "negative" else POSITIVE_SCORE
     return [float(extra.get("height", height)), float(extra.get("width", width)),
             float(extra.get("crop_h", 0)), float(extra.get("crop_w", 0)),
             float(extra.get("aesthetic_score", default))]

@@ -80,12 +80,15 @@ def slerp(a: "torch.Tensor", b: "torch.Tensor", t: float) -> "torch.Tensor":
 
 @dataclass(frozen=True, eq=False)
 class Guider:
-    """GUIDER: a model with its conditioning and guidance scale (cfg 1: positive only)."""
+    """GUIDER: a model with its conditioning and guidance scale (cfg 1: positive only).
+    ``dual`` (DualCFGGuider): a second prompt and its scale against the negative
+    (nodes.families.dual_cfg.DualCFG); positive and cfg are then its cond1 and cfg_conds."""
 
     model: Any
     positive: Any
     negative: Any
     cfg: float
+    dual: Any = None
 
     def __kiln_nbytes__(self) -> int:
         return 0  # conditioning tensors are counted where they were made
@@ -124,6 +127,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     ``output`` is the state at the last sigma (with leftover noise when that is not 0);
     ``denoised_output`` the model's clean-latent prediction at the last step.
     """
+    import dataclasses
+
     import torch
 
     from nodes import inpaint_sampling
@@ -155,7 +160,11 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     for note in sampling.notes(samples.shape[2], samples.shape[3]):
         ctx.message(note)
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
-    prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message)
+    dual = guider.dual
+    prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message,
+                                    middle=None if dual is None else dual.middle)
+    if dual is not None:  # the second prompt with the inpainting channels the others got
+        dual = dataclasses.replace(dual, middle=prep.middle)
     if prep.nothing_to_repaint:
         out = {k: v for k, v in latent.items() if k not in NOISE_KEYS}
         return out, out
@@ -188,7 +197,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised,
-                              previews=ctx.wants_previews, hold=hold, patches=model.patches)
+                              previews=ctx.wants_previews, hold=hold, patches=model.patches, dual=dual)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))

@@ -28,7 +28,8 @@ ProgressFn = Callable[[int, int, Any], None]
 def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, generators: list,
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
-        denoised: list | None = None, hold: Any = None, jobs: int = 1, patches: Any = None) -> "torch.Tensor":
+        denoised: list | None = None, hold: Any = None, jobs: int = 1, patches: Any = None,
+        dual: Any = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
@@ -40,6 +41,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     own first image, in job order (engine.batching gives each job its own).
     ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale and perturbed
     attention go to the denoiser, FreeU hooks the network while the loop runs).
+    ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale);
+    ``positive``, ``negative`` and ``cfg`` are then its cond1, negative and cfg_conds.
     """
     import torch
 
@@ -52,10 +55,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     patches = patches or SamplingPatches()
     sched = plan.scheduler
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
-    denoiser = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
-                        batch=x.shape[0], schedule=training_schedule(training_config),
-                        prediction_type=training_config.get("prediction_type", "epsilon"),
-                        cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale)
+    make = Denoiser if dual is None else dual.denoiser
+    denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
+                    batch=x.shape[0], schedule=training_schedule(training_config),
+                    prediction_type=training_config.get("prediction_type", "epsilon"),
+                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale)
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
