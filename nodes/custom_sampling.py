@@ -202,7 +202,7 @@ def cfg_guider(ctx, model, positive, negative, cfg: float):
     return (Guider(model, positive, negative, float(cfg)),)
 
 
-@define_node("DualCFGGuider", category="sampling/custom_sampling/guiders",
+@define_node("DualCFGGuider", category="sampling/guiders",
              inputs=[Input("model", T.MODEL), Input("cond1", T.CONDITIONING), Input("cond2", T.CONDITIONING),
                      Input("negative", T.CONDITIONING),
                      Input("cfg_conds", T.FLOAT, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),

@@ -18,7 +18,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 
-CATEGORY = "sampling/custom_sampling/samplers"
+CATEGORY = "sampling/samplers"  # beside KSamplerSelect (ComfyUI files them under sampling/custom_sampling/)
 NOISE_DEVICES = ("gpu", "cpu")
 
 

@@ -219,7 +219,7 @@ def test_the_node_has_comfyui_s_inputs():
     from engine.registry import default_registry
 
     spec = default_registry().get("DualCFGGuider")
-    assert spec is not None and spec.category == "sampling/custom_sampling/guiders"
+    assert spec is not None and spec.category == "sampling/guiders"  # beside CFGGuider in Kiln's menu
     assert [i.name for i in spec.inputs] == ["model", "cond1", "cond2", "negative", "cfg_conds",
                                              "cfg_cond2_negative", "style"]
     for name in ("cfg_conds", "cfg_cond2_negative"):
