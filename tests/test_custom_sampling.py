@@ -468,7 +468,7 @@ def test_dpm_adaptive_lands_on_the_exact_ode_solution():
     x(sigma) = x_T * sqrt(c^2 + sigma^2) / sqrt(c^2 + sigma_T^2): the solver, which only
     sees the two ends of the list, must land there (within its error control: a few
     percent at ComfyUI's loose defaults); a tighter tolerance costs more evaluations."""
-    from nodes.samplers.kdiffusion import DPMAdaptive
+    from nodes.samplers.adaptive import DPMAdaptive
     from test_sampling import SD15
 
     c, sigmas = 0.5, torch.tensor([14.6, 7.0, 1.0, 0.03, 0.0])

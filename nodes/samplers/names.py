@@ -22,7 +22,7 @@ The ``_cfg_pp`` samplers step with the unguided prediction as well, which the lo
 them (``Denoiser.last_uncond``) when their ``step`` takes ``uncond``.
 
 ``dpm_adaptive`` chooses its own number of model evaluations: its stepper's timestep list
-grows as it goes (kdiffusion.DPMAdaptive).
+grows as it goes (adaptive.DPMAdaptive).
 
 Flow models (FLUX) run the subset ``nodes.samplers.flow.SAMPLERS`` names.
 """

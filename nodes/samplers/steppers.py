@@ -141,9 +141,9 @@ def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor")
 def kiln_stepper_class(name: str) -> Any:
     """The class of a Kiln sigma-space stepper (``SamplerSpec.kiln_stepper``), whichever
     module defines it: each module keeps a table of its own steppers."""
-    from nodes.samplers import multistep, sde, stochastic
+    from nodes.samplers import adaptive, multistep, sde, stochastic
 
-    table = {**STEPPERS, **multistep.STEPPERS, **stochastic.STEPPERS, **sde.STEPPERS,
+    table = {**STEPPERS, **adaptive.STEPPERS, **multistep.STEPPERS, **stochastic.STEPPERS, **sde.STEPPERS,
              "dpmpp_2s_ancestral": DPMpp2SAncestral}
     return table[name]
 
