@@ -95,7 +95,18 @@ class Diff:
         return (diff, "bias" if diff.ndim == 1 else None, coefficient * self.scale)
 
 
-Patch = Any  # LowRank | Diff | lycoris.Product | dora.Dora: what a table holds per parameter name
+@dataclass(frozen=True)
+class Scale:
+    """A parameter multiplied by ``factor`` (ComfyUI's attention-multiply nodes). Like DoRA it gives
+    the whole new weight (``apply``), so it runs on every path a DoRA module does (fp8, paged)."""
+
+    factor: float
+
+    def apply(self, weight: "torch.Tensor", strength: float) -> "torch.Tensor":
+        return weight * (1.0 + strength * (self.factor - 1.0))
+
+
+Patch = Any  # LowRank | Diff | Scale | lycoris.Product | dora.Dora: what a table holds per parameter name
 
 
 @dataclass(frozen=True, eq=False)
