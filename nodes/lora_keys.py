@@ -62,7 +62,12 @@ _KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_
 _DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"),
                    ("model.diffusion_model.", "unet"),
                    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
-                   ("lora_unet.", "unet"))
+                   ("lora_unet.", "unet"),
+                   # ComfyUI's own files (its LoraSave, Kiln's): each encoder by ComfyUI's name for it
+                   ("text_encoders.clip_l.transformer.", "text_encoder"),
+                   ("text_encoders.clip_h.transformer.", "text_encoder"),
+                   ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+                   ("text_encoders.t5xxl.transformer.", "text_encoder_2"))
 
 
 class LoraError(ValueError):

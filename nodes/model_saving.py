@@ -46,7 +46,7 @@ class _Snapshot:
         return self._state
 
 
-def _read(use: Callable[[], contextlib.AbstractContextManager], input_name: str) -> _Snapshot:
+def read_module(use: Callable[[], contextlib.AbstractContextManager], input_name: str) -> _Snapshot:
     with use() as module:
         return _Snapshot(module, input_name)
 
@@ -56,7 +56,7 @@ def _check(value: Any, kind: type, name: str) -> None:
         raise NodeError(f"expected a {name.upper()} from a loader, got {type(value).__name__}", name)
 
 
-def _save(ctx, state: dict[str, Any], prefix: str) -> dict[str, str]:
+def save_tensors(ctx, state: dict[str, Any], prefix: str) -> dict[str, str]:
     """Write ``state`` as ``prefix_NNNNN_.safetensors`` in the output folder; its ui entry."""
     from safetensors.torch import save_file
 
@@ -94,11 +94,11 @@ def checkpoint_save(ctx, model, clip, vae, filename_prefix: str = "checkpoints/K
                         f"{', '.join(SAVABLE)}; ModelSave, CLIPSave and VAESave save the parts)", "model")
     if clip.family.name != model.family.name:
         raise NodeError(f"the CLIP is a {clip.family.name} one and the model a {model.family.name} one", "clip")
-    parts: dict[str, Any] = {"unet": _read(model.unet, "model"), "vae": _read(vae.module, "vae")}
+    parts: dict[str, Any] = {"unet": read_module(model.unet, "model"), "vae": read_module(vae.module, "vae")}
     for spec in clip.family.text_encoders:
-        parts[spec.module] = _read(lambda module=spec.module: clip.encoder(module), "clip")
+        parts[spec.module] = read_module(lambda module=spec.module: clip.encoder(module), "clip")
     state = components_to_original(parts, model.prediction_type)
-    return Result(ui={"checkpoints": [_save(ctx, state, filename_prefix)]})
+    return Result(ui={"checkpoints": [save_tensors(ctx, state, filename_prefix)]})
 
 
 @_saver("ModelSave", "Save Model", [Input("model", T.MODEL), _prefix_input("diffusion_models/Kiln",
@@ -110,7 +110,7 @@ def model_save(ctx, model, filename_prefix: str = "diffusion_models/Kiln"):
     from nodes.checkpoint.to_original import unet_to_original
 
     _check(model, ModelHandle, "model")
-    part = _read(model.unet, "model")
+    part = read_module(model.unet, "model")
     if model.family.name.startswith("flux"):
         state = {UNET_PREFIX + k: v for k, v in diffusers_to_bfl(part.state_dict()).items()}
     else:
@@ -119,7 +119,7 @@ def model_save(ctx, model, filename_prefix: str = "diffusion_models/Kiln"):
             import torch
 
             state["v_pred"] = torch.tensor([])
-    return Result(ui={"diffusion_models": [_save(ctx, {k: v.contiguous() for k, v in state.items()},
+    return Result(ui={"diffusion_models": [save_tensors(ctx, {k: v.contiguous() for k, v in state.items()},
                                                  filename_prefix)]})
 
 
@@ -140,8 +140,8 @@ def clip_save(ctx, clip, filename_prefix: str = "clip/Kiln"):
     _check(clip, ClipHandle, "clip")
     saved = []
     for spec in clip.family.text_encoders:
-        part = _read(lambda module=spec.module: clip.encoder(module), "clip")
-        saved.append(_save(ctx, part.state_dict(), f"{filename_prefix}_{clip_file_name(clip.family, spec)}"))
+        part = read_module(lambda module=spec.module: clip.encoder(module), "clip")
+        saved.append(save_tensors(ctx, part.state_dict(), f"{filename_prefix}_{clip_file_name(clip.family, spec)}"))
     return Result(ui={"clip": saved})
 
 
@@ -152,7 +152,7 @@ def vae_save(ctx, vae, filename_prefix: str = "vae/Kiln_vae"):
     from nodes.checkpoint.to_original import vae_to_original
 
     _check(vae, VaeHandle, "vae")
-    part = _read(vae.module, "vae")
+    part = read_module(vae.module, "vae")
     state = vae_to_original(part.state_dict(), dict(part.config))
     state = {k[len("first_stage_model."):]: v.contiguous() for k, v in state.items()}
-    return Result(ui={"vae": [_save(ctx, state, filename_prefix)]})
+    return Result(ui={"vae": [save_tensors(ctx, state, filename_prefix)]})

@@ -390,3 +390,60 @@ def test_model_merge_flux1_on_the_bfl_names():
                     "single_transformer_blocks.0.attn.to_q.weight": 0.75, "proj_out.weight": 1.0}.items():
         assert torch.allclose(got[name], r * w1[name] + (1 - r) * w2[name], atol=1e-6), name
     assert all(torch.equal(a.state_dict()[k], w1[k]) for k in w1)  # restored
+
+
+# -- LoraSave: a LoRA extracted from a difference --------------------------------------------------
+
+def test_a_full_difference_lora_turns_the_base_into_the_finetune(merge_env):
+    """ModelMergeSubtract(finetune, base) -> LoraSave(full_diff) -> LoraLoader(base) gives the finetune's
+    weights (to half precision, as the file stores them), text encoders included."""
+    from nodes import lora, lora_extract
+
+    base, base_clip, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    tuned, tuned_clip, _ = _load(merge_env, SECOND)
+    (model_diff,) = call(mm.model_merge_subtract, merge_env, model1=tuned, model2=base, multiplier=1.0)
+    (clip_diff,) = call(mm.clip_merge_subtract, merge_env, clip1=tuned_clip, clip2=base_clip, multiplier=1.0)
+    (name,) = _saved(merge_env, lora_extract.lora_save, "loras", "loras", filename_prefix="loras/full", rank=8,
+                     lora_type="full_diff", bias_diff=True, model_diff=model_diff, text_encoder_diff=clip_diff)
+    from safetensors import safe_open
+
+    with safe_open(str(merge_env.paths.models.root / "loras" / name), "pt") as f:
+        keys = set(f.keys())
+    assert "diffusion_model.input_blocks.0.0.diff" in keys and "diffusion_model.input_blocks.0.0.diff_b" in keys
+    assert any(k.startswith("text_encoders.clip_l.transformer.") for k in keys)
+    rec = Called()
+    model, clip = call(lora.lora_loader, merge_env, rec, model=base, clip=base_clip, lora_name=name,
+                       strength_model=1.0, strength_clip=1.0)
+    assert not any("not matched" in m for m in rec.messages), rec.messages
+    want, got = _weights(tuned), _weights(model)
+    assert all(torch.allclose(got[k], want[k], atol=2e-3) for k in want)
+
+    def encoder(c):
+        with c.encoder("text_encoder") as te:
+            return {k: v.detach().clone() for k, v in te.named_parameters()}
+
+    want_te, got_te = encoder(tuned_clip), encoder(clip)
+    assert all(torch.allclose(got_te[k], want_te[k], atol=2e-3) for k in want_te)
+
+
+def test_a_standard_lora_is_the_difference_s_best_low_rank_factors(merge_env):
+    from nodes import lora, lora_extract
+
+    base, _, _ = _load(merge_env, tm.checkpoint_name("sd1"))
+    tuned, _, _ = _load(merge_env, SECOND)
+    (model_diff,) = call(mm.model_merge_subtract, merge_env, model1=tuned, model2=base, multiplier=1.0)
+    target = "down_blocks.0.attentions.0.proj_in.weight"
+    w_base, w_tuned = _weights(base)[target], _weights(tuned)[target]
+    errors = {}
+    for rank in (1, 4, 64):
+        (name,) = _saved(merge_env, lora_extract.lora_save, "loras", "loras", filename_prefix=f"loras/r{rank}",
+                         rank=rank, lora_type="standard", bias_diff=False, model_diff=model_diff)
+        (model,) = call(lora.lora_loader_model_only, merge_env, model=base, lora_name=name, strength_model=1.0)
+        errors[rank] = float((_weights(model)[target] - w_tuned).norm() / (w_tuned - w_base).norm())
+    assert errors[1] > errors[4] > errors[64] and errors[64] < 0.2, errors  # the 0.99 clamp costs some at full rank
+    up, down = lora_extract.low_rank(w_tuned - w_base, 2)
+    assert up.shape[1] == 2 and down.shape[0] == 2
+    with pytest.raises(NodeError) as err:
+        call(lora_extract.lora_save, merge_env, filename_prefix="loras/x", rank=4, lora_type="standard",
+             bias_diff=True)
+    assert err.value.input_name == "model_diff"
