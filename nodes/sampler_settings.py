@@ -168,3 +168,35 @@ def sampler_sa_solver(ctx, model, eta: float, sde_start_percent: float, sde_end_
     return _sampler("sa_solver_pece" if use_pece else "sa_solver", eta=eta, sde_start_percent=sde_start_percent,
                     sde_end_percent=sde_end_percent, s_noise=s_noise, predictor_order=int(predictor_order),
                     corrector_order=int(corrector_order), simple_order_2=bool(simple_order_2))
+
+
+@define_node("SamplerEulerCFGpp", category=CATEGORY, display_name="SamplerEulerCFG++",
+             inputs=[Input("version", T.COMBO, default="regular", choices=["regular", "alternative"])],
+             outputs=[Output("SAMPLER", T.SAMPLER)])
+def sampler_euler_cfg_pp(ctx, version: str):
+    """CFG++ Euler: "regular" is KSampler's ``euler_cfg_pp``, "alternative" ComfyUI's other
+    formulation (the guidance difference added to the step's direction)."""
+    if version not in ("regular", "alternative"):
+        raise NodeError(f"version must be regular or alternative, got {version!r}", "version")
+    return _sampler("euler_cfg_pp", version=version)
+
+
+LCM_UPSCALE_METHODS = ("bislerp", "nearest-exact", "bilinear", "area", "bicubic")
+
+
+@define_node("SamplerLCMUpscale", category=CATEGORY,
+             inputs=[Input("scale_ratio", T.FLOAT, default=1.0, min=0.1, max=20.0, step=0.01),
+                     Input("scale_steps", T.INT, default=-1, min=-1, max=1000),
+                     Input("upscale_method", T.COMBO, default="bislerp", choices=list(LCM_UPSCALE_METHODS))],
+             outputs=[Output("SAMPLER", T.SAMPLER)])
+def sampler_lcm_upscale(ctx, scale_ratio: float, scale_steps: int, upscale_method: str):
+    """LCM that grows the latent as it samples: after each of the first ``scale_steps`` steps (-1:
+    about half) the prediction is resized, evenly up to ``scale_ratio`` times the start, then
+    re-noised. The result is larger than the latent given (a noise mask cannot follow: refused)."""
+    if upscale_method not in LCM_UPSCALE_METHODS:
+        raise NodeError(f"upscale_method must be one of {', '.join(LCM_UPSCALE_METHODS)}, got {upscale_method!r}",
+                        "upscale_method")
+    if not float(scale_ratio) > 0:
+        raise NodeError(f"scale_ratio must be above 0, got {scale_ratio}", "scale_ratio")
+    return _sampler("lcm", total_upscale=float(scale_ratio), upscale_steps=int(scale_steps),
+                    upscale_method=upscale_method)

@@ -322,6 +322,8 @@ def test_sampler_nodes_on_the_tiny_flux():
                  ss.sampler_er_sde(CTX, "Reverse-time SDE", 3, 0.5, 1.0)[0]):
         out = run(spec)
         assert torch.isfinite(out).all() and (out - default).abs().max() > 1e-3, spec.name
+    grown = run(ss.sampler_lcm_upscale(CTX, 2.0, -1, "bilinear")[0])  # the FLUX latent grows too
+    assert grown.shape[-2:] == (2 * latent["samples"].shape[-2], 2 * latent["samples"].shape[-1])
     sa = run(ss.sampler_sa_solver(CTX, model, 0.5, 0.1, 0.9, 1.0, 2, 3, True, False)[0])
     assert torch.isfinite(sa).all() and (sa - default).abs().max() > 1e-3
     with pytest.raises(NodeError) as err:
@@ -359,3 +361,40 @@ def test_the_flow_sde_forms_at_the_defaults_equal_diffusers_flow_schedulers():
     ours = drive(sde.DPMpp2MSDE(config, sigmas))
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     assert (drive(sde.DPMpp2MSDE(config, sigmas, eta=0.5)) - theirs).abs().max() > 1e-2
+
+
+def test_euler_cfg_pp_alternative_steps_along_the_doubled_guidance():
+    """SamplerEulerCFG++ "alternative" (ComfyUI's sample_euler_pp): x' = x + (x - 2 D + U) / s * (s' - s);
+    "regular" is KSampler's euler_cfg_pp; without guidance (U = D) both are Euler."""
+    sigmas = torch.tensor([4.0, 2.0, 0.0])
+    x = MU + 4.0 * _noise()
+    (alt,) = ss.sampler_euler_cfg_pp(CTX, "alternative")
+    assert ss.sampler_euler_cfg_pp(CTX, "regular")[0] == resolve_sampler("euler_cfg_pp")
+    stepper = steppers.follow(alt, SD15, sigmas)[0]
+    guided, unguided = _ideal(x, 4.0), 0.5 * _ideal(x, 4.0)
+    out = stepper.step((x - guided) / 4.0, stepper.timesteps[0], x, uncond=(x - unguided) / 4.0).prev_sample
+    assert torch.allclose(out, x + (x - 2 * guided + unguided) / 4.0 * (2.0 - 4.0), atol=1e-5)
+    plain = steppers.follow(alt, SD15, sigmas)[0]
+    euler = plain.step((x - guided) / 4.0, plain.timesteps[0], x).prev_sample
+    assert torch.allclose(euler, x + (x - guided) / 4.0 * (2.0 - 4.0), atol=1e-5)
+
+
+def test_lcm_upscale_grows_the_latent_as_it_samples(sd1):
+    (spec,) = ss.sampler_lcm_upscale(CTX, 2.0, -1, "bilinear")
+    assert ss.sampler_lcm_upscale(CTX, 1.0, -1, "bislerp")[0] == resolve_sampler("lcm")
+    out = _custom(sd1, spec, steps=4)
+    assert out.shape[-2:] == (sd1.init.shape[-2] * 2, sd1.init.shape[-1] * 2) and torch.isfinite(out).all()
+    # The schedule of sizes: ComfyUI's linspace over about half the steps.
+    stepper = steppers.follow(spec, SD15, schedules.karras(4, 0.1, 10.0))[0]
+    x = torch.zeros(1, 4, 8, 8)
+    sizes = []
+    for t in stepper.timesteps:
+        x = stepper.step(torch.zeros_like(x), t, x, generator=[torch.Generator().manual_seed(0)]).prev_sample
+        sizes.append(x.shape[-1])
+    assert sizes == [12, 16, 16, 16]
+    latent = {"samples": torch.zeros_like(sd1.init), "noise_mask": torch.ones(1, 1, 8, 8)}
+    guider, = cs.cfg_guider(CTX, sd1.model, sd1.pos, sd1.neg, 6.0)
+    sigmas, = cs.basic_scheduler(CTX, sd1.model, "karras", 4, 1.0)
+    with pytest.raises(NodeError) as err:
+        cs.sampler_custom_advanced(CTX, cs.random_noise(CTX, 1)[0], guider, spec, sigmas, latent)
+    assert err.value.input_name == "sampler"

@@ -184,6 +184,9 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
 
         seeds = image_seeds(noise.seed, samples.shape[0], latent.get("batch_index"))
         sched.noise_sampler_seed = [s % (2 ** 63) for s in seeds]
+    if prep.mask is not None and getattr(sched, "resizes", False):
+        raise NodeError("this sampler grows the latent while it samples (SamplerLCMUpscale), which a noise mask "
+                        "cannot follow: drop the mask or the upscale", sampler_input)
     plan = Plan("custom", sched, timesteps, start, sigmas)
     hold = None if prep.mask is None else Hold(x0, start_noise, prep.mask, sampling,
                                                  strength=model.patches.differential_diffusion,

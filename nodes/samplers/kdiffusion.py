@@ -161,12 +161,44 @@ class CFGPP:
 
 class LCM(SigmaStepper):
     """Latent consistency sampling: jump to the prediction, re-noise to the next level (the
-    model's own noising: x0 + sigma n on SD, the blend (1 - t) x0 + t n on a flow model)."""
+    model's own noising: x0 + sigma n on SD, the blend (1 - t) x0 + t n on a flow model).
+
+    SamplerLCMUpscale's settings (ComfyUI's ``sample_lcm_upscale``): the prediction is resized
+    after each of the first ``upscale_steps`` steps (-1: about half of them), growing evenly
+    to ``total_upscale`` times the starting size, before it is re-noised; 1 changes nothing."""
+
+    total_upscale = 1.0
+    upscale_steps = -1
+    upscale_method = "bislerp"
+    _start_size: "tuple[int, int] | None" = None
+
+    @property
+    def resizes(self) -> bool:
+        """Whether the state grows while sampling (a noise mask cannot follow it)."""
+        return self.total_upscale != 1.0
 
     def update(self, i, x, denoised, sigma, sigma_next, generator):
+        denoised = self._grown(i, denoised)
         if sigma_next > 0:
             return self.schedule.alpha(sigma_next) * denoised + sigma_next * randn_like(denoised, generator)
         return denoised
+
+    def _grown(self, i: int, denoised: "torch.Tensor") -> "torch.Tensor":
+        if not self.resizes:
+            return denoised
+        import numpy as np
+
+        from nodes.resample import resize
+
+        intervals = len(self.sigmas) - 1
+        count = max(intervals // 2 + 1, 2) if self.upscale_steps < 0 else min(self.upscale_steps + 1, intervals + 1)
+        factors = np.linspace(1.0, self.total_upscale, count)[1:]
+        if i >= len(factors):
+            return denoised
+        if self._start_size is None:
+            self._start_size = (denoised.shape[-2], denoised.shape[-1])
+        h, w = self._start_size
+        return resize(denoised, round(w * factors[i]), round(h * factors[i]), self.upscale_method)
 
 
 class DDPM(SigmaStepper):
@@ -347,9 +379,20 @@ class EulerAncestral(SigmaStepper):
 
 class EulerCFGPP(CFGPP, EulerAncestral):
     """ComfyUI's ``euler_cfg_pp``: CFG++ Euler, no fresh noise. Without guidance (no
-    unguided prediction handed in) this is plain Euler."""
+    unguided prediction handed in) this is plain Euler.
+
+    ``version`` "alternative" (SamplerEulerCFG++'s other choice, ComfyUI's ``sample_euler_pp``)
+    steps along (x - 2 denoised + uncond_denoised) / sigma instead: the guided prediction's
+    direction with the guidance difference added once more."""
 
     eta = 0.0
+    version = "regular"
+
+    def update(self, i, x, denoised, sigma, sigma_next, generator):
+        if self.version != "alternative":
+            return super().update(i, x, denoised, sigma, sigma_next, generator)
+        plain = denoised if self._unguided is None else self._unguided
+        return x + (x - 2 * denoised + plain) / sigma * (sigma_next - sigma)
 
 
 class EulerAncestralCFGPP(CFGPP, EulerAncestral):
