@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
 #: Samplers with a flow form of their own (diffusers' flow schedulers, ComfyUI's RF ancestral ones).
 FLOW_ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")  # nodes.samplers.flow_ancestral
-#: diffusers' DPM-Solver++ (2M, and the 2M/3M SDE forms) with flow sigmas, in log((1 - t) / t).
+#: diffusers' DPM-Solver++ (2M, and the 2M SDE forms) with flow sigmas, in log((1 - t) / t).
 DPM_SOLVER = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu")
 FLOW_NATIVE = ("euler", "heun", "uni_pc", "uni_pc_bh2") + DPM_SOLVER + FLOW_ANCESTRAL
 #: Kiln steppers that run on a flow state, reading its training schedule (see the module docstring).

@@ -8,12 +8,15 @@ editor lists ComfyUI's spellings (that is what ComfyUI workflows store); the
 
 Each sampler is backed by a diffusers scheduler class where diffusers has one
 (the math then is diffusers' own, which is what makes Kiln's output equal to
-diffusers' pipelines). Where diffusers has none, Kiln runs ComfyUI's published
-algorithm (its ``comfy/k_diffusion/sampling.py``) as a sigma-space stepper of its
-own (``kiln_stepper``): ``kdiffusion.py`` (``ipndm``, ``res_multistep``, ``dpm_fast``,
-``dpm_adaptive``, ...), ``steppers.py`` (``dpmpp_2s_ancestral``), ``multistep.py`` (the
-other deterministic ones) and ``stochastic.py`` (``er_sde``, ``seeds_*``, ``sa_solver*``,
-the ancestral RES and the stochastic CFG++ forms). Timestep-based schedulers (DDIM, PNDM,
+diffusers' pipelines). Where diffusers has none, or has it wrong (``dpmpp_3m_sde``), Kiln
+runs ComfyUI's published algorithm (its ``comfy/k_diffusion/sampling.py``) as a
+sigma-space stepper of its own (``kiln_stepper``): ``kdiffusion.py`` (``ipndm``,
+``res_multistep``, ``dpm_fast``, ``lcm``, the Euler ancestral and CFG++ Euler forms, ...),
+``adaptive.py`` (``dpm_adaptive``), ``steppers.py`` (``dpmpp_2s_ancestral``),
+``multistep.py`` (the other deterministic ones), ``sde.py`` (the DPM-Solver++ SDE family)
+and ``stochastic.py`` (``er_sde``, ``seeds_*``, ``sa_solver*``, the ancestral RES and the
+stochastic CFG++ forms). The Kiln steppers also run what ComfyUI's Sampler* nodes set
+(eta, s_noise, orders: ``SamplerSpec.options``). Timestep-based schedulers (DDIM, PNDM,
 DDPM, LCM) cannot follow an arbitrary sigma list; on such a schedule they run a
 sigma-space counterpart (``sigma_fallback``): ComfyUI's own definitions of ``ddim``,
 ``ddpm`` and ``lcm`` are sigma-space ones.
