@@ -15,7 +15,7 @@ from engine import types as T
 from engine.context import Environment, NodeError
 from engine.budget import Size
 from engine.node import Input, Output, Result, define_node
-from engine.paths import PathRefused
+from engine.paths import PathRefused, split_annotation
 from nodes import image_io as io_
 
 # -- LoadImage -------------------------------------------------------------------------
@@ -92,6 +92,45 @@ def load_image(ctx, image: str, background: str = "white"):
     pixels = torch.from_numpy(rgb).unsqueeze(0)
     mask_t = torch.from_numpy(mask).unsqueeze(0) if mask is not None else torch.zeros((1, 64, 64))
     return pixels, mask_t
+
+
+# -- LoadImageOutput ---------------------------------------------------------------------
+
+def in_output(value: Any) -> Any:
+    """A LoadImageOutput value as LoadImage reads it: a plain name is one in the output folder
+    (ComfyUI's ``"name.png [output]"`` form; an explicit annotation is kept)."""
+    if not isinstance(value, str) or io_.is_url(value):
+        return value
+    plain, kind = split_annotation(value, "output")
+    return f"{plain} [{kind}]"
+
+
+def _output_images(env: Environment) -> list[str]:
+    return [f"{name} [output]" for name in env.paths.output.list(io_.IMAGE_EXTENSIONS)]
+
+
+def _as_output(rule: Any) -> Any:
+    """LoadImage's validate/fingerprint/probe rule for a value resolved in the output folder."""
+    return lambda env, inputs, *rest: rule(env, {**inputs, "image": in_output(inputs.get("image"))}, *rest)
+
+
+@define_node(
+    "LoadImageOutput",
+    category="image",
+    display_name="Load Image (from Outputs)",
+    inputs=[Input("image", T.COMBO, choices=_output_images, open_choices=True,
+                  extra={"image_upload": True, "image_folder": "output"},
+                  tooltip="An image in the output folder (a result to iterate on).")],
+    outputs=[Output("IMAGE", T.IMAGE), Output("MASK", T.MASK, tooltip="1 where the image was transparent")],
+    validate=_as_output(_load_validate),
+    fingerprint=_as_output(_load_fingerprint),
+    size=Size(probe=_as_output(io_.header_size), reads="image"),
+)
+def load_image_output(ctx, image: str):
+    """Load an image from the output folder (ComfyUI's node for feeding a result back in), as
+    LoadImage loads one: EXIF orientation applied, transparency flattened onto white and
+    returned as MASK."""
+    return load_image.fn(ctx, in_output(image))
 
 
 # -- ImageResize -----------------------------------------------------------------------

@@ -65,9 +65,9 @@ def locate_file(env: Environment, name: str, input_name: str = "image", what: st
                 raise NodeError(f"'{name}' is not a file", input_name)
         except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL
             raise NodeError(f"cannot open '{name}': {getattr(exc, 'strerror', None) or exc}", input_name) from None
-        raise NodeError(f"no such {what} file: '{name}' (looked in the input folder and at that path)", input_name)
+        raise NodeError(f"no such {what} file: '{name}' (looked in the {kind} folder and at that path)", input_name)
     if refused:
-        raise NodeError(f"refused '{name}': {refused}; only files inside the input folder can be loaded here",
+        raise NodeError(f"refused '{name}': {refused}; only files inside the {kind} folder can be loaded here",
                         input_name)
     # Named relative to its folder: error messages never show the server's own paths.
     raise NodeError(f"no {what} named '{kind}/{plain}' in the {kind} folder", input_name)

@@ -418,3 +418,27 @@ def test_every_node_family_registers_and_a_missing_one_fails(monkeypatch):
     monkeypatch.setattr(nodes, "FAMILIES", (*nodes.FAMILIES, "imgae"))
     with pytest.raises(ModuleNotFoundError, match="nodes.imgae"):
         nodes.register(Registry())
+
+
+# -- LoadImageOutput -------------------------------------------------------------------
+
+def test_load_image_output_reads_a_result_back_from_the_output_folder(registry, env):
+    """A SaveImage result loads again by its name (plain or ComfyUI's "[output]" form), and the
+    combo lists the output folder's images; a same-named input file is not what it reads, and a
+    name leaving the folder is refused at validation."""
+    halves(8, 8, (200, 0, 0), (0, 0, 200)).save(env.paths.output.root / "result.png")
+    env.paths.input.root.mkdir(parents=True, exist_ok=True)
+    halves(8, 8, (0, 200, 0), (0, 200, 0)).save(env.paths.input.root / "result.png")
+    spec = registry.get("LoadImageOutput")
+    assert "result.png [output]" in spec.inputs[0].choice_list(env)
+    for name in ("result.png", "result.png [output]"):
+        doc = {"1": {"type": "LoadImageOutput", "inputs": {"image": name}},
+               "2": {"type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "again"}}}
+        outcome = run(registry, env, doc)
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        pixels = outcome.results["1"][0]
+        assert pixels.shape == (1, 8, 8, 3) and pixels[0, 0, 0, 0] > 0.7 and pixels[0, 0, 0, 1] < 0.1
+    with pytest.raises(WorkflowInvalid) as err:
+        run(registry, env, {"1": {"type": "LoadImageOutput", "inputs": {"image": "../escape.png"}},
+                            "2": {"type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}})
+    assert "inside the output folder" in str(err.value)
