@@ -174,3 +174,31 @@ def inpaint_model_conditioning(ctx, positive: Any, negative: Any, vae: Any, pixe
         latent["noise_mask"] = mask.unsqueeze(1)
     keys = {"concat_latent_image": concat, "concat_mask": mask.unsqueeze(1)}
     return ([[e, {**x, **keys}] for e, x in pos], [[e, {**x, **keys}] for e, x in neg], latent)
+
+
+@define_node(
+    "InstructPixToPixConditioning",
+    category="conditioning/instructpix2pix",
+    inputs=[Input("positive", T.CONDITIONING), Input("negative", T.CONDITIONING), Input("vae", T.VAE),
+            Input("pixels", T.IMAGE)],
+    outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING), Output("latent", T.LATENT)],
+)
+def instruct_pix_to_pix_conditioning(ctx, positive: Any, negative: Any, vae: Any, pixels: Any):
+    """Give an InstructPix2Pix checkpoint the image to edit: its latent on both conditionings
+    (``concat_latent_image``), and an empty latent of its size to sample from. As ComfyUI's, an
+    image whose sides are not multiples of 8 is centre-cropped to them."""
+    import torch
+
+    from nodes.conditioning_nodes import _entries
+
+    pos, neg = _entries(positive, "positive"), _entries(negative, "negative")
+    pixels = _checks(pixels, vae)
+    h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+    if (h, w) != tuple(pixels.shape[1:3]):
+        top, left = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
+        pixels = pixels[:, top:top + h, left:left + w]
+        ctx.message(f"the image is cropped to {w}x{h}, multiples of 8")
+    concat = vae.encode(pixels[..., :3])
+    keys = {"concat_latent_image": concat}
+    return ([[e, {**x, **keys}] for e, x in pos], [[e, {**x, **keys}] for e, x in neg],
+            {"samples": torch.zeros_like(concat)})

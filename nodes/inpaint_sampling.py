@@ -92,9 +92,12 @@ def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: An
     width = in_channels(model)
     if width == channels:  # a plain model: InpaintModelConditioning's channels are not for it (ComfyUI too)
         return Prepared(positive, negative, mask, middle=middle)
+    if inpaint.is_instruct_pix2pix(width, channels):
+        return _instruct_pix2pix(positive, negative, middle, mask, x0, message)
     if not inpaint.is_inpainting(width, channels):
-        raise NodeError(f"the model's network takes {width} input channels; Kiln knows {channels} (plain) and "
-                        f"{2 * channels + 1} (inpainting) for {channels}-channel latents", "model")
+        raise NodeError(f"the model's network takes {width} input channels; Kiln knows {channels} (plain), "
+                        f"{2 * channels} (InstructPix2Pix) and {2 * channels + 1} (inpainting) for "
+                        f"{channels}-channel latents", "model")
     carries = any(isinstance(c, list) and any("concat_latent_image" in e[1] for e in c)
                   for c in (positive, negative, middle))
     if not carries and mask is None:
@@ -137,3 +140,39 @@ def _concat_latent(model: Any, given: Any, x0: Any, input_name: str) -> Any:
                         f"the latent being sampled is {tuple(x0.shape[1:])}: encode the same image at the same "
                         "size with this model's VAE", input_name)
     return repeat_to_batch(model.latent.to_model(given.to(torch.float32)), x0.shape[0])
+
+
+def _instruct_pix2pix(positive: Any, negative: Any, middle: Any, mask: Any, x0: Any,
+                      message: Callable[[str], None]) -> Prepared:
+    """An InstructPix2Pix model's extra channels: each conditioning's ``concat_latent_image``
+    (InstructPixToPixConditioning's, raw VAE space as the model was trained on), zeros for one
+    without it (ComfyUI's rule: the model then edits nothing in particular)."""
+    import torch
+
+    from nodes.masking import repeat_to_batch
+
+    def side(cond: Any, input_name: str) -> Any:
+        if not isinstance(cond, list):
+            return cond
+
+        def concat_for(extra: dict) -> Any:
+            given = extra.get("concat_latent_image")
+            if given is None:
+                return torch.zeros_like(x0)
+            if not isinstance(given, torch.Tensor) or given.ndim != 4 or given.shape[1] != x0.shape[1]:
+                raise NodeError(f"the conditioning's image latent is {tuple(getattr(given, 'shape', ()))} but the "
+                                f"latent being sampled has {x0.shape[1]} channels: encode the image with this "
+                                "model's VAE (InstructPixToPixConditioning)", input_name)
+            given = given.to(torch.float32)
+            if given.shape[2:] != x0.shape[2:]:  # ComfyUI's rule: fit it to the latent being sampled
+                from nodes.resample import resize
+
+                given = resize(given, x0.shape[3], x0.shape[2], "bilinear", crop="center")
+            return repeat_to_batch(given, x0.shape[0])
+        return _with_concat(cond, concat_for)
+
+    if not any(isinstance(c, list) and any("concat_latent_image" in e[1] for e in c)
+               for c in (positive, negative, middle)):
+        message("this is an InstructPix2Pix model (8 input channels) but no conditioning carries the image to "
+                "edit: use InstructPixToPixConditioning")
+    return Prepared(side(positive, "positive"), side(negative, "negative"), mask, middle=side(middle, "cond2"))

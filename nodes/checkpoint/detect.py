@@ -36,10 +36,14 @@ def family_of(shapes: Shapes) -> Family:
         if any(k.startswith(("lora_", "lora_unet_", "lora_te")) or ".lora_" in k for k in shapes):
             raise UnsupportedCheckpoint("this file is a LoRA, not a checkpoint")
         raise UnsupportedCheckpoint("no Stable Diffusion UNet in this file (no 'model.diffusion_model.*' keys)")
+    if "edm_vpred.sigma_max" in shapes:
+        raise UnsupportedCheckpoint("an EDM v-prediction model (CosXL and its edit variant): Kiln does not sample "
+                                    "continuous-EDM models yet")
     in_ch = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
-    if in_ch != 4 and not inpaint.is_inpainting(in_ch, 4):
+    if in_ch != 4 and not inpaint.is_inpainting(in_ch, 4) and not inpaint.is_instruct_pix2pix(in_ch, 4):
         raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (a depth or other conditioned model); "
-                                    "checkpoints with 4 (text/image-to-image) or 9 (inpainting) are supported")
+                                    "checkpoints with 4 (text/image-to-image), 8 (InstructPix2Pix) or 9 "
+                                    "(inpainting) are supported")
     for family in families.ALL:
         if family.claims(shapes):
             return family

@@ -26,6 +26,8 @@ VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl")
 #: VARIANTS so the shared models folder and the loaders' sweeps stay as they were.
 INPAINT_VARIANTS = ("sd1-inpaint", "sdxl-inpaint")
 INPAINT_SUFFIX = "-inpaint"
+#: InstructPix2Pix: SD 1.x with an 8-channel UNet input (latent + the edited image's latent).
+IP2P = "sd1-ip2p"
 #: SDXL's refiner: bigG alone, five time ids (aesthetic score), attention only in the middle
 #: two of four levels, as sd_xl_refiner_1.0. Also kept out of VARIANTS.
 REFINER = "sdxl-refiner"
@@ -35,6 +37,8 @@ WIDTH = 64  # text encoder width: one 64-wide head, as CLIP's head width
 def family_of(variant: str) -> Any:
     if variant == REFINER:
         return families.by_name(REFINER)
+    if variant == IP2P:
+        return families.by_name("sd1")
     return families.by_name("sd2" if variant.startswith("sd2") else variant.removesuffix(INPAINT_SUFFIX))
 
 
@@ -46,7 +50,7 @@ def _unet(variant: str):
     from diffusers import UNet2DConditionModel
 
     family = family_of(variant).name
-    in_channels = 9 if variant.endswith(INPAINT_SUFFIX) else 4
+    in_channels = 9 if variant.endswith(INPAINT_SUFFIX) else 8 if variant == IP2P else 4
     common = dict(family_of(variant).unet_defaults(), sample_size=8, in_channels=in_channels, out_channels=4,
                   layers_per_block=1)
     if family == "sd1":
@@ -125,7 +129,7 @@ def build_components(variant: str, seed: int = 0) -> dict[str, Any]:
 
     from nodes.checkpoint.tokenizer import PAD_BANG, PAD_EOS, clip_tokenizer
 
-    known = VARIANTS + INPAINT_VARIANTS + (REFINER,)
+    known = VARIANTS + INPAINT_VARIANTS + (REFINER, IP2P)
     if variant not in known:
         raise ValueError(f"unknown tiny model variant {variant!r}; known: {', '.join(known)}")
     family = family_of(variant).name

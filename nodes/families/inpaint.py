@@ -1,4 +1,4 @@
-"""Inpainting checkpoints' extra input channels, for every SD-style family.
+"""Inpainting (and InstructPix2Pix) checkpoints' extra input channels, for every SD-style family.
 
 A dedicated inpainting UNet (SD 1.5 inpainting, SDXL inpainting) takes the
 latent plus ``1 + C`` more channels: the mask at latent size (1 = repaint) and
@@ -25,6 +25,12 @@ CONCAT_KEY = "_inpaint_concat"
 def is_inpainting(in_channels: int, latent_channels: int) -> bool:
     """Whether a network with this input width is an inpainting one for this latent space."""
     return in_channels == 2 * latent_channels + 1
+
+
+def is_instruct_pix2pix(in_channels: int, latent_channels: int) -> bool:
+    """Whether a network with this input width is an InstructPix2Pix one (latent + the image to
+    edit's latent, raw VAE space: diffusers' and ComfyUI's SD 1.5 InstructPix2Pix)."""
+    return in_channels == 2 * latent_channels
 
 
 def append(x: "torch.Tensor", extras: list[dict]) -> "torch.Tensor":
