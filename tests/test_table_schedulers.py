@@ -1,0 +1,52 @@
+"""Sigma lists from published tables: OptimalStepsScheduler (nodes/custom_schedulers.py) and
+GITSScheduler (nodes/gits_scheduler.py), each against values worked out by hand from its table."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.context import NodeError
+from engine.registry import default_registry
+from nodes import custom_schedulers as sch
+
+CTX = None  # the table schedulers never touch their context
+
+
+def test_optimal_steps_declaration_follows_comfyui():
+    info = default_registry().get("OptimalStepsScheduler").object_info()
+    assert info["input_order"]["required"] == ["model_type", "steps", "denoise"]
+    assert info["input"]["required"]["model_type"] == [["FLUX", "Wan", "Chroma"]]
+    assert info["input"]["required"]["steps"] == ["INT", {"default": 20, "min": 3, "max": 1000}]
+    assert info["output"] == ["SIGMAS"]
+    assert sch.optimal_steps_scheduler.signature_mismatches() == []
+
+
+def test_optimal_steps_gives_the_table_at_its_own_length():
+    (flux,) = sch.optimal_steps_scheduler(CTX, "FLUX", 10, 1.0)
+    assert flux.tolist() == pytest.approx([0.9968, 0.9886, 0.9819, 0.975, 0.966, 0.9471, 0.9158, 0.8287, 0.5512,
+                                           0.2808, 0.0], abs=1e-7)
+    (wan,) = sch.optimal_steps_scheduler(CTX, "Wan", 20, 1.0)
+    assert len(wan) == 21 and wan[0] == 1.0 and wan[-2].item() == pytest.approx(0.208) and wan[-1] == 0
+
+
+def test_optimal_steps_interpolates_in_log_sigma():
+    (twenty,) = sch.optimal_steps_scheduler(CTX, "FLUX", 20, 1.0)
+    assert len(twenty) == 21
+    assert twenty[2].item() == pytest.approx(0.9886, rel=1e-6)  # even positions hold the table
+    assert twenty[1].item() == pytest.approx(math.sqrt(0.9968 * 0.9886), rel=1e-6)  # halfway in log
+    assert twenty[17].item() == pytest.approx(math.sqrt(0.5512 * 0.2808), rel=1e-6)  # table 8.5
+    # Chroma's 41 levels at 5 steps: positions 0, 8, 16, 24, 32 of its list, then 0
+    (five,) = sch.optimal_steps_scheduler(CTX, "Chroma", 5, 1.0)
+    assert five.tolist() == pytest.approx([0.992, 0.961, 0.832, 0.501, 0.169, 0.0], rel=1e-6)
+
+
+def test_optimal_steps_denoise_keeps_the_last_steps():
+    (half,) = sch.optimal_steps_scheduler(CTX, "FLUX", 10, 0.5)
+    assert half.tolist() == pytest.approx([0.9471, 0.9158, 0.8287, 0.5512, 0.2808, 0.0], abs=1e-7)
+    (some,) = sch.optimal_steps_scheduler(CTX, "FLUX", 10, 0.34)  # round(3.4) = 3 steps
+    assert some.tolist() == pytest.approx([0.8287, 0.5512, 0.2808, 0.0], abs=1e-7)
+    assert len(sch.optimal_steps_scheduler(CTX, "Wan", 20, 0.0)[0]) == 0
+    with pytest.raises(NodeError) as err:
+        sch.optimal_steps_scheduler(CTX, "SD1", 10, 1.0)
+    assert err.value.input_name == "model_type"
