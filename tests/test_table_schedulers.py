@@ -9,6 +9,7 @@ import pytest
 from engine.context import NodeError
 from engine.registry import default_registry
 from nodes import custom_schedulers as sch
+from nodes import gits_scheduler as gits
 
 CTX = None  # the table schedulers never touch their context
 
@@ -50,3 +51,51 @@ def test_optimal_steps_denoise_keeps_the_last_steps():
     with pytest.raises(NodeError) as err:
         sch.optimal_steps_scheduler(CTX, "SD1", 10, 1.0)
     assert err.value.input_name == "model_type"
+
+
+def test_gits_declaration_follows_comfyui():
+    info = default_registry().get("GITSScheduler").object_info()
+    assert info["input_order"]["required"] == ["coeff", "steps", "denoise"]
+    assert info["input"]["required"]["coeff"] == ["FLOAT", {"default": 1.2, "min": 0.8, "max": 1.5, "step": 0.05}]
+    assert info["input"]["required"]["steps"] == ["INT", {"default": 10, "min": 2, "max": 1000}]
+    assert gits.gits_scheduler.signature_mismatches() == []
+
+
+def test_gits_table_has_one_descending_list_per_step_count():
+    levels = gits.gits_levels()
+    assert list(levels) == [f"{0.80 + 0.05 * i:.2f}" for i in range(15)]
+    for rows in levels.values():
+        assert [len(r) for r in rows] == [n + 1 for n in range(2, 21)]
+        for row in rows:
+            assert row[0] == 14.61464119 and row[-1] == 0.02916753  # SD's sigma_max and sigma_min
+            assert all(a > b for a, b in zip(row, row[1:]))
+
+
+def test_gits_picks_the_tables_list():
+    (ten,) = gits.gits_scheduler(CTX, 1.20, 10, 1.0)  # ComfyUI's defaults
+    assert ten.tolist() == pytest.approx([14.61464119, 5.85520077, 2.84484982, 1.67050016, 1.08895338, 0.74807048,
+                                          0.50118381, 0.32104823, 0.19894916, 0.09824532, 0.0], rel=1e-6)
+    (two,) = gits.gits_scheduler(CTX, 0.80, 2, 1.0)
+    assert two.tolist() == pytest.approx([14.61464119, 7.49001646, 0.0], rel=1e-6)
+    (five,) = gits.gits_scheduler(CTX, 1.5, 5, 1.0)
+    assert five.tolist() == pytest.approx([14.61464119, 1.24153244, 0.54755926, 0.25053367, 0.09824532, 0.0],
+                                          rel=1e-6)
+    (half,) = gits.gits_scheduler(CTX, 1.20, 10, 0.5)  # the last 5 steps of the 10-step list
+    assert half.tolist() == pytest.approx([0.74807048, 0.50118381, 0.32104823, 0.19894916, 0.09824532, 0.0],
+                                          rel=1e-6)
+    assert len(gits.gits_scheduler(CTX, 1.20, 10, 0.0)[0]) == 0
+
+
+def test_gits_beyond_twenty_steps_stretches_the_twenty_step_list():
+    row = gits.gits_levels()["1.00"][-1]
+    (forty,) = gits.gits_scheduler(CTX, 1.00, 40, 1.0)
+    assert len(forty) == 41 and forty[-1] == 0
+    assert forty[:-1:2].tolist() == pytest.approx(list(row[:-1]), rel=1e-6)  # even positions hold the list
+    assert forty[1].item() == pytest.approx(math.sqrt(row[0] * row[1]), rel=1e-6)  # halfway in log sigma
+
+
+@pytest.mark.parametrize("coeff", [0.83, 0.75, 1.55])
+def test_gits_refuses_a_coeff_off_its_table(coeff):
+    with pytest.raises(NodeError) as err:
+        gits.gits_scheduler(CTX, coeff, 10, 1.0)
+    assert err.value.input_name == "coeff"
