@@ -33,7 +33,8 @@ COMPOSITING = "mask/compositing"
 @define_node("JoinImageWithAlpha", category=COMPOSITING, display_name="Join Image with Alpha",
              inputs=[Input("image", T.IMAGE), Input("alpha", T.MASK)], outputs=[Output("IMAGE", T.IMAGE)])
 def join_image_with_alpha(ctx, image, alpha):
-    """The image's colour with alpha = 1 - mask as a fourth channel (an existing alpha is replaced).
+    """The image's colour with alpha = 1 - mask as a fourth channel (an existing alpha is replaced,
+    a grey image becomes RGB so the result is a 4-channel IMAGE).
 
     The shorter batch is repeated to the longer one, as ComfyUI does. A mask of another size
     follows Kiln's mask size rule (``nodes/masking.py``): resized (bilinear, as ComfyUI) when
@@ -47,7 +48,8 @@ def join_image_with_alpha(ctx, image, alpha):
     batch = max(image.shape[0], mask.shape[0])
     image, mask = repeat_to_batch(image, batch), repeat_to_batch(mask, batch)
     mask = fit_mask(mask, image.shape[1], image.shape[2], "alpha", ctx.message)
-    return (torch.cat((image[..., :3], (1.0 - mask).unsqueeze(-1)), dim=-1),)
+    colour = image[..., :3] if image.shape[-1] >= 3 else image.expand(*image.shape[:3], 3)  # grey as RGB
+    return (torch.cat((colour, (1.0 - mask).unsqueeze(-1)), dim=-1),)
 
 
 @define_node("SplitImageWithAlpha", category=COMPOSITING, display_name="Split Image with Alpha",

@@ -54,6 +54,8 @@ def test_split_then_join_gives_the_image_back_and_join_then_split_the_mask():
     assert torch.equal(back_colour, rgb) and torch.allclose(back_mask, hole, atol=1e-6)
     _, opaque = run(ia.split_image_with_alpha, image=rgb)  # no alpha channel: nothing transparent
     assert torch.equal(opaque, torch.zeros(1, 4, 4))
+    (grey,) = run(ia.join_image_with_alpha, image=torch.full((1, 4, 4, 1), 0.5), alpha=hole)
+    assert grey.shape == (1, 4, 4, 4) and torch.equal(grey[..., 2], torch.full((1, 4, 4), 0.5))
 
 
 def test_join_repeats_the_shorter_batch_and_fits_the_mask_by_kilns_rule():
