@@ -10,7 +10,7 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "
             "masks", "image_ops", "latent_ops", "vae_tiled", "upscale", "flux_nodes",
             "controlnet", "canny", "custom_sampling", "sampler_settings", "custom_schedulers", "inpaint",
             "image_filters", "model_patches", "model_merging", "model_saving", "lora_extract", "attention_multiply",
-            "latent_math", "image_layout", "latent_files")
+            "latent_math", "image_layout", "latent_files", "string_nodes", "image_alpha", "gits_scheduler")
 
 
 def register(registry) -> None:

@@ -1,12 +1,13 @@
 """ComfyUI's other sigma-list nodes: the schedulers beyond BasicScheduler and KarrasScheduler,
 and the nodes that edit a list, with ComfyUI's names, inputs and defaults.
 
-The formula-only schedulers (Exponential, Polyexponential, Laplace, VP, AlignYourSteps)
-need no model; SDTurbo and BetaSampling pick noise levels of the model's own training
-schedule, so they run for the DDPM-trained families (a flow model's levels are flow times,
-and those nodes have no flow form in ComfyUI's sense either: they are refused naming
-``model``). Every list is float32 and descending; like ComfyUI's, Laplace ends at
-sigma_min instead of 0 (sampling then stops with that much noise left, as in ComfyUI).
+The formula-only and table schedulers (Exponential, Polyexponential, Laplace, VP,
+AlignYourSteps, OptimalSteps; GITS is in nodes.gits_scheduler) need no model; SDTurbo and
+BetaSampling pick noise levels of the model's own training schedule, so they run for the
+DDPM-trained families (a flow model's levels are flow times, and those nodes have no flow
+form in ComfyUI's sense either: they are refused naming ``model``). Every list is float32
+and descending; like ComfyUI's, Laplace ends at sigma_min instead of 0 (sampling then stops
+with that much noise left, as in ComfyUI).
 """
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ AYS_LEVELS: dict[str, tuple[float, ...]] = {
     "SDXL": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
              0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
     "SVD": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+
+#: Optimal Steps' published flow-time levels (Pei et al. 2025, "Optimal Stepsize for Diffusion
+#: Sampling"; ComfyUI's table): 10 steps for FLUX, 20 for Wan, 40 for Chroma.
+OPTIMAL_STEPS_LEVELS: dict[str, tuple[float, ...]] = {
+    "FLUX": (0.9968, 0.9886, 0.9819, 0.975, 0.966, 0.9471, 0.9158, 0.8287, 0.5512, 0.2808, 0.001),
+    "Wan": (1.0, 0.997, 0.995, 0.993, 0.991, 0.989, 0.987, 0.985, 0.98, 0.975, 0.973, 0.968, 0.96, 0.946,
+            0.927, 0.902, 0.864, 0.776, 0.539, 0.208, 0.001),
+    "Chroma": (0.992, 0.99, 0.988, 0.985, 0.982, 0.978, 0.973, 0.968, 0.961, 0.953, 0.943, 0.931, 0.917,
+               0.9, 0.881, 0.858, 0.832, 0.802, 0.769, 0.731, 0.69, 0.646, 0.599, 0.55, 0.501, 0.451,
+               0.402, 0.355, 0.311, 0.27, 0.232, 0.199, 0.169, 0.143, 0.12, 0.101, 0.084, 0.07, 0.058,
+               0.048, 0.001),
 }
 
 
@@ -104,6 +117,39 @@ def vp_scheduler(ctx, steps: int, beta_d: float, beta_min: float, eps_s: float):
     return (append_zero(torch.sqrt(torch.expm1(float(beta_d) * t ** 2 / 2 + float(beta_min) * t))),)
 
 
+def log_linear(levels, count: int):
+    """``count`` levels spread evenly over a descending list's positions, interpolated linearly in
+    log sigma (ComfyUI's rule for stretching a published table to another step count)."""
+    import numpy as np
+
+    ascending = np.log(np.asarray(levels, dtype=np.float64)[::-1])
+    return np.exp(np.interp(np.linspace(0, 1, count), np.linspace(0, 1, len(ascending)), ascending))[::-1].copy()
+
+
+def denoised_tail(levels, steps: int, denoise: float):
+    """The SIGMAS for a table scheduler: ``levels`` holds ``steps + 1`` levels; below denoise 1 only
+    the last ``round(steps * denoise)`` steps; the final level set to 0 (ComfyUI's rule, which also
+    zeroes the end of a shortened list); denoise 0 gives an empty list."""
+    import torch
+
+    run = int(steps)
+    if float(denoise) < 1.0:
+        if float(denoise) <= 0.0:
+            return torch.zeros(0)
+        run = round(int(steps) * float(denoise))
+    picked = torch.tensor(list(levels)[-(run + 1):], dtype=torch.float32)
+    picked[-1] = 0.0
+    return picked
+
+
+def _table_levels(table: dict, model_type: str, steps: int):
+    """The model type's published list, stretched to ``steps + 1`` levels when it has another length."""
+    if model_type not in table:
+        raise NodeError(f"unknown model_type {model_type!r}; choose one of {', '.join(table)}", "model_type")
+    levels = table[model_type]
+    return levels if len(levels) == int(steps) + 1 else log_linear(levels, int(steps) + 1)
+
+
 @define_node("AlignYourStepsScheduler", category="sampling/schedulers",
              inputs=[Input("model_type", T.COMBO, default="SD1", choices=list(AYS_LEVELS)),
                      Input("steps", T.INT, default=10, min=1, max=10000),
@@ -113,24 +159,19 @@ def align_your_steps_scheduler(ctx, model_type: str, steps: int, denoise: float)
     """Align Your Steps' optimised levels: the published 10-step list, interpolated linearly in
     log sigma for another count; below denoise 1 the last ``round(steps * denoise)`` steps;
     the final level set to 0 (ComfyUI's rule, which also zeroes the end of a shortened list)."""
-    import numpy as np
-    import torch
+    return (denoised_tail(_table_levels(AYS_LEVELS, model_type, steps), steps, denoise),)
 
-    if model_type not in AYS_LEVELS:
-        raise NodeError(f"unknown model_type {model_type!r}; choose one of {', '.join(AYS_LEVELS)}", "model_type")
-    steps, denoise = int(steps), float(denoise)
-    run = steps
-    if denoise < 1.0:
-        if denoise <= 0.0:
-            return (torch.zeros(0),)
-        run = round(steps * denoise)
-    levels = np.asarray(AYS_LEVELS[model_type], dtype=np.float64)
-    if steps + 1 != len(levels):
-        ascending = np.log(levels[::-1])
-        levels = np.exp(np.interp(np.linspace(0, 1, steps + 1), np.linspace(0, 1, len(levels)), ascending))[::-1]
-    picked = torch.tensor(levels[-(run + 1):].copy(), dtype=torch.float32)
-    picked[-1] = 0.0
-    return (picked,)
+
+@define_node("OptimalStepsScheduler", category="sampling/schedulers",
+             inputs=[Input("model_type", T.COMBO, choices=list(OPTIMAL_STEPS_LEVELS)),
+                     Input("steps", T.INT, default=20, min=3, max=1000),
+                     Input("denoise", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.01)],
+             outputs=[Output("SIGMAS", T.SIGMAS)])
+def optimal_steps_scheduler(ctx, model_type: str, steps: int, denoise: float):
+    """Optimal Steps' searched flow-time levels for FLUX, Wan or Chroma: the published list,
+    interpolated linearly in log sigma for another count; denoise and the final 0 as in
+    AlignYourStepsScheduler."""
+    return (denoised_tail(_table_levels(OPTIMAL_STEPS_LEVELS, model_type, steps), steps, denoise),)
 
 
 def _discrete_levels(model):

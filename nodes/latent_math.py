@@ -1,11 +1,11 @@
 """ComfyUI's latent arithmetic, batching and geometry nodes, with its names, inputs and semantics:
 LatentAdd, LatentSubtract, LatentMultiply, LatentInterpolate, LatentBatch,
-LatentBatchSeedBehavior, LatentFlip, LatentRotate, LatentCrop.
+LatentBatchSeedBehavior, LatentFlip, LatentRotate, LatentCrop, LatentConcat, LatentCut.
 
 As in nodes.latent_ops, a latent that went through AddNoise is refused (its noise was drawn
 for its shape and seeds), and ``batch_index`` (image i is seeded seed + batch_index[i]) is
 carried as ComfyUI carries it. Where ComfyUI leaves a ``noise_mask`` behind when the
-latent's geometry changes (flip, rotate, crop, batch), Kiln moves the mask with the
+latent's geometry changes (flip, rotate, crop, batch, concat, cut), Kiln moves the mask with the
 latent, so the repainted region stays where the picture is.
 """
 from __future__ import annotations
@@ -185,3 +185,75 @@ def latent_crop(ctx, samples, width: int, height: int, x: int, y: int):
         return t[..., top * scale_h:bottom * scale_h, left * scale_w:right * scale_w].clone()
 
     return (_moved(samples, latent, cut),)
+
+
+#: ComfyUI's LatentConcat/LatentCut axis names: x the width, y the height, t a video latent's time
+#: (a leading minus on concat puts samples2 first). Kiln's latents are images [B, C, h, w], so "t"
+#: is refused where ComfyUI would take the axis before the height, which there is the channels.
+_AXES = {"x": 3, "y": 2}
+
+
+def _axis(dim: str) -> int:
+    name = dim.lstrip("-")
+    if name == "t":
+        raise NodeError("Kiln's latents are images [batch, channels, height, width] with no time axis; "
+                        "use x or y", "dim")
+    if name not in _AXES:
+        raise NodeError("dim must be x or y (a leading - on LatentConcat puts samples2 first)", "dim")
+    return _AXES[name]
+
+
+@define_node("LatentConcat", category="latent/advanced",
+             inputs=[*_PAIR_INPUTS, Input("dim", T.COMBO, choices=["x", "-x", "y", "-y", "t", "-t"])],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_concat(ctx, samples1, samples2, dim: str):
+    """samples2 placed beside samples1: to its right (x), below it (y), or before it with a leading
+    minus. samples2 is repeated or cut to samples1's batch, whose seeds (batch_index) the result
+    keeps; the other side must match. A noise mask on either side is joined the same way (ones
+    where a side has none), where ComfyUI keeps samples1's mask at its old size."""
+    import torch
+
+    from nodes.masking import repeat_to_batch
+
+    axis = _axis(dim)
+    a = plain_latent(samples1, "samples1", "LatentConcat")
+    b = repeat_to_batch(plain_latent(samples2, "samples2", "LatentConcat"), a.shape[0]).to(a.dtype)
+    other = 5 - axis  # the spatial axis that must agree
+    if a.shape[1] != b.shape[1] or a.shape[other] != b.shape[other]:
+        side = "height" if other == 2 else "width"
+        raise NodeError(f"samples2 is {b.shape[1]} channels x {b.shape[2]}x{b.shape[3]} cells but samples1 is "
+                        f"{a.shape[1]} x {a.shape[2]}x{a.shape[3]}: joining along {dim} needs the same channels "
+                        f"and {side}", "samples2")
+    out = _derived(samples1, torch.cat((b, a) if dim.startswith("-") else (a, b), dim=axis))
+    if "noise_mask" in samples1 or "noise_mask" in samples2:
+        masks = (_mask_or_ones(samples1, a), _mask_or_ones(samples2, b))
+        out["noise_mask"] = torch.cat(masks[::-1] if dim.startswith("-") else masks, dim=axis)
+    return (out,)
+
+
+def cut_span(size: int, index: int, amount: int) -> tuple[int, int]:
+    """(start, length) of LatentCut on an axis of ``size`` cells, clipped as ComfyUI clips it: a start
+    past either end moves back onto the axis, and the length stops at the end (or, counting
+    from the end, at the last cell)."""
+    if index >= 0:
+        start = min(index, size - 1)
+        return start, min(size - start, amount)
+    start = max(index, -size)
+    return size + start, min(-start, amount)
+
+
+@define_node("LatentCut", category="latent/advanced",
+             inputs=[Input("samples", T.LATENT), Input("dim", T.COMBO, choices=["x", "y", "t"]),
+                     Input("index", T.INT, default=0, min=-MAX_RESOLUTION, max=MAX_RESOLUTION, step=1),
+                     Input("amount", T.INT, default=1, min=1, max=MAX_RESOLUTION, step=1)],
+             outputs=[Output("LATENT", T.LATENT)])
+def latent_cut(ctx, samples, dim: str, index: int, amount: int):
+    """``amount`` latent cells along x (columns) or y (rows) from ``index`` (negative counts from
+    the end); clipped to the latent, never empty. A noise mask is cut with it."""
+    axis = _axis(dim)
+    latent = plain_latent(samples, "samples", "LatentCut")
+    start, length = cut_span(int(latent.shape[axis]), int(index), max(int(amount), 1))
+    out = _derived(samples, latent.narrow(axis, start, length).clone())
+    if samples.get("noise_mask") is not None:
+        out["noise_mask"] = _mask_or_ones(samples, latent).narrow(axis, start * CELL, length * CELL).clone()
+    return (out,)
