@@ -9,7 +9,7 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "
             "safety", "primitives", "utility",
             "masks", "image_ops", "latent_ops", "vae_tiled", "upscale", "flux_nodes",
             "controlnet", "canny", "custom_sampling", "sampler_settings", "custom_schedulers", "inpaint",
-            "image_filters", "model_patches", "model_merging", "model_saving", "latent_math", "image_layout", "latent_files")
+            "image_filters", "model_patches", "guidance_patches", "model_merging", "model_saving", "latent_math", "image_layout", "latent_files")
 
 
 def register(registry) -> None:

@@ -44,6 +44,9 @@ class SamplingPatches:
     differential_diffusion: float | None = None
     #: FreeU's settings (None: off), see nodes.families.freeu.
     freeu: "FreeUSettings | None" = None
+    #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG) in the
+    #: order they were applied, see nodes.families.guidance_rules.
+    guidance: tuple = ()
 
 
 @dataclass(frozen=True)
