@@ -200,9 +200,11 @@ class RenormCFG(Rule):
             return step.cond
         guided = step.uncond + step.scale * (step.cond - step.uncond)
         if self.renorm_cfg > 0:
+            from torch.linalg import vector_norm
+
             dims = tuple(range(1, guided.ndim))
-            cap = step.cond.norm(dim=dims, keepdim=True) * self.renorm_cfg
-            length = guided.norm(dim=dims, keepdim=True)
+            cap = vector_norm(step.cond, dim=dims, keepdim=True) * self.renorm_cfg
+            length = vector_norm(guided, dim=dims, keepdim=True)
             guided = guided * (cap / length).where(length >= cap, 1.0)
         return guided
 

@@ -1,0 +1,257 @@
+"""ComfyUI's CFG-changing model patches (nodes/guidance_patches.py, nodes/families/guidance_rules.py).
+
+At one evaluation each patch's combination must equal its formula written out here on the
+clean-latent predictions (as ComfyUI states them), from the denoiser's own cond and uncond
+outputs; through KSampler each must reduce to plain CFG where its definition says so, and
+change the image where it does not; APG's running state starts fresh for each run.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.context import NodeError
+from nodes import guidance_patches as gp
+from nodes.latent import empty_latent_image
+from nodes.sampling import ksampler
+from test_sampling import Recorder, sd1, sd2v  # noqa: F401 (fixtures)
+
+T = 600.0  # the timestep of the one-evaluation checks
+
+
+def _patched(tiny, node, *args):
+    (model,) = node(Recorder().ctx, tiny.model, *args)
+    return model
+
+
+def _evaluate(tiny, model, cfg=7.0, z=None, denoiser=None):
+    """(guided output, cond output, uncond output, model input, sigma) at timestep T, batch 2."""
+    from nodes.families.denoiser import Denoiser
+    from nodes.samplers.schedules import TrainingSchedule
+
+    schedule = TrainingSchedule(model.scheduler_config)
+    if z is None:
+        z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    if denoiser is None:
+        denoiser = Denoiser(tiny.parts["unet"], model.family, positive=tiny.pos, negative=tiny.neg, cfg=cfg,
+                            image_size=(64, 64), batch=2, schedule=schedule,
+                            prediction_type=model.prediction_type, guidance=model.patches.guidance)
+    with torch.no_grad():
+        out = denoiser.model_output(z, torch.tensor(T))
+    return out, denoiser.last_cond, denoiser.last_uncond, z, float(schedule.sigma(T))
+
+
+def _eps_x0(z, sigma, eps):
+    """k-diffusion's x and an epsilon output's clean-latent prediction."""
+    x = z * math.sqrt(1 + sigma ** 2)
+    return x, x - sigma * eps
+
+
+def _norm(t, dims=(1, 2, 3)):
+    return t.pow(2).sum(dim=dims, keepdim=True).sqrt()
+
+
+# -- each formula, by hand, on the clean-latent predictions -------------------------------------
+
+def _zero_star(x, c, u, s, sigma):
+    a = ((x - c) * (x - u)).sum(dim=(1, 2, 3), keepdim=True) / ((x - u).pow(2).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
+    return u + s * (c - u) + (a - 1) * u + s * (1 - a) * u
+
+
+def _apg(eta, threshold):
+    def formula(x, c, u, s, sigma):
+        g = c - u
+        g = g * torch.clamp(threshold / _norm(g), max=1.0)
+        unit = c / _norm(c)
+        along = (g * unit).sum(dim=(1, 2, 3), keepdim=True) * unit
+        new_cond = u + (g - along + eta * along) + (c - u) / s
+        return u + s * (new_cond - u)
+    return formula
+
+
+def _cfg_norm(strength):
+    def formula(x, c, u, s, sigma):
+        g = u + s * (c - u)
+        ratio = torch.clamp(_norm(c, (1,)) / (_norm(g, (1,)) + 1e-8), 0, 1)
+        return g * ratio * strength
+    return formula
+
+
+def _tcfg(x, c, u, s, sigma):
+    damped = []
+    for xi, ci, ui in zip(x, c, u):
+        rows = torch.stack([(xi - ui).flatten(), (xi - ci).flatten()]).double()
+        _, vectors = torch.linalg.eigh(rows @ rows.T)  # the Gram matrix's top eigenvector gives
+        lead = rows.T @ vectors[:, -1]  # the leading right-singular vector of the rows
+        lead = lead / lead.norm()
+        damped.append(xi - ((rows[0] @ lead) * lead).reshape(xi.shape).float())
+    u = torch.stack(damped)
+    return u + s * (c - u)
+
+
+def _mahiro(x, c, u, s, sigma):
+    g = u + s * (c - u)
+    root = lambda t: t.abs().sqrt() * t.sign()  # noqa: E731
+    a, b = root(u * s), root((c * s + g) / 2)
+    cos = (a * b).sum(1) / (_norm(a, (1,)).squeeze(1).clamp(min=1e-8) * _norm(b, (1,)).squeeze(1).clamp(min=1e-8))
+    w = 2 * (cos.mean() + 1)
+    return (w * g + (4 - w) * c * s) / 4
+
+
+def _renorm(trunc, renorm):
+    def formula(x, c, u, s, sigma):
+        if sigma >= trunc:
+            return c
+        g = u + s * (c - u)
+        cap = renorm * _norm(c)
+        return torch.where(_norm(g) >= cap, g * cap / _norm(g), g)
+    return formula
+
+
+CASES = {
+    "CFGZeroStar": (gp.cfg_zero_star, (), _zero_star),
+    "APG": (gp.apg, (0.3, 2.0, 0.0), _apg(0.3, 2.0)),
+    "CFGNorm": (gp.cfg_norm, (0.8,), _cfg_norm(0.8)),
+    "TCFG": (gp.tcfg, (), _tcfg),
+    "Mahiro": (gp.mahiro, (), _mahiro),
+    "RenormCFG": (gp.renorm_cfg, (100.0, 0.9), _renorm(100.0, 0.9)),
+    "RenormCFG-truncated": (gp.renorm_cfg, (1.0, 0.9), _renorm(1.0, 0.9)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_evaluation_is_the_formula_on_clean_predictions(sd1, name):
+    node, args, formula = CASES[name]
+    out, cond, uncond, z, sigma = _evaluate(sd1, _patched(sd1, node, *args))
+    x, c0 = _eps_x0(z, sigma, cond)
+    _, u0 = _eps_x0(z, sigma, uncond)
+    expected = (x - formula(x, c0, u0, 7.0, sigma)) / sigma  # back to epsilon
+    assert torch.allclose(out, expected, atol=2e-4, rtol=1e-4)
+    plain = uncond + 7.0 * (cond - uncond)
+    assert (out - plain).abs().max() > 1e-3  # the patch did something at this evaluation
+
+
+def test_on_v_prediction_the_rule_sees_the_same_clean_predictions(sd2v):
+    out, cond, uncond, z, sigma = _evaluate(sd2v, _patched(sd2v, gp.cfg_zero_star))
+    scale = math.sqrt(1 + sigma ** 2)
+    to_x0 = lambda v: (z - sigma * v) / scale  # noqa: E731
+    x = z * scale
+    guided = _zero_star(x, to_x0(cond), to_x0(uncond), 7.0, sigma)
+    assert torch.allclose(out, (z - guided * scale) / sigma, atol=2e-4, rtol=1e-4)
+
+
+def test_flow_outputs_convert_through_the_flow_state():
+    from nodes.families.guidance_rules import Parametrisation
+
+    z, v = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+    space = Parametrisation("flow", z, 0.7)
+    assert torch.equal(space.x, z)  # a flow model sees its state unscaled
+    assert torch.allclose(space.to_x0(v), z - 0.7 * v)
+    assert torch.allclose(space.from_x0(space.to_x0(v)), v, atol=1e-6)
+
+
+def test_at_cfg_1_rules_see_an_unconditional_of_zeros(sd1):
+    out, cond, _, z, sigma = _evaluate(sd1, _patched(sd1, gp.cfg_norm, 0.5), cfg=1.0)
+    x, c0 = _eps_x0(z, sigma, cond)
+    assert torch.allclose(out, (x - 0.5 * c0) / sigma, atol=2e-4)  # ComfyUI: cond * |c|/|c| * strength
+
+
+def test_apg_momentum_runs_across_steps_and_each_run_starts_fresh(sd1):
+    model = _patched(sd1, gp.apg, 1.0, 0.0, 0.5)
+    first, cond, uncond, z, sigma = _evaluate(sd1, model)
+    again, *_ = _evaluate(sd1, model)
+    assert torch.equal(first, again)  # a new run: no momentum carried over
+    # one run, two evaluations at the same sigma: the second guidance is 0.5 * g + g
+    from nodes.families.denoiser import Denoiser
+    from nodes.samplers.schedules import TrainingSchedule
+
+    den = Denoiser(sd1.parts["unet"], model.family, positive=sd1.pos, negative=sd1.neg, cfg=7.0, image_size=(64, 64),
+                   batch=2, schedule=TrainingSchedule(model.scheduler_config), guidance=model.patches.guidance)
+    _evaluate(sd1, model, denoiser=den)
+    second, *_ = _evaluate(sd1, model, denoiser=den)
+    x, c0 = _eps_x0(z, sigma, cond)
+    _, u0 = _eps_x0(z, sigma, uncond)
+    g = 1.5 * (c0 - u0)
+    expected_x0 = u0 + 7.0 * g + (c0 - u0)
+    assert torch.allclose(second, (x - expected_x0) / sigma, atol=2e-4, rtol=1e-4)
+
+
+# -- through KSampler ---------------------------------------------------------------------------
+
+def _txt2img(tiny, model, cfg=6.0, negative=None, steps=4):
+    rec = Recorder()
+    empty, = empty_latent_image(rec.ctx, 64, 64, 1)
+    out, = ksampler(rec.ctx, model, 5, steps, cfg, "euler", "normal", tiny.pos,
+                    tiny.neg if negative is None else negative, empty)
+    return out["samples"]
+
+
+def test_apg_with_eta_1_and_no_cap_or_momentum_is_cfg_one_higher(sd1):
+    patched = _txt2img(sd1, _patched(sd1, gp.apg, 1.0, 0.0, 0.0), cfg=5.0)
+    assert torch.allclose(patched, _txt2img(sd1, sd1.model, cfg=6.0), atol=1e-4)
+
+
+def test_renorm_cfg_uncapped_is_plain_cfg(sd1):
+    assert torch.allclose(_txt2img(sd1, _patched(sd1, gp.renorm_cfg, 100.0, 0.0)), _txt2img(sd1, sd1.model), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["CFGZeroStar", "CFGNorm", "TCFG", "Mahiro"])
+def test_with_the_same_prompt_on_both_sides_it_is_plain_cfg(sd1, name):
+    node, args, _ = CASES[name]
+    args = (1.0,) if name == "CFGNorm" else args
+    same = _txt2img(sd1, _patched(sd1, node, *args), negative=sd1.pos)
+    assert torch.allclose(same, _txt2img(sd1, sd1.model, negative=sd1.pos), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(CASES)[:-1])
+def test_through_ksampler_it_changes_the_image(sd1, name):
+    node, args, _ = CASES[name]
+    model = _patched(sd1, node, *args)
+    assert (_txt2img(sd1, model) - _txt2img(sd1, sd1.model)).abs().max() > 1e-2
+    assert sd1.model.patches.guidance == ()  # the handle it was given samples as before
+
+
+def test_two_identical_apg_runs_give_equal_bytes(sd1):
+    model = _patched(sd1, gp.apg, 0.5, 3.0, 0.6)
+    first, second = _txt2img(sd1, model), _txt2img(sd1, model)
+    assert first.numpy().tobytes() == second.numpy().tobytes()
+
+
+def test_rules_stack_in_order_and_renorm_and_rescale_replace_each_other(sd1):
+    from nodes.model_patches import rescale_cfg
+
+    (model,) = gp.cfg_zero_star(Recorder().ctx, sd1.model)
+    (model,) = gp.apg(Recorder().ctx, model, 0.5, 2.0, 0.0)
+    assert [type(r).__name__ for r in model.patches.guidance] == ["CFGZeroStar", "APG"]
+    (rescaled,) = rescale_cfg(Recorder().ctx, model, 0.7)
+    (renormed,) = gp.renorm_cfg(Recorder().ctx, rescaled, 100.0, 1.0)
+    assert renormed.patches.cfg_rescale == 0.0 and type(renormed.patches.guidance[-1]).__name__ == "RenormCFG"
+    (back,) = rescale_cfg(Recorder().ctx, renormed, 0.7)
+    assert back.patches.cfg_rescale == 0.7 and "RenormCFG" not in [type(r).__name__ for r in back.patches.guidance]
+
+
+def test_a_flow_model_takes_cfg_zero_star():
+    from test_flux import _model
+
+    (model,) = gp.cfg_zero_star(Recorder().ctx, _model("dev"))
+    assert type(model.patches.guidance[0]).__name__ == "CFGZeroStar"
+
+
+@pytest.mark.parametrize("node,args,bad", [
+    (gp.apg, (11.0, 5.0, 0.0), "eta"), (gp.apg, (1.0, -1.0, 0.0), "norm_threshold"),
+    (gp.apg, (1.0, 5.0, 1.5), "momentum"), (gp.cfg_norm, (101.0,), "strength"),
+    (gp.renorm_cfg, (101.0, 1.0), "cfg_trunc"), (gp.renorm_cfg, (100.0, -0.1), "renorm_cfg")])
+def test_a_value_out_of_range_is_refused_by_name(sd1, node, args, bad):
+    with pytest.raises(NodeError) as err:
+        node(Recorder().ctx, sd1.model, *args)
+    assert err.value.input_name == bad
+
+
+@pytest.mark.parametrize("node,args", [(gp.cfg_zero_star, ()), (gp.apg, (1.0, 5.0, 0.0)), (gp.cfg_norm, (1.0,)),
+                                       (gp.tcfg, ()), (gp.mahiro, ()), (gp.renorm_cfg, (100.0, 1.0))])
+def test_a_non_model_is_refused_naming_model(node, args):
+    with pytest.raises(NodeError) as err:
+        node(Recorder().ctx, "not a model", *args)
+    assert err.value.input_name == "model"
