@@ -1,5 +1,5 @@
 """ComfyUI's model patches that change how classifier-free guidance combines the conditional
-and unconditional predictions (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG).
+and unconditional predictions (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG), and the PerpNegGuider.
 
 Each returns a new MODEL handle with one more rule on ``patches.guidance`` (the handle it was
 given samples as before); the denoiser runs them (nodes.families.guidance_rules). They are
@@ -17,11 +17,17 @@ from engine.node import Input, Output, define_node
 from nodes.families import guidance_rules as rules
 
 
+def _check_model(model) -> None:
+    from nodes.handles import ModelHandle
+
+    if not isinstance(model, ModelHandle):
+        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+
+
 def _with_rule(model, rule: rules.Rule):
     """A new handle with ``rule`` after the ones already applied. A rule that replaces the
     CFG combination also replaces RescaleCFG's, as ComfyUI keeps one CFG function."""
-    if not hasattr(model, "patches") or not hasattr(model, "prediction_type"):
-        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+    _check_model(model)
     changes: dict = {"guidance": model.patches.guidance + (rule,)}
     if rule.stage == "combine":
         changes["cfg_rescale"] = 0.0
@@ -98,3 +104,28 @@ def renorm_cfg(ctx, model, cfg_trunc: float, renorm_cfg: float):
     rule = rules.RenormCFG(_in_range("cfg_trunc", cfg_trunc, 0.0, 100.0),
                            _in_range("renorm_cfg", renorm_cfg, 0.0, 100.0))
     return (_with_rule(model, rule),)
+
+
+@define_node("PerpNegGuider", category="_for_testing",
+             inputs=[Input("model", T.MODEL), Input("positive", T.CONDITIONING), Input("negative", T.CONDITIONING),
+                     Input("empty_conditioning", T.CONDITIONING),
+                     Input("cfg", T.FLOAT, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                     Input("neg_scale", T.FLOAT, default=1.0, min=0.0, max=100.0, step=0.01)],
+             outputs=[Output("GUIDER", T.GUIDER)])
+def perp_neg_guider(ctx, model, positive, negative, empty_conditioning, cfg: float, neg_scale: float):
+    """Perp-Neg: guidance measured from the empty prompt, where the negative prompt only pushes
+    along what it does not share with the positive one (nodes.families.perp_neg)."""
+    from nodes.families import conditioning as cond_rules
+    from nodes.families.base import ConditioningError
+    from nodes.families.perp_neg import PerpNeg
+    from nodes.samplers.custom import Guider
+
+    _check_model(model)
+    for name, cond in (("positive", positive), ("negative", negative), ("empty_conditioning", empty_conditioning)):
+        try:
+            cond_rules.entries(cond, name)
+        except ConditioningError as exc:
+            raise NodeError(str(exc), exc.input_name) from None
+    cfg, neg_scale = _in_range("cfg", cfg, 0.0, 100.0), _in_range("neg_scale", neg_scale, 0.0, 100.0)
+    empty = [[item[0], {**(item[1] or {}), "prompt_type": "negative"}] for item in empty_conditioning]
+    return (Guider(model, positive, negative, cfg, dual=PerpNeg(empty, neg_scale)),)

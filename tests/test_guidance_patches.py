@@ -255,3 +255,77 @@ def test_a_non_model_is_refused_naming_model(node, args):
     with pytest.raises(NodeError) as err:
         node(Recorder().ctx, "not a model", *args)
     assert err.value.input_name == "model"
+
+
+# -- PerpNegGuider --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def empty(sd1):
+    """A third prompt standing in for the empty one, encoded as the fixture's two are."""
+    import tiny_models
+
+    return tiny_models.encoded_prompts("sd1", "", "a blue car on a wet road")[0]
+
+
+def _guided_run(tiny, guider, seed=4, steps=4):
+    from nodes import custom_sampling as cs
+
+    ctx = Recorder().ctx
+    sigmas, = cs.basic_scheduler(ctx, tiny.model, "normal", steps, 1.0)
+    out, _ = cs.sampler_custom_advanced(ctx, cs.random_noise(ctx, seed)[0], guider, cs.ksampler_select(ctx, "euler")[0],
+                                        sigmas, {"samples": torch.zeros_like(tiny.init)})
+    return out["samples"]
+
+
+def test_perp_neg_one_evaluation_is_its_formula(sd1, empty):
+    from nodes.samplers.schedules import TrainingSchedule
+
+    (guider,) = gp.perp_neg_guider(Recorder().ctx, sd1.model, sd1.pos, sd1.neg, empty, 5.0, 0.7)
+    schedule = TrainingSchedule(sd1.model.scheduler_config)
+    den = guider.dual.denoiser(sd1.parts["unet"], sd1.model.family, positive=sd1.pos, negative=sd1.neg, cfg=5.0,
+                               image_size=(64, 64), batch=2, schedule=schedule)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = den.model_output(z, torch.tensor(T))
+    sigma = float(schedule.sigma(T))
+    x, pos = _eps_x0(z, sigma, den.pair.last_cond)
+    _, neg = _eps_x0(z, sigma, den.pair.last_uncond)
+    _, nothing = _eps_x0(z, sigma, den.empty.model_output(z, torch.tensor(T)))
+    p, n = pos - nothing, neg - nothing
+    perp = n - (n * p).sum() / p.norm() ** 2 * p  # over the whole batch, as ComfyUI
+    expected = nothing + 5.0 * (p - 0.7 * perp)
+    assert torch.allclose(out, (x - expected) / sigma, atol=2e-4, rtol=1e-4)
+
+
+def test_perp_neg_with_the_empty_prompt_as_negative_is_cfg_from_the_empty_prompt(sd1, empty):
+    from nodes import custom_sampling as cs
+
+    (perp,) = gp.perp_neg_guider(Recorder().ctx, sd1.model, sd1.pos, empty, empty, 5.0, 1.0)
+    (plain,) = cs.cfg_guider(Recorder().ctx, sd1.model, sd1.pos, empty, 5.0)
+    assert torch.allclose(_guided_run(sd1, perp), _guided_run(sd1, plain), atol=1e-3)
+    (unscaled,) = gp.perp_neg_guider(Recorder().ctx, sd1.model, sd1.pos, sd1.neg, empty, 5.0, 0.0)
+    assert torch.allclose(_guided_run(sd1, unscaled), _guided_run(sd1, plain), atol=1e-3)  # neg_scale 0: same
+
+
+def test_perp_neg_changes_the_image_and_takes_the_models_rules(sd1, empty):
+    from nodes import custom_sampling as cs
+
+    (perp,) = gp.perp_neg_guider(Recorder().ctx, sd1.model, sd1.pos, sd1.neg, empty, 5.0, 1.0)
+    (plain,) = cs.cfg_guider(Recorder().ctx, sd1.model, sd1.pos, sd1.neg, 5.0)
+    ours = _guided_run(sd1, perp)
+    assert (ours - _guided_run(sd1, plain)).abs().max() > 0.5
+    (with_norm,) = gp.perp_neg_guider(Recorder().ctx, _patched(sd1, gp.cfg_norm, 0.5), sd1.pos, sd1.neg, empty,
+                                      5.0, 1.0)
+    assert (_guided_run(sd1, with_norm) - ours).abs().max() > 0.5  # CFGNorm's post stage ran on the result
+
+
+@pytest.mark.parametrize("change,bad", [({"model": "not a model"}, "model"), ({"cfg": 101.0}, "cfg"),
+                                        ({"neg_scale": -1.0}, "neg_scale"),
+                                        ({"empty_conditioning": "text"}, "empty_conditioning")])
+def test_perp_neg_bad_input_is_named(sd1, empty, change, bad):
+    args = dict(model=sd1.model, positive=sd1.pos, negative=sd1.neg, empty_conditioning=empty, cfg=5.0,
+                neg_scale=1.0)
+    args.update(change)
+    with pytest.raises(NodeError) as err:
+        gp.perp_neg_guider(Recorder().ctx, **args)
+    assert err.value.input_name == bad

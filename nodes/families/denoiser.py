@@ -40,7 +40,8 @@ class Denoiser:
     def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
-                 names: tuple[str, str] = ("positive", "negative"), guidance: tuple = ()) -> None:
+                 names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
+                 always_guided: bool = False) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
@@ -48,7 +49,8 @@ class Denoiser:
         perturbed-attention guidance's scale (nodes.families.perturbed); ``names``: the node
         inputs the two sides came from, which errors name (a guider composing several
         denoisers, nodes.families.dual_cfg, passes its own); ``guidance``: the model's guidance
-        rules (nodes.families.guidance_rules), run with fresh state for this denoiser's run."""
+        rules (nodes.families.guidance_rules), run with fresh state for this denoiser's run;
+        ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -58,7 +60,7 @@ class Denoiser:
         # where it computes, not where its weights are: offloaded ones rest off the device
         self.device, self.dtype = compute_device(network), network.dtype
         self.cfg = float(cfg)
-        self.guided = self.cfg != 1.0
+        self.guided = self.cfg != 1.0 or always_guided
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
         from nodes.families.guidance_rules import GuidanceRun

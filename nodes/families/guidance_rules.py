@@ -40,6 +40,8 @@ class Step:
     scale: float
     cond: Any
     uncond: Any
+    #: The evaluation's Parametrisation, for rules that bring predictions of their own.
+    space: Any = None
 
 
 class Rule:
@@ -265,7 +267,7 @@ class GuidanceRun:
         for rule, state in zip(self.rules, self._states):
             if rule.stage == "pre" and not (uncond is None and rule.needs_uncond):
                 c0, u0 = rule.pre(Step(space.x, sigma, scale, c0, u0), state)
-        step = Step(space.x, sigma, scale, c0, u0)
+        step = Step(space.x, sigma, scale, c0, u0, space)
         if self._combine is not None:
             guided = self._combine.combine(step)
         elif uncond is None:

@@ -82,7 +82,9 @@ def slerp(a: "torch.Tensor", b: "torch.Tensor", t: float) -> "torch.Tensor":
 class Guider:
     """GUIDER: a model with its conditioning and guidance scale (cfg 1: positive only).
     ``dual`` (DualCFGGuider): a second prompt and its scale against the negative
-    (nodes.families.dual_cfg.DualCFG); positive and cfg are then its cond1 and cfg_conds."""
+    (nodes.families.dual_cfg.DualCFG); positive and cfg are then its cond1 and cfg_conds.
+    PerpNegGuider rides on the same slot with its empty prompt (nodes.families.perp_neg.PerpNeg):
+    anything with a ``middle`` conditioning and a ``denoiser`` factory fits."""
 
     model: Any
     positive: Any

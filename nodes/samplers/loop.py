@@ -39,9 +39,10 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     to the result. ``jobs`` > 1: the batch holds that many queued jobs' images one after
     the other (a cross-job batch), and each report carries one preview per job, of its
     own first image, in job order (engine.batching gives each job its own).
-    ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale and perturbed
-    attention go to the denoiser, FreeU hooks the network while the loop runs).
-    ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale);
+    ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale, perturbed
+    attention and the guidance rules go to the denoiser, FreeU hooks the network while the loop runs).
+    ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
+    nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
     ``positive``, ``negative`` and ``cfg`` are then its cond1, negative and cfg_conds.
     """
     import torch
