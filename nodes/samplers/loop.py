@@ -43,7 +43,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     attention and the guidance rules go to the denoiser, FreeU hooks the network while the loop runs).
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
     nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
-    ``positive``, ``negative`` and ``cfg`` are then its cond1, negative and cfg_conds.
+    for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
     """
     import torch
 
