@@ -30,7 +30,7 @@ def _with_rule(model, rule: rules.Rule):
     _check_model(model)
     changes: dict = {"guidance": model.patches.guidance + (rule,)}
     if rule.stage == "combine":
-        changes["cfg_rescale"] = 0.0
+        changes.update(cfg_rescale=0.0, perp_neg=None)
     return dataclasses.replace(model, patches=dataclasses.replace(model.patches, **changes))
 
 
@@ -129,3 +129,27 @@ def perp_neg_guider(ctx, model, positive, negative, empty_conditioning, cfg: flo
     cfg, neg_scale = _in_range("cfg", cfg, 0.0, 100.0), _in_range("neg_scale", neg_scale, 0.0, 100.0)
     empty = [[item[0], {**(item[1] or {}), "prompt_type": "negative"}] for item in empty_conditioning]
     return (Guider(model, positive, negative, cfg, dual=PerpNeg(empty, neg_scale)),)
+
+
+@define_node("PerpNeg", category="_for_testing", display_name="Perp-Neg (DEPRECATED by PerpNegGuider)",
+             inputs=[Input("model", T.MODEL), Input("empty_conditioning", T.CONDITIONING),
+                     Input("neg_scale", T.FLOAT, default=1.0, min=0.0, max=100.0, step=0.01)],
+             outputs=[Output("MODEL", T.MODEL)])
+def perp_neg(ctx, model, empty_conditioning, neg_scale: float):
+    """Perp-Neg as a model patch (ComfyUI keeps it for old workflows; PerpNegGuider replaces it):
+    KSampler's positive and negative are combined as PerpNegGuider combines them."""
+    from nodes.families import conditioning as cond_rules
+    from nodes.families.base import ConditioningError
+    from nodes.families.perp_neg import PerpNeg
+
+    _check_model(model)
+    try:
+        cond_rules.entries(empty_conditioning, "empty_conditioning")
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
+    empty = [[item[0], {**(item[1] or {}), "prompt_type": "negative"}] for item in empty_conditioning]
+    spec = PerpNeg(empty, _in_range("neg_scale", neg_scale, 0.0, 100.0), always_guided=False)
+    # ComfyUI keeps one CFG function: this one replaces RescaleCFG's and RenormCFG's
+    kept = tuple(rule for rule in model.patches.guidance if rule.stage != "combine")
+    patches = dataclasses.replace(model.patches, perp_neg=spec, cfg_rescale=0.0, guidance=kept)
+    return (dataclasses.replace(model, patches=patches),)

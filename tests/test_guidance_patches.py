@@ -329,3 +329,61 @@ def test_perp_neg_bad_input_is_named(sd1, empty, change, bad):
     with pytest.raises(NodeError) as err:
         gp.perp_neg_guider(Recorder().ctx, **args)
     assert err.value.input_name == bad
+
+
+# -- PerpNeg, the deprecated MODEL patch ----------------------------------------------------------
+
+def test_perp_neg_patch_through_ksampler_equals_the_guider(sd1, empty):
+    (patched,) = gp.perp_neg(Recorder().ctx, sd1.model, empty, 0.8)
+    (guider,) = gp.perp_neg_guider(Recorder().ctx, sd1.model, sd1.pos, sd1.neg, empty, 5.0, 0.8)
+    rec = Recorder()
+    (out,) = ksampler(rec.ctx, patched, 4, 4, 5.0, "euler", "normal", sd1.pos, sd1.neg,
+                      {"samples": torch.zeros_like(sd1.init)})
+    assert torch.allclose(out["samples"], _guided_run(sd1, guider), atol=1e-3)
+    assert (out["samples"] - _txt2img_at(sd1, sd1.model, 5.0)).abs().max() > 0.5  # not plain CFG
+    assert sd1.model.patches.perp_neg is None  # the handle it was given samples as before
+
+
+def _txt2img_at(tiny, model, cfg):
+    (out,) = ksampler(Recorder().ctx, model, 4, 4, cfg, "euler", "normal", tiny.pos, tiny.neg,
+                      {"samples": torch.zeros_like(tiny.init)})
+    return out["samples"]
+
+
+def test_perp_neg_patch_at_cfg_1_sees_a_negative_of_zeros(sd1, empty):
+    from nodes.samplers.schedules import TrainingSchedule
+
+    (patched,) = gp.perp_neg(Recorder().ctx, sd1.model, empty, 0.8)
+    schedule = TrainingSchedule(sd1.model.scheduler_config)
+    den = patched.patches.perp_neg.denoiser(sd1.parts["unet"], sd1.model.family, positive=sd1.pos, negative=sd1.neg,
+                                            cfg=1.0, image_size=(64, 64), batch=2, schedule=schedule)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = den.model_output(z, torch.tensor(T))
+        sigma = float(schedule.sigma(T))
+        x, pos = _eps_x0(z, sigma, den.pair.last_cond)
+        _, nothing = _eps_x0(z, sigma, den.empty.model_output(z, torch.tensor(T)))
+    p, n = pos - nothing, -nothing  # ComfyUI's unevaluated negative is 0
+    expected = nothing + (p - 0.8 * (n - (n * p).sum() / p.norm() ** 2 * p))
+    assert torch.allclose(out, (x - expected) / sigma, atol=2e-4, rtol=1e-4)
+
+
+def test_perp_neg_patch_and_the_other_cfg_functions_replace_each_other(sd1, empty):
+    from nodes.model_patches import rescale_cfg
+
+    (model,) = gp.renorm_cfg(Recorder().ctx, sd1.model, 100.0, 1.0)
+    (model,) = gp.perp_neg(Recorder().ctx, model, empty, 1.0)
+    assert model.patches.perp_neg is not None and model.patches.guidance == ()
+    (rescaled,) = rescale_cfg(Recorder().ctx, model, 0.5)
+    assert rescaled.patches.perp_neg is None
+    (renormed,) = gp.renorm_cfg(Recorder().ctx, model, 100.0, 1.0)
+    assert renormed.patches.perp_neg is None
+
+
+@pytest.mark.parametrize("args,bad", [(("not a model", "E", 1.0), "model"), ((None, "text", 1.0), "empty_conditioning"),
+                                      ((None, "E", 100.5), "neg_scale")])
+def test_perp_neg_patch_bad_input_is_named(sd1, empty, args, bad):
+    model, cond, scale = args
+    with pytest.raises(NodeError) as err:
+        gp.perp_neg(Recorder().ctx, sd1.model if model is None else model, empty if cond == "E" else cond, scale)
+    assert err.value.input_name == bad

@@ -13,6 +13,8 @@ norm), and the result replaces the CFG combination (so RescaleCFG is not applied
 ComfyUI's guider bypasses its CFG function) while the other guidance rules still run:
 their pre-stage on (positive, negative), their post-stage on the result.
 
+The deprecated PerpNeg MODEL patch is the same with the negative left out at cfg 1; its
+handle carries a PerpNeg (``SamplingPatches.perp_neg``) that the samplers use as the guider's.
 The guider rides on the GUIDER's second-prompt slot (``Guider.dual``, which DualCFGGuider
 uses too): ``middle`` is the empty conditioning, prepared for inpainting models with the
 others. The positive and negative are evaluated as one batch, the empty prompt as a
@@ -38,6 +40,9 @@ class PerpNeg:
 
     middle: Any
     neg_scale: float
+    #: Evaluate the negative at cfg 1 too (the guider does; the deprecated MODEL patch, a CFG
+    #: function in ComfyUI, sees zeros for it there, as every CFG hook does at cfg 1).
+    always_guided: bool = True
 
     def denoiser(self, network: Any, family: "Family", *, positive: Any, negative: Any, cfg: float,
                  **common: Any) -> "PerpNegDenoiser":
@@ -76,7 +81,7 @@ class PerpNegDenoiser:
         self._empty = _EmptyPrediction()
         rules = tuple(guidance) + (PerpNegCombine(float(spec.neg_scale), self._empty),)
         self.pair = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, pag_scale=pag_scale,
-                             guidance=rules, always_guided=True, **common)
+                             guidance=rules, always_guided=spec.always_guided, **common)
         self.empty = Denoiser(network, family, positive=spec.middle, negative=None, cfg=1.0,
                               names=("empty_conditioning", "empty_conditioning"), **common)
         #: The negative's prediction at the last call, for CFG++ samplers.

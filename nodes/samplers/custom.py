@@ -162,7 +162,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     for note in sampling.notes(samples.shape[2], samples.shape[3]):
         ctx.message(note)
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
-    dual = guider.dual
+    dual = guider.dual if guider.dual is not None else model.patches.perp_neg
     prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message,
                                     middle=None if dual is None else dual.middle)
     if dual is not None:  # the second prompt with the inpainting channels the others got
