@@ -232,11 +232,25 @@ def test_rules_stack_in_order_and_renorm_and_rescale_replace_each_other(sd1):
     assert back.patches.cfg_rescale == 0.7 and "RenormCFG" not in [type(r).__name__ for r in back.patches.guidance]
 
 
-def test_a_flow_model_takes_cfg_zero_star():
-    from test_flux import _model
+def test_a_flow_model_takes_cfg_zero_star_in_flow_space():
+    """On the tiny FLUX at cfg 2: the rule changes the run, and with the same prompt on both
+    sides (alpha 1) it is plain CFG, so the flow conversions round-trip inside a real run."""
+    from test_flux import _embeds, _model
 
-    (model,) = gp.cfg_zero_star(Recorder().ctx, _model("dev"))
+    embeds, pooled = _embeds("dev")
+    positive = [[embeds, {"pooled_output": pooled, "guidance": 3.5}]]
+    negative = [[embeds * 0.5, {"pooled_output": pooled, "guidance": 1.0}]]
+    plain_model = _model("dev")
+    (model,) = gp.cfg_zero_star(Recorder().ctx, plain_model)
     assert type(model.patches.guidance[0]).__name__ == "CFGZeroStar"
+
+    def run(m, neg):
+        (out,) = ksampler(Recorder().ctx, m, 5, 3, 2.0, "euler", "normal", positive, neg,
+                          {"samples": torch.zeros(1, 16, 8, 8)})
+        return out["samples"]
+
+    assert (run(model, negative) - run(plain_model, negative)).abs().max() > 1e-2
+    assert torch.allclose(run(model, positive), run(plain_model, positive), atol=1e-4)
 
 
 @pytest.mark.parametrize("node,args,bad", [
