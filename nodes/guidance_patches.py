@@ -148,7 +148,8 @@ def perp_neg(ctx, model, empty_conditioning, neg_scale: float):
     except ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     empty = [[item[0], {**(item[1] or {}), "prompt_type": "negative"}] for item in empty_conditioning]
-    spec = PerpNeg(empty, _in_range("neg_scale", neg_scale, 0.0, 100.0), always_guided=False)
+    spec = PerpNeg(empty, _in_range("neg_scale", neg_scale, 0.0, 100.0), always_guided=False,
+                   middle_input="model")  # at KSampler the patch arrives through its model input
     # ComfyUI keeps one CFG function: this one replaces RescaleCFG's and RenormCFG's
     kept = tuple(rule for rule in model.patches.guidance if rule.stage != "combine")
     patches = dataclasses.replace(model.patches, perp_neg=spec, cfg_rescale=0.0, guidance=kept)

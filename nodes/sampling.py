@@ -217,7 +217,8 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     x0 = model.latent.to_model(samples)
     perp = model.patches.perp_neg  # the PerpNeg patch's empty prompt is prepared with the others
     prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message,
-                                    middle=None if perp is None else perp.middle)
+                                    middle=None if perp is None else perp.middle,
+                                    middle_name="model" if perp is None else perp.middle_input)
     if prep.nothing_to_repaint:
         return list(latent_image["samples"].split(batch))
     try:

@@ -401,3 +401,65 @@ def test_perp_neg_patch_bad_input_is_named(sd1, empty, args, bad):
     with pytest.raises(NodeError) as err:
         gp.perp_neg(Recorder().ctx, sd1.model if model is None else model, empty if cond == "E" else cond, scale)
     assert err.value.input_name == bad
+
+
+# -- the nodes, as ComfyUI declares them and as a ComfyUI workflow uses them ----------------------
+
+SCHEMAS = {  # node: (category, [(input, default, min, max)], output type)
+    "CFGZeroStar": ("advanced/guidance", [], "MODEL"),
+    "APG": ("sampling/custom_sampling", [("eta", 1.0, -10.0, 10.0), ("norm_threshold", 5.0, 0.0, 50.0),
+                                         ("momentum", 0.0, -5.0, 1.0)], "MODEL"),
+    "CFGNorm": ("advanced/guidance", [("strength", 1.0, 0.0, 100.0)], "MODEL"),
+    "TCFG": ("advanced/guidance", [], "MODEL"),
+    "Mahiro": ("_for_testing", [], "MODEL"),
+    "RenormCFG": ("advanced/model", [("cfg_trunc", 100.0, 0.0, 100.0), ("renorm_cfg", 1.0, 0.0, 100.0)], "MODEL"),
+    "PerpNegGuider": ("_for_testing", [("cfg", 8.0, 0.0, 100.0), ("neg_scale", 1.0, 0.0, 100.0)], "GUIDER"),
+    "PerpNeg": ("_for_testing", [("neg_scale", 1.0, 0.0, 100.0)], "MODEL"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_the_node_has_comfyui_s_schema(name):
+    from engine.registry import default_registry
+
+    category, numbers, output = SCHEMAS[name]
+    spec = default_registry().get(name)
+    assert spec is not None and spec.category == category
+    assert spec.inputs[0].name == "model"
+    for input_name, default, low, high in numbers:
+        i = spec.input(input_name)
+        assert (i.default, i.min, i.max) == (default, low, high)
+    assert [o.type for o in spec.outputs] == [output]
+
+
+def test_a_comfyui_workflow_with_apg_and_perp_neg_guider_runs(tiny_env):
+    from engine.executor import Executor
+    from engine.registry import default_registry
+    from engine.workflow import parse
+    from test_custom_sampling import _api_prompt
+
+    executor = Executor(default_registry(), tiny_env)
+    plain = executor.run(parse(_api_prompt(8)))  # CFGGuider at cfg 7
+    prompt = _api_prompt(8)
+    prompt["30"] = {"class_type": "APG", "inputs": {"model": ["4", 0], "eta": 1.0, "norm_threshold": 0.0,
+                                                    "momentum": 0.0}}
+    prompt["22"]["inputs"].update(model=["30", 0], cfg=6.0)  # APG at eta 1, uncapped: CFG one higher
+    apg = executor.run(parse(prompt))
+    assert apg.status == "succeeded", apg.error and apg.error.message
+    assert (apg.results["8"][0] - plain.results["8"][0]).abs().max().item() < 1e-3
+    prompt["31"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}}
+    prompt["22"] = {"class_type": "PerpNegGuider", "inputs": {
+        "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "empty_conditioning": ["31", 0],
+        "cfg": 7.0, "neg_scale": 1.0}}
+    perp = executor.run(parse(prompt))
+    assert perp.status == "succeeded", perp.error and perp.error.message
+    # 0.008 apart in pixels here (the tiny VAE squeezes latents that differ by more than 1)
+    assert (perp.results["8"][0] - plain.results["8"][0]).abs().max().item() > 3e-3
+
+
+def test_a_prompt_of_the_wrong_width_as_empty_conditioning_is_named_at_sampling(sd1):
+    wide = [[torch.zeros(1, 77, sd1.pos[0][0].shape[-1] + 8), {}]]
+    (guider,) = gp.perp_neg_guider(Recorder().ctx, sd1.model, sd1.pos, sd1.neg, wide, 5.0, 1.0)
+    with pytest.raises(NodeError) as err:
+        _guided_run(sd1, guider, steps=1)
+    assert err.value.input_name == "empty_conditioning"

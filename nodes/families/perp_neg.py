@@ -40,6 +40,8 @@ class PerpNeg:
 
     middle: Any
     neg_scale: float
+    #: The node input the empty prompt came from, which errors about it name.
+    middle_input: str = "empty_conditioning"
     #: Evaluate the negative at cfg 1 too (the guider does; the deprecated MODEL patch, a CFG
     #: function in ComfyUI, sees zeros for it there, as every CFG hook does at cfg 1).
     always_guided: bool = True
@@ -83,7 +85,7 @@ class PerpNegDenoiser:
         self.pair = Denoiser(network, family, positive=positive, negative=negative, cfg=cfg, pag_scale=pag_scale,
                              guidance=rules, always_guided=spec.always_guided, **common)
         self.empty = Denoiser(network, family, positive=spec.middle, negative=None, cfg=1.0,
-                              names=("empty_conditioning", "empty_conditioning"), **common)
+                              names=(spec.middle_input, spec.middle_input), **common)
         #: The negative's prediction at the last call, for CFG++ samplers.
         self.last_uncond: "torch.Tensor | None" = None
 

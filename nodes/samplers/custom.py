@@ -164,7 +164,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
     dual = guider.dual if guider.dual is not None else model.patches.perp_neg
     prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message,
-                                    middle=None if dual is None else dual.middle)
+                                    middle=None if dual is None else dual.middle,
+                                    middle_name=getattr(dual, "middle_input", "cond2"))
     if dual is not None:  # the second prompt with the inpainting channels the others got
         dual = dataclasses.replace(dual, middle=prep.middle)
     if prep.nothing_to_repaint:
