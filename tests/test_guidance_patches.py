@@ -1,9 +1,11 @@
-"""ComfyUI's CFG-changing model patches (nodes/guidance_patches.py, nodes/families/guidance_rules.py).
+"""ComfyUI's CFG-changing model patches and Perp-Neg (nodes/guidance_patches.py,
+nodes/families/guidance_rules.py, nodes/families/perp_neg.py).
 
 At one evaluation each patch's combination must equal its formula written out here on the
 clean-latent predictions (as ComfyUI states them), from the denoiser's own cond and uncond
 outputs; through KSampler each must reduce to plain CFG where its definition says so, and
-change the image where it does not; APG's running state starts fresh for each run.
+change the image where it does not; APG's running state starts fresh for each run; the
+nodes carry ComfyUI's schemas and refuse bad input by name.
 """
 from __future__ import annotations
 

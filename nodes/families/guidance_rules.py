@@ -266,7 +266,7 @@ class GuidanceRun:
         u0 = torch.zeros_like(c0) if uncond is None else space.to_x0(uncond)
         for rule, state in zip(self.rules, self._states):
             if rule.stage == "pre" and not (uncond is None and rule.needs_uncond):
-                c0, u0 = rule.pre(Step(space.x, sigma, scale, c0, u0), state)
+                c0, u0 = rule.pre(Step(space.x, sigma, scale, c0, u0, space), state)
         step = Step(space.x, sigma, scale, c0, u0, space)
         if self._combine is not None:
             guided = self._combine.combine(step)
