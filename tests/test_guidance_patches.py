@@ -465,3 +465,37 @@ def test_a_prompt_of_the_wrong_width_as_empty_conditioning_is_named_at_sampling(
     with pytest.raises(NodeError) as err:
         _guided_run(sd1, guider, steps=1)
     assert err.value.input_name == "empty_conditioning"
+
+
+# -- a cross-job batch: each job's images guided as in its own run ---------------------------------
+
+@pytest.mark.parametrize("kind", ["Mahiro", "PerpNeg"])
+def test_in_a_cross_job_batch_each_job_is_guided_as_alone(sd1, empty, kind):
+    """Mahiro's similarity and Perp-Neg's projection are batch-wide: batched with another job's
+    prompt, a job must still get exactly what its single run gets."""
+    from nodes.families.conditioning import PerJob
+    from nodes.families.denoiser import Denoiser
+    from nodes.families.perp_neg import PerpNeg
+    from nodes.samplers.schedules import TrainingSchedule
+
+    schedule = TrainingSchedule(sd1.model.scheduler_config)
+    guidance = _patched(sd1, gp.mahiro).patches.guidance if kind == "Mahiro" else ()
+    make = Denoiser if kind == "Mahiro" else PerpNeg(empty, 0.9).denoiser
+
+    def output(positive, negative, z):
+        den = make(sd1.parts["unet"], sd1.model.family, positive=positive, negative=negative, cfg=6.0,
+                   image_size=(64, 64), batch=z.shape[0], schedule=schedule, guidance=guidance)
+        with torch.no_grad():
+            return den.model_output(z, torch.tensor(T))
+
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    other = tiny_models_prompt()
+    both = output(PerJob([sd1.pos[0], other[0]]), PerJob([sd1.neg[0], sd1.neg[0]]), z)
+    alone = torch.cat([output([sd1.pos[0]], [sd1.neg[0]], z[:1]), output([other[0]], [sd1.neg[0]], z[1:])])
+    assert torch.allclose(both, alone, atol=1e-4)
+
+
+def tiny_models_prompt():
+    import tiny_models
+
+    return tiny_models.encoded_prompts("sd1", "a blue car on a wet road", "blurry")[0]

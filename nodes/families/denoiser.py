@@ -66,7 +66,7 @@ class Denoiser:
         from nodes.families.guidance_rules import GuidanceRun
 
         #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, ...), None when there are none.
-        self._rules = GuidanceRun(guidance) if guidance else None
+        self._rules = GuidanceRun(guidance, self.jobs) if guidance else None
         #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
         self._perturbed: "Denoiser | None" = None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
@@ -174,7 +174,7 @@ class Denoiser:
         self.last_uncond, self.last_cond = uncond, cond
         if self._rules is not None:
             sigma = float(self.schedule.sigma(float(t)))
-            plain = lambda c, u: self._cfg(c, u, model_in, t)  # noqa: E731
+            plain = lambda c, u, z: self._cfg(c, u, z, t)  # noqa: E731
             guided = self._rules.apply(cond, uncond, model_in, sigma, self.prediction_type, self.cfg, plain)
         else:
             guided = self._cfg(cond, uncond, model_in, t)

@@ -21,7 +21,7 @@ lives in the run, so each sampling run starts fresh.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from nodes.families.base import ConditioningError
@@ -42,6 +42,8 @@ class Step:
     uncond: Any
     #: The evaluation's Parametrisation, for rules that bring predictions of their own.
     space: Any = None
+    #: The rows of the whole batch this step covers (one job's images in a cross-job batch).
+    rows: slice = field(default_factory=lambda: slice(None))
 
 
 class Rule:
@@ -243,37 +245,55 @@ class Parametrisation:
 
 
 class GuidanceRun:
-    """The rules of one sampling run, with their running state."""
+    """The rules of one sampling run, with their running state.
 
-    def __init__(self, rules: tuple[Rule, ...]) -> None:
+    In a cross-job batch (``jobs`` > 1: queued jobs sampled together, each the same number of
+    images in a row) each job's rows are guided on their own, with their own state: rules with
+    batch-wide statistics (Mahiro's mean similarity, Perp-Neg's projection) would otherwise let
+    one job's images change another's, where each must equal its single run."""
+
+    def __init__(self, rules: tuple[Rule, ...], jobs: int = 1) -> None:
         self.rules = tuple(rules)
-        self._states = [rule.fresh_state() for rule in self.rules]
+        self.jobs = max(1, int(jobs))
+        self._states = [[rule.fresh_state() for rule in self.rules] for _ in range(self.jobs)]
         combines = [rule for rule in self.rules if rule.stage == "combine"]
         self._combine = combines[-1] if combines else None
 
     def apply(self, cond: Any, uncond: Any | None, model_in: Any, sigma: float, prediction_type: str, scale: float,
-              plain: Callable[[Any, Any], Any]) -> Any:
+              plain: Callable[[Any, Any, Any], Any] | None) -> Any:
         """The guided network output from both sides' outputs (``uncond`` None: cfg 1, where
-        ComfyUI evaluates no unconditional side and its hooks see zeros for it). ``plain``
-        combines two network outputs when no rule replaces the combination (CFG, and
-        RescaleCFG if set)."""
+        ComfyUI evaluates no unconditional side and its hooks see zeros for it). ``plain(cond,
+        uncond, model_in)`` combines network outputs when no rule replaces the combination (CFG,
+        and RescaleCFG if set)."""
         import torch
 
         if sigma <= 0:  # nothing left to guide (and no noise to convert through)
-            return cond if uncond is None else plain(cond, uncond)
+            return cond if uncond is None else plain(cond, uncond, model_in)
+        size = cond.shape[0] // self.jobs
+        parts = []
+        for job in range(self.jobs):
+            rows = slice(job * size, (job + 1) * size) if self.jobs > 1 else slice(None)
+            parts.append(self._one_job(cond[rows], None if uncond is None else uncond[rows], model_in[rows], sigma,
+                                       prediction_type, scale, plain, rows, self._states[job]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _one_job(self, cond: Any, uncond: Any | None, model_in: Any, sigma: float, prediction_type: str,
+                 scale: float, plain: Any, rows: slice, states: list) -> Any:
+        import torch
+
         space = Parametrisation(prediction_type, model_in, sigma)
         c0 = space.to_x0(cond)
         u0 = torch.zeros_like(c0) if uncond is None else space.to_x0(uncond)
-        for rule, state in zip(self.rules, self._states):
+        for rule, state in zip(self.rules, states):
             if rule.stage == "pre" and not (uncond is None and rule.needs_uncond):
-                c0, u0 = rule.pre(Step(space.x, sigma, scale, c0, u0, space), state)
-        step = Step(space.x, sigma, scale, c0, u0, space)
+                c0, u0 = rule.pre(Step(space.x, sigma, scale, c0, u0, space, rows), state)
+        step = Step(space.x, sigma, scale, c0, u0, space, rows)
         if self._combine is not None:
             guided = self._combine.combine(step)
         elif uncond is None:
             guided = u0 + scale * (c0 - u0)
         else:
-            guided = space.to_x0(plain(space.from_x0(c0), space.from_x0(u0)))
+            guided = space.to_x0(plain(space.from_x0(c0), space.from_x0(u0), model_in))
         for rule in self.rules:
             if rule.stage == "post" and not (uncond is None and rule.needs_uncond):
                 guided = rule.post(step, guided)

@@ -68,7 +68,7 @@ class PerpNegCombine(Rule):
     stage: ClassVar[str] = "combine"
 
     def combine(self, step: Step) -> Any:
-        e0 = step.space.to_x0(self.empty.output)
+        e0 = step.space.to_x0(self.empty.output[step.rows])
         p, n = step.cond - e0, step.uncond - e0
         n_perp = n - ((n * p).sum() / p.pow(2).sum()) * p
         return e0 + step.scale * (p - self.neg_scale * n_perp)
