@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny_models
 import torch
 
 from engine.context import NodeError
@@ -278,8 +279,6 @@ def test_a_non_model_is_refused_naming_model(node, args):
 @pytest.fixture(scope="module")
 def empty(sd1):
     """A third prompt standing in for the empty one, encoded as the fixture's two are."""
-    import tiny_models
-
     return tiny_models.encoded_prompts("sd1", "", "a blue car on a wet road")[0]
 
 
@@ -489,13 +488,7 @@ def test_in_a_cross_job_batch_each_job_is_guided_as_alone(sd1, empty, kind):
             return den.model_output(z, torch.tensor(T))
 
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    other = tiny_models_prompt()
+    other = tiny_models.encoded_prompts("sd1", "a blue car on a wet road", "blurry")[0]
     both = output(PerJob([sd1.pos[0], other[0]]), PerJob([sd1.neg[0], sd1.neg[0]]), z)
     alone = torch.cat([output([sd1.pos[0]], [sd1.neg[0]], z[:1]), output([other[0]], [sd1.neg[0]], z[1:])])
     assert torch.allclose(both, alone, atol=1e-4)
-
-
-def tiny_models_prompt():
-    import tiny_models
-
-    return tiny_models.encoded_prompts("sd1", "a blue car on a wet road", "blurry")[0]
