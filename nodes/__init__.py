@@ -9,8 +9,9 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "
             "safety", "primitives", "utility",
             "masks", "image_ops", "latent_ops", "vae_tiled", "upscale", "flux_nodes",
             "controlnet", "canny", "custom_sampling", "sampler_settings", "custom_schedulers", "inpaint",
-            "image_filters", "model_patches", "model_merging", "model_saving", "lora_extract", "attention_multiply",
-            "latent_math", "image_layout", "latent_files", "string_nodes", "image_alpha", "gits_scheduler")
+            "image_filters", "model_patches", "guidance_patches", "model_merging", "model_saving", "lora_extract",
+            "attention_multiply", "latent_math", "image_layout", "latent_files", "string_nodes", "image_alpha",
+            "gits_scheduler")
 
 
 def register(registry) -> None:

@@ -44,6 +44,12 @@ class SamplingPatches:
     differential_diffusion: float | None = None
     #: FreeU's settings (None: off), see nodes.families.freeu.
     freeu: "FreeUSettings | None" = None
+    #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG) in the
+    #: order they were applied, see nodes.families.guidance_rules.
+    guidance: tuple = ()
+    #: The deprecated PerpNeg node's empty prompt and neg_scale (nodes.families.perp_neg.PerpNeg),
+    #: which replaces the CFG combination as PerpNegGuider does; None: off.
+    perp_neg: Any = None
 
 
 @dataclass(frozen=True)

@@ -72,11 +72,12 @@ def in_channels(model: Any) -> int:
 
 
 def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: Any,
-            message: Callable[[str], None], middle: Any = None) -> Prepared:
+            message: Callable[[str], None], middle: Any = None, middle_name: str = "cond2") -> Prepared:
     """Check the inpainting inputs against the model and make them ready for the loop.
 
     ``x0``: the input latent in model space [B, C, h, w]; ``middle``: a third conditioning
-    (DualCFGGuider's cond2) that gets the same treatment.
+    (DualCFGGuider's cond2, PerpNeg's empty prompt) that gets the same treatment, errors about
+    it naming ``middle_name``.
     """
     import torch
 
@@ -124,7 +125,7 @@ def prepare(model: Any, positive: Any, negative: Any, latent_image: dict, x0: An
         return _with_concat(cond, concat_for(input_name)) if isinstance(cond, list) else cond
 
     return Prepared(_with_concat(positive, concat_for("positive")), side(negative, "negative"), mask,
-                    middle=side(middle, "cond2"))
+                    middle=side(middle, middle_name))
 
 
 def _concat_latent(model: Any, given: Any, x0: Any, input_name: str) -> Any:

@@ -34,7 +34,9 @@ def rescale_cfg(ctx, model, multiplier: float):
         raise NodeError(f"RescaleCFG needs an epsilon or v-prediction model, not {model.prediction_type}", "model")
     if not 0.0 <= float(multiplier) <= 1.0:
         raise NodeError(f"multiplier must be between 0 and 1, got {multiplier}", "multiplier")
-    return (_with(model, cfg_rescale=float(multiplier)),)
+    # ComfyUI keeps one CFG function: this one replaces one that replaced it (RenormCFG, PerpNeg)
+    kept = tuple(rule for rule in model.patches.guidance if rule.stage != "combine")
+    return (_with(model, cfg_rescale=float(multiplier), guidance=kept, perp_neg=None),)
 
 
 @define_node("PerturbedAttentionGuidance", category="model_patches/unet",

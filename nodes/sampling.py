@@ -6,6 +6,8 @@ are in ``nodes/samplers/plan.py``; the sampler and schedule names in
 """
 from __future__ import annotations
 
+import dataclasses
+
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Batch, Input, Output, define_node
@@ -213,7 +215,10 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
         raise NodeError(f"the latent has {samples.shape[1]} channels but the model's latent space has "
                         f"{model.latent.channels}", "latent_image")
     x0 = model.latent.to_model(samples)
-    prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message)
+    perp = model.patches.perp_neg  # the PerpNeg patch's empty prompt is prepared with the others
+    prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message,
+                                    middle=None if perp is None else perp.middle,
+                                    middle_name="model" if perp is None else perp.middle_input)
     if prep.nothing_to_repaint:
         return list(latent_image["samples"].split(batch))
     try:
@@ -240,7 +245,8 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted,
                               previews=ctx.wants_previews, hold=hold, jobs=len(job_seeds),
-                              patches=model.patches)
+                              patches=model.patches,
+                              dual=None if perp is None else dataclasses.replace(perp, middle=prep.middle))
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     final = model.latent.from_model(result).to("cpu", torch.float32)

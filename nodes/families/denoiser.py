@@ -40,14 +40,17 @@ class Denoiser:
     def __init__(self, network: Any, family: Family, *, positive: Any, negative: Any, cfg: float,
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
-                 names: tuple[str, str] = ("positive", "negative")) -> None:
+                 names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
+                 always_guided: bool = False) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
         ``cfg_rescale``: RescaleCFG's multiplier (:func:`rescale_guidance`); ``pag_scale``:
         perturbed-attention guidance's scale (nodes.families.perturbed); ``names``: the node
         inputs the two sides came from, which errors name (a guider composing several
-        denoisers, nodes.families.dual_cfg, passes its own)."""
+        denoisers, nodes.families.dual_cfg, passes its own); ``guidance``: the model's guidance
+        rules (nodes.families.guidance_rules), run with fresh state for this denoiser's run;
+        ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -57,9 +60,13 @@ class Denoiser:
         # where it computes, not where its weights are: offloaded ones rest off the device
         self.device, self.dtype = compute_device(network), network.dtype
         self.cfg = float(cfg)
-        self.guided = self.cfg != 1.0
+        self.guided = self.cfg != 1.0 or always_guided
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
+        from nodes.families.guidance_rules import GuidanceRun
+
+        #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, ...), None when there are none.
+        self._rules = GuidanceRun(guidance, self.jobs) if guidance else None
         #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
         self._perturbed: "Denoiser | None" = None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
@@ -145,7 +152,7 @@ class Denoiser:
                 return self._guide(cond, uncond, model_in, t)
             out = self._plain_call(model_in, t)
             self.last_uncond = self.last_cond = out
-            return self._perturbation_guided(out, out, model_in, t)
+            return self._perturbation_guided(self._unguided(out, model_in, t), out, model_in, t)
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
         h, w = model_in.shape[2], model_in.shape[3]
         if self._sides is None or self._sides[0] != (h, w):
@@ -159,17 +166,35 @@ class Denoiser:
             outputs = [out for out, _ in outputs]
         if not self.guided:
             self.last_uncond = self.last_cond = outputs[0]
-            return self._perturbation_guided(outputs[0], outputs[0], model_in, t)
+            return self._perturbation_guided(self._unguided(outputs[0], model_in, t), outputs[0], model_in, t)
         cond, uncond = outputs
         return self._guide(cond, uncond, model_in, t)
 
     def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         self.last_uncond, self.last_cond = uncond, cond
+        if self._rules is not None:
+            sigma = float(self.schedule.sigma(float(t)))
+            plain = lambda c, u, z: self._cfg(c, u, z, t)  # noqa: E731
+            guided = self._rules.apply(cond, uncond, model_in, sigma, self.prediction_type, self.cfg, plain)
+        else:
+            guided = self._cfg(cond, uncond, model_in, t)
+        return self._perturbation_guided(guided, cond, model_in, t)
+
+    def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+        """Plain classifier-free guidance, rescaled if RescaleCFG is set (ComfyUI's CFG function)."""
         guided = guide(cond, uncond, self.cfg)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
             guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale)
-        return self._perturbation_guided(guided, cond, model_in, t)
+        return guided
+
+    def _unguided(self, out: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+        """At cfg 1 the conditional output alone, except that guidance rules still run (as
+        ComfyUI's hooks do, seeing an unconditional prediction of zeros)."""
+        if self._rules is None:
+            return out
+        sigma = float(self.schedule.sigma(float(t)))
+        return self._rules.apply(out, None, model_in, sigma, self.prediction_type, self.cfg, None)
 
     def _perturbation_guided(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
                              t: Any) -> "torch.Tensor":

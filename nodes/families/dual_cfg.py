@@ -12,7 +12,7 @@ s2 = ``cfg_cond2_negative``:
 Each style is one ordinary :class:`~nodes.families.denoiser.Denoiser` over a pair of
 prompts plus a conditional-only one for the third, so the conditioning rules (areas,
 masks, timestep ranges, ControlNets) and the guidance patches stay in one place. The
-patches (RescaleCFG, perturbed-attention guidance) apply to the pair, which is where
+patches (RescaleCFG, perturbed-attention guidance, the guidance rules) apply to the pair, which is where
 ComfyUI applies them: its CFG hook sees (negative, cond2) in the regular style and
 (cond2, cond1) in the nested one. That costs two network calls per evaluation where
 ComfyUI makes one batch of three.
@@ -74,11 +74,12 @@ class DualDenoiser:
     (``model_output``, ``last_uncond``)."""
 
     def __init__(self, network: Any, family: "Family", spec: DualCFG, *, positive: Any, negative: Any, cfg: float,
-                 cfg_rescale: float = 0.0, pag_scale: float = 0.0, **common: Any) -> None:
+                 cfg_rescale: float = 0.0, pag_scale: float = 0.0, guidance: tuple = (),
+                 **common: Any) -> None:
         cond1, middle, negative = _share_controls(positive, spec.middle, negative)
         self.nested = bool(spec.nested)
         self.cfg_conds, self.cfg_middle = float(cfg), float(spec.cfg_middle)
-        patches = dict(cfg_rescale=cfg_rescale, pag_scale=pag_scale)
+        patches = dict(cfg_rescale=cfg_rescale, pag_scale=pag_scale, guidance=guidance)
         #: The pair evaluated together, with the guidance patches; the third prompt alone (None: weightless).
         self.pair: Denoiser
         self.third: Denoiser | None = None

@@ -82,7 +82,9 @@ def slerp(a: "torch.Tensor", b: "torch.Tensor", t: float) -> "torch.Tensor":
 class Guider:
     """GUIDER: a model with its conditioning and guidance scale (cfg 1: positive only).
     ``dual`` (DualCFGGuider): a second prompt and its scale against the negative
-    (nodes.families.dual_cfg.DualCFG); positive and cfg are then its cond1 and cfg_conds."""
+    (nodes.families.dual_cfg.DualCFG); positive and cfg are then its cond1 and cfg_conds.
+    PerpNegGuider rides on the same slot with its empty prompt (nodes.families.perp_neg.PerpNeg):
+    anything with a ``middle`` conditioning and a ``denoiser`` factory fits."""
 
     model: Any
     positive: Any
@@ -160,9 +162,10 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     for note in sampling.notes(samples.shape[2], samples.shape[3]):
         ctx.message(note)
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
-    dual = guider.dual
+    dual = guider.dual if guider.dual is not None else model.patches.perp_neg
     prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message,
-                                    middle=None if dual is None else dual.middle)
+                                    middle=None if dual is None else dual.middle,
+                                    middle_name=getattr(dual, "middle_input", "cond2"))
     if dual is not None:  # the second prompt with the inpainting channels the others got
         dual = dataclasses.replace(dual, middle=prep.middle)
     if prep.nothing_to_repaint:

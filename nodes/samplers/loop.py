@@ -39,10 +39,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     to the result. ``jobs`` > 1: the batch holds that many queued jobs' images one after
     the other (a cross-job batch), and each report carries one preview per job, of its
     own first image, in job order (engine.batching gives each job its own).
-    ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale and perturbed
-    attention go to the denoiser, FreeU hooks the network while the loop runs).
-    ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale);
-    ``positive``, ``negative`` and ``cfg`` are then its cond1, negative and cfg_conds.
+    ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale, perturbed
+    attention and the guidance rules go to the denoiser, FreeU hooks the network while the loop runs).
+    ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
+    nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
+    for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
     """
     import torch
 
@@ -59,7 +60,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=training_schedule(training_config),
                     prediction_type=training_config.get("prediction_type", "epsilon"),
-                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale)
+                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance)
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
