@@ -13,7 +13,6 @@ and 3 steps in the page (the shipped 512 px / 20 steps take minutes on a busy 2-
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -125,13 +124,15 @@ def test_official_frontend_runs_kilns_img2img(browser: Any, server: dict[str, An
         except Exception:
             continue
     assert chooser is not None, "the LoadImage upload button opened no file chooser"
-    chooser.set_files(str(server["upload"]))
+    # The frontend shows the file's name as soon as the upload starts (its onUploadStart), so the
+    # widget's value says nothing about the upload: wait for the server's answer to it instead.
+    with page.expect_response(lambda r: "/upload/image" in r.url and r.request.method == "POST",
+                              timeout=60000) as answer:
+        chooser.set_files(str(server["upload"]))
+    assert answer.value.ok and answer.value.json()["name"] == "upload.png", (answer.value.status, answer.value.text())
     page.wait_for_function("() => window.app.graph.nodes.find(n => n.type === 'LoadImage')"
                            ".widgets.find(w => w.name === 'image').value === 'upload.png'", timeout=20000)
     uploaded = folder / "data" / "input" / "upload.png"
-    deadline = time.monotonic() + 20
-    while not uploaded.is_file() and time.monotonic() < deadline:
-        time.sleep(0.1)
     assert uploaded.is_file(), sorted(p.name for p in (folder / "data" / "input").rglob("*"))
     page.evaluate(SHRINK)
     page.get_by_role("button", name="Run").first.click()
@@ -180,11 +181,11 @@ def test_official_frontend_runs_kilns_img2img(browser: Any, server: dict[str, An
         page.screenshot(path=str(folder / "save.png"))
         raise
     name_box.fill("from-comfy")
-    name_box.press("Enter")
+    with page.expect_response(lambda r: "/userdata/" in r.url and r.request.method == "POST",
+                              timeout=60000) as answer:  # the server's answer, however busy the machine
+        name_box.press("Enter")
+    assert answer.value.ok, (answer.value.status, answer.value.text())
     saved = folder / "workflows" / "from-comfy.json"
-    deadline = time.monotonic() + 20
-    while not saved.is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
     assert saved.is_file(), list((folder / "workflows").glob("*"))
     assert isinstance(json.loads(saved.read_text())["nodes"], list)  # ComfyUI's editor format, as saved
     page.get_by_role("button", name="Workflows (w)").click()
