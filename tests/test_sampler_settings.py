@@ -18,7 +18,7 @@ from engine.context import NodeError
 from nodes import custom_sampling as cs
 from nodes import sampler_settings as ss
 from nodes.samplers import schedules, sde, steppers
-from nodes.samplers.names import resolve_sampler
+from nodes.samplers.names import SamplerSpec, resolve_sampler
 from test_samplers_ode import _noise
 from test_samplers_sde import MU, S, SD15, TOL, _run
 from test_sampling import PIXEL_TOL, Recorder, sd1  # noqa: F401 (sd1 is a fixture)
@@ -96,18 +96,26 @@ def test_bad_settings_name_the_input():
 
 # -- the SDE steppers against diffusers -----------------------------------------------------
 
-def _diffusers_sde(name: str, sigmas: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """diffusers' DPM-Solver++ SDE (what KSampler runs for ``name``) over the ideal denoiser;
-    its state is variance-preserving, x / sqrt(1 + sigma^2)."""
-    sched = steppers.on_sigmas(resolve_sampler(name), SD15, sigmas)
+def _diffusers(spec, sigmas: torch.Tensor, x: torch.Tensor, seed: int | None = None,
+               steps: int | None = None) -> torch.Tensor:
+    """diffusers' DPM-Solver scheduler for ``spec`` on ``sigmas`` (steppers.on_sigmas, the hook KSampler
+    uses) over the ideal denoiser from ``x``, for ``steps`` steps (all by default), in Kiln's state
+    x0 + sigma * eps (diffusers' is variance-preserving, x / sqrt(1 + sigma^2))."""
+    sched = steppers.on_sigmas(spec, SD15, sigmas)
     assert type(sched).__name__ == "DPMSolverMultistepScheduler"
-    gen = [torch.Generator().manual_seed(seed)]
+    extra = {} if seed is None else {"generator": [torch.Generator().manual_seed(seed)]}
+    steps = len(sched.timesteps) if steps is None else steps
     state = steppers.to_state(sched, x, float(sigmas[0]))
-    for i, t in enumerate(sched.timesteps):
+    for i, t in enumerate(sched.timesteps[:steps]):
         sigma = float(sigmas[i])
         ve = state * math.sqrt(1 + sigma ** 2)
-        state = sched.step((ve - _ideal(ve, sigma)) / sigma, t, state, generator=gen).prev_sample
-    return state
+        state = sched.step((ve - _ideal(ve, sigma)) / sigma, t, state, **extra).prev_sample
+    return steppers.from_state(sched, state, float(sigmas[steps]))
+
+
+def _diffusers_sde(name: str, sigmas: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """diffusers' DPM-Solver++ SDE, what KSampler runs for ``name``."""
+    return _diffusers(resolve_sampler(name), sigmas, x, seed)
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_2m_sde_heun"])
@@ -125,23 +133,14 @@ def test_kiln_sde_steppers_equal_diffusers_at_its_settings(name):
     assert (_diffusers_sde(name, sigmas, x, 4) - theirs).abs().max() > 1e-2
 
 
-def _diffusers_3m_sde(sigmas: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """diffusers' DPM-Solver++(3M) SDE over the ideal denoiser for ``steps`` steps (seed 3), in
-    Kiln's state x0 + sigma * eps."""
-    from diffusers import DPMSolverMultistepScheduler
+#: diffusers' DPM-Solver++(3M) SDE, which no sampler name runs any more (see the test below).
+DIFFUSERS_3M_SDE = SamplerSpec("diffusers_3m_sde", "diffusers_3m_sde", "DPMSolverMultistepScheduler",
+                               config={"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                                       "final_sigmas_type": "zero"})
 
-    sched = DPMSolverMultistepScheduler.from_config(SD15, algorithm_type="sde-dpmsolver++", solver_order=3,
-                                                    final_sigmas_type="zero", use_karras_sigmas=True)
-    wanted = sigmas[:-1].double().numpy()
-    sched._convert_to_karras = lambda *args, **kwargs: wanted.copy()
-    sched.set_timesteps(len(sigmas) - 1)
-    gen = [torch.Generator().manual_seed(3)]
-    state = x / math.sqrt(1 + float(sigmas[0]) ** 2)
-    for i, t in enumerate(sched.timesteps[:steps]):
-        sigma = float(sigmas[i])
-        ve = state * math.sqrt(1 + sigma ** 2)
-        state = sched.step((ve - _ideal(ve, sigma)) / sigma, t, state, generator=gen).prev_sample
-    return state * math.sqrt(1 + float(sigmas[steps]) ** 2)
+
+def _diffusers_3m_sde(sigmas: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    return _diffusers(DIFFUSERS_3M_SDE, sigmas, x, seed=3, steps=steps)
 
 
 def test_3m_sde_differs_from_diffusers_by_its_third_order_term_alone():
@@ -177,12 +176,7 @@ def test_2m_sde_at_eta_zero_is_diffusers_dpmpp_2m():
     ours = _run(_tuned("dpmpp_2m_sde", sigmas, eta=0.0), x, _ideal, [torch.Generator().manual_seed(1)])
     again = _run(_tuned("dpmpp_2m_sde", sigmas, eta=0.0), x, _ideal, [torch.Generator().manual_seed(2)])
     assert torch.equal(ours, again)  # no noise drawn
-    sched = steppers.on_sigmas(resolve_sampler("dpmpp_2m"), SD15, sigmas)
-    state = steppers.to_state(sched, x, SIGMA0)
-    for i, t in enumerate(sched.timesteps):
-        sigma = float(sigmas[i])
-        ve = state * math.sqrt(1 + sigma ** 2)
-        state = sched.step((ve - _ideal(ve, sigma)) / sigma, t, state).prev_sample
+    state = _diffusers(resolve_sampler("dpmpp_2m"), sigmas, x)
     assert torch.allclose(ours, state, atol=1e-4), (ours - state).abs().max()
 
 

@@ -173,18 +173,24 @@ def _run_diffusers(sched, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _kiln_and_diffusers(name: str, steps: int, cls: type) -> tuple:
+    """(Kiln's stepper's result, diffusers' class's result, the start, the sigmas) for ``name`` on
+    one Karras list from the same start; diffusers' scheduler is checked to be ``cls``."""
+    sigmas = schedules.karras(steps, 0.03, SIGMA0)
+    x = MU + math.sqrt(S ** 2 + SIGMA0 ** 2) * _noise()
+    ours = _run(_stepper(name, sigmas), x, _ideal, [None])
+    theirs = steppers.on_sigmas(resolve_sampler(name), SD15, sigmas)
+    assert isinstance(theirs, cls)
+    return ours, _run_diffusers(theirs, x), x, sigmas
+
+
 def test_the_lms_stepper_is_diffusers_lms():
     """Kiln's LMS (variable-step Adams-Bashforth of order 4 on the derivative, integrating to 0)
     and diffusers' LMSDiscreteScheduler (k-diffusion's LMS, scipy's quadrature) take the same
     steps on the same Karras list: the one flow models run is the one SD runs."""
     from diffusers import LMSDiscreteScheduler
 
-    sigmas = schedules.karras(9, 0.03, SIGMA0)
-    x = MU + math.sqrt(S ** 2 + SIGMA0 ** 2) * _noise()
-    ours = _run(_stepper("lms", sigmas), x, _ideal, [None])
-    theirs = steppers.on_sigmas(resolve_sampler("lms"), SD15, sigmas)
-    assert isinstance(theirs, LMSDiscreteScheduler)
-    y = _run_diffusers(theirs, x)
+    ours, y, x, sigmas = _kiln_and_diffusers("lms", 9, LMSDiscreteScheduler)
     assert torch.allclose(ours, y, atol=1e-4), (ours - y).abs().max()
     assert (ours - _run(_stepper("ipndm_v", sigmas), x, _ideal, [None])).abs().max() > 1e-4  # not landing early
 
@@ -201,12 +207,7 @@ def test_the_dpm_2_stepper_is_diffusers_kdpm2():
     models run, and diffusers' KDPM2DiscreteScheduler, which SD runs, take the same steps."""
     from diffusers import KDPM2DiscreteScheduler
 
-    sigmas = schedules.karras(7, 0.03, SIGMA0)
-    x = MU + math.sqrt(S ** 2 + SIGMA0 ** 2) * _noise()
-    ours = _run(_stepper("dpm_2", sigmas), x, _ideal, [None])
-    theirs = steppers.on_sigmas(resolve_sampler("dpm_2"), SD15, sigmas)
-    assert isinstance(theirs, KDPM2DiscreteScheduler)
-    y = _run_diffusers(theirs, x)
+    ours, y, _, _ = _kiln_and_diffusers("dpm_2", 7, KDPM2DiscreteScheduler)
     assert torch.allclose(ours, y, atol=1e-4), (ours - y).abs().max()
     err8, err16 = _error("dpm_2", 8)[0], _error("dpm_2", 16)[0]
     assert err8 / err16 > 3.0, (err8, err16)
