@@ -226,13 +226,10 @@ class Parametrisation:
         self.x = model_in * self.scale
 
     def to_x0(self, out: Any) -> Any:
-        if self.kind == "epsilon":
-            return self.x - self.sigma * out
-        if self.kind == "v_prediction":
-            return (self.z - self.sigma * out) / self.scale
-        if self.kind == "flow":
-            return self.z - self.sigma * out
-        return out
+        """The samplers' own rule (kdiffusion.denoised_from, on ComfyUI's x)."""
+        from nodes.samplers.kdiffusion import denoised_from
+
+        return denoised_from(self.kind, out, self.x, self.sigma)
 
     def from_x0(self, x0: Any) -> Any:
         if self.kind == "epsilon":
