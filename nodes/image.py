@@ -194,8 +194,8 @@ def target_size(src_w: int, src_h: int, width: int, height: int, multiple: int) 
         Input("mode", T.COMBO, default="crop", choices=["stretch", "crop", "pad"],
               tooltip="stretch: distort to the size; crop: fill the size and cut the overflow (centred); "
                       "pad: fit inside and fill the rest with pad_color"),
-        Input("multiple_of", T.COMBO, default="8", choices=["1", "8", "64"],
-              tooltip="Round the final size to the nearest multiple (SD needs 8; some models prefer 64)"),
+        Input("multiple_of", T.COMBO, default="8", choices=["1", "8", "16", "64"],
+              tooltip="Round the final size to the nearest multiple (SD needs 8, FLUX 16; some models prefer 64)"),
         Input("pad_color", T.STRING, default="#000000", tooltip="Fill colour for mode 'pad', #rrggbb"),
     ],
     outputs=[Output("IMAGE", T.IMAGE), Output("width", T.INT), Output("height", T.INT)],

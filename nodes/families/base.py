@@ -120,6 +120,9 @@ class Family:
     prediction_from_weights: bool = False
     #: diffusers' scheduler class the family's pipelines ship with (for configs).
     scheduler_class: str = "PNDMScheduler"
+    #: Whether the network reads reference latents (ReferenceLatent: edit models such as FLUX.1
+    #: Kontext, nodes.families.flux_references); a conditioning carrying them is refused otherwise.
+    takes_references: bool = False
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -208,6 +211,11 @@ class Family:
         applies to ``batch`` consecutive rows). SD 1.x/2.x need nothing.
         """
         return {}
+
+    def call_key(self, extra: dict) -> Any:
+        """What conditionings must have in common, beyond their token count, to be evaluated in one
+        network call (FLUX: the same reference latents); anything hashable."""
+        return None
 
     def conditioning_notes(self, conditionings: list) -> list[str]:
         """Messages for the sampling node about conditioning this family ignores (none by default)."""

@@ -267,7 +267,8 @@ def combine(denoiser: Any, sides: list[list[Entry]], model_in: "torch.Tensor", t
     """Each side's (network output, mask of the pixels some entry covers with nonzero weight):
     entries evaluated on their areas and blended by weight.
 
-    Entries of all sides with the same crop and token count share one network call.
+    Entries of all sides with the same crop, token count and call key (Family.call_key) share one
+    network call.
     """
     import torch
 
@@ -287,8 +288,9 @@ def combine(denoiser: Any, sides: list[list[Entry]], model_in: "torch.Tensor", t
     counts = [torch.full_like(tot, 1e-37) for tot in totals]
     groups: dict[tuple, list[_Job]] = {}
     for job in jobs:
-        groups.setdefault((job.area, job.entry.embeds.shape[1]), []).append(job)
-    for (area, _), group in groups.items():
+        key = (job.area, job.entry.embeds.shape[1], denoiser.family.call_key(job.entry.extra))
+        groups.setdefault(key, []).append(job)
+    for (area, _, _), group in groups.items():
         ah, aw, ay, ax = area
         crop = model_in[:, :, ay:ay + ah, ax:ax + aw]
         context = torch.cat([j.entry.embeds.expand(b, -1, -1) for j in group]).to(denoiser.device, denoiser.dtype)

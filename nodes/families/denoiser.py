@@ -76,6 +76,7 @@ class Denoiser:
         self.positive = cond_rules.entries(positive, names[0])
         self.negative = cond_rules.entries(negative, names[1]) if self.guided else []
         _check_width(network, family, self.positive + self.negative)
+        _check_references(family, self.positive + self.negative)
         from nodes.control.apply import share_with_uncond
 
         share_with_uncond(self.positive, self.negative)
@@ -266,6 +267,18 @@ def rescale_guidance(guided: "torch.Tensor", cond: "torch.Tensor", model_in: "to
 def _plain(side: list, jobs: int) -> bool:
     """One plain entry (cond_rules.is_plain) for each job of the batch."""
     return len(side) == jobs and all(cond_rules.is_plain([entry]) for entry in side)
+
+
+def _check_references(family: Family, entries: list) -> None:
+    """Reference latents on a model that cannot read them are an error, not silently dropped
+    (ComfyUI drops them): the edit the user asked for would not happen."""
+    if family.takes_references:
+        return
+    for entry in entries:
+        if entry.extra.get("reference_latents"):
+            name = entry.extra.get("_input", "positive")
+            raise ConditioningError(f"{name} carries reference latents (ReferenceLatent), but this {family.name} "
+                                    "model reads none: they need an edit model such as FLUX.1 Kontext", name)
 
 
 def _check_width(network: Any, family: Family, entries: list) -> None:

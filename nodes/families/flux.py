@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodes.families import flux_references
 from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
@@ -98,7 +99,9 @@ class FluxNetwork:
         return self.transformer
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 **kwargs: Any) -> tuple:
+                 reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
+        """``reference_latents``: images the network reads beside ``x`` (FLUX.1 Kontext); their
+        tokens follow the image's and their outputs are dropped."""
         import torch
 
         b, _, h, w = x.shape
@@ -107,10 +110,14 @@ class FluxNetwork:
                                     "latent_image")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
-        out = self.transformer(hidden_states=pack(x), timestep=time.to(self.dtype),
+        tokens, ids = pack(x), image_ids(h, w, self.device, self.dtype)
+        if reference_latents is not None:
+            ref_tokens, ref_ids = flux_references.tokens(reference_latents, (h, w), pack)
+            tokens, ids = torch.cat([tokens, ref_tokens], dim=1), torch.cat([ids, ref_ids])
+        out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
-                               img_ids=image_ids(h, w, self.device, self.dtype), return_dict=False, **kwargs)[0]
-        return (unpack(out, h, w),)
+                               img_ids=ids, return_dict=False, **kwargs)[0]
+        return (unpack(out[:, :(h // 2) * (w // 2)], h, w),)
 
 
 class Flux(Family):
@@ -123,6 +130,7 @@ class Flux(Family):
     clip_types = ("flux",)
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
+    takes_references = True
 
     # -- detection -----------------------------------------------------------------
 
@@ -188,7 +196,13 @@ class Flux(Family):
             guidance += [float(extra.get("guidance", DEFAULT_GUIDANCE))] * batch
         kwargs = {"pooled_projections": torch.cat(pooled).to(device=device, dtype=dtype)}
         kwargs["guidance"] = torch.tensor(guidance, device=device, dtype=torch.float32)
+        references = flux_references.for_call(extras, batch, self.latent, device, dtype)
+        if references is not None:
+            kwargs["reference_latents"] = references
         return kwargs
+
+    def call_key(self, extra: dict) -> Any:
+        return flux_references.call_key(extra)
 
     # -- text ----------------------------------------------------------------------------
 

@@ -37,17 +37,18 @@ class Group:
 
 def split(blocks: list["torch.Tensor"], extras: list[dict], per_block: int, family: "Family",
           image_size: tuple[int, int], device: Any, dtype: Any) -> list[Group] | None:
-    """Groups of equal context length over ``blocks`` (one [1, tokens, dim] context per conditioning,
-    each covering ``per_block`` consecutive rows of the batch, with its ``extras``); None when every
-    block has the same length (one call, the usual path)."""
+    """Groups of equal context length and call key (Family.call_key: FLUX's reference latents,
+    which lengthen the image's token sequence) over ``blocks`` (one [1, tokens, dim] context per
+    conditioning, each covering ``per_block`` consecutive rows of the batch, with its ``extras``);
+    None when all blocks can share one call (the usual path)."""
     import torch
 
-    lengths = [block.shape[1] for block in blocks]
-    if len(set(lengths)) <= 1:
+    keys = [(block.shape[1], family.call_key(extra)) for block, extra in zip(blocks, extras)]
+    if len(set(keys)) <= 1:
         return None
     groups = []
-    for length in sorted(set(lengths)):
-        members = [k for k, n in enumerate(lengths) if n == length]
+    for key in dict.fromkeys(keys):
+        members = [k for k, other in enumerate(keys) if other == key]
         rows = torch.cat([torch.arange(k * per_block, (k + 1) * per_block) for k in members]).to(device)
         context = torch.cat([blocks[k].expand(per_block, -1, -1) for k in members]).to(device=device, dtype=dtype)
         own = [extras[k] for k in members]
