@@ -23,7 +23,9 @@ KONTEXT_SIZES = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328)
                  (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
                  (1456, 720), (1504, 688), (1568, 672))
 #: ComfyUI's choices; "uxo/uno" selects the layout its model code calls "uxo".
-METHOD_CHOICES = ["offset", "index", "uxo/uno"]
+#: "index_timestep_zero" (Qwen-Image-Edit, FLUX.2: references modulated at time 0) is accepted so
+#: those workflows load, and refused when a FLUX.1 model samples (flux_references.for_call).
+METHOD_CHOICES = ["offset", "index", "uxo/uno", "index_timestep_zero"]
 
 
 @define_node(

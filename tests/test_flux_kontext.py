@@ -178,10 +178,15 @@ def test_several_references_and_their_layouts_change_the_image():
     two = kiln(_with_refs(_cond(), first, second))
     assert _apart(one, two) > EFFECT
     images = {}
-    for method in kontext.METHOD_CHOICES:
+    for method in ("offset", "index", "uxo/uno"):
         (cond,) = kontext.flux_kontext_multi_reference_latent_method(Recorder().ctx, _with_refs(_cond(), first, second),
                                                                      method)
         images[method] = kiln(cond)
+    (cond,) = kontext.flux_kontext_multi_reference_latent_method(Recorder().ctx, _with_refs(_cond(), first),
+                                                                 "index_timestep_zero")
+    with pytest.raises(NodeError, match="FLUX.1 Kontext takes offset, index or uxo/uno") as err:
+        kiln(cond)  # ComfyUI's newer choice, for other models: the workflow loads, sampling says why not
+    assert err.value.input_name == "positive"
     assert _apart(images["offset"], two) == 0  # offset is the default
     assert _apart(images["index"], two) > EFFECT and _apart(images["uxo/uno"], two) > EFFECT
 

@@ -86,17 +86,26 @@ def is_plain(side: list[Entry]) -> bool:
     return all(k not in extra for k in REGIONAL_KEYS if k != "strength") and float(extra.get("strength", 1.0)) == 1.0
 
 
+#: The most a prompt is repeated to share a batch with a longer one (ComfyUI's limit); beyond
+#: it the two are evaluated in separate network calls (nodes.families.token_groups).
+MAX_REPEAT = 4
+
+
 def match_tokens(a: "torch.Tensor", b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Equal token counts for two prompts that share a batch.
+    """Equal token counts for two prompts that share a batch, where that is cheap.
 
     Long prompts are encoded in 77-token windows, so two prompts of different
     lengths are repeated up to their least common multiple, as ComfyUI does
-    (attention over a key list repeated k times gives the same result).
+    (attention over a key list repeated k times gives the same result). Lengths with
+    a large common multiple (a FLUX prompt of 512 T5 tokens beside one with 729 Redux
+    image tokens appended: 635,392) are returned as they are, to be evaluated apart.
     """
     ta, tb = a.shape[1], b.shape[1]
     if ta == tb:
         return a, b
     n = math.lcm(ta, tb)
+    if n // min(ta, tb) > MAX_REPEAT:
+        return a, b
     return a.repeat(1, n // ta, 1), b.repeat(1, n // tb, 1)
 
 

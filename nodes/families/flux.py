@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodes.families import attention_bias as attention_bias_rule
 from nodes.families import flux_references
 from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec
 
@@ -99,9 +100,11 @@ class FluxNetwork:
         return self.transformer
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
+                 reference_latents: "flux_references.References | None" = None,
+                 attention_bias: "list[attention_bias_rule.TextBias] | None" = None, **kwargs: Any) -> tuple:
         """``reference_latents``: images the network reads beside ``x`` (FLUX.1 Kontext); their
-        tokens follow the image's and their outputs are dropped."""
+        tokens follow the image's and their outputs are dropped. ``attention_bias``: one
+        :class:`~nodes.families.attention_bias.TextBias` per row (StyleModelApply's attn_bias)."""
         import torch
 
         b, _, h, w = x.shape
@@ -114,6 +117,13 @@ class FluxNetwork:
         if reference_latents is not None:
             ref_tokens, ref_ids = flux_references.tokens(reference_latents, (h, w), pack)
             tokens, ids = torch.cat([tokens, ref_tokens], dim=1), torch.cat([ids, ref_ids])
+        if attention_bias is not None:
+            if attention_bias[0].tokens != encoder_hidden_states.shape[1]:
+                raise ConditioningError(f"the style model's attention bias covers {attention_bias[0].tokens} prompt "
+                                        f"tokens but the prompt has {encoder_hidden_states.shape[1]} (was it "
+                                        "concatenated after StyleModelApply? apply the style model last)", "positive")
+            mask = attention_bias_rule.joint_mask(attention_bias, tokens.shape[1], self.dtype, self.device)
+            kwargs["joint_attention_kwargs"] = {"attention_mask": mask}
         out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
                                img_ids=ids, return_dict=False, **kwargs)[0]
@@ -199,6 +209,11 @@ class Flux(Family):
         references = flux_references.for_call(extras, batch, self.latent, device, dtype)
         if references is not None:
             kwargs["reference_latents"] = references
+        biases = [extra.get(attention_bias_rule.KEY) for extra in extras]
+        if any(b is not None for b in biases):
+            tokens = next(b for b in biases if b is not None).tokens
+            kwargs["attention_bias"] = [b if b is not None else attention_bias_rule.none(tokens)
+                                        for b in biases for _ in range(batch)]
         return kwargs
 
     def call_key(self, extra: dict) -> Any:

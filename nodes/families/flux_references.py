@@ -60,6 +60,10 @@ def for_call(extras: list[dict], rows_each: int, latent: LatentFormat, device: A
         return None
     name = first.get("_input", "positive")
     method = first.get(METHOD, "offset")
+    if method == "index_timestep_zero":
+        raise ConditioningError("reference_latents_method index_timestep_zero (references modulated at time 0, "
+                                "for Qwen-Image-Edit and FLUX.2) is not something a FLUX.1 transformer can do; "
+                                "FLUX.1 Kontext takes offset, index or uxo/uno", name)
     if method not in METHODS:
         raise ConditioningError(f"unknown reference_latents_method {method!r} (expected one of "
                                 f"{', '.join(METHODS)})", name)

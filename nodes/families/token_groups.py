@@ -11,8 +11,9 @@ The sampler's state (latents, generators, scheduler) stays one batch; only the
 network evaluation is split, so jobs with short prompts still share one call and
 a long-prompt job runs beside them in the same step.
 
-Within one job the positive and negative are matched first (conditioning.match_tokens,
-as in that job's single run), so a job is never split across calls.
+Within one job the positive and negative are matched first where that is cheap
+(conditioning.match_tokens, as in that job's single run); lengths it leaves apart (a
+FLUX prompt with Redux tokens beside one without) are split here like two jobs' prompts.
 """
 from __future__ import annotations
 
