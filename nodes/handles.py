@@ -34,7 +34,7 @@ class SamplingPatches:
     """What ComfyUI's model-patch nodes change in how a MODEL samples, each node returning a
     handle with one field set (the handle it was given, and every cached result built on it,
     sample as before). The sampling loop hands them on: the denoiser applies the guidance
-    ones, the noise-mask hold differential diffusion, the UNet hooks FreeU."""
+    ones, the noise-mask hold differential diffusion, the UNet hooks FreeU and Deep Shrink."""
 
     #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
     cfg_rescale: float = 0.0
@@ -47,6 +47,8 @@ class SamplingPatches:
     #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG) in the
     #: order they were applied, see nodes.families.guidance_rules.
     guidance: tuple = ()
+    #: PatchModelAddDownscale's (Kohya's Deep Shrink) settings (None: off), see nodes.families.deep_shrink.
+    deep_shrink: "DeepShrinkSettings | None" = None
     #: The deprecated PerpNeg node's empty prompt and neg_scale (nodes.families.perp_neg.PerpNeg),
     #: which replaces the CFG combination as PerpNegGuider does; None: off.
     perp_neg: Any = None
@@ -62,6 +64,21 @@ class FreeUSettings:
     b2: float
     s1: float
     s2: float
+
+
+@dataclass(frozen=True)
+class DeepShrinkSettings:
+    """Deep Shrink: encoder block ``block_number``'s output resized by 1 / ``downscale_factor``
+    (before its skip is taken, or after it with ``after_skip``) while the noise level lies in
+    [``sigma_end``, ``sigma_start``]; the decoder resizes back with ``upscale_method``."""
+
+    block_number: int
+    downscale_factor: float
+    sigma_start: float
+    sigma_end: float
+    after_skip: bool
+    downscale_method: str
+    upscale_method: str
 
 
 @dataclass(eq=False)
