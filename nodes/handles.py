@@ -145,7 +145,8 @@ class ClipHandle:
     """CLIP: the text encoder(s) and tokenizer(s) of a family; encoding is in nodes.families.text.
 
     ``layer`` is CLIPSetLastLayer's value (None: the family's default layer);
-    ``loras`` the text-encoder side of the LoRA stack.
+    ``loras`` the text-encoder side of the LoRA stack; ``t5_padding`` T5TokenizerOptions'
+    (min_padding, min_length), None: the family's own T5 length (see nodes.families.flux).
     """
 
     family: Family
@@ -157,6 +158,7 @@ class ClipHandle:
     loras: "LoraStack" = ()
     #: module name -> that encoder wherever it is, to read its names and shapes.
     _peek: Callable[[str], Any] | None = None
+    t5_padding: tuple[int, int] | None = None
 
     def peek(self, module: str) -> "torch.nn.Module":
         assert self._peek is not None, "clip handle has no loader"
