@@ -216,3 +216,98 @@ def test_a_comfyui_prompt_with_deep_shrink_validates_and_runs(tiny_env):
     prompt["50"]["inputs"]["upscale_method"] = "lanczos"
     with pytest.raises(WorkflowInvalid, match="upscale_method"):
         executor.run(parse(prompt))
+
+
+# -- with a ControlNet -----------------------------------------------------------------------------
+
+def test_a_controlnet_s_residuals_are_added_where_their_sizes_agree(sd1):
+    """Inside the window Kiln adds the residuals itself (ComfyUI's way): with nothing shrunk that is
+    bit for bit diffusers' own addition; shrunk, the run completes, the residuals of the unshrunk
+    skips still steer it, and those of shrunk ones are left out."""
+    from test_controlnet import advanced, handle
+
+    pos, neg = advanced(sd1, handle("sd1"))
+
+    def run(model, positive=pos, negative=neg):
+        (out,) = ksampler(Recorder().ctx, model, 5, 3, 6.0, "euler", "normal", positive, negative,
+                          {"samples": torch.zeros(1, 4, 8, 8)})
+        return out["samples"]
+
+    controlled = run(sd1.model)
+    unshrunk = _patched(sd1, 1, 1.0, 0.0, 1.0, True, "bicubic", "bicubic")
+    assert run(unshrunk).numpy().tobytes() == controlled.numpy().tobytes()
+    from nodes.model_patches import freeu  # the residual joins the skip before FreeU filters it
+
+    (with_freeu,) = freeu(Recorder().ctx, sd1.model, 1.3, 1.4, 0.5, 0.3)
+    (both,) = freeu(Recorder().ctx, unshrunk, 1.3, 1.4, 0.5, 0.3)
+    assert run(both).numpy().tobytes() == run(with_freeu).numpy().tobytes()
+    shrunk = _patched(sd1, 1, 2.0, 0.0, 1.0, True, "bicubic", "bicubic")
+    with_control, without = run(shrunk), run(shrunk, sd1.pos, sd1.neg)
+    assert torch.isfinite(with_control).all()
+    assert (with_control - without).abs().max() > 1e-2 and (with_control - controlled).abs().max() > 1e-2
+
+
+def test_residuals_by_hand_at_one_evaluation(sd1):
+    """Shrunk after block 1 (8x8 -> 4x4): skips 0 and 1 keep their size and take their residuals;
+    skips 2 and 3 and the middle output are 2x2, so their 4x4 residuals are left out. (Where
+    every size agrees, the bytes test above checks the middle one is added.)"""
+    unet = sd1.parts["unet"]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    context, t = sd1.pos[0][0], torch.tensor(600.0)
+    with torch.no_grad():
+        shapes = _skip_shapes(unet, x, t, context)
+        down = tuple(torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes))
+        mid = torch.randn(1, 64, 4, 4, generator=torch.Generator().manual_seed(9))
+        with ds.applied(unet, _settings(1, 2.0, True), _schedule(sd1)):
+            ours = unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+            uncontrolled = unet(x, t, encoder_hidden_states=context).sample
+        expected = _by_hand_controlled(unet, x, t, context, down)
+    assert [s[-2:] for s in shapes] == [(8, 8), (8, 8), (4, 4), (4, 4)]
+    assert torch.allclose(ours, expected, atol=1e-5) and (ours - uncontrolled).abs().max() > 1e-2
+
+
+def _skip_shapes(unet, x, t, context):
+    """The unshrunk network's skip shapes, as a ControlNet sizes its residuals."""
+    shapes = []
+
+    def record(module, args, output):
+        shapes.append(tuple((output[0] if isinstance(output, tuple) else output).shape))
+
+    handles = [out.register_forward_hook(record) for _, out in ds.encoder_blocks(unet)]
+    unet(x, t, encoder_hidden_states=context)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def _by_hand_controlled(unet, x, t, context, down):
+    """ComfyUI's forward shrinking after block 1's skip (bilinear; bicubic back), each residual
+    added to its skip where the sizes agree."""
+    emb = unet.time_embedding(unet.time_proj(t.reshape(1)).to(x.dtype))
+    h = unet.conv_in(x)
+    hs = [h]
+    for level in unet.down_blocks:
+        for j, resnet in enumerate(level.resnets):
+            h = resnet(h, emb)
+            if hasattr(level, "attentions"):
+                h = level.attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
+            hs.append(h)
+            if len(hs) == 2:
+                h = F.interpolate(h, size=(4, 4), mode="bilinear")
+        if level.downsamplers:
+            h = level.downsamplers[0](h)
+            hs.append(h)
+    hs = [skip + r if skip.shape == r.shape else skip for skip, r in zip(hs, down)]
+    h = unet.mid_block(h, emb, encoder_hidden_states=context)
+    for level in unet.up_blocks:
+        for j, resnet in enumerate(level.resnets):
+            skip = hs.pop()
+            if h.shape[-2:] != skip.shape[-2:]:
+                h = F.interpolate(h, size=skip.shape[-2:], mode="bicubic")
+            h = resnet(torch.cat([h, skip], dim=1), emb)
+            if hasattr(level, "attentions"):
+                h = level.attentions[j](h, encoder_hidden_states=context, return_dict=False)[0]
+        if level.upsamplers:
+            h = level.upsamplers[0](h, hs[-1].shape[-2:])
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))

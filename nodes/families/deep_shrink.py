@@ -19,9 +19,14 @@ a pre-hook on the UNet reads the evaluation's timestep (its level from the train
 schedule), forward hooks on the encoder's block outputs record the skip sizes and shrink,
 a pre-hook on the next block shrinks after the skip, and decoder hooks resize to the skips.
 Outside the window every hook leaves its tensor untouched, so those steps are bit for bit the
-unpatched network's. ComfyUI skips a ControlNet residual whose size no longer matches a shrunk
-skip; diffusers adds them unconditionally, so a ControlNet together with Deep Shrink fails
-inside the window.
+unpatched network's.
+
+A ControlNet's residuals are sized for the unshrunk network. ComfyUI adds each where it is
+applied (to the skip as the decoder takes it, to the middle block's output) and skips one
+whose size no longer matches; diffusers adds them all inside its forward, where a shrunk skip
+would make it fail. Inside the window Kiln therefore takes the residuals out of the UNet call
+and adds them itself, as ComfyUI does: to the skip part of each decoder resnet's joined input
+(before FreeU sees it) and to the middle block's output, each only where the sizes agree.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
+from nodes.families.freeu import decoder_skips
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +100,9 @@ class _Evaluation:
 
     active: bool = False
     skips: list = field(default_factory=list)
+    #: A ControlNet's residuals taken out of the call (None: none, or diffusers adds them).
+    down: Any = None
+    mid: Any = None
 
 
 @contextlib.contextmanager
@@ -113,10 +122,33 @@ def applied(network: Any, settings: Any, schedule: Any) -> Iterator[None]:
         factor = settings.downscale_factor
         return resized(h, round(h.shape[-2] / factor), round(h.shape[-1] / factor), settings.downscale_method)
 
-    def started(module: Any, args: tuple, kwargs: dict) -> None:
+    def started(module: Any, args: tuple, kwargs: dict) -> Any:
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         level = float(schedule.sigma(float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else timestep))
         now.active, now.skips = settings.sigma_end <= level <= settings.sigma_start, []
+        now.down = now.mid = None
+        if now.active and kwargs.get("down_block_additional_residuals") is not None:
+            now.down, now.mid = kwargs["down_block_additional_residuals"], kwargs.get("mid_block_additional_residual")
+            return args, {**kwargs, "down_block_additional_residuals": None, "mid_block_additional_residual": None}
+        return None
+
+    def controlled(position: int, skip_channels: int) -> Any:
+        def hook(module: Any, args: tuple) -> Any:
+            if now.down is None:
+                return None
+            residual, x = now.down[len(now.skips) - 1 - position], args[0]
+            width = x.shape[1] - skip_channels
+            if residual.shape != x[:, width:].shape:
+                return None  # sized for an unshrunk skip: left out, as ComfyUI leaves it
+            import torch
+
+            return (torch.cat([x[:, :width], x[:, width:] + residual], dim=1), *args[1:])
+        return hook
+
+    def middle_controlled(module: Any, args: tuple, output: Any) -> Any:
+        if now.mid is None or now.mid.shape != output.shape:
+            return None
+        return output + now.mid
 
     def block_done(index: int) -> Any:
         def hook(module: Any, args: tuple, output: Any) -> Any:
@@ -151,7 +183,10 @@ def applied(network: Any, settings: Any, schedule: Any) -> Iterator[None]:
             return (h, target, *args[2:])
         return hook
 
-    handles = [unet.register_forward_pre_hook(started, with_kwargs=True)]
+    handles = [unet.register_forward_pre_hook(started, with_kwargs=True),
+               unet.mid_block.register_forward_hook(middle_controlled)]  # before the resize to the skip
+    handles += [resnet.register_forward_pre_hook(controlled(i, skip), prepend=True)  # before FreeU's
+                for i, (resnet, skip) in enumerate(decoder_skips(unet))]
     handles += [out.register_forward_hook(block_done(i)) for i, (_, out) in enumerate(blocks)]
     if settings.after_skip and n < len(blocks):
         following = blocks[n + 1][0] if n + 1 < len(blocks) else unet.mid_block
