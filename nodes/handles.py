@@ -44,7 +44,8 @@ class SamplingPatches:
     differential_diffusion: float | None = None
     #: FreeU's settings (None: off), see nodes.families.freeu.
     freeu: "FreeUSettings | None" = None
-    #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG) in the
+    #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG, Epsilon
+    #: Scaling, FreSca, LatentApplyOperationCFG) in the
     #: order they were applied, see nodes.families.guidance_rules.
     guidance: tuple = ()
     #: PatchModelAddDownscale's (Kohya's Deep Shrink) settings (None: off), see nodes.families.deep_shrink.
