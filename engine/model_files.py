@@ -17,19 +17,23 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: The file that marks a folder as one diffusers model (listed by its folder name, not
 #: its files): a whole pipeline in checkpoints/, one component in vae/. Other folders
 #: hold single files only.
-DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json", "controlnet": "config.json"}
+DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json", "controlnet": "config.json",
+                     "diffusers": "model_index.json"}
+#: Folders whose loader reads diffusers folders only (ComfyUI's DiffusersLoader): loose files
+#: there are not models it opens, so they are not listed.
+FOLDERS_ONLY = frozenset({"diffusers"})
 
 
 def marker_for(folder: str) -> str | None:
     return DIFFUSERS_MARKERS.get(folder)
 
 
-def model_names(root: str | Path, diffusers_marker: str | None) -> list[str]:
+def model_names(root: str | Path, diffusers_marker: str | None, files: bool = True) -> list[str]:
     """The names a loader accepts for the models in ``root`` (sorted; none if it is missing).
 
-    Files are listed by their path below ``root`` (``sd15/model.safetensors``); a folder
-    holding ``diffusers_marker``, at any depth, by its own path. Hidden entries are
-    left out.
+    Files are listed by their path below ``root`` (``sd15/model.safetensors``), unless
+    ``files`` is False; a folder holding ``diffusers_marker``, at any depth, by its own path.
+    Hidden entries are left out.
     """
     root = Path(root)
     names: list[str] = []
@@ -41,7 +45,7 @@ def model_names(root: str | Path, diffusers_marker: str | None) -> list[str]:
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names += [(rel / f).as_posix() for f in filenames
-                  if f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
+                  if files and f.lower().endswith(MODEL_EXTENSIONS) and not f.startswith(".")]
     return sorted(names)
 
 
@@ -49,4 +53,5 @@ def folder_models(models_root: str | Path, folder: str | tuple[str, ...]) -> lis
     """The models of ``<models_root>/<folder>`` as that folder's loader lists them; for
     several folders read together (aliases), their union."""
     folders = (folder,) if isinstance(folder, str) else folder
-    return sorted({n for f in folders for n in model_names(Path(models_root) / f, marker_for(f))})
+    return sorted({n for f in folders
+                   for n in model_names(Path(models_root) / f, marker_for(f), f not in FOLDERS_ONLY)})

@@ -24,6 +24,9 @@ NOISE = "NOISE"
 SAMPLER = "SAMPLER"
 SIGMAS = "SIGMAS"
 GUIDER = "GUIDER"
+#: ComfyUI's latent-to-latent function (LatentOperationSharpen, ...): applied to a LATENT or,
+#: by LatentApplyOperationCFG, to the guidance at every step. A value, not a widget.
+LATENT_OPERATION = "LATENT_OPERATION"
 
 #: Types whose values can be typed into a widget rather than only linked.
 WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})

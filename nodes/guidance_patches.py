@@ -1,5 +1,6 @@
 """ComfyUI's model patches that change how classifier-free guidance combines the conditional
-and unconditional predictions (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG), and the PerpNegGuider.
+and unconditional predictions (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG, Epsilon
+Scaling, FreSca, LatentApplyOperationCFG), and the PerpNegGuider.
 
 Each returns a new MODEL handle with one more rule on ``patches.guidance`` (the handle it was
 given samples as before); the denoiser runs them (nodes.families.guidance_rules). They are
@@ -28,6 +29,8 @@ def _with_rule(model, rule: rules.Rule):
     """A new handle with ``rule`` after the ones already applied. A rule that replaces the
     CFG combination also replaces RescaleCFG's, as ComfyUI keeps one CFG function."""
     _check_model(model)
+    if rule.changes_nothing():  # the identity: sample exactly as the given handle does
+        return dataclasses.replace(model)
     changes: dict = {"guidance": model.patches.guidance + (rule,)}
     if rule.stage == "combine":
         changes.update(cfg_rescale=0.0, perp_neg=None)
@@ -104,6 +107,47 @@ def renorm_cfg(ctx, model, cfg_trunc: float, renorm_cfg: float):
     rule = rules.RenormCFG(_in_range("cfg_trunc", cfg_trunc, 0.0, 100.0),
                            _in_range("renorm_cfg", renorm_cfg, 0.0, 100.0))
     return (_with_rule(model, rule),)
+
+
+@define_node("Epsilon Scaling", category="model_patches/unet",
+             inputs=[Input("model", T.MODEL),
+                     Input("scaling_factor", T.FLOAT, default=1.005, min=0.5, max=1.5, step=0.001,
+                           extra={"display": "number"})],
+             outputs=[Output("MODEL", T.MODEL)])
+def epsilon_scaling(ctx, model, scaling_factor: float):
+    """Exposure-bias correction: after guidance (ComfyUI's post-CFG stage, so at cfg 1 too) the
+    predicted noise is divided by ``scaling_factor``; 1 changes nothing."""
+    return (_with_rule(model, rules.EpsilonScaling(_in_range("scaling_factor", scaling_factor, 0.5, 1.5))),)
+
+
+@define_node("FreSca", category="_for_testing", display_name="FreSca",
+             inputs=[Input("model", T.MODEL),
+                     Input("scale_low", T.FLOAT, default=1.0, min=0.0, max=10.0, step=0.01,
+                           tooltip="Factor for the guidance's low frequencies (its layout)."),
+                     Input("scale_high", T.FLOAT, default=1.25, min=0.0, max=10.0, step=0.01,
+                           tooltip="Factor for the guidance's high frequencies (its detail)."),
+                     Input("freq_cutoff", T.INT, default=20, min=1, max=10000, step=1,
+                           tooltip="Frequency bins each way from the centre that count as low.")],
+             outputs=[Output("MODEL", T.MODEL)])
+def fresca(ctx, model, scale_low: float, scale_high: float, freq_cutoff: int):
+    """Frequency-dependent guidance: the difference between the two prompts' predictions
+    scaled band by band before CFG (ComfyUI's pre-CFG stage; needs a negative side, so it
+    does nothing at cfg 1)."""
+    rule = rules.FreSca(_in_range("scale_low", scale_low, 0.0, 10.0), _in_range("scale_high", scale_high, 0.0, 10.0),
+                        int(_in_range("freq_cutoff", freq_cutoff, 1, 10000)))
+    return (_with_rule(model, rule),)
+
+
+@define_node("LatentApplyOperationCFG", category="latent/advanced/operations",
+             inputs=[Input("model", T.MODEL), Input("operation", T.LATENT_OPERATION)],
+             outputs=[Output("MODEL", T.MODEL)])
+def latent_apply_operation_cfg(ctx, model, operation):
+    """A LATENT_OPERATION applied to the guidance (cond - uncond) at every step, before CFG
+    (ComfyUI's pre-CFG stage): e.g. the Reinhard tonemap to tame a high cfg."""
+    from nodes.latent_operations import check_operation
+
+    _check_model(model)
+    return (_with_rule(model, rules.LatentOperationCFG(check_operation(operation))),)
 
 
 @define_node("PerpNegGuider", category="_for_testing",

@@ -34,7 +34,7 @@ class SamplingPatches:
     """What ComfyUI's model-patch nodes change in how a MODEL samples, each node returning a
     handle with one field set (the handle it was given, and every cached result built on it,
     sample as before). The sampling loop hands them on: the denoiser applies the guidance
-    ones, the noise-mask hold differential diffusion, the UNet hooks FreeU."""
+    ones, the noise-mask hold differential diffusion, the UNet hooks FreeU and Deep Shrink."""
 
     #: RescaleCFG's multiplier (0: plain classifier-free guidance), see nodes.families.denoiser.
     cfg_rescale: float = 0.0
@@ -44,9 +44,12 @@ class SamplingPatches:
     differential_diffusion: float | None = None
     #: FreeU's settings (None: off), see nodes.families.freeu.
     freeu: "FreeUSettings | None" = None
-    #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG) in the
+    #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG, Epsilon
+    #: Scaling, FreSca, LatentApplyOperationCFG) in the
     #: order they were applied, see nodes.families.guidance_rules.
     guidance: tuple = ()
+    #: PatchModelAddDownscale's (Kohya's Deep Shrink) settings (None: off), see nodes.families.deep_shrink.
+    deep_shrink: "DeepShrinkSettings | None" = None
     #: The deprecated PerpNeg node's empty prompt and neg_scale (nodes.families.perp_neg.PerpNeg),
     #: which replaces the CFG combination as PerpNegGuider does; None: off.
     perp_neg: Any = None
@@ -62,6 +65,21 @@ class FreeUSettings:
     b2: float
     s1: float
     s2: float
+
+
+@dataclass(frozen=True)
+class DeepShrinkSettings:
+    """Deep Shrink: encoder block ``block_number``'s output resized by 1 / ``downscale_factor``
+    (before its skip is taken, or after it with ``after_skip``) while the noise level lies in
+    [``sigma_end``, ``sigma_start``]; the decoder resizes back with ``upscale_method``."""
+
+    block_number: int
+    downscale_factor: float
+    sigma_start: float
+    sigma_end: float
+    after_skip: bool
+    downscale_method: str
+    upscale_method: str
 
 
 @dataclass(eq=False)
@@ -128,7 +146,8 @@ class ClipHandle:
     """CLIP: the text encoder(s) and tokenizer(s) of a family; encoding is in nodes.families.text.
 
     ``layer`` is CLIPSetLastLayer's value (None: the family's default layer);
-    ``loras`` the text-encoder side of the LoRA stack.
+    ``loras`` the text-encoder side of the LoRA stack; ``t5_padding`` T5TokenizerOptions'
+    (min_padding, min_length), None: the family's own T5 length (see nodes.families.flux).
     """
 
     family: Family
@@ -140,6 +159,7 @@ class ClipHandle:
     loras: "LoraStack" = ()
     #: module name -> that encoder wherever it is, to read its names and shapes.
     _peek: Callable[[str], Any] | None = None
+    t5_padding: tuple[int, int] | None = None
 
     def peek(self, module: str) -> "torch.nn.Module":
         assert self._peek is not None, "clip handle has no loader"

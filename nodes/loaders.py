@@ -1,4 +1,4 @@
-"""Loader nodes: CheckpointLoader (alias CheckpointLoaderSimple) and VAELoader.
+"""Loader nodes: CheckpointLoader (alias CheckpointLoaderSimple), DiffusersLoader and VAELoader.
 
 They return light handles (nodes.handles); the weights live in the model manager
 (``ctx.env.models``), keyed by the file's real path, mtime and size, so two loader
@@ -22,6 +22,8 @@ from engine.paths import PathRefused
 from nodes.handles import ClipHandle, ModelHandle, VaeHandle
 
 CHECKPOINT_FOLDER = "checkpoints"
+#: ComfyUI's folder of diffusers pipelines (DiffusersLoader): folders only, no loose files.
+DIFFUSERS_FOLDER = "diffusers"
 VAE_FOLDER = "vae"
 PREDICTIONS = ["auto", "epsilon", "v_prediction"]
 
@@ -61,6 +63,12 @@ def list_models(env: Environment | None, folder: Folders, diffusers_marker: str 
 
 def _checkpoints(env: Environment | None) -> list[str]:
     return list_models(env, CHECKPOINT_FOLDER, marker_for(CHECKPOINT_FOLDER))
+
+
+def _pipelines(env: Environment | None) -> list[str]:
+    if env is None:
+        return []
+    return model_names(Path(env.paths.models.root) / DIFFUSERS_FOLDER, marker_for(DIFFUSERS_FOLDER), files=False)
 
 
 def _vaes(env: Environment | None) -> list[str]:
@@ -179,10 +187,16 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     if prediction not in PREDICTIONS:
         raise NodeError(f"prediction must be one of {', '.join(PREDICTIONS)}", input_name="prediction")
     path = locate(ctx.env, CHECKPOINT_FOLDER, ckpt_name, "ckpt_name")
+    return _checkpoint_handles(ctx, path, ckpt_name, "ckpt_name", prediction)
+
+
+def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction: str = "auto") -> tuple:
+    """(MODEL, CLIP, VAE) handles over the checkpoint file or diffusers pipeline at ``path``,
+    loaded once by the model manager; errors name ``input_name``."""
     manager = model_manager(ctx.env)
     key = file_key(path, "checkpoint")
     loader = functools.partial(_load_checkpoint, path)
-    loaded = _acquire(manager, key, loader, "ckpt_name", ckpt_name)
+    loaded = _acquire(manager, key, loader, input_name, name)
     use = functools.partial(manager.use, key)
     info = dict(loaded.info)
     scheduler_config = dict(loaded.scheduler_config)
@@ -192,16 +206,51 @@ def checkpoint_loader(ctx, ckpt_name: str, prediction: str = "auto"):
     peek = functools.partial(peek_module, manager, key, loader)
     model = ModelHandle(family=loaded.family, scheduler_config=scheduler_config,
                         latent=loaded.latent, _use_unet=lambda: use("unet", loader),
-                        name=ckpt_name, extra=info, _peek=lambda: peek("unet"),
+                        name=name, extra=info, _peek=lambda: peek("unet"),
                         _compile_note=lambda: manager.compile_pending(key, "unet"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
-                      _use=lambda which: use(which, loader), name=ckpt_name, _peek=peek)
-    vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=ckpt_name,
+                      _use=lambda which: use(which, loader), name=name, _peek=peek)
+    vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=name,
                     latent_channels=int(loaded.modules["vae"].config.latent_channels),
                     _compile_note=lambda: manager.compile_pending(key, "vae"))
-    ctx.message(f"{ckpt_name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
+    ctx.message(f"{name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
                 f"{info.get('format')}, on {manager.device}{held_note(info)}")
     return (model, clip, vae)
+
+
+# -- DiffusersLoader --------------------------------------------------------------------------
+
+
+def _locate_pipeline(env: Environment, name: Any) -> Path:
+    """The diffusers pipeline folder ``name`` in models/diffusers; errors name ``model_path``."""
+    path = locate(env, DIFFUSERS_FOLDER, name, "model_path")
+    if not (path / marker_for(DIFFUSERS_FOLDER)).is_file():
+        raise NodeError(f"{name!r} is not a diffusers pipeline folder (no model_index.json in it)", "model_path")
+    return path
+
+
+def _validate_pipeline(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    try:
+        _locate_pipeline(env, inputs.get("model_path"))
+    except NodeError as exc:
+        return [("model_path", str(exc))]
+    return []
+
+
+@define_node(
+    "DiffusersLoader",
+    category="advanced/loaders/deprecated",
+    inputs=[Input("model_path", T.COMBO, choices=_pipelines,
+                  tooltip="A diffusers pipeline folder (with model_index.json) in models/diffusers.")],
+    outputs=[Output("MODEL", T.MODEL), Output("CLIP", T.CLIP), Output("VAE", T.VAE)],
+    validate=_validate_pipeline,
+    fingerprint=fingerprinter(DIFFUSERS_FOLDER, "model_path"),
+    prefetch=prefetcher(DIFFUSERS_FOLDER, "model_path", "checkpoint", _load_checkpoint),
+)
+def diffusers_loader(ctx, model_path: str):
+    """Load a diffusers pipeline folder from models/diffusers, as CheckpointLoader loads one from
+    models/checkpoints (ComfyUI keeps this node for old workflows)."""
+    return _checkpoint_handles(ctx, _locate_pipeline(ctx.env, model_path), model_path, "model_path")
 
 
 # -- VAELoader --------------------------------------------------------------------------------

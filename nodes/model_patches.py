@@ -106,3 +106,63 @@ def freeu_v2(ctx, model, b1: float, b2: float, s1: float, s2: float):
     """FreeU_V2: FreeU with the backbone boost following the features' own mean map."""
     return _freeu(model, "v2", b1, b2, s1, s2)
 
+
+
+#: ComfyUI's resize methods for Deep Shrink (comfy.utils.common_upscale's).
+DEEP_SHRINK_METHODS = ["bicubic", "nearest-exact", "bilinear", "area", "bislerp"]
+
+
+def _unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise NodeError(f"{name} must be between 0 and 1, got {value:g}", name)
+    return value
+
+
+@define_node("PatchModelAddDownscale", category="model_patches/unet",
+             display_name="PatchModelAddDownscale (Kohya Deep Shrink)",
+             inputs=[Input("model", T.MODEL),
+                     Input("block_number", T.INT, default=3, min=1, max=32, step=1),
+                     Input("downscale_factor", T.FLOAT, default=2.0, min=0.1, max=9.0, step=0.001),
+                     Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+                     Input("end_percent", T.FLOAT, default=0.35, min=0.0, max=1.0, step=0.001),
+                     Input("downscale_after_skip", T.BOOLEAN, default=True),
+                     Input("downscale_method", T.COMBO, choices=DEEP_SHRINK_METHODS),
+                     Input("upscale_method", T.COMBO, choices=DEEP_SHRINK_METHODS)],
+             outputs=[Output("MODEL", T.MODEL)])
+def patch_model_add_downscale(ctx, model, block_number: int, downscale_factor: float, start_percent: float,
+                              end_percent: float, downscale_after_skip: bool, downscale_method: str,
+                              upscale_method: str):
+    """Kohya's Deep Shrink: over the first part of the run the UNet's deep layers work on
+    features shrunk after encoder block ``block_number``, so a large image is composed at the
+    size the model knows (no repeated subjects) and detailed at full size. UNet families only
+    (nodes.families.deep_shrink)."""
+    from nodes.families.base import ConditioningError
+    from nodes.families.deep_shrink import unet_of
+    from nodes.handles import DeepShrinkSettings, ModelHandle
+    from nodes.samplers.model_sampling import DiscreteSampling, for_model
+    from nodes.samplers.schedules import percent_to_sigma
+
+    if not isinstance(model, ModelHandle):
+        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+    if not isinstance(for_model(model), DiscreteSampling):
+        raise NodeError("PatchModelAddDownscale (Deep Shrink) works on UNets (SD1, SD2, SDXL); a flow model "
+                        "such as FLUX has no UNet encoder blocks", "model")
+    try:
+        unet_of(model.peek())
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
+    if isinstance(block_number, bool) or not isinstance(block_number, (int, float)) \
+            or not 1 <= int(block_number) <= 32 or int(block_number) != block_number:
+        raise NodeError(f"block_number must be a whole number from 1 to 32, got {block_number!r}", "block_number")
+    factor = float(downscale_factor)
+    if not 0.1 <= factor <= 9.0:
+        raise NodeError(f"downscale_factor must be between 0.1 and 9, got {factor:g}", "downscale_factor")
+    for name, method in (("downscale_method", downscale_method), ("upscale_method", upscale_method)):
+        if method not in DEEP_SHRINK_METHODS:
+            raise NodeError(f"{name} must be one of {', '.join(DEEP_SHRINK_METHODS)}, got {method!r}", name)
+    schedule = for_model(model).schedule
+    settings = DeepShrinkSettings(int(block_number), factor, percent_to_sigma(schedule, _unit("start_percent",
+                                  start_percent)), percent_to_sigma(schedule, _unit("end_percent", end_percent)),
+                                  bool(downscale_after_skip), downscale_method, upscale_method)
+    return (_with(model, deep_shrink=settings),)

@@ -1,4 +1,5 @@
-"""CLIPTextEncode and CLIPSetLastLayer: text -> CONDITIONING through the checkpoint's text encoder(s).
+"""CLIPTextEncode, CLIPSetLastLayer and T5TokenizerOptions: text -> CONDITIONING through the
+checkpoint's text encoder(s).
 
 The prompt syntax is nodes.prompt_syntax's and the encoding nodes.families.text's
 (so it can be compared one-to-one with diffusers' ``encode_prompt``); these nodes
@@ -169,3 +170,32 @@ def clip_text_encode_sdxl_refiner(ctx, ascore: float, width: int, height: int, t
     cond, _ = encode_reported(ctx, clip, text)
     extra = dict(aesthetic_score=float(ascore), width=int(width), height=int(height))
     return ([[embeds, {**e, **extra}] for embeds, e in cond],)
+
+
+@define_node(
+    "T5TokenizerOptions",
+    category="_for_testing/conditioning",
+    inputs=[
+        Input("clip", T.CLIP),
+        Input("min_padding", T.INT, default=0, min=0, max=10000, step=1,
+              tooltip="Pad tokens T5 sees after the prompt's end token."),
+        Input("min_length", T.INT, default=0, min=0, max=10000, step=1,
+              tooltip="The fewest tokens T5 sees; shorter prompts are padded up to it."),
+    ],
+    outputs=[Output("CLIP", T.CLIP)],
+)
+def t5_tokenizer_options(ctx, clip: ClipHandle, min_padding: int, min_length: int):
+    """The same CLIP with T5's padding set as ComfyUI's T5 tokenizers pad: the prompt, its end
+    token, ``min_padding`` pad tokens, then more up to ``min_length`` (never cut). FLUX attends
+    to the padding, so it changes the image. A CLIP without T5 is returned as it is."""
+    clip = _clip(clip)
+    values = []
+    for name, value in (("min_padding", min_padding), ("min_length", min_length)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+                or not 0 <= value <= 10000:
+            raise NodeError(f"{name} must be a whole number from 0 to 10000, got {value!r}", input_name=name)
+        values.append(int(value))
+    if not any(spec.kind == "t5" for spec in clip.family.text_encoders):
+        ctx.message(f"this {clip.family.name} CLIP has no T5 encoder: T5TokenizerOptions changes nothing")
+        return (clip,)
+    return (dataclasses.replace(clip, t5_padding=(values[0], values[1])),)

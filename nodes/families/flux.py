@@ -225,7 +225,9 @@ class Flux(Family):
         """CONDITIONING: T5's last hidden state (512 tokens) with CLIP-L's pooled output.
 
         As diffusers' FluxPipeline: CLIP-L sees 77 tokens padded, its pooler output
-        is the pooled text; T5 sees the prompt padded (or cut) to 512 tokens.
+        is the pooled text; T5 sees the prompt padded (or cut) to 512 tokens. After
+        T5TokenizerOptions (``clip.t5_padding``) T5's length is ComfyUI's instead
+        (:func:`t5_length`), never cut.
         ComfyUI's weight syntax is read as for SD prompts: weights apply to T5's
         tokens (:mod:`nodes.families.t5_weights`) and, as in ComfyUI, not to the pooled
         output, which CLIP-L gives for the prompt without its syntax. An unweighted
@@ -247,12 +249,16 @@ class Flux(Family):
                            truncation=True, return_tensors="pt").input_ids
             with clip.encoder("text_encoder") as te:
                 pooled = te(ids.to(te.device), output_hidden_states=False).pooler_output
+            padding = clip.t5_padding
             with clip.encoder("text_encoder_2") as t5:
                 if t5_parsed.weighted:
-                    tokens = t5_weights.tokenize(t5_tok, t5_parsed, T5_TOKENS)
+                    length = T5_TOKENS if padding is None else \
+                        t5_length(t5_weights.tokenize(t5_tok, t5_parsed, 1).count + 1, padding)
+                    tokens = t5_weights.tokenize(t5_tok, t5_parsed, length)
                     states, count = t5_weights.encode(t5, tokens), tokens.count
                 else:
-                    t5_ids = t5_tok([t5_text], padding="max_length", max_length=T5_TOKENS, truncation=True,
+                    length = T5_TOKENS if padding is None else t5_length(len(t5_tok(t5_text).input_ids), padding)
+                    t5_ids = t5_tok([t5_text], padding="max_length", max_length=length, truncation=padding is None,
                                     return_tensors="pt").input_ids
                     states = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
                     count = int((t5_ids != t5_tok.pad_token_id).sum()) - 1
@@ -260,6 +266,14 @@ class Flux(Family):
             report.tokens = max(report.tokens, count)
             report.windows = 1
         return [[states.to("cpu", torch.float32), {"pooled_output": pooled.to("cpu", torch.float32)}]]
+
+
+def t5_length(tokens: int, padding: tuple[int, int]) -> int:
+    """ComfyUI's T5 sequence length for a prompt of ``tokens`` tokens (its end token included)
+    under T5TokenizerOptions' (min_padding, min_length): min_padding pad tokens after the end
+    token, then more up to min_length."""
+    min_padding, min_length = padding
+    return max(tokens + min_padding, min_length)
 
 
 class FluxSchnell(Flux):

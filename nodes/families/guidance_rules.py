@@ -1,14 +1,17 @@
 """Guidance rules: ComfyUI's model patches that change how the conditional and unconditional
-predictions combine (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG).
+predictions combine (CFGZeroStar, APG, CFGNorm, TCFG, Mahiro, RenormCFG, Epsilon Scaling,
+FreSca, LatentApplyOperationCFG).
 
 ComfyUI states all of them on *denoised* predictions (the clean latent x0 each side
 predicts) and its sampler input ``x`` (k-diffusion's x = x0 + sigma * eps for a DDPM
 model, the flow state itself for a flow model), in three stages:
 
-* ``pre``: rewrite the (cond, uncond) pair before they are combined (APG, TCFG);
+* ``pre``: rewrite the (cond, uncond) pair before they are combined (APG, TCFG, FreSca,
+  LatentApplyOperationCFG), ComfyUI's ``sampler_pre_cfg_function``;
 * ``combine``: replace ``uncond + cfg * (cond - uncond)`` itself (RenormCFG); the last
   one applied wins, as ComfyUI keeps a single CFG function;
-* ``post``: rewrite the combined result, seeing both sides too (CFGZeroStar, CFGNorm, Mahiro).
+* ``post``: rewrite the combined result, seeing both sides too (CFGZeroStar, CFGNorm, Mahiro,
+  Epsilon Scaling), ComfyUI's ``sampler_post_cfg_function``.
 
 A MODEL handle carries them as one ordered tuple (``SamplingPatches.guidance``, in the
 order the nodes were applied, which is ComfyUI's order within each stage). The denoiser
@@ -56,6 +59,12 @@ class Rule:
     def fresh_state(self) -> Any:
         """The running state one sampling run starts with (None: stateless)."""
         return None
+
+    def changes_nothing(self) -> bool:
+        """Whether these settings make the rule the identity. The nodes then add no rule, so the
+        handle samples bit for bit as the one they were given (the x0 round trip a rule costs
+        would otherwise leave float rounding behind)."""
+        return False
 
     def pre(self, step: Step, state: Any) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -211,6 +220,77 @@ class RenormCFG(Rule):
             length = vector_norm(guided, dim=dims, keepdim=True)
             guided = guided * (cap / length).where(length >= cap, 1.0)
         return guided
+
+
+@dataclass(frozen=True)
+class EpsilonScaling(Rule):
+    """Epsilon scaling (Ning et al. 2023, "Elucidating the Exposure Bias in Diffusion Models"),
+    uniform schedule: the noise the guided prediction implies, x - x0, divided by ``factor``
+    (above 1: a little less noise removed per step), which offsets the exposure bias of
+    sampling from the network's own predictions. A post-CFG rule, as in ComfyUI, so it also
+    runs at cfg 1."""
+
+    factor: float = 1.005
+    stage: ClassVar[str] = "post"
+
+    def changes_nothing(self) -> bool:
+        return self.factor == 1.0
+
+    def post(self, step: Step, guided: Any) -> Any:
+        return step.x - (step.x - guided) / self.factor
+
+
+def frequency_scaled(x: "torch.Tensor", low: float, high: float, cutoff: int) -> "torch.Tensor":
+    """``x`` with its 2-D spectrum (last two axes, zero frequency centred) scaled by ``low``
+    inside the centred box reaching ``cutoff`` bins each way (clipped to half the axis) and
+    by ``high`` outside it; computed in float32, returned in ``x``'s dtype."""
+    import torch
+
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    weights = torch.full(spectrum.shape[-2:], float(high), device=x.device)
+    (rows, cols) = (n // 2 for n in spectrum.shape[-2:])
+    reach_r, reach_c = min(cutoff, rows), min(cutoff, cols)
+    weights[rows - reach_r:rows + reach_r, cols - reach_c:cols + reach_c] = float(low)
+    back = torch.fft.ifftn(torch.fft.ifftshift(spectrum * weights, dim=(-2, -1)), dim=(-2, -1))
+    return back.real.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class FreSca(Rule):
+    """FreSca (Huang et al. 2025): the guidance difference cond - uncond is scaled by frequency
+    band, ``scale_low`` for its coarse layout and ``scale_high`` for its detail, and the
+    conditional side rebuilt from it. A pre-CFG rule that, as in ComfyUI, needs a real
+    unconditional side (it does nothing at cfg 1)."""
+
+    scale_low: float = 1.0
+    scale_high: float = 1.25
+    freq_cutoff: int = 20
+    stage: ClassVar[str] = "pre"
+    needs_uncond: ClassVar[bool] = True
+
+    def changes_nothing(self) -> bool:
+        return self.scale_low == 1.0 and self.scale_high == 1.0
+
+    def pre(self, step: Step, state: Any) -> tuple[Any, Any]:
+        guidance = frequency_scaled(step.cond - step.uncond, self.scale_low, self.scale_high, self.freq_cutoff)
+        return step.uncond + guidance, step.uncond
+
+
+@dataclass(frozen=True)
+class LatentOperationCFG(Rule):
+    """LatentApplyOperationCFG: a LATENT_OPERATION (nodes.latent_operations) applied to the
+    guidance difference cond - uncond, the conditional side rebuilt from the result. A pre-CFG
+    rule; at cfg 1 the unconditional side is ComfyUI's zeros, so the operation sees the
+    conditional prediction itself."""
+
+    operation: Any = None
+    stage: ClassVar[str] = "pre"
+
+    def changes_nothing(self) -> bool:
+        return bool(self.operation.changes_nothing())
+
+    def pre(self, step: Step, state: Any) -> tuple[Any, Any]:
+        return self.operation(step.cond - step.uncond) + step.uncond, step.uncond
 
 
 class Parametrisation:

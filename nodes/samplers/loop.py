@@ -40,13 +40,15 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     the other (a cross-job batch), and each report carries one preview per job, of its
     own first image, in job order (engine.batching gives each job its own).
     ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale, perturbed
-    attention and the guidance rules go to the denoiser, FreeU hooks the network while the loop runs).
+    attention and the guidance rules go to the denoiser, FreeU and Deep Shrink hook the network while
+    the loop runs).
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
     nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
     for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
     """
     import torch
 
+    from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
     from nodes.handles import SamplingPatches
@@ -57,8 +59,9 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     sched = plan.scheduler
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     make = Denoiser if dual is None else dual.denoiser
+    schedule = training_schedule(training_config)
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
-                    batch=x.shape[0], schedule=training_schedule(training_config),
+                    batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
                     cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance)
     step_params = inspect.signature(sched.step).parameters
@@ -68,7 +71,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if hold is not None:
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
-    with torch.inference_mode(), freeu_applied(network, patches.freeu):
+    with torch.inference_mode(), freeu_applied(network, patches.freeu), \
+            deep_shrink_applied(network, patches.deep_shrink, schedule):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
