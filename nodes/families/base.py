@@ -180,9 +180,13 @@ class Family:
     def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
         """The object the custom-sampling nodes ask for sigmas, starting noise and steppers
         (nodes.samplers.model_sampling). DDPM-trained families share the discrete one;
-        a flow-matching family returns its own with the same methods."""
-        from nodes.samplers.model_sampling import DiscreteSampling
+        a flow-matching family returns its own with the same methods. A continuous-EDM
+        config (CosXL, ModelSamplingContinuousEDM) samples in continuous time."""
+        from nodes.samplers.edm import is_edm
+        from nodes.samplers.model_sampling import ContinuousSampling, DiscreteSampling
 
+        if is_edm(scheduler_config):
+            return ContinuousSampling(scheduler_config)
         return DiscreteSampling(scheduler_config)
 
     # -- text encoding ---------------------------------------------------------------
