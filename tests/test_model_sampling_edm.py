@@ -1,0 +1,220 @@
+"""Continuous-time EDM sampling: ModelSamplingContinuousEDM / ModelSamplingContinuousV (nodes.samplers.edm).
+
+On Gaussian data x0 ~ N(MU, S^2) the clean-latent prediction is known in closed form, so a
+fake network that answers with the output each prediction type implies (written from the
+textbook preconditioning, Karras et al. 2022 table 1, not from Kiln's code) must carry every
+sampler to the exact end of the probability-flow ODE (deterministic ones) or to data of
+spread S (stochastic ones). diffusers' EDMEulerScheduler driving the tiny SDXL pipeline gives
+the same pixels as KSampler on the node; the node changes the image, keeps the loaded MODEL
+as it was, and names the input it refuses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from engine.context import NodeError
+from nodes.custom_sampling import (basic_scheduler, ksampler_select, model_sampling_continuous_edm,
+                                   model_sampling_continuous_v, random_noise, sampler_custom)
+from nodes.latent import empty_latent_image
+from nodes.samplers import edm, schedules
+from nodes.samplers.names import SAMPLERS, resolve_sampler
+from nodes.sampling import ksampler
+from test_sampling import PIXEL_TOL, Recorder, Tiny
+
+MU, S = 0.5, 0.8
+SIGMA_MAX, SIGMA_MIN = 120.0, 0.002
+#: (ComfyUI's sampling choice, Kiln's prediction type, sigma_data the node sets)
+KINDS = [("eps", "epsilon", 1.0), ("v_prediction", "v_prediction", 1.0), ("edm", "edm", 0.5)]
+
+
+def _network(prediction: str, sigma_data: float, time: str):
+    """The ideal network for Gaussian data: from its input and time input alone, it recovers the
+    state (undoing c_in) and answers with what ``prediction`` asks for."""
+
+    def net(model_in: torch.Tensor, t) -> torch.Tensor:
+        t = float(t)
+        sigma = math.tan(t * math.pi / 2) if time == "atan" else math.exp(4 * t)
+        x = model_in * math.sqrt(sigma ** 2 + sigma_data ** 2)
+        x0 = MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
+        c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+        c_out = sigma * sigma_data / math.sqrt(sigma ** 2 + sigma_data ** 2)
+        if prediction == "epsilon":
+            return (x - x0) / sigma
+        if prediction == "v_prediction":
+            return (c_skip * x - x0) / c_out
+        return (x0 - c_skip * x) / c_out  # Karras et al.'s F
+
+    return net
+
+
+def _sample(name: str, config: dict, net, steps: int, scheduler: str = "karras") -> tuple[torch.Tensor, torch.Tensor]:
+    """(result, exact ODE end) of ``steps`` steps from pure noise, run as the sampling loop runs."""
+    ts = edm.EDMSchedule(config)
+    sigmas = schedules.comfy_sigmas(ts, scheduler, steps)
+    sched = edm.follow(resolve_sampler(name), config, sigmas)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = MU + edm.start(ts, float(sigmas[0]), noise, torch.zeros_like(noise))
+    exact = MU + (x - MU) * S / math.sqrt(S ** 2 + float(sigmas[0]) ** 2)
+    generators = [torch.Generator().manual_seed(1)]
+    for t in sched.timesteps:  # dpm_adaptive adds evaluations to this list as it goes
+        out = net(sched.scale_model_input(x, t), t)
+        x = sched.step(out, t, x, generator=generators).prev_sample
+    return x, exact
+
+
+# -- (a) the preconditioning, with an ideal denoiser ------------------------------------------
+
+@pytest.mark.parametrize("time", ["log", "atan"])
+@pytest.mark.parametrize("choice,prediction,sigma_data", KINDS)
+def test_each_prediction_type_follows_the_gaussian_flow_to_its_exact_end(choice, prediction, sigma_data, time):
+    config = edm.edm_config(prediction, SIGMA_MIN, SIGMA_MAX, sigma_data, time)
+    net = _network(prediction, sigma_data, time)
+    errors = []
+    for steps in (12, 24, 48):
+        out, exact = _sample("heun", config, net, steps)
+        errors.append((out - exact).abs().mean().item())
+    assert errors[-1] < 1e-2
+    assert errors[0] / errors[1] > 3.0 and errors[1] / errors[2] > 3.0  # Heun's second order
+    assert abs(out.mean().item() - MU) < 0.05 and abs(out.std().item() - S) < 0.05
+    # Not vacuous: the same outputs read with another preconditioning miss badly.
+    other = "edm" if prediction == "v_prediction" else "v_prediction"
+    wrong, exact = _sample("heun", edm.edm_config(other, SIGMA_MIN, SIGMA_MAX, sigma_data, time), net, 48)
+    assert (wrong - exact).abs().mean().item() > 0.1
+
+
+def test_the_network_time_is_comfyuis_rule_for_each_node():
+    sigmas = torch.tensor([80.0, 3.0, 0.5, 0.01])
+    log = edm.EDMSchedule(edm.edm_config("edm", SIGMA_MIN, SIGMA_MAX, 0.5, "log"))
+    atan = edm.EDMSchedule(edm.edm_config("v_prediction", 0.03, 500.0, 1.0, "atan"))
+    assert torch.allclose(log.timestep(sigmas), 0.25 * sigmas.log())
+    assert torch.allclose(atan.timestep(sigmas), sigmas.atan() * 2 / math.pi)
+    assert torch.allclose(log.sigma(log.timestep(sigmas)), sigmas, rtol=1e-5)
+    assert torch.allclose(atan.sigma(atan.timestep(sigmas)), sigmas, rtol=1e-4)
+    # the steppers hand the network exactly these times
+    sched = edm.follow(resolve_sampler("euler"), edm.edm_config("edm", SIGMA_MIN, SIGMA_MAX, 0.5),
+                       torch.tensor([80.0, 3.0, 0.5, 0.0]))
+    assert torch.allclose(sched.timesteps, 0.25 * torch.tensor([80.0, 3.0, 0.5]).log())
+    # ComfyUI's percent -> sigma on EDM models: log-linear over the range
+    assert math.isclose(log.percent_to_sigma(0.5), math.sqrt(SIGMA_MIN * SIGMA_MAX), rel_tol=1e-9)
+    assert math.isinf(log.percent_to_sigma(0.0)) and log.percent_to_sigma(1.0) == 0.0
+    # ComfyUI's "normal" schedule is even in network time: for the log rule, even in log sigma
+    normal = schedules.comfy_sigmas(log, "normal", 9)
+    assert torch.allclose(normal, schedules.polyexponential(9, SIGMA_MIN, SIGMA_MAX).float(), rtol=1e-4)
+
+
+def test_every_sampler_name_runs_on_an_edm_model():
+    """Each of KSampler's names lands on the flow's end (deterministic ones) or on data of the right
+    spread (the ones that draw noise) with the ideal EDM network; none is refused. (lcm jumps to
+    each prediction and renoises: with a network that is not consistency-distilled it shrinks
+    the spread, on SD as here, so only its mean is checked; dpm_adaptive picks its own steps to
+    ComfyUI's tolerances, rtol 0.05, rather than to a step count.)"""
+    config = edm.edm_config("edm", SIGMA_MIN, SIGMA_MAX, 0.5)
+    net = _network("edm", 0.5, "log")
+    misses = {}
+    for spec in SAMPLERS:
+        out, exact = _sample(spec.name, config, net, 64)
+        if spec.name == "lcm":
+            if abs(out.mean().item() - MU) > 0.05:
+                misses[spec.name] = out.mean().item()
+        elif spec.stochastic:
+            if abs(out.std().item() - S) > 0.1 or abs(out.mean().item() - MU) > 0.05:
+                misses[spec.name] = (out.mean().item(), out.std().item())
+        elif (out - exact).abs().mean().item() > (0.1 if spec.name == "dpm_adaptive" else 0.05):
+            misses[spec.name] = (out - exact).abs().mean().item()
+    assert not misses
+
+
+# -- (b) parity with diffusers' EDMEulerScheduler ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl() -> Tiny:
+    return Tiny("sdxl")
+
+
+def _edm_model(tiny: Tiny, sampling: str, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN):
+    return model_sampling_continuous_edm(Recorder().ctx, tiny.model, sampling, sigma_max, sigma_min)[0]
+
+
+def _txt2img(tiny: Tiny, model, sampler: str = "euler", scheduler: str = "karras", seed: int = 5) -> torch.Tensor:
+    rec = Recorder()
+    empty, = empty_latent_image(rec.ctx, 64, 64, 1)
+    out, = ksampler(rec.ctx, model, seed, 8, 6.0, sampler, scheduler, tiny.pos, tiny.neg, empty)
+    return tiny.decode(out["samples"])
+
+
+@pytest.mark.parametrize("sampling,diffusers_prediction,sigma_data", [("edm", "epsilon", 0.5),
+                                                                      ("v_prediction", "v_prediction", 1.0)])
+def test_ksampler_euler_karras_equals_diffusers_edm_euler(sdxl, sampling, diffusers_prediction, sigma_data):
+    """diffusers' EDM schedulers call Karras et al.'s F-prediction "epsilon" (their c_out has the
+    EDM sign), so ComfyUI's "edm" is their epsilon at sigma_data 0.5; ComfyUI's v_prediction runs
+    at sigma_data 1. Both time the network with 0.25 log sigma and scale its input by c_in."""
+    import diffusers
+
+    pipe = sdxl.diffusers_pipe("txt2img", "euler")
+    pipe.scheduler = diffusers.EDMEulerScheduler(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=sigma_data,
+                                                 prediction_type=diffusers_prediction, sigma_schedule="karras")
+    ref = pipe(height=64, width=64, num_inference_steps=8, guidance_scale=6.0, output_type="pt",
+               generator=torch.Generator().manual_seed(5), **sdxl.embeds).images.permute(0, 2, 3, 1)
+    ours = _txt2img(sdxl, _edm_model(sdxl, sampling))
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= PIXEL_TOL
+    # (c) not vacuous: the node changed the image
+    assert (ours - _txt2img(sdxl, sdxl.model)).abs().max().item() > 0.05
+
+
+def test_custom_sampling_nodes_give_ksamplers_result(sdxl):
+    model = _edm_model(sdxl, "v_prediction")
+    ctx = Recorder().ctx
+    sigmas, = basic_scheduler(ctx, model, "karras", 8, 1.0)
+    assert math.isclose(float(sigmas[0]), SIGMA_MAX, rel_tol=1e-6) and float(sigmas[-1]) == 0.0
+    empty, = empty_latent_image(ctx, 64, 64, 1)
+    out, _ = sampler_custom(ctx, model, True, 5, 6.0, sdxl.pos, sdxl.neg, ksampler_select(ctx, "euler")[0], sigmas,
+                            empty)
+    assert (sdxl.decode(out["samples"]) - _txt2img(sdxl, model)).abs().max().item() <= 1e-5
+    assert random_noise(ctx, 5)[0].seed == 5
+
+
+def test_continuous_v_times_the_network_with_atan(sdxl):
+    seen = []
+    unet = sdxl.parts["unet"]
+    hook = unet.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1].flatten()[0])))
+    try:
+        model, = model_sampling_continuous_v(Recorder().ctx, sdxl.model, "v_prediction", 500.0, 0.03)
+        _txt2img(sdxl, model)
+    finally:
+        hook.remove()
+    expected = (schedules.karras(8, 0.03, 500.0)[:-1].atan() * 2 / math.pi).tolist()
+    assert seen == pytest.approx(expected, rel=1e-5)
+
+
+# -- (d) the handle stays frozen; bad input names the input ------------------------------------
+
+def test_the_loaded_model_keeps_its_sampling(sdxl):
+    before = dict(sdxl.model.scheduler_config)
+    model = _edm_model(sdxl, "edm_playground_v2.5")
+    assert sdxl.model.scheduler_config == before and model is not sdxl.model
+    assert model.scheduler_config["prediction_type"] == "edm" and model.scheduler_config["sigma_data"] == 0.5
+    assert edm.is_edm(model.scheduler_config) and not edm.is_edm(before)
+
+
+@pytest.mark.parametrize("sampling,sigma_max,sigma_min,input_name", [
+    ("cosmos_rflow", 120.0, 0.002, "sampling"), ("lcm", 120.0, 0.002, "sampling"),
+    ("edm", 120.0, 0.0, "sigma_min"), ("edm", 0.001, 0.002, "sigma_max")])
+def test_bad_input_names_the_input(sdxl, sampling, sigma_max, sigma_min, input_name):
+    with pytest.raises(NodeError) as err:
+        _edm_model(sdxl, sampling, sigma_max, sigma_min)
+    assert err.value.input_name == input_name
+    with pytest.raises(NodeError) as err:
+        model_sampling_continuous_v(Recorder().ctx, sdxl.model, "edm", 500.0, 0.03)
+    assert err.value.input_name == "sampling"
+
+
+def test_a_flow_model_is_refused(sdxl):
+    flux_like = dataclasses.replace(sdxl.model, scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler"})
+    with pytest.raises(NodeError) as err:
+        model_sampling_continuous_edm(Recorder().ctx, flux_like, "edm", SIGMA_MAX, SIGMA_MIN)
+    assert err.value.input_name == "model"
