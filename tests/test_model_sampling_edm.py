@@ -19,7 +19,7 @@ import torch
 from engine.context import NodeError
 from nodes.custom_sampling import (basic_scheduler, ksampler_select, model_sampling_continuous_edm,
                                    model_sampling_continuous_v, random_noise, sampler_custom)
-from nodes.latent import empty_latent_image
+from nodes.latent import add_noise, empty_latent_image
 from nodes.samplers import edm, schedules
 from nodes.samplers.names import SAMPLERS, resolve_sampler
 from nodes.sampling import ksampler
@@ -189,6 +189,42 @@ def test_continuous_v_times_the_network_with_atan(sdxl):
         hook.remove()
     expected = (schedules.karras(8, 0.03, 500.0)[:-1].atan() * 2 / math.pi).tolist()
     assert seen == pytest.approx(expected, rel=1e-5)
+
+
+def test_image_to_image_modes_start_inside_the_edm_range(sdxl):
+    """AddNoise's strength, ComfyUI's denoise and a noise mask all run on the EDM levels: the
+    tail of the schedule, the kept region exactly the input."""
+    model = _edm_model(sdxl, "v_prediction")
+    rec = Recorder()
+    init = {"samples": sdxl.init}
+    before = sdxl.decode(sdxl.init)
+    noised, = add_noise(rec.ctx, model, init, 0.5, 3)
+    by_strength, = ksampler(rec.ctx, model, 3, 8, 6.0, "dpmpp_2m", "karras", sdxl.pos, sdxl.neg, noised)
+    by_denoise, = ksampler(rec.ctx, model, 3, 8, 6.0, "dpmpp_2m", "karras", sdxl.pos, sdxl.neg, init, 0.5)
+    for out in (by_strength, by_denoise):
+        change = (sdxl.decode(out["samples"]) - before).abs().max().item()
+        assert 0.01 < change
+    # denoise 0.5 runs the quiet half of a 16-step list: it stays nearer the input than from pure noise
+    full, = ksampler(rec.ctx, model, 3, 8, 6.0, "dpmpp_2m", "karras", sdxl.pos, sdxl.neg, init, 1.0)
+    assert (by_denoise["samples"] - sdxl.init).abs().mean() < (full["samples"] - sdxl.init).abs().mean()
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1.0
+    masked, = ksampler(rec.ctx, model, 3, 8, 6.0, "euler", "karras", sdxl.pos, sdxl.neg,
+                       {"samples": sdxl.init, "noise_mask": mask}, 0.7)
+    assert torch.equal(masked["samples"][..., :3], sdxl.init[..., :3])  # column 3 borders the resized mask
+    assert (masked["samples"][..., 4:] - sdxl.init[..., 4:]).abs().max() > 0.01
+
+
+def test_an_uncovered_area_predicts_a_zero_clean_latent_with_the_edm_preconditioning():
+    from nodes.families.conditioning import fill_uncovered
+    from nodes.samplers.kdiffusion import denoised_from
+
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2)) * 5
+    covered = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    for sigma in (40.0, 1.0, 0.05):
+        model_in = x / math.sqrt(sigma ** 2 + 0.25)
+        out = fill_uncovered(torch.ones_like(x), covered, model_in, sigma, "edm", 0.5)
+        assert denoised_from("edm", out, x, sigma, 0.5).abs().max() < 1e-4
 
 
 # -- (d) the handle stays frozen; bad input names the input ------------------------------------

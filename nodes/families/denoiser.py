@@ -160,7 +160,8 @@ class Denoiser:
         sides = [s for s in self._sides[1] if s]
         outputs = cond_rules.combine(self, sides, model_in, t, sigma)
         if sigma is not None and sigma > 0:
-            outputs = [cond_rules.fill_uncovered(out, covered, model_in, sigma, self.prediction_type)
+            outputs = [cond_rules.fill_uncovered(out, covered, model_in, sigma, self.prediction_type,
+                                                 float(getattr(self.schedule, "sigma_data", 1.0)))
                        for out, covered in outputs]
         else:
             outputs = [out for out, _ in outputs]
