@@ -254,3 +254,47 @@ def test_a_flow_model_is_refused(sdxl):
     with pytest.raises(NodeError) as err:
         model_sampling_continuous_edm(Recorder().ctx, flux_like, "edm", SIGMA_MAX, SIGMA_MIN)
     assert err.value.input_name == "model"
+
+
+# -- CosXL files: the checkpoint's edm_vpred keys ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def cosxl_env(tmp_path_factory):
+    """A models folder with the tiny SDXL as it is and with CosXL's two keys (sigma_max 80, sigma_min
+    2^-6, both exact in float32), and one with sigma_max alone."""
+    from safetensors.torch import load_file, save_file
+
+    import tiny_models as tm
+    from node_call import environment_over
+
+    root = tmp_path_factory.mktemp("cosxl-models")
+    plain = tm.save_single_file("sdxl", root / "checkpoints" / "tiny-sdxl.safetensors")
+    state = load_file(str(plain))
+    save_file({**state, "edm_vpred.sigma_max": torch.tensor(80.0), "edm_vpred.sigma_min": torch.tensor(2.0 ** -6)},
+              str(root / "checkpoints" / "tiny-cosxl.safetensors"))
+    save_file({**state, "edm_vpred.sigma_max": torch.tensor(120.0)}, str(root / "checkpoints" / "tiny-cosxl-max.safetensors"))
+    yield from environment_over(root, tmp_path_factory.mktemp("cosxl-data"))
+
+
+def test_a_cosxl_file_loads_with_edm_v_prediction_and_samples_as_the_node_would(cosxl_env):
+    from node_call import call
+    from nodes import loaders, text
+
+    cosxl, clip, _ = call(loaders.checkpoint_loader, cosxl_env, ckpt_name="tiny-cosxl.safetensors")
+    plain, _, _ = call(loaders.checkpoint_loader, cosxl_env, ckpt_name="tiny-sdxl.safetensors")
+    config = cosxl.scheduler_config
+    assert edm.is_edm(config) and config["prediction_type"] == "v_prediction"
+    assert (config["sigma_min"], config["sigma_max"], config["sigma_data"]) == (2.0 ** -6, 80.0, 1.0)
+    assert not edm.is_edm(plain.scheduler_config)
+    patched, = call(model_sampling_continuous_edm, cosxl_env, model=plain, sampling="v_prediction", sigma_max=80.0,
+                    sigma_min=2.0 ** -6)
+    pos = call(text.clip_text_encode, cosxl_env, text="a red barn", clip=clip)[0]
+    neg = call(text.clip_text_encode, cosxl_env, text="", clip=clip)[0]
+    empty = {"samples": torch.zeros(1, 4, 8, 8)}
+    run = lambda model: call(ksampler, cosxl_env, model=model, seed=4, steps=6, cfg=5.0, sampler_name="euler",  # noqa: E731
+                             scheduler="karras", positive=pos, negative=neg, latent_image=empty, denoise=1.0)[0]
+    ours = run(cosxl)["samples"]
+    assert torch.equal(ours, run(patched)["samples"])
+    assert (ours - run(plain)["samples"]).abs().max() > 0.05  # the file's sampling is not the DDPM one
+    alone, _, _ = call(loaders.checkpoint_loader, cosxl_env, ckpt_name="tiny-cosxl-max.safetensors")
+    assert (alone.scheduler_config["sigma_min"], alone.scheduler_config["sigma_max"]) == (0.002, 120.0)

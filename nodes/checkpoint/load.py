@@ -219,7 +219,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)
     with reading(path):
         try:
-            found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
+            found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)),
+                               value_of=lambda k: float(state[k].float().reshape(-1)[0]))
         except det.UnsupportedCheckpoint as exc:
             raise CheckpointError(f"{path.name}: {exc}") from exc
         except (KeyError, IndexError, StopIteration) as exc:
@@ -283,12 +284,20 @@ def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dty
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in found.family.text_encoders}
     return Loaded(
         family=found.family,
-        scheduler_config=found.family.scheduler_config(pred),
-        latent=found.family.latent,
+        scheduler_config=_scheduler_config(found, pred),
+        latent=found.latent or found.family.latent,
         modules=modules,
         tokenizers=tokenizers,
         info={"format": "single_file", "prediction_type": pred, "prediction_reason": why},
     )
+
+
+def _scheduler_config(found: Any, pred: str) -> dict[str, Any]:
+    """The family's DDPM config, or the continuous-time one the file asks for (CosXL); the loader's
+    prediction setting overrides the prediction type of either."""
+    if found.sampling is None:
+        return found.family.scheduler_config(pred)
+    return {**found.sampling, "prediction_type": pred}
 
 
 def quiet_progress() -> None:

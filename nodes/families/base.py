@@ -101,6 +101,11 @@ class Detected:
     #: encoder module name -> CLIPTextConfig kwargs
     text: dict[str, dict[str, Any]] = field(default_factory=dict)
     prediction_reason: str = ""
+    #: A continuous-time (EDM) scheduler config the file asks for (CosXL's ``edm_vpred`` keys,
+    #: nodes.samplers.edm), None for the family's DDPM schedule.
+    sampling: dict[str, Any] | None = None
+    #: The latent format the file asks for instead of the family's (Playground v2.5's), or None.
+    latent: Any = None
 
 
 class Family:
