@@ -273,6 +273,9 @@ def cosxl_env(tmp_path_factory):
     save_file({**state, "edm_vpred.sigma_max": torch.tensor(80.0), "edm_vpred.sigma_min": torch.tensor(2.0 ** -6)},
               str(root / "checkpoints" / "tiny-cosxl.safetensors"))
     save_file({**state, "edm_vpred.sigma_max": torch.tensor(120.0)}, str(root / "checkpoints" / "tiny-cosxl-max.safetensors"))
+    save_file({**state, "edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)},
+              str(root / "checkpoints" / "tiny-playground.safetensors"))
+    _save_playground_folder(root / "checkpoints" / "tiny-playground-diffusers")
     yield from environment_over(root, tmp_path_factory.mktemp("cosxl-data"))
 
 
@@ -298,3 +301,98 @@ def test_a_cosxl_file_loads_with_edm_v_prediction_and_samples_as_the_node_would(
     assert (ours - run(plain)["samples"]).abs().max() > 0.05  # the file's sampling is not the DDPM one
     alone, _, _ = call(loaders.checkpoint_loader, cosxl_env, ckpt_name="tiny-cosxl-max.safetensors")
     assert (alone.scheduler_config["sigma_min"], alone.scheduler_config["sigma_max"]) == (0.002, 120.0)
+
+
+# -- Playground v2.5: EDM prediction in its own latent space -----------------------------------
+
+def _playground_parts(scheduler: str = "EDMDPMSolverMultistepScheduler") -> dict:
+    """The tiny SDXL with Playground's VAE config (scale 0.5, per-channel latent statistics, as the
+    real one's) and one of diffusers' EDM schedulers as Playground's pipeline config sets it."""
+    import diffusers
+
+    import tiny_models as tm
+    from nodes.families.sdxl import PLAYGROUND_LATENT
+
+    parts = dict(tm.components("sdxl"))
+    config = {k: v for k, v in parts["vae"].config.items() if k != "_use_default_values"}  # else from_config drops ours
+    vae = diffusers.AutoencoderKL.from_config({**config, "scaling_factor": 0.5,
+                                               "latents_mean": list(PLAYGROUND_LATENT.mean),
+                                               "latents_std": list(PLAYGROUND_LATENT.std)})
+    vae.load_state_dict(parts["vae"].state_dict())
+    parts["vae"] = vae.eval()
+    parts["scheduler"] = getattr(diffusers, scheduler)(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+                                                       prediction_type="epsilon")
+    return parts
+
+
+def _save_playground_folder(folder) -> None:
+    import tiny_models as tm
+
+    tm.save_diffusers("sdxl", folder, parts=_playground_parts())
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "EDMEulerScheduler"),
+                                               ("dpmpp_2m", "EDMDPMSolverMultistepScheduler")])
+def test_playground_equals_diffusers_sdxl_pipeline_with_its_vae_statistics(sdxl, sampler, scheduler):
+    import tiny_models as tm
+
+    parts = _playground_parts(scheduler)
+    pipe = tm.pipeline("sdxl", parts=parts)
+    ref = pipe(height=64, width=64, num_inference_steps=8, guidance_scale=6.0, output_type="pt",
+               generator=torch.Generator().manual_seed(5), **sdxl.embeds).images.permute(0, 2, 3, 1)
+    model = _edm_model(sdxl, "edm_playground_v2.5", 80.0, 0.002)
+    rec = Recorder()
+    empty, = empty_latent_image(rec.ctx, 64, 64, 1)
+    out, = ksampler(rec.ctx, model, 5, 8, 6.0, sampler, "karras", sdxl.pos, sdxl.neg, empty)
+    ours = tm.decode(parts["vae"], out["samples"])
+    assert (ours - ref).abs().max().item() <= PIXEL_TOL
+    # not vacuous: plain EDM (the SDXL latent space) decodes to another image
+    plain, = ksampler(rec.ctx, _edm_model(sdxl, "edm", 80.0, 0.002), 5, 8, 6.0, sampler, "karras", sdxl.pos,
+                      sdxl.neg, empty)
+    assert (tm.decode(parts["vae"], plain["samples"]) - ours).abs().max().item() > 0.05
+
+
+def test_playground_latent_space_round_trips_and_image_to_image_starts_from_the_image(sdxl):
+    from nodes.families.sdxl import PLAYGROUND_LATENT
+
+    raw = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 6
+    model_space = PLAYGROUND_LATENT.to_model(raw)
+    mean = torch.tensor(PLAYGROUND_LATENT.mean).view(1, 4, 1, 1)
+    std = torch.tensor(PLAYGROUND_LATENT.std).view(1, 4, 1, 1)
+    assert torch.allclose(model_space, (raw - mean) * 0.5 / std)
+    assert torch.allclose(PLAYGROUND_LATENT.from_model(model_space), raw, atol=1e-5)
+    # image to image starts from the image in Playground's space: one step at a small sigma keeps it close
+    model = _edm_model(sdxl, "edm_playground_v2.5", 80.0, 0.002)
+    rec = Recorder()
+    out, = ksampler(rec.ctx, model, 3, 1, 6.0, "euler", "karras", sdxl.pos, sdxl.neg, {"samples": sdxl.init}, 0.01)
+    assert 0 < (out["samples"] - sdxl.init).abs().max() < 0.05 * sdxl.init.abs().max()
+
+
+def test_playground_files_and_folders_load_with_their_sampling_and_latent_space(cosxl_env, sdxl):
+    import diffusers
+
+    from node_call import call
+    from nodes import loaders, text, vae as vae_nodes
+    from nodes.families.sdxl import PLAYGROUND_LATENT, ChannelLatentFormat
+
+    single, _, _ = call(loaders.checkpoint_loader, cosxl_env, ckpt_name="tiny-playground.safetensors")
+    assert single.latent == PLAYGROUND_LATENT
+    assert single.scheduler_config == edm.edm_config("edm", 0.002, 80.0, 0.5)
+    model, clip, vae = call(loaders.checkpoint_loader, cosxl_env, ckpt_name="tiny-playground-diffusers")
+    assert isinstance(model.latent, ChannelLatentFormat) and model.latent.scale == 0.5
+    assert model.latent.mean == pytest.approx(PLAYGROUND_LATENT.mean) and model.scheduler_config["prediction_type"] == "edm"
+    pos = call(text.clip_text_encode, cosxl_env, text="a red barn", clip=clip)[0]
+    neg = call(text.clip_text_encode, cosxl_env, text="blurry", clip=clip)[0]
+    out, = call(ksampler, cosxl_env, model=model, seed=6, steps=8, cfg=5.0, sampler_name="dpmpp_2m",
+                scheduler="karras", positive=pos, negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)},
+                denoise=1.0)
+    ours = call(vae_nodes.vae_decode, cosxl_env, samples=out, vae=vae)[0]
+    folder = cosxl_env.paths.models.root / "checkpoints" / "tiny-playground-diffusers"
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(height=64, width=64, num_inference_steps=8, guidance_scale=5.0, output_type="pt",
+               generator=torch.Generator().manual_seed(6), prompt_embeds=pos[0][0], negative_prompt_embeds=neg[0][0],
+               pooled_prompt_embeds=pos[0][1]["pooled_output"],
+               negative_pooled_prompt_embeds=neg[0][1]["pooled_output"]).images.permute(0, 2, 3, 1)
+    assert type(pipe.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
+    assert (ours - ref).abs().max().item() <= PIXEL_TOL

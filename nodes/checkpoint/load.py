@@ -370,6 +370,7 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     config = family.scheduler_config()
     if scheduler:
         config.update({k: v for k, v in scheduler.items() if not k.startswith("_diffusers")})
+    config = _continuous_folder_config(config)
     if prediction != "auto":
         config["prediction_type"] = prediction
     return Loaded(
@@ -381,12 +382,35 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     )
 
 
+def _continuous_folder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A folder whose scheduler is one of diffusers' EDM classes (Playground v2.5's
+    EDMDPMSolverMultistepScheduler) samples in continuous time. diffusers' EDM "epsilon" is
+    Karras et al.'s F-prediction (their c_out has the EDM sign), Kiln's ``edm``; its network
+    time is 0.25 log sigma (nodes.samplers.edm)."""
+    from nodes.samplers.edm import edm_config, is_edm
+
+    if not is_edm(config):
+        return config
+    kind = config.get("prediction_type", "epsilon")
+    return edm_config("edm" if kind == "epsilon" else kind, config.get("sigma_min", 0.002),
+                      config.get("sigma_max", 80.0), config.get("sigma_data", 0.5))
+
+
 def latent_format(family: Family, vae: Any) -> LatentFormat:
-    """The family's latent format, with the scale a diffusers VAE config states (if any)."""
+    """The family's latent format, with the scale a diffusers VAE config states (if any), normalised
+    per channel when the config has ``latents_mean`` and ``latents_std`` (Playground v2.5's VAE,
+    which diffusers' SDXL pipelines apply the same way)."""
     import dataclasses
 
+    from nodes.families.sdxl import ChannelLatentFormat
+
     scale = getattr(vae.config, "scaling_factor", None)
-    return dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
+    latent = dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None and len(mean) == len(std) == latent.channels:
+        fields = {f.name: getattr(latent, f.name) for f in dataclasses.fields(LatentFormat)}
+        return ChannelLatentFormat(**fields, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    return latent
 
 
 def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
