@@ -227,6 +227,49 @@ def test_an_uncovered_area_predicts_a_zero_clean_latent_with_the_edm_preconditio
         assert denoised_from("edm", out, x, sigma, 0.5).abs().max() < 1e-4
 
 
+def test_rescale_cfg_and_guidance_rules_read_the_edm_preconditioning(sdxl):
+    """ComfyUI's RescaleCFG rescales the velocity measured on x / (1 + sigma^2) whatever the model's
+    preconditioning: on an F-prediction model Kiln goes there through the clean predictions. The
+    guidance rules' output <-> clean-latent map inverts the samplers' own rule."""
+    from nodes.families.denoiser import guide, rescale_guidance
+    from nodes.families.guidance_rules import Parametrisation
+    from nodes.model_patches import rescale_cfg
+    from nodes.samplers.kdiffusion import denoised_from
+
+    gen = torch.Generator().manual_seed(9)
+    x, den_c, den_u = (torch.randn(2, 4, 8, 8, generator=gen) * k for k in (3.0, 1.0, 1.0))
+    dims = (1, 2, 3)
+    for sigma in (30.0, 1.5, 0.1):
+        space = Parametrisation("edm", x / math.sqrt(sigma ** 2 + 0.25), sigma, 0.5)
+        assert torch.allclose(space.to_x0(space.from_x0(den_c)), den_c, atol=1e-4)
+        guided = guide(space.from_x0(den_c), space.from_x0(den_u), 5.0)
+        out = rescale_guidance(guided, space.from_x0(den_c), space.z, sigma, "edm", 0.7, 0.5)
+        # ComfyUI's rescale_cfg on its x (the state) and the two clean predictions
+        vp = x / (sigma ** 2 + 1)
+        v_c, v_u = ((vp - d) * math.sqrt(sigma ** 2 + 1) / sigma for d in (den_c, den_u))
+        v_cfg = v_u + 5.0 * (v_c - v_u)
+        v_final = 0.7 * v_cfg * (v_c.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True)) + 0.3 * v_cfg
+        expected = vp - v_final * sigma / math.sqrt(sigma ** 2 + 1)
+        assert torch.allclose(denoised_from("edm", out, x, sigma, 0.5), expected, atol=1e-4)
+    model = _edm_model(sdxl, "edm")
+    rescaled, = rescale_cfg(Recorder().ctx, model, 0.7)
+    assert (_txt2img(sdxl, rescaled) - _txt2img(sdxl, model)).abs().max().item() > 1e-3
+
+
+def test_table_schedulers_pick_from_the_edm_levels(sdxl):
+    """SDTurboScheduler and BetaSamplingScheduler index the model's 1000-level table, on an EDM model
+    (as in ComfyUI) the levels evenly spaced in log sigma over its range."""
+    from nodes.custom_schedulers import beta_sampling_scheduler, sd_turbo_scheduler
+
+    model = _edm_model(sdxl, "edm", 80.0, 0.002)
+    turbo, = sd_turbo_scheduler(Recorder().ctx, model, 2, 1.0)
+    table = edm.EDMSchedule(model.scheduler_config).sigmas
+    assert torch.equal(turbo, torch.cat([table[[999, 899]], torch.zeros(1)]))
+    assert math.isclose(float(turbo[0]), 80.0, rel_tol=1e-6)
+    beta, = beta_sampling_scheduler(Recorder().ctx, model, 6, 0.6, 0.6)
+    assert math.isclose(float(beta[0]), 80.0, rel_tol=1e-6) and float(beta[-1]) == 0.0
+
+
 # -- (d) the handle stays frozen; bad input names the input ------------------------------------
 
 def test_the_loaded_model_keeps_its_sampling(sdxl):
