@@ -349,9 +349,14 @@ def model_sampling_discrete(ctx, model, sampling: str, zsnr: bool):
     if sampling == "lcm":
         raise NodeError("'lcm' (ComfyUI's 50-step distilled schedule) is not supported yet; for an LCM model "
                         "use sampling 'eps' with the lcm sampler", "sampling")
-    if "num_train_timesteps" not in model.scheduler_config:
+    from nodes.samplers.edm import is_edm
+
+    base = model.scheduler_config
+    if is_edm(base):  # ComfyUI's node replaces the sampling whole: back to the family's DDPM schedule
+        base = model.family.scheduler_config()
+    if "num_train_timesteps" not in base:
         raise NodeError("this model is not a discrete-time (DDPM-trained) one", "model")
-    config = dict(model.scheduler_config, prediction_type=PREDICTIONS[sampling], rescale_betas_zero_snr=bool(zsnr))
+    config = dict(base, prediction_type=PREDICTIONS[sampling], rescale_betas_zero_snr=bool(zsnr))
     return (dataclasses.replace(model, scheduler_config=config),)
 
 

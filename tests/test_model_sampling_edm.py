@@ -278,6 +278,11 @@ def test_the_loaded_model_keeps_its_sampling(sdxl):
     assert sdxl.model.scheduler_config == before and model is not sdxl.model
     assert model.scheduler_config["prediction_type"] == "edm" and model.scheduler_config["sigma_data"] == 0.5
     assert edm.is_edm(model.scheduler_config) and not edm.is_edm(before)
+    # ModelSamplingDiscrete after it goes back to the family's DDPM schedule, as ComfyUI's replaces the sampling
+    from nodes.custom_sampling import model_sampling_discrete
+
+    back, = model_sampling_discrete(Recorder().ctx, model, "eps", False)
+    assert not edm.is_edm(back.scheduler_config) and back.scheduler_config["num_train_timesteps"] == 1000
 
 
 @pytest.mark.parametrize("sampling,sigma_max,sigma_min,input_name", [
@@ -439,3 +444,49 @@ def test_playground_files_and_folders_load_with_their_sampling_and_latent_space(
                negative_pooled_prompt_embeds=neg[0][1]["pooled_output"]).images.permute(0, 2, 3, 1)
     assert type(pipe.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
     assert (ours - ref).abs().max().item() <= PIXEL_TOL
+
+
+def test_a_comfyui_cosxl_prompt_runs_unchanged(cosxl_env):
+    """ComfyUI's API prompt for a CosXL-style graph (the node between the loader and KSampler)
+    gives the same latent as the file that carries the same sigmas in its edm_vpred keys."""
+    import nodes
+    from engine import types as T
+    from engine.executor import Executor
+    from engine.node import Input, Result, define_node
+    from engine.registry import Registry
+    from engine.workflow import parse
+
+    @define_node("LatentChecksum", output_node=True, inputs=[Input("samples", T.LATENT)])
+    def checksum(ctx, samples):
+        return Result(ui={"sum": [float(samples["samples"].double().abs().sum())]})
+
+    registry = Registry()
+    nodes.register(registry)
+    registry.add(checksum)
+    executor = Executor(registry, cosxl_env)
+
+    def prompt(ckpt: str, patched: bool) -> dict:
+        model = ["2", 0] if patched else ["1", 0]
+        doc = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red barn", "clip": ["1", 1]}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "KSampler", "inputs": {"model": model, "seed": 8, "steps": 5, "cfg": 4.0,
+                                                       "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                                                       "positive": ["3", 0], "negative": ["4", 0],
+                                                       "latent_image": ["5", 0], "denoise": 1.0}},
+            "7": {"class_type": "LatentChecksum", "inputs": {"samples": ["6", 0]}},
+        }
+        if patched:
+            doc["2"] = {"class_type": "ModelSamplingContinuousEDM",
+                        "inputs": {"model": ["1", 0], "sampling": "v_prediction", "sigma_max": 120.0,
+                                   "sigma_min": 0.002}}
+        return doc
+
+    by_node = executor.run(parse(prompt("tiny-sdxl.safetensors", True)))
+    by_file = executor.run(parse(prompt("tiny-cosxl-max.safetensors", False)))
+    plain = executor.run(parse(prompt("tiny-sdxl.safetensors", False)))
+    assert by_node.status == by_file.status == plain.status == "succeeded", (by_node.error, by_file.error)
+    assert by_node.outputs["7"]["sum"] == pytest.approx(by_file.outputs["7"]["sum"], rel=1e-6)
+    assert by_node.outputs["7"]["sum"] != pytest.approx(plain.outputs["7"]["sum"], rel=1e-3)

@@ -209,7 +209,7 @@ class UniPCFrame:
     """diffusers' UniPC over an EDM model's sigma list: the network output becomes the noise
     prediction (x - x0) / sigma of the variance-exploding state, which diffusers' scheduler
     steps in its variance-preserving form x / sqrt(1 + sigma^2) (as ComfyUI's UniPC does with
-    any model). bh1 stops at the list's last nonzero level's thousandth, as flow_ve's."""
+    any model). bh1 stops at sigma 0.001 instead of 0, as ComfyUI's UniPC and flow_ve's do."""
 
     order = 1
 
