@@ -402,13 +402,15 @@ def latent_format(family: Family, vae: Any) -> LatentFormat:
     which diffusers' SDXL pipelines apply the same way)."""
     import dataclasses
 
-    from nodes.families.sdxl import ChannelLatentFormat
+    from nodes.families.sdxl import PLAYGROUND_LATENT, ChannelLatentFormat
 
     scale = getattr(vae.config, "scaling_factor", None)
     latent = dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None and len(mean) == len(std) == latent.channels:
         fields = {f.name: getattr(latent, f.name) for f in dataclasses.fields(LatentFormat)}
+        if latent.channels == PLAYGROUND_LATENT.channels:  # previews: the table fitted to normalised latents
+            fields.update(rgb=PLAYGROUND_LATENT.rgb, rgb_bias=PLAYGROUND_LATENT.rgb_bias)
         return ChannelLatentFormat(**fields, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
     return latent
 

@@ -19,6 +19,10 @@ ComfyUI runs eps and v_prediction at sigma_data 1 and edm at 0.5. diffusers' EDM
 call the F-prediction ``epsilon`` (their c_out has the EDM sign): their ``epsilon`` at
 sigma_data 0.5 is ``edm`` here, their ``v_prediction`` at sigma_data 1 is ``v_prediction``.
 
+ComfyUI keeps its level table in float32 and reads sigma_min/sigma_max from it; Kiln keeps the
+node's numbers exact (as diffusers' EDM schedulers do), a difference of about 1e-7 relative.
+ModelSamplingContinuousV's atan time has no diffusers counterpart.
+
 The model's scheduler config says all this (:func:`edm_config`); :func:`is_edm` tells such a
 config apart, so ``plan.plan`` and the custom-sampling nodes hand EDM models here. Every
 sampler runs as a Kiln sigma-space stepper reading :class:`EDMSchedule` (diffusers' k-schedulers
