@@ -6,7 +6,9 @@ textbook preconditioning, Karras et al. 2022 table 1, not from Kiln's code) must
 sampler to the exact end of the probability-flow ODE (deterministic ones) or to data of
 spread S (stochastic ones). diffusers' EDMEulerScheduler driving the tiny SDXL pipeline gives
 the same pixels as KSampler on the node; the node changes the image, keeps the loaded MODEL
-as it was, and names the input it refuses.
+as it was, and names the input it refuses. A CosXL file (SDXL with edm_vpred keys) samples as
+the same weights on the node; Playground v2.5 (the node's edm_playground_v2.5, its single files
+and diffusers folders) equals diffusers' SDXL pipeline with its VAE statistics.
 """
 from __future__ import annotations
 
