@@ -349,7 +349,77 @@ def model_sampling_discrete(ctx, model, sampling: str, zsnr: bool):
     if sampling == "lcm":
         raise NodeError("'lcm' (ComfyUI's 50-step distilled schedule) is not supported yet; for an LCM model "
                         "use sampling 'eps' with the lcm sampler", "sampling")
-    if "num_train_timesteps" not in model.scheduler_config:
+    from nodes.samplers.edm import is_edm
+
+    base = model.scheduler_config
+    if is_edm(base):  # ComfyUI's node replaces the sampling whole: back to the family's DDPM schedule
+        base = model.family.scheduler_config()
+    if "num_train_timesteps" not in base:
         raise NodeError("this model is not a discrete-time (DDPM-trained) one", "model")
-    config = dict(model.scheduler_config, prediction_type=PREDICTIONS[sampling], rescale_betas_zero_snr=bool(zsnr))
+    config = dict(base, prediction_type=PREDICTIONS[sampling], rescale_betas_zero_snr=bool(zsnr))
     return (dataclasses.replace(model, scheduler_config=config),)
+
+
+#: ComfyUI's ModelSamplingContinuousEDM choices -> (prediction type, sigma_data) in Kiln's EDM sampling
+#: (nodes.samplers.edm). cosmos_rflow is listed for ComfyUI's workflows and refused.
+EDM_SAMPLINGS = {"v_prediction": ("v_prediction", 1.0), "edm": ("edm", 0.5), "edm_playground_v2.5": ("edm", 0.5),
+                 "eps": ("epsilon", 1.0), "cosmos_rflow": None}
+_SIGMA_RANGE = dict(min=0.0, max=1000.0, step=0.001, round=False)
+
+
+def _continuous(model, sampling: str, sigma_max: float, sigma_min: float, time: str, choices) -> tuple:
+    """A new MODEL sampled in continuous time with ``sampling``'s preconditioning (see edm.py)."""
+    import dataclasses
+
+    from nodes.samplers import edm, flow
+
+    if sampling not in choices:
+        raise NodeError(f"must be one of {', '.join(choices)}, got {sampling!r}", "sampling")
+    if choices[sampling] is None:
+        raise NodeError(f"{sampling!r} (Cosmos' rectified-flow preconditioning) is not supported: Kiln has no "
+                        "Cosmos models", "sampling")
+    if flow.is_flow(model.scheduler_config):
+        raise NodeError("this is a flow-matching model (FLUX): it has no EDM sampling", "model")
+    low, high = float(sigma_min), float(sigma_max)
+    if not low > 0.0:
+        raise NodeError(f"sigma_min must be above 0 (the network's time is a function of log sigma), got {low}",
+                        "sigma_min")
+    if not high > low:
+        raise NodeError(f"sigma_max must be above sigma_min ({low}), got {high}", "sigma_max")
+    prediction, sigma_data = choices[sampling]
+    config = edm.edm_config(prediction, low, high, sigma_data, time)
+    changes: dict = {"scheduler_config": config}
+    if sampling == "edm_playground_v2.5":
+        from nodes.families.sdxl import PLAYGROUND_LATENT
+
+        if model.latent.channels != PLAYGROUND_LATENT.channels:
+            raise NodeError("edm_playground_v2.5 is Playground v2.5's SDXL latent space (4 channels); this model's "
+                            f"latents have {model.latent.channels}", "sampling")
+        changes["latent"] = PLAYGROUND_LATENT
+    return (dataclasses.replace(model, **changes),)
+
+
+@define_node("ModelSamplingContinuousEDM", category="advanced/model",
+             inputs=[Input("model", T.MODEL),
+                     Input("sampling", T.COMBO, default="v_prediction", choices=list(EDM_SAMPLINGS)),
+                     Input("sigma_max", T.FLOAT, default=120.0, **_SIGMA_RANGE),
+                     Input("sigma_min", T.FLOAT, default=0.002, **_SIGMA_RANGE)],
+             outputs=[Output("MODEL", T.MODEL)])
+def model_sampling_continuous_edm(ctx, model, sampling: str, sigma_max: float, sigma_min: float):
+    """Sample the model in continuous time between sigma_min and sigma_max, its network told
+    0.25 log(sigma) (Karras et al.'s EDM), with the preconditioning it was trained for: v_prediction
+    (CosXL), edm (Karras et al.'s, data spread 0.5), edm_playground_v2.5 (edm in Playground v2.5's
+    latent space), eps. Returns a new MODEL; the loaded one keeps its own sampling."""
+    return _continuous(model, sampling, sigma_max, sigma_min, "log", EDM_SAMPLINGS)
+
+
+@define_node("ModelSamplingContinuousV", category="advanced/model",
+             inputs=[Input("model", T.MODEL),
+                     Input("sampling", T.COMBO, default="v_prediction", choices=["v_prediction"]),
+                     Input("sigma_max", T.FLOAT, default=500.0, **_SIGMA_RANGE),
+                     Input("sigma_min", T.FLOAT, default=0.03, **_SIGMA_RANGE)],
+             outputs=[Output("MODEL", T.MODEL)])
+def model_sampling_continuous_v(ctx, model, sampling: str, sigma_max: float, sigma_min: float):
+    """Continuous-time v-prediction whose network time is atan(sigma) * 2 / pi (0 to 1 over all
+    levels), as ComfyUI's ModelSamplingContinuousV. Returns a new MODEL."""
+    return _continuous(model, sampling, sigma_max, sigma_min, "atan", {"v_prediction": ("v_prediction", 1.0)})

@@ -175,11 +175,12 @@ def optimal_steps_scheduler(ctx, model_type: str, steps: int, denoise: float):
 
 
 def _discrete_levels(model):
-    """The training schedule of a DDPM-trained model; flow models are refused naming ``model``."""
-    from nodes.samplers.model_sampling import DiscreteSampling, for_model
+    """The 1000-level table of a DDPM-trained model's training schedule, or of a continuous-EDM
+    model's range (even in log sigma, ComfyUI's table for it); flow models are refused naming ``model``."""
+    from nodes.samplers.model_sampling import FlowSampling, for_model
 
     sampling = for_model(model)
-    if not isinstance(sampling, DiscreteSampling):
+    if isinstance(sampling, FlowSampling):
         raise NodeError("this scheduler picks levels of a DDPM-trained model's schedule; a flow model "
                         "(FLUX) has none: use BasicScheduler", "model")
     return sampling.schedule

@@ -25,13 +25,14 @@ def rescale_cfg(ctx, model, multiplier: float):
     """Classifier-free guidance rescaled to the conditional prediction's spread (0: plain CFG,
     1: fully rescaled), which keeps high cfg from washing out colours on v-prediction and
     zero-terminal-SNR models (nodes.families.denoiser.rescale_guidance)."""
-    from nodes.samplers.model_sampling import DiscreteSampling, for_model
+    from nodes.samplers.model_sampling import FlowSampling, for_model
 
-    if not isinstance(for_model(model), DiscreteSampling):
-        raise NodeError("RescaleCFG works on DDPM-trained models (SD1, SD2, SDXL); a flow model (FLUX) "
-                        "is guided by its distilled guidance instead", "model")
-    if model.prediction_type not in ("epsilon", "v_prediction"):
-        raise NodeError(f"RescaleCFG needs an epsilon or v-prediction model, not {model.prediction_type}", "model")
+    if isinstance(for_model(model), FlowSampling):
+        raise NodeError("RescaleCFG works on DDPM-trained and EDM models (SD1, SD2, SDXL, CosXL); a flow model "
+                        "(FLUX) is guided by its distilled guidance instead", "model")
+    if model.prediction_type not in ("epsilon", "v_prediction", "edm"):
+        raise NodeError(f"RescaleCFG needs an epsilon, v-prediction or EDM model, not {model.prediction_type}",
+                        "model")
     if not 0.0 <= float(multiplier) <= 1.0:
         raise NodeError(f"multiplier must be between 0 and 1, got {multiplier}", "multiplier")
     # ComfyUI keeps one CFG function: this one replaces one that replaced it (RenormCFG, PerpNeg)

@@ -214,7 +214,9 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     if samples.shape[1] != model.latent.channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but the model's latent space has "
                         f"{model.latent.channels}", "latent_image")
-    x0 = model.latent.to_model(samples)
+    # ComfyUI's rule, as SamplerCustom's: an empty latent is not shifted into model space (it stays
+    # zero), which matters where the latent map has an offset (FLUX's shift, Playground's means).
+    x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
     perp = model.patches.perp_neg  # the PerpNeg patch's empty prompt is prepared with the others
     prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message,
                                     middle=None if perp is None else perp.middle,

@@ -84,8 +84,9 @@ def test_a_latent_of_another_size_gets_the_image_fitted_and_bad_channels_are_ref
 
 
 def test_an_edm_checkpoint_is_refused_with_the_reason(tmp_path):
-    """CosXL (edit) files mark their continuous EDM sampling with edm_vpred keys, which Kiln does
-    not sample: the loader says so instead of producing noise."""
+    """CosXL (edit) files mark their continuous EDM sampling with edm_vpred keys, which ComfyUI and
+    Kiln read on SDXL files only (test_model_sampling_edm loads one): on this SD 1.x file the loader
+    says so instead of producing noise."""
     from safetensors.torch import load_file, save_file
 
     from nodes.checkpoint.load import CheckpointError, load_checkpoint

@@ -36,9 +36,6 @@ def family_of(shapes: Shapes) -> Family:
         if any(k.startswith(("lora_", "lora_unet_", "lora_te")) or ".lora_" in k for k in shapes):
             raise UnsupportedCheckpoint("this file is a LoRA, not a checkpoint")
         raise UnsupportedCheckpoint("no Stable Diffusion UNet in this file (no 'model.diffusion_model.*' keys)")
-    if "edm_vpred.sigma_max" in shapes:
-        raise UnsupportedCheckpoint("an EDM v-prediction model (CosXL and its edit variant): Kiln does not sample "
-                                    "continuous-EDM models yet")
     in_ch = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
     if in_ch != 4 and not inpaint.is_inpainting(in_ch, 4) and not inpaint.is_instruct_pix2pix(in_ch, 4):
         raise UnsupportedCheckpoint(f"the UNet takes {in_ch} input channels (a depth or other conditioned model); "
@@ -194,13 +191,65 @@ def text_configs(shapes: Shapes, family: Family) -> dict[str, dict[str, Any]]:
     return out
 
 
-def detect(shapes: Shapes, std_of: Callable[[str], float | None] | None = None) -> Detected:
-    """Family, prediction type and component configs; ``std_of(key)`` reads a tensor's std."""
+#: The keys by which a file asks for continuous-time EDM sampling (ComfyUI's SDXL model_type).
+EDM_VPRED_MAX, EDM_VPRED_MIN = "edm_vpred.sigma_max", "edm_vpred.sigma_min"
+
+
+#: The keys of a Playground v2.5 file (its latent statistics; ComfyUI uses its own constants for them).
+PLAYGROUND_KEYS = ("edm_mean", "edm_std")
+
+
+def continuous_sampling(shapes: Shapes, family: Family,
+                        value_of: Callable[[str], float] | None) -> tuple[dict[str, Any], str, Any] | None:
+    """(EDM scheduler config, why, latent format or None) for a file that asks for continuous-time
+    sampling, else None.
+
+    ComfyUI's rules for SDXL-shaped files: ``edm_mean`` and ``edm_std`` (Playground v2.5) mean
+    Karras et al.'s F-prediction at data spread 0.5 between sigma 0.002 and 80 in Playground's
+    latent space; ``edm_vpred.sigma_max`` (CosXL, CosXL-Edit) means v-prediction on
+    ModelSamplingContinuousEDM's levels (network time 0.25 log sigma, data spread 1) up to that
+    sigma, down to ``edm_vpred.sigma_min`` or 0.002. ComfyUI reads these keys on SDXL only;
+    another family's file with them is refused rather than sampled wrongly.
+    """
+    playground = all(k in shapes for k in PLAYGROUND_KEYS)
+    if EDM_VPRED_MAX not in shapes and not playground:
+        return None
+    if family.name != "sdxl":
+        marker = ", ".join(PLAYGROUND_KEYS) if playground else EDM_VPRED_MAX
+        raise UnsupportedCheckpoint(f"the file asks for EDM sampling ({marker}) but is a {family.name} model; "
+                                    "ComfyUI and Kiln read that on SDXL models only")
+    from nodes.samplers.edm import edm_config
+
+    if playground:
+        from nodes.families.sdxl import PLAYGROUND_LATENT
+
+        return (edm_config("edm", 0.002, 80.0, 0.5), "the checkpoint has 'edm_mean' and 'edm_std' (Playground "
+                "v2.5): continuous-time EDM prediction, sigma 0.002 to 80, Playground's latent space",
+                PLAYGROUND_LATENT)
+    if value_of is None:
+        raise UnsupportedCheckpoint(f"{EDM_VPRED_MAX} must be read to sample this EDM model")
+    high = float(value_of(EDM_VPRED_MAX))
+    low = float(value_of(EDM_VPRED_MIN)) if EDM_VPRED_MIN in shapes else 0.002
+    if not 0.0 < low < high:
+        raise UnsupportedCheckpoint(f"its EDM sigmas are out of order (sigma_min {low}, sigma_max {high})")
+    return (edm_config("v_prediction", low, high, 1.0),
+            f"the checkpoint has '{EDM_VPRED_MAX}' (CosXL): continuous-time v-prediction, sigma {low:g} to {high:g}",
+            None)
+
+
+def detect(shapes: Shapes, std_of: Callable[[str], float | None] | None = None,
+           value_of: Callable[[str], float] | None = None) -> Detected:
+    """Family, prediction type, component configs and the sampling the file asks for;
+    ``std_of(key)`` reads a tensor's std, ``value_of(key)`` a one-value tensor (EDM sigmas)."""
     family = family_of(shapes)
     text = text_configs(shapes, family)
     pooled = next((text[s.module]["projection_dim"] for s in family.text_encoders if s.pooled), None)
     unet = unet_config(shapes, family, pooled)
     vae = vae_config(shapes, family)
+    continuous = continuous_sampling(shapes, family, value_of)
+    if continuous is not None:
+        config, why, latent = continuous
+        return Detected(family, config["prediction_type"], unet, vae, text, why, sampling=config, latent=latent)
     pred, why = prediction_type(shapes, family, unet, std_of)
     return Detected(family, pred, unet, vae, text, why)
 

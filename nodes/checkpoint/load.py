@@ -219,7 +219,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)
     with reading(path):
         try:
-            found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)))
+            found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)),
+                               value_of=lambda k: float(state[k].float().reshape(-1)[0]))
         except det.UnsupportedCheckpoint as exc:
             raise CheckpointError(f"{path.name}: {exc}") from exc
         except (KeyError, IndexError, StopIteration) as exc:
@@ -283,12 +284,20 @@ def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dty
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in found.family.text_encoders}
     return Loaded(
         family=found.family,
-        scheduler_config=found.family.scheduler_config(pred),
-        latent=found.family.latent,
+        scheduler_config=_scheduler_config(found, pred),
+        latent=found.latent or found.family.latent,
         modules=modules,
         tokenizers=tokenizers,
         info={"format": "single_file", "prediction_type": pred, "prediction_reason": why},
     )
+
+
+def _scheduler_config(found: Any, pred: str) -> dict[str, Any]:
+    """The family's DDPM config, or the continuous-time one the file asks for (CosXL); the loader's
+    prediction setting overrides the prediction type of either."""
+    if found.sampling is None:
+        return found.family.scheduler_config(pred)
+    return {**found.sampling, "prediction_type": pred}
 
 
 def quiet_progress() -> None:
@@ -361,6 +370,7 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     config = family.scheduler_config()
     if scheduler:
         config.update({k: v for k, v in scheduler.items() if not k.startswith("_diffusers")})
+    config = _continuous_folder_config(config)
     if prediction != "auto":
         config["prediction_type"] = prediction
     return Loaded(
@@ -372,12 +382,37 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     )
 
 
+def _continuous_folder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A folder whose scheduler is one of diffusers' EDM classes (Playground v2.5's
+    EDMDPMSolverMultistepScheduler) samples in continuous time. diffusers' EDM "epsilon" is
+    Karras et al.'s F-prediction (their c_out has the EDM sign), Kiln's ``edm``; its network
+    time is 0.25 log sigma (nodes.samplers.edm)."""
+    from nodes.samplers.edm import edm_config, is_edm
+
+    if not is_edm(config):
+        return config
+    kind = config.get("prediction_type", "epsilon")
+    return edm_config("edm" if kind == "epsilon" else kind, config.get("sigma_min", 0.002),
+                      config.get("sigma_max", 80.0), config.get("sigma_data", 0.5))
+
+
 def latent_format(family: Family, vae: Any) -> LatentFormat:
-    """The family's latent format, with the scale a diffusers VAE config states (if any)."""
+    """The family's latent format, with the scale a diffusers VAE config states (if any), normalised
+    per channel when the config has ``latents_mean`` and ``latents_std`` (Playground v2.5's VAE,
+    which diffusers' SDXL pipelines apply the same way)."""
     import dataclasses
 
+    from nodes.families.sdxl import PLAYGROUND_LATENT, ChannelLatentFormat
+
     scale = getattr(vae.config, "scaling_factor", None)
-    return dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
+    latent = dataclasses.replace(family.latent, scale=float(scale)) if scale else family.latent
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None and len(mean) == len(std) == latent.channels:
+        fields = {f.name: getattr(latent, f.name) for f in dataclasses.fields(LatentFormat)}
+        if latent.channels == PLAYGROUND_LATENT.channels:  # previews: the table fitted to normalised latents
+            fields.update(rgb=PLAYGROUND_LATENT.rgb, rgb_bias=PLAYGROUND_LATENT.rgb_bias)
+        return ChannelLatentFormat(**fields, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+    return latent
 
 
 def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",

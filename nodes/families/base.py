@@ -101,6 +101,11 @@ class Detected:
     #: encoder module name -> CLIPTextConfig kwargs
     text: dict[str, dict[str, Any]] = field(default_factory=dict)
     prediction_reason: str = ""
+    #: A continuous-time (EDM) scheduler config the file asks for (CosXL's ``edm_vpred`` keys,
+    #: nodes.samplers.edm), None for the family's DDPM schedule.
+    sampling: dict[str, Any] | None = None
+    #: The latent format the file asks for instead of the family's (Playground v2.5's), or None.
+    latent: Any = None
 
 
 class Family:
@@ -183,9 +188,13 @@ class Family:
     def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
         """The object the custom-sampling nodes ask for sigmas, starting noise and steppers
         (nodes.samplers.model_sampling). DDPM-trained families share the discrete one;
-        a flow-matching family returns its own with the same methods."""
-        from nodes.samplers.model_sampling import DiscreteSampling
+        a flow-matching family returns its own with the same methods. A continuous-EDM
+        config (CosXL, ModelSamplingContinuousEDM) samples in continuous time."""
+        from nodes.samplers.edm import is_edm
+        from nodes.samplers.model_sampling import ContinuousSampling, DiscreteSampling
 
+        if is_edm(scheduler_config):
+            return ContinuousSampling(scheduler_config)
         return DiscreteSampling(scheduler_config)
 
     # -- text encoding ---------------------------------------------------------------

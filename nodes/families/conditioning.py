@@ -248,7 +248,7 @@ class _Job:
 
 
 def fill_uncovered(out: "torch.Tensor", covered: "torch.Tensor", model_in: "torch.Tensor", sigma: float,
-                   prediction_type: str) -> "torch.Tensor":
+                   prediction_type: str, sigma_data: float = 1.0) -> "torch.Tensor":
     """``out`` where an entry covers the pixel; elsewhere the output whose clean-latent
     prediction is zero (ComfyUI's result there, whose weighted sum is 0 / 1e-37).
 
@@ -256,7 +256,9 @@ def fill_uncovered(out: "torch.Tensor", covered: "torch.Tensor", model_in: "torc
     with ``sigma^2 = (1 - a) / a``; x0 = 0 means eps = x_t sqrt(sigma^2 + 1) / sigma and v = x_t / sigma.
     A flow model ("flow") sees its state ``x_t = (1 - sigma) x0 + sigma noise`` unscaled and predicts
     the velocity ``noise - x0``, so ``x0 = x_t - sigma v``: x0 = 0 means v = x_t / sigma. (Its output
-    of zero would mean x0 = x_t: the region would keep its noise to the end.)
+    of zero would mean x0 = x_t: the region would keep its noise to the end.) A continuous-EDM
+    model's F-prediction (``edm``, input x / sqrt(sigma^2 + sigma_data^2)) gives x0 = 0 at
+    F = -sigma_data model_in / sigma; its eps and v run at sigma_data 1, the formulas above.
     """
     import torch
 
@@ -266,6 +268,8 @@ def fill_uncovered(out: "torch.Tensor", covered: "torch.Tensor", model_in: "torc
         empty = model_in * (math.sqrt(sigma ** 2 + 1.0) / sigma)
     elif prediction_type in ("v_prediction", "flow"):  # the same number in both parametrisations
         empty = model_in / sigma
+    elif prediction_type == "edm":
+        empty = model_in * (-sigma_data / sigma)
     else:
         empty = torch.zeros_like(model_in)
     return torch.where(covered, out, empty.to(out.dtype))

@@ -83,6 +83,8 @@ class Denoiser:
         self.schedule = schedule
         # a flow model's scheduler config names no prediction type; its schedule says it predicts velocity
         self.prediction_type = getattr(schedule, "prediction_type", None) or prediction_type
+        #: The data spread of the network's preconditioning (a continuous-EDM model's; 1 otherwise).
+        self.sigma_data = float(getattr(schedule, "sigma_data", 1.0))
         #: ((h, w), (positive, negative)) resolved for that latent size (the general path)
         self._sides: Any = None
         #: The last call's unguided (negative-side) output, for CFG++ samplers; the output
@@ -161,7 +163,7 @@ class Denoiser:
         sides = [s for s in self._sides[1] if s]
         outputs = cond_rules.combine(self, sides, model_in, t, sigma)
         if sigma is not None and sigma > 0:
-            outputs = [cond_rules.fill_uncovered(out, covered, model_in, sigma, self.prediction_type)
+            outputs = [cond_rules.fill_uncovered(out, covered, model_in, sigma, self.prediction_type, self.sigma_data)
                        for out, covered in outputs]
         else:
             outputs = [out for out, _ in outputs]
@@ -176,7 +178,8 @@ class Denoiser:
         if self._rules is not None:
             sigma = float(self.schedule.sigma(float(t)))
             plain = lambda c, u, z: self._cfg(c, u, z, t)  # noqa: E731
-            guided = self._rules.apply(cond, uncond, model_in, sigma, self.prediction_type, self.cfg, plain)
+            guided = self._rules.apply(cond, uncond, model_in, sigma, self.prediction_type, self.cfg, plain,
+                                       self.sigma_data)
         else:
             guided = self._cfg(cond, uncond, model_in, t)
         return self._perturbation_guided(guided, cond, model_in, t)
@@ -186,7 +189,8 @@ class Denoiser:
         guided = guide(cond, uncond, self.cfg)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
-            guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale)
+            guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale,
+                                      self.sigma_data)
         return guided
 
     def _unguided(self, out: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
@@ -195,7 +199,7 @@ class Denoiser:
         if self._rules is None:
             return out
         sigma = float(self.schedule.sigma(float(t)))
-        return self._rules.apply(out, None, model_in, sigma, self.prediction_type, self.cfg, None)
+        return self._rules.apply(out, None, model_in, sigma, self.prediction_type, self.cfg, None, self.sigma_data)
 
     def _perturbation_guided(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
                              t: Any) -> "torch.Tensor":
@@ -239,7 +243,7 @@ def guide(cond: "torch.Tensor", uncond: "torch.Tensor", scale: float) -> "torch.
 
 
 def rescale_guidance(guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor", sigma: float,
-                     prediction_type: str, multiplier: float) -> "torch.Tensor":
+                     prediction_type: str, multiplier: float, sigma_data: float = 1.0) -> "torch.Tensor":
     """RescaleCFG (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
     Flawed", section 3.4): a high guidance scale inflates the prediction's spread, so the
     guided prediction is rescaled, image by image, to the standard deviation of the
@@ -247,20 +251,33 @@ def rescale_guidance(guided: "torch.Tensor", cond: "torch.Tensor", model_in: "to
     RescaleCFG it works on the velocity v = sqrt(1 + sigma^2) eps - sigma z (z: the network's
     variance-preserving input) whatever the network predicts; on a v-prediction model that is
     diffusers' ``guidance_rescale``. Conversions are affine in the output, so guiding before
-    converting is the same as after."""
+    converting is the same as after. A continuous-EDM F-prediction (``edm``, data spread
+    ``sigma_data``) goes through its clean-latent prediction to that same velocity, ComfyUI's
+    formula on its x whatever the model's preconditioning."""
     import torch
 
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ConditioningError(f"RescaleCFG needs an epsilon or v-prediction model, not {prediction_type}", "model")
+    if prediction_type not in ("epsilon", "v_prediction", "edm"):
+        raise ConditioningError(f"RescaleCFG needs an epsilon, v-prediction or EDM model, not {prediction_type}",
+                                "model")
     scale = math.sqrt(1.0 + sigma * sigma)
+    space = None
+    if prediction_type == "edm":
+        from nodes.families.guidance_rules import Parametrisation
+
+        space = Parametrisation("edm", model_in, sigma, sigma_data)
+        z = space.x / scale  # the variance-preserving x / sqrt(1 + sigma^2) the velocity is measured on
 
     def to_v(out: "torch.Tensor") -> "torch.Tensor":
+        if space is not None:
+            return (z - scale * space.to_x0(out)) / sigma
         return out if prediction_type == "v_prediction" else scale * out - sigma * model_in
 
     v_guided, v_cond = to_v(guided), to_v(cond)
     dims = list(range(1, v_guided.ndim))
     rescaled = v_guided * (v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True))
     v_final = multiplier * rescaled + (1.0 - multiplier) * v_guided
+    if space is not None:
+        return space.from_x0((z - sigma * v_final) / scale)
     return v_final if prediction_type == "v_prediction" else (v_final + sigma * model_in) / scale
 
 

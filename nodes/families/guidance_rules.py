@@ -295,23 +295,28 @@ class LatentOperationCFG(Rule):
 
 class Parametrisation:
     """The network's output <-> clean-latent prediction at one noise level. ``model_in`` is
-    what the network saw: x / sqrt(1 + sigma^2) for a DDPM model, the state itself for a flow
-    model, so ComfyUI's x is that times ``self.scale``."""
+    what the network saw: x / sqrt(sigma_data^2 + sigma^2) for a DDPM model (sigma_data 1) or a
+    continuous-EDM one, the state itself for a flow model, so ComfyUI's x is that times
+    ``self.scale``."""
 
-    def __init__(self, prediction_type: str, model_in: Any, sigma: float) -> None:
-        if prediction_type not in ("epsilon", "v_prediction", "flow", "sample"):
+    def __init__(self, prediction_type: str, model_in: Any, sigma: float, sigma_data: float = 1.0) -> None:
+        if prediction_type not in ("epsilon", "v_prediction", "edm", "flow", "sample"):
             raise ConditioningError(f"guidance patches do not know prediction type {prediction_type}", "model")
-        self.kind, self.z, self.sigma = prediction_type, model_in, sigma
-        self.scale = 1.0 if prediction_type == "flow" else math.sqrt(1.0 + sigma * sigma)
+        self.kind, self.z, self.sigma, self.sigma_data = prediction_type, model_in, sigma, sigma_data
+        self.scale = 1.0 if prediction_type == "flow" else math.sqrt(sigma_data * sigma_data + sigma * sigma)
         self.x = model_in * self.scale
 
     def to_x0(self, out: Any) -> Any:
         """The samplers' own rule (kdiffusion.denoised_from, on ComfyUI's x)."""
         from nodes.samplers.kdiffusion import denoised_from
 
-        return denoised_from(self.kind, out, self.x, self.sigma)
+        return denoised_from(self.kind, out, self.x, self.sigma, self.sigma_data)
 
     def from_x0(self, x0: Any) -> Any:
+        if self.kind == "edm":  # Karras et al.'s F = (x0 - c_skip x) / c_out
+            var = self.sigma_data * self.sigma_data
+            c_out = self.sigma * self.sigma_data / math.sqrt(self.sigma ** 2 + var)
+            return (x0 - self.x * (var / (self.sigma ** 2 + var))) / c_out
         if self.kind == "epsilon":
             return (self.x - x0) / self.sigma
         if self.kind == "v_prediction":
@@ -337,11 +342,11 @@ class GuidanceRun:
         self._combine = combines[-1] if combines else None
 
     def apply(self, cond: Any, uncond: Any | None, model_in: Any, sigma: float, prediction_type: str, scale: float,
-              plain: Callable[[Any, Any, Any], Any] | None) -> Any:
+              plain: Callable[[Any, Any, Any], Any] | None, sigma_data: float = 1.0) -> Any:
         """The guided network output from both sides' outputs (``uncond`` None: cfg 1, where
         ComfyUI evaluates no unconditional side and its hooks see zeros for it). ``plain(cond,
         uncond, model_in)`` combines network outputs when no rule replaces the combination (CFG,
-        and RescaleCFG if set)."""
+        and RescaleCFG if set). ``sigma_data``: a continuous-EDM model's data spread."""
         import torch
 
         if sigma <= 0:  # nothing left to guide (and no noise to convert through)
@@ -351,14 +356,14 @@ class GuidanceRun:
         for job in range(self.jobs):
             rows = slice(job * size, (job + 1) * size) if self.jobs > 1 else slice(None)
             parts.append(self._one_job(cond[rows], None if uncond is None else uncond[rows], model_in[rows], sigma,
-                                       prediction_type, scale, plain, rows, self._states[job]))
+                                       prediction_type, scale, plain, rows, self._states[job], sigma_data))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _one_job(self, cond: Any, uncond: Any | None, model_in: Any, sigma: float, prediction_type: str,
-                 scale: float, plain: Any, rows: slice, states: list) -> Any:
+                 scale: float, plain: Any, rows: slice, states: list, sigma_data: float = 1.0) -> Any:
         import torch
 
-        space = Parametrisation(prediction_type, model_in, sigma)
+        space = Parametrisation(prediction_type, model_in, sigma, sigma_data)
         c0 = space.to_x0(cond)
         u0 = torch.zeros_like(c0) if uncond is None else space.to_x0(uncond)
         for rule, state in zip(self.rules, states):

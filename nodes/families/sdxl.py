@@ -8,9 +8,13 @@ offset, target size) go to the UNet's added conditioning, which this module's
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec, has_prefix
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT1_PREFIX = "conditioner.embedders.0.transformer."
 TEXT2_PREFIX = "conditioner.embedders.1.model."
@@ -19,6 +23,39 @@ SDXL_LATENT = LatentFormat(
     channels=4, scale=0.13025,
     rgb=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
     rgb_bias=(0.1084, -0.0175, -0.0011),
+)
+
+
+
+@dataclass(frozen=True)
+class ChannelLatentFormat(LatentFormat):
+    """A latent space normalised per channel: model space is ``(raw - mean) * scale / std``
+    (Playground v2.5's; diffusers keeps the two lists as the VAE config's ``latents_mean`` and
+    ``latents_std``, ComfyUI as its SDXL_Playground_2_5 latent format)."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def _stats(self, like: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
+        shape = (1, len(self.mean)) + (1,) * (like.ndim - 2)
+        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(shape)
+        return mean, torch.tensor(self.std, dtype=like.dtype, device=like.device).view(shape)
+
+    def to_model(self, raw: "torch.Tensor") -> "torch.Tensor":
+        mean, std = self._stats(raw)
+        return (raw - mean) * self.scale / std
+
+    def from_model(self, x: "torch.Tensor") -> "torch.Tensor":
+        mean, std = self._stats(x)
+        return x * std / self.scale + mean
+
+
+#: Playground v2.5's latent space: the SDXL VAE's latents normalised per channel, scale 0.5.
+PLAYGROUND_LATENT = ChannelLatentFormat(
+    channels=4, scale=0.5, mean=(-1.6574, 1.886, -1.383, 2.5155), std=(8.4927, 5.9022, 6.5498, 5.2299),
+    rgb=((0.3920, 0.4054, 0.4549), (-0.2634, -0.0196, 0.0653), (0.0568, 0.1687, -0.0755), (-0.3112, -0.2359, -0.2076)),
 )
 
 

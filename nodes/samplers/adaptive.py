@@ -144,7 +144,8 @@ class DPMAdaptive:
 
         self.evaluations += 1
         sigma = self.current_sigma
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma,
+                                 float(getattr(self.schedule, "sigma_data", 1.0)))
         eps = (sample - denoised) / sigma
         if not self._eps:  # the first evaluation of an attempt, at s
             self._x = sample

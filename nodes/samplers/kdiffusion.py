@@ -39,12 +39,19 @@ def randn_like(x: "torch.Tensor", generator: Any) -> "torch.Tensor":
     return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def denoised_from(prediction_type: str, out: "torch.Tensor", x: "torch.Tensor", sigma: float) -> "torch.Tensor":
-    """The model's clean-latent prediction, for a state x = x0 + sigma * eps."""
+def denoised_from(prediction_type: str, out: "torch.Tensor", x: "torch.Tensor", sigma: float,
+                  sigma_data: float = 1.0) -> "torch.Tensor":
+    """The model's clean-latent prediction, for a state x = x0 + sigma * eps. ``sigma_data``: the
+    data spread of a continuous-EDM model's preconditioning (nodes.samplers.edm; 1 for DDPM models),
+    where ``edm`` is Karras et al.'s F-prediction, v's skip term with the opposite output sign."""
     if prediction_type in ("epsilon", "flow"):  # a flow state x = (1 - t) x0 + t eps, velocity eps - x0
         return x - sigma * out
-    if prediction_type == "v_prediction":
-        return x / (sigma ** 2 + 1) - out * (sigma / (sigma ** 2 + 1) ** 0.5)
+    if prediction_type in ("v_prediction", "edm"):
+        # With sigma_data 1 these products are exact: DDPM models keep their arithmetic bit for bit.
+        var = sigma_data * sigma_data
+        skip = x * var / (sigma ** 2 + var)
+        scaled = out * (sigma * sigma_data / (sigma ** 2 + var) ** 0.5)
+        return skip - scaled if prediction_type == "v_prediction" else skip + scaled
     if prediction_type == "sample":
         return out
     raise ValueError(f"unsupported prediction_type {prediction_type}")
@@ -93,6 +100,8 @@ class StagedStepper:
         # step here moves and the model is not evaluated for nothing.
         self.sigmas = torch.unique_consecutive(sigmas.to(torch.float32))
         self.schedule = training_schedule(config)
+        #: The data spread of the model's preconditioning (a continuous-EDM model's; 1 otherwise).
+        self.sigma_data = float(getattr(self.schedule, "sigma_data", 1.0))
         self.stages: list[tuple[int, int, float]] = []
         for i in range(self.step_count()):
             self.stages.extend((i, k, sigma) for k, sigma in enumerate(self.stage_sigmas(i)))
@@ -114,7 +123,7 @@ class StagedStepper:
              generator: Any = None, return_dict: bool = True) -> StepOutput:
         i, k, sigma = self.stages[self._index]
         self._index += 1
-        denoised = denoised_from(self.prediction_type, model_output, sample, sigma)
+        denoised = denoised_from(self.prediction_type, model_output, sample, sigma, self.sigma_data)
         return StepOutput(self.advance(i, k, sigma, sample, denoised, generator), denoised)
 
     def step_count(self) -> int:
@@ -155,7 +164,8 @@ class CFGPP:
     def step(self, model_output: "torch.Tensor", timestep: Any, sample: "torch.Tensor",
              generator: Any = None, return_dict: bool = True, uncond: "torch.Tensor | None" = None) -> StepOutput:
         sigma = self.stages[self._index][2]
-        self._unguided = None if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma)
+        self._unguided = None if uncond is None else denoised_from(self.prediction_type, uncond, sample, sigma,
+                                                                   self.sigma_data)
         return super().step(model_output, timestep, sample, generator, return_dict)
 
 

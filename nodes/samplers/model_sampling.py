@@ -5,7 +5,9 @@ KSamplerAdvanced never look at a model's training schedule themselves: they ask
 this object, which the model's family provides (:meth:`Family.model_sampling`).
 :class:`DiscreteSampling` is the one for the 1000-step DDPM-trained families
 (SD 1.x/2.x/SDXL, epsilon or v prediction); a flow-matching family (FLUX) returns
-its own (:class:`FlowSampling`) with the same methods, and the nodes run unchanged on it.
+its own (:class:`FlowSampling`) with the same methods, and the nodes run unchanged on it;
+a continuous-EDM model (CosXL, Playground v2.5, ModelSamplingContinuousEDM/V) samples
+through :class:`ContinuousSampling`.
 
 Kiln's rules, kept equal to KSampler's so a custom-sampling graph gives KSampler's
 result with the same settings:
@@ -178,6 +180,55 @@ class FlowSampling(_Sampling):
         return [f"the sigmas are shifted for {flow.DEFAULT_SHIFT_SIZE}x{flow.DEFAULT_SHIFT_SIZE} (ComfyUI's default; "
                 f"the scheduler does not see the image), this latent is {w * 8}x{h * 8}: put ModelSamplingFlux "
                 "with its width and height before the scheduler for the shift KSampler uses"]
+
+
+class ContinuousSampling(_Sampling):
+    """Model sampling of a continuous-time EDM model (CosXL, Playground v2.5, a model on
+    ModelSamplingContinuousEDM/V): the state is x0 + sigma * noise with sigma anywhere in
+    [sigma_min, sigma_max], the network's time a function of sigma (nodes.samplers.edm).
+
+    :meth:`sigmas` is ComfyUI's schedule over that range at any ``denoise`` (an EDM model has
+    no diffusers pipeline grid of its own to follow), :meth:`start` ComfyUI's noise scaling,
+    and every sampler runs as a Kiln stepper in the k-diffusion state, so the state needs
+    no conversion."""
+
+    @staticmethod
+    def _training_schedule(config: dict) -> Any:
+        from nodes.samplers.edm import EDMSchedule
+
+        return EDMSchedule(config)
+
+    def sigmas(self, scheduler: str, steps: int, denoise: float = 1.0) -> "torch.Tensor":
+        import torch
+
+        from nodes.samplers import schedules
+
+        return schedules.comfy_sigmas(self.schedule, scheduler, steps, denoise).to(torch.float32)
+
+    def start(self, sigma0: float, noise: "torch.Tensor", x0: "torch.Tensor") -> "torch.Tensor":
+        from nodes.samplers import edm
+
+        return edm.start(self.schedule, sigma0, noise, x0)
+
+    def noised(self, x0: "torch.Tensor", noise: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        return x0 + noise * sigma
+
+    def stepper(self, spec: "SamplerSpec", sigmas: "torch.Tensor") -> tuple[Any, "torch.Tensor"]:
+        """(Kiln stepper for ``spec`` over ``sigmas``, its network times); a sampler without an EDM
+        form is a ConditioningError naming ``sampler``."""
+        from nodes.samplers import edm
+
+        stepper = edm.follow(spec, self.config, sigmas)
+        return stepper, stepper.timesteps
+
+    def to_state(self, stepper: Any, x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        return x
+
+    def from_state(self, stepper: Any, x: "torch.Tensor", sigma: float) -> "torch.Tensor":
+        return x
+
+    def notes(self, h: int, w: int) -> list[str]:
+        return []
 
 
 def for_model(model: Any) -> Any:

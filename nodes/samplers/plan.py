@@ -75,10 +75,12 @@ def plan(spec: SamplerSpec, schedule: str, config: Mapping[str, Any], steps: int
     """
     import torch
 
-    from nodes.samplers import flow
+    from nodes.samplers import edm, flow
 
     if flow.is_flow(config):  # the model's own sampling (x_t = (1 - t) x0 + t noise): see flow.py
         return flow.plan(spec, schedule, config, steps, x0=x0, noise=noise, strength=strength, denoise=denoise)
+    if edm.is_edm(config):  # continuous time: no DDPM timesteps, Kiln's steppers (edm.py)
+        return edm.plan(spec, schedule, config, steps, x0=x0, noise=noise, strength=strength, denoise=denoise)
     empty = not bool(torch.count_nonzero(x0))
     if strength is not None:
         first, run = schedules.strength_steps(steps, strength)

@@ -111,7 +111,11 @@ class TrainingSchedule:
 
 def percent_to_sigma(schedule: Any, percent: float) -> float:
     """ComfyUI's fraction of sampling -> noise level (timestep ranges on conditioning): the
-    level at training timestep (1 - percent) * T; 0 lies above every level (inf), 1 is 0."""
+    level at training timestep (1 - percent) * T; 0 lies above every level (inf), 1 is 0.
+    A schedule with a rule of its own (a continuous-EDM model's) applies it."""
+    own = getattr(schedule, "percent_to_sigma", None)
+    if own is not None:
+        return float(own(percent))
     if percent <= 0.0:
         return math.inf
     if percent >= 1.0:
@@ -121,9 +125,12 @@ def percent_to_sigma(schedule: Any, percent: float) -> float:
 
 def training_schedule(config: Mapping[str, Any]) -> Any:
     """The model's training schedule (timestep <-> noise level): a flow model's own
-    (:class:`nodes.samplers.flow.FlowSchedule`), otherwise the DDPM one (:class:`TrainingSchedule`)."""
-    from nodes.samplers import flow
+    (:class:`nodes.samplers.flow.FlowSchedule`), a continuous-EDM model's
+    (:class:`nodes.samplers.edm.EDMSchedule`), otherwise the DDPM one (:class:`TrainingSchedule`)."""
+    from nodes.samplers import edm, flow
 
+    if edm.is_edm(config):
+        return edm.EDMSchedule(config)
     return flow.FlowSchedule(config) if flow.is_flow(config) else TrainingSchedule(config)
 
 
