@@ -1,5 +1,5 @@
 """FLUX nodes with ComfyUI's names and inputs: CLIPTextEncodeFlux, FluxGuidance,
-ModelSamplingFlux, EmptySD3LatentImage.
+FluxDisableGuidance, ModelSamplingFlux, EmptySD3LatentImage.
 
 The family itself (network, text encoding, flow sampling) is nodes.families.flux
 and nodes.samplers.flow; these nodes only set what ComfyUI's set: the distilled
@@ -31,8 +31,9 @@ def _guidance_value(guidance: float) -> float:
     return value
 
 
-def with_guidance(conditioning, guidance: float, input_name: str = "conditioning") -> list:
-    """A copy of ``conditioning`` whose every entry carries ``guidance`` (ComfyUI's key)."""
+def with_guidance(conditioning, guidance: float | None, input_name: str = "conditioning") -> list:
+    """A copy of ``conditioning`` whose every entry carries ``guidance`` (ComfyUI's key; None: the
+    guidance embedding is left out, FluxDisableGuidance)."""
     if not isinstance(conditioning, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2
                                                       for c in conditioning):
         raise NodeError("expected a CONDITIONING (a list of [embeds, options])", input_name)
@@ -81,6 +82,18 @@ def clip_text_encode_flux(ctx, clip, clip_l: str, t5xxl: str, guidance: float = 
 def flux_guidance(ctx, conditioning, guidance: float = 3.5):
     """Set the distilled guidance on every entry of a conditioning."""
     return (with_guidance(conditioning, _guidance_value(guidance)),)
+
+
+@define_node(
+    "FluxDisableGuidance",
+    category="advanced/conditioning/flux",
+    inputs=[Input("conditioning", T.CONDITIONING)],
+    outputs=[Output("CONDITIONING", T.CONDITIONING)],
+)
+def flux_disable_guidance(ctx, conditioning):
+    """Leave the distilled guidance out of the model's conditioning altogether (not guidance 0,
+    which is itself an embedded value): for models trained to run without it."""
+    return (with_guidance(conditioning, None),)
 
 
 @define_node(

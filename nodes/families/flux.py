@@ -25,7 +25,8 @@ What differs from the SD families, and where it lives:
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from nodes.families import attention_bias as attention_bias_rule
 from nodes.families import flux_references
@@ -101,10 +102,12 @@ class FluxNetwork:
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  reference_latents: "flux_references.References | None" = None,
-                 attention_bias: "list[attention_bias_rule.TextBias] | None" = None, **kwargs: Any) -> tuple:
+                 attention_bias: "list[attention_bias_rule.TextBias] | None" = None,
+                 guidance_off: "Any" = None, **kwargs: Any) -> tuple:
         """``reference_latents``: images the network reads beside ``x`` (FLUX.1 Kontext); their
         tokens follow the image's and their outputs are dropped. ``attention_bias``: one
-        :class:`~nodes.families.attention_bias.TextBias` per row (StyleModelApply's attn_bias)."""
+        :class:`~nodes.families.attention_bias.TextBias` per row (StyleModelApply's attn_bias).
+        ``guidance_off``: rows [B] whose distilled guidance is disabled (FluxDisableGuidance)."""
         import torch
 
         b, _, h, w = x.shape
@@ -124,10 +127,28 @@ class FluxNetwork:
                                         "concatenated after StyleModelApply? apply the style model last)", "positive")
             mask = attention_bias_rule.joint_mask(attention_bias, tokens.shape[1], self.dtype, self.device)
             kwargs["joint_attention_kwargs"] = {"attention_mask": mask}
-        out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
-                               encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
-                               img_ids=ids, return_dict=False, **kwargs)[0]
+        with _without_guidance(self.transformer, guidance_off):
+            out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
+                                   encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
+                                   img_ids=ids, return_dict=False, **kwargs)[0]
         return (unpack(out[:, :(h // 2) * (w // 2)], h, w),)
+
+
+@contextlib.contextmanager
+def _without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
+    """While the block runs, the guidance embedding adds nothing for ``rows_off`` (ComfyUI's
+    FluxDisableGuidance leaves it out of the model's conditioning vector). diffusers always adds
+    it, so its output is zeroed for those rows by a forward hook, removed afterwards."""
+    if rows_off is None or not bool(rows_off.any()):
+        yield
+        return
+    keep = (~rows_off)[:, None]
+    hook = transformer.time_text_embed.guidance_embedder.register_forward_hook(
+        lambda module, args, out: out * keep.to(out.device, out.dtype))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 class Flux(Family):
@@ -196,16 +217,20 @@ class Flux(Family):
                        device: Any, dtype: Any) -> dict[str, Any]:
         import torch
 
-        pooled, guidance = [], []
+        pooled, guidance, off = [], [], []
         for extra in extras:
             p = extra.get("pooled_output")
             if p is None:
                 raise ConditioningError("this FLUX model needs conditioning with a pooled_output (encode the prompt "
                                         "with a FLUX CLIP: DualCLIPLoader type flux)", extra.get("_input", "positive"))
             pooled.append(p.reshape(1, -1).expand(batch, -1))
-            guidance += [float(extra.get("guidance", DEFAULT_GUIDANCE))] * batch
+            value = extra.get("guidance", DEFAULT_GUIDANCE)  # None: FluxDisableGuidance
+            guidance += [0.0 if value is None else float(value)] * batch
+            off += [value is None] * batch
         kwargs = {"pooled_projections": torch.cat(pooled).to(device=device, dtype=dtype)}
         kwargs["guidance"] = torch.tensor(guidance, device=device, dtype=torch.float32)
+        if any(off):
+            kwargs["guidance_off"] = torch.tensor(off, device=device)
         references = flux_references.for_call(extras, batch, self.latent, device, dtype)
         if references is not None:
             kwargs["reference_latents"] = references
@@ -295,12 +320,13 @@ class FluxSchnell(Flux):
                        device: Any, dtype: Any) -> dict[str, Any]:
         kwargs = super().network_kwargs(extras, batch, image_size, device, dtype)
         kwargs.pop("guidance")
+        kwargs.pop("guidance_off", None)
         return kwargs
 
     def conditioning_notes(self, conditionings: list) -> list[str]:
         values = sorted({float(extra["guidance"]) for cond in conditionings if isinstance(cond, list)
                          for entry in cond if isinstance(entry, (list, tuple)) and len(entry) == 2
-                         for extra in [entry[1]] if isinstance(extra, dict) and "guidance" in extra})
+                         for extra in [entry[1]] if isinstance(extra, dict) and extra.get("guidance") is not None})
         if not values:
             return []
         shown = ", ".join(f"{v:g}" for v in values)
