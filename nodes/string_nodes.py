@@ -11,10 +11,20 @@ naming ``regex_pattern``, because a silent "no match" hides a typo that changes 
 prompt; RegexReplace already fails in ComfyUI and fails here with the same reason.
 A capture group that took part in no match gives "" rather than ComfyUI's None (which
 a later text node cannot use, and which makes ComfyUI's "All Groups" crash).
+
+Patterns run on the ``regex`` library (``re``'s syntax, and already installed with
+transformers) for its time limit: a pattern that backtracks catastrophically (``(a|aa)+$``
+on a long line of a's) would otherwise hold the worker, and with ``re`` the whole
+process, since ``re`` matches without releasing the GIL. Each search, scan or
+replacement gets :data:`REGEX_SECONDS` and runs with the GIL released; past the limit
+the node fails naming ``regex_pattern``.
 """
 from __future__ import annotations
 
-import re
+import contextlib
+from typing import Iterator
+
+import regex as re
 
 from engine import types as T
 from engine.context import NodeError
@@ -26,6 +36,10 @@ CASE_MODES = ("UPPERCASE", "lowercase", "Capitalize", "Title Case")
 TRIM_MODES = ("Both", "Left", "Right")
 COMPARE_MODES = ("Starts With", "Ends With", "Equal")
 EXTRACT_MODES = ("First Match", "All Matches", "First Group", "All Groups")
+#: The time one regular-expression search, scan or replacement may take.
+REGEX_SECONDS = 2.0
+#: ``regex``'s keyword arguments for every match call: the time limit, and the GIL released.
+LIMITS = {"timeout": REGEX_SECONDS, "concurrent": True}
 
 
 def _text(name: str) -> Input:
@@ -41,6 +55,18 @@ def _compile(pattern: str, case_insensitive: bool, multiline: bool, dotall: bool
         return re.compile(pattern, flags)
     except re.error as exc:
         raise NodeError(f"regex_pattern is not a valid regular expression: {exc}", "regex_pattern") from exc
+
+
+@contextlib.contextmanager
+def _time_limit() -> Iterator[None]:
+    """A pattern that runs past :data:`REGEX_SECONDS` is an error naming it, not a stuck worker."""
+    try:
+        yield
+    except TimeoutError:
+        raise NodeError(f"regex_pattern took more than {LIMITS['timeout']:g} s on this text and was stopped "
+                        "(overlapping alternatives under a repeat, such as (a|aa)+, backtrack exponentially); "
+                        "simplify the pattern",
+                        "regex_pattern") from None
 
 
 _REGEX_FLAG_INPUTS = [Input("case_insensitive", T.BOOLEAN, default=True),
@@ -120,7 +146,8 @@ def regex_match(ctx, string: str, regex_pattern: str, case_insensitive: bool = T
                 multiline: bool = False, dotall: bool = False):
     """Whether the pattern matches anywhere in the text (a search, not a match at the start)."""
     pattern = _compile(regex_pattern, case_insensitive, multiline, dotall)
-    return (pattern.search(string) is not None,)
+    with _time_limit():
+        return (pattern.search(string, **LIMITS) is not None,)
 
 
 def _group(match: re.Match[str], index: int) -> str | None:
@@ -137,15 +164,16 @@ def extract(pattern: re.Pattern[str], string: str, mode: str, group_index: int) 
     when the pattern has no groups, otherwise each match's first group.
     """
     if mode == "First Match":
-        found = pattern.search(string)
+        found = pattern.search(string, **LIMITS)
         return found.group(0) if found else ""
     if mode == "All Matches":
-        return "\n".join((m.group(1) if pattern.groups else m.group(0)) or "" for m in pattern.finditer(string))
+        return "\n".join((m.group(1) if pattern.groups else m.group(0)) or ""
+                         for m in pattern.finditer(string, **LIMITS))
     if mode == "First Group":
-        found = pattern.search(string)
+        found = pattern.search(string, **LIMITS)
         return (_group(found, group_index) or "") if found else ""
     picked = []
-    for found in pattern.finditer(string):
+    for found in pattern.finditer(string, **LIMITS):
         # ComfyUI skips matches of a pattern without groups, even for group_index 0
         if pattern.groups and (value := _group(found, group_index)) is not None:
             picked.append(value)
@@ -161,7 +189,8 @@ def regex_extract(ctx, string: str, regex_pattern: str, mode: str, case_insensit
     """The first match, every match, or capture group ``group_index`` (0 = the whole match) of the
     first or of every match; several results one per line, "" when nothing matches."""
     pattern = _compile(regex_pattern, case_insensitive, multiline, dotall)
-    return (extract(pattern, string, mode, int(group_index)),)
+    with _time_limit():
+        return (extract(pattern, string, mode, int(group_index)),)
 
 
 @define_node("RegexReplace", category=CATEGORY, display_name="Regex Replace",
@@ -178,7 +207,8 @@ def regex_replace(ctx, string: str, regex_pattern: str, replace: str, case_insen
     """Find and replace text using regex patterns; ``replace`` may name groups (\\1, \\g<name>)."""
     pattern = _compile(regex_pattern, case_insensitive, multiline, dotall)
     try:
-        return (pattern.sub(replace, string, count=int(count)),)
+        with _time_limit():
+            return (pattern.sub(replace, string, count=int(count), **LIMITS),)
     except (re.error, IndexError) as exc:
         raise NodeError(f"replace is not a valid replacement (a group the pattern lacks, or a bad escape): {exc}",
                         "replace") from exc

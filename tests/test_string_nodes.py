@@ -116,6 +116,25 @@ def test_a_bad_pattern_names_its_input(call):
     assert err.value.input_name == "regex_pattern" and "regular expression" in str(err.value)
 
 
+@pytest.mark.parametrize("call", [
+    lambda text: sn.regex_match(CTX, text, r"(a|aa)+$"),
+    lambda text: sn.regex_extract(CTX, text, r"(a|aa)+$", "All Groups"),
+    lambda text: sn.regex_replace(CTX, text, r"(a|aa)+$", "x"),
+])
+def test_a_pattern_that_backtracks_forever_is_stopped_and_named(call, monkeypatch):
+    """Overlapping alternatives under a repeat on 40 a's and a b take exponentially many steps: the
+    time limit stops them (here a short one, so the test stays quick) and the error names the
+    pattern."""
+    import time
+
+    monkeypatch.setitem(sn.LIMITS, "timeout", 0.2)
+    start = time.monotonic()
+    with pytest.raises(NodeError) as err:
+        call("a" * 40 + "b")
+    assert err.value.input_name == "regex_pattern" and "stopped" in str(err.value)
+    assert time.monotonic() - start < 20
+
+
 def test_a_bad_replacement_names_its_input():
     with pytest.raises(NodeError) as err:
         sn.regex_replace(CTX, "abc", r"(b)", r"\2")
