@@ -48,6 +48,8 @@ class SamplingPatches:
     #: Scaling, FreSca, LatentApplyOperationCFG) in the
     #: order they were applied, see nodes.families.guidance_rules.
     guidance: tuple = ()
+    #: SelfAttentionGuidance's scale and blur (None: off), see nodes.families.self_attention.
+    self_attention: Any = None
     #: PatchModelAddDownscale's (Kohya's Deep Shrink) settings (None: off), see nodes.families.deep_shrink.
     deep_shrink: "DeepShrinkSettings | None" = None
     #: The deprecated PerpNeg node's empty prompt and neg_scale (nodes.families.perp_neg.PerpNeg),

@@ -41,7 +41,7 @@ class Denoiser:
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
                  names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
-                 always_guided: bool = False) -> None:
+                 always_guided: bool = False, self_attention: Any = None) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
@@ -50,7 +50,9 @@ class Denoiser:
         inputs the two sides came from, which errors name (a guider composing several
         denoisers, nodes.families.dual_cfg, passes its own); ``guidance``: the model's guidance
         rules (nodes.families.guidance_rules), run with fresh state for this denoiser's run;
-        ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it)."""
+        ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it);
+        ``self_attention``: SelfAttentionGuidance's settings (nodes.families.self_attention), which
+        read the unconditional side at cfg 1 too, as ComfyUI's does."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -60,7 +62,11 @@ class Denoiser:
         # where it computes, not where its weights are: offloaded ones rest off the device
         self.device, self.dtype = compute_device(network), network.dtype
         self.cfg = float(cfg)
-        self.guided = self.cfg != 1.0 or always_guided
+        self.self_attention = self_attention if self_attention is not None and self_attention.scale and \
+            self_attention.blur_sigma else None
+        self.guided = self.cfg != 1.0 or always_guided or self.self_attention is not None
+        #: The raw negative and the unconditional-only denoiser self-attention guidance runs.
+        self._negative, self._unconditional = negative, None
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
         from nodes.families.guidance_rules import GuidanceRun
@@ -182,7 +188,36 @@ class Denoiser:
                                        self.sigma_data)
         else:
             guided = self._cfg(cond, uncond, model_in, t)
-        return self._perturbation_guided(guided, cond, model_in, t)
+        return self._perturbation_guided(self._self_attention_guided(guided, model_in, t), cond, model_in, t)
+
+    def _self_attention_guided(self, guided: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+        """``guided`` moved by self-attention guidance (nodes.families.self_attention): two passes of
+        an unconditional-only denoiser, one recording the middle block's attention, one on the
+        degraded prediction; computed on clean-latent predictions, as ComfyUI's post-CFG hook."""
+        if self.self_attention is None:
+            return guided
+        from nodes.families import self_attention as sag
+        from nodes.families.guidance_rules import Parametrisation
+
+        sigma = float(self.schedule.sigma(float(t)))
+        if sigma <= 0 or min(model_in.shape[2:]) <= 4:  # nothing to guide; too small to blur (ComfyUI's limit)
+            return guided
+        if self._unconditional is None:
+            self._unconditional = Denoiser(**{**self._args, "positive": self._negative,
+                                              "names": (self._args["names"][1],) * 2}, negative=None, cfg=1.0)
+        with sag.recording(self.network) as recorder:
+            uncond = self._unconditional.model_output(model_in, t)
+        if recorder.probs is None or recorder.probs.shape[0] != model_in.shape[0] * recorder.heads:
+            raise ConditioningError("self-attention guidance reads the negative prompt's attention in one network "
+                                    "call: give it no areas or masks (and one length across a batch of jobs)",
+                                    self._args["names"][1])
+        space = Parametrisation(self.prediction_type, model_in, sigma, self.sigma_data)
+        x0_u = space.to_x0(uncond)
+        x0_d = sag.degraded(x0_u, recorder.probs, recorder.heads, self.self_attention.blur_sigma)
+        z_d = (x0_d + space.x - x0_u) / space.scale
+        x0_s = Parametrisation(self.prediction_type, z_d, sigma, self.sigma_data).to_x0(
+            self._unconditional.model_output(z_d, t))
+        return space.from_x0(space.to_x0(guided) + self.self_attention.scale * (x0_d - x0_s))
 
     def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         """Plain classifier-free guidance, rescaled if RescaleCFG is set (ComfyUI's CFG function)."""

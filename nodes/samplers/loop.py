@@ -59,11 +59,17 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     sched = plan.scheduler
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     make = Denoiser if dual is None else dual.denoiser
+    own: dict[str, Any] = {}  # patches only the plain denoiser applies
+    if patches.self_attention is not None:
+        if dual is not None:
+            raise ConditioningError("SelfAttentionGuidance guides KSampler's and CFGGuider's classifier-free "
+                                    "guidance, not DualCFGGuider's or PerpNegGuider's", "model")
+        own["self_attention"] = patches.self_attention
     schedule = training_schedule(training_config)
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
-                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance)
+                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance, **own)
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
