@@ -285,7 +285,7 @@ def _named_params(job: Any) -> dict[str, Any]:
     return values
 
 
-def _metadata(ctx) -> dict[str, Any]:
+def metadata(ctx) -> dict[str, Any]:
     """PNG text chunks: Kiln's format, ComfyUI's ``prompt`` (+ ``workflow``), parameters.
 
     Dropping such a PNG on Kiln's editor restores the graph from ``kiln_workflow``;
@@ -312,7 +312,7 @@ def metadata_strings(ctx) -> dict[str, str]:
     """The workflow chunks SaveImage embeds, as text values (safetensors metadata of saved latents
     and checkpoints)."""
     return {key: value if isinstance(value, str) else json.dumps(value, default=str)
-            for key, value in _metadata(ctx).items()}
+            for key, value in metadata(ctx).items()}
 
 
 def save_folder(env: Environment, root: Any, prefix: str, kind: str) -> tuple[Path, str, str]:
@@ -337,34 +337,51 @@ def save_folder(env: Environment, root: Any, prefix: str, kind: str) -> tuple[Pa
     return Path(folder), subfolder, base
 
 
-def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) -> Result:
+def guarded(ctx, images) -> tuple[Any, Any]:
+    """(the images to write, the safety guard's verdict or None): the server's guard sees every
+    batch before a byte is written (engine.guard), whichever node saves it."""
     if images.ndim != 4:
         raise NodeError(f"expected an IMAGE [B,H,W,C], got shape {tuple(images.shape)}", "images")
-    folder, subfolder, base = save_folder(ctx.env, root, prefix, kind)
-    chunks = _metadata(ctx)
     guard = ctx.env.output_guard
-    # The server's safety guard sees every batch before a byte is written (engine.guard).
     verdict = guard.check_images(images) if guard is not None else None
-    batch = verdict.images if verdict is not None else images
+    return (verdict.images if verdict is not None else images), verdict
+
+
+def stamp(ctx, entry: dict[str, Any], chunks: dict[str, Any], verdict: Any, flagged: bool) -> dict[str, Any]:
+    """The saved-file entry stamped with the guard's verdict (the executor withholds unstamped
+    images while a guard is on), and the metadata chunks to embed with it."""
+    if verdict is None:
+        return chunks
+    entry["filtered"] = flagged
+    return {**chunks, "kiln_safety": {"filtered": flagged, **ctx.env.output_guard.describe()}}
+
+
+def report(ctx, ui: dict[str, Any], verdict: Any) -> None:
+    """Say what the guard did to the batch, and list the images it dropped."""
+    if verdict is None or not verdict.count:
+        return
+    from nodes.safety.modes import summary
+
+    dropped = [{"index": i, "filtered": True} for i in range(len(verdict.flags)) if i not in verdict.kept]
+    if dropped:
+        ui["dropped"] = dropped
+    ctx.message(summary(verdict, ctx.env.output_guard.mode))
+
+
+def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) -> Result:
+    batch, verdict = guarded(ctx, images)
+    folder, subfolder, base = save_folder(ctx.env, root, prefix, kind)
+    chunks = metadata(ctx)
     saved = []
     for j in range(batch.shape[0]):
         entry: dict[str, Any] = {"filename": "", "subfolder": subfolder, "type": kind}
-        info = chunks
-        if verdict is not None:
-            entry["filtered"] = verdict.flags[verdict.kept[j]]
-            info = {**chunks, "kiln_safety": {"filtered": entry["filtered"], **guard.describe()}}
+        info = stamp(ctx, entry, chunks, verdict, verdict is not None and verdict.flags[verdict.kept[j]])
         entry["filename"] = io_.write_png_atomic(io_.to_pil(batch[j]), folder, base, io_.png_text(info),
                                                  compress_level)
         saved.append(entry)
         ctx.progress(j + 1, batch.shape[0])
     ui: dict[str, Any] = {"images": saved}
-    if verdict is not None and verdict.count:
-        from nodes.safety.modes import summary
-
-        dropped = [{"index": i, "filtered": True} for i in range(len(verdict.flags)) if i not in verdict.kept]
-        if dropped:
-            ui["dropped"] = dropped
-        ctx.message(summary(verdict, guard.mode))
+    report(ctx, ui, verdict)
     # The images go on as saved (after the guard, if one is on), as ComfyUI's newer nodes pass them.
     return Result(outputs=(batch,), ui=ui)
 

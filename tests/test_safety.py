@@ -232,6 +232,27 @@ def test_the_guard_in_drop_mode_saves_no_flagged_file(env):
     assert [x["finish_reason"] for x in artifacts({"3": outcome.outputs["3"]})] == ["FILTER"]
 
 
+@pytest.mark.parametrize("mode,frames,filtered", [("blur", 2, True), ("drop", 1, False)])
+def test_an_animation_is_guarded_frame_by_frame(env, mode, frames, filtered):
+    """SaveAnimatedPNG passes its frames through the guard like SaveImage: blurred frames stamp the
+    file filtered, dropped ones leave the animation and are listed."""
+    env.output_guard = build_guard(env, mode, FILE)
+    graph = {"version": 1, "nodes": {
+        "1": {"type": "LoadImage", "inputs": {"image": "a.png"}},
+        "2": {"type": "LoadImage", "inputs": {"image": "b.png"}},
+        "3": {"type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
+        "4": {"type": "SaveAnimatedPNG", "inputs": {"images": ["3", 0], "filename_prefix": "anim", "fps": 6.0,
+                                                    "compress_level": 4}}}}
+    outcome = Executor(default_registry(), env).run(parse(graph))
+    assert outcome.status == "succeeded", outcome.error
+    [entry] = outcome.outputs["4"]["images"]
+    assert entry["filtered"] is filtered
+    with Image.open(env.paths.output.resolve(entry["filename"], entry["subfolder"])) as im:
+        assert im.n_frames == frames
+        assert json.loads(im.text["kiln_safety"])["filtered"] is filtered
+    assert ("dropped" in outcome.outputs["4"]) is (mode == "drop")
+
+
 def jpeg(image: Image.Image) -> Preview:
     import io
 
