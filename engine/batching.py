@@ -177,7 +177,8 @@ class _Together:
 
     def _step(self, node_id: str, group: list[int]) -> None:
         spec = self.runs[group[0]].plan.nodes[node_id].spec
-        if len(group) > 1 and not spec.output_node:  # output nodes write each job's own files
+        # output nodes write each job's own files; a node with lazy inputs produces them per job
+        if len(group) > 1 and not spec.output_node and spec.lazy is None:
             if len({self.sigs[i][node_id] for i in group}) == 1:
                 group = self._shared(node_id, group)
             else:

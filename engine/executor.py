@@ -4,7 +4,9 @@ For each node of the plan the executor computes a signature from what determines
 its result (type, version, literal inputs, external fingerprint, and the
 signatures of the nodes feeding it). Walking back from the output nodes, a node
 runs only when a node that must run needs its result and the cache does not hold
-it; everything else is served from the cache or skipped.
+it; everything else is served from the cache or skipped. A node's lazy inputs
+(engine.node.Input.lazy) are not followed by that walk: what feeds them is produced
+when the node, about to run, asks for them (a switch runs the branch it picks).
 """
 from __future__ import annotations
 
@@ -29,6 +31,20 @@ from engine.validate import Plan, PlannedNode, still_valid, validate
 from engine.workflow import Workflow
 
 EventSink = Callable[[Event], None]
+
+
+class BranchFailed(Exception):
+    """A node that ran because a lazy input asked for it failed: the job fails naming *that*
+    node, not the one whose input asked."""
+
+    def __init__(self, node: PlannedNode, error: Exception) -> None:
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+
+def is_lazy(node: PlannedNode, input_name: str) -> bool:
+    inp = node.spec.input(input_name)
+    return inp is not None and inp.lazy
 
 
 def _canonical(value: Any) -> str:
@@ -143,13 +159,16 @@ class _Run:
         self.ex, self.plan, self.job_id, self.job = executor, plan, job_id, job
         self.force, self.emit, self.interrupt = force, emit, interrupt
         self.outcome = JobOutcome(job_id, "running")
+        self.sigs: dict[str, str] = {}
 
     def _schedule(self, sigs: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
-        """Which nodes must run, and the cache entries of those served from it."""
+        """Which nodes must run, and the cache entries of those served from it (lazy inputs aside)."""
         consumers: dict[str, list[str]] = {n: [] for n in self.plan.order}
         for node_id in self.plan.order:
-            for link in self.plan.nodes[node_id].links.values():
-                consumers[link.node_id].append(node_id)
+            node = self.plan.nodes[node_id]
+            for name, link in node.links.items():
+                if not is_lazy(node, name):
+                    consumers[link.node_id].append(node_id)
         to_run: set[str] = set()
         from_cache: dict[str, Any] = {}
         targets = set(self.plan.outputs)
@@ -179,11 +198,61 @@ class _Run:
                 return self._failed(node, exc)
         return self.succeed(started)
 
+    def _produce(self, node_id: str) -> None:
+        """Make node ``node_id``'s outputs available for a lazy input that asked for them: from
+        the cache, or by running it after what its own (non-lazy) inputs need."""
+        if node_id in self.outcome.results:
+            return
+        node = self.plan.nodes[node_id]
+        entry = None if self.force else self.ex.cache.get(self.sigs[node_id])
+        if entry is not None:
+            self.outcome.results[node_id] = entry.outputs
+            self.outcome.cached.append(node_id)
+            self.emit(NodesCached(self.job_id, node_ids=[node_id]))
+            if entry.ui:
+                self.outcome.outputs[node_id] = entry.ui
+                self.emit(NodeFinished(self.job_id, node_id=node_id, node_type=node.spec.type, ui=entry.ui,
+                                       cached=True))
+            return
+        for name, link in node.links.items():
+            if not is_lazy(node, name):
+                self._produce(link.node_id)
+        if self.interrupt.is_set():
+            raise Interrupted()
+        try:
+            self._run_node(node, self.sigs[node_id])
+        except (Interrupted, BranchFailed):
+            raise
+        except Exception as exc:
+            raise BranchFailed(node, exc) from exc
+
+    def _inputs(self, node: PlannedNode) -> dict[str, Any]:
+        """The node's input values; lazy ones it asks for are produced first, the rest are None."""
+        kwargs = dict(node.literals)
+        pending = set()
+        for name, link in node.links.items():
+            if link.node_id in self.outcome.results:
+                kwargs[name] = self.outcome.results[link.node_id][link.output]
+            else:
+                pending.add(name)  # only lazy inputs can be: the schedule made the others
+        while pending and node.spec.lazy is not None:
+            wanted = set(node.spec.lazy(dict(kwargs), frozenset(pending))) & pending
+            if not wanted:
+                break
+            for name in sorted(wanted):
+                link = node.links[name]
+                self._produce(link.node_id)
+                kwargs[name] = self.outcome.results[link.node_id][link.output]
+            pending -= wanted
+        kwargs.update(dict.fromkeys(pending))
+        return kwargs
+
     def begin(self, sigs: dict[str, str], prefetch: bool = True) -> list[str]:
         """Start the job: schedule it, report what the cache serves; returns the nodes to run, in order.
 
         Shared with :mod:`engine.batching`, which runs several jobs' nodes in step.
         """
+        self.sigs = sigs
         run_order, from_cache = self._schedule(sigs)
         if prefetch:
             self._start_prefetch(run_order)
@@ -232,11 +301,9 @@ class _Run:
         threading.Thread(target=work, name=f"kiln-prefetch-{self.job_id[:8]}", daemon=True).start()
 
     def _run_node(self, node: PlannedNode, signature: str) -> None:
+        kwargs = self._inputs(node)  # a lazy input's branch runs first, before this node starts
         self.emit(NodeStarted(self.job_id, node_id=node.id, node_type=node.spec.type))
         t0 = time.perf_counter()
-        kwargs = dict(node.literals)
-        for name, link in node.links.items():
-            kwargs[name] = self.outcome.results[link.node_id][link.output]
         ctx = NodeContext(
             env=self.ex.env, job=self.job, node_id=node.id, node_type=node.spec.type,
             _progress=lambda v, m, p, nid=node.id: self._progress(nid, v, m, p),
@@ -289,6 +356,8 @@ class _Run:
         return self.outcome
 
     def _failed(self, node: PlannedNode, exc: Exception) -> JobOutcome:
+        if isinstance(exc, BranchFailed):
+            node, exc = exc.node, exc.error
         self.outcome.status = "failed"
         event = JobFailed(
             self.job_id, node_id=node.id, node_type=node.spec.type,

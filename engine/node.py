@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from engine import types as T
 from engine.budget import Size
@@ -74,6 +74,9 @@ class Input:
     #: ComfyUI's own default differs from Kiln's (SaveImage's "ComfyUI" prefix):
     #: filled in when such a workflow is parsed, so its files are named as in ComfyUI.
     comfy_default: Any = NO_DEFAULT
+    #: Evaluated only when the node asks for it (its spec's ``lazy`` hook), so the branch
+    #: feeding it runs only if needed (ComfyUI's lazy inputs: a switch runs one branch).
+    lazy: bool = False
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
@@ -105,6 +108,8 @@ class Input:
             opts["control_after_generate"] = True
         if self.tooltip:
             opts["tooltip"] = self.tooltip
+        if self.lazy:
+            opts["lazy"] = True
         opts.update(self.extra)
         return opts
 
@@ -148,6 +153,10 @@ class Batch:
 
 
 FingerprintFn = Callable[[Any, Mapping[str, Any]], Any]
+#: ``lazy(values, pending) -> names``: given the values at hand (every non-lazy input, and lazy
+#: ones already evaluated) and ``pending`` (lazy inputs that are linked but not evaluated), the
+#: pending inputs the node needs; called again after those arrive, until it asks for nothing.
+LazyFn = Callable[[Mapping[str, Any], "frozenset[str]"], "Iterable[str]"]
 PrefetchFn = Callable[[Any, Mapping[str, Any]], None]
 ValidateFn = Callable[[Any, Mapping[str, Any]], "list[tuple[str, str]]"]
 
@@ -185,6 +194,9 @@ class NodeSpec:
     prefetch: PrefetchFn | None = None
     #: How queued jobs differing only in some of this node's literal inputs run it as one call (see :class:`Batch`).
     batch: Batch | None = None
+    #: Which of its ``lazy`` inputs the node needs (:data:`LazyFn`); a pending input it does not
+    #: ask for reaches the function as None, and what feeds only it does not run.
+    lazy: LazyFn | None = None
 
     def __post_init__(self) -> None:
         if not self.display_name:
@@ -196,6 +208,8 @@ class NodeSpec:
             unknown = [n for n in self.size.input_names() if n not in names]
             if unknown:
                 raise ValueError(f"node {self.type}: size names unknown input(s) {unknown}")
+        if any(i.lazy for i in self.inputs) != (self.lazy is not None):
+            raise ValueError(f"node {self.type}: lazy inputs and a lazy hook come together")
         if self.batch is not None and not set(self.batch.vary) <= set(names):
             raise ValueError(f"node {self.type}: batch varies unknown input(s) {sorted(set(self.batch.vary) - set(names))}")
 
@@ -315,6 +329,7 @@ def define_node(
     size: Size | None = None,
     prefetch: PrefetchFn | None = None,
     batch: Batch | None = None,
+    lazy: LazyFn | None = None,
 ) -> Callable[[Callable[..., Any]], NodeSpec]:
     """Decorator turning a function into a :class:`NodeSpec`.
 
@@ -342,6 +357,7 @@ def define_node(
             size=size,
             prefetch=prefetch,
             batch=batch,
+            lazy=lazy,
             python_module="nodes" if module.startswith("nodes") else f"custom_nodes.{module.split('.')[0]}",
         )
 
