@@ -36,12 +36,18 @@ def _cond(guidance: float) -> list:
     return [[embeds, {"pooled_output": pooled, "guidance": guidance}]]
 
 
-def test_disabled_guidance_equals_a_model_whose_guidance_embedding_is_zero():
+def _transformers():
+    """The tiny [dev] transformer and a copy whose guidance embedder outputs zeros for any guidance."""
     original = tiny_flux.components("dev")["transformer"]
     blind = copy.deepcopy(original)
     with torch.no_grad():
         blind.time_text_embed.guidance_embedder.linear_2.weight.zero_()
         blind.time_text_embed.guidance_embedder.linear_2.bias.zero_()
+    return original, blind
+
+
+def test_disabled_guidance_equals_a_model_whose_guidance_embedding_is_zero():
+    original, blind = _transformers()
     (disabled,) = flux_nodes.flux_disable_guidance(Recorder().ctx, _cond(3.5))
     assert disabled[0][1]["guidance"] is None
     ours = _sample(_model(original), disabled)
@@ -57,11 +63,7 @@ def test_one_side_disabled_under_guidance_disables_that_side_only():
     is CFG of the positive through the blind model and the negative through the original."""
     from nodes.families.denoiser import Denoiser
 
-    original = tiny_flux.components("dev")["transformer"]
-    blind = copy.deepcopy(original)
-    with torch.no_grad():
-        blind.time_text_embed.guidance_embedder.linear_2.weight.zero_()
-        blind.time_text_embed.guidance_embedder.linear_2.bias.zero_()
+    original, blind = _transformers()
     (disabled,) = flux_nodes.flux_disable_guidance(Recorder().ctx, _cond(3.5))
     negative = [[t * 0.5, extra] for t, extra in _cond(3.5)]
     x, t = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor(600.0)

@@ -14,9 +14,12 @@ from typing import Any, Iterator
 from nodes.families.base import ConditioningError
 
 
-class IdentitySelfAttention:
-    """An attention processor whose output is ``to_out(to_v(hidden_states))``: attention with
-    the identity matrix in place of softmax(QK^T)."""
+class SelfAttentionProcessor:
+    """The frame of a diffusers self-attention processor (the norms, the image <-> token
+    reshaping, the residual); :meth:`attend` is what a guidance method changes."""
+
+    def attend(self, attn: Any, tokens: Any) -> Any:
+        raise NotImplementedError
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  temb: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -28,7 +31,7 @@ class IdentitySelfAttention:
             hidden_states = hidden_states.view(shape[0], shape[1], -1).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
+        out = attn.to_out[1](attn.to_out[0](self.attend(attn, hidden_states)))
         if len(shape) == 4:
             out = out.transpose(-1, -2).reshape(shape)
         if attn.residual_connection:
@@ -36,13 +39,20 @@ class IdentitySelfAttention:
         return out / attn.rescale_output_factor
 
 
-def middle_self_attentions(network: Any) -> list[Any]:
-    """The self-attention modules of ``network``'s middle block; ConditioningError when it has none."""
+class IdentitySelfAttention(SelfAttentionProcessor):
+    """Attention with the identity matrix in place of softmax(QK^T): each token's value."""
+
+    def attend(self, attn: Any, tokens: Any) -> Any:
+        return attn.to_v(tokens)
+
+
+def middle_self_attentions(network: Any, method: str = "perturbed-attention guidance") -> list[Any]:
+    """The self-attention modules of ``network``'s middle block; ConditioningError naming the
+    guidance ``method`` when it has none."""
     middle = getattr(getattr(network, "kiln_network", network), "mid_block", None)
     found = [m for name, m in middle.named_modules() if name.endswith("attn1")] if middle is not None else []
     if not found:
-        raise ConditioningError("perturbed-attention guidance needs a UNet with self-attention in its middle block",
-                                "model")
+        raise ConditioningError(f"{method} needs a UNet with self-attention in its middle block", "model")
     return found
 
 

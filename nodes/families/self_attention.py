@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from nodes.families.base import ConditioningError
+from nodes.families.perturbed import SelfAttentionProcessor, middle_self_attentions
 
 #: Total attention a key must draw (summed over queries, averaged over heads) to be salient.
 THRESHOLD = 1.0
@@ -42,46 +42,25 @@ class SelfAttentionSettings:
     blur_sigma: float
 
 
-class RecordingSelfAttention:
+class RecordingSelfAttention(SelfAttentionProcessor):
     """Plain attention (softmax(QK^T / sqrt(d)) V) that keeps its probabilities [B * heads, n, n]."""
 
     def __init__(self) -> None:
         self.probs: Any = None
         self.heads = 0
 
-    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
-                 temb: Any = None, *args: Any, **kwargs: Any) -> Any:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        shape = hidden_states.shape
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.view(shape[0], shape[1], -1).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
+    def attend(self, attn: Any, tokens: Any) -> Any:
+        query = attn.head_to_batch_dim(attn.to_q(tokens))
+        key = attn.head_to_batch_dim(attn.to_k(tokens))
+        value = attn.head_to_batch_dim(attn.to_v(tokens))
         probs = attn.get_attention_scores(query, key, None)
         self.probs, self.heads = probs.float(), attn.heads
-        out = attn.batch_to_head_dim(probs.to(value.dtype) @ value)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if len(shape) == 4:
-            out = out.transpose(-1, -2).reshape(shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attn.batch_to_head_dim(probs.to(value.dtype) @ value)
 
 
 def middle_self_attention(network: Any) -> Any:
     """The first self-attention of ``network``'s middle block (ComfyUI's "middle", 0, 0)."""
-    middle = getattr(getattr(network, "kiln_network", network), "mid_block", None)
-    found = [m for name, m in middle.named_modules() if name.endswith("attn1")] if middle is not None else []
-    if not found:
-        raise ConditioningError("self-attention guidance needs a UNet with self-attention in its middle block",
-                                "model")
-    return found[0]
+    return middle_self_attentions(network, "self-attention guidance")[0]
 
 
 @contextlib.contextmanager

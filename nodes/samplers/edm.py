@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from nodes.families.base import ConditioningError
 from nodes.samplers.kdiffusion import SigmaStepper, StagedStepper, ancestral_step, denoised_from, randn_like
+from nodes.samplers.schedules import VarianceExploding
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +68,7 @@ def is_edm(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") in (EDM_CLASS, "EDMDPMSolverMultistepScheduler")
 
 
-class EDMSchedule:
+class EDMSchedule(VarianceExploding):
     """The continuous counterpart of ``schedules.TrainingSchedule``: sigma <-> network time by the
     model's rule, and ``sigmas``: 1000 levels evenly spaced in log sigma from sigma_min to
     sigma_max (ComfyUI's table, which its ``simple``, ``ddim_uniform`` and ``beta`` schedules
@@ -111,18 +112,6 @@ class EDMSchedule:
     def model_input(self, sample: "torch.Tensor", sigma: float) -> "torch.Tensor":
         """c_in: the state scaled to unit variance for data of spread sigma_data."""
         return sample / math.sqrt(sigma ** 2 + self.sigma_data ** 2)
-
-    @staticmethod
-    def alpha(sigma: float) -> float:
-        return 1.0  # a variance-exploding state: the clean latent is never scaled
-
-    @staticmethod
-    def half_log_snr(sigma: float) -> float:
-        return -math.log(sigma)
-
-    @staticmethod
-    def sigma_at_half_log_snr(value: float) -> float:
-        return math.exp(-value)
 
     def percent_to_sigma(self, percent: float) -> float:
         """ComfyUI's fraction of sampling -> level for EDM models: log-linear from sigma_max (0)

@@ -50,7 +50,26 @@ def training_sigmas(config: Mapping[str, Any]) -> "torch.Tensor":
     return ((1 - ac) / ac).sqrt().to(torch.float32)
 
 
-class TrainingSchedule:
+class VarianceExploding:
+    """What the steppers read of a schedule whose state is x = x0 + sigma * eps (the discrete
+    families' k-diffusion view and continuous-EDM models alike; flow models differ)."""
+
+    @staticmethod
+    def alpha(sigma: float) -> float:
+        """The clean latent's weight in the state at ``sigma`` (x = alpha x0 + sigma eps): 1 here."""
+        return 1.0
+
+    @staticmethod
+    def half_log_snr(sigma: float) -> float:
+        """log(alpha / sigma), the time exponential integrators step in."""
+        return -math.log(sigma)
+
+    @staticmethod
+    def sigma_at_half_log_snr(value: float) -> float:
+        return math.exp(-value)
+
+
+class TrainingSchedule(VarianceExploding):
     """sigma <-> timestep over the training sigmas, interpolating in log sigma.
 
     This is the continuous-time view both ComfyUI (``ModelSamplingDiscrete``) and
@@ -93,20 +112,6 @@ class TrainingSchedule:
         """What the network sees of a state x = x0 + sigma * eps: the variance-preserving
         x / sqrt(sigma^2 + 1) it was trained on."""
         return sample / ((sigma ** 2 + 1) ** 0.5)
-
-    @staticmethod
-    def alpha(sigma: float) -> float:
-        """The clean latent's weight in the state at ``sigma`` (x = alpha x0 + sigma eps): 1 here."""
-        return 1.0
-
-    @staticmethod
-    def half_log_snr(sigma: float) -> float:
-        """log(alpha / sigma), the time exponential integrators step in."""
-        return -math.log(sigma)
-
-    @staticmethod
-    def sigma_at_half_log_snr(value: float) -> float:
-        return math.exp(-value)
 
 
 def percent_to_sigma(schedule: Any, percent: float) -> float:
