@@ -31,18 +31,22 @@ from nodes.latent import add_noise
 from nodes.sampling import ksampler
 from test_flux import PIXEL_TOL, Recorder, _embeds, _model
 
+
 STEPS, STRENGTH, GUIDANCE, SEED = 6, 0.75, 3.5, 42
-PLAIN, UNION = "tiny-flux-cn.safetensors", "tiny-flux-union.safetensors"
+PROMPT = "a lighthouse on a cliff"
+PLAIN, UNION, DOUBLE_ONLY = "tiny-flux-cn.safetensors", "tiny-flux-union.safetensors", "tiny-flux-cn-double.safetensors"
+NETS = {PLAIN: dict(), UNION: dict(union=True), DOUBLE_ONLY: dict(singles=0)}
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_controlnet(union: bool = False, seed: int = 3):
-    """A FluxControlNetModel with the tiny transformer's sizes; its zero layers made to matter."""
+def tiny_controlnet(union: bool = False, singles: int = 1, seed: int = 3):
+    """A FluxControlNetModel with the tiny transformer's sizes; its zero layers made to matter.
+    ``singles`` 0: no single blocks, as Shakker-Labs' Union Pro 2.0 has none."""
     from diffusers import FluxControlNetModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FluxControlNetModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+        net = FluxControlNetModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=singles,
                                   attention_head_dim=tiny_flux.HEAD_DIM, num_attention_heads=tiny_flux.HEADS,
                                   joint_attention_dim=tiny_flux.TEXT, pooled_projection_dim=tiny_flux.TEXT,
                                   guidance_embeds=True, axes_dims_rope=tiny_flux.AXES,
@@ -76,14 +80,16 @@ def vae() -> VaeHandle:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    """The tiny FLUX's split files (tiny_flux.make_models_folder) and the ControlNets in models/controlnet."""
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("flux-cn")
-    folder = root / "models" / "controlnet"
-    folder.mkdir(parents=True)
-    for name, union in ((PLAIN, False), (UNION, True)):
-        save_file({k: v.contiguous() for k, v in tiny_controlnet(union).state_dict().items()}, str(folder / name))
-    yield from environment_over(root / "models", root)
+    models = tiny_flux.make_models_folder(root / "models")
+    (models / "controlnet").mkdir()
+    for name, kind in NETS.items():
+        state = tiny_controlnet(**kind).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(models / "controlnet" / name))
+    yield from environment_over(models, root)
 
 
 def load(env, name: str) -> ControlNetHandle:
@@ -151,10 +157,10 @@ def test_controlnet_loader_reads_diffusers_flux_files(env):
 
 # -- numerics ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scale", [1.0, 0.6])
-def test_img2img_equals_flux_controlnet_img2img_pipeline(env, monkeypatch, scale):
-    ours = kiln(*apply(load(env, PLAIN), strength=scale))
-    theirs = diffusers_reference(monkeypatch, tiny_controlnet(), scale)
+@pytest.mark.parametrize("name,scale", [(PLAIN, 1.0), (PLAIN, 0.6), (DOUBLE_ONLY, 1.0)])
+def test_img2img_equals_flux_controlnet_img2img_pipeline(env, monkeypatch, name, scale):
+    ours = kiln(*apply(load(env, name), strength=scale))
+    theirs = diffusers_reference(monkeypatch, tiny_controlnet(**NETS[name]), scale)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= PIXEL_TOL
     plain = kiln(conditioning())
@@ -199,6 +205,94 @@ def test_union_type_on_a_plain_controlnet_is_ignored_and_said(env):
     with pytest.raises(NodeError) as err:
         call(set_union_controlnet_type, None, control_net="nope", type="depth")
     assert err.value.input_name == "control_net"
+
+
+def test_blocks_spread_as_comfyui_and_diffusers_spread_them():
+    """InstantX's 5 double blocks over FLUX's 19: each serves ceil(19 / 5) = 4 in turn, the last 3."""
+    from nodes.control.flux import spread
+
+    assert spread(list("abcde"), 19) == list("aaaabbbbccccddddeee")
+    assert spread(list("ab"), 5) == list("aaabb") and spread(list("a"), 1) == ["a"] and spread(None, 3) == []
+
+
+def test_controlnet_with_kontext_references_controls_only_the_image_tokens(env):
+    """Reference latents add tokens after the image's; the ControlNet's samples cover the image's
+    only (ComfyUI adds them to the first tokens), so both act together."""
+    from nodes import kontext
+
+    reference = {"samples": torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(11))}
+    (with_ref,) = kontext.reference_latent(Recorder().ctx, conditioning(), reference)
+    cn = load(env, PLAIN)
+    seen: list = []
+    hook = tiny_flux.components("dev")["transformer"].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], kw["controlnet_block_samples"][0])),
+        with_kwargs=True)
+    try:
+        both = kiln(*apply(cn, cond=with_ref))
+    finally:
+        hook.remove()
+    image_tokens = 4 * 4
+    for tokens, sample in seen:
+        assert tokens == image_tokens + 3 * 5 and sample.shape[1] == tokens  # 6x10 reference: 3x5 patches
+        assert sample[:, :image_tokens].abs().amax() > 0 and sample[:, image_tokens:].abs().amax() == 0
+    ref_only, cn_only = kiln(with_ref), kiln(*apply(cn))
+    # on the tiny model the ControlNet outweighs the reference, which still moves pixels by ~1e-3
+    assert (both - ref_only).abs().max().item() > 0.02 and (both - cn_only).abs().max().item() > 2e-4
+
+
+def test_comfyui_api_graph_with_union_controlnet_equals_flux_controlnet_pipeline(env, monkeypatch):
+    """A ComfyUI API-format graph on the split files (LoadImage hint, ControlNetLoader,
+    SetUnionControlNetType, ControlNetApplyAdvanced with its vae) runs unchanged and equals
+    FluxControlNetPipeline, prompt encoding included."""
+    from diffusers import FluxControlNetPipeline
+    from diffusers.pipelines.flux import pipeline_flux_controlnet as module
+    from PIL import Image
+
+    from engine.executor import Executor
+    from engine.registry import default_registry
+    from engine.workflow import parse
+
+    hint = Image.fromarray((hint_image()[0].numpy() * 255).astype("uint8"))
+    hint.save(env.paths.input.root / "hint.png")
+    split = dict(unet="tiny-flux-dev.safetensors", clip_l="tiny-clip_l.safetensors", t5="tiny-t5xxl.safetensors",
+                 vae="tiny-flux-ae.safetensors")
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": split["unet"], "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": split["t5"], "clip_name2": split["clip_l"],
+                                                         "type": "flux"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": split["vae"]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 0]}},
+        "5": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": GUIDANCE}},
+        "6": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
+        "7": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": UNION}},
+        "8": {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["7", 0], "type": "depth"}},
+        "9": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["5", 0], "negative": ["5", 0], "control_net": ["8", 0], "image": ["6", 0],
+            "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0, "vae": ["3", 0]}},
+        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "11": {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5,
+                                                             "width": 64, "height": 64}},
+        "12": {"class_type": "KSampler", "inputs": {"model": ["11", 0], "seed": 3, "steps": 4, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "simple",
+                                                    "positive": ["9", 0], "negative": ["9", 1],
+                                                    "latent_image": ["10", 0], "denoise": 1.0}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["3", 0]}},
+        "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "flux-cn"}},
+    }
+    outcome = Executor(default_registry(), env).run(parse(graph))
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    ours = outcome.results["13"][0]
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="": out.latent_dist.mode())
+    pipe = FluxControlNetPipeline(**dict(tiny_flux.components("dev")), controlnet=tiny_controlnet(union=True))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPT, control_image=hint, control_mode=1, controlnet_conditioning_scale=0.8, height=64,
+                      width=64, num_inference_steps=4, guidance_scale=GUIDANCE,
+                      generator=torch.Generator().manual_seed(3), output_type="pt").images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max().item() <= PIXEL_TOL
+    graph["9"]["inputs"]["strength"] = 0.0
+    off = Executor(default_registry(), env).run(parse(graph)).results["13"][0]
+    assert (ours - off).abs().max().item() > 0.02  # the ControlNet acted: not vacuous
 
 
 # -- errors --------------------------------------------------------------------------------------------

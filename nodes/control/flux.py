@@ -100,9 +100,11 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
                                   encoder_hidden_states=context.to(dtype),
                                   txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
                                   img_ids=image_ids(h, w, device, dtype), return_dict=False, **extra)
-    out = {BLOCKS: [s.to(torch.float32) for s in spread(blocks, int(model_config["num_layers"]))]}
-    if singles:
-        out[SINGLE_BLOCKS] = [s.to(torch.float32) for s in spread(singles, int(model_config["num_single_layers"]))]
+    out = {}
+    for key, samples, count in ((BLOCKS, blocks, model_config["num_layers"]),
+                                (SINGLE_BLOCKS, singles, model_config["num_single_layers"])):
+        if samples:  # diffusers gives None for a kind of block the ControlNet has none of
+            out[key] = [s.to(torch.float32) for s in spread(samples, int(count))]
     return out
 
 
