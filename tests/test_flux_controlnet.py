@@ -35,6 +35,7 @@ from test_flux import PIXEL_TOL, Recorder, _embeds, _model
 STEPS, STRENGTH, GUIDANCE, SEED = 6, 0.75, 3.5, 42
 PROMPT = "a lighthouse on a cliff"
 PLAIN, UNION, DOUBLE_ONLY = "tiny-flux-cn.safetensors", "tiny-flux-union.safetensors", "tiny-flux-cn-double.safetensors"
+FOLDER = "tiny-flux-cn-diffusers"
 NETS = {PLAIN: dict(), UNION: dict(union=True), DOUBLE_ONLY: dict(singles=0)}
 
 
@@ -89,6 +90,7 @@ def env(tmp_path_factory):
     for name, kind in NETS.items():
         state = tiny_controlnet(**kind).state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(models / "controlnet" / name))
+    tiny_controlnet().save_pretrained(str(models / "controlnet" / FOLDER), safe_serialization=True)
     yield from environment_over(models, root)
 
 
@@ -136,9 +138,10 @@ def diffusers_reference(monkeypatch, net, scale: float, mode: int | None = None)
 
 # -- loading -------------------------------------------------------------------------------------
 
-def test_controlnet_loader_reads_diffusers_flux_files(env):
+@pytest.mark.parametrize("name", [PLAIN, FOLDER])
+def test_controlnet_loader_reads_diffusers_flux_files(env, name):
     rec = Called()
-    (cn,) = call(controlnet_loader, env, rec, control_net_name=PLAIN)
+    (cn,) = call(controlnet_loader, env, rec, control_net_name=name)
     assert cn.family.name == "flux" and "flux ControlNet" in rec.messages[0]
     assert cn.config["attention_head_dim"] == tiny_flux.HEAD_DIM and tuple(cn.config["axes_dims_rope"]) == tiny_flux.AXES
     assert cn.config["num_layers"] == 1 and cn.config["num_single_layers"] == 1 and cn.config.get("num_mode") is None
@@ -305,6 +308,13 @@ def test_bad_inputs_name_the_input(env):
     with pytest.raises(NodeError) as err:
         call(controlnet_apply, None, conditioning=conditioning(), control_net=cn, image=hint_image(), strength=1.0)
     assert err.value.input_name == "control_net" and "vae" in str(err.value)
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny_controlnet().state_dict().items() if not k.startswith("context_")}
+    save_file(state, str(env.paths.models.root / "controlnet" / "broken.safetensors"))
+    with pytest.raises(NodeError) as err:
+        load(env, "broken.safetensors")
+    assert err.value.input_name == "control_net_name" and "FLUX ControlNet" in str(err.value)
     import tiny_models
     from nodes import families
 

@@ -10,7 +10,9 @@ width from the query norm, the rotary axes in the released (16, 56, 56) proporti
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError
@@ -21,6 +23,14 @@ MARKERS = ("controlnet_x_embedder.weight", "transformer_blocks.0.attn.add_q_proj
 
 def is_flux_controlnet(shapes: Any) -> bool:
     return all(k in shapes for k in MARKERS)
+
+
+def is_flux_folder(folder: Path) -> bool:
+    """A diffusers folder whose config.json names FluxControlNetModel (InstantX's releases as published)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == "FluxControlNetModel"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _count(shapes: Any, prefix: str) -> int:

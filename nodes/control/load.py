@@ -15,7 +15,8 @@ architecture is read from shapes by the same rule as checkpoints
 hub config). A "diff" ControlNet (a ``difference`` key: weights stored as the
 difference to the base UNet) needs the model it was made against: DiffControlNetLoader
 adds that UNet's weights, as ComfyUI does. FLUX.1 ControlNets (diffusers' layout, one
-file) are read by nodes/control/flux_load.py.
+file or a folder whose config names FluxControlNetModel) are recognised by
+nodes/control/flux_load.py.
 """
 from __future__ import annotations
 
@@ -177,12 +178,18 @@ def add_base(state: dict[str, Any], base_unet: Any, name: str) -> dict[str, Any]
 
 
 def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, FluxControlNetModel
 
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.load import quiet_progress
 
     quiet_progress()
+    if flux_load.is_flux_folder(path):
+        try:
+            network = folder_component(path, FluxControlNetModel, dtype).eval().requires_grad_(False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path.name}: not a readable diffusers FLUX ControlNet folder ({exc})") from None
+        return LoadedControlNet(families.by_name("flux"), network, {"format": "diffusers folder"})
     try:
         network = folder_component(path, ControlNetModel, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
