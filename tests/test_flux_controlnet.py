@@ -143,7 +143,8 @@ def test_controlnet_loader_reads_diffusers_flux_files(env, name):
     rec = Called()
     (cn,) = call(controlnet_loader, env, rec, control_net_name=name)
     assert cn.family.name == "flux" and "flux ControlNet" in rec.messages[0]
-    assert cn.config["attention_head_dim"] == tiny_flux.HEAD_DIM and tuple(cn.config["axes_dims_rope"]) == tiny_flux.AXES
+    assert cn.config["attention_head_dim"] == tiny_flux.HEAD_DIM
+    assert tuple(cn.config["axes_dims_rope"]) == tiny_flux.AXES  # the transformer's rule, from the head width
     assert cn.config["num_layers"] == 1 and cn.config["num_single_layers"] == 1 and cn.config.get("num_mode") is None
     with cn.use() as network:
         want = tiny_controlnet().state_dict()
