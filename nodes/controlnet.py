@@ -160,14 +160,14 @@ def controlnet_apply_advanced(ctx, positive, negative, control_net, image, stren
     """Control both sides of guidance with one ControlNet and hint; strength 0 changes nothing."""
     _check(control_net, float(start_percent), float(end_percent))
     hint = _hint(image)
+    if float(strength) == 0.0:  # ComfyUI returns here too, before it asks for a VAE
+        return (positive, negative)
     if control_net.family.controlnet_latent_hint:
         if vae is None:
             raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which reads its hint as "
                             "latents: connect the model's VAE to the vae input", "vae")
         if not hasattr(vae, "encode"):
             raise NodeError("vae must be a VAE from a loader", "vae")
-    if float(strength) == 0.0:
-        return (positive, negative)
     latent_vae = vae if control_net.family.controlnet_latent_hint else None
 
     def make(previous: Any) -> ControlLink:
@@ -191,12 +191,12 @@ def controlnet_apply(ctx, conditioning, control_net, image, strength: float):
     """ComfyUI's older node: one conditioning, the whole schedule; the negative side of
     guidance borrows this control when it has none (ComfyUI's ``control_apply_to_uncond``)."""
     _check(control_net)
-    if control_net.family.controlnet_latent_hint:
-        raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which needs a VAE for its "
-                        "hint: use Apply ControlNet (ControlNetApplyAdvanced) with its vae input", "control_net")
     hint = _hint(image)
     if float(strength) == 0.0:
         return (conditioning,)
+    if control_net.family.controlnet_latent_hint:
+        raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which needs a VAE for its "
+                        "hint: use Apply ControlNet (ControlNetApplyAdvanced) with its vae input", "control_net")
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), 0.0, 1.0, previous, "ControlNetApply")

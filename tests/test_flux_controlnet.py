@@ -306,6 +306,8 @@ def test_bad_inputs_name_the_input(env):
     with pytest.raises(NodeError) as err:
         apply(cn, with_vae=False)
     assert err.value.input_name == "vae" and "vae" in str(err.value)
+    cond = conditioning()
+    assert apply(cn, strength=0.0, cond=cond, with_vae=False) == (cond, cond)  # as ComfyUI: nothing to encode
     with pytest.raises(NodeError) as err:
         call(controlnet_apply, None, conditioning=conditioning(), control_net=cn, image=hint_image(), strength=1.0)
     assert err.value.input_name == "control_net" and "vae" in str(err.value)

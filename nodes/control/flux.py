@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
@@ -59,18 +60,24 @@ def spread(samples: Any, blocks: int) -> list:
     return [samples[i // every] for i in range(blocks)]
 
 
+#: Held around every call of a union ControlNet: "auto" switches the shared module's mode token off.
+_UNION_CALLS = threading.Lock()
+
+
 @contextlib.contextmanager
 def _mode_token(network: Any, mode: int | None) -> Iterator[None]:
     """Run a union ControlNet without its mode token when no type is set (ComfyUI's "auto"):
-    diffusers' model insists on a mode, ComfyUI's skips the token."""
-    if mode is not None or not getattr(network, "union", False):
+    diffusers' model insists on a mode, ComfyUI's skips the token. Union calls take turns, so
+    another job's typed call never sees the token switched off."""
+    if network.config.get("num_mode") is None:
         yield
         return
-    network.union = False
-    try:
-        yield
-    finally:
-        network.union = True
+    with _UNION_CALLS:
+        network.union = mode is not None
+        try:
+            yield
+        finally:
+            network.union = True
 
 
 def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
@@ -90,7 +97,7 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
         if guidance is None:  # [schnell] has no guidance input; its conditioning's default goes in
             guidance = torch.full((b,), DEFAULT_GUIDANCE, device=device)
         extra["guidance"] = guidance.to(dtype)
-    if mode is not None and getattr(network, "union", False):
+    if mode is not None and network.config.get("num_mode") is not None:
         extra["controlnet_mode"] = torch.full((b, 1), int(mode), device=device, dtype=torch.long)
     time = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(b) / 1000.0
     with _mode_token(network, mode):
