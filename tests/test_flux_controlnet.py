@@ -157,6 +157,8 @@ def test_controlnet_loader_reads_diffusers_flux_files(env, name):
     assert mismatch(cn, families.by_name("flux-schnell"), dict(tiny_flux.components("schnell")["transformer"].config)) \
         is None
     assert "flux ControlNet" in mismatch(cn, families.by_name("sd1"), None)
+    wider = dict(tiny_flux.components("dev")["transformer"].config, num_attention_heads=tiny_flux.HEADS * 2)
+    assert "num_attention_heads" in mismatch(cn, families.by_name("flux"), wider)  # another FLUX-like size
 
 
 # -- numerics ---------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ class ControlLink:
 
 
 def mismatch(net: ControlNetHandle, family: Any, unet_config: Any) -> str | None:
-    """Why ``net`` cannot drive this UNet (None if it can)."""
+    """Why ``net`` cannot drive this model (None if it can): another family group, or a config
+    entry the two must share (``unet_config``: the model network's config) that differs."""
     if net.family.controlnet_group != family.controlnet_group:
         return f"it is a {net.family.name} ControlNet and the model is {family.name}"
     for key in family.controlnet_shared_config:
