@@ -168,6 +168,10 @@ def controlnet_apply_advanced(ctx, positive, negative, control_net, image, stren
                             "latents: connect the model's VAE to the vae input", "vae")
         if not hasattr(vae, "encode"):
             raise NodeError("vae must be a VAE from a loader", "vae")
+        channels, wanted = getattr(vae, "latent_channels", None), control_net.family.latent.channels
+        if channels is not None and channels != wanted:
+            raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {control_net.name} reads the "
+                            f"{control_net.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
     latent_vae = vae if control_net.family.controlnet_latent_hint else None
 
     def make(previous: Any) -> ControlLink:

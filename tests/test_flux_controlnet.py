@@ -310,6 +310,11 @@ def test_bad_inputs_name_the_input(env):
     assert err.value.input_name == "vae" and "vae" in str(err.value)
     cond = conditioning()
     assert apply(cn, strength=0.0, cond=cond, with_vae=False) == (cond, cond)  # as ComfyUI: nothing to encode
+    sd_vae = VaeHandle(latent_scale=0.18215, latent_channels=4, name="sd-vae.safetensors")
+    with pytest.raises(NodeError) as err:
+        call(controlnet_apply_advanced, None, positive=cond, negative=cond, control_net=cn, image=hint_image(),
+             strength=1.0, start_percent=0.0, end_percent=1.0, vae=sd_vae)
+    assert err.value.input_name == "vae" and "sd-vae.safetensors" in str(err.value) and "16" in str(err.value)
     with pytest.raises(NodeError) as err:
         call(controlnet_apply, None, conditioning=conditioning(), control_net=cn, image=hint_image(), strength=1.0)
     assert err.value.input_name == "control_net" and "vae" in str(err.value)
