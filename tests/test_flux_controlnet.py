@@ -184,6 +184,10 @@ def test_strength_zero_and_end_zero_are_no_controlnet_and_stacks_add(env):
     stacked = kiln(*apply(cn, strength=0.5, cond=pos))
     assert (stacked - full).abs().max().item() <= PIXEL_TOL  # two halves are the whole
     assert pos[0][1]["control"].vae is not None and neg[0][1]["control"] is pos[0][1]["control"]
+    # a ControlNet without single blocks stacks on one with them: each adds where it has samples
+    double_only = kiln(*apply(load(env, DOUBLE_ONLY)))
+    mixed = kiln(*apply(load(env, DOUBLE_ONLY), cond=apply(cn)[0]))
+    assert (mixed - full).abs().max().item() > 0.005 and (mixed - double_only).abs().max().item() > 0.005
 
 
 def test_union_type_equals_pipeline_control_mode(env, monkeypatch):
