@@ -9,12 +9,15 @@ its own prompt); ControlNetApply (ComfyUI's "OLD" node) on one conditioning, and
 ComfyUI lets that control reach the negative too. Applying again on the result
 stacks ControlNets: their residuals add up. The control acts while the noise level
 is between ``start_percent`` and ``end_percent`` of the model's schedule (ComfyUI's
-sigma rule, not diffusers' step fractions). How residuals reach the UNet is
-nodes/control/apply.py.
+sigma rule, not diffusers' step fractions). How residuals reach the network is
+nodes/control/apply.py. FLUX.1 ControlNets read the hint as latents, so the apply node
+needs its ``vae`` input for them; SetUnionControlNetType picks a union ControlNet's
+control type.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Iterator
 
@@ -148,7 +151,8 @@ def _apply(conditioning: Any, name: str, links: dict, make: Any, **flags: Any) -
             Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
             Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
             Input("vae", T.VAE, optional=True,
-                  tooltip="Only ControlNets that take a latent hint need it; SD 1.x/2.x/SDXL ones ignore it")],
+                  tooltip="The model's VAE: FLUX ControlNets read the hint as latents and need it; "
+                          "SD 1.x/2.x/SDXL ones ignore it")],
     outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
 )
 def controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength: float,
@@ -156,12 +160,23 @@ def controlnet_apply_advanced(ctx, positive, negative, control_net, image, stren
     """Control both sides of guidance with one ControlNet and hint; strength 0 changes nothing."""
     _check(control_net, float(start_percent), float(end_percent))
     hint = _hint(image)
-    if float(strength) == 0.0:
+    if float(strength) == 0.0:  # ComfyUI returns here too, before it asks for a VAE
         return (positive, negative)
+    if control_net.family.controlnet_latent_hint:
+        if vae is None:
+            raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which reads its hint as "
+                            "latents: connect the model's VAE to the vae input", "vae")
+        if not hasattr(vae, "encode"):
+            raise NodeError("vae must be a VAE from a loader", "vae")
+        channels, wanted = getattr(vae, "latent_channels", None), control_net.family.latent.channels
+        if channels is not None and channels != wanted:
+            raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {control_net.name} reads the "
+                            f"{control_net.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
+    latent_vae = vae if control_net.family.controlnet_latent_hint else None
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),
-                           previous, "ControlNetApplyAdvanced")
+                           previous, "ControlNetApplyAdvanced", vae=latent_vae)
 
     links: dict = {}
     return (_apply(positive, "positive", links, make, control_apply_to_uncond=False),
@@ -183,8 +198,42 @@ def controlnet_apply(ctx, conditioning, control_net, image, strength: float):
     hint = _hint(image)
     if float(strength) == 0.0:
         return (conditioning,)
+    if control_net.family.controlnet_latent_hint:
+        raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which needs a VAE for its "
+                        "hint: use Apply ControlNet (ControlNetApplyAdvanced) with its vae input", "control_net")
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), 0.0, 1.0, previous, "ControlNetApply")
 
     return (_apply(conditioning, "conditioning", {}, make, control_apply_to_uncond=True),)
+
+
+#: ComfyUI's union control types (comfy/cldm/control_types.py) and the index each model was trained with.
+UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal",
+               "segment", "tile", "repaint")
+
+
+@define_node(
+    "SetUnionControlNetType",
+    category="conditioning/controlnet",
+    display_name="SetUnionControlNetType",
+    inputs=[Input("control_net", CONTROL_NET),
+            Input("type", T.COMBO, choices=("auto",) + UNION_TYPES,
+                  tooltip="What the hint is; auto runs a union ControlNet without a type")],
+    outputs=[Output("CONTROL_NET", CONTROL_NET)],
+)
+def set_union_controlnet_type(ctx, control_net, type: str):
+    """Tell a union ControlNet (one network for several hint kinds) which kind it is given.
+    A ControlNet that is not a union ignores the type, as in ComfyUI, and the node says so."""
+    _check(control_net)
+    if type != "auto" and type not in UNION_TYPES:
+        raise NodeError(f"type must be auto or one of {', '.join(UNION_TYPES)}", "type")
+    modes = control_net.config.get("num_mode")
+    mode = None if type == "auto" else UNION_TYPES.index(type)
+    if not modes:
+        if mode is not None:
+            ctx.message(f"control_net: {control_net.name} is not a union ControlNet; the type {type} is ignored")
+        return (control_net,)
+    if mode is not None and mode >= int(modes):
+        raise NodeError(f"{control_net.name} knows {modes} control types; {type} is number {mode}", "type")
+    return (dataclasses.replace(control_net, mode=mode),)

@@ -1,4 +1,5 @@
-"""ControlNet: reading ControlNet files (load.py) and adding their residuals to the UNet (apply.py).
+"""ControlNet: reading ControlNet files (load.py; FLUX's in flux_load.py) and adding their residuals
+to the model's network (apply.py; what a family's ControlNet returns: unet.py, flux.py).
 
 The nodes are in ``nodes/controlnet.py``; the Canny preprocessor in ``nodes/canny.py``.
 """

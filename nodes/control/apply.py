@@ -1,23 +1,26 @@
-"""How a ControlNet acts during sampling: residuals added to the UNet's skip connections.
+"""How a ControlNet acts during sampling: its residuals added to the model's network.
 
 A CONDITIONING entry carries its control in ``extra["control"]``: a
 :class:`ControlLink`, whose ``previous`` is the control that was on the entry before
 (ControlNets stacked by chaining apply nodes, as ComfyUI chains them). At each network
 call the denoiser asks :func:`residuals` for the rows of its batch: every link of an
 entry's chain whose range holds the current noise level runs its ControlNet on those
-rows (same latent, timestep, prompt and family keyword arguments as the UNet) and the
-outputs, each times its strength, are summed. Rows whose entry has no control get
+rows (same latent, timestep, prompt and family keyword arguments as the model) and the
+outputs, each times its strength, are summed. What a ControlNet returns and which network
+keywords carry it is the family's (:meth:`~nodes.families.base.Family.run_controlnet`:
+the UNet's down/mid residuals in nodes/control/unet.py, FLUX's per-block samples in
+nodes/control/flux.py). Rows whose entry has no control get
 zeros. Entries that share one chain (ControlNetApplyAdvanced puts the same link on
 positive and negative) share one ControlNet call, as diffusers batches it.
 
 The hint is the IMAGE in 0..1 (channels first), resized to the latent's pixel size by
-ComfyUI's rule (nearest-exact, centre crop) when it differs, and repeated over the batch.
+ComfyUI's rule (nearest-exact, centre crop) when it differs, and repeated over the batch;
+a family whose ControlNets read latents (FLUX) encodes it with the apply node's VAE.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from nodes.families.base import ConditioningError
@@ -35,6 +38,8 @@ class ControlNetHandle:
     config: dict[str, Any]
     #: Returns a context manager yielding the ControlNetModel on the compute device.
     _use: Callable[[], contextlib.AbstractContextManager]
+    #: A union ControlNet's control type (SetUnionControlNetType); None is ComfyUI's "auto".
+    mode: int | None = None
 
     def use(self) -> contextlib.AbstractContextManager:
         return self._use()
@@ -54,6 +59,10 @@ class ControlLink:
     end_percent: float = 1.0
     previous: "ControlLink | None" = None
     applied_by: str = "ControlNetApplyAdvanced"
+    #: The VAE that turns the hint into latents, for ControlNets that read latents (FLUX).
+    vae: Any = None
+    #: Hints already brought to a latent size, by the family that made them (kept for the run).
+    cache: dict = field(default_factory=dict, repr=False)
 
     def chain(self) -> list["ControlLink"]:
         links, link = [], self
@@ -67,10 +76,11 @@ class ControlLink:
 
 
 def mismatch(net: ControlNetHandle, family: Any, unet_config: Any) -> str | None:
-    """Why ``net`` cannot drive this UNet (None if it can)."""
-    if net.family.name != family.name:
+    """Why ``net`` cannot drive this model (None if it can): another family group, or a config
+    entry the two must share (``unet_config``: the model network's config) that differs."""
+    if net.family.controlnet_group != family.controlnet_group:
         return f"it is a {net.family.name} ControlNet and the model is {family.name}"
-    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim"):
+    for key in family.controlnet_shared_config:
         mine, theirs = net.config.get(key), unet_config.get(key) if unet_config is not None else None
         if theirs is not None and mine is not None and tuple(_seq(mine)) != tuple(_seq(theirs)):
             return f"its {key} is {mine}, the model's {theirs}"
@@ -83,42 +93,49 @@ def _seq(v: Any) -> list:
 
 def hint_for(link: ControlLink, rows: int, height: int, width: int) -> "torch.Tensor":
     """The hint at the latent's pixel size, one per row (ComfyUI's resize and batch rule)."""
-    import torch
-
     from nodes.resample import resize
 
     hint = link.hint
     if tuple(hint.shape[2:]) != (height, width):
         hint = resize(hint, width, height, "nearest-exact", "center")
-    n = hint.shape[0]
-    if n != rows:
-        per = [hint[min(i % n if rows % n == 0 else i, n - 1)] for i in range(rows)]
-        hint = torch.stack(per)
-    return hint
+    return to_rows(hint, rows)
 
 
-def _accepted(network: Any) -> set[str]:
-    return set(inspect.signature(network.forward).parameters)
-
-
-def _run(link: ControlLink, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
-         image_size: tuple[int, int]) -> tuple[list, Any]:
+def to_rows(hint: "torch.Tensor", rows: int) -> "torch.Tensor":
+    """One hint per row: a batch that divides the rows repeats, a shorter one repeats its last."""
     import torch
 
+    n = hint.shape[0]
+    if n == rows:
+        return hint
+    return torch.stack([hint[min(i % n if rows % n == 0 else i, n - 1)] for i in range(rows)])
+
+
+def _run(link: ControlLink, family: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
+         model_config: Any) -> dict[str, list]:
     with link.net.use() as network:
-        dtype = network.dtype
-        hint = hint_for(link, x.shape[0], x.shape[2] * 8, x.shape[3] * 8).to(x.device, dtype)
-        accepted = _accepted(network)
-        extra = {k: v for k, v in kwargs.items() if k in accepted}
-        down, mid = network(x.to(dtype), t, encoder_hidden_states=context.to(dtype), controlnet_cond=hint,
-                            conditioning_scale=float(link.strength), return_dict=False, **extra)
-    return [d.to(torch.float32) for d in down], mid.to(torch.float32)
+        return family.run_controlnet(network, link, x, t, context, kwargs, model_config)
+
+
+def _add(totals: dict[str, list], out: dict[str, list], rows: "torch.Tensor", batch: int) -> None:
+    """Add one ControlNet's residuals for ``rows`` into the per-key totals over the whole batch."""
+    import torch
+
+    for key, tensors in out.items():
+        if key not in totals:
+            totals[key] = [torch.zeros((batch, *r.shape[1:]), device=r.device) for r in tensors]
+        if len(totals[key]) != len(tensors):
+            raise ConditioningError(f"stacked ControlNets give {len(totals[key])} and {len(tensors)} residuals for "
+                                    f"{key}: they were made for different models", "positive")
+        for total, r in zip(totals[key], tensors):
+            total[rows] += r
 
 
 def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
               extras: list[dict]) -> dict[str, Any]:
-    """The UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``
-    for a call over ``extras`` (each ``x.shape[0] // len(extras)`` rows); {} without control."""
+    """The network keywords carrying every in-range ControlNet's residuals for a call over
+    ``extras`` (each ``x.shape[0] // len(extras)`` rows); {} without control. Which keywords
+    (the UNet's down/mid residuals, FLUX's per-block samples) is the family's business."""
     import torch
 
     chains = [e.get("control") for e in extras]
@@ -134,15 +151,15 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
             raise ConditioningError("the conditioning's 'control' is not a ControlNet applied by a ControlNet "
                                     "node", extras[i].get("_input", "positive"))
         groups.setdefault(id(chain), (chain, []))[1].append(i)
-    down_total: list | None = None
-    mid_total = None
+    family = denoiser.family
+    model_config = getattr(getattr(denoiser.network, "kiln_network", denoiser.network), "config", None)
+    totals: dict[str, list] = {}
     for chain, idx in groups.values():
         rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i in idx]).to(x.device)
         sub_extras = [extras[i] for i in idx]
-        kwargs = denoiser.family.network_kwargs(sub_extras, per, denoiser.image_size, denoiser.device,
-                                                denoiser.dtype)
+        kwargs = family.network_kwargs(sub_extras, per, denoiser.image_size, denoiser.device, denoiser.dtype)
         for link in chain.chain():
-            why = mismatch(link.net, denoiser.family, getattr(denoiser.network, "config", None))
+            why = mismatch(link.net, family, model_config)
             if why:
                 raise ConditioningError(f"the ControlNet {link.net.name!r} applied by {link.applied_by} cannot "
                                         f"control this model: {why}", sub_extras[0].get("_input", "positive"))
@@ -152,17 +169,10 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
                 high, low = denoiser.sigma_at_percent(link.start_percent), denoiser.sigma_at_percent(link.end_percent)
                 if not low <= sigma <= high:
                     continue
-            down, mid = _run(link, x[rows], t, context[rows], kwargs, denoiser.image_size)
-            if down_total is None:
-                down_total = [torch.zeros((x.shape[0], *d.shape[1:]), device=d.device) for d in down]
-                mid_total = torch.zeros((x.shape[0], *mid.shape[1:]), device=mid.device)
-            for total, d in zip(down_total, down):
-                total[rows] += d
-            mid_total[rows] += mid
-    if down_total is None:  # no link in range at this step
+            _add(totals, _run(link, family, x[rows], t, context[rows], kwargs, model_config), rows, x.shape[0])
+    if not totals:  # no link in range at this step
         return {}
-    return {"down_block_additional_residuals": tuple(d.to(denoiser.dtype) for d in down_total),
-            "mid_block_additional_residual": mid_total.to(denoiser.dtype)}
+    return family.controlnet_inputs({k: [r.to(denoiser.dtype) for r in v] for k, v in totals.items()})
 
 
 __all__ = ["ControlNetHandle", "ControlLink", "residuals", "mismatch", "hint_for", "share_with_uncond"]

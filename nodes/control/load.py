@@ -14,7 +14,9 @@ architecture is read from shapes by the same rule as checkpoints
 ``convert_controlnet_checkpoint`` (what ``from_single_file`` uses, which would need a
 hub config). A "diff" ControlNet (a ``difference`` key: weights stored as the
 difference to the base UNet) needs the model it was made against: DiffControlNetLoader
-adds that UNet's weights, as ComfyUI does.
+adds that UNet's weights, as ComfyUI does. FLUX.1 ControlNets (diffusers' layout, one
+file or a folder whose config names FluxControlNetModel) are recognised by
+nodes/control/flux_load.py.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from nodes import families
 from nodes.checkpoint import detect as det
 from nodes.checkpoint.load import CheckpointError, _assign, _empty, read_state_dict
 from nodes.checkpoint.to_original import unet_to_original
+from nodes.control import flux_load
 from nodes.families.base import Family, has_prefix
 
 PREFIX = "control_model."
@@ -135,7 +138,11 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     from diffusers import ControlNetModel
     from diffusers.loaders import single_file_utils as sfu
 
-    state, diff = original_state(read_state_dict(path), path.name)
+    state = read_state_dict(path)
+    if flux_load.is_flux_controlnet(state):
+        network, info = flux_load.load(state, path.name, dtype)
+        return LoadedControlNet(families.by_name("flux"), network, info)
+    state, diff = original_state(state, path.name)
     if diff and base_unet is None:
         raise CheckpointError(f"{path.name} is a diff ControlNet (its weights are differences to a base model): "
                               "load it with DiffControlNetLoader, which takes the model")
@@ -171,12 +178,18 @@ def add_base(state: dict[str, Any], base_unet: Any, name: str) -> dict[str, Any]
 
 
 def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, FluxControlNetModel
 
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.load import quiet_progress
 
     quiet_progress()
+    if flux_load.is_flux_folder(path):
+        try:
+            network = folder_component(path, FluxControlNetModel, dtype).eval().requires_grad_(False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path.name}: not a readable diffusers FLUX ControlNet folder ({exc})") from None
+        return LoadedControlNet(families.by_name("flux"), network, {"format": "diffusers folder"})
     try:
         network = folder_component(path, ControlNetModel, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -128,6 +128,11 @@ class Family:
     #: Whether the network reads reference latents (ReferenceLatent: edit models such as FLUX.1
     #: Kontext, nodes.families.flux_references); a conditioning carrying them is refused otherwise.
     takes_references: bool = False
+    #: Whether this family's ControlNets read the hint as VAE latents (FLUX), so the apply node needs
+    #: its ``vae`` input; SD-style ControlNets encode the RGB hint themselves.
+    controlnet_latent_hint: bool = False
+    #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
+    controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -237,6 +242,27 @@ class Family:
         (patching, position ids, timestep units). A wrapper exposes the module it wraps as
         ``kiln_network``, where the runtime reads its placement (nodes.runtime.offload.offloaded)."""
         return network
+
+    @property
+    def controlnet_group(self) -> str:
+        """Families whose ControlNets are interchangeable share this name (their network is one
+        architecture); by default a family takes only its own."""
+        return self.name
+
+    def run_controlnet(self, network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
+                       kwargs: dict, model_config: Any) -> dict[str, list]:
+        """One ControlNet's residuals for the rows ``x``, as lists of tensors by the network keyword
+        they feed; :meth:`controlnet_inputs` turns their per-key sums into that call's keywords.
+        SD-style families: the UNet's down and mid residuals (nodes.control.unet)."""
+        from nodes.control import unet
+
+        return unet.run(network, link, x, t, context, kwargs)
+
+    def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
+        """The network keywords from the summed residuals of every ControlNet in range."""
+        from nodes.control import unet
+
+        return unet.inputs(totals)
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """Module names LoRA files use for ``network``'s weights beyond its own parameter names

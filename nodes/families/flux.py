@@ -85,6 +85,16 @@ def image_ids(h: int, w: int, device: Any, dtype: Any) -> "Any":
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
+def _pad_control(kwargs: dict, tokens: int) -> None:
+    """ControlNet samples cover the image's tokens; reference tokens after them get none."""
+    import torch
+
+    for key in ("controlnet_block_samples", "controlnet_single_block_samples"):
+        samples = kwargs.get(key)
+        if samples and samples[0].shape[1] < tokens:
+            kwargs[key] = [torch.nn.functional.pad(s, (0, 0, 0, tokens - s.shape[1])) for s in samples]
+
+
 class FluxNetwork:
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
@@ -120,6 +130,7 @@ class FluxNetwork:
         if reference_latents is not None:
             ref_tokens, ref_ids = flux_references.tokens(reference_latents, (h, w), pack)
             tokens, ids = torch.cat([tokens, ref_tokens], dim=1), torch.cat([ids, ref_ids])
+        _pad_control(kwargs, tokens.shape[1])
         if attention_bias is not None:
             if attention_bias[0].tokens != encoder_hidden_states.shape[1]:
                 raise ConditioningError(f"the style model's attention bias covers {attention_bias[0].tokens} prompt "
@@ -162,6 +173,9 @@ class Flux(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     takes_references = True
+    controlnet_latent_hint = True
+    controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                                "pooled_projection_dim", "in_channels")
 
     # -- detection -----------------------------------------------------------------
 
@@ -198,6 +212,23 @@ class Flux(Family):
 
     def wrap_network(self, network: Any) -> Any:
         return FluxNetwork(network)
+
+    @property
+    def controlnet_group(self) -> str:
+        """[dev] and [schnell] are one transformer: their ControlNets are the same (InstantX's, Shakker-Labs')."""
+        return "flux"
+
+    def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
+                       model_config: Any) -> dict[str, list]:
+        """A FLUX ControlNet's per-block samples (nodes.control.flux): the hint is VAE-encoded."""
+        from nodes.control import flux as control
+
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent)
+
+    def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
+        from nodes.control import flux as control
+
+        return control.inputs(totals)
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """The original (BFL) layout's names, ComfyUI's and kohya's FLUX LoRAs use them: the
