@@ -36,6 +36,7 @@ STEPS, STRENGTH, GUIDANCE, SEED = 6, 0.75, 3.5, 42
 PROMPT = "a lighthouse on a cliff"
 PLAIN, UNION, DOUBLE_ONLY = "tiny-flux-cn.safetensors", "tiny-flux-union.safetensors", "tiny-flux-cn-double.safetensors"
 FOLDER = "tiny-flux-cn-diffusers"
+BLIND = "tiny-flux-cn-blind-guidance.safetensors"
 NETS = {PLAIN: dict(), UNION: dict(union=True), DOUBLE_ONLY: dict(singles=0)}
 
 
@@ -91,6 +92,10 @@ def env(tmp_path_factory):
         state = tiny_controlnet(**kind).state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(models / "controlnet" / name))
     tiny_controlnet().save_pretrained(str(models / "controlnet" / FOLDER), safe_serialization=True)
+    blind = tiny_controlnet().state_dict()  # PLAIN with a guidance embedder that embeds nothing
+    for key in ("time_text_embed.guidance_embedder.linear_2.weight", "time_text_embed.guidance_embedder.linear_2.bias"):
+        blind[key] = torch.zeros_like(blind[key])
+    save_file({k: v.contiguous() for k, v in blind.items()}, str(models / "controlnet" / BLIND))
     yield from environment_over(models, root)
 
 
@@ -188,6 +193,19 @@ def test_strength_zero_and_end_zero_are_no_controlnet_and_stacks_add(env):
     double_only = kiln(*apply(load(env, DOUBLE_ONLY)))
     mixed = kiln(*apply(load(env, DOUBLE_ONLY), cond=apply(cn)[0]))
     assert (mixed - full).abs().max().item() > 0.005 and (mixed - double_only).abs().max().item() > 0.005
+
+
+def test_disabled_guidance_is_disabled_in_the_controlnet_too(env):
+    """FluxDisableGuidance leaves the guidance embedding out of the ControlNet's conditioning as
+    well as the transformer's: with it, the ControlNet samples as one whose guidance embedder
+    embeds nothing (which differs from it under guidance)."""
+    from nodes.flux_nodes import flux_disable_guidance
+
+    (off,) = flux_disable_guidance(Recorder().ctx, conditioning())
+    ours = kiln(*apply(load(env, PLAIN), cond=off))
+    assert (ours - kiln(*apply(load(env, BLIND), cond=off))).abs().max().item() <= 1e-5
+    guided = kiln(*apply(load(env, PLAIN)))
+    assert (guided - kiln(*apply(load(env, BLIND)))).abs().max().item() > 1e-4
 
 
 def test_union_type_equals_pipeline_control_mode(env, monkeypatch):

@@ -86,7 +86,7 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
     over the model's blocks, float32."""
     import torch
 
-    from nodes.families.flux import DEFAULT_GUIDANCE, image_ids, pack
+    from nodes.families.flux import DEFAULT_GUIDANCE, image_ids, pack, without_guidance
 
     b, _, h, w = x.shape
     dtype, device = network.dtype, x.device
@@ -100,7 +100,7 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
     if mode is not None and network.config.get("num_mode") is not None:
         extra["controlnet_mode"] = torch.full((b, 1), int(mode), device=device, dtype=torch.long)
     time = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(b) / 1000.0
-    with _mode_token(network, mode):
+    with _mode_token(network, mode), without_guidance(network, kwargs.get("guidance_off")):
         blocks, singles = network(hidden_states=pack(x).to(dtype), controlnet_cond=hint_tokens(
                                       link, b, h, w, latent, device, dtype),
                                   conditioning_scale=float(link.strength), timestep=time.to(dtype),

@@ -138,7 +138,7 @@ class FluxNetwork:
                                         "concatenated after StyleModelApply? apply the style model last)", "positive")
             mask = attention_bias_rule.joint_mask(attention_bias, tokens.shape[1], self.dtype, self.device)
             kwargs["joint_attention_kwargs"] = {"attention_mask": mask}
-        with _without_guidance(self.transformer, guidance_off):
+        with without_guidance(self.transformer, guidance_off):
             out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
                                    encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
                                    img_ids=ids, return_dict=False, **kwargs)[0]
@@ -146,15 +146,17 @@ class FluxNetwork:
 
 
 @contextlib.contextmanager
-def _without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
+def without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
     """While the block runs, the guidance embedding adds nothing for ``rows_off`` (ComfyUI's
     FluxDisableGuidance leaves it out of the model's conditioning vector). diffusers always adds
-    it, so its output is zeroed for those rows by a forward hook, removed afterwards."""
-    if rows_off is None or not bool(rows_off.any()):
+    it, so its output is zeroed for those rows by a forward hook, removed afterwards. FLUX
+    ControlNets have the same embedder and take the same rows off (nodes.control.flux)."""
+    embedder = getattr(getattr(transformer, "time_text_embed", None), "guidance_embedder", None)
+    if rows_off is None or embedder is None or not bool(rows_off.any()):
         yield
         return
     keep = (~rows_off)[:, None]
-    hook = transformer.time_text_embed.guidance_embedder.register_forward_hook(
+    hook = embedder.register_forward_hook(
         lambda module, args, out: out * keep.to(out.device, out.dtype))
     try:
         yield
