@@ -83,6 +83,64 @@ def self_attention_guidance(ctx, model, scale: float, blur_sigma: float):
     return (_with(model, self_attention=SelfAttentionSettings(float(scale), float(blur_sigma))),)
 
 
+def _layers_input(name: str) -> Input:
+    return Input(name, T.STRING, default="7, 8, 9", tooltip="Block numbers to skip (counting from 0), comma separated")
+
+
+def _skip_layers(model, double_layers: str, single_layers: str, **settings) -> tuple:
+    """The model with skip-layer guidance set, after checking the blocks exist (ComfyUI ignores
+    numbers past the last block; here they are an error naming the input)."""
+    from nodes.families.base import ConditioningError
+    from nodes.families.skip_layers import SkipLayers, parse
+
+    layers = (("double", parse(double_layers)), ("single", parse(single_layers)))
+    if not any(numbers for _, numbers in layers):
+        return (model,)  # ComfyUI's rule: nothing to skip, nothing changes
+    try:
+        blocks = model.family.dit_blocks(model.peek())
+    except ConditioningError as exc:
+        raise NodeError(str(exc), "model") from None
+    for (kind, numbers), name in zip(layers, ("double_layers", "single_layers")):
+        past = [n for n in numbers if n >= len(blocks[kind])]
+        if past:
+            raise NodeError(f"block {past[0]} does not exist: the model has {len(blocks[kind])} {kind} blocks "
+                            f"(0..{len(blocks[kind]) - 1})", name)
+    for name in ("start_percent", "end_percent"):
+        if not 0.0 <= float(settings[name]) <= 1.0:
+            raise NodeError(f"{name} must be within 0..1, got {settings[name]}", name)
+    return (_with(model, skip_layers=SkipLayers(layers=layers, **settings)),)
+
+
+@define_node("SkipLayerGuidanceDiT", category="advanced/guidance",
+             inputs=[Input("model", T.MODEL), _layers_input("double_layers"), _layers_input("single_layers"),
+                     Input("scale", T.FLOAT, default=3.0, min=0.0, max=10.0, step=0.1),
+                     Input("start_percent", T.FLOAT, default=0.01, min=0.0, max=1.0, step=0.001),
+                     Input("end_percent", T.FLOAT, default=0.15, min=0.0, max=1.0, step=0.001),
+                     Input("rescaling_scale", T.FLOAT, default=0.0, min=0.0, max=10.0, step=0.01)],
+             outputs=[Output("MODEL", T.MODEL)])
+def skip_layer_guidance_dit(ctx, model, double_layers: str, single_layers: str, scale: float,
+                            start_percent: float, end_percent: float, rescaling_scale: float):
+    """Guide away from the conditional prediction made with some transformer blocks skipped,
+    inside a window of the run (nodes.families.skip_layers): one more network pass per step there."""
+    if not 0.0 <= float(scale) <= 10.0:
+        raise NodeError(f"scale must be within 0..10, got {scale}", "scale")
+    return _skip_layers(model, double_layers, single_layers, start_percent=float(start_percent),
+                        end_percent=float(end_percent), scale=float(scale), rescaling_scale=float(rescaling_scale))
+
+
+@define_node("SkipLayerGuidanceDiTSimple", category="advanced/guidance",
+             inputs=[Input("model", T.MODEL), _layers_input("double_layers"), _layers_input("single_layers"),
+                     Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+                     Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001)],
+             outputs=[Output("MODEL", T.MODEL)])
+def skip_layer_guidance_dit_simple(ctx, model, double_layers: str, single_layers: str, start_percent: float,
+                                   end_percent: float):
+    """The unconditional pass made with some transformer blocks skipped inside the window, so
+    classifier-free guidance pushes away from it (no effect at cfg 1, as in ComfyUI)."""
+    return _skip_layers(model, double_layers, single_layers, start_percent=float(start_percent),
+                        end_percent=float(end_percent), simple=True)
+
+
 @define_node("DifferentialDiffusion", category="_for_testing",
              inputs=[Input("model", T.MODEL),
                      Input("strength", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.01, optional=True)],

@@ -226,6 +226,12 @@ class Family:
         """
         return {}
 
+    def dit_blocks(self, network: Any) -> dict[str, list]:
+        """A transformer's blocks by ComfyUI's kind ("double", "single"), which skip-layer
+        guidance addresses by number; a UNet has none (ConditioningError naming the model)."""
+        raise ConditioningError(f"skip-layer guidance skips a transformer's blocks; this {self.name} model is a "
+                                "UNet (use PerturbedAttentionGuidance or SelfAttentionGuidance)", "model")
+
     def call_key(self, extra: dict) -> Any:
         """What conditionings must have in common, beyond their token count, to be evaluated in one
         network call (FLUX: the same reference latents); anything hashable."""

@@ -41,7 +41,7 @@ class Denoiser:
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
                  names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
-                 always_guided: bool = False, self_attention: Any = None) -> None:
+                 always_guided: bool = False, self_attention: Any = None, skip_layers: Any = None) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
@@ -52,7 +52,8 @@ class Denoiser:
         rules (nodes.families.guidance_rules), run with fresh state for this denoiser's run;
         ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it);
         ``self_attention``: SelfAttentionGuidance's settings (nodes.families.self_attention), which
-        read the unconditional side at cfg 1 too, as ComfyUI's does."""
+        read the unconditional side at cfg 1 too, as ComfyUI's does; ``skip_layers``: skip-layer
+        guidance's settings (nodes.families.skip_layers)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -65,16 +66,15 @@ class Denoiser:
         self.self_attention = self_attention if self_attention is not None and self_attention.scale and \
             self_attention.blur_sigma else None
         self.guided = self.cfg != 1.0 or always_guided or self.self_attention is not None
-        #: The raw negative and the unconditional-only denoiser self-attention guidance runs.
-        self._negative, self._unconditional = negative, None
+        #: The raw negative, and the single-side denoisers the extra guidance passes run (_side).
+        self._negative, self._sides_alone = negative, {}
+        self.skip_layers = skip_layers
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
         from nodes.families.guidance_rules import GuidanceRun
 
         #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, ...), None when there are none.
         self._rules = GuidanceRun(guidance, self.jobs) if guidance else None
-        #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
-        self._perturbed: "Denoiser | None" = None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
                           image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type,
                           names=names)
@@ -161,7 +161,7 @@ class Denoiser:
                 return self._guide(cond, uncond, model_in, t)
             out = self._plain_call(model_in, t)
             self.last_uncond = self.last_cond = out
-            return self._perturbation_guided(self._unguided(out, model_in, t), out, model_in, t)
+            return self._post_cfg(self._unguided(out, model_in, t), out, model_in, t)
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
         h, w = model_in.shape[2], model_in.shape[3]
         if self._sides is None or self._sides[0] != (h, w):
@@ -175,11 +175,13 @@ class Denoiser:
             outputs = [out for out, _ in outputs]
         if not self.guided:
             self.last_uncond = self.last_cond = outputs[0]
-            return self._perturbation_guided(self._unguided(outputs[0], model_in, t), outputs[0], model_in, t)
+            return self._post_cfg(self._unguided(outputs[0], model_in, t), outputs[0], model_in, t)
         cond, uncond = outputs
         return self._guide(cond, uncond, model_in, t)
 
     def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+        if self.skip_layers is not None and self.skip_layers.simple and self._in_window(t):
+            uncond = self._skipped(self._side("negative"), model_in, t)  # SkipLayerGuidanceDiTSimple
         self.last_uncond, self.last_cond = uncond, cond
         if self._rules is not None:
             sigma = float(self.schedule.sigma(float(t)))
@@ -188,7 +190,58 @@ class Denoiser:
                                        self.sigma_data)
         else:
             guided = self._cfg(cond, uncond, model_in, t)
-        return self._perturbation_guided(self._self_attention_guided(guided, model_in, t), cond, model_in, t)
+        return self._post_cfg(guided, cond, model_in, t)
+
+    def _post_cfg(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
+                  t: Any) -> "torch.Tensor":
+        """The guidance that reads further network passes, in a fixed order (ComfyUI applies its
+        post-CFG hooks in the order the nodes were applied): SAG, skip-layer guidance, PAG."""
+        guided = self._skip_layer_guided(self._self_attention_guided(guided, model_in, t), cond, model_in, t)
+        return self._perturbation_guided(guided, cond, model_in, t)
+
+    def _side(self, which: str) -> "Denoiser":
+        """A single-prompt, unguided denoiser over one side's conditioning, made once: the extra
+        passes of SAG (negative), skip-layer guidance and PAG (positive) run on it."""
+        if which not in self._sides_alone:
+            prompt = self._args["positive"] if which == "positive" else self._negative
+            names = self._args["names"] if which == "positive" else (self._args["names"][1],) * 2
+            self._sides_alone[which] = Denoiser(**{**self._args, "positive": prompt, "names": names},
+                                                negative=None, cfg=1.0)
+        return self._sides_alone[which]
+
+    def _in_window(self, t: Any) -> bool:
+        sigma = float(self.schedule.sigma(float(t)))
+        return self.sigma_at_percent(self.skip_layers.end_percent) <= sigma <= \
+            self.sigma_at_percent(self.skip_layers.start_percent)
+
+    def _skipped(self, side: "Denoiser", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+        from nodes.families.skip_layers import skipping
+
+        with skipping(self.family.dit_blocks(self.network), self.skip_layers.layers):
+            return side.model_output(model_in, t)
+
+    def _skip_layer_guided(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
+                           t: Any) -> "torch.Tensor":
+        """``guided`` moved away from the conditional prediction with some blocks skipped
+        (SkipLayerGuidanceDiT, nodes.families.skip_layers), on clean predictions as ComfyUI's
+        post-CFG hook; inside its window only."""
+        settings = self.skip_layers
+        if settings is None or settings.simple or not settings.scale or not self._in_window(t):
+            return guided
+        import torch
+
+        from nodes.families.guidance_rules import Parametrisation
+        from nodes.families.skip_layers import rescaled
+
+        space = Parametrisation(self.prediction_type, model_in, float(self.schedule.sigma(float(t))), self.sigma_data)
+        cond_x0 = space.to_x0(cond)
+        result = space.to_x0(guided) + settings.scale * (cond_x0 - space.to_x0(
+            self._skipped(self._side("positive"), model_in, t)))
+        if settings.rescaling_scale:
+            per = result.shape[0] // self.jobs  # each job of a cross-job batch on its own, as its single run
+            result = torch.cat([rescaled(result[i:i + per], cond_x0[i:i + per], settings.rescaling_scale)
+                                for i in range(0, result.shape[0], per)])
+        return space.from_x0(result)
 
     def _self_attention_guided(self, guided: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         """``guided`` moved by self-attention guidance (nodes.families.self_attention): two passes of
@@ -202,11 +255,9 @@ class Denoiser:
         sigma = float(self.schedule.sigma(float(t)))
         if sigma <= 0 or min(model_in.shape[2:]) <= 4:  # nothing to guide; too small to blur (ComfyUI's limit)
             return guided
-        if self._unconditional is None:
-            self._unconditional = Denoiser(**{**self._args, "positive": self._negative,
-                                              "names": (self._args["names"][1],) * 2}, negative=None, cfg=1.0)
+        unconditional = self._side("negative")
         with sag.recording(self.network) as recorder:
-            uncond = self._unconditional.model_output(model_in, t)
+            uncond = unconditional.model_output(model_in, t)
         if recorder.probs is None or recorder.probs.shape[0] != model_in.shape[0] * recorder.heads:
             raise ConditioningError("self-attention guidance reads the negative prompt's attention in one network "
                                     "call: give it no areas or masks (and one length across a batch of jobs)",
@@ -216,7 +267,7 @@ class Denoiser:
         x0_d = sag.degraded(x0_u, recorder.probs, recorder.heads, self.self_attention.blur_sigma)
         z_d = (x0_d + space.x - x0_u) / space.scale
         x0_s = Parametrisation(self.prediction_type, z_d, sigma, self.sigma_data).to_x0(
-            self._unconditional.model_output(z_d, t))
+            unconditional.model_output(z_d, t))
         return space.from_x0(space.to_x0(guided) + self.self_attention.scale * (x0_d - x0_s))
 
     def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
@@ -246,10 +297,8 @@ class Denoiser:
             return guided
         from nodes.families.perturbed import identity_middle_attention
 
-        if self._perturbed is None:
-            self._perturbed = Denoiser(negative=None, cfg=1.0, **self._args)
         with identity_middle_attention(self.network):
-            perturbed = self._perturbed.model_output(model_in, t)
+            perturbed = self._side("positive").model_output(model_in, t)
         return guided + self.pag_scale * (cond - perturbed)
 
     def sigma_at_percent(self, percent: float) -> float:

@@ -277,6 +277,10 @@ class Flux(Family):
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)
 
+    def dit_blocks(self, network: Any) -> dict[str, list]:
+        transformer = getattr(network, "kiln_network", network)
+        return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
+
     # -- text ----------------------------------------------------------------------------
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:

@@ -59,12 +59,12 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     sched = plan.scheduler
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     make = Denoiser if dual is None else dual.denoiser
-    own: dict[str, Any] = {}  # patches only the plain denoiser applies
-    if patches.self_attention is not None:
-        if dual is not None:
-            raise ConditioningError("SelfAttentionGuidance guides KSampler's and CFGGuider's classifier-free "
-                                    "guidance, not DualCFGGuider's or PerpNegGuider's", "model")
-        own["self_attention"] = patches.self_attention
+    # patches only the plain denoiser applies
+    own = {k: v for k, v in (("self_attention", patches.self_attention), ("skip_layers", patches.skip_layers))
+           if v is not None}
+    if own and dual is not None:
+        raise ConditioningError("SelfAttentionGuidance and skip-layer guidance guide KSampler's and CFGGuider's "
+                                "classifier-free guidance, not DualCFGGuider's or PerpNegGuider's", "model")
     schedule = training_schedule(training_config)
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=schedule,
