@@ -278,3 +278,24 @@ def test_wrong_files_and_inputs_are_errors_naming_the_input(registry, env, redux
     with pytest.raises(NodeError) as err:
         call(sm.clip_vision_encode, env, clip_vision=style, image=torch.rand(1, 32, 32, 3), crop="center")
     assert err.value.input_name == "clip_vision"
+
+
+def test_the_shipped_workflow_equals_the_pipelines(registry, env, parts):
+    """workflows/flux-redux.json with its named parameters, on the tiny files."""
+    from engine.workflow import load
+
+    picture = _picture()
+    picture.save(env.paths.input.root / "picture.png")
+    repo = Path(__file__).resolve().parent.parent
+    wf = load(repo / "workflows" / "flux-redux.json").with_overrides(dict(
+        diffusion_model=SPLIT["unet"], clip_l=SPLIT["clip_l"], t5xxl=SPLIT["t5"], vae=SPLIT["vae"],
+        clip_vision=VISION, style_model=REDUX, image="picture.png", prompt=PROMPT, width=SIZE, height=SIZE,
+        steps=4, seed=3))
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    embeds, pooled = _prior(parts, picture)
+    with torch.no_grad():
+        theirs = tiny_flux.pipeline("dev")(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=SIZE, width=SIZE,
+                                            num_inference_steps=4, guidance_scale=3.5, output_type="np",
+                                            generator=torch.Generator().manual_seed(3)).images
+    assert np.abs(outcome.results["13"][0].numpy() - theirs).max() <= 1 / 255 + 1e-6
