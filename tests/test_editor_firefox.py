@@ -143,9 +143,11 @@ async def drive(firefox_port: int, url: str, shot: Path) -> dict[str, Any]:
             "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
             "actions": [{"type": "pointerMove", "x": int(box[0]), "y": int(box[1])},
                         {"type": "pointerDown", "button": 0}, {"type": "pointerUp", "button": 0}]}])
+        # the job itself (loading the model, sampling) runs in this wait: on a machine shared with
+        # other work it has taken longer than 90 s, so the wait allows for a slow one
         width = await bidi.wait_for(
             context, "(img => img && img.complete && img.naturalWidth)"
-                     "([...document.querySelectorAll('.node .node-media img.output')][0])")
+                     "([...document.querySelectorAll('.node .node-media img.output')][0])", timeout=300)
         await screenshot(bidi, context, shot)
     return {"nodes": nodes, "types": types, "image_width": width, "log": bidi.log}
 
