@@ -14,7 +14,10 @@ The grid is diffusers' FluxPipeline's: ``linspace(1, 1/N, N)`` shifted by
 2x2 latent patches (``use_dynamic_shifting``, diffusers' ``calculate_shift``), or a
 fixed shift ``s * t / (1 + (s - 1) t)`` without dynamic shifting ([schnell]).
 ComfyUI's ``ModelSamplingFlux`` fixes the size the shift is computed for: the
-config then carries ``kiln_shift_seq_len``.
+config then carries ``kiln_shift_seq_len``. A config with ``kiln_train_grid`` set
+takes the scheduler's own spacing instead (``set_timesteps(N)``: evenly spaced
+between the shifted training range's ends, then shifted), which is what diffusers'
+SD3 pipelines run; the family's config says which, the loop does not ask.
 
 Strength (AddNoise): FluxImg2ImgPipeline's rule, which differs from SD's by one
 rounding: ``t_start = int(N - N * s)`` (SD img2img rounds the steps run down,
@@ -93,6 +96,8 @@ SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
 }
 #: Kiln's own keys in a flow config (not diffusers'): the patch count ModelSamplingFlux fixed.
 SHIFT_SEQ_LEN = "kiln_shift_seq_len"
+#: Kiln's key for a flow config whose grid is the scheduler's default spacing (see the module docstring).
+TRAIN_GRID = "kiln_train_grid"
 #: The image side (pixels) a scheduler node shifts for when it is not told the size (ComfyUI's default).
 DEFAULT_SHIFT_SIZE = 1024
 
@@ -218,7 +223,10 @@ def scheduler(config: Mapping[str, Any], schedule: str, steps: int, h: int, w: i
     flags = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
              **SCHEDULE_FLAGS[schedule]}
     sched = FlowMatchEulerDiscreteScheduler.from_config(clean, **flags)
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu_for(config, h, w))
+    if config.get(TRAIN_GRID):
+        sched.set_timesteps(steps, mu=mu_for(config, h, w))
+    else:
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu_for(config, h, w))
     return sched
 
 
