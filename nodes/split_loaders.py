@@ -29,7 +29,8 @@ WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 def _families_types(count: int) -> list[str]:
     from nodes import families
 
-    return sorted({t for f in families.ALL if len(f.text_encoders) == count for t in f.clip_types})
+    return sorted({t for f in families.ALL for t in f.clip_types if len(f.text_encoders) == count
+                   or (getattr(f, "partial_text", False) and count < len(f.text_encoders))})
 
 
 def _unets(env: Any) -> list[str]:

@@ -212,8 +212,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load
+    from nodes.checkpoint import flux_load, sd3_load
+    from nodes.families.sd3 import is_sd3_transformer
 
+    if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
+        with reading(path):
+            return sd3_load.load_single_file(state, path.name, dtype)
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)

@@ -90,7 +90,8 @@ def encode(family: "SD3", clip: Any, text: str, report: Any = None, texts: dict[
     drop_empty = texts.pop("empty_padding", "empty_prompt") == "none"
     have = present(clip, family)
     if not have:
-        raise ConditioningError("clip holds none of SD3's text encoders (CLIP-L, CLIP-G, T5-XXL)", "clip")
+        raise ConditioningError(f"clip ({clip.name}) holds none of SD3's text encoders (CLIP-L, CLIP-G, T5-XXL): "
+                                "load them with TripleCLIPLoader", "clip")
     prompts = {spec.module: texts.get(spec.tokenizer, text) for spec in family.text_encoders if spec.module in have}
     if drop_empty and all(prompts.get(m, "") == "" for m in ("text_encoder", "text_encoder_2")):
         prompts.pop("text_encoder", None)

@@ -1,0 +1,155 @@
+"""Loading SD3.5 offline from the files people have.
+
+* Stability's single files (``sd3.5_large.safetensors``, ``sd3.5_medium.safetensors``,
+  ``sd3_medium_incl_clips*.safetensors``): ``model.diffusion_model.joint_blocks.*``,
+  ``first_stage_model.*`` and, in some, ``text_encoders.clip_l.``, ``.clip_g.`` and
+  ``.t5xxl.`` (each ``transformer.`` then transformers' layout). The released 3.5
+  files hold no text encoders: the checkpoint loads, its CLIP says what is missing
+  (ComfyUI gives no CLIP at all; Kiln gives one that has only the encoders found).
+* The transformer alone (UNETLoader), with or without ``model.diffusion_model.``.
+* The text encoders as separate files (nodes.checkpoint.split, TripleCLIPLoader).
+
+The original -> diffusers conversion is diffusers' own
+``convert_sd3_transformer_checkpoint_to_diffusers``; the config comes from the shapes
+(:func:`transformer_config`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
+from nodes.checkpoint.tensors import plain, shapes_of
+from nodes.families import sd3 as fam
+
+#: What the error names for each encoder a single file may lack.
+ENCODER_NAMES = {"text_encoder": "CLIP-L (text_encoders.clip_l.*)", "text_encoder_2": "CLIP-G (text_encoders.clip_g.*)",
+                 "text_encoder_3": "T5-XXL (text_encoders.t5xxl.*)"}
+#: Width of one attention head in every SD3 release (the head count is the width over this).
+HEAD_WIDTH = 64
+#: diffusers' SD3 sample_size (latent pixels); only a default image size, not a weight shape.
+SAMPLE_SIZE = 128
+
+
+def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """SD3Transformer2DModel arguments from original-layout shapes (no ``model.diffusion_model.``).
+
+    Depth from the joint blocks, width from the patch embedding, heads of 64 (the
+    q/k norm's width where the file has one), ``pos_embed_max_size`` from the table's
+    length, Medium's extra self-attention layers from their ``attn2`` keys."""
+    from nodes.families.base import indices
+
+    try:
+        proj = shapes["x_embedder.proj.weight"]
+        context = shapes["context_embedder.weight"]
+        pooled = shapes["y_embedder.mlp.0.weight"]
+        positions = shapes["pos_embed"][1]
+        final = shapes["final_layer.linear.weight"]
+    except KeyError as exc:
+        raise CheckpointError(f"not a complete SD3 transformer ({exc} is missing)") from None
+    layers = indices(shapes, r"joint_blocks\.(\d+)\.")
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"the SD3 transformer's joint blocks are not numbered 0..n (found {layers[:5]}...)")
+    width, patch = proj[0], proj[2]
+    qk = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
+    head = qk[0] if qk is not None else HEAD_WIDTH
+    side = math.isqrt(positions)
+    if side * side != positions or width % head:
+        raise CheckpointError(f"the SD3 transformer's shapes do not fit (width {width}, {positions} positions)")
+    return dict(sample_size=SAMPLE_SIZE, patch_size=patch, in_channels=proj[1], num_layers=len(layers),
+                attention_head_dim=head, num_attention_heads=width // head, joint_attention_dim=context[1],
+                caption_projection_dim=context[0], pooled_projection_dim=pooled[1],
+                out_channels=final[0] // (patch * patch), pos_embed_max_size=side,
+                dual_attention_layers=tuple(indices(shapes, r"joint_blocks\.(\d+)\.x_block\.attn2\.")),
+                qk_norm="rms_norm" if qk is not None else None)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """SD3Transformer2DModel from original-layout tensors (with or without the prefix)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in plain(state).items()}
+    try:
+        config = transformer_config({k: tuple(v.shape) for k, v in state.items()})
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    model = _empty(SD3Transformer2DModel, config)
+    try:
+        converted = sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: the SD3 transformer's keys do not fit the SD3 layout ({exc} is missing)") \
+            from None
+    try:
+        return _assign(model, converted, "SD3 transformer", dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+
+
+def build_vae(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> Any:
+    """The 16-channel SD3 VAE (FLUX's architecture, SD3's scale and shift in its config)."""
+    from nodes.checkpoint.flux_load import build_vae as build_16_channel
+
+    vae = build_16_channel(state, prefix, what, dtype)
+    vae.register_to_config(scaling_factor=fam.SD3_LATENT.scale, shift_factor=fam.SD3_LATENT.shift)
+    return vae
+
+
+def _sampling() -> dict[str, Any]:
+    return fam.FAMILY.scheduler_config()
+
+
+def load_transformer_file(state: Mapping, name: str, dtype: Any) -> Loaded:
+    """UNETLoader's SD3 path: the transformer alone."""
+    transformer = build_transformer(state, name, dtype)
+    return Loaded(family=fam.FAMILY, scheduler_config=_sampling(), latent=fam.SD3_LATENT,
+                  modules={"unet": transformer},
+                  info={"format": "unet", "prediction_type": "flow", "prediction_reason": "flow matching (SD3)"})
+
+
+def text_encoders(state: Mapping[str, Any], name: str, dtype: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(modules, tokenizers, missing encoder names) for the encoders a single file holds."""
+    from nodes.checkpoint import detect as det
+    from nodes.checkpoint.flux_load import build_t5
+    from nodes.checkpoint.load import build_text_encoder
+    from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+
+    shapes = shapes_of(state)
+    modules, tokenizers, missing = {}, {}, []
+    for spec in fam.FAMILY.text_encoders:
+        sub = {k: v for k, v in shapes.items() if k.startswith(spec.prefix)}
+        if not sub:
+            missing.append(spec.module)
+            continue
+        if spec.kind == "t5":
+            modules[spec.module] = build_t5(state, spec.prefix, name, dtype)
+            tokenizers[spec.tokenizer] = t5_tokenizer()
+            continue
+        config = det.lone_text_config(sub, "transformers", spec.prefix, spec.kind, drop_last=False)
+        try:
+            modules[spec.module] = build_text_encoder(state, spec.prefix, "transformers", spec, config, dtype)
+        except (CheckpointError, KeyError) as exc:
+            raise CheckpointError(f"{name}: the SD3 {ENCODER_NAMES[spec.module]} does not load: {exc}") from None
+        tokenizers[spec.tokenizer] = clip_tokenizer(spec.pad)
+    return modules, tokenizers, missing
+
+
+def load_single_file(state: Mapping, name: str, dtype: Any) -> Loaded:
+    """A Stability SD3 checkpoint: transformer, VAE and the text encoders it holds."""
+    shapes = shapes_of(state)
+    vae_prefix = next((p for p in ("first_stage_model.", "vae.") if p + "decoder.conv_in.weight" in shapes), None)
+    if vae_prefix is None:
+        raise CheckpointError(f"{name} holds an SD3 transformer without a VAE (no first_stage_model.*): it is a "
+                              "diffusion model, not a checkpoint. Load it with UNETLoader, the text encoders with "
+                              "TripleCLIPLoader (clip_l, clip_g, t5xxl) and the VAE with VAELoader")
+    transformer = build_transformer({k: state[k] for k in state if k.startswith(fam.UNET_PREFIX)}, name, dtype)
+    vae = build_vae(state, vae_prefix, name, dtype)
+    modules, tokenizers, missing = text_encoders(state, name, dtype)
+    info: dict[str, Any] = {"format": "single_file", "prediction_type": "flow",
+                            "prediction_reason": "flow matching (SD3)"}
+    if missing:
+        info["missing_text"] = [ENCODER_NAMES[m] for m in missing]
+    return Loaded(family=fam.FAMILY, scheduler_config=_sampling(), latent=fam.SD3_LATENT,
+                  modules={"unet": transformer, "vae": vae, **modules}, tokenizers=tokenizers, info=info)

@@ -1,0 +1,324 @@
+"""SD3.5 on a tiny random model: Kiln's loaders and nodes against diffusers' SD3 pipelines.
+
+Both sides get the same weights, seed, steps and strength (and the same init
+latent: diffusers samples the VAE posterior, Kiln's VAEEncode takes the mean, so
+the pipeline is handed the model-space latent as its 16-channel "image"). The
+decoded images must agree within 1/255 per pixel, and each parity test checks
+that strength or the prompt changes the result, so agreement is not vacuous. The
+tiny SD3 is written in Stability's single-file layout and ComfyUI's split files
+(tests/tiny_sd3.py) and loaded through the real loader nodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+import tiny_sd3
+from engine.context import NodeError
+from engine.executor import Executor
+from engine.registry import default_registry
+from engine.workflow import parse
+from node_call import Called, call, environment_over
+from nodes import families, loaders, sampling, sd3_nodes, split_loaders, text
+from nodes.families import sd3
+from nodes.flux_nodes import empty_sd3_latent_image
+from nodes.handles import ClipHandle, ModelHandle
+from nodes.latent import add_noise
+
+PIXEL_TOL = 1 / 255 + 1e-6
+SIZE = 64
+PROMPT, NEGATIVE = "a red barn in a field", "blurry, dark"
+SPLIT = dict(unet="tiny-sd3-large.safetensors", clip_l="tiny-sd3-clip_l.safetensors",
+             clip_g="tiny-sd3-clip_g.safetensors", t5="tiny-sd3-t5xxl.safetensors", vae="tiny-sd3-vae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tiny_sd3.make_models_folder(tmp_path_factory.mktemp("sd3-models"))
+
+
+@pytest.fixture()
+def env(root, tmp_path):
+    yield from environment_over(root, tmp_path)
+
+
+def _model(variant: str) -> ModelHandle:
+    parts = tiny_sd3.components(variant)
+    return ModelHandle(sd3.FAMILY, scheduler_config=sd3.FAMILY.scheduler_config(), latent=sd3.SD3_LATENT,
+                       _use_unet=lambda: contextlib.nullcontext(parts["transformer"]))
+
+
+def _embeds(variant: str):
+    with torch.no_grad():
+        return tiny_sd3.pipeline(variant).encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu",
+                                                        do_classifier_free_guidance=True)
+
+
+def _init_raw() -> torch.Tensor:
+    return torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7)) * 0.8 + 0.0609
+
+
+def kiln_img2img(variant: str, strength: float, steps: int = 6, seed: int = 42, cfg: float = 4.0) -> torch.Tensor:
+    pe, ne, pp, npl = _embeds(variant)
+    model = _model(variant)
+    (latent,) = add_noise(Called_ctx(), model, {"samples": _init_raw()}, strength=strength, seed=seed)
+    (out,) = sampling.ksampler(Called_ctx(), model, seed, steps, cfg, "euler", "normal",
+                               [[pe, {"pooled_output": pp}]], [[ne, {"pooled_output": npl}]], latent)
+    return tiny_models.decode(tiny_sd3.components(variant)["vae"], out["samples"])
+
+
+def diffusers_img2img(variant: str, strength: float, steps: int = 6, seed: int = 42, cfg: float = 4.0):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    pe, ne, pp, npl = _embeds(variant)
+    pipe = tiny_sd3.pipeline(variant, cls=StableDiffusion3Img2ImgPipeline)
+    with torch.no_grad():
+        out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp,
+                   negative_pooled_prompt_embeds=npl, image=sd3.SD3_LATENT.to_model(_init_raw()), strength=strength,
+                   height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=cfg,
+                   generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return out.permute(0, 2, 3, 1)
+
+
+def Called_ctx():  # noqa: N802 - a NodeContext for direct node calls
+    from test_flux import Recorder
+
+    return Recorder().ctx
+
+
+@pytest.mark.parametrize("variant", tiny_sd3.VARIANTS)
+def test_img2img_equals_sd3_img2img_pipeline(variant):
+    ours, theirs = kiln_img2img(variant, 0.6), diffusers_img2img(variant, 0.6)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - kiln_img2img(variant, 0.9)).abs().max() > 0.02  # strength matters
+
+
+def test_the_grid_is_the_sd3_pipelines():
+    """diffusers' SD3 pipelines call set_timesteps(N): the shifted training range, evenly spaced, shifted again."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nodes.samplers import flow
+
+    ours = flow.scheduler(sd3.FAMILY.scheduler_config(), "normal", 8, 8, 8)
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    theirs.set_timesteps(8)
+    assert torch.equal(ours.sigmas, theirs.sigmas) and torch.equal(ours.timesteps, theirs.timesteps)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _checkpoint(env, name="tiny-sd3-large.safetensors", record=None):
+    return call(loaders.checkpoint_loader, env, record, ckpt_name=name)
+
+
+def _split(env, order=("clip_g", "t5", "clip_l")):
+    (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["unet"])
+    (clip,) = call(sd3_nodes.triple_clip_loader, env, **{f"clip_name{i + 1}": SPLIT[k] for i, k in enumerate(order)})
+    (vae,) = call(loaders.vae_loader, env, vae_name=SPLIT["vae"])
+    return model, clip, vae
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_split_files_and_single_file_load_the_same_weights(env):
+    model, clip, vae = _checkpoint(env)
+    s_model, s_clip, s_vae = _split(env)
+    parts = tiny_sd3.components("large")
+    with model.unet() as a, s_model.unet() as b:
+        assert _same(a, b) and _same(a, parts["transformer"])
+    for module in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        with clip.encoder(module) as a, s_clip.encoder(module) as b:
+            assert _same(a, b) and _same(a, parts[module]), module
+    with vae.module() as a, s_vae.module() as b:
+        assert _same(a, b) and _same(a, parts["vae"])
+    assert model.family is s_model.family is sd3.FAMILY and clip.family is s_clip.family is sd3.FAMILY
+
+
+def test_medium_config_comes_from_the_shapes(env):
+    (model, _, _) = _checkpoint(env, "tiny-sd3-medium.safetensors")
+    theirs = tiny_sd3.components("medium")["transformer"]
+    with model.unet() as ours:
+        assert ours.config.dual_attention_layers == (0,) and ours.config.qk_norm == "rms_norm"
+        assert ours.config.pos_embed_max_size == 16 and _same(ours, theirs)
+
+
+def _encode(env, clip, text_):
+    return call(text.clip_text_encode, env, text=text_, clip=clip)[0]
+
+
+def kiln_txt2img(env, prompt=PROMPT, seed=5, steps=4, cfg=4.5):
+    model, clip, vae = _checkpoint(env)
+    pos, neg = _encode(env, clip, prompt), _encode(env, clip, NEGATIVE)
+    (latent,) = call(empty_sd3_latent_image, env, width=SIZE, height=SIZE, batch_size=1)
+    (out,) = call(sampling.ksampler, env, model=model, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
+                  scheduler="normal", positive=pos, negative=neg, latent_image=latent)
+    with vae.module() as v:
+        return tiny_models.decode(v, out["samples"])
+
+
+def test_txt2img_with_cfg_and_negative_equals_sd3_pipeline(env):
+    ours = kiln_txt2img(env)
+    with torch.no_grad():
+        theirs = tiny_sd3.pipeline("large")(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                                            num_inference_steps=4, guidance_scale=4.5, output_type="pt",
+                                            generator=torch.Generator().manual_seed(5)).images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - kiln_txt2img(env, prompt="a blue boat at sea")).abs().max() > 0.003  # the prompt matters
+
+
+def test_prompt_encoding_equals_encode_prompt(env):
+    _, clip, _ = _checkpoint(env)
+    cond = _encode(env, clip, PROMPT)
+    pe, _, pp, _ = _embeds("large")
+    assert cond[0][0].shape == (1, 77 + sd3.T5_TOKENS, tiny_sd3.T5)
+    assert torch.equal(cond[0][0], pe) and torch.equal(cond[0][1]["pooled_output"], pp)
+
+
+# -- nodes --------------------------------------------------------------------------------------
+
+
+def test_model_sampling_sd3_changes_the_schedule(env):
+    from nodes.samplers import flow
+
+    model = _model("large")
+    (same,) = call(sd3_nodes.model_sampling_sd3, env, model=model, shift=3.0)
+    (other,) = call(sd3_nodes.model_sampling_sd3, env, model=model, shift=6.0)
+    grid = [flow.scheduler(m.scheduler_config, "normal", 6, 8, 8).sigmas for m in (model, same, other)]
+    assert torch.equal(grid[0], grid[1]) and (grid[0] - grid[2]).abs().max() > 0.05
+    assert (grid[2][1:-1] > grid[0][1:-1]).all()  # a larger shift keeps more noise at each step
+    with pytest.raises(NodeError) as err:
+        call(sd3_nodes.model_sampling_sd3, env, model=ModelHandle(families.by_name("sd1"), scheduler_config={},
+                                                                   latent=None), shift=3.0)
+    assert err.value.input_name == "model"
+
+
+def test_clip_text_encode_sd3_sends_each_encoder_its_prompt(env):
+    _, clip, _ = _checkpoint(env)
+    (both,) = call(sd3_nodes.clip_text_encode_sd3, env, clip=clip, clip_l=PROMPT, clip_g=PROMPT, t5xxl=PROMPT,
+                   empty_padding="none")
+    assert torch.equal(both[0][0], _encode(env, clip, PROMPT)[0][0])
+    (no_t5,) = call(sd3_nodes.clip_text_encode_sd3, env, clip=clip, clip_l=PROMPT, clip_g=PROMPT, t5xxl="",
+                    empty_padding="none")
+    assert no_t5[0][0].shape == (1, 77, 4096)  # no T5: ComfyUI pads the CLIP states to T5-XXL's width
+    assert torch.equal(no_t5[0][0][..., :tiny_sd3.T5], both[0][0][:, :77]) and not no_t5[0][0][..., tiny_sd3.T5:].any()
+    (padded,) = call(sd3_nodes.clip_text_encode_sd3, env, clip=clip, clip_l=PROMPT, clip_g=PROMPT, t5xxl="",
+                     empty_padding="empty_prompt")
+    assert padded[0][0].shape[1] == 77 + sd3.T5_TOKENS
+    (other_l,) = call(sd3_nodes.clip_text_encode_sd3, env, clip=clip, clip_l="a dog", clip_g=PROMPT, t5xxl=PROMPT,
+                      empty_padding="none")
+    l_width = tiny_sd3.CLIP_L
+    assert not torch.equal(other_l[0][0][..., :l_width], both[0][0][..., :l_width])
+    assert torch.equal(other_l[0][0][..., l_width:tiny_sd3.CLIP_L + tiny_sd3.CLIP_G][:, :77],
+                       both[0][0][..., l_width:tiny_sd3.CLIP_L + tiny_sd3.CLIP_G][:, :77])
+
+
+def test_comfyui_api_sd3_graph_runs_unchanged(env):
+    """ComfyUI's SD3.5 template shape: a checkpoint without text encoders, TripleCLIPLoader,
+    ModelSamplingSD3, EmptySD3LatentImage; equal to StableDiffusion3Pipeline."""
+    graph = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd3-large-noclip.safetensors"}},
+        "11": {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": SPLIT["clip_l"],
+                                                            "clip_name2": SPLIT["clip_g"], "clip_name3": SPLIT["t5"]}},
+        "13": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["4", 0], "shift": 3.0}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["11", 0]}},
+        "71": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["11", 0]}},
+        "135": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {"model": ["13", 0], "seed": 5, "steps": 4, "cfg": 4.5,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["6", 0], "negative": ["71", 0],
+                                                   "latent_image": ["135", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "sd3"}},
+    }
+    outcome = Executor(default_registry(), env).run(parse(json.loads(json.dumps(graph))))
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    theirs = tiny_sd3.pipeline("large")(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                                        num_inference_steps=4, guidance_scale=4.5, output_type="np",
+                                        generator=torch.Generator().manual_seed(5)).images
+    assert np.abs(outcome.results["8"][0].numpy() - theirs).max() <= PIXEL_TOL
+
+
+# -- detection and bad input --------------------------------------------------------------------
+
+
+def test_detection_claims_sd3_only():
+    import tiny_flux
+
+    sd3_keys = {k: tuple(v.shape) for k, v in tiny_sd3.original_transformer("large").items()}
+    flux_keys = {k: tuple(v.shape) for k, v in tiny_flux.bfl_transformer("dev").items()}
+    assert families.for_unet(sd3_keys) is sd3.FAMILY
+    assert families.for_unet(flux_keys).name.startswith("flux")
+    assert not sd3.FAMILY.claims_unet(flux_keys) and not sd3.FAMILY.claims_unet(
+        {"model.diffusion_model." + k: v for k, v in flux_keys.items()})
+    assert not any(f.claims_unet(sd3_keys) for f in families.ALL if f.name.startswith("flux"))
+    assert not sd3.FAMILY.claims_unet({"model.diffusion_model.input_blocks.0.0.weight": (1,)})
+
+
+def test_checkpoint_without_encoders_names_them(env):
+    record = Called()
+    model, clip, vae = _checkpoint(env, "tiny-sd3-large-noclip.safetensors", record)
+    assert any("CLIP-L" in m and "CLIP-G" in m and "T5-XXL" in m for m in record.messages), record.messages
+    with pytest.raises(NodeError) as err:
+        _encode(env, clip, PROMPT)
+    assert err.value.input_name == "clip" and "TripleCLIPLoader" in str(err.value)
+    record = Called()
+    _, clip, _ = _checkpoint(env, "tiny-sd3-large-not5.safetensors", record)
+    assert any("T5-XXL" in m and "CLIP-L" not in m for m in record.messages), record.messages
+    cond = _encode(env, clip, PROMPT)  # ComfyUI's rule: no T5 tokens, CLIP states padded to T5-XXL's 4096
+    assert cond[0][0].shape == (1, 77, 4096) and cond[0][1]["pooled_output"].shape == (1, tiny_sd3.CLIP_L + tiny_sd3.CLIP_G)
+
+
+def test_clip_loader_sd3_with_one_encoder_gives_zeros_for_the_rest(env):
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=SPLIT["clip_g"], type="sd3")
+    cond = _encode(env, clip, PROMPT)
+    states, pooled = cond[0][0], cond[0][1]["pooled_output"]
+    assert states.shape == (1, 77, 4096) and pooled.shape == (1, 768 + tiny_sd3.CLIP_G)
+    assert not states[..., :768].any() and states[..., 768:768 + tiny_sd3.CLIP_G].any()
+    assert not pooled[:, :768].any() and not states[..., 768 + tiny_sd3.CLIP_G:].any()
+    (dual,) = call(split_loaders.dual_clip_loader, env, clip_name1=SPLIT["clip_g"], clip_name2=SPLIT["clip_l"],
+                   type="sd3")
+    both = _encode(env, dual, PROMPT)[0][0]
+    assert both.shape == (1, 77, 4096) and torch.equal(both[..., :tiny_sd3.CLIP_L + tiny_sd3.CLIP_G],
+                                                       _encode(env, _checkpoint(env)[1], PROMPT)[0][0][:, :77, :tiny_sd3.CLIP_L + tiny_sd3.CLIP_G])
+    # the tiny transformer reads 96-wide text: a 4096-wide conditioning is refused on the input that carries it
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    with pytest.raises(NodeError) as err:
+        call(sampling.ksampler, env, model=_model("large"), seed=0, steps=2, cfg=1.0, sampler_name="euler",
+             scheduler="normal", positive=cond, negative=cond, latent_image=empty)
+    assert err.value.input_name == "positive" and "TripleCLIPLoader" in str(err.value)
+
+
+def test_a_clip_l_only_conditioning_on_sd3_names_the_input(env):
+    sd1_like = [[torch.randn(1, 77, tiny_sd3.T5), {"pooled_output": None}]]
+    pe, _, pp, _ = _embeds("large")
+    with pytest.raises(NodeError) as err:
+        call(sampling.ksampler, env, model=_model("large"), seed=0, steps=2, cfg=2.0, sampler_name="euler",
+             scheduler="normal", positive=[[pe, {"pooled_output": pp}]], negative=sd1_like,
+             latent_image={"samples": torch.zeros(1, 16, 8, 8)})
+    assert err.value.input_name == "negative" and "pooled_output" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        call(sd3_nodes.clip_text_encode_sd3, env, clip=ClipHandle(family=families.by_name("sd1"), tokenizers={}),
+             clip_l="a", clip_g="a", t5xxl="a", empty_padding="none")
+    assert err.value.input_name == "clip"
+
+
+def test_a_mismatched_sd3_file_names_family_and_keys(env, root):
+    from safetensors.torch import save_file
+
+    state = tiny_sd3.original_transformer("large")
+    state.pop("joint_blocks.0.x_block.mlp.fc1.weight")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "diffusion_models" / "broken.safetensors"))
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.unet_loader, env, unet_name="broken.safetensors")
+    assert err.value.input_name == "unet_name"
+    assert "SD3" in str(err.value) and "joint_blocks.0.x_block.mlp.fc1.weight" in str(err.value)
