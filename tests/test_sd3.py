@@ -322,3 +322,17 @@ def test_a_mismatched_sd3_file_names_family_and_keys(env, root):
         call(split_loaders.unet_loader, env, unet_name="broken.safetensors")
     assert err.value.input_name == "unet_name"
     assert "SD3" in str(err.value) and "joint_blocks.0.x_block.mlp.fc1.weight" in str(err.value)
+
+
+def test_prompt_weights_reach_both_clips_and_t5(env):
+    """ComfyUI's weight syntax: CLIP tokens by nodes.families.text's rule, T5 tokens by t5_weights'; the pooled
+    output stays the prompt's (weights never apply to it)."""
+    _, clip, _ = _checkpoint(env)
+    plain, weighted = _encode(env, clip, PROMPT), _encode(env, clip, "a (red barn:1.4) in a field")
+    states, base = weighted[0][0], plain[0][0]
+    assert states.shape == base.shape
+    width = tiny_sd3.CLIP_L + tiny_sd3.CLIP_G
+    assert (states[:, :77, :width] - base[:, :77, :width]).abs().max() > 1e-3  # the CLIP part moved
+    assert (states[:, 77:] - base[:, 77:]).abs().max() > 1e-3  # the T5 part moved
+    assert torch.equal(states[:, :1], base[:, :1])  # the start token has weight 1
+    assert torch.equal(weighted[0][1]["pooled_output"], plain[0][1]["pooled_output"])
