@@ -335,4 +335,5 @@ def test_prompt_weights_reach_both_clips_and_t5(env):
     assert (states[:, :77, :width] - base[:, :77, :width]).abs().max() > 1e-3  # the CLIP part moved
     assert (states[:, 77:] - base[:, 77:]).abs().max() > 1e-3  # the T5 part moved
     assert torch.equal(states[:, :1], base[:, :1])  # the start token has weight 1
-    assert torch.equal(weighted[0][1]["pooled_output"], plain[0][1]["pooled_output"])
+    # the same tokens (batched with the empty prompt, so equal up to float rounding)
+    assert torch.allclose(weighted[0][1]["pooled_output"], plain[0][1]["pooled_output"], atol=1e-5)
