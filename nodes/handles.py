@@ -40,6 +40,8 @@ class SamplingPatches:
     cfg_rescale: float = 0.0
     #: PerturbedAttentionGuidance's scale (0: none), see nodes.families.perturbed.
     pag_scale: float = 0.0
+    #: SkipLayerGuidanceSD3's settings (None: off), see nodes.families.skip_layers.
+    skip_layers: Any = None
     #: DifferentialDiffusion's strength (None: a soft noise mask blends as it is), see nodes.samplers.hold.
     differential_diffusion: float | None = None
     #: FreeU's settings (None: off), see nodes.families.freeu.

@@ -106,3 +106,48 @@ def model_sampling_sd3(ctx, model, shift: float = 3.0):
     config = {k: v for k, v in model.scheduler_config.items() if k != flow.SHIFT_SEQ_LEN}
     config.update(shift=value, use_dynamic_shifting=False)
     return (dataclasses.replace(model, scheduler_config=config),)
+
+
+@define_node(
+    "SkipLayerGuidanceSD3",
+    category="advanced/guidance",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("layers", T.STRING, default="7, 8, 9",
+              tooltip="Joint blocks left out of the extra pass (numbers, any separators)."),
+        Input("scale", T.FLOAT, default=3.0, min=0.0, max=10.0, step=0.1),
+        Input("start_percent", T.FLOAT, default=0.01, min=0.0, max=1.0, step=0.001),
+        Input("end_percent", T.FLOAT, default=0.15, min=0.0, max=1.0, step=0.001),
+    ],
+    outputs=[Output("MODEL", T.MODEL)],
+)
+def skip_layer_guidance_sd3(ctx, model, layers: str = "7, 8, 9", scale: float = 3.0, start_percent: float = 0.01,
+                            end_percent: float = 0.15):
+    """Skip-layer guidance (nodes.families.skip_layers) between start_percent and end_percent of the
+    schedule, the percents turned into noise levels on the model's shifted flow schedule as ComfyUI does."""
+    import re
+
+    from nodes.families.skip_layers import SkipLayers, flow_sigma_at_percent
+    from nodes.samplers import flow
+
+    if not isinstance(model, ModelHandle) or not isinstance(model.family, SD3) \
+            or not flow.is_flow(model.scheduler_config):
+        name = getattr(getattr(model, "family", None), "name", type(model).__name__)
+        raise NodeError(f"model is {name}: SkipLayerGuidanceSD3 needs an SD3 model", "model")
+    if not isinstance(layers, str):
+        raise NodeError("layers must be a string of block numbers", "layers")
+    chosen = tuple(sorted({int(n) for n in re.findall(r"\d+", layers)}))
+    for name, value in (("scale", scale), ("start_percent", start_percent), ("end_percent", end_percent)):
+        if not isinstance(value, (int, float)):
+            raise NodeError(f"{name} must be a number", name)
+    if not chosen or float(scale) == 0.0:
+        return (model,)  # nothing to skip: the handle samples as given
+    depth = int(model.peek().config.num_layers)
+    outside = [i for i in chosen if i >= depth]
+    if outside:
+        raise NodeError(f"layers {outside} do not exist: this SD3 transformer has joint blocks 0..{depth - 1}",
+                        "layers")
+    shift = float(model.scheduler_config.get("shift", 1.0))
+    settings = SkipLayers(chosen, float(scale), flow_sigma_at_percent(start_percent, shift),
+                          flow_sigma_at_percent(end_percent, shift))
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, skip_layers=settings)),)

@@ -337,3 +337,42 @@ def test_prompt_weights_reach_both_clips_and_t5(env):
     assert torch.equal(states[:, :1], base[:, :1])  # the start token has weight 1
     # the same tokens (batched with the empty prompt, so equal up to float rounding)
     assert torch.allclose(weighted[0][1]["pooled_output"], plain[0][1]["pooled_output"], atol=1e-5)
+
+
+def test_skip_layer_guidance_equals_sd3_pipelines_skip_guidance_layers(env):
+    """SkipLayerGuidanceSD3 with a percent window covering the same steps as diffusers' step window
+    (steps 2..4 of 6: start 0.2, stop 0.7) equals StableDiffusion3Pipeline's skip_guidance_layers."""
+    from nodes.samplers import flow
+
+    steps, cfg, shift = 6, 4.0, 3.0
+    sigmas = [float(s) for s in flow.scheduler(sd3.FAMILY.scheduler_config(), "normal", steps, 8, 8).sigmas]
+
+    def percent(sigma: float) -> float:  # ComfyUI's percent for a level on the shift-3 flow schedule
+        return 1.0 - sigma / (shift - (shift - 1.0) * sigma)
+
+    start, end = percent((sigmas[1] + sigmas[2]) / 2), percent((sigmas[4] + sigmas[5]) / 2)
+    pe, ne, pp, npl = _embeds("large")
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+
+    def kiln(model):
+        (out,) = call(sampling.ksampler, env, model=model, seed=5, steps=steps, cfg=cfg, sampler_name="euler",
+                      scheduler="normal", positive=[[pe, {"pooled_output": pp}]],
+                      negative=[[ne, {"pooled_output": npl}]], latent_image=empty)
+        return tiny_models.decode(tiny_sd3.components("large")["vae"], out["samples"])
+
+    (slg,) = call(sd3_nodes.skip_layer_guidance_sd3, env, model=_model("large"), layers="1", scale=2.5,
+                  start_percent=start, end_percent=end)
+    ours = kiln(slg)
+    with torch.no_grad():
+        theirs = tiny_sd3.pipeline("large")(
+            prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npl,
+            height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=cfg, skip_guidance_layers=[1],
+            skip_layer_guidance_scale=2.5, skip_layer_guidance_start=0.2, skip_layer_guidance_stop=0.7,
+            output_type="pt", generator=torch.Generator().manual_seed(5)).images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - kiln(_model("large"))).abs().max() > 0.003  # the guidance changes the image
+    (same,) = call(sd3_nodes.skip_layer_guidance_sd3, env, model=_model("large"), layers="", scale=2.5)
+    assert same.patches.skip_layers is None
+    with pytest.raises(NodeError) as err:
+        call(sd3_nodes.skip_layer_guidance_sd3, env, model=_model("large"), layers="7, 8, 9")
+    assert err.value.input_name == "layers" and "0..1" in str(err.value)

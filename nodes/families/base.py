@@ -238,6 +238,13 @@ class Family:
         ``kiln_network``, where the runtime reads its placement (nodes.runtime.offload.offloaded)."""
         return network
 
+    def skipping(self, network: Any, layers: tuple[int, ...]) -> Any:
+        """A context manager under which ``network`` (as :meth:`wrap_network` returned it) runs with
+        its transformer blocks ``layers`` left out (SkipLayerGuidanceSD3's pass). Only DiT families
+        whose network can leave blocks out have one."""
+        raise ConditioningError(f"skip-layer guidance needs a transformer that can leave blocks out; this "
+                                f"{self.name} model has none", "model")
+
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """Module names LoRA files use for ``network``'s weights beyond its own parameter names
         (see nodes.lora_keys.module_names). SD UNets: none here (nodes.lora_keys derives their

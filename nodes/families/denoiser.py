@@ -41,7 +41,7 @@ class Denoiser:
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
                  names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
-                 always_guided: bool = False) -> None:
+                 always_guided: bool = False, skip_layers: Any = None) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
@@ -50,7 +50,8 @@ class Denoiser:
         inputs the two sides came from, which errors name (a guider composing several
         denoisers, nodes.families.dual_cfg, passes its own); ``guidance``: the model's guidance
         rules (nodes.families.guidance_rules), run with fresh state for this denoiser's run;
-        ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it)."""
+        ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it);
+        ``skip_layers``: skip-layer guidance (nodes.families.skip_layers.SkipLayers) or None."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -63,12 +64,15 @@ class Denoiser:
         self.guided = self.cfg != 1.0 or always_guided
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
+        self.skip_layers = skip_layers
         from nodes.families.guidance_rules import GuidanceRun
 
         #: ComfyUI's CFG-changing patches (CFGZeroStar, APG, ...), None when there are none.
         self._rules = GuidanceRun(guidance, self.jobs) if guidance else None
         #: The conditional-only denoiser the perturbed-attention pass runs (made when first needed).
         self._perturbed: "Denoiser | None" = None
+        #: The conditional-only denoiser the skip-layer pass runs (made when first needed).
+        self._skipping: "Denoiser | None" = None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
                           image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type,
                           names=names)
@@ -207,6 +211,8 @@ class Denoiser:
         self-attention in its middle block, by ``pag_scale`` (diffusers' and ComfyUI's rule).
         The perturbed pass is a conditional-only denoiser over the same network: one more
         pass per evaluation, as diffusers' PAG pipeline makes."""
+        if self.skip_layers is not None:
+            guided = self._skip_layer_guided(guided, cond, model_in, t)
         if not self.pag_scale:
             return guided
         from nodes.families.perturbed import identity_middle_attention
@@ -216,6 +222,20 @@ class Denoiser:
         with identity_middle_attention(self.network):
             perturbed = self._perturbed.model_output(model_in, t)
         return guided + self.pag_scale * (cond - perturbed)
+
+    def _skip_layer_guided(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
+                           t: Any) -> "torch.Tensor":
+        """``guided`` pushed away from the conditional prediction of the network with some blocks left
+        out, inside the settings' noise window (ComfyUI's SkipLayerGuidanceSD3, diffusers' SD3
+        ``skip_guidance_layers``): one more conditional pass per evaluation there."""
+        settings = self.skip_layers
+        if not settings.active(float(self.schedule.sigma(float(t)))):
+            return guided
+        if self._skipping is None:
+            self._skipping = Denoiser(negative=None, cfg=1.0, **self._args)
+        with self.family.skipping(self._skipping.network, settings.layers):
+            skipped = self._skipping.model_output(model_in, t)
+        return guided + settings.scale * (cond - skipped)
 
     def sigma_at_percent(self, percent: float) -> float:
         """ComfyUI's percent -> noise level (schedules.percent_to_sigma) on this model's schedule."""

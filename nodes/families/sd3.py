@@ -22,7 +22,8 @@ What differs from the other families, and where it lives:
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec
 
@@ -73,6 +74,8 @@ class SD3Network:
 
         self.transformer = transformer
         self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
+        #: joint blocks every call leaves out (set while SD3.skipping is in effect)
+        self.skip_layers: tuple[int, ...] = ()
 
     @property
     def kiln_network(self) -> Any:
@@ -94,6 +97,8 @@ class SD3Network:
                                     f"transformer reads {width} (encode the prompt with SD3's CLIP: "
                                     "TripleCLIPLoader, or an SD3 checkpoint with its text encoders)", "positive")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
+        if self.skip_layers:
+            kwargs["skip_layers"] = list(self.skip_layers)
         out = self.transformer(hidden_states=x, timestep=time.to(self.dtype),
                                encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)[0]
         return (out,)
@@ -145,6 +150,21 @@ class SD3(Family):
 
     def wrap_network(self, network: Any) -> Any:
         return SD3Network(network)
+
+    @contextlib.contextmanager
+    def skipping(self, network: Any, layers: tuple[int, ...]) -> Iterator[None]:
+        """``network`` (an :class:`SD3Network`) leaves out joint blocks ``layers`` while in effect:
+        diffusers' own ``skip_layers`` (each skipped block passes both token streams through)."""
+        depth = int(network.transformer.config.num_layers)
+        outside = [i for i in layers if not 0 <= i < depth]
+        if outside:
+            raise ConditioningError(f"layers {outside} do not exist: this SD3 transformer has joint blocks "
+                                    f"0..{depth - 1}", "layers")
+        saved, network.skip_layers = network.skip_layers, tuple(layers)
+        try:
+            yield
+        finally:
+            network.skip_layers = saved
 
     def original_names(self, network: Any) -> dict[str, str]:
         """diffusers' own parameter names (the original layout's fused qkv has no one-to-one name)."""

@@ -63,7 +63,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
-                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance)
+                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance,
+                    **({"skip_layers": patches.skip_layers} if patches.skip_layers is not None and dual is None else {}))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
