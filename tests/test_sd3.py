@@ -67,8 +67,8 @@ def _init_raw() -> torch.Tensor:
 def kiln_img2img(variant: str, strength: float, steps: int = 6, seed: int = 42, cfg: float = 4.0) -> torch.Tensor:
     pe, ne, pp, npl = _embeds(variant)
     model = _model(variant)
-    (latent,) = add_noise(Called_ctx(), model, {"samples": _init_raw()}, strength=strength, seed=seed)
-    (out,) = sampling.ksampler(Called_ctx(), model, seed, steps, cfg, "euler", "normal",
+    (latent,) = add_noise(_ctx(), model, {"samples": _init_raw()}, strength=strength, seed=seed)
+    (out,) = sampling.ksampler(_ctx(), model, seed, steps, cfg, "euler", "normal",
                                [[pe, {"pooled_output": pp}]], [[ne, {"pooled_output": npl}]], latent)
     return tiny_models.decode(tiny_sd3.components(variant)["vae"], out["samples"])
 
@@ -86,7 +86,8 @@ def diffusers_img2img(variant: str, strength: float, steps: int = 6, seed: int =
     return out.permute(0, 2, 3, 1)
 
 
-def Called_ctx():  # noqa: N802 - a NodeContext for direct node calls
+def _ctx():
+    """A NodeContext for calling node functions directly (test_flux's recorder)."""
     from test_flux import Recorder
 
     return Recorder().ctx
@@ -376,3 +377,37 @@ def test_skip_layer_guidance_equals_sd3_pipelines_skip_guidance_layers(env):
     with pytest.raises(NodeError) as err:
         call(sd3_nodes.skip_layer_guidance_sd3, env, model=_model("large"), layers="7, 8, 9")
     assert err.value.input_name == "layers" and "0..1" in str(err.value)
+
+
+def test_latent_space_and_preview_are_sd3s():
+    raw = torch.randn(1, 16, 4, 4)
+    assert torch.allclose(sd3.SD3_LATENT.to_model(raw), (raw - 0.0609) * 1.5305)
+    assert torch.allclose(sd3.SD3_LATENT.from_model(sd3.SD3_LATENT.to_model(raw)), raw, atol=1e-6)
+    preview = sd3.SD3_LATENT.preview_rgb(torch.zeros(16, 4, 4))  # the bias alone: ComfyUI's (0.2394, 0.2135, 0.1925)
+    assert preview.shape == (4, 4, 3) and preview[0, 0].tolist() == [158, 155, 152]
+
+
+def test_triple_clip_loader_refuses_a_wrong_set_by_input(env):
+    with pytest.raises(NodeError) as err:
+        call(sd3_nodes.triple_clip_loader, env, clip_name1=SPLIT["clip_l"], clip_name2=SPLIT["clip_l"],
+             clip_name3=SPLIT["t5"])
+    assert err.value.input_name == "clip_name1" and "sd3" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        call(sd3_nodes.triple_clip_loader, env, clip_name1=SPLIT["clip_l"], clip_name2=SPLIT["unet"],
+             clip_name3=SPLIT["t5"])
+    assert err.value.input_name == "clip_name2"
+
+
+def test_a_flux_lora_on_sd3_names_the_input(env, root):
+    from safetensors.torch import save_file
+
+    from nodes import lora
+
+    (root / "loras").mkdir(exist_ok=True)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(96, 4)},
+              str(root / "loras" / "flux-on-sd3.safetensors"))
+    (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["unet"])
+    with pytest.raises(NodeError) as err:
+        call(lora.lora_loader_model_only, env, model=model, lora_name="flux-on-sd3.safetensors", strength_model=1.0)
+    assert err.value.input_name == "lora_name" and "sd3" in str(err.value) and "FLUX LoRA" in str(err.value)
