@@ -411,3 +411,19 @@ def test_a_flux_lora_on_sd3_names_the_input(env, root):
     with pytest.raises(NodeError) as err:
         call(lora.lora_loader_model_only, env, model=model, lora_name="flux-on-sd3.safetensors", strength_model=1.0)
     assert err.value.input_name == "lora_name" and "sd3" in str(err.value) and "FLUX LoRA" in str(err.value)
+
+
+def test_a_diffusers_sd3_folder_loads_the_same_weights(env, root):
+    """CheckpointLoader on StableDiffusion3Pipeline.save_pretrained's folder: the pipeline's own weights,
+    the scheduler's shift, and the same image as the single file."""
+    tiny_sd3.pipeline("large").save_pretrained(str(root / "checkpoints" / "tiny-sd3-diffusers"),
+                                               safe_serialization=True)
+    model, clip, vae = _checkpoint(env, "tiny-sd3-diffusers")
+    parts = tiny_sd3.components("large")
+    with model.unet() as net:
+        assert _same(net, parts["transformer"])
+    for module in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        with clip.encoder(module) as te:
+            assert _same(te, parts[module]), module
+    assert model.scheduler_config["shift"] == 3.0 and model.latent.scale == sd3.SD3_LATENT.scale
+    assert torch.equal(_encode(env, clip, PROMPT)[0][0], _embeds("large")[0])

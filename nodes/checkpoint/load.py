@@ -425,8 +425,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
     asked before building (ModelManager.plan_for_load); a single-file FLUX transformer that will be
     paged to disk is built straight into its blocks (nodes.checkpoint.flux_blocks)."""
     if path.is_dir():
-        from nodes.checkpoint import flux_load
+        from nodes.checkpoint import flux_load, sd3_load
 
+        if sd3_load.is_sd3_folder(path):
+            return sd3_load.load_folder(path, dtype)
         if flux_load.is_flux_folder(path):
             return flux_load.load_folder(path, dtype, offload=offload)
         if not is_diffusers_folder(path):

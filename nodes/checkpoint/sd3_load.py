@@ -153,3 +153,69 @@ def load_single_file(state: Mapping, name: str, dtype: Any) -> Loaded:
         info["missing_text"] = [ENCODER_NAMES[m] for m in missing]
     return Loaded(family=fam.FAMILY, scheduler_config=_sampling(), latent=fam.SD3_LATENT,
                   modules={"unet": transformer, "vae": vae, **modules}, tokenizers=tokenizers, info=info)
+
+
+def is_sd3_folder(path: Any) -> bool:
+    """A diffusers SD3 pipeline folder: a transformer beside a third text encoder, or a model index naming SD3."""
+    import json
+
+    index = path / "model_index.json"
+    if not (path.is_dir() and index.is_file() and (path / "transformer").is_dir()):
+        return False
+    if (path / "text_encoder_3").is_dir():
+        return True
+    try:
+        return "StableDiffusion3" in str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError):
+        return False
+
+
+def load_folder(path: Any, dtype: Any) -> Loaded:
+    """A diffusers SD3 pipeline folder (StableDiffusion3Pipeline.save_pretrained / the hub layout); a folder
+    without text_encoder_3 (diffusers allows it) gives zeros for T5, as diffusers' pipeline does."""
+    import dataclasses
+    import json
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    from nodes.checkpoint.flux_load import _folder_t5
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.load import quiet_progress
+    from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+
+    quiet_progress()
+    modules: dict[str, Any] = {}
+    try:
+        modules["unet"] = folder_component(path / "transformer", SD3Transformer2DModel, dtype)
+        modules["vae"] = folder_component(path / "vae", AutoencoderKL, dtype)
+        for spec in fam.FAMILY.text_encoders:
+            if not (path / spec.module).is_dir():
+                continue
+            modules[spec.module] = _folder_t5(path / spec.module, dtype) if spec.kind == "t5" else \
+                folder_component(path / spec.module, CLIPTextModelWithProjection, dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: not a loadable diffusers SD3 folder ({exc})") from exc
+    for m in modules.values():
+        m.eval()
+        m.requires_grad_(False)
+    tokenizers = {}
+    for spec in fam.FAMILY.text_encoders:
+        if spec.module in modules:
+            tokenizers[spec.tokenizer] = t5_tokenizer() if spec.kind == "t5" else clip_tokenizer(spec.pad)
+    config = fam.FAMILY.scheduler_config()
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        shift = json.loads(sched_file.read_text()).get("shift")
+        if shift is not None:
+            config["shift"] = float(shift)
+    vae_cfg = modules["vae"].config
+    latent = dataclasses.replace(fam.SD3_LATENT, scale=float(vae_cfg.scaling_factor),
+                                 shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
+    info: dict[str, Any] = {"format": "diffusers", "prediction_type": "flow", "prediction_reason": "flow matching (SD3)"}
+    missing = [ENCODER_NAMES[s.module].split(" (")[0] for s in fam.FAMILY.text_encoders if s.module not in modules]
+    if missing:
+        info["missing_text"] = missing
+    return Loaded(family=fam.FAMILY, scheduler_config=config, latent=latent, modules=modules, tokenizers=tokenizers,
+                  info=info)
