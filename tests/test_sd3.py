@@ -427,3 +427,28 @@ def test_a_diffusers_sd3_folder_loads_the_same_weights(env, root):
             assert _same(te, parts[module]), module
     assert model.scheduler_config["shift"] == 3.0 and model.latent.scale == sd3.SD3_LATENT.scale
     assert torch.equal(_encode(env, clip, PROMPT)[0][0], _embeds("large")[0])
+
+
+def test_comfyuis_sd35_simple_example_template_runs_unchanged(env):
+    """ComfyUI's own ``sd3.5_simple_example`` editor file (its template package), only the checkpoint, size,
+    steps and seed overridden: an empty negative prompt at cfg 4.01, euler on sgm_uniform (the uniform
+    grid), equal to StableDiffusion3Pipeline."""
+    import comfyui_workflow_templates
+
+    from engine.formats import parse_document
+
+    folder = Path(comfyui_workflow_templates.__file__).parent / "templates"
+    registry = default_registry()
+    document = json.loads((folder / "sd3.5_simple_example.json").read_text(encoding="utf-8"))
+    wf = parse_document(document, registry).with_overrides({
+        "4.ckpt_name": "tiny-sd3-large.safetensors", "53.width": SIZE, "53.height": SIZE, "3.steps": 4,
+        "3.seed": 11})
+    assert (wf.nodes["3"].inputs["scheduler"], wf.nodes["3"].inputs["cfg"]) == ("sgm_uniform", 4.01)
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    prompt, negative = wf.nodes["16"].inputs["text"], wf.nodes["40"].inputs["text"]
+    assert negative == "" and len(prompt) > 100
+    theirs = tiny_sd3.pipeline("large")(prompt=prompt, negative_prompt=negative, height=SIZE, width=SIZE,
+                                        num_inference_steps=4, guidance_scale=4.01, output_type="np",
+                                        generator=torch.Generator().manual_seed(11)).images
+    assert np.abs(outcome.results["8"][0].numpy() - theirs).max() <= PIXEL_TOL
