@@ -69,7 +69,6 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     nodes.checkpoint.flux_load.OffloadAsk)."""
     state = open_state(path)
     from nodes.checkpoint import flux_load
-
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer({k: () for k in state}):

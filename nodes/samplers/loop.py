@@ -59,12 +59,15 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     sched = plan.scheduler
     x = plan.start.to(device=compute_device(network), dtype=torch.float32)
     make = Denoiser if dual is None else dual.denoiser
+    extra = {} if patches.skip_layers is None else {"skip_layers": patches.skip_layers}
+    if extra and dual is not None:
+        raise ConditioningError("skip-layer guidance does not combine with a guider of several denoisers "
+                                "(DualCFGGuider, PerpNeg) yet; use CFGGuider or KSampler", "model")
     schedule = training_schedule(training_config)
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
-                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance,
-                    **({"skip_layers": patches.skip_layers} if patches.skip_layers is not None and dual is None else {}))
+                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance, **extra)
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
