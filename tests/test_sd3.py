@@ -452,3 +452,21 @@ def test_comfyuis_sd35_simple_example_template_runs_unchanged(env):
                                         num_inference_steps=4, guidance_scale=4.01, output_type="np",
                                         generator=torch.Generator().manual_seed(11)).images
     assert np.abs(outcome.results["8"][0].numpy() - theirs).max() <= PIXEL_TOL
+
+
+def test_t5_tokenizer_options_and_clip_kinds(env):
+    """T5TokenizerOptions pads SD3's T5 by ComfyUI's rule instead of diffusers' 256; a 768-wide CLIP with a
+    text projection (SD3's clip_l.safetensors) reads as CLIP-L, a wider one as OpenCLIP."""
+    from nodes.checkpoint import detect as det
+
+    _, clip, _ = _checkpoint(env)
+    (short,) = call(text.t5_tokenizer_options, env, clip=clip, min_padding=0, min_length=0)
+    parts = tiny_sd3.components("large")
+    ids = parts["tokenizer_3"](PROMPT, return_tensors="pt").input_ids  # the prompt and its end token, unpadded
+    cond = _encode(env, short, PROMPT)[0][0]
+    with torch.no_grad():
+        assert cond.shape[1] == 77 + ids.shape[1] and torch.equal(cond[:, 77:], parts["text_encoder_3"](ids)[0])
+    key = "text_model.embeddings.token_embedding.weight"
+    assert det.text_kind({key: (49408, 768), "text_projection.weight": (768, 768)}, "transformers", "") == "openai"
+    assert det.text_kind({key: (49408, 1280), "text_projection.weight": (1280, 1280)}, "transformers", "") == \
+        "openclip"
