@@ -470,3 +470,15 @@ def test_t5_tokenizer_options_and_clip_kinds(env):
     assert det.text_kind({key: (49408, 768), "text_projection.weight": (768, 768)}, "transformers", "") == "openai"
     assert det.text_kind({key: (49408, 1280), "text_projection.weight": (1280, 1280)}, "transformers", "") == \
         "openclip"
+
+
+def test_unet_loader_reads_a_diffusers_layout_transformer(env, root):
+    from safetensors.torch import save_file
+
+    theirs = tiny_sd3.components("medium")["transformer"]
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()},
+              str(root / "diffusion_models" / "tiny-sd3-medium-diffusers.safetensors"))
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-sd3-medium-diffusers.safetensors")
+    assert model.family is sd3.FAMILY
+    with model.unet() as ours:
+        assert _same(ours, theirs) and ours.config.dual_attention_layers == (0,)

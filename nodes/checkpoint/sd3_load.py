@@ -6,7 +6,8 @@
   ``.t5xxl.`` (each ``transformer.`` then transformers' layout). The released 3.5
   files hold no text encoders: the checkpoint loads, its CLIP says what is missing
   (ComfyUI gives no CLIP at all; Kiln gives one that has only the encoders found).
-* The transformer alone (UNETLoader), with or without ``model.diffusion_model.``.
+* The transformer alone (UNETLoader), with or without ``model.diffusion_model.``, or in
+  diffusers' layout (``transformer/diffusion_pytorch_model.safetensors``).
 * The text encoders as separate files (nodes.checkpoint.split, TripleCLIPLoader).
 
 The original -> diffusers conversion is diffusers' own
@@ -32,27 +33,39 @@ HEAD_WIDTH = 64
 SAMPLE_SIZE = 128
 
 
-def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
-    """SD3Transformer2DModel arguments from original-layout shapes (no ``model.diffusion_model.``).
+#: Where each shape the config needs lives, in Stability's layout and in diffusers'.
+ORIGINAL_KEYS = dict(proj="x_embedder.proj.weight", context="context_embedder.weight", pooled="y_embedder.mlp.0.weight",
+                     positions="pos_embed", final="final_layer.linear.weight", blocks=r"joint_blocks\.(\d+)\.",
+                     qk="joint_blocks.0.x_block.attn.ln_q.weight", dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.")
+DIFFUSERS_KEYS = dict(proj="pos_embed.proj.weight", context="context_embedder.weight",
+                      pooled="time_text_embed.text_embedder.linear_1.weight", positions="pos_embed.pos_embed",
+                      final="proj_out.weight", blocks=r"transformer_blocks\.(\d+)\.",
+                      qk="transformer_blocks.0.attn.norm_q.weight", dual=r"transformer_blocks\.(\d+)\.attn2\.")
 
-    Depth from the joint blocks, width from the patch embedding, heads of 64 (the
-    q/k norm's width where the file has one), ``pos_embed_max_size`` from the table's
+
+def is_diffusers_layout(keys: Any) -> bool:
+    return DIFFUSERS_KEYS["positions"] in keys
+
+
+def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """SD3Transformer2DModel arguments from the shapes of either layout (no ``model.diffusion_model.``).
+
+    Depth from the blocks, width from the patch embedding, heads of 64 (the q/k
+    norm's width where the file has one), ``pos_embed_max_size`` from the table's
     length, Medium's extra self-attention layers from their ``attn2`` keys."""
     from nodes.families.base import indices
 
+    names = DIFFUSERS_KEYS if is_diffusers_layout(shapes) else ORIGINAL_KEYS
     try:
-        proj = shapes["x_embedder.proj.weight"]
-        context = shapes["context_embedder.weight"]
-        pooled = shapes["y_embedder.mlp.0.weight"]
-        positions = shapes["pos_embed"][1]
-        final = shapes["final_layer.linear.weight"]
+        proj, context, pooled = shapes[names["proj"]], shapes[names["context"]], shapes[names["pooled"]]
+        positions, final = shapes[names["positions"]][1], shapes[names["final"]]
     except KeyError as exc:
         raise CheckpointError(f"not a complete SD3 transformer ({exc} is missing)") from None
-    layers = indices(shapes, r"joint_blocks\.(\d+)\.")
+    layers = indices(shapes, names["blocks"])
     if not layers or layers != list(range(len(layers))):
-        raise CheckpointError(f"the SD3 transformer's joint blocks are not numbered 0..n (found {layers[:5]}...)")
+        raise CheckpointError(f"the SD3 transformer's blocks are not numbered 0..n (found {layers[:5]}...)")
     width, patch = proj[0], proj[2]
-    qk = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
+    qk = shapes.get(names["qk"])
     head = qk[0] if qk is not None else HEAD_WIDTH
     side = math.isqrt(positions)
     if side * side != positions or width % head:
@@ -61,12 +74,12 @@ def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
                 attention_head_dim=head, num_attention_heads=width // head, joint_attention_dim=context[1],
                 caption_projection_dim=context[0], pooled_projection_dim=pooled[1],
                 out_channels=final[0] // (patch * patch), pos_embed_max_size=side,
-                dual_attention_layers=tuple(indices(shapes, r"joint_blocks\.(\d+)\.x_block\.attn2\.")),
+                dual_attention_layers=tuple(indices(shapes, names["dual"])),
                 qk_norm="rms_norm" if qk is not None else None)
 
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """SD3Transformer2DModel from original-layout tensors (with or without the prefix)."""
+    """SD3Transformer2DModel from Stability's tensors (with or without the prefix) or diffusers'."""
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders import single_file_utils as sfu
 
@@ -76,8 +89,9 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     model = _empty(SD3Transformer2DModel, config)
-    try:
-        converted = sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+    try:  # diffusers' own layout (a transformer folder's file) needs no conversion
+        converted = dict(state) if is_diffusers_layout(state) else \
+            sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
     except KeyError as exc:
         raise CheckpointError(f"{what}: the SD3 transformer's keys do not fit the SD3 layout ({exc} is missing)") \
             from None
