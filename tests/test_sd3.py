@@ -296,7 +296,12 @@ def test_clip_loader_sd3_with_one_encoder_gives_zeros_for_the_rest(env):
     with pytest.raises(NodeError) as err:
         call(sampling.ksampler, env, model=_model("large"), seed=0, steps=2, cfg=1.0, sampler_name="euler",
              scheduler="normal", positive=cond, negative=cond, latent_image=empty)
-    assert err.value.input_name == "positive" and "TripleCLIPLoader" in str(err.value)
+    assert err.value.input_name == "positive" and "4096 wide" in str(err.value)
+    pe, ne, pp, npl = _embeds("large")
+    with pytest.raises(NodeError) as err:  # the input that carries it, whichever side
+        call(sampling.ksampler, env, model=_model("large"), seed=0, steps=2, cfg=2.0, sampler_name="euler",
+             scheduler="normal", positive=[[pe, {"pooled_output": pp}]], negative=cond, latent_image=empty)
+    assert err.value.input_name == "negative"
 
 
 def test_a_clip_l_only_conditioning_on_sd3_names_the_input(env):

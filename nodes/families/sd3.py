@@ -82,6 +82,11 @@ class SD3Network:
         """The wrapped module (see Family.wrap_network): where its placement is read."""
         return self.transformer
 
+    @property
+    def text_width(self) -> int:
+        """The conditioning width the transformer reads (the denoiser checks each input against it)."""
+        return int(self.transformer.config.joint_attention_dim)
+
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  **kwargs: Any) -> tuple:
         import torch
