@@ -487,3 +487,23 @@ def test_unet_loader_reads_a_diffusers_layout_transformer(env, root):
     assert model.family is sd3.FAMILY
     with model.unet() as ours:
         assert _same(ours, theirs) and ours.config.dual_attention_layers == (0,)
+
+
+def test_a_clip_l_file_without_projection_gives_the_unprojected_pooled_output(env, root):
+    """ComfyUI reads SD3's CLIP-L pooled output unprojected: a clip_l file without text_projection (FLUX's)
+    loads for SD3 with the identity in its place."""
+    from safetensors.torch import save_file
+
+    state = tiny_sd3.clip_state("text_encoder")
+    state.pop("text_projection.weight")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "text_encoders" / "plain-clip_l.safetensors"))
+    (clip,) = call(sd3_nodes.triple_clip_loader, env, clip_name1=SPLIT["t5"], clip_name2="plain-clip_l.safetensors",
+                   clip_name3=SPLIT["clip_g"])
+    pooled = _encode(env, clip, PROMPT)[0][1]["pooled_output"]
+    clip_l, tok = tiny_sd3.components("large")["text_encoder"], tiny_sd3.components("large")["tokenizer"]
+    ids = tok([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        unprojected = clip_l.text_model(ids).pooler_output
+        projected = clip_l(ids).text_embeds
+    assert torch.allclose(pooled[:, :tiny_sd3.CLIP_L], unprojected, atol=1e-6)
+    assert (unprojected - projected).abs().max() > 1e-3  # the tiny projection is not the identity

@@ -203,6 +203,10 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
             raise CheckpointError(f"the OpenCLIP text encoder is incomplete: {exc} is missing") from None
     if not spec.pooled:
         sub.pop("text_projection.weight", None)
+    elif "text_projection.weight" not in sub and getattr(spec, "projection_optional", False):
+        import torch
+
+        sub["text_projection.weight"] = torch.eye(te.config.projection_dim, te.config.hidden_size, dtype=dtype)
     return _assign(te, _text_state(sub, te), f"text encoder ({spec.module}) under {prefix}", dtype)
 
 

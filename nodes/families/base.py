@@ -87,6 +87,9 @@ class TextEncoderSpec:
     dropped: int = 0
     norm_hidden: bool = True
     pooled: bool = False  # this encoder gives the pooled output (SDXL's second)
+    #: A file without the text projection loads with the identity in its place, so the pooled output
+    #: is the unprojected one (SD3's CLIP-L: ComfyUI reads it unprojected, diffusers through its projection).
+    projection_optional: bool = False
     pad: str = "<|endoftext|>"
 
 

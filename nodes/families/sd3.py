@@ -114,7 +114,7 @@ class SD3(Family):
     latent = SD3_LATENT
     text_encoders = (
         TextEncoderSpec("text_encoder", "tokenizer", "openai", CLIP_L_PREFIX, layer=-2, norm_hidden=False,
-                        pooled=True),
+                        pooled=True, projection_optional=True),
         TextEncoderSpec("text_encoder_2", "tokenizer_2", "openclip", CLIP_G_PREFIX, layer=-2, norm_hidden=False,
                         pooled=True, pad="!"),
         TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", T5_PREFIX),
