@@ -43,6 +43,10 @@ def _clip_part(family: "SD3", clip: Any, prompts: dict[str, str], report: Any) -
         t.weights += [[1.0] * len(t.empty)] * (windows - len(t.weights))
         if report is not None:
             report.tokens, report.windows = max(report.tokens, t.count), windows
+            for name in t.skipped:  # as nodes.families.text.encode reports them
+                note = f"embedding:{name} left out: Kiln does not load textual-inversion embeddings"
+                if note not in report.problems:
+                    report.problems.append(note)
         out[spec.module] = clip_text._encode_one(clip, spec, t, family.encoder_layer(spec, clip.layer))
     return out
 
