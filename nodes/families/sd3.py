@@ -171,6 +171,14 @@ class SD3(Family):
         finally:
             network.skip_layers = saved
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """Stability's module names (``joint_blocks.3.x_block.attn.qkv``), which kohya-style SD3 LoRAs use:
+        a fused qkv spreads row-wise onto q, k and v; the last block's context modulation and the
+        final modulation swap halves (nodes.checkpoint.sd3_keys)."""
+        from nodes.checkpoint.sd3_keys import lora_modules
+
+        return lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
+
     def original_names(self, network: Any) -> dict[str, str]:
         """diffusers' own parameter names (the original layout's fused qkv has no one-to-one name)."""
         return {name: name for name, _ in network.named_parameters()}
