@@ -276,7 +276,8 @@ def test_checkpoint_without_encoders_names_them(env):
     _, clip, _ = _checkpoint(env, "tiny-sd3-large-not5.safetensors", record)
     assert any("T5-XXL" in m and "CLIP-L" not in m for m in record.messages), record.messages
     cond = _encode(env, clip, PROMPT)  # ComfyUI's rule: no T5 tokens, CLIP states padded to T5-XXL's 4096
-    assert cond[0][0].shape == (1, 77, 4096) and cond[0][1]["pooled_output"].shape == (1, tiny_sd3.CLIP_L + tiny_sd3.CLIP_G)
+    assert cond[0][0].shape == (1, 77, 4096)
+    assert cond[0][1]["pooled_output"].shape == (1, tiny_sd3.CLIP_L + tiny_sd3.CLIP_G)
 
 
 def test_clip_loader_sd3_with_one_encoder_gives_zeros_for_the_rest(env):
@@ -289,8 +290,9 @@ def test_clip_loader_sd3_with_one_encoder_gives_zeros_for_the_rest(env):
     (dual,) = call(split_loaders.dual_clip_loader, env, clip_name1=SPLIT["clip_g"], clip_name2=SPLIT["clip_l"],
                    type="sd3")
     both = _encode(env, dual, PROMPT)[0][0]
-    assert both.shape == (1, 77, 4096) and torch.equal(both[..., :tiny_sd3.CLIP_L + tiny_sd3.CLIP_G],
-                                                       _encode(env, _checkpoint(env)[1], PROMPT)[0][0][:, :77, :tiny_sd3.CLIP_L + tiny_sd3.CLIP_G])
+    width = tiny_sd3.CLIP_L + tiny_sd3.CLIP_G
+    full = _encode(env, _checkpoint(env)[1], PROMPT)[0][0]
+    assert both.shape == (1, 77, 4096) and torch.equal(both[..., :width], full[:, :77, :width])
     # the tiny transformer reads 96-wide text: a 4096-wide conditioning is refused on the input that carries it
     empty = {"samples": torch.zeros(1, 16, 8, 8)}
     with pytest.raises(NodeError) as err:
@@ -507,3 +509,22 @@ def test_a_clip_l_file_without_projection_gives_the_unprojected_pooled_output(en
         projected = clip_l(ids).text_embeds
     assert torch.allclose(pooled[:, :tiny_sd3.CLIP_L], unprojected, atol=1e-6)
     assert (unprojected - projected).abs().max() > 1e-3  # the tiny projection is not the identity
+
+
+def test_unet_loader_fp8_keeps_sd3_linear_weights_in_8_bits(env):
+    from nodes.runtime.fp8 import fp8_bytes
+
+    record = Called()
+    (model,) = call(split_loaders.unet_loader, env, record, unet_name=SPLIT["unet"], weight_dtype="fp8_e4m3fn")
+    with model.unet() as net:
+        assert fp8_bytes(net) > 0 and net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert not any("applied to FLUX and SD3 transformers only" in m for m in record.messages)
+    pe, ne, pp, npl = _embeds("large")
+    cond, empty = [[pe, {"pooled_output": pp}]], {"samples": torch.zeros(1, 16, 8, 8)}
+    images = []
+    for handle in (model, _model("large")):
+        (out,) = call(sampling.ksampler, env, model=handle, seed=1, steps=3, cfg=1.0, sampler_name="euler",
+                      scheduler="normal", positive=cond, negative=cond, latent_image=empty)
+        images.append(tiny_models.decode(tiny_sd3.components("large")["vae"], out["samples"]))
+    gap = (images[0] - images[1]).abs().max()
+    assert 0 < gap < 0.1  # fp8 rounding moves pixels a little, not the picture

@@ -187,7 +187,8 @@ def single_file(variant: str, clips: bool = True, t5: bool = True) -> dict:
     state = {"model.diffusion_model." + k: v for k, v in original_transformer(variant).items()}
     state.update({"first_stage_model." + k: v for k, v in vae_state(variant).items()})
     if clips:
-        state.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip_state("text_encoder", variant).items()})
+        state.update({"text_encoders.clip_l.transformer." + k: v
+                      for k, v in clip_state("text_encoder", variant).items()})
         state.update({"text_encoders.clip_g.transformer." + k: v
                       for k, v in clip_state("text_encoder_2", variant).items()})
     if t5:

@@ -78,10 +78,15 @@ def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
                 qk_norm="rms_norm" if qk is not None else None)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """SD3Transformer2DModel from Stability's tensors (with or without the prefix) or diffusers'."""
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str = "") -> Any:
+    """SD3Transformer2DModel from Stability's tensors (with or without the prefix) or diffusers'. Linear
+    weights are held as nodes.runtime.fp8.held_dtype says (a bf16 file computing in fp32 keeps them bf16,
+    cast per layer); ``fp8`` (a torch dtype name, UNETLoader's weight_dtype) stores them in that 8-bit float."""
+    import torch
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders import single_file_utils as sfu
+
+    from nodes.runtime.fp8 import keep_linears_as_stored
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in plain(state).items()}
     try:
@@ -95,8 +100,12 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     except KeyError as exc:
         raise CheckpointError(f"{what}: the SD3 transformer's keys do not fit the SD3 layout ({exc} is missing)") \
             from None
+    if fp8:
+        target = getattr(torch, fp8)
+        converted = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
+                     for k, v in converted.items()}
     try:
-        return _assign(model, converted, "SD3 transformer", dtype)
+        return _assign(model, keep_linears_as_stored(model, converted, dtype), "SD3 transformer", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
 
@@ -114,12 +123,16 @@ def _sampling() -> dict[str, Any]:
     return fam.FAMILY.scheduler_config()
 
 
-def load_transformer_file(state: Mapping, name: str, dtype: Any) -> Loaded:
-    """UNETLoader's SD3 path: the transformer alone."""
-    transformer = build_transformer(state, name, dtype)
+def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "") -> Loaded:
+    """UNETLoader's SD3 path: the transformer alone; ``fp8`` as for :func:`build_transformer`."""
+    from nodes.checkpoint.flux_load import _held_note
+    from nodes.runtime.fp8 import fp8_bytes
+
+    transformer = build_transformer(state, name, dtype, fp8)
     return Loaded(family=fam.FAMILY, scheduler_config=_sampling(), latent=fam.SD3_LATENT,
                   modules={"unet": transformer},
-                  info={"format": "unet", "prediction_type": "flow", "prediction_reason": "flow matching (SD3)"})
+                  info={"format": "unet", "prediction_type": "flow", "prediction_reason": "flow matching (SD3)",
+                        "fp8": fp8_bytes(transformer) > 0, **_held_note(transformer)})
 
 
 def text_encoders(state: Mapping[str, Any], name: str, dtype: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -227,7 +240,8 @@ def load_folder(path: Any, dtype: Any) -> Loaded:
     vae_cfg = modules["vae"].config
     latent = dataclasses.replace(fam.SD3_LATENT, scale=float(vae_cfg.scaling_factor),
                                  shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
-    info: dict[str, Any] = {"format": "diffusers", "prediction_type": "flow", "prediction_reason": "flow matching (SD3)"}
+    info: dict[str, Any] = {"format": "diffusers", "prediction_type": "flow",
+                            "prediction_reason": "flow matching (SD3)"}
     missing = [ENCODER_NAMES[s.module].split(" (")[0] for s in fam.FAMILY.text_encoders if s.module not in modules]
     if missing:
         info["missing_text"] = missing

@@ -75,7 +75,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
         from nodes.checkpoint import sd3_load
 
         with reading(path):
-            return sd3_load.load_transformer_file(state, path.name, dtype)
+            return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
     if flux_load.has_flux_transformer({k: () for k in state}):
         with reading(path):
             return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
