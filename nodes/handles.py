@@ -50,7 +50,7 @@ class SamplingPatches:
     guidance: tuple = ()
     #: SelfAttentionGuidance's scale and blur (None: off), see nodes.families.self_attention.
     self_attention: Any = None
-    #: SkipLayerGuidanceDiT(Simple)'s blocks, window and scale (None: off), see nodes.families.skip_layers.
+    #: SkipLayerGuidanceDiT(Simple)/SD3's blocks, window and scale (None: off), see nodes.families.skip_layers.
     skip_layers: Any = None
     #: PatchModelAddDownscale's (Kohya's Deep Shrink) settings (None: off), see nodes.families.deep_shrink.
     deep_shrink: "DeepShrinkSettings | None" = None

@@ -87,9 +87,10 @@ def _layers_input(name: str) -> Input:
     return Input(name, T.STRING, default="7, 8, 9", tooltip="Block numbers to skip (counting from 0), comma separated")
 
 
-def _skip_layers(model, double_layers: str, single_layers: str, **settings) -> tuple:
+def skip_layers_patched(model, double_layers: str, single_layers: str, names: tuple[str, str] = ("double_layers",
+                        "single_layers"), **settings) -> tuple:
     """The model with skip-layer guidance set, after checking the blocks exist (ComfyUI ignores
-    numbers past the last block; here they are an error naming the input)."""
+    numbers past the last block; here they are an error naming the input: ``names``)."""
     from nodes.families.base import ConditioningError
     from nodes.families.skip_layers import SkipLayers, parse
 
@@ -100,7 +101,7 @@ def _skip_layers(model, double_layers: str, single_layers: str, **settings) -> t
         blocks = model.family.dit_blocks(model.peek())
     except ConditioningError as exc:
         raise NodeError(str(exc), "model") from None
-    for (kind, numbers), name in zip(layers, ("double_layers", "single_layers")):
+    for (kind, numbers), name in zip(layers, names):
         past = [n for n in numbers if n >= len(blocks[kind])]
         if past:
             raise NodeError(f"block {past[0]} does not exist: the model has {len(blocks[kind])} {kind} blocks "
@@ -124,8 +125,9 @@ def skip_layer_guidance_dit(ctx, model, double_layers: str, single_layers: str, 
     inside a window of the run (nodes.families.skip_layers): one more network pass per step there."""
     if not 0.0 <= float(scale) <= 10.0:
         raise NodeError(f"scale must be within 0..10, got {scale}", "scale")
-    return _skip_layers(model, double_layers, single_layers, start_percent=float(start_percent),
-                        end_percent=float(end_percent), scale=float(scale), rescaling_scale=float(rescaling_scale))
+    return skip_layers_patched(model, double_layers, single_layers, start_percent=float(start_percent),
+                               end_percent=float(end_percent), scale=float(scale),
+                               rescaling_scale=float(rescaling_scale))
 
 
 @define_node("SkipLayerGuidanceDiTSimple", category="advanced/guidance",
@@ -137,8 +139,8 @@ def skip_layer_guidance_dit_simple(ctx, model, double_layers: str, single_layers
                                    end_percent: float):
     """The unconditional pass made with some transformer blocks skipped inside the window, so
     classifier-free guidance pushes away from it (no effect at cfg 1, as in ComfyUI)."""
-    return _skip_layers(model, double_layers, single_layers, start_percent=float(start_percent),
-                        end_percent=float(end_percent), simple=True)
+    return skip_layers_patched(model, double_layers, single_layers, start_percent=float(start_percent),
+                               end_percent=float(end_percent), simple=True)
 
 
 @define_node("DifferentialDiffusion", category="_for_testing",

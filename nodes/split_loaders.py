@@ -29,7 +29,8 @@ WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 def _families_types(count: int) -> list[str]:
     from nodes import families
 
-    return sorted({t for f in families.ALL if len(f.text_encoders) == count for t in f.clip_types})
+    return sorted({t for f in families.ALL for t in f.clip_types if len(f.text_encoders) == count
+                   or (getattr(f, "partial_text", False) and count < len(f.text_encoders))})
 
 
 def _unets(env: Any) -> list[str]:
@@ -55,7 +56,7 @@ def _load_unet(path: Path, manager: ModelManager, fp8: str = "") -> Any:
               tooltip="A diffusion model (UNet) file in models/diffusion_models or models/unet, in the original "
                       "or diffusers layout."),
         Input("weight_dtype", T.COMBO, default="default", choices=WEIGHT_DTYPES, optional=True,
-              tooltip="fp8_*: store a FLUX transformer's linear weights in 8-bit floats (half the memory of "
+              tooltip="fp8_*: store a FLUX or SD3 transformer's linear weights in 8-bit floats (half the memory of "
                       "bf16), each layer cast to the compute dtype while it runs; fp8 files stay fp8 anyway. SD "
                       "UNets keep the compute dtype (fp16 on a GPU, fp32 on the CPU)."),
     ],
@@ -73,8 +74,8 @@ def unet_loader(ctx, unet_name: str, weight_dtype: str = "default"):
     loader = functools.partial(_load_unet, path, fp8=fp8)
     loaded = _acquire(manager, key, loader, "unet_name", unet_name)
     if fp8 and not loaded.info.get("fp8"):
-        ctx.message(f"weight_dtype {weight_dtype} is applied to FLUX transformers only: this {loaded.family.name} "
-                    "UNet's weights stay in the compute dtype")
+        ctx.message(f"weight_dtype {weight_dtype} is applied to FLUX and SD3 transformers only: this "
+                    f"{loaded.family.name} UNet's weights stay in the compute dtype")
     ctx.message(f"{unet_name}: {loaded.family.name} UNet, {loaded.info['prediction_type']} "
                 f"({loaded.info['prediction_reason']}), on {manager.device}{held_note(loaded.info)}")
     return (ModelHandle(family=loaded.family, scheduler_config=dict(loaded.scheduler_config), latent=loaded.latent,

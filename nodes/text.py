@@ -33,6 +33,7 @@ def encode_reported(ctx, clip: ClipHandle, text: str, texts: dict[str, str] | No
     """(CONDITIONING, report) for a prompt, every text-encoding node's one way in: a layer
     CLIPSetLastLayer asked for that the encoder lacks is an error on ``clip``, and each prompt
     problem (an unbalanced parenthesis, an unread weight, a left-out embedding) is a node message."""
+    from nodes.families.base import ConditioningError
     from nodes.families.text import LayerError, Report
 
     report = Report()
@@ -40,6 +41,8 @@ def encode_reported(ctx, clip: ClipHandle, text: str, texts: dict[str, str] | No
         cond = clip.encode(text, report, texts=texts)
     except LayerError as exc:
         raise NodeError(f"CLIPSetLastLayer: {exc}", input_name="clip") from None
+    except ConditioningError as exc:  # a CLIP its family cannot encode with (SD3 without any encoder)
+        raise NodeError(str(exc), input_name=exc.input_name) from None
     for problem in report.problems:
         ctx.message(f"prompt: {problem}")
     return cond, report

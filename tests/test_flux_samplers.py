@@ -199,5 +199,8 @@ def test_flow_runs_use_the_flow_training_schedule_and_log_no_scheduler_warning()
     assert isinstance(schedule, flow.FlowSchedule)
     denoiser = Denoiser(tiny_flux.components("dev")["transformer"], flux.FAMILY, positive=cond, negative=cond, cfg=1.0,
                         image_size=(64, 64), batch=1, schedule=schedule)
-    assert denoiser.sigma_at_percent(0.3) == pytest.approx(0.7)  # ComfyUI's flow rule: 1 - percent
+    # ComfyUI's flow rule: the flow time 1 - percent, shifted at the mu ModelSamplingFlux fixed
+    mu = flow.calculate_mu(model.scheduler_config, int(model.scheduler_config[flow.SHIFT_SEQ_LEN]))
+    assert denoiser.sigma_at_percent(0.3) == pytest.approx(math.exp(mu) / (math.exp(mu) + (1 / 0.7 - 1)))
+    assert denoiser.sigma_at_percent(0.3) > 0.7  # shifted towards noise, as the grid is
     assert float(schedule.sigma(schedule.timestep(0.25))) == pytest.approx(0.25)

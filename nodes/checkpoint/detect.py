@@ -282,7 +282,8 @@ def text_kind(shapes: Shapes, layout: str, prefix: str) -> str:
         return "openclip"
     p = prefix + "text_model." if prefix + "text_model.embeddings.token_embedding.weight" in shapes else prefix
     width = shapes[p + "embeddings.token_embedding.weight"][1]
-    return "openclip" if width in (1024, 1280) or prefix + "text_projection.weight" in shapes else "openai"
+    projected = prefix + "text_projection.weight" in shapes and width != 768  # SD3's CLIP-L has one too
+    return "openclip" if width in (1024, 1280) or projected else "openai"
 
 
 def lone_text_config(shapes: Shapes, layout: str, prefix: str, kind: str, drop_last: bool) -> dict[str, Any]:

@@ -203,6 +203,10 @@ def build_text_encoder(state: dict[str, Any], prefix: str, layout: str, spec: An
             raise CheckpointError(f"the OpenCLIP text encoder is incomplete: {exc} is missing") from None
     if not spec.pooled:
         sub.pop("text_projection.weight", None)
+    elif "text_projection.weight" not in sub and getattr(spec, "projection_optional", False):
+        import torch
+
+        sub["text_projection.weight"] = torch.eye(te.config.projection_dim, te.config.hidden_size, dtype=dtype)
     return _assign(te, _text_state(sub, te), f"text encoder ({spec.module}) under {prefix}", dtype)
 
 
@@ -212,8 +216,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load
+    from nodes.checkpoint import flux_load, sd3_load
+    from nodes.families.sd3 import is_sd3_transformer
 
+    if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
+        with reading(path):
+            return sd3_load.load_single_file(state, path.name, dtype)
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)
@@ -421,8 +429,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
     asked before building (ModelManager.plan_for_load); a single-file FLUX transformer that will be
     paged to disk is built straight into its blocks (nodes.checkpoint.flux_blocks)."""
     if path.is_dir():
-        from nodes.checkpoint import flux_load
+        from nodes.checkpoint import flux_load, sd3_load
 
+        if sd3_load.is_sd3_folder(path):
+            return sd3_load.load_folder(path, dtype)
         if flux_load.is_flux_folder(path):
             return flux_load.load_folder(path, dtype, offload=offload)
         if not is_diffusers_folder(path):

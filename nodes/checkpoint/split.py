@@ -69,7 +69,13 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     nodes.checkpoint.flux_load.OffloadAsk)."""
     state = open_state(path)
     from nodes.checkpoint import flux_load
+    from nodes.families.sd3 import is_sd3_transformer
 
+    if is_sd3_transformer({k: () for k in state}):
+        from nodes.checkpoint import sd3_load
+
+        with reading(path):
+            return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
     if flux_load.has_flux_transformer({k: () for k in state}):
         with reading(path):
             return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
@@ -118,11 +124,37 @@ class TextFile:
         return cls(path.name, state, layout, prefix, det.text_kind(shapes, layout, prefix))
 
 
+def _clip_width(file: TextFile) -> int:
+    shapes = shapes_of(file.state)
+    return next(v[1] for k, v in shapes.items() if k.endswith("embeddings.token_embedding.weight"))
+
+
+def _pair_clips(files: list[TextFile]) -> None:
+    """Two transformers-layout CLIPs that both carry a text projection (SD3's clip_l and clip_g files)
+    both read as OpenCLIP by their keys: the narrower of the pair is CLIP-L."""
+    clips = [f for f in files if f.kind != "t5"]
+    if len(clips) == 2 and all(f.kind == "openclip" and f.layout == "transformers" for f in clips):
+        narrow = min(clips, key=_clip_width)
+        if _clip_width(narrow) < max(_clip_width(f) for f in clips):
+            narrow.kind = "openai"
+
+
+def _fits(family: Family, kinds: list[str]) -> bool:
+    """All of the family's encoder kinds, or (a family whose missing encoders give zeros, SD3) some of them."""
+    wanted = sorted(s.kind for s in family.text_encoders)
+    if kinds == wanted:
+        return True
+    if not getattr(family, "partial_text", False) or not kinds:
+        return False
+    return all(kinds.count(k) <= wanted.count(k) for k in kinds)
+
+
 def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     """The family that loads these encoder files under ComfyUI's ``type``, by their CLIP kinds."""
+    _pair_clips(files)
     kinds = sorted(f.kind for f in files)
     for family in families.ALL:
-        if clip_type in family.clip_types and sorted(s.kind for s in family.text_encoders) == kinds:
+        if clip_type in family.clip_types and _fits(family, kinds):
             return family
     names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
     wanted = [f for f in families.ALL if clip_type in f.clip_types]
@@ -139,7 +171,9 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
     modules = {}
     remaining = list(files)
     for spec in family.text_encoders:
-        file = next(f for f in remaining if f.kind == spec.kind)
+        file = next((f for f in remaining if f.kind == spec.kind), None)
+        if file is None:  # a partial family (SD3): this encoder gives zeros
+            continue
         remaining.remove(file)
         if spec.kind == "t5":
             from nodes.checkpoint.flux_load import build_t5
@@ -153,10 +187,11 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
                 modules[spec.module] = build_text_encoder(file.state, file.prefix, file.layout, spec, config, dtype)
         except CheckpointError as exc:
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
-    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in family.text_encoders if spec.kind != "t5"}
-    if any(spec.kind == "t5" for spec in family.text_encoders):
+    loaded = [spec for spec in family.text_encoders if spec.module in modules]
+    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded if spec.kind != "t5"}
+    if any(spec.kind == "t5" for spec in loaded):
         from nodes.checkpoint.t5_tokenizer import t5_tokenizer
 
-        tokenizers.update({spec.tokenizer: t5_tokenizer() for spec in family.text_encoders if spec.kind == "t5"})
+        tokenizers.update({spec.tokenizer: t5_tokenizer() for spec in loaded if spec.kind == "t5"})
     return Loaded(family=family, scheduler_config={}, latent=family.latent, modules=modules, tokenizers=tokenizers,
                   info={"format": "text_encoders"})

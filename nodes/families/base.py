@@ -88,6 +88,9 @@ class TextEncoderSpec:
     norm_hidden: bool = True
     pooled: bool = False  # this encoder gives the pooled output (SDXL's second)
     pad: str = "<|endoftext|>"
+    #: A file without the text projection loads with the identity in its place, so the pooled output
+    #: is the unprojected one (SD3's CLIP-L: ComfyUI reads it unprojected, diffusers through its projection).
+    projection_optional: bool = False
 
 
 @dataclass

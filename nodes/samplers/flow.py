@@ -14,7 +14,10 @@ The grid is diffusers' FluxPipeline's: ``linspace(1, 1/N, N)`` shifted by
 2x2 latent patches (``use_dynamic_shifting``, diffusers' ``calculate_shift``), or a
 fixed shift ``s * t / (1 + (s - 1) t)`` without dynamic shifting ([schnell]).
 ComfyUI's ``ModelSamplingFlux`` fixes the size the shift is computed for: the
-config then carries ``kiln_shift_seq_len``.
+config then carries ``kiln_shift_seq_len``. A config with ``kiln_train_grid`` set
+takes the scheduler's own spacing instead (``set_timesteps(N)``: evenly spaced
+between the shifted training range's ends, then shifted), which is what diffusers'
+SD3 pipelines run; the family's config says which, the loop does not ask.
 
 Strength (AddNoise): FluxImg2ImgPipeline's rule, which differs from SD's by one
 rounding: ``t_start = int(N - N * s)`` (SD img2img rounds the steps run down,
@@ -93,6 +96,8 @@ SCHEDULE_FLAGS: dict[str, dict[str, Any]] = {
 }
 #: Kiln's own keys in a flow config (not diffusers'): the patch count ModelSamplingFlux fixed.
 SHIFT_SEQ_LEN = "kiln_shift_seq_len"
+#: Kiln's key for a flow config whose grid is the scheduler's default spacing (see the module docstring).
+TRAIN_GRID = "kiln_train_grid"
 #: The image side (pixels) a scheduler node shifts for when it is not told the size (ComfyUI's default).
 DEFAULT_SHIFT_SIZE = 1024
 
@@ -122,10 +127,9 @@ class FlowSchedule:
     """A flow model's training schedule, the counterpart of ``schedules.TrainingSchedule``:
     the noise level is the flow time, ``timestep / T`` (T = ``num_train_timesteps``).
 
-    ``sigmas`` lists the levels at timestep indices 0..T, so the denoiser's
-    percent -> level rule gives ``1 - percent``, ComfyUI's for flow models (timestep
-    ranges on FLUX conditioning). Building the 1000-step DDPM schedule from a flow
-    config instead would be meaningless (and diffusers complains about the flow keys).
+    ``sigmas`` lists the levels at timestep indices 0..T. Building the 1000-step DDPM
+    schedule from a flow config instead would be meaningless (and diffusers complains about
+    the flow keys). :meth:`percent_to_sigma` is ComfyUI's rule for flow models.
     """
 
     #: What the network predicts: the velocity (the denoiser fills uncovered area pixels by it).
@@ -136,6 +140,26 @@ class FlowSchedule:
 
         self.steps = int(config.get("num_train_timesteps", 1000))
         self.sigmas = torch.linspace(0.0, 1.0, self.steps + 1)
+        #: The shift ComfyUI's model sampling applies to percents: FLUX's exponential one at mu (the
+        #: size ModelSamplingFlux fixed, else ComfyUI's default 1024 px: mu = max_shift), or a fixed one.
+        if config.get("use_dynamic_shifting"):
+            seq_len = config.get(SHIFT_SEQ_LEN) or (DEFAULT_SHIFT_SIZE // 16) ** 2
+            self._mu, self._shift = calculate_mu(config, int(seq_len)), None
+        else:
+            self._mu, self._shift = None, float(config.get("shift", 1.0))
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's fraction of sampling -> noise level for flow models (timestep ranges,
+        ControlNet and skip-layer windows): the flow time ``1 - percent`` shifted as the model's
+        sampling shifts it; 0 lies above every level, 1 is 0."""
+        if percent <= 0.0:
+            return math.inf
+        if percent >= 1.0:
+            return 0.0
+        t = 1.0 - percent
+        if self._mu is not None:
+            return math.exp(self._mu) / (math.exp(self._mu) + (1.0 / t - 1.0))
+        return self._shift * t / (1.0 + (self._shift - 1.0) * t)
 
     @property
     def sigma_min(self) -> float:
@@ -218,7 +242,10 @@ def scheduler(config: Mapping[str, Any], schedule: str, steps: int, h: int, w: i
     flags = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
              **SCHEDULE_FLAGS[schedule]}
     sched = FlowMatchEulerDiscreteScheduler.from_config(clean, **flags)
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu_for(config, h, w))
+    if config.get(TRAIN_GRID):
+        sched.set_timesteps(steps, mu=mu_for(config, h, w))
+    else:
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu_for(config, h, w))
     return sched
 
 

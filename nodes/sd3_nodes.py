@@ -1,0 +1,138 @@
+"""SD3.5 nodes with ComfyUI's names and inputs: TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3.
+
+The family (network, text encoding, flow sampling) is nodes.families.sd3; these
+nodes only choose what ComfyUI's choose: which encoder files, which prompt each
+encoder sees, the shift on the MODEL handle's scheduler config.
+(EmptySD3LatentImage is in nodes.flux_nodes: FLUX uses it too.)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from engine import types as T
+from engine.context import NodeError
+from engine.node import Input, Output, define_node
+from nodes.families.sd3 import SD3
+from nodes.handles import ClipHandle, ModelHandle
+from nodes.split_loaders import TEXT_FOLDERS, _clip, _texts
+from nodes.loaders import fingerprinter, validator
+
+CLIP_INPUTS = ("clip_name1", "clip_name2", "clip_name3")
+#: The family TripleCLIPLoader loads (ComfyUI's recipe: clip-l, clip-g, t5).
+TRIPLE_TYPE = "sd3"
+
+
+def _triple_validator(env, inputs: dict) -> list[tuple[str, str]]:
+    return [e for name in CLIP_INPUTS for e in validator(TEXT_FOLDERS, name)(env, inputs)]
+
+
+def _triple_fingerprint(env, inputs: dict):
+    return [fingerprinter(TEXT_FOLDERS, n)(env, inputs) for n in CLIP_INPUTS]
+
+
+@define_node(
+    "TripleCLIPLoader",
+    category="advanced/loaders",
+    display_name="TripleCLIPLoader",
+    inputs=[Input(name, T.COMBO, choices=_texts,
+                  tooltip="SD3's text encoders: clip_l, clip_g and t5xxl files, in any order.")
+            for name in CLIP_INPUTS],
+    outputs=[Output("CLIP", T.CLIP)],
+    validate=_triple_validator,
+    fingerprint=_triple_fingerprint,
+)
+def triple_clip_loader(ctx, clip_name1: str, clip_name2: str, clip_name3: str):
+    """Load SD3's three text encoders from three files (told apart by their shapes)."""
+    return (_clip(ctx, list(zip(CLIP_INPUTS, (clip_name1, clip_name2, clip_name3))), TRIPLE_TYPE),)
+
+
+@define_node(
+    "CLIPTextEncodeSD3",
+    category="advanced/conditioning",
+    inputs=[
+        Input("clip", T.CLIP),
+        Input("clip_l", T.STRING, default="", multiline=True, tooltip="The prompt CLIP-L sees."),
+        Input("clip_g", T.STRING, default="", multiline=True, tooltip="The prompt CLIP-G (bigG) sees."),
+        Input("t5xxl", T.STRING, default="", multiline=True, tooltip="The prompt T5-XXL sees."),
+        Input("empty_padding", T.COMBO, default="none", choices=["none", "empty_prompt"],
+              tooltip="none: an encoder given an empty prompt is left out (zeros for both CLIPs when both are "
+                      "empty; no T5 tokens); empty_prompt: it encodes the empty prompt."),
+    ],
+    outputs=[Output("CONDITIONING", T.CONDITIONING)],
+)
+def clip_text_encode_sd3(ctx, clip, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str = "none"):
+    """Encode one prompt per SD3 encoder."""
+    from nodes.text import encode_reported
+
+    if not isinstance(clip, ClipHandle):
+        raise NodeError(f"clip must come from a CLIP loader, got {type(clip).__name__}", "clip")
+    if not isinstance(clip.family, SD3):
+        raise NodeError(f"clip is a {clip.family.name} text encoder; CLIPTextEncodeSD3 needs SD3's (TripleCLIPLoader, "
+                        "or an SD3 checkpoint)", "clip")
+    for name, value in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
+        if not isinstance(value, str):
+            raise NodeError(f"{name} must be a string", name)
+    if empty_padding not in ("none", "empty_prompt"):
+        raise NodeError("empty_padding must be none or empty_prompt", "empty_padding")
+    texts = {"tokenizer": clip_l, "tokenizer_2": clip_g, "tokenizer_3": t5xxl, "empty_padding": empty_padding}
+    cond, _ = encode_reported(ctx, clip, clip_g, texts=texts)
+    return (cond,)
+
+
+@define_node(
+    "ModelSamplingSD3",
+    category="advanced/model",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("shift", T.FLOAT, default=3.0, min=0.0, max=100.0, step=0.01),
+    ],
+    outputs=[Output("MODEL", T.MODEL)],
+)
+def model_sampling_sd3(ctx, model, shift: float = 3.0):
+    """A flow model sampled with a fixed ``shift`` (``shift * t / (1 + (shift - 1) t)`` on the grid);
+    no resolution-dependent shift."""
+    from nodes.samplers import flow
+
+    if not isinstance(model, ModelHandle) or not flow.is_flow(model.scheduler_config):
+        name = getattr(getattr(model, "family", None), "name", type(model).__name__)
+        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX): ModelSamplingSD3 does not apply",
+                        "model")
+    try:
+        value = float(shift)
+    except (TypeError, ValueError):
+        raise NodeError(f"shift must be a number, got {shift!r}", "shift") from None
+    if not 0.0 < value <= 100.0:
+        raise NodeError(f"shift must be within (0, 100], got {value}", "shift")
+    config = {k: v for k, v in model.scheduler_config.items() if k != flow.SHIFT_SEQ_LEN}
+    config.update(shift=value, use_dynamic_shifting=False)
+    return (dataclasses.replace(model, scheduler_config=config),)
+
+
+@define_node(
+    "SkipLayerGuidanceSD3",
+    category="advanced/guidance",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("layers", T.STRING, default="7, 8, 9",
+              tooltip="Joint blocks left out of the extra pass (numbers, any separators)."),
+        Input("scale", T.FLOAT, default=3.0, min=0.0, max=10.0, step=0.1),
+        Input("start_percent", T.FLOAT, default=0.01, min=0.0, max=1.0, step=0.001),
+        Input("end_percent", T.FLOAT, default=0.15, min=0.0, max=1.0, step=0.001),
+    ],
+    outputs=[Output("MODEL", T.MODEL)],
+)
+def skip_layer_guidance_sd3(ctx, model, layers: str = "7, 8, 9", scale: float = 3.0, start_percent: float = 0.01,
+                            end_percent: float = 0.15):
+    """ComfyUI's SkipLayerGuidanceDiT with the joint ("double") blocks ``layers`` (the shared patch in
+    nodes.model_patches, nodes.families.skip_layers): the guided prediction pushed from a conditional
+    pass with those blocks left out, between start_percent and end_percent of the schedule."""
+    from nodes.model_patches import skip_layers_patched
+
+    if not isinstance(layers, str):
+        raise NodeError("layers must be a string of block numbers", "layers")
+    if not 0.0 <= float(scale) <= 10.0:
+        raise NodeError(f"scale must be within 0..10, got {scale}", "scale")
+    if float(scale) == 0.0:
+        return (model,)  # no push: the handle samples as given
+    return skip_layers_patched(model, layers, "", names=("layers", "layers"), start_percent=float(start_percent),
+                               end_percent=float(end_percent), scale=float(scale))
