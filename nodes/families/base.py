@@ -93,6 +93,22 @@ class TextEncoderSpec:
     projection_optional: bool = False
 
 
+class WrappedTransformer:
+    """A transformer family's network behind the UNet calling convention (Family.wrap_network):
+    where it computes, and the module it wraps (``kiln_network``, where its placement is read)."""
+
+    def __init__(self, transformer: Any) -> None:
+        from nodes.runtime.fp8 import compute_dtype
+        from nodes.runtime.offload import compute_device
+
+        self.transformer = transformer
+        self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
+
+    @property
+    def kiln_network(self) -> Any:
+        return self.transformer
+
+
 @dataclass
 class Detected:
     """What detection found in a single file: the family and every component config."""

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 
 from nodes.families import attention_bias as attention_bias_rule
 from nodes.families import flux_references
-from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec
+from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
+                                 WrappedTransformer)
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
 DOUBLE_BLOCKS = "double_blocks."
@@ -95,20 +96,8 @@ def _pad_control(kwargs: dict, tokens: int) -> None:
             kwargs[key] = [torch.nn.functional.pad(s, (0, 0, 0, tokens - s.shape[1])) for s in samples]
 
 
-class FluxNetwork:
+class FluxNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
-
-    def __init__(self, transformer: Any) -> None:
-        from nodes.runtime.fp8 import compute_dtype
-        from nodes.runtime.offload import compute_device
-
-        self.transformer = transformer
-        self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
-
-    @property
-    def kiln_network(self) -> Any:
-        """The wrapped module (see Family.wrap_network): where its placement is read."""
-        return self.transformer
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  reference_latents: "flux_references.References | None" = None,

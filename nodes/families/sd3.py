@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec
+from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
+                                 WrappedTransformer)
 
 #: Original (Stability) layout: the MMDiT's joint blocks exist in no other family.
 JOINT_BLOCKS = "joint_blocks."
@@ -61,20 +62,8 @@ def is_sd3_transformer(shapes: Shapes) -> bool:
         and not any(k.startswith("single_transformer_blocks.") for k in shapes))
 
 
-class SD3Network:
+class SD3Network(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
-
-    def __init__(self, transformer: Any) -> None:
-        from nodes.runtime.fp8 import compute_dtype
-        from nodes.runtime.offload import compute_device
-
-        self.transformer = transformer
-        self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
-
-    @property
-    def kiln_network(self) -> Any:
-        """The wrapped module (see Family.wrap_network): where its placement is read."""
-        return self.transformer
 
     @property
     def text_width(self) -> int:
