@@ -14,7 +14,7 @@ no Kiln node consumes them yet.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class LoadedVision:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    kind: str = "siglip"
 
     def kiln_modules(self) -> dict[str, Any]:
         return {"encoder": self.model}
@@ -49,7 +48,6 @@ class LoadedVision:
 @dataclass
 class LoadedStyleModel:
     model: Any
-    kind: str = "redux"
 
     def kiln_modules(self) -> dict[str, Any]:
         return {"style": self.model}
@@ -63,7 +61,6 @@ class VisionOutput:
     last_hidden_state: Any
     penultimate_hidden_states: Any
     image_embeds: Any
-    encoder: str = field(default="siglip")
 
     def __getitem__(self, key: str) -> Any:  # ComfyUI's outputs are read by key too
         return getattr(self, key)
@@ -163,4 +160,4 @@ def encode(loaded: LoadedVision, model: Any, image: Any, crop: bool) -> VisionOu
     last = out.last_hidden_state.to("cpu", torch.float32)
     pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
     return VisionOutput(last_hidden_state=last, penultimate_hidden_states=out.hidden_states[-2].to("cpu", torch.float32),
-                        image_embeds=pooled.to("cpu", torch.float32), encoder=loaded.kind)
+                        image_embeds=pooled.to("cpu", torch.float32))

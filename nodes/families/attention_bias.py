@@ -61,8 +61,9 @@ def joint_mask(biases: list[TextBias], image_tokens: int, dtype: Any, device: An
     import torch
 
     t = biases[0].tokens
-    mask = torch.zeros(len(biases), 1, t + image_tokens, t + image_tokens)
+    # made where the attention runs: at a megapixel the mask is (T + 4096)^2 per row, built each call
+    mask = torch.zeros(len(biases), 1, t + image_tokens, t + image_tokens, device=device, dtype=dtype)
     for row, bias in enumerate(biases):
-        mask[row, 0, :t, :t] = bias.text
-        mask[row, 0, t:, :t] = bias.image
-    return mask.to(device=device, dtype=dtype)
+        mask[row, 0, :t, :t] = bias.text.to(device, dtype)
+        mask[row, 0, t:, :t] = bias.image.to(device, dtype)
+    return mask
