@@ -94,6 +94,12 @@ def skip_layers_patched(model, double_layers: str, single_layers: str, names: tu
     from nodes.families.base import ConditioningError
     from nodes.families.skip_layers import SkipLayers, parse
 
+    scale = settings.get("scale")
+    if scale is not None:
+        if not 0.0 <= float(scale) <= 10.0:
+            raise NodeError(f"scale must be within 0..10, got {scale}", "scale")
+        if float(scale) == 0.0:
+            return (model,)  # no push: the handle samples as given
     layers = (("double", parse(double_layers)), ("single", parse(single_layers)))
     if not any(numbers for _, numbers in layers):
         return (model,)  # ComfyUI's rule: nothing to skip, nothing changes
@@ -123,8 +129,6 @@ def skip_layer_guidance_dit(ctx, model, double_layers: str, single_layers: str, 
                             start_percent: float, end_percent: float, rescaling_scale: float):
     """Guide away from the conditional prediction made with some transformer blocks skipped,
     inside a window of the run (nodes.families.skip_layers): one more network pass per step there."""
-    if not 0.0 <= float(scale) <= 10.0:
-        raise NodeError(f"scale must be within 0..10, got {scale}", "scale")
     return skip_layers_patched(model, double_layers, single_layers, start_percent=float(start_percent),
                                end_percent=float(end_percent), scale=float(scale),
                                rescaling_scale=float(rescaling_scale))

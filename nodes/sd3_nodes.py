@@ -130,9 +130,5 @@ def skip_layer_guidance_sd3(ctx, model, layers: str = "7, 8, 9", scale: float = 
 
     if not isinstance(layers, str):
         raise NodeError("layers must be a string of block numbers", "layers")
-    if not 0.0 <= float(scale) <= 10.0:
-        raise NodeError(f"scale must be within 0..10, got {scale}", "scale")
-    if float(scale) == 0.0:
-        return (model,)  # no push: the handle samples as given
     return skip_layers_patched(model, layers, "", names=("layers", "layers"), start_percent=float(start_percent),
                                end_percent=float(end_percent), scale=float(scale))

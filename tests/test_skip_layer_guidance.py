@@ -121,3 +121,24 @@ def test_refusals_name_their_input():
     with pytest.raises(NodeError) as err:
         skip_layer_guidance_dit_simple(Recorder().ctx, _model(), "0", "7", 0.0, 1.0)
     assert err.value.input_name == "single_layers" and "1 single blocks" in str(err.value)
+
+
+def test_a_guider_of_several_denoisers_refuses_it_naming_the_model():
+    """DualCFGGuider guides with two denoisers, which skip-layer guidance does not reach: refused
+    by name rather than dropped. A scale of 0 or past 10 is settled by the node."""
+    from nodes import custom_sampling as cs
+
+    positive, negative = _conds()
+    (slg,) = skip_layer_guidance_dit(Recorder().ctx, _model(), "0", "", 3.0, 0.0, 1.0, 0.0)
+    ctx = Recorder().ctx
+    (guider,) = cs.dual_cfg_guider(ctx, slg, positive, negative, negative, 2.0, 1.5, "regular")
+    (sigmas,) = cs.basic_scheduler(ctx, slg, "simple", 2, 1.0)
+    with pytest.raises(NodeError) as err:
+        cs.sampler_custom_advanced(ctx, cs.random_noise(ctx, 1)[0], guider, cs.ksampler_select(ctx, "euler")[0],
+                                   sigmas, {"samples": torch.zeros(1, 16, 8, 8)})
+    assert err.value.input_name == "model" and "DualCFGGuider" in str(err.value)
+    model = _model()
+    assert skip_layer_guidance_dit(Recorder().ctx, model, "0", "", 0.0, 0.0, 1.0, 0.0)[0] is model
+    with pytest.raises(NodeError) as err:
+        skip_layer_guidance_dit(Recorder().ctx, model, "0", "", 11.0, 0.0, 1.0, 0.0)
+    assert err.value.input_name == "scale"
