@@ -114,7 +114,7 @@ def merge_by_blocks(ctx, model1: Any, model2: Any, label: str, ratios: dict[str,
     ``output_blocks.*`` and ``out.*``), the first argument's when none does."""
     if not isinstance(model1, ModelHandle):
         raise NodeError(f"model1 must come from a model loader, got {type(model1).__name__}", "model1")
-    names = model1.family.original_names(model1.peek())
+    names = model1.family.merge_names(model1.peek())
     first = next(iter(ratios.values()))
 
     def ratio_of(name: str) -> tuple[float, float]:
@@ -178,6 +178,9 @@ SDXL_BLOCKS = ("time_embed.", "label_emb.", *(f"input_blocks.{i}" for i in range
 FLUX_BLOCKS = ("img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in.",
                *(f"double_blocks.{i}." for i in range(19)), *(f"single_blocks.{i}." for i in range(38)),
                "final_layer.")
+SD3_EMBEDDERS = ("pos_embed.", "x_embedder.", "context_embedder.", "y_embedder.", "t_embedder.")
+SD3_2B_BLOCKS = (*SD3_EMBEDDERS, *(f"joint_blocks.{i}." for i in range(24)), "final_layer.")
+SD35_LARGE_BLOCKS = (*SD3_EMBEDDERS, *(f"joint_blocks.{i}." for i in range(38)), "final_layer.")
 
 
 def _per_block(node_type: str, blocks: tuple[str, ...], families: tuple[str, ...]):
@@ -199,3 +202,5 @@ model_merge_sd1 = _per_block("ModelMergeSD1", SD1_BLOCKS, ("sd1", "sd2"))
 model_merge_sd2 = _per_block("ModelMergeSD2", SD1_BLOCKS, ("sd1", "sd2"))  # ComfyUI: the same blocks as SD1
 model_merge_sdxl = _per_block("ModelMergeSDXL", SDXL_BLOCKS, ("sdxl", "sdxl-refiner"))
 model_merge_flux1 = _per_block("ModelMergeFlux1", FLUX_BLOCKS, ("flux", "flux-schnell"))
+model_merge_sd3_2b = _per_block("ModelMergeSD3_2B", SD3_2B_BLOCKS, ("sd3",))  # SD3 Medium's 24 joint blocks
+model_merge_sd35_large = _per_block("ModelMergeSD35_Large", SD35_LARGE_BLOCKS, ("sd3",))

@@ -392,6 +392,44 @@ def test_model_merge_flux1_on_the_bfl_names():
     assert all(torch.equal(a.state_dict()[k], w1[k]) for k in w1)  # restored
 
 
+@pytest.mark.parametrize("variant", ["large", "medium"])
+def test_model_merge_sd3_takes_each_joint_block_s_ratio(variant):
+    """ModelMergeSD3_2B / ModelMergeSD35_Large address Stability's blocks; diffusers' fused-qkv parts
+    (to_q, to_k, to_v) and Medium's second attention follow their block, the embedders and the final
+    layer their own input."""
+    import tiny_sd3
+
+    from nodes.families import sd3
+
+    a = tiny_sd3.build(variant, seed=0)["transformer"]
+    b = tiny_sd3.build(variant, seed=1)["transformer"]
+    m1, m2 = _in_memory(sd3.FAMILY, a), _in_memory(sd3.FAMILY, b)
+    w1 = {k: v.detach().clone() for k, v in a.named_parameters()}
+    w2 = {k: v.detach().clone() for k, v in b.named_parameters()}
+    node, blocks = ((mm.model_merge_sd35_large, mm.SD35_LARGE_BLOCKS) if variant == "large"
+                    else (mm.model_merge_sd3_2b, mm.SD3_2B_BLOCKS))
+    ratios = {block: 1.0 for block in blocks}
+    ratios.update({"x_embedder.": 0.1, "t_embedder.": 0.2, "y_embedder.": 0.3, "context_embedder.": 0.4,
+                   "joint_blocks.0.": 0.5, "final_layer.": 0.6})
+    (merged,) = call(node, None, model1=m1, model2=m2, **ratios)
+    with merged.unet() as net:
+        got = {k: v.detach().clone() for k, v in net.named_parameters()}
+    expected = {"pos_embed.proj.weight": 0.1, "time_text_embed.timestep_embedder.linear_1.weight": 0.2,
+                "time_text_embed.text_embedder.linear_2.weight": 0.3, "context_embedder.weight": 0.4,
+                "transformer_blocks.0.attn.to_q.weight": 0.5, "transformer_blocks.0.attn.add_k_proj.weight": 0.5,
+                "transformer_blocks.0.norm1_context.linear.weight": 0.5, "transformer_blocks.1.attn.to_v.weight": 1.0,
+                "norm_out.linear.weight": 0.6, "proj_out.weight": 0.6}
+    if variant == "medium":
+        expected["transformer_blocks.0.attn2.to_q.weight"] = 0.5
+    for name, r in expected.items():
+        assert not torch.allclose(w1[name], w2[name]), name  # each check can fail
+        assert torch.allclose(got[name], r * w1[name] + (1 - r) * w2[name], atol=1e-6), name
+    assert all(torch.equal(p, w1[k]) for k, p in a.named_parameters())  # restored
+    with pytest.raises(NodeError) as err:
+        call(mm.model_merge_flux1, None, model1=m1, model2=m2, **{k: 1.0 for k in mm.FLUX_BLOCKS})
+    assert err.value.input_name == "model1"
+
+
 # -- LoraSave: a LoRA extracted from a difference --------------------------------------------------
 
 def test_a_full_difference_lora_turns_the_base_into_the_finetune(merge_env):

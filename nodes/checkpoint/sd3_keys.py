@@ -63,3 +63,23 @@ def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         else:
             out[original] = params[0]
     return out
+
+
+#: diffusers' top-level modules -> the original layout's, as far as a block prefix goes (the position
+#: table is a buffer, not merged; ComfyUI's ``pos_embed.`` input matches no weight either).
+_MERGE_PREFIXES = (("pos_embed.proj.", "x_embedder.proj."),
+                   ("time_text_embed.timestep_embedder.", "t_embedder.mlp."),
+                   ("time_text_embed.text_embedder.", "y_embedder.mlp."), ("context_embedder.", "context_embedder."),
+                   ("norm_out.", "final_layer.adaLN_modulation."), ("proj_out.", "final_layer.linear."))
+
+
+def merge_name(name: str) -> str:
+    """``name`` (a diffusers SD3 parameter) with the original layout's block in front of diffusers'
+    rest of the name: ``transformer_blocks.3.attn.to_q.weight`` -> ``joint_blocks.3.attn.to_q.weight``."""
+    block = re.match(r"transformer_blocks\.(\d+)\.", name)
+    if block:
+        return f"joint_blocks.{block.group(1)}.{name[block.end():]}"
+    for ours, theirs in _MERGE_PREFIXES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name

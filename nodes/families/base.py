@@ -304,6 +304,11 @@ class Family:
         original = unet_to_original({name: name for name, _ in network.named_parameters()}, dict(network.config))
         return {param: key[len("model.diffusion_model."):] for key, param in original.items()}
 
+    def merge_names(self, network: Any) -> dict[str, str]:
+        """The names whose prefixes ComfyUI's per-block merge nodes (ModelMergeBlocks, ModelMerge<family>)
+        match: the original layout's, where each parameter has one (``original_names``)."""
+        return self.original_names(network)
+
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING for ``text``: CLIP families share nodes.families.text; others override."""
         from nodes.families.text import encode

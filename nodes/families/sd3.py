@@ -154,6 +154,14 @@ class SD3(Family):
         """diffusers' own parameter names (the original layout's fused qkv has no one-to-one name)."""
         return {name: name for name, _ in network.named_parameters()}
 
+    def merge_names(self, network: Any) -> dict[str, str]:
+        """Each parameter under the original layout's block it belongs to (``joint_blocks.3.`` +
+        diffusers' own rest): a fused qkv has no name of its own there, but its block is what
+        ModelMergeSD3_2B and ModelMergeSD35_Large address (nodes.checkpoint.sd3_keys)."""
+        from nodes.checkpoint.sd3_keys import merge_name
+
+        return {name: merge_name(name) for name, _ in network.named_parameters()}
+
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         import torch
