@@ -10,17 +10,15 @@ of ``strength_type`` attn_bias nodes/families/attention_bias.py.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.conditioning_nodes import COND, _entries
-from nodes.loaders import fingerprinter, list_models, locate, model_manager, validator
+from nodes.loaders import fingerprinter, list_models, validator
+from nodes.managed_modules import ModuleHandle, acquire_module
 
 VISION_FOLDER = "clip_vision"
 STYLE_FOLDER = "style_models"
@@ -30,49 +28,10 @@ STYLE_MODEL = "STYLE_MODEL"
 STRENGTH_TYPES = ["multiply", "attn_bias"]
 
 
-@dataclass(eq=False)
-class ModuleHandle:
-    """CLIP_VISION / STYLE_MODEL: a name and how to use the module; the module stays with the
-    model manager (loaded once, placed on the compute device while used)."""
-
-    name: str
-    loaded: Any
-    _use: Callable[[], contextlib.AbstractContextManager]
-
-    @contextlib.contextmanager
-    def module(self) -> Iterator[Any]:
-        with self._use() as module:
-            yield module
-
-    def __kiln_nbytes__(self) -> int:
-        return 0
-
-
 def _acquire(ctx, folder: str, name: str, input_name: str, kind: str, load: Callable) -> ModuleHandle:
     from nodes.checkpoint.load import CheckpointError
-    from nodes.runtime.models import file_key
 
-    path = locate(ctx.env, folder, name, input_name)
-    manager = model_manager(ctx.env)
-    key = file_key(path, kind)
-
-    def loader(mgr: Any) -> Any:
-        return load(path, mgr.dtype)
-
-    try:
-        loaded = manager.acquire(key, loader)
-    except CheckpointError as exc:
-        raise NodeError(str(exc), input_name) from None
-    except MemoryError:
-        raise NodeError(f"not enough memory to load {name}", input_name) from None
-    module = next(iter(loaded.kiln_modules()))
-
-    @contextlib.contextmanager
-    def use() -> Iterator[Any]:
-        with manager.use(key, module, loader) as placed:
-            yield placed
-
-    return ModuleHandle(name=name, loaded=loaded, _use=use)
+    return acquire_module(ctx, folder, name, input_name, kind, load, (CheckpointError,))
 
 
 @define_node(

@@ -7,15 +7,13 @@ on the GPU when used). How files are read and how the network runs tiled is in
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
-from nodes.loaders import model_manager, fingerprinter, list_models, locate, validator
+from nodes.loaders import fingerprinter, list_models, model_manager, validator
+from nodes.managed_modules import ModuleHandle, acquire_module
 
 UPSCALE_FOLDER = "upscale_models"
 UPSCALE_MODEL = "UPSCALE_MODEL"
@@ -25,29 +23,23 @@ def _upscale_models(env: Any) -> list[str]:
     return list_models(env, UPSCALE_FOLDER, diffusers_marker=None)  # single files only
 
 
-@dataclass(eq=False)
-class UpscaleModelHandle:
-    """UPSCALE_MODEL: what ImageUpscaleWithModel needs; the network stays with the model manager."""
+class UpscaleModelHandle(ModuleHandle):
+    """UPSCALE_MODEL: its module is spandrel's descriptor (network on the compute device)."""
 
-    name: str
-    scale: int
-    architecture: str
-    _use: Callable[[], contextlib.AbstractContextManager]
+    @property
+    def scale(self) -> int:
+        """Output pixels per input pixel along each side, known before the network runs."""
+        return int(self.loaded.descriptor.scale)
 
-    @contextlib.contextmanager
-    def descriptor(self) -> Iterator[Any]:
-        """spandrel's ImageModelDescriptor with its network on the compute device."""
-        with self._use() as loaded:
-            yield loaded
-
-    def __kiln_nbytes__(self) -> int:
-        return 0
+    @property
+    def architecture(self) -> str:
+        return self.loaded.descriptor.architecture.name
 
 
-def _load(path, manager) -> Any:
+def _load(path, dtype) -> Any:
     from nodes.upscale_models import load_upscaler
 
-    return load_upscaler(path, manager.dtype)
+    return load_upscaler(path, dtype)
 
 
 @define_node(
@@ -63,28 +55,13 @@ def _load(path, manager) -> Any:
 )
 def upscale_model_loader(ctx, model_name: str):
     """Load an upscale model; spandrel recognises its architecture and scale from the weights."""
-    from nodes.runtime.models import file_key
     from nodes.upscale_models import UpscaleModelError
 
-    path = locate(ctx.env, UPSCALE_FOLDER, model_name, "model_name")
-    manager = model_manager(ctx.env)
-    key = file_key(path, "upscale")
-    loader = functools.partial(_load, path)
-    try:
-        loaded = manager.acquire(key, loader)
-    except UpscaleModelError as exc:
-        raise NodeError(str(exc), "model_name") from None
-    except MemoryError:
-        raise NodeError(f"not enough memory to load {model_name}", "model_name") from None
-
-    @contextlib.contextmanager
-    def use() -> Iterator[Any]:
-        with manager.use(key, "model", loader):
-            yield manager.acquire(key, loader).descriptor
-
-    d = loaded.descriptor
-    ctx.message(f"{model_name}: {d.architecture.name}, {d.scale}x, on {manager.device}")
-    return (UpscaleModelHandle(name=model_name, scale=int(d.scale), architecture=d.architecture.name, _use=use),)
+    handle = acquire_module(ctx, UPSCALE_FOLDER, model_name, "model_name", "upscale", _load, (UpscaleModelError,),
+                            handle=UpscaleModelHandle, view=lambda loaded, placed: loaded.descriptor)
+    d = handle.loaded.descriptor
+    ctx.message(f"{model_name}: {d.architecture.name}, {d.scale}x, on {model_manager(ctx.env).device}")
+    return (handle,)
 
 
 @define_node(
@@ -121,7 +98,7 @@ def image_upscale_with_model(ctx, upscale_model, image, tile_size: int = 512, ov
     check_pixel_budget(ctx.env, w * scale, h * scale, "image", f"the {scale}x upscaled image")
     rgb = image[..., :3] if c >= 3 else image.expand(b, h, w, 3)
     try:
-        with upscale_model.descriptor() as descriptor:
+        with upscale_model.module() as descriptor:
             out = run_tiled(descriptor, rgb.movedim(-1, 1).float(), int(tile_size), int(overlap),
                             progress=ctx.progress)
     except UpscaleModelError as exc:

@@ -68,6 +68,21 @@ def test_the_node_equals_spandrels_own_call(env, esrgan):
     assert env.models.counters["loads"] == 1
 
 
+def test_a_handle_uses_the_network_the_manager_holds_after_an_eviction(env, esrgan):
+    """A cached handle outlives the manager's entry: after an unload the next use reloads the file and
+    runs the reloaded network (on a GPU the evicted one is no longer on the device)."""
+    (handle,) = call(upscale.upscale_model_loader, env, model_name="tiny-esrgan-2x.safetensors")
+    with handle.module() as before:
+        first = before.model
+    env.models.unload_all()
+    image = torch.rand(1, 8, 8, 3)
+    (out,) = call(upscale.image_upscale_with_model, env, upscale_model=handle, image=image)
+    with handle.module() as after:
+        assert after.model is not first
+        assert all(p.device == torch.device(env.models.device) for p in after.model.parameters())
+    assert env.models.counters["loads"] == 2 and torch.allclose(out, reference(esrgan, image), atol=1e-6)
+
+
 def test_tiles_are_blended_towards_the_untiled_result(env, esrgan):
     (handle,) = call(upscale.upscale_model_loader, env, model_name="tiny-esrgan-2x.safetensors")
     torch.manual_seed(1)
