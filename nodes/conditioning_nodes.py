@@ -32,8 +32,10 @@ def _entries(cond: Any, name: str) -> list[list]:
     return out
 
 
-def _set(conditioning: Any, **values: Any) -> list[list]:
-    out = _entries(conditioning, "conditioning")
+def with_options(conditioning: Any, input_name: str = "conditioning", **values: Any) -> list[list]:
+    """A copy of ``conditioning`` whose every entry carries ``values`` (ComfyUI's option keys: area,
+    strength, mask, guidance, ...); the input's entries stay as they were (the cache holds them)."""
+    out = _entries(conditioning, input_name)
     for entry in out:
         entry[1].update(values)
     return out
@@ -133,7 +135,7 @@ def _strength() -> Input:
 def conditioning_set_area(ctx, conditioning: Any, width: int, height: int, x: int, y: int, strength: float):
     """Apply the prompt only inside a rectangle, in image pixels (rounded down to the latent's
     8-pixel grid); combine it with a prompt for the whole image."""
-    return (_set(conditioning, area=(int(height) // 8, int(width) // 8, int(y) // 8, int(x) // 8),
+    return (with_options(conditioning, area=(int(height) // 8, int(width) // 8, int(y) // 8, int(x) // 8),
                  strength=float(strength), set_area_to_bounds=False),)
 
 
@@ -149,7 +151,7 @@ def conditioning_set_area(ctx, conditioning: Any, width: int, height: int, x: in
 def conditioning_set_area_percentage(ctx, conditioning: Any, width: float, height: float, x: float, y: float,
                                      strength: float):
     """Apply the prompt only inside a rectangle given as fractions of the image (any size)."""
-    return (_set(conditioning, area=("percentage", float(height), float(width), float(y), float(x)),
+    return (with_options(conditioning, area=("percentage", float(height), float(width), float(y), float(x)),
                  strength=float(strength), set_area_to_bounds=False),)
 
 
@@ -157,7 +159,7 @@ def conditioning_set_area_percentage(ctx, conditioning: Any, width: float, heigh
              inputs=[Input("conditioning", T.CONDITIONING), _strength()], outputs=COND)
 def conditioning_set_area_strength(ctx, conditioning: Any, strength: float):
     """How much this entry counts where it overlaps others (its weight in the average)."""
-    return (_set(conditioning, strength=float(strength)),)
+    return (with_options(conditioning, strength=float(strength)),)
 
 
 @define_node("ConditioningSetMask", category="conditioning", display_name="Conditioning (Set Mask)",
@@ -174,7 +176,7 @@ def conditioning_set_mask(ctx, conditioning: Any, mask: Any, strength: float, se
     if set_cond_area not in ("default", "mask bounds"):
         raise NodeError(f"must be 'default' or 'mask bounds', got {set_cond_area!r}", input_name="set_cond_area")
     m = mask.unsqueeze(0) if mask.ndim == 2 else mask
-    return (_set(conditioning, mask=m.to(torch.float32), set_area_to_bounds=set_cond_area != "default",
+    return (with_options(conditioning, mask=m.to(torch.float32), set_area_to_bounds=set_cond_area != "default",
                  mask_strength=float(strength)),)
 
 
@@ -189,4 +191,4 @@ def conditioning_set_timestep_range(ctx, conditioning: Any, start: float, end: f
     schedule, 1 the end (e.g. combine prompt A on 0-0.5 with prompt B on 0.5-1)."""
     if float(start) > float(end):
         ctx.message(f"start {start} is after end {end}: this conditioning never applies")
-    return (_set(conditioning, start_percent=float(start), end_percent=float(end)),)
+    return (with_options(conditioning, start_percent=float(start), end_percent=float(end)),)

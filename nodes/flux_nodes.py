@@ -14,6 +14,7 @@ from engine import types as T
 from engine.budget import Size
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
+from nodes.conditioning_nodes import with_options
 from nodes.handles import ClipHandle, ModelHandle
 from nodes.latent_ops import MAX_RESOLUTION
 
@@ -29,15 +30,6 @@ def _guidance_value(guidance: float) -> float:
     if not 0.0 <= value <= 100.0:
         raise NodeError(f"guidance must be within 0..100, got {value}", "guidance")
     return value
-
-
-def with_guidance(conditioning, guidance: float | None, input_name: str = "conditioning") -> list:
-    """A copy of ``conditioning`` whose every entry carries ``guidance`` (ComfyUI's key; None: the
-    guidance embedding is left out, FluxDisableGuidance)."""
-    if not isinstance(conditioning, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2
-                                                      for c in conditioning):
-        raise NodeError("expected a CONDITIONING (a list of [embeds, options])", input_name)
-    return [[embeds, {**extra, "guidance": guidance}] for embeds, extra in conditioning]
 
 
 @define_node(
@@ -66,7 +58,7 @@ def clip_text_encode_flux(ctx, clip, clip_l: str, t5xxl: str, guidance: float = 
             raise NodeError(f"{name} must be a string", name)
     value = _guidance_value(guidance)
     cond, _ = encode_reported(ctx, clip, t5xxl, texts={"tokenizer": clip_l, "tokenizer_2": t5xxl})
-    return (with_guidance(cond, value, "clip"),)
+    return (with_options(cond, "clip", guidance=value),)
 
 
 @define_node(
@@ -81,7 +73,7 @@ def clip_text_encode_flux(ctx, clip, clip_l: str, t5xxl: str, guidance: float = 
 )
 def flux_guidance(ctx, conditioning, guidance: float = 3.5):
     """Set the distilled guidance on every entry of a conditioning."""
-    return (with_guidance(conditioning, _guidance_value(guidance)),)
+    return (with_options(conditioning, guidance=_guidance_value(guidance)),)
 
 
 @define_node(
@@ -93,7 +85,7 @@ def flux_guidance(ctx, conditioning, guidance: float = 3.5):
 def flux_disable_guidance(ctx, conditioning):
     """Leave the distilled guidance out of the model's conditioning altogether (not guidance 0,
     which is itself an embedded value): for models trained to run without it."""
-    return (with_guidance(conditioning, None),)
+    return (with_options(conditioning, guidance=None),)
 
 
 @define_node(
