@@ -142,6 +142,7 @@ class BatchItem:
     emit: Callable[[Event], None]
     interrupt: threading.Event
     force: bool = False
+    keep_going: bool = False
 
 
 def run_together(executor: Executor, items: list[BatchItem]) -> list[JobOutcome]:
@@ -155,7 +156,8 @@ def run_together(executor: Executor, items: list[BatchItem]) -> list[JobOutcome]
 class _Together:
     def __init__(self, ex: Executor, items: list[BatchItem]) -> None:
         self.ex = ex
-        self.runs = [_Run(ex, it.plan, it.job.id, it.job, it.force, it.emit, it.interrupt) for it in items]
+        self.runs = [_Run(ex, it.plan, it.job.id, it.job, it.force, it.emit, it.interrupt, it.keep_going)
+                     for it in items]
         self.sigs: list[dict[str, str]] = []
         self.stopped: set[int] = set()
 
@@ -164,13 +166,14 @@ class _Together:
         self.sigs = [self.ex.signatures(r.plan) for r in self.runs]
         todo = [set(r.begin(s, prefetch=i == 0)) for i, (r, s) in enumerate(zip(self.runs, self.sigs))]
         for node_id in self.runs[0].plan.order:
-            group = [i for i, run in enumerate(self.runs) if i not in self.stopped and node_id in todo[i]]
+            group = [i for i, run in enumerate(self.runs)
+                     if i not in self.stopped and node_id in todo[i] and not run.skips(node_id)]
             group = [i for i in group if not self._stop_if_interrupted(i, node_id)]
             if group:
                 self._step(node_id, group)
         for i, run in enumerate(self.runs):
             if i not in self.stopped:
-                run.succeed(started)
+                run.finish(started)
         return [run.outcome for run in self.runs]
 
     # -- one node, for the jobs that need it ---------------------------------------------
@@ -195,8 +198,8 @@ class _Together:
             run._run_node(node, self.sigs[i][node_id])
         except Interrupted:
             self._stop(i, run._interrupted(node))
-        except Exception as exc:  # this job fails; the others go on
-            self._stop(i, run._failed(node, exc))
+        except Exception as exc:  # this job fails (or, keeping going, this branch); the others go on
+            self._failed(i, node, exc)
 
     def _shared(self, node_id: str, group: list[int]) -> list[int]:
         """Run a node that is the same in every job once; returns the jobs still to run it alone."""
@@ -209,7 +212,7 @@ class _Together:
             return self._after_interrupt(node_id, group)
         except Exception as exc:  # the same inputs fail the same way alone: each job fails with it
             for i in group:
-                self._stop(i, self.runs[i]._failed(node, exc))
+                self._failed(i, node, exc)
             return []
         self.ex.cache.put(self.sigs[group[0]][node_id], outputs, ui)
         for i in group:
@@ -335,6 +338,11 @@ class _Together:
             return False
         self._stop(i, run._interrupted(run.plan.nodes[node_id]))
         return True
+
+    def _failed(self, i: int, node: Any, exc: Exception) -> None:
+        outcome = self.runs[i].on_failure(node, exc)
+        if outcome is not None:
+            self._stop(i, outcome)
 
     def _stop(self, i: int, outcome: JobOutcome) -> None:
         self.stopped.add(i)

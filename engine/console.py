@@ -42,6 +42,7 @@ class ProgressRenderer:
         self.bar_shown = False
         self.last_draw = 0.0
         self.files: list[Path] = []
+        self.failures_shown = 0
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
@@ -53,7 +54,7 @@ class ProgressRenderer:
             self.bar_shown = False
 
     def __call__(self, event: Event) -> None:
-        if self.errors_only and event.type not in ("job_failed", "job_interrupted"):
+        if self.errors_only and event.type not in ("node_failed", "job_failed", "job_interrupted"):
             return
         handler = getattr(self, "_on_" + event.type, None)
         if handler is not None:
@@ -104,7 +105,21 @@ class ProgressRenderer:
         self._end_bar()
         self._write(f"finished in {e.seconds:.2f}s: {len(e.executed)} node(s) ran, {len(e.cached)} cached\n")
 
+    def _on_node_failed(self, e: Any) -> None:
+        self.failures_shown += 1
+        self._failure(e)
+        if e.blocked:
+            self._write(f"    skipped, as they need its result: {', '.join(e.blocked)}\n")
+
     def _on_job_failed(self, e: Any) -> None:
+        if self.failures_shown:  # the job kept going: each failure was shown as it happened
+            self._end_bar()
+            self._write(f"failed: {len(e.failures)} node(s) failed, {len(e.blocked)} skipped, "
+                        f"{len(e.executed)} ran\n")
+        else:
+            self._failure(e)
+
+    def _failure(self, e: Any) -> None:
         self._end_bar()
         where = f"node {e.node_id} ({e.node_type})"
         if e.input_name:

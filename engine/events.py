@@ -102,7 +102,32 @@ class JobFinished(Event):
 
 
 @dataclass
+class NodeFailed(Event):
+    """A node failed in a job that keeps going (``keep_going``): the nodes that need its result are
+    ``blocked`` and will not run; every other branch goes on. The job ends with a JobFailed."""
+
+    type: ClassVar[str] = "node_failed"
+    node_id: str | None = None
+    node_type: str | None = None
+    input_name: str | None = None
+    message: str = ""
+    exception_type: str = ""
+    traceback: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    timestamp: int = field(default_factory=now_ms)
+
+    def summary(self) -> dict[str, Any]:
+        """What a job's record keeps of each failure (no traceback: the first failure's is kept)."""
+        return {"node_id": self.node_id, "node_type": self.node_type, "input_name": self.input_name,
+                "message": self.message, "exception_type": self.exception_type}
+
+
+@dataclass
 class JobFailed(Event):
+    """The job's end after a failure. It names the (first) node that failed; a job that kept going
+    past failures also lists every one (``failures``, in the order they happened) and the nodes
+    they kept from running (``blocked``), and its independent branches' results are in its outputs."""
+
     type: ClassVar[str] = "job_failed"
     node_id: str | None = None
     node_type: str | None = None
@@ -111,6 +136,8 @@ class JobFailed(Event):
     exception_type: str = ""
     traceback: list[str] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
     timestamp: int = field(default_factory=now_ms)
 
 
@@ -127,7 +154,7 @@ TERMINAL = (JobFinished, JobFailed, JobInterrupted)
 
 
 _BY_TYPE: dict[str, type[Event]] = {cls.type: cls for cls in (
-    JobStarted, NodesCached, NodeStarted, Progress, NodeMessage, NodeFinished, JobFinished, JobFailed,
+    JobStarted, NodesCached, NodeStarted, Progress, NodeMessage, NodeFinished, NodeFailed, JobFinished, JobFailed,
     JobInterrupted)}
 
 

@@ -7,6 +7,11 @@ runs only when a node that must run needs its result and the cache does not hold
 it; everything else is served from the cache or skipped. A node's lazy inputs
 (engine.node.Input.lazy) are not followed by that walk: what feeds them is produced
 when the node, about to run, asks for them (a switch runs the branch it picks).
+
+A job stops at its first failing node, unless it keeps going (``keep_going``, make's
+-k): then only the nodes that need a failed node's result are skipped, every
+independent branch runs to the end and keeps its outputs, and the job still ends
+failed, naming every failure.
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from typing import Any, Callable, Iterable
 
 from engine.cache import OutputCache
 from engine.context import Environment, Interrupted, JobInfo, NodeContext, NodeError
-from engine.events import (Event, JobFailed, JobFinished, JobInterrupted, JobStarted, NodeFinished, NodeMessage,
-                           NodesCached, NodeStarted, Preview, Progress)
+from engine.events import (Event, JobFailed, JobFinished, JobInterrupted, JobStarted, NodeFailed, NodeFinished,
+                           NodeMessage, NodesCached, NodeStarted, Preview, Progress)
 from engine.guard import unchecked_images
 from engine.node import ALWAYS, Result
 from engine.paths import PathRefused
@@ -40,6 +45,11 @@ class BranchFailed(Exception):
     def __init__(self, node: PlannedNode, error: Exception) -> None:
         super().__init__(str(error))
         self.node, self.error = node, error
+
+
+class BelowFailure(Exception):
+    """A lazy input asked for a node that failed earlier in this job, or that a failure keeps from
+    running: the asking node is skipped with it, not failed a second time."""
 
 
 def is_lazy(node: PlannedNode, input_name: str) -> bool:
@@ -140,26 +150,34 @@ class Executor:
         interrupt: threading.Event | None = None,
         outputs: Iterable[str] | None = None,
         job: JobInfo | None = None,
+        keep_going: bool = False,
     ) -> JobOutcome:
-        """Run a workflow to the end; validation errors raise before any event is sent."""
+        """Run a workflow to the end; validation errors raise before any event is sent.
+        ``keep_going``: a failing node skips only what needs its result (see the module docstring)."""
         plan = workflow if isinstance(workflow, Plan) else self.plan(workflow, outputs)
         job_id = job_id or (job.id if job else uuid.uuid4().hex)
         if job is None:
             job = JobInfo(id=job_id, workflow=plan.api_prompt(), kiln_workflow=plan.workflow.to_kiln())
         with self._lock:
             return _Run(self, plan, job_id, job, force, on_event or (lambda e: None),
-                        interrupt or threading.Event()).execute()
+                        interrupt or threading.Event(), keep_going).execute()
 
 
 class _Run:
     """One job's state: kept off the Executor so nothing leaks between jobs."""
 
     def __init__(self, executor: Executor, plan: Plan, job_id: str, job: JobInfo, force: bool,
-                 emit: EventSink, interrupt: threading.Event) -> None:
+                 emit: EventSink, interrupt: threading.Event, keep_going: bool = False) -> None:
         self.ex, self.plan, self.job_id, self.job = executor, plan, job_id, job
-        self.force, self.emit, self.interrupt = force, emit, interrupt
+        self.force, self.emit, self.interrupt, self.keep_going = force, emit, interrupt, keep_going
         self.outcome = JobOutcome(job_id, "running")
         self.sigs: dict[str, str] = {}
+        #: Who reads each node's outputs through a link the schedule follows (not a lazy one).
+        self.consumers: dict[str, list[str]] = {}
+        #: Keeping going: the failures so far, the nodes that failed, the nodes they keep from running.
+        self.failures: list[NodeFailed] = []
+        self.failed: set[str] = set()
+        self.blocked: set[str] = set()
 
     def _schedule(self, sigs: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
         """Which nodes must run, and the cache entries of those served from it (lazy inputs aside)."""
@@ -169,6 +187,7 @@ class _Run:
             for name, link in node.links.items():
                 if not is_lazy(node, name):
                     consumers[link.node_id].append(node_id)
+        self.consumers = consumers
         to_run: set[str] = set()
         from_cache: dict[str, Any] = {}
         targets = set(self.plan.outputs)
@@ -187,6 +206,8 @@ class _Run:
         sigs = self.ex.signatures(self.plan)
         run_order = self.begin(sigs)
         for node_id in run_order:
+            if self.skips(node_id):
+                continue
             node = self.plan.nodes[node_id]
             if self.interrupt.is_set():
                 return self._interrupted(node)
@@ -194,15 +215,19 @@ class _Run:
                 self._run_node(node, sigs[node_id])
             except Interrupted:
                 return self._interrupted(node)
-            except Exception as exc:  # a node failure ends the job, never the process
-                return self._failed(node, exc)
-        return self.succeed(started)
+            except Exception as exc:  # a node failure ends the job (or its branch), never the process
+                stopped = self.on_failure(node, exc)
+                if stopped is not None:
+                    return stopped
+        return self.finish(started)
 
     def _produce(self, node_id: str) -> None:
         """Make node ``node_id``'s outputs available for a lazy input that asked for them: from
         the cache, or by running it after what its own (non-lazy) inputs need."""
         if node_id in self.outcome.results:
             return
+        if self.skips(node_id):
+            raise BelowFailure(node_id)
         node = self.plan.nodes[node_id]
         entry = None if self.force else self.ex.cache.get(self.sigs[node_id])
         if entry is not None:
@@ -221,7 +246,7 @@ class _Run:
             raise Interrupted()
         try:
             self._run_node(node, self.sigs[node_id])
-        except (Interrupted, BranchFailed):
+        except (Interrupted, BranchFailed, BelowFailure):
             raise
         except Exception as exc:
             raise BranchFailed(node, exc) from exc
@@ -268,6 +293,57 @@ class _Run:
                 node = self.plan.nodes[node_id]
                 self.emit(NodeFinished(self.job_id, node_id=node_id, node_type=node.spec.type, ui=entry.ui, cached=True))
         return run_order
+
+    def finish(self, started: float) -> JobOutcome:
+        """The end of a job that ran through its schedule: succeeded, or failed after keeping going."""
+        if not self.failures:
+            return self.succeed(started)
+        return self._end_failed(self.failures)
+
+    def on_failure(self, node: PlannedNode, exc: Exception) -> JobOutcome | None:
+        """A node raised: end the job (its outcome), or, keeping going, skip what needs the failed
+        node and go on (None)."""
+        if isinstance(exc, BelowFailure):  # only reachable keeping going
+            self._block(node.id)
+            return None
+        if not self.keep_going:
+            return self._failed(node, exc)
+        failure = self._failure(node, exc)
+        before = set(self.blocked)
+        self.failed.add(failure.node_id)
+        for consumer in self.consumers.get(failure.node_id, ()):
+            self._block(consumer)
+        if failure.node_id != node.id:  # the node whose lazy input ran the failing branch
+            self._block(node.id)
+        failure.blocked = [n for n in self.plan.order if n in self.blocked - before]
+        self.failures.append(failure)
+        self.emit(failure)
+        return None
+
+    def _failure(self, node: PlannedNode, exc: Exception) -> NodeFailed:
+        """What failed and why; a lazily produced branch's failure is that branch node's."""
+        if isinstance(exc, BranchFailed):
+            node, exc = exc.node, exc.error
+        return NodeFailed(self.job_id, node_id=node.id, node_type=node.spec.type,
+                          input_name=getattr(exc, "input_name", None), message=str(exc) or type(exc).__name__,
+                          exception_type=type(exc).__name__,
+                          traceback=tb.format_exception(type(exc), exc, exc.__traceback__))
+
+    def skips(self, node_id: str) -> bool:
+        """Whether the node failed, or needs what failed, earlier in this job (keeping going): it is
+        not run (again)."""
+        return node_id in self.failed or node_id in self.blocked
+
+    def _block(self, node_id: str) -> None:
+        """Skip ``node_id`` and everything downstream that has no result yet (a result served from
+        the cache stays usable: what reads it need not wait for what failed)."""
+        todo = [node_id]
+        while todo:
+            current = todo.pop()
+            if current in self.blocked or current in self.failed or current in self.outcome.results:
+                continue
+            self.blocked.add(current)
+            todo.extend(self.consumers.get(current, ()))
 
     def succeed(self, started: float) -> JobOutcome:
         self.outcome.status = "succeeded"
@@ -356,15 +432,16 @@ class _Run:
         return self.outcome
 
     def _failed(self, node: PlannedNode, exc: Exception) -> JobOutcome:
-        if isinstance(exc, BranchFailed):
-            node, exc = exc.node, exc.error
+        return self._end_failed([self._failure(node, exc)])
+
+    def _end_failed(self, failures: list[NodeFailed]) -> JobOutcome:
+        first = failures[0]
         self.outcome.status = "failed"
         event = JobFailed(
-            self.job_id, node_id=node.id, node_type=node.spec.type,
-            input_name=getattr(exc, "input_name", None),
-            message=str(exc) or type(exc).__name__, exception_type=type(exc).__name__,
-            traceback=tb.format_exception(type(exc), exc, exc.__traceback__),
-            executed=list(self.outcome.executed))
+            self.job_id, node_id=first.node_id, node_type=first.node_type, input_name=first.input_name,
+            message=first.message, exception_type=first.exception_type, traceback=first.traceback,
+            executed=list(self.outcome.executed), failures=[f.summary() for f in failures],
+            blocked=[n for n in self.plan.order if n in self.blocked])
         self.outcome.error = event
         self.emit(event)
         return self.outcome

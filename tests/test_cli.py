@@ -95,6 +95,29 @@ def test_node_failure_exits_1_naming_the_node(project: Path):
     assert "LoadImage" in proc.stderr and "broken.png" in proc.stderr
 
 
+def test_keep_going_saves_the_branch_that_works_and_still_exits_1(project: Path):
+    """Two branches: a broken image fails its LoadImage; with -k the other branch's file is saved and
+    printed, the failure and what it skipped are named, and the exit code is still 1."""
+    (project / "input" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    two = {"version": 1, "nodes": {
+        **RESIZE["nodes"],
+        "4": {"type": "LoadImage", "inputs": {"image": "broken.png"}},
+        "5": {"type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "other"}},
+    }}
+    two["nodes"]["1"] = {"type": "LoadImage", "inputs": {"image": "photo.png"}}
+    (project / "two.json").write_text(json.dumps(two))
+    proc = kiln("run", "two.json", "--keep-going", cwd=project)
+    assert proc.returncode == 1, proc.stderr
+    saved = [Path(line) for line in proc.stdout.split()]
+    assert len(saved) == 1 and saved[0].name.startswith("cli") and saved[0].is_file()
+    assert "node 4 (LoadImage)" in proc.stderr and "broken.png" in proc.stderr
+    assert "skipped, as they need its result: 5" in proc.stderr and "1 node(s) failed, 1 skipped" in proc.stderr
+    events = [json.loads(line) for line in kiln("run", "two.json", "-k", "--json", cwd=project).stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds.count("node_failed") == 1 and kinds[-1] == "job_failed"
+    assert events[-1]["blocked"] == ["5"] and [f["node_id"] for f in events[-1]["failures"]] == ["4"]
+
+
 def test_image_flag_points_the_first_load_image_at_a_path(project: Path, tmp_path_factory):
     other = tmp_path_factory.mktemp("elsewhere") / "blue.png"
     Image.new("RGB", (10, 10), (0, 0, 255)).save(other)

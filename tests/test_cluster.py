@@ -136,6 +136,17 @@ async def test_jobs_spread_over_both_workers_and_cancel_reaches_them(server):
     r = await server.get("/view", params={"filename": name, "type": "output"})
     assert r.status == 200 and await r.read() == b"from the cluster"
 
+    # keep_going travels to the worker: the branch beside a failure saves its file
+    doc = {"version": 1, "nodes": {**save_workflow("beside a failure")["nodes"],
+                                   "2": {"type": "Number", "inputs": {"value": 3}},
+                                   "3": {"type": "Fail", "inputs": {"value": ["2", 0]}},
+                                   "4": {"type": "Format", "inputs": {"value": ["3", 0]}},
+                                   "5": {"type": "Show", "inputs": {"text": ["4", 0]}}}}
+    r = await server.post("/api/jobs", json={"workflow": doc, "keep_going": True})
+    done = await wait_status(server, (await r.json())["job_id"], timeout=30)
+    assert done["status"] == "failed" and done["error"]["blocked"] == ["4", "5"]
+    assert [f["node_id"] for f in done["error"]["failures"]] == ["3"] and "1" in done["outputs"]
+
 
 # -- routing by warmth, inputs travelling, images coming back ---------------------------------
 

@@ -115,6 +115,22 @@ async def test_a_failing_job_never_stops_the_worker(kiln):
     assert (await wait_status(kiln, await _submit(kiln, show_workflow(5))))["status"] == "succeeded"
 
 
+async def test_a_job_that_keeps_going_keeps_its_independent_outputs(kiln):
+    """keep_going through the job API: the queued record carries it to the worker, the branch beside
+    the failure runs and its output is kept, and the error lists the failure and what it skipped."""
+    beside = {**FAIL["nodes"], "5": {"type": "Format", "inputs": {"value": ["1", 0]}},
+              "6": {"type": "Show", "inputs": {"text": ["5", 0]}}}
+    job = await wait_status(kiln, await _submit(kiln, {"version": 1, "nodes": beside}, keep_going=True))
+    assert job["status"] == "failed" and job["outputs"] == {"6": {"text": ["3"]}}
+    err = job["error"]
+    assert err["node_id"] == "2" and err["message"] == "refusing 3.0" and err["blocked"] == ["3", "4"]
+    assert [(f["node_id"], f["input_name"]) for f in err["failures"]] == [("2", "value")]
+    stopped = await wait_status(kiln, await _submit(kiln, {"version": 1, "nodes": beside}))
+    assert stopped["status"] == "failed" and stopped["error"]["blocked"] == []
+    r = await kiln.post("/api/jobs", json={"workflow": FAIL, "keep_going": "yes"})
+    assert r.status == 400 and "keep_going" in (await r.json())["error"]["message"]
+
+
 async def test_a_job_invalid_at_run_time_fails_with_a_reason(kiln, tmp_path):
     """A job that breaks at run time (its output folder became a file) fails with the node named."""
     blocker = await _submit(kiln, slow_workflow(1))

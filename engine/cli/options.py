@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="compute device (default: the best available)")
     run.add_argument("--json", action="store_true", help="NDJSON events on stdout, one per line")
     run.add_argument("--force", action="store_true", help="run every node even if cached")
+    run.add_argument("--keep-going", "-k", action="store_true",
+                     help="when a node fails, skip only what needs its result and run every other branch "
+                          "(the exit code is still 1)")
     _compile_option(run)
     _offload_option(run)
     _lean_memory_option(run)

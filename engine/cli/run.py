@@ -61,11 +61,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _sigint_sets(interrupt):
             try:
                 outcome = Executor(registry, env).run(plan, job=job, force=args.force, on_event=on_event,
-                                                      interrupt=interrupt)
+                                                      interrupt=interrupt, keep_going=args.keep_going)
             except KeyboardInterrupt:
                 sys.stderr.write("aborted\n")
                 return EXIT_INTERRUPTED
-        if not args.json and outcome.status == "succeeded" and not sys.stdout.isatty():
+        if not args.json and outcome.status != "interrupted" and not sys.stdout.isatty():
             for path in renderer.files:  # scripts piping stdout get the saved files, one per line
                 sys.stdout.write(f"{path}\n")
         return {"succeeded": EXIT_OK, "failed": EXIT_NODE_FAILED}.get(outcome.status, EXIT_INTERRUPTED)

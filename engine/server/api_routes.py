@@ -32,18 +32,21 @@ def refused_body(exc: SubmitRefused) -> dict[str, Any]:
 async def post_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_object(request, state.settings.max_body_bytes)
-    unknown = sorted(set(body) - {"workflow", "params", "force", "client_id", "outputs", "job_id", "extra_data"})
+    unknown = sorted(set(body) - {"workflow", "params", "force", "client_id", "outputs", "job_id", "extra_data",
+                                  "keep_going"})
     if unknown:
         fail(400, "invalid_request", f"unknown field(s) {', '.join(unknown)}; expected workflow, params, force, "
-                                     "client_id, outputs")
+                                     "keep_going, client_id, outputs")
+    if not isinstance(body.get("keep_going", False), bool):
+        fail(400, "invalid_request", "'keep_going' must be true or false")
     if "workflow" not in body:
         fail(400, "invalid_request", "'workflow' is required (Kiln or ComfyUI API format)")
     try:
         job_id = body.get("job_id")
         job = await submit_held(state, body["workflow"], str(uuid.uuid4()) if job_id is None else job_id,
                                 params=body.get("params"), outputs=body.get("outputs"),
-                                force=bool(body.get("force", False)), client_id=body.get("client_id"),
-                                extra_data=body.get("extra_data"))
+                                force=bool(body.get("force", False)), keep_going=body.get("keep_going", False),
+                                client_id=body.get("client_id"), extra_data=body.get("extra_data"))
     except SubmitRefused as exc:
         return web.json_response(refused_body(exc), status=400)
     if job.status != RUNNING:  # a job a lane started at once was counted by that lane, with its events

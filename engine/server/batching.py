@@ -93,7 +93,8 @@ def _give_back(worker: "Worker", lane: "_Lane") -> None:
 
 def _fits(job: JobRecord, candidate: JobRecord) -> bool:
     """The job-level settings a batch shares (the graph is compared by batch_key)."""
-    return candidate.force == job.force and sorted(candidate.outputs_to_execute) == sorted(job.outputs_to_execute)
+    return (candidate.force == job.force and candidate.keep_going == job.keep_going
+            and sorted(candidate.outputs_to_execute) == sorted(job.outputs_to_execute))
 
 
 def _plan(worker: "Worker", lane: "_Lane", job: JobRecord) -> Plan | None:
@@ -111,7 +112,7 @@ def _run(worker: "Worker", lane: "_Lane", group: list[tuple[JobRecord, Plan]]) -
 
     reports = [JobReport(job, worker._publish, worker._progress, worker._redact) for job, _ in group]
     interrupts = [lane.interrupt] + [lane.followers[job.id] for job, _ in group[1:]]
-    items = [BatchItem(plan, worker._job_info(job, plan), report.event, interrupt, job.force)
+    items = [BatchItem(plan, worker._job_info(job, plan), report.event, interrupt, job.force, job.keep_going)
              for (job, plan), report, interrupt in zip(group, reports, interrupts)]
     log.info("running %d jobs as one batch: %s", len(group), ", ".join(job.id for job, _ in group))
     try:

@@ -337,7 +337,8 @@ class ClusterWorker:
             self.on_queue_change()
             return None
         payload = {"job_id": job.id, "version": __version__, "workflow": job.workflow, "prompt": job.prompt,
-                   "outputs": list(job.outputs_to_execute), "force": job.force, "params": job.params,
+                   "outputs": list(job.outputs_to_execute), "force": job.force,
+                   "keep_going": job.keep_going, "params": job.params,
                    "extra_pnginfo": dict(job.extra_data.get("extra_pnginfo") or {}),
                    "allow_url_images": self.env.settings.allow_url_images, "inputs": inputs}
         remote = _Remote(job, report, files, structural_signatures(plan), payload)

@@ -150,7 +150,8 @@ class KilnWorkerPlugin(WorkerPlugin):
         info = JobInfo(id=job_id, workflow=payload.get("prompt") or plan.api_prompt(),
                        kiln_workflow=workflow.to_kiln(), extra_pnginfo=dict(payload.get("extra_pnginfo") or {}),
                        params=dict(payload.get("params") or {}))
-        outcome = self.executor.run(plan, job=info, force=bool(payload.get("force")), on_event=stream.emit,
+        outcome = self.executor.run(plan, job=info, force=bool(payload.get("force")),
+                                    keep_going=bool(payload.get("keep_going")), on_event=stream.emit,
                                     interrupt=interrupt)
         return outcome.status, outcome.outputs, stream.terminal, outcome.executed, outcome.cached
 

@@ -79,7 +79,7 @@ def _extra_problem(extra: Any) -> ValidationError | None:
 
 def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None, force: bool = False,
            client_id: str | None = None, job_id: str | None = None, number: float | None = None,
-           front: bool = False, extra_data: dict[str, Any] | None = None) -> JobRecord:
+           front: bool = False, extra_data: dict[str, Any] | None = None, keep_going: bool = False) -> JobRecord:
     """Validate and durably queue a job; the row is committed when this returns."""
     trouble = [p for p in (_id_problem("job_id", job_id), _id_problem("client_id", client_id),
                            _extra_problem(extra_data)) if p is not None]
@@ -92,7 +92,7 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
     add = functools.partial(state.store.add, workflow=workflow.to_kiln(), prompt=plan.api_prompt(), job_id=job_id,
                             number=number, front=front, client_id=client_id or None,
                             source_format=workflow.source_format, params=applied, outputs_to_execute=plan.outputs,
-                            force=force, extra_data=extra, plan=plan)
+                            force=force, extra_data=extra, plan=plan, keep_going=keep_going)
     add_job = getattr(state.worker, "add_job", None)  # an idle lane storing it starts it too
     try:
         job = add_job(lambda start: add(start=start)) if add_job is not None else add()
@@ -165,6 +165,8 @@ def job_view(state: AppState, job: JobRecord, *, full: bool = True) -> dict[str,
         error = {k: job.error.get(k) for k in ("node_id", "node_type", "input_name", "message", "exception_type")}
         if full:
             error["traceback"] = job.error.get("traceback") or []
+            error["failures"] = job.error.get("failures") or []  # a job that kept going: each failure
+            error["blocked"] = job.error.get("blocked") or []
         else:  # a list stays small whatever the jobs' errors were
             message = str(error.get("message") or "")
             error["message"] = message if len(message) <= LIST_MESSAGE_CHARS else \

@@ -87,6 +87,10 @@ SCHEMAS: dict[str, Any] = {
             "params": {"type": "object", "additionalProperties": True,
                        "description": "Named-parameter overrides declared by the workflow's params."},
             "force": {"type": "boolean", "description": "Re-run every node, ignoring cached outputs."},
+            "keep_going": {"type": "boolean",
+                           "description": "A failing node skips only the nodes that need its result; independent "
+                                          "branches run and keep their outputs. The job still ends failed, its "
+                                          "error listing every failure (failures) and the nodes skipped (blocked)."},
             "client_id": {"type": "string", "description": "Websocket clientId that receives this job's events."},
             "outputs": {"type": "array", "items": {"type": "string"},
                         "description": "Only these output nodes (and what they need) run."},
@@ -107,7 +111,11 @@ SCHEMAS: dict[str, Any] = {
             "error": {"type": ["object", "null"], "properties": {
                 "node_id": {"type": ["string", "null"]}, "node_type": {"type": ["string", "null"]},
                 "input_name": {"type": ["string", "null"]}, "message": {"type": "string"},
-                "traceback": {}, "exception_type": {"type": ["string", "null"]}}},
+                "traceback": {}, "exception_type": {"type": ["string", "null"]},
+                "failures": {"type": "array", "items": ANY_OBJECT,
+                             "description": "Every node that failed (one, unless the job kept going)."},
+                "blocked": {"type": "array", "items": {"type": "string"},
+                            "description": "Nodes a failure kept from running (a job that kept going)."}}},
             "created": {"type": ["number", "string", "null"]}, "started": {"type": ["number", "string", "null"]},
             "finished": {"type": ["number", "string", "null"]},
             "client_id": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},

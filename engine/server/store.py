@@ -47,7 +47,7 @@ RESTART_REASON = "server restarted while running"
 HANDED_PLANS = 1024
 
 #: The schema this code reads and writes; ``PRAGMA user_version`` of a current file.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -82,6 +82,8 @@ MIGRATIONS: dict[int, str] = {
     1: _SCHEMA_V1,
     # 2: the cluster worker that ran a job (kiln serve --cluster); null for the in-process worker
     2: "ALTER TABLE jobs ADD COLUMN worker TEXT",
+    # 3: the job keeps going past a failing node (engine.executor, keep_going)
+    3: "ALTER TABLE jobs ADD COLUMN keep_going INTEGER NOT NULL DEFAULT 0",
 }
 
 
@@ -134,6 +136,8 @@ class JobRecord:
     cached: list[str] = field(default_factory=list)
     #: The cluster worker that ran (or runs) the job; None for the in-process worker.
     worker: str | None = None
+    #: A failing node skips only what needs its result (engine.executor, keep_going).
+    keep_going: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "JobRecord":
@@ -150,6 +154,7 @@ class JobRecord:
             finished=row["finished"], outputs=j("outputs", {}), error=j("error", None),
             messages=j("messages", []), executed=j("executed", []), cached=j("cached", []),
             worker=row["worker"] if "worker" in row.keys() else None,
+            keep_going=bool(row["keep_going"]) if "keep_going" in row.keys() else False,
         )
 
     @property
@@ -287,7 +292,8 @@ class JobStore:
     def add(self, *, workflow: dict, prompt: dict, job_id: str | None = None, number: float | None = None,
             front: bool = False, client_id: str | None = None, source_format: str = "kiln",
             params: dict | None = None, outputs_to_execute: Iterable[str] = (), force: bool = False,
-            extra_data: dict | None = None, plan: Any = None, start: bool = False) -> JobRecord:
+            extra_data: dict | None = None, plan: Any = None, start: bool = False,
+            keep_going: bool = False) -> JobRecord:
         """Queue a job; the row is committed before this returns.
 
         ``plan`` is what validating the job at submission produced: kept in memory for
@@ -309,7 +315,8 @@ class JobStore:
         row = {"id": job_id, "seq": seq, "number": float(number), "status": QUEUED, "client_id": client_id,
                "source_format": source_format, "workflow": json.dumps(workflow), "prompt": json.dumps(prompt),
                "params": json.dumps(params or {}), "outputs_to_execute": json.dumps(list(outputs_to_execute)),
-               "force": int(force), "extra_data": json.dumps(extra_data or {}, default=str), "created": now}
+               "force": int(force), "extra_data": json.dumps(extra_data or {}, default=str), "created": now,
+               "keep_going": int(keep_going)}
         started = None
         if start and self.returning:
             # Running only if nothing is queued: the check and the write are one statement, so no

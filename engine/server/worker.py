@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from engine.cache import OutputCache
 from engine.context import Environment, JobInfo
-from engine.events import TERMINAL, Event, JobFailed, JobStarted, NodeMessage, NodeStarted, Progress
+from engine.events import TERMINAL, Event, JobFailed, JobStarted, NodeFailed, NodeMessage, NodeStarted, Progress
 from engine.executor import Executor
 from engine.registry import Registry
 from engine.server import batching
@@ -375,7 +375,8 @@ class Worker:
             sink(event)
             return FAILED, {}, error_dict(event), [], []
         info = self._job_info(job, plan)
-        outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt)
+        outcome = lane.executor.run(plan, job=info, force=job.force, on_event=sink, interrupt=lane.interrupt,
+                                    keep_going=job.keep_going)
         error = error_dict(self._redact(outcome.error)) if outcome.error is not None else None
         return _STATUS[outcome.status], outcome.outputs, error, outcome.executed, outcome.cached
 
@@ -409,11 +410,15 @@ def job_plan(store: JobStore, registry: Registry, executor: Executor, job: JobRe
     return executor.plan(parse_document(job.workflow, registry), job.outputs_to_execute or None)
 
 
-def redact(event: JobFailed, paths: Any, traceback_chars: int) -> JobFailed:
-    """The failure as clients and the record see it: server paths named by folder, the traceback
-    (logged by :class:`JobReport`) kept only as far as ``traceback_chars`` allows."""
-    return dataclasses.replace(event, message=paths.scrub(event.message),
-                               traceback=bounded_traceback(event.traceback, traceback_chars))
+def redact(event: Any, paths: Any, traceback_chars: int) -> Any:
+    """A failure (JobFailed, or NodeFailed of a job that keeps going) as clients and the record see
+    it: server paths named by folder, the traceback (logged by :class:`JobReport`) kept only as far
+    as ``traceback_chars`` allows."""
+    event = dataclasses.replace(event, message=paths.scrub(event.message),
+                                traceback=bounded_traceback(event.traceback, traceback_chars))
+    if getattr(event, "failures", None):
+        event.failures = [{**f, "message": paths.scrub(str(f.get("message", "")))} for f in event.failures]
+    return event
 
 
 def bounded_traceback(lines: list[str], limit: int) -> list[str]:
@@ -458,10 +463,12 @@ class JobReport:
         self.job, self._publish, self._progress, self._redact = job, publish, progress, redact
         self.history: list[list[Any]] = []
         self.held: list[Event] = []
+        self.failures_logged = False
 
     def event(self, event: Event) -> None:
-        if isinstance(event, JobFailed):
-            if event.traceback:
+        if isinstance(event, (JobFailed, NodeFailed)):
+            if event.traceback and not (isinstance(event, JobFailed) and self.failures_logged):
+                self.failures_logged = isinstance(event, NodeFailed)  # a job that kept going: each once
                 log.error("job %s failed at node %s (%s):\n%s", self.job.id, event.node_id, event.node_type,
                           "".join(event.traceback).rstrip())
             event = self._redact(event)
@@ -496,5 +503,6 @@ def internal_error(job_id: str, exc: BaseException, message: str | None = None) 
 
 def error_dict(event: JobFailed) -> dict[str, Any]:
     return {"node_id": event.node_id, "node_type": event.node_type, "input_name": event.input_name,
-            "message": event.message, "exception_type": event.exception_type, "traceback": list(event.traceback)}
+            "message": event.message, "exception_type": event.exception_type, "traceback": list(event.traceback),
+            "failures": list(event.failures), "blocked": list(event.blocked)}
 
