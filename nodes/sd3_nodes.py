@@ -1,4 +1,5 @@
-"""SD3.5 nodes with ComfyUI's names and inputs: TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3.
+"""SD3.5 nodes with ComfyUI's names and inputs: TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3
+(and ModelSamplingAuraFlow, its twin for any flow model), SkipLayerGuidanceSD3.
 
 The family (network, text encoding, flow sampling) is nodes.families.sd3; these
 nodes only choose what ComfyUI's choose: which encoder files, which prompt each
@@ -8,6 +9,7 @@ encoder sees, the shift on the MODEL handle's scheduler config.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
@@ -91,11 +93,32 @@ def clip_text_encode_sd3(ctx, clip, clip_l: str, clip_g: str, t5xxl: str, empty_
 def model_sampling_sd3(ctx, model, shift: float = 3.0):
     """A flow model sampled with a fixed ``shift`` (``shift * t / (1 + (shift - 1) t)`` on the grid);
     no resolution-dependent shift."""
+    return (with_fixed_shift("ModelSamplingSD3", model, shift),)
+
+
+@define_node(
+    "ModelSamplingAuraFlow",
+    category="advanced/model",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("shift", T.FLOAT, default=1.73, min=0.0, max=100.0, step=0.01),
+    ],
+    outputs=[Output("MODEL", T.MODEL)],
+)
+def model_sampling_aura_flow(ctx, model, shift: float = 1.73):
+    """ModelSamplingSD3 with AuraFlow's default shift, which ComfyUI's templates use on flow models
+    (Chroma's among them). ComfyUI's only other difference, the timestep scale its networks take
+    (0..1 rather than 0..1000), is each Kiln family's own business, so the schedule is the same."""
+    return (with_fixed_shift("ModelSamplingAuraFlow", model, shift),)
+
+
+def with_fixed_shift(node_type: str, model: Any, shift: Any) -> Any:
+    """``model`` sampled with a fixed shift; refused on a model that is not flow-matching."""
     from nodes.samplers import flow
 
     if not isinstance(model, ModelHandle) or not flow.is_flow(model.scheduler_config):
         name = getattr(getattr(model, "family", None), "name", type(model).__name__)
-        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX): ModelSamplingSD3 does not apply",
+        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX): {node_type} does not apply",
                         "model")
     try:
         value = float(shift)
@@ -105,7 +128,7 @@ def model_sampling_sd3(ctx, model, shift: float = 3.0):
         raise NodeError(f"shift must be within (0, 100], got {value}", "shift")
     config = {k: v for k, v in model.scheduler_config.items() if k != flow.SHIFT_SEQ_LEN}
     config.update(shift=value, use_dynamic_shifting=False)
-    return (dataclasses.replace(model, scheduler_config=config),)
+    return dataclasses.replace(model, scheduler_config=config)
 
 
 @define_node(

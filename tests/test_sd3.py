@@ -203,6 +203,19 @@ def test_model_sampling_sd3_changes_the_schedule(env):
     assert err.value.input_name == "model"
 
 
+def test_model_sampling_aura_flow_is_a_fixed_shift_with_its_own_default(env):
+    """ComfyUI's Qwen-Image, Z-Image and Chroma templates set the shift with ModelSamplingAuraFlow."""
+    model = _model("large")
+    (aura,) = call(sd3_nodes.model_sampling_aura_flow, env, model=model, shift=2.5)
+    (sd3,) = call(sd3_nodes.model_sampling_sd3, env, model=model, shift=2.5)
+    assert aura.scheduler_config == sd3.scheduler_config and aura.scheduler_config["shift"] == 2.5
+    assert sd3_nodes.model_sampling_aura_flow.input("shift").default == 1.73
+    with pytest.raises(NodeError) as err:
+        call(sd3_nodes.model_sampling_aura_flow, env, model=ModelHandle(families.by_name("sd1"), scheduler_config={},
+                                                                         latent=None), shift=1.73)
+    assert err.value.input_name == "model" and "ModelSamplingAuraFlow" in str(err.value)
+
+
 def test_clip_text_encode_sd3_sends_each_encoder_its_prompt(env):
     _, clip, _ = _checkpoint(env)
     (both,) = call(sd3_nodes.clip_text_encode_sd3, env, clip=clip, clip_l=PROMPT, clip_g=PROMPT, t5xxl=PROMPT,
