@@ -215,6 +215,29 @@ def test_a_node_failure_shows_its_message_on_that_node(editor):
     assert editor.page.evaluate("[...document.querySelectorAll('.node.has-error')].map(e => e.dataset.id)") == ["4"]
 
 
+def test_a_failing_branch_is_red_and_the_other_branch_still_delivers(editor):
+    """The editor submits with keep_going: the broken picture's LoadImage (first in the plan) fails
+    and its SaveImage is skipped, while the other branch's image still arrives on the canvas."""
+    two = {"version": 1, "nodes": {
+        "1": {"type": "LoadImage", "inputs": {"image": "broken.png"}, "ui": {"pos": [0, 0]}},
+        "2": {"type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "lost"}, "ui": {"pos": [300, 0]}},
+        "3": {"type": "LoadImage", "inputs": {"image": "sample.png"}, "ui": {"pos": [0, 400]}},
+        "4": {"type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "kept"}, "ui": {"pos": [300, 400]}},
+    }}
+    editor.page.click("#new")
+    drop_file(editor, json.dumps(two).encode(), "two.json", "application/json")
+    editor.page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 4")
+    editor.page.click("#run")
+    editor.wait_output_image("4")
+    editor.node("1").locator(".node-error").wait_for(timeout=RUN_TIMEOUT_MS)
+    assert "not an image" in editor.node("1").locator(".node-error").text_content()
+    editor.wait_idle()
+    failed = editor.page.evaluate("[...document.querySelectorAll('.node.failed')].map(e => e.dataset.id)")
+    assert failed == ["1"]
+    assert not editor.node("2").evaluate("e => e.classList.contains('done')")
+    assert "failed" in editor.page.locator("#status").text_content()
+
+
 def test_stop_interrupts_the_running_sampler(editor):
     steps = editor.node("8").locator('.widget-row[data-input="steps"] input')
     steps.fill("400")

@@ -65,8 +65,10 @@ export class Runner extends EventTarget {
     let res;
     try {
       // Previews are opt-in per job, as in ComfyUI (a server started without
-      // --preview-method sends none); the editor always wants them.
-      res = await this.api.submit(workflow, this.clientId, { extra_data: { preview_method: "auto" } });
+      // --preview-method sends none); the editor always wants them. A failing node
+      // skips only what needs it: the canvas shows it red and every other branch's
+      // results still arrive (keep_going).
+      res = await this.api.submit(workflow, this.clientId, { keep_going: true, extra_data: { preview_method: "auto" } });
     } catch (e) {
       this.submitting--;
       this.emitState();
@@ -228,19 +230,30 @@ export class Runner extends EventTarget {
         for (const [n, ui] of Object.entries(ev.outputs || {})) if (this.graph.node(n)) this.showImages(n, ui);
         this.finish("succeeded");
         break;
-      case "job_failed":
-        if (id && this.graph.node(id)) {
-          this.setStatus(id, { state: "failed", progress: null, error: ev.message,
-            inputErrors: ev.input_name ? { [ev.input_name]: ev.message } : {} });
-        }
-        this.finish("failed", ev.message);
+      case "node_failed":
+        this.markFailed(ev);
+        for (const n of ev.blocked || []) this.setStatus(String(n), { state: "", progress: null });
         break;
+      case "job_failed": {
+        const failures = ev.failures?.length ? ev.failures : [ev];
+        for (const f of failures) this.markFailed(f);
+        this.finish("failed", failures.length > 1 ? `${failures.length} nodes failed, the first: ${ev.message}` : ev.message);
+        break;
+      }
       case "job_interrupted":
         this.finish("interrupted");
         break;
       default:
         break;
     }
+  }
+
+  /** A failed node's status: red, with its message on the node and on the input it names. */
+  markFailed(f) {
+    const id = f.node_id != null ? String(f.node_id) : null;
+    if (!id || !this.graph.node(id)) return;
+    this.setStatus(id, { state: "failed", progress: null, error: f.message,
+      inputErrors: f.input_name ? { [f.input_name]: f.message } : {} });
   }
 
   finish(status, message = "") {
@@ -284,7 +297,8 @@ export class Runner extends EventTarget {
   applyJob(job) {
     for (const [n, ui] of Object.entries(job.outputs || {})) if (this.graph.node(n)) this.showImages(n, ui);
     if (job.status === "failed" && job.error) {
-      this.handle({ type: "job_failed", node_id: job.error.node_id, input_name: job.error.input_name, message: job.error.message });
+      this.handle({ type: "job_failed", node_id: job.error.node_id, input_name: job.error.input_name,
+        message: job.error.message, failures: job.error.failures });
     } else {
       this.finish(job.status === "succeeded" ? "succeeded" : job.status);
     }
