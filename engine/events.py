@@ -102,19 +102,15 @@ class JobFinished(Event):
 
 
 @dataclass
-class NodeFailed(Event):
-    """A node failed in a job that keeps going (``keep_going``): the nodes that need its result are
-    ``blocked`` and will not run; every other branch goes on. The job ends with a JobFailed."""
+class _Failure(Event):
+    """Which node failed, where and why (a traceback for the log; clients get it shortened)."""
 
-    type: ClassVar[str] = "node_failed"
     node_id: str | None = None
     node_type: str | None = None
     input_name: str | None = None
     message: str = ""
     exception_type: str = ""
     traceback: list[str] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)
-    timestamp: int = field(default_factory=now_ms)
 
     def summary(self) -> dict[str, Any]:
         """What a job's record keeps of each failure (no traceback: the first failure's is kept)."""
@@ -123,18 +119,22 @@ class NodeFailed(Event):
 
 
 @dataclass
-class JobFailed(Event):
+class NodeFailed(_Failure):
+    """A node failed in a job that keeps going (``keep_going``): the nodes that need its result are
+    ``blocked`` and will not run; every other branch goes on. The job ends with a JobFailed."""
+
+    type: ClassVar[str] = "node_failed"
+    blocked: list[str] = field(default_factory=list)
+    timestamp: int = field(default_factory=now_ms)
+
+
+@dataclass
+class JobFailed(_Failure):
     """The job's end after a failure. It names the (first) node that failed; a job that kept going
     past failures also lists every one (``failures``, in the order they happened) and the nodes
     they kept from running (``blocked``), and its independent branches' results are in its outputs."""
 
     type: ClassVar[str] = "job_failed"
-    node_id: str | None = None
-    node_type: str | None = None
-    input_name: str | None = None
-    message: str = ""
-    exception_type: str = ""
-    traceback: list[str] = field(default_factory=list)
     executed: list[str] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)

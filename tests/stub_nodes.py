@@ -111,3 +111,14 @@ def make_registry() -> Registry:
     registry = Registry()
     registry.add_module(sys.modules[__name__])
     return registry
+
+
+def switch_executor(folder) -> "Executor":
+    """An executor over the stub nodes and ComfyUI's Switch (lazy inputs), on a data folder."""
+    from engine.context import Environment
+    from engine.executor import Executor
+    from nodes import logic
+
+    registry = make_registry()
+    registry.add(logic.comfy_switch)
+    return Executor(registry, Environment.for_folder(folder))

@@ -14,11 +14,10 @@ import pytest
 
 import stub_nodes as stubs
 from engine.batching import BatchItem, run_together
-from engine.context import Environment, JobInfo
+from engine.context import JobInfo
 from engine.events import JobFailed, NodeFailed
 from engine.executor import Executor
 from engine.workflow import parse
-from nodes import logic
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +28,7 @@ def _reset_stubs():
 
 @pytest.fixture
 def executor(tmp_path) -> Executor:
-    registry = stubs.make_registry()
-    registry.add(logic.comfy_switch)
-    return Executor(registry, Environment.for_folder(tmp_path))
+    return stubs.switch_executor(tmp_path)
 
 
 def three_branches(fail_b: bool = True, fail_c: bool = False) -> dict:

@@ -13,11 +13,10 @@ import pytest
 
 import stub_nodes as stubs
 from engine.batching import BatchItem, run_together
-from engine.context import Environment, JobInfo
+from engine.context import JobInfo
 from engine.events import NodesCached, NodeStarted
 from engine.executor import Executor
 from engine.workflow import parse
-from nodes import logic
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +27,7 @@ def _reset_stubs():
 
 @pytest.fixture
 def executor(tmp_path) -> Executor:
-    registry = stubs.make_registry()
-    registry.add(logic.comfy_switch)
-    return Executor(registry, Environment.for_folder(tmp_path))
+    return stubs.switch_executor(tmp_path)
 
 
 def graph(switch: bool, on_false: dict | None = None, on_true: bool = True, extra: dict | None = None) -> dict:
