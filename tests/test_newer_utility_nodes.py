@@ -1,0 +1,169 @@
+"""ComfyUI's newer utility nodes that its current templates use, checked against values worked
+out by hand: ResolutionSelector, ManualSigmas, CustomCombo (and the later ones as they land).
+Bad inputs fail with errors that name the input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.context import Environment, NodeError
+from engine.executor import Executor
+from engine.formats import parse_document
+from engine.registry import default_registry
+from engine.workflow import parse
+from engine.workflow_ui import widget_inputs
+from node_call import call
+from nodes import custom_schedulers, newer_utility
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return default_registry()
+
+
+@pytest.fixture
+def env(tmp_path) -> Environment:
+    return Environment.for_folder(tmp_path)
+
+
+def run_preview(registry, env, nodes: dict) -> dict:
+    outcome = Executor(registry, env).run(parse({"version": 1, "nodes": nodes}))
+    assert outcome.status == "succeeded", outcome.error
+    return outcome.outputs
+
+
+# -- ResolutionSelector ------------------------------------------------------------------
+
+def test_resolution_selector_declares_comfyuis_inputs(registry):
+    spec = registry.get("ResolutionSelector")
+    assert spec is newer_utility.resolution_selector and spec.signature_mismatches() == []
+    info = spec.object_info()
+    assert info["input_order"]["required"] == ["aspect_ratio", "megapixels", "multiple"]
+    ratios, opts = info["input"]["required"]["aspect_ratio"]
+    assert ratios[0] == "1:1 (Square)" and len(ratios) == 8 and "21:9 (Ultrawide)" in ratios
+    assert opts["default"] == "1:1 (Square)"
+    assert info["input"]["required"]["megapixels"][1] == {"default": 1.0, "min": 0.1, "max": 16.0, "step": 0.1,
+                                                          "tooltip": spec.input("megapixels").tooltip}
+    multiple = info["input"]["required"]["multiple"][1]
+    assert (multiple["default"], multiple["min"], multiple["max"], multiple["step"]) == (8, 8, 128, 4)
+    assert info["output"] == ["INT", "INT"] and info["output_name"] == ["width", "height"]
+
+
+@pytest.mark.parametrize("ratio, megapixels, multiple, expected", [
+    ("1:1 (Square)", 1.0, 8, (1024, 1024)),           # side 1024 exactly
+    ("16:9 (Widescreen)", 1.0, 8, (1368, 768)),       # unit 1024/12: 1365.3/8 = 170.7 -> 171; 768/8 = 96
+    ("9:16 (Portrait Widescreen)", 1.0, 8, (768, 1368)),
+    ("16:9 (Widescreen)", 0.4, 32, (864, 480)),       # 26.98 -> 27 * 32, 15.18 -> 15 * 32
+    ("1:1 (Square)", 2.0, 8, (1448, 1448)),           # 1448.15 / 8 = 181.02 -> 181
+    ("21:9 (Ultrawide)", 1.0, 16, (1568, 672)),       # 97.76 -> 98, 41.90 -> 42
+    # side 1028 exactly (1028^2 / 2^20 MP): 128.5 multiples of 8 round to even, 128 -> 1024, as ComfyUI's round
+    ("1:1 (Square)", 1028 ** 2 / 2 ** 20, 8, (1024, 1024)),
+])
+def test_resolution_selector_matches_hand_worked_sizes(env, ratio, megapixels, multiple, expected):
+    assert call(newer_utility.resolution_selector, env, aspect_ratio=ratio, megapixels=megapixels,
+                multiple=multiple) == expected
+
+
+def test_resolution_selector_refuses_an_unknown_ratio_naming_it(env):
+    with pytest.raises(NodeError) as err:
+        call(newer_utility.resolution_selector, env, aspect_ratio="5:4", megapixels=1.0, multiple=8)
+    assert err.value.input_name == "aspect_ratio"
+
+
+def test_resolution_selector_from_an_editor_file_with_two_or_three_widgets(registry, env):
+    """Older templates store (ratio, megapixels); newer ones add the multiple. The output feeds an
+    empty latent's size through the executor."""
+    spec = registry.get("ResolutionSelector")
+    assert widget_inputs(["16:9 (Widescreen)", 0.4, 32], spec)[0] == {
+        "aspect_ratio": "16:9 (Widescreen)", "megapixels": 0.4, "multiple": 32}
+    two = {"nodes": [{"id": 1, "type": "ResolutionSelector", "mode": 0, "widgets_values": ["1:1 (Square)", 2],
+                      "outputs": [{"name": "width", "type": "INT", "links": [1]},
+                                  {"name": "height", "type": "INT", "links": [2]}]},
+                     {"id": 2, "type": "PreviewAny", "mode": 0, "widgets_values": [],
+                      "inputs": [{"name": "source", "type": "*", "link": 1}]},
+                     {"id": 3, "type": "PreviewAny", "mode": 0, "widgets_values": [],
+                      "inputs": [{"name": "source", "type": "*", "link": 2}]}],
+           "links": [[1, 1, 0, 2, 0, "INT"], [2, 1, 1, 3, 0, "INT"]]}
+    workflow = parse_document(two, registry)
+    outcome = Executor(registry, env).run(workflow)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.outputs["2"] == {"text": ["1448"]} and outcome.outputs["3"] == {"text": ["1448"]}
+
+
+# -- ManualSigmas -----------------------------------------------------------------------
+
+def test_manual_sigmas_declares_comfyuis_input(registry):
+    spec = registry.get("ManualSigmas")
+    assert spec is custom_schedulers.manual_sigmas and spec.signature_mismatches() == []
+    info = spec.object_info()
+    assert info["input"]["required"] == {"sigmas": ["STRING", {"default": "1, 0.5"}]}
+    assert info["output"] == ["SIGMAS"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0.909375, 0.725, 0.421875, 0.0", [0.909375, 0.725, 0.421875, 0.0]),
+    ("1., 0.99375, 0.9875", [1.0, 0.99375, 0.9875]),   # "1." is the number 1 (the dot is dropped)
+    ("0.85, 0.7250, 0.4219, 0", [0.85, 0.725, 0.4219, 0.0]),
+    ("1 0.5\n0.1", [1.0, 0.5, 0.1]),                   # spaces and new lines separate too
+    ("[14.6, 7.0, .5]", [14.6, 7.0, 0.5]),             # brackets are not numbers; ".5" is
+])
+def test_manual_sigmas_reads_every_number_in_order(env, text, expected):
+    (sigmas,) = call(custom_schedulers.manual_sigmas, env, sigmas=text)
+    assert sigmas.dtype == torch.float32 and sigmas.ndim == 1
+    assert sigmas.tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["", "none, at all", "0..5, 0"])
+def test_manual_sigmas_refuses_text_without_a_clean_list_naming_sigmas(env, text):
+    with pytest.raises(NodeError) as err:
+        call(custom_schedulers.manual_sigmas, env, sigmas=text)
+    assert err.value.input_name == "sigmas"
+
+
+def test_manual_sigmas_feed_split_sigmas(registry, env):
+    """The list is a real SIGMAS value: SplitSigmas cuts it where the templates' two-stage runs do."""
+    from nodes.samplers.custom import check_sigmas
+
+    (sigmas,) = call(custom_schedulers.manual_sigmas, env,
+                     sigmas="1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0")
+    assert check_sigmas(sigmas).shape == (9,)
+    high, low = call(registry.get("SplitSigmas"), env, sigmas=sigmas, step=5)
+    assert high.tolist() == pytest.approx([1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375])
+    assert low.tolist() == pytest.approx([0.909375, 0.725, 0.421875, 0.0])
+
+
+# -- CustomCombo ------------------------------------------------------------------------
+
+def test_custom_combo_declares_comfyuis_combo_and_outputs(registry):
+    spec = registry.get("CustomCombo")
+    assert spec is newer_utility.custom_combo and spec.signature_mismatches() == []
+    info = spec.object_info()
+    assert info["input"]["required"] == {"choice": [[]]}
+    assert info["output"] == ["STRING", "INT"] and info["output_name"] == ["STRING", "INDEX"]
+
+
+def test_custom_combo_takes_the_choice_and_index_an_editor_file_stores(registry, env):
+    """widgets_values is (choice, index, option1, option2, ..., "") in ComfyUI's editor files; the
+    options are the editor's own and are not inputs."""
+    doc = {"nodes": [{"id": 5, "type": "CustomCombo", "mode": 0,
+                      "widgets_values": ["Default", 1, "Quality", "Default", "Turbo", ""],
+                      "inputs": [{"name": "choice", "type": "COMBO", "widget": {"name": "choice"}, "link": None}],
+                      "outputs": [{"name": "STRING", "type": "STRING", "links": [1]},
+                                  {"name": "INDEX", "type": "INT", "links": [2]}]},
+                     {"id": 6, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 1}]},
+                     {"id": 7, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 2}]}],
+           "links": [[1, 5, 0, 6, 0, "STRING"], [2, 5, 1, 7, 0, "INT"]]}
+    workflow = parse_document(doc, registry)
+    assert workflow.nodes["5"].inputs == {"choice": "Default", "index": 1}
+    outcome = Executor(registry, env).run(workflow)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.outputs["6"] == {"text": ["Default"]} and outcome.outputs["7"] == {"text": ["1"]}
+
+
+def test_custom_combo_in_the_api_form_ignores_the_option_inputs(registry, env):
+    """ComfyUI's API form sends option1..N beside choice and index; any text is a valid choice."""
+    outputs = run_preview(registry, env, {
+        "1": {"type": "CustomCombo", "inputs": {"choice": "my own", "index": 3, "option1": "a", "option2": ""}},
+        "2": {"type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+        "3": {"type": "PreviewAny", "inputs": {"source": ["1", 1]}}})
+    assert outputs["2"] == {"text": ["my own"]} and outputs["3"] == {"text": ["3"]}
