@@ -151,7 +151,8 @@ def test_custom_combo_takes_the_choice_and_index_an_editor_file_stores(registry,
                       "outputs": [{"name": "STRING", "type": "STRING", "links": [1]},
                                   {"name": "INDEX", "type": "INT", "links": [2]}]},
                      {"id": 6, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 1}]},
-                     {"id": 7, "type": "PreviewAny", "mode": 0, "inputs": [{"name": "source", "type": "*", "link": 2}]}],
+                     {"id": 7, "type": "PreviewAny", "mode": 0,
+                      "inputs": [{"name": "source", "type": "*", "link": 2}]}],
            "links": [[1, 5, 0, 6, 0, "STRING"], [2, 5, 1, 7, 0, "INT"]]}
     workflow = parse_document(doc, registry)
     assert workflow.nodes["5"].inputs == {"choice": "Default", "index": 1}
@@ -167,3 +168,123 @@ def test_custom_combo_in_the_api_form_ignores_the_option_inputs(registry, env):
         "2": {"type": "PreviewAny", "inputs": {"source": ["1", 0]}},
         "3": {"type": "PreviewAny", "inputs": {"source": ["1", 1]}}})
     assert outputs["2"] == {"text": ["my own"]} and outputs["3"] == {"text": ["3"]}
+
+
+# -- ImageCompare -----------------------------------------------------------------------
+
+def _pixels(height: int, width: int, seed: int) -> torch.Tensor:
+    """An IMAGE whose values are exact multiples of 1/255, so a saved PNG reads back equal."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, height, width, 3), generator=g).float() / 255.0
+
+
+def _read(path) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def test_image_compare_declares_comfyuis_inputs(registry):
+    spec = registry.get("ImageCompare")
+    assert spec.signature_mismatches() == [] and spec.output_node and spec.outputs == []
+    info = spec.object_info()
+    assert info["input"]["optional"] == {"image_a": ["IMAGE"], "image_b": ["IMAGE"]}
+
+
+def test_image_compare_saves_both_sides_as_temp_previews(registry, env):
+    from node_call import Called
+    from nodes import image_outputs
+
+    a, b = _pixels(8, 12, 1), torch.cat([_pixels(8, 12, 2), _pixels(8, 12, 3)])
+    record = Called()
+    assert call(image_outputs.image_compare, env, record, image_a=a, image_b=b) == ()
+    assert set(record.ui) == {"a_images", "b_images"}
+    assert len(record.ui["a_images"]) == 1 and len(record.ui["b_images"]) == 2
+    for entry in record.ui["a_images"] + record.ui["b_images"]:
+        assert entry["type"] == "temp" and entry["subfolder"] == ""
+    assert torch.equal(_read(env.paths.temp.root / record.ui["a_images"][0]["filename"]), a[0])
+    assert torch.equal(_read(env.paths.temp.root / record.ui["b_images"][1]["filename"]), b[1])
+    assert list(env.paths.output.root.glob("*.png")) == []  # previews only, nothing kept
+
+
+def test_image_compare_with_one_side_and_a_bad_image(env):
+    from node_call import Called
+    from nodes import image_outputs
+
+    record = Called()
+    call(image_outputs.image_compare, env, record, image_b=_pixels(4, 4, 5))
+    assert record.ui["a_images"] == [] and len(record.ui["b_images"]) == 1
+    with pytest.raises(NodeError) as err:
+        call(image_outputs.image_compare, env, image_a=torch.zeros(4, 4, 3))
+    assert err.value.input_name == "image_a"
+
+
+# -- SaveImageAdvanced ------------------------------------------------------------------
+
+def _advanced_file(values: list, prefix_link: bool = False) -> dict:
+    """A two-node editor file as ComfyUI's templates save it: LoadImage -> SaveImageAdvanced."""
+    return {"nodes": [{"id": 1, "type": "LoadImage", "mode": 0, "widgets_values": ["in.png", "image"],
+                       "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}]},
+                      {"id": 2, "type": "SaveImageAdvanced", "mode": 0, "widgets_values": values,
+                       "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+                       "outputs": [{"name": "images", "type": "IMAGE", "links": []}]}],
+            "links": [[1, 1, 0, 2, 0, "IMAGE"]]}
+
+
+def test_save_image_advanced_declares_comfyuis_png_option(registry):
+    spec = registry.get("SaveImageAdvanced")
+    assert spec.signature_mismatches() == [] and spec.output_node
+    info = spec.object_info()
+    assert info["input_order"]["required"] == ["images", "filename_prefix", "format", "format.bit_depth",
+                                               "format.input_color_space"]
+    assert info["input"]["required"]["format"][0] == ["png", "exr", "avif"]
+    assert info["input"]["required"]["filename_prefix"][1]["default"] == "ComfyUI"
+    assert info["output"] == ["IMAGE"] and info["output_name"] == ["images"]
+
+
+def test_save_image_advanced_writes_a_template_png_with_the_workflow(registry, env):
+    import json
+
+    from PIL import Image
+
+    from engine.context import JobInfo
+
+    image = _pixels(10, 12, 7)
+    Image.fromarray((image[0].numpy() * 255).round().astype("uint8")).save(env.paths.input.root / "in.png")
+    workflow = parse_document(_advanced_file(["Kiln_adv", "png", "8-bit", "sRGB"]), registry)
+    literals = {k: v for k, v in workflow.nodes["2"].inputs.items() if k != "images"}
+    assert literals == {"filename_prefix": "Kiln_adv", "format": "png", "format.bit_depth": "8-bit",
+                        "format.input_color_space": "sRGB"}
+    job = JobInfo(id="j", workflow=workflow.to_api(), kiln_workflow=workflow.to_kiln())
+    outcome = Executor(registry, env).run(workflow, job=job)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.outputs["2"]["images"] == [{"filename": "Kiln_adv_00001_.png", "subfolder": "", "type": "output"}]
+    saved = env.paths.output.root / "Kiln_adv_00001_.png"
+    assert torch.equal(_read(saved), image[0])
+    assert json.loads(Image.open(saved).text["prompt"]) == workflow.to_api()
+    assert torch.equal(outcome.results["2"][0], outcome.results["1"][0])  # the images pass on
+
+    env.settings.embed_workflow = False  # metadata off: no text chunks at all
+    Executor(registry, env).run(workflow, job=job)
+    assert Image.open(env.paths.output.root / "Kiln_adv_00002_.png").text == {}
+
+
+@pytest.mark.parametrize("values, input_name", [
+    (["x", "exr", "32-bit float", "linear"], "format"),
+    (["x", "avif", "auto", "sRGB"], "format"),
+    (["x", "png", "16-bit", "sRGB"], "format.bit_depth"),
+    (["x", "png", "8-bit", "HDR"], "format.input_color_space"),
+])
+def test_save_image_advanced_refuses_what_kiln_cannot_write_naming_the_input(registry, env, values, input_name):
+    from engine.validate import WorkflowInvalid, validate
+
+    with pytest.raises(WorkflowInvalid) as info:
+        validate(parse_document(_advanced_file(values), registry), registry, env)
+    assert [(e.node_id, e.input_name) for e in info.value.errors if e.node_id == "2"] == [("2", input_name)]
+    from nodes import image_outputs
+
+    with pytest.raises(NodeError) as err:  # and the node itself, called past validation
+        call(image_outputs.save_image_advanced, env, images=_pixels(2, 2, 0), filename_prefix="x",
+             **{"format": values[1], "format.bit_depth": values[2], "format.input_color_space": values[3]})
+    assert err.value.input_name == input_name
