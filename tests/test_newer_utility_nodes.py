@@ -288,3 +288,80 @@ def test_save_image_advanced_refuses_what_kiln_cannot_write_naming_the_input(reg
         call(image_outputs.save_image_advanced, env, images=_pixels(2, 2, 0), filename_prefix="x",
              **{"format": values[1], "format.bit_depth": values[2], "format.input_color_space": values[3]})
     assert err.value.input_name == input_name
+
+
+# -- ComfyMathExpression ----------------------------------------------------------------
+
+def test_math_expression_declares_the_templates_version(registry):
+    spec = registry.get("ComfyMathExpression")
+    assert spec.signature_mismatches() == []
+    info = spec.object_info()
+    assert info["input"]["required"]["expression"] == ["STRING", {"default": "a + b", "multiline": True}]
+    assert info["input"]["required"]["values.a"] == ["FLOAT,INT,BOOLEAN"]
+    assert list(info["input"]["optional"]) == [f"values.{c}" for c in "bcdefghijklmnopqrstuvwxyz"]
+    assert info["output"] == ["FLOAT", "INT", "BOOLEAN"] and info["output_name"] == ["FLOAT", "INT", "BOOL"]
+
+
+def _math(env, expression: str, **values):
+    from nodes import math_expression
+
+    return call(math_expression.math_expression, env, expression=expression,
+                **{f"values.{k}": v for k, v in values.items()})
+
+
+@pytest.mark.parametrize("expression, values, expected", [
+    ("a", {"a": 7}, (7.0, 7, True)),
+    ("a/2", {"a": 5}, (2.5, 2, True)),                              # INT truncates
+    ("(a // 32) * 32", {"a": 1000}, (992.0, 992, True)),           # 31 * 32
+    ("max(((a + 15) // 16) * 16, 256)", {"a": 100}, (256.0, 256, True)),
+    ("max(5, round(a * 24)) + (5 - (max(5, round(a * 24)) % 17)) % 17", {"a": 1.5}, (39.0, 39, True)),  # 36 + 3
+    ("a & ~1", {"a": 7}, (6.0, 6, True)),
+    ("a & -8", {"a": 1023}, (1016.0, 1016, True)),
+    ("a > 2048", {"a": 2048}, (0.0, 0, False)),
+    ("a * b + 1", {"a": 3, "b": 0.5}, (2.5, 2, True)),
+    ("a % b if b > 0 else 0", {"a": 7, "b": 0}, (0.0, 0, False)),
+    ("(a % 4 == 1) and ((b - 1) % 4 == 0)", {"a": 5, "b": 9}, (1.0, 1, True)),
+    ("ceil(1.5 * log2(max(a, b))) + 2", {"a": 1024, "b": 3}, (17.0, 17, True)),  # ceil(15) + 2
+    ("4 * ceil((a - b * c + c - 1) / 4) + 1", {"a": 97, "b": 2, "c": 8}, (89.0, 89, True)),  # 4 * 22 + 1
+    ("sum(values) - 1", {"a": 1, "b": 2, "c": True}, (3.0, 3, True)),
+    ("-a / 2", {"a": 3}, (-1.5, -1, True)),                         # int() truncates toward 0
+])
+def test_math_expression_matches_hand_worked_results(env, expression, values, expected):
+    result = _math(env, expression, **values)
+    assert result == expected and type(result[0]) is float and type(result[1]) is int
+
+
+@pytest.mark.parametrize("expression", [
+    "__import__('os').system('true')", "a.real", "'text'", "[x for x in values]", "lambda: 1",
+    "open('f')", "2 ** 100000", "1 / 0", "q + 1", "", "a +", "max(a, key=abs)", "10 ** 400 * 1.0 ** 0 * 10 ** 400",
+    "values",
+])
+def test_math_expression_refuses_anything_else_naming_expression(env, expression):
+    with pytest.raises(NodeError) as err:
+        _math(env, expression, a=2)
+    assert err.value.input_name == "expression"
+
+
+def test_math_expression_refuses_a_value_that_is_not_a_number(env):
+    with pytest.raises(NodeError) as err:
+        _math(env, "a + b", a=1, b="two")
+    assert err.value.input_name == "values.b"
+
+
+def test_math_expression_from_a_template_editor_file(registry, env):
+    """Values arrive as values.a, values.b links (the editor file's input names); the expression is
+    the only widget value."""
+    doc = {"nodes": [{"id": 1, "type": "PrimitiveInt", "mode": 0, "widgets_values": [1000, "fixed"],
+                      "outputs": [{"name": "INT", "type": "INT", "links": [1]}]},
+                     {"id": 2, "type": "ComfyMathExpression", "mode": 0, "widgets_values": ["(a // 32) * 32"],
+                      "inputs": [{"name": "values.a", "type": "FLOAT,INT,BOOLEAN", "link": 1},
+                                 {"name": "values.b", "type": "FLOAT,INT,BOOLEAN", "link": None}],
+                      "outputs": [{"name": "FLOAT", "type": "FLOAT", "links": []},
+                                  {"name": "INT", "type": "INT", "links": [2]},
+                                  {"name": "BOOL", "type": "BOOLEAN", "links": []}]},
+                     {"id": 3, "type": "PreviewAny", "mode": 0,
+                      "inputs": [{"name": "source", "type": "*", "link": 2}]}],
+           "links": [[1, 1, 0, 2, 0, "INT"], [2, 2, 1, 3, 0, "INT"]]}
+    outcome = Executor(registry, env).run(parse_document(doc, registry))
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.outputs["3"] == {"text": ["992"]}
