@@ -7,7 +7,8 @@ embeds it (or not at all where the settings turn ``embed_workflow`` off, Kiln's 
 ComfyUI's ``--disable-metadata``). ImageCompare follows ``comfy_extras/nodes_image_compare.py``;
 SaveImageAdvanced follows the version in ``comfy_extras/nodes_images.py`` that passes the
 images on and whose png option holds ``bit_depth`` and ``input_color_space``, the layout the
-templates' editor files store ("ComfyUI", "png", "8-bit", "sRGB").
+templates' editor files store ("ComfyUI", "png", "8-bit", "sRGB"). Of the avif option's inputs
+only bit_depth and input_color_space are declared: Kiln refuses avif, naming ``format``.
 """
 from __future__ import annotations
 
@@ -100,8 +101,10 @@ def _advanced_validate(env: Environment, inputs: Mapping[str, Any]) -> list[tupl
         Input("images", T.IMAGE),
         Input("filename_prefix", T.STRING, default="ComfyUI",
               tooltip="File name start; may include a subfolder, always inside the output folder"),
-        Input("format", T.COMBO, default="png", choices=list(FORMATS), tooltip="The file format to save"),
-        # ComfyUI's DynamicCombo sub-inputs of the png option, named as its API form names them.
+        Input("format", T.COMBO, default="png", choices=list(FORMATS), tooltip="The file format to save",
+              dynamic={name: tuple(subs) for name, subs in FORMATS.items()}),
+        # The format's sub-inputs (a DynamicCombo in ComfyUI), named as its API form names them, each
+        # offering every option's choices; format_problems judges the pair.
         Input("format.bit_depth", T.COMBO, default="8-bit", choices=_union("bit_depth")),
         Input("format.input_color_space", T.COMBO, default="sRGB", choices=_union("input_color_space")),
     ],
