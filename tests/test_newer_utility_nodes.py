@@ -222,6 +222,38 @@ def test_image_compare_with_one_side_and_a_bad_image(env):
     assert err.value.input_name == "image_a"
 
 
+class _BrightChecker:
+    """A stand-in safety checker: flags every image brighter than mid-grey."""
+
+    name = "bright"
+
+    def flags(self, images) -> list[bool]:
+        return [bool(image.mean() > 0.5) for image in images]
+
+
+def test_image_compare_and_save_image_advanced_pass_through_the_safety_guard(registry, env):
+    """Both write through Kiln's writer, so the guard judges each image first: with "drop", a
+    flagged image is not written, the rest are stamped, and the drops are listed by side."""
+    from node_call import Called
+    from nodes import image_outputs
+    from nodes.safety.guard import SafetyGuard
+
+    env.output_guard = SafetyGuard(env, "drop", _BrightChecker())
+    dark, bright = torch.zeros(1, 8, 8, 3), torch.ones(1, 8, 8, 3)
+    record = Called()
+    call(image_outputs.image_compare, env, record, image_a=torch.cat([dark, bright]), image_b=bright)
+    assert [e["filtered"] for e in record.ui["a_images"]] == [False] and record.ui["b_images"] == []
+    assert record.ui["dropped"] == [{"index": 1, "filtered": True, "side": "a"},
+                                    {"index": 0, "filtered": True, "side": "b"}]
+    assert len(list(env.paths.temp.root.glob("*.png"))) == 1
+    record = Called()
+    (passed,) = call(image_outputs.save_image_advanced, env, record, images=torch.cat([bright, dark]),
+                     filename_prefix="guarded", **{"format": "png", "format.bit_depth": "8-bit",
+                                                   "format.input_color_space": "sRGB"})
+    assert [e["filtered"] for e in record.ui["images"]] == [False] and torch.equal(passed, dark)
+    assert [p.name for p in env.paths.output.root.glob("guarded*.png")] == ["guarded_00001_.png"]
+
+
 # -- SaveImageAdvanced ------------------------------------------------------------------
 
 def _advanced_file(values: list, prefix_link: bool = False) -> dict:
