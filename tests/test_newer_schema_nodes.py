@@ -237,3 +237,35 @@ def test_batch_images_in_slot_order_from_an_editor_file(registry, env, tmp_path)
     assert outcome.status == "succeeded", outcome.error
     batch = outcome.results["3"][0]
     assert tuple(batch.shape) == (2, 8, 8, 3) and batch[0].max() == 0 and batch[1].min() == 1
+
+
+def test_resize_and_batch_in_comfyuis_api_form(registry, env):
+    """The API form names the sub-inputs and growing sockets as the editor file does."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(env.paths.input.root / "in.png")
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+           "2": {"class_type": "ResizeImageMaskNode",
+                 "inputs": {"input": ["1", 0], "resize_type": "scale by multiplier", "resize_type.multiplier": 0.5,
+                            "scale_method": "area"}},
+           "3": {"class_type": "BatchImagesNode", "inputs": {"images.image0": ["2", 0], "images.image1": ["1", 0]}},
+           "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    outcome = Executor(registry, env).run(parse_document(api, registry))
+    assert outcome.status == "succeeded", outcome.error
+    assert tuple(outcome.results["2"][0].shape) == (1, 10, 20, 3)
+    batch = outcome.results["3"][0]
+    assert tuple(batch.shape) == (2, 10, 20, 3) and torch.allclose(batch[1, ..., 0], torch.ones(10, 20))
+
+
+def test_a_dynamic_combo_must_name_declared_sub_inputs():
+    from engine import types as T
+    from engine.node import Input, NodeSpec
+
+    combo = Input("mode", T.COMBO, default="a", choices=["a", "b"], dynamic={"a": ("size",), "b": ()})
+    with pytest.raises(ValueError, match="mode.size"):
+        NodeSpec("Broken", lambda ctx, **kw: (), [combo], [])
+    spec = NodeSpec("Fine", lambda ctx, **kw: (), [combo, Input("mode.size", T.INT, default=1, optional=True)], [])
+    assert [i.name for i in spec.widget_order()] == ["mode"]
+    assert [i.name for i in spec.option_widgets(combo, "a")] == ["mode.size"]
+    assert spec.option_widgets(combo, "b") == [] and spec.option_widgets(combo, "zzz") == []
+    assert widget_inputs(["b", 7], spec)[0] == {"mode": "b"}  # b brings nothing: 7 is not read as a size
