@@ -65,7 +65,7 @@ def _channels_first(x: Any) -> tuple[Any, bool]:
 
 
 def _back(x: Any, was_image: bool) -> Any:
-    return x.movedim(1, -1) if was_image else x.squeeze(1)
+    return (x.movedim(1, -1) if was_image else x.squeeze(1)).contiguous()
 
 
 def target_size(choice: str, width: int, height: int, options: dict[str, Any]) -> tuple[int, int]:
