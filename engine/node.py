@@ -77,6 +77,10 @@ class Input:
     #: Evaluated only when the node asks for it (its spec's ``lazy`` hook), so the branch
     #: feeding it runs only if needed (ComfyUI's lazy inputs: a switch runs one branch).
     lazy: bool = False
+    #: ComfyUI's DynamicCombo: each choice brings its own sub-inputs, {choice: (sub, ...)}. The
+    #: sub-inputs are declared beside it as ``"<name>.<sub>"`` (the API form's names); an editor
+    #: file lists the chosen option's widget values right after the combo's own (NodeSpec.widget_layout).
+    dynamic: Mapping[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
@@ -210,6 +214,11 @@ class NodeSpec:
                 raise ValueError(f"node {self.type}: size names unknown input(s) {unknown}")
         if any(i.lazy for i in self.inputs) != (self.lazy is not None):
             raise ValueError(f"node {self.type}: lazy inputs and a lazy hook come together")
+        for inp in self.inputs:
+            missing = [f"{inp.name}.{sub}" for subs in (inp.dynamic or {}).values() for sub in subs
+                       if f"{inp.name}.{sub}" not in names]
+            if missing:
+                raise ValueError(f"node {self.type}: {inp.name}'s options name undeclared input(s) {missing}")
         if self.batch is not None and not set(self.batch.vary) <= set(names):
             raise ValueError(f"node {self.type}: batch varies unknown input(s) {sorted(set(self.batch.vary) - set(names))}")
 
@@ -228,8 +237,17 @@ class NodeSpec:
         return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
 
     def widget_order(self) -> list[Input]:
-        """The widget inputs in the order an editor file's ``widgets_values`` lists them."""
-        return [i for i in self.comfy_input_order() if i.type in T.WIDGET_TYPES]
+        """The widget inputs in the order an editor file's ``widgets_values`` lists them, without
+        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`)."""
+        subs = {f"{i.name}.{sub}" for i in self.inputs for names in (i.dynamic or {}).values() for sub in names}
+        return [i for i in self.comfy_input_order() if i.type in T.WIDGET_TYPES and i.name not in subs]
+
+    def option_widgets(self, combo: Input, choice: Any) -> list[Input]:
+        """The widget sub-inputs a dynamic combo's ``choice`` brings, in their order: what an editor
+        file lists right after the combo's value (ComfyUI's DynamicCombo)."""
+        names = (combo.dynamic or {}).get(choice, ()) if isinstance(choice, str) else ()
+        found = [self.input(f"{combo.name}.{sub}") for sub in names]
+        return [i for i in found if i is not None and i.type in T.WIDGET_TYPES]
 
     def signature_mismatches(self) -> list[str]:
         """Differences between the function's parameters and the declared inputs.

@@ -17,6 +17,11 @@ What the conversion has to know, learnt from ComfyUI's frontend (its
   value. Neither is an input. A widget the editor does not serialize (hidden
   ones, ``serialize: false``) still holds its index, as ``null``. A widget converted to an input keeps its slot in
   the list; the link wins.
+* A dynamic combo (ComfyUI's DynamicCombo, :attr:`Input.dynamic`) is followed by the
+  widget values of the option it holds, then the node's next widget: ``["scale dimensions",
+  512, 512, "center", "area"]`` is resize_type, resize_type.width, .height, .crop, scale_method.
+  Growing inputs (Autogrow: ``images.image0``, ``values.a``) are sockets, listed in ``inputs``
+  by those names like any other.
 * Muted nodes (mode 2) vanish, and so does whatever reads only from them.
   Bypassed nodes (mode 4) pass an input of the wanted type through. Reroutes pass
   their input through; Notes are ignored; the legacy ``PrimitiveNode`` becomes the
@@ -382,7 +387,8 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
     if spec is None:
         return {}, {}
     if isinstance(named, dict) and named:
-        inputs = {i.name: _wrap(named[i.name]) for i in spec.widget_order() if i.name in named}
+        widgets = [i for i in spec.comfy_input_order() if i.type in T.WIDGET_TYPES]  # sub-inputs too
+        inputs = {i.name: _wrap(named[i.name]) for i in widgets if i.name in named}
         mode = named.get("control_after_generate")
         seeds = [i.name for i in spec.widget_order() if i.control_after_generate and i.name in named]
         controls = {seeds[0]: mode} if isinstance(mode, str) and mode in CONTROL_VALUES and len(seeds) == 1 else {}
@@ -394,10 +400,13 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
     inputs: dict[str, Any] = {}
     controls: dict[str, str] = {}
     queue = list(values)
-    for inp in order:
+    while order:
+        inp = order.pop(0)
         if not queue:
             break
         value = queue.pop(0)
+        if inp.dynamic:  # a DynamicCombo: the chosen option's widgets come next
+            order[:0] = spec.option_widgets(inp, value)
         if not (value == "" and inp.type == T.COMBO and inp.choices is not None and not callable(inp.choices)
                 and "" not in inp.choices):
             # An empty string for a fixed-choice combo is an unset widget: the default stands.

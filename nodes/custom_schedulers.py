@@ -12,6 +12,7 @@ with that much noise left, as in ComfyUI).
 from __future__ import annotations
 
 import math
+import re
 
 from engine import types as T
 from engine.context import NodeError
@@ -287,3 +288,33 @@ def sampling_percent_to_sigma(ctx, model, sampling_percent: float, return_actual
         return (float(sampling.sigma_max if percent == 0.0 else sampling.sigma_min),)
     sigma = percent_to_sigma(sampling.schedule, percent)
     return (ABOVE_EVERY_LEVEL if math.isinf(sigma) else sigma,)
+
+
+#: A number as ComfyUI's ManualSigmas finds one in its text: an optional sign, digits and
+#: dots, ending in a digit ("1." gives 1, "1e-3" gives 1 and -3, as there).
+_SIGMA_TOKEN = re.compile(r"[+-]?\d*\.*\d+")
+
+
+def parse_sigma_text(text: str) -> list[float]:
+    """Every number in ``text``, in order; a NodeError naming ``sigmas`` when one is malformed
+    (two dots) or there is none."""
+    values = []
+    for token in _SIGMA_TOKEN.findall(text):
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise NodeError(f"'{token}' is not a number", "sigmas") from None
+    if not values:
+        raise NodeError(f"no numbers in {text!r}: write the levels as e.g. '1.0, 0.5, 0.0'", "sigmas")
+    return values
+
+
+@define_node("ManualSigmas", category="sampling/sigmas",
+             inputs=[Input("sigmas", T.STRING, default="1, 0.5")],
+             outputs=[Output("SIGMAS", T.SIGMAS)])
+def manual_sigmas(ctx, sigmas: str):
+    """A noise-level list typed by hand (a distilled model's few published levels): every number
+    in the text, in order, separated by commas or spaces."""
+    import torch
+
+    return (torch.tensor(parse_sigma_text(sigmas), dtype=torch.float32),)

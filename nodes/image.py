@@ -368,7 +368,9 @@ def report(ctx, ui: dict[str, Any], verdict: Any) -> None:
     ctx.message(summary(verdict, ctx.env.output_guard.mode))
 
 
-def _save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) -> Result:
+def save_batch(ctx, images, root, prefix: str, kind: str, compress_level: int) -> Result:
+    """Write a batch as numbered PNGs through the guard, with the workflow chunks: the one image
+    writer every saving or previewing node uses (SaveImage, PreviewImage, nodes.image_outputs)."""
     batch, verdict = guarded(ctx, images)
     folder, subfolder, base = save_folder(ctx.env, root, prefix, kind)
     chunks = metadata(ctx)
@@ -409,7 +411,7 @@ def save_image(ctx, images, filename_prefix: str = "Kiln"):
     named parameters (``parameters``). On a server with a safety filter, every
     image is checked before it is written (see the README's safety section).
     """
-    return _save_batch(ctx, images, ctx.env.paths.output, filename_prefix, "output", compress_level=4)
+    return save_batch(ctx, images, ctx.env.paths.output, filename_prefix, "output", compress_level=4)
 
 
 @define_node(
@@ -423,4 +425,4 @@ def save_image(ctx, images, filename_prefix: str = "Kiln"):
 def preview_image(ctx, images):
     """Show images without keeping them: written to the temp folder (``type: temp``)."""
     prefix = "KilnPreview_temp_" + secrets.token_hex(3)
-    return _save_batch(ctx, images, ctx.env.paths.temp, prefix, "temp", compress_level=1)
+    return save_batch(ctx, images, ctx.env.paths.temp, prefix, "temp", compress_level=1)
