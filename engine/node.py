@@ -79,7 +79,7 @@ class Input:
     lazy: bool = False
     #: ComfyUI's DynamicCombo: each choice brings its own sub-inputs, {choice: (sub, ...)}. The
     #: sub-inputs are declared beside it as ``"<name>.<sub>"`` (the API form's names); an editor
-    #: file lists the chosen option's widget values right after the combo's own (NodeSpec.widget_layout).
+    #: file lists the chosen option's widget values right after the combo's own (NodeSpec.option_widgets).
     dynamic: Mapping[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
