@@ -24,22 +24,40 @@ from engine.node import Input, Output, define_node
 NAMES = tuple(string.ascii_lowercase)
 #: Exponents and shifts past this are refused: 2 ** 10 ** 9 would hold the job for minutes.
 MAX_EXPONENT = 4000
+#: Integer results past this many bits are refused before they are computed: ((10 ** 4000) **
+#: 4000) ** 2 passes the exponent limit at each step but would hold the server for minutes.
+MAX_INT_BITS = 65536
 
 
 class ExpressionError(ValueError):
     """The expression uses something the evaluator does not allow, or cannot be computed."""
 
 
+def _too_large(bits: int) -> None:
+    if bits > MAX_INT_BITS:
+        raise ExpressionError(f"the result would have about {bits} binary digits, more than {MAX_INT_BITS}")
+
+
 def _checked_pow(base: Any, exponent: Any) -> Any:
     if abs(exponent) > MAX_EXPONENT:
         raise ExpressionError(f"the exponent {exponent} is larger than {MAX_EXPONENT}")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
+        _too_large(base.bit_length() * exponent)
     return operator.pow(base, exponent)
 
 
 def _checked_lshift(value: Any, bits: Any) -> Any:
     if abs(bits) > MAX_EXPONENT:
         raise ExpressionError(f"the shift {bits} is larger than {MAX_EXPONENT}")
+    if isinstance(value, int) and isinstance(bits, int):
+        _too_large(value.bit_length() + bits)
     return operator.lshift(value, bits)
+
+
+def _checked_mul(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int):
+        _too_large(a.bit_length() + b.bit_length())
+    return operator.mul(a, b)
 
 
 def _sum(*args: Any) -> Any:
@@ -53,7 +71,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "log10": math.log10, "sin": math.sin, "cos": math.cos, "tan": math.tan, "int": int, "float": float,
 }
 BINARY: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _checked_mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _checked_pow,
     ast.BitAnd: operator.and_, ast.BitOr: operator.or_, ast.BitXor: operator.xor,
     ast.LShift: _checked_lshift, ast.RShift: operator.rshift,

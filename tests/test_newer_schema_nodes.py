@@ -69,7 +69,9 @@ def test_math_expression_matches_hand_worked_results(env, expression, values, ex
 @pytest.mark.parametrize("expression", [
     "__import__('os').system('true')", "a.real", "'text'", "[x for x in values]", "lambda: 1",
     "open('f')", "2 ** 100000", "1 / 0", "q + 1", "", "a +", "max(a, key=abs)", "10 ** 400 * 1.0 ** 0 * 10 ** 400",
-    "values",
+    "values", "((10 ** 4000) ** 4000) ** 2", "(10 ** 4000) * (10 ** 4000) * (10 ** 4000) * (10 ** 4000) * (10 ** 4000)",
+    "(1 << 4000) << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 "
+    "<< 4000 << 4000 << 4000 << 4000",
 ])
 def test_math_expression_refuses_anything_else_naming_expression(env, expression):
     with pytest.raises(NodeError) as err:
