@@ -60,13 +60,22 @@ def _checked_mul(a: Any, b: Any) -> Any:
     return operator.mul(a, b)
 
 
+def _round(value: Any, digits: Any = None) -> Any:
+    """round() with the digits bounded: an integer rounded to -10 ** 8 digits builds 10 ** 10 ** 8."""
+    if digits is None:
+        return round(value)
+    if abs(digits) > MAX_EXPONENT:
+        raise ExpressionError(f"round to {digits} digits: at most {MAX_EXPONENT} either way")
+    return round(value, digits)
+
+
 def _sum(*args: Any) -> Any:
     """sum(values) and sum(a, b, c) both work, as in ComfyUI's node."""
     return sum(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else sum(args)
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "sum": _sum, "min": min, "max": max, "abs": abs, "round": round, "pow": _checked_pow,
+    "sum": _sum, "min": min, "max": max, "abs": abs, "round": _round, "pow": _checked_pow,
     "sqrt": math.sqrt, "ceil": math.ceil, "floor": math.floor, "log": math.log, "log2": math.log2,
     "log10": math.log10, "sin": math.sin, "cos": math.cos, "tan": math.tan, "int": int, "float": float,
 }

@@ -71,7 +71,7 @@ def test_math_expression_matches_hand_worked_results(env, expression, values, ex
     "open('f')", "2 ** 100000", "1 / 0", "q + 1", "", "a +", "max(a, key=abs)", "10 ** 400 * 1.0 ** 0 * 10 ** 400",
     "values", "((10 ** 4000) ** 4000) ** 2", "(10 ** 4000) * (10 ** 4000) * (10 ** 4000) * (10 ** 4000) * (10 ** 4000)",
     "(1 << 4000) << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 << 4000 "
-    "<< 4000 << 4000 << 4000 << 4000",
+    "<< 4000 << 4000 << 4000 << 4000", "round(10, -100000000)", "pow(2, 3, 5)",
 ])
 def test_math_expression_refuses_anything_else_naming_expression(env, expression):
     with pytest.raises(NodeError) as err:
