@@ -57,6 +57,8 @@ class SamplingPatches:
     #: The deprecated PerpNeg node's empty prompt and neg_scale (nodes.families.perp_neg.PerpNeg),
     #: which replaces the CFG combination as PerpNegGuider does; None: off.
     perp_neg: Any = None
+    #: EasyCache's or LazyCache's settings (nodes.families.step_cache.StepCacheSettings); None: off.
+    step_cache: Any = None
 
 
 @dataclass(frozen=True)

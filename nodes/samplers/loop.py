@@ -29,7 +29,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
         denoised: list | None = None, hold: Any = None, jobs: int = 1, patches: Any = None,
-        dual: Any = None) -> "torch.Tensor":
+        dual: Any = None, say: Callable[[str], None] | None = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
@@ -45,6 +45,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
     nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
     for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
+    ``say``: where the step cache's summary goes (the node's message), when the model has one.
     """
     import torch
 
@@ -62,6 +63,9 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     # patches only the plain denoiser applies
     own = {k: v for k, v in (("self_attention", patches.self_attention), ("skip_layers", patches.skip_layers))
            if v is not None}
+    if patches.step_cache is not None and patches.step_cache.kind == "EasyCache" and dual is not None:
+        raise ConditioningError("EasyCache caches the network calls of KSampler's and CFGGuider's guidance; "
+                                "use LazyCache with DualCFGGuider or PerpNegGuider", "model")
     if own and dual is not None:
         raise ConditioningError("SelfAttentionGuidance and skip-layer guidance guide KSampler's and CFGGuider's "
                                 "classifier-free guidance, not DualCFGGuider's or PerpNegGuider's", "model")
@@ -70,6 +74,10 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
                     cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance, **own)
+    from nodes.samplers.schedules import percent_to_sigma
+
+    cache = None if patches.step_cache is None else \
+        patches.step_cache.start(lambda percent: percent_to_sigma(schedule, percent))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
@@ -83,7 +91,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             check_interrupted()
             if hold is not None:
                 x = hold.before(sched, x, t)
-            out = denoiser.model_output(sched.scale_model_input(x, t), t)
+            model_in = sched.scale_model_input(x, t)
+            if cache is None:
+                out = denoiser.model_output(model_in, t)
+            else:
+                out = cache.evaluate(denoiser, model_in, t, float(schedule.sigma(float(t))))
             if wants_uncond:
                 step_kwargs["uncond"] = denoiser.last_uncond
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
@@ -102,6 +114,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             pending = staged
     if pending is not None:
         _report(pending, len(plan.timesteps), latent, progress)
+    if cache is not None and say is not None:
+        say(cache.summary())
     return x
 
 
