@@ -55,10 +55,17 @@ class StepCacheSettings:
     end_percent: float
     verbose: bool = False
 
-    def start(self, sigma_at_percent: Callable[[float], float]) -> "StepCacheRun":
-        """Fresh state for one sampling run (ComfyUI clones its holder per run)."""
+    def start(self, schedule: Any, prediction_type: str) -> "StepCacheRun":
+        """Fresh state for one sampling run (ComfyUI clones its holder per run), on the model's
+        training ``schedule`` (percents to noise levels) and what its network predicts."""
+        from nodes.samplers.schedules import percent_to_sigma
+
         make = EasyCacheRun if self.kind == "EasyCache" else LazyCacheRun
-        return make(self, sigma_at_percent(self.start_percent), sigma_at_percent(self.end_percent))
+        run = make(self, percent_to_sigma(schedule, self.start_percent), percent_to_sigma(schedule, self.end_percent))
+        # a flow model's scheduler config names no prediction type; its schedule says it predicts velocity
+        run.prediction_type = getattr(schedule, "prediction_type", None) or prediction_type
+        run.sigma_data = float(getattr(schedule, "sigma_data", 1.0))
+        return run
 
 
 def _subsample(x: Any) -> Any:
@@ -114,6 +121,7 @@ class StepCacheRun:
         self.evaluations = 0
         self.skipped = 0
         self.shape: tuple | None = None
+        self.prediction_type, self.sigma_data = "epsilon", 1.0
 
     def past_end(self, sigma: float) -> bool:
         return not sigma > self.sigma_end
@@ -208,7 +216,7 @@ class LazyCacheRun(StepCacheRun):
         self.evaluations += 1
         if self.past_end(sigma):
             return denoiser.model_output(model_in, t)
-        space = Parametrisation(denoiser.prediction_type, model_in, sigma, getattr(denoiser, "sigma_data", 1.0))
+        space = Parametrisation(self.prediction_type, model_in, sigma, self.sigma_data)
         x = space.x
         self.rule.begin()
         if self.in_window(sigma):

@@ -74,10 +74,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
                     cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance, **own)
-    from nodes.samplers.schedules import percent_to_sigma
-
     cache = None if patches.step_cache is None else \
-        patches.step_cache.start(lambda percent: percent_to_sigma(schedule, percent))
+        patches.step_cache.start(schedule, training_config.get("prediction_type", "epsilon"))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
