@@ -59,6 +59,8 @@ class SamplingPatches:
     perp_neg: Any = None
     #: EasyCache's or LazyCache's settings (nodes.families.step_cache.StepCacheSettings); None: off.
     step_cache: Any = None
+    #: HyperTile's settings (nodes.families.hypertile.HyperTileSettings); None: off.
+    hypertile: Any = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """ComfyUI's speed patches on a MODEL: EasyCache and LazyCache (skip model evaluations whose
-output is predictable, nodes.families.step_cache).
+output is predictable, nodes.families.step_cache) and HyperTile (the UNet's self-attention
+computed in tiles, nodes.families.hypertile).
 
 Each returns a new MODEL handle with the setting recorded on its sampling patches (the handle
 it was given, and every cached result built on it, samples as before); the sampling loop
@@ -59,3 +60,34 @@ def lazy_cache(ctx, model, reuse_threshold: float, start_percent: float, end_per
     """LazyCache: EasyCache's rule on the whole guided prediction rather than each network call,
     so it works under any guider (DualCFGGuider, PerpNegGuider); usually a little worse than EasyCache."""
     return _cached(model, "LazyCache", reuse_threshold, start_percent, end_percent, verbose)
+
+
+@define_node("HyperTile", category="model_patches/unet",
+             inputs=[Input("model", T.MODEL), Input("tile_size", T.INT, default=256, min=1, max=2048),
+                     Input("swap_size", T.INT, default=2, min=1, max=128),
+                     Input("max_depth", T.INT, default=0, min=0, max=10),
+                     Input("scale_depth", T.BOOLEAN, default=False)],
+             outputs=[Output("MODEL", T.MODEL)])
+def hypertile(ctx, model, tile_size: int, swap_size: int, max_depth: int, scale_depth: bool):
+    """HyperTile: the UNet's self-attention at its largest feature sizes computed on tiles of about
+    ``tile_size`` pixels (nodes.families.hypertile), which speeds up large images. UNet families only."""
+    from nodes.families.base import ConditioningError
+    from nodes.families.freeu import unet_of
+    from nodes.families.hypertile import HyperTileSettings
+    from nodes.handles import ModelHandle
+
+    if not isinstance(model, ModelHandle):
+        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+    try:
+        unet_of(model.peek())
+    except ConditioningError:
+        raise NodeError("HyperTile tiles a UNet's self-attention (SD1, SD2, SDXL); a flow transformer such as "
+                        "FLUX has none of that layout", "model") from None
+    values = {}
+    for name, value, low, high in (("tile_size", tile_size, 1, 2048), ("swap_size", swap_size, 1, 128),
+                                   ("max_depth", max_depth, 0, 10)):
+        if isinstance(value, bool) or int(value) != value or not low <= int(value) <= high:
+            raise NodeError(f"{name} must be a whole number from {low} to {high}, got {value!r}", name)
+        values[name] = int(value)
+    settings = HyperTileSettings(scale_depth=bool(scale_depth), **values)
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, hypertile=settings)),)

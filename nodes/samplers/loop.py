@@ -52,6 +52,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
+    from nodes.families import hypertile
     from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
@@ -84,7 +85,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode(), freeu_applied(network, patches.freeu), \
-            deep_shrink_applied(network, patches.deep_shrink, schedule):
+            deep_shrink_applied(network, patches.deep_shrink, schedule), \
+            hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
@@ -115,6 +117,16 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if cache is not None and say is not None:
         say(cache.summary())
     return x
+
+
+def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
+    """HyperTile's generator, seeded with the first image's seed as ComfyUI's global one is."""
+    if patches.hypertile is None:
+        return None
+    from nodes.families.hypertile import start_generator
+
+    seed = generators[0].initial_seed() if generators and hasattr(generators[0], "initial_seed") else 0
+    return start_generator(seed, tuple(x.shape))
 
 
 def _shown(result: Any, sched: Any, x: "torch.Tensor") -> "torch.Tensor":
