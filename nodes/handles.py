@@ -61,6 +61,8 @@ class SamplingPatches:
     step_cache: Any = None
     #: HyperTile's settings (nodes.families.hypertile.HyperTileSettings); None: off.
     hypertile: Any = None
+    #: TomePatchModel's ratio (nodes.families.tome.TomeSettings); None: off.
+    tome: Any = None
 
 
 @dataclass(frozen=True)

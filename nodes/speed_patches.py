@@ -1,6 +1,7 @@
 """ComfyUI's speed patches on a MODEL: EasyCache and LazyCache (skip model evaluations whose
 output is predictable, nodes.families.step_cache) and HyperTile (the UNet's self-attention
-computed in tiles, nodes.families.hypertile).
+computed in tiles, nodes.families.hypertile) and TomePatchModel (token merging in it,
+nodes.families.tome).
 
 Each returns a new MODEL handle with the setting recorded on its sampling patches (the handle
 it was given, and every cached result built on it, samples as before); the sampling loop
@@ -91,3 +92,26 @@ def hypertile(ctx, model, tile_size: int, swap_size: int, max_depth: int, scale_
         values[name] = int(value)
     settings = HyperTileSettings(scale_depth=bool(scale_depth), **values)
     return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, hypertile=settings)),)
+
+
+@define_node("TomePatchModel", category="model_patches/unet",
+             inputs=[Input("model", T.MODEL), Input("ratio", T.FLOAT, default=0.3, min=0.0, max=1.0, step=0.01)],
+             outputs=[Output("MODEL", T.MODEL)])
+def tome_patch_model(ctx, model, ratio: float):
+    """Token merging: the UNet's full-size self-attention attends with the ``ratio`` most redundant
+    queries merged into their neighbours (nodes.families.tome); faster, slightly softer. 0 changes
+    nothing. UNet families only."""
+    from nodes.families.base import ConditioningError
+    from nodes.families.freeu import unet_of
+    from nodes.families.tome import TomeSettings
+    from nodes.handles import ModelHandle
+
+    if not isinstance(model, ModelHandle):
+        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+    try:
+        unet_of(model.peek())
+    except ConditioningError:
+        raise NodeError("TomePatchModel merges a UNet's self-attention tokens (SD1, SD2, SDXL); a flow "
+                        "transformer such as FLUX has none of that layout", "model") from None
+    settings = TomeSettings(_in_range("ratio", ratio, 0.0, 1.0))
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, tome=settings)),)

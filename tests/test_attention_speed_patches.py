@@ -1,8 +1,10 @@
-"""HyperTile (nodes/families/hypertile.py) on the tiny SD1 (self-attention at the latent's size in
-down_blocks.0 and at half of it in the middle block and up_blocks.1).
+"""HyperTile (nodes/families/hypertile.py) and TomePatchModel (nodes/families/tome.py) on the tiny
+SD1 (self-attention at the latent's size in down_blocks.0, at half of it in the middle block and
+up_blocks.1).
 
 The tiled self-attention is checked against attention written out tile by tile, head by head,
-on an input recorded from a real UNet pass; a tiling of 1 x 1 must leave the run bit for bit.
+on an input recorded from a real UNet pass, the merged one against token merging written out
+from its definition; a tiling of 1 x 1 and a ratio of 0 must leave the run bit for bit.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from nodes.speed_patches import hypertile
 from test_sampling import Recorder, sd1  # noqa: F401 (fixture)
 
 
-def _run(tiny, model, size: int = 256, steps: int = 4) -> torch.Tensor:
+def _run(tiny, model, size: int = 256, steps: int = 2) -> torch.Tensor:
     rec = Recorder()
     empty, = empty_latent_image(rec.ctx, size, size, 1)
     out, = ksampler(rec.ctx, model, 5, steps, 6.0, "euler", "normal", tiny.pos, tiny.neg, empty)
@@ -105,11 +107,11 @@ def test_random_divisor_is_comfyuis_pick():
 def test_the_default_changes_a_large_image_and_two_runs_pick_alike(sd1):
     """512 px: the 64 x 64 latent is cut into 2 x 2 tiles at the defaults; swap_size 4 makes the
     picks random, from a generator seeded with the KSampler seed, so two runs are equal."""
-    plain = _run(sd1, sd1.model, 512, steps=2)
+    plain = _run(sd1, sd1.model, 512, steps=1)
     (patched,) = hypertile(Recorder().ctx, sd1.model, 256, 2, 0, False)
-    assert (_run(sd1, patched, 512, steps=2) - plain).abs().max().item() > 1e-3
+    assert (_run(sd1, patched, 512, steps=1) - plain).abs().max().item() > 1e-3
     (swapped,) = hypertile(Recorder().ctx, sd1.model, 64, 4, 1, False)
-    assert torch.equal(_run(sd1, swapped, 256, steps=3), _run(sd1, swapped, 256, steps=3))
+    assert torch.equal(_run(sd1, swapped, 256, steps=2), _run(sd1, swapped, 256, steps=2))
 
 
 def test_refusals_name_their_input(sd1):
@@ -123,3 +125,68 @@ def test_refusals_name_their_input(sd1):
         with pytest.raises(NodeError) as err:
             hypertile(Recorder().ctx, sd1.model, *args)
         assert err.value.input_name == name
+
+
+# -- TomePatchModel ------------------------------------------------------------------------------
+
+def test_tome_ratio_0_is_the_unet_as_it_was_and_the_default_changes_the_image(sd1):
+    from nodes.speed_patches import tome_patch_model
+
+    plain, before = _run(sd1, sd1.model), _processors(sd1)
+    (off,) = tome_patch_model(Recorder().ctx, sd1.model, 0.0)
+    assert off.patches.tome is not None and torch.equal(_run(sd1, off), plain)  # patched, r = 0
+    (merged,) = tome_patch_model(Recorder().ctx, sd1.model, 0.3)
+    once = _run(sd1, merged)
+    assert (once - plain).abs().max().item() > 1e-3 and torch.equal(_run(sd1, merged), once)  # seeded picks
+    assert _processors(sd1) == before
+    with pytest.raises(NodeError) as err:
+        tome_patch_model(Recorder().ctx, sd1.model, 1.5)
+    assert err.value.input_name == "ratio"
+
+
+def _merged_by_hand(attn, tokens: torch.Tensor, rows: int, cols: int, r: int, seed: int) -> torch.Tensor:
+    """ToMe written out from its definition: one random destination per 2 x 2 cell, each other
+    position joins its most cosine-similar destination if it is among the r most similar; a
+    group's query is its tokens' mean; every position takes its group's attention output."""
+    pick = torch.randint(4, (rows // 2, cols // 2, 1), generator=torch.Generator().manual_seed(seed))
+    dests = [(2 * i + int(pick[i, j, 0]) // 2) * cols + 2 * j + int(pick[i, j, 0]) % 2
+             for i in range(rows // 2) for j in range(cols // 2)]
+    sources = [p for p in range(rows * cols) if p not in dests]
+    x = tokens[0]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    best = {s: max(dests, key=lambda d: float(unit[s] @ unit[d])) for s in sources}
+    score = {s: float(unit[s] @ unit[best[s]]) for s in sources}
+    merged = sorted(sources, key=lambda s: -score[s])[:r]
+    group = {p: [p] for p in dests + [s for s in sources if s not in merged]}
+    for s in merged:
+        group[best[s]].append(s)
+    k, v = attn.to_k(x), attn.to_v(x)
+    d = k.shape[-1] // attn.heads
+    out = torch.zeros_like(k)
+    for head_of, members in group.items():
+        q = attn.to_q(x[members].mean(0))
+        for head in range(attn.heads):
+            part = slice(head * d, (head + 1) * d)
+            weights = torch.softmax(k[:, part] @ q[part] / math.sqrt(d), dim=0)
+            row = weights @ v[:, part]
+            for p in members:
+                out[p, part] = row
+    return attn.to_out[0](out)[None]
+
+
+def test_the_merged_attention_equals_a_by_hand_merge():
+    import tiny_models
+    from nodes.families import tome
+
+    attn = tiny_models.components("sd1")["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    tokens = torch.randn(1, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
+    run = tome.TomeRun(tome.TomeSettings(0.5), torch.Generator().manual_seed(11))
+    run.size = (8, 8)
+    with torch.no_grad():
+        ours = tome.MergedSelfAttention(attn.processor, run)(attn, tokens, encoder_hidden_states=None)
+        expected = _merged_by_hand(attn, tokens, 8, 8, 32, 11)
+        plain = attn.processor(attn, tokens)
+    assert (ours - expected).abs().max().item() < 1e-5
+    assert (ours - plain).abs().max().item() > 1e-3
+    run.size = (16, 16)  # 64 tokens of a 16 x 16 latent: a deeper level, which ToMe leaves alone
+    assert run.merging(tokens) is None

@@ -133,12 +133,21 @@ def applied(network: Any, settings: HyperTileSettings | None, generator: Any = N
     if settings is None:
         yield
         return
+    with self_attention_replaced(network, HyperTileRun(settings, generator), TiledSelfAttention):
+        yield
+
+
+@contextlib.contextmanager
+def self_attention_replaced(network: Any, run: Any, make: Any) -> Iterator[None]:
+    """Every self-attention of ``network``'s UNet given the processor ``make(original, run)``, and
+    ``run.size`` set to the latent's (rows, columns) at each UNet call, while the block runs."""
     import torch
 
     from nodes.families.freeu import unet_of
 
     unet = unet_of(network)
-    run = HyperTileRun(settings, generator if generator is not None else torch.Generator().manual_seed(0))
+    if run.generator is None:
+        run.generator = torch.Generator().manual_seed(0)
 
     def latent_size(module: Any, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
@@ -147,7 +156,7 @@ def applied(network: Any, settings: HyperTileSettings | None, generator: Any = N
     modules = self_attentions(unet)
     saved = [m.processor for m in modules]
     for m, processor in zip(modules, saved):
-        m.processor = TiledSelfAttention(processor, run)
+        m.processor = make(processor, run)
     hook = unet.register_forward_pre_hook(latent_size, with_kwargs=True)
     try:
         yield

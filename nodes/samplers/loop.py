@@ -52,7 +52,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
-    from nodes.families import hypertile
+    from nodes.families import hypertile, tome
     from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
@@ -86,7 +86,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode(), freeu_applied(network, patches.freeu), \
             deep_shrink_applied(network, patches.deep_shrink, schedule), \
-            hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)):
+            hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)), \
+            tome.applied(network, patches.tome, _tile_generator(patches, generators, x)):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
@@ -120,8 +121,9 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
 
 
 def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
-    """HyperTile's generator, seeded with the first image's seed as ComfyUI's global one is."""
-    if patches.hypertile is None:
+    """HyperTile's or ToMe's generator, seeded with the first image's seed as ComfyUI's global one
+    is (each its own: in ComfyUI both would draw from the one global generator in turn)."""
+    if patches.hypertile is None and patches.tome is None:
         return None
     from nodes.families.hypertile import start_generator
 
