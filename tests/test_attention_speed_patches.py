@@ -18,7 +18,7 @@ from nodes.families import hypertile as ht
 from nodes.latent import empty_latent_image
 from nodes.sampling import ksampler
 from nodes.speed_patches import hypertile
-from test_sampling import Recorder, sd1  # noqa: F401 (fixture)
+from test_sampling import Recorder, sd1, sdxl  # noqa: F401 (fixtures)
 
 
 def _run(tiny, model, size: int = 256, steps: int = 2) -> torch.Tensor:
@@ -190,3 +190,13 @@ def test_the_merged_attention_equals_a_by_hand_merge():
     assert (ours - plain).abs().max().item() > 1e-3
     run.size = (16, 16)  # 64 tokens of a 16 x 16 latent: a deeper level, which ToMe leaves alone
     assert run.merging(tokens) is None
+
+
+def test_sdxl_has_no_attention_at_depth_0(sdxl):
+    """SDXL's first level has no transformer: HyperTile at max_depth 0 leaves it bit for bit, as in
+    ComfyUI; max_depth 1 tiles its second level (16 x 16 here: two tiles of 8 each way)."""
+    plain = _run(sdxl, sdxl.model, 256, steps=1)
+    (depth0,) = hypertile(Recorder().ctx, sdxl.model, 64, 2, 0, False)
+    assert torch.equal(_run(sdxl, depth0, 256, steps=1), plain)
+    (depth1,) = hypertile(Recorder().ctx, sdxl.model, 64, 2, 1, False)
+    assert (_run(sdxl, depth1, 256, steps=1) - plain).abs().max().item() > 1e-4

@@ -158,7 +158,8 @@ def test_the_skips_follow_comfyuis_rule_and_reuse_the_cached_difference(sd1, mon
 def test_verbose_logs_each_decision_and_the_settings_are_checked(sd1, caplog):
     (cached,) = easy_cache(Recorder().ctx, sd1.model, 0.2, 0.0, 1.0, True)
     with caplog.at_level("INFO", logger="nodes.families.step_cache"):
-        _run(sd1, cached)
+        again = _run(sd1, cached)
+    assert torch.equal(_run(sd1, cached), again)  # each run starts with fresh state
     lines = [r.getMessage() for r in caplog.records]
     assert any("skipping" in line for line in lines) and any("running" in line for line in lines)
     for name, args in (("reuse_threshold", (3.5, 0.1, 0.9)), ("start_percent", (0.2, -0.1, 0.9)),
@@ -193,3 +194,32 @@ def test_a_flow_transformer_is_cached_too(node):
     (cached,) = node(Recorder().ctx, model, 3.0, 0.0, 1.0, False)
     out = _sample(cached)
     assert torch.isfinite(out).all() and (out - plain).abs().max().item() > 0
+
+
+@pytest.mark.parametrize("node", [easy_cache, lazy_cache])
+def test_sd3_under_guidance_is_cached_too(node):
+    """SD3 (a flow transformer with its own wrapper), cfg 4: threshold 0 is the run as it was; a
+    high threshold calls the transformer fewer times and keeps the latent finite."""
+    import tiny_sd3
+    from test_sd3 import _embeds, _model
+
+    pe, ne, pp, npl = _embeds("large")
+    model = _model("large")
+    calls = []
+    hook = tiny_sd3.components("large")["transformer"].register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def sample(m) -> torch.Tensor:
+        (out,) = ksampler(Recorder().ctx, m, 42, 8, 4.0, "euler", "normal", [[pe, {"pooled_output": pp}]],
+                          [[ne, {"pooled_output": npl}]], {"samples": torch.zeros(1, 16, 16, 16)})
+        return out["samples"]
+
+    try:
+        plain = sample(model)
+        (off,) = node(Recorder().ctx, model, 0.0, 0.0, 1.0, False)
+        assert torch.equal(sample(off), plain)
+        calls.clear()
+        (cached,) = node(Recorder().ctx, model, 3.0, 0.0, 1.0, False)
+        out = sample(cached)
+    finally:
+        hook.remove()
+    assert 0 < len(calls) < 8 and torch.isfinite(out).all() and not torch.equal(out, plain)
