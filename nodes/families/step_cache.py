@@ -26,7 +26,9 @@ difference. Nothing is recorded before the window (ComfyUI picks its first condi
 the window's first step), so the earliest skip is the window's third evaluation. LazyCache
 applies it to the whole guided prediction, with x the noisy latent and y the clean-latent
 prediction, over the whole batch, recording before the window too (earliest skip: the
-window's second evaluation). Both hold for any family, as they wrap the denoiser.
+window's second evaluation when evaluations ran before it, else its third). Both hold for any
+family, as they wrap the denoiser. The node message counts skipped model evaluations (ComfyUI's
+log counts steps; with one evaluation per step, as Euler makes, they are the same).
 
 Kiln's differences: the quantities are measured in float32 (ComfyUI: the network's dtype);
 EasyCache's extra guidance passes (SAG, PAG, skip-layer guidance) run uncached, and with an
