@@ -57,6 +57,12 @@ class SamplingPatches:
     #: The deprecated PerpNeg node's empty prompt and neg_scale (nodes.families.perp_neg.PerpNeg),
     #: which replaces the CFG combination as PerpNegGuider does; None: off.
     perp_neg: Any = None
+    #: EasyCache's or LazyCache's settings (nodes.families.step_cache.StepCacheSettings); None: off.
+    step_cache: Any = None
+    #: HyperTile's settings (nodes.families.hypertile.HyperTileSettings); None: off.
+    hypertile: Any = None
+    #: TomePatchModel's ratio (nodes.families.tome.TomeSettings); None: off.
+    tome: Any = None
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted,
-                              previews=ctx.wants_previews, hold=hold, jobs=len(job_seeds),
+                              previews=ctx.wants_previews, say=ctx.message, hold=hold, jobs=len(job_seeds),
                               patches=model.patches,
                               dual=None if perp is None else dataclasses.replace(perp, middle=prep.middle))
     except loop.ConditioningError as exc:

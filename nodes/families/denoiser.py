@@ -68,6 +68,8 @@ class Denoiser:
         self.guided = self.cfg != 1.0 or always_guided or self.self_attention is not None
         #: The raw negative, and the single-side denoisers the extra guidance passes run (_side).
         self._negative, self._sides_alone = negative, {}
+        #: EasyCache's run (nodes.families.step_cache.EasyCacheRun), set by the loop; None: every call runs.
+        self.network_cache: Any = None
         self.skip_layers = skip_layers
         self.cfg_rescale = float(cfg_rescale)
         self.pag_scale = float(pag_scale)
@@ -136,11 +138,16 @@ class Denoiser:
 
         from nodes.control.apply import residuals
 
-        control = residuals(self, x, t, context, extras)
-        x = self.family.extra_channels(x, extras)
-        out = self.network(x.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs,
-                           **control)[0]
-        return out.to(torch.float32)
+        def compute() -> "torch.Tensor":
+            control = residuals(self, x, t, context, extras)
+            full = self.family.extra_channels(x, extras)
+            out = self.network(full.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs,
+                               **control)[0]
+            return out.to(torch.float32)
+
+        if self.network_cache is not None:  # EasyCache may answer from its cache (nodes.families.step_cache)
+            return self.network_cache.network_call(x, self.batch // self.jobs, compute)
+        return compute()
 
     def _plain_call(self, x: "torch.Tensor", t: Any) -> "torch.Tensor":
         """The plain case's network output: one call, or one per token count (token_groups)."""

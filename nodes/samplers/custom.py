@@ -203,7 +203,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                               generators=generators, family=model.family, latent=model.latent,
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised,
-                              previews=ctx.wants_previews, hold=hold, patches=model.patches, dual=dual)
+                              previews=ctx.wants_previews, say=ctx.message, hold=hold, patches=model.patches, dual=dual)
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))

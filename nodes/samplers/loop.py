@@ -29,7 +29,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
         family: Family, latent: LatentFormat, training_config: Any, image_size: tuple[int, int],
         progress: ProgressFn, check_interrupted: Callable[[], None], previews: bool = True,
         denoised: list | None = None, hold: Any = None, jobs: int = 1, patches: Any = None,
-        dual: Any = None) -> "torch.Tensor":
+        dual: Any = None, say: Callable[[str], None] | None = None) -> "torch.Tensor":
     """Run ``plan`` (see plan.py) on ``network``; returns the final latent (model space, float32).
 
     With ``previews`` False (nobody will see them) progress is reported without one.
@@ -45,12 +45,14 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
     nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
     for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
+    ``say``: where the step cache's summary goes (the node's message), when the model has one.
     """
     import torch
 
     from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
+    from nodes.families import hypertile, tome
     from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
@@ -62,6 +64,9 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     # patches only the plain denoiser applies
     own = {k: v for k, v in (("self_attention", patches.self_attention), ("skip_layers", patches.skip_layers))
            if v is not None}
+    if patches.step_cache is not None and patches.step_cache.kind == "EasyCache" and dual is not None:
+        raise ConditioningError("EasyCache caches the network calls of KSampler's and CFGGuider's guidance; "
+                                "use LazyCache with DualCFGGuider or PerpNegGuider", "model")
     if own and dual is not None:
         raise ConditioningError("SelfAttentionGuidance and skip-layer guidance guide KSampler's and CFGGuider's "
                                 "classifier-free guidance, not DualCFGGuider's or PerpNegGuider's", "model")
@@ -70,6 +75,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
                     cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance, **own)
+    cache = None if patches.step_cache is None else \
+        patches.step_cache.start(schedule, training_config.get("prediction_type", "epsilon"))
     step_params = inspect.signature(sched.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     wants_uncond = "uncond" in step_params  # CFG++ steppers also step with the unguided output
@@ -78,12 +85,18 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     with torch.inference_mode(), freeu_applied(network, patches.freeu), \
-            deep_shrink_applied(network, patches.deep_shrink, schedule):
+            deep_shrink_applied(network, patches.deep_shrink, schedule), \
+            hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)), \
+            tome.applied(network, patches.tome, _tile_generator(patches, generators, x)):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
                 x = hold.before(sched, x, t)
-            out = denoiser.model_output(sched.scale_model_input(x, t), t)
+            model_in = sched.scale_model_input(x, t)
+            if cache is None:
+                out = denoiser.model_output(model_in, t)
+            else:
+                out = cache.evaluate(denoiser, model_in, t, float(schedule.sigma(float(t))))
             if wants_uncond:
                 step_kwargs["uncond"] = denoiser.last_uncond
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
@@ -102,7 +115,20 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             pending = staged
     if pending is not None:
         _report(pending, len(plan.timesteps), latent, progress)
+    if cache is not None and say is not None:
+        say(cache.summary())
     return x
+
+
+def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
+    """HyperTile's or ToMe's generator, seeded with the first image's seed as ComfyUI's global one
+    is (each its own: in ComfyUI both would draw from the one global generator in turn)."""
+    if patches.hypertile is None and patches.tome is None:
+        return None
+    from nodes.families.hypertile import start_generator
+
+    seed = generators[0].initial_seed() if generators and hasattr(generators[0], "initial_seed") else 0
+    return start_generator(seed, tuple(x.shape))
 
 
 def _shown(result: Any, sched: Any, x: "torch.Tensor") -> "torch.Tensor":
