@@ -25,6 +25,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.control.apply import ControlLink, ControlNetHandle
+from nodes.families.sdxl import UNION_TYPES  # ComfyUI's one combo list for every family's union types
 from nodes.loaders import fingerprinter, list_models, locate, model_manager, validator
 
 CONTROLNET_FOLDER = "controlnet"
@@ -208,9 +209,12 @@ def controlnet_apply(ctx, conditioning, control_net, image, strength: float):
     return (_apply(conditioning, "conditioning", {}, make, control_apply_to_uncond=True),)
 
 
-#: ComfyUI's union control types (comfy/cldm/control_types.py) and the index each model was trained with.
-UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal",
-               "segment", "tile", "repaint")
+def _union_modes(config: dict) -> int | None:
+    """How many control types a ControlNet's config says it knows (None: not a union):
+    FLUX's ``num_mode``, SDXL union's ``num_control_type``."""
+    from nodes.control.sdxl_union import modes
+
+    return int(config["num_mode"]) if config.get("num_mode") else modes(config)
 
 
 @define_node(
@@ -223,17 +227,23 @@ UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anim
     outputs=[Output("CONTROL_NET", CONTROL_NET)],
 )
 def set_union_controlnet_type(ctx, control_net, type: str):
-    """Tell a union ControlNet (one network for several hint kinds) which kind it is given.
+    """Tell a union ControlNet (one network for several hint kinds) which kind it is given; the
+    names and their indices are the ControlNet's family's (``Family.controlnet_union_types``).
     A ControlNet that is not a union ignores the type, as in ComfyUI, and the node says so."""
     _check(control_net)
+    names = control_net.family.controlnet_union_types
+    modes = _union_modes(control_net.config)
     if type != "auto" and type not in UNION_TYPES:
         raise NodeError(f"type must be auto or one of {', '.join(UNION_TYPES)}", "type")
-    modes = control_net.config.get("num_mode")
-    mode = None if type == "auto" else UNION_TYPES.index(type)
     if not modes:
-        if mode is not None:
+        if type != "auto":
             ctx.message(f"control_net: {control_net.name} is not a union ControlNet; the type {type} is ignored")
         return (control_net,)
-    if mode is not None and mode >= int(modes):
-        raise NodeError(f"{control_net.name} knows {modes} control types; {type} is number {mode}", "type")
+    if type != "auto" and type not in names:
+        raise NodeError(f"{control_net.name} is a {control_net.family.name} union ControlNet, whose types are "
+                        f"{', '.join(names)}", "type")
+    mode = None if type == "auto" else names.index(type)
+    if mode is not None and mode >= modes:
+        raise NodeError(f"{control_net.name} knows {modes} control types; {type} is number {mode}"
+                        + (" (ProMax adds tile and repaint)" if modes == 6 else ""), "type")
     return (dataclasses.replace(control_net, mode=mode),)

@@ -30,7 +30,7 @@ from nodes import families
 from nodes.checkpoint import detect as det
 from nodes.checkpoint.load import CheckpointError, _assign, _empty, read_state_dict
 from nodes.checkpoint.to_original import unet_to_original
-from nodes.control import flux_load
+from nodes.control import flux_load, sdxl_union
 from nodes.families.base import Family, has_prefix
 
 PREFIX = "control_model."
@@ -142,6 +142,8 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     if flux_load.is_flux_controlnet(state):
         network, info = flux_load.load(state, path.name, dtype)
         return LoadedControlNet(families.by_name("flux"), network, info)
+    if sdxl_union.is_union(state):
+        return _load_union(state, path.name, dtype)
     state, diff = original_state(state, path.name)
     if diff and base_unet is None:
         raise CheckpointError(f"{path.name} is a diff ControlNet (its weights are differences to a base model): "
@@ -161,6 +163,17 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     if diff:
         converted = add_base(converted, base_unet, path.name)
     return LoadedControlNet(family, _assign(network, converted, f"{family.name} ControlNet", dtype), info)
+
+
+def _load_union(state: dict[str, Any], name: str, dtype: Any) -> LoadedControlNet:
+    """A union ControlNet (nodes.control.sdxl_union) in diffusers' layout; its ControlNet part's
+    family and config by the same rule as any diffusers-layout ControlNet."""
+    def plain_config(plain: dict[str, Any]) -> tuple[Family, dict[str, Any]]:
+        shapes = {k: tuple(v.shape) for k, v in diffusers_to_original(plain, name).items()}
+        return controlnet_config(shapes, name)
+
+    family, network = sdxl_union.load(state, name, dtype, plain_config)
+    return LoadedControlNet(family, network, {"format": f"union of {network.config.num_control_type} types"})
 
 
 def add_base(state: dict[str, Any], base_unet: Any, name: str) -> dict[str, Any]:
@@ -190,6 +203,13 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: not a readable diffusers FLUX ControlNet folder ({exc})") from None
         return LoadedControlNet(families.by_name("flux"), network, {"format": "diffusers folder"})
+    if _is_union_folder(path):
+        from nodes.checkpoint.folders import folder_state
+
+        found = folder_state(path, None)
+        if found is None:
+            raise CheckpointError(f"{path.name}: a union ControlNet folder without .safetensors weights")
+        return _load_union(dict(found[1]), path.name, dtype)
     try:
         network = folder_component(path, ControlNetModel, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -199,3 +219,15 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         {k: v for k, v in network.state_dict().items()}, path.name).items()}
     family = families.for_unet({k: tuple(v.shape) for k, v in shapes.items()})
     return LoadedControlNet(family, network, {"format": "diffusers"})
+
+
+def _is_union_folder(path: Path) -> bool:
+    """Whether a diffusers folder's config.json is a union ControlNet's (its class, or its type count)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("_class_name") == "ControlNetUnionModel"
+                                         or "num_control_type" in config)

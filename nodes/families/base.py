@@ -150,6 +150,9 @@ class Family:
     #: Whether this family's ControlNets read the hint as VAE latents (FLUX), so the apply node needs
     #: its ``vae`` input; SD-style ControlNets encode the RGB hint themselves.
     controlnet_latent_hint: bool = False
+    #: The control types a union ControlNet of this family takes (SetUnionControlNetType's names,
+    #: ComfyUI's), each at the index the network was trained with; empty: the family has none.
+    controlnet_union_types: tuple[str, ...] = ()
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 
