@@ -10,9 +10,10 @@ ComfyUI lets that control reach the negative too. Applying again on the result
 stacks ControlNets: their residuals add up. The control acts while the noise level
 is between ``start_percent`` and ``end_percent`` of the model's schedule (ComfyUI's
 sigma rule, not diffusers' step fractions). How residuals reach the network is
-nodes/control/apply.py. FLUX.1 ControlNets read the hint as latents, so the apply node
-needs its ``vae`` input for them; SetUnionControlNetType picks a union ControlNet's
-control type.
+nodes/control/apply.py. FLUX.1 and SD3 ControlNets read the hint as latents, so the apply
+node needs its ``vae`` input for them (ControlNetApplySD3, ComfyUI's older node for SD3,
+requires it); SetUnionControlNetType picks a union ControlNet's control type (FLUX's and
+SDXL's unions).
 """
 from __future__ import annotations
 
@@ -152,13 +153,20 @@ def _apply(conditioning: Any, name: str, links: dict, make: Any, **flags: Any) -
             Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
             Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
             Input("vae", T.VAE, optional=True,
-                  tooltip="The model's VAE: FLUX ControlNets read the hint as latents and need it; "
+                  tooltip="The model's VAE: FLUX and SD3 ControlNets read the hint as latents and need it; "
                           "SD 1.x/2.x/SDXL ones ignore it")],
     outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
 )
 def controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength: float,
                               start_percent: float, end_percent: float, vae: Any = None):
     """Control both sides of guidance with one ControlNet and hint; strength 0 changes nothing."""
+    return _apply_both("ControlNetApplyAdvanced", positive, negative, control_net, image, strength, start_percent,
+                       end_percent, vae)
+
+
+def _apply_both(node: str, positive, negative, control_net, image, strength: float, start_percent: float,
+                end_percent: float, vae: Any) -> tuple:
+    """ControlNetApplyAdvanced's and ControlNetApplySD3's work: one link on both sides."""
     _check(control_net, float(start_percent), float(end_percent))
     hint = _hint(image)
     if float(strength) == 0.0:  # ComfyUI returns here too, before it asks for a VAE
@@ -177,11 +185,31 @@ def controlnet_apply_advanced(ctx, positive, negative, control_net, image, stren
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),
-                           previous, "ControlNetApplyAdvanced", vae=latent_vae)
+                           previous, node, vae=latent_vae)
 
     links: dict = {}
     return (_apply(positive, "positive", links, make, control_apply_to_uncond=False),
             _apply(negative, "negative", links, make, control_apply_to_uncond=False))
+
+
+@define_node(
+    "ControlNetApplySD3",
+    category="conditioning/controlnet",
+    display_name="Apply Controlnet with VAE",
+    inputs=[Input("positive", T.CONDITIONING), Input("negative", T.CONDITIONING),
+            Input("control_net", CONTROL_NET), Input("vae", T.VAE, tooltip="The model's VAE, which encodes the hint"),
+            Input("image", T.IMAGE, tooltip="The hint (e.g. Canny edges), 0..1 RGB"),
+            Input("strength", T.FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+            Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001)],
+    outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
+)
+def controlnet_apply_sd3(ctx, positive, negative, control_net, vae, image, strength: float,
+                         start_percent: float, end_percent: float):
+    """ComfyUI's (now deprecated) node from the SD3 release: ControlNetApplyAdvanced with the vae
+    required, kept so workflows of that time run unchanged."""
+    return _apply_both("ControlNetApplySD3", positive, negative, control_net, image, strength, start_percent,
+                       end_percent, vae)
 
 
 @define_node(

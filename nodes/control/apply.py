@@ -101,6 +101,25 @@ def hint_for(link: ControlLink, rows: int, height: int, width: int) -> "torch.Te
     return to_rows(hint, rows)
 
 
+def latent_hint(link: ControlLink, h: int, w: int, to_model: Callable, what: str) -> "torch.Tensor":
+    """The hint VAE-encoded with the apply node's VAE (the posterior mean, as ComfyUI encodes) at
+    the latent's size ``h`` x ``w``, through ``to_model`` into the space the ControlNet reads; once
+    per size and rule (``what``: the family the ControlNet is, for messages)."""
+    if link.vae is None:
+        raise ConditioningError(f"the {what} ControlNet {link.net.name!r} reads its hint as latents: apply it with "
+                                "ControlNetApplyAdvanced and connect its vae input", "positive")
+    key = ("latent", what, h, w)
+    if key not in link.cache:
+        pixels = hint_for(link, link.hint.shape[0], h * 8, w * 8)
+        raw = link.vae.encode(pixels.movedim(1, -1))
+        if tuple(raw.shape[2:]) != (h, w):
+            raise ConditioningError(f"the vae given to {link.applied_by} makes {raw.shape[2]}x{raw.shape[3]} latents "
+                                    f"of a {w * 8}x{h * 8} hint, the model samples {w}x{h}: it is not the model's "
+                                    "VAE", "positive")
+        link.cache[key] = to_model(raw)
+    return link.cache[key]
+
+
 def to_rows(hint: "torch.Tensor", rows: int) -> "torch.Tensor":
     """One hint per row: a batch that divides the rows repeats, a shorter one repeats its last."""
     import torch

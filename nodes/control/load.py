@@ -16,7 +16,8 @@ hub config). A "diff" ControlNet (a ``difference`` key: weights stored as the
 difference to the base UNet) needs the model it was made against: DiffControlNetLoader
 adds that UNet's weights, as ComfyUI does. FLUX.1 ControlNets (diffusers' layout, one
 file or a folder whose config names FluxControlNetModel) are recognised by
-nodes/control/flux_load.py.
+nodes/control/flux_load.py; SD3 ones (diffusers' SD3ControlNetModel) by nodes/control/sd3.py;
+SDXL union ones (xinsir's, diffusers' ControlNetUnionModel) by nodes/control/sdxl_union.py.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from nodes.checkpoint import detect as det
 from nodes.checkpoint.load import CheckpointError, _assign, _empty, read_state_dict
 from nodes.checkpoint.to_original import unet_to_original
 from nodes.control import flux_load, sdxl_union
+from nodes.control import sd3 as sd3_control
 from nodes.families.base import Family, has_prefix
 
 PREFIX = "control_model."
@@ -142,6 +144,9 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     if flux_load.is_flux_controlnet(state):
         network, info = flux_load.load(state, path.name, dtype)
         return LoadedControlNet(families.by_name("flux"), network, info)
+    if sd3_control.is_sd3_controlnet(state):
+        network, info = sd3_control.load(state, path.name, dtype)
+        return LoadedControlNet(families.by_name("sd3"), network, info)
     if sdxl_union.is_union(state):
         return _load_union(state, path.name, dtype)
     state, diff = original_state(state, path.name)
@@ -203,6 +208,17 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: not a readable diffusers FLUX ControlNet folder ({exc})") from None
         return LoadedControlNet(families.by_name("flux"), network, {"format": "diffusers folder"})
+    if _folder_class(path) == "SD3ControlNetModel":
+        from diffusers import SD3ControlNetModel
+
+        try:
+            network = folder_component(path, SD3ControlNetModel, dtype).eval().requires_grad_(False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path.name}: not a readable diffusers SD3 ControlNet folder ({exc})") from None
+        if network.pos_embed is None:
+            raise CheckpointError(f"{path.name}: an SD3 ControlNet without its own position embedding (as Stability's "
+                                  "SD3.5 Large ControlNets, which borrow the transformer's) is not supported yet")
+        return LoadedControlNet(families.by_name("sd3"), network, {"format": "diffusers folder"})
     if _is_union_folder(path):
         from nodes.checkpoint.folders import folder_state
 
@@ -221,13 +237,21 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
     return LoadedControlNet(family, network, {"format": "diffusers"})
 
 
-def _is_union_folder(path: Path) -> bool:
-    """Whether a diffusers folder's config.json is a union ControlNet's (its class, or its type count)."""
+def _folder_config(path: Path) -> dict[str, Any]:
     import json
 
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and (config.get("_class_name") == "ControlNetUnionModel"
-                                         or "num_control_type" in config)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _folder_class(path: Path) -> str | None:
+    return _folder_config(path).get("_class_name")
+
+
+def _is_union_folder(path: Path) -> bool:
+    """Whether a diffusers folder's config.json is a union ControlNet's (its class, or its type count)."""
+    config = _folder_config(path)
+    return config.get("_class_name") == "ControlNetUnionModel" or "num_control_type" in config
