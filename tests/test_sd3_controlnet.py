@@ -27,20 +27,27 @@ PIXEL_TOL = 1 / 255 + 1e-6
 SIZE, STEPS, CFG, SEED = 64, 4, 4.5, 5
 PROMPT, NEGATIVE = "a red barn in a field", "blurry, dark"
 CKPT, CN, CN_FOLDER = "tiny-sd3-large.safetensors", "tiny-sd3-cn.safetensors", "tiny-sd3-cn-folder"
+#: SD3.5 Large style, as a folder: its attention has no q/k norm, so only config.json gives the tiny head width
+LARGE_CN = "tiny-sd35-large-cn-folder"
 
 
-def tiny_controlnet(seed: int = 11):
-    """An InstantX-style SD3 ControlNet for the tiny SD3.5 (one joint block for its two), every weight
-    moved off its initial value (the zero-initialised hint embedder and output layers strongly)."""
+def tiny_controlnet(seed: int = 11, large: bool = False):
+    """An InstantX-style SD3 ControlNet for the tiny SD3.5 (one joint block for its two), or with
+    ``large`` one shaped as Stability's SD3.5 Large ControlNets (the transformer's patch embedder,
+    no prompt, the prompt's pooled text, two blocks); every weight moved off its initial value (the
+    zero-initialised hint embedder and output layers strongly)."""
     from diffusers import SD3ControlNetModel
 
+    width = tiny_sd3.HEADS * tiny_sd3.HEAD_DIM
+    kind = (dict(num_layers=2, joint_attention_dim=None, use_pos_embed=False, force_zeros_for_pooled_projection=False)
+            if large else dict(num_layers=1, joint_attention_dim=tiny_sd3.T5, qk_norm="rms_norm",
+                               force_zeros_for_pooled_projection=True))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1,
-                                 attention_head_dim=tiny_sd3.HEAD_DIM, num_attention_heads=tiny_sd3.HEADS,
-                                 joint_attention_dim=tiny_sd3.T5, caption_projection_dim=tiny_sd3.HEADS * tiny_sd3.HEAD_DIM,
+        net = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=16, attention_head_dim=tiny_sd3.HEAD_DIM,
+                                 num_attention_heads=tiny_sd3.HEADS, caption_projection_dim=width,
                                  pooled_projection_dim=tiny_sd3.CLIP_L + tiny_sd3.CLIP_G, out_channels=16,
-                                 pos_embed_max_size=16, qk_norm="rms_norm", force_zeros_for_pooled_projection=True)
+                                 pos_embed_max_size=16, **kind)
         with torch.no_grad():
             for name, p in net.named_parameters():
                 strong = name.startswith(("controlnet_blocks", "pos_embed_input"))
@@ -66,6 +73,7 @@ def env(tmp_path_factory):
     (models / "controlnet").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tiny_controlnet().state_dict().items()}, str(models / "controlnet" / CN))
     tiny_controlnet().save_pretrained(str(models / "controlnet" / CN_FOLDER), safe_serialization=True)
+    tiny_controlnet(large=True).save_pretrained(str(models / "controlnet" / LARGE_CN), safe_serialization=True)
     yield from environment_over(models, root)
 
 
@@ -88,14 +96,14 @@ def kiln(env, strength: float = 0.8, node=controlnet_apply_advanced, cn=None, wi
         return tiny_models.decode(v, out["samples"])
 
 
-def reference(monkeypatch, strength: float = 0.8) -> torch.Tensor:
+def reference(monkeypatch, strength: float = 0.8, large: bool = False) -> torch.Tensor:
     from diffusers import StableDiffusion3ControlNetPipeline
     from diffusers.models.autoencoders import vae as vae_module
 
     monkeypatch.setattr(vae_module.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
     from PIL import Image
 
-    pipe = StableDiffusion3ControlNetPipeline(**dict(tiny_sd3.components("large")), controlnet=tiny_controlnet())
+    pipe = StableDiffusion3ControlNetPipeline(**dict(tiny_sd3.components("large")), controlnet=tiny_controlnet(large=large))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, control_image=Image.fromarray((hint_image()[0].numpy() * 255).astype("uint8")),
@@ -160,6 +168,15 @@ def test_comfyui_api_graph_runs_unchanged(env, monkeypatch):
     assert (outcome.results["9"][0] - reference(monkeypatch)).abs().max().item() <= PIXEL_TOL
 
 
+def test_sd35_large_style_controlnet_borrows_the_patch_embedder_and_equals_the_pipeline(env, monkeypatch):
+    cn = load(env, LARGE_CN)
+    assert cn.config["use_pos_embed"] is False and cn.config["joint_attention_dim"] is None
+    ours = kiln(env, cn=cn)
+    theirs = reference(monkeypatch, large=True)
+    assert (ours - theirs).abs().max().item() <= PIXEL_TOL
+    assert (ours - kiln(env, strength=None)).abs().max().item() > 0.02
+
+
 # -- errors -------------------------------------------------------------------------------------------
 
 def test_bad_inputs_name_the_input(env):
@@ -180,11 +197,11 @@ def test_bad_inputs_name_the_input(env):
     assert "sd3 ControlNet" in str(err.value) and "sdxl" in str(err.value) and CN in str(err.value)
     from safetensors.torch import save_file
 
-    state = {k: v for k, v in tiny_controlnet().state_dict().items() if not k.startswith("pos_embed.")}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(env.paths.models.root / "controlnet" / "no-pos.safetensors"))
+    state = {k: v for k, v in tiny_controlnet().state_dict().items() if not k.startswith("time_text_embed.")}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(env.paths.models.root / "controlnet" / "cut.safetensors"))
     with pytest.raises(NodeError) as err:
-        load(env, "no-pos.safetensors")
-    assert err.value.input_name == "control_net_name" and "position embedding" in str(err.value)
+        load(env, "cut.safetensors")
+    assert err.value.input_name == "control_net_name" and "SD3 ControlNet" in str(err.value)
 
 
 def _sdxl_like_vae():

@@ -131,9 +131,11 @@ def to_rows(hint: "torch.Tensor", rows: int) -> "torch.Tensor":
 
 
 def _run(link: ControlLink, family: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
-         model_config: Any) -> dict[str, list]:
+         model_config: Any, model: Any) -> dict[str, list]:
     with link.net.use() as network:
-        return family.run_controlnet(network, link, x, t, context, kwargs, model_config)
+        if model is None:
+            return family.run_controlnet(network, link, x, t, context, kwargs, model_config)
+        return family.run_controlnet(network, link, x, t, context, kwargs, model_config, model=model)
 
 
 def _add(totals: dict[str, list], out: dict[str, list], rows: "torch.Tensor", batch: int) -> None:
@@ -171,7 +173,10 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
                                     "node", extras[i].get("_input", "positive"))
         groups.setdefault(id(chain), (chain, []))[1].append(i)
     family = denoiser.family
-    model_config = getattr(getattr(denoiser.network, "kiln_network", denoiser.network), "config", None)
+    model = getattr(denoiser.network, "kiln_network", denoiser.network)
+    model_config = getattr(model, "config", None)
+    # only a family whose ControlNets borrow the model's layers is handed the model (SD3.5 Large's)
+    lender = model if family.controlnet_borrows_layers else None
     totals: dict[str, list] = {}
     for chain, idx in groups.values():
         rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i in idx]).to(x.device)
@@ -188,7 +193,7 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
                 high, low = denoiser.sigma_at_percent(link.start_percent), denoiser.sigma_at_percent(link.end_percent)
                 if not low <= sigma <= high:
                     continue
-            _add(totals, _run(link, family, x[rows], t, context[rows], kwargs, model_config), rows, x.shape[0])
+            _add(totals, _run(link, family, x[rows], t, context[rows], kwargs, model_config, lender), rows, x.shape[0])
     if not totals:  # no link in range at this step
         return {}
     return family.controlnet_inputs({k: [r.to(denoiser.dtype) for r in v] for k, v in totals.items()})

@@ -215,9 +215,6 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
             network = folder_component(path, SD3ControlNetModel, dtype).eval().requires_grad_(False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: not a readable diffusers SD3 ControlNet folder ({exc})") from None
-        if network.pos_embed is None:
-            raise CheckpointError(f"{path.name}: an SD3 ControlNet without its own position embedding (as Stability's "
-                                  "SD3.5 Large ControlNets, which borrow the transformer's) is not supported yet")
         return LoadedControlNet(families.by_name("sd3"), network, {"format": "diffusers folder"})
     if _is_union_folder(path):
         from nodes.checkpoint.folders import folder_state

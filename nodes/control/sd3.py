@@ -16,8 +16,11 @@ The samples are spread over the transformer's blocks by diffusers' rule (block i
 sample ``int(i / (N / n))``) before they are summed, so ControlNets of different depths
 stack block by block; the transformer then gets one sample per block.
 
-A ControlNet without its own position embedding (Stability's SD3.5 Large ControlNets,
-which borrow the transformer's) is refused at load: its runs need the model's weights.
+Stability's SD3.5 Large ControlNets (blur, canny, depth) have no patch embedder for the
+latent and no prompt embedder: the latent goes in through the transformer's own
+``pos_embed`` (diffusers' pipeline copies it into the ControlNet; Kiln calls the model's),
+the blocks read no prompt, and the pooled text is the prompt's. Their attention has no
+q/k norm, so the head width is SD3's 64 unless a folder's config.json says otherwise.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from nodes.checkpoint.load import CheckpointError
+from nodes.families.base import ConditioningError
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +51,11 @@ def _count(shapes: Any, prefix: str) -> int:
 
 def controlnet_config(shapes: dict[str, tuple], name: str) -> dict[str, Any]:
     """``SD3ControlNetModel`` arguments from a diffusers-layout file's shapes."""
-    if "pos_embed.proj.weight" not in shapes:
-        raise CheckpointError(f"{name}: an SD3 ControlNet without its own position embedding (as Stability's SD3.5 "
-                              "Large ControlNets, which borrow the transformer's) is not supported yet")
+    own_embedder = "pos_embed.proj.weight" in shapes
     try:
-        hidden, in_channels, patch, _ = shapes["pos_embed.proj.weight"]
-        hint_channels = shapes["pos_embed_input.proj.weight"][1]
-        positions = shapes["pos_embed.pos_embed"][1]
+        hidden, hint_channels, patch, _ = shapes["pos_embed_input.proj.weight"]
+        in_channels = shapes["pos_embed.proj.weight"][1] if own_embedder else hint_channels
+        positions = shapes["pos_embed.pos_embed"][1] if own_embedder else None
         norm = shapes.get("transformer_blocks.0.attn.norm_q.weight")
         head = norm[0] if norm else HEAD_DIM
         context = shapes.get("context_embedder.weight")
@@ -63,8 +65,9 @@ def controlnet_config(shapes: dict[str, tuple], name: str) -> dict[str, Any]:
             num_attention_heads=hidden // head, joint_attention_dim=context[1] if context else None,
             caption_projection_dim=context[0] if context else hidden,
             pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
-            pos_embed_max_size=round(positions ** 0.5), extra_conditioning_channels=hint_channels - in_channels,
-            qk_norm="rms_norm" if norm else None, use_pos_embed=True,
+            pos_embed_max_size=round(positions ** 0.5) if positions else None,
+            extra_conditioning_channels=hint_channels - in_channels,
+            qk_norm="rms_norm" if norm else None, use_pos_embed=own_embedder,
             dual_attention_layers=tuple(i for i in range(_count(shapes, "transformer_blocks."))
                                         if f"transformer_blocks.{i}.attn2.to_q.weight" in shapes),
             # InstantX's (with a prompt embedder) were trained on zero pooled text and unshifted hint latents
@@ -98,7 +101,7 @@ def spread(samples: Any, blocks: int) -> list:
 
 
 def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
-        model_config: Any, latent: Any) -> dict[str, list]:
+        model_config: Any, latent: Any, model: Any = None) -> dict[str, list]:
     """One SD3 ControlNet's samples for rows ``x`` [B, 16, h, w], one per transformer block, float32."""
     import torch
 
@@ -111,7 +114,13 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
     hint = latent_hint(link, h, w, to_model, "SD3" if not zeros else "SD3 (InstantX)")
     pooled = kwargs["pooled_projections"].to(dtype)
     time = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(b)
-    samples = network(hidden_states=x.to(dtype), controlnet_cond=to_rows(hint, b).to(device, dtype),
+    hidden = x.to(dtype)
+    if network.pos_embed is None:  # SD3.5 Large's: the transformer's patch embedder
+        if model is None or getattr(model, "pos_embed", None) is None:
+            raise ConditioningError(f"the SD3 ControlNet {link.net.name!r} embeds the latent with the model's patch "
+                                    "embedder, and this model has none", "positive")
+        hidden = model.pos_embed(x.to(model.dtype)).to(dtype)
+    samples = network(hidden_states=hidden, controlnet_cond=to_rows(hint, b).to(device, dtype),
                       conditioning_scale=float(link.strength), timestep=time.to(dtype),
                       encoder_hidden_states=context.to(dtype) if network.config.joint_attention_dim else None,
                       pooled_projections=torch.zeros_like(pooled) if zeros else pooled, return_dict=False)[0]

@@ -108,6 +108,8 @@ class SD3(Family):
     #: SD3 ControlNets (nodes.control.sd3) read the hint as VAE latents.
     controlnet_latent_hint = True
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "patch_size", "in_channels")
+    #: SD3.5 Large's ControlNets embed the latent with the transformer's own patch embedder.
+    controlnet_borrows_layers = True
 
     # -- detection ---------------------------------------------------------------------
 
@@ -146,11 +148,12 @@ class SD3(Family):
         return {"double": list(transformer.transformer_blocks), "single": []}
 
     def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
-                       model_config: Any) -> dict[str, list]:
-        """An SD3 ControlNet's per-block samples (nodes.control.sd3): the hint is VAE-encoded."""
+                       model_config: Any, model: Any = None) -> dict[str, list]:
+        """An SD3 ControlNet's per-block samples (nodes.control.sd3): the hint is VAE-encoded;
+        ``model`` (the transformer) lends its patch embedder to ControlNets without one."""
         from nodes.control import sd3 as control
 
-        return control.run(network, link, x, t, context, kwargs, model_config, self.latent)
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent, model)
 
     def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
         from nodes.control import sd3 as control
