@@ -23,7 +23,7 @@ from test_sampling import PIXEL_TOL, sdxl  # noqa: F401 (fixture)
 UNION, PLAIN_XL, FOLDER, OLD = "union.safetensors", "xl.safetensors", "union-folder", "union-6.safetensors"
 
 
-def tiny_union(types: int = 8, seed: int = 5):
+def tiny_union(types: int = 8, seed: int = 5, heads: int = 8):
     """A union ControlNet for the tiny SDXL: the tiny SDXL ControlNet's weights plus a union part,
     every union weight moved off its initial value (``spatial_ch_projs`` starts at zero)."""
     from diffusers import ControlNetUnionModel
@@ -36,7 +36,7 @@ def tiny_union(types: int = 8, seed: int = 5):
         torch.manual_seed(seed)
         accepted = inspect.signature(ControlNetUnionModel.__init__).parameters
         net = ControlNetUnionModel(**{k: v for k, v in config.items() if k in accepted},
-                                   num_control_type=types, num_trans_channel=width, num_trans_head=8,
+                                   num_control_type=types, num_trans_channel=width, num_trans_head=heads,
                                    num_trans_layer=1, num_proj_channel=width)
         missing, _ = net.load_state_dict(plain.state_dict(), strict=False)
         assert missing and all(k.startswith(("task_embedding", "transformer_layes", "spatial_ch_projs",
@@ -58,7 +58,8 @@ def env(tmp_path_factory):
     (models / "controlnet").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tiny_union().state_dict().items()}, str(models / "controlnet" / UNION))
     save_file({k: v.contiguous() for k, v in tiny_union(6).state_dict().items()}, str(models / "controlnet" / OLD))
-    tiny_union().save_pretrained(str(models / "controlnet" / FOLDER), safe_serialization=True)
+    # a head count other than xinsir's 8, which only the folder's config.json can tell
+    tiny_union(heads=4).save_pretrained(str(models / "controlnet" / FOLDER), safe_serialization=True)
     tiny_models.save_controlnet(tiny_models.controlnet("sdxl"), models / "controlnet" / PLAIN_XL)
     yield from environment_over(models, root)
 
@@ -92,6 +93,7 @@ def test_file_and_folder_load_the_union_with_its_shapes(env):
     union, folder, old = load(env, UNION), load(env, FOLDER), load(env, OLD)
     assert union.family.name == "sdxl" and union.config["num_control_type"] == 8 and old.config["num_control_type"] == 6
     assert union.config["num_trans_channel"] == 32 and union.config["addition_time_embed_dim"] == 8
+    assert union.config["num_trans_head"] == 8 and folder.config["num_trans_head"] == 4
     want = tiny_union().state_dict()
     for handle in (union, folder):
         with handle.use() as net:

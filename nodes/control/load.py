@@ -170,14 +170,14 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     return LoadedControlNet(family, _assign(network, converted, f"{family.name} ControlNet", dtype), info)
 
 
-def _load_union(state: dict[str, Any], name: str, dtype: Any) -> LoadedControlNet:
+def _load_union(state: dict[str, Any], name: str, dtype: Any, heads: int | None = None) -> LoadedControlNet:
     """A union ControlNet (nodes.control.sdxl_union) in diffusers' layout; its ControlNet part's
     family and config by the same rule as any diffusers-layout ControlNet."""
     def plain_config(plain: dict[str, Any]) -> tuple[Family, dict[str, Any]]:
         shapes = {k: tuple(v.shape) for k, v in diffusers_to_original(plain, name).items()}
         return controlnet_config(shapes, name)
 
-    family, network = sdxl_union.load(state, name, dtype, plain_config)
+    family, network = sdxl_union.load(state, name, dtype, plain_config, heads)
     return LoadedControlNet(family, network, {"format": f"union of {network.config.num_control_type} types"})
 
 
@@ -222,7 +222,7 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         found = folder_state(path, None)
         if found is None:
             raise CheckpointError(f"{path.name}: a union ControlNet folder without .safetensors weights")
-        return _load_union(dict(found[1]), path.name, dtype)
+        return _load_union(dict(found[1]), path.name, dtype, _folder_config(path).get("num_trans_head"))
     try:
         network = folder_component(path, ControlNetModel, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -42,8 +42,10 @@ def split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in state.items() if k not in union}, union
 
 
-def union_config(plain: dict[str, Any], union_shapes: dict[str, tuple], name: str) -> dict[str, Any]:
-    """``ControlNetUnionModel`` arguments: the plain ControlNet's config (``plain``) and the union sizes."""
+def union_config(plain: dict[str, Any], union_shapes: dict[str, tuple], name: str,
+                 heads: int | None = None) -> dict[str, Any]:
+    """``ControlNetUnionModel`` arguments: the plain ControlNet's config (``plain``) and the union sizes
+    (``heads``: the transformer's head count where a folder's config.json gives it)."""
     import inspect
 
     from diffusers import ControlNetUnionModel
@@ -62,13 +64,14 @@ def union_config(plain: dict[str, Any], union_shapes: dict[str, tuple], name: st
                               f"{types} control types")
     accepted = set(inspect.signature(ControlNetUnionModel.__init__).parameters)
     config = {k: v for k, v in plain.items() if k in accepted}
-    config.update(num_control_type=types, num_trans_channel=width, num_trans_head=HEADS,
+    config.update(num_control_type=types, num_trans_channel=width, num_trans_head=int(heads or HEADS),
                   num_trans_layer=max(layers) + 1 if layers else 0, num_proj_channel=proj,
                   addition_time_embed_dim=embed_in // types)
     return config
 
 
-def load(state: dict[str, Any], name: str, dtype: Any, plain_config: Any) -> tuple[Any, Any]:
+def load(state: dict[str, Any], name: str, dtype: Any, plain_config: Any,
+         heads: int | None = None) -> tuple[Any, Any]:
     """(family, the ControlNetUnionModel) of a diffusers-layout file; ``plain_config`` reads the
     ControlNet part's tensors into (family, config) by nodes.control.load's rule."""
     from diffusers import ControlNetUnionModel
@@ -77,7 +80,7 @@ def load(state: dict[str, Any], name: str, dtype: Any, plain_config: Any) -> tup
 
     plain, union = split(state)
     family, config = plain_config(plain)
-    config = union_config(config, {k: tuple(v.shape) for k, v in union.items()}, name)
+    config = union_config(config, {k: tuple(v.shape) for k, v in union.items()}, name, heads)
     return family, _assign(_empty(ControlNetUnionModel, config), state, f"{family.name} union ControlNet", dtype)
 
 
