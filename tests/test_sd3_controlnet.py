@@ -202,6 +202,12 @@ def test_bad_inputs_name_the_input(env):
     with pytest.raises(NodeError) as err:
         load(env, "cut.safetensors")
     assert err.value.input_name == "control_net_name" and "SD3 ControlNet" in str(err.value)
+    stability = {"pos_embed_input.proj.weight": torch.zeros(32, 16, 2, 2), "controlnet_blocks.0.weight": torch.zeros(32, 32),
+                 "transformer_blocks.0.adaLN_modulation.1.bias": torch.zeros(192)}
+    save_file(stability, str(env.paths.models.root / "controlnet" / "stability.safetensors"))
+    with pytest.raises(NodeError) as err:
+        load(env, "stability.safetensors")
+    assert err.value.input_name == "control_net_name" and "Stability's own layout" in str(err.value)
 
 
 def _sdxl_like_vae():

@@ -51,6 +51,9 @@ def _count(shapes: Any, prefix: str) -> int:
 
 def controlnet_config(shapes: dict[str, tuple], name: str) -> dict[str, Any]:
     """``SD3ControlNetModel`` arguments from a diffusers-layout file's shapes."""
+    if "transformer_blocks.0.adaLN_modulation.1.bias" in shapes:
+        raise CheckpointError(f"{name}: an SD3.5 ControlNet in Stability's own layout (adaLN_modulation keys), which "
+                              "Kiln does not read yet; its diffusers-layout release (SD3ControlNetModel) loads")
     own_embedder = "pos_embed.proj.weight" in shapes
     try:
         hidden, hint_channels, patch, _ = shapes["pos_embed_input.proj.weight"]
