@@ -177,6 +177,31 @@ def test_sd35_large_style_controlnet_borrows_the_patch_embedder_and_equals_the_p
     assert (ours - kiln(env, strength=None)).abs().max().item() > 0.02
 
 
+def test_controlnets_of_different_depths_stack_block_by_block(env):
+    """Two applications at 0.4 are one at 0.8 (samples add); a one-block and a two-block ControlNet stack."""
+    model, clip, vae = call(loaders.checkpoint_loader, env, ckpt_name=CKPT)
+    pos = call(text.clip_text_encode, env, text=PROMPT, clip=clip)[0]
+    neg = call(text.clip_text_encode, env, text=NEGATIVE, clip=clip)[0]
+
+    def apply(pos, neg, cn, strength):
+        return call(controlnet_apply_advanced, env, positive=pos, negative=neg, control_net=cn, image=hint_image(),
+                    strength=strength, start_percent=0.0, end_percent=1.0, vae=vae)
+
+    def sample(pos, neg):
+        (latent,) = call(empty_sd3_latent_image, env, width=SIZE, height=SIZE, batch_size=1)
+        (out,) = call(sampling.ksampler, env, model=model, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler",
+                      scheduler="normal", positive=pos, negative=neg, latent_image=latent)
+        with vae.module() as v:
+            return tiny_models.decode(v, out["samples"])
+
+    cn, large = load(env), load(env, LARGE_CN)
+    twice = sample(*apply(*apply(pos, neg, cn, 0.4), cn, 0.4))
+    once = sample(*apply(pos, neg, cn, 0.8))
+    assert (twice - once).abs().max().item() <= PIXEL_TOL
+    both = sample(*apply(*apply(pos, neg, cn, 0.8), large, 0.8))
+    assert (both - once).abs().max().item() > 0.02 and (both - sample(*apply(pos, neg, large, 0.8))).abs().max() > 0.02
+
+
 # -- errors -------------------------------------------------------------------------------------------
 
 def test_bad_inputs_name_the_input(env):
