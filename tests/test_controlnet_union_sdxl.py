@@ -121,14 +121,27 @@ def test_type_matters_and_auto_adds_the_hint_without_the_offsets(env, sdxl):
     depth, pose, auto = (kiln(sdxl, *advanced(sdxl, typed(union, t))) for t in ("depth", "openpose", "auto"))
     assert (depth - pose).abs().max().item() > 0.02
     assert (auto - depth).abs().max().item() > 0.02
-    # auto is ComfyUI's: an all-zero type and the encoded hint added as is (no transformer offsets), which is a
-    # plain ControlNet with the union's weights and the zero type's embedding in the time embedding
-    from nodes.control.sdxl_union import _without_offsets
+    # auto is ComfyUI's: the encoded hint is added to the latent's features as is (no transformer offsets);
+    # typed, the offsets are added as well (diffusers' and xinsir's rule)
+    from types import SimpleNamespace
 
-    with union.use() as net, _without_offsets(net, True):
-        assert net.spatial_ch_projs(torch.ones(1, 32)).abs().max() == 0
-    with union.use() as net:
-        assert net.spatial_ch_projs(torch.ones(1, 32)).abs().max() > 0  # hook removed after the call
+    from nodes.control.sdxl_union import run
+
+    x, hint = torch.randn(1, 4, 8, 8), hint_image().movedim(-1, 1)
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 64), "time_ids": torch.full((1, 6), 64.0)}}
+    seen = []
+    with union.use() as net, torch.no_grad():
+        hook = net.down_blocks[0].register_forward_pre_hook(lambda _m, args, kw: seen.append(
+            (args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
+        try:
+            for mode in (None, 1):
+                link = SimpleNamespace(net=SimpleNamespace(mode=mode, name="u"), strength=1.0)
+                run(net, link, x, torch.tensor(500.0), torch.randn(1, 77, 128), extra, hint)
+        finally:
+            hook.remove()
+        plain = net.conv_in(x) + net.controlnet_cond_embedding(hint)
+        assert net.spatial_ch_projs(torch.ones(1, 32)).abs().max() > 0  # auto's silencing ends with its call
+    assert (seen[0] - plain).abs().max() < 1e-5 and (seen[1] - plain).abs().max() > 1e-2
 
 
 def test_strength_zero_is_no_controlnet(env, sdxl):
