@@ -8,14 +8,15 @@ entry's chain whose range holds the current noise level runs its ControlNet on t
 rows (same latent, timestep, prompt and family keyword arguments as the model) and the
 outputs, each times its strength, are summed. What a ControlNet returns and which network
 keywords carry it is the family's (:meth:`~nodes.families.base.Family.run_controlnet`:
-the UNet's down/mid residuals in nodes/control/unet.py, FLUX's per-block samples in
-nodes/control/flux.py). Rows whose entry has no control get
+the UNet's down/mid residuals in nodes/control/unet.py, FLUX's and SD3's per-block samples
+in nodes/control/flux.py and sd3.py). Rows whose entry has no control get
 zeros. Entries that share one chain (ControlNetApplyAdvanced puts the same link on
 positive and negative) share one ControlNet call, as diffusers batches it.
 
 The hint is the IMAGE in 0..1 (channels first), resized to the latent's pixel size by
 ComfyUI's rule (nearest-exact, centre crop) when it differs, and repeated over the batch;
-a family whose ControlNets read latents (FLUX) encodes it with the apply node's VAE.
+a family whose ControlNets read latents (FLUX, SD3) encodes it with the apply node's VAE
+(:func:`latent_hint`).
 """
 from __future__ import annotations
 
