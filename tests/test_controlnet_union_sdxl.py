@@ -9,6 +9,7 @@ type is the pipeline's ``control_mode`` (its index in ComfyUI's list).
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from test_controlnet import CFG, SEED, STEPS, STRENGTH, advanced, hint_image, ki
 from test_sampling import PIXEL_TOL, sdxl  # noqa: F401 (fixture)
 
 UNION, PLAIN_XL, FOLDER, OLD = "union.safetensors", "xl.safetensors", "union-folder", "union-6.safetensors"
+#: a union folder whose config.json names plain ControlNetModel (as some re-uploads do): told by its weights
+MISLABELLED = "union-folder-mislabelled"
 
 
 def tiny_union(types: int = 8, seed: int = 5, heads: int = 8):
@@ -61,6 +64,10 @@ def env(tmp_path_factory):
     # a head count other than xinsir's 8, which only the folder's config.json can tell
     tiny_union(heads=4).save_pretrained(str(models / "controlnet" / FOLDER), safe_serialization=True)
     tiny_models.save_controlnet(tiny_models.controlnet("sdxl"), models / "controlnet" / PLAIN_XL)
+    tiny_union().save_pretrained(str(models / "controlnet" / MISLABELLED), safe_serialization=True)
+    config = json.loads((models / "controlnet" / MISLABELLED / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith(("num_control", "num_trans", "num_proj"))}
+    (models / "controlnet" / MISLABELLED / "config.json").write_text(json.dumps(dict(config, _class_name="ControlNetModel")))
     yield from environment_over(models, root)
 
 
@@ -90,12 +97,12 @@ def reference(tiny, mode: int, scale: float) -> torch.Tensor:
 # -- loading ------------------------------------------------------------------------------------------
 
 def test_file_and_folder_load_the_union_with_its_shapes(env):
-    union, folder, old = load(env, UNION), load(env, FOLDER), load(env, OLD)
+    union, folder, old, mislabelled = load(env, UNION), load(env, FOLDER), load(env, OLD), load(env, MISLABELLED)
     assert union.family.name == "sdxl" and union.config["num_control_type"] == 8 and old.config["num_control_type"] == 6
     assert union.config["num_trans_channel"] == 32 and union.config["addition_time_embed_dim"] == 8
     assert union.config["num_trans_head"] == 8 and folder.config["num_trans_head"] == 4
     want = tiny_union().state_dict()
-    for handle in (union, folder):
+    for handle in (union, folder, mislabelled):
         with handle.use() as net:
             assert type(net).__name__ == "ControlNetUnionModel"
             got = net.state_dict()

@@ -216,10 +216,10 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: not a readable diffusers SD3 ControlNet folder ({exc})") from None
         return LoadedControlNet(families.by_name("sd3"), network, {"format": "diffusers folder"})
-    if _is_union_folder(path):
-        from nodes.checkpoint.folders import folder_state
+    from nodes.checkpoint.folders import folder_state
 
-        found = folder_state(path, None)
+    found = folder_state(path, None)
+    if _is_union_folder(path) or (found is not None and sdxl_union.is_union(found[1])):
         if found is None:
             raise CheckpointError(f"{path.name}: a union ControlNet folder without .safetensors weights")
         return _load_union(dict(found[1]), path.name, dtype, _folder_config(path).get("num_trans_head"))
@@ -249,6 +249,7 @@ def _folder_class(path: Path) -> str | None:
 
 
 def _is_union_folder(path: Path) -> bool:
-    """Whether a diffusers folder's config.json is a union ControlNet's (its class, or its type count)."""
+    """Whether a diffusers folder's config.json is a union ControlNet's (its class, or its type count);
+    a config naming plain ControlNetModel over union weights is recognised by the weights."""
     config = _folder_config(path)
     return config.get("_class_name") == "ControlNetUnionModel" or "num_control_type" in config
