@@ -10,9 +10,10 @@ ComfyUI lets that control reach the negative too. Applying again on the result
 stacks ControlNets: their residuals add up. The control acts while the noise level
 is between ``start_percent`` and ``end_percent`` of the model's schedule (ComfyUI's
 sigma rule, not diffusers' step fractions). How residuals reach the network is
-nodes/control/apply.py. FLUX.1 ControlNets read the hint as latents, so the apply node
-needs its ``vae`` input for them; SetUnionControlNetType picks a union ControlNet's
-control type.
+nodes/control/apply.py. FLUX.1 and SD3 ControlNets read the hint as latents, so the apply
+node needs its ``vae`` input for them (ControlNetApplySD3, ComfyUI's older node for SD3,
+requires it); SetUnionControlNetType picks a union ControlNet's control type (FLUX's and
+SDXL's unions).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.control.apply import ControlLink, ControlNetHandle
+from nodes.families.sdxl import UNION_TYPES  # ComfyUI's one combo list for every family's union types
 from nodes.loaders import fingerprinter, list_models, locate, model_manager, validator
 
 CONTROLNET_FOLDER = "controlnet"
@@ -151,13 +153,20 @@ def _apply(conditioning: Any, name: str, links: dict, make: Any, **flags: Any) -
             Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
             Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001),
             Input("vae", T.VAE, optional=True,
-                  tooltip="The model's VAE: FLUX ControlNets read the hint as latents and need it; "
+                  tooltip="The model's VAE: FLUX and SD3 ControlNets read the hint as latents and need it; "
                           "SD 1.x/2.x/SDXL ones ignore it")],
     outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
 )
 def controlnet_apply_advanced(ctx, positive, negative, control_net, image, strength: float,
                               start_percent: float, end_percent: float, vae: Any = None):
     """Control both sides of guidance with one ControlNet and hint; strength 0 changes nothing."""
+    return _apply_both("ControlNetApplyAdvanced", positive, negative, control_net, image, strength, start_percent,
+                       end_percent, vae)
+
+
+def _apply_both(node: str, positive, negative, control_net, image, strength: float, start_percent: float,
+                end_percent: float, vae: Any) -> tuple:
+    """ControlNetApplyAdvanced's and ControlNetApplySD3's work: one link on both sides."""
     _check(control_net, float(start_percent), float(end_percent))
     hint = _hint(image)
     if float(strength) == 0.0:  # ComfyUI returns here too, before it asks for a VAE
@@ -176,11 +185,31 @@ def controlnet_apply_advanced(ctx, positive, negative, control_net, image, stren
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),
-                           previous, "ControlNetApplyAdvanced", vae=latent_vae)
+                           previous, node, vae=latent_vae)
 
     links: dict = {}
     return (_apply(positive, "positive", links, make, control_apply_to_uncond=False),
             _apply(negative, "negative", links, make, control_apply_to_uncond=False))
+
+
+@define_node(
+    "ControlNetApplySD3",
+    category="conditioning/controlnet",
+    display_name="Apply Controlnet with VAE",
+    inputs=[Input("positive", T.CONDITIONING), Input("negative", T.CONDITIONING),
+            Input("control_net", CONTROL_NET), Input("vae", T.VAE, tooltip="The model's VAE, which encodes the hint"),
+            Input("image", T.IMAGE, tooltip="The hint (e.g. Canny edges), 0..1 RGB"),
+            Input("strength", T.FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+            Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001)],
+    outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
+)
+def controlnet_apply_sd3(ctx, positive, negative, control_net, vae, image, strength: float,
+                         start_percent: float, end_percent: float):
+    """ComfyUI's (now deprecated) node from the SD3 release: ControlNetApplyAdvanced with the vae
+    required, kept so workflows of that time run unchanged."""
+    return _apply_both("ControlNetApplySD3", positive, negative, control_net, image, strength, start_percent,
+                       end_percent, vae)
 
 
 @define_node(
@@ -208,9 +237,12 @@ def controlnet_apply(ctx, conditioning, control_net, image, strength: float):
     return (_apply(conditioning, "conditioning", {}, make, control_apply_to_uncond=True),)
 
 
-#: ComfyUI's union control types (comfy/cldm/control_types.py) and the index each model was trained with.
-UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal",
-               "segment", "tile", "repaint")
+def _union_modes(config: dict) -> int | None:
+    """How many control types a ControlNet's config says it knows (None: not a union):
+    FLUX's ``num_mode``, SDXL union's ``num_control_type``."""
+    from nodes.control.sdxl_union import modes
+
+    return int(config["num_mode"]) if config.get("num_mode") else modes(config)
 
 
 @define_node(
@@ -223,17 +255,23 @@ UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anim
     outputs=[Output("CONTROL_NET", CONTROL_NET)],
 )
 def set_union_controlnet_type(ctx, control_net, type: str):
-    """Tell a union ControlNet (one network for several hint kinds) which kind it is given.
+    """Tell a union ControlNet (one network for several hint kinds) which kind it is given; the
+    names and their indices are the ControlNet's family's (``Family.controlnet_union_types``).
     A ControlNet that is not a union ignores the type, as in ComfyUI, and the node says so."""
     _check(control_net)
+    names = control_net.family.controlnet_union_types
+    modes = _union_modes(control_net.config)
     if type != "auto" and type not in UNION_TYPES:
         raise NodeError(f"type must be auto or one of {', '.join(UNION_TYPES)}", "type")
-    modes = control_net.config.get("num_mode")
-    mode = None if type == "auto" else UNION_TYPES.index(type)
     if not modes:
-        if mode is not None:
+        if type != "auto":
             ctx.message(f"control_net: {control_net.name} is not a union ControlNet; the type {type} is ignored")
         return (control_net,)
-    if mode is not None and mode >= int(modes):
-        raise NodeError(f"{control_net.name} knows {modes} control types; {type} is number {mode}", "type")
+    if type != "auto" and type not in names:
+        raise NodeError(f"{control_net.name} is a {control_net.family.name} union ControlNet, whose types are "
+                        f"{', '.join(names)}", "type")
+    mode = None if type == "auto" else names.index(type)
+    if mode is not None and mode >= modes:
+        raise NodeError(f"{control_net.name} knows {modes} control types; {type} is number {mode}"
+                        + (" (ProMax adds tile and repaint)" if modes == 6 else ""), "type")
     return (dataclasses.replace(control_net, mode=mode),)

@@ -8,14 +8,15 @@ entry's chain whose range holds the current noise level runs its ControlNet on t
 rows (same latent, timestep, prompt and family keyword arguments as the model) and the
 outputs, each times its strength, are summed. What a ControlNet returns and which network
 keywords carry it is the family's (:meth:`~nodes.families.base.Family.run_controlnet`:
-the UNet's down/mid residuals in nodes/control/unet.py, FLUX's per-block samples in
-nodes/control/flux.py). Rows whose entry has no control get
+the UNet's down/mid residuals in nodes/control/unet.py, FLUX's and SD3's per-block samples
+in nodes/control/flux.py and sd3.py). Rows whose entry has no control get
 zeros. Entries that share one chain (ControlNetApplyAdvanced puts the same link on
 positive and negative) share one ControlNet call, as diffusers batches it.
 
 The hint is the IMAGE in 0..1 (channels first), resized to the latent's pixel size by
 ComfyUI's rule (nearest-exact, centre crop) when it differs, and repeated over the batch;
-a family whose ControlNets read latents (FLUX) encodes it with the apply node's VAE.
+a family whose ControlNets read latents (FLUX, SD3) encodes it with the apply node's VAE
+(:func:`latent_hint`).
 """
 from __future__ import annotations
 
@@ -101,6 +102,25 @@ def hint_for(link: ControlLink, rows: int, height: int, width: int) -> "torch.Te
     return to_rows(hint, rows)
 
 
+def latent_hint(link: ControlLink, h: int, w: int, to_model: Callable, what: str) -> "torch.Tensor":
+    """The hint VAE-encoded with the apply node's VAE (the posterior mean, as ComfyUI encodes) at
+    the latent's size ``h`` x ``w``, through ``to_model`` into the space the ControlNet reads; once
+    per size and rule (``what``: the family the ControlNet is, for messages)."""
+    if link.vae is None:
+        raise ConditioningError(f"the {what} ControlNet {link.net.name!r} reads its hint as latents: apply it with "
+                                "ControlNetApplyAdvanced and connect its vae input", "positive")
+    key = ("latent", what, h, w)
+    if key not in link.cache:
+        pixels = hint_for(link, link.hint.shape[0], h * 8, w * 8)
+        raw = link.vae.encode(pixels.movedim(1, -1))
+        if tuple(raw.shape[2:]) != (h, w):
+            raise ConditioningError(f"the vae given to {link.applied_by} makes {raw.shape[2]}x{raw.shape[3]} latents "
+                                    f"of a {w * 8}x{h * 8} hint, the model samples {w}x{h}: it is not the model's "
+                                    "VAE", "positive")
+        link.cache[key] = to_model(raw)
+    return link.cache[key]
+
+
 def to_rows(hint: "torch.Tensor", rows: int) -> "torch.Tensor":
     """One hint per row: a batch that divides the rows repeats, a shorter one repeats its last."""
     import torch
@@ -112,9 +132,11 @@ def to_rows(hint: "torch.Tensor", rows: int) -> "torch.Tensor":
 
 
 def _run(link: ControlLink, family: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
-         model_config: Any) -> dict[str, list]:
+         model_config: Any, model: Any) -> dict[str, list]:
     with link.net.use() as network:
-        return family.run_controlnet(network, link, x, t, context, kwargs, model_config)
+        if model is None:
+            return family.run_controlnet(network, link, x, t, context, kwargs, model_config)
+        return family.run_controlnet(network, link, x, t, context, kwargs, model_config, model=model)
 
 
 def _add(totals: dict[str, list], out: dict[str, list], rows: "torch.Tensor", batch: int) -> None:
@@ -152,7 +174,10 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
                                     "node", extras[i].get("_input", "positive"))
         groups.setdefault(id(chain), (chain, []))[1].append(i)
     family = denoiser.family
-    model_config = getattr(getattr(denoiser.network, "kiln_network", denoiser.network), "config", None)
+    model = getattr(denoiser.network, "kiln_network", denoiser.network)
+    model_config = getattr(model, "config", None)
+    # only a family whose ControlNets borrow the model's layers is handed the model (SD3.5 Large's)
+    lender = model if family.controlnet_borrows_layers else None
     totals: dict[str, list] = {}
     for chain, idx in groups.values():
         rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i in idx]).to(x.device)
@@ -169,7 +194,7 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
                 high, low = denoiser.sigma_at_percent(link.start_percent), denoiser.sigma_at_percent(link.end_percent)
                 if not low <= sigma <= high:
                     continue
-            _add(totals, _run(link, family, x[rows], t, context[rows], kwargs, model_config), rows, x.shape[0])
+            _add(totals, _run(link, family, x[rows], t, context[rows], kwargs, model_config, lender), rows, x.shape[0])
     if not totals:  # no link in range at this step
         return {}
     return family.controlnet_inputs({k: [r.to(denoiser.dtype) for r in v] for k, v in totals.items()})

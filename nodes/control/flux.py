@@ -23,8 +23,6 @@ import math
 import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
-from nodes.families.base import ConditioningError
-
 if TYPE_CHECKING:
     import torch
 
@@ -34,21 +32,12 @@ SINGLE_BLOCKS = "controlnet_single_block_samples"
 
 def hint_tokens(link: Any, rows: int, h: int, w: int, latent: Any, device: Any, dtype: Any) -> "torch.Tensor":
     """The hint as packed model-space latent tokens [rows, (h/2)(w/2), 64], encoded once per size."""
-    from nodes.control.apply import hint_for, to_rows
+    from nodes.control.apply import latent_hint, to_rows
     from nodes.families.flux import pack
 
-    if link.vae is None:
-        raise ConditioningError(f"the FLUX ControlNet {link.net.name!r} reads its hint as latents: apply it with "
-                                "ControlNetApplyAdvanced and connect its vae input", "positive")
-    key = ("flux", h, w)
+    key = ("flux-packed", h, w)
     if key not in link.cache:
-        pixels = hint_for(link, link.hint.shape[0], h * 8, w * 8)
-        raw = link.vae.encode(pixels.movedim(1, -1))
-        if tuple(raw.shape[2:]) != (h, w):
-            raise ConditioningError(f"the vae given to {link.applied_by} makes {raw.shape[2]}x{raw.shape[3]} latents "
-                                    f"of a {w * 8}x{h * 8} hint, the model samples {w}x{h}: it is not the model's "
-                                    "VAE", "positive")
-        link.cache[key] = pack(latent.to_model(raw))
+        link.cache[key] = pack(latent_hint(link, h, w, latent.to_model, "FLUX"))
     return to_rows(link.cache[key], rows).to(device, dtype)
 
 

@@ -16,7 +16,8 @@ hub config). A "diff" ControlNet (a ``difference`` key: weights stored as the
 difference to the base UNet) needs the model it was made against: DiffControlNetLoader
 adds that UNet's weights, as ComfyUI does. FLUX.1 ControlNets (diffusers' layout, one
 file or a folder whose config names FluxControlNetModel) are recognised by
-nodes/control/flux_load.py.
+nodes/control/flux_load.py; SD3 ones (diffusers' SD3ControlNetModel) by nodes/control/sd3.py;
+SDXL union ones (xinsir's, diffusers' ControlNetUnionModel) by nodes/control/sdxl_union.py.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from nodes import families
 from nodes.checkpoint import detect as det
 from nodes.checkpoint.load import CheckpointError, _assign, _empty, read_state_dict
 from nodes.checkpoint.to_original import unet_to_original
-from nodes.control import flux_load
+from nodes.control import flux_load, sdxl_union
+from nodes.control import sd3 as sd3_control
 from nodes.families.base import Family, has_prefix
 
 PREFIX = "control_model."
@@ -142,6 +144,11 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     if flux_load.is_flux_controlnet(state):
         network, info = flux_load.load(state, path.name, dtype)
         return LoadedControlNet(families.by_name("flux"), network, info)
+    if sd3_control.is_sd3_controlnet(state):
+        network, info = sd3_control.load(state, path.name, dtype)
+        return LoadedControlNet(families.by_name("sd3"), network, info)
+    if sdxl_union.is_union(state):
+        return _load_union(state, path.name, dtype)
     state, diff = original_state(state, path.name)
     if diff and base_unet is None:
         raise CheckpointError(f"{path.name} is a diff ControlNet (its weights are differences to a base model): "
@@ -161,6 +168,17 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     if diff:
         converted = add_base(converted, base_unet, path.name)
     return LoadedControlNet(family, _assign(network, converted, f"{family.name} ControlNet", dtype), info)
+
+
+def _load_union(state: dict[str, Any], name: str, dtype: Any, heads: int | None = None) -> LoadedControlNet:
+    """A union ControlNet (nodes.control.sdxl_union) in diffusers' layout; its ControlNet part's
+    family and config by the same rule as any diffusers-layout ControlNet."""
+    def plain_config(plain: dict[str, Any]) -> tuple[Family, dict[str, Any]]:
+        shapes = {k: tuple(v.shape) for k, v in diffusers_to_original(plain, name).items()}
+        return controlnet_config(shapes, name)
+
+    family, network = sdxl_union.load(state, name, dtype, plain_config, heads)
+    return LoadedControlNet(family, network, {"format": f"union of {network.config.num_control_type} types"})
 
 
 def add_base(state: dict[str, Any], base_unet: Any, name: str) -> dict[str, Any]:
@@ -190,6 +208,21 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: not a readable diffusers FLUX ControlNet folder ({exc})") from None
         return LoadedControlNet(families.by_name("flux"), network, {"format": "diffusers folder"})
+    if _folder_class(path) == "SD3ControlNetModel":
+        from diffusers import SD3ControlNetModel
+
+        try:
+            network = folder_component(path, SD3ControlNetModel, dtype).eval().requires_grad_(False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path.name}: not a readable diffusers SD3 ControlNet folder ({exc})") from None
+        return LoadedControlNet(families.by_name("sd3"), network, {"format": "diffusers folder"})
+    from nodes.checkpoint.folders import folder_state
+
+    found = folder_state(path, None)
+    if _is_union_folder(path) or (found is not None and sdxl_union.is_union(found[1])):
+        if found is None:
+            raise CheckpointError(f"{path.name}: a union ControlNet folder without .safetensors weights")
+        return _load_union(dict(found[1]), path.name, dtype, _folder_config(path).get("num_trans_head"))
     try:
         network = folder_component(path, ControlNetModel, dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -199,3 +232,24 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         {k: v for k, v in network.state_dict().items()}, path.name).items()}
     family = families.for_unet({k: tuple(v.shape) for k, v in shapes.items()})
     return LoadedControlNet(family, network, {"format": "diffusers"})
+
+
+def _folder_config(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _folder_class(path: Path) -> str | None:
+    return _folder_config(path).get("_class_name")
+
+
+def _is_union_folder(path: Path) -> bool:
+    """Whether a diffusers folder's config.json is a union ControlNet's (its class, or its type count);
+    a config naming plain ControlNetModel over union weights is recognised by the weights."""
+    config = _folder_config(path)
+    return config.get("_class_name") == "ControlNetUnionModel" or "num_control_type" in config

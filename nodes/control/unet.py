@@ -28,6 +28,11 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
     hint = hint_for(link, x.shape[0], x.shape[2] * 8, x.shape[3] * 8).to(x.device, dtype)
     accepted = _accepted(network)
     extra = {k: v for k, v in kwargs.items() if k in accepted}
+    if hasattr(network, "task_embedding"):  # SDXL ControlNet Union
+        from nodes.control import sdxl_union
+
+        down, mid = sdxl_union.run(network, link, x, t, context, extra, hint)
+        return {DOWN: [d.to(torch.float32) for d in down], MID: [mid.to(torch.float32)]}
     down, mid = network(x.to(dtype), t, encoder_hidden_states=context.to(dtype), controlnet_cond=hint,
                         conditioning_scale=float(link.strength), return_dict=False, **extra)
     return {DOWN: [d.to(torch.float32) for d in down], MID: [mid.to(torch.float32)]}

@@ -150,6 +150,12 @@ class Family:
     #: Whether this family's ControlNets read the hint as VAE latents (FLUX), so the apply node needs
     #: its ``vae`` input; SD-style ControlNets encode the RGB hint themselves.
     controlnet_latent_hint: bool = False
+    #: Whether some of this family's ControlNets use layers of the model they drive (SD3.5 Large's use the
+    #: transformer's patch embedder), so :meth:`run_controlnet` is also handed the model's network.
+    controlnet_borrows_layers: bool = False
+    #: The control types a union ControlNet of this family takes (SetUnionControlNetType's names,
+    #: ComfyUI's), each at the index the network was trained with; empty: the family has none.
+    controlnet_union_types: tuple[str, ...] = ()
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 
@@ -278,7 +284,8 @@ class Family:
                        kwargs: dict, model_config: Any) -> dict[str, list]:
         """One ControlNet's residuals for the rows ``x``, as lists of tensors by the network keyword
         they feed; :meth:`controlnet_inputs` turns their per-key sums into that call's keywords.
-        SD-style families: the UNet's down and mid residuals (nodes.control.unet)."""
+        SD-style families: the UNet's down and mid residuals (nodes.control.unet). A family with
+        ``controlnet_borrows_layers`` takes a ``model`` keyword too: the model's unwrapped network."""
         from nodes.control import unet
 
         return unet.run(network, link, x, t, context, kwargs)

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from nodes.families import attention_bias as attention_bias_rule
 from nodes.families import flux_references
+from nodes.families import sdxl as sdxl_family
 from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
 
@@ -165,6 +166,9 @@ class Flux(Family):
     flow = True
     takes_references = True
     controlnet_latent_hint = True
+    #: ComfyUI numbers a FLUX union ControlNet's types by the SDXL union's names (one list for both);
+    #: InstantX's and Shakker-Labs' releases trained other meanings at those indices.
+    controlnet_union_types = sdxl_family.UNION_TYPES
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
                                 "pooled_projection_dim", "in_channels")
 

@@ -105,6 +105,11 @@ class SD3(Family):
     partial_text = True
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
+    #: SD3 ControlNets (nodes.control.sd3) read the hint as VAE latents.
+    controlnet_latent_hint = True
+    controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "patch_size", "in_channels")
+    #: SD3.5 Large's ControlNets embed the latent with the transformer's own patch embedder.
+    controlnet_borrows_layers = True
 
     # -- detection ---------------------------------------------------------------------
 
@@ -141,6 +146,19 @@ class SD3(Family):
         """The joint blocks, ComfyUI's "double" blocks of an MMDiT (SD3 has no single blocks)."""
         transformer = getattr(network, "kiln_network", network)
         return {"double": list(transformer.transformer_blocks), "single": []}
+
+    def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
+                       model_config: Any, model: Any = None) -> dict[str, list]:
+        """An SD3 ControlNet's per-block samples (nodes.control.sd3): the hint is VAE-encoded;
+        ``model`` (the transformer) lends its patch embedder to ControlNets without one."""
+        from nodes.control import sd3 as control
+
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent, model)
+
+    def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
+        from nodes.control import sd3 as control
+
+        return control.inputs(totals)
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """Stability's module names (``joint_blocks.3.x_block.attn.qkv``), which kohya-style SD3 LoRAs use:

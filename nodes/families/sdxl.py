@@ -25,6 +25,10 @@ SDXL_LATENT = LatentFormat(
     rgb_bias=(0.1084, -0.0175, -0.0011),
 )
 
+#: xinsir's ControlNet Union types by the index it was trained with (ComfyUI's comfy/cldm/control_types.py);
+#: the first six are controlnet-union-sdxl-1.0's, ProMax adds tile and repaint.
+UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal",
+               "segment", "tile", "repaint")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class SDXL(Family):
     vae_sample_size = 1024
     scheduler_class = "EulerDiscreteScheduler"
     clip_types = ("sdxl",)
+    controlnet_union_types = UNION_TYPES
     #: Time ids in the UNet's added conditioning (the refiner has 5).
     time_id_count = 6
 

@@ -43,6 +43,7 @@ class SDXLRefiner(SDXL):
     #: Time ids in the UNet's added conditioning (SDXL base has 6).
     time_id_count = 5
     clip_types = ()
+    controlnet_union_types = ()
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT_PREFIX) and not has_prefix(shapes, "conditioner.embedders.1.")
