@@ -55,7 +55,7 @@ def _init_raw() -> torch.Tensor:
 
 
 def kiln(prompt: str, negative: str, cfg: float, *, strength: float | None = None, steps: int = 4, seed: int = 5,
-         clip: ClipHandle | None = None) -> torch.Tensor:
+         clip: ClipHandle | None = None, scheduler: str = "normal") -> torch.Tensor:
     clip = clip or _clip()
     positive, negative_cond = clip.encode(prompt), clip.encode(negative)
     model = _model()
@@ -63,7 +63,7 @@ def kiln(prompt: str, negative: str, cfg: float, *, strength: float | None = Non
         latent = {"samples": torch.zeros(1, 16, 8, 8)}
     else:
         (latent,) = add_noise(Recorder().ctx, model, {"samples": _init_raw()}, strength=strength, seed=seed)
-    (out,) = ksampler(Recorder().ctx, model, seed, steps, cfg, "euler", "normal", positive, negative_cond, latent)
+    (out,) = ksampler(Recorder().ctx, model, seed, steps, cfg, "euler", scheduler, positive, negative_cond, latent)
     return _decode(out["samples"])
 
 

@@ -51,3 +51,38 @@ def pipeline(cls: Any = None) -> Any:
     pipe = cls(**dict(components()), image_encoder=None, feature_extractor=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_diffusers(folder: Any) -> Any:
+    from pathlib import Path
+
+    folder = Path(folder)
+    pipeline().save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def original_transformer() -> dict:
+    """The transformer in Chroma's original key layout (what chroma*.safetensors files hold)."""
+    from nodes.checkpoint.chroma_keys import diffusers_to_original
+
+    return diffusers_to_original(components()["transformer"].state_dict())
+
+
+def make_models_folder(root: Any) -> Any:
+    """ComfyUI's folders with the tiny Chroma: diffusion_models/tiny-chroma.safetensors (original keys)
+    and tiny-chroma-prefixed.safetensors (``model.diffusion_model.``), text_encoders/tiny-t5xxl.safetensors
+    and tiny-clip_l.safetensors (the tiny FLUX's), vae/tiny-flux-ae.safetensors, and
+    checkpoints/tiny-chroma-diffusers/ (ChromaPipeline.save_pretrained)."""
+    from pathlib import Path
+
+    root = Path(root)
+    state = original_transformer()
+    tiny_flux._save(root / "diffusion_models" / "tiny-chroma.safetensors", state)
+    tiny_flux._save(root / "diffusion_models" / "tiny-chroma-prefixed.safetensors",
+                    {"model.diffusion_model." + k: v for k, v in state.items()})
+    tiny_flux._save(root / "diffusion_models" / "tiny-flux-dev.safetensors", tiny_flux.bfl_transformer("dev"))
+    tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
+    tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
+    tiny_flux._save(root / "vae" / "tiny-flux-ae.safetensors", tiny_flux.vae_state())
+    save_diffusers(root / "checkpoints" / "tiny-chroma-diffusers")
+    return root
