@@ -1,4 +1,5 @@
-"""SD3.5 nodes with ComfyUI's names and inputs: TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3.
+"""SD3.5 nodes with ComfyUI's names and inputs: TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3
+(and ModelSamplingAuraFlow, the same fixed shift, which Chroma's templates use).
 
 The family (network, text encoding, flow sampling) is nodes.families.sd3; these
 nodes only choose what ComfyUI's choose: which encoder files, which prompt each
@@ -91,11 +92,33 @@ def clip_text_encode_sd3(ctx, clip, clip_l: str, clip_g: str, t5xxl: str, empty_
 def model_sampling_sd3(ctx, model, shift: float = 3.0):
     """A flow model sampled with a fixed ``shift`` (``shift * t / (1 + (shift - 1) t)`` on the grid);
     no resolution-dependent shift."""
+    return fixed_shift(model, shift, "ModelSamplingSD3")
+
+
+@define_node(
+    "ModelSamplingAuraFlow",
+    category="advanced/model",
+    inputs=[
+        Input("model", T.MODEL),
+        Input("shift", T.FLOAT, default=1.73, min=0.0, max=100.0, step=0.01,
+              tooltip="The fixed flow shift; 1 leaves the grid unshifted (Chroma1-HD's template uses 1)."),
+    ],
+    outputs=[Output("MODEL", T.MODEL)],
+)
+def model_sampling_aura_flow(ctx, model, shift: float = 1.73):
+    """ModelSamplingSD3's fixed shift under ComfyUI's other name (its Chroma1-HD template uses it with
+    shift 1). ComfyUI's two differ only in the timestep multiplier the network is fed (1000 and 1);
+    Kiln's families convert the time themselves, so the shift is all that is left."""
+    return fixed_shift(model, shift, "ModelSamplingAuraFlow")
+
+
+def fixed_shift(model, shift: float, node: str) -> tuple:
+    """The MODEL with a fixed flow shift and no resolution-dependent shift; errors name ``node``'s inputs."""
     from nodes.samplers import flow
 
     if not isinstance(model, ModelHandle) or not flow.is_flow(model.scheduler_config):
         name = getattr(getattr(model, "family", None), "name", type(model).__name__)
-        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX): ModelSamplingSD3 does not apply",
+        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX, Chroma): {node} does not apply",
                         "model")
     try:
         value = float(shift)

@@ -209,3 +209,66 @@ def test_flux_guidance_on_chroma_is_reported_as_ignored(env):
          positive=cond, negative=clip.encode(NEGATIVE), latent_image={"samples": torch.zeros(1, 16, 8, 8)},
          denoise=1.0)
     assert any("guidance 3.5 is ignored" in m and "Chroma has no distilled guidance" in m for m in rec.messages)
+
+
+# -- ComfyUI's own Chroma templates, as its editor saved them ----------------------------------
+
+
+def _editor_template(module: str) -> dict:
+    import importlib
+
+    folder = Path(importlib.import_module(module).__file__).parent / "templates"
+    return json.loads((folder / "image_chroma_text_to_image.json").read_text(encoding="utf-8"))
+
+
+def _run_template(registry, env, module: str, overrides: dict):
+    from engine.formats import parse_document
+
+    wf = parse_document(_editor_template(module), registry).with_overrides(overrides)
+    return wf, run(registry, env, wf)
+
+
+def test_chroma1_hd_template_equals_chroma_pipeline_on_its_sigmas(registry, env):
+    """The Chroma1-HD template (comfyui-workflow-templates-json): SamplerCustomAdvanced with CFGGuider,
+    BasicScheduler beta, ModelSamplingAuraFlow shift 1 and T5TokenizerOptions (0, 0), i.e. ComfyUI's
+    unpadded, unmasked T5. diffusers' ChromaPipeline gets the same prompt states (an all-ones mask, which
+    adds the same bias to every attention logit: no mask) and the template's own sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    wf, outcome = _run_template(registry, env, "comfyui_workflow_templates_json", {
+        "731.unet_name": SPLIT["diffusion_model"], "733.clip_name": SPLIT["t5xxl"], "710.vae_name": SPLIT["vae"],
+        "737.width": SIZE, "737.height": SIZE, "734.steps": 5, "718.noise_seed": 11})
+    ours = outcome.results["298"][0].numpy()
+    sigmas = outcome.results["734"][0]
+    assert sigmas.shape == (6,) and float(sigmas[-1]) == 0.0
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=SPLIT["t5xxl"], type="chroma")
+    from dataclasses import replace
+
+    clip = replace(clip, t5_padding=(0, 0))
+    pos, neg = (clip.encode(wf.nodes[n].inputs["text"])[0][0] for n in ("748", "749"))
+    assert pos.shape[1] == len(tiny_chroma.components()["tokenizer"](wf.nodes["748"].inputs["text"]).input_ids)
+    pipe = tiny_chroma.pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0,
+                                                                 use_dynamic_shifting=False)
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=pos, prompt_attention_mask=torch.ones(pos.shape[:2]),
+                      negative_prompt_embeds=neg, negative_prompt_attention_mask=torch.ones(neg.shape[:2]),
+                      sigmas=sigmas[:-1].tolist(), height=SIZE, width=SIZE, guidance_scale=3.5,
+                      num_inference_steps=5, output_type="np", generator=torch.Generator("cpu").manual_seed(11)).images
+    assert np.abs(ours - theirs).max() <= 1 / 255
+    assert np.abs(ours - _reference(11, 5, 3.5)).max() > 0.01  # diffusers' own encoding differs: not vacuous
+
+
+def test_chroma_v33_template_runs_unchanged(registry, env):
+    """The older template (comfyui-workflow-templates 0.1.48): KSampler cfg 4 with its T5TokenizerOptions
+    and FreSca bypassed, so the CLIP is the loader's own (Kiln's default, diffusers' encoding). It equals
+    the same sampling through the family directly (tests/test_chroma.py's, which equals ChromaPipeline)."""
+    import test_chroma
+
+    wf, outcome = _run_template(registry, env, "comfyui_workflow_templates", {
+        "13.unet_name": SPLIT["diffusion_model"], "10.clip_name": SPLIT["t5xxl"], "15.vae_name": SPLIT["vae"],
+        "12.width": SIZE, "12.height": SIZE, "3.steps": 4, "3.seed": 5})
+    ours = outcome.results["8"][0].numpy()
+    direct = test_chroma.kiln(wf.nodes["6"].inputs["text"], wf.nodes["7"].inputs["text"], 4.0, seed=5,
+                              scheduler="simple")
+    assert np.abs(ours - direct.numpy()).max() <= 1 / 255
