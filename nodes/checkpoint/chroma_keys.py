@@ -27,7 +27,7 @@ def _layers(keys: Any) -> list[int]:
     return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
 
 
-def _pairs(original_keys: Any, diffusers_keys: Any) -> list[tuple[list[str], list[str], str]]:
+def pairs(original_keys: Any, diffusers_keys: Any) -> list[tuple[list[str], list[str], str]]:
     """(original names, diffusers names, how) for every tensor; ``how`` as in flux_keys."""
     rows = [row for row in flux_keys._pairs(original_keys, diffusers_keys)
             if not row[0][0].startswith(_FLUX_ONLY) and not any(m in row[0][0] for m in _FLUX_ONLY_IN_BLOCKS)]
@@ -51,8 +51,8 @@ def plan(keys: Any) -> list[tuple[str, list[str], str]]:
     """(original name, diffusers names, how) for every tensor of an original-layout key set.
     Raises :class:`~nodes.checkpoint.flux_keys.KeyMismatch` naming missing and left-over keys."""
     keys = set(keys)
-    out = [(o[0], d, how) for o, d, how in _pairs(keys, ()) if o[0] in keys]
-    missing = [o[0] for o, _, _ in _pairs(keys, ()) if o[0] not in keys]
+    out = [(o[0], d, how) for o, d, how in pairs(keys, ()) if o[0] in keys]
+    missing = [o[0] for o, _, _ in pairs(keys, ()) if o[0] not in keys]
     extra = sorted(keys - {key for key, _, _ in out})
     if missing or extra:
         raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
@@ -75,7 +75,7 @@ def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {}
-    for original, diff, how in _pairs((), state.keys()):
+    for original, diff, how in pairs((), state.keys()):
         if diff[0] not in state:
             continue
         out[original[0]] = state[diff[0]] if how == "rename" else torch.cat([state[d] for d in diff], dim=0)

@@ -119,9 +119,20 @@ class Chroma(Family):
         transformer = getattr(network, "kiln_network", network)
         return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original layout's module names, which ComfyUI's and kohya's Chroma LoRAs use (FLUX's
+        rule on Chroma's key map: fused qkv / linear1 split row-wise onto q, k, v, mlp)."""
+        from nodes.checkpoint import chroma_keys, flux_keys
+
+        return flux_keys.lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()},
+                                      chroma_keys.pairs)
+
     def original_names(self, network: Any) -> dict[str, str]:
-        """diffusers' own parameter names (a key map to the original layout is the loader's business)."""
-        return {name: name for name, _ in network.named_parameters()}
+        """The original layout's names (``double_blocks.3.img_attn.qkv.weight``); a fused tensor's
+        parts each take its name."""
+        from nodes.checkpoint import chroma_keys, flux_keys
+
+        return flux_keys.original_names([name for name, _ in network.named_parameters()], chroma_keys.pairs)
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
