@@ -197,6 +197,24 @@ def test_damaged_chroma_file_names_family_and_keys(env, chroma_root):
     assert "Chroma" in text and "img_mod.lin" in text
 
 
+def test_radiance_and_all_in_one_files_say_what_they_are(env, chroma_root):
+    from safetensors.torch import save_file
+
+    state = tiny_chroma.original_transformer()
+    state["nerf_blocks.0.norm.scale"] = torch.ones(4)
+    save_file({k: v.contiguous() for k, v in state.items()},
+              str(chroma_root / "diffusion_models" / "tiny-chroma-radiance.safetensors"))
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.unet_loader, env, unet_name="tiny-chroma-radiance.safetensors")
+    assert err.value.input_name == "unet_name" and "Chroma1-Radiance" in str(err.value)
+    (chroma_root / "checkpoints" / "tiny-chroma-aio.safetensors").write_bytes(
+        (chroma_root / "diffusion_models" / "tiny-chroma-prefixed.safetensors").read_bytes())
+    with pytest.raises(NodeError) as err:
+        call(loaders.checkpoint_loader, env, ckpt_name="tiny-chroma-aio.safetensors")
+    assert err.value.input_name == "ckpt_name"
+    assert "Chroma transformer" in str(err.value) and "CLIPLoader (type chroma)" in str(err.value)
+
+
 def test_flux_guidance_on_chroma_is_reported_as_ignored(env):
     from nodes.flux_nodes import flux_guidance
     from nodes.sampling import ksampler

@@ -42,7 +42,7 @@ def pairs(original_keys: Any, diffusers_keys: Any) -> list[tuple[list[str], list
     return rows
 
 
-def _strip(state: dict[str, Any]) -> dict[str, Any]:
+def strip(state: dict[str, Any]) -> dict[str, Any]:
     p = "model.diffusion_model."
     return {k[len(p):] if k.startswith(p) else k: v for k, v in state.items()}
 
@@ -62,7 +62,7 @@ def plan(keys: Any) -> list[tuple[str, list[str], str]]:
 
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers-layout tensors from original-layout ones (``model.diffusion_model.`` stripped first)."""
-    state = _strip(state)
+    state = strip(state)
     hidden = int(state["img_in.weight"].shape[0])
     out: dict[str, Any] = {}
     for key, diff, how in plan(state.keys()):
@@ -84,7 +84,7 @@ def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """ChromaTransformer2DModel arguments from original-layout shapes (rotary axes as FLUX's rule)."""
-    s = _strip(dict(shapes))
+    s = strip(dict(shapes))
     hidden, in_channels = s["img_in.weight"]
     head = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     approx_hidden, approx_in = s[APPROXIMATOR + "in_proj.weight"]

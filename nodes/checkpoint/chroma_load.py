@@ -21,6 +21,8 @@ from nodes.families import chroma as fam
 
 #: diffusers' layout of the approximator (the original names its layers in_layer / out_layer).
 DIFFUSERS_MARKER = "distilled_guidance_layer.layers.0.linear_1.weight"
+#: Chroma1-Radiance's pixel-space head (ComfyUI's chroma_radiance), which Kiln does not build.
+RADIANCE = "nerf_"
 
 
 def has_chroma_transformer(shapes: Any) -> bool:
@@ -34,7 +36,10 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.runtime.fp8 import keep_linears_as_stored
 
-    state = chroma_keys._strip(dict(state))
+    state = chroma_keys.strip(dict(state))
+    if any(k.startswith(RADIANCE) for k in state):
+        raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
+                              "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
     if DIFFUSERS_MARKER in state:
         state = chroma_keys.diffusers_to_original(state)
     try:
