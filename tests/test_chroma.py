@@ -176,3 +176,18 @@ def test_chroma_text_width_mismatch_names_the_input():
     with pytest.raises(ConditioningError) as err:
         net(torch.zeros(1, 16, 8, 8), torch.tensor(500.0), torch.zeros(1, 77, 768))
     assert err.value.input_name == "positive" and "CLIPLoader type chroma" in str(err.value)
+
+
+def test_prompt_weights_scale_their_tokens_and_keep_the_rest_as_diffusers_encodes_it():
+    """ComfyUI's weight syntax on Chroma's T5 (nodes.families.t5_weights, with the same T5 mask): the
+    weighted word's tokens move, every other token keeps the unweighted (masked) encoding exactly."""
+    tok = tiny_chroma.components()["tokenizer"]
+    plain = _clip().encode("a red barn in a field")[0]
+    weighted = _clip().encode("a red (barn:1.4) in a field")[0]
+    assert torch.equal(plain[1][chroma.MASK], weighted[1][chroma.MASK])
+    before = len(tok("a red", add_special_tokens=False).input_ids)
+    barn = len(tok("barn", add_special_tokens=False).input_ids)
+    moved = (plain[0] - weighted[0]).abs().amax(dim=-1)[0]
+    assert torch.equal(plain[0][:, :before], weighted[0][:, :before])
+    assert float(moved[before:before + barn].min()) > 1e-3
+    assert float(moved[before + barn:].max()) == 0.0

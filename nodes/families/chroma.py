@@ -163,7 +163,7 @@ class Chroma(Family):
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING: T5's last hidden state, with diffusers' text mask unless T5TokenizerOptions
         asks for ComfyUI's encoding (see the module docstring). Weighted prompts (ComfyUI's syntax)
-        are encoded as for FLUX's T5 (:mod:`nodes.families.t5_weights`), without a T5 mask."""
+        are encoded as for FLUX's T5 (:mod:`nodes.families.t5_weights`), with the same T5 mask."""
         import torch
 
         from nodes.families import t5_weights
@@ -179,7 +179,8 @@ class Chroma(Family):
                 count = t5_weights.tokenize(tok, parsed, 1).count
                 length = T5_TOKENS if padding is None else flux.t5_length(count + 1, padding)
                 tokens = t5_weights.tokenize(tok, parsed, length)
-                states, count = t5_weights.encode(t5, tokens), min(tokens.count, length - 1)
+                states = t5_weights.encode(t5, tokens, masked=padding is None)
+                count = min(tokens.count, length - 1)
                 kept = count + 1  # the prompt and its end token
             else:
                 length = T5_TOKENS if padding is None else flux.t5_length(len(tok(plain).input_ids), padding)
