@@ -191,3 +191,34 @@ def test_prompt_weights_scale_their_tokens_and_keep_the_rest_as_diffusers_encode
     assert torch.equal(plain[0][:, :before], weighted[0][:, :before])
     assert float(moved[before:before + barn].min()) > 1e-3
     assert float(moved[before + barn:].max()) == 0.0
+
+
+def test_a_batch_carries_each_rows_mask():
+    """Two images at once (the prompts' masks expanded per row, positive and negative): the first equals
+    the image sampled alone."""
+    clip = _clip()
+    positive, negative = clip.encode(PROMPT), clip.encode("")
+    outs = []
+    for batch in (1, 2):
+        (out,) = ksampler(Recorder().ctx, _model(), 5, 3, 4.0, "euler", "normal", positive, negative,
+                          {"samples": torch.zeros(batch, 16, 8, 8)})
+        outs.append(_decode(out["samples"]))
+    assert outs[1].shape[0] == 2 and (outs[1][:1] - outs[0]).abs().max() <= PIXEL_TOL
+    assert (outs[1][0] - outs[1][1]).abs().max() > 0.02  # the second image has its own noise
+
+
+def test_concatenated_prompts_run_and_an_unfit_mask_names_the_input():
+    from nodes.conditioning_nodes import conditioning_concat
+    from nodes.families.base import ConditioningError
+
+    clip = _clip()
+    (joined,) = conditioning_concat(Recorder().ctx, clip.encode(PROMPT), clip.encode("at night"))
+    assert joined[0][0].shape[1] == 2 * chroma.T5_TOKENS
+    (out,) = ksampler(Recorder().ctx, _model(), 5, 2, 4.0, "euler", "normal", joined, clip.encode(NEGATIVE),
+                      {"samples": torch.zeros(1, 16, 8, 8)})
+    assert torch.isfinite(out["samples"]).all()
+    net = chroma.FAMILY.wrap_network(tiny_chroma.components()["transformer"])
+    with pytest.raises(ConditioningError) as err:
+        net(torch.zeros(1, 16, 8, 8), torch.tensor(500.0), torch.zeros(1, 700, tiny_chroma.TEXT),
+            text_mask=torch.ones(1, chroma.T5_TOKENS))
+    assert err.value.input_name == "positive" and "text mask" in str(err.value)
