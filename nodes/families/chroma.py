@@ -13,16 +13,19 @@ What it shares with FLUX and what differs, and where it lives:
     T5 run *with* the tokenizer's attention mask, and a transformer mask that keeps the prompt,
     its end token and the first padding token (``index <= length``), extended by ones over the
     image tokens. diffusers hands that 0/1 mask to attention as a float, so it is an additive
-    bias (+1 on kept pairs) rather than a hard mask; Kiln passes exactly the same tensor, which
-    is what its parity test checks.
-  - ComfyUI (``CLIPLoader`` type ``chroma``, the PixArt T5 tokenizer): no padding and no mask;
-    its Chroma template adds ``T5TokenizerOptions`` (min_padding 1, min_length 0), i.e. one pad
-    token after the end token. With ``clip.t5_padding`` set Kiln encodes that way (FLUX's
-    :func:`~nodes.families.flux.t5_length`) and passes no mask.
-* **Model sampling.** ComfyUI builds Chroma as a FLUX model (``model_base.Chroma(Flux)``, the
-  same flow sampling); diffusers' Chroma pipelines shift the grid by the image size with
-  FLUX [dev]'s scheduler config. Kiln uses FLUX [dev]'s config, so KSampler gives the same grid
-  as for [dev].
+    bias (+1 on kept pairs) rather than a hard mask (the padding stays visible, at 1/e of the
+    weight); Kiln passes exactly the same tensor, which is what its parity test checks.
+  - ComfyUI (``CLIPLoader`` type ``chroma``, the PixArt T5 tokenizer): no padding and no mask.
+    Its templates add ``T5TokenizerOptions`` (min_padding 1 or 0, min_length 0): that many pad
+    tokens after the end token. With ``clip.t5_padding`` set Kiln encodes that way (FLUX's
+    :func:`~nodes.families.flux.t5_length`) and passes no mask. Without T5TokenizerOptions Kiln
+    encodes as diffusers does, as it does for FLUX (where ComfyUI would not pad at all).
+* **Model sampling.** ComfyUI builds Chroma as a FLUX model (``model_base.Chroma(Flux)``:
+  ModelSamplingFlux, whose default shift is [dev]'s 1024 px one, mu = 1.15, at every size);
+  diffusers' Chroma pipelines shift the grid by the image size with FLUX [dev]'s scheduler
+  config. Kiln uses FLUX [dev]'s config, so KSampler gives the grid it gives [dev]: diffusers'
+  for the size sampled (ComfyUI's at 1024 x 1024; ModelSamplingFlux fixes the size, and
+  ModelSamplingAuraFlow, which the Chroma1-HD template uses with shift 1, a fixed shift).
 * **Guidance.** Real classifier-free guidance (KSampler's ``cfg`` with a negative prompt); a
   distilled-guidance value from FluxGuidance is ignored with a note naming it.
 * **Latents.** FLUX's 16-channel VAE and latent format.
