@@ -79,16 +79,37 @@ def test_split_file_and_diffusers_folder_load_the_same_weights_bit_for_bit(env, 
     (model,) = call(split_loaders.unet_loader, env, rec, unet_name=name)
     assert model.family is chroma.FAMILY and any("chroma UNet" in m for m in rec.messages)
     (folder, clip, vae) = call(loaders.checkpoint_loader, env, ckpt_name="tiny-chroma-diffusers")
-    assert folder.family is chroma.FAMILY and clip.family is chroma.FAMILY
-    split, whole = _weights(model), _weights(folder)
+    (pipeline, _, _) = call(loaders.diffusers_loader, env, model_path="tiny-chroma")
+    assert folder.family is pipeline.family is clip.family is chroma.FAMILY
+    split, whole, other = _weights(model), _weights(folder), _weights(pipeline)
     want = tiny_chroma.components()["transformer"].state_dict()
-    assert set(split) == set(whole) == set(want)
-    assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) for k in want)
+    assert set(split) == set(whole) == set(other) == set(want)
+    assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) and torch.equal(other[k], want[k])
+               for k in want)
     (t5,) = call(split_loaders.clip_loader, env, clip_name=SPLIT["t5xxl"], type="chroma")
     assert t5.family is chroma.FAMILY
     with t5.encoder("text_encoder") as a, clip.encoder("text_encoder") as b:
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_diffusers_folder_graph_equals_chroma_pipeline(registry, env):
+    """CheckpointLoaderSimple on the folder (its own tokenizer and scheduler config), API format."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-chroma-diffusers"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 8, "steps": 4, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "chroma"}},
+    }
+    kiln = run(registry, env, parse(graph)).results["6"][0].numpy()
+    assert np.abs(kiln - _reference(8, 4, 5.0)).max() <= 1 / 255
+    assert np.abs(kiln - _reference(9, 4, 5.0)).max() > 0.02
 
 
 def test_key_map_matches_diffusers_converter_at_the_released_width():

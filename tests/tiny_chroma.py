@@ -72,7 +72,7 @@ def make_models_folder(root: Any) -> Any:
     """ComfyUI's folders with the tiny Chroma: diffusion_models/tiny-chroma.safetensors (original keys)
     and tiny-chroma-prefixed.safetensors (``model.diffusion_model.``), text_encoders/tiny-t5xxl.safetensors
     and tiny-clip_l.safetensors (the tiny FLUX's), vae/tiny-flux-ae.safetensors, and
-    checkpoints/tiny-chroma-diffusers/ (ChromaPipeline.save_pretrained)."""
+    checkpoints/tiny-chroma-diffusers/ and diffusers/tiny-chroma/ (ChromaPipeline.save_pretrained)."""
     from pathlib import Path
 
     root = Path(root)
@@ -85,4 +85,5 @@ def make_models_folder(root: Any) -> Any:
     tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
     tiny_flux._save(root / "vae" / "tiny-flux-ae.safetensors", tiny_flux.vae_state())
     save_diffusers(root / "checkpoints" / "tiny-chroma-diffusers")
+    save_diffusers(root / "diffusers" / "tiny-chroma")  # DiffusersLoader's folder
     return root
