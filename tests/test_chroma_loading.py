@@ -73,7 +73,8 @@ def _weights(model) -> dict:
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["tiny-chroma.safetensors", "tiny-chroma-prefixed.safetensors"])
+@pytest.mark.parametrize("name", ["tiny-chroma.safetensors", "tiny-chroma-prefixed.safetensors",
+                                  "tiny-chroma-diffusers-keys.safetensors"])
 def test_split_file_and_diffusers_folder_load_the_same_weights_bit_for_bit(env, name):
     rec = Called()
     (model,) = call(split_loaders.unet_loader, env, rec, unet_name=name)

@@ -70,7 +70,8 @@ def original_transformer() -> dict:
 
 def make_models_folder(root: Any) -> Any:
     """ComfyUI's folders with the tiny Chroma: diffusion_models/tiny-chroma.safetensors (original keys)
-    and tiny-chroma-prefixed.safetensors (``model.diffusion_model.``), text_encoders/tiny-t5xxl.safetensors
+    and tiny-chroma-prefixed.safetensors (``model.diffusion_model.``), tiny-chroma-diffusers-keys.safetensors
+    (diffusers' names in one file), text_encoders/tiny-t5xxl.safetensors
     and tiny-clip_l.safetensors (the tiny FLUX's), vae/tiny-flux-ae.safetensors, and
     checkpoints/tiny-chroma-diffusers/ and diffusers/tiny-chroma/ (ChromaPipeline.save_pretrained)."""
     from pathlib import Path
@@ -80,6 +81,8 @@ def make_models_folder(root: Any) -> Any:
     tiny_flux._save(root / "diffusion_models" / "tiny-chroma.safetensors", state)
     tiny_flux._save(root / "diffusion_models" / "tiny-chroma-prefixed.safetensors",
                     {"model.diffusion_model." + k: v for k, v in state.items()})
+    tiny_flux._save(root / "diffusion_models" / "tiny-chroma-diffusers-keys.safetensors",
+                    dict(components()["transformer"].state_dict()))
     tiny_flux._save(root / "diffusion_models" / "tiny-flux-dev.safetensors", tiny_flux.bfl_transformer("dev"))
     tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
