@@ -113,6 +113,25 @@ def test_diffusers_folder_graph_equals_chroma_pipeline(registry, env):
     assert np.abs(kiln - _reference(9, 4, 5.0)).max() > 0.02
 
 
+def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
+    import test_chroma
+    from nodes.sampling import ksampler
+
+    clip = test_chroma._clip()
+    latents = {}
+    for weight_dtype in ("default", "fp8_e4m3fn"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"], weight_dtype=weight_dtype)
+        with model._use_unet() as net:
+            stored = net.transformer_blocks[0].attn.to_q.weight.dtype
+        assert (stored == torch.float8_e4m3fn) == (weight_dtype != "default") == bool(model.extra.get("fp8"))
+        (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal",
+                      positive=clip.encode(PROMPT), negative=clip.encode(NEGATIVE),
+                      latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
+        latents[weight_dtype] = out["samples"]
+    gap = (latents["default"] - latents["fp8_e4m3fn"]).abs().max() / latents["default"].abs().max()
+    assert 0 < gap < 0.1  # 8-bit weights: close, not equal
+
+
 def test_key_map_matches_diffusers_converter_at_the_released_width():
     """Our map gives the keys and shapes diffusers' Chroma converter gives (built on meta: no memory)."""
     from diffusers import ChromaTransformer2DModel
