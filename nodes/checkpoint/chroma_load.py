@@ -58,10 +58,12 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 
 def _info(transformer: Any, fmt: str) -> dict[str, Any]:
+    """The loader's info, as FLUX's: the weights held as stored are named for the loader's message."""
+    from nodes.checkpoint.flux_load import _held_note
     from nodes.runtime.fp8 import fp8_bytes
 
     return {"format": fmt, "prediction_type": "flow", "prediction_reason": "flow matching (Chroma)",
-            "fp8": fp8_bytes(transformer) > 0}
+            "fp8": fp8_bytes(transformer) > 0, **_held_note(transformer)}
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
