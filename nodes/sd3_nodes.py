@@ -118,7 +118,7 @@ def with_fixed_shift(node_type: str, model: Any, shift: Any) -> Any:
 
     if not isinstance(model, ModelHandle) or not flow.is_flow(model.scheduler_config):
         name = getattr(getattr(model, "family", None), "name", type(model).__name__)
-        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX): {node_type} does not apply",
+        raise NodeError(f"model is {name}, not a flow-matching model (SD3, FLUX, Chroma): {node_type} does not apply",
                         "model")
     try:
         value = float(shift)

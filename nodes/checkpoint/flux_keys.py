@@ -152,10 +152,11 @@ def diffusers_to_bfl(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def original_names(diffusers_names: Any) -> dict[str, str]:
-    """diffusers name -> the BFL name of the tensor it is (or is a part of, for fused ones)."""
+def original_names(diffusers_names: Any, pairs: "Pairs | None" = None) -> dict[str, str]:
+    """diffusers name -> the BFL name of the tensor it is (or is a part of, for fused ones).
+    ``pairs``: another table of the same shape (Chroma's, nodes.checkpoint.chroma_keys)."""
     names = set(diffusers_names)
-    return {d: bfl[0] for bfl, diff, _ in _pairs((), names) for d in diff if d in names}
+    return {d: bfl[0] for bfl, diff, _ in (pairs or _pairs)((), names) for d in diff if d in names}
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -183,7 +184,12 @@ Converter = Callable[[dict[str, Any]], dict[str, Any]]
 Rows = tuple[tuple[int, int], ...]
 
 
-def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, str | tuple[tuple[str, Rows], ...]]:
+#: A key table: (original keys, diffusers keys) -> (original names, diffusers names, how) rows (:func:`_pairs`).
+Pairs = Callable[[Any, Any], list[tuple[list[str], list[str], str]]]
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]],
+                 pairs: Pairs | None = None) -> dict[str, str | tuple[tuple[str, Rows], ...]]:
     """Original (BFL) module name -> the diffusers weights it covers, with their rows of it.
 
     For LoRAs written against the original layout (ComfyUI, kohya's FLUX trainer): a
@@ -193,10 +199,11 @@ def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, str | tuple[tu
     A q/k norm's one parameter is ``scale`` in BFL (``weight`` in diffusers): a whole difference
     for it may name the parameter (``...query_norm.scale.diff``, ComfyUI's key for a parameter
     not called ``weight``) or the module (``...query_norm.diff``, LyCORIS), so both map to it.
-    ``shapes``: the diffusers model's parameter shapes (row counts come from them).
+    ``shapes``: the diffusers model's parameter shapes (row counts come from them); ``pairs``: another
+    table of the same shape (Chroma's).
     """
     out: dict[str, str | tuple[tuple[str, Rows], ...]] = {}
-    for bfl, diff, how in _pairs((), shapes.keys()):
+    for bfl, diff, how in (pairs or _pairs)((), shapes.keys()):
         if bfl[0].endswith(".scale") and diff[0] in shapes:  # a q/k norm: a plain rename
             out[bfl[0]] = out[bfl[0][: -len(".scale")]] = diff[0]
             continue

@@ -222,6 +222,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
+    from nodes.checkpoint import chroma_load
+
+    if chroma_load.has_chroma_transformer(shapes):
+        raise CheckpointError(f"{path.name} holds a Chroma transformer: it is a diffusion model, not a checkpoint. "
+                              "Put it in models/diffusion_models and load it with UNETLoader, the T5-XXL with "
+                              "CLIPLoader (type chroma) and ae.safetensors with VAELoader")
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)
@@ -433,6 +439,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if sd3_load.is_sd3_folder(path):
             return sd3_load.load_folder(path, dtype)
+        from nodes.checkpoint import chroma_load
+
+        if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/
+            return chroma_load.load_folder(path, dtype, offload=offload)
         if flux_load.is_flux_folder(path):
             return flux_load.load_folder(path, dtype, offload=offload)
         if not is_diffusers_folder(path):

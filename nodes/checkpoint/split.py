@@ -76,6 +76,11 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 
         with reading(path):
             return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+    from nodes.checkpoint import chroma_load
+
+    if chroma_load.has_chroma_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
+        with reading(path):
+            return chroma_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
     if flux_load.has_flux_transformer({k: () for k in state}):
         with reading(path):
             return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)

@@ -49,12 +49,19 @@ def tokenize(tok: Any, parsed: Parsed, length: int) -> T5Tokens:
     return T5Tokens(ids + [pad] * padding, weights + [1.0] * padding, empty, count)
 
 
-def encode(t5: Any, tokens: T5Tokens) -> "torch.Tensor":
-    """[1, length, width] hidden states with the weights applied (float32, CPU)."""
+def encode(t5: Any, tokens: T5Tokens, masked: bool = False) -> "torch.Tensor":
+    """[1, length, width] hidden states with the weights applied (float32, CPU). ``masked``: T5 attends
+    to each row's tokens up to its end token only (Chroma's encoding, diffusers' tokenizer mask)."""
     import torch
 
     rows = torch.tensor([tokens.ids, tokens.empty])
-    states = t5(rows.to(t5.device), output_hidden_states=False)[0].to("cpu", torch.float32)
+    mask = None
+    if masked:
+        kept = min(tokens.count + 1, len(tokens.ids))  # the prompt (as cut) and its end token
+        mask = torch.zeros_like(rows)
+        mask[0, :kept], mask[1, :1] = 1, 1
+        mask = mask.to(t5.device)
+    states = t5(rows.to(t5.device), attention_mask=mask, output_hidden_states=False)[0].to("cpu", torch.float32)
     h, empty = states[:1], states[1:]
     w = torch.tensor(tokens.weights, dtype=torch.float32).reshape(1, -1, 1)
     return torch.where(w != 1.0, (h - empty) * w + empty, h)

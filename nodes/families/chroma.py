@@ -1,0 +1,221 @@
+"""Chroma (lodestones' Chroma1-HD / Chroma1-Base): FLUX.1 [schnell]'s transformer with its
+modulation replaced by a small "distilled guidance layer", T5-XXL only, real CFG.
+
+What it shares with FLUX and what differs, and where it lives:
+
+* **Network.** diffusers' ``ChromaTransformer2DModel`` takes FLUX's packed 2x2 patch tokens
+  and position ids (:func:`nodes.families.flux.pack`, :func:`~nodes.families.flux.image_ids`)
+  and the flow time; it has no pooled text and no guidance input (its approximator sees
+  a guidance of 0, as ComfyUI feeds it). :class:`ChromaNetwork` adds the text attention mask.
+* **Text.** T5-XXL's last hidden state alone. Two ways, as the two references do it:
+
+  - diffusers' ``ChromaPipeline.encode_prompt`` (the default): the prompt padded to 512 tokens,
+    T5 run *with* the tokenizer's attention mask, and a transformer mask that keeps the prompt,
+    its end token and the first padding token (``index <= length``), extended by ones over the
+    image tokens. diffusers hands that 0/1 mask to attention as a float, so it is an additive
+    bias (+1 on kept pairs) rather than a hard mask (the padding stays visible, at 1/e of the
+    weight); Kiln passes exactly the same tensor, which is what its parity test checks.
+  - ComfyUI (``CLIPLoader`` type ``chroma``, the PixArt T5 tokenizer): no padding and no mask.
+    Its templates add ``T5TokenizerOptions`` (min_padding 1 or 0, min_length 0): that many pad
+    tokens after the end token. With ``clip.t5_padding`` set Kiln encodes that way (FLUX's
+    :func:`~nodes.families.flux.t5_length`) and passes no mask. Without T5TokenizerOptions Kiln
+    encodes as diffusers does, as it does for FLUX (where ComfyUI would not pad at all).
+* **Model sampling.** ComfyUI builds Chroma as a FLUX model (``model_base.Chroma(Flux)``:
+  ModelSamplingFlux, whose default shift is [dev]'s 1024 px one, mu = 1.15, at every size);
+  diffusers' Chroma pipelines shift the grid by the image size with FLUX [dev]'s scheduler
+  config. Kiln uses FLUX [dev]'s config, so KSampler gives the grid it gives [dev]: diffusers'
+  for the size sampled (ComfyUI's at 1024 x 1024; ModelSamplingFlux fixes the size, and
+  ModelSamplingAuraFlow, which the Chroma1-HD template uses with shift 1, a fixed shift).
+* **Guidance.** Real classifier-free guidance (KSampler's ``cfg`` with a negative prompt); a
+  distilled-guidance value from FluxGuidance is ignored with a note naming it.
+* **Latents.** FLUX's 16-channel VAE and latent format.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nodes.families import flux
+from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+
+#: Only Chroma's transformer has the approximator; both key layouts name it so.
+APPROXIMATOR = "distilled_guidance_layer."
+UNET_PREFIX = flux.UNET_PREFIX
+T5_PREFIX = flux.T5_PREFIX
+#: T5 tokens diffusers' Chroma pipelines encode (max_sequence_length).
+T5_TOKENS = 512
+#: The conditioning key of the transformer's text mask ([1, tokens], 1 = attended).
+MASK = "chroma_text_mask"
+
+
+class ChromaNetwork(WrappedTransformer):
+    """The transformer behind the UNet calling convention (see the module docstring)."""
+
+    @property
+    def text_width(self) -> int:
+        """The conditioning width the transformer reads (T5-XXL's 4096 in the release)."""
+        return int(self.transformer.config.joint_attention_dim)
+
+    def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
+                 text_mask: "Any" = None, **kwargs: Any) -> tuple:
+        """``text_mask``: [B, text tokens] (see :meth:`Chroma.network_kwargs`), or None for no mask."""
+        import torch
+
+        b, _, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ConditioningError(f"a Chroma latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
+                                    "latent_image")
+        if encoder_hidden_states.shape[-1] != self.text_width:
+            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this Chroma "
+                                    f"transformer reads {self.text_width} (encode the prompt with a T5-XXL: "
+                                    "CLIPLoader type chroma)", "positive")
+        time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
+        tokens, ids = flux.pack(x), flux.image_ids(h, w, self.device, self.dtype)
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
+        mask = None
+        if text_mask is not None:
+            text_mask = _fit_mask(text_mask, encoder_hidden_states.shape[1])
+            image = torch.ones(b, tokens.shape[1], device=self.device, dtype=self.dtype)
+            mask = torch.cat([text_mask.to(self.device, self.dtype), image], dim=1)
+        out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
+                               encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=ids,
+                               attention_mask=mask, return_dict=False, **kwargs)[0]
+        return (flux.unpack(out, h, w),)
+
+
+def _fit_mask(mask: "Any", tokens: int) -> "Any":
+    """The text mask for a context of ``tokens``: as it is, or repeated where the prompt was (the
+    denoiser repeats a shorter prompt to share a call, ComfyUI's rule; ConditioningConcat appends
+    tokens the mask of its first input then covers by the same repetition)."""
+    length = mask.shape[1]
+    if length == tokens:
+        return mask
+    if tokens % length:
+        raise ConditioningError(f"the prompt has {tokens} T5 tokens but its Chroma text mask covers {length} (was "
+                                "it combined with a prompt encoded another way? encode both with the same CLIP)",
+                                "positive")
+    return mask.repeat(1, tokens // length)
+
+
+class Chroma(Family):
+    name = "chroma"
+    latent = flux.FLUX_LATENT
+    text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "t5", T5_PREFIX),)
+    clip_types = ("chroma",)
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    flow = True
+
+    # -- detection ---------------------------------------------------------------------
+
+    def claims(self, shapes: Shapes) -> bool:
+        return self.claims_unet(shapes)
+
+    def claims_unet(self, shapes: Shapes) -> bool:
+        """The approximator, in either layout (FLUX files have guidance_in / vector_in instead)."""
+        return any(k.startswith(APPROXIMATOR) or k.startswith(UNET_PREFIX + APPROXIMATOR) for k in shapes)
+
+    def claims_folder(self, components: set[str], text_act: str) -> bool:
+        """A transformer with one text encoder (FLUX has two, SD3 three)."""
+        return "transformer" in components and "text_encoder" in components and "text_encoder_2" not in components
+
+    # -- model sampling ------------------------------------------------------------------
+
+    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
+        """FLUX [dev]'s shifted flow schedule (see the module docstring)."""
+        return flux.FAMILY.scheduler_config(prediction_type, guidance=True)
+
+    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
+        from nodes.samplers.model_sampling import FlowSampling
+
+        return FlowSampling(scheduler_config)
+
+    # -- the network -------------------------------------------------------------------------
+
+    def wrap_network(self, network: Any) -> Any:
+        return ChromaNetwork(network)
+
+    def dit_blocks(self, network: Any) -> dict[str, list]:
+        transformer = getattr(network, "kiln_network", network)
+        return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
+
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original layout's module names, which ComfyUI's and kohya's Chroma LoRAs use (FLUX's
+        rule on Chroma's key map: fused qkv / linear1 split row-wise onto q, k, v, mlp)."""
+        from nodes.checkpoint import chroma_keys, flux_keys
+
+        return flux_keys.lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()},
+                                      chroma_keys.pairs)
+
+    def original_names(self, network: Any) -> dict[str, str]:
+        """The original layout's names (``double_blocks.3.img_attn.qkv.weight``); a fused tensor's
+        parts each take its name."""
+        from nodes.checkpoint import chroma_keys, flux_keys
+
+        return flux_keys.original_names([name for name, _ in network.named_parameters()], chroma_keys.pairs)
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        """The text mask of every row: each conditioning's own (diffusers' encoding), ones where a
+        conditioning has none but another has (an unmasked prompt attends to all its tokens);
+        no mask at all when none has one (ComfyUI's encoding)."""
+        import torch
+
+        masks = [extra.get(MASK) for extra in extras]
+        if all(m is None for m in masks):
+            return {}
+        tokens = next(m for m in masks if m is not None).shape[-1]
+        rows = []
+        for m in masks:
+            m = torch.ones(1, tokens) if m is None else m.reshape(1, -1)
+            if m.shape[-1] != tokens:
+                raise ConditioningError(f"Chroma prompts with {m.shape[-1]} and {tokens} T5 tokens cannot share a "
+                                        "network call (encode both the same way)", "negative")
+            rows.append(m.expand(batch, -1))
+        return {"text_mask": torch.cat(rows).to(device=device, dtype=dtype)}
+
+    def conditioning_notes(self, conditionings: list) -> list[str]:
+        return flux.guidance_ignored(conditionings, "Chroma has no distilled guidance (its guidance is real CFG: "
+                                     "KSampler's cfg with a negative prompt)")
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
+        """CONDITIONING: T5's last hidden state, with diffusers' text mask unless T5TokenizerOptions
+        asks for ComfyUI's encoding (see the module docstring). Weighted prompts (ComfyUI's syntax)
+        are encoded as for FLUX's T5 (:mod:`nodes.families.t5_weights`), with the same T5 mask."""
+        import torch
+
+        from nodes.families import t5_weights
+        from nodes.prompt_syntax import parse
+
+        parsed = parse((texts or {}).get("tokenizer", text))
+        if report is not None:
+            report.problems += [p for p in parsed.problems if p not in report.problems]
+        plain = "".join(seg.text for seg in parsed.segments)
+        tok, padding = clip.tokenizers["tokenizer"], clip.t5_padding
+        with torch.inference_mode(), clip.encoder("text_encoder") as t5:
+            if parsed.weighted:
+                count = t5_weights.tokenize(tok, parsed, 1).count
+                length = T5_TOKENS if padding is None else flux.t5_length(count + 1, padding)
+                tokens = t5_weights.tokenize(tok, parsed, length)
+                states = t5_weights.encode(t5, tokens, masked=padding is None)
+                count = min(tokens.count, length - 1)
+                kept = count + 1  # the prompt and its end token
+            else:
+                length = T5_TOKENS if padding is None else flux.t5_length(len(tok(plain).input_ids), padding)
+                got = tok([plain], padding="max_length", max_length=length, truncation=padding is None,
+                          return_tensors="pt")
+                mask = got.attention_mask if padding is None else None
+                states = t5(got.input_ids.to(t5.device), attention_mask=None if mask is None else mask.to(t5.device),
+                            output_hidden_states=False)[0]
+                kept = int(got.attention_mask.sum())
+                count = kept - 1
+        if report is not None:
+            report.tokens = max(report.tokens, count)
+            report.windows = 1
+        extra: dict[str, Any] = {}
+        if padding is None:
+            extra[MASK] = (torch.arange(length) <= kept).to(torch.float32).reshape(1, -1)
+        return [[states.to("cpu", torch.float32), extra]]
+
+
+FAMILY = Chroma()
