@@ -62,6 +62,8 @@ class VisionOutput:
     last_hidden_state: Any
     penultimate_hidden_states: Any
     image_embeds: Any
+    #: which encoder made it (LoadedVision.kind): unCLIP takes CLIP ViT embeddings only
+    kind: str = "SigLIP"
 
     def __getitem__(self, key: str) -> Any:  # ComfyUI's outputs are read by key too
         return getattr(self, key)
@@ -166,4 +168,4 @@ def encode(loaded: LoadedVision, model: Any, image: Any, crop: bool) -> VisionOu
     pooled = next((p for p in (getattr(out, "image_embeds", None), getattr(out, "pooler_output", None))
                    if p is not None), out.last_hidden_state)
     return VisionOutput(last_hidden_state=last, penultimate_hidden_states=out.hidden_states[-2].to("cpu", torch.float32),
-                        image_embeds=pooled.to("cpu", torch.float32))
+                        image_embeds=pooled.to("cpu", torch.float32), kind=loaded.kind)

@@ -138,3 +138,216 @@ def test_an_incomplete_clip_vit_file_is_an_error_naming_the_input(env, models_ro
     with pytest.raises(NodeError, match="visual_projection") as err:
         call(sm.clip_vision_loader, env, clip_name="no-proj.safetensors")
     assert err.value.input_name == "clip_name"
+
+
+# -- unCLIP: unCLIPCheckpointLoader + unCLIPConditioning against StableUnCLIPImg2ImgPipeline ----------
+
+import json  # noqa: E402
+
+import tiny_models  # noqa: E402
+from engine.executor import Executor  # noqa: E402
+from engine.registry import default_registry  # noqa: E402
+from engine.workflow import parse  # noqa: E402
+
+UNCLIP, PLAIN_SD2 = "tiny-sd21-unclip.safetensors", "tiny-sd2.safetensors"
+PROMPT, NEGATIVE = "a lighthouse on a cliff", "blurry"
+SEED, STEPS, CFG, SIZE = 21, 6, 5.0, 64
+AUGMENT = 0.3  # noise level round(999 * 0.3) = 300
+PIXEL_TOL = 1 / 255 + 1e-6
+
+
+def _unclip_parts() -> dict:
+    """The tiny SD 2.x (v) parts with a UNet that takes an image embedding beside its noise level,
+    and the augmentor's statistics (perturbed, so normalising is not the identity)."""
+    from diffusers import UNet2DConditionModel
+
+    parts = tiny_models.fresh_components("sd2-v")
+    config = {k: v for k, v in parts["unet"].config.items() if not k.startswith("_")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12)
+        unet = UNet2DConditionModel(**dict(config, class_embed_type="projection",
+                                           projection_class_embeddings_input_dim=2 * PROJ))
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                p.add_(torch.randn_like(p) * (0.3 if name.startswith("class_embedding") else 0.02))
+        mean, std = torch.randn(PROJ) * 0.1, 1 + torch.rand(PROJ) * 0.5
+    parts["unet"] = unet.eval()
+    return dict(parts, mean=mean, std=std)
+
+
+@pytest.fixture(scope="module")
+def unclip_parts():
+    return _unclip_parts()
+
+
+@pytest.fixture(scope="module")
+def unclip_root(models_root, unclip_parts, vit) -> Path:
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.to_original import components_to_original
+
+    parts = {k: v for k, v in unclip_parts.items() if k not in ("mean", "std")}
+    state = components_to_original(parts, "v_prediction")
+    assert "model.diffusion_model.label_emb.0.0.weight" in state
+    vision = {k: v for k, v in vit.state_dict().items() if not k.endswith("position_ids")}
+    state.update({"embedder.model." + k: v for k, v in _openclip_layout(vision).items()})
+    state["noise_augmentor.data_mean"] = unclip_parts["mean"]
+    state["noise_augmentor.data_std"] = unclip_parts["std"]
+    (models_root / "checkpoints").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(models_root / "checkpoints" / UNCLIP))
+    tiny_models.save_single_file("sd2", models_root / "checkpoints" / PLAIN_SD2)
+    return models_root
+
+
+@pytest.fixture()
+def unclip_env(unclip_root, tmp_path):
+    yield from environment_over(unclip_root, tmp_path)
+
+
+def _graph(image: str, strength: float = 1.0, augment: float = AUGMENT, unclip: bool = True,
+           ckpt: str = UNCLIP) -> dict:
+    """ComfyUI's unCLIP template (API format) at the tests' size."""
+    graph = {
+        "1": {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "5": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["1", 3], "image": ["4", 0],
+                                                           "crop": "center"}},
+        "6": {"class_type": "unCLIPConditioning", "inputs": {"conditioning": ["2", 0], "clip_vision_output": ["5", 0],
+                                                             "strength": strength, "noise_augmentation": augment}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": SEED, "steps": STEPS, "cfg": CFG,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["6", 0] if unclip else ["2", 0],
+                                                   "negative": ["3", 0], "latent_image": ["7", 0], "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "unclip"}},
+    }
+    if not unclip:
+        for node in ("4", "5", "6"):
+            del graph[node]
+    return graph
+
+
+def _run(env, graph: dict):
+    outcome = Executor(default_registry(), env).run(parse(json.loads(json.dumps(graph))))
+    return outcome
+
+
+def _ok(env, graph: dict):
+    outcome = _run(env, graph)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    return outcome
+
+
+def _save_picture(env, seed: int, name: str) -> np.ndarray:
+    from PIL import Image
+
+    picture = _picture(seed)
+    Image.fromarray(picture).save(env.paths.input.root / name)
+    return picture
+
+
+def _diffusers(unclip_parts, vit, picture: np.ndarray) -> torch.Tensor:
+    """StableUnCLIPImg2ImgPipeline on the same parts, image embeds, noise level and seed; the
+    augmentor's noise is the one ComfyUI's rule draws (seed - 10, on the CPU)."""
+    import functools
+
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor
+
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=PROJ)
+    with torch.no_grad():
+        normalizer.mean.copy_(unclip_parts["mean"].reshape(1, -1))
+        normalizer.std.copy_(unclip_parts["std"].reshape(1, -1))
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(), image_encoder=vit, image_normalizer=normalizer,
+        image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+        tokenizer=unclip_parts["tokenizer"], text_encoder=unclip_parts["text_encoder"], unet=unclip_parts["unet"],
+        scheduler=EulerDiscreteScheduler.from_config(unclip_parts["scheduler"].config), vae=unclip_parts["vae"])
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, PROJ), generator=torch.Generator().manual_seed(SEED - 10))
+    pipe.noise_image_embeddings = functools.partial(pipe.noise_image_embeddings, noise=noise)
+    embeds = _reference(vit, picture).image_embeds
+    with torch.no_grad():
+        return pipe(image_embeds=embeds, prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
+                    num_inference_steps=STEPS, guidance_scale=CFG, noise_level=round(999 * AUGMENT),
+                    generator=torch.Generator().manual_seed(SEED), output_type="pt").images.permute(0, 2, 3, 1)
+
+
+def test_unclip_equals_stable_unclip_img2img_pipeline(unclip_env, unclip_parts, vit):
+    picture = _save_picture(unclip_env, 0, "picture.png")
+    outcome = _ok(unclip_env, _graph("picture.png"))
+    assert isinstance(outcome.results["1"][3].loaded.image_size, int)
+    ours = outcome.results["9"][0]
+    theirs = _diffusers(unclip_parts, vit, picture)
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    # not vacuous: the embedding moves the picture far beyond the agreement, and another picture too
+    plain = _ok(unclip_env, _graph("picture.png", unclip=False)).results["9"][0]
+    assert (plain - ours).abs().max() > 0.05
+    _save_picture(unclip_env, 1, "other.png")
+    other = _ok(unclip_env, _graph("other.png")).results["9"][0]
+    assert (other - ours).abs().max() > 0.02
+
+
+def test_strength_zero_equals_no_unclip_entry(unclip_env):
+    _save_picture(unclip_env, 0, "picture.png")
+    zero = _ok(unclip_env, _graph("picture.png", strength=0.0)).results["8"][0]["samples"]
+    plain = _ok(unclip_env, _graph("picture.png", unclip=False)).results["8"][0]["samples"]
+    assert torch.equal(zero, plain)
+
+
+def test_chained_unclip_nodes_sum_their_embeddings(unclip_env):
+    """Two unCLIPConditioning nodes append two records (ComfyUI's list); sampling sums them and
+    re-noises the sum, which is not the single node's picture."""
+    _save_picture(unclip_env, 0, "picture.png")
+    graph = _graph("picture.png")
+    graph["11"] = {"class_type": "unCLIPConditioning", "inputs": {"conditioning": ["6", 0], "clip_vision_output": ["5", 0],
+                                                                  "strength": 0.5, "noise_augmentation": 0.1}}
+    graph["8"]["inputs"]["positive"] = ["11", 0]
+    outcome = _ok(unclip_env, graph)
+    (entry,) = outcome.results["11"][0]
+    assert [r["strength"] for r in entry[1]["unclip_conditioning"]] == [1.0, 0.5]
+    single = _ok(unclip_env, _graph("picture.png")).results["8"][0]["samples"]
+    assert (outcome.results["8"][0]["samples"] - single).abs().max() > 1e-3
+
+
+def test_bad_inputs_are_errors_naming_the_input(unclip_env):
+    from nodes import unclip_nodes
+    from nodes.loaders import checkpoint_loader
+    from nodes.sampling import ksampler
+
+    siglip = VisionOutput(torch.zeros(1, 5, 8), torch.zeros(1, 5, 8), torch.zeros(1, 8), kind="SigLIP")
+    cond = [[torch.zeros(1, 77, tiny_models.components("sd2")["text_encoder"].config.hidden_size), {}]]
+    with pytest.raises(NodeError, match="CLIP ViT") as err:
+        call(unclip_nodes.unclip_conditioning, unclip_env, conditioning=cond, clip_vision_output=siglip,
+             strength=1.0, noise_augmentation=0.0)
+    assert err.value.input_name == "clip_vision_output"
+    with pytest.raises(NodeError, match="not an unCLIP") as err:
+        call(unclip_nodes.unclip_checkpoint_loader, unclip_env, ckpt_name=PLAIN_SD2)
+    assert err.value.input_name == "ckpt_name"
+    # an unCLIP entry on a model without an image (ADM) input
+    (vision,) = call(sm.clip_vision_loader, unclip_env, clip_name=VISION)
+    (out,) = call(sm.clip_vision_encode, unclip_env, clip_vision=vision, image=torch.rand(1, PICTURE, PICTURE, 3),
+                  crop="center")
+    (unclipped,) = call(unclip_nodes.unclip_conditioning, unclip_env, conditioning=cond, clip_vision_output=out,
+                        strength=1.0, noise_augmentation=0.0)
+    model, _, _ = call(checkpoint_loader, unclip_env, ckpt_name=PLAIN_SD2)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    for positive, negative, name in ((unclipped, cond, "positive"), (cond, unclipped, "negative")):
+        with pytest.raises(NodeError, match="no image \\(ADM\\) input") as err:
+            call(ksampler, unclip_env, model=model, seed=1, steps=2, cfg=2.0, sampler_name="euler",
+                 scheduler="normal", positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+        assert err.value.input_name == name
+    # the unCLIP model with an embedding of another width
+    narrow = VisionOutput(torch.zeros(1, 5, 8), torch.zeros(1, 5, 8), torch.zeros(1, PROJ - 8), kind="CLIP ViT")
+    (wrong,) = call(unclip_nodes.unclip_conditioning, unclip_env, conditioning=cond, clip_vision_output=narrow,
+                    strength=1.0, noise_augmentation=0.0)
+    model, _, _, _ = call(unclip_nodes.unclip_checkpoint_loader, unclip_env, ckpt_name=UNCLIP)
+    with pytest.raises(NodeError, match=f"takes {PROJ}-wide") as err:
+        call(ksampler, unclip_env, model=model, seed=1, steps=2, cfg=2.0, sampler_name="euler", scheduler="normal",
+             positive=wrong, negative=cond, latent_image=latent, denoise=1.0)
+    assert err.value.input_name == "positive"
