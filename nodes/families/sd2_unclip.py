@@ -26,6 +26,8 @@ ADM_EXTRA = "unclip_adm"
 class SD2UnCLIP(SD2):
     name = "sd2_unclip"
     default_prediction = "v_prediction"
+    #: a lone OpenCLIP text encoder (CLIPLoader) is SD 2.x's; this family only comes whole from its checkpoint
+    clip_types = ()
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT_PREFIX) and ADM_KEY in shapes
