@@ -132,8 +132,9 @@ def adm_vector(augmentor: NoiseAugmentor, records: list[dict], seed: int, input_
     return augmentor(total[:, :augmentor.dim], augmentor.level(MERGE_AUGMENTATION), generator)
 
 
-def _side(side: Any, augmentor: NoiseAugmentor | None, seeds: list[int], input_name: str) -> Any:
-    """A copy of a CONDITIONING side with each entry's ADM vector in its extras."""
+def _side(side: Any, augmentor: NoiseAugmentor | None, pooled: bool, seeds: list[int], input_name: str) -> Any:
+    """A copy of a CONDITIONING side with each entry's image vector in its extras: the ADM vector of an
+    unCLIP model, or (``pooled``: SDXL, ComfyUI's Revision) the noised embedding as the pooled text."""
     import torch
 
     from nodes.families.conditioning import PerJob
@@ -146,28 +147,39 @@ def _side(side: Any, augmentor: NoiseAugmentor | None, seeds: list[int], input_n
     for j, item in enumerate(side):
         embeds, extra = item[0], dict(item[1] or {})
         records = extra.get(KEY) or []
-        if augmentor is None:
-            if records:
-                raise ConditioningError("carries an unCLIP image embedding (unCLIPConditioning) but the model has "
-                                        "no image (ADM) input: load an SD 2.1 unCLIP checkpoint with "
-                                        "unCLIPCheckpointLoader", input_name)
+        seed = seeds[j] if per_job and j < len(seeds) else seeds[0]
+        if pooled and records:
+            width = int(records[0]["clip_vision_output"].image_embeds.shape[-1])
+            text = extra.get("pooled_output")
+            if text is not None and text.shape[-1] != width:
+                raise ConditioningError(f"its unCLIP image embedding is {width} wide but the model's pooled text is "
+                                        f"{text.shape[-1]} (SDXL takes a ViT-bigG embedding)", input_name)
+            extra["pooled_output"] = adm_vector(NoiseAugmentor(width, torch.zeros(1, width), torch.ones(1, width)),
+                                                records, seed, input_name)[:, :width]
+        elif augmentor is None and records and not pooled:
+            raise ConditioningError("carries an unCLIP image embedding (unCLIPConditioning) but the model has no "
+                                    "image (ADM) input: load an SD 2.1 unCLIP checkpoint with unCLIPCheckpointLoader "
+                                    "(or use an SDXL model, whose pooled text it replaces)", input_name)
+        elif augmentor is not None:
+            extra[ADM_EXTRA] = adm_vector(augmentor, records, seed, input_name) if records else \
+                torch.zeros(1, 2 * augmentor.dim)
+        else:
             out.append(item)
             continue
-        seed = seeds[j] if per_job and j < len(seeds) else seeds[0]
-        extra[ADM_EXTRA] = adm_vector(augmentor, records, seed, input_name) if records else \
-            torch.zeros(1, 2 * augmentor.dim)
         out.append([embeds, extra])
     return PerJob(out) if per_job else out
 
 
 def prepare(model: Any, positive: Any, negative: Any, seeds: list[int], middle: Any = None,
             middle_name: str = "cond2") -> tuple[Any, Any, Any]:
-    """(positive, negative, middle) with each entry's ADM vector for an unCLIP model; for any other
-    model they are returned as they are, unless they carry unCLIP records, which is an error
-    naming the input (ComfyUI would drop them silently)."""
+    """(positive, negative, middle) with each entry's image vector for an unCLIP model (and, on
+    SDXL, unCLIP records turned into pooled text as ComfyUI does); for any other model they are
+    returned as they are, unless they carry unCLIP records, which is an error naming the input
+    (ComfyUI would drop them silently)."""
     augmentor = getattr(model, "extra", {}).get("noise_augmentor")
-    return (_side(positive, augmentor, seeds, "positive"), _side(negative, augmentor, seeds, "negative"),
-            _side(middle, augmentor, seeds, middle_name))
+    pooled = bool(getattr(model.family, "unclip_replaces_pooled", False))
+    return tuple(_side(side, augmentor, pooled, seeds, name)
+                 for side, name in ((positive, "positive"), (negative, "negative"), (middle, middle_name)))
 
 
 def for_sampling(model: Any, positive: Any, negative: Any, seeds: list[int], dual: Any) -> tuple[Any, Any, Any]:

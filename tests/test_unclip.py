@@ -351,3 +351,42 @@ def test_bad_inputs_are_errors_naming_the_input(unclip_env):
         call(ksampler, unclip_env, model=model, seed=1, steps=2, cfg=2.0, sampler_name="euler", scheduler="normal",
              positive=wrong, negative=cond, latent_image=latent, denoise=1.0)
     assert err.value.input_name == "positive"
+
+
+def test_on_sdxl_the_embedding_replaces_the_pooled_text(unclip_env, unclip_root):
+    """ComfyUI's SDXL Revision templates: an unCLIP record on an SDXL model becomes its pooled text,
+    the embedding noised by the augmentor's cosine schedule (diffusers' DDPMScheduler here) with
+    the seed - 10 noise, times strength; sampling then equals a conditioning holding that pooled text."""
+    from diffusers import DDPMScheduler
+
+    from nodes import unclip_nodes
+    from nodes.loaders import checkpoint_loader
+    from nodes.sampling import ksampler
+    from nodes.text import clip_text_encode
+
+    tiny_models.save_single_file("sdxl", unclip_root / "checkpoints" / "tiny-sdxl.safetensors")
+    model, clip, _ = call(checkpoint_loader, unclip_env, ckpt_name="tiny-sdxl.safetensors")
+    (positive,) = call(clip_text_encode, unclip_env, text=PROMPT, clip=clip)
+    (negative,) = call(clip_text_encode, unclip_env, text=NEGATIVE, clip=clip)
+    width = positive[0][1]["pooled_output"].shape[-1]
+    embeds = torch.randn(1, width, generator=torch.Generator().manual_seed(5)) * 2
+    image = VisionOutput(torch.zeros(1, 5, 8), torch.zeros(1, 5, 8), embeds, kind="CLIP ViT")
+    (revised,) = call(unclip_nodes.unclip_conditioning, unclip_env, conditioning=positive, clip_vision_output=image,
+                      strength=0.7, noise_augmentation=0.2)
+    noise = torch.randn((1, width), generator=torch.Generator().manual_seed(SEED - 10))
+    pooled = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").add_noise(
+        embeds, noise, torch.tensor([round(999 * 0.2)])) * 0.7
+    by_hand = [[positive[0][0], {**positive[0][1], "pooled_output": pooled}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def sample(pos):
+        return call(ksampler, unclip_env, model=model, seed=SEED, steps=3, cfg=4.0, sampler_name="euler",
+                    scheduler="normal", positive=pos, negative=negative, latent_image=latent, denoise=1.0)[0]["samples"]
+
+    from nodes import unclip
+
+    prepared = unclip.prepare(model, revised, negative, [SEED])[0][0][1]["pooled_output"]
+    assert (prepared - pooled).abs().max() <= 1e-5 and (pooled - embeds * 0.7).abs().max() > 0.1
+    ours, expected, plain = sample(revised), sample(by_hand), sample(positive)
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)  # raw latents are tens in size
+    assert (ours - plain).abs().max() > 1e-2
