@@ -113,5 +113,7 @@ def load(state: dict[str, Any], what: str, dtype: Any) -> Any:
 
     if "visual.class_embedding" in state:
         state = openclip_to_transformers(state, "visual.")
+    # a whole CLIP model saved as its vision tower's file: the text side is not this encoder's
+    state = {k: v for k, v in state.items() if k.startswith(VISION) or k == PROJECTION}
     model = build(state, what, dtype)
     return LoadedVision(model, int(model.config.image_size), CLIP_MEAN, CLIP_STD, "CLIP ViT")

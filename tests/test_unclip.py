@@ -138,6 +138,13 @@ def test_an_incomplete_clip_vit_file_is_an_error_naming_the_input(env, models_ro
     with pytest.raises(NodeError, match="visual_projection") as err:
         call(sm.clip_vision_loader, env, clip_name="no-proj.safetensors")
     assert err.value.input_name == "clip_name"
+    # a whole CLIP model in the folder: its text side is left aside, the tower loads
+    whole = dict(state, **{"visual_projection.weight": vit.state_dict()["visual_projection.weight"],
+                           "text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
+                           "logit_scale": torch.tensor(1.0)})
+    save_file(whole, str(models_root / "clip_vision" / "whole-clip.safetensors"))
+    (vision,) = call(sm.clip_vision_loader, env, clip_name="whole-clip.safetensors")
+    assert vision.loaded.model.config.projection_dim == PROJ
 
 
 # -- unCLIP: unCLIPCheckpointLoader + unCLIPConditioning against StableUnCLIPImg2ImgPipeline ----------
