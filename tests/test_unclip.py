@@ -1,4 +1,5 @@
-"""CLIP ViT image encoders through CLIPVisionLoader / CLIPVisionEncode (the towers unCLIP uses).
+"""CLIP ViT image encoders through CLIPVisionLoader / CLIPVisionEncode, and SD 2.1 unCLIP
+(unCLIPCheckpointLoader, unCLIPConditioning) against diffusers' StableUnCLIPImg2ImgPipeline.
 
 A tiny transformers ``CLIPVisionModelWithProjection`` (16 heads as every released tower has,
 weights perturbed so nothing is at its initial value) is saved as ComfyUI keeps clip_vision
@@ -6,16 +7,26 @@ files (``vision_model.*`` + ``visual_projection.weight``) and, renamed by the te
 OpenCLIP's layout (``visual.*``, the layout unCLIP checkpoints carry); both load through the
 real node. The picture is the encoder's own size, so transformers' CLIPImageProcessor and
 ComfyUI's rule see the same pixels (their resampling differs otherwise).
+
+The unCLIP checkpoint is the tiny SD 2.x (v) with a UNet class embedding for the image vector,
+that tower under ``embedder.model.visual.`` and perturbed augmentor statistics, in one file.
+StableUnCLIPImg2ImgPipeline starts from noise (the picture only gives the embedding), so the
+Kiln side is ComfyUI's template: EmptyLatentImage -> KSampler at denoise 1.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import tiny_models
 from engine.context import NodeError
+from engine.executor import Executor
+from engine.registry import default_registry
+from engine.workflow import parse
 from node_call import Called, call, environment_over
 from nodes import style_model as sm
 from nodes.vision_models import VisionOutput
@@ -149,13 +160,6 @@ def test_an_incomplete_clip_vit_file_is_an_error_naming_the_input(env, models_ro
 
 # -- unCLIP: unCLIPCheckpointLoader + unCLIPConditioning against StableUnCLIPImg2ImgPipeline ----------
 
-import json  # noqa: E402
-
-import tiny_models  # noqa: E402
-from engine.executor import Executor  # noqa: E402
-from engine.registry import default_registry  # noqa: E402
-from engine.workflow import parse  # noqa: E402
-
 UNCLIP, PLAIN_SD2 = "tiny-sd21-unclip.safetensors", "tiny-sd2.safetensors"
 PROMPT, NEGATIVE = "a lighthouse on a cliff", "blurry"
 SEED, STEPS, CFG, SIZE = 21, 6, 5.0, 64
@@ -237,13 +241,8 @@ def _graph(image: str, strength: float = 1.0, augment: float = AUGMENT, unclip: 
     return graph
 
 
-def _run(env, graph: dict):
-    outcome = Executor(default_registry(), env).run(parse(json.loads(json.dumps(graph))))
-    return outcome
-
-
 def _ok(env, graph: dict):
-    outcome = _run(env, graph)
+    outcome = Executor(default_registry(), env).run(parse(json.loads(json.dumps(graph))))
     assert outcome.status == "succeeded", outcome.error and outcome.error.message
     return outcome
 
