@@ -73,35 +73,42 @@ def openclip_to_transformers(state: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def _layers(state: dict[str, Any]) -> int:
+def _layers(state: Any) -> int:
     n = 0
     while f"{VISION}encoder.layers.{n}.layer_norm1.weight" in state:
         n += 1
     return n
 
 
+def vision_config(shapes: dict[str, tuple[int, ...]], what: str) -> Any:
+    """The ``CLIPVisionConfig`` of a transformers-layout tower from its tensor shapes alone."""
+    from transformers import CLIPVisionConfig
+
+    layers = _layers(shapes)
+    positions = shapes.get(VISION + "embeddings.position_embedding.weight")
+    patches = shapes.get(VISION + "embeddings.patch_embedding.weight")
+    if not layers or positions is None or patches is None or PROJECTION not in shapes:
+        raise CheckpointError(f"{what} is not a complete CLIP ViT image encoder (needs '{VISION}encoder.layers.0.*', "
+                              f"its embeddings and '{PROJECTION}')")
+    width, patch = int(patches[0]), int(patches[-1])
+    side = math.isqrt(int(positions[0]) - 1)
+    if side * side + 1 != positions[0] or width % HEADS:
+        raise CheckpointError(f"{what}: {positions[0]} positions and width {width} are not a class token plus "
+                              f"a square grid of {HEADS} heads")
+    return CLIPVisionConfig(
+        hidden_size=width, num_hidden_layers=layers, num_attention_heads=HEADS,
+        intermediate_size=int(shapes[f"{VISION}encoder.layers.0.mlp.fc1.weight"][0]),
+        patch_size=patch, image_size=side * patch, projection_dim=int(shapes[PROJECTION][0]),
+        hidden_act="quick_gelu" if width <= QUICK_GELU_MAX_WIDTH else "gelu", layer_norm_eps=1e-5)
+
+
 def build(state: dict[str, Any], what: str, dtype: Any) -> Any:
     """``CLIPVisionModelWithProjection`` from transformers-layout tensors (``vision_model.*`` and
     ``visual_projection.weight``), strictly: every weight used and none missing."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    layers = _layers(state)
-    positions = state.get(VISION + "embeddings.position_embedding.weight")
-    patches = state.get(VISION + "embeddings.patch_embedding.weight")
-    if not layers or positions is None or patches is None or PROJECTION not in state:
-        raise CheckpointError(f"{what} is not a complete CLIP ViT image encoder (needs '{VISION}encoder.layers.0.*', "
-                              f"its embeddings and '{PROJECTION}')")
-    width, patch = int(patches.shape[0]), int(patches.shape[-1])
-    side = math.isqrt(int(positions.shape[0]) - 1)
-    if side * side + 1 != positions.shape[0] or width % HEADS:
-        raise CheckpointError(f"{what}: {positions.shape[0]} positions and width {width} are not a class token plus "
-                              f"a square grid of {HEADS} heads")
-    config = CLIPVisionConfig(
-        hidden_size=width, num_hidden_layers=layers, num_attention_heads=HEADS,
-        intermediate_size=int(state[f"{VISION}encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        patch_size=patch, image_size=side * patch, projection_dim=int(state[PROJECTION].shape[0]),
-        hidden_act="quick_gelu" if width <= QUICK_GELU_MAX_WIDTH else "gelu", layer_norm_eps=1e-5)
+    config = vision_config({k: tuple(v.shape) for k, v in state.items()}, what)
     model = _empty(CLIPVisionModelWithProjection, config)
     return _assign(model, state, f"CLIP ViT image encoder ({what})", dtype)
 

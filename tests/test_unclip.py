@@ -396,3 +396,37 @@ def test_on_sdxl_the_embedding_replaces_the_pooled_text(unclip_env, unclip_root)
     ours, expected, plain = sample(revised), sample(by_hand), sample(positive)
     assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4)  # raw latents are tens in size
     assert (ours - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("width,layers,mlp,proj,act", [(1024, 24, 4096, 768, "quick_gelu"),  # OpenAI ViT-L/14
+                                                        (1280, 32, 5120, 1024, "gelu"),  # OpenCLIP ViT-H/14
+                                                        (1664, 48, 8192, 1280, "gelu")])  # OpenCLIP ViT-bigG/14
+def test_released_towers_get_comfyuis_configs(width, layers, mlp, proj, act):
+    """The released sizes, from shapes alone (no weights): ComfyUI's clip_vision_config_vitl/h/g."""
+    from nodes.clip_vit import openclip_to_transformers, vision_config
+
+    class Shape:  # a tensor's shape, enough for the layout map (no memory)
+        def __init__(self, *shape):
+            self.shape = shape
+
+        def t(self):
+            return Shape(*reversed(self.shape))
+
+        def contiguous(self):
+            return self
+
+        def chunk(self, n, dim=0):
+            return [Shape(self.shape[0] // n, *self.shape[1:]) for _ in range(n)]
+
+    state = {"visual.class_embedding": Shape(width), "visual.positional_embedding": Shape(257, width),
+             "visual.conv1.weight": Shape(width, 3, 14, 14), "visual.proj": Shape(width, proj)}
+    for i in range(layers):
+        state[f"visual.transformer.resblocks.{i}.ln_1.weight"] = Shape(width)
+        state[f"visual.transformer.resblocks.{i}.attn.in_proj_weight"] = Shape(3 * width, width)
+        state[f"visual.transformer.resblocks.{i}.mlp.c_fc.weight"] = Shape(mlp, width)
+    shapes = {k: v.shape for k, v in openclip_to_transformers(state, "visual.").items()}
+    assert shapes["vision_model.encoder.layers.0.self_attn.q_proj.weight"] == (width, width)
+    config = vision_config(shapes, "tower")
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.projection_dim,
+            config.hidden_act, config.image_size, config.patch_size, config.num_attention_heads) == \
+        (width, layers, mlp, proj, act, 224, 14, 16)
