@@ -430,3 +430,28 @@ def test_released_towers_get_comfyuis_configs(width, layers, mlp, proj, act):
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.projection_dim,
             config.hidden_act, config.image_size, config.patch_size, config.num_attention_heads) == \
         (width, layers, mlp, proj, act, 224, 14, 16)
+
+
+@pytest.mark.parametrize("adm", [1536, 2048])  # sd21-unclip-l, sd21-unclip-h
+def test_a_released_unclip_unet_is_detected_from_its_shapes(adm):
+    """SD 2.1 unCLIP's full-size UNet, built on the meta device and named as in the file: the
+    unCLIP family claims it and its class embedding takes the image vector's width."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from nodes.checkpoint.detect import family_of, unet_config
+    from nodes.checkpoint.to_original import unet_to_original
+    from nodes.families import sd2_unclip
+
+    family = sd2_unclip.FAMILY
+    config = dict(family.unet_defaults(), in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024, use_linear_projection=True,
+                  attention_head_dim=(5, 10, 20, 20), projection_class_embeddings_input_dim=adm)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**config)
+    shapes = {k: tuple(v.shape) for k, v in unet_to_original(unet.state_dict(), dict(unet.config)).items()}
+    shapes["cond_stage_model.model.token_embedding.weight"] = (49408, 1024)
+    assert family_of(shapes) is family  # before SD 2.x, whose text keys it shares
+    found = unet_config(shapes, family)
+    assert (found["class_embed_type"], found["projection_class_embeddings_input_dim"]) == ("projection", adm)
+    assert found["block_out_channels"] == (320, 640, 1280, 1280) and found["cross_attention_dim"] == 1024
