@@ -167,6 +167,8 @@ def _side(side: Any, augmentor: NoiseAugmentor | None, pooled: bool, seeds: list
             out.append(item)
             continue
         out.append([embeds, extra])
+    if all(a is b for a, b in zip(out, side)):
+        return side  # nothing to add: the very conditioning, so nothing downstream sees a copy
     return PerJob(out) if per_job else out
 
 
