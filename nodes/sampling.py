@@ -164,7 +164,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     import torch
 
     from nodes.latent import seeded_noise
-    from nodes import inpaint_sampling
+    from nodes import inpaint_sampling, unclip
     from nodes.samplers import loop
     from nodes.samplers.hold import Hold
     from nodes.samplers.model_sampling import for_model
@@ -218,6 +218,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     # zero), which matters where the latent map has an offset (FLUX's shift, Playground's means).
     x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
     perp = model.patches.perp_neg  # the PerpNeg patch's empty prompt is prepared with the others
+    positive, negative, perp = unclip.for_sampling(model, positive, negative, job_seeds, perp)
     prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message,
                                     middle=None if perp is None else perp.middle,
                                     middle_name="model" if perp is None else perp.middle_input)

@@ -40,17 +40,18 @@ def _acquire(ctx, folder: str, name: str, input_name: str, kind: str, load: Call
     display_name="Load CLIP Vision",
     inputs=[Input("clip_name", T.COMBO, choices=lambda env: list_models(env, VISION_FOLDER, diffusers_marker=None),
                   tooltip="An image encoder in models/clip_vision (FLUX.1 Redux's "
-                          "sigclip_vision_patch14_384.safetensors)")],
+                          "sigclip_vision_patch14_384.safetensors, or a CLIP ViT-L/H/bigG for unCLIP)")],
     outputs=[Output("CLIP_VISION", CLIP_VISION)],
     validate=validator(VISION_FOLDER, "clip_name"),
     fingerprint=fingerprinter(VISION_FOLDER, "clip_name"),
 )
 def clip_vision_loader(ctx, clip_name: str):
-    """Load an image encoder (SigLIP); its sizes come from the file."""
+    """Load an image encoder (SigLIP, or a CLIP ViT in transformers' or OpenCLIP's layout); its sizes come
+    from the file."""
     from nodes.vision_models import load_vision
 
     handle = _acquire(ctx, VISION_FOLDER, clip_name, "clip_name", "clip_vision", load_vision)
-    ctx.message(f"{clip_name}: SigLIP image encoder, {handle.loaded.image_size} px")
+    ctx.message(f"{clip_name}: {handle.loaded.kind} image encoder, {handle.loaded.image_size} px")
     return (handle,)
 
 

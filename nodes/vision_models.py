@@ -8,8 +8,8 @@ T5-sized tokens that StyleModelApply appends to the prompt. The modules are
 transformers' ``SiglipVisionModel`` and diffusers' ``ReduxImageEncoder``, built from the
 file's shapes (no config is fetched); the parts a file lacks or cannot say (the head
 count: every released CLIP and SigLIP vision tower has 16) follow ComfyUI's configs.
-CLIP ViT towers (unCLIP, IP-Adapter) and T2I style adapters are refused by name, since
-no Kiln node consumes them yet.
+CLIP ViT towers (unCLIP's image encoders) are nodes/clip_vit.py; T2I style adapters are
+refused by name, since no Kiln node consumes them yet.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class LoadedVision:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    kind: str = "SigLIP"
 
     def kiln_modules(self) -> dict[str, Any]:
         return {"encoder": self.model}
@@ -61,6 +62,8 @@ class VisionOutput:
     last_hidden_state: Any
     penultimate_hidden_states: Any
     image_embeds: Any
+    #: which encoder made it (LoadedVision.kind): unCLIP takes CLIP ViT embeddings only
+    kind: str = "SigLIP"
 
     def __getitem__(self, key: str) -> Any:  # ComfyUI's outputs are read by key too
         return getattr(self, key)
@@ -78,14 +81,17 @@ def _layers(state: Any) -> int:
 
 
 def load_vision(path: Path, dtype: Any) -> LoadedVision:
-    """A SigLIP vision tower from ``path`` (strictly: every weight used, the pooling head optional)."""
+    """An image encoder from ``path``: a CLIP ViT (nodes.clip_vit) or a SigLIP tower (strictly: every
+    weight used, the pooling head optional)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in read_state_dict(path).items()}
-    if "visual.transformer.resblocks.0.attn.in_proj_weight" in state or "pre_layrnorm.weight" in state or \
-            "embeddings.class_embedding" in state:
-        raise CheckpointError(f"{path.name} is a CLIP ViT image encoder (unCLIP, IP-Adapter); Kiln reads SigLIP "
-                              "image encoders (FLUX.1 Redux's sigclip_vision_patch14_384) only so far")
+    from nodes import clip_vit
+
+    raw = read_state_dict(path)
+    if clip_vit.is_clip_vit(raw):
+        return clip_vit.load(raw, path.name, dtype)
+    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    del raw
     layers = _layers(state)
     if not layers or POSITIONS not in state or PATCHES not in state:
         raise CheckpointError(f"{path.name} is not a SigLIP image encoder in transformers' layout (no "
@@ -158,6 +164,8 @@ def encode(loaded: LoadedVision, model: Any, image: Any, crop: bool) -> VisionOu
     with torch.inference_mode():
         out = model(pixel_values=pixels.to(compute_device(model), compute_dtype(model)), output_hidden_states=True)
     last = out.last_hidden_state.to("cpu", torch.float32)
-    pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
+    # CLIP's projected class token; SigLIP's pooling head, or its tokens when it has none
+    pooled = next((p for p in (getattr(out, "image_embeds", None), getattr(out, "pooler_output", None))
+                   if p is not None), out.last_hidden_state)
     return VisionOutput(last_hidden_state=last, penultimate_hidden_states=out.hidden_states[-2].to("cpu", torch.float32),
-                        image_embeds=pooled.to("cpu", torch.float32))
+                        image_embeds=pooled.to("cpu", torch.float32), kind=loaded.kind)

@@ -104,6 +104,8 @@ def unet_config(shapes: Shapes, family: Family, pooled_dim: int | None = None) -
                                         f"(model.diffusion_model.label_emb.0.0.weight, {adm} wide) into {ids} time "
                                         f"ids + pooled text ({pooled_dim} wide)")
         config.update(projection_class_embeddings_input_dim=adm, addition_time_embed_dim=(adm - pooled_dim) // ids)
+    elif config.get("class_embed_type") == "projection":  # unCLIP: image embedding + noise level
+        config["projection_class_embeddings_input_dim"] = shapes[p + "label_emb.0.0.weight"][1]
     elif p + "label_emb.0.0.weight" in shapes:
         raise UnsupportedCheckpoint("the UNet has a class/size embedding (unCLIP or upscaler); not supported")
     return config

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
 from nodes.checkpoint.tensors import LazyState, cast_view, dtypes_of, plain, shapes_of
-from nodes import families
+from nodes import families, unclip
 from nodes.families.base import Family, LatentFormat
 
 SAFE_EXTENSIONS = (".safetensors",)
@@ -294,6 +294,9 @@ def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dty
     for spec in found.family.text_encoders:
         layout = "transformers" if spec.kind == "openai" else "openclip"
         modules[spec.module] = build_text_encoder(state, spec.prefix, layout, spec, found.text[spec.module], dtype)
+    info = {"format": "single_file", "prediction_type": pred, "prediction_reason": why}
+    if found.unet.get("class_embed_type") == "projection":  # unCLIP: its image encoder and noise augmentor
+        modules["clip_vision"], info["noise_augmentor"] = unclip.image_parts(state, found.unet, dtype)
     del state
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in found.family.text_encoders}
     return Loaded(
@@ -302,7 +305,7 @@ def _build_single_file(state: Mapping[str, Any], found: Any, dtype: Any, vae_dty
         latent=found.latent or found.family.latent,
         modules=modules,
         tokenizers=tokenizers,
-        info={"format": "single_file", "prediction_type": pred, "prediction_reason": why},
+        info=info,
     )
 
 

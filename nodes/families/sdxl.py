@@ -86,6 +86,9 @@ class SDXL(Family):
     controlnet_union_types = UNION_TYPES
     #: Time ids in the UNet's added conditioning (the refiner has 5).
     time_id_count = 6
+    #: unCLIPConditioning's image embedding takes the place of the pooled text (ComfyUI's Revision;
+    #: nodes.unclip makes it when sampling starts).
+    unclip_replaces_pooled = True
 
     def claims(self, shapes: Shapes) -> bool:
         return has_prefix(shapes, TEXT1_PREFIX) and has_prefix(shapes, TEXT2_PREFIX)

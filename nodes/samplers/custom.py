@@ -163,7 +163,10 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
         ctx.message(note)
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
     dual = guider.dual if guider.dual is not None else model.patches.perp_neg
-    prep = inpaint_sampling.prepare(model, guider.positive, guider.negative, latent, x0, ctx.message,
+    from nodes import unclip
+
+    positive, negative, dual = unclip.for_sampling(model, guider.positive, guider.negative, [int(noise.seed)], dual)
+    prep = inpaint_sampling.prepare(model, positive, negative, latent, x0, ctx.message,
                                     middle=None if dual is None else dual.middle,
                                     middle_name=getattr(dual, "middle_input", "cond2"))
     if dual is not None:  # the second prompt with the inpainting channels the others got
