@@ -1,6 +1,9 @@
 """AliMama's inpainting ControlNets (a mask channel on the hint) through ComfyUI's
 ControlNetInpaintingAliMamaApply: SD3's against diffusers' StableDiffusion3ControlNetInpaintingPipeline
-on the tiny SD3.5, ComfyUI's rules for masks and for other apply nodes, and the errors.
+on the tiny SD3.5; FLUX's (which no diffusers pipeline runs: its hint embedder is wider than
+FluxControlNetModel's) against diffusers' FluxControlNetImg2ImgPipeline given the hint AliMama's own
+pipeline builds (the masked image's latent and the kept mask, packed together), made by hand here;
+ComfyUI's rules for masks and for other apply nodes, and the errors.
 
 Parity convention as tests/test_sd3_controlnet.py: the pipeline's VAE posterior sample is replaced
 by its mean (ComfyUI and Kiln encode the mean); the mask's edges lie on the latent grid, where
@@ -145,6 +148,38 @@ def test_sd3_inpainting_equals_the_diffusers_pipeline_and_the_mask_matters(env, 
     assert torch.equal(sd3(env, alimama(env, strength=0.0)), plain)
 
 
+def test_comfyui_api_graph_runs_unchanged(env, monkeypatch):
+    from PIL import Image
+
+    from engine.executor import Executor
+    from engine.registry import default_registry
+    from engine.workflow import parse
+
+    Image.fromarray((photo()[0].numpy() * 255).round().astype("uint8")).save(env.paths.input.root / "photo.png")
+    Image.fromarray((mask()[0].numpy() * 255).astype("uint8"), mode="L").save(env.paths.input.root / "mask.png")
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "11": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
+        "5": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CN}},
+        "6": {"class_type": "ControlNetInpaintingAliMamaApply", "inputs": {
+            "positive": ["2", 0], "negative": ["3", 0], "control_net": ["5", 0], "vae": ["1", 2], "image": ["4", 0],
+            "mask": ["11", 0], "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": SEED, "steps": STEPS, "cfg": CFG,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["6", 0], "negative": ["6", 1],
+                                                   "latent_image": ["7", 0], "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "alimama"}},
+    }
+    outcome = Executor(default_registry(), env).run(parse(graph))
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    assert (outcome.results["9"][0] - reference(monkeypatch, mask())).abs().max().item() <= PIXEL_TOL
+
+
 def test_controlnet_apply_advanced_runs_an_inpainting_controlnet_with_nothing_masked(env):
     """ComfyUI lets ControlNetApplyAdvanced apply an inpainting ControlNet: the mask channel is all
     ones (keep everything), which is the AliMama node with an empty mask."""
@@ -209,3 +244,122 @@ def test_an_inpainting_controlnet_on_another_family_is_refused_naming_it(env):
         sampling.ksampler(_ctx(), sdxl.model, 1, 2, 5.0, "euler", "normal", pos, neg, lat)
     assert err.value.input_name in ("positive", "negative")
     assert "sd3 ControlNet" in str(err.value) and "sdxl" in str(err.value) and CN in str(err.value)
+
+
+# -- FLUX ----------------------------------------------------------------------------------------------
+
+FLUX_CN, FLUX_FOLDER = "tiny-flux-alimama.safetensors", "tiny-flux-alimama-folder"
+
+
+def tiny_flux_inpaint_controlnet(seed: int = 17):
+    """AliMama's FLUX inpainting ControlNet shape: test_flux_controlnet's tiny ControlNet with a hint
+    embedder 4 inputs wider (the mask channel in 2x2 patches), perturbed as its other zero layers."""
+    import copy
+
+    from test_flux_controlnet import tiny_controlnet
+
+    wide = copy.deepcopy(tiny_controlnet(seed=seed))  # that one is cached and shared
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        wide.controlnet_x_embedder = torch.nn.Linear(64 + 4, wide.controlnet_x_embedder.out_features)
+        with torch.no_grad():
+            wide.controlnet_x_embedder.weight.mul_(3.0)
+    return wide.eval()
+
+
+@pytest.fixture(scope="module")
+def flux_env(tmp_path_factory):
+    import tiny_flux
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("alimama-flux")
+    models = tiny_flux.make_models_folder(root / "models")
+    (models / "controlnet").mkdir()
+    net = tiny_flux_inpaint_controlnet()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(models / "controlnet" / FLUX_CN))
+    net.save_pretrained(str(models / "controlnet" / FLUX_FOLDER), safe_serialization=True)
+    yield from environment_over(models, root)
+
+
+def flux_apply(cn, m=None, strength: float = 0.8, node=controlnet_inpainting_alimama_apply):
+    from test_flux_controlnet import conditioning, vae
+
+    cond = conditioning()
+    extra = {"mask": mask() if m is None else m} if node is controlnet_inpainting_alimama_apply else {}
+    return call(node, None, positive=cond, negative=cond, control_net=cn, image=photo(), strength=strength,
+                start_percent=0.0, end_percent=1.0, vae=vae(), **extra)
+
+
+def flux_reference(monkeypatch, m: torch.Tensor, scale: float = 0.8) -> torch.Tensor:
+    """FluxControlNetImg2ImgPipeline with AliMama's hint: the image with the masked pixels at -1,
+    VAE-encoded (the posterior mean), shifted and scaled, and 1 - the mask (nearest) appended
+    before packing (the pipeline's own encode and pack, taught the extra channel)."""
+    import tiny_flux
+    from diffusers import FluxControlNetImg2ImgPipeline
+    from diffusers.pipelines.flux import pipeline_flux_controlnet_image_to_image as module
+    from test_flux import _embeds
+    from test_flux_controlnet import GUIDANCE, SEED, STEPS, STRENGTH, init_image
+
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="": out.latent_dist.mode())
+    pipe = FluxControlNetImg2ImgPipeline(**dict(tiny_flux.components("dev")), controlnet=tiny_flux_inpaint_controlnet())
+    pipe.set_progress_bar_config(disable=True)
+    kept = 1 - torch.nn.functional.interpolate(m[:, None], size=(SIZE // 8, SIZE // 8))
+    packs = []
+
+    def pack(latents, batch, channels, height, width):
+        if not packs:  # the pipeline packs the control latent first, then the noise
+            latents = torch.cat([latents, kept.to(latents)], dim=1)
+        packs.append(latents.shape[1])
+        return FluxControlNetImg2ImgPipeline._pack_latents(latents, batch, latents.shape[1], height, width)
+
+    pipe._pack_latents = pack
+    masked = photo().movedim(-1, 1) * 2 - 1
+    masked[(m[:, None] > 0.5).repeat(1, 3, 1, 1)] = -1
+    embeds, pooled = _embeds("dev")
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=init_image().movedim(-1, 1),
+                   control_image=masked, strength=STRENGTH, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, controlnet_conditioning_scale=scale,
+                   generator=torch.Generator().manual_seed(SEED), output_type="pt").images
+    assert packs == [17, 16]
+    return out.permute(0, 2, 3, 1)
+
+
+def test_flux_file_and_folder_load_as_an_inpainting_controlnet(flux_env):
+    from node_call import Called
+    from nodes.control.inpaint import FLUX_EXTRA
+
+    want = tiny_flux_inpaint_controlnet().state_dict()
+    for name in (FLUX_CN, FLUX_FOLDER):
+        rec = Called()
+        (handle,) = call(controlnet_loader, flux_env, rec, control_net_name=name)
+        assert handle.family.name == "flux" and handle.config[FLUX_EXTRA] == 1 and "AliMama" in rec.messages[0]
+        with handle.use() as net:
+            got = net.state_dict()
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_flux_inpainting_equals_the_pipeline_with_alimamas_hint_and_the_mask_matters(flux_env, monkeypatch):
+    from test_flux_controlnet import conditioning, kiln as flux_kiln
+
+    cn = load(flux_env, FLUX_CN)
+    ours = flux_kiln(*flux_apply(cn))
+    theirs = flux_reference(monkeypatch, mask())
+    assert (ours - theirs).abs().max().item() <= PIXEL_TOL
+    other = flux_kiln(*flux_apply(cn, m=mask(top=32, left=0, size=32)))
+    assert (ours - other).abs().max().item() > 0.02
+    plain = flux_kiln(conditioning())
+    assert (ours - plain).abs().max().item() > 0.02
+    assert torch.equal(flux_kiln(*flux_apply(cn, strength=0.0)), plain)
+    # ControlNetApplyAdvanced: the same ControlNet, nothing masked
+    assert (flux_kiln(*flux_apply(cn, node=controlnet_apply_advanced))
+            - flux_kiln(*flux_apply(cn, m=torch.zeros(1, SIZE, SIZE)))).abs().max().item() <= 1e-6
+
+
+def test_flux_inpainting_controlnet_on_another_family_is_refused(flux_env):
+    from nodes import families
+    from nodes.control.apply import mismatch
+
+    cn = load(flux_env, FLUX_CN)
+    assert "flux ControlNet" in mismatch(cn, families.by_name("sd3"), None)
+    assert mismatch(cn, families.by_name("flux-schnell"), None) is None
