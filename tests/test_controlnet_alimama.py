@@ -27,6 +27,7 @@ PIXEL_TOL = 1 / 255 + 1e-6
 SIZE, STEPS, CFG, SEED = 64, 4, 4.5, 5
 PROMPT, NEGATIVE = "a red barn in a field", "blurry, dark"
 CKPT, CN, CN_FOLDER = "tiny-sd3-large.safetensors", "tiny-sd3-alimama.safetensors", "tiny-sd3-alimama-folder"
+PLAIN = "tiny-sd3-instantx.safetensors"
 
 
 def tiny_sd3_inpaint_controlnet(seed: int = 13):
@@ -77,6 +78,9 @@ def env(tmp_path_factory):
     net = tiny_sd3_inpaint_controlnet()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(models / "controlnet" / CN))
     net.save_pretrained(str(models / "controlnet" / CN_FOLDER), safe_serialization=True)
+    from test_sd3_controlnet import tiny_controlnet
+
+    save_file({k: v.contiguous() for k, v in tiny_controlnet().state_dict().items()}, str(models / "controlnet" / PLAIN))
     yield from environment_over(models, root)
 
 
@@ -195,6 +199,19 @@ def test_controlnet_apply_advanced_runs_an_inpainting_controlnet_with_nothing_ma
     assert (via_advanced - sd3(env, alimama(env, cn=cn))).abs().max().item() > 0.02
 
 
+def test_an_ordinary_controlnet_through_the_alimama_node_is_applied_as_by_the_advanced_node(env):
+    """ComfyUI masks nothing for a ControlNet without a mask channel: the image is its hint as given."""
+    cn = load(env, PLAIN)
+
+    def advanced(pos, neg, vae):
+        return call(controlnet_apply_advanced, env, positive=pos, negative=neg, control_net=cn, image=photo(),
+                    strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
+
+    via_alimama = sd3(env, alimama(env, cn=cn))
+    assert torch.equal(via_alimama, sd3(env, advanced))
+    assert (via_alimama - sd3(env)).abs().max().item() > 0.02
+
+
 def test_masked_image_follows_comfyui(env):
     from nodes.control.inpaint import masked_image
 
@@ -228,6 +245,11 @@ def test_bad_inputs_name_the_input(env):
     with pytest.raises(NodeError) as err:
         alimama(env, cn=cn)([], [], None)  # no vae
     assert err.value.input_name == "vae"
+    from nodes.controlnet import controlnet_apply
+
+    with pytest.raises(NodeError) as err:  # the old node has no vae input for the image's latent
+        call(controlnet_apply, env, conditioning=[], control_net=cn, image=photo(), strength=1.0)
+    assert err.value.input_name == "control_net" and "vae" in str(err.value)
 
 
 def test_an_inpainting_controlnet_on_another_family_is_refused_naming_it(env):
