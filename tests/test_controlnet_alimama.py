@@ -80,7 +80,8 @@ def env(tmp_path_factory):
     net.save_pretrained(str(models / "controlnet" / CN_FOLDER), safe_serialization=True)
     from test_sd3_controlnet import tiny_controlnet
 
-    save_file({k: v.contiguous() for k, v in tiny_controlnet().state_dict().items()}, str(models / "controlnet" / PLAIN))
+    plain = tiny_controlnet().state_dict()
+    save_file({k: v.contiguous() for k, v in plain.items()}, str(models / "controlnet" / PLAIN))
     yield from environment_over(models, root)
 
 

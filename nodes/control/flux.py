@@ -5,8 +5,9 @@ hint image is brought to the latent's pixel size (ComfyUI's resize rule), encode
 the apply node's VAE (the posterior mean, as ComfyUI encodes), shifted/scaled into model
 space and packed into 2x2 patch tokens, as diffusers' FluxControlNetPipeline prepares
 ``controlnet_cond``; an inpainting ControlNet's kept mask is appended before packing, as
-AliMama's pipeline packs it (nodes/control/inpaint.py). Each network call runs it on the same tokens, time, guidance (when
-it has a guidance embedder), pooled text, prompt and position ids as the transformer;
+AliMama's pipeline packs it (nodes/control/inpaint.py). Each network call runs it on the same
+tokens, time, guidance (when it has a guidance embedder), pooled text, prompt and position ids
+as the transformer;
 its per-block outputs times the strength are added after the transformer's blocks.
 
 A ControlNet has fewer blocks than the transformer; its outputs are spread over the

@@ -19,8 +19,8 @@ stack block by block; the transformer then gets one sample per block.
 AliMama's inpainting ControlNet (``extra_conditioning_channels`` 1) reads the masked image's
 latent and the kept mask (nodes/control/inpaint.py), pooled text as zeros. Its latent is
 shifted and scaled by the VAE's full rule, as diffusers' StableDiffusion3ControlNetInpaintingPipeline
-and AliMama's own pipeline build it; ComfyUI leaves the shift out for every SD3 ControlNet, a
-difference of ``shift * scale`` (about 0.09) on each hint latent value, which Kiln does not copy.
+builds it; ComfyUI leaves the shift out for every SD3 ControlNet, a difference of ``shift * scale``
+(about 0.09) on each hint latent value, which Kiln does not copy.
 
 Stability's SD3.5 Large ControlNets (blur, canny, depth) have no patch embedder for the
 latent and no prompt embedder: the latent goes in through the transformer's own
