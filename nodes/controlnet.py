@@ -12,8 +12,9 @@ is between ``start_percent`` and ``end_percent`` of the model's schedule (ComfyU
 sigma rule, not diffusers' step fractions). How residuals reach the network is
 nodes/control/apply.py. FLUX.1 and SD3 ControlNets read the hint as latents, so the apply
 node needs its ``vae`` input for them (ControlNetApplySD3, ComfyUI's older node for SD3,
-requires it); SetUnionControlNetType picks a union ControlNet's control type (FLUX's and
-SDXL's unions).
+requires it); ControlNetInpaintingAliMamaApply gives an inpainting ControlNet (AliMama's SD3 and
+FLUX.1 ones) the image to repaint and its mask (nodes/control/inpaint.py); SetUnionControlNetType
+picks a union ControlNet's control type (FLUX's and SDXL's unions).
 """
 from __future__ import annotations
 
@@ -165,8 +166,9 @@ def controlnet_apply_advanced(ctx, positive, negative, control_net, image, stren
 
 
 def _apply_both(node: str, positive, negative, control_net, image, strength: float, start_percent: float,
-                end_percent: float, vae: Any) -> tuple:
-    """ControlNetApplyAdvanced's and ControlNetApplySD3's work: one link on both sides."""
+                end_percent: float, vae: Any, mask: Any = None) -> tuple:
+    """ControlNetApplyAdvanced's, ControlNetApplySD3's and the AliMama node's work: one link on both
+    sides; ``mask`` is an inpainting ControlNet's kept mask (None: keep everything)."""
     _check(control_net, float(start_percent), float(end_percent))
     hint = _hint(image)
     if float(strength) == 0.0:  # ComfyUI returns here too, before it asks for a VAE
@@ -185,7 +187,7 @@ def _apply_both(node: str, positive, negative, control_net, image, strength: flo
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),
-                           previous, node, vae=latent_vae)
+                           previous, node, vae=latent_vae, mask=mask)
 
     links: dict = {}
     return (_apply(positive, "positive", links, make, control_apply_to_uncond=False),
@@ -210,6 +212,38 @@ def controlnet_apply_sd3(ctx, positive, negative, control_net, vae, image, stren
     required, kept so workflows of that time run unchanged."""
     return _apply_both("ControlNetApplySD3", positive, negative, control_net, image, strength, start_percent,
                        end_percent, vae)
+
+
+@define_node(
+    "ControlNetInpaintingAliMamaApply",
+    category="conditioning/controlnet",
+    display_name="ControlNetInpaintingAliMamaApply",
+    inputs=[Input("positive", T.CONDITIONING), Input("negative", T.CONDITIONING),
+            Input("control_net", CONTROL_NET), Input("vae", T.VAE, tooltip="The model's VAE, which encodes the image"),
+            Input("image", T.IMAGE, tooltip="The image to inpaint, 0..1 RGB"),
+            Input("mask", T.MASK, tooltip="What to repaint (1) and what to keep (0)"),
+            Input("strength", T.FLOAT, default=1.0, min=0.0, max=10.0, step=0.01),
+            Input("start_percent", T.FLOAT, default=0.0, min=0.0, max=1.0, step=0.001),
+            Input("end_percent", T.FLOAT, default=1.0, min=0.0, max=1.0, step=0.001)],
+    outputs=[Output("positive", T.CONDITIONING), Output("negative", T.CONDITIONING)],
+)
+def controlnet_inpainting_alimama_apply(ctx, positive, negative, control_net, vae, image, mask, strength: float,
+                                        start_percent: float, end_percent: float):
+    """Apply an inpainting ControlNet (AliMama's SD3 and FLUX.1 ones): its hint is the image with the
+    masked area blacked out, VAE-encoded, and the mask (nodes/control/inpaint.py). Any other ControlNet
+    is applied as by ControlNetApplyAdvanced with the image as its hint, as ComfyUI does."""
+    from nodes.control.inpaint import extra_channels, masked_image
+    from nodes.masking import as_mask
+
+    if mask is None:
+        raise NodeError("connect a MASK (1 where the image is repainted) to the mask input", "mask")
+    mask = as_mask(mask, "mask")
+    _check(control_net, float(start_percent), float(end_percent))
+    kept = None
+    if extra_channels(control_net.config):
+        image, kept = masked_image(_hint(image).movedim(1, -1), mask)
+    return _apply_both("ControlNetInpaintingAliMamaApply", positive, negative, control_net, image, strength,
+                       start_percent, end_percent, vae, mask=kept)
 
 
 @define_node(

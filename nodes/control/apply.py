@@ -62,6 +62,8 @@ class ControlLink:
     applied_by: str = "ControlNetApplyAdvanced"
     #: The VAE that turns the hint into latents, for ControlNets that read latents (FLUX).
     vae: Any = None
+    #: An inpainting ControlNet's kept mask [B, 1, h, w] (1 keep, 0 repaint); None keeps everything.
+    mask: "torch.Tensor | None" = None
     #: Hints already brought to a latent size, by the family that made them (kept for the run).
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -73,7 +75,9 @@ class ControlLink:
         return links[::-1]
 
     def __kiln_nbytes__(self) -> int:
-        return sum(link.hint.numel() * link.hint.element_size() for link in self.chain())
+        return sum(link.hint.numel() * link.hint.element_size()
+                   + (link.mask.numel() * link.mask.element_size() if link.mask is not None else 0)
+                   for link in self.chain())
 
 
 def mismatch(net: ControlNetHandle, family: Any, unet_config: Any) -> str | None:

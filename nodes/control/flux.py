@@ -4,8 +4,10 @@ Such a ControlNet is a short FLUX transformer that reads the hint as VAE latents
 hint image is brought to the latent's pixel size (ComfyUI's resize rule), encoded with
 the apply node's VAE (the posterior mean, as ComfyUI encodes), shifted/scaled into model
 space and packed into 2x2 patch tokens, as diffusers' FluxControlNetPipeline prepares
-``controlnet_cond``. Each network call runs it on the same tokens, time, guidance (when
-it has a guidance embedder), pooled text, prompt and position ids as the transformer;
+``controlnet_cond``; an inpainting ControlNet's kept mask is appended before packing, as
+AliMama's pipeline packs it (nodes/control/inpaint.py). Each network call runs it on the same
+tokens, time, guidance (when it has a guidance embedder), pooled text, prompt and position ids
+as the transformer;
 its per-block outputs times the strength are added after the transformer's blocks.
 
 A ControlNet has fewer blocks than the transformer; its outputs are spread over the
@@ -33,11 +35,13 @@ SINGLE_BLOCKS = "controlnet_single_block_samples"
 def hint_tokens(link: Any, rows: int, h: int, w: int, latent: Any, device: Any, dtype: Any) -> "torch.Tensor":
     """The hint as packed model-space latent tokens [rows, (h/2)(w/2), 64], encoded once per size."""
     from nodes.control.apply import latent_hint, to_rows
+    from nodes.control.inpaint import extra_channels, with_mask
     from nodes.families.flux import pack
 
     key = ("flux-packed", h, w)
     if key not in link.cache:
-        link.cache[key] = pack(latent_hint(link, h, w, latent.to_model, "FLUX"))
+        hint = with_mask(link, latent_hint(link, h, w, latent.to_model, "FLUX"), extra_channels(link.net.config))
+        link.cache[key] = pack(hint)
     return to_rows(link.cache[key], rows).to(device, dtype)
 
 

@@ -7,6 +7,8 @@ the hint's input layer ``controlnet_x_embedder``, one zero-initialised linear pe
 control-type embedding ``controlnet_mode_embedder``. The ``FluxControlNetModel`` config is
 read from the shapes, as FLUX transformers' are (nodes.checkpoint.flux_keys): the head
 width from the query norm, the rotary axes in the released (16, 56, 56) proportions.
+AliMama's inpainting ControlNet (FLUX.1-dev-Controlnet-Inpainting-Alpha/Beta) has a hint embedder
+four inputs wider: the mask's channel, packed with the masked image's latent (see :func:`load`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError
+from nodes.control.inpaint import FLUX_EXTRA, MASK_CHANNELS
+
+#: Latent channels per hint token: FLUX packs 2x2 patches.
+PATCH = 4
 
 #: Only a FLUX ControlNet has both (SD3's ControlNets have pos_embed_input instead).
 MARKERS = ("controlnet_x_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight")
@@ -55,23 +61,41 @@ def controlnet_config(shapes: dict[str, tuple], name: str) -> dict[str, Any]:
     if any(k.startswith("input_hint_block.") for k in shapes):
         raise CheckpointError(f"{name}: a FLUX ControlNet with its own hint encoder (input_hint_block) is not "
                               "supported; InstantX-style ControlNets, which read VAE latents, are")
-    if shapes["controlnet_x_embedder.weight"][1] != in_channels:
-        raise CheckpointError(f"{name}: its hint input takes {shapes['controlnet_x_embedder.weight'][1]} channels, "
-                              f"not the latent's {in_channels} (inpainting ControlNets with a mask channel are "
-                              "not supported)")
+    hint = shapes["controlnet_x_embedder.weight"][1]
+    if hint not in (in_channels, in_channels + PATCH * MASK_CHANNELS):
+        raise CheckpointError(f"{name}: its hint input takes {hint} channels, not the latent's {in_channels} or "
+                              f"that plus a mask ({in_channels + PATCH * MASK_CHANNELS}, AliMama's inpainting "
+                              "ControlNet)")
     if "controlnet_mode_embedder.weight" in shapes:
         config["num_mode"] = shapes["controlnet_mode_embedder.weight"][0]
     return config
 
 
+def is_inpainting(state: Any) -> bool:
+    """Whether a FLUX ControlNet's hint embedder is wider than its latent embedder (the mask's channels)."""
+    return tuple(state["controlnet_x_embedder.weight"].shape)[1] != tuple(state["x_embedder.weight"].shape)[1]
+
+
 def load(state: dict[str, Any], name: str, dtype: Any) -> tuple[Any, dict[str, Any]]:
-    """(the FluxControlNetModel, what it is for the loader's message)."""
+    """(the FluxControlNetModel, what it is for the loader's message).
+
+    diffusers' FluxControlNetModel sizes its hint embedder as its latent embedder; AliMama's
+    inpainting ControlNet has 4 more inputs (the mask's channel in 2x2 patches). Its forward
+    only applies the embedder to the hint tokens, so a wider one is put in its place and the
+    extra channel is noted in the config (``inpaint.FLUX_EXTRA``) for the apply node and the run."""
+    import torch
     from diffusers import FluxControlNetModel
 
     from nodes.checkpoint.load import _assign, _empty
 
     config = controlnet_config({k: tuple(v.shape) for k, v in state.items()}, name)
-    network = _assign(_empty(FluxControlNetModel, config), state, "FLUX ControlNet", dtype)
+    network = _empty(FluxControlNetModel, config)
     kind = f"union of {config['num_mode']} types" if "num_mode" in config else "single type"
+    if is_inpainting(state):
+        width, hint = state["controlnet_x_embedder.weight"].shape
+        network.controlnet_x_embedder = torch.nn.Linear(hint, width, device="meta")
+        network.register_to_config(**{FLUX_EXTRA: MASK_CHANNELS})
+        kind = "AliMama inpainting (hint + mask)"
+    network = _assign(network, state, "FLUX ControlNet", dtype)
     return network, {"format": f"diffusers single file, {config['num_layers']} double + "
                                f"{config['num_single_layers']} single blocks, {kind}"}

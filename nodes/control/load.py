@@ -203,6 +203,13 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
 
     quiet_progress()
     if flux_load.is_flux_folder(path):
+        from nodes.checkpoint.folders import folder_state
+
+        found = folder_state(path, None)
+        if found is not None and flux_load.is_flux_controlnet(found[1]) and flux_load.is_inpainting(found[1]):
+            network, info = flux_load.load(dict(found[1]), path.name, dtype)  # diffusers' class cannot hold it
+            return LoadedControlNet(families.by_name("flux"), network, {**info, "format": "diffusers folder, " +
+                                                                        info["format"].split(", ", 1)[1]})
         try:
             network = folder_component(path, FluxControlNetModel, dtype).eval().requires_grad_(False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -16,6 +16,12 @@ The samples are spread over the transformer's blocks by diffusers' rule (block i
 sample ``int(i / (N / n))``) before they are summed, so ControlNets of different depths
 stack block by block; the transformer then gets one sample per block.
 
+AliMama's inpainting ControlNet (``extra_conditioning_channels`` 1) reads the masked image's
+latent and the kept mask (nodes/control/inpaint.py), pooled text as zeros. Its latent is
+shifted and scaled by the VAE's full rule, as diffusers' StableDiffusion3ControlNetInpaintingPipeline
+builds it; ComfyUI leaves the shift out for every SD3 ControlNet, a difference of ``shift * scale``
+(about 0.09) on each hint latent value, which Kiln does not copy.
+
 Stability's SD3.5 Large ControlNets (blur, canny, depth) have no patch embedder for the
 latent and no prompt embedder: the latent goes in through the transformer's own
 ``pos_embed`` (diffusers' pipeline copies it into the ControlNet; Kiln calls the model's),
@@ -28,6 +34,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from nodes.checkpoint.load import CheckpointError
+from nodes.control.inpaint import MASK_CHANNELS
 from nodes.families.base import ConditioningError
 
 if TYPE_CHECKING:
@@ -77,9 +84,9 @@ def controlnet_config(shapes: dict[str, tuple], name: str) -> dict[str, Any]:
             force_zeros_for_pooled_projection=context is not None)
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{name}: not a complete SD3 ControlNet ({exc} is missing)") from None
-    if config["extra_conditioning_channels"]:
+    if config["extra_conditioning_channels"] not in (0, MASK_CHANNELS):
         raise CheckpointError(f"{name}: its hint input takes {hint_channels} channels, not the latent's {in_channels} "
-                              "(inpainting ControlNets with a mask channel are not supported)")
+                              f"or that plus a mask ({in_channels + MASK_CHANNELS}, AliMama's inpainting ControlNet)")
     return config
 
 
@@ -109,12 +116,15 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
     import torch
 
     from nodes.control.apply import latent_hint, to_rows
+    from nodes.control.inpaint import with_mask
 
     b, _, h, w = x.shape
     dtype, device = network.dtype, x.device
     zeros = bool(network.config.force_zeros_for_pooled_projection)
-    to_model = (lambda raw: raw * latent.scale) if zeros else latent.to_model
-    hint = latent_hint(link, h, w, to_model, "SD3" if not zeros else "SD3 (InstantX)")
+    extra = int(network.config.extra_conditioning_channels or 0)
+    shifted = extra or not zeros  # AliMama's inpainting ControlNet reads shifted latents (see the module's note)
+    to_model = latent.to_model if shifted else (lambda raw: raw * latent.scale)
+    hint = with_mask(link, latent_hint(link, h, w, to_model, "SD3" if shifted else "SD3 (InstantX)"), extra)
     pooled = kwargs["pooled_projections"].to(dtype)
     time = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(b)
     hidden = x.to(dtype)
