@@ -10,6 +10,7 @@ applies it and KSampler's messages say how many evaluations were skipped.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
@@ -72,18 +73,9 @@ def lazy_cache(ctx, model, reuse_threshold: float, start_percent: float, end_per
 def hypertile(ctx, model, tile_size: int, swap_size: int, max_depth: int, scale_depth: bool):
     """HyperTile: the UNet's self-attention at its largest feature sizes computed on tiles of about
     ``tile_size`` pixels (nodes.families.hypertile), which speeds up large images. UNet families only."""
-    from nodes.families.base import ConditioningError
-    from nodes.families.freeu import unet_of
     from nodes.families.hypertile import HyperTileSettings
-    from nodes.handles import ModelHandle
 
-    if not isinstance(model, ModelHandle):
-        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
-    try:
-        unet_of(model.peek())
-    except ConditioningError:
-        raise NodeError("HyperTile tiles a UNet's self-attention (SD1, SD2, SDXL); a flow transformer such as "
-                        "FLUX has none of that layout", "model") from None
+    _unet_model(model, "HyperTile tiles a UNet's self-attention")
     values = {}
     for name, value, low, high in (("tile_size", tile_size, 1, 2048), ("swap_size", swap_size, 1, 128),
                                    ("max_depth", max_depth, 0, 10)):
@@ -101,9 +93,18 @@ def tome_patch_model(ctx, model, ratio: float):
     """Token merging: the UNet's full-size self-attention attends with the ``ratio`` most redundant
     queries merged into their neighbours (nodes.families.tome); faster, slightly softer. 0 changes
     nothing. UNet families only."""
+    from nodes.families.tome import TomeSettings
+
+    _unet_model(model, "TomePatchModel merges a UNet's self-attention tokens")
+    settings = TomeSettings(_in_range("ratio", ratio, 0.0, 1.0))
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, tome=settings)),)
+
+
+def _unet_model(model: Any, what: str) -> None:
+    """Refuse anything but a MODEL whose network is a UNet, naming ``model``; ``what`` says what the
+    patch does to it."""
     from nodes.families.base import ConditioningError
     from nodes.families.freeu import unet_of
-    from nodes.families.tome import TomeSettings
     from nodes.handles import ModelHandle
 
     if not isinstance(model, ModelHandle):
@@ -111,7 +112,5 @@ def tome_patch_model(ctx, model, ratio: float):
     try:
         unet_of(model.peek())
     except ConditioningError:
-        raise NodeError("TomePatchModel merges a UNet's self-attention tokens (SD1, SD2, SDXL); a flow "
-                        "transformer such as FLUX has none of that layout", "model") from None
-    settings = TomeSettings(_in_range("ratio", ratio, 0.0, 1.0))
-    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, tome=settings)),)
+        raise NodeError(f"{what} (SD1, SD2, SDXL); a flow transformer such as FLUX has none of that layout",
+                        "model") from None
