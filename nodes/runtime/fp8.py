@@ -47,7 +47,7 @@ def _cast_linear_class():
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
             if vars(self).get("kiln_deltas"):  # an instance attribute: patches.patched routes by the class's
                 return torch.nn.functional.linear(x, *_with_deltas(self, x.dtype))
-            w = self.weight.to(x.dtype)
+            w = _scaled(self, self.weight.to(x.dtype))
             b = self.bias.to(x.dtype) if self.bias is not None else None
             out = torch.nn.functional.linear(x, w, b)
             for up, down, coefficient in self.kiln_lora:
@@ -91,6 +91,8 @@ def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
     import torch
 
     w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
+    if weight_scale(layer) is not None:
+        w = _scaled(layer, w.to(torch.float32))
     for kind, patch, strength in layer.kiln_deltas:
         t = (b if kind == "bias" else w).to(torch.float32)
         if hasattr(patch, "apply"):
@@ -100,6 +102,26 @@ def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
         w, b = (w, t) if kind == "bias" else (t, b)
     stored = (layer.weight, getattr(layer, "bias", None))  # a norm may have neither
     return tuple(t.to(dtype or s.dtype) if t is not None else None for t, s in zip((w, b), stored))
+
+
+def set_weight_scale(layer: Any, scale: Any) -> None:
+    """Give a CastLinear the scale its stored weight was divided by (ComfyUI's scaled fp8 files,
+    nodes.checkpoint.scaled_fp8): one float32 per output row, shape (rows, 1). Held as a buffer left
+    out of the state dict, so it moves with the layer between devices and the module's keys stay
+    the model's own."""
+    layer.register_buffer("kiln_scale", scale, persistent=False)
+
+
+def weight_scale(layer: Any) -> Any:
+    """The layer's weight scale (:func:`set_weight_scale`), None when its weight is stored as is."""
+    return layer._buffers.get("kiln_scale")
+
+
+def _scaled(layer: Any, w: Any) -> Any:
+    """``w`` (the layer's weight already cast to the dtype it is used in) times the layer's scale cast to
+    that dtype, as ComfyUI's scaled fp8 layer computes it; ``w`` itself when there is none."""
+    scale = weight_scale(layer)
+    return w if scale is None else w * scale.to(w.dtype)
 
 
 def _run_time_classes() -> dict:

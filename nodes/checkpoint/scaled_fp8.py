@@ -1,0 +1,122 @@
+"""ComfyUI's "scaled" fp8 files: fp8 weights that each carry the number they were divided by.
+
+Comfy-Org ships many models (FLUX ``*fp8_scaled``, ``t5xxl_fp8_e4m3fn_scaled``, Chroma, SD3.5...) with
+each quantised linear weight ``W`` stored as ``fp8(W / s)`` beside a float32 ``<layer>.scale_weight``
+``s``, and a ``scaled_fp8`` marker tensor (empty; its dtype names the fp8 type, float32 meaning
+e4m3fn). The true weight is ``fp8 * s``: ComfyUI's scaled fp8 linear layer multiplies the weight,
+cast to the compute dtype, by ``s`` cast to the same dtype, for every call. Some files also store a
+``<layer>.scale_input``: ComfyUI reads it only when it multiplies in fp8 itself (``torch._scaled_mm``
+on cards that can, with the fp8 optimisation the marker's two-element form turns off); the plain
+cast-and-multiply path it takes otherwise ignores it. Kiln always casts, so it is consumed and unused.
+
+This module is the one place these keys are understood, for every family:
+
+* :func:`take` removes the marker and the scales from a state before a family's loader sees it
+  (checked: a scale names a weight the file holds, and is one number or one per output row);
+* :func:`follow` sends the scales through the family's own key conversion, so a fused ``qkv``
+  weight split into q, k and v gives each part its rows of the scale (per-tensor scales are
+  widened to one per row first, which every conversion of linear weights keeps: they only
+  rename, split, swap or stack rows);
+* :func:`attach` gives each layer its scale: a CastLinear that keeps its weight fp8 multiplies per
+  call (nodes.runtime.fp8), a layer whose weight was cast to the compute dtype at load (T5's ``wo``)
+  is multiplied once, in that dtype, as ComfyUI would per call.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+MARKER = "scaled_fp8"
+WEIGHT_SCALE = ".scale_weight"
+INPUT_SCALE = ".scale_input"
+
+
+def is_scaled(keys: Any) -> bool:
+    """Whether a file's keys (any prefix) hold ComfyUI scaled fp8 weights."""
+    return any(k == MARKER or k.endswith(("." + MARKER, WEIGHT_SCALE)) for k in keys)
+
+
+def _error(message: str) -> Exception:
+    from nodes.checkpoint.load import CheckpointError
+
+    return CheckpointError(message)
+
+
+def _row_scale(scale: Any, weight: Any, what: str, key: str) -> Any:
+    """``scale`` as one float32 number per output row of ``weight``, shape (rows, 1); a scale of any
+    other shape is the file's error."""
+    import torch
+
+    rows = int(weight.shape[0]) if weight.ndim >= 1 else 0
+    shape = tuple(scale.shape)
+    fits = scale.is_floating_point() and weight.ndim == 2 and (
+        scale.numel() == 1 or shape in ((rows,), (rows, 1)))
+    if not fits:
+        raise _error(f"{what}: {key} has shape {shape} ({str(scale.dtype).replace('torch.', '')}) for a weight of "
+                     f"shape {tuple(weight.shape)}: a weight scale is one float or one per output row ({rows})")
+    return scale.to(torch.float32).reshape(-1, 1).expand(rows, 1).contiguous()
+
+
+def take(state: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``state`` without the marker and scale tensors, and the weight scales by weight key
+    (``<layer>.weight`` -> float32 (rows, 1)). A file with none gives ``(state, {})`` unchanged.
+    Raises CheckpointError naming ``what`` (the file) and the key for a scale with no weight or of a
+    shape that is neither one number nor one per row."""
+    if not is_scaled(state.keys()):
+        return dict(state), {}
+    rest, scales = {}, {}
+    for key in state:
+        if key == MARKER or key.endswith("." + MARKER) or key.endswith(INPUT_SCALE):
+            continue
+        if key.endswith(WEIGHT_SCALE):
+            weight_key = key[: -len(WEIGHT_SCALE)] + ".weight"
+            if weight_key not in state:
+                raise _error(f"{what}: {key} scales {weight_key}, which the file does not hold")
+            scales[weight_key] = _row_scale(state[key], state[weight_key], what, key)
+            continue
+        rest[key] = state[key]
+    for key in state:
+        if key.endswith(INPUT_SCALE) and key[: -len(INPUT_SCALE)] + ".weight" not in state:
+            raise _error(f"{what}: {key} scales the input of {key[: -len(INPUT_SCALE)]}, a layer the file does not hold")
+    return rest, scales
+
+
+def follow(scales: dict[str, Any], state: Mapping[str, Any], convert: Callable[[dict[str, Any]], dict[str, Any]]
+           ) -> dict[str, Any]:
+    """The row scales under the names ``convert`` (a family's key conversion) gives their weights.
+
+    ``convert`` runs on a stand-in for ``state``: each scaled weight replaced by its (rows, 1) scale,
+    every other tensor by an empty one of its shape on the meta device (nothing read or allocated), so
+    whatever the conversion does to a weight's rows it does to the scale's; what comes out off the
+    meta device is a scale."""
+    if not scales:
+        return {}
+    import torch
+
+    stand_in = {k: scales[k] if k in scales else torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
+                for k, v in state.items()}
+    return {k: v for k, v in convert(stand_in).items() if v.device.type != "meta"}
+
+
+def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
+    """Give each of ``model``'s scaled layers its scale (module docstring); returns ``model``.
+    ``scales``: row scales under the model's own weight names (:func:`follow`)."""
+    import torch
+
+    from nodes.runtime.fp8 import cast_linear_class, set_weight_scale
+
+    for key, scale in scales.items():
+        owner = key[: -len(".weight")]
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            raise _error(f"{what}: a weight scale for {owner}, a layer the model does not have") from None
+        weight = layer.weight
+        if scale.shape[0] != weight.shape[0]:
+            raise _error(f"{what}: the scale for {key} has {scale.shape[0]} rows, the weight {weight.shape[0]}")
+        if type(layer) is cast_linear_class():
+            set_weight_scale(layer, scale)
+        else:  # cast to the compute dtype at load: multiply once, in that dtype
+            with torch.no_grad():
+                weight.mul_(scale.to(weight.dtype))
+    return model
