@@ -233,3 +233,67 @@ def test_a_malformed_scale_is_an_error_naming_file_and_key(env, root):
     with pytest.raises(Exception) as caught:
         call(split_loaders.unet_loader, env, unet_name=name)
     assert name in str(caught.value) and key in str(caught.value) and "(3, 2)" in str(caught.value)
+
+
+def _flux_forward(net: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 64, generator=g)
+    txt = torch.randn(1, 8, tiny_flux.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=txt, pooled_projections=torch.randn(1, tiny_flux.TEXT, generator=g),
+                   timestep=torch.tensor([0.7]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                   guidance=torch.tensor([3.5]), return_dict=False)[0]
+
+
+def test_a_scaled_model_paged_to_disk_keeps_its_scales(root, tmp_path):
+    """The scales are buffers: diffusers' disk offloading writes and brings them back with the block."""
+    from nodes.checkpoint.split import load_unet_file
+    from nodes.runtime import offload
+
+    path = root / "diffusion_models" / "flux-scaled.safetensors"
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    paged = load_unet_file(path, torch.float32, offload=lambda n, b: offload.Plan(onload="cpu", rest="disk",
+                                                                                   note="test")).modules["unet"]
+    assert offload.offloaded(paged) is None  # a scaled file is built whole (then paged, as below)
+    offload.offload_blocks(paged, "cpu", "disk", "test: paged", folder_root=str(tmp_path))
+    assert offload.offloaded(paged).paged
+    assert torch.equal(_flux_forward(paged), _flux_forward(whole))
+    plain = load_unet_file(path.with_name("flux-dequant.safetensors"), torch.float32).modules["unet"]
+    assert torch.equal(_flux_forward(whole), _flux_forward(plain))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_lora_on_a_scaled_model_equals_it_on_the_dequantised_one(env, root, dora):
+    """The LoRA runs beside the fp8 weight (whose layer applies the scale); on the float32 twin it is added
+    in place: the same sum, rounded differently. A DoRA module needs the weight itself: the scaled layer
+    builds it per call from fp8 * scale (nodes.runtime.fp8's ``kiln_deltas``)."""
+    from safetensors.torch import save_file
+
+    hidden = tiny_flux.HEADS * tiny_flux.HEAD_DIM
+    g = torch.Generator().manual_seed(4)
+    factors = {"double_blocks.0.img_attn.qkv": (3 * hidden, hidden), "single_blocks.0.linear1": (7 * hidden, hidden),
+               "final_layer.adaLN_modulation.1": (2 * hidden, hidden), "double_blocks.0.img_attn.proj": (hidden, hidden)}
+    lora = {}
+    for module, (rows, cols) in factors.items():
+        lora[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, cols, generator=g) * 0.3
+        lora[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * 0.3
+    if dora:  # one magnitude per output row of the projection
+        lora["diffusion_model.double_blocks.0.img_attn.proj.dora_scale"] = torch.rand(hidden, 1, generator=g) + 0.5
+    (root / "loras").mkdir(exist_ok=True)
+    lora_name = f"scaled-test-{'dora' if dora else 'lora'}.safetensors"
+    save_file(lora, str(root / "loras" / lora_name))
+    from nodes import lora as lora_nodes
+
+    outs = {}
+    for name in ("flux-scaled.safetensors", "flux-dequant.safetensors"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+        (patched,) = call(lora_nodes.lora_loader_model_only, env, model=model, lora_name=lora_name,
+                          strength_model=1.0)
+        with patched.unet() as net:
+            outs[name] = _flux_forward(net)
+        with model.unet() as net:
+            outs[name + "-base"] = _flux_forward(net)
+    diff = float((outs["flux-scaled.safetensors"] - outs["flux-dequant.safetensors"]).abs().max())
+    effect = float((outs["flux-scaled.safetensors"] - outs["flux-scaled.safetensors-base"]).abs().max())
+    print(f"{lora_name} on scaled vs dequantised: {diff:.2e} (the LoRA moves the output by {effect:.2e})")
+    assert diff <= 1e-5 and effect > 1e-2
