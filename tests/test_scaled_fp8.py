@@ -297,3 +297,83 @@ def test_a_lora_on_a_scaled_model_equals_it_on_the_dequantised_one(env, root, do
     effect = float((outs["flux-scaled.safetensors"] - outs["flux-scaled.safetensors-base"]).abs().max())
     print(f"{lora_name} on scaled vs dequantised: {diff:.2e} (the LoRA moves the output by {effect:.2e})")
     assert diff <= 1e-5 and effect > 1e-2
+
+
+# -- the newer per-layer marking (.comfy_quant) ---------------------------------------------------
+
+
+def _quant_marker(fmt: str) -> torch.Tensor:
+    import json
+
+    return torch.tensor(list(json.dumps({"format": fmt}).encode("utf-8")), dtype=torch.uint8)
+
+
+def quantise_mixed(state: dict, prefix: str = "", always: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """An "fp8mixed" file as ComfyUI's MixedPrecisionOps reads it: every other linear weight fp8 with one
+    ``weight_scale`` and a ``comfy_quant`` marker (some with an ``input_scale``), the rest left float32
+    (``always``: weights quantised wherever they fall); and its dequantised twin."""
+    scaled, plain = {}, {}
+    linears = [k for k, v in sorted(state.items()) if v.ndim == 2 and k.endswith(".weight")]
+    for k, v in state.items():
+        scaled[prefix + k] = plain[prefix + k] = v.detach()
+    for i, k in enumerate(linears):
+        if i % 2 and not any(a in k for a in always):
+            continue
+        layer = prefix + k[: -len(".weight")]
+        s = state[k].detach().float().abs().max() / 448.0
+        q = (state[k].detach().float() / s).to(FP8)
+        scaled[layer + ".weight"], plain[layer + ".weight"] = q, q.float() * s
+        scaled[layer + ".weight_scale"] = s.to(torch.float32)
+        scaled[layer + ".comfy_quant"] = _quant_marker("float8_e4m3fn")
+        if i % 4 == 0:
+            scaled[layer + ".input_scale"] = torch.tensor(0.5)
+    return scaled, plain
+
+
+@pytest.fixture(scope="module")
+def mixed_root(root) -> Path:
+    for name, state, prefix in (("flux", tiny_flux.bfl_transformer("dev"), "model.diffusion_model."),
+                                ("sd3", tiny_sd3.original_transformer("large"), "")):
+        scaled, plain = quantise_mixed(state, prefix)
+        tiny_flux._save(root / "diffusion_models" / f"{name}-mixed.safetensors", scaled)
+        tiny_flux._save(root / "diffusion_models" / f"{name}-mixed-dequant.safetensors", plain)
+    scaled, plain = quantise_mixed(_t5())
+    tiny_flux._save(root / "text_encoders" / "t5-mixed.safetensors", scaled)
+    tiny_flux._save(root / "text_encoders" / "t5-mixed-dequant.safetensors", plain)
+    return root
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_comfy_quant_mixed_file_equals_its_dequantised_twin(env, mixed_root, family):
+    (mixed,) = call(split_loaders.unet_loader, env, unet_name=f"{family}-mixed.safetensors")
+    (plain,) = call(split_loaders.unet_loader, env, unet_name=f"{family}-mixed-dequant.safetensors")
+    with mixed.unet() as a, plain.unet() as b:
+        layers, held = _compare(a, b)
+        floats = [m for m in a.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
+    assert layers and floats  # mixed: fp8 layers with scales beside float32 ones
+    print(f"{family} mixed: {layers} fp8 layers ({held} bytes), {len(floats)} float32 layers")
+
+
+def test_a_comfy_quant_t5_through_clip_loader(env, mixed_root):
+    (s,) = call(split_loaders.clip_loader, env, clip_name="t5-mixed.safetensors", type="chroma")
+    (p,) = call(split_loaders.clip_loader, env, clip_name="t5-mixed-dequant.safetensors", type="chroma")
+    with s.encoder("text_encoder") as a, p.encoder("text_encoder") as b:
+        ea, eb = _effective(a), _effective(b)
+        assert set(ea) == set(eb) and all(torch.equal(ea[k], eb[k]) for k in eb)
+        assert any(weight_scale(m) is not None for m in a.modules())
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda s: s.update({"double_blocks.0.img_attn.qkv.comfy_quant": _quant_marker("nvfp4")}), "'nvfp4'"),
+    (lambda s: s.pop("double_blocks.0.img_attn.qkv.weight_scale"), "double_blocks.0.img_attn.qkv.weight_scale"),
+    (lambda s: s.update({"double_blocks.0.img_attn.qkv.comfy_quant": torch.tensor([1, 2, 3], dtype=torch.uint8)}),
+     "double_blocks.0.img_attn.qkv.comfy_quant"),
+])
+def test_a_comfy_quant_file_the_facts_do_not_cover_is_an_error_naming_file_and_key(env, root, change, words):
+    scaled, _ = quantise_mixed(tiny_flux.bfl_transformer("dev"), always=("img_attn.qkv",))
+    change(scaled)
+    name = f"bad-quant-{len(words)}.safetensors"
+    tiny_flux._save(root / "diffusion_models" / name, scaled)
+    with pytest.raises(Exception) as caught:
+        call(split_loaders.unet_loader, env, unet_name=name)
+    assert name in str(caught.value) and words in str(caught.value)

@@ -133,11 +133,11 @@ def t5_held_bytes(state: Mapping[str, Any], prefix: str, dtype: Any) -> int:
     same rule), for the model manager's plan before anything is read."""
     import torch
 
-    from nodes.checkpoint.scaled_fp8 import INPUT_SCALE, MARKER, WEIGHT_SCALE
+    from nodes.checkpoint.scaled_fp8 import MARKER, SUFFIXES
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
 
     shapes, dtypes = shapes_of(state), dtypes_of(state)
-    shapes = {k: s for k, s in shapes.items() if not k.endswith((MARKER, WEIGHT_SCALE, INPUT_SCALE))}
+    shapes = {k: s for k, s in shapes.items() if k != MARKER and not k.endswith(SUFFIXES)}
     sub = {k[len(prefix):]: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in shapes if k.startswith(prefix)}
     with torch.device("meta"):
         model = _t5_skeleton(sub, prefix)

@@ -9,6 +9,14 @@ cast to the compute dtype, by ``s`` cast to the same dtype, for every call. Some
 on cards that can, with the fp8 optimisation the marker's two-element form turns off); the plain
 cast-and-multiply path it takes otherwise ignores it. Kiln always casts, so it is consumed and unused.
 
+Newer Comfy-Org files ("fp8mixed", and those its quantisation tools write) mark each quantised layer
+instead: ``<layer>.comfy_quant`` is a uint8 tensor holding UTF-8 JSON such as
+``{"format": "float8_e4m3fn"}`` (ComfyUI's MixedPrecisionOps reads it), the scale is
+``<layer>.weight_scale`` (one float32; the weight is again ``fp8 * scale``, ComfyUI's fp8 layout
+dequantising as ``qdata.to(dtype) * scale``) and ``<layer>.input_scale`` again only feeds the fp8
+matmul. Unmarked layers hold plain weights. The two fp8 formats (``float8_e4m3fn``, ``float8_e5m2``)
+load here; any other format (``nvfp4``: 4-bit blocks with two scales) is refused by name.
+
 This module is the one place these keys are understood, for every family:
 
 * :func:`take` removes the marker and the scales from a state before a family's loader sees it
@@ -29,11 +37,19 @@ from typing import Any, Callable
 MARKER = "scaled_fp8"
 WEIGHT_SCALE = ".scale_weight"
 INPUT_SCALE = ".scale_input"
+#: the newer per-layer vocabulary: marker, weight scale, input scale
+QUANT = ".comfy_quant"
+QUANT_WEIGHT_SCALE = ".weight_scale"
+QUANT_INPUT_SCALE = ".input_scale"
+#: the comfy_quant formats whose weight is one fp8 tensor times one scale
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+#: every key suffix this module consumes (for header-only sizes)
+SUFFIXES = ("." + MARKER, WEIGHT_SCALE, INPUT_SCALE, QUANT, QUANT_WEIGHT_SCALE, QUANT_INPUT_SCALE)
 
 
 def is_scaled(keys: Any) -> bool:
-    """Whether a file's keys (any prefix) hold ComfyUI scaled fp8 weights."""
-    return any(k == MARKER or k.endswith(("." + MARKER, WEIGHT_SCALE)) for k in keys)
+    """Whether a file's keys (any prefix) hold ComfyUI scaled fp8 weights, in either vocabulary."""
+    return any(k == MARKER or k.endswith(("." + MARKER, WEIGHT_SCALE, QUANT)) for k in keys)
 
 
 def _error(message: str) -> Exception:
@@ -64,21 +80,56 @@ def take(state: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str,
     shape that is neither one number nor one per row."""
     if not is_scaled(state.keys()):
         return dict(state), {}
-    rest, scales = {}, {}
+    marked = _marked_layers(state, what)
+    consumed = {k for k in state if k == MARKER or k.endswith(("." + MARKER, QUANT))}
+    scales = {}
     for key in state:
-        if key == MARKER or key.endswith("." + MARKER) or key.endswith(INPUT_SCALE):
+        layer = _scaled_layer(key, marked)
+        if layer is None:
             continue
-        if key.endswith(WEIGHT_SCALE):
-            weight_key = key[: -len(WEIGHT_SCALE)] + ".weight"
-            if weight_key not in state:
-                raise _error(f"{what}: {key} scales {weight_key}, which the file does not hold")
-            scales[weight_key] = _row_scale(state[key], state[weight_key], what, key)
-            continue
-        rest[key] = state[key]
+        consumed.add(key)
+        if layer + ".weight" not in state:
+            raise _error(f"{what}: {key} belongs to {layer}.weight, which the file does not hold")
+        if key.endswith((WEIGHT_SCALE, QUANT_WEIGHT_SCALE)):
+            scales[layer + ".weight"] = _row_scale(state[key], state[layer + ".weight"], what, key)
+    for layer in sorted(marked):
+        if layer + ".weight" not in state:
+            raise _error(f"{what}: {layer}{QUANT} marks {layer}.weight, which the file does not hold")
+        if layer + ".weight" not in scales:
+            raise _error(f"{what}: {layer}{QUANT} marks an fp8 layer but the file holds no {layer}{QUANT_WEIGHT_SCALE}")
+    return {k: v for k, v in state.items() if k not in consumed}, scales
+
+
+def _scaled_layer(key: str, marked: set[str]) -> str | None:
+    """The layer a scale key belongs to (None: not a scale key). The newer names count only on layers
+    a ``comfy_quant`` marks, since other formats use ``weight_scale`` in their own ways."""
+    for suffix in (WEIGHT_SCALE, INPUT_SCALE):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    for suffix in (QUANT_WEIGHT_SCALE, QUANT_INPUT_SCALE):
+        if key.endswith(suffix) and key[: -len(suffix)] in marked:
+            return key[: -len(suffix)]
+    return None
+
+
+def _marked_layers(state: Mapping[str, Any], what: str) -> set[str]:
+    """The layers a ``comfy_quant`` marks, each checked to be one of the fp8 formats."""
+    import json
+
+    marked = set()
     for key in state:
-        if key.endswith(INPUT_SCALE) and key[: -len(INPUT_SCALE)] + ".weight" not in state:
-            raise _error(f"{what}: {key} scales the input of {key[: -len(INPUT_SCALE)]}, a layer the file does not hold")
-    return rest, scales
+        if not key.endswith(QUANT):
+            continue
+        try:
+            config = json.loads(bytes(state[key].reshape(-1).tolist()).decode("utf-8"))
+            fmt = config.get("format")
+        except (ValueError, TypeError, AttributeError):
+            raise _error(f"{what}: {key} is not the JSON a comfy_quant marker holds") from None
+        if fmt not in FP8_FORMATS:
+            raise _error(f"{what}: {key} marks the quantisation format {fmt!r}; Kiln loads "
+                         f"{' and '.join(FP8_FORMATS)} layers only")
+        marked.add(key[: -len(QUANT)])
+    return marked
 
 
 def follow(scales: dict[str, Any], state: Mapping[str, Any], convert: Callable[[dict[str, Any]], dict[str, Any]]
