@@ -83,6 +83,12 @@ def root(tmp_path_factory) -> Path:
         pair = quantise(state, prefix)
         aio[True] = {**aio.get(True, {}), **pair[0]}
         aio[False] = {**aio.get(False, {}), **pair[1]}
+    whole = tiny_sd3.single_file("large")
+    inner = [p for p in ("model.diffusion_model.", "text_encoders.t5xxl.transformer.")]
+    rest = {k: v for k, v in whole.items() if not k.startswith(tuple(inner))}
+    pairs = [quantise({k[len(p):]: v for k, v in whole.items() if k.startswith(p)}, p) for p in inner]
+    save(root / "checkpoints" / "sd3-scaled.safetensors", {**rest, **pairs[0][0], **pairs[1][0]})
+    save(root / "checkpoints" / "sd3-dequant.safetensors", {**rest, **pairs[0][1], **pairs[1][1]})
     for scaled in (True, False):
         rest = {"text_encoders.clip_l.transformer." + k: v for k, v in tiny_flux.clip_l_state().items()}
         rest.update({"vae." + k: v for k, v in tiny_flux.vae_state().items()})
@@ -141,12 +147,14 @@ def test_weight_dtype_is_ignored_for_a_scaled_file(env):
         _compare(a, b)
 
 
-def test_checkpoint_loader_reads_a_scaled_all_in_one_flux(env):
-    (m1, c1, _) = call(loaders.checkpoint_loader, env, ckpt_name="flux-aio-scaled.safetensors")
-    (m2, c2, _) = call(loaders.checkpoint_loader, env, ckpt_name="flux-aio-dequant.safetensors")
+@pytest.mark.parametrize("name,t5", [("flux-aio", "text_encoder_2"), ("sd3", "text_encoder_3")])
+def test_checkpoint_loader_reads_a_scaled_all_in_one_file(env, name, t5):
+    (m1, c1, _) = call(loaders.checkpoint_loader, env, ckpt_name=f"{name}-scaled.safetensors")
+    (m2, c2, _) = call(loaders.checkpoint_loader, env, ckpt_name=f"{name}-dequant.safetensors")
     with m1.unet() as a, m2.unet() as b:
         _compare(a, b)
-    with c1.encoder("text_encoder_2") as a, c2.encoder("text_encoder_2") as b:
+    with c1.encoder(t5) as a, c2.encoder(t5) as b:
+        assert any(weight_scale(m) is not None for m in a.modules())
         ea, eb = _effective(a), _effective(b)
         assert all(torch.equal(ea[k], eb[k]) for k in eb)
 
