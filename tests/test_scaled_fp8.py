@@ -32,8 +32,9 @@ SIZE = 32
 PER_ROW = ("qkv", "linear1", "adaLN_modulation", "norm_out", "SelfAttention.q.", "wo.")
 
 
-def quantise(state: dict, prefix: str = "") -> tuple[dict, dict]:
-    """(scaled fp8 file, its dequantised float32 twin) of ``state``, both under ``prefix``."""
+def quantise(state: dict, prefix: str = "", storage: torch.dtype = FP8) -> tuple[dict, dict]:
+    """(scaled fp8 file, its dequantised float32 twin) of ``state``, both under ``prefix`` (``storage``: the
+    scaled weights' dtype)."""
     scaled, plain = {}, {}
     for i, (k, v) in enumerate(sorted(state.items())):
         if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() and "embed_tokens" not in k \
@@ -42,7 +43,7 @@ def quantise(state: dict, prefix: str = "") -> tuple[dict, dict]:
             per_row = any(p in k for p in PER_ROW)
             s = (w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().max()) / 448.0
             s = s.clamp_min(1e-8)
-            q = (w / s).to(FP8)
+            q = (w / s).to(storage)
             scaled[prefix + k] = q
             scaled[prefix + k[: -len("weight")] + "scale_weight"] = s.to(torch.float32)
             if i % 3 == 0:  # as fp8-matmul files carry; ComfyUI's cast path ignores it
@@ -385,3 +386,19 @@ def test_a_comfy_quant_file_the_facts_do_not_cover_is_an_error_naming_file_and_k
     with pytest.raises(Exception) as caught:
         call(split_loaders.unet_loader, env, unet_name=name)
     assert name in str(caught.value) and words in str(caught.value)
+
+
+def test_a_scale_on_a_bf16_weight_is_kept_through_the_managers_widening(env, root):
+    """A CPU manager upcasts linear weights kept bf16 only for being narrow (ModelManager.widen_if_room); a
+    scaled one keeps its CastLinear, which alone applies the scale."""
+    scaled, plain = quantise(tiny_flux.bfl_transformer("dev"), storage=torch.bfloat16)
+    tiny_flux._save(root / "diffusion_models" / "flux-bf16-scaled.safetensors", scaled)
+    tiny_flux._save(root / "diffusion_models" / "flux-bf16-dequant.safetensors", plain)
+    (a_model,) = call(split_loaders.unet_loader, env, unet_name="flux-bf16-scaled.safetensors")
+    (b_model,) = call(split_loaders.unet_loader, env, unet_name="flux-bf16-dequant.safetensors")
+    with a_model.unet() as a, b_model.unet() as b:
+        ea, eb = _effective(a), _effective(b)
+        assert all(torch.equal(ea[k], eb[k]) for k in eb)
+        kept = [m for m in a.modules() if weight_scale(m) is not None]
+        assert kept and all(type(m) is cast_linear_class() and m.weight.dtype == torch.bfloat16 for m in kept)
+        assert torch.equal(_flux_forward(a), _flux_forward(b))

@@ -192,9 +192,11 @@ def as_plain(layer: Any, model: Any) -> bool:
     paged (nodes.runtime.offload.make_whole): every run-time patched class, and a CastLinear whose
     weight rests in the model's compute dtype, go back to their torch class, so the whole model takes
     its patches in place again as one never paged does. A CastLinear holding its weight apart
-    (:func:`stored_apart`: fp8, or kept narrow) stays: it casts per call. Returns whether it changed."""
+    (:func:`stored_apart`: fp8, or kept narrow) or a scale (:func:`set_weight_scale`) stays: it casts per
+    call. Returns whether it changed."""
     base = {cls: plain for plain, cls in (_RUN_TIME or {}).items()}.get(type(layer))
-    if base is None and _CAST is not None and type(layer) is _CAST and not stored_apart(layer.weight, model):
+    if base is None and _CAST is not None and type(layer) is _CAST and not stored_apart(layer.weight, model) \
+            and weight_scale(layer) is None:  # a scaled weight needs its CastLinear whatever it is stored in
         import torch
 
         base = torch.nn.Linear
@@ -288,9 +290,10 @@ def _short_names(dtypes: Any) -> str:
 
 def _narrow_kept(module: Any) -> list[Any]:
     """CastLinear layers of ``module`` holding a bf16/fp16 weight only for being narrower than the compute
-    dtype (not fp8: a fp8 file or UNETLoader's weight_dtype chose that storage)."""
+    dtype (not fp8: a fp8 file or UNETLoader's weight_dtype chose that storage; not a scaled one, whose
+    scale only CastLinear applies)."""
     return [m for m in module.modules() if _CAST is not None and type(m) is _CAST
-            and not is_fp8(m.weight) and stored_apart(m.weight, module)]
+            and not is_fp8(m.weight) and stored_apart(m.weight, module) and weight_scale(m) is None]
 
 
 def widening_bytes(module: Any) -> int:
