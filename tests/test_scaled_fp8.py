@@ -22,7 +22,7 @@ import tiny_sd3
 from engine.executor import Executor
 from engine.registry import default_registry
 from engine.workflow import parse
-from node_call import call, environment_over
+from node_call import Called, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.runtime.fp8 import cast_linear_class, fp8_bytes, weight_scale
 
@@ -129,13 +129,15 @@ def _compare(scaled_net, plain_net) -> tuple[int, int]:
 
 @pytest.mark.parametrize("family", ["flux", "chroma", "sd3"])
 def test_unet_loader_keeps_fp8_with_scales_and_equals_the_dequantised_file(env, family):
-    (scaled,) = call(split_loaders.unet_loader, env, unet_name=f"{family}-scaled.safetensors")
+    rec = Called()
+    (scaled,) = call(split_loaders.unet_loader, env, rec, unet_name=f"{family}-scaled.safetensors")
     (plain,) = call(split_loaders.unet_loader, env, unet_name=f"{family}-dequant.safetensors")
     with scaled.unet() as a, plain.unet() as b:
         layers, held = _compare(a, b)
         full = sum(m.weight.numel() * 4 for m in b.modules() if isinstance(m, torch.nn.Linear))
         fused = [n for n, m in a.named_modules() if weight_scale(m) is not None and weight_scale(m).unique().numel() > 1]
     assert fused  # per-row scales reached split layers
+    assert f"fp8 weights kept fp8 and cast per layer, {layers} of them times their file's scales" in rec.messages[0]
     assert held * 4 == full  # every linear weight held in one byte, the dequantised twin's in four
     print(f"{family}: {layers} scaled layers, {held} fp8 bytes vs {full} float32")
 

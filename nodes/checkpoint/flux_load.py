@@ -236,10 +236,12 @@ def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
 def _held_note(transformer: Any) -> dict[str, str]:
     """``info["held"]`` for the loader's message: the weights held as stored, if any (a CPU host may then
     widen them: nodes.runtime.models.ModelManager.widen_if_room replaces the note)."""
-    from nodes.runtime.fp8 import kept_as_stored
+    from nodes.runtime.fp8 import kept_as_stored, weight_scale
 
     kept = kept_as_stored(transformer)
-    return {"held": f"{kept} weights kept {kept} and cast per layer"} if kept else {}
+    scaled = sum(weight_scale(m) is not None for m in transformer.modules())
+    scales = f", {scaled} of them times their file's scales" if scaled else ""
+    return {"held": f"{kept} weights kept {kept} and cast per layer{scales}"} if kept else {}
 
 
 def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:
