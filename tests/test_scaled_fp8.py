@@ -257,18 +257,23 @@ def _flux_forward(net: torch.nn.Module) -> torch.Tensor:
 
 
 def test_a_scaled_model_paged_to_disk_keeps_its_scales(root, tmp_path):
-    """The scales are buffers: diffusers' disk offloading writes and brings them back with the block."""
+    """The scales are buffers: block files carry them, whether the model is built straight into its
+    disk blocks (the manager asked before building) or built whole and paged later."""
     from nodes.checkpoint.split import load_unet_file
     from nodes.runtime import offload
 
     path = root / "diffusion_models" / "flux-scaled.safetensors"
     whole = load_unet_file(path, torch.float32).modules["unet"]
-    paged = load_unet_file(path, torch.float32, offload=lambda n, b: offload.Plan(onload="cpu", rest="disk",
-                                                                                   note="test")).modules["unet"]
-    assert offload.offloaded(paged) is None  # a scaled file is built whole (then paged, as below)
-    offload.offload_blocks(paged, "cpu", "disk", "test: paged", folder_root=str(tmp_path))
-    assert offload.offloaded(paged).paged
-    assert torch.equal(_flux_forward(paged), _flux_forward(whole))
+    straight = load_unet_file(path, torch.float32, offload=lambda n, b: offload.Plan(onload="cpu", rest="disk",
+                                                                                      note="test")).modules["unet"]
+    assert offload.offloaded(straight).paged
+    assert sum(weight_scale(m) is not None for m in straight.modules()) == \
+        sum(weight_scale(m) is not None for m in whole.modules()) > 0
+    later = load_unet_file(path, torch.float32).modules["unet"]
+    offload.offload_blocks(later, "cpu", "disk", "test: paged", folder_root=str(tmp_path))
+    assert offload.offloaded(later).paged
+    reference = _flux_forward(whole)
+    assert torch.equal(_flux_forward(straight), reference) and torch.equal(_flux_forward(later), reference)
     plain = load_unet_file(path.with_name("flux-dequant.safetensors"), torch.float32).modules["unet"]
     assert torch.equal(_flux_forward(whole), _flux_forward(plain))
 

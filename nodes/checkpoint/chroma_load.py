@@ -38,6 +38,7 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     from nodes.runtime.fp8 import keep_linears_as_stored
 
     state, scales = scaled_fp8.take(chroma_keys.strip(dict(state)), what)
+    state = dict(state)
     if any(k.startswith(RADIANCE) for k in state):
         raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
                               "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
@@ -47,7 +48,8 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     try:
         config = chroma_keys.transformer_config({k: tuple(v.shape) for k, v in state.items()})
         converted = chroma_keys.original_to_diffusers(state)
-        scales = scaled_fp8.follow(scales, state, chroma_keys.original_to_diffusers)
+        scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()},
+                                   chroma_keys.original_to_diffusers)
     except chroma_keys.KeyMismatch as exc:
         raise CheckpointError(f"{what}: the Chroma transformer's keys do not fit the Chroma layout: {exc}") from None
     except KeyError as exc:

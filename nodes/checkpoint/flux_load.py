@@ -47,6 +47,7 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
     state, scales = scaled_fp8.take(state, what)
+    state = dict(state)
     if all(k in state for k in fam.DIFFUSERS_MARKERS):  # diffusers layout in one file: scales already named so
         state = flux_keys.diffusers_to_bfl(state)
         scales = {}
@@ -54,7 +55,7 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     try:
         config = flux_keys.transformer_config(shapes)
         converted = flux_keys.bfl_to_diffusers(state)
-        scales = scaled_fp8.follow(scales, state, flux_keys.bfl_to_diffusers)
+        scales = scaled_fp8.follow(scales, shapes, flux_keys.bfl_to_diffusers)
     except flux_keys.KeyMismatch as exc:
         raise CheckpointError(f"{what}: the FLUX transformer's keys do not fit the FLUX layout: {exc}") from None
     except KeyError as exc:
@@ -115,6 +116,7 @@ def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, confi
     sub = {k[len(prefix):]: state[k] for k in state
            if k.startswith(prefix) and not (k == tied and prefix + "shared.weight" in state)}
     sub, scales = scaled_fp8.take(sub, what)  # T5's keys need no conversion: scales stay under their names
+    sub = dict(sub)
     if config is None:
         model = _t5_skeleton(sub, what)
     else:
@@ -194,10 +196,8 @@ def _straight_into_blocks(state: Mapping, name: str, dtype: Any, fp8: str, offlo
     manager, asked with the size from the header, will page it to disk anyway; None otherwise (load whole)."""
     from nodes.checkpoint import flux_blocks
 
-    from nodes.checkpoint.scaled_fp8 import is_scaled
-
-    if offload is None or not (flux_blocks.is_bfl(state) or flux_blocks.is_diffusers(state)) or is_scaled(state.keys()):
-        return None  # scaled fp8 weights: built whole (their scales follow the whole-state conversion)
+    if offload is None or not (flux_blocks.is_bfl(state) or flux_blocks.is_diffusers(state)):
+        return None
     plan = offload(flux_blocks.held_bytes(state, dtype, fp8), besides)
     if plan is None or plan.rest != "disk":  # on a GPU host the blocks rest in RAM: built whole, then placed
         return None

@@ -58,28 +58,32 @@ def _error(message: str) -> Exception:
     return CheckpointError(message)
 
 
-def _row_scale(scale: Any, weight: Any, what: str, key: str) -> Any:
-    """``scale`` as one float32 number per output row of ``weight``, shape (rows, 1); a scale of any
-    other shape is the file's error."""
+def _row_scale(scale: Any, weight_shape: tuple[int, ...], what: str, key: str) -> Any:
+    """``scale`` as one float32 number per output row of a weight of ``weight_shape``, shape (rows, 1);
+    a scale of any other shape is the file's error."""
     import torch
 
-    rows = int(weight.shape[0]) if weight.ndim >= 1 else 0
+    rows = int(weight_shape[0]) if weight_shape else 0
     shape = tuple(scale.shape)
-    fits = scale.is_floating_point() and weight.ndim == 2 and (
+    fits = scale.is_floating_point() and len(weight_shape) == 2 and (
         scale.numel() == 1 or shape in ((rows,), (rows, 1)))
     if not fits:
         raise _error(f"{what}: {key} has shape {shape} ({str(scale.dtype).replace('torch.', '')}) for a weight of "
-                     f"shape {tuple(weight.shape)}: a weight scale is one float or one per output row ({rows})")
+                     f"shape {tuple(weight_shape)}: a weight scale is one float or one per output row ({rows})")
     return scale.to(torch.float32).reshape(-1, 1).expand(rows, 1).contiguous()
 
 
-def take(state: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def take(state: Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
     """``state`` without the marker and scale tensors, and the weight scales by weight key
-    (``<layer>.weight`` -> float32 (rows, 1)). A file with none gives ``(state, {})`` unchanged.
+    (``<layer>.weight`` -> float32 (rows, 1)). A file with none gives ``(state, {})`` unchanged. Only
+    the markers and scales are read: a LazyState stays lazy (a view without those keys).
     Raises CheckpointError naming ``what`` (the file) and the key for a scale with no weight or of a
     shape that is neither one number nor one per row."""
+    from nodes.checkpoint.tensors import LazyState, shapes_of
+
     if not is_scaled(state.keys()):
-        return dict(state), {}
+        return state, {}
+    shapes = shapes_of(state)
     marked = _marked_layers(state, what)
     consumed = {k for k in state if k == MARKER or k.endswith(("." + MARKER, QUANT))}
     scales = {}
@@ -91,12 +95,14 @@ def take(state: Mapping[str, Any], what: str) -> tuple[dict[str, Any], dict[str,
         if layer + ".weight" not in state:
             raise _error(f"{what}: {key} belongs to {layer}.weight, which the file does not hold")
         if key.endswith((WEIGHT_SCALE, QUANT_WEIGHT_SCALE)):
-            scales[layer + ".weight"] = _row_scale(state[key], state[layer + ".weight"], what, key)
+            scales[layer + ".weight"] = _row_scale(state[key], shapes[layer + ".weight"], what, key)
     for layer in sorted(marked):
         if layer + ".weight" not in state:
             raise _error(f"{what}: {layer}{QUANT} marks {layer}.weight, which the file does not hold")
         if layer + ".weight" not in scales:
             raise _error(f"{what}: {layer}{QUANT} marks an fp8 layer but the file holds no {layer}{QUANT_WEIGHT_SCALE}")
+    if isinstance(state, LazyState):
+        return state.renamed({k: k for k in state if k not in consumed}), scales
     return {k: v for k, v in state.items() if k not in consumed}, scales
 
 
@@ -132,20 +138,20 @@ def _marked_layers(state: Mapping[str, Any], what: str) -> set[str]:
     return marked
 
 
-def follow(scales: dict[str, Any], state: Mapping[str, Any], convert: Callable[[dict[str, Any]], dict[str, Any]]
-           ) -> dict[str, Any]:
+def follow(scales: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+           convert: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """The row scales under the names ``convert`` (a family's key conversion) gives their weights.
 
-    ``convert`` runs on a stand-in for ``state``: each scaled weight replaced by its (rows, 1) scale,
-    every other tensor by an empty one of its shape on the meta device (nothing read or allocated), so
-    whatever the conversion does to a weight's rows it does to the scale's; what comes out off the
-    meta device is a scale."""
+    ``convert`` runs on a stand-in for the state of these tensor ``shapes`` (its keys after
+    :func:`take`): each scaled weight replaced by its (rows, 1) scale, every other tensor by an empty
+    one of its shape on the meta device (nothing read or allocated), so whatever the conversion does
+    to a weight's rows it does to the scale's; what comes out off the meta device is a scale."""
     if not scales:
         return {}
     import torch
 
-    stand_in = {k: scales[k] if k in scales else torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
-                for k, v in state.items()}
+    stand_in = {k: scales[k] if k in scales else torch.empty(tuple(shape), device="meta")
+                for k, shape in shapes.items()}
     return {k: v for k, v in convert(stand_in).items() if v.device.type != "meta"}
 
 
@@ -154,7 +160,7 @@ def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
     ``scales``: row scales under the model's own weight names (:func:`follow`)."""
     import torch
 
-    from nodes.runtime.fp8 import cast_linear_class, set_weight_scale
+    from nodes.runtime.fp8 import as_cast_linear, cast_linear_class, set_weight_scale
 
     for key, scale in scales.items():
         owner = key[: -len(".weight")]
@@ -165,7 +171,8 @@ def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
         weight = layer.weight
         if scale.shape[0] != weight.shape[0]:
             raise _error(f"{what}: the scale for {key} has {scale.shape[0]} rows, the weight {weight.shape[0]}")
-        if type(layer) is cast_linear_class():
+        if type(layer) is cast_linear_class() or weight.is_meta:  # meta: built into disk blocks, all CastLinear
+            as_cast_linear(layer)
             set_weight_scale(layer, scale)
         else:  # cast to the compute dtype at load: multiply once, in that dtype
             with torch.no_grad():

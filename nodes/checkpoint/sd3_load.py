@@ -91,6 +91,7 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in plain(state).items()}
     state, scales = scaled_fp8.take(state, what)
+    state = dict(state)
     fp8 = "" if scales else fp8  # as ComfyUI: a scaled file keeps its own storage
     try:
         config = transformer_config({k: tuple(v.shape) for k, v in state.items()})
@@ -101,7 +102,8 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
         converted = dict(state) if is_diffusers_layout(state) else \
             sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
         if not is_diffusers_layout(state):
-            scales = scaled_fp8.follow(scales, state, lambda s: sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(s)))
+            scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()},
+                                       lambda s: sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(s)))
     except KeyError as exc:
         raise CheckpointError(f"{what}: the SD3 transformer's keys do not fit the SD3 layout ({exc} is missing)") \
             from None
