@@ -27,7 +27,9 @@ This module is the one place these keys are understood, for every family:
   rename, split, swap or stack rows);
 * :func:`attach` gives each layer its scale: a CastLinear that keeps its weight fp8 multiplies per
   call (nodes.runtime.fp8), a layer whose weight was cast to the compute dtype at load (T5's ``wo``)
-  is multiplied once, in that dtype, as ComfyUI would per call.
+  is multiplied once, in that dtype, as ComfyUI would per call. A FLUX built straight into disk
+  blocks (nodes.checkpoint.flux_blocks) gets its scales on the meta module, before any block is
+  read, so each block file is written with them (they are buffers, which the block files carry).
 """
 from __future__ import annotations
 
