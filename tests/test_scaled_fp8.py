@@ -262,11 +262,19 @@ def test_a_scaled_model_paged_to_disk_keeps_its_scales(root, tmp_path):
     from nodes.checkpoint.split import load_unet_file
     from nodes.runtime import offload
 
+    from nodes.checkpoint import flux_blocks
+    from nodes.checkpoint.tensors import LazyState
+    from nodes.runtime.measure import module_bytes
+
     path = root / "diffusion_models" / "flux-scaled.safetensors"
     whole = load_unet_file(path, torch.float32).modules["unet"]
-    straight = load_unet_file(path, torch.float32, offload=lambda n, b: offload.Plan(onload="cpu", rest="disk",
-                                                                                      note="test")).modules["unet"]
+    asked = []
+    straight = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append(n) or offload.Plan(
+        onload="cpu", rest="disk", note="test")).modules["unet"]
     assert offload.offloaded(straight).paged
+    header = flux_blocks.held_bytes(flux_blocks.strip_prefix(LazyState.open(path), "model.diffusion_model."),
+                                    torch.float32)
+    assert asked == [header] == [module_bytes(whole)]  # the size asked from the header is the built model's
     assert sum(weight_scale(m) is not None for m in straight.modules()) == \
         sum(weight_scale(m) is not None for m in whole.modules()) > 0
     later = load_unet_file(path, torch.float32).modules["unet"]

@@ -64,10 +64,12 @@ def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
     (nodes.runtime.fp8.held_bytes; every 2-D weight of a FLUX transformer is a linear layer's, and
     UNETLoader's weight_dtype makes them fp8 first); the conversion to diffusers' layout splits
     tensors but keeps every value. Equals the built module's parameter bytes."""
+    from nodes.checkpoint.scaled_fp8 import header_sizes
     from nodes.runtime import fp8 as held
 
-    return held.held_bytes(shapes_of(state), dtypes_of(state), dtype,
-                           lambda key, shape: len(shape) == 2 and key.endswith(".weight"), _fp8_target(fp8))
+    shapes, dtypes, scales = header_sizes(shapes_of(state), dtypes_of(state))  # a scaled file's row scales
+    return scales + held.held_bytes(shapes, dtypes, dtype,
+                                    lambda key, shape: len(shape) == 2 and key.endswith(".weight"), _fp8_target(fp8))
 
 
 def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str = "") -> Any:

@@ -54,6 +54,20 @@ def is_scaled(keys: Any) -> bool:
     return any(k == MARKER or k.endswith(("." + MARKER, WEIGHT_SCALE, QUANT)) for k in keys)
 
 
+def header_sizes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any]
+                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], int]:
+    """A header's shapes and dtypes without the keys :func:`take` consumes, and the bytes the row scales
+    will be held in (float32, one per output row of each scaled weight): a loader's size asked before
+    anything is read then equals the built module's."""
+    if not is_scaled(shapes):
+        return shapes, dtypes, 0
+    marked = {k[: -len(QUANT)] for k in shapes if k.endswith(QUANT)}
+    scaled = {_scaled_layer(k, marked) for k in shapes if k.endswith((WEIGHT_SCALE, QUANT_WEIGHT_SCALE))}
+    kept = {k: v for k, v in shapes.items() if k != MARKER and not k.endswith(SUFFIXES)}
+    rows = sum(shapes[f"{layer}.weight"][0] for layer in scaled if f"{layer}.weight" in shapes)
+    return kept, {k: dtypes[k] for k in kept}, 4 * rows
+
+
 def _error(message: str) -> Exception:
     from nodes.checkpoint.load import CheckpointError
 
