@@ -34,17 +34,22 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     stored, nodes.runtime.fp8.keep_linears_as_stored, as FLUX's)."""
     from diffusers import ChromaTransformer2DModel
 
+    from nodes.checkpoint import scaled_fp8
     from nodes.runtime.fp8 import keep_linears_as_stored
 
-    state = chroma_keys.strip(dict(state))
+    state, scales = scaled_fp8.take(chroma_keys.strip(dict(state)), what)
+    state = dict(state)
     if any(k.startswith(RADIANCE) for k in state):
         raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
                               "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
-    if DIFFUSERS_MARKER in state:
+    if DIFFUSERS_MARKER in state:  # diffusers layout: scales already under the model's names
         state = chroma_keys.diffusers_to_original(state)
+        scales = {}
     try:
         config = chroma_keys.transformer_config({k: tuple(v.shape) for k, v in state.items()})
         converted = chroma_keys.original_to_diffusers(state)
+        scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()},
+                                   chroma_keys.original_to_diffusers)
     except chroma_keys.KeyMismatch as exc:
         raise CheckpointError(f"{what}: the Chroma transformer's keys do not fit the Chroma layout: {exc}") from None
     except KeyError as exc:
@@ -52,9 +57,10 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     model = _empty(ChromaTransformer2DModel, config)
     converted = keep_linears_as_stored(model, converted, dtype)
     try:
-        return _assign(model, converted, f"Chroma transformer ({what})", None)
+        model = _assign(model, converted, f"Chroma transformer ({what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
+    return scaled_fp8.attach(model, scales, what)
 
 
 def _info(transformer: Any, fmt: str) -> dict[str, Any]:
@@ -68,8 +74,10 @@ def _info(transformer: Any, fmt: str) -> dict[str, Any]:
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
     """UNETLoader's Chroma path; ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float."""
+    from nodes.checkpoint.scaled_fp8 import is_scaled
+
     state = plain(state)
-    if fp8:
+    if fp8 and not is_scaled(state):  # as ComfyUI: a scaled file keeps its own storage
         import torch
 
         target = getattr(torch, fp8)

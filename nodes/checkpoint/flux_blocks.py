@@ -64,10 +64,12 @@ def held_bytes(state: Mapping, dtype: Any, fp8: str = "") -> int:
     (nodes.runtime.fp8.held_bytes; every 2-D weight of a FLUX transformer is a linear layer's, and
     UNETLoader's weight_dtype makes them fp8 first); the conversion to diffusers' layout splits
     tensors but keeps every value. Equals the built module's parameter bytes."""
+    from nodes.checkpoint.scaled_fp8 import header_sizes
     from nodes.runtime import fp8 as held
 
-    return held.held_bytes(shapes_of(state), dtypes_of(state), dtype,
-                           lambda key, shape: len(shape) == 2 and key.endswith(".weight"), _fp8_target(fp8))
+    shapes, dtypes, scales = header_sizes(shapes_of(state), dtypes_of(state))  # a scaled file's row scales
+    return scales + held.held_bytes(shapes, dtypes, dtype,
+                                    lambda key, shape: len(shape) == 2 and key.endswith(".weight"), _fp8_target(fp8))
 
 
 def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str = "") -> Any:
@@ -75,6 +77,7 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
     as it is read (the module docstring); ``plan``: the manager's "disk" nodes.runtime.offload.Plan."""
     from diffusers import FluxTransformer2DModel
 
+    from nodes.checkpoint import scaled_fp8
     from nodes.checkpoint.load import CheckpointError, _empty
     from nodes.checkpoint.paged import build_paged
     from nodes.runtime.fp8 import keep_linears_as_stored
@@ -83,12 +86,14 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
 
     from nodes.checkpoint.paged import own_rows
 
+    state, scales = scaled_fp8.take(state, what)  # the scales read (they are small), the rest left lazy
     shapes = shapes_of(state)
     try:
         if is_bfl(state):
             config = flux_keys.transformer_config(shapes)
             rows = flux_keys.plan(shapes)
             hidden = int(shapes["img_in.weight"][0])
+            scales = scaled_fp8.follow(scales, shapes, flux_keys.bfl_to_diffusers)
         else:  # diffusers layout: the config from the same tensors in BFL layout, on meta (no memory)
             bfl = flux_keys.diffusers_to_bfl({k: torch.empty(v, device="meta") for k, v in shapes.items()})
             config = flux_keys.transformer_config({k: tuple(v.shape) for k, v in bfl.items()})
@@ -98,6 +103,7 @@ def build_into_blocks(state: Mapping, what: str, dtype: Any, plan: Any, fp8: str
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete FLUX transformer ({exc} is missing)") from None
     model = _empty(FluxTransformer2DModel, config)
+    scaled_fp8.attach(model, scales, what)  # on the meta module: each block is written with its scales
     target = _fp8_target(fp8)
 
     def prepare(key: str, t: Any) -> Any:  # UNETLoader's weight_dtype, as load_transformer_file casts

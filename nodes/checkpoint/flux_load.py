@@ -42,15 +42,20 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     nodes.runtime.fp8.held_dtype: fp8 kept fp8, bf16 kept bf16 when computing in fp32)."""
     from diffusers import FluxTransformer2DModel
 
+    from nodes.checkpoint import scaled_fp8
     from nodes.runtime.fp8 import keep_linears_as_stored
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
-    if all(k in state for k in fam.DIFFUSERS_MARKERS):  # diffusers layout in one file
+    state, scales = scaled_fp8.take(state, what)
+    state = dict(state)
+    if all(k in state for k in fam.DIFFUSERS_MARKERS):  # diffusers layout in one file: scales already named so
         state = flux_keys.diffusers_to_bfl(state)
+        scales = {}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
         config = flux_keys.transformer_config(shapes)
         converted = flux_keys.bfl_to_diffusers(state)
+        scales = scaled_fp8.follow(scales, shapes, flux_keys.bfl_to_diffusers)
     except flux_keys.KeyMismatch as exc:
         raise CheckpointError(f"{what}: the FLUX transformer's keys do not fit the FLUX layout: {exc}") from None
     except KeyError as exc:
@@ -58,9 +63,10 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     model = _empty(FluxTransformer2DModel, config)
     converted = keep_linears_as_stored(model, converted, dtype)
     try:
-        return _assign(model, converted, f"FLUX transformer ({what})", None)
+        model = _assign(model, converted, f"FLUX transformer ({what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
+    return scaled_fp8.attach(model, scales, what)
 
 
 def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:
@@ -104,9 +110,13 @@ def _t5_state(model: Any, sub: dict[str, Any], dtype: Any) -> dict[str, Any]:
 def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, config: Any = None) -> Any:
     """T5EncoderModel from transformers-layout keys under ``prefix``; its ``config`` (a T5Config, e.g. a
     folder's) or, lacking one, the config the shapes give."""
+    from nodes.checkpoint import scaled_fp8
+
     tied = prefix + "encoder.embed_tokens.weight"  # not read when shared.weight is there (_t5_state)
     sub = {k[len(prefix):]: state[k] for k in state
            if k.startswith(prefix) and not (k == tied and prefix + "shared.weight" in state)}
+    sub, scales = scaled_fp8.take(sub, what)  # T5's keys need no conversion: scales stay under their names
+    sub = dict(sub)
     if config is None:
         model = _t5_skeleton(sub, what)
     else:
@@ -114,9 +124,10 @@ def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, confi
 
         model = _empty(T5EncoderModel, config)
     try:
-        return _assign(model, _t5_state(model, sub, dtype), f"T5 text encoder ({what})", None)
+        model = _assign(model, _t5_state(model, sub, dtype), f"T5 text encoder ({what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
+    return scaled_fp8.attach(model, scales, what)
 
 
 def t5_held_bytes(state: Mapping[str, Any], prefix: str, dtype: Any) -> int:
@@ -124,9 +135,11 @@ def t5_held_bytes(state: Mapping[str, Any], prefix: str, dtype: Any) -> int:
     same rule), for the model manager's plan before anything is read."""
     import torch
 
+    from nodes.checkpoint.scaled_fp8 import MARKER, SUFFIXES
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
 
     shapes, dtypes = shapes_of(state), dtypes_of(state)
+    shapes = {k: s for k, s in shapes.items() if k != MARKER and not k.endswith(SUFFIXES)}
     sub = {k[len(prefix):]: torch.empty(shapes[k], dtype=dtypes[k], device="meta") for k in shapes if k.startswith(prefix)}
     with torch.device("meta"):
         model = _t5_skeleton(sub, prefix)
@@ -197,8 +210,10 @@ def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
     linear weights in that 8-bit float (UNETLoader's weight_dtype). ``offload``: the manager's
     plan for the denoiser, asked before building (None: always built whole)."""
     from nodes.checkpoint.flux_blocks import strip_prefix
+    from nodes.checkpoint.scaled_fp8 import is_scaled
 
     bare = strip_prefix(state, fam.UNET_PREFIX) if any(k.startswith(fam.UNET_PREFIX) for k in state) else state
+    fp8 = "" if is_scaled(state.keys()) else fp8  # as ComfyUI: a scaled file's own storage, weight_dtype unused
     family = family_of({k: () for k in bare})
     transformer = _straight_into_blocks(bare, name, dtype, fp8, offload)
     if transformer is None:
@@ -221,10 +236,12 @@ def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "",
 def _held_note(transformer: Any) -> dict[str, str]:
     """``info["held"]`` for the loader's message: the weights held as stored, if any (a CPU host may then
     widen them: nodes.runtime.models.ModelManager.widen_if_room replaces the note)."""
-    from nodes.runtime.fp8 import kept_as_stored
+    from nodes.runtime.fp8 import kept_as_stored, weight_scale
 
     kept = kept_as_stored(transformer)
-    return {"held": f"{kept} weights kept {kept} and cast per layer"} if kept else {}
+    scaled = sum(weight_scale(m) is not None for m in transformer.modules())
+    scales = f", {scaled} of them times their file's scales" if scaled else ""
+    return {"held": f"{kept} weights kept {kept} and cast per layer{scales}"} if kept else {}
 
 
 def load_single_file(state: Mapping, name: str, dtype: Any, offload: OffloadAsk | None = None) -> Loaded:

@@ -86,9 +86,13 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders import single_file_utils as sfu
 
+    from nodes.checkpoint import scaled_fp8
     from nodes.runtime.fp8 import keep_linears_as_stored
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in plain(state).items()}
+    state, scales = scaled_fp8.take(state, what)
+    state = dict(state)
+    fp8 = "" if scales else fp8  # as ComfyUI: a scaled file keeps its own storage
     try:
         config = transformer_config({k: tuple(v.shape) for k, v in state.items()})
     except CheckpointError as exc:
@@ -97,6 +101,9 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
     try:  # diffusers' own layout (a transformer folder's file) needs no conversion
         converted = dict(state) if is_diffusers_layout(state) else \
             sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+        if not is_diffusers_layout(state):
+            scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()},
+                                       lambda s: sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(s)))
     except KeyError as exc:
         raise CheckpointError(f"{what}: the SD3 transformer's keys do not fit the SD3 layout ({exc} is missing)") \
             from None
@@ -105,9 +112,10 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
         converted = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
                      for k, v in converted.items()}
     try:
-        return _assign(model, keep_linears_as_stored(model, converted, dtype), "SD3 transformer", None)
+        model = _assign(model, keep_linears_as_stored(model, converted, dtype), "SD3 transformer", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
+    return scaled_fp8.attach(model, scales, what)
 
 
 def build_vae(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> Any:

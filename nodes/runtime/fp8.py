@@ -47,7 +47,7 @@ def _cast_linear_class():
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
             if vars(self).get("kiln_deltas"):  # an instance attribute: patches.patched routes by the class's
                 return torch.nn.functional.linear(x, *_with_deltas(self, x.dtype))
-            w = self.weight.to(x.dtype)
+            w = _scaled(self, self.weight.to(x.dtype))
             b = self.bias.to(x.dtype) if self.bias is not None else None
             out = torch.nn.functional.linear(x, w, b)
             for up, down, coefficient in self.kiln_lora:
@@ -91,6 +91,8 @@ def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
     import torch
 
     w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
+    if weight_scale(layer) is not None:
+        w = _scaled(layer, w.to(torch.float32))
     for kind, patch, strength in layer.kiln_deltas:
         t = (b if kind == "bias" else w).to(torch.float32)
         if hasattr(patch, "apply"):
@@ -100,6 +102,26 @@ def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
         w, b = (w, t) if kind == "bias" else (t, b)
     stored = (layer.weight, getattr(layer, "bias", None))  # a norm may have neither
     return tuple(t.to(dtype or s.dtype) if t is not None else None for t, s in zip((w, b), stored))
+
+
+def set_weight_scale(layer: Any, scale: Any) -> None:
+    """Give a CastLinear the scale its stored weight was divided by (ComfyUI's scaled fp8 files,
+    nodes.checkpoint.scaled_fp8): one float32 per output row, shape (rows, 1). Held as a buffer left
+    out of the state dict, so it moves with the layer between devices and the module's keys stay
+    the model's own."""
+    layer.register_buffer("kiln_scale", scale, persistent=False)
+
+
+def weight_scale(layer: Any) -> Any:
+    """The layer's weight scale (:func:`set_weight_scale`), None when its weight is stored as is."""
+    return layer._buffers.get("kiln_scale")
+
+
+def _scaled(layer: Any, w: Any) -> Any:
+    """``w`` (the layer's weight already cast to the dtype it is used in) times the layer's scale cast to
+    that dtype, as ComfyUI's scaled fp8 layer computes it; ``w`` itself when there is none."""
+    scale = weight_scale(layer)
+    return w if scale is None else w * scale.to(w.dtype)
 
 
 def _run_time_classes() -> dict:
@@ -170,9 +192,11 @@ def as_plain(layer: Any, model: Any) -> bool:
     paged (nodes.runtime.offload.make_whole): every run-time patched class, and a CastLinear whose
     weight rests in the model's compute dtype, go back to their torch class, so the whole model takes
     its patches in place again as one never paged does. A CastLinear holding its weight apart
-    (:func:`stored_apart`: fp8, or kept narrow) stays: it casts per call. Returns whether it changed."""
+    (:func:`stored_apart`: fp8, or kept narrow) or a scale (:func:`set_weight_scale`) stays: it casts per
+    call. Returns whether it changed."""
     base = {cls: plain for plain, cls in (_RUN_TIME or {}).items()}.get(type(layer))
-    if base is None and _CAST is not None and type(layer) is _CAST and not stored_apart(layer.weight, model):
+    if base is None and _CAST is not None and type(layer) is _CAST and not stored_apart(layer.weight, model) \
+            and weight_scale(layer) is None:  # a scaled weight needs its CastLinear whatever it is stored in
         import torch
 
         base = torch.nn.Linear
@@ -266,9 +290,10 @@ def _short_names(dtypes: Any) -> str:
 
 def _narrow_kept(module: Any) -> list[Any]:
     """CastLinear layers of ``module`` holding a bf16/fp16 weight only for being narrower than the compute
-    dtype (not fp8: a fp8 file or UNETLoader's weight_dtype chose that storage)."""
+    dtype (not fp8: a fp8 file or UNETLoader's weight_dtype chose that storage; not a scaled one, whose
+    scale only CastLinear applies)."""
     return [m for m in module.modules() if _CAST is not None and type(m) is _CAST
-            and not is_fp8(m.weight) and stored_apart(m.weight, module)]
+            and not is_fp8(m.weight) and stored_apart(m.weight, module) and weight_scale(m) is None]
 
 
 def widening_bytes(module: Any) -> int:

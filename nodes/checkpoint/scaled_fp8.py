@@ -1,0 +1,196 @@
+"""ComfyUI's "scaled" fp8 files: fp8 weights that each carry the number they were divided by.
+
+Comfy-Org ships many models (FLUX ``*fp8_scaled``, ``t5xxl_fp8_e4m3fn_scaled``, Chroma, SD3.5...) with
+each quantised linear weight ``W`` stored as ``fp8(W / s)`` beside a float32 ``<layer>.scale_weight``
+``s``, and a ``scaled_fp8`` marker tensor (empty; its dtype names the fp8 type, float32 meaning
+e4m3fn). The true weight is ``fp8 * s``: ComfyUI's scaled fp8 linear layer multiplies the weight,
+cast to the compute dtype, by ``s`` cast to the same dtype, for every call. Some files also store a
+``<layer>.scale_input``: ComfyUI reads it only when it multiplies in fp8 itself (``torch._scaled_mm``
+on cards that can, with the fp8 optimisation the marker's two-element form turns off); the plain
+cast-and-multiply path it takes otherwise ignores it. Kiln always casts, so it is consumed and unused.
+
+Newer Comfy-Org files ("fp8mixed", and those its quantisation tools write) mark each quantised layer
+instead: ``<layer>.comfy_quant`` is a uint8 tensor holding UTF-8 JSON such as
+``{"format": "float8_e4m3fn"}`` (ComfyUI's MixedPrecisionOps reads it), the scale is
+``<layer>.weight_scale`` (one float32; the weight is again ``fp8 * scale``, ComfyUI's fp8 layout
+dequantising as ``qdata.to(dtype) * scale``) and ``<layer>.input_scale`` again only feeds the fp8
+matmul. Unmarked layers hold plain weights. The two fp8 formats (``float8_e4m3fn``, ``float8_e5m2``)
+load here; any other format (``nvfp4``: 4-bit blocks with two scales) is refused by name.
+
+This module is the one place these keys are understood, for every family:
+
+* :func:`take` removes the marker and the scales from a state before a family's loader sees it
+  (checked: a scale names a weight the file holds, and is one number or one per output row);
+* :func:`follow` sends the scales through the family's own key conversion, so a fused ``qkv``
+  weight split into q, k and v gives each part its rows of the scale (per-tensor scales are
+  widened to one per row first, which every conversion of linear weights keeps: they only
+  rename, split, swap or stack rows);
+* :func:`attach` gives each layer its scale: a CastLinear that keeps its weight fp8 multiplies per
+  call (nodes.runtime.fp8), a layer whose weight was cast to the compute dtype at load (T5's ``wo``)
+  is multiplied once, in that dtype, as ComfyUI would per call. A FLUX built straight into disk
+  blocks (nodes.checkpoint.flux_blocks) gets its scales on the meta module, before any block is
+  read, so each block file is written with them (they are buffers, which the block files carry).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+MARKER = "scaled_fp8"
+WEIGHT_SCALE = ".scale_weight"
+INPUT_SCALE = ".scale_input"
+#: the newer per-layer vocabulary: marker, weight scale, input scale
+QUANT = ".comfy_quant"
+QUANT_WEIGHT_SCALE = ".weight_scale"
+QUANT_INPUT_SCALE = ".input_scale"
+#: the comfy_quant formats whose weight is one fp8 tensor times one scale
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+#: every key suffix this module consumes (for header-only sizes)
+SUFFIXES = ("." + MARKER, WEIGHT_SCALE, INPUT_SCALE, QUANT, QUANT_WEIGHT_SCALE, QUANT_INPUT_SCALE)
+
+
+def is_scaled(keys: Any) -> bool:
+    """Whether a file's keys (any prefix) hold ComfyUI scaled fp8 weights, in either vocabulary."""
+    return any(k == MARKER or k.endswith(("." + MARKER, WEIGHT_SCALE, QUANT)) for k in keys)
+
+
+def header_sizes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any]
+                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any], int]:
+    """A header's shapes and dtypes without the keys :func:`take` consumes, and the bytes the row scales
+    will be held in (float32, one per output row of each scaled weight): a loader's size asked before
+    anything is read then equals the built module's."""
+    if not is_scaled(shapes):
+        return shapes, dtypes, 0
+    marked = {k[: -len(QUANT)] for k in shapes if k.endswith(QUANT)}
+    scaled = {_scaled_layer(k, marked) for k in shapes if k.endswith((WEIGHT_SCALE, QUANT_WEIGHT_SCALE))}
+    kept = {k: v for k, v in shapes.items() if k != MARKER and not k.endswith(SUFFIXES)}
+    rows = sum(shapes[f"{layer}.weight"][0] for layer in scaled if f"{layer}.weight" in shapes)
+    return kept, {k: dtypes[k] for k in kept}, 4 * rows
+
+
+def _error(message: str) -> Exception:
+    from nodes.checkpoint.load import CheckpointError
+
+    return CheckpointError(message)
+
+
+def _row_scale(scale: Any, weight_shape: tuple[int, ...], what: str, key: str) -> Any:
+    """``scale`` as one float32 number per output row of a weight of ``weight_shape``, shape (rows, 1);
+    a scale of any other shape is the file's error."""
+    import torch
+
+    rows = int(weight_shape[0]) if weight_shape else 0
+    shape = tuple(scale.shape)
+    fits = scale.is_floating_point() and len(weight_shape) == 2 and (
+        scale.numel() == 1 or shape in ((rows,), (rows, 1)))
+    if not fits:
+        raise _error(f"{what}: {key} has shape {shape} ({str(scale.dtype).replace('torch.', '')}) for a weight of "
+                     f"shape {tuple(weight_shape)}: a weight scale is one float or one per output row ({rows})")
+    return scale.to(torch.float32).reshape(-1, 1).expand(rows, 1).contiguous()
+
+
+def take(state: Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """``state`` without the marker and scale tensors, and the weight scales by weight key
+    (``<layer>.weight`` -> float32 (rows, 1)). A file with none gives ``(state, {})`` unchanged. Only
+    the markers and scales are read: a LazyState stays lazy (a view without those keys).
+    Raises CheckpointError naming ``what`` (the file) and the key for a scale with no weight or of a
+    shape that is neither one number nor one per row."""
+    from nodes.checkpoint.tensors import LazyState, shapes_of
+
+    if not is_scaled(state.keys()):
+        return state, {}
+    shapes = shapes_of(state)
+    marked = _marked_layers(state, what)
+    consumed = {k for k in state if k == MARKER or k.endswith(("." + MARKER, QUANT))}
+    scales = {}
+    for key in state:
+        layer = _scaled_layer(key, marked)
+        if layer is None:
+            continue
+        consumed.add(key)
+        if layer + ".weight" not in state:
+            raise _error(f"{what}: {key} belongs to {layer}.weight, which the file does not hold")
+        if key.endswith((WEIGHT_SCALE, QUANT_WEIGHT_SCALE)):
+            scales[layer + ".weight"] = _row_scale(state[key], shapes[layer + ".weight"], what, key)
+    for layer in sorted(marked):
+        if layer + ".weight" not in state:
+            raise _error(f"{what}: {layer}{QUANT} marks {layer}.weight, which the file does not hold")
+        if layer + ".weight" not in scales:
+            raise _error(f"{what}: {layer}{QUANT} marks an fp8 layer but the file holds no {layer}{QUANT_WEIGHT_SCALE}")
+    if isinstance(state, LazyState):
+        return state.renamed({k: k for k in state if k not in consumed}), scales
+    return {k: v for k, v in state.items() if k not in consumed}, scales
+
+
+def _scaled_layer(key: str, marked: set[str]) -> str | None:
+    """The layer a scale key belongs to (None: not a scale key). The newer names count only on layers
+    a ``comfy_quant`` marks, since other formats use ``weight_scale`` in their own ways."""
+    for suffix in (WEIGHT_SCALE, INPUT_SCALE):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    for suffix in (QUANT_WEIGHT_SCALE, QUANT_INPUT_SCALE):
+        if key.endswith(suffix) and key[: -len(suffix)] in marked:
+            return key[: -len(suffix)]
+    return None
+
+
+def _marked_layers(state: Mapping[str, Any], what: str) -> set[str]:
+    """The layers a ``comfy_quant`` marks, each checked to be one of the fp8 formats."""
+    import json
+
+    marked = set()
+    for key in state:
+        if not key.endswith(QUANT):
+            continue
+        try:
+            config = json.loads(bytes(state[key].reshape(-1).tolist()).decode("utf-8"))
+            fmt = config.get("format")
+        except (ValueError, TypeError, AttributeError):
+            raise _error(f"{what}: {key} is not the JSON a comfy_quant marker holds") from None
+        if fmt not in FP8_FORMATS:
+            raise _error(f"{what}: {key} marks the quantisation format {fmt!r}; Kiln loads "
+                         f"{' and '.join(FP8_FORMATS)} layers only")
+        marked.add(key[: -len(QUANT)])
+    return marked
+
+
+def follow(scales: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+           convert: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """The row scales under the names ``convert`` (a family's key conversion) gives their weights.
+
+    ``convert`` runs on a stand-in for the state of these tensor ``shapes`` (its keys after
+    :func:`take`): each scaled weight replaced by its (rows, 1) scale, every other tensor by an empty
+    one of its shape on the meta device (nothing read or allocated), so whatever the conversion does
+    to a weight's rows it does to the scale's; what comes out off the meta device is a scale."""
+    if not scales:
+        return {}
+    import torch
+
+    stand_in = {k: scales[k] if k in scales else torch.empty(tuple(shape), device="meta")
+                for k, shape in shapes.items()}
+    return {k: v for k, v in convert(stand_in).items() if v.device.type != "meta"}
+
+
+def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
+    """Give each of ``model``'s scaled layers its scale (module docstring); returns ``model``.
+    ``scales``: row scales under the model's own weight names (:func:`follow`)."""
+    import torch
+
+    from nodes.runtime.fp8 import as_cast_linear, cast_linear_class, set_weight_scale
+
+    for key, scale in scales.items():
+        owner = key[: -len(".weight")]
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            raise _error(f"{what}: a weight scale for {owner}, a layer the model does not have") from None
+        weight = layer.weight
+        if scale.shape[0] != weight.shape[0]:
+            raise _error(f"{what}: the scale for {key} has {scale.shape[0]} rows, the weight {weight.shape[0]}")
+        if type(layer) is cast_linear_class() or weight.is_meta:  # meta: built into disk blocks, all CastLinear
+            as_cast_linear(layer)
+            set_weight_scale(layer, scale)
+        else:  # cast to the compute dtype at load: multiply once, in that dtype
+            with torch.no_grad():
+                weight.mul_(scale.to(weight.dtype))
+    return model
