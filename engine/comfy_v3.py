@@ -10,29 +10,26 @@ serves both.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine import types as T
 
-if TYPE_CHECKING:
-    from engine.node import Grow, Input, NodeSpec
+# The declarations (engine.node's Input, Grow and NodeSpec) are taken as they come, not imported:
+# engine.node builds its /object_info from here.
 
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 AUTOGROW = "COMFY_AUTOGROW_V3"
 
 
-def plain_spec(inp: "Input", env: Any = None) -> list:
-    """One input as ``[type_or_choices, options]`` (the options left out when empty)."""
-    from engine.node import NO_DEFAULT
-
+def plain_spec(inp: Any, env: Any = None) -> list:
+    """One input (an :class:`engine.node.Input`) as ``[type_or_choices, options]``, the options left
+    out when empty; ComfyUI's clients see ComfyUI's default where it differs from Kiln's."""
     head: Any = inp.choice_list(env) if inp.type == T.COMBO else inp.type
-    opts = inp.options()
-    if inp.comfy_default is not NO_DEFAULT:  # ComfyUI's clients see ComfyUI's default
-        opts["default"] = inp.comfy_default
+    opts = inp.comfy_options()
     return [head, opts] if opts else [head]
 
 
-def dynamic_combo_spec(spec: "NodeSpec", combo: "Input", env: Any = None) -> list:
+def dynamic_combo_spec(spec: Any, combo: Any, env: Any = None) -> list:
     """A dynamic combo with, per choice, the sub-inputs it brings under their own names.
 
     A sub-input is listed as required within its option even where Kiln declares it optional:
@@ -51,7 +48,7 @@ def dynamic_combo_spec(spec: "NodeSpec", combo: "Input", env: Any = None) -> lis
     return [DYNAMIC_COMBO, {**opts, "options": options}]
 
 
-def autogrow_spec(grow: "Grow", first: "Input", env: Any = None) -> list:
+def autogrow_spec(grow: Any, first: Any, env: Any = None) -> list:
     """A growing group as one input whose template is its first socket's declaration.
 
     A widget-typed template is forced to a socket, as ComfyUI does: growing inputs are links.
@@ -67,7 +64,7 @@ def autogrow_spec(grow: "Grow", first: "Input", env: Any = None) -> list:
     return [AUTOGROW, {"template": body}]
 
 
-def comfy_inputs(spec: "NodeSpec", env: Any = None) -> tuple[dict[str, list], dict[str, list]]:
+def comfy_inputs(spec: Any, env: Any = None) -> tuple[dict[str, list], dict[str, list]]:
     """The node's required and optional inputs as ``/object_info`` lists them, in ComfyUI's order:
     a dynamic combo's sub-inputs folded into it, a growing group into one input where it starts."""
     subs = spec.option_input_names()

@@ -156,6 +156,13 @@ class Input:
         opts.update(self.extra)
         return opts
 
+    def comfy_options(self) -> dict[str, Any]:
+        """:meth:`options` as ComfyUI's clients see them: with ComfyUI's default where it differs."""
+        opts = self.options()
+        if self.comfy_default is not NO_DEFAULT:
+            opts["default"] = self.comfy_default
+        return opts
+
 
 @dataclass(frozen=True)
 class Output:
