@@ -2,7 +2,8 @@
 ComfyUI's own template utility_image_stitch.json, whose ResizeImageMaskNode has a dynamic combo
 (``resize_type``): the frontend builds the chosen option's widgets from Kiln's /object_info, fills
 them from the template, queues the prompt with the flat names Kiln runs (``resize_type.width``),
-and builds a growing group's sockets (BatchImagesNode's ``images.image0`` ...).
+and builds a growing group's sockets (BatchImagesNode's ``images.image0`` ...); a Kiln workflow from
+the library opens with its chosen option's values and its used sockets linked.
 
 No model is needed: the template loads, stitches, resizes and saves images.
 """
@@ -36,7 +37,8 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
     (tmp_path / "models").mkdir()
-    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, extra_args=["--frontend", "comfyui"])
+    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={"resize.json": json.dumps(KILN_DOC)},
+                 extra_args=["--frontend", "comfyui"])
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)], start=1):
         Image.new("RGB", (24, 16), colour).save(srv.data / "input" / f"angle_{i}.png")  # the images it names
     try:
@@ -53,6 +55,14 @@ def _finished(url: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
             return job
         time.sleep(0.3)
 
+
+#: A workflow in Kiln's library, in Kiln's format: the frontend gets it in its editor format.
+KILN_DOC = {"version": 1, "nodes": {
+    "1": {"type": "LoadImage", "inputs": {"image": "angle_1.png"}},
+    "2": {"type": "ResizeImageMaskNode", "inputs": {"input": ["1", 0], "resize_type": "scale by multiplier",
+                                                    "resize_type.multiplier": 0.5, "scale_method": "bicubic"}},
+    "3": {"type": "BatchImagesNode", "inputs": {"images.image0": ["2", 0], "images.image1": ["2", 0]}},
+    "4": {"type": "PreviewImage", "inputs": {"images": ["3", 0]}}}}
 
 RESIZE_WIDGETS = """() => window.app.graph.nodes.find(n => n.type === 'ResizeImageMaskNode')
     .widgets.filter(w => w.serialize !== false).map(w => [w.name, w.value])"""
@@ -123,4 +133,14 @@ def test_frontend_shows_and_queues_a_dynamic_combo(browser: Any, server: dict[st
 
     # a growing group: the frontend offers its required sockets and one more, named as Kiln runs them
     assert page.evaluate(ADD_BATCH) == ["images.image0", "images.image1", "images.image2"]
+
+    # a Kiln workflow from the library: the option's widgets and the used sockets, linked, as written
+    page.evaluate("""async () => { const r = await fetch('/api/userdata/workflows%2Fresize.json');
+        await window.app.loadGraphData(await r.json()); }""")
+    page.wait_for_function("() => window.app.graph.nodes.some(n => n.type === 'BatchImagesNode')", timeout=30000)
+    assert page.evaluate(RESIZE_WIDGETS) == [["resize_type", "scale by multiplier"], ["resize_type.multiplier", 0.5],
+                                             ["scale_method", "bicubic"]]
+    sockets = page.evaluate("""() => window.app.graph.nodes.find(n => n.type === 'BatchImagesNode')
+        .inputs.map(i => [i.name, i.link !== null && i.link !== undefined])""")
+    assert sockets[:2] == [["images.image0", True], ["images.image1", True]]
     assert not errors, errors
