@@ -292,7 +292,8 @@ class NodeSpec:
 
     def widget_order(self) -> list[Input]:
         """The widget inputs in the order an editor file's ``widgets_values`` lists them, without
-        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`)."""
+        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`) and
+        growing sockets (links, as ComfyUI makes them)."""
         subs = self.option_input_names()
         return [i for i in self.comfy_input_order()
                 if i.type in T.WIDGET_TYPES and i.name not in subs and i.grow is None]
