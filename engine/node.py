@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from engine import types as T
 from engine.budget import Size
+from engine.comfy_v3 import comfy_inputs
 
 
 class _NoDefault:
@@ -44,6 +45,42 @@ ALWAYS: Any = _Always()
 #: A fixed list, or a function of the Environment (files in a folder), evaluated
 #: whenever a schema is served or a workflow validated.
 Choices = Sequence[str] | Callable[[Any], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Grow:
+    """A group of sockets that grows as the user links them (ComfyUI's Autogrow).
+
+    Kiln runs and validates each socket as its own input, named ``<group>.<name>`` as ComfyUI's
+    API form names them; this one object says which inputs form the group, so ``/object_info`` can
+    show them as one growing input without guessing from names. Sockets are named ``prefix0``,
+    ``prefix1``, ... (``count`` of them) or by ``names``; the first ``min`` are required.
+    """
+
+    group: str
+    min: int = 1
+    prefix: str = ""
+    count: int = 0
+    names: tuple[str, ...] = ()
+    #: The name ComfyUI gives the template input (shown only where several templates share a group).
+    template: str = "value"
+
+    def __post_init__(self) -> None:
+        if bool(self.prefix) == bool(self.names):
+            raise ValueError(f"growing input {self.group}: give either a prefix (with a count) or names")
+        if self.prefix and self.count < 1:
+            raise ValueError(f"growing input {self.group}: a prefix needs a count of at least 1")
+        if not 0 <= self.min <= len(self.slot_names()):
+            raise ValueError(f"growing input {self.group}: min {self.min} is outside 0..{len(self.slot_names())}")
+
+    def slot_names(self) -> list[str]:
+        """The sockets' own names, without the group: image0, image1, ... or the given names."""
+        return list(self.names) if self.names else [f"{self.prefix}{i}" for i in range(self.count)]
+
+    def inputs(self, type: str, **options: Any) -> list["Input"]:
+        """The group's sockets as Kiln inputs, the first ``min`` required, each knowing its group."""
+        return [Input(f"{self.group}.{name}", type, optional=i >= self.min, grow=self, **options)
+                for i, name in enumerate(self.slot_names())]
 
 
 @dataclass(frozen=True)
@@ -81,6 +118,8 @@ class Input:
     #: sub-inputs are declared beside it as ``"<name>.<sub>"`` (the API form's names); an editor
     #: file lists the chosen option's widget values right after the combo's own (NodeSpec.option_widgets).
     dynamic: Mapping[str, tuple[str, ...]] | None = None
+    #: The growing group (ComfyUI's Autogrow) this socket belongs to; made by :meth:`Grow.inputs`.
+    grow: Grow | None = None
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
@@ -115,6 +154,13 @@ class Input:
         if self.lazy:
             opts["lazy"] = True
         opts.update(self.extra)
+        return opts
+
+    def comfy_options(self) -> dict[str, Any]:
+        """:meth:`options` as ComfyUI's clients see them: with ComfyUI's default where it differs."""
+        opts = self.options()
+        if self.comfy_default is not NO_DEFAULT:
+            opts["default"] = self.comfy_default
         return opts
 
 
@@ -219,6 +265,14 @@ class NodeSpec:
                        if f"{inp.name}.{sub}" not in names]
             if missing:
                 raise ValueError(f"node {self.type}: {inp.name}'s options name undeclared input(s) {missing}")
+        groups: dict[Grow, list[str]] = {}
+        for inp in self.inputs:
+            if inp.grow is not None:
+                groups.setdefault(inp.grow, []).append(inp.name)
+        for grow, members in groups.items():
+            if members != [f"{grow.group}.{n}" for n in grow.slot_names()]:
+                raise ValueError(f"node {self.type}: growing input {grow.group} must declare its sockets "
+                                 f"with Grow.inputs, in order")
         if self.batch is not None and not set(self.batch.vary) <= set(names):
             raise ValueError(f"node {self.type}: batch varies unknown input(s) {sorted(set(self.batch.vary) - set(names))}")
 
@@ -238,9 +292,15 @@ class NodeSpec:
 
     def widget_order(self) -> list[Input]:
         """The widget inputs in the order an editor file's ``widgets_values`` lists them, without
-        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`)."""
-        subs = {f"{i.name}.{sub}" for i in self.inputs for names in (i.dynamic or {}).values() for sub in names}
-        return [i for i in self.comfy_input_order() if i.type in T.WIDGET_TYPES and i.name not in subs]
+        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`) and
+        growing sockets (links, as ComfyUI makes them)."""
+        subs = self.option_input_names()
+        return [i for i in self.comfy_input_order()
+                if i.type in T.WIDGET_TYPES and i.name not in subs and i.grow is None]
+
+    def option_input_names(self) -> set[str]:
+        """The names of every dynamic combo's sub-inputs (``resize_type.width``, ...)."""
+        return {f"{i.name}.{sub}" for i in self.inputs for names in (i.dynamic or {}).values() for sub in names}
 
     def option_widgets(self, combo: Input, choice: Any) -> list[Input]:
         """The widget sub-inputs a dynamic combo's ``choice`` brings, in their order: what an editor
@@ -302,15 +362,9 @@ class NodeSpec:
         }
 
     def object_info(self, name: str | None = None, env: Any = None) -> dict[str, Any]:
-        """The node in ComfyUI's ``/object_info`` shape."""
-        required: dict[str, list] = {}
-        optional: dict[str, list] = {}
-        for i in self.comfy_input_order():
-            head: Any = i.choice_list(env) if i.type == T.COMBO else i.type
-            opts = i.options()
-            if i.comfy_default is not NO_DEFAULT:  # ComfyUI's clients see ComfyUI's default
-                opts["default"] = i.comfy_default
-            (optional if i.optional else required)[i.name] = [head, opts] if opts else [head]
+        """The node in ComfyUI's ``/object_info`` shape (dynamic combos and growing groups in
+        ComfyUI's v3 form: :mod:`engine.comfy_v3`)."""
+        required, optional = comfy_inputs(self, env)
         info: dict[str, Any] = {
             "input": {"required": required, **({"optional": optional} if optional else {})},
             "input_order": {"required": list(required), **({"optional": list(optional)} if optional else {})},

@@ -22,8 +22,23 @@ NODE_WIDTH = 320
 SLOT_HEIGHT = 22
 
 
-def _ordered_inputs(spec: Any) -> list[Any]:
-    return [i for i in spec.inputs if not i.optional] + [i for i in spec.inputs if i.optional]
+def _ordered_inputs(spec: Any, node: Any) -> list[Any]:
+    """The node's inputs as the frontend lays them out from ``/object_info``'s v3 specs: a dynamic
+    combo's chosen option's sub-inputs right after it and no other option's; of a growing group,
+    only the sockets the workflow uses (the frontend adds the spare one itself)."""
+    subs = spec.option_input_names()
+    out = []
+    for inp in spec.comfy_input_order():
+        if inp.name in subs or (inp.grow is not None and inp.name not in node.inputs):
+            continue
+        out.append(inp)
+        if inp.dynamic:
+            choice = node.inputs.get(inp.name)
+            if not isinstance(choice, str):  # linked or unset: the widget shows the default
+                choice = inp.default
+            found = [spec.input(f"{inp.name}.{sub}") for sub in inp.dynamic.get(choice, ())]
+            out += [i for i in found if i is not None]
+    return out
 
 
 def _layout(workflow: Workflow) -> dict[str, list[float]]:
@@ -70,7 +85,7 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
         slots: list[dict[str, Any]] = []
         values: list[Any] = []
         uploads: list[Any] = []  # the frontend adds an upload button after all declared widgets
-        declared = _ordered_inputs(spec) if spec is not None else []
+        declared = _ordered_inputs(spec, node) if spec is not None else []
         for inp in declared:
             raw = node.inputs.get(inp.name)
             widget = inp.type in T.WIDGET_TYPES

@@ -20,8 +20,8 @@ What the conversion has to know, learnt from ComfyUI's frontend (its
 * A dynamic combo (ComfyUI's DynamicCombo, :attr:`Input.dynamic`) is followed by the
   widget values of the option it holds, then the node's next widget: ``["scale dimensions",
   512, 512, "center", "area"]`` is resize_type, resize_type.width, .height, .crop, scale_method.
-  Growing inputs (Autogrow: ``images.image0``, ``values.a``) are sockets, listed in ``inputs``
-  by those names like any other.
+  Growing inputs (Autogrow, :class:`~engine.node.Grow`: ``images.image0``, ``values.a``) are
+  sockets, listed in ``inputs`` by those names like any other.
 * Muted nodes (mode 2) vanish, and so does whatever reads only from them.
   Bypassed nodes (mode 4) pass an input of the wanted type through. Reroutes pass
   their input through; Notes are ignored; the legacy ``PrimitiveNode`` becomes the

@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 from engine import types as T
 from engine.context import NodeError
-from engine.node import Input, Output, define_node
+from engine.node import Grow, Input, Output, define_node
 
 NAMES = tuple(string.ascii_lowercase)
+VALUES = Grow("values", min=1, names=NAMES)
 #: Exponents and shifts past this are refused: 2 ** 10 ** 9 would hold the job for minutes.
 MAX_EXPONENT = 4000
 #: Integer results past this many bits are refused before they are computed: ((10 ** 4000) **
@@ -191,7 +192,7 @@ def _number(value: Any, name: str) -> Any:
     display_name="Math Expression",
     inputs=[Input("expression", T.STRING, default="a + b", multiline=True),
             # ComfyUI's growing inputs a..z (at least one), sent as values.a, values.b, ...
-            *[Input(f"values.{n}", "FLOAT,INT,BOOLEAN", optional=n != "a") for n in NAMES]],
+            *VALUES.inputs("FLOAT,INT,BOOLEAN")],
     outputs=[Output("FLOAT", T.FLOAT), Output("INT", T.INT), Output("BOOL", T.BOOLEAN)],
 )
 def math_expression(ctx, expression: str, **values: Any):

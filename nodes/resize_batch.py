@@ -6,7 +6,7 @@ combo: each way of resizing brings its own inputs, declared here as ``resize_typ
 ``resize_type.megapixels``, ... (the names ComfyUI's API form and editor files use) and listed
 per choice in :data:`RESIZE_OPTIONS`, from which the editor-file converter reads the widget
 layout. BatchImagesNode's images are a growing list of sockets ``images.image0`` ..
-``images.image49`` (at least two). Resizing uses Kiln's one resampler (:func:`nodes.resample.resize`,
+``images.image49`` (at least two), declared once as a :class:`~engine.node.Grow`. Resizing uses Kiln's one resampler (:func:`nodes.resample.resize`,
 ComfyUI's common_upscale), and every size is checked against the pixel budget.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
-from engine.node import Input, Output, define_node
+from engine.node import Grow, Input, Output, define_node
 from nodes.resample import CROP_METHODS, IMAGE_METHODS, check_pixel_budget, resize
 
 MAX_RESOLUTION = 16384
@@ -151,14 +151,16 @@ def resize_image_mask(ctx, input, resize_type: str, scale_method: str, **options
     return (_back(resize(x, new_w, new_h, scale_method, crop), was_image),)
 
 
-IMAGE_SLOTS = [f"images.image{i}" for i in range(50)]
+#: ComfyUI's growing image sockets: images.image0 .. images.image49, the first two required.
+IMAGES = Grow("images", min=2, prefix="image", count=50, template="image")
+IMAGE_SLOTS = [f"images.{name}" for name in IMAGES.slot_names()]
 
 
 @define_node(
     "BatchImagesNode",
     category="image",
     display_name="Batch Images",
-    inputs=[Input(name, T.IMAGE, optional=i >= 2) for i, name in enumerate(IMAGE_SLOTS)],
+    inputs=IMAGES.inputs(T.IMAGE),
     outputs=[Output("IMAGE", T.IMAGE)],
 )
 def batch_images(ctx, **images: Any):

@@ -32,8 +32,11 @@ def test_math_expression_declares_the_templates_version(registry):
     assert spec.signature_mismatches() == []
     info = spec.object_info()
     assert info["input"]["required"]["expression"] == ["STRING", {"default": "a + b", "multiline": True}]
-    assert info["input"]["required"]["values.a"] == ["FLOAT,INT,BOOLEAN"]
-    assert list(info["input"]["optional"]) == [f"values.{c}" for c in "bcdefghijklmnopqrstuvwxyz"]
+    # ComfyUI's v3 Autogrow: one growing input named a..z, at least one; its sockets are values.a, ...
+    assert info["input"]["required"]["values"] == ["COMFY_AUTOGROW_V3", {"template": {
+        "input": {"required": {"value": ["FLOAT,INT,BOOLEAN"]}}, "min": 1, "names": list("abcdefghijklmnopqrstuvwxyz")}}]
+    assert "optional" not in info["input"] and info["input_order"] == {"required": ["expression", "values"]}
+    assert spec.input("values.a").required and not spec.input("values.b").required
     assert info["output"] == ["FLOAT", "INT", "BOOLEAN"] and info["output_name"] == ["FLOAT", "INT", "BOOL"]
 
 
@@ -193,10 +196,14 @@ def test_the_converter_reads_a_dynamic_combos_option_widgets(registry):
 # -- BatchImagesNode: growing inputs ------------------------------------------------------
 
 def test_batch_images_declares_fifty_slots_two_required(registry):
-    info = registry.get("BatchImagesNode").object_info()
-    assert list(info["input"]["required"]) == ["images.image0", "images.image1"]
-    assert list(info["input"]["optional"]) == [f"images.image{i}" for i in range(2, 50)]
+    spec = registry.get("BatchImagesNode")
+    info = spec.object_info()
+    assert info["input"] == {"required": {"images": ["COMFY_AUTOGROW_V3", {"template": {
+        "input": {"required": {"image": ["IMAGE"]}}, "min": 2, "prefix": "image", "max": 50}}]}}
     assert info["output"] == ["IMAGE"]
+    # Kiln itself validates and runs the flat sockets, the first two required
+    assert [i.name for i in spec.inputs if i.required] == ["images.image0", "images.image1"]
+    assert [i.name for i in spec.inputs][-1] == "images.image49" and len(spec.inputs) == 50
 
 
 def test_batch_images_pads_channels_and_takes_the_first_size(env):

@@ -270,9 +270,10 @@ def test_save_image_advanced_declares_comfyuis_png_option(registry):
     spec = registry.get("SaveImageAdvanced")
     assert spec.signature_mismatches() == [] and spec.output_node
     info = spec.object_info()
-    assert info["input_order"]["required"] == ["images", "filename_prefix", "format", "format.bit_depth",
-                                               "format.input_color_space"]
-    assert info["input"]["required"]["format"][0] == ["png", "exr", "avif"]
+    assert info["input_order"]["required"] == ["images", "filename_prefix", "format"]
+    kind, body = info["input"]["required"]["format"]  # ComfyUI's v3 DynamicCombo: png brings two widgets
+    assert kind == "COMFY_DYNAMICCOMBO_V3" and [o["key"] for o in body["options"]] == ["png", "exr", "avif"]
+    assert list(body["options"][0]["inputs"]["required"]) == ["bit_depth", "input_color_space"]
     assert info["input"]["required"]["filename_prefix"][1]["default"] == "ComfyUI"
     assert info["output"] == ["IMAGE"] and info["output_name"] == ["images"]
 
