@@ -72,7 +72,7 @@ def comfy_inputs(spec: Any, env: Any = None) -> tuple[dict[str, list], dict[str,
     optional: dict[str, list] = {}
     seen: set[str] = set()
     for inp in spec.comfy_input_order():
-        if inp.name in subs:
+        if inp.name in subs or inp.comfy_hidden:
             continue
         if inp.grow is not None:
             if inp.grow.group in seen:

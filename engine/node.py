@@ -120,6 +120,11 @@ class Input:
     dynamic: Mapping[str, tuple[str, ...]] | None = None
     #: The growing group (ComfyUI's Autogrow) this socket belongs to; made by :meth:`Grow.inputs`.
     grow: Grow | None = None
+    #: Kiln's own addition to a ComfyUI node (LoadImage's ``background``): left out of
+    #: ``/object_info``, so ComfyUI's frontend neither shows it nor reads an editor file's values
+    #: into it, and laid out after every input ComfyUI knows (an editor file carries it last).
+    #: It must be optional; ComfyUI-format workflows get its ``comfy_default``.
+    comfy_hidden: bool = False
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
@@ -258,6 +263,8 @@ class NodeSpec:
             unknown = [n for n in self.size.input_names() if n not in names]
             if unknown:
                 raise ValueError(f"node {self.type}: size names unknown input(s) {unknown}")
+        if any(i.comfy_hidden and not i.optional for i in self.inputs):
+            raise ValueError(f"node {self.type}: an input hidden from ComfyUI's clients must be optional")
         if any(i.lazy for i in self.inputs) != (self.lazy is not None):
             raise ValueError(f"node {self.type}: lazy inputs and a lazy hook come together")
         for inp in self.inputs:
@@ -283,12 +290,15 @@ class NodeSpec:
         return next((i for i in self.inputs if i.name == name), None)
 
     def comfy_input_order(self) -> list[Input]:
-        """Inputs as ComfyUI lays them out: required ones, then optional ones, each in declared order.
+        """Inputs as ComfyUI lays them out: required ones, then optional ones, each in declared order,
+        then Kiln's own additions (:attr:`Input.comfy_hidden`).
 
         ``/object_info`` lists them so, ComfyUI's editor builds its widgets in this
         order, and an editor file's positional ``widgets_values`` follow it.
         """
-        return [i for i in self.inputs if not i.optional] + [i for i in self.inputs if i.optional]
+        known = [i for i in self.inputs if not i.comfy_hidden]
+        return ([i for i in known if not i.optional] + [i for i in known if i.optional]
+                + [i for i in self.inputs if i.comfy_hidden])
 
     def widget_order(self) -> list[Input]:
         """The widget inputs in the order an editor file's ``widgets_values`` lists them, without

@@ -6,8 +6,9 @@ panel). This writes that format the way the frontend itself lays out a node from
 declaration order, required before optional, each seed-like widget followed by
 its control value ("fixed": Kiln's workflow holds the seed to use), and after
 all of them the "image" value of an upload button (the frontend appends that
-widget last, as a real frontend save shows); every other input, and every widget
-input that is linked, is a slot. Kiln's named parameters travel in
+widget last, as a real frontend save shows), then the values of Kiln's own
+additions, which the frontend does not know (``Input.comfy_hidden``); every other
+input, and every widget input that is linked, is a slot. Kiln's named parameters travel in
 ``extra.kiln_params`` so nothing of the workflow is lost.
 """
 from __future__ import annotations
@@ -85,6 +86,7 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
         slots: list[dict[str, Any]] = []
         values: list[Any] = []
         uploads: list[Any] = []  # the frontend adds an upload button after all declared widgets
+        own: list[Any] = []  # Kiln's additions (Input.comfy_hidden), after everything the frontend knows
         declared = _ordered_inputs(spec, node) if spec is not None else []
         for inp in declared:
             raw = node.inputs.get(inp.name)
@@ -94,7 +96,7 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
                     raw_value = None if inp.default is NO_DEFAULT else inp.default
                 else:
                     raw_value = raw
-                values.append(raw_value)
+                (own if inp.comfy_hidden else values).append(raw_value)
                 if inp.control_after_generate:
                     values.append("fixed")
                 if inp.extra.get("image_upload"):
@@ -105,7 +107,7 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
                 if widget:
                     slot["widget"] = {"name": inp.name}
                 slots.append(slot)
-        values += uploads
+        values += uploads + own
         if spec is None:  # not installed here: keep every input as a slot or a value
             for name, raw in node.inputs.items():
                 if isinstance(raw, Link):

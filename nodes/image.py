@@ -59,8 +59,9 @@ def _load_fingerprint(env: Environment, inputs: Mapping[str, Any]) -> str:
               tooltip="A file in the input folder; the CLI also takes a path, and an http(s) URL "
                       "where URL images are enabled."),
         Input("background", T.COMBO, default="white", choices=["white", "black", "gray", "none"], optional=True,
+              comfy_default="none", comfy_hidden=True,
               tooltip="Colour that transparent pixels are flattened onto; 'none' keeps the stored "
-                      "colours as ComfyUI does."),
+                      "colours as ComfyUI does (and is what ComfyUI's workflows get)."),
     ],
     outputs=[Output("IMAGE", T.IMAGE), Output("MASK", T.MASK, tooltip="1 where the image was transparent")],
     validate=_load_validate,

@@ -132,7 +132,8 @@ def test_the_issue_s_three_conversion_bugs_are_gone(registry, corpus):
         "denoise": 1}  # the legacy `true` after the seed is its mode, not the steps
     img2img = parse(corpus["0.1.48"]["image2image.json"], registry)
     loaders = [n for n in img2img.nodes.values() if n.type == "LoadImage"]
-    assert loaders and all(set(n.inputs) == {"image"} for n in loaders)  # the upload value is not `background`
+    # the upload value is not `background`, which gets ComfyUI's behaviour (stored colours)
+    assert loaders and all(n.inputs == {"image": "example.png", "background": "none"} for n in loaders)
     lumina = parse(corpus["0.11.97"]["image_netayume_lumina_t2i.json"], registry)
     assert lumina.nodes["48:33"].type == "KSampler" and lumina.nodes["48:33"].inputs["sampler_name"] == "res_multistep"
     assert lumina.nodes["48:35:43"].type == "CLIPTextEncode"  # a subgraph inside a subgraph

@@ -115,7 +115,7 @@ def test_editor_export_lays_out_the_chosen_option_and_used_sockets() -> None:
     from engine.workflow_export import to_comfy_ui
 
     registry = default_registry()
-    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png", "background": "black"}},
            "2": {"class_type": "ResizeImageMaskNode",
                  "inputs": {"input": ["1", 0], "resize_type": "scale by multiplier", "resize_type.multiplier": 0.5,
                             "scale_method": "bicubic"}},
@@ -130,6 +130,28 @@ def test_editor_export_lays_out_the_chosen_option_and_used_sockets() -> None:
     assert nodes["3"]["widgets_values"] == ["match size", "disabled", "area"]
     assert [s["name"] for s in nodes["3"]["inputs"]] == ["input", "resize_type.match"]
     assert [s["name"] for s in nodes["4"]["inputs"]] == ["images.image0", "images.image1"]
+    # LoadImage as ComfyUI's frontend lays it out (file, upload value), then Kiln's own background
+    assert nodes["1"]["widgets_values"] == ["in.png", "image", "black"]
     back = parse_document(doc, registry)
-    for node_id in ("2", "3", "4"):  # (LoadImage's extra background widget does not read back: a separate issue)
+    for node_id in ("1", "2", "3", "4"):
         assert back.nodes[node_id].inputs == original.nodes[node_id].inputs, node_id
+
+
+def test_kiln_s_own_loadimage_input_is_hidden_from_comfyui_clients_who_get_comfyui_s_behaviour() -> None:
+    """LoadImage's background is not in /object_info (ComfyUI's frontend would read an editor file's
+    upload value into it); a ComfyUI workflow gets "none", ComfyUI's stored colours, a Kiln one white."""
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+
+    registry = default_registry()
+    info = registry.get("LoadImage").object_info()
+    assert "background" not in info["input"].get("optional", {}) and "background" not in str(info["input_order"])
+    assert [i["name"] for i in registry.get("LoadImage").schema()["inputs"]] == ["image", "background"]  # Kiln's editor
+    comfy = parse_document({"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}}}, registry)
+    assert comfy.nodes["1"].inputs["background"] == "none"
+    editor_file = {"nodes": [{"id": 1, "type": "LoadImage", "widgets_values": ["in.png", "image"], "inputs": [],
+                              "outputs": [], "mode": 0}], "links": []}
+    assert parse_document(editor_file, registry).nodes["1"].inputs == {"image": "in.png", "background": "none"}
+    kiln = parse_document({"version": 1, "nodes": {"1": {"type": "LoadImage", "inputs": {"image": "in.png"}}}},
+                          registry)
+    assert "background" not in kiln.nodes["1"].inputs  # Kiln's default (white) applies
