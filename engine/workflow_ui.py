@@ -13,8 +13,10 @@ What the conversion has to know, learnt from ComfyUI's frontend (its
   then optional ones, as ``/object_info`` lists them; :meth:`NodeSpec.widget_order`).
   A seed-like widget (``control_after_generate``) is followed by its mode,
   "fixed"/"increment"/"decrement"/"randomize", or a boolean in files from before
-  those words existed; an image-upload combo is followed by its upload button's
-  value. Neither is an input. A widget the editor does not serialize (hidden
+  those words existed; an image-upload combo's upload button leaves its value
+  ("image") after all the node's widgets in current files (LoadImageMask: [file,
+  "alpha", "image"]), after the required ones in older ones: it is skipped where it
+  stands. Neither is an input. A widget the editor does not serialize (hidden
   ones, ``serialize: false``) still holds its index, as ``null``. A widget converted to an input keeps its slot in
   the list; the link wins.
 * A dynamic combo (ComfyUI's DynamicCombo, :attr:`Input.dynamic`) is followed by the
@@ -400,8 +402,12 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
     inputs: dict[str, Any] = {}
     controls: dict[str, str] = {}
     queue = list(values)
+    uploads = 0  # upload buttons whose value is still ahead (after their combo: where depends on the frontend)
     while order:
         inp = order.pop(0)
+        if uploads and queue and _upload_value(queue[0]) and not _takes(inp, queue[0]):
+            queue.pop(0)
+            uploads -= 1
         if not queue:
             break
         value = queue.pop(0)
@@ -419,9 +425,22 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
                 controls[inp.name] = "randomize" if queue.pop(0) else "fixed"
             elif mode is None and extra_slots:  # a widget not serialized keeps its slot as null
                 queue.pop(0)
-        if inp.extra.get("image_upload") and queue:
-            queue.pop(0)  # the upload button's value ("image", or the button itself in some files)
+        if inp.extra.get("image_upload"):
+            uploads += 1
     return inputs, controls
+
+
+def _upload_value(value: Any) -> bool:
+    """What an upload button leaves in ``widgets_values``: "image" (or the button itself in some files).
+    ComfyUI's current frontend puts it after all of a node's widgets (LoadImageMask: [file, "alpha",
+    "image"]), older ones after the required ones; so it is skipped where it stands."""
+    return value == "image" or isinstance(value, dict)
+
+
+def _takes(inp: Any, value: Any) -> bool:
+    """Whether ``value`` is a value of ``inp`` rather than an upload button's: only a fixed-choice combo
+    listing it can take "image" (a text widget holding exactly that word after an upload is unlikely)."""
+    return inp.type == T.COMBO and inp.choices is not None and not callable(inp.choices) and value in inp.choices
 
 
 def to_kiln(doc: Mapping[str, Any], registry: Registry) -> dict[str, Any]:

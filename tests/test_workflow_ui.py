@@ -302,3 +302,20 @@ def test_a_missing_definition_is_an_unknown_node_type_not_a_crash(registry):
     with pytest.raises(WorkflowInvalid) as err:
         validate(wf, registry)
     assert any(e.type == "unknown_node_type" for e in err.value.errors)
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["m.png", "alpha", "image"], {"image": "m.png", "channel": "alpha"}),  # current frontend: upload value last
+    (["m.png", "image", "red"], {"image": "m.png", "channel": "red"}),  # older files: right after the combo
+    (["m.png", "green"], {"image": "m.png", "channel": "green"}),  # no upload value at all
+])
+def test_an_upload_button_s_value_is_skipped_wherever_the_frontend_put_it(values, expected):
+    """ComfyUI's frontend appends the upload button after every widget, so a LoadImageMask file holds
+    [file, channel, "image"]; reading the button's value right after the file took "image" for the
+    channel, which validation then refused."""
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+
+    doc = {"nodes": [{"id": 1, "type": "LoadImageMask", "widgets_values": values, "inputs": [], "outputs": [],
+                      "mode": 0}], "links": []}
+    assert parse_document(doc, default_registry()).nodes["1"].inputs == expected
