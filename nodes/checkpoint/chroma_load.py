@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import chroma_keys
-from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
+from nodes.checkpoint.load import CheckpointError, Loaded
 from nodes.checkpoint.tensors import plain
 from nodes.families import chroma as fam
 
@@ -30,37 +30,21 @@ def has_chroma_transformer(shapes: Any) -> bool:
 
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """ChromaTransformer2DModel from original- or diffusers-layout tensors (linear weights held as
-    stored, nodes.runtime.fp8.keep_linears_as_stored, as FLUX's)."""
+    """ChromaTransformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
+    (nodes.checkpoint.flux_load.transformer_from_original) on Chroma's key table."""
     from diffusers import ChromaTransformer2DModel
 
     from nodes.checkpoint import scaled_fp8
-    from nodes.runtime.fp8 import keep_linears_as_stored
+    from nodes.checkpoint.flux_load import transformer_from_original
 
     state, scales = scaled_fp8.take(chroma_keys.strip(dict(state)), what)
-    state = dict(state)
     if any(k.startswith(RADIANCE) for k in state):
         raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
                               "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
-    if DIFFUSERS_MARKER in state:  # diffusers layout: scales already under the model's names
-        state = chroma_keys.diffusers_to_original(state)
-        scales = {}
-    try:
-        config = chroma_keys.transformer_config({k: tuple(v.shape) for k, v in state.items()})
-        converted = chroma_keys.original_to_diffusers(state)
-        scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()},
-                                   chroma_keys.original_to_diffusers)
-    except chroma_keys.KeyMismatch as exc:
-        raise CheckpointError(f"{what}: the Chroma transformer's keys do not fit the Chroma layout: {exc}") from None
-    except KeyError as exc:
-        raise CheckpointError(f"{what}: not a complete Chroma transformer ({exc} is missing)") from None
-    model = _empty(ChromaTransformer2DModel, config)
-    converted = keep_linears_as_stored(model, converted, dtype)
-    try:
-        model = _assign(model, converted, f"Chroma transformer ({what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    diffusers = DIFFUSERS_MARKER in state
+    return transformer_from_original(dict(state), scales, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
+                                     chroma_keys.original_to_diffusers,
+                                     chroma_keys.diffusers_to_original if diffusers else None)
 
 
 def _info(transformer: Any, fmt: str) -> dict[str, Any]:

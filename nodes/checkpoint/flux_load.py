@@ -43,27 +43,39 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     from diffusers import FluxTransformer2DModel
 
     from nodes.checkpoint import scaled_fp8
-    from nodes.runtime.fp8 import keep_linears_as_stored
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
     state, scales = scaled_fp8.take(state, what)
-    state = dict(state)
-    if all(k in state for k in fam.DIFFUSERS_MARKERS):  # diffusers layout in one file: scales already named so
-        state = flux_keys.diffusers_to_bfl(state)
-        scales = {}
+    diffusers = all(k in state for k in fam.DIFFUSERS_MARKERS)  # diffusers' layout in one file
+    return transformer_from_original(dict(state), scales, what, dtype, FluxTransformer2DModel, "FLUX", flux_keys,
+                                     flux_keys.bfl_to_diffusers, flux_keys.diffusers_to_bfl if diffusers else None)
+
+
+def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], what: str, dtype: Any,
+                              model_cls: Any, label: str, keys: Any, to_diffusers: Callable,
+                              from_diffusers: Callable | None = None) -> Any:
+    """A FLUX-shaped transformer (FLUX's, Chroma's) from original-layout tensors: the config from
+    the shapes (``keys.transformer_config``), the weights renamed by ``to_diffusers`` with their fp8
+    scales following them, linear weights held as stored. ``from_diffusers``: the file is in
+    diffusers' layout, brought to the original one first (its scales already carry the model's names)."""
+    from nodes.checkpoint import scaled_fp8
+    from nodes.runtime.fp8 import keep_linears_as_stored
+
+    if from_diffusers is not None:
+        state, scales = from_diffusers(state), {}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
-        config = flux_keys.transformer_config(shapes)
-        converted = flux_keys.bfl_to_diffusers(state)
-        scales = scaled_fp8.follow(scales, shapes, flux_keys.bfl_to_diffusers)
-    except flux_keys.KeyMismatch as exc:
-        raise CheckpointError(f"{what}: the FLUX transformer's keys do not fit the FLUX layout: {exc}") from None
+        config = keys.transformer_config(shapes)
+        converted = to_diffusers(state)
+        scales = scaled_fp8.follow(scales, shapes, to_diffusers)
+    except keys.KeyMismatch as exc:
+        raise CheckpointError(f"{what}: the {label} transformer's keys do not fit the {label} layout: {exc}") from None
     except KeyError as exc:
-        raise CheckpointError(f"{what}: not a complete FLUX transformer ({exc} is missing)") from None
-    model = _empty(FluxTransformer2DModel, config)
+        raise CheckpointError(f"{what}: not a complete {label} transformer ({exc} is missing)") from None
+    model = _empty(model_cls, config)
     converted = keep_linears_as_stored(model, converted, dtype)
     try:
-        model = _assign(model, converted, f"FLUX transformer ({what})", None)
+        model = _assign(model, converted, f"{label} transformer ({what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     return scaled_fp8.attach(model, scales, what)
