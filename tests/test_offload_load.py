@@ -65,16 +65,6 @@ def deep_root(tmp_path_factory) -> Path:
     return root
 
 
-def _forward(net: torch.nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 16, 64, generator=g)
-    txt = torch.randn(1, 8, tiny_flux.TEXT, generator=g)
-    with torch.no_grad():
-        return net(hidden_states=x, encoder_hidden_states=txt, pooled_projections=torch.randn(1, tiny_flux.TEXT, generator=g),
-                   timestep=torch.tensor([0.7]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                   guidance=torch.tensor([3.5]), return_dict=False)[0]
-
-
 class _Alive:
     """Every tensor read from a file (LazyState), counted by its storage until that memory is freed."""
 
@@ -159,7 +149,7 @@ def test_loading_straight_into_blocks_never_holds_the_whole_weight_set(deep_root
     assert info is not None and info.paged and info.note == "test: paged"
     assert paged.single_transformer_blocks[3]._diffusers_hook.get_hook("group_offloading") is not None
     assert len(list(Path(info.folder).glob("*.safetensors"))) == 2 + 4 + 1  # the blocks and the rest
-    assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
+    assert (tiny_flux.forward(paged) - tiny_flux.forward(whole)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name,fp8", [(DEEP, ""), ("deep-flux-fp8.safetensors", ""),
@@ -179,7 +169,7 @@ def test_the_size_asked_before_building_is_the_built_models_and_fp8_stays_fp8(de
     if name != DEEP or fp8:  # kept as stored (bf16 too: narrower than the fp32 compute dtype)
         assert stored["transformer_blocks.0.attn.to_q.weight"] == (torch.bfloat16 if "bf16" in name
                                                                    else torch.float8_e4m3fn)
-    assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
+    assert (tiny_flux.forward(paged) - tiny_flux.forward(whole)).abs().max() <= 1e-5
 
 
 def test_a_single_file_flux_checkpoint_loads_its_transformer_straight_into_blocks(deep_root):
@@ -192,7 +182,7 @@ def test_a_single_file_flux_checkpoint_loads_its_transformer_straight_into_block
                   for t in part.values())
     assert asked == [(module_bytes(whole.modules["unet"]), besides)]
     assert offload.offloaded(paged.modules["unet"]).paged
-    assert (_forward(paged.modules["unet"]) - _forward(whole.modules["unet"])).abs().max() <= 1e-5
+    assert (tiny_flux.forward(paged.modules["unet"]) - tiny_flux.forward(whole.modules["unet"])).abs().max() <= 1e-5
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         assert torch.equal(paged.modules["text_encoder_2"](ids)[0], whole.modules["text_encoder_2"](ids)[0])
@@ -359,7 +349,7 @@ def test_a_diffusers_layout_flux_file_loads_straight_into_blocks_with_no_convers
     assert offload.offloaded(paged).paged
     assert alive.peak - before <= top + max(sizes), (alive.peak - before, top, sizes)
     assert alive.peak - before < 0.4 * module_bytes(whole)
-    assert (_forward(paged) - _forward(whole)).abs().max() <= 1e-5
+    assert (tiny_flux.forward(paged) - tiny_flux.forward(whole)).abs().max() <= 1e-5
 
 
 def test_an_sd1_diffusers_folders_unet_loads_straight_into_blocks(tiny_models_dir, alive, phase):
@@ -406,7 +396,7 @@ def test_a_sharded_flux_diffusers_folder_loads_its_transformer_straight_into_blo
     assert offload.offloaded(unet).paged and offload.offloaded(whole.modules["unet"]) is None
     assert len(phase) == 1 and phase[0] <= unet_bytes - sum(sizes) + max(sizes), (phase, unet_bytes, sizes)
     assert unet.transformer_blocks[0].attn.to_q.weight.dtype == storage
-    assert (_forward(unet) - _forward(whole.modules["unet"])).abs().max() <= 1e-5
+    assert (tiny_flux.forward(unet) - tiny_flux.forward(whole.modules["unet"])).abs().max() <= 1e-5
 
 
 def test_a_bad_diffusers_folder_fails_by_name_before_any_block_is_written(tiny_models_dir, tmp_path):

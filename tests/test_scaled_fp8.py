@@ -246,16 +246,6 @@ def test_a_malformed_scale_is_an_error_naming_file_and_key(env, root):
     assert name in str(caught.value) and key in str(caught.value) and "(3, 2)" in str(caught.value)
 
 
-def _flux_forward(net: torch.nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 16, 64, generator=g)
-    txt = torch.randn(1, 8, tiny_flux.TEXT, generator=g)
-    with torch.no_grad():
-        return net(hidden_states=x, encoder_hidden_states=txt, pooled_projections=torch.randn(1, tiny_flux.TEXT, generator=g),
-                   timestep=torch.tensor([0.7]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                   guidance=torch.tensor([3.5]), return_dict=False)[0]
-
-
 def test_a_scaled_model_paged_to_disk_keeps_its_scales(root, tmp_path):
     """The scales are buffers: block files carry them, whether the model is built straight into its
     disk blocks (the manager asked before building) or built whole and paged later."""
@@ -280,10 +270,10 @@ def test_a_scaled_model_paged_to_disk_keeps_its_scales(root, tmp_path):
     later = load_unet_file(path, torch.float32).modules["unet"]
     offload.offload_blocks(later, "cpu", "disk", "test: paged", folder_root=str(tmp_path))
     assert offload.offloaded(later).paged
-    reference = _flux_forward(whole)
-    assert torch.equal(_flux_forward(straight), reference) and torch.equal(_flux_forward(later), reference)
+    reference = tiny_flux.forward(whole)
+    assert torch.equal(tiny_flux.forward(straight), reference) and torch.equal(tiny_flux.forward(later), reference)
     plain = load_unet_file(path.with_name("flux-dequant.safetensors"), torch.float32).modules["unet"]
-    assert torch.equal(_flux_forward(whole), _flux_forward(plain))
+    assert torch.equal(tiny_flux.forward(whole), tiny_flux.forward(plain))
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -314,9 +304,9 @@ def test_a_lora_on_a_scaled_model_equals_it_on_the_dequantised_one(env, root, do
         (patched,) = call(lora_nodes.lora_loader_model_only, env, model=model, lora_name=lora_name,
                           strength_model=1.0)
         with patched.unet() as net:
-            outs[name] = _flux_forward(net)
+            outs[name] = tiny_flux.forward(net)
         with model.unet() as net:
-            outs[name + "-base"] = _flux_forward(net)
+            outs[name + "-base"] = tiny_flux.forward(net)
     diff = float((outs["flux-scaled.safetensors"] - outs["flux-dequant.safetensors"]).abs().max())
     effect = float((outs["flux-scaled.safetensors"] - outs["flux-scaled.safetensors-base"]).abs().max())
     print(f"{lora_name} on scaled vs dequantised: {diff:.2e} (the LoRA moves the output by {effect:.2e})")
@@ -416,4 +406,4 @@ def test_a_scale_on_a_bf16_weight_is_kept_through_the_managers_widening(env, roo
         assert all(torch.equal(ea[k], eb[k]) for k in eb)
         kept = [m for m in a.modules() if weight_scale(m) is not None]
         assert kept and all(type(m) is cast_linear_class() and m.weight.dtype == torch.bfloat16 for m in kept)
-        assert torch.equal(_flux_forward(a), _flux_forward(b))
+        assert torch.equal(tiny_flux.forward(a), tiny_flux.forward(b))

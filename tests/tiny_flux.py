@@ -158,3 +158,17 @@ def make_models_folder(root: str | Path) -> Path:
     _save(root / "checkpoints" / "tiny-flux-dev-transformer-only.safetensors",
           {"model.diffusion_model." + k: v for k, v in bfl_transformer("dev").items()})
     return root
+
+
+def forward(net: Any) -> Any:
+    """One call of a tiny FLUX transformer on fixed random inputs (16 image and 8 text tokens,
+    seed 2): what tests compare between two ways of loading or holding the same weights."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 64, generator=g)
+    txt = torch.randn(1, 8, TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=txt, pooled_projections=torch.randn(1, TEXT, generator=g),
+                   timestep=torch.tensor([0.7]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                   guidance=torch.tensor([3.5]), return_dict=False)[0]
