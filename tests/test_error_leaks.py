@@ -61,6 +61,30 @@ async def test_a_failed_job_names_files_by_folder_and_keeps_its_traceback_in_the
     assert "Traceback" in logged and "in dig" in logged and root in logged
 
 
+async def test_a_job_that_keeps_going_names_files_by_folder_in_every_failure_and_logs_each_once(
+        aiohttp_client, tmp_path, caplog: pytest.LogCaptureFixture):
+    """keep_going: the node_failed event and the failures list go through the same redaction as the
+    job's error, and the traceback reaches the log once, not again with the job's end."""
+    client = await start(aiohttp_client, tmp_path)
+    events: list[dict] = []
+    ws = await client.ws_connect("/ws?clientId=leaks&protocol=kiln")
+    with caplog.at_level(logging.ERROR, logger="engine.server.worker"):
+        r = await client.post("/api/jobs", json={"workflow": workflow(), "keep_going": True, "client_id": "leaks"})
+        job = await wait_status(client, (await r.json())["job_id"])
+        while not any(e.get("type") == "job_failed" for e in events):
+            msg = await ws.receive_json(timeout=10)
+            if isinstance(msg, dict) and msg.get("type") in ("node_failed", "job_failed"):
+                events.append(msg)
+    await ws.close()
+    root = str((tmp_path / "data").resolve())
+    assert job["status"] == "failed" and job["error"]["blocked"] == ["2", "3"]
+    assert "cannot read 'input/cat.png'" in job["error"]["failures"][0]["message"] and root not in str(job["error"])
+    node_failed = [e for e in events if e["type"] == "node_failed"]
+    assert len(node_failed) == 1 and root not in str(node_failed) and node_failed[0]["traceback"] == []
+    logged = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(logged) == 1 and root in logged[0]
+
+
 async def test_debug_keeps_a_bounded_traceback_and_lists_stay_small(aiohttp_client, tmp_path):
     client = await start(aiohttp_client, tmp_path, traceback_chars=4000)
     ids = [(await (await client.post("/api/jobs", json={"workflow": workflow(2_000_000), "force": True})).json())
