@@ -24,7 +24,7 @@ from nodes.runtime.measure import module_bytes
 from nodes.runtime.models import ModelManager
 from test_flux_lora import flux_lora_root  # noqa: F401 (a fixture)
 from test_offload import FLUX, _env, _img2img, _sd1_job, _write_sd1_conv_loras, whole  # noqa: F401 (a fixture)
-from test_offload_load import DEEP, _forward, deep_root  # noqa: F401 (a fixture)
+from test_offload_load import DEEP, deep_root  # noqa: F401 (a fixture)
 
 LORA = "flux-bfl.safetensors"
 
@@ -149,7 +149,7 @@ def test_linears_held_as_stored_stay_so_when_a_paged_model_returns_whole(deep_ro
     env.models.cpu_budget_bytes = 1 << 34
     with model.unet() as net:
         assert offload.offloaded(net) is None and env.models.counters["made_whole"] == 1
-        ours = _forward(net)
+        ours = tiny_flux.forward(net)
     q = net.transformer_blocks[0].attn.to_q
     assert q.weight.dtype == stored and type(q).__name__ == "CastLinear"  # casts per call still
     assert type(net.norm_out.linear) is type(reference.norm_out.linear)
@@ -160,7 +160,7 @@ def test_linears_held_as_stored_stay_so_when_a_paged_model_returns_whole(deep_ro
         return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
     assert all(v.dtype == base[k].dtype and torch.equal(raw(v), raw(base[k])) for k, v in net.state_dict().items())
-    assert (ours - _forward(reference)).abs().max() <= 1e-5
+    assert (ours - tiny_flux.forward(reference)).abs().max() <= 1e-5
 
 
 def test_an_sd1_unet_paged_with_a_conv_lora_runs_whole_with_it_after_the_budget_grows(tiny_models_dir, tmp_path):
