@@ -1,0 +1,82 @@
+"""The Qwen tokenizer Kiln builds from the shipped ranks tokenises as tiktoken does.
+
+tiktoken is the reference implementation of this byte-level BPE (Qwen's first
+tokenizer was a tiktoken encoding over these very ranks); running it on the same
+ranks and split rule gives the ids the Qwen team's tokenizers produce.
+"""
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+import tiktoken
+
+from nodes.checkpoint import qwen_tokenizer as qt
+
+TEXTS = [
+    "a red house by a lake",
+    "A photo of a CAT, sitting on a mat. It's 3:45pm; they'll leave at 12345!",
+    "  leading and trailing spaces   ",
+    "tabs\tand\nnewlines\r\n\n  indented\n",
+    "Ünïcödé: café, naïve, 東京の夜景, 北京烤鸭, 한국어, русский текст, العربية",
+    "emoji 🐱🏠🌅 and combined e\u0301 (NFC folds this)",
+    "code: def f(x):\n    return x**2  # square\n",
+    "<|im_start|>system\nDescribe the image.<|im_end|>\n<|im_start|>user\nA cat<|im_end|>\n",
+    "<|vision_start|><|image_pad|><|vision_end|>Change the sky to night.",
+    "x" * 300 + " " + "word " * 50,
+]
+
+
+def _reference(version: str) -> tiktoken.Encoding:
+    ranks = qt.token_ranks()
+    specials = {token: len(ranks) + i for i, token in enumerate(qt.SPECIAL_TOKENS[version])}
+    return tiktoken.Encoding(f"qwen{version}", pat_str=qt.PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+@pytest.fixture(scope="module", params=["2.5", "3"])
+def pair(request):
+    return qt.qwen_tokenizer(request.param), _reference(request.param), request.param
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_equal_tiktoken_on_the_same_ranks(pair, text):
+    tokenizer, reference, _ = pair
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    assert ids == reference.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+    assert tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
+
+
+def test_every_token_is_one_id_and_the_specials_follow_the_vocabulary(pair):
+    tokenizer, reference, version = pair
+    ranks = qt.token_ranks()
+    assert len(ranks) == 151643 and sorted(ranks.values()) == list(range(151643))
+    # Tokens through the whole vocabulary, each as its own text: mostly one id (this
+    # fails if the merges do not rebuild long tokens), always the reference's ids.
+    whole = 0
+    for token, rank in list(ranks.items())[::499]:
+        try:
+            text = token.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a partial UTF-8 sequence has no text of its own
+        expected = reference.encode(unicodedata.normalize("NFC", text))
+        assert tokenizer(text).input_ids == expected, (text, rank)
+        whole += expected == [rank]
+    assert whole > 250
+    specials = qt.SPECIAL_TOKENS[version]
+    assert tokenizer.convert_tokens_to_ids(list(specials)) == list(range(151643, 151643 + len(specials)))
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.padding_side == "right"
+    assert ("<think>" in specials) == (version == "3")
+
+
+def test_a_damaged_asset_is_refused(tmp_path, monkeypatch):
+    import lzma
+
+    damaged = tmp_path / "qwen.tiktoken.xz"
+    damaged.write_bytes(lzma.compress(b"IQ== 0\n"))
+    monkeypatch.setattr(qt, "ASSET", damaged)
+    qt.token_ranks.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="damaged"):
+            qt.token_ranks()
+    finally:
+        qt.token_ranks.cache_clear()
