@@ -145,3 +145,19 @@ def test_guidance_is_a_note_and_a_wrong_width_names_the_input():
     with pytest.raises(ConditioningError) as err:
         net(torch.zeros(1, 128, 4, 4), torch.tensor(500.0), torch.zeros(1, 77, 768))
     assert err.value.input_name == "positive" and "CLIPLoader type flux2" in str(err.value)
+
+
+def test_empty_flux2_latent_and_flux2_scheduler_are_comfyuis():
+    from nodes.flux2_nodes import empty_flux2_latent_image, flux2_scheduler
+    from nodes.samplers.flow import empirical_mu, scheduler
+
+    (latent,) = empty_flux2_latent_image(Recorder().ctx, 1024, 768, 2)
+    assert latent["samples"].shape == (2, 128, 48, 64) and not latent["samples"].any()
+    (sigmas,) = flux2_scheduler(Recorder().ctx, 4, 1024, 1024)
+    assert sigmas.shape == (5,) and float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
+    # the pipeline's grid at the same size: Kiln's KSampler builds it as the pipeline does
+    sched = scheduler(flux2.FAMILY.scheduler_config(), "normal", 4, 64, 64)
+    assert torch.allclose(sigmas, sched.sigmas.float(), atol=1e-6)
+    (other,) = flux2_scheduler(Recorder().ctx, 4, 512, 512)
+    assert (sigmas[1:-1] - other[1:-1]).abs().min() > 0.005  # the size moves the shift
+    assert empirical_mu(5000, 4) == empirical_mu(5000, 50)  # past 4300 tokens the step count does not
