@@ -1,0 +1,193 @@
+"""FLUX.2 [klein] from the files people have, through the real loader nodes, against Flux2KleinPipeline.
+
+The tiny klein (tests/tiny_flux2.py) is written in ComfyUI's split layout (BFL keys, with and
+without ``model.diffusion_model.``, fp8; the Qwen3 as qwen_3_*.safetensors; the VAE in its original
+layout with ``bn.*``) and as a diffusers folder. Graphs on the split files and on the folder equal
+Flux2KleinPipeline from the raw prompt within 1/255 per pixel (cfg 1 distilled, cfg > 1 base);
+ComfyUI's klein text-to-image template runs through the editor-format converter and equals the
+pipeline too; wrong files get errors naming family, file and keys.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_flux2
+from engine.context import NodeError
+from engine.executor import Executor
+from engine.registry import default_registry
+from engine.workflow import parse
+from node_call import Called, call, environment_over
+from nodes import loaders, split_loaders
+from nodes.checkpoint import flux2_keys
+from nodes.families import flux2
+
+PROMPT = "a lighthouse on a cliff"
+SIZE = 64
+SPLIT = dict(unet="flux-2-klein-tiny.safetensors", clip="qwen_3_tiny.safetensors", vae="flux2-vae-tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tiny_flux2.make_models_folder(tmp_path_factory.mktemp("flux2-models"))
+
+
+@pytest.fixture()
+def env(root, tmp_path):
+    yield from environment_over(root, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return default_registry()
+
+
+def run(registry, env, wf):
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    return outcome
+
+
+def reference(seed: int, steps: int, cfg: float, prompt: str = PROMPT) -> np.ndarray:
+    with torch.no_grad():
+        return tiny_flux2.pipeline(distilled=cfg <= 1)(
+            prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=cfg, output_type="np",
+            generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+def _graph(loader: dict, seed: int, steps: int, cfg: float) -> dict:
+    graph = {
+        **loader,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": loader["_clip"]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": loader["_clip"]}},
+        "4": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": loader["_model"], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "simple",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": loader["_vae"]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "flux2"}},
+    }
+    return {k: v for k, v in graph.items() if not k.startswith("_")}
+
+
+SPLIT_LOADERS = {
+    "10": {"class_type": "UNETLoader", "inputs": {"unet_name": SPLIT["unet"], "weight_dtype": "default"}},
+    "11": {"class_type": "CLIPLoader", "inputs": {"clip_name": SPLIT["clip"], "type": "flux2"}},
+    "12": {"class_type": "VAELoader", "inputs": {"vae_name": SPLIT["vae"]}},
+    "_model": ["10", 0], "_clip": ["11", 0], "_vae": ["12", 0],
+}
+FOLDER_LOADER = {
+    "10": {"class_type": "DiffusersLoader", "inputs": {"model_path": "flux2-klein-tiny"}},
+    "_model": ["10", 0], "_clip": ["10", 1], "_vae": ["10", 2],
+}
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_split_files_graph_equals_klein_pipeline(registry, env, cfg):
+    kiln = run(registry, env, parse(_graph(SPLIT_LOADERS, 8, 4, cfg))).results["6"][0].numpy()
+    assert np.abs(kiln - reference(8, 4, cfg)).max() <= 1 / 255
+    assert np.abs(kiln - reference(9, 4, cfg)).max() > 0.02  # the seed moves it: not vacuous
+
+
+def test_diffusers_folder_graph_equals_klein_pipeline(registry, env):
+    kiln = run(registry, env, parse(_graph(FOLDER_LOADER, 8, 4, 1.0))).results["6"][0].numpy()
+    assert np.abs(kiln - reference(8, 4, 1.0)).max() <= 1 / 255
+    assert np.abs(kiln - reference(8, 4, 1.0, "a forest at dawn")).max() > 0.02
+
+
+def _weights(model) -> dict:
+    with model._use_unet() as net:
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["flux-2-klein-tiny.safetensors", "flux-2-klein-tiny-prefixed.safetensors"])
+def test_split_file_and_folder_load_the_same_weights_bit_for_bit(env, name):
+    rec = Called()
+    (model,) = call(split_loaders.unet_loader, env, rec, unet_name=name)
+    assert model.family is flux2.FAMILY and any("flux2 UNet" in m for m in rec.messages)
+    (folder, clip, vae) = call(loaders.diffusers_loader, env, model_path="flux2-klein-tiny")
+    assert folder.family is clip.family is flux2.FAMILY and vae.downscale == 16 and vae.latent_channels == 128
+    split, whole = _weights(model), _weights(folder)
+    want = tiny_flux2.components()["transformer"].state_dict()
+    assert set(split) == set(whole) == set(want)
+    assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) for k in want)
+
+
+def test_fp8_file_keeps_fp8_linears_and_stays_close(env):
+    rec = Called()
+    (model,) = call(split_loaders.unet_loader, env, rec, unet_name="flux-2-klein-tiny-fp8.safetensors")
+    with model._use_unet() as net:
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+        want = tiny_flux2.components()["transformer"].state_dict()["transformer_blocks.0.attn.to_q.weight"]
+        got = net.transformer_blocks[0].attn.to_q.weight.float()
+        assert (got - want).abs().max() < 0.1 * want.abs().max() and not torch.equal(got, want)
+
+
+def test_key_map_matches_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    original = tiny_flux2.original_transformer()
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(original))
+    ours = flux2_keys.original_to_diffusers(dict(original))
+    assert set(ours) == set(theirs) == set(tiny_flux2.components()["transformer"].state_dict())
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_vae_loader_reads_the_original_layout_with_its_batch_norm(env):
+    from nodes.vae import vae_decode
+
+    (vae,) = call(loaders.vae_loader, env, vae_name=SPLIT["vae"])
+    assert vae.latent_channels == 128 and vae.downscale == 16
+    z = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(1))
+    (image,) = call(vae_decode, env, samples={"samples": z}, vae=vae)
+    parts = tiny_flux2.components()
+    bn = parts["vae"].bn
+    raw = z * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4) + bn.running_mean.view(1, -1, 1, 1)
+    with torch.no_grad():
+        want = parts["vae"].decode(tiny_flux2.pipeline()._unpatchify_latents(raw)).sample
+    assert torch.allclose(image, (want / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), atol=1e-5)
+
+
+def test_wrong_files_name_family_file_and_keys(env, root):
+    from tiny_flux import _save
+
+    state = tiny_flux2.original_transformer()
+    broken = {k: v for k, v in state.items() if not k.startswith("single_blocks.0.linear2")}
+    _save(root / "diffusion_models" / "flux-2-broken.safetensors", broken)
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.unet_loader, env, unet_name="flux-2-broken.safetensors")
+    assert "FLUX.2" in str(err.value) and "single_blocks.0.linear2.weight" in str(err.value)
+    assert err.value.input_name == "unet_name"
+    dev = dict(state, **{"guidance_in.in_layer.weight": torch.zeros(64, 256),
+                         "guidance_in.out_layer.weight": torch.zeros(64, 64)})
+    _save(root / "diffusion_models" / "flux-2-dev-tiny.safetensors", dev)
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.unet_loader, env, unet_name="flux-2-dev-tiny.safetensors")
+    assert "FLUX.2 [dev]" in str(err.value) and "Mistral" in str(err.value) and "klein" in str(err.value)
+    _save(root / "checkpoints" / "flux-2-klein-as-checkpoint.safetensors", state)
+    with pytest.raises(NodeError) as err:
+        call(loaders.checkpoint_loader, env, ckpt_name="flux-2-klein-as-checkpoint.safetensors")
+    assert "FLUX.2 transformer" in str(err.value) and "UNETLoader" in str(err.value)
+
+
+def test_flux1_files_are_not_klein(env, root):
+    """A FLUX.1 transformer loads as FLUX.1 (its own family), and its parts refuse klein's by name: a
+    T5 for CLIPLoader type flux2, a FLUX.1 latent for the FLUX.2 VAE, Qwen3 conditioning for FLUX.1."""
+    import tiny_flux
+    from nodes.vae import vae_decode
+
+    tiny_flux._save(root / "diffusion_models" / "flux1-tiny.safetensors", tiny_flux.bfl_transformer("dev"))
+    tiny_flux._save(root / "text_encoders" / "t5xxl-tiny.safetensors", tiny_flux.t5_state())
+    (model,) = call(split_loaders.unet_loader, env, unet_name="flux1-tiny.safetensors")
+    assert model.family.name == "flux"
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.clip_loader, env, clip_name="t5xxl-tiny.safetensors", type="flux2")
+    assert "'flux2' needs Qwen3" in str(err.value) and "T5-XXL" in str(err.value)
+    (vae,) = call(loaders.vae_loader, env, vae_name=SPLIT["vae"])
+    with pytest.raises(NodeError) as err:
+        call(vae_decode, env, samples={"samples": torch.zeros(1, 16, 8, 8)}, vae=vae)
+    assert "16 channels" in str(err.value) and "128" in str(err.value)
