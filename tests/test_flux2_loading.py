@@ -191,3 +191,67 @@ def test_flux1_files_are_not_klein(env, root):
     with pytest.raises(NodeError) as err:
         call(vae_decode, env, samples={"samples": torch.zeros(1, 16, 8, 8)}, vae=vae)
     assert "16 channels" in str(err.value) and "128" in str(err.value)
+
+
+def test_scaled_fp8_and_diffusers_keyed_files_load(env, root):
+    """ComfyUI's scaled fp8 (scale_weight per layer, fused qkv scales split per row with the weight)
+    computes with the weights of its dequantised twin; diffusers' names in one file load bit for bit."""
+    from test_scaled_fp8 import _compare, quantise
+    from tiny_flux import _save
+
+    scaled, plain = quantise(tiny_flux2.original_transformer(), "model.diffusion_model.")
+    _save(root / "diffusion_models" / "flux-2-klein-tiny-fp8-scaled.safetensors", scaled)
+    _save(root / "diffusion_models" / "flux-2-klein-tiny-dequantised.safetensors", plain)
+    _save(root / "diffusion_models" / "flux-2-klein-tiny-diffusers-keys.safetensors",
+          dict(tiny_flux2.components()["transformer"].state_dict()))
+    nets = {}
+    for name in ("fp8-scaled", "dequantised", "diffusers-keys"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name=f"flux-2-klein-tiny-{name}.safetensors")
+        assert model.family is flux2.FAMILY
+        with model._use_unet() as net:
+            nets[name] = net
+    layers, fp8 = _compare(nets["fp8-scaled"], nets["dequantised"])
+    assert layers >= 10 and fp8 > 0
+    want = tiny_flux2.components()["transformer"].state_dict()
+    got = nets["diffusers-keys"].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# -- the shipped workflow and ComfyUI's template ---------------------------------------------------
+
+
+def test_shipped_workflow_on_split_files_equals_klein_pipeline(registry, env):
+    from engine.workflow import load
+
+    wf = load(Path(__file__).resolve().parent.parent / "workflows" / "flux2-klein-txt2img.json").with_overrides(
+        dict(diffusion_model=SPLIT["unet"], qwen3=SPLIT["clip"], vae=SPLIT["vae"], prompt=PROMPT, width=SIZE,
+             height=SIZE, steps=4, seed=3))
+    kiln = run(registry, env, wf).results["8"][0].numpy()
+    assert np.abs(kiln - reference(3, 4, 1.0)).max() <= 1 / 255
+    assert np.abs(kiln - reference(3, 4, 1.0, "a forest at dawn")).max() > 0.02
+
+
+def test_comfyui_klein_template_equals_klein_pipeline(registry, env):
+    """image_flux2_klein_text_to_image.json as ComfyUI's editor saved it (comfyui-workflow-templates-json):
+    a subgraph of UNETLoader (the base model), CLIPLoader type flux2, VAELoader, EmptyFlux2LatentImage,
+    Flux2Scheduler, CFGGuider cfg 5 with an empty negative prompt, RandomNoise, KSamplerSelect euler and
+    SamplerCustomAdvanced. On the tiny files it equals Flux2KleinPipeline (base, guidance 5) on the
+    template's prompt; the distilled subgraph is bypassed in the template."""
+    import importlib
+    import json
+
+    from engine.formats import parse_document
+
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    document = json.loads((folder / "image_flux2_klein_text_to_image.json").read_text(encoding="utf-8"))
+    wf = parse_document(document, registry).with_overrides({
+        "75:70.unet_name": SPLIT["unet"], "75:71.clip_name": SPLIT["clip"], "75:72.vae_name": SPLIT["vae"],
+        "75:68.value": SIZE, "75:69.value": SIZE, "75:62.steps": 4, "75:73.noise_seed": 11})
+    assert wf.nodes["75:63"].inputs["cfg"] == 5 and wf.nodes["75:67"].inputs["text"] == ""
+    outcome = run(registry, env, wf)
+    ours = outcome.results["75:65"][0].numpy()
+    prompt = wf.nodes["76"].inputs["value"]
+    sigmas = outcome.results["75:62"][0]
+    assert sigmas.shape == (5,) and float(sigmas[-1]) == 0.0
+    assert np.abs(ours - reference(11, 4, 5.0, prompt)).max() <= 1 / 255
+    assert np.abs(ours - reference(11, 4, 1.0, prompt)).max() > 0.01  # the template's cfg 5 is what matched
