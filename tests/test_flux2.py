@@ -161,3 +161,16 @@ def test_empty_flux2_latent_and_flux2_scheduler_are_comfyuis():
     (other,) = flux2_scheduler(Recorder().ctx, 4, 512, 512)
     assert (sigmas[1:-1] - other[1:-1]).abs().min() > 0.005  # the size moves the shift
     assert empirical_mu(5000, 4) == empirical_mu(5000, 50)  # past 4300 tokens the step count does not
+
+
+def test_a_reference_method_other_than_index_names_the_input():
+    from nodes.families.base import ConditioningError
+    from nodes.kontext import flux_kontext_multi_reference_latent_method, reference_latent
+
+    (positive,) = reference_latent(Recorder().ctx, _clip().encode(PROMPT), {"samples": torch.zeros(1, 128, 4, 4)})
+    (offset,) = flux_kontext_multi_reference_latent_method(Recorder().ctx, positive, "offset")
+    with pytest.raises(ConditioningError) as err:
+        flux2.FAMILY.network_kwargs([offset[0][1]], 1, (4, 4), "cpu", torch.float32)
+    assert "'offset'" in str(err.value) and "index" in str(err.value) and err.value.input_name == "positive"
+    (index,) = flux_kontext_multi_reference_latent_method(Recorder().ctx, positive, "index")
+    assert "reference_latents" in flux2.FAMILY.network_kwargs([index[0][1]], 1, (4, 4), "cpu", torch.float32)

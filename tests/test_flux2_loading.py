@@ -255,3 +255,65 @@ def test_comfyui_klein_template_equals_klein_pipeline(registry, env):
     assert sigmas.shape == (5,) and float(sigmas[-1]) == 0.0
     assert np.abs(ours - reference(11, 4, 5.0, prompt)).max() <= 1 / 255
     assert np.abs(ours - reference(11, 4, 1.0, prompt)).max() > 0.01  # the template's cfg 5 is what matched
+
+
+def test_comfyui_klein_edit_template_equals_klein_pipeline_image_path(registry, env):
+    """image_flux2_klein_image_edit_4b_distilled.json: the image scaled (ImageScaleToTotalPixels, nearest),
+    VAEEncode, ReferenceLatent on the prompt and on its ConditioningZeroOut negative, CFGGuider cfg 1,
+    EmptyFlux2LatentImage and Flux2Scheduler at GetImageSize's size. On the tiny files, with the scale set
+    to give 96 x 96 pixels, it equals Flux2KleinPipeline given the same (scaled) image."""
+    import importlib
+    import json
+
+    from PIL import Image
+
+    from engine.formats import parse_document
+    from nodes.sample_image import draw_landscape
+
+    draw_landscape(64, 64).save(env.paths.input.root / "bag.png")
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    document = json.loads((folder / "image_flux2_klein_image_edit_4b_distilled.json").read_text(encoding="utf-8"))
+    overrides = {"75:70.unet_name": SPLIT["unet"], "75:71.clip_name": SPLIT["clip"], "75:72.vae_name": SPLIT["vae"],
+                 "76.image": "bag.png", "81.image": "bag.png", "75:80.megapixels": 0.01, "75:80.resolution_steps": 16,
+                 "75:73.noise_seed": 21}
+    wf = parse_document(document, registry).with_overrides(overrides)
+    outcome = run(registry, env, wf)
+    ours = outcome.results["75:65"][0].numpy()
+    scaled = outcome.results["75:80"][0]
+    assert scaled.shape == (1, 96, 96, 3) and ours.shape == (1, 96, 96, 3)
+    prompt = wf.nodes["75:74"].inputs["text"]
+
+    def pipeline(image):
+        with torch.no_grad():
+            return tiny_flux2.pipeline(distilled=True)(
+                prompt=prompt, image=image, height=96, width=96, num_inference_steps=4, guidance_scale=1.0,
+                output_type="np", generator=torch.Generator("cpu").manual_seed(21)).images
+
+    pil = Image.fromarray((scaled[0].numpy() * 255).round().astype(np.uint8))
+    assert np.abs(ours - pipeline(pil)).max() <= 1 / 255
+    assert np.abs(ours - pipeline(None)).max() > 0.01  # the reference moves it: not vacuous
+    plain = Image.fromarray(np.full((96, 96, 3), 128, dtype=np.uint8))
+    assert np.abs(ours - pipeline(plain)).max() > 2 / 255  # and which image it is
+
+
+def test_vae_with_a_narrower_decoder_loads(env, root):
+    """Comfy-Org's full_encoder_small_decoder.safetensors: the decoder's widths differ from the encoder's
+    (diffusers' decoder_block_out_channels); read from the decoder's own shapes."""
+    from diffusers import AutoencoderKLFlux2
+
+    from nodes.checkpoint.to_original import vae_to_original
+    from tiny_flux import _save
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        small = AutoencoderKLFlux2(block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 64, 64),
+                                   layers_per_block=1, latent_channels=32, norm_num_groups=32, sample_size=64).eval()
+    state = {k: v for k, v in small.state_dict().items() if not k.startswith("bn.")}
+    original = {k[len("first_stage_model."):]: v for k, v in vae_to_original(state, dict(small.config)).items()}
+    original.update({f"bn.{k}": v for k, v in small.bn.state_dict().items()})
+    _save(root / "vae" / "flux2-small-decoder.safetensors", original)
+    (vae,) = call(loaders.vae_loader, env, vae_name="flux2-small-decoder.safetensors")
+    with vae.module() as module:
+        got = module.vae.state_dict()
+    want = small.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

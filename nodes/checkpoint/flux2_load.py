@@ -103,6 +103,10 @@ def build_vae(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> A
                                     "block_out_channels", "down_block_types", "up_block_types", "norm_num_groups")}
     config.update(use_quant_conv=det.VAE + "quant_conv.weight" in shapes,
                   use_post_quant_conv=det.VAE + "post_quant_conv.weight" in shapes)
+    decoder = tuple(shapes.get(det.VAE + f"decoder.up.{i}.block.0.conv1.weight", (0,))[0]
+                    for i in range(len(config["block_out_channels"])))
+    if all(decoder) and decoder != tuple(config["block_out_channels"]):  # a small decoder (Comfy-Org's variant)
+        config["decoder_block_out_channels"] = decoder
     if bn.get("running_mean") is None or tuple(bn["running_mean"].shape) != (4 * config["latent_channels"],):
         raise CheckpointError(f"{what}: the FLUX.2 VAE's bn.running_mean must hold {4 * config['latent_channels']} "
                               "values (one per patch channel)")
