@@ -174,3 +174,19 @@ def test_a_reference_method_other_than_index_names_the_input():
     assert "'offset'" in str(err.value) and "index" in str(err.value) and err.value.input_name == "positive"
     (index,) = flux_kontext_multi_reference_latent_method(Recorder().ctx, positive, "index")
     assert "reference_latents" in flux2.FAMILY.network_kwargs([index[0][1]], 1, (4, 4), "cpu", torch.float32)
+
+
+def test_original_names_and_lora_modules_cover_the_transformer():
+    """Merge nodes and LoRAs address the original (BFL) names: every parameter has one, and a fused
+    qkv / linear1 LoRA module splits row-wise onto diffusers' weights."""
+    net = tiny_flux2.components()["transformer"]
+    names = flux2.FAMILY.original_names(net)
+    assert set(names) == {n for n, _ in net.named_parameters()}
+    assert names["transformer_blocks.0.attn.to_k.weight"] == "double_blocks.0.img_attn.qkv.weight"
+    lora = flux2.FAMILY.lora_modules(net)
+    hidden = tiny_flux2.HEADS * tiny_flux2.HEAD_DIM
+    assert lora["double_blocks.0.txt_attn.qkv"] == tuple((f"transformer_blocks.0.attn.add_{q}_proj.weight",
+                                                          ((i * hidden, (i + 1) * hidden),)) for i, q in enumerate("qkv"))
+    fused = net.single_transformer_blocks[0].attn.to_qkv_mlp_proj.weight.shape[0]
+    assert lora["single_blocks.0.linear1"] == (("single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+                                                ((0, fused),)),)

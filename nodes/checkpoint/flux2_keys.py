@@ -47,7 +47,8 @@ OPTIONAL = ("guidance_in.",)
 
 def pairs(original_keys: Any, diffusers_keys: Any) -> list[tuple[list[str], list[str], str]]:
     """(original names, diffusers names, how) for every tensor; ``how`` as in flux_keys."""
-    double = flux_keys._blocks(original_keys, "double_blocks.") or flux_keys._blocks(diffusers_keys, "transformer_blocks.")
+    double = flux_keys._blocks(original_keys, "double_blocks.") or \
+        flux_keys._blocks(diffusers_keys, "transformer_blocks.")
     single = flux_keys._blocks(original_keys, "single_blocks.") or \
         flux_keys._blocks(diffusers_keys, "single_transformer_blocks.")
     rows = [([f"{o}.weight"], [f"{d}.weight"], "rename") for o, d in _TOP]
