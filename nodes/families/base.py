@@ -257,6 +257,12 @@ class Family:
         raise ConditioningError(f"skip-layer guidance skips a transformer's blocks; this {self.name} model is a "
                                 "UNet (use PerturbedAttentionGuidance or SelfAttentionGuidance)", "model")
 
+    def combine_guidance(self, guided: "torch.Tensor", cond: "torch.Tensor") -> "torch.Tensor":
+        """The classifier-free guided network output after the family's own rule (Qwen-Image
+        renormalises it to the conditional output's norm, as its diffusers pipeline does); by
+        default ``guided`` itself."""
+        return guided
+
     def call_key(self, extra: dict) -> Any:
         """What conditionings must have in common, beyond their token count, to be evaluated in one
         network call (FLUX: the same reference latents); anything hashable."""

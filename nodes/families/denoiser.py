@@ -279,7 +279,7 @@ class Denoiser:
 
     def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         """Plain classifier-free guidance, rescaled if RescaleCFG is set (ComfyUI's CFG function)."""
-        guided = guide(cond, uncond, self.cfg)
+        guided = self.family.combine_guidance(guide(cond, uncond, self.cfg), cond)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
             guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale,
