@@ -82,3 +82,41 @@ def pipeline(cls: Any = None) -> Any:
     pipe = cls(**dict(components()))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def comfy_text_state() -> dict:
+    """The text encoder as ComfyUI's qwen_2.5_vl_7b*.safetensors holds it: the language model under
+    ``model.``, the vision tower under ``visual.``, ``lm_head.weight``."""
+    out = {}
+    for k, v in components()["text_encoder"].state_dict().items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.visual."):
+            k = k[len("model."):]
+        out[k] = v.contiguous()
+    return out
+
+
+def make_models_folder(root: Any) -> Any:
+    """ComfyUI's folders with the tiny Qwen-Image: diffusion_models/tiny-qwen_image.safetensors (keys as
+    ComfyUI's, bare) and tiny-qwen_image-prefixed.safetensors (``model.diffusion_model.``),
+    text_encoders/tiny-qwen_2.5_vl.safetensors, vae/tiny-qwen_image_vae.safetensors (the Wan layout),
+    and checkpoints/tiny-qwen-image-diffusers/ (QwenImagePipeline.save_pretrained)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.qwen_image_vae import to_original
+
+    root = Path(root)
+    for sub in ("diffusion_models", "text_encoders", "vae", "checkpoints"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in components()["transformer"].state_dict().items()}
+    save_file(state, str(root / "diffusion_models" / "tiny-qwen_image.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in state.items()},
+              str(root / "diffusion_models" / "tiny-qwen_image-prefixed.safetensors"))
+    save_file(comfy_text_state(), str(root / "text_encoders" / "tiny-qwen_2.5_vl.safetensors"))
+    vae = {k: v.contiguous() for k, v in to_original(components()["vae"].state_dict()).items()}
+    save_file(vae, str(root / "vae" / "tiny-qwen_image_vae.safetensors"))
+    pipeline().save_pretrained(str(root / "checkpoints" / "tiny-qwen-image-diffusers"), safe_serialization=True)
+    return root

@@ -442,8 +442,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if sd3_load.is_sd3_folder(path):
             return sd3_load.load_folder(path, dtype)
-        from nodes.checkpoint import chroma_load
+        from nodes.checkpoint import chroma_load, qwen_image_load
 
+        if qwen_image_load.is_qwen_image_folder(path):
+            return qwen_image_load.load_folder(path, dtype, offload=offload)
         if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/
             return chroma_load.load_folder(path, dtype, offload=offload)
         if flux_load.is_flux_folder(path):
@@ -476,6 +478,10 @@ def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family)
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
 
+    from nodes.checkpoint import qwen_image_vae
+
+    if qwen_image_vae.is_qwen_vae(state.keys()):  # Qwen-Image's (the Wan 2.1 VAE), either layout
+        return qwen_image_vae.build(plain(state), path.name, dtype)
     if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers layout in one file
         cfg = _diffusers_vae_config(shapes_of(state), family)
         vae = _empty(AutoencoderKL, cfg)

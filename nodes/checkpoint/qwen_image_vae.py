@@ -67,6 +67,37 @@ def to_diffusers(state: Mapping[str, Any]) -> dict[str, Any]:
     return {_key_to_diffusers(k): v for k, v in state.items()}
 
 
+def _key_to_original(key: str) -> str:
+    for old, new in _TOP.items():
+        if key.startswith(new):
+            return old + key[len(new):]
+    res = {v: k for k, v in _RES.items()}
+
+    def back(rest: str) -> str:
+        for new, old in res.items():
+            if rest.startswith(new):
+                return old + rest[len(new):]
+        return rest
+
+    m = re.match(r"(encoder|decoder)\.mid_block\.(attentions|resnets)\.(\d+)\.(.*)", key)
+    if m:
+        side, kind, i, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+        return f"{side}.middle.1.{rest}" if kind == "attentions" else f"{side}.middle.{2 * i}.{back(rest)}"
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", key)
+    if m:
+        return f"encoder.downsamples.{m.group(1)}.{back(m.group(2))}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", key)
+    if m:
+        block, index = int(m.group(1)), 3 if m.group(3) is None else int(m.group(3))
+        return f"decoder.upsamples.{4 * block + index}.{back(m.group(4)) if index != 3 else m.group(4)}"
+    return key
+
+
+def to_original(state: Mapping[str, Any]) -> dict[str, Any]:
+    """AutoencoderKLQwenImage's names -> the original (Wan) layout ComfyUI's file has."""
+    return {_key_to_original(k): v for k, v in state.items()}
+
+
 def config_from_shapes(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     """AutoencoderKLQwenImage's config from diffusers-layout shapes (base width, latent channels,
     level widths, res blocks per level, temporal downsampling per level)."""

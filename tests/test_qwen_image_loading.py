@@ -1,0 +1,130 @@
+"""Qwen-Image from the files people have, through the real loader nodes, against diffusers' pipelines.
+
+The tiny Qwen-Image (tests/tiny_qwen_image.py) is written as ComfyUI's split files (transformer with and
+without ``model.diffusion_model.``, Qwen2.5-VL with its vision tower, the VAE in the Wan layout) and as
+a diffusers folder. Graphs on either equal QwenImagePipeline within 1/255 per pixel; wrong files get
+errors naming the family and keys.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_qwen_image
+from engine.executor import Executor
+from engine.registry import default_registry
+from engine.workflow import parse
+from node_call import call, environment_over
+from nodes import split_loaders
+from nodes.checkpoint import qwen_image_vae
+from nodes.families import qwen_image
+
+PROMPT = "a lighthouse on a cliff"
+NEGATIVE = "blurry, dark"
+SIZE = 64
+SPLIT = dict(unet="tiny-qwen_image.safetensors", clip="tiny-qwen_2.5_vl.safetensors",
+             vae="tiny-qwen_image_vae.safetensors")
+
+
+@pytest.fixture(scope="module")
+def qwen_root(tmp_path_factory):
+    return tiny_qwen_image.make_models_folder(tmp_path_factory.mktemp("qwen-image-models"))
+
+
+@pytest.fixture()
+def env(qwen_root, tmp_path):
+    yield from environment_over(qwen_root, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return default_registry()
+
+
+def _reference(seed: int, steps: int, cfg: float) -> np.ndarray:
+    with torch.no_grad():
+        return tiny_qwen_image.pipeline()(
+            prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=steps,
+            true_cfg_scale=cfg, output_type="np", generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+def _graph(loaders: dict, seed: int, cfg: float, steps: int = 4) -> dict:
+    return {**loaders,
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": loaders["_clip"]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": loaders["_clip"]}},
+            "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+            "5": {"class_type": "KSampler", "inputs": {"model": loaders["_model"], "seed": seed, "steps": steps,
+                                                       "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+                                                       "positive": ["2", 0], "negative": ["3", 0],
+                                                       "latent_image": ["4", 0], "denoise": 1.0}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": loaders["_vae"]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "qwen"}}}
+
+
+def _run(registry, env, graph: dict) -> np.ndarray:
+    graph = {k: v for k, v in graph.items() if not k.startswith("_")}
+    outcome = Executor(registry, env).run(parse(graph))
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    return outcome.results["6"][0].numpy()
+
+
+SPLIT_LOADERS = {
+    "1": {"class_type": "UNETLoader", "inputs": {"unet_name": SPLIT["unet"], "weight_dtype": "default"}},
+    "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": SPLIT["clip"], "type": "qwen_image"}},
+    "9": {"class_type": "VAELoader", "inputs": {"vae_name": SPLIT["vae"]}},
+    "_model": ["1", 0], "_clip": ["8", 0], "_vae": ["9", 0]}
+FOLDER_LOADERS = {
+    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-qwen-image-diffusers"}},
+    "_model": ["1", 0], "_clip": ["1", 1], "_vae": ["1", 2]}
+
+
+@pytest.mark.parametrize("loaders", [SPLIT_LOADERS, FOLDER_LOADERS], ids=["split-files", "diffusers-folder"])
+def test_graph_equals_qwen_image_pipeline(registry, env, loaders):
+    kiln = _run(registry, env, _graph(loaders, 3, 4.0))
+    gap = np.abs(kiln - _reference(3, 4, 4.0)).max()
+    assert gap <= 1 / 255, gap
+    assert np.abs(kiln - _reference(4, 4, 4.0)).max() > 0.02  # the seed matters: not vacuous
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen_image.safetensors", "tiny-qwen_image-prefixed.safetensors"])
+def test_split_transformer_loads_the_same_weights_bit_for_bit(env, name):
+    (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+    assert model.family is qwen_image.FAMILY
+    want = tiny_qwen_image.components()["transformer"].state_dict()
+    with model._use_unet() as net:
+        got = net.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_vae_layout_is_diffusers_converters_and_round_trips():
+    """Kiln's Wan-layout map gives exactly the names diffusers' Wan converter gives."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    want = tiny_qwen_image.components()["vae"].state_dict()
+    original = qwen_image_vae.to_original(want)
+    assert "decoder.upsamples.4.shortcut.weight" in original and "conv1.weight" in original
+    assert set(convert_wan_vae_to_diffusers(dict(original))) == set(qwen_image_vae.to_diffusers(original)) == set(want)
+
+
+def test_fp8_weight_dtype_keeps_fp8_linears(env):
+    (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["unet"], weight_dtype="fp8_e4m3fn")
+    with model._use_unet() as net:
+        assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert model.extra.get("fp8")
+
+
+def test_wrong_files_name_the_family_and_keys(env, qwen_root):
+    from safetensors.torch import save_file
+
+    from engine.context import NodeError
+
+    state = {k: v.contiguous() for k, v in tiny_qwen_image.components()["transformer"].state_dict().items()}
+    del state["transformer_blocks.1.attn.to_q.weight"]
+    save_file(state, str(qwen_root / "diffusion_models" / "broken-qwen_image.safetensors"))
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.unet_loader, env, unet_name="broken-qwen_image.safetensors")
+    assert "Qwen-Image transformer" in str(err.value) and "transformer_blocks.1.attn.to_q.weight" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.clip_loader, env, clip_name=SPLIT["clip"], type="flux")
+    assert "Qwen2.5-VL" in str(err.value)
