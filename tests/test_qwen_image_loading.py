@@ -128,3 +128,88 @@ def test_wrong_files_name_the_family_and_keys(env, qwen_root):
     with pytest.raises(NodeError) as err:
         call(split_loaders.clip_loader, env, clip_name=SPLIT["clip"], type="flux")
     assert "Qwen2.5-VL" in str(err.value)
+
+
+# -- ComfyUI's own template and Kiln's workflows ------------------------------------------------------
+
+
+def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry, env, qwen_root):
+    """image_qwen_image.json (comfyui-workflow-templates-json, a subgraph, editor format) through Kiln's
+    converter on the tiny split files: ModelSamplingAuraFlow shift 3.1, KSampler euler/simple, cfg 4,
+    the Lightning LoRA switched off. It equals QwenImagePipeline with the same fixed shift."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from engine.formats import parse_document
+
+    from safetensors.torch import save_file
+
+    (qwen_root / "loras").mkdir(exist_ok=True)  # the switched-off LoRA must exist to validate; it never loads
+    save_file({}, str(qwen_root / "loras" / "Qwen-Image-Lightning-8steps-V1.0.safetensors"))
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    doc = json.loads((folder / "image_qwen_image.json").read_text(encoding="utf-8"))
+    wf = parse_document(doc, registry).with_overrides({
+        "76:37.unet_name": SPLIT["unet"], "76:38.clip_name": SPLIT["clip"], "76:39.vae_name": SPLIT["vae"],
+        "76:58.width": SIZE, "76:58.height": SIZE, "76:84.value": 4, "76:3.seed": 11})
+    wf.nodes["76:6"].inputs["text"] = PROMPT
+    wf.nodes["76:7"].inputs["text"] = NEGATIVE
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    ours = outcome.results["76:8"][0].numpy()
+    pipe = tiny_qwen_image.pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.1,
+                                                                 use_dynamic_shifting=False, shift_terminal=None)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=4,
+                      true_cfg_scale=4.0, output_type="np", generator=torch.Generator("cpu").manual_seed(11)).images
+    gap = np.abs(ours - theirs).max()
+    assert gap <= 1 / 255, gap
+    assert np.abs(ours - _reference(11, 4, 4.0)).max() > 0.01  # the shift matters: not vacuous
+
+
+WF_FILES = dict(diffusion_model=SPLIT["unet"], text_encoder=SPLIT["clip"], vae=SPLIT["vae"])
+
+
+def test_txt2img_workflow_on_split_files_equals_pipeline(registry, env):
+    from pathlib import Path
+
+    from engine.workflow import load
+
+    wf = load(Path(__file__).resolve().parent.parent / "workflows" / "qwen-image-txt2img.json").with_overrides(
+        dict(WF_FILES, prompt=PROMPT, negative_prompt=NEGATIVE, cfg=4.0, width=SIZE, height=SIZE, steps=4, seed=3))
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    kiln = outcome.results["8"][0].numpy()
+    assert np.abs(kiln - _reference(3, 4, 4.0)).max() <= 1 / 255
+    assert np.abs(kiln - _reference(3, 4, 1.5)).max() > 0.01  # cfg matters: not vacuous
+
+
+def test_img2img_workflow_on_split_files_equals_img2img_pipeline(registry, env):
+    from pathlib import Path
+
+    from diffusers import QwenImageImg2ImgPipeline
+
+    from engine.workflow import load
+    from nodes.sample_image import draw_landscape
+
+    draw_landscape(SIZE, SIZE).save(env.paths.input.root / "init.png")
+    outcomes = {}
+    for strength in (0.6, 0.3):
+        wf = load(Path(__file__).resolve().parent.parent / "workflows" / "qwen-image-img2img.json").with_overrides(
+            dict(WF_FILES, prompt=PROMPT, negative_prompt=NEGATIVE, cfg=3.0, image="init.png", width=SIZE,
+                 height=SIZE, strength=strength, steps=6, seed=7))
+        outcomes[strength] = Executor(registry, env).run(wf)
+        assert outcomes[strength].status == "succeeded", outcomes[strength].error.message
+    kiln = outcomes[0.6].results["11"][0].numpy()
+    init = qwen_image.FAMILY.latent.to_model(outcomes[0.6].results["8"][0]["samples"])
+    pipe = tiny_qwen_image.pipeline(QwenImageImg2ImgPipeline)
+    pipe.image_processor.preprocess = lambda image, **_: image  # a 16-channel latent passes through
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=init, strength=0.6, height=SIZE, width=SIZE,
+                      num_inference_steps=6, true_cfg_scale=3.0, output_type="np",
+                      generator=torch.Generator("cpu").manual_seed(7)).images
+    assert np.abs(kiln - theirs).max() <= 1 / 255
+    assert np.abs(kiln - outcomes[0.3].results["11"][0].numpy()).max() > 0.02  # strength matters
