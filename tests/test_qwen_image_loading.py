@@ -16,7 +16,7 @@ from engine.executor import Executor
 from engine.registry import default_registry
 from engine.workflow import parse
 from node_call import call, environment_over
-from nodes import split_loaders
+from nodes import loaders, split_loaders
 from nodes.checkpoint import qwen_image_vae
 from nodes.families import qwen_image
 
@@ -128,6 +128,23 @@ def test_wrong_files_name_the_family_and_keys(env, qwen_root):
     with pytest.raises(NodeError) as err:
         call(split_loaders.clip_loader, env, clip_name=SPLIT["clip"], type="flux")
     assert "Qwen2.5-VL" in str(err.value)
+    vae = qwen_image_vae.to_original(tiny_qwen_image.components()["vae"].state_dict())
+    del vae["decoder.upsamples.5.residual.2.weight"]
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(qwen_root / "vae" / "broken-qwen_image_vae.safetensors"))
+    with pytest.raises(NodeError) as err:
+        call(loaders.vae_loader, env, vae_name="broken-qwen_image_vae.safetensors")
+    assert err.value.input_name == "vae_name" and "Qwen-Image VAE" in str(err.value)
+    assert "decoder.upsamples.5.residual.2.weight" in str(err.value)  # the file's own name for it
+    text = tiny_qwen_image.comfy_text_state()
+    del text["model.layers.1.mlp.up_proj.weight"]
+    save_file(text, str(qwen_root / "text_encoders" / "broken-qwen_2.5_vl.safetensors"))
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.clip_loader, env, clip_name="broken-qwen_2.5_vl.safetensors", type="qwen_image")
+    assert "Qwen-Image text encoder" in str(err.value) and "layers.1.mlp.up_proj.weight" in str(err.value)
+    save_file(state, str(qwen_root / "checkpoints" / "qwen_image_as_checkpoint.safetensors"))
+    with pytest.raises(NodeError) as err:
+        call(loaders.checkpoint_loader, env, ckpt_name="qwen_image_as_checkpoint.safetensors")
+    assert "Qwen-Image transformer" in str(err.value) and "UNETLoader" in str(err.value)
 
 
 # -- ComfyUI's own template and Kiln's workflows ------------------------------------------------------
@@ -213,3 +230,34 @@ def test_img2img_workflow_on_split_files_equals_img2img_pipeline(registry, env):
                       generator=torch.Generator("cpu").manual_seed(7)).images
     assert np.abs(kiln - theirs).max() <= 1 / 255
     assert np.abs(kiln - outcomes[0.3].results["11"][0].numpy()).max() > 0.02  # strength matters
+
+
+# -- Comfy's scaled fp8 files ------------------------------------------------------------------------
+
+
+def test_scaled_fp8_transformer_and_text_encoder_equal_their_dequantised_twins(env, qwen_root):
+    """qwen_image_fp8_e4m3fn-style scaled transformers and qwen_2.5_vl_7b_fp8_scaled text encoders: fp8
+    linears kept fp8 with their file's scales, computing as the dequantised file does."""
+    from safetensors.torch import save_file
+    from test_scaled_fp8 import _compare, quantise
+
+    unet = tiny_qwen_image.components()["transformer"].state_dict()
+    scaled, plain = quantise(unet, "model.diffusion_model.")
+    save_file(scaled, str(qwen_root / "diffusion_models" / "qwen-scaled.safetensors"))
+    save_file(plain, str(qwen_root / "diffusion_models" / "qwen-dequant.safetensors"))
+    text = tiny_qwen_image.comfy_text_state()
+    scaled, plain = quantise({k: v for k, v in text.items() if not k.startswith("visual.")})
+    scaled.update({k: v for k, v in text.items() if k.startswith("visual.")})
+    save_file(scaled, str(qwen_root / "text_encoders" / "qwen-vl-scaled.safetensors"))
+    save_file(plain, str(qwen_root / "text_encoders" / "qwen-vl-dequant.safetensors"))
+    (a,) = call(split_loaders.unet_loader, env, unet_name="qwen-scaled.safetensors")
+    (b,) = call(split_loaders.unet_loader, env, unet_name="qwen-dequant.safetensors")
+    with a.unet() as x, b.unet() as y:
+        layers, _ = _compare(x, y)
+    assert layers >= 10
+    (c,) = call(split_loaders.clip_loader, env, clip_name="qwen-vl-scaled.safetensors", type="qwen_image")
+    (d,) = call(split_loaders.clip_loader, env, clip_name="qwen-vl-dequant.safetensors", type="qwen_image")
+    with c.encoder("text_encoder") as x, d.encoder("text_encoder") as y:
+        _compare(x, y)
+    sc, sd = c.encode(PROMPT)[0][0], d.encode(PROMPT)[0][0]
+    assert torch.allclose(sc, sd, atol=1e-4)

@@ -222,8 +222,13 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load
+    from nodes.checkpoint import chroma_load, qwen_image_load
 
+    if qwen_image_load.has_transformer(shapes):
+        raise CheckpointError(f"{path.name} holds a Qwen-Image transformer: it is a diffusion model, not a "
+                              "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
+                              "qwen_2.5_vl_7b*.safetensors with CLIPLoader (type qwen_image) and "
+                              "qwen_image_vae.safetensors with VAELoader")
     if chroma_load.has_chroma_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a Chroma transformer: it is a diffusion model, not a checkpoint. "
                               "Put it in models/diffusion_models and load it with UNETLoader, the T5-XXL with "

@@ -137,6 +137,7 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint import scaled_fp8
     from nodes.checkpoint.load import _assign, _empty
+    from nodes.runtime.fp8 import keep_linears_as_stored
 
     prefix = text_prefix(state.keys())
     if prefix is None:
@@ -147,8 +148,9 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     sub, scales = scaled_fp8.take(sub, what)
     shapes = {k: tuple(v.shape) for k, v in sub.items()}
     model = _empty(Qwen2_5_VLTextModel, text_config(shapes, ""))
+    sub = keep_linears_as_stored(model, dict(sub), dtype)  # an fp8 file's linears stay fp8, cast per layer
     try:
-        model = _assign(model, dict(sub), f"Qwen-Image text encoder (Qwen2.5-VL, {what})", dtype)
+        model = _assign(model, sub, f"Qwen-Image text encoder (Qwen2.5-VL, {what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     return scaled_fp8.attach(model, scales, what)

@@ -154,6 +154,7 @@ def build(state: Mapping[str, Any], what: str, dtype: Any) -> FrameVAE:
 
     from nodes.checkpoint.load import CheckpointError, _assign, _empty
 
+    original = DIFFUSERS_MARKER not in state
     state = to_diffusers(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
@@ -162,7 +163,8 @@ def build(state: Mapping[str, Any], what: str, dtype: Any) -> FrameVAE:
         raise CheckpointError(f"{what}: not a complete Qwen-Image (Wan 2.1) VAE ({exc} is missing)") from None
     vae = _empty(AutoencoderKLQwenImage, config)
     try:
-        vae = _assign(vae, state, "Qwen-Image VAE", dtype)
+        vae = _assign(vae, state, "Qwen-Image VAE", dtype,
+                      file_names=(lambda names: [_key_to_original(n) for n in names]) if original else None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     return FrameVAE(vae).eval().requires_grad_(False)
