@@ -83,6 +83,7 @@ FOLDER_LOADERS = {
 def test_graph_equals_qwen_image_pipeline(registry, env, loaders):
     kiln = _run(registry, env, _graph(loaders, 3, 4.0))
     gap = np.abs(kiln - _reference(3, 4, 4.0)).max()
+    print(f"graph gap {gap * 255:.5f}/255")
     assert gap <= 1 / 255, gap
     assert np.abs(kiln - _reference(4, 4, 4.0)).max() > 0.02  # the seed matters: not vacuous
 
@@ -183,6 +184,7 @@ def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry
         theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=4,
                       true_cfg_scale=4.0, output_type="np", generator=torch.Generator("cpu").manual_seed(11)).images
     gap = np.abs(ours - theirs).max()
+    print(f"template gap {gap * 255:.5f}/255")
     assert gap <= 1 / 255, gap
     assert np.abs(ours - _reference(11, 4, 4.0)).max() > 0.01  # the shift matters: not vacuous
 

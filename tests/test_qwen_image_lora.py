@@ -26,8 +26,8 @@ from nodes.sampling import ksampler
 
 PIXEL_TOL = 1 / 255 + 1e-6
 RANK = 4
-MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.1.attn.to_out.0",
-           "transformer_blocks.1.attn.to_add_out", "transformer_blocks.0.img_mlp.net.0.proj",
+MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+           "transformer_blocks.1.attn.to_out.0", "transformer_blocks.1.attn.to_add_out", "transformer_blocks.0.img_mlp.net.0.proj",
            "transformer_blocks.1.txt_mlp.net.2", "transformer_blocks.0.img_mod.1", "img_in", "txt_in", "proj_out")
 FORMATS = ("peft", "comfy", "lightning", "kohya", "lycoris")
 

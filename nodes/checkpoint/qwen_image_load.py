@@ -111,8 +111,9 @@ def text_prefix(keys: Any) -> str | None:
 
 
 def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
-    """Qwen2_5_VLTextConfig from the shapes (heads from the release's 128-wide heads, or the
-    q_norm-less Qwen2 rule: key/value width over the head width)."""
+    """Qwen2_5_VLTextConfig from the shapes. The files do not state the head width: every released
+    Qwen2.5-VL (3B, 7B, 32B, 72B) uses 128, taken whenever the widths allow it; narrower models
+    (the tests' tiny ones) are read as four query heads."""
     import re
 
     from transformers import Qwen2_5_VLTextConfig
@@ -120,7 +121,7 @@ def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
     vocab, hidden = shapes[prefix + "embed_tokens.weight"]
     layers = len({int(m.group(1)) for k in shapes for m in [re.match(re.escape(prefix) + r"layers\.(\d+)\.", k)] if m})
     kv = shapes[prefix + "layers.0.self_attn.k_proj.weight"][0]
-    head = 128 if hidden % 128 == 0 and kv % 128 == 0 else 16
+    head = 128 if hidden % 128 == 0 and kv % 128 == 0 else hidden // 4
     sections = [s * head // 128 for s in MROPE_128]
     sections[0] += head // 2 - sum(sections)
     return Qwen2_5_VLTextConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
