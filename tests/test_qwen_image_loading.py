@@ -151,32 +151,46 @@ def test_wrong_files_name_the_family_and_keys(env, qwen_root):
 # -- ComfyUI's own template and Kiln's workflows ------------------------------------------------------
 
 
-def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry, env, qwen_root):
-    """image_qwen_image.json (comfyui-workflow-templates-json, a subgraph, editor format) through Kiln's
-    converter on the tiny split files: ModelSamplingAuraFlow shift 3.1, KSampler euler/simple, cfg 4,
-    the Lightning LoRA switched off. It equals QwenImagePipeline with the same fixed shift."""
+def _of_type(wf, node_type: str) -> list:
+    return [n for n in wf.nodes.values() if n.type == node_type]
+
+
+@pytest.mark.parametrize("template", ["image_qwen_image.json", "image_qwen_Image_2512.json"])
+def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry, env, qwen_root, template):
+    """ComfyUI's Qwen-Image templates (comfyui-workflow-templates-json; subgraphs, editor format) through
+    Kiln's converter on the tiny split files: ModelSamplingAuraFlow shift 3.1, KSampler euler/simple,
+    cfg 4, the Lightning LoRA switched off. Each equals QwenImagePipeline with the same fixed shift."""
     import importlib
     import json
     from pathlib import Path
 
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from engine.formats import parse_document
-
     from safetensors.torch import save_file
 
-    (qwen_root / "loras").mkdir(exist_ok=True)  # the switched-off LoRA must exist to validate; it never loads
-    save_file({}, str(qwen_root / "loras" / "Qwen-Image-Lightning-8steps-V1.0.safetensors"))
+    from engine.formats import parse_document
+    from engine.workflow import Link
+
     folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
-    doc = json.loads((folder / "image_qwen_image.json").read_text(encoding="utf-8"))
-    wf = parse_document(doc, registry).with_overrides({
-        "76:37.unet_name": SPLIT["unet"], "76:38.clip_name": SPLIT["clip"], "76:39.vae_name": SPLIT["vae"],
-        "76:58.width": SIZE, "76:58.height": SIZE, "76:84.value": 4, "76:3.seed": 11})
-    wf.nodes["76:6"].inputs["text"] = PROMPT
-    wf.nodes["76:7"].inputs["text"] = NEGATIVE
+    wf = parse_document(json.loads((folder / template).read_text(encoding="utf-8")), registry)
+    (lora_node,) = _of_type(wf, "LoraLoaderModelOnly")
+    (qwen_root / "loras").mkdir(exist_ok=True)  # the switched-off LoRA must exist to validate; it never loads
+    save_file({}, str(qwen_root / "loras" / lora_node.inputs["lora_name"]))
+    (unet,), (clip,), (vae,) = (_of_type(wf, t) for t in ("UNETLoader", "CLIPLoader", "VAELoader"))
+    (latent,), (sampler,), (shift,) = (_of_type(wf, t) for t in ("EmptySD3LatentImage", "KSampler",
+                                                                  "ModelSamplingAuraFlow"))
+    assert clip.inputs["type"] == "qwen_image" and round(float(shift.inputs["shift"]), 4) == 3.1
+    assert sampler.inputs["sampler_name"] == "euler" and sampler.inputs["scheduler"] == "simple"
+    unet.inputs["unet_name"], clip.inputs["clip_name"], vae.inputs["vae_name"] = SPLIT["unet"], SPLIT["clip"], \
+        SPLIT["vae"]
+    latent.inputs.update(width=SIZE, height=SIZE)
+    sampler.inputs.update(seed=11, steps=4, cfg=4.0)  # the switches' primitives, set directly
+    pos, neg = (wf.nodes[sampler.inputs[k].node_id] for k in ("positive", "negative"))
+    pos.inputs["text"], neg.inputs["text"] = PROMPT, NEGATIVE
+    assert isinstance(pos.inputs["clip"], Link)
     outcome = Executor(registry, env).run(wf)
     assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    ours = outcome.results["76:8"][0].numpy()
+    (save,) = _of_type(wf, "SaveImage")
+    ours = outcome.results[save.inputs["images"].node_id][0].numpy()
     pipe = tiny_qwen_image.pipeline()
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.1,
                                                                  use_dynamic_shifting=False, shift_terminal=None)
