@@ -143,3 +143,26 @@ def test_detection_claims_qwen_image_in_both_prefixes():
     shapes = {k: tuple(v.shape) for k, v in tiny_qwen_image.components()["transformer"].state_dict().items()}
     assert families.for_unet(shapes) is qwen_image.FAMILY
     assert families.for_unet({"model.diffusion_model." + k: v for k, v in shapes.items()}) is qwen_image.FAMILY
+
+
+def test_a_negative_twice_the_prompts_length_is_not_repeated_into_one_call():
+    """Kiln repeats a short prompt to share a call with one a small multiple as long (ComfyUI's rule,
+    exact where text has no positions). Qwen-Image's text tokens have rotary positions, so a repeated
+    prompt would change the image: its prompts of other lengths are evaluated apart, as diffusers does."""
+    tok = tiny_qwen_image.components()["tokenizer"]
+
+    def length(text: str) -> int:
+        return len(tok(qwen_image.TEMPLATE.format(text)).input_ids) - qwen_image.TEMPLATE_TOKENS
+
+    negative = "blurry"
+    while length(negative) < 2 * length(PROMPT):
+        negative += " blurry"
+    assert length(negative) == 2 * length(PROMPT)
+    ours, theirs = kiln(PROMPT, negative, 4.0), diffusers(PROMPT, negative, 4.0)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    qwen_image.QwenImage.repeats_text = True
+    try:
+        repeated = kiln(PROMPT, negative, 4.0)
+    finally:
+        qwen_image.QwenImage.repeats_text = False
+    assert (repeated - theirs).abs().max() > 4 / 255  # measured 17.5/255: the rule is what keeps parity

@@ -115,7 +115,8 @@ class Denoiser:
 
         b = self.batch // self.jobs  # images per conditioning (per job)
         if self.guided:
-            pairs = [cond_rules.match_tokens(p.embeds, n.embeds) for p, n in zip(self.positive, self.negative)]
+            match = cond_rules.match_tokens if self.family.repeats_text else lambda p, n: (p, n)
+            pairs = [match(p.embeds, n.embeds) for p, n in zip(self.positive, self.negative)]
             blocks = [n for _, n in pairs] + [p for p, _ in pairs]
             extras = [e.extra for e in self.negative] + [e.extra for e in self.positive]
         else:

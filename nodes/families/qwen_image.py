@@ -10,8 +10,11 @@ What it shares with FLUX and what differs, and where it lives:
 * **Text.** As ``QwenImagePipeline`` encodes: the prompt inside the pipeline's chat template, the
   language model's last hidden state, the template's first :data:`TEMPLATE_TOKENS` tokens dropped
   (ComfyUI drops the same tokens: up to and including ``<|im_start|>user\\n``). One prompt has no
-  padding, so its mask is all ones and, as diffusers does, none is passed; the mask rides on the
-  conditioning (:data:`MASK`) for prompts that share a call at different lengths.
+  padding, so its mask is all ones and, as diffusers does, none is passed (the mask rides on the
+  conditioning, :data:`MASK`; a zero in it reaches the transformer). A positive and negative of
+  different lengths are evaluated in separate calls, as diffusers does: text tokens have rotary
+  positions, so ComfyUI's repeating of a shorter prompt would change the image
+  (``Family.repeats_text``).
 * **Guidance.** Real CFG (KSampler's ``cfg`` with a negative prompt). diffusers' true CFG rescales
   the guided velocity of each packed token to the norm of the conditional one
   (:meth:`QwenImage.combine_guidance`); Kiln does the same, so its images equal the pipeline's.
@@ -116,6 +119,7 @@ class QwenImage(Family):
     clip_types = ("qwen_image",)
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
+    repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
 
     # -- detection ---------------------------------------------------------------------------
 
