@@ -166,3 +166,15 @@ def test_a_negative_twice_the_prompts_length_is_not_repeated_into_one_call():
     finally:
         qwen_image.QwenImage.repeats_text = False
     assert (repeated - theirs).abs().max() > 4 / 255  # measured 17.5/255: the rule is what keeps parity
+
+
+def test_a_batch_of_two_starts_with_the_image_sampled_alone():
+    clip = _clip()
+    positive, negative = clip.encode(PROMPT), clip.encode(NEGATIVE)
+    outs = []
+    for batch in (1, 2):
+        (out,) = ksampler(Recorder().ctx, _model(), 5, 3, 4.0, "euler", "normal", positive, negative,
+                          {"samples": torch.zeros(batch, 16, 8, 8)})
+        outs.append(_vae().decode(out["samples"]))
+    assert outs[1].shape[0] == 2 and (outs[1][:1] - outs[0]).abs().max() <= PIXEL_TOL
+    assert (outs[1][0] - outs[1][1]).abs().max() > 0.02  # the second image has its own noise
