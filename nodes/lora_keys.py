@@ -57,7 +57,8 @@ _MAGNITUDES = ((".dora_scale", "dora_scale"), (".lora_magnitude_vector.weight", 
 #: kohya prefix -> target module of the model or CLIP. kohya and ComfyUI number text encoders
 #: by kind (te1 CLIP-L, te2 CLIP-G, te3 T5); FLUX keeps its T5 as text_encoder_2, and a T5 name
 #: never matches SDXL's CLIP-G there, so te3 can point at text_encoder_2 for every family.
-_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "text_encoder"),
+_KOHYA_TARGETS = (("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lycoris_", "unet"),  # SimpleTuner's
+                  ("lora_te1_", "text_encoder"),
                   ("lora_te2_", "text_encoder_2"), ("lora_te3_", "text_encoder_2"), ("lora_te_", "text_encoder"))
 _DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_model.", "unet"),
                    ("model.diffusion_model.", "unet"),
@@ -67,7 +68,9 @@ _DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_mode
                    ("text_encoders.clip_l.transformer.", "text_encoder"),
                    ("text_encoders.clip_h.transformer.", "text_encoder"),
                    ("text_encoders.clip_g.transformer.", "text_encoder_2"),
-                   ("text_encoders.t5xxl.transformer.", "text_encoder_2"))
+                   ("text_encoders.t5xxl.transformer.", "text_encoder_2"),
+                   # last: bare module names (lightx2v's Qwen-Image-Lightning files), the network's own
+                   ("", "unet"))
 
 
 class LoraError(ValueError):
@@ -125,7 +128,7 @@ def module_names(network: Any, target: str, unet_config: dict | None = None,
 
 def network_keys(keys: Any) -> list[str]:
     """The keys of a LoRA file that address a diffusion network (UNet or transformer), by prefix."""
-    prefixes = tuple(p for p, t in _KOHYA_TARGETS + _DOTTED_TARGETS if t == "unet")
+    prefixes = tuple(p for p, t in _KOHYA_TARGETS + _DOTTED_TARGETS if t == "unet" and p)
     return [k for k in keys if k.startswith(prefixes)]
 
 

@@ -127,7 +127,7 @@ def with_fixed_shift(node_type: str, model: Any, shift: Any) -> Any:
     if not 0.0 < value <= 100.0:
         raise NodeError(f"shift must be within (0, 100], got {value}", "shift")
     config = {k: v for k, v in model.scheduler_config.items() if k != flow.SHIFT_SEQ_LEN}
-    config.update(shift=value, use_dynamic_shifting=False)
+    config.update(shift=value, use_dynamic_shifting=False, shift_terminal=None)  # ComfyUI's fixed shift has no stretch
     return dataclasses.replace(model, scheduler_config=config)
 
 

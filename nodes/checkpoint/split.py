@@ -22,7 +22,8 @@ from nodes.families.base import Family, has_prefix
 
 
 #: How errors name the text encoder kinds.
-KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3"}
+KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
+              "qwen2.5-vl": "Qwen2.5-VL"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
@@ -76,11 +77,15 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 
         with reading(path):
             return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
-    from nodes.checkpoint import chroma_load, flux2_load
+    from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load
 
     if flux2_load.has_flux2_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
         with reading(path):
             return flux2_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+
+    if qwen_image_load.has_transformer(state.keys()):
+        with reading(path):
+            return qwen_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
     if chroma_load.has_chroma_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
         with reading(path):
             return chroma_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
@@ -128,6 +133,12 @@ class TextFile:
 
         if found is None and is_qwen3(shapes):  # FLUX.2 klein's qwen_3_4b / qwen_3_8b
             return cls(path.name, state, "qwen3", "", "qwen3")
+
+        from nodes.checkpoint.qwen_image_load import text_prefix
+
+        qwen = text_prefix(shapes) if found is None else None
+        if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
+            return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
         if found is None:
             what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
                 else "no CLIP text encoder"
@@ -198,6 +209,12 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_qwen3(file.state, file.name, dtype)
             continue
+        if spec.kind == "qwen2.5-vl":
+            from nodes.checkpoint.qwen_image_load import build_text_model
+
+            with reading(Path(file.name)):
+                modules[spec.module] = build_text_model(plain(file.state), file.name, dtype)
+            continue
         shapes = shapes_of(file.state)
         config = det.lone_text_config(shapes, file.layout, file.prefix, spec.kind, drop_last=spec.dropped > 0)
         try:
@@ -206,11 +223,14 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
         except CheckpointError as exc:
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
-    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded if spec.kind not in ("t5", "qwen3")}
-    if any(spec.kind == "qwen3" for spec in loaded):
+    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl")}
+    qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5"}
+    if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
-        tokenizers.update({spec.tokenizer: qwen_tokenizer("3") for spec in loaded if spec.kind == "qwen3"})
+        tokenizers.update({spec.tokenizer: qwen_tokenizer(qwen_versions[spec.kind])
+                           for spec in loaded if spec.kind in qwen_versions})
     if any(spec.kind == "t5" for spec in loaded):
         from nodes.checkpoint.t5_tokenizer import t5_tokenizer
 

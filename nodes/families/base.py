@@ -156,6 +156,11 @@ class Family:
     #: The control types a union ControlNet of this family takes (SetUnionControlNetType's names,
     #: ComfyUI's), each at the index the network was trained with; empty: the family has none.
     controlnet_union_types: tuple[str, ...] = ()
+    #: Whether a prompt repeated k times conditions as the prompt once (attention over repeated keys),
+    #: so a positive and negative whose lengths are small multiples may share a call repeated to one
+    #: length (ComfyUI's rule, nodes.families.conditioning.match_tokens). Not where text tokens have
+    #: positions (Qwen-Image's rotary text positions): their prompts of other lengths are evaluated apart.
+    repeats_text: bool = True
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 
@@ -256,6 +261,12 @@ class Family:
         guidance addresses by number; a UNet has none (ConditioningError naming the model)."""
         raise ConditioningError(f"skip-layer guidance skips a transformer's blocks; this {self.name} model is a "
                                 "UNet (use PerturbedAttentionGuidance or SelfAttentionGuidance)", "model")
+
+    def combine_guidance(self, guided: "torch.Tensor", cond: "torch.Tensor") -> "torch.Tensor":
+        """The classifier-free guided network output after the family's own rule (Qwen-Image
+        renormalises it to the conditional output's norm, as its diffusers pipeline does); by
+        default ``guided`` itself."""
+        return guided
 
     def call_key(self, extra: dict) -> Any:
         """What conditionings must have in common, beyond their token count, to be evaluated in one

@@ -115,7 +115,8 @@ class Denoiser:
 
         b = self.batch // self.jobs  # images per conditioning (per job)
         if self.guided:
-            pairs = [cond_rules.match_tokens(p.embeds, n.embeds) for p, n in zip(self.positive, self.negative)]
+            match = cond_rules.match_tokens if self.family.repeats_text else lambda p, n: (p, n)
+            pairs = [match(p.embeds, n.embeds) for p, n in zip(self.positive, self.negative)]
             blocks = [n for _, n in pairs] + [p for p, _ in pairs]
             extras = [e.extra for e in self.negative] + [e.extra for e in self.positive]
         else:
@@ -279,7 +280,7 @@ class Denoiser:
 
     def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         """Plain classifier-free guidance, rescaled if RescaleCFG is set (ComfyUI's CFG function)."""
-        guided = guide(cond, uncond, self.cfg)
+        guided = self.family.combine_guidance(guide(cond, uncond, self.cfg), cond)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
             guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale,

@@ -1,0 +1,207 @@
+"""Loading Qwen-Image offline: ComfyUI's split files and diffusers folders.
+
+* The transformer alone (UNETLoader, ``qwen_image*.safetensors``: bf16, fp8_e4m3fn, or Comfy's
+  scaled fp8 through nodes.checkpoint.scaled_fp8), keys as diffusers names them, with or without
+  ``model.diffusion_model.``; the config comes from the shapes.
+* The text encoder (CLIPLoader type ``qwen_image``, ``qwen_2.5_vl_7b*.safetensors``): Qwen2.5-VL with
+  its language model under ``model.`` (ComfyUI's layout; transformers 5 saves it under
+  ``model.language_model.``) and its vision tower under ``visual.``, which text-to-image does not
+  run and Kiln does not build. Kiln builds transformers' ``Qwen2_5_VLTextModel`` from the shapes.
+* The VAE (VAELoader, ``qwen_image_vae.safetensors``): nodes.checkpoint.qwen_image_vae.
+* A diffusers folder (``QwenImagePipeline.save_pretrained``), its own tokenizer/ used.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint.load import CheckpointError, Loaded
+from nodes.checkpoint.tensors import plain
+from nodes.families import qwen_image as fam
+
+#: The language model's first attention bias (Qwen2's q/k/v have biases; ComfyUI detects by it).
+TEXT_MARKER = "layers.0.self_attn.k_proj.bias"
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.", "")
+#: ComfyUI's Qwen2.5-VL rope sections of the release's 128-wide heads; other widths scale them (for
+#: text alone the three sections see the same positions, so any split gives the same result).
+MROPE_128 = (16, 24, 24)
+
+
+def has_transformer(keys: Any) -> bool:
+    return fam.FAMILY.claims_unet({k: () for k in keys})
+
+
+def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """QwenImageTransformer2DModel's config from its shapes (ComfyUI's rule: in_channels from img_in,
+    layers by count); the rope axes are the release's for 128-wide heads, scaled for others."""
+    import re
+
+    inner, in_channels = shapes["img_in.weight"]
+    head = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    layers = len({int(m.group(1)) for k in shapes for m in [re.match(r"transformer_blocks\.(\d+)\.", k)] if m})
+    temporal = head // 8
+    spatial = (head - temporal) // 2
+    return {"patch_size": 2, "in_channels": in_channels, "out_channels": shapes["proj_out.weight"][0] // 4,
+            "num_layers": layers, "attention_head_dim": head, "num_attention_heads": inner // head,
+            "joint_attention_dim": shapes["txt_in.weight"][1], "guidance_embeds": False,
+            "axes_dims_rope": (temporal, spatial, spatial)}
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """The transformer from ComfyUI's/diffusers' names; fp8 scales attached, linears held as stored."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint.load import _assign, _empty
+    from nodes.runtime.fp8 import keep_linears_as_stored
+
+    state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
+    state, scales = scaled_fp8.take(state, what)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        config = transformer_config(shapes)
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: not a complete Qwen-Image transformer ({exc} is missing)") from None
+    model = _empty(QwenImageTransformer2DModel, config)
+    state = keep_linears_as_stored(model, dict(state), dtype)
+    try:
+        model = _assign(model, state, f"Qwen-Image transformer ({what})", None)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    return scaled_fp8.attach(model, scales, what)
+
+
+def _info(transformer: Any, fmt: str) -> dict[str, Any]:
+    from nodes.checkpoint.flux_load import _held_note
+    from nodes.runtime.fp8 import fp8_bytes
+
+    return {"format": fmt, "prediction_type": "flow", "prediction_reason": "flow matching (Qwen-Image)",
+            "fp8": fp8_bytes(transformer) > 0, **_held_note(transformer)}
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
+    """UNETLoader's Qwen-Image path; ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float."""
+    from nodes.checkpoint.scaled_fp8 import is_scaled
+
+    state = plain(state)
+    if fp8 and not is_scaled(state):  # as ComfyUI: a scaled file keeps its own storage
+        import torch
+
+        target = getattr(torch, fp8)
+        state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
+                 for k, v in state.items()}
+    transformer = build_transformer(state, name, dtype)
+    family = fam.FAMILY
+    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                  modules={"unet": transformer}, info=_info(transformer, "unet"))
+
+
+# -- the text encoder ---------------------------------------------------------------------------
+
+
+def text_prefix(keys: Any) -> str | None:
+    """The language model's key prefix in a Qwen2.5-VL file, or None when it is not one."""
+    keys = set(keys)
+    for prefix in TEXT_PREFIXES:
+        if prefix + TEXT_MARKER in keys and prefix + "embed_tokens.weight" in keys:
+            return prefix
+    return None
+
+
+def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
+    """Qwen2_5_VLTextConfig from the shapes. The files do not state the head width: every released
+    Qwen2.5-VL (3B, 7B, 32B, 72B) uses 128, taken whenever the widths allow it; narrower models
+    (the tests' tiny ones) are read as four query heads."""
+    import re
+
+    from transformers import Qwen2_5_VLTextConfig
+
+    vocab, hidden = shapes[prefix + "embed_tokens.weight"]
+    layers = len({int(m.group(1)) for k in shapes for m in [re.match(re.escape(prefix) + r"layers\.(\d+)\.", k)] if m})
+    kv = shapes[prefix + "layers.0.self_attn.k_proj.weight"][0]
+    head = 128 if hidden % 128 == 0 and kv % 128 == 0 else hidden // 4
+    sections = [s * head // 128 for s in MROPE_128]
+    sections[0] += head // 2 - sum(sections)
+    return Qwen2_5_VLTextConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                intermediate_size=shapes[prefix + "layers.0.mlp.gate_proj.weight"][0],
+                                num_attention_heads=hidden // head, num_key_value_heads=kv // head,
+                                rms_norm_eps=1e-6, max_position_embeddings=128000,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                 "mrope_section": sections})
+
+
+def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """The language model of a Qwen2.5-VL file (the vision tower and lm_head left out)."""
+    from transformers import Qwen2_5_VLTextModel
+
+    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint.load import _assign, _empty
+    from nodes.runtime.fp8 import keep_linears_as_stored
+
+    prefix = text_prefix(state.keys())
+    if prefix is None:
+        raise CheckpointError(f"{what} holds no Qwen2.5-VL language model (no {TEXT_MARKER} with embed_tokens); "
+                              "CLIPLoader type qwen_image needs qwen_2.5_vl_7b*.safetensors")
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
+        ("visual.", "lm_head."))}
+    sub, scales = scaled_fp8.take(sub, what)
+    shapes = {k: tuple(v.shape) for k, v in sub.items()}
+    model = _empty(Qwen2_5_VLTextModel, text_config(shapes, ""))
+    sub = keep_linears_as_stored(model, dict(sub), dtype)  # an fp8 file's linears stay fp8, cast per layer
+    try:
+        model = _assign(model, sub, f"Qwen-Image text encoder (Qwen2.5-VL, {what})", None)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    return scaled_fp8.attach(model, scales, what)
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_qwen_image_folder(path: Path) -> bool:
+    config = path / "transformer" / "config.json"
+    if not (path.is_dir() and (path / "model_index.json").is_file() and config.is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "QwenImageTransformer2DModel"
+    except (OSError, ValueError):
+        return False
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Qwen-Image folder: transformer, Qwen2.5-VL's language model, VAE, its tokenizer."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint import qwen_image_vae
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.load import open_state, quiet_progress
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+
+    quiet_progress()
+    try:
+        vae_files = sorted((path / "vae").glob("*.safetensors"))
+        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
+        if not vae_files or not te_files:
+            raise OSError("vae/ or text_encoder/ holds no .safetensors")
+        vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
+        te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
+        modules = {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
+                   "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
+        modules["unet"] = folder_component(path / "transformer", QwenImageTransformer2DModel, dtype, as_stored=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: not a loadable diffusers Qwen-Image folder ({exc})") from exc
+    for m in modules.values():
+        m.eval()
+        m.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True) \
+        if (path / "tokenizer").is_dir() else qwen_tokenizer("2.5")
+    family = fam.FAMILY
+    config = family.scheduler_config()
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
+    return Loaded(family=family, scheduler_config=config, latent=family.latent, modules=modules,
+                  tokenizers={"tokenizer": tokenizer}, info=_info(modules["unet"], "diffusers"))
