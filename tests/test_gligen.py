@@ -187,7 +187,7 @@ def test_negative_without_boxes_is_the_plain_unet(env, gated):
             "gligen": {"boxes": boxes, "positive_embeddings": phrases, "masks": masks}}).sample
         unfused = plain(sample, t, encoder_hidden_states=pos[0][0]).sample
     assert torch.equal(denoiser.last_uncond, uncond)
-    assert (denoiser.last_cond - cond).abs().max().item() < 1e-5
+    assert (denoiser.last_cond - cond).abs().max().item() < 5e-5  # measured 6.6e-6
     assert (cond - unfused).abs().max().item() > 1e-3
     # and a negative given boxes too is fused like the positive (ComfyUI: the conditioning decides)
     grounded = _decode(_sample(env, boxes=BOXES[:1], cfg=6.0, negative_boxes=True))
