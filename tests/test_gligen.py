@@ -259,3 +259,35 @@ def test_gligen_template_converts_and_runs(env):
     grounded = outcome.results["27"][0][0][1]["gligen"]  # two GLIGENTextBoxApply in a chain: both boxes
     assert [(b.height, b.width, b.y, b.x) for b in grounded.boxes] == [(38, 24, 34, 22), (18, 18, 2, 52)]
 
+
+
+
+def test_a_compiled_unet_gives_the_eager_results_with_and_after_boxes(env):
+    """Compiled mode compiles the UNet in place, and dynamo does not guard on module hooks
+    (``skip_nnmodule_hook_guards``): a graph traced with the fusers hooked in would be reused by
+    later plain calls, and one traced without them would ignore the boxes. Grounded calls run
+    eagerly; before, between and after them the compiled UNet gives the eager results."""
+    from torch._dynamo.utils import counters
+
+    from nodes.families.denoiser import Denoiser
+
+    _, clip, _ = call(checkpoint_loader, env, ckpt_name=tiny_models.checkpoint_name("sd1"))
+    plain, = call(clip_text_encode, env, text=PROMPT, clip=clip)
+    gligen, = call(gligen_loader, env, gligen_name=GLIGEN_FILE)
+    (phrase, (x, y, w, h)), = BOXES[:1]
+    boxed, = call(gligen_textbox_apply, env, conditioning_to=plain, clip=clip, gligen_textbox_model=gligen,
+                  text=phrase, width=w, height=h, x=x, y=y)
+    eager = tiny_models.fresh_components("sd1")["unet"]
+    compiled = tiny_models.fresh_components("sd1")["unet"]
+    compiled.compile(backend="eager")
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    outs = []
+    with torch.no_grad():
+        for net in (eager, compiled):
+            runs = [Denoiser(net, families.by_name("sd1"), positive=cond, negative=None, cfg=1.0,
+                             image_size=(64, 64), batch=1) for cond in (plain, boxed, plain)]
+            outs.append([run.model_output(sample, torch.tensor(500)) for run in runs])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*outs))
+    assert (outs[0][1] - outs[0][0]).abs().max().item() > 1e-3  # the boxes act
+    assert counters["stats"]["unique_graphs"] == 1  # the plain calls' graph, once

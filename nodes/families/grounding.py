@@ -10,7 +10,8 @@ self-attention residual: ``x = fuser(x + attn1(norm1(x)), tokens)`` (ComfyUI's "
 diffusers' ``BasicTransformerBlock.fuser``). Only the rows of entries that carry boxes are fused,
 at every step: a negative without boxes is the plain UNet's prediction, as in ComfyUI, where
 conditions with other patches are never batched together. The fusers are forward hooks added
-for the call and removed after it, so the UNet the model manager caches is left as it was.
+for the call and removed after it, so the UNet the model manager caches is left as it was (a
+compiled one runs such calls eagerly).
 
 The fuser attends with the head count of the UNet block it serves (SD 1.x: 8), which is
 ComfyUI's rule for a 768-wide GLIGEN file; the weights' shapes do not depend on it.
@@ -179,7 +180,10 @@ def applied(denoiser: Any, x: "torch.Tensor", extras: list[dict]) -> Iterator[No
             tokens.append(objs.expand(per, -1, -1))
         for gligen, rows, tokens in by_model.values():
             jobs.append((gligen, torch.tensor(rows, device=x.device), torch.cat(tokens)))
-        with _hooked(blocks, jobs):
+        # a compiled UNet (compiled mode, nodes.runtime.compiled) runs this call eagerly: dynamo does not
+        # guard on module hooks (skip_nnmodule_hook_guards), so a graph traced without the fusers would
+        # ignore them and one traced with them would fuse later plain calls (tests/test_gligen.py)
+        with _hooked(blocks, jobs), torch.compiler.set_stance("force_eager"):
             yield
 
 
