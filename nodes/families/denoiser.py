@@ -134,16 +134,19 @@ class Denoiser:
     def call(self, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
              extras: list[dict]) -> "torch.Tensor":
         """One network call in the network's dtype; the output in float32. ControlNets carried by
-        the conditionings (``extra["control"]``) add their residuals (nodes.control.apply)."""
+        the conditionings (``extra["control"]``) add their residuals (nodes.control.apply); GLIGEN
+        boxes (``extra["gligen"]``) hook their fusers in for the call (nodes.families.grounding)."""
         import torch
 
         from nodes.control.apply import residuals
+        from nodes.families.grounding import applied as grounded
 
         def compute() -> "torch.Tensor":
             control = residuals(self, x, t, context, extras)
             full = self.family.extra_channels(x, extras)
-            out = self.network(full.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs,
-                               **control)[0]
+            with grounded(self, x, extras):
+                out = self.network(full.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
+                                   **kwargs, **control)[0]
             return out.to(torch.float32)
 
         if self.network_cache is not None:  # EasyCache may answer from its cache (nodes.families.step_cache)
