@@ -222,8 +222,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load
+    from nodes.checkpoint import chroma_load, z_image_load
 
+    if z_image_load.has_z_image_transformer(shapes):
+        raise CheckpointError(f"{path.name} holds a Z-Image transformer: it is a diffusion model, not a checkpoint. "
+                              "Put it in models/diffusion_models and load it with UNETLoader, qwen_3_4b with "
+                              "CLIPLoader (type lumina2) and ae.safetensors with VAELoader")
     if chroma_load.has_chroma_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a Chroma transformer: it is a diffusion model, not a checkpoint. "
                               "Put it in models/diffusion_models and load it with UNETLoader, the T5-XXL with "
@@ -442,8 +446,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if sd3_load.is_sd3_folder(path):
             return sd3_load.load_folder(path, dtype)
-        from nodes.checkpoint import chroma_load
+        from nodes.checkpoint import chroma_load, z_image_load
 
+        if z_image_load.is_z_image_folder(path):  # before FLUX: both have transformer/
+            return z_image_load.load_folder(path, dtype, offload=offload)
         if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/
             return chroma_load.load_folder(path, dtype, offload=offload)
         if flux_load.is_flux_folder(path):

@@ -22,7 +22,7 @@ from nodes.families.base import Family, has_prefix
 
 
 #: How errors name the text encoder kinds.
-KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL"}
+KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
@@ -76,6 +76,14 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 
         with reading(path):
             return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+    from nodes.checkpoint import z_image_load
+
+    if z_image_load.has_z_image_transformer({k: () for k in state}):
+        with reading(path):
+            return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+    if z_image_load.is_lumina2({k: () for k in state}):
+        raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
+                              "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
     from nodes.checkpoint import chroma_load
 
     if chroma_load.has_chroma_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
@@ -121,6 +129,10 @@ class TextFile:
         t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
             return cls(path.name, state, "t5", t5, "t5")
+        from nodes.checkpoint.qwen3_text import is_qwen3
+
+        if found is None and is_qwen3(shapes):  # Qwen3 (Z-Image's qwen_3_4b*.safetensors)
+            return cls(path.name, state, "qwen3", "", "qwen3")
         if found is None:
             what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
                 else "no CLIP text encoder"
@@ -185,6 +197,12 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
 
             modules[spec.module] = build_t5(plain(file.state), file.prefix, file.name, dtype)
             continue
+        if spec.kind == "qwen3":
+            from nodes.checkpoint.qwen3_text import build_qwen3
+
+            with reading(Path(file.name)):
+                modules[spec.module] = build_qwen3(file.state, file.name, dtype)
+            continue
         shapes = shapes_of(file.state)
         config = det.lone_text_config(shapes, file.layout, file.prefix, spec.kind, drop_last=spec.dropped > 0)
         try:
@@ -193,7 +211,11 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
         except CheckpointError as exc:
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
-    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded if spec.kind != "t5"}
+    tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded if spec.kind not in ("t5", "qwen3")}
+    if any(spec.kind == "qwen3" for spec in loaded):
+        from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+
+        tokenizers.update({spec.tokenizer: qwen_tokenizer("3") for spec in loaded if spec.kind == "qwen3"})
     if any(spec.kind == "t5" for spec in loaded):
         from nodes.checkpoint.t5_tokenizer import t5_tokenizer
 
