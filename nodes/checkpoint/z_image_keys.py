@@ -30,6 +30,8 @@ UNUSED = ("norm_final.weight",)
 _RENAMES = (("final_layer.", f"all_final_layer.{PATCH}."), ("x_embedder.", f"all_x_embedder.{PATCH}."),
             (".attention.out.", ".attention.to_out.0."), (".attention.q_norm.", ".attention.norm_q."),
             (".attention.k_norm.", ".attention.norm_k."))
+#: name pieces only diffusers' layout has
+_DIFFUSERS_ONLY = (".to_q.", ".to_k.", ".to_v.", ".to_out.", ".norm_q.", ".norm_k.")
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.")
 
 
@@ -93,6 +95,10 @@ def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     on fp8 row scales alike (only rows are moved)."""
     out: dict[str, Any] = {}
     dim = state["x_embedder.weight"].shape[0] if "x_embedder.weight" in state else None
+    foreign = sorted(k for k in state if k.startswith("all_") or any(p in k for p in _DIFFUSERS_ONLY))
+    if foreign:
+        raise KeyMismatch(f"unexpected {foreign[:4]}{' ...' if len(foreign) > 4 else ''} (diffusers' names in an "
+                          "original-layout file)")
     for key, value in state.items():
         if key in UNUSED:
             continue

@@ -42,8 +42,37 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     state, scales = scaled_fp8.take(keys.strip(dict(state)), what)
     diffusers = keys.is_diffusers(state)
-    return transformer_from_original(dict(state), scales, what, dtype, ZImageTransformer2DModel, LABEL, keys,
-                                     keys.original_to_diffusers, keys.diffusers_to_original if diffusers else None)
+    model = transformer_from_original(dict(state), scales, what, dtype, ZImageTransformer2DModel, LABEL, keys,
+                                      keys.original_to_diffusers, keys.diffusers_to_original if diffusers else None)
+    return time_embedder_in_compute_dtype(model)
+
+
+def time_embedder_in_compute_dtype(model: Any) -> Any:
+    """``model`` with its timestep embedder's linears held in the compute dtype, as plain Linear layers.
+
+    diffusers' Z-Image TimestepEmbedder casts the sinusoidal time features to its first linear's weight
+    dtype before the MLP: a weight kept fp8 would fail there, one kept bf16 would round the time where
+    diffusers keeps it (it leaves ``t_embedder`` out of layer-wise casting for that reason). The values
+    are those the per-call cast (times any fp8 scale) gives, so nothing else changes; a few KB.
+    Returns ``model``."""
+    import torch
+
+    from nodes.runtime.fp8 import compute_dtype, weight_scale
+
+    dtype = compute_dtype(model)
+    for layer in model.t_embedder.modules():
+        if not isinstance(layer, torch.nn.Linear) or layer.weight.is_meta or layer.weight.numel() == 0:
+            continue
+        weight = layer.weight.detach().to(dtype)
+        scale = weight_scale(layer)
+        if scale is not None:
+            weight = weight * scale.to(dtype)
+            layer._buffers.pop("kiln_scale")
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            layer.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        layer.__class__ = torch.nn.Linear
+    return model
 
 
 def _info(transformer: Any, fmt: str) -> dict[str, Any]:
@@ -123,6 +152,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     for m in modules.values():
         m.eval()
         m.requires_grad_(False)
+    time_embedder_in_compute_dtype(modules["unet"])
     if (path / "tokenizer").is_dir():
         from transformers import AutoTokenizer
 
