@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_flux
 import tiny_z_image
 from engine.context import NodeError
 from engine.executor import Executor
@@ -268,3 +269,29 @@ def test_lumina2_and_all_in_one_files_say_what_they_are(env, z_root):
         call(loaders.checkpoint_loader, env, ckpt_name="tiny-z-aio.safetensors")
     assert err.value.input_name == "ckpt_name"
     assert "Z-Image transformer" in str(err.value) and "CLIPLoader (type lumina2)" in str(err.value)
+
+
+def test_a_comfy_scaled_fp8_transformer_equals_its_dequantised_twin(env, z_root):
+    """ComfyUI's scaled fp8 file (per-row scales on the fused qkv, split with it onto to_q/to_k/to_v):
+    held fp8 with its scales, it samples what the dequantised float32 file samples."""
+    import test_z_image
+    from nodes.runtime.fp8 import weight_scale
+    from nodes.sampling import ksampler
+    from test_scaled_fp8 import quantise
+
+    scaled, plain = quantise(tiny_z_image.original_transformer(), "model.diffusion_model.")
+    tiny_flux._save(z_root / "diffusion_models" / "z-scaled.safetensors", scaled)
+    tiny_flux._save(z_root / "diffusion_models" / "z-dequantised.safetensors", plain)
+    clip = test_z_image._clip()
+    out = {}
+    for name in ("z-scaled.safetensors", "z-dequantised.safetensors"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+        if name == "z-scaled.safetensors":
+            with model._use_unet() as net:
+                k = net.layers[1].attention.to_k
+                assert k.weight.dtype == torch.float8_e4m3fn and weight_scale(k) is not None
+        (res,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=3.0, sampler_name="euler", scheduler="simple",
+                      positive=clip.encode(PROMPT), negative=clip.encode(NEGATIVE),
+                      latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
+        out[name] = res["samples"]
+    assert torch.allclose(out["z-scaled.safetensors"], out["z-dequantised.safetensors"], atol=1e-4)
