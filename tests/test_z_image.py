@@ -139,3 +139,22 @@ def test_res_multistep_the_templates_sampler_runs():
     image = kiln(PROMPT, "", 1.0, sampler="res_multistep", steps=8)
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
     assert (image - kiln(PROMPT, "", 1.0, steps=8)).abs().max() > 1 / 255  # a different sampler than euler
+
+
+def test_concatenated_prompts_reach_the_network_whole():
+    """ConditioningConcat appends the second prompt's tokens; they are caption tokens too (diffusers given
+    the concatenated states as prompt_embeds), though the count on the conditioning is the first's."""
+    from nodes.conditioning_nodes import conditioning_concat
+
+    clip = _clip()
+    first, second = clip.encode(PROMPT), clip.encode("at night, stars")
+    (joined,) = conditioning_concat(Recorder().ctx, first, second)
+    (out,) = ksampler(Recorder().ctx, _model(), 5, 4, 1.0, "euler", "simple", joined, clip.encode(""),
+                      {"samples": torch.zeros(1, 16, 8, 8)})
+    ours = tiny_models.decode(tiny_z_image.components()["vae"], out["samples"])
+    pipe = tiny_z_image.pipeline()
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=[joined[0][0][0]], height=64, width=64, num_inference_steps=4, guidance_scale=0.0,
+                      generator=torch.Generator().manual_seed(5), output_type="pt").images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - kiln(PROMPT, "", 1.0)).abs().max() > 0.02  # the appended tokens matter

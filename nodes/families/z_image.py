@@ -7,7 +7,7 @@ What differs from FLUX, and where it lives:
   one caption ``[tokens, 2560]`` per image, each of its own length (it pads them itself, with learnt
   pad tokens, and masks them). :class:`ZImageNetwork` gives each row its prompt's own tokens (the
   length rides on the conditioning, :data:`TOKENS`, so the padding a shared call adds never reaches
-  the network). Its time input is ``1 - sigma`` (1 = clean) and its output is the negative of the flow
+  the network; tokens ConditioningConcat appends do). Its time input is ``1 - sigma`` (1 = clean) and its output is the negative of the flow
   velocity Kiln's steppers take (ZImagePipeline negates it too).
 * **Text.** The prompt in Qwen3's chat template for one user turn with the generation prompt
   (:data:`TEMPLATE`: what ZImagePipeline's ``apply_chat_template(..., enable_thinking=True)`` renders
@@ -65,11 +65,24 @@ class ZImageNetwork(WrappedTransformer):
                                     f"transformer reads {self.text_width} (encode the prompt with Qwen3-4B: "
                                     "CLIPLoader type lumina2)", "positive")
         sigma = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
-        lengths = text_tokens or [encoder_hidden_states.shape[1]] * b
+        lengths = text_tokens or [None] * b
         latents = list(x.unsqueeze(2).unbind(0))
-        captions = [encoder_hidden_states[i, :int(n)] for i, n in enumerate(lengths)]
+        captions = [own_tokens(encoder_hidden_states[i], n) for i, n in enumerate(lengths)]
         out = self.transformer(latents, 1.0 - sigma, captions, return_dict=False)[0]
         return (-torch.stack(out).squeeze(2),)
+
+
+def own_tokens(row: Any, count: "int | None") -> Any:
+    """The caption tokens of one row [tokens, width]: its first ``count`` when the rest only repeats them
+    (the denoiser tiles a shorter prompt to share a call), else all of them (ConditioningConcat appended
+    another prompt's tokens after the encoded ones, and those count, as in ComfyUI)."""
+    import torch
+
+    total = row.shape[0]
+    if count is None or count >= total or total % count:
+        return row
+    head = row[:count]
+    return head if torch.equal(row, head.repeat(total // count, 1)) else row
 
 
 class ZImage(Family):
