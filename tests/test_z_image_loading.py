@@ -295,3 +295,30 @@ def test_a_comfy_scaled_fp8_transformer_equals_its_dequantised_twin(env, z_root)
                       latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
         out[name] = res["samples"]
     assert torch.allclose(out["z-scaled.safetensors"], out["z-dequantised.safetensors"], atol=1e-4)
+
+
+def test_comfyui_z_image_base_template_with_cfg_equals_z_image_pipeline(registry, env):
+    """ComfyUI's image_z_image template (Z-Image base: cfg 4 with an empty negative prompt, ResolutionSelector,
+    SaveImageAdvanced) from its editor file, with euler for diffusers' sampler, equals ZImagePipeline at
+    guidance_scale 3 on the size ResolutionSelector gives."""
+    from engine.formats import parse_document
+
+    wf = parse_document(_editor_template("image_z_image.json"), registry).with_overrides({
+        "76:66.unet_name": SPLIT["diffusion_model"], "76:62.clip_name": SPLIT["text_encoder"],
+        "76:63.vae_name": SPLIT["vae"], "94.megapixels": 0.1, "94.multiple": 16, "76:69.steps": 3,
+        "76:69.seed": 13, "76:69.sampler_name": "euler"})
+    assert wf.nodes["76:69"].inputs["cfg"] == 4 and wf.nodes["76:71"].inputs["text"] == ""
+    ours = run(registry, env, wf).results["76:65"][0]
+    _, h, w, _ = ours.shape
+    assert h % 16 == 0 and w % 16 == 0 and h * w >= 0.1 * 1024 * 1024 * 0.9
+    pipe = tiny_z_image.pipeline()
+    with torch.no_grad():
+        theirs = pipe(prompt=wf.nodes["76:67"].inputs["text"], negative_prompt="", height=h, width=w,
+                      num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+                      generator=torch.Generator("cpu").manual_seed(13)).images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= 1 / 255
+    with torch.no_grad():
+        unguided = pipe(prompt=wf.nodes["76:67"].inputs["text"], height=h, width=w, num_inference_steps=3,
+                        guidance_scale=0.0, output_type="pt",
+                        generator=torch.Generator("cpu").manual_seed(13)).images.permute(0, 2, 3, 1)
+    assert (ours - unguided).abs().max() > 0.01  # the template's cfg 4 matters
