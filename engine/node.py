@@ -357,6 +357,8 @@ class NodeSpec:
                 if i.open_choices:
                     entry["open_choices"] = True
             entry["widget"] = i.type in T.WIDGET_TYPES
+            if i.dynamic:
+                entry["dynamic"] = {choice: [f"{i.name}.{sub}" for sub in subs] for choice, subs in i.dynamic.items()}
             inputs.append(entry)
         return {
             "type": self.type,

@@ -212,6 +212,7 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
                       _use=lambda which: use(which, loader), name=name, _peek=peek)
     vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=name,
                     latent_channels=int(loaded.modules["vae"].config.latent_channels),
+                    downscale=int(getattr(loaded.modules["vae"], "kiln_downscale", 8)),
                     _compile_note=lambda: manager.compile_pending(key, "vae"))
     ctx.message(f"{name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
                 f"{info.get('format')}, on {manager.device}{held_note(info)}")
@@ -293,4 +294,5 @@ def vae_loader(ctx, vae_name: str):
     if scale is None:
         scale = 0.13025 if "xl" in Path(vae_name).name.lower() else 0.18215
     return (VaeHandle(latent_scale=float(scale), _use_vae=lambda: manager.use(key, "", loader), name=vae_name,
-                      latent_channels=int(module.config.latent_channels)),)
+                      latent_channels=int(module.config.latent_channels),
+                      downscale=int(getattr(module, "kiln_downscale", 8))),)

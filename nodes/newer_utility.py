@@ -1,5 +1,5 @@
-"""ComfyUI's newer small utility nodes that its current templates use: ResolutionSelector and
-CustomCombo (ManualSigmas lives with the other sigma-list nodes, nodes/custom_schedulers.py).
+"""ComfyUI's newer small utility nodes that its current templates use: ResolutionSelector,
+CustomCombo and ComfyNumberConvert (ManualSigmas lives with the other sigma-list nodes, nodes/custom_schedulers.py).
 
 Names, inputs, defaults, ranges and outputs are ComfyUI's, so a template holding these nodes
 validates and runs here as it does there. ResolutionSelector follows the version of
@@ -84,3 +84,48 @@ def custom_combo(ctx, choice: str, index: int = 0):
     """The chosen option's text and its position, so one dropdown can drive both a prompt and a
     number (a preset table's row)."""
     return (str(choice), int(index))
+
+
+@define_node(
+    "ComfyNumberConvert",
+    category="math",
+    display_name="Number Convert",
+    inputs=[Input("value", f"{T.INT},{T.FLOAT},{T.STRING},{T.BOOLEAN}",
+                  tooltip="A number, a yes/no or a text holding a number")],
+    outputs=[Output("FLOAT", T.FLOAT), Output("INT", T.INT)],
+)
+def number_convert(ctx, value):
+    """One value as both a FLOAT and an INT, so a text field or a switch can drive a number input.
+
+    ComfyUI's rules: a boolean is 1 or 0; a float's INT drops the fraction (towards zero); a
+    text is read as an integer when it is one (so "12345678901234567891" keeps every digit)
+    and otherwise as a float; an empty text and any non-finite value are errors.
+    """
+    if isinstance(value, bool):
+        return (float(value), int(value))
+    if isinstance(value, int):
+        try:
+            as_float, as_int = float(value), value
+        except OverflowError:
+            raise NodeError(f"{value} is too large for a FLOAT", "value") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise NodeError(f"cannot convert {value} to a number", "value")
+        as_float, as_int = value, int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise NodeError("cannot convert an empty text to a number", "value")
+        try:
+            as_float = float(text)
+        except ValueError:
+            raise NodeError(f"cannot read a number from {value!r}", "value") from None
+        if not math.isfinite(as_float):
+            raise NodeError(f"cannot convert {value!r} to a finite number", "value")
+        try:
+            as_int = int(text)
+        except ValueError:
+            as_int = int(as_float)
+    else:
+        raise NodeError(f"cannot convert a {type(value).__name__} to a number", "value")
+    return (as_float, as_int)

@@ -561,3 +561,41 @@ def test_dropping_a_comfyui_editor_file_shows_the_server_s_conversion(editor, se
         assert shown == {k: v for k, v in node["inputs"].items() if k != "ckpt_name"}, node_id
     assert doc["nodes"]["3"]["inputs"]["steps"] == 20 and doc["nodes"]["3"]["ui"]["controls"]["seed"] == "randomize"
     assert editor.unexpected_errors() == []
+
+
+def test_a_dynamic_combo_shows_only_its_chosen_option_s_inputs_and_runs_with_them(editor, server):
+    """ResizeImageMaskNode's resize_type brings its own inputs, as in ComfyUI's frontend: the
+    default (scale dimensions) shows width, height and crop; picking "scale by multiplier" swaps
+    them for the multiplier, whose value the job then uses."""
+    page = editor.page
+    page.click("#new")
+    image = editor.add_node("load image", 20, 20)
+    resize = editor.add_node("resize image mask", 300, 20)
+    assert editor.doc()["nodes"][resize]["type"] == "ResizeImageMaskNode"
+    save = editor.add_node("save image", 620, 20)
+    editor.node(image).locator("select").first.select_option("sample.png")
+
+    def shown() -> set[str]:
+        rows = editor.node(resize).locator(".widget-row").evaluate_all("rs => rs.map(r => r.dataset.input)")
+        return {name for name in rows if name.startswith("resize_type.")}
+
+    assert shown() == {"resize_type.width", "resize_type.height", "resize_type.crop"}
+    editor.node(resize).locator('.widget-row[data-input="resize_type"] select').select_option("scale by multiplier")
+    assert shown() == {"resize_type.multiplier"}
+    factor = editor.node(resize).locator('.widget-row[data-input="resize_type.multiplier"] input.w-num-input')
+    factor.click()
+    factor.fill("0.5")
+    factor.press("Enter")
+    editor.drawn()
+    editor.link(image, 0, resize, "input")  # the links are drawn to the rebuilt node's sockets
+    editor.link(resize, 0, save, "images")
+    assert editor.doc()["nodes"][resize]["inputs"]["resize_type.multiplier"] == 0.5
+    page.click("#run")
+    editor.wait_output_image(save)
+    editor.wait_idle()
+    job = http_json(server.url, "GET", f"/api/jobs/{page.evaluate('window.kiln.app.runner.jobId')}")
+    (saved,) = [f for out in job["outputs"].values() for f in out.get("images", [])]
+    with Image.open(server.data / "output" / saved["subfolder"] / saved["filename"]) as out, \
+            Image.open(server.data / "input" / "sample.png") as source:
+        assert out.size == (source.width // 2, source.height // 2)
+    assert editor.unexpected_errors() == []

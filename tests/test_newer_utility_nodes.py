@@ -374,3 +374,53 @@ def test_every_template_use_reads_as_its_node_expects(registry, env):
             assert len(sigmas) >= 2 and float(sigmas[-1]) == 0.0, where
         elif kind == "ResolutionSelector":
             assert inputs["aspect_ratio"] in newer_utility.ASPECT_RATIOS, where
+
+
+# -- ComfyNumberConvert -------------------------------------------------------------------
+
+def test_number_convert_declares_comfyuis_multi_typed_input(registry):
+    spec = registry.get("ComfyNumberConvert")
+    info = spec.object_info("ComfyNumberConvert")
+    assert info["input"]["required"]["value"][0] == "INT,FLOAT,STRING,BOOLEAN"
+    assert info["output"] == ["FLOAT", "INT"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    (True, (1.0, 1)), (False, (0.0, 0)), (7, (7.0, 7)), (-2.75, (-2.75, -2)),
+    (" 42 ", (42.0, 42)), ("3.9", (3.9, 3)), ("-1e3", (-1000.0, -1000)),
+    ("12345678901234567891", (float(12345678901234567891), 12345678901234567891)),
+])
+def test_number_convert_follows_comfyuis_rules(env, value, expected):
+    assert call(newer_utility.number_convert, env, value=value) == expected
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("", "empty"), ("twelve", "twelve"), ("inf", "finite"), (float("nan"), "nan"), (10 ** 400, "too large"),
+])
+def test_number_convert_refuses_what_is_no_number_naming_value(env, value, reason):
+    with pytest.raises(NodeError, match=reason) as caught:
+        call(newer_utility.number_convert, env, value=value)
+    assert caught.value.input_name == "value"
+
+
+def test_comfyuis_datatype_conversion_template_runs(registry, env):
+    """ComfyUI's basic_datatype_conversion template (text -> number -> math -> previews) runs
+    from its editor file, with the previews ComfyUI shows for it."""
+    import json
+    from pathlib import Path
+
+    import comfyui_workflow_templates_json as package
+
+    doc = json.loads((Path(package.__file__).parent / "templates" / "basic_datatype_conversion.json").read_text())
+    outcome = Executor(registry, env).run(parse_document(doc, registry))
+    assert outcome.status == "succeeded", outcome.error
+    convert = next(n["id"] for n in doc["nodes"] if n["type"] == "ComfyNumberConvert")
+    targets = {slot: [str(link[3]) for link in doc["links"] if link[1] == convert and link[2] == slot]
+               for slot in (0, 1)}
+    assert [outcome.outputs[node] for node in targets[0]] == [{"text": ["1.0"]}]  # the text "1" as FLOAT
+    previews = [outcome.outputs[node] for node in targets[1] if node in outcome.outputs]
+    assert previews == [{"text": ["1"]}]  # ... as INT
+    # The INT also drives a math expression ("a"), whose BOOL (1 is true) reaches a preview.
+    (math_node,) = [node for node in targets[1] if node not in outcome.outputs]
+    (bool_preview,) = [str(link[3]) for link in doc["links"] if str(link[1]) == math_node and link[2] == 2]
+    assert outcome.outputs[bool_preview] == {"text": ["True"]}

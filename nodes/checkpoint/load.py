@@ -222,8 +222,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, z_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, z_image_load
 
+    if flux2_load.has_flux2_transformer(shapes):
+        raise CheckpointError(f"{path.name} holds a FLUX.2 transformer: it is a diffusion model, not a checkpoint. "
+                              "Put it in models/diffusion_models and load it with UNETLoader, the Qwen3 with "
+                              "CLIPLoader (type flux2) and flux2-vae.safetensors with VAELoader")
     if z_image_load.has_z_image_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a Z-Image transformer: it is a diffusion model, not a checkpoint. "
                               "Put it in models/diffusion_models and load it with UNETLoader, qwen_3_4b with "
@@ -446,8 +450,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if sd3_load.is_sd3_folder(path):
             return sd3_load.load_folder(path, dtype)
-        from nodes.checkpoint import chroma_load, z_image_load
+        from nodes.checkpoint import chroma_load, flux2_load, z_image_load
 
+        if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
+            return flux2_load.load_folder(path, dtype, offload=offload)
         if z_image_load.is_z_image_folder(path):  # before FLUX: both have transformer/
             return z_image_load.load_folder(path, dtype, offload=offload)
         if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/
@@ -466,6 +472,13 @@ def load_vae_file(path: Path, dtype: Any, family: Family | None = None) -> Any:
 
     from nodes.checkpoint.folders import folder_component
 
+    if path.is_dir() and (path / "config.json").is_file() and \
+            '"AutoencoderKLFlux2"' in (path / "config.json").read_text():  # FLUX.2's, behind its patch latent
+        from diffusers import AutoencoderKLFlux2
+
+        from nodes.checkpoint.flux2_vae import Flux2LatentVAE
+
+        return Flux2LatentVAE(folder_component(path, AutoencoderKLFlux2, dtype)).eval().requires_grad_(False)
     if path.is_dir():
         try:
             vae = folder_component(path, AutoencoderKL, dtype)
@@ -490,8 +503,10 @@ def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family)
         state = state.renamed({det.VAE + k: k for k in state}) if isinstance(state, LazyState) \
             else {det.VAE + k: v for k, v in state.items()}
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load
+    from nodes.checkpoint import flux2_load, flux_load
 
+    if flux2_load.is_flux2_vae(shapes, det.VAE):  # FLUX.2's flux2-vae.safetensors: 32 channels and bn.*
+        return flux2_load.build_vae(plain(state), det.VAE, path.name, dtype)
     if flux_load.is_flux_vae(shapes, det.VAE):  # FLUX's ae.safetensors: 16 channels, scale and shift
         return flux_load.build_vae(plain(state), det.VAE, path.name, dtype)
     try:

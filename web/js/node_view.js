@@ -3,7 +3,7 @@
 
 import { createWidget, controlWidget } from "./widgets.js";
 import { typeColour } from "./types.js";
-import { defaultValue } from "./schema.js";
+import { defaultValue, unchosenOptionInputs } from "./schema.js";
 import { inactiveInputs } from "./hints.js";
 
 function div(cls, text) {
@@ -83,7 +83,10 @@ export class NodeView {
 
     const body = div("node-body");
     const outputs = this.graph.outputs(this.id);
-    const names = this.graph.inputNames(this.id);
+    // A dynamic combo's unchosen options are left out; update() rebuilds when the choice changes.
+    const unchosen = unchosenOptionInputs(def, n);
+    this.optionKey = [...unchosen].join("\n");
+    const names = this.graph.inputNames(this.id).filter((name) => !unchosen.has(name));
     const inputDef = (name) => def?.inputs.find((i) => i.name === name) || { name, type: "*", widget: !(name in n.links) && name in n.values };
     const linkInputs = names.filter((name) => !inputDef(name).widget);
     const widgetInputs = names.filter((name) => inputDef(name).widget);
@@ -136,6 +139,7 @@ export class NodeView {
     body.append(this.progressEl, this.messageEl, this.errorEl, this.mediaEl);
     this.el.append(body);
     this.update();
+    if (this.lastStatus) this.applyStatus(this.lastStatus);
   }
 
   uploadControls(name) {
@@ -163,6 +167,10 @@ export class NodeView {
   update() {
     const n = this.graph.node(this.id);
     if (!n) return;
+    if ([...unchosenOptionInputs(this.graph.def(n.type), n)].join("\n") !== this.optionKey) {
+      this.build();  // another option of a dynamic combo: its own inputs replace the last one's
+      return;
+    }
     this.el.style.left = `${n.pos[0]}px`;
     this.el.style.top = `${n.pos[1]}px`;
     for (const [name, row] of this.rows) {
@@ -218,6 +226,7 @@ export class NodeView {
 
   /** @param {{state?:string, progress?:number|null, message?:string, error?:string, inputErrors?:Object<string,string>, images?:string[], preview?:string|null}} s */
   applyStatus(s) {
+    this.lastStatus = s;  // build() shows it again when a combo's choice rebuilds the node
     const cls = this.el.classList;
     for (const k of ["running", "cached", "done", "failed", "queued"]) cls.toggle(k, s.state === k);
     this.badgeEl.textContent = s.state === "cached" ? "cached" : s.state === "running" ? "running" : s.state === "failed" ? "failed" : "";

@@ -7,7 +7,8 @@ import { WIDGET_TYPES, COMBO } from "./types.js";
 /**
  * @typedef {{name:string,type:string,widget:boolean,required:boolean,default?:any,min?:number,
  *   max?:number,step?:number,round?:number,choices?:string[],openChoices?:boolean,multiline?:boolean,
- *   control?:boolean,display?:string,imageUpload?:boolean,tooltip?:string}} InputDef
+ *   control?:boolean,display?:string,imageUpload?:boolean,tooltip?:string,
+ *   dynamic?:Object<string,string[]>}} InputDef
  * @typedef {{type:string,title:string,category:string,description:string,outputNode:boolean,
  *   inputs:InputDef[],outputs:{name:string,type:string}[],aliases:string[]}} NodeDef
  */
@@ -32,7 +33,28 @@ function inputFromKiln(raw) {
   const def = inputDef(raw.name, type, !!raw.required, raw.widget !== undefined ? !!raw.widget : WIDGET_TYPES.has(type), raw);
   if (type === COMBO || Array.isArray(raw.choices)) def.choices = raw.choices || [];
   if (raw.open_choices) def.openChoices = true;
+  if (raw.dynamic) def.dynamic = raw.dynamic;
   return def;
+}
+
+/**
+ * The inputs of node `n` (a graph node) that its dynamic combos' current choices leave out: a
+ * choice brings only its own sub-inputs (`resize_type.width`, ...), as ComfyUI's frontend shows
+ * them. A linked sub-input stays, so no link ends at a socket that is not drawn.
+ * @param {NodeDef|undefined} def
+ * @returns {Set<string>}
+ */
+export function unchosenOptionInputs(def, n) {
+  const out = new Set();
+  for (const combo of def?.inputs || []) {
+    if (!combo.dynamic) continue;
+    const choice = combo.name in n.values ? n.values[combo.name] : combo.default;
+    const kept = new Set(combo.dynamic[choice] || []);
+    for (const subs of Object.values(combo.dynamic)) {
+      for (const name of subs) if (!kept.has(name) && !n.links[name]) out.add(name);
+    }
+  }
+  return out;
 }
 
 function inputFromComfy(name, spec, required) {

@@ -1,0 +1,187 @@
+"""Loading FLUX.2 [klein] offline: ComfyUI's split files and diffusers folders.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/flux-2-klein-4b*.safetensors``) in
+  BFL's key layout (with or without ``model.diffusion_model.``), plain, fp8 or ComfyUI's scaled fp8,
+  or in diffusers' layout in one file; the key map is nodes.checkpoint.flux2_keys.
+* The Qwen3 text encoder through CLIPLoader type ``flux2`` (nodes.checkpoint.qwen3_text, via
+  nodes.checkpoint.split), the VAE through VAELoader (``flux2-vae.safetensors``: the LDM VAE names
+  plus the latent batch-norm ``bn.*``), wrapped as nodes.checkpoint.flux2_vae.Flux2LatentVAE.
+* diffusers folders (``Flux2KleinPipeline.save_pretrained``: ``transformer/``, ``text_encoder/``
+  (Qwen3), ``tokenizer/``, ``vae/``, ``scheduler/``).
+
+FLUX.2 [dev] (a guidance embedder, a Mistral text encoder) is refused by name, as is a FLUX.2
+file handed to CheckpointLoader.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint import flux2_keys
+from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
+from nodes.checkpoint.tensors import plain
+from nodes.families import flux2 as fam
+
+#: One key marks diffusers' layout of the transformer (the original names it ``.lin``).
+DIFFUSERS_MARKER = "double_stream_modulation_img.linear.weight"
+DEV_REFUSAL = ("is FLUX.2 [dev] (it has a guidance embedder, and its text encoder is Mistral Small 3): Kiln runs "
+               "FLUX.2 [klein] (4B, 9B; Qwen3 text encoder) only")
+
+
+def has_flux2_transformer(shapes: Any) -> bool:
+    return fam.FAMILY.claims_unet(shapes)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """Flux2Transformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
+    (nodes.checkpoint.flux_load.transformer_from_original) on FLUX.2's key table."""
+    from diffusers import Flux2Transformer2DModel
+
+    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint.flux_load import transformer_from_original
+
+    state, scales = scaled_fp8.take(flux2_keys.strip(dict(state)), what)
+    if any(k in state for k in fam.DEV_MARKERS):
+        raise CheckpointError(f"{what} {DEV_REFUSAL}")
+    diffusers = DIFFUSERS_MARKER in state
+    return transformer_from_original(dict(state), scales, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
+                                     flux2_keys.original_to_diffusers,
+                                     flux2_keys.diffusers_to_original if diffusers else None)
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
+    """UNETLoader's FLUX.2 path; ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float."""
+    from nodes.checkpoint.chroma_load import _info
+    from nodes.checkpoint.scaled_fp8 import is_scaled
+
+    state = plain(state)
+    if fp8 and not is_scaled(state):  # as ComfyUI: a scaled file keeps its own storage
+        import torch
+
+        target = getattr(torch, fp8)
+        state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
+                 for k, v in state.items()}
+    transformer = build_transformer(state, name, dtype)
+    family = fam.FAMILY
+    info = dict(_info(transformer, "unet"), prediction_reason="flow matching (FLUX.2)")
+    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                  modules={"unet": transformer}, info=info)
+
+
+# -- the VAE ----------------------------------------------------------------------------------------
+
+#: ComfyUI's files may keep the 1x1 convolutions inside the coders; the LDM layout has them on top.
+_QUANT_RENAMES = {"encoder.quant_conv.": "quant_conv.", "decoder.post_quant_conv.": "post_quant_conv."}
+
+
+def is_flux2_vae(shapes: Any, prefix: str = "") -> bool:
+    """The latent batch-norm statistics mark the FLUX.2 VAE (a FLUX.1 ae.safetensors has none)."""
+    return prefix + "bn.running_mean" in shapes and prefix + "decoder.conv_in.weight" in shapes
+
+
+def build_vae(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> Any:
+    """The FLUX.2 VAE from original-layout keys under ``prefix``, behind the patch latent."""
+    from diffusers import AutoencoderKLFlux2
+    from diffusers.loaders import single_file_utils as sfu
+
+    from nodes.checkpoint import detect as det
+    from nodes.checkpoint.flux2_vae import Flux2LatentVAE
+
+    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
+    for old, new in _QUANT_RENAMES.items():
+        sub = {new + k[len(old):] if k.startswith(old) else k: v for k, v in sub.items()}
+    bn = {k[len("bn."):]: v for k, v in sub.items() if k.startswith("bn.")}
+    ldm = {det.VAE + k: v for k, v in sub.items() if not k.startswith("bn.")}
+    shapes = {k: tuple(v.shape) for k, v in ldm.items()}
+    try:
+        found = det.vae_config(shapes, fam.FAMILY)
+    except det.UnsupportedCheckpoint as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    config = {k: found[k] for k in ("in_channels", "out_channels", "latent_channels", "layers_per_block",
+                                    "block_out_channels", "down_block_types", "up_block_types", "norm_num_groups")}
+    config.update(use_quant_conv=det.VAE + "quant_conv.weight" in shapes,
+                  use_post_quant_conv=det.VAE + "post_quant_conv.weight" in shapes)
+    decoder = tuple(shapes.get(det.VAE + f"decoder.up.{i}.block.0.conv1.weight", (0,))[0]
+                    for i in range(len(config["block_out_channels"])))
+    if all(decoder) and decoder != tuple(config["block_out_channels"]):  # a small decoder (Comfy-Org's variant)
+        config["decoder_block_out_channels"] = decoder
+    if bn.get("running_mean") is None or tuple(bn["running_mean"].shape) != (4 * config["latent_channels"],):
+        raise CheckpointError(f"{what}: the FLUX.2 VAE's bn.running_mean must hold {4 * config['latent_channels']} "
+                              "values (one per patch channel)")
+    vae = _empty(AutoencoderKLFlux2, config)
+    try:
+        converted = sfu.convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: the FLUX.2 VAE is incomplete ({exc} is missing)") from None
+    converted.update({f"bn.{k}": v for k, v in bn.items()})
+    if "bn.num_batches_tracked" not in converted:
+        import torch
+
+        converted["bn.num_batches_tracked"] = torch.tensor(0)
+    vae = _assign(vae, converted, f"FLUX.2 VAE ({what})", dtype)
+    return Flux2LatentVAE(vae).eval().requires_grad_(False)
+
+
+# -- diffusers folders --------------------------------------------------------------------------------
+
+
+def _class_of(path: Path, sub: str) -> str | None:
+    try:
+        return json.loads((path / sub).read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def is_flux2_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is FLUX.2's (its config names the class)."""
+    return path.is_dir() and (path / "model_index.json").is_file() and \
+        _class_of(path, "transformer/config.json") == "Flux2Transformer2DModel"
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers FLUX.2 [klein] folder; Qwen3 and the transformer held as stored, as FLUX's folders."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen2TokenizerFast, Qwen3Config
+
+    from nodes.checkpoint.flux2_vae import Flux2LatentVAE
+    from nodes.checkpoint.folders import folder_component, folder_state
+    from nodes.checkpoint.load import quiet_progress, reading
+    from nodes.checkpoint.qwen3_text import build_qwen3
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.runtime.measure import module_bytes
+
+    if _class_of(path, "model_index.json") == "Flux2Pipeline":
+        raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+    quiet_progress()
+    try:
+        modules = {"vae": Flux2LatentVAE(folder_component(path / "vae", AutoencoderKLFlux2, dtype))}
+        found = folder_state(path / "text_encoder", dtype)
+        if found is None:
+            raise OSError("text_encoder/ holds no .safetensors weights")
+        with reading(found[0]):
+            modules["text_encoder"] = build_qwen3(found[1], f"{path.name}/text_encoder", dtype,
+                                                  Qwen3Config.from_pretrained(str(path / "text_encoder")))
+        besides = sum(module_bytes(m) for m in modules.values())
+        modules["unet"] = folder_component(path / "transformer", Flux2Transformer2DModel, dtype, offload, besides,
+                                           as_stored=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX.2 folder ({exc})") from exc
+    if modules["unet"].config.guidance_embeds:
+        raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+    for m in modules.values():
+        m.eval()
+        m.requires_grad_(False)
+    tokenizer = Qwen2TokenizerFast.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True) \
+        if (path / "tokenizer").is_dir() else qwen_tokenizer("3")
+    family = fam.FAMILY
+    config = family.scheduler_config()
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
+    from nodes.checkpoint.chroma_load import _info
+
+    info = dict(_info(modules["unet"], "diffusers"), prediction_reason="flow matching (FLUX.2)")
+    return Loaded(family=family, scheduler_config=config, latent=family.latent, modules=modules,
+                  tokenizers={"tokenizer": tokenizer}, info=info)

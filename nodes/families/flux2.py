@@ -1,0 +1,216 @@
+"""FLUX.2 [klein] (4B, 9B): a rectified-flow transformer on 128-channel patch latents, Qwen3 text.
+
+What differs from FLUX.1 (nodes.families.flux), and where it lives:
+
+* **Latents.** The FLUX.2 VAE makes 32 channels at 1/8 of the image; its 2x2 patches, stacked as
+  128 channels at 1/16 and normalised by the VAE's batch-norm statistics, are the latent both
+  references work in: diffusers' Flux2 pipelines patchify and normalise outside the VAE, ComfyUI
+  inside it (``batch_norm_latent``), and EmptyFlux2LatentImage makes ``[B, 128, H/16, W/16]``.
+  Kiln does as ComfyUI: the VAE module (:mod:`nodes.checkpoint.flux2_vae`) patchifies and
+  normalises, so LATENT sockets carry that 128-channel latent and the family's scale is 1.
+* **Network.** diffusers' ``Flux2Transformer2DModel`` takes each latent pixel as a token (no
+  2x2 packing here: the latent already is patches) with 4-axis position ids (time, row,
+  column, layer): the image at time 0, text tokens along the layer axis, the k-th reference
+  image (ReferenceLatent) at time ``10 + 10 k`` as Flux2KleinPipeline places them.
+  :class:`Flux2Network` wraps it in the UNet calling convention.
+* **Text.** Qwen3 (4B for klein 4B, 8B for 9B) as Flux2KleinPipeline encodes it: the prompt in
+  Qwen3's chat template with thinking turned off, padded to 512 tokens, run with the padding
+  masked, and the hidden states after layers 9, 18 and 27 stacked per token ([1, 512, 3 x width]).
+  The transformer attends to all 512 (no text mask).
+* **Guidance.** [klein] has no guidance embedder: the distilled models run cfg 1, the base ones
+  real classifier-free guidance (KSampler's/CFGGuider's cfg, negative "" in diffusers). A
+  FluxGuidance value is ignored with a note.
+* **Model sampling.** Flow matching with FLUX.2's empirical shift, which depends on the token
+  count and the step count (nodes.samplers.flow.empirical_mu; the config's ``kiln_mu_rule``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nodes.families import flux, flux_references
+from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
+
+UNET_PREFIX = flux.UNET_PREFIX
+#: Only a FLUX.2 transformer has these (FLUX.1 modulates inside each block): original and diffusers layout.
+MARKERS = ("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight")
+#: FLUX.2 [dev] has a guidance embedder (and a Mistral text encoder); [klein] has none.
+DEV_MARKERS = ("guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight")
+#: Tokens the transformer sees (Flux2KleinPipeline's max_sequence_length).
+TEXT_TOKENS = 512
+#: Qwen3 hidden states stacked per token (``output.hidden_states`` indices: 0 is the embedding).
+TEXT_LAYERS = (9, 18, 27)
+#: Qwen3's chat template for one user turn with the generation prompt and thinking disabled.
+TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+#: Reference image k sits at time index REF_TIME * (k + 1) (Flux2KleinPipeline's ``_prepare_image_ids``).
+REF_TIME = 10
+#: The VAE's spatial factor on the 128-channel latent: 8 in the VAE, 2 more in the patches.
+DOWNSCALE = 16
+
+FLUX2_LATENT = LatentFormat(channels=128, scale=1.0, shift=0.0)
+
+
+def tokens_of(x: "Any") -> "Any":
+    """[B, C, h, w] -> [B, h * w, C] (Flux2KleinPipeline's ``_pack_latents``: a token per latent pixel)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def position_ids(h: int, w: int, time: int, device: Any, dtype: Any) -> "Any":
+    """Ids [h * w, 4] of a latent's tokens: (time, row, column, 0)."""
+    import torch
+
+    ids = torch.zeros(h, w, 4)
+    ids[..., 0] = time
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(-1, 4).to(device=device, dtype=dtype)
+
+
+def text_ids(length: int, device: Any, dtype: Any) -> "Any":
+    """Ids [length, 4] of the text tokens: (0, 0, 0, position)."""
+    import torch
+
+    ids = torch.zeros(length, 4)
+    ids[:, 3] = torch.arange(length)
+    return ids.to(device=device, dtype=dtype)
+
+
+class Flux2Network(WrappedTransformer):
+    """The transformer behind the UNet calling convention (see the module docstring)."""
+
+    @property
+    def text_width(self) -> int:
+        return int(self.transformer.config.joint_attention_dim)
+
+    def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
+                 reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
+        """``reference_latents``: images the network reads beside ``x`` (the klein edit templates);
+        their tokens follow the image's and their outputs are dropped."""
+        import torch
+
+        b, c, h, w = x.shape
+        if encoder_hidden_states.shape[-1] != self.text_width:
+            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this FLUX.2 "
+                                    f"transformer reads {self.text_width} (encode the prompt with its Qwen3: "
+                                    "CLIPLoader type flux2)", "positive")
+        time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
+        tokens, ids = tokens_of(x), position_ids(h, w, 0, self.device, self.dtype)
+        if reference_latents is not None:
+            refs = [tokens]
+            all_ids = [ids]
+            for k, ref in enumerate(reference_latents.latents):
+                refs.append(tokens_of(ref.to(self.dtype)))
+                all_ids.append(position_ids(ref.shape[-2], ref.shape[-1], REF_TIME * (k + 1), self.device, self.dtype))
+            tokens, ids = torch.cat(refs, dim=1), torch.cat(all_ids)
+        out = self.transformer(hidden_states=tokens.to(self.dtype), timestep=time.to(self.dtype), guidance=None,
+                               encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+                               txt_ids=text_ids(encoder_hidden_states.shape[1], self.device, self.dtype),
+                               img_ids=ids, return_dict=False, **kwargs)[0]
+        return (out[:, :h * w].permute(0, 2, 1).reshape(b, -1, h, w),)
+
+
+class Flux2(Family):
+    name = "flux2"
+    latent = FLUX2_LATENT
+    text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", UNET_PREFIX),)
+    clip_types = ("flux2",)
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    flow = True
+    takes_references = True
+
+    # -- detection ---------------------------------------------------------------------
+
+    def claims(self, shapes: Shapes) -> bool:
+        return self.claims_unet(shapes)
+
+    def claims_unet(self, shapes: Shapes) -> bool:
+        """The shared double-stream modulation, in either layout, with or without the prefix."""
+        return any(k in shapes or UNET_PREFIX + k in shapes for k in MARKERS)
+
+    def claims_folder(self, components: set[str], text_act: str) -> bool:
+        """Folders are told by their transformer's class (nodes.checkpoint.flux2_load.is_flux2_folder),
+        not by components (a Chroma folder has the same ones)."""
+        return False
+
+    # -- model sampling ------------------------------------------------------------------
+
+    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
+        """The released klein scheduler config, with FLUX.2's empirical shift (``kiln_mu_rule``)."""
+        from nodes.samplers.flow import MU_RULE
+
+        return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": 3.0,
+                "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow",
+                MU_RULE: "flux2"}
+
+    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
+        from nodes.samplers.model_sampling import FlowSampling
+
+        return FlowSampling(scheduler_config)
+
+    # -- the network -------------------------------------------------------------------------
+
+    def wrap_network(self, network: Any) -> Any:
+        return Flux2Network(network)
+
+    def dit_blocks(self, network: Any) -> dict[str, list]:
+        transformer = getattr(network, "kiln_network", network)
+        return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
+
+    def original_names(self, network: Any) -> dict[str, str]:
+        from nodes.checkpoint import flux2_keys, flux_keys
+
+        return flux_keys.original_names([name for name, _ in network.named_parameters()], flux2_keys.pairs)
+
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original layout's module names (ComfyUI's FLUX.2 LoRAs): fused qkv split row-wise."""
+        from nodes.checkpoint import flux2_keys, flux_keys
+
+        return flux_keys.lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()}, flux2_keys.pairs)
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        method = extras[0].get(flux_references.METHOD)
+        if extras[0].get(flux_references.LATENTS) and method not in (None, "index"):
+            raise ConditioningError(f"reference_latents_method {method!r}: FLUX.2 [klein] places reference k at "
+                                    "time index 10(k+1) (ComfyUI's index method, Flux2KleinPipeline's layout); "
+                                    "remove FluxKontextMultiReferenceLatentMethod or set it to index",
+                                    extras[0].get("_input", "positive"))
+        references = flux_references.for_call(extras, batch, self.latent, device, dtype)
+        return {} if references is None else {"reference_latents": references}
+
+    def call_key(self, extra: dict) -> Any:
+        return flux_references.call_key(extra)
+
+    def conditioning_notes(self, conditionings: list) -> list[str]:
+        return flux.guidance_ignored(conditionings, "FLUX.2 [klein] has no distilled guidance (the distilled "
+                                     "models run cfg 1, the base ones real CFG with a negative prompt)")
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
+        """CONDITIONING: Qwen3's hidden states after layers 9, 18 and 27, stacked per token (see the
+        module docstring). Prompt weights are not applied (ComfyUI's klein tokenizer disables them)."""
+        import torch
+
+        tok = clip.tokenizers["tokenizer"]
+        prompt = TEMPLATE.format((texts or {}).get("tokenizer", text))
+        got = tok([prompt], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+        with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
+            layers = int(qwen.config.num_hidden_layers)
+            if layers < max(TEXT_LAYERS):
+                raise ConditioningError(f"FLUX.2 [klein] reads Qwen3's layers {TEXT_LAYERS} but this text encoder "
+                                        f"has {layers} (load qwen_3_4b / qwen_3_8b with CLIPLoader type flux2)",
+                                        "clip")
+            device = next(qwen.parameters()).device
+            out = qwen(input_ids=got.input_ids.to(device), attention_mask=got.attention_mask.to(device),
+                       output_hidden_states=True, use_cache=False)
+            states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2)
+            states = states.reshape(1, TEXT_TOKENS, -1)
+        if report is not None:
+            report.tokens = max(report.tokens, int(got.attention_mask.sum()))
+            report.windows = 1
+        return [[states.to("cpu", torch.float32), {}]]
+
+
+FAMILY = Flux2()
