@@ -63,6 +63,9 @@ class SamplingPatches:
     hypertile: Any = None
     #: TomePatchModel's ratio (nodes.families.tome.TomeSettings); None: off.
     tome: Any = None
+    #: ControlNets applied to the model itself (QwenImageDiffsynthControlnet: nodes.control.apply.ControlLink,
+    #: a chain), which the denoiser stacks on every conditioning's own; None: none.
+    model_control: Any = None
 
 
 @dataclass(frozen=True)
