@@ -155,3 +155,53 @@ def tiny_flux_family():
     from nodes.families import flux
 
     return flux.FAMILY
+
+
+def _editor_template(name: str) -> dict:
+    import importlib
+    import json
+
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    return json.loads((folder / name).read_text(encoding="utf-8"))
+
+
+def test_comfyui_fun_controlnet_template_runs_and_equals_the_pipeline(env):
+    """ComfyUI's image_z_image_turbo_fun_union_controlnet template (editor format, a subgraph): LoadImage
+    (its ImageScaleToMaxDimension bypassed), Canny, GetImageSize, ModelPatchLoader, QwenImageDiffsynthControlnet at
+    strength 1, KSampler res_multistep 8 steps cfg 1. On the tiny files it runs; with euler it equals
+    ZImageControlNetPipeline given the template's Canny image; strength 0 gives another image."""
+    from diffusers import ZImageControlNetPipeline
+
+    from engine.executor import Executor
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+    from nodes.sample_image import draw_landscape
+
+    registry = default_registry()
+    draw_landscape(SIZE, SIZE).save(env.paths.input.root / "control.png")
+    base = {"58.image": "control.png", "70:46.unet_name": "tiny-z-image.safetensors",
+            "70:39.clip_name": "tiny-qwen_3_4b.safetensors", "70:40.vae_name": "tiny-flux-ae.safetensors",
+            "70:64.name": PATCH, "70:44.seed": 21}
+
+    def run(**overrides):
+        wf = parse_document(_editor_template("image_z_image_turbo_fun_union_controlnet.json"), registry)
+        wf = wf.with_overrides(dict(base, **overrides))
+        outcome = Executor(registry, env).run(wf)
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        return wf, outcome
+
+    wf, first = run()
+    assert wf.nodes["70:60"].inputs["strength"] == 1 and wf.nodes["70:44"].inputs["sampler_name"] == "res_multistep"
+    assert first.results["70:43"][0].shape == (1, SIZE, SIZE, 3)
+    wf, euler = run(**{"70:44.sampler_name": "euler"})
+    ours, edges = euler.results["70:43"][0], euler.results["57"][0]
+    pipe = ZImageControlNetPipeline(**dict(tiny_z_image.components()), controlnet=copy.deepcopy(controlnet()))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(prompt=wf.nodes["70:45"].inputs["text"], height=SIZE, width=SIZE,
+                      control_image=edges.permute(0, 3, 1, 2) * 2 - 1, controlnet_conditioning_scale=1.0,
+                      num_inference_steps=8, guidance_scale=0.0, generator=torch.Generator().manual_seed(21),
+                      output_type="pt").images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    _, off = run(**{"70:44.sampler_name": "euler", "70:60.strength": 0.0})
+    assert (ours - off.results["70:43"][0]).abs().max() > 0.02
