@@ -34,14 +34,21 @@ PATCH = "tiny-z-image-fun-controlnet-union.safetensors"
 SIZE = 64
 
 
+#: The 2.1 release's structure: a 33-channel hint, refiner blocks with their own projections.
+PATCH_21 = "tiny-z-image-fun-controlnet-union-2.1.safetensors"
+
+
 @functools.lru_cache(maxsize=None)
-def controlnet() -> torch.nn.Module:
+def controlnet(version: str = "1.0") -> torch.nn.Module:
     """The tiny Fun ControlNet, its zero-initialised projections perturbed so that it acts."""
     from diffusers import ZImageControlNetModel
 
+    two = version == "2.1"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
-        net = ZImageControlNetModel(control_layers_places=[0, 1], control_in_dim=16, dim=tiny_z_image.DIM,
+        net = ZImageControlNetModel(control_layers_places=[0, 1], control_in_dim=33 if two else 16,
+                                    add_control_noise_refiner="control_noise_refiner" if two else None,
+                                    control_refiner_layers_places=[0, 1] if two else None, dim=tiny_z_image.DIM,
                                     n_refiner_layers=2, n_heads=tiny_z_image.HEADS, n_kv_heads=tiny_z_image.HEADS)
         tiny_flux._perturb(net, 0.05)
     return net.eval()
@@ -51,6 +58,7 @@ def controlnet() -> torch.nn.Module:
 def z_root(tmp_path_factory) -> Path:
     root = tiny_z_image.make_models_folder(tmp_path_factory.mktemp("z-image-cn"))
     tiny_flux._save(root / "model_patches" / PATCH, dict(controlnet().state_dict()))
+    tiny_flux._save(root / "model_patches" / PATCH_21, dict(controlnet("2.1").state_dict()))
     tiny_flux._save(root / "model_patches" / "not-a-patch.safetensors", tiny_flux.vae_state())
     return root
 
@@ -78,10 +86,10 @@ def vae() -> VaeHandle:
 
 
 def kiln(env, strength: float = 0.75, image: torch.Tensor | None = None, cfg: float = 1.0, seed: int = 5,
-         steps: int = 4, patched: bool = True) -> torch.Tensor:
+         steps: int = 4, patched: bool = True, name: str = PATCH) -> torch.Tensor:
     (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-z-image.safetensors")
     if patched:
-        (patch,) = call(model_patch_loader, env, name=PATCH)
+        (patch,) = call(model_patch_loader, env, name=name)
         (model,) = call(qwen_image_diffsynth_controlnet, env, model=model, model_patch=patch, vae=vae(),
                         image=hint() if image is None else image, strength=strength)
     clip = test_z_image._clip()
@@ -91,10 +99,11 @@ def kiln(env, strength: float = 0.75, image: torch.Tensor | None = None, cfg: fl
     return tiny_models.decode(tiny_z_image.components()["vae"], out["samples"])
 
 
-def diffusers(strength: float = 0.75, cfg: float = 1.0, seed: int = 5, steps: int = 4) -> torch.Tensor:
+def diffusers(strength: float = 0.75, cfg: float = 1.0, seed: int = 5, steps: int = 4,
+              version: str = "1.0") -> torch.Tensor:
     from diffusers import ZImageControlNetPipeline
 
-    pipe = ZImageControlNetPipeline(**dict(tiny_z_image.components()), controlnet=copy.deepcopy(controlnet()))
+    pipe = ZImageControlNetPipeline(**dict(tiny_z_image.components()), controlnet=copy.deepcopy(controlnet(version)))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE if cfg != 1 else None, height=SIZE, width=SIZE,
@@ -110,6 +119,14 @@ def test_txt2img_with_the_fun_controlnet_equals_z_image_controlnet_pipeline(env)
     assert (ours - kiln(env, patched=False)).abs().max() > 0.02  # the ControlNet acts
     assert (ours - kiln(env, image=hint("other"))).abs().max() > 0.02  # the control image matters
     assert (ours - kiln(env, strength=0.3)).abs().max() > 0.02  # and the strength
+
+
+def test_the_2_1_layout_equals_the_pipeline(env):
+    """A 2.1-shaped file (refiner blocks with projections, a 33-channel hint given zeros after the control
+    latent, as ZImageControlNetPipeline fills it) loads by its shapes and samples as the pipeline does."""
+    ours = kiln(env, name=PATCH_21)
+    assert (ours - diffusers(version="2.1")).abs().max() <= PIXEL_TOL
+    assert (ours - kiln(env, name=PATCH_21, strength=0.3)).abs().max() > 0.02
 
 
 def test_with_cfg_and_a_negative_prompt_equals_the_pipeline(env):
