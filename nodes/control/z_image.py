@@ -16,8 +16,10 @@ ComfyUI, block i serves main layer ``i * round(L / n)`` for n blocks over L laye
 6 blocks over 30 layers, every 5th from 0; the 2.x releases' 15 blocks every 2nd).
 
 The 2.1 release (``control_noise_refiner`` blocks with their own projections) also steers the
-refiner: diffusers adds its refiner hints to the ControlNet's own copy of the refined latent, not
-to the transformer's (ComfyUI adds them to the transformer's); Kiln runs diffusers' model as is.
+refiner: diffusers adds its refiner hints to the ControlNet's own copy of the refined latent.
+Kiln runs diffusers' model as is; ComfyUI's port differs in two ways (its blocks attend over the
+image tokens alone, without the caption, and it adds the refiner hints to the transformer's own
+refined latent), so the same file gives other images there.
 Its hint is 33 channels: the control latent, then zeros, as ZImageControlNetPipeline fills it.
 """
 from __future__ import annotations
