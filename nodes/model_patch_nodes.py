@@ -1,11 +1,16 @@
 """ComfyUI's model-patch ControlNets: ModelPatchLoader (``models/model_patches``) and QwenImageDiffsynthControlnet.
 
 A "model patch" in ComfyUI is a network that hooks into a diffusion model's blocks rather than riding on
-the conditioning. Kiln reads the ones it can run (alibaba-pai's Z-Image Fun ControlNet Union:
-nodes/control/z_image.py) into the same light handle ControlNetLoader returns, owned by the model
-manager; QwenImageDiffsynthControlnet puts it, with its VAE-encoded image and strength, on the MODEL
-(``SamplingPatches.model_control``), and the denoiser stacks it on both sides of guidance at every step,
-through the ControlNet residual seam (nodes/control/apply.py). Strength 0 returns the model unchanged.
+the conditioning. Kiln reads the ones it can run into the same light handle ControlNetLoader returns,
+owned by the model manager, and QwenImageDiffsynthControlnet puts it, with its control image, VAE and
+strength, on the MODEL, acting on both sides of guidance at every step; strength 0 returns the model
+unchanged:
+
+* alibaba-pai's Z-Image Fun ControlNet Union (nodes/control/z_image.py) goes to
+  ``SamplingPatches.model_control``, which the denoiser stacks on every conditioning's ControlNets
+  (the residual seam, nodes/control/apply.py);
+* DiffSynth's Qwen-Image blockwise ControlNets (nodes/control/blockwise.py) go to
+  ``SamplingPatches.blockwise``, hooked after the transformer's blocks while the sampler runs.
 """
 from __future__ import annotations
 
@@ -31,18 +36,25 @@ def _patches(env: Any) -> list[str]:
 def load_model_patch(path: Any, dtype: Any) -> Any:
     """The model manager's loader: a file ComfyUI's ModelPatchLoader reads, if Kiln runs its kind."""
     from nodes.checkpoint.load import CheckpointError, read_state_dict
+    from nodes.control import blockwise
     from nodes.control import z_image as fun
     from nodes.control.load import LoadedControlNet
-    from nodes.families import z_image as family
+    from nodes.families import qwen_image, z_image
 
     state = read_state_dict(path)
     if fun.is_fun_controlnet(state):
         network, info = fun.load(state, path.name, dtype)
-        return LoadedControlNet(family=family.FAMILY, network=network.eval().requires_grad_(False), info=info)
-    keys = sorted(state)
-    raise CheckpointError(f"{path.name} is not a model patch Kiln runs: it reads alibaba-pai's Z-Image Fun ControlNet "
-                          f"Union ({fun.MARKER}); the file holds {len(keys)} tensors such as "
-                          f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        family = z_image.FAMILY
+    elif blockwise.is_blockwise(state):
+        network, info = blockwise.load(state, path.name, dtype)
+        family = qwen_image.FAMILY
+    else:
+        keys = sorted(state)
+        raise CheckpointError(f"{path.name} is not a model patch Kiln runs: it reads alibaba-pai's Z-Image Fun "
+                              f"ControlNet Union ({fun.MARKER}) and DiffSynth's Qwen-Image blockwise ControlNets "
+                              f"({blockwise.MARKER}); the file holds {len(keys)} tensors such as "
+                              f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    return LoadedControlNet(family=family, network=network.eval().requires_grad_(False), info=info)
 
 
 @define_node(
@@ -88,7 +100,8 @@ def model_patch_loader(ctx, name: str):
             Input("vae", T.VAE, tooltip="The model's VAE, which encodes the control image"),
             Input("image", T.IMAGE, tooltip="The control image (e.g. Canny edges), 0..1 RGB"),
             Input("strength", T.FLOAT, default=1.0, min=-10.0, max=10.0, step=0.01),
-            Input("mask", T.MASK, optional=True, tooltip="Ignored for the Z-Image Fun ControlNet")],
+            Input("mask", T.MASK, optional=True,
+                  tooltip="What to repaint, for a DiffSynth inpainting patch; others ignore it")],
     outputs=[Output("MODEL", T.MODEL)],
 )
 def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strength: float, mask: Any = None):
@@ -100,13 +113,19 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
     if not isinstance(model_patch, ControlNetHandle):
         raise NodeError(f"model_patch must come from ModelPatchLoader, got {type(model_patch).__name__}",
                         "model_patch")
+    blockwise = model_patch.config.get("kind") == "diffsynth-blockwise"
     if model.family.controlnet_group != model_patch.family.controlnet_group:
-        raise NodeError(f"{model_patch.name} is a {model_patch.family.name} model patch (a Z-Image Fun ControlNet) "
-                        f"and the model is {model.family.name}: load a Z-Image model", "model")
+        what = "a DiffSynth blockwise ControlNet" if blockwise else "a Z-Image Fun ControlNet"
+        raise NodeError(f"{model_patch.name} is a {model_patch.family.name} model patch ({what}) and the model is "
+                        f"{model.family.name}: load a {model_patch.family.name} model", "model")
     hint = _hint(image)
-    if mask is not None:  # ComfyUI's Z-Image patch reads no mask from this node either
-        ctx.message(f"mask: {model_patch.name} is applied without it (Kiln reads no inpainting mask for a "
-                    "Z-Image Fun ControlNet)")
+    kept = None
+    if mask is not None and blockwise and model_patch.config.get("mask_channels"):
+        from nodes.masking import as_mask
+
+        kept = 1.0 - as_mask(mask, "mask").unsqueeze(1)  # [B, 1, H, W], 1 where the image is kept
+    elif mask is not None:  # as ComfyUI, a patch without a mask input ignores it
+        ctx.message(f"mask: {model_patch.name} reads no inpainting mask; it is applied without it")
     if float(strength) == 0.0:
         return (model,)
     if not hasattr(vae, "encode"):
@@ -115,6 +134,7 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
     if channels is not None and channels != wanted:
         raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {model_patch.name} reads the "
                         f"{model.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
-    link = ControlLink(model_patch, hint, float(strength), previous=model.patches.model_control,
-                       applied_by="QwenImageDiffsynthControlnet", vae=vae)
-    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, model_control=link)),)
+    field = "blockwise" if blockwise else "model_control"
+    link = ControlLink(model_patch, hint, float(strength), previous=getattr(model.patches, field),
+                       applied_by="QwenImageDiffsynthControlnet", vae=vae, mask=kept)
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, **{field: link})),)
