@@ -50,7 +50,7 @@ def patch_state(mask: bool = False) -> dict:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("qwen-blockwise")
+    root = tiny_qwen_image.make_models_folder(tmp_path_factory.mktemp("qwen-blockwise"))
     tiny_flux._save(root / "model_patches" / PATCH, patch_state())
     tiny_flux._save(root / "model_patches" / INPAINT, patch_state(True))
     return root
@@ -168,3 +168,54 @@ def test_a_blockwise_patch_on_z_image_is_refused_by_name(env):
         call(qwen_image_diffsynth_controlnet, env, model=test_z_image._model(), model_patch=patch,
              vae=test_qwen_image._vae(), image=control_image(), strength=1.0)
     assert err.value.input_name == "model" and PATCH in str(err.value) and "qwen_image model patch" in str(err.value)
+
+
+def test_comfyui_controlnet_patch_template_runs_and_equals_the_rule(env, root):
+    """ComfyUI's image_qwen_image_controlnet_patch template (editor format): LoadImage, ImageScaleToTotalPixels,
+    Canny, VAEEncode as the latent, ModelPatchLoader, QwenImageDiffsynthControlnet at strength 1,
+    ModelSamplingAuraFlow 3.1, KSampler euler/simple cfg 2.5 (the Lightning LoRA bypassed). On the tiny
+    split files it equals QwenImagePipeline at shift 3.1 with the restated hooks on the template's Canny
+    image; strength 0 gives another image."""
+    import importlib
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import save_file
+
+    from engine.executor import Executor
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+    from nodes.sample_image import draw_landscape
+
+    registry = default_registry()
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    doc = json.loads((folder / "image_qwen_image_controlnet_patch.json").read_text(encoding="utf-8"))
+    (root / "loras").mkdir(exist_ok=True)  # the bypassed LoRA must exist to validate; it never loads
+    save_file({}, str(root / "loras" / "Qwen-Image-Lightning-4steps-V1.0.safetensors"))
+    draw_landscape(96, 96).save(env.paths.input.root / "control.png")
+    base = {"71.image": "control.png", "75.megapixels": 0.01, "75.resolution_steps": 16,
+            "37.unet_name": "tiny-qwen_image.safetensors", "38.clip_name": "tiny-qwen_2.5_vl.safetensors",
+            "39.vae_name": "tiny-qwen_image_vae.safetensors", "70.name": PATCH, "3.seed": 9, "3.steps": STEPS,
+            "6.text": test_qwen_image.PROMPT, "7.text": test_qwen_image.NEGATIVE}
+
+    def run(**overrides):
+        wf = parse_document(doc, registry).with_overrides(dict(base, **overrides))
+        outcome = Executor(registry, env).run(wf)
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        return wf, outcome
+
+    wf, first = run()
+    assert wf.nodes["69"].inputs["strength"] == 1 and wf.nodes["3"].inputs["cfg"] == 2.5
+    ours, edges = first.results["8"][0], first.results["72"][0]
+    _, h, w, _ = ours.shape
+    assert h % 16 == 0 and w % 16 == 0 and edges.shape[1:3] == (h, w)
+    pipe = tiny_qwen_image.pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.1,
+                                                                 use_dynamic_shifting=False, shift_terminal=None)
+    with restated(patch_state(), 1.0, edges), torch.no_grad():
+        theirs = pipe(prompt=test_qwen_image.PROMPT, negative_prompt=test_qwen_image.NEGATIVE, height=h,
+                      width=w, num_inference_steps=STEPS, true_cfg_scale=2.5, output_type="pt",
+                      generator=torch.Generator().manual_seed(9)).images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    _, off = run(**{"69.strength": 0.0})
+    assert (ours - off.results["8"][0]).abs().max() > 0.02
