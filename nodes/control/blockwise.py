@@ -13,7 +13,8 @@ them; Kiln does what ComfyUI's ``QwenImageBlockWiseControlNet`` and ``DiffSynthC
 * After transformer block i, the image stream's first hint-length tokens get
   ``block_i(tokens, hint) * strength`` added, on every row (both sides of guidance) and every step.
 
-The hooks sit on the transformer's blocks while the sampling loop runs (:func:`applied`), as FreeU's do.
+The hooks sit on the transformer's blocks while the sampling loop runs (:func:`applied`), as FreeU's do;
+a compiled transformer runs eagerly meanwhile (dynamo does not guard on module hooks).
 """
 from __future__ import annotations
 
@@ -131,4 +132,6 @@ def applied(network: Any, chain: Any, family: Any, latent_shape: tuple) -> Itera
             tokens = hint_tokens(link, control, h, w, family.latent)
             for i, block in enumerate(blocks):
                 stack.callback(block.register_forward_hook(_hook(control, i, tokens, link.strength)).remove)
+        # a compiled transformer runs eagerly meanwhile: dynamo does not guard on module hooks (as GLIGEN's)
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
         yield

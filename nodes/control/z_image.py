@@ -92,7 +92,8 @@ def load(state: dict[str, Any], name: str, dtype: Any) -> tuple[Any, dict[str, A
         shapes = {k: v for k, v in shapes.items() if not k.startswith("control_noise_refiner.")}
     config = controlnet_config(shapes, name)
     network = _assign(_empty(ZImageControlNetModel, config), state, "Z-Image Fun ControlNet", dtype)
-    version = {None: "1.0", "control_noise_refiner": "2.1", "control_layers": "2.0"}[config["add_control_noise_refiner"]]
+    versions = {None: "1.0", "control_noise_refiner": "2.1", "control_layers": "2.0"}
+    version = versions[config["add_control_noise_refiner"]]
     return network, {"format": f"alibaba-pai Fun ControlNet Union {version}, {len(config['control_layers_places'])} "
                                f"blocks, {config['control_in_dim']}-channel hint"}
 
