@@ -161,6 +161,10 @@ class Family:
     #: length (ComfyUI's rule, nodes.families.conditioning.match_tokens). Not where text tokens have
     #: positions (Qwen-Image's rotary text positions): their prompts of other lengths are evaluated apart.
     repeats_text: bool = True
+    #: Whether this family's ControlNets read the positive prompt on both sides of guidance (Qwen-Image:
+    #: diffusers' pipeline calls its ControlNet once, with the prompt, and adds the samples to both passes);
+    #: otherwise each side's rows run it with their own prompt (ComfyUI's rule).
+    controlnet_reads_positive_prompt: bool = False
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 

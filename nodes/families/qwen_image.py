@@ -120,6 +120,11 @@ class QwenImage(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
+    #: InstantX's ControlNets (nodes.control.qwen_image) read the hint as VAE latents, and the prompt's
+    #: samples go to both sides of true CFG, as QwenImageControlNetPipeline adds them.
+    controlnet_latent_hint = True
+    controlnet_reads_positive_prompt = True
+    controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "in_channels")
 
     # -- detection ---------------------------------------------------------------------------
 
@@ -170,6 +175,18 @@ class QwenImage(Family):
         tokens = next(m for m in masks if m is not None).shape[-1]
         rows = [(torch.ones(1, tokens) if m is None else m.reshape(1, -1)).expand(batch, -1) for m in masks]
         return {"text_mask": torch.cat(rows).to(device=device, dtype=torch.long)}
+
+    def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
+                       model_config: Any) -> dict[str, list]:
+        """A Qwen-Image ControlNet's per-block samples (nodes.control.qwen_image)."""
+        from nodes.control import qwen_image as control
+
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent)
+
+    def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
+        from nodes.control import qwen_image as control
+
+        return control.inputs(totals)
 
     def conditioning_notes(self, conditionings: list) -> list[str]:
         return flux.guidance_ignored(conditionings, "Qwen-Image has no distilled guidance (its guidance is real "
