@@ -184,7 +184,8 @@ def _apply_both(node: str, positive, negative, control_net, image, strength: flo
             raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {control_net.name} reads the "
                             f"{control_net.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
     latent_vae = vae if control_net.family.controlnet_latent_hint else None
-    prompt = _first_prompt(positive) if control_net.family.controlnet_reads_positive_prompt else None
+    prompt = _first_prompt(positive) if control_net.family.controlnet_reads_positive_prompt(control_net.config) \
+        else None
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),

@@ -180,7 +180,7 @@ def test_both_sides_of_guidance_get_the_positive_prompts_samples(env, monkeypatc
 
     cn = load(env, UNION)
     ours = kiln(*apply(cn))
-    monkeypatch.setattr(qwen_image.QwenImage, "controlnet_reads_positive_prompt", False)
+    monkeypatch.setattr(qwen_image.QwenImage, "controlnet_reads_positive_prompt", lambda self, config: False)
     own = kiln(*apply(cn))
     gap = float((ours - own).abs().max())
     print(f"each side's own prompt: {gap * 255:.3f}/255 off")

@@ -144,7 +144,7 @@ def _prompt(link: ControlLink, family: Any, context: "torch.Tensor", kwargs: dic
             denoiser: Any) -> tuple["torch.Tensor", dict]:
     """The prompt rows a ControlNet reads: each row's own, or, for a family whose ControlNets read the
     positive prompt on both sides (Qwen-Image, as diffusers), the one the link was applied with."""
-    if not family.controlnet_reads_positive_prompt or link.prompt is None:
+    if link.prompt is None:  # set by the apply node where the family says so
         return context, kwargs
     embeds, extra = link.prompt
     rows = context.shape[0]

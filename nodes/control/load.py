@@ -18,8 +18,8 @@ adds that UNet's weights, as ComfyUI does. FLUX.1 ControlNets (diffusers' layout
 file or a folder whose config names FluxControlNetModel) are recognised by
 nodes/control/flux_load.py; SD3 ones (diffusers' SD3ControlNetModel) by nodes/control/sd3.py;
 SDXL union ones (xinsir's, diffusers' ControlNetUnionModel) by nodes/control/sdxl_union.py;
-Qwen-Image ones (InstantX's, diffusers' QwenImageControlNetModel) by nodes/control/qwen_image.py,
-before FLUX's, whose markers they share.
+Qwen-Image ones (InstantX's, diffusers' QwenImageControlNetModel, and alibaba-pai's Fun Union) by
+nodes/control/qwen_image.py, before FLUX's, whose markers InstantX's share.
 """
 from __future__ import annotations
 
@@ -144,6 +144,11 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     from diffusers.loaders import single_file_utils as sfu
 
     state = read_state_dict(path)
+    if qwen_control.is_fun_controlnet(state):
+        from nodes.control import qwen_fun
+
+        network, info = qwen_fun.load(state, path.name, dtype)
+        return LoadedControlNet(families.by_name("qwen_image"), network, info)
     if qwen_control.is_qwen_controlnet(state):
         network, info = qwen_control.load(state, path.name, dtype)
         return LoadedControlNet(families.by_name("qwen_image"), network, {**info, "format": "single file, "

@@ -18,8 +18,11 @@ As ``QwenImageControlNetPipeline`` runs it, and Kiln does:
   and its per-block outputs times the strength are added after the transformer's blocks, spread
   by the transformer's rule (output i serves ceil(N / n) consecutive blocks);
 * both sides of true CFG get the samples the ControlNet makes with the positive prompt (the
-  pipeline calls it once, with the prompt): :attr:`QwenImage.controlnet_reads_positive_prompt`.
+  pipeline calls it once, with the prompt): :meth:`QwenImage.controlnet_reads_positive_prompt`.
   ComfyUI runs it on each side with that side's prompt.
+
+alibaba-pai's Fun ControlNet Union for Qwen-Image-2512 (``control_img_in``, ``control_blocks``) is
+recognised here too and run by nodes/control/qwen_fun.py.
 """
 from __future__ import annotations
 
@@ -40,8 +43,23 @@ MARKERS = ("controlnet_blocks.0.weight", "transformer_blocks.0.img_mlp.net.0.pro
 CLASS_NAME = "QwenImageControlNetModel"
 
 
+#: alibaba-pai's Fun ControlNet Union (nodes/control/qwen_fun.py; ComfyUI's detection keys).
+FUN_MARKERS = ("control_img_in.weight", "control_blocks.0.after_proj.weight")
+#: The config entry that marks a Fun ControlNet.
+FUN = "kiln_qwen_fun"
+
+
 def is_qwen_controlnet(shapes: Any) -> bool:
     return all(k in shapes for k in MARKERS)
+
+
+def is_fun_controlnet(shapes: Any) -> bool:
+    return all(k in shapes for k in FUN_MARKERS)
+
+
+def is_fun(config: Any) -> bool:
+    """Whether a loaded Qwen-Image ControlNet's config is a Fun ControlNet's."""
+    return bool(config.get(FUN)) if hasattr(config, "get") else False
 
 
 def controlnet_config(shapes: dict[str, tuple], name: str) -> dict[str, Any]:
@@ -92,13 +110,18 @@ def hint_tokens(link: Any, rows: int, h: int, w: int, latent: Any, device: Any, 
 
 
 def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
-        model_config: Any, latent: Any) -> dict[str, list]:
-    """One Qwen-Image ControlNet's block samples for rows ``x`` [B, 16, h, w], spread over the model's
-    blocks, float32."""
+        model_config: Any, latent: Any, model: Any = None) -> dict[str, list]:
+    """One Qwen-Image ControlNet's block samples for rows ``x`` [B, 16, h, w], one per model block,
+    float32 (a Fun ControlNet's by nodes/control/qwen_fun.py, with the model's layers)."""
     import torch
 
     from nodes.control.flux import spread
     from nodes.families.flux import pack
+
+    if is_fun(link.net.config):
+        from nodes.control import qwen_fun
+
+        return {SAMPLES: qwen_fun.run(network, link, x, t, context, model_config, latent, model)}
 
     b, _, h, w = x.shape
     dtype, device = network.dtype, x.device

@@ -161,10 +161,6 @@ class Family:
     #: length (ComfyUI's rule, nodes.families.conditioning.match_tokens). Not where text tokens have
     #: positions (Qwen-Image's rotary text positions): their prompts of other lengths are evaluated apart.
     repeats_text: bool = True
-    #: Whether this family's ControlNets read the positive prompt on both sides of guidance (Qwen-Image:
-    #: diffusers' pipeline calls its ControlNet once, with the prompt, and adds the samples to both passes);
-    #: otherwise each side's rows run it with their own prompt (ComfyUI's rule).
-    controlnet_reads_positive_prompt: bool = False
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 
@@ -304,6 +300,12 @@ class Family:
         from nodes.control import unet
 
         return unet.run(network, link, x, t, context, kwargs)
+
+    def controlnet_reads_positive_prompt(self, config: Any) -> bool:
+        """Whether the ControlNet of this ``config`` reads the positive prompt on both sides of guidance
+        (Qwen-Image's InstantX ones: diffusers' pipeline calls them once, with the prompt, and adds the
+        samples to both passes); otherwise each side's rows run it with their own prompt (ComfyUI's rule)."""
+        return False
 
     def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
         """The network keywords from the summed residuals of every ControlNet in range."""

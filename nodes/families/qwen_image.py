@@ -120,10 +120,10 @@ class QwenImage(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
-    #: InstantX's ControlNets (nodes.control.qwen_image) read the hint as VAE latents, and the prompt's
-    #: samples go to both sides of true CFG, as QwenImageControlNetPipeline adds them.
+    #: Its ControlNets (nodes.control.qwen_image) read the hint as VAE latents; the Fun ones run on the
+    #: transformer's own embedders.
     controlnet_latent_hint = True
-    controlnet_reads_positive_prompt = True
+    controlnet_borrows_layers = True
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "in_channels")
 
     # -- detection ---------------------------------------------------------------------------
@@ -177,11 +177,18 @@ class QwenImage(Family):
         return {"text_mask": torch.cat(rows).to(device=device, dtype=torch.long)}
 
     def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
-                       model_config: Any) -> dict[str, list]:
+                       model_config: Any, model: Any = None) -> dict[str, list]:
         """A Qwen-Image ControlNet's per-block samples (nodes.control.qwen_image)."""
         from nodes.control import qwen_image as control
 
-        return control.run(network, link, x, t, context, kwargs, model_config, self.latent)
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent, model)
+
+    def controlnet_reads_positive_prompt(self, config: Any) -> bool:
+        """InstantX's do (QwenImageControlNetPipeline adds the prompt's samples to both passes); the
+        Fun ones run on each side's own prompt."""
+        from nodes.control import qwen_image as control
+
+        return not control.is_fun(config)
 
     def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
         from nodes.control import qwen_image as control
