@@ -126,12 +126,13 @@ def run(network: QwenFunControlNet, link: Any, x: torch.Tensor, t: Any, context:
     blocks' places, zeros elsewhere."""
     from nodes.families.base import ConditioningError
     from nodes.families.flux import pack
+    from nodes.runtime.fp8 import compute_dtype
 
     if model is None or getattr(model, "img_in", None) is None:
         raise ConditioningError(f"the Qwen-Image Fun ControlNet {link.net.name!r} runs on the model's own "
                                 "layers, and this model has none", "positive")
     b, _, h, w = x.shape
-    dtype, device = model.dtype, x.device
+    dtype, device = compute_dtype(model), x.device  # an fp8-held model computes in its compute dtype
     time = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(b) / 1000.0
     hint = hint_tokens(link, b, h, w, latent, network.config["in_features"], device, network.dtype)
     got = network.samples(model, pack(x).to(dtype), hint, context.to(dtype), time.to(dtype),
