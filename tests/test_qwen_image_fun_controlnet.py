@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,10 +79,10 @@ def apply(env, strength: float = 1.0, image=None):
                 end_percent=1.0, vae=_vae())
 
 
-def hint_tokens() -> torch.Tensor:
+def hint_tokens(image: torch.Tensor) -> torch.Tensor:
     """The restated hint: the VAE's mean latent, normalised, 17 zero channels, 2x2 patches channel-major."""
     vae = tiny_qwen_image.components()["vae"]
-    pixels = (hint_image().movedim(-1, 1) * 2 - 1)[:, :, None]
+    pixels = (image.movedim(-1, 1) * 2 - 1)[:, :, None]
     with torch.no_grad():
         raw = vae.encode(pixels).latent_dist.mode()[:, :, 0]
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
@@ -91,9 +92,14 @@ def hint_tokens() -> torch.Tensor:
     return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def reference(monkeypatch, strength: float) -> torch.Tensor:
+def reference(monkeypatch, strength: float, image: torch.Tensor | None = None, prompt: str = PROMPT,
+              negative: str = NEGATIVE, size: int = SIZE, steps: int = STEPS, cfg: float = CFG, seed: int = SEED,
+              shift: float | None = None) -> torch.Tensor:
+    """QwenImagePipeline with the restated Fun ControlNet; ``shift``: a fixed shift (ModelSamplingAuraFlow)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     transformer = tiny_qwen_image.components()["transformer"]
-    mods, hint, plain = fun_modules(), hint_tokens(), transformer.forward
+    mods, hint, plain = fun_modules(), hint_tokens(hint_image() if image is None else image), transformer.forward
 
     def forward(hidden_states, encoder_hidden_states=None, timestep=None, img_shapes=None, **kw):
         hidden = transformer.img_in(hidden_states)
@@ -110,10 +116,13 @@ def reference(monkeypatch, strength: float) -> torch.Tensor:
                      img_shapes=img_shapes, controlnet_block_samples=samples, **kw)
 
     monkeypatch.setattr(transformer, "forward", forward)
+    pipe = tiny_qwen_image.pipeline()
+    if shift is not None:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift,
+                                                                     use_dynamic_shifting=False, shift_terminal=None)
     with torch.no_grad():
-        out = tiny_qwen_image.pipeline()(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
-                                         num_inference_steps=STEPS, true_cfg_scale=CFG, output_type="pt",
-                                         generator=torch.Generator().manual_seed(SEED)).images
+        out = pipe(prompt=prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,
+                   true_cfg_scale=cfg, output_type="pt", generator=torch.Generator().manual_seed(seed)).images
     return out.permute(0, 2, 3, 1)
 
 
@@ -146,3 +155,66 @@ def test_strength_zero_is_no_controlnet_and_each_side_reads_its_own_prompt(env):
     positive, negative = apply(env)
     assert positive[0][1]["control"].prompt is None  # not the InstantX rule
     assert not qwen_image.FAMILY.controlnet_reads_positive_prompt(positive[0][1]["control"].net.config)
+
+
+# -- ComfyUI's image_qwen_Image_2512_controlnet.json ------------------------------------------------
+
+def test_comfyui_2512_controlnet_template_equals_the_restated_rule(tmp_path, monkeypatch):
+    """The template from its editor file on the tiny split files and the tiny Fun ControlNet under the
+    template's file name (only file names, sizes, steps and seed overridden; its Lightning switch stays
+    off): LoadImage, ResizeImageMaskNode to a total pixel count, Canny, ControlNetApplyAdvanced,
+    ModelSamplingAuraFlow 3.1, KSampler euler/simple cfg 4. Fed the template's own Canny hint, the
+    restated rule at shift 3.1 gives the same image."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from engine.executor import Executor
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+    from test_qwen_image_controlnet import photo
+    from test_qwen_image_loading import SPLIT, _of_type
+
+    registry = default_registry()
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    wf = parse_document(json.loads((folder / "image_qwen_Image_2512_controlnet.json").read_text(encoding="utf-8")),
+                        registry)
+    models = tiny_qwen_image.make_models_folder(tmp_path / "models")
+    (models / "controlnet").mkdir()
+    (models / "loras").mkdir()
+    (loader,), (lora,) = _of_type(wf, "ControlNetLoader"), _of_type(wf, "LoraLoaderModelOnly")
+    save_file(fun_state(), str(models / "controlnet" / loader.inputs["control_net_name"]))
+    save_file({}, str(models / "loras" / lora.inputs["lora_name"]))  # switched off: must exist, never loads
+    env = next(environment_over(models, tmp_path))
+    picture = np.clip(np.rint((photo()[0] * 0.5 + hint_image()[0] * 0.5).numpy() * 255), 0, 255).astype(np.uint8)
+    env.paths.input.root.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(env.paths.input.root / "tiny-shot.png")
+    (unet,), (clip,), (vae,), (load,) = (_of_type(wf, t) for t in ("UNETLoader", "CLIPLoader", "VAELoader",
+                                                                  "LoadImage"))
+    (resize,), (sampler,), (shift,) = (_of_type(wf, t) for t in ("ResizeImageMaskNode", "KSampler",
+                                                                  "ModelSamplingAuraFlow"))
+    assert round(float(shift.inputs["shift"]), 4) == 3.1 and sampler.inputs["scheduler"] == "simple"
+    unet.inputs["unet_name"], clip.inputs["clip_name"], vae.inputs["vae_name"] = SPLIT["unet"], SPLIT["clip"], \
+        SPLIT["vae"]
+    load.inputs["image"] = "tiny-shot.png"
+    resize.inputs["resize_type.megapixels"] = 112 * 112 / (1024 * 1024)  # 64x64 -> 112x112
+    steps = next(n for n in _of_type(wf, "PrimitiveInt") if n.inputs["value"] == 50)  # the switch's "off" side
+    steps.inputs["value"] = STEPS
+    sampler.inputs["seed"] = SEED
+    cfg = next(float(n.inputs["value"]) for n in _of_type(wf, "PrimitiveFloat") if float(n.inputs["value"]) != 1.0)
+    outcome = Executor(registry, env).run(wf)
+    env.models.unload_all()
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    (canny,), (save,) = _of_type(wf, "Canny"), _of_type(wf, "SaveImage")
+    hint = outcome.results[canny.id][0]
+    ours = outcome.results[save.inputs["images"].node_id][0]
+    assert ours.shape == (1, 112, 112, 3) and hint.shape == (1, 112, 112, 3) and float(hint.max()) == 1.0
+    apply_node = next(iter(_of_type(wf, "ControlNetApplyAdvanced")))
+    pos, neg = (wf.nodes[apply_node.inputs[k].node_id].inputs["text"] for k in ("positive", "negative"))
+    theirs = reference(monkeypatch, 1.0, image=hint, prompt=pos, negative=neg, size=112, cfg=cfg, shift=3.1)
+    gap = float((ours - theirs).abs().max())
+    print(f"2512 ControlNet template gap {gap * 255:.4f}/255")
+    assert gap <= PIXEL_TOL
