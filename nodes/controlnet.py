@@ -199,6 +199,8 @@ def _apply_both(node: str, positive, negative, control_net, image, strength: flo
 def _first_prompt(positive: Any) -> tuple | None:
     """(embeds, extra) of the positive's first entry: what a ControlNet reading the positive prompt on
     both sides of guidance reads (several positive entries: the first, as a pipeline has one prompt)."""
+    if isinstance(positive, (list, tuple)) and not positive:
+        return None  # nothing to read; the rows then read their own prompts
     try:
         embeds, extra = positive[0][0], dict(positive[0][1] or {})
     except (TypeError, IndexError, KeyError):

@@ -94,7 +94,6 @@ def _run(registry, env, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
 def _prompts(registry) -> tuple[str, str]:
     folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
     wf = parse_document(json.loads((folder / TEMPLATE).read_text(encoding="utf-8")), registry)
-    (sampler,) = _of_type(wf, "KSampler")
     (apply,) = _of_type(wf, "ControlNetInpaintingAliMamaApply")
     pos, neg = (wf.nodes[apply.inputs[k].node_id].inputs["text"] for k in ("positive", "negative"))
     return pos, neg
