@@ -13,8 +13,8 @@ sigma rule, not diffusers' step fractions). How residuals reach the network is
 nodes/control/apply.py. FLUX.1, SD3 and Qwen-Image ControlNets read the hint as latents, so the
 apply node needs its ``vae`` input for them (ControlNetApplySD3, ComfyUI's older node for SD3,
 requires it); ControlNetInpaintingAliMamaApply gives an inpainting ControlNet (AliMama's SD3 and
-FLUX.1 ones, InstantX's Qwen-Image one) the image to repaint and its mask (nodes/control/inpaint.py); SetUnionControlNetType
-picks a union ControlNet's control type (FLUX's and SDXL's unions).
+FLUX.1 ones, InstantX's Qwen-Image one) the image to repaint and its mask (nodes/control/inpaint.py);
+SetUnionControlNetType picks a union ControlNet's control type (FLUX's and SDXL's unions).
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ from nodes.sampling import ksampler
 from test_qwen_image import NEGATIVE, PIXEL_TOL, PROMPT, SIZE, Recorder, _clip, _model, _vae
 
 STEPS, CFG, SEED = 4, 4.0, 5
-UNION, INPAINT, FOLDER = "tiny-qwen-cn-union.safetensors", "tiny-qwen-cn-inpainting.safetensors", "tiny-qwen-cn-diffusers"
+UNION, INPAINT = "tiny-qwen-cn-union.safetensors", "tiny-qwen-cn-inpainting.safetensors"
+FOLDER = "tiny-qwen-cn-diffusers"
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,10 +37,10 @@ def tiny_controlnet(inpainting: bool = False, seed: int = 3):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = QwenImageControlNetModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
-                                       attention_head_dim=tiny_qwen_image.HEAD_DIM,
-                                       num_attention_heads=tiny_qwen_image.HEADS, joint_attention_dim=tiny_qwen_image.TEXT,
-                                       axes_dims_rope=tiny_qwen_image.AXES, extra_condition_channels=4 if inpainting else 0)
+        net = QwenImageControlNetModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=tiny_qwen_image.HEAD_DIM,
+            num_attention_heads=tiny_qwen_image.HEADS, joint_attention_dim=tiny_qwen_image.TEXT,
+            axes_dims_rope=tiny_qwen_image.AXES, extra_condition_channels=4 if inpainting else 0)
         with torch.no_grad():
             for name, p in net.named_parameters():
                 zeroed = name.startswith(("controlnet_blocks", "controlnet_x_embedder"))
@@ -132,8 +133,8 @@ def reference(monkeypatch, scale: float, inpainting: bool = False) -> torch.Tens
         if inpainting else {"control_image": hint_image().movedim(-1, 1) * 2 - 1}
     with torch.no_grad():
         out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                   true_cfg_scale=CFG, controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(SEED),
-                   output_type="pt", **control).images
+                   true_cfg_scale=CFG, controlnet_conditioning_scale=scale,
+                   generator=torch.Generator().manual_seed(SEED), output_type="pt", **control).images
     return out.permute(0, 2, 3, 1)
 
 

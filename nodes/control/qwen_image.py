@@ -127,8 +127,9 @@ def run(network: Any, link: Any, x: "torch.Tensor", t: Any, context: "torch.Tens
     dtype, device = network.dtype, x.device
     time = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(b) / 1000.0
     mask = kwargs.get("text_mask")
-    samples = network(hidden_states=pack(x).to(dtype), controlnet_cond=hint_tokens(link, b, h, w, latent, device, dtype),
-                      conditioning_scale=float(link.strength), encoder_hidden_states=context.to(dtype),
+    hint = hint_tokens(link, b, h, w, latent, device, dtype)
+    samples = network(hidden_states=pack(x).to(dtype), controlnet_cond=hint, conditioning_scale=float(link.strength),
+                      encoder_hidden_states=context.to(dtype),
                       encoder_hidden_states_mask=None if mask is None else mask.to(device),
                       timestep=time.to(dtype), img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)
     return {SAMPLES: [s.to(torch.float32) for s in spread(samples or [], int(model_config["num_layers"]))]}
