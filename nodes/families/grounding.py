@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
+from nodes.runtime.compiled import eager_while_hooked
 
 if TYPE_CHECKING:
     import torch
@@ -183,7 +184,7 @@ def applied(denoiser: Any, x: "torch.Tensor", extras: list[dict]) -> Iterator[No
         # a compiled UNet (compiled mode, nodes.runtime.compiled) runs this call eagerly: dynamo does not
         # guard on module hooks (skip_nnmodule_hook_guards), so a graph traced without the fusers would
         # ignore them and one traced with them would fuse later plain calls (tests/test_gligen.py)
-        with _hooked(blocks, jobs), torch.compiler.set_stance("force_eager"):
+        with _hooked(blocks, jobs), eager_while_hooked():
             yield
 
 
