@@ -136,6 +136,23 @@ def test_with_cfg_and_a_negative_prompt_equals_the_pipeline(env):
     assert (ours - kiln(env, cfg=3.0, strength=1.0, seed=7, patched=False)).abs().max() > 0.02
 
 
+def test_two_patches_stack_by_adding_their_samples(env):
+    """Applied twice, the patch's samples add up: the same image at 0.375 twice is the image at 0.75
+    (the samples are linear in the strength)."""
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-z-image.safetensors")
+    (patch,) = call(model_patch_loader, env, name=PATCH)
+    for _ in range(2):
+        (model,) = call(qwen_image_diffsynth_controlnet, env, model=model, model_patch=patch, vae=vae(), image=hint(),
+                        strength=0.375)
+    clip = test_z_image._clip()
+    (out,) = call(ksampler, env, model=model, seed=5, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
+                  positive=clip.encode(PROMPT), negative=clip.encode(""),
+                  latent_image={"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}, denoise=1.0)
+    stacked = tiny_models.decode(tiny_z_image.components()["vae"], out["samples"])
+    assert (stacked - kiln(env)).abs().max() <= PIXEL_TOL
+    assert (stacked - kiln(env, strength=0.375)).abs().max() > 0.02
+
+
 def test_strength_0_is_the_model_unchanged_bit_for_bit(env):
     (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-z-image.safetensors")
     (patch,) = call(model_patch_loader, env, name=PATCH)
