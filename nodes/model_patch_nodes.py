@@ -101,7 +101,8 @@ def model_patch_loader(ctx, name: str):
             Input("image", T.IMAGE, tooltip="The control image (e.g. Canny edges), 0..1 RGB"),
             Input("strength", T.FLOAT, default=1.0, min=-10.0, max=10.0, step=0.01),
             Input("mask", T.MASK, optional=True,
-                  tooltip="What to repaint, for a DiffSynth inpainting patch; others ignore it")],
+                  tooltip="What to repaint (1), for an inpainting patch (DiffSynth's inpaint, Z-Image Fun 2.x); "
+                          "others ignore it")],
     outputs=[Output("MODEL", T.MODEL)],
 )
 def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strength: float, mask: Any = None):
@@ -120,10 +121,14 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
                         f"{model.family.name}: load a {model_patch.family.name} model", "model")
     hint = _hint(image)
     kept = None
-    if mask is not None and blockwise and model_patch.config.get("mask_channels"):
+    inpaints = model_patch.config.get("mask_channels") if blockwise else \
+        int(model_patch.config.get("control_in_dim") or 0) > model.family.latent.channels
+    if mask is not None and inpaints:
         from nodes.masking import as_mask
 
-        kept = 1.0 - as_mask(mask, "mask").unsqueeze(1)  # [B, 1, H, W], 1 where the image is kept
+        kept = as_mask(mask, "mask").unsqueeze(1)  # [B, 1, H, W]
+        # 1 where the image is kept: DiffSynth's soft (1 - mask), the Z-Image pipeline's binarised one
+        kept = 1.0 - kept if blockwise else (kept < 0.5).to(kept.dtype)
     elif mask is not None:  # as ComfyUI, a patch without a mask input ignores it
         ctx.message(f"mask: {model_patch.name} reads no inpainting mask; it is applied without it")
     if float(strength) == 0.0:

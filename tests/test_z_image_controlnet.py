@@ -86,12 +86,12 @@ def vae() -> VaeHandle:
 
 
 def kiln(env, strength: float = 0.75, image: torch.Tensor | None = None, cfg: float = 1.0, seed: int = 5,
-         steps: int = 4, patched: bool = True, name: str = PATCH) -> torch.Tensor:
+         steps: int = 4, patched: bool = True, name: str = PATCH, mask: torch.Tensor | None = None) -> torch.Tensor:
     (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-z-image.safetensors")
     if patched:
         (patch,) = call(model_patch_loader, env, name=name)
         (model,) = call(qwen_image_diffsynth_controlnet, env, model=model, model_patch=patch, vae=vae(),
-                        image=hint() if image is None else image, strength=strength)
+                        image=hint() if image is None else image, strength=strength, mask=mask)
     clip = test_z_image._clip()
     (out,) = call(ksampler, env, model=model, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
                   scheduler="simple", positive=clip.encode(PROMPT), negative=clip.encode(NEGATIVE if cfg != 1 else ""),
@@ -127,6 +127,32 @@ def test_the_2_1_layout_equals_the_pipeline(env):
     ours = kiln(env, name=PATCH_21)
     assert (ours - diffusers(version="2.1")).abs().max() <= PIXEL_TOL
     assert (ours - kiln(env, name=PATCH_21, strength=0.3)).abs().max() > 0.02
+
+
+def hole() -> torch.Tensor:
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, 8:40, 20:52] = 1.0
+    return mask
+
+
+def test_the_2_1_layout_with_a_mask_equals_the_inpaint_pipeline(env):
+    """QwenImageDiffsynthControlnet's mask on a 2.x file: the kept mask and a grey image's latent after the
+    control latent (the node has no image to repaint: ComfyUI's grey), as ZImageControlNetInpaintPipeline
+    builds it given that grey image and the mask."""
+    from diffusers import ZImageControlNetInpaintPipeline
+
+    ours = kiln(env, name=PATCH_21, mask=hole())
+    pipe = ZImageControlNetInpaintPipeline(**dict(tiny_z_image.components()),
+                                           controlnet=copy.deepcopy(controlnet("2.1")))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPT, height=SIZE, width=SIZE, image=torch.zeros(1, 3, SIZE, SIZE),
+                      mask_image=hole()[:, None], control_image=hint().permute(0, 3, 1, 2) * 2 - 1,
+                      controlnet_conditioning_scale=0.75, num_inference_steps=4, guidance_scale=0.0,
+                      generator=torch.Generator().manual_seed(5), output_type="pt").images.permute(0, 2, 3, 1)
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    assert (ours - kiln(env, name=PATCH_21)).abs().max() > 0.01  # the mask is read
+    assert torch.equal(kiln(env, mask=hole()), kiln(env))  # the 1.0 file has no mask input: ignored
 
 
 def test_with_cfg_and_a_negative_prompt_equals_the_pipeline(env):

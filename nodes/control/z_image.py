@@ -20,7 +20,8 @@ refiner: diffusers adds its refiner hints to the ControlNet's own copy of the re
 Kiln runs diffusers' model as is; ComfyUI's port differs in two ways (its blocks attend over the
 image tokens alone, without the caption, and it adds the refiner hints to the transformer's own
 refined latent), so the same file gives other images there.
-Its hint is 33 channels: the control latent, then zeros, as ZImageControlNetPipeline fills it.
+Its hint is 33 channels: the control latent, then zeros (ZImageControlNetPipeline's fill) or, with a
+mask, the kept mask and a masked image's latent (ZImageControlNetInpaintPipeline's, :func:`hint_latents`).
 """
 from __future__ import annotations
 
@@ -105,8 +106,11 @@ def places(blocks: int, layers: int) -> list[int]:
 
 
 def hint_latents(link: Any, rows: int, h: int, w: int, latent: Any, channels: int) -> "torch.Tensor":
-    """The control context [rows, channels, 1, h, w]: the control image's model-space latent, zeros after it
-    for a ControlNet that reads more channels (ZImageControlNetPipeline's rule for the 2.x files)."""
+    """The control context [rows, channels, 1, h, w]: the control image's model-space latent, then for the
+    2.x files (33 channels) either zeros (no mask: ZImageControlNetPipeline's rule) or, given the apply
+    node's mask, the kept mask (nearest at the latent's size) and the latent of the image to repaint with
+    its masked pixels grey, as ZImageControlNetInpaintPipeline builds it; QwenImageDiffsynthControlnet has
+    no image to repaint, so that image is all grey (ComfyUI's rule for the node)."""
     import torch
 
     from nodes.control.apply import latent_hint, to_rows
@@ -114,9 +118,17 @@ def hint_latents(link: Any, rows: int, h: int, w: int, latent: Any, channels: in
     key = ("z-image", h, w, channels)
     if key not in link.cache:
         control = latent_hint(link, h, w, latent.to_model, "Z-Image")
-        if channels > control.shape[1]:
-            control = torch.cat([control, control.new_zeros(control.shape[0], channels - control.shape[1], h, w)], 1)
-        link.cache[key] = control.unsqueeze(2)
+        parts = [control]
+        if channels > control.shape[1] and link.mask is not None:
+            kept = torch.nn.functional.interpolate(link.mask.to(torch.float32), size=(h, w), mode="nearest")
+            # channels-first underneath, as the pipeline's: a constant image is where the VAE's group norms
+            # amplify rounding most, so it goes through the same convolution layout
+            grey = latent.to_model(link.vae.encode(torch.full((1, 3, h * 8, w * 8), 0.5).movedim(1, -1)))
+            parts += [to_rows(kept, control.shape[0]), grey.expand(control.shape[0], -1, -1, -1)]
+        have = sum(p.shape[1] for p in parts)
+        if channels > have:
+            parts.append(control.new_zeros(control.shape[0], channels - have, h, w))
+        link.cache[key] = torch.cat(parts, 1)[:, :channels].unsqueeze(2)
     return to_rows(link.cache[key], rows)
 
 
