@@ -222,7 +222,8 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
     return family.controlnet_inputs({k: [r.to(denoiser.dtype) for r in v] for k, v in totals.items()})
 
 
-__all__ = ["ControlNetHandle", "ControlLink", "residuals", "mismatch", "hint_for", "share_with_uncond"]
+__all__ = ["ControlNetHandle", "ControlLink", "residuals", "mismatch", "hint_for", "share_with_uncond",
+           "with_model_control"]
 
 
 def share_with_uncond(positive: list, negative: list) -> None:
@@ -235,3 +236,22 @@ def share_with_uncond(positive: list, negative: list) -> None:
     for entry in negative:
         if entry.extra.get("control") is None:
             entry.extra["control"] = source
+
+
+def with_model_control(entries: list, control: "ControlLink | None") -> None:
+    """A model-level ControlNet chain (ComfyUI's model patches: QwenImageDiffsynthControlnet) acts on every
+    call, whatever the conditioning: it is stacked over each entry's own chain, one copy per distinct chain
+    (sharing the model links' encoded hints), so rows that shared a chain still share one ControlNet call."""
+    if control is None:
+        return
+    import dataclasses
+
+    stacked: dict[int, ControlLink] = {}
+    for entry in entries:
+        own = entry.extra.get("control")
+        if id(own) not in stacked:
+            top = own
+            for link in control.chain():
+                top = dataclasses.replace(link, previous=top, cache=link.cache) if own is not None else link
+            stacked[id(own)] = top
+        entry.extra["control"] = stacked[id(own)]

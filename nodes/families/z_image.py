@@ -51,9 +51,11 @@ class ZImageNetwork(WrappedTransformer):
         return int(self.transformer.config.cap_feat_dim)
 
     def __call__(self, x: Any, t: Any, encoder_hidden_states: Any, return_dict: bool = False,
-                 text_tokens: "list[int] | None" = None, **kwargs: Any) -> tuple:
+                 text_tokens: "list[int] | None" = None, controlnet_block_samples: "dict | None" = None,
+                 **kwargs: Any) -> tuple:
         """``text_tokens``: each row's prompt length (the first that many tokens of its context); None:
-        every row's whole context."""
+        every row's whole context. ``controlnet_block_samples``: a Fun ControlNet's samples by the main
+        layer they follow (nodes.control.z_image)."""
         import torch
 
         b, _, h, w = x.shape
@@ -65,11 +67,15 @@ class ZImageNetwork(WrappedTransformer):
                                     f"transformer reads {self.text_width} (encode the prompt with Qwen3-4B: "
                                     "CLIPLoader type lumina2)", "positive")
         sigma = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
-        lengths = text_tokens or [None] * b
         latents = list(x.unsqueeze(2).unbind(0))
-        captions = [own_tokens(encoder_hidden_states[i], n) for i, n in enumerate(lengths)]
-        out = self.transformer(latents, 1.0 - sigma, captions, return_dict=False)[0]
+        out = self.transformer(latents, 1.0 - sigma, captions(encoder_hidden_states, text_tokens), return_dict=False,
+                               controlnet_block_samples=controlnet_block_samples)[0]
         return (-torch.stack(out).squeeze(2),)
+
+
+def captions(context: Any, text_tokens: "list[int] | None") -> list:
+    """Each row's caption tokens (see :func:`own_tokens`): what the transformer and its ControlNet read."""
+    return [own_tokens(context[i], n) for i, n in enumerate(text_tokens or [None] * context.shape[0])]
 
 
 def own_tokens(row: Any, count: "int | None") -> Any:
@@ -92,6 +98,10 @@ class ZImage(Family):
     clip_types = ("lumina2",)
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
+    # Fun ControlNets (nodes.control.z_image): latent hints, the transformer's embedders and refiners
+    controlnet_latent_hint = True
+    controlnet_borrows_layers = True
+    controlnet_shared_config = ("dim", "n_heads", "n_kv_heads")
 
     # -- detection -------------------------------------------------------------------------
 
@@ -133,6 +143,18 @@ class ZImage(Family):
         from nodes.checkpoint.z_image_keys import lora_modules
 
         return lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
+
+    def run_controlnet(self, network: Any, link: Any, x: Any, t: Any, context: Any, kwargs: dict,
+                       model_config: Any, model: Any = None) -> dict[str, list]:
+        """A Fun ControlNet's samples (nodes.control.z_image); ``model``: the transformer it borrows from."""
+        from nodes.control import z_image as control
+
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent, model)
+
+    def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
+        from nodes.control import z_image as control
+
+        return control.inputs(totals)
 
     def original_names(self, network: Any) -> dict[str, str]:
         from nodes.checkpoint.z_image_keys import original_names
