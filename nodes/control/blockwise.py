@@ -25,6 +25,7 @@ import torch
 
 from nodes.checkpoint.load import CheckpointError
 from nodes.families.base import ConditioningError
+from nodes.runtime.compiled import eager_while_hooked
 
 MARKER = "controlnet_blocks.0.y_rms.weight"
 #: The hint's packed width without a mask: 16 latent channels x 2x2.
@@ -132,6 +133,5 @@ def applied(network: Any, chain: Any, family: Any, latent_shape: tuple) -> Itera
             tokens = hint_tokens(link, control, h, w, family.latent)
             for i, block in enumerate(blocks):
                 stack.callback(block.register_forward_hook(_hook(control, i, tokens, link.strength)).remove)
-        # a compiled transformer runs eagerly meanwhile: dynamo does not guard on module hooks (as GLIGEN's)
-        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(eager_while_hooked())
         yield
