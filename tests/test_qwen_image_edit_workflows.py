@@ -1,0 +1,120 @@
+"""Qwen-Image-Edit graphs from files: Kiln's workflows/qwen-image-edit.json against
+QwenImageEditPlusPipeline, ComfyUI's image_qwen_image_edit_2509.json template through the
+editor-format converter, and the error for a text encoder without its vision tower (tiny split
+files as tests/test_qwen_image_edit.py writes them)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_qwen_image
+import tiny_qwen_image_edit
+from engine.executor import Executor
+from engine.registry import default_registry
+from node_call import call, environment_over
+from nodes.families import flux_references
+from test_qwen_image_edit import FILES, save_split_files
+
+PROMPT = "make it look like winter"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return save_split_files(tmp_path_factory.mktemp("qwen-edit-wf-models"))
+
+
+@pytest.fixture()
+def env(root, tmp_path):
+    yield from environment_over(root, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return default_registry()
+
+
+def test_edit_workflow_equals_qwen_image_edit_plus_pipeline(registry, env):
+    from engine.workflow import load
+
+    picture = tiny_qwen_image_edit.picture(3, 144, 96)
+    picture.save(env.paths.input.root / "edit.png")
+    wf = load(Path(__file__).resolve().parent.parent / "workflows" / "qwen-image-edit.json").with_overrides(
+        dict(diffusion_model=FILES["unet"], text_encoder=FILES["clip"], vae=FILES["vae"], prompt=PROMPT,
+             negative_prompt="", image="edit.png", width=SIZE, height=SIZE, steps=2, seed=9, cfg=4.0))
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    ours = outcome.results["9"][0].numpy()
+    with torch.no_grad():
+        theirs = tiny_qwen_image_edit.pipeline(plus=True)(
+            image=[picture], prompt=PROMPT, negative_prompt="", height=SIZE, width=SIZE, num_inference_steps=2,
+            true_cfg_scale=4.0, output_type="np", generator=torch.Generator().manual_seed(9)).images
+    gap = float(np.abs(ours - theirs).max())
+    print(f"workflow gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255
+
+
+def test_comfyui_edit_2509_template_runs(registry, env, root):
+    """ComfyUI's image_qwen_image_edit_2509.json (a subgraph; FluxKontextImageScale, VAEEncode,
+    TextEncodeQwenImageEditPlus twice, CFGNorm, ModelSamplingAuraFlow, the Lightning LoRA switched
+    off) runs on the tiny files. ComfyUI samples it with plain CFG and CFGNorm, not diffusers' rule,
+    so it is checked for running and for its picture mattering, not against the pipeline."""
+    import importlib
+
+    from PIL import ImageOps
+    from safetensors.torch import save_file
+
+    from engine.formats import parse_document
+
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    document = json.loads((folder / "image_qwen_image_edit_2509.json").read_text(encoding="utf-8"))
+    outs = []
+    for inverted in (0, 1):
+        wf = parse_document(document, registry)
+        of = lambda t: [n for n in wf.nodes.values() if n.type == t]  # noqa: E731
+        (unet,), (clip,), (vae,), (lora,) = (of(t) for t in ("UNETLoader", "CLIPLoader", "VAELoader",
+                                                              "LoraLoaderModelOnly"))
+        (load,), (sampler,), (lightning,) = of("LoadImage"), of("KSampler"), of("PrimitiveBoolean")
+        lightning.inputs["value"] = False  # the switches' choice: the template's 20-step path, no LoRA
+        assert len(of("TextEncodeQwenImageEditPlus")) == 2
+        (root / "loras").mkdir(exist_ok=True)  # the switched-off LoRA must exist to validate; it never loads
+        save_file({}, str(root / "loras" / lora.inputs["lora_name"]))
+        unet.inputs["unet_name"], clip.inputs["clip_name"], vae.inputs["vae_name"] = \
+            FILES["unet"], FILES["clip"], FILES["vae"]
+        picture = tiny_qwen_image_edit.picture(0, 96, 80)
+        (ImageOps.invert(picture) if inverted else picture).save(env.paths.input.root / "in.png")
+        load.inputs["image"] = "in.png"
+        sampler.inputs.update(seed=4, steps=2, cfg=2.5)
+        outcome = Executor(registry, env).run(wf)
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        (save,) = [n for n in wf.nodes.values() if n.type.startswith("SaveImage")]
+        outs.append(outcome.results[save.inputs["images"].node_id][0].numpy())
+        assert np.isfinite(outs[-1]).all()
+        for node in of("TextEncodeQwenImageEditPlus"):  # each carries the picture's reference latent
+            (cond,) = outcome.results[node.id]
+            assert len(cond[0][1][flux_references.LATENTS]) == 1
+    moved = float(np.abs(outs[0] - outs[1]).max())
+    print(f"template: the inverted picture moves the image by {moved * 255:.2f}/255")
+    assert moved > 0.25 / 255  # the input picture matters (measured 0.94/255 on the tiny model)
+
+
+def test_text_encoder_without_vision_tower_is_named(env, root):
+    from safetensors.torch import save_file
+
+    from engine.context import NodeError
+    from nodes import split_loaders
+    from nodes.qwen_edit_nodes import text_encode_qwen_image_edit
+
+    state = {k: v for k, v in tiny_qwen_image.comfy_text_state().items() if not k.startswith("visual.")}
+    save_file(state, str(root / "text_encoders" / "text-only.safetensors"))
+    (clip,) = call(split_loaders.clip_loader, env, clip_name="text-only.safetensors", type="qwen_image")
+    image = torch.rand(1, 32, 32, 3)
+    with pytest.raises(NodeError) as err:
+        call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT, image=image)
+    assert err.value.input_name == "clip" and "vision tower" in str(err.value)
+    (cond,) = call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT)  # no picture: text alone
+    assert cond[0][0].shape[-1] == tiny_qwen_image.TEXT
