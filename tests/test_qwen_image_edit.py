@@ -147,3 +147,30 @@ def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
     assert states.shape == cond[0][0].shape
     assert float((states - cond[0][0]).abs().max()) < 1e-5
     assert float((cond_others[0][0] - cond[0][0]).abs().max()) > 0.1
+
+
+def test_index_timestep_zero_equals_the_pipeline_with_zero_cond_t(env, loaded):
+    """Qwen-Image-Edit-2511 (ComfyUI's templates: FluxKontextMultiReferenceLatentMethod
+    index_timestep_zero) modulates the reference tokens at time 0: diffusers' zero_cond_t."""
+    from nodes.kontext import flux_kontext_multi_reference_latent_method as method_node
+
+    pics = pictures()[:1]
+
+    def zero(c):
+        (out,) = call(method_node, env, conditioning=c, reference_latents_method="index_timestep_zero")
+        return out
+
+    ours = kiln(env, loaded, [image_of(pics[0])], True, cond_edit=zero)
+    transformer = tiny_qwen_image.components()["transformer"]
+    modules = [transformer, *transformer.transformer_blocks]
+    for m in modules:
+        m.zero_cond_t = True
+    try:
+        theirs = diffusers(pics, True)
+    finally:
+        for m in modules:
+            m.zero_cond_t = False
+    gap = float(np.abs(ours - theirs).max())
+    moved = float(np.abs(ours - kiln(env, loaded, [image_of(pics[0])], True)).max())
+    print(f"index_timestep_zero gap {gap * 255:.5f}/255, moves {moved * 255:.2f}/255")
+    assert gap <= TOL and moved > 2 / 255
