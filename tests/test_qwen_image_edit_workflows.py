@@ -123,3 +123,18 @@ def test_text_encoder_without_vision_tower_is_named(env, root):
     assert err.value.input_name == "clip" and "vision tower" in str(err.value)
     (cond,) = call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT)  # no picture: text alone
     assert cond[0][0].shape[-1] == tiny_qwen_image.TEXT
+
+
+def test_diffusers_edit_plus_folder_equals_the_pipeline(env, root):
+    """A QwenImageEditPlusPipeline folder through CheckpointLoaderSimple (its text encoder saved by
+    transformers 5: ``model.language_model.`` and ``model.visual.``) with the Plus encoder."""
+    from nodes import loaders
+    from test_qwen_image_edit import diffusers, image_of, kiln, pictures
+
+    tiny_qwen_image_edit.save_folder(root / "checkpoints" / "tiny-qwen-image-edit-diffusers")
+    loaded = call(loaders.checkpoint_loader, env, ckpt_name="tiny-qwen-image-edit-diffusers")[:3]
+    pics = pictures()
+    ours = kiln(env, loaded, [image_of(p) for p in pics], True)
+    gap = float(np.abs(ours - diffusers(pics, True)).max())
+    print(f"diffusers folder gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255

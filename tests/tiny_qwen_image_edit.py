@@ -45,3 +45,22 @@ def picture(seed: int, width: int, height: int) -> Any:
     g = np.random.default_rng(seed)
     small = g.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
     return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def save_folder(path: Any) -> Any:
+    """QwenImageEditPlusPipeline.save_pretrained's folder at ``path``. The processor, which cannot save
+    without its video processor, is written as its parts (the image processor's config, the tokenizer)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    pipe = pipeline(plus=True)
+    proc = pipe.processor
+    pipe.register_modules(processor=None)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    proc.image_processor.save_pretrained(str(path / "processor"))
+    proc.tokenizer.save_pretrained(str(path / "processor"))
+    index = json.loads((path / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
