@@ -19,6 +19,7 @@ import tiny_qwen_image_edit
 from node_call import call, environment_over
 from nodes import loaders, split_loaders
 from nodes.families import flux_references
+from nodes.families import qwen_image_edit as qe
 from nodes.qwen_edit_nodes import text_encode_qwen_image_edit, text_encode_qwen_image_edit_plus
 from nodes.sampling import ksampler
 
@@ -97,10 +98,6 @@ def diffusers(pics: list, plus: bool, *, seed: int = 5, steps: int = 2, cfg: flo
                     generator=torch.Generator().manual_seed(seed)).images
 
 
-def _without_references(cond: list) -> list:
-    return [[c, {k: v for k, v in extra.items() if k != flux_references.LATENTS}] for c, extra in cond]
-
-
 def _references_of(env, loaded, images: list, plus: bool):
     """A conditioning edit putting the reference latents of ``images`` in place of the encoded ones,
     so a run differs from the run on ``images`` in its vision tokens alone."""
@@ -140,7 +137,6 @@ def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
     (cond,) = call(node, env, clip=clip, prompt=PROMPT, **dict(zip(names, images)))
     (cond_others,) = call(node, env, clip=clip, prompt=PROMPT, **dict(zip(names, others)))
     pipe = tiny_qwen_image_edit.pipeline(plus)
-    from nodes.families import qwen_image_edit as qe
     area = qe.PLUS_VISION_AREA if plus else qe.AREA
     with torch.no_grad():
         states, _ = pipe.encode_prompt(prompt=PROMPT, image=[qe.resized(p, area) for p in pics])

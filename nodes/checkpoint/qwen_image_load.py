@@ -5,8 +5,9 @@
   ``model.diffusion_model.``; the config comes from the shapes.
 * The text encoder (CLIPLoader type ``qwen_image``, ``qwen_2.5_vl_7b*.safetensors``): Qwen2.5-VL with
   its language model under ``model.`` (ComfyUI's layout; transformers 5 saves it under
-  ``model.language_model.``) and its vision tower under ``visual.``, which text-to-image does not
-  run and Kiln does not build. Kiln builds transformers' ``Qwen2_5_VLTextModel`` from the shapes.
+  ``model.language_model.``) and its vision tower under ``visual.``, which the Edit models read
+  pictures with (nodes.checkpoint.qwen_vision). Kiln builds transformers' ``Qwen2_5_VLModel`` from
+  the shapes, or ``Qwen2_5_VLTextModel`` for a file without the tower.
 * The VAE (VAELoader, ``qwen_image_vae.safetensors``): nodes.checkpoint.qwen_image_vae.
 * A diffusers folder (``QwenImagePipeline.save_pretrained``), its own tokenizer/ used.
 """
