@@ -75,13 +75,24 @@ def pictures() -> list:
 
 
 def kiln(env, loaded, images: list, plus: bool, *, prompt: str = PROMPT, vae_on: bool = True,
-         cond_edit=None, seed: int = 5, steps: int = 2, cfg: float = 4.0) -> np.ndarray:
+         refs: list | None = None, cond_edit=None, seed: int = 5, steps: int = 2, cfg: float = 4.0,
+         out_refs: list | None = None) -> np.ndarray:
+    """Kiln's image. The prompt's node gets the VAE (``vae_on``); the negative's gets none and is
+    given the prompt's reference latents, which the node would make the same (a 1024x1024 VAE
+    encode is the slow part of these tests). ``refs``: reference latents to use instead (both
+    nodes then run without the VAE); ``out_refs`` receives those used."""
     model, clip, vae = loaded
     node = text_encode_qwen_image_edit_plus if plus else text_encode_qwen_image_edit
     named = {f"image{k + 1}": im for k, im in enumerate(images)} if plus else {"image": images[0]}
-    given = {"vae": vae} if vae_on else {}
+    given = {"vae": vae} if vae_on and refs is None else {}
     (pos,) = call(node, env, clip=clip, prompt=prompt, **given, **named)
-    (neg,) = call(node, env, clip=clip, prompt=NEGATIVE, **given, **named)
+    (neg,) = call(node, env, clip=clip, prompt=NEGATIVE, **named)
+    if refs is None:
+        refs = pos[0][1].get(flux_references.LATENTS)
+    if out_refs is not None:
+        out_refs.extend(refs or ())
+    if refs:
+        pos, neg = ([[t, {**extra, flux_references.LATENTS: list(refs)}] for t, extra in c] for c in (pos, neg))
     if cond_edit is not None:
         pos, neg = cond_edit(pos), cond_edit(neg)
     latent = {"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}
@@ -98,17 +109,6 @@ def diffusers(pics: list, plus: bool, *, seed: int = 5, steps: int = 2, cfg: flo
                     generator=torch.Generator().manual_seed(seed)).images
 
 
-def _references_of(env, loaded, images: list, plus: bool):
-    """A conditioning edit putting the reference latents of ``images`` in place of the encoded ones,
-    so a run differs from the run on ``images`` in its vision tokens alone."""
-    (_, clip, vae) = loaded
-    node = text_encode_qwen_image_edit_plus if plus else text_encode_qwen_image_edit
-    named = {f"image{k + 1}": im for k, im in enumerate(images)} if plus else {"image": images[0]}
-    (cond,) = call(node, env, clip=clip, prompt=PROMPT, vae=vae, **named)
-    refs = cond[0][1][flux_references.LATENTS]
-    return lambda c: [[t, {**extra, flux_references.LATENTS: refs}] for t, extra in c]
-
-
 @pytest.mark.parametrize("plus", [False, True], ids=["edit-one-picture", "edit-plus-two-pictures"])
 def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
     """TextEncodeQwenImageEdit = QwenImageEditPipeline (one picture); TextEncodeQwenImageEditPlus =
@@ -116,14 +116,16 @@ def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
     so does reading other pictures with the vision tower under the same reference latents."""
     pics = pictures() if plus else pictures()[:1]
     images = [image_of(p) for p in pics]
-    ours = kiln(env, loaded, images, plus)
+    refs: list = []
+    ours = kiln(env, loaded, images, plus, out_refs=refs)
+    assert len(refs) == len(pics)
     theirs = diffusers(pics, plus)
     gap = float(np.abs(ours - theirs).max())
     print(f"{'edit plus' if plus else 'edit'} gap {gap * 255:.5f}/255")
     assert gap <= TOL
     others = [1 - im for im in images]  # the negatives of the pictures, read by the vision tower
     no_refs = kiln(env, loaded, images, plus, vae_on=False)
-    vision = kiln(env, loaded, others, plus, cond_edit=_references_of(env, loaded, images, plus))
+    vision = kiln(env, loaded, others, plus, refs=refs)
     moves = {name: float(np.abs(ours - x).max()) * 255 for name, x in (("references", no_refs), ("vision", vision))}
     print("moves (/255)", moves)
     assert moves["references"] > 10, moves
@@ -156,7 +158,8 @@ def test_index_timestep_zero_equals_the_pipeline_with_zero_cond_t(env, loaded):
         (out,) = call(method_node, env, conditioning=c, reference_latents_method="index_timestep_zero")
         return out
 
-    ours = kiln(env, loaded, [image_of(pics[0])], True, cond_edit=zero)
+    refs: list = []
+    ours = kiln(env, loaded, [image_of(pics[0])], True, cond_edit=zero, out_refs=refs)
     transformer = tiny_qwen_image.components()["transformer"]
     modules = [transformer, *transformer.transformer_blocks]
     for m in modules:
@@ -167,6 +170,6 @@ def test_index_timestep_zero_equals_the_pipeline_with_zero_cond_t(env, loaded):
         for m in modules:
             m.zero_cond_t = False
     gap = float(np.abs(ours - theirs).max())
-    moved = float(np.abs(ours - kiln(env, loaded, [image_of(pics[0])], True)).max())
+    moved = float(np.abs(ours - kiln(env, loaded, [image_of(pics[0])], True, refs=refs)).max())
     print(f"index_timestep_zero gap {gap * 255:.5f}/255, moves {moved * 255:.2f}/255")
     assert gap <= TOL and moved > 2 / 255
