@@ -44,7 +44,7 @@ def _encode(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, 
         raise NodeError(f"vae must come from a VAE loader, got {type(vae).__name__}", "vae")
     pictures = [(name, _picture(ctx, image, name)) for name, image in images if image is not None]
     try:
-        if not pictures:  # no picture: the text-to-image template, as ComfyUI's tokenizer does
+        if not pictures and not plus:  # Edit without a picture: the text-to-image template, as ComfyUI's
             cond = clip.encode(prompt)
         else:
             vision = [qwen_image_edit.resized(p, qwen_image_edit.PLUS_VISION_AREA if plus else qwen_image_edit.AREA)

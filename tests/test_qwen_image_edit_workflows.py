@@ -61,7 +61,7 @@ def test_text_encoder_without_vision_tower_is_named(env, root):
 
     from engine.context import NodeError
     from nodes import split_loaders
-    from nodes.qwen_edit_nodes import text_encode_qwen_image_edit
+    from nodes.qwen_edit_nodes import text_encode_qwen_image_edit, text_encode_qwen_image_edit_plus
 
     state = {k: v for k, v in tiny_qwen_image.comfy_text_state().items() if not k.startswith("visual.")}
     save_file(state, str(root / "text_encoders" / "text-only.safetensors"))
@@ -70,8 +70,13 @@ def test_text_encoder_without_vision_tower_is_named(env, root):
     with pytest.raises(NodeError) as err:
         call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT, image=image)
     assert err.value.input_name == "clip" and "vision tower" in str(err.value)
-    (cond,) = call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT)  # no picture: text alone
-    assert cond[0][0].shape[-1] == tiny_qwen_image.TEXT
+    # no picture: Edit encodes the text-to-image template, Plus the Edit template (as their pipelines)
+    (cond,) = call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT)
+    assert torch.equal(cond[0][0], clip.encode(PROMPT)[0][0])
+    (plus,) = call(text_encode_qwen_image_edit_plus, env, clip=clip, prompt=PROMPT)
+    with torch.no_grad():
+        states, _ = tiny_qwen_image_edit.pipeline(plus=True).encode_prompt(prompt=PROMPT, image=None)
+    assert states.shape == plus[0][0].shape and float((states - plus[0][0]).abs().max()) < 1e-5
 
 
 def test_diffusers_edit_plus_folder_equals_the_pipeline(env, root):

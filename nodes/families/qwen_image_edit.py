@@ -103,7 +103,8 @@ def expand_pads(text: str, grids: "Any", merge: int) -> str:
 
 
 def encode(clip: Any, prompt: str, pictures: list, plus: bool) -> list:
-    """CONDITIONING of ``prompt`` with PIL ``pictures`` read by the vision tower (module docstring)."""
+    """CONDITIONING of ``prompt`` with PIL ``pictures`` read by the vision tower (module docstring).
+    Plus without pictures keeps the Edit template (as its pipeline and ComfyUI's node do)."""
     import torch
 
     from nodes.families import qwen_image
@@ -112,19 +113,21 @@ def encode(clip: Any, prompt: str, pictures: list, plus: bool) -> list:
         text = "".join(PLUS_PICTURE.format(k + 1) for k in range(len(pictures))) + prompt
     else:
         text = PICTURE + prompt
-    vision = vision_inputs(pictures)
     tok = clip.tokenizers["tokenizer"]
     with torch.inference_mode(), clip.encoder("text_encoder") as vl:
-        if getattr(vl, "visual", None) is None:
+        if pictures and getattr(vl, "visual", None) is None:
             raise ConditioningError("this Qwen2.5-VL text encoder has no vision tower (its file has no visual.* "
                                     "weights); the Edit models read pictures with it: load the full "
                                     "qwen_2.5_vl_7b*.safetensors", "clip")
-        text = expand_pads(EDIT_TEMPLATE.format(text), vision["image_grid_thw"], vl.config.vision_config.spatial_merge_size)
-        got = tok([text], return_tensors="pt")
-        weight = vl.visual.patch_embed.proj.weight
-        states = vl(input_ids=got.input_ids.to(weight.device), attention_mask=got.attention_mask.to(weight.device),
-                    pixel_values=vision["pixel_values"].to(weight.device),
-                    image_grid_thw=vision["image_grid_thw"].to(weight.device)).last_hidden_state
+        device = next(vl.parameters()).device
+        vision = {}
+        if pictures:
+            vision = vision_inputs(pictures)
+            text = expand_pads(text, vision["image_grid_thw"], vl.config.vision_config.spatial_merge_size)
+            vision = {k: v.to(device) for k, v in vision.items()}
+        got = tok([EDIT_TEMPLATE.format(text)], return_tensors="pt")
+        states = vl(input_ids=got.input_ids.to(device), attention_mask=got.attention_mask.to(device),
+                    **vision).last_hidden_state
     states = states[:, EDIT_TOKENS:]
     mask = torch.ones(1, states.shape[1], dtype=torch.float32)
     return [[states.to("cpu", torch.float32), {qwen_image.MASK: mask}]]
