@@ -10,11 +10,11 @@ ComfyUI lets that control reach the negative too. Applying again on the result
 stacks ControlNets: their residuals add up. The control acts while the noise level
 is between ``start_percent`` and ``end_percent`` of the model's schedule (ComfyUI's
 sigma rule, not diffusers' step fractions). How residuals reach the network is
-nodes/control/apply.py. FLUX.1 and SD3 ControlNets read the hint as latents, so the apply
-node needs its ``vae`` input for them (ControlNetApplySD3, ComfyUI's older node for SD3,
+nodes/control/apply.py. FLUX.1, SD3 and Qwen-Image ControlNets read the hint as latents, so the
+apply node needs its ``vae`` input for them (ControlNetApplySD3, ComfyUI's older node for SD3,
 requires it); ControlNetInpaintingAliMamaApply gives an inpainting ControlNet (AliMama's SD3 and
-FLUX.1 ones) the image to repaint and its mask (nodes/control/inpaint.py); SetUnionControlNetType
-picks a union ControlNet's control type (FLUX's and SDXL's unions).
+FLUX.1 ones, InstantX's Qwen-Image one) the image to repaint and its mask (nodes/control/inpaint.py);
+SetUnionControlNetType picks a union ControlNet's control type (FLUX's and SDXL's unions).
 """
 from __future__ import annotations
 
@@ -184,14 +184,28 @@ def _apply_both(node: str, positive, negative, control_net, image, strength: flo
             raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {control_net.name} reads the "
                             f"{control_net.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
     latent_vae = vae if control_net.family.controlnet_latent_hint else None
+    prompt = _first_prompt(positive) if control_net.family.controlnet_reads_positive_prompt(control_net.config) \
+        else None
 
     def make(previous: Any) -> ControlLink:
         return ControlLink(control_net, hint, float(strength), float(start_percent), float(end_percent),
-                           previous, node, vae=latent_vae, mask=mask)
+                           previous, node, vae=latent_vae, mask=mask, prompt=prompt)
 
     links: dict = {}
     return (_apply(positive, "positive", links, make, control_apply_to_uncond=False),
             _apply(negative, "negative", links, make, control_apply_to_uncond=False))
+
+
+def _first_prompt(positive: Any) -> tuple | None:
+    """(embeds, extra) of the positive's first entry: what a ControlNet reading the positive prompt on
+    both sides of guidance reads (several positive entries: the first, as a pipeline has one prompt)."""
+    if isinstance(positive, (list, tuple)) and not positive:
+        return None  # nothing to read; the rows then read their own prompts
+    try:
+        embeds, extra = positive[0][0], dict(positive[0][1] or {})
+    except (TypeError, IndexError, KeyError):
+        raise NodeError("positive is not CONDITIONING ([[embeds, {...}], ...])", "positive") from None
+    return embeds, {k: v for k, v in extra.items() if k != "control"}
 
 
 @define_node(

@@ -63,6 +63,12 @@ class SamplingPatches:
     hypertile: Any = None
     #: TomePatchModel's ratio (nodes.families.tome.TomeSettings); None: off.
     tome: Any = None
+    #: ControlNets applied to the model itself (QwenImageDiffsynthControlnet: nodes.control.apply.ControlLink,
+    #: a chain), which the denoiser stacks on every conditioning's own; None: none.
+    model_control: Any = None
+    #: DiffSynth's blockwise ControlNets on the model (QwenImageDiffsynthControlnet on Qwen-Image: a ControlLink
+    #: chain), hooked after the transformer's blocks while sampling runs (nodes.control.blockwise); None: none.
+    blockwise: Any = None
 
 
 @dataclass(frozen=True)

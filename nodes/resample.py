@@ -56,7 +56,7 @@ def resize(x: Any, width: int, height: int, method: str, crop: str = "disabled")
         return bislerp(x, width, height)
     if method == "lanczos":
         return lanczos(x, width, height)
-    if method not in ("nearest-exact", "bilinear", "area", "bicubic"):
+    if method not in ("nearest-exact", "nearest", "bilinear", "area", "bicubic"):
         raise ValueError(f"unknown resize method {method!r}")
     return F.interpolate(x, size=(height, width), mode=method)
 

@@ -222,18 +222,21 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
 
     if flux2_load.has_flux2_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a FLUX.2 transformer: it is a diffusion model, not a checkpoint. "
                               "Put it in models/diffusion_models and load it with UNETLoader, the Qwen3 with "
                               "CLIPLoader (type flux2) and flux2-vae.safetensors with VAELoader")
-
     if qwen_image_load.has_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a Qwen-Image transformer: it is a diffusion model, not a "
                               "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
                               "qwen_2.5_vl_7b*.safetensors with CLIPLoader (type qwen_image) and "
                               "qwen_image_vae.safetensors with VAELoader")
+    if z_image_load.has_z_image_transformer(shapes):
+        raise CheckpointError(f"{path.name} holds a Z-Image transformer: it is a diffusion model, not a checkpoint. "
+                              "Put it in models/diffusion_models and load it with UNETLoader, qwen_3_4b with "
+                              "CLIPLoader (type lumina2) and ae.safetensors with VAELoader")
     if chroma_load.has_chroma_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a Chroma transformer: it is a diffusion model, not a checkpoint. "
                               "Put it in models/diffusion_models and load it with UNETLoader, the T5-XXL with "
@@ -452,13 +455,14 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if sd3_load.is_sd3_folder(path):
             return sd3_load.load_folder(path, dtype)
-        from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load
+        from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
 
         if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
             return flux2_load.load_folder(path, dtype, offload=offload)
-
         if qwen_image_load.is_qwen_image_folder(path):
             return qwen_image_load.load_folder(path, dtype, offload=offload)
+        if z_image_load.is_z_image_folder(path):  # before FLUX: both have transformer/
+            return z_image_load.load_folder(path, dtype, offload=offload)
         if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/
             return chroma_load.load_folder(path, dtype, offload=offload)
         if flux_load.is_flux_folder(path):

@@ -77,12 +77,19 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 
         with reading(path):
             return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+    from nodes.checkpoint import z_image_load
+
+    if z_image_load.has_z_image_transformer({k: () for k in state}):
+        with reading(path):
+            return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+    if z_image_load.is_lumina2({k: () for k in state}):
+        raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
+                              "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
     from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load
 
     if flux2_load.has_flux2_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
         with reading(path):
             return flux2_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
-
     if qwen_image_load.has_transformer(state.keys()):
         with reading(path):
             return qwen_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
@@ -131,9 +138,8 @@ class TextFile:
             return cls(path.name, state, "t5", t5, "t5")
         from nodes.checkpoint.qwen3_text import is_qwen3
 
-        if found is None and is_qwen3(shapes):  # FLUX.2 klein's qwen_3_4b / qwen_3_8b
+        if found is None and is_qwen3(shapes):  # Qwen3: FLUX.2 klein's qwen_3_4b / qwen_3_8b, Z-Image's qwen_3_4b
             return cls(path.name, state, "qwen3", "", "qwen3")
-
         from nodes.checkpoint.qwen_image_load import text_prefix
 
         qwen = text_prefix(shapes) if found is None else None

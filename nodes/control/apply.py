@@ -11,7 +11,9 @@ keywords carry it is the family's (:meth:`~nodes.families.base.Family.run_contro
 the UNet's down/mid residuals in nodes/control/unet.py, FLUX's and SD3's per-block samples
 in nodes/control/flux.py and sd3.py). Rows whose entry has no control get
 zeros. Entries that share one chain (ControlNetApplyAdvanced puts the same link on
-positive and negative) share one ControlNet call, as diffusers batches it.
+positive and negative) share one ControlNet call, as diffusers batches it; each row reads its own
+prompt, except in a family whose ControlNets read the positive prompt on both sides (Qwen-Image,
+``Family.controlnet_reads_positive_prompt``: the prompt the link was applied with).
 
 The hint is the IMAGE in 0..1 (channels first), resized to the latent's pixel size by
 ComfyUI's rule (nearest-exact, centre crop) when it differs, and repeated over the batch;
@@ -64,6 +66,9 @@ class ControlLink:
     vae: Any = None
     #: An inpainting ControlNet's kept mask [B, 1, h, w] (1 keep, 0 repaint); None keeps everything.
     mask: "torch.Tensor | None" = None
+    #: (embeds, extra) of the positive prompt it was applied with, for families whose ControlNets read
+    #: that prompt on both sides of guidance (``Family.controlnet_reads_positive_prompt``); else None.
+    prompt: Any = None
     #: Hints already brought to a latent size, by the family that made them (kept for the run).
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -135,6 +140,18 @@ def to_rows(hint: "torch.Tensor", rows: int) -> "torch.Tensor":
     return torch.stack([hint[min(i % n if rows % n == 0 else i, n - 1)] for i in range(rows)])
 
 
+def _prompt(link: ControlLink, family: Any, context: "torch.Tensor", kwargs: dict,
+            denoiser: Any) -> tuple["torch.Tensor", dict]:
+    """The prompt rows a ControlNet reads: each row's own, or, for a family whose ControlNets read the
+    positive prompt on both sides (Qwen-Image, as diffusers), the one the link was applied with."""
+    if link.prompt is None:  # set by the apply node where the family says so
+        return context, kwargs
+    embeds, extra = link.prompt
+    rows = context.shape[0]
+    prompt = embeds[:1].to(context.device, context.dtype).expand(rows, -1, -1)
+    return prompt, family.network_kwargs([extra], rows, denoiser.image_size, denoiser.device, denoiser.dtype)
+
+
 def _run(link: ControlLink, family: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
          model_config: Any, model: Any) -> dict[str, list]:
     with link.net.use() as network:
@@ -198,13 +215,15 @@ def residuals(denoiser: Any, x: "torch.Tensor", t: Any, context: "torch.Tensor",
                 high, low = denoiser.sigma_at_percent(link.start_percent), denoiser.sigma_at_percent(link.end_percent)
                 if not low <= sigma <= high:
                     continue
-            _add(totals, _run(link, family, x[rows], t, context[rows], kwargs, model_config, lender), rows, x.shape[0])
+            prompt, prompt_kwargs = _prompt(link, family, context[rows], kwargs, denoiser)
+            _add(totals, _run(link, family, x[rows], t, prompt, prompt_kwargs, model_config, lender), rows, x.shape[0])
     if not totals:  # no link in range at this step
         return {}
     return family.controlnet_inputs({k: [r.to(denoiser.dtype) for r in v] for k, v in totals.items()})
 
 
-__all__ = ["ControlNetHandle", "ControlLink", "residuals", "mismatch", "hint_for", "share_with_uncond"]
+__all__ = ["ControlNetHandle", "ControlLink", "residuals", "mismatch", "hint_for", "share_with_uncond",
+           "with_model_control"]
 
 
 def share_with_uncond(positive: list, negative: list) -> None:
@@ -217,3 +236,22 @@ def share_with_uncond(positive: list, negative: list) -> None:
     for entry in negative:
         if entry.extra.get("control") is None:
             entry.extra["control"] = source
+
+
+def with_model_control(entries: list, control: "ControlLink | None") -> None:
+    """A model-level ControlNet chain (ComfyUI's model patches: QwenImageDiffsynthControlnet) acts on every
+    call, whatever the conditioning: it is stacked over each entry's own chain, one copy per distinct chain
+    (sharing the model links' encoded hints), so rows that shared a chain still share one ControlNet call."""
+    if control is None:
+        return
+    import dataclasses
+
+    stacked: dict[int, ControlLink] = {}
+    for entry in entries:
+        own = entry.extra.get("control")
+        if id(own) not in stacked:
+            top = own
+            for link in control.chain():
+                top = dataclasses.replace(link, previous=top, cache=link.cache) if own is not None else link
+            stacked[id(own)] = top
+        entry.extra["control"] = stacked[id(own)]

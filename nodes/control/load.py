@@ -17,7 +17,9 @@ difference to the base UNet) needs the model it was made against: DiffControlNet
 adds that UNet's weights, as ComfyUI does. FLUX.1 ControlNets (diffusers' layout, one
 file or a folder whose config names FluxControlNetModel) are recognised by
 nodes/control/flux_load.py; SD3 ones (diffusers' SD3ControlNetModel) by nodes/control/sd3.py;
-SDXL union ones (xinsir's, diffusers' ControlNetUnionModel) by nodes/control/sdxl_union.py.
+SDXL union ones (xinsir's, diffusers' ControlNetUnionModel) by nodes/control/sdxl_union.py;
+Qwen-Image ones (InstantX's, diffusers' QwenImageControlNetModel, and alibaba-pai's Fun Union) by
+nodes/control/qwen_image.py, before FLUX's, whose markers InstantX's share.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from nodes.checkpoint import detect as det
 from nodes.checkpoint.load import CheckpointError, _assign, _empty, read_state_dict
 from nodes.checkpoint.to_original import unet_to_original
 from nodes.control import flux_load, sdxl_union
+from nodes.control import qwen_image as qwen_control
 from nodes.control import sd3 as sd3_control
 from nodes.families.base import Family, has_prefix
 
@@ -141,6 +144,15 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     from diffusers.loaders import single_file_utils as sfu
 
     state = read_state_dict(path)
+    if qwen_control.is_fun_controlnet(state):
+        from nodes.control import qwen_fun
+
+        network, info = qwen_fun.load(state, path.name, dtype)
+        return LoadedControlNet(families.by_name("qwen_image"), network, info)
+    if qwen_control.is_qwen_controlnet(state):
+        network, info = qwen_control.load(state, path.name, dtype)
+        return LoadedControlNet(families.by_name("qwen_image"), network, {**info, "format": "single file, "
+                                                                           + info["format"]})
     if flux_load.is_flux_controlnet(state):
         network, info = flux_load.load(state, path.name, dtype)
         return LoadedControlNet(families.by_name("flux"), network, info)
@@ -202,6 +214,15 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
     from nodes.checkpoint.load import quiet_progress
 
     quiet_progress()
+    if _folder_class(path) == qwen_control.CLASS_NAME:  # InstantX's release: read by shapes, as its file
+        from nodes.checkpoint.folders import folder_state
+
+        found = folder_state(path, None)
+        if found is None:
+            raise CheckpointError(f"{path.name}: a Qwen-Image ControlNet folder without .safetensors weights")
+        network, info = qwen_control.load(dict(found[1]), path.name, dtype)
+        return LoadedControlNet(families.by_name("qwen_image"), network, {**info, "format": "diffusers folder, "
+                                                                           + info["format"]})
     if flux_load.is_flux_folder(path):
         from nodes.checkpoint.folders import folder_state
 

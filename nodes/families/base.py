@@ -301,6 +301,12 @@ class Family:
 
         return unet.run(network, link, x, t, context, kwargs)
 
+    def controlnet_reads_positive_prompt(self, config: Any) -> bool:
+        """Whether the ControlNet of this ``config`` reads the positive prompt on both sides of guidance
+        (Qwen-Image's InstantX ones: diffusers' pipeline calls them once, with the prompt, and adds the
+        samples to both passes); otherwise each side's rows run it with their own prompt (ComfyUI's rule)."""
+        return False
+
     def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
         """The network keywords from the summed residuals of every ControlNet in range."""
         from nodes.control import unet

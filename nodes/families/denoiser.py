@@ -41,7 +41,8 @@ class Denoiser:
                  image_size: tuple[int, int], batch: int, schedule: Any = None,
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
                  names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
-                 always_guided: bool = False, self_attention: Any = None, skip_layers: Any = None) -> None:
+                 always_guided: bool = False, self_attention: Any = None, skip_layers: Any = None,
+                 control: Any = None) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
@@ -53,7 +54,8 @@ class Denoiser:
         ``always_guided``: evaluate the negative even at cfg 1 (a guider whose rule needs it);
         ``self_attention``: SelfAttentionGuidance's settings (nodes.families.self_attention), which
         read the unconditional side at cfg 1 too, as ComfyUI's does; ``skip_layers``: skip-layer
-        guidance's settings (nodes.families.skip_layers)."""
+        guidance's settings (nodes.families.skip_layers); ``control``: the model's own ControlNet chain
+        (SamplingPatches.model_control), stacked on every conditioning's (nodes.control.apply.with_model_control)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -79,15 +81,16 @@ class Denoiser:
         self._rules = GuidanceRun(guidance, self.jobs) if guidance else None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
                           image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type,
-                          names=names)
+                          names=names, control=control)
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, names[0])
         self.negative = cond_rules.entries(negative, names[1]) if self.guided else []
         _check_width(network, family, self.positive + self.negative)
         _check_references(family, self.positive + self.negative)
-        from nodes.control.apply import share_with_uncond
+        from nodes.control.apply import share_with_uncond, with_model_control
 
         share_with_uncond(self.positive, self.negative)
+        with_model_control(self.positive + self.negative, control)
         self.schedule = schedule
         # a flow model's scheduler config names no prediction type; its schedule says it predicts velocity
         self.prediction_type = getattr(schedule, "prediction_type", None) or prediction_type
@@ -134,16 +137,19 @@ class Denoiser:
     def call(self, x: "torch.Tensor", t: Any, context: "torch.Tensor", kwargs: dict,
              extras: list[dict]) -> "torch.Tensor":
         """One network call in the network's dtype; the output in float32. ControlNets carried by
-        the conditionings (``extra["control"]``) add their residuals (nodes.control.apply)."""
+        the conditionings (``extra["control"]``) add their residuals (nodes.control.apply); GLIGEN
+        boxes (``extra["gligen"]``) hook their fusers in for the call (nodes.families.grounding)."""
         import torch
 
         from nodes.control.apply import residuals
+        from nodes.families.grounding import applied as grounded
 
         def compute() -> "torch.Tensor":
             control = residuals(self, x, t, context, extras)
             full = self.family.extra_channels(x, extras)
-            out = self.network(full.to(self.dtype), t, encoder_hidden_states=context, return_dict=False, **kwargs,
-                               **control)[0]
+            with grounded(self, x, extras):
+                out = self.network(full.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
+                                   **kwargs, **control)[0]
             return out.to(torch.float32)
 
         if self.network_cache is not None:  # EasyCache may answer from its cache (nodes.families.step_cache)

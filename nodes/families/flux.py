@@ -33,6 +33,7 @@ from nodes.families import flux_references
 from nodes.families import sdxl as sdxl_family
 from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
+from nodes.runtime.compiled import eager_while_hooked
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
 DOUBLE_BLOCKS = "double_blocks."
@@ -149,7 +150,8 @@ def without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
     hook = embedder.register_forward_hook(
         lambda module, args, out: out * keep.to(out.device, out.dtype))
     try:
-        yield
+        with eager_while_hooked():
+            yield
     finally:
         hook.remove()
 

@@ -21,6 +21,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
+from nodes.runtime.compiled import eager_while_hooked
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +99,8 @@ def applied(network: Any, settings: Any) -> Iterator[None]:
 
         handles.append(resnet.register_forward_pre_hook(joined))
     try:
-        yield
+        with eager_while_hooked():
+            yield
     finally:
         for handle in handles:
             handle.remove()

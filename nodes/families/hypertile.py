@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from nodes.families.perturbed import SelfAttentionProcessor
+from nodes.runtime.compiled import eager_while_hooked
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def self_attention_replaced(network: Any, run: Any, make: Any) -> Iterator[None]
         m.processor = make(processor, run)
     hook = unet.register_forward_pre_hook(latent_size, with_kwargs=True)
     try:
-        yield
+        with eager_while_hooked():
+            yield
     finally:
         hook.remove()
         for m, processor in zip(modules, saved):

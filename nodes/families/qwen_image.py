@@ -125,6 +125,11 @@ def renormed(guided: "Any", cond: "Any") -> "Any":
 class QwenImage(Family):
     name = "qwen_image"
     latent = QWEN_LATENT
+    #: Its ControlNets (nodes.control.qwen_image) read the hint as VAE latents; the Fun ones run on the
+    #: transformer's own embedders.
+    controlnet_latent_hint = True
+    controlnet_borrows_layers = True
+    controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "in_channels")
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),)
     clip_types = ("qwen_image",)
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
@@ -214,6 +219,27 @@ class QwenImage(Family):
             report.windows = 1
         mask = torch.ones(1, states.shape[1], dtype=torch.float32)
         return [[states.to("cpu", torch.float32), {MASK: mask}]]
+
+    # -- ControlNets (nodes.control.qwen_image) -----------------------------------------------------
+
+    def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
+                       model_config: Any, model: Any = None) -> dict[str, list]:
+        """A Qwen-Image ControlNet's per-block samples (nodes.control.qwen_image)."""
+        from nodes.control import qwen_image as control
+
+        return control.run(network, link, x, t, context, kwargs, model_config, self.latent, model)
+
+    def controlnet_reads_positive_prompt(self, config: Any) -> bool:
+        """InstantX's do (QwenImageControlNetPipeline adds the prompt's samples to both passes); the
+        Fun ones run on each side's own prompt."""
+        from nodes.control import qwen_image as control
+
+        return not control.is_fun(config)
+
+    def controlnet_inputs(self, totals: dict[str, list]) -> dict[str, Any]:
+        from nodes.control import qwen_image as control
+
+        return control.inputs(totals)
 
 
 FAMILY = QwenImage()

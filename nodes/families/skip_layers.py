@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from nodes.runtime.compiled import eager_while_hooked
+
 
 @dataclass(frozen=True)
 class SkipLayers:
@@ -44,7 +46,8 @@ def skipping(blocks: dict[str, list], layers: tuple[tuple[str, tuple[int, ...]],
     hooks = [blocks[kind][i].register_forward_hook(passthrough, with_kwargs=True)
              for kind, numbers in layers for i in numbers]
     try:
-        yield
+        with eager_while_hooked():
+            yield
     finally:
         for hook in hooks:
             hook.remove()

@@ -222,3 +222,17 @@ def encode(clip: Any, text: str, report: Report | None = None, texts: dict[str, 
             if p is not None:
                 pooled = p
     return [[family.combine_text(states), {"pooled_output": pooled}]]
+
+
+def pooled_text(clip: Any, text: str) -> "torch.Tensor":
+    """[1, width] float32 CPU: ``text``'s pooled output of the first encoder, unprojected (the final
+    layer's state at the end token of the first window, whatever CLIPSetLastLayer says), as
+    ComfyUI's ``return_pooled="unprojected"`` gives it (GLIGEN's phrases). Weights in the prompt
+    syntax change hidden states only, never the pooled output."""
+    import torch
+
+    spec = clip.family.text_encoders[0]
+    tokens = tokenize(clip.tokenizers[spec.tokenizer], parse(text))
+    with torch.inference_mode(), clip.encoder(spec.module) as te:
+        out = te(torch.tensor(tokens.windows[:1]).to(te.device), output_hidden_states=False)
+    return out.pooler_output.to("cpu", torch.float32)

@@ -17,8 +17,10 @@ them instead of compiling again.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,20 @@ def is_compiled(module: Any, name: str) -> bool:
         return False
     part = module.get_submodule(TARGETS[name]) if TARGETS[name] else module
     return bool(getattr(part, "_kiln_compiled", False))
+
+
+@contextlib.contextmanager
+def eager_while_hooked() -> Iterator[None]:
+    """Run compiled modules eagerly while a patch's temporary forward hooks are on them.
+
+    Dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``):
+    a graph traced while hooks were in would be reused after they are gone, and one traced
+    without them would ignore them (FreeU, Deep Shrink, skip layers, FluxDisableGuidance and
+    GLIGEN gave the plain model's output on a compiled UNet; tests/test_compiled_patches.py).
+    Every place that hooks a network for a while enters this, so no hooked call is traced and
+    no trace is used under hooks; on an eager module it changes nothing.
+    """
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        yield

@@ -40,8 +40,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     the other (a cross-job batch), and each report carries one preview per job, of its
     own first image, in job order (engine.batching gives each job its own).
     ``patches``: the model's nodes.handles.SamplingPatches (guidance rescale, perturbed
-    attention and the guidance rules go to the denoiser, FreeU and Deep Shrink hook the network while
-    the loop runs).
+    attention and the guidance rules go to the denoiser, FreeU, Deep Shrink and blockwise ControlNets hook
+    the network while the loop runs).
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
     nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
     for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
@@ -49,6 +49,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     """
     import torch
 
+    from nodes.control import blockwise
     from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
@@ -74,7 +75,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
-                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance, **own)
+                    cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance,
+                    control=patches.model_control, **own)
     cache = None if patches.step_cache is None else \
         patches.step_cache.start(schedule, training_config.get("prediction_type", "epsilon"))
     step_params = inspect.signature(sched.step).parameters
@@ -87,7 +89,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     with torch.inference_mode(), freeu_applied(network, patches.freeu), \
             deep_shrink_applied(network, patches.deep_shrink, schedule), \
             hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)), \
-            tome.applied(network, patches.tome, _tile_generator(patches, generators, x)):
+            tome.applied(network, patches.tome, _tile_generator(patches, generators, x)), \
+            blockwise.applied(network, patches.blockwise, family, tuple(x.shape)):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:

@@ -1,0 +1,166 @@
+"""Z-Image transformer weights: the original (ComfyUI / Tongyi) key layout <-> diffusers' ZImageTransformer2DModel.
+
+ComfyUI's ``z_image_turbo_bf16.safetensors`` holds the Lumina-2-style NextDiT names ComfyUI's
+``comfy.ldm.lumina`` model reads: ``layers.N.attention.qkv`` (q, k and v stacked row-wise: the query
+heads, then the key/value heads), ``.attention.out``, ``.attention.q_norm`` / ``k_norm``,
+``x_embedder``, ``final_layer.*`` and an unused top-level ``norm_final.weight``; the rest
+(``feed_forward.w1/w2/w3``, the four block norms, ``adaLN_modulation.0``, ``t_embedder.mlp``,
+``cap_embedder``, ``noise_refiner`` / ``context_refiner``, ``x_pad_token`` / ``cap_pad_token``) is named
+as diffusers names it. diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers`` does the
+same renames (it splits the fused qkv in three equal parts, which holds for the release: 30 query
+and 30 key/value heads); this map splits by the head counts the shapes give, and
+tests/test_z_image_loading.py checks it against diffusers' converter.
+
+Lumina Image 2.0 has the same layout without the pad tokens; Kiln tells them apart by those.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+UNET_PREFIX = "model.diffusion_model."
+#: keys only a Z-Image (not a Lumina 2) NextDiT has, and the layout's own markers
+PAD_TOKENS = ("x_pad_token", "cap_pad_token")
+ORIGINAL_MARKERS = ("cap_embedder.1.weight", "layers.0.attention.qkv.weight")
+DIFFUSERS_MARKERS = ("cap_embedder.1.weight", "layers.0.attention.to_q.weight", "all_x_embedder.2-1.weight")
+#: patch sizes of every release (2x2 pixels, 1 frame): diffusers' ModuleDict key
+PATCH = "2-1"
+UNUSED = ("norm_final.weight",)
+#: (original, diffusers) renames of whole name pieces; the rest is the same in both
+_RENAMES = (("final_layer.", f"all_final_layer.{PATCH}."), ("x_embedder.", f"all_x_embedder.{PATCH}."),
+            (".attention.out.", ".attention.to_out.0."), (".attention.q_norm.", ".attention.norm_q."),
+            (".attention.k_norm.", ".attention.norm_k."))
+#: name pieces only diffusers' layout has
+_DIFFUSERS_ONLY = (".to_q.", ".to_k.", ".to_v.", ".to_out.", ".norm_q.", ".norm_k.")
+_BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.")
+
+
+class KeyMismatch(ValueError):
+    """Keys that do not fit the Z-Image layout (names them)."""
+
+
+def strip(state: dict[str, Any]) -> dict[str, Any]:
+    return {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state.items()}
+
+
+def is_original(keys: Any) -> bool:
+    keys = set(keys)
+    return all(m in keys or UNET_PREFIX + m in keys for m in ORIGINAL_MARKERS)
+
+
+def is_diffusers(keys: Any) -> bool:
+    keys = set(keys)
+    return all(m in keys or UNET_PREFIX + m in keys for m in DIFFUSERS_MARKERS)
+
+
+def has_pad_tokens(keys: Any) -> bool:
+    keys = set(keys)
+    return all(p in keys or UNET_PREFIX + p in keys for p in PAD_TOKENS)
+
+
+def _count(shapes: Any, group: str) -> int:
+    return len({int(m.group(2)) for k in shapes for m in [_BLOCK.match(k)] if m and m.group(1) == group})
+
+
+def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """ZImageTransformer2DModel arguments from original-layout shapes. The rotary axes are not in the
+    weights: the release splits its 128-wide heads as (32, 48, 48); other widths keep those proportions."""
+    s = strip(dict(shapes))
+    try:
+        dim, patch_in = s["x_embedder.weight"]
+        head = s["layers.0.attention.q_norm.weight"][0]
+        qkv = s["layers.0.attention.qkv.weight"][0]
+        cap = s["cap_embedder.0.weight"][0]
+    except KeyError as exc:
+        raise KeyMismatch(f"missing {exc}") from None
+    axes = [head // 4, head * 3 // 8, head * 3 // 8]
+    axes[0] += head - sum(axes)
+    return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=patch_in // 4, dim=dim,
+                n_layers=_count(s, "layers"), n_refiner_layers=_count(s, "noise_refiner"), n_heads=dim // head,
+                n_kv_heads=(qkv - dim) // 2 // head, norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap,
+                rope_theta=256.0, t_scale=1000.0, axes_dims=axes, axes_lens=[1536, 512, 512])
+
+
+def _rename(key: str, forward: bool) -> str:
+    for original, diffusers in _RENAMES:
+        a, b = (original, diffusers) if forward else (diffusers, original)
+        if key.startswith(a) or (a.startswith(".") and a in key):
+            key = b + key[len(a):] if key.startswith(a) else key.replace(a, b)
+    return key
+
+
+def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
+    """Original-layout tensors (no prefix) under diffusers' names, the fused qkv split into q, k, v by
+    the head counts (rows: ``dim`` query rows, then equal key and value rows). Works on meta tensors and
+    on fp8 row scales alike (only rows are moved)."""
+    out: dict[str, Any] = {}
+    dim = state["x_embedder.weight"].shape[0] if "x_embedder.weight" in state else None
+    foreign = sorted(k for k in state if k.startswith("all_") or any(p in k for p in _DIFFUSERS_ONLY))
+    if foreign:
+        raise KeyMismatch(f"unexpected {foreign[:4]}{' ...' if len(foreign) > 4 else ''} (diffusers' names in an "
+                          "original-layout file)")
+    for key, value in state.items():
+        if key in UNUSED:
+            continue
+        if key.endswith(".attention.qkv.weight"):
+            if dim is None:
+                raise KeyMismatch("missing 'x_embedder.weight'")
+            kv = (value.shape[0] - dim) // 2
+            base = key[: -len("qkv.weight")]
+            out[base + "to_q.weight"], out[base + "to_k.weight"], out[base + "to_v.weight"] = \
+                value.split([dim, kv, kv], dim=0)
+            continue
+        out[_rename(key, True)] = value
+    return out
+
+
+def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' names -> the original layout (q, k, v stacked into qkv): what ComfyUI's files hold."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if key.endswith(".attention.to_q.weight"):
+            base = key[: -len("to_q.weight")]
+            out[base + "qkv.weight"] = torch.cat([value, state[base + "to_k.weight"], state[base + "to_v.weight"]])
+            continue
+        out[_rename(key, False)] = value
+    return out
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Original module name -> the diffusers weight it is (a name) or covers (parts with their rows of
+    it): LoRAs for Z-Image are written against the original names (``layers.3.attention.qkv``), whose
+    fused qkv splits row-wise onto to_q, to_k, to_v. ``shapes``: the diffusers model's parameter shapes."""
+    out: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        if not name.endswith(".weight"):
+            continue
+        if ".attention.to_q." in name:
+            base = name[: -len("to_q.weight")]
+            rows = [shapes[base + p + ".weight"][0] for p in ("to_q", "to_k", "to_v")]
+            starts = [0, rows[0], rows[0] + rows[1]]
+            out[base + "qkv"] = tuple((base + p + ".weight", ((s, s + n),))
+                                      for p, s, n in zip(("to_q", "to_k", "to_v"), starts, rows))
+            continue
+        if ".attention.to_k." in name or ".attention.to_v." in name:
+            continue
+        original = _rename(name, False)
+        if original != name:
+            out[original[: -len(".weight")]] = name
+    return out
+
+
+def original_names(diffusers_names: Any) -> dict[str, str]:
+    """diffusers name -> the original name of the tensor it is (to_q, to_k, to_v: the fused qkv's)."""
+    out = {}
+    for name in diffusers_names:
+        for part in (".attention.to_q.", ".attention.to_k.", ".attention.to_v."):
+            if part in name:
+                out[name] = name.replace(part, ".attention.qkv.")
+                break
+        else:
+            out[name] = _rename(name, False)
+    return out
