@@ -92,3 +92,23 @@ def test_diffusers_edit_plus_folder_equals_the_pipeline(env, root):
     gap = float(np.abs(ours - diffusers(pics, True)).max())
     print(f"diffusers folder gap {gap * 255:.5f}/255")
     assert gap <= 1 / 255
+
+
+def test_a_controlnet_beside_references_adds_to_the_image_tokens_only():
+    """A Qwen-Image ControlNet's samples cover the image's tokens; with reference tokens appended
+    they are padded with zeros (ComfyUI adds them to the first tokens), so zeros change nothing."""
+    from nodes.families import flux_references, qwen_image
+
+    net = qwen_image.FAMILY.wrap_network(tiny_qwen_image.components()["transformer"])
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, tiny_qwen_image.TEXT, generator=g)
+    refs = flux_references.References((torch.randn(1, 16, 12, 8, generator=g),), "index")
+    inner = tiny_qwen_image.HEADS * tiny_qwen_image.HEAD_DIM
+    t = torch.tensor(500.0)
+    with torch.no_grad():
+        plain = net(x, t, text, reference_latents=refs)[0]
+        zeros = net(x, t, text, reference_latents=refs,
+                    controlnet_block_samples=[torch.zeros(1, 16, inner)] * tiny_qwen_image.LAYERS)[0]
+        some = net(x, t, text, reference_latents=refs,
+                   controlnet_block_samples=[torch.randn(1, 16, inner, generator=g)] * tiny_qwen_image.LAYERS)[0]
+    assert torch.equal(plain, zeros) and (some - plain).abs().max() > 1e-3

@@ -100,6 +100,7 @@ class QwenImageNetwork(WrappedTransformer):
         if reference_latents is not None:
             ref_tokens, ref_shapes = qwen_image_edit.reference_tokens(reference_latents)
             tokens, shapes = torch.cat([tokens, ref_tokens.to(tokens.dtype)], dim=1), shapes + ref_shapes
+            kwargs = qwen_image_edit.control_over_image_tokens(kwargs, ref_tokens.shape[1])
         zero = reference_latents is not None and reference_latents.method == qwen_image_edit.TIME_ZERO
         with qwen_image_edit.references_at_time_zero(self.transformer, zero):
             out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),

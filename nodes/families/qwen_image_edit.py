@@ -148,6 +148,18 @@ def reference_tokens(refs: flux_references.References) -> tuple["Any", list[tupl
     return torch.cat(chunks, dim=1), shapes
 
 
+def control_over_image_tokens(kwargs: dict[str, Any], extra: int) -> dict[str, Any]:
+    """A ControlNet's per-block samples (image tokens only) padded with zeros over ``extra`` appended
+    reference tokens, so they add to the image's tokens alone (ComfyUI's rule)."""
+    import torch
+
+    samples = kwargs.get("controlnet_block_samples")
+    if not samples:
+        return kwargs
+    pad = [torch.nn.functional.pad(s, (0, 0, 0, extra)) for s in samples]
+    return {**kwargs, "controlnet_block_samples": pad}
+
+
 @contextlib.contextmanager
 def references_at_time_zero(transformer: Any, on: bool) -> Iterator[None]:
     """diffusers' ``zero_cond_t`` switched on for one call (a transformer configured with it keeps it)."""
