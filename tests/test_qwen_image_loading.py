@@ -262,8 +262,7 @@ def test_scaled_fp8_transformer_and_text_encoder_equal_their_dequantised_twins(e
     save_file(scaled, str(qwen_root / "diffusion_models" / "qwen-scaled.safetensors"))
     save_file(plain, str(qwen_root / "diffusion_models" / "qwen-dequant.safetensors"))
     text = tiny_qwen_image.comfy_text_state()
-    scaled, plain = quantise({k: v for k, v in text.items() if not k.startswith("visual.")})
-    scaled.update({k: v for k, v in text.items() if k.startswith("visual.")})
+    scaled, plain = quantise(text)  # the vision tower's linears too (Qwen-Image-Edit reads pictures with it)
     save_file(scaled, str(qwen_root / "text_encoders" / "qwen-vl-scaled.safetensors"))
     save_file(plain, str(qwen_root / "text_encoders" / "qwen-vl-dequant.safetensors"))
     (a,) = call(split_loaders.unet_loader, env, unet_name="qwen-scaled.safetensors")
@@ -277,3 +276,8 @@ def test_scaled_fp8_transformer_and_text_encoder_equal_their_dequantised_twins(e
         _compare(x, y)
     sc, sd = c.encode(PROMPT)[0][0], d.encode(PROMPT)[0][0]
     assert torch.allclose(sc, sd, atol=1e-4)
+    from nodes.qwen_edit_nodes import text_encode_qwen_image_edit
+
+    image = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(0))
+    (ec,), (ed,) = (call(text_encode_qwen_image_edit, env, clip=x, prompt=PROMPT, image=image) for x in (c, d))
+    assert torch.allclose(ec[0][0], ed[0][0], atol=1e-4)

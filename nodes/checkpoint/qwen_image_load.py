@@ -5,8 +5,9 @@
   ``model.diffusion_model.``; the config comes from the shapes.
 * The text encoder (CLIPLoader type ``qwen_image``, ``qwen_2.5_vl_7b*.safetensors``): Qwen2.5-VL with
   its language model under ``model.`` (ComfyUI's layout; transformers 5 saves it under
-  ``model.language_model.``) and its vision tower under ``visual.``, which text-to-image does not
-  run and Kiln does not build. Kiln builds transformers' ``Qwen2_5_VLTextModel`` from the shapes.
+  ``model.language_model.``) and its vision tower under ``visual.``, which the Edit models read
+  pictures with (nodes.checkpoint.qwen_vision). Kiln builds transformers' ``Qwen2_5_VLModel`` from
+  the shapes, or ``Qwen2_5_VLTextModel`` for a file without the tower.
 * The VAE (VAELoader, ``qwen_image_vae.safetensors``): nodes.checkpoint.qwen_image_vae.
 * A diffusers folder (``QwenImagePipeline.save_pretrained``), its own tokenizer/ used.
 """
@@ -133,10 +134,12 @@ def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
 
 
 def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """The language model of a Qwen2.5-VL file (the vision tower and lm_head left out)."""
-    from transformers import Qwen2_5_VLTextModel
+    """The Qwen2.5-VL of a file: transformers' ``Qwen2_5_VLModel`` (language model and vision tower,
+    which Qwen-Image-Edit reads pictures with) when the file holds ``visual.*``, else the language
+    model alone (``Qwen2_5_VLTextModel``); the lm_head is left out either way."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextModel
 
-    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint import qwen_vision, scaled_fp8
     from nodes.checkpoint.load import _assign, _empty
     from nodes.runtime.fp8 import keep_linears_as_stored
 
@@ -146,12 +149,22 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
                               "CLIPLoader type qwen_image needs qwen_2.5_vl_7b*.safetensors")
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
         ("visual.", "lm_head."))}
+    visual = qwen_vision.vision_state(state)
+    text = text_config({k: tuple(v.shape) for k, v in sub.items()}, "")
+    if visual:
+        sub = {"language_model." + k: v for k, v in sub.items()} | {"visual." + k: v for k, v in visual.items()}
     sub, scales = scaled_fp8.take(sub, what)
-    shapes = {k: tuple(v.shape) for k, v in sub.items()}
-    model = _empty(Qwen2_5_VLTextModel, text_config(shapes, ""))
+    if visual:
+        vision = qwen_vision.vision_config({k[7:]: tuple(v.shape) for k, v in sub.items() if k.startswith("visual.")},
+                                           what)
+        model = _empty(Qwen2_5_VLModel, Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision))
+        kind = "Qwen2.5-VL with its vision tower"
+    else:
+        model = _empty(Qwen2_5_VLTextModel, text)
+        kind = "Qwen2.5-VL"
     sub = keep_linears_as_stored(model, dict(sub), dtype)  # an fp8 file's linears stay fp8, cast per layer
     try:
-        model = _assign(model, sub, f"Qwen-Image text encoder (Qwen2.5-VL, {what})", None)
+        model = _assign(model, sub, f"Qwen-Image text encoder ({kind}, {what})", None)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     return scaled_fp8.attach(model, scales, what)

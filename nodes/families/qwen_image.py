@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families import flux
+from nodes.families import flux, flux_references
 from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.sdxl import ChannelLatentFormat
 
@@ -78,9 +78,13 @@ class QwenImageNetwork(WrappedTransformer):
         return int(self.transformer.config.joint_attention_dim)
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 text_mask: "Any" = None, **kwargs: Any) -> tuple:
-        """``text_mask``: [B, text tokens] of 0/1 (see :meth:`QwenImage.network_kwargs`), or None."""
+                 text_mask: "Any" = None, reference_latents: "flux_references.References | None" = None,
+                 **kwargs: Any) -> tuple:
+        """``text_mask``: [B, text tokens] of 0/1 (see :meth:`QwenImage.network_kwargs`), or None.
+        ``reference_latents``: pictures the Edit models read (qwen_image_edit.reference_tokens)."""
         import torch
+
+        from nodes.families import qwen_image_edit
 
         b, _, h, w = x.shape
         if h % 2 or w % 2:
@@ -92,10 +96,17 @@ class QwenImageNetwork(WrappedTransformer):
                                     "CLIPLoader type qwen_image)", "positive")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         mask = None if text_mask is None else text_mask.to(self.device)
-        out = self.transformer(hidden_states=flux.pack(x), timestep=time.to(self.dtype),
-                               encoder_hidden_states=encoder_hidden_states, encoder_hidden_states_mask=mask,
-                               img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False, **kwargs)[0]
-        return (flux.unpack(out, h, w),)
+        tokens, shapes = flux.pack(x), [(1, h // 2, w // 2)]
+        if reference_latents is not None:
+            ref_tokens, ref_shapes = qwen_image_edit.reference_tokens(reference_latents)
+            tokens, shapes = torch.cat([tokens, ref_tokens.to(tokens.dtype)], dim=1), shapes + ref_shapes
+            kwargs = qwen_image_edit.control_over_image_tokens(kwargs, ref_tokens.shape[1])
+        zero = reference_latents is not None and reference_latents.method == qwen_image_edit.TIME_ZERO
+        with qwen_image_edit.references_at_time_zero(self.transformer, zero):
+            out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
+                                   encoder_hidden_states=encoder_hidden_states, encoder_hidden_states_mask=mask,
+                                   img_shapes=[shapes] * b, return_dict=False, **kwargs)[0]
+        return (flux.unpack(out[:, :(h // 2) * (w // 2)], h, w),)
 
 
 def renormed(guided: "Any", cond: "Any") -> "Any":
@@ -125,6 +136,7 @@ class QwenImage(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
+    takes_references = True  # Qwen-Image-Edit (nodes.families.qwen_image_edit)
 
     # -- detection ---------------------------------------------------------------------------
 
@@ -166,15 +178,21 @@ class QwenImage(Family):
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         """The rows' text masks when some prompt in the call has padding; none when all attend to
-        all their tokens (diffusers passes none then)."""
+        all their tokens (diffusers passes none then). The Edit models' reference latents."""
         import torch
 
+        from nodes.families import qwen_image_edit
+
+        kwargs = qwen_image_edit.network_kwargs(extras, batch, self.latent, device, dtype)
         masks = [extra.get(MASK) for extra in extras]
         if all(m is None or bool(m.all()) for m in masks):
-            return {}
+            return kwargs
         tokens = next(m for m in masks if m is not None).shape[-1]
         rows = [(torch.ones(1, tokens) if m is None else m.reshape(1, -1)).expand(batch, -1) for m in masks]
-        return {"text_mask": torch.cat(rows).to(device=device, dtype=torch.long)}
+        return kwargs | {"text_mask": torch.cat(rows).to(device=device, dtype=torch.long)}
+
+    def call_key(self, extra: dict) -> Any:
+        return flux_references.call_key(extra)
 
     def conditioning_notes(self, conditionings: list) -> list[str]:
         return flux.guidance_ignored(conditionings, "Qwen-Image has no distilled guidance (its guidance is real "

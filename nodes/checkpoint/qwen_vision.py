@@ -1,0 +1,47 @@
+"""Qwen2.5-VL's vision tower in a text-encoder file (Qwen-Image-Edit reads its pictures with it).
+
+ComfyUI's ``qwen_2.5_vl_7b*.safetensors`` holds it under ``visual.``; transformers 5 saves it under
+``model.visual.``. Its names are transformers' ``Qwen2_5_VisionTransformerPretrainedModel``'s, so
+Kiln builds that class (as the ``visual`` of a ``Qwen2_5_VLModel``, nodes.checkpoint.qwen_image_load)
+with a config read from the shapes. What the shapes cannot say is the release's: 80-wide heads,
+windowed attention (112 pixels) except in every eighth block and the last.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint.load import CheckpointError
+
+PREFIXES = ("visual.", "model.visual.")
+MARKER = "patch_embed.proj.weight"
+#: The released tower's head width (1280 wide, 16 heads); narrower towers (tests) get two heads.
+HEAD = 80
+
+
+def vision_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The tower's tensors without their prefix; empty when the file has no tower."""
+    for prefix in PREFIXES:
+        if prefix + MARKER in state:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {}
+
+
+def vision_config(shapes: Mapping[str, tuple], what: str) -> dict[str, Any]:
+    """Qwen2_5_VLVisionConfig's fields from the tower's shapes (see the module docstring)."""
+    try:
+        hidden, _, temporal, patch, _ = shapes[MARKER]
+        merged = shapes["merger.mlp.0.weight"][1]
+        out = shapes["merger.mlp.2.weight"][0]
+        inter = shapes["blocks.0.mlp.gate_proj.weight"][0]
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{what}: an incomplete Qwen2.5-VL vision tower (visual.{exc} is missing or "
+                              "misshapen)") from None
+    depth = len({int(m.group(1)) for k in shapes for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
+    merge = round((merged // hidden) ** 0.5)
+    heads = hidden // HEAD if hidden % HEAD == 0 else 2
+    return {"depth": depth, "hidden_size": hidden, "intermediate_size": inter, "num_heads": heads,
+            "out_hidden_size": out, "patch_size": patch, "temporal_patch_size": temporal,
+            "spatial_merge_size": merge, "window_size": 112, "in_channels": 3, "hidden_act": "silu",
+            "fullatt_block_indexes": [i for i in range(depth) if i % 8 == 7 or i == depth - 1]}
