@@ -52,22 +52,10 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's FLUX.2 path; ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float."""
-    from nodes.checkpoint.chroma_load import _info
-    from nodes.checkpoint.scaled_fp8 import is_scaled
+    """UNETLoader's FLUX.2 path (nodes.checkpoint.flow_transformers)."""
+    from nodes.checkpoint.flow_transformers import transformer_file
 
-    state = plain(state)
-    if fp8 and not is_scaled(state):  # as ComfyUI: a scaled file keeps its own storage
-        import torch
-
-        target = getattr(torch, fp8)
-        state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
-                 for k, v in state.items()}
-    transformer = build_transformer(state, name, dtype)
-    family = fam.FAMILY
-    info = dict(_info(transformer, "unet"), prediction_reason="flow matching (FLUX.2)")
-    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                  modules={"unet": transformer}, info=info)
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "FLUX.2")
 
 
 # -- the VAE ----------------------------------------------------------------------------------------

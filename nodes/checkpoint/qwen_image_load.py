@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError, Loaded
+from nodes.checkpoint.flow_transformers import flow_info, is_pipeline_folder, transformer_file
 from nodes.checkpoint.tensors import plain
 from nodes.families import qwen_image as fam
 
@@ -75,28 +76,12 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 
 def _info(transformer: Any, fmt: str) -> dict[str, Any]:
-    from nodes.checkpoint.flux_load import _held_note
-    from nodes.runtime.fp8 import fp8_bytes
-
-    return {"format": fmt, "prediction_type": "flow", "prediction_reason": "flow matching (Qwen-Image)",
-            "fp8": fp8_bytes(transformer) > 0, **_held_note(transformer)}
+    return flow_info(transformer, fmt, "Qwen-Image")
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's Qwen-Image path; ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float."""
-    from nodes.checkpoint.scaled_fp8 import is_scaled
-
-    state = plain(state)
-    if fp8 and not is_scaled(state):  # as ComfyUI: a scaled file keeps its own storage
-        import torch
-
-        target = getattr(torch, fp8)
-        state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
-                 for k, v in state.items()}
-    transformer = build_transformer(state, name, dtype)
-    family = fam.FAMILY
-    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                  modules={"unet": transformer}, info=_info(transformer, "unet"))
+    """UNETLoader's Qwen-Image path (nodes.checkpoint.flow_transformers)."""
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Qwen-Image")
 
 
 # -- the text encoder ---------------------------------------------------------------------------
@@ -174,13 +159,8 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 
 def is_qwen_image_folder(path: Path) -> bool:
-    config = path / "transformer" / "config.json"
-    if not (path.is_dir() and (path / "model_index.json").is_file() and config.is_file()):
-        return False
-    try:
-        return json.loads(config.read_text()).get("_class_name") == "QwenImageTransformer2DModel"
-    except (OSError, ValueError):
-        return False
+    """A diffusers folder whose transformer is Qwen-Image's (its config names the class)."""
+    return is_pipeline_folder(path, "QwenImageTransformer2DModel")
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
