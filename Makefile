@@ -40,7 +40,7 @@ serve: $(STAMP)
 	$(BIN)/kiln serve
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python bench/img2img_vs_diffusers.py

@@ -59,6 +59,11 @@ def env(root, tmp_path):
 
 
 @pytest.fixture()
+def small_pictures(monkeypatch):
+    tiny_qwen_image_edit.shrink_picture_area(monkeypatch)
+
+
+@pytest.fixture()
 def loaded(env):
     (model,) = call(split_loaders.unet_loader, env, unet_name=FILES["unet"], weight_dtype="default")
     (clip,) = call(split_loaders.clip_loader, env, clip_name=FILES["clip"], type="qwen_image")
@@ -78,8 +83,8 @@ def kiln(env, loaded, images: list, plus: bool, *, prompt: str = PROMPT, vae_on:
          refs: list | None = None, cond_edit=None, seed: int = 5, steps: int = 2, cfg: float = 4.0,
          out_refs: list | None = None) -> np.ndarray:
     """Kiln's image. The prompt's node gets the VAE (``vae_on``); the negative's gets none and is
-    given the prompt's reference latents, which the node would make the same (a 1024x1024 VAE
-    encode is the slow part of these tests). ``refs``: reference latents to use instead (both
+    given the prompt's reference latents, which the node would make the same (the VAE encode is the
+    slow part of these tests). ``refs``: reference latents to use instead (both
     nodes then run without the VAE); ``out_refs`` receives those used."""
     model, clip, vae = loaded
     node = text_encode_qwen_image_edit_plus if plus else text_encode_qwen_image_edit
@@ -110,7 +115,7 @@ def diffusers(pics: list, plus: bool, *, seed: int = 5, steps: int = 2, cfg: flo
 
 
 @pytest.mark.parametrize("plus", [False, True], ids=["edit-one-picture", "edit-plus-two-pictures"])
-def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
+def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus, small_pictures):
     """TextEncodeQwenImageEdit = QwenImageEditPipeline (one picture); TextEncodeQwenImageEditPlus =
     QwenImageEditPlusPipeline (two). Not vacuous: removing the reference latents moves the image, and
     so does reading other pictures with the vision tower under the same reference latents."""
@@ -129,10 +134,9 @@ def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
     moves = {name: float(np.abs(ours - x).max()) * 255 for name, x in (("references", no_refs), ("vision", vision))}
     print("moves (/255)", moves)
     assert moves["references"] > 10, moves
-    # the vision tokens: the prompt's states equal the pipeline's encode_prompt, and other pictures
-    # change them (Plus's 384x384 pictures move the tiny model's image by 0.5/255 only, so its
-    # pixels alone would not show it)
-    assert moves["vision"] > (0.3 if plus else 2.0), moves
+    # the vision tokens move the pixels, and below the prompt's states equal the pipeline's
+    # encode_prompt while other pictures change them
+    assert moves["vision"] > 1.0, moves
     _, clip, _ = loaded
     node = text_encode_qwen_image_edit_plus if plus else text_encode_qwen_image_edit
     names = [f"image{k + 1}" for k in range(len(pics))] if plus else ["image"]
@@ -147,7 +151,7 @@ def test_edit_equals_qwen_image_edit_pipelines(env, loaded, plus):
     assert float((cond_others[0][0] - cond[0][0]).abs().max()) > 0.1
 
 
-def test_index_timestep_zero_equals_the_pipeline_with_zero_cond_t(env, loaded):
+def test_index_timestep_zero_equals_the_pipeline_with_zero_cond_t(env, loaded, small_pictures):
     """Qwen-Image-Edit-2511 (ComfyUI's templates: FluxKontextMultiReferenceLatentMethod
     index_timestep_zero) modulates the reference tokens at time 0: diffusers' zero_cond_t."""
     from nodes.kontext import flux_kontext_multi_reference_latent_method as method_node
@@ -173,3 +177,28 @@ def test_index_timestep_zero_equals_the_pipeline_with_zero_cond_t(env, loaded):
     moved = float(np.abs(ours - kiln(env, loaded, [image_of(pics[0])], True, refs=refs)).max())
     print(f"index_timestep_zero gap {gap * 255:.5f}/255, moves {moved * 255:.2f}/255")
     assert gap <= TOL and moved > 2 / 255
+
+
+def test_pictures_are_read_at_the_release_areas(env, loaded):
+    """The other tests shrink the picture area (tiny_qwen_image_edit.shrink_picture_area); this one
+    checks the release's: about 1024x1024 for Edit's picture and every VAE picture, 384x384 for
+    Plus's vision tower, rounded as diffusers rounds. Edit's prompt states at the real area equal
+    QwenImageEditPipeline's encode_prompt on the picture its own rule resizes."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    assert qe.AREA == plus.VAE_IMAGE_SIZE == 1024 * 1024
+    assert qe.PLUS_VISION_AREA == plus.CONDITION_IMAGE_SIZE
+    for ratio in (1.0, 160 / 112, 96 / 128, 21 / 9, 0.4):
+        for area in (qe.AREA, qe.PLUS_VISION_AREA):
+            assert qe.calculate_dimensions(area, ratio) == edit.calculate_dimensions(area, ratio)[:2] \
+                == plus.calculate_dimensions(area, ratio)
+    pic = pictures()[0]
+    _, clip, _ = loaded
+    (cond,) = call(text_encode_qwen_image_edit, env, clip=clip, prompt=PROMPT, image=image_of(pic))
+    width, height, _ = edit.calculate_dimensions(1024 * 1024, pic.width / pic.height)
+    pipe = tiny_qwen_image_edit.pipeline(plus=False)
+    with torch.no_grad():
+        states, _ = pipe.encode_prompt(prompt=PROMPT, image=pipe.image_processor.resize(pic, height, width))
+    assert states.shape == cond[0][0].shape
+    assert float((states - cond[0][0]).abs().max()) < 1e-5

@@ -32,19 +32,25 @@ def registry():
 
 
 @pytest.mark.parametrize("template", ["image_qwen_image_edit_2509.json", "image_qwen_image_edit_2511.json"])
-def test_comfyui_edit_templates_run(registry, env, root, template):
+def test_comfyui_edit_templates_run(registry, env, root, template, monkeypatch):
     """ComfyUI's image_qwen_image_edit_2509.json and _2511.json (subgraphs; FluxKontextImageScale,
     VAEEncode, TextEncodeQwenImageEditPlus twice, CFGNorm, ModelSamplingAuraFlow, the Lightning LoRA
     switched off; 2511 with two pictures and index_timestep_zero) run on the tiny files. ComfyUI
     samples them with plain CFG and CFGNorm, not diffusers' rule, so they are checked for running
     and for their pictures reaching both encoders as reference latents, not against the pipeline
-    (tests/test_qwen_image_edit.py shows what pictures and references do)."""
+    (tests/test_qwen_image_edit.py shows what pictures and references do). The pictures are kept
+    small: FluxKontextImageScale picks among small sizes and the Edit nodes read at a small area
+    (the nodes' rules at their real sizes are tested in test_flux_kontext.py and test_qwen_image_edit.py)."""
     import importlib
 
     from safetensors.torch import save_file
 
     from engine.formats import parse_document
 
+    from nodes import kontext
+
+    tiny_qwen_image_edit.shrink_picture_area(monkeypatch)
+    monkeypatch.setattr(kontext, "KONTEXT_SIZES", ((64, 64), (96, 64), (64, 96)))
     folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
     document = json.loads((folder / template).read_text(encoding="utf-8"))
     wf = parse_document(document, registry)

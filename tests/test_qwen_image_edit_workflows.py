@@ -31,12 +31,17 @@ def env(root, tmp_path):
     yield from environment_over(root, tmp_path)
 
 
+@pytest.fixture()
+def small_pictures(monkeypatch):
+    tiny_qwen_image_edit.shrink_picture_area(monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def registry():
     return default_registry()
 
 
-def test_edit_workflow_equals_qwen_image_edit_plus_pipeline(registry, env):
+def test_edit_workflow_equals_qwen_image_edit_plus_pipeline(registry, env, small_pictures):
     from engine.workflow import load
 
     picture = tiny_qwen_image_edit.picture(3, 144, 96)
@@ -79,7 +84,7 @@ def test_text_encoder_without_vision_tower_is_named(env, root):
     assert states.shape == plus[0][0].shape and float((states - plus[0][0]).abs().max()) < 1e-5
 
 
-def test_diffusers_edit_plus_folder_equals_the_pipeline(env, root):
+def test_diffusers_edit_plus_folder_equals_the_pipeline(env, root, small_pictures):
     """A QwenImageEditPlusPipeline folder through CheckpointLoaderSimple (its text encoder saved by
     transformers 5: ``model.language_model.`` and ``model.visual.``) with the Plus encoder."""
     from nodes import loaders

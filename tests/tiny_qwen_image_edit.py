@@ -37,6 +37,29 @@ def pipeline(plus: bool = False) -> Any:
     return pipe
 
 
+#: The tests' picture area, in place of the release's 1024x1024 (:func:`shrink_picture_area`).
+SMALL_AREA = 256 * 256
+
+
+def shrink_picture_area(monkeypatch: Any, area: int = SMALL_AREA) -> None:
+    """Kiln's Edit nodes and both diffusers Edit pipelines resize pictures to about ``area`` pixels
+    instead of 1024x1024. A 1024x1024 VAE encode and its 4096 reference tokens were most of these
+    tests' time on a CPU, while the rules under test (rounding to 32, Lanczos, where the latents and
+    vision tokens go) are the same at any area; tests/test_qwen_image_edit.py checks the release's
+    areas themselves once."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from nodes.families import qwen_image_edit
+
+    release = qwen_image_edit.AREA
+    real = edit.calculate_dimensions  # Edit's __call__ passes the release area as a literal
+    monkeypatch.setattr(qwen_image_edit, "AREA", area)
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", area)
+    monkeypatch.setattr(edit, "calculate_dimensions",
+                        lambda target, ratio: real(area if target == release else target, ratio))
+
+
 def picture(seed: int, width: int, height: int) -> Any:
     """A random 8-bit RGB picture, smooth enough that resizing keeps it recognisable."""
     import numpy as np
