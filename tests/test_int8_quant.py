@@ -1,0 +1,230 @@
+"""Comfy-Org's int8 files (``*_int8_convrot``, ``comfy_quant`` format ``int8_tensorwise``) through the real loaders.
+
+The files are written by comfy-kitchen, the library ComfyUI's own int8 layers come from: its eager
+quantiser turns every other linear weight of the tiny FLUX, Qwen-Image and T5 into int8 with one
+scale per output row, most of them with their columns rotated in groups of 16 first (ConvRot; the
+marker's ``convrot`` flag flat or nested in ``params``, as both occur), some with one scale per
+tensor; the rest stay float32. The twin file holds comfy-kitchen's own dequantisation of the same
+tensors. Kiln must load the int8 file to the twin's effective weights while holding the int8 bytes,
+compute the same outputs (it rotates a layer's input rather than its weight: the same product,
+rounded differently), sample the same pixels, and take LoRAs and DoRAs the same way.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfy_kitchen.backends.eager import quantization as ck
+
+import tiny_flux
+import tiny_qwen_image
+from engine.executor import Executor
+from engine.registry import default_registry
+from engine.workflow import parse
+from node_call import Called, call, environment_over
+from nodes import split_loaders
+from nodes.runtime.fp8 import cast_linear_class, effective_weight, rotation_group, weight_scale
+
+GROUP = 16
+
+
+def _marker(config: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(config).encode("utf-8")), dtype=torch.uint8)
+
+
+def quantise_int8(state: dict, prefix: str = "") -> tuple[dict, dict]:
+    """(int8 file, its dequantised float32 twin) of ``state`` under ``prefix``, by comfy-kitchen."""
+    out, twin = {}, {}
+    for k, v in state.items():
+        out[prefix + k] = twin[prefix + k] = v.detach()
+    linears = [k for k, v in sorted(state.items()) if v.ndim == 2 and k.endswith(".weight") and "embed" not in k
+               and not k.startswith("shared")]
+    for i, k in enumerate(linears):
+        if i % 2:
+            continue  # left float32: a mixed file
+        w, layer = state[k].detach().float(), prefix + k[: -len(".weight")]
+        if i % 6 == 4 or w.shape[1] % GROUP:  # plain int8: one scale per row, or per tensor
+            q, s = ck.quantize_int8_rowwise(w) if i % 12 == 4 else ck.quantize_int8_tensorwise(w)
+            plain, config = ck.dequantize_int8_simple(q, s), {"format": "int8_tensorwise"}
+        else:
+            q, s = ck.quantize_int8_convrot_weight(w, GROUP)
+            plain = ck.dequantize_int8_convrot_weight(q, s, GROUP)
+            rotation = {"convrot": True, "convrot_groupsize": GROUP}
+            config = {"format": "int8_tensorwise", **(rotation if i % 4 == 0 else {"params": rotation})}
+        out[layer + ".weight"], twin[layer + ".weight"] = q, plain
+        out[layer + ".weight_scale"], out[layer + ".comfy_quant"] = s.float(), _marker(config)
+    return out, twin
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("int8-models")
+    files = {"diffusion_models/flux": (tiny_flux.bfl_transformer("dev"), "model.diffusion_model."),
+             "diffusion_models/qwen_image": (tiny_qwen_image.components()["transformer"].state_dict(), ""),
+             "text_encoders/t5": (tiny_flux.t5_state(), "")}
+    for name, (state, prefix) in files.items():
+        int8, twin = quantise_int8(state, prefix)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in int8.items()}, str(root / f"{name}-int8.safetensors"))
+        save_file({k: v.contiguous() for k, v in twin.items()}, str(root / f"{name}-dequant.safetensors"))
+    tiny_flux._save(root / "text_encoders" / "clip_l.safetensors", tiny_flux.clip_l_state())
+    tiny_flux._save(root / "vae" / "flux-ae.safetensors", tiny_flux.vae_state())
+    return root
+
+
+@pytest.fixture()
+def env(root, tmp_path):
+    yield from environment_over(root, tmp_path)
+
+
+def _compare(int8_net, plain_net) -> list:
+    """The int8 net's effective weights equal the twin's (comfy-kitchen's dequantisation); returns its
+    int8 layers, checked to be CastLinear holding int8."""
+    a = {n: m for n, m in int8_net.named_modules() if isinstance(m, torch.nn.Linear)}
+    b = {n: m for n, m in plain_net.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(a) == set(b)
+    gaps = {n: float((effective_weight(a[n], torch.float32) - b[n].weight.float()).abs().max()) for n in a}
+    assert max(gaps.values()) < 1e-6, max(gaps.items(), key=lambda kv: kv[1])
+    layers = [m for m in a.values() if m.weight.dtype == torch.int8]
+    assert layers and all(type(m) is cast_linear_class() and weight_scale(m) is not None for m in layers)
+    return layers
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_unet_loader_holds_int8_and_equals_comfy_kitchens_dequantisation(env, family):
+    rec = Called()
+    (int8,) = call(split_loaders.unet_loader, env, rec, unet_name=f"{family}-int8.safetensors")
+    (plain,) = call(split_loaders.unet_loader, env, unet_name=f"{family}-dequant.safetensors")
+    with int8.unet() as a, plain.unet() as b:
+        layers = _compare(a, b)
+        rotated = [m for m in layers if rotation_group(m) == GROUP]
+        assert rotated and len(rotated) < len(layers)  # rotated and plain int8 layers both reached the model
+        if family == "flux":
+            fused = [m for m in layers if weight_scale(m).unique().numel() > 1 and m.weight.shape[0] < 3 * 64]
+            assert fused  # per-row scales split with the fused qkv / linear1 rows
+            out_a, out_b = tiny_flux.forward(a), tiny_flux.forward(b)
+            assert float((out_a - out_b).abs().max()) < 1e-4
+    assert "int8 weights kept int8 and cast per layer" in rec.messages[0]
+    print(f"{family}: {len(layers)} int8 layers, {len(rotated)} rotated")
+
+
+def test_an_int8_t5_through_clip_loader_equals_the_dequantised_file(env):
+    """T5 keeps ``wo`` in float32 (it casts its activations to that weight's dtype first): an int8 ``wo``
+    is dequantised once at load; the other int8 layers stay int8."""
+    from nodes.text import clip_text_encode
+
+    (s,) = call(split_loaders.clip_loader, env, clip_name="t5-int8.safetensors", type="chroma")
+    (p,) = call(split_loaders.clip_loader, env, clip_name="t5-dequant.safetensors", type="chroma")
+    with s.encoder("text_encoder") as a, p.encoder("text_encoder") as b:
+        wo = {n: m for n, m in a.named_modules() if n.endswith("DenseReluDense.wo")}
+        assert wo and all(m.weight.dtype == torch.float32 for m in wo.values())
+        _compare(a, b)
+    (cs,) = call(clip_text_encode, env, text="a lighthouse", clip=s)
+    (cp,) = call(clip_text_encode, env, text="a lighthouse", clip=p)
+    assert float((cs[0][0] - cp[0][0]).abs().max()) < 1e-4
+
+
+def _flux_graph(unet: str) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                         "clip_name2": "t5-int8.safetensors", "type": "flux"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "flux-ae.safetensors"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red boat", "clip": ["2", 0]}},
+        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 5, "steps": 3, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple",
+                                                   "positive": ["4", 0], "negative": ["4", 0],
+                                                   "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "int8"}},
+    }
+
+
+def test_sampling_an_int8_file_equals_sampling_the_dequantised_one(env):
+    registry = default_registry()
+    images = []
+    for unet in ("flux-int8.safetensors", "flux-dequant.safetensors"):
+        outcome = Executor(registry, env).run(parse(_flux_graph(unet)))
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        images.append(outcome.results["8"][0].numpy())
+    diff = float(np.abs(images[0] - images[1]).max())
+    print(f"int8 vs dequantised: max pixel difference {diff * 255:.4f}/255")
+    assert diff <= 1 / 255 and images[0].std() > 0.005
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_lora_on_an_int8_model_equals_it_on_the_dequantised_one(env, root, dora):
+    """The LoRA runs beside the int8 weight, on the unrotated input; a DoRA needs the weight itself, which
+    the int8 layer rebuilds per call (scale applied, columns rotated back)."""
+    from safetensors.torch import save_file
+
+    from nodes import lora as lora_nodes
+
+    hidden = tiny_flux.HEADS * tiny_flux.HEAD_DIM
+    g = torch.Generator().manual_seed(4)
+    factors = {"double_blocks.0.img_attn.qkv": (3 * hidden, hidden), "single_blocks.0.linear1": (7 * hidden, hidden),
+               "double_blocks.0.img_attn.proj": (hidden, hidden), "double_blocks.0.img_mlp.0": (4 * hidden, hidden)}
+    lora = {}
+    for module, (rows, cols) in factors.items():
+        lora[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, cols, generator=g) * 0.3
+        lora[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * 0.3
+    if dora:
+        lora["diffusion_model.double_blocks.0.img_mlp.0.dora_scale"] = torch.rand(4 * hidden, 1, generator=g) + 0.5
+    (root / "loras").mkdir(exist_ok=True)
+    lora_name = f"int8-test-{'dora' if dora else 'lora'}.safetensors"
+    save_file(lora, str(root / "loras" / lora_name))
+    outs = {}
+    for name in ("flux-int8.safetensors", "flux-dequant.safetensors"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+        (patched,) = call(lora_nodes.lora_loader_model_only, env, model=model, lora_name=lora_name,
+                          strength_model=1.0)
+        with patched.unet() as net:
+            outs[name] = tiny_flux.forward(net)
+            if name.endswith("int8.safetensors"):
+                assert rotation_group(net.transformer_blocks[0].ff.net[0].proj) == GROUP  # the DoRA's layer
+        with model.unet() as net:
+            outs[name + "-base"] = tiny_flux.forward(net)
+    diff = float((outs["flux-int8.safetensors"] - outs["flux-dequant.safetensors"]).abs().max())
+    effect = float((outs["flux-int8.safetensors"] - outs["flux-int8.safetensors-base"]).abs().max())
+    print(f"{lora_name} on int8 vs dequantised: {diff:.2e} (the LoRA moves the output by {effect:.2e})")
+    assert diff <= 1e-4 and effect > 1e-2
+
+
+def test_an_int8_model_built_straight_into_disk_blocks_equals_the_whole_load(root):
+    """The rotation group travels with the scale: the meta module built into disk blocks gets both."""
+    from nodes.checkpoint.split import load_unet_file
+    from nodes.runtime import offload
+
+    path = root / "diffusion_models" / "flux-int8.safetensors"
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    straight = load_unet_file(path, torch.float32, offload=lambda n, b: offload.Plan(
+        onload="cpu", rest="disk", note="test")).modules["unet"]
+    assert offload.offloaded(straight).paged
+    assert sum(rotation_group(m) == GROUP for m in straight.modules()) == \
+        sum(rotation_group(m) == GROUP for m in whole.modules()) > 0
+    assert torch.equal(tiny_flux.forward(straight), tiny_flux.forward(whole))
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda s, k: s.update({k + ".comfy_quant": _marker({"format": "int8_tensorwise", "convrot": True,
+                                                          "convrot_groupsize": 8})}), "groups of 8"),
+    (lambda s, k: s.update({k + ".comfy_quant": _marker({"format": "int8_tensorwise", "convrot": True,
+                                                          "convrot_groupsize": 256})}), "do not divide"),
+    (lambda s, k: s.update({k + ".comfy_quant": _marker({"format": "float8_e4m3fn"})}), "stored as int8"),
+    (lambda s, k: s.update({k + ".comfy_quant": _marker({"convrot": True})}), "None"),
+])
+def test_an_int8_file_the_facts_do_not_cover_is_an_error_naming_file_and_key(env, root, change, words):
+    state, _ = quantise_int8(tiny_flux.bfl_transformer("dev"))
+    layer = next(k[: -len(".weight")] for k, v in sorted(state.items()) if v.dtype == torch.int8 and v.shape[1] == 64)
+    change(state, layer)
+    name = f"bad-int8-{abs(hash(words)) % 1000}.safetensors"
+    tiny_flux._save(root / "diffusion_models" / name, state)
+    with pytest.raises(Exception) as caught:
+        call(split_loaders.unet_loader, env, unet_name=name)
+    assert name in str(caught.value) and layer in str(caught.value) and words in str(caught.value)
