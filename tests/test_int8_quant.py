@@ -75,7 +75,8 @@ def root(tmp_path_factory) -> Path:
              "diffusion_models/flux2": (tiny_flux2.original_transformer(), ""),
              "diffusion_models/chroma": (tiny_chroma.original_transformer(), ""),
              "diffusion_models/sd3": (tiny_sd3.original_transformer("large"), ""),
-             "text_encoders/t5": (tiny_flux.t5_state(), "")}
+             "text_encoders/t5": (tiny_flux.t5_state(), ""),
+             "text_encoders/qwen3": (tiny_z_image.qwen3_file(), "")}
     for name, (state, prefix) in files.items():
         int8, twin = quantise_int8(state, prefix)
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -237,3 +238,36 @@ def test_an_int8_file_the_facts_do_not_cover_is_an_error_naming_file_and_key(env
     with pytest.raises(Exception) as caught:
         call(split_loaders.unet_loader, env, unet_name=name)
     assert name in str(caught.value) and layer in str(caught.value) and words in str(caught.value)
+
+
+@pytest.mark.parametrize("template", ["image_z_image_turbo_int8.json", "image_z_image_int8.json"])
+def test_comfyuis_z_image_int8_templates_run_and_equal_the_dequantised_files(env, root, template):
+    """ComfyUI's Z-Image int8 templates (z_image*_int8_convrot.safetensors) on the tiny int8 transformer and
+    Qwen3, against the same graph on comfy-kitchen's dequantisation of both."""
+    import importlib
+
+    from engine.formats import parse_document
+
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    document = json.loads((folder / template).read_text(encoding="utf-8"))
+    registry = default_registry()
+    images = []
+    for kind in ("int8", "dequant"):
+        wf = parse_document(document, registry)
+        (unet,) = [n for n in wf.nodes.values() if n.type == "UNETLoader"]
+        (clip,) = [n for n in wf.nodes.values() if n.type == "CLIPLoader"]
+        (vae,) = [n for n in wf.nodes.values() if n.type == "VAELoader"]
+        (latent,) = [n for n in wf.nodes.values() if n.type == "EmptySD3LatentImage"]
+        (decode,) = [n for n in wf.nodes.values() if n.type == "VAEDecode"]
+        assert unet.inputs["unet_name"].endswith("int8_convrot.safetensors") and clip.inputs["type"] == "lumina2"
+        unet.inputs["unet_name"], clip.inputs["clip_name"] = f"z_image-{kind}.safetensors", f"qwen3-{kind}.safetensors"
+        vae.inputs["vae_name"] = "flux-ae.safetensors"
+        latent.inputs.update(width=32, height=32)
+        for sampler in (n for n in wf.nodes.values() if n.type == "KSampler"):
+            sampler.inputs["steps"] = min(int(sampler.inputs["steps"]), 4)
+        outcome = Executor(registry, env).run(wf)
+        assert outcome.status == "succeeded", outcome.error and outcome.error.message
+        images.append(outcome.results[decode.id][0].numpy())
+    diff = float(np.abs(images[0] - images[1]).max())
+    print(f"{template}: int8 vs dequantised {diff * 255:.4f}/255")
+    assert diff <= 1 / 255 and images[0].std() > 0.005
