@@ -172,36 +172,16 @@ def test_sampling_an_int8_file_equals_sampling_the_dequantised_one(env):
 def test_a_lora_on_an_int8_model_equals_it_on_the_dequantised_one(env, root, dora):
     """The LoRA runs beside the int8 weight, on the unrotated input; a DoRA needs the weight itself, which
     the int8 layer rebuilds per call (scale applied, columns rotated back)."""
-    from safetensors.torch import save_file
+    from lora_support import flux_lora_beside_stored_vs_dequantised
 
-    from nodes import lora as lora_nodes
-
-    hidden = tiny_flux.HEADS * tiny_flux.HEAD_DIM
-    g = torch.Generator().manual_seed(4)
-    factors = {"double_blocks.0.img_attn.qkv": (3 * hidden, hidden), "single_blocks.0.linear1": (7 * hidden, hidden),
-               "double_blocks.0.img_attn.proj": (hidden, hidden), "double_blocks.0.img_mlp.0": (4 * hidden, hidden)}
-    lora = {}
-    for module, (rows, cols) in factors.items():
-        lora[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, cols, generator=g) * 0.3
-        lora[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * 0.3
-    if dora:
-        lora["diffusion_model.double_blocks.0.img_mlp.0.dora_scale"] = torch.rand(4 * hidden, 1, generator=g) + 0.5
-    (root / "loras").mkdir(exist_ok=True)
+    (model,) = call(split_loaders.unet_loader, env, unet_name="flux-int8.safetensors")
+    with model.unet() as net:
+        assert rotation_group(net.transformer_blocks[0].ff.net[0].proj) == GROUP  # the DoRA's layer is rotated
     lora_name = f"int8-test-{'dora' if dora else 'lora'}.safetensors"
-    save_file(lora, str(root / "loras" / lora_name))
-    outs = {}
-    for name in ("flux-int8.safetensors", "flux-dequant.safetensors"):
-        (model,) = call(split_loaders.unet_loader, env, unet_name=name)
-        (patched,) = call(lora_nodes.lora_loader_model_only, env, model=model, lora_name=lora_name,
-                          strength_model=1.0)
-        with patched.unet() as net:
-            outs[name] = tiny_flux.forward(net)
-            if name.endswith("int8.safetensors"):
-                assert rotation_group(net.transformer_blocks[0].ff.net[0].proj) == GROUP  # the DoRA's layer
-        with model.unet() as net:
-            outs[name + "-base"] = tiny_flux.forward(net)
-    diff = float((outs["flux-int8.safetensors"] - outs["flux-dequant.safetensors"]).abs().max())
-    effect = float((outs["flux-int8.safetensors"] - outs["flux-int8.safetensors-base"]).abs().max())
+    diff, effect = flux_lora_beside_stored_vs_dequantised(
+        env, root, ("flux-int8.safetensors", "flux-dequant.safetensors"), lora_name,
+        ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.img_attn.proj",
+         "double_blocks.0.img_mlp.0"), dora="double_blocks.0.img_mlp.0" if dora else None)
     print(f"{lora_name} on int8 vs dequantised: {diff:.2e} (the LoRA moves the output by {effect:.2e})")
     assert diff <= 1e-4 and effect > 1e-2
 
