@@ -173,3 +173,39 @@ def assert_paged_patch_matches_hand(root: Path, tmp_path: Path,
     assert (ours - plain).abs().max() > 1e-3
     assert torch.equal(flux_sample(env, model), plain)  # the base afterwards
     return env, model, ours
+
+
+def flux_lora_beside_stored_vs_dequantised(env: Environment, root: Path, files: tuple[str, str], lora_name: str,
+                                           modules: tuple[str, ...], dora: str | None = None) -> tuple[float, float]:
+    """A rank-2 LoRA on the tiny FLUX's BFL ``modules`` (a DoRA magnitude on ``dora``) loaded over a
+    quantised UNETLoader file and over its dequantised twin (``files``). Returns (the largest output
+    difference between the two, how far the LoRA moves the quantised model's output): on the stored
+    weights the LoRA runs beside them, on the twin it is added in place, so the two agree only as far
+    as rounding when the quantised layers apply their scales (and rotations) right."""
+    from safetensors.torch import save_file
+
+    from nodes import split_loaders
+
+    hidden = tiny_flux.HEADS * tiny_flux.HEAD_DIM
+    rows = {"double_blocks.0.img_attn.qkv": 3 * hidden, "single_blocks.0.linear1": 7 * hidden,
+            "final_layer.adaLN_modulation.1": 2 * hidden, "double_blocks.0.img_attn.proj": hidden,
+            "double_blocks.0.img_mlp.0": 4 * hidden}
+    g = torch.Generator().manual_seed(4)
+    factors = {}
+    for module in modules:
+        factors[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, hidden, generator=g) * 0.3
+        factors[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows[module], 2, generator=g) * 0.3
+    if dora is not None:  # one magnitude per output row
+        factors[f"diffusion_model.{dora}.dora_scale"] = torch.rand(rows[dora], 1, generator=g) + 0.5
+    (root / "loras").mkdir(exist_ok=True)
+    save_file(factors, str(root / "loras" / lora_name))
+    outs = {}
+    for name in files:
+        (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+        with with_lora(env, model, lora_name).unet() as net:
+            outs[name] = tiny_flux.forward(net)
+        with model.unet() as net:
+            outs[name + "-base"] = tiny_flux.forward(net)
+    stored, twin = files
+    return (float((outs[stored] - outs[twin]).abs().max()),
+            float((outs[stored] - outs[stored + "-base"]).abs().max()))

@@ -281,34 +281,13 @@ def test_a_lora_on_a_scaled_model_equals_it_on_the_dequantised_one(env, root, do
     """The LoRA runs beside the fp8 weight (whose layer applies the scale); on the float32 twin it is added
     in place: the same sum, rounded differently. A DoRA module needs the weight itself: the scaled layer
     builds it per call from fp8 * scale (nodes.runtime.fp8's ``kiln_deltas``)."""
-    from safetensors.torch import save_file
+    from lora_support import flux_lora_beside_stored_vs_dequantised
 
-    hidden = tiny_flux.HEADS * tiny_flux.HEAD_DIM
-    g = torch.Generator().manual_seed(4)
-    factors = {"double_blocks.0.img_attn.qkv": (3 * hidden, hidden), "single_blocks.0.linear1": (7 * hidden, hidden),
-               "final_layer.adaLN_modulation.1": (2 * hidden, hidden), "double_blocks.0.img_attn.proj": (hidden, hidden)}
-    lora = {}
-    for module, (rows, cols) in factors.items():
-        lora[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, cols, generator=g) * 0.3
-        lora[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * 0.3
-    if dora:  # one magnitude per output row of the projection
-        lora["diffusion_model.double_blocks.0.img_attn.proj.dora_scale"] = torch.rand(hidden, 1, generator=g) + 0.5
-    (root / "loras").mkdir(exist_ok=True)
     lora_name = f"scaled-test-{'dora' if dora else 'lora'}.safetensors"
-    save_file(lora, str(root / "loras" / lora_name))
-    from nodes import lora as lora_nodes
-
-    outs = {}
-    for name in ("flux-scaled.safetensors", "flux-dequant.safetensors"):
-        (model,) = call(split_loaders.unet_loader, env, unet_name=name)
-        (patched,) = call(lora_nodes.lora_loader_model_only, env, model=model, lora_name=lora_name,
-                          strength_model=1.0)
-        with patched.unet() as net:
-            outs[name] = tiny_flux.forward(net)
-        with model.unet() as net:
-            outs[name + "-base"] = tiny_flux.forward(net)
-    diff = float((outs["flux-scaled.safetensors"] - outs["flux-dequant.safetensors"]).abs().max())
-    effect = float((outs["flux-scaled.safetensors"] - outs["flux-scaled.safetensors-base"]).abs().max())
+    diff, effect = flux_lora_beside_stored_vs_dequantised(
+        env, root, ("flux-scaled.safetensors", "flux-dequant.safetensors"), lora_name,
+        ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "final_layer.adaLN_modulation.1",
+         "double_blocks.0.img_attn.proj"), dora="double_blocks.0.img_attn.proj" if dora else None)
     print(f"{lora_name} on scaled vs dequantised: {diff:.2e} (the LoRA moves the output by {effect:.2e})")
     assert diff <= 1e-5 and effect > 1e-2
 

@@ -156,12 +156,12 @@ def _assign(module: Any, state: dict[str, Any], what: str, dtype: Any,
     for k, v in state.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"the {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.requires_grad_(False)  # before assigning: an int8 weight cannot be a parameter that wants gradients
     module.load_state_dict(state, strict=True, assign=True)
     for name, buf in list(module.named_buffers()):
         if dtype is not None and buf.is_floating_point() and buf.dtype != dtype:
             buf.data = buf.data.to(dtype)
     module.eval()
-    module.requires_grad_(False)
     return module
 
 

@@ -68,6 +68,7 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
         key = next(iter(row[1](torch.empty(shapes[row[0]], device="meta"))))
         owner = next((owners[p] for p in _prefixes(key) if p in owners), None)
         parts.setdefault(owner, []).append(row)
+    model.requires_grad_(False)  # before assigning: an int8 weight cannot be a parameter that wants gradients
     model.load_state_dict(read(parts.pop(None, [])), strict=False, assign=True)  # outside the blocks
     for name, i, block in layout:
         prefix = f"{name}.{i}."
@@ -76,7 +77,6 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
         del sub
         offload.rest_block_on_disk(block, name, i, plan.onload, folder)
     model.eval()
-    model.requires_grad_(False)
     offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
     return model
 

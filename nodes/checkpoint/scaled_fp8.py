@@ -14,13 +14,20 @@ instead: ``<layer>.comfy_quant`` is a uint8 tensor holding UTF-8 JSON such as
 ``{"format": "float8_e4m3fn"}`` (ComfyUI's MixedPrecisionOps reads it), the scale is
 ``<layer>.weight_scale`` (one float32; the weight is again ``fp8 * scale``, ComfyUI's fp8 layout
 dequantising as ``qdata.to(dtype) * scale``) and ``<layer>.input_scale`` again only feeds the fp8
-matmul. Unmarked layers hold plain weights. The two fp8 formats (``float8_e4m3fn``, ``float8_e5m2``)
-load here; any other format (``nvfp4``: 4-bit blocks with two scales) is refused by name.
+matmul. Unmarked layers hold plain weights. The same marker names Comfy-Org's int8 files:
+``{"format": "int8_tensorwise"}`` is an int8 weight times its ``weight_scale`` (one number, or one
+per output row), and with ``"convrot": true`` (``*_int8_convrot`` files; the two keys may also sit in
+a nested ``"params"``) the weight is stored with its columns rotated in groups of
+``convrot_groupsize`` (default 256; nodes.runtime.convrot), which the layer undoes by rotating its
+input. Those formats (``float8_e4m3fn``, ``float8_e5m2``, ``int8_tensorwise``) load here; any other
+(``nvfp4``: 4-bit blocks with two scales) is refused by name.
 
 This module is the one place these keys are understood, for every family:
 
 * :func:`take` removes the marker and the scales from a state before a family's loader sees it
-  (checked: a scale names a weight the file holds, and is one number or one per output row);
+  (checked: a scale names a weight the file holds, and is one number or one per output row); a
+  rotated layer's scale carries its group size as a second column, so it follows every key
+  conversion with the scale;
 * :func:`follow` sends the scales through the family's own key conversion, so a fused ``qkv``
   weight split into q, k and v gives each part its rows of the scale (per-tensor scales are
   widened to one per row first, which every conversion of linear weights keeps: they only
@@ -33,7 +40,7 @@ This module is the one place these keys are understood, for every family:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Callable
 
 MARKER = "scaled_fp8"
@@ -45,6 +52,10 @@ QUANT_WEIGHT_SCALE = ".weight_scale"
 QUANT_INPUT_SCALE = ".input_scale"
 #: the comfy_quant formats whose weight is one fp8 tensor times one scale
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+#: the comfy_quant format whose weight is int8 times one scale (per row or per tensor), maybe rotated
+INT8_FORMAT = "int8_tensorwise"
+#: comfy-kitchen's rotation group when a marker names none
+DEFAULT_ROTATION_GROUP = 256
 #: every key suffix this module consumes (for header-only sizes)
 SUFFIXES = ("." + MARKER, WEIGHT_SCALE, INPUT_SCALE, QUANT, QUANT_WEIGHT_SCALE, QUANT_INPUT_SCALE)
 
@@ -95,7 +106,9 @@ def take(state: Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], dict[s
     the markers and scales are read: a LazyState stays lazy (a view without those keys).
     Raises CheckpointError naming ``what`` (the file) and the key for a scale with no weight or of a
     shape that is neither one number nor one per row."""
-    from nodes.checkpoint.tensors import LazyState, shapes_of
+    import torch
+
+    from nodes.checkpoint.tensors import LazyState, dtypes_of, shapes_of
 
     if not is_scaled(state.keys()):
         return state, {}
@@ -112,17 +125,27 @@ def take(state: Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], dict[s
             raise _error(f"{what}: {key} belongs to {layer}.weight, which the file does not hold")
         if key.endswith((WEIGHT_SCALE, QUANT_WEIGHT_SCALE)):
             scales[layer + ".weight"] = _row_scale(state[key], shapes[layer + ".weight"], what, key)
-    for layer in sorted(marked):
-        if layer + ".weight" not in state:
-            raise _error(f"{what}: {layer}{QUANT} marks {layer}.weight, which the file does not hold")
-        if layer + ".weight" not in scales:
-            raise _error(f"{what}: {layer}{QUANT} marks an fp8 layer but the file holds no {layer}{QUANT_WEIGHT_SCALE}")
+    dtypes = dtypes_of(state)
+    for layer, (fmt, group) in sorted(marked.items()):
+        weight = layer + ".weight"
+        if weight not in state:
+            raise _error(f"{what}: {layer}{QUANT} marks {weight}, which the file does not hold")
+        if weight not in scales:
+            raise _error(f"{what}: {layer}{QUANT} marks a {fmt} layer but the file holds no {layer}{QUANT_WEIGHT_SCALE}")
+        if (fmt == INT8_FORMAT) != (dtypes[weight] == torch.int8):
+            raise _error(f"{what}: {layer}{QUANT} marks {fmt} but {weight} is stored as "
+                         f"{str(dtypes[weight]).replace('torch.', '')}")
+        if group:
+            if shapes[weight][1] % group:
+                raise _error(f"{what}: {layer}{QUANT} rotates in groups of {group}, which do not divide "
+                             f"{weight}'s {shapes[weight][1]} columns")
+            scales[weight] = torch.cat([scales[weight], torch.full_like(scales[weight], float(group))], dim=1)
     if isinstance(state, LazyState):
         return state.renamed({k: k for k in state if k not in consumed}), scales
     return {k: v for k, v in state.items() if k not in consumed}, scales
 
 
-def _scaled_layer(key: str, marked: set[str]) -> str | None:
+def _scaled_layer(key: str, marked: Collection[str]) -> str | None:
     """The layer a scale key belongs to (None: not a scale key). The newer names count only on layers
     a ``comfy_quant`` marks, since other formats use ``weight_scale`` in their own ways."""
     for suffix in (WEIGHT_SCALE, INPUT_SCALE):
@@ -134,23 +157,31 @@ def _scaled_layer(key: str, marked: set[str]) -> str | None:
     return None
 
 
-def _marked_layers(state: Mapping[str, Any], what: str) -> set[str]:
-    """The layers a ``comfy_quant`` marks, each checked to be one of the fp8 formats."""
+def _marked_layers(state: Mapping[str, Any], what: str) -> dict[str, tuple[str, int]]:
+    """The layers a ``comfy_quant`` marks -> (format, rotation group or 0), each format checked to be one
+    Kiln loads and each group one the rotation is defined for."""
     import json
 
-    marked = set()
+    from nodes.runtime.convrot import is_group_size
+
+    marked = {}
     for key in state:
         if not key.endswith(QUANT):
             continue
         try:
             config = json.loads(bytes(state[key].reshape(-1).tolist()).decode("utf-8"))
             fmt = config.get("format")
+            params = config.get("params") if isinstance(config.get("params"), dict) else {}
+            rotated = fmt == INT8_FORMAT and bool(config.get("convrot", params.get("convrot", False)))
+            group = int(config.get("convrot_groupsize", params.get("convrot_groupsize", DEFAULT_ROTATION_GROUP)))
         except (ValueError, TypeError, AttributeError):
             raise _error(f"{what}: {key} is not the JSON a comfy_quant marker holds") from None
-        if fmt not in FP8_FORMATS:
+        if fmt not in (*FP8_FORMATS, INT8_FORMAT):
             raise _error(f"{what}: {key} marks the quantisation format {fmt!r}; Kiln loads "
-                         f"{' and '.join(FP8_FORMATS)} layers only")
-        marked.add(key[: -len(QUANT)])
+                         f"{', '.join(FP8_FORMATS)} and {INT8_FORMAT} layers only")
+        if rotated and not is_group_size(group):
+            raise _error(f"{what}: {key} rotates in groups of {group}; ConvRot groups are powers of 4")
+        marked[key[: -len(QUANT)]] = (fmt, group if rotated else 0)
     return marked
 
 
@@ -176,7 +207,7 @@ def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
     ``scales``: row scales under the model's own weight names (:func:`follow`)."""
     import torch
 
-    from nodes.runtime.fp8 import as_cast_linear, cast_linear_class, set_weight_scale
+    from nodes.runtime.fp8 import as_cast_linear, cast_linear_class, dequantised, set_weight_scale
 
     for key, scale in scales.items():
         owner = key[: -len(".weight")]
@@ -187,9 +218,13 @@ def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
         weight = layer.weight
         if scale.shape[0] != weight.shape[0]:
             raise _error(f"{what}: the scale for {key} has {scale.shape[0]} rows, the weight {weight.shape[0]}")
+        group = int(scale[0, 1]) if scale.shape[1] == 2 else 0  # a rotated layer's group (see take)
+        scale = scale[:, :1].contiguous()
         if type(layer) is cast_linear_class() or weight.is_meta:  # meta: built into disk blocks, all CastLinear
             as_cast_linear(layer)
-            set_weight_scale(layer, scale)
+            set_weight_scale(layer, scale, group)
+        elif weight.dtype == torch.int8:  # a layer the model keeps in float32 (T5's wo): dequantised once
+            layer.weight = torch.nn.Parameter(dequantised(weight, scale, group, torch.float32), requires_grad=False)
         else:  # cast to the compute dtype at load: multiply once, in that dtype
             with torch.no_grad():
                 weight.mul_(scale.to(weight.dtype))

@@ -58,17 +58,15 @@ def time_embedder_in_compute_dtype(model: Any) -> Any:
     Returns ``model``."""
     import torch
 
-    from nodes.runtime.fp8 import compute_dtype, weight_scale
+    from nodes.runtime.fp8 import compute_dtype, effective_weight
 
     dtype = compute_dtype(model)
     for layer in model.t_embedder.modules():
         if not isinstance(layer, torch.nn.Linear) or layer.weight.is_meta or layer.weight.numel() == 0:
             continue
-        weight = layer.weight.detach().to(dtype)
-        scale = weight_scale(layer)
-        if scale is not None:
-            weight = weight * scale.to(dtype)
-            layer._buffers.pop("kiln_scale")
+        weight = effective_weight(layer, dtype).detach()
+        layer._buffers.pop("kiln_scale", None)
+        vars(layer).pop("kiln_rotation", None)
         layer.weight = torch.nn.Parameter(weight, requires_grad=False)
         if layer.bias is not None:
             layer.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)

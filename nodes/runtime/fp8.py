@@ -10,18 +10,28 @@ linear weight stored narrower than the compute dtype (bf16 FLUX or fp16 T5 files
 CPU computing in fp32; :func:`held_dtype` is the rule). LoRAs on such layers run
 beside the weight (low rank, in the compute dtype) instead of being added into it.
 The same layer classes serve a model paged to disk (nodes.runtime.offload), with run-time
-patched convolutions and norms beside CastLinear (``as_run_time_patched``).
+patched convolutions and norms beside CastLinear (``as_run_time_patched``). Int8 weights (ComfyUI's
+``int8_tensorwise`` files, nodes.checkpoint.scaled_fp8) are held the same way: cast per call and
+multiplied by their scale, their input rotated first when the file stored them rotated
+(nodes.runtime.convrot).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable
 
+from nodes.runtime.convrot import rotate
+
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 
 def is_fp8(t: Any) -> bool:
     return str(t.dtype).replace("torch.", "") in FP8_DTYPES
+
+
+def is_int8(t: Any) -> bool:
+    """An int8 tensor: a quantised linear weight (it is only ever one of those here)."""
+    return str(t.dtype) == "torch.int8"
 
 
 def _cast_linear_class():
@@ -49,7 +59,8 @@ def _cast_linear_class():
                 return torch.nn.functional.linear(x, *_with_deltas(self, x.dtype))
             w = _scaled(self, self.weight.to(x.dtype))
             b = self.bias.to(x.dtype) if self.bias is not None else None
-            out = torch.nn.functional.linear(x, w, b)
+            group = rotation_group(self)  # a rotated int8 weight: rotate the input instead of the weight
+            out = torch.nn.functional.linear(rotate(x, group) if group else x, w, b)
             for up, down, coefficient in self.kiln_lora:
                 if down == "product":  # a LyCORIS LoHa / LoKr patch, rebuilt for this call
                     delta = up.delta(up.shape, x.device).to(x.dtype)
@@ -92,7 +103,7 @@ def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
 
     w, b = layer.weight, getattr(layer, "bias", None)  # RMSNorm has no bias
     if weight_scale(layer) is not None:
-        w = _scaled(layer, w.to(torch.float32))
+        w = effective_weight(layer, torch.float32)
     for kind, patch, strength in layer.kiln_deltas:
         t = (b if kind == "bias" else w).to(torch.float32)
         if hasattr(patch, "apply"):
@@ -101,20 +112,44 @@ def _with_deltas(layer: Any, dtype: Any = None) -> tuple:
             t = t + patch.delta(tuple(t.shape), t.device) * strength
         w, b = (w, t) if kind == "bias" else (t, b)
     stored = (layer.weight, getattr(layer, "bias", None))  # a norm may have neither
-    return tuple(t.to(dtype or s.dtype) if t is not None else None for t, s in zip((w, b), stored))
+    dtypes = [dtype or (s.dtype if s.is_floating_point() else torch.float32) if s is not None else None
+              for s in stored]  # an int8 weight's patched form is a float
+    return tuple(t.to(d) if t is not None else None for t, d in zip((w, b), dtypes))
 
 
-def set_weight_scale(layer: Any, scale: Any) -> None:
-    """Give a CastLinear the scale its stored weight was divided by (ComfyUI's scaled fp8 files,
+def set_weight_scale(layer: Any, scale: Any, rotation: int = 0) -> None:
+    """Give a CastLinear the scale its stored weight was divided by (ComfyUI's scaled fp8 and int8 files,
     nodes.checkpoint.scaled_fp8): one float32 per output row, shape (rows, 1). Held as a buffer left
     out of the state dict, so it moves with the layer between devices and the module's keys stay
-    the model's own."""
+    the model's own. ``rotation``: the ConvRot group its weight's columns were rotated in (0: none)."""
     layer.register_buffer("kiln_scale", scale, persistent=False)
+    if rotation:
+        layer.kiln_rotation = rotation
 
 
 def weight_scale(layer: Any) -> Any:
     """The layer's weight scale (:func:`set_weight_scale`), None when its weight is stored as is."""
     return layer._buffers.get("kiln_scale")
+
+
+def rotation_group(layer: Any) -> int:
+    """The ConvRot group of the layer's stored weight (:func:`set_weight_scale`), 0 when not rotated."""
+    return vars(layer).get("kiln_rotation", 0)
+
+
+def dequantised(weight: Any, scale: Any, rotation: int, dtype: Any) -> Any:
+    """The weight a layer computes with, in ``dtype``: the stored ``weight`` cast, times its row
+    ``scale`` (None: none) in that dtype as ComfyUI's layers multiply it, its columns rotated back
+    when stored rotated in groups of ``rotation``."""
+    w = weight.to(dtype)
+    if scale is not None:
+        w = w * scale.to(dtype)
+    return rotate(w, rotation) if rotation else w
+
+
+def effective_weight(layer: Any, dtype: Any) -> Any:
+    """:func:`dequantised` for one CastLinear (or plain linear) layer: what its forward multiplies by."""
+    return dequantised(layer.weight, weight_scale(layer), rotation_group(layer), dtype)
 
 
 def _scaled(layer: Any, w: Any) -> Any:
@@ -228,8 +263,9 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
     out, cast = {}, {}  # cast: one converted copy per file tensor, so tied weights stay one tensor
     for k, v in state.items():
         owner = k.rsplit(".", 1)[0]
-        held = held_dtype(v.dtype, compute_dtype, k.endswith(".weight") and owner in linears)
-        if held == v.dtype and held != compute_dtype and v.is_floating_point():
+        linear_weight = k.endswith(".weight") and owner in linears
+        held = held_dtype(v.dtype, compute_dtype, linear_weight)
+        if held == v.dtype and held != compute_dtype and (v.is_floating_point() or (linear_weight and is_int8(v))):
             out[k] = v
             module.get_submodule(owner).__class__ = cast_linear
         else:
@@ -273,7 +309,7 @@ def stored_apart(p: Any, module: Any) -> bool:
     """Whether parameter ``p`` of ``module`` rests in another dtype than the module computes in (fp8,
     or kept narrow): a patch must then run beside it, since adding into it would round the patch
     to the stored precision."""
-    return is_fp8(p) or (p.is_floating_point() and p.dtype != compute_dtype(module))
+    return is_fp8(p) or is_int8(p) or (p.is_floating_point() and p.dtype != compute_dtype(module))
 
 
 def kept_as_stored(module: Any) -> str:
@@ -284,7 +320,7 @@ def kept_as_stored(module: Any) -> str:
 
 def _short_names(dtypes: Any) -> str:
     """Storage dtypes as a loader's message names them ("bf16", "fp8"...), each once, joined by "/"."""
-    short = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16"}
+    short = {"float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
     return "/".join(sorted({short.get(str(d).replace("torch.", ""), str(d)) for d in dtypes}))
 
 
