@@ -14,7 +14,6 @@ folder's or the shipped ones. fp8 transformer weights stay fp8 (nodes.runtime.fp
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -323,39 +322,24 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
+    from nodes.checkpoint.flow_transformers import folder_modules, folder_scheduler_config, vae_latent
     from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.load import quiet_progress
-    from nodes.runtime.measure import module_bytes
 
-    quiet_progress()
+    def others() -> dict[str, Any]:
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
+                "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
+
     p = str(path)
-    try:
-        modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                   "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
-                   "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
-        besides = sum(module_bytes(m) for m in modules.values())
-        modules["unet"] = folder_component(path / "transformer", FluxTransformer2DModel, dtype, offload, besides,
-                                           as_stored=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX folder ({exc})") from exc
-    for m in modules.values():
-        m.eval()
-        m.requires_grad_(False)
+    modules = folder_modules(path, "FLUX", others, FluxTransformer2DModel, dtype, offload)
     tokenizers = _tokenizers()
     if (path / "tokenizer").is_dir():
         tokenizers["tokenizer"] = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer", local_files_only=True)
     if (path / "tokenizer_2").is_dir():
         tokenizers["tokenizer_2"] = T5TokenizerFast.from_pretrained(p, subfolder="tokenizer_2", local_files_only=True)
     family = fam.FAMILY if modules["unet"].config.guidance_embeds else fam.SCHNELL
-    config = family.scheduler_config()
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    vae_cfg = modules["vae"].config
-    import dataclasses
-
-    latent = dataclasses.replace(family.latent, scale=float(vae_cfg.scaling_factor),
-                                 shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
+    config = folder_scheduler_config(path, family)
+    latent = vae_latent(family, modules["vae"])
     return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules, tokenizers=tokenizers,
                   info={"format": "diffusers", "prediction_type": "flow",
                         "prediction_reason": "flow matching (FLUX)", **_held_note(modules["unet"])})
