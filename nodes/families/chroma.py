@@ -36,6 +36,7 @@ from typing import Any
 
 from nodes.families import flux
 from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: Only Chroma's transformer has the approximator; both key layouts name it so.
 APPROXIMATOR = "distilled_guidance_layer."
@@ -61,13 +62,9 @@ class ChromaNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a Chroma latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
-                                    "latent_image")
-        if encoder_hidden_states.shape[-1] != self.text_width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this Chroma "
-                                    f"transformer reads {self.text_width} (encode the prompt with a T5-XXL: "
-                                    "CLIPLoader type chroma)", "positive")
+        check_even_latent("Chroma", h, w)
+        check_text_width("Chroma", encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with a T5-XXL: CLIPLoader type chroma")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         tokens, ids = flux.pack(x), flux.image_ids(h, w, self.device, self.dtype)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)

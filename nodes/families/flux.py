@@ -33,6 +33,7 @@ from nodes.families import flux_references
 from nodes.families import sdxl as sdxl_family
 from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
+from nodes.families.input_checks import check_even_latent
 from nodes.runtime.compiled import eager_while_hooked
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
@@ -112,9 +113,7 @@ class FluxNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a FLUX latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
-                                    "latent_image")
+        check_even_latent("FLUX", h, w)
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
         tokens, ids = pack(x), image_ids(h, w, self.device, self.dtype)

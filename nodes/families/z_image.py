@@ -28,6 +28,7 @@ from typing import Any
 
 from nodes.families import flux
 from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: One user turn and the assistant's opening, as Qwen3's chat template renders it (no think block).
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -59,13 +60,9 @@ class ZImageNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a Z-Image latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
-                                    "latent_image")
-        if encoder_hidden_states.shape[-1] != self.text_width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this Z-Image "
-                                    f"transformer reads {self.text_width} (encode the prompt with Qwen3-4B: "
-                                    "CLIPLoader type lumina2)", "positive")
+        check_even_latent("Z-Image", h, w)
+        check_text_width("Z-Image", encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with Qwen3-4B: CLIPLoader type lumina2")
         sigma = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         latents = list(x.unsqueeze(2).unbind(0))
         out = self.transformer(latents, 1.0 - sigma, captions(encoder_hidden_states, text_tokens), return_dict=False,
