@@ -14,10 +14,9 @@ unchanged:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
@@ -68,28 +67,16 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     fingerprint=fingerprinter(MODEL_PATCH_FOLDER, "name"),
 )
 def model_patch_loader(ctx, name: str):
-    """Load a model patch once; what it is comes from its keys."""
-    from nodes.checkpoint.load import CheckpointError
+    """Load a model patch once; what it is comes from its keys (nodes.controlnet.held_controlnet)."""
+    from nodes.controlnet import held_controlnet
     from nodes.runtime.models import file_key
 
     path = locate(ctx.env, MODEL_PATCH_FOLDER, name, "name")
     manager = model_manager(ctx.env)
-    key = file_key(path, "model_patch")
     loader = functools.partial(lambda p, m: load_model_patch(p, m.dtype), path)
-    try:
-        loaded = manager.acquire(key, loader)
-    except CheckpointError as exc:
-        raise NodeError(str(exc), "name") from None
-    except MemoryError:
-        raise NodeError(f"not enough memory to load {name}", "name") from None
-
-    @contextlib.contextmanager
-    def use() -> Iterator[Any]:
-        with manager.use(key, "", loader) as network:
-            yield network
-
+    loaded, handle = held_controlnet(manager, file_key(path, "model_patch"), loader, name, "name")
     ctx.message(f"{name}: {loaded.info.get('format')}, on {manager.device}")
-    return (ControlNetHandle(name=name, family=loaded.family, config=dict(loaded.network.config), _use=use),)
+    return (handle,)
 
 
 @define_node(
