@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: Only Chroma's transformer has the approximator; both key layouts name it so.
@@ -93,7 +93,7 @@ def _fit_mask(mask: "Any", tokens: int) -> "Any":
     return mask.repeat(1, tokens // length)
 
 
-class Chroma(Family):
+class Chroma(FlowFamily):
     name = "chroma"
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "t5", T5_PREFIX),)
@@ -119,11 +119,6 @@ class Chroma(Family):
     def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
         """FLUX [dev]'s shifted flow schedule (see the module docstring)."""
         return flux.FAMILY.scheduler_config(prediction_type, guidance=True)
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 from nodes.families import attention_bias as attention_bias_rule
 from nodes.families import flux_references
 from nodes.families import sdxl as sdxl_family
-from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
+from nodes.families.base import (ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
 from nodes.families.input_checks import check_even_latent
 from nodes.runtime.compiled import eager_while_hooked
@@ -155,7 +155,7 @@ def without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
         hook.remove()
 
 
-class Flux(Family):
+class Flux(FlowFamily):
     name = "flux"
     latent = FLUX_LATENT
     text_encoders = (
@@ -197,12 +197,6 @@ class Flux(Family):
         return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": 1.0,
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        """Flow-matching sampling for the custom-sampling nodes (KSampler's grid and stepper)."""
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------
 

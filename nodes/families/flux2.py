@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux, flux_references
-from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
 
 UNET_PREFIX = flux.UNET_PREFIX
@@ -108,7 +108,7 @@ class Flux2Network(WrappedTransformer):
         return (out[:, :h * w].permute(0, 2, 1).reshape(b, -1, h, w),)
 
 
-class Flux2(Family):
+class Flux2(FlowFamily):
     name = "flux2"
     latent = FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", UNET_PREFIX),)
@@ -141,11 +141,6 @@ class Flux2(Family):
                 "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                 "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow",
                 MU_RULE: "flux2"}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

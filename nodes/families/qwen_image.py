@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux, flux_references
-from nodes.families.base import Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.families.sdxl import ChannelLatentFormat
 
@@ -120,7 +120,7 @@ def renormed(guided: "Any", cond: "Any") -> "Any":
     return (guided.float() * (token_norm(cond) / token_norm(guided))).to(guided.dtype)
 
 
-class QwenImage(Family):
+class QwenImage(FlowFamily):
     name = "qwen_image"
     latent = QWEN_LATENT
     #: Its ControlNets (nodes.control.qwen_image) read the hint as VAE latents; the Fun ones run on the
@@ -150,11 +150,6 @@ class QwenImage(Family):
 
     def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
         return dict(SCHEDULER)
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     def combine_guidance(self, guided: "Any", cond: "Any") -> "Any":
         return renormed(guided, cond)

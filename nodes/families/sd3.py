@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
+from nodes.families.base import (ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
 from nodes.families.input_checks import check_text_width
 
@@ -90,7 +90,7 @@ class SD3Network(WrappedTransformer):
         return (out,)
 
 
-class SD3(Family):
+class SD3(FlowFamily):
     name = "sd3"
     latent = SD3_LATENT
     text_encoders = (
@@ -131,11 +131,6 @@ class SD3(Family):
         return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": float(shift),
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                 "max_image_seq_len": 4096, "prediction_type": "flow", TRAIN_GRID: True}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

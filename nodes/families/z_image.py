@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: One user turn and the assistant's opening, as Qwen3's chat template renders it (no think block).
@@ -88,7 +88,7 @@ def own_tokens(row: Any, count: "int | None") -> Any:
     return head if torch.equal(row, head.repeat(total // count, 1)) else row
 
 
-class ZImage(Family):
+class ZImage(FlowFamily):
     name = "z-image"
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", QWEN3_PREFIX),)
@@ -120,11 +120,6 @@ class ZImage(Family):
         return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": SHIFT,
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 
