@@ -127,6 +127,18 @@ def _hint(image: Any) -> Any:
     return image[..., :3].movedim(-1, 1).to(torch.float32).contiguous()
 
 
+def check_hint_vae(vae: Any, reader: str, family: Any) -> None:
+    """Refuse a ``vae`` that cannot encode a latent hint for ``reader`` (a ControlNet or model patch):
+    not a loader's VAE, or one making other than ``family``'s latent channels. One rule for every
+    control that reads its hint as latents."""
+    if not hasattr(vae, "encode"):
+        raise NodeError("vae must be a VAE from a loader", "vae")
+    channels, wanted = getattr(vae, "latent_channels", None), family.latent.channels
+    if channels is not None and channels != wanted:
+        raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {reader} reads the "
+                        f"{family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
+
+
 def _check(control_net: Any, start: float = 0.0, end: float = 1.0) -> None:
     if not isinstance(control_net, ControlNetHandle):
         raise NodeError(f"control_net must come from a ControlNet loader, got {type(control_net).__name__}",
@@ -187,12 +199,7 @@ def _apply_both(node: str, positive, negative, control_net, image, strength: flo
         if vae is None:
             raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which reads its hint as "
                             "latents: connect the model's VAE to the vae input", "vae")
-        if not hasattr(vae, "encode"):
-            raise NodeError("vae must be a VAE from a loader", "vae")
-        channels, wanted = getattr(vae, "latent_channels", None), control_net.family.latent.channels
-        if channels is not None and channels != wanted:
-            raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {control_net.name} reads the "
-                            f"{control_net.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
+        check_hint_vae(vae, control_net.name, control_net.family)
     latent_vae = vae if control_net.family.controlnet_latent_hint else None
     prompt = _first_prompt(positive) if control_net.family.controlnet_reads_positive_prompt(control_net.config) \
         else None

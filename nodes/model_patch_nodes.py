@@ -94,7 +94,7 @@ def model_patch_loader(ctx, name: str):
 )
 def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strength: float, mask: Any = None):
     """The model with this ControlNet on every step, both sides of guidance; strength 0 changes nothing."""
-    from nodes.controlnet import _hint
+    from nodes.controlnet import _hint, check_hint_vae
 
     if not hasattr(model, "patches") or not hasattr(model, "family"):
         raise NodeError("model must be a MODEL from a loader", "model")
@@ -120,12 +120,7 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
         ctx.message(f"mask: {model_patch.name} reads no inpainting mask; it is applied without it")
     if float(strength) == 0.0:
         return (model,)
-    if not hasattr(vae, "encode"):
-        raise NodeError("vae must be a VAE from a loader", "vae")
-    channels, wanted = getattr(vae, "latent_channels", None), model.family.latent.channels
-    if channels is not None and channels != wanted:
-        raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {model_patch.name} reads the "
-                        f"{model.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
+    check_hint_vae(vae, model_patch.name, model.family)
     field = "blockwise" if blockwise else "model_control"
     link = ControlLink(model_patch, hint, float(strength), previous=getattr(model.patches, field),
                        applied_by="QwenImageDiffsynthControlnet", vae=vae, mask=kept)
