@@ -31,20 +31,19 @@ def has_chroma_transformer(shapes: Any) -> bool:
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """ChromaTransformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
-    (nodes.checkpoint.flux_load.transformer_from_original) on Chroma's key table."""
+    (nodes.checkpoint.flux_load.transformer_from_file) on Chroma's key table."""
     from diffusers import ChromaTransformer2DModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.flux_load import transformer_from_original
+    from nodes.checkpoint.flux_load import transformer_from_file
 
-    state, scales = scaled_fp8.take(chroma_keys.strip(dict(state)), what)
-    if any(k.startswith(RADIANCE) for k in state):
-        raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
-                              "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
-    diffusers = DIFFUSERS_MARKER in state
-    return transformer_from_original(dict(state), scales, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
-                                     chroma_keys.original_to_diffusers,
-                                     chroma_keys.diffusers_to_original if diffusers else None)
+    def latent_only(state: Any) -> None:
+        if any(k.startswith(RADIANCE) for k in state):
+            raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
+                                  "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
+
+    return transformer_from_file(state, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
+                                 chroma_keys.original_to_diffusers, chroma_keys.diffusers_to_original,
+                                 lambda s: DIFFUSERS_MARKER in s, latent_only)
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:

@@ -35,19 +35,18 @@ def has_flux2_transformer(shapes: Any) -> bool:
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """Flux2Transformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
-    (nodes.checkpoint.flux_load.transformer_from_original) on FLUX.2's key table."""
+    (nodes.checkpoint.flux_load.transformer_from_file) on FLUX.2's key table."""
     from diffusers import Flux2Transformer2DModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.flux_load import transformer_from_original
+    from nodes.checkpoint.flux_load import transformer_from_file
 
-    state, scales = scaled_fp8.take(flux2_keys.strip(dict(state)), what)
-    if any(k in state for k in fam.DEV_MARKERS):
-        raise CheckpointError(f"{what} {DEV_REFUSAL}")
-    diffusers = DIFFUSERS_MARKER in state
-    return transformer_from_original(dict(state), scales, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
-                                     flux2_keys.original_to_diffusers,
-                                     flux2_keys.diffusers_to_original if diffusers else None)
+    def klein_only(state: Any) -> None:
+        if any(k in state for k in fam.DEV_MARKERS):
+            raise CheckpointError(f"{what} {DEV_REFUSAL}")
+
+    return transformer_from_file(state, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
+                                 flux2_keys.original_to_diffusers, flux2_keys.diffusers_to_original,
+                                 lambda s: DIFFUSERS_MARKER in s, klein_only)
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:

@@ -41,13 +41,26 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     nodes.runtime.fp8.held_dtype: fp8 kept fp8, bf16 kept bf16 when computing in fp32)."""
     from diffusers import FluxTransformer2DModel
 
+    return transformer_from_file(state, what, dtype, FluxTransformer2DModel, "FLUX", flux_keys,
+                                 flux_keys.bfl_to_diffusers, flux_keys.diffusers_to_bfl,
+                                 lambda s: all(k in s for k in fam.DIFFUSERS_MARKERS))
+
+
+def transformer_from_file(state: Mapping[str, Any], what: str, dtype: Any, model_cls: Any, label: str, keys: Any,
+                          to_diffusers: Callable, from_diffusers: Callable, is_diffusers: Callable[[Any], bool],
+                          refuse: Callable[[Any], None] | None = None) -> Any:
+    """A FLUX-shaped transformer (FLUX's, Chroma's, FLUX.2's, Z-Image's) from a file's tensors in either
+    layout, one rule for all: ComfyUI's ``model.diffusion_model.`` taken off (``keys.strip``), the fp8
+    scales taken (nodes.checkpoint.scaled_fp8.take), ``refuse(state)`` (a family's CheckpointError for
+    a variant Kiln does not run), then :func:`transformer_from_original`, through ``from_diffusers``
+    first when ``is_diffusers(state)`` (diffusers' layout in one file)."""
     from nodes.checkpoint import scaled_fp8
 
-    state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
-    state, scales = scaled_fp8.take(state, what)
-    diffusers = all(k in state for k in fam.DIFFUSERS_MARKERS)  # diffusers' layout in one file
-    return transformer_from_original(dict(state), scales, what, dtype, FluxTransformer2DModel, "FLUX", flux_keys,
-                                     flux_keys.bfl_to_diffusers, flux_keys.diffusers_to_bfl if diffusers else None)
+    state, scales = scaled_fp8.take(keys.strip(dict(state)), what)
+    if refuse is not None:
+        refuse(state)
+    return transformer_from_original(dict(state), scales, what, dtype, model_cls, label, keys, to_diffusers,
+                                     from_diffusers if is_diffusers(state) else None)
 
 
 def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], what: str, dtype: Any,
@@ -58,7 +71,6 @@ def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], wha
     scales following them, linear weights held as stored. ``from_diffusers``: the file is in
     diffusers' layout, brought to the original one first (its scales already carry the model's names)."""
     from nodes.checkpoint import scaled_fp8
-    from nodes.runtime.fp8 import keep_linears_as_stored
 
     if from_diffusers is not None:
         state, scales = from_diffusers(state), {}
@@ -72,12 +84,7 @@ def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], wha
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete {label} transformer ({exc} is missing)") from None
     model = _empty(model_cls, config)
-    converted = keep_linears_as_stored(model, converted, dtype)
-    try:
-        model = _assign(model, converted, f"{label} transformer ({what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    return scaled_fp8.fill_as_stored(model, converted, scales, dtype, what, f"{label} transformer ({what})")
 
 
 def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:

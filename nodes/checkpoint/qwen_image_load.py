@@ -56,8 +56,7 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     from diffusers import QwenImageTransformer2DModel
 
     from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.load import _assign, _empty
-    from nodes.runtime.fp8 import keep_linears_as_stored
+    from nodes.checkpoint.load import _empty
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
     state, scales = scaled_fp8.take(state, what)
@@ -67,12 +66,7 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete Qwen-Image transformer ({exc} is missing)") from None
     model = _empty(QwenImageTransformer2DModel, config)
-    state = keep_linears_as_stored(model, dict(state), dtype)
-    try:
-        model = _assign(model, state, f"Qwen-Image transformer ({what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    return scaled_fp8.fill_as_stored(model, state, scales, dtype, what, f"Qwen-Image transformer ({what})")
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
@@ -85,11 +79,9 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
 
 def text_prefix(keys: Any) -> str | None:
     """The language model's key prefix in a Qwen2.5-VL file, or None when it is not one."""
-    keys = set(keys)
-    for prefix in TEXT_PREFIXES:
-        if prefix + TEXT_MARKER in keys and prefix + "embed_tokens.weight" in keys:
-            return prefix
-    return None
+    from nodes.checkpoint.qwen3_text import decoder_prefix
+
+    return decoder_prefix(keys, TEXT_PREFIXES, TEXT_MARKER)
 
 
 def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
@@ -121,8 +113,7 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextModel
 
     from nodes.checkpoint import qwen_vision, scaled_fp8
-    from nodes.checkpoint.load import _assign, _empty
-    from nodes.runtime.fp8 import keep_linears_as_stored
+    from nodes.checkpoint.load import _empty
 
     prefix = text_prefix(state.keys())
     if prefix is None:
@@ -143,12 +134,7 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     else:
         model = _empty(Qwen2_5_VLTextModel, text)
         kind = "Qwen2.5-VL"
-    sub = keep_linears_as_stored(model, dict(sub), dtype)  # an fp8 file's linears stay fp8, cast per layer
-    try:
-        model = _assign(model, sub, f"Qwen-Image text encoder ({kind}, {what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    return scaled_fp8.fill_as_stored(model, sub, scales, dtype, what, f"Qwen-Image text encoder ({kind}, {what})")
 
 
 # -- diffusers folders ----------------------------------------------------------------------------

@@ -37,13 +37,10 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """ZImageTransformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
     from diffusers import ZImageTransformer2DModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.flux_load import transformer_from_original
+    from nodes.checkpoint.flux_load import transformer_from_file
 
-    state, scales = scaled_fp8.take(keys.strip(dict(state)), what)
-    diffusers = keys.is_diffusers(state)
-    model = transformer_from_original(dict(state), scales, what, dtype, ZImageTransformer2DModel, LABEL, keys,
-                                      keys.original_to_diffusers, keys.diffusers_to_original if diffusers else None)
+    model = transformer_from_file(state, what, dtype, ZImageTransformer2DModel, LABEL, keys,
+                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
     return time_embedder_in_compute_dtype(model)
 
 
