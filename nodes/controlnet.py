@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from engine import types as T
 from engine.context import NodeError
@@ -46,8 +46,30 @@ def _load(path, base: Any, manager) -> Any:
     return load_controlnet(path, manager.dtype, base)
 
 
-def _handle(ctx, control_net_name: str, model: Any = None) -> ControlNetHandle:
+def held_controlnet(manager: Any, key: tuple, loader: Callable[[Any], Any], name: str,
+                    input_name: str) -> tuple[Any, ControlNetHandle]:
+    """(the loaded entry, its CONTROL_NET handle) for a ControlNet-shaped network the model manager
+    holds under ``key`` (a ControlNet file, a model patch): loaded once, placed on the compute device
+    only while a sampler uses it; a file Kiln cannot load, or running out of memory, is a NodeError
+    naming ``input_name``. One rule for every loader whose output is a CONTROL_NET."""
     from nodes.checkpoint.load import CheckpointError
+
+    try:
+        loaded = manager.acquire(key, loader)
+    except CheckpointError as exc:
+        raise NodeError(str(exc), input_name) from None
+    except MemoryError:
+        raise NodeError(f"not enough memory to load {name}", input_name) from None
+
+    @contextlib.contextmanager
+    def use() -> Iterator[Any]:
+        with manager.use(key, "", loader) as network:
+            yield network
+
+    return loaded, ControlNetHandle(name=name, family=loaded.family, config=dict(loaded.network.config), _use=use)
+
+
+def _handle(ctx, control_net_name: str, model: Any = None) -> ControlNetHandle:
     from nodes.runtime.models import file_key
 
     path = locate(ctx.env, CONTROLNET_FOLDER, control_net_name, "control_net_name")
@@ -55,23 +77,11 @@ def _handle(ctx, control_net_name: str, model: Any = None) -> ControlNetHandle:
     base = model.peek() if model is not None else None
     # A diff ControlNet's weights depend on the model they are added to: one entry per base.
     key = file_key(path, "controlnet") + ((id(base),) if base is not None else ())
-    loader = functools.partial(_load, path, base)
-    try:
-        loaded = manager.acquire(key, loader)
-    except CheckpointError as exc:
-        raise NodeError(str(exc), "control_net_name") from None
-    except MemoryError:
-        raise NodeError(f"not enough memory to load {control_net_name}", "control_net_name") from None
-
-    @contextlib.contextmanager
-    def use() -> Iterator[Any]:
-        with manager.use(key, "", loader) as network:
-            yield network
-
+    loaded, handle = held_controlnet(manager, key, functools.partial(_load, path, base), control_net_name,
+                                     "control_net_name")
     ctx.message(f"{control_net_name}: {loaded.family.name} ControlNet ({loaded.info.get('format')}), "
                 f"on {manager.device}")
-    return ControlNetHandle(name=control_net_name, family=loaded.family, config=dict(loaded.network.config),
-                            _use=use)
+    return handle
 
 
 @define_node(
@@ -115,6 +125,18 @@ def _hint(image: Any) -> Any:
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
         raise NodeError("image must be an IMAGE [B, H, W, C] with at least 3 channels", "image")
     return image[..., :3].movedim(-1, 1).to(torch.float32).contiguous()
+
+
+def check_hint_vae(vae: Any, reader: str, family: Any) -> None:
+    """Refuse a ``vae`` that cannot encode a latent hint for ``reader`` (a ControlNet or model patch):
+    not a loader's VAE, or one making other than ``family``'s latent channels. One rule for every
+    control that reads its hint as latents."""
+    if not hasattr(vae, "encode"):
+        raise NodeError("vae must be a VAE from a loader", "vae")
+    channels, wanted = getattr(vae, "latent_channels", None), family.latent.channels
+    if channels is not None and channels != wanted:
+        raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {reader} reads the "
+                        f"{family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
 
 
 def _check(control_net: Any, start: float = 0.0, end: float = 1.0) -> None:
@@ -177,12 +199,7 @@ def _apply_both(node: str, positive, negative, control_net, image, strength: flo
         if vae is None:
             raise NodeError(f"{control_net.name} is a {control_net.family.name} ControlNet, which reads its hint as "
                             "latents: connect the model's VAE to the vae input", "vae")
-        if not hasattr(vae, "encode"):
-            raise NodeError("vae must be a VAE from a loader", "vae")
-        channels, wanted = getattr(vae, "latent_channels", None), control_net.family.latent.channels
-        if channels is not None and channels != wanted:
-            raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {control_net.name} reads the "
-                            f"{control_net.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
+        check_hint_vae(vae, control_net.name, control_net.family)
     latent_vae = vae if control_net.family.controlnet_latent_hint else None
     prompt = _first_prompt(positive) if control_net.family.controlnet_reads_positive_prompt(control_net.config) \
         else None

@@ -14,10 +14,9 @@ unchanged:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
@@ -68,28 +67,16 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     fingerprint=fingerprinter(MODEL_PATCH_FOLDER, "name"),
 )
 def model_patch_loader(ctx, name: str):
-    """Load a model patch once; what it is comes from its keys."""
-    from nodes.checkpoint.load import CheckpointError
+    """Load a model patch once; what it is comes from its keys (nodes.controlnet.held_controlnet)."""
+    from nodes.controlnet import held_controlnet
     from nodes.runtime.models import file_key
 
     path = locate(ctx.env, MODEL_PATCH_FOLDER, name, "name")
     manager = model_manager(ctx.env)
-    key = file_key(path, "model_patch")
     loader = functools.partial(lambda p, m: load_model_patch(p, m.dtype), path)
-    try:
-        loaded = manager.acquire(key, loader)
-    except CheckpointError as exc:
-        raise NodeError(str(exc), "name") from None
-    except MemoryError:
-        raise NodeError(f"not enough memory to load {name}", "name") from None
-
-    @contextlib.contextmanager
-    def use() -> Iterator[Any]:
-        with manager.use(key, "", loader) as network:
-            yield network
-
+    loaded, handle = held_controlnet(manager, file_key(path, "model_patch"), loader, name, "name")
     ctx.message(f"{name}: {loaded.info.get('format')}, on {manager.device}")
-    return (ControlNetHandle(name=name, family=loaded.family, config=dict(loaded.network.config), _use=use),)
+    return (handle,)
 
 
 @define_node(
@@ -107,7 +94,7 @@ def model_patch_loader(ctx, name: str):
 )
 def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strength: float, mask: Any = None):
     """The model with this ControlNet on every step, both sides of guidance; strength 0 changes nothing."""
-    from nodes.controlnet import _hint
+    from nodes.controlnet import _hint, check_hint_vae
 
     if not hasattr(model, "patches") or not hasattr(model, "family"):
         raise NodeError("model must be a MODEL from a loader", "model")
@@ -133,12 +120,7 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
         ctx.message(f"mask: {model_patch.name} reads no inpainting mask; it is applied without it")
     if float(strength) == 0.0:
         return (model,)
-    if not hasattr(vae, "encode"):
-        raise NodeError("vae must be a VAE from a loader", "vae")
-    channels, wanted = getattr(vae, "latent_channels", None), model.family.latent.channels
-    if channels is not None and channels != wanted:
-        raise NodeError(f"{vae.name or 'the vae'} makes {channels}-channel latents; {model_patch.name} reads the "
-                        f"{model.family.name} VAE's {wanted}-channel ones: connect the model's VAE", "vae")
+    check_hint_vae(vae, model_patch.name, model.family)
     field = "blockwise" if blockwise else "model_control"
     link = ControlLink(model_patch, hint, float(strength), previous=getattr(model.patches, field),
                        applied_by="QwenImageDiffsynthControlnet", vae=vae, mask=kept)

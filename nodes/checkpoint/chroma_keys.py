@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.checkpoint import flux_keys
-from nodes.checkpoint.flux_keys import KeyMismatch
+from nodes.checkpoint.flux_keys import KeyMismatch  # noqa: F401  (the loader catches keys.KeyMismatch)
 
 #: FLUX tensors Chroma has none of (its approximator gives the modulation instead).
 _FLUX_ONLY = ("time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation.")
@@ -42,44 +42,25 @@ def pairs(original_keys: Any, diffusers_keys: Any) -> list[tuple[list[str], list
     return rows
 
 
-def strip(state: dict[str, Any]) -> dict[str, Any]:
-    p = "model.diffusion_model."
-    return {k[len(p):] if k.startswith(p) else k: v for k, v in state.items()}
+#: ComfyUI's ``model.diffusion_model.`` taken off (nodes.checkpoint.flux_keys.strip).
+strip = flux_keys.strip
 
 
 def plan(keys: Any) -> list[tuple[str, list[str], str]]:
-    """(original name, diffusers names, how) for every tensor of an original-layout key set.
+    """(original name, diffusers names, how) for every tensor of an original-layout key set (FLUX's
+    walker, nodes.checkpoint.flux_keys.plan_from, on this table).
     Raises :class:`~nodes.checkpoint.flux_keys.KeyMismatch` naming missing and left-over keys."""
-    keys = set(keys)
-    out = [(o[0], d, how) for o, d, how in pairs(keys, ()) if o[0] in keys]
-    missing = [o[0] for o, _, _ in pairs(keys, ()) if o[0] not in keys]
-    extra = sorted(keys - {key for key, _, _ in out})
-    if missing or extra:
-        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
-    return out
+    return flux_keys.plan_from(pairs, keys)
 
 
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers-layout tensors from original-layout ones (``model.diffusion_model.`` stripped first)."""
-    state = strip(state)
-    hidden = int(state["img_in.weight"].shape[0])
-    out: dict[str, Any] = {}
-    for key, diff, how in plan(state.keys()):
-        out.update(flux_keys.convert(state[key], diff, how, hidden))
-    return out
+    return flux_keys.to_diffusers(state, plan)
 
 
 def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """Original-layout tensors from a ChromaTransformer2DModel state dict (the inverse)."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for original, diff, how in pairs((), state.keys()):
-        if diff[0] not in state:
-            continue
-        out[original[0]] = state[diff[0]] if how == "rename" else torch.cat([state[d] for d in diff], dim=0)
-    return out
+    return flux_keys.to_original(state, pairs)
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

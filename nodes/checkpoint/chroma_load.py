@@ -9,14 +9,14 @@
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import chroma_keys
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import flow_info, is_pipeline_folder, transformer_file
+from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_folder, load_pipeline_folder,
+                                                transformer_file)
 from nodes.families import chroma as fam
 
 #: diffusers' layout of the approximator (the original names its layers in_layer / out_layer).
@@ -31,24 +31,19 @@ def has_chroma_transformer(shapes: Any) -> bool:
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """ChromaTransformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
-    (nodes.checkpoint.flux_load.transformer_from_original) on Chroma's key table."""
+    (nodes.checkpoint.flux_load.transformer_from_file) on Chroma's key table."""
     from diffusers import ChromaTransformer2DModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.flux_load import transformer_from_original
+    from nodes.checkpoint.flux_load import transformer_from_file
 
-    state, scales = scaled_fp8.take(chroma_keys.strip(dict(state)), what)
-    if any(k.startswith(RADIANCE) for k in state):
-        raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
-                              "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
-    diffusers = DIFFUSERS_MARKER in state
-    return transformer_from_original(dict(state), scales, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
-                                     chroma_keys.original_to_diffusers,
-                                     chroma_keys.diffusers_to_original if diffusers else None)
+    def latent_only(state: Any) -> None:
+        if any(k.startswith(RADIANCE) for k in state):
+            raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
+                                  "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
 
-
-def _info(transformer: Any, fmt: str) -> dict[str, Any]:
-    return flow_info(transformer, fmt, "Chroma")
+    return transformer_from_file(state, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
+                                 chroma_keys.original_to_diffusers, chroma_keys.diffusers_to_original,
+                                 lambda s: DIFFUSERS_MARKER in s, latent_only)
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
@@ -62,39 +57,18 @@ def is_chroma_folder(path: Path) -> bool:
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
-    """A diffusers Chroma pipeline folder; T5 and the transformer held as stored, as FLUX's folders."""
-    import dataclasses
-
+    """A diffusers Chroma pipeline folder (nodes.checkpoint.flow_transformers.load_pipeline_folder);
+    T5 and the transformer held as stored, as FLUX's folders."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
     from transformers import T5TokenizerFast
 
     from nodes.checkpoint.flux_load import _folder_t5
     from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.load import quiet_progress
     from nodes.checkpoint.t5_tokenizer import t5_tokenizer
-    from nodes.runtime.measure import module_bytes
 
-    quiet_progress()
-    try:
-        modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                   "text_encoder": _folder_t5(path / "text_encoder", dtype)}
-        besides = sum(module_bytes(m) for m in modules.values())
-        modules["unet"] = folder_component(path / "transformer", ChromaTransformer2DModel, dtype, offload, besides,
-                                           as_stored=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name}: not a loadable diffusers Chroma folder ({exc})") from exc
-    for m in modules.values():
-        m.eval()
-        m.requires_grad_(False)
-    tokenizer = T5TokenizerFast.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True) \
-        if (path / "tokenizer").is_dir() else t5_tokenizer()
-    family = fam.FAMILY
-    config = family.scheduler_config()
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    vae_cfg = modules["vae"].config
-    latent = dataclasses.replace(family.latent, scale=float(vae_cfg.scaling_factor),
-                                 shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
-    return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules,
-                  tokenizers={"tokenizer": tokenizer}, info=_info(modules["unet"], "diffusers"))
+    def others() -> dict[str, Any]:
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": _folder_t5(path / "text_encoder", dtype)}
+
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "Chroma", ChromaTransformer2DModel, others,
+                                lambda: folder_tokenizer(path, T5TokenizerFast, t5_tokenizer))

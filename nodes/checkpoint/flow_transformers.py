@@ -2,7 +2,8 @@
 
 Each of them is a lone diffusion model file for UNETLoader (its text encoders and VAE come from
 their own loaders) or a diffusers folder whose transformer config names the class; the rules for
-the file, the folder test and the loader's message are the same for all, so they live here once.
+the file, the folder test, the folder's reading and the loader's message are the same for all, so
+they live here once (FLUX's folder loader reads its components and scheduler by the same rules).
 """
 from __future__ import annotations
 
@@ -51,3 +52,71 @@ def is_pipeline_folder(path: Path, transformer_class: str) -> bool:
         return json.loads(config.read_text()).get("_class_name") == transformer_class
     except (OSError, ValueError):
         return False
+
+
+def folder_modules(path: Path, label: str, others: Callable[[], dict[str, Any]], transformer_class: Any, dtype: Any,
+                   offload: Any = None) -> dict[str, Any]:
+    """A diffusers folder's modules, frozen: ``others()`` (VAE, text encoders), then ``transformer/``
+    as ``unet``, its linear weights held as stored and asked of the manager (``offload``) with the
+    others' bytes, as nodes.checkpoint.folders.folder_component does. A component that cannot be
+    read (OSError, ValueError, RuntimeError) is the folder's CheckpointError, naming ``label``."""
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.load import CheckpointError, quiet_progress
+    from nodes.runtime.measure import module_bytes
+
+    quiet_progress()
+    try:
+        modules = others()
+        besides = sum(module_bytes(m) for m in modules.values())
+        modules["unet"] = folder_component(path / "transformer", transformer_class, dtype, offload, besides,
+                                           as_stored=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: not a loadable diffusers {label} folder ({exc})") from exc
+    for m in modules.values():
+        m.eval()
+        m.requires_grad_(False)
+    return modules
+
+
+def folder_scheduler_config(path: Path, family: Any) -> dict[str, Any]:
+    """The family's scheduler config with the folder's ``scheduler/scheduler_config.json`` over it
+    (its private ``_`` keys left out)."""
+    config = family.scheduler_config()
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
+    return config
+
+
+def vae_latent(family: Any, vae: Any) -> Any:
+    """The family's latent with the scale and shift the folder's VAE config states (as diffusers
+    reads them: a VAE without ``shift_factor`` shifts by 0)."""
+    import dataclasses
+
+    config = vae.config
+    return dataclasses.replace(family.latent, scale=float(config.scaling_factor),
+                               shift=float(getattr(config, "shift_factor", None) or 0.0))
+
+
+def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any]) -> Any:
+    """The folder's ``tokenizer/`` read by ``cls``, else ``fallback()`` (Kiln's bundled copy)."""
+    if (path / "tokenizer").is_dir():
+        return cls.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+    return fallback()
+
+
+def load_pipeline_folder(path: Path, dtype: Any, offload: Any, family: Any, label: str, transformer_class: Any,
+                         others: Callable[[], dict[str, Any]], tokenizer: Callable[[], Any], *,
+                         latent_from_vae: bool = True,
+                         ready: Callable[[Any], Any] | None = None) -> Loaded:
+    """A diffusers pipeline folder of one of these families: :func:`folder_modules` (``others()`` and
+    the transformer), ``ready(transformer)`` (a family's check or fix-up, before the loader's info is
+    taken), ``tokenizer()`` and the folder's scheduler config; the latent takes the VAE config's scale
+    and shift when ``latent_from_vae`` (a VAE that normalises its own latent keeps the family's)."""
+    modules = folder_modules(path, label, others, transformer_class, dtype, offload)
+    if ready is not None:
+        ready(modules["unet"])
+    tokenizers = {"tokenizer": tokenizer()}
+    latent = vae_latent(family, modules["vae"]) if latent_from_vae else family.latent
+    return Loaded(family=family, scheduler_config=folder_scheduler_config(path, family), latent=latent,
+                  modules=modules, tokenizers=tokenizers, info=flow_info(modules["unet"], "diffusers", label))

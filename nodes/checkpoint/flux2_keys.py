@@ -64,50 +64,25 @@ def pairs(original_keys: Any, diffusers_keys: Any) -> list[tuple[list[str], list
     return rows
 
 
-def strip(state: dict[str, Any]) -> dict[str, Any]:
-    p = "model.diffusion_model."
-    return {k[len(p):] if k.startswith(p) else k: v for k, v in state.items()}
+#: ComfyUI's ``model.diffusion_model.`` taken off (nodes.checkpoint.flux_keys.strip).
+strip = flux_keys.strip
 
 
 def plan(keys: Any) -> list[tuple[str, list[str], str]]:
-    """(original name, diffusers names, how) for every tensor of an original-layout key set.
-    Raises :class:`KeyMismatch` naming missing and left-over keys."""
-    keys = set(keys)
-    rows = pairs(keys, ())
-    out = [(o[0], d, how) for o, d, how in rows if o[0] in keys]
-    missing = [o[0] for o, _, _ in rows if o[0] not in keys and not o[0].startswith(OPTIONAL)]
-    extra = sorted(keys - {key for key, _, _ in out})
-    if missing or extra:
-        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
-    return out
+    """(original name, diffusers names, how) for every tensor of an original-layout key set (FLUX's
+    walker, nodes.checkpoint.flux_keys.plan_from, on this table).
+    Raises :class:`~nodes.checkpoint.flux_keys.KeyMismatch` naming missing and left-over keys."""
+    return flux_keys.plan_from(pairs, keys, OPTIONAL)
 
 
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers-layout tensors from original-layout ones (``model.diffusion_model.`` stripped first)."""
-    state = strip(state)
-    hidden = int(state["img_in.weight"].shape[0])
-    out: dict[str, Any] = {}
-    for key, diff, how in plan(state.keys()):
-        out.update(flux_keys.convert(state[key], diff, how, hidden))
-    return out
+    return flux_keys.to_diffusers(state, plan)
 
 
 def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """Original-layout tensors from a Flux2Transformer2DModel state dict (the inverse; tests write files with it)."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for original, diff, how in pairs((), state.keys()):
-        if diff[0] not in state:
-            continue
-        if how == "rename":
-            out[original[0]] = state[diff[0]]
-        elif how == "swap":
-            out[original[0]] = flux_keys._swap_halves(state[diff[0]])
-        else:
-            out[original[0]] = torch.cat([state[d] for d in diff], dim=0)
-    return out
+    return flux_keys.to_original(state, pairs)
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from typing import Any
 
 from nodes.checkpoint import flux2_keys
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
-from nodes.checkpoint.tensors import plain
 from nodes.families import flux2 as fam
 
 #: One key marks diffusers' layout of the transformer (the original names it ``.lin``).
@@ -36,19 +35,18 @@ def has_flux2_transformer(shapes: Any) -> bool:
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """Flux2Transformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
-    (nodes.checkpoint.flux_load.transformer_from_original) on FLUX.2's key table."""
+    (nodes.checkpoint.flux_load.transformer_from_file) on FLUX.2's key table."""
     from diffusers import Flux2Transformer2DModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.flux_load import transformer_from_original
+    from nodes.checkpoint.flux_load import transformer_from_file
 
-    state, scales = scaled_fp8.take(flux2_keys.strip(dict(state)), what)
-    if any(k in state for k in fam.DEV_MARKERS):
-        raise CheckpointError(f"{what} {DEV_REFUSAL}")
-    diffusers = DIFFUSERS_MARKER in state
-    return transformer_from_original(dict(state), scales, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
-                                     flux2_keys.original_to_diffusers,
-                                     flux2_keys.diffusers_to_original if diffusers else None)
+    def klein_only(state: Any) -> None:
+        if any(k in state for k in fam.DEV_MARKERS):
+            raise CheckpointError(f"{what} {DEV_REFUSAL}")
+
+    return transformer_from_file(state, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
+                                 flux2_keys.original_to_diffusers, flux2_keys.diffusers_to_original,
+                                 lambda s: DIFFUSERS_MARKER in s, klein_only)
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
@@ -124,26 +122,29 @@ def _class_of(path: Path, sub: str) -> str | None:
 
 def is_flux2_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is FLUX.2's (its config names the class)."""
-    return path.is_dir() and (path / "model_index.json").is_file() and \
-        _class_of(path, "transformer/config.json") == "Flux2Transformer2DModel"
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "Flux2Transformer2DModel")
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
-    """A diffusers FLUX.2 [klein] folder; Qwen3 and the transformer held as stored, as FLUX's folders."""
+    """A diffusers FLUX.2 [klein] folder (nodes.checkpoint.flow_transformers.load_pipeline_folder);
+    Qwen3 and the transformer held as stored, as FLUX's folders; [dev] refused by its pipeline class
+    or its transformer's guidance embedder."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen2TokenizerFast, Qwen3Config
 
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
     from nodes.checkpoint.flux2_vae import Flux2LatentVAE
     from nodes.checkpoint.folders import folder_component, folder_state
-    from nodes.checkpoint.load import quiet_progress, reading
+    from nodes.checkpoint.load import reading
     from nodes.checkpoint.qwen3_text import build_qwen3
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
-    from nodes.runtime.measure import module_bytes
 
     if _class_of(path, "model_index.json") == "Flux2Pipeline":
         raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
-    quiet_progress()
-    try:
+
+    def others() -> dict[str, Any]:
         modules = {"vae": Flux2LatentVAE(folder_component(path / "vae", AutoencoderKLFlux2, dtype))}
         found = folder_state(path / "text_encoder", dtype)
         if found is None:
@@ -151,25 +152,12 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
         with reading(found[0]):
             modules["text_encoder"] = build_qwen3(found[1], f"{path.name}/text_encoder", dtype,
                                                   Qwen3Config.from_pretrained(str(path / "text_encoder")))
-        besides = sum(module_bytes(m) for m in modules.values())
-        modules["unet"] = folder_component(path / "transformer", Flux2Transformer2DModel, dtype, offload, besides,
-                                           as_stored=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX.2 folder ({exc})") from exc
-    if modules["unet"].config.guidance_embeds:
-        raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
-    for m in modules.values():
-        m.eval()
-        m.requires_grad_(False)
-    tokenizer = Qwen2TokenizerFast.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True) \
-        if (path / "tokenizer").is_dir() else qwen_tokenizer("3")
-    family = fam.FAMILY
-    config = family.scheduler_config()
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    from nodes.checkpoint.chroma_load import _info
+        return modules
 
-    info = dict(_info(modules["unet"], "diffusers"), prediction_reason="flow matching (FLUX.2)")
-    return Loaded(family=family, scheduler_config=config, latent=family.latent, modules=modules,
-                  tokenizers={"tokenizer": tokenizer}, info=info)
+    def klein_only(transformer: Any) -> None:
+        if transformer.config.guidance_embeds:
+            raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "FLUX.2", Flux2Transformer2DModel, others,
+                                lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
+                                latent_from_vae=False, ready=klein_only)

@@ -82,29 +82,51 @@ def _pairs(bfl_keys: Any, diff_keys: Any) -> list[tuple[list[str], list[str], st
     return out
 
 
+#: A key table: (original keys, diffusers keys) -> (original names, diffusers names, how) rows (:func:`_pairs`).
+Pairs = Callable[[Any, Any], list[tuple[list[str], list[str], str]]]
+
+
 class KeyMismatch(KeyError):
     """Keys a FLUX file lacks or has beyond the layout; the message names them."""
+
+
+#: The prefix ComfyUI's checkpoints put before a transformer's original-layout keys.
+UNET_PREFIX = "model.diffusion_model."
+
+
+def strip(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with :data:`UNET_PREFIX` taken off the keys that carry it."""
+    return {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state.items()}
+
+
+def plan_from(pairs: Pairs, keys: Any, optional: tuple[str, ...] = ()) -> list[tuple[str, list[str], str]]:
+    """(original name, diffusers names, how) for every tensor of an original-layout key set, by a key
+    table of :func:`_pairs`' shape (FLUX's, Chroma's, FLUX.2's): one walker, so every table checks a
+    file alike. Keys starting with one of ``optional`` may be absent. Raises :class:`KeyMismatch`
+    naming missing and left-over keys."""
+    keys = set(keys)
+    out: list[tuple[str, list[str], str]] = []
+    missing: list[str] = []
+    for original, diff, how in pairs(keys, ()):
+        if original[0] in keys:
+            out.append((original[0], diff, how))
+        elif not original[0].startswith(optional):
+            missing.append(original[0])
+    extra = sorted(keys - {key for key, _, _ in out})
+    if missing or extra:
+        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    return out
 
 
 def plan(keys: Any) -> list[tuple[str, list[str], str]]:
     """(BFL name, diffusers names, how) for every tensor of a BFL-layout key set, from the keys alone.
 
     No tensor is read, so a loader can check a file and then read it piece by piece (a block at a
-    time, nodes.checkpoint.flux_blocks). Raises :class:`KeyMismatch` naming missing and left-over keys.
+    time, nodes.checkpoint.flux_blocks). Raises :class:`KeyMismatch` naming missing and left-over keys
+    ([schnell] has no guidance embedder, so ``guidance_in.`` may be absent).
     """
-    keys = set(keys)
-    out: list[tuple[str, list[str], str]] = []
-    missing: list[str] = []
-    for bfl, diff, how in _pairs(keys, ()):
-        if bfl[0] in keys:
-            out.append((bfl[0], diff, how))
-        elif not bfl[0].startswith("guidance_in."):  # [schnell] has no guidance embedder
-            missing.append(bfl[0])
-    extra = sorted(keys - {key for key, _, _ in out})
-    if missing or extra:
-        raise KeyMismatch(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                          f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
-    return out
+    return plan_from(_pairs, keys, ("guidance_in.",))
 
 
 def convert(t: Any, diff: list[str], how: str, hidden: int) -> dict[str, Any]:
@@ -119,14 +141,12 @@ def convert(t: Any, diff: list[str], how: str, hidden: int) -> dict[str, Any]:
     return dict(zip(diff, torch.split(t, sizes, dim=0)))
 
 
-def bfl_to_diffusers(state: dict[str, Any], hidden: int | None = None) -> dict[str, Any]:
-    """diffusers-layout tensors from BFL-layout ones (``model.diffusion_model.`` stripped first).
-
-    ``hidden``: the transformer width (from ``img_in.weight``), which splits the fused tensors.
-    Raises :class:`KeyMismatch` naming missing and left-over keys.
-    """
-    state = {k[len("model.diffusion_model."):] if k.startswith("model.diffusion_model.") else k: v
-             for k, v in state.items()}
+def to_diffusers(state: dict[str, Any], plan: Callable[[Any], list[tuple[str, list[str], str]]],
+                 hidden: int | None = None) -> dict[str, Any]:
+    """diffusers-layout tensors from original-layout ones (:data:`UNET_PREFIX` stripped first) by a
+    table's ``plan``; the walker every FLUX-shaped table converts with. ``hidden``: the transformer
+    width (from ``img_in.weight``), which splits the fused tensors. Raises :class:`KeyMismatch`."""
+    state = strip(state)
     rows = plan(state.keys())
     hidden = hidden or int(state["img_in.weight"].shape[0])
     out: dict[str, Any] = {}
@@ -135,21 +155,32 @@ def bfl_to_diffusers(state: dict[str, Any], hidden: int | None = None) -> dict[s
     return out
 
 
-def diffusers_to_bfl(state: dict[str, Any]) -> dict[str, Any]:
-    """BFL-layout tensors from a FluxTransformer2DModel state dict (the inverse of :func:`bfl_to_diffusers`)."""
+def to_original(state: dict[str, Any], pairs: Pairs) -> dict[str, Any]:
+    """Original-layout tensors from a diffusers state dict by a table of :func:`_pairs`' shape (the
+    inverse of :func:`to_diffusers`: renamed, halves swapped back, fused parts concatenated)."""
     import torch
 
     out: dict[str, Any] = {}
-    for bfl, diff, how in _pairs((), state.keys()):
+    for original, diff, how in pairs((), state.keys()):
         if diff[0] not in state:
             continue
         if how == "rename":
-            out[bfl[0]] = state[diff[0]]
+            out[original[0]] = state[diff[0]]
         elif how == "swap":
-            out[bfl[0]] = _swap_halves(state[diff[0]])
+            out[original[0]] = _swap_halves(state[diff[0]])
         else:
-            out[bfl[0]] = torch.cat([state[d] for d in diff], dim=0)
+            out[original[0]] = torch.cat([state[d] for d in diff], dim=0)
     return out
+
+
+def bfl_to_diffusers(state: dict[str, Any], hidden: int | None = None) -> dict[str, Any]:
+    """diffusers-layout tensors from BFL-layout ones (:func:`to_diffusers` on FLUX's table)."""
+    return to_diffusers(state, plan, hidden)
+
+
+def diffusers_to_bfl(state: dict[str, Any]) -> dict[str, Any]:
+    """BFL-layout tensors from a FluxTransformer2DModel state dict (the inverse of :func:`bfl_to_diffusers`)."""
+    return to_original(state, _pairs)
 
 
 def original_names(diffusers_names: Any, pairs: "Pairs | None" = None) -> dict[str, str]:
@@ -165,8 +196,7 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     The rotary axes are not in the weights: the released models split a 128-wide
     head as (16, 56, 56); other head widths keep those proportions (1/8, 7/16, 7/16).
     """
-    s = {k[len("model.diffusion_model."):] if k.startswith("model.diffusion_model.") else k: v
-         for k, v in shapes.items()}
+    s = strip(dict(shapes))
     hidden, in_channels = s["img_in.weight"]
     head = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     return dict(patch_size=1, in_channels=in_channels, out_channels=None,
@@ -182,10 +212,6 @@ Converter = Callable[[dict[str, Any]], dict[str, Any]]
 
 #: rows of a fused/reordered original-layout weight that one diffusers weight takes, in order
 Rows = tuple[tuple[int, int], ...]
-
-
-#: A key table: (original keys, diffusers keys) -> (original names, diffusers names, how) rows (:func:`_pairs`).
-Pairs = Callable[[Any, Any], list[tuple[list[str], list[str], str]]]
 
 
 def lora_modules(shapes: dict[str, tuple[int, ...]],

@@ -14,7 +14,6 @@ folder's or the shipped ones. fp8 transformer weights stay fp8 (nodes.runtime.fp
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,13 +41,26 @@ def build_transformer(state: dict[str, Any], what: str, dtype: Any) -> Any:
     nodes.runtime.fp8.held_dtype: fp8 kept fp8, bf16 kept bf16 when computing in fp32)."""
     from diffusers import FluxTransformer2DModel
 
+    return transformer_from_file(state, what, dtype, FluxTransformer2DModel, "FLUX", flux_keys,
+                                 flux_keys.bfl_to_diffusers, flux_keys.diffusers_to_bfl,
+                                 lambda s: all(k in s for k in fam.DIFFUSERS_MARKERS))
+
+
+def transformer_from_file(state: Mapping[str, Any], what: str, dtype: Any, model_cls: Any, label: str, keys: Any,
+                          to_diffusers: Callable, from_diffusers: Callable, is_diffusers: Callable[[Any], bool],
+                          refuse: Callable[[Any], None] | None = None) -> Any:
+    """A FLUX-shaped transformer (FLUX's, Chroma's, FLUX.2's, Z-Image's) from a file's tensors in either
+    layout, one rule for all: ComfyUI's ``model.diffusion_model.`` taken off (``keys.strip``), the fp8
+    scales taken (nodes.checkpoint.scaled_fp8.take), ``refuse(state)`` (a family's CheckpointError for
+    a variant Kiln does not run), then :func:`transformer_from_original`, through ``from_diffusers``
+    first when ``is_diffusers(state)`` (diffusers' layout in one file)."""
     from nodes.checkpoint import scaled_fp8
 
-    state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
-    state, scales = scaled_fp8.take(state, what)
-    diffusers = all(k in state for k in fam.DIFFUSERS_MARKERS)  # diffusers' layout in one file
-    return transformer_from_original(dict(state), scales, what, dtype, FluxTransformer2DModel, "FLUX", flux_keys,
-                                     flux_keys.bfl_to_diffusers, flux_keys.diffusers_to_bfl if diffusers else None)
+    state, scales = scaled_fp8.take(keys.strip(dict(state)), what)
+    if refuse is not None:
+        refuse(state)
+    return transformer_from_original(dict(state), scales, what, dtype, model_cls, label, keys, to_diffusers,
+                                     from_diffusers if is_diffusers(state) else None)
 
 
 def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], what: str, dtype: Any,
@@ -59,7 +71,6 @@ def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], wha
     scales following them, linear weights held as stored. ``from_diffusers``: the file is in
     diffusers' layout, brought to the original one first (its scales already carry the model's names)."""
     from nodes.checkpoint import scaled_fp8
-    from nodes.runtime.fp8 import keep_linears_as_stored
 
     if from_diffusers is not None:
         state, scales = from_diffusers(state), {}
@@ -73,12 +84,7 @@ def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], wha
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete {label} transformer ({exc} is missing)") from None
     model = _empty(model_cls, config)
-    converted = keep_linears_as_stored(model, converted, dtype)
-    try:
-        model = _assign(model, converted, f"{label} transformer ({what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    return scaled_fp8.fill_as_stored(model, converted, scales, dtype, what, f"{label} transformer ({what})")
 
 
 def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:
@@ -323,39 +329,24 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
+    from nodes.checkpoint.flow_transformers import folder_modules, folder_scheduler_config, vae_latent
     from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.load import quiet_progress
-    from nodes.runtime.measure import module_bytes
 
-    quiet_progress()
+    def others() -> dict[str, Any]:
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
+                "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
+
     p = str(path)
-    try:
-        modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                   "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
-                   "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
-        besides = sum(module_bytes(m) for m in modules.values())
-        modules["unet"] = folder_component(path / "transformer", FluxTransformer2DModel, dtype, offload, besides,
-                                           as_stored=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name}: not a loadable diffusers FLUX folder ({exc})") from exc
-    for m in modules.values():
-        m.eval()
-        m.requires_grad_(False)
+    modules = folder_modules(path, "FLUX", others, FluxTransformer2DModel, dtype, offload)
     tokenizers = _tokenizers()
     if (path / "tokenizer").is_dir():
         tokenizers["tokenizer"] = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer", local_files_only=True)
     if (path / "tokenizer_2").is_dir():
         tokenizers["tokenizer_2"] = T5TokenizerFast.from_pretrained(p, subfolder="tokenizer_2", local_files_only=True)
     family = fam.FAMILY if modules["unet"].config.guidance_embeds else fam.SCHNELL
-    config = family.scheduler_config()
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    vae_cfg = modules["vae"].config
-    import dataclasses
-
-    latent = dataclasses.replace(family.latent, scale=float(vae_cfg.scaling_factor),
-                                 shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
+    config = folder_scheduler_config(path, family)
+    latent = vae_latent(family, modules["vae"])
     return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules, tokenizers=tokenizers,
                   info={"format": "diffusers", "prediction_type": "flow",
                         "prediction_reason": "flow matching (FLUX)", **_held_note(modules["unet"])})

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from nodes.checkpoint.load import CheckpointError, _assign, _empty
+from nodes.checkpoint.load import CheckpointError, _empty
 
 #: key prefixes a Qwen3 file may put before ``layers.`` (causal-LM file, bare Qwen3Model)
 PREFIXES = ("model.", "")
@@ -31,13 +31,20 @@ ROPE_THETA = 1_000_000.0
 MAX_POSITIONS = 40960
 
 
-def _prefix(keys: Any) -> str | None:
-    """The prefix under which ``keys`` hold a Qwen3 decoder (q_norm marks Qwen3 among Qwen/Llama files)."""
+def decoder_prefix(keys: Any, prefixes: tuple[str, ...], marker: str) -> str | None:
+    """The first of ``prefixes`` under which ``keys`` hold a Qwen-style decoder: its ``marker`` (a
+    layer-0 key that tells the model apart) and its ``embed_tokens.weight``; None when none does.
+    One rule for the Qwen text encoders (Qwen3 here, Qwen2.5-VL in nodes.checkpoint.qwen_image_load)."""
     keys = set(keys)
-    for prefix in PREFIXES:
-        if prefix + MARKER in keys and prefix + "embed_tokens.weight" in keys:
+    for prefix in prefixes:
+        if prefix + marker in keys and prefix + "embed_tokens.weight" in keys:
             return prefix
     return None
+
+
+def _prefix(keys: Any) -> str | None:
+    """The prefix under which ``keys`` hold a Qwen3 decoder (q_norm marks Qwen3 among Qwen/Llama files)."""
+    return decoder_prefix(keys, PREFIXES, MARKER)
 
 
 def is_qwen3(keys: Any) -> bool:
@@ -77,7 +84,6 @@ def build_qwen3(state: Mapping[str, Any], what: str, dtype: Any, config: Any = N
 
     from nodes.checkpoint import scaled_fp8
     from nodes.checkpoint.tensors import shapes_of
-    from nodes.runtime.fp8 import keep_linears_as_stored
 
     prefix = _prefix(state.keys())
     if prefix is None:
@@ -88,12 +94,7 @@ def build_qwen3(state: Mapping[str, Any], what: str, dtype: Any, config: Any = N
     if config is None:
         config = qwen3_config(shapes_of(kept), what)
     model = _empty(Qwen3Model, config)
-    held = keep_linears_as_stored(model, dict(kept), dtype)
-    try:
-        model = _assign(model, held, f"Qwen3 text encoder ({what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3 text encoder ({what})")
 
 
 def _what_instead(keys: Any) -> str:

@@ -13,13 +13,13 @@
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import flow_info, is_pipeline_folder, transformer_file
+from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_folder, load_pipeline_folder,
+                                                transformer_file)
 from nodes.checkpoint.tensors import plain
 from nodes.families import qwen_image as fam
 
@@ -56,8 +56,7 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     from diffusers import QwenImageTransformer2DModel
 
     from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.load import _assign, _empty
-    from nodes.runtime.fp8 import keep_linears_as_stored
+    from nodes.checkpoint.load import _empty
 
     state = {k[len(fam.UNET_PREFIX):] if k.startswith(fam.UNET_PREFIX) else k: v for k, v in state.items()}
     state, scales = scaled_fp8.take(state, what)
@@ -67,16 +66,7 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete Qwen-Image transformer ({exc} is missing)") from None
     model = _empty(QwenImageTransformer2DModel, config)
-    state = keep_linears_as_stored(model, dict(state), dtype)
-    try:
-        model = _assign(model, state, f"Qwen-Image transformer ({what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
-
-
-def _info(transformer: Any, fmt: str) -> dict[str, Any]:
-    return flow_info(transformer, fmt, "Qwen-Image")
+    return scaled_fp8.fill_as_stored(model, state, scales, dtype, what, f"Qwen-Image transformer ({what})")
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
@@ -89,11 +79,9 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
 
 def text_prefix(keys: Any) -> str | None:
     """The language model's key prefix in a Qwen2.5-VL file, or None when it is not one."""
-    keys = set(keys)
-    for prefix in TEXT_PREFIXES:
-        if prefix + TEXT_MARKER in keys and prefix + "embed_tokens.weight" in keys:
-            return prefix
-    return None
+    from nodes.checkpoint.qwen3_text import decoder_prefix
+
+    return decoder_prefix(keys, TEXT_PREFIXES, TEXT_MARKER)
 
 
 def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
@@ -125,8 +113,7 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextModel
 
     from nodes.checkpoint import qwen_vision, scaled_fp8
-    from nodes.checkpoint.load import _assign, _empty
-    from nodes.runtime.fp8 import keep_linears_as_stored
+    from nodes.checkpoint.load import _empty
 
     prefix = text_prefix(state.keys())
     if prefix is None:
@@ -147,12 +134,7 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     else:
         model = _empty(Qwen2_5_VLTextModel, text)
         kind = "Qwen2.5-VL"
-    sub = keep_linears_as_stored(model, dict(sub), dtype)  # an fp8 file's linears stay fp8, cast per layer
-    try:
-        model = _assign(model, sub, f"Qwen-Image text encoder ({kind}, {what})", None)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
-    return scaled_fp8.attach(model, scales, what)
+    return scaled_fp8.fill_as_stored(model, sub, scales, dtype, what, f"Qwen-Image text encoder ({kind}, {what})")
 
 
 # -- diffusers folders ----------------------------------------------------------------------------
@@ -164,37 +146,26 @@ def is_qwen_image_folder(path: Path) -> bool:
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
-    """A diffusers Qwen-Image folder: transformer, Qwen2.5-VL's language model, VAE, its tokenizer."""
+    """A diffusers Qwen-Image folder (nodes.checkpoint.flow_transformers.load_pipeline_folder):
+    transformer, Qwen2.5-VL, VAE, its tokenizer. The transformer is not offered to the manager
+    (``offload`` is not used), as before the loaders shared this path."""
     from diffusers import QwenImageTransformer2DModel
     from transformers import AutoTokenizer
 
     from nodes.checkpoint import qwen_image_vae
-    from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.load import open_state, quiet_progress
+    from nodes.checkpoint.load import open_state
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
-    quiet_progress()
-    try:
+    def others() -> dict[str, Any]:
         vae_files = sorted((path / "vae").glob("*.safetensors"))
         te_files = sorted((path / "text_encoder").glob("*.safetensors"))
         if not vae_files or not te_files:
             raise OSError("vae/ or text_encoder/ holds no .safetensors")
         vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
         te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
-        modules = {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
-                   "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
-        modules["unet"] = folder_component(path / "transformer", QwenImageTransformer2DModel, dtype, as_stored=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name}: not a loadable diffusers Qwen-Image folder ({exc})") from exc
-    for m in modules.values():
-        m.eval()
-        m.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True) \
-        if (path / "tokenizer").is_dir() else qwen_tokenizer("2.5")
-    family = fam.FAMILY
-    config = family.scheduler_config()
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    return Loaded(family=family, scheduler_config=config, latent=family.latent, modules=modules,
-                  tokenizers={"tokenizer": tokenizer}, info=_info(modules["unet"], "diffusers"))
+        return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
+                "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
+
+    return load_pipeline_folder(path, dtype, None, fam.FAMILY, "Qwen-Image", QwenImageTransformer2DModel, others,
+                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
+                                latent_from_vae=False)

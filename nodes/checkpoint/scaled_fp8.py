@@ -36,7 +36,9 @@ This module is the one place these keys are understood, for every family:
   call (nodes.runtime.fp8), a layer whose weight was cast to the compute dtype at load (T5's ``wo``)
   is multiplied once, in that dtype, as ComfyUI would per call. A FLUX built straight into disk
   blocks (nodes.checkpoint.flux_blocks) gets its scales on the meta module, before any block is
-  read, so each block file is written with them (they are buffers, which the block files carry).
+  read, so each block file is written with them (they are buffers, which the block files carry);
+* :func:`fill_as_stored` is how the split-file loaders finish a model built empty: weights held as
+  stored, then :func:`attach`.
 """
 from __future__ import annotations
 
@@ -229,3 +231,21 @@ def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
             with torch.no_grad():
                 weight.mul_(scale.to(weight.dtype))
     return model
+
+
+def fill_as_stored(model: Any, state: Mapping[str, Any], scales: dict[str, Any], dtype: Any, what: str,
+                   label: str) -> Any:
+    """``model`` (built empty) filled from ``state`` under the model's own names: linear weights held
+    as stored (an fp8 file's stay fp8, cast per layer: nodes.runtime.fp8.keep_linears_as_stored), the
+    rest in ``dtype``; then given its ``scales`` (:func:`attach`). A key that does not fit is a
+    CheckpointError naming the file (``what``) and the part (``label``, e.g. "Qwen3 text encoder (x)").
+    One rule for every split-file loader (FLUX-shaped transformers, Qwen-Image's, the Qwen text encoders)."""
+    from nodes.checkpoint.load import CheckpointError, _assign
+    from nodes.runtime.fp8 import keep_linears_as_stored
+
+    held = keep_linears_as_stored(model, dict(state), dtype)
+    try:
+        model = _assign(model, held, label, None)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    return attach(model, scales, what)

@@ -11,15 +11,14 @@
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import z_image_keys as keys
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import flow_info, is_pipeline_folder, transformer_file
-from nodes.checkpoint.tensors import plain
+from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_folder, load_pipeline_folder,
+                                                transformer_file)
 
 LABEL = "Z-Image"
 
@@ -38,13 +37,10 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """ZImageTransformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
     from diffusers import ZImageTransformer2DModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.flux_load import transformer_from_original
+    from nodes.checkpoint.flux_load import transformer_from_file
 
-    state, scales = scaled_fp8.take(keys.strip(dict(state)), what)
-    diffusers = keys.is_diffusers(state)
-    model = transformer_from_original(dict(state), scales, what, dtype, ZImageTransformer2DModel, LABEL, keys,
-                                      keys.original_to_diffusers, keys.diffusers_to_original if diffusers else None)
+    model = transformer_from_file(state, what, dtype, ZImageTransformer2DModel, LABEL, keys,
+                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
     return time_embedder_in_compute_dtype(model)
 
 
@@ -72,10 +68,6 @@ def time_embedder_in_compute_dtype(model: Any) -> Any:
             layer.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
         layer.__class__ = torch.nn.Linear
     return model
-
-
-def _info(transformer: Any, fmt: str) -> dict[str, Any]:
-    return flow_info(transformer, fmt, "Z-Image")
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
@@ -107,43 +99,19 @@ def _folder_qwen3(folder: Path, dtype: Any) -> Any:
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
-    """A diffusers Z-Image pipeline folder; Qwen3 and the transformer held as stored, as from split files."""
-    import dataclasses
-
+    """A diffusers Z-Image pipeline folder (nodes.checkpoint.flow_transformers.load_pipeline_folder);
+    Qwen3 and the transformer held as stored, as from split files, the time embedder in the compute dtype."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import AutoTokenizer
 
     from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.load import quiet_progress
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
     from nodes.families import z_image as fam
-    from nodes.runtime.measure import module_bytes
 
-    quiet_progress()
-    try:
-        modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                   "text_encoder": _folder_qwen3(path / "text_encoder", dtype)}
-        besides = sum(module_bytes(m) for m in modules.values())
-        modules["unet"] = folder_component(path / "transformer", ZImageTransformer2DModel, dtype, offload, besides,
-                                           as_stored=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path.name}: not a loadable diffusers Z-Image folder ({exc})") from exc
-    for m in modules.values():
-        m.eval()
-        m.requires_grad_(False)
-    time_embedder_in_compute_dtype(modules["unet"])
-    if (path / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
+    def others() -> dict[str, Any]:
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": _folder_qwen3(path / "text_encoder", dtype)}
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
-    else:
-        tokenizer = qwen_tokenizer("3")
-    family = fam.FAMILY
-    config = family.scheduler_config()
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if sched_file.is_file():
-        config.update({k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")})
-    vae_cfg = modules["vae"].config
-    latent = dataclasses.replace(family.latent, scale=float(vae_cfg.scaling_factor),
-                                 shift=float(getattr(vae_cfg, "shift_factor", None) or 0.0))
-    return Loaded(family=family, scheduler_config=config, latent=latent, modules=modules,
-                  tokenizers={"tokenizer": tokenizer}, info=_info(modules["unet"], "diffusers"))
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, ZImageTransformer2DModel, others,
+                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("3")),
+                                ready=time_embedder_in_compute_dtype)

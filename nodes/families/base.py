@@ -349,6 +349,18 @@ class Family:
         return inpaint.append(x, conditioning_extras)
 
 
+class FlowFamily(Family):
+    """A flow-matching family (FLUX, Chroma, SD3, FLUX.2, Qwen-Image, Z-Image): its scheduler config
+    is diffusers' FlowMatchEulerDiscreteScheduler's, so the custom-sampling nodes sample it with
+    FlowSampling, one rule for all of them."""
+
+    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
+        """Flow-matching sampling for the custom-sampling nodes (KSampler's grid and stepper)."""
+        from nodes.samplers.model_sampling import FlowSampling
+
+        return FlowSampling(scheduler_config)
+
+
 def indices(shapes: Shapes, pattern: str) -> list[int]:
     """Sorted integers captured by ``pattern``'s first group over the keys (layer numbers)."""
     import re

@@ -35,7 +35,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: Only Chroma's transformer has the approximator; both key layouts name it so.
 APPROXIMATOR = "distilled_guidance_layer."
@@ -61,13 +62,9 @@ class ChromaNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a Chroma latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
-                                    "latent_image")
-        if encoder_hidden_states.shape[-1] != self.text_width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this Chroma "
-                                    f"transformer reads {self.text_width} (encode the prompt with a T5-XXL: "
-                                    "CLIPLoader type chroma)", "positive")
+        check_even_latent("Chroma", h, w)
+        check_text_width("Chroma", encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with a T5-XXL: CLIPLoader type chroma")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         tokens, ids = flux.pack(x), flux.image_ids(h, w, self.device, self.dtype)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
@@ -96,7 +93,7 @@ def _fit_mask(mask: "Any", tokens: int) -> "Any":
     return mask.repeat(1, tokens // length)
 
 
-class Chroma(Family):
+class Chroma(FlowFamily):
     name = "chroma"
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "t5", T5_PREFIX),)
@@ -122,11 +119,6 @@ class Chroma(Family):
     def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
         """FLUX [dev]'s shifted flow schedule (see the module docstring)."""
         return flux.FAMILY.scheduler_config(prediction_type, guidance=True)
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

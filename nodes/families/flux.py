@@ -31,8 +31,9 @@ from typing import Any, Iterator
 from nodes.families import attention_bias as attention_bias_rule
 from nodes.families import flux_references
 from nodes.families import sdxl as sdxl_family
-from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
+from nodes.families.base import (ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
+from nodes.families.input_checks import check_even_latent
 from nodes.runtime.compiled import eager_while_hooked
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
@@ -112,9 +113,7 @@ class FluxNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a FLUX latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
-                                    "latent_image")
+        check_even_latent("FLUX", h, w)
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
         tokens, ids = pack(x), image_ids(h, w, self.device, self.dtype)
@@ -156,7 +155,7 @@ def without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
         hook.remove()
 
 
-class Flux(Family):
+class Flux(FlowFamily):
     name = "flux"
     latent = FLUX_LATENT
     text_encoders = (
@@ -198,12 +197,6 @@ class Flux(Family):
         return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": 1.0,
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        """Flow-matching sampling for the custom-sampling nodes (KSampler's grid and stepper)."""
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------
 

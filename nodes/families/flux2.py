@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux, flux_references
-from nodes.families.base import ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_text_width
 
 UNET_PREFIX = flux.UNET_PREFIX
 #: Only a FLUX.2 transformer has these (FLUX.1 modulates inside each block): original and diffusers layout.
@@ -89,10 +90,8 @@ class Flux2Network(WrappedTransformer):
         import torch
 
         b, c, h, w = x.shape
-        if encoder_hidden_states.shape[-1] != self.text_width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this FLUX.2 "
-                                    f"transformer reads {self.text_width} (encode the prompt with its Qwen3: "
-                                    "CLIPLoader type flux2)", "positive")
+        check_text_width("FLUX.2", encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with its Qwen3: CLIPLoader type flux2")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         tokens, ids = tokens_of(x), position_ids(h, w, 0, self.device, self.dtype)
         if reference_latents is not None:
@@ -109,7 +108,7 @@ class Flux2Network(WrappedTransformer):
         return (out[:, :h * w].permute(0, 2, 1).reshape(b, -1, h, w),)
 
 
-class Flux2(Family):
+class Flux2(FlowFamily):
     name = "flux2"
     latent = FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", UNET_PREFIX),)
@@ -142,11 +141,6 @@ class Flux2(Family):
                 "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                 "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow",
                 MU_RULE: "flux2"}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux, flux_references
-from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.families.sdxl import ChannelLatentFormat
 
 #: Only Qwen-Image's transformer has the text RMS norm before txt_in (ComfyUI's detection key).
@@ -87,13 +88,9 @@ class QwenImageNetwork(WrappedTransformer):
         from nodes.families import qwen_image_edit
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a Qwen-Image latent needs an even size, got {h}x{w} (use multiples of 16 "
-                                    "pixels)", "latent_image")
-        if encoder_hidden_states.shape[-1] != self.text_width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this Qwen-Image "
-                                    f"transformer reads {self.text_width} (encode the prompt with Qwen2.5-VL: "
-                                    "CLIPLoader type qwen_image)", "positive")
+        check_even_latent("Qwen-Image", h, w)
+        check_text_width("Qwen-Image", encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with Qwen2.5-VL: CLIPLoader type qwen_image")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         mask = None if text_mask is None else text_mask.to(self.device)
         tokens, shapes = flux.pack(x), [(1, h // 2, w // 2)]
@@ -123,7 +120,7 @@ def renormed(guided: "Any", cond: "Any") -> "Any":
     return (guided.float() * (token_norm(cond) / token_norm(guided))).to(guided.dtype)
 
 
-class QwenImage(Family):
+class QwenImage(FlowFamily):
     name = "qwen_image"
     latent = QWEN_LATENT
     #: Its ControlNets (nodes.control.qwen_image) read the hint as VAE latents; the Fun ones run on the
@@ -153,11 +150,6 @@ class QwenImage(Family):
 
     def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
         return dict(SCHEDULER)
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     def combine_guidance(self, guided: "Any", cond: "Any") -> "Any":
         return renormed(guided, cond)

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families.base import (ConditioningError, Family, LatentFormat, Shapes, TextEncoderSpec,
+from nodes.families.base import (ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
+from nodes.families.input_checks import check_text_width
 
 #: Original (Stability) layout: the MMDiT's joint blocks exist in no other family.
 JOINT_BLOCKS = "joint_blocks."
@@ -80,17 +81,16 @@ class SD3Network(WrappedTransformer):
             raise ConditioningError(f"an SD3 latent needs a size divisible by {patch}, got {h}x{w} (use multiples "
                                     f"of {8 * patch} pixels)", "latent_image")
         width = int(self.transformer.config.joint_attention_dim)
-        if encoder_hidden_states.shape[-1] != width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this SD3 "
-                                    f"transformer reads {width} (encode the prompt with SD3's CLIP: "
-                                    "TripleCLIPLoader, or an SD3 checkpoint with its text encoders)", "positive")
+        check_text_width("SD3", encoder_hidden_states.shape[-1], width,
+                         "encode the prompt with SD3's CLIP: TripleCLIPLoader, or an SD3 checkpoint with its text "
+                         "encoders")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
         out = self.transformer(hidden_states=x, timestep=time.to(self.dtype),
                                encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)[0]
         return (out,)
 
 
-class SD3(Family):
+class SD3(FlowFamily):
     name = "sd3"
     latent = SD3_LATENT
     text_encoders = (
@@ -131,11 +131,6 @@ class SD3(Family):
         return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": float(shift),
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                 "max_image_seq_len": 4096, "prediction_type": "flow", TRAIN_GRID: True}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import ConditioningError, Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: One user turn and the assistant's opening, as Qwen3's chat template renders it (no think block).
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -59,13 +60,9 @@ class ZImageNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        if h % 2 or w % 2:
-            raise ConditioningError(f"a Z-Image latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
-                                    "latent_image")
-        if encoder_hidden_states.shape[-1] != self.text_width:
-            raise ConditioningError(f"the conditioning is {encoder_hidden_states.shape[-1]} wide but this Z-Image "
-                                    f"transformer reads {self.text_width} (encode the prompt with Qwen3-4B: "
-                                    "CLIPLoader type lumina2)", "positive")
+        check_even_latent("Z-Image", h, w)
+        check_text_width("Z-Image", encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with Qwen3-4B: CLIPLoader type lumina2")
         sigma = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         latents = list(x.unsqueeze(2).unbind(0))
         out = self.transformer(latents, 1.0 - sigma, captions(encoder_hidden_states, text_tokens), return_dict=False,
@@ -91,7 +88,7 @@ def own_tokens(row: Any, count: "int | None") -> Any:
     return head if torch.equal(row, head.repeat(total // count, 1)) else row
 
 
-class ZImage(Family):
+class ZImage(FlowFamily):
     name = "z-image"
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", QWEN3_PREFIX),)
@@ -123,11 +120,6 @@ class ZImage(Family):
         return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": SHIFT,
                 "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
-
-    def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
-        from nodes.samplers.model_sampling import FlowSampling
-
-        return FlowSampling(scheduler_config)
 
     # -- the network -------------------------------------------------------------------------
 

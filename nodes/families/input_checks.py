@@ -1,0 +1,25 @@
+"""What a transformer family checks of its inputs before running, worded alike for every family.
+
+The patch-2 transformers (FLUX, Chroma, Qwen-Image, Z-Image) fold 2x2 latent pixels into a token, so
+an odd latent cannot be patched; every text-conditioned transformer reads conditioning of one width,
+so a prompt encoded by another family's text encoder is refused naming the encoder it needs. The
+checks and their messages are one rule, kept here once.
+"""
+from __future__ import annotations
+
+from nodes.families.base import ConditioningError
+
+
+def check_even_latent(label: str, h: int, w: int) -> None:
+    """Refuse a latent of odd height or width (``label``: the family as the message names it)."""
+    if h % 2 or w % 2:
+        raise ConditioningError(f"a {label} latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
+                                "latent_image")
+
+
+def check_text_width(label: str, width: int, reads: int, encode_with: str) -> None:
+    """Refuse conditioning ``width`` wide when the transformer ``reads`` another width; ``encode_with``:
+    how to encode a prompt this family can read (the text encoder and its loader)."""
+    if width != reads:
+        raise ConditioningError(f"the conditioning is {width} wide but this {label} transformer reads {reads} "
+                                f"({encode_with})", "positive")
