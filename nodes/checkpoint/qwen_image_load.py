@@ -147,8 +147,8 @@ def is_qwen_image_folder(path: Path) -> bool:
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     """A diffusers Qwen-Image folder (nodes.checkpoint.flow_transformers.load_pipeline_folder):
-    transformer, Qwen2.5-VL, VAE, its tokenizer. The transformer is not offered to the manager
-    (``offload`` is not used), as before the loaders shared this path."""
+    transformer, Qwen2.5-VL, VAE, its tokenizer; the transformer built straight into disk blocks when
+    the manager (``offload``) will page it there, as every family's folder is."""
     from diffusers import QwenImageTransformer2DModel
     from transformers import AutoTokenizer
 
@@ -166,6 +166,6 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
         return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
                 "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
 
-    return load_pipeline_folder(path, dtype, None, fam.FAMILY, "Qwen-Image", QwenImageTransformer2DModel, others,
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "Qwen-Image", QwenImageTransformer2DModel, others,
                                 lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
                                 latent_from_vae=False)
