@@ -26,9 +26,22 @@ def flow_info(transformer: Any, fmt: str, label: str) -> dict[str, Any]:
 
 
 def transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, build: Callable[..., Any],
-                     family: Any, label: str) -> Loaded:
+                     family: Any, label: str, offload: Any = None,
+                     layout: Callable[[Mapping[str, Any], str], Any] | None = None) -> Loaded:
     """UNETLoader's path for one of these families: ``build(state, name, dtype)`` makes the module;
-    ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float first."""
+    ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float first. ``offload``: the
+    manager's plan for the denoiser (nodes.checkpoint.flux_load.OffloadAsk), asked before building; when
+    it pages to disk, the module is built straight into its blocks (nodes.checkpoint.paged_files) by
+    ``layout(file without its prefix, name)``, the family's nodes.checkpoint.paged_files.FileLayout."""
+    transformer = _straight(state, name, dtype, fp8, offload, layout)
+    if transformer is None:
+        transformer = build(_as_stored(state, fp8), name, dtype)
+    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                  modules={"unet": transformer}, info=flow_info(transformer, "unet", label))
+
+
+def _as_stored(state: Mapping[str, Any], fp8: str) -> dict[str, Any]:
+    """The file's tensors read, linear weights in UNETLoader's ``fp8`` (a torch dtype name) if given."""
     from nodes.checkpoint.scaled_fp8 import is_scaled
 
     state = plain(state)
@@ -38,9 +51,17 @@ def transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, 
         target = getattr(torch, fp8)
         state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
                  for k, v in state.items()}
-    transformer = build(state, name, dtype)
-    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                  modules={"unet": transformer}, info=flow_info(transformer, "unet", label))
+    return state
+
+
+def _straight(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, offload: Any,
+              layout: Callable[[Mapping[str, Any], str], Any] | None) -> Any:
+    """The module built straight into disk blocks when ``offload`` pages it there, else None."""
+    if offload is None or layout is None:
+        return None
+    from nodes.checkpoint import paged_files
+
+    return paged_files.file_straight(state, name, dtype, fp8, offload, layout(paged_files.strip(state), name))
 
 
 def is_pipeline_folder(path: Path, transformer_class: str) -> bool:

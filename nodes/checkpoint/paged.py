@@ -32,10 +32,14 @@ Row = tuple[str, Callable[[Any], dict[str, Any]]]
 
 def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, tuple[int, ...]],
                 finish: Callable[[dict[str, Any]], dict[str, Any]], plan: Any, what: str,
-                prepare: Callable[[str, Any], Any] | None = None) -> Any:
+                prepare: Callable[[str, Any], Any] | None = None,
+                ready: Callable[[Any], Any] | None = None) -> Any:
     """Fill the meta-device ``model`` from ``state`` block by block, each block paged to disk as soon as
     it is read (module docstring). ``finish``: the dtype rule over one part's converted tensors;
-    ``prepare``: applied to each file tensor as read; ``plan``: the manager's "disk" Plan."""
+    ``prepare``: applied to each file tensor as read; ``plan``: the manager's "disk" Plan; ``ready``: the
+    family's last touch to the built module (Z-Image's timestep embedder in the compute dtype), run on the
+    module after each part is assigned and before that part is written (its layers still on the meta
+    device are to be skipped, those already done left alone), so the block files hold its result."""
     import torch
 
     from nodes.checkpoint.load import CheckpointError
@@ -70,11 +74,15 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
         parts.setdefault(owner, []).append(row)
     model.requires_grad_(False)  # before assigning: an int8 weight cannot be a parameter that wants gradients
     model.load_state_dict(read(parts.pop(None, [])), strict=False, assign=True)  # outside the blocks
+    if ready is not None:
+        ready(model)
     for name, i, block in layout:
         prefix = f"{name}.{i}."
         sub = {k[len(prefix):]: v for k, v in read(parts.pop((name, i), [])).items()}
         block.load_state_dict(sub, strict=True, assign=True)
         del sub
+        if ready is not None:
+            ready(model)
         offload.rest_block_on_disk(block, name, i, plan.onload, folder)
     model.eval()
     offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
