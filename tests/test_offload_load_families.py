@@ -8,6 +8,7 @@ whole weight set (every tensor read from the file is metered until freed).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,3 +179,26 @@ def test_a_bad_family_file_fails_by_name_before_any_block_is_written(files, tmp_
         load_unet_file(tiny_flux._save(bad / "lacking.safetensors", lacking), torch.float32,
                        offload=lambda n, b: plan)
     assert [p.name for p in tmp_path.iterdir()] == ["files"]  # no block folder was made
+
+
+def test_a_bf16_z_image_folders_transformer_pages_with_its_timestep_embedder_in_fp32(tmp_path):
+    """A diffusers folder's transformer/ (bf16, as on the hub) built straight into disk blocks: the timestep
+    embedder, which the Z-Image loader holds in the compute dtype, is made so before its blocks are written
+    (once the hooks hold a layer, changing it breaks the forward)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.z_image_load import time_embedder_in_compute_dtype
+
+    folder = tmp_path / "transformer"
+    copy.deepcopy(tiny_z_image.components()["transformer"]).to(torch.bfloat16).save_pretrained(
+        str(folder), safe_serialization=True)
+    whole = time_embedder_in_compute_dtype(folder_component(folder, ZImageTransformer2DModel, torch.float32,
+                                                            as_stored=True))
+    paged = folder_component(folder, ZImageTransformer2DModel, torch.float32, lambda n, b: _disk(), as_stored=True,
+                             ready=time_embedder_in_compute_dtype)
+    paged = time_embedder_in_compute_dtype(paged)  # as load_folder does after: nothing left to change
+    assert offload.offloaded(paged).paged
+    assert paged.layers[0].attention.to_q.weight.dtype == torch.bfloat16
+    assert paged.t_embedder.mlp[0].weight.dtype == torch.float32
+    _same_outputs(paged, whole, _z_image_forward)

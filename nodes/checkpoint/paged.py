@@ -143,12 +143,13 @@ def _cast_floats(part: dict[str, Any], dtype: Any) -> dict[str, Any]:
 
 
 def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str,
-                        besides: int = 0, as_stored: bool = False) -> Any | None:
+                        besides: int = 0, as_stored: bool = False,
+                        ready: Callable[[Any], Any] | None = None) -> Any | None:
     """A denoiser from a file in its own (diffusers) layout, e.g. a diffusers folder's ``unet/``, built
     straight into disk blocks when the manager (``offload``, asked with the header's size) will page it
     to disk; None otherwise (the caller builds it whole). Floats are cast to ``dtype``; ``as_stored``:
     linear weights held as stored (nodes.runtime.fp8.keep_linears_as_stored), the size asked by the
-    same rule."""
+    same rule; ``ready``: as for :func:`build_paged`."""
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
     from nodes.runtime import fp8
 
@@ -162,7 +163,7 @@ def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, wh
         return None
     finish = functools.partial(fp8.keep_linears_as_stored, model, compute_dtype=dtype) if as_stored else \
         functools.partial(_cast_floats, dtype=dtype)
-    return build_paged(model, own_rows(shapes), state, shapes, finish, plan, what)
+    return build_paged(model, own_rows(shapes), state, shapes, finish, plan, what, ready=ready)
 
 
 def unet_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:

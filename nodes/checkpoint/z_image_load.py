@@ -132,4 +132,4 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, ZImageTransformer2DModel, others,
                                 lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("3")),
-                                ready=time_embedder_in_compute_dtype)
+                                ready=time_embedder_in_compute_dtype, ready_in_blocks=True)
