@@ -82,6 +82,11 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
 }
 
 
+def _module(family: str) -> Any:
+    return (tiny_sd3.components("medium") if family == "sd3" else
+            {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma}[family].components())["transformer"]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Each family's file with ComfyUI's prefix in fp32, and (Z-Image, SD3) in bf16 and in ComfyUI's
@@ -92,6 +97,8 @@ def files(tmp_path_factory) -> Path:
     for family, (state, _) in FAMILIES.items():
         tensors = {PREFIX + k: v for k, v in state().items()}
         tiny_flux._save(root / f"{family}.safetensors", tensors)
+        if family != "qwen_image":  # its files hold diffusers' names already
+            tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
         if family in ("z_image", "sd3"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
             tiny_flux._save(root / f"{family}-scaled.safetensors", quantise(state(), PREFIX)[0])
@@ -104,9 +111,11 @@ def _files_block_bytes(whole: Any) -> tuple[int, int]:
     return module_bytes(whole) - sum(sizes), max(sizes)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_families_unet_file_loads_straight_into_disk_blocks(files, family, alive, phase):
-    path, forward = files / f"{family}.safetensors", FAMILIES[family][1]
+@pytest.mark.parametrize("family,layout", [(f, "") for f in FAMILIES] +
+                         [(f, "-diffusers") for f in FAMILIES if f != "qwen_image"])
+def test_a_families_unet_file_loads_straight_into_disk_blocks(files, family, layout, alive, phase):
+    """ComfyUI's layout (converted per tensor by the family's own key map) and diffusers' (no conversion)."""
+    path, forward = files / f"{family}{layout}.safetensors", FAMILIES[family][1]
     whole = load_unet_file(path, torch.float32).modules["unet"]
     assert alive.peak >= 0.95 * alive.total  # the meter sees a whole load hold everything: it can fail
     top, largest = _files_block_bytes(whole)
@@ -141,7 +150,9 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
 
 @pytest.mark.parametrize("family,name,fp8", [("z_image", "z_image-bf16", ""), ("z_image", "z_image", "float8_e4m3fn"),
                                              ("z_image", "z_image-scaled", ""), ("sd3", "sd3-bf16", ""),
-                                             ("sd3", "sd3-scaled", "float8_e4m3fn"), ("flux2", "flux2", "float8_e4m3fn")])
+                                             ("sd3", "sd3-scaled", "float8_e4m3fn"), ("sd3", "sd3", "float8_e4m3fn"),
+                                             ("flux2", "flux2", "float8_e4m3fn"), ("chroma", "chroma", "float8_e4m3fn"),
+                                             ("qwen_image", "qwen_image", "float8_e4m3fn")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 file's scales (split with the fused qkv; weight_dtype unused)."""
@@ -202,3 +213,18 @@ def test_a_bf16_z_image_folders_transformer_pages_with_its_timestep_embedder_in_
     assert paged.layers[0].attention.to_q.weight.dtype == torch.bfloat16
     assert paged.t_embedder.mlp[0].weight.dtype == torch.float32
     _same_outputs(paged, whole, _z_image_forward)
+
+
+def test_traced_rows_give_the_familys_own_conversion_and_refuse_a_mixing_one():
+    """The rows traced from diffusers' SD3 converter (splits, the swapped adaLN halves) give its very tensors."""
+    from nodes.checkpoint.paged_files import traced_rows
+    from nodes.checkpoint.sd3_load import _converted
+
+    state = tiny_sd3.original_transformer("medium")
+    rows = traced_rows(_converted, {k: tuple(v.shape) for k, v in state.items()})
+    ours = {name: t for key, convert in rows for name, t in convert(state[key]).items()}
+    theirs = _converted(dict(state))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert any(len(convert(torch.empty(0))) == 3 for _, convert in rows)  # a fused qkv split in three
+    with pytest.raises(ValueError, match="several file tensors"):
+        traced_rows(lambda s: {"both": torch.cat([s["a"], s["b"]])}, {"a": (2, 3), "b": (2, 3)})

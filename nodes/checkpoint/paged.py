@@ -16,8 +16,10 @@ steady state would be lower. :func:`build_paged` instead:
 
 The result is the module the manager would have made by loading whole and offloading, so jobs
 give the same latents and LoRAs run beside the paged weights the same way. The families' tables:
-nodes.checkpoint.flux_blocks (FLUX, BFL or diffusers layout) and :func:`unet_rows` (SD UNets, original
-layout); a file in the module's own (diffusers) layout needs no conversion: :func:`own_rows`.
+nodes.checkpoint.flux_blocks (FLUX, BFL or diffusers layout), :func:`unet_rows` (SD UNets, original
+layout) and nodes.checkpoint.paged_files (the UNETLoader files of SD3, Z-Image, FLUX.2, Chroma and
+Qwen-Image, their own key conversions traced into rows); a file in the module's own (diffusers) layout
+needs no conversion: :func:`own_rows`.
 """
 from __future__ import annotations
 

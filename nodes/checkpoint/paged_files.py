@@ -64,19 +64,18 @@ def config_via(to_original: Convert, config: Callable[[dict], dict]) -> Callable
 
 def _rows_of(out: Any) -> tuple[int, tuple[tuple[int, int], ...]]:
     """(file tensor index, row runs) of one converted stand-in; a tensor made of several raises."""
-    values = out.reshape(-1).tolist()
-    if not values:
+    import torch
+
+    values = out.reshape(-1)
+    if values.numel() == 0:
         raise ValueError("a converted tensor with no rows")
-    sources = {v // _ID for v in values}
-    if len(sources) != 1:
+    sources = values // _ID
+    if bool((sources != sources[0]).any()):
         raise ValueError("a converted tensor stacks several file tensors (not convertible per tensor)")
-    runs: list[list[int]] = []
-    for row in (v % _ID for v in values):
-        if runs and runs[-1][1] == row:
-            runs[-1][1] += 1
-        else:
-            runs.append([row, row + 1])
-    return sources.pop(), tuple((a, b) for a, b in runs)
+    rows = values % _ID
+    breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+    starts, ends = [0] + breaks, breaks + [rows.numel()]
+    return int(sources[0]), tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends))
 
 
 def _take(t: Any, parts: list[tuple[str, tuple[tuple[int, int], ...]]], whole: int) -> dict[str, Any]:
