@@ -89,8 +89,9 @@ def _module(family: str) -> Any:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    """Each family's file with ComfyUI's prefix in fp32, and (Z-Image, SD3) in bf16 and in ComfyUI's
-    scaled fp8."""
+    """Each family's file with ComfyUI's prefix in fp32 and in diffusers' names, and (Z-Image, SD3) in bf16,
+    in ComfyUI's scaled fp8 and in Comfy-Org's int8 (rotated in part)."""
+    from test_int8_quant import quantise_int8
     from test_scaled_fp8 import quantise
 
     root = tmp_path_factory.mktemp("family-files")
@@ -102,6 +103,7 @@ def files(tmp_path_factory) -> Path:
         if family in ("z_image", "sd3"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
             tiny_flux._save(root / f"{family}-scaled.safetensors", quantise(state(), PREFIX)[0])
+            tiny_flux._save(root / f"{family}-int8.safetensors", quantise_int8(state(), PREFIX)[0])
     return root
 
 
@@ -152,11 +154,13 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("z_image", "z_image-scaled", ""), ("sd3", "sd3-bf16", ""),
                                              ("sd3", "sd3-scaled", "float8_e4m3fn"), ("sd3", "sd3", "float8_e4m3fn"),
                                              ("flux2", "flux2", "float8_e4m3fn"), ("chroma", "chroma", "float8_e4m3fn"),
-                                             ("qwen_image", "qwen_image", "float8_e4m3fn")])
+                                             ("qwen_image", "qwen_image", "float8_e4m3fn"),
+                                             ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
-    UNETLoader's fp8 weight_dtype, a scaled fp8 file's scales (split with the fused qkv; weight_dtype unused)."""
-    from nodes.runtime.fp8 import weight_scale
+    UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
+    unused), an int8 layer's rotation group travelling with its scale."""
+    from nodes.runtime.fp8 import rotation_group, weight_scale
 
     path, forward = files / f"{name}.safetensors", FAMILIES[family][1]
     whole = load_unet_file(path, torch.float32, fp8=fp8).modules["unet"]
@@ -167,10 +171,16 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     stored = {n: p.dtype for n, p in paged.named_parameters()}
     assert stored == {n: p.dtype for n, p in whole.named_parameters()}
     q = "transformer_blocks.0.attn.to_q.weight" if family != "z_image" else "layers.1.attention.to_k.weight"
-    assert stored[q] == (torch.bfloat16 if "bf16" in name else torch.float8_e4m3fn)
+    if "int8" in name:
+        assert torch.int8 in stored.values()
+    else:
+        assert stored[q] == (torch.bfloat16 if "bf16" in name else torch.float8_e4m3fn)
     scaled = {n for n, m in paged.named_modules() if weight_scale(m) is not None}  # values: by the outputs
     assert scaled == {n for n, m in whole.named_modules() if weight_scale(m) is not None}
-    assert bool(scaled) == ("scaled" in name)
+    assert bool(scaled) == ("scaled" in name or "int8" in name)
+    rotated = {n: rotation_group(m) for n, m in paged.named_modules() if rotation_group(m)}
+    assert rotated == {n: rotation_group(m) for n, m in whole.named_modules() if rotation_group(m)}
+    assert bool(rotated) == ("int8" in name)
     _same_outputs(paged, whole, forward)
 
 

@@ -36,14 +36,16 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint.flux_load import transformer_from_file
 
-    def latent_only(state: Any) -> None:
-        if any(k.startswith(RADIANCE) for k in state):
-            raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
-                                  "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
-
     return transformer_from_file(state, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
                                  chroma_keys.original_to_diffusers, chroma_keys.diffusers_to_original,
-                                 lambda s: DIFFUSERS_MARKER in s, latent_only)
+                                 lambda s: DIFFUSERS_MARKER in s, lambda s: _latent_only(s, what))
+
+
+def _latent_only(state: Any, what: str) -> None:
+    """Chroma1-Radiance refused by name (both builds)."""
+    if any(k.startswith(RADIANCE) for k in state):
+        raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
+                              "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
@@ -59,9 +61,7 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
 
     from nodes.checkpoint.paged_files import FileLayout, config_via
 
-    if any(k.startswith(RADIANCE) for k in state):
-        raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE latents); "
-                              "Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
+    _latent_only(state, what)
     if DIFFUSERS_MARKER in state:
         return FileLayout(ChromaTransformer2DModel, "Chroma",
                           config_via(chroma_keys.diffusers_to_original, chroma_keys.transformer_config))

@@ -40,13 +40,15 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint.flux_load import transformer_from_file
 
-    def klein_only(state: Any) -> None:
-        if any(k in state for k in fam.DEV_MARKERS):
-            raise CheckpointError(f"{what} {DEV_REFUSAL}")
-
     return transformer_from_file(state, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
                                  flux2_keys.original_to_diffusers, flux2_keys.diffusers_to_original,
-                                 lambda s: DIFFUSERS_MARKER in s, klein_only)
+                                 lambda s: DIFFUSERS_MARKER in s, lambda s: _klein_only(s, what))
+
+
+def _klein_only(state: Any, what: str) -> None:
+    """FLUX.2 [dev] refused by name (both builds)."""
+    if any(k in state for k in fam.DEV_MARKERS):
+        raise CheckpointError(f"{what} {DEV_REFUSAL}")
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
@@ -64,8 +66,7 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
 
     from nodes.checkpoint.paged_files import FileLayout, config_via
 
-    if any(k in state for k in fam.DEV_MARKERS):
-        raise CheckpointError(f"{what} {DEV_REFUSAL}")
+    _klein_only(state, what)
     if DIFFUSERS_MARKER in state:
         return FileLayout(Flux2Transformer2DModel, "FLUX.2",
                           config_via(flux2_keys.diffusers_to_original, flux2_keys.transformer_config))

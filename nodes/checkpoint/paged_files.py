@@ -175,7 +175,8 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     for key, convert in rows:  # a scale's rows go where its weight's rows go
         if key in scales:
             module_scales.update(convert(scales[key]))
-    size += sum(v.numel() * v.element_size() for k, v in module_scales.items() if not k.startswith(layout.in_compute))
+    size += sum(4 * v.shape[0] for k, v in module_scales.items()  # held: one float32 a row (scaled_fp8.attach)
+                if not k.startswith(layout.in_compute))
     plan = offload(size, besides)
     if plan is None or plan.rest != "disk":
         return None
