@@ -59,14 +59,10 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
     (nodes.checkpoint.chroma_keys' table); Chroma1-Radiance refused as the whole build refuses it."""
     from diffusers import ChromaTransformer2DModel
 
-    from nodes.checkpoint.paged_files import FileLayout, config_via
+    from nodes.checkpoint.paged_files import keyed_layout
 
     _latent_only(state, what)
-    if DIFFUSERS_MARKER in state:
-        return FileLayout(ChromaTransformer2DModel, "Chroma",
-                          config_via(chroma_keys.diffusers_to_original, chroma_keys.transformer_config))
-    return FileLayout(ChromaTransformer2DModel, "Chroma", chroma_keys.transformer_config,
-                      chroma_keys.original_to_diffusers)
+    return keyed_layout(ChromaTransformer2DModel, "Chroma", chroma_keys, DIFFUSERS_MARKER in state)
 
 
 def is_chroma_folder(path: Path) -> bool:

@@ -64,14 +64,10 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
     (nodes.checkpoint.flux2_keys' table); [dev] refused as the whole build refuses it."""
     from diffusers import Flux2Transformer2DModel
 
-    from nodes.checkpoint.paged_files import FileLayout, config_via
+    from nodes.checkpoint.paged_files import keyed_layout
 
     _klein_only(state, what)
-    if DIFFUSERS_MARKER in state:
-        return FileLayout(Flux2Transformer2DModel, "FLUX.2",
-                          config_via(flux2_keys.diffusers_to_original, flux2_keys.transformer_config))
-    return FileLayout(Flux2Transformer2DModel, "FLUX.2", flux2_keys.transformer_config,
-                      flux2_keys.original_to_diffusers)
+    return keyed_layout(Flux2Transformer2DModel, "FLUX.2", flux2_keys, DIFFUSERS_MARKER in state)
 
 
 # -- the VAE ----------------------------------------------------------------------------------------

@@ -62,6 +62,16 @@ def config_via(to_original: Convert, config: Callable[[dict], dict]) -> Callable
     return lambda shapes: config({k: tuple(v.shape) for k, v in to_original(meta_state(shapes)).items()})
 
 
+def keyed_layout(model_cls: Any, label: str, keys: Any, diffusers: bool, **extra: Any) -> FileLayout:
+    """The layout of a family whose key module (``keys``: nodes.checkpoint.z_image_keys, chroma_keys,
+    flux2_keys) has ``transformer_config`` (original-layout shapes), ``original_to_diffusers`` and
+    ``diffusers_to_original``; ``diffusers``: the file holds the module's own names. ``extra``: the
+    FileLayout's other fields."""
+    if diffusers:
+        return FileLayout(model_cls, label, config_via(keys.diffusers_to_original, keys.transformer_config), **extra)
+    return FileLayout(model_cls, label, keys.transformer_config, keys.original_to_diffusers, **extra)
+
+
 def _rows_of(out: Any) -> tuple[int, tuple[tuple[int, int], ...]]:
     """(file tensor index, row runs) of one converted stand-in; a tensor made of several raises."""
     import torch

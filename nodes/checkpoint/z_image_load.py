@@ -85,14 +85,10 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
     key map of nodes.checkpoint.z_image_keys, the timestep embedder then held in the compute dtype."""
     from diffusers import ZImageTransformer2DModel
 
-    from nodes.checkpoint.paged_files import FileLayout, config_via
+    from nodes.checkpoint.paged_files import keyed_layout
 
-    if keys.is_diffusers(state):
-        return FileLayout(ZImageTransformer2DModel, LABEL, config_via(keys.diffusers_to_original,
-                                                                      keys.transformer_config),
-                          after=time_embedder_in_compute_dtype, in_compute=("t_embedder.",))
-    return FileLayout(ZImageTransformer2DModel, LABEL, keys.transformer_config, keys.original_to_diffusers,
-                      after=time_embedder_in_compute_dtype, in_compute=("t_embedder.",))
+    return keyed_layout(ZImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state),
+                        after=time_embedder_in_compute_dtype, in_compute=("t_embedder.",))
 
 
 def is_z_image_folder(path: Path) -> bool:
