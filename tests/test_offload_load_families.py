@@ -196,7 +196,8 @@ def test_a_bad_family_file_fails_by_name_before_any_block_is_written(files, tmp_
     with pytest.raises(CheckpointError, match=r"bad\.safetensors.*layers\.1\.feed_forward\.w2\.weight.*, 3\)"):
         load_unet_file(tiny_flux._save(bad / "bad.safetensors", wrong), torch.float32, offload=lambda n, b: plan)
     lacking = {k: v for k, v in good.items() if k != PREFIX + "noise_refiner.0.attention.qkv.weight"}
-    with pytest.raises(CheckpointError, match=r"lacking\.safetensors.*missing.*noise_refiner\.0\.attention\.to_q\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"lacking\.safetensors.*missing.*noise_refiner\.0\.attention\.to_q\.weight"):
         load_unet_file(tiny_flux._save(bad / "lacking.safetensors", lacking), torch.float32,
                        offload=lambda n, b: plan)
     assert [p.name for p in tmp_path.iterdir()] == ["files"]  # no block folder was made

@@ -14,8 +14,10 @@ each is read. A conversion that mixes tensors raises (it cannot be paged per ten
 :func:`file_straight` then asks the manager with the size the build will hold (the same dtype rule run
 on meta tensors, so it equals the whole build's module bytes), and builds only when the plan rests the
 blocks on disk. UNETLoader's fp8 weight_dtype (file keys, as flow_transformers.transformer_file casts
-them), ComfyUI's scaled fp8 (scales read first, sent through the same rows, attached on the meta
-module) and the ``model.diffusion_model.`` prefix are handled as the whole build handles them.
+them), ComfyUI's scaled fp8 and int8 files (scales, with an int8 layer's rotation group, read first,
+sent through the same rows, attached on the meta module), the ``model.diffusion_model.`` prefix and a
+family's refusals and last touch (Z-Image's timestep embedder) are handled as the whole build handles them.
+Outputs equal the whole build paged afterwards bit for bit (tests/test_offload_load_families.py).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ class FileLayout:
 
     ``config``: the module's arguments from the file's shapes; ``convert``: the family's key conversion
     (None: the file already has the module's names); ``after``: what the whole build does to the built
-    module last (Z-Image's timestep embedder), run before the offload hooks; ``in_compute``: module names ``after`` holds in the
+    module last (Z-Image's timestep embedder), run here before each block is written
+    (nodes.checkpoint.paged.build_paged's ``ready``); ``in_compute``: module names ``after`` holds in the
     compute dtype (counted so in the size asked)."""
 
     model_cls: Any
@@ -178,8 +181,9 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
         t = torch.empty(shapes[key], dtype=dtypes[key], device="meta")
         converted.update(convert(prepare(key, t) if prepare is not None else t))
     held = finish(converted)
-    size = sum(v.numel() * (dtype.itemsize if k.startswith(layout.in_compute) and v.is_floating_point()
-                            else v.element_size()) for k, v in held.items())
+    widened = (lambda k, v: k.startswith(layout.in_compute)  # ``after`` holds these in the compute dtype
+               and (v.is_floating_point() or v.dtype == torch.int8))
+    size = sum(v.numel() * (dtype.itemsize if widened(k, v) else v.element_size()) for k, v in held.items())
     size += sum(b.numel() * b.element_size() for k, b in model.named_buffers() if k not in held)  # not in files
     module_scales = {}
     for key, convert in rows:  # a scale's rows go where its weight's rows go
