@@ -36,19 +36,33 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint.flux_load import transformer_from_file
 
-    def latent_only(state: Any) -> None:
-        if any(k.startswith(RADIANCE) for k in state):
-            raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
-                                  "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
-
     return transformer_from_file(state, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
                                  chroma_keys.original_to_diffusers, chroma_keys.diffusers_to_original,
-                                 lambda s: DIFFUSERS_MARKER in s, latent_only)
+                                 lambda s: DIFFUSERS_MARKER in s, lambda s: _latent_only(s, what))
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's Chroma path (nodes.checkpoint.flow_transformers)."""
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Chroma")
+def _latent_only(state: Any, what: str) -> None:
+    """Chroma1-Radiance refused by name (both builds)."""
+    if any(k.startswith(RADIANCE) for k in state):
+        raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
+                              "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's Chroma path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Chroma", offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a Chroma file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.chroma_keys' table); Chroma1-Radiance refused as the whole build refuses it."""
+    from diffusers import ChromaTransformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    _latent_only(state, what)
+    return keyed_layout(ChromaTransformer2DModel, "Chroma", chroma_keys, DIFFUSERS_MARKER in state)
 
 
 def is_chroma_folder(path: Path) -> bool:

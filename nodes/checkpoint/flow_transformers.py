@@ -26,9 +26,22 @@ def flow_info(transformer: Any, fmt: str, label: str) -> dict[str, Any]:
 
 
 def transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, build: Callable[..., Any],
-                     family: Any, label: str) -> Loaded:
+                     family: Any, label: str, offload: Any = None,
+                     layout: Callable[[Mapping[str, Any], str], Any] | None = None) -> Loaded:
     """UNETLoader's path for one of these families: ``build(state, name, dtype)`` makes the module;
-    ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float first."""
+    ``fp8`` (a torch dtype name) stores the linear weights in that 8-bit float first. ``offload``: the
+    manager's plan for the denoiser (nodes.checkpoint.flux_load.OffloadAsk), asked before building; when
+    it pages to disk, the module is built straight into its blocks (nodes.checkpoint.paged_files) by
+    ``layout(file without its prefix, name)``, the family's nodes.checkpoint.paged_files.FileLayout."""
+    transformer = _straight(state, name, dtype, fp8, offload, layout)
+    if transformer is None:
+        transformer = build(_as_stored(state, fp8), name, dtype)
+    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                  modules={"unet": transformer}, info=flow_info(transformer, "unet", label))
+
+
+def _as_stored(state: Mapping[str, Any], fp8: str) -> dict[str, Any]:
+    """The file's tensors read, linear weights in UNETLoader's ``fp8`` (a torch dtype name) if given."""
     from nodes.checkpoint.scaled_fp8 import is_scaled
 
     state = plain(state)
@@ -38,9 +51,17 @@ def transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, 
         target = getattr(torch, fp8)
         state = {k: v.to(target) if v.ndim == 2 and k.endswith(".weight") and v.is_floating_point() else v
                  for k, v in state.items()}
-    transformer = build(state, name, dtype)
-    return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                  modules={"unet": transformer}, info=flow_info(transformer, "unet", label))
+    return state
+
+
+def _straight(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, offload: Any,
+              layout: Callable[[Mapping[str, Any], str], Any] | None) -> Any:
+    """The module built straight into disk blocks when ``offload`` pages it there, else None."""
+    if offload is None or layout is None:
+        return None
+    from nodes.checkpoint import paged_files
+
+    return paged_files.file_straight(state, name, dtype, fp8, offload, layout(paged_files.strip(state), name))
 
 
 def is_pipeline_folder(path: Path, transformer_class: str) -> bool:
@@ -55,10 +76,11 @@ def is_pipeline_folder(path: Path, transformer_class: str) -> bool:
 
 
 def folder_modules(path: Path, label: str, others: Callable[[], dict[str, Any]], transformer_class: Any, dtype: Any,
-                   offload: Any = None) -> dict[str, Any]:
+                   offload: Any = None, ready: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """A diffusers folder's modules, frozen: ``others()`` (VAE, text encoders), then ``transformer/``
     as ``unet``, its linear weights held as stored and asked of the manager (``offload``) with the
-    others' bytes, as nodes.checkpoint.folders.folder_component does. A component that cannot be
+    others' bytes, as nodes.checkpoint.folders.folder_component does (``ready``: run inside a build
+    straight into disk blocks, before each block is written). A component that cannot be
     read (OSError, ValueError, RuntimeError) is the folder's CheckpointError, naming ``label``."""
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.load import CheckpointError, quiet_progress
@@ -69,7 +91,7 @@ def folder_modules(path: Path, label: str, others: Callable[[], dict[str, Any]],
         modules = others()
         besides = sum(module_bytes(m) for m in modules.values())
         modules["unet"] = folder_component(path / "transformer", transformer_class, dtype, offload, besides,
-                                           as_stored=True)
+                                           as_stored=True, ready=ready)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path.name}: not a loadable diffusers {label} folder ({exc})") from exc
     for m in modules.values():
@@ -108,12 +130,16 @@ def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any]) -> Any:
 def load_pipeline_folder(path: Path, dtype: Any, offload: Any, family: Any, label: str, transformer_class: Any,
                          others: Callable[[], dict[str, Any]], tokenizer: Callable[[], Any], *,
                          latent_from_vae: bool = True,
-                         ready: Callable[[Any], Any] | None = None) -> Loaded:
+                         ready: Callable[[Any], Any] | None = None, ready_in_blocks: bool = False) -> Loaded:
     """A diffusers pipeline folder of one of these families: :func:`folder_modules` (``others()`` and
     the transformer), ``ready(transformer)`` (a family's check or fix-up, before the loader's info is
     taken), ``tokenizer()`` and the folder's scheduler config; the latent takes the VAE config's scale
-    and shift when ``latent_from_vae`` (a VAE that normalises its own latent keeps the family's)."""
-    modules = folder_modules(path, label, others, transformer_class, dtype, offload)
+    and shift when ``latent_from_vae`` (a VAE that normalises its own latent keeps the family's).
+    ``ready_in_blocks``: ``ready`` is a fix-up the block files must hold, so a build straight into disk
+    blocks runs it before each block is written too (Z-Image's timestep embedder: once the offload hooks
+    hold a layer, changing it breaks the forward)."""
+    modules = folder_modules(path, label, others, transformer_class, dtype, offload,
+                             ready if ready_in_blocks else None)
     if ready is not None:
         ready(modules["unet"])
     tokenizers = {"tokenizer": tokenizer()}

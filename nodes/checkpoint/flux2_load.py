@@ -40,20 +40,34 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint.flux_load import transformer_from_file
 
-    def klein_only(state: Any) -> None:
-        if any(k in state for k in fam.DEV_MARKERS):
-            raise CheckpointError(f"{what} {DEV_REFUSAL}")
-
     return transformer_from_file(state, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
                                  flux2_keys.original_to_diffusers, flux2_keys.diffusers_to_original,
-                                 lambda s: DIFFUSERS_MARKER in s, klein_only)
+                                 lambda s: DIFFUSERS_MARKER in s, lambda s: _klein_only(s, what))
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's FLUX.2 path (nodes.checkpoint.flow_transformers)."""
+def _klein_only(state: Any, what: str) -> None:
+    """FLUX.2 [dev] refused by name (both builds)."""
+    if any(k in state for k in fam.DEV_MARKERS):
+        raise CheckpointError(f"{what} {DEV_REFUSAL}")
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's FLUX.2 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
     from nodes.checkpoint.flow_transformers import transformer_file
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "FLUX.2")
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "FLUX.2", offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a FLUX.2 file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.flux2_keys' table); [dev] refused as the whole build refuses it."""
+    from diffusers import Flux2Transformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    _klein_only(state, what)
+    return keyed_layout(Flux2Transformer2DModel, "FLUX.2", flux2_keys, DIFFUSERS_MARKER in state)
 
 
 # -- the VAE ----------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def folder_state(folder: Path, dtype: Any = None) -> tuple[Path, Mapping[str, An
 
 
 def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, besides: int = 0,
-                     as_stored: bool = False) -> Any:
+                     as_stored: bool = False, ready: Any = None) -> Any:
     """One component of a diffusers pipeline folder (unet/, vae/, text_encoder/...), computing in ``dtype``.
 
     Its .safetensors file (or shards) is read tensor by tensor into a module built empty from its
@@ -62,6 +62,9 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
     size and the bytes of the load's other modules, whose "disk" answer builds it straight into disk
     blocks (nodes.checkpoint.paged.own_layout_straight) from the same opened files and empty module.
     .bin files, and keys that do not fit strictly when built whole, go through ``from_pretrained``.
+    ``ready``: what the family's loader does to the built denoiser last, given to the straight build to
+    run before each block is written (nodes.checkpoint.paged.build_paged); a whole build leaves it to the
+    caller.
     """
     found = folder_state(folder, dtype)
     if found is not None:
@@ -72,7 +75,7 @@ def folder_component(folder: Path, cls: Any, dtype: Any, offload: Any = None, be
                 from nodes.checkpoint.paged import own_layout_straight
 
                 paged = own_layout_straight(module, state, dtype, offload, f"{folder.parent.name}/{folder.name}",
-                                            besides, as_stored)
+                                            besides, as_stored, ready)
                 if paged is not None:
                     return paged
             try:

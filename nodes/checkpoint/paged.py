@@ -16,8 +16,10 @@ steady state would be lower. :func:`build_paged` instead:
 
 The result is the module the manager would have made by loading whole and offloading, so jobs
 give the same latents and LoRAs run beside the paged weights the same way. The families' tables:
-nodes.checkpoint.flux_blocks (FLUX, BFL or diffusers layout) and :func:`unet_rows` (SD UNets, original
-layout); a file in the module's own (diffusers) layout needs no conversion: :func:`own_rows`.
+nodes.checkpoint.flux_blocks (FLUX, BFL or diffusers layout), :func:`unet_rows` (SD UNets, original
+layout) and nodes.checkpoint.paged_files (the UNETLoader files of SD3, Z-Image, FLUX.2, Chroma and
+Qwen-Image, their own key conversions traced into rows); a file in the module's own (diffusers) layout
+needs no conversion: :func:`own_rows`.
 """
 from __future__ import annotations
 
@@ -32,10 +34,14 @@ Row = tuple[str, Callable[[Any], dict[str, Any]]]
 
 def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, tuple[int, ...]],
                 finish: Callable[[dict[str, Any]], dict[str, Any]], plan: Any, what: str,
-                prepare: Callable[[str, Any], Any] | None = None) -> Any:
+                prepare: Callable[[str, Any], Any] | None = None,
+                ready: Callable[[Any], Any] | None = None) -> Any:
     """Fill the meta-device ``model`` from ``state`` block by block, each block paged to disk as soon as
     it is read (module docstring). ``finish``: the dtype rule over one part's converted tensors;
-    ``prepare``: applied to each file tensor as read; ``plan``: the manager's "disk" Plan."""
+    ``prepare``: applied to each file tensor as read; ``plan``: the manager's "disk" Plan; ``ready``: the
+    family's last touch to the built module (Z-Image's timestep embedder in the compute dtype), run on the
+    module after each part is assigned and before that part is written (its layers still on the meta
+    device are to be skipped, those already done left alone), so the block files hold its result."""
     import torch
 
     from nodes.checkpoint.load import CheckpointError
@@ -70,11 +76,15 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
         parts.setdefault(owner, []).append(row)
     model.requires_grad_(False)  # before assigning: an int8 weight cannot be a parameter that wants gradients
     model.load_state_dict(read(parts.pop(None, [])), strict=False, assign=True)  # outside the blocks
+    if ready is not None:
+        ready(model)
     for name, i, block in layout:
         prefix = f"{name}.{i}."
         sub = {k[len(prefix):]: v for k, v in read(parts.pop((name, i), [])).items()}
         block.load_state_dict(sub, strict=True, assign=True)
         del sub
+        if ready is not None:
+            ready(model)
         offload.rest_block_on_disk(block, name, i, plan.onload, folder)
     model.eval()
     offload.offload_blocks(model, plan.onload, "disk", plan.note, folder=folder)
@@ -135,12 +145,13 @@ def _cast_floats(part: dict[str, Any], dtype: Any) -> dict[str, Any]:
 
 
 def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str,
-                        besides: int = 0, as_stored: bool = False) -> Any | None:
+                        besides: int = 0, as_stored: bool = False,
+                        ready: Callable[[Any], Any] | None = None) -> Any | None:
     """A denoiser from a file in its own (diffusers) layout, e.g. a diffusers folder's ``unet/``, built
     straight into disk blocks when the manager (``offload``, asked with the header's size) will page it
     to disk; None otherwise (the caller builds it whole). Floats are cast to ``dtype``; ``as_stored``:
     linear weights held as stored (nodes.runtime.fp8.keep_linears_as_stored), the size asked by the
-    same rule."""
+    same rule; ``ready``: as for :func:`build_paged`."""
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
     from nodes.runtime import fp8
 
@@ -154,7 +165,7 @@ def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, wh
         return None
     finish = functools.partial(fp8.keep_linears_as_stored, model, compute_dtype=dtype) if as_stored else \
         functools.partial(_cast_floats, dtype=dtype)
-    return build_paged(model, own_rows(shapes), state, shapes, finish, plan, what)
+    return build_paged(model, own_rows(shapes), state, shapes, finish, plan, what, ready=ready)
 
 
 def unet_straight(model: Any, state: Mapping, dtype: Any, offload: Any, what: str, besides: int = 0) -> Any | None:

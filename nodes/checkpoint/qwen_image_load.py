@@ -69,9 +69,21 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     return scaled_fp8.fill_as_stored(model, state, scales, dtype, what, f"Qwen-Image transformer ({what})")
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's Qwen-Image path (nodes.checkpoint.flow_transformers)."""
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Qwen-Image")
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's Qwen-Image path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Qwen-Image", offload,
+                            file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """A Qwen-Image file (prefix stripped) holds diffusers' own names: built straight into disk blocks
+    with no conversion (nodes.checkpoint.paged.own_rows), the config from its shapes."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from nodes.checkpoint.paged_files import FileLayout
+
+    return FileLayout(QwenImageTransformer2DModel, "Qwen-Image", transformer_config)
 
 
 # -- the text encoder ---------------------------------------------------------------------------

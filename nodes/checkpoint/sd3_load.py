@@ -84,7 +84,6 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
     cast per layer); ``fp8`` (a torch dtype name, UNETLoader's weight_dtype) stores them in that 8-bit float."""
     import torch
     from diffusers import SD3Transformer2DModel
-    from diffusers.loaders import single_file_utils as sfu
 
     from nodes.checkpoint import scaled_fp8
     from nodes.runtime.fp8 import keep_linears_as_stored
@@ -100,10 +99,9 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, fp8: str 
     model = _empty(SD3Transformer2DModel, config)
     try:  # diffusers' own layout (a transformer folder's file) needs no conversion
         converted = dict(state) if is_diffusers_layout(state) else \
-            sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+            _converted(state)
         if not is_diffusers_layout(state):
-            scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()},
-                                       lambda s: sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(s)))
+            scales = scaled_fp8.follow(scales, {k: tuple(v.shape) for k, v in state.items()}, _converted)
     except KeyError as exc:
         raise CheckpointError(f"{what}: the SD3 transformer's keys do not fit the SD3 layout ({exc} is missing)") \
             from None
@@ -131,16 +129,39 @@ def _sampling() -> dict[str, Any]:
     return fam.FAMILY.scheduler_config()
 
 
-def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's SD3 path: the transformer alone; ``fp8`` as for :func:`build_transformer`."""
+def load_transformer_file(state: Mapping, name: str, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
+    """UNETLoader's SD3 path: the transformer alone; ``fp8`` as for :func:`build_transformer`. ``offload``:
+    the manager's plan, asked before building (nodes.checkpoint.flux_load.OffloadAsk); when it pages the
+    transformer to disk, it is built straight into its blocks (nodes.checkpoint.paged_files)."""
     from nodes.checkpoint.flux_load import _held_note
+    from nodes.checkpoint.paged_files import file_straight, strip
     from nodes.runtime.fp8 import fp8_bytes
 
-    transformer = build_transformer(state, name, dtype, fp8)
+    transformer = None if offload is None else \
+        file_straight(state, name, dtype, fp8, offload, file_layout(strip(state), name))
+    if transformer is None:
+        transformer = build_transformer(state, name, dtype, fp8)
     return Loaded(family=fam.FAMILY, scheduler_config=_sampling(), latent=fam.SD3_LATENT,
                   modules={"unet": transformer},
                   info={"format": "unet", "prediction_type": "flow", "prediction_reason": "flow matching (SD3)",
                         "fp8": fp8_bytes(transformer) > 0, **_held_note(transformer)})
+
+
+def _converted(state: Mapping[str, Any]) -> dict[str, Any]:
+    from diffusers.loaders import single_file_utils as sfu
+
+    return sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How an SD3 file (prefix stripped) becomes its module, for a build straight into disk blocks:
+    diffusers' own converter, as :func:`build_transformer` uses it (none for diffusers' layout)."""
+    from diffusers import SD3Transformer2DModel
+
+    from nodes.checkpoint.paged_files import FileLayout
+
+    return FileLayout(SD3Transformer2DModel, "SD3", transformer_config,
+                      None if is_diffusers_layout(state) else _converted)
 
 
 def text_encoders(state: Mapping[str, Any], name: str, dtype: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -66,8 +66,8 @@ def unet_to_original_layout(state: Any, name: str) -> Any:
 def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
     """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE.
     ``offload``: the model manager's plan for the denoiser, asked before building (a FLUX
-    transformer that will be paged to disk is built straight into its blocks; see
-    nodes.checkpoint.flux_load.OffloadAsk)."""
+    transformer, or SD3, Z-Image, FLUX.2, Chroma or Qwen-Image one, that will be paged to disk is built
+    straight into its blocks; see nodes.checkpoint.flux_load.OffloadAsk and nodes.checkpoint.paged_files)."""
     state = open_state(path)
     from nodes.checkpoint import flux_load
     from nodes.families.sd3 import is_sd3_transformer
@@ -76,12 +76,12 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
         from nodes.checkpoint import sd3_load
 
         with reading(path):
-            return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+            return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     from nodes.checkpoint import z_image_load
 
     if z_image_load.has_z_image_transformer({k: () for k in state}):
         with reading(path):
-            return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+            return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
@@ -89,13 +89,13 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 
     if flux2_load.has_flux2_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
         with reading(path):
-            return flux2_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+            return flux2_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     if qwen_image_load.has_transformer(state.keys()):
         with reading(path):
-            return qwen_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+            return qwen_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     if chroma_load.has_chroma_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
         with reading(path):
-            return chroma_load.load_transformer_file(state, path.name, dtype, fp8=fp8)
+            return chroma_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     if flux_load.has_flux_transformer({k: () for k in state}):
         with reading(path):
             return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)

@@ -50,15 +50,17 @@ def time_embedder_in_compute_dtype(model: Any) -> Any:
     diffusers' Z-Image TimestepEmbedder casts the sinusoidal time features to its first linear's weight
     dtype before the MLP: a weight kept fp8 would fail there, one kept bf16 would round the time where
     diffusers keeps it (it leaves ``t_embedder`` out of layer-wise casting for that reason). The values
-    are those the per-call cast (times any fp8 scale) gives, so nothing else changes; a few KB.
-    Returns ``model``."""
+    are those the per-call cast (times any fp8 scale) gives, so nothing else changes; a few KB. A plain
+    Linear is left as it is (already done, or held in the compute dtype), so a build straight into disk
+    blocks may run this after each block (nodes.checkpoint.paged.build_paged's ``ready``). Returns ``model``."""
     import torch
 
     from nodes.runtime.fp8 import compute_dtype, effective_weight
 
     dtype = compute_dtype(model)
     for layer in model.t_embedder.modules():
-        if not isinstance(layer, torch.nn.Linear) or layer.weight.is_meta or layer.weight.numel() == 0:
+        if not isinstance(layer, torch.nn.Linear) or type(layer) is torch.nn.Linear or layer.weight.is_meta \
+                or layer.weight.numel() == 0:
             continue
         weight = effective_weight(layer, dtype).detach()
         layer._buffers.pop("kiln_scale", None)
@@ -70,11 +72,23 @@ def time_embedder_in_compute_dtype(model: Any) -> Any:
     return model
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "") -> Loaded:
-    """UNETLoader's Z-Image path (nodes.checkpoint.flow_transformers)."""
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's Z-Image path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
     from nodes.families import z_image as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Z-Image")
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Z-Image", offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a Z-Image file (prefix stripped) becomes its module, for a build straight into disk blocks: the
+    key map of nodes.checkpoint.z_image_keys, the timestep embedder then held in the compute dtype."""
+    from diffusers import ZImageTransformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(ZImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state),
+                        after=time_embedder_in_compute_dtype, in_compute=("t_embedder.",))
 
 
 def is_z_image_folder(path: Path) -> bool:
@@ -114,4 +128,4 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, ZImageTransformer2DModel, others,
                                 lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("3")),
-                                ready=time_embedder_in_compute_dtype)
+                                ready=time_embedder_in_compute_dtype, ready_in_blocks=True)

@@ -1,0 +1,241 @@
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma and Qwen-Image built straight into blocks paged to disk
+(nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
+
+For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
+Qwen-Image's are diffusers' own names): the size asked before building is the whole build's module bytes,
+the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
+whole weight set (every tensor read from the file is metered until freed).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import tiny_chroma
+import tiny_flux
+import tiny_flux2
+import tiny_qwen_image
+import tiny_sd3
+import tiny_z_image
+from nodes.checkpoint.split import load_unet_file
+from nodes.runtime import offload
+from nodes.runtime.measure import module_bytes
+from test_offload_load import _disk, alive, phase  # noqa: F401 (fixtures)
+
+PREFIX = "model.diffusion_model."
+
+
+def _sd3_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    text = torch.randn(1, 7, tiny_sd3.T5, generator=g)
+    pooled = torch.randn(1, tiny_sd3.CLIP_L + tiny_sd3.CLIP_G, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                   timestep=torch.tensor([500.0]), return_dict=False)[0]
+
+
+def _z_image_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, cap = torch.randn(16, 1, 8, 8, generator=g), torch.randn(7, 48, generator=g)
+    with torch.no_grad():
+        return net([x], torch.tensor([0.6]), [cap], return_dict=False)[0][0]
+
+
+def _flux2_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 128, generator=g), torch.randn(1, 8, 3 * tiny_flux2.QWEN, generator=g)
+    ids = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1),
+                                     indexing="ij"), -1).reshape(1, 16, 4)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]), img_ids=ids,
+                   txt_ids=torch.zeros(1, 8, 4), return_dict=False)[0]
+
+
+def _chroma_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, tiny_chroma.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]),
+                   img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+
+
+def _qwen_image_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 7, tiny_qwen_image.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=torch.ones(1, 7),
+                   timestep=torch.tensor([0.7]), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+
+
+#: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
+FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
+    "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
+    "z_image": (tiny_z_image.original_transformer, _z_image_forward),
+    "flux2": (tiny_flux2.original_transformer, _flux2_forward),
+    "chroma": (tiny_chroma.original_transformer, _chroma_forward),
+    "qwen_image": (lambda: dict(tiny_qwen_image.components()["transformer"].state_dict()), _qwen_image_forward),
+}
+
+
+def _module(family: str) -> Any:
+    return (tiny_sd3.components("medium") if family == "sd3" else
+            {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma}[family].components())["transformer"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Each family's file with ComfyUI's prefix in fp32 and in diffusers' names, and (Z-Image, SD3) in bf16,
+    in ComfyUI's scaled fp8 and in Comfy-Org's int8 (rotated in part)."""
+    from test_int8_quant import quantise_int8
+    from test_scaled_fp8 import quantise
+
+    root = tmp_path_factory.mktemp("family-files")
+    for family, (state, _) in FAMILIES.items():
+        tensors = {PREFIX + k: v for k, v in state().items()}
+        tiny_flux._save(root / f"{family}.safetensors", tensors)
+        if family != "qwen_image":  # its files hold diffusers' names already
+            tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
+        if family in ("z_image", "sd3"):
+            tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
+            tiny_flux._save(root / f"{family}-scaled.safetensors", quantise(state(), PREFIX)[0])
+            tiny_flux._save(root / f"{family}-int8.safetensors", quantise_int8(state(), PREFIX)[0])
+    return root
+
+
+def _files_block_bytes(whole: Any) -> tuple[int, int]:
+    """(bytes outside the blocks, bytes of the largest block) of a whole-built module."""
+    sizes = [module_bytes(block) for _, _, block in offload.blocks(whole)]
+    return module_bytes(whole) - sum(sizes), max(sizes)
+
+
+@pytest.mark.parametrize("family,layout", [(f, "") for f in FAMILIES] +
+                         [(f, "-diffusers") for f in FAMILIES if f != "qwen_image"])
+def test_a_families_unet_file_loads_straight_into_disk_blocks(files, family, layout, alive, phase):
+    """ComfyUI's layout (converted per tensor by the family's own key map) and diffusers' (no conversion)."""
+    path, forward = files / f"{family}{layout}.safetensors", FAMILIES[family][1]
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    assert alive.peak >= 0.95 * alive.total  # the meter sees a whole load hold everything: it can fail
+    top, largest = _files_block_bytes(whole)
+    alive.peak = before = alive.now
+    asked = []
+    paged = load_unet_file(path, torch.float32, offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
+    assert asked == [(module_bytes(whole), 0)]
+    info = offload.offloaded(paged)
+    assert info is not None and info.paged and info.note == "test: paged"
+    layout = offload.blocks(paged)
+    files_there = {p.name for p in Path(info.folder).glob("*.safetensors")}
+    assert len(layout) >= 2 and len(files_there) > len(layout)  # the blocks and the rest
+    for _, _, block in layout:  # each block's own file, which its group reads
+        group = block._diffusers_hook.get_hook("group_offloading").group
+        assert group.modules == [block] and Path(group.safetensors_file_path).name in files_there
+    # building held at most the parts outside the blocks and one block (the file is fp32, as the module)
+    assert len(phase) == 1 and phase[0] <= top + largest, (phase, top, largest)
+    assert alive.peak - before < module_bytes(whole)
+    assert {n: p.dtype for n, p in paged.named_parameters()} == {n: p.dtype for n, p in whole.named_parameters()}
+    _same_outputs(paged, whole, forward)
+
+
+def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]) -> None:
+    """The straight build gives bit for bit what the whole build paged afterwards gives (the manager's other
+    way to the same module), and the whole build's own outputs within the paged layers' rounding."""
+    reference = forward(whole)
+    offload.offload_blocks(whole, "cpu", "disk", "test: paged after building whole")
+    out = forward(paged)
+    assert torch.equal(out, forward(whole))
+    assert (out - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family,name,fp8", [("z_image", "z_image-bf16", ""), ("z_image", "z_image", "float8_e4m3fn"),
+                                             ("z_image", "z_image-scaled", ""), ("sd3", "sd3-bf16", ""),
+                                             ("sd3", "sd3-scaled", "float8_e4m3fn"), ("sd3", "sd3", "float8_e4m3fn"),
+                                             ("flux2", "flux2", "float8_e4m3fn"), ("chroma", "chroma", "float8_e4m3fn"),
+                                             ("qwen_image", "qwen_image", "float8_e4m3fn"),
+                                             ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn")])
+def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
+    """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
+    UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
+    unused), an int8 layer's rotation group travelling with its scale."""
+    from nodes.runtime.fp8 import rotation_group, weight_scale
+
+    path, forward = files / f"{name}.safetensors", FAMILIES[family][1]
+    whole = load_unet_file(path, torch.float32, fp8=fp8).modules["unet"]
+    asked = []
+    paged = load_unet_file(path, torch.float32, fp8=fp8,
+                           offload=lambda n, b: asked.append((n, b)) or _disk()).modules["unet"]
+    assert asked == [(module_bytes(whole), 0)] and offload.offloaded(paged).paged
+    stored = {n: p.dtype for n, p in paged.named_parameters()}
+    assert stored == {n: p.dtype for n, p in whole.named_parameters()}
+    q = "transformer_blocks.0.attn.to_q.weight" if family != "z_image" else "layers.1.attention.to_k.weight"
+    if "int8" in name:
+        assert torch.int8 in stored.values()
+    else:
+        assert stored[q] == (torch.bfloat16 if "bf16" in name else torch.float8_e4m3fn)
+    scaled = {n for n, m in paged.named_modules() if weight_scale(m) is not None}  # values: by the outputs
+    assert scaled == {n for n, m in whole.named_modules() if weight_scale(m) is not None}
+    assert bool(scaled) == ("scaled" in name or "int8" in name)
+    rotated = {n: rotation_group(m) for n, m in paged.named_modules() if rotation_group(m)}
+    assert rotated == {n: rotation_group(m) for n, m in whole.named_modules() if rotation_group(m)}
+    assert bool(rotated) == ("int8" in name)
+    _same_outputs(paged, whole, forward)
+
+
+def test_a_bad_family_file_fails_by_name_before_any_block_is_written(files, tmp_path):
+    from nodes.checkpoint.load import CheckpointError
+    from nodes.checkpoint.tensors import LazyState
+
+    good = LazyState.open(files / "z_image.safetensors").materialise()
+    plan = offload.Plan(onload="cpu", rest="disk", note="test", folder_root=str(tmp_path))
+    key = PREFIX + "layers.1.feed_forward.w2.weight"
+    wrong = dict(good, **{key: torch.zeros(good[key].shape[0], 3)})
+    bad = tmp_path / "files"
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*layers\.1\.feed_forward\.w2\.weight.*, 3\)"):
+        load_unet_file(tiny_flux._save(bad / "bad.safetensors", wrong), torch.float32, offload=lambda n, b: plan)
+    lacking = {k: v for k, v in good.items() if k != PREFIX + "noise_refiner.0.attention.qkv.weight"}
+    with pytest.raises(CheckpointError,
+                       match=r"lacking\.safetensors.*missing.*noise_refiner\.0\.attention\.to_q\.weight"):
+        load_unet_file(tiny_flux._save(bad / "lacking.safetensors", lacking), torch.float32,
+                       offload=lambda n, b: plan)
+    assert [p.name for p in tmp_path.iterdir()] == ["files"]  # no block folder was made
+
+
+def test_a_bf16_z_image_folders_transformer_pages_with_its_timestep_embedder_in_fp32(tmp_path):
+    """A diffusers folder's transformer/ (bf16, as on the hub) built straight into disk blocks: the timestep
+    embedder, which the Z-Image loader holds in the compute dtype, is made so before its blocks are written
+    (once the hooks hold a layer, changing it breaks the forward)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.z_image_load import time_embedder_in_compute_dtype
+
+    folder = tmp_path / "transformer"
+    copy.deepcopy(tiny_z_image.components()["transformer"]).to(torch.bfloat16).save_pretrained(
+        str(folder), safe_serialization=True)
+    whole = time_embedder_in_compute_dtype(folder_component(folder, ZImageTransformer2DModel, torch.float32,
+                                                            as_stored=True))
+    paged = folder_component(folder, ZImageTransformer2DModel, torch.float32, lambda n, b: _disk(), as_stored=True,
+                             ready=time_embedder_in_compute_dtype)
+    paged = time_embedder_in_compute_dtype(paged)  # as load_folder does after: nothing left to change
+    assert offload.offloaded(paged).paged
+    assert paged.layers[0].attention.to_q.weight.dtype == torch.bfloat16
+    assert paged.t_embedder.mlp[0].weight.dtype == torch.float32
+    _same_outputs(paged, whole, _z_image_forward)
+
+
+def test_traced_rows_give_the_familys_own_conversion_and_refuse_a_mixing_one():
+    """The rows traced from diffusers' SD3 converter (splits, the swapped adaLN halves) give its very tensors."""
+    from nodes.checkpoint.paged_files import traced_rows
+    from nodes.checkpoint.sd3_load import _converted
+
+    state = tiny_sd3.original_transformer("medium")
+    rows = traced_rows(_converted, {k: tuple(v.shape) for k, v in state.items()})
+    ours = {name: t for key, convert in rows for name, t in convert(state[key]).items()}
+    theirs = _converted(dict(state))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert any(len(convert(torch.empty(0))) == 3 for _, convert in rows)  # a fused qkv split in three
+    with pytest.raises(ValueError, match="several file tensors"):
+        traced_rows(lambda s: {"both": torch.cat([s["a"], s["b"]])}, {"a": (2, 3), "b": (2, 3)})
