@@ -72,13 +72,14 @@ def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], wha
     diffusers' layout, brought to the original one first (its scales already carry the model's names)."""
     from nodes.checkpoint import scaled_fp8
 
+    own: dict[str, Any] = {}  # a diffusers-layout file's scales: already under the model's names
     if from_diffusers is not None:
-        state, scales = from_diffusers(state), {}
+        state, own, scales = from_diffusers(state), scales, {}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
         config = keys.transformer_config(shapes)
         converted = to_diffusers(state)
-        scales = scaled_fp8.follow(scales, shapes, to_diffusers)
+        scales = {**scaled_fp8.follow(scales, shapes, to_diffusers), **own}
     except keys.KeyMismatch as exc:
         raise CheckpointError(f"{what}: the {label} transformer's keys do not fit the {label} layout: {exc}") from None
     except KeyError as exc:

@@ -225,11 +225,10 @@ def attach(model: Any, scales: dict[str, Any], what: str) -> Any:
         if type(layer) is cast_linear_class() or weight.is_meta:  # meta: built into disk blocks, all CastLinear
             as_cast_linear(layer)
             set_weight_scale(layer, scale, group)
-        elif weight.dtype == torch.int8:  # a layer the model keeps in float32 (T5's wo): dequantised once
-            layer.weight = torch.nn.Parameter(dequantised(weight, scale, group, torch.float32), requires_grad=False)
-        else:  # cast to the compute dtype at load: multiply once, in that dtype
-            with torch.no_grad():
-                weight.mul_(scale.to(weight.dtype))
+        else:  # held as a plain float at load (the compute dtype, or float32 for a layer the model keeps in
+            # float32, T5's wo; an int8 weight there too): dequantised once, in that dtype
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            layer.weight = torch.nn.Parameter(dequantised(weight, scale, group, dtype), requires_grad=False)
     return model
 
 
