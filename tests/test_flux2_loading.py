@@ -17,10 +17,9 @@ import torch
 
 import tiny_flux2
 from engine.context import NodeError
-from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import parse
-from node_call import Called, call, environment_over
+from flow_family_files import env, models_root, registry, run, txt2img_graph, unet_weights  # noqa: F401 (fixtures)
+from node_call import Called, call
 from nodes import loaders, split_loaders
 from nodes.checkpoint import flux2_keys
 from nodes.families import flux2
@@ -30,25 +29,7 @@ SIZE = 64
 SPLIT = dict(unet="flux-2-klein-tiny.safetensors", clip="qwen_3_tiny.safetensors", vae="flux2-vae-tiny.safetensors")
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tiny_flux2.make_models_folder(tmp_path_factory.mktemp("flux2-models"))
-
-
-@pytest.fixture()
-def env(root, tmp_path):
-    yield from environment_over(root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
-
-
-def run(registry, env, wf):
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    return outcome
+root = models_root(tiny_flux2.make_models_folder, "flux2-models")
 
 
 def reference(seed: int, steps: int, cfg: float, prompt: str = PROMPT) -> np.ndarray:
@@ -59,19 +40,8 @@ def reference(seed: int, steps: int, cfg: float, prompt: str = PROMPT) -> np.nda
 
 
 def _graph(loader: dict, seed: int, steps: int, cfg: float) -> dict:
-    graph = {
-        **loader,
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": loader["_clip"]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": loader["_clip"]}},
-        "4": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": loader["_model"], "seed": seed, "steps": steps, "cfg": cfg,
-                                                   "sampler_name": "euler", "scheduler": "simple",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": loader["_vae"]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "flux2"}},
-    }
-    return {k: v for k, v in graph.items() if not k.startswith("_")}
+    return txt2img_graph(loader, prompt=PROMPT, negative="", size=SIZE, seed=seed, steps=steps, cfg=cfg,
+                         scheduler="simple", latent="EmptyFlux2LatentImage", prefix="flux2")
 
 
 SPLIT_LOADERS = {
@@ -99,11 +69,6 @@ def test_diffusers_folder_graph_equals_klein_pipeline(registry, env):
     assert np.abs(kiln - reference(8, 4, 1.0, "a forest at dawn")).max() > 0.02
 
 
-def _weights(model) -> dict:
-    with model._use_unet() as net:
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
 @pytest.mark.parametrize("name", ["flux-2-klein-tiny.safetensors", "flux-2-klein-tiny-prefixed.safetensors"])
 def test_split_file_and_folder_load_the_same_weights_bit_for_bit(env, name):
     rec = Called()
@@ -111,7 +76,7 @@ def test_split_file_and_folder_load_the_same_weights_bit_for_bit(env, name):
     assert model.family is flux2.FAMILY and any("flux2 UNet" in m for m in rec.messages)
     (folder, clip, vae) = call(loaders.diffusers_loader, env, model_path="flux2-klein-tiny")
     assert folder.family is clip.family is flux2.FAMILY and vae.downscale == 16 and vae.latent_channels == 128
-    split, whole = _weights(model), _weights(folder)
+    split, whole = unet_weights(model), unet_weights(folder)
     want = tiny_flux2.components()["transformer"].state_dict()
     assert set(split) == set(whole) == set(want)
     assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) for k in want)
