@@ -8,6 +8,7 @@ editor-format converter; wrong files get errors naming the input, the family and
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from engine.context import NodeError
 from engine.workflow import load, parse
 from flow_family_files import (checkpoint_loader, env, fp8_sampling_gap, models_root,  # noqa: F401 (env and
                                pipeline_images, registry, run, txt2img_graph, unet_weights)  # registry: fixtures)
-from node_call import Called, call
+from node_call import Called, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import z_image_keys
 from nodes.families import z_image
@@ -49,24 +50,37 @@ def _reference(seed: int, steps: int, cfg: float, negative: str = NEGATIVE, **im
 # -- loading -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def folders(root, tmp_path_factory) -> dict:
+    """The two diffusers folders through CheckpointLoaderSimple and DiffusersLoader, loaded once for every
+    split file to be compared with: their handles, copies of their transformers' weights and of the
+    checkpoint's text encoder."""
+    with contextlib.contextmanager(environment_over)(root, tmp_path_factory.mktemp("folders")) as env:
+        (folder, clip, _) = call(loaders.checkpoint_loader, env, ckpt_name="tiny-z-image-diffusers")
+        (pipeline, _, _) = call(loaders.diffusers_loader, env, model_path="tiny-z-image")
+        with clip.encoder("text_encoder") as te:
+            text = {k: v.detach().clone() for k, v in te.state_dict().items()}
+        return {"folder": folder, "pipeline": pipeline, "clip": clip, "whole": unet_weights(folder),
+                "other": unet_weights(pipeline), "text_encoder": text}
+
+
 @pytest.mark.parametrize("name", ["tiny-z-image.safetensors", "tiny-z-image-prefixed.safetensors",
                                   "tiny-z-image-diffusers-keys.safetensors"])
-def test_split_files_and_diffusers_folders_load_the_same_weights_bit_for_bit(env, name):
+def test_split_files_and_diffusers_folders_load_the_same_weights_bit_for_bit(env, folders, name):
     rec = Called()
     (model,) = call(split_loaders.unet_loader, env, rec, unet_name=name)
     assert model.family is z_image.FAMILY and any("z-image UNet" in m for m in rec.messages)
-    (folder, clip, vae) = call(loaders.checkpoint_loader, env, ckpt_name="tiny-z-image-diffusers")
-    (pipeline, _, _) = call(loaders.diffusers_loader, env, model_path="tiny-z-image")
+    folder, pipeline, clip = folders["folder"], folders["pipeline"], folders["clip"]
     assert folder.family is pipeline.family is clip.family is z_image.FAMILY
-    split, whole, other = unet_weights(model), unet_weights(folder), unet_weights(pipeline)
+    split, whole, other = unet_weights(model), folders["whole"], folders["other"]
     want = tiny_z_image.components()["transformer"].state_dict()
     assert set(split) == set(whole) == set(other) == set(want)
     assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) and torch.equal(other[k], want[k])
                for k in want)
     (qwen,) = call(split_loaders.clip_loader, env, clip_name=SPLIT["text_encoder"], type="lumina2")
     assert qwen.family is z_image.FAMILY
-    with qwen.encoder("text_encoder") as a, clip.encoder("text_encoder") as b:
-        sa, sb = a.state_dict(), b.state_dict()
+    with qwen.encoder("text_encoder") as a:
+        sa, sb = a.state_dict(), folders["text_encoder"]
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
