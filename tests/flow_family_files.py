@@ -19,17 +19,9 @@ import pytest
 
 from engine.context import Environment
 from node_call import call, environment_over
+from tiny_flux import _save as save_state  # one safetensors file (contiguous; its folders made as needed)
 
 # -- the tiny models' files -----------------------------------------------------------------------
-
-
-def save_state(path: Path, state: dict) -> Path:
-    """One safetensors file (contiguous tensors; the folders made as needed)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
 
 
 def save_split_transformer(folder: Path, stem: str, state: dict, diffusers_keys: dict | None = None) -> None:
