@@ -13,6 +13,16 @@ from engine.context import Environment, JobInfo, NodeContext, Paths
 from engine.node import NodeSpec, Result
 
 
+class Recorder:
+    """A bare NodeContext (no environment, no job) for calling a sampler or latent node function
+    directly; it keeps the node's messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
+                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
+
+
 class Called:
     def __init__(self) -> None:
         self.messages: list[str] = []

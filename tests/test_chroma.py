@@ -8,14 +8,13 @@ latent). Each parity test also checks that what it varies changes the result.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import tiny_chroma
 import tiny_models
-from engine.context import NodeContext
+from flow_family_files import clip_over, model_over, pipeline_images
+from node_call import Recorder
 from nodes.families import chroma
 from nodes.handles import ClipHandle, ModelHandle
 from nodes.latent import add_noise
@@ -26,24 +25,13 @@ PROMPT = "a red barn in a field"
 NEGATIVE = "blurry, low quality"
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
-                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
-
-
 def _model() -> ModelHandle:
-    parts = tiny_chroma.components()
-    family = chroma.FAMILY
-    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                       _use_unet=lambda: contextlib.nullcontext(parts["transformer"]))
+    return model_over(chroma.FAMILY, tiny_chroma.components()["transformer"])
 
 
 def _clip(padding: tuple[int, int] | None = None) -> ClipHandle:
     parts = tiny_chroma.components()
-    return ClipHandle(chroma.FAMILY, {"tokenizer": parts["tokenizer"]},
-                      _use=lambda name: contextlib.nullcontext(parts["text_encoder"]), t5_padding=padding)
+    return clip_over(chroma.FAMILY, parts["tokenizer"], parts["text_encoder"], t5_padding=padding)
 
 
 def _decode(raw: torch.Tensor) -> torch.Tensor:
@@ -69,20 +57,14 @@ def kiln(prompt: str, negative: str, cfg: float, *, strength: float | None = Non
 
 def diffusers(prompt: str, negative: str, cfg: float, *, strength: float | None = None, steps: int = 4,
               seed: int = 5) -> torch.Tensor:
-    from diffusers import ChromaImg2ImgPipeline
-
     kwargs = {"prompt": prompt, "negative_prompt": negative, "height": 64, "width": 64, "num_inference_steps": steps,
               "guidance_scale": cfg, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
-    if strength is None:
-        pipe = tiny_chroma.pipeline()
-    else:
-        pipe = tiny_chroma.pipeline(ChromaImg2ImgPipeline)
-        # unlike FLUX's, this pipeline resizes its input before it checks for a latent: hand the latent through
-        pipe.image_processor.preprocess = lambda image, **_: image
+    img2img = None
+    if strength is not None:  # unlike FLUX's, this pipeline resizes its input before it checks for a latent
+        from diffusers import ChromaImg2ImgPipeline as img2img
+
         kwargs |= {"image": chroma.FAMILY.latent.to_model(_init_raw()), "strength": strength}
-    with torch.no_grad():
-        out = pipe(**kwargs).images
-    return out.permute(0, 2, 3, 1)
+    return pipeline_images(tiny_chroma.pipeline, img2img, **kwargs).permute(0, 2, 3, 1)
 
 
 def test_txt2img_with_cfg_and_negative_equals_chroma_pipeline():

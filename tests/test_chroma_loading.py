@@ -17,10 +17,10 @@ import torch
 
 import tiny_chroma
 from engine.context import NodeError
-from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import load, parse
-from node_call import Called, call, environment_over
+from flow_family_files import (checkpoint_loader, env, fp8_sampling_gap, models_root,  # noqa: F401 (env and
+                               pipeline_images, registry, run, txt2img_graph, unet_weights)  # registry: fixtures)
+from node_call import Called, call
 from nodes import loaders, split_loaders
 from nodes.checkpoint import chroma_keys
 from nodes.families import chroma
@@ -32,45 +32,19 @@ SIZE = 64
 SPLIT = dict(diffusion_model="tiny-chroma.safetensors", t5xxl="tiny-t5xxl.safetensors", vae="tiny-flux-ae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def chroma_root(tmp_path_factory) -> Path:
-    return tiny_chroma.make_models_folder(tmp_path_factory.mktemp("chroma-models"))
-
-
-@pytest.fixture()
-def env(chroma_root, tmp_path):
-    yield from environment_over(chroma_root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
-
-
-def run(registry, env, wf):
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    return outcome
+root = models_root(tiny_chroma.make_models_folder, "chroma-models")
 
 
 def _reference(seed: int, steps: int, cfg: float, **img2img) -> np.ndarray:
     from diffusers import ChromaImg2ImgPipeline
 
-    pipe = tiny_chroma.pipeline(ChromaImg2ImgPipeline if img2img else None)
-    if img2img:
-        pipe.image_processor.preprocess = lambda image, **_: image  # a latent passes through (test_chroma.py)
-    with torch.no_grad():
-        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=steps,
-                    guidance_scale=cfg, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
-                    **img2img).images
+    return pipeline_images(tiny_chroma.pipeline, ChromaImg2ImgPipeline if img2img else None, prompt=PROMPT,
+                           negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=steps,
+                           guidance_scale=cfg, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
+                           **img2img)
 
 
 # -- loading -----------------------------------------------------------------------------------
-
-
-def _weights(model) -> dict:
-    with model._use_unet() as net:
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", ["tiny-chroma.safetensors", "tiny-chroma-prefixed.safetensors",
@@ -82,7 +56,7 @@ def test_split_file_and_diffusers_folder_load_the_same_weights_bit_for_bit(env, 
     (folder, clip, vae) = call(loaders.checkpoint_loader, env, ckpt_name="tiny-chroma-diffusers")
     (pipeline, _, _) = call(loaders.diffusers_loader, env, model_path="tiny-chroma")
     assert folder.family is pipeline.family is clip.family is chroma.FAMILY
-    split, whole, other = _weights(model), _weights(folder), _weights(pipeline)
+    split, whole, other = unet_weights(model), unet_weights(folder), unet_weights(pipeline)
     want = tiny_chroma.components()["transformer"].state_dict()
     assert set(split) == set(whole) == set(other) == set(want)
     assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) and torch.equal(other[k], want[k])
@@ -96,18 +70,8 @@ def test_split_file_and_diffusers_folder_load_the_same_weights_bit_for_bit(env, 
 
 def test_diffusers_folder_graph_equals_chroma_pipeline(registry, env):
     """CheckpointLoaderSimple on the folder (its own tokenizer and scheduler config), API format."""
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-chroma-diffusers"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 8, "steps": 4, "cfg": 5.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "chroma"}},
-    }
+    graph = txt2img_graph(checkpoint_loader("tiny-chroma-diffusers"), prompt=PROMPT, negative=NEGATIVE, size=SIZE,
+                          seed=8, steps=4, cfg=5.0, scheduler="normal", prefix="chroma")
     kiln = run(registry, env, parse(graph)).results["6"][0].numpy()
     assert np.abs(kiln - _reference(8, 4, 5.0)).max() <= 1 / 255
     assert np.abs(kiln - _reference(9, 4, 5.0)).max() > 0.02
@@ -115,20 +79,10 @@ def test_diffusers_folder_graph_equals_chroma_pipeline(registry, env):
 
 def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
     import test_chroma
-    from nodes.sampling import ksampler
 
-    clip = test_chroma._clip()
-    latents = {}
-    for weight_dtype in ("default", "fp8_e4m3fn"):
-        (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"], weight_dtype=weight_dtype)
-        with model._use_unet() as net:
-            stored = net.transformer_blocks[0].attn.to_q.weight.dtype
-        assert (stored == torch.float8_e4m3fn) == (weight_dtype != "default") == bool(model.extra.get("fp8"))
-        (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal",
-                      positive=clip.encode(PROMPT), negative=clip.encode(NEGATIVE),
-                      latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
-        latents[weight_dtype] = out["samples"]
-    gap = (latents["default"] - latents["fp8_e4m3fn"]).abs().max() / latents["default"].abs().max()
+    gap = fp8_sampling_gap(env, SPLIT["diffusion_model"], test_chroma._clip(),
+                           lambda net: net.transformer_blocks[0].attn.to_q.weight, prompt=PROMPT, negative=NEGATIVE,
+                           scheduler="normal")
     assert 0 < gap < 0.1  # 8-bit weights: close, not equal
 
 
@@ -223,14 +177,14 @@ def test_clip_l_as_chromas_text_encoder_names_what_it_needs(env):
     assert "'chroma' needs T5-XXL" in str(err.value) and "tiny-clip_l.safetensors (CLIP-L)" in str(err.value)
 
 
-def test_damaged_chroma_file_names_family_and_keys(env, chroma_root):
+def test_damaged_chroma_file_names_family_and_keys(env, root):
     from safetensors.torch import save_file
 
     state = tiny_chroma.original_transformer()
     state.pop("double_blocks.0.img_attn.qkv.weight")
     state["double_blocks.0.img_mod.lin.weight"] = torch.zeros(2)  # a FLUX key Chroma has not
     save_file({k: v.contiguous() for k, v in state.items()},
-              str(chroma_root / "diffusion_models" / "broken-chroma.safetensors"))
+              str(root / "diffusion_models" / "broken-chroma.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="broken-chroma.safetensors")
     text = str(err.value)
@@ -238,18 +192,18 @@ def test_damaged_chroma_file_names_family_and_keys(env, chroma_root):
     assert "Chroma" in text and "img_mod.lin" in text
 
 
-def test_radiance_and_all_in_one_files_say_what_they_are(env, chroma_root):
+def test_radiance_and_all_in_one_files_say_what_they_are(env, root):
     from safetensors.torch import save_file
 
     state = tiny_chroma.original_transformer()
     state["nerf_blocks.0.norm.scale"] = torch.ones(4)
     save_file({k: v.contiguous() for k, v in state.items()},
-              str(chroma_root / "diffusion_models" / "tiny-chroma-radiance.safetensors"))
+              str(root / "diffusion_models" / "tiny-chroma-radiance.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="tiny-chroma-radiance.safetensors")
     assert err.value.input_name == "unet_name" and "Chroma1-Radiance" in str(err.value)
-    (chroma_root / "checkpoints" / "tiny-chroma-aio.safetensors").write_bytes(
-        (chroma_root / "diffusion_models" / "tiny-chroma-prefixed.safetensors").read_bytes())
+    (root / "checkpoints" / "tiny-chroma-aio.safetensors").write_bytes(
+        (root / "diffusion_models" / "tiny-chroma-prefixed.safetensors").read_bytes())
     with pytest.raises(NodeError) as err:
         call(loaders.checkpoint_loader, env, ckpt_name="tiny-chroma-aio.safetensors")
     assert err.value.input_name == "ckpt_name"

@@ -8,24 +8,20 @@ delta) and as kohya's. The reference is the tiny transformer with each delta mer
 """
 from __future__ import annotations
 
-import contextlib
-import copy
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_chroma
-import tiny_flux
 import tiny_models
-from node_call import call, environment_over
-from nodes import lora, split_loaders
+from flow_family_files import env  # noqa: F401 (a fixture)
+from flow_family_lora import (assert_lora_equals_merged, fuse, lora_root, merged_modules, module_shapes,
+                              random_factors, sample)
 from nodes.families import chroma
 from nodes.handles import ModelHandle
-from nodes.sampling import ksampler
 
-PIXEL_TOL = 1 / 255 + 1e-6
-RANK = 4
 #: diffusers module -> original module, for the plain ones (written out here, not Kiln's table)
 RENAMES = {"transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj",
            "transformer_blocks.0.ff.net.0.proj": "double_blocks.0.img_mlp.0",
@@ -42,81 +38,33 @@ FUSED = {"double_blocks.0.img_attn.qkv": [f"transformer_blocks.0.attn.to_{q}" fo
 
 def _factors() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """diffusers module -> (down [r, in], up [out, r]), seeded."""
-    modules = dict(tiny_chroma.components()["transformer"].named_modules())
-    g = torch.Generator().manual_seed(21)
-    out = {}
-    for name in list(RENAMES) + [m for parts in FUSED.values() for m in parts]:
-        w = modules[name].weight
-        out[name] = (torch.randn(RANK, w.shape[1], generator=g) * 0.3, torch.randn(w.shape[0], RANK, generator=g) * 0.3)
-    return out
-
-
-def _original(factors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    out = {RENAMES[m]: f for m, f in factors.items() if m in RENAMES}
-    for name, parts in FUSED.items():
-        downs, ups = zip(*(factors[p] for p in parts))
-        out[name] = (torch.cat(downs), torch.block_diag(*ups))
-    return out
+    names = list(RENAMES) + [m for parts in FUSED.values() for m in parts]
+    return random_factors(module_shapes(tiny_chroma.components()["transformer"], names), seed=21)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("chroma-lora")
-    tiny_flux._save(root / "diffusion_models" / "tiny-chroma.safetensors", tiny_chroma.original_transformer())
-    (root / "loras").mkdir()
     factors = _factors()
-    save_file({f"transformer.{m}.{k}": t.contiguous() for m, (down, up) in factors.items()
-               for k, t in (("lora_A.weight", down), ("lora_B.weight", up))}, str(root / "loras" / "peft.safetensors"))
-    original = _original(factors)
-    save_file({f"diffusion_model.{m}.{k}": t.contiguous() for m, (down, up) in original.items()
-               for k, t in (("lora_A.weight", down), ("lora_B.weight", up))}, str(root / "loras" / "comfy.safetensors"))
-    kohya = {}
-    for m, (down, up) in original.items():
-        base = "lora_unet_" + m.replace(".", "_")
-        kohya |= {base + ".lora_down.weight": down.contiguous(), base + ".lora_up.weight": (up * 2.0).contiguous(),
-                  base + ".alpha": torch.tensor(down.shape[0] / 2.0)}  # alpha / rank = 1/2 undoes the doubling
-    save_file(kohya, str(root / "loras" / "kohya.safetensors"))
-    return root
-
-
-@pytest.fixture()
-def env(root, tmp_path):
-    yield from environment_over(root, tmp_path)
+    original = fuse(factors, RENAMES, FUSED)
+    return lora_root(tmp_path_factory.mktemp("chroma-lora"), "tiny-chroma.safetensors",
+                     tiny_chroma.original_transformer(), {"peft": factors, "comfy": original, "kohya": original})
 
 
 def _sample(env, model: ModelHandle) -> torch.Tensor:
     import test_chroma
 
-    clip = test_chroma._clip()
-    (out,) = call(ksampler, env, model=model, seed=3, steps=4, cfg=4.0, sampler_name="euler", scheduler="normal",
-                  positive=clip.encode("a lighthouse"), negative=clip.encode("blurry"),
-                  latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
-    return tiny_models.decode(tiny_chroma.components()["vae"], out["samples"])
+    decode = functools.partial(tiny_models.decode, tiny_chroma.components()["vae"])
+    return sample(env, model, test_chroma._clip(), decode, steps=4, cfg=4.0, scheduler="normal", latent=(1, 16, 8, 8))
 
 
 def _merged(strength: float) -> ModelHandle:
-    transformer = copy.deepcopy(tiny_chroma.components()["transformer"])
-    modules = dict(transformer.named_modules())
-    with torch.no_grad():
-        for name, (down, up) in _factors().items():
-            modules[name].weight += strength * up @ down
-    return ModelHandle(chroma.FAMILY, scheduler_config=chroma.FAMILY.scheduler_config(), latent=chroma.FAMILY.latent,
-                       _use_unet=lambda: contextlib.nullcontext(transformer))
+    return merged_modules(chroma.FAMILY, tiny_chroma.components()["transformer"], _factors(), strength)
 
 
 @pytest.mark.parametrize("fmt", ["peft", "comfy", "kohya"])
 def test_chroma_lora_equals_the_merged_weights(env, fmt):
-    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-chroma.safetensors")
-    plain = _sample(env, model)
-    for strength in (1.0, 0.5):
-        (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name=f"{fmt}.safetensors",
-                          strength_model=strength)
-        ours = _sample(env, patched)
-        assert (ours - _sample(env, _merged(strength))).abs().max() <= PIXEL_TOL
-        assert (ours - plain).abs().max() > 0.02  # the LoRA changes the image: not vacuous
-    assert (_sample(env, model) - plain).abs().max() == 0  # the loaded weights are restored after sampling
+    assert_lora_equals_merged(env, "tiny-chroma.safetensors", f"{fmt}.safetensors", lambda model: _sample(env, model),
+                              _merged)
 
 
 def test_original_names_cover_every_parameter():

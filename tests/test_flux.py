@@ -17,7 +17,8 @@ import torch
 
 import tiny_flux
 import tiny_models
-from engine.context import NodeContext, NodeError
+from engine.context import NodeError
+from node_call import Recorder
 from nodes.families import flux
 from nodes.handles import ModelHandle
 from nodes.latent import add_noise
@@ -26,13 +27,6 @@ from nodes.sampling import ksampler
 
 PIXEL_TOL = 1 / 255 + 1e-6
 PROMPT = "a red barn in a field"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
-                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
 
 
 def _model(variant: str) -> ModelHandle:

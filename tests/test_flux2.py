@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import tiny_flux2
-from engine.context import NodeContext
+from flow_family_files import clip_over, model_over
+from node_call import Recorder
 from nodes.families import flux2
 from nodes.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sampling import ksampler
@@ -26,23 +27,13 @@ PROMPT = "a red barn in a field"
 SIZE = 64  # pixels: a 4 x 4 latent of 128 channels
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
-                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
-
-
 def _model() -> ModelHandle:
-    family = flux2.FAMILY
-    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                       _use_unet=lambda: contextlib.nullcontext(tiny_flux2.components()["transformer"]))
+    return model_over(flux2.FAMILY, tiny_flux2.components()["transformer"])
 
 
 def _clip() -> ClipHandle:
     parts = tiny_flux2.components()
-    return ClipHandle(flux2.FAMILY, {"tokenizer": parts["tokenizer"]},
-                      _use=lambda name: contextlib.nullcontext(parts["text_encoder"]))
+    return clip_over(flux2.FAMILY, parts["tokenizer"], parts["text_encoder"])
 
 
 def _vae() -> VaeHandle:

@@ -9,6 +9,8 @@ pipeline too; wrong files get errors naming family, file and keys.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,8 @@ import torch
 
 import tiny_flux2
 from engine.context import NodeError
-from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import parse
+from flow_family_files import env, models_root, registry, run, txt2img_graph, unet_weights  # noqa: F401 (fixtures)
 from node_call import Called, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import flux2_keys
@@ -30,28 +31,12 @@ SIZE = 64
 SPLIT = dict(unet="flux-2-klein-tiny.safetensors", clip="qwen_3_tiny.safetensors", vae="flux2-vae-tiny.safetensors")
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tiny_flux2.make_models_folder(tmp_path_factory.mktemp("flux2-models"))
+root = models_root(tiny_flux2.make_models_folder, "flux2-models")
 
 
-@pytest.fixture()
-def env(root, tmp_path):
-    yield from environment_over(root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
-
-
-def run(registry, env, wf):
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    return outcome
-
-
+@functools.lru_cache(maxsize=None)
 def reference(seed: int, steps: int, cfg: float, prompt: str = PROMPT) -> np.ndarray:
+    """Flux2KleinPipeline's image (deterministic: cached, as tests ask for the same one more than once)."""
     with torch.no_grad():
         return tiny_flux2.pipeline(distilled=cfg <= 1)(
             prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=cfg, output_type="np",
@@ -59,19 +44,8 @@ def reference(seed: int, steps: int, cfg: float, prompt: str = PROMPT) -> np.nda
 
 
 def _graph(loader: dict, seed: int, steps: int, cfg: float) -> dict:
-    graph = {
-        **loader,
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": loader["_clip"]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": loader["_clip"]}},
-        "4": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": loader["_model"], "seed": seed, "steps": steps, "cfg": cfg,
-                                                   "sampler_name": "euler", "scheduler": "simple",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": loader["_vae"]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "flux2"}},
-    }
-    return {k: v for k, v in graph.items() if not k.startswith("_")}
+    return txt2img_graph(loader, prompt=PROMPT, negative="", size=SIZE, seed=seed, steps=steps, cfg=cfg,
+                         scheduler="simple", latent="EmptyFlux2LatentImage", prefix="flux2")
 
 
 SPLIT_LOADERS = {
@@ -99,19 +73,23 @@ def test_diffusers_folder_graph_equals_klein_pipeline(registry, env):
     assert np.abs(kiln - reference(8, 4, 1.0, "a forest at dawn")).max() > 0.02
 
 
-def _weights(model) -> dict:
-    with model._use_unet() as net:
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+@pytest.fixture(scope="module")
+def folder(root, tmp_path_factory) -> dict:
+    """The diffusers folder through DiffusersLoader, loaded once for every split file to be compared with:
+    its three handles and a copy of its transformer's weights."""
+    with contextlib.contextmanager(environment_over)(root, tmp_path_factory.mktemp("folder")) as env:
+        (model, clip, vae) = call(loaders.diffusers_loader, env, model_path="flux2-klein-tiny")
+        return {"model": model, "clip": clip, "vae": vae, "weights": unet_weights(model)}
 
 
 @pytest.mark.parametrize("name", ["flux-2-klein-tiny.safetensors", "flux-2-klein-tiny-prefixed.safetensors"])
-def test_split_file_and_folder_load_the_same_weights_bit_for_bit(env, name):
+def test_split_file_and_folder_load_the_same_weights_bit_for_bit(env, folder, name):
     rec = Called()
     (model,) = call(split_loaders.unet_loader, env, rec, unet_name=name)
     assert model.family is flux2.FAMILY and any("flux2 UNet" in m for m in rec.messages)
-    (folder, clip, vae) = call(loaders.diffusers_loader, env, model_path="flux2-klein-tiny")
-    assert folder.family is clip.family is flux2.FAMILY and vae.downscale == 16 and vae.latent_channels == 128
-    split, whole = _weights(model), _weights(folder)
+    clip, vae = folder["clip"], folder["vae"]
+    assert folder["model"].family is clip.family is flux2.FAMILY and vae.downscale == 16 and vae.latent_channels == 128
+    split, whole = unet_weights(model), folder["weights"]
     want = tiny_flux2.components()["transformer"].state_dict()
     assert set(split) == set(whole) == set(want)
     assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) for k in want)

@@ -10,7 +10,6 @@ must agree with its reference within 1/255, and move the image.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -18,15 +17,12 @@ import pytest
 import torch
 
 import tiny_flux2
-from node_call import call, environment_over
-from nodes import lora, split_loaders
+from flow_family_files import env, model_over  # noqa: F401 (env is a fixture)
+from flow_family_lora import assert_lora_equals_merged, lora_root, random_factors, sample
 from nodes.checkpoint.flux2_keys import original_to_diffusers
 from nodes.families import flux2
 from nodes.handles import ModelHandle
-from nodes.sampling import ksampler
 
-PIXEL_TOL = 1 / 255 + 1e-6
-RANK = 4
 #: diffusers module names (PEFT files) and BFL module names (ComfyUI / kohya files).
 DIFFUSERS_MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj",
                      "single_transformer_blocks.0.attn.to_qkv_mlp_proj", "transformer_blocks.0.ff.linear_out", "x_embedder")
@@ -45,25 +41,7 @@ def _factors(fmt: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """module -> (down [r, in], up [out, r]), seeded per layout."""
     weights = _weights(fmt)
     modules = DIFFUSERS_MODULES if fmt == "peft" else ORIGINAL_MODULES
-    g = torch.Generator().manual_seed(31)
-    out = {}
-    for name in modules:
-        rows, cols = weights[name + ".weight"].shape
-        out[name] = (torch.randn(RANK, cols, generator=g) * 0.3, torch.randn(rows, RANK, generator=g) * 0.3)
-    return out
-
-
-def _file(fmt: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for m, (down, up) in _factors(fmt).items():
-        if fmt in ("peft", "comfy"):
-            base = ("transformer." if fmt == "peft" else "diffusion_model.") + m
-            out |= {base + ".lora_A.weight": down, base + ".lora_B.weight": up}
-        else:
-            base = "lora_unet_" + m.replace(".", "_")
-            out |= {base + ".lora_down.weight": down, base + ".lora_up.weight": up * 2.0,
-                    base + ".alpha": torch.tensor(RANK / 2.0)}  # alpha / rank = 1/2 undoes the doubling
-    return {k: v.contiguous() for k, v in out.items()}
+    return random_factors([(name, tuple(weights[name + ".weight"].shape)) for name in modules], seed=31)
 
 
 def test_the_modules_exist_in_the_tiny_model():
@@ -75,31 +53,15 @@ def test_the_modules_exist_in_the_tiny_model():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("flux2-lora")
-    (root / "diffusion_models").mkdir()
-    (root / "loras").mkdir()
-    state = {k: v.contiguous() for k, v in tiny_flux2.original_transformer().items()}
-    save_file(state, str(root / "diffusion_models" / "flux-2-klein-tiny.safetensors"))
-    for fmt in FORMATS:
-        save_file(_file(fmt), str(root / "loras" / f"{fmt}.safetensors"))
-    return root
-
-
-@pytest.fixture()
-def env(root, tmp_path):
-    yield from environment_over(root, tmp_path)
+    return lora_root(tmp_path_factory.mktemp("flux2-lora"), "flux-2-klein-tiny.safetensors",
+                     tiny_flux2.original_transformer(), {fmt: _factors(fmt) for fmt in FORMATS})
 
 
 def _sample(env, model: ModelHandle) -> torch.Tensor:
     import test_flux2
 
-    clip, vae = test_flux2._clip(), test_flux2._vae()
-    (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=1.0, sampler_name="euler", scheduler="normal",
-                  positive=clip.encode("a lighthouse"), negative=clip.encode(""),
-                  latent_image={"samples": torch.zeros(1, 128, 4, 4)}, denoise=1.0)
-    return vae.decode(out["samples"])
+    return sample(env, model, test_flux2._clip(), test_flux2._vae().decode, steps=3, cfg=1.0, scheduler="normal",
+                  latent=(1, 128, 4, 4), negative="")
 
 
 def _merged(fmt: str, strength: float) -> ModelHandle:
@@ -109,19 +71,10 @@ def _merged(fmt: str, strength: float) -> ModelHandle:
         weights[name + ".weight"] += strength * up @ down
     transformer = copy.deepcopy(tiny_flux2.components()["transformer"])
     transformer.load_state_dict(weights if fmt == "peft" else original_to_diffusers(weights))
-    family = flux2.FAMILY
-    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                       _use_unet=lambda: contextlib.nullcontext(transformer))
+    return model_over(flux2.FAMILY, transformer)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_flux2_lora_equals_the_merged_weights(env, fmt):
-    (model,) = call(split_loaders.unet_loader, env, unet_name="flux-2-klein-tiny.safetensors")
-    plain = _sample(env, model)
-    for strength in (1.0, 0.5):
-        (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name=f"{fmt}.safetensors",
-                          strength_model=strength)
-        ours = _sample(env, patched)
-        assert (ours - _sample(env, _merged(fmt, strength))).abs().max() <= PIXEL_TOL
-        assert (ours - plain).abs().max() > 0.02  # the LoRA changes the image: not vacuous
-    assert (_sample(env, model) - plain).abs().max() == 0  # the loaded weights are restored after sampling
+    assert_lora_equals_merged(env, "flux-2-klein-tiny.safetensors", f"{fmt}.safetensors",
+                              lambda model: _sample(env, model), lambda strength: _merged(fmt, strength))

@@ -21,13 +21,14 @@ import tiny_flux
 import tiny_models
 from engine.context import NodeError
 from engine.workflow import load, parse
+from flow_family_files import env, registry, run  # noqa: F401 (env and registry are fixtures)
 from node_call import call, environment_over
 from nodes import kontext
 from nodes.families import flux, flux_references
 from nodes.handles import ModelHandle
 from nodes.sampling import ksampler
 from test_flux import PIXEL_TOL, Recorder, _embeds, _model
-from test_flux_loading import PROMPT, REPO, SIZE, SPLIT, flux_root, registry, run  # noqa: F401 (fixtures)
+from test_flux_loading import PROMPT, REPO, SIZE, SPLIT, root  # noqa: F401 (a fixture)
 
 STEPS = 4
 #: Kiln's and diffusers' latents agree to float rounding; the reference moves them ~0.02.
@@ -242,11 +243,6 @@ def test_kontext_image_scale_picks_the_trained_size_nearest_in_aspect(tmp_path):
 
 
 # -- the shipped workflow and ComfyUI's template graph, on the tiny split files -----------------
-
-
-@pytest.fixture()
-def env(flux_root, tmp_path):
-    yield from environment_over(flux_root, tmp_path)
 
 
 def _pipeline_edit(image, prompt: str, guidance: float, steps: int, seed: int) -> "Any":

@@ -17,10 +17,9 @@ import torch
 
 import tiny_flux
 from engine.context import NodeError
-from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import load, parse
-from node_call import Called, call, environment_over
+from flow_family_files import env, models_root, registry, run  # noqa: F401 (env and registry are fixtures)
+from node_call import Called, call
 from nodes import loaders, split_loaders
 from nodes.checkpoint import flux_keys
 
@@ -31,25 +30,7 @@ SPLIT = dict(diffusion_model="tiny-flux-dev.safetensors", clip_l="tiny-clip_l.sa
              t5xxl="tiny-t5xxl.safetensors", vae="tiny-flux-ae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def flux_root(tmp_path_factory) -> Path:
-    return tiny_flux.make_models_folder(tmp_path_factory.mktemp("flux-models"))
-
-
-@pytest.fixture()
-def env(flux_root, tmp_path):
-    yield from environment_over(flux_root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
-
-
-def run(registry, env, wf):
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    return outcome
+root = models_root(tiny_flux.make_models_folder, "flux-models")
 
 
 def _reference_img2img(init_model_latent, strength, guidance, steps, seed, variant="dev"):
@@ -243,14 +224,14 @@ def test_two_t5_files_in_dual_clip_loader_name_what_flux_needs(env):
     assert "CLIP-L + T5-XXL" in str(err.value) and "tiny-t5xxl.safetensors (T5-XXL)" in str(err.value)
 
 
-def test_damaged_bfl_file_names_family_and_keys(env, flux_root):
+def test_damaged_bfl_file_names_family_and_keys(env, root):
     from safetensors.torch import save_file
 
     state = tiny_flux.bfl_transformer("dev")
     state.pop("double_blocks.0.img_attn.qkv.weight")
     state["double_blocks.0.surprise.weight"] = torch.zeros(2)
     save_file({k: v.contiguous() for k, v in state.items()},
-              str(flux_root / "diffusion_models" / "broken-flux.safetensors"))
+              str(root / "diffusion_models" / "broken-flux.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="broken-flux.safetensors")
     text = str(err.value)
@@ -280,7 +261,7 @@ def test_guidance_on_schnell_is_reported_as_ignored(env):
     assert any("guidance 3.5 is ignored" in m and "schnell" in m for m in rec.messages)
 
 
-def test_sd1_lora_on_flux_is_refused_naming_the_family(env, flux_root):
+def test_sd1_lora_on_flux_is_refused_naming_the_family(env, root):
     from safetensors.torch import save_file
 
     import tiny_models
@@ -292,8 +273,8 @@ def test_sd1_lora_on_flux_is_refused_naming_the_family(env, flux_root):
              "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32),
              "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(64, 4)}
     assert tiny_models.components("sd1")["unet"].down_blocks[0].attentions[0].proj_in is not None
-    (flux_root / "loras").mkdir(exist_ok=True)
-    save_file(state, str(flux_root / "loras" / "sd1-style.safetensors"))
+    (root / "loras").mkdir(exist_ok=True)
+    save_file(state, str(root / "loras" / "sd1-style.safetensors"))
     (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"])
     (clip,) = call(split_loaders.dual_clip_loader, env, clip_name1=SPLIT["clip_l"], clip_name2=SPLIT["t5xxl"],
                    type="flux")

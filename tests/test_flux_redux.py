@@ -21,9 +21,9 @@ import torch
 import tiny_flux
 from engine.context import NodeError
 from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import parse
-from node_call import call, environment_over
+from flow_family_files import env, registry  # noqa: F401 (fixtures)
+from node_call import call
 from nodes import style_model as sm
 from nodes.families import flux
 from nodes.vision_models import preprocess
@@ -72,7 +72,7 @@ def _comfy_layout(module) -> dict:
 
 
 @pytest.fixture(scope="module")
-def redux_root(tmp_path_factory, parts) -> Path:
+def root(tmp_path_factory, parts) -> Path:
     from safetensors.torch import save_file
 
     root = tiny_flux.make_models_folder(tmp_path_factory.mktemp("redux-models"))
@@ -81,16 +81,6 @@ def redux_root(tmp_path_factory, parts) -> Path:
         (root / folder).mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(root / folder / name))
     return root
-
-
-@pytest.fixture()
-def env(redux_root, tmp_path):
-    yield from environment_over(redux_root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
 
 
 def _picture(seed: int = 0, size: tuple[int, int] = (PICTURE, PICTURE)):
@@ -248,15 +238,15 @@ def test_center_crop_cuts_the_sides_and_none_squashes():
     assert torch.allclose(preprocess(exact, 32, (0.5,) * 3, (0.5,) * 3, crop=True), (exact.movedim(-1, 1) - 0.5) / 0.5)
 
 
-def test_wrong_files_and_inputs_are_errors_naming_the_input(registry, env, redux_root, parts):
+def test_wrong_files_and_inputs_are_errors_naming_the_input(registry, env, root, parts):
     from safetensors.torch import save_file
 
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                             num_attention_heads=2, image_size=32, patch_size=8))
-    save_file({k: v.contiguous() for k, v in _comfy_layout(clip).items()}, str(redux_root / "clip_vision" / "vit.safetensors"))
-    save_file({"style_embedding": torch.zeros(1, 8, 768)}, str(redux_root / "style_models" / "t2i.safetensors"))
+    save_file({k: v.contiguous() for k, v in _comfy_layout(clip).items()}, str(root / "clip_vision" / "vit.safetensors"))
+    save_file({"style_embedding": torch.zeros(1, 8, 768)}, str(root / "style_models" / "t2i.safetensors"))
     with pytest.raises(NodeError, match="CLIP ViT") as err:
         call(sm.clip_vision_loader, env, clip_name="vit.safetensors")
     assert err.value.input_name == "clip_name"

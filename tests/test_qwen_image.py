@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import tiny_qwen_image
-from engine.context import NodeContext
+from flow_family_files import clip_over, model_over, pipeline_images
+from node_call import Recorder
 from nodes.checkpoint.qwen_image_vae import FrameVAE
 from nodes.families import qwen_image
 from nodes.handles import ClipHandle, ModelHandle, VaeHandle
@@ -27,25 +28,13 @@ NEGATIVE = "blurry, low quality"
 SIZE = 64
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
-                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
-
-
 def _model() -> ModelHandle:
-    parts = tiny_qwen_image.components()
-    family = qwen_image.FAMILY
-    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                       _use_unet=lambda: contextlib.nullcontext(parts["transformer"]))
+    return model_over(qwen_image.FAMILY, tiny_qwen_image.components()["transformer"])
 
 
 def _clip() -> ClipHandle:
     parts = tiny_qwen_image.components()
-    lm = parts["text_encoder"].model.language_model
-    return ClipHandle(qwen_image.FAMILY, {"tokenizer": parts["tokenizer"]},
-                      _use=lambda name: contextlib.nullcontext(lm))
+    return clip_over(qwen_image.FAMILY, parts["tokenizer"], parts["text_encoder"].model.language_model)
 
 
 def _vae() -> VaeHandle:
@@ -74,21 +63,15 @@ def kiln(prompt: str, negative: str, cfg: float, *, strength: float | None = Non
 
 def diffusers(prompt: str, negative: str, cfg: float, *, strength: float | None = None, steps: int = 4,
               seed: int = 5) -> torch.Tensor:
-    from diffusers import QwenImageImg2ImgPipeline
-
     kwargs = {"prompt": prompt, "negative_prompt": negative, "height": SIZE, "width": SIZE,
               "num_inference_steps": steps, "true_cfg_scale": cfg, "generator": torch.Generator().manual_seed(seed),
               "output_type": "pt"}
-    if strength is None:
-        pipe = tiny_qwen_image.pipeline()
-    else:
-        pipe = tiny_qwen_image.pipeline(QwenImageImg2ImgPipeline)
-        # a 16-channel "image" is taken as the model-space latent; skip the pipeline's resize of it
-        pipe.image_processor.preprocess = lambda image, **_: image
+    img2img = None
+    if strength is not None:  # a 16-channel "image" is taken as the model-space latent
+        from diffusers import QwenImageImg2ImgPipeline as img2img
+
         kwargs |= {"image": qwen_image.FAMILY.latent.to_model(_init_raw()), "strength": strength}
-    with torch.no_grad():
-        out = pipe(**kwargs).images
-    return out.permute(0, 2, 3, 1)
+    return pipeline_images(tiny_qwen_image.pipeline, img2img, **kwargs).permute(0, 2, 3, 1)
 
 
 def test_txt2img_with_true_cfg_and_negative_equals_qwen_image_pipeline():

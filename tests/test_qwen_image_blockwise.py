@@ -22,7 +22,8 @@ import test_qwen_image
 import tiny_flux
 import tiny_qwen_image
 from engine.context import NodeError
-from node_call import call, environment_over
+from flow_family_files import env  # noqa: F401 (a fixture)
+from node_call import call
 from nodes.model_patch_nodes import model_patch_loader, qwen_image_diffsynth_controlnet
 from nodes.sampling import ksampler
 
@@ -54,11 +55,6 @@ def root(tmp_path_factory) -> Path:
     tiny_flux._save(root / "model_patches" / PATCH, patch_state())
     tiny_flux._save(root / "model_patches" / INPAINT, patch_state(True))
     return root
-
-
-@pytest.fixture()
-def env(root, tmp_path):
-    yield from environment_over(root, tmp_path)
 
 
 def control_image(kind: str = "edges") -> torch.Tensor:

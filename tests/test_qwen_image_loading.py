@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import tiny_qwen_image
-from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import parse
-from node_call import call, environment_over
+from flow_family_files import env, models_root, registry, run, txt2img_graph  # noqa: F401 (fixtures)
+from node_call import call
 from nodes import loaders, split_loaders
 from nodes.checkpoint import qwen_image_vae
 from nodes.families import qwen_image
@@ -27,19 +26,7 @@ SPLIT = dict(unet="tiny-qwen_image.safetensors", clip="tiny-qwen_2.5_vl.safetens
              vae="tiny-qwen_image_vae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def qwen_root(tmp_path_factory):
-    return tiny_qwen_image.make_models_folder(tmp_path_factory.mktemp("qwen-image-models"))
-
-
-@pytest.fixture()
-def env(qwen_root, tmp_path):
-    yield from environment_over(qwen_root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
+root = models_root(tiny_qwen_image.make_models_folder, "qwen-image-models")
 
 
 def _reference(seed: int, steps: int, cfg: float) -> np.ndarray:
@@ -50,23 +37,12 @@ def _reference(seed: int, steps: int, cfg: float) -> np.ndarray:
 
 
 def _graph(loaders: dict, seed: int, cfg: float, steps: int = 4) -> dict:
-    return {**loaders,
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": loaders["_clip"]}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": loaders["_clip"]}},
-            "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-            "5": {"class_type": "KSampler", "inputs": {"model": loaders["_model"], "seed": seed, "steps": steps,
-                                                       "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
-                                                       "positive": ["2", 0], "negative": ["3", 0],
-                                                       "latent_image": ["4", 0], "denoise": 1.0}},
-            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": loaders["_vae"]}},
-            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "qwen"}}}
+    return txt2img_graph(loaders, prompt=PROMPT, negative=NEGATIVE, size=SIZE, seed=seed, steps=steps, cfg=cfg,
+                         scheduler="normal", prefix="qwen")
 
 
 def _run(registry, env, graph: dict) -> np.ndarray:
-    graph = {k: v for k, v in graph.items() if not k.startswith("_")}
-    outcome = Executor(registry, env).run(parse(graph))
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    return outcome.results["6"][0].numpy()
+    return run(registry, env, parse(graph)).results["6"][0].numpy()
 
 
 SPLIT_LOADERS = {
@@ -115,14 +91,14 @@ def test_fp8_weight_dtype_keeps_fp8_linears(env):
     assert model.extra.get("fp8")
 
 
-def test_wrong_files_name_the_family_and_keys(env, qwen_root):
+def test_wrong_files_name_the_family_and_keys(env, root):
     from safetensors.torch import save_file
 
     from engine.context import NodeError
 
     state = {k: v.contiguous() for k, v in tiny_qwen_image.components()["transformer"].state_dict().items()}
     del state["transformer_blocks.1.attn.to_q.weight"]
-    save_file(state, str(qwen_root / "diffusion_models" / "broken-qwen_image.safetensors"))
+    save_file(state, str(root / "diffusion_models" / "broken-qwen_image.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="broken-qwen_image.safetensors")
     assert "Qwen-Image transformer" in str(err.value) and "transformer_blocks.1.attn.to_q.weight" in str(err.value)
@@ -131,18 +107,18 @@ def test_wrong_files_name_the_family_and_keys(env, qwen_root):
     assert "Qwen2.5-VL" in str(err.value)
     vae = qwen_image_vae.to_original(tiny_qwen_image.components()["vae"].state_dict())
     del vae["decoder.upsamples.5.residual.2.weight"]
-    save_file({k: v.contiguous() for k, v in vae.items()}, str(qwen_root / "vae" / "broken-qwen_image_vae.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(root / "vae" / "broken-qwen_image_vae.safetensors"))
     with pytest.raises(NodeError) as err:
         call(loaders.vae_loader, env, vae_name="broken-qwen_image_vae.safetensors")
     assert err.value.input_name == "vae_name" and "Qwen-Image VAE" in str(err.value)
     assert "decoder.upsamples.5.residual.2.weight" in str(err.value)  # the file's own name for it
     text = tiny_qwen_image.comfy_text_state()
     del text["model.layers.1.mlp.up_proj.weight"]
-    save_file(text, str(qwen_root / "text_encoders" / "broken-qwen_2.5_vl.safetensors"))
+    save_file(text, str(root / "text_encoders" / "broken-qwen_2.5_vl.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.clip_loader, env, clip_name="broken-qwen_2.5_vl.safetensors", type="qwen_image")
     assert "Qwen-Image text encoder" in str(err.value) and "layers.1.mlp.up_proj.weight" in str(err.value)
-    save_file(state, str(qwen_root / "checkpoints" / "qwen_image_as_checkpoint.safetensors"))
+    save_file(state, str(root / "checkpoints" / "qwen_image_as_checkpoint.safetensors"))
     with pytest.raises(NodeError) as err:
         call(loaders.checkpoint_loader, env, ckpt_name="qwen_image_as_checkpoint.safetensors")
     assert "Qwen-Image transformer" in str(err.value) and "UNETLoader" in str(err.value)
@@ -156,7 +132,7 @@ def _of_type(wf, node_type: str) -> list:
 
 
 @pytest.mark.parametrize("template", ["image_qwen_image.json", "image_qwen_Image_2512.json"])
-def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry, env, qwen_root, template):
+def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry, env, root, template):
     """ComfyUI's Qwen-Image templates (comfyui-workflow-templates-json; subgraphs, editor format) through
     Kiln's converter on the tiny split files: ModelSamplingAuraFlow shift 3.1, KSampler euler/simple,
     cfg 4, the Lightning LoRA switched off. Each equals QwenImagePipeline with the same fixed shift."""
@@ -173,8 +149,8 @@ def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry
     folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
     wf = parse_document(json.loads((folder / template).read_text(encoding="utf-8")), registry)
     (lora_node,) = _of_type(wf, "LoraLoaderModelOnly")
-    (qwen_root / "loras").mkdir(exist_ok=True)  # the switched-off LoRA must exist to validate; it never loads
-    save_file({}, str(qwen_root / "loras" / lora_node.inputs["lora_name"]))
+    (root / "loras").mkdir(exist_ok=True)  # the switched-off LoRA must exist to validate; it never loads
+    save_file({}, str(root / "loras" / lora_node.inputs["lora_name"]))
     (unet,), (clip,), (vae,) = (_of_type(wf, t) for t in ("UNETLoader", "CLIPLoader", "VAELoader"))
     (latent,), (sampler,), (shift,) = (_of_type(wf, t) for t in ("EmptySD3LatentImage", "KSampler",
                                                                   "ModelSamplingAuraFlow"))
@@ -187,8 +163,7 @@ def test_comfyui_qwen_image_template_equals_pipeline_at_its_fixed_shift(registry
     pos, neg = (wf.nodes[sampler.inputs[k].node_id] for k in ("positive", "negative"))
     pos.inputs["text"], neg.inputs["text"] = PROMPT, NEGATIVE
     assert isinstance(pos.inputs["clip"], Link)
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    outcome = run(registry, env, wf)
     (save,) = _of_type(wf, "SaveImage")
     ours = outcome.results[save.inputs["images"].node_id][0].numpy()
     pipe = tiny_qwen_image.pipeline()
@@ -213,8 +188,7 @@ def test_txt2img_workflow_on_split_files_equals_pipeline(registry, env):
 
     wf = load(Path(__file__).resolve().parent.parent / "workflows" / "qwen-image-txt2img.json").with_overrides(
         dict(WF_FILES, prompt=PROMPT, negative_prompt=NEGATIVE, cfg=4.0, width=SIZE, height=SIZE, steps=4, seed=3))
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    outcome = run(registry, env, wf)
     kiln = outcome.results["8"][0].numpy()
     assert np.abs(kiln - _reference(3, 4, 4.0)).max() <= 1 / 255
     assert np.abs(kiln - _reference(3, 4, 1.5)).max() > 0.01  # cfg matters: not vacuous
@@ -234,8 +208,7 @@ def test_img2img_workflow_on_split_files_equals_img2img_pipeline(registry, env):
         wf = load(Path(__file__).resolve().parent.parent / "workflows" / "qwen-image-img2img.json").with_overrides(
             dict(WF_FILES, prompt=PROMPT, negative_prompt=NEGATIVE, cfg=3.0, image="init.png", width=SIZE,
                  height=SIZE, strength=strength, steps=6, seed=7))
-        outcomes[strength] = Executor(registry, env).run(wf)
-        assert outcomes[strength].status == "succeeded", outcomes[strength].error.message
+        outcomes[strength] = run(registry, env, wf)
     kiln = outcomes[0.6].results["11"][0].numpy()
     init = qwen_image.FAMILY.latent.to_model(outcomes[0.6].results["8"][0]["samples"])
     pipe = tiny_qwen_image.pipeline(QwenImageImg2ImgPipeline)
@@ -251,7 +224,7 @@ def test_img2img_workflow_on_split_files_equals_img2img_pipeline(registry, env):
 # -- Comfy's scaled fp8 files ------------------------------------------------------------------------
 
 
-def test_scaled_fp8_transformer_and_text_encoder_equal_their_dequantised_twins(env, qwen_root):
+def test_scaled_fp8_transformer_and_text_encoder_equal_their_dequantised_twins(env, root):
     """qwen_image_fp8_e4m3fn-style scaled transformers and qwen_2.5_vl_7b_fp8_scaled text encoders: fp8
     linears kept fp8 with their file's scales, computing as the dequantised file does."""
     from safetensors.torch import save_file
@@ -259,12 +232,12 @@ def test_scaled_fp8_transformer_and_text_encoder_equal_their_dequantised_twins(e
 
     unet = tiny_qwen_image.components()["transformer"].state_dict()
     scaled, plain = quantise(unet, "model.diffusion_model.")
-    save_file(scaled, str(qwen_root / "diffusion_models" / "qwen-scaled.safetensors"))
-    save_file(plain, str(qwen_root / "diffusion_models" / "qwen-dequant.safetensors"))
+    save_file(scaled, str(root / "diffusion_models" / "qwen-scaled.safetensors"))
+    save_file(plain, str(root / "diffusion_models" / "qwen-dequant.safetensors"))
     text = tiny_qwen_image.comfy_text_state()
     scaled, plain = quantise(text)  # the vision tower's linears too (Qwen-Image-Edit reads pictures with it)
-    save_file(scaled, str(qwen_root / "text_encoders" / "qwen-vl-scaled.safetensors"))
-    save_file(plain, str(qwen_root / "text_encoders" / "qwen-vl-dequant.safetensors"))
+    save_file(scaled, str(root / "text_encoders" / "qwen-vl-scaled.safetensors"))
+    save_file(plain, str(root / "text_encoders" / "qwen-vl-dequant.safetensors"))
     (a,) = call(split_loaders.unet_loader, env, unet_name="qwen-scaled.safetensors")
     (b,) = call(split_loaders.unet_loader, env, unet_name="qwen-dequant.safetensors")
     with a.unet() as x, b.unet() as y:

@@ -24,7 +24,8 @@ from engine.context import NodeError
 from engine.executor import Executor
 from engine.registry import default_registry
 from engine.workflow import parse
-from node_call import Called, call, environment_over
+from flow_family_files import env, models_root  # noqa: F401 (env is a fixture)
+from node_call import Called, call
 from nodes import families, loaders, sampling, sd3_nodes, split_loaders, text
 from nodes.families import sd3
 from nodes.flux_nodes import empty_sd3_latent_image
@@ -38,14 +39,7 @@ SPLIT = dict(unet="tiny-sd3-large.safetensors", clip_l="tiny-sd3-clip_l.safetens
              clip_g="tiny-sd3-clip_g.safetensors", t5="tiny-sd3-t5xxl.safetensors", vae="tiny-sd3-vae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tiny_sd3.make_models_folder(tmp_path_factory.mktemp("sd3-models"))
-
-
-@pytest.fixture()
-def env(root, tmp_path):
-    yield from environment_over(root, tmp_path)
+root = models_root(tiny_sd3.make_models_folder, "sd3-models")
 
 
 def _model(variant: str) -> ModelHandle:

@@ -13,11 +13,12 @@ import torch
 import tiny_flux
 from engine.context import NodeError
 from engine.workflow import parse
+from flow_family_files import env, registry, run  # noqa: F401 (env and registry are fixtures)
 from node_call import Called, call
 from nodes import split_loaders
 from nodes.families.flux import t5_length
 from nodes.text import clip_text_encode, t5_tokenizer_options
-from test_flux_loading import PROMPT, SPLIT, env, flux_root, registry, run  # noqa: F401 (fixtures)
+from test_flux_loading import PROMPT, SPLIT, root  # noqa: F401 (a fixture)
 
 
 def _clip(env):

@@ -8,14 +8,13 @@ The decoded images must agree within 1/255 per pixel; each test also shows what 
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import tiny_models
 import tiny_z_image
-from engine.context import NodeContext
+from flow_family_files import clip_over, model_over, pipeline_images
+from node_call import Recorder
 from nodes.families import z_image
 from nodes.handles import ClipHandle, ModelHandle
 from nodes.latent import add_noise
@@ -26,24 +25,13 @@ PROMPT = "a red barn in a field"
 NEGATIVE = "blurry, low quality, extra fingers"
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.ctx = NodeContext(env=None, job=None, node_id="1", node_type="KSampler",
-                               _progress=lambda *a: None, _is_interrupted=lambda: False, _message=self.messages.append)
-
-
 def _model() -> ModelHandle:
-    parts = tiny_z_image.components()
-    family = z_image.FAMILY
-    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
-                       _use_unet=lambda: contextlib.nullcontext(parts["transformer"]))
+    return model_over(z_image.FAMILY, tiny_z_image.components()["transformer"])
 
 
 def _clip() -> ClipHandle:
     parts = tiny_z_image.components()
-    return ClipHandle(z_image.FAMILY, {"tokenizer": parts["tokenizer"]},
-                      _use=lambda name: contextlib.nullcontext(parts["text_encoder"]))
+    return clip_over(z_image.FAMILY, parts["tokenizer"], parts["text_encoder"])
 
 
 def _init_raw() -> torch.Tensor:
@@ -65,19 +53,14 @@ def kiln(prompt: str, negative: str, cfg: float, *, strength: float | None = Non
 
 def diffusers(prompt: str, negative: str, cfg: float, *, strength: float | None = None, steps: int = 4,
               seed: int = 5) -> torch.Tensor:
-    from diffusers import ZImageImg2ImgPipeline
-
     kwargs = {"prompt": prompt, "negative_prompt": negative, "height": 64, "width": 64, "num_inference_steps": steps,
               "guidance_scale": cfg - 1.0, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
-    if strength is None:
-        pipe = tiny_z_image.pipeline()
-    else:
-        pipe = tiny_z_image.pipeline(ZImageImg2ImgPipeline)
-        pipe.image_processor.preprocess = lambda image, **_: image  # a 16-channel latent passes through
+    img2img = None
+    if strength is not None:  # a 16-channel latent passes through
+        from diffusers import ZImageImg2ImgPipeline as img2img
+
         kwargs |= {"image": z_image.FAMILY.latent.to_model(_init_raw()), "strength": strength}
-    with torch.no_grad():
-        out = pipe(**kwargs).images
-    return out.permute(0, 2, 3, 1)
+    return pipeline_images(tiny_z_image.pipeline, img2img, **kwargs).permute(0, 2, 3, 1)
 
 
 def test_prompt_encoding_is_the_pipelines_layer_without_padding():

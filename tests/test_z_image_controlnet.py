@@ -22,7 +22,8 @@ import tiny_flux
 import tiny_models
 import tiny_z_image
 from engine.context import NodeError
-from node_call import call, environment_over
+from flow_family_files import env  # noqa: F401 (a fixture)
+from node_call import call
 from nodes import split_loaders
 from nodes.handles import VaeHandle
 from nodes.model_patch_nodes import model_patch_loader, qwen_image_diffsynth_controlnet
@@ -55,17 +56,12 @@ def controlnet(version: str = "1.0") -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def z_root(tmp_path_factory) -> Path:
+def root(tmp_path_factory) -> Path:
     root = tiny_z_image.make_models_folder(tmp_path_factory.mktemp("z-image-cn"))
     tiny_flux._save(root / "model_patches" / PATCH, dict(controlnet().state_dict()))
     tiny_flux._save(root / "model_patches" / PATCH_21, dict(controlnet("2.1").state_dict()))
     tiny_flux._save(root / "model_patches" / "not-a-patch.safetensors", tiny_flux.vae_state())
     return root
-
-
-@pytest.fixture()
-def env(z_root, tmp_path):
-    yield from environment_over(z_root, tmp_path)
 
 
 def hint(kind: str = "edges") -> torch.Tensor:

@@ -8,6 +8,7 @@ editor-format converter; wrong files get errors naming the input, the family and
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ import torch
 import tiny_flux
 import tiny_z_image
 from engine.context import NodeError
-from engine.executor import Executor
-from engine.registry import default_registry
 from engine.workflow import load, parse
+from flow_family_files import (checkpoint_loader, env, fp8_sampling_gap, models_root,  # noqa: F401 (env and
+                               pipeline_images, registry, run, txt2img_graph, unet_weights)  # registry: fixtures)
 from node_call import Called, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import z_image_keys
@@ -33,66 +34,53 @@ SPLIT = dict(diffusion_model="tiny-z-image.safetensors", text_encoder="tiny-qwen
              vae="tiny-flux-ae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def z_root(tmp_path_factory) -> Path:
-    return tiny_z_image.make_models_folder(tmp_path_factory.mktemp("z-image-models"))
-
-
-@pytest.fixture()
-def env(z_root, tmp_path):
-    yield from environment_over(z_root, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return default_registry()
-
-
-def run(registry, env, wf):
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status == "succeeded", outcome.error and outcome.error.message
-    return outcome
+root = models_root(tiny_z_image.make_models_folder, "z-image-models")
 
 
 def _reference(seed: int, steps: int, cfg: float, negative: str = NEGATIVE, **img2img) -> np.ndarray:
     """diffusers at Kiln's ``cfg`` (its guidance_scale is cfg - 1)."""
     from diffusers import ZImageImg2ImgPipeline
 
-    pipe = tiny_z_image.pipeline(ZImageImg2ImgPipeline if img2img else None)
-    if img2img:
-        pipe.image_processor.preprocess = lambda image, **_: image  # a latent passes through (test_z_image.py)
-    with torch.no_grad():
-        return pipe(prompt=PROMPT, negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=steps,
-                    guidance_scale=cfg - 1.0, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
-                    **img2img).images
+    return pipeline_images(tiny_z_image.pipeline, ZImageImg2ImgPipeline if img2img else None, prompt=PROMPT,
+                           negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=steps,
+                           guidance_scale=cfg - 1.0, output_type="np",
+                           generator=torch.Generator("cpu").manual_seed(seed), **img2img)
 
 
 # -- loading -----------------------------------------------------------------------------------
 
 
-def _weights(model) -> dict:
-    with model._use_unet() as net:
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+@pytest.fixture(scope="module")
+def folders(root, tmp_path_factory) -> dict:
+    """The two diffusers folders through CheckpointLoaderSimple and DiffusersLoader, loaded once for every
+    split file to be compared with: their handles, copies of their transformers' weights and of the
+    checkpoint's text encoder."""
+    with contextlib.contextmanager(environment_over)(root, tmp_path_factory.mktemp("folders")) as env:
+        (folder, clip, _) = call(loaders.checkpoint_loader, env, ckpt_name="tiny-z-image-diffusers")
+        (pipeline, _, _) = call(loaders.diffusers_loader, env, model_path="tiny-z-image")
+        with clip.encoder("text_encoder") as te:
+            text = {k: v.detach().clone() for k, v in te.state_dict().items()}
+        return {"folder": folder, "pipeline": pipeline, "clip": clip, "whole": unet_weights(folder),
+                "other": unet_weights(pipeline), "text_encoder": text}
 
 
 @pytest.mark.parametrize("name", ["tiny-z-image.safetensors", "tiny-z-image-prefixed.safetensors",
                                   "tiny-z-image-diffusers-keys.safetensors"])
-def test_split_files_and_diffusers_folders_load_the_same_weights_bit_for_bit(env, name):
+def test_split_files_and_diffusers_folders_load_the_same_weights_bit_for_bit(env, folders, name):
     rec = Called()
     (model,) = call(split_loaders.unet_loader, env, rec, unet_name=name)
     assert model.family is z_image.FAMILY and any("z-image UNet" in m for m in rec.messages)
-    (folder, clip, vae) = call(loaders.checkpoint_loader, env, ckpt_name="tiny-z-image-diffusers")
-    (pipeline, _, _) = call(loaders.diffusers_loader, env, model_path="tiny-z-image")
+    folder, pipeline, clip = folders["folder"], folders["pipeline"], folders["clip"]
     assert folder.family is pipeline.family is clip.family is z_image.FAMILY
-    split, whole, other = _weights(model), _weights(folder), _weights(pipeline)
+    split, whole, other = unet_weights(model), folders["whole"], folders["other"]
     want = tiny_z_image.components()["transformer"].state_dict()
     assert set(split) == set(whole) == set(other) == set(want)
     assert all(torch.equal(split[k], want[k]) and torch.equal(whole[k], want[k]) and torch.equal(other[k], want[k])
                for k in want)
     (qwen,) = call(split_loaders.clip_loader, env, clip_name=SPLIT["text_encoder"], type="lumina2")
     assert qwen.family is z_image.FAMILY
-    with qwen.encoder("text_encoder") as a, clip.encoder("text_encoder") as b:
-        sa, sb = a.state_dict(), b.state_dict()
+    with qwen.encoder("text_encoder") as a:
+        sa, sb = a.state_dict(), folders["text_encoder"]
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -117,20 +105,10 @@ def test_key_map_matches_diffusers_converter_at_the_released_width():
 
 def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
     import test_z_image
-    from nodes.sampling import ksampler
 
-    clip = test_z_image._clip()
-    latents = {}
-    for weight_dtype in ("default", "fp8_e4m3fn"):
-        (model,) = call(split_loaders.unet_loader, env, unet_name=SPLIT["diffusion_model"], weight_dtype=weight_dtype)
-        with model._use_unet() as net:
-            stored = net.layers[0].attention.to_q.weight.dtype
-        assert (stored == torch.float8_e4m3fn) == (weight_dtype != "default") == bool(model.extra.get("fp8"))
-        (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=4.0, sampler_name="euler", scheduler="simple",
-                      positive=clip.encode(PROMPT), negative=clip.encode(NEGATIVE),
-                      latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
-        latents[weight_dtype] = out["samples"]
-    gap = (latents["default"] - latents["fp8_e4m3fn"]).abs().max() / latents["default"].abs().max()
+    gap = fp8_sampling_gap(env, SPLIT["diffusion_model"], test_z_image._clip(),
+                           lambda net: net.layers[0].attention.to_q.weight, prompt=PROMPT, negative=NEGATIVE,
+                           scheduler="simple")
     assert 0 < gap < 0.25  # 8-bit weights on a tiny random model: close, not equal
 
 
@@ -139,18 +117,8 @@ def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
 
 def test_diffusers_folder_graph_equals_z_image_pipeline(registry, env):
     """CheckpointLoaderSimple on the folder (its own tokenizer and scheduler config), API format."""
-    graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-z-image-diffusers"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 8, "steps": 4, "cfg": 5.0,
-                                                   "sampler_name": "euler", "scheduler": "simple",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "z"}},
-    }
+    graph = txt2img_graph(checkpoint_loader("tiny-z-image-diffusers"), prompt=PROMPT, negative=NEGATIVE, size=SIZE,
+                          seed=8, steps=4, cfg=5.0, scheduler="simple", prefix="z")
     kiln = run(registry, env, parse(graph)).results["6"][0].numpy()
     assert np.abs(kiln - _reference(8, 4, 5.0)).max() <= 1 / 255
     assert np.abs(kiln - _reference(9, 4, 5.0)).max() > 0.02
@@ -236,7 +204,7 @@ def test_t5_as_z_images_text_encoder_names_what_it_needs(env):
 
 
 @pytest.mark.parametrize("damage", ["missing", "foreign"])
-def test_damaged_z_image_file_names_family_and_keys(env, z_root, damage):
+def test_damaged_z_image_file_names_family_and_keys(env, root, damage):
     from safetensors.torch import save_file
 
     state = tiny_z_image.original_transformer()
@@ -247,7 +215,7 @@ def test_damaged_z_image_file_names_family_and_keys(env, z_root, damage):
         state["layers.1.attention.to_q.weight"] = torch.zeros(2)  # a diffusers name in an original-layout file
         words = "layers.1.attention.to_q.weight"
     name = f"broken-z-{damage}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(z_root / "diffusion_models" / name))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "diffusion_models" / name))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name=name)
     text = str(err.value)
@@ -255,23 +223,23 @@ def test_damaged_z_image_file_names_family_and_keys(env, z_root, damage):
     assert name in text and "Z-Image" in text and words in text
 
 
-def test_lumina2_and_all_in_one_files_say_what_they_are(env, z_root):
+def test_lumina2_and_all_in_one_files_say_what_they_are(env, root):
     from safetensors.torch import save_file
 
     state = {k: v for k, v in tiny_z_image.original_transformer().items() if not k.endswith("pad_token")}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(z_root / "diffusion_models" / "lumina2.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "diffusion_models" / "lumina2.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="lumina2.safetensors")
     assert err.value.input_name == "unet_name" and "Lumina Image 2.0" in str(err.value)
-    (z_root / "checkpoints" / "tiny-z-aio.safetensors").write_bytes(
-        (z_root / "diffusion_models" / "tiny-z-image-prefixed.safetensors").read_bytes())
+    (root / "checkpoints" / "tiny-z-aio.safetensors").write_bytes(
+        (root / "diffusion_models" / "tiny-z-image-prefixed.safetensors").read_bytes())
     with pytest.raises(NodeError) as err:
         call(loaders.checkpoint_loader, env, ckpt_name="tiny-z-aio.safetensors")
     assert err.value.input_name == "ckpt_name"
     assert "Z-Image transformer" in str(err.value) and "CLIPLoader (type lumina2)" in str(err.value)
 
 
-def test_a_comfy_scaled_fp8_transformer_equals_its_dequantised_twin(env, z_root):
+def test_a_comfy_scaled_fp8_transformer_equals_its_dequantised_twin(env, root):
     """ComfyUI's scaled fp8 file (per-row scales on the fused qkv, split with it onto to_q/to_k/to_v):
     held fp8 with its scales, it samples what the dequantised float32 file samples."""
     import test_z_image
@@ -280,8 +248,8 @@ def test_a_comfy_scaled_fp8_transformer_equals_its_dequantised_twin(env, z_root)
     from test_scaled_fp8 import quantise
 
     scaled, plain = quantise(tiny_z_image.original_transformer(), "model.diffusion_model.")
-    tiny_flux._save(z_root / "diffusion_models" / "z-scaled.safetensors", scaled)
-    tiny_flux._save(z_root / "diffusion_models" / "z-dequantised.safetensors", plain)
+    tiny_flux._save(root / "diffusion_models" / "z-scaled.safetensors", scaled)
+    tiny_flux._save(root / "diffusion_models" / "z-dequantised.safetensors", plain)
     clip = test_z_image._clip()
     out = {}
     for name in ("z-scaled.safetensors", "z-dequantised.safetensors"):

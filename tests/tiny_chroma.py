@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 import tiny_flux
+from flow_family_files import quiet_pipeline, save_split_transformer
 
 #: Transformer: 2 heads of 32, rope axes as the tiny FLUX's, one double and one single block.
 HEADS, HEAD_DIM, AXES = 2, 32, (4, 14, 14)
@@ -46,11 +47,7 @@ def components() -> dict[str, Any]:
 
 
 def pipeline(cls: Any = None) -> Any:
-    if cls is None:
-        from diffusers import ChromaPipeline as cls
-    pipe = cls(**dict(components()), image_encoder=None, feature_extractor=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(cls or "ChromaPipeline", components(), image_encoder=None, feature_extractor=None)
 
 
 def save_diffusers(folder: Any) -> Any:
@@ -77,12 +74,8 @@ def make_models_folder(root: Any) -> Any:
     from pathlib import Path
 
     root = Path(root)
-    state = original_transformer()
-    tiny_flux._save(root / "diffusion_models" / "tiny-chroma.safetensors", state)
-    tiny_flux._save(root / "diffusion_models" / "tiny-chroma-prefixed.safetensors",
-                    {"model.diffusion_model." + k: v for k, v in state.items()})
-    tiny_flux._save(root / "diffusion_models" / "tiny-chroma-diffusers-keys.safetensors",
-                    dict(components()["transformer"].state_dict()))
+    save_split_transformer(root / "diffusion_models", "tiny-chroma", original_transformer(),
+                           dict(components()["transformer"].state_dict()))
     tiny_flux._save(root / "diffusion_models" / "tiny-flux-dev.safetensors", tiny_flux.bfl_transformer("dev"))
     tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())

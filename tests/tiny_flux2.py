@@ -18,6 +18,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from flow_family_files import quiet_pipeline, save_split_transformer
+
 #: Transformer: 2 heads of 32, rope axes 4 x 8 (the released 4 x 32 scaled), one double and one single block.
 HEADS, HEAD_DIM, AXES = 2, 32, (8, 8, 8, 8)
 QWEN = 32  # Qwen3 width; the transformer reads 3 x QWEN (layers 9, 18, 27 stacked)
@@ -83,11 +85,7 @@ def components() -> dict[str, Any]:
 
 
 def pipeline(distilled: bool = False, cls: Any = None) -> Any:
-    if cls is None:
-        from diffusers import Flux2KleinPipeline as cls
-    pipe = cls(**dict(components()), is_distilled=distilled)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(cls or "Flux2KleinPipeline", components(), is_distilled=distilled)
 
 
 def save_diffusers(folder: str | Path, distilled: bool = True) -> Path:
@@ -133,9 +131,7 @@ def make_models_folder(root: str | Path) -> Path:
 
     root = Path(root)
     state = original_transformer()
-    _save(root / "diffusion_models" / "flux-2-klein-tiny.safetensors", state)
-    _save(root / "diffusion_models" / "flux-2-klein-tiny-prefixed.safetensors",
-          {"model.diffusion_model." + k: v for k, v in state.items()})
+    save_split_transformer(root / "diffusion_models", "flux-2-klein-tiny", state)
     _save(root / "diffusion_models" / "flux-2-klein-tiny-fp8.safetensors",
           {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in state.items()})
     _save(root / "text_encoders" / "qwen_3_tiny.safetensors", qwen3_state())

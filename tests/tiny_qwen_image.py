@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from flow_family_files import quiet_pipeline, save_split_transformer
+
 #: Transformer: 2 heads of 32, rope axes summing to the head width, two blocks.
 HEADS, HEAD_DIM, AXES, LAYERS = 2, 32, (4, 14, 14), 2
 #: Text model width (= the transformer's joint attention width) and the release's vocabulary.
@@ -77,11 +79,7 @@ def components() -> dict[str, Any]:
 
 
 def pipeline(cls: Any = None) -> Any:
-    if cls is None:
-        from diffusers import QwenImagePipeline as cls
-    pipe = cls(**dict(components()))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(cls or "QwenImagePipeline", components())
 
 
 def comfy_text_state() -> dict:
@@ -111,10 +109,7 @@ def make_models_folder(root: Any) -> Any:
     root = Path(root)
     for sub in ("diffusion_models", "text_encoders", "vae", "checkpoints"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in components()["transformer"].state_dict().items()}
-    save_file(state, str(root / "diffusion_models" / "tiny-qwen_image.safetensors"))
-    save_file({"model.diffusion_model." + k: v for k, v in state.items()},
-              str(root / "diffusion_models" / "tiny-qwen_image-prefixed.safetensors"))
+    save_split_transformer(root / "diffusion_models", "tiny-qwen_image", components()["transformer"].state_dict())
     save_file(comfy_text_state(), str(root / "text_encoders" / "tiny-qwen_2.5_vl.safetensors"))
     vae = {k: v.contiguous() for k, v in to_original(components()["vae"].state_dict()).items()}
     save_file(vae, str(root / "vae" / "tiny-qwen_image_vae.safetensors"))

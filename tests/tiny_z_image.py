@@ -19,6 +19,7 @@ from typing import Any
 
 import tiny_flux
 import tiny_qwen3
+from flow_family_files import quiet_pipeline, save_split_transformer
 
 #: Qwen3's rendering of [user message] + generation prompt (enable_thinking left on: no think block).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -57,11 +58,7 @@ def components() -> dict[str, Any]:
 
 
 def pipeline(cls: Any = None) -> Any:
-    if cls is None:
-        from diffusers import ZImagePipeline as cls
-    pipe = cls(**dict(components()))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(cls or "ZImagePipeline", components())
 
 
 def original_transformer() -> dict:
@@ -86,12 +83,8 @@ def make_models_folder(root: Any) -> Path:
     tiny-t5xxl.safetensors (the tiny FLUX's, for errors), vae/tiny-flux-ae.safetensors, and
     checkpoints/tiny-z-image-diffusers/ and diffusers/tiny-z-image/ (ZImagePipeline.save_pretrained)."""
     root = Path(root)
-    state = original_transformer()
-    tiny_flux._save(root / "diffusion_models" / "tiny-z-image.safetensors", state)
-    tiny_flux._save(root / "diffusion_models" / "tiny-z-image-prefixed.safetensors",
-                    {"model.diffusion_model." + k: v for k, v in state.items()})
-    tiny_flux._save(root / "diffusion_models" / "tiny-z-image-diffusers-keys.safetensors",
-                    dict(components()["transformer"].state_dict()))
+    save_split_transformer(root / "diffusion_models", "tiny-z-image", original_transformer(),
+                           dict(components()["transformer"].state_dict()))
     tiny_flux._save(root / "text_encoders" / "tiny-qwen_3_4b.safetensors", qwen3_file())
     tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     tiny_flux._save(root / "vae" / "tiny-flux-ae.safetensors", tiny_flux.vae_state())

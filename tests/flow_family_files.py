@@ -1,0 +1,167 @@
+"""What the flow-transformer family tests (FLUX, Chroma, FLUX.2, Qwen-Image, Z-Image, SD3) share.
+
+The tiny models' files in ComfyUI's split layout, the loader tests' fixtures (a models folder
+written once per module, an Environment over it, the registry, a graph run that must succeed),
+and handles over in-memory models for tests that call the sampler directly. Each family's own
+tests keep what they check; only the plumbing that was copied between them lives here.
+
+Fixtures: a test module binds ``root = models_root(make, name)`` and imports ``env`` and
+``registry`` from here (``# noqa: F401``); ``env`` stands on whatever ``root`` the module binds.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.context import Environment
+from node_call import call, environment_over
+from tiny_flux import _save as save_state  # one safetensors file (contiguous; its folders made as needed)
+
+# -- the tiny models' files -----------------------------------------------------------------------
+
+
+def save_split_transformer(folder: Path, stem: str, state: dict, diffusers_keys: dict | None = None) -> None:
+    """A transformer as people download it into ``diffusion_models/``: ``stem.safetensors`` with its
+    own keys, ``stem-prefixed.safetensors`` under ``model.diffusion_model.`` (ComfyUI's saved
+    checkpoints), and, where given, ``stem-diffusers-keys.safetensors`` with diffusers' names."""
+    save_state(folder / f"{stem}.safetensors", state)
+    save_state(folder / f"{stem}-prefixed.safetensors", {"model.diffusion_model." + k: v for k, v in state.items()})
+    if diffusers_keys is not None:
+        save_state(folder / f"{stem}-diffusers-keys.safetensors", diffusers_keys)
+
+
+def quiet_pipeline(cls: Any, parts: dict[str, Any], **extra: Any) -> Any:
+    """A diffusers pipeline (a class, or the name of one of diffusers') over the tiny ``parts`` with its
+    progress bar off."""
+    if isinstance(cls, str):
+        import diffusers
+
+        cls = getattr(diffusers, cls)
+    pipe = cls(**dict(parts), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_images(make: Callable[[Any], Any], img2img: Any, **kwargs: Any) -> Any:
+    """diffusers' images for ``kwargs``: from ``make(None)`` (text to image), or from ``make(img2img)``
+    whose preprocessing hands the given ``image`` (a latent) straight through, as these pipelines
+    resize their input before they check for a latent."""
+    import torch
+
+    pipe = make(img2img)
+    if img2img is not None:
+        pipe.image_processor.preprocess = lambda image, **_: image
+    with torch.no_grad():
+        return pipe(**kwargs).images
+
+
+def txt2img_graph(loader: dict, *, prompt: str, negative: str, size: int, seed: int, steps: int, cfg: float,
+                  scheduler: str, latent: str = "EmptySD3LatentImage", prefix: str = "kiln") -> dict:
+    """An API-format text-to-image graph: the ``loader`` nodes (with ``_model``, ``_clip`` and ``_vae``
+    naming their outputs), CLIPTextEncode "2" and "3", the empty ``latent`` "4", KSampler "5" (euler),
+    VAEDecode "6" and SaveImage "7"."""
+    graph = {
+        **loader,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": loader["_clip"]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": loader["_clip"]}},
+        "4": {"class_type": latent, "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": loader["_model"], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": scheduler,
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": loader["_vae"]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+    return {k: v for k, v in graph.items() if not k.startswith("_")}
+
+
+def checkpoint_loader(name: str) -> dict:
+    """CheckpointLoaderSimple "1" on ``name``, as ``txt2img_graph``'s loader."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+            "_model": ["1", 0], "_clip": ["1", 1], "_vae": ["1", 2]}
+
+
+# -- the loader tests' fixtures -------------------------------------------------------------------
+
+
+def models_root(make: Callable[[Path], Path], name: str) -> Any:
+    """A module-scoped ``root`` fixture: ``make`` writes the family's files once into a fresh folder."""
+
+    @pytest.fixture(scope="module")
+    def root(tmp_path_factory) -> Path:
+        return make(tmp_path_factory.mktemp(name))
+
+    return root
+
+
+@pytest.fixture()
+def env(root: Path, tmp_path: Path) -> Iterator[Environment]:
+    """An Environment over the module's ``root`` models folder (see node_call.environment_over)."""
+    yield from environment_over(root, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    from engine.registry import default_registry
+
+    return default_registry()
+
+
+def run(registry: Any, env: Environment, wf: Any) -> Any:
+    """Run a parsed workflow; it must succeed (the error's message is the failure's)."""
+    from engine.executor import Executor
+
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    return outcome
+
+
+def unet_weights(model: Any) -> dict:
+    """Copies of a loaded MODEL's transformer weights, to compare loaders bit for bit."""
+    with model._use_unet() as net:
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def fp8_sampling_gap(env: Environment, unet_name: str, clip: Any, weight: Callable[[Any], Any], *, prompt: str,
+                     negative: str, scheduler: str) -> float:
+    """UNETLoader at weight_dtype default and fp8_e4m3fn: ``weight(net)`` is stored in fp8 exactly when
+    asked (and the MODEL says so). Returns how far apart the two sampled latents are (KSampler euler,
+    seed 3, 3 steps, cfg 4), relative to the largest value of the default one."""
+    import torch
+
+    from nodes import split_loaders
+    from nodes.sampling import ksampler
+
+    latents = {}
+    for weight_dtype in ("default", "fp8_e4m3fn"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name=unet_name, weight_dtype=weight_dtype)
+        with model._use_unet() as net:
+            stored = weight(net).dtype
+        assert (stored == torch.float8_e4m3fn) == (weight_dtype != "default") == bool(model.extra.get("fp8"))
+        (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=4.0, sampler_name="euler", scheduler=scheduler,
+                      positive=clip.encode(prompt), negative=clip.encode(negative),
+                      latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
+        latents[weight_dtype] = out["samples"]
+    return float((latents["default"] - latents["fp8_e4m3fn"]).abs().max() / latents["default"].abs().max())
+
+
+# -- handles over in-memory models ----------------------------------------------------------------
+
+
+def model_over(family: Any, transformer: Any) -> Any:
+    """A MODEL handle over an in-memory transformer (no loader, no model manager)."""
+    from nodes.handles import ModelHandle
+
+    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                       _use_unet=lambda: contextlib.nullcontext(transformer))
+
+
+def clip_over(family: Any, tokenizer: Any, encoder: Any, **options: Any) -> Any:
+    """A CLIP handle over an in-memory tokenizer and text encoder."""
+    from nodes.handles import ClipHandle
+
+    return ClipHandle(family, {"tokenizer": tokenizer}, _use=lambda name: contextlib.nullcontext(encoder), **options)
