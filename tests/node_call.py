@@ -54,4 +54,4 @@ def environment_over(models_root: Path | None, tmp_path: Path) -> Iterator[Envir
     data = tmp_path / "data"
     paths = Paths.under(data, models=models_root) if models_root is not None else Paths.under(data)
     yield Environment(paths=paths, models=models)
-    models.unload_all()
+    models.unload_all(collect=False)  # the test only lets go of small models; see ModelManager.unload_all

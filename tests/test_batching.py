@@ -372,7 +372,7 @@ async def test_queued_jobs_differing_in_seed_run_as_one_batch(aiohttp_client, tm
         assert np.abs(saved - single).max() <= 1, f"seed {seed}"
         images.append(saved)
     assert np.abs(images[0] - images[1]).max() > 10  # the seeds were honoured
-    env.models.unload_all()
+    env.models.unload_all(collect=False)
 
 
 # -- KSampler's declaration, node level --------------------------------------------------------

@@ -160,7 +160,7 @@ def test_comfyui_default_template_runs_and_equals_diffusers(registry, corpus, ti
         saved = outcome.outputs["9"]["images"][0]
         assert env.paths.output.resolve(saved["filename"], saved.get("subfolder", "")).is_file()
     finally:
-        env.models.unload_all()
+        env.models.unload_all(collect=False)
     positive, negative = wf.nodes["6"].inputs["text"], wf.nodes["7"].inputs["text"]
     pipe = tiny_models.pipeline("sd1")
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -199,7 +199,7 @@ def test_comfyui_lora_template_runs_and_equals_diffusers_fused_lora(registry, co
         assert outcome.status == "succeeded", outcome.error and outcome.error.message
         ours = outcome.results["8"][0].numpy()
     finally:
-        env.models.unload_all()
+        env.models.unload_all(collect=False)
     pipe = tiny_models.pipeline("sd1", parts=tiny_models.fresh_components("sd1"))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                              solver_order=2, use_karras_sigmas=True)
@@ -240,7 +240,7 @@ def test_comfyui_inpaint_templates_run_on_a_tiny_inpainting_checkpoint(registry,
         outcome = Executor(registry, env).run(wf.with_overrides(overrides))
         assert outcome.status == "succeeded", outcome.error and outcome.error.message
     finally:
-        env.models.unload_all()
+        env.models.unload_all(collect=False)
     encoded = outcome.results["26"][0]
     sampled = outcome.results["3"][0]["samples"]
     keep = torch.nn.functional.interpolate(encoded["noise_mask"], size=sampled.shape[2:], mode="bilinear") == 0

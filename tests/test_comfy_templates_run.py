@@ -56,7 +56,7 @@ def env(tmp_path, tiny_models_dir):
     make_esrgan(models / "upscale_models" / ESRGAN)
     environment = Environment(paths=Paths.under(tmp_path / "data", models=models), models=ModelManager(device="cpu"))
     yield environment
-    environment.models.unload_all()
+    environment.models.unload_all(collect=False)
 
 
 def _run(registry, env, name: str, overrides: dict):

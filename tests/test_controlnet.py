@@ -167,7 +167,7 @@ def cn_env(tmp_path_factory):
     (models / "controlnet" / "junk.safetensors").write_bytes(b"not a safetensors file")
     env = Environment(paths=Paths.under(root / "data", models=models), models=ModelManager(device="cpu"))
     yield env
-    env.models.unload_all()
+    env.models.unload_all(collect=False)
 
 
 def _same_weights(a, b) -> None:

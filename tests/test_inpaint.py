@@ -306,7 +306,7 @@ def test_inpainting_single_files_load_as_nine_channel_models(tmp_path, variant):
             assert mine.keys() == theirs.keys()
             assert all(torch.equal(mine[k].float(), theirs[k].float()) for k in mine)
     finally:
-        env.models.unload_all()
+        env.models.unload_all(collect=False)
 
 
 def test_custom_sampling_nodes_honour_the_noise_mask(sd1):

@@ -54,7 +54,7 @@ def whole(flux_lora_root, tmp_path_factory):
     (model,) = call(split_loaders.unet_loader, env, unet_name=FLUX)
     out = {"plain": _img2img(env, model), "lora": _img2img(env, model, lora_name="flux-bfl.safetensors")}
     assert offload.offloaded(_transformer(env, model)) is None
-    env.models.unload_all()
+    env.models.unload_all(collect=False)
     return out
 
 

@@ -51,7 +51,7 @@ def env(safety_models, tmp_path):
     tiny_safety.image_a().save(env.paths.input.root / "a.png")
     tiny_safety.image_b().save(env.paths.input.root / "b.png")
     yield env
-    env.models.unload_all()
+    env.models.unload_all(collect=False)
 
 
 def as_image(*images: Image.Image) -> torch.Tensor:

@@ -54,7 +54,7 @@ def env(models_dir, tmp_path):
     environment = Environment(paths=Paths.under(tmp_path / "data", models=models_dir),
                               models=ModelManager(device="cpu"))
     yield environment
-    environment.models.unload_all()
+    environment.models.unload_all(collect=False)
 
 
 def _decode(parts: dict, samples: torch.Tensor) -> torch.Tensor:

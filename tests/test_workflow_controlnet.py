@@ -35,7 +35,7 @@ def env(tmp_path_factory):
     env = Environment(paths=Paths.under(root / "data", models=models), models=ModelManager(device="cpu"))
     draw_landscape(SIZE, SIZE).save(env.paths.input.root / "init.png")
     yield env
-    env.models.unload_all()
+    env.models.unload_all(collect=False)
 
 
 def run(executor, name: str, **params):

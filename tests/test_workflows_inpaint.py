@@ -42,7 +42,7 @@ def env(tmp_path):
     manager = ModelManager(device="cpu")
     env = Environment(paths=Paths.under(tmp_path / "data", models=models), models=manager)
     yield env
-    manager.unload_all()
+    manager.unload_all(collect=False)
 
 
 def _input_png(env, name: str) -> np.ndarray:

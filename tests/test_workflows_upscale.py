@@ -98,4 +98,4 @@ def test_upscale_workflow_equals_spandrel_and_scales_after(registry, tmp_path):
                      scale=0.5, tile_size=64)
         assert halved.results["4"][0].shape == (1, 24, 32, 3)
     finally:
-        models.unload_all()
+        models.unload_all(collect=False)
