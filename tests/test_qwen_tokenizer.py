@@ -68,12 +68,10 @@ def test_every_token_is_one_id_and_the_specials_follow_the_vocabulary(pair):
     assert ("<think>" in specials) == (version == "3")
 
 
-def test_a_damaged_asset_is_refused(tmp_path, monkeypatch):
-    import lzma
-
-    damaged = tmp_path / "qwen.tiktoken.xz"
-    damaged.write_bytes(lzma.compress(b"IQ== 0\n"))
-    monkeypatch.setattr(qt, "ASSET", damaged)
+def test_a_damaged_ranks_file_is_refused(tmp_path, monkeypatch):
+    damaged = tmp_path / "qwen.tiktoken"
+    damaged.write_bytes(b"IQ== 0\n")
+    monkeypatch.setattr(qt, "ranks_file", lambda: damaged)
     qt.token_ranks.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="damaged"):

