@@ -1,8 +1,9 @@
-"""FLUX.2 nodes with ComfyUI's names and inputs: EmptyFlux2LatentImage and Flux2Scheduler.
+"""FLUX.2 nodes with ComfyUI's names and inputs: EmptyFlux2LatentImage, Flux2Scheduler and FluxKVCache.
 
 The family (network, text, VAE latent, flow shift) is nodes.families.flux2; these nodes make
-what ComfyUI's make: a blank 128-channel patch latent at 1/16 of the image, and the sigma list
-of FLUX.2's empirical shift for a given size and step count.
+what ComfyUI's make: a blank 128-channel patch latent at 1/16 of the image, the sigma list
+of FLUX.2's empirical shift for a given size and step count, and a MODEL that caches its
+reference images' keys and values within a run (nodes.families.reference_kv).
 """
 from __future__ import annotations
 
@@ -70,3 +71,27 @@ def flux2_scheduler(ctx, steps: int, width: int, height: int):
         if int(value) < low:
             raise NodeError(f"{name} must be at least {low}, got {value}", name)
     return (flux2_sigmas(int(steps), int(width), int(height)),)
+
+
+@define_node(
+    "FluxKVCache",
+    category="advanced/model",
+    display_name="Flux KV Cache",
+    inputs=[Input("model", T.MODEL, tooltip="The model to use KV Cache on.")],
+    outputs=[Output("MODEL", T.MODEL, tooltip="The patched model with KV Cache enabled.")],
+)
+def flux_kv_cache(ctx, model):
+    """The model with its reference images' keys and values computed at the first network call of
+    each run and reused after (nodes.families.reference_kv): FLUX.2 [klein] KV's edit, faster by
+    the references' share of the tokens. The handle given samples as before."""
+    import dataclasses
+
+    from nodes.families.flux2 import FAMILY
+    from nodes.handles import ModelHandle
+
+    if not isinstance(model, ModelHandle):
+        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+    if model.family is not FAMILY:
+        raise NodeError(f"FluxKVCache caches FLUX.2 [klein] reference images (diffusers' Flux2 KV path); this "
+                        f"model is {model.family.name}", "model")
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, reference_kv=True)),)

@@ -69,6 +69,9 @@ class SamplingPatches:
     #: DiffSynth's blockwise ControlNets on the model (QwenImageDiffsynthControlnet on Qwen-Image: a ControlLink
     #: chain), hooked after the transformer's blocks while sampling runs (nodes.control.blockwise); None: none.
     blockwise: Any = None
+    #: FluxKVCache: FLUX.2 reference images' keys and values computed once per run
+    #: (nodes.families.reference_kv); False: every call runs them.
+    reference_kv: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families import flux, flux_references
+from nodes.families import flux, flux_references, reference_kv
 from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
 
@@ -93,18 +93,21 @@ class Flux2Network(WrappedTransformer):
         check_text_width("FLUX.2", encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with its Qwen3: CLIPLoader type flux2")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
-        tokens, ids = tokens_of(x), position_ids(h, w, 0, self.device, self.dtype)
+        tokens, ids = tokens_of(x).to(self.dtype), position_ids(h, w, 0, self.device, self.dtype)
+        common = dict(timestep=time.to(self.dtype), guidance=None,
+                      encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+                      txt_ids=text_ids(encoder_hidden_states.shape[1], self.device, self.dtype), **kwargs)
         if reference_latents is not None:
-            refs = [tokens]
-            all_ids = [ids]
-            for k, ref in enumerate(reference_latents.latents):
-                refs.append(tokens_of(ref.to(self.dtype)))
-                all_ids.append(position_ids(ref.shape[-2], ref.shape[-1], REF_TIME * (k + 1), self.device, self.dtype))
-            tokens, ids = torch.cat(refs, dim=1), torch.cat(all_ids)
-        out = self.transformer(hidden_states=tokens.to(self.dtype), timestep=time.to(self.dtype), guidance=None,
-                               encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                               txt_ids=text_ids(encoder_hidden_states.shape[1], self.device, self.dtype),
-                               img_ids=ids, return_dict=False, **kwargs)[0]
+            ref_tokens = torch.cat([tokens_of(ref.to(self.dtype)) for ref in reference_latents.latents], dim=1)
+            ref_ids = torch.cat([position_ids(ref.shape[-2], ref.shape[-1], REF_TIME * (k + 1), self.device, self.dtype)
+                                 for k, ref in enumerate(reference_latents.latents)])
+            cache = reference_kv.run_cache(self.transformer)
+            if cache is not None:  # FluxKVCache: the references' keys and values computed once per run
+                out = reference_kv.call(self.transformer, cache, reference_latents, tokens, ids, ref_tokens, ref_ids,
+                                        **common)
+                return (out.permute(0, 2, 1).reshape(b, -1, h, w),)
+            tokens, ids = torch.cat([tokens, ref_tokens], dim=1), torch.cat([ids, ref_ids])
+        out = self.transformer(hidden_states=tokens, img_ids=ids, return_dict=False, **common)[0]
         return (out[:, :h * w].permute(0, 2, 1).reshape(b, -1, h, w),)
 
 

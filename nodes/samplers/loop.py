@@ -53,7 +53,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
-    from nodes.families import hypertile, tome
+    from nodes.families import hypertile, reference_kv, tome
     from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
@@ -90,7 +90,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             deep_shrink_applied(network, patches.deep_shrink, schedule), \
             hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)), \
             tome.applied(network, patches.tome, _tile_generator(patches, generators, x)), \
-            blockwise.applied(network, patches.blockwise, family, tuple(x.shape)):
+            blockwise.applied(network, patches.blockwise, family, tuple(x.shape)), \
+            reference_kv.applied(network, patches.reference_kv):
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
