@@ -11,7 +11,8 @@
 #    against diffusers' img2img pipeline, batch 1/2/4 in one job and 1/2/4 queued jobs, each
 #    with its largest pixel difference from the single eager run;
 # 3. issue 10's: the released 12 B FLUX transformer with random weights, bf16 and fp8 storage,
-#    peak memory and seconds per step at 1024 px; then block offload against whole.
+#    peak memory and seconds per step at 1024 px; then block offload against whole;
+# 4. FluxKVCache's saving on FLUX.2 [klein] 4B at full depth, one 1024 px reference.
 set -u
 budget=${1:-570}
 deadline=$(( $(date +%s) + budget ))
@@ -49,4 +50,5 @@ step sd15-perf 260 python3 bench/perf_suite.py --device cuda --size full --px 51
   --compile off,on --batches 1,2,4 --queued 1,2,4 --no-startup
 step flux-full 120 python3 bench/flux_memory.py --full-size --device cuda
 step flux-offload 120 python3 bench/flux_memory.py --full-size --device cuda --offload both --storage fp8
+step flux2-kv 60 python3 bench/flux2_kv_cache.py --full-size --device cuda --size 1024 --rounds 3
 cat "$summary"
