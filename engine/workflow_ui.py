@@ -389,7 +389,7 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
     if spec is None:
         return {}, {}
     if isinstance(named, dict) and named:
-        widgets = [i for i in spec.comfy_input_order() if i.type in T.WIDGET_TYPES]  # sub-inputs too
+        widgets = [i for i in spec.comfy_input_order() if i.widget]  # sub-inputs too
         inputs = {i.name: _wrap(named[i.name]) for i in widgets if i.name in named}
         mode = named.get("control_after_generate")
         seeds = [i.name for i in spec.widget_order() if i.control_after_generate and i.name in named]
