@@ -52,14 +52,9 @@ def qwen25_model():
 
 def qwen25_file_state() -> dict:
     """The model under ComfyUI's qwen_2.5_vl_7b keys: ``model.*``, ``visual.*``, ``lm_head.weight``."""
-    out = {}
-    for k, v in qwen25_model().state_dict().items():
-        if k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-        elif k.startswith("model.visual."):
-            k = k[len("model."):]
-        out[k] = v.contiguous()
-    return out
+    import tiny_qwen_image
+
+    return tiny_qwen_image.comfy_text_state(qwen25_model())
 
 
 @pytest.fixture(scope="module")
