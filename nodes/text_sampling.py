@@ -68,14 +68,14 @@ def choose(scores: Any, settings: Sampling, seen: Any, generator: Any) -> int:
     return int(index[drawn]) if index is not None else drawn
 
 
-def head_scores(hidden: Any, head: Any, embedding: Any) -> Any:
-    """float32 next-token scores [vocab] of one hidden state [width]: the file's head, else the tied
-    token embedding (its weight used as the head's, in the hidden state's dtype)."""
+def head_scores(hidden: Any, head: Any, tied: Any) -> Any:
+    """float32 next-token scores [vocab] of one hidden state [width]: the file's ``head``, else the
+    ``tied`` weight (the token embedding's, in the hidden state's dtype)."""
     import torch
 
     if head is not None:
         return head(hidden.to(head.weight.dtype)).float()
-    return torch.nn.functional.linear(hidden, embedding.weight.to(hidden.dtype)).float()
+    return torch.nn.functional.linear(hidden, tied).float()
 
 
 def generate(decoder: Any, head: Any, prompt: list[int], max_length: int, stops: frozenset[int],
@@ -96,12 +96,15 @@ def generate(decoder: Any, head: Any, prompt: list[int], max_length: int, stops:
         seen[torch.tensor(prompt, device=device)] = True
     out: list[int] = []
     ids = torch.tensor([prompt], device=device)
-    cache = None
+    cache = tied = None
     with torch.inference_mode():
         for step in range(max_length):
             result = decoder(input_ids=ids, past_key_values=cache, use_cache=True)
             cache = result.past_key_values
-            scores = head_scores(result.last_hidden_state[0, -1], head, embedding)
+            hidden = result.last_hidden_state[0, -1]
+            if head is None and tied is None:  # cast once (an fp8 embedding), not per token
+                tied = embedding.weight.to(hidden.dtype)
+            scores = head_scores(hidden, head, tied)
             token = int(torch.argmax(scores)) if settings is None else choose(scores, settings, seen, generator)
             out.append(token)
             if progress is not None:
