@@ -7,8 +7,9 @@ their templates: nodes.text_lm; the decoding loop: nodes.text_sampling. Greedy o
 equals transformers' ``generate(do_sample=False)``; sampled output ("on") is reproducible for a
 seed but is not the text ComfyUI samples for that seed (a different generator draws it).
 
-Inputs Kiln takes but cannot use yet are refused by name rather than ignored: pictures, video
-and audio (no TextGenerate encoder Kiln loads reads them). ``mtp`` (speculative decoding with a
+Inputs Kiln takes but cannot use are refused by name rather than ignored: video and audio, and
+pictures for an encoder without a vision tower; a Qwen2.5-VL loaded with its tower (Qwen-Image's
+file) reads pictures (nodes.text_vision). ``mtp`` (speculative decoding with a
 multi-token-prediction head) is accepted for ComfyUI's files and changes nothing, as in ComfyUI
 for models without MTP weights. Templates saved by an older ComfyUI link a single ``image``
 socket; newer ones grow ``images.image_0``...; both are declared.
@@ -95,11 +96,14 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
         spec, lm = language_model(clip.family)
     except NotALanguageModel as exc:
         raise NodeError(f"TextGenerate: {exc}", input_name="clip") from None
-    media = [("image", image), *((i.name, options.get(i.name)) for i in IMAGES.inputs(T.IMAGE)),
-             ("video", video), ("audio", audio)]
-    for name, value in media:
+    for name, value in (("video", video), ("audio", audio)):
         if value is not None:
-            raise NodeError(_no_media(clip, spec.module, lm.name, name), input_name=name)
+            raise NodeError(f"this {lm.name} text encoder cannot read {name} in Kiln: leave {name} unconnected",
+                            input_name=name)
+    pictures = _pictures(image, options)
+    if pictures and not lm.reads_pictures(clip.peek(spec.module)):
+        raise NodeError(f"this {lm.name} text encoder has no vision part (its file holds no vision tower): it "
+                        f"cannot read images; leave {pictures[0][0]} unconnected", input_name=pictures[0][0])
     if not isinstance(prompt, str):
         raise NodeError("must be a string", input_name="prompt")
     if sampling_mode not in MODES:
@@ -107,16 +111,24 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
     settings = _settings(options) if sampling_mode == "on" else None
     _notes(ctx, lm, thinking, use_default_template, mtp, system_prompt)
     tokenizer = clip.tokenizers[spec.tokenizer]
-    text = templated(lm, prompt, system_prompt or "", bool(thinking), bool(use_default_template))
-    ids = prompt_ids(tokenizer, text)
+    try:
+        text = templated(lm, prompt, system_prompt or "", bool(thinking), bool(use_default_template), len(pictures))
+    except ValueError as exc:  # more picture slots in a raw prompt than pictures
+        raise NodeError(str(exc), input_name="prompt") from None
     try:
         with clip.encoder(spec.module) as encoder, clip.lm_head(spec.module) as head:
-            decoder = lm.decoder(encoder)
-            vocab = (head if head is not None else decoder.embed_tokens).weight.shape[0]
+            extra: dict[str, Any] = {}
+            if pictures:
+                built = lm.pictures(encoder, tokenizer, text, [p for _, p in pictures])
+                decoder, ids, extra = encoder, built.ids, {"prefill": built.prefill, "position": built.position}
+            else:
+                decoder, ids = lm.decoder(encoder), prompt_ids(tokenizer, text)
+            vocab = (head if head is not None else decoder.get_input_embeddings()).weight.shape[0]
             if max(ids) >= vocab:
                 raise NodeError(f"the prompt holds token id {max(ids)}, but this {lm.name} has a vocabulary of "
                                 f"{vocab}: the tokenizer and the model do not match", input_name="clip")
-            tokens = generate(decoder, head, ids, int(max_length), stop_ids(tokenizer, lm), settings, ctx.progress)
+            tokens = generate(decoder, head, ids, int(max_length), stop_ids(tokenizer, lm), settings, ctx.progress,
+                              **extra)
     except CheckpointError as exc:
         raise NodeError(str(exc), input_name="clip") from None
     ended = tokens[-1] in stop_ids(tokenizer, lm) if tokens else False
@@ -125,14 +137,18 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
     return split_thinking(decode(tokenizer, tokens), prompt)
 
 
-def _no_media(clip: ClipHandle, module: str, name: str, socket: str) -> str:
-    what = {"video": "video", "audio": "audio"}.get(socket, "images")
-    if what == "audio":
-        return f"this {name} text encoder cannot hear: it has no audio part"
-    if getattr(clip.peek(module), "visual", None) is not None:
-        return (f"this {name} has a vision tower, but Kiln's TextGenerate reads text only so far: "
-                f"leave {socket} unconnected")
-    return f"this {name} text encoder has no vision part: it cannot read {what}; leave {socket} unconnected"
+def _pictures(image: Any, options: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(socket, picture [1, H, W, C]) for every picture linked in, in order: the legacy ``image`` socket,
+    then ``images.image_0``...; each item of an image batch is a picture of its own (ComfyUI's rule)."""
+    found = []
+    for name in ("image", *(i.name for i in IMAGES.inputs(T.IMAGE))):
+        batch = image if name == "image" else options.get(name)
+        if batch is None:
+            continue
+        if getattr(batch, "ndim", 0) != 4:
+            raise NodeError(f"expected an IMAGE [B,H,W,C], got {type(batch).__name__}", input_name=name)
+        found += [(name, batch[i:i + 1]) for i in range(batch.shape[0])]
+    return found
 
 
 def _settings(options: dict[str, Any]) -> Any:

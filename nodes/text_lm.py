@@ -70,12 +70,24 @@ class LanguageModel:
     stops: tuple[str, ...] = (ENDOFTEXT, IM_END)
     #: whether ``thinking`` means anything to it (said in a node message when not)
     reasons: bool = False
+    #: ``pictures(module, tokenizer, text, pictures) -> nodes.text_vision.PicturePrompt`` for a module
+    #: with a vision tower (``visual``); None: this kind reads no pictures.
+    pictures: Callable[[Any, Any, str, list], Any] | None = None
+
+    def reads_pictures(self, module: Any) -> bool:
+        return self.pictures is not None and getattr(module, "visual", None) is not None
+
+
+def qwen25_pictures(module: Any, tokenizer: Any, text: str, pictures: list) -> Any:
+    from nodes.text_vision import qwen25_pictures as build
+
+    return build(module, tokenizer, text, pictures)
 
 
 #: encoder kind (nodes.checkpoint.split) -> how it writes text.
 KINDS: dict[str, LanguageModel] = {
     "qwen3": LanguageModel("Qwen3", qwen3_chat, reasons=True),
-    "qwen2.5-vl": LanguageModel("Qwen2.5-VL", qwen25_chat, nested_decoder),
+    "qwen2.5-vl": LanguageModel("Qwen2.5-VL", qwen25_chat, nested_decoder, pictures=qwen25_pictures),
 }
 
 
@@ -94,13 +106,17 @@ def language_model(family: Any) -> tuple[Any, LanguageModel]:
     return lms[0]
 
 
-def templated(lm: LanguageModel, prompt: str, system_prompt: str, thinking: bool, use_template: bool) -> str:
+def templated(lm: LanguageModel, prompt: str, system_prompt: str, thinking: bool, use_template: bool,
+              pictures: int = 0) -> str:
     """The text the model continues, as ComfyUI builds it: a prompt already in ChatML (it starts with
     ``<|im_start|>``) or ``use_template`` off is taken as written, and the system prompt only goes
-    into the default template."""
+    into the default template. ``pictures``: that many picture blocks before the text in the user turn
+    (in a raw prompt: those it lacks; nodes.text_vision)."""
+    from nodes.text_vision import BLOCK, with_blocks
+
     if not use_template or prompt.startswith(IM_START):
-        return prompt
-    return lm.chat(prompt, system_prompt, thinking)
+        return with_blocks(prompt, pictures) if pictures else prompt
+    return lm.chat(BLOCK * pictures + prompt, system_prompt, thinking)
 
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:

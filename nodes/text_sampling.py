@@ -79,13 +79,16 @@ def head_scores(hidden: Any, head: Any, tied: Any) -> Any:
 
 
 def generate(decoder: Any, head: Any, prompt: list[int], max_length: int, stops: frozenset[int],
-             settings: Sampling | None, progress: Callable[[int, int], None] | None = None) -> list[int]:
+             settings: Sampling | None, progress: Callable[[int, int], None] | None = None,
+             prefill: dict[str, Any] | None = None, position: Callable[[int], Any] | None = None) -> list[int]:
     """Up to ``max_length`` new token ids after ``prompt`` (the stop token that ended it included, as
     ComfyUI counts it); ``settings`` None is greedy. ``progress(step, max_length)`` is called after each
-    token (the node's interruption point)."""
+    token (the node's interruption point). ``prefill``: extra arguments of the first pass (a prompt's
+    pictures, nodes.text_vision); ``position(index)``: the position ids of the token at ``index``
+    where the decoder cannot count them itself."""
     import torch
 
-    embedding = decoder.embed_tokens
+    embedding = decoder.get_input_embeddings()
     device = embedding.weight.device
     generator = None
     seen = None
@@ -99,7 +102,11 @@ def generate(decoder: Any, head: Any, prompt: list[int], max_length: int, stops:
     cache = tied = None
     with torch.inference_mode():
         for step in range(max_length):
-            result = decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            if step == 0:
+                extra = dict(prefill or {})
+            else:
+                extra = {} if position is None else {"position_ids": position(len(prompt) + step - 1)}
+            result = decoder(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
             cache = result.past_key_values
             hidden = result.last_hidden_state[0, -1]
             if head is None and tied is None:  # cast once (an fp8 embedding), not per token

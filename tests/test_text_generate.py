@@ -264,17 +264,66 @@ def test_pictures_into_an_encoder_without_vision_are_refused_by_name(registry, e
     with pytest.raises(NodeError) as err:
         node(registry, env, clip=clip, prompt="x", max_length=4, sampling_mode="off",
              **{socket: torch.zeros(1, 8, 8, 3)})
-    assert err.value.input_name == socket and "no vision part" in str(err.value)
+    assert err.value.input_name == socket
+    assert ("cannot read video" if socket == "video" else "no vision part") in str(err.value)
 
 
-def test_pictures_and_audio_into_qwen25_vl_are_refused_by_name(registry, env):
+def test_audio_and_video_into_qwen25_vl_are_refused_by_name(registry, env):
     clip = load(registry, env, QWEN25, "qwen_image")
-    with pytest.raises(NodeError) as err:
-        node(registry, env, clip=clip, prompt="x", max_length=4, sampling_mode="off", image=torch.zeros(1, 8, 8, 3))
-    assert err.value.input_name == "image" and "vision tower" in str(err.value)
-    with pytest.raises(NodeError) as err:
-        node(registry, env, clip=clip, prompt="x", max_length=4, sampling_mode="off", audio={"waveform": None})
-    assert err.value.input_name == "audio"
+    for socket, value in (("audio", {"waveform": None}), ("video", torch.zeros(2, 8, 8, 3))):
+        with pytest.raises(NodeError) as err:
+            node(registry, env, clip=clip, prompt="x", max_length=4, sampling_mode="off", **{socket: value})
+        assert err.value.input_name == socket and f"cannot read {socket}" in str(err.value)
+
+
+def _picture(seed: int) -> torch.Tensor:
+    return torch.rand(1, 56, 56, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_with_picture(picture: torch.Tensor, count: int) -> list[int]:
+    """transformers' Qwen2.5-VL generate on one picture: the processor's pixels at the release's bounds,
+    one <|image_pad|> per merged 2x2 patch, the 3-D positions its generate computes."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    pil = Image.fromarray((picture[0].numpy() * 255).round().astype(np.uint8), "RGB")
+    got = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056})(images=[pil],
+                                                                                           return_tensors="pt")
+    pads = int(got["image_grid_thw"][0].prod()) // 4
+    text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * pads + "<|vision_end|>A red fox<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    ids = torch.tensor([qwen_tokenizer("2.5")(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        out = qwen25_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      pixel_values=got["pixel_values"], image_grid_thw=got["image_grid_thw"],
+                                      mm_token_type_ids=(ids == 151655).int(), do_sample=False,
+                                      max_new_tokens=count, eos_token_id=STOPS, pad_token_id=ENDOFTEXT)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_qwen25_vl_reads_a_picture_as_transformers_generate_does(registry, env):
+    clip = load(registry, env, QWEN25, "qwen_image")
+    expected = reference_with_picture(_picture(1), 12)
+    text, _ = node(registry, env, clip=clip, prompt="A red fox", max_length=12, sampling_mode="off",
+                   image=_picture(1))
+    assert text == qwen_tokenizer("2.5").decode([i for i in expected if i < ENDOFTEXT]).strip() and text
+    other, _ = node(registry, env, clip=clip, prompt="A red fox", max_length=12, sampling_mode="off",
+                    **{"images.image_0": _picture(2)})
+    blind, _ = node(registry, env, clip=clip, prompt="A red fox", max_length=12, sampling_mode="off")
+    assert len({text, other, blind}) == 3  # the picture is read, and which picture matters
+
+
+def test_a_raw_prompt_gets_the_picture_blocks_it_lacks():
+    from nodes.text_vision import with_blocks
+
+    user = "<|im_start|>user\nfox<|im_end|>"
+    block = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert with_blocks(user, 2) == f"<|im_start|>user\n{block}{block}fox<|im_end|>"
+    assert with_blocks(f"a {block} b", 2) == f"a {block}{block} b"
+    assert with_blocks("fox", 1) == block + "fox"
+    with pytest.raises(ValueError):
+        with_blocks(block * 2, 1)
 
 
 def test_mtp_is_accepted_and_changes_nothing(registry, env):
