@@ -112,7 +112,8 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
     _notes(ctx, lm, thinking, use_default_template, mtp, system_prompt)
     tokenizer = clip.tokenizers[spec.tokenizer]
     try:
-        text = templated(lm, prompt, system_prompt or "", bool(thinking), bool(use_default_template), len(pictures))
+        text = templated(lm, prompt, system_prompt or "", bool(thinking), bool(use_default_template),
+                         len(pictures))
     except ValueError as exc:  # more picture slots in a raw prompt than pictures
         raise NodeError(str(exc), input_name="prompt") from None
     try:
@@ -169,7 +170,7 @@ def _settings(options: dict[str, Any]) -> Any:
 
 def _notes(ctx, lm: Any, thinking: Any, use_template: Any, mtp: Any, system_prompt: Any) -> None:
     """Node messages for settings that change nothing here, so nobody waits for an effect."""
-    if mtp not in ("off", None):
+    if mtp not in ("off", "auto", None):  # "auto" is the default: say it only where a depth was pinned
         ctx.message(f"mtp {mtp}: no effect, this {lm.name} has no multi-token-prediction weights")
     if thinking and not lm.reasons:
         ctx.message(f"thinking: {lm.name} has no reasoning mode; the setting changes nothing")

@@ -15,8 +15,9 @@ nodes.text_sampling) is shared:
 * where the decoder sits in the loaded module (Qwen2.5-VL with its vision tower nests it).
 
 The output head: a file's own ``lm_head.weight`` where it has one (nodes.checkpoint.lm_head),
-else the token embedding, which Qwen3-4B ties to its head (ComfyUI does the same for the encoders
-whose files carry no head).
+else the token embedding, which Qwen3-4B ties to its head. (ComfyUI uses the embedding for every
+Qwen3-4B and Qwen2.5-VL, even where the file has a head: Qwen2.5-VL-7B does not tie them, so on
+such a file Kiln's scores are the model's own and ComfyUI's are not.)
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def templated(lm: LanguageModel, prompt: str, system_prompt: str, thinking: bool
     from nodes.text_vision import BLOCK, with_blocks
 
     if not use_template or prompt.startswith(IM_START):
-        return with_blocks(prompt, pictures) if pictures else prompt
+        return with_blocks(prompt, pictures)
     return lm.chat(BLOCK * pictures + prompt, system_prompt, thinking)
 
 

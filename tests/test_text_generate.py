@@ -227,7 +227,8 @@ def test_a_raw_prompt_ending_in_think_makes_the_output_reasoning(registry, env):
                            use_default_template=False)
     ids = qwen_tokenizer("3")(raw, add_special_tokens=False).input_ids
     expected = readable(reference_tokens(QWEN3, ids, 8))
-    assert expected and "</think>" not in expected and (text, reasoning) == ("", expected.replace("<think>", "", 1).strip())
+    assert expected and "</think>" not in expected
+    assert (text, reasoning) == ("", expected.replace("<think>", "", 1).strip())
 
 
 def test_system_prompt_is_used_only_with_the_default_template(registry, env):
@@ -322,8 +323,9 @@ def test_a_raw_prompt_gets_the_picture_blocks_it_lacks():
     assert with_blocks(user, 2) == f"<|im_start|>user\n{block}{block}fox<|im_end|>"
     assert with_blocks(f"a {block} b", 2) == f"a {block}{block} b"
     assert with_blocks("fox", 1) == block + "fox"
-    with pytest.raises(ValueError):
-        with_blocks(block * 2, 1)
+    for slots, count in ((2, 1), (1, 0)):  # more slots than pictures: ComfyUI refuses it too
+        with pytest.raises(ValueError):
+            with_blocks(block * slots, count)
 
 
 def test_mtp_is_accepted_and_changes_nothing(registry, env):
@@ -391,7 +393,8 @@ def test_savetext_writes_the_file_and_passes_the_text_on(registry, env):
     assert (env.paths.output.root / "notes" / "fox_00001_.txt").read_text(encoding="utf-8") == "A red fox."
     call(registry.get("SaveText"), env, record, text='{"a": [1, 2]}', filename_prefix="fox", format="json")
     assert record.ui["files"][0]["filename"] == "fox_00001_.json"
-    assert (env.paths.output.root / "fox_00001_.json").read_text(encoding="utf-8") == '{\n  "a": [\n    1,\n    2\n  ]\n}'
+    written = (env.paths.output.root / "fox_00001_.json").read_text(encoding="utf-8")
+    assert written == '{\n  "a": [\n    1,\n    2\n  ]\n}'
 
 
 def test_savetext_refuses_a_prefix_that_leaves_the_output_folder(registry, env):
