@@ -413,3 +413,17 @@ def test_savetext_editor_widgets_skip_the_linked_text():
     spec = default_registry().get("SaveText")
     assert widget_inputs(["Text/Gemini", "txt"], spec)[0] == {"filename_prefix": "Text/Gemini", "format": "txt"}
     assert spec.object_info()["input"]["required"]["text"] == ["STRING", {"forceInput": True}]
+
+
+def test_an_fp8_head_is_widened_times_its_scale(tmp_path):
+    from nodes.checkpoint.lm_head import build_head
+
+    weight = torch.randn(8, 4)
+    scale = torch.tensor([0.5])
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    save_file({"lm_head.weight": stored, "lm_head.scale_weight": scale, "model.norm.weight": torch.ones(4)},
+              str(tmp_path / "head.safetensors"))
+    head = build_head(tmp_path / "head.safetensors", torch.float32)
+    assert head.weight.dtype == torch.float32 and head.weight.shape == (8, 4)
+    assert torch.equal(head.weight, stored.float() * 0.5)
+    assert (head.weight - weight).abs().max() < 0.1 * weight.abs().max()  # fp8 rounding, not a wrong scale
