@@ -76,7 +76,7 @@ def apply_modes(workflow: Workflow, registry: Registry) -> Workflow:
             return []
         # The node's sockets as ComfyUI numbers them: link-only inputs, and widgets fed by a link.
         return [(i.name, i.type) for i in spec.inputs
-                if i.type not in T.WIDGET_TYPES or isinstance(node.inputs.get(i.name), Link)]
+                if not i.widget or isinstance(node.inputs.get(i.name), Link)]
 
     def follow(link: Link, wanted: str, depth: int = 0) -> Link | None:
         mode = modes.get(link.node_id)

@@ -125,10 +125,18 @@ class Input:
     #: into it, and laid out after every input ComfyUI knows (an editor file carries it last).
     #: It must be optional; ComfyUI-format workflows get its ``comfy_default``.
     comfy_hidden: bool = False
+    #: A value of a widget type that only a link gives (ComfyUI's ``force_input``: SaveText's
+    #: ``text``): a socket, never a widget, so an editor file's ``widgets_values`` hold no slot for it.
+    force_input: bool = False
 
     def __post_init__(self) -> None:
         if self.choices is not None and self.type != T.COMBO:
             object.__setattr__(self, "type", T.COMBO)
+
+    @property
+    def widget(self) -> bool:
+        """Whether the editor shows a widget for it (a value type, not forced to a socket)."""
+        return self.type in T.WIDGET_TYPES and not self.force_input
 
     @property
     def required(self) -> bool:
@@ -158,6 +166,8 @@ class Input:
             opts["tooltip"] = self.tooltip
         if self.lazy:
             opts["lazy"] = True
+        if self.force_input:
+            opts["forceInput"] = True
         opts.update(self.extra)
         return opts
 
@@ -302,11 +312,11 @@ class NodeSpec:
 
     def widget_order(self) -> list[Input]:
         """The widget inputs in the order an editor file's ``widgets_values`` lists them, without
-        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`) and
-        growing sockets (links, as ComfyUI makes them)."""
+        the sub-inputs of dynamic combos (which follow their combo: :meth:`option_widgets`), growing
+        sockets (links, as ComfyUI makes them) and values forced to a socket (:attr:`Input.force_input`)."""
         subs = self.option_input_names()
         return [i for i in self.comfy_input_order()
-                if i.type in T.WIDGET_TYPES and i.name not in subs and i.grow is None]
+                if i.widget and i.name not in subs and i.grow is None]
 
     def option_input_names(self) -> set[str]:
         """The names of every dynamic combo's sub-inputs (``resize_type.width``, ...)."""
@@ -317,7 +327,7 @@ class NodeSpec:
         file lists right after the combo's value (ComfyUI's DynamicCombo)."""
         names = (combo.dynamic or {}).get(choice, ()) if isinstance(choice, str) else ()
         found = [self.input(f"{combo.name}.{sub}") for sub in names]
-        return [i for i in found if i is not None and i.type in T.WIDGET_TYPES]
+        return [i for i in found if i is not None and i.widget]
 
     def signature_mismatches(self) -> list[str]:
         """Differences between the function's parameters and the declared inputs.
@@ -356,7 +366,7 @@ class NodeSpec:
                 entry["choices"] = i.choice_list(env)
                 if i.open_choices:
                     entry["open_choices"] = True
-            entry["widget"] = i.type in T.WIDGET_TYPES
+            entry["widget"] = i.widget
             if i.dynamic:
                 entry["dynamic"] = {choice: [f"{i.name}.{sub}" for sub in subs] for choice, subs in i.dynamic.items()}
             inputs.append(entry)

@@ -90,7 +90,7 @@ def to_comfy_ui(workflow: Workflow, registry: Any, env: Any = None) -> dict[str,
         declared = _ordered_inputs(spec, node) if spec is not None else []
         for inp in declared:
             raw = node.inputs.get(inp.name)
-            widget = inp.type in T.WIDGET_TYPES
+            widget = inp.widget
             if widget:
                 if raw is None or isinstance(raw, Link):  # not set, or fed by a link: the widget shows the default
                     raw_value = None if inp.default is NO_DEFAULT else inp.default

@@ -261,6 +261,29 @@ class _Converter:
             value = _promoted_value(scope.instance, inst_input)
             if value is not _MISSING:
                 return ("value", value)
+        if wanted == T.ANY or wanted in T.WIDGET_TYPES:  # a socket that may hold a value (PreviewAny's)
+            return self._inner_widget_value(scope, slot)
+        return None
+
+    def _inner_widget_value(self, scope: _Scope, slot: int) -> _Resolved:
+        """The subgraph's input ``slot`` where the instance neither links nor stores it (newer files
+        promote widgets through ``proxyWidgets``, without an instance slot for each): the frontend
+        gives every target the value of the inner widget that input feeds, so a socket beside the
+        widget (ERNIE's PreviewAny showing the height) gets that value too. None when no widget is fed."""
+        for link in scope.graph.links.values():
+            if link.origin_id != str(SUBGRAPH_INPUT_NODE) or link.origin_slot != slot:
+                continue
+            node = scope.graph.nodes.get(link.target_id) or {}
+            slots = node.get("inputs") or []
+            target = slots[link.target_slot] if 0 <= link.target_slot < len(slots) else None
+            if not isinstance(target, dict) or not isinstance(target.get("widget"), dict):
+                continue
+            kind = node.get("type")
+            spec = self.registry.get(kind) if isinstance(kind, str) else None
+            values, _ = widget_inputs(node.get("widgets_values"), spec, node.get("widgets_values_named"))
+            value = values.get(str(target["widget"].get("name") or target.get("name")), _MISSING)
+            if value is not _MISSING and not isinstance(value, (list, dict)):
+                return ("value", value)
         return None
 
     def _resolve_output(self, scope: _Scope, node: Mapping[str, Any], slot: int, wanted: str,
@@ -389,7 +412,7 @@ def widget_inputs(values: Any, spec: Any, named: Any = None) -> tuple[dict[str, 
     if spec is None:
         return {}, {}
     if isinstance(named, dict) and named:
-        widgets = [i for i in spec.comfy_input_order() if i.type in T.WIDGET_TYPES]  # sub-inputs too
+        widgets = [i for i in spec.comfy_input_order() if i.widget]  # sub-inputs too
         inputs = {i.name: _wrap(named[i.name]) for i in widgets if i.name in named}
         mode = named.get("control_after_generate")
         seeds = [i.name for i in spec.widget_order() if i.control_after_generate and i.name in named]

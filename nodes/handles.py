@@ -179,10 +179,23 @@ class ClipHandle:
     #: module name -> that encoder wherever it is, to read its names and shapes.
     _peek: Callable[[str], Any] | None = None
     t5_padding: tuple[int, int] | None = None
+    #: module name -> context manager yielding the file's own output head (``lm_head``) on the device,
+    #: or None where the file has none (TextGenerate then uses the tied token embedding: nodes.text_lm).
+    _use_head: Callable[[str], contextlib.AbstractContextManager] | None = None
 
     def peek(self, module: str) -> "torch.nn.Module":
         assert self._peek is not None, "clip handle has no loader"
         return self._peek(module)
+
+    @contextlib.contextmanager
+    def lm_head(self, module: str) -> Iterator["torch.nn.Module | None"]:
+        """The causal-LM output head stored beside encoder ``module`` in its file, on the device while
+        in use; None when the file holds none (or the CLIP came from a loader that does not look)."""
+        if self._use_head is None:
+            yield None
+            return
+        with self._use_head(module) as head:
+            yield head
 
     @contextlib.contextmanager
     def encoder(self, module: str) -> Iterator["torch.nn.Module"]:

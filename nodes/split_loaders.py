@@ -8,7 +8,9 @@ sample, take LoRAs and cache exactly like a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,14 @@ def _families_types(count: int) -> list[str]:
 
     return sorted({t for f in families.ALL for t in f.clip_types if len(f.text_encoders) == count
                    or (getattr(f, "partial_text", False) and count < len(f.text_encoders))})
+
+
+def _clip_loader_types() -> list[str]:
+    """The single-encoder families' types, and the ComfyUI types under which the file alone decides
+    (nodes.checkpoint.split.BY_FILE_TYPES)."""
+    from nodes.checkpoint.split import BY_FILE_TYPES
+
+    return sorted(set(_families_types(1)) | set(BY_FILE_TYPES))
 
 
 def _unets(env: Any) -> list[str]:
@@ -110,7 +120,24 @@ def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:
     ctx.message(f"{' + '.join(n for _, n in names)}: {loaded.family.name} text encoders, on {manager.device}")
     return ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
                       _use=lambda which: manager.use(key, which, loader), name="+".join(n for _, n in names),
-                      _peek=functools.partial(peek_module, manager, key, loader))
+                      _peek=functools.partial(peek_module, manager, key, loader),
+                      _use_head=functools.partial(_use_head, manager, key, paths, loaded.family))
+
+
+@contextlib.contextmanager
+def _use_head(manager: ModelManager, key: tuple, paths: list[Path], family: Any, module: str) -> Iterator[Any]:
+    """Encoder ``module``'s output head from its file, held by the manager as ``<module>.lm_head`` under
+    its own key (loaded on first use, never with the encoder); None when the file has none."""
+    from nodes.checkpoint.lm_head import build_head, file_with_head
+
+    kind = next(spec.kind for spec in family.text_encoders if spec.module == module)
+    path = file_with_head(paths, kind)
+    if path is None:
+        yield None
+        return
+    name = f"{module}.lm_head"
+    with manager.use((*key, name), name, lambda m: {name: build_head(path, m.dtype)}) as head:
+        yield head
 
 
 @define_node(
@@ -121,7 +148,7 @@ def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:
         Input("clip_name", T.COMBO, choices=_texts,
               tooltip="A text encoder file in models/text_encoders or models/clip (transformers or OpenCLIP "
                       "layout)."),
-        Input("type", T.COMBO, default="stable_diffusion", choices=lambda env: _families_types(1),
+        Input("type", T.COMBO, default="stable_diffusion", choices=lambda env: _clip_loader_types(),
               tooltip="Which model the encoder is for: stable_diffusion is SD 1.x (CLIP-L) or SD 2.x "
                       "(OpenCLIP ViT-H), told apart by the file."),
         Input("device", T.COMBO, default="default", choices=["default", "cpu"], optional=True),

@@ -319,3 +319,24 @@ def test_an_upload_button_s_value_is_skipped_wherever_the_frontend_put_it(values
     doc = {"nodes": [{"id": 1, "type": "LoadImageMask", "widgets_values": values, "inputs": [], "outputs": [],
                       "mode": 0}], "links": []}
     assert parse_document(doc, default_registry()).nodes["1"].inputs == expected
+
+
+def test_a_subgraph_input_without_an_instance_slot_gives_sockets_its_inner_widgets_value():
+    """ComfyUI's ERNIE template promotes the subgraph's width and height through ``proxyWidgets`` (no
+    instance slot for them); its PreviewAny nodes show those inputs. Each gets the value of the inner
+    widget the same input feeds (EmptyFlux2LatentImage's), as the frontend gives it; a typed socket
+    (not a widget type, not ANY) is left to its link as before."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    from engine.formats import parse_document
+    from engine.registry import default_registry
+
+    folder = Path(importlib.import_module("comfyui_workflow_templates_json").__file__).parent / "templates"
+    doc = json.loads((folder / "image_ernie_image.json").read_text(encoding="utf-8"))
+    nodes = parse_document(doc, default_registry()).nodes
+    latent = nodes["88:71"].inputs
+    assert (nodes["88:92"].inputs["source"], nodes["88:93"].inputs["source"]) == (latent["width"], latent["height"])
+    doc = json.loads((folder / "video_wan21_scail2_character_replacement.json").read_text(encoding="utf-8"))
+    assert "values.c" not in parse_document(doc, default_registry()).nodes["213:184"].inputs

@@ -82,11 +82,13 @@ def pipeline(cls: Any = None) -> Any:
     return quiet_pipeline(cls or "QwenImagePipeline", components())
 
 
-def comfy_text_state() -> dict:
-    """The text encoder as ComfyUI's qwen_2.5_vl_7b*.safetensors holds it: the language model under
-    ``model.``, the vision tower under ``visual.``, ``lm_head.weight``."""
+def comfy_text_state(text_encoder: Any = None) -> dict:
+    """The text encoder (``text_encoder``, a Qwen2_5_VLForConditionalGeneration, by default this module's)
+    as ComfyUI's qwen_2.5_vl_7b*.safetensors holds it: the language model under ``model.``, the vision
+    tower under ``visual.``, ``lm_head.weight``."""
     out = {}
-    for k, v in components()["text_encoder"].state_dict().items():
+    source = text_encoder if text_encoder is not None else components()["text_encoder"]
+    for k, v in source.state_dict().items():
         if k.startswith("model.language_model."):
             k = "model." + k[len("model.language_model."):]
         elif k.startswith("model.visual."):

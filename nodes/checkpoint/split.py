@@ -25,6 +25,11 @@ from nodes.families.base import Family, has_prefix
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+#: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
+#: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
+#: TextGenerate template llm_qwen3_text_gen loads qwen_3_4b as "ltxv": Z-Image's Qwen3).
+BY_FILE_TYPES = ("ltxv",)
+BY_FILE_FAMILY = {"qwen3": "lumina2", "qwen2.5-vl": "qwen_image"}
 
 
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
@@ -185,6 +190,8 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     for family in families.ALL:
         if clip_type in family.clip_types and _fits(family, kinds):
             return family
+    if clip_type in BY_FILE_TYPES and len(files) == 1 and files[0].kind in BY_FILE_FAMILY:
+        return family_for_texts(BY_FILE_FAMILY[files[0].kind], files)
     names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
     wanted = [f for f in families.ALL if clip_type in f.clip_types]
     if wanted:
