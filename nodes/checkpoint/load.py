@@ -222,8 +222,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load, z_image_load
 
+    if krea2_load.has_transformer(shapes):
+        raise CheckpointError(f"{path.name} holds a Krea 2 transformer: it is a diffusion model, not a checkpoint. "
+                              "Put it in models/diffusion_models and load it with UNETLoader, qwen3vl_4b*.safetensors "
+                              "with CLIPLoader (type krea2) and qwen_image_vae.safetensors with VAELoader")
     if flux2_load.has_flux2_transformer(shapes):
         raise CheckpointError(f"{path.name} holds a FLUX.2 transformer: it is a diffusion model, not a checkpoint. "
                               "Put it in models/diffusion_models and load it with UNETLoader, the Qwen3 with "
