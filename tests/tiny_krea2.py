@@ -63,7 +63,7 @@ def build(seed: int = 11) -> dict[str, Any]:
             num_key_value_heads=KV_HEADS, intermediate_size=96, timestep_embed_dim=32, text_hidden_dim=TEXT,
             num_text_layers=12, text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=48,
             num_layerwise_text_blocks=1, num_refiner_text_blocks=2, axes_dims_rope=(8, 12, 12))
-        _perturb(transformer, 0.05)
+        _perturb(transformer, 0.2)
         text_encoder = Qwen3VLModel(text_config())
         _perturb(text_encoder, 0.02)
         vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16)

@@ -191,6 +191,11 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     for family in families.ALL:
         if clip_type in family.clip_types and _fits(family, kinds):
             return family
+        aliases = getattr(family, "text_kind_aliases", {})
+        if clip_type in family.clip_types and _fits(family, sorted(aliases.get(k, k) for k in kinds)):
+            for f in files:  # a file its keys cannot tell apart from the kind the family reads (Krea 2)
+                f.kind = aliases.get(f.kind, f.kind)
+            return family
     names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
     wanted = [f for f in families.ALL if clip_type in f.clip_types]
     if wanted:

@@ -105,6 +105,8 @@ class Krea2(FlowFamily):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     repeats_text = False  # a repeated prompt changes the image's attention over text
+    #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type krea2 it is read as Qwen3-VL.
+    text_kind_aliases = {"qwen3": "qwen3-vl"}
 
     # -- detection ---------------------------------------------------------------------------
 
