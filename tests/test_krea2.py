@@ -39,14 +39,14 @@ def _reference(prompt: str, seed: int, steps: int, guidance: float, distilled: b
 
 
 def _graph(prompt: str, negative: str | None, seed: int, steps: int, cfg: float, *, unet: str = UNET,
-           size: int = SIZE, shift_by_size: bool = False, scheduler: str = "simple", custom: bool = False) -> dict:
+           clip: str = CLIP, size: int = SIZE, shift_by_size: bool = False, scheduler: str = "simple", custom: bool = False) -> dict:
     """ComfyUI's Krea 2 graphs: a ConditioningZeroOut negative when ``negative`` is None (Turbo),
     ModelSamplingFlux(1.15, 0.5) at the image size when ``shift_by_size``, and with ``custom`` the Raw
     template's sampling (CFGGuider, BasicScheduler, KSamplerSelect, RandomNoise, SamplerCustomAdvanced)
     instead of KSampler."""
     graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
-        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "krea2"}},
+        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": "krea2"}},
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["8", 0]}},
         "3": ({"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}} if negative is None else

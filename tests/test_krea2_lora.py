@@ -11,15 +11,14 @@ must agree with its reference within 1/255, and move the image.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_krea2
-from flow_family_files import env, model_over, save_state  # noqa: F401 (env is a fixture)
-from flow_family_lora import assert_lora_equals_merged, lora_file, lora_root, random_factors, sample
+from flow_family_files import env, save_state  # noqa: F401 (env is a fixture)
+from flow_family_lora import assert_lora_equals_merged, lora_file, lora_root, merged_in_layout, random_factors, sample
 from node_call import call
 from nodes import loaders, split_loaders
 from nodes.checkpoint.krea2_keys import original_to_diffusers
@@ -70,12 +69,8 @@ def _sample(env, model: ModelHandle) -> torch.Tensor:
 
 def _merged(fmt: str, strength: float) -> ModelHandle:
     """The tiny transformer with every delta added by hand in the LoRA's own layout."""
-    weights = {k: v.clone() for k, v in _weights(fmt).items()}
-    for name, (down, up) in _factors(fmt).items():
-        weights[name + ".weight"] += strength * up @ down
-    transformer = copy.deepcopy(tiny_krea2.components()["transformer"])
-    transformer.load_state_dict(weights if fmt == "peft" else original_to_diffusers(weights))
-    return model_over(krea2.FAMILY, transformer)
+    return merged_in_layout(krea2.FAMILY, tiny_krea2.components()["transformer"], _weights(fmt), _factors(fmt), strength,
+                            None if fmt == "peft" else original_to_diffusers)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import tiny_krea2
-from engine.workflow import parse
-from flow_family_files import env, registry, run, save_state  # noqa: F401 (fixtures)
+from flow_family_files import env, registry, save_state  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import split_loaders
 from nodes.runtime.fp8 import rotation_group
@@ -43,21 +42,10 @@ def root(tmp_path_factory) -> Path:
 
 
 def _image(registry, env, unet: str, clip: str) -> np.ndarray:
-    graph = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
-        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": "krea2"}},
-        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny-qwen_image_vae.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["8", 0]}},
-        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 2, "steps": 4, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "simple",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["9", 0]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "krea2q"}},
-    }
-    return run(registry, env, parse(graph)).results["6"][0].numpy()
+    """ComfyUI's Turbo graph (tests/test_krea2.py) on these files: seed 2, 4 steps, cfg 1, zeroed negative."""
+    from test_krea2 import _graph, _run
+
+    return _run(registry, env, _graph(PROMPT, None, 2, 4, 1.0, unet=unet, clip=clip))
 
 
 def test_fp8_scaled_transformer_and_text_encoder_equal_their_dequantised_twins(env):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-UNET_PREFIX = "model.diffusion_model."
+from nodes.checkpoint.flux_keys import UNET_PREFIX, strip  # noqa: F401 (strip: the key modules' interface)
+
 #: ComfyUI's (and diffusers') detection key in the original layout; diffusers' own name for it.
 ORIGINAL_MARKER = "txtfusion.projector.weight"
 DIFFUSERS_MARKER = "text_fusion.projector.weight"
@@ -39,38 +40,38 @@ class KeyMismatch(ValueError):
     """Keys that do not fit the Krea 2 layout (names them)."""
 
 
-def strip(state: dict[str, Any]) -> dict[str, Any]:
-    return {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state.items()}
+def _has(keys: Any, marker: str) -> bool:
+    keys = set(keys)
+    return marker in keys or UNET_PREFIX + marker in keys
 
 
 def is_original(keys: Any) -> bool:
-    keys = set(keys)
-    return ORIGINAL_MARKER in keys or UNET_PREFIX + ORIGINAL_MARKER in keys
+    return _has(keys, ORIGINAL_MARKER)
 
 
 def is_diffusers(keys: Any) -> bool:
-    keys = set(keys)
-    return DIFFUSERS_MARKER in keys or UNET_PREFIX + DIFFUSERS_MARKER in keys
+    return _has(keys, DIFFUSERS_MARKER)
+
+
+def _renamed(key: str, forward: bool) -> str:
+    """``key`` in the other layout: the name's start first (the final layer's table is no block's),
+    then the pieces inside blocks."""
+    for original, diffusers in _STARTS:
+        a, b = (original, diffusers) if forward else (diffusers, original)
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
+    for original, diffusers in _PIECES:
+        key = key.replace(original, diffusers) if forward else key.replace(diffusers, original)
+    return key
 
 
 def to_diffusers_name(key: str) -> str:
-    for original, diffusers in _STARTS:
-        if key.startswith(original):
-            key = diffusers + key[len(original):]
-            break
-    for original, diffusers in _PIECES:
-        key = key.replace(original, diffusers)
-    return key
+    return _renamed(key, True)
 
 
 def to_original_name(key: str) -> str:
-    for original, diffusers in _STARTS:  # first: the final layer's table is no block's
-        if key.startswith(diffusers):
-            key = original + key[len(diffusers):]
-            break
-    for original, diffusers in _PIECES:
-        key = key.replace(diffusers, original)
-    return key
+    return _renamed(key, False)
 
 
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
