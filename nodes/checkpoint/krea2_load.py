@@ -47,12 +47,21 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
-    """UNETLoader's Krea 2 path (nodes.checkpoint.flow_transformers). Built whole (no build straight
-    into disk blocks yet: the manager pages the built module as any other)."""
+    """UNETLoader's Krea 2 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
     from nodes.checkpoint.flow_transformers import transformer_file
     from nodes.families import krea2 as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, None)
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a Krea 2 file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.krea2_keys' table: renames and the blocks' table reshape keep each tensor's rows)."""
+    from diffusers import Krea2Transformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(Krea2Transformer2DModel, LABEL, keys, keys.is_diffusers(state))
 
 
 # -- the text encoder -------------------------------------------------------------------------------
