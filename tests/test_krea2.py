@@ -173,6 +173,24 @@ def test_raw_cfg_with_negative_and_size_shift_equals_krea2_pipeline(registry, en
     assert np.abs(ours - fixed).max() > 1 / 255  # and ModelSamplingFlux's shift is not Turbo's fixed one
 
 
+@pytest.mark.parametrize("distilled", [True, False], ids=["turbo", "raw"])
+def test_a_diffusers_folder_through_checkpoint_loader_equals_krea2_pipeline(registry, env, distilled):
+    """Krea2Pipeline.save_pretrained's folder: its is_distilled picks the shift (Turbo's fixed mu, else the
+    folder scheduler's size rule), as the pipeline does."""
+    name = "tiny-krea2-turbo-diffusers" if distilled else "tiny-krea2-raw-diffusers"
+    graph = _graph(PROMPT, NEGATIVE, 6, 5, 3.0)
+    for k in ("1", "8", "9"):
+        del graph[k]
+    graph["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}
+    graph["2"]["inputs"]["clip"] = graph["3"]["inputs"]["clip"] = ["1", 1]
+    graph["6"]["inputs"]["vae"] = ["1", 2]
+    ours = _run(registry, env, graph)
+    gap = np.abs(ours - _reference(PROMPT, 6, 5, 2.0, distilled, NEGATIVE)).max()
+    print(f"{name} gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255, gap
+    assert np.abs(ours - _reference(PROMPT, 6, 5, 2.0, not distilled, NEGATIVE)).max() > 1 / 255  # the shift rule
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 

@@ -102,7 +102,9 @@ def comfy_text_state() -> dict:
 def make_models_folder(root: Any) -> Path:
     """ComfyUI's folders with the tiny Krea 2: diffusion_models/tiny-krea2.safetensors (Krea's keys, bare),
     tiny-krea2-prefixed.safetensors (``model.diffusion_model.``), tiny-krea2-diffusers-keys.safetensors,
-    text_encoders/tiny-qwen3vl_4b.safetensors, vae/tiny-qwen_image_vae.safetensors (the Wan layout)."""
+    text_encoders/tiny-qwen3vl_4b.safetensors, vae/tiny-qwen_image_vae.safetensors (the Wan layout), and
+    checkpoints/tiny-krea2-turbo-diffusers/ and tiny-krea2-raw-diffusers/ (Krea2Pipeline.save_pretrained,
+    is_distilled True and False)."""
     from nodes.checkpoint.qwen_image_vae import to_original
 
     root = Path(root)
@@ -110,4 +112,6 @@ def make_models_folder(root: Any) -> Path:
                            {k: v.contiguous() for k, v in components()["transformer"].state_dict().items()})
     save_state(root / "text_encoders" / "tiny-qwen3vl_4b.safetensors", comfy_text_state())
     save_state(root / "vae" / "tiny-qwen_image_vae.safetensors", to_original(components()["vae"].state_dict()))
+    for distilled, name in ((True, "tiny-krea2-turbo-diffusers"), (False, "tiny-krea2-raw-diffusers")):
+        pipeline(distilled).save_pretrained(str(root / "checkpoints" / name), safe_serialization=True)
     return root

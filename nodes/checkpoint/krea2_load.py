@@ -11,10 +11,12 @@
   read (text-to-image never runs it; a node that hands the encoder pictures is refused by name, see
   nodes.families.krea2).
 * The VAE is Qwen-Image's (``qwen_image_vae.safetensors``, VAELoader: nodes.checkpoint.qwen_image_vae).
+* A diffusers folder (``Krea2Pipeline.save_pretrained``) through CheckpointLoaderSimple.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import krea2_keys as keys
@@ -126,3 +128,55 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     kept, scales = scaled_fp8.take(sub, what)
     model = _empty(Qwen3VLTextModel, text_config(shapes_of(kept), what))
     return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3-VL text encoder ({what})")
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_krea2_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is Krea 2's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "Krea2Transformer2DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Krea 2 folder (``Krea2Pipeline.save_pretrained``: transformer, Qwen3-VL, Qwen-Image VAE,
+    tokenizer, scheduler), through nodes.checkpoint.flow_transformers.load_pipeline_folder. The pipeline's
+    ``is_distilled`` (model_index.json) picks the shift as Krea2Pipeline does: Turbo's fixed mu 1.15, else
+    the folder's scheduler config by image size."""
+    import dataclasses
+    import json
+
+    from diffusers import Krea2Transformer2DModel
+    from transformers import Qwen2TokenizerFast
+
+    from nodes.checkpoint import qwen_image_vae
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.load import open_state
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.tensors import plain
+    from nodes.families import krea2 as fam
+
+    def others() -> dict[str, Any]:
+        vae_files = sorted((path / "vae").glob("*.safetensors"))
+        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
+        if not vae_files or not te_files:
+            raise OSError("vae/ or text_encoder/ holds no .safetensors")
+        vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
+        te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
+        return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
+                "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
+
+    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel, others,
+                                  lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
+                                  latent_from_vae=False)
+    try:
+        distilled = bool(json.loads((path / "model_index.json").read_text()).get("is_distilled", False))
+    except (OSError, ValueError):
+        distilled = False
+    if distilled:
+        config = dict(loaded.scheduler_config, use_dynamic_shifting=True, base_shift=fam.TURBO_MU,
+                      max_shift=fam.TURBO_MU)
+        loaded = dataclasses.replace(loaded, scheduler_config=config)
+    return loaded

@@ -461,6 +461,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
             return sd3_load.load_folder(path, dtype)
         from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
 
+        from nodes.checkpoint import krea2_load
+
+        if krea2_load.is_krea2_folder(path):
+            return krea2_load.load_folder(path, dtype, offload=offload)
         if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
             return flux2_load.load_folder(path, dtype, offload=offload)
         if qwen_image_load.is_qwen_image_folder(path):

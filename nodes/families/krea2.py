@@ -46,9 +46,11 @@ MAX_TOKENS = 512
 #: ``<|im_start|>user\n``: the cut ends after the last of these in the prompt (ComfyUI's rule for a raw template).
 USER_TURN = (151644, 872, 198)
 MASK = qwen_image.MASK
+#: Turbo's shift (Krea2Pipeline's ``is_distilled``; ComfyUI's Krea 2 sampling settings).
+TURBO_MU = 1.15
 #: The scheduler: FlowMatchEuler with the exponential shift at a fixed mu of 1.15 (module docstring).
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
-             "use_dynamic_shifting": True, "base_shift": 1.15, "max_shift": 1.15, "base_image_seq_len": 256,
+             "use_dynamic_shifting": True, "base_shift": TURBO_MU, "max_shift": TURBO_MU, "base_image_seq_len": 256,
              "max_image_seq_len": 6400, "time_shift_type": "exponential", "prediction_type": "flow"}
 #: Where a Qwen3-VL picture input is refused (the vision tower is not loaded).
 NO_PICTURES = ("Krea 2's Qwen3-VL is loaded without its vision tower: pictures in the prompt (image1..3 of "
