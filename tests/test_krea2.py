@@ -10,6 +10,8 @@ what it varies changes the picture.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,39 @@ def test_clip_loader_krea2_builds_the_qwen3_vl_text_model(env):
         assert type(qwen).__name__ == "Qwen3VLTextModel"
         got = qwen.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_bf16_load_keeps_the_norm_scales_in_float32_as_diffusers_does():
+    from nodes.checkpoint.krea2_load import build_transformer
+
+    net = build_transformer(tiny_krea2.original_state(), "tiny", torch.bfloat16)
+    norms = {n: p.dtype for n, p in net.named_parameters() if n.rsplit(".", 2)[-2] in net._keep_in_fp32_modules}
+    assert len(norms) > 10 and set(norms.values()) == {torch.float32}
+    assert net.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, 12 * tiny_krea2.TEXT, generator=g)
+    all_bf16 = copy.deepcopy(tiny_krea2.components()["transformer"]).to(torch.bfloat16)  # norms rounded too
+    diffusers_bf16 = copy.deepcopy(all_bf16)
+    for name, module in diffusers_bf16.named_modules():  # what from_pretrained(torch_dtype=bf16) keeps
+        if name.rsplit(".", 1)[-1] in net._keep_in_fp32_modules:
+            module.weight.data = tiny_krea2.components()["transformer"].get_submodule(name).weight.data.clone()
+    with torch.no_grad():
+        (ours,), (theirs,), (rounded,) = (krea2.FAMILY.wrap_network(m)(x, torch.tensor(600.0), text)
+                                          for m in (net, diffusers_bf16, all_bf16))
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+    assert (ours.float() - rounded.float()).abs().max() > 0.01  # the fp32 scales matter
+
+
+def test_a_bf16_folder_and_file_hold_the_files_norm_scales_exactly(root):
+    from nodes.checkpoint.krea2_load import load_folder
+    from nodes.checkpoint.split import load_unet_file
+
+    want = tiny_krea2.components()["transformer"].state_dict()
+    for loaded in (load_folder(root / "checkpoints" / "tiny-krea2-turbo-diffusers", torch.bfloat16),
+                   load_unet_file(root / "diffusion_models" / "tiny-krea2-prefixed.safetensors", torch.bfloat16)):
+        got = loaded.modules["unet"].state_dict()
+        norms = [k for k in want if k.rsplit(".", 2)[-2] in ("norm", "norm1", "norm2", "norm_q", "norm_k")]
+        assert len(norms) > 10 and all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in norms)
 
 
 # -- conditioning ---------------------------------------------------------------------------------------

@@ -38,13 +38,36 @@ def has_transformer(keys_: Any) -> bool:
 
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """Krea2Transformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
+    """Krea2Transformer2DModel from original- or diffusers-layout tensors (linear weights held as stored,
+    the norm scales in float32 from the file: :func:`norms_in_fp32`)."""
     from diffusers import Krea2Transformer2DModel
 
     from nodes.checkpoint.flux_load import transformer_from_file
 
-    return transformer_from_file(state, what, dtype, Krea2Transformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
+    model = transformer_from_file(state, what, dtype, Krea2Transformer2DModel, LABEL, keys,
+                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
+    return norms_in_fp32(model, state)
+
+
+def norms_in_fp32(model: Any, state: Mapping[str, Any]) -> Any:
+    """``model`` with its RMSNorm scales in float32, read again from the file (``state``, either layout,
+    prefix or not), whatever the model computes in: diffusers keeps them so (``_keep_in_fp32_modules``),
+    and the scale is ``1 + w``, which a bf16 copy would round to 1/128. Layers still on the meta device
+    are left alone, so a build straight into disk blocks may run this after each block
+    (nodes.checkpoint.paged.build_paged's ``ready``). Returns ``model``."""
+    import torch
+
+    kept = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name.rsplit(".", 1)[-1] not in kept or not isinstance(weight, torch.nn.Parameter) or weight.is_meta \
+                or weight.dtype == torch.float32:
+            continue
+        found = next((state[k] for n in (f"{name}.weight", keys.to_original_name(f"{name}.weight"))
+                      for k in (n, keys.UNET_PREFIX + n) if k in state), None)
+        value = weight.detach() if found is None else found
+        module.weight = torch.nn.Parameter(value.to(device=weight.device, dtype=torch.float32), requires_grad=False)
+    return model
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
@@ -63,7 +86,8 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
 
     from nodes.checkpoint.paged_files import keyed_layout
 
-    return keyed_layout(Krea2Transformer2DModel, LABEL, keys, keys.is_diffusers(state))
+    return keyed_layout(Krea2Transformer2DModel, LABEL, keys, keys.is_diffusers(state),
+                        after=lambda model: norms_in_fp32(model, state))
 
 
 # -- the text encoder -------------------------------------------------------------------------------
@@ -168,9 +192,14 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
         return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
                 "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
 
+    from nodes.checkpoint.folders import folder_state
+
+    found = folder_state(path / "transformer", dtype)
+    files = {} if found is None else found[1]
     loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel, others,
                                   lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
-                                  latent_from_vae=False)
+                                  latent_from_vae=False, ready=lambda model: norms_in_fp32(model, files),
+                                  ready_in_blocks=True)
     try:
         distilled = bool(json.loads((path / "model_index.json").read_text()).get("is_distilled", False))
     except (OSError, ValueError):
