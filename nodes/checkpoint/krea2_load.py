@@ -175,28 +175,16 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import Krea2Transformer2DModel
     from transformers import Qwen2TokenizerFast
 
-    from nodes.checkpoint import qwen_image_vae
     from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
-    from nodes.checkpoint.load import open_state
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
-    from nodes.checkpoint.tensors import plain
-    from nodes.families import krea2 as fam
-
-    def others() -> dict[str, Any]:
-        vae_files = sorted((path / "vae").glob("*.safetensors"))
-        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
-        if not vae_files or not te_files:
-            raise OSError("vae/ or text_encoder/ holds no .safetensors")
-        vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
-        te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
-        return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
-                "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
-
     from nodes.checkpoint.folders import folder_state
+    from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.families import krea2 as fam
 
     found = folder_state(path / "transformer", dtype)
     files = {} if found is None else found[1]
-    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel, others,
+    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel,
+                                  lambda: vae_and_text_encoder(path, dtype, build_text_model),
                                   lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
                                   latent_from_vae=False, ready=lambda model: norms_in_fp32(model, files),
                                   ready_in_blocks=True)
