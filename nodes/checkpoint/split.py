@@ -87,21 +87,15 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
     from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load
 
-    if krea2_load.has_transformer(state.keys()):
-        with reading(path):
-            return krea2_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if flux2_load.has_flux2_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
-        with reading(path):
-            return flux2_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if qwen_image_load.has_transformer(state.keys()):
-        with reading(path):
-            return qwen_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if chroma_load.has_chroma_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
-        with reading(path):
-            return chroma_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if flux_load.has_flux_transformer({k: () for k in state}):
-        with reading(path):
-            return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
+    keys = {k: () for k in state}
+    for claims, load in ((krea2_load.has_transformer, krea2_load.load_transformer_file),
+                         (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
+                         (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
+                         (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
+                         (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
+        if claims(keys):
+            with reading(path):
+                return load(state, path.name, dtype, fp8=fp8, offload=offload)
     state = unet_to_original_layout(state, path.name)
     with reading(path):
         return _build_unet(path, state, dtype, offload)
