@@ -5,7 +5,8 @@ this branch lacks, TextGenerate (the prompt-enhance step; another branch adds it
 template's own prompt-enhance switch off and that node taken out, the rest of the graph runs
 unchanged on the tiny files (UNETLoader with the bf16 / int8_convrot transformer, CLIPLoader type
 krea2, VAELoader, the LoRA switch, EmptyLatentImage, KSampler euler/simple 8 steps cfg 1 with a
-ConditioningZeroOut negative) and gives Krea2Pipeline's Turbo picture. The style-reference template
+ConditioningZeroOut negative) and gives Krea2Pipeline's Turbo picture; with its LoRA switch on, the
+picture of the pipeline with that LoRA merged by hand and the style words appended. The style-reference template
 feeds a picture to TextEncodeQwenImageEditPlus on the Krea 2 CLIP, which Kiln refuses by node and input
 (Qwen3-VL's vision tower is not loaded yet).
 """
@@ -28,6 +29,9 @@ from flow_family_files import env, registry, save_state  # noqa: F401 (fixtures)
 TEMPLATES = ("image_krea2_turbo_t2i.json", "image_krea2_turbo_t2i_int8.json")
 STYLE = "image_krea2_turbo_int8_image_style_reference.json"
 SIZE = 64
+#: The LoRA the templates' LoraLoaderModelOnly gets here: a rank-2 delta on the first block's query.
+LORA_DOWN = torch.randn(2, 64, generator=torch.Generator().manual_seed(8)) * 0.3
+LORA_UP = torch.randn(64, 2, generator=torch.Generator().manual_seed(9)) * 0.3
 
 
 def _template(name: str) -> dict:
@@ -44,8 +48,8 @@ def root(tmp_path_factory) -> Path:
     int8, _ = quantise_int8(tiny_krea2.original_state(), "model.diffusion_model.")
     save_state(root / "diffusion_models" / "tiny-krea2-int8_convrot.safetensors", int8)
     save_state(root / "loras" / "tiny-krea2-lora.safetensors", {
-        "diffusion_model.blocks.0.attn.wq.lora_A.weight": torch.ones(2, 64) * 0.1,
-        "diffusion_model.blocks.0.attn.wq.lora_B.weight": torch.ones(64, 2) * 0.1})
+        "diffusion_model.blocks.0.attn.wq.lora_A.weight": LORA_DOWN,
+        "diffusion_model.blocks.0.attn.wq.lora_B.weight": LORA_UP})
     return root
 
 
@@ -105,6 +109,27 @@ def test_turbo_templates_run_on_tiny_files_and_equal_krea2_pipeline(registry, en
     assert gap <= 1 / 255
     other = Executor(registry, env).run(wf.with_overrides({"30:3.seed": seed + 1})).results["30:8"][0].numpy()
     assert np.abs(ours - other).max() > 0.02  # the seed matters: not vacuous
+
+
+def test_the_turbo_templates_lora_switch_applies_its_lora_and_style_words(registry, env):
+    """The template's second switch on: LoraLoaderModelOnly (strength 0.8) feeds KSampler and the style
+    words are appended to the prompt; the pipeline with the LoRA merged by hand and the same words agrees."""
+    wf = _without_prompt_enhance(registry, TEMPLATES[0], "tiny-krea2.safetensors").with_overrides({"30:23.value": True})
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    ours = outcome.results["30:8"][0].numpy()
+    strength, words = wf.nodes["30:15"].inputs["strength_model"], wf.nodes["30:27"].inputs["string_b"]
+    prompt = wf.nodes["30:19"].inputs["value"] + ", " + words
+    pipe = tiny_krea2.pipeline(distilled=True)
+    pipe.transformer = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        pipe.transformer.transformer_blocks[0].attn.to_q.weight += strength * LORA_UP @ LORA_DOWN
+        theirs = pipe(prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
+                      output_type="np", generator=torch.Generator("cpu").manual_seed(wf.nodes["30:3"].inputs["seed"])
+                      ).images
+    assert np.abs(ours - theirs).max() <= 1 / 255
+    off = Executor(registry, env).run(wf.with_overrides({"30:23.value": False})).results["30:8"][0].numpy()
+    assert np.abs(ours - off).max() > 0.02  # the switch matters: not vacuous
 
 
 def test_style_reference_template_refuses_the_picture_by_node_and_input(registry, env, root):
