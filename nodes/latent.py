@@ -77,6 +77,16 @@ def _add_noise_batch(ctx, items, model, latent=None, strength: float = 0.75):
     return [add_noise(ctx, model, item.get("latent", latent), strength, item["seed"]) for item in items]
 
 
+def widen_empty(samples: "Any", channels: int) -> "Any":
+    """ComfyUI's rule for an empty latent of another channel count (EmptyLatentImage's 4 channels in a
+    FLUX, Qwen-Image or Krea 2 template): zeros of the model's ``channels``; any other latent as it is."""
+    import torch
+
+    if not channels or samples.shape[1] == channels or bool(torch.count_nonzero(samples)):
+        return samples
+    return torch.zeros((samples.shape[0], channels, *samples.shape[2:]), dtype=samples.dtype)
+
+
 @define_node(
     "AddNoise",
     category="latent",

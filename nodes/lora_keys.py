@@ -64,6 +64,7 @@ _DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_mode
                    ("model.diffusion_model.", "unet"),
                    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                    ("lora_unet.", "unet"),
+                   ("base_model.model.", "unet"),  # PEFT adapters saved from a bare model (AI-Toolkit's Krea 2)
                    # ComfyUI's own files (its LoraSave, Kiln's): each encoder by ComfyUI's name for it
                    ("text_encoders.clip_l.transformer.", "text_encoder"),
                    ("text_encoders.clip_h.transformer.", "text_encoder"),

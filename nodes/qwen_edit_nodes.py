@@ -35,6 +35,8 @@ def _encode(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, 
 
     if not isinstance(clip, ClipHandle):
         raise NodeError(f"clip must come from a CLIP loader, got {type(clip).__name__}", "clip")
+    if clip.family.name == "krea2":  # ComfyUI's Krea 2 style-reference template feeds pictures here
+        return _krea2(clip, prompt, images)
     if clip.family.name != "qwen_image":
         raise NodeError(f"this CLIP is {clip.family.name}'s; the Qwen-Image Edit encoders need Qwen2.5-VL "
                         "(CLIPLoader type qwen_image on qwen_2.5_vl_7b*.safetensors)", "clip")
@@ -58,6 +60,19 @@ def _encode(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, 
         for _, extra in cond:
             extra[flux_references.LATENTS] = [*extra.get(flux_references.LATENTS, ()), *refs]
     return (cond,)
+
+
+def _krea2(clip: Any, prompt: str, images: list[tuple[str, Any]]) -> tuple:
+    """A Krea 2 CLIP: the prompt alone as CLIPTextEncode encodes it; pictures are refused by input name
+    (Kiln loads Qwen3-VL without its vision tower: nodes.families.krea2.NO_PICTURES)."""
+    from nodes.families.krea2 import NO_PICTURES
+
+    given = [name for name, image in images if image is not None]
+    if given:
+        raise NodeError(NO_PICTURES, given[0])
+    if not isinstance(prompt, str):
+        raise NodeError("must be a string", "prompt")
+    return (clip.encode(prompt),)
 
 
 @define_node(

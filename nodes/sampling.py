@@ -11,7 +11,7 @@ import dataclasses
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Batch, Input, Output, define_node
-from nodes.latent import MAX_SEED, image_seeds
+from nodes.latent import MAX_SEED, image_seeds, widen_empty
 from nodes.runtime.offload import say_if_offloaded
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
@@ -187,6 +187,8 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
         raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", "latent_image")
     batch = samples.shape[0] // len(job_seeds)  # images per job
     channels = getattr(model, "latent_channels", samples.shape[1])
+    if latent_image.get("strength") is None:  # ComfyUI's rule, as SamplerCustomAdvanced's
+        samples = widen_empty(samples, channels)
     if samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this {model.family.name} model works on "
                         f"{channels}-channel latents (use its VAE, or EmptySD3LatentImage for 16 channels)",

@@ -86,6 +86,19 @@ def merged_modules(family: Any, transformer: torch.nn.Module, factors: Factors, 
     return model_over(family, transformer)
 
 
+def merged_in_layout(family: Any, transformer: torch.nn.Module, weights: dict[str, torch.Tensor], factors: Factors,
+                     strength: float, convert: Callable[[dict], dict] | None = None) -> Any:
+    """A MODEL over a copy of ``transformer`` holding ``weights`` (a layout's state dict) with
+    W += strength * up @ down added by hand on each named module, then ``convert`` to the module's own
+    names (None: ``weights`` already has them)."""
+    weights = {k: v.clone() for k, v in weights.items()}
+    for name, (down, up) in factors.items():
+        weights[name + ".weight"] += strength * up @ down
+    transformer = copy.deepcopy(transformer)
+    transformer.load_state_dict(weights if convert is None else convert(weights))
+    return model_over(family, transformer)
+
+
 def sample(env: Environment, model: Any, clip: Any, decode: Callable[[torch.Tensor], torch.Tensor], *, steps: int,
            cfg: float, scheduler: str, latent: tuple[int, ...], negative: str = "blurry") -> torch.Tensor:
     """The image the LoRA tests compare: KSampler (euler, seed 3) on "a lighthouse" against ``negative``

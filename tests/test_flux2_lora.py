@@ -10,15 +10,14 @@ must agree with its reference within 1/255, and move the image.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_flux2
-from flow_family_files import env, model_over  # noqa: F401 (env is a fixture)
-from flow_family_lora import assert_lora_equals_merged, lora_root, random_factors, sample
+from flow_family_files import env  # noqa: F401 (env is a fixture)
+from flow_family_lora import assert_lora_equals_merged, lora_root, merged_in_layout, random_factors, sample
 from nodes.checkpoint.flux2_keys import original_to_diffusers
 from nodes.families import flux2
 from nodes.handles import ModelHandle
@@ -66,12 +65,8 @@ def _sample(env, model: ModelHandle) -> torch.Tensor:
 
 def _merged(fmt: str, strength: float) -> ModelHandle:
     """The tiny transformer with every delta added by hand in the LoRA's own layout."""
-    weights = {k: v.clone() for k, v in _weights(fmt).items()}
-    for name, (down, up) in _factors(fmt).items():
-        weights[name + ".weight"] += strength * up @ down
-    transformer = copy.deepcopy(tiny_flux2.components()["transformer"])
-    transformer.load_state_dict(weights if fmt == "peft" else original_to_diffusers(weights))
-    return model_over(flux2.FAMILY, transformer)
+    return merged_in_layout(flux2.FAMILY, tiny_flux2.components()["transformer"], _weights(fmt), _factors(fmt), strength,
+                            None if fmt == "peft" else original_to_diffusers)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

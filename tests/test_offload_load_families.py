@@ -1,4 +1,4 @@
-"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma and Qwen-Image built straight into blocks paged to disk
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image and Krea 2 built straight into blocks paged to disk
 (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
@@ -18,6 +18,7 @@ import torch
 import tiny_chroma
 import tiny_flux
 import tiny_flux2
+import tiny_krea2
 import tiny_qwen_image
 import tiny_sd3
 import tiny_z_image
@@ -72,6 +73,16 @@ def _qwen_image_forward(net: Any) -> torch.Tensor:
                    timestep=torch.tensor([0.7]), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
 
 
+def _krea2_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 7, 12, tiny_krea2.TEXT, generator=g)
+    ids = torch.cat([torch.zeros(7, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                                                   indexing="ij"), -1).reshape(16, 3)])
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]), position_ids=ids,
+                   return_dict=False)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -79,12 +90,14 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "flux2": (tiny_flux2.original_transformer, _flux2_forward),
     "chroma": (tiny_chroma.original_transformer, _chroma_forward),
     "qwen_image": (lambda: dict(tiny_qwen_image.components()["transformer"].state_dict()), _qwen_image_forward),
+    "krea2": (tiny_krea2.original_state, _krea2_forward),
 }
 
 
 def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
-            {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma}[family].components())["transformer"]
+            {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
+             "krea2": tiny_krea2}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")

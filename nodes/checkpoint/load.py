@@ -222,25 +222,19 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load, z_image_load
 
-    if flux2_load.has_flux2_transformer(shapes):
-        raise CheckpointError(f"{path.name} holds a FLUX.2 transformer: it is a diffusion model, not a checkpoint. "
-                              "Put it in models/diffusion_models and load it with UNETLoader, the Qwen3 with "
-                              "CLIPLoader (type flux2) and flux2-vae.safetensors with VAELoader")
-    if qwen_image_load.has_transformer(shapes):
-        raise CheckpointError(f"{path.name} holds a Qwen-Image transformer: it is a diffusion model, not a "
-                              "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
-                              "qwen_2.5_vl_7b*.safetensors with CLIPLoader (type qwen_image) and "
-                              "qwen_image_vae.safetensors with VAELoader")
-    if z_image_load.has_z_image_transformer(shapes):
-        raise CheckpointError(f"{path.name} holds a Z-Image transformer: it is a diffusion model, not a checkpoint. "
-                              "Put it in models/diffusion_models and load it with UNETLoader, qwen_3_4b with "
-                              "CLIPLoader (type lumina2) and ae.safetensors with VAELoader")
-    if chroma_load.has_chroma_transformer(shapes):
-        raise CheckpointError(f"{path.name} holds a Chroma transformer: it is a diffusion model, not a checkpoint. "
-                              "Put it in models/diffusion_models and load it with UNETLoader, the T5-XXL with "
-                              "CLIPLoader (type chroma) and ae.safetensors with VAELoader")
+    for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
+            (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
+            (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
+            (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
+             "qwen_image_vae.safetensors"),
+            (z_image_load.has_z_image_transformer, "Z-Image", "qwen_3_4b", "lumina2", "ae.safetensors"),
+            (chroma_load.has_chroma_transformer, "Chroma", "the T5-XXL", "chroma", "ae.safetensors")):
+        if claims(shapes):
+            raise CheckpointError(f"{path.name} holds a {label} transformer: it is a diffusion model, not a "
+                                  "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
+                                  f"{text_file} with CLIPLoader (type {clip_type}) and {vae_file} with VAELoader")
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)
@@ -457,6 +451,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
             return sd3_load.load_folder(path, dtype)
         from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
 
+        from nodes.checkpoint import krea2_load
+
+        if krea2_load.is_krea2_folder(path):
+            return krea2_load.load_folder(path, dtype, offload=offload)
         if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
             return flux2_load.load_folder(path, dtype, offload=offload)
         if qwen_image_load.is_qwen_image_folder(path):

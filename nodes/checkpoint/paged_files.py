@@ -1,4 +1,4 @@
-"""UNETLoader files of the flow-transformer families (SD3, Z-Image, FLUX.2, Chroma, Qwen-Image) built
+"""UNETLoader files of the flow-transformer families (SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2) built
 straight into disk blocks (nodes.checkpoint.paged.build_paged), as FLUX.1 files are
 (nodes.checkpoint.flux_blocks).
 
@@ -91,19 +91,23 @@ def _rows_of(out: Any) -> tuple[int, tuple[tuple[int, int], ...]]:
     return int(sources[0]), tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends))
 
 
-def _take(t: Any, parts: list[tuple[str, tuple[tuple[int, int], ...]]], whole: int) -> dict[str, Any]:
+def _take(t: Any, parts: list[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...] | None]],
+          whole: int) -> dict[str, Any]:
     """The module tensors one file tensor ``t`` gives: each its row runs of ``t`` (the tensor itself when
-    it is all of ``t`` in order, a view for one run)."""
+    it is all of ``t`` in order, a view for one run), its rows regrouped to ``shape`` where the conversion
+    reshapes them (Krea 2's flat modulation tables: six rows of the width)."""
     import torch
 
     out = {}
-    for name, runs in parts:
+    for name, runs, shape in parts:
         if t.ndim == 0 or runs == ((0, whole),):
             out[name] = t
         elif len(runs) == 1:
             out[name] = t[runs[0][0]:runs[0][1]]
         else:
             out[name] = torch.cat([t[a:b] for a, b in runs], dim=0)
+        if shape is not None:
+            out[name] = out[name].reshape(*shape, *t.shape[1:])
     return out
 
 
@@ -116,12 +120,12 @@ def traced_rows(convert: Convert, shapes: Mapping[str, tuple[int, ...]]) -> list
     keys = list(shapes)
     stand_in = {k: (torch.tensor(i * _ID) if not shapes[k] else torch.arange(shapes[k][0]) + i * _ID)
                 for i, k in enumerate(keys)}
-    parts: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
+    parts: dict[str, list[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...] | None]]] = {}
     for name, out in convert(dict(stand_in)).items():
         index, runs = _rows_of(out)
         if out.ndim == 0 and shapes[keys[index]]:
             raise ValueError(f"{name} is one value of {keys[index]}")
-        parts.setdefault(keys[index], []).append((name, runs))
+        parts.setdefault(keys[index], []).append((name, runs, tuple(out.shape) if out.ndim > 1 else None))
     return [(key, functools.partial(_take, parts=parts[key], whole=shapes[key][0] if shapes[key] else 1))
             for key in keys if key in parts]
 

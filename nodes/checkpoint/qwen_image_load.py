@@ -164,20 +164,25 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import QwenImageTransformer2DModel
     from transformers import AutoTokenizer
 
-    from nodes.checkpoint import qwen_image_vae
-    from nodes.checkpoint.load import open_state
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
-    def others() -> dict[str, Any]:
-        vae_files = sorted((path / "vae").glob("*.safetensors"))
-        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
-        if not vae_files or not te_files:
-            raise OSError("vae/ or text_encoder/ holds no .safetensors")
-        vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
-        te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
-        return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
-                "text_encoder": build_text_model(te_state, f"{path.name}/text_encoder", dtype)}
-
-    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "Qwen-Image", QwenImageTransformer2DModel, others,
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "Qwen-Image", QwenImageTransformer2DModel,
+                                lambda: vae_and_text_encoder(path, dtype, build_text_model),
                                 lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
                                 latent_from_vae=False)
+
+
+def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any) -> dict[str, Any]:
+    """A folder's Qwen-Image VAE (``vae/``) and its text encoder (``text_encoder/``, built by
+    ``build_text(state, what, dtype)``): the parts Qwen-Image's and Krea 2's folders share in kind."""
+    from nodes.checkpoint import qwen_image_vae
+    from nodes.checkpoint.load import open_state
+
+    vae_files = sorted((path / "vae").glob("*.safetensors"))
+    te_files = sorted((path / "text_encoder").glob("*.safetensors"))
+    if not vae_files or not te_files:
+        raise OSError("vae/ or text_encoder/ holds no .safetensors")
+    vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
+    te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
+    return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
+            "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}

@@ -23,7 +23,7 @@ from nodes.families.base import Family, has_prefix
 
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
-              "qwen2.5-vl": "Qwen2.5-VL"}
+              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 #: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
 #: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
@@ -90,20 +90,17 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
-    from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load
 
-    if flux2_load.has_flux2_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
-        with reading(path):
-            return flux2_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if qwen_image_load.has_transformer(state.keys()):
-        with reading(path):
-            return qwen_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if chroma_load.has_chroma_transformer({k: () for k in state}):  # before FLUX: it has FLUX's double blocks
-        with reading(path):
-            return chroma_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if flux_load.has_flux_transformer({k: () for k in state}):
-        with reading(path):
-            return flux_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
+    keys = {k: () for k in state}
+    for claims, load in ((krea2_load.has_transformer, krea2_load.load_transformer_file),
+                         (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
+                         (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
+                         (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
+                         (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
+        if claims(keys):
+            with reading(path):
+                return load(state, path.name, dtype, fp8=fp8, offload=offload)
     state = unet_to_original_layout(state, path.name)
     with reading(path):
         return _build_unet(path, state, dtype, offload)
@@ -141,8 +138,11 @@ class TextFile:
         t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
             return cls(path.name, state, "t5", t5, "t5")
+        from nodes.checkpoint.krea2_load import is_qwen3_vl
         from nodes.checkpoint.qwen3_text import is_qwen3
 
+        if found is None and is_qwen3_vl(shapes):  # Qwen3-VL: Krea 2's qwen3vl_4b (a Qwen3 decoder and visual.*)
+            return cls(path.name, state, "qwen3-vl", "", "qwen3-vl")
         if found is None and is_qwen3(shapes):  # Qwen3: FLUX.2 klein's qwen_3_4b / qwen_3_8b, Z-Image's qwen_3_4b
             return cls(path.name, state, "qwen3", "", "qwen3")
         from nodes.checkpoint.qwen_image_load import text_prefix
@@ -190,6 +190,11 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     for family in families.ALL:
         if clip_type in family.clip_types and _fits(family, kinds):
             return family
+        aliases = getattr(family, "text_kind_aliases", {})
+        if clip_type in family.clip_types and _fits(family, sorted(aliases.get(k, k) for k in kinds)):
+            for f in files:  # a file its keys cannot tell apart from the kind the family reads (Krea 2)
+                f.kind = aliases.get(f.kind, f.kind)
+            return family
     if clip_type in BY_FILE_TYPES and len(files) == 1 and files[0].kind in BY_FILE_FAMILY:
         return family_for_texts(BY_FILE_FAMILY[files[0].kind], files)
     names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
@@ -222,6 +227,12 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_qwen3(file.state, file.name, dtype)
             continue
+        if spec.kind == "qwen3-vl":
+            from nodes.checkpoint.krea2_load import build_text_model as build_qwen3_vl
+
+            with reading(Path(file.name)):
+                modules[spec.module] = build_qwen3_vl(file.state, file.name, dtype)
+            continue
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
 
@@ -237,8 +248,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl")}
-    qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5"}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl")}
+    qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 

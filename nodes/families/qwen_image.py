@@ -106,6 +106,20 @@ class QwenImageNetwork(WrappedTransformer):
         return (flux.unpack(out[:, :(h // 2) * (w // 2)], h, w),)
 
 
+def text_mask(extras: list[dict], batch: int, device: Any) -> "Any":
+    """The call's text mask [rows, tokens] (1 attended) from each conditioning's :data:`MASK`
+    (``batch`` rows each, in order), or None when every row attends to all its tokens. One rule for
+    the families whose prompts carry a mask (Qwen-Image, Krea 2)."""
+    import torch
+
+    masks = [extra.get(MASK) for extra in extras]
+    if all(m is None or bool(m.all()) for m in masks):
+        return None
+    tokens = next(m for m in masks if m is not None).shape[-1]
+    rows = [(torch.ones(1, tokens) if m is None else m.reshape(1, -1)).expand(batch, -1) for m in masks]
+    return torch.cat(rows).to(device=device)
+
+
 def renormed(guided: "Any", cond: "Any") -> "Any":
     """``guided`` with each packed token's velocity rescaled to the norm of ``cond``'s (diffusers'
     true CFG for Qwen-Image: the norm over a token's 16 channels x 2x2 patch)."""
@@ -176,12 +190,8 @@ class QwenImage(FlowFamily):
         from nodes.families import qwen_image_edit
 
         kwargs = qwen_image_edit.network_kwargs(extras, batch, self.latent, device, dtype)
-        masks = [extra.get(MASK) for extra in extras]
-        if all(m is None or bool(m.all()) for m in masks):
-            return kwargs
-        tokens = next(m for m in masks if m is not None).shape[-1]
-        rows = [(torch.ones(1, tokens) if m is None else m.reshape(1, -1)).expand(batch, -1) for m in masks]
-        return kwargs | {"text_mask": torch.cat(rows).to(device=device, dtype=torch.long)}
+        mask = text_mask(extras, batch, device)
+        return kwargs if mask is None else kwargs | {"text_mask": mask.to(torch.long)}
 
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)

@@ -134,6 +134,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     import torch
 
     from nodes import inpaint_sampling
+    from nodes.latent import widen_empty
     from nodes.samplers import loop
     from nodes.samplers.hold import Hold
     from nodes.samplers.model_sampling import for_model
@@ -146,11 +147,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                         "check the scheduler's steps and denoise or where SplitSigmas splits", sigmas_input)
     samples = check_latent(latent, latent_input)
     channels = model.latent.channels
-    if channels and samples.shape[1] != channels and not bool(torch.count_nonzero(samples)):
-        # ComfyUI's rule: an empty latent takes the model's channel count (EmptyLatentImage's
-        # 4 channels feeding a 16-channel model in a FLUX template).
-        samples = torch.zeros((samples.shape[0], channels, *samples.shape[2:]), dtype=torch.float32)
-    elif channels and samples.shape[1] != channels:
+    samples = widen_empty(samples, channels)  # ComfyUI's rule: an empty latent takes the model's channels
+    if channels and samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this model works on "
                         f"{model.latent.channels}", latent_input)
     if latent.get("strength") is not None:

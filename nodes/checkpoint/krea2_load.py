@@ -1,0 +1,199 @@
+"""Loading Krea 2 offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/krea2_turbo_*.safetensors``: bf16,
+  fp8_scaled, int8_convrot) in Krea's key layout (with or without ``model.diffusion_model.``) or in
+  diffusers' layout in one file; the key map is nodes.checkpoint.krea2_keys, the build FLUX's rule
+  (nodes.checkpoint.flux_load.transformer_from_file: config from shapes, fp8/int8 scales following
+  the renames through nodes.checkpoint.scaled_fp8).
+* Qwen3-VL 4B through CLIPLoader type ``krea2`` (``qwen3vl_4b*.safetensors``): ComfyUI's file holds
+  the language model under ``model.`` (Qwen3's names: q_norm / k_norm) and the vision tower under
+  ``visual.``. Kiln builds transformers' ``Qwen3VLTextModel`` from the shapes; the vision tower is not
+  read (text-to-image never runs it; a node that hands the encoder pictures is refused by name, see
+  nodes.families.krea2).
+* The VAE is Qwen-Image's (``qwen_image_vae.safetensors``, VAELoader: nodes.checkpoint.qwen_image_vae).
+* A diffusers folder (``Krea2Pipeline.save_pretrained``) through CheckpointLoaderSimple.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint import krea2_keys as keys
+from nodes.checkpoint.load import CheckpointError, Loaded
+
+LABEL = "Krea 2"
+#: Qwen3-VL's language model in a ComfyUI file (``model.``), transformers 5's save, or bare.
+TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.", "")
+VISION_PREFIXES = ("visual.", "model.visual.")
+#: What Qwen3-VL releases set and the shapes do not show (Qwen3-VL-4B-Instruct's config).
+ROPE_THETA = 5_000_000.0
+MROPE_128 = (24, 20, 20)
+MAX_POSITIONS = 262144
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A Krea 2 transformer in either layout, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_) or keys.is_diffusers(keys_)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """Krea2Transformer2DModel from original- or diffusers-layout tensors (linear weights held as stored,
+    the norm scales in float32 from the file: :func:`norms_in_fp32`)."""
+    from diffusers import Krea2Transformer2DModel
+
+    from nodes.checkpoint.flux_load import transformer_from_file
+
+    model = transformer_from_file(state, what, dtype, Krea2Transformer2DModel, LABEL, keys,
+                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
+    return norms_in_fp32(model, state)
+
+
+def norms_in_fp32(model: Any, state: Mapping[str, Any]) -> Any:
+    """``model`` with its RMSNorm scales in float32, read again from the file (``state``, either layout,
+    prefix or not), whatever the model computes in: diffusers keeps them so (``_keep_in_fp32_modules``),
+    and the scale is ``1 + w``, which a bf16 copy would round to 1/128. Layers still on the meta device
+    are left alone, so a build straight into disk blocks may run this after each block
+    (nodes.checkpoint.paged.build_paged's ``ready``). Returns ``model``."""
+    import torch
+
+    kept = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name.rsplit(".", 1)[-1] not in kept or not isinstance(weight, torch.nn.Parameter) or weight.is_meta \
+                or weight.dtype == torch.float32:
+            continue
+        found = next((state[k] for n in (f"{name}.weight", keys.to_original_name(f"{name}.weight"))
+                      for k in (n, keys.UNET_PREFIX + n) if k in state), None)
+        value = weight.detach() if found is None else found
+        module.weight = torch.nn.Parameter(value.to(device=weight.device, dtype=torch.float32), requires_grad=False)
+    return model
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's Krea 2 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import krea2 as fam
+
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a Krea 2 file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.krea2_keys' table: renames and the blocks' table reshape keep each tensor's rows)."""
+    from diffusers import Krea2Transformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(Krea2Transformer2DModel, LABEL, keys, keys.is_diffusers(state),
+                        after=lambda model: norms_in_fp32(model, state))
+
+
+# -- the text encoder -------------------------------------------------------------------------------
+
+
+def is_qwen3_vl(keys_: Any) -> bool:
+    """A Qwen3-VL file: a Qwen3-style decoder (q_norm) and a vision tower beside it."""
+    from nodes.checkpoint.qwen3_text import is_qwen3
+
+    keys_ = list(keys_)
+    return is_qwen3(keys_) and any(k.startswith(VISION_PREFIXES) for k in keys_)
+
+
+def text_prefix(keys_: Any) -> str | None:
+    from nodes.checkpoint.qwen3_text import MARKER, decoder_prefix
+
+    return decoder_prefix(keys_, TEXT_PREFIXES, MARKER)
+
+
+def text_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
+    """Qwen3VLTextConfig from the shapes of bare language-model keys; the head width from q_norm."""
+    import re
+
+    from transformers import Qwen3VLTextConfig
+
+    try:
+        vocab, hidden = shapes["embed_tokens.weight"]
+        head = shapes["layers.0.self_attn.q_norm.weight"][0]
+        q_rows = shapes["layers.0.self_attn.q_proj.weight"][0]
+        kv_rows = shapes["layers.0.self_attn.k_proj.weight"][0]
+        intermediate = shapes["layers.0.mlp.gate_proj.weight"][0]
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: not a Qwen3-VL language model ({exc} is missing)") from None
+    layers = len({m.group(1) for k in shapes for m in [re.match(r"layers\.(\d+)\.", k)] if m})
+    sections = [s * head // 128 for s in MROPE_128]
+    sections[0] += head // 2 - sum(sections)
+    return Qwen3VLTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=q_rows // head,
+                             num_key_value_heads=kv_rows // head, head_dim=head, rms_norm_eps=1e-6,
+                             max_position_embeddings=MAX_POSITIONS, use_cache=False,
+                             attention_bias="layers.0.self_attn.q_proj.bias" in shapes,
+                             rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
+                                              "mrope_section": sections, "mrope_interleaved": True})
+
+
+def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """transformers' ``Qwen3VLTextModel`` holding the language model of a Qwen3-VL file (``lm_head`` and
+    the vision tower left unread); fp8_scaled / int8 layers get their scales (nodes.checkpoint.scaled_fp8).
+    A file that holds no Qwen3-style decoder is a CheckpointError naming it."""
+    from transformers import Qwen3VLTextModel
+
+    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint.load import _empty
+    from nodes.checkpoint.tensors import shapes_of
+
+    prefix = text_prefix(state.keys())
+    if prefix is None:
+        raise CheckpointError(f"{what} holds no Qwen3-VL language model (no model.layers.0.self_attn.q_norm.weight "
+                              "with model.embed_tokens.weight); CLIPLoader type krea2 needs qwen3vl_4b*.safetensors")
+    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)
+           and not k.startswith(("lm_head.", *VISION_PREFIXES)) and not k[len(prefix):].startswith("visual.")}
+    kept, scales = scaled_fp8.take(sub, what)
+    model = _empty(Qwen3VLTextModel, text_config(shapes_of(kept), what))
+    return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3-VL text encoder ({what})")
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_krea2_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is Krea 2's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "Krea2Transformer2DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Krea 2 folder (``Krea2Pipeline.save_pretrained``: transformer, Qwen3-VL, Qwen-Image VAE,
+    tokenizer, scheduler), through nodes.checkpoint.flow_transformers.load_pipeline_folder. The pipeline's
+    ``is_distilled`` (model_index.json) picks the shift as Krea2Pipeline does: Turbo's fixed mu 1.15, else
+    the folder's scheduler config by image size."""
+    import dataclasses
+    import json
+
+    from diffusers import Krea2Transformer2DModel
+    from transformers import Qwen2TokenizerFast
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_state
+    from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.families import krea2 as fam
+
+    found = folder_state(path / "transformer", dtype)
+    files = {} if found is None else found[1]
+    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel,
+                                  lambda: vae_and_text_encoder(path, dtype, build_text_model),
+                                  lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
+                                  latent_from_vae=False, ready=lambda model: norms_in_fp32(model, files),
+                                  ready_in_blocks=True)
+    try:
+        distilled = bool(json.loads((path / "model_index.json").read_text()).get("is_distilled", False))
+    except (OSError, ValueError):
+        distilled = False
+    if distilled:
+        config = dict(loaded.scheduler_config, use_dynamic_shifting=True, base_shift=fam.TURBO_MU,
+                      max_shift=fam.TURBO_MU)
+        loaded = dataclasses.replace(loaded, scheduler_config=config)
+    return loaded
