@@ -275,6 +275,19 @@ def test_conditioning_of_another_width_names_the_input():
     assert err.value.input_name == "positive" and "krea2" in str(err.value)
 
 
+def test_the_tokenizer_has_the_special_tokens_the_template_and_comfyui_use():
+    """Qwen3-VL's ids as ComfyUI's Krea 2 / Qwen3-VL code names them (151644 <|im_start|>, 872 198 the
+    user turn, 151655 <|image_pad|>), and the prefix is the 34 tokens the pipeline drops."""
+    tok = tiny_krea2.components()["tokenizer"]
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
+                                                      "<|vision_end|>", "<|endoftext|>")}
+    assert ids == {"<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652, "<|image_pad|>": 151655,
+                   "<|vision_end|>": 151653, "<|endoftext|>": 151643}
+    prefix = tok(krea2.PREFIX).input_ids
+    assert len(prefix) == krea2.TEMPLATE_TOKENS and tuple(prefix[-3:]) == krea2.USER_TURN
+    assert len(tok(krea2.SUFFIX).input_ids) == 5  # the pipeline's prompt_template_encode_num_suffix_tokens
+
+
 def test_a_prompt_with_its_own_template_needs_a_user_turn():
     from nodes.families.base import ConditioningError
 

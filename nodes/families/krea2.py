@@ -34,6 +34,7 @@ from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncod
 from nodes.families.input_checks import check_even_latent, check_text_width
 
 UNET_PREFIX = flux.UNET_PREFIX
+LABEL = "Krea 2"
 #: Qwen3-VL ``hidden_states`` indices (0 is the embedding) stacked per token (Krea2Pipeline's default).
 TEXT_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
 #: Krea2Pipeline's template, split where it pads, and what it drops from the front.
@@ -94,9 +95,6 @@ class Krea2Network(WrappedTransformer):
                                timestep=time.to(self.dtype), position_ids=position_ids(tokens, h, w, self.device),
                                encoder_attention_mask=mask, return_dict=False, **kwargs)[0]
         return (flux.unpack(out, h, w),)
-
-
-LABEL = "Krea 2"
 
 
 class Krea2(FlowFamily):
