@@ -1,10 +1,10 @@
 """Which CLIPs can write text, and how: the causal-LM text encoders behind TextGenerate.
 
 Some image models encode prompts with an instruction-tuned language model (Z-Image and FLUX.2
-klein with Qwen3, Qwen-Image with Qwen2.5-VL). ComfyUI's TextGenerate runs that same model as a
-chat model to write or expand a prompt. What differs between such encoders is gathered here, one
+klein with Qwen3, Qwen-Image with Qwen2.5-VL, Krea 2 with Qwen3-VL). ComfyUI's TextGenerate runs
+that same model as a chat model to write or expand a prompt. What differs between such encoders is gathered here, one
 :class:`LanguageModel` per encoder kind (nodes.checkpoint.split's kinds) in :data:`KINDS`, so a
-new one (a Qwen3-VL) is one more entry; everything else (the node, the decoding loop in
+new one is one more entry; everything else (the node, the decoding loop in
 nodes.text_sampling) is shared:
 
 * the chat template as ComfyUI's tokenizers apply it for TextGenerate: an optional system turn,
@@ -89,6 +89,9 @@ def qwen25_pictures(module: Any, tokenizer: Any, text: str, pictures: list) -> A
 KINDS: dict[str, LanguageModel] = {
     "qwen3": LanguageModel("Qwen3", qwen3_chat, reasons=True),
     "qwen2.5-vl": LanguageModel("Qwen2.5-VL", qwen25_chat, nested_decoder, pictures=qwen25_pictures),
+    # Krea 2's Qwen3-VL 4B (text model only: nodes.checkpoint.krea2_load); ComfyUI's Qwen3-VL tokenizer
+    # writes Qwen3's empty think block when thinking is off
+    "qwen3-vl": LanguageModel("Qwen3-VL", qwen3_chat, reasons=True),
 }
 
 

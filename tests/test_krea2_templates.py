@@ -1,12 +1,12 @@
 """ComfyUI's Krea 2 templates (comfyui-workflow-templates-json), as its editor saved them.
 
-``image_krea2_turbo_t2i`` and ``_int8`` validate with only their model files missing and one node
-this branch lacks, TextGenerate (the prompt-enhance step; another branch adds it). With the
-template's own prompt-enhance switch off and that node taken out, the rest of the graph runs
+``image_krea2_turbo_t2i`` and ``_int8`` validate with only their model files missing. With the
+template's own prompt-enhance switch off and its TextGenerate node taken out, the rest of the graph runs
 unchanged on the tiny files (UNETLoader with the bf16 / int8_convrot transformer, CLIPLoader type
 krea2, VAELoader, the LoRA switch, EmptyLatentImage, KSampler euler/simple 8 steps cfg 1 with a
 ConditioningZeroOut negative) and gives Krea2Pipeline's Turbo picture; with its LoRA switch on, the
-picture of the pipeline with that LoRA merged by hand and the style words appended. The style-reference template
+picture of the pipeline with that LoRA merged by hand and the style words appended. As shipped
+(prompt enhance on) it gives the pipeline's picture for the prompt TextGenerate wrote. The style-reference template
 feeds a picture to TextEncodeQwenImageEditPlus on the Krea 2 CLIP, which Kiln refuses by node and input
 (Qwen3-VL's vision tower is not loaded yet).
 """
@@ -54,7 +54,7 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", [*TEMPLATES, STYLE])
-def test_templates_validate_with_only_their_files_and_textgenerate_missing(registry, name, tmp_path):
+def test_templates_validate_with_only_their_files_missing(registry, name, tmp_path):
     from engine.context import Environment, Paths
 
     wf = parse_document(_template(name), registry)
@@ -62,7 +62,7 @@ def test_templates_validate_with_only_their_files_and_textgenerate_missing(regis
         validate(wf, registry, Environment(paths=Paths.under(tmp_path)))
     unknown = {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
     files = {(e.node_type, e.input_name) for e in err.value.errors if e.type != "unknown_node_type"}
-    assert unknown == {"TextGenerate"}
+    assert not unknown
     allowed = {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),
                ("LoraLoaderModelOnly", "lora_name"), ("LoadImage", "image")}
     assert files and files <= allowed, files
@@ -130,6 +130,26 @@ def test_the_turbo_templates_lora_switch_applies_its_lora_and_style_words(regist
     assert np.abs(ours - theirs).max() <= 1 / 255
     off = Executor(registry, env).run(wf.with_overrides({"30:23.value": False})).results["30:8"][0].numpy()
     assert np.abs(ours - off).max() > 0.02  # the switch matters: not vacuous
+
+
+def test_the_turbo_template_as_shipped_enhances_its_prompt_with_textgenerate(registry, env):
+    """Prompt enhance on, as the template ships: TextGenerate samples a prompt on the Krea 2 Qwen3-VL itself
+    (the system prompt and the user's words, thinking on, seeded), the switch passes it on and the picture
+    is Krea2Pipeline's for that generated prompt."""
+    wf = parse_document(_template(TEMPLATES[0]), registry).with_overrides({
+        "30:10.unet_name": "tiny-krea2.safetensors", "30:11.clip_name": "tiny-qwen3vl_4b.safetensors",
+        "30:12.vae_name": "tiny-qwen_image_vae.safetensors", "30:15.lora_name": "tiny-krea2-lora.safetensors",
+        "30:5.width": SIZE, "30:5.height": SIZE, "30:16.max_length": 24})
+    assert wf.nodes["30:24"].inputs["value"] is True  # the template's prompt_enhance switch
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    enhanced = outcome.results["30:16"][0]
+    assert enhanced and enhanced != wf.nodes["30:19"].inputs["value"]
+    with torch.no_grad():
+        theirs = tiny_krea2.pipeline(distilled=True)(
+            prompt=enhanced, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0, output_type="np",
+            generator=torch.Generator("cpu").manual_seed(wf.nodes["30:3"].inputs["seed"])).images
+    assert np.abs(outcome.results["30:8"][0].numpy() - theirs).max() <= 1 / 255
 
 
 def test_style_reference_template_refuses_the_picture_by_node_and_input(registry, env, root):

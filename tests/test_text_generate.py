@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny_krea2
 import tiny_qwen3
 from engine.context import NodeError
 from engine.formats import parse_document
@@ -32,6 +33,7 @@ from nodes.text_sampling import Sampling, choose, generate, penalised
 ENDOFTEXT, IM_END, THINK, UNTHINK = 151643, 151645, 151667, 151668
 STOPS = [ENDOFTEXT, IM_END]
 QWEN3, QWEN3_TIED, QWEN25 = "qwen_3_4b.safetensors", "qwen_3_4b_tied.safetensors", "qwen_2.5_vl_7b.safetensors"
+QWEN3VL = "qwen3vl_4b.safetensors"
 #: Qwen3's chat template for "A red fox" with thinking off, as Qwen's own template renders it.
 FOX = "<|im_start|>user\nA red fox<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
@@ -66,7 +68,13 @@ def root(tmp_path_factory) -> Path:
     tied = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
     save_file(tied, str(folder / "text_encoders" / QWEN3_TIED))
     save_file(qwen25_file_state(), str(folder / "text_encoders" / QWEN25))
+    save_file({**tiny_krea2.comfy_text_state(), "lm_head.weight": krea2_head()}, str(folder / "text_encoders" / QWEN3VL))
     return folder
+
+
+def krea2_head() -> torch.Tensor:
+    """A head of its own for the tiny Krea 2 Qwen3-VL (the tied embedding makes a tiny model repeat one token)."""
+    return torch.randn(151936, tiny_krea2.TEXT, generator=torch.Generator().manual_seed(4)) * 0.5
 
 
 def reference(name: str):
@@ -151,6 +159,29 @@ def test_greedy_qwen25_vl_equals_transformers_generate(registry, env):
         assert head is not None  # the file's own head, not the embedding
         got = generate(lm.decoder(encoder), head, ids, 16, frozenset(STOPS), None)
     assert got == expected and len(set(got)) > 3
+
+
+def test_greedy_krea2_qwen3_vl_equals_transformers_generate(registry, env):
+    """Krea 2's Qwen3-VL 4B (CLIPLoader type krea2; the template's prompt enhancer) as a chat model: ComfyUI's
+    file with a head of its own, equal to transformers' Qwen3-VL causal LM token for token."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    head = krea2_head()
+    clip = load(registry, env, QWEN3VL, "krea2")
+    spec, lm = language_model(clip.family)
+    tok = clip.tokenizers[spec.tokenizer]
+    ids = prompt_ids(tok, templated(lm, "A red fox", "", False, True))
+    assert ids == tok(FOX, add_special_tokens=False).input_ids  # ComfyUI's Qwen3-VL template, thinking off
+    model = Qwen3VLForConditionalGeneration(tiny_krea2.text_config()).eval()
+    model.model.load_state_dict(tiny_krea2.components()["text_encoder"].state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head)
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=16, eos_token_id=STOPS, pad_token_id=ENDOFTEXT)
+    expected = out[0, len(ids):].tolist()
+    text, _ = node(registry, env, clip=clip, prompt="A red fox", max_length=16, sampling_mode="off")
+    assert len(expected) == 16 and len(set(expected)) > 3
+    assert text == readable(expected)
 
 
 # -- sampling ------------------------------------------------------------------------------------
