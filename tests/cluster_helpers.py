@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_registry() -> Registry:
-    """Stub nodes (Spin, SaveText, ...), Crash, and the real node library, in one registry."""
+    """Stub nodes (Spin, StubSaveText, ...), Crash, and the real node library, in one registry."""
     import nodes
     import server_helpers
     from engine import types as T

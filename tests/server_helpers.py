@@ -50,7 +50,7 @@ def spin(ctx, value, ticks, preview, delay):
     return (value,)
 
 
-@define_node("SaveText", category="test", output_node=True,
+@define_node("StubSaveText", category="test", output_node=True,
              inputs=[Input("text", T.STRING), Input("prefix", T.STRING, default="out")])
 def save_text(ctx, text, prefix):
     """Writes a file into the output folder, like SaveImage, so durability tests can check files."""
@@ -92,7 +92,7 @@ def slow_workflow(value: float = 1.0, ticks: int = 2000, delay: float = 0.01) ->
 
 
 def save_workflow(text: str, prefix: str = "out") -> dict[str, Any]:
-    return {"version": 1, "nodes": {"1": {"type": "SaveText", "inputs": {"text": text, "prefix": prefix}}}}
+    return {"version": 1, "nodes": {"1": {"type": "StubSaveText", "inputs": {"text": text, "prefix": prefix}}}}
 
 
 # -- polling ----------------------------------------------------------------------------------

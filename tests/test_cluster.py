@@ -106,7 +106,7 @@ def loader_only(ckpt: str) -> dict:
     return {"version": 1, "nodes": {
         "1": {"type": "CheckpointLoader", "inputs": {"ckpt_name": ckpt}},
         "2": {"type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["1", 1]}},
-        "3": {"type": "SaveText", "inputs": {"text": "loaded", "prefix": "ckpt"}}}}
+        "3": {"type": "StubSaveText", "inputs": {"text": "loaded", "prefix": "ckpt"}}}}
 
 
 # -- spread, cancel, files ------------------------------------------------------------------
@@ -192,10 +192,10 @@ async def test_a_new_seed_lands_on_the_warm_worker(server):
 
 async def test_kill_9_of_a_worker_mid_job_loses_nothing_and_saves_nothing_twice(server, cluster):
     workflow = {"version": 1, "nodes": {
-        "1": {"type": "SaveText", "inputs": {"text": "before", "prefix": "first"}},
+        "1": {"type": "StubSaveText", "inputs": {"text": "before", "prefix": "first"}},
         "2": {"type": "Spin", "inputs": {"value": 3.0, "ticks": 400, "delay": 0.01}},
         "3": {"type": "Format", "inputs": {"value": ["2", 0]}},
-        "4": {"type": "SaveText", "inputs": {"text": ["3", 0], "prefix": "second"}}}}
+        "4": {"type": "StubSaveText", "inputs": {"text": ["3", 0], "prefix": "second"}}}}
     job_id = await submit(server, workflow)
     running = await running_with_progress(server, job_id)  # node 1 already saved its file
     victim = running["worker"]

@@ -215,10 +215,10 @@ def test_inpaint_latent_and_model_mismatches_are_refused(sd1):
     with pytest.raises(NodeError) as err:
         ksampler(rec.ctx, tiny.model, 1, 2, 7.0, "euler", "normal", pos, neg, {"samples": tiny.init})
     assert err.value.input_name == "positive" and "(4, 16, 16)" in str(err.value) and "(4, 8, 8)" in str(err.value)
-    # A latent of another latent space.
+    # A latent of another latent space (an encoded one: an empty one is widened to the model's, as ComfyUI does).
     with pytest.raises(NodeError) as err:
         ksampler(rec.ctx, tiny.model, 1, 2, 7.0, "euler", "normal", tiny.pos, tiny.neg,
-                 {"samples": torch.zeros(1, 16, 8, 8)})
+                 {"samples": torch.ones(1, 16, 8, 8)})
     assert err.value.input_name == "latent_image" and "16 channels" in str(err.value)
     # A network whose input width is neither plain (4) nor inpainting (9).
     from diffusers import UNet2DConditionModel
