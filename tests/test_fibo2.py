@@ -18,7 +18,7 @@ import torch
 
 import tiny_fibo2
 from engine.workflow import parse
-from flow_family_files import env, registry, run, save_state  # noqa: F401 (fixtures)
+from flow_family_files import env, registry, run, save_state, unet_weights  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import split_loaders
 from nodes.families import fibo2
@@ -97,11 +97,10 @@ def test_unet_loader_detects_fibo2_and_loads_the_weights_bit_for_bit(env, name):
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     assert model.family is fibo2.FAMILY and model.scheduler_config["kiln_mu_rule"] == "per_pixel"
     want = tiny_fibo2.components()["transformer"]
-    with model._use_unet() as net:
-        got = net.state_dict()
-        mine = {k: v for k, v in net.config.items() if not k.startswith("_")}
-        assert mine == {k: v for k, v in want.config.items() if not k.startswith("_")}  # config from the shapes
-    want = want.state_dict()
+    with model._use_unet() as net:  # the config read from the shapes is the model's
+        assert {k: v for k, v in net.config.items() if not k.startswith("_")} == \
+            {k: v for k, v in want.config.items() if not k.startswith("_")}
+    got, want = unet_weights(model), want.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -110,11 +109,7 @@ def test_clip_loader_fibo2_builds_the_qwen3_vl_text_model(env):
 
     (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="fibo2")
     assert clip.family is fibo2.FAMILY
-    want = tiny_krea2.components()["text_encoder"].language_model.state_dict()
-    with clip.encoder("text_encoder") as qwen:
-        assert type(qwen).__name__ == "Qwen3VLTextModel"
-        got = qwen.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    tiny_krea2.check_text_model(clip)
 
 
 def test_int8_convrot_file_equals_its_dequantised_twin(registry, env):

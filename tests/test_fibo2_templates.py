@@ -21,8 +21,7 @@ import torch
 import tiny_fibo2
 from engine.executor import Executor
 from engine.formats import parse_document
-from engine.validate import WorkflowInvalid, validate
-from flow_family_files import env, registry  # noqa: F401 (fixtures)
+from flow_family_files import env, registry, template_file_errors  # noqa: F401 (fixtures)
 from nodes.families import fibo2
 
 TEMPLATES = ("image_fibo2_edit_dev_pe.json", "image_fibo2_edit_turbo_pe.json")
@@ -52,14 +51,7 @@ def picture(env) -> None:
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_templates_validate_with_only_their_files_missing(registry, name, tmp_path):
-    from engine.context import Environment, Paths
-
-    wf = parse_document(_template(name), registry)
-    with pytest.raises(WorkflowInvalid) as err:
-        validate(wf, registry, Environment(paths=Paths.under(tmp_path)))
-    unknown = {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
-    files = {(e.node_type, e.input_name) for e in err.value.errors if e.type != "unknown_node_type"}
-    assert not unknown
+    wf, files = template_file_errors(registry, _template(name), tmp_path)  # no unknown node type
     # and one more: the enhancer's BatchImagesNode links one picture (ComfyUI's node now takes one; Kiln's
     # BatchImagesNode requires two, pinned by its own tests, so that is reported, not changed here)
     assert files == {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),
