@@ -20,6 +20,8 @@ What it shares and what differs, and where it lives:
   states, each tapped layer scaled to unit RMS per token in float32, three layers per bundle
   (:data:`BUNDLES`). A caption's ``text_render`` entries are encoded without the pictures of their
   text (the pipeline's ``render_text_images=False``): Kiln loads Qwen3-VL without its vision tower.
+  The pipeline cleans the prompt but encodes its ``negative_prompt`` as written; CLIPTextEncode cannot
+  tell a negative from a prompt and cleans any JSON caption, TextEncodeFibo2's negative is as written.
 * **Guidance.** Real CFG (KSampler's ``cfg`` is the pipeline's ``guidance_scale``); the pipeline's
   default negative is the empty structured caption (:data:`NULL_CAPTION`), which TextEncodeFibo2 uses
   for an empty ``negative_prompt``. Edit turbo runs cfg 1.
