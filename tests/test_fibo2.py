@@ -224,8 +224,6 @@ def test_pictures_to_edit_are_refused_by_input_name(registry, env):
 
 
 def test_another_familys_clip_and_a_wrong_width_name_their_input(env):
-    import tiny_krea2  # noqa: F401 (the tiny Qwen3-VL file under type krea2)
-
     from engine.context import NodeError
     from nodes.fibo2_nodes import text_encode_fibo2
 
@@ -263,7 +261,7 @@ def test_a_fibo2_transformer_in_checkpoint_loader_names_its_loaders(root, tmp_pa
     assert "FIBO 2" in message and "UNETLoader" in message and "type fibo2" in message
 
 
-def test_a_qwen3_vl_too_shallow_for_the_taps_names_the_clip(env, tmp_path):
+def test_a_qwen3_vl_too_shallow_for_the_taps_names_the_clip(env):
     from nodes.families.base import ConditioningError
 
     (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="fibo2")
@@ -277,3 +275,23 @@ def test_a_qwen3_vl_too_shallow_for_the_taps_names_the_clip(env, tmp_path):
         finally:
             qwen.layers, qwen.config.num_hidden_layers = layers, len(layers)
     assert exc.value.input_name == "clip" and "35" in str(exc.value)
+
+
+def test_files_given_to_the_wrong_loader_name_the_file_and_the_loader(root, env):
+    """The FIBO 2 transformer given to CLIPLoader type fibo2, and the Qwen3-VL file given to UNETLoader."""
+    import shutil
+
+    from engine.context import NodeError
+
+    shutil.copy(root / "diffusion_models" / UNET, root / "text_encoders" / "fibo2-as-clip.safetensors")
+    shutil.copy(root / "text_encoders" / CLIP, root / "diffusion_models" / "qwen3vl-as-unet.safetensors")
+    try:
+        with pytest.raises(NodeError) as exc:
+            call(split_loaders.clip_loader, env, clip_name="fibo2-as-clip.safetensors", type="fibo2")
+        assert "fibo2-as-clip.safetensors" in str(exc.value) and "diffusion model" in str(exc.value)
+        with pytest.raises(NodeError) as exc:
+            call(split_loaders.unet_loader, env, unet_name="qwen3vl-as-unet.safetensors")
+        assert "qwen3vl-as-unet.safetensors" in str(exc.value) and "CLIPLoader" in str(exc.value)
+    finally:
+        (root / "text_encoders" / "fibo2-as-clip.safetensors").unlink()
+        (root / "diffusion_models" / "qwen3vl-as-unet.safetensors").unlink()

@@ -1,5 +1,5 @@
-"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2 and FIBO 2 built straight into blocks paged to disk
-(nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2 and FIBO 2 built straight into blocks
+paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
 Qwen-Image's and FIBO 2's are diffusers' own names): the size asked before building is the whole build's module bytes,

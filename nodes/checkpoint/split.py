@@ -34,7 +34,9 @@ BY_FILE_FAMILY = {"qwen3": "lumina2", "qwen2.5-vl": "qwen_image"}
 
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     """Why a file is not a UNet, in the user's terms."""
-    if det.text_encoder_layout(shapes) is not None:
+    from nodes.checkpoint.qwen3_text import is_qwen3  # Qwen3 / Qwen3-VL language models too
+
+    if det.text_encoder_layout(shapes) is not None or is_qwen3(shapes):
         return f"{name} holds a text encoder (CLIP), not a diffusion model; load it with CLIPLoader"
     if has_prefix(shapes, "encoder.down") or has_prefix(shapes, "first_stage_model."):
         return f"{name} holds a VAE, not a diffusion model; load it with VAELoader"
@@ -152,8 +154,10 @@ class TextFile:
         if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
             return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
         if found is None:
+            from nodes.checkpoint.fibo2_load import has_transformer as is_fibo2  # bare diffusers names
+
             what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
-                else "no CLIP text encoder"
+                or is_fibo2(shapes) else "no CLIP text encoder"
             raise CheckpointError(f"{path.name} holds {what} (no token embedding); CLIPLoader needs a text encoder")
         layout, prefix = found
         return cls(path.name, state, layout, prefix, det.text_kind(shapes, layout, prefix))
