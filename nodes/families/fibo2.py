@@ -167,6 +167,11 @@ class Fibo2(FlowFamily):
         transformer = getattr(network, "kiln_network", network)
         return {"single": list(transformer.layers)}
 
+    def original_names(self, network: Any) -> dict[str, str]:
+        """FIBO 2's files hold diffusers' names: each parameter's own (LoRAs for it use them too, under
+        ``diffusion_model.``, ``transformer.`` or kohya's underscores; nodes.lora_keys reads those)."""
+        return {name: name for name, _ in network.named_parameters()}
+
     def conditioning_notes(self, conditionings: list) -> list[str]:
         from nodes.families import flux
 
