@@ -295,3 +295,19 @@ def test_files_given_to_the_wrong_loader_name_the_file_and_the_loader(root, env)
     finally:
         (root / "text_encoders" / "fibo2-as-clip.safetensors").unlink()
         (root / "diffusion_models" / "qwen3vl-as-unet.safetensors").unlink()
+
+
+def test_a_batch_of_two_with_cfg_equals_the_pipelines_two_images(registry, env):
+    """TextEncodeFibo2's batch_size 2: image k's noise from seed + k (Kiln's rule), the prompt and the
+    shorter negative each evaluated for both rows; the pipeline with num_images_per_prompt 2 on that noise."""
+    graph = _graph(CAPTION, NEGATIVE, 7, 3, 3.0)
+    graph["2"]["inputs"]["batch_size"] = 2
+    ours = run(registry, env, parse(graph)).results["6"][0].numpy()
+    noise = torch.cat([_noise(7), _noise(8)])
+    with torch.no_grad():
+        theirs = tiny_fibo2.pipeline()(
+            prompt=CAPTION, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=3,
+            guidance_scale=3.0, num_images_per_prompt=2, latents=fibo2.unpatch(noise), output_type="np").images
+    assert ours.shape == theirs.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(ours - theirs).max() <= 1 / 255
+    assert np.abs(ours[0] - ours[1]).max() > 0.02  # two noises, two pictures
