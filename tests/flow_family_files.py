@@ -120,6 +120,21 @@ def run(registry: Any, env: Environment, wf: Any) -> Any:
     return outcome
 
 
+def template_file_errors(registry: Any, document: dict, root: Path) -> tuple[Any, set[tuple[str, str]]]:
+    """(ComfyUI ``document`` parsed, its validation errors as {(node type, input)}) in an empty models
+    folder under ``root``: it must be invalid, and no node type may be unknown (only inputs fail)."""
+    from engine.context import Environment, Paths
+    from engine.formats import parse_document
+    from engine.validate import WorkflowInvalid, validate
+
+    wf = parse_document(document, registry)
+    with pytest.raises(WorkflowInvalid) as err:
+        validate(wf, registry, Environment(paths=Paths.under(root)))
+    unknown = {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
+    assert not unknown
+    return wf, {(e.node_type, e.input_name) for e in err.value.errors if e.type != "unknown_node_type"}
+
+
 def unet_weights(model: Any) -> dict:
     """Copies of a loaded MODEL's transformer weights, to compare loaders bit for bit."""
     with model._use_unet() as net:

@@ -23,8 +23,7 @@ import torch
 import tiny_krea2
 from engine.executor import Executor
 from engine.formats import parse_document
-from engine.validate import WorkflowInvalid, validate
-from flow_family_files import env, registry, save_state  # noqa: F401 (fixtures)
+from flow_family_files import env, registry, save_state, template_file_errors  # noqa: F401 (fixtures)
 
 TEMPLATES = ("image_krea2_turbo_t2i.json", "image_krea2_turbo_t2i_int8.json")
 STYLE = "image_krea2_turbo_int8_image_style_reference.json"
@@ -55,14 +54,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", [*TEMPLATES, STYLE])
 def test_templates_validate_with_only_their_files_missing(registry, name, tmp_path):
-    from engine.context import Environment, Paths
-
-    wf = parse_document(_template(name), registry)
-    with pytest.raises(WorkflowInvalid) as err:
-        validate(wf, registry, Environment(paths=Paths.under(tmp_path)))
-    unknown = {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
-    files = {(e.node_type, e.input_name) for e in err.value.errors if e.type != "unknown_node_type"}
-    assert not unknown
+    wf, files = template_file_errors(registry, _template(name), tmp_path)  # no unknown node type
     allowed = {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),
                ("LoraLoaderModelOnly", "lora_name"), ("LoadImage", "image")}
     assert files and files <= allowed, files

@@ -1,8 +1,8 @@
-"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image and Krea 2 built straight into blocks paged to disk
-(nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2 and FIBO 2 built straight into blocks
+paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
-Qwen-Image's are diffusers' own names): the size asked before building is the whole build's module bytes,
+Qwen-Image's and FIBO 2's are diffusers' own names): the size asked before building is the whole build's module bytes,
 the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
 whole weight set (every tensor read from the file is metered until freed).
 """
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tiny_chroma
+import tiny_fibo2
 import tiny_flux
 import tiny_flux2
 import tiny_krea2
@@ -83,6 +84,16 @@ def _krea2_forward(net: Any) -> torch.Tensor:
                    return_dict=False)[0]
 
 
+def _fibo2_forward(net: Any) -> torch.Tensor:
+    """Divided by 32: the tiny FIBO 2's outputs are some 30 in size (its random gates), the other families'
+    about 1, so the shared 1e-5 bound on the paged layers' rounding stays a bound on the same relative error."""
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 6, 7, net.config.cap_feat_dim, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]),
+                   return_dict=False)[0] / 32
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -91,13 +102,16 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "chroma": (tiny_chroma.original_transformer, _chroma_forward),
     "qwen_image": (lambda: dict(tiny_qwen_image.components()["transformer"].state_dict()), _qwen_image_forward),
     "krea2": (tiny_krea2.original_state, _krea2_forward),
+    "fibo2": (tiny_fibo2.transformer_state, _fibo2_forward),
 }
+#: families whose ComfyUI files hold diffusers' own names (no second layout to write)
+DIFFUSERS_NAMED = ("qwen_image", "fibo2")
 
 
 def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
-             "krea2": tiny_krea2}[family].components())["transformer"]
+             "krea2": tiny_krea2, "fibo2": tiny_fibo2}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +125,7 @@ def files(tmp_path_factory) -> Path:
     for family, (state, _) in FAMILIES.items():
         tensors = {PREFIX + k: v for k, v in state().items()}
         tiny_flux._save(root / f"{family}.safetensors", tensors)
-        if family != "qwen_image":  # its files hold diffusers' names already
+        if family not in DIFFUSERS_NAMED:  # their files hold diffusers' names already
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
         if family in ("z_image", "sd3"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
@@ -127,7 +141,7 @@ def _files_block_bytes(whole: Any) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("family,layout", [(f, "") for f in FAMILIES] +
-                         [(f, "-diffusers") for f in FAMILIES if f != "qwen_image"])
+                         [(f, "-diffusers") for f in FAMILIES if f not in DIFFUSERS_NAMED])
 def test_a_families_unet_file_loads_straight_into_disk_blocks(files, family, layout, alive, phase):
     """ComfyUI's layout (converted per tensor by the family's own key map) and diffusers' (no conversion)."""
     path, forward = files / f"{family}{layout}.safetensors", FAMILIES[family][1]

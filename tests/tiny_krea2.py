@@ -7,6 +7,7 @@ API:
     pipeline(distilled) -> Krea2Pipeline over them (is_distilled as given: Turbo's fixed mu or Raw's size rule).
     original_state()  -> the transformer in Krea's / ComfyUI's key layout (diffusers' converter's inverse).
     comfy_text_state() -> the text encoder as ComfyUI's qwen3vl_4b file holds it.
+    check_text_model(clip) -> asserts a loaded CLIP holds that text model, weights bit for bit.
     make_models_folder(root) -> ComfyUI's split files (see there).
 """
 from __future__ import annotations
@@ -97,6 +98,18 @@ def comfy_text_state() -> dict:
             k = "model." + k[len("language_model."):]
         out[k] = v.contiguous()
     return out
+
+
+def check_text_model(clip: Any) -> None:
+    """``clip`` (CLIPLoader on :func:`comfy_text_state`'s file) holds transformers' Qwen3VLTextModel with
+    exactly the tiny Qwen3-VL's language-model weights."""
+    import torch
+
+    want = components()["text_encoder"].language_model.state_dict()
+    with clip.encoder("text_encoder") as qwen:
+        assert type(qwen).__name__ == "Qwen3VLTextModel"
+        got = qwen.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def make_models_folder(root: Any) -> Path:

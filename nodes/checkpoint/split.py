@@ -34,7 +34,9 @@ BY_FILE_FAMILY = {"qwen3": "lumina2", "qwen2.5-vl": "qwen_image"}
 
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     """Why a file is not a UNet, in the user's terms."""
-    if det.text_encoder_layout(shapes) is not None:
+    from nodes.checkpoint.qwen3_text import is_qwen3  # Qwen3 / Qwen3-VL language models too
+
+    if det.text_encoder_layout(shapes) is not None or is_qwen3(shapes):
         return f"{name} holds a text encoder (CLIP), not a diffusion model; load it with CLIPLoader"
     if has_prefix(shapes, "encoder.down") or has_prefix(shapes, "first_stage_model."):
         return f"{name} holds a VAE, not a diffusion model; load it with VAELoader"
@@ -90,10 +92,11 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
-    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load
+    from nodes.checkpoint import chroma_load, fibo2_load, flux2_load, krea2_load, qwen_image_load
 
     keys = {k: () for k in state}
-    for claims, load in ((krea2_load.has_transformer, krea2_load.load_transformer_file),
+    for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
+                         (krea2_load.has_transformer, krea2_load.load_transformer_file),
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
                          (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
                          (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
@@ -151,8 +154,10 @@ class TextFile:
         if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
             return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
         if found is None:
+            from nodes.checkpoint.fibo2_load import has_transformer as is_fibo2  # bare diffusers names
+
             what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
-                else "no CLIP text encoder"
+                or is_fibo2(shapes) else "no CLIP text encoder"
             raise CheckpointError(f"{path.name} holds {what} (no token embedding); CLIPLoader needs a text encoder")
         layout, prefix = found
         return cls(path.name, state, layout, prefix, det.text_kind(shapes, layout, prefix))

@@ -101,7 +101,8 @@ TRAIN_GRID = "kiln_train_grid"
 #: The image side (pixels) a scheduler node shifts for when it is not told the size (ComfyUI's default).
 DEFAULT_SHIFT_SIZE = 1024
 #: Kiln's key for a flow config whose ``mu`` follows another rule than diffusers' ``calculate_shift``:
-#: "flux2" is FLUX.2's empirical one (:func:`empirical_mu`), on latents already cut into patches.
+#: "flux2" is FLUX.2's empirical one (:func:`empirical_mu`), on latents already cut into patches;
+#: "per_pixel" is ``calculate_shift`` counting one token per latent pixel (FIBO 2's patch latents).
 MU_RULE = "kiln_mu_rule"
 
 
@@ -137,7 +138,7 @@ def mu_for(config: Mapping[str, Any], h: int, w: int, steps: int | None = None) 
         return None
     if config.get(MU_RULE) == "flux2":
         return empirical_mu(int(config.get(SHIFT_SEQ_LEN) or h * w), int(steps or 1))
-    seq_len = config.get(SHIFT_SEQ_LEN) or (h // 2) * (w // 2)
+    seq_len = config.get(SHIFT_SEQ_LEN) or (h * w if config.get(MU_RULE) == "per_pixel" else (h // 2) * (w // 2))
     return calculate_mu(config, int(seq_len))
 
 
