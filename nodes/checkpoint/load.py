@@ -222,10 +222,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load, z_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image21_load, qwen_image_load, z_image_load
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
+            (qwen_image21_load.has_transformer, "Qwen-Image 2.1", "qwen3vl_8b*.safetensors", "qwen_image",
+             "qwen_image_2.1_vae_bf16.safetensors"),
             (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
             (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
              "qwen_image_vae.safetensors"),
@@ -500,8 +502,10 @@ def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family)
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
 
-    from nodes.checkpoint import qwen_image_vae
+    from nodes.checkpoint import qwen_image21_load, qwen_image_vae
 
+    if qwen_image21_load.is_vae(state.keys()):  # Qwen-Image 2.1's 64-channel RGBA VAE, either layout
+        return qwen_image21_load.build_vae(plain(state), path.name, dtype)
     if qwen_image_vae.is_qwen_vae(state.keys()):  # Qwen-Image's (the Wan 2.1 VAE), either layout
         return qwen_image_vae.build(plain(state), path.name, dtype)
     if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers layout in one file

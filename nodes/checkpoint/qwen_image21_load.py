@@ -1,0 +1,103 @@
+"""Loading Qwen-Image 2.1 offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/qwen_image_2.1_*.safetensors``: bf16,
+  fp8, int8_convrot) in ComfyUI's layout (fused ``gate_up``, with or without ``model.diffusion_model.``)
+  or in diffusers' names; the key map is nodes.checkpoint.qwen_image21_keys, the build FLUX's rule
+  (nodes.checkpoint.flux_load.transformer_from_file: config from shapes, fp8/int8 row scales split
+  with the fused weight through nodes.checkpoint.scaled_fp8).
+* Qwen3-VL 8B through CLIPLoader type ``qwen_image`` (``qwen3vl_8b_*.safetensors``): read by Krea 2's
+  Qwen3-VL builder (nodes.checkpoint.krea2_load.build_text_model; the vision tower is not read). Its
+  keys tell it from Qwen-Image 1's Qwen2.5-VL (q_norm / k_norm, nodes.checkpoint.split.TextFile).
+* The 64-channel VAE (VAELoader, ``qwen_image_2.1_vae_bf16.safetensors``): diffusers'
+  AutoencoderKLQwenImage21 behind Kiln's image-VAE surface (:class:`RgbaFrameVAE`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint import qwen_image21_keys as keys
+from nodes.checkpoint.load import CheckpointError, Loaded
+from nodes.checkpoint.qwen_image_vae import FrameVAE
+
+LABEL = "Qwen-Image 2.1"
+#: The VAE's pixels per latent cell.
+DOWNSCALE = 16
+
+
+def has_transformer(keys_: Any) -> bool:
+    return keys.is_transformer(keys_)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """QwenImage21Transformer2DModel from either layout's tensors (linear weights held as stored)."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    from nodes.checkpoint.flux_load import transformer_from_file
+
+    return transformer_from_file(state, what, dtype, QwenImage21Transformer2DModel, LABEL, keys,
+                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's Qwen-Image 2.1 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import qwen_image21 as fam
+
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a Qwen-Image 2.1 file (prefix stripped) becomes its module, for a build into disk blocks."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(QwenImage21Transformer2DModel, LABEL, keys, False)
+
+
+# -- the VAE ----------------------------------------------------------------------------------------
+
+
+class RgbaFrameVAE(FrameVAE):
+    """The 2.1 VAE on single images. It codes RGBA (4 channels); Kiln's IMAGE is RGB, so a picture is
+    encoded opaque (alpha 1, i.e. +1 in the VAE's [-1, 1] range) and a decode gives its colour
+    channels (the alpha plane is dropped; QwenImage21Pipeline's RGB output is the same three planes)."""
+
+    kiln_downscale = DOWNSCALE
+
+    def encode(self, x: Any, return_dict: bool = True) -> Any:
+        import torch
+
+        if x.shape[1] == 3 and int(self.vae.config.in_channels) == 4:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return super().encode(x, return_dict)
+
+    def decode(self, z: Any, return_dict: bool = True) -> Any:
+        out = super().decode(z, return_dict)
+        out.sample = out.sample[:, :3]
+        return out
+
+
+def is_vae(keys_: Any) -> bool:
+    return keys.is_vae(keys_)
+
+
+def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RgbaFrameVAE:
+    """The VAE from either layout's tensors; a file that does not fit names the family and the keys."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    from nodes.checkpoint.load import _assign, _empty
+
+    try:
+        state = keys.vae_to_diffusers(dict(state), what)
+        config = keys.vae_config({k: tuple(v.shape) for k, v in state.items()})
+    except keys.KeyMismatch as exc:
+        raise CheckpointError(f"{what}: not a complete {LABEL} VAE ({exc})") from None
+    vae = _empty(AutoencoderKLQwenImage21, config)
+    try:
+        vae = _assign(vae, state, f"{LABEL} VAE", dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    return RgbaFrameVAE(vae).eval().requires_grad_(False)
