@@ -111,13 +111,16 @@ def original_state() -> dict:
 
 
 def comfy_text_state() -> dict:
-    """ComfyUI's qwen3vl_8b layout: the language model under ``model.``, the vision tower under ``visual.``."""
+    """ComfyUI's qwen3vl_8b layout: the language model under ``model.``, the vision tower under ``visual.``,
+    and its own ``lm_head``."""
     out = {}
     for k, v in components()["text_encoder"].state_dict().items():
         if k.startswith("model.language_model."):
             out["model." + k[len("model.language_model."):]] = v.contiguous()
         elif k.startswith("model.visual."):
             out["visual." + k[len("model.visual."):]] = v.contiguous()
+        else:  # lm_head: the 8B's own (untied), which tells its files from the 4B's
+            out[k] = v.contiguous()
     return out
 
 

@@ -189,10 +189,12 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     _pair_clips(files)
     kinds = sorted(f.kind for f in files)
     for family in families.ALL:
-        if clip_type in family.clip_types and _fits(family, kinds):
+        if clip_type not in family.clip_types or not family.accepts_text_files(files):
+            continue
+        if _fits(family, kinds):
             return family
         aliases = getattr(family, "text_kind_aliases", {})
-        if clip_type in family.clip_types and _fits(family, sorted(aliases.get(k, k) for k in kinds)):
+        if _fits(family, sorted(aliases.get(k, k) for k in kinds)):
             for f in files:  # a file its keys cannot tell apart from the kind the family reads (Krea 2)
                 f.kind = aliases.get(f.kind, f.kind)
             return family

@@ -172,6 +172,11 @@ class Family:
 
     # -- detection ---------------------------------------------------------------
 
+    def accepts_text_files(self, files: list) -> bool:
+        """Whether text-encoder files of the right kinds (nodes.checkpoint.split.TextFile) are this
+        family's, where one kind serves several families (Qwen3-VL 4B and 8B): True unless a family says."""
+        return True
+
     def claims(self, shapes: Shapes) -> bool:
         """Whether a single file in the original layout holds this family's model."""
         raise NotImplementedError

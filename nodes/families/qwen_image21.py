@@ -42,6 +42,8 @@ UNET_PREFIX = flux.UNET_PREFIX
 SYSTEM = "<|im_start|>system\nComprehend and analyze the provided prompt.<|im_end|>\n"
 TEMPLATE = SYSTEM + "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 IM_START = 151644
+#: Qwen3-VL 8B's width (the 4B, Krea 2's encoder, is 2560 wide).
+EIGHT_B_WIDTH = 4096
 MASK = qwen_image.MASK
 #: ComfyUI's fixed shift (``sampling_settings`` shift 0.69 on its FLUX-style model sampling).
 MU = 0.69
@@ -104,6 +106,20 @@ class QwenImage21(FlowFamily):
     repeats_text = False  # text tokens have positions and causal attention
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type qwen_image it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
+
+    def accepts_text_files(self, files: list) -> bool:
+        """Qwen3-VL 8B, not Krea 2's 4B (ComfyUI tells them by width): 4096 wide, or a file holding its
+        own ``lm_head`` (the 8B's is untied; the 4B ties it to the embedding, so its files have none)."""
+        from nodes.checkpoint.krea2_load import text_prefix
+        from nodes.checkpoint.tensors import shapes_of
+
+        for file in files:
+            shapes = shapes_of(file.state)
+            prefix = text_prefix(shapes)
+            width = shapes.get(f"{prefix}embed_tokens.weight", (0, 0))[1] if prefix is not None else 0
+            if width != EIGHT_B_WIDTH and not any(k.endswith("lm_head.weight") for k in shapes):
+                return False
+        return True
 
     def claims(self, shapes: Shapes) -> bool:
         return self.claims_unet(shapes)
