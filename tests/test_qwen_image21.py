@@ -17,7 +17,7 @@ import torch
 import tiny_qwen_image21 as tiny
 from engine.context import NodeError
 from engine.workflow import parse
-from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
+from flow_family_files import env, models_root, registry, run, save_state  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import loaders, split_loaders
 from nodes.checkpoint import qwen_image21_keys as keys
@@ -88,9 +88,10 @@ def test_comfy_layout_fuses_gate_then_up_and_round_trips():
     assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
     config = keys.transformer_config({k: tuple(v.shape) for k, v in original.items()})
     assert config["axes_dims_rope"] == (4, 14, 14) and config["num_layers"] == tiny.LAYERS
-    assert keys.transformer_config({"img_in.weight": (4096, 64), "transformer_blocks.0.attn.norm_q.weight": (128,),
-                                    "transformer_blocks.0.img_mlp.out.weight": (4096, 12288),
-                                    "proj_out.weight": (64, 4096), keys.MARKER: (4096,)})["axes_dims_rope"] == (16, 56, 56)
+    release = {"img_in.weight": (4096, 64), "transformer_blocks.0.attn.norm_q.weight": (128,),
+               "transformer_blocks.0.img_mlp.out.weight": (4096, 12288), "proj_out.weight": (64, 4096),
+               keys.MARKER: (4096,)}
+    assert keys.transformer_config(release)["axes_dims_rope"] == (16, 56, 56)
 
 
 @pytest.mark.parametrize("name", [UNET, "tiny-qwen21-prefixed.safetensors", "tiny-qwen21-diffusers-keys.safetensors"])
@@ -112,6 +113,28 @@ def test_clip_loader_qwen_image_reads_a_qwen3_vl_file_as_qwen_image21(env):
         assert type(qwen).__name__ == "Qwen3VLTextModel"
         got = qwen.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_text_only_qwen3_vl_8b_file_loads_and_a_4b_one_is_refused(env, root):
+    """Without its vision tower the 8B file has a Qwen3's keys; type qwen_image reads it as Qwen3-VL. A file
+    neither 4096 wide nor holding its own lm_head (Krea 2's tied 4B) is not Qwen-Image 2.1's."""
+    state = tiny.comfy_text_state()
+    save_state(root / "text_encoders" / "tiny-qwen3vl_8b-text.safetensors",
+               {k: v for k, v in state.items() if not k.startswith("visual.")})
+    save_state(root / "text_encoders" / "tiny-qwen3vl_4b-like.safetensors",
+               {k: v for k, v in state.items() if k != "lm_head.weight"})
+    (clip,) = call(split_loaders.clip_loader, env, clip_name="tiny-qwen3vl_8b-text.safetensors", type="qwen_image")
+    (full,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="qwen_image")
+    assert clip.family is qwen_image21.FAMILY and torch.equal(clip.encode(PROMPT)[0][0], full.encode(PROMPT)[0][0])
+    with pytest.raises(Exception, match=r"needs Qwen2.5-VL, got tiny-qwen3vl_4b-like.safetensors \(Qwen3-VL\)"):
+        call(split_loaders.clip_loader, env, clip_name="tiny-qwen3vl_4b-like.safetensors", type="qwen_image")
+
+
+def test_the_transformer_in_checkpoint_loader_names_its_loaders(root):
+    from nodes.checkpoint.load import load_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"Qwen-Image 2\.1 transformer.*UNETLoader.*qwen3vl_8b.*qwen_image"):
+        load_checkpoint(root / "diffusion_models" / UNET, torch.float32)
 
 
 @pytest.mark.parametrize("name", [VAE, "tiny-qwen_image_2.1_vae-diffusers.safetensors"])
