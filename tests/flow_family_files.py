@@ -120,6 +120,35 @@ def run(registry: Any, env: Environment, wf: Any) -> Any:
     return outcome
 
 
+def template(name: str) -> dict:
+    """A ComfyUI template as its editor saved it (the comfyui-workflow-templates-json package)."""
+    import json
+
+    import comfyui_workflow_templates_json as module
+
+    return json.loads((Path(module.__file__).parent / "templates" / name).read_text(encoding="utf-8"))
+
+
+def missing_inputs(registry: Any, document: dict, folder: Path) -> set[tuple[str, str]]:
+    """(node type, input) of each validation error of an editor ``document`` over an empty data ``folder``,
+    asserting it fails validation and that every node type is known (what is left is its missing files)."""
+    from engine.context import Environment, Paths
+    from engine.formats import parse_document
+    from engine.validate import WorkflowInvalid, validate
+
+    with pytest.raises(WorkflowInvalid) as err:
+        validate(parse_document(document, registry), registry, Environment(paths=Paths.under(folder)))
+    assert not {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
+    return {(e.node_type, e.input_name) for e in err.value.errors}
+
+
+def same_state(got: dict, want: dict) -> bool:
+    """Whether two state dicts hold the same keys with bit-identical tensors."""
+    import torch
+
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def unet_weights(model: Any) -> dict:
     """Copies of a loaded MODEL's transformer weights, to compare loaders bit for bit."""
     with model._use_unet() as net:

@@ -17,7 +17,7 @@ import torch
 import tiny_qwen_image21 as tiny
 from engine.context import NodeError
 from engine.workflow import parse
-from flow_family_files import env, models_root, registry, run, save_state  # noqa: F401 (fixtures)
+from flow_family_files import env, models_root, registry, run, same_state, save_state  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import loaders, split_loaders
 from nodes.checkpoint import qwen_image21_keys as keys
@@ -85,7 +85,7 @@ def test_comfy_layout_fuses_gate_then_up_and_round_trips():
     assert torch.equal(original[block + "gate_up.weight"],
                        torch.cat([want[block + "gate_layer.weight"], want[block + "proj.weight"]]))
     back = keys.original_to_diffusers(original)
-    assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
+    assert same_state(back, want)
     config = keys.transformer_config({k: tuple(v.shape) for k, v in original.items()})
     assert config["axes_dims_rope"] == (4, 14, 14) and config["num_layers"] == tiny.LAYERS
     release = {"img_in.weight": (4096, 64), "transformer_blocks.0.attn.norm_q.weight": (128,),
@@ -102,17 +102,15 @@ def test_unet_loader_detects_qwen_image21_and_loads_the_weights_bit_for_bit(env,
     want = tiny.components()["transformer"].state_dict()
     with model._use_unet() as net:
         got = net.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert same_state(got, want)
 
 
 def test_clip_loader_qwen_image_reads_a_qwen3_vl_file_as_qwen_image21(env):
     (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="qwen_image")
-    assert clip.family is qwen_image21.FAMILY
-    want = tiny.components()["text_encoder"].model.language_model.state_dict()
     with clip.encoder("text_encoder") as qwen:
-        assert type(qwen).__name__ == "Qwen3VLTextModel"
-        got = qwen.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        kind, got = type(qwen).__name__, qwen.state_dict()
+    assert clip.family is qwen_image21.FAMILY and kind == "Qwen3VLTextModel"
+    assert same_state(got, tiny.components()["text_encoder"].model.language_model.state_dict())
 
 
 def test_a_text_only_qwen3_vl_8b_file_loads_and_a_4b_one_is_refused(env, root):
@@ -144,7 +142,7 @@ def test_vae_loader_reads_both_layouts_as_the_64_channel_vae(env, name):
     want = tiny.components()["vae"].state_dict()
     with vae.module() as module:
         got = module.vae.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert same_state(got, want)
 
 
 # -- conditioning ---------------------------------------------------------------------------------------

@@ -27,15 +27,15 @@ def root(tmp_path_factory) -> Path:
     from test_scaled_fp8 import quantise
 
     root = tiny.make_models_folder(tmp_path_factory.mktemp("qwen21-quant"))
-    int8, twin = quantise_int8(tiny.original_state(), "model.diffusion_model.")
-    save_state(root / "diffusion_models" / "qwen21-int8_convrot.safetensors", int8)
-    save_state(root / "diffusion_models" / "qwen21-int8-dequant.safetensors", twin)
-    scaled, plain = quantise(tiny.original_state())
-    save_state(root / "diffusion_models" / "qwen21-fp8_scaled.safetensors", scaled)
-    save_state(root / "diffusion_models" / "qwen21-fp8-dequant.safetensors", plain)
-    int8, twin = quantise_int8(tiny.comfy_text_state())
-    save_state(root / "text_encoders" / "qwen3vl_8b-int8_convrot.safetensors", int8)
-    save_state(root / "text_encoders" / "qwen3vl_8b-int8-dequant.safetensors", twin)
+    files = (("diffusion_models", "qwen21-int8_convrot", "qwen21-int8-dequant", quantise_int8, tiny.original_state(),
+              "model.diffusion_model."),
+             ("diffusion_models", "qwen21-fp8_scaled", "qwen21-fp8-dequant", quantise, tiny.original_state(), ""),
+             ("text_encoders", "qwen3vl_8b-int8_convrot", "qwen3vl_8b-int8-dequant", quantise_int8,
+              tiny.comfy_text_state(), ""))
+    for folder, name, twin_name, make, state, prefix in files:
+        quantised, twin = make(state, prefix)
+        save_state(root / folder / f"{name}.safetensors", quantised)
+        save_state(root / folder / f"{twin_name}.safetensors", twin)
     return root
 
 

@@ -12,8 +12,6 @@ loaded yet).
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +20,7 @@ import torch
 import tiny_qwen_image21 as tiny
 from engine.executor import Executor
 from engine.formats import parse_document
-from engine.validate import WorkflowInvalid, validate
-from flow_family_files import env, models_root, registry  # noqa: F401 (fixtures)
+from flow_family_files import env, missing_inputs, models_root, registry, template  # noqa: F401 (fixtures)
 
 T2I, TURBO, EDIT = ("image_qwen_image_2_1_t2i.json", "image_qwen_image_2_1_turbo_t2i.json",
                     "image_qwen_image_2_1_image_edit.json")
@@ -33,31 +30,17 @@ PROMPT = "a lighthouse on a cliff at dusk"
 root = models_root(tiny.make_models_folder, "qwen21-templates")
 
 
-def _template(name: str) -> dict:
-    import comfyui_workflow_templates_json as module
-
-    return json.loads((Path(module.__file__).parent / "templates" / name).read_text(encoding="utf-8"))
-
-
 @pytest.mark.parametrize("name", [T2I, TURBO, EDIT])
 def test_templates_validate_with_only_their_files_missing(registry, name, tmp_path):
-    from engine.context import Environment, Paths
-
-    wf = parse_document(_template(name), registry)
-    with pytest.raises(WorkflowInvalid) as err:
-        validate(wf, registry, Environment(paths=Paths.under(tmp_path)))
-    unknown = {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
-    files = {(e.node_type, e.input_name) for e in err.value.errors if e.type != "unknown_node_type"}
-    assert not unknown
-    allowed = {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),
-               ("LoadImage", "image")}
-    assert files and files <= allowed, files
+    files = missing_inputs(registry, template(name), tmp_path)
+    assert files and files <= {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),
+                               ("LoadImage", "image")}, files
 
 
 def _tiny(registry, name: str) -> object:
     """The template with its (off) prompt-enhance switch rewired past TextGenerate, which is taken out with
     its CLIPLoader, on the tiny files at 64x64 with :data:`PROMPT`."""
-    wf = copy.deepcopy(parse_document(_template(name), registry))
+    wf = copy.deepcopy(parse_document(template(name), registry))
     assert wf.nodes["459:471"].type == "TextGenerate" and wf.nodes["459:474"].type == "ComfySwitchNode"
     assert wf.nodes["459:474"].inputs["switch"] is False  # shipped with the enhancer off
     del wf.nodes["459:471"], wf.nodes["459:473"]  # TextGenerate and the Qwen3.5 file it reads
@@ -112,7 +95,7 @@ def test_edit_template_refuses_its_pictures_by_node_and_input(registry, env):
 
     for name in ("a.png", "b.png"):
         Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(env.paths.input.root / name)
-    wf = copy.deepcopy(parse_document(_template(EDIT), registry))
+    wf = copy.deepcopy(parse_document(template(EDIT), registry))
     assert wf.nodes["459:484"].inputs["switch"] is False
     del wf.nodes["459:500"]
     wf.nodes["459:484"].inputs["on_true"] = PROMPT

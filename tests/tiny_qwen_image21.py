@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from flow_family_files import quiet_pipeline, save_split_transformer, save_state
+from tiny_krea2 import TEXT, _perturb, text_config
 
-HEADS, HEAD_DIM, LAYERS, TEXT = 2, 32, 2, 32
+HEADS, HEAD_DIM, LAYERS = 2, 32, 2
 #: ComfyUI's shift as the scheduler's fixed mu (nodes.families.qwen_image21.SCHEDULER).
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.69,
              "max_shift": 0.69, "base_image_seq_len": 256, "max_image_seq_len": 8192,
@@ -49,29 +50,6 @@ class TextProcessor:
         return self.tokenizer(text, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
 
 
-def _perturb(module: Any, scale: float) -> None:
-    """Random weights everywhere (zero-initialised norms would hide inputs)."""
-    import torch
-
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * scale)
-
-
-def text_config() -> Any:
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=TEXT, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
-                         max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 1, 1],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT,
-                           deepstack_visual_indexes=[0], patch_size=16, spatial_merge_size=2,
-                           temporal_patch_size=2, num_position_embeddings=64))
-
-
 def build(seed: int = 21) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
@@ -85,7 +63,7 @@ def build(seed: int = 21) -> dict[str, Any]:
             in_channels=64, out_channels=64, num_layers=LAYERS, attention_head_dim=HEAD_DIM,
             num_attention_heads=HEADS, context_in_dim=TEXT, mlp_ratio=3, axes_dims_rope=(4, 14, 14))
         _perturb(transformer, 0.2)
-        text_encoder = Qwen3VLForConditionalGeneration(text_config())
+        text_encoder = Qwen3VLForConditionalGeneration(text_config(layers=3))
         _perturb(text_encoder, 0.02)
         vae = AutoencoderKLQwenImage21(**VAE)
         _perturb(vae, 0.02)
