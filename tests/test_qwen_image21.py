@@ -86,6 +86,8 @@ def test_comfy_layout_fuses_gate_then_up_and_round_trips():
                        torch.cat([want[block + "gate_layer.weight"], want[block + "proj.weight"]]))
     back = keys.original_to_diffusers(original)
     assert same_state(back, want)
+    names = keys.original_names(want)  # every diffusers tensor under the name of the ComfyUI tensor holding it
+    assert set(names.values()) == set(original) and names[block + "proj.weight"] == block + "gate_up.weight"
     config = keys.transformer_config({k: tuple(v.shape) for k, v in original.items()})
     assert config["axes_dims_rope"] == (4, 14, 14) and config["num_layers"] == tiny.LAYERS
     release = {"img_in.weight": (4096, 64), "transformer_blocks.0.attn.norm_q.weight": (128,),

@@ -30,7 +30,7 @@ PROMPT = "a lighthouse on a cliff at dusk"
 root = models_root(tiny.make_models_folder, "qwen21-templates")
 
 
-@pytest.mark.parametrize("name", [T2I, TURBO, EDIT])
+@pytest.mark.parametrize("name", [T2I, TURBO, EDIT, "image_qwen_image_2_1_background_removal.json"])
 def test_templates_validate_with_only_their_files_missing(registry, name, tmp_path):
     files = missing_inputs(registry, template(name), tmp_path)
     assert files and files <= {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),

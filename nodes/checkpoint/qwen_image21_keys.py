@@ -85,6 +85,24 @@ def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[str, tuple[tuple[int, int], ...]], ...]]:
+    """ComfyUI's fused module name -> the diffusers weights it covers with their rows: a LoRA on
+    ``transformer_blocks.N.img_mlp.gate_up`` (ComfyUI's, AI-Toolkit's) has one ``down`` and an ``up``
+    whose first half of rows is the gate's, the second the up projection's. Every other module has
+    diffusers' name already (``shapes``: the model's parameter shapes)."""
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith(".img_mlp.gate_layer.weight"):
+            base, rows = name[: -len("gate_layer.weight")], shape[0]
+            out[base + "gate_up"] = ((name, ((0, rows),)), (base + "proj.weight", ((rows, 2 * rows),)))
+    return out
+
+
+def original_names(diffusers_names: Any) -> dict[str, str]:
+    """diffusers name -> ComfyUI's name of the same tensor (both halves of the MLP take ``gate_up``'s)."""
+    return {name: re.sub(r"\.img_mlp\.(gate_layer|proj)\.weight$", "." + FUSED, name) for name in diffusers_names}
+
+
 def _count(shapes: Any, pattern: str) -> int:
     rx = re.compile(pattern)
     return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})

@@ -142,6 +142,18 @@ class QwenImage21(FlowFamily):
         transformer = getattr(network, "kiln_network", network)
         return {"single": list(transformer.transformer_blocks)}
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """ComfyUI's fused ``gate_up`` split row-wise onto the gate and up projections; every other module
+        has its diffusers name (nodes.checkpoint.qwen_image21_keys.lora_modules)."""
+        from nodes.checkpoint import qwen_image21_keys
+
+        return qwen_image21_keys.lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
+
+    def original_names(self, network: Any) -> dict[str, str]:
+        from nodes.checkpoint import qwen_image21_keys
+
+        return qwen_image21_keys.original_names([name for name, _ in network.named_parameters()])
+
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         mask = qwen_image.text_mask(extras, batch, device)
