@@ -33,12 +33,11 @@ root = models_root(tiny.make_models_folder, "qwen21-models")
 
 
 def _reference(prompt: str, seed: int, steps: int, cfg: float = 1.0, negative: str | None = None) -> np.ndarray:
-    """The pipeline's RGB planes (its VAE decodes RGBA; Kiln's IMAGE keeps the colour channels)."""
+    """The pipeline's RGBA picture (its VAE decodes RGBA, as Kiln's and ComfyUI's VAEDecode give it)."""
     with torch.no_grad():
-        images = tiny.pipeline()(prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg, height=SIZE, width=SIZE,
+        return tiny.pipeline()(prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg, height=SIZE, width=SIZE,
                                  num_inference_steps=steps, output_type="np",
                                  generator=torch.Generator("cpu").manual_seed(seed)).images
-    return images[..., :3]
 
 
 def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, *, unet: str = UNET,
@@ -147,6 +146,18 @@ def test_vae_loader_reads_both_layouts_as_the_64_channel_vae(env, name):
     assert same_state(got, want)
 
 
+def test_vae_encode_pads_an_opaque_alpha_and_decode_gives_rgba(env):
+    """ComfyUI's rule for an RGB picture on the RGBA VAE: alpha 1 appended before encoding."""
+    (vae,) = call(loaders.vae_loader, env, vae_name=VAE)
+    pixels = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(4))
+    x = torch.cat([pixels.permute(0, 3, 1, 2) * 2 - 1, torch.ones(1, 1, 32, 32)], dim=1).unsqueeze(2)
+    with torch.no_grad():
+        want = tiny.components()["vae"].encode(x).latent_dist.mean[:, :, 0]
+    latent = vae.encode(pixels)
+    assert latent.shape == (1, 64, 2, 2) and torch.allclose(latent, want, atol=1e-5)
+    assert vae.decode(latent).shape == (1, 32, 32, 4)
+
+
 # -- conditioning ---------------------------------------------------------------------------------------
 
 
@@ -174,7 +185,7 @@ def test_clip_text_encode_cfg1_equals_the_pipeline(registry, env):
     reference = _reference(PROMPT, 3, 4)
     gap = np.abs(ours - reference).max()
     print(f"cfg1 gap {gap * 255:.5f}/255")
-    assert ours.shape == reference.shape and gap <= 1 / 255, gap
+    assert ours.shape == reference.shape == (1, SIZE, SIZE, 4) and gap <= 1 / 255, gap
     assert 0.02 < ours.std() and np.abs(ours - _run(registry, env, _graph(PROMPT, "", 4, 4, 1.0))).max() > 0.02
     assert np.abs(ours - _run(registry, env, _graph("a red car", "", 3, 4, 1.0))).max() > 0.02
 
@@ -222,3 +233,5 @@ def test_a_vae_with_deeper_kernels_is_refused_by_name():
     state["encoder.conv1.weight"] = state["encoder.conv1.weight"].expand(-1, -1, 3, -1, -1).contiguous()
     with pytest.raises(CheckpointError, match=r"wan\.safetensors.*Qwen-Image 2\.1 VAE.*encoder\.conv1\.weight"):
         build_vae(state, "wan.safetensors", torch.float32)
+    shapes = {k: tuple(v.shape) for k, v in tiny.comfy_vae_state().items()}
+    assert keys.is_vae(shapes) and not keys.is_vae({**shapes, "decoder.head.2.weight": (12, 12, 3, 3, 3)})  # Wan 2.2

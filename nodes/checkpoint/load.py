@@ -504,7 +504,7 @@ def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family)
 
     from nodes.checkpoint import qwen_image21_load, qwen_image_vae
 
-    if qwen_image21_load.is_vae(state.keys()):  # Qwen-Image 2.1's 64-channel RGBA VAE, either layout
+    if qwen_image21_load.is_vae(shapes_of(state)):  # Qwen-Image 2.1's 64-channel RGBA VAE, either layout
         return qwen_image21_load.build_vae(plain(state), path.name, dtype)
     if qwen_image_vae.is_qwen_vae(state.keys()):  # Qwen-Image's (the Wan 2.1 VAE), either layout
         return qwen_image_vae.build(plain(state), path.name, dtype)

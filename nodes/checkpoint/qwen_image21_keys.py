@@ -138,9 +138,13 @@ _MIDDLE = {"0": "resnets.0.", "1": "attentions.0.", "2": "resnets.1."}
 _RESAMPLERS = ("resample.", "time_conv.")
 
 
-def is_vae(keys: Any) -> bool:
-    keys = set(keys)
-    return VAE_ORIGINAL_MARKER in keys or VAE_DIFFUSERS_MARKER in keys
+def is_vae(shapes: Any) -> bool:
+    """Either layout's marker; in ComfyUI's, also a one-frame output kernel (ComfyUI's own test: Wan 2.2's
+    VAE has the same names and three-frame kernels). ``shapes``: key -> shape."""
+    if VAE_DIFFUSERS_MARKER in shapes:
+        return True
+    head = tuple(shapes.get("decoder.head.2.weight", ())) if VAE_ORIGINAL_MARKER in shapes else ()
+    return len(head) == 5 and head[2] == 1
 
 
 def _res_to_diffusers(rest: str) -> str:

@@ -8,8 +8,9 @@
 * Qwen3-VL 8B through CLIPLoader type ``qwen_image`` (``qwen3vl_8b_*.safetensors``): read by Krea 2's
   Qwen3-VL builder (nodes.checkpoint.krea2_load.build_text_model; the vision tower is not read). Its
   keys tell it from Qwen-Image 1's Qwen2.5-VL (q_norm / k_norm, nodes.checkpoint.split.TextFile).
-* The 64-channel VAE (VAELoader, ``qwen_image_2.1_vae_bf16.safetensors``): diffusers'
-  AutoencoderKLQwenImage21 behind Kiln's image-VAE surface (:class:`RgbaFrameVAE`).
+* The 64-channel RGBA VAE (VAELoader, ``qwen_image_2.1_vae_bf16.safetensors``): diffusers'
+  AutoencoderKLQwenImage21 behind Kiln's image-VAE surface (:class:`RgbaFrameVAE`). ComfyUI's file is
+  in Wan 2.2's layout with one-frame kernels (ComfyUI tells it from Wan 2.2's VAE so, as Kiln does).
 """
 from __future__ import annotations
 
@@ -61,27 +62,25 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
 
 
 class RgbaFrameVAE(FrameVAE):
-    """The 2.1 VAE on single images. It codes RGBA (4 channels); Kiln's IMAGE is RGB, so a picture is
-    encoded opaque (alpha 1, i.e. +1 in the VAE's [-1, 1] range) and a decode gives its colour
-    channels (the alpha plane is dropped; QwenImage21Pipeline's RGB output is the same three planes)."""
+    """The 2.1 VAE on single images. It codes RGBA: a decode gives an RGBA IMAGE (ComfyUI's VAEDecode does
+    too: the templates save transparent PNGs), and a picture without alpha is encoded opaque (alpha 1,
+    ComfyUI's ``pad_channel_value``; +1 in the VAE's [-1, 1] range)."""
 
     kiln_downscale = DOWNSCALE
 
     def encode(self, x: Any, return_dict: bool = True) -> Any:
         import torch
 
-        if x.shape[1] == 3 and int(self.vae.config.in_channels) == 4:
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        missing = int(self.vae.config.in_channels) - x.shape[1]
+        if missing > 0:
+            x = torch.cat([x, torch.ones_like(x[:, :1]).expand(-1, missing, -1, -1)], dim=1)
         return super().encode(x, return_dict)
 
-    def decode(self, z: Any, return_dict: bool = True) -> Any:
-        out = super().decode(z, return_dict)
-        out.sample = out.sample[:, :3]
-        return out
 
-
-def is_vae(keys_: Any) -> bool:
-    return keys.is_vae(keys_)
+def is_vae(shapes: Any) -> bool:
+    """The 2.1 VAE in either layout (``shapes``: key -> shape); Wan 2.2's VAE, the same layout with
+    three-frame kernels, is not it."""
+    return keys.is_vae(shapes)
 
 
 def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RgbaFrameVAE:

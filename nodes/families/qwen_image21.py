@@ -21,8 +21,8 @@ What it shares and what differs, and where it lives:
   Qwen-Image 2.1 sampling setting, the release's size rule (mu 0.5 at 256 tokens to 0.9 at 8192)
   read at 1024x1024 (:data:`SCHEDULER`).
 * **Latents.** 64 channels at 1/16 of the image, normalised per channel by the VAE's
-  ``latents_mean``/``latents_std`` (:data:`QWEN21_LATENT`); the VAE is RGBA
-  (nodes.checkpoint.qwen_image21_load.RgbaFrameVAE).
+  ``latents_mean``/``latents_std`` (:data:`QWEN21_LATENT`); the VAE is RGBA: it decodes RGBA IMAGEs
+  (nodes.checkpoint.qwen_image21_load.RgbaFrameVAE), as ComfyUI's does.
 * **Not yet.** Pictures in the prompt (the edit templates: Qwen3-VL's vision tower is not loaded) are
   refused by node and input; the prefix KV cache (QwenImage21Cache) is accepted and Kiln recomputes
   the text every step, which is ComfyUI's ``device off`` and equals its lossless cache.
