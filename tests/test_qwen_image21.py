@@ -201,6 +201,20 @@ def test_text_encode_node_with_negative_and_cfg_equals_the_pipelines_true_cfg(re
     assert np.abs(ours - other).max() > 0.02  # the negative matters
 
 
+def test_a_same_length_negative_batched_with_the_prompt_and_a_batch_of_two(registry, env):
+    """A negative of the prompt's length (which may share the positive's call: two rows, two texts) is still
+    the pipeline's true CFG; an EmptyLatentImage batch of two samples two different pictures."""
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="qwen_image")
+    assert clip.encode("a red fox")[0][0].shape == clip.encode("a blue cat")[0][0].shape
+    ours = _run(registry, env, _graph("a red fox", "a blue cat", 6, 3, 2.5))
+    gap = np.abs(ours - _reference("a red fox", 6, 3, cfg=2.5, negative="a blue cat")).max()
+    assert gap <= 1 / 255, gap
+    graph = _graph(PROMPT, "", 3, 3, 1.0)
+    graph["4"]["inputs"]["batch_size"] = 2
+    two = _run(registry, env, graph)
+    assert two.shape == (2, SIZE, SIZE, 4) and np.abs(two[0] - two[1]).max() > 0.02
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 
 
