@@ -215,6 +215,25 @@ def test_a_same_length_negative_batched_with_the_prompt_and_a_batch_of_two(regis
     assert two.shape == (2, SIZE, SIZE, 4) and np.abs(two[0] - two[1]).max() > 0.02
 
 
+def test_a_diffusers_folder_through_checkpoint_loader_equals_the_pipeline_with_its_scheduler(registry, env, root):
+    """The folder's own scheduler (the release's size rule) sets the shift, as QwenImage21Pipeline's does."""
+    folder = tiny.make_pipeline_folder(root / "checkpoints" / "tiny-qwen21-diffusers")
+    graph = _graph(PROMPT, "", 7, 3, 1.0)
+    graph["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": folder.name}}
+    for node, socket in (("2", "clip"), ("3", "clip"), ("6", "vae")):
+        graph[node]["inputs"][socket] = ["1", 1 if socket == "clip" else 2]
+    ours = _run(registry, env, graph)
+    pipe = tiny.pipeline()
+    pipe.scheduler = type(pipe.scheduler).from_config(tiny.RELEASE_SCHEDULER)
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=3, output_type="np",
+                      generator=torch.Generator("cpu").manual_seed(7)).images
+    gap = np.abs(ours - theirs).max()
+    print(f"folder gap {gap * 255:.4f}/255")
+    assert gap <= 1 / 255
+    assert np.abs(ours - _run(registry, env, _graph(PROMPT, "", 7, 3, 1.0))).max() > 1e-3  # mu 0.69 differs
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ API:
     comfy_text_state() -> the text encoder as ComfyUI's qwen3vl_8b file holds it.
     comfy_vae_state() -> the VAE in ComfyUI's (Wan-style, one-frame 3-D kernels) layout.
     make_models_folder(root) -> ComfyUI's split files (see there).
+    make_pipeline_folder(path) -> a diffusers folder as QwenImage21Pipeline.save_pretrained lays it out.
 
 The processor: transformers' Qwen3VLProcessor cannot be built here (its video processor needs
 torchvision, which the venv lacks), so :class:`TextProcessor` stands in for its text-only path, the
@@ -122,3 +123,28 @@ def make_models_folder(root: Any) -> Path:
     save_state(root / "vae" / "tiny-qwen_image_2.1_vae-diffusers.safetensors",
                {k: v.contiguous() for k, v in components()["vae"].state_dict().items()})
     return root
+
+
+#: The release's size rule (ComfyUI's comment on its 0.69: mu 0.5 at 256 tokens to 0.9 at 8192), for folders.
+RELEASE_SCHEDULER = dict(SCHEDULER, base_shift=0.5, max_shift=0.9)
+
+
+def make_pipeline_folder(path: Any) -> Path:
+    """A diffusers folder of the tiny model: each part's ``save_pretrained`` under the pipeline's names, the
+    tokenizer under ``processor/`` and a scheduler with the release's size rule (:data:`RELEASE_SCHEDULER`);
+    written part by part because the stand-in processor cannot save itself."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path, parts = Path(path), components()
+    for name in ("transformer", "vae", "text_encoder"):
+        parts[name].save_pretrained(str(path / name), safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(**RELEASE_SCHEDULER).save_pretrained(str(path / "scheduler"))
+    parts["processor"].tokenizer.save_pretrained(str(path / "processor"))
+    index = {"_class_name": "QwenImage21Pipeline", "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKLQwenImage21"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+             "processor": ["transformers", "Qwen3VLProcessor"], "sample_sigmas": None}
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path

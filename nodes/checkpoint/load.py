@@ -457,6 +457,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import qwen_image21_load
+
+        if qwen_image21_load.is_folder(path):
+            return qwen_image21_load.load_folder(path, dtype, offload=offload)
         if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
             return flux2_load.load_folder(path, dtype, offload=offload)
         if qwen_image_load.is_qwen_image_folder(path):

@@ -8,6 +8,9 @@
 * Qwen3-VL 8B through CLIPLoader type ``qwen_image`` (``qwen3vl_8b_*.safetensors``): read by Krea 2's
   Qwen3-VL builder (nodes.checkpoint.krea2_load.build_text_model; the vision tower is not read). Its
   keys tell it from Qwen-Image 1's Qwen2.5-VL (q_norm / k_norm, nodes.checkpoint.split.TextFile).
+* A diffusers folder (``QwenImage21Pipeline.save_pretrained``: transformer, Qwen3-VL, the VAE, the
+  processor's tokenizer, the scheduler) through CheckpointLoaderSimple; its scheduler config sets the
+  shift (the pipeline's size rule), as other families' folders do.
 * The 64-channel RGBA VAE (VAELoader, ``qwen_image_2.1_vae_bf16.safetensors``): diffusers'
   AutoencoderKLQwenImage21 behind Kiln's image-VAE surface (:class:`RgbaFrameVAE`). ComfyUI's file is
   in Wan 2.2's layout with one-frame kernels (ComfyUI tells it from Wan 2.2's VAE so, as Kiln does).
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import qwen_image21_keys as keys
@@ -100,3 +104,35 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RgbaFrameVAE:
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     return RgbaFrameVAE(vae).eval().requires_grad_(False)
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is Qwen-Image 2.1's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "QwenImage21Transformer2DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Qwen-Image 2.1 folder through nodes.checkpoint.flow_transformers.load_pipeline_folder;
+    the tokenizer from ``processor/`` (the pipeline saves its Qwen3VLProcessor there), else Kiln's own."""
+    from diffusers import QwenImage21Transformer2DModel
+    from transformers import Qwen2TokenizerFast
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.krea2_load import build_text_model
+    from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.families import qwen_image21 as fam
+
+    def tokenizer() -> Any:
+        if (path / "processor" / "tokenizer.json").is_file():
+            return Qwen2TokenizerFast.from_pretrained(str(path), subfolder="processor", local_files_only=True)
+        return folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3"))
+
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, QwenImage21Transformer2DModel,
+                                lambda: vae_and_text_encoder(path, dtype, build_text_model, build_vae),
+                                tokenizer, latent_from_vae=False)

@@ -101,7 +101,8 @@ TRAIN_GRID = "kiln_train_grid"
 #: The image side (pixels) a scheduler node shifts for when it is not told the size (ComfyUI's default).
 DEFAULT_SHIFT_SIZE = 1024
 #: Kiln's key for a flow config whose ``mu`` follows another rule than diffusers' ``calculate_shift``:
-#: "flux2" is FLUX.2's empirical one (:func:`empirical_mu`), on latents already cut into patches.
+#: "flux2" is FLUX.2's empirical one (:func:`empirical_mu`), on latents already cut into patches;
+#: "cells" is ``calculate_shift`` over one token per latent cell (Qwen-Image 2.1 reads its latent unpatched).
 MU_RULE = "kiln_mu_rule"
 
 
@@ -132,12 +133,14 @@ def empirical_mu(seq_len: int, steps: int) -> float:
 
 def mu_for(config: Mapping[str, Any], h: int, w: int, steps: int | None = None) -> float | None:
     """``mu`` for a latent of h x w (2x2 patches), or the one ModelSamplingFlux fixed; None: unshifted.
-    A FLUX.2 config (:data:`MU_RULE`) counts one token per latent pixel and needs ``steps``."""
+    A FLUX.2 config (:data:`MU_RULE`) counts one token per latent pixel and needs ``steps``; a "cells"
+    config counts one token per latent pixel too."""
     if not config.get("use_dynamic_shifting"):
         return None
     if config.get(MU_RULE) == "flux2":
         return empirical_mu(int(config.get(SHIFT_SEQ_LEN) or h * w), int(steps or 1))
-    seq_len = config.get(SHIFT_SEQ_LEN) or (h // 2) * (w // 2)
+    cells = h * w if config.get(MU_RULE) == "cells" else (h // 2) * (w // 2)
+    seq_len = config.get(SHIFT_SEQ_LEN) or cells
     return calculate_mu(config, int(seq_len))
 
 
