@@ -30,20 +30,23 @@ FORMATS = ("peft", "comfy", "kohya")
 UNET = "tiny-qwen21.safetensors"
 
 
-def _weights(fmt: str) -> dict[str, torch.Tensor]:
-    return dict(tiny.components()["transformer"].state_dict()) if fmt == "peft" else tiny.original_state()
+def _layout(fmt: str) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """(the weights in the LoRA's layout, the modules its factors touch)."""
+    if fmt == "peft":
+        return dict(tiny.components()["transformer"].state_dict()), DIFFUSERS_MODULES
+    return tiny.original_state(), COMFY_MODULES
 
 
 def _factors(fmt: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    weights = _weights(fmt)
-    modules = DIFFUSERS_MODULES if fmt == "peft" else COMFY_MODULES
-    return random_factors([(name, tuple(weights[name + ".weight"].shape)) for name in modules], seed=43)
+    weights, modules = _layout(fmt)
+    return random_factors([(m, tuple(weights[m + ".weight"].shape)) for m in modules], seed=43)
 
 
-def test_the_modules_exist_in_the_tiny_model():
+@pytest.mark.parametrize("fmt", ["peft", "comfy"])
+def test_the_modules_exist_in_the_tiny_model(fmt):
     """The factors are built from these names: a renamed module must fail here, not pass vacuously."""
-    assert all(m + ".weight" in _weights("peft") for m in DIFFUSERS_MODULES)
-    assert all(m + ".weight" in _weights("comfy") for m in COMFY_MODULES)
+    weights, modules = _layout(fmt)
+    assert all(m + ".weight" in weights for m in modules)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,6 @@ def _sample(env, model) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_qwen_image21_lora_equals_the_merged_weights(env, fmt):
     merged = lambda strength: merged_in_layout(  # noqa: E731
-        qwen_image21.FAMILY, tiny.components()["transformer"], _weights(fmt), _factors(fmt), strength,
+        qwen_image21.FAMILY, tiny.components()["transformer"], _layout(fmt)[0], _factors(fmt), strength,
         None if fmt == "peft" else original_to_diffusers)
     assert_lora_equals_merged(env, UNET, f"{fmt}.safetensors", lambda model: _sample(env, model), merged)

@@ -143,7 +143,8 @@ def make_pipeline_folder(path: Any) -> Path:
     FlowMatchEulerDiscreteScheduler(**RELEASE_SCHEDULER).save_pretrained(str(path / "scheduler"))
     parts["processor"].tokenizer.save_pretrained(str(path / "processor"))
     index = {"_class_name": "QwenImage21Pipeline", "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKLQwenImage21"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "vae": ["diffusers", "AutoencoderKLQwenImage21"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
              "processor": ["transformers", "Qwen3VLProcessor"], "sample_sigmas": None}
     (path / "model_index.json").write_text(json.dumps(index))
