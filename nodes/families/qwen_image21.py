@@ -110,8 +110,8 @@ class QwenImage21(FlowFamily):
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 
     def accepts_text_files(self, files: list) -> bool:
-        """Qwen3-VL 8B, not Krea 2's 4B (ComfyUI tells them by width): 4096 wide, or a file holding its
-        own ``lm_head`` (the 8B's is untied; the 4B ties it to the embedding, so its files have none)."""
+        """Qwen3-VL 8B, not Krea 2's 4B (2560 wide): 4096 wide, or a file holding its own ``lm_head`` (the
+        8B's is untied; the 4B ties it to the embedding, so its files have none)."""
         from nodes.checkpoint.krea2_load import text_prefix
         from nodes.checkpoint.tensors import shapes_of
 
