@@ -36,8 +36,11 @@ LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than
 #: (node type, input, value): values templates really hold that Kiln refuses. Each was checked to be
 #: the template's own value, not a slot slip: an empty SaveImage prefix (ComfyUI takes it, Kiln asks
 #: for a name) and the beta57 scheduler (a custom node's, not ComfyUI's). Every sampler name the
-#: templates hold is implemented (er_sde, gradient_estimation, ...: nodes/samplers/).
-KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57")}
+#: templates hold is implemented (er_sde, gradient_estimation, ...: nodes/samplers/). Qwen-Image 2.1's
+#: turbo edit template links one picture into BatchImagesNode (on its prompt enhancer's branch, which its
+#: switch leaves off); Kiln requires the node's first two sockets (tests/test_comfy_v3_inputs.py).
+KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57"),
+         ("BatchImagesNode", "images.image1", None)}
 
 
 def _package_dir(module: str) -> Path:

@@ -39,13 +39,14 @@ def test_templates_validate_with_only_their_files_missing(registry, name, tmp_pa
 
 def _tiny(registry, name: str) -> object:
     """The template with its (off) prompt-enhance switch rewired past TextGenerate, which is taken out with
-    its CLIPLoader, on the tiny files at 64x64 with :data:`PROMPT`."""
+    its CLIPLoader, on the tiny files at 64x64; its own prompt (the subgraph's first widget) passes the switch."""
     wf = copy.deepcopy(parse_document(template(name), registry))
     assert wf.nodes["459:471"].type == "TextGenerate" and wf.nodes["459:474"].type == "ComfySwitchNode"
     assert wf.nodes["459:474"].inputs["switch"] is False  # shipped with the enhancer off
+    assert wf.nodes["459:474"].inputs["on_false"] == template(name)["nodes"][1]["widgets_values"][0]
     del wf.nodes["459:471"], wf.nodes["459:473"]  # TextGenerate and the Qwen3.5 file it reads
-    wf.nodes["459:474"].inputs["on_true"] = PROMPT
-    return wf.with_overrides({"459:474.on_false": PROMPT, "459:451.unet_name": "tiny-qwen21.safetensors",
+    wf.nodes["459:474"].inputs["on_true"] = wf.nodes["459:474"].inputs["on_false"]
+    return wf.with_overrides({"459:451.unet_name": "tiny-qwen21.safetensors",
                               "459:453.clip_name": "tiny-qwen3vl_8b.safetensors",
                               "459:454.vae_name": "tiny-qwen_image_2.1_vae.safetensors",
                               "459:456.width": SIZE, "459:456.height": SIZE})
@@ -61,9 +62,11 @@ def test_t2i_template_runs_on_tiny_files_and_equals_the_pipeline(registry, env):
     wf = _tiny(registry, T2I).with_overrides({"459:458.steps": 4})
     sampler = wf.nodes["459:458"].inputs
     assert (sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (1, "euler", "simple")
+    assert sampler["seed"] == 447606998181262  # the subgraph's seed widget, not the inner default
     ours = _image(registry, env, wf)
     with torch.no_grad():
-        theirs = tiny.pipeline()(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, output_type="np",
+        theirs = tiny.pipeline()(prompt=wf.nodes["459:474"].inputs["on_false"], height=SIZE, width=SIZE,
+                                 num_inference_steps=4, output_type="np",
                                  generator=torch.Generator("cpu").manual_seed(sampler["seed"])).images
     gap = np.abs(ours - theirs).max()
     print(f"t2i template gap {gap * 255:.4f}/255")
@@ -81,12 +84,13 @@ def test_turbo_template_runs_its_manual_sigmas_and_equals_the_pipeline(registry,
     pipe = tiny.pipeline()
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, use_dynamic_shifting=False)
     with torch.no_grad():
-        theirs = pipe(prompt=PROMPT, height=SIZE, width=SIZE, sigmas=sigmas[:-1], output_type="np",
+        theirs = pipe(prompt=wf.nodes["459:474"].inputs["on_false"], height=SIZE, width=SIZE, sigmas=sigmas[:-1],
+                      output_type="np",
                       generator=torch.Generator("cpu").manual_seed(seed)).images
     gap = np.abs(ours - theirs).max()
     print(f"turbo template gap {gap * 255:.4f}/255")
     assert sigmas[-1] == 0 and gap <= 1 / 255
-    other = _image(registry, env, wf.with_overrides({"459:474.on_false": "a red car"}))
+    other = _image(registry, env, wf.with_overrides({"459:474.on_false": PROMPT}))
     assert np.abs(ours - other).max() > 0.02  # the prompt matters: not vacuous
 
 
