@@ -120,33 +120,19 @@ def run(registry: Any, env: Environment, wf: Any) -> Any:
     return outcome
 
 
-def template(name: str) -> dict:
-    """A ComfyUI template as its editor saved it (the comfyui-workflow-templates-json package)."""
-    import json
-
-    import comfyui_workflow_templates_json as module
-
-    return json.loads((Path(module.__file__).parent / "templates" / name).read_text(encoding="utf-8"))
-
-
-def missing_inputs(registry: Any, document: dict, folder: Path) -> set[tuple[str, str]]:
-    """(node type, input) of each validation error of an editor ``document`` over an empty data ``folder``,
-    asserting it fails validation and that every node type is known (what is left is its missing files)."""
+def template_file_errors(registry: Any, document: dict, root: Path) -> tuple[Any, set[tuple[str, str]]]:
+    """(ComfyUI ``document`` parsed, its validation errors as {(node type, input)}) in an empty models
+    folder under ``root``: it must be invalid, and no node type may be unknown (only inputs fail)."""
     from engine.context import Environment, Paths
     from engine.formats import parse_document
     from engine.validate import WorkflowInvalid, validate
 
+    wf = parse_document(document, registry)
     with pytest.raises(WorkflowInvalid) as err:
-        validate(parse_document(document, registry), registry, Environment(paths=Paths.under(folder)))
-    assert not {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
-    return {(e.node_type, e.input_name) for e in err.value.errors}
-
-
-def same_state(got: dict, want: dict) -> bool:
-    """Whether two state dicts hold the same keys with bit-identical tensors."""
-    import torch
-
-    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        validate(wf, registry, Environment(paths=Paths.under(root)))
+    unknown = {e.node_type for e in err.value.errors if e.type == "unknown_node_type"}
+    assert not unknown
+    return wf, {(e.node_type, e.input_name) for e in err.value.errors if e.type != "unknown_node_type"}
 
 
 def unet_weights(model: Any) -> dict:
@@ -194,3 +180,22 @@ def clip_over(family: Any, tokenizer: Any, encoder: Any, **options: Any) -> Any:
     from nodes.handles import ClipHandle
 
     return ClipHandle(family, {"tokenizer": tokenizer}, _use=lambda name: contextlib.nullcontext(encoder), **options)
+
+
+# -- ComfyUI templates and state dicts ------------------------------------------------------------
+
+
+def template(name: str) -> dict:
+    """A ComfyUI template as its editor saved it (the comfyui-workflow-templates-json package)."""
+    import json
+
+    import comfyui_workflow_templates_json as module
+
+    return json.loads((Path(module.__file__).parent / "templates" / name).read_text(encoding="utf-8"))
+
+
+def same_state(got: dict, want: dict) -> bool:
+    """Whether two state dicts hold the same keys with bit-identical tensors."""
+    import torch
+
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

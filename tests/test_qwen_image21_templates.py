@@ -20,7 +20,7 @@ import torch
 import tiny_qwen_image21 as tiny
 from engine.executor import Executor
 from engine.formats import parse_document
-from flow_family_files import env, missing_inputs, models_root, registry, template  # noqa: F401 (fixtures)
+from flow_family_files import env, models_root, registry, template, template_file_errors  # noqa: F401 (fixtures)
 
 T2I, TURBO, EDIT = ("image_qwen_image_2_1_t2i.json", "image_qwen_image_2_1_turbo_t2i.json",
                     "image_qwen_image_2_1_image_edit.json")
@@ -32,7 +32,7 @@ root = models_root(tiny.make_models_folder, "qwen21-templates")
 
 @pytest.mark.parametrize("name", [T2I, TURBO, EDIT, "image_qwen_image_2_1_background_removal.json"])
 def test_templates_validate_with_only_their_files_missing(registry, name, tmp_path):
-    files = missing_inputs(registry, template(name), tmp_path)
+    _, files = template_file_errors(registry, template(name), tmp_path)
     assert files and files <= {("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name"),
                                ("LoadImage", "image")}, files
 

@@ -216,21 +216,21 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load, sd3_load
+    from nodes.checkpoint import flux_load, qwen_image21_load, sd3_load
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image21_load, qwen_image_load, z_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load, z_image_load
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
-            (qwen_image21_load.has_transformer, "Qwen-Image 2.1", "qwen3vl_8b*.safetensors", "qwen_image",
-             "qwen_image_2.1_vae_bf16.safetensors"),
             (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
             (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
              "qwen_image_vae.safetensors"),
+            (qwen_image21_load.has_transformer, "Qwen-Image 2.1", "qwen3vl_8b*.safetensors", "qwen_image",
+             "qwen_image_2.1_vae_bf16.safetensors"),
             (z_image_load.has_z_image_transformer, "Z-Image", "qwen_3_4b", "lumina2", "ae.safetensors"),
             (chroma_load.has_chroma_transformer, "Chroma", "the T5-XXL", "chroma", "ae.safetensors")):
         if claims(shapes):

@@ -74,7 +74,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     transformer, or SD3, Z-Image, FLUX.2, Chroma or Qwen-Image one, that will be paged to disk is built
     straight into its blocks; see nodes.checkpoint.flux_load.OffloadAsk and nodes.checkpoint.paged_files)."""
     state = open_state(path)
-    from nodes.checkpoint import flux_load
+    from nodes.checkpoint import flux_load, qwen_image21_load
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer({k: () for k in state}):
@@ -90,13 +90,13 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
-    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image21_load, qwen_image_load
+    from nodes.checkpoint import chroma_load, flux2_load, krea2_load, qwen_image_load
 
     keys = {k: () for k in state}
     for claims, load in ((krea2_load.has_transformer, krea2_load.load_transformer_file),
-                         (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
                          (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
+                         (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
                          (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
                          (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
         if claims(keys):

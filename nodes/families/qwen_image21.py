@@ -51,7 +51,7 @@ MU = 0.69
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
              "use_dynamic_shifting": True, "base_shift": MU, "max_shift": MU, "base_image_seq_len": 256,
              "max_image_seq_len": 8192, "time_shift_type": "exponential", "prediction_type": "flow",
-             "kiln_mu_rule": "cells"}
+             "kiln_mu_rule": "per_pixel"}
 #: AutoencoderKLQwenImage21's per-channel latent statistics (the class's defaults, the release's).
 LATENT_MEAN = (0.5126, 0.7721, -0.0631, 1.3506, -0.7855, -2.1025, -0.3458, 1.3722, 1.8873, -1.7177, -0.651, 0.2732,
                0.7562, -0.6163, -1.0277, 3.8363, 2.021, 0.0472, 0.932, 2.0087, 2.4954, -0.1391, -1.4249, 1.8464,

@@ -102,7 +102,7 @@ TRAIN_GRID = "kiln_train_grid"
 DEFAULT_SHIFT_SIZE = 1024
 #: Kiln's key for a flow config whose ``mu`` follows another rule than diffusers' ``calculate_shift``:
 #: "flux2" is FLUX.2's empirical one (:func:`empirical_mu`), on latents already cut into patches;
-#: "cells" is ``calculate_shift`` over one token per latent cell (Qwen-Image 2.1 reads its latent unpatched).
+#: "per_pixel" is ``calculate_shift`` counting one token per latent pixel (FIBO 2's patch latents).
 MU_RULE = "kiln_mu_rule"
 
 
@@ -133,14 +133,12 @@ def empirical_mu(seq_len: int, steps: int) -> float:
 
 def mu_for(config: Mapping[str, Any], h: int, w: int, steps: int | None = None) -> float | None:
     """``mu`` for a latent of h x w (2x2 patches), or the one ModelSamplingFlux fixed; None: unshifted.
-    A FLUX.2 config (:data:`MU_RULE`) counts one token per latent pixel and needs ``steps``; a "cells"
-    config counts one token per latent pixel too."""
+    A FLUX.2 config (:data:`MU_RULE`) counts one token per latent pixel and needs ``steps``."""
     if not config.get("use_dynamic_shifting"):
         return None
     if config.get(MU_RULE) == "flux2":
         return empirical_mu(int(config.get(SHIFT_SEQ_LEN) or h * w), int(steps or 1))
-    cells = h * w if config.get(MU_RULE) == "cells" else (h // 2) * (w // 2)
-    seq_len = config.get(SHIFT_SEQ_LEN) or cells
+    seq_len = config.get(SHIFT_SEQ_LEN) or (h * w if config.get(MU_RULE) == "per_pixel" else (h // 2) * (w // 2))
     return calculate_mu(config, int(seq_len))
 
 

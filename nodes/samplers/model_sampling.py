@@ -175,7 +175,7 @@ class FlowSampling(_Sampling):
         if not self.config.get("use_dynamic_shifting") or self.config.get(flow.SHIFT_SEQ_LEN) or \
                 self.config.get("base_shift") == self.config.get("max_shift"):  # a fixed mu: no size in it
             return []
-        per = 16 if self.config.get(flow.MU_RULE) == "cells" else 8  # pixels per latent cell
+        per = 16 if self.config.get(flow.MU_RULE) == "per_pixel" else 8  # pixels per latent cell
         if (h * per // 16) * (w * per // 16) == (flow.DEFAULT_SHIFT_SIZE // 16) ** 2:
             return []
         return [f"the sigmas are shifted for {flow.DEFAULT_SHIFT_SIZE}x{flow.DEFAULT_SHIFT_SIZE} (ComfyUI's default; "
