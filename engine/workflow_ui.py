@@ -261,6 +261,9 @@ class _Converter:
             value = _promoted_value(scope.instance, inst_input)
             if value is not _MISSING:
                 return ("value", value)
+        value = _definition_value(scope.instance, scope.graph.inputs, slot)
+        if value is not _MISSING:
+            return ("value", value)
         if wanted == T.ANY or wanted in T.WIDGET_TYPES:  # a socket that may hold a value (PreviewAny's)
             return self._inner_widget_value(scope, slot)
         return None
@@ -388,6 +391,18 @@ def _promoted_value(instance: Mapping[str, Any], inst_input: Mapping[str, Any]) 
     if queue:
         return _MISSING
     return mapping.get(str(inst_input.get("name")), _MISSING)
+
+
+def _definition_value(instance: Mapping[str, Any], def_inputs: list[dict[str, Any]], slot: int) -> Any:
+    """The instance's stored value for the definition's input ``slot`` where the instance stores one
+    value per definition input, all of widget types, in the definition's order (ComfyUI's Qwen-Image 2.1
+    templates: 18 values for 18 inputs, fewer of them listed on the instance), else _MISSING."""
+    values = instance.get("widgets_values")
+    if not isinstance(values, list) or len(values) != len(def_inputs) or not 0 <= slot < len(values):
+        return _MISSING
+    if not all(isinstance(d, dict) and d.get("type") in T.WIDGET_TYPES for d in def_inputs):
+        return _MISSING
+    return values[slot]
 
 
 def _bypass_input(node: Mapping[str, Any], slot: int, wanted: str) -> int:

@@ -77,14 +77,19 @@ def _add_noise_batch(ctx, items, model, latent=None, strength: float = 0.75):
     return [add_noise(ctx, model, item.get("latent", latent), strength, item["seed"]) for item in items]
 
 
-def widen_empty(samples: "Any", channels: int) -> "Any":
+def widen_empty(samples: "Any", channels: int, downscale: int = 8) -> "Any":
     """ComfyUI's rule for an empty latent of another channel count (EmptyLatentImage's 4 channels in a
-    FLUX, Qwen-Image or Krea 2 template): zeros of the model's ``channels``; any other latent as it is."""
+    FLUX, Qwen-Image or Krea 2 template): zeros of the model's ``channels``; any other latent as it is.
+    ``downscale``: the model's pixels per latent cell; EmptyLatentImage's 4-channel latent counts 8, so
+    for another ratio (Qwen-Image 2.1's 16) its size is rescaled too, as ComfyUI's KSampler does."""
     import torch
 
     if not channels or samples.shape[1] == channels or bool(torch.count_nonzero(samples)):
         return samples
-    return torch.zeros((samples.shape[0], channels, *samples.shape[2:]), dtype=samples.dtype)
+    h, w = samples.shape[2:]
+    if downscale != 8 and samples.shape[1] == LATENT_CHANNELS:
+        h, w = round(h * 8 / downscale), round(w * 8 / downscale)
+    return torch.zeros((samples.shape[0], channels, h, w), dtype=samples.dtype)
 
 
 @define_node(

@@ -188,7 +188,7 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     batch = samples.shape[0] // len(job_seeds)  # images per job
     channels = getattr(model, "latent_channels", samples.shape[1])
     if latent_image.get("strength") is None:  # ComfyUI's rule, as SamplerCustomAdvanced's
-        samples = widen_empty(samples, channels)
+        samples = widen_empty(samples, channels, getattr(getattr(model, "latent", None), "downscale", 8))
     if samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this {model.family.name} model works on "
                         f"{channels}-channel latents (use its VAE, or EmptySD3LatentImage for 16 channels)",

@@ -180,3 +180,22 @@ def clip_over(family: Any, tokenizer: Any, encoder: Any, **options: Any) -> Any:
     from nodes.handles import ClipHandle
 
     return ClipHandle(family, {"tokenizer": tokenizer}, _use=lambda name: contextlib.nullcontext(encoder), **options)
+
+
+# -- ComfyUI templates and state dicts ------------------------------------------------------------
+
+
+def template(name: str) -> dict:
+    """A ComfyUI template as its editor saved it (the comfyui-workflow-templates-json package)."""
+    import json
+
+    import comfyui_workflow_templates_json as module
+
+    return json.loads((Path(module.__file__).parent / "templates" / name).read_text(encoding="utf-8"))
+
+
+def same_state(got: dict, want: dict) -> bool:
+    """Whether two state dicts hold the same keys with bit-identical tensors."""
+    import torch
+
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

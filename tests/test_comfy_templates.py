@@ -37,8 +37,9 @@ LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than
 #: the template's own value, not a slot slip: an empty SaveImage prefix (ComfyUI takes it, Kiln asks
 #: for a name) and the beta57 scheduler (a custom node's, not ComfyUI's). Every sampler name the
 #: templates hold is implemented (er_sde, gradient_estimation, ...: nodes/samplers/). FIBO 2's edit
-#: templates link one picture into BatchImagesNode, whose first two pictures ComfyUI's schema requires too
-#: (autogrow min 2).
+#: templates and Qwen-Image 2.1's turbo edit one link one picture into BatchImagesNode (on their prompt
+#: enhancer's branch), whose first two pictures ComfyUI's schema requires too (autogrow min 2; Kiln's
+#: node: tests/test_comfy_v3_inputs.py).
 KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57"),
          ("BatchImagesNode", "images.image1", None)}
 

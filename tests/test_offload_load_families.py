@@ -1,5 +1,5 @@
-"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2 and FIBO 2 built straight into blocks
-paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2 and Qwen-Image 2.1 built
+straight into blocks paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
 Qwen-Image's and FIBO 2's are diffusers' own names): the size asked before building is the whole build's module bytes,
@@ -21,6 +21,7 @@ import tiny_flux
 import tiny_flux2
 import tiny_krea2
 import tiny_qwen_image
+import tiny_qwen_image21
 import tiny_sd3
 import tiny_z_image
 from nodes.checkpoint.split import load_unet_file
@@ -94,6 +95,15 @@ def _fibo2_forward(net: Any) -> torch.Tensor:
                    return_dict=False)[0] / 32
 
 
+def _qwen_image21_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 7, tiny_qwen_image21.TEXT, generator=g)
+    slots = torch.cat([torch.zeros(1, 7, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]),
+                   img_shapes=[[(1, 4, 4)]], img_mask=slots, return_dict=False)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -103,6 +113,7 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "qwen_image": (lambda: dict(tiny_qwen_image.components()["transformer"].state_dict()), _qwen_image_forward),
     "krea2": (tiny_krea2.original_state, _krea2_forward),
     "fibo2": (tiny_fibo2.transformer_state, _fibo2_forward),
+    "qwen_image21": (tiny_qwen_image21.original_state, _qwen_image21_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
 DIFFUSERS_NAMED = ("qwen_image", "fibo2")
@@ -111,7 +122,8 @@ DIFFUSERS_NAMED = ("qwen_image", "fibo2")
 def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
-             "krea2": tiny_krea2, "fibo2": tiny_fibo2}[family].components())["transformer"]
+             "krea2": tiny_krea2, "fibo2": tiny_fibo2,
+             "qwen_image21": tiny_qwen_image21}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +139,7 @@ def files(tmp_path_factory) -> Path:
         tiny_flux._save(root / f"{family}.safetensors", tensors)
         if family not in DIFFUSERS_NAMED:  # their files hold diffusers' names already
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
-        if family in ("z_image", "sd3"):
+        if family in ("z_image", "sd3", "qwen_image21"):  # Qwen-Image 2.1's int8 scales split with gate_up
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
             tiny_flux._save(root / f"{family}-scaled.safetensors", quantise(state(), PREFIX)[0])
             tiny_flux._save(root / f"{family}-int8.safetensors", quantise_int8(state(), PREFIX)[0])
@@ -182,7 +194,8 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("sd3", "sd3-scaled", "float8_e4m3fn"), ("sd3", "sd3", "float8_e4m3fn"),
                                              ("flux2", "flux2", "float8_e4m3fn"), ("chroma", "chroma", "float8_e4m3fn"),
                                              ("qwen_image", "qwen_image", "float8_e4m3fn"),
-                                             ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn")])
+                                             ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn"),
+                                             ("qwen_image21", "qwen_image21-int8", "")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype

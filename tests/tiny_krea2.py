@@ -36,11 +36,12 @@ def _perturb(module: Any, scale: float) -> None:
             p.add_(torch.randn_like(p) * scale)
 
 
-def text_config() -> Any:
+def text_config(layers: int = TEXT_LAYERS) -> Any:
+    """A tiny Qwen3-VL (``layers`` decoder layers; Krea 2 needs 36 for its taps, Qwen-Image 2.1 reads the last)."""
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=TEXT, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+        text_config=dict(vocab_size=151936, hidden_size=TEXT, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
                          max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 1, 1],

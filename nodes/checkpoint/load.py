@@ -216,7 +216,7 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load, sd3_load
+    from nodes.checkpoint import flux_load, qwen_image21_load, sd3_load
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
@@ -230,6 +230,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
             (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
              "qwen_image_vae.safetensors"),
+            (qwen_image21_load.has_transformer, "Qwen-Image 2.1", "qwen3vl_8b*.safetensors", "qwen_image",
+             "qwen_image_2.1_vae_bf16.safetensors"),
             (z_image_load.has_z_image_transformer, "Z-Image", "qwen_3_4b", "lumina2", "ae.safetensors"),
             (chroma_load.has_chroma_transformer, "Chroma", "the T5-XXL", "chroma", "ae.safetensors")):
         if claims(shapes):
@@ -456,6 +458,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import qwen_image21_load
+
+        if qwen_image21_load.is_folder(path):
+            return qwen_image21_load.load_folder(path, dtype, offload=offload)
         if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
             return flux2_load.load_folder(path, dtype, offload=offload)
         if qwen_image_load.is_qwen_image_folder(path):
@@ -501,8 +507,10 @@ def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family)
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
 
-    from nodes.checkpoint import qwen_image_vae
+    from nodes.checkpoint import qwen_image21_load, qwen_image_vae
 
+    if qwen_image21_load.is_vae(shapes_of(state)):  # Qwen-Image 2.1's 64-channel RGBA VAE, either layout
+        return qwen_image21_load.build_vae(plain(state), path.name, dtype)
     if qwen_image_vae.is_qwen_vae(state.keys()):  # Qwen-Image's (the Wan 2.1 VAE), either layout
         return qwen_image_vae.build(plain(state), path.name, dtype)
     if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers layout in one file

@@ -172,9 +172,10 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
                                 latent_from_vae=False)
 
 
-def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any) -> dict[str, Any]:
-    """A folder's Qwen-Image VAE (``vae/``) and its text encoder (``text_encoder/``, built by
-    ``build_text(state, what, dtype)``): the parts Qwen-Image's and Krea 2's folders share in kind."""
+def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any = None) -> dict[str, Any]:
+    """A folder's VAE (``vae/``, Qwen-Image's unless ``build_vae(state, what, dtype)`` is given: Qwen-Image
+    2.1's) and its text encoder (``text_encoder/``, built by ``build_text(state, what, dtype)``): the parts
+    Qwen-Image's, Krea 2's and Qwen-Image 2.1's folders share in kind."""
     from nodes.checkpoint import qwen_image_vae
     from nodes.checkpoint.load import open_state
 
@@ -184,5 +185,5 @@ def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any) -> dict[str, A
         raise OSError("vae/ or text_encoder/ holds no .safetensors")
     vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
     te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
-    return {"vae": qwen_image_vae.build(vae_state, f"{path.name}/vae", dtype),
+    return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
             "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}

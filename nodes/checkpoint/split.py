@@ -76,7 +76,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     transformer, or SD3, Z-Image, FLUX.2, Chroma or Qwen-Image one, that will be paged to disk is built
     straight into its blocks; see nodes.checkpoint.flux_load.OffloadAsk and nodes.checkpoint.paged_files)."""
     state = open_state(path)
-    from nodes.checkpoint import flux_load
+    from nodes.checkpoint import flux_load, qwen_image21_load
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer({k: () for k in state}):
@@ -99,6 +99,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
                          (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
+                         (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
                          (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
                          (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
         if claims(keys):
@@ -193,10 +194,12 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     _pair_clips(files)
     kinds = sorted(f.kind for f in files)
     for family in families.ALL:
-        if clip_type in family.clip_types and _fits(family, kinds):
+        if clip_type not in family.clip_types or not family.accepts_text_files(files):
+            continue
+        if _fits(family, kinds):
             return family
         aliases = getattr(family, "text_kind_aliases", {})
-        if clip_type in family.clip_types and _fits(family, sorted(aliases.get(k, k) for k in kinds)):
+        if _fits(family, sorted(aliases.get(k, k) for k in kinds)):
             for f in files:  # a file its keys cannot tell apart from the kind the family reads (Krea 2)
                 f.kind = aliases.get(f.kind, f.kind)
             return family

@@ -47,6 +47,9 @@ class LatentFormat:
     shift: float = 0.0
     rgb: tuple[tuple[float, float, float], ...] = ()
     rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: Image pixels per latent cell (ComfyUI's ``spacial_downscale_ratio``): an empty 4-channel latent
+    #: (EmptyLatentImage's, 8 pixels a cell) is resized to it when sampling (nodes.latent.widen_empty).
+    downscale: int = 8
 
     def to_model(self, raw: "torch.Tensor") -> "torch.Tensor":
         return (raw - self.shift) * self.scale if self.shift else raw * self.scale
@@ -168,6 +171,11 @@ class Family:
         return f"<family {self.name}>"
 
     # -- detection ---------------------------------------------------------------
+
+    def accepts_text_files(self, files: list) -> bool:
+        """Whether text-encoder files of the right kinds (nodes.checkpoint.split.TextFile) are this
+        family's, where one kind serves several families (Qwen3-VL 4B and 8B): True unless a family says."""
+        return True
 
     def claims(self, shapes: Shapes) -> bool:
         """Whether a single file in the original layout holds this family's model."""

@@ -147,7 +147,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                         "check the scheduler's steps and denoise or where SplitSigmas splits", sigmas_input)
     samples = check_latent(latent, latent_input)
     channels = model.latent.channels
-    samples = widen_empty(samples, channels)  # ComfyUI's rule: an empty latent takes the model's channels
+    # ComfyUI's rule: an empty latent takes the model's channels (and its pixels per cell)
+    samples = widen_empty(samples, channels, model.latent.downscale)
     if channels and samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this model works on "
                         f"{model.latent.channels}", latent_input)

@@ -172,13 +172,14 @@ class FlowSampling(_Sampling):
         """What to tell the user about sampling a latent of h x w on sigmas made without its size."""
         from nodes.samplers import flow
 
-        if not self.config.get("use_dynamic_shifting") or self.config.get(flow.SHIFT_SEQ_LEN):
+        if not self.config.get("use_dynamic_shifting") or self.config.get(flow.SHIFT_SEQ_LEN) or \
+                self.config.get("base_shift") == self.config.get("max_shift"):  # a fixed mu: no size in it
             return []
-        default = flow.DEFAULT_SHIFT_SIZE // 8
-        if (h // 2) * (w // 2) == (default // 2) ** 2:
+        per = 16 if self.config.get(flow.MU_RULE) == "per_pixel" else 8  # pixels per latent cell
+        if (h * per // 16) * (w * per // 16) == (flow.DEFAULT_SHIFT_SIZE // 16) ** 2:
             return []
         return [f"the sigmas are shifted for {flow.DEFAULT_SHIFT_SIZE}x{flow.DEFAULT_SHIFT_SIZE} (ComfyUI's default; "
-                f"the scheduler does not see the image), this latent is {w * 8}x{h * 8}: put ModelSamplingFlux "
+                f"the scheduler does not see the image), this latent is {w * per}x{h * per}: put ModelSamplingFlux "
                 "with its width and height before the scheduler for the shift KSampler uses"]
 
 
