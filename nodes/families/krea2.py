@@ -101,6 +101,9 @@ class Krea2(FlowFamily):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     repeats_text = False  # a repeated prompt changes the image's attention over text
+    #: Its Qwen3-VL is built with the vision tower (nodes.checkpoint.split): the Qwen-Image Edit nodes and
+    #: TextGenerate hand it pictures (nodes.families.qwen3_vl). Families without it get the text model alone.
+    text_vision = True
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type krea2 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 
