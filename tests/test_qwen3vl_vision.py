@@ -1,5 +1,5 @@
 """Qwen3-VL's vision tower: loaded from ComfyUI's qwen3vl_4b file and from a diffusers folder, and pictures
-read through it on a Krea 2 CLIP (TextEncodeQwenImageEditPlus / TextEncodeQwenImageEdit).
+read through it on a Krea 2 CLIP (TextEncodeQwenImageEditPlus / TextEncodeQwenImageEdit, TextGenerate).
 
 The references are built here from the tiny Krea 2's own ``Qwen3VLModel`` (tests/tiny_krea2.py) and
 transformers' image processor at Qwen3-VL's settings, not from Kiln's code: the ids are the template
@@ -15,9 +15,11 @@ from PIL import Image
 
 import tiny_krea2
 from flow_family_files import env, models_root, registry  # noqa: F401 (fixtures)
-from node_call import call
+from node_call import Called, call
 from nodes import split_loaders
+from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 from nodes.families import krea2
+from test_text_generate import ENDOFTEXT, STOPS, krea2_head, readable
 
 CLIP = "tiny-qwen3vl_4b.safetensors"
 PROMPT = "in the style of the picture"
@@ -162,3 +164,54 @@ def test_a_picture_into_a_krea2_clip_without_its_tower_is_refused_on_clip(regist
     with pytest.raises(NodeError) as err:
         call(registry.get("TextEncodeQwenImageEditPlus"), env, clip=bare, prompt=PROMPT, image1=_picture(1))
     assert err.value.input_name == "clip" and "vision tower" in str(err.value)
+
+
+# -- 3. TextGenerate with pictures -----------------------------------------------------------------
+
+
+def reference_qwen3vl_with_picture(picture: torch.Tensor, count: int) -> list[int]:
+    """transformers' Qwen3-VL generate on one picture (the tiny Krea 2's weights and head): the processor's
+    pixels at Qwen3-VL's settings (16-pixel patches, mean and std 0.5, ComfyUI's pixel bounds), ComfyUI's
+    Qwen3-VL template with its block and the empty think block, the 3-D positions and DeepStack its
+    generate computes."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
+
+    pil = Image.fromarray((picture[0].numpy() * 255).round().astype(np.uint8), "RGB")
+    got = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=16,
+                                   temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3)(images=[pil], return_tensors="pt")
+    pads = int(got["image_grid_thw"][0].prod()) // 4
+    text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * pads + "<|vision_end|>A red fox<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    ids = torch.tensor([qwen_tokenizer("3")(text, add_special_tokens=False).input_ids])
+    model = Qwen3VLForConditionalGeneration(tiny_krea2.text_config()).eval()
+    model.model.load_state_dict(tiny_krea2.components()["text_encoder"].state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(krea2_head())
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=got["pixel_values"],
+                             image_grid_thw=got["image_grid_thw"], mm_token_type_ids=(ids == 151655).int(),
+                             do_sample=False, max_new_tokens=count, eos_token_id=STOPS, pad_token_id=ENDOFTEXT)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_krea2_qwen3_vl_reads_a_picture_as_transformers_generate_does(registry, env, root):
+    """TextGenerate (greedy) with a picture on Krea 2's Qwen3-VL, its file with a head of its own."""
+    from safetensors.torch import save_file
+
+    save_file({**tiny_krea2.comfy_text_state(), "lm_head.weight": krea2_head()},
+              str(root / "text_encoders" / "qwen3vl-head.safetensors"))
+    (clip,) = call(split_loaders.clip_loader, env, clip_name="qwen3vl-head.safetensors", type="krea2")
+    picture = torch.rand(1, 72, 100, 3, generator=torch.Generator().manual_seed(1))
+    expected = reference_qwen3vl_with_picture(picture, 12)
+    record = Called()
+    text, _ = call(registry.get("TextGenerate"), env, record, clip=clip, prompt="A red fox", max_length=12, sampling_mode="off",
+                   image=picture)
+    assert len(expected) == 12 and len(set(expected)) > 3
+    assert text == readable(expected) and text
+    assert any("12 tokens written" in m for m in record.messages)
+    other, _ = call(registry.get("TextGenerate"), env, clip=clip, prompt="A red fox", max_length=12, sampling_mode="off",
+                    **{"images.image_0": torch.rand(1, 72, 100, 3, generator=torch.Generator().manual_seed(2))})
+    blind, _ = call(registry.get("TextGenerate"), env, clip=clip, prompt="A red fox", max_length=12, sampling_mode="off")
+    assert len({text, other, blind}) == 3  # the picture is read, and which picture matters

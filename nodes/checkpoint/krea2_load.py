@@ -155,7 +155,6 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3-VL text encoder ({what})")
 
 
-
 def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     """The Qwen3-VL of a file as the loaders build it: transformers' ``Qwen3VLModel`` (language model and
     vision tower, which the picture-reading nodes need: TextEncodeQwenImageEditPlus on a Krea 2 CLIP,
@@ -163,7 +162,7 @@ def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     model alone. The language model is the same either way (``language_model`` of the former), so
     text-only encoding gives the same states; the tower costs its weights' memory (about 0.4B
     parameters in Qwen3-VL 4B) whether or not a picture is read."""
-    from nodes.checkpoint import qwen3_vision
+    from nodes.checkpoint import qwen3_vision, scaled_fp8
     from nodes.checkpoint.tensors import shapes_of
 
     visual = qwen3_vision.vision_state(state)
@@ -174,11 +173,10 @@ def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
         return build_text_model(state, what, dtype)  # its error names the missing language model
     text = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)
             and not k.startswith(("lm_head.", *VISION_PREFIXES)) and not k[len(prefix):].startswith("visual.")}
-    from nodes.checkpoint import scaled_fp8
-
-    kept, _ = scaled_fp8.take(dict(text), what)
+    kept, _ = scaled_fp8.take(dict(text), what)  # the shapes without the scales, for the config
     return qwen3_vision.build_vl_model(text, visual, text_config(shapes_of(kept), what), what, dtype,
                                        "Qwen3-VL text encoder with its vision tower")
+
 
 # -- diffusers folders ----------------------------------------------------------------------------
 

@@ -15,21 +15,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError
+from nodes.checkpoint.qwen_vision import MARKER, vision_state  # noqa: F401 (same prefixes as Qwen2.5-VL's tower)
 
-PREFIXES = ("visual.", "model.visual.")
-MARKER = "patch_embed.proj.weight"
 #: The released towers' head count; towers narrower than WIDE (tests) get two heads.
 HEADS, WIDE = 16, 512
 #: depth -> the vision layers whose features the DeepStack mergers take (the releases').
 DEEPSTACK = {24: [5, 11, 17], 27: [8, 16, 24]}
-
-
-def vision_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The tower's tensors without their prefix; empty when the file has no tower."""
-    for prefix in PREFIXES:
-        if prefix + MARKER in state:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return {}
+#: config field -> (tensor, axis) whose size it is.
+SIZES = {"positions": ("pos_embed.weight", 0), "merged": ("merger.linear_fc1.weight", 1),
+         "out": ("merger.linear_fc2.weight", 0), "intermediate": ("blocks.0.mlp.linear_fc1.weight", 0)}
 
 
 def deepstack_layers(depth: int, mergers: int) -> list[int]:
@@ -45,20 +39,21 @@ def vision_config(shapes: Mapping[str, tuple], what: str) -> dict[str, Any]:
     def count(pattern: str) -> int:
         return len({int(m.group(1)) for k in shapes for m in [re.match(pattern, k)] if m})
 
-    try:
-        hidden, channels, temporal, patch, _ = shapes[MARKER]
-        positions = shapes["pos_embed.weight"][0]
-        merged = shapes["merger.linear_fc1.weight"][1]
-        out = shapes["merger.linear_fc2.weight"][0]
-        inter = shapes["blocks.0.mlp.linear_fc1.weight"][0]
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{what}: an incomplete Qwen3-VL vision tower (visual.{exc} is missing or "
-                              "misshapen)") from None
+    if len(shapes.get(MARKER, ())) != 5:
+        raise CheckpointError(f"{what}: an incomplete Qwen3-VL vision tower (visual.{MARKER} is missing or "
+                              "misshapen)")
+    hidden, channels, temporal, patch, _ = shapes[MARKER]
+    found = {}
+    for name, (key, axis) in SIZES.items():
+        if key not in shapes:
+            raise CheckpointError(f"{what}: an incomplete Qwen3-VL vision tower (visual.{key} is missing)")
+        found[name] = shapes[key][axis]
     depth = count(r"blocks\.(\d+)\.")
-    return {"depth": depth, "hidden_size": hidden, "intermediate_size": inter,
+    return {"depth": depth, "hidden_size": hidden, "intermediate_size": found["intermediate"],
             "num_heads": HEADS if hidden >= WIDE else 2, "in_channels": channels, "patch_size": patch,
-            "temporal_patch_size": temporal, "spatial_merge_size": round((merged // hidden) ** 0.5),
-            "out_hidden_size": out, "num_position_embeddings": positions, "hidden_act": "gelu_pytorch_tanh",
+            "temporal_patch_size": temporal, "spatial_merge_size": round((found["merged"] // hidden) ** 0.5),
+            "out_hidden_size": found["out"], "num_position_embeddings": found["positions"],
+            "hidden_act": "gelu_pytorch_tanh",
             "deepstack_visual_indexes": deepstack_layers(depth, count(r"deepstack_merger_list\.(\d+)\."))}
 
 
