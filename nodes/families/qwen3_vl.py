@@ -30,24 +30,27 @@ def tower(model: Any) -> Any:
     return getattr(model, "visual", None)
 
 
-def vision_inputs(model: Any, pictures: list) -> dict[str, Any]:
-    """``pixel_values`` and ``image_grid_thw`` of PIL ``pictures`` for ``model``'s tower (module docstring)."""
+def vision_inputs(model: Any, pictures: list, bounds: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS)) -> dict[str, Any]:
+    """``pixel_values`` and ``image_grid_thw`` of PIL ``pictures`` for ``model``'s tower (module docstring);
+    ``bounds``: the least and most pixels a picture is resized to stay within (a pipeline's processor
+    config may set others: Qwen3-VL's release sets 65536 and 16777216)."""
     from transformers import Qwen2VLImageProcessorPil
 
     config = model.config.vision_config
     processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, patch_size=config.patch_size,
+        size={"shortest_edge": bounds[0], "longest_edge": bounds[1]}, patch_size=config.patch_size,
         temporal_patch_size=config.temporal_patch_size, merge_size=config.spatial_merge_size,
         image_mean=list(MEAN), image_std=list(STD))
     got = processor(images=pictures, return_tensors="pt")
     return {"pixel_values": got["pixel_values"], "image_grid_thw": got["image_grid_thw"]}
 
 
-def prompt_inputs(model: Any, tokenizer: Any, text: str, pictures: list, what: str = "prompt") -> dict[str, Any]:
+def prompt_inputs(model: Any, tokenizer: Any, text: str, pictures: list, what: str = "prompt",
+                  bounds: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS)) -> dict[str, Any]:
     """The keyword arguments of ``model(...)`` for ``text`` (its picture blocks in place, one per picture)
     with PIL ``pictures``: ``input_ids`` [1, n], ``pixel_values``, ``image_grid_thw`` and
     ``mm_token_type_ids`` (1 at picture tokens), on the model's device. ``what`` names the input a
-    slot-count mismatch is blamed on (ConditioningError)."""
+    slot-count mismatch is blamed on (ConditioningError); ``bounds`` as :func:`vision_inputs`'s."""
     import torch
 
     from nodes.families.qwen_image_edit import expand_pads
@@ -56,7 +59,7 @@ def prompt_inputs(model: Any, tokenizer: Any, text: str, pictures: list, what: s
         raise ConditioningError("this Qwen3-VL text encoder has no vision tower (its file holds no visual.* "
                                 "weights): load the full Qwen3-VL file to read pictures", "clip")
     device = model.get_input_embeddings().weight.device
-    vision = vision_inputs(model, pictures)
+    vision = vision_inputs(model, pictures, bounds)
     grid = vision["image_grid_thw"]
     if text.count(PAD) != len(grid):
         raise ConditioningError(f"the prompt has {text.count(PAD)} picture slots for {len(grid)} pictures", what)
