@@ -36,7 +36,7 @@ def _encode(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, 
     if not isinstance(clip, ClipHandle):
         raise NodeError(f"clip must come from a CLIP loader, got {type(clip).__name__}", "clip")
     if clip.family.name == "krea2":  # ComfyUI's Krea 2 style-reference template feeds pictures here
-        return _krea2(clip, prompt, images)
+        return _krea2(ctx, clip, prompt, images, plus)
     if clip.family.name != "qwen_image":
         raise NodeError(f"this CLIP is {clip.family.name}'s; the Qwen-Image Edit encoders need Qwen2.5-VL "
                         "(CLIPLoader type qwen_image on qwen_2.5_vl_7b*.safetensors)", "clip")
@@ -62,17 +62,24 @@ def _encode(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, 
     return (cond,)
 
 
-def _krea2(clip: Any, prompt: str, images: list[tuple[str, Any]]) -> tuple:
-    """A Krea 2 CLIP: the prompt alone as CLIPTextEncode encodes it; pictures are refused by input name
-    (Kiln loads Qwen3-VL without its vision tower: nodes.families.krea2.NO_PICTURES)."""
-    from nodes.families.krea2 import NO_PICTURES
+def _krea2(ctx: Any, clip: Any, prompt: str, images: list[tuple[str, Any]], plus: bool) -> tuple:
+    """A Krea 2 CLIP (ComfyUI's style-reference template): the pictures read by Qwen3-VL's vision tower
+    (nodes.families.krea2.encode_pictures), sized as the Qwen-Image pictures are (Plus: about 384x384;
+    Edit: about 1024x1024). Edit without a picture is CLIPTextEncode's encoding. No reference latents:
+    Krea 2's transformer reads none (ComfyUI's ignores them), so the VAE is not run."""
+    from nodes.families import krea2, qwen_image_edit
+    from nodes.families.base import ConditioningError
 
-    given = [name for name, image in images if image is not None]
-    if given:
-        raise NodeError(NO_PICTURES, given[0])
     if not isinstance(prompt, str):
         raise NodeError("must be a string", "prompt")
-    return (clip.encode(prompt),)
+    pictures = [_picture(ctx, image, name) for name, image in images if image is not None]
+    if not pictures and not plus:
+        return (clip.encode(prompt),)
+    area = qwen_image_edit.PLUS_VISION_AREA if plus else qwen_image_edit.AREA
+    try:
+        return (krea2.encode_pictures(clip, prompt, [qwen_image_edit.resized(p, area) for p in pictures], plus),)
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
 
 
 @define_node(

@@ -8,8 +8,8 @@ equals transformers' ``generate(do_sample=False)``; sampled output ("on") is rep
 seed but is not the text ComfyUI samples for that seed (a different generator draws it).
 
 Inputs Kiln takes but cannot use are refused by name rather than ignored: video and audio, and
-pictures for an encoder without a vision tower; a Qwen2.5-VL loaded with its tower (Qwen-Image's
-file) reads pictures (nodes.text_vision). ``mtp`` (speculative decoding with a
+pictures for an encoder without a vision tower; a Qwen2.5-VL (Qwen-Image's file) or Qwen3-VL (Krea 2's)
+loaded with its tower reads pictures (nodes.text_vision). ``mtp`` (speculative decoding with a
 multi-token-prediction head) is accepted for ComfyUI's files and changes nothing, as in ComfyUI
 for models without MTP weights. Templates saved by an older ComfyUI link a single ``image``
 socket; newer ones grow ``images.image_0``...; both are declared.
@@ -43,8 +43,8 @@ def _sub(name: str, type_: str, default: Any, lo: float, hi: float, step: float 
     category="text",
     display_name="Generate Text",
     inputs=[
-        Input("clip", T.CLIP, tooltip="A CLIP whose text encoder is a chat model: Qwen3 (Z-Image, FLUX.2 klein) "
-                                      "or Qwen2.5-VL (Qwen-Image)."),
+        Input("clip", T.CLIP, tooltip="A CLIP whose text encoder is a chat model: Qwen3 (Z-Image, FLUX.2 klein), "
+                                      "Qwen2.5-VL (Qwen-Image) or Qwen3-VL (Krea 2)."),
         Input("prompt", T.STRING, default="", multiline=True),
         Input("image", T.IMAGE, optional=True, comfy_hidden=True,
               tooltip="The single picture socket of templates saved by an older ComfyUI."),

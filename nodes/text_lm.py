@@ -55,7 +55,8 @@ def own_decoder(module: Any) -> Any:
 
 
 def nested_decoder(module: Any) -> Any:
-    """The language model of a Qwen2.5-VL built with its vision tower (``Qwen2_5_VLModel``), else itself."""
+    """The language model of a Qwen-VL built with its vision tower (``Qwen2_5_VLModel``, ``Qwen3VLModel``),
+    else itself."""
     return getattr(module, "language_model", module)
 
 
@@ -85,13 +86,19 @@ def qwen25_pictures(module: Any, tokenizer: Any, text: str, pictures: list) -> A
     return build(module, tokenizer, text, pictures)
 
 
+def qwen3_vl_pictures(module: Any, tokenizer: Any, text: str, pictures: list) -> Any:
+    from nodes.text_vision import qwen3_pictures
+
+    return qwen3_pictures(module, tokenizer, text, pictures)
+
+
 #: encoder kind (nodes.checkpoint.split) -> how it writes text.
 KINDS: dict[str, LanguageModel] = {
     "qwen3": LanguageModel("Qwen3", qwen3_chat, reasons=True),
     "qwen2.5-vl": LanguageModel("Qwen2.5-VL", qwen25_chat, nested_decoder, pictures=qwen25_pictures),
-    # Krea 2's Qwen3-VL 4B (text model only: nodes.checkpoint.krea2_load); ComfyUI's Qwen3-VL tokenizer
-    # writes Qwen3's empty think block when thinking is off
-    "qwen3-vl": LanguageModel("Qwen3-VL", qwen3_chat, reasons=True),
+    # Krea 2's Qwen3-VL 4B (with its vision tower where the file has one: nodes.checkpoint.krea2_load);
+    # ComfyUI's Qwen3-VL tokenizer writes Qwen3's empty think block when thinking is off
+    "qwen3-vl": LanguageModel("Qwen3-VL", qwen3_chat, nested_decoder, reasons=True, pictures=qwen3_vl_pictures),
 }
 
 

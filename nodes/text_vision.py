@@ -1,4 +1,5 @@
-"""Pictures in TextGenerate's prompt, for a Qwen2.5-VL loaded with its vision tower (Qwen-Image's file).
+"""Pictures in TextGenerate's prompt, for a Qwen2.5-VL (Qwen-Image's file) or a Qwen3-VL (Krea 2's)
+loaded with its vision tower.
 
 Each picture takes ComfyUI's place in the user turn, ``<|vision_start|><|image_pad|><|vision_end|>``
 before the text (a raw prompt gets the blocks it lacks at the start of its user turn, as ComfyUI's
@@ -9,7 +10,9 @@ Positions are Qwen2.5-VL's 3-D (time, row, column) rope indices, computed once f
 the model's ``get_rope_index``; each new token then continues from the prompt's last position
 (the index shift the pictures cause, ``rope_deltas``, carried on), as transformers' ``generate``
 continues them. ComfyUI sizes pictures with its own resize, so its pictures may be read at
-another resolution than Kiln's.
+another resolution than Kiln's. A Qwen3-VL reads its pixels at Qwen3-VL's settings
+(nodes.families.qwen3_vl) and takes the same positions from its own ``get_rope_index``; its
+DeepStack features join the first pass with the pixels.
 """
 from __future__ import annotations
 
@@ -54,11 +57,27 @@ class PicturePrompt:
 def qwen25_pictures(model: Any, tokenizer: Any, text: str, pictures: list) -> PicturePrompt:
     """The prompt ``text`` (its picture blocks in place) with IMAGE ``pictures`` [1, H, W, C] for
     ``model``, a transformers ``Qwen2_5_VLModel`` on its device."""
+    from nodes.families.qwen_image_edit import to_pil, vision_inputs
+
+    return picture_prompt(model, tokenizer, text, vision_inputs([to_pil(p[0]) for p in pictures]))
+
+
+def qwen3_pictures(model: Any, tokenizer: Any, text: str, pictures: list) -> PicturePrompt:
+    """As :func:`qwen25_pictures` for a transformers ``Qwen3VLModel`` (Krea 2's Qwen3-VL with its tower):
+    Qwen3-VL's pixels (nodes.families.qwen3_vl.vision_inputs); its DeepStack features join in the first pass."""
+    from nodes.families.qwen3_vl import vision_inputs
+    from nodes.families.qwen_image_edit import to_pil
+
+    return picture_prompt(model, tokenizer, text, vision_inputs(model, [to_pil(p[0]) for p in pictures]))
+
+
+def picture_prompt(model: Any, tokenizer: Any, text: str, vision: dict[str, Any]) -> PicturePrompt:
+    """The :class:`PicturePrompt` of ``text`` for a Qwen-VL ``model`` given its pictures' ``pixel_values``
+    and ``image_grid_thw`` (``vision``): the pads expanded, the 3-D positions from ``get_rope_index``."""
     import torch
 
-    from nodes.families.qwen_image_edit import expand_pads, to_pil, vision_inputs
+    from nodes.families.qwen_image_edit import expand_pads
 
-    vision = vision_inputs([to_pil(p[0]) for p in pictures])
     text = expand_pads(text, vision["image_grid_thw"], model.config.vision_config.spatial_merge_size)
     ids = list(tokenizer(text, add_special_tokens=False).input_ids)
     device = model.get_input_embeddings().weight.device

@@ -7,8 +7,8 @@ krea2, VAELoader, the LoRA switch, EmptyLatentImage, KSampler euler/simple 8 ste
 ConditioningZeroOut negative) and gives Krea2Pipeline's Turbo picture; with its LoRA switch on, the
 picture of the pipeline with that LoRA merged by hand and the style words appended. As shipped
 (prompt enhance on) it gives the pipeline's picture for the prompt TextGenerate wrote. The style-reference template
-feeds a picture to TextEncodeQwenImageEditPlus on the Krea 2 CLIP, which Kiln refuses by node and input
-(Qwen3-VL's vision tower is not loaded yet).
+feeds a picture to TextEncodeQwenImageEditPlus on the Krea 2 CLIP, which Qwen3-VL's vision tower reads; it
+runs on the tiny files and the picture changes the image.
 """
 from __future__ import annotations
 
@@ -144,18 +144,33 @@ def test_the_turbo_template_as_shipped_enhances_its_prompt_with_textgenerate(reg
     assert np.abs(outcome.results["30:8"][0].numpy() - theirs).max() <= 1 / 255
 
 
-def test_style_reference_template_refuses_the_picture_by_node_and_input(registry, env, root):
+def _style_reference(registry, env, picture: np.ndarray) -> object:
+    """The style-reference template with its TextGenerate taken out (its switch off, as the template ships),
+    on the tiny files at 64x64, reading ``picture`` as its reference."""
     from PIL import Image
 
-    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(env.paths.input.root / "ref.png")
+    Image.fromarray(picture).save(env.paths.input.root / "ref.png")
     wf = copy.deepcopy(parse_document(_template(STYLE), registry))
+    assert wf.nodes["30:24"].inputs["value"] is False and wf.nodes["30:52"].type == "TextEncodeQwenImageEditPlus"
     del wf.nodes["30:16"]
     wf.nodes["30:21"].inputs["on_true"] = wf.nodes["30:21"].inputs["on_false"]
-    wf = wf.with_overrides({"30:10.unet_name": "tiny-krea2.safetensors",
-                            "30:11.clip_name": "tiny-qwen3vl_4b.safetensors",
-                            "30:12.vae_name": "tiny-qwen_image_vae.safetensors",
-                            "30:15.lora_name": "tiny-krea2-lora.safetensors", "69.image": "ref.png"})
-    outcome = Executor(registry, env).run(wf)
-    assert outcome.status != "succeeded"
-    err = outcome.error
-    assert err.node_id == "30:52" and "image1" in (err.input_name or err.message) and "vision tower" in err.message
+    for node in ("30:61", "30:64"):  # the latent and the shift at 64x64 (the template sizes them from the picture)
+        wf.nodes[node].inputs.update(width=SIZE, height=SIZE)
+    return wf.with_overrides({"30:10.unet_name": "tiny-krea2.safetensors",
+                              "30:11.clip_name": "tiny-qwen3vl_4b.safetensors",
+                              "30:12.vae_name": "tiny-qwen_image_vae.safetensors",
+                              "30:15.lora_name": "tiny-krea2-lora.safetensors", "69.image": "ref.png"})
+
+
+def test_style_reference_template_reads_its_picture_through_qwen3_vl(registry, env, root):
+    """TextEncodeQwenImageEditPlus on the Krea 2 CLIP reads the reference picture with Qwen3-VL's vision tower
+    (tests/test_qwen3vl_vision.py checks those states against transformers); the template runs on the tiny
+    files and its picture changes the image."""
+    rng = np.random.default_rng(3)
+    first = Executor(registry, env).run(_style_reference(registry, env, rng.integers(0, 256, (32, 48, 3), np.uint8)))
+    assert first.status == "succeeded", first.error and first.error.message
+    ours = first.results["30:62"][0].numpy()
+    assert ours.shape == (1, SIZE, SIZE, 3)
+    second = Executor(registry, env).run(_style_reference(registry, env, rng.integers(0, 256, (32, 48, 3), np.uint8)))
+    assert second.status == "succeeded", second.error and second.error.message
+    assert np.abs(ours - second.results["30:62"][0].numpy()).max() > 1 / 255  # the picture matters: not vacuous

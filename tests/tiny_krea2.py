@@ -103,11 +103,15 @@ def comfy_text_state() -> dict:
 
 def check_text_model(clip: Any) -> None:
     """``clip`` (CLIPLoader on :func:`comfy_text_state`'s file) holds transformers' Qwen3VLTextModel with
-    exactly the tiny Qwen3-VL's language-model weights."""
+    exactly the tiny Qwen3-VL's language-model weights: the module itself, or the ``language_model`` of a
+    Qwen3VLModel where the family reads pictures (Krea 2: its tower is checked in test_qwen3vl_vision)."""
     import torch
 
     want = components()["text_encoder"].language_model.state_dict()
-    with clip.encoder("text_encoder") as qwen:
+    with clip.encoder("text_encoder") as module:
+        reads_pictures = bool(getattr(clip.family, "text_vision", False))
+        assert type(module).__name__ == ("Qwen3VLModel" if reads_pictures else "Qwen3VLTextModel")
+        qwen = module.language_model if reads_pictures else module
         assert type(qwen).__name__ == "Qwen3VLTextModel"
         got = qwen.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -7,9 +7,10 @@
   the renames through nodes.checkpoint.scaled_fp8).
 * Qwen3-VL 4B through CLIPLoader type ``krea2`` (``qwen3vl_4b*.safetensors``): ComfyUI's file holds
   the language model under ``model.`` (Qwen3's names: q_norm / k_norm) and the vision tower under
-  ``visual.``. Kiln builds transformers' ``Qwen3VLTextModel`` from the shapes; the vision tower is not
-  read (text-to-image never runs it; a node that hands the encoder pictures is refused by name, see
-  nodes.families.krea2).
+  ``visual.``. Kiln builds transformers' ``Qwen3VLModel`` from the shapes, language model and vision
+  tower (:func:`build_encoder`, the tower's config: nodes.checkpoint.qwen3_vision), which the nodes that
+  hand the encoder pictures read with (nodes.families.qwen3_vl); text-to-image runs its language model
+  alone. A file without ``visual.*`` gives the language model alone (:func:`build_text_model`).
 * The VAE is Qwen-Image's (``qwen_image_vae.safetensors``, VAELoader: nodes.checkpoint.qwen_image_vae).
 * A diffusers folder (``Krea2Pipeline.save_pretrained``) through CheckpointLoaderSimple.
 """
@@ -154,6 +155,29 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3-VL text encoder ({what})")
 
 
+def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """The Qwen3-VL of a file as the loaders build it: transformers' ``Qwen3VLModel`` (language model and
+    vision tower, which the picture-reading nodes need: TextEncodeQwenImageEditPlus on a Krea 2 CLIP,
+    TextGenerate with pictures) when the file holds ``visual.*``, else :func:`build_text_model`'s text
+    model alone. The language model is the same either way (``language_model`` of the former), so
+    text-only encoding gives the same states; the tower costs its weights' memory (about 0.4B
+    parameters in Qwen3-VL 4B) whether or not a picture is read."""
+    from nodes.checkpoint import qwen3_vision, scaled_fp8
+    from nodes.checkpoint.tensors import shapes_of
+
+    visual = qwen3_vision.vision_state(state)
+    if not visual:
+        return build_text_model(state, what, dtype)
+    prefix = text_prefix(state.keys())
+    if prefix is None:
+        return build_text_model(state, what, dtype)  # its error names the missing language model
+    text = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)
+            and not k.startswith(("lm_head.", *VISION_PREFIXES)) and not k[len(prefix):].startswith("visual.")}
+    kept, _ = scaled_fp8.take(dict(text), what)  # the shapes without the scales, for the config
+    return qwen3_vision.build_vl_model(text, visual, text_config(shapes_of(kept), what), what, dtype,
+                                       "Qwen3-VL text encoder with its vision tower")
+
+
 # -- diffusers folders ----------------------------------------------------------------------------
 
 
@@ -184,7 +208,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     found = folder_state(path / "transformer", dtype)
     files = {} if found is None else found[1]
     loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel,
-                                  lambda: vae_and_text_encoder(path, dtype, build_text_model),
+                                  lambda: vae_and_text_encoder(path, dtype, build_encoder),
                                   lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
                                   latent_from_vae=False, ready=lambda model: norms_in_fp32(model, files),
                                   ready_in_blocks=True)

@@ -27,7 +27,7 @@ What it shares and what differs, and where it lives:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
@@ -53,10 +53,6 @@ TURBO_MU = 1.15
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
              "use_dynamic_shifting": True, "base_shift": TURBO_MU, "max_shift": TURBO_MU, "base_image_seq_len": 256,
              "max_image_seq_len": 6400, "time_shift_type": "exponential", "prediction_type": "flow"}
-#: Where a Qwen3-VL picture input is refused (the vision tower is not loaded).
-NO_PICTURES = ("Krea 2's Qwen3-VL is loaded without its vision tower: pictures in the prompt (image1..3 of "
-               "TextEncodeQwenImageEditPlus, the style-reference template) are not supported yet; encode the "
-               "prompt with CLIPTextEncode")
 
 
 def position_ids(text: int, h: int, w: int, device: Any) -> "Any":
@@ -105,6 +101,9 @@ class Krea2(FlowFamily):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     flow = True
     repeats_text = False  # a repeated prompt changes the image's attention over text
+    #: Its Qwen3-VL is built with the vision tower (nodes.checkpoint.split): the Qwen-Image Edit nodes and
+    #: TextGenerate hand it pictures (nodes.families.qwen3_vl). Families without it get the text model alone.
+    text_vision = True
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type krea2 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 
@@ -161,24 +160,60 @@ class Krea2(FlowFamily):
         """CONDITIONING [1, tokens, 12 x width]: Qwen3-VL's tapped layers of the templated prompt,
         the template's prefix dropped (module docstring). ComfyUI's weight syntax is not read (its
         Krea 2 tokenizer disables weights); a prompt that starts with ``<|im_start|>`` is its own template."""
-        import torch
-
         text = (texts or {}).get("tokenizer", text)
         ids = prompt_ids(clip.tokenizers["tokenizer"], text)
-        with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
-            layers = int(qwen.config.num_hidden_layers)
-            if layers < max(TEXT_LAYERS):
-                raise ConditioningError(f"Krea 2 reads Qwen3-VL's layers {TEXT_LAYERS} but this text encoder has "
-                                        f"{layers} (load qwen3vl_4b*.safetensors with CLIPLoader type krea2)", "clip")
-            device = next(qwen.parameters()).device
-            out = qwen(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
-            states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2)
-        states = states[:, template_end(ids[0].tolist()):]
-        states = states.reshape(1, states.shape[1], -1)
-        if report is not None:
-            report.tokens = max(report.tokens, int(states.shape[1]))
-            report.windows = 1
-        return [[states.to("cpu", torch.float32), {MASK: torch.ones(1, states.shape[1])}]]
+        return conditioning(clip, lambda qwen: {"input_ids": ids}, report)
+
+
+def encode_pictures(clip: Any, prompt: str, pictures: list, plus: bool) -> list:
+    """CONDITIONING of ``prompt`` with PIL ``pictures`` (already sized) read by Qwen3-VL's vision tower, as
+    ComfyUI's Krea 2 text encoder takes them from the Qwen-Image Edit nodes: TextEncodeQwenImageEditPlus
+    (``plus``) hands it the Edit template with ``Picture k: <block>`` before the prompt (thinking off adds
+    nothing: Krea 2 encodes without a think block); TextEncodeQwenImageEdit hands it the pictures alone,
+    which go as blocks before the prompt in Krea 2's own template. Either way the states of everything
+    after the user turn's opening are kept, picture tokens included (:func:`template_end`)."""
+    from nodes.families import qwen3_vl
+    from nodes.families.qwen_image_edit import EDIT_TEMPLATE
+
+    if plus:
+        text = EDIT_TEMPLATE.format("".join(f"Picture {k + 1}: {qwen3_vl.BLOCK}" for k in range(len(pictures)))
+                                    + prompt)
+    else:
+        text = PREFIX + qwen3_vl.BLOCK * len(pictures) + prompt + SUFFIX
+    tok = clip.tokenizers["tokenizer"]
+    if not pictures:
+        return conditioning(clip, lambda qwen: {"input_ids": tok([text], return_tensors="pt").input_ids})
+    return conditioning(clip, lambda qwen: qwen3_vl.prompt_inputs(qwen, tok, text, pictures))
+
+
+def conditioning(clip: Any, inputs: Callable[[Any], dict[str, Any]], report: Any = None) -> list:
+    """Krea 2's CONDITIONING from the encoder's inputs (``inputs(encoder) -> kwargs``): ``input_ids`` [1, n]
+    alone (the language model runs as the text-only path always ran it), or with pictures'
+    ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids`` (nodes.families.qwen3_vl.prompt_inputs:
+    the whole Qwen3-VL runs, tower included).
+    The tapped layers are ``hidden_states`` as transformers records them (each layer's output, before the
+    DeepStack features are added at the picture tokens; ComfyUI taps after adding them, which differs at
+    taps up to the number of DeepStack mergers: tap 2 of Qwen3-VL 4B)."""
+    import torch
+
+    with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
+        text_model = getattr(qwen, "language_model", qwen)
+        layers = int(text_model.config.num_hidden_layers)
+        if layers < max(TEXT_LAYERS):
+            raise ConditioningError(f"Krea 2 reads Qwen3-VL's layers {TEXT_LAYERS} but this text encoder has "
+                                    f"{layers} (load qwen3vl_4b*.safetensors with CLIPLoader type krea2)", "clip")
+        device = next(qwen.parameters()).device
+        given = inputs(qwen)
+        ids = given["input_ids"]
+        model = qwen if "pixel_values" in given else text_model
+        out = model(**{k: v.to(device) for k, v in given.items()}, output_hidden_states=True, use_cache=False)
+        states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2)
+    states = states[:, template_end(ids[0].tolist()):]
+    states = states.reshape(1, states.shape[1], -1)
+    if report is not None:
+        report.tokens = max(report.tokens, int(states.shape[1]))
+        report.windows = 1
+    return [[states.to("cpu", torch.float32), {MASK: torch.ones(1, states.shape[1])}]]
 
 
 def prompt_ids(tok: Any, text: str) -> "Any":
