@@ -126,7 +126,7 @@ def test_the_turbo_templates_lora_switch_applies_its_lora_and_style_words(regist
 
 def test_the_turbo_template_as_shipped_enhances_its_prompt_with_textgenerate(registry, env):
     """Prompt enhance on, as the template ships: TextGenerate samples a prompt on the Krea 2 Qwen3-VL itself
-    (the system prompt and the user's words, thinking on, seeded), the switch passes it on and the picture
+    (the system prompt and the user's words, seeded), the switch passes it on and the picture
     is Krea2Pipeline's for that generated prompt."""
     wf = parse_document(_template(TEMPLATES[0]), registry).with_overrides({
         "30:10.unet_name": "tiny-krea2.safetensors", "30:11.clip_name": "tiny-qwen3vl_4b.safetensors",

@@ -395,7 +395,8 @@ def test_the_krea2_template_knows_textgenerate(registry):
 
     wf = parse_document(_template("image_krea2_turbo_t2i.json"), registry)
     gen = [n for n in wf.nodes.values() if n.type == "TextGenerate"]
-    assert len(gen) == 1 and gen[0].inputs["thinking"] is True and gen[0].inputs["use_default_template"] is True
+    # thinking: the subgraph instance's value (False), which the frontend hands the inner widget (True in the file)
+    assert len(gen) == 1 and gen[0].inputs["thinking"] is False and gen[0].inputs["use_default_template"] is True
     with pytest.raises(WorkflowInvalid) as err:  # its models are not here
         validate(wf, registry, Environment(paths=Paths.under("/nonexistent-kiln-data")))
     assert not [e for e in err.value.errors if e.type == "unknown_node_type"]
