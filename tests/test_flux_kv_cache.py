@@ -73,8 +73,14 @@ def test_edit_with_the_cache_equals_the_klein_kv_pipeline():
     assert np.abs(ours - kiln(references=(first,)).numpy()).max() > 0.005
 
 
-def test_later_calls_feed_only_the_image_tokens_and_the_run_leaves_the_model_as_it_was():
+def test_later_calls_feed_only_the_image_tokens_and_the_run_leaves_the_model_as_it_was(monkeypatch):
+    from nodes.families import flux2
+
     transformer = tiny_flux2.components()["transformer"]
+    built = []  # the references' inputs are built only when their keys and values are computed
+    reference_inputs = flux2.Flux2Network.reference_inputs
+    monkeypatch.setattr(flux2.Flux2Network, "reference_inputs", lambda net, refs: built.append(1) or
+                        reference_inputs(net, refs))
     before = {name: type(p) for name, p in transformer.attn_processors.items()}
     seen: list[tuple[str | None, int]] = []
 
@@ -88,6 +94,7 @@ def test_later_calls_feed_only_the_image_tokens_and_the_run_leaves_the_model_as_
         hook.remove()
     image_tokens = (SIZE // 16) ** 2  # the positive and the negative side are called apart, each with its own set
     assert seen == [("extract", 2 * image_tokens)] * 2 + [("cached", image_tokens)] * 4
+    assert len(built) == 2
     assert not hasattr(transformer, reference_kv.RUN_CACHE)
     assert {name: type(p) for name, p in transformer.attn_processors.items()} == before
 

@@ -98,17 +98,25 @@ class Flux2Network(WrappedTransformer):
                       encoder_hidden_states=encoder_hidden_states.to(self.dtype),
                       txt_ids=text_ids(encoder_hidden_states.shape[1], self.device, self.dtype), **kwargs)
         if reference_latents is not None:
-            ref_tokens = torch.cat([tokens_of(ref.to(self.dtype)) for ref in reference_latents.latents], dim=1)
-            ref_ids = torch.cat([position_ids(ref.shape[-2], ref.shape[-1], REF_TIME * (k + 1), self.device, self.dtype)
-                                 for k, ref in enumerate(reference_latents.latents)])
             cache = reference_kv.run_cache(self.transformer)
             if cache is not None:  # FluxKVCache: the references' keys and values computed once per run
-                out = reference_kv.call(self.transformer, cache, reference_latents, tokens, ids, ref_tokens, ref_ids,
-                                        **common)
+                out = reference_kv.call(self.transformer, cache, reference_latents, tokens, ids,
+                                        lambda: self.reference_inputs(reference_latents), **common)
                 return (out.permute(0, 2, 1).reshape(b, -1, h, w),)
+            ref_tokens, ref_ids = self.reference_inputs(reference_latents)
             tokens, ids = torch.cat([tokens, ref_tokens], dim=1), torch.cat([ids, ref_ids])
         out = self.transformer(hidden_states=tokens, img_ids=ids, return_dict=False, **common)[0]
         return (out[:, :h * w].permute(0, 2, 1).reshape(b, -1, h, w),)
+
+    def reference_inputs(self, references: "flux_references.References") -> tuple["Any", "Any"]:
+        """The references' tokens and position ids, each image at its own time offset after the image's."""
+        import torch
+
+        latents = references.latents
+        tokens = torch.cat([tokens_of(ref.to(self.dtype)) for ref in latents], dim=1)
+        ids = torch.cat([position_ids(ref.shape[-2], ref.shape[-1], REF_TIME * (k + 1), self.device, self.dtype)
+                         for k, ref in enumerate(latents)])
+        return tokens, ids
 
 
 class Flux2(FlowFamily):

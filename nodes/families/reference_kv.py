@@ -22,7 +22,7 @@ reference keys and values.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 #: The attribute :func:`applied` sets on the transformer for the run: {key: (references, Flux2KVCache)}.
 RUN_CACHE = "kiln_reference_kv"
@@ -62,10 +62,11 @@ def run_cache(transformer: Any) -> dict | None:
 
 
 def call(transformer: Any, cache: dict, references: Any, image_tokens: "Any", image_ids: "Any",
-         reference_tokens: "Any", reference_ids: "Any", **kwargs: Any) -> "Any":
+         reference_inputs: Callable[[], tuple[Any, Any]], **kwargs: Any) -> "Any":
     """The transformer's output for the image tokens, the references' keys and values taken from
     ``cache`` when this reference set and batch were seen in this run, computed and stored otherwise
-    (the references go first, as diffusers' KV pipeline orders them)."""
+    (the references go first, as diffusers' KV pipeline orders them). ``reference_inputs`` gives the
+    references' tokens and position ids; it is called only on a miss, so cached calls skip building them."""
     import torch
 
     key = (id(references), image_tokens.shape[0])
@@ -73,6 +74,7 @@ def call(transformer: Any, cache: dict, references: Any, image_tokens: "Any", im
     if held is not None and held[0] is references:
         return transformer(hidden_states=image_tokens, img_ids=image_ids, kv_cache=held[1],
                            kv_cache_mode="cached", return_dict=False, **kwargs)[0]
+    reference_tokens, reference_ids = reference_inputs()
     out, kv = transformer(hidden_states=torch.cat([reference_tokens, image_tokens], dim=1),
                           img_ids=torch.cat([reference_ids, image_ids]), kv_cache_mode="extract",
                           num_ref_tokens=reference_tokens.shape[1], ref_fixed_timestep=0.0,
