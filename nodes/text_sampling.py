@@ -10,10 +10,17 @@ touching the process-wide random state (``generate`` draws from it): the draw us
 Sampling follows the order ComfyUI's TextGenerate applies (comfy/text_encoders/llama.py):
 repetition penalty (a seen token's score divided by it when positive, multiplied when negative)
 and presence penalty (subtracted from a seen token's score), both over the prompt and the tokens
-generated so far; then temperature; top-k; min-p (tokens below ``min_p`` times the best one's
-probability dropped); top-p (the smallest set of most likely tokens reaching ``top_p``); then one
-draw. ComfyUI draws with its own generator on the compute device, so the text it samples for a
-seed differs from Kiln's; each is reproducible for its seed.
+generated so far; then temperature; top-k (tokens tied with the k-th best kept too); min-p (tokens
+below ``min_p`` times the best one's probability dropped); top-p (the most likely tokens whose summed
+probability stays within ``top_p``, the likeliest always kept: the token that crosses ``top_p`` is
+dropped, where transformers' TopPLogitsWarper keeps it); then one draw. ComfyUI draws with its own
+generator on the compute device, so the text it samples for a seed differs from Kiln's; each is
+reproducible for its seed.
+
+Why not transformers' logits processors: they have no presence penalty, their top-p keeps the
+crossing token (another distribution than ComfyUI's for the same settings), and they filter the whole
+vocabulary at every step, where cutting to the top-k first leaves min-p and top-p a few dozen scores
+to sort instead of Qwen's 151k.
 """
 from __future__ import annotations
 
@@ -54,7 +61,9 @@ def choose(scores: Any, settings: Sampling, seen: Any, generator: Any) -> int:
     scores = scores / settings.temperature
     index = None
     if settings.top_k > 0:
-        scores, index = torch.topk(scores, min(settings.top_k, scores.shape[-1]))
+        kth = torch.topk(scores, min(settings.top_k, scores.shape[-1])).values[-1]
+        index = torch.nonzero(scores >= kth).squeeze(-1)
+        scores = scores[index]
     if settings.min_p > 0:
         probs = torch.softmax(scores, dim=-1)
         scores = scores.masked_fill(probs < settings.min_p * probs.max(), float("-inf"))

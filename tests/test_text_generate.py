@@ -223,6 +223,14 @@ def test_penalties_and_filters_follow_comfyuis_rules():
     nucleus = {choose(scores, Sampling(temperature=1.0, top_k=0, top_p=0.5, min_p=0.0, repetition_penalty=1.0),
                       none, torch.Generator().manual_seed(s)) for s in range(60)}
     assert nucleus == {3}  # token 3 alone holds more than half the probability
+    # ComfyUI's nucleus drops the token that crosses top_p: 3 holds 0.68, 3 and 0 together 0.93 > 0.8
+    assert {choose(scores, Sampling(temperature=1.0, top_k=0, top_p=0.8, min_p=0.0, repetition_penalty=1.0),
+                   none, torch.Generator().manual_seed(s)) for s in range(60)} == {3}
+    assert {choose(scores, Sampling(temperature=1.0, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0),
+                   none, torch.Generator().manual_seed(s)) for s in range(60)} == {0, 3}
+    ties = torch.tensor([1.0, 1.0, 0.0, 1.0])  # top-k 2 keeps every token tied with the second best, as ComfyUI
+    assert {choose(ties, Sampling(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, repetition_penalty=1.0),
+                   torch.zeros(4, dtype=torch.bool), torch.Generator().manual_seed(s)) for s in range(60)} == {0, 1, 3}
     # a penalty strong enough moves the best token: 3 seen and penalised below 0
     assert choose(scores, Sampling(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                                    presence_penalty=2.0), torch.tensor([False, False, False, True, False]),
