@@ -358,15 +358,69 @@ class Family:
 
 
 class FlowFamily(Family):
-    """A flow-matching family (FLUX, Chroma, SD3, FLUX.2, Qwen-Image, Z-Image): its scheduler config
-    is diffusers' FlowMatchEulerDiscreteScheduler's, so the custom-sampling nodes sample it with
-    FlowSampling, one rule for all of them."""
+    """A flow-matching transformer family (FLUX, Chroma, SD3, FLUX.2, Qwen-Image, Z-Image, Krea 2, ...):
+    its scheduler config is diffusers' FlowMatchEulerDiscreteScheduler's, so the custom-sampling nodes
+    sample it with FlowSampling, one rule for all of them.
+
+    What these families repeat with only a constant changing is driven by class attributes here, so a
+    family module states its constants (:attr:`scheduler`, :attr:`network_class`, :attr:`dit_block_lists`)
+    and overrides a method only where its rule differs."""
+
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    #: Read by nodes that treat flow models apart (FluxGuidance's CLIP check, nodes.flux_nodes).
+    flow = True
+    #: The family's one released scheduler config; :meth:`scheduler_config` hands a copy. A family whose
+    #: config depends on arguments (FLUX [dev]/[schnell], SD3's shift) overrides the method instead.
+    scheduler: Mapping[str, Any] = {}
+    #: The family's WrappedTransformer subclass: :meth:`wrap_network` wraps the network in it.
+    network_class: Callable[[Any], Any] | None = None
+    #: ComfyUI's block kind ("double", "single") -> the transformer's attribute holding those blocks, in
+    #: the order skip-layer guidance numbers them (:meth:`dit_blocks`); an empty string: the kind exists in
+    #: ComfyUI's numbering but this transformer has none of it. Empty: the family lists none.
+    dit_block_lists: Mapping[str, str] = {}
+
+    # -- detection ---------------------------------------------------------------------------
+
+    def claims(self, shapes: Shapes) -> bool:
+        """A flow family is told by its transformer's keys alone, whether the file holds the transformer
+        only (UNETLoader's) or the text encoders and VAE beside it (FLUX's and SD3's all-in-one files)."""
+        return self.claims_unet(shapes)
+
+    def claims_folder(self, components: set[str], text_act: str) -> bool:
+        """False: most flow families' diffusers folders are told by the class their transformer config
+        names (their loaders' ``is_*_folder``), not by the component folders, which several share (a
+        FLUX.2 folder has Chroma's). FLUX, Chroma and SD3 override this with their component rules."""
+        return False
+
+    # -- model sampling ------------------------------------------------------------------------
+
+    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
+        """A copy of :attr:`scheduler` (callers may change their copy)."""
+        if not self.scheduler:
+            raise NotImplementedError(f"{type(self).__name__} sets no scheduler config")
+        return dict(self.scheduler)
 
     def model_sampling(self, scheduler_config: dict[str, Any]) -> Any:
         """Flow-matching sampling for the custom-sampling nodes (KSampler's grid and stepper)."""
         from nodes.samplers.model_sampling import FlowSampling
 
         return FlowSampling(scheduler_config)
+
+    # -- the network -----------------------------------------------------------------------------
+
+    def wrap_network(self, network: Any) -> Any:
+        """``network`` inside :attr:`network_class` (the UNet calling convention, Family.wrap_network)."""
+        if self.network_class is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no network_class")
+        return self.network_class(network)
+
+    def dit_blocks(self, network: Any) -> dict[str, list]:
+        """The transformer's blocks by kind, as :attr:`dit_block_lists` names them (through a wrapper's
+        ``kiln_network``); a family that lists none refuses as Family.dit_blocks does."""
+        if not self.dit_block_lists:
+            return super().dit_blocks(network)
+        transformer = getattr(network, "kiln_network", network)
+        return {kind: list(getattr(transformer, attr)) if attr else [] for kind, attr in self.dit_block_lists.items()}
 
 
 def indices(shapes: Shapes, pattern: str) -> list[int]:

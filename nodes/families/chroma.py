@@ -98,13 +98,10 @@ class Chroma(FlowFamily):
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "t5", T5_PREFIX),)
     clip_types = ("chroma",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    network_class = ChromaNetwork
+    dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
     # -- detection ---------------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
 
     def claims_unet(self, shapes: Shapes) -> bool:
         """The approximator, in either layout (FLUX files have guidance_in / vector_in instead)."""
@@ -121,13 +118,6 @@ class Chroma(FlowFamily):
         return flux.FAMILY.scheduler_config(prediction_type, guidance=True)
 
     # -- the network -------------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return ChromaNetwork(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """The original layout's module names, which ComfyUI's and kohya's Chroma LoRAs use (FLUX's

@@ -140,32 +140,19 @@ class Fibo2(FlowFamily):
     latent = flux2.FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("fibo2",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    scheduler = SCHEDULER
+    network_class = Fibo2Network
+    dit_block_lists = {"single": "layers"}
     repeats_text = False  # the gist count follows the prompt's length
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type fibo2 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # detection: by the transformer's keys (FlowFamily.claims and claims_folder)
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint import fibo2_keys
 
         return fibo2_keys.is_original(shapes)
-
-    def claims_folder(self, components: set[str], text_act: str) -> bool:
-        return False
-
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        return dict(SCHEDULER)
-
-    def wrap_network(self, network: Any) -> Any:
-        return Fibo2Network(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"single": list(transformer.layers)}
 
     def original_names(self, network: Any) -> dict[str, str]:
         """FIBO 2's files hold diffusers' names: each parameter's own (LoRAs for it use them too, under

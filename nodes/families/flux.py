@@ -163,8 +163,8 @@ class Flux(FlowFamily):
         TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", T5_PREFIX),
     )
     clip_types = ("flux",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    network_class = FluxNetwork
+    dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
     takes_references = True
     controlnet_latent_hint = True
     #: ComfyUI numbers a FLUX union ControlNet's types by the SDXL union's names (one list for both);
@@ -173,10 +173,7 @@ class Flux(FlowFamily):
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
                                 "pooled_projection_dim", "in_channels")
 
-    # -- detection -----------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # -- detection (FlowFamily.claims: by the transformer's keys) -------------------
 
     def claims_unet(self, shapes: Shapes) -> bool:
         return any(k.startswith(DOUBLE_BLOCKS) or k.startswith(UNET_PREFIX + DOUBLE_BLOCKS) for k in shapes) or \
@@ -199,9 +196,6 @@ class Flux(FlowFamily):
                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
 
     # -- the network -------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return FluxNetwork(network)
 
     @property
     def controlnet_group(self) -> str:
@@ -264,10 +258,6 @@ class Flux(FlowFamily):
 
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
 
     # -- text ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from typing import Any
 from nodes.families import flux, flux_references, reference_kv
 from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.samplers.flow import MU_RULE
 
 UNET_PREFIX = flux.UNET_PREFIX
 #: Only a FLUX.2 transformer has these (FLUX.1 modulates inside each block): original and diffusers layout.
@@ -48,6 +49,11 @@ REF_TIME = 10
 DOWNSCALE = 16
 
 FLUX2_LATENT = LatentFormat(channels=128, scale=1.0, shift=0.0)
+#: The released klein scheduler config, with FLUX.2's empirical shift (``kiln_mu_rule``).
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+             "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+             "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow",
+             MU_RULE: "flux2"}
 
 
 def tokens_of(x: "Any") -> "Any":
@@ -124,43 +130,19 @@ class Flux2(FlowFamily):
     latent = FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", UNET_PREFIX),)
     clip_types = ("flux2",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    scheduler = SCHEDULER
+    network_class = Flux2Network
+    dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
     takes_references = True
 
-    # -- detection ---------------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # -- detection: by the transformer's keys (FlowFamily.claims); a folder by its transformer's class
+    # (nodes.checkpoint.flux2_load.is_flux2_folder), not by components (FlowFamily.claims_folder) ----
 
     def claims_unet(self, shapes: Shapes) -> bool:
         """The shared double-stream modulation, in either layout, with or without the prefix."""
         return any(k in shapes or UNET_PREFIX + k in shapes for k in MARKERS)
 
-    def claims_folder(self, components: set[str], text_act: str) -> bool:
-        """Folders are told by their transformer's class (nodes.checkpoint.flux2_load.is_flux2_folder),
-        not by components (a Chroma folder has the same ones)."""
-        return False
-
-    # -- model sampling ------------------------------------------------------------------
-
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        """The released klein scheduler config, with FLUX.2's empirical shift (``kiln_mu_rule``)."""
-        from nodes.samplers.flow import MU_RULE
-
-        return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": 3.0,
-                "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow",
-                MU_RULE: "flux2"}
-
     # -- the network -------------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return Flux2Network(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"double": list(transformer.transformer_blocks), "single": list(transformer.single_transformer_blocks)}
 
     def original_names(self, network: Any) -> dict[str, str]:
         from nodes.checkpoint import flux2_keys, flux_keys

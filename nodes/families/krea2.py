@@ -98,8 +98,9 @@ class Krea2(FlowFamily):
     latent = qwen_image.QWEN_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("krea2",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    scheduler = SCHEDULER
+    network_class = Krea2Network
+    dit_block_lists = {"single": "transformer_blocks"}
     repeats_text = False  # a repeated prompt changes the image's attention over text
     #: Its Qwen3-VL is built with the vision tower (nodes.checkpoint.split): the Qwen-Image Edit nodes and
     #: TextGenerate hand it pictures (nodes.families.qwen3_vl). Families without it get the text model alone.
@@ -107,32 +108,14 @@ class Krea2(FlowFamily):
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type krea2 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 
-    # -- detection ---------------------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # -- detection: by the transformer's keys (FlowFamily.claims and claims_folder) ----------
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint import krea2_keys
 
         return krea2_keys.is_original(shapes) or krea2_keys.is_diffusers(shapes)
 
-    def claims_folder(self, components: set[str], text_act: str) -> bool:
-        return False
-
-    # -- model sampling ------------------------------------------------------------------------
-
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        return dict(SCHEDULER)
-
     # -- the network -----------------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return Krea2Network(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"single": list(transformer.transformer_blocks)}
 
     def original_names(self, network: Any) -> dict[str, str]:
         from nodes.checkpoint import krea2_keys

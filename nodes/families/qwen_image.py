@@ -144,38 +144,24 @@ class QwenImage(FlowFamily):
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "in_channels")
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),)
     clip_types = ("qwen_image",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    scheduler = SCHEDULER
+    network_class = QwenImageNetwork
+    dit_block_lists = {"double": "transformer_blocks"}
     repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
     takes_references = True  # Qwen-Image-Edit (nodes.families.qwen_image_edit)
 
-    # -- detection ---------------------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # -- detection: by the transformer's keys (FlowFamily.claims); a folder by its transformer's class
+    # (nodes.checkpoint.qwen_image_load), not by components (FlowFamily.claims_folder) -----------
 
     def claims_unet(self, shapes: Shapes) -> bool:
         return MARKER in shapes or UNET_PREFIX + MARKER in shapes
 
-    def claims_folder(self, components: set[str], text_act: str) -> bool:
-        return False  # a folder's transformer config names its class (nodes.checkpoint.qwen_image_load)
-
     # -- model sampling -------------------------------------------------------------------------
-
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        return dict(SCHEDULER)
 
     def combine_guidance(self, guided: "Any", cond: "Any") -> "Any":
         return renormed(guided, cond)
 
     # -- the network ----------------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return QwenImageNetwork(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"double": list(transformer.transformer_blocks)}
 
     def original_names(self, network: Any) -> dict[str, str]:
         """ComfyUI's Qwen-Image keys are diffusers' own names."""

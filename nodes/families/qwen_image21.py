@@ -103,8 +103,9 @@ class QwenImage21(FlowFamily):
     latent = QWEN21_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("qwen_image",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    scheduler = SCHEDULER
+    network_class = QwenImage21Network
+    dit_block_lists = {"single": "transformer_blocks"}
     repeats_text = False  # text tokens have positions and causal attention
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type qwen_image it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
@@ -123,26 +124,12 @@ class QwenImage21(FlowFamily):
                 return False
         return True
 
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # detection: by the transformer's keys (FlowFamily.claims and claims_folder)
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint import qwen_image21_keys
 
         return qwen_image21_keys.is_transformer(shapes)
-
-    def claims_folder(self, components: set[str], text_act: str) -> bool:
-        return False
-
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        return dict(SCHEDULER)
-
-    def wrap_network(self, network: Any) -> Any:
-        return QwenImage21Network(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        transformer = getattr(network, "kiln_network", network)
-        return {"single": list(transformer.transformer_blocks)}
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """ComfyUI's fused ``gate_up`` split row-wise onto the gate and up projections; every other module

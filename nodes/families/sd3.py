@@ -103,18 +103,16 @@ class SD3(FlowFamily):
     clip_types = ("sd3",)
     #: Loaders may give any non-empty subset of the encoders (ComfyUI's rule: the rest give zeros).
     partial_text = True
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    network_class = SD3Network
+    #: The joint blocks are ComfyUI's "double" blocks of an MMDiT; SD3 has no single blocks.
+    dit_block_lists = {"double": "transformer_blocks", "single": ""}
     #: SD3 ControlNets (nodes.control.sd3) read the hint as VAE latents.
     controlnet_latent_hint = True
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "patch_size", "in_channels")
     #: SD3.5 Large's ControlNets embed the latent with the transformer's own patch embedder.
     controlnet_borrows_layers = True
 
-    # -- detection ---------------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # -- detection (FlowFamily.claims: by the transformer's keys) -----------------------
 
     def claims_unet(self, shapes: Shapes) -> bool:
         return is_sd3_transformer(shapes)
@@ -133,14 +131,6 @@ class SD3(FlowFamily):
                 "max_image_seq_len": 4096, "prediction_type": "flow", TRAIN_GRID: True}
 
     # -- the network -------------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return SD3Network(network)
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        """The joint blocks, ComfyUI's "double" blocks of an MMDiT (SD3 has no single blocks)."""
-        transformer = getattr(network, "kiln_network", network)
-        return {"double": list(transformer.transformer_blocks), "single": []}
 
     def run_controlnet(self, network: Any, link: Any, x: "Any", t: Any, context: "Any", kwargs: dict,
                        model_config: Any, model: Any = None) -> dict[str, list]:

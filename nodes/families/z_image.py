@@ -41,6 +41,10 @@ TOKENS = "z_image_tokens"
 #: Where an all-in-one file would keep Qwen3 (ComfyUI's checkpoint layout); Kiln reads split files.
 QWEN3_PREFIX = "text_encoders.qwen3_4b.transformer."
 SHIFT = 3.0
+#: The release's FlowMatchEulerDiscreteScheduler: a fixed shift of 3.
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT,
+             "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+             "max_image_seq_len": 4096, "prediction_type": "flow"}
 
 
 class ZImageNetwork(WrappedTransformer):
@@ -93,38 +97,21 @@ class ZImage(FlowFamily):
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", QWEN3_PREFIX),)
     clip_types = ("lumina2",)
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    flow = True
+    scheduler = SCHEDULER
+    network_class = ZImageNetwork
     # Fun ControlNets (nodes.control.z_image): latent hints, the transformer's embedders and refiners
     controlnet_latent_hint = True
     controlnet_borrows_layers = True
     controlnet_shared_config = ("dim", "n_heads", "n_kv_heads")
 
-    # -- detection -------------------------------------------------------------------------
-
-    def claims(self, shapes: Shapes) -> bool:
-        return self.claims_unet(shapes)
+    # -- detection: by the transformer's keys (FlowFamily.claims and claims_folder) ----------
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint.z_image_load import has_z_image_transformer
 
         return has_z_image_transformer(shapes)
 
-    def claims_folder(self, components: set[str], text_act: str) -> bool:
-        return False  # its transformer config names the class (nodes.checkpoint.z_image_load.is_z_image_folder)
-
-    # -- model sampling ----------------------------------------------------------------------
-
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        """The release's FlowMatchEulerDiscreteScheduler: a fixed shift of 3."""
-        return {"_class_name": self.scheduler_class, "num_train_timesteps": 1000, "shift": SHIFT,
-                "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
-                "base_image_seq_len": 256, "max_image_seq_len": 4096, "prediction_type": "flow"}
-
     # -- the network -------------------------------------------------------------------------
-
-    def wrap_network(self, network: Any) -> Any:
-        return ZImageNetwork(network)
 
     def dit_blocks(self, network: Any) -> dict[str, list]:
         raise ConditioningError("skip-layer guidance is not implemented for Z-Image in Kiln", "model")
