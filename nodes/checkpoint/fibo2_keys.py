@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, strip  # noqa: F401 (strip: the key modules' interface)
+from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.z_image_keys import rope_axes
 
 #: A FIBO 2 transformer has a Perceiver resampler with learned gist queries; no other family does.
 MARKER = "perceiver.latent_queries"
@@ -30,8 +31,7 @@ class KeyMismatch(ValueError):
 
 
 def is_original(keys: Any) -> bool:
-    keys = set(keys)
-    return MARKER in keys or UNET_PREFIX + MARKER in keys
+    return has_keys(keys, MARKER)
 
 
 is_diffusers = is_original
@@ -65,12 +65,10 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     injection = tuple(_count(s, r"^layers\.(\d+)\.cross_attention\.to_k\.weight$"))
     if not layers or not injection:
         raise KeyMismatch("no layers.N blocks with cross_attention (the text injection blocks)")
-    axes = [head // 4, head * 3 // 8, head * 3 // 8]
-    axes[0] += head - sum(axes)
     return dict(in_channels=patch_in // (PATCH * PATCH), patch_size=PATCH, dim=dim, n_layers=len(layers),
                 n_refiner_layers=len(_count(s, r"^noise_refiner\.(\d+)\.")), n_heads=dim // head, norm_eps=1e-5,
                 cap_feat_dim=cap, injection_layer_ids=injection,
                 perceiver_num_layers=len(_count(s, r"^perceiver\.layers\.(\d+)\.")),
                 min_num_gist_tokens=gists // 2, max_num_gist_tokens=gists, gist_step=max(1, gists // 8),
                 gist_min_text_len=gists // 2, gist_max_text_len=gists * 4, rope_theta=256.0, t_scale=1000.0,
-                axes_dims=tuple(axes), axes_lens=(2048, 512, 512))
+                axes_dims=tuple(rope_axes(head)), axes_lens=(2048, 512, 512))

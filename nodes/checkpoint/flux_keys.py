@@ -14,6 +14,7 @@ Fused tensors: a double block's ``qkv`` is q, k, v stacked; a single block's
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Set as AbstractSet
 from typing import Any, Callable
 
 #: (BFL name, diffusers name) of plain renames, "{i}" the block index; weight and bias both.
@@ -97,6 +98,13 @@ UNET_PREFIX = "model.diffusion_model."
 def strip(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with :data:`UNET_PREFIX` taken off the keys that carry it."""
     return {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state.items()}
+
+
+def has_keys(keys: Any, *markers: str) -> bool:
+    """Whether every marker is among ``keys``, bare (a lone transformer file) or under :data:`UNET_PREFIX`
+    (a ComfyUI checkpoint): the detection test of the transformer key modules."""
+    keys = keys if isinstance(keys, (AbstractSet, Mapping)) else set(keys)
+    return all(m in keys or UNET_PREFIX + m in keys for m in markers)
 
 
 def plan_from(pairs: Pairs, keys: Any, optional: tuple[str, ...] = ()) -> list[tuple[str, list[str], str]]:

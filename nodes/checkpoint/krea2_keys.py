@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, strip  # noqa: F401 (strip: the key modules' interface)
+from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.z_image_keys import rope_axes
 
 #: ComfyUI's (and diffusers') detection key in the original layout; diffusers' own name for it.
 ORIGINAL_MARKER = "txtfusion.projector.weight"
@@ -40,17 +41,12 @@ class KeyMismatch(ValueError):
     """Keys that do not fit the Krea 2 layout (names them)."""
 
 
-def _has(keys: Any, marker: str) -> bool:
-    keys = set(keys)
-    return marker in keys or UNET_PREFIX + marker in keys
-
-
 def is_original(keys: Any) -> bool:
-    return _has(keys, ORIGINAL_MARKER)
+    return has_keys(keys, ORIGINAL_MARKER)
 
 
 def is_diffusers(keys: Any) -> bool:
-    return _has(keys, DIFFUSERS_MARKER)
+    return has_keys(keys, DIFFUSERS_MARKER)
 
 
 def _renamed(key: str, forward: bool) -> str:
@@ -120,9 +116,7 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
             num_refiner_text_blocks=_count(s, r"^txtfusion\.refiner_blocks\.(\d+)\."))
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
-    axes = [head // 4, head * 3 // 8, head * 3 // 8]
-    axes[0] += head - sum(axes)
-    return config | dict(axes_dims_rope=tuple(axes), rope_theta=1000.0, norm_eps=1e-5)
+    return config | dict(axes_dims_rope=tuple(rope_axes(head)), rope_theta=1000.0, norm_eps=1e-5)
 
 
 def lora_modules(names: Any) -> dict[str, str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, strip  # noqa: F401 (strip: the key modules' interface)
+from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
 
 #: Only Qwen-Image 2.1's transformer has the zero-centred text norm inside ``txt_in`` (Qwen-Image 1's is
 #: ``txt_norm``) and one modulation for all blocks.
@@ -37,15 +37,9 @@ class KeyMismatch(ValueError):
     """Keys that do not fit the Qwen-Image 2.1 layout (names them)."""
 
 
-def _has(keys: Any, marker: str) -> bool:
-    keys = set(keys)
-    return marker in keys or UNET_PREFIX + marker in keys
-
-
 def is_transformer(keys: Any) -> bool:
     """A Qwen-Image 2.1 transformer, either layout, with or without ``model.diffusion_model.``."""
-    keys = set(keys)
-    return _has(keys, MARKER) and _has(keys, SHARED_MODULATION)
+    return has_keys(keys, MARKER, SHARED_MODULATION)
 
 
 def is_diffusers(keys: Any) -> bool:

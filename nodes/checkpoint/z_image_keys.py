@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-UNET_PREFIX = "model.diffusion_model."
+from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+
 #: keys only a Z-Image (not a Lumina 2) NextDiT has, and the layout's own markers
 PAD_TOKENS = ("x_pad_token", "cap_pad_token")
 ORIGINAL_MARKERS = ("cap_embedder.1.weight", "layers.0.attention.qkv.weight")
@@ -39,23 +40,25 @@ class KeyMismatch(ValueError):
     """Keys that do not fit the Z-Image layout (names them)."""
 
 
-def strip(state: dict[str, Any]) -> dict[str, Any]:
-    return {k[len(UNET_PREFIX):] if k.startswith(UNET_PREFIX) else k: v for k, v in state.items()}
-
-
 def is_original(keys: Any) -> bool:
-    keys = set(keys)
-    return all(m in keys or UNET_PREFIX + m in keys for m in ORIGINAL_MARKERS)
+    return has_keys(keys, *ORIGINAL_MARKERS)
 
 
 def is_diffusers(keys: Any) -> bool:
-    keys = set(keys)
-    return all(m in keys or UNET_PREFIX + m in keys for m in DIFFUSERS_MARKERS)
+    return has_keys(keys, *DIFFUSERS_MARKERS)
 
 
 def has_pad_tokens(keys: Any) -> bool:
-    keys = set(keys)
-    return all(p in keys or UNET_PREFIX + p in keys for p in PAD_TOKENS)
+    return has_keys(keys, *PAD_TOKENS)
+
+
+def rope_axes(head: int) -> list[int]:
+    """The rotary axes of a ``head``-wide attention head: the release's (32, 48, 48) split of 128 kept in
+    proportion at other widths, the remainder on the first axis. The weights do not say it; FIBO 2's and
+    Krea 2's transformers split their heads the same way (nodes.checkpoint.fibo2_keys, krea2_keys)."""
+    axes = [head // 4, head * 3 // 8, head * 3 // 8]
+    axes[0] += head - sum(axes)
+    return axes
 
 
 def _count(shapes: Any, group: str) -> int:
@@ -73,12 +76,10 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         cap = s["cap_embedder.0.weight"][0]
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
-    axes = [head // 4, head * 3 // 8, head * 3 // 8]
-    axes[0] += head - sum(axes)
     return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=patch_in // 4, dim=dim,
                 n_layers=_count(s, "layers"), n_refiner_layers=_count(s, "noise_refiner"), n_heads=dim // head,
                 n_kv_heads=(qkv - dim) // 2 // head, norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap,
-                rope_theta=256.0, t_scale=1000.0, axes_dims=axes, axes_lens=[1536, 512, 512])
+                rope_theta=256.0, t_scale=1000.0, axes_dims=rope_axes(head), axes_lens=[1536, 512, 512])
 
 
 def _rename(key: str, forward: bool) -> str:
