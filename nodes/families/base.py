@@ -378,6 +378,9 @@ class FlowFamily(Family):
     #: the order skip-layer guidance numbers them (:meth:`dit_blocks`); an empty string: the kind exists in
     #: ComfyUI's numbering but this transformer has none of it. Empty: the family lists none.
     dit_block_lists: Mapping[str, str] = {}
+    #: Why a distilled-guidance value on the conditioning (FluxGuidance, CLIPTextEncodeFlux) does nothing here:
+    #: the model has no guidance embedder (:meth:`conditioning_notes`). Empty: it reads the value, or says nothing.
+    guidance_note: str = ""
 
     # -- detection ---------------------------------------------------------------------------
 
@@ -406,6 +409,11 @@ class FlowFamily(Family):
 
         return FlowSampling(scheduler_config)
 
+    def conditioning_notes(self, conditionings: list) -> list[str]:
+        """The sampling node's note when the conditioning carries a distilled-guidance value the family
+        ignores (:attr:`guidance_note`, worded by :func:`guidance_ignored`)."""
+        return guidance_ignored(conditionings, self.guidance_note) if self.guidance_note else []
+
     # -- the network -----------------------------------------------------------------------------
 
     def wrap_network(self, network: Any) -> Any:
@@ -429,6 +437,18 @@ def indices(shapes: Shapes, pattern: str) -> list[int]:
 
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
+
+
+def guidance_ignored(conditionings: list, why: str) -> list[str]:
+    """The sampling node's note when conditioning carries a distilled-guidance value (FluxGuidance,
+    CLIPTextEncodeFlux) for a model without a guidance embedder; ``why`` names the model and reason."""
+    values = sorted({float(extra["guidance"]) for cond in conditionings if isinstance(cond, list)
+                     for entry in cond if isinstance(entry, (list, tuple)) and len(entry) == 2
+                     for extra in [entry[1]] if isinstance(extra, dict) and extra.get("guidance") is not None})
+    if not values:
+        return []
+    shown = ", ".join(f"{v:g}" for v in values)
+    return [f"guidance {shown} is ignored: {why}"]
 
 
 def has_prefix(shapes: Shapes, prefix: str) -> bool:

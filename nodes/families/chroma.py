@@ -98,6 +98,7 @@ class Chroma(FlowFamily):
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "t5", T5_PREFIX),)
     clip_types = ("chroma",)
+    guidance_note = "Chroma has no distilled guidance (its guidance is real CFG: KSampler's cfg with a negative prompt)"
     network_class = ChromaNetwork
     dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
@@ -153,10 +154,6 @@ class Chroma(FlowFamily):
                                         "network call (encode both the same way)", "negative")
             rows.append(m.expand(batch, -1))
         return {"text_mask": torch.cat(rows).to(device=device, dtype=dtype)}
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return flux.guidance_ignored(conditionings, "Chroma has no distilled guidance (its guidance is real CFG: "
-                                     "KSampler's cfg with a negative prompt)")
 
     # -- text ----------------------------------------------------------------------------------
 

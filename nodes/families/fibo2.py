@@ -140,6 +140,7 @@ class Fibo2(FlowFamily):
     latent = flux2.FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("fibo2",)
+    guidance_note = "FIBO 2 has no distilled guidance (dev runs real CFG, edit turbo cfg 1)"
     scheduler = SCHEDULER
     network_class = Fibo2Network
     dit_block_lists = {"single": "layers"}
@@ -158,12 +159,6 @@ class Fibo2(FlowFamily):
         """FIBO 2's files hold diffusers' names: each parameter's own (LoRAs for it use them too, under
         ``diffusion_model.``, ``transformer.`` or kohya's underscores; nodes.lora_keys reads those)."""
         return {name: name for name, _ in network.named_parameters()}
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        from nodes.families import flux
-
-        return flux.guidance_ignored(conditionings, "FIBO 2 has no distilled guidance (dev runs real CFG, "
-                                     "edit turbo cfg 1)")
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING [1, tokens, 6 x 3 x width] of a generation prompt (a JSON caption cleaned first:

@@ -321,6 +321,8 @@ class FluxSchnell(Flux):
 
     name = "flux-schnell"
     clip_types = ()  # the text encoders are [dev]'s: DualCLIPLoader type flux loads them for both
+    guidance_note = ("FLUX.1 [schnell] has no guidance embedder (it is distilled to sample in few steps without "
+                     "guidance)")
 
     def claims_unet(self, shapes: Shapes) -> bool:
         return super().claims_unet(shapes) and not any("guidance_in" in k or "guidance_embedder" in k for k in shapes)
@@ -338,21 +340,6 @@ class FluxSchnell(Flux):
         kwargs.pop("guidance_off", None)
         return kwargs
 
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return guidance_ignored(conditionings, "FLUX.1 [schnell] has no guidance embedder (it is distilled to "
-                                "sample in few steps without guidance)")
-
-
-def guidance_ignored(conditionings: list, why: str) -> list[str]:
-    """The sampling node's note when conditioning carries a distilled-guidance value (FluxGuidance,
-    CLIPTextEncodeFlux) for a model without a guidance embedder; ``why`` names the model and reason."""
-    values = sorted({float(extra["guidance"]) for cond in conditionings if isinstance(cond, list)
-                     for entry in cond if isinstance(entry, (list, tuple)) and len(entry) == 2
-                     for extra in [entry[1]] if isinstance(extra, dict) and extra.get("guidance") is not None})
-    if not values:
-        return []
-    shown = ", ".join(f"{v:g}" for v in values)
-    return [f"guidance {shown} is ignored: {why}"]
 
 
 FAMILY = Flux()

@@ -130,6 +130,8 @@ class Flux2(FlowFamily):
     latent = FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", UNET_PREFIX),)
     clip_types = ("flux2",)
+    guidance_note = ("FLUX.2 [klein] has no distilled guidance (the distilled models run cfg 1, the base ones real "
+                     "CFG with a negative prompt)")
     scheduler = SCHEDULER
     network_class = Flux2Network
     dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
@@ -168,10 +170,6 @@ class Flux2(FlowFamily):
 
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return flux.guidance_ignored(conditionings, "FLUX.2 [klein] has no distilled guidance (the distilled "
-                                     "models run cfg 1, the base ones real CFG with a negative prompt)")
 
     # -- text ----------------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class Krea2(FlowFamily):
     latent = qwen_image.QWEN_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("krea2",)
+    guidance_note = "Krea 2 has no distilled guidance (Turbo runs cfg 1, Raw real CFG with a negative prompt)"
     scheduler = SCHEDULER
     network_class = Krea2Network
     dit_block_lists = {"single": "transformer_blocks"}
@@ -132,10 +133,6 @@ class Krea2(FlowFamily):
                        device: Any, dtype: Any) -> dict[str, Any]:
         mask = qwen_image.text_mask(extras, batch, device)
         return {} if mask is None else {"text_mask": mask}
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return flux.guidance_ignored(conditionings, "Krea 2 has no distilled guidance (Turbo runs cfg 1, Raw real "
-                                     "CFG with a negative prompt)")
 
     # -- text ------------------------------------------------------------------------------------
 

@@ -144,6 +144,8 @@ class QwenImage(FlowFamily):
     controlnet_shared_config = ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "in_channels")
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),)
     clip_types = ("qwen_image",)
+    guidance_note = ("Qwen-Image has no distilled guidance (its guidance is real CFG: KSampler's cfg with a negative "
+                     "prompt)")
     scheduler = SCHEDULER
     network_class = QwenImageNetwork
     dit_block_lists = {"double": "transformer_blocks"}
@@ -181,10 +183,6 @@ class QwenImage(FlowFamily):
 
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return flux.guidance_ignored(conditionings, "Qwen-Image has no distilled guidance (its guidance is real "
-                                     "CFG: KSampler's cfg with a negative prompt)")
 
     # -- text -----------------------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ class QwenImage21(FlowFamily):
     latent = QWEN21_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("qwen_image",)
+    guidance_note = "Qwen-Image 2.1 has no distilled guidance (cfg 1, or real CFG with a negative prompt)"
     scheduler = SCHEDULER
     network_class = QwenImage21Network
     dit_block_lists = {"single": "transformer_blocks"}
@@ -147,10 +148,6 @@ class QwenImage21(FlowFamily):
                        device: Any, dtype: Any) -> dict[str, Any]:
         mask = qwen_image.text_mask(extras, batch, device)
         return {} if mask is None else {"text_mask": mask}
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return flux.guidance_ignored(conditionings, "Qwen-Image 2.1 has no distilled guidance (cfg 1, or real CFG "
-                                     "with a negative prompt)")
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING [1, tokens, width]: Qwen3-VL's last layer before its final norm over the templated

@@ -97,6 +97,8 @@ class ZImage(FlowFamily):
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", QWEN3_PREFIX),)
     clip_types = ("lumina2",)
+    guidance_note = ("Z-Image has no distilled guidance (its guidance is real CFG: KSampler's cfg with a negative "
+                     "prompt; Turbo samples at cfg 1)")
     scheduler = SCHEDULER
     network_class = ZImageNetwork
     # Fun ControlNets (nodes.control.z_image): latent hints, the transformer's embedders and refiners
@@ -150,10 +152,6 @@ class ZImage(FlowFamily):
             raise ConditioningError("a Z-Image prompt without its token count shares a call with one that has it "
                                     "(encode both with this model's CLIP)", "negative")
         return {"text_tokens": [int(c) for c in counts for _ in range(batch)]}
-
-    def conditioning_notes(self, conditionings: list) -> list[str]:
-        return flux.guidance_ignored(conditionings, "Z-Image has no distilled guidance (its guidance is real CFG: "
-                                     "KSampler's cfg with a negative prompt; Turbo samples at cfg 1)")
 
     # -- text ----------------------------------------------------------------------------------
 
