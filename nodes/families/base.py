@@ -363,11 +363,11 @@ class FlowFamily(Family):
     sample it with FlowSampling, one rule for all of them.
 
     What these families repeat with only a constant changing is driven by class attributes here, so a
-    family module states its constants (:attr:`scheduler`, :attr:`network_class`, :attr:`dit_block_lists`)
-    and overrides a method only where its rule differs."""
+    family module states its constants (:attr:`scheduler`, :attr:`network_class`, :attr:`dit_block_lists`,
+    :attr:`guidance_note`) and overrides a method only where its rule differs."""
 
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    #: Read by nodes that treat flow models apart (FluxGuidance's CLIP check, nodes.flux_nodes).
+    #: Read where a node asks for a flow model's text encoders (CLIPTextEncodeFlux, nodes.flux_nodes).
     flow = True
     #: The family's one released scheduler config; :meth:`scheduler_config` hands a copy. A family whose
     #: config depends on arguments (FLUX [dev]/[schnell], SD3's shift) overrides the method instead.
