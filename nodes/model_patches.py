@@ -108,10 +108,13 @@ def skip_layers_patched(model, double_layers: str, single_layers: str, names: tu
     except ConditioningError as exc:
         raise NodeError(str(exc), "model") from None
     for (kind, numbers), name in zip(layers, names):
-        past = [n for n in numbers if n >= len(blocks[kind])]
+        count = len(blocks.get(kind, ()))  # a single-stream transformer (Krea 2, Qwen-Image) lists no double blocks
+        past = [n for n in numbers if n >= count]
+        if past and not count:
+            raise NodeError(f"the model has no {kind} blocks ({model.family.name}); leave {name} empty", name)
         if past:
-            raise NodeError(f"block {past[0]} does not exist: the model has {len(blocks[kind])} {kind} blocks "
-                            f"(0..{len(blocks[kind]) - 1})", name)
+            raise NodeError(f"block {past[0]} does not exist: the model has {count} {kind} blocks "
+                            f"(0..{count - 1})", name)
     for name in ("start_percent", "end_percent"):
         if not 0.0 <= float(settings[name]) <= 1.0:
             raise NodeError(f"{name} must be within 0..1, got {settings[name]}", name)

@@ -142,3 +142,18 @@ def test_a_guider_of_several_denoisers_refuses_it_naming_the_model():
     with pytest.raises(NodeError) as err:
         skip_layer_guidance_dit(Recorder().ctx, model, "0", "", 11.0, 0.0, 1.0, 0.0)
     assert err.value.input_name == "scale"
+
+
+def test_a_single_stream_transformer_skips_its_blocks_and_refuses_double_ones_by_name():
+    """Krea 2 lists only single blocks: its double_layers must be empty, and its single ones are skipped."""
+    import tiny_krea2
+    from nodes.families import krea2
+
+    net = krea2.FAMILY.wrap_network(tiny_krea2.components()["transformer"])
+    model = ModelHandle(krea2.FAMILY, scheduler_config=krea2.FAMILY.scheduler_config(), latent=krea2.FAMILY.latent,
+                        _use_unet=lambda: contextlib.nullcontext(net), _peek=lambda: net)
+    (slg,) = skip_layer_guidance_dit(Recorder().ctx, model, "", "0", 3.0, 0.0, 1.0, 0.0)
+    assert slg.patches.skip_layers.layers == (("double", ()), ("single", (0,)))
+    with pytest.raises(NodeError) as err:
+        skip_layer_guidance_dit(Recorder().ctx, model, "7", "0", 3.0, 0.0, 1.0, 0.0)
+    assert err.value.input_name == "double_layers" and "no double blocks" in str(err.value)
