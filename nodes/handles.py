@@ -171,8 +171,9 @@ class ClipHandle:
 
     family: Family
     tokenizers: dict[str, Any]
-    #: encoder name ("text_encoder", "text_encoder_2") -> context manager yielding it on the device
-    _use: Callable[[str], contextlib.AbstractContextManager] | None = None
+    #: ``(encoder name, parts=())`` -> context manager yielding that encoder on the device (``parts``: see
+    #: :meth:`encoder`; loaders that defer none may take the name alone)
+    _use: Callable[..., contextlib.AbstractContextManager] | None = None
     name: str = ""
     layer: int | None = None
     loras: "LoraStack" = ()
@@ -198,12 +199,14 @@ class ClipHandle:
             yield head
 
     @contextlib.contextmanager
-    def encoder(self, module: str) -> Iterator["torch.nn.Module"]:
-        """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use."""
+    def encoder(self, module: str, parts: tuple[str, ...] = ()) -> Iterator["torch.nn.Module"]:
+        """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use. ``parts``:
+        its submodules loaded only when a job needs them (a Qwen3-VL's vision tower, ``"visual"``: the
+        picture-reading nodes name it), built and placed with it now if not yet (nodes.runtime.deferred)."""
         from nodes.runtime.patches import patched
 
         assert self._use is not None, "clip handle has no loader"
-        with self._use(module) as te, patched(te, self.loras, module):
+        with (self._use(module, parts) if parts else self._use(module)) as te, patched(te, self.loras, module):
             yield te
 
     def encode(self, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
