@@ -44,10 +44,16 @@ def _clip(env):
 
 
 def test_comfyuis_file_loads_the_vision_tower_bit_for_bit(env):
+    """The tower is built on the first use that names it (a picture read), from the file, bit for bit."""
+    from nodes.families.qwen3_vl import TOWER
+
     clip = _clip(env)
     model = clip.peek("text_encoder")
     source = tiny_krea2.components()["text_encoder"]
     assert type(model).__name__ == "Qwen3VLModel"
+    assert model.visual is None and not any(k.startswith("visual.") for k in model.state_dict())  # not yet
+    with clip.encoder("text_encoder", (TOWER,)) as used:
+        assert used is model and model.visual is not None
     ours, theirs = model.state_dict(), source.state_dict()
     assert set(ours) == set(theirs) and any(k.startswith("visual.deepstack_merger_list.") for k in ours)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -57,8 +63,13 @@ def test_comfyuis_file_loads_the_vision_tower_bit_for_bit(env):
 def test_a_diffusers_folder_loads_the_vision_tower_bit_for_bit(env, root):
     from nodes.checkpoint.load import load_checkpoint
 
+    from nodes.runtime import deferred
+
     model = load_checkpoint(root / "checkpoints" / "tiny-krea2-turbo-diffusers", torch.float32).modules["text_encoder"]
     assert type(model).__name__ == "Qwen3VLModel"
+    assert deferred.pending(model) == ("visual",) and model.visual is None  # built on the first picture read
+    tower = deferred.build(model, "visual")
+    assert tower is not None and model.visual is tower and deferred.pending(model) == ()
     theirs = tiny_krea2.components()["text_encoder"].state_dict()
     ours = model.state_dict()
     assert set(ours) == set(theirs)
@@ -82,6 +93,54 @@ def test_text_only_encoding_is_unchanged_by_the_tower(env, root):
     (bare,) = call(split_loaders.clip_loader, env, clip_name="tiny-qwen3vl-text.safetensors", type="krea2")
     assert type(bare.peek("text_encoder")).__name__ == "Qwen3VLTextModel"
     assert torch.equal(bare.encode(PROMPT)[0][0], _clip(env).encode(PROMPT)[0][0])
+
+
+def _held(env) -> int:
+    """The bytes the model manager counts for the Krea 2 CLIP's text encoder entry."""
+    (entry,) = [e for e in env.models.stats()["entries"] if "text_encoder" in e["modules"]]
+    return entry["bytes"]
+
+
+def _text_reference(clip, prompt: str) -> torch.Tensor:
+    """Krea 2's CONDITIONING of ``prompt`` from the tiny Qwen3-VL's own language model (transformers)."""
+    source = tiny_krea2.components()["text_encoder"].language_model
+    ids = krea2.prompt_ids(clip.tokenizers["tokenizer"], prompt)
+    with torch.no_grad():
+        out = source(input_ids=ids, output_hidden_states=True)
+    states = torch.stack([out.hidden_states[k] for k in krea2.TEXT_LAYERS], dim=2)[:, krea2.template_end(ids[0].tolist()):]
+    return states.reshape(1, states.shape[1], -1)
+
+
+def test_the_tower_is_loaded_on_the_first_picture_read_and_kept(registry, env):
+    """A text-only job never builds the tower: the CLIP holds the language model's weights alone and the
+    manager counts those; the first picture read builds it from the file (the eager build's conditioning),
+    the manager's count grows by its bytes, and later jobs reuse it."""
+    from nodes.runtime.measure import module_bytes
+
+    source = tiny_krea2.components()["text_encoder"]
+    text_bytes, tower_bytes = module_bytes(source.language_model), module_bytes(source.visual)
+    assert tower_bytes > 0
+    clip = _clip(env)
+    (cond,) = call(registry.get("CLIPTextEncode"), env, clip=clip, text=PROMPT)
+    model = clip.peek("text_encoder")
+    assert model.visual is None and env.models.counters["parts"] == 0
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"language_model"}
+    assert module_bytes(model) == text_bytes and _held(env) == text_bytes
+    assert torch.allclose(cond[0][0], _text_reference(clip, PROMPT), atol=1e-6, rtol=0)
+
+    (edit,) = call(registry.get("TextEncodeQwenImageEditPlus"), env, clip=clip, prompt=PROMPT, image1=_picture(1))
+    theirs = reference_states(EDIT.format("Picture 1: <|vision_start|><|image_pad|><|vision_end|>" + PROMPT),
+                              [_pil(_picture(1), 384 * 384)])
+    assert torch.allclose(edit[0][0], theirs, atol=1e-6, rtol=0)
+    assert model.visual is not None and env.models.counters["parts"] == 1
+    assert module_bytes(model) == text_bytes + tower_bytes and _held(env) == text_bytes + tower_bytes
+
+    # kept: another picture job (TextGenerate, outside inference mode) reads with it, nothing is rebuilt
+    text, _ = call(registry.get("TextGenerate"), env, clip=clip, prompt="A red fox", max_length=3,
+                   sampling_mode="off", image=_picture(2))
+    assert isinstance(text, str) and env.models.counters["parts"] == 1 and _held(env) == text_bytes + tower_bytes
+    (again,) = call(registry.get("CLIPTextEncode"), env, clip=clip, text=PROMPT)
+    assert torch.equal(again[0][0], cond[0][0])
 
 
 # -- 2. Krea 2 reads pictures ----------------------------------------------------------------------

@@ -7,10 +7,11 @@
   the renames through nodes.checkpoint.scaled_fp8).
 * Qwen3-VL 4B through CLIPLoader type ``krea2`` (``qwen3vl_4b*.safetensors``): ComfyUI's file holds
   the language model under ``model.`` (Qwen3's names: q_norm / k_norm) and the vision tower under
-  ``visual.``. Kiln builds transformers' ``Qwen3VLModel`` from the shapes, language model and vision
-  tower (:func:`build_encoder`, the tower's config: nodes.checkpoint.qwen3_vision), which the nodes that
-  hand the encoder pictures read with (nodes.families.qwen3_vl); text-to-image runs its language model
-  alone. A file without ``visual.*`` gives the language model alone (:func:`build_text_model`).
+  ``visual.``. Kiln builds transformers' ``Qwen3VLModel`` from the shapes (:func:`build_encoder`): the
+  language model at load, the vision tower when a job first hands the encoder a picture (the nodes that
+  read pictures: nodes.families.qwen3_vl; the tower: nodes.checkpoint.qwen3_vision); text-to-image runs
+  the language model alone. A file without ``visual.*`` gives the language model alone
+  (:func:`build_text_model`).
 * The VAE is Qwen-Image's (``qwen_image_vae.safetensors``, VAELoader: nodes.checkpoint.qwen_image_vae).
 * A diffusers folder (``Krea2Pipeline.save_pretrained``) through CheckpointLoaderSimple.
 """
@@ -147,26 +148,18 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 
 def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """The Qwen3-VL of a file as the loaders build it: transformers' ``Qwen3VLModel`` (language model and
-    vision tower, which the picture-reading nodes need: TextEncodeQwenImageEditPlus on a Krea 2 CLIP,
-    TextGenerate with pictures) when the file holds ``visual.*``, else :func:`build_text_model`'s text
-    model alone. The language model is the same either way (``language_model`` of the former), so
-    text-only encoding gives the same states; the tower costs its weights' memory (about 0.4B
-    parameters in Qwen3-VL 4B) whether or not a picture is read."""
-    from nodes.checkpoint import qwen3_vision, scaled_fp8
-    from nodes.checkpoint.qwen_decoder import language_state
-    from nodes.checkpoint.tensors import shapes_of
+    """The Qwen3-VL of a file as the loaders build it for the families that hand it pictures: when the
+    file holds ``visual.*``, transformers' ``Qwen3VLModel`` with :func:`build_text_model`'s language model
+    and the vision tower left to build on the first picture read (nodes.checkpoint.qwen3_vision
+    .with_tower_on_demand: a text-only job never holds the tower's weights, about 0.4B parameters in
+    Qwen3-VL 4B); else the text model alone. Text-only encoding runs that same language model either way."""
+    from nodes.checkpoint import qwen3_vision
 
-    visual = qwen3_vision.vision_state(state)
+    text = build_text_model(state, what, dtype)
+    visual = qwen3_vision.vision_view(state)
     if not visual:
-        return build_text_model(state, what, dtype)
-    prefix = text_prefix(state.keys())
-    if prefix is None:
-        return build_text_model(state, what, dtype)  # its error names the missing language model
-    text = language_state(state, prefix)
-    kept, _ = scaled_fp8.take(dict(text), what)  # the shapes without the scales, for the config
-    return qwen3_vision.build_vl_model(text, visual, text_config(shapes_of(kept), what), what, dtype,
-                                       "Qwen3-VL text encoder with its vision tower")
+        return text
+    return qwen3_vision.with_tower_on_demand(text, visual, what, dtype, "Qwen3-VL vision tower")
 
 
 # -- diffusers folders ----------------------------------------------------------------------------

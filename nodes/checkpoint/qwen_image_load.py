@@ -175,12 +175,15 @@ def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any
     Qwen-Image's, Krea 2's and Qwen-Image 2.1's folders share in kind."""
     from nodes.checkpoint import qwen_image_vae
     from nodes.checkpoint.load import open_state
+    from nodes.checkpoint.tensors import ShardedState
 
     vae_files = sorted((path / "vae").glob("*.safetensors"))
     te_files = sorted((path / "text_encoder").glob("*.safetensors"))
     if not vae_files or not te_files:
         raise OSError("vae/ or text_encoder/ holds no .safetensors")
     vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
-    te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
+    # the text encoder's files stay a lazily read view: each tensor is read as the build asks for it, and
+    # a part left for later (Krea 2's vision tower: nodes.checkpoint.qwen3_vision) holds no memory until then
+    te_state = ShardedState({k: state for state in map(open_state, te_files) for k in state})
     return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
             "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}
