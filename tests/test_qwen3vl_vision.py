@@ -143,6 +143,21 @@ def test_the_tower_is_loaded_on_the_first_picture_read_and_kept(registry, env):
     assert torch.equal(again[0][0], cond[0][0])
 
 
+def test_clipsave_writes_the_tower_it_has_not_loaded_yet(env):
+    """CLIPSave saves the whole Qwen3-VL (it builds the tower a text-only job left unbuilt), bit for bit."""
+    from safetensors.torch import load_file
+
+    from nodes import model_saving
+
+    record = Called()
+    call(model_saving.clip_save, env, record, clip=_clip(env), filename_prefix="clip/krea2")
+    (saved,) = record.ui["clip"]
+    got = load_file(str(env.paths.output.root / saved["subfolder"] / saved["filename"]))
+    theirs = tiny_krea2.components()["text_encoder"].state_dict()
+    assert set(got) == set(theirs) and any(k.startswith("visual.") for k in got)
+    assert all(torch.equal(got[k], theirs[k]) for k in theirs)
+
+
 # -- 2. Krea 2 reads pictures ----------------------------------------------------------------------
 
 
