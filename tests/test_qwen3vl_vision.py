@@ -107,7 +107,8 @@ def _text_reference(clip, prompt: str) -> torch.Tensor:
     ids = krea2.prompt_ids(clip.tokenizers["tokenizer"], prompt)
     with torch.no_grad():
         out = source(input_ids=ids, output_hidden_states=True)
-    states = torch.stack([out.hidden_states[k] for k in krea2.TEXT_LAYERS], dim=2)[:, krea2.template_end(ids[0].tolist()):]
+    states = torch.stack([out.hidden_states[k] for k in krea2.TEXT_LAYERS], dim=2)
+    states = states[:, krea2.template_end(ids[0].tolist()):]
     return states.reshape(1, states.shape[1], -1)
 
 

@@ -6,7 +6,8 @@ learned position table, blocks, the merger and the DeepStack mergers ``deepstack
 Kiln builds that class as the ``visual`` of a ``Qwen3VLModel`` with a config read from the shapes, when
 a job first hands the encoder a picture (:func:`with_tower_on_demand`). What the shapes cannot say is
 the release's: 16 heads, the GELU-tanh MLP, and which vision layers feed the DeepStack mergers
-(Qwen3-VL-4B: 5, 11, 17 of 24; 8B and 32B: 8, 16, 24 of 27; ComfyUI's table). A tower of another depth (tests) gets its mergers spread evenly.
+(Qwen3-VL-4B: 5, 11, 17 of 24; 8B and 32B: 8, 16, 24 of 27; ComfyUI's table). A tower of another
+depth (tests) gets its mergers spread evenly.
 """
 from __future__ import annotations
 

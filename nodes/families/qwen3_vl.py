@@ -3,10 +3,10 @@ and FIBO 2's Qwen3-VL): what every family that hands the encoder pictures shares
 
 A picture goes into the prompt as ``<|vision_start|><|image_pad|><|vision_end|>`` (ComfyUI's block), the
 one ``<|image_pad|>`` repeated once per merged 2x2 patch; transformers' ``Qwen3VLModel`` (built from the
-file, its tower on the first picture read: nodes.checkpoint.qwen3_vision) puts the tower's features in their place, adds the
-DeepStack features to the first text layers' states there and gives the prompt Qwen3-VL's 3-axis rope
-positions (``get_rope_index``, from which tokens are pictures). The pixels are transformers' Qwen2-VL
-image processor's at Qwen3-VL's settings: 16-pixel patches, 2 frames, 2x2 merge, mean and std 0.5
+file, its tower on the first picture read: nodes.checkpoint.qwen3_vision) puts the tower's features in
+their place, adds the DeepStack features to the first text layers' states there and gives the prompt
+Qwen3-VL's 3-axis rope positions (``get_rope_index``, from which tokens are pictures). The pixels are
+transformers' Qwen2-VL image processor's at Qwen3-VL's settings: 16-pixel patches, 2 frames, 2x2 merge, mean and std 0.5
 (ComfyUI's normalisation for Qwen3-VL), each side a multiple of 32 within ComfyUI's pixel bounds
 (:data:`MIN_PIXELS`.. :data:`MAX_PIXELS`, the bounds its Qwen3-VL reads pictures with; the release's
 processor config sets 65536.. instead, which changes only pictures under 256x256). The processor
