@@ -198,6 +198,19 @@ class ClipHandle:
         with self._use_head(module) as head:
             yield head
 
+    def peek_whole(self, module: str) -> "torch.nn.Module":
+        """:meth:`peek` with every part the loader left to build on first use built (nodes.runtime.deferred:
+        Krea 2's vision tower), for what must see all of the encoder's weights: a merge, a LoRA that patches
+        such a part. Built through the model manager, which counts it (:meth:`encoder`'s ``parts``)."""
+        from nodes.runtime.deferred import pending
+
+        parts = pending(self.peek(module))
+        if parts:
+            assert self._use is not None, "clip handle has no loader"
+            with self._use(module, parts):
+                pass
+        return self.peek(module)
+
     @contextlib.contextmanager
     def encoder(self, module: str, parts: tuple[str, ...] = ()) -> Iterator["torch.nn.Module"]:
         """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use. ``parts``:

@@ -159,6 +159,53 @@ def test_clipsave_writes_the_tower_it_has_not_loaded_yet(env):
     assert all(torch.equal(got[k], theirs[k]) for k in theirs)
 
 
+def test_a_clip_lora_or_merge_on_the_tower_builds_it_and_patches_it(env, root):
+    """A LoRA naming tower modules (kohya's lora_te_visual_*) is matched against the built tower, not
+    reported unmatched against the empty slot; a LoRA of the language model alone leaves it unbuilt;
+    a merge of two Krea 2 CLIPs merges their towers too."""
+    from safetensors.torch import save_file
+
+    from engine.context import NodeContext
+    from nodes.lora import apply_lora
+
+    messages: list[str] = []
+    ctx = NodeContext(env=env, job=None, node_id="1", node_type="LoraLoader", _progress=lambda *a: None,
+                      _is_interrupted=lambda: False, _message=messages.append)
+
+    source = tiny_krea2.components()["text_encoder"]
+    weight = source.visual.blocks[0].attn.qkv.weight
+    rank = 2
+    down = torch.randn(rank, weight.shape[1], generator=torch.Generator().manual_seed(3))
+    up = torch.randn(weight.shape[0], rank, generator=torch.Generator().manual_seed(4))
+    loras = root / "loras"
+    loras.mkdir(exist_ok=True)
+    save_file({"lora_te_visual_blocks_0_attn_qkv.lora_down.weight": down,
+               "lora_te_visual_blocks_0_attn_qkv.lora_up.weight": up,
+               "lora_te_visual_blocks_0_attn_qkv.alpha": torch.tensor(float(rank))}, str(loras / "tower.safetensors"))
+    save_file({"lora_te_language_model_layers_0_mlp_up_proj.lora_down.weight": torch.zeros(rank, 32),
+               "lora_te_language_model_layers_0_mlp_up_proj.lora_up.weight": torch.zeros(
+                   source.language_model.layers[0].mlp.up_proj.weight.shape[0], rank)},
+              str(loras / "text.safetensors"))
+    text_only = _clip(env)
+    apply_lora(ctx, "text.safetensors", None, text_only, 0.0, 1.0)
+    assert text_only.peek("text_encoder").visual is None
+
+    clip = _clip(env)
+    _, patched = apply_lora(ctx, "tower.safetensors", None, clip, 0.0, 0.5)
+    assert clip.peek("text_encoder").visual is not None and "1 modules patched" in messages[-1]
+    with patched.encoder("text_encoder") as te:
+        got = te.visual.blocks[0].attn.qkv.weight.detach().clone()
+    assert torch.allclose(got, weight + 0.5 * (up @ down), atol=1e-5, rtol=0)
+
+    # a merge of two Krea 2 CLIPs merges their towers too, built for it
+    from nodes.model_merging import merge_clips
+
+    first, second = _clip(env), _clip(env)
+    (merged,) = merge_clips(ctx, first, second, "CLIPMergeSimple 0.5", 0.5, 0.5)
+    assert second.peek("text_encoder").visual is not None
+    assert any(name.startswith("visual.") for name in merged.loras[-1].tables["text_encoder"])
+
+
 # -- 2. Krea 2 reads pictures ----------------------------------------------------------------------
 
 
