@@ -171,8 +171,9 @@ class ClipHandle:
 
     family: Family
     tokenizers: dict[str, Any]
-    #: encoder name ("text_encoder", "text_encoder_2") -> context manager yielding it on the device
-    _use: Callable[[str], contextlib.AbstractContextManager] | None = None
+    #: ``(encoder name, parts=())`` -> context manager yielding that encoder on the device (``parts``: see
+    #: :meth:`encoder`; loaders that defer none may take the name alone)
+    _use: Callable[..., contextlib.AbstractContextManager] | None = None
     name: str = ""
     layer: int | None = None
     loras: "LoraStack" = ()
@@ -197,13 +198,28 @@ class ClipHandle:
         with self._use_head(module) as head:
             yield head
 
+    def peek_whole(self, module: str) -> "torch.nn.Module":
+        """:meth:`peek` with every part the loader left to build on first use built (nodes.runtime.deferred:
+        Krea 2's vision tower), for what must see all of the encoder's weights: a merge, a LoRA that patches
+        such a part. Built through the model manager, which counts it (:meth:`encoder`'s ``parts``)."""
+        from nodes.runtime.deferred import pending
+
+        parts = pending(self.peek(module))
+        if parts:
+            assert self._use is not None, "clip handle has no loader"
+            with self._use(module, parts):
+                pass
+        return self.peek(module)
+
     @contextlib.contextmanager
-    def encoder(self, module: str) -> Iterator["torch.nn.Module"]:
-        """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use."""
+    def encoder(self, module: str, parts: tuple[str, ...] = ()) -> Iterator["torch.nn.Module"]:
+        """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use. ``parts``:
+        its submodules loaded only when a job needs them (a Qwen3-VL's vision tower, ``"visual"``: the
+        picture-reading nodes name it), built and placed with it now if not yet (nodes.runtime.deferred)."""
         from nodes.runtime.patches import patched
 
         assert self._use is not None, "clip handle has no loader"
-        with self._use(module) as te, patched(te, self.loras, module):
+        with (self._use(module, parts) if parts else self._use(module)) as te, patched(te, self.loras, module):
             yield te
 
     def encode(self, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:

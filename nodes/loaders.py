@@ -209,7 +209,7 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
                         name=name, extra=info, _peek=lambda: peek("unet"),
                         _compile_note=lambda: manager.compile_pending(key, "unet"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
-                      _use=lambda which: use(which, loader), name=name, _peek=peek)
+                      _use=lambda which, parts=(): use(which, loader, parts), name=name, _peek=peek)
     vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=name,
                     latent_channels=int(loaded.modules["vae"].config.latent_channels),
                     downscale=int(getattr(loaded.modules["vae"], "kiln_downscale", 8)),

@@ -40,14 +40,21 @@ def _read(path: Path) -> dict[str, Any]:
         raise NodeError(str(exc), "lora_name") from None
 
 
-def _targets(model: ModelHandle | None, clip: ClipHandle | None) -> dict[str, Any]:
-    """target name -> network (on whatever device it is; only names and shapes are read)."""
+def _targets(model: ModelHandle | None, clip: ClipHandle | None, keys: Any) -> dict[str, Any]:
+    """target name -> network (on whatever device it is; only names and shapes are read). A text encoder
+    part left to build on first use (Krea 2's vision tower) is built when the LoRA's ``keys`` name it, so
+    its modules are patched rather than reported unmatched."""
+    from nodes.runtime.deferred import pending
+
     networks = {}
     if model is not None:
         networks["unet"] = model.peek()
     if clip is not None:
         for spec in clip.family.text_encoders:
-            networks[spec.module] = clip.peek(spec.module)
+            encoder = clip.peek(spec.module)
+            if any(part in key for part in pending(encoder) for key in keys):
+                encoder = clip.peek_whole(spec.module)
+            networks[spec.module] = encoder
     return networks
 
 
@@ -61,7 +68,7 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
 
     path = locate(ctx.env, LORA_FOLDER, lora_name, "lora_name")
     state = _read(path)
-    networks = _targets(model, clip)
+    networks = _targets(model, clip, state.keys())
     kind = (model or clip).family
     lookups = {t: lora_keys.module_names(n, t, dict(n.config), kind.lora_modules(n)) if t == "unet" else
                lora_keys.module_names(n, t) for t, n in networks.items()}

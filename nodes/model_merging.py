@@ -76,7 +76,8 @@ def merge_clips(ctx, clip1: Any, clip2: Any, label: str, own: float, other: floa
     for spec in clip1.family.text_encoders:
         if spec.module not in theirs:
             continue
-        patches = _table(ctx, f"{label} ({spec.module})", clip1.peek(spec.module), clip2.peek(spec.module),
+        whole1, whole2 = clip1.peek_whole(spec.module), clip2.peek_whole(spec.module)  # towers included
+        patches = _table(ctx, f"{label} ({spec.module})", whole1, whole2,
                          lambda name: (own, other), skip=lambda name: name.endswith(CLIP_KEPT))
         if patches:
             tables[spec.module] = patches

@@ -119,7 +119,8 @@ def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:
         raise NodeError(str(exc), input_name) from None
     ctx.message(f"{' + '.join(n for _, n in names)}: {loaded.family.name} text encoders, on {manager.device}")
     return ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
-                      _use=lambda which: manager.use(key, which, loader), name="+".join(n for _, n in names),
+                      _use=lambda which, parts=(): manager.use(key, which, loader, parts),
+                      name="+".join(n for _, n in names),
                       _peek=functools.partial(peek_module, manager, key, loader),
                       _use_head=functools.partial(_use_head, manager, key, paths, loaded.family))
 

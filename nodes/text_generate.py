@@ -87,8 +87,8 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
     same text. "off" always takes the likeliest token."""
     from nodes.checkpoint.load import CheckpointError
     from nodes.text import _clip
-    from nodes.text_lm import NotALanguageModel, decode, language_model, prompt_ids, split_thinking, stop_ids, \
-        templated
+    from nodes.text_lm import TOWER, NotALanguageModel, decode, language_model, prompt_ids, split_thinking, \
+        stop_ids, templated
     from nodes.text_sampling import generate
 
     clip = _clip(clip)
@@ -117,7 +117,8 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
     except ValueError as exc:  # more picture slots in a raw prompt than pictures
         raise NodeError(str(exc), input_name="prompt") from None
     try:
-        with clip.encoder(spec.module) as encoder, clip.lm_head(spec.module) as head:
+        with clip.encoder(spec.module, (TOWER,) if pictures else ()) as encoder, \
+                clip.lm_head(spec.module) as head:
             extra: dict[str, Any] = {}
             if pictures:
                 built = lm.pictures(encoder, tokenizer, text, [p for _, p in pictures])

@@ -24,10 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from nodes.checkpoint import qwen_vision
 from nodes.checkpoint.qwen_tokenizer import ENDOFTEXT
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+#: The vision tower's submodule in a Qwen-VL built with it; a use with pictures names it (its weights may
+#: load on that first use: nodes.runtime.deferred).
+TOWER = qwen_vision.TOWER
 #: Qwen3's empty reasoning block: after the assistant's opening it asks for an answer without reasoning.
 NO_THINKING = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
@@ -73,11 +77,15 @@ class LanguageModel:
     #: whether ``thinking`` means anything to it (said in a node message when not)
     reasons: bool = False
     #: ``pictures(module, tokenizer, text, pictures) -> nodes.text_vision.PicturePrompt`` for a module
-    #: with a vision tower (``visual``); None: this kind reads no pictures.
+    #: with a vision tower (:data:`TOWER`); None: this kind reads no pictures.
     pictures: Callable[[Any, Any, str, list], Any] | None = None
 
     def reads_pictures(self, module: Any) -> bool:
-        return self.pictures is not None and getattr(module, "visual", None) is not None
+        """Whether ``module`` (as loaded) reads pictures: this kind can, and it has its vision tower, built or
+        left to build on the first picture read (nodes.runtime.deferred)."""
+        from nodes.runtime.deferred import has_part
+
+        return self.pictures is not None and has_part(module, TOWER)
 
 
 def qwen25_pictures(module: Any, tokenizer: Any, text: str, pictures: list) -> Any:

@@ -44,10 +44,16 @@ def _clip(env):
 
 
 def test_comfyuis_file_loads_the_vision_tower_bit_for_bit(env):
+    """The tower is built on the first use that names it (a picture read), from the file, bit for bit."""
+    from nodes.families.qwen3_vl import TOWER
+
     clip = _clip(env)
     model = clip.peek("text_encoder")
     source = tiny_krea2.components()["text_encoder"]
     assert type(model).__name__ == "Qwen3VLModel"
+    assert model.visual is None and not any(k.startswith("visual.") for k in model.state_dict())  # not yet
+    with clip.encoder("text_encoder", (TOWER,)) as used:
+        assert used is model and model.visual is not None
     ours, theirs = model.state_dict(), source.state_dict()
     assert set(ours) == set(theirs) and any(k.startswith("visual.deepstack_merger_list.") for k in ours)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -57,8 +63,13 @@ def test_comfyuis_file_loads_the_vision_tower_bit_for_bit(env):
 def test_a_diffusers_folder_loads_the_vision_tower_bit_for_bit(env, root):
     from nodes.checkpoint.load import load_checkpoint
 
+    from nodes.runtime import deferred
+
     model = load_checkpoint(root / "checkpoints" / "tiny-krea2-turbo-diffusers", torch.float32).modules["text_encoder"]
     assert type(model).__name__ == "Qwen3VLModel"
+    assert deferred.pending(model) == ("visual",) and model.visual is None  # built on the first picture read
+    tower = deferred.build(model, "visual")
+    assert tower is not None and model.visual is tower and deferred.pending(model) == ()
     theirs = tiny_krea2.components()["text_encoder"].state_dict()
     ours = model.state_dict()
     assert set(ours) == set(theirs)
@@ -82,6 +93,117 @@ def test_text_only_encoding_is_unchanged_by_the_tower(env, root):
     (bare,) = call(split_loaders.clip_loader, env, clip_name="tiny-qwen3vl-text.safetensors", type="krea2")
     assert type(bare.peek("text_encoder")).__name__ == "Qwen3VLTextModel"
     assert torch.equal(bare.encode(PROMPT)[0][0], _clip(env).encode(PROMPT)[0][0])
+
+
+def _held(env) -> int:
+    """The bytes the model manager counts for the Krea 2 CLIP's text encoder entry."""
+    (entry,) = [e for e in env.models.stats()["entries"] if "text_encoder" in e["modules"]]
+    return entry["bytes"]
+
+
+def _text_reference(clip, prompt: str) -> torch.Tensor:
+    """Krea 2's CONDITIONING of ``prompt`` from the tiny Qwen3-VL's own language model (transformers)."""
+    source = tiny_krea2.components()["text_encoder"].language_model
+    ids = krea2.prompt_ids(clip.tokenizers["tokenizer"], prompt)
+    with torch.no_grad():
+        out = source(input_ids=ids, output_hidden_states=True)
+    states = torch.stack([out.hidden_states[k] for k in krea2.TEXT_LAYERS], dim=2)
+    states = states[:, krea2.template_end(ids[0].tolist()):]
+    return states.reshape(1, states.shape[1], -1)
+
+
+def test_the_tower_is_loaded_on_the_first_picture_read_and_kept(registry, env):
+    """A text-only job never builds the tower: the CLIP holds the language model's weights alone and the
+    manager counts those; the first picture read builds it from the file (the eager build's conditioning),
+    the manager's count grows by its bytes, and later jobs reuse it."""
+    from nodes.runtime.measure import module_bytes
+
+    source = tiny_krea2.components()["text_encoder"]
+    text_bytes, tower_bytes = module_bytes(source.language_model), module_bytes(source.visual)
+    assert tower_bytes > 0
+    clip = _clip(env)
+    (cond,) = call(registry.get("CLIPTextEncode"), env, clip=clip, text=PROMPT)
+    model = clip.peek("text_encoder")
+    assert model.visual is None and env.models.counters["parts"] == 0
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"language_model"}
+    assert module_bytes(model) == text_bytes and _held(env) == text_bytes
+    assert torch.allclose(cond[0][0], _text_reference(clip, PROMPT), atol=1e-6, rtol=0)
+
+    (edit,) = call(registry.get("TextEncodeQwenImageEditPlus"), env, clip=clip, prompt=PROMPT, image1=_picture(1))
+    theirs = reference_states(EDIT.format("Picture 1: <|vision_start|><|image_pad|><|vision_end|>" + PROMPT),
+                              [_pil(_picture(1), 384 * 384)])
+    assert torch.allclose(edit[0][0], theirs, atol=1e-6, rtol=0)
+    assert model.visual is not None and env.models.counters["parts"] == 1
+    assert module_bytes(model) == text_bytes + tower_bytes and _held(env) == text_bytes + tower_bytes
+
+    # kept: another picture job (TextGenerate, outside inference mode) reads with it, nothing is rebuilt
+    text, _ = call(registry.get("TextGenerate"), env, clip=clip, prompt="A red fox", max_length=3,
+                   sampling_mode="off", image=_picture(2))
+    assert isinstance(text, str) and env.models.counters["parts"] == 1 and _held(env) == text_bytes + tower_bytes
+    (again,) = call(registry.get("CLIPTextEncode"), env, clip=clip, text=PROMPT)
+    assert torch.equal(again[0][0], cond[0][0])
+
+
+def test_clipsave_writes_the_tower_it_has_not_loaded_yet(env):
+    """CLIPSave saves the whole Qwen3-VL (it builds the tower a text-only job left unbuilt), bit for bit."""
+    from safetensors.torch import load_file
+
+    from nodes import model_saving
+
+    record = Called()
+    call(model_saving.clip_save, env, record, clip=_clip(env), filename_prefix="clip/krea2")
+    (saved,) = record.ui["clip"]
+    got = load_file(str(env.paths.output.root / saved["subfolder"] / saved["filename"]))
+    theirs = tiny_krea2.components()["text_encoder"].state_dict()
+    assert set(got) == set(theirs) and any(k.startswith("visual.") for k in got)
+    assert all(torch.equal(got[k], theirs[k]) for k in theirs)
+
+
+def test_a_clip_lora_or_merge_on_the_tower_builds_it_and_patches_it(env, root):
+    """A LoRA naming tower modules (kohya's lora_te_visual_*) is matched against the built tower, not
+    reported unmatched against the empty slot; a LoRA of the language model alone leaves it unbuilt;
+    a merge of two Krea 2 CLIPs merges their towers too."""
+    from safetensors.torch import save_file
+
+    from engine.context import NodeContext
+    from nodes.lora import apply_lora
+
+    messages: list[str] = []
+    ctx = NodeContext(env=env, job=None, node_id="1", node_type="LoraLoader", _progress=lambda *a: None,
+                      _is_interrupted=lambda: False, _message=messages.append)
+
+    source = tiny_krea2.components()["text_encoder"]
+    weight = source.visual.blocks[0].attn.qkv.weight
+    rank = 2
+    down = torch.randn(rank, weight.shape[1], generator=torch.Generator().manual_seed(3))
+    up = torch.randn(weight.shape[0], rank, generator=torch.Generator().manual_seed(4))
+    loras = root / "loras"
+    loras.mkdir(exist_ok=True)
+    save_file({"lora_te_visual_blocks_0_attn_qkv.lora_down.weight": down,
+               "lora_te_visual_blocks_0_attn_qkv.lora_up.weight": up,
+               "lora_te_visual_blocks_0_attn_qkv.alpha": torch.tensor(float(rank))}, str(loras / "tower.safetensors"))
+    save_file({"lora_te_language_model_layers_0_mlp_up_proj.lora_down.weight": torch.zeros(rank, 32),
+               "lora_te_language_model_layers_0_mlp_up_proj.lora_up.weight": torch.zeros(
+                   source.language_model.layers[0].mlp.up_proj.weight.shape[0], rank)},
+              str(loras / "text.safetensors"))
+    text_only = _clip(env)
+    apply_lora(ctx, "text.safetensors", None, text_only, 0.0, 1.0)
+    assert text_only.peek("text_encoder").visual is None
+
+    clip = _clip(env)
+    _, patched = apply_lora(ctx, "tower.safetensors", None, clip, 0.0, 0.5)
+    assert clip.peek("text_encoder").visual is not None and "1 modules patched" in messages[-1]
+    with patched.encoder("text_encoder") as te:
+        got = te.visual.blocks[0].attn.qkv.weight.detach().clone()
+    assert torch.allclose(got, weight + 0.5 * (up @ down), atol=1e-5, rtol=0)
+
+    # a merge of two Krea 2 CLIPs merges their towers too, built for it
+    from nodes.model_merging import merge_clips
+
+    first, second = _clip(env), _clip(env)
+    (merged,) = merge_clips(ctx, first, second, "CLIPMergeSimple 0.5", 0.5, 0.5)
+    assert second.peek("text_encoder").visual is not None
+    assert any(name.startswith("visual.") for name in merged.loras[-1].tables["text_encoder"])
 
 
 # -- 2. Krea 2 reads pictures ----------------------------------------------------------------------

@@ -116,3 +116,86 @@ def test_a_text_encoder_leaves_the_gpu_after_encoding_when_the_denoiser_would_no
     with short.use(key, "text_encoder", lambda m: mods) as te:
         assert te.weight.device.type == "cuda"
     assert mods["text_encoder"].weight.device.type == "cpu" and short.counters["offloads"] == 1
+
+
+def _encoder(width: int = 64) -> tuple:
+    """(a module whose part ``tower`` is left to build on first use, as Krea 2's Qwen3-VL leaves its vision
+    tower: nodes.runtime.deferred; the list its builder appends to at each build)."""
+    import torch
+
+    from nodes.runtime import deferred
+
+    module = torch.nn.Module()
+    module.body = torch.nn.Linear(width, width)
+    built = []
+
+    def build() -> torch.nn.Module:
+        built.append(1)
+        return torch.nn.Linear(width, 2 * width)
+
+    deferred.defer(module, "tower", build)
+    return module, built
+
+
+def test_a_deferred_part_is_built_by_the_use_that_names_it_counted_and_placed_with_its_module():
+    """A use without ``parts`` never builds the part; the first use naming it builds it once, its bytes join
+    the entry's and it goes where the module sits (here the "meta" device, a stand-in for a GPU: placing
+    moves a module there without copying data)."""
+    import torch
+
+    from nodes.runtime import deferred
+    from nodes.runtime.measure import module_bytes
+
+    module, built = _encoder()
+    body = module_bytes(module)
+    manager = ModelManager(device="meta", device_budget_bytes=1 << 30)
+    key = ("test", "deferred", 0, 0)
+    load = lambda m: {"enc": module}  # noqa: E731
+
+    with manager.use(key, "enc", load) as enc:
+        assert enc.body.weight.device.type == "meta" and enc.tower is None
+    assert built == [] and manager.stats()["entries"][0]["bytes"] == body and deferred.pending(module) == ("tower",)
+
+    with manager.use(key, "enc", load, parts=("tower",)) as enc:
+        assert isinstance(enc.tower, torch.nn.Linear) and enc.tower.weight.device.type == "meta"
+    tower = module_bytes(module.tower)
+    assert tower > 0 and built == [1] and deferred.pending(module) == ()
+    assert manager.stats()["entries"][0]["bytes"] == body + tower and manager.counters["parts"] == 1
+
+    with manager.use(key, "enc", load, parts=("tower",)):
+        pass
+    assert built == [1] and manager.counters["parts"] == 1  # kept: built once
+    assert manager.stats()["entries"][0]["modules"]["enc"]["bytes"] == body + tower
+
+
+def test_a_deferred_part_is_built_on_the_cpu_where_its_module_is():
+    from nodes.runtime import deferred
+
+    module, built = _encoder()
+    manager = ModelManager(device="cpu")
+    with manager.use(("test", "cpu", 0, 0), "enc", lambda m: {"enc": module}, parts=("tower", "missing")) as enc:
+        assert enc.tower.weight.device.type == "cpu" and enc.tower.weight.dtype == enc.body.weight.dtype
+    assert built == [1] and manager.counters["onloads"] == 0
+    assert not deferred.has_part(module, "missing") and deferred.build(module, "tower") is None
+
+
+@cuda
+def test_a_deferred_part_makes_room_on_the_gpu_and_leaves_with_its_module():
+    import torch
+
+    module, _ = _encoder(256)
+    other = torch.nn.Linear(256, 512)
+    size = sum(t.numel() * t.element_size() for t in module.body.parameters())
+    manager = ModelManager(device_budget_bytes=int(size * 3.5))  # body + other, then the tower (2 bodies)
+    key = ("test", "gpu", 0, 0)
+    load = lambda m: {"enc": module, "other": other}  # noqa: E731
+    with manager.use(key, "other", load):
+        pass
+    with manager.use(key, "enc", load):
+        pass
+    assert other.weight.device.type == module.body.weight.device.type == "cuda"
+    with manager.use(key, "enc", load, parts=("tower",)) as enc:
+        assert enc.tower.weight.device.type == "cuda"
+        assert other.weight.device.type == "cpu"  # the idle module made room for the tower
+    manager.free()
+    assert module.body.weight.device.type == module.tower.weight.device.type == "cpu"

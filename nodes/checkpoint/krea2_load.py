@@ -7,10 +7,11 @@
   the renames through nodes.checkpoint.scaled_fp8).
 * Qwen3-VL 4B through CLIPLoader type ``krea2`` (``qwen3vl_4b*.safetensors``): ComfyUI's file holds
   the language model under ``model.`` (Qwen3's names: q_norm / k_norm) and the vision tower under
-  ``visual.``. Kiln builds transformers' ``Qwen3VLModel`` from the shapes, language model and vision
-  tower (:func:`build_encoder`, the tower's config: nodes.checkpoint.qwen3_vision), which the nodes that
-  hand the encoder pictures read with (nodes.families.qwen3_vl); text-to-image runs its language model
-  alone. A file without ``visual.*`` gives the language model alone (:func:`build_text_model`).
+  ``visual.``. Kiln builds transformers' ``Qwen3VLModel`` from the shapes (:func:`build_encoder`): the
+  language model at load, the vision tower when a job first hands the encoder a picture (the nodes that
+  read pictures: nodes.families.qwen3_vl; the tower: nodes.checkpoint.qwen3_vision); text-to-image runs
+  the language model alone. A file without ``visual.*`` gives the language model alone
+  (:func:`build_text_model`).
 * The VAE is Qwen-Image's (``qwen_image_vae.safetensors``, VAELoader: nodes.checkpoint.qwen_image_vae).
 * A diffusers folder (``Krea2Pipeline.save_pretrained``) through CheckpointLoaderSimple.
 """
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import krea2_keys as keys
+from nodes.checkpoint import qwen_vision
 from nodes.checkpoint.load import CheckpointError, Loaded
 
 LABEL = "Krea 2"
 #: Qwen3-VL's language model in a ComfyUI file (``model.``), transformers 5's save, or bare.
 TEXT_PREFIXES = ("model.", "model.language_model.", "language_model.", "")
-VISION_PREFIXES = ("visual.", "model.visual.")
+VISION_PREFIXES = qwen_vision.PREFIXES
 #: What Qwen3-VL releases set and the shapes do not show (Qwen3-VL-4B-Instruct's config).
 ROPE_THETA = 5_000_000.0
 MROPE_128 = (24, 20, 20)
@@ -103,35 +105,26 @@ def is_qwen3_vl(keys_: Any) -> bool:
 
 
 def text_prefix(keys_: Any) -> str | None:
-    from nodes.checkpoint.qwen3_text import MARKER, decoder_prefix
+    from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_prefix
 
-    return decoder_prefix(keys_, TEXT_PREFIXES, MARKER)
+    return decoder_prefix(keys_, TEXT_PREFIXES, Q_NORM)
 
 
 def text_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
-    """Qwen3VLTextConfig from the shapes of bare language-model keys; the head width from q_norm."""
-    import re
-
+    """Qwen3VLTextConfig from the shapes of bare language-model keys (the sizes: Qwen3's rule,
+    nodes.checkpoint.qwen_decoder.decoder_sizes); its own are the release's rope settings, the mrope
+    sections scaled to the head width."""
     from transformers import Qwen3VLTextConfig
 
-    try:
-        vocab, hidden = shapes["embed_tokens.weight"]
-        head = shapes["layers.0.self_attn.q_norm.weight"][0]
-        q_rows = shapes["layers.0.self_attn.q_proj.weight"][0]
-        kv_rows = shapes["layers.0.self_attn.k_proj.weight"][0]
-        intermediate = shapes["layers.0.mlp.gate_proj.weight"][0]
-    except KeyError as exc:
-        raise CheckpointError(f"{what}: not a Qwen3-VL language model ({exc} is missing)") from None
-    layers = len({m.group(1) for k in shapes for m in [re.match(r"layers\.(\d+)\.", k)] if m})
+    from nodes.checkpoint.qwen_decoder import decoder_sizes
+
+    sizes = decoder_sizes(shapes, what, "Qwen3-VL language model")
+    head = sizes.q_norm
     sections = [s * head // 128 for s in MROPE_128]
     sections[0] += head // 2 - sum(sections)
-    return Qwen3VLTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                             num_hidden_layers=layers, num_attention_heads=q_rows // head,
-                             num_key_value_heads=kv_rows // head, head_dim=head, rms_norm_eps=1e-6,
-                             max_position_embeddings=MAX_POSITIONS, use_cache=False,
-                             attention_bias="layers.0.self_attn.q_proj.bias" in shapes,
-                             rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
-                                              "mrope_section": sections, "mrope_interleaved": True})
+    return Qwen3VLTextConfig(**sizes.fields(), rms_norm_eps=1e-6, max_position_embeddings=MAX_POSITIONS,
+                             use_cache=False, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
+                                                               "mrope_section": sections, "mrope_interleaved": True})
 
 
 def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
@@ -142,40 +135,31 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint import scaled_fp8
     from nodes.checkpoint.load import _empty
+    from nodes.checkpoint.qwen_decoder import language_state
     from nodes.checkpoint.tensors import shapes_of
 
     prefix = text_prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen3-VL language model (no model.layers.0.self_attn.q_norm.weight "
                               "with model.embed_tokens.weight); CLIPLoader type krea2 needs qwen3vl_4b*.safetensors")
-    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)
-           and not k.startswith(("lm_head.", *VISION_PREFIXES)) and not k[len(prefix):].startswith("visual.")}
-    kept, scales = scaled_fp8.take(sub, what)
+    kept, scales = scaled_fp8.take(language_state(state, prefix), what)
     model = _empty(Qwen3VLTextModel, text_config(shapes_of(kept), what))
     return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3-VL text encoder ({what})")
 
 
 def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """The Qwen3-VL of a file as the loaders build it: transformers' ``Qwen3VLModel`` (language model and
-    vision tower, which the picture-reading nodes need: TextEncodeQwenImageEditPlus on a Krea 2 CLIP,
-    TextGenerate with pictures) when the file holds ``visual.*``, else :func:`build_text_model`'s text
-    model alone. The language model is the same either way (``language_model`` of the former), so
-    text-only encoding gives the same states; the tower costs its weights' memory (about 0.4B
-    parameters in Qwen3-VL 4B) whether or not a picture is read."""
-    from nodes.checkpoint import qwen3_vision, scaled_fp8
-    from nodes.checkpoint.tensors import shapes_of
+    """The Qwen3-VL of a file as the loaders build it for the families that hand it pictures: when the
+    file holds ``visual.*``, transformers' ``Qwen3VLModel`` with :func:`build_text_model`'s language model
+    and the vision tower left to build on the first picture read (nodes.checkpoint.qwen3_vision
+    .with_tower_on_demand: a text-only job never holds the tower's weights, about 0.4B parameters in
+    Qwen3-VL 4B); else the text model alone. Text-only encoding runs that same language model either way."""
+    from nodes.checkpoint import qwen3_vision
 
-    visual = qwen3_vision.vision_state(state)
+    text = build_text_model(state, what, dtype)
+    visual = qwen3_vision.vision_view(state)
     if not visual:
-        return build_text_model(state, what, dtype)
-    prefix = text_prefix(state.keys())
-    if prefix is None:
-        return build_text_model(state, what, dtype)  # its error names the missing language model
-    text = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)
-            and not k.startswith(("lm_head.", *VISION_PREFIXES)) and not k[len(prefix):].startswith("visual.")}
-    kept, _ = scaled_fp8.take(dict(text), what)  # the shapes without the scales, for the config
-    return qwen3_vision.build_vl_model(text, visual, text_config(shapes_of(kept), what), what, dtype,
-                                       "Qwen3-VL text encoder with its vision tower")
+        return text
+    return qwen3_vision.with_tower_on_demand(text, visual, what, dtype, "Qwen3-VL vision tower")
 
 
 # -- diffusers folders ----------------------------------------------------------------------------

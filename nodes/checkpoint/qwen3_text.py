@@ -21,25 +21,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError, _empty
+from nodes.checkpoint.qwen_decoder import Q_NORM, VISION_PREFIXES, decoder_prefix, decoder_sizes, language_state
 
 #: key prefixes a Qwen3 file may put before ``layers.`` (causal-LM file, bare Qwen3Model)
 PREFIXES = ("model.", "")
-MARKER = "layers.0.self_attn.q_norm.weight"
+MARKER = Q_NORM
 #: what every Qwen3 release sets and the shapes do not show
 RMS_EPS = 1e-6
 ROPE_THETA = 1_000_000.0
 MAX_POSITIONS = 40960
-
-
-def decoder_prefix(keys: Any, prefixes: tuple[str, ...], marker: str) -> str | None:
-    """The first of ``prefixes`` under which ``keys`` hold a Qwen-style decoder: its ``marker`` (a
-    layer-0 key that tells the model apart) and its ``embed_tokens.weight``; None when none does.
-    One rule for the Qwen text encoders (Qwen3 here, Qwen2.5-VL in nodes.checkpoint.qwen_image_load)."""
-    keys = set(keys)
-    for prefix in prefixes:
-        if prefix + marker in keys and prefix + "embed_tokens.weight" in keys:
-            return prefix
-    return None
 
 
 def _prefix(keys: Any) -> str | None:
@@ -54,24 +44,15 @@ def is_qwen3(keys: Any) -> bool:
 
 
 def qwen3_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
-    """A transformers ``Qwen3Config`` from the shapes of bare (prefix-free) Qwen3Model keys."""
+    """A transformers ``Qwen3Config`` from the shapes of bare (prefix-free) Qwen3Model keys (the sizes:
+    nodes.checkpoint.qwen_decoder.decoder_sizes); the rest is every Qwen3 release's."""
     from transformers import Qwen3Config
 
-    try:
-        vocab, hidden = shapes["embed_tokens.weight"]
-        head_dim = shapes[MARKER][0]
-        q_rows = shapes["layers.0.self_attn.q_proj.weight"][0]
-        kv_rows = shapes["layers.0.self_attn.k_proj.weight"][0]
-        intermediate = shapes["layers.0.mlp.gate_proj.weight"][0]
-    except KeyError as exc:
-        raise CheckpointError(f"{what}: not a Qwen3 text encoder ({exc} is missing)") from None
-    layers = len({k.split(".")[1] for k in shapes if k.startswith("layers.")})
-    return Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=q_rows // head_dim, num_key_value_heads=kv_rows // head_dim, head_dim=head_dim,
-        hidden_act="silu", rms_norm_eps=RMS_EPS, max_position_embeddings=MAX_POSITIONS,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-        attention_bias="layers.0.self_attn.q_proj.bias" in shapes, tie_word_embeddings=False, use_cache=False)
+    sizes = decoder_sizes(shapes, what, "Qwen3 text encoder")
+    return Qwen3Config(**sizes.fields(), hidden_act="silu", rms_norm_eps=RMS_EPS,
+                       max_position_embeddings=MAX_POSITIONS,
+                       rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                       tie_word_embeddings=False, use_cache=False)
 
 
 def build_qwen3(state: Mapping[str, Any], what: str, dtype: Any, config: Any = None) -> Any:
@@ -89,7 +70,7 @@ def build_qwen3(state: Mapping[str, Any], what: str, dtype: Any, config: Any = N
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen3 text encoder ({_what_instead(state.keys())}); "
                               "expected model.embed_tokens.weight and model.layers.N.self_attn.q_norm.weight")
-    sub = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix) and not k.startswith("lm_head.")}
+    sub = language_state(state, prefix)
     kept, scales = scaled_fp8.take(sub, what)  # Qwen3's keys need no conversion: scales keep their names
     if config is None:
         config = qwen3_config(shapes_of(kept), what)
@@ -101,7 +82,7 @@ def _what_instead(keys: Any) -> str:
     """What a file that is not a Qwen3 holds, in the user's terms."""
     keys = list(keys)
     if any(k.endswith("layers.0.self_attn.q_proj.weight") for k in keys):
-        if any(k.startswith(("visual.", "model.visual.")) for k in keys):
+        if any(k.startswith(VISION_PREFIXES) for k in keys):
             return "it holds a Qwen2.5-VL, Qwen-Image's encoder"
         return "it holds a Qwen2 / Llama-style decoder without Qwen3's q_norm"
     if any("SelfAttention.q.weight" in k for k in keys):

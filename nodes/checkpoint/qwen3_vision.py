@@ -3,10 +3,11 @@
 ComfyUI's files hold it under ``visual.`` beside the language model under ``model.``; transformers 5
 saves it under ``model.visual.``. Its names are transformers' ``Qwen3VLVisionModel``'s (patch embedding,
 learned position table, blocks, the merger and the DeepStack mergers ``deepstack_merger_list.N``), so
-Kiln builds that class as the ``visual`` of a ``Qwen3VLModel`` (:func:`build_vl_model`) with a config
-read from the shapes. What the shapes cannot say is the release's: 16 heads, the GELU-tanh MLP, and
-which vision layers feed the DeepStack mergers (Qwen3-VL-4B: 5, 11, 17 of 24; 8B and 32B: 8, 16, 24
-of 27; ComfyUI's table). A tower of another depth (tests) gets its mergers spread evenly.
+Kiln builds that class as the ``visual`` of a ``Qwen3VLModel`` with a config read from the shapes, when
+a job first hands the encoder a picture (:func:`with_tower_on_demand`). What the shapes cannot say is
+the release's: 16 heads, the GELU-tanh MLP, and which vision layers feed the DeepStack mergers
+(Qwen3-VL-4B: 5, 11, 17 of 24; 8B and 32B: 8, 16, 24 of 27; ComfyUI's table). A tower of another
+depth (tests) gets its mergers spread evenly.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError
-from nodes.checkpoint.qwen_vision import MARKER, vision_state  # noqa: F401 (same prefixes as Qwen2.5-VL's tower)
+from nodes.checkpoint.qwen_vision import MARKER, TOWER, vision_state, vision_view  # noqa: F401 (Qwen2.5-VL's prefixes)
 
 #: The released towers' head count; towers narrower than WIDE (tests) get two heads.
 HEADS, WIDE = 16, 512
@@ -57,18 +58,35 @@ def vision_config(shapes: Mapping[str, tuple], what: str) -> dict[str, Any]:
             "deepstack_visual_indexes": deepstack_layers(depth, count(r"deepstack_merger_list\.(\d+)\."))}
 
 
-def build_vl_model(text: Mapping[str, Any], visual: Mapping[str, Any], text_config: Any, what: str, dtype: Any,
-                   label: str) -> Any:
-    """transformers' ``Qwen3VLModel`` from the bare language-model tensors ``text`` (``layers.0...``),
-    the bare tower tensors ``visual`` and the language model's ``text_config``; fp8_scaled / int8
-    layers get their scales (nodes.checkpoint.scaled_fp8). ``label`` names it in errors."""
+def with_tower_on_demand(text_model: Any, visual: Mapping[str, Any], what: str, dtype: Any, label: str) -> Any:
+    """transformers' ``Qwen3VLModel`` around the built language model ``text_model`` (a Qwen3VLTextModel),
+    its tower left unbuilt: the config is read from the tower's shapes now (an incomplete tower is a
+    CheckpointError at load, as before), the weights when a job first hands the encoder a picture
+    (nodes.runtime.deferred; :func:`build_tower` from ``visual``, the file's bare tower tensors, which a
+    lazily read file's view keeps unread until then). ``label`` names the tower in errors."""
     from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    from nodes.checkpoint.load import _empty
+    from nodes.checkpoint.tensors import shapes_of
+    from nodes.runtime import deferred
+
+    vision = vision_config(shapes_of(visual), what)
+    config = Qwen3VLConfig(text_config=text_model.config.to_dict(), vision_config=vision)
+    model = _empty(Qwen3VLModel, config)  # every weight on "meta": the text model replaces its own
+    model.language_model = text_model
+    tower_config = model.config.vision_config
+    deferred.defer(model, TOWER, lambda: build_tower(visual, tower_config, what, dtype, label))
+    return model.eval()
+
+
+def build_tower(visual: Mapping[str, Any], config: Any, what: str, dtype: Any, label: str) -> Any:
+    """transformers' ``Qwen3VLVisionModel`` (``config``: a Qwen3VLVisionConfig) holding the bare tower tensors
+    ``visual``; fp8_scaled / int8 layers get their scales (nodes.checkpoint.scaled_fp8)."""
+    from transformers import Qwen3VLVisionModel
 
     from nodes.checkpoint import scaled_fp8
     from nodes.checkpoint.load import _empty
 
-    sub = {"language_model." + k: v for k, v in text.items()} | {"visual." + k: v for k, v in visual.items()}
-    sub, scales = scaled_fp8.take(sub, what)
-    vision = vision_config({k[7:]: tuple(v.shape) for k, v in sub.items() if k.startswith("visual.")}, what)
-    model = _empty(Qwen3VLModel, Qwen3VLConfig(text_config=text_config.to_dict(), vision_config=vision))
-    return scaled_fp8.fill_as_stored(model, sub, scales, dtype, what, f"{label} ({what})")
+    sub, scales = scaled_fp8.take(visual, what)
+    tower = _empty(Qwen3VLVisionModel, config)
+    return scaled_fp8.fill_as_stored(tower, sub, scales, dtype, what, f"{label} ({what})")

@@ -91,29 +91,25 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
 
 def text_prefix(keys: Any) -> str | None:
     """The language model's key prefix in a Qwen2.5-VL file, or None when it is not one."""
-    from nodes.checkpoint.qwen3_text import decoder_prefix
+    from nodes.checkpoint.qwen_decoder import decoder_prefix
 
     return decoder_prefix(keys, TEXT_PREFIXES, TEXT_MARKER)
 
 
-def text_config(shapes: Mapping[str, tuple], prefix: str) -> Any:
-    """Qwen2_5_VLTextConfig from the shapes. The files do not state the head width: every released
-    Qwen2.5-VL (3B, 7B, 32B, 72B) uses 128, taken whenever the widths allow it; narrower models
-    (the tests' tiny ones) are read as four query heads."""
-    import re
-
+def text_config(shapes: Mapping[str, tuple], what: str) -> Any:
+    """Qwen2_5_VLTextConfig from the shapes of bare language-model keys (the sizes:
+    nodes.checkpoint.qwen_decoder.decoder_sizes). The files do not state the head width: every released
+    Qwen2.5-VL (3B, 7B, 32B, 72B) uses 128, taken whenever the widths allow it; narrower models (the
+    tests' tiny ones) are read as four query heads."""
     from transformers import Qwen2_5_VLTextConfig
 
-    vocab, hidden = shapes[prefix + "embed_tokens.weight"]
-    layers = len({int(m.group(1)) for k in shapes for m in [re.match(re.escape(prefix) + r"layers\.(\d+)\.", k)] if m})
-    kv = shapes[prefix + "layers.0.self_attn.k_proj.weight"][0]
-    head = 128 if hidden % 128 == 0 and kv % 128 == 0 else hidden // 4
+    from nodes.checkpoint.qwen_decoder import decoder_sizes
+
+    sizes = decoder_sizes(shapes, what, "Qwen2.5-VL language model", q_norm=False)
+    head = 128 if sizes.hidden % 128 == 0 and sizes.kv_rows % 128 == 0 else sizes.hidden // 4
     sections = [s * head // 128 for s in MROPE_128]
     sections[0] += head // 2 - sum(sections)
-    return Qwen2_5_VLTextConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                intermediate_size=shapes[prefix + "layers.0.mlp.gate_proj.weight"][0],
-                                num_attention_heads=hidden // head, num_key_value_heads=kv // head,
-                                rms_norm_eps=1e-6, max_position_embeddings=128000,
+    return Qwen2_5_VLTextConfig(**sizes.fields(head), rms_norm_eps=1e-6, max_position_embeddings=128000,
                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                                  "mrope_section": sections})
 
@@ -126,15 +122,16 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
     from nodes.checkpoint import qwen_vision, scaled_fp8
     from nodes.checkpoint.load import _empty
+    from nodes.checkpoint.qwen_decoder import language_state
+    from nodes.checkpoint.tensors import shapes_of
 
     prefix = text_prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen2.5-VL language model (no {TEXT_MARKER} with embed_tokens); "
                               "CLIPLoader type qwen_image needs qwen_2.5_vl_7b*.safetensors")
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith(
-        ("visual.", "lm_head."))}
+    sub = language_state(state, prefix)
     visual = qwen_vision.vision_state(state)
-    text = text_config({k: tuple(v.shape) for k, v in sub.items()}, "")
+    text = text_config(shapes_of(sub), what)
     if visual:
         sub = {"language_model." + k: v for k, v in sub.items()} | {"visual." + k: v for k, v in visual.items()}
     sub, scales = scaled_fp8.take(sub, what)
@@ -178,12 +175,15 @@ def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any
     Qwen-Image's, Krea 2's and Qwen-Image 2.1's folders share in kind."""
     from nodes.checkpoint import qwen_image_vae
     from nodes.checkpoint.load import open_state
+    from nodes.checkpoint.tensors import ShardedState
 
     vae_files = sorted((path / "vae").glob("*.safetensors"))
     te_files = sorted((path / "text_encoder").glob("*.safetensors"))
     if not vae_files or not te_files:
         raise OSError("vae/ or text_encoder/ holds no .safetensors")
     vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
-    te_state = {k: v for f in te_files for k, v in plain(open_state(f)).items()}
+    # the text encoder's files stay a lazily read view: each tensor is read as the build asks for it, and
+    # a part left for later (Krea 2's vision tower: nodes.checkpoint.qwen3_vision) holds no memory until then
+    te_state = ShardedState({k: state for state in map(open_state, te_files) for k in state})
     return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
             "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}

@@ -15,17 +15,27 @@ from typing import Any
 from nodes.checkpoint.load import CheckpointError
 
 PREFIXES = ("visual.", "model.visual.")
+#: The tower's submodule in transformers' Qwen-VL models (Qwen2_5_VLModel, Qwen3VLModel).
+TOWER = "visual"
 MARKER = "patch_embed.proj.weight"
 #: The released tower's head width (1280 wide, 16 heads); narrower towers (tests) get two heads.
 HEAD = 80
 
 
-def vision_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The tower's tensors without their prefix; empty when the file has no tower."""
+def vision_view(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The tower's tensors without their prefix, nothing read yet (a lazily read file's view: each tensor
+    is read when the tower is built from it); empty when the file has no tower."""
+    from nodes.checkpoint.tensors import renamed_view
+
     for prefix in PREFIXES:
         if prefix + MARKER in state:
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            return renamed_view(state, {k[len(prefix):]: k for k in state if k.startswith(prefix)})
     return {}
+
+
+def vision_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The tower's tensors without their prefix, read; empty when the file has no tower."""
+    return dict(vision_view(state))
 
 
 def vision_config(shapes: Mapping[str, tuple], what: str) -> dict[str, Any]:

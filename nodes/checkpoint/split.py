@@ -237,7 +237,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             continue
         if spec.kind == "qwen3-vl":
             from nodes.checkpoint.krea2_load import build_text_model as build_qwen3_vl
-            if getattr(family, "text_vision", False):  # a family that reads pictures: the vision tower too
+            if getattr(family, "text_vision", False):  # a family that reads pictures: the tower too, on demand
                 from nodes.checkpoint.krea2_load import build_encoder as build_qwen3_vl
 
             with reading(Path(file.name)):

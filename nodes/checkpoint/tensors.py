@@ -103,6 +103,18 @@ class ShardedState(Mapping):
         views = {id(p): p.with_dtype(dtype) for p in self._parts.values()}
         return ShardedState({k: views[id(p)] for k, p in self._parts.items()})
 
+    def renamed(self, renames: dict[str, str]) -> "ShardedState":
+        """A view whose key ``new`` reads this view's key ``renames[new]`` (nothing is read)."""
+        groups: dict[int, tuple[LazyState, dict[str, str]]] = {}
+        for new, old in renames.items():
+            part = self._parts[old]
+            groups.setdefault(id(part), (part, {}))[1][new] = old
+        out = {}
+        for part, names in groups.values():
+            view = part.renamed(names)
+            out.update(dict.fromkeys(names, view))
+        return ShardedState(out)
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         per_file = {id(p): p.shapes() for p in self._parts.values()}
         return {k: per_file[id(p)][k] for k, p in self._parts.items()}
@@ -122,6 +134,14 @@ class ShardedState(Mapping):
 
     def __len__(self) -> int:
         return len(self._parts)
+
+
+def renamed_view(state: Mapping, renames: dict[str, str]) -> Mapping:
+    """``state`` under new names (``renames``: new -> old) with nothing read: a LazyState's or ShardedState's
+    view (each tensor read when asked for), a plain dict of the same tensors."""
+    if isinstance(state, (LazyState, ShardedState)):
+        return state.renamed(renames)
+    return {new: state[old] for new, old in renames.items()}
 
 
 def shapes_of(state: Mapping) -> dict[str, tuple[int, ...]]:

@@ -103,8 +103,9 @@ class Krea2(FlowFamily):
     network_class = Krea2Network
     dit_block_lists = {"single": "transformer_blocks"}
     repeats_text = False  # a repeated prompt changes the image's attention over text
-    #: Its Qwen3-VL is built with the vision tower (nodes.checkpoint.split): the Qwen-Image Edit nodes and
-    #: TextGenerate hand it pictures (nodes.families.qwen3_vl). Families without it get the text model alone.
+    #: Its Qwen3-VL is built with the vision tower (nodes.checkpoint.split; the tower's weights on the first
+    #: picture read): the Qwen-Image Edit nodes and TextGenerate hand it pictures (nodes.families.qwen3_vl).
+    #: Families without it get the text model alone.
     text_vision = True
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type krea2 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
@@ -163,20 +164,22 @@ def encode_pictures(clip: Any, prompt: str, pictures: list, plus: bool) -> list:
     tok = clip.tokenizers["tokenizer"]
     if not pictures:
         return conditioning(clip, lambda qwen: {"input_ids": tok([text], return_tensors="pt").input_ids})
-    return conditioning(clip, lambda qwen: qwen3_vl.prompt_inputs(qwen, tok, text, pictures))
+    return conditioning(clip, lambda qwen: qwen3_vl.prompt_inputs(qwen, tok, text, pictures),
+                        parts=(qwen3_vl.TOWER,))
 
 
-def conditioning(clip: Any, inputs: Callable[[Any], dict[str, Any]], report: Any = None) -> list:
+def conditioning(clip: Any, inputs: Callable[[Any], dict[str, Any]], report: Any = None,
+                 parts: tuple[str, ...] = ()) -> list:
     """Krea 2's CONDITIONING from the encoder's inputs (``inputs(encoder) -> kwargs``): ``input_ids`` [1, n]
     alone (the language model runs as the text-only path always ran it), or with pictures'
     ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids`` (nodes.families.qwen3_vl.prompt_inputs:
-    the whole Qwen3-VL runs, tower included).
+    the whole Qwen3-VL runs, tower included: ``parts`` names it, so the first such use loads it).
     The tapped layers are ``hidden_states`` as transformers records them (each layer's output, before the
     DeepStack features are added at the picture tokens; ComfyUI taps after adding them, which differs at
     taps up to the number of DeepStack mergers: tap 2 of Qwen3-VL 4B)."""
     import torch
 
-    with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
+    with torch.inference_mode(), clip.encoder("text_encoder", parts) as qwen:
         text_model = getattr(qwen, "language_model", qwen)
         layers = int(text_model.config.num_hidden_layers)
         if layers < max(TEXT_LAYERS):

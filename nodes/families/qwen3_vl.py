@@ -3,10 +3,10 @@ and FIBO 2's Qwen3-VL): what every family that hands the encoder pictures shares
 
 A picture goes into the prompt as ``<|vision_start|><|image_pad|><|vision_end|>`` (ComfyUI's block), the
 one ``<|image_pad|>`` repeated once per merged 2x2 patch; transformers' ``Qwen3VLModel`` (built from the
-file with its tower: nodes.checkpoint.qwen3_vision) puts the tower's features in their place, adds the
-DeepStack features to the first text layers' states there and gives the prompt Qwen3-VL's 3-axis rope
-positions (``get_rope_index``, from which tokens are pictures). The pixels are transformers' Qwen2-VL
-image processor's at Qwen3-VL's settings: 16-pixel patches, 2 frames, 2x2 merge, mean and std 0.5
+file, its tower on the first picture read: nodes.checkpoint.qwen3_vision) puts the tower's features in
+their place, adds the DeepStack features to the first text layers' states there and gives the prompt
+Qwen3-VL's 3-axis rope positions (``get_rope_index``, from which tokens are pictures). The pixels are
+transformers' Qwen2-VL image processor's at Qwen3-VL's settings: 16-pixel patches, 2 frames, 2x2 merge, mean and std 0.5
 (ComfyUI's normalisation for Qwen3-VL), each side a multiple of 32 within ComfyUI's pixel bounds
 (:data:`MIN_PIXELS`.. :data:`MAX_PIXELS`, the bounds its Qwen3-VL reads pictures with; the release's
 processor config sets 65536.. instead, which changes only pictures under 256x256). The processor
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodes.checkpoint import qwen_vision
 from nodes.families.base import ConditioningError
 
 BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -25,9 +26,21 @@ MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
+#: The tower's submodule: loaded on the first picture read (nodes.runtime.deferred), so a use that hands
+#: the encoder pictures names it (``clip.encoder("text_encoder", parts=(TOWER,))``).
+TOWER = qwen_vision.TOWER
+
+
 def tower(model: Any) -> Any:
-    """The vision tower of a loaded Qwen3-VL encoder, or None (a text-only file)."""
-    return getattr(model, "visual", None)
+    """The vision tower of a loaded Qwen3-VL encoder (built: the use named :data:`TOWER`), or None."""
+    return getattr(model, TOWER, None)
+
+
+def has_tower(model: Any) -> bool:
+    """Whether a loaded Qwen3-VL encoder reads pictures: its tower built or waiting to be (not a text-only file)."""
+    from nodes.runtime.deferred import has_part
+
+    return has_part(model, TOWER)
 
 
 def vision_inputs(model: Any, pictures: list, bounds: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS)) -> dict[str, Any]:
@@ -55,9 +68,11 @@ def prompt_inputs(model: Any, tokenizer: Any, text: str, pictures: list, what: s
 
     from nodes.families.qwen_image_edit import expand_pads
 
-    if tower(model) is None:
+    if not has_tower(model):
         raise ConditioningError("this Qwen3-VL text encoder has no vision tower (its file holds no visual.* "
                                 "weights): load the full Qwen3-VL file to read pictures", "clip")
+    if tower(model) is None:
+        raise RuntimeError(f"the vision tower is not loaded: use the encoder with parts=({TOWER!r},)")
     device = model.get_input_embeddings().weight.device
     vision = vision_inputs(model, pictures, bounds)
     grid = vision["image_grid_thw"]

@@ -120,7 +120,7 @@ class ModelManager:
         self._entries: dict[tuple, _Entry] = {}
         self._lock = threading.RLock()
         self.counters = {"loads": 0, "hits": 0, "unloads": 0, "offloads": 0, "onloads": 0, "block_offloads": 0,
-                         "made_whole": 0, "narrowed": 0}
+                         "made_whole": 0, "narrowed": 0, "parts": 0}
 
     @classmethod
     def for_settings(cls, device: str | None = None, settings: Any = None) -> "ModelManager":
@@ -201,10 +201,13 @@ class ModelManager:
             return key in self._entries
 
     @contextlib.contextmanager
-    def use(self, key: tuple, name: str, loader: Callable[["ModelManager"], Any]) -> Iterator[Any]:
+    def use(self, key: tuple, name: str, loader: Callable[["ModelManager"], Any],
+            parts: tuple[str, ...] = ()) -> Iterator[Any]:
         """Yield module ``name`` of the entry on the compute device (loading the entry if needed).
 
-        While the block runs the module is pinned: no other load offloads it.
+        While the block runs the module is pinned: no other load offloads it. ``parts``: submodules the
+        loader left to build on first use (nodes.runtime.deferred: Krea 2's vision tower), built now
+        where they still wait (:meth:`_grow`); a use that does not name them never builds them.
         """
         with self._lock:
             self.acquire(key, loader)
@@ -212,6 +215,8 @@ class ModelManager:
             module = entry.modules[name]
             entry.in_use[name] = entry.in_use.get(name, 0) + 1
             try:
+                for part in parts:
+                    self._grow(entry, module, part)
                 self._place(entry, name, module)
             except BaseException:
                 self._release(entry, name)
@@ -222,6 +227,27 @@ class ModelManager:
             with self._lock:
                 self._release(entry, name)
                 self._leave_if_short(entry, name, module)
+
+    def _grow(self, entry: _Entry, module: Any, part: str) -> None:
+        """Build ``module``'s deferred ``part`` if it still waits: its bytes join the entry's (the CPU budget
+        is checked again), and where the module already sits on the compute device the part is moved
+        there too, after room is made for it (the module itself is pinned by the use asking)."""
+        from nodes.runtime import deferred
+
+        if part not in deferred.pending(module):
+            return
+        where = module_device(module)  # before the build: the part may come first among its parameters
+        with _LOAD_LOCK:  # a build makes its modules empty first, as a load does (see _LOAD_LOCK)
+            built = deferred.build(module, part)
+        if built is None:
+            return
+        entry.nbytes += held_bytes(built)
+        self.counters["parts"] += 1
+        if self.is_gpu and where != "cpu" and module_device(built) != where:
+            self._make_room(module_bytes(built))
+            built.to(where)
+            self.counters["onloads"] += 1
+        self._fit_cpu_budget(keep=entry.key)
 
     def _release(self, entry: _Entry, name: str) -> None:
         entry.in_use[name] -= 1
