@@ -153,8 +153,7 @@ def _to_file(conditioning: Any) -> tuple[dict, dict]:
     category="model/conditioning",
     output_node=True,
     inputs=[Input("conditioning", T.CONDITIONING),
-            Input("filename_prefix", T.STRING, default="conditioning/Kiln", comfy_default="conditioning/ComfyUI",
-                  tooltip="File name start; may include a subfolder, always inside the output folder")],
+            _image_nodes.prefix_input("conditioning/Kiln", "conditioning/ComfyUI")],
     outputs=[Output("CONDITIONING", T.CONDITIONING)],
     validate=_image_nodes.save_validate,
 )
