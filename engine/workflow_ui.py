@@ -395,14 +395,21 @@ def _promoted_value(instance: Mapping[str, Any], inst_input: Mapping[str, Any]) 
 
 def _definition_value(instance: Mapping[str, Any], def_inputs: list[dict[str, Any]], slot: int) -> Any:
     """The instance's stored value for the definition's input ``slot`` where the instance stores one
-    value per definition input, all of widget types, in the definition's order (ComfyUI's Qwen-Image 2.1
-    templates: 18 values for 18 inputs, fewer of them listed on the instance), else _MISSING."""
+    value per definition input of a widget type, in the definition's order, else _MISSING: either
+    every input is of a widget type (ComfyUI's Qwen-Image 2.1 templates: 18 values for 18 inputs,
+    fewer of them listed on the instance), or the instance lists only the sockets of the others and
+    no widget at all (its Marigold v2 ones: 8 values for the 8 inputs after the picture's socket,
+    where the inner post-process widgets all say "depth" and the instances "albedo" and "normals")."""
     values = instance.get("widgets_values")
-    if not isinstance(values, list) or len(values) != len(def_inputs) or not 0 <= slot < len(values):
+    widgets = [k for k, d in enumerate(def_inputs) if isinstance(d, dict) and d.get("type") in T.WIDGET_TYPES]
+    if not isinstance(values, list) or len(values) != len(widgets) or slot not in widgets:
         return _MISSING
-    if not all(isinstance(d, dict) and d.get("type") in T.WIDGET_TYPES for d in def_inputs):
-        return _MISSING
-    return values[slot]
+    if len(widgets) < len(def_inputs):
+        listed = [s for s in instance.get("inputs") or [] if isinstance(s, dict)]
+        sockets = {str(d.get("name")) for k, d in enumerate(def_inputs) if k not in widgets and isinstance(d, dict)}
+        if any("widget" in s for s in listed) or {str(s.get("name")) for s in listed} != sockets:
+            return _MISSING
+    return values[widgets.index(slot)]
 
 
 def _bypass_input(node: Mapping[str, Any], slot: int, wanted: str) -> int:

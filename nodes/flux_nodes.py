@@ -111,7 +111,10 @@ def model_sampling_flux(ctx, model, max_shift: float = 1.15, base_shift: float =
         name = getattr(getattr(model, "family", None), "name", type(model).__name__)
         raise NodeError(f"model is {name}, not a flow-matching model (FLUX): ModelSamplingFlux does not apply",
                         "model")
-    config = dict(model.scheduler_config, use_dynamic_shifting=True, base_shift=float(base_shift),
+    from nodes.samplers.velocity_rule import FLOW, with_rule
+
+    # a new sampling object in ComfyUI: the flow rule, whatever ModelSamplingAuraFlow set before
+    config = dict(with_rule(model.scheduler_config, FLOW), use_dynamic_shifting=True, base_shift=float(base_shift),
                   max_shift=float(max_shift), base_image_seq_len=256, max_image_seq_len=4096)
     config[flow.SHIFT_SEQ_LEN] = int(width) * int(height) / (8 * 8 * 2 * 2)
     return (dataclasses.replace(model, scheduler_config=config),)

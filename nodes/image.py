@@ -267,6 +267,13 @@ def _prefix_problem(env: Environment, prefix: Any) -> str | None:
     return None
 
 
+def prefix_input(default: str, comfy: str) -> Input:
+    """The ``filename_prefix`` input of a node saving files other than images (Kiln's default, and
+    ComfyUI's for workflows in its format); :func:`save_validate` and :func:`save_folder` judge it."""
+    return Input("filename_prefix", T.STRING, default=default, comfy_default=comfy,
+                 tooltip="File name start; may include a subfolder, always inside the output folder")
+
+
 def save_validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
     problem = _prefix_problem(env, inputs.get("filename_prefix"))
     return [("filename_prefix", problem)] if problem else []

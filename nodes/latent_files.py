@@ -34,9 +34,7 @@ LEGACY_SCALE = 0.18215
     "SaveLatent",
     category="_for_testing",
     output_node=True,
-    inputs=[Input("samples", T.LATENT),
-            Input("filename_prefix", T.STRING, default="latents/Kiln", comfy_default="latents/ComfyUI",
-                  tooltip="File name start; may include a subfolder, always inside the output folder")],
+    inputs=[Input("samples", T.LATENT), _image_nodes.prefix_input("latents/Kiln", "latents/ComfyUI")],
     validate=_image_nodes.save_validate,
 )
 def save_latent(ctx, samples, filename_prefix: str = "latents/Kiln"):

@@ -76,18 +76,13 @@ def save_tensors(ctx, state: dict[str, Any], prefix: str) -> dict[str, str]:
     return {"filename": name, "subfolder": subfolder, "type": "output"}
 
 
-def _prefix_input(default: str, comfy: str) -> Input:
-    return Input("filename_prefix", T.STRING, default=default, comfy_default=comfy,
-                 tooltip="File name start; may include a subfolder, always inside the output folder")
-
-
 def _saver(node_type: str, display_name: str, inputs: list[Input]):
     return define_node(node_type, category=CATEGORY, display_name=display_name, output_node=True,
                        inputs=inputs, validate=image_nodes.save_validate)
 
 
 @_saver("CheckpointSave", "Save Checkpoint", [Input("model", T.MODEL), Input("clip", T.CLIP), Input("vae", T.VAE),
-                                              _prefix_input("checkpoints/Kiln", "checkpoints/ComfyUI")])
+                                              image_nodes.prefix_input("checkpoints/Kiln", "checkpoints/ComfyUI")])
 def checkpoint_save(ctx, model, clip, vae, filename_prefix: str = "checkpoints/Kiln"):
     """Save the model, its text encoder(s) and VAE, LoRAs and merges baked in, as one original-layout
     checkpoint (SD 1.x, SD 2.x, SDXL, the refiner). SD 2's unused last OpenCLIP block, which Kiln
@@ -109,8 +104,8 @@ def checkpoint_save(ctx, model, clip, vae, filename_prefix: str = "checkpoints/K
     return Result(ui={"checkpoints": [save_tensors(ctx, state, filename_prefix)]})
 
 
-@_saver("ModelSave", "Save Model", [Input("model", T.MODEL), _prefix_input("diffusion_models/Kiln",
-                                                                            "diffusion_models/ComfyUI")])
+@_saver("ModelSave", "Save Model", [Input("model", T.MODEL),
+                                    image_nodes.prefix_input("diffusion_models/Kiln", "diffusion_models/ComfyUI")])
 def model_save(ctx, model, filename_prefix: str = "diffusion_models/Kiln"):
     """Save the diffusion model alone (a UNet in the original layout, a FLUX transformer in BFL's),
     under ``model.diffusion_model.``, LoRAs and merges baked in; UNETLoader loads it."""
@@ -141,7 +136,7 @@ def clip_file_name(family: Any, spec: Any) -> str:
     return "t5xxl"
 
 
-@_saver("CLIPSave", "Save CLIP", [Input("clip", T.CLIP), _prefix_input("clip/Kiln", "clip/ComfyUI")])
+@_saver("CLIPSave", "Save CLIP", [Input("clip", T.CLIP), image_nodes.prefix_input("clip/Kiln", "clip/ComfyUI")])
 def clip_save(ctx, clip, filename_prefix: str = "clip/Kiln"):
     """Save each text encoder as its own file, ``prefix_clip_l``, ``prefix_t5xxl``, ... in
     transformers' layout (what CLIPLoader and DualCLIPLoader read), LoRAs and merges baked in."""
@@ -153,7 +148,7 @@ def clip_save(ctx, clip, filename_prefix: str = "clip/Kiln"):
     return Result(ui={"clip": saved})
 
 
-@_saver("VAESave", "Save VAE", [Input("vae", T.VAE), _prefix_input("vae/Kiln_vae", "vae/ComfyUI_vae")])
+@_saver("VAESave", "Save VAE", [Input("vae", T.VAE), image_nodes.prefix_input("vae/Kiln_vae", "vae/ComfyUI_vae")])
 def vae_save(ctx, vae, filename_prefix: str = "vae/Kiln_vae"):
     """Save the VAE in the original layout without a prefix, as standalone VAE files come; VAELoader
     loads it."""

@@ -18,6 +18,7 @@ from nodes.families.sd3 import SD3
 from nodes.handles import ClipHandle, ModelHandle
 from nodes.split_loaders import TEXT_FOLDERS, _clip, _texts
 from nodes.loaders import fingerprinter, validator
+from nodes.samplers.velocity_rule import CHOICES, FLOW, with_rule
 
 CLIP_INPUTS = ("clip_name1", "clip_name2", "clip_name3")
 #: The family TripleCLIPLoader loads (ComfyUI's recipe: clip-l, clip-g, t5).
@@ -102,18 +103,24 @@ def model_sampling_sd3(ctx, model, shift: float = 3.0):
     inputs=[
         Input("model", T.MODEL),
         Input("shift", T.FLOAT, default=1.73, min=0.0, max=100.0, step=0.01),
+        Input("sampling", T.COMBO, choices=list(CHOICES), default=FLOW, optional=True,
+              tooltip="flow: the flow-matching rule. img_to_img_velocity: the output is the whole way to the "
+                      "clean latent (denoised = x - v) and no noise is mixed in (Marigold v2's fine-tunes)."),
     ],
     outputs=[Output("MODEL", T.MODEL)],
 )
-def model_sampling_aura_flow(ctx, model, shift: float = 1.73):
+def model_sampling_aura_flow(ctx, model, shift: float = 1.73, sampling: str = FLOW):
     """ModelSamplingSD3 with AuraFlow's default shift, which ComfyUI's templates use on flow models
     (Chroma's among them). ComfyUI's only other difference, the timestep scale its networks take
-    (0..1 rather than 0..1000), is each Kiln family's own business, so the schedule is the same."""
-    return (with_fixed_shift("ModelSamplingAuraFlow", model, shift),)
+    (0..1 rather than 0..1000), is each Kiln family's own business, so the schedule is the same.
+    ``sampling`` (ComfyUI's later, optional input; older files carry the shift alone and get "flow")
+    picks how the output and the start are read: nodes.samplers.velocity_rule."""
+    return (with_fixed_shift("ModelSamplingAuraFlow", model, shift, sampling),)
 
 
-def with_fixed_shift(node_type: str, model: Any, shift: Any) -> Any:
-    """``model`` sampled with a fixed shift; refused on a model that is not flow-matching."""
+def with_fixed_shift(node_type: str, model: Any, shift: Any, sampling: Any = FLOW) -> Any:
+    """``model`` sampled with a fixed shift and the ``sampling`` rule (nodes.samplers.velocity_rule);
+    refused on a model that is not flow-matching."""
     from nodes.samplers import flow
 
     if not isinstance(model, ModelHandle) or not flow.is_flow(model.scheduler_config):
@@ -126,7 +133,9 @@ def with_fixed_shift(node_type: str, model: Any, shift: Any) -> Any:
         raise NodeError(f"shift must be a number, got {shift!r}", "shift") from None
     if not 0.0 < value <= 100.0:
         raise NodeError(f"shift must be within (0, 100], got {value}", "shift")
-    config = {k: v for k, v in model.scheduler_config.items() if k != flow.SHIFT_SEQ_LEN}
+    if sampling not in CHOICES:
+        raise NodeError(f"sampling must be one of {', '.join(CHOICES)}, got {sampling!r}", "sampling")
+    config = {k: v for k, v in with_rule(model.scheduler_config, sampling).items() if k != flow.SHIFT_SEQ_LEN}
     config.update(shift=value, use_dynamic_shifting=False, shift_terminal=None)  # ComfyUI's fixed shift has no stretch
     return dataclasses.replace(model, scheduler_config=config)
 

@@ -110,8 +110,9 @@ def test_every_template_converts_and_every_literal_lands_where_it_belongs(regist
                 if e.type in LITERAL_ERRORS and not _is_missing_file(registry, e) and not _known(wf, e):
                     problems.append(f"{version}/{name}: {e}")
     assert problems == []
-    # The SD1.5 default template and the SDXL one are made of nodes Kiln has.
+    # The SD1.5 default template and the SDXL one are made of nodes Kiln has, as are Marigold v2's.
     assert {"default.json", "image_sdxl_simple.json"} <= set(implemented)
+    assert {f"image_marigold_v2_{p}_estimation.json" for p in ("depth", "albedo", "surface_normal")} <= set(implemented)
 
 
 def test_templates_of_implemented_nodes_fail_only_for_missing_files(registry, corpus, empty_env):

@@ -92,6 +92,8 @@ class Denoiser:
         share_with_uncond(self.positive, self.negative)
         with_model_control(self.positive + self.negative, control)
         self.schedule = schedule
+        #: The network output -> velocity conversion of the model's sampling rule (flow models), or None.
+        self._from_network = getattr(schedule, "from_network", None)
         # a flow model's scheduler config names no prediction type; its schedule says it predicts velocity
         self.prediction_type = getattr(schedule, "prediction_type", None) or prediction_type
         #: The data spread of the network's preconditioning (a continuous-EDM model's; 1 otherwise).
@@ -153,8 +155,13 @@ class Denoiser:
             return out.to(torch.float32)
 
         if self.network_cache is not None:  # EasyCache may answer from its cache (nodes.families.step_cache)
-            return self.network_cache.network_call(x, self.batch // self.jobs, compute)
-        return compute()
+            out = self.network_cache.network_call(x, self.batch // self.jobs, compute)
+        else:
+            out = compute()
+        if self._from_network is None:
+            return out
+        # the model's sampling rule reads the output otherwise (nodes.samplers.velocity_rule)
+        return self._from_network(out, float(self.schedule.sigma(t).reshape(-1)[0]))
 
     def _plain_call(self, x: "torch.Tensor", t: Any) -> "torch.Tensor":
         """The plain case's network output: one call, or one per token count (token_groups)."""

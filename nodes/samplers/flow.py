@@ -166,6 +166,11 @@ class FlowSchedule:
             self._mu, self._shift = calculate_mu(config, int(seq_len)), None
         else:
             self._mu, self._shift = None, float(config.get("shift", 1.0))
+        from nodes.samplers import velocity_rule
+
+        #: The network output -> flow velocity conversion of the model's sampling rule
+        #: (nodes.samplers.velocity_rule), which the denoiser applies to every network call; None: none.
+        self.from_network = velocity_rule.from_network(config)
 
     def percent_to_sigma(self, percent: float) -> float:
         """ComfyUI's fraction of sampling -> noise level for flow models (timestep ranges,
@@ -383,6 +388,7 @@ def plan(spec: "SamplerSpec", schedule: str, config: Mapping[str, Any], steps: i
     """The flow counterpart of :func:`nodes.samplers.plan.plan` (same three modes)."""
     import torch
 
+    from nodes.samplers import velocity_rule
     from nodes.samplers.plan import MODE_COMFY, MODE_IMG2IMG, MODE_TXT2IMG, Plan
 
     check(spec, schedule)
@@ -403,7 +409,8 @@ def plan(spec: "SamplerSpec", schedule: str, config: Mapping[str, Any], steps: i
     stepper = FlowStepper(sched, begin) if spec.name == "euler" else on_grid(spec, config, sched.sigmas[begin:])
     t = float(stepper.sigmas[0])
     sched.set_begin_index(begin)  # the euler grid's scheduler also makes the start (its scale_noise)
-    start = sched.scale_noise(x0, sched.timesteps[begin:begin + 1].repeat(x0.shape[0]), noise)
+    start = velocity_rule.noise_scaling(
+        config, x0, lambda: sched.scale_noise(x0, sched.timesteps[begin:begin + 1].repeat(x0.shape[0]), noise))
     if not math.isfinite(t):  # pragma: no cover - a broken config
         raise ConditioningError("the flow schedule has no finite start", "model")
     return Plan(mode, stepper, stepper.timesteps, start, stepper.sigmas)

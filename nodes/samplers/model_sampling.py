@@ -148,8 +148,11 @@ class FlowSampling(_Sampling):
         return sched.sigmas[total - steps:].to(torch.float32).clone()
 
     def start(self, sigma0: float, noise: "torch.Tensor", x0: "torch.Tensor") -> "torch.Tensor":
-        """The state at flow time ``sigma0``: the blend diffusers' ``scale_noise`` makes."""
-        return sigma0 * noise + (1.0 - sigma0) * x0
+        """The state at flow time ``sigma0``: the blend diffusers' ``scale_noise`` makes (the latent
+        itself under ModelSamplingAuraFlow's img_to_img_velocity, nodes.samplers.velocity_rule)."""
+        from nodes.samplers import velocity_rule
+
+        return velocity_rule.noise_scaling(self.config, x0, lambda: sigma0 * noise + (1.0 - sigma0) * x0)
 
     def noised(self, x0: "torch.Tensor", noise: "torch.Tensor", sigma: float) -> "torch.Tensor":
         return self.start(sigma, noise, x0)
