@@ -167,21 +167,29 @@ class QwenImage21(FlowFamily):
 
 
 def last_layer_unnormed(qwen: Any, ids: "Any") -> "Any":
-    """The last decoder layer's output for ``ids`` without the model's final RMSNorm: the norm's forward
-    hands its input through for this call (a hook, so compiled modules run eagerly meanwhile)."""
+    """The last decoder layer's output for ``ids`` without the model's final RMSNorm (:func:`states_unnormed`)."""
+    return states_unnormed(qwen, ids, LABEL, "qwen3vl_8b*.safetensors with CLIPLoader type qwen_image")[-1]
+
+
+def states_unnormed(qwen: Any, ids: "Any", label: str = LABEL,
+                    load: str = "qwen3vl_8b*.safetensors with CLIPLoader type ideogram4") -> tuple:
+    """Qwen3-VL's ``hidden_states`` for ``ids`` (the embedding, then each decoder layer's output), the last
+    one without the model's final RMSNorm: the norm's forward hands its input through for this call (a
+    hook, so compiled modules run eagerly meanwhile). ``label`` and ``load`` word the error for a text
+    encoder that is no Qwen3-VL language model."""
     from nodes.runtime.compiled import eager_while_hooked
 
     norm = getattr(qwen, "norm", None)
     if norm is None:
-        raise ConditioningError(f"{LABEL} reads Qwen3-VL's language model, which this text encoder is not "
-                                "(load qwen3vl_8b*.safetensors with CLIPLoader type qwen_image)", "clip")
+        raise ConditioningError(f"{label} reads Qwen3-VL's language model, which this text encoder is not "
+                                f"(load {load})", "clip")
     handle = norm.register_forward_hook(lambda module, args, output: args[0])
     try:
         with eager_while_hooked():
             out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False)
     finally:
         handle.remove()
-    return out.hidden_states[-1]
+    return out.hidden_states
 
 
 def prompt_start(ids: list[int]) -> int:
