@@ -72,6 +72,8 @@ class SamplingPatches:
     #: FluxKVCache: FLUX.2 reference images' keys and values computed once per run
     #: (nodes.families.reference_kv); False: every call runs them.
     reference_kv: bool = False
+    #: CFGOverride's windows (nodes.families.dual_model.CFGWindow), in the order they were applied.
+    cfg_overrides: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,25 @@ def regex_replace(ctx, string: str, regex_pattern: str, replace: str, case_insen
     except (re.error, IndexError) as exc:
         raise NodeError(f"replace is not a valid replacement (a group the pattern lacks, or a bad escape): {exc}",
                         "replace") from exc
+
+
+@define_node("JsonExtractString", category=CATEGORY, display_name="Extract Text from JSON",
+             inputs=[_text("json_string"), Input("key", T.STRING, default="")],
+             outputs=[Output("STRING", T.STRING)])
+def json_extract_string(ctx, json_string: str, key: str):
+    """The value under ``key`` in the first valid JSON object in the text (one inside a Markdown code
+    block or after other words too), as text: "" when there is no object or no such key (ComfyUI's rule,
+    which templates rely on for a missing preset entry); a non-string value as Python writes it."""
+    import json
+
+    decoder = json.JSONDecoder()
+    start = json_string.find("{")
+    while start != -1:
+        try:
+            data, _ = decoder.raw_decode(json_string, start)
+        except json.JSONDecodeError:
+            start = json_string.find("{", start + 1)
+            continue
+        value = data.get(key) if isinstance(data, dict) else None
+        return ("" if value is None else str(value),)
+    return ("",)

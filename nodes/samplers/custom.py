@@ -129,6 +129,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     ``output`` is the state at the last sigma (with leftover noise when that is not 0);
     ``denoised_output`` the model's clean-latent prediction at the last step.
     """
+    import contextlib
     import dataclasses
 
     import torch
@@ -199,7 +200,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     image_size = (samples.shape[2] * 8, samples.shape[3] * 8)
     denoised: list = []
     try:
-        with model.unet() as unet:
+        opened = getattr(dual, "opened", None)  # a guider with a second model (DualModelGuider) holds it too
+        with model.unet() as unet, (contextlib.nullcontext(dual) if opened is None else opened()) as dual:
             say_if_offloaded(unet, ctx.message)
             result = loop.run(unet, plan, positive=prep.positive, negative=prep.negative, cfg=guider.cfg,
                               generators=generators, family=model.family, latent=model.latent,

@@ -53,7 +53,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
     from nodes.families.freeu import applied as freeu_applied
-    from nodes.families import hypertile, reference_kv, tome
+    from nodes.families import dual_model, hypertile, reference_kv, tome
     from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
@@ -72,6 +72,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
         raise ConditioningError("SelfAttentionGuidance and skip-layer guidance guide KSampler's and CFGGuider's "
                                 "classifier-free guidance, not DualCFGGuider's or PerpNegGuider's", "model")
     schedule = training_schedule(training_config)
+    overrides = dual_model.windows(patches.cfg_overrides, schedule)
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
@@ -97,10 +98,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             if hold is not None:
                 x = hold.before(sched, x, t)
             model_in = sched.scale_model_input(x, t)
-            if cache is None:
-                out = denoiser.model_output(model_in, t)
-            else:
-                out = cache.evaluate(denoiser, model_in, t, float(schedule.sigma(float(t))))
+            with dual_model.applied(denoiser, overrides, float(schedule.sigma(float(t)))):
+                if cache is None:
+                    out = denoiser.model_output(model_in, t)
+                else:
+                    out = cache.evaluate(denoiser, model_in, t, float(schedule.sigma(float(t))))
             if wants_uncond:
                 step_kwargs["uncond"] = denoiser.last_uncond
             result = sched.step(out, t, x, return_dict=True, **step_kwargs)
