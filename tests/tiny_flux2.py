@@ -101,11 +101,12 @@ def original_transformer() -> dict:
     return diffusers_to_original(components()["transformer"].state_dict())
 
 
-def vae_state() -> dict:
-    """The VAE in the original layout (flux2-vae.safetensors: LDM names plus ``bn.*``)."""
+def vae_state(vae: Any = None) -> dict:
+    """The VAE (``vae``, else the tiny FLUX.2's) in the original layout (flux2-vae.safetensors: LDM names
+    plus ``bn.*``)."""
     from nodes.checkpoint.to_original import vae_to_original
 
-    vae = components()["vae"]
+    vae = components()["vae"] if vae is None else vae
     state = {k: v for k, v in vae.state_dict().items() if not k.startswith("bn.")}
     config = dict(vae.config, use_quant_conv=True, use_post_quant_conv=True)
     out = {k[len("first_stage_model."):]: v for k, v in vae_to_original(state, config).items()}

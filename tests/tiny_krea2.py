@@ -91,10 +91,11 @@ def original_state() -> dict:
     return {k: v.contiguous() for k, v in diffusers_to_original(components()["transformer"].state_dict()).items()}
 
 
-def comfy_text_state() -> dict:
-    """ComfyUI's qwen3vl_4b layout: the language model under ``model.``, the vision tower under ``visual.``."""
+def comfy_text_state(encoder: Any = None) -> dict:
+    """ComfyUI's qwen3vl_4b layout (of ``encoder``, a Qwen3VLModel, else the tiny Krea 2's): the language
+    model under ``model.``, the vision tower under ``visual.``."""
     out = {}
-    for k, v in components()["text_encoder"].state_dict().items():
+    for k, v in (components()["text_encoder"] if encoder is None else encoder).state_dict().items():
         if k.startswith("language_model."):
             k = "model." + k[len("language_model."):]
         out[k] = v.contiguous()
