@@ -33,7 +33,7 @@ from typing import Any
 
 from nodes.families import flux2, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
-from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.input_checks import check_text_width
 
 LABEL = "Ideogram 4"
 #: Decoder layers whose outputs Ideogram4Pipeline reads (its QWEN3_VL_ACTIVATION_LAYERS).
@@ -81,8 +81,7 @@ class Ideogram4Network(WrappedTransformer):
                  **kwargs: Any) -> tuple:
         import torch
 
-        b, _, h, w = x.shape
-        check_even_latent(LABEL, h, w)
+        b, _, h, w = x.shape  # each latent cell is one token (the 128 channels already are 2x2 patches)
         text = encoder_hidden_states
         check_text_width(LABEL, text.shape[-1], self.text_width,
                          "encode the prompt with Qwen3-VL 8B: CLIPLoader type ideogram4")
