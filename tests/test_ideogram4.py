@@ -16,7 +16,7 @@ import torch
 
 import tiny_ideogram4
 from engine.workflow import parse
-from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
+from flow_family_files import env, models_root, registry, run, save_state  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import dual_model_nodes, split_loaders, string_nodes
 from nodes.checkpoint import ideogram4_keys
@@ -28,6 +28,8 @@ SIZE, STEPS, SEED = 64, 4, 7
 SCHEDULE_SIZE = 256
 UNET, UNCOND = "tiny-ideogram4.safetensors", "tiny-ideogram4_unconditional.safetensors"
 CLIP, VAE = "tiny-qwen3vl_8b.safetensors", "tiny-flux2-vae.safetensors"
+#: Linear layers in the tiny transformer's blocks (q, k, v, out, w1, w2, w3, adaln per block).
+LAYER_LINEARS = 8 * tiny_ideogram4.LAYERS
 
 root = models_root(tiny_ideogram4.make_models_folder, "ideogram4-models")
 
@@ -105,6 +107,22 @@ def test_unet_loader_detects_ideogram4_and_loads_the_weights_bit_for_bit(env, na
     with model._use_unet() as net:
         got = net.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_fp8_scaled_file_equals_its_dequantised_twin_with_scales_split_with_qkv(env, root):
+    """Comfy's fp8_scaled layout: each linear's row scales follow the fused qkv's split into to_q/k/v."""
+    from test_scaled_fp8 import _compare, quantise
+
+    scaled, plain = quantise(tiny_ideogram4.original_state(), "model.diffusion_model.")
+    save_state(root / "diffusion_models" / "ideogram4-fp8_scaled.safetensors", scaled)
+    save_state(root / "diffusion_models" / "ideogram4-fp8-dequant.safetensors", plain)
+    (a,) = call(split_loaders.unet_loader, env, unet_name="ideogram4-fp8_scaled.safetensors")
+    (b,) = call(split_loaders.unet_loader, env, unet_name="ideogram4-fp8-dequant.safetensors")
+    assert a.family is ideogram4.FAMILY
+    with a.unet() as x, b.unet() as y:
+        layers, _ = _compare(x, y)
+        assert "qkv" not in str(x.layers[0].attention)
+    assert layers >= LAYER_LINEARS  # every block linear, q/k/v each with its share of the scale
 
 
 def test_conditioning_equals_the_pipelines_text_features(env):
