@@ -68,7 +68,7 @@ def _run(registry, env, graph: dict) -> np.ndarray:
 
 
 def _reference(cfg: float = 7.0, override: float = 3.0, start: float = 0.7, mu: float = 0.0,
-               std: float = 1.75) -> np.ndarray:
+               std: float = 1.75, one_model: bool = False) -> np.ndarray:
     """Ideogram4Pipeline on the same weights: Kiln's starting noise in token order, and the guidance
     schedule CFGOverride's window gives (ComfyUI's rule on plain flow sigmas: 0 < sigma <= 1 - start); its mu
     moved so that its size rule at SIZE gives the scheduler's mean at SCHEDULE_SIZE."""
@@ -78,8 +78,11 @@ def _reference(cfg: float = 7.0, override: float = 3.0, start: float = 0.7, mu: 
     schedule = [override if 0.0 < float(s) <= 1.0 - start else cfg for s in sigmas[:-1]]
     cells = SIZE // 16
     noise = torch.randn((1, 128, cells, cells), generator=torch.Generator("cpu").manual_seed(SEED))
+    pipe = tiny_ideogram4.pipeline()
+    if one_model:
+        pipe.unconditional_transformer = pipe.transformer
     with torch.no_grad():
-        return tiny_ideogram4.pipeline()(
+        return pipe(
             prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_schedule=schedule,
             mu=mu + math.log(SCHEDULE_SIZE / SIZE), std=std, latents=ideogram4.to_tokens(noise), max_sequence_length=64, output_type="np").images
 
@@ -202,3 +205,57 @@ def test_bad_inputs_name_node_inputs(env):
     with pytest.raises(NodeError) as err:
         call(dual_model_nodes.ideogram4_scheduler, env, steps=4, width=64, height=64, mu=0.0, std=0.0)
     assert err.value.input_name == "std"
+
+
+def test_conditioning_of_another_width_names_the_positive_input():
+    from nodes.families.base import ConditioningError
+
+    net = ideogram4.FAMILY.wrap_network(tiny_ideogram4.components()["transformer"])
+    x = torch.randn(1, 128, 2, 2)
+    with pytest.raises(ConditioningError) as err:
+        net(x, torch.tensor(500.0), torch.randn(1, 3, 100))
+    assert err.value.input_name == "positive" and "ideogram4" in str(err.value)
+    (zero,) = net(x, torch.tensor(500.0), torch.zeros(1, 3, 13 * 32))  # all zeros: the image-only pass
+    (text,) = net(x, torch.tensor(500.0), torch.randn(1, 3, 13 * 32))
+    assert zero.shape == x.shape and (zero - text).abs().max() > 1e-3
+
+
+def test_a_batch_mixing_zero_and_real_conditioning_runs_each_as_its_own_pass():
+    net = ideogram4.FAMILY.wrap_network(tiny_ideogram4.components()["transformer"])
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 128, 2, 3, generator=g), torch.randn(1, 3, 13 * 32, generator=g)
+    (both,) = net(x, torch.tensor(300.0), torch.cat([text, torch.zeros_like(text)]))
+    (first,) = net(x[:1], torch.tensor(300.0), text)
+    (second,) = net(x[1:], torch.tensor(300.0), torch.zeros_like(text))
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
+
+
+def test_cfg_override_windows_follow_comfyuis_sigma_rule_and_the_last_applied_wins():
+    from nodes.families.base import ConditioningError
+    from nodes.families.dual_model import CFGWindow, applied, windows
+    from nodes.samplers.schedules import training_schedule
+
+    schedule = training_schedule(ideogram4.SCHEDULER)
+    found = windows((CFGWindow(3.0, 0.7, 1.0), CFGWindow(5.0, 0.8, 1.0)), schedule)
+    denoiser = type("D", (), {"cfg": 7.0, "guided": True})()
+    seen = {}
+    for sigma in (0.9, 0.3, 0.25, 0.1, 0.0):
+        with applied(denoiser, found, sigma):
+            seen[sigma] = denoiser.cfg
+    assert abs(found[1][2] - 0.3) < 1e-3 and abs(found[0][2] - 0.2) < 1e-3  # percent p -> sigma 1 - p
+    assert seen == {0.9: 7.0, 0.3: 3.0, 0.25: 3.0, 0.1: 5.0, 0.0: 7.0} and denoiser.cfg == 7.0
+    denoiser.guided = False  # a run at cfg 1 never evaluates its negative
+    with pytest.raises(ConditioningError) as err:
+        with applied(denoiser, found, 0.1):
+            pass
+    assert err.value.input_name == "model"
+
+
+def test_without_model_negative_and_negative_the_guider_runs_the_text_free_pass_on_model(registry, env, reference):
+    """DualModelGuider with neither optional input: ComfyUI's CFGGuider on ``model`` with a text-free
+    negative, i.e. the pipeline with its conditional transformer on the unconditional side too."""
+    graph = _graph()
+    del graph["155"]["inputs"]["model_negative"], graph["155"]["inputs"]["negative"]
+    ours = _run(registry, env, graph)
+    assert np.abs(ours - _reference(one_model=True)).max() <= 1 / 255
+    assert np.abs(ours - reference).max() > 0.02
