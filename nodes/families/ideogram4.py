@@ -12,16 +12,16 @@ What it shares and what differs, and where it lives:
   tokens alone (no text, zero text features). ComfyUI's templates hand it a ConditioningZeroOut of the
   prompt; Kiln reads an all-zero conditioning as that image-only pass (:class:`Ideogram4Network`), so
   the template's graph and the pipeline compute the same thing. Either transformer file may run either
-  side; DualModelGuider (nodes.guiders_dual_model) puts the second one on the negative.
+  side; DualModelGuider (nodes.families.dual_model) puts the second one on the negative.
 * **Text.** As Ideogram4Pipeline encodes: the prompt in Qwen3-VL's chat template (a user turn and the
   assistant's opening, no system turn), the outputs of decoder layers 0, 3, ..., 33, 35
   (:data:`TEXT_LAYERS`; the last before the final norm) interleaved per token, width-major (the
   pipeline's stack/permute: feature ``w * 13 + k`` is layer k's channel w). Kiln tokenizes without
   the pipeline's left padding, which gives the same states for every real token.
 * **Guidance.** ``cond_scale * cond + (1 - cond_scale) * uncond``, plain CFG, the pipeline's per-step
-  ``guidance_schedule`` being CFGOverride's cfg over a sigma window (nodes.guiders_dual_model).
+  ``guidance_schedule`` being CFGOverride's cfg over a sigma window (nodes.families.dual_model).
 * **Model sampling.** Plain flow matching (shift 1): the schedule is Ideogram4Scheduler's logit-normal
-  sigmas (nodes.guiders_dual_model.ideogram4_sigmas).
+  sigmas (nodes.dual_model_nodes.ideogram4_sigmas).
 * **Latents.** FLUX.2's (:data:`nodes.families.flux2.FLUX2_LATENT`, its VAE flux2-vae). The pipeline
   denormalises its packed tokens with the VAE's batch-norm statistics indexed in token order; Kiln's
   (and ComfyUI's) FLUX.2 VAE reads them in the latent's channel order, so the same picture comes from a
