@@ -66,8 +66,9 @@ def kiln(env, loaded, pixels: np.ndarray, *, layers: int = LAYERS, sampled: list
     return images
 
 
-def diffusers(pixels: np.ndarray, monkeypatch) -> np.ndarray:
-    """The pipeline on the same picture (RGBA, opaque) at SIZE, with Kiln's starting noise."""
+def diffusers(pixels: np.ndarray, monkeypatch, *, prompt: str = PROMPT, negative: str = NEGATIVE,
+              cfg: float = CFG, seed: int = SEED) -> np.ndarray:
+    """The pipeline on the same picture (RGBA, opaque) at SIZE, with Kiln's starting noise for ``seed``."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
     from PIL import Image
 
@@ -75,12 +76,12 @@ def diffusers(pixels: np.ndarray, monkeypatch) -> np.ndarray:
     pipe = tiny.pipeline()
     rgba = np.concatenate([pixels[0], np.ones_like(pixels[0][..., :1])], -1)
     image = Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA")
-    noise = torch.randn((1, 16, LAYERS + 1, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(SEED))
+    noise = torch.randn((1, 16, LAYERS + 1, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(seed))
     packed = pipe._pack_latents(noise.permute(0, 2, 1, 3, 4), 1, 16, SIZE // 8, SIZE // 8, LAYERS + 1)
     with torch.no_grad():
-        out = pipe(image=image, prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=CFG, layers=LAYERS,
+        out = pipe(image=image, prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg, layers=LAYERS,
                    num_inference_steps=STEPS, cfg_normalize=False, latents=packed, output_type="np",
-                   generator=torch.Generator().manual_seed(SEED))
+                   generator=torch.Generator().manual_seed(seed))
     return np.asarray(out.images[0])
 
 
