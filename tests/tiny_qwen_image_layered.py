@@ -52,18 +52,5 @@ def pipeline() -> Any:
 
 
 def save_files(root: Path) -> Path:
-    """ComfyUI's files: the transformer (diffusers' names, as ComfyUI's), Qwen2.5-VL, the VAE in the
-    Wan layout."""
-    from safetensors.torch import save_file
-
-    from nodes.checkpoint.qwen_image_vae import to_original
-
-    parts = components()
-    for sub in ("diffusion_models", "text_encoders", "vae"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in parts["transformer"].state_dict().items()},
-              str(root / "diffusion_models" / FILES["unet"]))
-    save_file(tiny_qwen_image.comfy_text_state(), str(root / "text_encoders" / FILES["clip"]))
-    save_file({k: v.contiguous() for k, v in to_original(parts["vae"].state_dict()).items()},
-              str(root / "vae" / FILES["vae"]))
-    return root
+    """ComfyUI's files (:data:`FILES`): the transformer, Qwen2.5-VL, the VAE in the Wan layout."""
+    return tiny_qwen_image.save_split(root, FILES, components())
