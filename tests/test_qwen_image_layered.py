@@ -99,13 +99,27 @@ def test_layers_equal_qwen_image_layered_pipeline(env, loaded, monkeypatch):
     assert float((sampled[1] - sampled[0]).abs().max()) > 0.02
 
 
-def test_loader_detects_the_layered_transformer_and_rgba_vae(loaded):
+def test_loader_detects_the_layered_transformer_and_rgba_vae(env, loaded, root):
+    """ComfyUI's file (bare and ``model.diffusion_model.``-prefixed keys) and the pipeline's diffusers
+    folder load as Qwen-Image-Layered with the layered switches, bit for bit; the VAE codes RGBA."""
+    from safetensors.torch import save_file
+
     model, _, vae = loaded
-    assert model.family.name == "qwen_image_layered"
-    with model.unet() as unet:
-        config = unet.config
-    assert config.use_additional_t_cond and config.use_layer3d_rope
-    assert vae.decode(torch.zeros(1, 16, 2, 2)).shape[-1] == 4  # layers decode as RGBA
+    want = tiny.components()["transformer"].state_dict()
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in want.items()},
+              str(root / "diffusion_models" / "prefixed.safetensors"))
+    (prefixed,) = call(split_loaders.unet_loader, env, unet_name="prefixed.safetensors", weight_dtype="default")
+    (root / "checkpoints").mkdir(exist_ok=True)
+    tiny.pipeline().save_pretrained(str(root / "checkpoints" / "layered-diffusers"), safe_serialization=True)
+    (folder, _, folder_vae) = call(loaders.checkpoint_loader, env, ckpt_name="layered-diffusers")
+    for m in (model, prefixed, folder):
+        assert m.family.name == "qwen_image_layered"
+        with m.unet() as unet:
+            assert unet.config.use_additional_t_cond and unet.config.use_layer3d_rope
+            got = unet.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    for v in (vae, folder_vae):
+        assert v.decode(torch.zeros(1, 16, 2, 2)).shape[-1] == 4  # layers decode as RGBA
 
 
 def test_layer_nodes_follow_comfyui(env):
