@@ -170,3 +170,21 @@ def test_mismatched_inputs_name_node_and_input(env, loaded, root):
         call(latent_layers.latent_cut_to_batch, env, samples={"samples": torch.zeros(1, 16, 4, 4)}, dim="t",
              slice_size=1)
     assert err.value.input_name == "dim"
+
+
+def test_a_batch_samples_each_image_as_alone(env, loaded):
+    """batch_size 2: image 0 equals the one-image run with the same seed (the folded noise is drawn per
+    image at the layered shape)."""
+    model, clip, vae = loaded
+    (ref,) = call(vae_nodes.vae_encode, env, pixels=torch.from_numpy(picture(1)), vae=vae)
+    (cond,) = call(text.clip_text_encode, env, text=PROMPT, clip=clip)
+    (cond,) = call(kontext.reference_latent, env, conditioning=cond, latent=ref)
+    run = dict(seed=5, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", positive=cond, negative=cond)
+    outs = []
+    for batch in (2, 1):
+        (empty,) = call(latent_layers.empty_qwen_image_layered_latent, env, width=SIZE, height=SIZE, layers=LAYERS,
+                        batch_size=batch)
+        outs.append(call(ksampler, env, model=model, latent_image=empty, **run)[0]["samples"])
+    assert outs[0].shape == (2, 16, LAYERS + 1, SIZE // 8, SIZE // 8)
+    assert float((outs[0][:1] - outs[1]).abs().max()) < 1e-4
+    assert float((outs[0][1] - outs[0][0]).abs().max()) > 0.01  # the second image has its own noise
