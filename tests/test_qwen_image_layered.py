@@ -141,7 +141,8 @@ def test_layer_nodes_follow_comfyui(env):
 
 def test_mismatched_inputs_name_node_and_input(env, loaded, root):
     """A layered latent on plain Qwen-Image, an image latent on the layered model, no picture, a
-    many-frame latent at VAEDecode, t on an image latent: each refused naming its input."""
+    many-frame latent at VAEDecode, a layered latent at the custom samplers, t on an image latent: each
+    refused naming its input."""
     import tiny_qwen_image
 
     from engine.context import NodeError
@@ -166,6 +167,11 @@ def test_mismatched_inputs_name_node_and_input(env, loaded, root):
     with pytest.raises(NodeError, match="LatentCutToBatch") as err:
         call(vae_nodes.vae_decode, env, samples=layered, vae=vae)
     assert err.value.input_name == "samples"
+    from nodes.samplers.custom import check_latent  # SamplerCustom(Advanced), KSamplerAdvanced: not folded
+
+    with pytest.raises(NodeError, match="samples with KSampler") as err:
+        check_latent(layered)
+    assert err.value.input_name == "latent_image"
     with pytest.raises(NodeError, match="no time/layer axis") as err:
         call(latent_layers.latent_cut_to_batch, env, samples={"samples": torch.zeros(1, 16, 4, 4)}, dim="t",
              slice_size=1)
