@@ -249,7 +249,17 @@ def cut_span(size: int, index: int, amount: int) -> tuple[int, int]:
              outputs=[Output("LATENT", T.LATENT)])
 def latent_cut(ctx, samples, dim: str, index: int, amount: int):
     """``amount`` latent cells along x (columns) or y (rows) from ``index`` (negative counts from
-    the end); clipped to the latent, never empty. A noise mask is cut with it."""
+    the end); clipped to the latent, never empty. A noise mask is cut with it. On a layered latent
+    [B, C, frames, h, w] (Qwen-Image-Layered's) t cuts frames (nodes.latent_layers)."""
+    from nodes import latent_layers
+
+    raw = samples.get("samples") if isinstance(samples, dict) else None
+    if getattr(raw, "ndim", 0) == 5:
+        axis = latent_layers.axis_of(raw, dim, "LatentCut")
+        start, length = cut_span(int(raw.shape[axis]), int(index), max(int(amount), 1))
+        out = {k: v for k, v in samples.items() if k != "noise_mask"}
+        out["samples"] = raw.narrow(axis, start, length).clone()
+        return (out,)
     axis = _axis(dim)
     latent = plain_latent(samples, "samples", "LatentCut")
     start, length = cut_span(int(latent.shape[axis]), int(index), max(int(amount), 1))

@@ -12,6 +12,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Batch, Input, Output, define_node
 from nodes.latent import MAX_SEED, image_seeds, widen_empty
+from nodes.latent_layers import fold, tag_frames, unfold
 from nodes.runtime.offload import say_if_offloaded
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
@@ -182,9 +183,9 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
         raise NodeError("expected a LATENT (a dict with 'samples')", "latent_image")
     if int(steps) < 1:
         raise NodeError(f"steps must be at least 1, got {steps}", "steps")
-    samples = latent_image["samples"].to(torch.float32)
-    if samples.ndim != 4:
-        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", "latent_image")
+    samples, frames = _folded(model, latent_image["samples"].to(torch.float32))
+    if frames:  # the network unfolds the layers (nodes.latent_layers)
+        positive, negative = tag_frames(positive, frames), tag_frames(negative, frames)
     batch = samples.shape[0] // len(job_seeds)  # images per job
     channels = getattr(model, "latent_channels", samples.shape[1])
     if latent_image.get("strength") is None:  # ComfyUI's rule, as SamplerCustomAdvanced's
@@ -257,4 +258,19 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     final = model.latent.from_model(result).to("cpu", torch.float32)
     if hold is not None:
         final = hold.finish(samples, final)
-    return list(final.split(batch))
+    return list(unfold(final, frames).split(batch))
+
+
+def _folded(model, samples):
+    """(image latent, frames): a layered latent [B, C, frames, h, w] folded for a family that
+    denoises them (nodes.latent_layers), frames 0 for an image latent; a mismatch is refused."""
+    layered = getattr(model.family, "layered_latents", False)
+    if samples.ndim == 5 and not layered:
+        raise NodeError(f"the latent has a frame axis {tuple(samples.shape)} [B, C, frames, h, w] (a layered "
+                        f"latent, EmptyQwenImageLayeredLatentImage's) but this {model.family.name} model denoises "
+                        "images; load a Qwen-Image-Layered model or start from an image latent", "latent_image")
+    if samples.ndim not in (4, 5) or (layered and samples.ndim != 5):
+        want = "[B, C, frames, h, w] (EmptyQwenImageLayeredLatentImage)" if layered else "[B, C, h, w]"
+        raise NodeError(f"latent samples must be {want} for this {model.family.name} model, got shape "
+                        f"{tuple(samples.shape)}", "latent_image")
+    return fold(samples)

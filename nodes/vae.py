@@ -123,8 +123,12 @@ def vae_decode(ctx, samples, vae: VaeHandle):
     """Decode unscaled latents to an IMAGE (float32, 0..1, on the CPU)."""
     import torch
 
+    from nodes.latent_layers import single_frames
+
     vae = _check_vae(vae)
     latent = samples.get("samples") if isinstance(samples, dict) else None
+    if isinstance(latent, torch.Tensor):  # LatentCutToBatch's one-frame layers decode as images
+        latent = single_frames(latent, "VAEDecode")
     if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
         raise NodeError("samples must be a LATENT ({'samples': tensor [batch, channels, h, w]})",
                         input_name="samples")

@@ -33,19 +33,7 @@ FILES = dict(unet="tiny-qwen_image.safetensors", clip="tiny-qwen_2.5_vl.safetens
 
 def save_split_files(root):
     """ComfyUI's three files of the tiny model under ``root`` (models folders)."""
-    from safetensors.torch import save_file
-
-    from nodes.checkpoint.qwen_image_vae import to_original
-
-    parts = tiny_qwen_image.components()
-    for sub in ("diffusion_models", "text_encoders", "vae"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in parts["transformer"].state_dict().items()},
-              str(root / "diffusion_models" / FILES["unet"]))
-    save_file(tiny_qwen_image.comfy_text_state(), str(root / "text_encoders" / FILES["clip"]))
-    save_file({k: v.contiguous() for k, v in to_original(parts["vae"].state_dict()).items()},
-              str(root / "vae" / FILES["vae"]))
-    return root
+    return tiny_qwen_image.save_split(root, FILES, tiny_qwen_image.components())
 
 
 @pytest.fixture(scope="module")

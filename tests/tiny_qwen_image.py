@@ -117,3 +117,21 @@ def make_models_folder(root: Any) -> Any:
     save_file(vae, str(root / "vae" / "tiny-qwen_image_vae.safetensors"))
     pipeline().save_pretrained(str(root / "checkpoints" / "tiny-qwen-image-diffusers"), safe_serialization=True)
     return root
+
+
+def save_split(root: Any, files: dict[str, str], parts: dict[str, Any]) -> Any:
+    """ComfyUI's three files under ``root``'s model folders, named by ``files`` (unet, clip, vae): the
+    transformer of ``parts`` (diffusers' names, as ComfyUI's), this module's Qwen2.5-VL, the VAE of
+    ``parts`` in the Wan layout. Shared by the Qwen-Image family tests that load split files."""
+    from safetensors.torch import save_file
+
+    from nodes.checkpoint.qwen_image_vae import to_original
+
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in parts["transformer"].state_dict().items()},
+              str(root / "diffusion_models" / files["unet"]))
+    save_file(comfy_text_state(), str(root / "text_encoders" / files["clip"]))
+    save_file({k: v.contiguous() for k, v in to_original(parts["vae"].state_dict()).items()},
+              str(root / "vae" / files["vae"]))
+    return root

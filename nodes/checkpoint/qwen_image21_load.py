@@ -72,14 +72,6 @@ class RgbaFrameVAE(FrameVAE):
 
     kiln_downscale = DOWNSCALE
 
-    def encode(self, x: Any, return_dict: bool = True) -> Any:
-        import torch
-
-        missing = int(self.vae.config.in_channels) - x.shape[1]
-        if missing > 0:
-            x = torch.cat([x, torch.ones_like(x[:, :1]).expand(-1, missing, -1, -1)], dim=1)
-        return super().encode(x, return_dict)
-
 
 def is_vae(shapes: Any) -> bool:
     """The 2.1 VAE in either layout (``shapes``: key -> shape); Wan 2.2's VAE, the same layout with

@@ -31,6 +31,11 @@ TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_mod
 MROPE_128 = (16, 24, 24)
 
 
+#: Only Qwen-Image-Layered's transformer has the extra time embedding (is the picture RGB or RGBA); the
+#: release always pairs it with the layer rope (diffusers' use_layer3d_rope; ComfyUI detects the same key).
+LAYERED_MARKER = "time_text_embed.addition_t_embedding.weight"
+
+
 def has_transformer(keys: Any) -> bool:
     return fam.FAMILY.claims_unet({k: () for k in keys})
 
@@ -45,10 +50,13 @@ def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     layers = len({int(m.group(1)) for k in shapes for m in [re.match(r"transformer_blocks\.(\d+)\.", k)] if m})
     temporal = head // 8
     spatial = (head - temporal) // 2
-    return {"patch_size": 2, "in_channels": in_channels, "out_channels": shapes["proj_out.weight"][0] // 4,
-            "num_layers": layers, "attention_head_dim": head, "num_attention_heads": inner // head,
-            "joint_attention_dim": shapes["txt_in.weight"][1], "guidance_embeds": False,
-            "axes_dims_rope": (temporal, spatial, spatial)}
+    config = {"patch_size": 2, "in_channels": in_channels, "out_channels": shapes["proj_out.weight"][0] // 4,
+              "num_layers": layers, "attention_head_dim": head, "num_attention_heads": inner // head,
+              "joint_attention_dim": shapes["txt_in.weight"][1], "guidance_embeds": False,
+              "axes_dims_rope": (temporal, spatial, spatial)}
+    if LAYERED_MARKER in shapes:  # Qwen-Image-Layered: its RGB/RGBA time embedding and layer rope
+        config.update(use_additional_t_cond=True, use_layer3d_rope=True)
+    return config
 
 
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
@@ -71,9 +79,19 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
-    """UNETLoader's Qwen-Image path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Qwen-Image", offload,
-                            file_layout)
+    """UNETLoader's Qwen-Image path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's. A
+    Qwen-Image-Layered file (:data:`LAYERED_MARKER`) loads as that family."""
+    family = family_of(state.keys())
+    label = "Qwen-Image-Layered" if family is not fam.FAMILY else "Qwen-Image"
+    return transformer_file(state, name, dtype, fp8, build_transformer, family, label, offload, file_layout)
+
+
+def family_of(keys: Any) -> Any:
+    """Qwen-Image's family, or Qwen-Image-Layered's for a transformer with its extra time embedding
+    (with or without ComfyUI's ``model.diffusion_model.`` prefix)."""
+    from nodes.families import qwen_image_layered
+
+    return qwen_image_layered.FAMILY if qwen_image_layered.FAMILY.claims_unet(keys) else fam.FAMILY
 
 
 def file_layout(state: Mapping[str, Any], what: str) -> Any:
@@ -163,7 +181,11 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
 
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
-    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "Qwen-Image", QwenImageTransformer2DModel,
+    import json
+
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    family = family_of([LAYERED_MARKER] if config.get("use_additional_t_cond") else [])
+    return load_pipeline_folder(path, dtype, offload, family, "Qwen-Image", QwenImageTransformer2DModel,
                                 lambda: vae_and_text_encoder(path, dtype, build_text_model),
                                 lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
                                 latent_from_vae=False)

@@ -115,8 +115,11 @@ def config_from_shapes(shapes: Mapping[str, tuple]) -> dict[str, Any]:
             res_count += 1
     num_res = max(level_res + [res_count])
     dim_mult = [w // base for w in widths[::num_res]]
-    return {"base_dim": base, "z_dim": z_dim, "dim_mult": dim_mult, "num_res_blocks": num_res,
-            "temperal_downsample": temporal, "attn_scales": []}
+    config = {"base_dim": base, "z_dim": z_dim, "dim_mult": dim_mult, "num_res_blocks": num_res,
+              "temperal_downsample": temporal, "attn_scales": []}
+    if shapes["encoder.conv_in.weight"][1] != 3:  # Qwen-Image-Layered's RGBA VAE codes 4 channels
+        config["input_channels"] = shapes["encoder.conv_in.weight"][1]
+    return config
 
 
 class FrameVAE(torch.nn.Module):
@@ -138,6 +141,10 @@ class FrameVAE(torch.nn.Module):
         return next(self.vae.parameters()).dtype
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
+        config = self.vae.config
+        missing = int(getattr(config, "input_channels", getattr(config, "in_channels", 3))) - x.shape[1]
+        if missing > 0:  # an RGBA VAE given RGB: opaque (alpha 1 is +1 in the VAE's range; ComfyUI pads so)
+            x = torch.cat([x, torch.ones_like(x[:, :1]).expand(-1, missing, -1, -1)], dim=1)
         dist = self.vae.encode(x.unsqueeze(2)).latent_dist
         flat = types.SimpleNamespace(mean=dist.mean[:, :, 0], std=dist.std[:, :, 0],
                                      sample=lambda generator=None: dist.sample(generator)[:, :, 0],

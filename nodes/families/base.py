@@ -164,6 +164,9 @@ class Family:
     #: length (ComfyUI's rule, nodes.families.conditioning.match_tokens). Not where text tokens have
     #: positions (Qwen-Image's rotary text positions): their prompts of other lengths are evaluated apart.
     repeats_text: bool = True
+    #: Whether the network denoises latents with a frame axis [B, C, frames, h, w] (Qwen-Image-Layered's
+    #: layers, nodes.latent_layers), which it then requires; every other family takes image latents only.
+    layered_latents: bool = False
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 

@@ -117,7 +117,9 @@ def check_latent(latent: Any, input_name: str = "latent_image") -> "torch.Tensor
         raise NodeError("expected a LATENT (a dict with 'samples')", input_name)
     samples = latent["samples"]
     if samples.ndim != 4:
-        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}", input_name)
+        hint = ("; a layered latent [B, C, frames, h, w] (Qwen-Image-Layered's) samples with KSampler"
+                if samples.ndim == 5 else "")
+        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}{hint}", input_name)
     return samples.to(torch.float32)
 
 

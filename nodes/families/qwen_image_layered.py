@@ -1,0 +1,107 @@
+"""Qwen-Image-Layered: Qwen-Image's transformer taught to split a picture into RGBA layers.
+
+What differs from Qwen-Image (nodes.families.qwen_image), and where it lives:
+
+* **Network.** The same ``QwenImageTransformer2DModel`` with two switches diffusers names
+  ``use_additional_t_cond`` (an embedding added to the time embedding: 0 = the picture is RGB, what
+  QwenImageLayeredPipeline always passes) and ``use_layer3d_rope`` (the rotary frame index is the
+  layer: 0 the composite, 1..N the layers, -1 the picture being decomposed). The file is told apart by
+  ``time_text_embed.addition_t_embedding.weight`` (nodes.checkpoint.qwen_image_load.LAYERED_MARKER).
+* **Latents.** ComfyUI's ``EmptyQwenImageLayeredLatentImage`` makes [B, 16, layers + 1, h, w]; the
+  sampler sees it folded to an image latent (nodes.latent_layers) and the frame count reaches
+  :class:`QwenImageLayeredNetwork`, which packs each frame's 2x2 patches in frame order (diffusers'
+  ``_pack_latents``) and appends the picture's tokens last, as the pipeline does.
+* **The picture.** A ReferenceLatent on the conditioning (ComfyUI's templates: VAEEncode of the
+  picture, ReferenceLatent on both prompts). Exactly one is required: the layer rope gives the last
+  image entry frame -1, so without a picture a layer would be taken for it.
+* **VAE.** An RGBA Wan-2.1-style VAE (4 pixel channels; nodes.checkpoint.qwen_image_vae): layers
+  decode to RGBA images, an RGB picture is encoded opaque.
+* **Guidance.** Plain CFG (:meth:`QwenImageLayered.combine_guidance`).
+* **Sampling.** ComfyUI's templates fix the schedule with ModelSamplingAuraFlow (shift 1: linear
+  sigmas), which equals the pipeline run with a shift-1, unshifted scheduler. The pipeline's own
+  size shift (mu = sqrt(picture tokens / 256)) is not Kiln's default here: KSampler without
+  ModelSamplingAuraFlow uses Qwen-Image's released schedule.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nodes.checkpoint.qwen_image_load import LAYERED_MARKER
+from nodes.families import flux, qwen_image
+from nodes.families.base import ConditioningError
+from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.latent_layers import FRAMES
+
+NAME = "Qwen-Image-Layered"
+
+
+class QwenImageLayeredNetwork(qwen_image.QwenImageNetwork):
+    """The layered transformer behind the UNet calling convention: ``x`` is the folded latent
+    [B, C, frames * h, w], ``frames`` its frame count (see the module docstring)."""
+
+    def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
+                 text_mask: "Any" = None, reference_latents: Any = None, frames: int = 0,
+                 **kwargs: Any) -> tuple:
+        import torch
+
+        from nodes.families import qwen_image_edit
+
+        b, c, fh, w = x.shape
+        if not frames or fh % frames:
+            raise ConditioningError(f"{NAME} denoises a layered latent [B, 16, layers + 1, h, w]: start from "
+                                    "EmptyQwenImageLayeredLatentImage", "latent_image")
+        h = fh // frames
+        check_even_latent(NAME, h, w)
+        check_text_width(NAME, encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with Qwen2.5-VL: CLIPLoader type qwen_image")
+        if reference_latents is None or len(reference_latents.latents) != 1:
+            given = 0 if reference_latents is None else len(reference_latents.latents)
+            raise ConditioningError(f"{NAME} decomposes one picture: give each prompt exactly one ReferenceLatent "
+                                    f"(VAEEncode of the picture with the layered VAE); got {given}", "positive")
+        time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
+        mask = None if text_mask is None else text_mask.to(self.device)
+        layers = x.reshape(b, c, frames, h, w)
+        tokens = torch.cat([flux.pack(layers[:, :, f]) for f in range(frames)], dim=1)
+        ref_tokens, ref_shapes = qwen_image_edit.reference_tokens(reference_latents)
+        shapes = [(1, h // 2, w // 2)] * frames + ref_shapes
+        tokens = torch.cat([tokens, ref_tokens.to(tokens.dtype)], dim=1)
+        rgb = torch.zeros(b, dtype=torch.long, device=self.device)  # the pipeline's is_rgb: always 0
+        out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
+                               encoder_hidden_states=encoder_hidden_states, encoder_hidden_states_mask=mask,
+                               img_shapes=[shapes] * b, additional_t_cond=rgb, return_dict=False, **kwargs)[0]
+        n = (h // 2) * (w // 2)
+        per_frame = [flux.unpack(out[:, f * n:(f + 1) * n], h, w) for f in range(frames)]
+        return (torch.stack(per_frame, dim=2).reshape(b, -1, fh, w),)
+
+
+class QwenImageLayered(qwen_image.QwenImage):
+    name = "qwen_image_layered"
+    network_class = QwenImageLayeredNetwork
+    layered_latents = True
+    #: Its prompts are Qwen-Image's (CLIPLoader type qwen_image gives Qwen-Image's CLIP, which the Edit nodes
+    #: also take); the conditioning is the same.
+    clip_types = ()
+    controlnet_latent_hint = False
+    controlnet_borrows_layers = False
+    guidance_note = ("Qwen-Image-Layered has no distilled guidance (its guidance is real CFG: KSampler's cfg with a "
+                     "negative prompt)")
+
+    def claims_unet(self, shapes: Any) -> bool:
+        return LAYERED_MARKER in shapes or qwen_image.UNET_PREFIX + LAYERED_MARKER in shapes
+
+    def combine_guidance(self, guided: "Any", cond: "Any") -> "Any":
+        """Plain CFG: QwenImageLayeredPipeline's ``cfg_normalize`` is off by default (and ComfyUI never
+        renormalises), unlike Qwen-Image's pipeline."""
+        return guided
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        """Qwen-Image's (text mask, the picture as reference latent) and the latent's frame count."""
+        kwargs = super().network_kwargs(extras, batch, image_size, device, dtype)
+        return kwargs | {"frames": int(extras[0].get(FRAMES) or 0)}
+
+    def run_controlnet(self, *args: Any, **kwargs: Any) -> dict[str, list]:
+        raise ConditioningError(f"{NAME} has no ControlNets (Qwen-Image's do not know its layers)", "control_net")
+
+
+FAMILY = QwenImageLayered()
