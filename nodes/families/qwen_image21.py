@@ -166,19 +166,20 @@ class QwenImage21(FlowFamily):
         return [[states.to("cpu", torch.float32), {MASK: torch.ones(1, states.shape[1])}]]
 
 
-def last_layer_unnormed(qwen: Any, ids: "Any") -> "Any":
+def last_layer_unnormed(qwen: Any, ids: "Any", **inputs: Any) -> "Any":
     """The last decoder layer's output for ``ids`` without the model's final RMSNorm: the norm's forward
-    hands its input through for this call (a hook, so compiled modules run eagerly meanwhile)."""
+    hands its input through for this call (a hook, so compiled modules run eagerly meanwhile). ``qwen``:
+    the language model, or a Qwen3VLModel around it given pictures' ``inputs`` (JoyImage's edit prompts)."""
     from nodes.runtime.compiled import eager_while_hooked
 
-    norm = getattr(qwen, "norm", None)
+    norm = getattr(getattr(qwen, "language_model", qwen), "norm", None)
     if norm is None:
         raise ConditioningError(f"{LABEL} reads Qwen3-VL's language model, which this text encoder is not "
                                 "(load qwen3vl_8b*.safetensors with CLIPLoader type qwen_image)", "clip")
     handle = norm.register_forward_hook(lambda module, args, output: args[0])
     try:
         with eager_while_hooked():
-            out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False)
+            out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False, **inputs)
     finally:
         handle.remove()
     return out.hidden_states[-1]
