@@ -23,7 +23,9 @@ What it shares and what differs, and where it lives:
   its images equal the pipeline's. ComfyUI's template adds CFGNorm (an x0-space rule), which Kiln's
   node applies on top as ComfyUI does.
 * **Model sampling.** JD's own ComfyUI node builds FlowMatchEulerDiscreteScheduler with a fixed shift
-  of 1.5 (:data:`SCHEDULER`).
+  of 1.5 (:data:`SCHEDULER`) and samples through the pipeline, whose grid is the scheduler's default
+  spacing (from 1 to the shifted least training sigma, as SD3's pipelines: nodes.samplers.flow's
+  ``kiln_train_grid``); KSampler follows it, so its images are the pipeline's.
 * **Latents.** Wan 2.1's statistics, which are Qwen-Image's (:data:`nodes.families.qwen_image.QWEN_LATENT`);
   the VAE file (``wan_2.1_vae.safetensors``) loads through Kiln's Qwen-Image VAE.
 """
@@ -55,10 +57,12 @@ BUCKETS = [(512, 1792), (512, 1856), (512, 1920), (512, 1984), (512, 2048), (576
            (1280, 768), (1344, 704), (1344, 768), (1408, 704), (1472, 640), (1472, 704), (1536, 640), (1600, 576),
            (1600, 640), (1664, 576), (1728, 576), (1792, 512), (1792, 576), (1856, 512), (1920, 512), (1984, 512),
            (2048, 512)]
-#: JD's scheduler for the model (its ComfyUI node's FlowMatchEulerDiscreteScheduler: a fixed shift of 1.5).
+#: JD's scheduler for the model (its ComfyUI node's FlowMatchEulerDiscreteScheduler: a fixed shift of 1.5),
+#: on the scheduler's default spacing, which JoyImageEditPipeline samples (``kiln_train_grid``).
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.5,
              "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-             "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow"}
+             "max_image_seq_len": 4096, "time_shift_type": "exponential", "prediction_type": "flow",
+             "kiln_train_grid": True}
 
 
 def bucket(height: int, width: int) -> tuple[int, int]:
