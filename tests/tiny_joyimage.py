@@ -133,16 +133,16 @@ def make_models_folder(root: Any) -> Path:
     return root
 
 
-def small_buckets(monkeypatch: Any) -> None:
-    """Kiln's TextEncodeJoyImageEdit and the pipeline pick sizes from :data:`BUCKETS` instead of the
-    release's (512x2048 .. 2048x512): the rule (nearest aspect ratio, cover then centre-crop) is the same,
-    the VAE and transformer run on a CPU in a fraction of the time."""
+def small_buckets(monkeypatch: Any, buckets: list | None = None) -> None:
+    """Kiln's TextEncodeJoyImageEdit and the pipeline pick sizes from ``buckets`` (:data:`BUCKETS`) instead
+    of the release's (512x2048 .. 2048x512): the rule (nearest aspect ratio, cover then centre-crop) is the
+    same, the VAE and transformer run on a CPU in a fraction of the time."""
     from diffusers.pipelines.joyimage import image_processor
 
     from nodes.families import joyimage
 
-    monkeypatch.setattr(joyimage, "BUCKETS", list(BUCKETS))
-    monkeypatch.setitem(image_processor.BUCKETS, 1024, list(BUCKETS))
+    monkeypatch.setattr(joyimage, "BUCKETS", list(buckets or BUCKETS))
+    monkeypatch.setitem(image_processor.BUCKETS, 1024, list(buckets or BUCKETS))
 
 
 def picture(seed: int, width: int, height: int) -> Any:
