@@ -83,7 +83,8 @@ def diffusers(picture, *, prompt: str = PROMPT, seed: int = 5, steps: int = 2, c
 # -- loading ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [UNET, "tiny-joyimage-prefixed.safetensors", "tiny-joyimage-diffusers-keys.safetensors"])
+@pytest.mark.parametrize("name", [UNET, "tiny-joyimage-prefixed.safetensors",
+                                  "tiny-joyimage-diffusers-keys.safetensors"])
 def test_unet_loader_detects_joyimage_and_loads_the_weights_bit_for_bit(env, name):
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     assert model.family is joyimage.FAMILY and model.scheduler_config["shift"] == 1.5

@@ -17,7 +17,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from flow_family_files import save_split_transformer, save_state
+from flow_family_files import qwen3vl_comfy_state, save_split_transformer, save_state
+from tiny_krea2 import _perturb, text_config
 
 HIDDEN, HEADS, LAYERS, TEXT = 64, 2, 2, 32
 ROPE = [4, 14, 14]  # nodes.checkpoint.joyimage_keys.rope_dims(32)
@@ -25,15 +26,6 @@ ROPE = [4, 14, 14]  # nodes.checkpoint.joyimage_keys.rope_dims(32)
 BUCKETS = [(64, 64), (64, 96), (96, 64)]
 #: The release's pixel bounds for pictures the vision tower reads (ComfyUI's JoyImage text encoder).
 PIXELS = (65536, 16777216)
-
-
-def _perturb(module: Any, scale: float) -> None:
-    """Random weights everywhere (zero-initialised modulation tables would hide the inputs)."""
-    import torch
-
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * scale)
 
 
 def processor(tokenizer: Any) -> Any:
@@ -57,7 +49,6 @@ def build(seed: int = 7) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, JoyImageEditTransformer3DModel
     from transformers import Qwen3VLForConditionalGeneration
 
-    import tiny_krea2
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
     from nodes.families import joyimage
 
@@ -67,14 +58,15 @@ def build(seed: int = 7) -> dict[str, Any]:
             in_channels=16, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT, mlp_width_ratio=2.0,
             num_layers=LAYERS, rope_dim_list=ROPE)
         _perturb(transformer, 0.2)
-        text_encoder = Qwen3VLForConditionalGeneration(tiny_krea2.text_config(layers=2))
+        text_encoder = Qwen3VLForConditionalGeneration(text_config(layers=2))
         _perturb(text_encoder, 0.02)
         vae = AutoencoderKLWan(base_dim=8, z_dim=16)
         _perturb(vae, 0.02)
     for m in (transformer, text_encoder, vae):
         m.eval().requires_grad_(False)
     tok = qwen_tokenizer("3")
-    config = {k: v for k, v in joyimage.SCHEDULER.items() if k not in ("_class_name", "prediction_type", "kiln_train_grid")}
+    config = {k: v for k, v in joyimage.SCHEDULER.items()
+              if k not in ("_class_name", "prediction_type", "kiln_train_grid")}
     return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tok,
             "processor": processor(tok), "scheduler": FlowMatchEulerDiscreteScheduler(**config)}
 
@@ -106,13 +98,7 @@ def pipeline() -> Any:
 def comfy_text_state() -> dict:
     """ComfyUI's qwen3vl_8b layout: the language model under ``model.``, the vision tower under ``visual.``
     (``lm_head`` left out, as the conditioning never reads it)."""
-    out = {}
-    for k, v in components()["text_encoder"].state_dict().items():
-        if k.startswith("model.language_model."):
-            out["model." + k[len("model.language_model."):]] = v.contiguous()
-        elif k.startswith("model.visual."):
-            out["visual." + k[len("model.visual."):]] = v.contiguous()
-    return out
+    return qwen3vl_comfy_state(components()["text_encoder"].state_dict(), keep_rest=False)
 
 
 def transformer_state() -> dict:
@@ -146,10 +132,7 @@ def small_buckets(monkeypatch: Any, buckets: list | None = None) -> None:
 
 
 def picture(seed: int, width: int, height: int) -> Any:
-    """A random 8-bit RGB picture, smooth enough that resizing keeps it recognisable."""
-    import numpy as np
-    from PIL import Image
+    """A random smooth 8-bit RGB picture (the Qwen-Image Edit tests' own)."""
+    import tiny_qwen_image_edit
 
-    g = np.random.default_rng(seed)
-    small = g.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    return tiny_qwen_image_edit.picture(seed, width, height)
