@@ -34,9 +34,14 @@ def root(tmp_path_factory):
     from test_int8_quant import quantise_int8
 
     root = tiny_joyimage.make_models_folder(tmp_path_factory.mktemp("joyimage-models"))
+    from test_scaled_fp8 import quantise
+
     int8, twin = quantise_int8(tiny_joyimage.transformer_state(), "model.diffusion_model.")
     save_state(root / "diffusion_models" / "tiny-joyimage-int8_convrot.safetensors", int8)
     save_state(root / "diffusion_models" / "tiny-joyimage-int8-dequant.safetensors", twin)
+    scaled, plain = quantise(tiny_joyimage.transformer_state(), "model.diffusion_model.")
+    save_state(root / "diffusion_models" / "tiny-joyimage-fp8_scaled.safetensors", scaled)
+    save_state(root / "diffusion_models" / "tiny-joyimage-fp8-dequant.safetensors", plain)
     return root
 
 
@@ -116,6 +121,17 @@ def test_int8_convrot_transformer_equals_comfy_kitchens_dequantisation(env):
     with a.unet() as x, b.unet() as y:
         layers = _compare(x, y)
     assert len(layers) >= 8 and any(rotation_group(m) for m in layers)  # the blocks' linears, rotated
+
+
+def test_fp8_scaled_transformer_equals_its_dequantised_twin(env):
+    from test_scaled_fp8 import _compare
+
+    (a,) = call(split_loaders.unet_loader, env, unet_name="tiny-joyimage-fp8_scaled.safetensors")
+    (b,) = call(split_loaders.unet_loader, env, unet_name="tiny-joyimage-fp8-dequant.safetensors")
+    assert a.family is joyimage.FAMILY
+    with a.unet() as x, b.unet() as y:
+        layers, fp8_bytes = _compare(x, y)
+    assert layers >= 8 and fp8_bytes > 0  # the blocks' linears, held in fp8 with their scales
 
 
 # -- conditioning ----------------------------------------------------------------------------------------
