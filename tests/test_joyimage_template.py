@@ -6,11 +6,12 @@ VAEDecode) -> SaveImageAdvanced and ImageCompare.
 
 It validates with only its model files and picture missing, and runs unchanged on tiny files saved under
 the names it asks for (the picture and the step count made small). At cfg 1 (CFGNorm then changes
-nothing) it gives JoyImageEditPipeline's picture from the int8 file's dequantised weights; as shipped
+nothing) it gives JoyImageEditPipeline's picture from the int8 files' dequantised weights; as shipped
 (cfg 4 with CFGNorm) it runs and its picture matters.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ W, H = 128, 80
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """The tiny files under the template's names: the transformer quantised to int8_convrot by comfy-kitchen's
-    rule (its dequantised twin beside it for the reference), the Qwen3-VL and the Wan VAE as they are."""
+    """The tiny files under the template's names: the transformer and the Qwen3-VL quantised to int8_convrot
+    by comfy-kitchen's rule (each one's dequantised twin beside it for the reference), the Wan VAE as it is."""
     from test_int8_quant import quantise_int8
 
     from nodes.checkpoint.qwen_image_vae import to_original
@@ -43,7 +44,9 @@ def root(tmp_path_factory) -> Path:
     int8, twin = quantise_int8(tiny_joyimage.transformer_state(), "model.diffusion_model.")
     save_state(root / "diffusion_models" / UNET, int8)
     save_state(root / "diffusion_models" / "twin.safetensors", twin)
-    save_state(root / "text_encoders" / CLIP, tiny_joyimage.comfy_text_state())
+    int8, twin = quantise_int8(tiny_joyimage.comfy_text_state())
+    save_state(root / "text_encoders" / CLIP, int8)
+    save_state(root / "text_encoders" / "twin.safetensors", twin)
     save_state(root / "vae" / VAE, to_original(tiny_joyimage.components()["vae"].state_dict()))
     return root
 
@@ -80,6 +83,12 @@ def test_the_template_runs_and_equals_joyimage_edit_pipeline(registry, env, root
                                                                           "twin.safetensors").items()}
     pipe.transformer = type(pipe.transformer).from_config(pipe.transformer.config)
     pipe.transformer.load_state_dict({k: torch.as_tensor(v) for k, v in twin.items()})
+    pipe.text_encoder = copy.deepcopy(pipe.text_encoder)
+    text = open_state(root / "text_encoders" / "twin.safetensors")
+    missing, unexpected = pipe.text_encoder.load_state_dict(
+        {("model.language_model." + k[len("model."):]) if k.startswith("model.") else "model." + k: torch.as_tensor(v)
+         for k, v in text.items()}, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # lm_head: never read for conditioning
     with torch.no_grad():
         theirs = pipe(image=picture, prompt="Change the background to a glacial scene.", num_inference_steps=2,
                       guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(42)).images
