@@ -187,6 +187,26 @@ def test_the_references_are_read_beside_the_image(env, loaded):
     assert (outs[0] - outs[1]).abs().max() > 1e-2
 
 
+def test_two_pictures_of_other_sizes_are_both_read(env, loaded):
+    """ComfyUI's rule: references of other sizes than the image (each its own bucket) are frames 1 and 2, each
+    grid with its own rows and columns; the second picture moves the image."""
+    model, clip, vae = loaded
+    first = image_of(tiny_joyimage.picture(0, 120, 72))
+    latent = {"samples": torch.zeros(1, 16, 8, 12)}
+
+    def sample(second):
+        images = {"images.image0": first, "images.image1": image_of(second)}
+        (cond,) = call(text_encode_joyimage_edit, env, clip=clip, prompt=PROMPT, vae=vae, **images)
+        refs = cond[0][1][flux_references.LATENTS]
+        assert [tuple(r.shape[-2:]) for r in refs] == [(8, 12), tuple(s // 8 for s in joyimage.bucket(
+            second.size[1], second.size[0]))]
+        return call(ksampler, env, model=model, seed=1, steps=2, cfg=1.0, sampler_name="euler", scheduler="normal",
+                    positive=cond, negative=cond, latent_image=latent)[0]["samples"]
+
+    a, b = sample(tiny_joyimage.picture(1, 64, 64)), sample(tiny_joyimage.picture(2, 64, 64))
+    assert (a - b).abs().max() > 1e-2
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 
