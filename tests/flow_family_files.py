@@ -194,6 +194,20 @@ def template(name: str) -> dict:
     return json.loads((Path(module.__file__).parent / "templates" / name).read_text(encoding="utf-8"))
 
 
+def qwen3vl_comfy_state(state: dict, keep_rest: bool) -> dict:
+    """A transformers Qwen3VLForConditionalGeneration ``state`` in ComfyUI's qwen3vl layout: the language
+    model under ``model.``, the vision tower under ``visual.``; the rest (``lm_head``) kept when ``keep_rest``."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("model.language_model."):
+            out["model." + k[len("model.language_model."):]] = v.contiguous()
+        elif k.startswith("model.visual."):
+            out["visual." + k[len("model.visual."):]] = v.contiguous()
+        elif keep_rest:
+            out[k] = v.contiguous()
+    return out
+
+
 def same_state(got: dict, want: dict) -> bool:
     """Whether two state dicts hold the same keys with bit-identical tensors."""
     import torch

@@ -22,7 +22,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from flow_family_files import quiet_pipeline, save_split_transformer, save_state
+from flow_family_files import quiet_pipeline, qwen3vl_comfy_state, save_split_transformer, save_state
 from tiny_krea2 import TEXT, _perturb, text_config
 
 HEADS, HEAD_DIM, LAYERS = 2, 32, 2
@@ -92,15 +92,8 @@ def original_state() -> dict:
 def comfy_text_state() -> dict:
     """ComfyUI's qwen3vl_8b layout: the language model under ``model.``, the vision tower under ``visual.``,
     and its own ``lm_head``."""
-    out = {}
-    for k, v in components()["text_encoder"].state_dict().items():
-        if k.startswith("model.language_model."):
-            out["model." + k[len("model.language_model."):]] = v.contiguous()
-        elif k.startswith("model.visual."):
-            out["visual." + k[len("model.visual."):]] = v.contiguous()
-        else:  # lm_head: the 8B's own (untied), which tells its files from the 4B's
-            out[k] = v.contiguous()
-    return out
+    # lm_head kept: the 8B's own (untied), which tells its files from the 4B's
+    return qwen3vl_comfy_state(components()["text_encoder"].state_dict(), keep_rest=True)
 
 
 def comfy_vae_state() -> dict:

@@ -222,14 +222,16 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import chroma_load, fibo2_load, flux2_load, ideogram4_load, krea2_load, qwen_image_load, \
-        z_image_load
+    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, krea2_load,
+                                  qwen_image_load, z_image_load)
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (ideogram4_load.has_transformer, "Ideogram 4", "qwen3vl_8b*.safetensors", "ideogram4",
              "flux2-vae.safetensors"),
             (fibo2_load.has_transformer, "FIBO 2", "qwen3vl_4b*.safetensors", "fibo2", "flux2-vae.safetensors"),
             (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
+            (joyimage_load.has_transformer, "JoyImage", "qwen3vl_8b_joyimage_edit*.safetensors", "joyimage",
+             "wan_2.1_vae.safetensors"),
             (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
             (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
              "qwen_image_vae.safetensors"),

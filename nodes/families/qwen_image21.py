@@ -166,27 +166,28 @@ class QwenImage21(FlowFamily):
         return [[states.to("cpu", torch.float32), {MASK: torch.ones(1, states.shape[1])}]]
 
 
-def last_layer_unnormed(qwen: Any, ids: "Any") -> "Any":
+def last_layer_unnormed(qwen: Any, ids: "Any", **inputs: Any) -> "Any":
     """The last decoder layer's output for ``ids`` without the model's final RMSNorm (:func:`states_unnormed`)."""
-    return states_unnormed(qwen, ids, LABEL, "qwen3vl_8b*.safetensors with CLIPLoader type qwen_image")[-1]
+    return states_unnormed(qwen, ids, LABEL, "qwen3vl_8b*.safetensors with CLIPLoader type qwen_image", **inputs)[-1]
 
 
 def states_unnormed(qwen: Any, ids: "Any", label: str = LABEL,
-                    load: str = "qwen3vl_8b*.safetensors with CLIPLoader type ideogram4") -> tuple:
+                    load: str = "qwen3vl_8b*.safetensors with CLIPLoader type ideogram4", **inputs: Any) -> tuple:
     """Qwen3-VL's ``hidden_states`` for ``ids`` (the embedding, then each decoder layer's output), the last
     one without the model's final RMSNorm: the norm's forward hands its input through for this call (a
-    hook, so compiled modules run eagerly meanwhile). ``label`` and ``load`` word the error for a text
-    encoder that is no Qwen3-VL language model."""
+    hook, so compiled modules run eagerly meanwhile). ``qwen``: the language model, or a Qwen3VLModel
+    around it given pictures' ``inputs`` (JoyImage's edit prompts). ``label`` and ``load`` word the error
+    for a text encoder that is no Qwen3-VL language model."""
     from nodes.runtime.compiled import eager_while_hooked
 
-    norm = getattr(qwen, "norm", None)
+    norm = getattr(getattr(qwen, "language_model", qwen), "norm", None)
     if norm is None:
         raise ConditioningError(f"{label} reads Qwen3-VL's language model, which this text encoder is not "
                                 f"(load {load})", "clip")
     handle = norm.register_forward_hook(lambda module, args, output: args[0])
     try:
         with eager_while_hooked():
-            out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False)
+            out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False, **inputs)
     finally:
         handle.remove()
     return out.hidden_states

@@ -1,0 +1,44 @@
+"""Loading JoyImage Edit offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/joyai_image_edit_*.safetensors``: bf16,
+  fp8_scaled, int8_convrot), with or without ``model.diffusion_model.``; diffusers' names are the same
+  (nodes.checkpoint.joyimage_keys). The build is FLUX's rule (nodes.checkpoint.flux_load
+  .transformer_from_file: config from the shapes, fp8/int8 scales through nodes.checkpoint.scaled_fp8).
+* Qwen3-VL 8B through CLIPLoader type ``joyimage`` (``qwen3vl_8b_joyimage_edit*.safetensors``): Krea 2's
+  builder (nodes.checkpoint.krea2_load.build_encoder), the vision tower built on the first picture read.
+* The VAE is Wan 2.1's (``wan_2.1_vae.safetensors``), which Kiln's Qwen-Image VAE loader reads
+  (nodes.checkpoint.qwen_image_vae: the same architecture and latent statistics).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint import joyimage_keys as keys
+from nodes.checkpoint.load import Loaded
+
+LABEL = "JoyImage"
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A JoyImage transformer, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """JoyImageEditTransformer3DModel from a file's tensors (linear weights held as stored)."""
+    from diffusers import JoyImageEditTransformer3DModel
+
+    from nodes.checkpoint.flux_load import transformer_from_file
+
+    return transformer_from_file(state, what, dtype, JoyImageEditTransformer3DModel, LABEL, keys,
+                                 keys.identity, keys.identity, keys.is_diffusers)
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's JoyImage path (nodes.checkpoint.flow_transformers)."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import joyimage as fam
+
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
