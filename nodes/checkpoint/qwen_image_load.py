@@ -22,6 +22,7 @@ from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_fo
                                                 transformer_file)
 from nodes.checkpoint.tensors import plain
 from nodes.families import qwen_image as fam
+from nodes.families.qwen_image_layered import LAYERED_MARKER
 
 #: The language model's first attention bias (Qwen2's q/k/v have biases; ComfyUI detects by it).
 TEXT_MARKER = "layers.0.self_attn.k_proj.bias"
@@ -30,10 +31,6 @@ TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_mod
 #: text alone the three sections see the same positions, so any split gives the same result).
 MROPE_128 = (16, 24, 24)
 
-
-#: Only Qwen-Image-Layered's transformer has the extra time embedding (is the picture RGB or RGBA); the
-#: release always pairs it with the layer rope (diffusers' use_layer3d_rope; ComfyUI detects the same key).
-LAYERED_MARKER = "time_text_embed.addition_t_embedding.weight"
 
 
 def has_transformer(keys: Any) -> bool:

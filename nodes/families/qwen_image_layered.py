@@ -6,7 +6,7 @@ What differs from Qwen-Image (nodes.families.qwen_image), and where it lives:
   ``use_additional_t_cond`` (an embedding added to the time embedding: 0 = the picture is RGB, what
   QwenImageLayeredPipeline always passes) and ``use_layer3d_rope`` (the rotary frame index is the
   layer: 0 the composite, 1..N the layers, -1 the picture being decomposed). The file is told apart by
-  ``time_text_embed.addition_t_embedding.weight`` (nodes.checkpoint.qwen_image_load.LAYERED_MARKER).
+  ``time_text_embed.addition_t_embedding.weight`` (:data:`LAYERED_MARKER`).
 * **Latents.** ComfyUI's ``EmptyQwenImageLayeredLatentImage`` makes [B, 16, layers + 1, h, w]; the
   sampler sees it folded to an image latent (nodes.latent_layers) and the frame count reaches
   :class:`QwenImageLayeredNetwork`, which packs each frame's 2x2 patches in frame order (diffusers'
@@ -26,13 +26,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.checkpoint.qwen_image_load import LAYERED_MARKER
 from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.latent_layers import FRAMES
 
 NAME = "Qwen-Image-Layered"
+#: Only Qwen-Image-Layered's transformer has the extra time embedding (is the picture RGB or RGBA); the
+#: release always pairs it with the layer rope (diffusers' use_layer3d_rope; ComfyUI detects the same key).
+LAYERED_MARKER = "time_text_embed.addition_t_embedding.weight"
 
 
 class QwenImageLayeredNetwork(qwen_image.QwenImageNetwork):
