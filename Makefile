@@ -39,8 +39,12 @@ serve: $(STAMP)
 	$(BIN)/python -m nodes.demo prepare --input $${KILN_DATA:-data}/input
 	$(BIN)/kiln serve
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each given whole test files so module-scoped
+# fixtures are built once, and each running torch on one thread so the processes do not fight over cores.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python bench/img2img_vs_diffusers.py
