@@ -259,3 +259,38 @@ def test_without_model_negative_and_negative_the_guider_runs_the_text_free_pass_
     ours = _run(registry, env, graph)
     assert np.abs(ours - _reference(one_model=True)).max() <= 1 / 255
     assert np.abs(ours - reference).max() > 0.02
+
+
+def test_at_cfg_1_the_negative_model_is_not_held_and_the_picture_is_the_positive_sides(env):
+    """DualModelGuider at cfg 1 without a CFGOverride never evaluates its negative side, so the run does not
+    hold the negative model: one whose load fails (its file gone) still samples, to the same latent as a
+    run holding a loadable one; at cfg 4 the same failing model is asked for and the failure surfaces."""
+    import contextlib
+    import dataclasses
+
+    from nodes import custom_sampling as cs
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=UNET)
+    (negative_model,) = call(split_loaders.unet_loader, env, unet_name=UNCOND)
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="ideogram4")
+    positive, negative = clip.encode(PROMPT), clip.encode("")
+
+    @contextlib.contextmanager
+    def gone():
+        raise FileNotFoundError("the unconditional model's file is gone")
+        yield
+
+    unloadable = dataclasses.replace(negative_model, _use_unet=gone)
+
+    def sample(neg_model, cfg: float):
+        (guider,) = call(dual_model_nodes.dual_model_guider, env, model=model, positive=positive, cfg=cfg,
+                         model_negative=neg_model, negative=negative)
+        (sigmas,) = call(dual_model_nodes.ideogram4_scheduler, env, steps=2, width=64, height=64, mu=0.0, std=1.75)
+        out, _ = call(cs.sampler_custom_advanced, env, noise=cs.random_noise(None, 3)[0], guider=guider,
+                      sampler=cs.ksampler_select(None, "euler")[0], sigmas=sigmas,
+                      latent_image={"samples": torch.zeros(1, 128, 2, 2)})
+        return out["samples"]
+
+    assert torch.equal(sample(unloadable, 1.0), sample(negative_model, 1.0))
+    with pytest.raises(FileNotFoundError):
+        sample(unloadable, 4.0)

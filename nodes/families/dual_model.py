@@ -5,8 +5,8 @@ cfg that changes over a window of noise levels.
   use; the sampling loop asks it for the denoiser): the positive prompt runs on the guider's model,
   the negative on ``model_negative``, each through an ordinary conditional-only
   :class:`~nodes.families.denoiser.Denoiser` (so areas, masks and timestep ranges follow the usual
-  rules), combined as CFG: ``uncond + cfg (cond - uncond)``. At cfg 1 the negative model is never run
-  (ComfyUI skips loading it). The second model's network is held only while sampling runs
+  rules), combined as CFG: ``uncond + cfg (cond - uncond)``. At cfg 1 (and no CFGOverride) the negative model
+  is neither held on the device nor run, as ComfyUI skips loading it. The second model's network is held only while sampling runs
   (:meth:`DualModel.opened`, entered beside the first by nodes.samplers.custom.sample). Ideogram 4
   is what this is for: its unconditional transformer on the negative side, as Ideogram4Pipeline does.
 * CFGOverride keeps its windows on the MODEL (``SamplingPatches.cfg_overrides``); the sampling loop sets
@@ -53,8 +53,13 @@ class DualModel:
     network: Any = None
 
     @contextlib.contextmanager
-    def opened(self) -> Iterator["DualModel"]:
-        """This spec with the negative model's network held (loaded, patched) for the run."""
+    def opened(self, evaluated: bool) -> Iterator["DualModel"]:
+        """This spec with the negative model's network held (loaded, patched) for the run, when the run
+        ``evaluated`` its negative side (cfg other than 1, or a CFGOverride that may set one); otherwise
+        it is not held, as ComfyUI does not load it onto the device."""
+        if not evaluated:
+            yield self
+            return
         with self.model_negative.unet() as network:
             yield dataclasses.replace(self, network=network)
 
@@ -64,7 +69,7 @@ class DualModel:
         if cfg_rescale or pag_scale or guidance:
             raise ConditioningError("RescaleCFG, perturbed-attention guidance and the CFG-changing patches guide "
                                     "one model's CFG, not DualModelGuider's two models", "model")
-        if self.network is None:
+        if self.network is None and float(cfg) != 1.0:  # sampled without opened(True)
             raise ConditioningError("DualModelGuider's negative model is not loaded (run it through "
                                     "SamplerCustomAdvanced)", "model_negative")
         return DualModelDenoiser(self, network, family, positive, negative, float(cfg), common)
@@ -77,11 +82,13 @@ class DualModelDenoiser:
     def __init__(self, spec: DualModel, network: Any, family: "Family", positive: Any, negative: Any,
                  cfg: float, common: dict) -> None:
         self.cfg = cfg
-        self.guided = True  # CFGOverride may move cfg anywhere: the negative side is always ready
+        #: CFGOverride may move cfg anywhere when the negative model is held (DualModel.opened)
+        self.guided = spec.network is not None
         self.cond = Denoiser(network, family, positive=positive, negative=None, cfg=1.0,
                              names=("positive", "positive"), **common)
-        self.uncond = Denoiser(spec.network, spec.model_negative.family, positive=negative, negative=None, cfg=1.0,
-                               names=("negative", "negative"), **common)
+        self.uncond = None if spec.network is None else Denoiser(
+            spec.network, spec.model_negative.family, positive=negative, negative=None, cfg=1.0,
+            names=("negative", "negative"), **common)
         self.last_uncond: "torch.Tensor | None" = None
 
     def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":

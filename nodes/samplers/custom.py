@@ -203,7 +203,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     denoised: list = []
     try:
         opened = getattr(dual, "opened", None)  # a guider with a second model (DualModelGuider) holds it too
-        with model.unet() as unet, (contextlib.nullcontext(dual) if opened is None else opened()) as dual:
+        with model.unet() as unet, (contextlib.nullcontext(dual) if opened is None else
+                                        opened(guider.cfg != 1.0 or bool(model.patches.cfg_overrides))) as dual:
             say_if_offloaded(unet, ctx.message)
             result = loop.run(unet, plan, positive=prep.positive, negative=prep.negative, cfg=guider.cfg,
                               generators=generators, family=model.family, latent=model.latent,
