@@ -9,7 +9,8 @@ import torch
 
 import tiny_qwen_image_layered as tiny
 from node_call import call, environment_over
-from nodes import kontext, latent_layers, latent_math, loaders, sd3_nodes, split_loaders, text, vae as vae_nodes
+from nodes import custom_sampling, kontext, latent_layers, latent_math, loaders, sd3_nodes, split_loaders, text
+from nodes import vae as vae_nodes
 from nodes.sampling import ksampler
 
 PROMPT = "a red ball in front of a wall"
@@ -141,8 +142,8 @@ def test_layer_nodes_follow_comfyui(env):
 
 def test_mismatched_inputs_name_node_and_input(env, loaded, root):
     """A layered latent on plain Qwen-Image, an image latent on the layered model, no picture, a
-    many-frame latent at VAEDecode, a layered latent at the custom samplers, t on an image latent: each
-    refused naming its input."""
+    many-frame latent at VAEDecode, a layered latent at SamplerCustom on plain Qwen-Image, t on an image
+    latent: each refused naming its input."""
     import tiny_qwen_image
 
     from engine.context import NodeError
@@ -167,10 +168,10 @@ def test_mismatched_inputs_name_node_and_input(env, loaded, root):
     with pytest.raises(NodeError, match="LatentCutToBatch") as err:
         call(vae_nodes.vae_decode, env, samples=layered, vae=vae)
     assert err.value.input_name == "samples"
-    from nodes.samplers.custom import check_latent  # SamplerCustom(Advanced), KSamplerAdvanced: not folded
-
-    with pytest.raises(NodeError, match="samples with KSampler") as err:
-        check_latent(layered)
+    with pytest.raises(NodeError, match="layered") as err:  # the custom samplers refuse as KSampler does
+        call(custom_sampling.sampler_custom, env, model=plain, add_noise=True, noise_seed=1, cfg=1.0, positive=cond, negative=cond,
+             sampler=call(custom_sampling.ksampler_select, env, sampler_name="euler")[0],
+             sigmas=torch.tensor([1.0, 0.0]), latent_image=layered)
     assert err.value.input_name == "latent_image"
     with pytest.raises(NodeError, match="no time/layer axis") as err:
         call(latent_layers.latent_cut_to_batch, env, samples={"samples": torch.zeros(1, 16, 4, 4)}, dim="t",
