@@ -65,6 +65,17 @@ class Folded:
         """A sampled (folded) latent back in the input's layout."""
         return unfold(samples, self.frames)
 
+    def sampling_config(self, config: dict) -> dict:
+        """The model's scheduler config for this latent: with the frame count for a folded one, so a
+        size-dependent shift is sized on one frame (nodes.samplers.flow.LATENT_FRAMES)."""
+        from nodes.samplers.flow import LATENT_FRAMES
+
+        return {**config, LATENT_FRAMES: self.frames} if self.frames else config
+
+    def frame_height(self, samples: "Any") -> int:
+        """The height of one frame of the (folded) ``samples``."""
+        return int(samples.shape[2]) // max(self.frames, 1)
+
 
 def fold_for_sampling(model: Any, latent: dict, positive: Any, negative: Any, dual: Any = None,
                       input_name: str = "latent_image") -> Folded:

@@ -230,8 +230,8 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     if prep.nothing_to_repaint:
         return list(latent_image["samples"].split(batch))
     try:
-        p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
-                      strength=strength, denoise=float(denoise))
+        p = make_plan(spec, schedule, layers.sampling_config(model.scheduler_config), int(steps), x0=x0,
+                      noise=noise, strength=strength, denoise=float(denoise))
     except loop.ConditioningError as exc:  # e.g. a sampler the model's sampling (flow) lacks
         raise NodeError(str(exc), exc.input_name) from None
     if p.start is None:  # strength 0 / denoise 0: nothing to denoise

@@ -68,20 +68,23 @@ def kiln(env, loaded, pixels: np.ndarray, *, layers: int = LAYERS, sampled: list
 
 
 def diffusers(pixels: np.ndarray, monkeypatch, *, prompt: str = PROMPT, negative: str = NEGATIVE,
-              cfg: float = CFG, seed: int = SEED) -> np.ndarray:
-    """The pipeline on the same picture (RGBA, opaque) at SIZE, with Kiln's starting noise for ``seed``."""
+              cfg: float = CFG, seed: int = SEED, scheduler=None, steps: int = STEPS) -> np.ndarray:
+    """The pipeline on the same picture (RGBA, opaque) at SIZE, with Kiln's starting noise for ``seed``
+    (and ``scheduler`` in place of the tiny one's unshifted scheduler when given)."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
     from PIL import Image
 
     monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (SIZE, SIZE))
     pipe = tiny.pipeline()
+    if scheduler is not None:
+        pipe.scheduler = scheduler
     rgba = np.concatenate([pixels[0], np.ones_like(pixels[0][..., :1])], -1)
     image = Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA")
     noise = torch.randn((1, 16, LAYERS + 1, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(seed))
     packed = pipe._pack_latents(noise.permute(0, 2, 1, 3, 4), 1, 16, SIZE // 8, SIZE // 8, LAYERS + 1)
     with torch.no_grad():
         out = pipe(image=image, prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg, layers=LAYERS,
-                   num_inference_steps=STEPS, cfg_normalize=False, latents=packed, output_type="np",
+                   num_inference_steps=steps, cfg_normalize=False, latents=packed, output_type="np",
                    generator=torch.Generator().manual_seed(seed))
     return np.asarray(out.images[0])
 

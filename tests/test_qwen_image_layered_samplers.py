@@ -2,7 +2,8 @@
 nodes.latent_layers.fold_for_sampling): SamplerCustomAdvanced (BasicScheduler, KSamplerSelect euler,
 RandomNoise, CFGGuider), SamplerCustom and KSamplerAdvanced equal KSampler on the tiny layered model
 (tests/tiny_qwen_image_layered.py) with the same settings; bad latents are refused by each node naming
-latent_image and saying why."""
+latent_image and saying why. Without ModelSamplingAuraFlow, KSampler's default schedule is the
+pipeline's (its size shift mu = sqrt(tokens / 256) on the released scheduler config)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from node_call import call, environment_over
 from nodes import custom_sampling as cs, kontext, latent_layers, loaders, sd3_nodes, split_loaders, text
 from nodes import vae as vae_nodes
 from nodes.sampling import ksampler
-from test_qwen_image_layered import CFG, LAYERS, NEGATIVE, PROMPT, SEED, SIZE, STEPS, picture
+from test_qwen_image_layered import CFG, LAYERS, NEGATIVE, PROMPT, SEED, SIZE, STEPS, TOL, diffusers, picture
 
 #: The custom nodes run KSampler's steps on the same sigmas: equal within float noise, far under 1/255.
 CLOSE = 1e-5
@@ -37,11 +38,11 @@ def run(env):
                   latent=ref)[0] for p in (PROMPT, NEGATIVE)]
     (flat,) = call(sd3_nodes.model_sampling_aura_flow, env, model=model, shift=1.0)
     (empty,) = call(latent_layers.empty_qwen_image_layered_latent, env, width=SIZE, height=SIZE, layers=LAYERS)
-    return dict(model=flat, positive=conds[0], negative=conds[1], latent=empty)
+    return dict(model=flat, positive=conds[0], negative=conds[1], latent=empty, released=model, vae=vae)
 
 
-def _ksampler(env, run, seed: int = SEED, cfg: float = CFG) -> torch.Tensor:
-    (out,) = call(ksampler, env, model=run["model"], seed=seed, steps=STEPS, cfg=cfg, sampler_name="euler",
+def _ksampler(env, run, seed: int = SEED, cfg: float = CFG, model=None, steps: int = STEPS) -> torch.Tensor:
+    (out,) = call(ksampler, env, model=model or run["model"], seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
                   scheduler="simple", positive=run["positive"], negative=run["negative"], latent_image=run["latent"])
     return out["samples"]
 
@@ -136,3 +137,36 @@ def test_bad_latents_are_refused_by_every_sampler_node(env, run):
             with pytest.raises(NodeError, match=reason) as err:
                 node()
             assert err.value.input_name == "latent_image"
+
+
+def test_default_schedule_is_the_pipeline_s_size_shift(env, run, monkeypatch):
+    """Without ModelSamplingAuraFlow the layered model samples on QwenImageLayeredPipeline's grid: the
+    released scheduler config (the family's) shifted by mu = sqrt(tokens / 256), tokens counted on one
+    frame (the picture's size here, as the pipeline counts them); the decoded layers equal the pipeline's
+    within 1/255. 3 steps: with 2 the terminal stretch pins the only inner sigma to 0.02 whatever mu is.
+    Not vacuous: the sampled latent moves against ModelSamplingAuraFlow 1's and against Qwen-Image's
+    linear mu on the stacked frames (the rule before)."""
+    import dataclasses
+
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nodes import latent_math
+    from nodes.samplers import flow
+
+    model = run["released"]
+    config = model.scheduler_config
+    assert config.get("use_dynamic_shifting") and config.get(flow.MU_RULE) == "sqrt"
+    steps = 3
+    got = _ksampler(env, run, model=model, steps=steps)
+    (cut,) = call(latent_math.latent_cut, env, samples={"samples": got}, dim="t", index=1, amount=16384)
+    (batch,) = call(latent_layers.latent_cut_to_batch, env, samples=cut, dim="t", slice_size=1)
+    (images,) = call(vae_nodes.vae_decode, env, samples=batch, vae=run["vae"])
+    released = FlowMatchEulerDiscreteScheduler.from_config(
+        {k: v for k, v in config.items() if not k.startswith("kiln_") and k != "prediction_type"})
+    want = diffusers(picture(1), monkeypatch, scheduler=released, steps=steps)
+    assert images.shape == want.shape == (LAYERS, SIZE, SIZE, 4)
+    assert float(np.abs(images.numpy() - want).max()) <= TOL
+    assert float((got - _ksampler(env, run, steps=steps)).abs().max()) > 0.05  # ModelSamplingAuraFlow 1
+    stacked = dataclasses.replace(model, scheduler_config={k: v for k, v in config.items() if k != flow.MU_RULE})
+    assert float((got - _ksampler(env, run, model=stacked, steps=steps)).abs().max()) > 0.05

@@ -18,9 +18,12 @@ What differs from Qwen-Image (nodes.families.qwen_image), and where it lives:
   decode to RGBA images, an RGB picture is encoded opaque.
 * **Guidance.** Plain CFG (:meth:`QwenImageLayered.combine_guidance`).
 * **Sampling.** ComfyUI's templates fix the schedule with ModelSamplingAuraFlow (shift 1: linear
-  sigmas), which equals the pipeline run with a shift-1, unshifted scheduler. The pipeline's own
-  size shift (mu = sqrt(picture tokens / 256)) is not Kiln's default here: KSampler without
-  ModelSamplingAuraFlow uses Qwen-Image's released schedule.
+  sigmas), which equals the pipeline run with a shift-1, unshifted scheduler. Without it Kiln's
+  default is the pipeline's grid, as for Qwen-Image: the released scheduler config with
+  QwenImageLayeredPipeline's size shift, mu = sqrt(tokens / 256) counted on one frame
+  (flow.MU_RULE "sqrt"; the pipeline counts the picture's tokens, the same number when the layers
+  are the picture's size, as ComfyUI's templates make them). ComfyUI itself loads the layered
+  file as its Qwen-Image model (supported_models.QwenImage: a fixed shift 1.15, no size shift).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.latent_layers import FRAMES
+from nodes.samplers.flow import MU_RULE
 
 NAME = "Qwen-Image-Layered"
 #: Only Qwen-Image-Layered's transformer has the extra time embedding (is the picture RGB or RGBA); the
@@ -80,6 +84,8 @@ class QwenImageLayered(qwen_image.QwenImage):
     name = "qwen_image_layered"
     network_class = QwenImageLayeredNetwork
     layered_latents = True
+    #: The released config with the pipeline's size shift, mu = sqrt(one frame's tokens / 256) (see above).
+    scheduler = {**qwen_image.SCHEDULER, MU_RULE: "sqrt"}
     #: Its prompts are Qwen-Image's (CLIPLoader type qwen_image gives Qwen-Image's CLIP, which the Edit nodes
     #: also take); the conditioning is the same.
     clip_types = ()

@@ -169,7 +169,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     start_noise, generators = noise.draw(samples, latent.get("batch_index"))
     # ComfyUI's rule: an empty latent is not shifted into model space (it stays zero).
     x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
-    for note in sampling.notes(samples.shape[2], samples.shape[3]):
+    for note in sampling.notes(layers.frame_height(samples), samples.shape[3]):  # a layered latent: one frame
         ctx.message(note)
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
     from nodes import unclip
