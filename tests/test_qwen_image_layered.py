@@ -172,8 +172,8 @@ def test_mismatched_inputs_name_node_and_input(env, loaded, root):
         call(vae_nodes.vae_decode, env, samples=layered, vae=vae)
     assert err.value.input_name == "samples"
     with pytest.raises(NodeError, match="layered") as err:  # the custom samplers refuse as KSampler does
-        call(custom_sampling.sampler_custom, env, model=plain, add_noise=True, noise_seed=1, cfg=1.0, positive=cond, negative=cond,
-             sampler=call(custom_sampling.ksampler_select, env, sampler_name="euler")[0],
+        call(custom_sampling.sampler_custom, env, model=plain, add_noise=True, noise_seed=1, cfg=1.0, positive=cond,
+             negative=cond, sampler=call(custom_sampling.ksampler_select, env, sampler_name="euler")[0],
              sigmas=torch.tensor([1.0, 0.0]), latent_image=layered)
     assert err.value.input_name == "latent_image"
     with pytest.raises(NodeError, match="no time/layer axis") as err:

@@ -29,7 +29,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(env):
     """The template's inputs: the model on ModelSamplingAuraFlow 1, both prompts with the picture as
-    ReferenceLatent, the empty layered latent."""
+    ReferenceLatent, the empty layered latent; and the model as loaded (its default schedule), VAE, CLIP."""
     (model,) = call(split_loaders.unet_loader, env, unet_name=tiny.FILES["unet"], weight_dtype="default")
     (clip,) = call(split_loaders.clip_loader, env, clip_name=tiny.FILES["clip"], type="qwen_image")
     (vae,) = call(loaders.vae_loader, env, vae_name=tiny.FILES["vae"])
@@ -38,7 +38,8 @@ def run(env):
                   latent=ref)[0] for p in (PROMPT, NEGATIVE)]
     (flat,) = call(sd3_nodes.model_sampling_aura_flow, env, model=model, shift=1.0)
     (empty,) = call(latent_layers.empty_qwen_image_layered_latent, env, width=SIZE, height=SIZE, layers=LAYERS)
-    return dict(model=flat, positive=conds[0], negative=conds[1], latent=empty, released=model, vae=vae)
+    return dict(model=flat, positive=conds[0], negative=conds[1], latent=empty, released=model, vae=vae,
+                clip=clip)
 
 
 def _ksampler(env, run, seed: int = SEED, cfg: float = CFG, model=None, steps: int = STEPS) -> torch.Tensor:
@@ -102,7 +103,8 @@ def test_every_sampler_node_equals_ksampler_on_layered_latents(env, run):
 
 def test_bad_latents_are_refused_by_every_sampler_node(env, run):
     """Through each of the four nodes: an image latent on the layered model, a layered latent on plain
-    Qwen-Image, a noise mask on a layered latent: a NodeError naming latent_image and the reason."""
+    Qwen-Image, a noise mask on a layered latent: a NodeError naming latent_image and the reason; prompts
+    without the picture (text to layers, which the pipeline cannot do either): one naming positive."""
     import tiny_qwen_image
     from safetensors.torch import save_file
 
@@ -115,7 +117,7 @@ def test_bad_latents_are_refused_by_every_sampler_node(env, run):
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     conds = dict(positive=run["positive"], negative=run["negative"])
 
-    def nodes(model, latent):
+    def nodes(model, latent, conds=conds):
         (guider,) = call(cs.cfg_guider, env, model=model, cfg=CFG, **conds)
         yield lambda: call(ksampler, env, model=model, seed=1, steps=2, cfg=CFG, sampler_name="euler",
                            scheduler="simple", latent_image=latent, **conds)
@@ -137,6 +139,11 @@ def test_bad_latents_are_refused_by_every_sampler_node(env, run):
             with pytest.raises(NodeError, match=reason) as err:
                 node()
             assert err.value.input_name == "latent_image"
+    (bare,) = call(text.clip_text_encode, env, text=PROMPT, clip=run["clip"])  # no ReferenceLatent
+    for node in nodes(run["model"], layered, conds=dict(positive=bare, negative=bare)):
+        with pytest.raises(NodeError, match="text to layers") as err:
+            node()
+        assert err.value.input_name == "positive"
 
 
 def test_default_schedule_is_the_pipeline_s_size_shift(env, run, monkeypatch):

@@ -13,7 +13,10 @@ What differs from Qwen-Image (nodes.families.qwen_image), and where it lives:
   ``_pack_latents``) and appends the picture's tokens last, as the pipeline does.
 * **The picture.** A ReferenceLatent on the conditioning (ComfyUI's templates: VAEEncode of the
   picture, ReferenceLatent on both prompts). Exactly one is required: the layer rope gives the last
-  image entry frame -1, so without a picture a layer would be taken for it.
+  image entry frame -1, so without a picture a layer would be taken for it. Text to layers (the
+  "Text to Layers" subgraph ComfyUI's image_qwen_image_layered.json ships switched off) is therefore
+  refused: QwenImageLayeredPipeline has no such mode to match (it reads the picture's size first,
+  sizes its shift on the picture's tokens and always gives the picture the last rope entry).
 * **VAE.** An RGBA Wan-2.1-style VAE (4 pixel channels; nodes.checkpoint.qwen_image_vae): layers
   decode to RGBA images, an RGB picture is encoded opaque.
 * **Guidance.** Plain CFG (:meth:`QwenImageLayered.combine_guidance`).
@@ -63,7 +66,8 @@ class QwenImageLayeredNetwork(qwen_image.QwenImageNetwork):
         if reference_latents is None or len(reference_latents.latents) != 1:
             given = 0 if reference_latents is None else len(reference_latents.latents)
             raise ConditioningError(f"{NAME} decomposes one picture: give each prompt exactly one ReferenceLatent "
-                                    f"(VAEEncode of the picture with the layered VAE); got {given}", "positive")
+                                    f"(VAEEncode of the picture with the layered VAE); got {given} (text to layers "
+                                    "without a picture is not supported)", "positive")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         mask = None if text_mask is None else text_mask.to(self.device)
         layers = x.reshape(b, c, frames, h, w)
@@ -84,7 +88,8 @@ class QwenImageLayered(qwen_image.QwenImage):
     name = "qwen_image_layered"
     network_class = QwenImageLayeredNetwork
     layered_latents = True
-    #: The released config with the pipeline's size shift, mu = sqrt(one frame's tokens / 256) (see above).
+    #: Qwen-Image's released config (as before; the layered release's own file was not at hand to compare)
+    #: with the pipeline's size shift, mu = sqrt(one frame's tokens / 256) (see the module docstring).
     scheduler = {**qwen_image.SCHEDULER, MU_RULE: "sqrt"}
     #: Its prompts are Qwen-Image's (CLIPLoader type qwen_image gives Qwen-Image's CLIP, which the Edit nodes
     #: also take); the conditioning is the same.
