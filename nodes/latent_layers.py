@@ -7,12 +7,15 @@ Three small rules let them through the image pipeline without a second sampler:
 * :func:`fold` stacks the frames down the height, [B, C, frames * h, w]: the same numbers in the same
   order, so the sampler's per-image noise (drawn at the latent's shape) is the noise drawn at the 5-D
   shape, and every step of every sampler is elementwise. :func:`unfold` undoes it; the frame count rides
-  to the network on the conditioning (:data:`FRAMES`).
+  to the network on the conditioning (:data:`FRAMES`). :func:`fold_for_sampling` does both for every
+  sampler node (KSampler, KSamplerAdvanced, SamplerCustom, SamplerCustomAdvanced), with the refusals,
+  so they all sample a layered latent the same way.
 * :func:`single_frames` lets VAEDecode take ``LatentCutToBatch``'s one-frame latents.
 * ``LatentCut``/``LatentCutToBatch`` on ``t`` cut the frame axis, as ComfyUI's do.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -44,6 +47,67 @@ def unfold(samples: "Any", frames: int) -> "Any":
 def tag_frames(conditioning: list, frames: int) -> list:
     """The conditioning with each entry carrying ``frames`` (:data:`FRAMES`) for the network."""
     return [[t, {**extra, FRAMES: frames}] for t, extra in conditioning]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Folded:
+    """A sampler node's latent and conditionings as the image sampler takes them: ``latent`` the LATENT
+    with its samples folded, the conditionings tagged with the frame count,
+    ``frames`` 0 for an image latent (then everything is as given)."""
+
+    latent: dict
+    positive: Any
+    negative: Any
+    dual: Any
+    frames: int
+
+    def unfold(self, samples: "Any") -> "Any":
+        """A sampled (folded) latent back in the input's layout."""
+        return unfold(samples, self.frames)
+
+    def sampling_config(self, config: dict) -> dict:
+        """The model's scheduler config for this latent: with the frame count for a folded one, so a
+        size-dependent shift is sized on one frame (nodes.samplers.flow.LATENT_FRAMES)."""
+        from nodes.samplers.flow import LATENT_FRAMES
+
+        return {**config, LATENT_FRAMES: self.frames} if self.frames else config
+
+    def frame_height(self, samples: "Any") -> int:
+        """The height of one frame of the (folded) ``samples``."""
+        return int(samples.shape[2]) // max(self.frames, 1)
+
+
+def fold_for_sampling(model: Any, latent: dict, positive: Any, negative: Any, dual: Any = None,
+                      input_name: str = "latent_image") -> Folded:
+    """Every sampler node's way in for a latent that may have a frame axis (see the module docstring).
+
+    A family with ``layered_latents`` (Qwen-Image-Layered) takes only [B, C, frames, h, w], every other
+    only [B, C, h, w]; a mismatch, or a noise mask on a layered latent (a mask is drawn for one picture,
+    not per layer), is refused naming ``input_name``. ``dual`` is a guider's third conditioning holder
+    (DualCFGGuider's, PerpNeg's: anything with a ``middle``), tagged like the other two. ``latent`` must
+    be a LATENT whose samples are a tensor (the nodes check that first)."""
+    samples = latent["samples"]
+    family = model.family
+    layered = bool(getattr(family, "layered_latents", False))
+    if samples.ndim == 5 and not layered:
+        raise NodeError(f"the latent has a frame axis {tuple(samples.shape)} [B, C, frames, h, w] (a layered "
+                        f"latent, EmptyQwenImageLayeredLatentImage's) but this {family.name} model denoises "
+                        "images; load a Qwen-Image-Layered model or start from an image latent", input_name)
+    if samples.ndim not in (4, 5) or (layered and samples.ndim != 5):
+        want = "[B, C, frames, h, w] (EmptyQwenImageLayeredLatentImage)" if layered else "[B, C, h, w]"
+        raise NodeError(f"latent samples must be {want} for this {family.name} model, got shape "
+                        f"{tuple(samples.shape)}", input_name)
+    if not layered:
+        return Folded(latent, positive, negative, dual, 0)
+    if latent.get("noise_mask") is not None:
+        raise NodeError("a noise mask on a layered latent is not supported: Qwen-Image-Layered decomposes the "
+                        "whole picture (remove SetLatentNoiseMask)", input_name)
+    folded, frames = fold(samples)
+    out = dict(latent, samples=folded)  # (AddNoise takes image latents only: no noise to fold)
+    if getattr(dual, "middle", None) is not None:
+        dual = dataclasses.replace(dual, middle=tag_frames(dual.middle, frames))
+    tag = lambda cond: None if cond is None else tag_frames(cond, frames)  # noqa: E731 (BasicGuider: no negative)
+    return Folded(out, tag(positive), tag(negative), dual, frames)
 
 
 def single_frames(latent: "Any", node: str, input_name: str = "samples") -> "Any":

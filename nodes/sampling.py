@@ -12,7 +12,7 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Batch, Input, Output, define_node
 from nodes.latent import MAX_SEED, image_seeds, widen_empty
-from nodes.latent_layers import fold, tag_frames, unfold
+from nodes.latent_layers import fold_for_sampling
 from nodes.runtime.offload import say_if_offloaded
 from nodes.samplers.names import SCHEDULERS, resolve_sampler, resolve_scheduler, sampler_choices
 
@@ -183,12 +183,14 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
         raise NodeError("expected a LATENT (a dict with 'samples')", "latent_image")
     if int(steps) < 1:
         raise NodeError(f"steps must be at least 1, got {steps}", "steps")
-    samples, frames = _folded(model, latent_image["samples"].to(torch.float32))
-    if frames:  # the network unfolds the layers (nodes.latent_layers)
-        positive, negative = tag_frames(positive, frames), tag_frames(negative, frames)
+    # a layered latent folded to an image one, the frame count on the prompts (nodes.latent_layers)
+    layers = fold_for_sampling(model, latent_image, positive, negative,
+                               getattr(getattr(model, "patches", None), "perp_neg", None))
+    latent, positive, negative, perp = layers.latent, layers.positive, layers.negative, layers.dual
+    samples = latent["samples"].to(torch.float32)
     batch = samples.shape[0] // len(job_seeds)  # images per job
     channels = getattr(model, "latent_channels", samples.shape[1])
-    if latent_image.get("strength") is None:  # ComfyUI's rule, as SamplerCustomAdvanced's
+    if latent.get("strength") is None:  # ComfyUI's rule, as SamplerCustomAdvanced's
         samples = widen_empty(samples, channels, getattr(getattr(model, "latent", None), "downscale", 8))
     if samples.shape[1] != channels:
         raise NodeError(f"the latent has {samples.shape[1]} channels but this {model.family.name} model works on "
@@ -197,16 +199,16 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
 
     # One generator per image: its first draw is that image's starting noise, later
     # draws feed ancestral/SDE steps (diffusers' pipelines draw in the same order).
-    seeds = [s for seed in job_seeds for s in image_seeds(seed, batch, latent_image.get("batch_index"))]
+    seeds = [s for seed in job_seeds for s in image_seeds(seed, batch, latent.get("batch_index"))]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn((1, *samples.shape[1:]), generator=g) for g in generators])
 
-    strength = latent_image.get("strength")
+    strength = latent.get("strength")
     if strength is not None:
         strength = float(strength)
         if not 0.0 <= strength <= 1.0:
             raise NodeError(f"the latent's strength must be within 0..1, got {strength}", "latent_image")
-        given = latent_image.get("noise")
+        given = latent.get("noise")
         if not isinstance(given, torch.Tensor) or given.shape != samples.shape:
             raise NodeError("the latent has a strength but no noise of its shape (re-run AddNoise)", "latent_image")
         noise = given.to(torch.float32)
@@ -220,16 +222,16 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     # ComfyUI's rule, as SamplerCustom's: an empty latent is not shifted into model space (it stays
     # zero), which matters where the latent map has an offset (FLUX's shift, Playground's means).
     x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
-    perp = model.patches.perp_neg  # the PerpNeg patch's empty prompt is prepared with the others
+    # perp: the PerpNeg patch's empty prompt, prepared with the others
     positive, negative, perp = unclip.for_sampling(model, positive, negative, job_seeds, perp)
-    prep = inpaint_sampling.prepare(model, positive, negative, latent_image, x0, ctx.message,
+    prep = inpaint_sampling.prepare(model, positive, negative, latent, x0, ctx.message,
                                     middle=None if perp is None else perp.middle,
                                     middle_name="model" if perp is None else perp.middle_input)
     if prep.nothing_to_repaint:
         return list(latent_image["samples"].split(batch))
     try:
-        p = make_plan(spec, schedule, model.scheduler_config, int(steps), x0=x0, noise=noise,
-                      strength=strength, denoise=float(denoise))
+        p = make_plan(spec, schedule, layers.sampling_config(model.scheduler_config), int(steps), x0=x0,
+                      noise=noise, strength=strength, denoise=float(denoise))
     except loop.ConditioningError as exc:  # e.g. a sampler the model's sampling (flow) lacks
         raise NodeError(str(exc), exc.input_name) from None
     if p.start is None:  # strength 0 / denoise 0: nothing to denoise
@@ -258,19 +260,4 @@ def _sample(ctx, model, job_seeds: list[int], steps: int, cfg: float, sampler_na
     final = model.latent.from_model(result).to("cpu", torch.float32)
     if hold is not None:
         final = hold.finish(samples, final)
-    return list(unfold(final, frames).split(batch))
-
-
-def _folded(model, samples):
-    """(image latent, frames): a layered latent [B, C, frames, h, w] folded for a family that
-    denoises them (nodes.latent_layers), frames 0 for an image latent; a mismatch is refused."""
-    layered = getattr(model.family, "layered_latents", False)
-    if samples.ndim == 5 and not layered:
-        raise NodeError(f"the latent has a frame axis {tuple(samples.shape)} [B, C, frames, h, w] (a layered "
-                        f"latent, EmptyQwenImageLayeredLatentImage's) but this {model.family.name} model denoises "
-                        "images; load a Qwen-Image-Layered model or start from an image latent", "latent_image")
-    if samples.ndim not in (4, 5) or (layered and samples.ndim != 5):
-        want = "[B, C, frames, h, w] (EmptyQwenImageLayeredLatentImage)" if layered else "[B, C, h, w]"
-        raise NodeError(f"latent samples must be {want} for this {model.family.name} model, got shape "
-                        f"{tuple(samples.shape)}", "latent_image")
-    return fold(samples)
+    return list(layers.unfold(final).split(batch))

@@ -9,7 +9,8 @@ import torch
 
 import tiny_qwen_image_layered as tiny
 from node_call import call, environment_over
-from nodes import kontext, latent_layers, latent_math, loaders, sd3_nodes, split_loaders, text, vae as vae_nodes
+from nodes import custom_sampling, kontext, latent_layers, latent_math, loaders, sd3_nodes, split_loaders, text
+from nodes import vae as vae_nodes
 from nodes.sampling import ksampler
 
 PROMPT = "a red ball in front of a wall"
@@ -67,20 +68,23 @@ def kiln(env, loaded, pixels: np.ndarray, *, layers: int = LAYERS, sampled: list
 
 
 def diffusers(pixels: np.ndarray, monkeypatch, *, prompt: str = PROMPT, negative: str = NEGATIVE,
-              cfg: float = CFG, seed: int = SEED) -> np.ndarray:
-    """The pipeline on the same picture (RGBA, opaque) at SIZE, with Kiln's starting noise for ``seed``."""
+              cfg: float = CFG, seed: int = SEED, scheduler=None, steps: int = STEPS) -> np.ndarray:
+    """The pipeline on the same picture (RGBA, opaque) at SIZE, with Kiln's starting noise for ``seed``
+    (and ``scheduler`` in place of the tiny one's unshifted scheduler when given)."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
     from PIL import Image
 
     monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (SIZE, SIZE))
     pipe = tiny.pipeline()
+    if scheduler is not None:
+        pipe.scheduler = scheduler
     rgba = np.concatenate([pixels[0], np.ones_like(pixels[0][..., :1])], -1)
     image = Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA")
     noise = torch.randn((1, 16, LAYERS + 1, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(seed))
     packed = pipe._pack_latents(noise.permute(0, 2, 1, 3, 4), 1, 16, SIZE // 8, SIZE // 8, LAYERS + 1)
     with torch.no_grad():
         out = pipe(image=image, prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg, layers=LAYERS,
-                   num_inference_steps=STEPS, cfg_normalize=False, latents=packed, output_type="np",
+                   num_inference_steps=steps, cfg_normalize=False, latents=packed, output_type="np",
                    generator=torch.Generator().manual_seed(seed))
     return np.asarray(out.images[0])
 
@@ -141,8 +145,8 @@ def test_layer_nodes_follow_comfyui(env):
 
 def test_mismatched_inputs_name_node_and_input(env, loaded, root):
     """A layered latent on plain Qwen-Image, an image latent on the layered model, no picture, a
-    many-frame latent at VAEDecode, a layered latent at the custom samplers, t on an image latent: each
-    refused naming its input."""
+    many-frame latent at VAEDecode, a layered latent at SamplerCustom on plain Qwen-Image, t on an image
+    latent: each refused naming its input."""
     import tiny_qwen_image
 
     from engine.context import NodeError
@@ -167,10 +171,10 @@ def test_mismatched_inputs_name_node_and_input(env, loaded, root):
     with pytest.raises(NodeError, match="LatentCutToBatch") as err:
         call(vae_nodes.vae_decode, env, samples=layered, vae=vae)
     assert err.value.input_name == "samples"
-    from nodes.samplers.custom import check_latent  # SamplerCustom(Advanced), KSamplerAdvanced: not folded
-
-    with pytest.raises(NodeError, match="samples with KSampler") as err:
-        check_latent(layered)
+    with pytest.raises(NodeError, match="layered") as err:  # the custom samplers refuse as KSampler does
+        call(custom_sampling.sampler_custom, env, model=plain, add_noise=True, noise_seed=1, cfg=1.0, positive=cond,
+             negative=cond, sampler=call(custom_sampling.ksampler_select, env, sampler_name="euler")[0],
+             sigmas=torch.tensor([1.0, 0.0]), latent_image=layered)
     assert err.value.input_name == "latent_image"
     with pytest.raises(NodeError, match="no time/layer axis") as err:
         call(latent_layers.latent_cut_to_batch, env, samples={"samples": torch.zeros(1, 16, 4, 4)}, dim="t",

@@ -13,14 +13,20 @@ What differs from Qwen-Image (nodes.families.qwen_image), and where it lives:
   ``_pack_latents``) and appends the picture's tokens last, as the pipeline does.
 * **The picture.** A ReferenceLatent on the conditioning (ComfyUI's templates: VAEEncode of the
   picture, ReferenceLatent on both prompts). Exactly one is required: the layer rope gives the last
-  image entry frame -1, so without a picture a layer would be taken for it.
+  image entry frame -1, so without a picture a layer would be taken for it. Text to layers (the
+  "Text to Layers" subgraph ComfyUI's image_qwen_image_layered.json ships switched off) is therefore
+  refused: QwenImageLayeredPipeline has no such mode to match (it reads the picture's size first,
+  sizes its shift on the picture's tokens and always gives the picture the last rope entry).
 * **VAE.** An RGBA Wan-2.1-style VAE (4 pixel channels; nodes.checkpoint.qwen_image_vae): layers
   decode to RGBA images, an RGB picture is encoded opaque.
 * **Guidance.** Plain CFG (:meth:`QwenImageLayered.combine_guidance`).
 * **Sampling.** ComfyUI's templates fix the schedule with ModelSamplingAuraFlow (shift 1: linear
-  sigmas), which equals the pipeline run with a shift-1, unshifted scheduler. The pipeline's own
-  size shift (mu = sqrt(picture tokens / 256)) is not Kiln's default here: KSampler without
-  ModelSamplingAuraFlow uses Qwen-Image's released schedule.
+  sigmas), which equals the pipeline run with a shift-1, unshifted scheduler. Without it Kiln's
+  default is the pipeline's grid, as for Qwen-Image: the released scheduler config with
+  QwenImageLayeredPipeline's size shift, mu = sqrt(tokens / 256) counted on one frame
+  (flow.MU_RULE "sqrt"; the pipeline counts the picture's tokens, the same number when the layers
+  are the picture's size, as ComfyUI's templates make them). ComfyUI itself loads the layered
+  file as its Qwen-Image model (supported_models.QwenImage: a fixed shift 1.15, no size shift).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.latent_layers import FRAMES
+from nodes.samplers.flow import MU_RULE
 
 NAME = "Qwen-Image-Layered"
 #: Only Qwen-Image-Layered's transformer has the extra time embedding (is the picture RGB or RGBA); the
@@ -59,7 +66,8 @@ class QwenImageLayeredNetwork(qwen_image.QwenImageNetwork):
         if reference_latents is None or len(reference_latents.latents) != 1:
             given = 0 if reference_latents is None else len(reference_latents.latents)
             raise ConditioningError(f"{NAME} decomposes one picture: give each prompt exactly one ReferenceLatent "
-                                    f"(VAEEncode of the picture with the layered VAE); got {given}", "positive")
+                                    f"(VAEEncode of the picture with the layered VAE); got {given} (text to layers "
+                                    "without a picture is not supported)", "positive")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         mask = None if text_mask is None else text_mask.to(self.device)
         layers = x.reshape(b, c, frames, h, w)
@@ -80,6 +88,9 @@ class QwenImageLayered(qwen_image.QwenImage):
     name = "qwen_image_layered"
     network_class = QwenImageLayeredNetwork
     layered_latents = True
+    #: Qwen-Image's released config (as before; the layered release's own file was not at hand to compare)
+    #: with the pipeline's size shift, mu = sqrt(one frame's tokens / 256) (see the module docstring).
+    scheduler = {**qwen_image.SCHEDULER, MU_RULE: "sqrt"}
     #: Its prompts are Qwen-Image's (CLIPLoader type qwen_image gives Qwen-Image's CLIP, which the Edit nodes
     #: also take); the conditioning is the same.
     clip_types = ()

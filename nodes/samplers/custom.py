@@ -111,15 +111,16 @@ def check_sigmas(sigmas: Any, input_name: str = "sigmas") -> "torch.Tensor":
 
 
 def check_latent(latent: Any, input_name: str = "latent_image") -> "torch.Tensor":
+    """A LATENT's samples as float32: an image latent [B, C, h, w] or a layered one [B, C, frames, h, w]
+    (which of the two the model takes is :func:`nodes.latent_layers.fold_for_sampling`'s check)."""
     import torch
 
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise NodeError("expected a LATENT (a dict with 'samples')", input_name)
     samples = latent["samples"]
-    if samples.ndim != 4:
-        hint = ("; a layered latent [B, C, frames, h, w] (Qwen-Image-Layered's) samples with KSampler"
-                if samples.ndim == 5 else "")
-        raise NodeError(f"latent samples must be [B, C, h, w], got shape {tuple(samples.shape)}{hint}", input_name)
+    if samples.ndim not in (4, 5):
+        raise NodeError(f"latent samples must be [B, C, h, w] (or a layered [B, C, frames, h, w]), got shape "
+                        f"{tuple(samples.shape)}", input_name)
     return samples.to(torch.float32)
 
 
@@ -138,6 +139,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
 
     from nodes import inpaint_sampling
     from nodes.latent import widen_empty
+    from nodes.latent_layers import fold_for_sampling
     from nodes.samplers import loop
     from nodes.samplers.hold import Hold
     from nodes.samplers.model_sampling import for_model
@@ -148,7 +150,13 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     if len(sigmas) < 2:
         raise NodeError(f"SIGMAS has {len(sigmas)} value(s): sampling needs at least 2 (a start and an end); "
                         "check the scheduler's steps and denoise or where SplitSigmas splits", sigmas_input)
-    samples = check_latent(latent, latent_input)
+    check_latent(latent, latent_input)
+    # a layered latent folded to an image one, the frame count on the prompts (nodes.latent_layers)
+    given = latent
+    layers = fold_for_sampling(model, latent, guider.positive, guider.negative,
+                               guider.dual if guider.dual is not None else model.patches.perp_neg, latent_input)
+    latent = layers.latent
+    samples = latent["samples"].to(torch.float32)
     channels = model.latent.channels
     # ComfyUI's rule: an empty latent takes the model's channels (and its pixels per cell)
     samples = widen_empty(samples, channels, model.latent.downscale)
@@ -161,20 +169,20 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     start_noise, generators = noise.draw(samples, latent.get("batch_index"))
     # ComfyUI's rule: an empty latent is not shifted into model space (it stays zero).
     x0 = model.latent.to_model(samples) if bool(torch.count_nonzero(samples)) else samples
-    for note in sampling.notes(samples.shape[2], samples.shape[3]):
+    for note in sampling.notes(layers.frame_height(samples), samples.shape[3]):  # a layered latent: one frame
         ctx.message(note)
     # A noise mask and an inpainting model's extra channels: KSampler's preparation, shared.
-    dual = guider.dual if guider.dual is not None else model.patches.perp_neg
     from nodes import unclip
 
-    positive, negative, dual = unclip.for_sampling(model, guider.positive, guider.negative, [int(noise.seed)], dual)
+    positive, negative, dual = unclip.for_sampling(model, layers.positive, layers.negative, [int(noise.seed)],
+                                                   layers.dual)
     prep = inpaint_sampling.prepare(model, positive, negative, latent, x0, ctx.message,
                                     middle=None if dual is None else dual.middle,
                                     middle_name=getattr(dual, "middle_input", "cond2"))
     if dual is not None:  # the second prompt with the inpainting channels the others got
         dual = dataclasses.replace(dual, middle=prep.middle)
     if prep.nothing_to_repaint:
-        out = {k: v for k, v in latent.items() if k not in NOISE_KEYS}
+        out = {k: v for k, v in given.items() if k not in NOISE_KEYS}
         return out, out
     try:
         sched, timesteps = sampling.stepper(spec, sigmas)
@@ -214,14 +222,15 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     except loop.ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))
-    out = {k: v for k, v in latent.items() if k not in NOISE_KEYS}
-    out["samples"] = model.latent.from_model(result).to("cpu", torch.float32)
+    out = {k: v for k, v in given.items() if k not in NOISE_KEYS}
+    final = model.latent.from_model(result).to("cpu", torch.float32)
     if hold is not None and float(sigmas[-1]) == 0.0:
         # Kept pixels are the input's exactly once the run is done; a run that stops early
         # (leftover noise for a second sampler) hands on its held, noised state as it is.
-        out["samples"] = hold.finish(samples, out["samples"])
+        final = hold.finish(samples, final)
+    out["samples"] = layers.unfold(final)
     if not denoised:
         return out, out
     clean = dict(out)
-    clean["samples"] = model.latent.from_model(denoised[0].to(torch.float32)).to("cpu", torch.float32)
+    clean["samples"] = layers.unfold(model.latent.from_model(denoised[0].to(torch.float32)).to("cpu", torch.float32))
     return out, clean

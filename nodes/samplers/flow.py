@@ -102,8 +102,12 @@ TRAIN_GRID = "kiln_train_grid"
 DEFAULT_SHIFT_SIZE = 1024
 #: Kiln's key for a flow config whose ``mu`` follows another rule than diffusers' ``calculate_shift``:
 #: "flux2" is FLUX.2's empirical one (:func:`empirical_mu`), on latents already cut into patches;
-#: "per_pixel" is ``calculate_shift`` counting one token per latent pixel (FIBO 2's patch latents).
+#: "per_pixel" is ``calculate_shift`` counting one token per latent pixel (FIBO 2's patch latents);
+#: "sqrt" is QwenImageLayeredPipeline's ``sqrt(tokens / 256)``, tokens counted on one frame.
 MU_RULE = "kiln_mu_rule"
+#: Kiln's key a sampler node sets on its copy of the config for a folded layered latent
+#: (nodes.latent_layers): its frame count, so ``mu`` is sized on one frame, not the stack.
+LATENT_FRAMES = "kiln_latent_frames"
 
 
 def is_flow(config: Mapping[str, Any]) -> bool:
@@ -131,15 +135,25 @@ def empirical_mu(seq_len: int, steps: int) -> float:
     return float(slope * steps + at_200 - 200.0 * slope)
 
 
+def mu_of(config: Mapping[str, Any], seq_len: float) -> float:
+    """``mu`` for ``seq_len`` tokens by the config's rule (:data:`MU_RULE`; FLUX.2's needs steps: see
+    :func:`mu_for`): diffusers' ``calculate_shift`` or QwenImageLayeredPipeline's square root."""
+    if config.get(MU_RULE) == "sqrt":
+        return math.sqrt(float(seq_len) / 256.0)
+    return calculate_mu(config, int(seq_len))
+
+
 def mu_for(config: Mapping[str, Any], h: int, w: int, steps: int | None = None) -> float | None:
     """``mu`` for a latent of h x w (2x2 patches), or the one ModelSamplingFlux fixed; None: unshifted.
-    A FLUX.2 config (:data:`MU_RULE`) counts one token per latent pixel and needs ``steps``."""
+    A FLUX.2 config (:data:`MU_RULE`) counts one token per latent pixel and needs ``steps``; a folded
+    layered latent (:data:`LATENT_FRAMES`) is sized on one of its frames."""
     if not config.get("use_dynamic_shifting"):
         return None
+    h //= int(config.get(LATENT_FRAMES) or 1)
     if config.get(MU_RULE) == "flux2":
         return empirical_mu(int(config.get(SHIFT_SEQ_LEN) or h * w), int(steps or 1))
     seq_len = config.get(SHIFT_SEQ_LEN) or (h * w if config.get(MU_RULE) == "per_pixel" else (h // 2) * (w // 2))
-    return calculate_mu(config, int(seq_len))
+    return mu_of(config, seq_len)
 
 
 class FlowSchedule:
@@ -163,7 +177,7 @@ class FlowSchedule:
         #: size ModelSamplingFlux fixed, else ComfyUI's default 1024 px: mu = max_shift), or a fixed one.
         if config.get("use_dynamic_shifting"):
             seq_len = config.get(SHIFT_SEQ_LEN) or (DEFAULT_SHIFT_SIZE // 16) ** 2
-            self._mu, self._shift = calculate_mu(config, int(seq_len)), None
+            self._mu, self._shift = mu_of(config, seq_len), None
         else:
             self._mu, self._shift = None, float(config.get("shift", 1.0))
         from nodes.samplers import velocity_rule
