@@ -202,7 +202,7 @@ class ClipHandle:
 
     def peek_whole(self, module: str) -> "torch.nn.Module":
         """:meth:`peek` with every part the loader left to build on first use built (nodes.runtime.deferred:
-        Krea 2's vision tower), for what must see all of the encoder's weights: a merge, a LoRA that patches
+        a Qwen-VL's vision tower), for what must see all of the encoder's weights: a merge, a LoRA that patches
         such a part. Built through the model manager, which counts it (:meth:`encoder`'s ``parts``)."""
         from nodes.runtime.deferred import pending
 

@@ -202,7 +202,7 @@ def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any
         raise OSError("vae/ or text_encoder/ holds no .safetensors")
     vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
     # the text encoder's files stay a lazily read view: each tensor is read as the build asks for it, and
-    # a part left for later (Krea 2's vision tower: nodes.checkpoint.qwen3_vision) holds no memory until then
+    # a part left for later (a Qwen-VL's vision tower: nodes.checkpoint.qwen_vision) holds no memory until then
     te_state = ShardedState({k: state for state in map(open_state, te_files) for k in state})
     return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
             "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}
