@@ -202,7 +202,7 @@ class ClipHandle:
 
     def peek_whole(self, module: str) -> "torch.nn.Module":
         """:meth:`peek` with every part the loader left to build on first use built (nodes.runtime.deferred:
-        Krea 2's vision tower), for what must see all of the encoder's weights: a merge, a LoRA that patches
+        a Qwen-VL's vision tower), for what must see all of the encoder's weights: a merge, a LoRA that patches
         such a part. Built through the model manager, which counts it (:meth:`encoder`'s ``parts``)."""
         from nodes.runtime.deferred import pending
 
@@ -216,7 +216,7 @@ class ClipHandle:
     @contextlib.contextmanager
     def encoder(self, module: str, parts: tuple[str, ...] = ()) -> Iterator["torch.nn.Module"]:
         """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use. ``parts``:
-        its submodules loaded only when a job needs them (a Qwen3-VL's vision tower, ``"visual"``: the
+        its submodules loaded only when a job needs them (a Qwen-VL's vision tower, ``"visual"``: the
         picture-reading nodes name it), built and placed with it now if not yet (nodes.runtime.deferred)."""
         from nodes.runtime.patches import patched
 

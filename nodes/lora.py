@@ -42,7 +42,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _targets(model: ModelHandle | None, clip: ClipHandle | None, keys: Any) -> dict[str, Any]:
     """target name -> network (on whatever device it is; only names and shapes are read). A text encoder
-    part left to build on first use (Krea 2's vision tower) is built when the LoRA's ``keys`` name it, so
+    part left to build on first use (a Qwen-VL's vision tower) is built when the LoRA's ``keys`` name it, so
     its modules are patched rather than reported unmatched."""
     from nodes.runtime.deferred import pending
 

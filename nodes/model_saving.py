@@ -53,7 +53,7 @@ def read_module(use: Callable[[], contextlib.AbstractContextManager], input_name
 
 def whole_encoder(clip: ClipHandle, module: str) -> contextlib.AbstractContextManager:
     """Text encoder ``module`` with every part it leaves to build on first use built (nodes.runtime.deferred:
-    Krea 2's vision tower), so a saved file holds the whole model, as the file it was loaded from did."""
+    a Qwen-VL's vision tower), so a saved file holds the whole model, as the file it was loaded from did."""
     from nodes.runtime.deferred import pending
 
     return clip.encoder(module, pending(clip.peek(module)))

@@ -159,33 +159,45 @@ def test_clipsave_writes_the_tower_it_has_not_loaded_yet(env):
     assert all(torch.equal(got[k], theirs[k]) for k in theirs)
 
 
-def test_a_clip_lora_or_merge_on_the_tower_builds_it_and_patches_it(env, root):
-    """A LoRA naming tower modules (kohya's lora_te_visual_*) is matched against the built tower, not
-    reported unmatched against the empty slot; a LoRA of the language model alone leaves it unbuilt;
-    a merge of two Krea 2 CLIPs merges their towers too."""
+def lora_context(env, messages: list[str]):
+    """A LoraLoader node's context whose messages go to ``messages``."""
+    from engine.context import NodeContext
+
+    return NodeContext(env=env, job=None, node_id="1", node_type="LoraLoader", _progress=lambda *a: None,
+                       _is_interrupted=lambda: False, _message=messages.append)
+
+
+def tower_and_text_loras(root, source, tower: str, text: str, rank: int = 2):
+    """Two kohya CLIP LoRAs for a Qwen-VL ``source`` (Qwen2.5-VL's or Qwen3-VL's: the same module names) in
+    ``root``/loras: ``tower``.safetensors on the vision tower's first qkv (random, alpha = rank) and
+    ``text``.safetensors on the language model's first up_proj (zeros). Returns (the tower weight, up, down)."""
     from safetensors.torch import save_file
 
-    from engine.context import NodeContext
-    from nodes.lora import apply_lora
-
-    messages: list[str] = []
-    ctx = NodeContext(env=env, job=None, node_id="1", node_type="LoraLoader", _progress=lambda *a: None,
-                      _is_interrupted=lambda: False, _message=messages.append)
-
-    source = tiny_krea2.components()["text_encoder"]
     weight = source.visual.blocks[0].attn.qkv.weight
-    rank = 2
+    mlp = source.language_model.layers[0].mlp.up_proj.weight
     down = torch.randn(rank, weight.shape[1], generator=torch.Generator().manual_seed(3))
     up = torch.randn(weight.shape[0], rank, generator=torch.Generator().manual_seed(4))
     loras = root / "loras"
     loras.mkdir(exist_ok=True)
     save_file({"lora_te_visual_blocks_0_attn_qkv.lora_down.weight": down,
                "lora_te_visual_blocks_0_attn_qkv.lora_up.weight": up,
-               "lora_te_visual_blocks_0_attn_qkv.alpha": torch.tensor(float(rank))}, str(loras / "tower.safetensors"))
-    save_file({"lora_te_language_model_layers_0_mlp_up_proj.lora_down.weight": torch.zeros(rank, 32),
-               "lora_te_language_model_layers_0_mlp_up_proj.lora_up.weight": torch.zeros(
-                   source.language_model.layers[0].mlp.up_proj.weight.shape[0], rank)},
-              str(loras / "text.safetensors"))
+               "lora_te_visual_blocks_0_attn_qkv.alpha": torch.tensor(float(rank))},
+              str(loras / f"{tower}.safetensors"))
+    save_file({"lora_te_language_model_layers_0_mlp_up_proj.lora_down.weight": torch.zeros(rank, mlp.shape[1]),
+               "lora_te_language_model_layers_0_mlp_up_proj.lora_up.weight": torch.zeros(mlp.shape[0], rank)},
+              str(loras / f"{text}.safetensors"))
+    return weight, up, down
+
+
+def test_a_clip_lora_or_merge_on_the_tower_builds_it_and_patches_it(env, root):
+    """A LoRA naming tower modules (kohya's lora_te_visual_*) is matched against the built tower, not
+    reported unmatched against the empty slot; a LoRA of the language model alone leaves it unbuilt;
+    a merge of two Krea 2 CLIPs merges their towers too."""
+    from nodes.lora import apply_lora
+
+    messages: list[str] = []
+    ctx = lora_context(env, messages)
+    weight, up, down = tower_and_text_loras(root, tiny_krea2.components()["text_encoder"], "tower", "text")
     text_only = _clip(env)
     apply_lora(ctx, "text.safetensors", None, text_only, 0.0, 1.0)
     assert text_only.peek("text_encoder").visual is None

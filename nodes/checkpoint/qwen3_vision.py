@@ -60,33 +60,16 @@ def vision_config(shapes: Mapping[str, tuple], what: str) -> dict[str, Any]:
 
 def with_tower_on_demand(text_model: Any, visual: Mapping[str, Any], what: str, dtype: Any, label: str) -> Any:
     """transformers' ``Qwen3VLModel`` around the built language model ``text_model`` (a Qwen3VLTextModel),
-    its tower left unbuilt: the config is read from the tower's shapes now (an incomplete tower is a
-    CheckpointError at load, as before), the weights when a job first hands the encoder a picture
-    (nodes.runtime.deferred; :func:`build_tower` from ``visual``, the file's bare tower tensors, which a
-    lazily read file's view keeps unread until then). ``label`` names the tower in errors."""
-    from transformers import Qwen3VLConfig, Qwen3VLModel
+    its tower left unbuilt (nodes.checkpoint.qwen_vision.with_tower_on_demand, as Qwen2.5-VL's): the config
+    is read from the tower's shapes now (an incomplete tower is a CheckpointError at load, as before), the
+    weights from ``visual``, the file's bare tower tensors, when a job first hands the encoder a picture.
+    ``label`` names the tower in errors."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel, Qwen3VLVisionModel
 
-    from nodes.checkpoint.load import _empty
+    from nodes.checkpoint import qwen_vision
     from nodes.checkpoint.tensors import shapes_of
-    from nodes.runtime import deferred
 
     vision = vision_config(shapes_of(visual), what)
     config = Qwen3VLConfig(text_config=text_model.config.to_dict(), vision_config=vision)
-    model = _empty(Qwen3VLModel, config)  # every weight on "meta": the text model replaces its own
-    model.language_model = text_model
-    tower_config = model.config.vision_config
-    deferred.defer(model, TOWER, lambda: build_tower(visual, tower_config, what, dtype, label))
-    return model.eval()
-
-
-def build_tower(visual: Mapping[str, Any], config: Any, what: str, dtype: Any, label: str) -> Any:
-    """transformers' ``Qwen3VLVisionModel`` (``config``: a Qwen3VLVisionConfig) holding the bare tower tensors
-    ``visual``; fp8_scaled / int8 layers get their scales (nodes.checkpoint.scaled_fp8)."""
-    from transformers import Qwen3VLVisionModel
-
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.load import _empty
-
-    sub, scales = scaled_fp8.take(visual, what)
-    tower = _empty(Qwen3VLVisionModel, config)
-    return scaled_fp8.fill_as_stored(tower, sub, scales, dtype, what, f"{label} ({what})")
+    return qwen_vision.with_tower_on_demand(Qwen3VLModel, Qwen3VLVisionModel, config, text_model, visual, what,
+                                            dtype, label)

@@ -7,7 +7,8 @@
   its language model under ``model.`` (ComfyUI's layout; transformers 5 saves it under
   ``model.language_model.``) and its vision tower under ``visual.``, which the Edit models read
   pictures with (nodes.checkpoint.qwen_vision). Kiln builds transformers' ``Qwen2_5_VLModel`` from
-  the shapes, or ``Qwen2_5_VLTextModel`` for a file without the tower.
+  the shapes, its tower on the first picture read (:func:`build_text_model`), or
+  ``Qwen2_5_VLTextModel`` for a file without the tower.
 * The VAE (VAELoader, ``qwen_image_vae.safetensors``): nodes.checkpoint.qwen_image_vae.
 * A diffusers folder (``QwenImagePipeline.save_pretrained``), its own tokenizer/ used.
 """
@@ -130,10 +131,14 @@ def text_config(shapes: Mapping[str, tuple], what: str) -> Any:
 
 
 def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """The Qwen2.5-VL of a file: transformers' ``Qwen2_5_VLModel`` (language model and vision tower,
-    which Qwen-Image-Edit reads pictures with) when the file holds ``visual.*``, else the language
-    model alone (``Qwen2_5_VLTextModel``); the lm_head is left out either way."""
+    """The Qwen2.5-VL of a file, the lm_head left out: the language model (``Qwen2_5_VLTextModel``), and
+    when the file holds ``visual.*`` transformers' ``Qwen2_5_VLModel`` around it with the vision tower
+    (which the Edit models and TextGenerate read pictures with) left to build on the first picture read
+    (nodes.checkpoint.qwen_vision.with_tower_on_demand: a text-to-image job never holds its weights, about
+    0.7B parameters in Qwen2.5-VL 7B). Text-only encoding runs the same language model either way. Only the
+    language model's tensors are read now (``state`` may be a lazily read file's view)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextModel
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from nodes.checkpoint import qwen_vision, scaled_fp8
     from nodes.checkpoint.load import _empty
@@ -144,21 +149,16 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen2.5-VL language model (no {TEXT_MARKER} with embed_tokens); "
                               "CLIPLoader type qwen_image needs qwen_2.5_vl_7b*.safetensors")
-    sub = language_state(state, prefix)
-    visual = qwen_vision.vision_state(state)
-    text = text_config(shapes_of(sub), what)
-    if visual:
-        sub = {"language_model." + k: v for k, v in sub.items()} | {"visual." + k: v for k, v in visual.items()}
-    sub, scales = scaled_fp8.take(sub, what)
-    if visual:
-        vision = qwen_vision.vision_config({k[7:]: tuple(v.shape) for k, v in sub.items() if k.startswith("visual.")},
-                                           what)
-        model = _empty(Qwen2_5_VLModel, Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision))
-        kind = "Qwen2.5-VL with its vision tower"
-    else:
-        model = _empty(Qwen2_5_VLTextModel, text)
-        kind = "Qwen2.5-VL"
-    return scaled_fp8.fill_as_stored(model, sub, scales, dtype, what, f"Qwen-Image text encoder ({kind}, {what})")
+    sub, scales = scaled_fp8.take(language_state(state, prefix), what)
+    text = _empty(Qwen2_5_VLTextModel, text_config(shapes_of(sub), what))
+    text = scaled_fp8.fill_as_stored(text, sub, scales, dtype, what, f"Qwen-Image text encoder (Qwen2.5-VL, {what})")
+    visual = qwen_vision.vision_view(state)
+    if not visual:
+        return text
+    vision = qwen_vision.vision_config(shapes_of(visual), what)
+    config = Qwen2_5_VLConfig(text_config=text.config.to_dict(), vision_config=vision)
+    return qwen_vision.with_tower_on_demand(Qwen2_5_VLModel, Qwen2_5_VisionTransformerPretrainedModel, config,
+                                            text, visual, what, dtype, "Qwen2.5-VL vision tower")
 
 
 # -- diffusers folders ----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any
         raise OSError("vae/ or text_encoder/ holds no .safetensors")
     vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
     # the text encoder's files stay a lazily read view: each tensor is read as the build asks for it, and
-    # a part left for later (Krea 2's vision tower: nodes.checkpoint.qwen3_vision) holds no memory until then
+    # a part left for later (a Qwen-VL's vision tower: nodes.checkpoint.qwen_vision) holds no memory until then
     te_state = ShardedState({k: state for state in map(open_state, te_files) for k in state})
     return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
             "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}

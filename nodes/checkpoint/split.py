@@ -249,8 +249,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
 
-            with reading(Path(file.name)):
-                modules[spec.module] = build_text_model(plain(file.state), file.name, dtype)
+            with reading(Path(file.name)):  # read lazily: the vision tower's tensors wait for a picture
+                modules[spec.module] = build_text_model(file.state, file.name, dtype)
             continue
         shapes = shapes_of(file.state)
         config = det.lone_text_config(shapes, file.layout, file.prefix, spec.kind, drop_last=spec.dropped > 0)

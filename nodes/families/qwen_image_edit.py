@@ -3,9 +3,10 @@
 * **Through the text encoder.** Each picture is cut into 14-pixel patches for Qwen2.5-VL's vision
   tower, whose merged embeddings take the place of the ``<|image_pad|>`` tokens in the prompt, with
   Qwen2.5-VL's 3-D (time, row, column) rope positions: transformers' ``Qwen2_5_VLModel`` does both
-  (nodes.checkpoint.qwen_vision builds it from the file). The prompt sits in the Edit template and
-  the first :data:`EDIT_TOKENS` tokens of the last hidden state are dropped, as the pipelines and
-  ComfyUI do. Edit puts one picture before the prompt; Plus names each ``Picture k:``.
+  (nodes.checkpoint.qwen_vision builds it from the file; the tower on the first picture read). The
+  prompt sits in the Edit template and the first :data:`EDIT_TOKENS` tokens of the last hidden state
+  are dropped, as the pipelines and ComfyUI do. Edit puts one picture before the prompt; Plus names
+  each ``Picture k:``.
 * **As reference latents.** The pictures' VAE latents ride on the conditioning under FLUX Kontext's
   key (nodes.families.flux_references); the transformer appends their packed tokens to the image's,
   each with its own ``img_shapes`` entry (so reference k sits at rope frame k: ComfyUI's ``index``
@@ -107,6 +108,7 @@ def encode(clip: Any, prompt: str, pictures: list, plus: bool) -> list:
     Plus without pictures keeps the Edit template (as its pipeline and ComfyUI's node do)."""
     import torch
 
+    from nodes.checkpoint.qwen_vision import TOWER
     from nodes.families import qwen_image
 
     if plus:
@@ -114,7 +116,8 @@ def encode(clip: Any, prompt: str, pictures: list, plus: bool) -> list:
     else:
         text = PICTURE + prompt
     tok = clip.tokenizers["tokenizer"]
-    with torch.inference_mode(), clip.encoder("text_encoder") as vl:
+    # the tower is built on the first picture read (nodes.checkpoint.qwen_vision): only a use with pictures names it
+    with torch.inference_mode(), clip.encoder("text_encoder", (TOWER,) if pictures else ()) as vl:
         if pictures and getattr(vl, "visual", None) is None:
             raise ConditioningError("this Qwen2.5-VL text encoder has no vision tower (its file has no visual.* "
                                     "weights); the Edit models read pictures with it: load the full "

@@ -1,12 +1,12 @@
 """Parts of a held model that are built the first time a job needs them.
 
-Krea 2's Qwen3-VL file holds a vision tower (about 0.4B parameters of the 4B) that only the nodes
-handing the encoder pictures run; a text-to-image job never does. So the loader leaves the module's
-slot for it empty (``None``: the module holds, counts and moves only what it built) and records how to
-build it from the file it already holds open (:func:`defer`). A use that needs the part asks the model
-manager for it (nodes.runtime.models.ModelManager.use's ``parts``): the manager builds it once
-(:func:`build`), counts its bytes in the entry and places it where the rest of the module sits; from
-then on it is an ordinary submodule, offloaded and moved with the module.
+Krea 2's Qwen3-VL file holds a vision tower (about 0.4B parameters of the 4B), Qwen-Image's Qwen2.5-VL
+one of about 0.7B, that only the nodes handing the encoder pictures run; a text-to-image job never does.
+So the loader leaves the module's slot for it empty (``None``: the module holds, counts and moves only
+what it built) and records how to build it from the file it already holds open (:func:`defer`). A use
+that needs the part asks the model manager for it (nodes.runtime.models.ModelManager.use's ``parts``):
+the manager builds it once (:func:`build`), counts its bytes in the entry and places it where the rest
+of the module sits; from then on it is an ordinary submodule, offloaded and moved with the module.
 
 The builders live in a plain attribute of the module (not a submodule, so ``parameters()``,
 ``state_dict()`` and ``.to()`` never see them).

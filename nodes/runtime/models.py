@@ -206,7 +206,7 @@ class ModelManager:
         """Yield module ``name`` of the entry on the compute device (loading the entry if needed).
 
         While the block runs the module is pinned: no other load offloads it. ``parts``: submodules the
-        loader left to build on first use (nodes.runtime.deferred: Krea 2's vision tower), built now
+        loader left to build on first use (nodes.runtime.deferred: a Qwen-VL's vision tower), built now
         where they still wait (:meth:`_grow`); a use that does not name them never builds them.
         """
         with self._lock:
