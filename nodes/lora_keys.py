@@ -17,7 +17,8 @@ Formats read (one file may mix them):
   (``diffusion_model.double_blocks.0.img_attn.qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``;
   its T5 as ``lora_te3_``);
   a LoRA on a fused original module (``qkv``, ``linear1``) is split row-wise onto
-  the separate diffusers projections (the family's key map, ``Family.lora_modules``).
+  the separate diffusers projections (the family's key map, ``Family.lora_modules``);
+  the other families with a fused qkv in their original layout (Z-Image, Ideogram 4) alike.
 * Whole differences, under any of the module names above (ComfyUI applies them as
   ``weight += strength * diff``): ``<module>.diff`` for the weight (LyCORIS "full"
   modules, also on norms and other 1-D weights), ``<module>.diff_b`` for the bias,
@@ -65,6 +66,7 @@ _DOTTED_TARGETS = (("unet.", "unet"), ("transformer.", "unet"), ("diffusion_mode
                    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
                    ("lora_unet.", "unet"),
                    ("base_model.model.", "unet"),  # PEFT adapters saved from a bare model (AI-Toolkit's Krea 2)
+                   ("conditional_transformer.", "unet"),  # Ideogram 4's (diffusers' conversion reads it)
                    # ComfyUI's own files (its LoraSave, Kiln's): each encoder by ComfyUI's name for it
                    ("text_encoders.clip_l.transformer.", "text_encoder"),
                    ("text_encoders.clip_h.transformer.", "text_encoder"),

@@ -1,8 +1,9 @@
-"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2 and Qwen-Image 2.1 built
-straight into blocks paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4 and
+JoyImage built straight into blocks paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are
+(tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
-Qwen-Image's and FIBO 2's are diffusers' own names): the size asked before building is the whole build's module bytes,
+Qwen-Image's, FIBO 2's and JoyImage's are diffusers' own names): the size asked before building is the whole build's module bytes,
 the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
 whole weight set (every tensor read from the file is metered until freed).
 """
@@ -19,6 +20,8 @@ import tiny_chroma
 import tiny_fibo2
 import tiny_flux
 import tiny_flux2
+import tiny_ideogram4
+import tiny_joyimage
 import tiny_krea2
 import tiny_qwen_image
 import tiny_qwen_image21
@@ -104,6 +107,26 @@ def _qwen_image21_forward(net: Any) -> torch.Tensor:
                    img_shapes=[[(1, 4, 4)]], img_mask=slots, return_dict=False)[0]
 
 
+def _ideogram4_forward(net: Any) -> torch.Tensor:
+    """Three text tokens then a 2x2 grid of image tokens, as Kiln's Ideogram4Network packs them."""
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 7, 128, generator=g), torch.randn(1, 7, net.config.llm_features_dim, generator=g)
+    ids = torch.cat([torch.arange(3).view(-1, 1).expand(3, 3),
+                     torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(2), torch.arange(2),
+                                                indexing="ij"), -1).reshape(4, 3) + 65536]).unsqueeze(0)
+    with torch.no_grad():
+        return net(hidden_states=x, timestep=torch.tensor([0.7]), encoder_hidden_states=text, position_ids=ids,
+                   segment_ids=torch.ones(1, 7, dtype=torch.long), indicator=torch.tensor([[3] * 3 + [2] * 4]),
+                   return_dict=False)[0]
+
+
+def _joyimage_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 1, 4, 4, generator=g), torch.randn(1, 7, tiny_joyimage.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -114,24 +137,25 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "krea2": (tiny_krea2.original_state, _krea2_forward),
     "fibo2": (tiny_fibo2.transformer_state, _fibo2_forward),
     "qwen_image21": (tiny_qwen_image21.original_state, _qwen_image21_forward),
+    "ideogram4": (tiny_ideogram4.original_state, _ideogram4_forward),
+    "joyimage": (tiny_joyimage.transformer_state, _joyimage_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
-DIFFUSERS_NAMED = ("qwen_image", "fibo2")
+DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage")
 
 
 def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
-             "krea2": tiny_krea2, "fibo2": tiny_fibo2,
-             "qwen_image21": tiny_qwen_image21}[family].components())["transformer"]
+             "krea2": tiny_krea2, "fibo2": tiny_fibo2, "qwen_image21": tiny_qwen_image21,
+             "ideogram4": tiny_ideogram4}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    """Each family's file with ComfyUI's prefix in fp32 and in diffusers' names, and (Z-Image, SD3) in bf16,
-    in ComfyUI's scaled fp8 and in Comfy-Org's int8 (rotated in part)."""
+    """Each family's file with ComfyUI's prefix in fp32 and in diffusers' names, and (Z-Image, SD3, Qwen-Image 2.1,
+    Ideogram 4) in bf16 (JoyImage too), in ComfyUI's scaled fp8 and in Comfy-Org's int8 (rotated in part)."""
     from test_int8_quant import quantise_int8
-    from test_scaled_fp8 import quantise
 
     root = tmp_path_factory.mktemp("family-files")
     for family, (state, _) in FAMILIES.items():
@@ -139,11 +163,22 @@ def files(tmp_path_factory) -> Path:
         tiny_flux._save(root / f"{family}.safetensors", tensors)
         if family not in DIFFUSERS_NAMED:  # their files hold diffusers' names already
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
-        if family in ("z_image", "sd3", "qwen_image21"):  # Qwen-Image 2.1's int8 scales split with gate_up
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
-            tiny_flux._save(root / f"{family}-scaled.safetensors", quantise(state(), PREFIX)[0])
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4"):  # int8 scales split with gate_up, with qkv
+            tiny_flux._save(root / f"{family}-scaled.safetensors", _linears_scaled(state()))
             tiny_flux._save(root / f"{family}-int8.safetensors", quantise_int8(state(), PREFIX)[0])
     return root
+
+
+def _linears_scaled(state: dict) -> dict:
+    """ComfyUI's scaled fp8 file of ``state``: its linear weights quantised (ComfyUI quantises linears only;
+    Ideogram 4's ``embed_image_indicator`` is an embedding, left as it is)."""
+    from test_scaled_fp8 import quantise
+
+    embeddings = {k: v for k, v in state.items() if k.startswith("embed_image_indicator.")}
+    scaled = quantise({k: v for k, v in state.items() if k not in embeddings}, PREFIX)[0]
+    return scaled | {PREFIX + k: v for k, v in embeddings.items()}
 
 
 def _files_block_bytes(whole: Any) -> tuple[int, int]:
@@ -195,7 +230,9 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("flux2", "flux2", "float8_e4m3fn"), ("chroma", "chroma", "float8_e4m3fn"),
                                              ("qwen_image", "qwen_image", "float8_e4m3fn"),
                                              ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn"),
-                                             ("qwen_image21", "qwen_image21-int8", "")])
+                                             ("qwen_image21", "qwen_image21-int8", ""),
+                                             ("ideogram4", "ideogram4-scaled", ""), ("ideogram4", "ideogram4-int8", ""),
+                                             ("joyimage", "joyimage-bf16", "")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
@@ -210,7 +247,8 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     assert asked == [(module_bytes(whole), 0)] and offload.offloaded(paged).paged
     stored = {n: p.dtype for n, p in paged.named_parameters()}
     assert stored == {n: p.dtype for n, p in whole.named_parameters()}
-    q = "transformer_blocks.0.attn.to_q.weight" if family != "z_image" else "layers.1.attention.to_k.weight"
+    q = {"z_image": "layers.1.attention.to_k.weight", "ideogram4": "layers.0.attention.to_k.weight",
+         "joyimage": "double_blocks.0.attn.img_attn_qkv.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
     if "int8" in name:
         assert torch.int8 in stored.values()
     else:
@@ -222,6 +260,19 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     assert rotated == {n: rotation_group(m) for n, m in whole.named_modules() if rotation_group(m)}
     assert bool(rotated) == ("int8" in name)
     _same_outputs(paged, whole, forward)
+
+
+def test_a_file_scaling_an_embedding_is_built_whole_as_the_manager_would_page_it_after(files, tmp_path):
+    """A scaled fp8 file that also scales a layer other than a linear one (every 2-D weight of Ideogram 4,
+    its image-indicator embedding too): the whole build dequantises that weight once, which a block build
+    cannot, so the loader builds whole (the manager pages it afterwards) and the model runs."""
+    from test_scaled_fp8 import quantise
+
+    path = tiny_flux._save(tmp_path / "all-scaled.safetensors", quantise(tiny_ideogram4.original_state(), PREFIX)[0])
+    whole = load_unet_file(path, torch.float32).modules["unet"]
+    built = load_unet_file(path, torch.float32, offload=lambda n, b: _disk()).modules["unet"]
+    assert offload.offloaded(built) is None and type(built.embed_image_indicator) is torch.nn.Embedding
+    assert torch.equal(_ideogram4_forward(built), _ideogram4_forward(whole))
 
 
 def test_a_bad_family_file_fails_by_name_before_any_block_is_written(files, tmp_path):

@@ -243,12 +243,22 @@ def lora_modules(shapes: dict[str, tuple[int, ...]],
             continue
         if not bfl[0].endswith(".weight") or any(d not in shapes or len(shapes[d]) != 2 for d in diff):
             continue
-        rows = [shapes[d][0] for d in diff]
         if how == "swap":
-            half = rows[0] // 2
+            half = shapes[diff[0]][0] // 2
             parts: tuple[tuple[str, Rows], ...] = ((diff[0], ((half, 2 * half), (0, half))),)
         else:
-            starts = [sum(rows[:i]) for i in range(len(rows))]
-            parts = tuple((d, ((s, s + n),)) for d, s, n in zip(diff, starts, rows))
+            parts = stacked_rows(diff, shapes)
         out[bfl[0][: -len(".weight")]] = parts
     return out
+
+
+def stacked_rows(names: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[str, Rows], ...]:
+    """Each of ``names`` (diffusers weights that one original weight stacks row-wise, in this order: a
+    fused qkv's to_q, to_k, to_v) with its rows of the fused weight, the row counts from ``shapes``.
+    A LoRA on the fused module spreads over them by these rows (nodes.lora_keys)."""
+    out, start = [], 0
+    for name in names:
+        rows = shapes[name][0]
+        out.append((name, ((start, start + rows),)))
+        start += rows
+    return tuple(out)

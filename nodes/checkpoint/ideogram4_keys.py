@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import stacked_rows
 
 #: Shared by both layouts (no other family has it); the fused and split attention tell them apart.
 MARKER = "llm_cond_proj.weight"
@@ -109,12 +110,23 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     return config | dict(rope_theta=ROPE_THETA, mrope_section=rope_sections(head), norm_eps=1e-5)
 
 
-def lora_modules(names: Any) -> dict[str, str]:
-    """Original module name -> diffusers weight name for the linear weights that rename one to one
-    (the fused qkv has no single diffusers weight and is left out)."""
-    out = {}
-    for name in names:
-        if name.endswith(".weight") and not _SPLIT.match(name):
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Original module name -> the diffusers weight it is (a name) or covers (parts with their rows of it).
+
+    ComfyUI has no Ideogram 4 entry in its LoRA key map, so it reads the names of its own model:
+    ``diffusion_model.layers.N.attention.qkv`` (and kohya's ``lora_unet_layers_N_attention_qkv``), as
+    ostris' AI-Toolkit writes them and diffusers' Ideogram 4 LoRA conversion reads them. A LoRA on the
+    fused qkv has one ``down`` and an ``up`` stacking q, k and v: each of to_q / to_k / to_v takes its
+    rows of ``up`` (nodes.checkpoint.flux_keys.stacked_rows). The diffusers names themselves (PEFT's
+    ``transformer.layers.N.attention.to_q``, a q/k/v LoRA that is one slice of the fused weight) need
+    no entry here: nodes.lora_keys reads the model's own names. ``shapes``: the diffusers model's
+    parameter shapes."""
+    out: dict[str, Any] = {}
+    for name in shapes:
+        split = _SPLIT.match(name)
+        if split and split.group(2) == "q":
+            out[split.group(1) + "qkv"] = stacked_rows([f"{split.group(1)}to_{p}.weight" for p in "qkv"], shapes)
+        elif name.endswith(".weight") and not split:
             out[to_original_name(name)[: -len(".weight")]] = name
     return out
 

@@ -5,7 +5,8 @@
   ComfyUI's key layout (with or without ``model.diffusion_model.``) or diffusers' in one file; the
   key map is nodes.checkpoint.ideogram4_keys, the build FLUX's rule
   (nodes.checkpoint.flux_load.transformer_from_file: config from shapes, fp8/int8 row scales following
-  the qkv split through nodes.checkpoint.scaled_fp8).
+  the qkv split through nodes.checkpoint.scaled_fp8), or straight into disk blocks when the model
+  manager pages it there (:func:`file_layout`, nodes.checkpoint.paged_files).
 * Qwen3-VL 8B through CLIPLoader type ``ideogram4`` (``qwen3vl_8b*.safetensors``): the language model
   alone, built by Krea 2's Qwen3-VL builder (nodes.checkpoint.krea2_load.build_text_model; the
   family declares the ``qwen3-vl`` kind, nodes.checkpoint.split reads it).
@@ -39,9 +40,21 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
-    """UNETLoader's Ideogram 4 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's (built
-    in memory: no disk-block layout yet)."""
+    """UNETLoader's Ideogram 4 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's: a
+    transformer the manager pages to disk is built straight into its blocks (:func:`file_layout`)."""
     from nodes.checkpoint.flow_transformers import transformer_file
     from nodes.families import ideogram4 as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, None)
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How an Ideogram 4 file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.paged_files): ComfyUI's layout through nodes.checkpoint.ideogram4_keys' table, whose
+    qkv split keeps each part's rows of the fused tensor; diffusers' layout as it is. diffusers keeps no
+    Ideogram 4 module in float32 (no ``_keep_in_fp32_modules``), so there is no last touch (``after``)."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(Ideogram4Transformer2DModel, LABEL, keys, keys.is_diffusers(state))

@@ -3,7 +3,8 @@
 * The transformer alone (UNETLoader, ``models/diffusion_models/joyai_image_edit_*.safetensors``: bf16,
   fp8_scaled, int8_convrot), with or without ``model.diffusion_model.``; diffusers' names are the same
   (nodes.checkpoint.joyimage_keys). The build is FLUX's rule (nodes.checkpoint.flux_load
-  .transformer_from_file: config from the shapes, fp8/int8 scales through nodes.checkpoint.scaled_fp8).
+  .transformer_from_file: config from the shapes, fp8/int8 scales through nodes.checkpoint.scaled_fp8),
+  or straight into disk blocks when the model manager pages it there (:func:`file_layout`).
 * Qwen3-VL 8B through CLIPLoader type ``joyimage`` (``qwen3vl_8b_joyimage_edit*.safetensors``): Krea 2's
   builder (nodes.checkpoint.krea2_load.build_encoder), the vision tower built on the first picture read.
 * The VAE is Wan 2.1's (``wan_2.1_vae.safetensors``), which Kiln's Qwen-Image VAE loader reads
@@ -37,8 +38,23 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
-    """UNETLoader's JoyImage path (nodes.checkpoint.flow_transformers)."""
+    """UNETLoader's JoyImage path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's: a
+    transformer the manager pages to disk is built straight into its blocks (:func:`file_layout`)."""
     from nodes.checkpoint.flow_transformers import transformer_file
     from nodes.families import joyimage as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a JoyImage file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.paged_files): its names are the module's own, so each tensor is its own row.
+    diffusers keeps some JoyImage modules in float32 (``_keep_in_fp32_modules``); the whole build
+    (:func:`build_transformer`) holds them as the file stores them, and so does this one. A rule that
+    makes the whole build hold them in float32 must run here too, as the layout's ``after`` (before each
+    block is written), as Krea 2's layout runs its norms_in_fp32, and the size asked count them so."""
+    from diffusers import JoyImageEditTransformer3DModel
+
+    from nodes.checkpoint.paged_files import FileLayout
+
+    return FileLayout(JoyImageEditTransformer3DModel, LABEL, keys.transformer_config)

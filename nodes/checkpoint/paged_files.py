@@ -1,5 +1,5 @@
-"""UNETLoader files of the flow-transformer families (SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2) built
-straight into disk blocks (nodes.checkpoint.paged.build_paged), as FLUX.1 files are
+"""UNETLoader files of the flow-transformer families (SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, Ideogram 4,
+JoyImage, ...) built straight into disk blocks (nodes.checkpoint.paged.build_paged), as FLUX.1 files are
 (nodes.checkpoint.flux_blocks).
 
 Each family already has its whole-dict key conversion (file names -> the diffusers module's, e.g.
@@ -150,11 +150,24 @@ def _fp8_prepare(target: Any) -> Callable[[str, Any], Any] | None:
     return prepare
 
 
+def _scales_a_linear(model: Any, key: str) -> bool:
+    """Whether the weight scale for ``key`` (a module weight name) belongs to a linear layer of ``model``
+    (one the model lacks counts as one: scaled_fp8.attach names it)."""
+    import torch
+
+    try:
+        return isinstance(model.get_submodule(key[: -len(".weight")]), torch.nn.Linear)
+    except AttributeError:
+        return True
+
+
 def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any, layout: FileLayout,
                   besides: int = 0) -> Any | None:
     """The family's module built straight into disk blocks from a UNETLoader file when the manager
     (``offload``, nodes.checkpoint.flux_load.OffloadAsk), asked with the bytes it will hold, pages it to
-    disk; None otherwise (the caller builds it whole). ``state``: the file, prefix and all; ``fp8``:
+    disk; None otherwise (the caller builds it whole), and None for a scaled file that scales a layer other
+    than a linear one (ComfyUI quantises linears only; the whole build dequantises such a weight once, a
+    block build would make its layer a CastLinear). ``state``: the file, prefix and all; ``fp8``:
     UNETLoader's weight_dtype (a torch dtype name, unused for a scaled file, as the whole build)."""
     import torch
 
@@ -193,6 +206,8 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     for key, convert in rows:  # a scale's rows go where its weight's rows go
         if key in scales:
             module_scales.update(convert(scales[key]))
+    if not all(_scales_a_linear(model, k) for k in module_scales):
+        return None  # e.g. a scaled embedding: the whole build dequantises it once (scaled_fp8.attach)
     size += sum(4 * v.shape[0] for k, v in module_scales.items()  # held: one float32 a row (scaled_fp8.attach)
                 if not k.startswith(layout.in_compute))
     plan = offload(size, besides)

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import stacked_rows
 
 #: keys only a Z-Image (not a Lumina 2) NextDiT has, and the layout's own markers
 PAD_TOKENS = ("x_pad_token", "cap_pad_token")
@@ -141,10 +142,7 @@ def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
             continue
         if ".attention.to_q." in name:
             base = name[: -len("to_q.weight")]
-            rows = [shapes[base + p + ".weight"][0] for p in ("to_q", "to_k", "to_v")]
-            starts = [0, rows[0], rows[0] + rows[1]]
-            out[base + "qkv"] = tuple((base + p + ".weight", ((s, s + n),))
-                                      for p, s, n in zip(("to_q", "to_k", "to_v"), starts, rows))
+            out[base + "qkv"] = stacked_rows([f"{base}to_{p}.weight" for p in "qkv"], shapes)
             continue
         if ".attention.to_k." in name or ".attention.to_v." in name:
             continue

@@ -154,7 +154,7 @@ class Ideogram4(FlowFamily):
     def lora_modules(self, network: Any) -> dict[str, Any]:
         from nodes.checkpoint import ideogram4_keys
 
-        return ideogram4_keys.lora_modules([name for name, _ in network.named_parameters()])
+        return ideogram4_keys.lora_modules({name: tuple(p.shape) for name, p in network.named_parameters()})
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING [1, tokens, 13 x width] (module docstring). ComfyUI's weight syntax is not read;
