@@ -31,13 +31,15 @@ FAMILIES = {"joyimage": (tiny_joyimage, joyimage.FAMILY, tiny_joyimage.transform
 
 def _make(root):
     """JoyImage's split files and diffusers folder; per family, ComfyUI's prefixed transformer file and
-    the transformer as diffusers saves it (``<family>-transformer/``)."""
+    the transformer as diffusers saves it (``<family>-transformer/``); JoyImage's transformer in bf16."""
     tiny_joyimage.make_models_folder(root)
     tiny_joyimage.save_pipeline_folder(root / "checkpoints" / FOLDER)
     for name, (tiny, _, file_state, _) in FAMILIES.items():
         save_state(root / "diffusion_models" / f"{name}-comfy.safetensors",
                    {"model.diffusion_model." + k: v for k, v in file_state().items()})
         tiny.components()["transformer"].save_pretrained(str(root / f"{name}-transformer"), safe_serialization=True)
+    save_state(root / "diffusion_models" / "joyimage-bf16.safetensors",
+               {k: v.bfloat16() for k, v in tiny_joyimage.transformer_state().items()})
     return root
 
 
@@ -88,6 +90,29 @@ def test_a_bf16_load_holds_the_kept_modules_as_diffusers_bf16_load_does(root, na
     gap = float((_output(family, rounded, width).float() - a.float()).abs().max())
     print(f"{name}: output moved {gap:.4f} without the rule")
     assert gap > 1e-3
+
+
+def test_a_bf16_file_computed_in_float32_holds_the_kept_linears_whole(root):
+    """Kiln holds a bf16 file's linear weights bf16 in a float32 model (cast per call); the kept modules'
+    linears it holds in float32 as diffusers does (the file's values widened), and the size a build
+    straight into disk blocks asks counts them so."""
+    from nodes.checkpoint.load import open_state
+    from nodes.checkpoint.split import load_unet_file
+    from nodes.checkpoint.tensors import dtypes_of, shapes_of
+    from nodes.runtime import fp8
+    from nodes.runtime.measure import module_bytes
+
+    path = root / "diffusion_models" / "joyimage-bf16.safetensors"
+    net = load_unet_file(path, torch.float32).modules["unet"]
+    embedder = net.condition_embedder.time_embedder
+    assert type(embedder.linear_1) is torch.nn.Linear and embedder.linear_1.weight.dtype == torch.float32
+    want = tiny_joyimage.components()["transformer"].condition_embedder.time_embedder.linear_1.weight
+    assert torch.equal(embedder.linear_1.weight, want.bfloat16().float())
+    assert net.condition_embedder.time_proj.weight.dtype == torch.bfloat16  # not kept: held as stored
+    assert fp8.kept_as_stored(net) == "bf16"
+    state = open_state(path)  # the size a build straight into disk blocks asks, from the header alone
+    asked = fp8.held_bytes(shapes_of(state), dtypes_of(state), torch.float32, fp8.linear_weights_of(net))
+    assert asked == module_bytes(net)
 
 
 # -- JoyImage's diffusers folder -------------------------------------------------------------------------
