@@ -92,6 +92,41 @@ def test_a_bf16_load_holds_the_kept_modules_as_diffusers_bf16_load_does(root, na
     assert gap > 1e-3
 
 
+def test_a_bf16_krea2_file_built_straight_into_disk_blocks_asks_the_size_it_holds(root):
+    """The kept norm scales are float32 in the paged build too (the rule run per block) and the size asked
+    before building counts them so: the whole build's bytes."""
+    from nodes.checkpoint.split import load_unet_file
+    from nodes.runtime import offload
+    from nodes.runtime.measure import module_bytes
+
+    path = root / "diffusion_models" / "krea2-comfy.safetensors"
+    whole = load_unet_file(path, torch.bfloat16).modules["unet"]
+    plan, asked = offload.Plan(onload="cpu", rest="disk", note="test: paged"), []
+    paged = load_unet_file(path, torch.bfloat16, offload=lambda n, b: asked.append(n) or plan).modules["unet"]
+    assert offload.offloaded(paged).paged and asked == [module_bytes(whole)]
+    dtypes = {n: p.dtype for n, p in paged.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in whole.named_parameters()}
+    assert sum(d == torch.float32 for d in dtypes.values()) > 10
+
+
+def test_a_scaled_fp8_file_whose_time_embedder_is_fp8_runs(root):
+    """A scaled fp8 JoyImage file with the time embedder's linears in fp8: the kept module is held in
+    float32 (the file's values times their scales), so the forward runs (the class casts the timestep to
+    its time embedder's dtype: in fp8, CPU kernels refuse it) and equals the dequantised twin's."""
+    from test_scaled_fp8 import quantise
+
+    from nodes.checkpoint.flow_transformers import _as_stored
+    from nodes.checkpoint.joyimage_load import build_transformer
+
+    scaled, twin = quantise(tiny_joyimage.transformer_state())
+    assert scaled["condition_embedder.time_embedder.linear_1.weight"].dtype == torch.float8_e4m3fn
+    a, b = (build_transformer(_as_stored(s, ""), "tiny", torch.float32) for s in (scaled, twin))
+    assert a.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert a.double_blocks[0].attn.img_attn_qkv.weight.dtype == torch.float8_e4m3fn  # the rest as stored
+    width = tiny_joyimage.TEXT
+    assert (_output(joyimage.FAMILY, a, width) - _output(joyimage.FAMILY, b, width)).abs().max() <= 1e-5
+
+
 def test_a_bf16_file_computed_in_float32_holds_the_kept_linears_whole(root):
     """Kiln holds a bf16 file's linear weights bf16 in a float32 model (cast per call); the kept modules'
     linears it holds in float32 as diffusers does (the file's values widened), and the size a build
@@ -154,6 +189,7 @@ def test_a_bf16_folder_holds_the_time_embedder_in_float32_from_its_files(root):
     """Built whole, and straight into disk blocks (the rule run per block): the same tensors, the same output."""
     from nodes.checkpoint.load import load_checkpoint
     from nodes.runtime import offload
+    from nodes.runtime.measure import module_bytes
 
     folder = root / "checkpoints" / FOLDER
     whole = load_checkpoint(folder, torch.bfloat16).modules["unet"]
@@ -162,9 +198,9 @@ def test_a_bf16_folder_holds_the_time_embedder_in_float32_from_its_files(root):
     kept = [k for k in want if ".time_embedder." in k]
     assert len(kept) == 4 and all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in kept)
     assert got["img_in.weight"].dtype == torch.bfloat16
-    plan = offload.Plan(onload="cpu", rest="disk", note="test: paged")
-    paged = load_checkpoint(folder, torch.bfloat16, offload=lambda n, b: plan).modules["unet"]
-    assert offload.offloaded(paged).paged
+    plan, asked = offload.Plan(onload="cpu", rest="disk", note="test: paged"), []
+    paged = load_checkpoint(folder, torch.bfloat16, offload=lambda n, b: asked.append(n) or plan).modules["unet"]
+    assert offload.offloaded(paged).paged and asked == [module_bytes(whole)]  # the kept tensors counted float32
     assert {n: p.dtype for n, p in paged.named_parameters()} == {n: p.dtype for n, p in whole.named_parameters()}
     # JoyImageNetwork runs the layers outside the blocks itself (not through the module's hooked forward):
     # it brings them in from their file for the call (nodes.runtime.offload.outside_blocks)

@@ -40,8 +40,19 @@ def is_kept(name: str, kept: Iterable[str]) -> bool:
     return any(k in parts for k in kept)
 
 
-def _plain_float(t: Any) -> bool:
-    return str(t.dtype).replace("torch.", "") in _PLAIN_FLOATS
+def _plain_float(dtype: Any) -> bool:
+    return str(dtype).replace("torch.", "") in _PLAIN_FLOATS
+
+
+def widened_bytes(model: Any, tensors: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
+    """The bytes :func:`keep_in_fp32` adds to ``model`` over ``tensors`` (module name -> (shape, dtype)
+    the build holds before it runs): the size a build straight into disk blocks asks the model manager
+    about before anything is read must count the kept tensors in float32, as the built module holds them."""
+    import math
+
+    kept = kept_modules(model)
+    return sum(math.prod(shape) * (4 - dtype.itemsize) for name, (shape, dtype) in tensors.items()
+               if kept and is_kept(name, kept) and _plain_float(dtype) and dtype.itemsize < 4)
 
 
 def keep_in_fp32(model: Any, state: Mapping[str, Any],
@@ -59,11 +70,11 @@ def keep_in_fp32(model: Any, state: Mapping[str, Any],
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for attr, held in [*module._parameters.items(), *module._buffers.items()]:
-            if held is None or held.is_meta or not _plain_float(held) or held.dtype == torch.float32 \
+            if held is None or held.is_meta or not _plain_float(held.dtype) or held.dtype == torch.float32 \
                     or not is_kept(prefix + attr, kept):
                 continue
             found = next((state[p + n] for n in names(prefix + attr) for p in PREFIXES if p + n in state), None)
-            source = found if found is not None and _plain_float(found) else held.detach()
+            source = found if found is not None and _plain_float(found.dtype) else held.detach()
             value = source.to(device=held.device, dtype=torch.float32)
             if attr in module._parameters:
                 module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
