@@ -9,6 +9,7 @@ API:
                         (the pipeline samples it; ComfyUI and Kiln take the mean: :func:`pipeline`).
     comfy_text_state() -> the text encoder as ComfyUI's qwen3vl_8b file holds it (``model.``, ``visual.``).
     make_models_folder(root) -> ComfyUI's split files (see there).
+    save_pipeline_folder(folder) -> JoyImageEditPipeline.save_pretrained's folder of the tiny parts.
     small_buckets(monkeypatch) -> Kiln's and the pipeline's size buckets at toy sizes.
 """
 from __future__ import annotations
@@ -136,3 +137,20 @@ def picture(seed: int, width: int, height: int) -> Any:
     import tiny_qwen_image_edit
 
     return tiny_qwen_image_edit.picture(seed, width, height)
+
+
+def save_pipeline_folder(folder: Any) -> Path:
+    """JoyImageEditPipeline.save_pretrained's folder of the tiny parts (transformer/, vae/, text_encoder/,
+    tokenizer/, processor/, scheduler/, model_index.json). transformers' processor save wants the video
+    processor the tests' processor has none of (:func:`processor`), so processor/ gets what it reads:
+    the image processor's and the tokenizer's files."""
+    import copy
+
+    from diffusers import JoyImageEditPipeline
+
+    parts = dict(components())
+    proc = parts["processor"] = copy.copy(parts["processor"])
+    proc.save_pretrained = lambda path, **kw: (proc.image_processor.save_pretrained(path),
+                                               proc.tokenizer.save_pretrained(path))
+    JoyImageEditPipeline(**parts).save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

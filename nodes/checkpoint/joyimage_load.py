@@ -9,10 +9,17 @@
   builder (nodes.checkpoint.krea2_load.build_encoder), the vision tower built on the first picture read.
 * The VAE is Wan 2.1's (``wan_2.1_vae.safetensors``), which Kiln's Qwen-Image VAE loader reads
   (nodes.checkpoint.qwen_image_vae: the same architecture and latent statistics).
+* A diffusers folder (``JoyImageEditPipeline.save_pretrained``: transformer/, vae/ (AutoencoderKLWan),
+  text_encoder/ (Qwen3-VL), tokenizer/, processor/, scheduler/) through CheckpointLoaderSimple or
+  DiffusersLoader (:func:`load_folder`).
+
+The class keeps its time embedder in float32 (``_keep_in_fp32_modules``); every path here holds it so,
+read from the file whatever the compute dtype (nodes.checkpoint.kept_fp32), as diffusers' loads do.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import joyimage_keys as keys
@@ -26,14 +33,37 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_)
 
 
+def is_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is JoyImage's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "JoyImageEditTransformer3DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers JoyImage folder, as Krea 2's (nodes.checkpoint.krea2_load.qwen3_vl_folder): the Wan 2.1
+    VAE through Kiln's Qwen-Image VAE, Qwen3-VL with its vision tower on demand, the folder's tokenizer
+    and scheduler; the time embedder in float32 from ``transformer/``'s files."""
+    from diffusers import JoyImageEditTransformer3DModel
+
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
+    from nodes.checkpoint.krea2_load import qwen3_vl_folder
+    from nodes.families import joyimage as fam
+
+    return qwen3_vl_folder(path, dtype, offload, fam.FAMILY, LABEL, JoyImageEditTransformer3DModel, keep_in_fp32)
+
+
 def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """JoyImageEditTransformer3DModel from a file's tensors (linear weights held as stored)."""
+    """JoyImageEditTransformer3DModel from a file's tensors (linear weights held as stored, the modules the
+    class keeps in float32 read so from the file: nodes.checkpoint.kept_fp32)."""
     from diffusers import JoyImageEditTransformer3DModel
 
     from nodes.checkpoint.flux_load import transformer_from_file
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
 
-    return transformer_from_file(state, what, dtype, JoyImageEditTransformer3DModel, LABEL, keys,
-                                 keys.identity, keys.identity, keys.is_diffusers)
+    model = transformer_from_file(state, what, dtype, JoyImageEditTransformer3DModel, LABEL, keys,
+                                  keys.identity, keys.identity, keys.is_diffusers)
+    return keep_in_fp32(model, state)
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
@@ -48,13 +78,14 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
 
 def file_layout(state: Mapping[str, Any], what: str) -> Any:
     """How a JoyImage file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.paged_files): its names are the module's own, so each tensor is its own row.
-    diffusers keeps some JoyImage modules in float32 (``_keep_in_fp32_modules``); the whole build
-    (:func:`build_transformer`) holds them as the file stores them, and so does this one. A rule that
-    makes the whole build hold them in float32 must run here too, as the layout's ``after`` (before each
-    block is written), as Krea 2's layout runs its norms_in_fp32, and the size asked count them so."""
+    (nodes.checkpoint.paged_files): its names are the module's own, so each tensor is its own row. The
+    modules the class keeps in float32 are held so from the file before each block is written, as the
+    whole build (:func:`build_transformer`) holds them (the size asked counts them so:
+    nodes.checkpoint.kept_fp32)."""
     from diffusers import JoyImageEditTransformer3DModel
 
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
     from nodes.checkpoint.paged_files import FileLayout
 
-    return FileLayout(JoyImageEditTransformer3DModel, LABEL, keys.transformer_config)
+    return FileLayout(JoyImageEditTransformer3DModel, LABEL, keys.transformer_config,
+                      after=lambda model: keep_in_fp32(model, state))

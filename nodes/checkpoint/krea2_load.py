@@ -55,22 +55,12 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 def norms_in_fp32(model: Any, state: Mapping[str, Any]) -> Any:
     """``model`` with its RMSNorm scales in float32, read again from the file (``state``, either layout,
     prefix or not), whatever the model computes in: diffusers keeps them so (``_keep_in_fp32_modules``),
-    and the scale is ``1 + w``, which a bf16 copy would round to 1/128. Layers still on the meta device
-    are left alone, so a build straight into disk blocks may run this after each block
-    (nodes.checkpoint.paged.build_paged's ``ready``). Returns ``model``."""
-    import torch
+    and the scale is ``1 + w``, which a bf16 copy would round to 1/128. The shared rule
+    (nodes.checkpoint.kept_fp32.keep_in_fp32) with Krea 2's names; usable per block (it skips layers still
+    on the meta device). Returns ``model``."""
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
 
-    kept = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if name.rsplit(".", 1)[-1] not in kept or not isinstance(weight, torch.nn.Parameter) or weight.is_meta \
-                or weight.dtype == torch.float32:
-            continue
-        found = next((state[k] for n in (f"{name}.weight", keys.to_original_name(f"{name}.weight"))
-                      for k in (n, keys.UNET_PREFIX + n) if k in state), None)
-        value = weight.detach() if found is None else found
-        module.weight = torch.nn.Parameter(value.to(device=weight.device, dtype=torch.float32), requires_grad=False)
-    return model
+    return keep_in_fp32(model, state, lambda name: (name, keys.to_original_name(name)))
 
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
@@ -174,28 +164,17 @@ def is_krea2_folder(path: Path) -> bool:
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     """A diffusers Krea 2 folder (``Krea2Pipeline.save_pretrained``: transformer, Qwen3-VL, Qwen-Image VAE,
-    tokenizer, scheduler), through nodes.checkpoint.flow_transformers.load_pipeline_folder. The pipeline's
-    ``is_distilled`` (model_index.json) picks the shift as Krea2Pipeline does: Turbo's fixed mu 1.15, else
-    the folder's scheduler config by image size."""
+    tokenizer, scheduler), through :func:`qwen3_vl_folder`. The pipeline's ``is_distilled``
+    (model_index.json) picks the shift as Krea2Pipeline does: Turbo's fixed mu 1.15, else the folder's
+    scheduler config by image size."""
     import dataclasses
     import json
 
     from diffusers import Krea2Transformer2DModel
-    from transformers import Qwen2TokenizerFast
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
-    from nodes.checkpoint.folders import folder_state
-    from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
     from nodes.families import krea2 as fam
 
-    found = folder_state(path / "transformer", dtype)
-    files = {} if found is None else found[1]
-    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel,
-                                  lambda: vae_and_text_encoder(path, dtype, build_encoder),
-                                  lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
-                                  latent_from_vae=False, ready=lambda model: norms_in_fp32(model, files),
-                                  ready_in_blocks=True)
+    loaded = qwen3_vl_folder(path, dtype, offload, fam.FAMILY, LABEL, Krea2Transformer2DModel, norms_in_fp32)
     try:
         distilled = bool(json.loads((path / "model_index.json").read_text()).get("is_distilled", False))
     except (OSError, ValueError):
@@ -205,3 +184,27 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
                       max_shift=fam.TURBO_MU)
         loaded = dataclasses.replace(loaded, scheduler_config=config)
     return loaded
+
+
+def qwen3_vl_folder(path: Path, dtype: Any, offload: Any, family: Any, label: str, transformer_class: Any,
+                    fp32_from_file: Any) -> Loaded:
+    """A diffusers folder of a family on Qwen3-VL and the Qwen-Image (Wan 2.1) VAE (Krea 2, JoyImage),
+    through nodes.checkpoint.flow_transformers.load_pipeline_folder: the VAE, Qwen3-VL (its vision tower,
+    when saved, built on demand: :func:`build_encoder`), the folder's tokenizer (else Kiln's Qwen3 one),
+    the family's latent statistics. ``fp32_from_file(model, files)`` puts the modules the class keeps in
+    float32 back in float32 from ``transformer/``'s files (nodes.checkpoint.kept_fp32), also per block
+    in a build straight into disk blocks."""
+    from transformers import Qwen2TokenizerFast
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_state
+    from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+
+    found = folder_state(path / "transformer", dtype)
+    files = {} if found is None else found[1]
+    return load_pipeline_folder(path, dtype, offload, family, label, transformer_class,
+                                lambda: vae_and_text_encoder(path, dtype, build_encoder),
+                                lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
+                                latent_from_vae=False, ready=lambda model: fp32_from_file(model, files),
+                                ready_in_blocks=True)

@@ -463,6 +463,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import joyimage_load
+
+        if joyimage_load.is_folder(path):
+            return joyimage_load.load_folder(path, dtype, offload=offload)
         from nodes.checkpoint import qwen_image21_load
 
         if qwen_image21_load.is_folder(path):

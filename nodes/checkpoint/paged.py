@@ -152,6 +152,7 @@ def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, wh
     to disk; None otherwise (the caller builds it whole). Floats are cast to ``dtype``; ``as_stored``:
     linear weights held as stored (nodes.runtime.fp8.keep_linears_as_stored), the size asked by the
     same rule; ``ready``: as for :func:`build_paged`."""
+    from nodes.checkpoint.kept_fp32 import widened_bytes
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
     from nodes.runtime import fp8
 
@@ -160,6 +161,8 @@ def own_layout_straight(model: Any, state: Mapping, dtype: Any, offload: Any, wh
     shapes, dtypes = shapes_of(state), dtypes_of(state)
     size = fp8.held_bytes(shapes, dtypes, dtype, fp8.linear_weights_of(model)) if as_stored else \
         float_bytes(shapes, dtypes, dtype)
+    # a class's kept float32 modules: its loaders hold them so (``ready``: nodes.checkpoint.kept_fp32)
+    size += widened_bytes(model, {k: (shapes[k], dtype) for k in shapes if dtypes[k].is_floating_point})
     plan = offload(size, besides)
     if plan is None or plan.rest != "disk":
         return None

@@ -171,7 +171,7 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     UNETLoader's weight_dtype (a torch dtype name, unused for a scaled file, as the whole build)."""
     import torch
 
-    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint import kept_fp32, scaled_fp8
     from nodes.checkpoint.load import CheckpointError, _empty
     from nodes.checkpoint.paged import build_paged, own_rows
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
@@ -201,6 +201,8 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     widened = (lambda k, v: k.startswith(layout.in_compute)  # ``after`` holds these in the compute dtype
                and (v.is_floating_point() or v.dtype == torch.int8))
     size = sum(v.numel() * (dtype.itemsize if widened(k, v) else v.element_size()) for k, v in held.items())
+    size += kept_fp32.widened_bytes(model, {k: (tuple(v.shape), v.dtype) for k, v in held.items()
+                                            if not widened(k, v)})  # ``after`` holds these in float32
     size += sum(b.numel() * b.element_size() for k, b in model.named_buffers() if k not in held)  # not in files
     module_scales = {}
     for key, convert in rows:  # a scale's rows go where its weight's rows go

@@ -111,8 +111,17 @@ class JoyImageNetwork(WrappedTransformer):
     def text_width(self) -> int:
         return int(self.transformer.config.text_dim)
 
-    def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple:
+        """:meth:`run` with the transformer's layers outside its blocks brought in when the model manager
+        offloads or pages it (nodes.runtime.offload.outside_blocks): this calls those layers itself, so
+        the hook on the transformer's own forward, which would bring them in, never runs."""
+        from nodes.runtime.offload import outside_blocks
+
+        with outside_blocks(self.transformer):
+            return self.run(*args, **kwargs)
+
+    def run(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
+            reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
         import torch
 
         tr = self.transformer

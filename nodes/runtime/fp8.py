@@ -276,12 +276,14 @@ def keep_linears_as_stored(module: Any, state: dict[str, Any], compute_dtype: An
 
 def _narrowable_linears(module: Any) -> set[str]:
     """Names of ``module``'s linear layers whose weight :func:`held_dtype` may keep as stored: all but
-    those the model keeps in full precision (transformers' ``_keep_in_fp32_modules``)."""
+    those the model keeps in full precision (transformers' and diffusers' ``_keep_in_fp32_modules``: a
+    layer named so or inside a module named so, e.g. JoyImage's ``time_embedder.linear_1``)."""
     import torch
 
-    full = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    kept = getattr(module, "_keep_in_fp32_modules", None) or ()
+    full = {kept} if isinstance(kept, str) else set(kept)
     return {name for name, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in full}
+            if isinstance(m, torch.nn.Linear) and not full & set(name.split("."))}
 
 
 def held_bytes(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any], compute_dtype: Any,

@@ -31,6 +31,7 @@ says where the module computes: :func:`compute_device` is the one place that ans
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import weakref
@@ -280,6 +281,25 @@ def offloaded(module: Any) -> Offloaded | None:
         inner = getattr(module, "kiln_network", None)
         info = getattr(inner, "kiln_offload", None) if inner is not None else None
     return info
+
+
+@contextlib.contextmanager
+def outside_blocks(module: Any) -> Any:
+    """The layers of a block-offloaded ``module`` outside its blocks brought to its onload device (read
+    from their file when paged) for the ``with`` body, and sent back after it, as the hook on
+    ``module``'s own forward does around a call; nothing for a module not offloaded. For a family
+    wrapper that runs those layers itself rather than calling the module (JoyImage's): without it they
+    would compute on their resting placeholders (a paged build's are unfilled memory)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("group_offloading") if registry is not None else None
+    if hook is None or hook.group.onload_leader is not module:
+        yield
+        return
+    hook.group.onload_()
+    try:
+        yield
+    finally:
+        hook.group.offload_()
 
 
 def say_if_offloaded(network: Any, message: Any) -> None:
