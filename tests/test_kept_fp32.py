@@ -92,21 +92,23 @@ def test_a_bf16_load_holds_the_kept_modules_as_diffusers_bf16_load_does(root, na
     assert gap > 1e-3
 
 
-def test_a_bf16_krea2_file_built_straight_into_disk_blocks_asks_the_size_it_holds(root):
-    """The kept norm scales are float32 in the paged build too (the rule run per block) and the size asked
-    before building counts them so: the whole build's bytes."""
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_bf16_file_built_straight_into_disk_blocks_asks_the_size_it_holds(root, name):
+    """The kept tensors are float32 in the paged build too (the rule run per block: each family's
+    layout's ``after``) and the size asked before building counts them so: the whole build's bytes."""
     from nodes.checkpoint.split import load_unet_file
     from nodes.runtime import offload
     from nodes.runtime.measure import module_bytes
 
-    path = root / "diffusion_models" / "krea2-comfy.safetensors"
+    path = root / "diffusion_models" / f"{name}-comfy.safetensors"
     whole = load_unet_file(path, torch.bfloat16).modules["unet"]
     plan, asked = offload.Plan(onload="cpu", rest="disk", note="test: paged"), []
     paged = load_unet_file(path, torch.bfloat16, offload=lambda n, b: asked.append(n) or plan).modules["unet"]
     assert offload.offloaded(paged).paged and asked == [module_bytes(whole)]
     dtypes = {n: p.dtype for n, p in paged.named_parameters()}
     assert dtypes == {n: p.dtype for n, p in whole.named_parameters()}
-    assert sum(d == torch.float32 for d in dtypes.values()) > 10
+    kept = [n for n in dtypes if kept_fp32.is_kept(n, type(whole)._keep_in_fp32_modules)]
+    assert len(kept) >= 4 and all(dtypes[n] == torch.float32 for n in kept)
 
 
 def test_a_scaled_fp8_file_whose_time_embedder_is_fp8_runs(root):
