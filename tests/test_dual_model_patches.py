@@ -234,6 +234,14 @@ def test_what_comfyuis_guider_leaves_out_is_refused_naming_the_input(sd1, other)
     with pytest.raises(NodeError) as err:  # model_negative's options are never read
         _guider(sd1, sd1.model, PATCHES["CFGZeroStar"](other))
     assert err.value.input_name == "model_negative"
+    # the sampling loop's own check, for a DualModel made without the node
+    from nodes.families.base import ConditioningError
+    from nodes.families.dual_model import DualModel
+
+    with pytest.raises(ConditioningError) as err:
+        DualModel(other).denoiser(None, sd1.model.family, positive=sd1.pos, negative=sd1.neg, cfg=CFG,
+                                  guidance=apg.patches.guidance)
+    assert err.value.input_name == "model" and "APG" in str(err.value)
     # the patched model on both inputs, or on model alone: the patch is model's, applied once
     _guider(sd1, rescaled, rescaled)
     _guider(sd1, rescaled, other)
