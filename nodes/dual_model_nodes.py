@@ -59,7 +59,8 @@ def _text_free(positive: list) -> list:
 def dual_model_guider(ctx, model, positive, cfg: float, model_negative=None, negative=None):
     """CFG with the positive prompt on ``model`` and the negative on ``model_negative`` (Ideogram 4's
     unconditional transformer); without ``model_negative`` ordinary CFG on ``model``."""
-    from nodes.families.dual_model import DualModel
+    from nodes.families.base import ConditioningError
+    from nodes.families.dual_model import DualModel, check_guider
     from nodes.samplers.custom import Guider
 
     model = _model(model, "model")
@@ -71,6 +72,10 @@ def dual_model_guider(ctx, model, positive, cfg: float, model_negative=None, neg
     if model_negative.latent.channels != model.latent.channels:
         raise NodeError(f"model_negative works on {model_negative.latent.channels}-channel latents, model on "
                         f"{model.latent.channels}: the two must share a latent space", "model_negative")
+    try:
+        check_guider(model, model_negative, float(cfg))
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
     return (Guider(model, positive, negative, float(cfg), dual=DualModel(model_negative)),)
 
 

@@ -294,3 +294,36 @@ def test_at_cfg_1_the_negative_model_is_not_held_and_the_picture_is_the_positive
     assert torch.equal(sample(unloadable, 1.0), sample(negative_model, 1.0))
     with pytest.raises(FileNotFoundError):
         sample(unloadable, 4.0)
+
+
+def test_dual_model_guider_applies_the_model_s_guidance_rule_on_both_models(env):
+    """CFGZeroStar on ``model`` (a post-CFG rule, which ComfyUI's DualModelGuider runs in its CFG function):
+    with the patched model on both inputs the run equals CFGGuider's with the same patch, and with the
+    unconditional transformer as model_negative the rule changes the two-model picture (its formula on
+    two models is checked on the tiny SD1, tests/test_dual_model_patches.py)."""
+    from nodes import custom_sampling as cs
+    from nodes import guidance_patches as gp
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=UNET)
+    (negative_model,) = call(split_loaders.unet_loader, env, unet_name=UNCOND)
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="ideogram4")
+    positive, negative = clip.encode(PROMPT), clip.encode("")
+    (patched,) = call(gp.cfg_zero_star, env, model=model)
+
+    def sample(guider):
+        (sigmas,) = call(dual_model_nodes.ideogram4_scheduler, env, steps=2, width=64, height=64, mu=0.0, std=1.75)
+        out, _ = call(cs.sampler_custom_advanced, env, noise=cs.random_noise(None, 3)[0], guider=guider,
+                      sampler=cs.ksampler_select(None, "euler")[0], sigmas=sigmas,
+                      latent_image={"samples": torch.zeros(1, 128, 2, 2)})
+        return out["samples"]
+
+    def dual(pos_model, neg_model):
+        (guider,) = call(dual_model_nodes.dual_model_guider, env, model=pos_model, positive=positive, cfg=4.0,
+                         model_negative=neg_model, negative=negative)
+        return sample(guider)
+
+    want = sample(call(cs.cfg_guider, env, model=patched, positive=positive, negative=negative, cfg=4.0)[0])
+    assert (dual(patched, patched) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (want - sample(call(cs.cfg_guider, env, model=model, positive=positive, negative=negative,
+                                cfg=4.0)[0])).abs().max() > 1e-2  # the rule acts here
+    assert (dual(patched, negative_model) - dual(model, negative_model)).abs().max() > 1e-2

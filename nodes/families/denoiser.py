@@ -173,16 +173,19 @@ class Denoiser:
 
     def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         """The guided network output for the scheduler-scaled input ``model_in`` [B, C, h, w]."""
+        cond, uncond = self.sides(model_in, t)
+        return self.combined(cond, uncond, model_in, t)
+
+    def sides(self, model_in: "torch.Tensor", t: Any) -> "tuple[torch.Tensor, torch.Tensor | None]":
+        """Both sides' network outputs for ``model_in``, before any guidance: (conditional,
+        unconditional), the unconditional None when the run is unguided (cfg 1)."""
         import torch
 
         if self._plain:
             if self.guided:
-                out = self._plain_call(torch.cat([model_in, model_in]), t)
-                uncond, cond = out.chunk(2)
-                return self._guide(cond, uncond, model_in, t)
-            out = self._plain_call(model_in, t)
-            self.last_uncond = self.last_cond = out
-            return self._post_cfg(self._unguided(out, model_in, t), out, model_in, t)
+                uncond, cond = self._plain_call(torch.cat([model_in, model_in]), t).chunk(2)
+                return cond, uncond
+            return self._plain_call(model_in, t), None
         sigma = float(self.schedule.sigma(float(t))) if self.schedule is not None else None
         h, w = model_in.shape[2], model_in.shape[3]
         if self._sides is None or self._sides[0] != (h, w):
@@ -195,22 +198,34 @@ class Denoiser:
         else:
             outputs = [out for out, _ in outputs]
         if not self.guided:
-            self.last_uncond = self.last_cond = outputs[0]
-            return self._post_cfg(self._unguided(outputs[0], model_in, t), outputs[0], model_in, t)
+            return outputs[0], None
         cond, uncond = outputs
-        return self._guide(cond, uncond, model_in, t)
+        return cond, uncond
 
-    def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
+    def combined(self, cond: "torch.Tensor", uncond: "torch.Tensor | None", model_in: "torch.Tensor", t: Any,
+                 cfg: float | None = None) -> "torch.Tensor":
+        """The guidance step on both sides' outputs (:meth:`sides`): CFG at ``cfg`` (this denoiser's
+        own when None) with RescaleCFG or the guidance rules, then the post-CFG passes (SAG, skip-layer
+        guidance, PAG) on this denoiser's network and prompts; ``uncond`` None: the unguided rule.
+        A guider whose unconditional side comes from elsewhere (DualModelGuider's second model,
+        nodes.families.dual_model) hands both here, as ComfyUI hands them to its CFG function."""
+        if uncond is None:
+            self.last_uncond = self.last_cond = cond
+            return self._post_cfg(self._unguided(cond, model_in, t), cond, model_in, t)
+        return self._guide(cond, uncond, model_in, t, self.cfg if cfg is None else float(cfg))
+
+    def _guide(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any,
+               cfg: float) -> "torch.Tensor":
         if self.skip_layers is not None and self.skip_layers.simple and self._in_window(t):
             uncond = self._skipped(self._side("negative"), model_in, t)  # SkipLayerGuidanceDiTSimple
         self.last_uncond, self.last_cond = uncond, cond
         if self._rules is not None:
             sigma = float(self.schedule.sigma(float(t)))
-            plain = lambda c, u, z: self._cfg(c, u, z, t)  # noqa: E731
-            guided = self._rules.apply(cond, uncond, model_in, sigma, self.prediction_type, self.cfg, plain,
+            plain = lambda c, u, z: self._cfg(c, u, z, t, cfg)  # noqa: E731
+            guided = self._rules.apply(cond, uncond, model_in, sigma, self.prediction_type, cfg, plain,
                                        self.sigma_data)
         else:
-            guided = self._cfg(cond, uncond, model_in, t)
+            guided = self._cfg(cond, uncond, model_in, t, cfg)
         return self._post_cfg(guided, cond, model_in, t)
 
     def _post_cfg(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",
@@ -291,9 +306,10 @@ class Denoiser:
             unconditional.model_output(z_d, t))
         return space.from_x0(space.to_x0(guided) + self.self_attention.scale * (x0_d - x0_s))
 
-    def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
-        """Plain classifier-free guidance, rescaled if RescaleCFG is set (ComfyUI's CFG function)."""
-        guided = self.family.combine_guidance(guide(cond, uncond, self.cfg), cond)
+    def _cfg(self, cond: "torch.Tensor", uncond: "torch.Tensor", model_in: "torch.Tensor", t: Any,
+             cfg: float) -> "torch.Tensor":
+        """Plain classifier-free guidance at ``cfg``, rescaled if RescaleCFG is set (ComfyUI's CFG function)."""
+        guided = self.family.combine_guidance(guide(cond, uncond, cfg), cond)
         if self.cfg_rescale:
             sigma = float(self.schedule.sigma(float(t)))
             guided = rescale_guidance(guided, cond, model_in, sigma, self.prediction_type, self.cfg_rescale,

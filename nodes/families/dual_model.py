@@ -14,9 +14,22 @@ cfg that changes over a window of noise levels.
   ``percent_to_sigma(end) < sigma <= percent_to_sigma(start)``, and where windows overlap the one applied
   last (nearest the sampler) wins.
 
-Not as in ComfyUI: the model's CFG-changing patches (RescaleCFG, PAG, the guidance rules) are refused
-with DualModelGuider rather than applied, and CFGOverride is refused on guiders without a single cfg
-(DualCFGGuider, PerpNegGuider) and on runs at cfg 1 (whose negative is never evaluated).
+The model's CFG patches act as ComfyUI's DualModelGuider applies them: its predict_noise evaluates each
+side on its own model with the guider's model_options (the positive ``model``'s) and hands both predictions
+to that model's CFG function. So RescaleCFG, RenormCFG and the post-CFG rules (CFGZeroStar, CFGNorm,
+Mahiro, Epsilon Scaling) combine the positive model's prediction with the negative model's as their
+unconditional one, and PAG's perturbed pass runs on the positive model with the positive prompt
+(:class:`DualModelDenoiser`, through the combination step Denoiser shares). What ComfyUI's guider leaves
+out is refused when the guider is made, naming the input (:func:`check_guider`): the pre-CFG rules (APG,
+TCFG, FreSca, LatentApplyOperationCFG: it never calls the pre-CFG hooks), any of these patches at cfg 1
+without a CFGOverride (it returns the positive prediction with no CFG function), and guidance patches on
+``model_negative`` that ``model`` lacks (its options are never read). Steps a CFGOverride window sets to
+cfg 1 are the positive prediction alone, unpatched, as in ComfyUI.
+
+Not as in ComfyUI: CFGOverride is refused on guiders without a single cfg (DualCFGGuider, PerpNegGuider)
+and on runs at cfg 1 (whose negative is never evaluated); with DualModelGuider the deprecated PerpNeg patch
+(a CFG function of its own), SelfAttentionGuidance and skip-layer guidance (post-CFG passes over the
+guider's own prompts, nodes.samplers.loop) are refused rather than applied.
 """
 from __future__ import annotations
 
@@ -25,7 +38,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
-from nodes.families.denoiser import Denoiser, guide
+from nodes.families.denoiser import Denoiser
 
 if TYPE_CHECKING:
     import torch
@@ -66,38 +79,88 @@ class DualModel:
     def denoiser(self, network: Any, family: "Family", *, positive: Any, negative: Any, cfg: float,
                  cfg_rescale: float = 0.0, pag_scale: float = 0.0, guidance: tuple = (),
                  **common: Any) -> "DualModelDenoiser":
-        if cfg_rescale or pag_scale or guidance:
-            raise ConditioningError("RescaleCFG, perturbed-attention guidance and the CFG-changing patches guide "
-                                    "one model's CFG, not DualModelGuider's two models", "model")
+        """The loop's denoiser: the model's CFG patches (``cfg_rescale``, ``pag_scale``, ``guidance``: the
+        guider's model's, as ComfyUI reads its guider's model_options) on the two models' CFG."""
+        patched = bool(cfg_rescale or pag_scale or guidance)
+        check_patches(guidance, patched, evaluated=self.network is not None)
         if self.network is None and float(cfg) != 1.0:  # sampled without opened(True)
             raise ConditioningError("DualModelGuider's negative model is not loaded (run it through "
                                     "SamplerCustomAdvanced)", "model_negative")
-        return DualModelDenoiser(self, network, family, positive, negative, float(cfg), common)
+        patches = dict(cfg_rescale=cfg_rescale, pag_scale=pag_scale, guidance=guidance)
+        return DualModelDenoiser(self, network, family, positive, negative, float(cfg), common, patches)
+
+
+#: The patches ComfyUI's DualModelGuider reads from its guider's model (model_options): compared on model_negative.
+GUIDER_PATCHES = ("cfg_rescale", "pag_scale", "guidance", "perp_neg", "cfg_overrides")
+#: Pre-CFG guidance rules by the node that makes them (those whose node name is not their class name).
+_NODE_NAMES = {"LatentOperationCFG": "LatentApplyOperationCFG"}
+
+
+def check_patches(guidance: tuple, patched: bool, *, evaluated: bool) -> None:
+    """ConditioningError (naming ``model``) for a CFG patch that ComfyUI's DualModelGuider never applies:
+    a pre-CFG guidance rule (its predict_noise calls the CFG function, never the pre-CFG hooks), or any
+    patch (``patched``) on a run whose negative side is not ``evaluated`` (cfg 1 without a CFGOverride:
+    ComfyUI returns the positive prediction with no CFG function at all)."""
+    pre = [_NODE_NAMES.get(type(rule).__name__, type(rule).__name__) for rule in guidance if rule.stage == "pre"]
+    if pre:
+        raise ConditioningError(f"{', '.join(pre)}: a pre-CFG patch (it rewrites the two predictions before "
+                                "they are combined), which ComfyUI's DualModelGuider never runs: use CFGGuider, "
+                                "or drop the patch from the model", "model")
+    if patched and not evaluated:
+        raise ConditioningError("RescaleCFG, perturbed-attention guidance and the guidance rules act on "
+                                "DualModelGuider's CFG, which it skips at cfg 1 (as ComfyUI's does): set cfg, "
+                                "or drop the patch from the model", "model")
+
+
+def check_guider(model: Any, model_negative: Any, cfg: float) -> None:
+    """DualModelGuider's patches, checked when the guider is made: ConditioningError naming the input for
+    what ComfyUI's would silently leave out (:func:`check_patches`; the deprecated PerpNeg's CFG function,
+    which Kiln's guiders cannot stack with a second model; patches on ``model_negative``, whose
+    model_options ComfyUI's guider never reads: the positive ``model``'s guide both sides)."""
+    patches = model.patches
+    if patches.perp_neg is not None:
+        raise ConditioningError("the deprecated PerpNeg patch replaces CFG with its own guider, not "
+                                "DualModelGuider's: use PerpNegGuider, or drop the patch from the model", "model")
+    patched = bool(patches.cfg_rescale or patches.pag_scale or patches.guidance)
+    check_patches(patches.guidance, patched, evaluated=float(cfg) != 1.0 or bool(patches.cfg_overrides))
+    unpatched = type(patches)()
+    theirs = model_negative.patches
+    if any(getattr(theirs, name) not in (getattr(patches, name), getattr(unpatched, name)) for name in GUIDER_PATCHES):
+        raise ConditioningError("model_negative carries guidance patches (RescaleCFG, PAG, the CFG rules, "
+                                "CFGOverride) that model does not: DualModelGuider guides both sides with "
+                                "model's, as ComfyUI's reads only its model's options; patch model instead",
+                                "model_negative")
 
 
 class DualModelDenoiser:
     """CFG over two conditional-only Denoisers on two networks, with the surface the sampling loop uses
-    (``model_output``, ``last_uncond``, a settable ``cfg``)."""
+    (``model_output``, ``last_uncond``, a settable ``cfg``).
+
+    As ComfyUI's Guider_DualModel hands its two predictions to the CFG function of the guider's model:
+    the combination step is the positive Denoiser's own (:meth:`Denoiser.combined`), so RescaleCFG, the
+    guidance rules and PAG are the ones CFGGuider applies, seeing the negative model's prediction as
+    the unconditional one; PAG's perturbed pass runs on the positive model with the positive prompt.
+    At cfg 1 (a CFGOverride window) the positive prediction alone, with no patch, as ComfyUI returns it."""
 
     def __init__(self, spec: DualModel, network: Any, family: "Family", positive: Any, negative: Any,
-                 cfg: float, common: dict) -> None:
+                 cfg: float, common: dict, patches: dict | None = None) -> None:
         self.cfg = cfg
         #: CFGOverride may move cfg anywhere when the negative model is held (DualModel.opened)
         self.guided = spec.network is not None
         self.cond = Denoiser(network, family, positive=positive, negative=None, cfg=1.0,
-                             names=("positive", "positive"), **common)
+                             names=("positive", "positive"), **(patches or {}), **common)
         self.uncond = None if spec.network is None else Denoiser(
             spec.network, spec.model_negative.family, positive=negative, negative=None, cfg=1.0,
             names=("negative", "negative"), **common)
         self.last_uncond: "torch.Tensor | None" = None
 
     def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
-        cond = self.cond.model_output(model_in, t)
+        cond, _ = self.cond.sides(model_in, t)
         if self.cfg == 1.0:
             self.last_uncond = cond
             return cond
         self.last_uncond = self.uncond.model_output(model_in, t)
-        return guide(cond, self.last_uncond, self.cfg)
+        return self.cond.combined(cond, self.last_uncond, model_in, t, self.cfg)
 
 
 def windows(overrides: tuple, schedule: Any) -> list[tuple[float, float, float]]:

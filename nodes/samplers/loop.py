@@ -70,7 +70,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                                 "use LazyCache with DualCFGGuider or PerpNegGuider", "model")
     if own and dual is not None:
         raise ConditioningError("SelfAttentionGuidance and skip-layer guidance guide KSampler's and CFGGuider's "
-                                "classifier-free guidance, not DualCFGGuider's or PerpNegGuider's", "model")
+                                "classifier-free guidance, not DualCFGGuider's, PerpNegGuider's or DualModelGuider's",
+                                 "model")
     schedule = training_schedule(training_config)
     overrides = dual_model.windows(patches.cfg_overrides, schedule)
     denoiser = make(network, family, positive=positive, negative=negative, cfg=cfg, image_size=image_size,
