@@ -50,10 +50,13 @@ def _heads(width: int, head_width: int) -> int:
 
 def _vit_geometry(shapes: Mapping[str, Any], depth: int, patch: int) -> tuple[int, int, list[int]]:
     """(image size, window, global blocks): from the RoPE tables' lengths where the file keeps them."""
-    rows = {i: shapes[TRUNK + f"blocks.{i}.attn.freqs_cis"][0] for i in range(depth)
+    def positions(shape: Any) -> int:  # the table's first non-singleton dimension: one row per position
+        return next((int(n) for n in shape if n != 1), 1)
+
+    rows = {i: positions(shapes[TRUNK + f"blocks.{i}.attn.freqs_cis"]) for i in range(depth)
             if TRUNK + f"blocks.{i}.attn.freqs_cis" in shapes}
     quarters = sorted({max(0, (q + 1) * depth // 4 - 1) for q in range(4)})
-    if not rows:
+    if not rows or any(math.isqrt(n) ** 2 != n for n in rows.values()):
         return IMAGE_SIZE, WINDOW, quarters
     longest = max(rows.values())
     grid = math.isqrt(longest)
