@@ -80,6 +80,7 @@ def test_comfy_file_loads_into_sam3model_with_the_same_weights(registry, env, ne
         assert loaded.config.vision_config.backbone_config.image_size == tiny_sam3.IMAGE
         assert loaded.config.vision_config.backbone_config.window_size == tiny_sam3.WINDOW
         assert list(loaded.config.vision_config.backbone_config.global_attn_indexes) == tiny_sam3.GLOBAL
+        assert loaded.config.text_config.hidden_act == "gelu"
     want = net.state_dict()
     assert set(got) == set(want)
     for k, v in want.items():
@@ -259,3 +260,36 @@ def test_bad_inputs_name_the_input(registry, env, image):
     with pytest.raises(NodeError) as err:
         _detect(registry, env, model, image, None)
     assert err.value.input_name == "conditioning"
+
+
+def test_full_size_shapes_give_the_released_config():
+    """A full-size file's shapes (Sam3Config()'s model on the meta device, in ComfyUI's layout, no RoPE
+    tables) read back as SAM 3's released configuration, the sizes shapes cannot tell included."""
+    from accelerate import init_empty_weights
+    from transformers import Sam3Config, Sam3Model
+
+    from nodes.checkpoint.sam3_keys import to_comfy
+    from nodes.checkpoint.sam3_load import sam3_config
+
+    with init_empty_weights():
+        full = Sam3Model(Sam3Config())
+    got = sam3_config({k: tuple(v.shape) for k, v in to_comfy(full.state_dict()).items()})
+    want = full.config
+    for part, names in (("vision_config.backbone_config", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                           "intermediate_size", "image_size", "patch_size",
+                                                           "window_size", "global_attn_indexes",
+                                                           "pretrain_image_size")),
+                        ("vision_config", ("fpn_hidden_size", "backbone_feature_sizes", "scale_factors")),
+                        ("text_config", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                         "intermediate_size", "max_position_embeddings", "projection_dim",
+                                         "hidden_act", "vocab_size")),
+                        ("detr_decoder_config", ("hidden_size", "num_layers", "num_queries", "num_attention_heads",
+                                                 "intermediate_size")),
+                        ("detr_encoder_config", ("num_layers", "num_attention_heads", "intermediate_size")),
+                        ("geometry_encoder_config", ("num_layers", "num_attention_heads", "intermediate_size")),
+                        ("mask_decoder_config", ("num_upsampling_stages", "num_attention_heads"))):
+        a, b = got, want
+        for attr in part.split("."):
+            a, b = getattr(a, attr), getattr(b, attr)
+        for name in names:
+            assert getattr(a, name) == getattr(b, name), (part, name, getattr(a, name), getattr(b, name))

@@ -27,7 +27,7 @@ def config():
                                  num_hidden_layers=DEPTH, num_attention_heads=1, image_size=IMAGE, patch_size=PATCH,
                                  window_size=WINDOW, global_attn_indexes=GLOBAL, pretrain_image_size=PRETRAIN),
             fpn_hidden_size=32, backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2]),
-        text_config=dict(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=96, projection_dim=24,
+        text_config=dict(hidden_act="gelu", vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=96, projection_dim=24,
                          num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=32),
         geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=1, intermediate_size=64),
         detr_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=1, intermediate_size=64),

@@ -19,106 +19,89 @@ DETECTOR = "detector."
 # kinds: "plain" (same tensor), "mha" (in_proj_* split into q/k/v, out_proj -> o_proj),
 # "clip_mha" (in_proj_* split, out_proj kept), "qkv" (ViT's fused qkv), "pos" (class-token row
 # dropped), "T" (transposed).  "{n}" is a layer index.  First match wins: specific before general.
-TABLE: tuple[tuple[str, str, str], ...] = (
-    # vision: ViTDet trunk
-    ("backbone.vision_backbone.trunk.pos_embed", "vision_encoder.backbone.embeddings.position_embeddings", "pos"),
-    ("backbone.vision_backbone.trunk.patch_embed.proj.",
-     "vision_encoder.backbone.embeddings.patch_embeddings.projection.", "plain"),
-    ("backbone.vision_backbone.trunk.ln_pre.", "vision_encoder.backbone.layer_norm.", "plain"),
-    ("backbone.vision_backbone.trunk.blocks.{n}.norm1.", "vision_encoder.backbone.layers.{n}.layer_norm1.", "plain"),
-    ("backbone.vision_backbone.trunk.blocks.{n}.norm2.", "vision_encoder.backbone.layers.{n}.layer_norm2.", "plain"),
-    ("backbone.vision_backbone.trunk.blocks.{n}.attn.proj.", "vision_encoder.backbone.layers.{n}.attention.o_proj.",
-     "plain"),
-    ("backbone.vision_backbone.trunk.blocks.{n}.attn.qkv.", "vision_encoder.backbone.layers.{n}.attention.", "qkv"),
-    ("backbone.vision_backbone.trunk.blocks.{n}.mlp.", "vision_encoder.backbone.layers.{n}.mlp.", "plain"),
-    # vision: the detector's FPN neck (scale 4: two transposed convs; scale 2: one)
-    ("backbone.vision_backbone.convs.{n}.dconv_2x2_0.", "vision_encoder.neck.fpn_layers.{n}.scale_layers.0.", "plain"),
-    ("backbone.vision_backbone.convs.{n}.dconv_2x2_1.", "vision_encoder.neck.fpn_layers.{n}.scale_layers.2.", "plain"),
-    ("backbone.vision_backbone.convs.{n}.dconv_2x2.", "vision_encoder.neck.fpn_layers.{n}.scale_layers.0.", "plain"),
-    ("backbone.vision_backbone.convs.{n}.conv_1x1.", "vision_encoder.neck.fpn_layers.{n}.proj1.", "plain"),
-    ("backbone.vision_backbone.convs.{n}.conv_3x3.", "vision_encoder.neck.fpn_layers.{n}.proj2.", "plain"),
-    # text: OpenCLIP tower -> CLIPTextModelWithProjection; the resizer is Sam3Model.text_projection
-    ("backbone.language_backbone.encoder.token_embedding.",
-     "text_encoder.text_model.embeddings.token_embedding.", "plain"),
-    ("backbone.language_backbone.encoder.positional_embedding",
-     "text_encoder.text_model.embeddings.position_embedding.weight", "plain"),
-    ("backbone.language_backbone.encoder.ln_final.", "text_encoder.text_model.final_layer_norm.", "plain"),
-    ("backbone.language_backbone.encoder.text_projection", "text_encoder.text_projection.weight", "T"),
-    ("backbone.language_backbone.encoder.transformer.resblocks.{n}.attn.",
-     "text_encoder.text_model.encoder.layers.{n}.self_attn.", "clip_mha"),
-    ("backbone.language_backbone.encoder.transformer.resblocks.{n}.ln_1.",
-     "text_encoder.text_model.encoder.layers.{n}.layer_norm1.", "plain"),
-    ("backbone.language_backbone.encoder.transformer.resblocks.{n}.ln_2.",
-     "text_encoder.text_model.encoder.layers.{n}.layer_norm2.", "plain"),
-    ("backbone.language_backbone.encoder.transformer.resblocks.{n}.mlp.c_fc.",
-     "text_encoder.text_model.encoder.layers.{n}.mlp.fc1.", "plain"),
-    ("backbone.language_backbone.encoder.transformer.resblocks.{n}.mlp.c_proj.",
-     "text_encoder.text_model.encoder.layers.{n}.mlp.fc2.", "plain"),
-    ("backbone.language_backbone.resizer.", "text_projection.", "plain"),
-    # geometry (box prompt) encoder
-    ("geometry_encoder.encode.{n}.cross_attn_image.", "geometry_encoder.layers.{n}.cross_attn.", "mha"),
-    ("geometry_encoder.encode.{n}.self_attn.", "geometry_encoder.layers.{n}.self_attn.", "mha"),
-    ("geometry_encoder.encode.{n}.linear1.", "geometry_encoder.layers.{n}.mlp.fc1.", "plain"),
-    ("geometry_encoder.encode.{n}.linear2.", "geometry_encoder.layers.{n}.mlp.fc2.", "plain"),
-    ("geometry_encoder.encode.{n}.norm1.", "geometry_encoder.layers.{n}.layer_norm1.", "plain"),
-    ("geometry_encoder.encode.{n}.norm2.", "geometry_encoder.layers.{n}.layer_norm2.", "plain"),
-    ("geometry_encoder.encode.{n}.norm3.", "geometry_encoder.layers.{n}.layer_norm3.", "plain"),
-    ("geometry_encoder.img_pre_norm.", "geometry_encoder.vision_layer_norm.", "plain"),
-    ("geometry_encoder.encode_norm.", "geometry_encoder.output_layer_norm.", "plain"),
-    ("geometry_encoder.norm.", "geometry_encoder.prompt_layer_norm.", "plain"),
-    ("geometry_encoder.label_embed.", "geometry_encoder.label_embed.", "plain"),
-    ("geometry_encoder.cls_embed.", "geometry_encoder.cls_embed.", "plain"),
-    ("geometry_encoder.boxes_", "geometry_encoder.boxes_", "plain"),
-    ("geometry_encoder.final_proj.", "geometry_encoder.final_proj.", "plain"),
-    # DETR encoder
-    ("transformer.encoder.layers.{n}.cross_attn_image.", "detr_encoder.layers.{n}.cross_attn.", "mha"),
-    ("transformer.encoder.layers.{n}.self_attn.", "detr_encoder.layers.{n}.self_attn.", "mha"),
-    ("transformer.encoder.layers.{n}.linear1.", "detr_encoder.layers.{n}.mlp.fc1.", "plain"),
-    ("transformer.encoder.layers.{n}.linear2.", "detr_encoder.layers.{n}.mlp.fc2.", "plain"),
-    ("transformer.encoder.layers.{n}.norm1.", "detr_encoder.layers.{n}.layer_norm1.", "plain"),
-    ("transformer.encoder.layers.{n}.norm2.", "detr_encoder.layers.{n}.layer_norm2.", "plain"),
-    ("transformer.encoder.layers.{n}.norm3.", "detr_encoder.layers.{n}.layer_norm3.", "plain"),
-    # DETR decoder
-    ("transformer.decoder.layers.{n}.self_attn.", "detr_decoder.layers.{n}.self_attn.", "mha"),
-    ("transformer.decoder.layers.{n}.ca_text.", "detr_decoder.layers.{n}.text_cross_attn.", "mha"),
-    ("transformer.decoder.layers.{n}.cross_attn.", "detr_decoder.layers.{n}.vision_cross_attn.", "mha"),
-    ("transformer.decoder.layers.{n}.linear1.", "detr_decoder.layers.{n}.mlp.fc1.", "plain"),
-    ("transformer.decoder.layers.{n}.linear2.", "detr_decoder.layers.{n}.mlp.fc2.", "plain"),
-    ("transformer.decoder.layers.{n}.norm1.", "detr_decoder.layers.{n}.vision_cross_attn_layer_norm.", "plain"),
-    ("transformer.decoder.layers.{n}.catext_norm.", "detr_decoder.layers.{n}.text_cross_attn_layer_norm.", "plain"),
-    ("transformer.decoder.layers.{n}.norm2.", "detr_decoder.layers.{n}.self_attn_layer_norm.", "plain"),
-    ("transformer.decoder.layers.{n}.norm3.", "detr_decoder.layers.{n}.mlp_layer_norm.", "plain"),
-    ("transformer.decoder.query_embed.", "detr_decoder.query_embed.", "plain"),
-    ("transformer.decoder.reference_points.", "detr_decoder.reference_points.", "plain"),
-    ("transformer.decoder.presence_token.", "detr_decoder.presence_token.", "plain"),
-    ("transformer.decoder.presence_token_head.layers.0.", "detr_decoder.presence_head.layer1.", "plain"),
-    ("transformer.decoder.presence_token_head.layers.1.", "detr_decoder.presence_head.layer2.", "plain"),
-    ("transformer.decoder.presence_token_head.layers.2.", "detr_decoder.presence_head.layer3.", "plain"),
-    ("transformer.decoder.presence_token_out_norm.", "detr_decoder.presence_layer_norm.", "plain"),
-    ("transformer.decoder.norm.", "detr_decoder.output_layer_norm.", "plain"),
-    ("transformer.decoder.bbox_embed.layers.0.", "detr_decoder.box_head.layer1.", "plain"),
-    ("transformer.decoder.bbox_embed.layers.1.", "detr_decoder.box_head.layer2.", "plain"),
-    ("transformer.decoder.bbox_embed.layers.2.", "detr_decoder.box_head.layer3.", "plain"),
-    ("transformer.decoder.ref_point_head.layers.0.", "detr_decoder.ref_point_head.layer1.", "plain"),
-    ("transformer.decoder.ref_point_head.layers.1.", "detr_decoder.ref_point_head.layer2.", "plain"),
-    ("transformer.decoder.boxRPB_embed_x.layers.0.", "detr_decoder.box_rpb_embed_x.layer1.", "plain"),
-    ("transformer.decoder.boxRPB_embed_x.layers.1.", "detr_decoder.box_rpb_embed_x.layer2.", "plain"),
-    ("transformer.decoder.boxRPB_embed_y.layers.0.", "detr_decoder.box_rpb_embed_y.layer1.", "plain"),
-    ("transformer.decoder.boxRPB_embed_y.layers.1.", "detr_decoder.box_rpb_embed_y.layer2.", "plain"),
-    # scoring
-    ("dot_prod_scoring.prompt_mlp.layers.0.", "dot_product_scoring.text_mlp.layer1.", "plain"),
-    ("dot_prod_scoring.prompt_mlp.layers.1.", "dot_product_scoring.text_mlp.layer2.", "plain"),
+Row = tuple[str, str, str]
+
+
+def _under(orig: str, hf: str, rows: tuple[Row, ...]) -> tuple[Row, ...]:
+    """``rows`` (names relative to a module) placed under the module's names on both sides."""
+    return tuple((orig + o, hf + h, kind) for o, h, kind in rows)
+
+
+def _mlp(orig: str, hf: str, count: int) -> tuple[Row, ...]:
+    """An MLP's numbered layers: Meta's ``layers.i`` -> transformers' ``layer{i+1}``."""
+    return tuple((f"{orig}layers.{i}.", f"{hf}layer{i + 1}.", "plain") for i in range(count))
+
+
+#: Meta's encoder layer (DETR encoder, geometry encoder): attentions, a two-layer MLP, three norms.
+ENCODER_LAYER: tuple[Row, ...] = (
+    ("cross_attn_image.", "cross_attn.", "mha"), ("self_attn.", "self_attn.", "mha"),
+    ("linear1.", "mlp.fc1.", "plain"), ("linear2.", "mlp.fc2.", "plain"),
+    ("norm1.", "layer_norm1.", "plain"), ("norm2.", "layer_norm2.", "plain"), ("norm3.", "layer_norm3.", "plain"))
+
+VIT: tuple[Row, ...] = (
+    ("pos_embed", "embeddings.position_embeddings", "pos"),
+    ("patch_embed.proj.", "embeddings.patch_embeddings.projection.", "plain"),
+    ("ln_pre.", "layer_norm.", "plain"),
+    ("blocks.{n}.norm1.", "layers.{n}.layer_norm1.", "plain"), ("blocks.{n}.norm2.", "layers.{n}.layer_norm2.", "plain"),
+    ("blocks.{n}.attn.proj.", "layers.{n}.attention.o_proj.", "plain"),
+    ("blocks.{n}.attn.qkv.", "layers.{n}.attention.", "qkv"),
+    ("blocks.{n}.mlp.", "layers.{n}.mlp.", "plain"))
+
+#: The detector's FPN neck: scale 4 has two transposed convs, scale 2 one.
+NECK_LEVEL: tuple[Row, ...] = (
+    ("dconv_2x2_0.", "scale_layers.0.", "plain"), ("dconv_2x2_1.", "scale_layers.2.", "plain"),
+    ("dconv_2x2.", "scale_layers.0.", "plain"), ("conv_1x1.", "proj1.", "plain"), ("conv_3x3.", "proj2.", "plain"))
+
+#: OpenCLIP's text tower -> CLIPTextModelWithProjection.
+CLIP_TEXT: tuple[Row, ...] = (
+    ("token_embedding.", "text_model.embeddings.token_embedding.", "plain"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight", "plain"),
+    ("ln_final.", "text_model.final_layer_norm.", "plain"),
+    ("text_projection", "text_projection.weight", "T"),
+    *_under("transformer.resblocks.{n}.", "text_model.encoder.layers.{n}.", (
+        ("attn.", "self_attn.", "clip_mha"), ("ln_1.", "layer_norm1.", "plain"), ("ln_2.", "layer_norm2.", "plain"),
+        ("mlp.c_fc.", "mlp.fc1.", "plain"), ("mlp.c_proj.", "mlp.fc2.", "plain"))))
+
+GEOMETRY: tuple[Row, ...] = (
+    *_under("encode.{n}.", "layers.{n}.", ENCODER_LAYER),
+    ("img_pre_norm.", "vision_layer_norm.", "plain"), ("encode_norm.", "output_layer_norm.", "plain"),
+    ("norm.", "prompt_layer_norm.", "plain"),
+    *((name, name, "plain") for name in ("label_embed.", "cls_embed.", "boxes_", "final_proj.")))
+
+DECODER: tuple[Row, ...] = (
+    *_under("layers.{n}.", "layers.{n}.", (
+        ("self_attn.", "self_attn.", "mha"), ("ca_text.", "text_cross_attn.", "mha"),
+        ("cross_attn.", "vision_cross_attn.", "mha"), ("linear1.", "mlp.fc1.", "plain"),
+        ("linear2.", "mlp.fc2.", "plain"), ("norm1.", "vision_cross_attn_layer_norm.", "plain"),
+        ("catext_norm.", "text_cross_attn_layer_norm.", "plain"), ("norm2.", "self_attn_layer_norm.", "plain"),
+        ("norm3.", "mlp_layer_norm.", "plain"))),
+    *((name, name, "plain") for name in ("query_embed.", "reference_points.", "presence_token.")),
+    *_mlp("presence_token_head.", "presence_head.", 3),
+    ("presence_token_out_norm.", "presence_layer_norm.", "plain"),
+    ("norm.", "output_layer_norm.", "plain"),
+    *_mlp("bbox_embed.", "box_head.", 3), *_mlp("ref_point_head.", "ref_point_head.", 2),
+    *_mlp("boxRPB_embed_x.", "box_rpb_embed_x.", 2), *_mlp("boxRPB_embed_y.", "box_rpb_embed_y.", 2))
+
+SEGMENTATION: tuple[Row, ...] = (
+    ("pixel_decoder.", "pixel_decoder.", "plain"),
+    ("mask_predictor.mask_embed.layers.", "mask_embedder.layers.", "plain"),
+    ("mask_embed.layers.", "mask_embedder.layers.", "plain"),
+    ("instance_seg_head.", "instance_projection.", "plain"), ("semantic_seg_head.", "semantic_projection.", "plain"),
+    ("cross_attend_prompt.", "prompt_cross_attn.", "mha"), ("cross_attn_norm.", "prompt_cross_attn_norm.", "plain"))
+
+TABLE: tuple[Row, ...] = (
+    *_under("backbone.vision_backbone.trunk.", "vision_encoder.backbone.", VIT),
+    *_under("backbone.vision_backbone.convs.{n}.", "vision_encoder.neck.fpn_layers.{n}.", NECK_LEVEL),
+    *_under("backbone.language_backbone.encoder.", "text_encoder.", CLIP_TEXT),
+    ("backbone.language_backbone.resizer.", "text_projection.", "plain"),  # Sam3Model.text_projection
+    *_under("geometry_encoder.", "geometry_encoder.", GEOMETRY),
+    *_under("transformer.encoder.layers.{n}.", "detr_encoder.layers.{n}.", ENCODER_LAYER),
+    *_under("transformer.decoder.", "detr_decoder.", DECODER),
+    *_mlp("dot_prod_scoring.prompt_mlp.", "dot_product_scoring.text_mlp.", 2),
     ("dot_prod_scoring.prompt_mlp.out_norm.", "dot_product_scoring.text_mlp_out_norm.", "plain"),
     ("dot_prod_scoring.prompt_proj.", "dot_product_scoring.text_proj.", "plain"),
     ("dot_prod_scoring.hs_proj.", "dot_product_scoring.query_proj.", "plain"),
-    # segmentation head
-    ("segmentation_head.pixel_decoder.", "mask_decoder.pixel_decoder.", "plain"),
-    ("segmentation_head.mask_predictor.mask_embed.layers.", "mask_decoder.mask_embedder.layers.", "plain"),
-    ("segmentation_head.mask_embed.layers.", "mask_decoder.mask_embedder.layers.", "plain"),
-    ("segmentation_head.instance_seg_head.", "mask_decoder.instance_projection.", "plain"),
-    ("segmentation_head.semantic_seg_head.", "mask_decoder.semantic_projection.", "plain"),
-    ("segmentation_head.cross_attend_prompt.", "mask_decoder.prompt_cross_attn.", "mha"),
-    ("segmentation_head.cross_attn_norm.", "mask_decoder.prompt_cross_attn_norm.", "plain"),
+    *_under("segmentation_head.", "mask_decoder.", SEGMENTATION),
 )
 
 

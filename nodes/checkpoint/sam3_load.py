@@ -8,7 +8,8 @@ adds ``propagation_convs`` and has a three-level detector neck (scales 4, 2, 1) 
 drops the last, so for 3.1 the unused 0.5 level is filled with zeros: it is computed and discarded,
 never read. Tracker weights are accepted and left out (detection does not use them).
 
-Sizes come from the shapes. What shapes cannot tell follows SAM 3's released model: attention
+Sizes come from the shapes. What shapes cannot tell follows SAM 3's released model (transformers'
+Sam3Config defaults, the text tower's GELU included, where ComfyUI's text config says quick_gelu): attention
 heads of 64 channels (ViT, text) and 32 (the 256-wide detector), ViT windows of 24 patches with
 global attention in the last block of each quarter, 1008-pixel input; where the file keeps the
 ViT's RoPE tables (``attn.freqs_cis``) their lengths give the input grid, window and global blocks.
@@ -87,7 +88,8 @@ def sam3_config(shapes: Mapping[str, Any]) -> Any:
             pretrain_image_size=pretrain_grid * patch),
         fpn_hidden_size=shapes[NECK + "0.conv_3x3.weight"][0],
         backbone_feature_sizes=[[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]])
-    text = dict(vocab_size=vocab, hidden_size=text_width, num_hidden_layers=_count(shapes, TEXT + "transformer.resblocks."),
+    # GELU: transformers' SAM 3 text config (facebook/sam3); ComfyUI's SAM3_CLIP_CONFIG says quick_gelu
+    text = dict(hidden_act="gelu", vocab_size=vocab, hidden_size=text_width, num_hidden_layers=_count(shapes, TEXT + "transformer.resblocks."),
                 intermediate_size=shapes[TEXT + "transformer.resblocks.0.mlp.c_fc.weight"][0],
                 num_attention_heads=_heads(text_width, 64),
                 max_position_embeddings=shapes[TEXT + "positional_embedding"][0],
