@@ -10,7 +10,10 @@ of them (1 unless the prompt said "name:N"); boxes come back in pixels as
 (bilinear) and taken where they are above 0; ``individual_masks`` gives one mask per object
 instead of their union.
 
-What differs from ComfyUI: ``refine_iterations`` above 0 asks ComfyUI to run SAM 3's
+What differs from ComfyUI: the pixels are normalised to -1..1 as Meta's and transformers' SAM 3
+processors do; ComfyUI's node and detector, as stored, hand the ViT the 0..1 pixels (if Comfy-Org's
+file folds the normalisation into its patch and position embeddings, which cannot be checked here
+without the file, Kiln's masks on that file would differ from ComfyUI's). ``refine_iterations`` above 0 asks ComfyUI to run SAM 3's
 tracker decoder on a crop around each box and OR the result with the coarse mask. That
 decoder lives in the tracker weights, which transformers' Sam3Model does not have, so Kiln
 returns the coarse detector masks (what ComfyUI gives with refine_iterations=0, a subset of
