@@ -293,3 +293,24 @@ def test_full_size_shapes_give_the_released_config():
             a, b = getattr(a, attr), getattr(b, attr)
         for name in names:
             assert getattr(a, name) == getattr(b, name), (part, name, getattr(a, name), getattr(b, name))
+
+
+def test_fp16_file_and_long_prompts(registry, env, net):
+    """ComfyUI ships the file in fp16: it loads to those fp16 weights in the manager's float32. A prompt past
+    30 tokens takes a second 32-token window, encoded on its own and concatenated with its mask."""
+    from safetensors.torch import save_file
+
+    state = {k: v.half() if v.is_floating_point() else v for k, v in tiny_sam3.comfy_state(net, True).items()}
+    save_file(state, str(env.paths.models.root / "checkpoints" / "half-sam3.safetensors"))
+    (model, clip, _), _ = _load(registry, env, "half-sam3.safetensors")
+    with model.unet() as loaded:
+        got = loaded.state_dict()
+    for k, v in net.state_dict().items():
+        if not k.startswith("vision_encoder.neck.fpn_layers.3."):
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()), k
+    long = " ".join(["red guitar on a wooden stage"] * 6)
+    cond = _encode(registry, env, clip, long)
+    emb, mask = cond[0][0], cond[0][1]["attention_mask"]
+    assert emb.shape[1] == 64 and mask.shape == (1, 64) and int(mask[0, :32].sum()) == 32
+    first = _encode(registry, env, clip, " ".join(long.split()[:30]))  # not the same words: windows are tokens
+    assert 2 < int(mask[0, 32:].sum()) < 32 and first[0][0].shape[1] == 32
