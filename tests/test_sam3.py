@@ -99,7 +99,8 @@ def test_a_missing_detector_weight_is_a_clear_error(registry, env, net, tmp_path
     save_file(state, str(path))
     with pytest.raises(NodeError) as err:
         _load(registry, env, "broken-sam3.safetensors")
-    assert err.value.input_name == "ckpt_name" and "SAM 3 detector" in str(err.value)
+    assert err.value.input_name == "ckpt_name" and "broken-sam3.safetensors: " in str(err.value)
+    assert "SAM 3 detector" in str(err.value) and "layers.1.norm3.weight" in str(err.value)
     path.unlink()
 
 
@@ -268,12 +269,14 @@ def test_full_size_shapes_give_the_released_config():
     from accelerate import init_empty_weights
     from transformers import Sam3Config, Sam3Model
 
-    from nodes.checkpoint.sam3_keys import to_comfy
+    from nodes.checkpoint.sam3_keys import comfy_name, to_comfy
     from nodes.checkpoint.sam3_load import sam3_config
 
     with init_empty_weights():
         full = Sam3Model(Sam3Config())
-    got = sam3_config({k: tuple(v.shape) for k, v in to_comfy(full.state_dict()).items()})
+    comfy = to_comfy(full.state_dict())
+    assert {comfy_name(k, full.state_dict()) for k in full.state_dict()} == set(comfy)  # error messages name the file's keys
+    got = sam3_config({k: tuple(v.shape) for k, v in comfy.items()})
     want = full.config
     for part, names in (("vision_config.backbone_config", ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                            "intermediate_size", "image_size", "patch_size",

@@ -220,10 +220,7 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
 
     if sam3_load.is_sam3(shapes):  # SAM 3 / 3.1: a text-prompted detector, not a diffusion model
         with reading(path):
-            try:
-                return sam3_load.load_single_file(state, shapes, dtype)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{path.name}: {exc}") from None
+            return sam3_load.load_single_file(state, shapes, dtype, path.name)
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE

@@ -197,3 +197,29 @@ def to_comfy(state: Mapping[str, Any]) -> dict[str, Any]:
         if name.replace(".dconv_2x2_0.", ".dconv_2x2_1.") not in out:
             out[name.replace(".dconv_2x2_0.", ".dconv_2x2.")] = out.pop(name)
     return out
+
+
+def comfy_name(key: str, model_keys: Any = ()) -> str:
+    """The file's name for Sam3Model weight ``key`` (a q/k/v part: its fused tensor's), for error messages;
+    ``model_keys`` (the model's weight names) tell a scale-2 neck level's single transposed conv."""
+    name = _comfy_name(key)
+    if ".dconv_2x2_0." in name and key.replace(".scale_layers.0.", ".scale_layers.2.") not in model_keys:
+        name = name.replace(".dconv_2x2_0.", ".dconv_2x2.")
+    return name
+
+
+def _comfy_name(key: str) -> str:
+    for pattern, template, kind in _BACKWARD:
+        m = pattern.match(key)
+        if m is None:
+            continue
+        base, tail = DETECTOR + _fill(template, m), key[m.end():]
+        part = tail.split(".")[0]
+        if kind == "qkv":
+            return base + tail.split(".", 1)[1]
+        if kind in ("mha", "clip_mha") and part in ("q_proj", "k_proj", "v_proj"):
+            return base + "in_proj_" + tail.split(".", 1)[1]
+        if kind == "mha" and part == "o_proj":
+            return base + "out_proj." + tail.split(".", 1)[1]
+        return base + tail
+    raise KeyError(key)

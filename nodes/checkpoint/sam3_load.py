@@ -118,6 +118,7 @@ def build(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any) -> tu
     from transformers import Sam3Model
 
     from nodes.checkpoint.load import CheckpointError, _assign, _empty
+    from nodes.checkpoint.sam3_keys import comfy_name
 
     try:
         config = sam3_config(shapes)
@@ -125,22 +126,27 @@ def build(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any) -> tu
         raise CheckpointError(f"the SAM 3 detector is incomplete or of an unknown layout ({exc})") from None
     model = _empty(Sam3Model, config)
     weights, unused = to_transformers(state)
+    own_keys = set(model.state_dict())
     if is_sam31(shapes) and NECK + "3.conv_1x1.weight" not in shapes:  # the level Sam3Model builds and drops
         own = model.state_dict()
         for k in own:
             if k.startswith("vision_encoder.neck.fpn_layers.3."):
                 weights[k] = torch.zeros(tuple(own[k].shape), dtype=dtype)
-    return _assign(model, weights, "SAM 3 detector", dtype), unused
+    file_names = lambda keys: [comfy_name(k, own_keys) for k in keys]  # noqa: E731 - errors name the file's keys
+    return _assign(model, weights, "SAM 3 detector", dtype, file_names), unused
 
 
-def load_single_file(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any) -> Any:
+def load_single_file(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any, name: str) -> Any:
     """What CheckpointLoaderSimple holds for a SAM 3 file: the detector (text tower inside) and the
-    CLIP tokenizer (padding with token 0, ComfyUI's choice); no VAE."""
-    from nodes.checkpoint.load import Loaded
+    CLIP tokenizer (padding with token 0, ComfyUI's choice); no VAE. Errors start with the file's ``name``."""
+    from nodes.checkpoint.load import CheckpointError, Loaded
     from nodes.checkpoint.tokenizer import PAD_BANG, clip_tokenizer
     from nodes.families.sam3 import FAMILY
 
-    model, unused = build(state, shapes, dtype)
+    try:
+        model, unused = build(state, shapes, dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
     version = "SAM 3.1" if is_sam31(shapes) else "SAM 3"
     info = {"format": "single_file", "sam3_version": version, "unused_keys": len(unused),
             "prediction_type": "detector", "prediction_reason": f"{version}, {len(unused)} tracker keys left unused"}
