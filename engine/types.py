@@ -27,6 +27,9 @@ GUIDER = "GUIDER"
 #: ComfyUI's latent-to-latent function (LatentOperationSharpen, ...): applied to a LATENT or,
 #: by LatentApplyOperationCFG, to the guidance at every step. A value, not a widget.
 LATENT_OPERATION = "LATENT_OPERATION"
+#: ComfyUI's detection boxes (io.BoundingBox): per image a list of {"x", "y", "width", "height", "score"}
+#: dicts in pixels (SAM3_Detect's output, and its optional boxes input).
+BOUNDING_BOX = "BOUNDING_BOX"
 
 #: Types whose values can be typed into a widget rather than only linked.
 WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})

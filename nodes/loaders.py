@@ -199,6 +199,8 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
     loaded = _acquire(manager, key, loader, input_name, name)
     use = functools.partial(manager.use, key)
     info = dict(loaded.info)
+    if loaded.family.name == "sam3":
+        return _sam3_handles(ctx, manager, key, loader, loaded, name)
     scheduler_config = dict(loaded.scheduler_config)
     if prediction != "auto":  # one loaded copy whatever the override; only the handle differs
         scheduler_config["prediction_type"] = prediction
@@ -220,6 +222,22 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
         ctx.message(f"{name} holds no {', '.join(info['missing_text'])}: its CLIP gives zeros in their place "
                     "(ComfyUI's rule); load the encoders with TripleCLIPLoader for the full prompt")
     return (model, clip, vae)
+
+
+def _sam3_handles(ctx, manager: ModelManager, key: tuple, loader: Any, loaded: Any, name: str) -> tuple:
+    """A SAM 3 file's (MODEL, CLIP, None): the detector for SAM3_Detect, its text tower for
+    CLIPTextEncode, and no VAE (ComfyUI's CheckpointLoaderSimple gives none for it either)."""
+    use = functools.partial(manager.use, key)
+    peek = functools.partial(peek_module, manager, key, loader)
+    model = ModelHandle(family=loaded.family, scheduler_config={}, latent=loaded.latent,
+                        _use_unet=lambda: use("sam3", loader), name=name, extra=dict(loaded.info),
+                        _peek=lambda: peek("sam3"))
+    clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
+                      _use=lambda which, parts=(): use(which, loader, parts), name=name, _peek=peek)
+    ctx.message(f"{name}: {loaded.info.get('sam3_version')} detector on {manager.device} "
+                f"({loaded.info.get('unused_keys')} tracker weights left unused: detection does not need them); "
+                "no VAE")
+    return (model, clip, None)
 
 
 # -- DiffusersLoader --------------------------------------------------------------------------

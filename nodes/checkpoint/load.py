@@ -216,7 +216,11 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load, qwen_image21_load, sd3_load
+    from nodes.checkpoint import flux_load, qwen_image21_load, sam3_load, sd3_load
+
+    if sam3_load.is_sam3(shapes):  # SAM 3 / 3.1: a text-prompted detector, not a diffusion model
+        with reading(path):
+            return sam3_load.load_single_file(state, shapes, dtype, path.name)
     from nodes.families.sd3 import is_sd3_transformer
 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
