@@ -341,13 +341,15 @@ def image_color_to_mask(ctx, image, color: int):
     display_name="Preview Mask",
     output_node=True,
     inputs=[Input("mask", T.MASK)],
+    # The mask again, as ComfyUI's newer MaskPreview passes it on (its templates link from it), like
+    # PreviewImage's images (nodes.image).
+    outputs=[Output("mask", T.MASK)],
 )
 def mask_preview(ctx, mask):
     """Show a mask as a grey image (white = 1) without keeping it, exactly as PreviewImage shows images.
 
     The grey image is MaskToImage's, and the files are written by PreviewImage itself (the
-    temp folder, ``type: temp``), so masks and images preview by one rule. Like ComfyUI's
-    node it has no outputs.
+    temp folder, ``type: temp``), so masks and images preview by one rule. The mask goes on unchanged.
     """
     (grey,) = mask_to_image.fn(ctx, mask)
-    return Result(ui=_image_nodes.preview_image.fn(ctx, grey).ui)
+    return Result(outputs=(mask,), ui=_image_nodes.preview_image.fn(ctx, grey).ui)

@@ -26,7 +26,6 @@ import torch
 import tiny_models
 from engine.context import Environment, Paths
 from engine.executor import Executor
-from engine.workflow import Link
 from engine.registry import default_registry
 from engine.validate import WorkflowInvalid, validate
 from engine.formats import parse_document as parse
@@ -40,10 +39,9 @@ LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than
 #: templates hold is implemented (er_sde, gradient_estimation, ...: nodes/samplers/). FIBO 2's edit
 #: templates and Qwen-Image 2.1's turbo edit one link one picture into BatchImagesNode (on their prompt
 #: enhancer's branch), whose first two pictures ComfyUI's schema requires too (autogrow min 2; Kiln's
-#: node: tests/test_comfy_v3_inputs.py). The SAM 3 segmentation template feeds InvertMask from MaskPreview's
-#: output 0, which ComfyUI's stored MaskPreview schema has not (nor Kiln's: tests/test_sam3_template.py).
+#: node: tests/test_comfy_v3_inputs.py).
 KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57"),
-         ("BatchImagesNode", "images.image1", None), ("InvertMask", "mask", Link("95", 0))}
+         ("BatchImagesNode", "images.image1", None)}
 
 
 def _package_dir(module: str) -> Path:

@@ -47,7 +47,8 @@ def test_declarations_read_as_comfyuis():
     seed = info["ImageAddNoise"]["input"]["required"]["seed"][1]
     assert (seed["max"], seed["control_after_generate"]) == (2**64 - 1, True)
     assert info["ImageColorToMask"]["input"]["required"]["color"][1]["max"] == 0xFFFFFF
-    assert info["MaskPreview"]["output_node"] and info["MaskPreview"]["output"] == []
+    # ComfyUI's newer MaskPreview passes the mask on (its SAM 3 and Anima inpainting templates link from it)
+    assert info["MaskPreview"]["output_node"] and info["MaskPreview"]["output"] == ["MASK"]
 
 
 # -- ImageScaleToMaxDimension ------------------------------------------------------------
@@ -223,12 +224,13 @@ def test_colour_to_mask_picks_exactly_the_pixels_of_that_colour(env):
     assert _error(masks.image_color_to_mask, env, image=torch.zeros(1, 4, 4, 1), color=0) == "image"
 
 
-def test_mask_preview_writes_grey_pngs_to_temp_and_nothing_else(env):
+def test_mask_preview_writes_grey_pngs_to_temp_and_passes_the_mask_on(env):
     mask = torch.zeros(2, 6, 8)
     mask[0, :, :4] = 1.0
     mask[1] = 0.5
     record = Called()
-    assert call(masks.mask_preview, env, record, mask=mask) == ()
+    (passed,) = call(masks.mask_preview, env, record, mask=mask)
+    assert passed is mask
     items = record.ui["images"]
     assert [i["type"] for i in items] == ["temp", "temp"] and not list(env.paths.output.root.iterdir())
     first = np.asarray(Image.open(env.paths.temp.root / items[0]["filename"]).convert("RGB"))
@@ -261,3 +263,4 @@ def test_a_comfyui_api_prompt_with_the_new_nodes_validates_and_runs(env):
     # nearest-exact maps output column x to source column floor((x + 0.5) * 62/64): orange (< 40) up to x = 40
     assert torch.equal(mask[0, 22:42, :41], torch.ones(20, 41)) and int(mask.sum()) == 20 * 41
     assert len(outcome.outputs["6"]["images"]) == 1
+    assert outcome.results["6"][0] is mask  # the pass-through output

@@ -1,10 +1,8 @@
 """ComfyUI's utility_image_segment_sam3 template (comfyui-workflow-templates-json), as its editor saved it:
 LoadImage -> a subgraph of CheckpointLoaderSimple(sam3.1_multiplex_fp16.safetensors), CLIPTextEncode("guitar")
 and SAM3_Detect(0.5, refine_iterations 2, union mask) -> MaskPreview, InvertMask -> JoinImageWithAlpha ->
-PreviewImage. It validates with only its files missing and one link: the template feeds InvertMask from
-MaskPreview's output 0, a pass-through that ComfyUI's MaskPreview schema (comfy_extras/nodes_mask.py, as
-stored) and Kiln's lack (tests/test_image_layout.py keeps it output-less). With that link taken from the
-mask MaskPreview receives (what a pass-through gives), it runs on a tiny SAM 3.1 file saved under the
+PreviewImage (InvertMask reads MaskPreview's pass-through output, as ComfyUI's newer MaskPreview gives
+it). It validates with only its files missing and runs on a tiny SAM 3.1 file saved under the
 template's name, giving what SAM3_Detect gives called alone (tests/test_sam3.py checks that against
 transformers' Sam3Model)."""
 from __future__ import annotations
@@ -41,7 +39,7 @@ def root(tmp_path_factory) -> Path:
 
 def test_template_validates_with_only_its_files_missing(registry, tmp_path):
     wf, files = template_file_errors(registry, _template(), tmp_path)
-    assert files == {("CheckpointLoader", "ckpt_name"), ("LoadImage", "image"), ("InvertMask", "mask")}
+    assert files == {("CheckpointLoader", "ckpt_name"), ("LoadImage", "image")}
     assert wf.nodes["114"].inputs["mask"].node_id == "95" and wf.nodes["95"].type == "MaskPreview"
     detect = next(n for n in wf.nodes.values() if n.type == "SAM3_Detect")
     assert (detect.inputs["threshold"], detect.inputs["refine_iterations"], detect.inputs["individual_masks"]) \
@@ -55,7 +53,6 @@ def test_template_runs_on_the_tiny_file(registry, env):
     picture = rng.integers(0, 256, (36, 44, 3), np.uint8)
     Image.fromarray(picture).save(env.paths.input.root / "neon_guitarist.png")
     wf = parse_document(_template(), registry)
-    wf.nodes["114"].inputs["mask"] = wf.nodes["95"].inputs["mask"]  # MaskPreview's pass-through (see above)
     outcome = Executor(registry, env).run(wf)
     assert outcome.status == "succeeded", outcome.error and outcome.error.message
     masks, boxes = outcome.results["99:75"]
