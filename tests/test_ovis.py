@@ -29,10 +29,10 @@ SIZE = 64
 root = models_root(tiny_ovis.make_models_folder, "ovis-models")
 
 
-def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: str = tiny_ovis.UNET) -> dict:
+def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, clip_type: str = "ovis") -> dict:
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
-        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": tiny_ovis.TEXT, "type": "ovis"}},
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_ovis.UNET, "weight_dtype": "default"}},
+        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": tiny_ovis.TEXT, "type": clip_type}},
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": tiny_ovis.VAE}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["8", 0]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["8", 0]}},
@@ -164,6 +164,18 @@ def test_wrong_files_name_the_node_input_family_and_loader(env, root):
         call(loaders.checkpoint_loader, env, ckpt_name="ovis-aio.safetensors")
     assert err.value.input_name == "ckpt_name"
     assert "Ovis-Image transformer" in str(err.value) and "CLIPLoader (type ovis)" in str(err.value)
+
+
+def test_ovis_text_encoder_under_type_lumina2_is_refused_at_the_sampler(registry, env):
+    """ovis_2.5 is a Qwen3 file, so CLIPLoader type lumina2 loads it as Z-Image's encoder; its width fits
+    the transformer but its states are not Ovis's: KSampler names the input instead of drawing nonsense."""
+    from engine.executor import Executor
+
+    outcome = Executor(registry, env).run(parse(_graph(PROMPT, NEGATIVE, 3, 2, 5.0, clip_type="lumina2")))
+    assert outcome.status == "failed"
+    error = outcome.error  # both prompts are Z-Image's; the first one the call reads is named
+    assert error.node_id == "5" and error.input_name in ("positive", "negative"), error.message
+    assert "CLIPLoader type ovis" in error.message
 
 
 def test_a_flux_file_is_flux_and_a_truncated_ovis_file_names_the_missing_key(env, root):

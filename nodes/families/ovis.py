@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 
 LABEL = "Ovis-Image"
@@ -104,6 +104,19 @@ class Ovis(FlowFamily):
         from nodes.checkpoint import ovis_keys
 
         return ovis_keys.original_names([name for name, _ in network.named_parameters()])
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        """None; but a conditioning Z-Image's CLIP encoded is refused: ovis_2.5 is a Qwen3 file that loads under
+        type lumina2 too, and its width then fits while its states (layer -2, no padding) are not Ovis's."""
+        from nodes.families.z_image import TOKENS
+
+        for extra in extras:
+            if extra.get(TOKENS) is not None:
+                raise ConditioningError("this conditioning was encoded by Z-Image's text encoding (CLIPLoader type "
+                                        "lumina2); Ovis-Image reads Ovis 2.5's: load ovis_2.5.safetensors with "
+                                        "CLIPLoader type ovis", extra.get("_input", "positive"))
+        return {}
 
     # -- text ------------------------------------------------------------------------------------
 
