@@ -73,10 +73,14 @@ def test_comfyuis_layout_round_trips_and_its_gated_mlps_compute_as_diffusers_ff(
     want = model.state_dict()
     assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
     x = torch.randn(2, 5, tiny_ovis.DIM, generator=torch.Generator().manual_seed(0))
-    lin = lambda name, v: torch.nn.functional.linear(v, original[f"{name}.weight"], original[f"{name}.bias"])  # noqa: E731
+
+    def lin(name: str, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(v, original[f"{name}.weight"], original[f"{name}.bias"])
+
     silu = torch.nn.functional.silu
     with torch.no_grad():
-        for mlp, ff in (("img_mlp", model.transformer_blocks[0].ff), ("txt_mlp", model.transformer_blocks[0].ff_context)):
+        block = model.transformer_blocks[0]
+        for mlp, ff in (("img_mlp", block.ff), ("txt_mlp", block.ff_context)):
             b = f"double_blocks.0.{mlp}"
             comfy = lin(f"{b}.down_proj", silu(lin(f"{b}.gate_proj", x)) * lin(f"{b}.up_proj", x))
             assert torch.allclose(comfy, ff(x), atol=1e-6)
@@ -87,7 +91,8 @@ def test_comfyuis_layout_round_trips_and_its_gated_mlps_compute_as_diffusers_ff(
         assert torch.allclose(silu(mlp[..., half:]) * mlp[..., :half], single.act_mlp(gate) * states, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [tiny_ovis.UNET, "tiny-ovis-prefixed.safetensors", "tiny-ovis-diffusers-keys.safetensors"])
+@pytest.mark.parametrize("name", [tiny_ovis.UNET, "tiny-ovis-prefixed.safetensors",
+                                  "tiny-ovis-diffusers-keys.safetensors"])
 def test_unet_loader_detects_ovis_and_loads_the_weights_bit_for_bit(env, name):
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     assert model.family is ovis.FAMILY and model.scheduler_config["shift"] == 3.0
@@ -102,6 +107,22 @@ def test_unet_loader_fp8_weight_dtype_holds_the_linears_in_fp8(env):
     with model._use_unet() as net:
         assert net.transformer_blocks[0].ff.net[0].proj.weight.dtype == torch.float8_e4m3fn
         assert net.context_embedder_norm.weight.dtype == torch.float32
+
+
+def test_fp8_scaled_file_equals_its_dequantised_twin(env, root):
+    """ComfyUI's scaled fp8 (every linear scaled): the scales follow the renames, the gated MLP's two scales
+    stack with their weights' rows into diffusers' fused projection."""
+    from flow_family_files import save_state
+    from test_scaled_fp8 import _compare, quantise
+
+    scaled, plain = quantise(tiny_ovis.original_transformer(), "model.diffusion_model.")
+    save_state(root / "diffusion_models" / "ovis-fp8_scaled.safetensors", scaled)
+    save_state(root / "diffusion_models" / "ovis-fp8-dequant.safetensors", plain)
+    (a,) = call(split_loaders.unet_loader, env, unet_name="ovis-fp8_scaled.safetensors")
+    (b,) = call(split_loaders.unet_loader, env, unet_name="ovis-fp8-dequant.safetensors")
+    with a.unet() as x, b.unet() as y:
+        layers, _ = _compare(x, y)
+    assert layers >= 10  # every block's linears, the fused MLP inputs among them
 
 
 # -- conditioning -------------------------------------------------------------------------------------
@@ -145,6 +166,18 @@ def test_graph_with_cfg_and_negative_equals_ovis_pipeline(registry, env):
     assert np.abs(ours - _run(registry, env, _graph("a blue car", NEGATIVE, 3, 4, 5.0))).max() > 1 / 255  # the prompt
 
 
+def test_a_diffusers_folder_through_checkpoint_loader_equals_ovis_pipeline(registry, env):
+    graph = _graph(PROMPT, NEGATIVE, 6, 3, 4.0)
+    for k in ("1", "8", "9"):
+        del graph[k]
+    graph["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-ovis-diffusers"}}
+    graph["2"]["inputs"]["clip"] = graph["3"]["inputs"]["clip"] = ["1", 1]
+    graph["6"]["inputs"]["vae"] = ["1", 2]
+    ours = _run(registry, env, graph)
+    assert np.abs(ours - reference(PROMPT, NEGATIVE, 6, 3, 4.0)).max() <= 1 / 255
+    assert np.abs(ours - reference(PROMPT, NEGATIVE, 6, 3, 2.0)).max() > 1 / 255  # the cfg matters: not vacuous
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 
@@ -153,11 +186,12 @@ def test_wrong_files_name_the_node_input_family_and_loader(env, root):
         call(split_loaders.clip_loader, env, clip_name="tiny-t5xxl.safetensors", type="ovis")
     assert err.value.input_name == "clip_name"
     assert "'ovis' needs Qwen3, got tiny-t5xxl.safetensors (T5-XXL)" in str(err.value)
-    (root / "diffusion_models" / "te-as-unet.safetensors").write_bytes((root / "text_encoders" / tiny_ovis.TEXT).read_bytes())
+    text_file = (root / "text_encoders" / tiny_ovis.TEXT).read_bytes()
+    (root / "diffusion_models" / "te-as-unet.safetensors").write_bytes(text_file)
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="te-as-unet.safetensors")
-    assert err.value.input_name == "unet_name" and "holds a text encoder" in str(err.value) and "CLIPLoader" in str(err.value)
-    (root / "checkpoints").mkdir(exist_ok=True)
+    assert err.value.input_name == "unet_name"
+    assert "holds a text encoder" in str(err.value) and "CLIPLoader" in str(err.value)
     (root / "checkpoints" / "ovis-aio.safetensors").write_bytes(
         (root / "diffusion_models" / "tiny-ovis-prefixed.safetensors").read_bytes())
     with pytest.raises(NodeError) as err:

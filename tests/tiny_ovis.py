@@ -81,7 +81,8 @@ def make_models_folder(root: Any) -> Path:
     """diffusion_models/tiny-ovis.safetensors (ComfyUI's keys), -prefixed (``model.diffusion_model.``) and
     -diffusers-keys, and the template's ovis_image_bf16.safetensors; text_encoders/ovis_2.5.safetensors
     and tiny-t5xxl.safetensors (the tiny FLUX's, for errors); vae/ae.safetensors (the tiny FLUX VAE);
-    diffusion_models/tiny-flux.safetensors (a FLUX transformer, for errors)."""
+    diffusion_models/tiny-flux.safetensors (a FLUX transformer, for errors); checkpoints/tiny-ovis-diffusers/
+    (OvisImagePipeline.save_pretrained)."""
     root = Path(root)
     original = original_transformer()
     save_split_transformer(root / "diffusion_models", "tiny-ovis", original,
@@ -91,4 +92,5 @@ def make_models_folder(root: Any) -> Path:
     tiny_flux._save(root / "text_encoders" / TEXT, qwen3_file())
     tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     tiny_flux._save(root / "vae" / VAE, tiny_flux.vae_state())
+    pipeline().save_pretrained(str(root / "checkpoints" / "tiny-ovis-diffusers"), safe_serialization=True)
     return root

@@ -476,6 +476,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
             return flux2_load.load_folder(path, dtype, offload=offload)
         if qwen_image_load.is_qwen_image_folder(path):
             return qwen_image_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import ovis_load
+
+        if ovis_load.is_folder(path):  # before FLUX: both have transformer/
+            return ovis_load.load_folder(path, dtype, offload=offload)
         if z_image_load.is_z_image_folder(path):  # before FLUX: both have transformer/
             return z_image_load.load_folder(path, dtype, offload=offload)
         if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/

@@ -10,10 +10,12 @@
   ``ovis`` (nodes.checkpoint.split: a Qwen3 file, built by nodes.checkpoint.qwen3_text), with Kiln's
   Qwen tokenizer.
 * ``ae.safetensors``, FLUX.1's VAE, through VAELoader.
+* A diffusers folder (``OvisImagePipeline.save_pretrained``) through CheckpointLoaderSimple.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import ovis_keys as keys
@@ -44,3 +46,32 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
     from nodes.families import ovis as fam
 
     return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+
+
+def is_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is Ovis-Image's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "OvisImageTransformer2DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Ovis-Image folder (``OvisImagePipeline.save_pretrained``: transformer, Qwen3 text encoder,
+    FLUX's VAE, tokenizer, scheduler) through nodes.checkpoint.flow_transformers.load_pipeline_folder;
+    Qwen3 read as Z-Image's folder Qwen3 is (nodes.checkpoint.z_image_load), the folder's tokenizer or
+    Kiln's Qwen3 one."""
+    from diffusers import AutoencoderKL, OvisImageTransformer2DModel
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.z_image_load import folder_qwen3
+    from nodes.families import ovis as fam
+
+    def others() -> dict[str, Any]:
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": folder_qwen3(path / "text_encoder", dtype)}
+
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, OvisImageTransformer2DModel, others,
+                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("3")))
