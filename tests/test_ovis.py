@@ -72,6 +72,10 @@ def test_comfyuis_layout_round_trips_and_its_gated_mlps_compute_as_diffusers_ff(
     back = ovis_keys.original_to_diffusers(original)
     want = model.state_dict()
     assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
+    names = ovis.FAMILY.original_names(model)  # what ComfyUI's per-block merge nodes match
+    assert set(names.values()) <= set(original) and set(names) == set(want)
+    assert names["transformer_blocks.0.ff.net.0.proj.weight"] == "double_blocks.0.img_mlp.up_proj.weight"
+    assert names["timestep_embedder.linear_1.bias"] == "time_in.in_layer.bias"
     x = torch.randn(2, 5, tiny_ovis.DIM, generator=torch.Generator().manual_seed(0))
 
     def lin(name: str, v: torch.Tensor) -> torch.Tensor:
