@@ -227,7 +227,7 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
     from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, krea2_load,
-                                  qwen_image_load, z_image_load)
+                                  ovis_load, qwen_image_load, z_image_load)
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (ideogram4_load.has_transformer, "Ideogram 4", "qwen3vl_8b*.safetensors", "ideogram4",
@@ -236,6 +236,7 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
             (joyimage_load.has_transformer, "JoyImage", "qwen3vl_8b_joyimage_edit*.safetensors", "joyimage",
              "wan_2.1_vae.safetensors"),
+            (ovis_load.has_transformer, "Ovis-Image", "ovis_2.5.safetensors", "ovis", "ae.safetensors"),
             (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
             (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
              "qwen_image_vae.safetensors"),
@@ -479,6 +480,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
             return flux2_load.load_folder(path, dtype, offload=offload)
         if qwen_image_load.is_qwen_image_folder(path):
             return qwen_image_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import ovis_load
+
+        if ovis_load.is_folder(path):  # before FLUX: both have transformer/
+            return ovis_load.load_folder(path, dtype, offload=offload)
         if z_image_load.is_z_image_folder(path):  # before FLUX: both have transformer/
             return z_image_load.load_folder(path, dtype, offload=offload)
         if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/

@@ -96,8 +96,9 @@ def is_z_image_folder(path: Path) -> bool:
     return is_pipeline_folder(path, "ZImageTransformer2DModel")
 
 
-def _folder_qwen3(folder: Path, dtype: Any) -> Any:
-    """The folder's Qwen3 (``text_encoder/``) through nodes.checkpoint.qwen3_text with its own config."""
+def folder_qwen3(folder: Path, dtype: Any) -> Any:
+    """The folder's Qwen3 (``text_encoder/``) through nodes.checkpoint.qwen3_text with its own config
+    (Ovis-Image's folders read theirs so too: nodes.checkpoint.ovis_load)."""
     from transformers import Qwen3Config
 
     from nodes.checkpoint.folders import folder_state
@@ -106,8 +107,8 @@ def _folder_qwen3(folder: Path, dtype: Any) -> Any:
 
     found = folder_state(folder, dtype)
     if found is None:
-        raise CheckpointError(f"{folder.parent.name}/{folder.name}: no .safetensors weights (Kiln reads a Z-Image "
-                              "folder's Qwen3 from safetensors files)")
+        raise CheckpointError(f"{folder.parent.name}/{folder.name}: no .safetensors weights (Kiln reads a Z-Image or "
+                              "Ovis-Image folder's Qwen3 from safetensors files)")
     with reading(found[0]):
         return build_qwen3(found[1], f"{folder.parent.name}/{folder.name}", dtype, Qwen3Config.from_pretrained(str(folder)))
 
@@ -124,7 +125,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
 
     def others() -> dict[str, Any]:
         return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                "text_encoder": _folder_qwen3(path / "text_encoder", dtype)}
+                "text_encoder": folder_qwen3(path / "text_encoder", dtype)}
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, ZImageTransformer2DModel, others,
                                 lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("3")),
