@@ -14,16 +14,18 @@ Pixels: Kiln normalises them to -1..1 (mean 0.5, std 0.5), as Meta's and transfo
 processors do. ComfyUI, as read (comfy_extras/nodes_sam3.py, comfy/ldm/sam3/detector.py and sam.py),
 hands its ViT the 0..1 pixels: neither the node, SAM3Model.forward / forward_segment, the vision
 backbone nor ViTDet.forward (a bias-free patch conv, then the position table) normalises. Kiln keeps
-Meta's input because the weights are Meta's (ComfyUI's file carries Meta's names and tensors, and
-Meta's own predictor normalises); on such a file ComfyUI's masks may differ from Kiln's.
+Meta's input because Comfy-Org's file is Meta's checkpoint in Meta's names and layout (class-token row,
+fused qkv, RoPE tables), whose weights expect what Meta's processors give; a normalisation folded into
+the file (only the position table could hold its offset) cannot be ruled out without the file.
 
 ``refine_iterations`` above 0 runs SAM 3's interactive decoder as ComfyUI does (nodes.sam3_refine):
 on a crop around each box, seeded with the detector's logits, OR-ed with the coarse mask. The decoder
 is loaded into transformers' Sam3TrackerModel (SAM 3's tracker SAM heads, SAM 3.1's interactive
 ones); a file without it gives the coarse masks and a node message. Point prompts
 (positive_coords / negative_coords) go through the same decoder on the whole image, one mask for
-all points. Boxes without text (the decoder's box prompts in ComfyUI) are refused; boxes together
-with text are geometry prompts of the detector (its box pooling needs torchvision).
+all points, and so do boxes without text, one mask per box (no box dicts come back for them, as in
+ComfyUI); boxes together with text are geometry prompts of the detector (its box pooling needs
+torchvision).
 """
 from __future__ import annotations
 
@@ -161,7 +163,7 @@ def detect_frame(net: Any, frame: Any, prompts: list, threshold: float, size: tu
         Input("conditioning", T.CONDITIONING, optional=True,
               tooltip="Text conditioning from CLIPTextEncode with the SAM 3 checkpoint's CLIP: 'guitar', several "
                       "objects 'cat, dog', up to N of one kind 'person:3'."),
-        Input("bboxes", T.BOUNDING_BOX, optional=True, tooltip="Bounding boxes to segment within (with text)."),
+        Input("bboxes", T.BOUNDING_BOX, optional=True, tooltip="Bounding boxes to segment within"),
         Input("positive_coords", T.STRING, optional=True, force_input=True,
               tooltip="Positive point prompts as JSON [{\"x\": int, \"y\": int}, ...] (pixel coords)"),
         Input("negative_coords", T.STRING, optional=True, force_input=True,
@@ -179,20 +181,19 @@ def sam3_detect(ctx, model, image, conditioning=None, bboxes=None, positive_coor
     import torch
 
     from nodes.masking import as_image
-    from nodes.sam3_refine import point_mask, refine
+    from nodes.sam3_refine import prompt_mask, refine
 
     handle = _model(model)
     image = as_image(image)
     frames, height, width = image.shape[0], image.shape[1], image.shape[2]
     points = _points(positive_coords, negative_coords)
-    if conditioning is None and not points:
-        raise NodeError("SAM3_Detect needs a text conditioning or point prompts here: boxes alone go through "
-                        "SAM 3's interactive decoder as box prompts, which Kiln does not run",
+    if conditioning is None and not points and bboxes is None:
+        raise NodeError("SAM3_Detect needs something to look for: a text conditioning, boxes or points",
                         input_name="conditioning")
     if not 0.0 <= float(threshold) <= 1.0:
         raise NodeError("threshold must be between 0 and 1", input_name="threshold")
-    per_frame_boxes = _boxes(bboxes, width, height, frames) if conditioning is not None else None
-    if per_frame_boxes is not None:
+    per_frame_boxes = _boxes(bboxes, width, height, frames)
+    if per_frame_boxes is not None and conditioning is not None:
         import importlib.util
 
         if importlib.util.find_spec("torchvision") is None:
@@ -202,11 +203,12 @@ def sam3_detect(ctx, model, image, conditioning=None, bboxes=None, positive_coor
     all_boxes, all_masks = [], []
     with torch.inference_mode(), handle.unet() as net:
         tracker = getattr(net, "kiln_tracker", None)
-        if points and tracker is None:
-            raise NodeError("point prompts go through SAM 3's interactive decoder, and this file has none (no "
+        if (points or conditioning is None) and tracker is None:
+            what = "point prompts" if points else "boxes without text"
+            raise NodeError(f"{what} go through SAM 3's interactive decoder, and this file has none (no "
                             "tracker / interactive decoder weights); describe the object in text instead",
-                            input_name="positive_coords" if positive_coords not in (None, "", "[]")
-                            else "negative_coords")
+                            input_name=("positive_coords" if positive_coords not in (None, "", "[]")
+                                        else "negative_coords") if points else "bboxes")
         if tracker is not None:
             tracker.to(device=next(net.parameters()).device)
         elif iterations > 0:
@@ -219,7 +221,12 @@ def sam3_detect(ctx, model, image, conditioning=None, bboxes=None, positive_coor
             frame_boxes = per_frame_boxes[b] if per_frame_boxes is not None else None
             masks = []
             if points:
-                masks.append(point_mask(tracker, pixels[b:b + 1], points, (height, width), iterations))
+                masks.append(prompt_mask(tracker, pixels[b:b + 1], (height, width), iterations, points=points))
+            if frame_boxes is not None and not prompts:  # ComfyUI: boxes without text are the decoder's
+                for cx, cy, bw, bh in frame_boxes[0].tolist():
+                    xyxy = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width,
+                            (cy + bh / 2) * height)
+                    masks.append(prompt_mask(tracker, pixels[b:b + 1], (height, width), iterations, box=xyxy))
             found = []
             if prompts:
                 found, logits = detect_frame(net, pixels[b:b + 1].to(device), prompts, float(threshold),

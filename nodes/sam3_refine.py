@@ -10,7 +10,8 @@ everywhere; the low-resolution logits are resized to the input size (bilinear).
 :func:`refine` is ComfyUI's ``_refine_mask``: a crop around the detection box (10 % of the box's size
 added on each side, clipped to the image), resized to the input size; the coarse logits (the
 detector's, at image size) cropped alike are the first mask prompt, each pass's output the next;
-the last output, resized back into the crop, is OR-ed with the coarse mask.
+the last output, resized back into the crop, is OR-ed with the coarse mask. :func:`prompt_mask` is
+ComfyUI's point and box paths (prompts without text) on the whole image.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ class Decoder:
         self.tracker, self.pixels, self.embeddings = tracker, pixels, None
         self.size = int(tracker.config.prompt_encoder_config.image_size)
 
-    def segment(self, mask: Any = None, points: Any = None, labels: Any = None) -> Any:
+    def segment(self, mask: Any = None, points: Any = None, labels: Any = None, box: Any = None) -> Any:
         """[1, 1, size, size] mask logits for the prompts: ``mask`` [1, 1, h, w] logits, ``points``
-        [1, N, 2] in input-size pixels with ``labels`` [1, N] (1 positive, 0 negative)."""
+        [1, N, 2] in input-size pixels with ``labels`` [1, N] (1 positive, 0 negative), ``box`` [1, 4]
+        x1, y1, x2, y2 in input-size pixels. (A box's tokens come in another order than in ComfyUI's
+        prompt encoder, the padding point last instead of first; the decoder's attention does not
+        depend on the order of the prompt tokens.)"""
         import torch
         import torch.nn.functional as F
 
@@ -49,6 +53,8 @@ class Decoder:
         if points is not None:
             kwargs["input_points"] = points[:, None].to(dtype)
             kwargs["input_labels"] = labels[:, None].to(torch.int32)
+        if box is not None:
+            kwargs["input_boxes"] = box[:, None].to(dtype)
         out = tracker(**kwargs)
         if self.embeddings is None:
             self.embeddings = out.image_embeddings
@@ -100,10 +106,12 @@ def refine(tracker: Any, image: Any, coarse: Any, box: tuple[float, float, float
     return out
 
 
-def point_mask(tracker: Any, pixels: Any, points: list[tuple[float, float, int]], size: tuple[int, int],
-               iterations: int) -> Any:
-    """[H, W] 0/1 from point prompts (x, y in image pixels, label) on the whole image ``pixels``
-    [1, 3, S, S]: one pass with the points, then ``iterations - 1`` passes on the mask alone (ComfyUI)."""
+def prompt_mask(tracker: Any, pixels: Any, size: tuple[int, int], iterations: int,
+                points: list[tuple[float, float, int]] | None = None,
+                box: tuple[float, float, float, float] | None = None) -> Any:
+    """[H, W] 0/1 from point prompts (x, y in image pixels, label) or one box (x1, y1, x2, y2 in image
+    pixels) on the whole image ``pixels`` [1, 3, S, S]: one pass with the prompt, then
+    ``iterations - 1`` passes on the mask alone (ComfyUI's point and box paths)."""
     import torch
     import torch.nn.functional as F
 
@@ -111,9 +119,14 @@ def point_mask(tracker: Any, pixels: Any, points: list[tuple[float, float, int]]
     device = next(tracker.mask_decoder.parameters()).device
     decoder = Decoder(tracker, pixels.to(device))
     s = decoder.size
-    coords = torch.tensor([[[x / width * s, y / height * s] for x, y, _ in points]], device=device)
-    labels = torch.tensor([[lab for _, _, lab in points]], device=device)
-    logits = decoder.segment(points=coords, labels=labels)
+    if points:
+        coords = torch.tensor([[[x / width * s, y / height * s] for x, y, _ in points]], device=device)
+        labels = torch.tensor([[lab for _, _, lab in points]], device=device)
+        logits = decoder.segment(points=coords, labels=labels)
+    else:
+        x1, y1, x2, y2 = box
+        logits = decoder.segment(box=torch.tensor([[x1 / width * s, y1 / height * s, x2 / width * s,
+                                                    y2 / height * s]], device=device))
     for _ in range(max(0, iterations - 1)):
         logits = decoder.segment(mask=logits)
     return (F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0, 0] > 0).float().cpu()

@@ -188,3 +188,58 @@ def test_points_on_a_file_without_the_decoder_and_bad_json(registry, env, image)
     with pytest.raises(NodeError) as err:
         _run(registry, env, SAM3_FILE, image, negative_coords='[{"x": 3}]')
     assert err.value.input_name == "negative_coords" and "JSON" in str(err.value)
+
+
+def test_full_size_shapes_give_the_released_decoder_config():
+    """A full-size decoder's shapes (Sam3TrackerConfig()'s model on the meta device, in ComfyUI's SAM 3.1
+    layout) read back as the released sizes; single-mask choice without the stability fallback (ComfyUI)."""
+    from accelerate import init_empty_weights
+    from transformers import Sam3Config, Sam3TrackerConfig, Sam3TrackerModel
+
+    from nodes.checkpoint import sam3_tracker
+
+    with init_empty_weights():
+        full = Sam3TrackerModel(Sam3TrackerConfig())
+    shapes = {k: tuple(v.shape) for k, v in sam3_tracker.to_comfy(full.state_dict(), multiplex=True).items()}
+    assert sam3_tracker.present(shapes, multiplex=True) and not sam3_tracker.present(shapes, multiplex=False)
+    got = sam3_tracker.tracker_config(shapes, Sam3Config(), multiplex=True)
+    for part, names in (("prompt_encoder_config", ("hidden_size", "image_size", "patch_size", "mask_input_channels",
+                                                   "num_point_embeddings")),
+                        ("mask_decoder_config", ("hidden_size", "mlp_dim", "num_hidden_layers", "num_attention_heads",
+                                                 "attention_downsample_rate", "num_multimask_outputs",
+                                                 "iou_head_hidden_dim")),
+                        ("vision_config", ("fpn_hidden_size", "backbone_feature_sizes"))):
+        a, b = getattr(got, part), getattr(full.config, part)
+        for name in names:
+            assert getattr(a, name) == getattr(b, name), (part, name, getattr(a, name), getattr(b, name))
+    assert got.mask_decoder_config.dynamic_multimask_via_stability is False
+    assert list(got.vision_config.scale_factors) == [4.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_boxes_without_text_equal_the_tracker_run_by_hand(registry, env, tracker, image, iterations):
+    from nodes.sam3_nodes import pixel_values
+
+    boxes_in = [{"x": 4.0, "y": 6.0, "width": 20.0, "height": 18.0}, {"x": 30.0, "y": 2.0, "width": 15.0, "height": 30.0}]
+    masks, boxes, _, _ = _run(registry, env, SAM3_FILE, image, text=None, bboxes=boxes_in, refine_iterations=iterations)
+    assert boxes == [[]] and masks.shape == (2, HEIGHT, WIDTH)
+    want = []
+    with torch.inference_mode():
+        pixels = pixel_values(image, S)
+        for d in boxes_in:
+            corners = torch.tensor([[[d["x"] / WIDTH * S, d["y"] / HEIGHT * S, (d["x"] + d["width"]) / WIDTH * S,
+                                      (d["y"] + d["height"]) / HEIGHT * S]]])
+            logits, emb = _decode(tracker, pixels, input_boxes=corners)
+            for _ in range(iterations - 1):
+                prompt = F.interpolate(logits, size=(4 * S // tiny_sam3.PATCH,) * 2, mode="bilinear",
+                                       align_corners=False, antialias=True)
+                logits, _ = _decode(tracker, pixels, emb, input_masks=prompt)
+            want.append((F.interpolate(logits, size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False)[0, 0] > 0)
+                        .float())
+    want = torch.stack(want)
+    assert not torch.equal(want[0], want[1]) and 0 < float(want.mean()) < 1
+    differ = (masks != want).float().mean()
+    assert differ <= 0.0005, float(differ)
+    with pytest.raises(NodeError) as err:  # a file without the decoder cannot
+        _run(registry, env, PLAIN_FILE, image, text=None, bboxes=boxes_in)
+    assert err.value.input_name == "bboxes" and "decoder" in str(err.value)
