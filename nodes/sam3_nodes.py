@@ -90,6 +90,17 @@ def _boxes(bboxes: Any, width: int, height: int, frames: int) -> list[Any] | Non
     return None
 
 
+def _place(tracker: Any, device: Any) -> None:
+    """The interactive decoder's own weights onto ``device``; its ViT is the detector's, which the model
+    manager places (moving it here would undo an offload the manager chose)."""
+    backbone = tracker.vision_encoder.backbone
+    try:
+        tracker.vision_encoder.backbone = None
+        tracker.to(device=device)
+    finally:
+        tracker.vision_encoder.backbone = backbone
+
+
 def _points(positive: Any, negative: Any) -> list[tuple[float, float, int]]:
     """[(x, y, label)] from ComfyUI's JSON point lists (KJNodes' PointsEditor: [{"x": .., "y": ..}]),
     positives (label 1) first, as ComfyUI orders them."""
@@ -210,7 +221,7 @@ def sam3_detect(ctx, model, image, conditioning=None, bboxes=None, positive_coor
                             input_name=("positive_coords" if positive_coords not in (None, "", "[]")
                                         else "negative_coords") if points else "bboxes")
         if tracker is not None:
-            tracker.to(device=next(net.parameters()).device)
+            _place(tracker, next(net.parameters()).device)
         elif iterations > 0:
             ctx.message(TRACKER_NOTE.format(n=iterations))
         prompts = text_prompts(conditioning, int(net.config.text_config.hidden_size)) if conditioning is not None else []
