@@ -188,7 +188,8 @@ def detect_frame(net: Any, frame: Any, prompts: list, threshold: float, size: tu
 )
 def sam3_detect(ctx, model, image, conditioning=None, bboxes=None, positive_coords=None, negative_coords=None,
                 threshold: float = 0.5, refine_iterations: int = 2, individual_masks: bool = False):
-    """Find and segment what the text names: masks (union, or one per object) and boxes per image."""
+    """Find and segment what the text names (and what points or text-less boxes mark): masks (union, or one
+    per object) and, for the text's detections, boxes per image."""
     import torch
 
     from nodes.masking import as_image
