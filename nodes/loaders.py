@@ -234,9 +234,10 @@ def _sam3_handles(ctx, manager: ModelManager, key: tuple, loader: Any, loaded: A
                         _peek=lambda: peek("sam3"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
                       _use=lambda which, parts=(): use(which, loader, parts), name=name, _peek=peek)
-    ctx.message(f"{name}: {loaded.info.get('sam3_version')} detector on {manager.device} "
-                f"({loaded.info.get('unused_keys')} tracker weights left unused: detection does not need them); "
-                "no VAE")
+    decoder = ("with its interactive decoder for refine_iterations and points" if loaded.info.get("interactive_decoder")
+               else "without an interactive decoder in the file: refine_iterations and points are unavailable")
+    ctx.message(f"{name}: {loaded.info.get('sam3_version')} detector on {manager.device}, {decoder} "
+                f"({loaded.info.get('unused_keys')} weights outside the detector); no VAE")
     return (model, clip, None)
 
 

@@ -10,17 +10,22 @@ of them (1 unless the prompt said "name:N"); boxes come back in pixels as
 (bilinear) and taken where they are above 0; ``individual_masks`` gives one mask per object
 instead of their union.
 
-What differs from ComfyUI: the pixels are normalised to -1..1 as Meta's and transformers' SAM 3
-processors do; ComfyUI's node and detector, as stored, hand the ViT the 0..1 pixels (if Comfy-Org's
-file folds the normalisation into its patch and position embeddings, which cannot be checked here
-without the file, Kiln's masks on that file would differ from ComfyUI's). ``refine_iterations`` above 0 asks ComfyUI to run SAM 3's
-tracker decoder on a crop around each box and OR the result with the coarse mask. That
-decoder lives in the tracker weights, which transformers' Sam3Model does not have, so Kiln
-returns the coarse detector masks (what ComfyUI gives with refine_iterations=0, a subset of
-its refined masks) and says so in a node message. Point prompts (positive_coords /
-negative_coords) and boxes without text go only through that decoder in ComfyUI: Kiln
-refuses them with an error. Boxes together with text are geometry prompts of the detector,
-which Sam3Model has (its box pooling needs torchvision; without it they are refused).
+Pixels: Kiln normalises them to -1..1 (mean 0.5, std 0.5), as Meta's and transformers' SAM 3
+processors do. ComfyUI, as read (comfy_extras/nodes_sam3.py, comfy/ldm/sam3/detector.py and sam.py),
+hands its ViT the 0..1 pixels: neither the node, SAM3Model.forward / forward_segment, the vision
+backbone nor ViTDet.forward (a bias-free patch conv, then the position table) normalises. Kiln keeps
+Meta's input because Comfy-Org's file is Meta's checkpoint in Meta's names and layout (class-token row,
+fused qkv, RoPE tables), whose weights expect what Meta's processors give; a normalisation folded into
+the file (only the position table could hold its offset) cannot be ruled out without the file.
+
+``refine_iterations`` above 0 runs SAM 3's interactive decoder as ComfyUI does (nodes.sam3_refine):
+on a crop around each box, seeded with the detector's logits, OR-ed with the coarse mask. The decoder
+is loaded into transformers' Sam3TrackerModel (SAM 3's tracker SAM heads, SAM 3.1's interactive
+ones); a file without it gives the coarse masks and a node message. Point prompts
+(positive_coords / negative_coords) go through the same decoder on the whole image, one mask for
+all points, and so do boxes without text, one mask per box (no box dicts come back for them, as in
+ComfyUI); boxes together with text are geometry prompts of the detector (its box pooling needs
+torchvision).
 """
 from __future__ import annotations
 
@@ -31,9 +36,8 @@ from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ModelHandle
 
-TRACKER_NOTE = ("refine_iterations={n}: ComfyUI refines each mask with SAM 3's tracker decoder; Kiln runs "
-                "transformers' Sam3Model, which has no tracker, so these are the detector's coarse masks "
-                "(ComfyUI's refine_iterations=0 result)")
+TRACKER_NOTE = ("refine_iterations={n}: the file has no SAM 3 tracker / interactive decoder weights, so these "
+                "are the detector's coarse masks (ComfyUI's refine_iterations=0 result)")
 
 
 def _model(model: Any) -> ModelHandle:
@@ -86,6 +90,34 @@ def _boxes(bboxes: Any, width: int, height: int, frames: int) -> list[Any] | Non
     return None
 
 
+def _place(tracker: Any, device: Any) -> None:
+    """The interactive decoder's own weights onto ``device``; its ViT is the detector's, which the model
+    manager places (moving it here would undo an offload the manager chose)."""
+    backbone = tracker.vision_encoder.backbone
+    try:
+        tracker.vision_encoder.backbone = None
+        tracker.to(device=device)
+    finally:
+        tracker.vision_encoder.backbone = backbone
+
+
+def _points(positive: Any, negative: Any) -> list[tuple[float, float, int]]:
+    """[(x, y, label)] from ComfyUI's JSON point lists (KJNodes' PointsEditor: [{"x": .., "y": ..}]),
+    positives (label 1) first, as ComfyUI orders them."""
+    import json
+
+    out = []
+    for name, value, label in (("positive_coords", positive, 1), ("negative_coords", negative, 0)):
+        if value in (None, ""):
+            continue
+        try:
+            items = json.loads(value)
+            out += [(float(p["x"]), float(p["y"]), label) for p in items]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise NodeError(f"{name} must be JSON like [{{\"x\": 10, \"y\": 20}}] ({exc})", input_name=name) from None
+    return out
+
+
 def pixel_values(image: Any, size: int) -> Any:
     """[B, 3, size, size] in -1..1 from IMAGE [B, H, W, C] 0..1: bilinear resize, then SAM 3's
     normalisation (mean 0.5, std 0.5)."""
@@ -105,7 +137,7 @@ class _Text:
 
 def detect_frame(net: Any, frame: Any, prompts: list, threshold: float, size: tuple[int, int],
                  boxes: Any = None) -> tuple[list[dict], list[Any]]:
-    """(box dicts, masks [H, W] 0/1) of one image [1, 3, S, S] for every prompt, ComfyUI's order."""
+    """(box dicts, mask logits [H, W]) of one image [1, 3, S, S] for every prompt, ComfyUI's order."""
     import torch
     import torch.nn.functional as F
 
@@ -128,7 +160,7 @@ def detect_frame(net: Any, frame: Any, prompts: list, threshold: float, size: tu
             found.append({"x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1, "score": float(probs[i])})
             logits = F.interpolate(out.pred_masks[0, i][None, None].float(), size=(height, width),
                                    mode="bilinear", align_corners=False)
-            masks.append((logits[0, 0] > 0).float().cpu())
+            masks.append(logits[0, 0].cpu())
     return found, masks
 
 
@@ -142,58 +174,82 @@ def detect_frame(net: Any, frame: Any, prompts: list, threshold: float, size: tu
         Input("conditioning", T.CONDITIONING, optional=True,
               tooltip="Text conditioning from CLIPTextEncode with the SAM 3 checkpoint's CLIP: 'guitar', several "
                       "objects 'cat, dog', up to N of one kind 'person:3'."),
-        Input("bboxes", T.BOUNDING_BOX, optional=True, tooltip="Bounding boxes to segment within (with text)."),
+        Input("bboxes", T.BOUNDING_BOX, optional=True, tooltip="Bounding boxes to segment within"),
         Input("positive_coords", T.STRING, optional=True, force_input=True,
               tooltip="Positive point prompts as JSON [{\"x\": int, \"y\": int}, ...] (pixel coords)"),
         Input("negative_coords", T.STRING, optional=True, force_input=True,
               tooltip="Negative point prompts as JSON [{\"x\": int, \"y\": int}, ...] (pixel coords)"),
         Input("threshold", T.FLOAT, default=0.5, min=0.0, max=1.0, step=0.01),
         Input("refine_iterations", T.INT, default=2, min=0, max=5,
-              tooltip="SAM decoder refinement passes (0=use raw detector masks). Kiln has no tracker decoder: "
-                      "it always gives the raw detector masks and says so when this is above 0."),
+              tooltip="SAM decoder refinement passes (0=use raw detector masks)"),
         Input("individual_masks", T.BOOLEAN, default=False, tooltip="Output per-object masks instead of union"),
     ],
     outputs=[Output("masks", T.MASK), Output("bboxes", T.BOUNDING_BOX)],
 )
 def sam3_detect(ctx, model, image, conditioning=None, bboxes=None, positive_coords=None, negative_coords=None,
                 threshold: float = 0.5, refine_iterations: int = 2, individual_masks: bool = False):
-    """Find and segment what the text names: masks (union, or one per object) and boxes per image."""
+    """Find and segment what the text names (and what points or text-less boxes mark): masks (union, or one
+    per object) and, for the text's detections, boxes per image."""
     import torch
 
     from nodes.masking import as_image
+    from nodes.sam3_refine import prompt_mask, refine
 
     handle = _model(model)
     image = as_image(image)
     frames, height, width = image.shape[0], image.shape[1], image.shape[2]
-    for name, value in (("positive_coords", positive_coords), ("negative_coords", negative_coords)):
-        if value not in (None, "", "[]"):
-            raise NodeError("point prompts go through SAM 3's tracker decoder, which Kiln does not run "
-                            "(transformers' Sam3Model is the detector alone); describe the object in text instead",
-                            input_name=name)
-    if conditioning is None:
-        raise NodeError("SAM3_Detect needs a text conditioning here: boxes or points alone go through SAM 3's "
-                        "tracker decoder, which Kiln does not run", input_name="conditioning")
+    points = _points(positive_coords, negative_coords)
+    if conditioning is None and not points and bboxes is None:
+        raise NodeError("SAM3_Detect needs something to look for: a text conditioning, boxes or points",
+                        input_name="conditioning")
     if not 0.0 <= float(threshold) <= 1.0:
         raise NodeError("threshold must be between 0 and 1", input_name="threshold")
     per_frame_boxes = _boxes(bboxes, width, height, frames)
-    if per_frame_boxes is not None:
+    if per_frame_boxes is not None and conditioning is not None:
         import importlib.util
 
         if importlib.util.find_spec("torchvision") is None:
             raise NodeError("box prompts need torchvision (Sam3Model pools the boxes with its roi_align), which "
                             "is not installed here; leave bboxes unconnected", input_name="bboxes")
-    if int(refine_iterations) > 0:
-        ctx.message(TRACKER_NOTE.format(n=int(refine_iterations)))
+    iterations = int(refine_iterations)
     all_boxes, all_masks = [], []
     with torch.inference_mode(), handle.unet() as net:
-        prompts = text_prompts(conditioning, int(net.config.text_config.hidden_size))
+        tracker = getattr(net, "kiln_tracker", None)
+        if (points or conditioning is None) and tracker is None:
+            what = "point prompts" if points else "boxes without text"
+            raise NodeError(f"{what} go through SAM 3's interactive decoder, and this file has none (no "
+                            "tracker / interactive decoder weights); describe the object in text instead",
+                            input_name=("positive_coords" if positive_coords not in (None, "", "[]")
+                                        else "negative_coords") if points else "bboxes")
+        if tracker is not None:
+            _place(tracker, next(net.parameters()).device)
+        elif iterations > 0:
+            ctx.message(TRACKER_NOTE.format(n=iterations))
+        prompts = text_prompts(conditioning, int(net.config.text_config.hidden_size)) if conditioning is not None else []
         size = int(net.config.vision_config.backbone_config.image_size)
         device = next(net.parameters()).device
         pixels = pixel_values(image, size)
         for b in range(frames):
             frame_boxes = per_frame_boxes[b] if per_frame_boxes is not None else None
-            found, masks = detect_frame(net, pixels[b:b + 1].to(device), prompts, float(threshold),
-                                        (height, width), frame_boxes)
+            masks = []
+            if points:
+                masks.append(prompt_mask(tracker, pixels[b:b + 1], (height, width), iterations, points=points))
+            if frame_boxes is not None and not prompts:  # ComfyUI: boxes without text are the decoder's
+                for cx, cy, bw, bh in frame_boxes[0].tolist():
+                    xyxy = ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width,
+                            (cy + bh / 2) * height)
+                    masks.append(prompt_mask(tracker, pixels[b:b + 1], (height, width), iterations, box=xyxy))
+            found = []
+            if prompts:
+                found, logits = detect_frame(net, pixels[b:b + 1].to(device), prompts, float(threshold),
+                                             (height, width), frame_boxes)
+                for box, coarse in zip(found, logits):
+                    if tracker is None or iterations <= 0:
+                        masks.append((coarse > 0).float())
+                        continue
+                    xyxy = (box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"])
+                    masks.append(refine(tracker, image[b], coarse, xyxy, iterations,
+                                        lambda crop: pixel_values(crop, size)))
             all_boxes.append(found)
             if masks:
                 stacked = torch.stack(masks)

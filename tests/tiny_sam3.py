@@ -5,6 +5,8 @@ The file is what ComfyUI's SAM 3 / 3.1 checkpoints hold: Meta's names under ``de
 say the input grid and the attention window), plus weights detection does not use: a
 tracker (``tracker.`` for SAM 3, ``tracker.model.`` for 3.1), SAM 3's second neck, or 3.1's
 propagation and interactive necks, which drop the detector neck's unused 0.5 level.
+With ``tracker`` (:func:`tracker`) the file also carries the interactive decoder in its ComfyUI names
+(SAM 3: ``tracker.sam_*`` + ``sam2_convs``; 3.1: ``tracker.model.interactive_sam_*`` + ``interactive_convs``).
 """
 from __future__ import annotations
 
@@ -50,8 +52,38 @@ def model(seed: int = 0):
     return net
 
 
-def comfy_state(net, multiplex: bool) -> dict[str, torch.Tensor]:
-    """``net``'s weights in ComfyUI's file layout, with the extras a real file carries."""
+def tracker(net, seed: int = 1):
+    """The reference interactive decoder: transformers' Sam3TrackerModel sharing ``net``'s ViT, with a
+    random three-level neck and decoder (object score pushed above 0, so its masks are not all
+    "no object"), its two positional tables one, as in SAM's file."""
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    vision = net.config.vision_config.to_dict()
+    vision["scale_factors"], vision["backbone_feature_sizes"] = [4.0, 2.0, 1.0], vision["backbone_feature_sizes"][:3]
+    cfg = Sam3TrackerConfig(
+        vision_config=vision, prompt_encoder_config=dict(hidden_size=32, image_size=IMAGE, patch_size=PATCH),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=8, iou_head_hidden_dim=32,
+                                 dynamic_multimask_via_stability=False))
+    torch.manual_seed(seed)
+    model = Sam3TrackerModel(cfg).eval()
+    model.vision_encoder.backbone = net.vision_encoder.backbone
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # transformers' init (std 0.02) leaves the logits near 1e-5, where a mask's sign is noise and a mask
+        # prompt changes nothing visible: weights of unit gain instead
+        for name, param in model.named_parameters():
+            if param.ndim >= 2 and not name.startswith("vision_encoder.backbone."):
+                param.copy_(torch.randn(param.shape, generator=gen) / param[0].numel() ** 0.5)
+        model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(4.0)
+        model.no_memory_embedding.normal_()
+        # one Fourier table in SAM (pe_layer): the image's dense positions and the points both read it
+        model.shared_image_embedding.positional_embedding.copy_(model.prompt_encoder.shared_embedding.positional_embedding)
+    return model
+
+
+def comfy_state(net, multiplex: bool, with_tracker=None) -> dict[str, torch.Tensor]:
+    """``net``'s weights in ComfyUI's file layout, with the extras a real file carries (and the
+    interactive decoder ``with_tracker``, a :func:`tracker`, in its place)."""
     from nodes.checkpoint.sam3_keys import to_comfy
 
     gen = torch.Generator().manual_seed(5)
@@ -73,12 +105,21 @@ def comfy_state(net, multiplex: bool) -> dict[str, torch.Tensor]:
             state[f"{neck}{extra}.0.conv_1x1.weight"] = rand(32, 8, 1, 1)
     else:
         state[neck + "sam2_convs.0.conv_1x1.weight"] = rand(32, 8, 1, 1)
+    if with_tracker is not None:
+        from nodes.checkpoint import sam3_tracker
+
+        for k in [k for k in state if k.startswith((tracker, neck + "sam2_convs.", neck + "interactive_convs."))]:
+            del state[k]
+        state.update(sam3_tracker.to_comfy(with_tracker.state_dict(), multiplex))
+        if not multiplex:  # SAM 3's tracker neck has the fourth (0.5) level too, unused
+            for k in [k for k in state if k.startswith(neck + "convs.3.")]:
+                state[k.replace("convs.3.", "sam2_convs.3.")] = rand(*state[k].shape)
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def save(net, path: Path, multiplex: bool) -> Path:
+def save(net, path: Path, multiplex: bool, with_tracker=None) -> Path:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(comfy_state(net, multiplex), str(path))
+    save_file(comfy_state(net, multiplex, with_tracker), str(path))
     return path

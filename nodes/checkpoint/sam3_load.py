@@ -6,7 +6,9 @@ ViT's ``detector.backbone.vision_backbone.trunk.blocks.0.attn.qkv.weight``; SAM 
 adds ``propagation_convs`` and has a three-level detector neck (scales 4, 2, 1) where SAM 3 has four
 (4, 2, 1, 0.5) and leaves the last unused. transformers' Sam3Model always builds four levels and
 drops the last, so for 3.1 the unused 0.5 level is filled with zeros: it is computed and discarded,
-never read. Tracker weights are accepted and left out (detection does not use them).
+never read. The interactive decoder (SAM 3's tracker SAM heads, SAM 3.1's interactive ones) is loaded
+into transformers' Sam3TrackerModel when the file has it (nodes.checkpoint.sam3_tracker), for
+SAM3_Detect's refinement and point prompts; the video tracker's other weights are left out.
 
 Sizes come from the shapes. What shapes cannot tell follows SAM 3's released model (transformers'
 Sam3Config defaults, the text tower's GELU included, where ComfyUI's text config says quick_gelu): attention
@@ -133,7 +135,23 @@ def build(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any) -> tu
             if k.startswith("vision_encoder.neck.fpn_layers.3."):
                 weights[k] = torch.zeros(tuple(own[k].shape), dtype=dtype)
     file_names = lambda keys: [comfy_name(k, own_keys) for k in keys]  # noqa: E731 - errors name the file's keys
-    return _assign(model, weights, "SAM 3 detector", dtype, file_names), unused
+    model = _assign(model, weights, "SAM 3 detector", dtype, file_names)
+    attach_tracker(model, state, shapes, dtype)
+    return model, unused
+
+
+def attach_tracker(model: Any, state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any) -> None:
+    """Give ``model`` its interactive decoder as ``model.kiln_tracker`` (None without one in the file).
+
+    It is kept outside the module tree (not a submodule): the detector's state dict and weight
+    comparisons stay the detector's, and the decoder, which shares the detector's ViT, is moved to
+    the compute device by SAM3_Detect when it runs."""
+    from nodes.checkpoint import sam3_tracker
+
+    multiplex = is_sam31(shapes)
+    tracker = sam3_tracker.build(state, shapes, model, dtype, multiplex) \
+        if sam3_tracker.present(shapes, multiplex) else None
+    object.__setattr__(model, "kiln_tracker", tracker)
 
 
 def load_single_file(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype: Any, name: str) -> Any:
@@ -148,7 +166,11 @@ def load_single_file(state: Mapping[str, Any], shapes: Mapping[str, Any], dtype:
     except CheckpointError as exc:
         raise CheckpointError(f"{name}: {exc}") from None
     version = "SAM 3.1" if is_sam31(shapes) else "SAM 3"
+    refine = "with" if getattr(model, "kiln_tracker", None) is not None else "without"
     info = {"format": "single_file", "sam3_version": version, "unused_keys": len(unused),
-            "prediction_type": "detector", "prediction_reason": f"{version}, {len(unused)} tracker keys left unused"}
+            "interactive_decoder": refine == "with",
+            "prediction_type": "detector",
+            "prediction_reason": f"{version} {refine} its interactive decoder, {len(unused)} tracker keys "
+                                 f"outside the detector"}
     return Loaded(family=FAMILY, scheduler_config={}, latent=FAMILY.latent, modules={"sam3": model},
                   tokenizers={"tokenizer": clip_tokenizer(PAD_BANG)}, info=info)
