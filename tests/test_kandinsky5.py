@@ -20,7 +20,6 @@ from engine.workflow import parse
 from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import split_loaders
-from nodes.checkpoint.load import CheckpointError
 from nodes.families import kandinsky5
 
 PROMPT = "a fox in the snow"
@@ -150,21 +149,44 @@ def test_the_graph_equals_kandinsky5_pipeline_and_the_prompt_and_seed_matter(reg
 # -- bad input ---------------------------------------------------------------------------------------------
 
 
-def test_a_video_model_is_refused_by_name(env, root):
+def _failure(registry, env, graph: dict) -> tuple[str, str, str, str | None]:
+    from engine.executor import Executor
+
+    outcome = Executor(registry, env).run(parse(graph))
+    assert outcome.status == "failed"
+    e = outcome.error
+    return e.node_id, e.node_type, e.message, e.input_name
+
+
+def test_a_video_model_is_refused_by_name(registry, env, root):
     """Kandinsky 5's video and image-editing models read 2C+1 channels per cell (visual conditioning)."""
     from flow_family_files import save_state
-    from nodes.checkpoint.split import load_unet_file
 
     state = tiny_kandinsky5.transformer_state()
     state["visual_embeddings.in_layer.weight"] = torch.zeros(tiny_kandinsky5.MODEL, 4 * 33)
-    path = save_state(root / "diffusion_models" / "tiny-kandinsky5-video.safetensors", state)
-    with pytest.raises(CheckpointError, match="video or image-editing model.*text to image"):
-        load_unet_file(path, torch.float32)
+    save_state(root / "diffusion_models" / "tiny-kandinsky5-video.safetensors", state)
+    node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5,
+                                                               unet="tiny-kandinsky5-video.safetensors"))
+    assert (node, kind, name) == ("1", "UNETLoader", "unet_name")
+    assert "video or image-editing model" in message and "text to image" in message
 
 
-def test_wrong_text_encoders_are_named(env):
-    with pytest.raises(Exception, match="kandinsky5_image.*needs") as err:
-        call(split_loaders.dual_clip_loader, env, clip_name1=CLIP_L, clip_name2=CLIP_L, type="kandinsky5_image")
-    assert "clip_l" in str(err.value).lower() or "CLIP" in str(err.value)
-    with pytest.raises(Exception, match="qwen_image"):  # the Qwen file alone under another family's type
-        call(split_loaders.dual_clip_loader, env, clip_name1=QWEN, clip_name2=CLIP_L, type="qwen_image")
+@pytest.mark.parametrize("loader,wanted", [
+    ({"clip_name1": CLIP_L}, "type 'kandinsky5_image' needs Qwen2.5-VL + CLIP-L, got tiny-clip_l"),
+    ({"type": "flux"}, "type 'flux' needs CLIP-L + T5-XXL, got tiny-qwen_2.5_vl.safetensors (Qwen2.5-VL)"),
+], ids=["two-clip_l", "type-flux"])
+def test_wrong_text_encoders_or_type_are_named_at_the_loader(registry, env, loader, wanted):
+    graph = _graph(PROMPT, NEGATIVE, 1, 2, 3.5)
+    graph["8"]["inputs"].update(loader)
+    node, kind, message, name = _failure(registry, env, graph)
+    assert (node, kind, name) == ("8", "DualCLIPLoader", "clip_name1") and wanted in message
+
+
+def test_conditioning_of_another_family_is_named_at_the_sampler(registry, env):
+    """Qwen-Image's conditioning (CLIPLoader type qwen_image on the same Qwen file) has the width but no
+    CLIP-L pooled output."""
+    graph = _graph(PROMPT, NEGATIVE, 1, 2, 3.5)
+    graph["8"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": QWEN, "type": "qwen_image"}}
+    node, kind, message, name = _failure(registry, env, graph)
+    assert (node, kind) == ("5", "KSampler") and name in ("positive", "negative")
+    assert "pooled output" in message and "kandinsky5_image" in message
