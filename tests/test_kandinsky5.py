@@ -50,10 +50,9 @@ def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: 
     }
 
 
-def reference(prompt: str, negative: str, seed: int, steps: int, cfg: float) -> tuple[np.ndarray, torch.Tensor]:
-    """(the pipeline's image decoded as ComfyUI decodes FLUX latents, its model-space latent [1, 16, h, w])
+def decoded(pipe, prompt: str, negative: str, seed: int, steps: int, cfg: float) -> tuple[np.ndarray, torch.Tensor]:
+    """(``pipe``'s image decoded as ComfyUI decodes FLUX latents, its model-space latent [1, 16, h, w])
     from Kiln's seeded noise (nodes.sampling: one CPU generator per sample, [1, C, h, w])."""
-    pipe = tiny_kandinsky5.pipeline()
     noise = torch.randn((1, 16, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(seed))
     with torch.no_grad():
         out = pipe(prompt=prompt, negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=steps,
@@ -62,6 +61,11 @@ def reference(prompt: str, negative: str, seed: int, steps: int, cfg: float) -> 
         vae = pipe.vae
         image = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor).sample
     return pipe.image_processor.postprocess(image, output_type="np"), latent
+
+
+def reference(prompt: str, negative: str, seed: int, steps: int, cfg: float) -> tuple[np.ndarray, torch.Tensor]:
+    """:func:`decoded` for the tiny pipeline."""
+    return decoded(tiny_kandinsky5.pipeline(), prompt, negative, seed, steps, cfg)
 
 
 # -- loading ------------------------------------------------------------------------------------------
