@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tiny_kandinsky5
 import tiny_qwen_image

@@ -26,7 +26,7 @@ from typing import Any
 
 from nodes.families import flux
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
-from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.input_checks import check_even_latent, check_text_width, pooled_projections
 
 LABEL = "Kandinsky 5"
 #: Kandinsky5T2IPipeline's template and the tokens it drops from the front (its ``prompt_template_encode_start_idx``).
@@ -114,17 +114,9 @@ class Kandinsky5(FlowFamily):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
-        import torch
-
-        pooled = []
-        for extra in extras:
-            p = extra.get("pooled_output")
-            if p is None:
-                raise ConditioningError("this Kandinsky 5 model needs conditioning with CLIP-L's pooled output "
-                                        "(encode the prompt with DualCLIPLoader type kandinsky5_image)",
-                                        extra.get("_input", "positive"))
-            pooled.append(p.reshape(1, -1).expand(batch, -1))
-        return {"pooled_projections": torch.cat(pooled).to(device=device, dtype=dtype)}
+        return {"pooled_projections": pooled_projections(
+            extras, batch, device, dtype, "Kandinsky 5 model needs conditioning with CLIP-L's pooled output (encode "
+            "the prompt with DualCLIPLoader type kandinsky5_image)")}
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING [1, tokens, Qwen width] with ``pooled_output`` [1, CLIP width] (module docstring).
