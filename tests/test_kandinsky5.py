@@ -82,6 +82,18 @@ def test_unet_loader_detects_kandinsky5_and_loads_the_weights_bit_for_bit(env, n
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_diffusers_folder_through_checkpoint_loader_gives_the_split_files_picture(registry, env):
+    from flow_family_files import checkpoint_loader, txt2img_graph
+
+    graph = txt2img_graph(checkpoint_loader("tiny-kandinsky5-diffusers"), prompt=PROMPT, negative=NEGATIVE, size=SIZE,
+                          seed=3, steps=4, cfg=3.5, scheduler="simple", latent="EmptyLatentImage")
+    outcome = run(registry, env, parse(graph))
+    ours = outcome.results["6"][0].numpy()
+    split = run(registry, env, parse(_graph(PROMPT, NEGATIVE, 3, 4, 3.5))).results["6"][0].numpy()
+    assert np.abs(ours - split).max() <= 1 / 255
+    assert np.abs(ours - reference(PROMPT, NEGATIVE, 3, 4, 3.5)[0]).max() <= 1 / 255
+
+
 def test_a_bf16_load_keeps_the_modulations_in_float32_as_diffusers_does():
     from nodes.checkpoint.kandinsky5_load import build_transformer
 

@@ -68,3 +68,55 @@ def file_layout(state: Mapping[str, Any], what: str) -> Any:
 
     return keyed_layout(Kandinsky5Transformer3DModel, LABEL, keys, False,
                         after=lambda model: keep_in_fp32(model, state))
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_folder(path: Any) -> bool:
+    """A diffusers folder whose transformer is Kandinsky 5's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "Kandinsky5Transformer3DModel")
+
+
+def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Kandinsky 5 folder (``Kandinsky5T2IPipeline.save_pretrained``: transformer, Qwen2.5-VL
+    (Qwen-Image's builder: nodes.checkpoint.qwen_image_load.build_text_model), CLIP-L, FLUX's VAE, their
+    tokenizers (else Kiln's), the scheduler config) through
+    nodes.checkpoint.flow_transformers.load_pipeline_folder; the latent is FLUX's format, as from the split
+    files, and the modules diffusers keeps in float32 are read again in float32 from ``transformer/``."""
+    import dataclasses
+
+    from diffusers import AutoencoderKL, Kandinsky5Transformer3DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_component, folder_state
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
+    from nodes.checkpoint.qwen_image_load import build_text_model
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.tensors import ShardedState
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+    from nodes.families import kandinsky5 as fam
+
+    def others() -> dict[str, Any]:
+        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
+        if not te_files:
+            raise OSError("text_encoder/ holds no .safetensors")
+        from nodes.checkpoint.load import open_state
+
+        qwen = ShardedState({k: state for state in map(open_state, te_files) for k in state})
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": build_text_model(qwen, f"{path.name}/text_encoder", dtype),
+                "text_encoder_2": folder_component(path / "text_encoder_2", CLIPTextModel, dtype)}
+
+    found = folder_state(path / "transformer", dtype)
+    files = {} if found is None else found[1]
+    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Kandinsky5Transformer3DModel, others,
+                                  lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
+                                  latent_from_vae=False, ready=lambda model: keep_in_fp32(model, files),
+                                  ready_in_blocks=True)
+    second = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer_2", local_files_only=True) \
+        if (path / "tokenizer_2").is_dir() else clip_tokenizer()
+    return dataclasses.replace(loaded, tokenizers={**loaded.tokenizers, "tokenizer_2": second})

@@ -471,8 +471,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
-        from nodes.checkpoint import joyimage_load
+        from nodes.checkpoint import joyimage_load, kandinsky5_load
 
+        if kandinsky5_load.is_folder(path):
+            return kandinsky5_load.load_folder(path, dtype, offload=offload)
         if joyimage_load.is_folder(path):
             return joyimage_load.load_folder(path, dtype, offload=offload)
         from nodes.checkpoint import qwen_image21_load
