@@ -129,7 +129,8 @@ def test_dual_clip_loader_builds_qwen25_vl_and_clip_l_in_either_order(env):
 # -- conditioning ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prompt", [PROMPT, "", "  a &amp; b\n\n  words  "])
+@pytest.mark.parametrize("prompt", [PROMPT, "", "  a &amp; b\n\n  words  ", "a long prompt, " * 200],
+                         ids=["prompt", "empty", "cleaned", "past-512-tokens"])
 def test_conditioning_equals_the_pipelines_encode_prompt(env, prompt):
     (clip,) = call(split_loaders.dual_clip_loader, env, clip_name1=QWEN, clip_name2=CLIP_L, type="kandinsky5_image")
     [[ours, extra]] = clip.encode(prompt)
@@ -137,6 +138,7 @@ def test_conditioning_equals_the_pipelines_encode_prompt(env, prompt):
         qwen, pooled, cu = tiny_kandinsky5.pipeline().encode_prompt(prompt, device=torch.device("cpu"),
                                                                     dtype=torch.float32)
     assert ours.shape == qwen.shape and int(cu[-1]) == ours.shape[1]
+    assert ours.shape[1] == kandinsky5.MAX_TOKENS if len(prompt) > 1000 else ours.shape[1] < 20  # cut where it cuts
     assert torch.allclose(ours, qwen, atol=1e-5, rtol=1e-5)
     assert torch.allclose(extra["pooled_output"], pooled, atol=1e-5, rtol=1e-5)
 

@@ -11,7 +11,8 @@ What it shares and what differs, and where it lives:
   whitespace, ends stripped: :func:`clean`), put in the pipeline's system template (:data:`TEMPLATE`),
   Qwen2.5-VL's last hidden state (after the final norm) with the template's first 40 tokens (up to and
   including ``<|im_start|>user\\n``) dropped and the closing ``<|im_end|>`` kept; CLIP-L's pooled
-  output (no projection) of the prompt padded to 77 tokens. ComfyUI's Kandinsky 5 image tokenizer reads
+  output (no projection) of the prompt padded to 77 tokens. A prompt past 512 tokens is cut as the pipeline
+  cuts it (:func:`prompt_ids`). ComfyUI's Kandinsky 5 image tokenizer reads
   the same template with one letter off ("promt"); Kiln follows the pipeline. A positive and a negative
   of other lengths are evaluated apart (text tokens have rotary positions and attend to each other).
 * **Guidance.** Real CFG (KSampler's ``cfg`` = the pipeline's ``guidance_scale``).
@@ -126,8 +127,7 @@ class Kandinsky5(FlowFamily):
         texts = texts or {}
         qwen_text, clip_text = (clean(texts.get(name, text)) for name in ("tokenizer", "tokenizer_2"))
         qwen_tok, clip_tok = clip.tokenizers["tokenizer"], clip.tokenizers["tokenizer_2"]
-        ids = qwen_tok([TEMPLATE.format(qwen_text)], max_length=TEMPLATE_TOKENS + MAX_TOKENS, truncation=True,
-                       return_tensors="pt").input_ids
+        ids = prompt_ids(qwen_tok, qwen_text)
         clip_ids = clip_tok([clip_text], padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                             return_tensors="pt").input_ids
         with torch.inference_mode():
@@ -139,6 +139,21 @@ class Kandinsky5(FlowFamily):
             report.tokens = max(report.tokens, int(states.shape[1]))
             report.windows = 1
         return [[states.to("cpu", torch.float32), {"pooled_output": pooled.to("cpu", torch.float32)}]]
+
+
+def prompt_ids(tok: Any, prompt: str) -> "Any":
+    """Token ids [1, n] of the templated prompt, cut as Kandinsky5T2IPipeline cuts a long one: when the
+    whole exceeds ``TEMPLATE_TOKENS + MAX_TOKENS`` tokens, as many characters as the text of the prompt's
+    tokens past ``MAX_TOKENS - 2`` (its last token left out) come off the end of the templated text, closing
+    ``<|im_end|>`` included; then the tokens are cut to that length."""
+    limit = TEMPLATE_TOKENS + MAX_TOKENS
+    text = TEMPLATE.format(prompt)
+    whole = tok([text]).input_ids[0]
+    if len(whole) > limit:
+        removed = tok.decode(whole[TEMPLATE_TOKENS:-2][MAX_TOKENS - 2:])
+        if removed:
+            text = text[:-len(removed)]
+    return tok([text], max_length=limit, truncation=True, return_tensors="pt").input_ids
 
 
 FAMILY = Kandinsky5()
