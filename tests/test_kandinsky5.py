@@ -28,7 +28,7 @@ SIZE = tiny_kandinsky5.SIZE
 UNET, QWEN, CLIP_L, VAE = ("tiny-kandinsky5.safetensors", "tiny-qwen_2.5_vl.safetensors", "tiny-clip_l.safetensors",
                            "tiny-ae.safetensors")
 
-root = models_root(tiny_kandinsky5.make_models_folder, "kandinsky5-models")
+root = models_root(lambda folder: tiny_kandinsky5.make_models_folder(folder, diffusers=True), "kandinsky5-models")
 
 
 def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: str = UNET) -> dict:

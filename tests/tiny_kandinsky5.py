@@ -63,12 +63,12 @@ def transformer_state() -> dict:
     return {k: v.contiguous() for k, v in components()["transformer"].state_dict().items()}
 
 
-def make_models_folder(root: Any) -> Path:
+def make_models_folder(root: Any, diffusers: bool = False) -> Path:
     """ComfyUI's folders with the tiny Kandinsky 5: diffusion_models/tiny-kandinsky5.safetensors (the one key
     layout, bare) and tiny-kandinsky5-prefixed.safetensors (``model.diffusion_model.``),
     text_encoders/tiny-qwen_2.5_vl.safetensors (ComfyUI's Qwen2.5-VL layout) and tiny-clip_l.safetensors,
-    vae/tiny-ae.safetensors (FLUX's VAE in the original layout), and checkpoints/tiny-kandinsky5-diffusers/
-    (Kandinsky5T2IPipeline.save_pretrained)."""
+    vae/tiny-ae.safetensors (FLUX's VAE in the original layout), and with ``diffusers``
+    checkpoints/tiny-kandinsky5-diffusers/ (Kandinsky5T2IPipeline.save_pretrained)."""
     import tiny_flux
     import tiny_qwen_image
 
@@ -77,5 +77,7 @@ def make_models_folder(root: Any) -> Path:
     save_state(root / "text_encoders" / "tiny-qwen_2.5_vl.safetensors", tiny_qwen_image.comfy_text_state())
     save_state(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
     save_state(root / "vae" / "tiny-ae.safetensors", tiny_flux.vae_state())
-    pipeline().save_pretrained(str(root / "checkpoints" / "tiny-kandinsky5-diffusers"), safe_serialization=True)
+    if diffusers:
+        pipeline().save_pretrained(str(root / "checkpoints" / "tiny-kandinsky5-diffusers"),
+                                   safe_serialization=True)
     return root
