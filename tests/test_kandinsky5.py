@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tiny_kandinsky5
+import tiny_qwen_image
 from engine.workflow import parse
 from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
 from node_call import call
@@ -198,6 +199,19 @@ def test_wrong_text_encoders_or_type_are_named_at_the_loader(registry, env, load
     graph["8"]["inputs"].update(loader)
     node, kind, message, name = _failure(registry, env, graph)
     assert (node, kind, name) == ("8", "DualCLIPLoader", "clip_name1") and wanted in message
+
+
+def test_a_flux_transformer_in_the_kandinsky5_graph_is_named_at_the_sampler(registry, env, root):
+    """Another family's diffusion model (FLUX.1) with Kandinsky 5's conditioning: the prompt's width is refused
+    naming the input, not a matrix-shape failure inside the network."""
+    import tiny_flux
+    from flow_family_files import save_state
+
+    save_state(root / "diffusion_models" / "tiny-flux.safetensors", tiny_flux.bfl_transformer("dev"))
+    node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5,
+                                                               unet="tiny-flux.safetensors"))
+    assert (node, kind) == ("5", "KSampler") and name in ("positive", "negative")
+    assert f"{tiny_qwen_image.TEXT} wide" in message and "flux" in message
 
 
 def test_conditioning_of_another_family_is_named_at_the_sampler(registry, env):

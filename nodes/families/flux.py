@@ -102,6 +102,12 @@ def _pad_control(kwargs: dict, tokens: int) -> None:
 class FluxNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
+    @property
+    def text_width(self) -> int:
+        """The prompt width it reads (T5-XXL's, its ``joint_attention_dim``): the sampler refuses conditioning
+        of another width naming the input (nodes.families.denoiser), e.g. Kandinsky 5's Qwen2.5-VL states."""
+        return int(self.transformer.config.joint_attention_dim)
+
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  reference_latents: "flux_references.References | None" = None,
                  attention_bias: "list[attention_bias_rule.TextBias] | None" = None,
