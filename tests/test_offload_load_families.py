@@ -3,8 +3,8 @@ JoyImage and Kandinsky 5 built straight into blocks paged to disk (nodes.checkpo
 (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
-Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building is the whole build's module bytes,
-the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
+Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building
+is the whole build's module bytes, the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
 whole weight set (every tensor read from the file is metered until freed).
 """
 from __future__ import annotations
@@ -264,7 +264,8 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     assert stored == {n: p.dtype for n, p in whole.named_parameters()}
     q = {"z_image": "layers.1.attention.to_k.weight", "ideogram4": "layers.0.attention.to_k.weight",
          "joyimage": "double_blocks.0.attn.img_attn_qkv.weight",
-         "kandinsky5": "visual_transformer_blocks.0.self_attention.to_query.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
+         "kandinsky5": "visual_transformer_blocks.0.self_attention.to_query.weight",
+         }.get(family, "transformer_blocks.0.attn.to_q.weight")
     if "int8" in name:
         assert torch.int8 in stored.values()
     else:

@@ -43,8 +43,9 @@ def build(seed: int = 5) -> dict[str, Any]:
                 p.add_(torch.randn_like(p) * 0.1)
     transformer.eval().requires_grad_(False)
     flux = tiny_flux.components()
-    return {"transformer": transformer, "vae": flux["vae"], "text_encoder": tiny_qwen_image.components()["text_encoder"],
-            "tokenizer": qwen_tokenizer("2.5"), "text_encoder_2": flux["text_encoder"], "tokenizer_2": clip_tokenizer(),
+    return {"transformer": transformer, "vae": flux["vae"],
+            "text_encoder": tiny_qwen_image.components()["text_encoder"], "tokenizer": qwen_tokenizer("2.5"),
+            "text_encoder_2": flux["text_encoder"], "tokenizer_2": clip_tokenizer(),
             "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)}
 
 
