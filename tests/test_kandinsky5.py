@@ -211,7 +211,7 @@ def test_a_flux_transformer_in_the_kandinsky5_graph_is_named_at_the_sampler(regi
     node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5,
                                                                unet="tiny-flux.safetensors"))
     assert (node, kind) == ("5", "KSampler") and name in ("positive", "negative")
-    assert f"{tiny_qwen_image.TEXT} wide" in message and "flux" in message
+    assert f"{tiny_qwen_image.TEXT} wide" in message and "FLUX" in message and "DualCLIPLoader type flux" in message
 
 
 def test_conditioning_of_another_family_is_named_at_the_sampler(registry, env):
