@@ -1,10 +1,10 @@
-"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4 and
-JoyImage built straight into blocks paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are
+"""UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
+JoyImage and Kandinsky 5 built straight into blocks paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are
 (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
-Qwen-Image's, FIBO 2's and JoyImage's are diffusers' own names): the size asked before building is the whole build's module bytes,
-the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
+Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building
+is the whole build's module bytes, the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
 whole weight set (every tensor read from the file is metered until freed).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tiny_flux
 import tiny_flux2
 import tiny_ideogram4
 import tiny_joyimage
+import tiny_kandinsky5
 import tiny_krea2
 import tiny_qwen_image
 import tiny_qwen_image21
@@ -127,6 +128,19 @@ def _joyimage_forward(net: Any) -> torch.Tensor:
         return net(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
 
 
+def _kandinsky5_forward(net: Any) -> torch.Tensor:
+    import tiny_flux
+    import tiny_qwen_image
+
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 1, 4, 4, 16, generator=g), torch.randn(1, 7, tiny_qwen_image.TEXT, generator=g)
+    pooled = torch.randn(1, tiny_flux.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                   pooled_projections=pooled, visual_rope_pos=[torch.arange(1), torch.arange(2), torch.arange(2)],
+                   text_rope_pos=torch.arange(7), return_dict=False)
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -139,9 +153,10 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "qwen_image21": (tiny_qwen_image21.original_state, _qwen_image21_forward),
     "ideogram4": (tiny_ideogram4.original_state, _ideogram4_forward),
     "joyimage": (tiny_joyimage.transformer_state, _joyimage_forward),
+    "kandinsky5": (tiny_kandinsky5.transformer_state, _kandinsky5_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
-DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage")
+DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5")
 
 
 def _module(family: str) -> Any:
@@ -163,7 +178,7 @@ def files(tmp_path_factory) -> Path:
         tiny_flux._save(root / f"{family}.safetensors", tensors)
         if family not in DIFFUSERS_NAMED:  # their files hold diffusers' names already
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
-        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage"):
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage", "kandinsky5"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
         if family in ("z_image", "sd3", "qwen_image21", "ideogram4"):  # int8 scales split with gate_up, with qkv
             tiny_flux._save(root / f"{family}-scaled.safetensors", _linears_scaled(state()))
@@ -232,7 +247,7 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn"),
                                              ("qwen_image21", "qwen_image21-int8", ""),
                                              ("ideogram4", "ideogram4-scaled", ""), ("ideogram4", "ideogram4-int8", ""),
-                                             ("joyimage", "joyimage-bf16", "")])
+                                             ("joyimage", "joyimage-bf16", ""), ("kandinsky5", "kandinsky5-bf16", "")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
@@ -248,7 +263,9 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     stored = {n: p.dtype for n, p in paged.named_parameters()}
     assert stored == {n: p.dtype for n, p in whole.named_parameters()}
     q = {"z_image": "layers.1.attention.to_k.weight", "ideogram4": "layers.0.attention.to_k.weight",
-         "joyimage": "double_blocks.0.attn.img_attn_qkv.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
+         "joyimage": "double_blocks.0.attn.img_attn_qkv.weight",
+         "kandinsky5": "visual_transformer_blocks.0.self_attention.to_query.weight",
+         }.get(family, "transformer_blocks.0.attn.to_q.weight")
     if "int8" in name:
         assert torch.int8 in stored.values()
     else:

@@ -226,14 +226,16 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, krea2_load,
-                                  ovis_load, qwen_image_load, z_image_load)
+    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, kandinsky5_load,
+                                  krea2_load, ovis_load, qwen_image_load, z_image_load)
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (ideogram4_load.has_transformer, "Ideogram 4", "qwen3vl_8b*.safetensors", "ideogram4",
              "flux2-vae.safetensors"),
             (fibo2_load.has_transformer, "FIBO 2", "qwen3vl_4b*.safetensors", "fibo2", "flux2-vae.safetensors"),
             (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
+            (kandinsky5_load.has_transformer, "Kandinsky 5", "qwen_2.5_vl_7b*.safetensors and clip_l.safetensors",
+             "kandinsky5_image", "ae.safetensors"),
             (joyimage_load.has_transformer, "JoyImage", "qwen3vl_8b_joyimage_edit*.safetensors", "joyimage",
              "wan_2.1_vae.safetensors"),
             (ovis_load.has_transformer, "Ovis-Image", "ovis_2.5.safetensors", "ovis", "ae.safetensors"),
@@ -245,9 +247,10 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             (z_image_load.has_z_image_transformer, "Z-Image", "qwen_3_4b", "lumina2", "ae.safetensors"),
             (chroma_load.has_chroma_transformer, "Chroma", "the T5-XXL", "chroma", "ae.safetensors")):
         if claims(shapes):
+            clip_loader = "DualCLIPLoader" if " and " in text_file else "CLIPLoader"  # two encoder files
             raise CheckpointError(f"{path.name} holds a {label} transformer: it is a diffusion model, not a "
                                   "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
-                                  f"{text_file} with CLIPLoader (type {clip_type}) and {vae_file} with VAELoader")
+                                  f"{text_file} with {clip_loader} (type {clip_type}) and {vae_file} with VAELoader")
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)
@@ -468,8 +471,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
-        from nodes.checkpoint import joyimage_load
+        from nodes.checkpoint import joyimage_load, kandinsky5_load
 
+        if kandinsky5_load.is_folder(path):
+            return kandinsky5_load.load_folder(path, dtype, offload=offload)
         if joyimage_load.is_folder(path):
             return joyimage_load.load_folder(path, dtype, offload=offload)
         from nodes.checkpoint import qwen_image21_load

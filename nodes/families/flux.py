@@ -33,7 +33,7 @@ from nodes.families import flux_references
 from nodes.families import sdxl as sdxl_family
 from nodes.families.base import (ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
-from nodes.families.input_checks import check_even_latent
+from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.runtime.compiled import eager_while_hooked
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
@@ -114,6 +114,9 @@ class FluxNetwork(WrappedTransformer):
 
         b, _, h, w = x.shape
         check_even_latent("FLUX", h, w)
+        # after the family's pooled-output check (network_kwargs), so a prompt without one is named for that first
+        check_text_width("FLUX", encoder_hidden_states.shape[-1], int(self.transformer.config.joint_attention_dim),
+                         "encode the prompt with FLUX's CLIP-L and T5-XXL: DualCLIPLoader type flux")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
         tokens, ids = pack(x), image_ids(h, w, self.device, self.dtype)

@@ -7,6 +7,8 @@ checks and their messages are one rule, kept here once.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from nodes.families.base import ConditioningError
 
 
@@ -23,3 +25,18 @@ def check_text_width(label: str, width: int, reads: int, encode_with: str) -> No
     if width != reads:
         raise ConditioningError(f"the conditioning is {width} wide but this {label} transformer reads {reads} "
                                 f"({encode_with})", "positive")
+
+
+def pooled_projections(extras: list[dict], batch: int, device: Any, dtype: Any, needs: str) -> "Any":
+    """The call's pooled text [rows, width] from each conditioning's ``pooled_output`` (``batch`` rows each,
+    in order), for the families whose network reads one (SD3, Kandinsky 5); a conditioning without it is
+    refused naming its input, ``needs`` saying which model wants it and how to encode for it."""
+    import torch
+
+    pooled = []
+    for extra in extras:
+        p = extra.get("pooled_output")
+        if p is None:
+            raise ConditioningError(f"this {needs}", extra.get("_input", "positive"))
+        pooled.append(p.reshape(1, -1).expand(batch, -1))
+    return torch.cat(pooled).to(device=device, dtype=dtype)

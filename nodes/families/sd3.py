@@ -167,17 +167,11 @@ class SD3(FlowFamily):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
-        import torch
+        from nodes.families.input_checks import pooled_projections
 
-        pooled = []
-        for extra in extras:
-            p = extra.get("pooled_output")
-            if p is None:
-                raise ConditioningError("this SD3 model needs conditioning with a pooled_output (encode the prompt "
-                                        "with SD3's CLIP: TripleCLIPLoader, or an SD3 checkpoint)",
-                                        extra.get("_input", "positive"))
-            pooled.append(p.reshape(1, -1).expand(batch, -1))
-        return {"pooled_projections": torch.cat(pooled).to(device=device, dtype=dtype)}
+        return {"pooled_projections": pooled_projections(
+            extras, batch, device, dtype, "SD3 model needs conditioning with a pooled_output (encode the prompt "
+            "with SD3's CLIP: TripleCLIPLoader, or an SD3 checkpoint)")}
 
     # -- text ----------------------------------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""Loading Kandinsky 5.0 (text to image, Lite) offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/kandinsky5lite_t2i.safetensors``: bf16,
+  fp8_scaled, int8_convrot) in its one key layout (Kandinsky Lab's = ComfyUI's = diffusers':
+  nodes.checkpoint.kandinsky5_keys), bare or under ``model.diffusion_model.``; the build FLUX's rule
+  (nodes.checkpoint.flux_load.transformer_from_file: config from shapes, fp8/int8 scales through
+  nodes.checkpoint.scaled_fp8). The modules diffusers keeps in float32 (time embedding, modulations) are
+  read again in float32 (nodes.checkpoint.kept_fp32).
+* Qwen2.5-VL 7B and CLIP-L through DualCLIPLoader type ``kandinsky5_image`` (Qwen-Image's
+  ``qwen_2.5_vl_7b*.safetensors`` builder and Kiln's CLIP-L; nodes.checkpoint.split.load_text_files).
+* The VAE is FLUX's (``ae.safetensors``, VAELoader).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint import kandinsky5_keys as keys
+from nodes.checkpoint.load import CheckpointError, Loaded
+
+LABEL = "Kandinsky 5"
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A Kandinsky 5 transformer, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_)
+
+
+def _refuse(state: Mapping[str, Any], what: str) -> None:
+    """A variant Kiln does not run (video, image editing) is a CheckpointError that says so."""
+    try:
+        keys.transformer_config({k: tuple(v.shape) for k, v in state.items()})
+    except keys.UnsupportedVariant as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    except keys.KeyMismatch:
+        pass  # an incomplete file: transformer_from_original names what is missing
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """Kandinsky5Transformer3DModel from a file's tensors (linear weights held as stored, the float32
+    modules read again from the file in float32)."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    from nodes.checkpoint.flux_load import transformer_from_file
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
+
+    model = transformer_from_file(state, what, dtype, Kandinsky5Transformer3DModel, LABEL, keys,
+                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers,
+                                  refuse=lambda s: _refuse(s, what))
+    return keep_in_fp32(model, state)
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's Kandinsky 5 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import kandinsky5 as fam
+
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a Kandinsky 5 file (prefix stripped) becomes its module, for a build straight into disk blocks."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(Kandinsky5Transformer3DModel, LABEL, keys, False,
+                        after=lambda model: keep_in_fp32(model, state))
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_folder(path: Any) -> bool:
+    """A diffusers folder whose transformer is Kandinsky 5's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "Kandinsky5Transformer3DModel")
+
+
+def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers Kandinsky 5 folder (``Kandinsky5T2IPipeline.save_pretrained``: transformer, Qwen2.5-VL
+    (Qwen-Image's builder: nodes.checkpoint.qwen_image_load.build_text_model), CLIP-L, FLUX's VAE, their
+    tokenizers (else Kiln's), the scheduler config) through
+    nodes.checkpoint.flow_transformers.load_pipeline_folder; the latent is FLUX's format, as from the split
+    files, and the modules diffusers keeps in float32 are read again in float32 from ``transformer/``."""
+    import dataclasses
+
+    from diffusers import AutoencoderKL, Kandinsky5Transformer3DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_component, folder_state
+    from nodes.checkpoint.kept_fp32 import keep_in_fp32
+    from nodes.checkpoint.qwen_image_load import build_text_model
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.tensors import ShardedState
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+    from nodes.families import kandinsky5 as fam
+
+    def others() -> dict[str, Any]:
+        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
+        if not te_files:
+            raise OSError("text_encoder/ holds no .safetensors")
+        from nodes.checkpoint.load import open_state
+
+        qwen = ShardedState({k: state for state in map(open_state, te_files) for k in state})
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": build_text_model(qwen, f"{path.name}/text_encoder", dtype),
+                "text_encoder_2": folder_component(path / "text_encoder_2", CLIPTextModel, dtype)}
+
+    found = folder_state(path / "transformer", dtype)
+    files = {} if found is None else found[1]
+    loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Kandinsky5Transformer3DModel, others,
+                                  lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
+                                  latent_from_vae=False, ready=lambda model: keep_in_fp32(model, files),
+                                  ready_in_blocks=True)
+    second = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer_2", local_files_only=True) \
+        if (path / "tokenizer_2").is_dir() else clip_tokenizer()
+    return dataclasses.replace(loaded, tokenizers={**loaded.tokenizers, "tokenizer_2": second})
