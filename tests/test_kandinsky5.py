@@ -6,8 +6,8 @@ key layout (bare and under ``model.diffusion_model.``), Qwen2.5-VL as ComfyUI's 
 CLIP-L and FLUX's VAE in the original layouts. The graph (UNETLoader, DualCLIPLoader type
 kandinsky5_image, VAELoader, ModelSamplingSD3 3, KSampler euler/simple with a negative at cfg > 1)
 equals the pipeline's image within 1/255 per pixel, the pipeline handed Kiln's seeded noise (its own
-is channels-last) and its latents decoded as ComfyUI's FLUX latent format does (with FLUX's shift,
-which the pipeline leaves out; the sampled latents themselves are compared without it).
+is channels-last); its latents are decoded as the pipeline decodes them (FLUX's scale, no shift), and the
+sampled latents are compared too.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: 
 
 
 def decoded(pipe, prompt: str, negative: str, seed: int, steps: int, cfg: float) -> tuple[np.ndarray, torch.Tensor]:
-    """(``pipe``'s image decoded as ComfyUI decodes FLUX latents, its model-space latent [1, 16, h, w])
+    """(``pipe``'s image decoded as the pipeline decodes it, its model-space latent [1, 16, h, w])
     from Kiln's seeded noise (nodes.sampling: one CPU generator per sample, [1, C, h, w])."""
     noise = torch.randn((1, 16, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(seed))
     with torch.no_grad():
@@ -60,7 +60,7 @@ def decoded(pipe, prompt: str, negative: str, seed: int, steps: int, cfg: float)
                    guidance_scale=cfg, latents=noise.permute(0, 2, 3, 1).unsqueeze(1), output_type="latent").image
         latent = out[:, 0].permute(0, 3, 1, 2)
         vae = pipe.vae
-        image = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor).sample
+        image = vae.decode(latent / vae.config.scaling_factor).sample  # the pipeline's decode
     return pipe.image_processor.postprocess(image, output_type="np"), latent
 
 

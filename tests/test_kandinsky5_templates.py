@@ -6,7 +6,7 @@ It validates with only its model files missing. On tiny files saved under the na
 ``clip_l.safetensors`` through DualCLIPLoader type kandinsky5_image; ``ae.safetensors``) the graph runs
 unchanged but for its size (64x64): ModelSamplingSD3 3, KSampler euler/simple 50 steps cfg 3.5, an empty
 negative. Its picture is Kandinsky5T2IPipeline's (the pipeline's Qwen2.5-VL holding the fp8 file's
-dequantised weights; decoded with FLUX's shift as tests/test_kandinsky5.py explains).
+dequantised weights; decoded as the pipeline decodes, as tests/test_kandinsky5.py explains).
 """
 from __future__ import annotations
 

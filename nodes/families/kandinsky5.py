@@ -18,11 +18,15 @@ What it shares and what differs, and where it lives:
 * **Guidance.** Real CFG (KSampler's ``cfg`` = the pipeline's ``guidance_scale``).
 * **Model sampling.** A constant shift of 3 (ComfyUI's Kandinsky 5 image sampling settings; the
   template's ModelSamplingSD3 sets the same) on the scheduler's own spacing, as the pipeline samples.
-* **Latents.** FLUX's format and VAE (``ae.safetensors``), as ComfyUI's: raw = model / 0.3611 + 0.1159.
-  The diffusers pipeline decodes ``model / 0.3611`` without FLUX's shift; the sampled latents are the same.
+* **Latents.** FLUX's VAE (``ae.safetensors``) and scale, without FLUX's shift: raw = model / 0.3611, as
+  Kandinsky Lab's own code (``generation_utils.generate_sample``) and the diffusers pipelines (t2i and i2i)
+  decode and encode, so that is the space the model was trained in. ComfyUI uses its FLUX latent format
+  (with the 0.1159 shift); from an empty latent its samples are the same, and only its decoded pictures
+  carry that constant latent offset.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from nodes.families import flux
@@ -86,9 +90,14 @@ class Kandinsky5Network(WrappedTransformer):
         return (out[:, 0].permute(0, 3, 1, 2),)
 
 
+#: FLUX's latent space without its shift (module docstring: Latents); the preview table reads model-space
+#: latents, which are the same.
+KANDINSKY5_LATENT = dataclasses.replace(flux.FLUX_LATENT, shift=0.0)
+
+
 class Kandinsky5(FlowFamily):
     name = "kandinsky5"
-    latent = flux.FLUX_LATENT
+    latent = KANDINSKY5_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),
                      TextEncoderSpec("text_encoder_2", "tokenizer_2", "openai", flux.CLIP_L_PREFIX))
     clip_types = ("kandinsky5_image",)
