@@ -93,7 +93,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
     from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, krea2_load,
-                                  ovis_load, qwen_image_load)
+                                  longcat_load, ovis_load, qwen_image_load)
 
     keys = {k: () for k in state}
     for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
@@ -104,6 +104,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
                          (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
                          (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
+                         (longcat_load.has_transformer, longcat_load.load_transformer_file),  # FLUX's blocks too
                          (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
                          (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
         if claims(keys):

@@ -1,0 +1,45 @@
+"""Loading LongCat-Image offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/longcat_image*.safetensors``,
+  ``longcat_image_edit*``: bf16, fp8_scaled, int8_convrot) in the original FLUX-style key layout (with or
+  without ``model.diffusion_model.``) or in diffusers' layout in one file; the key map is
+  nodes.checkpoint.longcat_keys, the build FLUX's rule (nodes.checkpoint.flux_load.transformer_from_file:
+  config from shapes, fp8/int8 scales following the renames through nodes.checkpoint.scaled_fp8).
+* Qwen2.5-VL 7B through CLIPLoader type ``longcat_image`` (``qwen_2.5_vl_7b*.safetensors``): the same
+  encoder Qwen-Image loads (nodes.checkpoint.qwen_image_load.build_text_model, through
+  nodes.checkpoint.split: the family's encoder kind is ``qwen2.5-vl``).
+* The VAE is FLUX.1's (``ae.safetensors``, VAELoader).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint import longcat_keys as keys
+from nodes.checkpoint.load import Loaded
+
+LABEL = "LongCat-Image"
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A LongCat-Image transformer in either layout, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_) or keys.is_diffusers(keys_)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """LongCatImageTransformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    from nodes.checkpoint.flux_load import transformer_from_file
+
+    return transformer_from_file(state, what, dtype, LongCatImageTransformer2DModel, LABEL, keys,
+                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's LongCat-Image path (nodes.checkpoint.flow_transformers)."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import longcat as fam
+
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)

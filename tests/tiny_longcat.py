@@ -1,0 +1,71 @@
+"""A tiny random-weight LongCat-Image for tests: the real architecture at toy sizes, in the files users have.
+
+API:
+    components()          -> diffusers parts keyed as LongCatImagePipeline names them (cached; do not mutate):
+                             transformer, vae (tests/tiny_flux's FLUX VAE), text_encoder (tests/tiny_qwen_image's
+                             Qwen2.5-VL), tokenizer, scheduler (the release's config).
+    pipeline()            -> LongCatImagePipeline over them (no text processor: prompt rewriting is not run).
+    original_state()      -> the transformer in the original (FLUX-style) layout, as ComfyUI's file holds it.
+    make_models_folder(r) -> ComfyUI's folders (see there).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import tiny_flux
+import tiny_qwen_image
+from flow_family_files import quiet_pipeline, save_split_transformer
+
+HEADS, HEAD_DIM, AXES = 2, 32, (4, 14, 14)
+TEXT = tiny_qwen_image.TEXT
+UNET, CLIP, VAE = "tiny-longcat_image.safetensors", "tiny-qwen_2.5_vl_7b.safetensors", "tiny-longcat-ae.safetensors"
+
+
+def build(seed: int = 3) -> dict[str, Any]:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
+
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.families import longcat
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = LongCatImageTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT, pooled_projection_dim=TEXT, axes_dims_rope=list(AXES))
+        tiny_flux._perturb(transformer, 0.05)
+    transformer.eval().requires_grad_(False)
+    config = {k: v for k, v in longcat.SCHEDULER.items() if k not in ("_class_name", "prediction_type")}
+    return {"transformer": transformer, "vae": tiny_flux.components()["vae"],
+            "text_encoder": tiny_qwen_image.components()["text_encoder"], "tokenizer": qwen_tokenizer("2.5"),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**config)}
+
+
+@functools.lru_cache(maxsize=None)
+def components() -> dict[str, Any]:
+    return build()
+
+
+def pipeline() -> Any:
+    return quiet_pipeline("LongCatImagePipeline", components(), text_processor=None)
+
+
+def original_state() -> dict:
+    from nodes.checkpoint.longcat_keys import diffusers_to_original
+
+    return diffusers_to_original(components()["transformer"].state_dict())
+
+
+def make_models_folder(root: Any, unet: str = UNET, clip: str = CLIP, vae: str = VAE) -> Path:
+    """ComfyUI's folders: diffusion_models/<unet> in the original layout (bare; ``-prefixed`` under
+    ``model.diffusion_model.``; ``-diffusers-keys`` in diffusers' names), text_encoders/<clip> (ComfyUI's
+    qwen_2.5_vl layout), vae/<vae> (FLUX's ae layout)."""
+    root = Path(root)
+    stem = unet[: -len(".safetensors")]
+    save_split_transformer(root / "diffusion_models", stem, original_state(),
+                           diffusers_keys=components()["transformer"].state_dict())
+    tiny_flux._save(root / "text_encoders" / clip, tiny_qwen_image.comfy_text_state())
+    tiny_flux._save(root / "vae" / vae, tiny_flux.vae_state())
+    return root
