@@ -1,0 +1,124 @@
+"""LongCat-Image on a tiny random model, from ComfyUI's split files through the real loaders, against
+diffusers' LongCatImagePipeline.
+
+The tiny LongCat-Image (tests/tiny_longcat.py) is written as ComfyUI's files: the transformer in the
+original FLUX-style layout (bare and under ``model.diffusion_model.``) and in diffusers', Qwen2.5-VL as
+ComfyUI's qwen_2.5_vl file, FLUX's VAE in the ae layout. The graph (UNETLoader, CLIPLoader type
+longcat_image, VAELoader, KSampler euler/simple with a negative prompt at cfg > 1) equals the pipeline's
+images within 1/255 per pixel, with the pipeline's prompt rewriting and CFG renorm off (ComfyUI does
+neither in the model: its template's CFGNorm node is another rule, tests/test_longcat_templates.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_longcat
+from engine.workflow import parse
+from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
+from node_call import call
+from nodes import split_loaders
+from nodes.checkpoint import longcat_keys
+from nodes.families import longcat
+
+PROMPT = 'a sign that says "OPEN 24h", a cat\'s shadow'
+NEGATIVE = "blurry, dark"
+SIZE = 64
+UNET, CLIP, VAE = tiny_longcat.UNET, tiny_longcat.CLIP, tiny_longcat.VAE
+
+root = models_root(tiny_longcat.make_models_folder, "longcat-models")
+
+
+def _reference(prompt: str, seed: int, steps: int, guidance: float, negative: str) -> np.ndarray:
+    with torch.no_grad():
+        return tiny_longcat.pipeline()(
+            prompt=prompt, negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=steps,
+            guidance_scale=guidance, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
+            enable_cfg_renorm=False, enable_prompt_rewrite=False).images
+
+
+def graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: str = UNET, clip: str = CLIP,
+          clip_type: str = "longcat_image") -> dict:
+    """The template's graph without its CFGNorm: UNETLoader, CLIPLoader, VAELoader, two prompts through
+    FluxGuidance (which LongCat ignores), EmptySD3LatentImage, KSampler euler/simple."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip, "type": clip_type}},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["8", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["8", 0]}},
+        "10": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 4.0}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "simple",
+                                                   "positive": ["10", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["9", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "longcat"}},
+    }
+
+
+def _run(registry, env, g: dict) -> np.ndarray:
+    return run(registry, env, parse(g)).results["6"][0].numpy()
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def test_key_table_round_trips_and_tells_longcat_from_flux():
+    import tiny_flux
+
+    original = tiny_longcat.original_state()
+    want = tiny_longcat.components()["transformer"].state_dict()
+    ours = longcat_keys.original_to_diffusers(original)
+    assert set(ours) == set(want) and all(torch.equal(ours[k], want[k]) for k in want)
+    back = longcat_keys.diffusers_to_original(ours)
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    assert longcat_keys.is_original(original) and not longcat_keys.is_original(tiny_flux.bfl_transformer("dev"))
+    assert longcat.FAMILY.claims_unet({"model.diffusion_model." + k: () for k in original})
+
+
+@pytest.mark.parametrize("name", [UNET, "tiny-longcat_image-prefixed.safetensors",
+                                  "tiny-longcat_image-diffusers-keys.safetensors"])
+def test_unet_loader_detects_longcat_and_loads_the_weights_bit_for_bit(env, name):
+    (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+    assert model.family is longcat.FAMILY and model.scheduler_config["max_shift"] == 1.15
+    want = tiny_longcat.components()["transformer"].state_dict()
+    with model._use_unet() as net:
+        got = net.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_conditioning_is_the_pipelines_encode_prompt(env):
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="longcat_image")
+    assert clip.family is longcat.FAMILY
+    pipe = tiny_longcat.pipeline()
+    for prompt in (PROMPT, "", "‘quoted’ and “more”"):
+        ((ours, extra),) = clip.encode(prompt)
+        with torch.no_grad():
+            theirs, _ = pipe.encode_prompt(prompt=prompt)
+        assert ours.shape == theirs.shape == (1, longcat.MAX_TOKENS, tiny_longcat.TEXT)
+        assert torch.allclose(ours, theirs.float(), atol=1e-5), prompt
+    assert not torch.allclose(clip.encode(PROMPT)[0][0], clip.encode(NEGATIVE)[0][0])
+
+
+def test_quoted_spans_are_read_a_character_at_a_time():
+    assert longcat.split_quoted("say 'hi' don't \"x y\"") == [
+        ("say ", False), ("'hi'", True), (" don't ", False), ('"x y"', True)]
+    tok = tiny_longcat.components()["tokenizer"]
+    assert longcat.prompt_tokens(tok, '"ab"') == [tok(c, add_special_tokens=False)["input_ids"][0] for c in '"ab"']
+
+
+# -- parity with LongCatImagePipeline -------------------------------------------------------------------
+
+
+def test_graph_equals_the_pipeline_and_the_seed_matters(registry, env):
+    ours = _run(registry, env, graph(PROMPT, NEGATIVE, seed=5, steps=3, cfg=4.0))
+    theirs = _reference(PROMPT, seed=5, steps=3, guidance=4.0, negative=NEGATIVE)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1 / 255
+    other = _reference(PROMPT, seed=6, steps=3, guidance=4.0, negative=NEGATIVE)
+    assert np.abs(other - theirs).max() > 0.05
+    prompt = _reference("a red square", seed=5, steps=3, guidance=4.0, negative=NEGATIVE)
+    assert np.abs(prompt - theirs).max() > 0.05
