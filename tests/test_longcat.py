@@ -16,7 +16,7 @@ import torch
 
 import tiny_longcat
 from engine.workflow import parse
-from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
+from flow_family_files import env, models_root, registry, run, save_state  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import split_loaders
 from nodes.checkpoint import longcat_keys
@@ -27,7 +27,27 @@ NEGATIVE = "blurry, dark"
 SIZE = 64
 UNET, CLIP, VAE = tiny_longcat.UNET, tiny_longcat.CLIP, tiny_longcat.VAE
 
-root = models_root(tiny_longcat.make_models_folder, "longcat-models")
+
+
+def _make(folder):
+    """The tiny files, plus fp8_scaled and int8_convrot transformers and an fp8_scaled text encoder, each
+    with a twin holding its dequantised weights (tests/test_scaled_fp8.py, tests/test_int8_quant.py)."""
+    import tiny_qwen_image
+    from test_int8_quant import quantise_int8
+    from test_scaled_fp8 import quantise
+
+    root = tiny_longcat.make_models_folder(folder)
+    for stem, (quant, twin) in (("fp8", quantise(tiny_longcat.original_state(), "model.diffusion_model.")),
+                                ("int8", quantise_int8(tiny_longcat.original_state(), "model.diffusion_model."))):
+        save_state(root / "diffusion_models" / f"longcat-{stem}.safetensors", quant)
+        save_state(root / "diffusion_models" / f"longcat-{stem}-dequant.safetensors", twin)
+    scaled, plain = quantise(tiny_qwen_image.comfy_text_state())
+    save_state(root / "text_encoders" / "qwen25vl-fp8_scaled.safetensors", scaled)
+    save_state(root / "text_encoders" / "qwen25vl-dequant.safetensors", plain)
+    return root
+
+
+root = models_root(_make, "longcat-models")
 
 
 def _reference(prompt: str, seed: int, steps: int, guidance: float, negative: str) -> np.ndarray:
@@ -67,15 +87,13 @@ def _run(registry, env, g: dict) -> np.ndarray:
 
 
 def test_key_table_round_trips_and_tells_longcat_from_flux():
-    import tiny_flux
-
     original = tiny_longcat.original_state()
     want = tiny_longcat.components()["transformer"].state_dict()
     ours = longcat_keys.original_to_diffusers(original)
     assert set(ours) == set(want) and all(torch.equal(ours[k], want[k]) for k in want)
     back = longcat_keys.diffusers_to_original(ours)
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
-    assert longcat_keys.is_original(original) and not longcat_keys.is_original(tiny_flux.bfl_transformer("dev"))
+    assert longcat_keys.is_original(original) and not longcat_keys.is_original({**original, longcat_keys.FLUX_ONLY: 0})  # FLUX.1
     assert longcat.FAMILY.claims_unet({"model.diffusion_model." + k: () for k in original})
 
 
@@ -108,6 +126,25 @@ def test_quoted_spans_are_read_a_character_at_a_time():
         ("say ", False), ("'hi'", True), (" don't ", False), ('"x y"', True)]
     tok = tiny_longcat.components()["tokenizer"]
     assert longcat.prompt_tokens(tok, '"ab"') == [tok(c, add_special_tokens=False)["input_ids"][0] for c in '"ab"']
+
+
+def test_quantised_files_load_to_their_dequantised_twins(env):
+    from test_int8_quant import _compare as compare_int8
+    from test_scaled_fp8 import _compare
+
+    (a,) = call(split_loaders.unet_loader, env, unet_name="longcat-fp8.safetensors")
+    (b,) = call(split_loaders.unet_loader, env, unet_name="longcat-fp8-dequant.safetensors")
+    assert a.family is longcat.FAMILY
+    with a.unet() as x, b.unet() as y:
+        layers, _ = _compare(x, y)
+    assert layers >= 8  # every block's linears, renamed with their scales (the fused qkv split)
+    (a,) = call(split_loaders.unet_loader, env, unet_name="longcat-int8.safetensors")
+    (b,) = call(split_loaders.unet_loader, env, unet_name="longcat-int8-dequant.safetensors")
+    with a.unet() as x, b.unet() as y:
+        assert compare_int8(x, y)
+    (c,) = call(split_loaders.clip_loader, env, clip_name="qwen25vl-fp8_scaled.safetensors", type="longcat_image")
+    (d,) = call(split_loaders.clip_loader, env, clip_name="qwen25vl-dequant.safetensors", type="longcat_image")
+    assert torch.allclose(c.encode(PROMPT)[0][0], d.encode(PROMPT)[0][0], atol=1e-4)
 
 
 # -- parity with LongCatImagePipeline -------------------------------------------------------------------
