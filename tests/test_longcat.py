@@ -159,3 +159,44 @@ def test_graph_equals_the_pipeline_and_the_seed_matters(registry, env):
     assert np.abs(other - theirs).max() > 0.05
     prompt = _reference("a red square", seed=5, steps=3, guidance=4.0, negative=NEGATIVE)
     assert np.abs(prompt - theirs).max() > 0.05
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+def _read(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _failure(registry, env, g: dict) -> tuple:
+    from engine.executor import Executor
+
+    outcome = Executor(registry, env).run(parse(g))
+    assert outcome.status == "failed"
+    return outcome.error.node_id, outcome.error.input_name, outcome.error.message
+
+
+def test_bad_inputs_name_the_node_and_input(registry, env, root):
+    import tiny_flux
+
+    from nodes.checkpoint.load import CheckpointError, load_checkpoint
+
+    tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
+    node, name, message = _failure(registry, env, graph(PROMPT, NEGATIVE, 1, 1, 4.0, clip="tiny-clip_l.safetensors"))
+    assert (node, name) == ("8", "clip_name") and "longcat_image" in message and "Qwen2.5-VL" in message
+    node, name, message = _failure(registry, env, graph(PROMPT, NEGATIVE, 1, 1, 4.0, clip_type="qwen_image"))
+    assert node == "5" and name in ("positive", "negative") and "type longcat_image" in message
+    tiny_flux._save(root / "diffusion_models" / "te-as-unet.safetensors", _read(root / "text_encoders" / CLIP))
+    node, name, message = _failure(registry, env, graph(PROMPT, NEGATIVE, 1, 1, 4.0, unet="te-as-unet.safetensors"))
+    assert (node, name) == ("1", "unet_name") and "CLIPLoader" in message
+    tiny_flux._save(root / "diffusion_models" / "flux1-dev.safetensors", tiny_flux.bfl_transformer("dev"))
+    node, name, message = _failure(registry, env, graph(PROMPT, NEGATIVE, 1, 1, 4.0, unet="flux1-dev.safetensors"))
+    assert node == "5" and name in ("positive", "negative") and "FLUX" in message
+    with pytest.raises(CheckpointError, match="LongCat-Image transformer.*UNETLoader.*type longcat_image"):
+        load_checkpoint(root / "diffusion_models" / UNET, torch.float32)
+    net = longcat.FAMILY.wrap_network(tiny_longcat.components()["transformer"])
+    with pytest.raises(longcat.ConditioningError) as err:
+        net(torch.zeros(1, 16, 8, 8), torch.tensor(500.0), torch.zeros(1, 7, 4096))
+    assert err.value.input_name == "positive" and "type longcat_image" in str(err.value)

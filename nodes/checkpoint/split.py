@@ -35,8 +35,9 @@ BY_FILE_FAMILY = {"qwen3": "lumina2", "qwen2.5-vl": "qwen_image"}
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     """Why a file is not a UNet, in the user's terms."""
     from nodes.checkpoint.qwen3_text import is_qwen3  # Qwen3 / Qwen3-VL language models too
+    from nodes.checkpoint.qwen_image_load import text_prefix as qwen25_prefix  # Qwen2.5-VL
 
-    if det.text_encoder_layout(shapes) is not None or is_qwen3(shapes):
+    if det.text_encoder_layout(shapes) is not None or is_qwen3(shapes) or qwen25_prefix(shapes) is not None:
         return f"{name} holds a text encoder (CLIP), not a diffusion model; load it with CLIPLoader"
     if has_prefix(shapes, "encoder.down") or has_prefix(shapes, "first_stage_model."):
         return f"{name} holds a VAE, not a diffusion model; load it with VAELoader"

@@ -133,6 +133,16 @@ class LongCat(FlowFamily):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
+        """The Edit model's reference latents. Conditioning another Qwen family encoded (Qwen-Image's, Krea 2's:
+        they mark their prompts with a text mask) has LongCat's width but not its template, padding or
+        positions: refused, naming the input it came on."""
+        from nodes.families import qwen_image
+
+        for extra in extras:
+            if qwen_image.MASK in extra:
+                raise ConditioningError("this conditioning was encoded for another model (Qwen-Image's or Krea 2's "
+                                        "template); LongCat-Image reads its own: CLIPLoader type longcat_image",
+                                        extra.get("_input", "positive"))
         refs = flux_references.for_call(extras, batch, self.latent, device, dtype)
         return {} if refs is None else {"reference_latents": refs}
 
