@@ -200,3 +200,65 @@ def test_bad_inputs_name_the_node_and_input(registry, env, root):
     with pytest.raises(longcat.ConditioningError) as err:
         net(torch.zeros(1, 16, 8, 8), torch.tensor(500.0), torch.zeros(1, 7, 4096))
     assert err.value.input_name == "positive" and "type longcat_image" in str(err.value)
+
+
+# -- LongCat-Image-Edit ----------------------------------------------------------------------------------
+
+
+def edit_graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, picture: str) -> dict:
+    """The Edit template's graph: the picture through TextEncodeQwenImageEdit (with the VAE: its latent is the
+    reference) for both prompts, FluxKontextMultiReferenceLatentMethod index, VAEEncode for the latent's size."""
+    g = graph(prompt, negative, seed, steps, cfg)
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": picture}}
+    for node, text in (("2", prompt), ("3", negative)):
+        g[node] = {"class_type": "TextEncodeQwenImageEdit",
+                   "inputs": {"clip": ["8", 0], "prompt": text, "vae": ["9", 0], "image": ["11", 0]}}
+    g["10"] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+               "inputs": {"conditioning": ["2", 0], "reference_latents_method": "index"}}
+    g["12"] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+               "inputs": {"conditioning": ["3", 0], "reference_latents_method": "index"}}
+    g["4"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["9", 0]}}
+    g["5"]["inputs"]["negative"] = ["12", 0]
+    return g
+
+
+def test_edit_graph_equals_the_edit_pipeline_and_the_picture_matters(registry, env, monkeypatch):
+    import tiny_qwen_image_edit
+
+    tiny_longcat.shrink_edit_area(monkeypatch)
+    edit = "make it blue"
+    from PIL import Image
+
+    pictures = [tiny_qwen_image_edit.picture(4, SIZE, SIZE), Image.new("RGB", (SIZE, SIZE), (250, 250, 250))]
+    for k, picture in enumerate(pictures):
+        picture.save(env.paths.input.root / f"edit{k}.png")
+    ours = _run(registry, env, edit_graph(edit, "", seed=2, steps=3, cfg=4.5, picture="edit0.png"))
+    with torch.no_grad():
+        theirs = tiny_longcat.edit_pipeline()(
+            image=pictures[0], prompt=edit, negative_prompt="", num_inference_steps=3, guidance_scale=4.5,
+            output_type="np", generator=torch.Generator("cpu").manual_seed(2)).images
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+    gap = np.abs(ours - theirs).max()
+    print(f"edit: {gap * 255:.4f}/255")
+    assert gap <= 1 / 255
+    other = _run(registry, env, edit_graph(edit, "", seed=2, steps=3, cfg=4.5, picture="edit1.png"))
+    print(f"another picture: {np.abs(other - ours).max() * 255:.4f}/255")
+    # the picture matters, by far more than the parity gap (the tiny VAE's latents of two pictures differ little)
+    assert np.abs(other - ours).max() > max(0.5 / 255, 100 * gap)
+
+
+def test_edit_conditioning_is_the_edit_pipelines_encode_prompt(env, monkeypatch):
+    import tiny_qwen_image_edit
+
+    tiny_longcat.shrink_edit_area(monkeypatch)
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="longcat_image")
+    from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
+
+    full, vision = longcat.edit_pictures(tiny_qwen_image_edit.picture(4, 80, 48))
+    assert full.size == calculate_dimensions(tiny_longcat.SMALL_AREA, 80 / 48) == (96, 64) and vision.size == (48, 32)
+    assert longcat.edit_sizes(1000, 1000, 1024 * 1024) == (1024, 1024)  # the release's area
+    ((ours, _),) = longcat.encode_picture(clip, PROMPT, vision)
+    with torch.no_grad():
+        theirs, _ = tiny_longcat.edit_pipeline().encode_prompt(prompt=[PROMPT], image=vision)
+    assert ours.shape == theirs.shape and ours.shape[1] > longcat.MAX_TOKENS  # the picture's tokens kept
+    assert torch.allclose(ours, theirs.float(), atol=1e-5)

@@ -69,3 +69,28 @@ def make_models_folder(root: Any, unet: str = UNET, clip: str = CLIP, vae: str =
     tiny_flux._save(root / "text_encoders" / clip, tiny_qwen_image.comfy_text_state())
     tiny_flux._save(root / "vae" / vae, tiny_flux.vae_state())
     return root
+
+
+def edit_pipeline() -> Any:
+    """LongCatImageEditPipeline over the same parts, its Qwen2-VL processor for pictures alone
+    (tests/tiny_qwen_image_edit.processor: the release's pixel bounds)."""
+    import tiny_qwen_image_edit
+
+    return quiet_pipeline("LongCatImageEditPipeline", components(), text_processor=tiny_qwen_image_edit.processor())
+
+
+#: The tests' Edit area in place of the release's 1024x1024 (:func:`shrink_edit_area`).
+SMALL_AREA = 64 * 64
+
+
+def shrink_edit_area(monkeypatch: Any, area: int = SMALL_AREA) -> None:
+    """Kiln's LongCat Edit encoding and LongCatImageEditPipeline size pictures to about ``area`` pixels instead
+    of 1024x1024 (the pipeline passes the release's area as a literal): the rules under test (rounding up to 16,
+    Lanczos, half-size for the vision tower) are the same at any area."""
+    from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as edit
+
+    from nodes.families import longcat
+
+    real = edit.calculate_dimensions
+    monkeypatch.setattr(longcat, "EDIT_AREA", area)
+    monkeypatch.setattr(edit, "calculate_dimensions", lambda target, ratio: real(area, ratio))

@@ -26,7 +26,7 @@ What it shares and what differs, and where it lives:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 from nodes.families import flux, flux_references
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
@@ -36,6 +36,14 @@ LABEL = "LongCat-Image"
 PREFIX = ("<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt based on an image "
           "content, suitable for input to a text-to-image model.<|im_end|>\n<|im_start|>user\n")
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+EDIT_PREFIX = ("<|im_start|>system\nAs an image editing expert, first analyze the content and attributes of the "
+               "input image(s). Then, based on the user's editing instructions, clearly and precisely determine how "
+               "to modify the given image(s), ensuring that only the specified parts are altered and all other "
+               "aspects remain consistent with the original(s).<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+               "<|image_pad|><|vision_end|>")
+VISION_START = 151652
+#: The Edit pipeline's picture area (its output and reference size; the vision tower reads half each side).
+EDIT_AREA = 1024 * 1024
 #: Prompt tokens the pipeline keeps and pads to (its tokenizer_max_length).
 MAX_TOKENS = 512
 #: ``<|im_start|>``, ``user``, ``\n`` and ``<|im_end|>``: where a raw template's prompt starts and ends.
@@ -155,23 +163,74 @@ class LongCat(FlowFamily):
         """CONDITIONING [1, 512, width]: Qwen2.5-VL's last hidden state of the prompt's padded block (module
         docstring). ComfyUI's weight syntax is not read (ComfyUI's LongCat tokenizer reads the text as written)."""
         text = (texts or {}).get("tokenizer", text)
-        ids, mask, keep = prompt_inputs(clip.tokenizers["tokenizer"], text)
-        return conditioning(clip, {"input_ids": ids, "attention_mask": mask}, keep, report)
+        tok = clip.tokenizers["tokenizer"]
+
+        def build(lm: Any) -> tuple[dict[str, Any], slice]:
+            ids, mask, keep = prompt_inputs(tok, text)
+            return {"input_ids": ids, "attention_mask": mask}, keep
+
+        return conditioning(clip, build, report)
 
 
-def conditioning(clip: Any, inputs: dict[str, Any], keep: slice, report: Any = None,
+def conditioning(clip: Any, build: Callable[[Any], tuple[dict[str, Any], slice]], report: Any = None,
                  parts: tuple[str, ...] = ()) -> list:
-    """The CONDITIONING from the encoder's ``inputs``: its last hidden state at the positions ``keep``."""
+    """The CONDITIONING from ``build(encoder) -> (its inputs, the positions kept)``: the encoder's last
+    hidden state there (``parts``: the vision tower, for a picture: the first such use loads it)."""
     import torch
 
     with torch.inference_mode(), clip.encoder("text_encoder", parts) as lm:
         device = next(lm.parameters()).device
+        inputs, keep = build(lm)
         states = lm(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).last_hidden_state
     states = states[:, keep]
     if report is not None:
         report.tokens = max(report.tokens, int(states.shape[1]))
         report.windows = 1
     return [[states.to("cpu", torch.float32), {}]]
+
+
+def edit_sizes(width: int, height: int, area: int | None = None) -> tuple[int, int]:
+    """LongCatImageEditPipeline's output (and reference) size for a ``width`` x ``height`` picture: about
+    ``area`` pixels (:data:`EDIT_AREA`) at its ratio, each side rounded up to a multiple of 16."""
+    import math
+
+    ratio = width / height
+    w = math.sqrt((area or EDIT_AREA) * ratio)
+    h = w / ratio
+    return int(math.ceil(w / 16) * 16), int(math.ceil(h / 16) * 16)
+
+
+def edit_pictures(picture: Any) -> tuple[Any, Any]:
+    """(the picture the VAE encodes, the one the vision tower reads) of a PIL ``picture``, as the Edit
+    pipeline sizes them: :func:`edit_sizes`, then half of each side, both with Lanczos."""
+    from PIL import Image
+
+    w, h = edit_sizes(picture.width, picture.height)
+    full = picture.resize((w, h), resample=Image.LANCZOS)
+    return full, full.resize((w // 2, h // 2), resample=Image.LANCZOS)
+
+
+def encode_picture(clip: Any, prompt: str, picture: Any) -> list:
+    """CONDITIONING of the Edit model: the editing template with the PIL ``picture`` (already sized:
+    :func:`edit_pictures`) read by Qwen2.5-VL's vision tower, then the padded prompt; the states from the
+    picture's ``<|vision_start|>`` on are kept (LongCatImageEditPipeline's encoding)."""
+    from nodes.checkpoint.qwen_vision import TOWER
+    from nodes.families import qwen_image_edit
+
+    tok = clip.tokenizers["tokenizer"]
+
+    def build(vl: Any) -> tuple[dict[str, Any], slice]:
+        if getattr(vl, "visual", None) is None:
+            raise ConditioningError("this Qwen2.5-VL text encoder has no vision tower (its file has no visual.* "
+                                    "weights); LongCat-Image-Edit reads the picture with it: load the full "
+                                    "qwen_2.5_vl_7b*.safetensors", "clip")
+        vision = qwen_image_edit.vision_inputs([picture])
+        prefix = qwen_image_edit.expand_pads(EDIT_PREFIX, vision["image_grid_thw"],
+                                             vl.config.vision_config.spatial_merge_size)
+        ids, mask, keep = prompt_inputs(tok, prompt, prefix)
+        return {"input_ids": ids, "attention_mask": mask, **vision}, keep
+
+    return conditioning(clip, build, parts=(TOWER,))
 
 
 def split_quoted(text: str) -> list[tuple[str, bool]]:
@@ -200,7 +259,9 @@ def prompt_tokens(tok: Any, text: str) -> list[int]:
 
 def prompt_inputs(tok: Any, text: str, prefix: str = PREFIX) -> tuple["Any", "Any", slice]:
     """(input_ids [1, n], attention_mask [1, n], the positions kept) for ``text``: ``prefix``, the prompt's
-    tokens padded to 512 (attention off on the padding), the suffix; or a raw template as written."""
+    tokens padded to 512 (attention off on the padding), the suffix; or a raw template as written. The
+    positions kept: from the prefix's ``<|vision_start|>`` if it has one (the Edit template keeps the
+    picture's states), else after the prefix, to the suffix."""
     import torch
 
     if text.startswith("<|im_start|>"):
@@ -212,7 +273,8 @@ def prompt_inputs(tok: Any, text: str, prefix: str = PREFIX) -> tuple["Any", "An
     pad = MAX_TOKENS - len(body)
     ids = head + body + [tok.pad_token_id] * pad + tail
     mask = [1] * (len(head) + len(body)) + [0] * pad + [1] * len(tail)
-    return torch.tensor([ids]), torch.tensor([mask]), slice(len(head), len(head) + MAX_TOKENS)
+    start = head.index(VISION_START) if VISION_START in head else len(head)
+    return torch.tensor([ids]), torch.tensor([mask]), slice(start, len(head) + MAX_TOKENS)
 
 
 def raw_span(ids: list[int]) -> slice:
