@@ -4,7 +4,10 @@ Both validate with only their model files missing. The text-to-image template ru
 files saved under the names it asks for (UNETLoader longcat_image_bf16, CLIPLoader type longcat_image on
 qwen_2.5_vl_7b_fp8_scaled, VAELoader ae, CFGNorm, FluxGuidance, EmptySD3LatentImage, KSampler
 euler/simple), at 64x64 and 3 steps. Without its CFGNorm it gives LongCatImagePipeline's picture (renorm
-off: the pipeline's renorm is another rule than CFGNorm's); its CFGNorm changes the picture.
+off: the pipeline's renorm is another rule than CFGNorm's); its CFGNorm changes the picture. The Edit
+template (LoadImage, ImageScaleToTotalPixels, TextEncodeQwenImageEdit with the VAE for both prompts,
+FluxKontextMultiReferenceLatentMethod index, VAEEncode for the latent, KSampler) runs unchanged on its tiny
+files at its smallest size and 2 steps, and its picture changes the image.
 """
 from __future__ import annotations
 
@@ -76,3 +79,22 @@ def test_text_to_image_template_runs_and_equals_the_pipeline_without_its_cfg_nor
     assert np.abs(shipped - ours).max() > 1 / 255  # CFGNorm acts: not vacuous
     other = _image(registry, env, wf.with_overrides({"13:7.seed": k["seed"] + 1}))
     assert np.abs(other - shipped).max() > 0.02  # the seed matters
+
+
+def _edit(registry, env, picture) -> np.ndarray:
+    picture.save(env.paths.input.root / "steel_in_the_mist.png")
+    wf = parse_document(template(EDIT), registry).with_overrides({"22:14.megapixels": 0.01, "22:7.steps": 2})
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    return outcome.results["22:8"][0].numpy()
+
+
+def test_edit_template_runs_on_tiny_files_and_reads_its_picture(registry, env, monkeypatch):
+    import tiny_qwen_image_edit
+    from PIL import Image
+
+    tiny_longcat.shrink_edit_area(monkeypatch)
+    ours = _edit(registry, env, tiny_qwen_image_edit.picture(4, 120, 90))
+    assert ours.shape[0] == 1 and ours.shape[1] * ours.shape[2] <= 0.012 * 1024 * 1024 and ours.shape[1] < ours.shape[2]
+    other = _edit(registry, env, Image.new("RGB", (120, 90), (250, 250, 250)))
+    assert np.abs(other - ours).max() > 0.5 / 255  # the picture matters: not vacuous
