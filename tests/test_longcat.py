@@ -262,3 +262,20 @@ def test_edit_conditioning_is_the_edit_pipelines_encode_prompt(env, monkeypatch)
         theirs, _ = tiny_longcat.edit_pipeline().encode_prompt(prompt=[PROMPT], image=vision)
     assert ours.shape == theirs.shape and ours.shape[1] > longcat.MAX_TOKENS  # the picture's tokens kept
     assert torch.allclose(ours, theirs.float(), atol=1e-5)
+
+
+def test_a_diffusers_folder_loads_through_checkpoint_loader(env, root):
+    from nodes import loaders
+
+    folder = root / "checkpoints" / "tiny-longcat-diffusers"
+    if not folder.is_dir():
+        tiny_longcat.pipeline().save_pretrained(str(folder), safe_serialization=True)
+    model, clip, vae = call(loaders.checkpoint_loader, env, ckpt_name=folder.name)
+    assert model.family is clip.family is longcat.FAMILY and model.scheduler_config["base_shift"] == 0.5
+    want = tiny_longcat.components()["transformer"].state_dict()
+    with model._use_unet() as net:
+        got = net.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with torch.no_grad():
+        theirs, _ = tiny_longcat.pipeline().encode_prompt(prompt=PROMPT)
+    assert torch.allclose(clip.encode(PROMPT)[0][0], theirs.float(), atol=1e-5)

@@ -470,6 +470,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import longcat_load
+
+        if longcat_load.is_folder(path):
+            return longcat_load.load_folder(path, dtype, offload=offload)
         from nodes.checkpoint import joyimage_load
 
         if joyimage_load.is_folder(path):

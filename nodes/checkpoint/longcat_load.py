@@ -9,10 +9,12 @@
   encoder Qwen-Image loads (nodes.checkpoint.qwen_image_load.build_text_model, through
   nodes.checkpoint.split: the family's encoder kind is ``qwen2.5-vl``).
 * The VAE is FLUX.1's (``ae.safetensors``, VAELoader).
+* A diffusers folder (``LongCatImagePipeline.save_pretrained``) through CheckpointLoaderSimple.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import longcat_keys as keys
@@ -43,3 +45,42 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
     from nodes.families import longcat as fam
 
     return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is LongCat-Image's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "LongCatImageTransformer2DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers LongCat-Image folder (``LongCatImagePipeline`` / ``LongCatImageEditPipeline.save_pretrained``:
+    transformer, FLUX's VAE, Qwen2.5-VL (its vision tower, when saved, built on the first picture read), tokenizer,
+    scheduler) through nodes.checkpoint.flow_transformers.load_pipeline_folder; the latent's scale and shift
+    from the VAE's config. The text processor is not read (Kiln reads pictures with its own, the release's bounds)."""
+    from diffusers import AutoencoderKL, LongCatImageTransformer2DModel
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.load import open_state
+    from nodes.checkpoint.qwen_image_load import build_text_model
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.tensors import ShardedState
+    from nodes.families import longcat as fam
+
+    def others() -> dict[str, Any]:
+        files = sorted((path / "text_encoder").glob("*.safetensors"))
+        if not files:
+            raise OSError("text_encoder/ holds no .safetensors")
+        # a lazily read view: the vision tower's tensors are read when a picture first needs them
+        state = ShardedState({k: s for s in map(open_state, files) for k in s})
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": build_text_model(state, f"{path.name}/text_encoder", dtype)}
+
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, LongCatImageTransformer2DModel, others,
+                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")))
