@@ -16,7 +16,8 @@ import torch
 
 import tiny_longcat
 from engine.workflow import parse
-from flow_family_files import env, models_root, registry, run, save_state  # noqa: F401 (fixtures)
+from flow_family_files import (env, models_root, registry, run, same_state, save_state,  # noqa: F401 (fixtures)
+                               unet_weights)
 from node_call import call
 from nodes import split_loaders
 from nodes.checkpoint import longcat_keys
@@ -102,10 +103,7 @@ def test_key_table_round_trips_and_tells_longcat_from_flux():
 def test_unet_loader_detects_longcat_and_loads_the_weights_bit_for_bit(env, name):
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     assert model.family is longcat.FAMILY and model.scheduler_config["max_shift"] == 1.15
-    want = tiny_longcat.components()["transformer"].state_dict()
-    with model._use_unet() as net:
-        got = net.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert same_state(unet_weights(model), tiny_longcat.components()["transformer"].state_dict())
 
 
 def test_conditioning_is_the_pipelines_encode_prompt(env):
@@ -272,10 +270,7 @@ def test_a_diffusers_folder_loads_through_checkpoint_loader(env, root):
         tiny_longcat.pipeline().save_pretrained(str(folder), safe_serialization=True)
     model, clip, vae = call(loaders.checkpoint_loader, env, ckpt_name=folder.name)
     assert model.family is clip.family is longcat.FAMILY and model.scheduler_config["base_shift"] == 0.5
-    want = tiny_longcat.components()["transformer"].state_dict()
-    with model._use_unet() as net:
-        got = net.state_dict()
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert same_state(unet_weights(model), tiny_longcat.components()["transformer"].state_dict())
     with torch.no_grad():
         theirs, _ = tiny_longcat.pipeline().encode_prompt(prompt=PROMPT)
     assert torch.allclose(clip.encode(PROMPT)[0][0], theirs.float(), atol=1e-5)
