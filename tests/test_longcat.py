@@ -274,3 +274,32 @@ def test_a_diffusers_folder_loads_through_checkpoint_loader(env, root):
     with torch.no_grad():
         theirs, _ = tiny_longcat.pipeline().encode_prompt(prompt=PROMPT)
     assert torch.allclose(clip.encode(PROMPT)[0][0], theirs.float(), atol=1e-5)
+
+
+# -- LoRAs ------------------------------------------------------------------------------------------------
+
+#: Original-layout modules a ComfyUI LoRA names: fused ones (qkv, linear1), the time embedder, the text input.
+LORA_MODULES = ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "time_in.in_layer", "txt_in",
+                "double_blocks.0.txt_mlp.0")
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "kohya"])
+def test_a_lora_in_the_original_layout_equals_the_weights_merged_by_hand(env, root, fmt):
+    """Deltas on the original names (fused q/k/v and linear1 spread row-wise) through LoraLoaderModelOnly equal
+    the deltas added to the original state dict by hand, converted by the key table."""
+    from flow_family_lora import assert_lora_equals_merged, lora_file, merged_in_layout, random_factors, sample
+
+    from nodes import loaders
+
+    original = tiny_longcat.original_state()
+    factors = random_factors([(m, tuple(original[m + ".weight"].shape)) for m in LORA_MODULES], seed=44)
+    save_state(root / "loras" / f"longcat-{fmt}.safetensors", lora_file(factors, fmt))
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="longcat_image")
+    (vae,) = call(loaders.vae_loader, env, vae_name=VAE)
+
+    def pictures(model):
+        return sample(env, model, clip, vae.decode, steps=2, cfg=3.0, scheduler="simple", latent=(1, 16, 8, 8))
+
+    assert_lora_equals_merged(env, UNET, f"longcat-{fmt}.safetensors", pictures, lambda strength: merged_in_layout(
+        longcat.FAMILY, tiny_longcat.components()["transformer"], original, factors, strength,
+        longcat_keys.original_to_diffusers))
