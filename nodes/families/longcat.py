@@ -99,10 +99,12 @@ class LongCatNetwork(WrappedTransformer):
         if reference_latents is not None:
             ref_tokens, ref_ids = flux_references.tokens(reference_latents, (h, w), flux.pack)
             tokens, ids = torch.cat([tokens, ref_tokens.to(tokens.dtype)], dim=1), torch.cat([ids, ref_ids.float()])
-        out = self.transformer(hidden_states=tokens.to(self.dtype), encoder_hidden_states=encoder_hidden_states.to(
-            self.dtype), timestep=time.to(self.dtype), img_ids=shifted(ids, n), txt_ids=text_ids(n, self.device,
-                                                                                            torch.float32),
-            return_dict=False)[0]
+        if kwargs:  # a patch or control made for another model (the transformer's forward takes none)
+            raise ConditioningError(f"{LABEL}'s transformer takes no {', '.join(sorted(kwargs))}", "positive")
+        out = self.transformer(hidden_states=tokens.to(self.dtype), timestep=time.to(self.dtype),
+                               encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+                               img_ids=shifted(ids, n), txt_ids=text_ids(n, self.device, torch.float32),
+                               return_dict=False)[0]
         return (flux.unpack(out[:, :(h // 2) * (w // 2)], h, w),)
 
 
