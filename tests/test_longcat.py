@@ -124,6 +124,10 @@ def test_quoted_spans_are_read_a_character_at_a_time():
         ("say ", False), ("'hi'", True), (" don't ", False), ('"x y"', True)]
     tok = tiny_longcat.components()["tokenizer"]
     assert longcat.prompt_tokens(tok, '"ab"') == [tok(c, add_special_tokens=False)["input_ids"][0] for c in '"ab"']
+    ids, mask, keep = longcat.prompt_inputs(tok, longcat.PREFIX + "a cat" + longcat.SUFFIX)  # a raw template
+    assert bool(mask.all()) and tok.decode(ids[0, keep]) == "a cat"
+    ids, mask, keep = longcat.prompt_inputs(tok, "a cat")
+    assert ids.shape[1] == keep.stop + 5 and int(mask[0, keep].sum()) == 2 and tok.decode(ids[0, keep][:2]) == "a cat"
 
 
 def test_quantised_files_load_to_their_dequantised_twins(env):

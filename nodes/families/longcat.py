@@ -12,7 +12,8 @@ What it shares and what differs, and where it lives:
   or “”, one character at a time, so the model reads each glyph it must draw), cut at 512 and padded to
   512 with attention off on the padding, between the captioning template's prefix and suffix; the
   conditioning is the last hidden state of those 512 positions (padding included, as the pipeline keeps
-  it). The pipeline's optional prompt rewriting (the LLM writes a longer prompt first) is not done, as
+  it; an empty prompt is 512 padding tokens, as the pipeline's empty negative is, where ComfyUI encodes a
+  space). The pipeline's optional prompt rewriting (the LLM writes a longer prompt first) is not done, as
   ComfyUI does not do it. A prompt that starts with ``<|im_start|>`` is its own template: the states
   after its user turn's opening up to its last ``<|im_end|>`` are kept, unpadded.
 * **Guidance.** Real CFG (KSampler's ``cfg``: the pipeline's ``guidance_scale``). FluxGuidance on the
