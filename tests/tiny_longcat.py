@@ -1,6 +1,7 @@
 """A tiny random-weight LongCat-Image for tests: the real architecture at toy sizes, in the files users have.
 
 API:
+    transformer()         -> the tiny transformer alone (cached; do not mutate).
     components()          -> diffusers parts keyed as LongCatImagePipeline names them (cached; do not mutate):
                              transformer, vae (tests/tiny_flux's FLUX VAE), text_encoder (tests/tiny_qwen_image's
                              Qwen2.5-VL), tokenizer, scheduler (the release's config).
@@ -23,22 +24,29 @@ TEXT = tiny_qwen_image.TEXT
 UNET, CLIP, VAE = "tiny-longcat_image.safetensors", "tiny-qwen_2.5_vl_7b.safetensors", "tiny-longcat-ae.safetensors"
 
 
-def build(seed: int = 3) -> dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def transformer(seed: int = 3) -> Any:
+    """The tiny LongCatImageTransformer2DModel alone (what the loader tests of every family build)."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
+    from diffusers import LongCatImageTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = LongCatImageTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT, pooled_projection_dim=TEXT, axes_dims_rope=list(AXES))
+        tiny_flux._perturb(net, 0.05)
+    return net.eval().requires_grad_(False)
+
+
+def build() -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
     from nodes.families import longcat
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = LongCatImageTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS, joint_attention_dim=TEXT, pooled_projection_dim=TEXT, axes_dims_rope=list(AXES))
-        tiny_flux._perturb(transformer, 0.05)
-    transformer.eval().requires_grad_(False)
     config = {k: v for k, v in longcat.SCHEDULER.items() if k not in ("_class_name", "prediction_type")}
-    return {"transformer": transformer, "vae": tiny_flux.components()["vae"],
+    return {"transformer": transformer(), "vae": tiny_flux.components()["vae"],
             "text_encoder": tiny_qwen_image.components()["text_encoder"], "tokenizer": qwen_tokenizer("2.5"),
             "scheduler": FlowMatchEulerDiscreteScheduler(**config)}
 
@@ -55,7 +63,7 @@ def pipeline() -> Any:
 def original_state() -> dict:
     from nodes.checkpoint.longcat_keys import diffusers_to_original
 
-    return diffusers_to_original(components()["transformer"].state_dict())
+    return diffusers_to_original(transformer().state_dict())
 
 
 def make_models_folder(root: Any, unet: str = UNET, clip: str = CLIP, vae: str = VAE) -> Path:
@@ -65,7 +73,7 @@ def make_models_folder(root: Any, unet: str = UNET, clip: str = CLIP, vae: str =
     root = Path(root)
     stem = unet[: -len(".safetensors")]
     save_split_transformer(root / "diffusion_models", stem, original_state(),
-                           diffusers_keys=components()["transformer"].state_dict())
+                           diffusers_keys=transformer().state_dict())
     tiny_flux._save(root / "text_encoders" / clip, tiny_qwen_image.comfy_text_state())
     tiny_flux._save(root / "vae" / vae, tiny_flux.vae_state())
     return root

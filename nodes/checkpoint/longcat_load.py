@@ -4,7 +4,8 @@
   ``longcat_image_edit*``: bf16, fp8_scaled, int8_convrot) in the original FLUX-style key layout (with or
   without ``model.diffusion_model.``) or in diffusers' layout in one file; the key map is
   nodes.checkpoint.longcat_keys, the build FLUX's rule (nodes.checkpoint.flux_load.transformer_from_file:
-  config from shapes, fp8/int8 scales following the renames through nodes.checkpoint.scaled_fp8).
+  config from shapes, fp8/int8 scales following the renames through nodes.checkpoint.scaled_fp8), or built
+  straight into disk blocks when the model manager pages it there (:func:`file_layout`).
 * Qwen2.5-VL 7B through CLIPLoader type ``longcat_image`` (``qwen_2.5_vl_7b*.safetensors``): the same
   encoder Qwen-Image loads (nodes.checkpoint.qwen_image_load.build_text_model, through
   nodes.checkpoint.split: the family's encoder kind is ``qwen2.5-vl``).
@@ -44,7 +45,17 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
     from nodes.checkpoint.flow_transformers import transformer_file
     from nodes.families import longcat as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a LongCat-Image file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.longcat_keys' table, FLUX's fused q/k/v split by rows)."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(LongCatImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state))
 
 
 # -- diffusers folders ----------------------------------------------------------------------------
