@@ -89,12 +89,21 @@ def _run(registry, env, g: dict) -> np.ndarray:
 
 def test_key_table_round_trips_and_tells_longcat_from_flux():
     original = tiny_longcat.original_state()
-    want = tiny_longcat.components()["transformer"].state_dict()
+    want = tiny_longcat.transformer().state_dict()
     ours = longcat_keys.original_to_diffusers(original)
     assert set(ours) == set(want) and all(torch.equal(ours[k], want[k]) for k in want)
     back = longcat_keys.diffusers_to_original(ours)
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    from diffusers import OvisImageTransformer2DModel
+
+    from nodes.checkpoint.ovis_keys import diffusers_to_original
+
     assert longcat_keys.is_original(original) and not longcat_keys.is_original({**original, longcat_keys.FLUX_ONLY: 0})  # FLUX.1
+    ovis = OvisImageTransformer2DModel(in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                       axes_dims_rope=(4, 6, 6)).state_dict()
+    # Ovis-Image is FLUX-like too, without vector_in: its gated MLPs tell it apart, in either layout
+    assert not longcat.FAMILY.claims_unet(diffusers_to_original(ovis)) and not longcat.FAMILY.claims_unet(ovis)
     assert longcat.FAMILY.claims_unet({"model.diffusion_model." + k: () for k in original})
 
 

@@ -15,8 +15,9 @@ from typing import Any
 from nodes.checkpoint import flux_keys
 from nodes.checkpoint.flux_keys import UNET_PREFIX, KeyMismatch, has_keys, strip  # noqa: F401 (the key modules' interface)
 
-#: Original-layout keys: FLUX's blocks and time embedder with no pooled-text embedder (``vector_in``).
-ORIGINAL_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "time_in.in_layer.weight")
+#: Original-layout keys: FLUX's blocks (their GELU MLP: Ovis-Image's gated one has ``gate_proj``) and time
+#: embedder, with no pooled-text embedder (``vector_in``).
+ORIGINAL_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mlp.0.weight", "time_in.in_layer.weight")
 FLUX_ONLY = "vector_in.in_layer.weight"
 #: diffusers' layout: its own time embedder beside FLUX's block names.
 DIFFUSERS_MARKERS = ("time_embed.timestep_embedder.linear_1.weight", "transformer_blocks.0.attn.add_q_proj.weight")
