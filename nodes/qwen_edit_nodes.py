@@ -37,6 +37,8 @@ def _encode(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, 
         raise NodeError(f"clip must come from a CLIP loader, got {type(clip).__name__}", "clip")
     if clip.family.name == "krea2":  # ComfyUI's Krea 2 style-reference template feeds pictures here
         return _krea2(ctx, clip, prompt, images, plus)
+    if clip.family.name == "longcat_image":  # ComfyUI's LongCat-Image-Edit template feeds its picture here
+        return _longcat(ctx, clip, prompt, vae, images)
     if clip.family.name != "qwen_image":
         raise NodeError(f"this CLIP is {clip.family.name}'s; the Qwen-Image Edit encoders need Qwen2.5-VL "
                         "(CLIPLoader type qwen_image on qwen_2.5_vl_7b*.safetensors)", "clip")
@@ -80,6 +82,35 @@ def _krea2(ctx: Any, clip: Any, prompt: str, images: list[tuple[str, Any]], plus
         return (krea2.encode_pictures(clip, prompt, [qwen_image_edit.resized(p, area) for p in pictures], plus),)
     except ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
+
+
+def _longcat(ctx: Any, clip: Any, prompt: str, vae: Any, images: list[tuple[str, Any]]) -> tuple:
+    """A LongCat-Image CLIP (ComfyUI's LongCat-Image-Edit template): the one picture sized as
+    LongCatImageEditPipeline sizes it, read by Qwen2.5-VL's vision tower in the editing template
+    (nodes.families.longcat.encode_picture) and, with a VAE, its latent as the reference. Without a picture
+    it is CLIPTextEncode's encoding (the text-to-image template)."""
+    from nodes.families import flux_references, longcat, qwen_image_edit
+    from nodes.families.base import ConditioningError
+
+    if not isinstance(prompt, str):
+        raise NodeError("must be a string", "prompt")
+    if vae is not None and not isinstance(vae, VaeHandle):
+        raise NodeError(f"vae must come from a VAE loader, got {type(vae).__name__}", "vae")
+    given = [(name, image) for name, image in images if image is not None]
+    if len(given) > 1:
+        raise NodeError("LongCat-Image-Edit reads one picture; give it on the first image input", given[1][0])
+    if not given:
+        return (clip.encode(prompt),)
+    full, vision = longcat.edit_pictures(_picture(ctx, given[0][1], given[0][0]))
+    try:
+        cond = longcat.encode_picture(clip, prompt, vision)
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None
+    if vae is not None:
+        ref = vae.encode(qwen_image_edit.as_image(full))
+        for _, extra in cond:
+            extra[flux_references.LATENTS] = [*extra.get(flux_references.LATENTS, ()), ref]
+    return (cond,)
 
 
 @define_node(

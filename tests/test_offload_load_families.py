@@ -1,6 +1,6 @@
 """UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
-JoyImage and Kandinsky 5 built straight into blocks paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are
-(tests/test_offload_load.py).
+JoyImage, Kandinsky 5 and LongCat-Image built straight into blocks paged to disk (nodes.checkpoint.paged_files), as
+FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
 Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building
@@ -24,6 +24,7 @@ import tiny_ideogram4
 import tiny_joyimage
 import tiny_kandinsky5
 import tiny_krea2
+import tiny_longcat
 import tiny_qwen_image
 import tiny_qwen_image21
 import tiny_sd3
@@ -141,6 +142,14 @@ def _kandinsky5_forward(net: Any) -> torch.Tensor:
                    text_rope_pos=torch.arange(7), return_dict=False)
 
 
+def _longcat_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, tiny_longcat.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]),
+                   img_ids=torch.ones(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -154,12 +163,15 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "ideogram4": (tiny_ideogram4.original_state, _ideogram4_forward),
     "joyimage": (tiny_joyimage.transformer_state, _joyimage_forward),
     "kandinsky5": (tiny_kandinsky5.transformer_state, _kandinsky5_forward),
+    "longcat": (tiny_longcat.original_state, _longcat_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
 DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5")
 
 
 def _module(family: str) -> Any:
+    if family == "longcat":  # the transformer alone: its components bring a text encoder and VAE along
+        return tiny_longcat.transformer()
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
              "krea2": tiny_krea2, "fibo2": tiny_fibo2, "qwen_image21": tiny_qwen_image21,
@@ -247,7 +259,8 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("z_image", "z_image-int8", ""), ("sd3", "sd3-int8", "float8_e4m3fn"),
                                              ("qwen_image21", "qwen_image21-int8", ""),
                                              ("ideogram4", "ideogram4-scaled", ""), ("ideogram4", "ideogram4-int8", ""),
-                                             ("joyimage", "joyimage-bf16", ""), ("kandinsky5", "kandinsky5-bf16", "")])
+                                             ("joyimage", "joyimage-bf16", ""), ("kandinsky5", "kandinsky5-bf16", ""),
+                                             ("longcat", "longcat", "float8_e4m3fn")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype

@@ -227,7 +227,7 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
     from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, kandinsky5_load,
-                                  krea2_load, ovis_load, qwen_image_load, z_image_load)
+                                  krea2_load, longcat_load, ovis_load, qwen_image_load, z_image_load)
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (ideogram4_load.has_transformer, "Ideogram 4", "qwen3vl_8b*.safetensors", "ideogram4",
@@ -245,6 +245,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             (qwen_image21_load.has_transformer, "Qwen-Image 2.1", "qwen3vl_8b*.safetensors", "qwen_image",
              "qwen_image_2.1_vae_bf16.safetensors"),
             (z_image_load.has_z_image_transformer, "Z-Image", "qwen_3_4b", "lumina2", "ae.safetensors"),
+            (longcat_load.has_transformer, "LongCat-Image", "qwen_2.5_vl_7b*.safetensors", "longcat_image",
+             "ae.safetensors"),
             (chroma_load.has_chroma_transformer, "Chroma", "the T5-XXL", "chroma", "ae.safetensors")):
         if claims(shapes):
             clip_loader = "DualCLIPLoader" if " and " in text_file else "CLIPLoader"  # two encoder files
@@ -471,6 +473,10 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         if krea2_load.is_krea2_folder(path):
             return krea2_load.load_folder(path, dtype, offload=offload)
+        from nodes.checkpoint import longcat_load
+
+        if longcat_load.is_folder(path):
+            return longcat_load.load_folder(path, dtype, offload=offload)
         from nodes.checkpoint import joyimage_load, kandinsky5_load
 
         if kandinsky5_load.is_folder(path):

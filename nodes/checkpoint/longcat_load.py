@@ -1,0 +1,97 @@
+"""Loading LongCat-Image offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/longcat_image*.safetensors``,
+  ``longcat_image_edit*``: bf16, fp8_scaled, int8_convrot) in the original FLUX-style key layout (with or
+  without ``model.diffusion_model.``) or in diffusers' layout in one file; the key map is
+  nodes.checkpoint.longcat_keys, the build FLUX's rule (nodes.checkpoint.flux_load.transformer_from_file:
+  config from shapes, fp8/int8 scales following the renames through nodes.checkpoint.scaled_fp8), or built
+  straight into disk blocks when the model manager pages it there (:func:`file_layout`).
+* Qwen2.5-VL 7B through CLIPLoader type ``longcat_image`` (``qwen_2.5_vl_7b*.safetensors``): the same
+  encoder Qwen-Image loads (nodes.checkpoint.qwen_image_load.build_text_model, through
+  nodes.checkpoint.split: the family's encoder kind is ``qwen2.5-vl``).
+* The VAE is FLUX.1's (``ae.safetensors``, VAELoader).
+* A diffusers folder (``LongCatImagePipeline.save_pretrained``) through CheckpointLoaderSimple.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint import longcat_keys as keys
+from nodes.checkpoint.load import Loaded
+
+LABEL = "LongCat-Image"
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A LongCat-Image transformer in either layout, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_) or keys.is_diffusers(keys_)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """LongCatImageTransformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    from nodes.checkpoint.flux_load import transformer_from_file
+
+    return transformer_from_file(state, what, dtype, LongCatImageTransformer2DModel, LABEL, keys,
+                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's LongCat-Image path (nodes.checkpoint.flow_transformers)."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import longcat as fam
+
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How a LongCat-Image file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.longcat_keys' table, FLUX's fused q/k/v split by rows)."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(LongCatImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state))
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def is_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is LongCat-Image's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, "LongCatImageTransformer2DModel")
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers LongCat-Image folder (``LongCatImagePipeline`` / ``LongCatImageEditPipeline.save_pretrained``:
+    transformer, FLUX's VAE, Qwen2.5-VL (its vision tower, when saved, built on the first picture read), tokenizer,
+    scheduler) through nodes.checkpoint.flow_transformers.load_pipeline_folder; the latent's scale and shift
+    from the VAE's config. The text processor is not read (Kiln reads pictures with its own, the release's bounds)."""
+    from diffusers import AutoencoderKL, LongCatImageTransformer2DModel
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.folders import folder_component
+    from nodes.checkpoint.load import open_state
+    from nodes.checkpoint.qwen_image_load import build_text_model
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.tensors import ShardedState
+    from nodes.families import longcat as fam
+
+    def others() -> dict[str, Any]:
+        files = sorted((path / "text_encoder").glob("*.safetensors"))
+        if not files:
+            raise OSError("text_encoder/ holds no .safetensors")
+        # a lazily read view: the vision tower's tensors are read when a picture first needs them
+        state = ShardedState({k: s for s in map(open_state, files) for k in s})
+        return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
+                "text_encoder": build_text_model(state, f"{path.name}/text_encoder", dtype)}
+
+    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, LongCatImageTransformer2DModel, others,
+                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")))
