@@ -1,0 +1,75 @@
+"""The Llama 3 tokenizer Kiln builds from Meta's shipped ranks tokenises as tiktoken does.
+
+tiktoken is the reference implementation of this byte-level BPE and Meta's own
+Llama 3 tokenizer is a tiktoken encoding over these very ranks, split rule and
+special tokens; the ids below are what Meta's tokenizer produces (plus the
+leading ``<|begin_of_text|>`` the Hugging Face tokenizer adds).
+"""
+from __future__ import annotations
+
+import pytest
+import tiktoken
+
+from nodes.checkpoint import llama_tokenizer as lt
+
+TEXTS = [
+    "a red house by a lake",
+    "A photo of a CAT, sitting on a mat. It's 3:45pm; they'll leave at 12345!",
+    "  leading and trailing spaces   ",
+    "tabs\tand\nnewlines\r\n\n  indented\n",
+    "Ünïcödé: café, naïve, 東京の夜景, 北京烤鸭, 한국어, русский текст, العربية",
+    "emoji 🐱🏠🌅 and combined e\u0301 (not normalised)",
+    "code: def f(x):\n    return x**2  # square 1234567\n",
+    "<|start_header_id|>user<|end_header_id|>\n\nA cat<|eot_id|>",
+    "x" * 300 + " " + "word " * 50,
+]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ranks = lt.token_ranks()
+    specials = {token: len(ranks) + i for i, token in enumerate(lt.SPECIAL_TOKENS)}
+    reference = tiktoken.Encoding("llama3", pat_str=lt.PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return lt.llama3_tokenizer(), reference
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_equal_tiktoken_on_the_same_ranks(pair, text):
+    tokenizer, reference = pair
+    ids = tokenizer(text).input_ids
+    assert ids == [128000] + reference.encode(text, allowed_special="all")
+    assert tokenizer.decode(ids[1:]) == text
+
+
+def test_every_token_is_one_id_and_the_specials_follow_the_vocabulary(pair):
+    tokenizer, reference = pair
+    ranks = lt.token_ranks()
+    assert len(ranks) == 128000 and sorted(ranks.values()) == list(range(128000))
+    whole = 0
+    for token, rank in list(ranks.items())[::401]:
+        try:
+            text = token.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a partial UTF-8 sequence has no text of its own
+        expected = reference.encode(text)
+        assert tokenizer(text, add_special_tokens=False).input_ids == expected, (text, rank)
+        whole += expected == [rank]
+    assert whole > 250
+    assert len(lt.SPECIAL_TOKENS) == 256
+    assert tokenizer.convert_tokens_to_ids(list(lt.SPECIAL_TOKENS)) == list(range(128000, 128256))
+    assert tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]) == [128001, 128009]
+    assert tokenizer.pad_token_id == 128009 and tokenizer.padding_side == "right"
+    padded = tokenizer("a cat", padding="max_length", max_length=8).input_ids
+    assert padded[0] == 128000 and padded[-1] == 128009 and len(padded) == 8
+
+
+def test_a_damaged_ranks_file_is_refused(tmp_path, monkeypatch):
+    damaged = tmp_path / "tokenizer.model"
+    damaged.write_bytes(b"IQ== 0\n")
+    monkeypatch.setattr(lt, "ranks_file", lambda: damaged)
+    lt.token_ranks.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="damaged"):
+            lt.token_ranks()
+    finally:
+        lt.token_ranks.cache_clear()
