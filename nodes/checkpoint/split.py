@@ -23,7 +23,7 @@ from nodes.families.base import Family, has_prefix
 
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
-              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL"}
+              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 #: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
 #: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
@@ -161,6 +161,10 @@ class TextFile:
         qwen = text_prefix(shapes) if found is None else None
         if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
             return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
+        from nodes.checkpoint.llama_text import is_llama
+
+        if found is None and is_llama(shapes):  # Llama 3.1 (HiDream's llama_3.1_8b_instruct*.safetensors)
+            return cls(path.name, state, "llama", "", "llama3")
         if found is None:
             from nodes.checkpoint.fibo2_load import has_transformer as is_fibo2  # bare diffusers names
 
@@ -179,7 +183,7 @@ def _clip_width(file: TextFile) -> int:
 def _pair_clips(files: list[TextFile]) -> None:
     """Two transformers-layout CLIPs that both carry a text projection (SD3's clip_l and clip_g files)
     both read as OpenCLIP by their keys: the narrower of the pair is CLIP-L."""
-    clips = [f for f in files if f.kind != "t5"]
+    clips = [f for f in files if f.kind in ("openai", "openclip")]
     if len(clips) == 2 and all(f.kind == "openclip" and f.layout == "transformers" for f in clips):
         narrow = min(clips, key=_clip_width)
         if _clip_width(narrow) < max(_clip_width(f) for f in clips):
@@ -250,6 +254,12 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_qwen3_vl(file.state, file.name, dtype)
             continue
+        if spec.kind == "llama3":
+            from nodes.checkpoint.llama_text import build_llama
+
+            with reading(Path(file.name)):
+                modules[spec.module] = build_llama(file.state, file.name, dtype)
+            continue
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
 
@@ -265,13 +275,17 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl")}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3")}
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
         tokenizers.update({spec.tokenizer: qwen_tokenizer(qwen_versions[spec.kind])
                            for spec in loaded if spec.kind in qwen_versions})
+    if any(spec.kind == "llama3" for spec in loaded):
+        from nodes.checkpoint.llama_tokenizer import llama3_tokenizer
+
+        tokenizers.update({spec.tokenizer: llama3_tokenizer() for spec in loaded if spec.kind == "llama3"})
     if any(spec.kind == "t5" for spec in loaded):
         from nodes.checkpoint.t5_tokenizer import t5_tokenizer
 
