@@ -8,6 +8,7 @@ conditioning equals the pipeline's ``encode_prompt``.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,86 @@ def test_a_missing_encoder_names_the_kind_and_the_input(env):
     with pytest.raises(NodeError, match="Llama 3.1") as info:
         _quadruple(env, names)
     assert info.value.input_name in hidream_nodes.CLIP_INPUTS
+
+
+# -- the transformer and the graph ---------------------------------------------------------------------
+
+SIZE = 64
+
+
+def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: str = "tiny-hidream.safetensors",
+           shift: float = 3.0) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": shift}},
+        "8": {"class_type": "QuadrupleCLIPLoader", "inputs": dict(zip(hidream_nodes.CLIP_INPUTS, tiny_hidream.TEXTS))},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": tiny_hidream.VAE}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["8", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["8", 0]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["10", 0], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "simple",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["9", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "hidream"}},
+    }
+
+
+def _run(registry, env, graph: dict):
+    from engine.workflow import parse
+    from flow_family_files import run
+
+    return run(registry, env, parse(graph)).results["6"][0].numpy()
+
+
+def reference(pipe, prompt: str, negative: str, seed: int, steps: int, guidance: float):
+    """HiDreamImagePipeline's picture: FlowMatchEuler at shift 3 over sigmas linspace(1, 1/N, N), which is
+    euler / simple at ModelSamplingSD3 3 (the pipeline's own default spacing ends near 0 instead)."""
+    with torch.no_grad():
+        return pipe(prompt=prompt, negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=steps,
+                    sigmas=list(np.linspace(1.0, 1 / steps, steps)), guidance_scale=guidance, output_type="np",
+                    generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+@pytest.mark.parametrize("name", ["tiny-hidream.safetensors", "tiny-hidream-prefixed.safetensors"])
+def test_unet_loader_detects_hidream_and_loads_the_weights_bit_for_bit(env, name):
+    from nodes import split_loaders
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=name)
+    assert model.family is hidream.FAMILY
+    want = tiny_hidream.components()["transformer"]
+    with model.unet() as net:
+        transformer = getattr(net, "kiln_network", net)
+        assert dict(transformer.config) == dict(want.config)
+        got = transformer.state_dict()
+    assert set(got) == set(want.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in want.state_dict().items())
+
+
+def test_the_released_config_reads_from_the_released_shapes():
+    """The full-size shapes (ComfyUI's detection: 16 + 32 blocks 2560 wide, 4 experts) give the release's
+    config, its Llama layer table included."""
+    from nodes.checkpoint import hidream_load
+
+    shapes = {"x_embedder.proj.weight": (2560, 64), "final_layer.linear.weight": (64, 2560),
+              "p_embedder.pooled_embedder.linear_1.weight": (2560, 2048),
+              "caption_projection.0.linear.weight": (2560, 4096), "caption_projection.48.linear.weight": (2560, 4096)}
+    shapes.update({f"double_stream_blocks.{i}.block.x": () for i in range(16)})
+    shapes.update({f"single_stream_blocks.{i}.block.x": () for i in range(32)})
+    shapes.update({f"double_stream_blocks.0.block.ff_i.experts.{i}.w1.weight": () for i in range(4)})
+    config = hidream_load.transformer_config(shapes, "x")
+    assert config["num_attention_heads"] == 20 and config["attention_head_dim"] == 128
+    assert config["num_layers"] == 16 and config["num_single_layers"] == 32 and config["num_routed_experts"] == 4
+    assert config["caption_channels"] == [4096, 4096] and config["text_emb_dim"] == 2048
+    assert config["llama_layers"] == list(range(32)) + [31] * 16 and config["in_channels"] == 16
+
+
+def test_graph_with_cfg_and_negative_equals_hidream_pipeline(registry, env, pipe):
+    ours = _run(registry, env, _graph(PROMPT, "blurry", 3, 3, 5.0))
+    theirs = reference(pipe, PROMPT, "blurry", 3, 3, 5.0)
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+    assert np.abs(ours - theirs).max() <= 1 / 255
+    assert np.abs(ours - _run(registry, env, _graph(PROMPT, "blurry", 4, 3, 5.0))).max() > 0.02  # the seed matters
+    assert np.abs(ours - _run(registry, env, _graph("a blue car", "blurry", 3, 3, 5.0))).max() > 1 / 255  # prompt
+    assert np.abs(ours - _run(registry, env, _graph(PROMPT, "blurry", 3, 3, 1.0))).max() > 1 / 255  # cfg

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import tiny_flux
-import tiny_sd3
-from flow_family_files import quiet_pipeline
+from flow_family_files import quiet_pipeline, save_split_transformer
 
 CLIP_L, CLIP_G, T5, LLAMA = 32, 48, 96, 64
 LLAMA_LAYERS = 2
@@ -28,6 +27,7 @@ LLAMA_LAYERS = 2
 TEXTS = ("clip_l_hidream.safetensors", "clip_g_hidream.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors",
          "llama_3.1_8b_instruct_fp8_scaled.safetensors")
 VAE = "ae.safetensors"
+UNETS = ("hidream_i1_dev_fp8.safetensors", "hidream_i1_fast_fp8.safetensors", "hidream_i1_full_fp8.safetensors")
 
 
 def _clip(kind: str, width: int) -> Any:
@@ -66,9 +66,9 @@ def build(seed: int = 3) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = HiDreamImageTransformer2DModel(
-            patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, caption_channels=[T5, LLAMA], text_emb_dim=CLIP_L + CLIP_G,
-            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(8, 4, 4), max_resolution=(32, 32),
+            patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=1, caption_channels=[T5, LLAMA], text_emb_dim=CLIP_L + CLIP_G,
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
             llama_layers=list(range(LLAMA_LAYERS)))
         clip_l, clip_g = _clip("openai", CLIP_L), _clip("openclip", CLIP_G)
         t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=T5, d_kv=8, d_ff=2 * T5, num_layers=2,
@@ -91,8 +91,12 @@ def components() -> dict[str, Any]:
     return build()
 
 
-def pipeline() -> Any:
-    return quiet_pipeline("HiDreamImagePipeline", components())
+def pipeline(size: int = 64) -> Any:
+    """The pipeline, its picture area set to ``size`` squared (it rescales every request to its default
+    area, 1024 squared, keeping the aspect; the tests' pictures are tiny)."""
+    pipe = quiet_pipeline("HiDreamImagePipeline", components())
+    pipe.default_sample_size = size // pipe.vae_scale_factor
+    return pipe
 
 
 def _clip_file(module: str) -> dict:
@@ -115,8 +119,14 @@ def text_files() -> dict[str, dict]:
 
 
 def make_models_folder(root: Any) -> Path:
-    """text_encoders/ (the four template names), vae/ae.safetensors (the tiny FLUX VAE)."""
+    """diffusion_models/tiny-hidream.safetensors and -prefixed (``model.diffusion_model.``) and the templates'
+    three names (the one tiny transformer), text_encoders/ (the four template names), vae/ae.safetensors (the
+    tiny FLUX VAE)."""
     root = Path(root)
+    state = dict(components()["transformer"].state_dict())
+    save_split_transformer(root / "diffusion_models", "tiny-hidream", state)
+    for name in UNETS:
+        tiny_flux._save(root / "diffusion_models" / name, state)
     for name, state in text_files().items():
         tiny_flux._save(root / "text_encoders" / name, state)
     tiny_flux._save(root / "vae" / VAE, tiny_flux.vae_state())

@@ -34,10 +34,12 @@ BY_FILE_FAMILY = {"qwen3": "lumina2", "qwen2.5-vl": "qwen_image"}
 
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     """Why a file is not a UNet, in the user's terms."""
+    from nodes.checkpoint.llama_text import is_llama
     from nodes.checkpoint.qwen3_text import is_qwen3  # Qwen3 / Qwen3-VL language models too
     from nodes.checkpoint.qwen_image_load import text_prefix as qwen25_prefix  # Qwen2.5-VL
 
-    if det.text_encoder_layout(shapes) is not None or is_qwen3(shapes) or qwen25_prefix(shapes) is not None:
+    if (det.text_encoder_layout(shapes) is not None or is_qwen3(shapes) or qwen25_prefix(shapes) is not None
+            or is_llama(shapes)):
         return f"{name} holds a text encoder (CLIP), not a diffusion model; load it with CLIPLoader"
     if has_prefix(shapes, "encoder.down") or has_prefix(shapes, "first_stage_model."):
         return f"{name} holds a VAE, not a diffusion model; load it with VAELoader"
@@ -93,8 +95,8 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
-    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, kandinsky5_load,
-                                  krea2_load, longcat_load, ovis_load, qwen_image_load)
+    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, hidream_load, ideogram4_load, joyimage_load,
+                                  kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load)
 
     keys = {k: () for k in state}
     for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
@@ -103,6 +105,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
                          (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file),
                          (ovis_load.has_transformer, ovis_load.load_transformer_file),  # FLUX's blocks too
+                         (hidream_load.has_transformer, hidream_load.load_transformer_file),
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
                          (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
                          (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),

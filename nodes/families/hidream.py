@@ -9,6 +9,11 @@ latents, conditioned on four text encoders.
   CONDITIONING: [[T5 states [1, 128, 4096], {"pooled_output": [1, 2048], "conditioning_llama3":
   [1, layers, 128, 4096]}]] (ComfyUI's keys; its Llama layers come batch first, as here). ComfyUI's
   weight syntax is not read: the text goes to the tokenizers as written.
+* **Network.** diffusers' ``HiDreamImageTransformer2DModel`` (ComfyUI's files use its names:
+  nodes.checkpoint.hidream_load) reads the latent as it is (it patches it itself), the time on the
+  0..1000 scale, T5's states, the Llama layers (layers first), the pooled vector; it predicts the
+  negative velocity (the pipeline negates it; so does :class:`HiDreamNetwork`).
+* **Guidance.** Real CFG (Full: KSampler's cfg with a negative); Dev and Fast are distilled to cfg 1.
 * **Latents.** FLUX.1's 16-channel VAE (``ae.safetensors``) and latent format.
 * **Model sampling.** Flow matching with a fixed shift (ComfyUI's default 3; the templates set it with
   ModelSamplingSD3: 3 for Full and Fast, 6 for Dev).
@@ -18,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import ConditioningError, FlowFamily, TextEncoderSpec
+from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.input_checks import check_even_latent, check_text_width
 
 LABEL = "HiDream-I1"
 #: HiDreamImagePipeline's default max_sequence_length: every encoder's token count.
@@ -53,6 +59,29 @@ def _masked(tok: Any, prompt: str) -> tuple[Any, Any, int]:
     return batch.input_ids, batch.attention_mask, int(batch.attention_mask.sum())
 
 
+class HiDreamNetwork(WrappedTransformer):
+    """The transformer behind the UNet calling convention (see the module docstring)."""
+
+    @property
+    def text_width(self) -> int:
+        """The T5 width it reads (4096 in the release)."""
+        return int(self.transformer.config.caption_channels[0])
+
+    def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
+                 **kwargs: Any) -> tuple:
+        import torch
+
+        b, _, h, w = x.shape
+        check_even_latent(LABEL, h, w)
+        check_text_width(LABEL, encoder_hidden_states.shape[-1], self.text_width,
+                         "encode the prompt with HiDream's four text encoders: QuadrupleCLIPLoader")
+        time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
+        out = self.transformer(hidden_states=x.to(self.dtype), timesteps=time.to(self.dtype),
+                               encoder_hidden_states_t5=encoder_hidden_states.to(self.device, self.dtype),
+                               return_dict=False, **kwargs)[0]
+        return (-out,)
+
+
 class HiDream(FlowFamily):
     name = "hidream"
     latent = flux.FLUX_LATENT
@@ -65,10 +94,31 @@ class HiDream(FlowFamily):
     clip_types = ("hidream",)
     guidance_note = "HiDream-I1 has no distilled guidance embedder (Full uses real CFG; Dev and Fast run at cfg 1)"
     scheduler = SCHEDULER
+    network_class = HiDreamNetwork
+    dit_block_lists = {"double": "double_stream_blocks", "single": "single_stream_blocks"}
     repeats_text = False
 
-    def claims_unet(self, shapes: Any) -> bool:
-        return False  # the transformer's loader is not written yet
+    def claims_unet(self, shapes: Shapes) -> bool:
+        from nodes.checkpoint.hidream_load import has_transformer
+
+        return has_transformer(shapes)
+
+    def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
+                       device: Any, dtype: Any) -> dict[str, Any]:
+        """The pooled vectors and the Llama layers of each conditioning, batched as the latents are."""
+        import torch
+
+        pooled, layers = [], []
+        for extra in extras:
+            p, llama = extra.get("pooled_output"), extra.get(LLAMA)
+            if p is None or llama is None:
+                raise ConditioningError("HiDream needs conditioning from its four text encoders (a pooled output and "
+                                        "Llama's layers): load them with QuadrupleCLIPLoader",
+                                        extra.get("_input", "positive"))
+            pooled.append(p.reshape(1, -1).expand(batch, -1))
+            layers.append(llama.expand(batch, -1, -1, -1))
+        return {"pooled_embeds": torch.cat(pooled).to(device=device, dtype=dtype),
+                "encoder_hidden_states_llama3": torch.cat(layers).movedim(1, 0).to(device=device, dtype=dtype)}
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING as HiDreamImagePipeline.encode_prompt gives it (module docstring). ``texts``: a prompt
