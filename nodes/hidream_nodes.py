@@ -8,20 +8,11 @@ from __future__ import annotations
 
 from engine import types as T
 from engine.node import Input, Output, define_node
-from nodes.loaders import fingerprinter, validator
-from nodes.split_loaders import TEXT_FOLDERS, _clip, _texts
+from nodes.split_loaders import _clip, _texts, texts_fingerprint, texts_validator
 
 CLIP_INPUTS = ("clip_name1", "clip_name2", "clip_name3", "clip_name4")
 #: The family QuadrupleCLIPLoader loads (ComfyUI's: HiDream's four encoders).
 QUADRUPLE_TYPE = "hidream"
-
-
-def _validator(env, inputs: dict) -> list[tuple[str, str]]:
-    return [e for name in CLIP_INPUTS for e in validator(TEXT_FOLDERS, name)(env, inputs)]
-
-
-def _fingerprint(env, inputs: dict):
-    return [fingerprinter(TEXT_FOLDERS, n)(env, inputs) for n in CLIP_INPUTS]
 
 
 @define_node(
@@ -33,8 +24,8 @@ def _fingerprint(env, inputs: dict):
                           "order.")
             for name in CLIP_INPUTS],
     outputs=[Output("CLIP", T.CLIP)],
-    validate=_validator,
-    fingerprint=_fingerprint,
+    validate=texts_validator(CLIP_INPUTS),
+    fingerprint=texts_fingerprint(CLIP_INPUTS),
 )
 def quadruple_clip_loader(ctx, clip_name1: str, clip_name2: str, clip_name3: str, clip_name4: str):
     """Load HiDream's four text encoders from four files (told apart by their shapes)."""
