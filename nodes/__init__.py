@@ -12,10 +12,10 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "
             "image_filters", "model_patches", "guidance_patches", "model_merging", "model_saving", "lora_extract",
             "attention_multiply", "latent_math", "image_layout", "latent_files", "string_nodes", "image_alpha",
             "gits_scheduler", "kontext", "style_model", "torch_compile", "latent_operations", "image_animation", "logic",
-            "sd3_nodes", "hidream_nodes", "flux2_nodes", "fibo2_nodes", "qwen_edit_nodes", "newer_utility", "image_outputs",
+            "sd3_nodes", "flux2_nodes", "fibo2_nodes", "qwen_edit_nodes", "newer_utility", "image_outputs",
             "math_expression", "resize_batch", "speed_patches", "unclip_nodes", "gligen", "model_patch_nodes", "camera_angle",
             "text_generate", "qwen21_nodes", "conditioning_files", "marigold", "dual_model_nodes",
-            "latent_layers", "joyimage_nodes", "sam3_nodes")
+            "latent_layers", "joyimage_nodes", "sam3_nodes", "hidream_nodes")
 
 
 def register(registry) -> None:

@@ -163,3 +163,53 @@ def test_graph_with_cfg_and_negative_equals_hidream_pipeline(registry, env, pipe
     assert np.abs(ours - _run(registry, env, _graph(PROMPT, "blurry", 4, 3, 5.0))).max() > 0.02  # the seed matters
     assert np.abs(ours - _run(registry, env, _graph("a blue car", "blurry", 3, 3, 5.0))).max() > 1 / 255  # prompt
     assert np.abs(ours - _run(registry, env, _graph(PROMPT, "blurry", 3, 3, 1.0))).max() > 1 / 255  # cfg
+
+
+def test_unet_loader_fp8_holds_the_linears_in_fp8_and_the_expert_gates_in_the_compute_dtype(env):
+    """The MoE gates are plain parameters (not linears): they stay float32 and the network runs; its
+    output stays near the float32 weights' (fp8 rounding only)."""
+    from nodes import split_loaders
+
+    (full,) = call(split_loaders.unet_loader, env, unet_name="tiny-hidream.safetensors")
+    (fp8,) = call(split_loaders.unet_loader, env, unet_name="tiny-hidream.safetensors", weight_dtype="fp8_e4m3fn")
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, hidream.TOKENS, tiny_hidream.T5, generator=g)
+    extra = {"pooled_output": torch.randn(1, tiny_hidream.CLIP_L + tiny_hidream.CLIP_G, generator=g),
+             hidream.LLAMA: torch.randn(1, tiny_hidream.LLAMA_LAYERS, hidream.TOKENS, tiny_hidream.LLAMA, generator=g)}
+    outs = []
+    for model in (full, fp8):
+        with model.unet() as net:
+            kwargs = hidream.FAMILY.network_kwargs([extra], 1, (64, 64), torch.device("cpu"), torch.float32)
+            outs.append(hidream.FAMILY.wrap_network(net)(x, torch.tensor([500.0]), text, **kwargs)[0])
+            block = net.double_stream_blocks[0].block
+            dtypes = (block.attn1.to_q.weight.dtype, block.ff_i.gate.weight.dtype)
+    assert dtypes == (torch.float8_e4m3fn, torch.float32)
+    assert torch.isfinite(outs[1]).all() and 0 < (outs[0] - outs[1]).abs().max() < 0.1 * outs[0].abs().max()
+
+
+def test_conditioning_without_hidreams_parts_names_the_input():
+    from nodes.families.base import ConditioningError
+
+    sd3_like = {"pooled_output": torch.zeros(1, 80), "_input": "negative"}  # no Llama layers
+    with pytest.raises(ConditioningError, match="QuadrupleCLIPLoader") as info:
+        hidream.FAMILY.network_kwargs([sd3_like], 1, (64, 64), torch.device("cpu"), torch.float32)
+    assert info.value.input_name == "negative"
+
+
+def test_clip_text_encode_hidream_gives_each_encoder_its_prompt(env, pipe):
+    """ComfyUI's CLIPTextEncodeHiDream: clip_l, clip_g, t5xxl, llama are the pipeline's prompt .. prompt_4."""
+    clip = _quadruple(env)
+    texts = {"clip_l": "a red barn", "clip_g": "a field", "t5xxl": "at dusk", "llama": "in winter"}
+    ([[t5, extra]],) = call(hidream_nodes.clip_text_encode_hidream, env, clip=clip, **texts)
+    with torch.no_grad():
+        want_t5, _, want_llama, _, want_pooled, _ = pipe.encode_prompt(
+            texts["clip_l"], texts["clip_g"], texts["t5xxl"], texts["llama"], do_classifier_free_guidance=False,
+            device=torch.device("cpu"))
+    assert torch.allclose(t5, want_t5.float(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(extra[hidream.LLAMA], want_llama.movedim(0, 1).float(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(extra["pooled_output"], want_pooled.float(), atol=1e-5, rtol=1e-5)
+    [[same_t5, dusk]] = clip.encode("at dusk")  # T5's prompt alone: T5's part equal, Llama's not
+    assert torch.equal(t5, same_t5) and not torch.allclose(extra[hidream.LLAMA], dusk[hidream.LLAMA])
+    with pytest.raises(NodeError) as info:
+        call(hidream_nodes.clip_text_encode_hidream, env, clip="not a clip", **texts)
+    assert info.value.input_name == "clip"
