@@ -213,3 +213,18 @@ def test_clip_text_encode_hidream_gives_each_encoder_its_prompt(env, pipe):
     with pytest.raises(NodeError) as info:
         call(hidream_nodes.clip_text_encode_hidream, env, clip="not a clip", **texts)
     assert info.value.input_name == "clip"
+
+
+def test_a_77_position_clip_gives_the_same_pooled_output_for_a_prompt_that_fits(env, root):
+    """A plain CLIP-L (77 positions) in place of HiDream's long one: read at 77 tokens, its pooled output is
+    the one the long CLIP with the same weights gives at 128 (the end token's state under a causal mask)."""
+    from tiny_flux import _save
+
+    state = {k: v for k, v in tiny_hidream.text_files()[tiny_hidream.TEXTS[0]].items()
+             if not k.endswith("position_ids")}
+    key = next(k for k in state if k.endswith("position_embedding.weight"))
+    state[key] = state[key][:77].clone()
+    _save(root / "text_encoders" / "clip_l_77.safetensors", state)
+    short = _quadruple(env, ("clip_l_77.safetensors",) + tiny_hidream.TEXTS[1:])
+    [[_, got]], [[_, want]] = short.encode(PROMPT), _quadruple(env).encode(PROMPT)
+    assert torch.allclose(got["pooled_output"], want["pooled_output"], atol=1e-5, rtol=1e-5)

@@ -7,8 +7,8 @@ latents, conditioned on four text encoders.
   of the prompt padded to 128 tokens with its mask, and every layer's states of Llama 3.1 8B Instruct
   over the prompt after ``<|begin_of_text|>``, padded with ``<|eot_id|>`` to 128 tokens with its mask.
   CONDITIONING: [[T5 states [1, 128, 4096], {"pooled_output": [1, 2048], "conditioning_llama3":
-  [1, layers, 128, 4096]}]] (ComfyUI's keys; its Llama layers come batch first, as here). ComfyUI's
-  weight syntax is not read: the text goes to the tokenizers as written.
+  [1, layers, 128, 4096]}]] (the extra's key is ComfyUI's; Kiln keeps the batch first, the transformer
+  gets the layers first). ComfyUI's weight syntax is not read: the text goes to the tokenizers as written.
 * **Network.** diffusers' ``HiDreamImageTransformer2DModel`` (ComfyUI's files use its names:
   nodes.checkpoint.hidream_load) reads the latent as it is (it patches it itself), the time on the
   0..1000 scale, T5's states, the Llama layers (layers first), the pooled vector; it predicts the
@@ -38,16 +38,15 @@ MODULES = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 
 
 def _pooled(clip: Any, spec: TextEncoderSpec, prompt: str) -> Any:
-    """A CLIP's projected pooled output [1, width] of ``prompt`` padded to :data:`TOKENS` tokens."""
+    """A CLIP's projected pooled output [1, width] of ``prompt`` padded to :data:`TOKENS` tokens, or to the
+    CLIP's positions where it has fewer (a 77-position CLIP-L in place of HiDream's long one: the pooled
+    output, read at the end token under a causal mask, is the same for a prompt that fits)."""
     from nodes.families.text import hidden_state
 
     tok = clip.tokenizers[spec.tokenizer]
-    ids = tok([prompt], padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
     with clip.encoder(spec.module) as te:
-        positions = int(te.config.max_position_embeddings)
-        if positions < TOKENS:
-            raise ConditioningError(f"{clip.name}: {spec.module} has {positions} positions; HiDream's CLIPs read "
-                                    f"{TOKENS} tokens (clip_l_hidream / clip_g_hidream have 248)", "clip")
+        length = min(TOKENS, int(te.config.max_position_embeddings))
+        ids = tok([prompt], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         _, pooled = hidden_state(te, ids, spec, -1)
     return pooled
 
