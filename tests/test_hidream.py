@@ -228,3 +228,15 @@ def test_a_77_position_clip_gives_the_same_pooled_output_for_a_prompt_that_fits(
     short = _quadruple(env, ("clip_l_77.safetensors",) + tiny_hidream.TEXTS[1:])
     [[_, got]], [[_, want]] = short.encode(PROMPT), _quadruple(env).encode(PROMPT)
     assert torch.allclose(got["pooled_output"], want["pooled_output"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_hidream_transformer_under_checkpoint_loader_names_its_loaders(env, root):
+    import shutil
+
+    from nodes import loaders
+
+    (root / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy(root / "diffusion_models" / "tiny-hidream.safetensors", root / "checkpoints" / "hidream.safetensors")
+    with pytest.raises(NodeError, match="UNETLoader.*QuadrupleCLIPLoader") as info:
+        call(loaders.checkpoint_loader, env, ckpt_name="hidream.safetensors")
+    assert info.value.input_name == "ckpt_name"
