@@ -240,3 +240,25 @@ def test_a_hidream_transformer_under_checkpoint_loader_names_its_loaders(env, ro
     with pytest.raises(NodeError, match="UNETLoader.*QuadrupleCLIPLoader") as info:
         call(loaders.checkpoint_loader, env, ckpt_name="hidream.safetensors")
     assert info.value.input_name == "ckpt_name"
+
+
+def test_scaled_fp8_llama_and_t5_equal_their_dequantised_twins(env, root):
+    """ComfyUI ships llama_3.1_8b_instruct and t5xxl as scaled fp8: their linears stay fp8 with their scales
+    and the conditioning equals the one the dequantised files give."""
+    from flow_family_files import save_state
+    from test_scaled_fp8 import _effective, quantise
+
+    files = tiny_hidream.text_files()
+    names = list(tiny_hidream.TEXTS)
+    for i in (2, 3):
+        scaled, plain = quantise(files[names[i]])
+        save_state(root / "text_encoders" / f"scaled-{names[i]}", scaled)
+        save_state(root / "text_encoders" / f"dequant-{names[i]}", plain)
+    a = _quadruple(env, names[:2] + [f"scaled-{n}" for n in names[2:]])
+    b = _quadruple(env, names[:2] + [f"dequant-{n}" for n in names[2:]])
+    with a.encoder("text_encoder_4") as x, b.encoder("text_encoder_4") as y:
+        ex, ey = _effective(x), _effective(y)
+        assert set(ex) == set(ey) and all(torch.equal(ex[k], ey[k]) for k in ey)
+        assert x.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    [[ta, ea]], [[tb, eb]] = a.encode(PROMPT), b.encode(PROMPT)
+    assert torch.allclose(ta, tb, atol=1e-5) and torch.allclose(ea[hidream.LLAMA], eb[hidream.LLAMA], atol=1e-5)

@@ -21,7 +21,7 @@ from typing import Any
 import tiny_flux
 from flow_family_files import quiet_pipeline, save_split_transformer
 
-CLIP_L, CLIP_G, T5, LLAMA = 32, 48, 96, 64
+CLIP_L, CLIP_G, T5, LLAMA = 32, 48, 96, 32
 LLAMA_LAYERS = 2
 #: The names ComfyUI's templates ask for.
 TEXTS = ("clip_l_hidream.safetensors", "clip_g_hidream.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors",
