@@ -262,3 +262,17 @@ def test_scaled_fp8_llama_and_t5_equal_their_dequantised_twins(env, root):
         assert x.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
     [[ta, ea]], [[tb, eb]] = a.encode(PROMPT), b.encode(PROMPT)
     assert torch.allclose(ta, tb, atol=1e-5) and torch.allclose(ea[hidream.LLAMA], eb[hidream.LLAMA], atol=1e-5)
+
+
+def test_a_wide_picture_takes_the_transformers_padded_path_as_the_pipeline_does(registry, env):
+    """64 x 16: not square, so the transformer pads the patches to its 128 x 128 grid with a mask (one step
+    with cfg; the pipeline's area set to 32 squared so that it keeps 64 x 16)."""
+    graph = _graph(PROMPT, "blurry", 3, 1, 5.0)
+    graph["4"]["inputs"].update(width=64, height=16)
+    ours = _run(registry, env, graph)
+    with torch.no_grad():
+        theirs = tiny_hidream.pipeline(32)(
+            prompt=PROMPT, negative_prompt="blurry", height=16, width=64, num_inference_steps=1, sigmas=[1.0],
+            guidance_scale=5.0, output_type="np", generator=torch.Generator("cpu").manual_seed(3)).images
+    assert ours.shape == theirs.shape == (1, 16, 64, 3)
+    assert np.abs(ours - theirs).max() <= 1 / 255
