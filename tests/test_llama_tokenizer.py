@@ -13,19 +13,13 @@ import pytest
 import tiktoken
 
 from ranks_tokenizers import whole_tokens_as_tiktoken
-
+from test_qwen_tokenizer import TEXTS as QWEN_TEXTS
 from nodes.checkpoint import llama_tokenizer as lt
 
-TEXTS = [
-    "a red house by a lake",
-    "A photo of a CAT, sitting on a mat. It's 3:45pm; they'll leave at 12345!",
-    "  leading and trailing spaces   ",
-    "tabs\tand\nnewlines\r\n\n  indented\n",
-    "Ünïcödé: café, naïve, 東京の夜景, 北京烤鸭, 한국어, русский текст, العربية",
-    "emoji 🐱🏠🌅 and combined e\u0301 (not normalised)",
+#: Qwen's test texts (their Qwen markers are plain text here) and Llama's own: digit runs, its chat markers.
+TEXTS = QWEN_TEXTS + [
     "code: def f(x):\n    return x**2  # square 1234567\n",
     "<|start_header_id|>user<|end_header_id|>\n\nA cat<|eot_id|>",
-    "x" * 300 + " " + "word " * 50,
 ]
 
 
