@@ -16,21 +16,12 @@ from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.families.sd3 import SD3
 from nodes.handles import ClipHandle, ModelHandle
-from nodes.split_loaders import TEXT_FOLDERS, _clip, _texts
-from nodes.loaders import fingerprinter, validator
+from nodes.split_loaders import _clip, _texts, texts_fingerprint, texts_validator
 from nodes.samplers.velocity_rule import CHOICES, FLOW, with_rule
 
 CLIP_INPUTS = ("clip_name1", "clip_name2", "clip_name3")
 #: The family TripleCLIPLoader loads (ComfyUI's recipe: clip-l, clip-g, t5).
 TRIPLE_TYPE = "sd3"
-
-
-def _triple_validator(env, inputs: dict) -> list[tuple[str, str]]:
-    return [e for name in CLIP_INPUTS for e in validator(TEXT_FOLDERS, name)(env, inputs)]
-
-
-def _triple_fingerprint(env, inputs: dict):
-    return [fingerprinter(TEXT_FOLDERS, n)(env, inputs) for n in CLIP_INPUTS]
 
 
 @define_node(
@@ -41,8 +32,8 @@ def _triple_fingerprint(env, inputs: dict):
                   tooltip="SD3's text encoders: clip_l, clip_g and t5xxl files, in any order.")
             for name in CLIP_INPUTS],
     outputs=[Output("CLIP", T.CLIP)],
-    validate=_triple_validator,
-    fingerprint=_triple_fingerprint,
+    validate=texts_validator(CLIP_INPUTS),
+    fingerprint=texts_fingerprint(CLIP_INPUTS),
 )
 def triple_clip_loader(ctx, clip_name1: str, clip_name2: str, clip_name3: str):
     """Load SD3's three text encoders from three files (told apart by their shapes)."""

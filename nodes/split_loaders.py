@@ -163,12 +163,14 @@ def clip_loader(ctx, clip_name: str, type: str = "stable_diffusion", device: str
     return (_clip(ctx, [("clip_name", clip_name)], type),)
 
 
-def _dual_validator(env: Any, inputs: dict) -> list[tuple[str, str]]:
-    return [e for name in ("clip_name1", "clip_name2") for e in validator(TEXT_FOLDERS, name)(env, inputs)]
+def texts_validator(names: tuple[str, ...]) -> Any:
+    """A loader's validation over several text-encoder file inputs (DualCLIPLoader's, Triple..., Quadruple...)."""
+    return lambda env, inputs: [e for name in names for e in validator(TEXT_FOLDERS, name)(env, inputs)]
 
 
-def _dual_fingerprint(env: Any, inputs: dict) -> Any:
-    return [fingerprinter(TEXT_FOLDERS, n)(env, inputs) for n in ("clip_name1", "clip_name2")]
+def texts_fingerprint(names: tuple[str, ...]) -> Any:
+    """A loader's fingerprint over several text-encoder file inputs."""
+    return lambda env, inputs: [fingerprinter(TEXT_FOLDERS, n)(env, inputs) for n in names]
 
 
 @define_node(
@@ -183,8 +185,8 @@ def _dual_fingerprint(env: Any, inputs: dict) -> Any:
         Input("device", T.COMBO, default="default", choices=["default", "cpu"], optional=True),
     ],
     outputs=[Output("CLIP", T.CLIP)],
-    validate=_dual_validator,
-    fingerprint=_dual_fingerprint,
+    validate=texts_validator(("clip_name1", "clip_name2")),
+    fingerprint=texts_fingerprint(("clip_name1", "clip_name2")),
 )
 def dual_clip_loader(ctx, clip_name1: str, clip_name2: str, type: str = "sdxl",  # noqa: A002
                      device: str = "default"):

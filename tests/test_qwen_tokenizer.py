@@ -11,6 +11,8 @@ import unicodedata
 import pytest
 import tiktoken
 
+from ranks_tokenizers import whole_tokens_as_tiktoken
+from nodes.checkpoint import llama_tokenizer as lt
 from nodes.checkpoint import qwen_tokenizer as qt
 
 TEXTS = [
@@ -52,15 +54,7 @@ def test_every_token_is_one_id_and_the_specials_follow_the_vocabulary(pair):
     assert len(ranks) == 151643 and sorted(ranks.values()) == list(range(151643))
     # Tokens through the whole vocabulary, each as its own text: mostly one id (this
     # fails if the merges do not rebuild long tokens), always the reference's ids.
-    whole = 0
-    for token, rank in list(ranks.items())[::499]:
-        try:
-            text = token.decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # a partial UTF-8 sequence has no text of its own
-        expected = reference.encode(unicodedata.normalize("NFC", text))
-        assert tokenizer(text).input_ids == expected, (text, rank)
-        whole += expected == [rank]
+    whole = whole_tokens_as_tiktoken(tokenizer, reference, ranks, 499, lambda t: unicodedata.normalize("NFC", t))
     assert whole > 250
     specials = qt.SPECIAL_TOKENS[version]
     assert tokenizer.convert_tokens_to_ids(list(specials)) == list(range(151643, 151643 + len(specials)))
@@ -68,13 +62,15 @@ def test_every_token_is_one_id_and_the_specials_follow_the_vocabulary(pair):
     assert ("<think>" in specials) == (version == "3")
 
 
-def test_a_damaged_ranks_file_is_refused(tmp_path, monkeypatch):
-    damaged = tmp_path / "qwen.tiktoken"
+@pytest.mark.parametrize("module,file", [(qt, "qwen.tiktoken"), (lt, "tokenizer.model")])
+def test_a_damaged_ranks_file_is_refused(tmp_path, monkeypatch, module, file):
+    """Qwen's ranks and Llama 3's (nodes/checkpoint/llama_tokenizer.py): one checksum rule."""
+    damaged = tmp_path / file
     damaged.write_bytes(b"IQ== 0\n")
-    monkeypatch.setattr(qt, "ranks_file", lambda: damaged)
-    qt.token_ranks.cache_clear()
+    monkeypatch.setattr(module, "ranks_file", lambda: damaged)
+    module.token_ranks.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="damaged"):
-            qt.token_ranks()
+            module.token_ranks()
     finally:
-        qt.token_ranks.cache_clear()
+        module.token_ranks.cache_clear()

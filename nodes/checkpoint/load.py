@@ -226,8 +226,14 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, kandinsky5_load,
-                                  krea2_load, longcat_load, ovis_load, qwen_image_load, z_image_load)
+    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, hidream_load, ideogram4_load, joyimage_load,
+                                  kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load, z_image_load)
+
+    if hidream_load.has_transformer(shapes):  # four text encoders: its own loader
+        raise CheckpointError(f"{path.name} holds a HiDream-I1 transformer: it is a diffusion model, not a "
+                              "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
+                              "clip_l_hidream, clip_g_hidream, t5xxl and llama_3.1_8b_instruct with "
+                              "QuadrupleCLIPLoader and ae.safetensors with VAELoader")
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
             (ideogram4_load.has_transformer, "Ideogram 4", "qwen3vl_8b*.safetensors", "ideogram4",

@@ -23,7 +23,7 @@ from nodes.families.base import Family, has_prefix
 
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
-              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL"}
+              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 #: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
 #: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
@@ -34,10 +34,12 @@ BY_FILE_FAMILY = {"qwen3": "lumina2", "qwen2.5-vl": "qwen_image"}
 
 def _what_else(name: str, shapes: dict[str, tuple]) -> str:
     """Why a file is not a UNet, in the user's terms."""
+    from nodes.checkpoint.llama_text import is_llama
     from nodes.checkpoint.qwen3_text import is_qwen3  # Qwen3 / Qwen3-VL language models too
     from nodes.checkpoint.qwen_image_load import text_prefix as qwen25_prefix  # Qwen2.5-VL
 
-    if det.text_encoder_layout(shapes) is not None or is_qwen3(shapes) or qwen25_prefix(shapes) is not None:
+    if (det.text_encoder_layout(shapes) is not None or is_qwen3(shapes) or qwen25_prefix(shapes) is not None
+            or is_llama(shapes)):
         return f"{name} holds a text encoder (CLIP), not a diffusion model; load it with CLIPLoader"
     if has_prefix(shapes, "encoder.down") or has_prefix(shapes, "first_stage_model."):
         return f"{name} holds a VAE, not a diffusion model; load it with VAELoader"
@@ -93,8 +95,8 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
-    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, ideogram4_load, joyimage_load, kandinsky5_load,
-                                  krea2_load, longcat_load, ovis_load, qwen_image_load)
+    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, hidream_load, ideogram4_load, joyimage_load,
+                                  kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load)
 
     keys = {k: () for k in state}
     for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
@@ -103,6 +105,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
                          (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file),
                          (ovis_load.has_transformer, ovis_load.load_transformer_file),  # FLUX's blocks too
+                         (hidream_load.has_transformer, hidream_load.load_transformer_file),
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
                          (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
                          (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
@@ -161,6 +164,10 @@ class TextFile:
         qwen = text_prefix(shapes) if found is None else None
         if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
             return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
+        from nodes.checkpoint.llama_text import is_llama
+
+        if found is None and is_llama(shapes):  # Llama 3.1 (HiDream's llama_3.1_8b_instruct*.safetensors)
+            return cls(path.name, state, "llama", "", "llama3")
         if found is None:
             from nodes.checkpoint.fibo2_load import has_transformer as is_fibo2  # bare diffusers names
 
@@ -179,7 +186,7 @@ def _clip_width(file: TextFile) -> int:
 def _pair_clips(files: list[TextFile]) -> None:
     """Two transformers-layout CLIPs that both carry a text projection (SD3's clip_l and clip_g files)
     both read as OpenCLIP by their keys: the narrower of the pair is CLIP-L."""
-    clips = [f for f in files if f.kind != "t5"]
+    clips = [f for f in files if f.kind in ("openai", "openclip")]
     if len(clips) == 2 and all(f.kind == "openclip" and f.layout == "transformers" for f in clips):
         narrow = min(clips, key=_clip_width)
         if _clip_width(narrow) < max(_clip_width(f) for f in clips):
@@ -250,6 +257,12 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_qwen3_vl(file.state, file.name, dtype)
             continue
+        if spec.kind == "llama3":
+            from nodes.checkpoint.llama_text import build_llama
+
+            with reading(Path(file.name)):
+                modules[spec.module] = build_llama(file.state, file.name, dtype)
+            continue
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
 
@@ -265,13 +278,17 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl")}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3")}
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
         tokenizers.update({spec.tokenizer: qwen_tokenizer(qwen_versions[spec.kind])
                            for spec in loaded if spec.kind in qwen_versions})
+    if any(spec.kind == "llama3" for spec in loaded):
+        from nodes.checkpoint.llama_tokenizer import llama3_tokenizer
+
+        tokenizers.update({spec.tokenizer: llama3_tokenizer() for spec in loaded if spec.kind == "llama3"})
     if any(spec.kind == "t5" for spec in loaded):
         from nodes.checkpoint.t5_tokenizer import t5_tokenizer
 
