@@ -14,8 +14,8 @@ FLUX's (nodes.checkpoint.flux_keys) with four differences:
   (up, gate) in both layouts, so it splits as FLUX's.
 
 The gated MLP is the one place where two file tensors make one module tensor (diffusers fuses what
-ComfyUI keeps apart), so an Ovis file is built whole, never straight into disk blocks
-(nodes.checkpoint.paged_files converts per file tensor).
+ComfyUI keeps apart): a build straight into disk blocks (nodes.checkpoint.paged_files) joins their rows
+per block, and a LoRA on either projection patches its half of the rows (:func:`lora_modules`).
 """
 from __future__ import annotations
 
