@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.checkpoint import flux_keys
-from nodes.checkpoint.flux_keys import KeyMismatch, UNET_PREFIX, has_keys, strip  # noqa: F401 (key-module interface)
+from nodes.checkpoint.flux_keys import Into, KeyMismatch, UNET_PREFIX, has_keys, strip  # noqa: F401 (key-module interface)
 
 #: ComfyUI's detection key for Ovis (its gated MLP) in the original layout; diffusers' unique one.
 ORIGINAL_MARKER = "double_blocks.0.img_mlp.gate_proj.weight"
@@ -126,3 +126,25 @@ def original_names(diffusers_names: Any) -> dict[str, str]:
             elif f".{mlp}.2." in o:
                 names[d] = o.replace(f".{mlp}.2.", f".{mlp}.down_proj.")
     return names
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """ComfyUI's module name -> the diffusers weight(s) it is or covers, for LoRAs in ComfyUI's layout
+    (``diffusion_model.``, kohya's ``lora_unet_``): FLUX's table (nodes.checkpoint.flux_keys.lora_modules:
+    q/k/v and a single block's linear1 split by rows) with a double block's MLPs in Ovis's names: ``down_proj``
+    is ``ff.net.2``, and ``up_proj`` / ``gate_proj`` are the first / second half of the rows of diffusers'
+    fused ``ff.net.0.proj`` (:class:`Into`), the text stream's likewise; ``txt_norm`` (a whole difference on
+    it) is ``context_embedder_norm``. ``shapes``: the diffusers model's."""
+    out = {name: parts for name, parts in flux_keys.lora_modules(shapes, _pairs).items()
+           if not any(f".{mlp}.{n}" in name for mlp, _ in _MLPS for n in "02")}
+    if "context_embedder_norm.weight" in shapes:  # a whole difference for the text norm (FLUX has none)
+        out["txt_norm"] = out["txt_norm.weight"] = "context_embedder_norm.weight"
+    for i in flux_keys._blocks(shapes, "transformer_blocks."):
+        for mlp, diff in _MLPS:
+            fused, down = f"transformer_blocks.{i}.{diff}.0.proj.weight", f"transformer_blocks.{i}.{diff}.2.weight"
+            if fused not in shapes:
+                continue
+            half, base = shapes[fused][0] // 2, f"double_blocks.{i}.{mlp}."
+            out[base + "up_proj"], out[base + "gate_proj"] = Into(fused, 0, half), Into(fused, half, 2 * half)
+            out[base + "down_proj"] = down
+    return out
