@@ -192,3 +192,33 @@ def test_a_lora_for_another_family_is_refused_naming_the_input(env, root):
         with pytest.raises(NodeError) as err:
             call(lora.lora_loader, env, model=model, clip=clip, lora_name=name, strength_model=1.0, strength_clip=1.0)
         assert err.value.input_name == "lora_name" and says in str(err.value)
+
+
+def test_dora_on_the_gate_and_up_projections_decomposes_each_half_as_its_own_layer(env, root):
+    """DoRA on ComfyUI's separate projections normalises each alone: the gate's magnitudes per output row, the
+    up projection's per input column over its own rows only. Kiln's fused weight gets each half so (the norms
+    written out here: ``m * (W + dW) / ||W + dW||``), the other weights untouched."""
+    original = tiny_ovis.original_transformer()
+    factors = _factors("comfy")
+    g = torch.Generator().manual_seed(7)
+    gate, up = "double_blocks.0.img_mlp.gate_proj", "double_blocks.0.img_mlp.up_proj"
+    rows, cols = original[gate + ".weight"].shape
+    scales = {gate: torch.rand(rows, 1, generator=g) + 0.5, up: torch.rand(1, cols, generator=g) + 0.5}
+    file = lora_file({m: factors[m] for m in (gate, up)}, "comfy")
+    file |= {f"diffusion_model.{m}.dora_scale": s for m, s in scales.items()}
+    save_state(root / "loras" / "dora.safetensors", file)
+    weights = {k: v.clone() for k, v in original.items()}
+    eps = torch.finfo(torch.float32).eps
+    for module, dim in ((gate, 1), (up, 0)):
+        down, u = factors[module]
+        merged = weights[module + ".weight"] + u @ down
+        weights[module + ".weight"] = scales[module] * merged / (merged.norm(dim=dim, keepdim=True) + eps)
+    want = original_to_diffusers(weights)
+    (model,) = call(split_loaders.unet_loader, env, unet_name=UNET)
+    base = _weights_and_output(model)[0]
+    (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name="dora.safetensors", strength_model=1.0)
+    got = _weights_and_output(patched)[0]
+    fused = "transformer_blocks.0.ff.net.0.proj.weight"
+    assert torch.allclose(got[fused], want[fused], atol=1e-5, rtol=0)
+    assert not torch.allclose(got[fused], base[fused], atol=1e-3)
+    assert all(torch.equal(got[k], base[k]) for k in base if k != fused)
