@@ -1,6 +1,6 @@
 """UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
-JoyImage, Kandinsky 5, LongCat-Image and Ovis-Image built straight into blocks paged to disk (nodes.checkpoint.paged_files), as
-FLUX.1 files are (tests/test_offload_load.py).
+JoyImage, Kandinsky 5, LongCat-Image and Ovis-Image built straight into blocks paged to disk
+(nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
 Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building

@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.checkpoint import flux_keys
-from nodes.checkpoint.flux_keys import Into, KeyMismatch, UNET_PREFIX, has_keys, strip  # noqa: F401 (key-module interface)
+from nodes.checkpoint.flux_keys import KeyMismatch, UNET_PREFIX, has_keys, strip  # noqa: F401 (key-module interface)
+from nodes.checkpoint.flux_keys import Into
 
 #: ComfyUI's detection key for Ovis (its gated MLP) in the original layout; diffusers' unique one.
 ORIGINAL_MARKER = "double_blocks.0.img_mlp.gate_proj.weight"

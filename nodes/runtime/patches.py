@@ -16,7 +16,9 @@ A LyCORIS LoHa or LoKr module (:class:`nodes.runtime.lycoris.Product`) rebuilds 
 difference from its factors on the same path. A DoRA module (:class:`nodes.runtime.dora.Dora`:
 one of those plus the file's ``dora_scale``) needs the weight itself: it gives the whole new
 weight (``apply``), written into the parameter on the same path.
-An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
+A file module that is only some rows of a parameter (:class:`Stacked`: Ovis-Image's separate up and
+gate projections, one fused weight in diffusers) patches those rows, the file's other such modules
+joining it. An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
 ``weight + delta`` back to fp8 would lose most of a LoRA's small delta. Its layer gets
