@@ -400,3 +400,16 @@ def test_traced_rows_give_ovis_stacked_mlp_inputs_in_pieces_only_where_the_layou
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     with pytest.raises(ValueError, match="1 of its 2 stacked pieces"):
         joined({pieces[0]: torch.zeros(2)})
+
+
+def test_an_ovis_file_quantising_only_one_of_gate_and_up_fails_by_name(tmp_path):
+    """Comfy-Org's int8 files may quantise a layer and leave its neighbour (here every other linear): an Ovis
+    block's gate and up projections stored apart so cannot be one fused layer, and both builds say which."""
+    from test_int8_quant import quantise_int8
+
+    from nodes.checkpoint.load import CheckpointError
+
+    path = tiny_flux._save(tmp_path / "mixed.safetensors", quantise_int8(tiny_ovis.original_transformer(), PREFIX)[0])
+    for ask in (None, lambda n, b: _disk()):
+        with pytest.raises(CheckpointError, match=r"mixed\.safetensors.*img_mlp\.gate_proj and up_proj are stored"):
+            load_unet_file(path, torch.float32, offload=ask)

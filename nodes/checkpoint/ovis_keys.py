@@ -71,8 +71,11 @@ def _block_mlps(state: dict[str, Any], forward: bool) -> dict[str, Any]:
             base, rest = f"{head[0]}.{mlp}", head[1]
             if forward and rest.startswith("up_proj."):
                 suffix = rest[len("up_proj."):]
-                gate = out.pop(f"{base}.gate_proj.{suffix}")
-                out[f"{base}.0.{suffix}"] = torch.cat([out.pop(key), gate], dim=0)
+                gate, up = out.pop(f"{base}.gate_proj.{suffix}"), out.pop(key)
+                if (up.dtype, up.device) != (gate.dtype, gate.device):  # e.g. only one of them quantised
+                    raise KeyMismatch(f"{base}.gate_proj and up_proj are stored differently ({gate.dtype}, "
+                                      f"{up.dtype}, or one scaled and one not), and one layer holds both here")
+                out[f"{base}.0.{suffix}"] = torch.cat([up, gate], dim=0)
             elif forward and rest.startswith("down_proj."):
                 out[f"{base}.2.{rest[len('down_proj.'):]}"] = out.pop(key)
             elif not forward and rest.startswith("0."):
