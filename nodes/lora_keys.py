@@ -19,6 +19,9 @@ Formats read (one file may mix them):
   a LoRA on a fused original module (``qkv``, ``linear1``) is split row-wise onto
   the separate diffusers projections (the family's key map, ``Family.lora_modules``);
   the other families with a fused qkv in their original layout (Z-Image, Ideogram 4) alike.
+  The opposite, an original module that is part of one diffusers weight (Ovis-Image's ``img_mlp.up_proj``
+  and ``gate_proj``, which diffusers fuses into ``ff.net.0.proj``: ``flux_keys.Into``), patches its rows of it;
+  the file's modules on the other rows join that patch (``patches.Stacked``).
 * Whole differences, under any of the module names above (ComfyUI applies them as
   ``weight += strength * diff``): ``<module>.diff`` for the weight (LyCORIS "full"
   modules, also on norms and other 1-D weights), ``<module>.diff_b`` for the bias,
@@ -41,8 +44,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodes.checkpoint.flux_keys import Into
 from nodes.runtime import lycoris
-from nodes.runtime.patches import Diff, LowRank
+from nodes.runtime.patches import Diff, LowRank, Stacked, stacked
 
 #: (suffix of the "down" factor, suffix of the "up" factor)
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
@@ -209,28 +213,46 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             result.unmatched.append(module_key)
             continue
         target, param = found
+        into, sizes = (param, _part_shapes(param, shapes[target])) if isinstance(param, Into) else \
+            (None, shapes[target])
+        param = into.param if into is not None else param
         alpha = parts.get("alpha")
         patches: list[tuple[str, Any]] = []
         if has_pair:
-            pair = _pair(module_key, param, parts["down"], parts["up"], alpha, shapes[target], result)
+            pair = _pair(module_key, param, parts["down"], parts["up"], alpha, sizes, result)
             if pair is None:
                 continue
             patches += pair
         if lyco:
-            patches += _product(module_key, param, parts, alpha, shapes[target], result) or []
+            patches += _product(module_key, param, parts, alpha, sizes, result) or []
         for suffix in diffs:
             diff = _diff(module_key + suffix, param, parts[suffix], dict(_DIFFS)[suffix], alpha, parts.get("down"),
-                         shapes[target], result)
+                         sizes, result)
             patches += diff or []
         if magnitude is not None:
-            patches = _decomposed(module_key, param, parts[magnitude], magnitude, patches, shapes[target], result)
+            patches = _decomposed(module_key, param, parts[magnitude], magnitude, patches, sizes, result)
+        if into is not None:  # its rows of the model's parameter
+            patches = [(n, stacked(shapes[target][n], ((into.start, into.stop, p),))) for n, p in patches]
         table = result.tables.setdefault(target, {}) if patches else {}
         for name, patch in patches:
-            if name in table:  # one file giving a parameter twice: keep the first, say so
+            both = table[name].joined(patch) if isinstance(table.get(name), Stacked) and \
+                isinstance(patch, Stacked) else None
+            if both is not None:  # another part of the same parameter (Ovis' gate beside its up projection)
+                table[name] = both
+            elif name in table:  # one file giving a parameter twice: keep the first, say so
                 result.unmatched.append(f"{module_key} (a second patch for {name})")
             else:
                 table[name] = patch
     return result
+
+
+def _part_shapes(into: Into, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """``shapes`` with the weight (and bias) ``into`` is part of cut to its rows: the module's own sizes."""
+    out = dict(shapes)
+    for name in (into.param, into.param[: -len(".weight")] + ".bias"):
+        if name in shapes:
+            out[name] = (into.stop - into.start, *shapes[name][1:])
+    return out
 
 
 def _rows(param: Any, tensor: Any, bias: bool) -> list[tuple[str, Any]]:

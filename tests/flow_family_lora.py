@@ -126,3 +126,20 @@ def assert_lora_equals_merged(env: Environment, unet_name: str, lora_name: str, 
         assert (ours - sample(merged(strength))).abs().max() <= PIXEL_TOL
         assert (ours - plain).abs().max() > 0.02  # the LoRA changes the image: not vacuous
     assert (sample(model) - plain).abs().max() == 0  # the loaded weights are restored after sampling
+
+
+def assert_refused(env: Environment, model: Any, clip: Any, family: str, cases: Iterable[tuple[str, str]]) -> None:
+    """Each ``(lora file, words its message says)`` is an error on ``lora_name`` through LoraLoaderModelOnly
+    (its message naming ``family``) and through LoraLoader (MODEL and CLIP)."""
+    import pytest
+
+    from engine.context import NodeError
+    from nodes import lora
+
+    for name, says in cases:
+        with pytest.raises(NodeError) as err:
+            call(lora.lora_loader_model_only, env, model=model, lora_name=name, strength_model=1.0)
+        assert err.value.input_name == "lora_name" and family in str(err.value) and says in str(err.value)
+        with pytest.raises(NodeError) as err:
+            call(lora.lora_loader, env, model=model, clip=clip, lora_name=name, strength_model=1.0, strength_clip=1.0)
+        assert err.value.input_name == "lora_name" and says in str(err.value)

@@ -1,6 +1,6 @@
 """UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
-JoyImage, Kandinsky 5 and LongCat-Image built straight into blocks paged to disk (nodes.checkpoint.paged_files), as
-FLUX.1 files are (tests/test_offload_load.py).
+JoyImage, Kandinsky 5, LongCat-Image and Ovis-Image built straight into blocks paged to disk
+(nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
 Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building
@@ -25,6 +25,7 @@ import tiny_joyimage
 import tiny_kandinsky5
 import tiny_krea2
 import tiny_longcat
+import tiny_ovis
 import tiny_qwen_image
 import tiny_qwen_image21
 import tiny_sd3
@@ -150,6 +151,14 @@ def _longcat_forward(net: Any) -> torch.Tensor:
                    img_ids=torch.ones(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
 
 
+def _ovis_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, 48, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.7]),
+                   img_ids=torch.ones(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -164,6 +173,7 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "joyimage": (tiny_joyimage.transformer_state, _joyimage_forward),
     "kandinsky5": (tiny_kandinsky5.transformer_state, _kandinsky5_forward),
     "longcat": (tiny_longcat.original_state, _longcat_forward),
+    "ovis": (tiny_ovis.original_transformer, _ovis_forward),  # its gated MLP input stacks two file tensors
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
 DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5")
@@ -175,13 +185,14 @@ def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
              "krea2": tiny_krea2, "fibo2": tiny_fibo2, "qwen_image21": tiny_qwen_image21,
-             "ideogram4": tiny_ideogram4}[family].components())["transformer"]
+             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Each family's file with ComfyUI's prefix in fp32 and in diffusers' names, and (Z-Image, SD3, Qwen-Image 2.1,
-    Ideogram 4) in bf16 (JoyImage too), in ComfyUI's scaled fp8 and in Comfy-Org's int8 (rotated in part)."""
+    Ideogram 4) in bf16 (JoyImage too), in ComfyUI's scaled fp8 (Ovis-Image too) and in Comfy-Org's int8 (rotated
+    in part)."""
     from test_int8_quant import quantise_int8
 
     root = tmp_path_factory.mktemp("family-files")
@@ -192,8 +203,10 @@ def files(tmp_path_factory) -> Path:
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
         if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage", "kandinsky5"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
-        if family in ("z_image", "sd3", "qwen_image21", "ideogram4"):  # int8 scales split with gate_up, with qkv
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "ovis"):  # scales split with gate_up, with
+            # qkv; Ovis's per-tensor scales of its up and gate projections stacked with its MLP input
             tiny_flux._save(root / f"{family}-scaled.safetensors", _linears_scaled(state()))
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4"):  # int8, every other linear left float32
             tiny_flux._save(root / f"{family}-int8.safetensors", quantise_int8(state(), PREFIX)[0])
     return root
 
@@ -260,7 +273,8 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("qwen_image21", "qwen_image21-int8", ""),
                                              ("ideogram4", "ideogram4-scaled", ""), ("ideogram4", "ideogram4-int8", ""),
                                              ("joyimage", "joyimage-bf16", ""), ("kandinsky5", "kandinsky5-bf16", ""),
-                                             ("longcat", "longcat", "float8_e4m3fn")])
+                                             ("longcat", "longcat", "float8_e4m3fn"),
+                                             ("ovis", "ovis-scaled", ""), ("ovis", "ovis", "float8_e4m3fn")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
@@ -360,3 +374,42 @@ def test_traced_rows_give_the_familys_own_conversion_and_refuse_a_mixing_one():
     assert any(len(convert(torch.empty(0))) == 3 for _, convert in rows)  # a fused qkv split in three
     with pytest.raises(ValueError, match="several file tensors"):
         traced_rows(lambda s: {"both": torch.cat([s["a"], s["b"]])}, {"a": (2, 3), "b": (2, 3)})
+
+
+def test_traced_rows_give_ovis_stacked_mlp_inputs_in_pieces_only_where_the_layout_stacks():
+    """Ovis-Image's conversion stacks ComfyUI's up and gate projections into diffusers' MLP input: traced with
+    ``stacks``, the two file tensors give that tensor's two pieces, and joined they equal the conversion's own."""
+    from nodes.checkpoint import ovis_keys
+    from nodes.checkpoint.paged import Piece, joined
+    from nodes.checkpoint.paged_files import traced_rows
+
+    state = tiny_ovis.original_transformer()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    with pytest.raises(ValueError, match="several file tensors"):
+        traced_rows(ovis_keys.original_to_diffusers, shapes)
+    rows = traced_rows(ovis_keys.original_to_diffusers, shapes, stacks=True)
+    ours = {name: t for key, convert in rows for name, t in convert(state[key]).items()}
+    pieces = [k for k in ours if isinstance(k, Piece)]
+    assert {p.name for p in pieces} == {"transformer_blocks.0.ff.net.0.proj.weight",
+                                        "transformer_blocks.0.ff.net.0.proj.bias",
+                                        "transformer_blocks.0.ff_context.net.0.proj.weight",
+                                        "transformer_blocks.0.ff_context.net.0.proj.bias"}
+    assert all(p.count == 2 for p in pieces) and len(pieces) == 8
+    theirs = ovis_keys.original_to_diffusers(dict(state))
+    ours = joined(ours)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with pytest.raises(ValueError, match="1 of its 2 stacked pieces"):
+        joined({pieces[0]: torch.zeros(2)})
+
+
+def test_an_ovis_file_quantising_only_one_of_gate_and_up_fails_by_name(tmp_path):
+    """Comfy-Org's int8 files may quantise a layer and leave its neighbour (here every other linear): an Ovis
+    block's gate and up projections stored apart so cannot be one fused layer, and both builds say which."""
+    from test_int8_quant import quantise_int8
+
+    from nodes.checkpoint.load import CheckpointError
+
+    path = tiny_flux._save(tmp_path / "mixed.safetensors", quantise_int8(tiny_ovis.original_transformer(), PREFIX)[0])
+    for ask in (None, lambda n, b: _disk()):
+        with pytest.raises(CheckpointError, match=r"mixed\.safetensors.*img_mlp\.gate_proj and up_proj are stored"):
+            load_unet_file(path, torch.float32, offload=ask)

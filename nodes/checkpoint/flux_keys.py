@@ -15,6 +15,7 @@ Fused tensors: a double block's ``qkv`` is q, k, v stacked; a single block's
 from __future__ import annotations
 
 from collections.abc import Mapping, Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any, Callable
 
 #: (BFL name, diffusers name) of plain renames, "{i}" the block index; weight and bias both.
@@ -262,3 +263,15 @@ def stacked_rows(names: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tup
         out.append((name, ((start, start + rows),)))
         start += rows
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class Into:
+    """An original module that is rows ``start:stop`` of one diffusers weight ``param`` (its bias alike):
+    the opposite of :func:`stacked_rows`, where diffusers fuses what the original layout keeps apart
+    (Ovis-Image's up and gate projections, one MLP input in diffusers). A LoRA on it patches those rows
+    alone, beside the other modules' (nodes.lora_keys, nodes.runtime.patches.Stacked)."""
+
+    param: str
+    start: int
+    stop: int

@@ -14,8 +14,8 @@ FLUX's (nodes.checkpoint.flux_keys) with four differences:
   (up, gate) in both layouts, so it splits as FLUX's.
 
 The gated MLP is the one place where two file tensors make one module tensor (diffusers fuses what
-ComfyUI keeps apart), so an Ovis file is built whole, never straight into disk blocks
-(nodes.checkpoint.paged_files converts per file tensor).
+ComfyUI keeps apart): a build straight into disk blocks (nodes.checkpoint.paged_files) joins their rows
+per block, and a LoRA on either projection patches its half of the rows (:func:`lora_modules`).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from nodes.checkpoint import flux_keys
 from nodes.checkpoint.flux_keys import KeyMismatch, UNET_PREFIX, has_keys, strip  # noqa: F401 (key-module interface)
+from nodes.checkpoint.flux_keys import Into
 
 #: ComfyUI's detection key for Ovis (its gated MLP) in the original layout; diffusers' unique one.
 ORIGINAL_MARKER = "double_blocks.0.img_mlp.gate_proj.weight"
@@ -70,8 +71,11 @@ def _block_mlps(state: dict[str, Any], forward: bool) -> dict[str, Any]:
             base, rest = f"{head[0]}.{mlp}", head[1]
             if forward and rest.startswith("up_proj."):
                 suffix = rest[len("up_proj."):]
-                gate = out.pop(f"{base}.gate_proj.{suffix}")
-                out[f"{base}.0.{suffix}"] = torch.cat([out.pop(key), gate], dim=0)
+                gate, up = out.pop(f"{base}.gate_proj.{suffix}"), out.pop(key)
+                if (up.dtype, up.device) != (gate.dtype, gate.device):  # e.g. only one of them quantised
+                    raise KeyMismatch(f"{base}.gate_proj and up_proj are stored differently ({gate.dtype}, "
+                                      f"{up.dtype}, or one scaled and one not), and one layer holds both here")
+                out[f"{base}.0.{suffix}"] = torch.cat([up, gate], dim=0)
             elif forward and rest.startswith("down_proj."):
                 out[f"{base}.2.{rest[len('down_proj.'):]}"] = out.pop(key)
             elif not forward and rest.startswith("0."):
@@ -126,3 +130,25 @@ def original_names(diffusers_names: Any) -> dict[str, str]:
             elif f".{mlp}.2." in o:
                 names[d] = o.replace(f".{mlp}.2.", f".{mlp}.down_proj.")
     return names
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """ComfyUI's module name -> the diffusers weight(s) it is or covers, for LoRAs in ComfyUI's layout
+    (``diffusion_model.``, kohya's ``lora_unet_``): FLUX's table (nodes.checkpoint.flux_keys.lora_modules:
+    q/k/v and a single block's linear1 split by rows) with a double block's MLPs in Ovis's names: ``down_proj``
+    is ``ff.net.2``, and ``up_proj`` / ``gate_proj`` are the first / second half of the rows of diffusers'
+    fused ``ff.net.0.proj`` (:class:`Into`), the text stream's likewise; ``txt_norm`` (a whole difference on
+    it) is ``context_embedder_norm``. ``shapes``: the diffusers model's."""
+    out = {name: parts for name, parts in flux_keys.lora_modules(shapes, _pairs).items()
+           if not any(f".{mlp}.{n}" in name for mlp, _ in _MLPS for n in "02")}
+    if "context_embedder_norm.weight" in shapes:  # a whole difference for the text norm (FLUX has none)
+        out["txt_norm"] = out["txt_norm.weight"] = "context_embedder_norm.weight"
+    for i in flux_keys._blocks(shapes, "transformer_blocks."):
+        for mlp, diff in _MLPS:
+            fused, down = f"transformer_blocks.{i}.{diff}.0.proj.weight", f"transformer_blocks.{i}.{diff}.2.weight"
+            if fused not in shapes:
+                continue
+            half, base = shapes[fused][0] // 2, f"double_blocks.{i}.{mlp}."
+            out[base + "up_proj"], out[base + "gate_proj"] = Into(fused, 0, half), Into(fused, half, 2 * half)
+            out[base + "down_proj"] = down
+    return out

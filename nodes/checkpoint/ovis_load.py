@@ -4,8 +4,8 @@
   ComfyUI's scaled fp8 / int8 files through nodes.checkpoint.scaled_fp8) in ComfyUI's FLUX-style layout
   (with or without ``model.diffusion_model.``) or diffusers' layout in one file; the key map is
   nodes.checkpoint.ovis_keys, the build FLUX's rule (nodes.checkpoint.flux_load.transformer_from_file:
-  config from shapes, scales following the renames). It is built whole (ovis_keys: its gated MLPs stack
-  two file tensors into one module tensor).
+  config from shapes, scales following the renames), or straight into disk blocks when the model manager
+  pages it there (:func:`file_layout`: its gated MLPs stack two file tensors into one module tensor).
 * Ovis 2.5's language model, a Qwen3 decoder (``ovis_2.5.safetensors``), through CLIPLoader type
   ``ovis`` (nodes.checkpoint.split: a Qwen3 file, built by nodes.checkpoint.qwen3_text), with Kiln's
   Qwen tokenizer.
@@ -41,11 +41,24 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
 
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
-    """UNETLoader's Ovis-Image path (nodes.checkpoint.flow_transformers), built whole (module docstring)."""
+    """UNETLoader's Ovis-Image path (nodes.checkpoint.flow_transformers); a transformer the manager pages to
+    disk is built straight into its blocks (:func:`file_layout`)."""
     from nodes.checkpoint.flow_transformers import transformer_file
     from nodes.families import ovis as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
+
+
+def file_layout(state: Mapping[str, Any], what: str) -> Any:
+    """How an Ovis-Image file (prefix stripped) becomes its module, for a build straight into disk blocks
+    (nodes.checkpoint.paged_files): ComfyUI's layout through nodes.checkpoint.ovis_keys' table, whose MLP
+    input stacks the up and gate projections' rows (``stacks``), diffusers' as it is. No module is kept
+    in float32, so there is no last touch."""
+    from diffusers import OvisImageTransformer2DModel
+
+    from nodes.checkpoint.paged_files import keyed_layout
+
+    return keyed_layout(OvisImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state), stacks=True)
 
 
 def is_folder(path: Path) -> bool:

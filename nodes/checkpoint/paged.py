@@ -26,10 +26,40 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-#: (file key, conversion): the module tensors one file tensor becomes, by their module names.
-Row = tuple[str, Callable[[Any], dict[str, Any]]]
+#: (file key, conversion): the module tensors one file tensor becomes, by their module names (or
+#: :class:`Piece` of one, where a module tensor stacks the rows of several file tensors).
+Row = tuple[str, Callable[[Any], dict[Any, Any]]]
+
+
+class Piece(NamedTuple):
+    """The ``index``-th of ``count`` row pieces of the module tensor ``name``, one file tensor's part of a
+    tensor stacked from several (Ovis-Image's gated MLP input: ComfyUI's up and gate projections). All
+    pieces of a tensor belong to one block, so :func:`joined` meets them together in one part's read."""
+
+    name: str
+    index: int
+    count: int
+
+
+def joined(tensors: dict[Any, Any]) -> dict[str, Any]:
+    """``tensors`` with the :class:`Piece` of each module tensor stacked by rows, in order (meta tensors
+    too). Raises ValueError when a tensor's pieces are not all there."""
+    import torch
+
+    out = {k: v for k, v in tensors.items() if not isinstance(k, Piece)}
+    pieces: dict[str, dict[int, Any]] = {}
+    counts: dict[str, int] = {}
+    for k, v in tensors.items():
+        if isinstance(k, Piece):
+            pieces.setdefault(k.name, {})[k.index] = v
+            counts[k.name] = k.count
+    for name, got in pieces.items():
+        if sorted(got) != list(range(counts[name])):
+            raise ValueError(f"{name}: {len(got)} of its {counts[name]} stacked pieces")
+        out[name] = torch.cat([got[i] for i in range(counts[name])], dim=0)
+    return out
 
 
 def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, tuple[int, ...]],
@@ -49,12 +79,25 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
 
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     converted: dict[str, tuple[int, ...]] = {}
+    stacked: dict[Piece, Any] = {}
     for key, convert in rows:  # from the header alone: meta tensors through the same conversion
         for k, v in convert(torch.empty(shapes[key], device="meta")).items():
+            if isinstance(k, Piece):
+                stacked[k] = v
+                continue
             converted[k] = tuple(v.shape)
             if k in own and own[k] != converted[k]:
                 raise CheckpointError(f"{what}: the weight {key} gives {k} the shape {converted[k]}, "
                                       f"expected {own[k]}")
+    try:
+        whole = joined(stacked)
+    except ValueError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    for k, v in whole.items():
+        converted[k] = tuple(v.shape)
+        if k in own and own[k] != converted[k]:
+            raise CheckpointError(f"{what}: the weights stacked into {k} give it the shape {converted[k]}, "
+                                  f"expected {own[k]}")
     missing, unexpected = [k for k in own if k not in converted], sorted(k for k in converted if k not in own)
     if missing or unexpected:
         raise CheckpointError(f"{what}: the weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -65,13 +108,14 @@ def build_paged(model: Any, rows: list[Row], state: Mapping, shapes: dict[str, t
         for key, convert in part:
             t = state[key]
             out.update(convert(prepare(key, t) if prepare is not None else t))
-        return finish(out)
+        return finish(joined(out))
 
     layout = offload.blocks(model)
     owners = {f"{name}.{i}.": (name, i) for name, i, _ in layout}
     parts: dict[Any, list[Row]] = {}
     for row in rows:
         key = next(iter(row[1](torch.empty(shapes[row[0]], device="meta"))))
+        key = key.name if isinstance(key, Piece) else key
         owner = next((owners[p] for p in _prefixes(key) if p in owners), None)
         parts.setdefault(owner, []).append(row)
     model.requires_grad_(False)  # before assigning: an int8 weight cannot be a parameter that wants gradients

@@ -9,7 +9,10 @@ file tensor replaced by a 1-D int64 tensor holding (its index, row) for each of 
 conversion these families use only renames, splits, swaps or stacks rows of one tensor (the property
 nodes.checkpoint.scaled_fp8.follow relies on too), so what comes out says, for each module tensor,
 which file tensor it is and which of its rows, in order: one paged.Row per file tensor, applied as
-each is read. A conversion that mixes tensors raises (it cannot be paged per tensor).
+each is read. A conversion that mixes tensors raises (it cannot be paged per tensor), unless the
+family's layout says its conversion stacks rows of several file tensors into one module tensor
+(``FileLayout.stacks``: Ovis-Image's gated MLP input); each file tensor then gives its paged.Piece, joined
+when the block's tensors have all been read.
 
 :func:`file_straight` then asks the manager with the size the build will hold (the same dtype rule run
 on meta tensors, so it equals the whole build's module bytes), and builds only when the plan rests the
@@ -42,7 +45,8 @@ class FileLayout:
     (None: the file already has the module's names); ``after``: what the whole build does to the built
     module last (Z-Image's timestep embedder), run here before each block is written
     (nodes.checkpoint.paged.build_paged's ``ready``); ``in_compute``: module names ``after`` holds in the
-    compute dtype (counted so in the size asked)."""
+    compute dtype (counted so in the size asked); ``stacks``: ``convert`` stacks the rows of several file
+    tensors into one module tensor (module docstring)."""
 
     model_cls: Any
     label: str
@@ -50,6 +54,7 @@ class FileLayout:
     convert: Convert | None = None
     after: Callable[[Any], Any] | None = None
     in_compute: tuple[str, ...] = ()
+    stacks: bool = False
 
 
 def meta_state(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -75,23 +80,28 @@ def keyed_layout(model_cls: Any, label: str, keys: Any, diffusers: bool, **extra
     return FileLayout(model_cls, label, keys.transformer_config, keys.original_to_diffusers, **extra)
 
 
-def _rows_of(out: Any) -> tuple[int, tuple[tuple[int, int], ...]]:
-    """(file tensor index, row runs) of one converted stand-in; a tensor made of several raises."""
+def _rows_of(out: Any, stacks: bool = False) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    """(file tensor index, row runs) of one converted stand-in: one pair, or with ``stacks`` one per stretch
+    of rows from one file tensor, in order; a tensor made of several raises otherwise."""
     import torch
 
     values = out.reshape(-1)
     if values.numel() == 0:
         raise ValueError("a converted tensor with no rows")
     sources = values // _ID
-    if bool((sources != sources[0]).any()):
+    changes = (torch.nonzero(sources[1:] != sources[:-1]).flatten() + 1).tolist()
+    if changes and not (stacks and out.ndim == 1):
         raise ValueError("a converted tensor stacks several file tensors (not convertible per tensor)")
-    rows = values % _ID
-    breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
-    starts, ends = [0] + breaks, breaks + [rows.numel()]
-    return int(sources[0]), tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends))
+    out_runs = []
+    for lo, hi in zip([0] + changes, changes + [values.numel()]):
+        rows = values[lo:hi] % _ID
+        breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+        starts, ends = [0] + breaks, breaks + [rows.numel()]
+        out_runs.append((int(sources[lo]), tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends))))
+    return out_runs
 
 
-def _take(t: Any, parts: list[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...] | None]],
+def _take(t: Any, parts: list[tuple[Any, tuple[tuple[int, int], ...], tuple[int, ...] | None]],
           whole: int) -> dict[str, Any]:
     """The module tensors one file tensor ``t`` gives: each its row runs of ``t`` (the tensor itself when
     it is all of ``t`` in order, a view for one run), its rows regrouped to ``shape`` where the conversion
@@ -111,21 +121,26 @@ def _take(t: Any, parts: list[tuple[str, tuple[tuple[int, int], ...], tuple[int,
     return out
 
 
-def traced_rows(convert: Convert, shapes: Mapping[str, tuple[int, ...]]) -> list[Row]:
+def traced_rows(convert: Convert, shapes: Mapping[str, tuple[int, ...]], stacks: bool = False) -> list[Row]:
     """paged.Rows equal to ``convert`` on a state of these ``shapes`` (module docstring); file tensors it
     drops get no row. Raises what ``convert`` raises for keys that do not fit, ValueError for a
-    conversion that is not per tensor."""
+    conversion that is not per tensor (``stacks``: one that stacks the rows of several file tensors is,
+    each giving its paged.Piece)."""
     import torch
+
+    from nodes.checkpoint.paged import Piece
 
     keys = list(shapes)
     stand_in = {k: (torch.tensor(i * _ID) if not shapes[k] else torch.arange(shapes[k][0]) + i * _ID)
                 for i, k in enumerate(keys)}
-    parts: dict[str, list[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...] | None]]] = {}
+    parts: dict[str, list[tuple[Any, tuple[tuple[int, int], ...], tuple[int, ...] | None]]] = {}
     for name, out in convert(dict(stand_in)).items():
-        index, runs = _rows_of(out)
-        if out.ndim == 0 and shapes[keys[index]]:
-            raise ValueError(f"{name} is one value of {keys[index]}")
-        parts.setdefault(keys[index], []).append((name, runs, tuple(out.shape) if out.ndim > 1 else None))
+        segments = _rows_of(out, stacks)
+        for j, (index, runs) in enumerate(segments):
+            if out.ndim == 0 and shapes[keys[index]]:
+                raise ValueError(f"{name} is one value of {keys[index]}")
+            piece = name if len(segments) == 1 else Piece(name, j, len(segments))
+            parts.setdefault(keys[index], []).append((piece, runs, tuple(out.shape) if out.ndim > 1 else None))
     return [(key, functools.partial(_take, parts=parts[key], whole=shapes[key][0] if shapes[key] else 1))
             for key in keys if key in parts]
 
@@ -173,7 +188,7 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
 
     from nodes.checkpoint import kept_fp32, scaled_fp8
     from nodes.checkpoint.load import CheckpointError, _empty
-    from nodes.checkpoint.paged import build_paged, own_rows
+    from nodes.checkpoint.paged import build_paged, joined, own_rows
     from nodes.checkpoint.tensors import dtypes_of, shapes_of
     from nodes.runtime.fp8 import keep_linears_as_stored
 
@@ -184,7 +199,7 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     shapes, dtypes = shapes_of(state), dtypes_of(state)
     try:
         config = layout.config(shapes)
-        rows = own_rows(shapes) if layout.convert is None else traced_rows(layout.convert, shapes)
+        rows = own_rows(shapes) if layout.convert is None else traced_rows(layout.convert, shapes, layout.stacks)
     except CheckpointError as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     except (KeyError, ValueError, IndexError) as exc:
@@ -197,7 +212,7 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     for key, convert in rows:  # the build's own rule on meta tensors: the bytes it will hold
         t = torch.empty(shapes[key], dtype=dtypes[key], device="meta")
         converted.update(convert(prepare(key, t) if prepare is not None else t))
-    held = finish(converted)
+    held = finish(joined(converted))
     widened = (lambda k, v: k.startswith(layout.in_compute)  # ``after`` holds these in the compute dtype
                and (v.is_floating_point() or v.dtype == torch.int8))
     size = sum(v.numel() * (dtype.itemsize if widened(k, v) else v.element_size()) for k, v in held.items())
@@ -208,6 +223,10 @@ def file_straight(state: Mapping, what: str, dtype: Any, fp8: str, offload: Any,
     for key, convert in rows:  # a scale's rows go where its weight's rows go
         if key in scales:
             module_scales.update(convert(scales[key]))
+    try:
+        module_scales = joined(module_scales)
+    except ValueError:  # a stacked weight scaled in part: the whole build's rule (scaled_fp8.follow) decides
+        return None
     if not all(_scales_a_linear(model, k) for k in module_scales):
         return None  # e.g. a scaled embedding: the whole build dequantises it once (scaled_fp8.attach)
     size += sum(4 * v.shape[0] for k, v in module_scales.items()  # held: one float32 a row (scaled_fp8.attach)

@@ -105,6 +105,13 @@ class Ovis(FlowFamily):
 
         return ovis_keys.original_names([name for name, _ in network.named_parameters()])
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """ComfyUI's module names for LoRAs: an MLP's up / gate projection patches its half of diffusers'
+        fused MLP input (nodes.checkpoint.ovis_keys.lora_modules)."""
+        from nodes.checkpoint import ovis_keys
+
+        return ovis_keys.lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
+
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
         """None; but a conditioning Z-Image's CLIP encoded is refused: ovis_2.5 is a Qwen3 file that loads under

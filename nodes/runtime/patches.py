@@ -16,7 +16,9 @@ A LyCORIS LoHa or LoKr module (:class:`nodes.runtime.lycoris.Product`) rebuilds 
 difference from its factors on the same path. A DoRA module (:class:`nodes.runtime.dora.Dora`:
 one of those plus the file's ``dora_scale``) needs the weight itself: it gives the whole new
 weight (``apply``), written into the parameter on the same path.
-An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
+A file module that is only some rows of a parameter (:class:`Stacked`: Ovis-Image's separate up and
+gate projections, one fused weight in diffusers) patches those rows, the file's other such modules
+joining it. An entry at strength 0 is skipped, so it equals no LoRA byte for byte.
 
 A weight stored in fp8 (nodes.runtime.fp8, FLUX's fp8 files) is not touched: rounding
 ``weight + delta`` back to fp8 would lose most of a LoRA's small delta. Its layer gets
@@ -106,7 +108,75 @@ class Scale:
         return weight * (1.0 + strength * (self.factor - 1.0))
 
 
-Patch = Any  # LowRank | Diff | Scale | lycoris.Product | dora.Dora: what a table holds per parameter name
+@dataclass(frozen=True, eq=False)
+class Stacked:
+    """Patches for row ranges of one parameter, nothing elsewhere: ``parts`` ((start, stop, patch), ...),
+    disjoint. A file module that is part of a model parameter (nodes.checkpoint.flux_keys.Into: Ovis-Image's
+    up and gate projections in ComfyUI's layout, one fused MLP input in diffusers') gets one part, and the
+    file's modules on the other rows join it (:meth:`joined`). ``shape``: the whole parameter's. Made by
+    :func:`stacked`, which gives a DoRA part's form (:class:`StackedWhole`) where one needs the weight."""
+
+    shape: tuple
+    parts: tuple
+
+    def delta(self, shape: tuple[int, ...], device: Any) -> "torch.Tensor":
+        import torch
+
+        out = torch.zeros(shape, dtype=torch.float32, device=device)
+        for a, b, patch in self.parts:
+            out[a:b] = patch.delta((b - a, *shape[1:]), device)
+        return out
+
+    def beside(self, device: Any, coefficient: float) -> tuple:
+        """The layer-side form: a bias as one difference; LoRA pairs as one pair of block factors (each
+        part's ``up`` times its scale in its rows and its own columns, the ``down`` factors stacked), so
+        ``x @ down.T @ up.T`` gives each part its rows; anything else rebuilt per call as LyCORIS is."""
+        import torch
+
+        if len(self.shape) == 1:
+            return (self.delta(self.shape, device), "bias", coefficient)
+        if not all(isinstance(p, LowRank) for _, _, p in self.parts):
+            return (self, "product", coefficient)
+        ranks = [p.down.flatten(1).shape[0] for _, _, p in self.parts]
+        up = torch.zeros(self.shape[0], sum(ranks), dtype=torch.float32, device=device)
+        start = 0
+        for (a, b, p), r in zip(self.parts, ranks):
+            up[a:b, start:start + r] = p.up.to(device, torch.float32).flatten(1) * p.scale
+            start += r
+        down = torch.cat([p.down.to(device, torch.float32).flatten(1) for _, _, p in self.parts])
+        return (up, down, coefficient)
+
+    def joined(self, other: "Stacked") -> "Stacked | None":
+        """Both patches' parts on one parameter, or None when their rows overlap."""
+        parts = sorted(self.parts + other.parts, key=lambda part: part[0])
+        if any(parts[i][1] > parts[i + 1][0] for i in range(len(parts) - 1)):
+            return None
+        return stacked(self.shape, tuple(parts))
+
+
+@dataclass(frozen=True, eq=False)
+class StackedWhole(Stacked):
+    """A :class:`Stacked` with a DoRA part: like DoRA it gives the whole new weight (each DoRA part its
+    rows from the rows of the weight, nodes.runtime.dora), so it runs on every path a DoRA module does."""
+
+    def apply(self, weight: "torch.Tensor", strength: float) -> "torch.Tensor":
+        import torch
+
+        w = weight.to(torch.float32).clone()
+        for a, b, patch in self.parts:
+            if hasattr(patch, "apply"):
+                w[a:b] = patch.apply(w[a:b], strength)
+            else:
+                w[a:b] += patch.delta(tuple(w[a:b].shape), w.device) * strength
+        return w
+
+
+def stacked(shape: tuple, parts: tuple) -> Stacked:
+    """A :class:`Stacked` of these parts, the :class:`StackedWhole` form when one of them needs the weight."""
+    return (StackedWhole if any(hasattr(p, "apply") for _, _, p in parts) else Stacked)(tuple(shape), tuple(parts))
+
+
+Patch = Any  # LowRank | Diff | Scale | lycoris.Product | dora.Dora | Stacked: what a table holds per parameter
 
 
 @dataclass(frozen=True, eq=False)
