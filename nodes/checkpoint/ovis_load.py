@@ -14,11 +14,11 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import ovis_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import Loaded
 
 LABEL = "Ovis-Image"
@@ -29,30 +29,17 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_) or keys.is_diffusers(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """OvisImageTransformer2DModel from ComfyUI- or diffusers-layout tensors (linear weights held as stored)."""
-    from diffusers import OvisImageTransformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, OvisImageTransformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Ovis-Image path (nodes.checkpoint.flow_transformers), built whole (module docstring)."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import ovis as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+#: The transformer file's whole build and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout, never per block (``paged=False``: its gated MLPs stack two file tensors into one module tensor).
+FILES = TransformerFiles("OvisImageTransformer2DModel", keys, "ovis", LABEL, paged=False)
+build_transformer, load_transformer_file = FILES.build, FILES.load
 
 
 def is_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is Ovis-Image's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "OvisImageTransformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
