@@ -9,14 +9,13 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import chroma_keys
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_folder, load_pipeline_folder,
-                                                transformer_file)
+from nodes.checkpoint.flow_transformers import (TransformerFiles, folder_tokenizer, is_pipeline_folder,
+                                                load_pipeline_folder)
 from nodes.families import chroma as fam
 
 #: diffusers' layout of the approximator (the original names its layers in_layer / out_layer).
@@ -29,18 +28,6 @@ def has_chroma_transformer(shapes: Any) -> bool:
     return fam.FAMILY.claims_unet(shapes)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """ChromaTransformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
-    (nodes.checkpoint.flux_load.transformer_from_file) on Chroma's key table."""
-    from diffusers import ChromaTransformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, ChromaTransformer2DModel, "Chroma", chroma_keys,
-                                 chroma_keys.original_to_diffusers, chroma_keys.diffusers_to_original,
-                                 lambda s: DIFFUSERS_MARKER in s, lambda s: _latent_only(s, what))
-
-
 def _latent_only(state: Any, what: str) -> None:
     """Chroma1-Radiance refused by name (both builds)."""
     if any(k.startswith(RADIANCE) for k in state):
@@ -48,26 +35,16 @@ def _latent_only(state: Any, what: str) -> None:
                               "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Chroma path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Chroma", offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a Chroma file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.chroma_keys' table); Chroma1-Radiance refused as the whole build refuses it."""
-    from diffusers import ChromaTransformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    _latent_only(state, what)
-    return keyed_layout(ChromaTransformer2DModel, "Chroma", chroma_keys, DIFFUSERS_MARKER in state)
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout (nodes.checkpoint.chroma_keys' table), Chroma1-Radiance refused by name in both builds.
+FILES = TransformerFiles("ChromaTransformer2DModel", chroma_keys, "chroma", "Chroma",
+                         is_diffusers=lambda s: DIFFUSERS_MARKER in s, refuse=_latent_only)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 def is_chroma_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is Chroma's (its config names the class)."""
-    return is_pipeline_folder(path, "ChromaTransformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

@@ -11,11 +11,10 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from nodes.checkpoint import fibo2_keys as keys
-from nodes.checkpoint.load import Loaded
+from nodes.checkpoint.flow_transformers import TransformerFiles
 
 LABEL = "FIBO 2"
 
@@ -25,30 +24,8 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """BriaFibo2Transformer2DModel from a file's tensors (prefix or not, scales beside the weights).
-    A file with FIBO 2's marker whose other keys do not fit is a CheckpointError naming the file and keys."""
-    from diffusers import BriaFibo2Transformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, BriaFibo2Transformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, lambda _: False)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's FIBO 2 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import fibo2 as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a FIBO 2 file (prefix stripped) becomes its module, for a build straight into disk blocks."""
-    from diffusers import BriaFibo2Transformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(BriaFibo2Transformer2DModel, LABEL, keys, False)
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): one
+#: layout under diffusers' names (fibo2_keys: the conversions are the identity), read as the original one.
+#: A file with FIBO 2's marker whose other keys do not fit is a CheckpointError naming the file and keys.
+FILES = TransformerFiles("BriaFibo2Transformer2DModel", keys, "fibo2", LABEL, is_diffusers=lambda _: False)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout

@@ -3,12 +3,15 @@
 Each of them is a lone diffusion model file for UNETLoader (its text encoders and VAE come from
 their own loaders) or a diffusers folder whose transformer config names the class; the rules for
 the file, the folder test, the folder's reading and the loader's message are the same for all, so
-they live here once (FLUX's folder loader reads its components and scheduler by the same rules).
+they live here once (FLUX's folder loader reads its components and scheduler by the same rules). A
+family whose file FLUX's rule builds declares it once (:class:`TransformerFiles`): its loader module's
+``build_transformer``, ``load_transformer_file`` and ``file_layout`` are that declaration's methods.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,80 @@ def transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, 
         transformer = build(_as_stored(state, fp8), name, dtype)
     return Loaded(family=family, scheduler_config=family.scheduler_config(), latent=family.latent,
                   modules={"unet": transformer}, info=flow_info(transformer, "unet", label))
+
+
+@dataclass(frozen=True)
+class TransformerFiles:
+    """One family's UNETLoader file, declared once: its whole build (:meth:`build`, FLUX's rule
+    nodes.checkpoint.flux_load.transformer_from_file), its loader (:meth:`load`, :func:`transformer_file`)
+    and its build straight into disk blocks (:meth:`layout`, nodes.checkpoint.paged_files.FileLayout)
+    all read these fields, so the two builds cannot drift apart (a refusal or a last touch in one only).
+
+    ``model_class``: the diffusers class name; ``keys``: the family's key module (``strip``,
+    ``transformer_config``, ``original_to_diffusers``, ``diffusers_to_original``, ``KeyMismatch``,
+    ``is_diffusers``); ``family``: the module name under nodes.families (its ``FAMILY``); ``label``: the
+    messages' name. ``is_diffusers(state)``: the file holds diffusers' layout (default the key module's);
+    ``own_names``: the file holds the module's own names, no conversion either way; ``refuse(state,
+    what)``: a variant Kiln does not run, a CheckpointError in both builds; ``after(model, state)``: the
+    last touch of both builds (the block build runs it before each block is written), ``in_compute`` the
+    module names it holds in the compute dtype; ``stacks``: a module tensor may stack several file
+    tensors' rows (Ovis-Image's gated MLP; nodes.checkpoint.paged_files.FileLayout's ``stacks``)."""
+
+    model_class: str
+    keys: Any
+    family: str
+    label: str
+    is_diffusers: Callable[[Any], bool] | None = None
+    own_names: bool = False
+    refuse: Callable[[Any, str], None] | None = None
+    after: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    in_compute: tuple[str, ...] = ()
+    stacks: bool = False
+
+    def _class(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.model_class)
+
+    def _diffusers(self, state: Any) -> bool:
+        return (self.is_diffusers or self.keys.is_diffusers)(state)
+
+    def build(self, state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+        """The module from a file's tensors in either layout (linear weights held as stored)."""
+        from nodes.checkpoint.flux_load import transformer_from_file
+
+        refuse, keys = self.refuse, self.keys
+        to_diffusers, from_diffusers = (_own, _own) if self.own_names else (keys.original_to_diffusers,
+                                                                           keys.diffusers_to_original)
+        model = transformer_from_file(state, what, dtype, self._class(), self.label, keys, to_diffusers,
+                                      from_diffusers, self._diffusers,
+                                      None if refuse is None else lambda s: refuse(s, what))
+        return model if self.after is None else self.after(model, state)
+
+    def load(self, state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
+        """UNETLoader's path for the family (:func:`transformer_file`); ``offload`` as FLUX's."""
+        import importlib
+
+        family = importlib.import_module(f"nodes.families.{self.family}").FAMILY
+        return transformer_file(state, name, dtype, fp8, self.build, family, self.label, offload, self.layout)
+
+    def layout(self, state: Mapping[str, Any], what: str) -> Any:
+        """How a file (prefix stripped) becomes the module, for a build straight into disk blocks."""
+        from nodes.checkpoint.paged_files import FileLayout, keyed_layout
+
+        if self.refuse is not None:
+            self.refuse(state, what)
+        after, extra = self.after, {"stacks": True} if self.stacks else {}
+        if after is not None:
+            extra |= {"after": lambda model: after(model, state), "in_compute": self.in_compute}
+        if self.own_names:
+            return FileLayout(self._class(), self.label, self.keys.transformer_config, **extra)
+        return keyed_layout(self._class(), self.label, self.keys, self._diffusers(state), **extra)
+
+
+def _own(state: dict[str, Any]) -> dict[str, Any]:
+    """A file that holds the module's own names, as it is."""
+    return dict(state)
 
 
 def _as_stored(state: Mapping[str, Any], fp8: str) -> dict[str, Any]:

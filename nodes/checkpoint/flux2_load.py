@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import flux2_keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
 from nodes.families import flux2 as fam
 
@@ -33,41 +34,17 @@ def has_flux2_transformer(shapes: Any) -> bool:
     return fam.FAMILY.claims_unet(shapes)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """Flux2Transformer2DModel from original- or diffusers-layout tensors, by FLUX's rule
-    (nodes.checkpoint.flux_load.transformer_from_file) on FLUX.2's key table."""
-    from diffusers import Flux2Transformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, Flux2Transformer2DModel, "FLUX.2", flux2_keys,
-                                 flux2_keys.original_to_diffusers, flux2_keys.diffusers_to_original,
-                                 lambda s: DIFFUSERS_MARKER in s, lambda s: _klein_only(s, what))
-
-
 def _klein_only(state: Any, what: str) -> None:
     """FLUX.2 [dev] refused by name (both builds)."""
     if any(k in state for k in fam.DEV_MARKERS):
         raise CheckpointError(f"{what} {DEV_REFUSAL}")
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's FLUX.2 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "FLUX.2", offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a FLUX.2 file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.flux2_keys' table); [dev] refused as the whole build refuses it."""
-    from diffusers import Flux2Transformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    _klein_only(state, what)
-    return keyed_layout(Flux2Transformer2DModel, "FLUX.2", flux2_keys, DIFFUSERS_MARKER in state)
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout (nodes.checkpoint.flux2_keys' table), FLUX.2 [dev] refused by name in both builds.
+FILES = TransformerFiles("Flux2Transformer2DModel", flux2_keys, "flux2", "FLUX.2",
+                         is_diffusers=lambda s: DIFFUSERS_MARKER in s, refuse=_klein_only)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 # -- the VAE ----------------------------------------------------------------------------------------
@@ -138,7 +115,7 @@ def is_flux2_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is FLUX.2's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "Flux2Transformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

@@ -14,11 +14,10 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from nodes.checkpoint import ideogram4_keys as keys
-from nodes.checkpoint.load import Loaded
+from nodes.checkpoint.flow_transformers import TransformerFiles
 
 LABEL = "Ideogram 4"
 
@@ -28,33 +27,8 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_) or keys.is_diffusers(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """Ideogram4Transformer2DModel from ComfyUI- or diffusers-layout tensors (linear weights held as stored)."""
-    from diffusers import Ideogram4Transformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, Ideogram4Transformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Ideogram 4 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's: a
-    transformer the manager pages to disk is built straight into its blocks (:func:`file_layout`)."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import ideogram4 as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How an Ideogram 4 file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.paged_files): ComfyUI's layout through nodes.checkpoint.ideogram4_keys' table, whose
-    qkv split keeps each part's rows of the fused tensor; diffusers' layout as it is. diffusers keeps no
-    Ideogram 4 module in float32 (no ``_keep_in_fp32_modules``), so there is no last touch (``after``)."""
-    from diffusers import Ideogram4Transformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(Ideogram4Transformer2DModel, LABEL, keys, keys.is_diffusers(state))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout; in a build straight into disk blocks ideogram4_keys' qkv split keeps each part's rows of the fused
+#: tensor. diffusers keeps no Ideogram 4 module in float32 (no ``_keep_in_fp32_modules``): no ``after``.
+FILES = TransformerFiles("Ideogram4Transformer2DModel", keys, "ideogram4", LABEL)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout

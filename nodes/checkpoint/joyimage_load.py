@@ -18,11 +18,12 @@ read from the file whatever the compute dtype (nodes.checkpoint.kept_fp32), as d
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import joyimage_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
+from nodes.checkpoint import kept_fp32
 from nodes.checkpoint.load import Loaded
 
 LABEL = "JoyImage"
@@ -37,7 +38,7 @@ def is_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is JoyImage's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "JoyImageEditTransformer3DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
@@ -53,39 +54,10 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     return qwen3_vl_folder(path, dtype, offload, fam.FAMILY, LABEL, JoyImageEditTransformer3DModel, keep_in_fp32)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """JoyImageEditTransformer3DModel from a file's tensors (linear weights held as stored, the modules the
-    class keeps in float32 read so from the file: nodes.checkpoint.kept_fp32)."""
-    from diffusers import JoyImageEditTransformer3DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-    from nodes.checkpoint.kept_fp32 import keep_in_fp32
-
-    model = transformer_from_file(state, what, dtype, JoyImageEditTransformer3DModel, LABEL, keys,
-                                  keys.identity, keys.identity, keys.is_diffusers)
-    return keep_in_fp32(model, state)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's JoyImage path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's: a
-    transformer the manager pages to disk is built straight into its blocks (:func:`file_layout`)."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import joyimage as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a JoyImage file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.paged_files): its names are the module's own, so each tensor is its own row. The
-    modules the class keeps in float32 are held so from the file before each block is written, as the
-    whole build (:func:`build_transformer`) holds them (the size asked counts them so:
-    nodes.checkpoint.kept_fp32)."""
-    from diffusers import JoyImageEditTransformer3DModel
-
-    from nodes.checkpoint.kept_fp32 import keep_in_fp32
-    from nodes.checkpoint.paged_files import FileLayout
-
-    return FileLayout(JoyImageEditTransformer3DModel, LABEL, keys.transformer_config,
-                      after=lambda model: keep_in_fp32(model, state))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): its names
+#: are the module's own (each tensor its own row in a build straight into disk blocks); the modules the class
+#: keeps in float32 held so from the file last in both builds (nodes.checkpoint.kept_fp32, whose size asked
+#: counts them so).
+FILES = TransformerFiles("JoyImageEditTransformer3DModel", keys, "joyimage", LABEL, own_names=True,
+                         after=lambda model, state: kept_fp32.keep_in_fp32(model, state))
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout

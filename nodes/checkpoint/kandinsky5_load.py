@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodes.checkpoint import kandinsky5_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
+from nodes.checkpoint import kept_fp32
 from nodes.checkpoint.load import CheckpointError, Loaded
 
 LABEL = "Kandinsky 5"
@@ -27,47 +29,24 @@ def has_transformer(keys_: Any) -> bool:
 
 
 def _refuse(state: Mapping[str, Any], what: str) -> None:
-    """A variant Kiln does not run (video, image editing) is a CheckpointError that says so."""
+    """A variant Kiln does not run (video, image editing) is a CheckpointError that says so (the shapes
+    only: a lazily read file stays unread)."""
+    from nodes.checkpoint.tensors import shapes_of
+
     try:
-        keys.transformer_config({k: tuple(v.shape) for k, v in state.items()})
+        keys.transformer_config(shapes_of(state))
     except keys.UnsupportedVariant as exc:
         raise CheckpointError(f"{what}: {exc}") from None
     except keys.KeyMismatch:
         pass  # an incomplete file: transformer_from_original names what is missing
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """Kandinsky5Transformer3DModel from a file's tensors (linear weights held as stored, the float32
-    modules read again from the file in float32)."""
-    from diffusers import Kandinsky5Transformer3DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-    from nodes.checkpoint.kept_fp32 import keep_in_fp32
-
-    model = transformer_from_file(state, what, dtype, Kandinsky5Transformer3DModel, LABEL, keys,
-                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers,
-                                  refuse=lambda s: _refuse(s, what))
-    return keep_in_fp32(model, state)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Kandinsky 5 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import kandinsky5 as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a Kandinsky 5 file (prefix stripped) becomes its module, for a build straight into disk blocks."""
-    from diffusers import Kandinsky5Transformer3DModel
-
-    from nodes.checkpoint.kept_fp32 import keep_in_fp32
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(Kandinsky5Transformer3DModel, LABEL, keys, False,
-                        after=lambda model: keep_in_fp32(model, state))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): one layout
+#: (diffusers' names are the original ones), a variant Kiln does not run refused by name and the modules
+#: diffusers keeps in float32 read again from the file in float32 (nodes.checkpoint.kept_fp32) in both builds.
+FILES = TransformerFiles("Kandinsky5Transformer3DModel", keys, "kandinsky5", LABEL, refuse=_refuse,
+                         after=lambda model, state: kept_fp32.keep_in_fp32(model, state))
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 # -- diffusers folders ----------------------------------------------------------------------------
@@ -77,7 +56,7 @@ def is_folder(path: Any) -> bool:
     """A diffusers folder whose transformer is Kandinsky 5's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "Kandinsky5Transformer3DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:

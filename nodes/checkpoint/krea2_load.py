@@ -23,6 +23,7 @@ from typing import Any
 
 from nodes.checkpoint import krea2_keys as keys
 from nodes.checkpoint import qwen_vision
+from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import CheckpointError, Loaded
 
 LABEL = "Krea 2"
@@ -40,18 +41,6 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_) or keys.is_diffusers(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """Krea2Transformer2DModel from original- or diffusers-layout tensors (linear weights held as stored,
-    the norm scales in float32 from the file: :func:`norms_in_fp32`)."""
-    from diffusers import Krea2Transformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    model = transformer_from_file(state, what, dtype, Krea2Transformer2DModel, LABEL, keys,
-                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-    return norms_in_fp32(model, state)
-
-
 def norms_in_fp32(model: Any, state: Mapping[str, Any]) -> Any:
     """``model`` with its RMSNorm scales in float32, read again from the file (``state``, either layout,
     prefix or not), whatever the model computes in: diffusers keeps them so (``_keep_in_fp32_modules``),
@@ -63,24 +52,11 @@ def norms_in_fp32(model: Any, state: Mapping[str, Any]) -> Any:
     return keep_in_fp32(model, state, lambda name: (name, keys.to_original_name(name)))
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Krea 2 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import krea2 as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a Krea 2 file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.krea2_keys' table: renames and the blocks' table reshape keep each tensor's rows)."""
-    from diffusers import Krea2Transformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(Krea2Transformer2DModel, LABEL, keys, keys.is_diffusers(state),
-                        after=lambda model: norms_in_fp32(model, state))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout (krea2_keys' renames and the blocks' table reshape keep each tensor's rows in a build straight into
+#: disk blocks), the norm scales in float32 from the file last in both builds (:func:`norms_in_fp32`).
+FILES = TransformerFiles("Krea2Transformer2DModel", keys, "krea2", LABEL, after=norms_in_fp32)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 # -- the text encoder -------------------------------------------------------------------------------
@@ -159,7 +135,7 @@ def is_krea2_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is Krea 2's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "Krea2Transformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

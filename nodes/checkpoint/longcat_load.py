@@ -14,11 +14,11 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import longcat_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import Loaded
 
 LABEL = "LongCat-Image"
@@ -29,33 +29,10 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_) or keys.is_diffusers(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """LongCatImageTransformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
-    from diffusers import LongCatImageTransformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, LongCatImageTransformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's LongCat-Image path (nodes.checkpoint.flow_transformers)."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import longcat as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a LongCat-Image file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.longcat_keys' table, FLUX's fused q/k/v split by rows)."""
-    from diffusers import LongCatImageTransformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(LongCatImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout, FLUX's fused q/k/v split by rows in a build straight into disk blocks.
+FILES = TransformerFiles("LongCatImageTransformer2DModel", keys, "longcat", LABEL)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 # -- diffusers folders ----------------------------------------------------------------------------
@@ -65,7 +42,7 @@ def is_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is LongCat-Image's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "LongCatImageTransformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

@@ -14,11 +14,11 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import ovis_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import Loaded
 
 LABEL = "Ovis-Image"
@@ -29,43 +29,18 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_original(keys_) or keys.is_diffusers(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """OvisImageTransformer2DModel from ComfyUI- or diffusers-layout tensors (linear weights held as stored)."""
-    from diffusers import OvisImageTransformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, OvisImageTransformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Ovis-Image path (nodes.checkpoint.flow_transformers); a transformer the manager pages to
-    disk is built straight into its blocks (:func:`file_layout`)."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import ovis as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How an Ovis-Image file (prefix stripped) becomes its module, for a build straight into disk blocks
-    (nodes.checkpoint.paged_files): ComfyUI's layout through nodes.checkpoint.ovis_keys' table, whose MLP
-    input stacks the up and gate projections' rows (``stacks``), diffusers' as it is. No module is kept
-    in float32, so there is no last touch."""
-    from diffusers import OvisImageTransformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(OvisImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state), stacks=True)
+#: The transformer file's whole build, loader and build straight into disk blocks
+#: (nodes.checkpoint.flow_transformers.TransformerFiles): either layout; ComfyUI's gated MLPs stack the up and
+#: gate projections' rows into one module tensor (``stacks``).
+FILES = TransformerFiles("OvisImageTransformer2DModel", keys, "ovis", LABEL, stacks=True)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 def is_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is Ovis-Image's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "OvisImageTransformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

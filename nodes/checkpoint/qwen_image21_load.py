@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import qwen_image21_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import CheckpointError, Loaded
 from nodes.checkpoint.qwen_image_vae import FrameVAE
 
@@ -34,32 +35,10 @@ def has_transformer(keys_: Any) -> bool:
     return keys.is_transformer(keys_)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """QwenImage21Transformer2DModel from either layout's tensors (linear weights held as stored)."""
-    from diffusers import QwenImage21Transformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    return transformer_from_file(state, what, dtype, QwenImage21Transformer2DModel, LABEL, keys,
-                                 keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Qwen-Image 2.1 path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    from nodes.checkpoint.flow_transformers import transformer_file
-    from nodes.families import qwen_image21 as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a Qwen-Image 2.1 file (prefix stripped) becomes its module, for a build into disk blocks."""
-    from diffusers import QwenImage21Transformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(QwenImage21Transformer2DModel, LABEL, keys, False)
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): both
+#: layouts share names (qwen_image21_keys.original_to_diffusers reads either), so one conversion serves.
+FILES = TransformerFiles("QwenImage21Transformer2DModel", keys, "qwen_image21", LABEL)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 # -- the VAE ----------------------------------------------------------------------------------------
@@ -105,7 +84,7 @@ def is_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is Qwen-Image 2.1's (its config names the class)."""
     from nodes.checkpoint.flow_transformers import is_pipeline_folder
 
-    return is_pipeline_folder(path, "QwenImage21Transformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

@@ -11,14 +11,13 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import z_image_keys as keys
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_folder, load_pipeline_folder,
-                                                transformer_file)
+from nodes.checkpoint.flow_transformers import (TransformerFiles, folder_tokenizer, is_pipeline_folder,
+                                                load_pipeline_folder)
 
 LABEL = "Z-Image"
 
@@ -31,17 +30,6 @@ def has_z_image_transformer(shapes: Any) -> bool:
 def is_lumina2(shapes: Any) -> bool:
     """The same NextDiT layout without Z-Image's pad tokens: Lumina Image 2.0, which Kiln does not run."""
     return keys.is_original(shapes) and not keys.has_pad_tokens(shapes)
-
-
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """ZImageTransformer2DModel from original- or diffusers-layout tensors (linear weights held as stored)."""
-    from diffusers import ZImageTransformer2DModel
-
-    from nodes.checkpoint.flux_load import transformer_from_file
-
-    model = transformer_from_file(state, what, dtype, ZImageTransformer2DModel, LABEL, keys,
-                                  keys.original_to_diffusers, keys.diffusers_to_original, keys.is_diffusers)
-    return time_embedder_in_compute_dtype(model)
 
 
 def time_embedder_in_compute_dtype(model: Any) -> Any:
@@ -72,28 +60,17 @@ def time_embedder_in_compute_dtype(model: Any) -> Any:
     return model
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's Z-Image path (nodes.checkpoint.flow_transformers); ``offload`` as FLUX's."""
-    from nodes.families import z_image as fam
-
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, "Z-Image", offload, file_layout)
-
-
-def file_layout(state: Mapping[str, Any], what: str) -> Any:
-    """How a Z-Image file (prefix stripped) becomes its module, for a build straight into disk blocks: the
-    key map of nodes.checkpoint.z_image_keys, the timestep embedder then held in the compute dtype."""
-    from diffusers import ZImageTransformer2DModel
-
-    from nodes.checkpoint.paged_files import keyed_layout
-
-    return keyed_layout(ZImageTransformer2DModel, LABEL, keys, keys.is_diffusers(state),
-                        after=time_embedder_in_compute_dtype, in_compute=("t_embedder.",))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
+#: layout (nodes.checkpoint.z_image_keys), the timestep embedder held in the compute dtype last in both builds.
+FILES = TransformerFiles("ZImageTransformer2DModel", keys, "z_image", LABEL,
+                         after=lambda model, _state: time_embedder_in_compute_dtype(model),
+                         in_compute=("t_embedder.",))
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 def is_z_image_folder(path: Path) -> bool:
     """A diffusers folder whose transformer is Z-Image's (its config names the class)."""
-    return is_pipeline_folder(path, "ZImageTransformer2DModel")
+    return is_pipeline_folder(path, FILES.model_class)
 
 
 def folder_qwen3(folder: Path, dtype: Any) -> Any:
