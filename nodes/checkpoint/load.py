@@ -469,44 +469,11 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
     asked before building (ModelManager.plan_for_load); a single-file FLUX transformer that will be
     paged to disk is built straight into its blocks (nodes.checkpoint.flux_blocks)."""
     if path.is_dir():
-        from nodes.checkpoint import flux_load, sd3_load
+        from nodes.checkpoint.pipeline_folders import load_family_folder
 
-        if sd3_load.is_sd3_folder(path):
-            return sd3_load.load_folder(path, dtype)
-        from nodes.checkpoint import chroma_load, flux2_load, qwen_image_load, z_image_load
-
-        from nodes.checkpoint import krea2_load
-
-        if krea2_load.is_krea2_folder(path):
-            return krea2_load.load_folder(path, dtype, offload=offload)
-        from nodes.checkpoint import longcat_load
-
-        if longcat_load.is_folder(path):
-            return longcat_load.load_folder(path, dtype, offload=offload)
-        from nodes.checkpoint import joyimage_load, kandinsky5_load
-
-        if kandinsky5_load.is_folder(path):
-            return kandinsky5_load.load_folder(path, dtype, offload=offload)
-        if joyimage_load.is_folder(path):
-            return joyimage_load.load_folder(path, dtype, offload=offload)
-        from nodes.checkpoint import qwen_image21_load
-
-        if qwen_image21_load.is_folder(path):
-            return qwen_image21_load.load_folder(path, dtype, offload=offload)
-        if flux2_load.is_flux2_folder(path):  # before FLUX and Chroma: all have transformer/
-            return flux2_load.load_folder(path, dtype, offload=offload)
-        if qwen_image_load.is_qwen_image_folder(path):
-            return qwen_image_load.load_folder(path, dtype, offload=offload)
-        from nodes.checkpoint import ovis_load
-
-        if ovis_load.is_folder(path):  # before FLUX: both have transformer/
-            return ovis_load.load_folder(path, dtype, offload=offload)
-        if z_image_load.is_z_image_folder(path):  # before FLUX: both have transformer/
-            return z_image_load.load_folder(path, dtype, offload=offload)
-        if chroma_load.is_chroma_folder(path):  # before FLUX: both have transformer/
-            return chroma_load.load_folder(path, dtype, offload=offload)
-        if flux_load.is_flux_folder(path):
-            return flux_load.load_folder(path, dtype, offload=offload)
+        loaded = load_family_folder(path, dtype, offload)
+        if loaded is not None:
+            return loaded
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
         return load_diffusers_folder(path, dtype, vae_dtype, prediction, offload=offload)

@@ -1,0 +1,43 @@
+"""Which family a diffusers pipeline folder belongs to, checked in one ordered table.
+
+Most flow families save ``transformer/`` beside their text encoders and VAE, so a folder is told apart
+by the class names its configs give; where two families could both claim one (FLUX.2 and FLUX, Chroma,
+Ovis-Image, Z-Image: all have ``transformer/``), the more specific check must run first. The order lives
+here, once, rather than in a chain of ifs inside the checkpoint loader.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from nodes.checkpoint.load import Loaded
+
+#: (module under nodes.checkpoint, its folder test) in the order they are tried; each module's
+#: ``load_folder(path, dtype, offload=...)`` loads what its test claims (SD3's takes no ``offload``).
+FAMILY_FOLDERS: tuple[tuple[str, str], ...] = (
+    ("sd3_load", "is_sd3_folder"),
+    ("krea2_load", "is_krea2_folder"),
+    ("longcat_load", "is_folder"),
+    ("kandinsky5_load", "is_folder"),
+    ("joyimage_load", "is_folder"),
+    ("qwen_image21_load", "is_folder"),
+    ("flux2_load", "is_flux2_folder"),  # before FLUX and Chroma
+    ("qwen_image_load", "is_qwen_image_folder"),
+    ("ovis_load", "is_folder"),  # before FLUX
+    ("z_image_load", "is_z_image_folder"),  # before FLUX
+    ("chroma_load", "is_chroma_folder"),  # before FLUX
+    ("flux_load", "is_flux_folder"),
+)
+
+
+def load_family_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded | None:
+    """The folder loaded by the first family whose test claims it; None when none does (an SD-style
+    pipeline folder, or not a pipeline at all: the checkpoint loader decides)."""
+    for module_name, test in FAMILY_FOLDERS:
+        module = importlib.import_module(f"nodes.checkpoint.{module_name}")
+        if getattr(module, test)(path):
+            if module_name == "sd3_load":
+                return module.load_folder(path, dtype)
+            return module.load_folder(path, dtype, offload=offload)
+    return None
