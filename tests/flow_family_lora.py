@@ -128,6 +128,42 @@ def assert_lora_equals_merged(env: Environment, unet_name: str, lora_name: str, 
     assert (sample(model) - plain).abs().max() == 0  # the loaded weights are restored after sampling
 
 
+def weights_and_output(model: Any, forward: Callable[[torch.nn.Module], torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(a copy of the MODEL's network weights, ``forward`` of it) while the model holds its patches."""
+    with model.unet() as net:
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}, forward(net)
+
+
+def assert_weights_merged_by_hand(env: Environment, unet_name: str, lora_name: str,
+                                  merged: Callable[[float], torch.nn.Module],
+                                  forward: Callable[[torch.nn.Module], torch.Tensor]
+                                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
+    """The LoRA through LoraLoaderModelOnly at strengths 1 and 0.5 holds ``merged(strength)``'s weights
+    (each patched slice where it belongs, the rest untouched: 1e-6) and its prediction (1e-5), moves the
+    prediction, patches exactly the weights the hand merge changes; strength 0 is the base model, and the
+    loaded model is as it was afterwards. Returns (base weights, the weights at 0.5, the names moved)."""
+    from nodes import lora, split_loaders
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=unet_name)
+    base_weights, base = weights_and_output(model, forward)
+    for strength in (1.0, 0.5):
+        (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name=lora_name,
+                          strength_model=strength)
+        weights, out = weights_and_output(patched, forward)
+        want = merged(strength)
+        for name, value in want.state_dict().items():
+            assert torch.allclose(weights[name], value, atol=1e-6, rtol=0), name
+        assert (out - forward(want)).abs().max() <= 1e-5
+        assert (out - base).abs().max() > 1e-2  # not vacuous: the LoRA moves the prediction
+    moved = {n for n in base_weights if not torch.equal(weights_and_output(patched, forward)[0][n], base_weights[n])}
+    assert moved == {n for n, v in merged(1.0).state_dict().items() if not torch.equal(v, base_weights[n])}
+    (off,) = call(lora.lora_loader_model_only, env, model=model, lora_name=lora_name, strength_model=0.0)
+    assert torch.equal(weights_and_output(off, forward)[1], base)  # strength 0 is the base model
+    assert torch.equal(weights_and_output(model, forward)[1], base)  # the loaded weights are restored after use
+    return base_weights, weights, moved
+
+
 def assert_refused(env: Environment, model: Any, clip: Any, family: str, cases: Iterable[tuple[str, str]]) -> None:
     """Each ``(lora file, words its message says)`` is an error on ``lora_name`` through LoraLoaderModelOnly
     (its message naming ``family``) and through LoraLoader (MODEL and CLIP)."""

@@ -29,7 +29,8 @@ import torch
 
 import tiny_ovis
 from flow_family_files import env, save_state  # noqa: F401 (env is a fixture)
-from flow_family_lora import assert_refused, lora_file, random_factors
+from flow_family_lora import (assert_refused, assert_weights_merged_by_hand, lora_file, random_factors,
+                              weights_and_output)
 from node_call import call
 from nodes import lora, split_loaders
 from nodes.checkpoint.ovis_keys import original_to_diffusers
@@ -105,8 +106,7 @@ def _forward(net: torch.nn.Module) -> torch.Tensor:
 
 
 def _weights_and_output(model) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    with model.unet() as net:
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}, _forward(net)
+    return weights_and_output(model, _forward)
 
 
 def test_the_modules_exist_in_the_tiny_model():
@@ -118,28 +118,15 @@ def test_the_modules_exist_in_the_tiny_model():
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_ovis_lora_equals_the_weights_merged_by_hand(env, fmt):
-    (model,) = call(split_loaders.unet_loader, env, unet_name=UNET)
-    base_weights, base = _weights_and_output(model)
-    for strength in (1.0, 0.5):
-        (patched,) = call(lora.lora_loader_model_only, env, model=model, lora_name=f"{fmt}.safetensors",
-                          strength_model=strength)
-        weights, out = _weights_and_output(patched)
-        want = _merged(fmt, strength)
-        for name, value in want.state_dict().items():  # up and gate each in their half, the rest untouched
-            assert torch.allclose(weights[name], value, atol=1e-6, rtol=0), name
-        assert (out - _forward(want)).abs().max() <= 1e-5
-        assert (out - base).abs().max() > 1e-2  # not vacuous: the LoRA moves the prediction
-    moved = {n for n in base_weights if not torch.equal(_weights_and_output(patched)[0][n], base_weights[n])}
-    assert moved == {n for n, v in _merged(fmt, 1.0).state_dict().items() if not torch.equal(v, base_weights[n])}
+    """Up and gate each in their half of the fused MLP input (flow_family_lora.assert_weights_merged_by_hand)."""
+    base_weights, weights, moved = assert_weights_merged_by_hand(env, UNET, f"{fmt}.safetensors",
+                                                                 lambda strength: _merged(fmt, strength), _forward)
     if fmt != "peft":  # both halves of the image MLP input, and the text MLP's gate half alone
         fused, text = "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.ff_context.net.0.proj.weight"
         half = base_weights[text].shape[0] // 2
         assert fused in moved and not torch.equal(weights[text][half:], base_weights[text][half:])
         if fmt == "kohya":  # no difference on the text MLP's up half in this file
             assert torch.equal(weights[text][:half], base_weights[text][:half])
-    (off,) = call(lora.lora_loader_model_only, env, model=model, lora_name=f"{fmt}.safetensors", strength_model=0.0)
-    assert torch.equal(_weights_and_output(off)[1], base)  # strength 0 is the base model
-    assert torch.equal(_weights_and_output(model)[1], base)  # the loaded weights are restored after use
 
 
 @pytest.mark.parametrize("fmt", ["comfy", "kohya"])
