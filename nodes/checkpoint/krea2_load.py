@@ -99,18 +99,14 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     A file that holds no Qwen3-style decoder is a CheckpointError naming it."""
     from transformers import Qwen3VLTextModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.load import _empty
-    from nodes.checkpoint.qwen_decoder import language_state
-    from nodes.checkpoint.tensors import shapes_of
+    from nodes.checkpoint.qwen_decoder import decoder_from_file
 
     prefix = text_prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen3-VL language model (no model.layers.0.self_attn.q_norm.weight "
                               "with model.embed_tokens.weight); CLIPLoader type krea2 needs qwen3vl_4b*.safetensors")
-    kept, scales = scaled_fp8.take(language_state(state, prefix), what)
-    model = _empty(Qwen3VLTextModel, text_config(shapes_of(kept), what))
-    return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3-VL text encoder ({what})")
+    return decoder_from_file(state, prefix, what, dtype, Qwen3VLTextModel, lambda shapes: text_config(shapes, what),
+                             "Qwen3-VL text encoder")
 
 
 def build_encoder(state: Mapping[str, Any], what: str, dtype: Any) -> Any:

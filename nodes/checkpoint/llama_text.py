@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from nodes.checkpoint.load import CheckpointError, _empty
-from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_prefix, decoder_sizes, language_state
+from nodes.checkpoint.load import CheckpointError
+from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_from_file, decoder_prefix, decoder_sizes
 
 PREFIXES = ("model.", "")
 MARKER = "layers.0.self_attn.q_proj.weight"
@@ -62,16 +62,12 @@ def build_llama(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     weights kept as stored (scaled fp8 with its scales). Raises CheckpointError naming ``what``."""
     from transformers import LlamaModel
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.tensors import shapes_of
-
     prefix = _prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Llama text encoder; expected model.embed_tokens.weight and "
                               "model.layers.N.self_attn.q_proj.weight (Llama 3.1 8B Instruct's layout)")
-    kept, scales = scaled_fp8.take(language_state(state, prefix), what)
-    model = _empty(LlamaModel, llama_config(shapes_of(kept), what))
-    return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Llama text encoder ({what})")
+    return decoder_from_file(state, prefix, what, dtype, LlamaModel, lambda shapes: llama_config(shapes, what),
+                             "Llama text encoder")
 
 
 def all_hidden_states(model: Any, ids: Any, mask: Any) -> Any:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from nodes.checkpoint.load import CheckpointError, _empty
-from nodes.checkpoint.qwen_decoder import Q_NORM, VISION_PREFIXES, decoder_prefix, decoder_sizes, language_state
+from nodes.checkpoint.load import CheckpointError
+from nodes.checkpoint.qwen_decoder import Q_NORM, VISION_PREFIXES, decoder_from_file, decoder_prefix, decoder_sizes
 
 #: key prefixes a Qwen3 file may put before ``layers.`` (causal-LM file, bare Qwen3Model)
 PREFIXES = ("model.", "")
@@ -63,19 +63,14 @@ def build_qwen3(state: Mapping[str, Any], what: str, dtype: Any, config: Any = N
     not a Qwen3 (a Qwen2.5-VL, a T5, a diffusion model) or whose weights do not fit."""
     from transformers import Qwen3Model
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.tensors import shapes_of
-
     prefix = _prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen3 text encoder ({_what_instead(state.keys())}); "
                               "expected model.embed_tokens.weight and model.layers.N.self_attn.q_norm.weight")
-    sub = language_state(state, prefix)
-    kept, scales = scaled_fp8.take(sub, what)  # Qwen3's keys need no conversion: scales keep their names
-    if config is None:
-        config = qwen3_config(shapes_of(kept), what)
-    model = _empty(Qwen3Model, config)
-    return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Qwen3 text encoder ({what})")
+    # Qwen3's keys need no conversion: scales keep their names
+    return decoder_from_file(state, prefix, what, dtype, Qwen3Model,
+                             lambda shapes: config if config is not None else qwen3_config(shapes, what),
+                             "Qwen3 text encoder")
 
 
 def _what_instead(keys: Any) -> str:

@@ -12,7 +12,7 @@ shapes are read here once (:func:`decoder_sizes`), and so are the language model
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,21 @@ def language_state(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     skip = ("lm_head.", *VISION_PREFIXES)
     return {k[len(prefix):]: state[k] for k in state
             if k.startswith(prefix) and not k.startswith(skip) and not k[len(prefix):].startswith(skip)}
+
+
+def decoder_from_file(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, model_cls: Any,
+                      config: Callable[[dict[str, tuple[int, ...]]], Any], label: str) -> Any:
+    """``model_cls`` (a transformers decoder: Qwen3, Qwen3-VL's or Qwen2.5-VL's text model, Llama) built empty
+    from ``config(the language model's shapes)`` and holding the file's language-model tensors under
+    ``prefix``, linear weights kept as stored (scaled fp8 with its scales: nodes.checkpoint.scaled_fp8);
+    ``label`` names it in errors."""
+    from nodes.checkpoint import scaled_fp8
+    from nodes.checkpoint.load import _empty
+    from nodes.checkpoint.tensors import shapes_of
+
+    kept, scales = scaled_fp8.take(language_state(state, prefix), what)
+    model = _empty(model_cls, config(shapes_of(kept)))
+    return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"{label} ({what})")
 
 
 def layer_count(shapes: Mapping[str, Any]) -> int:

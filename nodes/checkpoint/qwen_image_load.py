@@ -140,18 +140,16 @@ def build_text_model(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextModel
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    from nodes.checkpoint import qwen_vision, scaled_fp8
-    from nodes.checkpoint.load import _empty
-    from nodes.checkpoint.qwen_decoder import language_state
+    from nodes.checkpoint import qwen_vision
+    from nodes.checkpoint.qwen_decoder import decoder_from_file
     from nodes.checkpoint.tensors import shapes_of
 
     prefix = text_prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Qwen2.5-VL language model (no {TEXT_MARKER} with embed_tokens); "
                               "CLIPLoader type qwen_image needs qwen_2.5_vl_7b*.safetensors")
-    sub, scales = scaled_fp8.take(language_state(state, prefix), what)
-    text = _empty(Qwen2_5_VLTextModel, text_config(shapes_of(sub), what))
-    text = scaled_fp8.fill_as_stored(text, sub, scales, dtype, what, f"Qwen-Image text encoder (Qwen2.5-VL, {what})")
+    text = decoder_from_file(state, prefix, what, dtype, Qwen2_5_VLTextModel, lambda shapes: text_config(shapes, what),
+                             "Qwen-Image text encoder (Qwen2.5-VL)")
     visual = qwen_vision.vision_view(state)
     if not visual:
         return text
