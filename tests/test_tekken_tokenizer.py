@@ -1,0 +1,119 @@
+"""Mistral's Tekken tokenizer read from the bytes a text-encoder file carries (nodes/checkpoint/tekken_tokenizer.py).
+
+The reference is tiktoken on the same ranks and split pattern (the BPE Tekken is), with the
+control tokens numbered first as Tekken numbers them.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import json
+
+import pytest
+import tiktoken
+import torch
+
+from nodes.checkpoint.tekken_tokenizer import TekkenError, tekken_bytes, tekken_tokenizer
+
+#: The split pattern the current Tekken files carry in their config.
+PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+           r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+           r"|\s+(?!\S)|\s+")
+SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
+NUM_SPECIAL = 12  # more than listed: the rest are fillers, as in real files (1000 there)
+CORPUS = ("the theme of the thesis: there, then. Hello hello world, wörld Café café 2024 — naïve "
+          "A photo of a red fox in the snow\nwith\n\n  trailing spaces   ") * 3
+DROPPED = 3  # the last ranks lie beyond default_vocab_size and must never be produced
+
+
+def _train_ranks(corpus: bytes, merges: int) -> list[bytes]:
+    """A small byte-level BPE vocabulary in rank order: the 256 bytes, then frequent pairs merged."""
+    ranks = [bytes([b]) for b in range(256)]
+    words = [[bytes([b]) for b in w.encode()] for w in corpus.decode().split(" ")]
+    for _ in range(merges):
+        pairs = collections.Counter((a, b) for w in words for a, b in zip(w, w[1:]))
+        if not pairs:
+            break
+        (left, right), _count = pairs.most_common(1)[0]
+        ranks.append(left + right)
+        for i, w in enumerate(words):
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == left and w[j + 1] == right:
+                    out.append(left + right)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def tekken() -> tuple[bytes, dict[bytes, int]]:
+    ranks = _train_ranks(CORPUS.encode(), 60)
+    kept = ranks[:-DROPPED]
+    doc = {
+        "config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks),
+                   "default_vocab_size": NUM_SPECIAL + len(kept), "default_num_special_tokens": NUM_SPECIAL,
+                   "version": "v7"},
+        "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
+                  for r, t in enumerate(ranks)],
+        "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(SPECIALS)],
+    }
+    return json.dumps(doc).encode(), {t: r for r, t in enumerate(kept)}
+
+
+def _reference(ranks: dict[bytes, int], text: str) -> list[int]:
+    enc = tiktoken.Encoding("tiny-tekken", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens={})
+    return [i + NUM_SPECIAL for i in enc.encode_ordinary(text)]
+
+
+@pytest.mark.parametrize("text", ["the theme of the thesis", "Hello wörld, café 2024!", "a\n\n b   c  ",
+                                  "naïve — Photo of a FOX", "there then"])
+def test_ids_equal_tiktoken_on_the_same_ranks(tekken, text):
+    data, ranks = tekken
+    tok = tekken_tokenizer(data)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == _reference(ranks, text)
+    assert tok.decode(ids) == text
+    assert any(i >= NUM_SPECIAL + 256 for i in _reference(ranks, "the theme")), "the merges are exercised"
+
+
+def test_control_tokens_keep_their_ranks_and_merged_text_around_them(tekken):
+    data, ranks = tekken
+    tok = tekken_tokenizer(data)
+    text = "the fox"
+    ids = tok(f"<s>[SYSTEM_PROMPT]hello[/SYSTEM_PROMPT][INST]{text}[/INST]", add_special_tokens=False)["input_ids"]
+    assert ids == ([1, 5] + _reference(ranks, "hello") + [6, 3] + _reference(ranks, text) + [4])
+    assert tok.pad_token_id == SPECIALS.index("<pad>") and tok.bos_token_id == 1 and tok.eos_token_id == 2
+    assert tok.padding_side == "left"
+
+
+def test_ranks_beyond_the_vocab_size_are_never_produced(tekken):
+    data, ranks = tekken
+    tok = tekken_tokenizer(data)
+    top = NUM_SPECIAL + len(ranks)
+    assert max(tok(CORPUS, add_special_tokens=False)["input_ids"]) < top
+    assert len(tok) == top
+
+
+def test_read_from_the_tensor_a_comfyui_file_carries(tekken):
+    data, ranks = tekken
+    state = {"tekken_model": torch.frombuffer(bytearray(data), dtype=torch.uint8), "model.norm.weight": torch.ones(2)}
+    assert tekken_bytes(state) == data
+    assert tekken_bytes({"model.norm.weight": torch.ones(2)}) is None
+    assert tekken_tokenizer(tekken_bytes(state))("the", add_special_tokens=False)["input_ids"] == _reference(ranks, "the")
+
+
+def test_other_bytes_are_refused_with_the_reason(tekken):
+    data, _ = tekken
+    with pytest.raises(TekkenError, match="not a tekken.json"):
+        tekken_tokenizer(b"\x00\x01 not json")
+    with pytest.raises(TekkenError, match="no vocab or config"):
+        tekken_tokenizer(b'{"a": 1}')
+    early = json.loads(data)
+    del early["special_tokens"]
+    early["config"]["version"] = "v3"
+    with pytest.raises(TekkenError, match=r"early Tekken file .*version v3"):
+        tekken_tokenizer(json.dumps(early).encode())
