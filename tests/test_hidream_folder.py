@@ -4,6 +4,8 @@ DiffusersLoader (nodes.checkpoint.hidream_load.load_folder), against the pipelin
 The folder holds transformer/, the FLUX VAE, CLIP-L and CLIP-G (with projections), T5, Llama 3.1 as a causal
 LM, their four tokenizers and the scheduler. A hub folder without Llama 3.1 (the pipeline takes it apart)
 loads its MODEL and VAE; its CLIP names the missing encoder and QuadrupleCLIPLoader when asked to encode.
+The folder's transformer builds straight into disk blocks when paged, and the released transformer's size
+asked before such a build (meta tensors only) is its bf16 bytes.
 """
 from __future__ import annotations
 
@@ -97,6 +99,33 @@ def test_the_folders_transformer_builds_straight_into_disk_blocks(root):
                             offload=lambda n, b: asked.append(n) or _disk()).modules["unet"]
     assert asked == [module_bytes(whole)] and offload.offloaded(paged).paged
     _same_outputs(paged, whole, _hidream_forward)
+
+
+def test_the_released_transformer_asks_its_17b_bf16_bytes_before_a_paged_build():
+    """At the release's size (the shapes tests/test_hidream.py reads the config from, built on the meta device,
+    nothing allocated): a bf16 file computing in bf16 asks the manager for two bytes a parameter, 17.1B of them,
+    before any block is built (the manager here keeps it whole, so nothing is)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from nodes.checkpoint import hidream_load
+    from nodes.checkpoint.load import _empty
+    from nodes.checkpoint.paged_files import file_straight
+
+    shapes = {"x_embedder.proj.weight": (2560, 64), "final_layer.linear.weight": (64, 2560),
+              "p_embedder.pooled_embedder.linear_1.weight": (2560, 2048),
+              "caption_projection.0.linear.weight": (2560, 4096), "caption_projection.48.linear.weight": (2560, 4096)}
+    shapes.update({f"double_stream_blocks.{i}.block.x": () for i in range(16)})
+    shapes.update({f"single_stream_blocks.{i}.block.x": () for i in range(32)})
+    shapes.update({f"double_stream_blocks.0.block.ff_i.experts.{i}.w1.weight": () for i in range(4)})
+    released = _empty(HiDreamImageTransformer2DModel, hidream_load.transformer_config(shapes))
+    params = sum(p.numel() for p in released.parameters())
+    assert 17.0e9 < params < 17.2e9
+    state = {k: torch.empty(p.shape, dtype=torch.bfloat16, device="meta") for k, p in released.state_dict().items()}
+    asked = []
+    built = file_straight({"model.diffusion_model." + k: v for k, v in state.items()}, "hidream_i1_full.safetensors",
+                          torch.bfloat16, "", lambda size, besides: asked.append(size),
+                          hidream_load.file_layout(state, "hidream_i1_full.safetensors"))
+    assert built is None and asked == [2 * params]
 
 
 @pytest.mark.parametrize("config,shift", [({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 6.0}, 6.0),
