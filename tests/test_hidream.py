@@ -148,7 +148,7 @@ def test_the_released_config_reads_from_the_released_shapes():
     shapes.update({f"double_stream_blocks.{i}.block.x": () for i in range(16)})
     shapes.update({f"single_stream_blocks.{i}.block.x": () for i in range(32)})
     shapes.update({f"double_stream_blocks.0.block.ff_i.experts.{i}.w1.weight": () for i in range(4)})
-    config = hidream_load.transformer_config(shapes, "x")
+    config = hidream_load.transformer_config(shapes)
     assert config["num_attention_heads"] == 20 and config["attention_head_dim"] == 128
     assert config["num_layers"] == 16 and config["num_single_layers"] == 32 and config["num_routed_experts"] == 4
     assert config["caption_channels"] == [4096, 4096] and config["text_emb_dim"] == 2048

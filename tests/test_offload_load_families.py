@@ -1,10 +1,10 @@
 """UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
-JoyImage, Kandinsky 5, LongCat-Image and Ovis-Image built straight into blocks paged to disk
+JoyImage, Kandinsky 5, LongCat-Image, Ovis-Image and HiDream-I1 built straight into blocks paged to disk
 (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
-Qwen-Image's, FIBO 2's, JoyImage's and Kandinsky 5's are diffusers' own names): the size asked before building
-is the whole build's module bytes, the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
+Qwen-Image's, FIBO 2's, JoyImage's, Kandinsky 5's and HiDream's are diffusers' own names): the size asked before
+building is the whole build's module bytes, the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
 whole weight set (every tensor read from the file is metered until freed).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import tiny_chroma
 import tiny_fibo2
 import tiny_flux
 import tiny_flux2
+import tiny_hidream
 import tiny_ideogram4
 import tiny_joyimage
 import tiny_kandinsky5
@@ -159,6 +160,19 @@ def _ovis_forward(net: Any) -> torch.Tensor:
                    img_ids=torch.ones(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
 
 
+def _hidream_forward(net: Any) -> torch.Tensor:
+    """A 4 x 4 patch grid with every expert's router in play (the tiny model's four experts, two active)."""
+    from nodes.families import hidream
+
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 7, tiny_hidream.T5, generator=g)
+    extra = {"pooled_output": torch.randn(1, tiny_hidream.CLIP_L + tiny_hidream.CLIP_G, generator=g),
+             hidream.LLAMA: torch.randn(1, tiny_hidream.LLAMA_LAYERS, 7, tiny_hidream.LLAMA, generator=g)}
+    kwargs = hidream.FAMILY.network_kwargs([extra], 1, (64, 64), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        return hidream.FAMILY.wrap_network(net)(x, torch.tensor([700.0]), text, **kwargs)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -174,9 +188,10 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "kandinsky5": (tiny_kandinsky5.transformer_state, _kandinsky5_forward),
     "longcat": (tiny_longcat.original_state, _longcat_forward),
     "ovis": (tiny_ovis.original_transformer, _ovis_forward),  # its gated MLP input stacks two file tensors
+    "hidream": (lambda: dict(tiny_hidream.components()["transformer"].state_dict()), _hidream_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
-DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5")
+DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5", "hidream")
 
 
 def _module(family: str) -> Any:
@@ -203,8 +218,8 @@ def files(tmp_path_factory) -> Path:
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
         if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage", "kandinsky5"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
-        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "ovis"):  # scales split with gate_up, with
-            # qkv; Ovis's per-tensor scales of its up and gate projections stacked with its MLP input
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "ovis", "hidream"):  # scales split with
+            # gate_up, with qkv; Ovis's per-tensor scales of its up and gate projections stacked with its MLP input
             tiny_flux._save(root / f"{family}-scaled.safetensors", _linears_scaled(state()))
         if family in ("z_image", "sd3", "qwen_image21", "ideogram4"):  # int8, every other linear left float32
             tiny_flux._save(root / f"{family}-int8.safetensors", quantise_int8(state(), PREFIX)[0])
@@ -213,10 +228,11 @@ def files(tmp_path_factory) -> Path:
 
 def _linears_scaled(state: dict) -> dict:
     """ComfyUI's scaled fp8 file of ``state``: its linear weights quantised (ComfyUI quantises linears only;
-    Ideogram 4's ``embed_image_indicator`` is an embedding, left as it is)."""
+    Ideogram 4's ``embed_image_indicator`` is an embedding, HiDream's ``ff_i.gate`` routers bare parameters,
+    left as they are)."""
     from test_scaled_fp8 import quantise
 
-    embeddings = {k: v for k, v in state.items() if k.startswith("embed_image_indicator.")}
+    embeddings = {k: v for k, v in state.items() if k.startswith("embed_image_indicator.") or ".ff_i.gate." in k}
     scaled = quantise({k: v for k, v in state.items() if k not in embeddings}, PREFIX)[0]
     return scaled | {PREFIX + k: v for k, v in embeddings.items()}
 
@@ -274,7 +290,8 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("ideogram4", "ideogram4-scaled", ""), ("ideogram4", "ideogram4-int8", ""),
                                              ("joyimage", "joyimage-bf16", ""), ("kandinsky5", "kandinsky5-bf16", ""),
                                              ("longcat", "longcat", "float8_e4m3fn"),
-                                             ("ovis", "ovis-scaled", ""), ("ovis", "ovis", "float8_e4m3fn")])
+                                             ("ovis", "ovis-scaled", ""), ("ovis", "ovis", "float8_e4m3fn"),
+                                             ("hidream", "hidream-scaled", ""), ("hidream", "hidream", "float8_e4m3fn")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
@@ -292,7 +309,7 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     q = {"z_image": "layers.1.attention.to_k.weight", "ideogram4": "layers.0.attention.to_k.weight",
          "joyimage": "double_blocks.0.attn.img_attn_qkv.weight",
          "kandinsky5": "visual_transformer_blocks.0.self_attention.to_query.weight",
-         }.get(family, "transformer_blocks.0.attn.to_q.weight")
+         "hidream": "double_stream_blocks.0.block.attn1.to_q.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
     if "int8" in name:
         assert torch.int8 in stored.values()
     else:

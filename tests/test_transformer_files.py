@@ -17,7 +17,7 @@ import tiny_kandinsky5
 from nodes.checkpoint.load import CheckpointError
 from nodes.runtime import offload
 
-DECLARED = ("chroma", "fibo2", "flux2", "ideogram4", "joyimage", "kandinsky5", "krea2", "longcat", "ovis",
+DECLARED = ("chroma", "fibo2", "flux2", "hidream", "ideogram4", "joyimage", "kandinsky5", "krea2", "longcat", "ovis",
             "qwen_image21", "z_image")
 
 

@@ -197,10 +197,10 @@ def vae_latent(family: Any, vae: Any) -> Any:
                                shift=float(getattr(config, "shift_factor", None) or 0.0))
 
 
-def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any]) -> Any:
-    """The folder's ``tokenizer/`` read by ``cls``, else ``fallback()`` (Kiln's bundled copy)."""
-    if (path / "tokenizer").is_dir():
-        return cls.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any], subfolder: str = "tokenizer") -> Any:
+    """The folder's ``tokenizer/`` (or ``subfolder``) read by ``cls``, else ``fallback()`` (Kiln's bundled copy)."""
+    if (path / subfolder).is_dir():
+        return cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
     return fallback()
 
 

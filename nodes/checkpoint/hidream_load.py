@@ -1,88 +1,134 @@
-"""Loading HiDream-I1's transformer offline: ComfyUI's split file (UNETLoader).
+"""Loading HiDream-I1 offline: ComfyUI's split transformer file (UNETLoader) and diffusers folders.
 
-ComfyUI's ``hidream_i1_{full,dev,fast}_*.safetensors`` hold the transformer under diffusers' own names
-(``double_stream_blocks.N.block.*``, ``caption_projection.N.linear.weight``; diffusers' single-file
-converter for HiDream only drops ``model.diffusion_model.``), so one file layout serves both, with or
-without that prefix. fp8 and ComfyUI's scaled fp8 files load through nodes.checkpoint.scaled_fp8.
-
-The config comes from the shapes where they show it (width, text widths, pooled width, block and
-expert counts); the rest is the release's, as ComfyUI's model detection states it: head width 128,
-rotary axes (64, 32, 32), patch 2, two of the routed experts active, a 128 x 128 patch grid, and the
-Llama layer each block reads (:data:`LLAMA_LAYERS`: 0..31, then the last layer for the other 16 of
-the 48 blocks). A model with another block count (the tests' tiny ones) reads layers 0, 1, ... in order.
+* The transformer alone (``models/diffusion_models/hidream_i1_{full,dev,fast}_*.safetensors``: bf16, fp8,
+  ComfyUI's scaled fp8), with or without ``model.diffusion_model.``, under diffusers' own names
+  (nodes.checkpoint.hidream_keys: the config from the shapes and the release's constants). The build is
+  FLUX's rule (nodes.checkpoint.flux_load.transformer_from_file: fp8 scales through
+  nodes.checkpoint.scaled_fp8, linear weights held as stored, the experts' routers in the compute dtype),
+  or straight into disk blocks when the model manager pages it there (:func:`file_layout`; the released
+  model is 17B parameters, 34 GB in bf16).
+* A diffusers folder (``HiDreamImagePipeline.save_pretrained``: transformer/, vae/, text_encoder/ ..
+  text_encoder_4/, tokenizer/ .. tokenizer_4/, scheduler/) through CheckpointLoaderSimple or DiffusersLoader
+  (:func:`load_folder`). The four text encoders come from QuadrupleCLIPLoader's files otherwise
+  (nodes.hidream_nodes).
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from nodes.checkpoint.load import CheckpointError, Loaded, _empty
+from nodes.checkpoint import hidream_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
+from nodes.checkpoint.load import Loaded
 
-LABEL = "HiDream-I1"
-MARKER = "caption_projection.0.linear.weight"
-BLOCK_MARKER = "double_stream_blocks.0.block.adaLN_modulation.1.bias"
-PREFIX = "model.diffusion_model."
-HEAD = 128
-PATCH = 2
-AXES = (64, 32, 32)
-ACTIVE_EXPERTS = 2
-MAX_RESOLUTION = (128, 128)
-#: The released 48 blocks' Llama layers (32 layers; the last read by the 16 blocks past them).
-LLAMA_LAYERS = tuple(range(32)) + (31,) * 16
+LABEL = keys.LABEL
+LLAMA_LAYERS = keys.LLAMA_LAYERS
+has_transformer = keys.has_transformer
+transformer_config = keys.transformer_config
 
-
-def has_transformer(keys: Any) -> bool:
-    """A HiDream transformer, with or without ComfyUI's prefix."""
-    keys = set(keys)
-    return any(p + MARKER in keys and p + BLOCK_MARKER in keys for p in ("", PREFIX))
+#: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): its names
+#: are the module's own, so each tensor is its own row in a build straight into disk blocks.
+FILES = TransformerFiles("HiDreamImageTransformer2DModel", keys, "hidream", LABEL, own_names=True)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
-def _count(shapes: Mapping[str, Any], pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
+def is_folder(path: Path) -> bool:
+    """A diffusers folder whose transformer is HiDream-I1's (its config names the class)."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, FILES.model_class)
 
 
-def transformer_config(shapes: Mapping[str, tuple], what: str) -> dict[str, Any]:
-    """HiDreamImageTransformer2DModel's config from prefix-free shapes (module docstring)."""
-    try:
-        inner, patch_in = shapes["x_embedder.proj.weight"]
-        out = shapes["final_layer.linear.weight"][0] // (PATCH * PATCH)
-        pooled = shapes["p_embedder.pooled_embedder.linear_1.weight"][1]
-        doubles = _count(shapes, r"double_stream_blocks\.(\d+)\.")
-        singles = _count(shapes, r"single_stream_blocks\.(\d+)\.")
-        t5 = shapes[f"caption_projection.{doubles + singles}.linear.weight"][1]
-        llama = shapes["caption_projection.0.linear.weight"][1]
-    except KeyError as exc:
-        raise CheckpointError(f"{what}: not a whole {LABEL} transformer ({exc} is missing)") from None
-    experts = _count(shapes, r"double_stream_blocks\.0\.block\.ff_i\.experts\.(\d+)\.")
-    blocks = doubles + singles
-    return dict(patch_size=PATCH, in_channels=patch_in // (PATCH * PATCH), out_channels=out, num_layers=doubles,
-                num_single_layers=singles, attention_head_dim=HEAD if inner % HEAD == 0 else inner,
-                num_attention_heads=max(1, inner // HEAD), caption_channels=[t5, llama], text_emb_dim=pooled,
-                num_routed_experts=experts, num_activated_experts=ACTIVE_EXPERTS, axes_dims_rope=AXES,
-                max_resolution=MAX_RESOLUTION,
-                llama_layers=list(LLAMA_LAYERS) if blocks == len(LLAMA_LAYERS) else list(range(blocks)))
+def _folder_llama(folder: Path, dtype: Any) -> Any:
+    """``text_encoder_4/`` (transformers' LlamaForCausalLM) as the LlamaModel the family reads: its
+    ``model.*`` tensors by the folder's config, ``lm_head`` left unread (HiDream reads hidden states only);
+    linear weights held as stored. .bin files through from_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nodes.checkpoint.folders import folder_state
+    from nodes.checkpoint.llama_text import build_llama
+    from nodes.checkpoint.load import reading
+
+    found = folder_state(folder, dtype)
+    if found is None:
+        return LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True).model.to(dtype)
+    config = LlamaConfig.from_pretrained(str(folder))
+    config.use_cache = False
+    with reading(found[0]):
+        return build_llama(found[1], f"{folder.parent.name}/{folder.name}", dtype, config)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """HiDreamImageTransformer2DModel from a file's tensors (prefix dropped; linear weights held as stored)."""
-    from diffusers import HiDreamImageTransformer2DModel
+def _folder_text(path: Path, dtype: Any) -> dict[str, Any]:
+    """The VAE and the text encoders the folder holds (a hub folder may leave out Llama 3.1, which the
+    pipeline takes apart: its CLIP then says which encoder is missing when it encodes)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection
 
-    from nodes.checkpoint import scaled_fp8
-    from nodes.checkpoint.paged_files import strip
-    from nodes.checkpoint.tensors import shapes_of
+    from nodes.checkpoint.flux_load import _folder_t5
+    from nodes.checkpoint.folders import folder_component
 
-    kept, scales = scaled_fp8.take(strip(state), what)
-    model = _empty(HiDreamImageTransformer2DModel, transformer_config(shapes_of(kept), what))
-    model = scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"{LABEL} transformer ({what})")
-    return model.eval()
+    modules = {"vae": folder_component(path / "vae", AutoencoderKL, dtype)}
+    build = {"text_encoder": lambda f: folder_component(f, CLIPTextModelWithProjection, dtype),
+             "text_encoder_2": lambda f: folder_component(f, CLIPTextModelWithProjection, dtype),
+             "text_encoder_3": lambda f: _folder_t5(f, dtype), "text_encoder_4": lambda f: _folder_llama(f, dtype)}
+    for module, make in build.items():
+        if (path / module).is_dir():
+            modules[module] = make(path / module)
+    return modules
 
 
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
-                          offload: Any = None) -> Loaded:
-    """UNETLoader's HiDream path (nodes.checkpoint.flow_transformers), built whole."""
-    from nodes.checkpoint.flow_transformers import transformer_file
+def _folder_tokenizers(path: Path, modules: dict[str, Any]) -> dict[str, Any]:
+    """The folder's tokenizers (Kiln's bundled ones where a folder lacks its own) for the encoders it
+    holds; Llama's padded with its end token, as HiDreamImagePipeline sets it."""
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer
+    from nodes.checkpoint.llama_tokenizer import llama3_tokenizer
+    from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+    from nodes.checkpoint.tokenizer import clip_tokenizer
     from nodes.families import hidream as fam
 
-    return transformer_file(state, name, dtype, fp8, build_transformer, fam.FAMILY, LABEL, offload)
+    bundled = {"tokenizer": clip_tokenizer, "tokenizer_2": lambda: clip_tokenizer("!"), "tokenizer_3": t5_tokenizer,
+               "tokenizer_4": llama3_tokenizer}
+    out = {}
+    for spec in fam.FAMILY.text_encoders:
+        if spec.module in modules:
+            out[spec.tokenizer] = folder_tokenizer(path, AutoTokenizer, bundled[spec.tokenizer], spec.tokenizer)
+    if "tokenizer_4" in out:
+        out["tokenizer_4"].pad_token = out["tokenizer_4"].eos_token
+    return out
+
+
+def folder_shift(path: Path) -> float | None:
+    """The shift the folder's scheduler states: FlowMatchEulerDiscreteScheduler's ``shift`` or, for a
+    flow-sigmas UniPC (as HiDream-I1 Full ships), ``flow_shift``; None when it states none."""
+    import json
+
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    shift = config.get("shift", config.get("flow_shift") if config.get("use_flow_sigmas") else None)
+    return None if shift is None else float(shift)
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
+    """A diffusers HiDream-I1 folder (module docstring): the transformer (linear weights held as stored, asked
+    of the manager with the other components' bytes; straight into disk blocks when it pages there), the
+    FLUX VAE with its config's scale and shift, the text encoders and tokenizers the folder holds, and the
+    family's flow sampling at the folder's shift (the rest of a UniPC or FlowMatchEuler config is the
+    samplers' business, ComfyUI's KSampler choices)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from nodes.checkpoint.flow_transformers import flow_info, folder_modules, vae_latent
+    from nodes.families import hidream as fam
+
+    modules = folder_modules(path, LABEL, lambda: _folder_text(path, dtype), HiDreamImageTransformer2DModel, dtype,
+                             offload)
+    config = fam.FAMILY.scheduler_config()
+    shift = folder_shift(path)
+    if shift is not None:
+        config["shift"] = shift
+    return Loaded(family=fam.FAMILY, scheduler_config=config, latent=vae_latent(fam.FAMILY, modules["vae"]),
+                  modules=modules, tokenizers=_folder_tokenizers(path, modules),
+                  info=flow_info(modules["unet"], "diffusers", LABEL))

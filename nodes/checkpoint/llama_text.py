@@ -57,16 +57,19 @@ def llama_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
                        rope_parameters=dict(ROPE), mlp_bias=False, tie_word_embeddings=False, use_cache=False)
 
 
-def build_llama(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+def build_llama(state: Mapping[str, Any], what: str, dtype: Any, config: Any = None) -> Any:
     """transformers' ``LlamaModel`` holding ``state`` (prefix ``model.`` or none; ``lm_head`` ignored), linear
-    weights kept as stored (scaled fp8 with its scales). Raises CheckpointError naming ``what``."""
+    weights kept as stored (scaled fp8 with its scales). ``config``: a LlamaConfig to build it by (a diffusers
+    folder's ``text_encoder_4/config.json``); None: :func:`llama_config` from the shapes. Raises
+    CheckpointError naming ``what``."""
     from transformers import LlamaModel
 
     prefix = _prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Llama text encoder; expected model.embed_tokens.weight and "
                               "model.layers.N.self_attn.q_proj.weight (Llama 3.1 8B Instruct's layout)")
-    return decoder_from_file(state, prefix, what, dtype, LlamaModel, lambda shapes: llama_config(shapes, what),
+    return decoder_from_file(state, prefix, what, dtype, LlamaModel,
+                             lambda shapes: llama_config(shapes, what) if config is None else config,
                              "Llama text encoder")
 
 

@@ -16,6 +16,7 @@ from nodes.checkpoint.load import Loaded
 #: (module under nodes.checkpoint, its folder test) in the order they are tried; each module's
 #: ``load_folder(path, dtype, offload=...)`` loads what its test claims (SD3's takes no ``offload``).
 FAMILY_FOLDERS: tuple[tuple[str, str], ...] = (
+    ("hidream_load", "is_folder"),  # before SD3: text_encoder_3/ and a transformer/ as SD3's folders have
     ("sd3_load", "is_sd3_folder"),
     ("krea2_load", "is_krea2_folder"),
     ("longcat_load", "is_folder"),

@@ -17,6 +17,11 @@ latents, conditioned on four text encoders.
 * **Latents.** FLUX.1's 16-channel VAE (``ae.safetensors``) and latent format.
 * **Model sampling.** Flow matching with a fixed shift (ComfyUI's default 3; the templates set it with
   ModelSamplingSD3: 3 for Full and Fast, 6 for Dev).
+* **LoRAs.** Files, ComfyUI's model and diffusers' class share one set of names, so diffusers'
+  ``transformer.``, ComfyUI's ``diffusion_model.``, kohya's ``lora_unet_`` and SimpleTuner's ``lycoris_``
+  files address Kiln's module by its own names (nodes.lora_keys; no family table). The mixture of experts:
+  every routed expert and the shared experts are plain linears, patched as any layer; the router
+  (``ff_i.gate.weight``, a bare parameter) is patched as a weight where a file carries it, as ComfyUI does.
 """
 from __future__ import annotations
 
