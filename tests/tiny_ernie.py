@@ -116,3 +116,27 @@ def make_models_folder(root: Any) -> Path:
     save_state(root / "text_encoders" / "tiny-ministral-3-3b.safetensors", comfy_text_state())
     save_state(root / "vae" / "tiny-flux2-vae.safetensors", vae_state(components()["vae"]))
     return root
+
+
+@functools.lru_cache(maxsize=None)
+def prompt_enhancer() -> Any:
+    """A tiny Ministral3ForCausalLM (the prompt enhancer's architecture: Ministral 3 with its own head)."""
+    import torch
+    from transformers import Ministral3ForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = Ministral3ForCausalLM(text_config())
+        _perturb(model, 0.05)
+    return model.eval().requires_grad_(False)
+
+
+def comfy_pe_state() -> dict:
+    """Comfy-Org's ernie-image-prompt-enhancer layout: ``model.``, ``lm_head.weight`` and ``tekken_model``."""
+    import torch
+
+    from tiny_tekken import tekken_json
+
+    out = {k: v.contiguous() for k, v in prompt_enhancer().state_dict().items()}
+    out["tekken_model"] = torch.frombuffer(bytearray(tekken_json()[0]), dtype=torch.uint8)
+    return out
