@@ -71,3 +71,44 @@ def test_templates_with_the_enhancer_off_run_and_equal_ernie_pipeline(registry, 
     assert gap <= 1 / 255, gap
     other = Executor(registry, env).run(wf.with_overrides({"88:70.seed": seed + 1})).results["88:65"][0].numpy()
     assert np.abs(ours - other).max() > 0.02  # the seed matters: not vacuous
+
+
+def test_the_turbo_template_as_shipped_enhances_its_prompt_with_textgenerate(registry, env):
+    """The enhancer on, as the template ships: TextGenerate runs the prompt enhancer (a Ministral 3 with its
+    own head, CLIPLoader type flux2) on the template's Mistral-format instruction (its own <s>, system and
+    [INST] turns, the prompt and size filled in by StringReplace), seeded sampling; the switch passes the
+    written prompt on and the picture is ErnieImagePipeline's for it."""
+    wf = parse_document(template("image_ernie_image_turbo.json"), registry).with_overrides({
+        "88:71.width": SIZE, "88:71.height": SIZE, "88:95.max_length": 12})
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    enhanced = outcome.results["88:95"][0]
+    assert enhanced and enhanced != _prompt(wf)
+    assert outcome.results["88:103"][0] == enhanced  # the switch's output, previewed
+    with torch.no_grad():
+        theirs = tiny_ernie.pipeline()(prompt=enhanced, height=SIZE, width=SIZE, num_inference_steps=8,
+                                       guidance_scale=1.0, output_type="np", use_pe=False,
+                                       generator=torch.Generator("cpu").manual_seed(wf.nodes["88:70"].inputs["seed"])
+                                       ).images
+    assert np.abs(outcome.results["88:65"][0].numpy() - theirs).max() <= 1 / 255
+
+
+def test_textgenerate_greedy_on_the_prompt_enhancer_equals_transformers_generate(registry, env):
+    """Greedy decoding ("off") on the enhancer: the ids of the template's instruction (taken as written: it
+    starts with <s>) continued as Ministral3ForCausalLM.generate(do_sample=False) continues them."""
+    from nodes.text_lm import KINDS, prompt_ids
+
+    wf = parse_document(template("image_ernie_image_turbo.json"), registry).with_overrides({
+        "88:95.max_length": 10, "88:95.sampling_mode": "off"})
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    instruction = outcome.results["88:102"][0]
+    assert instruction.startswith("<s>[SYSTEM_PROMPT]") and '"width": 1024' in instruction
+    tok = tiny_ernie.tokenizer(bos=False)
+    ids = prompt_ids(tok, instruction, KINDS["ministral3"].empty)
+    assert ids[0] == 1 and ids[1] != 1  # one <s>: the instruction's own
+    with torch.no_grad():
+        out = tiny_ernie.prompt_enhancer().generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                                    eos_token_id=2, pad_token_id=11)[0, len(ids):].tolist()
+    written = [i for i in out if i >= 12]  # control tokens are not text
+    assert written and outcome.results["88:95"][0] == tok.decode(written).strip()

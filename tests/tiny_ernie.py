@@ -18,8 +18,8 @@ from typing import Any
 from flow_family_files import quiet_pipeline, save_split_transformer, save_state
 
 #: Transformer: 2 heads of 32, two shared-adaLN blocks; Ministral 3 TEXT wide, 3 layers (the pipeline
-#: reads the second to last), 4 query heads of 8 over 2 key/value heads.
-HIDDEN, HEADS, LAYERS, TEXT, TEXT_LAYERS, VOCAB = 64, 2, 2, 32, 3, 384
+#: reads the second to last), 4 query heads of 8 over 2 key/value heads, the tiny Tekken's 325 tokens.
+HIDDEN, HEADS, LAYERS, TEXT, TEXT_LAYERS, VOCAB = 64, 2, 2, 32, 3, 325
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
