@@ -16,7 +16,7 @@ import torch
 
 import tiny_ernie
 from engine.workflow import parse
-from flow_family_files import env, models_root, registry, run, same_state, save_state  # noqa: F401 (fixtures)
+from flow_family_files import env, models_root, registry, run, same_state, save_state, txt2img_graph  # noqa: F401
 from node_call import call
 from nodes import split_loaders
 from nodes.families import ernie_image
@@ -38,20 +38,14 @@ def _reference(prompt: str, seed: int, steps: int, guidance: float, negative: st
 
 
 def _graph(prompt: str, negative: str, seed: int, steps: int, cfg: float, unet: str = UNET) -> dict:
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
-        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "flux2"}},
-        "9": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["8", 0]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["8", 0]}},
-        "4": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg,
-                                                   "sampler_name": "euler", "scheduler": "simple",
-                                                   "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["9", 0]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "ernie"}},
-    }
+    """ComfyUI's ERNIE-Image graph: UNETLoader, CLIPLoader type flux2, VAELoader, EmptyFlux2LatentImage,
+    KSampler euler/simple (VAEDecode "6")."""
+    loader = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+              "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "flux2"}},
+              "9": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+              "_model": ["1", 0], "_clip": ["8", 0], "_vae": ["9", 0]}
+    return txt2img_graph(loader, prompt=prompt, negative=negative, size=SIZE, seed=seed, steps=steps, cfg=cfg,
+                         scheduler="simple", latent="EmptyFlux2LatentImage", prefix="ernie")
 
 
 def _run(registry, env, graph: dict) -> np.ndarray:

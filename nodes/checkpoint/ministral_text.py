@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nodes.checkpoint.llama_text import plain_decoder_prefix
 from nodes.checkpoint.load import CheckpointError
-from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_from_file, decoder_prefix, decoder_sizes
+from nodes.checkpoint.qwen_decoder import decoder_from_file, decoder_sizes
 
 PREFIXES = ("model.", "model.language_model.", "language_model.", "")
-MARKER = "layers.0.self_attn.q_proj.weight"
 #: Ministral 3 3B's width (ComfyUI tells it by this); Mistral Small 3 (FLUX.2 [dev]) is 5120 wide.
 MINISTRAL3_WIDTH = 3072
 MISTRAL_SMALL3_WIDTH = 5120
@@ -33,11 +33,7 @@ KIND = "ministral3"
 
 
 def _prefix(keys: Any) -> str | None:
-    keys = set(keys)
-    prefix = decoder_prefix(keys, PREFIXES, MARKER)
-    if prefix is None or prefix + Q_NORM in keys or prefix + "layers.0.self_attn.k_proj.bias" in keys:
-        return None  # Qwen3 (q_norm) or Qwen2 / 2.5 (attention biases)
-    return prefix
+    return plain_decoder_prefix(keys, PREFIXES)
 
 
 def mistral_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
