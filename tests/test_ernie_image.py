@@ -138,6 +138,20 @@ def test_turbo_cfg1_equals_ernie_pipeline_and_reads_the_prompt(registry, env):
     assert np.abs(ours - _run(registry, env, _graph("a red car", "", 6, 4, 1.0))).max() > 0.005
 
 
+def test_a_diffusers_folder_through_checkpoint_loader_equals_ernie_pipeline(registry, env):
+    """ErnieImagePipeline.save_pretrained's folder: its transformer, VAE, Mistral3Model's language model and
+    saved tokenizer."""
+    loader = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-ernie-diffusers"}},
+              "_model": ["1", 0], "_clip": ["1", 1], "_vae": ["1", 2]}
+    graph = txt2img_graph(loader, prompt=PROMPT, negative=NEGATIVE, size=SIZE, seed=8, steps=4, cfg=4.0,
+                          scheduler="simple", latent="EmptyFlux2LatentImage", prefix="ernie")
+    ours = _run(registry, env, graph)
+    gap = np.abs(ours - _reference(PROMPT, 8, 4, 4.0, NEGATIVE)).max()
+    print(f"folder gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255, gap
+    assert np.abs(ours - _reference(PROMPT, 9, 4, 4.0, NEGATIVE)).max() > 0.02  # the seed matters
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 

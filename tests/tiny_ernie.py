@@ -107,7 +107,8 @@ def comfy_text_state(with_tekken: bool = True) -> dict:
 def make_models_folder(root: Any) -> Path:
     """ComfyUI's folders with the tiny ERNIE-Image: diffusion_models/tiny-ernie.safetensors (bare names),
     tiny-ernie-prefixed.safetensors (``model.diffusion_model.``), text_encoders/tiny-ministral-3-3b.safetensors,
-    vae/tiny-flux2-vae.safetensors (the original layout with ``bn.*``)."""
+    vae/tiny-flux2-vae.safetensors (the original layout with ``bn.*``) and checkpoints/tiny-ernie-diffusers/
+    (ErnieImagePipeline.save_pretrained)."""
     from tiny_flux2 import vae_state
 
     root = Path(root)
@@ -115,6 +116,7 @@ def make_models_folder(root: Any) -> Path:
                            {k: v.contiguous() for k, v in components()["transformer"].state_dict().items()})
     save_state(root / "text_encoders" / "tiny-ministral-3-3b.safetensors", comfy_text_state())
     save_state(root / "vae" / "tiny-flux2-vae.safetensors", vae_state(components()["vae"]))
+    pipeline().save_pretrained(str(root / "checkpoints" / "tiny-ernie-diffusers"), safe_serialization=True)
     return root
 
 

@@ -24,7 +24,8 @@ from nodes.checkpoint.llama_text import plain_decoder_prefix
 from nodes.checkpoint.load import CheckpointError
 from nodes.checkpoint.qwen_decoder import decoder_from_file, decoder_sizes
 
-PREFIXES = ("model.", "model.language_model.", "language_model.", "")
+#: ComfyUI's (``model.``), a Mistral3Model saved by transformers 5 (``language_model.model.``) or in memory, bare.
+PREFIXES = ("model.", "language_model.model.", "model.language_model.", "language_model.", "")
 #: Ministral 3 3B's width (ComfyUI tells it by this); Mistral Small 3 (FLUX.2 [dev]) is 5120 wide.
 MINISTRAL3_WIDTH = 3072
 MISTRAL_SMALL3_WIDTH = 5120
@@ -66,9 +67,10 @@ def ministral3_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
     return Ministral3Config(**sizes.fields(head), tie_word_embeddings=False, use_cache=False)
 
 
-def build_ministral3(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """transformers' ``Ministral3Model`` holding ``state``'s language model (``lm_head`` and ``tekken_model``
-    left out), linear weights kept as stored (scaled fp8 with its scales). CheckpointError names ``what``."""
+def build_ministral3(state: Mapping[str, Any], what: str, dtype: Any, config: Any = None) -> Any:
+    """transformers' ``Ministral3Model`` holding ``state``'s language model (``lm_head``, ``tekken_model`` and a
+    vision tower left out), linear weights kept as stored (scaled fp8 with its scales). ``config``: a folder's
+    own ``Ministral3Config`` (else :func:`ministral3_config` from the shapes). CheckpointError names ``what``."""
     from transformers import Ministral3Model
 
     from nodes.checkpoint.tekken_tokenizer import TEKKEN_KEY
@@ -77,9 +79,9 @@ def build_ministral3(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     if prefix is None:
         raise CheckpointError(f"{what} holds no Ministral 3 text encoder; expected model.embed_tokens.weight and "
                               "model.layers.N.self_attn.q_proj.weight (ministral-3-3b.safetensors' layout)")
-    decoder = {k: state[k] for k in state if k != TEKKEN_KEY}
+    decoder = {k: state[k] for k in state if k != TEKKEN_KEY and k.startswith(prefix)}
     return decoder_from_file(decoder, prefix, what, dtype, Ministral3Model,
-                             lambda shapes: ministral3_config(shapes, what), "Ministral 3 text encoder")
+                             lambda shapes: config or ministral3_config(shapes, what), "Ministral 3 text encoder")
 
 
 def ministral3_tokenizer(state: Mapping[str, Any], what: str) -> Any:
