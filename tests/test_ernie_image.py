@@ -152,6 +152,38 @@ def test_a_diffusers_folder_through_checkpoint_loader_equals_ernie_pipeline(regi
     assert np.abs(ours - _reference(PROMPT, 9, 4, 4.0, NEGATIVE)).max() > 0.02  # the seed matters
 
 
+@pytest.mark.parametrize("fmt", ["comfy", "peft", "kohya"])
+def test_loras_in_the_modules_own_names_equal_the_weights_merged_by_hand(env, root, fmt):
+    """ComfyUI's and diffusers' names are one (nodes.checkpoint.ernie_image_keys), so a LoRA addresses the
+    module's own names under ``diffusion_model.``, ``transformer.`` or kohya's ``lora_unet_``."""
+    import copy
+
+    from flow_family_lora import assert_weights_merged_by_hand, lora_file, module_shapes, random_factors
+
+    net = tiny_ernie.components()["transformer"]
+    names = ("layers.0.self_attention.to_q", "layers.1.mlp.linear_fc2", "text_proj", "final_linear")
+    factors = random_factors(module_shapes(net, names), seed=4)
+    save_state(root / "loras" / f"ernie-{fmt}.safetensors", lora_file(factors, fmt))
+
+    def merged(strength: float) -> torch.nn.Module:
+        out = copy.deepcopy(net)
+        modules = dict(out.named_modules())
+        with torch.no_grad():
+            for name, (down, up) in factors.items():
+                modules[name].weight += strength * up @ down
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 5, tiny_ernie.TEXT, generator=g)
+
+    def forward(module: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return ernie_image.FAMILY.wrap_network(module)(x, torch.tensor(600.0), text)[0]
+
+    _, _, moved = assert_weights_merged_by_hand(env, UNET, f"ernie-{fmt}.safetensors", merged, forward)
+    assert moved == {name + ".weight" for name in names}
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 
