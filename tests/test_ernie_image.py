@@ -194,8 +194,25 @@ def test_a_ministral_file_without_tekken_names_what_is_missing(env, root):
     state = {k: v for k, v in tiny_ernie.comfy_text_state(with_tekken=False).items()}
     state["model.embed_tokens.weight"] = F.pad(state["model.embed_tokens.weight"], (0, 3072 - tiny_ernie.TEXT))
     save_state(root / "text_encoders" / "no-tekken.safetensors", state)
-    with pytest.raises(Exception, match="no-tekken.safetensors carries no tekken_model.*ministral-3-3b"):
+    with pytest.raises(Exception, match="no-tekken.safetensors carries no tekken_model.*ministral-3-3b") as err:
         call(split_loaders.clip_loader, env, clip_name="no-tekken.safetensors", type="flux2")
+    assert getattr(err.value, "input_name", None) == "clip_name"
+
+
+def test_type_flux2_tells_the_text_encoders_apart_by_their_keys():
+    """One rule (ministral_text.mistral_kind): a Llama-style decoder with Tekken is Ministral 3, or Mistral Small 3
+    at 5120 wide; without Tekken only Ministral 3's 3072 width says Mistral (ComfyUI's rule); Qwen3 is not one."""
+    from nodes.checkpoint.ministral_text import mistral_kind
+
+    def decoder(width: int, tekken: bool, qwen3: bool = False) -> dict:
+        shapes = {"model.embed_tokens.weight": (100, width), "model.layers.0.self_attn.q_proj.weight": (width, width)}
+        return shapes | ({"tekken_model": (10,)} if tekken else {}) | \
+            ({"model.layers.0.self_attn.q_norm.weight": (128,)} if qwen3 else {})
+
+    assert mistral_kind(decoder(32, True)) == mistral_kind(decoder(3072, False)) == "ministral3"
+    assert mistral_kind(decoder(5120, True)) == "mistral3"
+    assert mistral_kind(decoder(4096, False)) is None  # Llama 3.1 (HiDream)
+    assert mistral_kind(decoder(2560, True, qwen3=True)) is None  # Qwen3 (FLUX.2 klein)
 
 
 def test_wrong_files_name_the_family_and_the_loader(env, root):
