@@ -99,7 +99,7 @@ def test_textgenerate_greedy_on_the_prompt_enhancer_equals_transformers_generate
     from nodes.text_lm import KINDS, prompt_ids
 
     wf = parse_document(template("image_ernie_image_turbo.json"), registry).with_overrides({
-        "88:95.max_length": 10, "88:95.sampling_mode": "off"})
+        "88:71.width": SIZE, "88:71.height": SIZE, "88:95.max_length": 10, "88:95.sampling_mode": "off"})
     outcome = Executor(registry, env).run(wf)
     assert outcome.status == "succeeded", outcome.error and outcome.error.message
     instruction = outcome.results["88:102"][0]
