@@ -246,3 +246,11 @@ def test_conditioning_of_another_width_names_the_input():
     with pytest.raises(ConditioningError) as err:
         net(torch.zeros(1, 128, 4, 4), torch.tensor(500.0), torch.zeros(1, 7, 2560))
     assert err.value.input_name == "positive" and "flux2" in str(err.value)
+
+
+def test_skip_layer_guidance_is_refused_naming_the_model():
+    from nodes.families.base import ConditioningError
+
+    with pytest.raises(ConditioningError, match="ERNIE-Image") as err:
+        ernie_image.FAMILY.dit_blocks(tiny_ernie.components()["transformer"])
+    assert err.value.input_name == "model"

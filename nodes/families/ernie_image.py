@@ -86,6 +86,12 @@ class ErnieImage(FlowFamily):
         """ComfyUI's names are the module's own (nodes.checkpoint.ernie_image_keys)."""
         return {name: name for name, _ in network.named_parameters()}
 
+    def dit_blocks(self, network: Any) -> dict[str, list]:
+        """Refused naming the model: ERNIE-Image's blocks take their inputs positionally, which Kiln's
+        skip-layer guidance (nodes.families.skip_layers: FLUX-style keyword blocks) does not pass through."""
+        raise ConditioningError("skip-layer guidance does not address ERNIE-Image's blocks in Kiln; sample "
+                                "without SkipLayerGuidanceDiT", "model")
+
     # -- text ------------------------------------------------------------------------------------
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
