@@ -44,7 +44,8 @@ def _sub(name: str, type_: str, default: Any, lo: float, hi: float, step: float 
     display_name="Generate Text",
     inputs=[
         Input("clip", T.CLIP, tooltip="A CLIP whose text encoder is a chat model: Qwen3 (Z-Image, FLUX.2 klein), "
-                                      "Qwen2.5-VL (Qwen-Image) or Qwen3-VL (Krea 2)."),
+                                      "Qwen2.5-VL (Qwen-Image), Qwen3-VL (Krea 2) or Ministral 3 "
+                                      "(ERNIE-Image's prompt enhancer)."),
         Input("prompt", T.STRING, default="", multiline=True),
         Input("image", T.IMAGE, optional=True, comfy_hidden=True,
               tooltip="The single picture socket of templates saved by an older ComfyUI."),
@@ -124,7 +125,7 @@ def text_generate(ctx, clip: ClipHandle, prompt: str = "", max_length: int = 512
                 built = lm.pictures(encoder, tokenizer, text, [p for _, p in pictures])
                 decoder, ids, extra = encoder, built.ids, {"prefill": built.prefill, "position": built.position}
             else:
-                decoder, ids = lm.decoder(encoder), prompt_ids(tokenizer, text)
+                decoder, ids = lm.decoder(encoder), prompt_ids(tokenizer, text, lm.empty)
             vocab = (head if head is not None else decoder.get_input_embeddings()).weight.shape[0]
             if max(ids) >= vocab:
                 raise NodeError(f"the prompt holds token id {max(ids)}, but this {lm.name} has a vocabulary of "

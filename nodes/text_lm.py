@@ -1,7 +1,8 @@
 """Which CLIPs can write text, and how: the causal-LM text encoders behind TextGenerate.
 
 Some image models encode prompts with an instruction-tuned language model (Z-Image and FLUX.2
-klein with Qwen3, Qwen-Image with Qwen2.5-VL, Krea 2 with Qwen3-VL). ComfyUI's TextGenerate runs
+klein with Qwen3, Qwen-Image with Qwen2.5-VL, Krea 2 with Qwen3-VL, ERNIE-Image with Ministral 3,
+whose prompt enhancer is a Ministral 3 with its own head). ComfyUI's TextGenerate runs
 that same model as a chat model to write or expand a prompt. What differs between such encoders is gathered here, one
 :class:`LanguageModel` per encoder kind (nodes.checkpoint.split's kinds) in :data:`KINDS`, so a
 new one is one more entry; everything else (the node, the decoding loop in
@@ -28,6 +29,8 @@ from nodes.checkpoint import qwen_vision
 from nodes.checkpoint.qwen_tokenizer import ENDOFTEXT
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+#: Mistral's (Tekken's) control tokens that open a prompt written in its own template.
+BOS, MISTRAL_SYSTEM, MISTRAL_INST = "<s>", "[SYSTEM_PROMPT]", "[INST]"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 #: The vision tower's submodule in a Qwen-VL built with it; a use with pictures names it (its weights may
 #: load on that first use: nodes.runtime.deferred).
@@ -52,6 +55,13 @@ def qwen3_chat(prompt: str, system: str, thinking: bool) -> str:
 
 def qwen25_chat(prompt: str, system: str, thinking: bool) -> str:
     return chatml(prompt, system, "")  # Qwen2.5 has no reasoning mode: ``thinking`` changes nothing
+
+
+def mistral_chat(prompt: str, system: str, thinking: bool) -> str:
+    """One exchange as Ministral 3's chat template renders it: ``<s>``, [system turn], the user's instruction.
+    (The ERNIE-Image templates write this themselves for the prompt enhancer.)"""
+    head = f"{MISTRAL_SYSTEM}{system}[/SYSTEM_PROMPT]" if system else ""
+    return f"{BOS}{head}[INST]{prompt}[/INST]"
 
 
 def own_decoder(module: Any) -> Any:
@@ -79,6 +89,10 @@ class LanguageModel:
     #: ``pictures(module, tokenizer, text, pictures) -> nodes.text_vision.PicturePrompt`` for a module
     #: with a vision tower (:data:`TOWER`); None: this kind reads no pictures.
     pictures: Callable[[Any, Any, str, list], Any] | None = None
+    #: a prompt that starts with one of these is already in this model's template (taken as written)
+    own_template: tuple[str, ...] = (IM_START,)
+    #: the token an empty prompt is read as (ComfyUI's tokenizers pad to a minimum of one)
+    empty: str = ENDOFTEXT
 
     def reads_pictures(self, module: Any) -> bool:
         """Whether ``module`` (as loaded) reads pictures: this kind can, and it has its vision tower, built or
@@ -107,6 +121,9 @@ KINDS: dict[str, LanguageModel] = {
     # Krea 2's Qwen3-VL 4B (with its vision tower where the file has one: nodes.checkpoint.krea2_load);
     # ComfyUI's Qwen3-VL tokenizer writes Qwen3's empty think block when thinking is off
     "qwen3-vl": LanguageModel("Qwen3-VL", qwen3_chat, nested_decoder, reasons=True, pictures=qwen3_vl_pictures),
+    # ERNIE-Image's Ministral 3 (its prompt enhancer is one with its own head): Mistral's template, </s> ends
+    "ministral3": LanguageModel("Ministral 3", mistral_chat, stops=("</s>",),
+                                own_template=(BOS, MISTRAL_SYSTEM, MISTRAL_INST), empty=BOS),
 }
 
 
@@ -133,16 +150,17 @@ def templated(lm: LanguageModel, prompt: str, system_prompt: str, thinking: bool
     (in a raw prompt: those it lacks; nodes.text_vision)."""
     from nodes.text_vision import BLOCK, with_blocks
 
-    if not use_template or prompt.startswith(IM_START):
+    if not use_template or prompt.startswith(lm.own_template):
         return with_blocks(prompt, pictures)
     return lm.chat(BLOCK * pictures + prompt, system_prompt, thinking)
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+def prompt_ids(tokenizer: Any, text: str, empty: str = ENDOFTEXT) -> list[int]:
     """The token ids of ``text`` (special tokens written in it read as themselves); at least one
-    token, ``<|endoftext|>`` for an empty text, as ComfyUI's tokenizers pad to a minimum of one."""
+    token, ``empty`` (the model's :attr:`LanguageModel.empty`) for an empty text, as ComfyUI's
+    tokenizers pad to a minimum of one."""
     ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    return ids or [tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    return ids or [tokenizer.convert_tokens_to_ids(empty)]
 
 
 def stop_ids(tokenizer: Any, lm: LanguageModel) -> frozenset[int]:

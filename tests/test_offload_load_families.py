@@ -1,9 +1,9 @@
 """UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
-JoyImage, Kandinsky 5, LongCat-Image, Ovis-Image and HiDream-I1 built straight into blocks paged to disk
+JoyImage, Kandinsky 5, LongCat-Image, Ovis-Image, HiDream-I1 and ERNIE-Image built straight into blocks paged to disk
 (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
-Qwen-Image's, FIBO 2's, JoyImage's, Kandinsky 5's and HiDream's are diffusers' own names): the size asked before
+Qwen-Image's, FIBO 2's, JoyImage's, Kandinsky 5's, HiDream's and ERNIE-Image's are diffusers' own names): the size asked before
 building is the whole build's module bytes, the paged module gives the whole build's outputs, its blocks rest on disk, and the build never held the
 whole weight set (every tensor read from the file is metered until freed).
 """
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tiny_chroma
+import tiny_ernie
 import tiny_fibo2
 import tiny_flux
 import tiny_flux2
@@ -131,6 +132,14 @@ def _joyimage_forward(net: Any) -> torch.Tensor:
         return net(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
 
 
+def _ernie_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 7, tiny_ernie.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, timestep=torch.tensor([500.0]), text_bth=text, text_lens=torch.tensor([7]),
+                   return_dict=False)[0]
+
+
 def _kandinsky5_forward(net: Any) -> torch.Tensor:
     import tiny_flux
     import tiny_qwen_image
@@ -189,9 +198,10 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "longcat": (tiny_longcat.original_state, _longcat_forward),
     "ovis": (tiny_ovis.original_transformer, _ovis_forward),  # its gated MLP input stacks two file tensors
     "hidream": (lambda: dict(tiny_hidream.components()["transformer"].state_dict()), _hidream_forward),
+    "ernie_image": (lambda: dict(tiny_ernie.components()["transformer"].state_dict()), _ernie_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
-DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5", "hidream")
+DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5", "hidream", "ernie_image")
 
 
 def _module(family: str) -> Any:
@@ -206,7 +216,7 @@ def _module(family: str) -> Any:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Each family's file with ComfyUI's prefix in fp32 and in diffusers' names, and (Z-Image, SD3, Qwen-Image 2.1,
-    Ideogram 4) in bf16 (JoyImage too), in ComfyUI's scaled fp8 (Ovis-Image too) and in Comfy-Org's int8 (rotated
+    Ideogram 4) in bf16 (JoyImage, Kandinsky 5 and ERNIE-Image too), in ComfyUI's scaled fp8 (Ovis-Image too) and in Comfy-Org's int8 (rotated
     in part)."""
     from test_int8_quant import quantise_int8
 
@@ -216,7 +226,7 @@ def files(tmp_path_factory) -> Path:
         tiny_flux._save(root / f"{family}.safetensors", tensors)
         if family not in DIFFUSERS_NAMED:  # their files hold diffusers' names already
             tiny_flux._save(root / f"{family}-diffusers.safetensors", _module(family).state_dict())
-        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage", "kandinsky5"):
+        if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "joyimage", "kandinsky5", "ernie_image"):
             tiny_flux._save(root / f"{family}-bf16.safetensors", {k: v.bfloat16() for k, v in tensors.items()})
         if family in ("z_image", "sd3", "qwen_image21", "ideogram4", "ovis", "hidream"):  # scales split with
             # gate_up, with qkv; Ovis's per-tensor scales of its up and gate projections stacked with its MLP input
@@ -291,7 +301,8 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("joyimage", "joyimage-bf16", ""), ("kandinsky5", "kandinsky5-bf16", ""),
                                              ("longcat", "longcat", "float8_e4m3fn"),
                                              ("ovis", "ovis-scaled", ""), ("ovis", "ovis", "float8_e4m3fn"),
-                                             ("hidream", "hidream-scaled", ""), ("hidream", "hidream", "float8_e4m3fn")])
+                                             ("hidream", "hidream-scaled", ""), ("hidream", "hidream", "float8_e4m3fn"),
+                                             ("ernie_image", "ernie_image-bf16", "")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
@@ -309,7 +320,8 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
     q = {"z_image": "layers.1.attention.to_k.weight", "ideogram4": "layers.0.attention.to_k.weight",
          "joyimage": "double_blocks.0.attn.img_attn_qkv.weight",
          "kandinsky5": "visual_transformer_blocks.0.self_attention.to_query.weight",
-         "hidream": "double_stream_blocks.0.block.attn1.to_q.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
+         "hidream": "double_stream_blocks.0.block.attn1.to_q.weight",
+         "ernie_image": "layers.0.self_attention.to_q.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
     if "int8" in name:
         assert torch.int8 in stored.values()
     else:

@@ -31,12 +31,18 @@ MAX_POSITIONS = 131072
 HEAD = 128
 
 
-def _prefix(keys: Any) -> str | None:
+def plain_decoder_prefix(keys: Any, prefixes: tuple[str, ...] = PREFIXES) -> str | None:
+    """The first of ``prefixes`` under which ``keys`` hold a Llama-style decoder (q_proj and the token
+    embedding) without Qwen3's q_norm or Qwen2.5's attention biases: Llama's, and Mistral's
+    (nodes.checkpoint.ministral_text); None when none does."""
     keys = set(keys)
-    prefix = decoder_prefix(keys, PREFIXES, MARKER)
+    prefix = decoder_prefix(keys, prefixes, MARKER)
     if prefix is None or prefix + Q_NORM in keys or prefix + "layers.0.self_attn.k_proj.bias" in keys:
         return None  # Qwen3 (q_norm) or Qwen2 / 2.5 (attention biases)
     return prefix
+
+
+_prefix = plain_decoder_prefix
 
 
 def is_llama(keys: Any) -> bool:

@@ -226,8 +226,9 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
-    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, hidream_load, ideogram4_load, joyimage_load,
-                                  kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load, z_image_load)
+    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
+                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load,
+                                  z_image_load)
 
     if hidream_load.has_transformer(shapes):  # four text encoders: its own loader
         raise CheckpointError(f"{path.name} holds a HiDream-I1 transformer: it is a diffusion model, not a "
@@ -240,6 +241,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
              "flux2-vae.safetensors"),
             (fibo2_load.has_transformer, "FIBO 2", "qwen3vl_4b*.safetensors", "fibo2", "flux2-vae.safetensors"),
             (krea2_load.has_transformer, "Krea 2", "qwen3vl_4b*.safetensors", "krea2", "qwen_image_vae.safetensors"),
+            (ernie_image_load.has_transformer, "ERNIE-Image", "ministral-3-3b.safetensors", "flux2",
+             "flux2-vae.safetensors"),
             (kandinsky5_load.has_transformer, "Kandinsky 5", "qwen_2.5_vl_7b*.safetensors and clip_l.safetensors",
              "kandinsky5_image", "ae.safetensors"),
             (joyimage_load.has_transformer, "JoyImage", "qwen3vl_8b_joyimage_edit*.safetensors", "joyimage",

@@ -22,6 +22,7 @@ FAMILY_FOLDERS: tuple[tuple[str, str], ...] = (
     ("longcat_load", "is_folder"),
     ("kandinsky5_load", "is_folder"),
     ("joyimage_load", "is_folder"),
+    ("ernie_image_load", "is_folder"),
     ("qwen_image21_load", "is_folder"),
     ("flux2_load", "is_flux2_folder"),  # before FLUX and Chroma
     ("qwen_image_load", "is_qwen_image_folder"),

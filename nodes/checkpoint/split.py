@@ -23,7 +23,8 @@ from nodes.families.base import Family, has_prefix
 
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
-              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1"}
+              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
+              "mistral3": "Mistral Small 3"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 #: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
 #: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
@@ -95,11 +96,12 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.is_lumina2({k: () for k in state}):
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
-    from nodes.checkpoint import (chroma_load, fibo2_load, flux2_load, hidream_load, ideogram4_load, joyimage_load,
-                                  kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load)
+    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
+                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load)
 
     keys = {k: () for k in state}
     for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
+                         (ernie_image_load.has_transformer, ernie_image_load.load_transformer_file),
                          (ideogram4_load.has_transformer, ideogram4_load.load_transformer_file),
                          (joyimage_load.has_transformer, joyimage_load.load_transformer_file),
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
@@ -164,6 +166,9 @@ class TextFile:
         qwen = text_prefix(shapes) if found is None else None
         if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
             return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
+        mistral = _mistral_kind(shapes) if found is None else None
+        if mistral is not None:  # Ministral 3 (ERNIE-Image) or Mistral Small 3 (FLUX.2 [dev]), type flux2
+            return cls(path.name, state, "mistral", "", mistral)
         from nodes.checkpoint.llama_text import is_llama
 
         if found is None and is_llama(shapes):  # Llama 3.1 (HiDream's llama_3.1_8b_instruct*.safetensors)
@@ -176,6 +181,14 @@ class TextFile:
             raise CheckpointError(f"{path.name} holds {what} (no token embedding); CLIPLoader needs a text encoder")
         layout, prefix = found
         return cls(path.name, state, layout, prefix, det.text_kind(shapes, layout, prefix))
+
+
+def _mistral_kind(shapes: dict[str, tuple]) -> str | None:
+    """A Mistral text encoder's kind (CLIPLoader type flux2 serves several): the rule is one function,
+    nodes.checkpoint.ministral_text.mistral_kind."""
+    from nodes.checkpoint.ministral_text import mistral_kind
+
+    return mistral_kind(shapes)
 
 
 def _clip_width(file: TextFile) -> int:
@@ -231,7 +244,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
     """The family's encoders, each from the file of its kind (any order)."""
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
-    modules = {}
+    modules, tekken = {}, {}  # tekken: the tokenizers the Mistral files carry
     remaining = list(files)
     for spec in family.text_encoders:
         file = next((f for f in remaining if f.kind == spec.kind), None)
@@ -263,6 +276,13 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_llama(file.state, file.name, dtype)
             continue
+        if spec.kind == "ministral3":
+            from nodes.checkpoint.ministral_text import build_ministral3, ministral3_tokenizer
+
+            tekken[spec.tokenizer] = ministral3_tokenizer(file.state, file.name)
+            with reading(Path(file.name)):
+                modules[spec.module] = build_ministral3(file.state, file.name, dtype)
+            continue
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
 
@@ -278,7 +298,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3")}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3")}
+    tokenizers.update(tekken)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
