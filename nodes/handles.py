@@ -155,6 +155,22 @@ class ModelHandle:
         with self._use_unet() as unet, patched(unet, self.loras, "unet"):
             yield unet
 
+    @contextlib.contextmanager
+    def unet_beside(self, held: Any) -> Iterator[tuple["torch.nn.Module", bool]]:
+        """(network, shared): :meth:`unet` while another handle holds ``held`` with its own LoRAs. Where
+        the two are one module (two handles of one loaded model), it is yielded as it is, ``shared``
+        True, and this handle's LoRAs are not applied on top of the other's (twice, or stacked): the
+        caller decides whether the two handles agree."""
+        from nodes.runtime.patches import patched
+
+        assert self._use_unet is not None, "model handle has no loader"
+        with self._use_unet() as unet:
+            if unet is held:
+                yield unet, True
+                return
+            with patched(unet, self.loras, "unet"):
+                yield unet, False
+
     def __kiln_nbytes__(self) -> int:
         return 0  # the model manager owns the weights
 
