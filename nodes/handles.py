@@ -234,7 +234,7 @@ class ClipHandle:
         handle's LoRAs or merges patch. The LoRA or merge built them when it was made, but the model manager
         may have dropped and reloaded the encoder since, the part waiting again: :meth:`encoder` builds
         these first, so the patches always find their weights (and LoraSave reads their difference)."""
-        if not self.loras:
+        if not self.loras or self._peek is None:  # a handle over an in-memory encoder (tests) defers nothing
             return ()
         from nodes.runtime.deferred import pending
 
