@@ -189,7 +189,7 @@ def check_shared(model: Any, model_negative: Any) -> None:
     if same_loras and not differ:
         return
     what = ", ".join(([] if same_loras else ["LoRAs or attention multipliers"]) + sorted(set(differ)))
-    raise ConditioningError(f"model_negative is the network model is loaded as, with other {what}: one network "
+    raise ConditioningError(f"model_negative is the same loaded network as model, with other {what}: one network "
                             "cannot run two ways in one step. Connect the same MODEL to both inputs (or use "
                             "CFGGuider), or load a different model as model_negative", "model_negative")
 
