@@ -60,7 +60,7 @@ def dual_model_guider(ctx, model, positive, cfg: float, model_negative=None, neg
     """CFG with the positive prompt on ``model`` and the negative on ``model_negative`` (Ideogram 4's
     unconditional transformer); without ``model_negative`` ordinary CFG on ``model``."""
     from nodes.families.base import ConditioningError
-    from nodes.families.dual_model import DualModel, check_guider
+    from nodes.families.dual_model import DualModel, check_guider, notes
     from nodes.samplers.custom import Guider
 
     model = _model(model, "model")
@@ -76,6 +76,8 @@ def dual_model_guider(ctx, model, positive, cfg: float, model_negative=None, neg
         check_guider(model, model_negative, float(cfg))
     except ConditioningError as exc:
         raise NodeError(str(exc), exc.input_name) from None
+    for note in notes(model, model_negative):
+        ctx.message(note)
     return (Guider(model, positive, negative, float(cfg), dual=DualModel(model_negative)),)
 
 

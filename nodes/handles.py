@@ -155,6 +155,22 @@ class ModelHandle:
         with self._use_unet() as unet, patched(unet, self.loras, "unet"):
             yield unet
 
+    @contextlib.contextmanager
+    def unet_beside(self, held: Any) -> Iterator[tuple["torch.nn.Module", bool]]:
+        """(network, shared): :meth:`unet` while another handle holds ``held`` with its own LoRAs. Where
+        the two are one module (two handles of one loaded model), it is yielded as it is, ``shared``
+        True, and this handle's LoRAs are not applied on top of the other's (twice, or stacked): the
+        caller decides whether the two handles agree."""
+        from nodes.runtime.patches import patched
+
+        assert self._use_unet is not None, "model handle has no loader"
+        with self._use_unet() as unet:
+            if unet is held:
+                yield unet, True
+                return
+            with patched(unet, self.loras, "unet"):
+                yield unet, False
+
     def __kiln_nbytes__(self) -> int:
         return 0  # the model manager owns the weights
 
@@ -213,14 +229,36 @@ class ClipHandle:
                 pass
         return self.peek(module)
 
+    def patched_parts(self, module: str) -> tuple[str, ...]:
+        """The parts of encoder ``module`` still waiting to be built (nodes.runtime.deferred) that this
+        handle's LoRAs or merges patch. The LoRA or merge built them when it was made, but the model manager
+        may have dropped and reloaded the encoder since, the part waiting again: :meth:`encoder` builds
+        these first, so the patches always find their weights (and LoraSave reads their difference)."""
+        if not self.loras or self._peek is None:  # a handle over an in-memory encoder (tests) defers nothing
+            return ()
+        from nodes.runtime.deferred import pending
+
+        waiting = pending(self.peek(module))
+        names = [name for entry in self.loras for name in entry.tables.get(module, ())] if waiting else []
+        return tuple(part for part in waiting if any(name.startswith(f"{part}.") for name in names))
+
+    def whole_encoder(self, module: str) -> contextlib.AbstractContextManager:
+        """:meth:`encoder` with every part it leaves to build on first use built (a Qwen-VL's vision tower),
+        for what reads the whole model: a saved file holds all of it, as the file it was loaded from did."""
+        from nodes.runtime.deferred import pending
+
+        return self.encoder(module, pending(self.peek(module)))
+
     @contextlib.contextmanager
     def encoder(self, module: str, parts: tuple[str, ...] = ()) -> Iterator["torch.nn.Module"]:
         """Text encoder ``module`` on the device, with this handle's LoRAs applied while in use. ``parts``:
         its submodules loaded only when a job needs them (a Qwen-VL's vision tower, ``"visual"``: the
-        picture-reading nodes name it), built and placed with it now if not yet (nodes.runtime.deferred)."""
+        picture-reading nodes name it), built and placed with it now if not yet (nodes.runtime.deferred);
+        the parts this handle's LoRAs patch are built too (:meth:`patched_parts`)."""
         from nodes.runtime.patches import patched
 
         assert self._use is not None, "clip handle has no loader"
+        parts = tuple(dict.fromkeys((*parts, *self.patched_parts(module))))
         with (self._use(module, parts) if parts else self._use(module)) as te, patched(te, self.loras, module):
             yield te
 

@@ -92,6 +92,8 @@ def lora_save(ctx, filename_prefix: str, rank: int, lora_type: str, bias_diff: b
     if model_diff is None and text_encoder_diff is None:
         raise NodeError("nothing to extract: connect a model difference (ModelMergeSubtract) or a text-encoder "
                         "difference (CLIPMergeSubtract)", "model_diff")
+    from nodes.runtime.deferred import pending
+
     full, rank = lora_type == "full_diff", int(rank)
     state: dict[str, Any] = {}
     if model_diff is not None:
@@ -107,9 +109,14 @@ def lora_save(ctx, filename_prefix: str, rank: int, lora_type: str, bias_diff: b
         if not isinstance(clip, ClipHandle):
             raise NodeError(f"expected a CLIP, got {type(clip).__name__}", "text_encoder_diff")
         for spec in clip.family.text_encoders:
+            # parts built on first use (a Qwen-VL's vision tower) are read when the difference patches them
             part = read_module(lambda module=spec.module: clip.encoder(module), "text_encoder_diff")
             prefix = f"text_encoders.{clip_file_name(clip.family, spec)}.transformer."
             state.update(_factors(part.state_dict(), {}, prefix, rank, full, bool(bias_diff)))
+            left = pending(clip.peek(spec.module))
+            if left:
+                ctx.message(f"{spec.module}: {', '.join(left)} (built only when a job needs it) is left out of the "
+                            "LoRA: the difference does not patch it")
     if not state:
         raise NodeError("the difference is zero everywhere: there is no LoRA to write", "model_diff")
     return Result(ui={"loras": [save_tensors(ctx, state, filename_prefix)]})

@@ -81,7 +81,7 @@ def merge_clips(ctx, clip1: Any, clip2: Any, label: str, own: float, other: floa
                          lambda name: (own, other), skip=lambda name: name.endswith(CLIP_KEPT))
         if patches:
             tables[spec.module] = patches
-            sources[spec.module] = lambda module=spec.module: clip2.encoder(module)
+            sources[spec.module] = lambda module=spec.module: clip2.whole_encoder(module)  # towers, rebuilt
     if not tables:
         raise NodeError(f"clip2 ({clip2.family.name}) shares no text-encoder weight with clip1 "
                         f"({clip1.family.name})", "clip2")

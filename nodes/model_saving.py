@@ -51,14 +51,6 @@ def read_module(use: Callable[[], contextlib.AbstractContextManager], input_name
         return _Snapshot(module, input_name)
 
 
-def whole_encoder(clip: ClipHandle, module: str) -> contextlib.AbstractContextManager:
-    """Text encoder ``module`` with every part it leaves to build on first use built (nodes.runtime.deferred:
-    a Qwen-VL's vision tower), so a saved file holds the whole model, as the file it was loaded from did."""
-    from nodes.runtime.deferred import pending
-
-    return clip.encoder(module, pending(clip.peek(module)))
-
-
 def _check(value: Any, kind: type, name: str) -> None:
     if not isinstance(value, kind):
         raise NodeError(f"expected a {name.upper()} from a loader, got {type(value).__name__}", name)
@@ -99,7 +91,7 @@ def checkpoint_save(ctx, model, clip, vae, filename_prefix: str = "checkpoints/K
         raise NodeError(f"the CLIP is a {clip.family.name} one and the model a {model.family.name} one", "clip")
     parts: dict[str, Any] = {"unet": read_module(model.unet, "model"), "vae": read_module(vae.module, "vae")}
     for spec in clip.family.text_encoders:
-        parts[spec.module] = read_module(lambda module=spec.module: whole_encoder(clip, module), "clip")
+        parts[spec.module] = read_module(lambda module=spec.module: clip.whole_encoder(module), "clip")
     state = components_to_original(parts, model.prediction_type)
     return Result(ui={"checkpoints": [save_tensors(ctx, state, filename_prefix)]})
 
@@ -143,7 +135,7 @@ def clip_save(ctx, clip, filename_prefix: str = "clip/Kiln"):
     _check(clip, ClipHandle, "clip")
     saved = []
     for spec in clip.family.text_encoders:
-        part = read_module(lambda module=spec.module: whole_encoder(clip, module), "clip")
+        part = read_module(lambda module=spec.module: clip.whole_encoder(module), "clip")
         saved.append(save_tensors(ctx, part.state_dict(), f"{filename_prefix}_{clip_file_name(clip.family, spec)}"))
     return Result(ui={"clip": saved})
 

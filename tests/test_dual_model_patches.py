@@ -7,7 +7,9 @@ model's prediction as the unconditional one, and PAG's perturbed pass runs on ``
 positive prompt. The claims: with one model on both sides the guider equals CFGGuider with the same
 patch (one evaluation within 1e-5, whole runs within run-to-run rounding), and the patch changes the
 result; with two models each patch's formula, written out here, holds on (positive model's cond,
-negative model's uncond); what ComfyUI's guider never applies is refused naming the input.
+negative model's uncond); what ComfyUI's guider never applies is refused naming the input. Network
+patches (FreeU here) stay on the network of the MODEL they are on, equal to the hooks put there by hand;
+one loaded network on both inputs is patched once.
 """
 from __future__ import annotations
 
@@ -128,15 +130,19 @@ def test_whole_runs_through_the_nodes_equal_cfg_guider(sd1):
     """SamplerCustomAdvanced with DualModelGuider (the patched model on both inputs, as a user wires it)
     equals CFGGuider on that model: the dual run makes its two network calls one by one where CFGGuider
     batches them, which moves the latent (about 70 in size) by rounding only."""
-    patched = PATCHES["PAG"](PATCHES["RescaleCFG"](sd1.model))
-    ctx = Recorder().ctx
-    (guider,) = dm.dual_model_guider(ctx, model=patched, positive=sd1.pos, cfg=CFG, model_negative=patched,
-                                     negative=sd1.neg)
-    ours = _sample(sd1, guider)
-    want = _sample(sd1, cs.cfg_guider(ctx, patched, sd1.pos, sd1.neg, CFG)[0])
-    plain = _sample(sd1, cs.cfg_guider(ctx, sd1.model, sd1.pos, sd1.neg, CFG)[0])
+    ours, want, plain = _same_model_runs(sd1, PATCHES["PAG"](PATCHES["RescaleCFG"](sd1.model)))
     assert (ours - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert (want - plain).abs().max().item() > 0.1  # the patches act on the run
+
+
+def _same_model_runs(tiny, patched):
+    """(DualModelGuider with ``patched`` on both inputs, CFGGuider on ``patched``, CFGGuider on the tiny
+    model unpatched): whole runs through the nodes."""
+    ctx = Recorder().ctx
+    (guider,) = dm.dual_model_guider(ctx, model=patched, positive=tiny.pos, cfg=CFG, model_negative=patched,
+                                     negative=tiny.neg)
+    return _sample(tiny, guider), _sample(tiny, cs.cfg_guider(ctx, patched, tiny.pos, tiny.neg, CFG)[0]), \
+        _sample(tiny, cs.cfg_guider(ctx, tiny.model, tiny.pos, tiny.neg, CFG)[0])
 
 
 # -- two models: each patch on (positive model's cond, negative model's uncond) ----------------------
@@ -245,3 +251,85 @@ def test_what_comfyuis_guider_leaves_out_is_refused_naming_the_input(sd1, other)
     # the patched model on both inputs, or on model alone: the patch is model's, applied once
     _guider(sd1, rescaled, rescaled)
     _guider(sd1, rescaled, other)
+
+
+# -- network patches: each network keeps its own MODEL's ---------------------------------------------
+
+FREEU = dict(b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+
+
+def _freeu(handle):
+    return mp.freeu(Recorder().ctx, handle, **FREEU)[0]
+
+
+def _hooked(handle, settings):
+    """``handle`` whose network carries FreeU's hooks on every use, put there by hand: the reference the
+    loop's FreeU patch must equal, on whichever side it sits."""
+    from nodes.families import freeu
+
+    @contextlib.contextmanager
+    def use():
+        with handle.unet() as unet, freeu.applied(unet, settings):
+            yield unet
+
+    return dataclasses.replace(handle, _use_unet=use)
+
+
+def test_a_network_patch_runs_on_the_network_of_the_model_it_is_on(sd1, model, other):
+    """FreeU on model_negative changes the run, as FreeU hooked by hand on the negative network does; FreeU
+    on model still acts, on the positive network only; on both, on both."""
+    settings = _freeu(model).patches.freeu
+    ctx = Recorder().ctx
+
+    def run(positive_model, negative_model):
+        return _sample(sd1, dm.dual_model_guider(ctx, model=positive_model, positive=sd1.pos, cfg=CFG,
+                                                 model_negative=negative_model, negative=sd1.neg)[0])
+
+    plain = run(model, other)
+    scale = plain.abs().max().item()
+    on_negative, on_positive, on_both = run(model, _freeu(other)), run(_freeu(model), other), \
+        run(_freeu(model), _freeu(other))
+    by_hand = {"negative": run(model, _hooked(other, settings)), "positive": run(_hooked(model, settings), other),
+               "both": run(_hooked(model, settings), _hooked(other, settings))}
+    for ours, side in ((on_negative, "negative"), (on_positive, "positive"), (on_both, "both")):
+        assert (ours - by_hand[side]).abs().max().item() <= 1e-6 * scale, side
+        assert (ours - plain).abs().max().item() > 1e-3 * scale, side  # the patch acts
+    assert (on_positive - on_both).abs().max().item() > 1e-3 * scale  # model's FreeU stays off the negative pass
+
+
+def test_the_node_says_where_a_patch_on_one_model_differs_from_comfyui(sd1, model, other):
+    for positive_model, negative_model, said in ((_freeu(model), other, True), (model, _freeu(other), True),
+                                                 (_freeu(model), _freeu(other), False)):
+        rec = Recorder()
+        dm.dual_model_guider(rec.ctx, model=positive_model, positive=sd1.pos, cfg=CFG, model_negative=negative_model,
+                             negative=sd1.neg)
+        assert any("FreeU" in m and "ComfyUI" in m for m in rec.messages) == said
+
+
+def test_one_loaded_network_on_both_inputs_is_patched_once(sd1):
+    """model and model_negative over one module: the same MODEL (here with its attention scaled, a weight
+    patch like a LoRA) is CFGGuider on it, its patch applied once, not once per input; MODELs that patch
+    that one module two ways are refused naming model_negative."""
+    from nodes import attention_multiply as am
+
+    ctx = Recorder().ctx
+    scaled, = am.unet_self_attention_multiply(ctx, sd1.model, q=1.5, k=1.0, v=1.0, out=1.0)
+    ours, want, plain = _same_model_runs(sd1, scaled)
+    assert (ours - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert (want - plain).abs().max().item() > 0.1
+    for positive_model, negative_model in ((scaled, sd1.model), (_freeu(sd1.model), sd1.model)):
+        (guider,) = dm.dual_model_guider(ctx, model=positive_model, positive=sd1.pos, cfg=CFG,
+                                         model_negative=negative_model, negative=sd1.neg)
+        with pytest.raises(NodeError) as err:
+            _sample(sd1, guider)
+        assert err.value.input_name == "model_negative" and "one network" in str(err.value)
+
+
+def test_sampling_level_patches_on_model_negative_alone_are_refused(sd1, other):
+    """DifferentialDiffusion acts on the whole run (the noise mask's hold), not on one network: ComfyUI's
+    guider reads it from model only, so on model_negative alone it is refused, as the guidance patches are."""
+    blended, = mp.differential_diffusion(Recorder().ctx, other, 1.0)
+    with pytest.raises(NodeError) as err:
+        _guider(sd1, sd1.model, blended)
+    assert err.value.input_name == "model_negative"
+    _guider(sd1, mp.differential_diffusion(Recorder().ctx, sd1.model, 1.0)[0], other)

@@ -176,3 +176,44 @@ def test_clipsave_writes_the_tower_it_has_not_built_yet(env):
     source = _source().state_dict()
     assert set(got) == set(source) and any(k.startswith("visual.") for k in got)
     assert all(torch.equal(got[k], source[k]) for k in source)
+
+
+def test_lora_save_reads_the_tower_a_reload_left_waiting(env, root):
+    """LoraSave of CLIPMergeSubtract(a CLIP with a tower LoRA, a second copy of its file) after the model
+    manager dropped both encoders, so their towers wait again: the file holds the towers' difference (the
+    LoRA's up @ down), where the LoRA and the merge once failed to find the towers' weights. A difference
+    that does not patch the waiting tower leaves it out and says so."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from nodes import lora_extract, model_merging
+    from nodes.lora import apply_lora
+
+    _, up, down = tower_and_text_loras(root, _source(), "vl-tower", "vl-text")
+    (path,) = root.rglob(FILES["clip"])
+    copy = path.with_name("tiny-qwen_2.5_vl-copy.safetensors")
+    shutil.copyfile(path, copy)
+    clip = _clip(env)
+    (base,) = call(split_loaders.clip_loader, env, clip_name=copy.name, type="qwen_image")
+    _, tower_lora = apply_lora(lora_context(env, []), "vl-tower.safetensors", None, clip, 0.0, 1.0)
+    _, text_lora = apply_lora(lora_context(env, []), "vl-text.safetensors", None, clip, 0.0, 1.0)
+    (diff,) = call(model_merging.clip_merge_subtract, env, clip1=tower_lora, clip2=base, multiplier=1.0)
+    assert base.peek("text_encoder") is not clip.peek("text_encoder")  # two modules: the merge reads the second
+
+    def saved(difference, name: str):
+        env.models.unload_all()
+        assert _unbuilt(difference.peek("text_encoder")) and _unbuilt(base.peek("text_encoder"))  # waiting again
+        record = Called()
+        call(lora_extract.lora_save, env, record, filename_prefix=f"loras/{name}", rank=2, lora_type="full_diff",
+             bias_diff=False, text_encoder_diff=difference)
+        (entry,) = record.ui["loras"]
+        return load_file(str(env.paths.output.root / entry["subfolder"] / entry["filename"])), record.messages
+
+    got, messages = saved(diff, "tower")
+    (qkv,) = [k for k in got if k.endswith("visual.blocks.0.attn.qkv.diff")]
+    assert torch.allclose(got[qkv].float(), up @ down, atol=1e-2, rtol=1e-2) and float(got[qkv].abs().max()) > 0.1
+    assert not any("left out" in m for m in messages)
+    got, messages = saved(text_lora, "text")
+    assert not any("visual." in k for k in got) and any(k.endswith("mlp.up_proj.diff") for k in got)
+    assert any("visual" in m and "left out" in m for m in messages)

@@ -107,9 +107,22 @@ class WrappedTransformer:
         self.transformer = transformer
         self.device, self.dtype = compute_device(transformer), compute_dtype(transformer)
 
+    #: Whether the network checks a prompt's width itself, in its call, after its family's other checks,
+    #: rather than the denoiser before the first call (nodes.families.denoiser._check_width): FLUX's, so a
+    #: prompt without the pooled output it needs is named for that first.
+    checks_width_in_call: bool = False
+
     @property
     def kiln_network(self) -> Any:
         return self.transformer
+
+    @property
+    def text_width(self) -> int | None:
+        """The conditioning width the transformer reads, which the denoiser checks each prompt against:
+        its config's ``joint_attention_dim`` (FLUX-style, Qwen-Image-style and SD3 transformers), None
+        where it has none; families whose transformers name it otherwise override this."""
+        width = getattr(self.transformer.config, "joint_attention_dim", None)
+        return None if width is None else int(width)
 
 
 @dataclass

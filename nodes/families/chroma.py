@@ -51,11 +51,6 @@ MASK = "chroma_text_mask"
 class ChromaNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
-    @property
-    def text_width(self) -> int:
-        """The conditioning width the transformer reads (T5-XXL's 4096 in the release)."""
-        return int(self.transformer.config.joint_attention_dim)
-
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  text_mask: "Any" = None, **kwargs: Any) -> tuple:
         """``text_mask``: [B, text tokens] (see :meth:`Chroma.network_kwargs`), or None for no mask."""

@@ -422,6 +422,8 @@ def _check_references(family: Family, entries: list) -> None:
 def _check_width(network: Any, family: Family, entries: list) -> None:
     """A prompt encoded by another model's CLIP (SDXL base's on the refiner, SD 1.5's on SDXL) is
     an error naming the input, not a matrix-shape failure deep in the network."""
+    if getattr(network, "checks_width_in_call", False):  # FLUX: after its pooled-output check
+        return
     width = getattr(network, "text_width", None)  # a wrapped transformer states its own (SD3)
     if width is None:
         width = getattr(getattr(network, "config", None), "cross_attention_dim", None)

@@ -26,6 +26,19 @@ without a CFGOverride (it returns the positive prediction with no CFG function),
 ``model_negative`` that ``model`` lacks (its options are never read). Steps a CFGOverride window sets to
 cfg 1 are the positive prediction alone, unpatched, as in ComfyUI.
 
+The model's other patches follow one rule: each network keeps the patches of the MODEL it came from.
+LoRAs and the attention multipliers are already the handle's (``ModelHandle.unet`` patches the weights);
+the hooks the sampling loop puts on a network (FreeU, Deep Shrink, HyperTile, ToMe, FluxKVCache,
+DiffSynth's blockwise ControlNets, :data:`NETWORK_PATCHES`) go on each network with its own MODEL's
+settings (:meth:`DualModel.apart`), and the model's own ControlNet reaches the negative side only from
+``model_negative``. ComfyUI's guider differs here: it hands the positive model's options to the negative
+pass too (its transformer patches act on both networks) and never reads ``model_negative``'s; the node says
+so where a patch is on one MODEL only (:func:`notes`), and the same patch on both gives ComfyUI's result.
+Where the two MODELs are one loaded network (one module cannot run two ways in one step) their LoRAs and
+network patches must agree, and are then applied once (:func:`check_shared`). The sampling-level patches
+(EasyCache/LazyCache, DifferentialDiffusion) stay the guider's model's, as ComfyUI's; on ``model_negative``
+alone they are refused with the guidance patches.
+
 Not as in ComfyUI: CFGOverride is refused on guiders without a single cfg (DualCFGGuider, PerpNegGuider)
 and on runs at cfg 1 (whose negative is never evaluated); with DualModelGuider the deprecated PerpNeg patch
 (a CFG function of its own), SelfAttentionGuidance and skip-layer guidance (post-CFG passes over the
@@ -64,17 +77,30 @@ class DualModel:
     middle: Any = None
     #: The negative model's network, while :meth:`opened` holds it.
     network: Any = None
+    #: The negative model's network is the positive one (one loaded model): hooked and patched once.
+    shared: bool = False
 
     @contextlib.contextmanager
-    def opened(self, evaluated: bool) -> Iterator["DualModel"]:
+    def opened(self, evaluated: bool, model: Any = None, held: Any = None) -> Iterator["DualModel"]:
         """This spec with the negative model's network held (loaded, patched) for the run, when the run
         ``evaluated`` its negative side (cfg other than 1, or a CFGOverride that may set one); otherwise
-        it is not held, as ComfyUI does not load it onto the device."""
+        it is not held, as ComfyUI does not load it onto the device. ``model``, ``held``: the guider's
+        model and its network, already held with its LoRAs: where the negative network is that module,
+        it is not patched a second time and the two MODELs must agree (:func:`check_shared`)."""
         if not evaluated:
             yield self
             return
-        with self.model_negative.unet() as network:
-            yield dataclasses.replace(self, network=network)
+        with self.model_negative.unet_beside(held) as (network, shared):
+            if shared and model is not None:
+                check_shared(model, self.model_negative)
+            yield dataclasses.replace(self, network=network, shared=shared)
+
+    def apart(self) -> tuple:
+        """(network, patches, family) of the negative network for the loop to hook with its own MODEL's
+        patches (:data:`NETWORK_PATCHES`); none when it is not held or is the positive network itself."""
+        if self.network is None or self.shared:
+            return ()
+        return ((self.network, self.model_negative.patches, self.model_negative.family),)
 
     def denoiser(self, network: Any, family: "Family", *, positive: Any, negative: Any, cfg: float,
                  cfg_rescale: float = 0.0, pag_scale: float = 0.0, guidance: tuple = (),
@@ -91,7 +117,15 @@ class DualModel:
 
 
 #: The patches ComfyUI's DualModelGuider reads from its guider's model (model_options): compared on model_negative.
-GUIDER_PATCHES = ("cfg_rescale", "pag_scale", "guidance", "perp_neg", "cfg_overrides")
+#: The last four act on the sampling of both sides at once (or are refused with this guider), not on one network.
+GUIDER_PATCHES = ("cfg_rescale", "pag_scale", "guidance", "perp_neg", "cfg_overrides",
+                  "step_cache", "differential_diffusion", "self_attention", "skip_layers")
+#: The patches that hook one network while sampling runs, by the node that sets them: each network
+#: keeps its own MODEL's (:meth:`DualModel.apart`). model_control is the model's own ControlNet, which
+#: each side's Denoiser stacks on its conditioning.
+NETWORK_PATCHES = {"freeu": "FreeU", "deep_shrink": "PatchModelAddDownscale", "hypertile": "HyperTile",
+                   "tome": "TomePatchModel", "reference_kv": "FluxKVCache",
+                   "blockwise": "QwenImageDiffsynthControlnet", "model_control": "QwenImageDiffsynthControlnet"}
 #: Pre-CFG guidance rules by the node that makes them (those whose node name is not their class name).
 _NODE_NAMES = {"LatentOperationCFG": "LatentApplyOperationCFG"}
 
@@ -127,9 +161,37 @@ def check_guider(model: Any, model_negative: Any, cfg: float) -> None:
     theirs = model_negative.patches
     if any(getattr(theirs, name) not in (getattr(patches, name), getattr(unpatched, name)) for name in GUIDER_PATCHES):
         raise ConditioningError("model_negative carries guidance patches (RescaleCFG, PAG, the CFG rules, "
-                                "CFGOverride) that model does not: DualModelGuider guides both sides with "
+                                "CFGOverride, a step cache, DifferentialDiffusion, SAG, skip-layer guidance) "
+                                "that model does not: DualModelGuider guides both sides with "
                                 "model's, as ComfyUI's reads only its model's options; patch model instead",
                                 "model_negative")
+
+
+def notes(model: Any, model_negative: Any) -> list[str]:
+    """One line per network patch (:data:`NETWORK_PATCHES`) that the two MODELs do not share, saying
+    where it runs here and how ComfyUI's guider would run it (model's on both passes, model_negative's not
+    at all)."""
+    mine, theirs = model.patches, model_negative.patches
+    found = {node for name, node in NETWORK_PATCHES.items() if getattr(mine, name) != getattr(theirs, name)}
+    return [f"{node}: each MODEL's patch runs on its own pass here (model's on the positive, model_negative's "
+            "on the negative), where ComfyUI's DualModelGuider runs model's on both passes and ignores "
+            "model_negative's: put the same patch on both MODELs for ComfyUI's result" for node in sorted(found)]
+
+
+def check_shared(model: Any, model_negative: Any) -> None:
+    """ConditioningError (naming ``model_negative``) when the two MODELs are one loaded network with other
+    LoRAs or network patches: the module can carry only one set at a time, so one side would silently run
+    the other's."""
+    same_loras = len(model.loras) == len(model_negative.loras) and \
+        all(a is b for a, b in zip(model.loras, model_negative.loras))
+    differ = [node for name, node in NETWORK_PATCHES.items()
+              if getattr(model.patches, name) != getattr(model_negative.patches, name)]
+    if same_loras and not differ:
+        return
+    what = ", ".join(([] if same_loras else ["LoRAs or attention multipliers"]) + sorted(set(differ)))
+    raise ConditioningError(f"model_negative is the same loaded network as model, with other {what}: one network "
+                            "cannot run two ways in one step. Connect the same MODEL to both inputs (or use "
+                            "CFGGuider), or load a different model as model_negative", "model_negative")
 
 
 class DualModelDenoiser:
@@ -151,7 +213,7 @@ class DualModelDenoiser:
                              names=("positive", "positive"), **(patches or {}), **common)
         self.uncond = None if spec.network is None else Denoiser(
             spec.network, spec.model_negative.family, positive=negative, negative=None, cfg=1.0,
-            names=("negative", "negative"), **common)
+            names=("negative", "negative"), **dict(common, control=spec.model_negative.patches.model_control))
         self.last_uncond: "torch.Tensor | None" = None
 
     def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":

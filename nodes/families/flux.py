@@ -102,6 +102,8 @@ def _pad_control(kwargs: dict, tokens: int) -> None:
 class FluxNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
+    checks_width_in_call = True
+
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  reference_latents: "flux_references.References | None" = None,
                  attention_bias: "list[attention_bias_rule.TextBias] | None" = None,
@@ -115,7 +117,7 @@ class FluxNetwork(WrappedTransformer):
         b, _, h, w = x.shape
         check_even_latent("FLUX", h, w)
         # after the family's pooled-output check (network_kwargs), so a prompt without one is named for that first
-        check_text_width("FLUX", encoder_hidden_states.shape[-1], int(self.transformer.config.joint_attention_dim),
+        check_text_width("FLUX", encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with FLUX's CLIP-L and T5-XXL: DualCLIPLoader type flux")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)

@@ -85,10 +85,6 @@ def text_ids(length: int, device: Any, dtype: Any) -> "Any":
 class Flux2Network(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
-    @property
-    def text_width(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
         """``reference_latents``: images the network reads beside ``x`` (the klein edit templates);

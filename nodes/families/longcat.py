@@ -80,10 +80,6 @@ def shifted(ids: "Any", tokens: int) -> "Any":
 class LongCatNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
-    @property
-    def text_width(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  reference_latents: "flux_references.References | None" = None, **kwargs: Any) -> tuple:
         """``reference_latents``: the Edit model's input picture (its tokens follow the image's, at index 2

@@ -58,11 +58,6 @@ def text_ids(tokens: int, device: Any) -> "Any":
 class OvisNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
-    @property
-    def text_width(self) -> int:
-        """The text width it reads (Ovis 2.5's Qwen3 hidden size, 2048 in the release)."""
-        return int(self.transformer.config.joint_attention_dim)
-
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  **kwargs: Any) -> tuple:
         import torch

@@ -73,11 +73,6 @@ SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timest
 class QwenImageNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
-    @property
-    def text_width(self) -> int:
-        """The conditioning width the transformer reads (Qwen2.5-VL 7B's 3584 in the release)."""
-        return int(self.transformer.config.joint_attention_dim)
-
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  text_mask: "Any" = None, reference_latents: "flux_references.References | None" = None,
                  **kwargs: Any) -> tuple:

@@ -66,11 +66,6 @@ def is_sd3_transformer(shapes: Shapes) -> bool:
 class SD3Network(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
-    @property
-    def text_width(self) -> int:
-        """The conditioning width the transformer reads (the denoiser checks each input against it)."""
-        return int(self.transformer.config.joint_attention_dim)
-
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  **kwargs: Any) -> tuple:
         import torch
@@ -80,8 +75,7 @@ class SD3Network(WrappedTransformer):
         if h % patch or w % patch:
             raise ConditioningError(f"an SD3 latent needs a size divisible by {patch}, got {h}x{w} (use multiples "
                                     f"of {8 * patch} pixels)", "latent_image")
-        width = int(self.transformer.config.joint_attention_dim)
-        check_text_width("SD3", encoder_hidden_states.shape[-1], width,
+        check_text_width("SD3", encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with SD3's CLIP: TripleCLIPLoader, or an SD3 checkpoint with its text "
                          "encoders")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)

@@ -212,7 +212,7 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
     try:
         opened = getattr(dual, "opened", None)  # a guider with a second model (DualModelGuider) holds it too
         with model.unet() as unet, (contextlib.nullcontext(dual) if opened is None else
-                                        opened(guider.cfg != 1.0 or bool(model.patches.cfg_overrides))) as dual:
+                                        opened(guider.cfg != 1.0 or bool(model.patches.cfg_overrides), model, unet)) as dual:
             say_if_offloaded(unet, ctx.message)
             result = loop.run(unet, plan, positive=prep.positive, negative=prep.negative, cfg=guider.cfg,
                               generators=generators, family=model.family, latent=model.latent,

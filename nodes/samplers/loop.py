@@ -11,6 +11,7 @@ guidance, combining conditionings) is the family's denoiser
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -43,17 +44,15 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     attention and the guidance rules go to the denoiser, FreeU, Deep Shrink and blockwise ControlNets hook
     the network while the loop runs).
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
-    nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser;
+    nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser, or a
+    nodes.families.dual_model.DualModel (DualModelGuider's second network, hooked with its own MODEL's patches);
     for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
     ``say``: where the step cache's summary goes (the node's message), when the model has one.
     """
     import torch
 
-    from nodes.control import blockwise
-    from nodes.families.deep_shrink import applied as deep_shrink_applied
     from nodes.families.denoiser import Denoiser
-    from nodes.families.freeu import applied as freeu_applied
-    from nodes.families import dual_model, hypertile, reference_kv, tome
+    from nodes.families import dual_model
     from nodes.handles import SamplingPatches
     from nodes.runtime.offload import compute_device
     from nodes.samplers.schedules import training_schedule
@@ -88,12 +87,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if hold is not None:
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
-    with torch.inference_mode(), freeu_applied(network, patches.freeu), \
-            deep_shrink_applied(network, patches.deep_shrink, schedule), \
-            hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)), \
-            tome.applied(network, patches.tome, _tile_generator(patches, generators, x)), \
-            blockwise.applied(network, patches.blockwise, family, tuple(x.shape)), \
-            reference_kv.applied(network, patches.reference_kv):
+    # each network with its own MODEL's hooks: a second model's (DualModelGuider) with its own
+    hooked = ((network, patches, family), *(dual.apart() if hasattr(dual, "apart") else ()))
+    with torch.inference_mode(), contextlib.ExitStack() as hooks:
+        for each in hooked:
+            _hook(hooks, *each, schedule, x, generators)
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
@@ -125,6 +123,21 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if cache is not None and say is not None:
         say(cache.summary())
     return x
+
+
+def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Family, schedule: Any,
+          x: "torch.Tensor", generators: list) -> None:
+    """Put ``patches``' network hooks (FreeU, Deep Shrink, HyperTile, ToMe, blockwise ControlNets,
+    FluxKVCache) on ``network`` until ``hooks`` closes."""
+    from nodes.control import blockwise
+    from nodes.families import deep_shrink, freeu, hypertile, reference_kv, tome
+
+    hooks.enter_context(freeu.applied(network, patches.freeu))
+    hooks.enter_context(deep_shrink.applied(network, patches.deep_shrink, schedule))
+    hooks.enter_context(hypertile.applied(network, patches.hypertile, _tile_generator(patches, generators, x)))
+    hooks.enter_context(tome.applied(network, patches.tome, _tile_generator(patches, generators, x)))
+    hooks.enter_context(blockwise.applied(network, patches.blockwise, family, tuple(x.shape)))
+    hooks.enter_context(reference_kv.applied(network, patches.reference_kv))
 
 
 def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
