@@ -8,8 +8,9 @@ positive prompt. The claims: with one model on both sides the guider equals CFGG
 patch (one evaluation within 1e-5, whole runs within run-to-run rounding), and the patch changes the
 result; with two models each patch's formula, written out here, holds on (positive model's cond,
 negative model's uncond); what ComfyUI's guider never applies is refused naming the input. Network
-patches (FreeU here) stay on the network of the MODEL they are on, equal to the hooks put there by hand;
-one loaded network on both inputs is patched once.
+patches (FreeU here) are model's on both networks, as ComfyUI runs both passes with model's options,
+equal to the hooks put there by hand; model_negative's are not used (the node says so); one loaded
+network on both inputs is patched once.
 """
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ def test_what_comfyuis_guider_leaves_out_is_refused_naming_the_input(sd1, other)
     _guider(sd1, rescaled, other)
 
 
-# -- network patches: each network keeps its own MODEL's ---------------------------------------------
+# -- network patches: model's on both networks, as ComfyUI's guider runs them --------------------------
 
 FREEU = dict(b1=1.3, b2=1.4, s1=0.9, s2=0.2)
 
@@ -264,7 +265,7 @@ def _freeu(handle):
 
 def _hooked(handle, settings):
     """``handle`` whose network carries FreeU's hooks on every use, put there by hand: the reference the
-    loop's FreeU patch must equal, on whichever side it sits."""
+    loop's FreeU patch must equal."""
     from nodes.families import freeu
 
     @contextlib.contextmanager
@@ -275,9 +276,9 @@ def _hooked(handle, settings):
     return dataclasses.replace(handle, _use_unet=use)
 
 
-def test_a_network_patch_runs_on_the_network_of_the_model_it_is_on(sd1, model, other):
-    """FreeU on model_negative changes the run, as FreeU hooked by hand on the negative network does; FreeU
-    on model still acts, on the positive network only; on both, on both."""
+def test_a_network_patch_on_model_runs_on_both_networks(sd1, model, other):
+    """FreeU on model equals FreeU hooked by hand on both networks (ComfyUI hands model's options to the
+    negative pass), not on the positive one alone; FreeU on model_negative alone is not used."""
     settings = _freeu(model).patches.freeu
     ctx = Recorder().ctx
 
@@ -287,29 +288,30 @@ def test_a_network_patch_runs_on_the_network_of_the_model_it_is_on(sd1, model, o
 
     plain = run(model, other)
     scale = plain.abs().max().item()
-    on_negative, on_positive, on_both = run(model, _freeu(other)), run(_freeu(model), other), \
-        run(_freeu(model), _freeu(other))
-    by_hand = {"negative": run(model, _hooked(other, settings)), "positive": run(_hooked(model, settings), other),
-               "both": run(_hooked(model, settings), _hooked(other, settings))}
-    for ours, side in ((on_negative, "negative"), (on_positive, "positive"), (on_both, "both")):
-        assert (ours - by_hand[side]).abs().max().item() <= 1e-6 * scale, side
-        assert (ours - plain).abs().max().item() > 1e-3 * scale, side  # the patch acts
-    assert (on_positive - on_both).abs().max().item() > 1e-3 * scale  # model's FreeU stays off the negative pass
+    on_model, on_both = run(_freeu(model), other), run(_freeu(model), _freeu(other))
+    both_by_hand = run(_hooked(model, settings), _hooked(other, settings))
+    positive_by_hand = run(_hooked(model, settings), other)
+    for ours in (on_model, on_both):
+        assert (ours - both_by_hand).abs().max().item() <= 1e-6 * scale
+    assert (on_model - plain).abs().max().item() > 1e-3 * scale  # the patch acts
+    assert (on_model - positive_by_hand).abs().max().item() > 1e-3 * scale  # and reaches the negative pass
+    assert (run(model, _freeu(other)) - plain).abs().max().item() <= 1e-6 * scale  # model_negative's: unused
 
 
-def test_the_node_says_where_a_patch_on_one_model_differs_from_comfyui(sd1, model, other):
-    for positive_model, negative_model, said in ((_freeu(model), other, True), (model, _freeu(other), True),
+def test_the_node_says_a_patch_on_model_negative_alone_is_not_used(sd1, model, other):
+    for positive_model, negative_model, said in ((_freeu(model), other, False), (model, _freeu(other), True),
                                                  (_freeu(model), _freeu(other), False)):
         rec = Recorder()
         dm.dual_model_guider(rec.ctx, model=positive_model, positive=sd1.pos, cfg=CFG, model_negative=negative_model,
                              negative=sd1.neg)
-        assert any("FreeU" in m and "ComfyUI" in m for m in rec.messages) == said
+        assert any("FreeU on model_negative is not used" in m for m in rec.messages) == said
 
 
 def test_one_loaded_network_on_both_inputs_is_patched_once(sd1):
     """model and model_negative over one module: the same MODEL (here with its attention scaled, a weight
     patch like a LoRA) is CFGGuider on it, its patch applied once, not once per input; MODELs that patch
-    that one module two ways are refused naming model_negative."""
+    that one module with two sets of weights are refused naming model_negative; FreeU on model alone
+    runs on the one network, as CFGGuider with it."""
     from nodes import attention_multiply as am
 
     ctx = Recorder().ctx
@@ -317,12 +319,17 @@ def test_one_loaded_network_on_both_inputs_is_patched_once(sd1):
     ours, want, plain = _same_model_runs(sd1, scaled)
     assert (ours - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert (want - plain).abs().max().item() > 0.1
-    for positive_model, negative_model in ((scaled, sd1.model), (_freeu(sd1.model), sd1.model)):
-        (guider,) = dm.dual_model_guider(ctx, model=positive_model, positive=sd1.pos, cfg=CFG,
-                                         model_negative=negative_model, negative=sd1.neg)
-        with pytest.raises(NodeError) as err:
-            _sample(sd1, guider)
-        assert err.value.input_name == "model_negative" and "one network" in str(err.value)
+    (guider,) = dm.dual_model_guider(ctx, model=scaled, positive=sd1.pos, cfg=CFG, model_negative=sd1.model,
+                                     negative=sd1.neg)
+    with pytest.raises(NodeError) as err:
+        _sample(sd1, guider)
+    assert err.value.input_name == "model_negative" and "one network" in str(err.value)
+    freeu_model = _freeu(sd1.model)
+    (guider,) = dm.dual_model_guider(ctx, model=freeu_model, positive=sd1.pos, cfg=CFG, model_negative=sd1.model,
+                                     negative=sd1.neg)
+    with_freeu = _sample(sd1, cs.cfg_guider(ctx, freeu_model, sd1.pos, sd1.neg, CFG)[0])
+    assert (_sample(sd1, guider) - with_freeu).abs().max().item() <= 1e-5 * with_freeu.abs().max().item()
+    assert (with_freeu - plain).abs().max().item() > 0.1  # FreeU acts
 
 
 def test_sampling_level_patches_on_model_negative_alone_are_refused(sd1, other):

@@ -26,18 +26,17 @@ without a CFGOverride (it returns the positive prediction with no CFG function),
 ``model_negative`` that ``model`` lacks (its options are never read). Steps a CFGOverride window sets to
 cfg 1 are the positive prediction alone, unpatched, as in ComfyUI.
 
-The model's other patches follow one rule: each network keeps the patches of the MODEL it came from.
-LoRAs and the attention multipliers are already the handle's (``ModelHandle.unet`` patches the weights);
-the hooks the sampling loop puts on a network (FreeU, Deep Shrink, HyperTile, ToMe, FluxKVCache,
-DiffSynth's blockwise ControlNets, :data:`NETWORK_PATCHES`) go on each network with its own MODEL's
-settings (:meth:`DualModel.apart`), and the model's own ControlNet reaches the negative side only from
-``model_negative``. ComfyUI's guider differs here: it hands the positive model's options to the negative
-pass too (its transformer patches act on both networks) and never reads ``model_negative``'s; the node says
-so where a patch is on one MODEL only (:func:`notes`), and the same patch on both gives ComfyUI's result.
-Where the two MODELs are one loaded network (one module cannot run two ways in one step) their LoRAs and
-network patches must agree, and are then applied once (:func:`check_shared`). The sampling-level patches
-(EasyCache/LazyCache, DifferentialDiffusion) stay the guider's model's, as ComfyUI's; on ``model_negative``
-alone they are refused with the guidance patches.
+The model's other patches follow ComfyUI's guider too. LoRAs and the attention multipliers are each
+handle's own (``ModelHandle.unet`` patches the weights), as ComfyUI loads each model with its own weight
+patches. The hooks the sampling loop puts on a network (FreeU, Deep Shrink, HyperTile, ToMe, FluxKVCache,
+DiffSynth's blockwise ControlNets and the model's own ControlNet, :data:`NETWORK_PATCHES`) are model
+options in ComfyUI, and its guider runs the negative pass with the positive ``model``'s options: so ``model``'s
+hooks go on both networks (:meth:`DualModel.apart` hands the loop the negative network to hook with them)
+and ``model_negative``'s are not used; the node says so where ``model_negative`` carries one ``model`` lacks
+(:func:`notes`). Where the two MODELs are one loaded network (one module cannot carry two sets of weights in
+one step) their LoRAs must agree, and are then applied once (:func:`check_shared`). The sampling-level
+patches (EasyCache/LazyCache, DifferentialDiffusion, SAG, skip-layer guidance) are the guider's model's, as
+ComfyUI's; on ``model_negative`` alone they are refused with the guidance patches.
 
 Not as in ComfyUI: CFGOverride is refused on guiders without a single cfg (DualCFGGuider, PerpNegGuider)
 and on runs at cfg 1 (whose negative is never evaluated); with DualModelGuider the deprecated PerpNeg patch
@@ -96,11 +95,12 @@ class DualModel:
             yield dataclasses.replace(self, network=network, shared=shared)
 
     def apart(self) -> tuple:
-        """(network, patches, family) of the negative network for the loop to hook with its own MODEL's
-        patches (:data:`NETWORK_PATCHES`); none when it is not held or is the positive network itself."""
+        """(network, family) of the negative network for the loop to hook with the guider's model's network
+        patches (:data:`NETWORK_PATCHES`, as ComfyUI runs both passes with its options); none when it is
+        not held or is the positive network itself (hooked already)."""
         if self.network is None or self.shared:
             return ()
-        return ((self.network, self.model_negative.patches, self.model_negative.family),)
+        return ((self.network, self.model_negative.family),)
 
     def denoiser(self, network: Any, family: "Family", *, positive: Any, negative: Any, cfg: float,
                  cfg_rescale: float = 0.0, pag_scale: float = 0.0, guidance: tuple = (),
@@ -120,9 +120,9 @@ class DualModel:
 #: The last four act on the sampling of both sides at once (or are refused with this guider), not on one network.
 GUIDER_PATCHES = ("cfg_rescale", "pag_scale", "guidance", "perp_neg", "cfg_overrides",
                   "step_cache", "differential_diffusion", "self_attention", "skip_layers")
-#: The patches that hook one network while sampling runs, by the node that sets them: each network
-#: keeps its own MODEL's (:meth:`DualModel.apart`). model_control is the model's own ControlNet, which
-#: each side's Denoiser stacks on its conditioning.
+#: The patches that hook a network while sampling runs, by the node that sets them: model's hook both
+#: networks (:meth:`DualModel.apart`), model_negative's are not used. model_control is the model's own
+#: ControlNet, which each side's Denoiser stacks on its conditioning.
 NETWORK_PATCHES = {"freeu": "FreeU", "deep_shrink": "PatchModelAddDownscale", "hypertile": "HyperTile",
                    "tome": "TomePatchModel", "reference_kv": "FluxKVCache",
                    "blockwise": "QwenImageDiffsynthControlnet", "model_control": "QwenImageDiffsynthControlnet"}
@@ -168,30 +168,25 @@ def check_guider(model: Any, model_negative: Any, cfg: float) -> None:
 
 
 def notes(model: Any, model_negative: Any) -> list[str]:
-    """One line per network patch (:data:`NETWORK_PATCHES`) that the two MODELs do not share, saying
-    where it runs here and how ComfyUI's guider would run it (model's on both passes, model_negative's not
-    at all)."""
-    mine, theirs = model.patches, model_negative.patches
-    found = {node for name, node in NETWORK_PATCHES.items() if getattr(mine, name) != getattr(theirs, name)}
-    return [f"{node}: each MODEL's patch runs on its own pass here (model's on the positive, model_negative's "
-            "on the negative), where ComfyUI's DualModelGuider runs model's on both passes and ignores "
-            "model_negative's: put the same patch on both MODELs for ComfyUI's result" for node in sorted(found)]
+    """One line per network patch (:data:`NETWORK_PATCHES`) that ``model_negative`` carries and ``model``
+    does not: it is not used (ComfyUI's guider runs both passes with ``model``'s options)."""
+    mine, theirs, unpatched = model.patches, model_negative.patches, type(model.patches)()
+    found = {node for name, node in NETWORK_PATCHES.items()
+             if getattr(theirs, name) not in (getattr(mine, name), getattr(unpatched, name))}
+    return [f"{node} on model_negative is not used: DualModelGuider runs both networks with model's patches, "
+            "as ComfyUI's does; put it on model to apply it to both passes" for node in sorted(found)]
 
 
 def check_shared(model: Any, model_negative: Any) -> None:
     """ConditioningError (naming ``model_negative``) when the two MODELs are one loaded network with other
-    LoRAs or network patches: the module can carry only one set at a time, so one side would silently run
-    the other's."""
-    same_loras = len(model.loras) == len(model_negative.loras) and \
-        all(a is b for a, b in zip(model.loras, model_negative.loras))
-    differ = [node for name, node in NETWORK_PATCHES.items()
-              if getattr(model.patches, name) != getattr(model_negative.patches, name)]
-    if same_loras and not differ:
+    LoRAs or attention multipliers: the module carries one set of weights at a time, so one side would
+    silently run the other's."""
+    if len(model.loras) == len(model_negative.loras) and all(a is b for a, b in zip(model.loras, model_negative.loras)):
         return
-    what = ", ".join(([] if same_loras else ["LoRAs or attention multipliers"]) + sorted(set(differ)))
-    raise ConditioningError(f"model_negative is the same loaded network as model, with other {what}: one network "
-                            "cannot run two ways in one step. Connect the same MODEL to both inputs (or use "
-                            "CFGGuider), or load a different model as model_negative", "model_negative")
+    raise ConditioningError("model_negative is the same loaded network as model, with other LoRAs or attention "
+                            "multipliers: one network cannot carry two sets of weights in one step. Connect the "
+                            "same MODEL to both inputs (or use CFGGuider), or load a different model as "
+                            "model_negative", "model_negative")
 
 
 class DualModelDenoiser:
@@ -213,7 +208,7 @@ class DualModelDenoiser:
                              names=("positive", "positive"), **(patches or {}), **common)
         self.uncond = None if spec.network is None else Denoiser(
             spec.network, spec.model_negative.family, positive=negative, negative=None, cfg=1.0,
-            names=("negative", "negative"), **dict(common, control=spec.model_negative.patches.model_control))
+            names=("negative", "negative"), **common)
         self.last_uncond: "torch.Tensor | None" = None
 
     def model_output(self, model_in: "torch.Tensor", t: Any) -> "torch.Tensor":

@@ -45,7 +45,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     the network while the loop runs).
     ``dual``: a nodes.families.dual_cfg.DualCFG (DualCFGGuider's second prompt and scale) or a
     nodes.families.perp_neg.PerpNeg (PerpNegGuider's empty prompt), which makes the denoiser, or a
-    nodes.families.dual_model.DualModel (DualModelGuider's second network, hooked with its own MODEL's patches);
+    nodes.families.dual_model.DualModel (DualModelGuider's second network, hooked with the same patches);
     for DualCFG ``positive``, ``negative`` and ``cfg`` are its cond1, negative and cfg_conds.
     ``say``: where the step cache's summary goes (the node's message), when the model has one.
     """
@@ -87,11 +87,11 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     if hold is not None:
         hold = hold.to(x.device)
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
-    # each network with its own MODEL's hooks: a second model's (DualModelGuider) with its own
-    hooked = ((network, patches, family), *(dual.apart() if hasattr(dual, "apart") else ()))
+    # the model's network hooks, on DualModelGuider's second network too (ComfyUI runs both with its options)
+    hooked = ((network, family), *(dual.apart() if hasattr(dual, "apart") else ()))
     with torch.inference_mode(), contextlib.ExitStack() as hooks:
-        for each in hooked:
-            _hook(hooks, *each, schedule, x, generators)
+        for each_network, each_family in hooked:
+            _hook(hooks, each_network, patches, each_family, schedule, x, generators)
         for i, t in enumerate(plan.timesteps):
             check_interrupted()
             if hold is not None:
