@@ -1,19 +1,21 @@
-"""Loading FLUX.2 [klein] offline: ComfyUI's split files and diffusers folders.
+"""Loading FLUX.2 offline: ComfyUI's split files and diffusers folders.
 
-* The transformer alone (UNETLoader, ``models/diffusion_models/flux-2-klein-4b*.safetensors``) in
-  BFL's key layout (with or without ``model.diffusion_model.``), plain, fp8 or ComfyUI's scaled fp8,
-  or in diffusers' layout in one file; the key map is nodes.checkpoint.flux2_keys.
-* The Qwen3 text encoder through CLIPLoader type ``flux2`` (nodes.checkpoint.qwen3_text, via
-  nodes.checkpoint.split), the VAE through VAELoader (``flux2-vae.safetensors``: the LDM VAE names
-  plus the latent batch-norm ``bn.*``), wrapped as nodes.checkpoint.flux2_vae.Flux2LatentVAE.
-* diffusers folders (``Flux2KleinPipeline.save_pretrained``: ``transformer/``, ``text_encoder/``
-  (Qwen3), ``tokenizer/``, ``vae/``, ``scheduler/``).
+* The transformer alone (UNETLoader, ``models/diffusion_models/flux-2-klein-4b*.safetensors``,
+  ``flux2_dev_fp8mixed.safetensors``) in BFL's key layout (with or without ``model.diffusion_model.``),
+  plain, fp8 or ComfyUI's scaled fp8, or in diffusers' layout in one file; the key map is
+  nodes.checkpoint.flux2_keys. A guidance embedder makes it [dev] (nodes.families.flux2_dev), else [klein].
+* The text encoder through CLIPLoader type ``flux2`` (via nodes.checkpoint.split): Qwen3 for [klein]
+  (nodes.checkpoint.qwen3_text), Mistral Small 3 for [dev] (nodes.checkpoint.mistral_text). The VAE
+  through VAELoader (``flux2-vae.safetensors``: the LDM VAE names plus the latent batch-norm ``bn.*``),
+  wrapped as nodes.checkpoint.flux2_vae.Flux2LatentVAE.
+* diffusers folders of [klein] (``Flux2KleinPipeline.save_pretrained``: ``transformer/``,
+  ``text_encoder/`` (Qwen3), ``tokenizer/``, ``vae/``, ``scheduler/``); a [dev] folder is refused by name.
 
-FLUX.2 [dev] (a guidance embedder, a Mistral text encoder) is refused by name, as is a FLUX.2
-file handed to CheckpointLoader.
+A FLUX.2 file handed to CheckpointLoader is refused with the loaders it needs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,28 +25,32 @@ from nodes.checkpoint import flux2_keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
 from nodes.families import flux2 as fam
+from nodes.families import flux2_dev as dev
 
 #: One key marks diffusers' layout of the transformer (the original names it ``.lin``).
 DIFFUSERS_MARKER = "double_stream_modulation_img.linear.weight"
-DEV_REFUSAL = ("is FLUX.2 [dev] (it has a guidance embedder, and its text encoder is Mistral Small 3): Kiln runs "
-               "FLUX.2 [klein] (4B, 9B; Qwen3 text encoder) only")
+#: A diffusers folder of FLUX.2 [dev] (Flux2Pipeline, Mistral3 text encoder): not read yet.
+DEV_FOLDER_REFUSAL = ("is a FLUX.2 [dev] diffusers folder (Flux2Pipeline); Kiln reads FLUX.2 [dev] from ComfyUI's "
+                      "split files (UNETLoader, CLIPLoader type flux2 on mistral_3_small_flux2, VAELoader)")
 
 
 def has_flux2_transformer(shapes: Any) -> bool:
-    return fam.FAMILY.claims_unet(shapes)
-
-
-def _klein_only(state: Any, what: str) -> None:
-    """FLUX.2 [dev] refused by name (both builds)."""
-    if any(k in state for k in fam.DEV_MARKERS):
-        raise CheckpointError(f"{what} {DEV_REFUSAL}")
+    """Either FLUX.2: [klein] or [dev] (a guidance embedder)."""
+    return fam.FAMILY.claims_unet(shapes) or dev.FAMILY.claims_unet(shapes)
 
 
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
-#: layout (nodes.checkpoint.flux2_keys' table), FLUX.2 [dev] refused by name in both builds.
+#: layout (nodes.checkpoint.flux2_keys' table); [klein] and [dev] differ by the family they load as.
 FILES = TransformerFiles("Flux2Transformer2DModel", flux2_keys, "flux2", "FLUX.2",
-                         is_diffusers=lambda s: DIFFUSERS_MARKER in s, refuse=_klein_only)
-build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
+                         is_diffusers=lambda s: DIFFUSERS_MARKER in s)
+DEV_FILES = dataclasses.replace(FILES, family="flux2_dev", label="FLUX.2 [dev]")
+build_transformer, file_layout = FILES.build, FILES.layout
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
+    """UNETLoader's path: [dev] by its guidance embedder, else [klein]."""
+    files = DEV_FILES if dev.FAMILY.claims_unet({k: () for k in state}) else FILES
+    return files.load(state, name, dtype, fp8=fp8, offload=offload)
 
 
 # -- the VAE ----------------------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
     if _class_of(path, "model_index.json") == "Flux2Pipeline":
-        raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+        raise CheckpointError(f"{path.name} {DEV_FOLDER_REFUSAL}")
 
     def others() -> dict[str, Any]:
         modules = {"vae": Flux2LatentVAE(folder_component(path / "vae", AutoencoderKLFlux2, dtype))}
@@ -147,7 +153,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
 
     def klein_only(transformer: Any) -> None:
         if transformer.config.guidance_embeds:
-            raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+            raise CheckpointError(f"{path.name} {DEV_FOLDER_REFUSAL}")
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "FLUX.2", Flux2Transformer2DModel, others,
                                 lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),

@@ -23,7 +23,8 @@ from nodes.families.base import Family, has_prefix
 
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
-              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1"}
+              "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1",
+              "mistral3": "Mistral Small 3"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 #: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
 #: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
@@ -165,7 +166,10 @@ class TextFile:
         if qwen is not None:  # Qwen2.5-VL (Qwen-Image's qwen_2.5_vl_7b*.safetensors)
             return cls(path.name, state, "qwen", qwen, "qwen2.5-vl")
         from nodes.checkpoint.llama_text import is_llama
+        from nodes.checkpoint.mistral_text import is_mistral
 
+        if found is None and is_mistral(shapes):  # Mistral Small 3 (FLUX.2 [dev]'s mistral_3_small_flux2_*)
+            return cls(path.name, state, "mistral", "", "mistral3")
         if found is None and is_llama(shapes):  # Llama 3.1 (HiDream's llama_3.1_8b_instruct*.safetensors)
             return cls(path.name, state, "llama", "", "llama3")
         if found is None:
@@ -222,8 +226,9 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
     wanted = [f for f in families.ALL if clip_type in f.clip_types]
     if wanted:
-        needs = " + ".join(KIND_NAMES.get(s.kind, s.kind) for s in wanted[0].text_encoders)
-        raise CheckpointError(f"type {clip_type!r} needs {needs}, got {names}")
+        needs = [" + ".join(KIND_NAMES.get(s.kind, s.kind) for s in family.text_encoders) for family in wanted]
+        others = ", ".join(dict.fromkeys(n for n in needs[1:] if n != needs[0]))  # FLUX.2 [dev]'s Mistral
+        raise CheckpointError(f"type {clip_type!r} needs {needs[0]}, got {names}" + (f" (or {others})" if others else ""))
     raise CheckpointError(f"type {clip_type!r} has no model family with text encoders {names}")
 
 
@@ -231,7 +236,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
     """The family's encoders, each from the file of its kind (any order)."""
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
-    modules = {}
+    modules, own_tokenizers = {}, {}
     remaining = list(files)
     for spec in family.text_encoders:
         file = next((f for f in remaining if f.kind == spec.kind), None)
@@ -263,6 +268,13 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_llama(file.state, file.name, dtype)
             continue
+        if spec.kind == "mistral3":  # its tokenizer is in the file (tekken_model)
+            from nodes.checkpoint.mistral_text import build_mistral, tokenizer_of
+
+            with reading(Path(file.name)):
+                own_tokenizers[spec.tokenizer] = tokenizer_of(file.state, file.name)
+                modules[spec.module] = build_mistral(file.state, file.name, dtype)
+            continue
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
 
@@ -278,7 +290,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3")}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "mistral3")}
+    tokenizers.update(own_tokenizers)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer

@@ -56,6 +56,11 @@ SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timest
              MU_RULE: "flux2"}
 
 
+def has_any(shapes: Shapes, keys: tuple[str, ...]) -> bool:
+    """Whether one of ``keys`` is in ``shapes``, with or without ComfyUI's prefix."""
+    return any(k in shapes or UNET_PREFIX + k in shapes for k in keys)
+
+
 def tokens_of(x: "Any") -> "Any":
     """[B, C, h, w] -> [B, h * w, C] (Flux2KleinPipeline's ``_pack_latents``: a token per latent pixel)."""
     b, c, h, w = x.shape
@@ -82,6 +87,18 @@ def text_ids(length: int, device: Any, dtype: Any) -> "Any":
     return ids.to(device=device, dtype=dtype)
 
 
+def pad_text(states: "Any") -> "Any":
+    """Prompt states shorter than :data:`TEXT_TOKENS` with zero tokens put before them, as ComfyUI's FLUX.2
+    model does (its ``extra_conds``): [klein]'s Qwen3 prompts already are 512 tokens, [dev]'s Mistral ones
+    are as long as the prompt."""
+    import torch
+
+    short = TEXT_TOKENS - states.shape[1]
+    if short <= 0:
+        return states
+    return torch.cat([states.new_zeros(states.shape[0], short, states.shape[2]), states], dim=1)
+
+
 class Flux2Network(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
@@ -97,10 +114,15 @@ class Flux2Network(WrappedTransformer):
 
         b, c, h, w = x.shape
         check_text_width("FLUX.2", encoder_hidden_states.shape[-1], self.text_width,
-                         "encode the prompt with its Qwen3: CLIPLoader type flux2")
+                         "encode the prompt with its text encoder: CLIPLoader type flux2 (Qwen3 for [klein], "
+                         "Mistral Small 3 for [dev])")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         tokens, ids = tokens_of(x).to(self.dtype), position_ids(h, w, 0, self.device, self.dtype)
-        common = dict(timestep=time.to(self.dtype), guidance=None,
+        guidance = kwargs.pop("guidance", None)
+        if getattr(self.transformer.time_guidance_embed, "guidance_embedder", None) is None:
+            guidance = None  # [klein]: no embedder (the family notes a FluxGuidance value as ignored)
+        encoder_hidden_states = pad_text(encoder_hidden_states)
+        common = dict(timestep=time.to(self.dtype), guidance=guidance,
                       encoder_hidden_states=encoder_hidden_states.to(self.dtype),
                       txt_ids=text_ids(encoder_hidden_states.shape[1], self.device, self.dtype), **kwargs)
         if reference_latents is not None:
@@ -141,8 +163,9 @@ class Flux2(FlowFamily):
     # (nodes.checkpoint.flux2_load.is_flux2_folder), not by components (FlowFamily.claims_folder) ----
 
     def claims_unet(self, shapes: Shapes) -> bool:
-        """The shared double-stream modulation, in either layout, with or without the prefix."""
-        return any(k in shapes or UNET_PREFIX + k in shapes for k in MARKERS)
+        """The shared double-stream modulation, in either layout, with or without the prefix; [klein] has no
+        guidance embedder ([dev], nodes.families.flux2_dev, has)."""
+        return has_any(shapes, MARKERS) and not has_any(shapes, DEV_MARKERS)
 
     # -- the network -------------------------------------------------------------------------
 
