@@ -134,6 +134,17 @@ def test_graph_with_flux_guidance_equals_flux2_pipeline(registry, env, unet):
         assert np.abs(kiln - unpadded).max() > 2 / 255
 
 
+def test_diffusers_folder_loads_as_dev_and_equals_flux2_pipeline(registry, env):
+    """Flux2Pipeline.save_pretrained: Mistral3 in text_encoder/, tekken.json in tokenizer/."""
+    graph = _graph(NAMES["unet"], 4.0, 8)
+    graph["10"] = {"class_type": "DiffusersLoader", "inputs": {"model_path": "flux2-dev-tiny"}}
+    graph["2"]["inputs"]["clip"], graph["6"]["inputs"]["vae"] = ["10", 1], ["10", 2]
+    del graph["11"], graph["12"]
+    kiln = run(registry, env, parse(graph)).results["6"][0].numpy()
+    assert np.abs(kiln - reference(8, 4.0)).max() <= TOL
+    assert np.abs(kiln - reference(8, 4.0, "the cat sat on the mat")).max() > 0.01  # the prompt matters
+
+
 def test_reference_image_equals_flux2_pipeline_image_path(env):
     """ReferenceLatent on the VAE-encoded picture: the pipeline's ``image`` (reference at time 10)."""
     from nodes import loaders

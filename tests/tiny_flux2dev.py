@@ -157,11 +157,20 @@ def original_transformer() -> dict:
     return diffusers_to_original(components()["transformer"].state_dict())
 
 
+def save_diffusers(folder: str | Path) -> Path:
+    """Flux2Pipeline.save_pretrained, with the release's ``tokenizer/tekken.json`` beside what the tokenizer saves."""
+    folder = Path(folder)
+    pipeline().save_pretrained(str(folder), safe_serialization=True)
+    (folder / "tokenizer" / "tekken.json").write_bytes(tekken_json())
+    return folder
+
+
 def make_models_folder(root: str | Path) -> Path:
     """ComfyUI's folders with the tiny [dev] under the templates' names (:data:`NAMES`; the fp8 name holds
     ComfyUI's scaled fp8, the unet name BFL's layout) and flux2-dev-tiny-diffusers-keys.safetensors
     (diffusers' layout), mistral_pruned.safetensors (30 layers), mistral_whole.safetensors
-    (Mistral3ForConditionalGeneration's keys) and mistral_notekken.safetensors; the [klein] VAE."""
+    (Mistral3ForConditionalGeneration's keys) and mistral_notekken.safetensors; the [klein] VAE; and
+    diffusers/flux2-dev-tiny/ (:func:`save_diffusers`)."""
     from test_scaled_fp8 import quantise
     from tiny_flux import _save
 
@@ -179,4 +188,6 @@ def make_models_folder(root: str | Path) -> Path:
     _save(text / "mistral_whole.safetensors", mistral_state(layout="whole"))
     _save(text / "mistral_notekken.safetensors", mistral_state(layout="notekken"))
     _save(root / "vae" / NAMES["vae"], tiny_flux2.vae_state())
+    _save(root / "vae" / NAMES["vae_small"], tiny_flux2.vae_state())  # the name only: Kiln reads both variants
+    save_diffusers(root / "diffusers" / "flux2-dev-tiny")
     return root

@@ -72,9 +72,10 @@ def mistral_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
                          rope_theta=ROPE_THETA, sliding_window=None, tie_word_embeddings=False, use_cache=False)
 
 
-def build_mistral(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+def build_mistral(state: Mapping[str, Any], what: str, dtype: Any, text_config: dict | None = None) -> Any:
     """transformers' ``MistralModel`` holding the file's language model (linear weights as stored, scaled
-    fp8 with its scales), its final norm replaced by identity (see the module docstring). Raises
+    fp8 with its scales), its final norm replaced by identity (see the module docstring). ``text_config``:
+    a folder's (Mistral3's ``text_config``), else the shapes' and Mistral Small 3's. Raises
     CheckpointError naming ``what``."""
     import torch
     from transformers import MistralModel
@@ -91,7 +92,13 @@ def build_mistral(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
                 if k.startswith(prefix) and not k.startswith(UNREAD) and not k[len(prefix):].startswith(UNREAD)}
     language.pop("norm.weight", None)  # the final norm is not applied (a pruned file has none)
     kept, scales = scaled_fp8.take(language, what)
-    model = _empty(MistralModel, mistral_config(shapes_of(kept), what))
+    config = mistral_config(shapes_of(kept), what)
+    if text_config is not None:
+        from transformers import MistralConfig
+
+        config = MistralConfig(**{**{k: v for k, v in text_config.items() if k not in ("model_type", "architectures")},
+                                  "use_cache": False})
+    model = _empty(MistralModel, config)
     model.norm = torch.nn.Identity()
     return scaled_fp8.fill_as_stored(model, kept, scales, dtype, what, f"Mistral text encoder ({what})")
 
