@@ -37,7 +37,8 @@ def _clip(env, name: str = NAMES["clip"]):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(seed: int, guidance: float, prompt: str = PROMPT, steps: int = 3, image: bytes | None = None) -> np.ndarray:
+def reference(seed: int, guidance: float, prompt: str = PROMPT, steps: int = 3,
+              image: bytes | None = None) -> np.ndarray:
     """Flux2Pipeline's image on ComfyUI's prompt embeddings (see the module docstring)."""
     from PIL import Image
 

@@ -50,8 +50,8 @@ NAMES = dict(unet="flux2_dev_fp8mixed.safetensors", clip="mistral_3_small_flux2_
 def tekken_json() -> bytes:
     ranks = _train_ranks(CORPUS.encode(), 120)
     specials = SPECIALS + [f"<SPECIAL_{i}>" for i in range(len(SPECIALS), NUM_SPECIAL)]
-    doc = {"config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks), "default_vocab_size": NUM_SPECIAL + len(ranks),
-                      "default_num_special_tokens": NUM_SPECIAL, "version": "v7"},
+    doc = {"config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks), "version": "v7",
+                      "default_vocab_size": NUM_SPECIAL + len(ranks), "default_num_special_tokens": NUM_SPECIAL},
            "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
                      for r, t in enumerate(ranks)],
            "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(specials)]}
@@ -68,15 +68,11 @@ def tokenizer() -> Any:
 
 def build(seed: int = 7) -> dict[str, Any]:
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=tiny_flux2.HEAD_DIM,
-            num_attention_heads=tiny_flux2.HEADS, joint_attention_dim=3 * MISTRAL, axes_dims_rope=tiny_flux2.AXES,
-            guidance_embeds=True)
+        transformer = tiny_flux2.make_transformer(3 * MISTRAL, guidance=True)
         text = MistralConfig(vocab_size=512, hidden_size=MISTRAL, intermediate_size=2 * MISTRAL, num_hidden_layers=40,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e9,
                              rms_norm_eps=1e-5, max_position_embeddings=2048, sliding_window=None)

@@ -16,7 +16,6 @@ A FLUX.2 file handed to CheckpointLoader is refused with the loaders it needs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,17 +35,11 @@ def has_flux2_transformer(shapes: Any) -> bool:
 
 
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
-#: layout (nodes.checkpoint.flux2_keys' table); [klein] and [dev] differ by the family they load as.
+#: layout (nodes.checkpoint.flux2_keys' table); a guidance embedder makes it [dev], else [klein].
 FILES = TransformerFiles("Flux2Transformer2DModel", flux2_keys, "flux2", "FLUX.2",
-                         is_diffusers=lambda s: DIFFUSERS_MARKER in s)
-DEV_FILES = dataclasses.replace(FILES, family="flux2_dev", label="FLUX.2 [dev]")
-build_transformer, file_layout = FILES.build, FILES.layout
-
-
-def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
-    """UNETLoader's path: [dev] by its guidance embedder, else [klein]."""
-    files = DEV_FILES if dev.FAMILY.claims_unet({k: () for k in state}) else FILES
-    return files.load(state, name, dtype, fp8=fp8, offload=offload)
+                         is_diffusers=lambda s: DIFFUSERS_MARKER in s,
+                         family_of=lambda s: "flux2_dev" if dev.FAMILY.claims_unet({k: () for k in s}) else "flux2")
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
 # -- the VAE ----------------------------------------------------------------------------------------
@@ -161,7 +154,8 @@ def _klein_text(state: Any, path: Path, dtype: Any) -> Any:
 
     from nodes.checkpoint.qwen3_text import build_qwen3
 
-    return build_qwen3(state, f"{path.name}/text_encoder", dtype, Qwen3Config.from_pretrained(str(path / "text_encoder")))
+    config = Qwen3Config.from_pretrained(str(path / "text_encoder"))
+    return build_qwen3(state, f"{path.name}/text_encoder", dtype, config)
 
 
 def _dev_text(state: Any, path: Path, dtype: Any) -> Any:

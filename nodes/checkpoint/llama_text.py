@@ -31,9 +31,11 @@ MAX_POSITIONS = 131072
 HEAD = 128
 
 
-def _prefix(keys: Any) -> str | None:
+def plain_prefix(keys: Any, prefixes: tuple[str, ...] = PREFIXES) -> str | None:
+    """The first of ``prefixes`` holding a Llama-style decoder: neither Qwen3's q_norm nor Qwen2's attention
+    biases (Llama 3.1 here, Mistral in nodes.checkpoint.mistral_text); None when none does."""
     keys = set(keys)
-    prefix = decoder_prefix(keys, PREFIXES, MARKER)
+    prefix = decoder_prefix(keys, prefixes, MARKER)
     if prefix is None or prefix + Q_NORM in keys or prefix + "layers.0.self_attn.k_proj.bias" in keys:
         return None  # Qwen3 (q_norm) or Qwen2 / 2.5 (attention biases)
     return prefix
@@ -43,7 +45,7 @@ def is_llama(keys: Any) -> bool:
     """Whether a file's keys hold a Llama-style decoder: q_proj and the token embedding, without Qwen3's
     q_norm or Qwen2.5's attention biases (and no vision tower: a Qwen-VL file is not one)."""
     keys = set(keys)
-    return _prefix(keys) is not None and not any(k.startswith(("visual.", "model.visual.")) for k in keys)
+    return plain_prefix(keys) is not None and not any(k.startswith(("visual.", "model.visual.")) for k in keys)
 
 
 def llama_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
@@ -62,7 +64,7 @@ def build_llama(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
     weights kept as stored (scaled fp8 with its scales). Raises CheckpointError naming ``what``."""
     from transformers import LlamaModel
 
-    prefix = _prefix(state.keys())
+    prefix = plain_prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Llama text encoder; expected model.embed_tokens.weight and "
                               "model.layers.N.self_attn.q_proj.weight (Llama 3.1 8B Instruct's layout)")

@@ -25,14 +25,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nodes.checkpoint.llama_text import plain_prefix
 from nodes.checkpoint.load import CheckpointError
-from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_prefix, decoder_sizes
+from nodes.checkpoint.qwen_decoder import decoder_sizes
 from nodes.checkpoint.tekken_tokenizer import TEKKEN_KEY
 
 #: Where a file may put the language model: Comfy-Org's / a causal LM's, a bare MistralModel's, a whole
 #: Mistral3ForConditionalGeneration's (transformers 5, transformers 4).
 PREFIXES = ("model.", "", "model.language_model.", "language_model.model.")
-MARKER = "layers.0.self_attn.q_proj.weight"
 #: Beside the language model in a Mistral3ForConditionalGeneration file; never read.
 UNREAD = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
           "lm_head.", "language_model.lm_head.", TEKKEN_KEY)
@@ -45,11 +45,7 @@ HEAD = 128
 
 
 def _prefix(keys: Any) -> str | None:
-    keys = set(keys)
-    prefix = decoder_prefix(keys, PREFIXES, MARKER)
-    if prefix is None or prefix + Q_NORM in keys or prefix + "layers.0.self_attn.k_proj.bias" in keys:
-        return None  # Qwen3 (q_norm) or Qwen2 / 2.5 (attention biases)
-    return prefix
+    return plain_prefix(keys, PREFIXES)
 
 
 def is_mistral(shapes: Mapping[str, tuple[int, ...]]) -> bool:

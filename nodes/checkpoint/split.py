@@ -228,7 +228,8 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     if wanted:
         needs = [" + ".join(KIND_NAMES.get(s.kind, s.kind) for s in family.text_encoders) for family in wanted]
         others = ", ".join(dict.fromkeys(n for n in needs[1:] if n != needs[0]))  # FLUX.2 [dev]'s Mistral
-        raise CheckpointError(f"type {clip_type!r} needs {needs[0]}, got {names}" + (f" (or {others})" if others else ""))
+        also = f" (or {others})" if others else ""
+        raise CheckpointError(f"type {clip_type!r} needs {needs[0]}, got {names}{also}")
     raise CheckpointError(f"type {clip_type!r} has no model family with text encoders {names}")
 
 

@@ -147,6 +147,22 @@ class Flux2Network(WrappedTransformer):
         return tokens, ids
 
 
+def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], reader: str, hint: str) -> "Any":
+    """The text encoder's hidden states after ``layers`` (``output.hidden_states`` indices) for token ``ids``
+    [1, n] under ``mask``, stacked per token: [1, n, len(layers) x width]. An encoder with fewer layers is a
+    ConditioningError on the clip saying who reads them (``reader``) and what to load (``hint``)."""
+    import torch
+
+    with torch.inference_mode(), clip.encoder("text_encoder") as model:
+        count = int(model.config.num_hidden_layers)
+        if count < max(layers):
+            raise ConditioningError(f"{reader} layers {layers} but this text encoder has {count} ({hint})", "clip")
+        device = next(model.parameters()).device
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    use_cache=False)
+        return torch.stack([out.hidden_states[k] for k in layers], dim=2).reshape(1, ids.shape[1], -1)
+
+
 class Flux2(FlowFamily):
     name = "flux2"
     latent = FLUX2_LATENT
@@ -204,17 +220,8 @@ class Flux2(FlowFamily):
         tok = clip.tokenizers["tokenizer"]
         prompt = TEMPLATE.format((texts or {}).get("tokenizer", text))
         got = tok([prompt], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
-        with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
-            layers = int(qwen.config.num_hidden_layers)
-            if layers < max(TEXT_LAYERS):
-                raise ConditioningError(f"FLUX.2 [klein] reads Qwen3's layers {TEXT_LAYERS} but this text encoder "
-                                        f"has {layers} (load qwen_3_4b / qwen_3_8b with CLIPLoader type flux2)",
-                                        "clip")
-            device = next(qwen.parameters()).device
-            out = qwen(input_ids=got.input_ids.to(device), attention_mask=got.attention_mask.to(device),
-                       output_hidden_states=True, use_cache=False)
-            states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2)
-            states = states.reshape(1, TEXT_TOKENS, -1)
+        states = stacked_states(clip, got.input_ids, got.attention_mask, TEXT_LAYERS, "FLUX.2 [klein] reads Qwen3's",
+                                "load qwen_3_4b / qwen_3_8b with CLIPLoader type flux2")
         if report is not None:
             report.tokens = max(report.tokens, int(got.attention_mask.sum()))
             report.windows = 1

@@ -71,16 +71,8 @@ class Flux2Dev(flux2.Flux2):
         tok = clip.tokenizers["tokenizer"]
         prompt = TEMPLATE.format((texts or {}).get("tokenizer", text))
         ids = torch.tensor([[tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]])
-        with torch.inference_mode(), clip.encoder("text_encoder") as mistral:
-            layers = int(mistral.config.num_hidden_layers)
-            if layers < max(TEXT_LAYERS):
-                raise ConditioningError(f"FLUX.2 [dev] reads Mistral's layers {TEXT_LAYERS} but this text encoder "
-                                        f"has {layers} (load mistral_3_small_flux2 with CLIPLoader type flux2)",
-                                        "clip")
-            device = mistral.embed_tokens.weight.device
-            out = mistral(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                          output_hidden_states=True, use_cache=False)
-            states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2).reshape(1, ids.shape[1], -1)
+        states = flux2.stacked_states(clip, ids, torch.ones_like(ids), TEXT_LAYERS, "FLUX.2 [dev] reads Mistral's",
+                                      "load mistral_3_small_flux2 with CLIPLoader type flux2")
         if report is not None:
             report.tokens = max(report.tokens, ids.shape[1])
             report.windows = 1
