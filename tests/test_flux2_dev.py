@@ -98,7 +98,7 @@ def test_conditioning_equals_the_pipelines_prompt_embeds_at_comfyuis_token_ids(e
 def test_pruned_whole_and_scaled_fp8_files_read_the_same_encoder(env):
     """The 30-layer file (no final norm) gives the 40-layer file's conditioning; a whole
     Mistral3ForConditionalGeneration file (vision tower, projector, lm_head) reads its language model
-    alone; ComfyUI's scaled fp8 computes with its dequantised twin's weights."""
+    alone; ComfyUI's scaled fp8 and fp8mixed files compute with their dequantised twins' weights."""
     full = _clip(env).encode(PROMPT)[0][0]
     assert torch.allclose(_clip(env, "mistral_pruned.safetensors").encode(PROMPT)[0][0], full, atol=1e-6)
     assert torch.equal(_clip(env, "mistral_whole.safetensors").encode(PROMPT)[0][0], full)
@@ -108,6 +108,9 @@ def test_pruned_whole_and_scaled_fp8_files_read_the_same_encoder(env):
     fp8 = scaled.encode(PROMPT)[0][0]
     assert torch.allclose(fp8, _clip(env, "mistral_dequantised.safetensors").encode(PROMPT)[0][0], atol=1e-5)
     assert not torch.equal(fp8, full)
+    mixed = _clip(env, "mistral_fp8mixed.safetensors").encode(PROMPT)[0][0]  # ComfyUI's fp8mixed (comfy_quant)
+    assert torch.allclose(mixed, _clip(env, "mistral_fp8mixed_dequantised.safetensors").encode(PROMPT)[0][0], atol=1e-5)
+    assert not torch.equal(mixed, full)
 
 
 def test_a_file_without_its_tokenizer_names_cliploader_and_the_input(env):

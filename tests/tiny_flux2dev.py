@@ -165,9 +165,10 @@ def make_models_folder(root: str | Path) -> Path:
     """ComfyUI's folders with the tiny [dev] under the templates' names (:data:`NAMES`; the fp8 name holds
     ComfyUI's scaled fp8, the unet name BFL's layout) and flux2-dev-tiny-diffusers-keys.safetensors
     (diffusers' layout), mistral_pruned.safetensors (30 layers), mistral_whole.safetensors
-    (Mistral3ForConditionalGeneration's keys) and mistral_notekken.safetensors; the [klein] VAE; and
+    (Mistral3ForConditionalGeneration's keys), mistral_notekken.safetensors, mistral_fp8mixed.safetensors
+    (ComfyUI's mixed-precision fp8) and the dequantised twins of the fp8 files; the [klein] VAE; and
     diffusers/flux2-dev-tiny/ (:func:`save_diffusers`)."""
-    from test_scaled_fp8 import quantise
+    from test_scaled_fp8 import quantise, quantise_mixed
     from tiny_flux import _save
 
     root = Path(root)
@@ -180,6 +181,10 @@ def make_models_folder(root: str | Path) -> Path:
     tekken = mistral_state()["tekken_model"]
     _save(text / NAMES["clip_fp8"], {**scaled, "tekken_model": tekken})
     _save(text / "mistral_dequantised.safetensors", {**plain, "tekken_model": tekken})
+    kept = {k: mistral_state()[k] for k in ("tekken_model", "model.embed_tokens.weight")}
+    mixed, plain = quantise_mixed({k: v for k, v in mistral_state().items() if k not in kept})
+    _save(text / "mistral_fp8mixed.safetensors", {**mixed, **kept})
+    _save(text / "mistral_fp8mixed_dequantised.safetensors", {**plain, **kept})
     _save(text / "mistral_pruned.safetensors", mistral_state(30))
     _save(text / "mistral_whole.safetensors", mistral_state(layout="whole"))
     _save(text / "mistral_notekken.safetensors", mistral_state(layout="notekken"))
