@@ -22,6 +22,10 @@ What differs from FLUX.1 (nodes.families.flux), and where it lives:
   FluxGuidance value is ignored with a note.
 * **Model sampling.** Flow matching with FLUX.2's empirical shift, which depends on the token
   count and the step count (nodes.samplers.flow.empirical_mu; the config's ``kiln_mu_rule``).
+
+FLUX.2 [dev] (a guidance embedder, Mistral Small 3 text) is a subclass, nodes.families.flux2_dev, on
+the same :class:`Flux2Network`: it passes a guidance value when the transformer has the embedder, and
+puts zero tokens before prompts shorter than 512 (:func:`pad_text`, as ComfyUI's FLUX.2 model does).
 """
 from __future__ import annotations
 
