@@ -177,10 +177,16 @@ def test_reference_image_equals_flux2_pipeline_image_path(env):
     assert np.abs(ours - kiln(None)).max() > 0.01  # the reference moves it
 
 
-def test_dev_has_no_guidance_note_and_klein_keeps_its_own(env):
+def test_dev_has_no_guidance_note_and_klein_keeps_its_own():
     cond = [[torch.zeros(1, 4, 96), {"guidance": 4.0}]]
     assert flux2_dev.FAMILY.conditioning_notes([cond]) == []
     assert "klein" in flux2.FAMILY.conditioning_notes([cond])[0]
     kwargs = flux2_dev.FAMILY.network_kwargs([{"guidance": 4.0}, {}], 2, (4, 4), "cpu", torch.float32)
     assert kwargs["guidance"].tolist() == [4.0, 4.0, 3.5, 3.5]  # ComfyUI's 3.5 where none is set
     assert "guidance" not in flux2_dev.FAMILY.network_kwargs([{"guidance": None}], 1, (4, 4), "cpu", torch.float32)
+    from nodes.families.base import ConditioningError
+
+    with pytest.raises(ConditioningError, match="FluxDisableGuidance on one side only") as err:
+        flux2_dev.FAMILY.network_kwargs([{"guidance": None, "_input": "negative"}, {"guidance": 4.0}], 1, (4, 4), "cpu",
+                                        torch.float32)
+    assert err.value.input_name == "negative"
