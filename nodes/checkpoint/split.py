@@ -227,7 +227,8 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     wanted = [f for f in families.ALL if clip_type in f.clip_types]
     if wanted:
         needs = [" + ".join(KIND_NAMES.get(s.kind, s.kind) for s in family.text_encoders) for family in wanted]
-        others = ", ".join(dict.fromkeys(n for n in needs[1:] if n != needs[0]))  # FLUX.2 [dev]'s Mistral
+        given = " + ".join(KIND_NAMES.get(f.kind, f.kind) for f in files)  # a kind a family took and refused
+        others = ", ".join(dict.fromkeys(n for n in needs[1:] if n not in (needs[0], given)))  # FLUX.2 [dev]'s
         also = f" (or {others})" if others else ""
         raise CheckpointError(f"type {clip_type!r} needs {needs[0]}, got {names}{also}")
     raise CheckpointError(f"type {clip_type!r} has no model family with text encoders {names}")
