@@ -200,17 +200,22 @@ def test_a_ministral_file_without_tekken_names_what_is_missing(env, root):
 
 
 def test_type_flux2_tells_the_text_encoders_apart_by_their_keys():
-    """One rule (ministral_text.mistral_kind): a Llama-style decoder with Tekken is Ministral 3, or Mistral Small 3
-    at 5120 wide; without Tekken only Ministral 3's 3072 width says Mistral (ComfyUI's rule); Qwen3 is not one."""
+    """One rule (ministral_text.mistral_kind): a Llama-style decoder with Tekken, or a release's size without
+    it, is a Mistral: 3072 wide Ministral 3, 5120 wide Mistral Small 3 (ComfyUI's rule), at other widths
+    Mistral Small 3 when it has the 30 layers FLUX.2 [dev] reads; Llama 3.1 and Qwen3 are not one."""
     from nodes.checkpoint.ministral_text import mistral_kind
 
-    def decoder(width: int, tekken: bool, qwen3: bool = False) -> dict:
-        shapes = {"model.embed_tokens.weight": (100, width), "model.layers.0.self_attn.q_proj.weight": (width, width)}
+    def decoder(width: int, tekken: bool, qwen3: bool = False, layers: int = 1, vocab: int = 100) -> dict:
+        shapes = {"model.embed_tokens.weight": (vocab, width)}
+        shapes |= {f"model.layers.{i}.self_attn.q_proj.weight": (width, width) for i in range(layers)}
         return shapes | ({"tekken_model": (10,)} if tekken else {}) | \
             ({"model.layers.0.self_attn.q_norm.weight": (128,)} if qwen3 else {})
 
     assert mistral_kind(decoder(32, True)) == mistral_kind(decoder(3072, False)) == "ministral3"
-    assert mistral_kind(decoder(5120, True)) == "mistral3"
+    assert mistral_kind(decoder(32, True, layers=26)) == "ministral3"
+    assert mistral_kind(decoder(5120, True)) == mistral_kind(decoder(5120, False, vocab=131072)) == "mistral3"
+    assert mistral_kind(decoder(32, True, layers=30)) == mistral_kind(decoder(32, True, layers=40)) == "mistral3"
+    assert mistral_kind(decoder(32, False, layers=40)) is None  # no tokenizer, no release's size
     assert mistral_kind(decoder(4096, False)) is None  # Llama 3.1 (HiDream)
     assert mistral_kind(decoder(2560, True, qwen3=True)) is None  # Qwen3 (FLUX.2 klein)
 

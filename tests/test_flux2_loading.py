@@ -24,7 +24,7 @@ from flow_family_files import env, models_root, registry, run, txt2img_graph, un
 from node_call import Called, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import flux2_keys
-from nodes.families import flux2
+from nodes.families import flux2, flux2_dev
 
 PROMPT = "a lighthouse on a cliff"
 SIZE = 64
@@ -140,12 +140,16 @@ def test_wrong_files_name_family_file_and_keys(env, root):
         call(split_loaders.unet_loader, env, unet_name="flux-2-broken.safetensors")
     assert "FLUX.2" in str(err.value) and "single_blocks.0.linear2.weight" in str(err.value)
     assert err.value.input_name == "unet_name"
-    dev = dict(state, **{"guidance_in.in_layer.weight": torch.zeros(64, 256),
-                         "guidance_in.out_layer.weight": torch.zeros(64, 64)})
-    _save(root / "diffusion_models" / "flux-2-dev-tiny.safetensors", dev)
-    with pytest.raises(NodeError) as err:
-        call(split_loaders.unet_loader, env, unet_name="flux-2-dev-tiny.safetensors")
-    assert "FLUX.2 [dev]" in str(err.value) and "Mistral" in str(err.value) and "klein" in str(err.value)
+    dev_state = dict(state, **{"guidance_in.in_layer.weight": torch.zeros(64, 256),
+                               "guidance_in.out_layer.weight": torch.zeros(64, 64)})
+    _save(root / "diffusion_models" / "flux-2-dev-tiny.safetensors", dev_state)
+    (dev,) = call(split_loaders.unet_loader, env, unet_name="flux-2-dev-tiny.safetensors")  # no longer refused
+    assert dev.family is flux2_dev.FAMILY and dev.family is not flux2.FAMILY
+    _save(root / "checkpoints" / "flux-2-dev-as-checkpoint.safetensors", dev_state)
+    with pytest.raises(NodeError) as err:  # a [dev] transformer in CheckpointLoader: still refused, by name
+        call(loaders.checkpoint_loader, env, ckpt_name="flux-2-dev-as-checkpoint.safetensors")
+    assert "FLUX.2 [dev] transformer" in str(err.value) and "UNETLoader" in str(err.value)
+    assert "mistral_3_small_flux2" in str(err.value)
     _save(root / "checkpoints" / "flux-2-klein-as-checkpoint.safetensors", state)
     with pytest.raises(NodeError) as err:
         call(loaders.checkpoint_loader, env, ckpt_name="flux-2-klein-as-checkpoint.safetensors")

@@ -47,18 +47,25 @@ def tokenizer() -> Any:
     return tok
 
 
+def make_transformer(text_width: int, guidance: bool = False) -> Any:
+    """The tiny Flux2Transformer2DModel reading ``text_width``-wide prompts (a guidance embedder: [dev])."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=text_width, axes_dims_rope=AXES, guidance_embeds=guidance)
+
+
 def build(seed: int = 3) -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from nodes.families import flux2
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS, joint_attention_dim=3 * QWEN, axes_dims_rope=AXES, guidance_embeds=False)
+        transformer = make_transformer(3 * QWEN)
         vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=32,
                                  norm_num_groups=32, sample_size=64)
         qwen = Qwen3ForCausalLM(Qwen3Config(

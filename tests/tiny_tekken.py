@@ -4,6 +4,7 @@ corpus, its control tokens numbered first as Tekken numbers them, the last ranks
 
 API:
     tekken_json() -> (the tekken.json bytes, {token bytes: rank} of the ranks kept) (cached)
+    tekken_file(corpus, merges, specials, num_special, dropped) -> the same for another vocabulary
 """
 from __future__ import annotations
 
@@ -46,16 +47,24 @@ def _train_ranks(corpus: bytes, merges: int) -> list[bytes]:
     return ranks
 
 
-@functools.lru_cache(maxsize=None)
-def tekken_json() -> tuple[bytes, dict[bytes, int]]:
-    ranks = _train_ranks(CORPUS.encode(), 60)
-    kept = ranks[:-DROPPED]
+def tekken_file(corpus: str, merges: int, specials: list[str], num_special: int,
+                dropped: int = 0) -> tuple[bytes, dict[bytes, int]]:
+    """(tekken.json bytes, {token bytes: rank} of the ranks kept): ``merges`` BPE ranks trained on
+    ``corpus``, ``specials`` at ranks 0.. (fillers up to ``num_special``), the last ``dropped`` ranks
+    beyond ``default_vocab_size``."""
+    ranks = _train_ranks(corpus.encode(), merges)
+    kept = ranks[:len(ranks) - dropped]
     doc = {
         "config": {"pattern": PATTERN, "num_vocab_tokens": len(ranks),
-                   "default_vocab_size": NUM_SPECIAL + len(kept), "default_num_special_tokens": NUM_SPECIAL,
+                   "default_vocab_size": num_special + len(kept), "default_num_special_tokens": num_special,
                    "version": "v7"},
         "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
                   for r, t in enumerate(ranks)],
-        "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(SPECIALS)],
+        "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(specials)],
     }
     return json.dumps(doc).encode(), {t: r for r, t in enumerate(kept)}
+
+
+@functools.lru_cache(maxsize=None)
+def tekken_json() -> tuple[bytes, dict[bytes, int]]:
+    return tekken_file(CORPUS, 60, SPECIALS, NUM_SPECIAL, DROPPED)

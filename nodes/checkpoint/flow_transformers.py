@@ -58,7 +58,9 @@ class TransformerFiles:
     what)``: a variant Kiln does not run, a CheckpointError in both builds; ``after(model, state)``: the
     last touch of both builds (the block build runs it before each block is written), ``in_compute`` the
     module names it holds in the compute dtype; ``stacks``: a module tensor may stack several file
-    tensors' rows (Ovis-Image's gated MLP; nodes.checkpoint.paged_files.FileLayout's ``stacks``)."""
+    tensors' rows (Ovis-Image's gated MLP; nodes.checkpoint.paged_files.FileLayout's ``stacks``);
+    ``family_of(state)``: the family module a file loads as where one declaration serves two (FLUX.2
+    [klein] and [dev], told by the guidance embedder); default ``family``."""
 
     model_class: str
     keys: Any
@@ -70,6 +72,7 @@ class TransformerFiles:
     after: Callable[[Any, Mapping[str, Any]], Any] | None = None
     in_compute: tuple[str, ...] = ()
     stacks: bool = False
+    family_of: Callable[[Any], str] | None = None
 
     def _class(self) -> Any:
         import diffusers
@@ -95,7 +98,8 @@ class TransformerFiles:
         """UNETLoader's path for the family (:func:`transformer_file`); ``offload`` as FLUX's."""
         import importlib
 
-        family = importlib.import_module(f"nodes.families.{self.family}").FAMILY
+        module = self.family if self.family_of is None else self.family_of(state)
+        family = importlib.import_module(f"nodes.families.{module}").FAMILY
         return transformer_file(state, name, dtype, fp8, self.build, family, self.label, offload, self.layout)
 
     def layout(self, state: Mapping[str, Any], what: str) -> Any:

@@ -1,16 +1,18 @@
-"""Loading FLUX.2 [klein] offline: ComfyUI's split files and diffusers folders.
+"""Loading FLUX.2 offline: ComfyUI's split files and diffusers folders.
 
-* The transformer alone (UNETLoader, ``models/diffusion_models/flux-2-klein-4b*.safetensors``) in
-  BFL's key layout (with or without ``model.diffusion_model.``), plain, fp8 or ComfyUI's scaled fp8,
-  or in diffusers' layout in one file; the key map is nodes.checkpoint.flux2_keys.
-* The Qwen3 text encoder through CLIPLoader type ``flux2`` (nodes.checkpoint.qwen3_text, via
-  nodes.checkpoint.split), the VAE through VAELoader (``flux2-vae.safetensors``: the LDM VAE names
-  plus the latent batch-norm ``bn.*``), wrapped as nodes.checkpoint.flux2_vae.Flux2LatentVAE.
+* The transformer alone (UNETLoader, ``models/diffusion_models/flux-2-klein-4b*.safetensors``,
+  ``flux2_dev_fp8mixed.safetensors``) in BFL's key layout (with or without ``model.diffusion_model.``),
+  plain, fp8 or ComfyUI's scaled fp8, or in diffusers' layout in one file; the key map is
+  nodes.checkpoint.flux2_keys. A guidance embedder makes it [dev] (nodes.families.flux2_dev), else [klein].
+* The text encoder through CLIPLoader type ``flux2`` (via nodes.checkpoint.split): Qwen3 for [klein]
+  (nodes.checkpoint.qwen3_text), Mistral Small 3 for [dev] (nodes.checkpoint.mistral_text). The VAE
+  through VAELoader (``flux2-vae.safetensors``: the LDM VAE names plus the latent batch-norm ``bn.*``),
+  wrapped as nodes.checkpoint.flux2_vae.Flux2LatentVAE.
 * diffusers folders (``Flux2KleinPipeline.save_pretrained``: ``transformer/``, ``text_encoder/``
-  (Qwen3), ``tokenizer/``, ``vae/``, ``scheduler/``).
+  (Qwen3), ``tokenizer/``, ``vae/``, ``scheduler/``; ``Flux2Pipeline``'s: Mistral3 in ``text_encoder/``,
+  ``tokenizer/tekken.json``).
 
-FLUX.2 [dev] (a guidance embedder, a Mistral text encoder) is refused by name, as is a FLUX.2
-file handed to CheckpointLoader.
+A FLUX.2 file handed to CheckpointLoader is refused with the loaders it needs.
 """
 from __future__ import annotations
 
@@ -23,27 +25,20 @@ from nodes.checkpoint import flux2_keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
 from nodes.families import flux2 as fam
+from nodes.families import flux2_dev as dev
 
 #: One key marks diffusers' layout of the transformer (the original names it ``.lin``).
 DIFFUSERS_MARKER = "double_stream_modulation_img.linear.weight"
-DEV_REFUSAL = ("is FLUX.2 [dev] (it has a guidance embedder, and its text encoder is Mistral Small 3): Kiln runs "
-               "FLUX.2 [klein] (4B, 9B; Qwen3 text encoder) only")
-
-
 def has_flux2_transformer(shapes: Any) -> bool:
-    return fam.FAMILY.claims_unet(shapes)
-
-
-def _klein_only(state: Any, what: str) -> None:
-    """FLUX.2 [dev] refused by name (both builds)."""
-    if any(k in state for k in fam.DEV_MARKERS):
-        raise CheckpointError(f"{what} {DEV_REFUSAL}")
+    """Either FLUX.2: [klein] or [dev] (a guidance embedder)."""
+    return fam.FAMILY.claims_unet(shapes) or dev.FAMILY.claims_unet(shapes)
 
 
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either
-#: layout (nodes.checkpoint.flux2_keys' table), FLUX.2 [dev] refused by name in both builds.
+#: layout (nodes.checkpoint.flux2_keys' table); a guidance embedder makes it [dev], else [klein].
 FILES = TransformerFiles("Flux2Transformer2DModel", flux2_keys, "flux2", "FLUX.2",
-                         is_diffusers=lambda s: DIFFUSERS_MARKER in s, refuse=_klein_only)
+                         is_diffusers=lambda s: DIFFUSERS_MARKER in s,
+                         family_of=lambda s: "flux2_dev" if dev.FAMILY.claims_unet({k: () for k in s}) else "flux2")
 build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 
@@ -119,21 +114,19 @@ def is_flux2_folder(path: Path) -> bool:
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
-    """A diffusers FLUX.2 [klein] folder (nodes.checkpoint.flow_transformers.load_pipeline_folder);
-    Qwen3 and the transformer held as stored, as FLUX's folders; [dev] refused by its pipeline class
-    or its transformer's guidance embedder."""
+    """A diffusers FLUX.2 folder (nodes.checkpoint.flow_transformers.load_pipeline_folder): [klein]
+    (Flux2KleinPipeline, Qwen3) or [dev] (Flux2Pipeline: Mistral3's language model, the Tekken
+    tokenizer from ``tokenizer/tekken.json``); the text encoder and the transformer held as stored, as
+    FLUX's folders. A [klein] folder whose transformer has a guidance embedder is refused."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-    from transformers import Qwen2TokenizerFast, Qwen3Config
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
     from nodes.checkpoint.flux2_vae import Flux2LatentVAE
     from nodes.checkpoint.folders import folder_component, folder_state
     from nodes.checkpoint.load import reading
-    from nodes.checkpoint.qwen3_text import build_qwen3
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
-    if _class_of(path, "model_index.json") == "Flux2Pipeline":
-        raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+    is_dev = _class_of(path, "model_index.json") == "Flux2Pipeline"
+    build_text = _dev_text if is_dev else _klein_text
 
     def others() -> dict[str, Any]:
         modules = {"vae": Flux2LatentVAE(folder_component(path / "vae", AutoencoderKLFlux2, dtype))}
@@ -141,14 +134,52 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
         if found is None:
             raise OSError("text_encoder/ holds no .safetensors weights")
         with reading(found[0]):
-            modules["text_encoder"] = build_qwen3(found[1], f"{path.name}/text_encoder", dtype,
-                                                  Qwen3Config.from_pretrained(str(path / "text_encoder")))
+            modules["text_encoder"] = build_text(found[1], path, dtype)
         return modules
 
-    def klein_only(transformer: Any) -> None:
-        if transformer.config.guidance_embeds:
-            raise CheckpointError(f"{path.name} {DEV_REFUSAL}")
+    def matches(transformer: Any) -> None:
+        if bool(transformer.config.guidance_embeds) != is_dev:
+            raise CheckpointError(f"{path.name}: its transformer {'lacks' if is_dev else 'has'} a guidance embedder, "
+                                  f"which a {'FLUX.2 [dev]' if is_dev else 'FLUX.2 [klein]'} folder "
+                                  f"({_class_of(path, 'model_index.json')}) {'has' if is_dev else 'lacks'}")
 
-    return load_pipeline_folder(path, dtype, offload, fam.FAMILY, "FLUX.2", Flux2Transformer2DModel, others,
-                                lambda: folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3")),
-                                latent_from_vae=False, ready=klein_only)
+    family, label = (dev.FAMILY, "FLUX.2 [dev]") if is_dev else (fam.FAMILY, "FLUX.2")
+    return load_pipeline_folder(path, dtype, offload, family, label, Flux2Transformer2DModel, others,
+                                lambda: (_dev_tokenizer if is_dev else _klein_tokenizer)(path),
+                                latent_from_vae=False, ready=matches)
+
+
+def _klein_text(state: Any, path: Path, dtype: Any) -> Any:
+    from transformers import Qwen3Config
+
+    from nodes.checkpoint.qwen3_text import build_qwen3
+
+    config = Qwen3Config.from_pretrained(str(path / "text_encoder"))
+    return build_qwen3(state, f"{path.name}/text_encoder", dtype, config)
+
+
+def _dev_text(state: Any, path: Path, dtype: Any) -> Any:
+    """Mistral3ForConditionalGeneration's language model, by its own config's text_config."""
+    from nodes.checkpoint.mistral_text import build_mistral
+
+    text = json.loads((path / "text_encoder" / "config.json").read_text()).get("text_config")
+    return build_mistral(state, f"{path.name}/text_encoder", dtype, text)
+
+
+def _klein_tokenizer(path: Path) -> Any:
+    from transformers import Qwen2TokenizerFast
+
+    from nodes.checkpoint.flow_transformers import folder_tokenizer
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+
+    return folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3"))
+
+
+def _dev_tokenizer(path: Path) -> Any:
+    from nodes.checkpoint.tekken_tokenizer import folder_tekken, tekken_tokenizer
+
+    data = folder_tekken(path / "tokenizer")
+    if data is None:
+        raise CheckpointError(f"{path.name}/tokenizer holds no tekken.json (Mistral's tokenizer, which FLUX.2 [dev]'s "
+                              "release ships there); Kiln reads the Mistral tokenizer from it")
+    return tekken_tokenizer(data)

@@ -42,14 +42,11 @@ def plain_decoder_prefix(keys: Any, prefixes: tuple[str, ...] = PREFIXES) -> str
     return prefix
 
 
-_prefix = plain_decoder_prefix
-
-
 def is_llama(keys: Any) -> bool:
     """Whether a file's keys hold a Llama-style decoder: q_proj and the token embedding, without Qwen3's
     q_norm or Qwen2.5's attention biases (and no vision tower: a Qwen-VL file is not one)."""
     keys = set(keys)
-    return _prefix(keys) is not None and not any(k.startswith(("visual.", "model.visual.")) for k in keys)
+    return plain_decoder_prefix(keys) is not None and not any(k.startswith(("visual.", "model.visual.")) for k in keys)
 
 
 def llama_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
@@ -70,7 +67,7 @@ def build_llama(state: Mapping[str, Any], what: str, dtype: Any, config: Any = N
     CheckpointError naming ``what``."""
     from transformers import LlamaModel
 
-    prefix = _prefix(state.keys())
+    prefix = plain_decoder_prefix(state.keys())
     if prefix is None:
         raise CheckpointError(f"{what} holds no Llama text encoder; expected model.embed_tokens.weight and "
                               "model.layers.N.self_attn.q_proj.weight (Llama 3.1 8B Instruct's layout)")

@@ -248,6 +248,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             (joyimage_load.has_transformer, "JoyImage", "qwen3vl_8b_joyimage_edit*.safetensors", "joyimage",
              "wan_2.1_vae.safetensors"),
             (ovis_load.has_transformer, "Ovis-Image", "ovis_2.5.safetensors", "ovis", "ae.safetensors"),
+            (flux2_load.dev.FAMILY.claims_unet, "FLUX.2 [dev]", "mistral_3_small_flux2*.safetensors", "flux2",
+             "flux2-vae.safetensors"),
             (flux2_load.has_flux2_transformer, "FLUX.2", "the Qwen3", "flux2", "flux2-vae.safetensors"),
             (qwen_image_load.has_transformer, "Qwen-Image", "qwen_2.5_vl_7b*.safetensors", "qwen_image",
              "qwen_image_vae.safetensors"),

@@ -29,6 +29,9 @@ PREFIXES = ("model.", "language_model.model.", "model.language_model.", "languag
 #: Ministral 3 3B's width (ComfyUI tells it by this); Mistral Small 3 (FLUX.2 [dev]) is 5120 wide.
 MINISTRAL3_WIDTH = 3072
 MISTRAL_SMALL3_WIDTH = 5120
+VOCAB = 131072
+#: FLUX.2 [dev] reads its text encoder's layer 30: a Mistral decoder that deep is Mistral Small 3.
+FLUX2_DEV_LAYERS = 30
 HEAD = 128
 KIND = "ministral3"
 
@@ -42,20 +45,23 @@ def mistral_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     (ERNIE-Image's Ministral 3) or ``"mistral3"`` (FLUX.2 [dev]'s Mistral Small 3), else None.
 
     A Llama-style decoder (q_proj and the token embedding; no Qwen ``q_norm`` or attention biases) is a
-    Mistral one when it carries Tekken (``tekken_model``) or has Ministral 3's width, as ComfyUI tells
-    it (its Ministral 3 rule is the 3072 width); Mistral Small 3 is the 5120-wide one. The one rule that
-    tells the two Mistrals apart, kept in this one function."""
+    Mistral one when it carries Tekken (``tekken_model``) or has a release's size without it: Ministral 3's
+    3072 width, Mistral Small 3's 5120 width and 131072 vocabulary (ComfyUI tells them by the width).
+    At another width, the depth decides: FLUX.2 reads Mistral Small 3's hidden states after layers 10, 20
+    and 30 (its files hold 40 layers, or 30 pruned), Ministral 3 3B has 26. The one rule that tells the two
+    Mistrals apart, kept in this one function."""
     from nodes.checkpoint.tekken_tokenizer import TEKKEN_KEY
 
     prefix = _prefix(shapes)
     if prefix is None:
         return None
-    width = shapes[prefix + "embed_tokens.weight"][-1]
-    if width == MISTRAL_SMALL3_WIDTH and TEKKEN_KEY in shapes:
-        return "mistral3"
-    if TEKKEN_KEY in shapes or width == MINISTRAL3_WIDTH:
-        return KIND
-    return None
+    vocab, width = shapes[prefix + "embed_tokens.weight"][:2]
+    if TEKKEN_KEY not in shapes and width != MINISTRAL3_WIDTH and (vocab, width) != (VOCAB, MISTRAL_SMALL3_WIDTH):
+        return None
+    if width in (MINISTRAL3_WIDTH, MISTRAL_SMALL3_WIDTH):
+        return KIND if width == MINISTRAL3_WIDTH else "mistral3"
+    layers = sum(1 for k in shapes if k.startswith(prefix + "layers.") and k.endswith(".self_attn.q_proj.weight"))
+    return "mistral3" if layers >= FLUX2_DEV_LAYERS else KIND
 
 
 def ministral3_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
@@ -82,19 +88,3 @@ def build_ministral3(state: Mapping[str, Any], what: str, dtype: Any, config: An
     decoder = {k: state[k] for k in state if k != TEKKEN_KEY and k.startswith(prefix)}
     return decoder_from_file(decoder, prefix, what, dtype, Ministral3Model,
                              lambda shapes: config or ministral3_config(shapes, what), "Ministral 3 text encoder")
-
-
-def ministral3_tokenizer(state: Mapping[str, Any], what: str) -> Any:
-    """The Tekken tokenizer the file carries (``tekken_model``); a file without it, or with other bytes
-    there, is a CheckpointError that says so (Kiln fetches no tokenizer)."""
-    from nodes.checkpoint.tekken_tokenizer import TEKKEN_KEY, TekkenError, tekken_bytes, tekken_tokenizer
-
-    data = tekken_bytes(state)
-    if data is None:
-        raise CheckpointError(f"{what} carries no {TEKKEN_KEY} tensor (Mistral's tekken.json), which Kiln reads "
-                              "Ministral 3's tokenizer from; use Comfy-Org's ministral-3-3b.safetensors, which "
-                              "has it")
-    try:
-        return tekken_tokenizer(data)
-    except TekkenError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None

@@ -25,6 +25,8 @@ from nodes.families.base import Family, has_prefix
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
               "mistral3": "Mistral Small 3"}
+#: The Comfy-Org files that carry each Mistral encoder's tokenizer, for the error when one is missing.
+TEKKEN_FILES = {"ministral3": "ministral-3-3b.safetensors", "mistral3": "mistral_3_small_flux2_*.safetensors"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 #: ComfyUI CLIPLoader types naming no model family Kiln has, under which ComfyUI picks the encoder by
 #: the file alone; a causal-LM file loads as the family of its encoder kind there, as in ComfyUI (its
@@ -235,8 +237,11 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     names = ", ".join(f"{f.name} ({KIND_NAMES.get(f.kind, f.kind)})" for f in files)
     wanted = [f for f in families.ALL if clip_type in f.clip_types]
     if wanted:
-        needs = " + ".join(KIND_NAMES.get(s.kind, s.kind) for s in wanted[0].text_encoders)
-        raise CheckpointError(f"type {clip_type!r} needs {needs}, got {names}")
+        needs = [" + ".join(KIND_NAMES.get(s.kind, s.kind) for s in family.text_encoders) for family in wanted]
+        given = " + ".join(KIND_NAMES.get(f.kind, f.kind) for f in files)  # a kind a family took and refused
+        others = ", ".join(dict.fromkeys(n for n in needs[1:] if n not in (needs[0], given)))  # FLUX.2 [dev]'s
+        also = f" (or {others})" if others else ""
+        raise CheckpointError(f"type {clip_type!r} needs {needs[0]}, got {names}{also}")
     raise CheckpointError(f"type {clip_type!r} has no model family with text encoders {names}")
 
 
@@ -276,12 +281,15 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_llama(file.state, file.name, dtype)
             continue
-        if spec.kind == "ministral3":
-            from nodes.checkpoint.ministral_text import build_ministral3, ministral3_tokenizer
+        if spec.kind in ("ministral3", "mistral3"):  # the tokenizer is the file's (tekken_model)
+            from nodes.checkpoint.ministral_text import build_ministral3
+            from nodes.checkpoint.mistral_text import build_mistral
+            from nodes.checkpoint.tekken_tokenizer import tokenizer_in_file
 
-            tekken[spec.tokenizer] = ministral3_tokenizer(file.state, file.name)
+            build = build_ministral3 if spec.kind == "ministral3" else build_mistral
             with reading(Path(file.name)):
-                modules[spec.module] = build_ministral3(file.state, file.name, dtype)
+                tekken[spec.tokenizer] = tokenizer_in_file(file.state, file.name, TEKKEN_FILES[spec.kind])
+                modules[spec.module] = build(file.state, file.name, dtype)
             continue
         if spec.kind == "qwen2.5-vl":
             from nodes.checkpoint.qwen_image_load import build_text_model
@@ -298,7 +306,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3")}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3", "mistral3")}
     tokenizers.update(tekken)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):

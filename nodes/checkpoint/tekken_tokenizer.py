@@ -81,6 +81,23 @@ def tekken_tokenizer(data: bytes, padding_side: str = "left") -> Any:
                                    unk_token=UNK, padding_side=padding_side, model_max_length=131072)
 
 
+def tokenizer_in_file(state: Mapping[str, Any], what: str, release_files: str) -> Any:
+    """The Tekken tokenizer a text-encoder file carries (``tekken_model``). A file without it, or with other
+    bytes there, is a CheckpointError naming ``what`` and the Comfy-Org files (``release_files``) that carry
+    one: Kiln fetches no tokenizer."""
+    from nodes.checkpoint.load import CheckpointError
+
+    data = tekken_bytes(state)
+    if data is None:
+        raise CheckpointError(f"{what} carries no {TEKKEN_KEY} tensor (Mistral's tekken.json), which Kiln reads the "
+                              f"tokenizer from; give CLIPLoader a file that carries it, such as Comfy-Org's "
+                              f"{release_files}")
+    try:
+        return tekken_tokenizer(data)
+    except TekkenError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+
+
 def folder_tekken(folder: Path) -> bytes | None:
     """``tekken.json`` of a diffusers folder's tokenizer (``folder/tekken.json``), or None."""
     path = Path(folder) / "tekken.json"

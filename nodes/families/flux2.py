@@ -22,6 +22,10 @@ What differs from FLUX.1 (nodes.families.flux), and where it lives:
   FluxGuidance value is ignored with a note.
 * **Model sampling.** Flow matching with FLUX.2's empirical shift, which depends on the token
   count and the step count (nodes.samplers.flow.empirical_mu; the config's ``kiln_mu_rule``).
+
+FLUX.2 [dev] (a guidance embedder, Mistral Small 3 text) is a subclass, nodes.families.flux2_dev, on
+the same :class:`Flux2Network`: it passes a guidance value when the transformer has the embedder, and
+puts zero tokens before prompts shorter than 512 (:func:`pad_text`, as ComfyUI's FLUX.2 model does).
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timest
              MU_RULE: "flux2"}
 
 
+def has_any(shapes: Shapes, keys: tuple[str, ...]) -> bool:
+    """Whether one of ``keys`` is in ``shapes``, with or without ComfyUI's prefix."""
+    return any(k in shapes or UNET_PREFIX + k in shapes for k in keys)
+
+
 def tokens_of(x: "Any") -> "Any":
     """[B, C, h, w] -> [B, h * w, C] (Flux2KleinPipeline's ``_pack_latents``: a token per latent pixel)."""
     b, c, h, w = x.shape
@@ -82,6 +91,18 @@ def text_ids(length: int, device: Any, dtype: Any) -> "Any":
     return ids.to(device=device, dtype=dtype)
 
 
+def pad_text(states: "Any") -> "Any":
+    """Prompt states shorter than :data:`TEXT_TOKENS` with zero tokens put before them, as ComfyUI's FLUX.2
+    model does (its ``extra_conds``): [klein]'s Qwen3 prompts already are 512 tokens, [dev]'s Mistral ones
+    are as long as the prompt."""
+    import torch
+
+    short = TEXT_TOKENS - states.shape[1]
+    if short <= 0:
+        return states
+    return torch.cat([states.new_zeros(states.shape[0], short, states.shape[2]), states], dim=1)
+
+
 class Flux2Network(WrappedTransformer):
     """The transformer behind the UNet calling convention (see the module docstring)."""
 
@@ -93,10 +114,15 @@ class Flux2Network(WrappedTransformer):
 
         b, c, h, w = x.shape
         check_text_width("FLUX.2", encoder_hidden_states.shape[-1], self.text_width,
-                         "encode the prompt with its Qwen3: CLIPLoader type flux2")
+                         "encode the prompt with its text encoder: CLIPLoader type flux2 (Qwen3 for [klein], "
+                         "Mistral Small 3 for [dev])")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         tokens, ids = tokens_of(x).to(self.dtype), position_ids(h, w, 0, self.device, self.dtype)
-        common = dict(timestep=time.to(self.dtype), guidance=None,
+        guidance = kwargs.pop("guidance", None)
+        if getattr(self.transformer.time_guidance_embed, "guidance_embedder", None) is None:
+            guidance = None  # [klein]: no embedder (the family notes a FluxGuidance value as ignored)
+        encoder_hidden_states = pad_text(encoder_hidden_states)
+        common = dict(timestep=time.to(self.dtype), guidance=guidance,
                       encoder_hidden_states=encoder_hidden_states.to(self.dtype),
                       txt_ids=text_ids(encoder_hidden_states.shape[1], self.device, self.dtype), **kwargs)
         if reference_latents is not None:
@@ -121,6 +147,22 @@ class Flux2Network(WrappedTransformer):
         return tokens, ids
 
 
+def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], reader: str, hint: str) -> "Any":
+    """The text encoder's hidden states after ``layers`` (``output.hidden_states`` indices) for token ``ids``
+    [1, n] under ``mask``, stacked per token: [1, n, len(layers) x width]. An encoder with fewer layers is a
+    ConditioningError on the clip saying who reads them (``reader``) and what to load (``hint``)."""
+    import torch
+
+    with torch.inference_mode(), clip.encoder("text_encoder") as model:
+        count = int(model.config.num_hidden_layers)
+        if count < max(layers):
+            raise ConditioningError(f"{reader} layers {layers} but this text encoder has {count} ({hint})", "clip")
+        device = next(model.parameters()).device
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    use_cache=False)
+        return torch.stack([out.hidden_states[k] for k in layers], dim=2).reshape(1, ids.shape[1], -1)
+
+
 class Flux2(FlowFamily):
     name = "flux2"
     latent = FLUX2_LATENT
@@ -137,8 +179,9 @@ class Flux2(FlowFamily):
     # (nodes.checkpoint.flux2_load.is_flux2_folder), not by components (FlowFamily.claims_folder) ----
 
     def claims_unet(self, shapes: Shapes) -> bool:
-        """The shared double-stream modulation, in either layout, with or without the prefix."""
-        return any(k in shapes or UNET_PREFIX + k in shapes for k in MARKERS)
+        """The shared double-stream modulation, in either layout, with or without the prefix; [klein] has no
+        guidance embedder ([dev], nodes.families.flux2_dev, has)."""
+        return has_any(shapes, MARKERS) and not has_any(shapes, DEV_MARKERS)
 
     # -- the network -------------------------------------------------------------------------
 
@@ -177,17 +220,8 @@ class Flux2(FlowFamily):
         tok = clip.tokenizers["tokenizer"]
         prompt = TEMPLATE.format((texts or {}).get("tokenizer", text))
         got = tok([prompt], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
-        with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
-            layers = int(qwen.config.num_hidden_layers)
-            if layers < max(TEXT_LAYERS):
-                raise ConditioningError(f"FLUX.2 [klein] reads Qwen3's layers {TEXT_LAYERS} but this text encoder "
-                                        f"has {layers} (load qwen_3_4b / qwen_3_8b with CLIPLoader type flux2)",
-                                        "clip")
-            device = next(qwen.parameters()).device
-            out = qwen(input_ids=got.input_ids.to(device), attention_mask=got.attention_mask.to(device),
-                       output_hidden_states=True, use_cache=False)
-            states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2)
-            states = states.reshape(1, TEXT_TOKENS, -1)
+        states = stacked_states(clip, got.input_ids, got.attention_mask, TEXT_LAYERS, "FLUX.2 [klein] reads Qwen3's",
+                                "load qwen_3_4b / qwen_3_8b with CLIPLoader type flux2")
         if report is not None:
             report.tokens = max(report.tokens, int(got.attention_mask.sum()))
             report.windows = 1
