@@ -11,7 +11,8 @@ same renames (it splits the fused qkv in three equal parts, which holds for the 
 and 30 key/value heads); this map splits by the head counts the shapes give, and
 tests/test_z_image_loading.py checks it against diffusers' converter.
 
-Lumina Image 2.0 has the same layout without the pad tokens; Kiln tells them apart by those.
+Lumina Image 2.0 has the same layout without the pad tokens; Kiln tells them apart by those. Its diffusers
+names differ (nodes.checkpoint.lumina2_keys), its fused qkv splits by :func:`split_qkv` here too.
 """
 from __future__ import annotations
 
@@ -62,8 +63,29 @@ def rope_axes(head: int) -> list[int]:
     return axes
 
 
-def _count(shapes: Any, group: str) -> int:
+def block_count(shapes: Any, group: str) -> int:
+    """How many blocks of ``group`` (``layers``, ``noise_refiner``, ``context_refiner``) a NextDiT's keys hold."""
     return len({int(m.group(2)) for k in shapes for m in [_BLOCK.match(k)] if m and m.group(1) == group})
+
+
+def split_qkv(state: dict[str, Any], key: str, value: Any, out: dict[str, Any], prefix: str = "") -> None:
+    """A NextDiT's fused ``...attention.qkv.weight`` (``value``) into ``out`` as ``to_q``, ``to_k``, ``to_v``
+    beside it (the attention module renamed to ``prefix`` when given): ``dim`` query rows (``x_embedder``'s
+    width), then equal key and value rows, so any head counts split right. Only rows move (meta tensors,
+    fp8 row scales alike). Shared by Z-Image and Lumina 2 (nodes.checkpoint.lumina2_keys)."""
+    if "x_embedder.weight" not in state:
+        raise KeyMismatch("missing 'x_embedder.weight'")
+    dim = state["x_embedder.weight"].shape[0]
+    kv = (value.shape[0] - dim) // 2
+    base = prefix or key[: -len("qkv.weight")]
+    out[base + "to_q.weight"], out[base + "to_k.weight"], out[base + "to_v.weight"] = value.split([dim, kv, kv], dim=0)
+
+
+def fused_qkv(state: dict[str, Any], base: str) -> Any:
+    """The fused qkv weight of the attention whose diffusers weights sit under ``base`` (``to_q.weight``...)."""
+    import torch
+
+    return torch.cat([state[base + "to_q.weight"], state[base + "to_k.weight"], state[base + "to_v.weight"]])
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -78,7 +100,7 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
     return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=patch_in // 4, dim=dim,
-                n_layers=_count(s, "layers"), n_refiner_layers=_count(s, "noise_refiner"), n_heads=dim // head,
+                n_layers=block_count(s, "layers"), n_refiner_layers=block_count(s, "noise_refiner"), n_heads=dim // head,
                 n_kv_heads=(qkv - dim) // 2 // head, norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap,
                 rope_theta=256.0, t_scale=1000.0, axes_dims=rope_axes(head), axes_lens=[1536, 512, 512])
 
@@ -96,7 +118,6 @@ def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     the head counts (rows: ``dim`` query rows, then equal key and value rows). Works on meta tensors and
     on fp8 row scales alike (only rows are moved)."""
     out: dict[str, Any] = {}
-    dim = state["x_embedder.weight"].shape[0] if "x_embedder.weight" in state else None
     foreign = sorted(k for k in state if k.startswith("all_") or any(p in k for p in _DIFFUSERS_ONLY))
     if foreign:
         raise KeyMismatch(f"unexpected {foreign[:4]}{' ...' if len(foreign) > 4 else ''} (diffusers' names in an "
@@ -105,12 +126,7 @@ def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
         if key in UNUSED:
             continue
         if key.endswith(".attention.qkv.weight"):
-            if dim is None:
-                raise KeyMismatch("missing 'x_embedder.weight'")
-            kv = (value.shape[0] - dim) // 2
-            base = key[: -len("qkv.weight")]
-            out[base + "to_q.weight"], out[base + "to_k.weight"], out[base + "to_v.weight"] = \
-                value.split([dim, kv, kv], dim=0)
+            split_qkv(state, key, value, out)
             continue
         out[_rename(key, True)] = value
     return out
@@ -118,15 +134,13 @@ def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
 
 def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers' names -> the original layout (q, k, v stacked into qkv): what ComfyUI's files hold."""
-    import torch
-
     out: dict[str, Any] = {}
     for key, value in state.items():
         if ".attention.to_k." in key or ".attention.to_v." in key:
             continue
         if key.endswith(".attention.to_q.weight"):
             base = key[: -len("to_q.weight")]
-            out[base + "qkv.weight"] = torch.cat([value, state[base + "to_k.weight"], state[base + "to_v.weight"]])
+            out[base + "qkv.weight"] = fused_qkv(state, base)
             continue
         out[_rename(key, False)] = value
     return out
