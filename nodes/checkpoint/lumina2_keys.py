@@ -3,7 +3,8 @@
 ComfyUI's ``lumina_2_model_bf16.safetensors`` (and the ``model.diffusion_model.`` part of an all-in-one
 file such as NetaYume Lumina's) holds the NextDiT names ComfyUI's ``comfy.ldm.lumina`` model reads, the
 same names as Z-Image's files (nodes.checkpoint.z_image_keys) without Z-Image's pad tokens:
-``layers.N.attention.qkv`` (fused, split by :func:`nodes.checkpoint.z_image_keys.split_qkv`),
+``layers.N.attention.qkv`` (fused; split and fused again as for Z-Image: nodes.checkpoint.z_image_keys'
+``nextdit_*`` helpers, given this module's renames),
 ``.attention.out``, ``.attention.q_norm`` / ``k_norm``, ``.feed_forward.w1/w2/w3``, ``.attention_norm1/2``,
 ``.ffn_norm1/2``, ``.adaLN_modulation.1`` (SiLU then Linear), ``x_embedder``, ``t_embedder.mlp.0/2``,
 ``cap_embedder.0/1``, ``final_layer.linear`` / ``.adaLN_modulation.1`` and an unused ``norm_final.weight``.
@@ -18,19 +19,21 @@ import re
 from typing import Any
 
 from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
-from nodes.checkpoint.z_image_keys import (KeyMismatch, block_count, fused_qkv, has_pad_tokens,  # noqa: F401
-                                           is_original as is_nextdit, split_qkv)
+from nodes.checkpoint.z_image_keys import (KeyMismatch, block_count, has_pad_tokens, is_original as is_nextdit,
+                                           nextdit_lora_modules, nextdit_original_names, nextdit_to_diffusers,
+                                           nextdit_to_original)
 
 DIFFUSERS_MARKERS = ("time_caption_embed.caption_embedder.1.weight", "layers.0.attn.to_q.weight")
-UNUSED = ("norm_final.weight",)
+#: diffusers' name for a block's attention module
+ATTN = "attn."
 #: (original, diffusers) pieces of a name outside the blocks
 _TOP = (("cap_embedder.", "time_caption_embed.caption_embedder."),
         ("t_embedder.mlp.0.", "time_caption_embed.timestep_embedder.linear_1."),
         ("t_embedder.mlp.2.", "time_caption_embed.timestep_embedder.linear_2."),
         ("final_layer.adaLN_modulation.1.", "norm_out.linear_1."), ("final_layer.linear.", "norm_out.linear_2."))
 #: (original, diffusers) pieces of a name inside a block, after ``<group>.<N>.``
-_IN_BLOCK = (("attention.out.", "attn.to_out.0."), ("attention.q_norm.", "attn.norm_q."),
-             ("attention.k_norm.", "attn.norm_k."), ("feed_forward.w1.", "feed_forward.linear_1."),
+_IN_BLOCK = (("attention.out.", ATTN + "to_out.0."), ("attention.q_norm.", ATTN + "norm_q."),
+             ("attention.k_norm.", ATTN + "norm_k."), ("feed_forward.w1.", "feed_forward.linear_1."),
              ("feed_forward.w2.", "feed_forward.linear_2."), ("feed_forward.w3.", "feed_forward.linear_3."),
              ("adaLN_modulation.1.", "norm1.linear."), ("attention_norm1.", "norm1.norm."),
              ("attention_norm2.", "norm2."))
@@ -105,35 +108,19 @@ def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     if foreign:
         raise KeyMismatch(f"unexpected {foreign[:4]}{' ...' if len(foreign) > 4 else ''} (diffusers' names in an "
                           "original-layout file)")
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        if key in UNUSED:
-            continue
-        if key.endswith(".attention.qkv.weight"):
-            split_qkv(state, key, value, out, key[: -len("attention.qkv.weight")] + "attn.")
-            continue
-        out[_rename(key, True)] = value
-    return out
+    return nextdit_to_diffusers(state, _rename, ATTN)
 
 
 def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers' names -> the original layout (q, k, v fused into qkv): what ComfyUI's files hold."""
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        if ".attn.to_k." in key or ".attn.to_v." in key:
-            continue
-        if key.endswith(".attn.to_q.weight"):
-            base = key[: -len("to_q.weight")]
-            out[base[: -len("attn.")] + "attention.qkv.weight"] = fused_qkv(state, base)
-            continue
-        out[_rename(key, False)] = value
-    return out
+    return nextdit_to_original(state, _rename, ATTN)
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The original module names LoRAs for Lumina 2 use (``layers.3.attention.qkv`` covering to_q, to_k, to_v)."""
+    return nextdit_lora_modules(shapes, _rename, ATTN)
 
 
 def original_names(diffusers_names: Any) -> dict[str, str]:
     """diffusers name -> the original name of the tensor it is (to_q, to_k, to_v: the fused qkv's)."""
-    out = {}
-    for name in diffusers_names:
-        m = re.match(r"^(.*\.)attn\.to_[qkv]\.weight$", name)
-        out[name] = m.group(1) + "attention.qkv.weight" if m else _rename(name, False)
-    return out
+    return nextdit_original_names(diffusers_names, _rename, ATTN)

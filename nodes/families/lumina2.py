@@ -116,6 +116,13 @@ class Lumina2(FlowFamily):
     def dit_blocks(self, network: Any) -> dict[str, list]:
         raise ConditioningError("skip-layer guidance is not implemented for Lumina 2 in Kiln", "model")
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original layout's module names (``layers.3.attention.qkv``), which ComfyUI-style LoRAs use; the
+        fused qkv splits row-wise onto to_q, to_k, to_v (nodes.checkpoint.lumina2_keys)."""
+        from nodes.checkpoint.lumina2_keys import lora_modules
+
+        return lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()})
+
     def original_names(self, network: Any) -> dict[str, str]:
         from nodes.checkpoint.lumina2_keys import original_names
 
