@@ -216,3 +216,50 @@ def test_a_caption_longer_than_diffusers_rotary_table_runs_and_keeps_the_shorter
     assert len(_clip().tokenizers["tokenizer"](_system(long_prompt))["input_ids"]) > 300
     image = kiln(long_prompt, "", 4.0, steps=2)
     assert torch.isfinite(image).all() and (image - kiln(PROMPT, "", 4.0, steps=2)).abs().max() > 0.02
+
+
+# -- ComfyUI's Lumina 2 nodes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("system", ["superior", "alignment"])
+def test_cliptextencodelumina2_writes_the_system_prompt_as_lumina2_pipeline(system):
+    from nodes.lumina2_nodes import clip_text_encode_lumina2
+
+    (cond,) = clip_text_encode_lumina2(Recorder().ctx, system, PROMPT, _clip())
+    with torch.no_grad():
+        embeds, mask, _, _ = tiny_lumina2.pipeline().encode_prompt(
+            PROMPT, do_classifier_free_guidance=False, system_prompt=lumina2.SYSTEM_PROMPTS[system])
+    count = int(mask.sum())
+    assert cond[0][0].shape == (1, count, tiny_lumina2.CAP)
+    assert torch.allclose(cond[0][0][0], embeds[0, :count], atol=1e-5)
+    other = "alignment" if system == "superior" else "superior"
+    (cond_other,) = clip_text_encode_lumina2(Recorder().ctx, other, PROMPT, _clip())
+    assert cond_other[0][0].shape != cond[0][0].shape or not torch.allclose(cond_other[0][0], cond[0][0])
+
+
+def test_cliptextencodelumina2_names_its_bad_inputs():
+    from nodes.lumina2_nodes import clip_text_encode_lumina2
+
+    for args, name in ((("superior", PROMPT, "not a clip"), "clip"), (("best", PROMPT, _clip()), "system_prompt"),
+                       (("superior", 3, _clip()), "user_prompt")):
+        with pytest.raises(NodeError) as err:
+            clip_text_encode_lumina2(Recorder().ctx, *args)
+        assert err.value.input_name == name
+
+
+def test_renormcfg_truncated_everywhere_samples_the_conditional_prediction_alone():
+    """ComfyUI's RenormCFG on a Lumina 2 MODEL: with cfg_trunc 0 no step is guided, so cfg 4 with a negative
+    samples what cfg 1 samples (the conditional prediction); with its defaults it moves the image."""
+    from nodes.guidance_patches import renorm_cfg
+
+    clip, model = _clip(), model_over(lumina2.FAMILY, tiny_lumina2.components()["transformer"])
+
+    def sample(m, cfg):
+        (out,) = ksampler(Recorder().ctx, m, 5, 3, cfg, "euler", "simple", clip.encode(_system(PROMPT)),
+                          clip.encode(NEGATIVE), {"samples": torch.zeros(1, 16, 8, 8)})
+        return out["samples"]
+
+    (truncated,) = renorm_cfg(Recorder().ctx, model, 0.0, 1.0)
+    assert torch.allclose(sample(truncated, 4.0), sample(model, 1.0), atol=1e-5)
+    (renormed,) = renorm_cfg(Recorder().ctx, model, 100.0, 1.0)
+    assert (sample(renormed, 4.0) - sample(model, 4.0)).abs().max() > 1e-3
