@@ -21,7 +21,7 @@ import tiny_models
 from engine.context import NodeError
 from engine.workflow import parse
 from flow_family_files import (checkpoint_loader, clip_over, env, model_over, models_root,  # noqa: F401 (fixtures)
-                               registry, run, txt2img_graph, unet_weights)
+                               registry, run, save_state, txt2img_graph, unet_weights)
 from node_call import Called, Recorder, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import lumina2_keys
@@ -42,6 +42,15 @@ root = models_root(tiny_lumina2.make_models_folder, "lumina2-models")
 def _system(prompt: str) -> str:
     """The prompt as Lumina2Pipeline writes it before encoding (its default system prompt)."""
     return lumina2.SYSTEM_PROMPTS["superior"] + lumina2.PROMPT_START + prompt
+
+
+def _split_loaders(clip_name: str) -> dict:
+    """UNETLoader "1", CLIPLoader "8" (type lumina2, ``clip_name``) and VAELoader "9" on the split files, as
+    txt2img_graph's loader."""
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SPLIT["unet_name"], "weight_dtype": "default"}},
+            "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "lumina2"}},
+            "9": {"class_type": "VAELoader", "inputs": {"vae_name": SPLIT["vae_name"]}},
+            "_model": ["1", 0], "_clip": ["8", 0], "_vae": ["9", 0]}
 
 
 def _clip():
@@ -103,19 +112,22 @@ def test_a_gemma_file_without_its_tokenizer_is_refused_naming_the_input(registry
         call(split_loaders.clip_loader, env, clip_name="tiny-gemma-no-tokenizer.safetensors", type="lumina2")
     assert err.value.input_name == "clip_name"
     assert "spiece_model" in str(err.value) and "tokenizer" in str(err.value)
-    graph = txt2img_graph({"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SPLIT["unet_name"],
-                                                                        "weight_dtype": "default"}},
-                           "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny-gemma-no-tokenizer.safetensors",
-                                                                        "type": "lumina2"}},
-                           "9": {"class_type": "VAELoader", "inputs": {"vae_name": SPLIT["vae_name"]}},
-                           "_model": ["1", 0], "_clip": ["8", 0], "_vae": ["9", 0]},
-                          prompt=PROMPT, negative="", size=SIZE, seed=1, steps=1, cfg=1.0, scheduler="simple")
+    graph = txt2img_graph(_split_loaders("tiny-gemma-no-tokenizer.safetensors"), prompt=PROMPT, negative="", size=SIZE,
+                          seed=1, steps=1, cfg=1.0, scheduler="simple")
     from engine.executor import Executor
 
     outcome = Executor(registry, env).run(parse(graph))
     assert outcome.status != "succeeded"
     assert outcome.error.node_id == "8" and "CLIPLoader" in outcome.error.node_type
     assert "spiece_model" in outcome.error.message
+
+
+def test_an_all_in_one_checkpoint_without_its_tokenizer_is_refused_naming_the_input(env, root):
+    state = {k: v for k, v in tiny_lumina2.all_in_one().items() if not k.endswith(tiny_lumina2.SPIECE)}
+    save_state(root / "checkpoints" / "tiny-lumina2-aio-no-tokenizer.safetensors", state)
+    with pytest.raises(NodeError) as err:
+        call(loaders.checkpoint_loader, env, ckpt_name="tiny-lumina2-aio-no-tokenizer.safetensors")
+    assert err.value.input_name == "ckpt_name" and "text_encoders.spiece_model" in str(err.value)
 
 
 # -- sampling --------------------------------------------------------------------------------------
@@ -184,13 +196,7 @@ def test_key_map_matches_diffusers_converter_at_the_released_width():
 def test_graphs_on_the_files_equal_lumina2_pipeline(registry, env, loader):
     """UNETLoader + CLIPLoader type lumina2 + VAELoader, the all-in-one checkpoint and the diffusers folder
     (its own tokenizer and scheduler config) through CheckpointLoaderSimple: KSampler euler cfg 4."""
-    if loader == "split":
-        nodes = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": SPLIT["unet_name"], "weight_dtype": "default"}},
-                 "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": SPLIT["clip_name"], "type": "lumina2"}},
-                 "9": {"class_type": "VAELoader", "inputs": {"vae_name": SPLIT["vae_name"]}},
-                 "_model": ["1", 0], "_clip": ["8", 0], "_vae": ["9", 0]}
-    else:
-        nodes = checkpoint_loader(loader)
+    nodes = _split_loaders(SPLIT["clip_name"]) if loader == "split" else checkpoint_loader(loader)
     graph = txt2img_graph(nodes, prompt=_system(PROMPT), negative=NEGATIVE, size=SIZE, seed=5, steps=4, cfg=4.0,
                           scheduler="simple")
     ours = run(registry, env, parse(graph)).results["6"][0].numpy()

@@ -60,5 +60,6 @@ def test_template_runs_on_the_tiny_all_in_one_file_and_with_euler_equals_lumina2
     print(f"{NAME} (euler): {gap * 255:.4f}/255")
     assert gap <= 1 / 255
     assert np.abs(as_shipped - euler).max() > 1 / 255  # res_multistep is not euler: the template's sampler ran
-    other = run(registry, env, _workflow(registry, **{"48:33.sampler_name": "euler", "48:33.seed": sampler["seed"] + 1}))
+    other = run(registry, env, _workflow(registry, **{"48:33.sampler_name": "euler",
+                                                      "48:33.seed": sampler["seed"] + 1}))
     assert np.abs(euler - other.results["48:36"][0].numpy()).max() > 0.02  # the seed matters: not vacuous

@@ -81,7 +81,8 @@ def build(seed: int = 1) -> dict[str, Any]:
         torch.manual_seed(seed)
         transformer = Lumina2Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=16, hidden_size=DIM, num_layers=2, num_refiner_layers=1,
-            num_attention_heads=HEADS, num_kv_heads=KV_HEADS, multiple_of=256, axes_dim_rope=tuple(rope_axes(DIM // HEADS)),
+            num_attention_heads=HEADS, num_kv_heads=KV_HEADS, multiple_of=256,
+            axes_dim_rope=tuple(rope_axes(DIM // HEADS)),
             cap_feat_dim=CAP)
         tiny_flux._perturb(transformer, 0.05)
         transformer.eval()
@@ -92,7 +93,8 @@ def build(seed: int = 1) -> dict[str, Any]:
         tiny_flux._perturb(encoder, 0.05)
     return {"transformer": transformer, "vae": tiny_flux.components("dev")["vae"], "text_encoder": encoder,
             "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0, use_dynamic_shifting=False)}
+            "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0,
+                                                         use_dynamic_shifting=False)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,7 +140,8 @@ def all_in_one() -> dict:
 def make_models_folder(root: Any) -> Path:
     """diffusion_models/tiny-lumina2{,-prefixed,-diffusers-keys}.safetensors, text_encoders/tiny-gemma_2_2b.safetensors
     (and tiny-gemma-no-tokenizer.safetensors), vae/tiny-flux-ae.safetensors, checkpoints/tiny-lumina2-aio.safetensors
-    and NetaYumev35_pretrained_all_in_one.safetensors (the template's name), checkpoints/tiny-lumina2-diffusers/ (Lumina2Pipeline.save_pretrained)."""
+    and NetaYumev35_pretrained_all_in_one.safetensors (the template's name), checkpoints/tiny-lumina2-diffusers/
+    (Lumina2Pipeline.save_pretrained)."""
     root = Path(root)
     save_split_transformer(root / "diffusion_models", "tiny-lumina2", original_transformer(),
                            dict(components()["transformer"].state_dict()))

@@ -55,7 +55,8 @@ def gemma2_config(shapes: Mapping[str, tuple[int, ...]], what: str) -> Any:
     return Gemma2Config(**sizes.fields(head), hidden_activation="gelu_pytorch_tanh", rms_norm_eps=RMS_EPS,
                         max_position_embeddings=MAX_POSITIONS, query_pre_attn_scalar=head,
                         attn_logit_softcapping=SOFTCAP, final_logit_softcapping=FINAL_SOFTCAP,
-                        sliding_window=SLIDING_WINDOW, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                        sliding_window=SLIDING_WINDOW,
+                        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
                         pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, use_cache=False)
 
 

@@ -94,7 +94,8 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
     return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=patch_in // 4, dim=dim,
-                n_layers=block_count(s, "layers"), n_refiner_layers=block_count(s, "noise_refiner"), n_heads=dim // head,
+                n_layers=block_count(s, "layers"), n_refiner_layers=block_count(s, "noise_refiner"),
+                n_heads=dim // head,
                 n_kv_heads=(qkv - dim) // 2 // head, norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap,
                 rope_theta=256.0, t_scale=1000.0, axes_dims=rope_axes(head), axes_lens=[1536, 512, 512])
 
