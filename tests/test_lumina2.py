@@ -192,6 +192,32 @@ def test_key_map_matches_diffusers_converter_at_the_released_width():
          "axes_dim_rope": (32, 32, 32)}
 
 
+def test_gemma2_config_from_the_released_shapes():
+    """The shapes of Gemma 2 2B (transformers' Gemma2Config defaults are that release; built on meta) give its
+    config back: head width 256, 8 query and 4 key/value heads, the query scale and soft caps."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    from nodes.checkpoint.gemma_text import gemma2_config
+
+    release = Gemma2Config()
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Gemma2Model(release).state_dict().items()}
+    ours = gemma2_config(shapes, "gemma_2_2b")
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "attn_logit_softcapping", "rms_norm_eps",
+              "sliding_window", "hidden_activation")
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(release, f) for f in fields}
+    assert ours.layer_types == release.layer_types
+
+
+def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
+    from flow_family_files import fp8_sampling_gap
+
+    gap = fp8_sampling_gap(env, SPLIT["unet_name"], _clip(), lambda net: net.layers[0].attn.to_q.weight,
+                           prompt=_system(PROMPT), negative=NEGATIVE, scheduler="simple")
+    assert 0 < gap < 0.25  # 8-bit weights on a tiny random model: close, not equal
+
+
 @pytest.mark.parametrize("loader", ["split", "tiny-lumina2-aio.safetensors", "tiny-lumina2-diffusers"])
 def test_graphs_on_the_files_equal_lumina2_pipeline(registry, env, loader):
     """UNETLoader + CLIPLoader type lumina2 + VAELoader, the all-in-one checkpoint and the diffusers folder
