@@ -159,7 +159,7 @@ def loaded(root, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", ["tiny-lumina2.safetensors", "tiny-lumina2-prefixed.safetensors",
-                                  "tiny-lumina2-diffusers-keys.safetensors"])
+                                  "tiny-lumina2-diffusers-keys.safetensors", "tiny-lumina2-aio.safetensors"])
 def test_split_files_all_in_one_and_folder_load_the_same_weights_bit_for_bit(env, loaded, name):
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     want = tiny_lumina2.components()["transformer"].state_dict()

@@ -139,8 +139,9 @@ def all_in_one() -> dict:
 
 def make_models_folder(root: Any) -> Path:
     """diffusion_models/tiny-lumina2{,-prefixed,-diffusers-keys}.safetensors, text_encoders/tiny-gemma_2_2b.safetensors
-    (and tiny-gemma-no-tokenizer.safetensors), vae/tiny-flux-ae.safetensors, checkpoints/tiny-lumina2-aio.safetensors
-    and NetaYumev35_pretrained_all_in_one.safetensors (the template's name), checkpoints/tiny-lumina2-diffusers/
+    (and tiny-gemma-no-tokenizer.safetensors), vae/tiny-flux-ae.safetensors, the all-in-one file as
+    checkpoints/tiny-lumina2-aio.safetensors, NetaYumev35_pretrained_all_in_one.safetensors (the template's name)
+    and diffusion_models/tiny-lumina2-aio.safetensors, and checkpoints/tiny-lumina2-diffusers/
     (Lumina2Pipeline.save_pretrained)."""
     root = Path(root)
     save_split_transformer(root / "diffusion_models", "tiny-lumina2", original_transformer(),
@@ -148,7 +149,9 @@ def make_models_folder(root: Any) -> Path:
     tiny_flux._save(root / "text_encoders" / "tiny-gemma_2_2b.safetensors", gemma_file())
     tiny_flux._save(root / "text_encoders" / "tiny-gemma-no-tokenizer.safetensors", gemma_file(tokenizer=False))
     tiny_flux._save(root / "vae" / "tiny-flux-ae.safetensors", tiny_flux.vae_state())
-    for name in ("tiny-lumina2-aio.safetensors", "NetaYumev35_pretrained_all_in_one.safetensors"):
-        tiny_flux._save(root / "checkpoints" / name, all_in_one())
+    for path in ("checkpoints/tiny-lumina2-aio.safetensors",
+                 "checkpoints/NetaYumev35_pretrained_all_in_one.safetensors",
+                 "diffusion_models/tiny-lumina2-aio.safetensors"):  # UNETLoader reads its diffusion model alone
+        tiny_flux._save(root / path, all_in_one())
     pipeline().save_pretrained(str(root / "checkpoints" / "tiny-lumina2-diffusers"), safe_serialization=True)
     return root

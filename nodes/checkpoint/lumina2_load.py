@@ -38,7 +38,26 @@ def refuse_z_image_modulation(state: Mapping[str, Any], what: str) -> None:
 
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles).
 FILES = TransformerFiles("Lumina2Transformer2DModel", keys, "lumina2", LABEL, refuse=refuse_z_image_modulation)
-build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
+build_transformer, file_layout = FILES.build, FILES.layout
+#: What an all-in-one checkpoint holds beside the diffusion model (ComfyUI's prefixes)
+OTHER_PARTS = ("text_encoders.", "vae.", "first_stage_model.")
+
+
+def diffusion_model_part(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` without an all-in-one checkpoint's text encoders and VAE (a LazyState stays lazy): ComfyUI's
+    UNETLoader reads a checkpoint's diffusion model alone, and so does Kiln's."""
+    from nodes.checkpoint.tensors import renamed_view
+
+    if not any(k.startswith(OTHER_PARTS) for k in state):
+        return state
+    return renamed_view(state, {k: k for k in state if not k.startswith(OTHER_PARTS)})
+
+
+def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
+                          offload: Any = None) -> Loaded:
+    """UNETLoader's path (nodes.checkpoint.flow_transformers.TransformerFiles.load) on the file's diffusion
+    model: a lone transformer file, or the ``model.diffusion_model.`` part of an all-in-one checkpoint."""
+    return FILES.load(diffusion_model_part(state), name, dtype, fp8=fp8, offload=offload)
 
 
 def has_transformer(keys_: Any) -> bool:
@@ -50,7 +69,6 @@ def load_single_file(state: Mapping[str, Any], name: str, dtype: Any, offload: A
     """An all-in-one Lumina 2 checkpoint (ComfyUI's layout, see the module docstring): the transformer as
     UNETLoader builds it (straight into disk blocks when ``offload`` pages it), Gemma 2 with the tokenizer
     stored beside it, the FLUX VAE. A part missing is a CheckpointError naming it and the split loaders."""
-    from nodes.checkpoint.flux_blocks import strip_prefix
     from nodes.checkpoint.flux_load import build_vae, is_flux_vae
     from nodes.checkpoint.gemma_text import build_gemma2, spiece_tokenizer
     from nodes.checkpoint.load import reading
@@ -69,7 +87,7 @@ def load_single_file(state: Mapping[str, Any], name: str, dtype: Any, offload: A
             "with CLIPLoader (type lumina2) and ae.safetensors with VAELoader")
     tokenizer = spiece_tokenizer(state, name, fam.TEXT_ENCODERS_PREFIX)
     with reading(Path(name)):
-        transformer = FILES.load(strip_prefix(state, keys.UNET_PREFIX), name, dtype, offload=offload).modules["unet"]
+        transformer = load_transformer_file(state, name, dtype, offload=offload).modules["unet"]
         gemma = build_gemma2(state, name, dtype, fam.GEMMA_PREFIX + "model.")
         vae = build_vae(state, vae_prefix, name, dtype)
     family = fam.FAMILY
