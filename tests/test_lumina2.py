@@ -99,6 +99,30 @@ def test_prompt_encoding_is_the_pipelines_layer_without_padding():
     assert not torch.allclose(clip.encode(_system(PROMPT))[0][0][0, -3:], embeds[0, -3:] * 0)  # not vacuous
 
 
+def test_weight_syntax_is_read_as_comfyui_reads_it_for_lumina2():
+    """ComfyUI's Gemma tokenizer leaves weights on: BOS, each piece of one weight tokenized on its own (its BOS
+    dropped), and a weighted token's state moved from the empty prompt's (BOS, then padding not attended to)
+    by its weight. Written out here with transformers' tokenizer and Gemma2Model, not Kiln's code."""
+    tok, gemma = tiny_lumina2.components()["tokenizer"], tiny_lumina2.components()["text_encoder"]
+    pieces = [("a red barn in ", 1.0), ("a field", 1.5), (", (sunny)", 1.0)]
+    ids, weights = [2], [1.0]
+    for text, weight in pieces:
+        got = tok(text).input_ids[1:]
+        ids, weights = ids + got, weights + [weight] * len(got)
+    rows = torch.tensor([ids, [2] + [0] * (len(ids) - 1)])
+    mask = torch.tensor([[1] * len(ids), [1] + [0] * (len(ids) - 1)])
+    with torch.no_grad():
+        states = gemma(input_ids=rows, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    w = torch.tensor(weights).reshape(-1, 1)
+    want = torch.where(w != 1.0, (states[0] - states[1]) * w + states[1], states[0])
+    (ours, _), = _clip().encode(r"a red barn in (a field:1.5), \(sunny\)")
+    assert ours.shape == (1, len(ids), tiny_lumina2.CAP) and torch.allclose(ours[0], want, atol=1e-5)
+    (unit, _), = _clip().encode(r"a red barn in (a field:1.0), \(sunny\)")  # the same pieces, no weight
+    moved = w.reshape(-1) != 1.0
+    assert unit.shape == ours.shape and torch.allclose(unit[0, ~moved], ours[0, ~moved], atol=1e-5)
+    assert (unit[0, moved] - ours[0, moved]).abs().max() > 1e-3  # the weight moves its tokens: not vacuous
+
+
 def test_cliploader_type_lumina2_reads_gemma_and_its_tokenizer_from_the_file(env):
     rec = Called()
     (clip,) = call(split_loaders.clip_loader, env, rec, clip_name=SPLIT["clip_name"], type="lumina2")

@@ -15,7 +15,10 @@ What differs from FLUX, and where it lives:
   StringConcatenate of the NetaYume template, or CLIPTextEncodeLumina2), BOS first, no padding, the
   hidden state of layer -2 (the second to last layer's output, no final norm): what Lumina2Pipeline
   keeps where its mask is set, and ComfyUI's ``layer_idx=-2``. ComfyUI cuts nothing; diffusers cuts at
-  256 tokens (its max_sequence_length).
+  256 tokens (its max_sequence_length). ComfyUI reads its weight syntax for Lumina 2 (its Gemma tokenizer
+  leaves weights on): each piece of one weight is tokenized on its own and a weighted token's state is
+  moved from the empty prompt's by its weight (:func:`weighted_ids`, :func:`apply_weights`); Kiln does the
+  same. A prompt without that syntax is encoded exactly as diffusers encodes it.
 * **Guidance.** Real CFG (KSampler's cfg is Lumina2Pipeline's guidance_scale with
   ``cfg_normalization=False``, ``cfg_trunc_ratio=1``); ComfyUI's RenormCFG node (nodes.guidance_patches)
   gives the release's truncated, renormalised guidance.
@@ -131,19 +134,62 @@ class Lumina2(FlowFamily):
     # -- text ----------------------------------------------------------------------------------
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
-        """CONDITIONING: Gemma 2's layer -2 states of the prompt as written (see the module docstring)."""
+        """CONDITIONING: Gemma 2's layer -2 states of the prompt as written, ComfyUI's weight syntax read as
+        ComfyUI reads it for Lumina 2 (:func:`weighted_ids`, :func:`apply_weights`; see the module docstring)."""
         import torch
 
         from nodes.checkpoint.qwen3_text import hidden_states
+        from nodes.prompt_syntax import parse
 
-        prompt = (texts or {}).get("tokenizer", text)
-        ids = torch.tensor([clip.tokenizers["tokenizer"](prompt)["input_ids"]], dtype=torch.long)
+        parsed = parse((texts or {}).get("tokenizer", text))
+        ids, weights, skipped = weighted_ids(clip.tokenizers["tokenizer"], parsed)
+        rows = torch.tensor([ids], dtype=torch.long)
+        mask = torch.ones_like(rows)
+        if parsed.weighted:  # the empty prompt beside it: BOS, then padding the encoder does not attend to
+            rows = torch.cat([rows, torch.tensor([[ids[0]] + [PAD] * (len(ids) - 1)])])
+            mask = torch.cat([mask, torch.tensor([[1] + [0] * (len(ids) - 1)])])
         with torch.inference_mode(), clip.encoder("text_encoder") as gemma:
-            states = hidden_states(gemma, ids, torch.ones_like(ids), LAYER)
+            states = hidden_states(gemma, rows, mask, LAYER).to("cpu", torch.float32)
+        if parsed.weighted:
+            states = apply_weights(states[:1], states[1:], weights)
         if report is not None:
-            report.tokens = max(report.tokens, int(ids.shape[1]))
+            report.tokens = max(report.tokens, len(ids))
             report.windows = 1
-        return [[states.to("cpu", torch.float32), {}]]
+            notes = parsed.problems + [f"embedding:{name} left out: Kiln does not load textual-inversion embeddings"
+                                       for name in skipped]
+            report.problems += [n for n in notes if n not in report.problems]
+        return [[states, {}]]
+
+
+#: Gemma's padding id (the empty prompt's filler, never attended to)
+PAD = 0
+
+
+def weighted_ids(tok: Any, parsed: Any) -> tuple[list[int], list[float], list[str]]:
+    """(token ids, a weight each, embedding names left out) of a parsed prompt as ComfyUI's Lumina 2 tokenizer
+    makes them: BOS, then each piece of one weight (nodes.families.text.prompt_pieces) tokenized on its own
+    without its BOS. A prompt without weight syntax is one piece: the whole text tokenized once, as diffusers
+    tokenizes it."""
+    from nodes.families.text import prompt_pieces
+
+    pieces, skipped = prompt_pieces(parsed)
+    ids = list(tok("")["input_ids"][:1])  # BOS
+    weights = [1.0]
+    for piece, weight in pieces:
+        got = tok(piece)["input_ids"][1:]
+        ids += got
+        weights += [weight] * len(got)
+    return ids, weights, skipped
+
+
+def apply_weights(states: Any, empty: Any, weights: list[float]) -> Any:
+    """ComfyUI's rule for weighted tokens: a token of weight w becomes ``empty + (h - empty) * w``, ``empty``
+    the state at the same position of the empty prompt (BOS then unattended padding); weight-1 tokens keep
+    their exact values. ``states``, ``empty``: [1, tokens, width]."""
+    import torch
+
+    w = torch.tensor(weights, dtype=states.dtype).reshape(1, -1, 1)
+    return torch.where(w != 1.0, (states - empty) * w + empty, states)
 
 
 FAMILY = Lumina2()
