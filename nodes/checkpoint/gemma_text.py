@@ -93,16 +93,16 @@ class SpieceTokenizer:
         return (SpieceTokenizer, (self.model_proto,))
 
 
-def spiece_tokenizer(state: Mapping[str, Any], what: str, prefix: str = "") -> SpieceTokenizer:
+def spiece_tokenizer(state: Mapping[str, Any], what: str, prefix: str = "", instead: str = "") -> SpieceTokenizer:
     """The tokenizer a file carries as its ``spiece_model`` tensor (under ``prefix``, or at any depth below
     it: ``text_encoders.spiece_model`` in a checkpoint). A file without it, or with one sentencepiece cannot
-    read, is a CheckpointError naming ``what`` and what is missing."""
+    read, is a CheckpointError naming ``what``, what is missing and ``instead`` (what the user may do)."""
     key = next((k for k in state if k.startswith(prefix) and (k == prefix + TOKENIZER_KEY
                                                                or k.endswith("." + TOKENIZER_KEY))), None)
     if key is None:
         raise CheckpointError(f"{what} holds Gemma 2 but not its tokenizer: no {prefix}{TOKENIZER_KEY} tensor (Gemma's "
                               "SentencePiece model, which Comfy-Org's gemma_2_2b*.safetensors and Lumina 2 "
-                              "checkpoints carry; Kiln reads the tokenizer from the file only)")
+                              "checkpoints carry; Kiln reads the tokenizer from the file only)" + instead)
     data = state[key]
     raw = data.contiguous().cpu().numpy().tobytes() if hasattr(data, "numpy") else bytes(data)
     try:

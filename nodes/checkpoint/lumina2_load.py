@@ -85,7 +85,9 @@ def load_single_file(state: Mapping[str, Any], name: str, dtype: Any, offload: A
             f"{name} holds a {LABEL} transformer without {', '.join(lacking)}: it is a diffusion model, not a "
             "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, gemma_2_2b*.safetensors "
             "with CLIPLoader (type lumina2) and ae.safetensors with VAELoader")
-    tokenizer = spiece_tokenizer(state, name, fam.TEXT_ENCODERS_PREFIX)
+    tokenizer = spiece_tokenizer(state, name, fam.TEXT_ENCODERS_PREFIX,
+                                 "; load its diffusion model with UNETLoader, gemma_2_2b_fp16.safetensors with "
+                                 "CLIPLoader (type lumina2) and ae.safetensors with VAELoader instead")
     with reading(Path(name)):
         transformer = load_transformer_file(state, name, dtype, offload=offload).modules["unet"]
         gemma = build_gemma2(state, name, dtype, fam.GEMMA_PREFIX + "model.")
