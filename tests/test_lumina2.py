@@ -172,11 +172,15 @@ def test_txt2img_with_cfg_and_negative_equals_lumina2_pipeline():
 
 @pytest.fixture(scope="module")
 def loaded(root, tmp_path_factory) -> dict:
-    """The all-in-one checkpoint and the diffusers folder through CheckpointLoaderSimple, loaded once."""
+    """The all-in-one checkpoint and the diffusers folder through CheckpointLoaderSimple, and the folder through
+    DiffusersLoader, loaded once."""
     with contextlib.contextmanager(environment_over)(root, tmp_path_factory.mktemp("loaded")) as env:
         out = {}
-        for name in ("tiny-lumina2-aio.safetensors", "tiny-lumina2-diffusers"):
-            model, clip, vae = call(loaders.checkpoint_loader, env, ckpt_name=name)
+        for name in ("tiny-lumina2-aio.safetensors", "tiny-lumina2-diffusers", "tiny-lumina2"):
+            if name == "tiny-lumina2":
+                model, clip, vae = call(loaders.diffusers_loader, env, model_path=name)
+            else:
+                model, clip, vae = call(loaders.checkpoint_loader, env, ckpt_name=name)
             with clip.encoder("text_encoder") as te:
                 text = {k: v.detach().clone() for k, v in te.state_dict().items()}
             out[name] = {"model": model, "clip": clip, "unet": unet_weights(model), "text": text}

@@ -141,8 +141,8 @@ def make_models_folder(root: Any) -> Path:
     """diffusion_models/tiny-lumina2{,-prefixed,-diffusers-keys}.safetensors, text_encoders/tiny-gemma_2_2b.safetensors
     (and tiny-gemma-no-tokenizer.safetensors), vae/tiny-flux-ae.safetensors, the all-in-one file as
     checkpoints/tiny-lumina2-aio.safetensors, NetaYumev35_pretrained_all_in_one.safetensors (the template's name)
-    and diffusion_models/tiny-lumina2-aio.safetensors, and checkpoints/tiny-lumina2-diffusers/
-    (Lumina2Pipeline.save_pretrained)."""
+    and diffusion_models/tiny-lumina2-aio.safetensors, and checkpoints/tiny-lumina2-diffusers/ and
+    diffusers/tiny-lumina2/ (Lumina2Pipeline.save_pretrained)."""
     root = Path(root)
     save_split_transformer(root / "diffusion_models", "tiny-lumina2", original_transformer(),
                            dict(components()["transformer"].state_dict()))
@@ -153,5 +153,6 @@ def make_models_folder(root: Any) -> Path:
                  "checkpoints/NetaYumev35_pretrained_all_in_one.safetensors",
                  "diffusion_models/tiny-lumina2-aio.safetensors"):  # UNETLoader reads its diffusion model alone
         tiny_flux._save(root / path, all_in_one())
-    pipeline().save_pretrained(str(root / "checkpoints" / "tiny-lumina2-diffusers"), safe_serialization=True)
+    for folder in (root / "checkpoints" / "tiny-lumina2-diffusers", root / "diffusers" / "tiny-lumina2"):
+        pipeline().save_pretrained(str(folder), safe_serialization=True)
     return root
