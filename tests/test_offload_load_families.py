@@ -27,6 +27,7 @@ import tiny_joyimage
 import tiny_kandinsky5
 import tiny_krea2
 import tiny_longcat
+import tiny_lumina2
 import tiny_ovis
 import tiny_qwen_image
 import tiny_qwen_image21
@@ -55,6 +56,13 @@ def _z_image_forward(net: Any) -> torch.Tensor:
     x, cap = torch.randn(16, 1, 8, 8, generator=g), torch.randn(7, 48, generator=g)
     with torch.no_grad():
         return net([x], torch.tensor([0.6]), [cap], return_dict=False)[0][0]
+
+
+def _lumina2_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, cap = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 7, tiny_lumina2.CAP, generator=g)
+    with torch.no_grad():
+        return net(x, torch.tensor([0.6]), cap, torch.ones(1, 7, dtype=torch.long), return_dict=False)[0]
 
 
 def _flux2_forward(net: Any) -> torch.Tensor:
@@ -186,6 +194,7 @@ def _hidream_forward(net: Any) -> torch.Tensor:
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
     "z_image": (tiny_z_image.original_transformer, _z_image_forward),
+    "lumina2": (tiny_lumina2.original_transformer, _lumina2_forward),  # Z-Image's names, no pad tokens
     "flux2": (tiny_flux2.original_transformer, _flux2_forward),
     "chroma": (tiny_chroma.original_transformer, _chroma_forward),
     "qwen_image": (lambda: dict(tiny_qwen_image.components()["transformer"].state_dict()), _qwen_image_forward),
@@ -210,7 +219,7 @@ def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
              "krea2": tiny_krea2, "fibo2": tiny_fibo2, "qwen_image21": tiny_qwen_image21,
-             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis}[family].components())["transformer"]
+             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis, "lumina2": tiny_lumina2}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")

@@ -227,8 +227,8 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
         with reading(path):
             return sd3_load.load_single_file(state, path.name, dtype)
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
-                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load,
-                                  z_image_load)
+                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
+                                  qwen_image_load, z_image_load)
 
     if hidream_load.has_transformer(shapes):  # four text encoders: its own loader
         raise CheckpointError(f"{path.name} holds a HiDream-I1 transformer: it is a diffusion model, not a "
@@ -264,6 +264,9 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             raise CheckpointError(f"{path.name} holds a {label} transformer: it is a diffusion model, not a "
                                   "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
                                   f"{text_file} with {clip_loader} (type {clip_type}) and {vae_file} with VAELoader")
+    if lumina2_load.has_transformer(shapes):  # Lumina 2 (NetaYume's all-in-one): Gemma 2 and a FLUX VAE
+        with reading(path):
+            return lumina2_load.load_single_file(state, path.name, dtype, offload=offload)
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
             return flux_load.load_single_file(state, path.name, dtype, offload=offload)

@@ -2,7 +2,7 @@
 
 Most flow families save ``transformer/`` beside their text encoders and VAE, so a folder is told apart
 by the class names its configs give; where two families could both claim one (FLUX.2 and FLUX, Chroma,
-Ovis-Image, Z-Image: all have ``transformer/``), the more specific check must run first. The order lives
+Ovis-Image, Z-Image, Lumina 2: all have ``transformer/``), the more specific check must run first. The order lives
 here, once, rather than in a chain of ifs inside the checkpoint loader.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ FAMILY_FOLDERS: tuple[tuple[str, str], ...] = (
     ("qwen_image_load", "is_qwen_image_folder"),
     ("ovis_load", "is_folder"),  # before FLUX
     ("z_image_load", "is_z_image_folder"),  # before FLUX
+    ("lumina2_load", "is_folder"),
     ("chroma_load", "is_chroma_folder"),  # before FLUX
     ("flux_load", "is_flux_folder"),
 )

@@ -24,7 +24,7 @@ from nodes.families.base import Family, has_prefix
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
-              "mistral3": "Mistral Small 3"}
+              "mistral3": "Mistral Small 3", "gemma2": "Gemma 2"}
 #: The Comfy-Org files that carry each Mistral encoder's tokenizer, for the error when one is missing.
 TEKKEN_FILES = {"ministral3": "ministral-3-3b.safetensors", "mistral3": "mistral_3_small_flux2_*.safetensors"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -95,14 +95,13 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.has_z_image_transformer({k: () for k in state}):
         with reading(path):
             return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    if z_image_load.is_lumina2({k: () for k in state}):
-        raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
-                              "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
-                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load)
+                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
+                                  qwen_image_load)
 
     keys = {k: () for k in state}
-    for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
+    for claims, load in ((lumina2_load.has_transformer, lumina2_load.load_transformer_file),  # Z-Image's names
+                         (fibo2_load.has_transformer, fibo2_load.load_transformer_file),
                          (ernie_image_load.has_transformer, ernie_image_load.load_transformer_file),
                          (ideogram4_load.has_transformer, ideogram4_load.load_transformer_file),
                          (joyimage_load.has_transformer, joyimage_load.load_transformer_file),
@@ -156,8 +155,12 @@ class TextFile:
         t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
             return cls(path.name, state, "t5", t5, "t5")
+        from nodes.checkpoint.gemma_text import is_gemma2
         from nodes.checkpoint.krea2_load import is_qwen3_vl
         from nodes.checkpoint.qwen3_text import is_qwen3
+
+        if found is None and is_gemma2(shapes):  # Gemma 2: Lumina 2's gemma_2_2b (before Llama: no q_norm either)
+            return cls(path.name, state, "gemma2", "", "gemma2")
 
         if found is None and is_qwen3_vl(shapes):  # Qwen3-VL: Krea 2's qwen3vl_4b (a Qwen3 decoder and visual.*)
             return cls(path.name, state, "qwen3-vl", "", "qwen3-vl")
@@ -275,6 +278,13 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_qwen3_vl(file.state, file.name, dtype)
             continue
+        if spec.kind == "gemma2":  # the tokenizer is the file's own (its spiece_model tensor)
+            from nodes.checkpoint.gemma_text import build_gemma2, spiece_tokenizer
+
+            tekken[spec.tokenizer] = spiece_tokenizer(file.state, file.name)  # with the files' own tokenizers
+            with reading(Path(file.name)):
+                modules[spec.module] = build_gemma2(file.state, file.name, dtype)
+            continue
         if spec.kind == "llama3":
             from nodes.checkpoint.llama_text import build_llama
 
@@ -306,7 +316,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3", "mistral3")}
+                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3", "mistral3",
+                                       "gemma2")}
     tokenizers.update(tekken)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):

@@ -11,11 +11,13 @@ same renames (it splits the fused qkv in three equal parts, which holds for the 
 and 30 key/value heads); this map splits by the head counts the shapes give, and
 tests/test_z_image_loading.py checks it against diffusers' converter.
 
-Lumina Image 2.0 has the same layout without the pad tokens; Kiln tells them apart by those.
+Lumina Image 2.0 has the same layout without the pad tokens; Kiln tells them apart by those. Its diffusers
+names differ (nodes.checkpoint.lumina2_keys), its fused qkv splits by :func:`split_qkv` here too.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
@@ -34,6 +36,8 @@ _RENAMES = (("final_layer.", f"all_final_layer.{PATCH}."), ("x_embedder.", f"all
             (".attention.k_norm.", ".attention.norm_k."))
 #: name pieces only diffusers' layout has
 _DIFFUSERS_ONLY = (".to_q.", ".to_k.", ".to_v.", ".to_out.", ".norm_q.", ".norm_k.")
+#: ``rename(key, forward)``: one name from the original layout to diffusers' (forward) or back
+Rename = Callable[[str, bool], str]
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.")
 
 
@@ -62,8 +66,20 @@ def rope_axes(head: int) -> list[int]:
     return axes
 
 
-def _count(shapes: Any, group: str) -> int:
+def block_count(shapes: Any, group: str) -> int:
+    """How many blocks of ``group`` (``layers``, ``noise_refiner``, ``context_refiner``) a NextDiT's keys hold."""
     return len({int(m.group(2)) for k in shapes for m in [_BLOCK.match(k)] if m and m.group(1) == group})
+
+
+def split_qkv(state: dict[str, Any], value: Any, base: str, out: dict[str, Any]) -> None:
+    """A NextDiT's fused ``attention.qkv.weight`` (``value``) into ``out`` as ``base`` + ``to_q``, ``to_k``,
+    ``to_v``: ``dim`` query rows (``x_embedder``'s width), then equal key and value rows, so any head
+    counts split right. Only rows move (meta tensors, fp8 row scales alike)."""
+    if "x_embedder.weight" not in state:
+        raise KeyMismatch("missing 'x_embedder.weight'")
+    dim = state["x_embedder.weight"].shape[0]
+    kv = (value.shape[0] - dim) // 2
+    out[base + "to_q.weight"], out[base + "to_k.weight"], out[base + "to_v.weight"] = value.split([dim, kv, kv], dim=0)
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -78,7 +94,8 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
     return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=patch_in // 4, dim=dim,
-                n_layers=_count(s, "layers"), n_refiner_layers=_count(s, "noise_refiner"), n_heads=dim // head,
+                n_layers=block_count(s, "layers"), n_refiner_layers=block_count(s, "noise_refiner"),
+                n_heads=dim // head,
                 n_kv_heads=(qkv - dim) // 2 // head, norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap,
                 rope_theta=256.0, t_scale=1000.0, axes_dims=rope_axes(head), axes_lens=[1536, 512, 512])
 
@@ -91,75 +108,93 @@ def _rename(key: str, forward: bool) -> str:
     return key
 
 
-def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
-    """Original-layout tensors (no prefix) under diffusers' names, the fused qkv split into q, k, v by
-    the head counts (rows: ``dim`` query rows, then equal key and value rows). Works on meta tensors and
-    on fp8 row scales alike (only rows are moved)."""
+def nextdit_to_diffusers(state: dict[str, Any], rename: Rename, attn: str = "attention.") -> dict[str, Any]:
+    """A NextDiT's original-layout tensors (no prefix) under diffusers' names: each fused qkv split into
+    q, k, v under ``attn`` (diffusers' attention module name: Z-Image's ``attention.``, Lumina 2's
+    ``attn.``; :func:`split_qkv`), the rest renamed by ``rename(key, True)``, the unused norm left out.
+    Shared by Z-Image and Lumina 2 (nodes.checkpoint.lumina2_keys)."""
     out: dict[str, Any] = {}
-    dim = state["x_embedder.weight"].shape[0] if "x_embedder.weight" in state else None
-    foreign = sorted(k for k in state if k.startswith("all_") or any(p in k for p in _DIFFUSERS_ONLY))
-    if foreign:
-        raise KeyMismatch(f"unexpected {foreign[:4]}{' ...' if len(foreign) > 4 else ''} (diffusers' names in an "
-                          "original-layout file)")
     for key, value in state.items():
         if key in UNUSED:
             continue
         if key.endswith(".attention.qkv.weight"):
-            if dim is None:
-                raise KeyMismatch("missing 'x_embedder.weight'")
-            kv = (value.shape[0] - dim) // 2
-            base = key[: -len("qkv.weight")]
-            out[base + "to_q.weight"], out[base + "to_k.weight"], out[base + "to_v.weight"] = \
-                value.split([dim, kv, kv], dim=0)
+            split_qkv(state, value, key[: -len("attention.qkv.weight")] + attn, out)
             continue
-        out[_rename(key, True)] = value
+        out[rename(key, True)] = value
     return out
 
 
-def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
-    """diffusers' names -> the original layout (q, k, v stacked into qkv): what ComfyUI's files hold."""
+def nextdit_to_original(state: dict[str, Any], rename: Rename, attn: str = "attention.") -> dict[str, Any]:
+    """diffusers' names -> a NextDiT's original layout (q, k, v under ``attn`` stacked into
+    ``attention.qkv``, the rest by ``rename(key, False)``): what ComfyUI's files hold."""
     import torch
 
     out: dict[str, Any] = {}
     for key, value in state.items():
-        if ".attention.to_k." in key or ".attention.to_v." in key:
+        if f".{attn}to_k." in key or f".{attn}to_v." in key:
             continue
-        if key.endswith(".attention.to_q.weight"):
+        if key.endswith(f".{attn}to_q.weight"):
             base = key[: -len("to_q.weight")]
-            out[base + "qkv.weight"] = torch.cat([value, state[base + "to_k.weight"], state[base + "to_v.weight"]])
+            out[base[: -len(attn)] + "attention.qkv.weight"] = torch.cat(
+                [value, state[base + "to_k.weight"], state[base + "to_v.weight"]])
             continue
-        out[_rename(key, False)] = value
+        out[rename(key, False)] = value
     return out
 
 
-def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def nextdit_lora_modules(shapes: dict[str, tuple[int, ...]], rename: Rename,
+                         attn: str = "attention.") -> dict[str, Any]:
     """Original module name -> the diffusers weight it is (a name) or covers (parts with their rows of
-    it): LoRAs for Z-Image are written against the original names (``layers.3.attention.qkv``), whose
-    fused qkv splits row-wise onto to_q, to_k, to_v. ``shapes``: the diffusers model's parameter shapes."""
+    it): NextDiT LoRAs are written against the original names (``layers.3.attention.qkv``), whose fused
+    qkv splits row-wise onto to_q, to_k, to_v under ``attn``. ``shapes``: the diffusers model's parameter
+    shapes; ``rename(name, False)``: diffusers' name to the original one."""
     out: dict[str, Any] = {}
     for name, shape in shapes.items():
         if not name.endswith(".weight"):
             continue
-        if ".attention.to_q." in name:
+        if f".{attn}to_q." in name:
             base = name[: -len("to_q.weight")]
-            out[base + "qkv"] = stacked_rows([f"{base}to_{p}.weight" for p in "qkv"], shapes)
+            out[base[: -len(attn)] + "attention.qkv"] = stacked_rows([f"{base}to_{p}.weight" for p in "qkv"], shapes)
             continue
-        if ".attention.to_k." in name or ".attention.to_v." in name:
+        if f".{attn}to_k." in name or f".{attn}to_v." in name:
             continue
-        original = _rename(name, False)
+        original = rename(name, False)
         if original != name:
             out[original[: -len(".weight")]] = name
     return out
 
 
-def original_names(diffusers_names: Any) -> dict[str, str]:
-    """diffusers name -> the original name of the tensor it is (to_q, to_k, to_v: the fused qkv's)."""
+def nextdit_original_names(diffusers_names: Any, rename: Rename, attn: str = "attention.") -> dict[str, str]:
+    """diffusers name -> the original name of the tensor it is (to_q, to_k, to_v under ``attn``: the
+    fused ``attention.qkv``'s; the rest by ``rename(name, False)``)."""
+    fused = re.compile(rf"^(.*\.){re.escape(attn)}to_[qkv]\.(.*)$")
     out = {}
     for name in diffusers_names:
-        for part in (".attention.to_q.", ".attention.to_k.", ".attention.to_v."):
-            if part in name:
-                out[name] = name.replace(part, ".attention.qkv.")
-                break
-        else:
-            out[name] = _rename(name, False)
+        m = fused.match(name)
+        out[name] = f"{m.group(1)}attention.qkv.{m.group(2)}" if m else rename(name, False)
     return out
+
+
+def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
+    """Original-layout tensors (no prefix) under diffusers' names, the fused qkv split into q, k, v by
+    the head counts (:func:`nextdit_to_diffusers`). Works on meta tensors and on fp8 row scales alike."""
+    foreign = sorted(k for k in state if k.startswith("all_") or any(p in k for p in _DIFFUSERS_ONLY))
+    if foreign:
+        raise KeyMismatch(f"unexpected {foreign[:4]}{' ...' if len(foreign) > 4 else ''} (diffusers' names in an "
+                          "original-layout file)")
+    return nextdit_to_diffusers(state, _rename)
+
+
+def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' names -> the original layout (q, k, v stacked into qkv): what ComfyUI's files hold."""
+    return nextdit_to_original(state, _rename)
+
+
+def lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Z-Image's LoRA module names (:func:`nextdit_lora_modules`)."""
+    return nextdit_lora_modules(shapes, _rename)
+
+
+def original_names(diffusers_names: Any) -> dict[str, str]:
+    """diffusers name -> the original name of the tensor it is (to_q, to_k, to_v: the fused qkv's)."""
+    return nextdit_original_names(diffusers_names, _rename)

@@ -27,11 +27,6 @@ def has_z_image_transformer(shapes: Any) -> bool:
     return (keys.is_original(shapes) or keys.is_diffusers(shapes)) and keys.has_pad_tokens(shapes)
 
 
-def is_lumina2(shapes: Any) -> bool:
-    """The same NextDiT layout without Z-Image's pad tokens: Lumina Image 2.0, which Kiln does not run."""
-    return keys.is_original(shapes) and not keys.has_pad_tokens(shapes)
-
-
 def time_embedder_in_compute_dtype(model: Any) -> Any:
     """``model`` with its timestep embedder's linears held in the compute dtype, as plain Linear layers.
 
