@@ -22,7 +22,7 @@ from nodes.families.base import Family, has_prefix
 
 
 #: How errors name the text encoder kinds.
-KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
+KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "umt5": "UMT5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
               "mistral3": "Mistral Small 3"}
 #: The Comfy-Org files that carry each Mistral encoder's tokenizer, for the error when one is missing.
@@ -154,6 +154,11 @@ class TextFile:
         shapes = shapes_of(state)
         found = det.text_encoder_layout(shapes)
         t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
+        from nodes.checkpoint.umt5_text import umt5_prefix
+
+        umt5 = umt5_prefix(state.keys()) if found is None and t5 is not None else None
+        if umt5 is not None:  # UMT5 (Wan's umt5_xxl_*.safetensors: T5's names, a bias in every block)
+            return cls(path.name, state, "t5", umt5, "umt5")
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
             return cls(path.name, state, "t5", t5, "t5")
         from nodes.checkpoint.krea2_load import is_qwen3_vl
@@ -249,13 +254,20 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
     """The family's encoders, each from the file of its kind (any order)."""
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
-    modules, tekken = {}, {}  # tekken: the tokenizers the Mistral files carry
+    modules, carried = {}, {}  # the tokenizers the files carry (Mistral's Tekken, UMT5's SentencePiece)
     remaining = list(files)
     for spec in family.text_encoders:
         file = next((f for f in remaining if f.kind == spec.kind), None)
         if file is None:  # a partial family (SD3): this encoder gives zeros
             continue
         remaining.remove(file)
+        if spec.kind == "umt5":
+            from nodes.checkpoint.umt5_text import build_umt5, umt5_tokenizer
+
+            carried[spec.tokenizer] = umt5_tokenizer(file.state, file.name)
+            with reading(Path(file.name)):
+                modules[spec.module] = build_umt5(file.state, file.prefix, file.name, dtype)
+            continue
         if spec.kind == "t5":
             from nodes.checkpoint.flux_load import build_t5
 
@@ -288,7 +300,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
 
             build = build_ministral3 if spec.kind == "ministral3" else build_mistral
             with reading(Path(file.name)):
-                tekken[spec.tokenizer] = tokenizer_in_file(file.state, file.name, TEKKEN_FILES[spec.kind])
+                carried[spec.tokenizer] = tokenizer_in_file(file.state, file.name, TEKKEN_FILES[spec.kind])
                 modules[spec.module] = build(file.state, file.name, dtype)
             continue
         if spec.kind == "qwen2.5-vl":
@@ -306,8 +318,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3", "mistral3")}
-    tokenizers.update(tekken)
+                  if spec.kind not in ("t5", "umt5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3", "mistral3")}
+    tokenizers.update(carried)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
