@@ -99,7 +99,8 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
         raise CheckpointError(f"{path.name} holds a Lumina Image 2.0 NextDiT (Z-Image's layout without its pad "
                               "tokens x_pad_token / cap_pad_token); Kiln runs Z-Image, not Lumina 2")
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
-                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load)
+                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, ovis_load, qwen_image_load,
+                                  wan_load)
 
     keys = {k: () for k in state}
     for claims, load in ((fibo2_load.has_transformer, fibo2_load.load_transformer_file),
@@ -107,6 +108,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (ideogram4_load.has_transformer, ideogram4_load.load_transformer_file),
                          (joyimage_load.has_transformer, joyimage_load.load_transformer_file),
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
+                         (wan_load.has_transformer, wan_load.load_transformer_file),
                          (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file),
                          (ovis_load.has_transformer, ovis_load.load_transformer_file),  # FLUX's blocks too
                          (hidream_load.has_transformer, hidream_load.load_transformer_file),
