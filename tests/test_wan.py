@@ -19,13 +19,24 @@ from PIL import Image
 import tiny_wan
 from engine.workflow import parse
 from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
+from engine.context import NodeError
 from nodes.checkpoint import wan_keys
 
 PROMPT = "make the sky blue and add a red balloon"
 NEGATIVE = "blurry, dark"
 SIZE, LENGTH, STEPS, CFG, SEED = tiny_wan.PICTURE, 5, 2, 4.0, 3
 
-root = models_root(tiny_wan.make_models_folder, "wan-models")
+def _make(folder):
+    """The template's files, and a Wan text-to-video transformer (no CLIP vision projection) beside them."""
+    from flow_family_files import save_state
+
+    root = tiny_wan.make_models_folder(folder)
+    t2v = {k: v for k, v in tiny_wan.original_state().items() if not k.startswith("img_emb.") and "_img" not in k}
+    save_state(root / "diffusion_models" / "tiny-wan-t2v.safetensors", t2v)
+    return root
+
+
+root = models_root(_make, "wan-models")
 
 
 def _picture(seed: int) -> np.ndarray:
@@ -107,3 +118,42 @@ def test_chronoedit_graph_equals_the_pipelines_last_frame(registry, env):
     # not vacuous: the start image and ScaleROPE's positions both change the picture
     assert np.abs(got - kiln["other"][0]).max() > 0.02
     assert np.abs(got - kiln["plain-rope"][0]).max() > 0.02
+
+
+def _failure(registry, env, graph: dict) -> str:
+    from engine.executor import Executor
+
+    outcome = Executor(registry, env).run(parse(graph))
+    assert outcome.status != "succeeded"
+    return outcome.error.message
+
+
+def test_bad_inputs_are_named(registry, env):
+    Image.fromarray(_picture(0)).save(env.paths.input.root / "start.png")
+    no_vision = _graph("start.png")
+    del no_vision["11"]["inputs"]["clip_vision_output"]
+    assert "clip_vision_output" in _failure(registry, env, no_vision)
+    image_latent = _graph("start.png")
+    image_latent["16"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
+    image_latent["12"]["inputs"]["latent_image"] = ["16", 0]
+    assert "WanImageToVideo" in _failure(registry, env, image_latent)
+    t2v = _graph("start.png")
+    t2v["1"]["inputs"]["unet_name"] = "tiny-wan-t2v.safetensors"
+    assert "text-to-video" in _failure(registry, env, t2v)
+
+
+def test_scale_rope_refuses_a_model_without_wans_positions(env):
+    from dataclasses import replace
+
+    from node_call import call
+    from nodes import split_loaders, wan_nodes
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=tiny_wan.UNET, weight_dtype="default")
+    (scaled,) = call(wan_nodes.scale_rope, env, model=model, scale_x=1.0, shift_x=0.0, scale_y=1.0, shift_y=0.0,
+                     scale_t=7.0, shift_t=0.0)
+    assert scaled is not model and scaled.family is model.family
+    other = replace(model, _peek=lambda: torch.nn.Linear(2, 2))
+    with pytest.raises(NodeError) as info:
+        call(wan_nodes.scale_rope, env, model=other, scale_x=1.0, shift_x=0.0, scale_y=1.0, shift_y=0.0,
+             scale_t=7.0, shift_t=0.0)
+    assert info.value.input_name == "model" and "ScaleROPE" in str(info.value)
