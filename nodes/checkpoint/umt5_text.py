@@ -74,6 +74,7 @@ def umt5_tokenizer(state: Mapping[str, Any], what: str) -> SpieceTokenizer:
     """The tokenizer a UMT5 file carries; a file without one is a CheckpointError saying so."""
     data = spiece_bytes(state)
     if data is None:
-        raise CheckpointError(f"{what} holds a UMT5 encoder but no tokenizer ({SPIECE_KEY}); Kiln reads UMT5's "
-                              "SentencePiece model from the file, as Comfy-Org's umt5_xxl_*.safetensors carry it")
+        raise CheckpointError(f"{what} carries no tokenizer ({SPIECE_KEY}); Kiln reads UMT5's SentencePiece model "
+                              "from the file, as Comfy-Org's umt5_xxl_*.safetensors carry it (a T5-XXL file, "
+                              "FLUX's t5xxl, is not UMT5)")
     return SpieceTokenizer(data, what)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, has_keys, renamed_by_table, renamed_lora_modules, strip)
 
 ORIGINAL_MARKER = "head.modulation"
 DIFFUSERS_MARKER = "condition_embedder.time_proj.weight"
@@ -57,26 +58,24 @@ def is_diffusers(keys: Any) -> bool:
     return has_keys(keys, DIFFUSERS_MARKER, "patch_embedding.weight")
 
 
+def _projections(key: str, forward: bool) -> str:
+    """A block's q/k/v projections: ``self_attn.q`` <-> ``attn1.to_q``, ``cross_attn.k`` <-> ``attn2.to_k``."""
+    names = (("self_attn", "cross_attn"), ("attn1", "attn2"))
+    (src, dst), pattern = (names if forward else names[::-1]), (_PROJECTIONS if forward else _TO_PROJECTIONS)
+    return pattern.sub(lambda m: f"{m.group(1)}.{dst[src.index(m.group(2))]}.{'to_' if forward else ''}{m.group(3)}.",
+                       key)
+
+
+def _renamed(key: str, forward: bool) -> str:
+    return renamed_by_table(key, forward, _STARTS, _PIECES, _projections)
+
+
 def to_diffusers_name(key: str) -> str:
-    for original, diffusers in _STARTS:
-        if key.startswith(original):
-            return diffusers + key[len(original):]
-    key = _PROJECTIONS.sub(lambda m: f"{m.group(1)}.{'attn1' if m.group(2) == 'self_attn' else 'attn2'}"
-                           f".to_{m.group(3)}.", key)
-    for original, diffusers in _PIECES:
-        key = key.replace(original, diffusers)
-    return key
+    return _renamed(key, True)
 
 
 def to_original_name(key: str) -> str:
-    for original, diffusers in _STARTS:
-        if key.startswith(diffusers):
-            return original + key[len(diffusers):]
-    key = _TO_PROJECTIONS.sub(lambda m: f"{m.group(1)}.{'self_attn' if m.group(2) == 'attn1' else 'cross_attn'}"
-                              f".{m.group(3)}.", key)
-    for original, diffusers in _PIECES:
-        key = key.replace(diffusers, original)
-    return key
+    return _renamed(key, False)
 
 
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
@@ -117,13 +116,7 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
 def lora_modules(names: Any) -> dict[str, str]:
     """Original module name -> diffusers weight name for every linear weight (Wan LoRAs use the original
     names: ``blocks.3.self_attn.q``)."""
-    out = {}
-    for name in names:
-        if name.endswith(".weight"):
-            original = to_original_name(name)
-            if original != name and original.endswith(".weight"):
-                out[original[: -len(".weight")]] = name
-    return out
+    return renamed_lora_modules(names, to_original_name)
 
 
 def original_names(diffusers_names: Any) -> dict[str, str]:
