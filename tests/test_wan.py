@@ -157,3 +157,16 @@ def test_scale_rope_refuses_a_model_without_wans_positions(env):
         call(wan_nodes.scale_rope, env, model=other, scale_x=1.0, shift_x=0.0, scale_y=1.0, shift_y=0.0,
              scale_t=7.0, shift_t=0.0)
     assert info.value.input_name == "model" and "ScaleROPE" in str(info.value)
+
+
+def test_rope_reads_integer_positions_from_the_table_and_computes_the_others_by_the_same_rule():
+    from nodes.checkpoint.wan_rope import WanRope
+
+    x = torch.zeros(1, 36, 2, 4, 6)
+    tabled = WanRope(128, (1, 2, 2), tiny_wan.components()["transformer"].rope)
+    computed = WanRope(128, (1, 2, 2))
+    for options in (None, {"scale_t": 7.0}, {"scale_t": 2.5, "shift_y": 0.5, "scale_x": 3.0}):
+        tabled.options = computed.options = options
+        (a, b), (c, d) = tabled(x), computed(x)
+        assert a.shape == (1, 2 * 2 * 3, 1, 128) and torch.allclose(a, c, atol=1e-6) and torch.allclose(b, d, atol=1e-6)
+    assert not torch.allclose(a, tabled.__class__(128, (1, 2, 2))(x)[0])  # the options move the positions

@@ -39,34 +39,54 @@ def _angles(pos: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class WanRope(torch.nn.Module):
-    """The transformer's ``rope``: (cos, sin) for a [B, C, frames, h, w] input (see the module docstring)."""
+    """The transformer's ``rope``: (cos, sin) for a [B, C, frames, h, w] input (see the module docstring).
+    Integer positions in range are read from the class's own table (``freqs_cos``/``freqs_sin``: every
+    axis's angles at 0, 1, ... in float64, stored float32, kept from the module it replaces); others,
+    ScaleROPE's fractional or shifted ones, are computed by the same rule."""
 
-    def __init__(self, head_dim: int, patch_size: tuple[int, int, int]) -> None:
+    def __init__(self, head_dim: int, patch_size: tuple[int, int, int], table: Any = None) -> None:
         super().__init__()
         self.head_dim, self.patch_size = int(head_dim), tuple(int(p) for p in patch_size)
+        cos, sin = (None, None) if table is None else (table.freqs_cos, table.freqs_sin)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
         #: ScaleROPE's {name: value} while a patched model samples (nodes.wan_nodes.scale_rope); None: plain.
         self.options: dict[str, float] | None = None
+
+    def _axis(self, pos: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+        widths = axis_widths(self.head_dim)
+        lo = sum(widths[:axis])
+        table = self.freqs_cos
+        if table is not None and table.shape[-1] == self.head_dim and bool((pos == pos.round()).all()) \
+                and float(pos.min()) >= 0 and float(pos.max()) < table.shape[0]:
+            rows = pos.long().to(table.device)
+            return table[rows, lo:lo + widths[axis]], self.freqs_sin[rows, lo:lo + widths[axis]]
+        angles = _angles(pos, widths[axis])
+        return angles.cos().float(), angles.sin().float()
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
-        counts = (frames // p_t, height // p_h, width // p_w)
+        t, h, w = counts = (frames // p_t, height // p_h, width // p_w)
         o = self.options or {}
-        axes = [positions(n, float(o.get(f"scale_{a}", 1.0)), float(o.get(f"shift_{a}", 0.0)))
-                for n, a in zip(counts, "tyx")]
-        parts = [_angles(pos, w) for pos, w in zip(axes, axis_widths(self.head_dim))]
-        t, h, w = counts
-        grid = torch.cat([parts[0].view(t, 1, 1, -1).expand(t, h, w, -1),
-                          parts[1].view(1, h, 1, -1).expand(t, h, w, -1),
-                          parts[2].view(1, 1, w, -1).expand(t, h, w, -1)], dim=-1).reshape(1, t * h * w, 1, -1)
+        parts = [self._axis(positions(n, float(o.get(f"scale_{a}", 1.0)), float(o.get(f"shift_{a}", 0.0))), i)
+                 for i, (n, a) in enumerate(zip(counts, "tyx"))]
         device = hidden_states.device
-        return grid.cos().float().to(device), grid.sin().float().to(device)
+
+        def grid(k: int) -> torch.Tensor:
+            ft, fh, fw = (part[k].to(device) for part in parts)
+            return torch.cat([ft.view(t, 1, 1, -1).expand(t, h, w, -1), fh.view(1, h, 1, -1).expand(t, h, w, -1),
+                              fw.view(1, 1, w, -1).expand(t, h, w, -1)], dim=-1).reshape(1, t * h * w, 1, -1)
+
+        return grid(0), grid(1)
 
 
 def install(model: Any) -> Any:
-    """``model`` (a ChronoEditTransformer3DModel) with :class:`WanRope` in place of its table."""
-    config = model.config
-    model.rope = WanRope(int(config.attention_head_dim), tuple(config.patch_size))
+    """``model`` (a ChronoEditTransformer3DModel) with :class:`WanRope` in place of its table (whose
+    integer-position rows it keeps); installing again keeps the first WanRope."""
+    if not isinstance(model.rope, WanRope):
+        config = model.config
+        model.rope = WanRope(int(config.attention_head_dim), tuple(config.patch_size), model.rope)
     return model
 
 
