@@ -8,7 +8,10 @@ What it is made of, and where it lives:
   token (cut to :data:`TEXT_TOKENS`), UMT5's last hidden state, zeros after the prompt up to 512 tokens
   (ComfyUI's Wan encoder gives the same: a minimum length of 512, padding masked and zeroed). The
   transformer reads exactly 512 text tokens beside the picture's. ComfyUI's weight syntax is read as
-  for FLUX's T5 (nodes.families.t5_weights).
+  for FLUX's T5 (nodes.families.t5_weights). As in ComfyUI the prompt is not cleaned first (the
+  pipeline's ``prompt_clean``: ftfy's repair, HTML entities, whitespace runs; SentencePiece's own
+  normaliser already folds whitespace runs), so only a prompt with HTML entities or mojibake encodes
+  otherwise.
 * **Latents.** The Wan 2.1 VAE's (Qwen-Image's statistics: :data:`nodes.families.qwen_image.QWEN_LATENT`),
   video-shaped [B, 16, frames, h, w] (WanImageToVideo's: ``(length - 1) / 4 + 1`` frames); the sampler sees
   them folded to an image latent (nodes.latent_layers, as Qwen-Image-Layered's) and the frame count reaches
