@@ -134,7 +134,8 @@ def test_bad_inputs_are_named(registry, env):
     del no_vision["11"]["inputs"]["clip_vision_output"]
     assert "clip_vision_output" in _failure(registry, env, no_vision)
     image_latent = _graph("start.png")
-    image_latent["16"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
+    image_latent["16"] = {"class_type": "EmptySD3LatentImage",
+                          "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
     image_latent["12"]["inputs"]["latent_image"] = ["16", 0]
     assert "WanImageToVideo" in _failure(registry, env, image_latent)
     t2v = _graph("start.png")

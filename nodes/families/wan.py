@@ -32,7 +32,7 @@ from typing import Any
 
 from nodes.families import qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
-from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.input_checks import check_text_width, frame_height
 from nodes.latent_layers import FRAMES
 
 LABEL = "Wan 2.1 (ChronoEdit)"
@@ -60,11 +60,7 @@ class WanNetwork(WrappedTransformer):
         import torch
 
         b, c, fh, w = x.shape
-        if not frames or fh % frames:
-            raise ConditioningError(f"{LABEL} denoises a video latent [B, 16, frames, h, w]: start from "
-                                    "WanImageToVideo's latent", "latent_image")
-        h = fh // frames
-        check_even_latent(LABEL, h, w)
+        h = frame_height(LABEL, fh, w, frames, "a video latent [B, 16, frames, h, w]", "WanImageToVideo's latent")
         config = self.transformer.config
         check_text_width(LABEL, encoder_hidden_states.shape[-1], int(config.text_dim),
                          "encode the prompt with UMT5-XXL: CLIPLoader type wan")
