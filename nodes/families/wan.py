@@ -55,6 +55,10 @@ class WanNetwork(WrappedTransformer):
     """The transformer behind the UNet calling convention: ``x`` is the folded latent with its extra
     channels [B, 36, frames * h, w], ``frames`` its frame count, ``image_embeds`` the CLIP vision states."""
 
+    @property
+    def text_width(self) -> int:
+        return int(self.transformer.config.text_dim)
+
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  frames: int = 0, image_embeds: "Any" = None, **kwargs: Any) -> tuple:
         import torch
@@ -62,7 +66,7 @@ class WanNetwork(WrappedTransformer):
         b, c, fh, w = x.shape
         h = frame_height(LABEL, fh, w, frames, "a video latent [B, 16, frames, h, w]", "WanImageToVideo's latent")
         config = self.transformer.config
-        check_text_width(LABEL, encoder_hidden_states.shape[-1], int(config.text_dim),
+        check_text_width(LABEL, encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with UMT5-XXL: CLIPLoader type wan")
         if encoder_hidden_states.shape[1] != TEXT_TOKENS:
             raise ConditioningError(f"{LABEL} reads {TEXT_TOKENS} text tokens, got {encoder_hidden_states.shape[1]}: "
