@@ -322,5 +322,30 @@ class VaeHandle:
             image = (image / 2 + 0.5).clamp(0, 1)  # in the VAE's dtype, as diffusers' postprocess does
         return image.to("cpu", torch.float32).permute(0, 2, 3, 1).contiguous()
 
+    def encode_video(self, frames: "torch.Tensor") -> "torch.Tensor":
+        """IMAGE frames [T, H, W, C] 0..1 as one video -> the posterior mean [1, C, latent frames, h, w]
+        (a video VAE's: Wan 2.1's; nodes.checkpoint.qwen_image_vae.FrameVAE), float32 CPU."""
+        import torch
+
+        assert self._use_vae is not None, "vae handle has no loader"
+        with torch.inference_mode(), self._use_vae() as vae:
+            if not getattr(vae, "video", False):
+                raise ValueError("this VAE codes images only; a video needs Wan 2.1's VAE (wan_2.1_vae)")
+            x = self._pixels_in(frames, vae).permute(1, 0, 2, 3).unsqueeze(0)
+            return vae.encode_video(x).to("cpu", torch.float32)
+
+    def decode_video(self, samples: "torch.Tensor") -> "torch.Tensor":
+        """IMAGE [B * frames, H, W, 3] 0..1 from video latents [B, C, latent frames, h, w] (each video's
+        frames in order, as ComfyUI's VAEDecode gives them)."""
+        import torch
+
+        assert self._use_vae is not None, "vae handle has no loader"
+        with torch.inference_mode(), self._use_vae() as vae:
+            if not getattr(vae, "video", False):
+                raise ValueError("this VAE decodes images only; a video latent needs Wan 2.1's VAE (wan_2.1_vae)")
+            video = vae.decode_video(samples.to(device=vae.device, dtype=vae.dtype))
+            video = (video / 2 + 0.5).clamp(0, 1)
+        return video.to("cpu", torch.float32).permute(0, 2, 3, 4, 1).flatten(0, 1).contiguous()
+
     def __kiln_nbytes__(self) -> int:
         return 0

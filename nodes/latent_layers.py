@@ -91,10 +91,11 @@ def fold_for_sampling(model: Any, latent: dict, positive: Any, negative: Any, du
     layered = bool(getattr(family, "layered_latents", False))
     if samples.ndim == 5 and not layered:
         raise NodeError(f"the latent has a frame axis {tuple(samples.shape)} [B, C, frames, h, w] (a layered "
-                        f"latent, EmptyQwenImageLayeredLatentImage's) but this {family.name} model denoises "
-                        "images; load a Qwen-Image-Layered model or start from an image latent", input_name)
+                        f"latent, EmptyQwenImageLayeredLatentImage's, or a video's) but this {family.name} model "
+                        "denoises images; load a Qwen-Image-Layered model or start from an image latent", input_name)
     if samples.ndim not in (4, 5) or (layered and samples.ndim != 5):
-        want = "[B, C, frames, h, w] (EmptyQwenImageLayeredLatentImage)" if layered else "[B, C, h, w]"
+        maker = getattr(family, "frames_from", "EmptyQwenImageLayeredLatentImage")
+        want = f"[B, C, frames, h, w] ({maker})" if layered else "[B, C, h, w]"
         raise NodeError(f"latent samples must be {want} for this {family.name} model, got shape "
                         f"{tuple(samples.shape)}", input_name)
     if not layered:

@@ -110,6 +110,12 @@ def _vae_decode_batch(ctx, items, vae):
     return [(part,) for part in images.split(latents[0]["samples"].shape[0])]
 
 
+def _codes_video(vae: VaeHandle) -> bool:
+    """Whether ``vae`` decodes a multi-frame latent as one video (Wan 2.1's VAE), not as pictures."""
+    with vae.module() as module:
+        return bool(getattr(module, "video", False))
+
+
 @define_node(
     "VAEDecode",
     category="latent",
@@ -127,6 +133,11 @@ def vae_decode(ctx, samples, vae: VaeHandle):
 
     vae = _check_vae(vae)
     latent = samples.get("samples") if isinstance(samples, dict) else None
+    if isinstance(latent, torch.Tensor) and latent.ndim == 5 and latent.shape[2] > 1 and _codes_video(vae):
+        if latent.shape[1] != vae.latent_channels:
+            raise NodeError(f"the latent has {latent.shape[1]} channels but this VAE expects {vae.latent_channels}",
+                            input_name="samples")
+        return (vae.decode_video(latent),)  # a video (Wan's): every frame, in order, as a batch
     if isinstance(latent, torch.Tensor):  # LatentCutToBatch's one-frame layers decode as images
         latent = single_frames(latent, "VAEDecode")
     if not isinstance(latent, torch.Tensor) or latent.ndim != 4:

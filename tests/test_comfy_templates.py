@@ -113,6 +113,7 @@ def test_every_template_converts_and_every_literal_lands_where_it_belongs(regist
     # The SD1.5 default template and the SDXL one are made of nodes Kiln has, as are Marigold v2's.
     assert {"default.json", "image_sdxl_simple.json"} <= set(implemented)
     assert {f"image_marigold_v2_{p}_estimation.json" for p in ("depth", "albedo", "surface_normal")} <= set(implemented)
+    assert "image_chrono_edit_14B.json" in implemented  # ChronoEdit's (tests/test_wan_templates.py runs it)
 
 
 def test_templates_of_implemented_nodes_fail_only_for_missing_files(registry, corpus, empty_env):

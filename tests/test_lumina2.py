@@ -25,7 +25,7 @@ from flow_family_files import (checkpoint_loader, clip_over, env, model_over, mo
 from node_call import Called, Recorder, call, environment_over
 from nodes import loaders, split_loaders
 from nodes.checkpoint import lumina2_keys
-from nodes.checkpoint.gemma_text import SpieceTokenizer
+from nodes.checkpoint.spiece_file import SpieceTokenizer
 from nodes.families import lumina2
 from nodes.sampling import ksampler
 
@@ -55,7 +55,7 @@ def _split_loaders(clip_name: str) -> dict:
 
 def _clip():
     parts = tiny_lumina2.components()
-    return clip_over(lumina2.FAMILY, SpieceTokenizer(tiny_lumina2.spiece_model()), parts["text_encoder"])
+    return clip_over(lumina2.FAMILY, SpieceTokenizer(tiny_lumina2.spiece_model(), bos=True), parts["text_encoder"])
 
 
 def kiln(prompt: str, negative: str, cfg: float, *, seed: int = 5, steps: int = 4, clip=None) -> torch.Tensor:
@@ -79,7 +79,7 @@ def diffusers(prompt: str, negative: str, cfg: float, *, seed: int = 5, steps: i
 
 
 def test_the_files_sentencepiece_tokenizes_as_the_pipelines_gemma_tokenizer():
-    ours, theirs = SpieceTokenizer(tiny_lumina2.spiece_model()), tiny_lumina2.components()["tokenizer"]
+    ours, theirs = SpieceTokenizer(tiny_lumina2.spiece_model(), bos=True), tiny_lumina2.components()["tokenizer"]
     for text in (_system(PROMPT), "", NEGATIVE, "a cat on a sofa, ünïcode 漢字  two  spaces\nand a line"):
         ids = ours(text)["input_ids"]
         assert ids == theirs(text).input_ids and ids[0] == 2 and 1 not in ids  # BOS first, no EOS

@@ -32,6 +32,7 @@ import tiny_ovis
 import tiny_qwen_image
 import tiny_qwen_image21
 import tiny_sd3
+import tiny_wan
 import tiny_z_image
 from nodes.checkpoint.split import load_unet_file
 from nodes.runtime import offload
@@ -169,6 +170,16 @@ def _longcat_forward(net: Any) -> torch.Tensor:
                    img_ids=torch.ones(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
 
 
+def _wan_forward(net: Any) -> torch.Tensor:
+    """Two frames: ComfyUI's rotary positions (0 and 1, nodes.checkpoint.wan_rope), not the class's own (0 and 7)."""
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 36, 2, 4, 4, generator=g), torch.randn(1, 512, tiny_wan.TEXT, generator=g)
+    image = torch.randn(1, 5, tiny_wan.VISION, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                   encoder_hidden_states_image=image, return_dict=False)[0]
+
+
 def _ovis_forward(net: Any) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
     x, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, 48, generator=g)
@@ -208,6 +219,7 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "ovis": (tiny_ovis.original_transformer, _ovis_forward),  # its gated MLP input stacks two file tensors
     "hidream": (lambda: dict(tiny_hidream.components()["transformer"].state_dict()), _hidream_forward),
     "ernie_image": (lambda: dict(tiny_ernie.components()["transformer"].state_dict()), _ernie_forward),
+    "wan": (tiny_wan.original_state, _wan_forward),
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
 DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5", "hidream", "ernie_image")
@@ -219,7 +231,7 @@ def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
              "krea2": tiny_krea2, "fibo2": tiny_fibo2, "qwen_image21": tiny_qwen_image21,
-             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis, "lumina2": tiny_lumina2}[family].components())["transformer"]
+             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis, "lumina2": tiny_lumina2, "wan": tiny_wan}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +323,8 @@ def _same_outputs(paged: Any, whole: Any, forward: Callable[[Any], torch.Tensor]
                                              ("longcat", "longcat", "float8_e4m3fn"),
                                              ("ovis", "ovis-scaled", ""), ("ovis", "ovis", "float8_e4m3fn"),
                                              ("hidream", "hidream-scaled", ""), ("hidream", "hidream", "float8_e4m3fn"),
-                                             ("ernie_image", "ernie_image-bf16", "")])
+                                             ("ernie_image", "ernie_image-bf16", ""),
+                                             ("wan", "wan", "float8_e4m3fn")])
 def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(files, family, name, fp8):
     """bf16 linear weights kept bf16 (Z-Image's timestep embedder then in fp32, counted so in the size),
     UNETLoader's fp8 weight_dtype, a scaled fp8 or int8 file's scales (split with the fused qkv; weight_dtype
@@ -330,7 +343,8 @@ def test_stored_dtypes_fp8_and_scales_are_kept_as_the_whole_build_keeps_them(fil
          "joyimage": "double_blocks.0.attn.img_attn_qkv.weight",
          "kandinsky5": "visual_transformer_blocks.0.self_attention.to_query.weight",
          "hidream": "double_stream_blocks.0.block.attn1.to_q.weight",
-         "ernie_image": "layers.0.self_attention.to_q.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
+         "ernie_image": "layers.0.self_attention.to_q.weight",
+         "wan": "blocks.0.attn1.to_q.weight"}.get(family, "transformer_blocks.0.attn.to_q.weight")
     if "int8" in name:
         assert torch.int8 in stored.values()
     else:

@@ -18,7 +18,7 @@ from nodes.checkpoint.load import CheckpointError
 from nodes.runtime import offload
 
 DECLARED = ("chroma", "fibo2", "flux2", "hidream", "ideogram4", "joyimage", "kandinsky5", "krea2", "longcat", "ovis",
-            "qwen_image21", "z_image")
+            "qwen_image21", "wan", "z_image")
 
 
 @pytest.mark.parametrize("name", DECLARED)

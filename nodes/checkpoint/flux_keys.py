@@ -275,3 +275,33 @@ class Into:
     param: str
     start: int
     stop: int
+
+
+def renamed_lora_modules(names: Any, to_original_name: Any) -> dict[str, str]:
+    """Original module name -> diffusers weight name for every linear weight among ``names`` (a diffusers
+    model's parameter names) that ``to_original_name`` renames one to one: the names LoRAs written against
+    a family's original layout use (Krea 2's, Wan's)."""
+    out = {}
+    for name in names:
+        if name.endswith(".weight"):
+            original = to_original_name(name)
+            if original != name and original.endswith(".weight"):
+                out[original[: -len(".weight")]] = name
+    return out
+
+
+def renamed_by_table(key: str, forward: bool, starts: Any, pieces: Any,
+                     middle: Callable[[str, bool], str] | None = None) -> str:
+    """``key`` in the other layout by (original, diffusers) tables (``forward``: original -> diffusers):
+    the first of ``starts`` the name begins with, then ``middle(key, forward)`` if given, then every one of
+    ``pieces`` inside the name (Krea 2's and Wan's key maps)."""
+    for original, diffusers in starts:
+        a, b = (original, diffusers) if forward else (diffusers, original)
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
+    if middle is not None:
+        key = middle(key, forward)
+    for original, diffusers in pieces:
+        key = key.replace(original, diffusers) if forward else key.replace(diffusers, original)
+    return key

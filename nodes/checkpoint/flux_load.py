@@ -88,10 +88,10 @@ def transformer_from_original(state: dict[str, Any], scales: dict[str, Any], wha
     return scaled_fp8.fill_as_stored(model, converted, scales, dtype, what, f"{label} transformer ({what})")
 
 
-def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:
-    """An uninitialised T5EncoderModel (accelerate's empty weights) configured from the shapes of the
-    transformers-layout tensors ``sub``."""
-    from transformers import T5Config, T5EncoderModel
+def _t5_skeleton(sub: Mapping[str, Any], what: str, umt5: bool = False) -> Any:
+    """An uninitialised T5EncoderModel (accelerate's empty weights; ``umt5``: UMT5EncoderModel) configured
+    from the shapes of the transformers-layout tensors ``sub``."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     try:
         d_ff, d_model = sub["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape
@@ -101,10 +101,11 @@ def _t5_skeleton(sub: Mapping[str, Any], what: str) -> Any:
     except (KeyError, AttributeError) as exc:
         raise CheckpointError(f"{what}: not a T5 v1.1 encoder (no {exc})") from None
     layers = len({k.split(".")[2] for k in sub if k.startswith("encoder.block.")})
-    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
-                      num_heads=heads, relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
-                      is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-    return _empty(T5EncoderModel, config)
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
+                        num_heads=heads, relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
+                        is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
+    return _empty(model_cls, config)
 
 
 def _t5_state(model: Any, sub: dict[str, Any], dtype: Any) -> dict[str, Any]:
@@ -126,9 +127,11 @@ def _t5_state(model: Any, sub: dict[str, Any], dtype: Any) -> dict[str, Any]:
     return keep_linears_as_stored(model, sub, dtype)
 
 
-def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, config: Any = None) -> Any:
+def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, config: Any = None,
+             umt5: bool = False) -> Any:
     """T5EncoderModel from transformers-layout keys under ``prefix``; its ``config`` (a T5Config, e.g. a
-    folder's) or, lacking one, the config the shapes give."""
+    folder's) or, lacking one, the config the shapes give. ``umt5``: the file is UMT5's (Wan's text encoder:
+    the same names, a relative attention bias in every block), built as transformers' UMT5EncoderModel."""
     from nodes.checkpoint import scaled_fp8
 
     tied = prefix + "encoder.embed_tokens.weight"  # not read when shared.weight is there (_t5_state)
@@ -137,11 +140,11 @@ def build_t5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any, confi
     sub, scales = scaled_fp8.take(sub, what)  # T5's keys need no conversion: scales stay under their names
     sub = dict(sub)
     if config is None:
-        model = _t5_skeleton(sub, what)
+        model = _t5_skeleton(sub, what, umt5)
     else:
-        from transformers import T5EncoderModel
+        from transformers import T5EncoderModel, UMT5EncoderModel
 
-        model = _empty(T5EncoderModel, config)
+        model = _empty(UMT5EncoderModel if umt5 else T5EncoderModel, config)
     try:
         model = _assign(model, _t5_state(model, sub, dtype), f"T5 text encoder ({what})", None)
     except CheckpointError as exc:

@@ -21,11 +21,11 @@ from typing import Any
 
 from nodes.checkpoint.load import CheckpointError
 from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_from_file, decoder_prefix, decoder_sizes
+from nodes.checkpoint.spiece_file import SPIECE_KEY, SpieceTokenizer, spiece_bytes
 
 PREFIXES = ("model.", "")
 #: Gemma 2's (and 3's) norm after the MLP: Llama and Qwen have none
 MARKER = "layers.0.post_feedforward_layernorm.weight"
-TOKENIZER_KEY = "spiece_model"
 RMS_EPS = 1e-6
 ROPE_THETA = 10000.0
 MAX_POSITIONS = 8192
@@ -76,39 +76,16 @@ def build_gemma2(state: Mapping[str, Any], what: str, dtype: Any, prefix: str | 
                              "Gemma 2 text encoder")
 
 
-class SpieceTokenizer:
-    """Gemma's SentencePiece model as ComfyUI runs it: BOS first, no EOS, no padding, no cut. Called as a
-    transformers tokenizer is (``tok(text)["input_ids"]``), so the family reads either."""
-
-    def __init__(self, model_proto: bytes) -> None:
-        import sentencepiece
-
-        self.model_proto = model_proto
-        self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto, add_bos=True, add_eos=False)
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": list(self.processor.encode(text))}
-
-    def __reduce__(self) -> tuple:  # the processor does not pickle; its model does
-        return (SpieceTokenizer, (self.model_proto,))
-
-
 def spiece_tokenizer(state: Mapping[str, Any], what: str, prefix: str = "", instead: str = "") -> SpieceTokenizer:
     """The tokenizer a file carries as its ``spiece_model`` tensor (under ``prefix``, or at any depth below
     it: ``text_encoders.spiece_model`` in a checkpoint). A file without it, or with one sentencepiece cannot
     read, is a CheckpointError naming ``what``, what is missing and ``instead`` (what the user may do)."""
-    key = next((k for k in state if k.startswith(prefix) and (k == prefix + TOKENIZER_KEY
-                                                               or k.endswith("." + TOKENIZER_KEY))), None)
-    if key is None:
-        raise CheckpointError(f"{what} holds Gemma 2 but not its tokenizer: no {prefix}{TOKENIZER_KEY} tensor (Gemma's "
+    data = spiece_bytes(state, prefix)
+    if data is None:
+        raise CheckpointError(f"{what} holds Gemma 2 but not its tokenizer: no {prefix}{SPIECE_KEY} tensor (Gemma's "
                               "SentencePiece model, which Comfy-Org's gemma_2_2b*.safetensors and Lumina 2 "
                               "checkpoints carry; Kiln reads the tokenizer from the file only)" + instead)
-    data = state[key]
-    raw = data.contiguous().cpu().numpy().tobytes() if hasattr(data, "numpy") else bytes(data)
-    try:
-        return SpieceTokenizer(raw)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{what}: its {key} tensor is not a SentencePiece model ({exc})") from None
+    return SpieceTokenizer(data, what, bos=True)
 
 
 def folder_tokenizer(folder: Any) -> Any:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, has_keys, renamed_by_table, renamed_lora_modules, strip)
 from nodes.checkpoint.z_image_keys import rope_axes
 
 #: ComfyUI's (and diffusers') detection key in the original layout; diffusers' own name for it.
@@ -52,14 +53,7 @@ def is_diffusers(keys: Any) -> bool:
 def _renamed(key: str, forward: bool) -> str:
     """``key`` in the other layout: the name's start first (the final layer's table is no block's),
     then the pieces inside blocks."""
-    for original, diffusers in _STARTS:
-        a, b = (original, diffusers) if forward else (diffusers, original)
-        if key.startswith(a):
-            key = b + key[len(a):]
-            break
-    for original, diffusers in _PIECES:
-        key = key.replace(original, diffusers) if forward else key.replace(diffusers, original)
-    return key
+    return renamed_by_table(key, forward, _STARTS, _PIECES)
 
 
 def to_diffusers_name(key: str) -> str:
@@ -123,13 +117,7 @@ def lora_modules(names: Any) -> dict[str, str]:
     """Original module name -> diffusers weight name, for every linear weight of the diffusers model
     (``names``: its parameter names): LoRAs for Krea 2 are written against the original names
     (``blocks.3.attn.wq``), which rename one to one."""
-    out = {}
-    for name in names:
-        if name.endswith(".weight"):
-            original = to_original_name(name)
-            if original != name and original.endswith(".weight"):
-                out[original[: -len(".weight")]] = name
-    return out
+    return renamed_lora_modules(names, to_original_name)
 
 
 def original_names(diffusers_names: Any) -> dict[str, str]:

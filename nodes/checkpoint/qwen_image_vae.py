@@ -154,6 +154,21 @@ class FrameVAE(torch.nn.Module):
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
         return types.SimpleNamespace(sample=self.vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0])
 
+    @property
+    def video(self) -> bool:
+        """Whether it codes videos (Wan's path: frames [B, 3, 1 + 4k, H, W] <-> latents [B, C, 1 + k, h, w],
+        its causal time axis): the RGB VAE; Qwen-Image-Layered's RGBA one codes its layers as pictures."""
+        config = self.vae.config
+        return int(getattr(config, "input_channels", getattr(config, "in_channels", 3))) == 3
+
+    def encode_video(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of a video [B, 3, frames, H, W] in -1..1 (Wan image-to-video's condition)."""
+        return self.vae.encode(x).latent_dist.mean
+
+    def decode_video(self, z: torch.Tensor) -> torch.Tensor:
+        """A video [B, 3, frames, H, W] in -1..1 from latents [B, C, latent frames, h, w]."""
+        return self.vae.decode(z, return_dict=False)[0]
+
 
 def build(state: Mapping[str, Any], what: str, dtype: Any) -> FrameVAE:
     """The VAE from either layout's tensors; a layout mismatch names the family and the keys."""

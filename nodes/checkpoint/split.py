@@ -22,7 +22,7 @@ from nodes.families.base import Family, has_prefix
 
 
 #: How errors name the text encoder kinds.
-KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "qwen3": "Qwen3",
+KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "umt5": "UMT5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
               "mistral3": "Mistral Small 3", "gemma2": "Gemma 2"}
 #: The Comfy-Org files that carry each Mistral encoder's tokenizer, for the error when one is missing.
@@ -97,7 +97,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
             return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
                                   joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
-                                  qwen_image_load)
+                                  qwen_image_load, wan_load)
 
     keys = {k: () for k in state}
     for claims, load in ((lumina2_load.has_transformer, lumina2_load.load_transformer_file),  # Z-Image's names
@@ -106,6 +106,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (ideogram4_load.has_transformer, ideogram4_load.load_transformer_file),
                          (joyimage_load.has_transformer, joyimage_load.load_transformer_file),
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
+                         (wan_load.has_transformer, wan_load.load_transformer_file),
                          (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file),
                          (ovis_load.has_transformer, ovis_load.load_transformer_file),  # FLUX's blocks too
                          (hidream_load.has_transformer, hidream_load.load_transformer_file),
@@ -153,6 +154,11 @@ class TextFile:
         shapes = shapes_of(state)
         found = det.text_encoder_layout(shapes)
         t5 = next((k[: -len(T5_MARKER)] for k in shapes if k.endswith(T5_MARKER)), None)
+        from nodes.checkpoint.umt5_text import umt5_prefix
+
+        umt5 = umt5_prefix(state.keys()) if found is None and t5 is not None else None
+        if umt5 is not None:  # UMT5 (Wan's umt5_xxl_*.safetensors: T5's names, a bias in every block)
+            return cls(path.name, state, "t5", umt5, "umt5")
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
             return cls(path.name, state, "t5", t5, "t5")
         from nodes.checkpoint.gemma_text import is_gemma2
@@ -252,13 +258,20 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
     """The family's encoders, each from the file of its kind (any order)."""
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
-    modules, tekken = {}, {}  # tekken: the tokenizers the Mistral files carry
+    modules, carried = {}, {}  # the tokenizers the files carry (Mistral's Tekken, UMT5's SentencePiece)
     remaining = list(files)
     for spec in family.text_encoders:
         file = next((f for f in remaining if f.kind == spec.kind), None)
         if file is None:  # a partial family (SD3): this encoder gives zeros
             continue
         remaining.remove(file)
+        if spec.kind == "umt5":
+            from nodes.checkpoint.umt5_text import build_umt5, umt5_tokenizer
+
+            carried[spec.tokenizer] = umt5_tokenizer(file.state, file.name)
+            with reading(Path(file.name)):
+                modules[spec.module] = build_umt5(file.state, file.prefix, file.name, dtype)
+            continue
         if spec.kind == "t5":
             from nodes.checkpoint.flux_load import build_t5
 
@@ -281,7 +294,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
         if spec.kind == "gemma2":  # the tokenizer is the file's own (its spiece_model tensor)
             from nodes.checkpoint.gemma_text import build_gemma2, spiece_tokenizer
 
-            tekken[spec.tokenizer] = spiece_tokenizer(file.state, file.name)  # with the files' own tokenizers
+            carried[spec.tokenizer] = spiece_tokenizer(file.state, file.name)  # with the files' own tokenizers
             with reading(Path(file.name)):
                 modules[spec.module] = build_gemma2(file.state, file.name, dtype)
             continue
@@ -298,7 +311,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
 
             build = build_ministral3 if spec.kind == "ministral3" else build_mistral
             with reading(Path(file.name)):
-                tekken[spec.tokenizer] = tokenizer_in_file(file.state, file.name, TEKKEN_FILES[spec.kind])
+                carried[spec.tokenizer] = tokenizer_in_file(file.state, file.name, TEKKEN_FILES[spec.kind])
                 modules[spec.module] = build(file.state, file.name, dtype)
             continue
         if spec.kind == "qwen2.5-vl":
@@ -316,9 +329,9 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3", "mistral3",
-                                       "gemma2")}
-    tokenizers.update(tekken)
+                  if spec.kind not in ("t5", "umt5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3",
+                                       "mistral3", "gemma2")}
+    tokenizers.update(carried)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
         from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer

@@ -40,3 +40,13 @@ def pooled_projections(extras: list[dict], batch: int, device: Any, dtype: Any, 
             raise ConditioningError(f"this {needs}", extra.get("_input", "positive"))
         pooled.append(p.reshape(1, -1).expand(batch, -1))
     return torch.cat(pooled).to(device=device, dtype=dtype)
+
+
+def frame_height(label: str, folded_height: int, width: int, frames: int, latent: str, maker: str) -> int:
+    """One frame's height of a folded latent (nodes.latent_layers: [B, C, frames * h, w]), refused when no
+    frame count came with it or it does not divide (``latent``: what the family denoises, e.g. "a video
+    latent [B, 16, frames, h, w]"; ``maker``: the node that makes one) or a frame's size is odd."""
+    if not frames or folded_height % frames:
+        raise ConditioningError(f"{label} denoises {latent}: start from {maker}", "latent_image")
+    check_even_latent(label, folded_height // frames, width)
+    return folded_height // frames

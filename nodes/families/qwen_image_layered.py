@@ -34,7 +34,7 @@ from typing import Any
 
 from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError
-from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.input_checks import check_text_width, frame_height
 from nodes.latent_layers import FRAMES
 from nodes.samplers.flow import MU_RULE
 
@@ -56,11 +56,8 @@ class QwenImageLayeredNetwork(qwen_image.QwenImageNetwork):
         from nodes.families import qwen_image_edit
 
         b, c, fh, w = x.shape
-        if not frames or fh % frames:
-            raise ConditioningError(f"{NAME} denoises a layered latent [B, 16, layers + 1, h, w]: start from "
-                                    "EmptyQwenImageLayeredLatentImage", "latent_image")
-        h = fh // frames
-        check_even_latent(NAME, h, w)
+        h = frame_height(NAME, fh, w, frames, "a layered latent [B, 16, layers + 1, h, w]",
+                         "EmptyQwenImageLayeredLatentImage")
         check_text_width(NAME, encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with Qwen2.5-VL: CLIPLoader type qwen_image")
         if reference_latents is None or len(reference_latents.latents) != 1:
