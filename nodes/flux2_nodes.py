@@ -83,15 +83,18 @@ def flux2_scheduler(ctx, steps: int, width: int, height: int):
 def flux_kv_cache(ctx, model):
     """The model with its reference images' keys and values computed at the first network call of
     each run and reused after (nodes.families.reference_kv): FLUX.2 [klein] KV's edit, faster by
-    the references' share of the tokens. The handle given samples as before."""
+    the references' share of the tokens, and on FLUX.2 [dev] as ComfyUI's node patches any FLUX.2
+    (both run one network; [dev]'s references are modulated at time 0 with the run's guidance).
+    The handle given samples as before."""
     import dataclasses
 
-    from nodes.families.flux2 import FAMILY
+    from nodes.families.flux2 import Flux2
     from nodes.handles import ModelHandle
 
     if not isinstance(model, ModelHandle):
         raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
-    if model.family is not FAMILY:
-        raise NodeError(f"FluxKVCache caches FLUX.2 [klein] reference images (diffusers' Flux2 KV path); this "
-                        f"model is {model.family.name}", "model")
+    if not isinstance(model.family, Flux2):
+        raise NodeError(f"FluxKVCache caches the reference images of FLUX.2 ([klein] or [dev]), through the FLUX.2 "
+                        f"transformer's key/value path (diffusers' Flux2 KV processors), which other networks lack; "
+                        f"this model is {model.family.name}", "model")
     return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, reference_kv=True)),)

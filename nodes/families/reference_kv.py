@@ -1,4 +1,4 @@
-"""Reference key/value caching for FLUX.2 [klein] (ComfyUI's FluxKVCache node, diffusers'
+"""Reference key/value caching for FLUX.2 [klein] and [dev] (ComfyUI's FluxKVCache node, diffusers'
 Flux2KleinKVPipeline).
 
 An edit with reference images lengthens every network call by the references' tokens, although
@@ -13,6 +13,11 @@ The cache lives for one sampling run (:func:`applied`): a later run, another job
 the model starts empty. Within the run it is keyed by the call's reference set (the object the
 family's ``network_kwargs`` built once for the run) and the batch size, and holds that object so its
 identity cannot be reused.
+
+[dev] runs the same network with a guidance embedder: ComfyUI's node patches any FLUX.2 alike, and
+diffusers' transformer embeds the references' time 0 with the call's guidance, as it does the image's
+time. No [dev] was trained for references that attend only to themselves (klein 9B KV was), so on
+[dev] the cache is a speed-up that changes the image against the plain edit, in ComfyUI too.
 
 Where ComfyUI differs: its FluxKVCache runs the first step with full attention (references also
 attend to the image) and caches what that gives; Kiln follows diffusers' reference pipeline, whose

@@ -7,7 +7,10 @@ other, strength_model=own)``: ratio and 1 - ratio for a simple merge, 1 and 1 fo
 m and -m for a subtract), and when the block ends the saved weights are copied back, so the
 first model is bit-identical afterwards. W1 is the weight as the stack has it so far (LoRAs
 loaded before the merge are in it), W2 the second model's with its own LoRAs applied, read
-from that model while it is in use.
+from that model while it is in use, and read from the weights as loaded: as ComfyUI's
+``get_key_patches`` takes a model's unpatched weight plus its own patches, so
+``ModelMergeSubtract(model + LoRA, model)`` is the LoRA's delta, though both handles share one
+network whose weights hold the LoRA at that moment.
 
 Both models must hold their weights whole in memory while the merge is applied: a model
 paged to disk or stored in fp8 is refused with the reason.
@@ -72,22 +75,27 @@ def not_whole(module: Any, names: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def other_weights(source: Callable[[], contextlib.AbstractContextManager], module: Any,
-                  names: list[str]) -> Iterator[dict[str, "torch.Tensor"]]:
+def other_weights(source: Callable[[], contextlib.AbstractContextManager], module: Any, names: list[str],
+                  as_loaded: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  ) -> Iterator[dict[str, "torch.Tensor"]]:
     """The second model's weights ``names`` while the block runs, read with that model in use.
 
+    ``as_loaded`` puts ``module``'s weights back as loaded while the second model is entered (and
+    its own LoRAs and merges applied), then as the first model's stack had them: the second model
+    may be ``module`` itself, or a merge reading it, and must not see the first model's patches.
     When the second model is the first one's very network (a checkpoint merged with itself,
     with other LoRAs), its weights are copied out before the first model's are written, since
     entering and leaving it would otherwise patch and restore the tensors being merged.
     Raises :class:`NotWhole` with the reason when they are not whole in memory."""
     with contextlib.ExitStack() as stack:
-        network = stack.enter_context(source())
-        reason = not_whole(network, names)
-        if reason:
-            raise NotWhole(reason)
-        params = dict(network.named_parameters())
-        weights = {name: params[name] for name in names}
-        if network is module:
-            weights = {name: t.detach().to("cpu", copy=True) for name, t in weights.items()}
-            stack.close()
+        with as_loaded():
+            network = stack.enter_context(source())
+            reason = not_whole(network, names)
+            if reason:
+                raise NotWhole(reason)
+            params = dict(network.named_parameters())
+            weights = {name: params[name] for name in names}
+            if network is module:
+                weights = {name: t.detach().to("cpu", copy=True) for name, t in weights.items()}
+                stack.close()
         yield weights

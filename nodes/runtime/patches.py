@@ -278,7 +278,7 @@ def _merge(module: Any, params: dict, entry: LoraEntry, table: dict, target: str
     if reason:
         raise refuse(reason)
     try:
-        with other_weights(entry.sources[target], module, list(table)) as other:
+        with other_weights(entry.sources[target], module, list(table), lambda: _as_loaded(params, saved)) as other:
             for name, blend in table.items():
                 p = params[name]
                 if name not in saved:
@@ -286,3 +286,22 @@ def _merge(module: Any, params: dict, entry: LoraEntry, table: dict, target: str
                 p.copy_(blend.mixed(p, other[name]).to(p.dtype))
     except NotWhole as exc:
         raise refuse(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _as_loaded(params: dict, saved: dict) -> Iterator[None]:
+    """The module's weights as loaded while the block runs (``saved``: the originals of those the stack's
+    earlier entries changed), then as those entries left them. A merge reads its second model inside: when
+    that is a handle of this very network (a LoRA'd model merged with itself without the LoRA), entering it
+    would otherwise find the first handle's LoRAs already written in, and a difference of the two be zero."""
+    if not saved:
+        yield
+        return
+    current = {name: params[name].detach().to("cpu", copy=True) for name in saved}
+    try:
+        for name, original in saved.items():
+            params[name].copy_(original.to(params[name].device))
+        yield
+    finally:
+        for name, value in current.items():
+            params[name].copy_(value.to(params[name].device))
