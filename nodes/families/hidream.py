@@ -100,6 +100,8 @@ class HiDream(FlowFamily):
     scheduler = SCHEDULER
     network_class = HiDreamNetwork
     dit_block_lists = {"double": "double_stream_blocks", "single": "single_stream_blocks"}
+    #: HiDream's double blocks return the picture, then the text (nodes.families.skip_layers)
+    dit_block_returns = ("hidden_states", "encoder_hidden_states")
     repeats_text = False
 
     def claims_unet(self, shapes: Shapes) -> bool:
