@@ -1,10 +1,10 @@
 """Skip-layer guidance on the flow families whose blocks are called by position or return their
-streams in an order of their own (Krea 2, Ideogram 4, Qwen-Image 2.1: one stream; JoyImage: picture
-then text; FLUX.2's single blocks: one stream when no text is passed). Skipping a block means the
+streams in an order of their own (Krea 2, Qwen-Image 2.1: one stream; JoyImage: picture then text;
+FLUX.2's single blocks: one stream when no text is passed). Skipping a block means the
 network as if that block were not in its list, so the reference for each evaluation is a copy of the
 tiny transformer with that block deleted (these transformers give their blocks nothing that depends
 on the block's number). And the families whose ComfyUI model never applies the nodes' block
-replacements (Z-Image, Lumina 2, ERNIE-Image) are refused by name.
+replacements (Z-Image, Lumina 2, ERNIE-Image, Ideogram 4) are refused by name.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from test_flux import Recorder
 T = torch.tensor([500.0])
 #: family module -> its tiny model module (tests/tiny_*.py); each has two blocks of a kind, or one
 #: of each (FLUX.2)
-FAMILIES = {"krea2": "tiny_krea2", "ideogram4": "tiny_ideogram4", "qwen_image21": "tiny_qwen_image21",
-            "joyimage": "tiny_joyimage", "flux2": "tiny_flux2"}
+FAMILIES = {"krea2": "tiny_krea2", "qwen_image21": "tiny_qwen_image21", "joyimage": "tiny_joyimage",
+            "flux2": "tiny_flux2"}
 
 
 def _family(name: str):
@@ -119,11 +119,11 @@ def test_layers_past_the_last_block_name_the_input(name, double, single, field, 
 
 
 @pytest.mark.parametrize("name, says", [("z_image", "Z-Image"), ("lumina2", "Lumina 2"),
-                                        ("ernie_image", "ERNIE-Image")])
+                                        ("ernie_image", "ERNIE-Image"), ("ideogram4", "Ideogram 4")])
 def test_families_comfyui_never_skips_are_refused_with_the_reason(name, says):
-    """ComfyUI's NextDiT (Z-Image, Lumina 2) and ErnieImageModel run every block whatever the nodes set,
-    so there SkipLayerGuidanceDiT skips nothing; Kiln says so on the model input rather than run an
-    extra pass that changes nothing."""
+    """ComfyUI's NextDiT (Z-Image, Lumina 2), ErnieImageModel and Ideogram4Transformer2DModel run every
+    block whatever the nodes set, so there SkipLayerGuidanceDiT skips nothing; Kiln says so on the model
+    input rather than run an extra pass that changes nothing."""
     family = _family(name)
     model = ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
                         _use_unet=lambda: contextlib.nullcontext(None), _peek=lambda: None)
