@@ -1,10 +1,10 @@
 """Skip-layer guidance on the flow families whose blocks are called by position or return their
-streams in an order of their own (Krea 2, Qwen-Image 2.1: one stream; JoyImage: picture then text;
-FLUX.2's single blocks: one stream when no text is passed). Skipping a block means the
+streams in an order of their own (Krea 2, Qwen-Image 2.1, Kandinsky 5, Wan: one stream; JoyImage:
+picture then text; FLUX.2's single blocks: one stream when no text is passed). Skipping a block means the
 network as if that block were not in its list, so the reference for each evaluation is a copy of the
 tiny transformer with that block deleted (these transformers give their blocks nothing that depends
 on the block's number). And the families whose ComfyUI model never applies the nodes' block
-replacements (Z-Image, Lumina 2, ERNIE-Image, Ideogram 4) are refused by name.
+replacements (Z-Image, Lumina 2, ERNIE-Image, Ideogram 4, HiDream-I1) are refused by name.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ T = torch.tensor([500.0])
 #: family module -> its tiny model module (tests/tiny_*.py); each has two blocks of a kind, or one
 #: of each (FLUX.2)
 FAMILIES = {"krea2": "tiny_krea2", "qwen_image21": "tiny_qwen_image21", "joyimage": "tiny_joyimage",
-            "flux2": "tiny_flux2"}
+            "flux2": "tiny_flux2", "kandinsky5": "tiny_kandinsky5", "wan": "tiny_wan"}
 
 
 def _family(name: str):
@@ -39,9 +39,20 @@ def _network(name: str, transformer=None):
     return family.wrap_network(transformer or importlib.import_module(FAMILIES[name]).components()["transformer"])
 
 
-def _inputs(name: str, net) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(1, _family(name).latent.channels, 8, 8, generator=torch.Generator().manual_seed(3))
-    return x, torch.randn(1, 6, net.text_width, generator=torch.Generator().manual_seed(4))
+def _inputs(name: str, net) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A latent, a prompt's states and the network's other inputs for one call (Kandinsky 5 reads a
+    pooled vector; Wan 2.1 image-to-video a folded two-frame latent and CLIP vision states)."""
+    def noise(*shape, seed):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+    config = net.kiln_network.config
+    if name == "wan":
+        from nodes.families.wan import TEXT_TOKENS
+
+        return (noise(1, config.in_channels, 2 * 8, 8, seed=3), noise(1, TEXT_TOKENS, net.text_width, seed=4),
+                {"frames": 2, "image_embeds": noise(1, 4, config.image_dim, seed=5)})
+    extra = {"pooled_projections": noise(1, config.in_text_dim2, seed=5)} if name == "kandinsky5" else {}
+    return noise(1, _family(name).latent.channels, 8, 8, seed=3), noise(1, 6, net.text_width, seed=4), extra
 
 
 def _without(name: str, kind: str, number: int):
@@ -52,29 +63,29 @@ def _without(name: str, kind: str, number: int):
     return _network(name, transformer)
 
 
-def _run(net, x, text) -> torch.Tensor:
+def _run(net, x, text, extra) -> torch.Tensor:
     with torch.inference_mode():
-        return net(x, T, text)[0]
+        return net(x, T, text, **extra)[0]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_a_skipped_block_is_the_network_without_it(name):
     family, net = _family(name), _network(name)
-    x, text = _inputs(name, net)
-    plain = _run(net, x, text)
+    x, text, extra = _inputs(name, net)
+    plain = _run(net, x, text, extra)
     blocks = family.dit_blocks(net)
     skipped = {}
     for kind, numbers in blocks.items():
         for number in range(len(numbers)):
             with skipping(blocks, ((kind, (number,)),), family.dit_block_returns):
-                skipped[kind, number] = _run(net, x, text)
-            reference = _run(_without(name, kind, number), x, text)
+                skipped[kind, number] = _run(net, x, text, extra)
+            reference = _run(_without(name, kind, number), x, text, extra)
             assert (skipped[kind, number] - reference).abs().max() <= 1e-5, (kind, number)
             assert (skipped[kind, number] - plain).abs().max() > 1e-3, (kind, number)  # the block matters
     assert len(skipped) == 2
     first, second = skipped.values()
     assert (first - second).abs().max() > 1e-3  # the block named is the one skipped
-    assert torch.equal(_run(net, x, text), plain)  # the hooks are gone afterwards
+    assert torch.equal(_run(net, x, text, extra), plain)  # the hooks are gone afterwards
 
 
 def _model(name: str) -> ModelHandle:
@@ -88,7 +99,7 @@ def test_through_the_denoiser_joyimage_guides_by_comfyuis_formula():
     one evaluation at cfg 1 reads v + s (v - v_skipped) (flow outputs are affine in the clean prediction)."""
     name = "joyimage"
     family, net = _family(name), _network(name)
-    x, text = _inputs(name, net)
+    x, text, _ = _inputs(name, net)
     schedule = training_schedule(family.scheduler_config())
 
     def output(network, skip=None):
@@ -119,11 +130,12 @@ def test_layers_past_the_last_block_name_the_input(name, double, single, field, 
 
 
 @pytest.mark.parametrize("name, says", [("z_image", "Z-Image"), ("lumina2", "Lumina 2"),
-                                        ("ernie_image", "ERNIE-Image"), ("ideogram4", "Ideogram 4")])
+                                        ("ernie_image", "ERNIE-Image"), ("ideogram4", "Ideogram 4"),
+                                        ("hidream", "HiDream-I1")])
 def test_families_comfyui_never_skips_are_refused_with_the_reason(name, says):
-    """ComfyUI's NextDiT (Z-Image, Lumina 2), ErnieImageModel and Ideogram4Transformer2DModel run every
-    block whatever the nodes set, so there SkipLayerGuidanceDiT skips nothing; Kiln says so on the model
-    input rather than run an extra pass that changes nothing."""
+    """ComfyUI's NextDiT (Z-Image, Lumina 2), ErnieImageModel, Ideogram4Transformer2DModel and HiDream's
+    model run every block whatever the nodes set, so there SkipLayerGuidanceDiT skips nothing; Kiln says
+    so on the model input rather than run an extra pass that changes nothing."""
     family = _family(name)
     model = ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
                         _use_unet=lambda: contextlib.nullcontext(None), _peek=lambda: None)

@@ -11,7 +11,7 @@ family's (:meth:`~nodes.families.base.Family.dit_blocks`): FLUX's double and sin
 
 Blocks are called in many ways (FLUX's by keyword, Krea 2's, Wan's or Kandinsky 5's by position)
 and return either their one stream or a pair of streams, in an order of their own (FLUX's text
-first, JoyImage's and HiDream's picture first): a skipped block binds its call to its own
+first, JoyImage's picture first): a skipped block binds its call to its own
 ``forward`` signature and hands on what it was given in the shape it would have returned,
 the pair's order named by the family (``returns``: :attr:`~nodes.families.base.Family.dit_block_returns`).
 """
