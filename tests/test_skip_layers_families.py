@@ -144,3 +144,17 @@ def test_families_comfyui_never_skips_are_refused_with_the_reason(name, says):
             node(Recorder().ctx, model, "0", "", *args)
         assert err.value.input_name == "model"
         assert says in str(err.value) and "ComfyUI" in str(err.value) and "skip nothing" in str(err.value)
+
+
+def test_a_block_whose_outputs_it_cannot_match_is_named():
+    """A block returning three streams has no input for each: the skip says which block and what it takes."""
+    class Triple(torch.nn.Module):
+        def forward(self, hidden_states, encoder_hidden_states, temb):
+            return hidden_states, encoder_hidden_states, temb
+
+    block = Triple()
+    a, b, c = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
+    with pytest.raises(TypeError, match="Triple.*returns 3 values.*hidden_states, encoder_hidden_states, temb"):
+        with skipping({"double": [block]}, (("double", (0,)),)):
+            block(a, b, temb=c)
+    assert [float(t) for t in block(a, encoder_hidden_states=b, temb=c)] == [1.0, 0.0, 2.0]  # unhooked again

@@ -56,7 +56,7 @@ def handed_on(module: Any, args: tuple, kwargs: dict, output: Any,
     bound.apply_defaults()
     given = bound.arguments
     if not isinstance(output, (tuple, list)):
-        return next(iter(given.values()))
+        return args[0] if args else next(iter(given.values()))
     if len(output) != len(returns) or any(name not in given for name in returns):
         raise TypeError(f"skip-layer guidance cannot pass {type(module).__name__}'s inputs on: it returns "
                         f"{len(output)} values and takes {', '.join(given)}")
