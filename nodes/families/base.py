@@ -280,6 +280,10 @@ class Family:
         """
         return {}
 
+    #: The inputs a transformer block returning a pair of streams returns, in its order (diffusers'
+    #: FLUX blocks: text, then picture; nodes.families.skip_layers hands a skipped block's inputs on so).
+    dit_block_returns: tuple[str, ...] = ("encoder_hidden_states", "hidden_states")
+
     def dit_blocks(self, network: Any) -> dict[str, list]:
         """A transformer's blocks by ComfyUI's kind ("double", "single"), which skip-layer
         guidance addresses by number; a UNet has none (ConditioningError naming the model)."""
@@ -394,6 +398,9 @@ class FlowFamily(Family):
     #: the order skip-layer guidance numbers them (:meth:`dit_blocks`); an empty string: the kind exists in
     #: ComfyUI's numbering but this transformer has none of it. Empty: the family lists none.
     dit_block_lists: Mapping[str, str] = {}
+    #: A transformer whose blocks ComfyUI's skip-layer nodes never reach, as the refusal names it
+    #: (:meth:`dit_blocks`). Empty: the family lists its blocks, or is refused as a UNet is.
+    dit_blocks_unreached: str = ""
     #: Why a distilled-guidance value on the conditioning (FluxGuidance, CLIPTextEncodeFlux) does nothing here:
     #: the model has no guidance embedder (:meth:`conditioning_notes`). Empty: it reads the value, or says nothing.
     guidance_note: str = ""
@@ -440,7 +447,15 @@ class FlowFamily(Family):
 
     def dit_blocks(self, network: Any) -> dict[str, list]:
         """The transformer's blocks by kind, as :attr:`dit_block_lists` names them (through a wrapper's
-        ``kiln_network``); a family that lists none refuses as Family.dit_blocks does."""
+        ``kiln_network``); a family that lists none refuses as Family.dit_blocks does, or, where ComfyUI's
+        model never applies the block replacements those nodes set (:attr:`dit_blocks_unreached`: there the
+        nodes skip nothing, and only SkipLayerGuidanceDiT's rescaling acts), refuses naming that, rather
+        than run an extra pass that changes nothing."""
+        if self.dit_blocks_unreached:
+            raise ConditioningError(f"skip-layer guidance does not apply to {self.dit_blocks_unreached}: ComfyUI's "
+                                    "model never runs the block replacements SkipLayerGuidanceDiT and "
+                                    "SkipLayerGuidanceDiTSimple set, so they skip nothing there; sample without "
+                                    "them", "model")
         if not self.dit_block_lists:
             return super().dit_blocks(network)
         transformer = getattr(network, "kiln_network", network)

@@ -253,7 +253,7 @@ class Denoiser:
     def _skipped(self, side: "Denoiser", model_in: "torch.Tensor", t: Any) -> "torch.Tensor":
         from nodes.families.skip_layers import skipping
 
-        with skipping(self.family.dit_blocks(self.network), self.skip_layers.layers):
+        with skipping(self.family.dit_blocks(self.network), self.skip_layers.layers, self.family.dit_block_returns):
             return side.model_output(model_in, t)
 
     def _skip_layer_guided(self, guided: "torch.Tensor", cond: "torch.Tensor", model_in: "torch.Tensor",

@@ -73,6 +73,7 @@ class ErnieImage(FlowFamily):
     guidance_note = "ERNIE-Image has no distilled guidance (real CFG with a negative prompt; Turbo runs cfg 1)"
     scheduler = SCHEDULER
     network_class = ErnieImageNetwork
+    dit_blocks_unreached = "ERNIE-Image (ComfyUI's ErnieImageModel)"
     repeats_text = False  # text tokens have positions, and the image's positions start after them
 
     # -- detection: by the transformer's keys (FlowFamily.claims) ------------------------------
@@ -85,12 +86,6 @@ class ErnieImage(FlowFamily):
     def original_names(self, network: Any) -> dict[str, str]:
         """ComfyUI's names are the module's own (nodes.checkpoint.ernie_image_keys)."""
         return {name: name for name, _ in network.named_parameters()}
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        """Refused naming the model: ERNIE-Image's blocks take their inputs positionally, which Kiln's
-        skip-layer guidance (nodes.families.skip_layers: FLUX-style keyword blocks) does not pass through."""
-        raise ConditioningError("skip-layer guidance does not address ERNIE-Image's blocks in Kiln; sample "
-                                "without SkipLayerGuidanceDiT", "model")
 
     # -- text ------------------------------------------------------------------------------------
 

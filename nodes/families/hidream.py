@@ -99,7 +99,7 @@ class HiDream(FlowFamily):
     guidance_note = "HiDream-I1 has no distilled guidance embedder (Full uses real CFG; Dev and Fast run at cfg 1)"
     scheduler = SCHEDULER
     network_class = HiDreamNetwork
-    dit_block_lists = {"double": "double_stream_blocks", "single": "single_stream_blocks"}
+    dit_blocks_unreached = "HiDream-I1 (ComfyUI's HiDreamImageTransformer2DModel)"
     repeats_text = False
 
     def claims_unet(self, shapes: Shapes) -> bool:

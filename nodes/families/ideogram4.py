@@ -136,7 +136,7 @@ class Ideogram4(FlowFamily):
     guidance_note = "Ideogram 4 has no distilled guidance (DualModelGuider runs its unconditional model)"
     scheduler = SCHEDULER
     network_class = Ideogram4Network
-    dit_block_lists = {"single": "layers"}
+    dit_blocks_unreached = "Ideogram 4 (ComfyUI's Ideogram4Transformer2DModel)"
     repeats_text = False  # the text tokens weigh in the image's attention
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type ideogram4 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux
-from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: Gemma's hidden_states index Lumina 2 conditions on.
@@ -105,6 +105,7 @@ class Lumina2(FlowFamily):
                      "negative prompt)")
     scheduler = SCHEDULER
     network_class = Lumina2Network
+    dit_blocks_unreached = "Lumina 2 (ComfyUI's NextDiT, as Z-Image)"
     repeats_text = False
 
     # -- detection: by the transformer's keys (FlowFamily.claims) ----------------------------------
@@ -115,9 +116,6 @@ class Lumina2(FlowFamily):
         return has_transformer(shapes)
 
     # -- the network -------------------------------------------------------------------------
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        raise ConditioningError("skip-layer guidance is not implemented for Lumina 2 in Kiln", "model")
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """The original layout's module names (``layers.3.attention.qkv``), which ComfyUI-style LoRAs use; the

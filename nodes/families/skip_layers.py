@@ -8,10 +8,17 @@ optionally rescaled towards the conditional prediction's spread; it runs at cfg 
 ComfyUI's post-CFG hooks do. The simple node instead evaluates the *unconditional* side with
 the blocks skipped, so plain CFG guides away from that. Which blocks a family has is the
 family's (:meth:`~nodes.families.base.Family.dit_blocks`): FLUX's double and single blocks.
+
+Blocks are called in many ways (FLUX's by keyword, Krea 2's, Wan's or Kandinsky 5's by position)
+and return either their one stream or a pair of streams, in an order of their own (FLUX's text
+first, JoyImage's picture first): a skipped block binds its call to its own
+``forward`` signature and hands on what it was given in the shape it would have returned,
+the pair's order named by the family (``returns``: :attr:`~nodes.families.base.Family.dit_block_returns`).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -37,11 +44,32 @@ def parse(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", str(text)))
 
 
+#: What a block returning a pair returns, by input name: diffusers' FLUX convention.
+TEXT_FIRST = ("encoder_hidden_states", "hidden_states")
+
+
+def handed_on(module: Any, args: tuple, kwargs: dict, output: Any,
+              returns: tuple[str, ...] = TEXT_FIRST) -> Any:
+    """What a skipped block returns: its inputs, in the form of ``output`` (one stream: the block's
+    first input; a tuple: the inputs ``returns`` names, in that order)."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    if not isinstance(output, (tuple, list)):
+        return args[0] if args else next(iter(given.values()))
+    if len(output) != len(returns) or any(name not in given for name in returns):
+        raise TypeError(f"skip-layer guidance cannot pass {type(module).__name__}'s inputs on: it returns "
+                        f"{len(output)} values and takes {', '.join(given)}")
+    return tuple(given[name] for name in returns)
+
+
 @contextlib.contextmanager
-def skipping(blocks: dict[str, list], layers: tuple[tuple[str, tuple[int, ...]], ...]) -> Iterator[None]:
-    """While the block runs, the listed blocks hand their inputs on (their output replaced by a hook)."""
-    def passthrough(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple:
-        return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+def skipping(blocks: dict[str, list], layers: tuple[tuple[str, tuple[int, ...]], ...],
+             returns: tuple[str, ...] = TEXT_FIRST) -> Iterator[None]:
+    """While the block runs, the listed blocks hand their inputs on (their output replaced by a hook,
+    :func:`handed_on`; ``returns``: the input names a pair-returning block's outputs stand for)."""
+    def passthrough(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        return handed_on(module, args, kwargs, output, returns)
 
     hooks = [blocks[kind][i].register_forward_hook(passthrough, with_kwargs=True)
              for kind, numbers in layers for i in numbers]

@@ -101,6 +101,7 @@ class ZImage(FlowFamily):
                      "prompt; Turbo samples at cfg 1)")
     scheduler = SCHEDULER
     network_class = ZImageNetwork
+    dit_blocks_unreached = "Z-Image (ComfyUI's NextDiT, as Lumina 2)"
     # Fun ControlNets (nodes.control.z_image): latent hints, the transformer's embedders and refiners
     controlnet_latent_hint = True
     controlnet_borrows_layers = True
@@ -114,9 +115,6 @@ class ZImage(FlowFamily):
         return has_z_image_transformer(shapes)
 
     # -- the network -------------------------------------------------------------------------
-
-    def dit_blocks(self, network: Any) -> dict[str, list]:
-        raise ConditioningError("skip-layer guidance is not implemented for Z-Image in Kiln", "model")
 
     def lora_modules(self, network: Any) -> dict[str, Any]:
         """The original layout's module names (``layers.3.attention.qkv``), which Z-Image LoRAs use; the
