@@ -6,6 +6,7 @@ keeps sampling as before, so cached results upstream stay right); the sampler ap
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
@@ -88,9 +89,12 @@ def _layers_input(name: str) -> Input:
 
 
 def skip_layers_patched(model, double_layers: str, single_layers: str, names: tuple[str, str] = ("double_layers",
-                        "single_layers"), **settings) -> tuple:
+                        "single_layers"), say: Any = None, **settings) -> tuple:
     """The model with skip-layer guidance set, after checking the blocks exist (ComfyUI ignores
-    numbers past the last block; here they are an error naming the input: ``names``)."""
+    numbers past the last block; here they are an error naming the input: ``names``). On a family whose
+    ComfyUI model never runs the block replacements these nodes set (``dit_blocks_unreached``), nothing
+    is skipped, as there: the skipped pass is the conditional one, so only SkipLayerGuidanceDiT's
+    rescaling acts (and the extra pass is not run); ``say`` (the node's message) says so."""
     from nodes.families.base import ConditioningError
     from nodes.families.skip_layers import SkipLayers, parse
 
@@ -103,6 +107,18 @@ def skip_layers_patched(model, double_layers: str, single_layers: str, names: tu
     layers = (("double", parse(double_layers)), ("single", parse(single_layers)))
     if not any(numbers for _, numbers in layers):
         return (model,)  # ComfyUI's rule: nothing to skip, nothing changes
+    for name in ("start_percent", "end_percent"):
+        if not 0.0 <= float(settings[name]) <= 1.0:
+            raise NodeError(f"{name} must be within 0..1, got {settings[name]}", name)
+    unreached = getattr(model.family, "dit_blocks_unreached", "")
+    if unreached:
+        acts = bool(settings.get("rescaling_scale"))
+        if say is not None:
+            say(f"{unreached} runs every block whatever this node sets (as ComfyUI's model does), so nothing is "
+                "skipped: " + ("only rescaling_scale acts" if acts else "the node changes nothing"))
+        if not acts:
+            return (model,)
+        return (_with(model, skip_layers=SkipLayers(layers=(("double", ()), ("single", ())), **settings)),)
     try:
         blocks = model.family.dit_blocks(model.peek())
     except ConditioningError as exc:
@@ -115,9 +131,6 @@ def skip_layers_patched(model, double_layers: str, single_layers: str, names: tu
         if past:
             raise NodeError(f"block {past[0]} does not exist: the model has {count} {kind} blocks "
                             f"(0..{count - 1})", name)
-    for name in ("start_percent", "end_percent"):
-        if not 0.0 <= float(settings[name]) <= 1.0:
-            raise NodeError(f"{name} must be within 0..1, got {settings[name]}", name)
     return (_with(model, skip_layers=SkipLayers(layers=layers, **settings)),)
 
 
@@ -132,7 +145,7 @@ def skip_layer_guidance_dit(ctx, model, double_layers: str, single_layers: str, 
                             start_percent: float, end_percent: float, rescaling_scale: float):
     """Guide away from the conditional prediction made with some transformer blocks skipped,
     inside a window of the run (nodes.families.skip_layers): one more network pass per step there."""
-    return skip_layers_patched(model, double_layers, single_layers, start_percent=float(start_percent),
+    return skip_layers_patched(model, double_layers, single_layers, say=ctx.message, start_percent=float(start_percent),
                                end_percent=float(end_percent), scale=float(scale),
                                rescaling_scale=float(rescaling_scale))
 
@@ -146,7 +159,7 @@ def skip_layer_guidance_dit_simple(ctx, model, double_layers: str, single_layers
                                    end_percent: float):
     """The unconditional pass made with some transformer blocks skipped inside the window, so
     classifier-free guidance pushes away from it (no effect at cfg 1, as in ComfyUI)."""
-    return skip_layers_patched(model, double_layers, single_layers, start_percent=float(start_percent),
+    return skip_layers_patched(model, double_layers, single_layers, say=ctx.message, start_percent=float(start_percent),
                                end_percent=float(end_percent), simple=True)
 
 

@@ -153,5 +153,6 @@ def skip_layer_guidance_sd3(ctx, model, layers: str = "7, 8, 9", scale: float = 
 
     if not isinstance(layers, str):
         raise NodeError("layers must be a string of block numbers", "layers")
-    return skip_layers_patched(model, layers, "", names=("layers", "layers"), start_percent=float(start_percent),
+    return skip_layers_patched(model, layers, "", names=("layers", "layers"), say=ctx.message,
+                               start_percent=float(start_percent),
                                end_percent=float(end_percent), scale=float(scale))

@@ -3,8 +3,9 @@ streams in an order of their own (Krea 2, Qwen-Image 2.1, Kandinsky 5, Wan: one 
 picture then text; FLUX.2's single blocks: one stream when no text is passed). Skipping a block means the
 network as if that block were not in its list, so the reference for each evaluation is a copy of the
 tiny transformer with that block deleted (these transformers give their blocks nothing that depends
-on the block's number). And the families whose ComfyUI model never applies the nodes' block
-replacements (Z-Image, Lumina 2, ERNIE-Image, Ideogram 4, HiDream-I1) are refused by name.
+on the block's number). On the families whose ComfyUI model never applies the nodes' block
+replacements (Z-Image, Lumina 2, ERNIE-Image, Ideogram 4, HiDream-I1) nothing is skipped, as in ComfyUI:
+only SkipLayerGuidanceDiT's rescaling acts, and the node says so.
 """
 from __future__ import annotations
 
@@ -132,18 +133,68 @@ def test_layers_past_the_last_block_name_the_input(name, double, single, field, 
 @pytest.mark.parametrize("name, says", [("z_image", "Z-Image"), ("lumina2", "Lumina 2"),
                                         ("ernie_image", "ERNIE-Image"), ("ideogram4", "Ideogram 4"),
                                         ("hidream", "HiDream-I1")])
-def test_families_comfyui_never_skips_are_refused_with_the_reason(name, says):
+def test_families_comfyui_never_skips_run_as_there_and_say_so(name, says):
     """ComfyUI's NextDiT (Z-Image, Lumina 2), ErnieImageModel, Ideogram4Transformer2DModel and HiDream's
-    model run every block whatever the nodes set, so there SkipLayerGuidanceDiT skips nothing; Kiln says
-    so on the model input rather than run an extra pass that changes nothing."""
+    model run every block whatever the nodes set, so there the nodes skip nothing: the workflow runs, the
+    model comes back unchanged unless SkipLayerGuidanceDiT rescales (then it skips nothing and rescales),
+    and the node says so."""
     family = _family(name)
     model = ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
                         _use_unet=lambda: contextlib.nullcontext(None), _peek=lambda: None)
     for node, args in ((skip_layer_guidance_dit, (3.0, 0.0, 1.0, 0.0)), (skip_layer_guidance_dit_simple, (0.0, 1.0))):
-        with pytest.raises(NodeError) as err:
-            node(Recorder().ctx, model, "0", "", *args)
-        assert err.value.input_name == "model"
-        assert says in str(err.value) and "ComfyUI" in str(err.value) and "skip nothing" in str(err.value)
+        rec = Recorder()
+        assert node(rec.ctx, model, "0", "", *args)[0] is model
+        assert any(says in m and "nothing is skipped" in m for m in rec.messages)
+    rec = Recorder()
+    (rescaling,) = skip_layer_guidance_dit(rec.ctx, model, "0", "", 3.0, 0.0, 1.0, 0.7)
+    assert rescaling.patches.skip_layers.layers == (("double", ()), ("single", ()))
+    assert any("only rescaling_scale acts" in m for m in rec.messages)
+
+
+def test_where_nothing_is_skipped_only_the_rescaling_acts():
+    """Z-Image at cfg 3 with SkipLayerGuidanceDiT (scale 3, rescaling 0.7), as ComfyUI computes it there:
+    the skipped pass is the conditional one, so the guided prediction is only rescaled towards the
+    conditional prediction's spread (on clean predictions); no third network pass is run."""
+    from nodes.families.guidance_rules import Parametrisation
+    from nodes.families.skip_layers import rescaled
+    from nodes.families import z_image
+    import tiny_z_image
+
+    family = z_image.FAMILY
+    net = family.wrap_network(tiny_z_image.components()["transformer"])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, family.latent.channels, 8, 8, generator=gen)
+    pos, neg = (torch.randn(1, 6, net.text_width, generator=gen) for _ in range(2))
+    schedule = training_schedule(family.scheduler_config())
+    calls = []
+    hook = net.kiln_network.register_forward_hook(lambda *_: calls.append(1))
+
+    def output(skip=None):
+        calls.clear()
+        with torch.inference_mode():
+            return Denoiser(net.kiln_network, family, positive=[[pos, {}]], negative=[[neg, {}]], cfg=3.0,
+                            image_size=(64, 64), batch=1, schedule=schedule, skip_layers=skip).model_output(x, T)
+
+    try:
+        plain, plain_calls = output(), len(calls)
+        (model,) = skip_layer_guidance_dit(Recorder().ctx, _model_of(family, net), "1", "", 3.0, 0.0, 1.0, 0.7)
+        ours, our_calls = output(model.patches.skip_layers), len(calls)
+        alone = Denoiser(net.kiln_network, family, positive=[[pos, {}]], negative=None, cfg=1.0, image_size=(64, 64),
+                         batch=1, schedule=schedule)
+        with torch.inference_mode():
+            cond = alone.model_output(x, T)
+    finally:
+        hook.remove()
+    space = Parametrisation(alone.prediction_type, x, float(schedule.sigma(float(T))), alone.sigma_data)
+    want = space.from_x0(rescaled(space.to_x0(plain), space.to_x0(cond), 0.7))
+    assert (ours - want).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-3  # the rescaling acts
+    assert our_calls == plain_calls > 0  # and no extra pass
+
+
+def _model_of(family, net) -> ModelHandle:
+    return ModelHandle(family, scheduler_config=family.scheduler_config(), latent=family.latent,
+                       _use_unet=lambda: contextlib.nullcontext(net), _peek=lambda: net)
 
 
 def test_a_block_whose_outputs_it_cannot_match_is_named():

@@ -271,8 +271,11 @@ class Denoiser:
 
         space = Parametrisation(self.prediction_type, model_in, float(self.schedule.sigma(float(t))), self.sigma_data)
         cond_x0 = space.to_x0(cond)
-        result = space.to_x0(guided) + settings.scale * (cond_x0 - space.to_x0(
-            self._skipped(self._side("positive"), model_in, t)))
+        if any(numbers for _, numbers in settings.layers):
+            result = space.to_x0(guided) + settings.scale * (cond_x0 - space.to_x0(
+                self._skipped(self._side("positive"), model_in, t)))
+        else:  # nothing skipped (a family ComfyUI's replacements never reach): the skipped pass is cond itself
+            result = space.to_x0(guided)
         if settings.rescaling_scale:
             per = result.shape[0] // self.jobs  # each job of a cross-job batch on its own, as its single run
             result = torch.cat([rescaled(result[i:i + per], cond_x0[i:i + per], settings.rescaling_scale)
