@@ -280,7 +280,7 @@ def diffusers_loader(ctx, model_path: str):
 
 
 def _load_vae(path: Path, manager: ModelManager) -> Any:
-    from nodes.checkpoint.load import load_vae_file
+    from nodes.checkpoint.vae_file import load_vae_file
 
     return load_vae_file(path, manager.dtype)
 
