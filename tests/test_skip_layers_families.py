@@ -205,7 +205,11 @@ def test_a_block_whose_outputs_it_cannot_match_is_named():
 
     block = Triple()
     a, b, c = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
-    with pytest.raises(TypeError, match="Triple.*returns 3 values.*hidden_states, encoder_hidden_states, temb"):
+    from nodes.families.base import ConditioningError
+
+    with pytest.raises(ConditioningError, match="Triple.*returns 3 values.*hidden_states, encoder_hidden_states, temb") \
+            as err:
         with skipping({"double": [block]}, (("double", (0,)),)):
             block(a, b, temb=c)
+    assert err.value.input_name == "model"
     assert [float(t) for t in block(a, encoder_hidden_states=b, temb=c)] == [1.0, 0.0, 2.0]  # unhooked again

@@ -73,3 +73,17 @@ def test_other_bytes_are_refused_with_the_reason(tekken):
     early["config"]["version"] = "v3"
     with pytest.raises(TekkenError, match=r"early Tekken file .*version v3"):
         tekken_tokenizer(json.dumps(early).encode())
+
+
+def test_a_file_damaged_inside_is_refused_and_leaves_no_cache_behind(tekken, tmp_path, monkeypatch):
+    """Right keys, broken entries: the converter's own error becomes a TekkenError with the reason, and the
+    cache folder keeps no half-written file."""
+    data, _ = tekken
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    damaged = json.loads(data)
+    del damaged["vocab"][300]["token_bytes"]
+    with pytest.raises(TekkenError, match="could not be read as a Tekken vocabulary"):
+        tekken_tokenizer(json.dumps(damaged).encode())
+    assert list(tmp_path.iterdir()) == []
+    tekken_tokenizer(data)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".json"]  # a good one is cached there

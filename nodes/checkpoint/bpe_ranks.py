@@ -104,7 +104,11 @@ def cached_json(stem: str, identity: str, make: Callable[[], Any]) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(make().to_str())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(make().to_str())
+            os.replace(tmp, path)
+        finally:  # a build that failed leaves nothing behind
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path

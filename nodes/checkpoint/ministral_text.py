@@ -24,7 +24,8 @@ from nodes.checkpoint.llama_text import plain_decoder_prefix
 from nodes.checkpoint.load import CheckpointError
 from nodes.checkpoint.qwen_decoder import decoder_from_file, decoder_sizes
 
-#: ComfyUI's (``model.``), a Mistral3Model saved by transformers 5 (``language_model.model.``) or in memory, bare.
+#: Where a Mistral file puts its language model: ComfyUI's / a causal LM's (``model.``), a whole Mistral3 save
+#: (transformers 4 ``language_model.model.``, 5 ``model.language_model.``), a Mistral3Model's, a bare model's.
 PREFIXES = ("model.", "language_model.model.", "model.language_model.", "language_model.", "")
 #: Ministral 3 3B's width (ComfyUI tells it by this); Mistral Small 3 (FLUX.2 [dev]) is 5120 wide.
 MINISTRAL3_WIDTH = 3072

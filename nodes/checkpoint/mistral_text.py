@@ -26,14 +26,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nodes.checkpoint import ministral_text
 from nodes.checkpoint.llama_text import plain_decoder_prefix
 from nodes.checkpoint.load import CheckpointError
 from nodes.checkpoint.qwen_decoder import decoder_sizes
 from nodes.checkpoint.tekken_tokenizer import TEKKEN_KEY
 
-#: Where a file may put the language model: Comfy-Org's / a causal LM's, a bare MistralModel's, a whole
-#: Mistral3ForConditionalGeneration's (transformers 5, transformers 4).
-PREFIXES = ("model.", "", "model.language_model.", "language_model.model.")
+#: Where a file may put the language model (Comfy-Org's / a causal LM's, a whole Mistral3 save's, a bare
+#: model's): the one list nodes.checkpoint.ministral_text.mistral_kind classifies the file by.
+PREFIXES = ministral_text.PREFIXES
 #: Beside the language model in a Mistral3ForConditionalGeneration file; never read.
 UNREAD = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
           "lm_head.", "language_model.lm_head.", TEKKEN_KEY)

@@ -29,13 +29,10 @@ def spiece_key(state: Mapping[str, Any], prefix: str = "") -> str | None:
 def spiece_bytes(state: Mapping[str, Any], prefix: str = "") -> bytes | None:
     """The serialized SentencePiece model stored in a text-encoder state dict (:func:`spiece_key`; any
     integer tensor or raw bytes), or None when the file carries none."""
+    from nodes.checkpoint.tensors import stored_bytes
+
     key = spiece_key(state, prefix)
-    if key is None:
-        return None
-    data = state[key]
-    if hasattr(data, "numpy"):
-        return data.detach().cpu().contiguous().numpy().tobytes()
-    return bytes(data)
+    return None if key is None else stored_bytes(state[key])
 
 
 class SpieceTokenizer:

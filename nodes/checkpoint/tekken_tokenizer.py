@@ -35,12 +35,9 @@ class TekkenError(ValueError):
 
 def tekken_bytes(state: Mapping[str, Any]) -> bytes | None:
     """The ``tekken.json`` bytes stored in a text-encoder state dict, or None when it has none."""
-    data = state.get(TEKKEN_KEY)
-    if data is None:
-        return None
-    if hasattr(data, "numpy"):
-        return data.detach().cpu().numpy().tobytes()
-    return bytes(data)
+    from nodes.checkpoint.tensors import stored_bytes
+
+    return stored_bytes(state.get(TEKKEN_KEY))
 
 
 def _check(data: bytes) -> None:
@@ -74,9 +71,19 @@ def tekken_tokenizer(data: bytes, padding_side: str = "left") -> Any:
     """
     from transformers import PreTrainedTokenizerFast
 
+    import transformers
+
     _check(data)
-    digest = hashlib.sha256(data).hexdigest()
-    path = bpe_ranks.cached_json("tekken-tokenizer", digest, lambda: _convert(data))
+
+    def convert() -> Any:
+        try:
+            return _convert(data)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a tekken.json damaged inside
+            raise TekkenError(f"its {TEKKEN_KEY} could not be read as a Tekken vocabulary ({exc!r})") from None
+
+    # the converter is transformers': its version is part of what the cached file was built by
+    digest = hashlib.sha256(data).hexdigest() + transformers.__version__
+    path = bpe_ranks.cached_json("tekken-tokenizer", digest, convert)
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, padding_side=padding_side, model_max_length=131072)
 

@@ -173,3 +173,13 @@ def cast_view(state: Mapping, dtype: Any) -> Mapping:
 def plain(state: Mapping) -> dict[str, Any]:
     """A plain dict for code that wants one (FLUX's loaders): a LazyState is read in full."""
     return state.materialise() if isinstance(state, LazyState) else state
+
+
+def stored_bytes(value: Any) -> bytes | None:
+    """The raw bytes of a file carried inside a state dict (a tokenizer stored as a uint8 tensor, as
+    Comfy-Org's text encoders carry theirs), or None for no value."""
+    if value is None:
+        return None
+    if hasattr(value, "numpy"):
+        return value.detach().cpu().contiguous().numpy().tobytes()
+    return bytes(value)

@@ -174,8 +174,8 @@ class Family:
     controlnet_union_types: tuple[str, ...] = ()
     #: Whether a prompt repeated k times conditions as the prompt once (attention over repeated keys),
     #: so a positive and negative whose lengths are small multiples may share a call repeated to one
-    #: length (ComfyUI's rule, nodes.families.conditioning.match_tokens). Not where text tokens have
-    #: positions (Qwen-Image's rotary text positions): their prompts of other lengths are evaluated apart.
+    #: length (ComfyUI's rule for its UNet models' CONDCrossAttn, nodes.families.conditioning.match_tokens).
+    #: Not on the transformer families (:attr:`FlowFamily.repeats_text`).
     repeats_text: bool = True
     #: Whether the network denoises latents with a frame axis [B, C, frames, h, w] (Qwen-Image-Layered's
     #: layers, nodes.latent_layers), which it then requires; every other family takes image latents only.
@@ -389,6 +389,10 @@ class FlowFamily(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     #: Read where a node asks for a flow model's text encoders (CLIPTextEncodeFlux, nodes.flux_nodes).
     flow = True
+    #: A prompt repeated k times is another prompt to a transformer (joint attention weighs the text
+    #: tokens against the image's; most give text tokens positions), and ComfyUI's transformer models
+    #: take their text as CONDRegular, never repeated: prompts of other lengths are evaluated apart.
+    repeats_text = False
     #: The family's one released scheduler config; :meth:`scheduler_config` hands a copy. A family whose
     #: config depends on arguments (FLUX [dev]/[schnell], SD3's shift) overrides the method instead.
     scheduler: Mapping[str, Any] = {}
@@ -398,8 +402,9 @@ class FlowFamily(Family):
     #: the order skip-layer guidance numbers them (:meth:`dit_blocks`); an empty string: the kind exists in
     #: ComfyUI's numbering but this transformer has none of it. Empty: the family lists none.
     dit_block_lists: Mapping[str, str] = {}
-    #: A transformer whose blocks ComfyUI's skip-layer nodes never reach, as the refusal names it
-    #: (:meth:`dit_blocks`). Empty: the family lists its blocks, or is refused as a UNet is.
+    #: A transformer whose blocks ComfyUI's skip-layer nodes never reach (its model runs every block
+    #: whatever they set): there the nodes skip nothing (nodes.model_patches.skip_layers_patched) and
+    #: :meth:`dit_blocks` names it. Empty: the family lists its blocks, or is refused as a UNet is.
     dit_blocks_unreached: str = ""
     #: Why a distilled-guidance value on the conditioning (FluxGuidance, CLIPTextEncodeFlux) does nothing here:
     #: the model has no guidance embedder (:meth:`conditioning_notes`). Empty: it reads the value, or says nothing.
@@ -447,15 +452,13 @@ class FlowFamily(Family):
 
     def dit_blocks(self, network: Any) -> dict[str, list]:
         """The transformer's blocks by kind, as :attr:`dit_block_lists` names them (through a wrapper's
-        ``kiln_network``); a family that lists none refuses as Family.dit_blocks does, or, where ComfyUI's
-        model never applies the block replacements those nodes set (:attr:`dit_blocks_unreached`: there the
-        nodes skip nothing, and only SkipLayerGuidanceDiT's rescaling acts), refuses naming that, rather
-        than run an extra pass that changes nothing."""
+        ``kiln_network``); a family that lists none refuses as Family.dit_blocks does. Where ComfyUI's
+        model never applies the block replacements (:attr:`dit_blocks_unreached`) there is no list to
+        skip from: the skip-layer nodes skip nothing there without asking, and this names why."""
         if self.dit_blocks_unreached:
-            raise ConditioningError(f"skip-layer guidance does not apply to {self.dit_blocks_unreached}: ComfyUI's "
-                                    "model never runs the block replacements SkipLayerGuidanceDiT and "
-                                    "SkipLayerGuidanceDiTSimple set, so they skip nothing there; sample without "
-                                    "them", "model")
+            raise ConditioningError(f"{self.dit_blocks_unreached} has no blocks to skip: ComfyUI's model runs every "
+                                    "block whatever SkipLayerGuidanceDiT and SkipLayerGuidanceDiTSimple set, so "
+                                    "they skip nothing there", "model")
         if not self.dit_block_lists:
             return super().dit_blocks(network)
         transformer = getattr(network, "kiln_network", network)

@@ -74,7 +74,6 @@ class ErnieImage(FlowFamily):
     scheduler = SCHEDULER
     network_class = ErnieImageNetwork
     dit_blocks_unreached = "ERNIE-Image (ComfyUI's ErnieImageModel)"
-    repeats_text = False  # text tokens have positions, and the image's positions start after them
 
     # -- detection: by the transformer's keys (FlowFamily.claims) ------------------------------
 

@@ -144,7 +144,6 @@ class Fibo2(FlowFamily):
     scheduler = SCHEDULER
     network_class = Fibo2Network
     dit_block_lists = {"single": "layers"}
-    repeats_text = False  # the gist count follows the prompt's length
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type fibo2 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 

@@ -100,7 +100,6 @@ class HiDream(FlowFamily):
     scheduler = SCHEDULER
     network_class = HiDreamNetwork
     dit_blocks_unreached = "HiDream-I1 (ComfyUI's HiDreamImageTransformer2DModel)"
-    repeats_text = False
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint.hidream_load import has_transformer

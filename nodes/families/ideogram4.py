@@ -137,7 +137,6 @@ class Ideogram4(FlowFamily):
     scheduler = SCHEDULER
     network_class = Ideogram4Network
     dit_blocks_unreached = "Ideogram 4 (ComfyUI's Ideogram4Transformer2DModel)"
-    repeats_text = False  # the text tokens weigh in the image's attention
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type ideogram4 it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 

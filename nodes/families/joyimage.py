@@ -164,7 +164,6 @@ class JoyImage(FlowFamily):
     dit_block_lists = {"double": "double_blocks"}
     #: JoyImage's double blocks return the picture, then the text (nodes.families.skip_layers)
     dit_block_returns = ("hidden_states", "encoder_hidden_states")
-    repeats_text = False  # no text mask: a repeated prompt would be another prompt
     takes_references = True
     #: Its Qwen3-VL is built with the vision tower (on the first picture read: nodes.checkpoint.split).
     text_vision = True

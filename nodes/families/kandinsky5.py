@@ -105,7 +105,6 @@ class Kandinsky5(FlowFamily):
     scheduler = SCHEDULER
     network_class = Kandinsky5Network
     dit_block_lists = {"double": "visual_transformer_blocks", "single": ""}
-    repeats_text = False  # text tokens have positions and attend to each other
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint import kandinsky5_keys

@@ -102,7 +102,6 @@ class Krea2(FlowFamily):
     scheduler = SCHEDULER
     network_class = Krea2Network
     dit_block_lists = {"single": "transformer_blocks"}
-    repeats_text = False  # a repeated prompt changes the image's attention over text
     #: Its Qwen3-VL is built with the vision tower (nodes.checkpoint.split; the tower's weights on the first
     #: picture read): the Qwen-Image Edit nodes and TextGenerate hand it pictures (nodes.families.qwen3_vl).
     #: Families without it get the text model alone.

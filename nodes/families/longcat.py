@@ -115,7 +115,6 @@ class LongCat(FlowFamily):
     scheduler = SCHEDULER
     network_class = LongCatNetwork
     dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
-    repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
     takes_references = True  # LongCat-Image-Edit reads its input picture's latent
 
     # -- detection: by the transformer's keys (FlowFamily.claims) ----------------------------

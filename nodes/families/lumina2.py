@@ -106,7 +106,6 @@ class Lumina2(FlowFamily):
     scheduler = SCHEDULER
     network_class = Lumina2Network
     dit_blocks_unreached = "Lumina 2 (ComfyUI's NextDiT, as Z-Image)"
-    repeats_text = False
 
     # -- detection: by the transformer's keys (FlowFamily.claims) ----------------------------------
 

@@ -84,7 +84,6 @@ class Ovis(FlowFamily):
     scheduler = SCHEDULER
     network_class = OvisNetwork
     dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
-    repeats_text = False  # text tokens have rotary positions
 
     # -- detection: by the transformer's keys (FlowFamily.claims) -------------------------------
 

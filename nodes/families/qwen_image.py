@@ -144,7 +144,6 @@ class QwenImage(FlowFamily):
     scheduler = SCHEDULER
     network_class = QwenImageNetwork
     dit_block_lists = {"double": "transformer_blocks"}
-    repeats_text = False  # text tokens have rotary positions: a repeated prompt is another prompt
     takes_references = True  # Qwen-Image-Edit (nodes.families.qwen_image_edit)
 
     # -- detection: by the transformer's keys (FlowFamily.claims); a folder by its transformer's class

@@ -107,7 +107,6 @@ class QwenImage21(FlowFamily):
     scheduler = SCHEDULER
     network_class = QwenImage21Network
     dit_block_lists = {"single": "transformer_blocks"}
-    repeats_text = False  # text tokens have positions and causal attention
     #: A Qwen3-VL file without its vision tower has a Qwen3's keys: under type qwen_image it is read as Qwen3-VL.
     text_kind_aliases = {"qwen3": "qwen3-vl"}
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from nodes.families.base import ConditioningError, Family
 from nodes.runtime.compiled import eager_while_hooked
 
 
@@ -44,8 +45,8 @@ def parse(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", str(text)))
 
 
-#: What a block returning a pair returns, by input name: diffusers' FLUX convention.
-TEXT_FIRST = ("encoder_hidden_states", "hidden_states")
+#: What a block returning a pair returns, by input name: diffusers' FLUX convention (the families' default).
+TEXT_FIRST = Family.dit_block_returns
 
 
 def handed_on(module: Any, args: tuple, kwargs: dict, output: Any,
@@ -58,8 +59,8 @@ def handed_on(module: Any, args: tuple, kwargs: dict, output: Any,
     if not isinstance(output, (tuple, list)):
         return args[0] if args else next(iter(given.values()))
     if len(output) != len(returns) or any(name not in given for name in returns):
-        raise TypeError(f"skip-layer guidance cannot pass {type(module).__name__}'s inputs on: it returns "
-                        f"{len(output)} values and takes {', '.join(given)}")
+        raise ConditioningError(f"skip-layer guidance cannot pass {type(module).__name__}'s inputs on: it returns "
+                                f"{len(output)} values and takes {', '.join(given)}", "model")
     return tuple(given[name] for name in returns)
 
 

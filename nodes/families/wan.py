@@ -95,7 +95,6 @@ class Wan21(FlowFamily):
     layered_latents = True  # video latents [B, C, frames, h, w], folded for the sampler
     #: The node that makes its latents (nodes.latent_layers names it when another latent comes).
     frames_from = "WanImageToVideo"
-    repeats_text = False  # zero padding after the prompt is part of the 512 tokens it reads
     #: A one-block UMT5 (no second bias to tell it from T5 by) is still UMT5 under type wan.
     text_kind_aliases = {"t5": "umt5"}
 

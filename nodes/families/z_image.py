@@ -100,6 +100,9 @@ class ZImage(FlowFamily):
     guidance_note = ("Z-Image has no distilled guidance (its guidance is real CFG: KSampler's cfg with a negative "
                      "prompt; Turbo samples at cfg 1)")
     scheduler = SCHEDULER
+    #: Unlike the other transformers, a repeated prompt shares a call exactly: each row's token count
+    #: (:meth:`network_kwargs`) keeps the repeat out of the caption it reads, as diffusers' lists do.
+    repeats_text = True
     network_class = ZImageNetwork
     dit_blocks_unreached = "Z-Image (ComfyUI's NextDiT, as Lumina 2)"
     # Fun ControlNets (nodes.control.z_image): latent hints, the transformer's embedders and refiners
