@@ -72,6 +72,9 @@ class SamplingPatches:
     #: FluxKVCache: FLUX.2 reference images' keys and values computed once per run
     #: (nodes.families.reference_kv); False: every call runs them.
     reference_kv: bool = False
+    #: ScaleROPE's six (name, number) pairs (nodes.checkpoint.wan_rope: scale and shift per axis), set on
+    #: the network's rotary table while sampling runs; None: plain positions.
+    rope: Any = None
     #: CFGOverride's windows (nodes.families.dual_model.CFGWindow), in the order they were applied.
     cfg_overrides: tuple = ()
 

@@ -12,7 +12,6 @@ adds to a Wan 2.1 image-to-video model (nodes.families.wan).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -99,8 +98,9 @@ def wan_image_to_video(ctx, positive: Any, negative: Any, vae: Any, width: int, 
 )
 def scale_rope(ctx, model: Any, scale_x: float, shift_x: float, scale_y: float, shift_y: float, scale_t: float,
                shift_t: float):
-    """A MODEL whose rotary positions along each axis are ``shift + index * scale`` while it samples (the
-    handle it was given keeps its own)."""
+    """A MODEL whose rotary positions along each axis are ``shift + index * scale`` while it samples (a
+    network patch the sampling loop sets, as ComfyUI's rope_options model option; the handle it was given
+    keeps its own)."""
     from nodes.checkpoint.wan_rope import OPTION_NAMES, rope_of
 
     if not isinstance(model, ModelHandle):
@@ -109,16 +109,4 @@ def scale_rope(ctx, model: Any, scale_x: float, shift_x: float, scale_y: float, 
         raise NodeError(f"Kiln applies ScaleROPE to Wan 2.1 / ChronoEdit models; this {model.family.name} model's "
                         "rotary positions are not scaled (remove ScaleROPE)", "model")
     options = dict(zip(OPTION_NAMES, (float(v) for v in (scale_x, shift_x, scale_y, shift_y, scale_t, shift_t))))
-    use = model._use_unet
-
-    @contextlib.contextmanager
-    def scaled() -> Any:
-        with use() as network:
-            rope = rope_of(network)
-            before, rope.options = rope.options, options
-            try:
-                yield network
-            finally:
-                rope.options = before
-
-    return (dataclasses.replace(model, _use_unet=scaled),)
+    return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, rope=tuple(options.items()))),)

@@ -153,6 +153,16 @@ def test_scale_rope_refuses_a_model_without_wans_positions(env):
     (scaled,) = call(wan_nodes.scale_rope, env, model=model, scale_x=1.0, shift_x=0.0, scale_y=1.0, shift_y=0.0,
                      scale_t=7.0, shift_t=0.0)
     assert scaled is not model and scaled.family is model.family
+    # a network patch, as ComfyUI's rope_options: the sampling loop sets it on the network for the run
+    # (and DualModelGuider's on both networks), the handle it came from keeps plain positions
+    assert dict(scaled.patches.rope)["scale_t"] == 7.0 and model.patches.rope is None
+    from nodes.checkpoint.wan_rope import applied, rope_of
+
+    with model.unet() as network:
+        rope = rope_of(network)
+        with applied(network, scaled.patches.rope):
+            assert rope.options["scale_t"] == 7.0
+        assert rope.options is None
     other = replace(model, _peek=lambda: torch.nn.Linear(2, 2))
     with pytest.raises(NodeError) as info:
         call(wan_nodes.scale_rope, env, model=other, scale_x=1.0, shift_x=0.0, scale_y=1.0, shift_y=0.0,

@@ -13,6 +13,8 @@ for the two halves of a rotated pair, [1, tokens, 1, head width].
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -88,6 +90,21 @@ def install(model: Any) -> Any:
         config = model.config
         model.rope = WanRope(int(config.attention_head_dim), tuple(config.patch_size), model.rope)
     return model
+
+
+@contextlib.contextmanager
+def applied(network: Any, options: Mapping[str, float] | tuple | None) -> Iterator[None]:
+    """``network``'s rotary positions scaled and shifted by ScaleROPE's ``options`` while sampling runs
+    (None: as they are); the table's own options come back after."""
+    rope = rope_of(network) if options is not None else None
+    if rope is None:
+        yield
+        return
+    before, rope.options = rope.options, dict(options)
+    try:
+        yield
+    finally:
+        rope.options = before
 
 
 def rope_of(network: Any) -> WanRope | None:

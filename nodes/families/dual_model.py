@@ -125,7 +125,8 @@ GUIDER_PATCHES = ("cfg_rescale", "pag_scale", "guidance", "perp_neg", "cfg_overr
 #: ControlNet, which each side's Denoiser stacks on its conditioning.
 NETWORK_PATCHES = {"freeu": "FreeU", "deep_shrink": "PatchModelAddDownscale", "hypertile": "HyperTile",
                    "tome": "TomePatchModel", "reference_kv": "FluxKVCache",
-                   "blockwise": "QwenImageDiffsynthControlnet", "model_control": "QwenImageDiffsynthControlnet"}
+                   "blockwise": "QwenImageDiffsynthControlnet", "model_control": "QwenImageDiffsynthControlnet",
+                   "rope": "ScaleROPE"}
 #: Pre-CFG guidance rules by the node that makes them (those whose node name is not their class name).
 _NODE_NAMES = {"LatentOperationCFG": "LatentApplyOperationCFG"}
 

@@ -129,6 +129,7 @@ def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Famil
           x: "torch.Tensor", generators: list) -> None:
     """Put ``patches``' network hooks (FreeU, Deep Shrink, HyperTile, ToMe, blockwise ControlNets,
     FluxKVCache) on ``network`` until ``hooks`` closes."""
+    from nodes.checkpoint import wan_rope
     from nodes.control import blockwise
     from nodes.families import deep_shrink, freeu, hypertile, reference_kv, tome
 
@@ -138,6 +139,7 @@ def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Famil
     hooks.enter_context(tome.applied(network, patches.tome, _tile_generator(patches, generators, x)))
     hooks.enter_context(blockwise.applied(network, patches.blockwise, family, tuple(x.shape)))
     hooks.enter_context(reference_kv.applied(network, patches.reference_kv))
+    hooks.enter_context(wan_rope.applied(network, patches.rope))
 
 
 def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
