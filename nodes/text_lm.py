@@ -60,8 +60,9 @@ def qwen25_chat(prompt: str, system: str, thinking: bool) -> str:
 def mistral_chat(prompt: str, system: str, thinking: bool) -> str:
     """One exchange as Ministral 3's chat template renders it: ``<s>``, [system turn], the user's instruction.
     (The ERNIE-Image templates write this themselves for the prompt enhancer.)"""
-    head = f"{MISTRAL_SYSTEM}{system}[/SYSTEM_PROMPT]" if system else ""
-    return f"{BOS}{head}[INST]{prompt}[/INST]"
+    from nodes.checkpoint.tekken_tokenizer import instruction
+
+    return BOS + instruction(prompt, system)
 
 
 def own_decoder(module: Any) -> Any:

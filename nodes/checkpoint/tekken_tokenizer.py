@@ -88,6 +88,14 @@ def tekken_tokenizer(data: bytes, padding_side: str = "left") -> Any:
                                    unk_token=UNK, padding_side=padding_side, model_max_length=131072)
 
 
+def instruction(prompt: str, system: str = "") -> str:
+    """One user turn in Mistral's instruct format, after ``<s>``: ``[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]``
+    when there is a system prompt, then ``[INST]prompt[/INST]`` (FLUX.2 [dev]'s prompt and Ministral 3's
+    chat both write it so)."""
+    head = f"[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT]" if system else ""
+    return f"{head}[INST]{prompt}[/INST]"
+
+
 def tokenizer_in_file(state: Mapping[str, Any], what: str, release_files: str) -> Any:
     """The Tekken tokenizer a text-encoder file carries (``tekken_model``). A file without it, or with other
     bytes there, is a CheckpointError naming ``what`` and the Comfy-Org files (``release_files``) that carry

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nodes.checkpoint.tekken_tokenizer import instruction
 from nodes.families import flux2
 from nodes.families.base import ConditioningError, Shapes, TextEncoderSpec
 
@@ -29,7 +30,7 @@ TEXT_LAYERS = (10, 20, 30)
 SYSTEM_PROMPT = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
                  "object relationships, object\nattribution and actions without speculation.")
 #: The text after ``<s>``: the system prompt and one instruction turn (Mistral's chat format).
-TEMPLATE = "[SYSTEM_PROMPT]" + SYSTEM_PROMPT + "[/SYSTEM_PROMPT][INST]{}[/INST]"
+TEMPLATE = instruction("{}", SYSTEM_PROMPT)
 #: ComfyUI's guidance when the conditioning carries none (its FLUX model's ``extra_conds``).
 DEFAULT_GUIDANCE = 3.5
 
