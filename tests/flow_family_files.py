@@ -34,6 +34,16 @@ def save_split_transformer(folder: Path, stem: str, state: dict, diffusers_keys:
         save_state(folder / f"{stem}-diffusers-keys.safetensors", diffusers_keys)
 
 
+def with_chat_template(tokenizer: Any, template: str) -> Any:
+    """A copy of ``tokenizer`` with ``template`` as its chat template, for a reference pipeline: Kiln's own
+    tokenizers are shared by later loads on the thread (nodes/checkpoint/tokenizer_memo.py) and stay as built."""
+    import copy
+
+    own = copy.deepcopy(tokenizer)
+    own.chat_template = template
+    return own
+
+
 def quiet_pipeline(cls: Any, parts: dict[str, Any], **extra: Any) -> Any:
     """A diffusers pipeline (a class, or the name of one of diffusers') over the tiny ``parts`` with its
     progress bar off."""

@@ -18,7 +18,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from flow_family_files import quiet_pipeline, save_split_transformer
+from flow_family_files import quiet_pipeline, save_split_transformer, with_chat_template
 
 #: Transformer: 2 heads of 32, rope axes 4 x 8 (the released 4 x 32 scaled), one double and one single block.
 HEADS, HEAD_DIM, AXES = 2, 32, (8, 8, 8, 8)
@@ -42,8 +42,7 @@ def _perturb(module: Any, scale: float) -> None:
 def tokenizer() -> Any:
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
-    tok = qwen_tokenizer("3")
-    tok.chat_template = CHAT_TEMPLATE
+    tok = with_chat_template(qwen_tokenizer("3"), CHAT_TEMPLATE)
     return tok
 
 

@@ -20,6 +20,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from flow_family_files import with_chat_template
 import tiny_flux2
 from tiny_tekken import tekken_file
 
@@ -52,8 +53,7 @@ def tekken_json() -> bytes:
 def tokenizer() -> Any:
     from nodes.checkpoint.tekken_tokenizer import tekken_tokenizer
 
-    tok = tekken_tokenizer(tekken_json())
-    tok.chat_template = CHAT_TEMPLATE
+    tok = with_chat_template(tekken_tokenizer(tekken_json()), CHAT_TEMPLATE)
     return tok
 
 

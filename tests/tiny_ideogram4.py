@@ -17,7 +17,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from flow_family_files import quiet_pipeline, save_split_transformer, save_state
+from flow_family_files import quiet_pipeline, save_split_transformer, save_state, with_chat_template
 
 HEADS, HEAD_DIM, LAYERS = 2, 32, 2
 #: Qwen3-VL's chat template for text turns (what apply_chat_template renders for the pipeline's messages).
@@ -63,8 +63,7 @@ def build(seed: int = 5) -> dict[str, Any]:
         pipeline_vae.bn.running_var.copy_(token_order(vae.bn.running_var))
     for m in (transformer, unconditional, text_encoder, vae, pipeline_vae):
         m.eval().requires_grad_(False)
-    tokenizer = qwen_tokenizer("3")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = with_chat_template(qwen_tokenizer("3"), CHAT_TEMPLATE)
     return {"transformer": transformer, "unconditional_transformer": unconditional, "vae": pipeline_vae,
             "flux2_vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": FlowMatchEulerDiscreteScheduler()}

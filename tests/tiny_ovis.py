@@ -21,7 +21,7 @@ from typing import Any
 
 import tiny_flux
 import tiny_z_image
-from flow_family_files import quiet_pipeline, save_split_transformer
+from flow_family_files import quiet_pipeline, save_split_transformer, with_chat_template
 
 #: Qwen3's rendering of [user message] + generation prompt, with the empty think block when thinking is off.
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,8 +49,7 @@ def build(seed: int = 1) -> dict[str, Any]:
             num_attention_heads=HEADS, joint_attention_dim=48, axes_dims_rope=(4, 14, 14))
         tiny_flux._perturb(transformer, 0.05)
         transformer.eval()
-    tokenizer = qwen_tokenizer("3")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = with_chat_template(qwen_tokenizer("3"), CHAT_TEMPLATE)
     parts = tiny_z_image.components()
     scheduler = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     return {**parts, "transformer": transformer, "tokenizer": tokenizer, "scheduler": scheduler}

@@ -19,7 +19,7 @@ from typing import Any
 
 import tiny_flux
 import tiny_qwen3
-from flow_family_files import quiet_pipeline, save_split_transformer
+from flow_family_files import quiet_pipeline, save_split_transformer, with_chat_template
 
 #: Qwen3's rendering of [user message] + generation prompt (enable_thinking left on: no think block).
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -44,8 +44,7 @@ def build(seed: int = 1) -> dict[str, Any]:
     lm = tiny_qwen3.model(tiny_qwen3.FULL_VOCAB, 2, seed=4)
     encoder = Qwen3Model(lm.config).eval()
     encoder.load_state_dict(lm.model.state_dict())
-    tokenizer = qwen_tokenizer("3")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = with_chat_template(qwen_tokenizer("3"), CHAT_TEMPLATE)
     return {"transformer": transformer, "vae": tiny_flux.components("dev")["vae"], "text_encoder": encoder,
             "tokenizer": tokenizer,
             "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,

@@ -18,6 +18,7 @@ from typing import Any
 from nodes.checkpoint import ernie_image_keys as keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import Loaded
+from nodes.checkpoint.tokenizer_memo import from_folder
 
 LABEL = "ERNIE-Image"
 
@@ -53,7 +54,7 @@ def folder_tokenizer(path: Path) -> Any:
     data = folder_tekken(path / "tokenizer")
     if data is not None:
         return tekken_tokenizer(data)
-    return PreTrainedTokenizerFast.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+    return from_folder(PreTrainedTokenizerFast, path, "tokenizer")
 
 
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:

@@ -17,6 +17,7 @@ from typing import Any
 
 from nodes.checkpoint.load import Loaded
 from nodes.checkpoint.tensors import plain
+from nodes.checkpoint.tokenizer_memo import from_folder
 
 
 def flow_info(transformer: Any, fmt: str, label: str) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def vae_latent(family: Any, vae: Any) -> Any:
 def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any], subfolder: str = "tokenizer") -> Any:
     """The folder's ``tokenizer/`` (or ``subfolder``) read by ``cls``, else ``fallback()`` (Kiln's bundled copy)."""
     if (path / subfolder).is_dir():
-        return cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
+        return from_folder(cls, path, subfolder)
     return fallback()
 
 

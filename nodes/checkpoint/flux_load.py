@@ -23,6 +23,7 @@ from nodes.checkpoint import detect as det
 from nodes.checkpoint import flux_keys
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
 from nodes.checkpoint.tensors import plain, shapes_of
+from nodes.checkpoint.tokenizer_memo import from_folder
 from nodes.families import flux as fam
 
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -341,13 +342,12 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
                 "text_encoder": folder_component(path / "text_encoder", CLIPTextModel, dtype),
                 "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
 
-    p = str(path)
     modules = folder_modules(path, "FLUX", others, FluxTransformer2DModel, dtype, offload)
     tokenizers = _tokenizers()
     if (path / "tokenizer").is_dir():
-        tokenizers["tokenizer"] = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer", local_files_only=True)
+        tokenizers["tokenizer"] = from_folder(CLIPTokenizer, path, "tokenizer")
     if (path / "tokenizer_2").is_dir():
-        tokenizers["tokenizer_2"] = T5TokenizerFast.from_pretrained(p, subfolder="tokenizer_2", local_files_only=True)
+        tokenizers["tokenizer_2"] = from_folder(T5TokenizerFast, path, "tokenizer_2")
     family = fam.FAMILY if modules["unet"].config.guidance_embeds else fam.SCHNELL
     config = folder_scheduler_config(path, family)
     latent = vae_latent(family, modules["vae"])

@@ -22,6 +22,7 @@ from typing import Any
 from nodes.checkpoint.load import CheckpointError
 from nodes.checkpoint.qwen_decoder import Q_NORM, decoder_from_file, decoder_prefix, decoder_sizes
 from nodes.checkpoint.spiece_file import SPIECE_KEY, SpieceTokenizer, spiece_bytes
+from nodes.checkpoint.tokenizer_memo import from_folder
 
 PREFIXES = ("model.", "")
 #: Gemma 2's (and 3's) norm after the MLP: Llama and Qwen have none
@@ -92,4 +93,4 @@ def folder_tokenizer(folder: Any) -> Any:
     """A diffusers folder's ``tokenizer/`` (transformers' Gemma tokenizer, as Lumina2Pipeline saves it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True)
+    return from_folder(AutoTokenizer, folder, "tokenizer")

@@ -19,6 +19,7 @@ from nodes.checkpoint import kandinsky5_keys as keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint import kept_fp32
 from nodes.checkpoint.load import CheckpointError, Loaded
+from nodes.checkpoint.tokenizer_memo import from_folder
 
 LABEL = "Kandinsky 5"
 
@@ -96,6 +97,5 @@ def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:
                                   lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
                                   latent_from_vae=False, ready=lambda model: keep_in_fp32(model, files),
                                   ready_in_blocks=True)
-    second = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer_2", local_files_only=True) \
-        if (path / "tokenizer_2").is_dir() else clip_tokenizer()
+    second = from_folder(CLIPTokenizer, path, "tokenizer_2") if (path / "tokenizer_2").is_dir() else clip_tokenizer()
     return dataclasses.replace(loaded, tokenizers={**loaded.tokenizers, "tokenizer_2": second})

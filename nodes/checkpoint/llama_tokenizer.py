@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import bpe_ranks
+from nodes.checkpoint.tokenizer_memo import kept
 
 #: sha256 of llama-models 0.3.0's ``llama_models/llama3/tokenizer.model``.
 RANKS_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
@@ -74,7 +75,7 @@ def llama3_tokenizer() -> Any:
     """
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(
+    return kept("llama3", lambda: PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_json()),
         bos_token=BEGIN_OF_TEXT,
         eos_token=EOT,
@@ -82,4 +83,4 @@ def llama3_tokenizer() -> Any:
         model_max_length=131072,
         padding_side="right",
         clean_up_tokenization_spaces=True,
-    )
+    ))

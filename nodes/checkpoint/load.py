@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
 from nodes.checkpoint.tensors import LazyState, cast_view, dtypes_of, shapes_of
+from nodes.checkpoint.tokenizer_memo import from_folder
 from nodes import families, unclip
 from nodes.families.base import Family, LatentFormat
 
@@ -419,8 +420,7 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     tokenizers = {}
     for spec in family.text_encoders:
         if (path / spec.tokenizer).is_dir():
-            tokenizers[spec.tokenizer] = CLIPTokenizer.from_pretrained(str(path), subfolder=spec.tokenizer,
-                                                                      local_files_only=True)
+            tokenizers[spec.tokenizer] = from_folder(CLIPTokenizer, path, spec.tokenizer)
         else:
             tokenizers[spec.tokenizer] = clip_tokenizer(spec.pad)
     config = family.scheduler_config()

@@ -25,6 +25,7 @@ from nodes.checkpoint import qwen_image21_keys as keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint.load import CheckpointError, Loaded
 from nodes.checkpoint.qwen_image_vae import FrameVAE
+from nodes.checkpoint.tokenizer_memo import from_folder
 
 LABEL = "Qwen-Image 2.1"
 #: The VAE's pixels per latent cell.
@@ -101,7 +102,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
 
     def tokenizer() -> Any:
         if (path / "processor" / "tokenizer.json").is_file():
-            return Qwen2TokenizerFast.from_pretrained(str(path), subfolder="processor", local_files_only=True)
+            return from_folder(Qwen2TokenizerFast, path, "processor")
         return folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3"))
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, QwenImage21Transformer2DModel,

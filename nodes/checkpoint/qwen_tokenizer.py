@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import bpe_ranks
+from nodes.checkpoint.tokenizer_memo import kept
 
 #: sha256 of ``qwen.tiktoken`` (dashscope's ``dashscope/resources/qwen.tiktoken``, byte for byte).
 RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
@@ -74,7 +75,7 @@ def qwen_tokenizer(version: str = "2.5") -> Any:
     """
     from transformers import Qwen2TokenizerFast
 
-    return Qwen2TokenizerFast(
+    return kept(("qwen", version), lambda: Qwen2TokenizerFast(
         tokenizer_file=str(tokenizer_json(version)),
         eos_token="<|im_end|>",
         pad_token=ENDOFTEXT,
@@ -83,4 +84,4 @@ def qwen_tokenizer(version: str = "2.5") -> Any:
         model_max_length=131072,
         padding_side="right",
         errors="replace",
-    )
+    ))

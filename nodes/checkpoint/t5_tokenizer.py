@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.tokenizer import _cache_root
+from nodes.checkpoint.tokenizer_memo import kept
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "t5-tokenizer"
 #: sha256 of the unpacked tokenizer.json (the README of the data states it).
@@ -53,4 +54,4 @@ def t5_tokenizer() -> Any:
     """A transformers ``T5TokenizerFast`` over the shipped vocabulary."""
     from transformers import T5TokenizerFast
 
-    return T5TokenizerFast.from_pretrained(str(t5_tokenizer_folder()), local_files_only=True)
+    return kept("t5", lambda: T5TokenizerFast.from_pretrained(str(t5_tokenizer_folder()), local_files_only=True))

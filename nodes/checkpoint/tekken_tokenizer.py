@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import bpe_ranks
+from nodes.checkpoint.tokenizer_memo import kept
 
 #: The tensor under which Comfy-Org's Mistral text-encoder files carry ``tekken.json``.
 TEKKEN_KEY = "tekken_model"
@@ -83,9 +84,13 @@ def tekken_tokenizer(data: bytes, padding_side: str = "left") -> Any:
 
     # the converter is transformers': its version is part of what the cached file was built by
     digest = hashlib.sha256(data).hexdigest() + transformers.__version__
-    path = bpe_ranks.cached_json("tekken-tokenizer", digest, convert)
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, padding_side=padding_side, model_max_length=131072)
+
+    def build() -> Any:
+        path = bpe_ranks.cached_json("tekken-tokenizer", digest, convert)
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                       unk_token=UNK, padding_side=padding_side, model_max_length=131072)
+
+    return kept(("tekken", digest, padding_side), build)
 
 
 def instruction(prompt: str, system: str = "") -> str:

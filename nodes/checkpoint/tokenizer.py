@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from nodes.checkpoint.tokenizer_memo import kept
+
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "clip_bpe_merges.txt.xz"
 VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -87,4 +89,5 @@ def clip_tokenizer(pad_token: str = PAD_EOS) -> Any:
     """A transformers ``CLIPTokenizer`` (77 tokens) with the given padding token."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(tokenizer_folder(pad_token)), local_files_only=True)
+    return kept(("clip", pad_token),
+                lambda: CLIPTokenizer.from_pretrained(str(tokenizer_folder(pad_token)), local_files_only=True))

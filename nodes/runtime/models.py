@@ -477,14 +477,18 @@ class ModelManager:
     def unload_all(self, collect: bool = True) -> int:
         """Forget every idle model (in-use ones stay); returns how many were dropped. ``collect``: run a
         full garbage collection so memory held in reference cycles is back at once (what /free
-        promises). It walks every object the process holds, a third of a second with diffusers and
-        transformers imported: a caller only letting go of small models (a test's teardown) skips it
-        and leaves the cycles to Python's own collector."""
+        promises) and let go of the tokenizers kept for the next load (nodes/checkpoint/tokenizer_memo.py).
+        It walks every object the process holds, a third of a second with diffusers and transformers
+        imported: a caller only letting go of small models (a test's teardown) skips it and leaves the
+        cycles to Python's own collector."""
         with self._lock:
             keys = [k for k, e in self._entries.items() if not e.in_use]
             for key in keys:
                 self._drop(key)
         if collect:
+            from nodes.checkpoint import tokenizer_memo
+
+            tokenizer_memo.forget()
             gc.collect()
         self._empty_device_cache()
         return len(keys)

@@ -1,0 +1,86 @@
+"""Tokenizers are built once per thread (nodes/checkpoint/tokenizer_memo.py): a second load on the same
+thread gets the same object, another thread its own, and a folder whose tokenizer files change is read
+again."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from nodes.checkpoint import tokenizer_memo
+from nodes.checkpoint.tokenizer import clip_tokenizer
+
+
+def _in_thread(fn):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_the_same_thread_gets_the_same_tokenizer_and_another_thread_its_own():
+    first = clip_tokenizer()
+    assert clip_tokenizer() is first
+    assert clip_tokenizer("!") is not first  # another padding is another tokenizer
+    other = _in_thread(clip_tokenizer)
+    assert other is not first
+    # the other thread's is the same tokenizer: same ids, same padding
+    assert other("a photo of a cat", padding="max_length", max_length=77).input_ids == \
+        first("a photo of a cat", padding="max_length", max_length=77).input_ids
+
+
+def test_a_failed_build_is_not_kept_and_the_oldest_is_dropped_past_the_bound():
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise OSError("unreadable")
+
+    for _ in range(2):
+        with pytest.raises(OSError):
+            tokenizer_memo.kept(("test-failing",), failing)
+    assert len(calls) == 2
+
+    built = [tokenizer_memo.kept(("test-bound", i), object) for i in range(tokenizer_memo.KEPT + 1)]
+    assert tokenizer_memo.kept(("test-bound", tokenizer_memo.KEPT), object) is built[-1]
+    assert tokenizer_memo.kept(("test-bound", 0), object) is not built[0]  # dropped, built again
+
+
+def test_a_folder_tokenizer_is_read_again_when_its_files_change(tmp_path):
+    from transformers import CLIPTokenizer
+
+    clip_tokenizer().save_pretrained(str(tmp_path / "tokenizer"))
+    first = tokenizer_memo.from_folder(CLIPTokenizer, tmp_path, "tokenizer")
+    assert tokenizer_memo.from_folder(CLIPTokenizer, tmp_path, "tokenizer") is first
+
+    clip_tokenizer("!").save_pretrained(str(tmp_path / "tokenizer"))  # the same names, other contents
+    again = tokenizer_memo.from_folder(CLIPTokenizer, tmp_path, "tokenizer")
+    assert again is not first
+    assert (first.pad_token, again.pad_token) == ("<|endoftext|>", "!")
+
+
+def test_a_full_unload_lets_go_of_every_threads_tokenizers():
+    """ComfyUI's /free (the model manager's full unload) drops the kept tokenizers, another thread's too."""
+    from nodes.runtime.models import ModelManager
+
+    mine = clip_tokenizer()
+    started, release = threading.Event(), threading.Event()
+    theirs = []
+
+    def other_thread():
+        theirs.append(clip_tokenizer())
+        started.set()
+        release.wait(30)
+        theirs.append(clip_tokenizer())
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    started.wait(30)
+    ModelManager(device="cpu").unload_all(collect=False)
+    assert clip_tokenizer() is mine  # a test's teardown keeps them
+    ModelManager(device="cpu").unload_all()
+    release.set()
+    t.join()
+    assert clip_tokenizer() is not mine
+    assert theirs[1] is not theirs[0]
