@@ -27,12 +27,13 @@ from engine.workflow_ui import to_kiln
 from node_call import Called, call
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def registry() -> Registry:
-    r = Registry()
-    r.add_module(nodes.image)
-    r.add_module(nodes.painter)
-    return r
+    """Painter and the image nodes it is used with (LoadImage, SaveImage, PreviewImage)."""
+    found = Registry()
+    for module in (nodes.image, nodes.painter):
+        found.add_module(module)
+    return found
 
 
 @pytest.fixture
@@ -163,28 +164,41 @@ def test_the_fingerprint_follows_the_paintings_content(registry, env):
     assert "1" in ex.run(parse({"version": 1, "nodes": doc})).executed
 
 
-@pytest.mark.parametrize("widgets", [
-    ["painter-3-1787235837607.png [input]", 128, 64, "#204060"],
-    ["painter-3-1787235837607.png [input]", 128, 64, "#204060", "#000000"],
+@pytest.mark.parametrize("widgets, with_base", [
+    (["painter-3-1787235837607.png [input]", 128, 64, "#204060"], False),
+    # Some templates save a fifth value (the frontend's own); it is not an input and is left out.
+    (["painter-3-1787235837607.png [input]", 1024, 1024, "#204060", "#000000"], True),
 ])
-def test_a_comfyui_editor_document_with_a_painter_runs(registry, env, widgets):
+def test_a_comfyui_editor_document_with_a_painter_runs(registry, env, widgets, with_base):
     rgba = painting(128, 64, seed=9)
     save(env, rgba, "painter-3-1787235837607.png")
-    ui = {"version": 0.4, "last_link_id": 1, "links": [[1, 3, 0, 4, 0, "IMAGE"]], "nodes": [
+    base_pixels = np.random.default_rng(10).integers(0, 256, size=(64, 128, 3), dtype=np.uint8)
+    Image.fromarray(base_pixels, "RGB").save(env.paths.input.root / "base.png")
+    links = [[1, 3, 0, 4, 0, "IMAGE"]] + ([[2, 2, 0, 3, 0, "IMAGE"]] if with_base else [])
+    nodes_ = [
         {"id": 3, "type": "Painter", "mode": 0, "pos": [0, 0],
-         "inputs": [{"name": "image", "type": "IMAGE", "link": None}],
+         "inputs": [{"name": "image", "type": "IMAGE", "link": 2 if with_base else None}],
          "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]}, {"name": "MASK", "type": "MASK", "links": []}],
          "widgets_values": widgets},
         {"id": 4, "type": "SaveImage", "mode": 0, "pos": [400, 0],
          "inputs": [{"name": "images", "type": "IMAGE", "link": 1}], "outputs": [],
          "widgets_values": ["painted"]},
-    ]}
-    kiln = to_kiln(ui, registry)
-    assert kiln["nodes"]["3"]["inputs"] == {"mask": widgets[0], "width": 128, "height": 64, "bg_color": "#204060"}
+    ]
+    if with_base:
+        nodes_.append({"id": 2, "type": "LoadImage", "mode": 0, "pos": [-400, 0], "inputs": [],
+                       "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]},
+                                   {"name": "MASK", "type": "MASK", "links": []}],
+                       "widgets_values": ["base.png", "image"]})
+    kiln = to_kiln({"version": 0.4, "last_link_id": 2, "links": links, "nodes": nodes_}, registry)
+    assert kiln["nodes"]["3"]["inputs"] == {"mask": widgets[0], "width": widgets[1], "height": widgets[2],
+                                            "bg_color": "#204060", **({"image": ["2", 0]} if with_base else {})}
     outcome = Executor(registry, env).run(parse(kiln))
     assert outcome.status == "succeeded"
-    want_out, _ = expected(rgba, torch.tensor([32, 64, 96]).expand(1, 64, 128, 3) / 255.0)
+    base = (torch.from_numpy(base_pixels.astype(np.float32) / 255.0).unsqueeze(0) if with_base
+            else torch.tensor([32, 64, 96]).expand(1, 64, 128, 3) / 255.0)
+    want_out, want_mask = expected(rgba, base)
     assert torch.allclose(outcome.results["3"][0], want_out, atol=1e-6)
+    assert torch.allclose(outcome.results["3"][1], want_mask, atol=1e-6)
     (saved,) = outcome.outputs["4"]["images"]
     written = np.asarray(Image.open(env.paths.output.root / saved["subfolder"] / saved["filename"]))
     assert np.array_equal(written, np.clip(np.rint(want_out[0].numpy() * 255), 0, 255).astype(np.uint8))
@@ -207,3 +221,5 @@ def test_object_info_matches_comfyuis(registry):
     assert req["bg_color"] == ["COLOR", {"default": "#000000"}]
     assert info["input"]["optional"]["image"][0] == "IMAGE"
     assert [i.name for i in spec.widget_order()] == ["mask", "width", "height", "bg_color"]
+    # Kiln's own editor gets bg_color as a widget too (drawn as a text field).
+    assert {i["name"]: i["widget"] for i in spec.schema()["inputs"]}["bg_color"] is True
