@@ -168,6 +168,10 @@ def _coerce(inp: Input, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value), None
         return value, f"expected text, got {type(value).__name__}"
+    if t == T.COLOR:
+        if T.parse_color(value) is not None:
+            return value, None
+        return value, f"expected a colour written #rrggbb, got {value!r}"
     if t == T.ANY and isinstance(value, (str, int, float, bool)):
         return value, None  # an any-type input (a switch's branch) takes a plain value as it is
     # Non-widget types (IMAGE, MODEL, ...) only arrive through links.

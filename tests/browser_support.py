@@ -115,6 +115,30 @@ def http_json(base: str, method: str, path: str, body: Any = None) -> Any:
         return json.loads(r.read() or b"null")
 
 
+def job_finished(url: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Kiln's record of a job (``/api/jobs/<id>``) once it is no longer queued or running (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = json.loads(urllib.request.urlopen(f"{url}/api/jobs/{job_id}", timeout=10).read())
+        if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.3)
+
+
+def open_comfy_frontend(browser: Any, url: str, node_type: str) -> tuple[Any, list[str]]:
+    """A page on ComfyUI's own frontend (``kiln serve --frontend comfyui``) once it has registered
+    ``node_type`` from /object_info, its templates panel closed; and the list its console errors go to."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{url}/")
+    page.wait_for_function(f"() => window.app?.graph && window.LiteGraph?.registered_node_types?.[{node_type!r}]",
+                           timeout=60000)
+    page.keyboard.press("Escape")  # the templates panel a fresh server opens
+    return page, errors
+
+
 class Server:
     """``kiln serve`` as a subprocess on a free loopback port, polled until it answers.
 

@@ -10,15 +10,13 @@ No model is needed: the template loads, stitches, resizes and saves images.
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from PIL import Image
 
-from browser_support import Server, launch_browser
+from browser_support import Server, job_finished, launch_browser, open_comfy_frontend
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 TEMPLATE = "utility_image_stitch.json"
@@ -47,15 +45,6 @@ def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
         srv.stop()
 
 
-def _finished(url: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = json.loads(urllib.request.urlopen(f"{url}/api/jobs/{job_id}", timeout=10).read())
-        if job["status"] not in ("queued", "running") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.3)
-
-
 #: A workflow in Kiln's library, in Kiln's format: the frontend gets it in its editor format.
 KILN_DOC = {"version": 1, "nodes": {
     "1": {"type": "LoadImage", "inputs": {"image": "angle_1.png"}},
@@ -82,14 +71,7 @@ def test_frontend_shows_and_queues_a_dynamic_combo(browser: Any, server: dict[st
     template = _template()
     resize = next(n for n in template["nodes"] if n["type"] == "ResizeImageMaskNode")
     assert resize["widgets_values"] == ["scale dimensions", 2048, 2048, "center", "lanczos"]  # what we expect shown
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{url}/")
-    page.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types?.ResizeImageMaskNode",
-                           timeout=60000)
-    page.keyboard.press("Escape")  # the templates panel a fresh server opens
+    page, errors = open_comfy_frontend(browser, url, "ResizeImageMaskNode")
     page.evaluate("(doc) => window.app.loadGraphData(doc)", template)
     page.wait_for_function("() => window.app.graph.nodes.some(n => n.type === 'ResizeImageMaskNode')", timeout=30000)
 
@@ -113,7 +95,7 @@ def test_frontend_shows_and_queues_a_dynamic_combo(browser: Any, server: dict[st
     answer = sent.value.response()
     assert answer is not None and answer.ok, answer and answer.text()
     job_id = answer.json()["prompt_id"]
-    job = _finished(url, job_id)
+    job = job_finished(url, job_id)
     assert job["status"] == "succeeded", job["error"]
     saved = [img for out in job["outputs"].values() for img in out.get("images", [])]
     with Image.open(folder / "data" / "output" / saved[0]["filename"]) as image:

@@ -75,10 +75,12 @@ def empty_env(tmp_path_factory) -> Environment:
 
 
 def _is_missing_file(registry, error) -> bool:
-    """A value naming a file (model, input image) this machine does not have."""
+    """A value naming a file (model, input image, a Painter's painting) this machine does not have: a
+    folder's files offered as choices, or an upload widget's file name (Painter's ``mask`` is text)."""
     spec = registry.get(error.node_type) if error.node_type else None
     inp = spec.input(error.input_name) if spec and error.input_name else None
-    return inp is not None and callable(inp.choices) and error.type in ("value_not_in_list", "custom_validation_failed")
+    names_file = inp is not None and (callable(inp.choices) or bool(inp.extra.get("image_upload")))
+    return names_file and error.type in ("value_not_in_list", "custom_validation_failed")
 
 
 def _known(wf, error) -> bool:

@@ -3,7 +3,7 @@
 
 export const ANY = "*";
 export const COMBO = "COMBO";
-export const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"]);
+export const WIDGET_TYPES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COLOR"]);
 
 function alternatives(type) {
   return new Set(String(type).split(",").map((s) => s.trim()).filter(Boolean));
