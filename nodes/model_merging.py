@@ -182,6 +182,13 @@ FLUX_BLOCKS = ("img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in.",
 SD3_EMBEDDERS = ("pos_embed.", "x_embedder.", "context_embedder.", "y_embedder.", "t_embedder.")
 SD3_2B_BLOCKS = (*SD3_EMBEDDERS, *(f"joint_blocks.{i}." for i in range(24)), "final_layer.")
 SD35_LARGE_BLOCKS = (*SD3_EMBEDDERS, *(f"joint_blocks.{i}." for i in range(38)), "final_layer.")
+#: Qwen-Image's 60 blocks (ComfyUI's keys are diffusers' names); its final norm is under none, so it takes
+#: the first ratio, as in ComfyUI
+QWEN_IMAGE_BLOCKS = ("pos_embeds.", "img_in.", "txt_norm.", "txt_in.", "time_text_embed.",
+                     *(f"transformer_blocks.{i}." for i in range(60)), "proj_out.")
+#: Wan 2.1's: 40 blocks (14B; 1.3B has 30), ``img_emb.`` on image-to-video models (ChronoEdit)
+WAN21_BLOCKS = ("patch_embedding.", "time_embedding.", "time_projection.", "text_embedding.", "img_emb.",
+                *(f"blocks.{i}." for i in range(40)), "head.")
 
 
 def _per_block(node_type: str, blocks: tuple[str, ...], families: tuple[str, ...]):
@@ -205,3 +212,5 @@ model_merge_sdxl = _per_block("ModelMergeSDXL", SDXL_BLOCKS, ("sdxl", "sdxl-refi
 model_merge_flux1 = _per_block("ModelMergeFlux1", FLUX_BLOCKS, ("flux", "flux-schnell"))
 model_merge_sd3_2b = _per_block("ModelMergeSD3_2B", SD3_2B_BLOCKS, ("sd3",))  # SD3 Medium's 24 joint blocks
 model_merge_sd35_large = _per_block("ModelMergeSD35_Large", SD35_LARGE_BLOCKS, ("sd3",))
+model_merge_qwen_image = _per_block("ModelMergeQwenImage", QWEN_IMAGE_BLOCKS, ("qwen_image", "qwen_image_layered"))
+model_merge_wan2_1 = _per_block("ModelMergeWAN2_1", WAN21_BLOCKS, ("wan21",))

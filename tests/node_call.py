@@ -55,3 +55,13 @@ def environment_over(models_root: Path | None, tmp_path: Path) -> Iterator[Envir
     paths = Paths.under(data, models=models_root) if models_root is not None else Paths.under(data)
     yield Environment(paths=paths, models=models)
     models.unload_all(collect=False)  # the test only lets go of small models; see ModelManager.unload_all
+
+
+def model_in_memory(family: Any, network: Any) -> Any:
+    """A MODEL handle of ``family`` over a network already in memory (no loader, no model manager)."""
+    import contextlib
+
+    from nodes.handles import ModelHandle
+
+    return ModelHandle(family, scheduler_config={}, latent=family.latent,
+                       _use_unet=lambda: contextlib.nullcontext(network), _peek=lambda: network)

@@ -8,14 +8,12 @@ no such layers is refused naming its input.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import tiny_models as tm
 from engine.context import NodeError
-from node_call import call
+from node_call import call, model_in_memory
 from nodes import attention_multiply as am
 from nodes import loaders, text
 
@@ -60,11 +58,8 @@ def test_clip_projections_change_the_encoding(tiny_env):
 
 def test_a_model_without_such_layers_is_refused():
     from nodes.families import flux
-    from nodes.handles import ModelHandle
 
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    model = ModelHandle(flux.FAMILY, scheduler_config={}, latent=flux.FAMILY.latent,
-                        _use_unet=lambda: contextlib.nullcontext(net), _peek=lambda: net)
+    model = model_in_memory(flux.FAMILY, torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(NodeError) as err:
         call(am.unet_cross_attention_multiply, None, model=model, q=2.0, k=1.0, v=1.0, out=1.0)
     assert err.value.input_name == "model"

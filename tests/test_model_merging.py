@@ -15,7 +15,7 @@ import torch
 
 import tiny_models as tm
 from engine.context import NodeError
-from node_call import Called, call
+from node_call import Called, call, model_in_memory
 from nodes import loaders
 from nodes import model_merging as mm
 from nodes import text
@@ -302,7 +302,7 @@ def test_a_flux_transformer_saves_in_bfl_layout_and_loads_back(merge_env):
 
     net = tiny_flux.build("dev", seed=2)["transformer"]
     (name,) = _saved(merge_env, model_saving.model_save, "diffusion_models", "diffusion_models",
-                     model=_in_memory(flux.FAMILY, net), filename_prefix="diffusion_models/flux")
+                     model=model_in_memory(flux.FAMILY, net), filename_prefix="diffusion_models/flux")
     from safetensors import safe_open
 
     with safe_open(str(merge_env.paths.models.root / "diffusion_models" / name), "pt") as f:
@@ -331,15 +331,6 @@ def test_checkpoint_save_refuses_what_it_cannot_write(merge_env):
 
 
 # -- per-block merges on the original layout's names ------------------------------------------------
-
-def _in_memory(family, network):
-    import contextlib
-
-    from nodes.handles import ModelHandle
-
-    return ModelHandle(family, scheduler_config={}, latent=family.latent,
-                       _use_unet=lambda: contextlib.nullcontext(network), _peek=lambda: network)
-
 
 def test_model_merge_sd1_takes_each_block_s_ratio_by_its_original_name(merge_env):
     m1, _, _ = _load(merge_env, tm.checkpoint_name("sd1"))
@@ -373,7 +364,7 @@ def test_model_merge_flux1_on_the_bfl_names():
 
     a = tiny_flux.build("dev", seed=0)["transformer"]
     b = tiny_flux.build("dev", seed=1)["transformer"]
-    m1, m2 = _in_memory(flux.FAMILY, a), _in_memory(flux.FAMILY, b)
+    m1, m2 = model_in_memory(flux.FAMILY, a), model_in_memory(flux.FAMILY, b)
     names = flux.FAMILY.original_names(a)
     assert names["transformer_blocks.0.attn.to_q.weight"] == "double_blocks.0.img_attn.qkv.weight"
     assert names["single_transformer_blocks.0.proj_out.weight"] == "single_blocks.0.linear2.weight"
@@ -403,7 +394,7 @@ def test_model_merge_sd3_takes_each_joint_block_s_ratio(variant):
 
     a = tiny_sd3.build(variant, seed=0)["transformer"]
     b = tiny_sd3.build(variant, seed=1)["transformer"]
-    m1, m2 = _in_memory(sd3.FAMILY, a), _in_memory(sd3.FAMILY, b)
+    m1, m2 = model_in_memory(sd3.FAMILY, a), model_in_memory(sd3.FAMILY, b)
     w1 = {k: v.detach().clone() for k, v in a.named_parameters()}
     w2 = {k: v.detach().clone() for k, v in b.named_parameters()}
     node, blocks = ((mm.model_merge_sd35_large, mm.SD35_LARGE_BLOCKS) if variant == "large"
