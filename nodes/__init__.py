@@ -15,7 +15,8 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "
             "sd3_nodes", "flux2_nodes", "fibo2_nodes", "qwen_edit_nodes", "newer_utility", "image_outputs",
             "math_expression", "resize_batch", "speed_patches", "unclip_nodes", "gligen", "model_patch_nodes", "camera_angle",
             "text_generate", "qwen21_nodes", "conditioning_files", "marigold", "dual_model_nodes",
-            "latent_layers", "joyimage_nodes", "sam3_nodes", "hidream_nodes", "lumina2_nodes", "wan_nodes", "painter")
+            "latent_layers", "joyimage_nodes", "sam3_nodes", "hidream_nodes", "lumina2_nodes", "wan_nodes", "painter",
+            "hypernetwork")
 
 
 def register(registry) -> None:

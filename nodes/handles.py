@@ -77,6 +77,9 @@ class SamplingPatches:
     rope: Any = None
     #: CFGOverride's windows (nodes.families.dual_model.CFGWindow), in the order they were applied.
     cfg_overrides: tuple = ()
+    #: HypernetworkLoader's (nodes.hypernetwork.Hypernetwork, strength) pairs, in the order they were loaded,
+    #: on the UNet's attention inputs while sampling runs.
+    hypernetworks: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from nodes.loaders import CHECKPOINT_FOLDER, DIFFUSERS_FOLDER, VAE_FOLDER
 from nodes.conditioning_files import EMBEDDINGS_FOLDER
 from nodes.controlnet import CONTROLNET_FOLDER
 from nodes.gligen import GLIGEN_FOLDER
+from nodes.hypernetwork import HYPERNETWORK_FOLDER
 from nodes.lora import LORA_FOLDER
 from nodes.model_patch_nodes import MODEL_PATCH_FOLDER
 from nodes.split_loaders import TEXT_FOLDERS, UNET_FOLDERS
@@ -19,6 +20,6 @@ from nodes.upscale import UPSCALE_FOLDER
 
 FOLDERS: tuple[str, ...] = (CHECKPOINT_FOLDER, VAE_FOLDER, LORA_FOLDER, *UNET_FOLDERS, *TEXT_FOLDERS, EMBEDDINGS_FOLDER,
                             CONTROLNET_FOLDER, UPSCALE_FOLDER, VISION_FOLDER, STYLE_FOLDER, GLIGEN_FOLDER,
-                            DIFFUSERS_FOLDER, MODEL_PATCH_FOLDER)
+                            DIFFUSERS_FOLDER, MODEL_PATCH_FOLDER, HYPERNETWORK_FOLDER)
 #: Each folder of a group that one loader reads together maps to the whole group.
 ALIASES: dict[str, tuple[str, ...]] = {folder: group for group in (UNET_FOLDERS, TEXT_FOLDERS) for folder in group}

@@ -91,17 +91,12 @@ def read_weights(path: Path) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise UpscaleModelError(f"{name} is not a readable .safetensors file (truncated or corrupt?): "
                                     f"{exc}") from exc
-    import pickle
-
-    import torch
+    from nodes.checkpoint.pickle_file import PickleRefused, load_weights_only
 
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UpscaleModelError(f"{name} is a pickle file that needs arbitrary code to load, which Kiln refuses "
-                                f"(torch.load with weights_only=True failed); convert it to .safetensors") from exc
-    except Exception as exc:  # noqa: BLE001 - zip/EOF errors of a damaged file
-        raise UpscaleModelError(f"{name} could not be read as a PyTorch file (truncated or corrupt?): {exc}") from exc
+        data = load_weights_only(path)
+    except PickleRefused as exc:
+        raise UpscaleModelError(f"{name} {exc}") from None
     if not isinstance(data, dict):
         raise UpscaleModelError(f"{name} does not hold a state dict of named tensors")
     return data

@@ -65,18 +65,14 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {exc}") from exc
     if path.suffix.lower() in PICKLE_EXTENSIONS:
-        import pickle
-
         import torch
 
+        from nodes.checkpoint.pickle_file import PickleRefused, load_weights_only
+
         try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"{name} is a pickle file that needs arbitrary code to load, which Kiln refuses for safety "
-                "(torch.load with weights_only=True failed). Convert it to .safetensors first.") from exc
-        except Exception as exc:  # noqa: BLE001 - zip/EOF errors of a damaged file
-            raise CheckpointError(f"{name} could not be read as a PyTorch file (truncated or corrupt?): {exc}") from exc
+            data = load_weights_only(path)
+        except PickleRefused as exc:
+            raise CheckpointError(f"{name} {exc}") from None
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             data = data["state_dict"]
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):

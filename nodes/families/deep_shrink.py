@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
 from nodes.families.freeu import decoder_skips
-from nodes.runtime.compiled import eager_while_hooked
+from nodes.runtime.compiled import while_hooked
 
 if TYPE_CHECKING:
     import torch
@@ -198,9 +198,5 @@ def applied(network: Any, settings: Any, schedule: Any) -> Iterator[None]:
         position += len(level.resnets)
         if level.upsamplers and position < len(feeds):
             handles.append(level.upsamplers[0].register_forward_pre_hook(upsampling(position)))
-    try:
-        with eager_while_hooked():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with while_hooked(handles):
+        yield

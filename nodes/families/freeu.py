@@ -21,7 +21,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
 from nodes.families.base import ConditioningError
-from nodes.runtime.compiled import eager_while_hooked
+from nodes.runtime.compiled import while_hooked
 
 if TYPE_CHECKING:
     import torch
@@ -98,9 +98,5 @@ def applied(network: Any, settings: Any) -> Iterator[None]:
             return (torch.cat([backbone(h, b, settings.version), low_frequencies_scaled(hsp, s)], dim=1), *args[1:])
 
         handles.append(resnet.register_forward_pre_hook(joined))
-    try:
-        with eager_while_hooked():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with while_hooked(handles):
+        yield

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from nodes.families.base import ConditioningError, Family
-from nodes.runtime.compiled import eager_while_hooked
+from nodes.runtime.compiled import while_hooked
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,8 @@ def skipping(blocks: dict[str, list], layers: tuple[tuple[str, tuple[int, ...]],
 
     hooks = [blocks[kind][i].register_forward_hook(passthrough, with_kwargs=True)
              for kind, numbers in layers for i in numbers]
-    try:
-        with eager_while_hooked():
-            yield
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with while_hooked(hooks):
+        yield
 
 
 def rescaled(guided: Any, cond: Any, factor: float) -> Any:

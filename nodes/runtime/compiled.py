@@ -114,3 +114,15 @@ def eager_while_hooked() -> Iterator[None]:
 
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+@contextlib.contextmanager
+def while_hooked(handles: list) -> Iterator[None]:
+    """The block run with the hooks ``handles`` were registered for (compiled modules eagerly, see
+    :func:`eager_while_hooked`), each removed when it ends, however it ends."""
+    try:
+        with eager_while_hooked():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()

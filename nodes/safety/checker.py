@@ -66,19 +66,19 @@ class LoadedChecker:
 # -- reading the file ----------------------------------------------------------------------
 
 def _read_state_dict(path: Path, label: str) -> dict[str, "torch.Tensor"]:
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from nodes.checkpoint.pickle_file import PickleRefused, load_weights_only
 
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_weights_only(path)
+    except PickleRefused as exc:
+        raise CheckerError(f"{label}: {path.name} {exc}") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckerError(f"{label}: cannot read {path.name}: {exc}") from None
-    except Exception as exc:  # pickle refused by weights_only
-        raise CheckerError(f"{label}: {path.name} cannot be loaded safely ({type(exc).__name__}); "
-                           "convert it to .safetensors") from None
 
 
 def _flat(key: str) -> str:

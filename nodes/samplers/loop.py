@@ -128,7 +128,8 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
 def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Family, schedule: Any,
           x: "torch.Tensor", generators: list) -> None:
     """Put ``patches``' network hooks (FreeU, Deep Shrink, HyperTile, ToMe, blockwise ControlNets,
-    FluxKVCache) on ``network`` until ``hooks`` closes."""
+    FluxKVCache, ScaleROPE, hypernetworks) on ``network`` until ``hooks`` closes."""
+    from nodes import hypernetwork
     from nodes.checkpoint import wan_rope
     from nodes.control import blockwise
     from nodes.families import deep_shrink, freeu, hypertile, reference_kv, tome
@@ -140,6 +141,7 @@ def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Famil
     hooks.enter_context(blockwise.applied(network, patches.blockwise, family, tuple(x.shape)))
     hooks.enter_context(reference_kv.applied(network, patches.reference_kv))
     hooks.enter_context(wan_rope.applied(network, patches.rope))
+    hooks.enter_context(hypernetwork.applied(network, patches.hypernetworks))
 
 
 def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
