@@ -2,7 +2,8 @@
 the frontend builds the node from Kiln's /object_info (its PAINTER and colour widgets, width and height
 hidden), queues the prompt with the four widget values, and Kiln runs it: unpainted, a bg_color fill
 of width x height; with a painting in the input folder named as the painter widget names its uploads,
-the painting laid over that fill.
+the painting laid over that fill. And Kiln's own editor: the COLOR widget typed into, a painting chosen
+with the mask input's upload button, and the preview.
 
 No model is needed.
 """
@@ -83,3 +84,38 @@ def test_the_frontend_builds_queues_and_kiln_runs_a_painter(browser: Any, comfy_
     shown = _preview(folder, job, preview_id)
     assert (shown[:, :64] == (255, 0, 0)).all() and (shown[:, 64:] == (0, 0, 255)).all()
     assert not errors, errors
+
+
+def test_painter_in_kiln_s_editor_uploads_a_painting_and_runs(editor, server, tmp_path: Path):
+    """Kiln's own editor: Painter from the palette, its colour typed into the COLOR widget, a painting
+    chosen with the mask input's upload button (stored in the input folder, its name put in ``mask``),
+    and the preview shows the painting over the fill."""
+    import io
+    import urllib.request
+
+    page = editor.page
+    page.click("#new")
+    painter = editor.add_node("painter", 40, 40)
+    preview = editor.add_node("preview image", 420, 40)
+    node = editor.node(painter)
+    for name, value in (("bg_color", "#0000ff"), ("width", "128"), ("height", "64")):
+        field = node.locator(f'.widget-row[data-input="{name}"] input').first
+        field.fill(value)
+        field.press("Enter")
+    rgba = np.zeros((64, 128, 4), dtype=np.uint8)
+    rgba[:, :64] = (255, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "painting.png")
+    with page.expect_response(lambda r: "/upload/image" in r.url and r.request.method == "POST"):
+        node.locator('.widget-row[data-input="mask"] input.upload-file').set_input_files(str(tmp_path / "painting.png"))
+    editor.link(painter, 0, preview, "images")
+    inputs = editor.doc()["nodes"][painter]["inputs"]
+    assert inputs["bg_color"] == "#0000ff" and (inputs["width"], inputs["height"]) == (128, 64)
+    assert inputs["mask"].startswith("painting") and (server.data / "input" / inputs["mask"]).is_file()
+
+    page.click("#run")
+    editor.wait_output_image(preview)
+    editor.wait_idle()
+    src = editor.node(preview).locator(".node-media img.output").get_attribute("src")
+    shown = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(server.url + src).read())).convert("RGB"))
+    assert shown.shape == (64, 128, 3)
+    assert (shown[:, :64] == (255, 0, 0)).all() and (shown[:, 64:] == (0, 0, 255)).all()
