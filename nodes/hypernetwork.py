@@ -174,15 +174,10 @@ def _hypernetworks(env: Any) -> list[str]:
 def hypernetwork_loader(ctx, model, hypernetwork_name: str, strength: float):
     """The model with the hypernetwork on its UNet's attentions while it samples (stacked after any
     already on it); a file made for other widths than this UNet's attentions read is refused."""
-    from nodes.handles import ModelHandle
+    from nodes.speed_patches import unet_model
 
-    if not isinstance(model, ModelHandle):
-        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
-    network = model.peek()
-    widths = {a.to_k.in_features for a in _attentions(network)}
-    if not hasattr(getattr(network, "kiln_network", network), "down_blocks") or not widths:
-        raise NodeError(f"hypernetworks act on a UNet's attention (SD 1.x, SD 2.x, SDXL); this model is "
-                        f"{model.family.name}", "model")
+    unet_model(model, "hypernetworks act on a UNet's attention")
+    widths = {a.to_k.in_features for a in _attentions(model.peek())}
     path = locate(ctx.env, HYPERNETWORK_FOLDER, hypernetwork_name, "hypernetwork_name")
     try:
         hypernetwork = read_hypernetwork(path)

@@ -75,7 +75,7 @@ def hypertile(ctx, model, tile_size: int, swap_size: int, max_depth: int, scale_
     ``tile_size`` pixels (nodes.families.hypertile), which speeds up large images. UNet families only."""
     from nodes.families.hypertile import HyperTileSettings
 
-    _unet_model(model, "HyperTile tiles a UNet's self-attention")
+    unet_model(model, "HyperTile tiles a UNet's self-attention")
     values = {}
     for name, value, low, high in (("tile_size", tile_size, 1, 2048), ("swap_size", swap_size, 1, 128),
                                    ("max_depth", max_depth, 0, 10)):
@@ -95,12 +95,12 @@ def tome_patch_model(ctx, model, ratio: float):
     nothing. UNet families only."""
     from nodes.families.tome import TomeSettings
 
-    _unet_model(model, "TomePatchModel merges a UNet's self-attention tokens")
+    unet_model(model, "TomePatchModel merges a UNet's self-attention tokens")
     settings = TomeSettings(_in_range("ratio", ratio, 0.0, 1.0))
     return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, tome=settings)),)
 
 
-def _unet_model(model: Any, what: str) -> None:
+def unet_model(model: Any, what: str) -> None:
     """Refuse anything but a MODEL whose network is a UNet, naming ``model``; ``what`` says what the
     patch does to it."""
     from nodes.families.base import ConditioningError
