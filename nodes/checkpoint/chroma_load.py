@@ -14,8 +14,8 @@ from typing import Any
 
 from nodes.checkpoint import chroma_keys
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import (TransformerFiles, folder_tokenizer, is_pipeline_folder,
-                                                load_pipeline_folder)
+from nodes.checkpoint.flow_transformers import TransformerFiles, is_pipeline_folder, load_pipeline_folder
+from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 from nodes.families import chroma as fam
 
 #: diffusers' layout of the approximator (the original names its layers in_layer / out_layer).

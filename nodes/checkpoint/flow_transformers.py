@@ -17,7 +17,6 @@ from typing import Any
 
 from nodes.checkpoint.load import Loaded
 from nodes.checkpoint.tensors import plain
-from nodes.checkpoint.tokenizer_memo import from_folder
 
 
 def flow_info(transformer: Any, fmt: str, label: str) -> dict[str, Any]:
@@ -200,13 +199,6 @@ def vae_latent(family: Any, vae: Any) -> Any:
     config = vae.config
     return dataclasses.replace(family.latent, scale=float(config.scaling_factor),
                                shift=float(getattr(config, "shift_factor", None) or 0.0))
-
-
-def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any], subfolder: str = "tokenizer") -> Any:
-    """The folder's ``tokenizer/`` (or ``subfolder``) read by ``cls``, else ``fallback()`` (Kiln's bundled copy)."""
-    if (path / subfolder).is_dir():
-        return from_folder(cls, path, subfolder)
-    return fallback()
 
 
 def load_pipeline_folder(path: Path, dtype: Any, offload: Any, family: Any, label: str, transformer_class: Any,

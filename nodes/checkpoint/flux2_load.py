@@ -169,7 +169,7 @@ def _dev_text(state: Any, path: Path, dtype: Any) -> Any:
 def _klein_tokenizer(path: Path) -> Any:
     from transformers import Qwen2TokenizerFast
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
     return folder_tokenizer(path, Qwen2TokenizerFast, lambda: qwen_tokenizer("3"))

@@ -23,7 +23,7 @@ from nodes.checkpoint import detect as det
 from nodes.checkpoint import flux_keys
 from nodes.checkpoint.load import CheckpointError, Loaded, _assign, _empty
 from nodes.checkpoint.tensors import plain, shapes_of
-from nodes.checkpoint.tokenizer_memo import from_folder
+from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 from nodes.families import flux as fam
 
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -343,11 +343,11 @@ def load_folder(path: Path, dtype: Any, offload: OffloadAsk | None = None) -> Lo
                 "text_encoder_2": _folder_t5(path / "text_encoder_2", dtype)}
 
     modules = folder_modules(path, "FLUX", others, FluxTransformer2DModel, dtype, offload)
-    tokenizers = _tokenizers()
-    if (path / "tokenizer").is_dir():
-        tokenizers["tokenizer"] = from_folder(CLIPTokenizer, path, "tokenizer")
-    if (path / "tokenizer_2").is_dir():
-        tokenizers["tokenizer_2"] = from_folder(T5TokenizerFast, path, "tokenizer_2")
+    from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+    from nodes.checkpoint.tokenizer import clip_tokenizer
+
+    tokenizers = {"tokenizer": folder_tokenizer(path, CLIPTokenizer, clip_tokenizer),
+                  "tokenizer_2": folder_tokenizer(path, T5TokenizerFast, t5_tokenizer, "tokenizer_2")}
     family = fam.FAMILY if modules["unet"].config.guidance_embeds else fam.SCHNELL
     config = folder_scheduler_config(path, family)
     latent = vae_latent(family, modules["vae"])

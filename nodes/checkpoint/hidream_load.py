@@ -82,7 +82,7 @@ def _folder_tokenizers(path: Path, modules: dict[str, Any]) -> dict[str, Any]:
     holds; Llama's padded with its end token, as HiDreamImagePipeline sets it."""
     from transformers import AutoTokenizer
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.llama_tokenizer import llama3_tokenizer
     from nodes.checkpoint.t5_tokenizer import t5_tokenizer
     from nodes.checkpoint.tokenizer import clip_tokenizer

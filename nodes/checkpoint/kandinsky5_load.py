@@ -19,7 +19,7 @@ from nodes.checkpoint import kandinsky5_keys as keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
 from nodes.checkpoint import kept_fp32
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.tokenizer_memo import from_folder
+from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 
 LABEL = "Kandinsky 5"
 
@@ -71,7 +71,7 @@ def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import AutoencoderKL, Kandinsky5Transformer3DModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
     from nodes.checkpoint.folders import folder_component, folder_state
     from nodes.checkpoint.kept_fp32 import keep_in_fp32
     from nodes.checkpoint.qwen_image_load import build_text_model
@@ -97,5 +97,5 @@ def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:
                                   lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
                                   latent_from_vae=False, ready=lambda model: keep_in_fp32(model, files),
                                   ready_in_blocks=True)
-    second = from_folder(CLIPTokenizer, path, "tokenizer_2") if (path / "tokenizer_2").is_dir() else clip_tokenizer()
+    second = folder_tokenizer(path, CLIPTokenizer, clip_tokenizer, "tokenizer_2")
     return dataclasses.replace(loaded, tokenizers={**loaded.tokenizers, "tokenizer_2": second})

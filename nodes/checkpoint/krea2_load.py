@@ -168,7 +168,8 @@ def qwen3_vl_folder(path: Path, dtype: Any, offload: Any, family: Any, label: st
     in a build straight into disk blocks."""
     from transformers import Qwen2TokenizerFast
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.folders import folder_state
     from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from nodes.checkpoint import detect as det
 from nodes.checkpoint.tensors import LazyState, cast_view, dtypes_of, shapes_of
-from nodes.checkpoint.tokenizer_memo import from_folder
+from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 from nodes import families, unclip
 from nodes.families.base import Family, LatentFormat
 
@@ -415,10 +415,8 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
         m.requires_grad_(False)
     tokenizers = {}
     for spec in family.text_encoders:
-        if (path / spec.tokenizer).is_dir():
-            tokenizers[spec.tokenizer] = from_folder(CLIPTokenizer, path, spec.tokenizer)
-        else:
-            tokenizers[spec.tokenizer] = clip_tokenizer(spec.pad)
+        tokenizers[spec.tokenizer] = folder_tokenizer(path, CLIPTokenizer, lambda: clip_tokenizer(spec.pad),
+                                                      spec.tokenizer)
     config = family.scheduler_config()
     if scheduler:
         config.update({k: v for k, v in scheduler.items() if not k.startswith("_diffusers")})

@@ -53,7 +53,8 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import AutoencoderKL, LongCatImageTransformer2DModel
     from transformers import AutoTokenizer
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.load import open_state
     from nodes.checkpoint.qwen_image_load import build_text_model

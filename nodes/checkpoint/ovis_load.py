@@ -51,7 +51,8 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import AutoencoderKL, OvisImageTransformer2DModel
     from transformers import AutoTokenizer
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
     from nodes.checkpoint.z_image_load import folder_qwen3

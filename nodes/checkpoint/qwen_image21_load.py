@@ -94,7 +94,8 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import QwenImage21Transformer2DModel
     from transformers import Qwen2TokenizerFast
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.krea2_load import build_text_model
     from nodes.checkpoint.qwen_image_load import vae_and_text_encoder
     from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import (folder_tokenizer, is_pipeline_folder, load_pipeline_folder,
-                                                transformer_file)
+from nodes.checkpoint.flow_transformers import is_pipeline_folder, load_pipeline_folder, transformer_file
+from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 from nodes.checkpoint.tensors import plain
 from nodes.families import qwen_image as fam
 from nodes.families.qwen_image_layered import LAYERED_MARKER

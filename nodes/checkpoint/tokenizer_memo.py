@@ -81,3 +81,12 @@ def from_folder(cls: Any, folder: Path | str, subfolder: str, **options: Any) ->
     key = ("folder", cls.__module__, cls.__qualname__, str(root), subfolder, _files_stamp(root / subfolder),
            tuple(sorted(options.items())))
     return kept(key, lambda: cls.from_pretrained(str(root), subfolder=subfolder, local_files_only=True, **options))
+
+
+def folder_tokenizer(path: Path, cls: Any, fallback: Callable[[], Any], subfolder: str = "tokenizer") -> Any:
+    """A diffusers folder's ``subfolder`` read by ``cls`` (:func:`from_folder`), else ``fallback()``, Kiln's
+    bundled copy: the one rule every folder loader follows, so a folder that ships its own tokenizer is
+    always read with it and one without still loads offline."""
+    if (Path(path) / subfolder).is_dir():
+        return from_folder(cls, path, subfolder)
+    return fallback()

@@ -16,8 +16,8 @@ from typing import Any
 
 from nodes.checkpoint import z_image_keys as keys
 from nodes.checkpoint.load import CheckpointError, Loaded
-from nodes.checkpoint.flow_transformers import (TransformerFiles, folder_tokenizer, is_pipeline_folder,
-                                                load_pipeline_folder)
+from nodes.checkpoint.flow_transformers import TransformerFiles, is_pipeline_folder, load_pipeline_folder
+from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 
 LABEL = "Z-Image"
 
