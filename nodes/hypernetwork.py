@@ -176,7 +176,7 @@ def hypernetwork_loader(ctx, model, hypernetwork_name: str, strength: float):
     already on it); a file made for other widths than this UNet's attentions read is refused."""
     from nodes.speed_patches import unet_model
 
-    unet_model(model, "hypernetworks act on a UNet's attention")
+    unet_model(model, "HypernetworkLoader")
     widths = {a.to_k.in_features for a in _attentions(model.peek())}
     path = locate(ctx.env, HYPERNETWORK_FOLDER, hypernetwork_name, "hypernetwork_name")
     try:

@@ -185,14 +185,10 @@ def _freeu_inputs(b1: float, b2: float) -> list[Input]:
 
 
 def _freeu(model, version: str, b1: float, b2: float, s1: float, s2: float):
-    from nodes.families.base import ConditioningError
-    from nodes.families.freeu import unet_of
     from nodes.handles import FreeUSettings
+    from nodes.speed_patches import unet_model
 
-    try:
-        unet_of(model.peek())
-    except ConditioningError as exc:
-        raise NodeError(str(exc), exc.input_name) from None
+    unet_model(model, "FreeU" if version == "v1" else "FreeU_V2")
     return (_with(model, freeu=FreeUSettings(version, float(b1), float(b2), float(s1), float(s2))),)
 
 
@@ -241,21 +237,15 @@ def patch_model_add_downscale(ctx, model, block_number: int, downscale_factor: f
     features shrunk after encoder block ``block_number``, so a large image is composed at the
     size the model knows (no repeated subjects) and detailed at full size. UNet families only
     (nodes.families.deep_shrink)."""
-    from nodes.families.base import ConditioningError
-    from nodes.families.deep_shrink import unet_of
-    from nodes.handles import DeepShrinkSettings, ModelHandle
+    from nodes.handles import DeepShrinkSettings
     from nodes.samplers.model_sampling import DiscreteSampling, for_model
     from nodes.samplers.schedules import percent_to_sigma
+    from nodes.speed_patches import unet_model
 
-    if not isinstance(model, ModelHandle):
-        raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
+    unet_model(model, "PatchModelAddDownscale (Deep Shrink)")
     if not isinstance(for_model(model), DiscreteSampling):
-        raise NodeError("PatchModelAddDownscale (Deep Shrink) works on UNets (SD1, SD2, SDXL); a flow model "
-                        "such as FLUX has no UNet encoder blocks", "model")
-    try:
-        unet_of(model.peek())
-    except ConditioningError as exc:
-        raise NodeError(str(exc), exc.input_name) from None
+        raise NodeError("PatchModelAddDownscale (Deep Shrink) needs a discrete-time model (its start and end "
+                        "percent are read on that schedule)", "model")
     if isinstance(block_number, bool) or not isinstance(block_number, (int, float)) \
             or not 1 <= int(block_number) <= 32 or int(block_number) != block_number:
         raise NodeError(f"block_number must be a whole number from 1 to 32, got {block_number!r}", "block_number")

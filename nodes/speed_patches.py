@@ -75,7 +75,7 @@ def hypertile(ctx, model, tile_size: int, swap_size: int, max_depth: int, scale_
     ``tile_size`` pixels (nodes.families.hypertile), which speeds up large images. UNet families only."""
     from nodes.families.hypertile import HyperTileSettings
 
-    unet_model(model, "HyperTile tiles a UNet's self-attention")
+    unet_model(model, "HyperTile")
     values = {}
     for name, value, low, high in (("tile_size", tile_size, 1, 2048), ("swap_size", swap_size, 1, 128),
                                    ("max_depth", max_depth, 0, 10)):
@@ -95,22 +95,21 @@ def tome_patch_model(ctx, model, ratio: float):
     nothing. UNet families only."""
     from nodes.families.tome import TomeSettings
 
-    unet_model(model, "TomePatchModel merges a UNet's self-attention tokens")
+    unet_model(model, "TomePatchModel")
     settings = TomeSettings(_in_range("ratio", ratio, 0.0, 1.0))
     return (dataclasses.replace(model, patches=dataclasses.replace(model.patches, tome=settings)),)
 
 
-def unet_model(model: Any, what: str) -> None:
-    """Refuse anything but a MODEL whose network is a UNet, naming ``model``; ``what`` says what the
-    patch does to it."""
+def unet_model(model: Any, patch: str) -> None:
+    """Refuse anything but a MODEL whose network is a UNet (nodes.families.unet_network), naming
+    ``model``; ``patch`` is the node's name, for the message."""
     from nodes.families.base import ConditioningError
-    from nodes.families.freeu import unet_of
+    from nodes.families.unet_network import unet_of
     from nodes.handles import ModelHandle
 
     if not isinstance(model, ModelHandle):
         raise NodeError(f"model must be a MODEL, got {type(model).__name__}", "model")
     try:
-        unet_of(model.peek())
-    except ConditioningError:
-        raise NodeError(f"{what} (SD1, SD2, SDXL); a flow transformer such as FLUX has none of that layout",
-                        "model") from None
+        unet_of(model.peek(), patch)
+    except ConditioningError as exc:
+        raise NodeError(str(exc), exc.input_name) from None

@@ -34,21 +34,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from nodes.families.base import ConditioningError
+from nodes.families.unet_network import unet_of
 from nodes.families.freeu import decoder_skips
 from nodes.runtime.compiled import while_hooked
 
 if TYPE_CHECKING:
     import torch
-
-
-def unet_of(network: Any) -> Any:
-    """The UNet a (possibly wrapped) network is; ConditioningError naming ``model`` otherwise."""
-    unet = getattr(network, "kiln_network", network)
-    if not (hasattr(unet, "down_blocks") and hasattr(unet, "up_blocks") and hasattr(unet, "conv_in")):
-        raise ConditioningError("PatchModelAddDownscale (Deep Shrink) works on UNets (SD1, SD2, SDXL); a flow "
-                                "transformer such as FLUX has no encoder blocks to shrink", "model")
-    return unet
 
 
 def encoder_blocks(unet: Any) -> list[tuple[Any, Any]]:
@@ -114,7 +105,7 @@ def applied(network: Any, settings: Any, schedule: Any) -> Iterator[None]:
     if settings is None:
         yield
         return
-    unet = unet_of(network)
+    unet = unet_of(network, "PatchModelAddDownscale (Deep Shrink)")
     blocks, feeds = encoder_blocks(unet), decoder_feeds(unet)
     now = _Evaluation()
     n = settings.block_number

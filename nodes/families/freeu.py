@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
-from nodes.families.base import ConditioningError
+from nodes.families.unet_network import unet_of
 from nodes.runtime.compiled import while_hooked
 
 if TYPE_CHECKING:
@@ -64,15 +64,6 @@ def low_frequencies_scaled(x: "torch.Tensor", scale: float, radius: int = 1) -> 
     return out.to(x.dtype)
 
 
-def unet_of(network: Any) -> Any:
-    """The UNet a (possibly wrapped) network is; ConditioningError naming ``model`` otherwise."""
-    unet = getattr(network, "kiln_network", network)
-    if not hasattr(unet, "up_blocks"):
-        raise ConditioningError("FreeU works on UNets (SD1, SD2, SDXL); a flow transformer such as FLUX has no "
-                                "UNet decoder", "model")
-    return unet
-
-
 @contextlib.contextmanager
 def applied(network: Any, settings: Any) -> Iterator[None]:
     """``network`` (a diffusers UNet) with FreeU's hooks while the block runs; nothing when
@@ -80,7 +71,7 @@ def applied(network: Any, settings: Any) -> Iterator[None]:
     if settings is None:
         yield
         return
-    unet = unet_of(network)
+    unet = unet_of(network, "FreeU")
     base = unet.conv_in.out_channels
     levels = {4 * base: (settings.b1, settings.s1), 2 * base: (settings.b2, settings.s2)}
     handles = []

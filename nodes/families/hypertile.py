@@ -144,9 +144,9 @@ def self_attention_replaced(network: Any, run: Any, make: Any) -> Iterator[None]
     ``run.size`` set to the latent's (rows, columns) at each UNet call, while the block runs."""
     import torch
 
-    from nodes.families.freeu import unet_of
+    from nodes.families.unet_network import unet_of
 
-    unet = unet_of(network)
+    unet = unet_of(network, "HyperTile")
     if run.generator is None:
         run.generator = torch.Generator().manual_seed(0)
 
