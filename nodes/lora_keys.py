@@ -19,6 +19,10 @@ Formats read (one file may mix them):
   a LoRA on a fused original module (``qkv``, ``linear1``) is split row-wise onto
   the separate diffusers projections (the family's key map, ``Family.lora_modules``);
   the other families with a fused qkv in their original layout (Z-Image, Ideogram 4) alike.
+  XLabs' layout (its FLUX trainer, ByteDance's USO and UNO LoRAs): ``double_blocks.0.processor.qkv_lora1``
+  (``qkv_lora2``, ``proj_lora1``, ``proj_lora2``: image and text attention), ``single_blocks.0.processor.qkv_lora``
+  (the q, k, v rows of ``linear1``) and ``proj_lora`` (``linear2``), with ``.down.weight`` / ``.up.weight``
+  factors and no alpha, as diffusers' FluxLoraLoaderMixin reads them.
   The opposite, an original module that is part of one diffusers weight (Ovis-Image's ``img_mlp.up_proj``
   and ``gate_proj``, which diffusers fuses into ``ff.net.0.proj``: ``flux_keys.Into``), patches its rows of it;
   the file's modules on the other rows join that patch (``patches.Stacked``).
@@ -50,7 +54,7 @@ from nodes.runtime.patches import Diff, LowRank, Stacked, stacked
 
 #: (suffix of the "down" factor, suffix of the "up" factor)
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-          (".lora.down.weight", ".lora.up.weight"))
+          (".lora.down.weight", ".lora.up.weight"), (".down.weight", ".up.weight"))  # the last: XLabs'
 #: (suffix of a whole difference, what it adds to: the module's "weight", its "bias", or its bias
 #: as a LoRA's own bias, "lora_bias", scaled like the pair)
 _DIFFS = ((".diff_b", "bias"), (".diff", "weight"), (".w_norm", "weight"), (".b_norm", "bias"),

@@ -337,3 +337,63 @@ def test_kohyas_t5_keys_patch_flux_t5(env, flux_lora_root):
         assert torch.allclose(t5.get_parameter(module + ".weight"), base + 0.5 * ALPHA / RANK * (up @ down), atol=1e-6)
     with clip.encoder("text_encoder_2") as t5:
         assert torch.equal(t5.get_parameter(module + ".weight"), base)
+
+
+#: XLabs' processor -> the diffusers modules its factors cover (q, k, v stacked row-wise), written out here
+_XLABS = {"double_blocks.0.processor.qkv_lora1": [f"transformer_blocks.0.attn.to_{q}" for q in "qkv"],
+          "double_blocks.0.processor.qkv_lora2": [f"transformer_blocks.0.attn.add_{q}_proj" for q in "qkv"],
+          "double_blocks.0.processor.proj_lora1": ["transformer_blocks.0.attn.to_out.0"],
+          "double_blocks.0.processor.proj_lora2": ["transformer_blocks.0.attn.to_add_out"],
+          "single_blocks.0.processor.qkv_lora": [f"single_transformer_blocks.0.attn.to_{q}" for q in "qkv"],
+          "single_blocks.0.processor.proj_lora": ["single_transformer_blocks.0.proj_out"]}
+#: the same modules under ComfyUI's names (its conversion of USO's LoRA writes these)
+_COMFY_XLABS = {"double_blocks.0.processor.qkv_lora1": "double_blocks.0.img_attn.qkv",
+                "double_blocks.0.processor.qkv_lora2": "double_blocks.0.txt_attn.qkv",
+                "double_blocks.0.processor.proj_lora1": "double_blocks.0.img_attn.proj",
+                "double_blocks.0.processor.proj_lora2": "double_blocks.0.txt_attn.proj",
+                "single_blocks.0.processor.qkv_lora": "single_blocks.0.linear1_qkv",
+                "single_blocks.0.processor.proj_lora": "single_blocks.0.linear2"}
+
+
+@pytest.fixture(scope="module")
+def xlabs_reference(flux_lora_root) -> torch.Tensor:
+    """An XLabs-layout file (its FLUX trainer's, USO's) and ComfyUI's renaming of it, both exactly the PEFT
+    factors on the modules XLabs covers; diffusers' FluxPipeline.load_lora_weights reads the XLabs file
+    (its own converter) for the reference image."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    factors = _factors()
+    xlabs, comfy = {}, {}
+    for processor, modules in _XLABS.items():
+        downs, ups = zip(*(factors[m] for m in modules))
+        down, up = torch.cat(downs).contiguous(), (4 * torch.block_diag(*ups)).contiguous()  # attention only: louder
+        xlabs[f"{processor}.down.weight"], xlabs[f"{processor}.up.weight"] = down, up
+        comfy[f"diffusion_model.{_COMFY_XLABS[processor]}.lora_down.weight"] = down
+        comfy[f"diffusion_model.{_COMFY_XLABS[processor]}.lora_up.weight"] = up
+    loras = flux_lora_root / "loras"
+    save_file(xlabs, str(loras / "flux-xlabs.safetensors"))
+    save_file(comfy, str(loras / "flux-xlabs-comfy.safetensors"))
+    parts = dict(tiny_flux.components("dev"), transformer=copy.deepcopy(tiny_flux.components("dev")["transformer"]))
+    pipe = FluxPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(loras), weight_name="flux-xlabs.safetensors", adapter_name="x")
+    embeds, pooled = _cond()
+    with torch.no_grad():
+        image = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+                     num_inference_steps=STEPS, guidance_scale=3.5, generator=torch.Generator().manual_seed(SEED),
+                     output_type="pt").images.permute(0, 2, 3, 1)
+    return image
+
+
+@pytest.mark.parametrize("name", ["flux-xlabs.safetensors", "flux-xlabs-comfy.safetensors"])
+def test_an_xlabs_layout_lora_equals_diffusers(env, reference, xlabs_reference, name):
+    """XLabs' processor names (``qkv_lora1`` ... ``proj_lora``, ``.down/.up.weight``, no alpha) and ComfyUI's
+    ``linear1_qkv`` for a single block's q, k, v rows patch what diffusers' XLabs converter patches."""
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-flux-dev.safetensors")
+    rec = Called()
+    ours = _decode(_kiln(env, model, name, 1.0, rec))
+    assert (ours - xlabs_reference).abs().max() <= PIXEL_TOL
+    assert (xlabs_reference - reference[0.0]).abs().max() > 0.02  # the LoRA changes the image
+    patched = sum(len(modules) for modules in _XLABS.values())  # fused q, k, v counted one by one
+    assert f"{patched} modules patched" in rec.messages[0] and "not matched" not in rec.messages[0], rec.messages

@@ -250,6 +250,32 @@ def lora_modules(shapes: dict[str, tuple[int, ...]],
         else:
             parts = stacked_rows(diff, shapes)
         out[bfl[0][: -len(".weight")]] = parts
+    return {**out, **_xlabs_aliases(out)}
+
+
+#: XLabs' LoRA processors (its FLUX trainer; ByteDance's USO and UNO LoRAs) -> the original module they
+#: patch; "qkv" is the q, k, v rows of a single block's linear1 (no MLP rows: XLabs leaves the MLP alone)
+_XLABS = {"double_blocks.{}.processor.qkv_lora1": "double_blocks.{}.img_attn.qkv",
+          "double_blocks.{}.processor.qkv_lora2": "double_blocks.{}.txt_attn.qkv",
+          "double_blocks.{}.processor.proj_lora1": "double_blocks.{}.img_attn.proj",
+          "double_blocks.{}.processor.proj_lora2": "double_blocks.{}.txt_attn.proj",
+          "single_blocks.{}.processor.qkv_lora": "single_blocks.{}.linear1:qkv",
+          "single_blocks.{}.processor.proj_lora": "single_blocks.{}.linear2"}
+
+
+def _xlabs_aliases(modules: dict[str, Any]) -> dict[str, Any]:
+    """XLabs' processor names (and ComfyUI's ``single_blocks.N.linear1_qkv``, its name for the same q, k, v
+    rows) for the original modules in ``modules``, so LoRAs in that layout find their weights."""
+    out: dict[str, Any] = {}
+    for block in range(max((int(k.split(".")[1]) for k in modules if k.startswith(("double_blocks.", "single_blocks."))),
+                           default=-1) + 1):
+        for xlabs, original in _XLABS.items():
+            name, _, part = original.format(block).partition(":")
+            if name in modules:
+                target = modules[name][:3] if part == "qkv" else modules[name]
+                out[xlabs.format(block)] = target
+                if part == "qkv":
+                    out[f"single_blocks.{block}.linear1_qkv"] = target
     return out
 
 
