@@ -22,6 +22,9 @@ from nodes.handles import ModelHandle
 from nodes.samplers.schedules import TrainingSchedule
 
 H, W = 8, 16  # latent of a 64x128 image
+#: float32 agreement between the denoiser and UNet calls written out here: the same operations in another
+#: order (a batch of prompts, a weighted sum) round differently by up to a few 1e-6 on outputs of ~0.5
+CLOSE = {"rtol": 1e-5, "atol": 5e-6}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,8 @@ def test_disjoint_areas_give_each_region_its_own_prompt(sd1):
     with torch.inference_mode():
         out = _denoiser(parts, positive, c["blurry"]).model_output(x, t)
     assert out.shape == x.shape
-    assert torch.allclose(out[..., :8], _unet(parts, x[..., :8], t, c["a red barn"]), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(out[..., 8:], _unet(parts, x[..., 8:], t, c["a blue lake"]), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out[..., :8], _unet(parts, x[..., :8], t, c["a red barn"]), **CLOSE)
+    assert torch.allclose(out[..., 8:], _unet(parts, x[..., 8:], t, c["a blue lake"]), **CLOSE)
     # not vacuous: the whole-latent output of either prompt differs from the regional one
     assert (out[..., :8] - _unet(parts, x, t, c["a red barn"])[..., :8]).abs().max() > 1e-3
 
@@ -114,12 +117,12 @@ def test_timestep_ranges_select_entries_by_noise_level(sd1):
         d = _denoiser(parts, both, c["blurry"])
         for t, prompt in ((torch.tensor(900), "a red barn"), (torch.tensor(100), "a blue lake")):
             expected = _unet(parts, x, t, c[prompt])
-            assert torch.allclose(d.model_output(x, t), expected, rtol=1e-5, atol=1e-6), prompt
+            assert torch.allclose(d.model_output(x, t), expected, **CLOSE), prompt
     # a range outside the current noise level leaves nothing of that entry
     only_late = _denoiser(parts, c["a red barn"] + late, c["blurry"])
     with torch.inference_mode():
         assert torch.allclose(only_late.model_output(x, torch.tensor(900)),
-                              _unet(parts, x, torch.tensor(900), c["a red barn"]), rtol=1e-5, atol=1e-6)
+                              _unet(parts, x, torch.tensor(900), c["a red barn"]), **CLOSE)
 
 
 def test_a_mask_weights_as_stated(sd1):
@@ -133,7 +136,7 @@ def test_a_mask_weights_as_stated(sd1):
         out = _denoiser(parts, positive, c["blurry"]).model_output(x, t)
     a, b = _unet(parts, x, t, c["a red barn"]), _unet(parts, x, t, c["a blue lake"])
     w = mask * 2.0
-    assert torch.allclose(out, (a + b * w) / (1 + w), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, (a + b * w) / (1 + w), **CLOSE)
 
 
 def test_placement_is_resolved_like_comfyui():
