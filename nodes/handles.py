@@ -80,6 +80,9 @@ class SamplingPatches:
     #: HypernetworkLoader's (nodes.hypernetwork.Hypernetwork, strength) pairs, in the order they were loaded,
     #: on the UNet's attention inputs while sampling runs.
     hypernetworks: tuple = ()
+    #: USOStyleReference's pictures (nodes.uso.StyleReference), in the order they were applied: their style
+    #: tokens go in front of the embedded prompt while sampling runs.
+    style_references: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""ComfyUI's model-patch ControlNets: ModelPatchLoader (``models/model_patches``) and QwenImageDiffsynthControlnet.
+"""ComfyUI's model patches: ModelPatchLoader (``models/model_patches``) and QwenImageDiffsynthControlnet
+(USO's style projector, also read here, is applied by USOStyleReference: nodes.uso).
 
 A "model patch" in ComfyUI is a network that hooks into a diffusion model's blocks rather than riding on
 the conditioning. Kiln reads the ones it can run into the same light handle ControlNetLoader returns,
@@ -37,11 +38,15 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     from nodes.checkpoint.load import CheckpointError, read_state_dict
     from nodes.control import blockwise
     from nodes.control import z_image as fun
+    from nodes import uso
     from nodes.control.load import LoadedControlNet
-    from nodes.families import qwen_image, z_image
+    from nodes.families import flux, qwen_image, z_image
 
     state = read_state_dict(path)
-    if fun.is_fun_controlnet(state):
+    if uso.is_uso_projector(state):
+        network, info = uso.load(state, path.name, dtype)
+        family = flux.FAMILY
+    elif fun.is_fun_controlnet(state):
         network, info = fun.load(state, path.name, dtype)
         family = z_image.FAMILY
     elif blockwise.is_blockwise(state):
@@ -50,8 +55,9 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     else:
         keys = sorted(state)
         raise CheckpointError(f"{path.name} is not a model patch Kiln runs: it reads alibaba-pai's Z-Image Fun "
-                              f"ControlNet Union ({fun.MARKER}) and DiffSynth's Qwen-Image blockwise ControlNets "
-                              f"({blockwise.MARKER}); the file holds {len(keys)} tensors such as "
+                              f"ControlNet Union ({fun.MARKER}), DiffSynth's Qwen-Image blockwise ControlNets "
+                              f"({blockwise.MARKER}) and USO's style projector ({uso.MARKER}); the file holds "
+                              f"{len(keys)} tensors such as "
                               f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
     return LoadedControlNet(family=family, network=network.eval().requires_grad_(False), info=info)
 
@@ -61,7 +67,8 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     category="advanced/loaders",
     display_name="ModelPatchLoader",
     inputs=[Input("name", T.COMBO, choices=_patches,
-                  tooltip="A model patch in models/model_patches (the Z-Image Fun ControlNet Union)")],
+                  tooltip="A model patch in models/model_patches (Z-Image Fun ControlNet Union, DiffSynth's "
+                          "Qwen-Image ControlNets, USO's style projector)")],
     outputs=[Output("MODEL_PATCH", MODEL_PATCH)],
     validate=validator(MODEL_PATCH_FOLDER, "name"),
     fingerprint=fingerprinter(MODEL_PATCH_FOLDER, "name"),
@@ -100,6 +107,9 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
         raise NodeError("model must be a MODEL from a loader", "model")
     if not isinstance(model_patch, ControlNetHandle):
         raise NodeError(f"model_patch must come from ModelPatchLoader, got {type(model_patch).__name__}",
+                        "model_patch")
+    if model_patch.config.get("kind") == "uso-projector":
+        raise NodeError(f"{model_patch.name} is USO's style projector: apply it with USOStyleReference",
                         "model_patch")
     blockwise = model_patch.config.get("kind") == "diffsynth-blockwise"
     if model.family.controlnet_group != model_patch.family.controlnet_group:

@@ -14,7 +14,7 @@ refused by name, since no Kiln node consumes them yet.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,22 @@ class VisionOutput:
     image_embeds: Any
     #: which encoder made it (LoadedVision.kind): unCLIP takes CLIP ViT embeddings only
     kind: str = "SigLIP"
+    #: inner layers' token states by ComfyUI's index into its ``all_hidden_states`` (counted from the end:
+    #: -20 is the output of the 20th layer from the last), for the layers a node reads (:data:`KEPT_LAYERS`);
+    #: not all of them, which for SigLIP so400m would be 27 x 729 x 1152 floats per image
+    layers: dict = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:  # ComfyUI's outputs are read by key too
         return getattr(self, key)
 
     def __kiln_nbytes__(self) -> int:
-        return sum(t.nbytes for t in {id(t): t for t in (self.last_hidden_state, self.penultimate_hidden_states,
-                                                           self.image_embeds)}.values())
+        tensors = (self.last_hidden_state, self.penultimate_hidden_states, self.image_embeds, *self.layers.values())
+        return sum(t.nbytes for t in {id(t): t for t in tensors}.values())
+
+
+#: the inner layers CLIPVisionEncode keeps (VisionOutput.layers): USOStyleReference's low and middle
+#: features (nodes.uso); the penultimate layer is kept anyway
+KEPT_LAYERS = (-20, -11)
 
 
 def _layers(state: Any) -> int:
@@ -167,5 +176,9 @@ def encode(loaded: LoadedVision, model: Any, image: Any, crop: bool) -> VisionOu
     # CLIP's projected class token; SigLIP's pooling head, or its tokens when it has none
     pooled = next((p for p in (getattr(out, "image_embeds", None), getattr(out, "pooler_output", None))
                    if p is not None), out.last_hidden_state)
+    # transformers' hidden_states start with the embeddings; ComfyUI's list holds layer outputs only, so
+    # both count the same from the end
+    layers = {i: out.hidden_states[i].to("cpu", torch.float32) for i in KEPT_LAYERS
+              if len(out.hidden_states) - 1 >= -i}
     return VisionOutput(last_hidden_state=last, penultimate_hidden_states=out.hidden_states[-2].to("cpu", torch.float32),
-                        image_embeds=pooled.to("cpu", torch.float32), kind=loaded.kind)
+                        image_embeds=pooled.to("cpu", torch.float32), kind=loaded.kind, layers=layers)
