@@ -261,6 +261,10 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             raise CheckpointError(f"{path.name} holds a {label} transformer: it is a diffusion model, not a "
                                   "checkpoint. Put it in models/diffusion_models and load it with UNETLoader, "
                                   f"{text_file} with {clip_loader} (type {clip_type}) and {vae_file} with VAELoader")
+    from nodes.checkpoint import pixart_load
+
+    if pixart_load.has_transformer(shapes):  # PixArt-α / -Σ: the transformer alone, its own loaders
+        raise pixart_load.refuse_checkpoint(path.name)
     if lumina2_load.has_transformer(shapes):  # Lumina 2 (NetaYume's all-in-one): Gemma 2 and a FLUX VAE
         with reading(path):
             return lumina2_load.load_single_file(state, path.name, dtype, offload=offload)

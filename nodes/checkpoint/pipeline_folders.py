@@ -29,6 +29,7 @@ FAMILY_FOLDERS: tuple[tuple[str, str], ...] = (
     ("ovis_load", "is_folder"),  # before FLUX
     ("z_image_load", "is_z_image_folder"),  # before FLUX
     ("lumina2_load", "is_folder"),
+    ("pixart_load", "is_folder"),
     ("chroma_load", "is_chroma_folder"),  # before FLUX
     ("flux_load", "is_flux_folder"),
 )

@@ -97,7 +97,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
             return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
                                   joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
-                                  qwen_image_load, wan_load)
+                                  pixart_load, qwen_image_load, wan_load)
 
     keys = {k: () for k in state}
     for claims, load in ((lumina2_load.has_transformer, lumina2_load.load_transformer_file),  # Z-Image's names
@@ -115,6 +115,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
                          (longcat_load.has_transformer, longcat_load.load_transformer_file),  # FLUX's blocks too
                          (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
+                         (pixart_load.has_transformer, pixart_load.load_transformer_file),  # PixArt-α / -Σ
                          (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
         if claims(keys):
             with reading(path):
