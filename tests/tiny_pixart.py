@@ -106,11 +106,21 @@ def vae_state(variant: str) -> dict:
     return {k[len("first_stage_model."):]: v for k, v in state.items()}
 
 
+def sd1_clip_l_state() -> dict:
+    import tiny_models
+
+    from nodes.checkpoint.to_original import openai_clip_to_original
+
+    return openai_clip_to_original(tiny_models.components("sd1")["text_encoder"].state_dict(), "")
+
+
 def make_models_folder(root: Any) -> Path:
     """ComfyUI's folders: diffusion_models/tiny-pixart-{sigma,alpha,alpha512}.safetensors (original keys),
     tiny-pixart-sigma-prefixed.safetensors (``model.diffusion_model.``), tiny-pixart-sigma-diffusers-keys
     .safetensors, tiny-pixart-sigma.pth (a pickle nesting the tensors under ``state_dict``);
-    text_encoders/tiny-t5xxl.safetensors and tiny-clip_l.safetensors (the tiny FLUX's);
+    text_encoders/tiny-t5xxl.safetensors and tiny-clip_l.safetensors (the tiny FLUX's; its CLIP-L is as
+    wide as its T5) and tiny-sd1-clip_l.safetensors (the tiny SD 1.x's CLIP-L, 64 wide, as a real CLIP-L
+    is narrower than T5-XXL);
     vae/tiny-pixart-{variant}-vae.safetensors; checkpoints/tiny-pixart-{sigma,alpha}-diffusers/ and
     diffusers/tiny-pixart-sigma/ (save_pretrained)."""
     import torch
@@ -127,6 +137,7 @@ def make_models_folder(root: Any) -> Path:
                root / "diffusion_models" / "tiny-pixart-sigma.pth")
     tiny_flux._save(root / "text_encoders" / "tiny-t5xxl.safetensors", tiny_flux.t5_state())
     tiny_flux._save(root / "text_encoders" / "tiny-clip_l.safetensors", tiny_flux.clip_l_state())
+    tiny_flux._save(root / "text_encoders" / "tiny-sd1-clip_l.safetensors", sd1_clip_l_state())
     for variant in ("sigma", "alpha"):
         save_diffusers(variant, root / "checkpoints" / f"tiny-pixart-{variant}-diffusers")
     save_diffusers("sigma", root / "diffusers" / "tiny-pixart-sigma")
