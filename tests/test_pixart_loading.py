@@ -182,3 +182,26 @@ def test_checkpoint_loader_on_the_transformer_says_which_loaders(env, root):
         call(loaders.checkpoint_loader, env, ckpt_name="tiny-pixart-aio.safetensors")
     assert err.value.input_name == "ckpt_name"
     assert "PixArt transformer" in str(err.value) and "CLIPLoader (type pixart)" in str(err.value)
+
+
+def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
+    """UNETLoader weight_dtype fp8_e4m3fn: the linear weights are stored in fp8 and the sampled latent
+    stays close to the default one's (8-bit weights: close, not equal)."""
+    from flow_family_files import clip_over
+    from nodes.sampling import ksampler
+
+    parts = tiny_pixart.components("sigma")
+    clip = clip_over(pixart.SIGMA, parts["tokenizer"], parts["text_encoder"])
+    latents = {}
+    for weight_dtype in ("default", "fp8_e4m3fn"):
+        (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-pixart-sigma.safetensors",
+                        weight_dtype=weight_dtype)
+        with model._use_unet() as net:
+            stored = net.transformer_blocks[0].attn1.to_q.weight.dtype
+        assert (stored == torch.float8_e4m3fn) == (weight_dtype != "default")
+        (out,) = call(ksampler, env, model=model, seed=3, steps=3, cfg=4.5, sampler_name="euler", scheduler="normal",
+                      positive=clip.encode(PROMPT), negative=clip.encode(NEGATIVE),
+                      latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
+        latents[weight_dtype] = out["samples"]
+    gap = float((latents["default"] - latents["fp8_e4m3fn"]).abs().max() / latents["default"].abs().max())
+    assert 0 < gap < 0.1
