@@ -205,3 +205,34 @@ def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
         latents[weight_dtype] = out["samples"]
     gap = float((latents["default"] - latents["fp8_e4m3fn"]).abs().max() / latents["default"].abs().max())
     assert 0 < gap < 0.1
+
+
+@pytest.mark.parametrize("variant", ["alpha", "sigma"])
+def test_key_map_and_config_at_the_released_size(variant):
+    """The released XL-2 layout (built on meta: no memory): the original names and shapes PixArt's own
+    checkpoints have (diffusers' conversion scripts read these), and the config read back from them is
+    the one diffusers' converters write (alpha-1024: micro-conditioning; sigma-1024: none)."""
+    from diffusers import PixArtTransformer2DModel
+
+    from nodes.checkpoint import pixart_keys
+
+    micro = variant == "alpha"
+    with torch.device("meta"):
+        big = PixArtTransformer2DModel(num_layers=28, caption_channels=4096, sample_size=128,
+                                       interpolation_scale=2, use_additional_conditions=micro)
+    original = pixart_keys.diffusers_to_original(big.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in original.items()}
+    assert shapes["t_block.1.weight"] == (6 * 1152, 1152) and shapes["x_embedder.proj.weight"] == (1152, 4, 2, 2)
+    assert shapes["blocks.27.attn.qkv.weight"] == (3 * 1152, 1152)
+    assert shapes["blocks.0.cross_attn.kv_linear.weight"] == (2 * 1152, 1152)
+    assert shapes["y_embedder.y_proj.fc1.weight"] == (1152, 4096) and shapes["final_layer.linear.weight"] == (32, 1152)
+    assert ("csize_embedder.mlp.0.weight" in shapes) == ("ar_embedder.mlp.2.bias" in shapes) == micro
+    assert set(pixart_keys.original_to_diffusers(dict(original))) == set(big.state_dict())
+    tokens = pixart_keys.ALPHA_TOKENS if micro else pixart_keys.SIGMA_TOKENS
+    shapes["y_embedder.y_embedding"] = (tokens, 4096)
+    config = pixart_keys.transformer_config(shapes, "PixArt-XL-2-1024-MS.pth")
+    assert pixart_keys.variant(shapes) == variant
+    assert {k: config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "out_channels",
+                                   "sample_size", "interpolation_scale", "use_additional_conditions")} == \
+        dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, out_channels=8, sample_size=128,
+             interpolation_scale=2, use_additional_conditions=micro)

@@ -61,7 +61,8 @@ def build(variant: str, seed: int = 2) -> dict[str, Any]:
                 block.scale_shift_table.normal_(0, 0.1)
     flux_parts = tiny_flux.components("dev")
     return {"transformer": transformer, "vae": vae, "text_encoder": flux_parts["text_encoder_2"],
-            "tokenizer": flux_parts["tokenizer_2"], "scheduler": EulerDiscreteScheduler.from_config(family.scheduler_config())}
+            "tokenizer": flux_parts["tokenizer_2"],
+            "scheduler": EulerDiscreteScheduler.from_config(family.scheduler_config())}
 
 
 @functools.lru_cache(maxsize=None)

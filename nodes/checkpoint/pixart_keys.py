@@ -158,7 +158,8 @@ def transformer_config(shapes: dict[str, tuple[int, ...]], name: str = "") -> di
     s = strip(dict(shapes))
     hidden, in_channels, patch, _ = s["x_embedder.proj.weight"]
     if hidden % HEAD_WIDTH:
-        raise KeyMismatch(f"x_embedder.proj.weight is {hidden} wide, not a multiple of PixArt's {HEAD_WIDTH}-wide heads")
+        raise KeyMismatch(f"x_embedder.proj.weight is {hidden} wide, not a multiple of PixArt's "
+                          f"{HEAD_WIDTH}-wide heads")
     out_channels = s["final_layer.linear.weight"][0] // (patch * patch)
     size = sample_size(s, name, patch)
     return dict(num_attention_heads=hidden // HEAD_WIDTH, attention_head_dim=HEAD_WIDTH, in_channels=in_channels,
