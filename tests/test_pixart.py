@@ -165,3 +165,17 @@ def test_detection_tells_sigma_from_alpha_and_from_other_families():
     assert families.for_folder({"text_encoder", "unet", "vae"}, "quick_gelu").name == "sd1"
     assert pixart.SIGMA.scheduler_config()["beta_schedule"] == "linear"
     assert pixart.SIGMA.latent.scale == 0.13025 and pixart.ALPHA.latent.scale == 0.18215
+
+
+def test_a_batch_carries_each_rows_mask_and_size():
+    """Two α-1024 images at once (masks and size conditioning expanded per row): the first equals the
+    image sampled alone, the second has its own noise."""
+    clip = _clip("alpha")
+    positive, negative = clip.encode(PROMPT), clip.encode("")
+    outs = []
+    for batch in (1, 2):
+        (out,) = ksampler(Recorder().ctx, _model("alpha"), 5, 3, 4.5, "euler", "normal", positive, negative,
+                          {"samples": torch.zeros(batch, 4, 8, 12)})
+        outs.append(tiny_models.decode(tiny_pixart.components("alpha")["vae"], out["samples"]))
+    assert outs[1].shape[0] == 2 and (outs[1][:1] - outs[0]).abs().max() <= PIXEL_TOL
+    assert (outs[1][0] - outs[1][1]).abs().max() > 0.02
