@@ -103,10 +103,11 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import T5TokenizerFast
 
-    from nodes.checkpoint.flow_transformers import folder_tokenizer, load_pipeline_folder
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
     from nodes.checkpoint.flux_load import _folder_t5
     from nodes.checkpoint.folders import folder_component
     from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 
     family = _family(folder_variant(path) or "sigma")
 
