@@ -126,6 +126,19 @@ def test_comfyui_pixart_alpha_graph_equals_the_pipeline(registry, env):
     assert np.abs(kiln - _reference("alpha", 5, 4, 4.5, prompt="a red car")).max() > 0.02
 
 
+def test_the_shipped_workflow_on_split_files_equals_the_pipeline(registry, env):
+    from pathlib import Path
+
+    from engine.workflow import load
+
+    wf = load(Path(__file__).parent.parent / "workflows" / "pixart-sigma-txt2img.json").with_overrides(
+        dict(diffusion_model="tiny-pixart-sigma.safetensors", t5xxl=T5, vae="tiny-pixart-sigma-vae.safetensors",
+             prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=4, seed=3))
+    kiln = run(registry, env, wf).results["8"][0].numpy()
+    assert np.abs(kiln - _reference("sigma", 3, 4, 4.5)).max() <= 1 / 255
+    assert np.abs(kiln - _reference("sigma", 3, 4, 1.5)).max() > 0.02  # cfg matters: not vacuous
+
+
 def test_diffusers_folder_graph_equals_the_pipeline(registry, env):
     """CheckpointLoaderSimple on the Σ folder (its own tokenizer, scheduler config and VAE scale)."""
     graph = txt2img_graph(checkpoint_loader("tiny-pixart-sigma-diffusers"), prompt=PROMPT, negative=NEGATIVE,
