@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families import flux
+from nodes.families import flux, masked_t5
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 
@@ -132,64 +132,16 @@ class Chroma(FlowFamily):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
-        """The text mask of every row: each conditioning's own (diffusers' encoding), ones where a
-        conditioning has none but another has (an unmasked prompt attends to all its tokens);
-        no mask at all when none has one (ComfyUI's encoding)."""
-        import torch
-
-        masks = [extra.get(MASK) for extra in extras]
-        if all(m is None for m in masks):
-            return {}
-        tokens = next(m for m in masks if m is not None).shape[-1]
-        rows = []
-        for m in masks:
-            m = torch.ones(1, tokens) if m is None else m.reshape(1, -1)
-            if m.shape[-1] != tokens:
-                raise ConditioningError(f"Chroma prompts with {m.shape[-1]} and {tokens} T5 tokens cannot share a "
-                                        "network call (encode both the same way)", "negative")
-            rows.append(m.expand(batch, -1))
-        return {"text_mask": torch.cat(rows).to(device=device, dtype=dtype)}
+        """The text mask of every row (nodes.families.masked_t5.mask_rows)."""
+        return masked_t5.mask_rows(extras, MASK, batch, "Chroma", device, dtype)
 
     # -- text ----------------------------------------------------------------------------------
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
-        """CONDITIONING: T5's last hidden state, with diffusers' text mask unless T5TokenizerOptions
-        asks for ComfyUI's encoding (see the module docstring). Weighted prompts (ComfyUI's syntax)
-        are encoded as for FLUX's T5 (:mod:`nodes.families.t5_weights`), with the same T5 mask."""
-        import torch
-
-        from nodes.families import t5_weights
-        from nodes.prompt_syntax import parse
-
-        parsed = parse((texts or {}).get("tokenizer", text))
-        if report is not None:
-            report.problems += [p for p in parsed.problems if p not in report.problems]
-        plain = "".join(seg.text for seg in parsed.segments)
-        tok, padding = clip.tokenizers["tokenizer"], clip.t5_padding
-        with torch.inference_mode(), clip.encoder("text_encoder") as t5:
-            if parsed.weighted:
-                count = t5_weights.tokenize(tok, parsed, 1).count
-                length = T5_TOKENS if padding is None else flux.t5_length(count + 1, padding)
-                tokens = t5_weights.tokenize(tok, parsed, length)
-                states = t5_weights.encode(t5, tokens, masked=padding is None)
-                count = min(tokens.count, length - 1)
-                kept = count + 1  # the prompt and its end token
-            else:
-                length = T5_TOKENS if padding is None else flux.t5_length(len(tok(plain).input_ids), padding)
-                got = tok([plain], padding="max_length", max_length=length, truncation=padding is None,
-                          return_tensors="pt")
-                mask = got.attention_mask if padding is None else None
-                states = t5(got.input_ids.to(t5.device), attention_mask=None if mask is None else mask.to(t5.device),
-                            output_hidden_states=False)[0]
-                kept = int(got.attention_mask.sum())
-                count = kept - 1
-        if report is not None:
-            report.tokens = max(report.tokens, count)
-            report.windows = 1
-        extra: dict[str, Any] = {}
-        if padding is None:
-            extra[MASK] = (torch.arange(length) <= kept).to(torch.float32).reshape(1, -1)
-        return [[states.to("cpu", torch.float32), extra]]
+        """CONDITIONING: T5's last hidden state, with diffusers' text mask (one padding token kept, as
+        ChromaPipeline does) unless T5TokenizerOptions asks for ComfyUI's encoding (see the module
+        docstring and nodes.families.masked_t5)."""
+        return masked_t5.encode(clip, (texts or {}).get("tokenizer", text), report, T5_TOKENS, MASK, padding_kept=1)
 
 
 FAMILY = Chroma()
