@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux, masked_t5
-from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 
 #: Only Chroma's transformer has the approximator; both key layouts name it so.
@@ -65,27 +65,13 @@ class ChromaNetwork(WrappedTransformer):
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
         mask = None
         if text_mask is not None:
-            text_mask = _fit_mask(text_mask, encoder_hidden_states.shape[1])
+            text_mask = masked_t5.fit_mask(text_mask, encoder_hidden_states.shape[1], "Chroma")
             image = torch.ones(b, tokens.shape[1], device=self.device, dtype=self.dtype)
             mask = torch.cat([text_mask.to(self.device, self.dtype), image], dim=1)
         out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=ids,
                                attention_mask=mask, return_dict=False, **kwargs)[0]
         return (flux.unpack(out, h, w),)
-
-
-def _fit_mask(mask: "Any", tokens: int) -> "Any":
-    """The text mask for a context of ``tokens``: as it is, or repeated where the prompt was (the
-    denoiser repeats a shorter prompt to share a call, ComfyUI's rule; ConditioningConcat appends
-    tokens the mask of its first input then covers by the same repetition)."""
-    length = mask.shape[1]
-    if length == tokens:
-        return mask
-    if tokens % length:
-        raise ConditioningError(f"the prompt has {tokens} T5 tokens but its Chroma text mask covers {length} (was "
-                                "it combined with a prompt encoded another way? encode both with the same CLIP)",
-                                "positive")
-    return mask.repeat(1, tokens // length)
 
 
 class Chroma(FlowFamily):

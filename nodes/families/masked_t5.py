@@ -71,3 +71,17 @@ def mask_rows(extras: list[dict], mask_key: str, batch: int, label: str, device:
                                     "network call (encode both the same way)", "negative")
         rows.append(m.expand(batch, -1))
     return {"text_mask": torch.cat(rows).to(device=device, dtype=dtype)}
+
+
+def fit_mask(mask: Any, tokens: int, label: str) -> Any:
+    """The text mask for a context of ``tokens``: as it is, or repeated where the prompt was (the
+    denoiser repeats a shorter prompt to share a call, ComfyUI's rule; ConditioningConcat appends
+    tokens the mask of its first input then covers by the same repetition)."""
+    length = mask.shape[1]
+    if length == tokens:
+        return mask
+    if tokens % length:
+        raise ConditioningError(f"the prompt has {tokens} T5 tokens but its {label} text mask covers {length} (was "
+                                "it combined with a prompt encoded another way? encode both with the same CLIP)",
+                                "positive")
+    return mask.repeat(1, tokens // length)

@@ -68,25 +68,13 @@ class PixArtNetwork(WrappedTransformer):
                                                   device=self.device).expand(b, -1)}
         mask = None
         if text_mask is not None:
-            mask = _fit_mask(text_mask, encoder_hidden_states.shape[1]).to(self.device, self.dtype)
+            mask = masked_t5.fit_mask(text_mask, encoder_hidden_states.shape[1], "PixArt")
+            mask = mask.to(self.device, self.dtype)
         out = net(x.to(self.dtype), encoder_hidden_states=encoder_hidden_states.to(self.dtype), timestep=time,
                   added_cond_kwargs=added, encoder_attention_mask=mask, return_dict=False)[0]
         if out.shape[1] == 2 * c:  # learned sigma: keep the noise prediction
             out = out[:, :c]
         return (out,)
-
-
-def _fit_mask(mask: Any, tokens: int) -> Any:
-    """The text mask for a context of ``tokens``: as it is, or repeated where the prompt was (a
-    ConditioningConcat of masked prompts)."""
-    length = mask.shape[1]
-    if length == tokens:
-        return mask
-    if tokens % length:
-        raise ConditioningError(f"the prompt has {tokens} T5 tokens but its PixArt text mask covers {length} (was it "
-                                "combined with a prompt encoded another way? encode both with the same CLIP)",
-                                "positive")
-    return mask.repeat(1, tokens // length)
 
 
 class PixArt(Family):
