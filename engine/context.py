@@ -93,6 +93,9 @@ class Settings:
     #: Block-by-block offloading of a denoiser that does not fit (``--offload``): "auto",
     #: "on" or "off"; the node library defines what each means (nodes.runtime.offload).
     offload: str = "auto"
+    #: The dtype models compute in (``--precision``): "auto", "fp32", "fp16" or "bf16"; the node library
+    #: defines auto (nodes.runtime.precision: float16 on a GPU, float32 on a CPU).
+    precision: str = "auto"
 
     def budget(self) -> Budget:
         return Budget(max_image_pixels=self.max_image_pixels, max_job_bytes=self.max_job_bytes)

@@ -217,7 +217,7 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
                     downscale=int(getattr(loaded.modules["vae"], "kiln_downscale", 8)),
                     _compile_note=lambda: manager.compile_pending(key, "vae"))
     ctx.message(f"{name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
-                f"{info.get('format')}, on {manager.device}{held_note(info)}")
+                f"{info.get('format')}, on {manager.device}{held_note(info)}{manager.precision_note()}")
     if info.get("missing_text"):
         ctx.message(f"{name} holds no {', '.join(info['missing_text'])}: its CLIP gives zeros in their place "
                     "(ComfyUI's rule); load the encoders with TripleCLIPLoader for the full prompt")

@@ -87,7 +87,8 @@ def unet_loader(ctx, unet_name: str, weight_dtype: str = "default"):
         ctx.message(f"weight_dtype {weight_dtype} is applied to FLUX and SD3 transformers only: this "
                     f"{loaded.family.name} UNet's weights stay in the compute dtype")
     ctx.message(f"{unet_name}: {loaded.family.name} UNet, {loaded.info['prediction_type']} "
-                f"({loaded.info['prediction_reason']}), on {manager.device}{held_note(loaded.info)}")
+                f"({loaded.info['prediction_reason']}), on {manager.device}{held_note(loaded.info)}"
+                f"{manager.precision_note()}")
     return (ModelHandle(family=loaded.family, scheduler_config=dict(loaded.scheduler_config), latent=loaded.latent,
                         _use_unet=lambda: manager.use(key, "unet", loader), name=unet_name, extra=dict(loaded.info),
                         _peek=lambda: peek_module(manager, key, loader, "unet")),)

@@ -45,11 +45,14 @@ def limits_from_args(args: argparse.Namespace, settings: Settings) -> Settings:
 
 
 def compile_from_args(args: argparse.Namespace, settings: Settings, default_cache: str | None = None) -> Settings:
-    """``--compile MODE`` (run, serve) into the settings, and where compiled code is kept."""
+    """``--compile``, ``--offload`` and ``--precision`` (run, serve) into the settings, and where compiled code
+    is kept."""
     if getattr(args, "compile", None):
         settings.compile = args.compile
-    if getattr(args, "offload", None):  # --offload travels with --compile: both say how models are placed
+    if getattr(args, "offload", None):  # --offload and --precision travel with --compile: how models are placed
         settings.offload = args.offload
+    if getattr(args, "precision", None):
+        settings.precision = args.precision
     if default_cache is not None and settings.compile_cache is None:
         settings.compile_cache = default_cache
     return settings

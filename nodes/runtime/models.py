@@ -96,8 +96,8 @@ class ModelManager:
     def __init__(self, device: str | None = None, *, device_reserve_bytes: int = DEFAULT_DEVICE_RESERVE,
                  cpu_budget_bytes: int | None = None, device_budget_bytes: int | None = None,
                  compile_mode: str = "off", compile_cache: str | os.PathLike[str] | None = None,
-                 offload_mode: str = "auto", offload_folder: str | None = None) -> None:
-        from nodes.runtime import offload
+                 offload_mode: str = "auto", offload_folder: str | None = None, precision: str = "auto") -> None:
+        from nodes.runtime import offload, precision as precisions
         from nodes.runtime.compiled import check_mode
 
         #: Block-by-block offloading of a denoiser that does not fit (nodes.runtime.offload):
@@ -105,6 +105,9 @@ class ModelManager:
         self.offload_mode = offload.check_mode(offload_mode)
         #: Where disk-offloaded blocks are written (None: the system's temporary folder).
         self.offload_folder = offload_folder
+        #: The compute dtype's mode (nodes.runtime.precision, ``--precision``): "auto" is float16 on a GPU
+        #: and float32 on a CPU; "fp32", "fp16" or "bf16" everywhere.
+        self.precision = precisions.check_mode(precision)
 
         self._requested_device = device
         #: Compiled mode (nodes.runtime.compiled): "auto", "on" or "off"; "off" unless asked,
@@ -124,12 +127,14 @@ class ModelManager:
 
     @classmethod
     def for_settings(cls, device: str | None = None, settings: Any = None) -> "ModelManager":
-        """The registry's model host factory: a manager for ``device`` with the settings' compiled mode."""
+        """The registry's model host factory: a manager for ``device`` with the settings' compiled mode,
+        offloading and precision."""
         if settings is None:
             return cls(device=device)
         return cls(device=device, compile_mode=getattr(settings, "compile", "off"),
                    compile_cache=getattr(settings, "compile_cache", None),
-                   offload_mode=getattr(settings, "offload", "auto"))
+                   offload_mode=getattr(settings, "offload", "auto"),
+                   precision=getattr(settings, "precision", "auto"))
 
     # -- device and dtype ----------------------------------------------------------
 
@@ -164,10 +169,17 @@ class ModelManager:
 
     @property
     def dtype(self) -> Any:
-        """float16 on a GPU; always float32 on the CPU, where half precision is ~80x slower."""
-        import torch
+        """The compute dtype (nodes.runtime.precision): by default float16 on a GPU and float32 on the CPU,
+        where half precision is ~80x slower unless the CPU has native bfloat16."""
+        from nodes.runtime.precision import dtype_for
 
-        return torch.float16 if self.is_gpu else torch.float32
+        return dtype_for(self.precision, self.is_gpu)
+
+    def precision_note(self) -> str:
+        """What ``--precision`` could give on this device, for a loader's message ("" mostly)."""
+        from nodes.runtime.precision import note
+
+        return note(self.precision, self.is_gpu)
 
     # -- loading -------------------------------------------------------------------
 
