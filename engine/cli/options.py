@@ -31,7 +31,7 @@ def _offload_option(p: argparse.ArgumentParser) -> None:
 def _precision_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="the dtype models compute in: auto = fp16 on a GPU, fp32 on a CPU (default; fp32 is what "
-                        "matches diffusers' float32 pipelines); bf16 is about 3x faster on CPUs that multiply it "
+                        "matches diffusers' float32 pipelines); bf16 is about 2.7x faster on CPUs that multiply it "
                         "natively (Intel AMX) and far slower on others")
 
 

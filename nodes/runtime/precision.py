@@ -2,10 +2,10 @@
 
 ``auto`` is half precision (float16) on a GPU and float32 on a CPU: most CPUs have no native half
 precision, and there bf16/fp16 matrix products are emulated, about 80x slower (AMD EPYC, AVX2). Intel
-Xeons since Sapphire Rapids multiply bfloat16 natively (AMX), where a full SD 1.5 UNet call took
-0.68 s in bf16 against 1.97 s in float32 (bench/cpu_precision.py): on such a CPU ``--precision bf16``
-is offered in the loaders' messages, not chosen, because float32 is what makes Kiln's images equal
-diffusers' float32 pipelines and bf16 moves them a little.
+Xeons since Sapphire Rapids multiply bfloat16 natively (AMX), where full-size SD 1.5 txt2img took
+7.6 s per image in bf16 against 20.8 s in float32 (bench/cpu_precision.py): on such a CPU
+``--precision bf16`` is offered in the loaders' messages, not chosen, because float32 is what makes
+Kiln's images equal diffusers' float32 pipelines and bf16 moves them a little (4.5/255 there).
 """
 from __future__ import annotations
 
@@ -52,5 +52,5 @@ def note(mode: str, gpu: bool) -> str:
     native bfloat16 in float32."""
     if mode != "auto" or gpu or not cpu_has_native_bf16():
         return ""
-    return (" (this CPU multiplies bfloat16 natively: --precision bf16 samples about 3x faster, with images "
+    return (" (this CPU multiplies bfloat16 natively: --precision bf16 samples about 2.7x faster, with images "
             "slightly different from float32's)")
