@@ -128,6 +128,13 @@ class PixArt(Family):
     def wrap_network(self, network: Any) -> Any:
         return network if isinstance(network, PixArtNetwork) else PixArtNetwork(network)
 
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original layout's module names, which ComfyUI's and kohya's PixArt LoRAs use (fused ``qkv`` and
+        ``kv_linear`` split row-wise onto diffusers' q, k, v): FLUX's rule on PixArt's key map."""
+        from nodes.checkpoint import flux_keys, pixart_keys
+
+        return flux_keys.lora_modules({k: tuple(p.shape) for k, p in network.named_parameters()}, pixart_keys.pairs)
+
     def original_names(self, network: Any) -> dict[str, str]:
         """The original layout's names (``blocks.3.attn.qkv.weight``); a fused tensor's parts each take its name."""
         from nodes.checkpoint import pixart_keys
