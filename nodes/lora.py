@@ -73,7 +73,7 @@ def apply_lora(ctx: Any, lora_name: str, model: ModelHandle | None, clip: ClipHa
     lookups = {t: lora_keys.module_names(n, t, dict(n.config), kind.lora_modules(n)) if t == "unet" else
                lora_keys.module_names(n, t) for t, n in networks.items()}
     shapes = {t: {k: tuple(p.shape) for k, p in n.named_parameters()} for t, n in networks.items()}
-    found = lora_keys.match(state, lookups, shapes)
+    found = lora_keys.match(state, lookups, shapes, lora_keys.encoder_prefixes(clip.family) if clip else ())
     family = kind.name
     made_for = lora_keys.made_for(state)
     guess = f"it looks like a {made_for} LoRA" if made_for and not family.startswith(made_for.lower()) else \

@@ -23,7 +23,8 @@ from engine.context import NodeError
 from engine.node import Input, Result, define_node
 from nodes import image as image_nodes
 from nodes.handles import ClipHandle, ModelHandle
-from nodes.model_saving import clip_file_name, read_module, save_tensors
+from nodes.families.encoder_names import clip_file_name
+from nodes.model_saving import read_module, save_tensors
 
 LORA_TYPES = ("standard", "full_diff")
 CLAMP_QUANTILE = 0.99

@@ -175,8 +175,14 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _locate(module_key: str, lookups: dict[str, dict[str, Any]]) -> tuple[str, Any] | None:
-    """(target, parameter name) of a LoRA module key in the model's name tables."""
+def _locate(module_key: str, lookups: dict[str, dict[str, Any]],
+            encoders: tuple[tuple[str, str], ...] = ()) -> tuple[str, Any] | None:
+    """(target, parameter name) of a LoRA module key in the model's name tables; ``encoders`` (prefix,
+    target) pairs, the CLIP's own text encoder names, are tried first."""
+    for prefix, target in encoders:
+        if module_key.startswith(prefix) and target in lookups:
+            param = lookups[target].get(module_key[len(prefix):])
+            return (target, param) if param else None
     for prefix, target in _KOHYA_TARGETS:
         if module_key.startswith(prefix) and target in lookups:
             param = lookups[target].get(module_key[len(prefix):])
@@ -188,11 +194,13 @@ def _locate(module_key: str, lookups: dict[str, dict[str, Any]]) -> tuple[str, A
     return None
 
 
-def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dict[str, dict[str, tuple]]) -> Matched:
+def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dict[str, dict[str, tuple]],
+          encoders: tuple[tuple[str, str], ...] = ()) -> Matched:
     """Pair up the file's factors, read its whole differences, and find the parameter each patches.
 
     ``lookups``: target -> name table (:func:`module_names`); ``shapes``: target ->
-    parameter name -> shape, to refuse factors of another architecture.
+    parameter name -> shape, to refuse factors of another architecture; ``encoders``: the CLIP's
+    ``text_encoders.<name>.transformer.`` prefixes and the encoder each names (:func:`encoder_prefixes`).
     """
     groups: dict[str, dict[str, Any]] = {}
     result = Matched()
@@ -212,7 +220,7 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             result.unmatched.append(f"{module_key}.{magnitude} (no LoRA, LoHa or LoKr factors beside it)" if lone
                                     else module_key)
             continue
-        found = _locate(module_key, lookups)
+        found = _locate(module_key, lookups, encoders)
         if found is None:
             result.unmatched.append(module_key)
             continue
@@ -248,6 +256,17 @@ def match(state: dict[str, Any], lookups: dict[str, dict[str, str]], shapes: dic
             else:
                 table[name] = patch
     return result
+
+
+def encoder_prefixes(family: Any) -> tuple[tuple[str, str], ...]:
+    """``(text_encoders.<name>.transformer., module)`` for each of a CLIP family's text encoders, by the
+    names saved files use (nodes.families.encoder_names: ComfyUI's, and LoraSave's): where the fixed
+    table would miss (SD3's T5 is its third encoder, Chroma's and PixArt's its first; Qwen's and Gemma's
+    have names of their own)."""
+    from nodes.families.encoder_names import clip_file_name
+
+    return tuple((f"text_encoders.{clip_file_name(family, spec)}.transformer.", spec.module)
+                 for spec in family.text_encoders)
 
 
 def _part_shapes(into: Into, shapes: dict[str, tuple]) -> dict[str, tuple]:

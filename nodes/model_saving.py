@@ -21,6 +21,7 @@ from engine.context import NodeError
 from engine.node import Input, Result, define_node
 from nodes import image as image_nodes
 from nodes import image_io
+from nodes.families.encoder_names import clip_file_name
 from nodes.handles import ClipHandle, ModelHandle, VaeHandle
 
 CATEGORY = "advanced/model_merging"
@@ -116,16 +117,6 @@ def model_save(ctx, model, filename_prefix: str = "diffusion_models/Kiln"):
             state["v_pred"] = torch.tensor([])
     return Result(ui={"diffusion_models": [save_tensors(ctx, {k: v.contiguous() for k, v in state.items()},
                                                  filename_prefix)]})
-
-
-def clip_file_name(family: Any, spec: Any) -> str:
-    """ComfyUI's name for a text encoder's file: clip_l, clip_g (SDXL's OpenCLIP bigG), clip_h
-    (SD 2's OpenCLIP ViT-H) or t5xxl."""
-    if spec.kind == "openai":
-        return "clip_l"
-    if spec.kind == "openclip":
-        return "clip_g" if family.name.startswith("sdxl") else "clip_h"
-    return "t5xxl"
 
 
 @_saver("CLIPSave", "Save CLIP", [Input("clip", T.CLIP), image_nodes.prefix_input("clip/Kiln", "clip/ComfyUI")])

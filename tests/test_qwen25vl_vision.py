@@ -217,3 +217,10 @@ def test_lora_save_reads_the_tower_a_reload_left_waiting(env, root):
     got, messages = saved(text_lora, "text")
     assert not any("visual." in k for k in got) and any(k.endswith("mlp.up_proj.diff") for k in got)
     assert any("visual" in m and "left out" in m for m in messages)
+    # under ComfyUI's name for Qwen-Image's encoder, and LoraLoader reads it back onto that encoder
+    assert all(k.startswith("text_encoders.qwen25_7b.transformer.") for k in got)
+    (entry,) = [p for p in env.paths.output.root.rglob("text*.safetensors")]
+    shutil.copyfile(entry, root / "loras" / "text-roundtrip.safetensors")
+    read_back: list[str] = []
+    _, again = apply_lora(lora_context(env, read_back), "text-roundtrip.safetensors", None, base, 0.0, 1.0)
+    assert f"{len(got)} modules patched ({len(got)} in text_encoder)" in read_back[0], read_back
