@@ -22,10 +22,12 @@ def _t5_lora(module: str = "encoder.block.0.layer.0.SelfAttention.q") -> dict[st
 
 def test_saved_names_are_comfyuis():
     names = {family: [clip_file_name(by_name(family), s) for s in by_name(family).text_encoders]
-             for family in ("sd1", "sd2", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z-image", "lumina2")}
+             for family in ("sd1", "sd2", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z-image", "lumina2",
+                            "hidream")}
     assert names == {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"],
                      "sd3": ["clip_l", "clip_g", "t5xxl"], "flux": ["clip_l", "t5xxl"], "chroma": ["t5xxl"],
-                     "qwen_image": ["qwen25_7b"], "z-image": ["qwen3_4b"], "lumina2": ["gemma2_2b"]}
+                     "qwen_image": ["qwen25_7b"], "z-image": ["qwen3_4b"], "lumina2": ["gemma2_2b"],
+                     "hidream": ["clip_l", "clip_g", "t5xxl", "llama"]}
 
 
 def test_a_t5_part_lands_on_the_familys_own_t5():
