@@ -24,7 +24,7 @@ from nodes.families.base import Family, has_prefix
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "umt5": "UMT5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
-              "mistral3": "Mistral Small 3", "gemma2": "Gemma 2"}
+              "mistral3": "Mistral Small 3", "gemma2": "Gemma 2", "byt5": "ByT5"}
 #: The Comfy-Org files that carry each Mistral encoder's tokenizer, for the error when one is missing.
 TEKKEN_FILES = {"ministral3": "ministral-3-3b.safetensors", "mistral3": "mistral_3_small_flux2_*.safetensors"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -95,8 +95,8 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
     if z_image_load.has_z_image_transformer({k: () for k in state}):
         with reading(path):
             return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
-                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
+    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load,
+                                  hunyuan_image_load, ideogram4_load, joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
                                   pixart_load, qwen_image_load, wan_load)
 
     keys = {k: () for k in state}
@@ -108,6 +108,7 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
                          (krea2_load.has_transformer, krea2_load.load_transformer_file),
                          (wan_load.has_transformer, wan_load.load_transformer_file),
                          (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file),
+                         (hunyuan_image_load.has_transformer, hunyuan_image_load.load_transformer_file),
                          (ovis_load.has_transformer, ovis_load.load_transformer_file),  # FLUX's blocks too
                          (hidream_load.has_transformer, hidream_load.load_transformer_file),
                          (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
@@ -160,6 +161,10 @@ class TextFile:
         umt5 = umt5_prefix(state.keys()) if found is None and t5 is not None else None
         if umt5 is not None:  # UMT5 (Wan's umt5_xxl_*.safetensors: T5's names, a bias in every block)
             return cls(path.name, state, "t5", umt5, "umt5")
+        from nodes.checkpoint.hunyuan_image_load import is_byt5
+
+        if found is None and t5 is not None and is_byt5(shapes, t5):  # ByT5 (HunyuanImage's byt5_small_glyphxl)
+            return cls(path.name, state, "t5", t5, "byt5")
         if found is None and t5 is not None:  # a T5 encoder (FLUX's t5xxl_*.safetensors)
             return cls(path.name, state, "t5", t5, "t5")
         from nodes.checkpoint.gemma_text import is_gemma2
@@ -273,6 +278,12 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             with reading(Path(file.name)):
                 modules[spec.module] = build_umt5(file.state, file.prefix, file.name, dtype)
             continue
+        if spec.kind == "byt5":  # HunyuanImage's glyph encoder; its tokenizer needs no file
+            from nodes.checkpoint.hunyuan_image_load import build_byt5, byt5_tokenizer
+
+            carried[spec.tokenizer] = byt5_tokenizer()
+            modules[spec.module] = build_byt5(file.state, file.prefix, file.name, dtype)
+            continue
         if spec.kind == "t5":
             from nodes.checkpoint.flux_load import build_t5
 
@@ -330,7 +341,7 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "umt5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3",
+                  if spec.kind not in ("t5", "byt5", "umt5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3",
                                        "mistral3", "gemma2")}
     tokenizers.update(carried)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}

@@ -1,0 +1,153 @@
+"""Loading HunyuanImage 2.1 offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader, ``models/diffusion_models/hunyuanimage2.1_bf16.safetensors`` or the
+  guidance-distilled one) in Tencent's original layout (nodes.checkpoint.hunyuan_image_keys), bare or under
+  ``model.diffusion_model.``, or diffusers' names in one file; FLUX's rule builds it
+  (nodes.checkpoint.flux_load.transformer_from_file: config from the shapes, fp8 scales followed).
+* The VAE (VAELoader, ``hunyuan_image_2.1_vae_fp16.safetensors``): diffusers' ``AutoencoderKLHunyuanImage``
+  (64 latent channels, 32x), from Tencent's original names (``encoder.down.N.block.M``, ``mid.block_1``,
+  ``mid.attn_1.q``; depth-1 3-D kernels squeezed) or diffusers' (:func:`build_vae`).
+* Qwen2.5-VL 7B and ByT5 through DualCLIPLoader type ``hunyuan_image``: Qwen-Image's builder for
+  ``qwen_2.5_vl_7b*.safetensors`` and a T5 encoder for ``byt5_small_glyphxl_fp16.safetensors`` (T5's names;
+  told from T5-XXL by its byte vocabulary: :func:`is_byt5`), whose tokenizer needs no file (transformers'
+  ``ByT5Tokenizer``).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from nodes.checkpoint import hunyuan_image_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
+from nodes.checkpoint.load import CheckpointError
+
+LABEL = keys.LABEL
+#: ByT5's vocabulary: 256 bytes and 3 special tokens, padded to 384 rows; T5's SentencePiece ones have 32k+.
+BYT5_MAX_VOCAB = 1024
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A HunyuanImage 2.1 transformer in either layout, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_) or keys.is_diffusers(keys_)
+
+
+def _refuse(state: Mapping[str, Any], what: str) -> None:
+    """The refiner (a 3-D patch over a video-shaped latent) is not run by Kiln: say so by name."""
+    from nodes.checkpoint.tensors import shapes_of
+
+    shape = shapes_of(state).get("img_in.proj.weight") or shapes_of(state).get("x_embedder.proj.weight")
+    if shape is not None and len(shape) == 5:
+        raise CheckpointError(f"{what}: a HunyuanImage refiner (3-D patches); Kiln runs HunyuanImage 2.1 "
+                              "text to image (hunyuanimage2.1 and its distilled variant)")
+
+
+FILES = TransformerFiles("HunyuanImageTransformer2DModel", keys, "hunyuan_image", LABEL, refuse=_refuse)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
+
+
+# -- the VAE ----------------------------------------------------------------------------------------
+
+
+def is_vae(shapes: Mapping[str, tuple]) -> bool:
+    """HunyuanImage 2.1's VAE: a 64-channel latent into a 2-D decoder, either layout."""
+    conv = shapes.get("decoder.conv_in.weight")
+    attention = "decoder.mid.attn_1.q.weight" in shapes or "decoder.mid_block.attentions.0.to_q.weight" in shapes
+    return conv is not None and len(conv) == 4 and conv[1] == 64 and attention
+
+
+def vae_to_diffusers(state: Mapping[str, Any]) -> dict[str, Any]:
+    """diffusers' names for Tencent's VAE layout: each level's resnets then its resampler numbered in one
+    run (``down_blocks.N`` / ``up_blocks.N``), ``mid.block_1/2`` -> ``mid_block.resnets.0/1``,
+    ``mid.attn_1.q/k/v/proj_out`` -> ``mid_block.attentions.0.to_q/k/v/proj``; 5-D kernels of depth 1
+    squeezed to 2-D."""
+    out: dict[str, Any] = {}
+    runs: dict[str, dict[tuple[int, int], int]] = {}
+    for side, level_name, resample in (("encoder", "down", "downsample"), ("decoder", "up", "upsample")):
+        items = set()
+        for k in state:
+            m = re.match(rf"^{side}\.{level_name}\.(\d+)\.block\.(\d+)\.", k)
+            if m:
+                items.add((int(m.group(1)), int(m.group(2))))
+            m = re.match(rf"^{side}\.{level_name}\.(\d+)\.{resample}\.", k)
+            if m:
+                items.add((int(m.group(1)), 10**6))
+        runs[side] = {item: i for i, item in enumerate(sorted(items))}
+    for k, v in state.items():
+        name = k
+        m = re.match(r"^(encoder|decoder)\.(down|up)\.(\d+)\.block\.(\d+)\.(.*)$", k)
+        if m:
+            name = f"{m.group(1)}.{m.group(2)}_blocks.{runs[m.group(1)][(int(m.group(3)), int(m.group(4)))]}.{m.group(5)}"
+        m = re.match(r"^(encoder|decoder)\.(down|up)\.(\d+)\.(?:downsample|upsample)\.(.*)$", k)
+        if m:
+            name = f"{m.group(1)}.{m.group(2)}_blocks.{runs[m.group(1)][(int(m.group(3)), 10**6)]}.{m.group(4)}"
+        name = re.sub(r"\.mid\.block_(\d)\.", lambda g: f".mid_block.resnets.{int(g.group(1)) - 1}.", name)
+        name = re.sub(r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1.", name)
+        name = name.replace(".mid.attn_1.proj_out.", ".mid_block.attentions.0.proj.")
+        name = name.replace(".mid.attn_1.norm.", ".mid_block.attentions.0.norm.")
+        if v.ndim == 5 and v.shape[2] == 1:
+            v = v.squeeze(2)
+        out[name] = v
+    return out
+
+
+def vae_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """AutoencoderKLHunyuanImage arguments from diffusers-layout shapes."""
+    blocks = sorted({int(m.group(1)) for k in shapes for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+    levels, layers, resamples = [], 0, 0
+    per_level = 0
+    for i in blocks:
+        if f"encoder.down_blocks.{i}.conv1.weight" in shapes:
+            per_level += 1
+            if per_level == 1:
+                levels.append(shapes[f"encoder.down_blocks.{i}.conv1.weight"][0])
+        else:
+            resamples += 1
+            layers, per_level = max(layers, per_level), 0
+    layers = max(layers, per_level)
+    return dict(in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
+                latent_channels=shapes["decoder.conv_in.weight"][1], block_out_channels=tuple(levels),
+                layers_per_block=layers, spatial_compression_ratio=2 ** resamples, sample_size=384,
+                scaling_factor=0.75289, downsample_match_channel=True, upsample_match_channel=True)
+
+
+def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+    """AutoencoderKLHunyuanImage from either layout; a key that does not fit names the file."""
+    from diffusers import AutoencoderKLHunyuanImage
+
+    from nodes.checkpoint.load import _assign, _empty
+    from nodes.checkpoint.tensors import cast_view
+
+    if not any(k.startswith("decoder.up_blocks.") for k in state):
+        state = vae_to_diffusers(state)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        config = vae_config(shapes)
+    except KeyError as exc:
+        raise CheckpointError(f"{what}: not a complete {LABEL} VAE ({exc} is missing)") from None
+    vae = _empty(AutoencoderKLHunyuanImage, config)
+    return _assign(vae, cast_view(dict(state), dtype), f"{LABEL} VAE ({what})", dtype).eval().requires_grad_(False)
+
+
+# -- ByT5 -------------------------------------------------------------------------------------------
+
+
+def is_byt5(shapes: Mapping[str, tuple], prefix: str) -> bool:
+    """A T5 encoder with ByT5's byte vocabulary (a few hundred rows, not T5's 32k)."""
+    emb = shapes.get(prefix + "shared.weight") or shapes.get(prefix + "encoder.embed_tokens.weight")
+    return emb is not None and emb[0] <= BYT5_MAX_VOCAB
+
+
+def build_byt5(state: Mapping[str, Any], prefix: str, what: str, dtype: Any) -> Any:
+    """ByT5's encoder (a T5 v1.1 encoder: gated GELU) from T5's names (nodes.checkpoint.flux_load.build_t5)."""
+    from nodes.checkpoint.flux_load import build_t5
+    from nodes.checkpoint.tensors import plain
+
+    return build_t5(plain(state), prefix, what, dtype)
+
+
+def byt5_tokenizer() -> Any:
+    """transformers' ByT5Tokenizer: bytes + 3 (no vocabulary file), as the pipeline's ``tokenizer_2``."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
