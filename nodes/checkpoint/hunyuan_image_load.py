@@ -125,8 +125,10 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
         config = vae_config(shapes)
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete {LABEL} VAE ({exc} is missing)") from None
-    vae = _empty(AutoencoderKLHunyuanImage, config)
-    return _assign(vae, cast_view(dict(state), dtype), f"{LABEL} VAE ({what})", dtype).eval().requires_grad_(False)
+    vae = _assign(_empty(AutoencoderKLHunyuanImage, config), cast_view(dict(state), dtype), f"{LABEL} VAE ({what})",
+                  dtype).eval().requires_grad_(False)
+    vae.kiln_downscale = int(config["spatial_compression_ratio"])  # pixels per latent cell (VAELoader's handle)
+    return vae
 
 
 # -- ByT5 -------------------------------------------------------------------------------------------
