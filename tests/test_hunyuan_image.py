@@ -185,3 +185,47 @@ def test_a_width_not_a_multiple_of_32_is_named(registry, env):
     node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5, width=SIZE + 16))
     assert (node, kind, name) == ("4", "EmptyHunyuanImageLatent", "width")
     assert "multiple of 32" in message
+
+
+@pytest.mark.parametrize("change,wanted", [
+    (lambda s: s.update({"double_blocks.0.img_attn_bogus.weight": torch.zeros(2)}), "'double_blocks.0.img_attn_bogus.weight'"),
+    (lambda s: s.pop("double_blocks.1.img_mlp.fc2.weight"), "transformer_blocks.1.ff.net.2.weight"),
+], ids=["unexpected", "missing"])
+def test_a_key_mismatch_names_the_family_and_the_key(registry, env, root, change, wanted):
+    from flow_family_files import save_state
+
+    state = tiny_hunyuan_image.transformer_state()
+    change(state)
+    save_state(root / "diffusion_models" / "tiny-hunyuan-bad.safetensors", state)
+    node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5,
+                                                               unet="tiny-hunyuan-bad.safetensors"))
+    assert (node, kind, name) == ("1", "UNETLoader", "unet_name")
+    assert "HunyuanImage 2.1" in message and wanted in message, message
+
+
+def test_a_refiner_is_refused_by_name(registry, env, root):
+    from flow_family_files import save_state
+
+    state = tiny_hunyuan_image.transformer_state()
+    state["img_in.proj.weight"] = state["img_in.proj.weight"].unsqueeze(2)
+    save_state(root / "diffusion_models" / "tiny-hunyuan-refiner.safetensors", state)
+    node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5,
+                                                               unet="tiny-hunyuan-refiner.safetensors"))
+    assert (node, kind, name) == ("1", "UNETLoader", "unet_name") and "refiner" in message
+
+
+def test_the_distilled_variant_loads_with_its_guidance_embedder(registry, env, root):
+    """guidance_in and time_r_in read from the shapes; the graph runs (not compared: MeanFlow's second time
+    input is not passed, see the README)."""
+    from flow_family_files import save_state
+
+    state = tiny_hunyuan_image.transformer_state()
+    for name in ("guidance_in", "time_r_in"):
+        state |= {k.replace("time_in", name): v.clone() + 0.01 for k, v in state.items() if k.startswith("time_in.")}
+    save_state(root / "diffusion_models" / "tiny-hunyuan-distilled.safetensors", state)
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-hunyuan-distilled.safetensors")
+    with model._use_unet() as net:
+        assert net.config.guidance_embeds and net.config.use_meanflow
+    graph = _graph(PROMPT, NEGATIVE, 1, 2, 1.0, unet="tiny-hunyuan-distilled.safetensors")
+    image = run(registry, env, parse(graph)).results["6"][0].numpy()
+    assert np.isfinite(image).all()
