@@ -188,7 +188,8 @@ def test_a_width_not_a_multiple_of_32_is_named(registry, env):
 
 
 @pytest.mark.parametrize("change,wanted", [
-    (lambda s: s.update({"double_blocks.0.img_attn_bogus.weight": torch.zeros(2)}), "'double_blocks.0.img_attn_bogus.weight'"),
+    (lambda s: s.update({"double_blocks.0.img_attn_bogus.weight": torch.zeros(2)}),
+     "'double_blocks.0.img_attn_bogus.weight'"),
     (lambda s: s.pop("double_blocks.1.img_mlp.fc2.weight"), "transformer_blocks.1.ff.net.2.weight"),
 ], ids=["unexpected", "missing"])
 def test_a_key_mismatch_names_the_family_and_the_key(registry, env, root, change, wanted):

@@ -88,8 +88,8 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 _FORWARD = [(re.compile("^" + a + r"(weight|bias)$"), b) for a, b in _RENAMES]
 #: diffusers pattern -> the original's, each capture group filled back in order (:func:`_back`).
-_BACKWARD = [(re.compile("^" + re.escape(b).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w)") + r"(weight|bias)$"), a)
-             for a, b in _RENAMES]
+_BACKWARD = [(re.compile("^" + re.escape(b).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w)")
+                         + r"(weight|bias)$"), a) for a, b in _RENAMES]
 #: The refiner's fused self-attention (always fused in the release), split into q, k, v rows.
 _REFINER_QKV = re.compile(r"^txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn_qkv\.(weight|bias)$")
 _SWAPPED = "norm_out.linear."

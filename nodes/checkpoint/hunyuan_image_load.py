@@ -77,7 +77,8 @@ def vae_to_diffusers(state: Mapping[str, Any]) -> dict[str, Any]:
         name = k
         m = re.match(r"^(encoder|decoder)\.(down|up)\.(\d+)\.block\.(\d+)\.(.*)$", k)
         if m:
-            name = f"{m.group(1)}.{m.group(2)}_blocks.{runs[m.group(1)][(int(m.group(3)), int(m.group(4)))]}.{m.group(5)}"
+            index = runs[m.group(1)][(int(m.group(3)), int(m.group(4)))]
+            name = f"{m.group(1)}.{m.group(2)}_blocks.{index}.{m.group(5)}"
         m = re.match(r"^(encoder|decoder)\.(down|up)\.(\d+)\.(?:downsample|upsample)\.(.*)$", k)
         if m:
             name = f"{m.group(1)}.{m.group(2)}_blocks.{runs[m.group(1)][(int(m.group(3)), 10**6)]}.{m.group(4)}"
