@@ -230,3 +230,21 @@ def test_the_distilled_variant_loads_with_its_guidance_embedder(registry, env, r
     graph = _graph(PROMPT, NEGATIVE, 1, 2, 1.0, unet="tiny-hunyuan-distilled.safetensors")
     image = run(registry, env, parse(graph)).results["6"][0].numpy()
     assert np.isfinite(image).all()
+
+
+def test_rows_with_and_without_glyph_text_in_one_call_equal_their_own_calls(env):
+    """Two prompts of one Qwen length, one with quoted text and one without, batched: the glyph rows are padded
+    and masked (network_kwargs), and each row equals its call alone."""
+    (clip,) = call(split_loaders.dual_clip_loader, env, clip_name1=QWEN, clip_name2=BYT5, type="hunyuan_image")
+    [[states, quoted]] = clip.encode('a sign "HI"')
+    family = hunyuan_image.FAMILY
+    net = family.wrap_network(tiny_hunyuan_image.components()["transformer"])
+    x = torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(0))
+    extras = [quoted, {}]
+    with torch.no_grad():
+        both = net(x, 700.0, torch.cat([states, states]),
+                   **family.network_kwargs(extras, 1, (SIZE, SIZE), "cpu", torch.float32))[0]
+        alone = [net(x[i:i + 1], 700.0, states, **family.network_kwargs([e], 1, (SIZE, SIZE), "cpu",
+                                                                        torch.float32))[0] for i, e in enumerate(extras)]
+    assert torch.allclose(both, torch.cat(alone), atol=1e-5)
+    assert (alone[0] - net(x[:1], 700.0, states)[0]).abs().max() > 1e-3  # the glyph text is read
