@@ -244,7 +244,7 @@ def test_rows_with_and_without_glyph_text_in_one_call_equal_their_own_calls(env)
     with torch.no_grad():
         both = net(x, 700.0, torch.cat([states, states]),
                    **family.network_kwargs(extras, 1, (SIZE, SIZE), "cpu", torch.float32))[0]
-        alone = [net(x[i:i + 1], 700.0, states, **family.network_kwargs([e], 1, (SIZE, SIZE), "cpu",
-                                                                        torch.float32))[0] for i, e in enumerate(extras)]
+        alone = [net(x[i:i + 1], 700.0, states, **family.network_kwargs([e], 1, (SIZE, SIZE), "cpu", torch.float32))[0]
+                 for i, e in enumerate(extras)]
     assert torch.allclose(both, torch.cat(alone), atol=1e-5)
     assert (alone[0] - net(x[:1], 700.0, states)[0]).abs().max() > 1e-3  # the glyph text is read

@@ -96,8 +96,8 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
         with reading(path):
             return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load,
-                                  hunyuan_image_load, ideogram4_load, joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
-                                  pixart_load, qwen_image_load, wan_load)
+                                  hunyuan_image_load, ideogram4_load, joyimage_load, kandinsky5_load, krea2_load,
+                                  longcat_load, lumina2_load, ovis_load, pixart_load, qwen_image_load, wan_load)
 
     keys = {k: () for k in state}
     for claims, load in ((lumina2_load.has_transformer, lumina2_load.load_transformer_file),  # Z-Image's names

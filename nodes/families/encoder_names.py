@@ -11,7 +11,8 @@ from typing import Any
 #: ComfyUI's names for the text encoders it knows by kind (its text encoder modules' ``name``); the other
 #: kinds go by their own name made key-safe
 _COMFY_TEXT_NAMES = {"openai": "clip_l", "t5": "t5xxl", "umt5": "umt5xxl", "qwen2.5-vl": "qwen25_7b",
-                     "qwen3": "qwen3_4b", "gemma2": "gemma2_2b", "mistral3": "mistral3_24b", "llama3": "llama"}
+                     "qwen3": "qwen3_4b", "gemma2": "gemma2_2b", "mistral3": "mistral3_24b", "llama3": "llama",
+                     "byt5": "byt5_small"}
 
 
 def clip_file_name(family: Any, spec: Any) -> str:
