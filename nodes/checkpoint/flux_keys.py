@@ -14,6 +14,7 @@ Fused tensors: a double block's ``qkv`` is q, k, v stacked; a single block's
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -44,6 +45,13 @@ _DOUBLE_NORMS = [
 _SINGLE = [("modulation.lin", "norm.linear"), ("linear2", "proj_out")]
 _SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")]
 _FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
+
+
+def count_matches(keys: Any, pattern: str) -> int:
+    """How many distinct values the one group of ``pattern`` takes over the keys it matches (from their
+    start): a layer or block count read from a checkpoint's names, e.g. ``r"double_blocks\.(\d+)\."``."""
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys for m in [rx.match(k)] if m})
 
 
 def _blocks(keys: Any, prefix: str) -> list[int]:

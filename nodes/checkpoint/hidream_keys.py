@@ -15,11 +15,11 @@ the 48 blocks). A model with another block count (the tests' tiny ones) reads la
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, count_matches, has_keys, strip)
 
 LABEL = "HiDream-I1"
 MARKER = "caption_projection.0.linear.weight"
@@ -47,11 +47,6 @@ def is_diffusers(keys: Any) -> bool:
     return False
 
 
-def _count(shapes: Mapping[str, Any], pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
-
-
 def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     """HiDreamImageTransformer2DModel's config from the shapes (prefix or not; module docstring). Raises
     KeyError naming a tensor the config needs that the file lacks."""
@@ -59,11 +54,11 @@ def transformer_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     inner, patch_in = shapes["x_embedder.proj.weight"]
     out = shapes["final_layer.linear.weight"][0] // (PATCH * PATCH)
     pooled = shapes["p_embedder.pooled_embedder.linear_1.weight"][1]
-    doubles = _count(shapes, r"double_stream_blocks\.(\d+)\.")
-    singles = _count(shapes, r"single_stream_blocks\.(\d+)\.")
+    doubles = count_matches(shapes, r"double_stream_blocks\.(\d+)\.")
+    singles = count_matches(shapes, r"single_stream_blocks\.(\d+)\.")
     t5 = shapes[f"caption_projection.{doubles + singles}.linear.weight"][1]
     llama = shapes[MARKER][1]
-    experts = _count(shapes, r"double_stream_blocks\.0\.block\.ff_i\.experts\.(\d+)\.")
+    experts = count_matches(shapes, r"double_stream_blocks\.0\.block\.ff_i\.experts\.(\d+)\.")
     blocks = doubles + singles
     return dict(patch_size=PATCH, in_channels=patch_in // (PATCH * PATCH), out_channels=out, num_layers=doubles,
                 num_single_layers=singles, attention_head_dim=HEAD if inner % HEAD == 0 else inner,

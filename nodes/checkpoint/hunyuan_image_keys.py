@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, count_matches, has_keys, strip)
 
 LABEL = "HunyuanImage 2.1"
 #: Detection keys (ComfyUI's own test for the family): the token refiner, the image patch embedder and the
@@ -178,11 +179,6 @@ def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in out.items() if ".self_attn_k." not in k and ".self_attn_v." not in k}, **fused}
 
 
-def _count(shapes: Any, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
-
-
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """HunyuanImageTransformer2DModel arguments from original-layout shapes (prefix or not, fused or not)."""
     s = strip(dict(shapes))
@@ -201,9 +197,9 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         cells *= p
     byt5 = s.get("byt5_in.fc1.weight")
     return dict(in_channels=channels, out_channels=out // cells, num_attention_heads=hidden // head,
-                attention_head_dim=head, num_layers=_count(s, r"^double_blocks\.(\d+)\."),
-                num_single_layers=_count(s, r"^single_blocks\.(\d+)\."),
-                num_refiner_layers=_count(s, r"^txt_in\.individual_token_refiner\.blocks\.(\d+)\."),
+                attention_head_dim=head, num_layers=count_matches(s, r"^double_blocks\.(\d+)\."),
+                num_single_layers=count_matches(s, r"^single_blocks\.(\d+)\."),
+                num_refiner_layers=count_matches(s, r"^txt_in\.individual_token_refiner\.blocks\.(\d+)\."),
                 mlp_ratio=mlp / hidden, patch_size=tuple(patch), qk_norm="rms_norm",
                 guidance_embeds="guidance_in.mlp.0.weight" in s, text_embed_dim=text,
                 text_embed_2_dim=None if byt5 is None else byt5[1], rope_theta=256.0,

@@ -9,10 +9,10 @@ detection and the config read from the shapes (:func:`transformer_config`).
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, count_matches, has_keys, strip)
 
 #: ComfyUI's detection keys (its model_detection reads the JoyImage DiT by these).
 MARKERS = ("double_blocks.0.attn.img_attn_q_norm.weight", "condition_embedder.text_embedder.linear_1.weight")
@@ -48,11 +48,6 @@ def rope_dims(head: int) -> list[int]:
     return [head - 2 * side, side, side]
 
 
-def _count(shapes: Any, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
-
-
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """JoyImageEditTransformer3DModel arguments from the shapes (prefix or not)."""
     s = strip(dict(shapes))
@@ -66,5 +61,5 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         raise KeyMismatch(f"missing or misshapen {exc}") from None
     return dict(patch_size=list(patch), in_channels=in_channels, out_channels=out, hidden_size=hidden,
                 num_attention_heads=hidden // head, text_dim=text_dim, mlp_width_ratio=mlp / hidden,
-                num_layers=_count(s, r"^double_blocks\.(\d+)\."), rope_dim_list=rope_dims(head), rope_type="rope",
-                theta=THETA)
+                num_layers=count_matches(s, r"^double_blocks\.(\d+)\."), rope_dim_list=rope_dims(head),
+                rope_type="rope", theta=THETA)

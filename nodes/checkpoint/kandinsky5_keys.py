@@ -13,10 +13,10 @@ conditioning), which Kiln does not run.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, count_matches, has_keys, strip)
 
 #: Detection keys (both layouts alike): the pooled CLIP projection and a visual block's modulation.
 MARKERS = ("pooled_text_embeddings.in_layer.weight", "visual_transformer_blocks.0.visual_modulation.out_layer.weight")
@@ -43,11 +43,6 @@ def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
 
 
 diffusers_to_original = original_to_diffusers
-
-
-def _count(shapes: Any, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
 
 
 def rope_axes(head: int) -> tuple[int, int, int]:
@@ -82,8 +77,8 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
             "(kandinsky5lite_t2i)")
     return dict(in_visual_dim=channels, out_visual_dim=channels, in_text_dim=text_dim, in_text_dim2=pooled_dim,
                 time_dim=time_dim, patch_size=PATCH, model_dim=model_dim, ff_dim=ff_dim,
-                num_text_blocks=_count(s, r"^text_transformer_blocks\.(\d+)\."),
-                num_visual_blocks=_count(s, r"^visual_transformer_blocks\.(\d+)\."),
+                num_text_blocks=count_matches(s, r"^text_transformer_blocks\.(\d+)\."),
+                num_visual_blocks=count_matches(s, r"^visual_transformer_blocks\.(\d+)\."),
                 axes_dims=rope_axes(head), visual_cond=False)
 
 

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
-    UNET_PREFIX, has_keys, renamed_by_table, renamed_lora_modules, strip)
+    UNET_PREFIX, count_matches, has_keys, renamed_by_table, renamed_lora_modules, strip)
 from nodes.checkpoint.z_image_keys import rope_axes
 
 #: ComfyUI's (and diffusers') detection key in the original layout; diffusers' own name for it.
@@ -83,11 +83,6 @@ def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     return {to_original_name(k): v.reshape(-1) if _BLOCK_TABLE.match(k) else v for k, v in state.items()}
 
 
-def _count(shapes: Any, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
-
-
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Krea2Transformer2DModel arguments from original-layout shapes. The rotary axes are not in the
     weights: the release splits its 128-wide heads as (32, 48, 48); other widths keep those proportions."""
@@ -100,14 +95,14 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         text_head = s["txtfusion.layerwise_blocks.0.attn.qknorm.qnorm.scale"][0]
         text_kv = s["txtfusion.layerwise_blocks.0.attn.wk.weight"][0]
         config = dict(
-            in_channels=in_channels, num_layers=_count(s, r"^blocks\.(\d+)\."), attention_head_dim=head,
+            in_channels=in_channels, num_layers=count_matches(s, r"^blocks\.(\d+)\."), attention_head_dim=head,
             num_attention_heads=hidden // head, num_key_value_heads=kv // head,
             intermediate_size=s["blocks.0.mlp.gate.weight"][0], timestep_embed_dim=s["tmlp.0.weight"][1],
             text_hidden_dim=text_dim, num_text_layers=s[ORIGINAL_MARKER][-1],
             text_num_attention_heads=text_dim // text_head, text_num_key_value_heads=text_kv // text_head,
             text_intermediate_size=s["txtfusion.layerwise_blocks.0.mlp.gate.weight"][0],
-            num_layerwise_text_blocks=_count(s, r"^txtfusion\.layerwise_blocks\.(\d+)\."),
-            num_refiner_text_blocks=_count(s, r"^txtfusion\.refiner_blocks\.(\d+)\."))
+            num_layerwise_text_blocks=count_matches(s, r"^txtfusion\.layerwise_blocks\.(\d+)\."),
+            num_refiner_text_blocks=count_matches(s, r"^txtfusion\.refiner_blocks\.(\d+)\."))
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
     return config | dict(axes_dims_rope=tuple(rope_axes(head)), rope_theta=1000.0, norm_eps=1e-5)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.checkpoint.flux_keys import UNET_PREFIX, has_keys, strip  # noqa: F401 (the key modules' interface)
+from nodes.checkpoint.flux_keys import (  # noqa: F401 (the key modules' interface)
+    UNET_PREFIX, count_matches, has_keys, strip)
 
 #: Only Qwen-Image 2.1's transformer has the zero-centred text norm inside ``txt_in`` (Qwen-Image 1's is
 #: ``txt_norm``) and one modulation for all blocks.
@@ -97,11 +98,6 @@ def original_names(diffusers_names: Any) -> dict[str, str]:
     return {name: re.sub(r"\.img_mlp\.(gate_layer|proj)\.weight$", "." + FUSED, name) for name in diffusers_names}
 
 
-def _count(shapes: Any, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in shapes for m in [rx.match(k)] if m})
-
-
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """QwenImage21Transformer2DModel arguments from either layout's shapes. The rotary axes are not in
     the weights: the release splits its 128-wide heads as (16, 56, 56); other widths keep the proportions."""
@@ -111,7 +107,7 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         head = s["transformer_blocks.0.attn.norm_q.weight"][0]
         mlp = s["transformer_blocks.0.img_mlp.out.weight"][1]
         config = dict(in_channels=in_channels, out_channels=s["proj_out.weight"][0],
-                      num_layers=_count(s, r"^transformer_blocks\.(\d+)\."), attention_head_dim=head,
+                      num_layers=count_matches(s, r"^transformer_blocks\.(\d+)\."), attention_head_dim=head,
                       num_attention_heads=inner // head, context_in_dim=s[MARKER][0], mlp_ratio=mlp // inner)
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
@@ -214,12 +210,12 @@ def vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     class's defaults, the release's, which the family's latent format repeats)."""
     try:
         base, in_channels = shapes["encoder.conv_in.weight"][:2]
-        levels = _count(shapes, r"^encoder\.down_blocks\.(\d+)\.")
+        levels = count_matches(shapes, r"^encoder\.down_blocks\.(\d+)\.")
         widths = [shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels)]
         decoder_base = shapes["decoder.conv_out.weight"][1] // (widths[0] // base)
         config = dict(base_dim=base, decoder_base_dim=decoder_base, z_dim=shapes["post_quant_conv.weight"][0],
                       dim_mult=[w // base for w in widths],
-                      num_res_blocks=_count(shapes, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+                      num_res_blocks=count_matches(shapes, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\."),
                       temperal_downsample=[f"encoder.down_blocks.{i}.downsampler.time_conv.weight" in shapes
                                            for i in range(levels - 1)],
                       attn_scales=[], in_channels=in_channels, out_channels=shapes["decoder.conv_out.weight"][0])
