@@ -89,7 +89,7 @@ def spiece_tokenizer(state: Mapping[str, Any], what: str, prefix: str = "", inst
     return SpieceTokenizer(data, what, bos=True)
 
 
-def folder_tokenizer(folder: Any) -> Any:
+def folder_gemma_tokenizer(folder: Any) -> Any:
     """A diffusers folder's ``tokenizer/`` (transformers' Gemma tokenizer, as Lumina2Pipeline saves it)."""
     from transformers import AutoTokenizer
 

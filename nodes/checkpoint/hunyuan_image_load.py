@@ -36,7 +36,8 @@ def _refuse(state: Mapping[str, Any], what: str) -> None:
     """The refiner (a 3-D patch over a video-shaped latent) is not run by Kiln: say so by name."""
     from nodes.checkpoint.tensors import shapes_of
 
-    shape = shapes_of(state).get("img_in.proj.weight") or shapes_of(state).get("x_embedder.proj.weight")
+    shapes = shapes_of(state)
+    shape = shapes.get("img_in.proj.weight") or shapes.get("x_embedder.proj.weight")
     if shape is not None and len(shape) == 5:
         raise CheckpointError(f"{what}: a HunyuanImage refiner (3-D patches); Kiln runs HunyuanImage 2.1 "
                               "text to image (hunyuanimage2.1 and its distilled variant)")

@@ -127,7 +127,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     from diffusers import AutoencoderKL, Lumina2Transformer2DModel
 
     from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.gemma_text import folder_tokenizer
+    from nodes.checkpoint.gemma_text import folder_gemma_tokenizer
     from nodes.families import lumina2 as fam
 
     def others() -> dict[str, Any]:
@@ -135,4 +135,4 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
                 "text_encoder": folder_gemma2(path / "text_encoder", dtype)}
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Lumina2Transformer2DModel, others,
-                                lambda: folder_tokenizer(path))
+                                lambda: folder_gemma_tokenizer(path))
