@@ -43,7 +43,7 @@ def _controlnets(env: Any) -> list[str]:
 def _load(path, base: Any, manager) -> Any:
     from nodes.control.load import load_controlnet
 
-    return load_controlnet(path, manager.dtype, base)
+    return load_controlnet(path, manager.dtype_rule, base)
 
 
 def held_controlnet(manager: Any, key: tuple, loader: Callable[[Any], Any], name: str,

@@ -125,7 +125,7 @@ def prefetcher(folder: Folders, input_name: str, kind: str, load: Callable[[Path
 def _load_checkpoint(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.load import load_checkpoint
 
-    return widened(load_checkpoint(path, manager.dtype, offload=manager.plan_for_load), manager)
+    return widened(load_checkpoint(path, manager.dtype_rule, offload=manager.plan_for_load), manager)
 
 
 def widened(loaded: Any, manager: ModelManager) -> Any:
@@ -135,6 +135,15 @@ def widened(loaded: Any, manager: ModelManager) -> Any:
     if note:
         loaded.info["held"] = note
     return loaded
+
+
+def dtype_note(loaded: Any) -> str:
+    """" in <dtype>" for a loader's message: the dtype the denoiser computes in, which ``--precision auto``
+    chooses per family on a GPU (nodes.runtime.precision)."""
+    from nodes.runtime.fp8 import compute_dtype
+
+    unet = loaded.modules.get("unet")
+    return f" in {str(compute_dtype(unet)).replace('torch.', '')}" if unet is not None else ""
 
 
 def held_note(info: dict[str, Any]) -> str:
@@ -217,7 +226,8 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
                     downscale=int(getattr(loaded.modules["vae"], "kiln_downscale", 8)),
                     _compile_note=lambda: manager.compile_pending(key, "vae"))
     ctx.message(f"{name}: {loaded.family.name}, {info.get('prediction_type')} ({info.get('prediction_reason')}), "
-                f"{info.get('format')}, on {manager.device}{held_note(info)}{manager.precision_note()}")
+                f"{info.get('format')}, on {manager.device}{dtype_note(loaded)}{held_note(info)}"
+                f"{manager.precision_note(loaded.family)}")
     if info.get("missing_text"):
         ctx.message(f"{name} holds no {', '.join(info['missing_text'])}: its CLIP gives zeros in their place "
                     "(ComfyUI's rule); load the encoders with TripleCLIPLoader for the full prompt")

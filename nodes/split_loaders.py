@@ -18,8 +18,8 @@ from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle, ModelHandle
-from nodes.loaders import (_acquire, fingerprinter, held_note, list_models, locate, model_manager, peek_module, validator,
-                           widened)
+from nodes.loaders import (_acquire, dtype_note, fingerprinter, held_note, list_models, locate, model_manager,
+                           peek_module, validator, widened)
 from nodes.runtime.models import ModelManager, file_key
 
 UNET_FOLDERS = ("diffusion_models", "unet")
@@ -54,7 +54,7 @@ def _texts(env: Any) -> list[str]:
 def _load_unet(path: Path, manager: ModelManager, fp8: str = "") -> Any:
     from nodes.checkpoint.split import load_unet_file
 
-    return widened(load_unet_file(path, manager.dtype, fp8=fp8, offload=manager.plan_for_load), manager)
+    return widened(load_unet_file(path, manager.dtype_rule, fp8=fp8, offload=manager.plan_for_load), manager)
 
 
 @define_node(
@@ -87,8 +87,8 @@ def unet_loader(ctx, unet_name: str, weight_dtype: str = "default"):
         ctx.message(f"weight_dtype {weight_dtype} is applied to FLUX and SD3 transformers only: this "
                     f"{loaded.family.name} UNet's weights stay in the compute dtype")
     ctx.message(f"{unet_name}: {loaded.family.name} UNet, {loaded.info['prediction_type']} "
-                f"({loaded.info['prediction_reason']}), on {manager.device}{held_note(loaded.info)}"
-                f"{manager.precision_note()}")
+                f"({loaded.info['prediction_reason']}), on {manager.device}{dtype_note(loaded)}"
+                f"{held_note(loaded.info)}{manager.precision_note(loaded.family)}")
     return (ModelHandle(family=loaded.family, scheduler_config=dict(loaded.scheduler_config), latent=loaded.latent,
                         _use_unet=lambda: manager.use(key, "unet", loader), name=unet_name, extra=dict(loaded.info),
                         _peek=lambda: peek_module(manager, key, loader, "unet")),)
@@ -98,7 +98,7 @@ def _load_texts(paths: list[Path], clip_type: str, manager: ModelManager) -> Any
     from nodes.checkpoint.split import TextFile, family_for_texts, load_text_files
 
     files = [TextFile.read(p) for p in paths]
-    return load_text_files(files, family_for_texts(clip_type, files), manager.dtype)
+    return load_text_files(files, family_for_texts(clip_type, files), manager.dtype_rule)
 
 
 def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:

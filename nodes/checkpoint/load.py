@@ -24,6 +24,7 @@ from nodes.checkpoint.tensors import LazyState, cast_view, dtypes_of, shapes_of
 from nodes.checkpoint.tokenizer_memo import folder_tokenizer
 from nodes import families, unclip
 from nodes.families.base import Family, LatentFormat
+from nodes.runtime.precision import resolve
 
 SAFE_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
@@ -217,12 +218,12 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
 
     if sam3_load.is_sam3(shapes):  # SAM 3 / 3.1: a text-prompted detector, not a diffusion model
         with reading(path):
-            return sam3_load.load_single_file(state, shapes, dtype, path.name)
-    from nodes.families.sd3 import is_sd3_transformer
+            return sam3_load.load_single_file(state, shapes, resolve(dtype, None), path.name)  # default dtypes
+    from nodes.families import flux as flux_family, lumina2 as lumina2_family, sd3 as sd3_family
 
-    if is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
+    if sd3_family.is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
-            return sd3_load.load_single_file(state, path.name, dtype)
+            return sd3_load.load_single_file(state, path.name, resolve(dtype, sd3_family.FAMILY))
     from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load, ideogram4_load,
                                   joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
                                   qwen_image_load, z_image_load)
@@ -267,10 +268,11 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
         raise pixart_load.refuse_checkpoint(path.name)
     if lumina2_load.has_transformer(shapes):  # Lumina 2 (NetaYume's all-in-one): Gemma 2 and a FLUX VAE
         with reading(path):
-            return lumina2_load.load_single_file(state, path.name, dtype, offload=offload)
+            return lumina2_load.load_single_file(state, path.name, resolve(dtype, lumina2_family.FAMILY),
+                                                 offload=offload)
     if flux_load.has_flux_transformer(shapes):  # FLUX: a transformer, T5 and a 16-channel VAE
         with reading(path):
-            return flux_load.load_single_file(state, path.name, dtype, offload=offload)
+            return flux_load.load_single_file(state, path.name, resolve(dtype, flux_family.FAMILY), offload=offload)
     with reading(path):
         try:
             found = det.detect(shapes, std_of=lambda k: float(state[k].float().std(unbiased=False)),
@@ -281,6 +283,7 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             raise CheckpointError(f"{path.name}: the weights are incomplete or of an unknown layout ({exc})") from exc
         import torch
 
+        dtype = resolve(dtype, found.family)
         vae_dtype = vae_dtype or (torch.float32 if found.vae.get("force_upcast") else dtype)
         pred, why = found.prediction_type, found.prediction_reason
         if prediction != "auto":
@@ -376,7 +379,8 @@ def is_diffusers_folder(path: Path) -> bool:
 def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, prediction: str = "auto",
                           offload: Any = None) -> Loaded:
     """An SD pipeline folder. ``offload``: see :func:`load_checkpoint` (the UNet, asked last with the other
-    components' bytes, may be built straight into disk blocks: nodes.checkpoint.paged.own_layout_straight)."""
+    components' bytes, may be built straight into disk blocks: nodes.checkpoint.paged.own_layout_straight).
+    The SD families share the default dtypes, so a manager's rule is resolved before the family is known."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -384,6 +388,7 @@ def load_diffusers_folder(path: Path, dtype: Any, vae_dtype: Any = None, predict
     from nodes.checkpoint.tokenizer import clip_tokenizer
 
     quiet_progress()
+    dtype = resolve(dtype, None)
     try:
         index = json.loads((path / "model_index.json").read_text())
         sched_file = path / "scheduler" / "scheduler_config.json"

@@ -19,6 +19,7 @@ from nodes.checkpoint import detect as det
 from nodes.checkpoint.load import CheckpointError, Loaded, build_sd_unet, build_text_encoder, open_state, reading
 from nodes.checkpoint.tensors import plain, shapes_of
 from nodes.families.base import Family, has_prefix
+from nodes.runtime.precision import resolve
 
 
 #: How errors name the text encoder kinds.
@@ -78,52 +79,52 @@ def unet_to_original_layout(state: Any, name: str) -> Any:
 
 def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
     """A diffusion model alone (UNETLoader): family from its shapes, no text encoder or VAE.
+    ``dtype``: a dtype, or the model manager's rule resolved for the family found (nodes.runtime.precision).
     ``offload``: the model manager's plan for the denoiser, asked before building (a FLUX
     transformer, or SD3, Z-Image, FLUX.2, Chroma or Qwen-Image one, that will be paged to disk is built
     straight into its blocks; see nodes.checkpoint.flux_load.OffloadAsk and nodes.checkpoint.paged_files)."""
     state = open_state(path)
-    from nodes.checkpoint import flux_load, qwen_image21_load
-    from nodes.families.sd3 import is_sd3_transformer
-
-    if is_sd3_transformer({k: () for k in state}):
-        from nodes.checkpoint import sd3_load
-
-        with reading(path):
-            return sd3_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    from nodes.checkpoint import z_image_load
-
-    if z_image_load.has_z_image_transformer({k: () for k in state}):
-        with reading(path):
-            return z_image_load.load_transformer_file(state, path.name, dtype, fp8=fp8, offload=offload)
-    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, hidream_load,
-                                  hunyuan_image_load, ideogram4_load, joyimage_load, kandinsky5_load, krea2_load,
-                                  longcat_load, lumina2_load, ovis_load, pixart_load, qwen_image_load, wan_load)
-
     keys = {k: () for k in state}
-    for claims, load in ((lumina2_load.has_transformer, lumina2_load.load_transformer_file),  # Z-Image's names
-                         (fibo2_load.has_transformer, fibo2_load.load_transformer_file),
-                         (ernie_image_load.has_transformer, ernie_image_load.load_transformer_file),
-                         (ideogram4_load.has_transformer, ideogram4_load.load_transformer_file),
-                         (joyimage_load.has_transformer, joyimage_load.load_transformer_file),
-                         (krea2_load.has_transformer, krea2_load.load_transformer_file),
-                         (wan_load.has_transformer, wan_load.load_transformer_file),
-                         (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file),
-                         (hunyuan_image_load.has_transformer, hunyuan_image_load.load_transformer_file),
-                         (ovis_load.has_transformer, ovis_load.load_transformer_file),  # FLUX's blocks too
-                         (hidream_load.has_transformer, hidream_load.load_transformer_file),
-                         (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file),  # FLUX's blocks too
-                         (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file),
-                         (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file),
-                         (longcat_load.has_transformer, longcat_load.load_transformer_file),  # FLUX's blocks too
-                         (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file),  # so has Chroma
-                         (pixart_load.has_transformer, pixart_load.load_transformer_file),  # PixArt-α / -Σ
-                         (flux_load.has_flux_transformer, flux_load.load_transformer_file)):
+    for claims, load, family in _transformer_loaders():
         if claims(keys):
             with reading(path):
-                return load(state, path.name, dtype, fp8=fp8, offload=offload)
+                return load(state, path.name, resolve(dtype, family), fp8=fp8, offload=offload)
     state = unet_to_original_layout(state, path.name)
     with reading(path):
         return _build_unet(path, state, dtype, offload)
+
+
+def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
+    """(claims the keys, loads the file, the family whose dtypes it computes in), tried in order: where two
+    could claim one file, the more specific comes first."""
+    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, flux_load, hidream_load,
+                                  hunyuan_image_load, ideogram4_load, joyimage_load, kandinsky5_load, krea2_load,
+                                  longcat_load, lumina2_load, ovis_load, pixart_load, qwen_image21_load,
+                                  qwen_image_load, sd3_load, wan_load, z_image_load)
+    from nodes.families import (chroma, ernie_image, fibo2, flux, flux2, hidream, hunyuan_image, ideogram4, joyimage,
+                                kandinsky5, krea2, longcat, lumina2, ovis, pixart, qwen_image, qwen_image21, sd3, wan,
+                                z_image)
+
+    return ((sd3.is_sd3_transformer, sd3_load.load_transformer_file, sd3.FAMILY),
+            (z_image_load.has_z_image_transformer, z_image_load.load_transformer_file, z_image.FAMILY),
+            (lumina2_load.has_transformer, lumina2_load.load_transformer_file, lumina2.FAMILY),  # Z-Image's names
+            (fibo2_load.has_transformer, fibo2_load.load_transformer_file, fibo2.FAMILY),
+            (ernie_image_load.has_transformer, ernie_image_load.load_transformer_file, ernie_image.FAMILY),
+            (ideogram4_load.has_transformer, ideogram4_load.load_transformer_file, ideogram4.FAMILY),
+            (joyimage_load.has_transformer, joyimage_load.load_transformer_file, joyimage.FAMILY),
+            (krea2_load.has_transformer, krea2_load.load_transformer_file, krea2.FAMILY),
+            (wan_load.has_transformer, wan_load.load_transformer_file, wan.FAMILY),
+            (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file, kandinsky5.FAMILY),
+            (hunyuan_image_load.has_transformer, hunyuan_image_load.load_transformer_file, hunyuan_image.FAMILY),
+            (ovis_load.has_transformer, ovis_load.load_transformer_file, ovis.FAMILY),  # FLUX's blocks too
+            (hidream_load.has_transformer, hidream_load.load_transformer_file, hidream.FAMILY),
+            (flux2_load.has_flux2_transformer, flux2_load.load_transformer_file, flux2.FAMILY),  # FLUX's blocks too
+            (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file, qwen_image.FAMILY),
+            (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file, qwen_image21.FAMILY),
+            (longcat_load.has_transformer, longcat_load.load_transformer_file, longcat.FAMILY),  # FLUX's blocks too
+            (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file, chroma.FAMILY),  # so has Chroma
+            (pixart_load.has_transformer, pixart_load.load_transformer_file, pixart.FAMILY),  # PixArt-α / -Σ
+            (flux_load.has_flux_transformer, flux_load.load_transformer_file, flux.FAMILY))
 
 
 def _build_unet(path: Path, state: Any, dtype: Any, offload: Any = None) -> Loaded:
@@ -134,7 +135,7 @@ def _build_unet(path: Path, state: Any, dtype: Any, offload: Any = None) -> Load
     except (det.UnsupportedCheckpoint, KeyError, StopIteration, IndexError) as exc:
         raise CheckpointError(f"{path.name}: not a UNet of a known family ({exc})") from None
     pred, why = det.prediction_type(shapes, family, config, lambda k: float(state[k].float().std(unbiased=False)))
-    unet = build_sd_unet(config, state, dtype, offload, family.name, where=f"{path.name}: ")
+    unet = build_sd_unet(config, state, resolve(dtype, family), offload, family.name, where=f"{path.name}: ")
     return Loaded(family=family, scheduler_config=family.scheduler_config(pred), latent=family.latent,
                   modules={"unet": unet},
                   info={"format": "unet", "prediction_type": pred, "prediction_reason": why})
@@ -261,8 +262,11 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
 
 
 def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded:
-    """The family's encoders, each from the file of its kind (any order)."""
+    """The family's encoders, each from the file of its kind (any order), in the family's dtype
+    (``dtype`` may be the model manager's rule: nodes.runtime.precision.resolve)."""
     from nodes.checkpoint.tokenizer import clip_tokenizer
+
+    dtype = resolve(dtype, family)
 
     modules, carried = {}, {}  # the tokenizers the files carry (Mistral's Tekken, UMT5's SentencePiece)
     remaining = list(files)

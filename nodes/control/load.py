@@ -37,6 +37,7 @@ from nodes.control import flux_load, sdxl_union
 from nodes.control import qwen_image as qwen_control
 from nodes.control import sd3 as sd3_control
 from nodes.families.base import Family, has_prefix
+from nodes.runtime.precision import resolve
 
 PREFIX = "control_model."
 #: diffusers' hint encoder: conv_in, 6 blocks, conv_out -> the original Sequential's conv indices.
@@ -133,8 +134,15 @@ def controlnet_config(shapes: dict[str, tuple], name: str) -> tuple[Family, dict
     return family, config
 
 
+def family_dtype(dtype: Any, family: str) -> Any:
+    """``dtype``, or the model manager's rule (nodes.runtime.precision) resolved for the family ``family``'s
+    ControlNets, which compute beside its denoiser and hold in the same dtypes."""
+    return resolve(dtype, families.by_name(family))
+
+
 def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedControlNet:
-    """The ControlNet in ``path`` (file or diffusers folder) in ``dtype``, eval mode.
+    """The ControlNet in ``path`` (file or diffusers folder) in ``dtype`` (or the manager's rule resolved for
+    its family), eval mode.
 
     ``base_unet``: the diffusers UNet a diff ControlNet's weights are added to.
     """
@@ -147,15 +155,16 @@ def load_controlnet(path: Path, dtype: Any, base_unet: Any = None) -> LoadedCont
     if qwen_control.is_fun_controlnet(state):
         from nodes.control import qwen_fun
 
-        network, info = qwen_fun.load(state, path.name, dtype)
+        network, info = qwen_fun.load(state, path.name, family_dtype(dtype, "qwen_image"))
         return LoadedControlNet(families.by_name("qwen_image"), network, info)
     if qwen_control.is_qwen_controlnet(state):
-        network, info = qwen_control.load(state, path.name, dtype)
+        network, info = qwen_control.load(state, path.name, family_dtype(dtype, "qwen_image"))
         return LoadedControlNet(families.by_name("qwen_image"), network, {**info, "format": "single file, "
                                                                            + info["format"]})
     if flux_load.is_flux_controlnet(state):
-        network, info = flux_load.load(state, path.name, dtype)
+        network, info = flux_load.load(state, path.name, family_dtype(dtype, "flux"))
         return LoadedControlNet(families.by_name("flux"), network, info)
+    dtype = resolve(dtype, None)  # SD3's and the SD UNets' ControlNets: the default dtypes
     if sd3_control.is_sd3_controlnet(state):
         network, info = sd3_control.load(state, path.name, dtype)
         return LoadedControlNet(families.by_name("sd3"), network, info)
@@ -220,7 +229,7 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
         found = folder_state(path, None)
         if found is None:
             raise CheckpointError(f"{path.name}: a Qwen-Image ControlNet folder without .safetensors weights")
-        network, info = qwen_control.load(dict(found[1]), path.name, dtype)
+        network, info = qwen_control.load(dict(found[1]), path.name, family_dtype(dtype, "qwen_image"))
         return LoadedControlNet(families.by_name("qwen_image"), network, {**info, "format": "diffusers folder, "
                                                                            + info["format"]})
     if flux_load.is_flux_folder(path):
@@ -228,14 +237,17 @@ def _load_folder(path: Path, dtype: Any) -> LoadedControlNet:
 
         found = folder_state(path, None)
         if found is not None and flux_load.is_flux_controlnet(found[1]) and flux_load.is_inpainting(found[1]):
-            network, info = flux_load.load(dict(found[1]), path.name, dtype)  # diffusers' class cannot hold it
+            # diffusers' class cannot hold it
+            network, info = flux_load.load(dict(found[1]), path.name, family_dtype(dtype, "flux"))
             return LoadedControlNet(families.by_name("flux"), network, {**info, "format": "diffusers folder, " +
                                                                         info["format"].split(", ", 1)[1]})
         try:
-            network = folder_component(path, FluxControlNetModel, dtype).eval().requires_grad_(False)
+            network = folder_component(path, FluxControlNetModel, family_dtype(dtype, "flux"))
+            network.eval().requires_grad_(False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path.name}: not a readable diffusers FLUX ControlNet folder ({exc})") from None
         return LoadedControlNet(families.by_name("flux"), network, {"format": "diffusers folder"})
+    dtype = resolve(dtype, None)  # SD3's and the SD UNets' ControlNets: the default dtypes
     if _folder_class(path) == "SD3ControlNetModel":
         from diffusers import SD3ControlNetModel
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from nodes.runtime import precision
+
 if TYPE_CHECKING:
     import torch
 
@@ -180,6 +182,10 @@ class Family:
     #: Whether the network denoises latents with a frame axis [B, C, frames, h, w] (Qwen-Image-Layered's
     #: layers, nodes.latent_layers), which it then requires; every other family takes image latents only.
     layered_latents: bool = False
+    #: The dtypes the network (and the same load's encoders) hold in on a GPU, preferred first: ``--precision
+    #: auto`` takes the first the GPU computes natively (nodes.runtime.precision; ComfyUI's
+    #: ``supported_inference_dtypes``). float16 first for the SD-era UNets.
+    inference_dtypes: tuple[str, ...] = precision.DEFAULT_PREFERENCE
     #: Config entries a ControlNet must share with the model it drives (nodes.control.apply.mismatch).
     controlnet_shared_config: tuple[str, ...] = ("block_out_channels", "layers_per_block", "cross_attention_dim")
 

@@ -37,6 +37,7 @@ from typing import Any
 from nodes.families import flux, masked_t5
 from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 #: Only Chroma's transformer has the approximator; both key layouts name it so.
 APPROXIMATOR = "distilled_guidance_layer."
@@ -76,6 +77,7 @@ class ChromaNetwork(WrappedTransformer):
 
 class Chroma(FlowFamily):
     name = "chroma"
+    inference_dtypes = precision.BF16_THEN_FP16
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "t5", T5_PREFIX),)
     clip_types = ("chroma",)

@@ -30,6 +30,7 @@ from typing import Any
 from nodes.families import flux, flux2
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.runtime import precision
 
 UNET_PREFIX = flux.UNET_PREFIX
 LABEL = "ERNIE-Image"
@@ -67,6 +68,7 @@ class ErnieImageNetwork(WrappedTransformer):
 
 class ErnieImage(FlowFamily):
     name = "ernie_image"
+    inference_dtypes = precision.NO_FP16
     latent = flux2.FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "ministral3", ""),)
     clip_types = ("flux2",)

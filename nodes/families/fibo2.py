@@ -40,6 +40,7 @@ from typing import Any
 from nodes.families import flux2
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.runtime import precision
 
 LABEL = "FIBO 2"
 #: Qwen3-VL ``hidden_states`` indices behind the transformer's six text inputs: the Perceiver's, then
@@ -137,6 +138,7 @@ class Fibo2Network(WrappedTransformer):
 
 class Fibo2(FlowFamily):
     name = "fibo2"
+    inference_dtypes = precision.NO_FP16
     latent = flux2.FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("fibo2",)

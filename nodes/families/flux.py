@@ -34,6 +34,7 @@ from nodes.families import sdxl as sdxl_family
 from nodes.families.base import (ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec,
                                  WrappedTransformer)
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 from nodes.runtime.compiled import eager_while_hooked
 
 #: Original (BFL) key layout: these two only exist in a FLUX transformer.
@@ -162,6 +163,7 @@ def without_guidance(transformer: Any, rows_off: Any) -> Iterator[None]:
 
 class Flux(FlowFamily):
     name = "flux"
+    inference_dtypes = precision.BF16_THEN_FP16
     latent = FLUX_LATENT
     text_encoders = (
         TextEncoderSpec("text_encoder", "tokenizer", "openai", CLIP_L_PREFIX),  # pooler_output, no projection

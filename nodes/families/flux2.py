@@ -35,6 +35,7 @@ from nodes.families import flux, flux_references, reference_kv
 from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
 from nodes.samplers.flow import MU_RULE
+from nodes.runtime import precision
 
 UNET_PREFIX = flux.UNET_PREFIX
 #: Only a FLUX.2 transformer has these (FLUX.1 modulates inside each block): original and diffusers layout.
@@ -165,6 +166,7 @@ def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], 
 
 class Flux2(FlowFamily):
     name = "flux2"
+    inference_dtypes = precision.BF16_THEN_FP16
     latent = FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", UNET_PREFIX),)
     clip_types = ("flux2",)

@@ -30,6 +30,7 @@ from typing import Any
 from nodes.families import flux
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 LABEL = "HiDream-I1"
 #: HiDreamImagePipeline's default max_sequence_length: every encoder's token count.
@@ -88,6 +89,7 @@ class HiDreamNetwork(WrappedTransformer):
 
 class HiDream(FlowFamily):
     name = "hidream"
+    inference_dtypes = precision.NO_FP16
     latent = flux.FLUX_LATENT
     text_encoders = (
         TextEncoderSpec("text_encoder", "tokenizer", "openai", "", pooled=True),

@@ -32,6 +32,7 @@ from typing import Any
 
 from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.runtime import precision
 
 LABEL = "HunyuanImage 2.1"
 #: HunyuanImagePipeline's template and the tokens it drops from the front (``prompt_template_encode_start_idx``).
@@ -98,6 +99,7 @@ class HunyuanImageNetwork(WrappedTransformer):
 
 class HunyuanImage(FlowFamily):
     name = "hunyuan_image"
+    inference_dtypes = precision.NO_FP16
     latent = HUNYUAN_IMAGE_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),
                      TextEncoderSpec("text_encoder_2", "tokenizer_2", "byt5", ""))

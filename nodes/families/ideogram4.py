@@ -34,6 +34,7 @@ from typing import Any
 from nodes.families import flux2, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.runtime import precision
 
 LABEL = "Ideogram 4"
 #: Decoder layers whose outputs Ideogram4Pipeline reads (its QWEN3_VL_ACTIVATION_LAYERS).
@@ -130,6 +131,7 @@ class Ideogram4Network(WrappedTransformer):
 
 class Ideogram4(FlowFamily):
     name = "ideogram4"
+    inference_dtypes = precision.NO_FP16
     latent = flux2.FLUX2_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("ideogram4",)

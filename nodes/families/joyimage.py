@@ -37,6 +37,7 @@ from typing import Any
 from nodes.families import flux, flux_references, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 UNET_PREFIX = flux.UNET_PREFIX
 LABEL = "JoyImage"
@@ -155,6 +156,7 @@ class JoyImageNetwork(WrappedTransformer):
 
 class JoyImage(FlowFamily):
     name = "joyimage"
+    inference_dtypes = precision.NO_FP16
     latent = qwen_image.QWEN_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("joyimage",)

@@ -32,6 +32,7 @@ from typing import Any
 from nodes.families import flux
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width, pooled_projections
+from nodes.runtime import precision
 
 LABEL = "Kandinsky 5"
 #: Kandinsky5T2IPipeline's template and the tokens it drops from the front (its ``prompt_template_encode_start_idx``).
@@ -97,6 +98,7 @@ KANDINSKY5_LATENT = dataclasses.replace(flux.FLUX_LATENT, shift=0.0)
 
 class Kandinsky5(FlowFamily):
     name = "kandinsky5"
+    inference_dtypes = precision.NO_FP16
     latent = KANDINSKY5_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),
                      TextEncoderSpec("text_encoder_2", "tokenizer_2", "openai", flux.CLIP_L_PREFIX))

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 UNET_PREFIX = flux.UNET_PREFIX
 LABEL = "Krea 2"
@@ -95,6 +96,7 @@ class Krea2Network(WrappedTransformer):
 
 class Krea2(FlowFamily):
     name = "krea2"
+    inference_dtypes = precision.BF16_THEN_FP16
     latent = qwen_image.QWEN_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("krea2",)

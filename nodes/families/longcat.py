@@ -32,6 +32,7 @@ from typing import Any, Callable
 from nodes.families import flux, flux_references
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 LABEL = "LongCat-Image"
 PREFIX = ("<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt based on an image "
@@ -107,6 +108,7 @@ class LongCatNetwork(WrappedTransformer):
 
 class LongCat(FlowFamily):
     name = "longcat_image"
+    inference_dtypes = precision.BF16_THEN_FP16
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),)
     clip_types = ("longcat_image",)

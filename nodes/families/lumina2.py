@@ -33,6 +33,7 @@ from typing import Any
 from nodes.families import flux
 from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 #: Gemma's hidden_states index Lumina 2 conditions on.
 LAYER = -2
@@ -98,6 +99,7 @@ def room_for_caption(rope: Any, tokens: int) -> None:
 
 class Lumina2(FlowFamily):
     name = "lumina2"
+    inference_dtypes = precision.NO_FP16
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "gemma2", GEMMA_PREFIX),)
     clip_types = ("lumina2",)

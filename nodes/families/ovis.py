@@ -28,6 +28,7 @@ from typing import Any
 from nodes.families import flux
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 LABEL = "Ovis-Image"
 #: OvisImagePipeline's system line, written before the prompt in the user turn.
@@ -77,6 +78,7 @@ class OvisNetwork(WrappedTransformer):
 
 class Ovis(FlowFamily):
     name = "ovis"
+    inference_dtypes = precision.NO_FP16
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", ""),)
     clip_types = ("ovis",)

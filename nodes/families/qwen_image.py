@@ -35,6 +35,7 @@ from nodes.families import flux, flux_references
 from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.families.sdxl import ChannelLatentFormat
+from nodes.runtime import precision
 
 #: Only Qwen-Image's transformer has the text RMS norm before txt_in (ComfyUI's detection key).
 MARKER = "txt_norm.weight"
@@ -131,6 +132,7 @@ def renormed(guided: "Any", cond: "Any") -> "Any":
 
 class QwenImage(FlowFamily):
     name = "qwen_image"
+    inference_dtypes = precision.NO_FP16
     latent = QWEN_LATENT
     #: Its ControlNets (nodes.control.qwen_image) read the hint as VAE latents; the Fun ones run on the
     #: transformer's own embedders.

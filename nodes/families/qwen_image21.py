@@ -35,6 +35,7 @@ from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.families.sdxl import ChannelLatentFormat
+from nodes.runtime import precision
 
 LABEL = "Qwen-Image 2.1"
 UNET_PREFIX = flux.UNET_PREFIX
@@ -100,6 +101,7 @@ class QwenImage21Network(WrappedTransformer):
 
 class QwenImage21(FlowFamily):
     name = "qwen_image21"
+    inference_dtypes = precision.NO_FP16
     latent = QWEN21_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3-vl", ""),)
     clip_types = ("qwen_image",)

@@ -29,6 +29,7 @@ from typing import Any
 from nodes.families import flux
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.runtime import precision
 
 #: One user turn and the assistant's opening, as Qwen3's chat template renders it (no think block).
 TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -94,6 +95,7 @@ def own_tokens(row: Any, count: "int | None") -> Any:
 
 class ZImage(FlowFamily):
     name = "z-image"
+    inference_dtypes = precision.NO_FP16
     latent = flux.FLUX_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", QWEN3_PREFIX),)
     clip_types = ("lumina2",)

@@ -50,6 +50,19 @@ LEAVE_AFTER_USE = ("text_encoder",)
 DENOISER = "unet"
 
 
+def _computes_bf16(device: str) -> bool:
+    """Whether GPU ``device`` computes bfloat16 natively: CUDA from compute capability 8 (Ampere) on, Apple
+    GPUs from macOS 14; elsewhere bfloat16 would be emulated, slower than float32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+    if device.startswith("mps"):
+        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+        return bool(newer and newer(14, 0))
+    return False
+
+
 def leaves_after_use(name: str, free_bytes: int, pending_bytes: int) -> bool:
     """Whether module ``name`` goes back to the CPU as soon as its use ends.
 
@@ -169,17 +182,25 @@ class ModelManager:
 
     @property
     def dtype(self) -> Any:
-        """The compute dtype (nodes.runtime.precision): by default float16 on a GPU and float32 on the CPU,
-        where half precision is ~80x slower unless the CPU has native bfloat16."""
-        from nodes.runtime.precision import dtype_for
+        """The compute dtype of a load with no family (a VAE, a ControlNet; nodes.runtime.precision): by
+        default float16 on a GPU and float32 on the CPU, where half precision is ~80x slower unless the CPU
+        has native bfloat16."""
+        return self.dtype_rule.for_family(None)
 
-        return dtype_for(self.precision, self.is_gpu)
+    @property
+    def dtype_rule(self) -> Any:
+        """The precision for a loader that learns the family from the file (nodes.runtime.precision.resolve):
+        on a GPU, ``auto`` gives each family the first dtype it holds in that the GPU computes natively."""
+        from nodes.runtime.precision import DtypeRule
 
-    def precision_note(self) -> str:
-        """What ``--precision`` could give on this device, for a loader's message ("" mostly)."""
+        return DtypeRule(self.precision, self.is_gpu, self.is_gpu and _computes_bf16(self.device))
+
+    def precision_note(self, family: Any = None) -> str:
+        """For a loader's message ("" mostly): what ``--precision`` could give on this device, or why the dtype
+        it forced may fail for ``family``."""
         from nodes.runtime.precision import note
 
-        return note(self.precision, self.is_gpu)
+        return note(self.precision, self.is_gpu) + self.dtype_rule.caution(family)
 
     # -- loading -------------------------------------------------------------------
 
@@ -349,7 +370,8 @@ class ModelManager:
         from engine.budget import format_bytes
 
         kept = fp8.widen(unet)
-        return f"{kept} weights upcast to {str(self.dtype).replace('torch.', '')}: {format_bytes(extra)} more fits the RAM budget"
+        dtype = str(fp8.compute_dtype(unet)).replace("torch.", "")
+        return f"{kept} weights upcast to {dtype}: {format_bytes(extra)} more fits the RAM budget"
 
     def _fit_denoiser(self, entry: _Entry, module: Any) -> bool:
         """Place the denoiser about to run by :meth:`offload_plan`, asked again at every use: block by

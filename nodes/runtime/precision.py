@@ -6,9 +6,17 @@ Xeons since Sapphire Rapids multiply bfloat16 natively (AMX), where full-size SD
 7.6 s per image in bf16 against 20.8 s in float32 (bench/cpu_precision.py): on such a CPU
 ``--precision bf16`` is offered in the loaders' messages, not chosen, because float32 is what makes
 Kiln's images equal diffusers' float32 pipelines and bf16 moves them a little (4.5/255 there).
+
+On a GPU, ``auto`` follows the family: each declares the dtypes its network holds in, preferred first
+(``Family.inference_dtypes``, ComfyUI's ``supported_inference_dtypes``), and the first one the GPU computes
+natively is taken. The SD-era UNets keep float16; FLUX and its kin were trained in bfloat16 and take it;
+Qwen-Image, HiDream, Lumina 2, Z-Image and others overflow in float16 (black images) and never get it
+from ``auto``: bfloat16, else float32 on a GPU without bfloat16. The loaders resolve this once they know
+the family (:func:`resolve`), so every module of one load shares one dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -26,13 +34,58 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def dtype_for(mode: str, gpu: bool) -> Any:
-    """The compute dtype of ``mode`` on a GPU (``gpu``) or a CPU."""
+#: The dtypes a network holds in when its family says nothing, preferred first: the SD-era UNets' (ComfyUI's
+#: default), half precision first.
+DEFAULT_PREFERENCE = ("fp16", "bf16", "fp32")
+#: Trained in bfloat16 and tested in float16 too (ComfyUI's list for FLUX and its kin).
+BF16_THEN_FP16 = ("bf16", "fp16", "fp32")
+#: Trained in bfloat16 and known to overflow in float16, or not known to hold there (ComfyUI lists bf16 and
+#: fp32 only for Qwen-Image, HiDream, Lumina 2, HunyuanImage and others).
+NO_FP16 = ("bf16", "fp32")
+
+
+def dtype_for(mode: str, gpu: bool, preferred: tuple[str, ...] = DEFAULT_PREFERENCE, gpu_bf16: bool = True) -> Any:
+    """The compute dtype of ``mode`` on a GPU (``gpu``, ``gpu_bf16``: whether it computes bfloat16
+    natively) or a CPU, for a network that holds in the dtypes ``preferred`` (first is best)."""
     import torch
 
     if mode in DTYPES:
         return getattr(torch, DTYPES[mode])
-    return torch.float16 if gpu else torch.float32
+    if not gpu:
+        return torch.float32
+    usable = next(name for name in (*preferred, "fp32") if name != "bf16" or gpu_bf16)
+    return getattr(torch, DTYPES[usable])
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypeRule:
+    """The model manager's precision, for a loader that learns the family only from the file: passed
+    where a loader takes ``dtype`` and turned into one by :func:`resolve` once the family is known."""
+
+    mode: str
+    gpu: bool
+    gpu_bf16: bool = True
+
+    def for_family(self, family: Any) -> Any:
+        """The dtype every module of ``family``'s load computes in (None: a family-less load)."""
+        preferred = getattr(family, "inference_dtypes", DEFAULT_PREFERENCE)
+        return dtype_for(self.mode, self.gpu, preferred, self.gpu_bf16)
+
+    def caution(self, family: Any) -> str:
+        """", <why this may fail>" for a loader's message where ``--precision`` forced a dtype the family is
+        not known to hold in ("" otherwise)."""
+        preferred = getattr(family, "inference_dtypes", DEFAULT_PREFERENCE)
+        if self.mode not in DTYPES or self.mode in preferred:
+            return ""
+        return (f" (--precision {self.mode}: {getattr(family, 'name', 'this model')} is not known to hold in "
+                f"{DTYPES[self.mode]}, it may overflow into a black image; it runs in "
+                f"{' or '.join(DTYPES[d] for d in preferred)})")
+
+
+def resolve(dtype: Any, family: Any) -> Any:
+    """``dtype`` itself, or where it is a :class:`DtypeRule` (a load through the model manager), the rule's
+    dtype for ``family``: the one place a load's family turns into its dtype."""
+    return dtype.for_family(family) if isinstance(dtype, DtypeRule) else dtype
 
 
 @functools.lru_cache(maxsize=1)
