@@ -135,3 +135,26 @@ def test_the_loader_says_the_dtype_and_warns_where_a_forced_one_may_overflow(roo
     assert "bfloat16 or float32" in forced
     (held,) = _unet_messages(root, tmp_path, "fp16", "tiny-flux-dev.safetensors")  # FLUX holds in float16
     assert " in float16" in held and "overflow" not in held
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI hosts)")
+def test_on_a_cuda_gpu_the_manager_loads_qwen_image_in_bf16_and_sd_in_fp16(root, tiny_models_dir, tmp_path):
+    """The rule as a real GPU manager makes it (bench/gpu/checks.sh runs this where a GPU is lent)."""
+    manager = ModelManager(device="cuda")
+    native = torch.cuda.get_device_capability()[0] >= 8
+    assert manager.dtype_rule == precision.DtypeRule("auto", gpu=True, gpu_bf16=native)
+    shutil.copyfile(Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1"),
+                    root / "checkpoints" / tiny_models.checkpoint_name("sd1"))
+    try:
+        env = Environment(paths=Paths.under(tmp_path, models=root), models=manager)
+        rec = Called()
+        (qwen,) = call(split_loaders.unet_loader, env, rec, unet_name="tiny-qwen_image.safetensors")
+        with qwen.unet() as net:
+            assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if native else torch.float32}
+        from nodes import loaders
+
+        sd1, _, _ = call(loaders.checkpoint_loader, env, rec, ckpt_name=tiny_models.checkpoint_name("sd1"))
+        with sd1.unet() as net:
+            assert {p.dtype for p in net.parameters()} == {torch.float16}
+    finally:
+        manager.unload_all(collect=False)

@@ -6,7 +6,7 @@
 # Logs land in $OUT (at most 8 files come back): one per step, and summary.txt.
 #
 # 1. the CUDA-only tests (skipped on the CPU hosts: device placement, offload in memory mode,
-#    text encoders leaving the GPU, in-place LoRA on a paged model);
+#    text encoders leaving the GPU, in-place LoRA on a paged model, each family in its own dtype);
 # 2. issue 16's GPU figures: full-size SD1.5 at 512 px in float16, Kiln eager and compiled
 #    against diffusers' img2img pipeline, batch 1/2/4 in one job and 1/2/4 queued jobs, each
 #    with its largest pixel difference from the single eager run;
@@ -45,7 +45,7 @@ step() {  # step NAME LIMIT_S COMMAND...: runs it for at most LIMIT_S and what i
 }
 
 step cuda-tests 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_offload.py tests/test_runtime_models.py \
-  tests/test_loaders.py
+  tests/test_loaders.py tests/test_family_precision.py
 step sd15-perf 260 python3 bench/perf_suite.py --device cuda --size full --px 512 --steps 20 --rounds 2 \
   --compile off,on --batches 1,2,4 --queued 1,2,4 --no-startup
 step flux-full 120 python3 bench/flux_memory.py --full-size --device cuda
