@@ -55,8 +55,8 @@ def _computes_bf16(device: str) -> bool:
     GPUs from macOS 14; elsewhere bfloat16 would be emulated, slower than float32."""
     import torch
 
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+    if device.startswith("cuda"):  # a manager named for CUDA on a host without it (tests): no
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
     if device.startswith("mps"):
         newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
         return bool(newer and newer(14, 0))
