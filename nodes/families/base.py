@@ -113,6 +113,10 @@ class WrappedTransformer:
     #: rather than the denoiser before the first call (nodes.families.denoiser._check_width): FLUX's, so a
     #: prompt without the pooled output it needs is named for that first.
     checks_width_in_call: bool = False
+    #: Whether each call takes ``sigma_next``, the noise level the sampler's step heads for (None where no
+    #: schedule is known): a MeanFlow network's second time input. The denoiser finds it on the plan's
+    #: sigmas (nodes.samplers.schedules.next_sigma), so every sampler node gives it alike.
+    reads_next_sigma: bool = False
 
     @property
     def kiln_network(self) -> Any:

@@ -42,7 +42,7 @@ class Denoiser:
                  prediction_type: str = "epsilon", cfg_rescale: float = 0.0, pag_scale: float = 0.0,
                  names: tuple[str, str] = ("positive", "negative"), guidance: tuple = (),
                  always_guided: bool = False, self_attention: Any = None, skip_layers: Any = None,
-                 control: Any = None) -> None:
+                 control: Any = None, sample_sigmas: Any = None) -> None:
         """``schedule``: the model's training schedule (nodes.samplers.schedules.TrainingSchedule),
         which turns timesteps into noise levels for conditionings with timestep ranges;
         ``prediction_type``: what the network predicts (for pixels no conditioning covers);
@@ -55,7 +55,9 @@ class Denoiser:
         ``self_attention``: SelfAttentionGuidance's settings (nodes.families.self_attention), which
         read the unconditional side at cfg 1 too, as ComfyUI's does; ``skip_layers``: skip-layer
         guidance's settings (nodes.families.skip_layers); ``control``: the model's own ControlNet chain
-        (SamplingPatches.model_control), stacked on every conditioning's (nodes.control.apply.with_model_control)."""
+        (SamplingPatches.model_control), stacked on every conditioning's (nodes.control.apply.with_model_control);
+        ``sample_sigmas``: the noise levels the sampler visits (the plan's, its end included), from which a
+        network that reads its step's end (``reads_next_sigma``) is given it (:meth:`next_sigma`)."""
         from nodes.runtime.offload import compute_device
 
         #: Jobs sharing this batch, each with its own prompt (PerJob sides); 1 otherwise.
@@ -81,7 +83,7 @@ class Denoiser:
         self._rules = GuidanceRun(guidance, self.jobs) if guidance else None
         self._args = dict(network=getattr(network, "kiln_network", network), family=family, positive=positive,
                           image_size=image_size, batch=batch, schedule=schedule, prediction_type=prediction_type,
-                          names=names, control=control)
+                          names=names, control=control, sample_sigmas=sample_sigmas)
         self.image_size, self.batch = image_size, batch
         self.positive = cond_rules.entries(positive, names[0])
         self.negative = cond_rules.entries(negative, names[1]) if self.guided else []
@@ -92,6 +94,9 @@ class Denoiser:
         share_with_uncond(self.positive, self.negative)
         with_model_control(self.positive + self.negative, control)
         self.schedule = schedule
+        self.sample_sigmas = sample_sigmas
+        #: Whether each network call is given its step's end, ``sigma_next`` (a MeanFlow network's).
+        self._reads_next = bool(getattr(network, "reads_next_sigma", False))
         #: The network output -> velocity conversion of the model's sampling rule (flow models), or None.
         self._from_network = getattr(schedule, "from_network", None)
         # a flow model's scheduler config names no prediction type; its schedule says it predicts velocity
@@ -146,12 +151,14 @@ class Denoiser:
         from nodes.control.apply import residuals
         from nodes.families.grounding import applied as grounded
 
+        step_end = {"sigma_next": self.next_sigma(t)} if self._reads_next else {}
+
         def compute() -> "torch.Tensor":
             control = residuals(self, x, t, context, extras)
             full = self.family.extra_channels(x, extras)
             with grounded(self, x, extras):
                 out = self.network(full.to(self.dtype), t, encoder_hidden_states=context, return_dict=False,
-                                   **kwargs, **control)[0]
+                                   **kwargs, **control, **step_end)[0]
             return out.to(torch.float32)
 
         if self.network_cache is not None:  # EasyCache may answer from its cache (nodes.families.step_cache)
@@ -340,6 +347,15 @@ class Denoiser:
         with identity_middle_attention(self.network):
             perturbed = self._side("positive").model_output(model_in, t)
         return guided + self.pag_scale * (cond - perturbed)
+
+    def next_sigma(self, t: Any) -> float | None:
+        """The noise level the sampler heads for from timestep ``t`` (schedules.next_sigma on the
+        sample sigmas); None where the loop gave none or the model has no training schedule."""
+        from nodes.samplers.schedules import next_sigma
+
+        if self.sample_sigmas is None or self.schedule is None:
+            return None
+        return next_sigma(self.sample_sigmas, float(self.schedule.sigma(t).reshape(-1)[0]))
 
     def sigma_at_percent(self, percent: float) -> float:
         """ComfyUI's percent -> noise level (schedules.percent_to_sigma) on this model's schedule."""

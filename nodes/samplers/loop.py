@@ -77,7 +77,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                     batch=x.shape[0], schedule=schedule,
                     prediction_type=training_config.get("prediction_type", "epsilon"),
                     cfg_rescale=patches.cfg_rescale, pag_scale=patches.pag_scale, guidance=patches.guidance,
-                    control=patches.model_control, **own)
+                    control=patches.model_control, sample_sigmas=plan.sigmas, **own)
     cache = None if patches.step_cache is None else \
         patches.step_cache.start(schedule, training_config.get("prediction_type", "epsilon"))
     step_params = inspect.signature(sched.step).parameters

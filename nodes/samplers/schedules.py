@@ -128,6 +128,25 @@ def percent_to_sigma(schedule: Any, percent: float) -> float:
     return float(schedule.sigma((1.0 - percent) * (len(schedule.sigmas) - 1)))
 
 
+def next_sigma(sigmas: "torch.Tensor | None", sigma: float) -> float | None:
+    """The noise level a sampler heads for from ``sigma``, on the levels it visits (``sigmas``, the
+    plan's list, its end included): the entry after the one equal to ``sigma``, or 0 past the last.
+    A level the list does not hold (a multi-stage sampler's intermediate evaluation, an adaptive
+    stepper's own step) heads for the first entry below it (0 when none is). None: no list known.
+
+    What a network conditioned on its step's end reads (a MeanFlow model's second time input:
+    HunyuanImage 2.1's distilled one, nodes.families.hunyuan_image): the denoiser hands it to the
+    networks that ask (``WrappedTransformer.reads_next_sigma``), whichever sampler node runs them."""
+    if sigmas is None or len(sigmas) == 0:
+        return None
+    levels = [float(s) for s in sigmas.reshape(-1)]
+    tol = 1e-5 * max(abs(sigma), 1e-3)  # the round trip sigma -> timestep -> sigma in float32
+    for i, level in enumerate(levels):
+        if abs(level - sigma) <= tol:
+            return levels[i + 1] if i + 1 < len(levels) else 0.0
+    return next((level for level in levels if level < sigma), 0.0)
+
+
 def training_schedule(config: Mapping[str, Any]) -> Any:
     """The model's training schedule (timestep <-> noise level): a flow model's own
     (:class:`nodes.samplers.flow.FlowSchedule`), a continuous-EDM model's
