@@ -6,7 +6,9 @@ original layout (bare and under ``model.diffusion_model.``), Qwen2.5-VL as Comfy
 ByT5 with T5's names, the VAE in its original layout. ComfyUI's graph (UNETLoader, DualCLIPLoader type
 hunyuan_image, VAELoader, EmptyHunyuanImageLatent, CLIPTextEncode, KSampler euler/simple with a negative
 at cfg > 1, VAEDecode) equals the pipeline's image within 1/255, the pipeline handed Kiln's seeded noise
-and a plain-CFG guider.
+and a plain-CFG guider. The guidance-distilled variant (guidance_in, time_r_in) with FluxGuidance at cfg 1,
+through KSampler and SamplerCustomAdvanced, equals the pipeline at its distilled_guidance_scale, the MeanFlow
+``timestep_r`` being the next step's timestep.
 """
 from __future__ import annotations
 
@@ -215,21 +217,139 @@ def test_a_refiner_is_refused_by_name(registry, env, root):
     assert (node, kind, name) == ("1", "UNETLoader", "unet_name") and "refiner" in message
 
 
-def test_the_distilled_variant_loads_with_its_guidance_embedder(registry, env, root):
-    """guidance_in and time_r_in read from the shapes; the graph runs (not compared: MeanFlow's second time
-    input is not passed, see the README)."""
+DISTILLED = "tiny-hunyuan-distilled.safetensors"
+#: The offsets of the distilled file's guidance_in and time_r_in from time_in (each embedder its own weights).
+DISTILLED_OFFSETS = {"guidance_in": 0.01, "time_r_in": -0.02}
+
+
+def _save_distilled(root) -> str:
+    """The tiny transformer with the distilled model's guidance_in and time_r_in (time_in's weights offset)."""
     from flow_family_files import save_state
 
     state = tiny_hunyuan_image.transformer_state()
-    for name in ("guidance_in", "time_r_in"):
-        state |= {k.replace("time_in", name): v.clone() + 0.01 for k, v in state.items() if k.startswith("time_in.")}
-    save_state(root / "diffusion_models" / "tiny-hunyuan-distilled.safetensors", state)
-    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-hunyuan-distilled.safetensors")
+    for name, offset in DISTILLED_OFFSETS.items():
+        state |= {k.replace("time_in", name): v.clone() + offset for k, v in state.items() if k.startswith("time_in.")}
+    save_state(root / "diffusion_models" / DISTILLED, state)
+    return DISTILLED
+
+
+def _distilled_reference(prompt: str, seed: int, steps: int, guidance: float) -> np.ndarray:
+    """HunyuanImagePipeline's image on the distilled transformer built by diffusers (``guidance_embeds``,
+    ``use_meanflow``; its embedders' weights as :func:`_save_distilled` writes them, in diffusers' names),
+    with no CFG guider (the distilled model's default) and ``distilled_guidance_scale``."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    base = tiny_hunyuan_image.components()["transformer"]
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}  # _use_default_values would undo them
+    net = HunyuanImageTransformer2DModel(**config | {"guidance_embeds": True, "use_meanflow": True})
+    state = dict(base.state_dict())
+    embedder = "time_guidance_embed.timestep_embedder."
+    for name, offset in (("guidance_embedder.", DISTILLED_OFFSETS["guidance_in"]),
+                         ("timestep_embedder_r.", DISTILLED_OFFSETS["time_r_in"])):
+        state |= {k.replace("timestep_embedder.", name): v.clone() + offset for k, v in base.state_dict().items()
+                  if k.startswith(embedder)}
+    net.load_state_dict(state, strict=True)
+    net.eval().requires_grad_(False)
+    from flow_family_files import quiet_pipeline
+
+    pipe = quiet_pipeline("HunyuanImagePipeline", {**tiny_hunyuan_image.components(), "transformer": net}, guider=None)
+    cells = SIZE // 32
+    noise = torch.randn((1, 64, cells, cells), generator=torch.Generator("cpu").manual_seed(seed))
+    with torch.no_grad():
+        return pipe(prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=steps, latents=noise,
+                    distilled_guidance_scale=guidance, output_type="np").images
+
+
+def _with_guidance(graph: dict, guidance: float) -> dict:
+    """``graph`` with FluxGuidance on the positive prompt (the distilled model's guidance value)."""
+    graph["10"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": guidance}}
+    graph["5"]["inputs"]["positive"] = ["10", 0]
+    return graph
+
+
+def _custom_graph(prompt: str, seed: int, steps: int, guidance: float, unet: str) -> dict:
+    """The same with ComfyUI's custom-sampling nodes (BasicGuider, KSamplerSelect euler, BasicScheduler
+    simple, RandomNoise, SamplerCustomAdvanced)."""
+    graph = _with_guidance(_graph(prompt, NEGATIVE, seed, steps, 1.0, unet=unet), guidance)
+    del graph["5"], graph["3"]
+    graph |= {
+        "11": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["10", 0]}},
+        "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "13": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": steps,
+                                                          "denoise": 1.0}},
+        "14": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "5": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["14", 0], "guider": ["11", 0],
+                                                                "sampler": ["12", 0], "sigmas": ["13", 0],
+                                                                "latent_image": ["4", 0]}},
+    }
+    return graph
+
+
+def test_the_distilled_variant_loads_with_its_guidance_embedder(env, root):
+    """guidance_in and time_r_in read from the shapes: diffusers' ``guidance_embeds`` and ``use_meanflow``."""
+    (model,) = call(split_loaders.unet_loader, env, unet_name=_save_distilled(root))
     with model._use_unet() as net:
         assert net.config.guidance_embeds and net.config.use_meanflow
-    graph = _graph(PROMPT, NEGATIVE, 1, 2, 1.0, unet="tiny-hunyuan-distilled.safetensors")
-    image = run(registry, env, parse(graph)).results["6"][0].numpy()
-    assert np.isfinite(image).all()
+
+
+def test_the_distilled_graph_equals_the_pipeline_with_the_next_timestep_as_timestep_r(registry, env, root,
+                                                                                      monkeypatch):
+    """KSampler euler/simple at cfg 1 with FluxGuidance 4.5: the pipeline at distilled_guidance_scale 4.5, whose
+    MeanFlow ``timestep_r`` is the next step's timestep (0 at the last). Not vacuous: with ``timestep_r`` equal
+    to ``timestep``, or none, the image is far from the pipeline's; another guidance changes it."""
+    from nodes.families.denoiser import Denoiser
+    from nodes.families.hunyuan_image import HunyuanImageNetwork
+
+    unet = _save_distilled(root)
+    graph = _with_guidance(_graph(PROMPT, NEGATIVE, 3, 4, 1.0, unet=unet), 4.5)
+    ours = run(registry, env, parse(graph)).results["6"][0].numpy()
+    theirs = _distilled_reference(PROMPT, 3, 4, 4.5)
+    gap = np.abs(ours - theirs).max()
+    print(f"hunyuan_image distilled gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255, gap
+    other_guidance = _with_guidance(_graph(PROMPT, NEGATIVE, 3, 4, 1.0, unet=unet), 2.0)
+    assert np.abs(ours - run(registry, env, parse(other_guidance)).results["6"][0].numpy()).max() > 0.01
+    with monkeypatch.context() as patched:  # timestep_r = timestep: the current sigma as the step's end
+        patched.setattr(Denoiser, "next_sigma", lambda self, t: float(self.schedule.sigma(t).reshape(-1)[0]))
+        same_time = run(registry, env, parse(graph)).results["6"][0].numpy()
+    with monkeypatch.context() as patched:  # no timestep_r at all (Kiln before the step's end was passed)
+        patched.setattr(HunyuanImageNetwork, "reads_next_sigma", property(lambda self: False))
+        without = run(registry, env, parse(graph)).results["6"][0].numpy()
+    for name, image in (("timestep_r = timestep", same_time), ("no timestep_r", without)):
+        wrong = np.abs(image - theirs).max()
+        print(f"hunyuan_image distilled, {name}: gap {wrong * 255:.3f}/255")
+        assert wrong > 10 / 255, (name, wrong)
+
+
+def test_the_distilled_custom_sampling_graph_equals_the_pipeline(registry, env, root):
+    """SamplerCustomAdvanced (BasicGuider, euler, BasicScheduler simple) gives the step's end as KSampler does."""
+    unet = _save_distilled(root)
+    ours = run(registry, env, parse(_custom_graph(PROMPT, 5, 3, 3.25, unet))).results["6"][0].numpy()
+    gap = np.abs(ours - _distilled_reference(PROMPT, 5, 3, 3.25)).max()
+    print(f"hunyuan_image distilled custom sampling gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255, gap
+
+
+def test_a_multi_stage_sampler_gives_each_evaluation_the_level_after_its_own(registry, env, root, monkeypatch):
+    """KSampler heun (two evaluations a step) at cfg 2 on the distilled model: each call's ``sigma_next`` is the
+    grid's level after the one it is evaluated at (0 after the last), as nodes.samplers.schedules.next_sigma says."""
+    from nodes.families.hunyuan_image import HunyuanImageNetwork
+
+    seen: list[tuple[float, float]] = []
+    original = HunyuanImageNetwork.__call__
+
+    def spy(self, x, t, encoder_hidden_states, sigma_next=None, **kwargs):
+        seen.append((float(torch.as_tensor(t).reshape(-1)[0]) / 1000.0, sigma_next))
+        return original(self, x, t, encoder_hidden_states, sigma_next=sigma_next, **kwargs)
+
+    monkeypatch.setattr(HunyuanImageNetwork, "__call__", spy)
+    graph = _with_guidance(_graph(PROMPT, NEGATIVE, 3, 3, 2.0, unet=_save_distilled(root)), 3.0)
+    graph["5"]["inputs"]["sampler_name"] = "heun"
+    run(registry, env, parse(graph))
+    grid = sorted({round(s, 5) for s, _ in seen} | {0.0}, reverse=True)
+    assert len(seen) > 3 and len(grid) == 4, seen  # more calls than steps, at the 3 levels
+    for sigma, after in seen:
+        assert after is not None and abs(after - grid[grid.index(round(sigma, 5)) + 1]) < 1e-4, (sigma, after)
 
 
 def test_rows_with_and_without_glyph_text_in_one_call_equal_their_own_calls(env):

@@ -19,7 +19,10 @@ What it shares and what differs, and where it lives:
 * **Guidance.** Real CFG: KSampler's ``cfg`` is the pipeline's classifier-free guidance scale (its default
   guider, AdaptiveProjectedMixGuidance, is plain CFG when its adaptive projection is off, as in the parity
   test). The guidance-distilled model's embedder reads the conditioning's ``guidance`` (FluxGuidance) in
-  1000ths as the pipeline's ``distilled_guidance_scale``; its MeanFlow second time input is not passed.
+  1000ths as the pipeline's ``distilled_guidance_scale``. Its MeanFlow second time input ``timestep_r`` is
+  the step's end, the next timestep of the sampler's schedule (0 at the last step), as the pipeline passes
+  it: the denoiser finds it on the plan's sigmas for any sampler node (``reads_next_sigma``,
+  nodes.samplers.schedules.next_sigma).
 * **Model sampling.** FlowMatchEuler at a constant shift of :data:`SHIFT` on the pipeline's grid
   (``linspace(1, 0, N + 1)[:-1]``, shifted: Kiln's default flow grid).
 * **Latents.** 64 channels, 32 pixels a cell, model = raw * 0.75289 (the VAE's ``scaling_factor``; no
@@ -72,10 +75,18 @@ class HunyuanImageNetwork(WrappedTransformer):
     def text_width(self) -> int:
         return int(self.transformer.config.text_embed_dim)
 
+    @property
+    def reads_next_sigma(self) -> bool:
+        """The distilled model's MeanFlow embedder (``time_r_in``) reads the step's end."""
+        return bool(getattr(self.transformer.config, "use_meanflow", False))
+
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 byt5: "Any" = None, byt5_mask: "Any" = None, guidance: "Any" = None, **kwargs: Any) -> tuple:
+                 byt5: "Any" = None, byt5_mask: "Any" = None, guidance: "Any" = None,
+                 sigma_next: float | None = None, **kwargs: Any) -> tuple:
         """``byt5``/``byt5_mask``: [B, tokens, width] / [B, tokens] of the rows' glyph text (padding masked),
-        or None when no row has one (:meth:`HunyuanImage.network_kwargs`)."""
+        or None when no row has one (:meth:`HunyuanImage.network_kwargs`). ``sigma_next``: the noise level
+        the step heads for, the MeanFlow model's ``timestep_r`` in 1000ths as the pipeline passes the next
+        timestep (0 at the last step); None (no schedule known, e.g. a direct call) passes none."""
         import torch
 
         b = x.shape[0]
@@ -88,6 +99,9 @@ class HunyuanImageNetwork(WrappedTransformer):
         if byt5 is not None and self.transformer.context_embedder_2 is not None:
             extra = {"encoder_hidden_states_2": byt5.to(self.device, self.dtype),
                      "encoder_attention_mask_2": byt5_mask.to(self.device)}
+        if sigma_next is not None and self.reads_next_sigma:
+            extra["timestep_r"] = torch.full((b,), float(sigma_next) * 1000.0, dtype=torch.float32,
+                                             device=self.device).to(self.dtype)
         if self.transformer.config.guidance_embeds:
             extra["guidance"] = (guidance if guidance is not None else torch.full((b,), DEFAULT_GUIDANCE)) \
                 .to(self.device, self.dtype) * 1000.0
