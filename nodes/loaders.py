@@ -125,7 +125,8 @@ def prefetcher(folder: Folders, input_name: str, kind: str, load: Callable[[Path
 def _load_checkpoint(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.load import load_checkpoint
 
-    return widened(load_checkpoint(path, manager.dtype_rule, offload=manager.plan_for_load), manager)
+    rule = manager.dtype_rule
+    return widened(load_checkpoint(path, rule, vae_dtype=rule.for_vae(), offload=manager.plan_for_load), manager)
 
 
 def widened(loaded: Any, manager: ModelManager) -> Any:
@@ -292,7 +293,7 @@ def diffusers_loader(ctx, model_path: str):
 def _load_vae(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.vae_file import load_vae_file
 
-    return load_vae_file(path, manager.dtype)
+    return load_vae_file(path, manager.dtype_rule.for_vae() or manager.dtype)
 
 
 @define_node(

@@ -72,6 +72,13 @@ def test_auto_gives_each_family_its_first_dtype_the_gpu_computes():
         assert family.inference_dtypes[-1] == "fp32" and set(family.inference_dtypes) <= set(precision.DTYPES)
 
 
+def test_vaes_decode_in_bf16_on_a_gpu_else_float32_never_float16():
+    assert GPU.for_vae() is torch.bfloat16 and OLD_GPU.for_vae() is torch.float32
+    # elsewhere the loader's own choice stands: the model's dtype, float32 where the VAE's config asks
+    assert precision.DtypeRule("auto", gpu=False).for_vae() is None
+    assert precision.DtypeRule("fp16", gpu=True).for_vae() is None
+
+
 def test_a_plain_dtype_passes_through_and_a_cpu_manager_gives_float32():
     assert precision.resolve(torch.float32, families.by_name("qwen_image")) is torch.float32
     manager = ModelManager(device="cpu")
@@ -98,8 +105,9 @@ def test_text_encoders_load_in_their_familys_dtype(root):
 
 
 def test_checkpoints_and_pipeline_folders_load_every_module_in_the_familys_dtype(root, tiny_models_dir):
-    sd1 = load_checkpoint(Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1"), GPU)
-    assert _dtypes(sd1)["unet"] == {torch.float16}
+    sd1 = load_checkpoint(Path(tiny_models_dir) / "checkpoints" / tiny_models.checkpoint_name("sd1"), GPU,
+                          vae_dtype=GPU.for_vae())  # as the CheckpointLoader node passes it
+    assert _dtypes(sd1)["unet"] == {torch.float16} and _dtypes(sd1)["vae"] == {torch.bfloat16}
     aio = load_checkpoint(root / "checkpoints" / "tiny-flux-dev-aio.safetensors", GPU)
     assert _dtypes(aio)["unet"] == {torch.bfloat16}
     folder = load_checkpoint(root / "checkpoints" / "tiny-qwen-image-diffusers", GPU)
@@ -138,7 +146,7 @@ def test_the_loader_says_the_dtype_and_warns_where_a_forced_one_may_overflow(roo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI hosts)")
-def test_on_a_cuda_gpu_the_manager_loads_qwen_image_in_bf16_and_sd_in_fp16(root, tiny_models_dir, tmp_path):
+def test_on_a_cuda_gpu_the_manager_loads_qwen_image_in_bf16_and_sd_in_fp16_with_a_bf16_vae(root, tiny_models_dir, tmp_path):
     """The rule as a real GPU manager makes it (bench/gpu/checks.sh runs this where a GPU is lent)."""
     manager = ModelManager(device="cuda")
     native = torch.cuda.get_device_capability()[0] >= 8
@@ -153,8 +161,10 @@ def test_on_a_cuda_gpu_the_manager_loads_qwen_image_in_bf16_and_sd_in_fp16(root,
             assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if native else torch.float32}
         from nodes import loaders
 
-        sd1, _, _ = call(loaders.checkpoint_loader, env, rec, ckpt_name=tiny_models.checkpoint_name("sd1"))
+        sd1, _, vae = call(loaders.checkpoint_loader, env, rec, ckpt_name=tiny_models.checkpoint_name("sd1"))
         with sd1.unet() as net:
             assert {p.dtype for p in net.parameters()} == {torch.float16}
+        with vae.module() as net:
+            assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if native else torch.float32}
     finally:
         manager.unload_all(collect=False)

@@ -12,7 +12,9 @@ On a GPU, ``auto`` follows the family: each declares the dtypes its network hold
 natively is taken. The SD-era UNets keep float16; FLUX and its kin were trained in bfloat16 and take it;
 Qwen-Image, HiDream, Lumina 2, Z-Image and others overflow in float16 (black images) and never get it
 from ``auto``: bfloat16, else float32 on a GPU without bfloat16. The loaders resolve this once they know
-the family (:func:`resolve`), so every module of one load shares one dtype.
+the family (:func:`resolve`), so every module of one load shares one dtype. A VAE loaded by VAELoader or
+from an SD 1.x/2.x/SDXL checkpoint decodes in bfloat16 there (float32 without it), never float16, as in
+ComfyUI: SDXL's VAE overflows in float16.
 """
 from __future__ import annotations
 
@@ -71,6 +73,14 @@ class DtypeRule:
         preferred = getattr(family, "inference_dtypes", DEFAULT_PREFERENCE)
         return dtype_for(self.mode, self.gpu, preferred, self.gpu_bf16)
 
+    def for_vae(self) -> Any:
+        """The dtype VAEs decode in under ``auto`` on a GPU (bfloat16, else float32: :data:`VAE_PREFERENCE`);
+        None elsewhere, where the loader's own choice stands (the model's dtype, float32 for a VAE whose
+        config asks, SDXL's)."""
+        if self.mode != "auto" or not self.gpu:
+            return None
+        return dtype_for(self.mode, self.gpu, VAE_PREFERENCE, self.gpu_bf16)
+
     def caution(self, family: Any) -> str:
         """", <why this may fail>" for a loader's message where ``--precision`` forced a dtype the family is
         not known to hold in ("" otherwise)."""
@@ -80,6 +90,11 @@ class DtypeRule:
         return (f" (--precision {self.mode}: {getattr(family, 'name', 'this model')} is not known to hold in "
                 f"{DTYPES[self.mode]}, it may overflow into a black image; it runs in "
                 f"{' or '.join(DTYPES[d] for d in preferred)})")
+
+
+#: The dtypes a VAE decodes in on a GPU under ``auto`` (ComfyUI's rule for every VAE): SDXL's overflows in
+#: float16, and a VAE file alone does not say which family's it is.
+VAE_PREFERENCE = NO_FP16
 
 
 def resolve(dtype: Any, family: Any) -> Any:
