@@ -144,20 +144,9 @@ def round_to_multiple(value: int, multiple: int) -> int:
     return max(multiple, (int(value) + multiple // 2) // multiple * multiple)
 
 
-def _parse_colour(text: str) -> tuple[float, float, float] | None:
-    text = text.strip().lstrip("#")
-    if len(text) == 3:
-        text = "".join(c * 2 for c in text)
-    if len(text) != 6:
-        return None
-    try:
-        return tuple(int(text[i:i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
-    except ValueError:
-        return None
-
-
 def _resize_validate(env: Environment, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
-    if _parse_colour(str(inputs.get("pad_color", "#000000"))) is None:
+    # pad_color is text (a STRING link may feed it) read by the COLOR values' one rule, T.parse_color
+    if T.parse_color(inputs.get("pad_color", "#000000")) is None:
         return [("pad_color", f"'{inputs.get('pad_color')}' is not a colour; write it as #rrggbb")]
     return []
 
@@ -229,11 +218,11 @@ def image_resize(ctx, image, width: int, height: int, mode: str, multiple_of: st
         scale = min(out_w / src_w, out_h / src_h)
         sw, sh = min(out_w, max(1, round(src_w * scale))), min(out_h, max(1, round(src_h * scale)))
         scaled = resize_pixels(image, sh, sw)
-        colour = _parse_colour(pad_color)
+        colour = T.parse_color(pad_color)
         if colour is None:
             raise NodeError(f"'{pad_color}' is not a colour; write it as #rrggbb", "pad_color")
         channels = image.shape[3]
-        fill = torch.tensor((list(colour) + [1.0] * channels)[:channels], dtype=image.dtype)
+        fill = torch.tensor(([c / 255.0 for c in colour] + [1.0] * channels)[:channels], dtype=image.dtype)
         result = fill.expand(image.shape[0], out_h, out_w, channels).clone()
         top, left = (out_h - sh) // 2, (out_w - sw) // 2
         result[:, top:top + sh, left:left + sw, :] = scaled

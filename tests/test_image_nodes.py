@@ -263,9 +263,11 @@ def test_resize_rounds_to_multiples_and_says_so(registry, env):
     assert (w, h) == (48, 40) and "50x38 rounded to a multiple of 8" in message
 
 
-def test_bad_pad_colour_fails_validation(registry, env):
+@pytest.mark.parametrize("colour", ["reddish", "#fff", "ff0000", " #ff0000"])
+def test_bad_pad_colour_fails_validation(registry, env, colour):
+    """pad_color is read by the COLOR values' one rule (engine.types.parse_color): #rrggbb, nothing looser."""
     with pytest.raises(WorkflowInvalid) as info:
-        _resize(registry, env, pad_color="reddish", mode="pad")
+        _resize(registry, env, pad_color=colour, mode="pad")
     assert [(e.node_id, e.input_name) for e in info.value.errors] == [("2", "pad_color")]
 
 
