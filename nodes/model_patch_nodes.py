@@ -34,23 +34,25 @@ def _patches(env: Any) -> list[str]:
 
 
 def load_model_patch(path: Any, dtype: Any) -> Any:
-    """The model manager's loader: a file ComfyUI's ModelPatchLoader reads, if Kiln runs its kind."""
+    """The model manager's loader: a file ComfyUI's ModelPatchLoader reads, if Kiln runs its kind, in the dtype
+    of the family it patches (``dtype`` may be the manager's rule: nodes.runtime.precision.resolve)."""
     from nodes.checkpoint.load import CheckpointError, read_state_dict
     from nodes.control import blockwise
     from nodes.control import z_image as fun
     from nodes import uso
     from nodes.control.load import LoadedControlNet
     from nodes.families import flux, qwen_image, z_image
+    from nodes.runtime.precision import resolve
 
     state = read_state_dict(path)
     if uso.is_uso_projector(state):
-        network, info = uso.load(state, path.name, dtype)
+        network, info = uso.load(state, path.name, resolve(dtype, flux.FAMILY))
         family = flux.FAMILY
     elif fun.is_fun_controlnet(state):
-        network, info = fun.load(state, path.name, dtype)
+        network, info = fun.load(state, path.name, resolve(dtype, z_image.FAMILY))
         family = z_image.FAMILY
     elif blockwise.is_blockwise(state):
-        network, info = blockwise.load(state, path.name, dtype)
+        network, info = blockwise.load(state, path.name, resolve(dtype, qwen_image.FAMILY))
         family = qwen_image.FAMILY
     else:
         keys = sorted(state)
@@ -80,7 +82,7 @@ def model_patch_loader(ctx, name: str):
 
     path = locate(ctx.env, MODEL_PATCH_FOLDER, name, "name")
     manager = model_manager(ctx.env)
-    loader = functools.partial(lambda p, m: load_model_patch(p, m.dtype), path)
+    loader = functools.partial(lambda p, m: load_model_patch(p, m.dtype_rule), path)
     loaded, handle = held_controlnet(manager, file_key(path, "model_patch"), loader, name, "name")
     ctx.message(f"{name}: {loaded.info.get('format')}, on {manager.device}")
     return (handle,)

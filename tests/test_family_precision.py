@@ -42,9 +42,14 @@ def _make(root: Path) -> Path:
 
     tiny_flux.make_models_folder(root)
     tiny_qwen_image.make_models_folder(root)
+    from test_qwen_image_blockwise import patch_state
+
     (root / "controlnet").mkdir()
     save_file({k: v.contiguous() for k, v in tiny_controlnet().state_dict().items()},
               str(root / "controlnet" / "tiny-flux-controlnet.safetensors"))
+    (root / "model_patches").mkdir()
+    save_file({k: v.contiguous() for k, v in patch_state().items()},
+              str(root / "model_patches" / "tiny-qwen-blockwise.safetensors"))
     return root
 
 
@@ -122,6 +127,15 @@ def test_a_controlnet_loads_in_the_dtype_of_the_family_it_drives(root):
 
     loaded = load_controlnet(root / "controlnet" / "tiny-flux-controlnet.safetensors", GPU)
     assert loaded.family.name == "flux" and {p.dtype for p in loaded.network.parameters()} == {torch.bfloat16}
+
+
+def test_a_model_patch_loads_in_the_dtype_of_the_family_it_patches(root):
+    from nodes.model_patch_nodes import load_model_patch
+
+    path = root / "model_patches" / "tiny-qwen-blockwise.safetensors"  # DiffSynth's Qwen-Image ControlNet
+    for rule, dtype in ((GPU, torch.bfloat16), (OLD_GPU, torch.float32)):
+        loaded = load_model_patch(path, rule)
+        assert loaded.family.name == "qwen_image" and {p.dtype for p in loaded.network.parameters()} == {dtype}
 
 
 def _unet_messages(root: Path, tmp_path: Path, mode: str, name: str) -> list[str]:
