@@ -138,7 +138,7 @@ def _use_head(manager: ModelManager, key: tuple, paths: list[Path], family: Any,
         yield None
         return
     name = f"{module}.lm_head"
-    with manager.use((*key, name), name, lambda m: {name: build_head(path, m.dtype)}) as head:
+    with manager.use((*key, name), name, lambda m: {name: build_head(path, m.dtype_rule.for_family(family))}) as head:
         yield head
 
 
