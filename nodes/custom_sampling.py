@@ -259,7 +259,7 @@ def sampler_custom_advanced(ctx, noise, guider, sampler, sigmas, latent_image):
 
     if not isinstance(noise, Noise):
         raise NodeError(f"expected NOISE (RandomNoise or DisableNoise), got {type(noise).__name__}", "noise")
-    return sample(ctx, _guider(guider), _sampler(sampler), sigmas, latent_image, noise)
+    return sample(ctx, _guider(guider), _sampler(sampler), sigmas, latent_image, noise, model_input="guider")
 
 
 @define_node("SamplerCustom", category="sampling/custom_sampling",

@@ -146,7 +146,14 @@ def vae_decode(ctx, samples, vae: VaeHandle):
     if latent.shape[1] != vae.latent_channels:
         raise NodeError(f"the latent has {latent.shape[1]} channels but this VAE expects {vae.latent_channels}",
                         input_name="samples")
+    if not torch.isfinite(latent).all():
+        raise NodeError("the latent holds NaN or infinite values: the sampler that made it diverged",
+                        input_name="samples")
     note = getattr(vae, "compile_note", lambda: None)()
     if note:
         ctx.message(note)
-    return (vae.decode(latent),)
+    image = vae.decode(latent)
+    if not torch.isfinite(image).all():  # a black image otherwise; float16 is the usual cause
+        raise NodeError("the VAE decoded NaN or infinite pixels: VAEs can overflow in float16 (SDXL's does); "
+                        "--precision bf16 or fp32 avoids it", input_name="vae")
+    return (image,)

@@ -126,8 +126,9 @@ def check_latent(latent: Any, input_name: str = "latent_image") -> "torch.Tensor
 
 def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: dict, noise: Noise, *,
            sigmas_input: str = "sigmas", latent_input: str = "latent_image",
-           sampler_input: str = "sampler") -> tuple[dict, dict]:
-    """Denoise ``latent`` over ``sigmas``; returns (output, denoised_output) LATENTs.
+           sampler_input: str = "sampler", model_input: str = "model") -> tuple[dict, dict]:
+    """Denoise ``latent`` over ``sigmas``; returns (output, denoised_output) LATENTs. The ``*_input`` names
+    are the calling node's inputs that errors name (SamplerCustomAdvanced's model comes on ``guider``).
 
     ``output`` is the state at the last sigma (with leftover noise when that is not 0);
     ``denoised_output`` the model's clean-latent prediction at the last step.
@@ -219,8 +220,8 @@ def sample(ctx: Any, guider: Guider, spec: Any, sigmas: "torch.Tensor", latent: 
                               training_config=model.scheduler_config, image_size=image_size,
                               progress=ctx.progress, check_interrupted=ctx.check_interrupted, denoised=denoised,
                               previews=ctx.wants_previews, say=ctx.message, hold=hold, patches=model.patches, dual=dual)
-    except loop.ConditioningError as exc:
-        raise NodeError(str(exc), exc.input_name) from None
+    except loop.ConditioningError as exc:  # the model's patches, or the model diverging (loop.Diverged)
+        raise NodeError(str(exc), model_input if exc.input_name == "model" else exc.input_name) from None
     result = sampling.from_state(sched, result, float(sigmas[-1]))
     out = {k: v for k, v in given.items() if k not in NOISE_KEYS}
     final = model.latent.from_model(result).to("cpu", torch.float32)

@@ -21,7 +21,21 @@ from nodes.samplers.preview import make_preview
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ConditioningError", "run"]
+__all__ = ["ConditioningError", "Diverged", "run"]
+
+
+class Diverged(ConditioningError):
+    """The latent became NaN or infinite while sampling: a black image if it went on. Raised at the first
+    report that shows it (no extra device sync: the preview is on the CPU by then), else after the last step,
+    naming the step and the dtype the model computes in (float16 overflows for some models)."""
+
+    def __init__(self, step: int, total: int, dtype: Any) -> None:
+        name = str(dtype).replace("torch.", "")
+        why = (" float16 overflows for some models (Qwen-Image, HiDream, Lumina 2, some fine-tunes): run with "
+               "--precision bf16 or fp32" if name == "float16" else
+               " its weights (a LoRA, a merge) or its conditioning may hold NaN or infinite values")
+        super().__init__(f"the latent became NaN or infinite by step {step} of {total}, computing in {name}:{why}",
+                         "model")
 
 ProgressFn = Callable[[int, int, Any], None]
 
@@ -111,15 +125,17 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
             if not previews:
                 progress(i + 1, len(plan.timesteps), None)
                 continue
-            staged = (i + 1, *_stage(_shown(result, sched, x), jobs))
+            staged = (i + 1, *_stage(_shown(result, sched, x), jobs, x))
             if staged[2] is None:
-                _report(staged, len(plan.timesteps), latent, progress)
+                _report(staged, len(plan.timesteps), latent, progress, denoiser.dtype)
                 continue
             if pending is not None:
-                _report(pending, len(plan.timesteps), latent, progress)
+                _report(pending, len(plan.timesteps), latent, progress, denoiser.dtype)
             pending = staged
     if pending is not None:
-        _report(pending, len(plan.timesteps), latent, progress)
+        _report(pending, len(plan.timesteps), latent, progress, denoiser.dtype)
+    if not torch.isfinite(x).all():  # the caller reads x anyway: one sync it would make
+        raise Diverged(len(plan.timesteps), len(plan.timesteps), denoiser.dtype)
     if cache is not None and say is not None:
         say(cache.summary())
     return x
@@ -165,9 +181,10 @@ def _shown(result: Any, sched: Any, x: "torch.Tensor") -> "torch.Tensor":
     return shown
 
 
-def _stage(shown: "torch.Tensor", jobs: int = 1) -> tuple["torch.Tensor", Any]:
+def _stage(shown: "torch.Tensor", jobs: int, x: "torch.Tensor") -> tuple["torch.Tensor", Any, "torch.Tensor"]:
     """Start moving each job's first image (batch item 0 of a single job) to the CPU:
-    (tensor [jobs, C, h, w], CUDA event to wait for, or None).
+    (tensor [jobs, C, h, w], CUDA event to wait for, or None, whether the latent ``x`` is all finite: a
+    0-d tensor copied behind the same event, which the report checks).
 
     Reading a CUDA tensor right away would stall the CPU until the step finishes,
     so the next step's kernels could not be queued meanwhile: measured on an H100
@@ -178,18 +195,22 @@ def _stage(shown: "torch.Tensor", jobs: int = 1) -> tuple["torch.Tensor", Any]:
     import torch
 
     item = shown[::shown.shape[0] // jobs].detach() if jobs > 1 else shown[:1].detach()
+    finite = torch.isfinite(x).all()
     if item.device.type != "cuda":
-        return item, None
-    staged = item.to("cpu", non_blocking=True)
+        return item, None, finite
+    staged, finite = item.to("cpu", non_blocking=True), finite.to("cpu", non_blocking=True)
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(item.device))  # the lane's GPU, not the thread's current one
-    return staged, done
+    return staged, done, finite
 
 
-def _report(staged: tuple[int, "torch.Tensor", Any], total: int, latent: LatentFormat, progress: ProgressFn) -> None:
-    step, shown, done = staged
+def _report(staged: tuple[int, "torch.Tensor", Any, "torch.Tensor"], total: int, latent: LatentFormat,
+            progress: ProgressFn, dtype: Any) -> None:
+    step, shown, done, finite = staged
     if done is not None:
         done.synchronize()
+    if not bool(finite):
+        raise Diverged(step, total, dtype)
     previews = []
     for k in range(shown.shape[0]):
         try:
