@@ -81,4 +81,4 @@ def test_custom_sampling_carries_it_and_dual_cfg_refuses_it(sd1):
     assert (_cfg(sd1, sd1.pos, sd1.neg, 6.0, model=patched) - plain).abs().max().item() > 0.01
     with pytest.raises(NodeError) as err:
         _dual(sd1, sd1.pos, sd1.neg, sd1.neg, "regular", model=patched)
-    assert err.value.input_name == "model" and "DualCFGGuider" in str(err.value)
+    assert err.value.input_name == "guider" and "DualCFGGuider" in str(err.value)

@@ -136,7 +136,7 @@ def test_a_guider_of_several_denoisers_refuses_it_naming_the_model():
     with pytest.raises(NodeError) as err:
         cs.sampler_custom_advanced(ctx, cs.random_noise(ctx, 1)[0], guider, cs.ksampler_select(ctx, "euler")[0],
                                    sigmas, {"samples": torch.zeros(1, 16, 8, 8)})
-    assert err.value.input_name == "model" and "DualCFGGuider" in str(err.value)
+    assert err.value.input_name == "guider" and "DualCFGGuider" in str(err.value)
     model = _model()
     assert skip_layer_guidance_dit(Recorder().ctx, model, "0", "", 0.0, 0.0, 1.0, 0.0)[0] is model
     with pytest.raises(NodeError) as err:

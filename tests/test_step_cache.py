@@ -179,7 +179,7 @@ def test_dual_guiders_take_lazy_cache_and_refuse_easy_cache(sd1):
     (easy,) = easy_cache(Recorder().ctx, sd1.model, 0.2, 0.0, 1.0, False)
     with pytest.raises(NodeError) as err:
         _dual(sd1, sd1.pos, sd1.neg, sd1.neg, "regular", model=easy)
-    assert err.value.input_name == "model" and "LazyCache" in str(err.value)
+    assert err.value.input_name == "guider" and "LazyCache" in str(err.value)
 
 
 @pytest.mark.parametrize("node", [easy_cache, lazy_cache])

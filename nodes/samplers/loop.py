@@ -127,15 +127,15 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                 continue
             staged = (i + 1, *_stage(_shown(result, sched, x), jobs, x))
             if staged[2] is None:
-                _report(staged, len(plan.timesteps), latent, progress, denoiser.dtype)
+                _report(staged, len(plan.timesteps), latent, progress, network.dtype)
                 continue
             if pending is not None:
-                _report(pending, len(plan.timesteps), latent, progress, denoiser.dtype)
+                _report(pending, len(plan.timesteps), latent, progress, network.dtype)
             pending = staged
     if pending is not None:
-        _report(pending, len(plan.timesteps), latent, progress, denoiser.dtype)
+        _report(pending, len(plan.timesteps), latent, progress, network.dtype)
     if not torch.isfinite(x).all():  # the caller reads x anyway: one sync it would make
-        raise Diverged(len(plan.timesteps), len(plan.timesteps), denoiser.dtype)
+        raise Diverged(len(plan.timesteps), len(plan.timesteps), network.dtype)
     if cache is not None and say is not None:
         say(cache.summary())
     return x
