@@ -206,17 +206,6 @@ def test_a_key_mismatch_names_the_family_and_the_key(registry, env, root, change
     assert "HunyuanImage 2.1" in message and wanted in message, message
 
 
-def test_a_refiner_is_refused_by_name(registry, env, root):
-    from flow_family_files import save_state
-
-    state = tiny_hunyuan_image.transformer_state()
-    state["img_in.proj.weight"] = state["img_in.proj.weight"].unsqueeze(2)
-    save_state(root / "diffusion_models" / "tiny-hunyuan-refiner.safetensors", state)
-    node, kind, message, name = _failure(registry, env, _graph(PROMPT, NEGATIVE, 1, 2, 3.5,
-                                                               unet="tiny-hunyuan-refiner.safetensors"))
-    assert (node, kind, name) == ("1", "UNETLoader", "unet_name") and "refiner" in message
-
-
 DISTILLED = "tiny-hunyuan-distilled.safetensors"
 #: The offsets of the distilled file's guidance_in and time_r_in from time_in (each embedder its own weights).
 DISTILLED_OFFSETS = {"guidance_in": 0.01, "time_r_in": -0.02}

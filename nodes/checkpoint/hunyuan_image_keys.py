@@ -191,7 +191,7 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
     except ValueError:
-        raise KeyMismatch("img_in.proj.weight is not a 2-D patch convolution") from None
+        raise KeyMismatch("img_in.proj.weight is not a 2-D or 3-D patch convolution") from None
     cells = 1
     for p in patch:
         cells *= p
@@ -203,7 +203,16 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
                 mlp_ratio=mlp / hidden, patch_size=tuple(patch), qk_norm="rms_norm",
                 guidance_embeds="guidance_in.mlp.0.weight" in s, text_embed_dim=text,
                 text_embed_2_dim=None if byt5 is None else byt5[1], rope_theta=256.0,
-                rope_axes_dim=(head // 2, head // 2), use_meanflow="time_r_in.mlp.0.weight" in s)
+                rope_axes_dim=rope_axes(head, len(patch)), use_meanflow="time_r_in.mlp.0.weight" in s)
+
+
+def rope_axes(head: int, axes: int) -> tuple[int, ...]:
+    """The rotary split of a head: half each for height and width (2-D patches); with 3-D patches (the
+    refiner, HunyuanVideo's layout) an eighth for the frame axis and the rest halved (128: 16, 56, 56)."""
+    if axes == 2:
+        return (head // 2, head // 2)
+    frame = head // 8
+    return (frame, (head - frame) // 2, (head - frame) // 2)
 
 
 def original_names(names: Any) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Loading HunyuanImage 2.1 offline: ComfyUI's split files.
 
-* The transformer alone (UNETLoader, ``models/diffusion_models/hunyuanimage2.1_bf16.safetensors`` or the
-  guidance-distilled one) in Tencent's original layout (nodes.checkpoint.hunyuan_image_keys), bare or under
+* The transformer alone (UNETLoader, ``models/diffusion_models/hunyuanimage2.1_bf16.safetensors``, the
+  guidance-distilled one, or the refiner ``hunyuanimage2.1_refiner_bf16.safetensors``, told by its 3-D patch
+  embedder: :func:`is_refiner`) in Tencent's original layout (nodes.checkpoint.hunyuan_image_keys), bare or under
   ``model.diffusion_model.``, or diffusers' names in one file; FLUX's rule builds it
   (nodes.checkpoint.flux_load.transformer_from_file: config from the shapes, fp8 scales followed).
 * The VAE (VAELoader, ``hunyuan_image_2.1_vae_fp16.safetensors``): diffusers' ``AutoencoderKLHunyuanImage``
@@ -28,22 +29,37 @@ BYT5_MAX_VOCAB = 1024
 
 
 def has_transformer(keys_: Any) -> bool:
-    """A HunyuanImage 2.1 transformer in either layout, with or without ComfyUI's prefix."""
-    return keys.is_original(keys_) or keys.is_diffusers(keys_)
+    """A HunyuanImage 2.1 transformer in either layout, with or without ComfyUI's prefix: text to image (its
+    ByT5 projection marks it) or the refiner (no ByT5 projection, no HunyuanVideo ``vector_in``; its 3-D patches,
+    which the key-only test cannot see, pick its family when loading: :func:`_family_of`)."""
+    if keys.is_original(keys_) or keys.is_diffusers(keys_):
+        return True
+    refiner_markers = keys.has_keys(keys_, *(m for m in keys.MARKERS if not m.startswith("byt5_in"))) or (
+        "context_embedder.token_refiner.refiner_blocks.0.norm1.weight" in keys_ and "x_embedder.proj.weight" in keys_)
+    return refiner_markers and not any(k.endswith("vector_in.in_layer.weight") for k in keys_)
 
 
-def _refuse(state: Mapping[str, Any], what: str) -> None:
-    """The refiner (a 3-D patch over a video-shaped latent) is not run by Kiln: say so by name."""
+def is_refiner(shapes: Any) -> bool:
+    """The refiner's transformer: a 3-D patch embedder (HunyuanImage 2.1 text to image has 2-D ones)."""
+    from nodes.checkpoint.flux_keys import UNET_PREFIX
+
+    if not isinstance(shapes, Mapping):  # names only: the rank cannot be seen
+        return False
+    for name in ("img_in.proj.weight", "x_embedder.proj.weight"):
+        shape = shapes.get(name) or shapes.get(UNET_PREFIX + name)
+        if shape is not None:
+            return len(shape) == 5
+    return False
+
+
+def _family_of(state: Mapping[str, Any]) -> str:
+    """The refiner (nodes.families.hunyuan_image_refiner) or text to image, by the patch embedder's rank."""
     from nodes.checkpoint.tensors import shapes_of
 
-    shapes = shapes_of(state)
-    shape = shapes.get("img_in.proj.weight") or shapes.get("x_embedder.proj.weight")
-    if shape is not None and len(shape) == 5:
-        raise CheckpointError(f"{what}: a HunyuanImage refiner (3-D patches); Kiln runs HunyuanImage 2.1 "
-                              "text to image (hunyuanimage2.1 and its distilled variant)")
+    return "hunyuan_image_refiner" if is_refiner(shapes_of(state)) else "hunyuan_image"
 
 
-FILES = TransformerFiles("HunyuanImageTransformer2DModel", keys, "hunyuan_image", LABEL, refuse=_refuse)
+FILES = TransformerFiles("HunyuanImageTransformer2DModel", keys, "hunyuan_image", LABEL, family_of=_family_of)
 build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
 
 

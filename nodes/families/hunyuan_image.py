@@ -49,6 +49,16 @@ BYT5_TOKENS = 128
 TEXT_LAYER = -3
 #: The conditioning key of the glyph text's ByT5 states ([1, tokens, 1472]; absent: no quoted text).
 BYT5 = "hunyuan_byt5"
+#: HunyuanImageRefinerPipeline's template, the tokens it drops and the prompt tokens it keeps: the refiner
+#: (nodes.families.hunyuan_image_refiner) was trained on them, where ComfyUI hands it the base template's.
+REFINER_TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\nDescribe the image by detailing the color, shape, "
+                    "size, texture, quantity, text, spatial relationships of the objects and background:<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>")
+REFINER_TEMPLATE_TOKENS = 36
+REFINER_MAX_TOKENS = 256
+#: The conditioning key of the prompt's states in the refiner's template ([1, tokens, width]), which
+#: HunyuanRefinerLatent puts in place of the base template's.
+REFINER_TEXT = "hunyuan_refiner_text"
 #: The flow shift of HunyuanImage 2.1's base model (its release's sampling default).
 SHIFT = 5.0
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT,
@@ -111,8 +121,28 @@ class HunyuanImageNetwork(WrappedTransformer):
         return (out[0],)
 
 
+def qwen_states(clip: Any, prompt: str, template: str, drop: int, max_tokens: int) -> "Any":
+    """Qwen2.5-VL's hidden state :data:`TEXT_LAYER` of ``prompt`` in ``template``, the template's first
+    ``drop`` tokens dropped, at most ``max_tokens`` prompt tokens kept ([1, tokens, width], on the encoder's
+    device): the pipelines' ``_get_qwen_prompt_embeds`` without the padding it masks."""
+    import torch
+
+    tok = clip.tokenizers["tokenizer"]
+    got = tok([template.format(prompt)], max_length=max_tokens + drop, truncation=True, return_tensors="pt")
+    with torch.inference_mode(), clip.encoder("text_encoder") as lm:
+        out = lm(input_ids=got.input_ids.to(lm.device), attention_mask=got.attention_mask.to(lm.device),
+                 output_hidden_states=True)
+        return out.hidden_states[TEXT_LAYER][:, drop:]
+
+
 class HunyuanImage(FlowFamily):
     name = "hunyuan_image"
+    #: The prompt template, the tokens it drops from the front and the prompt tokens kept (the refiner
+    #: has its own: nodes.families.hunyuan_image_refiner); whether quoted text goes to ByT5.
+    template, template_tokens, max_tokens, reads_glyphs = TEMPLATE, TEMPLATE_TOKENS, MAX_TOKENS, True
+    #: Whether a prompt is also encoded in the refiner's template (:data:`REFINER_TEXT`): the CLIP of type
+    #: hunyuan_image serves both models, and which one samples is not known when the prompt is encoded.
+    encodes_for_refiner = True
     inference_dtypes = precision.NO_FP16
     latent = HUNYUAN_IMAGE_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),
@@ -123,9 +153,10 @@ class HunyuanImage(FlowFamily):
     dit_block_lists = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
     def claims_unet(self, shapes: Shapes) -> bool:
+        """The text-to-image transformer (2-D patches); the refiner's 3-D ones are its own family's."""
         from nodes.checkpoint import hunyuan_image_load
 
-        return hunyuan_image_load.has_transformer(shapes)
+        return hunyuan_image_load.has_transformer(shapes) and not hunyuan_image_load.is_refiner(shapes)
 
     def original_names(self, network: Any) -> dict[str, str]:
         from nodes.checkpoint import hunyuan_image_keys
@@ -161,21 +192,20 @@ class HunyuanImage(FlowFamily):
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING [1, tokens, Qwen width] with the glyph text's ByT5 states under :data:`BYT5` (module
-        docstring). ComfyUI's weight syntax is not read: the text is encoded as written."""
+        docstring) and the refiner template's states under :data:`REFINER_TEXT` (a second pass of the
+        encoder, so the refiner gets the text it was trained on). ComfyUI's weight syntax is not read: the
+        text is encoded as written."""
         import torch
 
         texts = texts or {}
         prompt, glyph_source = texts.get("tokenizer", text), texts.get("tokenizer_2", text)
-        tok = clip.tokenizers["tokenizer"]
-        got = tok([TEMPLATE.format(prompt)], max_length=MAX_TOKENS + TEMPLATE_TOKENS, truncation=True,
-                  return_tensors="pt")
+        states = qwen_states(clip, prompt, self.template, self.template_tokens, self.max_tokens)
         extra: dict[str, Any] = {}
+        if self.encodes_for_refiner:
+            extra[REFINER_TEXT] = qwen_states(clip, prompt, REFINER_TEMPLATE, REFINER_TEMPLATE_TOKENS,
+                                              REFINER_MAX_TOKENS).to("cpu", torch.float32)
         with torch.inference_mode():
-            with clip.encoder("text_encoder") as lm:
-                out = lm(input_ids=got.input_ids.to(lm.device), attention_mask=got.attention_mask.to(lm.device),
-                         output_hidden_states=True)
-                states = out.hidden_states[TEXT_LAYER][:, TEMPLATE_TOKENS:]
-            glyph = glyph_text(glyph_source)
+            glyph = glyph_text(glyph_source) if self.reads_glyphs else None
             if glyph is not None:
                 byt5_tok = clip.tokenizers.get("tokenizer_2")
                 if byt5_tok is None:

@@ -1,0 +1,99 @@
+"""The HunyuanImage 2.1 refiner's VAE (VAELoader): diffusers' ``AutoencoderKLHunyuanImageRefiner`` (a causal
+video VAE, 32 channels, 16x) behind the image-VAE surface Kiln's VAE nodes use.
+
+A picture is one frame. The refiner samples the frame repeated in front and both frames' channels stacked
+(nodes.families.hunyuan_image_refiner), so :class:`RefinerFrameVAE` encodes to that stacked layout,
+[B, 64, h, w] = [raw, raw] (the posterior mean), and decodes the second half, as the pipeline's
+``_restore_image_tokens_order`` keeps it. Read from diffusers' names in one file; the shapes give the config.
+Tencent's own key names for this VAE are not read (a file in them is refused naming its keys).
+"""
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+LABEL = "HunyuanImage 2.1 refiner VAE"
+#: Pixels per latent cell.
+DOWNSCALE = 16
+
+
+def is_refiner_vae(shapes: Mapping[str, tuple]) -> bool:
+    """diffusers' refiner VAE: causal 3-D convolutions (``conv.conv``) and the RMS-normed attention."""
+    conv = shapes.get("decoder.conv_in.conv.weight")
+    return conv is not None and len(conv) == 5 and "decoder.mid_block.attentions.0.proj_out.weight" in shapes
+
+
+def vae_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """AutoencoderKLHunyuanImageRefiner arguments from the shapes: each level's width from its first resnet,
+    resnets per level from level 0, a spatial halving per downsampler, a temporal one where a downsampler's
+    convolution folds 8 cells (2x2x2) instead of 4."""
+    levels = sorted({int(m.group(1)) for k in shapes for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+    widths = [shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"][0] for i in levels]
+    layers = len({m.group(1) for k in shapes
+                  for m in [re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
+    spatial, temporal = 1, 1
+    for i in levels:
+        conv = shapes.get(f"encoder.down_blocks.{i}.downsamplers.0.conv.conv.weight")
+        if conv is None:
+            continue
+        spatial *= 2
+        if widths[i + 1] // conv[0] == 8:
+            temporal *= 2
+    return dict(in_channels=shapes["encoder.conv_in.conv.weight"][1],
+                out_channels=shapes["decoder.conv_out.conv.weight"][0], latent_channels=shapes["decoder.conv_in.conv.weight"][1], block_out_channels=tuple(widths),
+                layers_per_block=layers, spatial_compression_ratio=spatial, temporal_compression_ratio=temporal)
+
+
+class RefinerFrameVAE(torch.nn.Module):
+    """The refiner VAE coding pictures as one frame, in the refiner's stacked latent layout (module docstring)."""
+
+    kiln_downscale = DOWNSCALE
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+        config = dict(vae.config)
+        config.update(latent_channels=2 * int(vae.config.latent_channels), shift_factor=None)
+        self.config = types.SimpleNamespace(**config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
+        """The posterior of ``x`` [B, 3, H, W] in -1..1 as [B, 64, h, w]: the frame's mean and std stacked twice."""
+        dist = self.vae.encode(x.unsqueeze(2)).latent_dist
+        mean, std = (torch.cat([t[:, :, 0]] * 2, dim=1) for t in (dist.mean, dist.std))
+        flat = types.SimpleNamespace(mean=mean, std=std, mode=lambda: mean,
+                                     sample=lambda generator=None: torch.cat([dist.sample(generator)[:, :, 0]] * 2, 1))
+        return types.SimpleNamespace(latent_dist=flat)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
+        """The picture [B, 3, H, W] of a stacked latent: its second frame's channels decoded."""
+        half = z.shape[1] // 2
+        return types.SimpleNamespace(sample=self.vae.decode(z[:, half:].unsqueeze(2), return_dict=False)[0][:, :, 0])
+
+
+def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RefinerFrameVAE:
+    """The VAE from diffusers' names; a key that does not fit names the file."""
+    from diffusers import AutoencoderKLHunyuanImageRefiner
+
+    from nodes.checkpoint.load import CheckpointError, _assign, _empty
+    from nodes.checkpoint.tensors import cast_view
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        config = vae_config(shapes)
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(f"{what}: not a complete {LABEL} in diffusers' names ({exc} is missing)") from None
+    vae = _assign(_empty(AutoencoderKLHunyuanImageRefiner, config), cast_view(dict(state), dtype), f"{LABEL} ({what})",
+                  dtype)
+    return RefinerFrameVAE(vae).eval().requires_grad_(False)
