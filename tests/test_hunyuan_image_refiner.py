@@ -3,7 +3,7 @@ against diffusers' HunyuanImageRefinerPipeline.
 
 The tiny refiner (tests/tiny_hunyuan_image_refiner.py) is written as ComfyUI's files: the transformer in
 Tencent's original layout (bare, under ``model.diffusion_model.``, and in diffusers' names), the refiner VAE
-in diffusers' names, the base model's Qwen2.5-VL and ByT5 files. ComfyUI's graph (UNETLoader, DualCLIPLoader
+in diffusers' and Tencent's names, the base model's Qwen2.5-VL and ByT5 files. ComfyUI's graph (UNETLoader, DualCLIPLoader
 type hunyuan_image, VAELoader, LoadImage, VAEEncode, CLIPTextEncode, FluxGuidance, HunyuanRefinerLatent,
 KSampler euler/simple at cfg 1, VAEDecode) equals the pipeline's image within 1/255, the pipeline handed
 Kiln's seeded noise, the picture's latent from Kiln's VAEEncode and a generator seeded as Kiln's
@@ -123,8 +123,9 @@ def test_a_refiner_file_with_a_stray_key_names_the_file_and_the_key(env, root):
     assert "stray-refiner" in str(exc.value) and "img_attn_extra" in str(exc.value)
 
 
-def test_vae_loader_reads_the_refiner_vae_in_the_stacked_layout(env):
-    (vae,) = call(loaders.vae_loader, env, vae_name=VAE)
+@pytest.mark.parametrize("name", [VAE, "tiny-hunyuan_image_refiner_vae-original.safetensors"])
+def test_vae_loader_reads_the_refiner_vae_in_the_stacked_layout(env, name):
+    (vae,) = call(loaders.vae_loader, env, vae_name=name)
     assert (vae.latent_channels, vae.downscale) == (64, 16)
     want = tiny.components()["vae"].state_dict()
     with vae.module() as module:
@@ -137,14 +138,19 @@ def test_vae_loader_reads_the_refiner_vae_in_the_stacked_layout(env):
     assert torch.allclose(latent, torch.cat([mean[:, :, 0]] * 2, dim=1), atol=1e-5)
 
 
-def test_a_truncated_refiner_vae_is_refused_naming_the_file(env, root):
+def test_a_truncated_or_stray_refiner_vae_is_refused_naming_the_file_and_the_key(env, root):
     from flow_family_files import save_state
 
-    state = {k: v for k, v in tiny.components()["vae"].state_dict().items() if not k.startswith("encoder.conv_in")}
-    save_state(root / "vae" / "broken-refiner-vae.safetensors", {k: v.contiguous() for k, v in state.items()})
+    state = {k: v for k, v in tiny.vae_original_state().items() if not k.startswith("encoder.conv_in")}
+    save_state(root / "vae" / "broken-refiner-vae.safetensors", state)
     with pytest.raises(Exception) as exc:
         call(loaders.vae_loader, env, vae_name="broken-refiner-vae.safetensors")
     assert "broken-refiner-vae" in str(exc.value) and "encoder.conv_in" in str(exc.value)
+    state = dict(tiny.vae_original_state()) | {"decoder.up.0.extra.weight": torch.zeros(2)}
+    save_state(root / "vae" / "stray-refiner-vae.safetensors", state)
+    with pytest.raises(Exception) as exc:
+        call(loaders.vae_loader, env, vae_name="stray-refiner-vae.safetensors")
+    assert "stray-refiner-vae" in str(exc.value) and "decoder.up.0.extra" in str(exc.value)
 
 
 # -- conditioning ---------------------------------------------------------------------------------------

@@ -65,15 +65,39 @@ def transformer_state() -> dict:
     return {k: v.contiguous() for k, v in diffusers_to_original(components()["transformer"].state_dict()).items()}
 
 
+def vae_original_state() -> dict:
+    """The VAE in Tencent's names (``encoder.down.N.block.M``, ``down.N.downsample``, ``mid.block_1``,
+    ``mid.attn_1.q``), diffusers' names mapped back one pattern at a time."""
+    import re
+
+    back = ((r"^(encoder)\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"\1.down.\2.block.\3."),
+            (r"^(encoder)\.down_blocks\.(\d+)\.downsamplers\.0\.", r"\1.down.\2.downsample."),
+            (r"^(decoder)\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"\1.up.\2.block.\3."),
+            (r"^(decoder)\.up_blocks\.(\d+)\.upsamplers\.0\.", r"\1.up.\2.upsample."),
+            (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
+            (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
+            (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
+            (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."))
+    out = {}
+    for k, v in components()["vae"].state_dict().items():
+        for pattern, repl in back:
+            k, n = re.subn(pattern, repl, k)
+            if n:
+                break
+        out[k] = v.contiguous()
+    return out
+
+
 def make_models_folder(root: Any) -> Path:
     """The base model's folders (tests/tiny_hunyuan_image.py: its Qwen2.5-VL and ByT5 files) plus
     diffusion_models/tiny-hunyuanimage2.1-refiner.safetensors (original layout; -prefixed under
     ``model.diffusion_model.``; -diffusers-keys with diffusers' names) and vae/tiny-hunyuan_image_refiner_vae
-    .safetensors (diffusers' names)."""
+    .safetensors (diffusers' names; -original in Tencent's)."""
     root = tiny_hunyuan_image.make_models_folder(root)
     transformer = components()["transformer"]
     save_split_transformer(root / "diffusion_models", "tiny-hunyuanimage2.1-refiner", transformer_state(),
                            diffusers_keys={k: v.contiguous() for k, v in transformer.state_dict().items()})
     save_state(root / "vae" / "tiny-hunyuan_image_refiner_vae.safetensors",
                {k: v.contiguous() for k, v in components()["vae"].state_dict().items()})
+    save_state(root / "vae" / "tiny-hunyuan_image_refiner_vae-original.safetensors", vae_original_state())
     return root

@@ -4,8 +4,8 @@ video VAE, 32 channels, 16x) behind the image-VAE surface Kiln's VAE nodes use.
 A picture is one frame. The refiner samples the frame repeated in front and both frames' channels stacked
 (nodes.families.hunyuan_image_refiner), so :class:`RefinerFrameVAE` encodes to that stacked layout,
 [B, 64, h, w] = [raw, raw] (the posterior mean), and decodes the second half, as the pipeline's
-``_restore_image_tokens_order`` keeps it. Read from diffusers' names in one file; the shapes give the config.
-Tencent's own key names for this VAE are not read (a file in them is refused naming its keys).
+``_restore_image_tokens_order`` keeps it. Read from Tencent's names (:func:`to_diffusers`) or diffusers' in one
+file; the shapes give the config; a key that fits neither fails naming the file and the key.
 """
 from __future__ import annotations
 
@@ -22,9 +22,37 @@ DOWNSCALE = 16
 
 
 def is_refiner_vae(shapes: Mapping[str, tuple]) -> bool:
-    """diffusers' refiner VAE: causal 3-D convolutions (``conv.conv``) and the RMS-normed attention."""
+    """The refiner VAE in either layout: causal 3-D convolutions (``conv.conv``) and the mid attention."""
     conv = shapes.get("decoder.conv_in.conv.weight")
-    return conv is not None and len(conv) == 5 and "decoder.mid_block.attentions.0.proj_out.weight" in shapes
+    attention = any(k in shapes for k in ("decoder.mid_block.attentions.0.proj_out.weight",
+                                          "decoder.mid.attn_1.proj_out.weight"))
+    return conv is not None and len(conv) == 5 and attention
+
+
+#: Tencent's names -> diffusers' (whole-name prefixes; the rest of each name is the same in both).
+_RENAMES = (
+    (r"^(encoder)\.down\.(\d+)\.block\.(\d+)\.", r"\1.down_blocks.\2.resnets.\3."),
+    (r"^(encoder)\.down\.(\d+)\.downsample\.", r"\1.down_blocks.\2.downsamplers.0."),
+    (r"^(decoder)\.up\.(\d+)\.block\.(\d+)\.", r"\1.up_blocks.\2.resnets.\3."),
+    (r"^(decoder)\.up\.(\d+)\.upsample\.", r"\1.up_blocks.\2.upsamplers.0."),
+    (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.([qkv])\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0."),
+)
+
+
+def to_diffusers(state: Mapping[str, Any]) -> dict[str, Any]:
+    """diffusers' names for Tencent's refiner VAE layout (``encoder.down.N.block.M``, ``down.N.downsample``,
+    ``mid.block_1``, ``mid.attn_1.q``; the facts of diffusers' conversion script); diffusers' names pass."""
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in _RENAMES:
+            k, n = re.subn(pattern, repl, k)
+            if n:
+                break
+        out[k] = v
+    return out
 
 
 def vae_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
@@ -44,7 +72,8 @@ def vae_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
         if widths[i + 1] // conv[0] == 8:
             temporal *= 2
     return dict(in_channels=shapes["encoder.conv_in.conv.weight"][1],
-                out_channels=shapes["decoder.conv_out.conv.weight"][0], latent_channels=shapes["decoder.conv_in.conv.weight"][1], block_out_channels=tuple(widths),
+                out_channels=shapes["decoder.conv_out.conv.weight"][0],
+                latent_channels=shapes["decoder.conv_in.conv.weight"][1], block_out_channels=tuple(widths),
                 layers_per_block=layers, spatial_compression_ratio=spatial, temporal_compression_ratio=temporal)
 
 
@@ -89,11 +118,12 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RefinerFrameVA
     from nodes.checkpoint.load import CheckpointError, _assign, _empty
     from nodes.checkpoint.tensors import cast_view
 
+    state = to_diffusers(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
         config = vae_config(shapes)
     except (KeyError, IndexError) as exc:
-        raise CheckpointError(f"{what}: not a complete {LABEL} in diffusers' names ({exc} is missing)") from None
+        raise CheckpointError(f"{what}: not a complete {LABEL} ({exc} is missing, in diffusers' names)") from None
     vae = _assign(_empty(AutoencoderKLHunyuanImageRefiner, config), cast_view(dict(state), dtype), f"{LABEL} ({what})",
                   dtype)
     return RefinerFrameVAE(vae).eval().requires_grad_(False)
