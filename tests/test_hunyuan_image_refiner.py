@@ -3,11 +3,12 @@ against diffusers' HunyuanImageRefinerPipeline.
 
 The tiny refiner (tests/tiny_hunyuan_image_refiner.py) is written as ComfyUI's files: the transformer in
 Tencent's original layout (bare, under ``model.diffusion_model.``, and in diffusers' names), the refiner VAE
-in diffusers' and Tencent's names, the base model's Qwen2.5-VL and ByT5 files. ComfyUI's graph (UNETLoader, DualCLIPLoader
-type hunyuan_image, VAELoader, LoadImage, VAEEncode, CLIPTextEncode, FluxGuidance, HunyuanRefinerLatent,
-KSampler euler/simple at cfg 1, VAEDecode) equals the pipeline's image within 1/255, the pipeline handed
-Kiln's seeded noise, the picture's latent from Kiln's VAEEncode and a generator seeded as Kiln's
-augmentation noise (noise_augmentation 0.25, the pipeline's fixed strength).
+in diffusers' and Tencent's names, the base model's Qwen2.5-VL and ByT5 files. ComfyUI's graph (UNETLoader,
+DualCLIPLoader type hunyuan_image, VAELoader, LoadImage, VAEEncode, CLIPTextEncode, FluxGuidance,
+HunyuanRefinerLatent, KSampler euler/simple at cfg 1 or SamplerCustomAdvanced, VAEDecode) equals the
+pipeline's image within 1/255, the pipeline handed Kiln's seeded noise, the picture's latent from Kiln's
+VAEEncode and a generator seeded as Kiln's augmentation noise (noise_augmentation 0.25, the pipeline's fixed
+strength).
 """
 from __future__ import annotations
 
@@ -44,9 +45,12 @@ def picture() -> "Any":
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
-def _graph(prompt: str, seed: int, steps: int, guidance: float, unet: str = UNET) -> dict:
-    """ComfyUI's API-format refiner graph: the picture encoded, refined under the prompt, decoded."""
-    return {
+def _graph(prompt: str, seed: int, steps: int, guidance: float, unet: str = UNET, augment: float = AUGMENT,
+           custom: bool = False) -> dict:
+    """ComfyUI's API-format refiner graph: the picture encoded, refined under the prompt, decoded; ``custom``:
+    sampled by ComfyUI's custom-sampling nodes (BasicGuider, KSamplerSelect euler, BasicScheduler simple,
+    RandomNoise, SamplerCustomAdvanced) instead of KSampler."""
+    graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
         "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": QWEN, "clip_name2": BYT5,
                                                          "type": "hunyuan_image", "device": "default"}},
@@ -57,7 +61,7 @@ def _graph(prompt: str, seed: int, steps: int, guidance: float, unet: str = UNET
         "7": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": guidance}},
         "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
         "9": {"class_type": "HunyuanRefinerLatent", "inputs": {"positive": ["7", 0], "negative": ["8", 0],
-                                                               "latent": ["5", 0], "noise_augmentation": AUGMENT}},
+                                                               "latent": ["5", 0], "noise_augmentation": augment}},
         "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 1.0,
                                                     "sampler_name": "euler", "scheduler": "simple",
                                                     "positive": ["9", 0], "negative": ["9", 1],
@@ -65,13 +69,26 @@ def _graph(prompt: str, seed: int, steps: int, guidance: float, unet: str = UNET
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["3", 0]}},
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "refined"}},
     }
+    if custom:
+        graph |= {
+            "13": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["9", 0]}},
+            "14": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "15": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": steps,
+                                                              "denoise": 1.0}},
+            "16": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+            "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["16", 0], "guider": ["13", 0],
+                                                                     "sampler": ["14", 0], "sigmas": ["15", 0],
+                                                                     "latent_image": ["9", 2]}},
+        }
+    return graph
 
 
 def kiln(registry, env, prompt: str = PROMPT, seed: int = 3, steps: int = 3, guidance: float = 3.25,
-         unet: str = UNET) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """Kiln's refined image [1, H, W, 3], the picture's latent VAEEncode made and KSampler's latent."""
+         unet: str = UNET, augment: float = AUGMENT,
+         custom: bool = False) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Kiln's refined image [1, H, W, 3], the picture's latent VAEEncode made and the sampled latent."""
     picture().save(env.paths.input.root / "picture.png")
-    outcome = run(registry, env, parse(_graph(prompt, seed, steps, guidance, unet)))
+    outcome = run(registry, env, parse(_graph(prompt, seed, steps, guidance, unet, augment, custom)))
     return (outcome.results["11"][0].numpy(), outcome.results["5"][0]["samples"],
             outcome.results["10"][0]["samples"])
 
@@ -183,12 +200,19 @@ def test_the_refiner_graph_equals_the_pipeline_and_seed_prompt_and_guidance_matt
     assert gap <= 1 / 255
     scale = float(sampled.abs().max())
     for name, kwargs in (("seed", {"seed": 4}), ("prompt", {"prompt": OTHER_PROMPT}),
-                         ("guidance", {"guidance": 8.0})):
+                         ("guidance", {"guidance": 8.0}), ("noise_augmentation", {"augment": 0.1})):
         other, _, other_sampled = kiln(registry, env, **kwargs)
         change, latent_change = float(np.abs(other - ours).max()), float((other_sampled - sampled).abs().max())
         print(f"{name} changes the image by {change:.4f}, the latent by {latent_change / scale:.3f} of its range")
         # each moves the image by over five times the tolerance and the latent by a clear part of its range
         assert change > 5 / 255 and latent_change > 0.03 * scale, name
+
+
+def test_sampler_custom_advanced_equals_the_pipeline_too(registry, env):
+    ours, latent, _ = kiln(registry, env, custom=True)
+    gap = float(np.abs(ours - reference(latent)).max())
+    print(f"SamplerCustomAdvanced vs HunyuanImageRefinerPipeline: max |diff| {gap:.2e}")
+    assert gap <= 1 / 255
 
 
 def test_the_picture_reaches_the_network(registry, env):
