@@ -121,18 +121,17 @@ class HunyuanImageNetwork(WrappedTransformer):
         return (out[0],)
 
 
-def qwen_states(clip: Any, prompt: str, template: str, drop: int, max_tokens: int) -> "Any":
-    """Qwen2.5-VL's hidden state :data:`TEXT_LAYER` of ``prompt`` in ``template``, the template's first
-    ``drop`` tokens dropped, at most ``max_tokens`` prompt tokens kept ([1, tokens, width], on the encoder's
-    device): the pipelines' ``_get_qwen_prompt_embeds`` without the padding it masks."""
+def qwen_states(tok: Any, lm: Any, prompt: str, template: str, drop: int, max_tokens: int) -> "Any":
+    """Qwen2.5-VL's (``lm``, open) hidden state :data:`TEXT_LAYER` of ``prompt`` in ``template``, the template's
+    first ``drop`` tokens dropped, at most ``max_tokens`` prompt tokens kept ([1, tokens, width] float32 on the
+    CPU): the pipelines' ``_get_qwen_prompt_embeds`` without the padding it masks."""
     import torch
 
-    tok = clip.tokenizers["tokenizer"]
     got = tok([template.format(prompt)], max_length=max_tokens + drop, truncation=True, return_tensors="pt")
-    with torch.inference_mode(), clip.encoder("text_encoder") as lm:
+    with torch.inference_mode():
         out = lm(input_ids=got.input_ids.to(lm.device), attention_mask=got.attention_mask.to(lm.device),
                  output_hidden_states=True)
-        return out.hidden_states[TEXT_LAYER][:, drop:]
+        return out.hidden_states[TEXT_LAYER][:, drop:].to("cpu", torch.float32)
 
 
 class HunyuanImage(FlowFamily):
@@ -199,11 +198,13 @@ class HunyuanImage(FlowFamily):
 
         texts = texts or {}
         prompt, glyph_source = texts.get("tokenizer", text), texts.get("tokenizer_2", text)
-        states = qwen_states(clip, prompt, self.template, self.template_tokens, self.max_tokens)
+        tok = clip.tokenizers["tokenizer"]
         extra: dict[str, Any] = {}
-        if self.encodes_for_refiner:
-            extra[REFINER_TEXT] = qwen_states(clip, prompt, REFINER_TEMPLATE, REFINER_TEMPLATE_TOKENS,
-                                              REFINER_MAX_TOKENS).to("cpu", torch.float32)
+        with clip.encoder("text_encoder") as lm:
+            states = qwen_states(tok, lm, prompt, self.template, self.template_tokens, self.max_tokens)
+            if self.encodes_for_refiner:
+                extra[REFINER_TEXT] = qwen_states(tok, lm, prompt, REFINER_TEMPLATE, REFINER_TEMPLATE_TOKENS,
+                                                  REFINER_MAX_TOKENS)
         with torch.inference_mode():
             glyph = glyph_text(glyph_source) if self.reads_glyphs else None
             if glyph is not None:
