@@ -148,10 +148,13 @@ class Flux2Network(WrappedTransformer):
         return tokens, ids
 
 
-def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], reader: str, hint: str) -> "Any":
+def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], reader: str, hint: str,
+                   positions: "Any" = None) -> "Any":
     """The text encoder's hidden states after ``layers`` (``output.hidden_states`` indices) for token ``ids``
-    [1, n] under ``mask``, stacked per token: [1, n, len(layers) x width]. An encoder with fewer layers is a
-    ConditioningError on the clip saying who reads them (``reader``) and what to load (``hint``)."""
+    [1, n] under ``mask``, stacked per token: [1, n, len(layers) x width]. ``positions``: the tokens' position
+    ids [1, n] where the caller's rule sets them (FLUX.3 gives padding position 1), else the encoder's own.
+    An encoder with fewer layers is a ConditioningError on the clip saying who reads them (``reader``) and what
+    to load (``hint``)."""
     import torch
 
     with torch.inference_mode(), clip.encoder("text_encoder") as model:
@@ -159,8 +162,9 @@ def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], 
         if count < max(layers):
             raise ConditioningError(f"{reader} layers {layers} but this text encoder has {count} ({hint})", "clip")
         device = next(model.parameters()).device
+        given = {} if positions is None else {"position_ids": positions.to(device)}
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                    use_cache=False)
+                    use_cache=False, **given)
         return torch.stack([out.hidden_states[k] for k in layers], dim=2).reshape(1, ids.shape[1], -1)
 
 

@@ -1,0 +1,202 @@
+"""FLUX.3 [klein] (base and step-distilled) on a tiny random model, from ComfyUI's split files through the real
+loaders, against diffusers' Flux3ModularPipeline and Flux3DistilledModularPipeline.
+
+The tiny FLUX.3 (tests/tiny_flux3.py) is written as ComfyUI's files: the transformer in BFL's key layout
+(bare and under ``model.diffusion_model.``) and in diffusers', Qwen3-VL as ComfyUI's qwen3vl_4b file, the
+FLUX.2 VAE. API graphs as ComfyUI's klein templates wire them (UNETLoader, CLIPLoader type flux3,
+VAELoader, CLIPTextEncode, EmptyFlux2LatentImage, KSampler, VAEDecode) equal the modular pipelines'
+images within 1/255 per pixel: the base at cfg 3.5 with the negative "" (the pipeline's guider default),
+the distilled at cfg 1 (its flow-map target timestep from KSampler's own sigmas). Each parity test
+also checks that what it varies changes the picture by clearly more.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_flux3
+from engine.workflow import parse
+from flow_family_files import env, models_root, registry, run  # noqa: F401 (fixtures)
+from node_call import call
+from nodes import split_loaders
+from nodes.checkpoint import flux3_keys
+from nodes.families import flux3, flux3_distilled
+
+PIXEL_TOL = 1 / 255 + 1e-6
+PROMPT = "a red fox standing in fresh snow at sunrise"
+SIZE = 64  # pixels: a 4 x 4 latent of 128 channels
+BASE, DISTILLED = "flux3-klein-tiny.safetensors", "flux3-klein-distilled-tiny.safetensors"
+CLIP, VAE = "qwen3vl_4b-tiny.safetensors", "flux2-vae-tiny.safetensors"
+
+root = models_root(tiny_flux3.make_models_folder, "flux3-models")
+
+
+def _reference(prompt: str, seed: int, steps: int, cfg: float, distilled: bool) -> np.ndarray:
+    """The modular pipeline's image [1, H, W, 3] in 0..1 (negative "" for the base, as its guider defaults)."""
+    pipe = tiny_flux3.pipeline(distilled, cfg)
+    with torch.no_grad():
+        out = pipe(prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=steps, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed), output="images")
+    return out.permute(0, 2, 3, 1).float().numpy()
+
+
+def _graph(prompt: str, seed: int, steps: int, cfg: float, *, unet: str = BASE, negative: str = "",
+           sampler: str = "euler") -> dict:
+    """ComfyUI's klein text-to-image graph (its subgraph's nodes), SaveImage at the end."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "8": {"class_type": "CLIPLoader", "inputs": {"clip_name": CLIP, "type": "flux3", "device": "default"}},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["8", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["8", 0]}},
+        "4": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": sampler, "scheduler": "simple",
+                                                   "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["9", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "flux3"}},
+    }
+
+
+def _run(registry, env, graph: dict) -> np.ndarray:
+    return run(registry, env, parse(graph)).results["6"][0].numpy()
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_key_table_is_diffusers_converters_and_round_trips(distilled):
+    from diffusers.loaders.single_file_utils import convert_flux3_transformer_checkpoint_to_diffusers
+
+    original = tiny_flux3.original_state(distilled)
+    assert flux3_keys.is_original(original) and flux3_keys.is_distilled(original) == distilled
+    theirs = convert_flux3_transformer_checkpoint_to_diffusers(dict(original))
+    ours = flux3_keys.original_to_diffusers(dict(original))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = flux3_keys.diffusers_to_original(ours)
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    with_training_heads = {**original, "repa_projectors.0.weight": torch.zeros(2, 2)}  # dropped, as diffusers does
+    assert set(flux3_keys.original_to_diffusers(with_training_heads)) == set(ours)
+
+
+@pytest.mark.parametrize("stem", ["flux3-klein-tiny", "flux3-klein-distilled-tiny"])
+@pytest.mark.parametrize("form", ["", "-prefixed", "-diffusers-keys"])
+def test_unet_loader_detects_flux3_and_loads_the_weights_bit_for_bit(env, stem, form):
+    distilled = "distilled" in stem
+    (model,) = call(split_loaders.unet_loader, env, unet_name=f"{stem}{form}.safetensors")
+    assert model.family is (flux3_distilled.FAMILY if distilled else flux3.FAMILY)
+    assert model.scheduler_config["shift"] == flux3.SHIFT and not model.scheduler_config["use_dynamic_shifting"]
+    want = tiny_flux3.components(distilled)["transformer"].state_dict()
+    with model._use_unet() as net:
+        got = net.state_dict()
+        assert bool(net.config.flow_map) == distilled
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_clip_loader_flux3_builds_the_qwen3_vl_text_model(env):
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="flux3")
+    assert clip.family.clip_types == ("flux3",)
+    want = tiny_flux3.components()["text_encoder"].model.language_model.state_dict()
+    with clip.encoder("text_encoder") as module:
+        assert type(module).__name__ == "Qwen3VLTextModel"
+        got = module.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_truncated_transformer_file_names_the_file_and_the_keys(tmp_path):
+    from nodes.checkpoint.flux3_load import build_transformer
+    from nodes.checkpoint.load import CheckpointError
+
+    state = tiny_flux3.original_state()
+    del state["txt_mode_blocks.0.k_proj.weight"]
+    state["single_blocks.0.extra.weight"] = torch.zeros(2, 2)
+    with pytest.raises(CheckpointError, match=r"broken.safetensors.*txt_mode_blocks\.0\.k_proj\.weight.*"
+                                              r"single_blocks\.0\.extra\.weight"):
+        build_transformer(state, "broken.safetensors", torch.float32)
+
+
+def test_a_flux3_file_in_checkpoint_loader_names_the_loaders(root):
+    from nodes.checkpoint.load import CheckpointError, load_checkpoint
+
+    with pytest.raises(CheckpointError, match="FLUX.3 transformer.*UNETLoader.*qwen3vl_4b.*type flux3.*flux2-vae"):
+        load_checkpoint(root / "diffusion_models" / BASE, torch.float32)
+
+
+# -- conditioning ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "", "a long prompt " * 40])
+def test_conditioning_equals_the_pipelines_text_encoder_step(env, prompt):
+    """The chat template, padding to a multiple of 80 (masked, at position 1) and layers 4..32 stacked."""
+    from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
+
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="flux3")
+    [[ours, _]] = clip.encode(prompt)
+    parts = tiny_flux3.components()
+    with torch.no_grad():
+        theirs = Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds(parts["text_encoder"], parts["tokenizer"], prompt,
+                                                                  device=torch.device("cpu"))
+    assert ours.shape == theirs.shape and ours.shape[1] % flux3.PAD_MULTIPLE == 0
+    assert ours.shape[2] == len(flux3.TEXT_LAYERS) * tiny_flux3.TEXT
+    assert torch.allclose(ours, theirs.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sigmas_are_the_pipelines_constant_shift():
+    from nodes.samplers.flow import scheduler
+
+    sched = scheduler(flux3.FAMILY.scheduler_config(), "simple", 8, 64, 64)
+    t = np.linspace(1.0, 1 / 8, 8)
+    want = flux3.SHIFT * t / (1 + (flux3.SHIFT - 1) * t)
+    assert np.allclose(sched.sigmas[:-1].numpy(), want, atol=1e-6) and float(sched.sigmas[-1]) == 0.0
+    assert np.allclose(scheduler(flux3.FAMILY.scheduler_config(), "simple", 8, 512, 512).sigmas.numpy(),
+                       sched.sigmas.numpy())  # the size does not move it
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+
+
+def test_base_graph_with_real_cfg_equals_flux3_modular_pipeline(registry, env):
+    ours = _run(registry, env, _graph(PROMPT, 5, 4, 3.5))
+    theirs = _reference(PROMPT, 5, 4, 3.5, distilled=False)
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+    print(f"base: max |kiln - pipeline| = {np.abs(ours - theirs).max():.2e}")
+    assert np.abs(ours - theirs).max() <= PIXEL_TOL
+    assert np.abs(ours - _run(registry, env, _graph("a blue car on a road", 5, 4, 3.5))).max() > 0.02  # the prompt
+    assert np.abs(ours - _run(registry, env, _graph(PROMPT, 6, 4, 3.5))).max() > 0.02  # the seed
+    assert np.abs(ours - _run(registry, env, _graph(PROMPT, 5, 4, 1.0))).max() > 0.01  # the guidance
+
+
+def test_distilled_graph_at_cfg_1_equals_flux3_distilled_modular_pipeline(registry, env):
+    ours = _run(registry, env, _graph(PROMPT, 3, 4, 1.0, unet=DISTILLED))
+    theirs = _reference(PROMPT, 3, 4, 1.0, distilled=True)
+    print(f"distilled: max |kiln - pipeline| = {np.abs(ours - theirs).max():.2e}")
+    assert np.abs(ours - theirs).max() <= PIXEL_TOL
+    assert np.abs(ours - _run(registry, env, _graph("a blue car on a road", 3, 4, 1.0, unet=DISTILLED))).max() > 0.02
+    assert np.abs(ours - _run(registry, env, _graph(PROMPT, 4, 4, 1.0, unet=DISTILLED))).max() > 0.02
+
+
+def test_the_distilled_network_reads_where_each_step_jumps():
+    """The flow map's target timestep is a real input: another next sigma gives another prediction."""
+    net = flux3_distilled.FAMILY.wrap_network(tiny_flux3.components(True)["transformer"])
+    assert net.reads_next_sigma and not flux3.FAMILY.wrap_network(tiny_flux3.components()["transformer"]) \
+        .reads_next_sigma
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 128, 4, 4, generator=g), torch.randn(1, 80, 8 * tiny_flux3.TEXT, generator=g)
+    with torch.no_grad():
+        (a,), (b,) = (net(x, torch.tensor(700.0), text, sigma_next=s) for s in (0.5, 0.0))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_guidance_is_a_note_and_a_wrong_width_names_the_input():
+    from nodes.families.base import ConditioningError
+
+    positive = [[torch.zeros(1, 80, 8 * tiny_flux3.TEXT), {"guidance": 3.5}]]
+    notes = flux3.FAMILY.conditioning_notes([positive])
+    assert len(notes) == 1 and "guidance 3.5 is ignored" in notes[0] and "FLUX.3" in notes[0]
+    net = flux3.FAMILY.wrap_network(tiny_flux3.components()["transformer"])
+    with pytest.raises(ConditioningError) as err:
+        net(torch.zeros(1, 128, 4, 4), torch.tensor(500.0), torch.zeros(1, 77, 768))
+    assert err.value.input_name == "positive" and "CLIPLoader type flux3" in str(err.value)
