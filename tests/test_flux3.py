@@ -200,3 +200,66 @@ def test_guidance_is_a_note_and_a_wrong_width_names_the_input():
     with pytest.raises(ConditioningError) as err:
         net(torch.zeros(1, 128, 4, 4), torch.tensor(500.0), torch.zeros(1, 77, 768))
     assert err.value.input_name == "positive" and "CLIPLoader type flux3" in str(err.value)
+
+
+# -- image edit: a reference image ----------------------------------------------------------------------
+
+
+def _image(seed: int) -> torch.Tensor:
+    """An IMAGE [1, 64, 64, 3] on the 0..255 grid (the pipeline's PIL path sees the same pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, SIZE, SIZE, 3, generator=g) * 255).round() / 255
+
+
+def _edit(env, reference: torch.Tensor, seed: int, steps: int, cfg: float, unet: str) -> np.ndarray:
+    """Kiln's edit: VAEEncode of the reference, ReferenceLatent on the positive (and on the negative, as
+    the pipeline's guider hands both branches the reference tokens), KSampler, VAEDecode."""
+    from node_call import Recorder
+    from nodes.kontext import reference_latent
+    from nodes.loaders import vae_loader
+    from nodes.sampling import ksampler
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=unet)
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="flux3")
+    (vae,) = call(vae_loader, env, vae_name=VAE)
+    ref = {"samples": vae.encode(reference)}
+    (positive,) = reference_latent(Recorder().ctx, clip.encode(PROMPT), ref)
+    (negative,) = reference_latent(Recorder().ctx, clip.encode(""), ref)
+    latent = {"samples": torch.zeros(1, 128, SIZE // 16, SIZE // 16)}
+    (out,) = ksampler(Recorder().ctx, model, seed, steps, cfg, "euler", "simple", positive, negative, latent)
+    return vae.decode(out["samples"]).numpy()
+
+
+def _edit_reference(reference: torch.Tensor, seed: int, steps: int, cfg: float, distilled: bool) -> np.ndarray:
+    from PIL import Image
+
+    pipe = tiny_flux3.pipeline(distilled, cfg)
+    image = Image.fromarray((reference[0].numpy() * 255).round().astype(np.uint8))
+    with torch.no_grad():
+        out = pipe(prompt=PROMPT, image=image, height=SIZE, width=SIZE, num_inference_steps=steps, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed), output="images")
+    return out.permute(0, 2, 3, 1).float().numpy()
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_reference_image_edit_equals_the_image_conditioned_pipeline(env, distilled):
+    """The reference's tokens are the transformer's image_cond mode at l = -1 (the pipeline's
+    image-conditioned workflow, one reference already on the 16-pixel grid so it is neither padded nor cut)."""
+    unet, cfg = (DISTILLED, 1.0) if distilled else (BASE, 3.5)
+    ref = _image(11)
+    ours = _edit(env, ref, 5, 3, cfg, unet)
+    theirs = _edit_reference(ref, 5, 3, cfg, distilled)
+    print(f"edit ({'distilled' if distilled else 'base'}): max |kiln - pipeline| = {np.abs(ours - theirs).max():.2e}")
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+    assert np.abs(ours - theirs).max() <= PIXEL_TOL
+    assert np.abs(ours - _edit(env, _image(12), 5, 3, cfg, unet)).max() > 0.01  # which reference matters
+
+
+def test_a_bf16_load_keeps_the_qk_norm_scales_in_float32_as_diffusers_does():
+    from nodes.checkpoint.flux3_load import build_transformer
+
+    net = build_transformer(tiny_flux3.original_state(), "tiny", torch.bfloat16)
+    want = tiny_flux3.components()["transformer"].state_dict()
+    norms = {n: p for n, p in net.named_parameters() if n.rsplit(".", 2)[-2] in ("norm_q", "norm_k")}
+    assert len(norms) == 8 and all(p.dtype == torch.float32 and torch.equal(p, want[n]) for n, p in norms.items())
+    assert net.single_transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
