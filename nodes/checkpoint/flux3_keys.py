@@ -1,4 +1,4 @@
-"""FLUX.3 transformer weights: the original (BFL, ComfyUI's split file) key layout <-> diffusers' Flux3Transformer2DModel.
+"""FLUX.3 transformer weights: the original (BFL, ComfyUI's) key layout <-> diffusers' Flux3Transformer2DModel.
 
 FLUX.3 is not FLUX.2 with new sizes: each token mode (the image, the reference images, the text) has
 its own input projection (``emb_in.image``, ``emb_in.image_cond``, ``txt_in``), its own stack of
