@@ -94,12 +94,21 @@ def pipeline(distilled: bool = False, cfg: float = 3.5) -> Any:
 
     blocks = (Flux3DistilledAutoBlocks if distilled else Flux3AutoBlocks)()
     blocks.sub_blocks.pop("prompt_upsampler", None)
+    _quiet(blocks)
     pipe = blocks.init_pipeline()
     parts = dict(components(distilled))
     if not distilled:
         parts["guider"] = ClassifierFreeGuidance(guidance_scale=cfg)
     pipe.update_components(**parts)
     return pipe
+
+
+def _quiet(block: Any) -> None:
+    """Progress bars off in ``block`` and every block nested in it (the pipeline's own setter goes one level)."""
+    if hasattr(block, "set_progress_bar_config"):
+        block.set_progress_bar_config(disable=True)
+    for sub in getattr(block, "sub_blocks", {}).values():
+        _quiet(sub)
 
 
 def original_state(distilled: bool = False) -> dict:
