@@ -172,6 +172,15 @@ def test_base_graph_with_real_cfg_equals_flux3_modular_pipeline(registry, env):
     assert moves["prompt"] > 0.02 and moves["seed"] > 0.02 and moves["cfg"] > 0.01
 
 
+def test_a_positive_and_negative_of_other_padded_lengths_run_apart_as_the_pipelines_guider_runs_them(registry, env):
+    """A prompt past 80 tokens pads to 160 while the negative "" pads to 80: the transformer reads every
+    token (no text mask), so the two are evaluated in separate calls, as the guider makes them."""
+    long = PROMPT + ", " + ", ".join(["golden light on the snow, pine trees behind"] * 12)
+    ours = _run(registry, env, _graph(long, 5, 3, 3.5))
+    theirs = _reference(long, 5, 3, 3.5, distilled=False)
+    assert np.abs(ours - theirs).max() <= PIXEL_TOL
+
+
 def test_distilled_graph_at_cfg_1_equals_flux3_distilled_modular_pipeline(registry, env):
     ours = _run(registry, env, _graph(PROMPT, 3, 4, 1.0, unet=DISTILLED))
     theirs = _reference(PROMPT, 3, 4, 1.0, distilled=True)
@@ -217,7 +226,7 @@ def _image(seed: int) -> torch.Tensor:
     return (torch.rand(1, SIZE, SIZE, 3, generator=g) * 255).round() / 255
 
 
-def _edit(env, reference: torch.Tensor | None, seed: int, steps: int, cfg: float, unet: str) -> np.ndarray:
+def _edit(env, reference: "torch.Tensor | list | None", seed: int, steps: int, cfg: float, unet: str) -> np.ndarray:
     """Kiln's edit: VAEEncode of the reference, ReferenceLatent on the positive (and on the negative, as
     the pipeline's guider hands both branches the reference tokens), KSampler, VAEDecode; no reference:
     the same without ReferenceLatent."""
@@ -230,8 +239,8 @@ def _edit(env, reference: torch.Tensor | None, seed: int, steps: int, cfg: float
     (clip,) = call(split_loaders.clip_loader, env, clip_name=CLIP, type="flux3")
     (vae,) = call(vae_loader, env, vae_name=VAE)
     positive, negative = clip.encode(PROMPT), clip.encode("")
-    if reference is not None:
-        ref = {"samples": vae.encode(reference)}
+    for image in [] if reference is None else reference if isinstance(reference, list) else [reference]:
+        ref = {"samples": vae.encode(image)}  # chained ReferenceLatent: reference k at l = -(k + 1)
         (positive,) = reference_latent(Recorder().ctx, positive, ref)
         (negative,) = reference_latent(Recorder().ctx, negative, ref)
     latent = {"samples": torch.zeros(1, 128, SIZE // 16, SIZE // 16)}
@@ -239,11 +248,13 @@ def _edit(env, reference: torch.Tensor | None, seed: int, steps: int, cfg: float
     return vae.decode(out["samples"]).numpy()
 
 
-def _edit_reference(reference: torch.Tensor, seed: int, steps: int, cfg: float, distilled: bool) -> np.ndarray:
+def _edit_reference(reference: "torch.Tensor | list", seed: int, steps: int, cfg: float, distilled: bool) -> np.ndarray:
     from PIL import Image
 
     pipe = tiny_flux3.pipeline(distilled, cfg)
-    image = Image.fromarray((reference[0].numpy() * 255).round().astype(np.uint8))
+    images = [Image.fromarray((r[0].numpy() * 255).round().astype(np.uint8))
+              for r in (reference if isinstance(reference, list) else [reference])]
+    image = images if isinstance(reference, list) else images[0]
     with torch.no_grad():
         out = pipe(prompt=PROMPT, image=image, height=SIZE, width=SIZE, num_inference_steps=steps, output_type="pt",
                    generator=torch.Generator().manual_seed(seed), output="images")
@@ -275,3 +286,15 @@ def test_a_bf16_load_keeps_the_qk_norm_scales_in_float32_as_diffusers_does():
     norms = {n: p for n, p in net.named_parameters() if n.rsplit(".", 2)[-2] in ("norm_q", "norm_k")}
     assert len(norms) == 8 and all(p.dtype == torch.float32 and torch.equal(p, want[n]) for n, p in norms.items())
     assert net.single_transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+
+
+def test_two_references_sit_at_l_minus_1_and_minus_2_as_the_pipeline_places_them(env):
+    """Two chained ReferenceLatent nodes against the pipeline's multi-reference edit (each 64x64 image is
+    under 1 megapixel and on the 16-pixel grid, so its crop rule keeps it whole)."""
+    refs = [_image(11), _image(13)]
+    ours = _edit(env, refs, 5, 3, 1.0, DISTILLED)
+    theirs = _edit_reference(refs, 5, 3, 1.0, distilled=True)
+    assert np.abs(ours - theirs).max() <= PIXEL_TOL
+    swapped = float(np.abs(ours - _edit(env, refs[::-1], 5, 3, 1.0, DISTILLED)).max())
+    print(f"two references: swapping them moves the image by {255 * swapped:.0f}/255")
+    assert swapped > 0.005  # the order (the l axis) matters
