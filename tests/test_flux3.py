@@ -298,3 +298,11 @@ def test_two_references_sit_at_l_minus_1_and_minus_2_as_the_pipeline_places_them
     swapped = float(np.abs(ours - _edit(env, refs[::-1], 5, 3, 1.0, DISTILLED)).max())
     print(f"two references: swapping them moves the image by {255 * swapped:.0f}/255")
     assert swapped > 0.005  # the order (the l axis) matters
+
+
+def test_clip_loader_flux3_on_a_diffusion_model_file_names_the_loader(env, root):
+    import shutil
+
+    shutil.copy(root / "diffusion_models" / BASE, root / "text_encoders" / "flux3-dit.safetensors")
+    with pytest.raises(Exception, match="flux3-dit.safetensors holds a diffusion model.*CLIPLoader needs a text enc"):
+        call(split_loaders.clip_loader, env, clip_name="flux3-dit.safetensors", type="flux3")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from nodes.families import flux2, flux_references, qwen3_vl
+from nodes.families import flux2, flux_references
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
 from nodes.runtime import precision
@@ -37,8 +37,9 @@ UNET_PREFIX = flux2.UNET_PREFIX
 LABEL = "FLUX.3"
 #: Qwen3-VL ``hidden_states`` indices (0 is the embedding) stacked per token (``text_encoder_out_layers``).
 TEXT_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)
-#: Qwen3-VL's chat template for one user turn with the generation prompt (what ``apply_chat_template`` writes).
-TEMPLATE = qwen3_vl.USER_TURN
+#: Qwen3-VL's chat template for one text-only user turn with the generation prompt, as ``apply_chat_template``
+#: writes it (no default system turn, unlike Qwen2-VL's); FIBO 2's and Ideogram 4's prompts use the same turn.
+TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 #: The prompt is right-padded to a multiple of this many tokens, and cut at :data:`MAX_TOKENS`.
 PAD_MULTIPLE = 80
 MAX_TOKENS = 8192

@@ -21,9 +21,6 @@ from nodes.checkpoint import qwen_vision
 from nodes.families.base import ConditioningError
 
 BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-#: Qwen3-VL's chat template for one text-only user turn with the generation prompt, as ``apply_chat_template``
-#: writes it (Qwen3-VL's template adds no default system turn, unlike Qwen2-VL's).
-USER_TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PAD = "<|image_pad|>"
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 MEAN = STD = (0.5, 0.5, 0.5)
