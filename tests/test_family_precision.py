@@ -183,3 +183,11 @@ def test_on_a_cuda_gpu_the_manager_loads_qwen_image_in_bf16_and_sd_in_fp16_with_
             assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if native else torch.float32}
     finally:
         manager.unload_all(collect=False)
+
+
+def test_no_native_bf16_is_read_for_a_cpu_or_a_cuda_name_without_cuda():
+    """A manager named for CUDA on a host without it (as the offload tests make) reads no device capability."""
+    assert not precision.gpu_computes_bf16("cpu")
+    if not torch.cuda.is_available():
+        assert not precision.gpu_computes_bf16("cuda:0")
+        assert ModelManager(device="cuda").dtype_rule == precision.DtypeRule("auto", gpu=True, gpu_bf16=False)

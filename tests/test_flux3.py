@@ -306,3 +306,23 @@ def test_clip_loader_flux3_on_a_diffusion_model_file_names_the_loader(env, root)
     shutil.copy(root / "diffusion_models" / BASE, root / "text_encoders" / "flux3-dit.safetensors")
     with pytest.raises(Exception, match="flux3-dit.safetensors holds a diffusion model.*CLIPLoader needs a text enc"):
         call(split_loaders.clip_loader, env, clip_name="flux3-dit.safetensors", type="flux3")
+
+
+@pytest.mark.parametrize("module", ["flux2", "flux3"])
+def test_references_placed_by_another_method_are_refused_naming_the_networks_rule(module):
+    """FLUX.2 [klein] and FLUX.3 place reference k by its index themselves (flux_references.indexed_call): the
+    offset or uxo placement of FluxKontextMultiReferenceLatentMethod cannot be followed and is refused."""
+    import importlib
+
+    from nodes.families import flux_references
+    from nodes.families.base import ConditioningError
+
+    family = importlib.import_module(f"nodes.families.{module}").FAMILY
+    reference = torch.zeros(1, family.latent.channels, 2, 2)
+    extras = [{flux_references.LATENTS: [reference], flux_references.METHOD: "offset", "_input": "positive"}]
+    with pytest.raises(ConditioningError) as err:
+        family.network_kwargs(extras, 1, (32, 32), "cpu", torch.float32)
+    assert err.value.input_name == "positive" and "places reference k" in str(err.value)
+    extras[0][flux_references.METHOD] = "index"
+    assert set(family.network_kwargs(extras, 1, (32, 32), "cpu", torch.float32)) == {"reference_latents"}
+    assert family.network_kwargs([{}], 1, (32, 32), "cpu", torch.float32) == {}

@@ -204,14 +204,9 @@ class Flux2(FlowFamily):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
-        method = extras[0].get(flux_references.METHOD)
-        if extras[0].get(flux_references.LATENTS) and method not in (None, "index"):
-            raise ConditioningError(f"reference_latents_method {method!r}: FLUX.2 [klein] places reference k at "
-                                    "time index 10(k+1) (ComfyUI's index method, Flux2KleinPipeline's layout); "
-                                    "remove FluxKontextMultiReferenceLatentMethod or set it to index",
-                                    extras[0].get("_input", "positive"))
-        references = flux_references.for_call(extras, batch, self.latent, device, dtype)
-        return {} if references is None else {"reference_latents": references}
+        return flux_references.indexed_call(extras, batch, self.latent, device, dtype,
+                                            "FLUX.2 [klein] places reference k at time index 10(k+1) (ComfyUI's "
+                                            "index method, Flux2KleinPipeline's layout)")
 
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)

@@ -29,7 +29,7 @@ import math
 from typing import Any
 
 from nodes.families import flux2, flux_references
-from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
 from nodes.runtime import precision
 
@@ -143,13 +143,8 @@ class Flux3(FlowFamily):
                        device: Any, dtype: Any) -> dict[str, Any]:
         """The reference images of the call (ReferenceLatent / ReferenceMultiLatent), placed along the
         l axis; another placement method (FluxKontextMultiReferenceLatentMethod) is refused."""
-        method = extras[0].get(flux_references.METHOD)
-        if extras[0].get(flux_references.LATENTS) and method not in (None, "index"):
-            raise ConditioningError(f"reference_latents_method {method!r}: FLUX.3 places reference k at l = -(k+1) "
-                                    "(the modular pipeline's layout); remove FluxKontextMultiReferenceLatentMethod",
-                                    extras[0].get("_input", "positive"))
-        references = flux_references.for_call(extras, batch, self.latent, device, dtype)
-        return {} if references is None else {"reference_latents": references}
+        return flux_references.indexed_call(extras, batch, self.latent, device, dtype,
+                                            "FLUX.3 places reference k at l = -(k+1) (the modular pipeline's layout)")
 
     def call_key(self, extra: dict) -> Any:
         return flux_references.call_key(extra)

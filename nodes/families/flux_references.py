@@ -82,6 +82,21 @@ def for_call(extras: list[dict], rows_each: int, latent: LatentFormat, device: A
     return References(tuple(out), method)
 
 
+def indexed_call(extras: list[dict], rows_each: int, latent: LatentFormat, device: Any, dtype: Any,
+                 placement: str) -> dict[str, Any]:
+    """``network_kwargs`` for a network that places reference k by its index k itself (FLUX.2, FLUX.3):
+    ``{"reference_latents": ...}`` (:func:`for_call`), or {} without references. Another placement method
+    (FluxKontextMultiReferenceLatentMethod's offset or uxo) cannot be followed and is refused, naming the
+    network's own rule (``placement``)."""
+    method = extras[0].get(METHOD)
+    if extras[0].get(LATENTS) and method not in (None, "index"):
+        raise ConditioningError(f"reference_latents_method {method!r}: {placement}; remove "
+                                "FluxKontextMultiReferenceLatentMethod or set it to index",
+                                extras[0].get("_input", "positive"))
+    references = for_call(extras, rows_each, latent, device, dtype)
+    return {} if references is None else {"reference_latents": references}
+
+
 def placements(sizes: list[tuple[int, int]], image: tuple[int, int], method: str) -> list[tuple[int, int, int]]:
     """(index, row offset, column offset) in latent pixels of references of ``sizes`` beside an
     image latent of size ``image`` (ComfyUI's three rules, see the module docstring)."""

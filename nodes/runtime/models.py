@@ -50,19 +50,6 @@ LEAVE_AFTER_USE = ("text_encoder",)
 DENOISER = "unet"
 
 
-def _computes_bf16(device: str) -> bool:
-    """Whether GPU ``device`` computes bfloat16 natively: CUDA from compute capability 8 (Ampere) on, Apple
-    GPUs from macOS 14; elsewhere bfloat16 would be emulated, slower than float32."""
-    import torch
-
-    if device.startswith("cuda"):  # a manager named for CUDA on a host without it (tests): no
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
-    if device.startswith("mps"):
-        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
-        return bool(newer and newer(14, 0))
-    return False
-
-
 def leaves_after_use(name: str, free_bytes: int, pending_bytes: int) -> bool:
     """Whether module ``name`` goes back to the CPU as soon as its use ends.
 
@@ -191,9 +178,9 @@ class ModelManager:
     def dtype_rule(self) -> Any:
         """The precision for a loader that learns the family from the file (nodes.runtime.precision.resolve):
         on a GPU, ``auto`` gives each family the first dtype it holds in that the GPU computes natively."""
-        from nodes.runtime.precision import DtypeRule
+        from nodes.runtime.precision import DtypeRule, gpu_computes_bf16
 
-        return DtypeRule(self.precision, self.is_gpu, self.is_gpu and _computes_bf16(self.device))
+        return DtypeRule(self.precision, self.is_gpu, self.is_gpu and gpu_computes_bf16(self.device))
 
     def precision_note(self, family: Any = None) -> str:
         """For a loader's message ("" mostly): what ``--precision`` could give on this device, or why the dtype

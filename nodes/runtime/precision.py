@@ -103,6 +103,19 @@ def resolve(dtype: Any, family: Any) -> Any:
     return dtype.for_family(family) if isinstance(dtype, DtypeRule) else dtype
 
 
+def gpu_computes_bf16(device: str) -> bool:
+    """Whether GPU ``device`` computes bfloat16 natively: CUDA from compute capability 8 (Ampere) on, Apple
+    GPUs from macOS 14; elsewhere bfloat16 would be emulated, slower than float32."""
+    import torch
+
+    if device.startswith("cuda"):  # a manager named for CUDA on a host without it (tests): no
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+    if device.startswith("mps"):
+        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+        return bool(newer and newer(14, 0))
+    return False
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), from Linux's CPU flags;
