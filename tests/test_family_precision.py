@@ -181,6 +181,10 @@ def test_on_a_cuda_gpu_the_manager_loads_qwen_image_in_bf16_and_sd_in_fp16_with_
             assert {p.dtype for p in net.parameters()} == {torch.float16}
         with vae.module() as net:
             assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if native else torch.float32}
+        shutil.copyfile(Path(tiny_models_dir) / "vae" / "tiny-vae.safetensors", root / "vae" / "tiny-vae.safetensors")
+        (alone,) = call(loaders.vae_loader, env, rec, vae_name="tiny-vae.safetensors")  # VAELoader: never fp16
+        with alone.module() as net:
+            assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if native else torch.float32}
     finally:
         manager.unload_all(collect=False)
 

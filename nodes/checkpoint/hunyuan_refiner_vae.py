@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from nodes.checkpoint.wrapped_vae import WrappedVAE
+
 LABEL = "HunyuanImage 2.1 refiner VAE"
 #: Pixels per latent cell.
 DOWNSCALE = 16
@@ -77,25 +79,13 @@ def vae_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
                 layers_per_block=layers, spatial_compression_ratio=spatial, temporal_compression_ratio=temporal)
 
 
-class RefinerFrameVAE(torch.nn.Module):
+class RefinerFrameVAE(WrappedVAE):
     """The refiner VAE coding pictures as one frame, in the refiner's stacked latent layout (module docstring)."""
 
     kiln_downscale = DOWNSCALE
 
     def __init__(self, vae: Any) -> None:
-        super().__init__()
-        self.vae = vae
-        config = dict(vae.config)
-        config.update(latent_channels=2 * int(vae.config.latent_channels), shift_factor=None)
-        self.config = types.SimpleNamespace(**config)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        super().__init__(vae, latent_channels=2 * int(vae.config.latent_channels), shift_factor=None)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
         """The posterior of ``x`` [B, 3, H, W] in -1..1 as [B, 64, h, w]: the frame's mean and std stacked twice."""

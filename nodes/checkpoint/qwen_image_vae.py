@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from nodes.checkpoint.wrapped_vae import WrappedVAE
+
 #: A key only the Wan/Qwen-Image VAE has, in each layout (its causal 3-D residual blocks' RMS norms).
 ORIGINAL_MARKER = "decoder.middle.0.residual.0.gamma"
 DIFFUSERS_MARKER = "decoder.mid_block.resnets.0.norm1.gamma"
@@ -122,23 +124,11 @@ def config_from_shapes(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     return config
 
 
-class FrameVAE(torch.nn.Module):
+class FrameVAE(WrappedVAE):
     """An AutoencoderKLQwenImage behind the image-VAE surface (see the module docstring)."""
 
     def __init__(self, vae: Any) -> None:
-        super().__init__()
-        self.vae = vae
-        config = dict(vae.config)
-        config.update(latent_channels=int(vae.config.z_dim), scaling_factor=1.0, shift_factor=None)
-        self.config = types.SimpleNamespace(**config)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        super().__init__(vae, latent_channels=int(vae.config.z_dim), scaling_factor=1.0, shift_factor=None)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
         config = self.vae.config
