@@ -4,8 +4,9 @@ diffusers' ``AutoencoderKLFlux2`` encodes to 32 channels at 1/8 of the image and
 BatchNorm2d without affine weights (``bn``), the running mean and variance of its 2x2-patchified
 latents. Flux2KleinPipeline patchifies and normalises by them after encoding (``(z - mean) /
 sqrt(var + eps)``) and undoes both before decoding; ComfyUI does the same inside its VAE. This
-module wraps the diffusers VAE so ``encode``/``decode`` speak that latent, as every VAE node
-expects of a VAE module (``.encode(x).latent_dist``, ``.decode(z).sample``, ``config.latent_channels``).
+module wraps the diffusers VAE (on nodes.checkpoint.wrapped_vae.WrappedVAE) so ``encode``/``decode``
+speak that latent, as every VAE node expects of a VAE module (``.encode(x).latent_dist``,
+``.decode(z).sample``, ``config.latent_channels``).
 Loading (the original ``flux2-vae.safetensors`` layout, a diffusers folder) is in
 :mod:`nodes.checkpoint.flux2_load`.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from nodes.checkpoint.wrapped_vae import WrappedVAE
 from nodes.families.flux2 import DOWNSCALE, FLUX2_LATENT
 
 
@@ -33,25 +35,15 @@ def unpatchify(z: torch.Tensor) -> torch.Tensor:
     return z.reshape(b, c // 4, h * 2, w * 2)
 
 
-class Flux2LatentVAE(torch.nn.Module):
+class Flux2LatentVAE(WrappedVAE):
     """``AutoencoderKLFlux2`` (``vae``) behind the patch latent (see the module docstring)."""
 
     #: What VAE handles read for the pixel multiple (VaeHandle.downscale).
     kiln_downscale = DOWNSCALE
 
     def __init__(self, vae: Any) -> None:
-        super().__init__()
-        self.vae = vae
-        self.config = SimpleNamespace(latent_channels=FLUX2_LATENT.channels, scaling_factor=FLUX2_LATENT.scale,
-                                      shift_factor=None, block_out_channels=vae.config.block_out_channels)
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
+        super().__init__(vae, latent_channels=FLUX2_LATENT.channels, scaling_factor=FLUX2_LATENT.scale,
+                         shift_factor=None)
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn
