@@ -116,6 +116,8 @@ def test_checkpoints_and_pipeline_folders_load_every_module_in_the_familys_dtype
     assert _dtypes(sd1)["unet"] == {torch.float16} and _dtypes(sd1)["vae"] == {torch.bfloat16}
     aio = load_checkpoint(root / "checkpoints" / "tiny-flux-dev-aio.safetensors", GPU)
     assert _dtypes(aio)["unet"] == {torch.bfloat16}
+    old = load_checkpoint(root / "checkpoints" / "tiny-flux-dev-aio.safetensors", OLD_GPU, vae_dtype=OLD_GPU.for_vae())
+    assert _dtypes(old)["unet"] == {torch.float16} and _dtypes(old)["vae"] == {torch.float32}  # VAEs: never fp16
     folder = load_checkpoint(root / "checkpoints" / "tiny-qwen-image-diffusers", GPU)
     assert set(folder.modules) >= {"unet", "text_encoder"}
     for name, found in _dtypes(folder).items():

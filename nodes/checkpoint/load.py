@@ -487,8 +487,20 @@ def load_checkpoint(path: Path, dtype: Any, vae_dtype: Any = None, prediction: s
 
         loaded = load_family_folder(path, dtype, offload)
         if loaded is not None:
-            return loaded
+            return _vae_in(loaded, vae_dtype)
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path.name} is a folder but not a diffusers pipeline (no model_index.json and unet/)")
         return load_diffusers_folder(path, dtype, vae_dtype, prediction, offload=offload)
-    return load_single_file(path, dtype, vae_dtype, prediction, offload=offload)
+    return _vae_in(load_single_file(path, dtype, vae_dtype, prediction, offload=offload), vae_dtype)
+
+
+def _vae_in(loaded: Loaded, vae_dtype: Any) -> Loaded:
+    """``loaded`` with its VAE in ``vae_dtype`` where one is asked: the family loaders build every module in
+    the family's dtype, but a VAE follows the VAE rule (nodes.runtime.precision.DtypeRule.for_vae) whichever
+    family it came with, as VAELoader's does; a VAE is small, so casting it after the build costs little."""
+    import torch
+
+    vae = loaded.modules.get("vae")
+    if vae_dtype is not None and isinstance(vae, torch.nn.Module):
+        vae.to(dtype=vae_dtype)
+    return loaded
