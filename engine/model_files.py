@@ -17,18 +17,32 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 #: The file that marks a folder as one diffusers model (listed by its folder name, not
 #: its files): a whole pipeline in checkpoints/, one component in vae/. Other folders
 #: hold single files only.
-DIFFUSERS_MARKERS = {"checkpoints": "model_index.json", "vae": "config.json", "controlnet": "config.json",
-                     "diffusers": "model_index.json"}
+#: A whole pipeline is marked by its index: a pipeline's, or a modular pipeline's (FLUX.3's folders).
+PIPELINE_INDEXES = ("model_index.json", "modular_model_index.json")
+DIFFUSERS_MARKERS: dict[str, str | tuple[str, ...]] = {"checkpoints": PIPELINE_INDEXES, "vae": "config.json",
+                                                       "controlnet": "config.json", "diffusers": PIPELINE_INDEXES}
 #: Folders whose loader reads diffusers folders only (ComfyUI's DiffusersLoader): loose files
 #: there are not models it opens, so they are not listed.
 FOLDERS_ONLY = frozenset({"diffusers"})
 
 
-def marker_for(folder: str) -> str | None:
+Marker = str | tuple[str, ...] | None
+
+
+def marker_for(folder: str) -> Marker:
     return DIFFUSERS_MARKERS.get(folder)
 
 
-def model_names(root: str | Path, diffusers_marker: str | None, files: bool = True) -> list[str]:
+def is_marked(path: Path, marker: Marker) -> bool:
+    """Whether folder ``path`` holds ``marker`` (one of them, where it names several)."""
+    return any((Path(path) / name).is_file() for name in _names(marker))
+
+
+def _names(marker: Marker) -> tuple[str, ...]:
+    return (marker,) if isinstance(marker, str) else marker or ()
+
+
+def model_names(root: str | Path, diffusers_marker: Marker, files: bool = True) -> list[str]:
     """The names a loader accepts for the models in ``root`` (sorted; none if it is missing).
 
     Files are listed by their path below ``root`` (``sd15/model.safetensors``), unless
@@ -39,7 +53,7 @@ def model_names(root: str | Path, diffusers_marker: str | None, files: bool = Tr
     names: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        if diffusers_marker and diffusers_marker in filenames and rel != Path("."):
+        if rel != Path(".") and any(name in filenames for name in _names(diffusers_marker)):
             names.append(rel.as_posix())
             dirnames[:] = []
             continue

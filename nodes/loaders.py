@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from engine import types as T
 from engine.context import Environment, NodeError
-from engine.model_files import marker_for, model_names
+from engine.model_files import Marker, is_marked, marker_for, model_names
 from nodes.runtime.models import ModelManager, file_key
 from engine.node import Input, Output, define_node
 from engine.paths import PathRefused
@@ -49,7 +49,7 @@ def _folders(folder: Folders) -> tuple[str, ...]:
     return (folder,) if isinstance(folder, str) else tuple(folder)
 
 
-def list_models(env: Environment | None, folder: Folders, diffusers_marker: str | None) -> list[str]:
+def list_models(env: Environment | None, folder: Folders, diffusers_marker: Marker) -> list[str]:
     """Model files under ``<models>/<folder>`` (each alias) and diffusers folders (holding ``diffusers_marker``).
 
     The listing itself is engine.model_files.model_names, which the model routes
@@ -258,7 +258,7 @@ def _sam3_handles(ctx, manager: ModelManager, key: tuple, loader: Any, loaded: A
 def _locate_pipeline(env: Environment, name: Any) -> Path:
     """The diffusers pipeline folder ``name`` in models/diffusers; errors name ``model_path``."""
     path = locate(env, DIFFUSERS_FOLDER, name, "model_path")
-    if not (path / marker_for(DIFFUSERS_FOLDER)).is_file():
+    if not is_marked(path, marker_for(DIFFUSERS_FOLDER)):
         raise NodeError(f"{name!r} is not a diffusers pipeline folder (no model_index.json in it)", "model_path")
     return path
 

@@ -131,3 +131,13 @@ def make_models_folder(root: Any) -> Path:
                tiny_krea2.comfy_text_state(components()["text_encoder"].model))
     save_state(root / "vae" / "flux2-vae-tiny.safetensors", tiny_flux2.vae_state())
     return root
+
+
+def save_folder(folder: Any, distilled: bool = False) -> Path:
+    """The tiny FLUX.3 as the modular pipeline's own ``save_pretrained`` writes it (modular_model_index.json,
+    transformer/, text_encoder/, vae/), with the Qwen tokenizer in tokenizer/ as a real folder ships it (the
+    offline :class:`Processor` stand-in cannot be saved)."""
+    folder = Path(folder)
+    pipeline(distilled).save_pretrained(str(folder), overwrite_modular_index=True)
+    components(distilled)["tokenizer"].tokenizer.save_pretrained(str(folder / "tokenizer"))
+    return folder

@@ -146,9 +146,12 @@ def _straight(state: Mapping[str, Any], name: str, dtype: Any, fp8: str, offload
 
 
 def is_pipeline_folder(path: Path, transformer_class: str) -> bool:
-    """A diffusers pipeline folder whose transformer config names ``transformer_class``."""
+    """A diffusers pipeline folder (a pipeline's ``model_index.json`` or a modular pipeline's
+    ``modular_model_index.json``) whose transformer config names ``transformer_class``."""
     config = path / "transformer" / "config.json"
-    if not (path.is_dir() and (path / "model_index.json").is_file() and config.is_file()):
+    from engine.model_files import PIPELINE_INDEXES, is_marked
+
+    if not (path.is_dir() and is_marked(path, PIPELINE_INDEXES) and config.is_file()):
         return False
     try:
         return json.loads(config.read_text()).get("_class_name") == transformer_class

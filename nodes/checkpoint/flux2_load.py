@@ -118,24 +118,12 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     (Flux2KleinPipeline, Qwen3) or [dev] (Flux2Pipeline: Mistral3's language model, the Tekken
     tokenizer from ``tokenizer/tekken.json``); the text encoder and the transformer held as stored, as
     FLUX's folders. A [klein] folder whose transformer has a guidance embedder is refused."""
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from diffusers import Flux2Transformer2DModel
 
     from nodes.checkpoint.flow_transformers import load_pipeline_folder
-    from nodes.checkpoint.flux2_vae import Flux2LatentVAE
-    from nodes.checkpoint.folders import folder_component, folder_state
-    from nodes.checkpoint.load import reading
 
     is_dev = _class_of(path, "model_index.json") == "Flux2Pipeline"
     build_text = _dev_text if is_dev else _klein_text
-
-    def others() -> dict[str, Any]:
-        modules = {"vae": Flux2LatentVAE(folder_component(path / "vae", AutoencoderKLFlux2, dtype))}
-        found = folder_state(path / "text_encoder", dtype)
-        if found is None:
-            raise OSError("text_encoder/ holds no .safetensors weights")
-        with reading(found[0]):
-            modules["text_encoder"] = build_text(found[1], path, dtype)
-        return modules
 
     def matches(transformer: Any) -> None:
         if bool(transformer.config.guidance_embeds) != is_dev:
@@ -144,9 +132,28 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
                                   f"({_class_of(path, 'model_index.json')}) {'has' if is_dev else 'lacks'}")
 
     family, label = (dev.FAMILY, "FLUX.2 [dev]") if is_dev else (fam.FAMILY, "FLUX.2")
-    return load_pipeline_folder(path, dtype, offload, family, label, Flux2Transformer2DModel, others,
-                                lambda: (_dev_tokenizer if is_dev else _klein_tokenizer)(path),
+    return load_pipeline_folder(path, dtype, offload, family, label, Flux2Transformer2DModel,
+                                lambda: vae_and_text_encoder(path, dtype, build_text),
+                                lambda: (_dev_tokenizer if is_dev else qwen3_folder_tokenizer)(path),
                                 latent_from_vae=False, ready=matches)
+
+
+def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any) -> dict[str, Any]:
+    """A folder's FLUX.2 VAE (``vae/``, behind the patch latent) and its text encoder (``text_encoder/``,
+    built by ``build_text(state, path, dtype)``): the parts FLUX.2's and FLUX.3's folders share in kind."""
+    from diffusers import AutoencoderKLFlux2
+
+    from nodes.checkpoint.flux2_vae import Flux2LatentVAE
+    from nodes.checkpoint.folders import folder_component, folder_state
+    from nodes.checkpoint.load import reading
+
+    modules = {"vae": Flux2LatentVAE(folder_component(path / "vae", AutoencoderKLFlux2, dtype))}
+    found = folder_state(path / "text_encoder", dtype)
+    if found is None:
+        raise OSError("text_encoder/ holds no .safetensors weights")
+    with reading(found[0]):
+        modules["text_encoder"] = build_text(found[1], path, dtype)
+    return modules
 
 
 def _klein_text(state: Any, path: Path, dtype: Any) -> Any:
@@ -166,7 +173,8 @@ def _dev_text(state: Any, path: Path, dtype: Any) -> Any:
     return build_mistral(state, f"{path.name}/text_encoder", dtype, text)
 
 
-def _klein_tokenizer(path: Path) -> Any:
+def qwen3_folder_tokenizer(path: Path) -> Any:
+    """The folder's Qwen tokenizer (``tokenizer/``), else Kiln's Qwen3 one."""
     from transformers import Qwen2TokenizerFast
 
     from nodes.checkpoint.tokenizer_memo import folder_tokenizer

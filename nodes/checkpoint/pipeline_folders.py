@@ -26,6 +26,7 @@ FAMILY_FOLDERS: tuple[tuple[str, str, str], ...] = (
     ("joyimage_load", "is_folder", "joyimage"),
     ("ernie_image_load", "is_folder", "ernie_image"),
     ("qwen_image21_load", "is_folder", "qwen_image21"),
+    ("flux3_load", "is_folder", "flux3"),
     ("flux2_load", "is_flux2_folder", "flux2"),  # before FLUX and Chroma
     ("qwen_image_load", "is_qwen_image_folder", "qwen_image"),
     ("ovis_load", "is_folder", "ovis"),  # before FLUX
