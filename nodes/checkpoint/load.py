@@ -221,6 +221,11 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
             return sam3_load.load_single_file(state, shapes, resolve(dtype, None), path.name)  # default dtypes
     from nodes.families import flux as flux_family, lumina2 as lumina2_family, sd3 as sd3_family
 
+    from nodes.checkpoint import auraflow_load
+    from nodes.families import auraflow as auraflow_family
+
+    if auraflow_load.has_transformer(shapes):  # AuraFlow / Pony V7: an MMDiT, Pile-T5-XL and SDXL's VAE
+        return auraflow_load.load_single_file(state, path, resolve(dtype, auraflow_family.FAMILY), vae_dtype, offload)
     if sd3_family.is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, resolve(dtype, sd3_family.FAMILY))

@@ -33,6 +33,7 @@ FAMILY_FOLDERS: tuple[tuple[str, str, str], ...] = (
     ("z_image_load", "is_z_image_folder", "z_image"),  # before FLUX
     ("lumina2_load", "is_folder", "lumina2"),
     ("pixart_load", "is_folder", "pixart"),
+    ("auraflow_load", "is_folder", "auraflow"),
     ("chroma_load", "is_chroma_folder", "chroma"),  # before FLUX
     ("flux_load", "is_flux_folder", "flux"),
 )

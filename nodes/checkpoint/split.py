@@ -25,7 +25,8 @@ from nodes.runtime.precision import resolve
 #: How errors name the text encoder kinds.
 KIND_NAMES = {"openai": "CLIP-L", "openclip": "OpenCLIP", "t5": "T5-XXL", "umt5": "UMT5-XXL", "qwen3": "Qwen3",
               "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL", "llama3": "Llama 3.1", "ministral3": "Ministral 3",
-              "mistral3": "Mistral Small 3", "gemma2": "Gemma 2", "byt5": "ByT5"}
+              "mistral3": "Mistral Small 3", "gemma2": "Gemma 2", "byt5": "ByT5",
+              "pile_t5": "Pile-T5-XL"}
 #: The Comfy-Org files that carry each Mistral encoder's tokenizer, for the error when one is missing.
 TEKKEN_FILES = {"ministral3": "ministral-3-3b.safetensors", "mistral3": "mistral_3_small_flux2_*.safetensors"}
 T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -105,7 +106,11 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
                                 joyimage, kandinsky5, krea2, longcat, lumina2, ovis, pixart, qwen_image, qwen_image21,
                                 sd3, wan, z_image)
 
-    return ((sd3.is_sd3_transformer, sd3_load.load_transformer_file, sd3.FAMILY),
+    from nodes.checkpoint import auraflow_load
+    from nodes.families import auraflow
+
+    return ((auraflow_load.has_transformer, auraflow_load.load_transformer_file, auraflow.FAMILY),
+            (sd3.is_sd3_transformer, sd3_load.load_transformer_file, sd3.FAMILY),
             (flux3_load.has_transformer, flux3_load.load_transformer_file, flux3.FAMILY),  # FLUX's txt_in too
             (z_image_load.has_z_image_transformer, z_image_load.load_transformer_file, z_image.FAMILY),
             (lumina2_load.has_transformer, lumina2_load.load_transformer_file, lumina2.FAMILY),  # Z-Image's names
@@ -151,6 +156,8 @@ class TextFile:
     layout: str
     prefix: str
     kind: str
+    #: Where the file is, for a tokenizer kept beside it (AuraFlow's Pile-T5: nodes.checkpoint.auraflow_load).
+    path: Path | None = None
 
     @classmethod
     def read(cls, path: Path) -> "TextFile":
@@ -162,6 +169,10 @@ class TextFile:
 
         umt5 = umt5_prefix(state.keys()) if found is None and t5 is not None else None
         if umt5 is not None:  # UMT5 (Wan's umt5_xxl_*.safetensors: T5's names, a bias in every block)
+            from nodes.checkpoint.auraflow_load import is_pile_t5
+
+            if is_pile_t5(shapes, umt5):  # AuraFlow's Pile-T5-XL: UMT5's architecture, the Llama vocabulary
+                return cls(path.name, state, "t5", umt5, "pile_t5", path)
             return cls(path.name, state, "t5", umt5, "umt5")
         from nodes.checkpoint.hunyuan_image_load import is_byt5
 
@@ -240,6 +251,10 @@ def family_for_texts(clip_type: str, files: list[TextFile]) -> Family:
     """The family that loads these encoder files under ComfyUI's ``type``, by their CLIP kinds."""
     _pair_clips(files)
     kinds = sorted(f.kind for f in files)
+    if kinds == ["pile_t5"]:  # ComfyUI has no type for AuraFlow's encoder: under any type the file decides
+        from nodes.families import auraflow
+
+        return auraflow.FAMILY
     for family in families.ALL:
         if clip_type not in family.clip_types or not family.accepts_text_files(files):
             continue
@@ -281,6 +296,14 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             from nodes.checkpoint.umt5_text import build_umt5, umt5_tokenizer
 
             carried[spec.tokenizer] = umt5_tokenizer(file.state, file.name)
+            with reading(Path(file.name)):
+                modules[spec.module] = build_umt5(file.state, file.prefix, file.name, dtype)
+            continue
+        if spec.kind == "pile_t5":  # AuraFlow's: UMT5's build, the tokenizer in the file or beside it
+            from nodes.checkpoint.auraflow_load import tokenizer_for
+            from nodes.checkpoint.umt5_text import build_umt5
+
+            carried[spec.tokenizer] = tokenizer_for(file.state, file.path or Path(file.name), "CLIPLoader", "clip_name")
             with reading(Path(file.name)):
                 modules[spec.module] = build_umt5(file.state, file.prefix, file.name, dtype)
             continue
@@ -347,8 +370,8 @@ def load_text_files(files: list[TextFile], family: Family, dtype: Any) -> Loaded
             raise CheckpointError(f"{file.name} as {family.name}'s {spec.module}: {exc}") from None
     loaded = [spec for spec in family.text_encoders if spec.module in modules]
     tokenizers = {spec.tokenizer: clip_tokenizer(spec.pad) for spec in loaded
-                  if spec.kind not in ("t5", "byt5", "umt5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3", "ministral3",
-                                       "mistral3", "gemma2")}
+                  if spec.kind not in ("t5", "byt5", "umt5", "pile_t5", "qwen3", "qwen2.5-vl", "qwen3-vl", "llama3",
+                                       "ministral3", "mistral3", "gemma2")}
     tokenizers.update(carried)
     qwen_versions = {"qwen3": "3", "qwen2.5-vl": "2.5", "qwen3-vl": "3"}
     if any(spec.kind in qwen_versions for spec in loaded):
