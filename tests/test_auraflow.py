@@ -209,7 +209,7 @@ def test_a_latent_larger_than_the_position_table_is_refused_naming_the_input():
 
 
 @pytest.mark.parametrize("name", ["tiny-auraflow.safetensors", "tiny-auraflow-prefixed.safetensors",
-                                  "tiny-auraflow-diffusers-keys.safetensors"])
+                                  "tiny-auraflow-diffusers-keys.safetensors", "tiny-auraflow-aio.safetensors"])
 def test_unetloader_reads_both_layouts_bit_for_bit(env, name):
     (model,) = call(split_loaders.unet_loader, env, unet_name=name)
     got, want = unet_weights(model), tiny_auraflow.components()["transformer"].state_dict()
@@ -253,3 +253,31 @@ def test_graphs_on_the_files_equal_auraflow_pipeline(registry, env, loader):
     graph["2"]["inputs"]["text"] = "make the sky blue"
     other = run(registry, env, parse(graph)).results["6"][0].numpy()
     assert np.abs(ours - other).max() > 0.02  # the prompt matters: not vacuous
+
+
+def test_diffusersloader_reads_the_folder_with_its_own_tokenizer(env):
+    model, clip, vae = call(loaders.diffusers_loader, env, model_path="tiny-auraflow")
+    got, want = unet_weights(model), tiny_auraflow.components()["transformer"].state_dict()
+    assert model.family is auraflow.FAMILY and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.scheduler_config["shift"] == pytest.approx(1.73)
+    assert torch.allclose(clip.encode(PROMPT)[0][0], _clip().encode(PROMPT)[0][0], atol=1e-6)
+
+
+def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
+    from flow_family_files import fp8_sampling_gap
+
+    gap = fp8_sampling_gap(env, SPLIT["unet_name"], _clip(), lambda net: net.joint_transformer_blocks[0].attn.to_q.weight,
+                           prompt=PROMPT, negative=NEGATIVE, scheduler="simple", channels=4)
+    assert 0 < gap < 0.25  # 8-bit weights on a tiny random model: close, not equal
+
+
+def test_a_lone_transformer_in_checkpoints_names_the_split_loaders(env, root):
+    from flow_family_files import save_state
+
+    save_state(root / "checkpoints" / "tiny-auraflow-lone.safetensors",
+               {"model.diffusion_model." + k: v for k, v in tiny_auraflow.original_transformer().items()})
+    with pytest.raises(NodeError) as err:
+        call(loaders.checkpoint_loader, env, ckpt_name="tiny-auraflow-lone.safetensors")
+    message = str(err.value)
+    assert err.value.input_name == "ckpt_name" and "Pile-T5-XL" in message and "the VAE" in message
+    assert "UNETLoader" in message and "CLIPLoader" in message and "VAELoader" in message

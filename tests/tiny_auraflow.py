@@ -103,7 +103,8 @@ def make_models_folder(root: Any) -> Path:
     """checkpoints/: tiny-auraflow.safetensors (the tokenizer in the file), tiny-auraflow-notok.safetensors (none
     anywhere), tiny-auraflow-beside.safetensors with tiny-auraflow-beside.tokenizer/ (transformers' files) and,
     in checkpoints/shared/, tiny-auraflow-shared.safetensors with pile_t5_tokenizer/tokenizer.model; the diffusers
-    folder as checkpoints/tiny-auraflow-diffusers/. diffusion_models/tiny-auraflow{,-prefixed,-diffusers-keys};
+    folder as checkpoints/tiny-auraflow-diffusers/ and diffusers/tiny-auraflow/.
+    diffusion_models/tiny-auraflow{,-prefixed,-diffusers-keys,-aio} (-aio: the all-in-one file);
     text_encoders/tiny-pile-t5.safetensors (tokenizer in it) and tiny-pile-t5-notok.safetensors;
     vae/tiny-sdxl-vae.safetensors."""
     root = Path(root)
@@ -115,7 +116,9 @@ def make_models_folder(root: Any) -> Path:
     save_state(ckpt / "shared" / "tiny-auraflow-shared.safetensors", all_in_one(tokenizer=False))
     (ckpt / "shared" / "pile_t5_tokenizer").mkdir(parents=True)
     (ckpt / "shared" / "pile_t5_tokenizer" / "tokenizer.model").write_bytes(tiny_wan.spiece_model())
-    pipeline().save_pretrained(str(ckpt / "tiny-auraflow-diffusers"), safe_serialization=True)
+    for folder in (ckpt / "tiny-auraflow-diffusers", root / "diffusers" / "tiny-auraflow"):
+        pipeline().save_pretrained(str(folder), safe_serialization=True)
+    save_state(root / "diffusion_models" / "tiny-auraflow-aio.safetensors", all_in_one())
     save_split_transformer(root / "diffusion_models", "tiny-auraflow", original_transformer(),
                            dict(components()["transformer"].state_dict()))
     save_state(root / "text_encoders" / "tiny-pile-t5.safetensors", text_state(tokenizer=True))
