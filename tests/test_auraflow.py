@@ -281,3 +281,31 @@ def test_a_lone_transformer_in_checkpoints_names_the_split_loaders(env, root):
     message = str(err.value)
     assert err.value.input_name == "ckpt_name" and "Pile-T5-XL" in message and "the VAE" in message
     assert "UNETLoader" in message and "CLIPLoader" in message and "VAELoader" in message
+
+
+def test_weight_syntax_is_read_as_comfyui_reads_it_for_auraflow():
+    """ComfyUI's AuraT5: each word tokenized on its own, the end token last, padding masked and zeroed, and a
+    weighted token moved from the empty prompt's state (its end token's state first, zeros after) by its weight.
+    Written out here with transformers' tokenizer and UMT5, not Kiln's code."""
+    tok, t5 = tiny_auraflow.components()["tokenizer"], tiny_auraflow.components()["text_encoder"]
+    pieces = [("a photo of", 1.0), ("a cat", 1.5), ("on a mat", 1.0)]
+    ids, weights = [], []
+    for text, weight in pieces:
+        for word in text.split(" "):
+            got = tok(word, add_special_tokens=False).input_ids
+            ids, weights = ids + got, weights + [weight] * len(got)
+    ids, weights = ids + [tok.eos_token_id], weights + [1.0]
+    with torch.no_grad():
+        h = t5(torch.tensor([ids])).last_hidden_state[0]
+        empty = torch.zeros_like(h)
+        empty[0] = t5(torch.tensor([[tok.eos_token_id]])).last_hidden_state[0, 0]
+    w = torch.tensor(weights).reshape(-1, 1)
+    want = torch.where(w != 1.0, (h - empty) * w + empty, h)
+    (ours, _), = _clip().encode("a photo of (a cat:1.5) on a mat")
+    assert ours.shape == (1, 256, tiny_auraflow.TEXT) and torch.allclose(ours[0, :len(ids)], want, atol=1e-5)
+    assert ours[0, len(ids):].abs().max() == 0
+    (unit, _), = _clip().encode("a photo of (a cat:1.0) on a mat")  # the same prompt, no weight: diffusers' way
+    assert torch.allclose(unit, _clip().encode(PROMPT)[0][0], atol=1e-6)
+    moved = w.reshape(-1) != 1.0
+    assert (unit[0, :len(ids)][moved] - ours[0, :len(ids)][moved]).abs().max() > 1e-3  # the weight moves them
+    assert torch.allclose(unit[0, :len(ids)][~moved], ours[0, :len(ids)][~moved], atol=1e-5)

@@ -14,8 +14,8 @@ What differs from the other flow families, and where it lives:
   (the pipeline pads, masks the padding in T5 and multiplies it to zero; the transformer then attends to
   the zeros unmasked, so the padding is part of the conditioning). ComfyUI's ``AuraT5`` gives the same
   (padded to at least 256, masked, zeroed) for prompts of up to 256 tokens; a longer one is cut here, as
-  in diffusers, where ComfyUI keeps it whole. Prompt weights (``(word:1.2)``) are not read: the prompt
-  goes to the tokenizer as typed.
+  in diffusers, where ComfyUI keeps it whole. Prompt weights (``(word:1.2)``) are read as ComfyUI reads
+  them for AuraT5 (:func:`weighted_states`); a prompt without them is encoded exactly as diffusers does.
 * **Guidance.** Real CFG with diffusers' formula (``uncond + g * (cond - uncond)``): KSampler's cfg is the
   pipeline's ``guidance_scale`` (3.5 by default there).
 * **Model sampling.** Flow matching with a fixed shift of 1.73 (the release's scheduler config and
@@ -110,23 +110,48 @@ class AuraFlow(FlowFamily):
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING: Pile-T5-XL's last hidden state of the prompt, zero-padded to 256 tokens (see the
-        module docstring)."""
+        module docstring); a weighted prompt through :func:`weighted_states`."""
         import torch
 
-        prompt = (texts or {}).get("tokenizer", text)
+        from nodes.prompt_syntax import parse
+
+        parsed = parse((texts or {}).get("tokenizer", text))
+        if report is not None:
+            report.problems += [p for p in parsed.problems if p not in report.problems]
         tok = clip.tokenizers["tokenizer"]
-        ids = [int(i) for i in tok(prompt).input_ids]
-        if len(ids) > T5_TOKENS:  # diffusers' truncation: the end token stays last
-            ids = ids[: T5_TOKENS - 1] + ids[-1:]
         with torch.inference_mode(), clip.encoder("text_encoder") as t5:
-            states = t5(torch.tensor([ids], device=t5.device), output_hidden_states=False)[0]
-        states = states.to("cpu", torch.float32)
+            if parsed.weighted:
+                states, count = weighted_states(t5, tok, parsed)
+            else:
+                ids = [int(i) for i in tok("".join(seg.text for seg in parsed.segments)).input_ids]
+                if len(ids) > T5_TOKENS:  # diffusers' truncation: the end token stays last
+                    ids = ids[: T5_TOKENS - 1] + ids[-1:]
+                states = t5(torch.tensor([ids], device=t5.device), output_hidden_states=False)[0]
+                states, count = states.to("cpu", torch.float32), len(ids) - 1
         padded = torch.zeros(1, max(T5_TOKENS, states.shape[1]), states.shape[-1])
         padded[:, : states.shape[1]] = states
         if report is not None:
-            report.tokens = max(report.tokens, len(ids) - 1)
+            report.tokens = max(report.tokens, count)
             report.windows = 1
         return [[padded, {}]]
 
+
+def weighted_states(t5: Any, tok: Any, parsed: Any) -> tuple[Any, int]:
+    """([1, tokens, width] states, prompt tokens) of a weighted prompt as ComfyUI's AuraT5 makes them: each word
+    of a piece tokenized on its own (nodes.families.t5_weights.tokenize, cut at 256 with the end token), and a
+    token of weight w moved to ``empty + (h - empty) * w``, where ``empty`` is the empty prompt's state at that
+    position: its end token's state first, zeros after it (ComfyUI zeroes the masked padding before weighting)."""
+    import torch
+
+    from nodes.families import t5_weights
+
+    tokens = t5_weights.tokenize(tok, parsed, T5_TOKENS)
+    kept = min(tokens.count + 1, T5_TOKENS)
+    h = t5(torch.tensor([tokens.ids[:kept]], device=t5.device), output_hidden_states=False)[0].to("cpu", torch.float32)
+    end = t5(torch.tensor([tokens.empty[:1]], device=t5.device), output_hidden_states=False)[0].to("cpu", torch.float32)
+    empty = torch.zeros_like(h)
+    empty[:, :1] = end
+    w = torch.tensor(tokens.weights[:kept], dtype=torch.float32).reshape(1, -1, 1)
+    return torch.where(w != 1.0, (h - empty) * w + empty, h), min(tokens.count, T5_TOKENS - 1)
 
 FAMILY = AuraFlow()
