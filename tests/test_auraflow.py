@@ -266,7 +266,8 @@ def test_diffusersloader_reads_the_folder_with_its_own_tokenizer(env):
 def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
     from flow_family_files import fp8_sampling_gap
 
-    gap = fp8_sampling_gap(env, SPLIT["unet_name"], _clip(), lambda net: net.joint_transformer_blocks[0].attn.to_q.weight,
+    gap = fp8_sampling_gap(env, SPLIT["unet_name"], _clip(),
+                           lambda net: net.joint_transformer_blocks[0].attn.to_q.weight,
                            prompt=PROMPT, negative=NEGATIVE, scheduler="simple", channels=4)
     assert 0 < gap < 0.25  # 8-bit weights on a tiny random model: close, not equal
 

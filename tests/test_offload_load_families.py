@@ -1,6 +1,6 @@
 """UNETLoader files of SD3, Z-Image, FLUX.2, Chroma, Qwen-Image, Krea 2, FIBO 2, Qwen-Image 2.1, Ideogram 4,
-JoyImage, Kandinsky 5, LongCat-Image, Ovis-Image, HiDream-I1 and ERNIE-Image built straight into blocks paged to disk
-(nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
+JoyImage, Kandinsky 5, LongCat-Image, Ovis-Image, HiDream-I1, ERNIE-Image and AuraFlow built straight into blocks
+paged to disk (nodes.checkpoint.paged_files), as FLUX.1 files are (tests/test_offload_load.py).
 
 For each family's tiny model saved as ComfyUI's file (original keys under ``model.diffusion_model.``;
 Qwen-Image's, FIBO 2's, JoyImage's, Kandinsky 5's, HiDream's and ERNIE-Image's are diffusers' own names): the size asked before
@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+import tiny_auraflow
 import tiny_chroma
 import tiny_ernie
 import tiny_fibo2
@@ -201,6 +202,13 @@ def _hidream_forward(net: Any) -> torch.Tensor:
         return hidream.FAMILY.wrap_network(net)(x, torch.tensor([700.0]), text, **kwargs)[0]
 
 
+def _auraflow_forward(net: Any) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, tiny_auraflow.TEXT, generator=g)
+    with torch.no_grad():
+        return net(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.6]), return_dict=False)[0]
+
+
 #: family -> (its UNETLoader file's tensors, one forward on fixed inputs)
 FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = {
     "sd3": (lambda: tiny_sd3.original_transformer("medium"), _sd3_forward),
@@ -220,6 +228,7 @@ FAMILIES: dict[str, tuple[Callable[[], dict], Callable[[Any], torch.Tensor]]] = 
     "hidream": (lambda: dict(tiny_hidream.components()["transformer"].state_dict()), _hidream_forward),
     "ernie_image": (lambda: dict(tiny_ernie.components()["transformer"].state_dict()), _ernie_forward),
     "wan": (tiny_wan.original_state, _wan_forward),
+    "auraflow": (tiny_auraflow.original_transformer, _auraflow_forward),  # the final modulation's halves swap
 }
 #: families whose ComfyUI files hold diffusers' own names (no second layout to write)
 DIFFUSERS_NAMED = ("qwen_image", "fibo2", "joyimage", "kandinsky5", "hidream", "ernie_image")
@@ -231,7 +240,8 @@ def _module(family: str) -> Any:
     return (tiny_sd3.components("medium") if family == "sd3" else
             {"z_image": tiny_z_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
              "krea2": tiny_krea2, "fibo2": tiny_fibo2, "qwen_image21": tiny_qwen_image21,
-             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis, "lumina2": tiny_lumina2, "wan": tiny_wan}[family].components())["transformer"]
+             "ideogram4": tiny_ideogram4, "ovis": tiny_ovis, "lumina2": tiny_lumina2, "wan": tiny_wan,
+             "auraflow": tiny_auraflow}[family].components())["transformer"]
 
 
 @pytest.fixture(scope="module")

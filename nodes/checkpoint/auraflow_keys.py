@@ -97,7 +97,8 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     if width % HEAD_WIDTH:
         raise KeyMismatch(f"a width of {width} is not a whole number of {HEAD_WIDTH}-wide heads (every AuraFlow's)")
     return dict(sample_size=SAMPLE_SIZE, patch_size=PATCH, in_channels=patch_in // (PATCH * PATCH),
-                num_mmdit_layers=len(_blocks(s, "double_layers.")), num_single_dit_layers=len(_blocks(s, "single_layers.")),
+                num_mmdit_layers=len(_blocks(s, "double_layers.")),
+                num_single_dit_layers=len(_blocks(s, "single_layers.")),
                 attention_head_dim=HEAD_WIDTH, num_attention_heads=width // HEAD_WIDTH, joint_attention_dim=text,
                 caption_projection_dim=caption, out_channels=final // (PATCH * PATCH), pos_embed_max_size=positions)
 

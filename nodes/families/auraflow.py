@@ -83,7 +83,8 @@ class AuraFlow(FlowFamily):
     network_class = AuraFlowNetwork
     sample_size = 64
     dit_blocks_unreached = "AuraFlow (ComfyUI's MMDiT for it takes no block replacements)"
-    guidance_note = "AuraFlow has no distilled guidance (its guidance is real CFG: KSampler's cfg with a negative prompt)"
+    guidance_note = ("AuraFlow has no distilled guidance (its guidance is real CFG: KSampler's cfg with a negative "
+                     "prompt)")
 
     # -- detection: by the transformer's keys (FlowFamily.claims; folders by their transformer class) --
 
