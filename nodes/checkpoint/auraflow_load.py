@@ -18,7 +18,9 @@ nodes.checkpoint.spiece_file); a folder ``<file name without .safetensors>.token
 ``pile_t5_tokenizer/`` beside the file (shared by every AuraFlow / Pony V7 file there). Such a folder is the
 ``tokenizer/`` folder of a diffusers AuraFlow or Pony V7 download copied as it is (read with transformers'
 AutoTokenizer), or holds that SentencePiece ``tokenizer.model`` alone. None of them: a CheckpointError naming
-the node, the input and where to put what (:func:`tokenizer_for`).
+the node, the input and where to put what (:func:`tokenizer_for`). ComfyUI's own Pile-T5 tokenizer reads its
+model from ComfyUI's source tree and writes none into the files it saves (its UMT5 and Gemma tokenizers read and
+write ``spiece_model``), so fal's and Pony V7's single files are expected to need the folder beside them.
 """
 from __future__ import annotations
 
