@@ -310,3 +310,12 @@ def test_weight_syntax_is_read_as_comfyui_reads_it_for_auraflow():
     moved = w.reshape(-1) != 1.0
     assert (unit[0, :len(ids)][moved] - ours[0, :len(ids)][moved]).abs().max() > 1e-3  # the weight moves them
     assert torch.allclose(unit[0, :len(ids)][~moved], ours[0, :len(ids)][~moved], atol=1e-5)
+
+
+def test_cliploader_given_the_transformer_names_it_a_diffusion_model(env, root):
+    from flow_family_files import save_state
+
+    save_state(root / "text_encoders" / "tiny-auraflow-misplaced.safetensors", tiny_auraflow.original_transformer())
+    with pytest.raises(NodeError) as err:
+        call(split_loaders.clip_loader, env, clip_name="tiny-auraflow-misplaced.safetensors", type="stable_diffusion")
+    assert err.value.input_name == "clip_name" and "holds a diffusion model" in str(err.value)

@@ -204,11 +204,12 @@ class TextFile:
         if found is None and is_llama(shapes):  # Llama 3.1 (HiDream's llama_3.1_8b_instruct*.safetensors)
             return cls(path.name, state, "llama", "", "llama3")
         if found is None:
+            from nodes.checkpoint.auraflow_load import has_transformer as is_auraflow  # bare fal names
             from nodes.checkpoint.fibo2_load import has_transformer as is_fibo2  # bare diffusers names
             from nodes.checkpoint.flux3_load import has_transformer as is_flux3  # bare BFL names
 
             what = "a diffusion model" if has_prefix(shapes, det.UNET) or has_prefix(shapes, "input_blocks.") \
-                or is_fibo2(shapes) or is_flux3(shapes) else "no CLIP text encoder"
+                or is_fibo2(shapes) or is_flux3(shapes) or is_auraflow(shapes) else "no CLIP text encoder"
             raise CheckpointError(f"{path.name} holds {what} (no token embedding); CLIPLoader needs a text encoder")
         layout, prefix = found
         return cls(path.name, state, layout, prefix, det.text_kind(shapes, layout, prefix))
