@@ -319,3 +319,13 @@ def test_cliploader_given_the_transformer_names_it_a_diffusion_model(env, root):
     with pytest.raises(NodeError) as err:
         call(split_loaders.clip_loader, env, clip_name="tiny-auraflow-misplaced.safetensors", type="stable_diffusion")
     assert err.value.input_name == "clip_name" and "holds a diffusion model" in str(err.value)
+
+
+def test_saved_files_name_pile_t5_as_comfyui_does():
+    """CLIPSave's suffix and LoraSave's text-encoder keys use ComfyUI's name (its checkpoints'
+    ``text_encoders.pile_t5xl.transformer.``)."""
+    from nodes.families.encoder_names import clip_file_name
+
+    spec = auraflow.FAMILY.text_encoders[0]
+    assert clip_file_name(auraflow.FAMILY, spec) == "pile_t5xl"
+    assert spec.prefix == f"text_encoders.{clip_file_name(auraflow.FAMILY, spec)}.transformer."

@@ -12,7 +12,7 @@ from typing import Any
 #: kinds go by their own name made key-safe
 _COMFY_TEXT_NAMES = {"openai": "clip_l", "t5": "t5xxl", "umt5": "umt5xxl", "qwen2.5-vl": "qwen25_7b",
                      "qwen3": "qwen3_4b", "gemma2": "gemma2_2b", "mistral3": "mistral3_24b", "llama3": "llama",
-                     "byt5": "byt5_small"}
+                     "byt5": "byt5_small", "pile_t5": "pile_t5xl"}
 
 
 def clip_file_name(family: Any, spec: Any) -> str:
