@@ -1,7 +1,8 @@
 """AuraFlow on a tiny random model: Kiln's family and loaders against diffusers' AuraFlowPipeline.
 
 Both sides get the same weights, seed, steps and guidance. Text to image is compared with the pipeline itself;
-image to image (the pipeline has none) with the pipeline's own parts driven by hand: its encode_prompt, its
+image to image (the pipeline has none; AddNoise + KSampler, called and as a VAEEncode graph) with the pipeline's
+own parts driven by hand: its encode_prompt, its
 scheduler (FlowMatchEuler, shift 1.73, set_timesteps(N), the strength rule of diffusers' flow img2img pipelines:
 start at index int(N - N * strength), ``scale_noise`` of the init latent) and its transformer with CFG. The tiny
 files (tests/tiny_auraflow.py) load through UNETLoader + CLIPLoader + VAELoader, CheckpointLoaderSimple (the
@@ -72,8 +73,10 @@ def _init_raw() -> torch.Tensor:
     return torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(11)) * 4.0
 
 
-def by_hand_img2img(strength: float, *, seed: int = 9, steps: int = 6, cfg: float = CFG) -> torch.Tensor:
-    """The pipeline's parts driven step by step (see the module docstring)."""
+def by_hand_img2img(strength: float, *, seed: int = 9, steps: int = 6, cfg: float = CFG,
+                    raw: torch.Tensor | None = None) -> torch.Tensor:
+    """The pipeline's parts driven step by step (see the module docstring) from the raw latent ``raw``
+    (default :func:`_init_raw`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     parts, pipe = tiny_auraflow.components(), tiny_auraflow.pipeline()
@@ -82,7 +85,7 @@ def by_hand_img2img(strength: float, *, seed: int = 9, steps: int = 6, cfg: floa
     start = int(max(steps - steps * strength, 0))  # diffusers' get_timesteps
     timesteps = sched.timesteps[start:]
     sched.set_begin_index(start)
-    clean = _init_raw() * parts["vae"].config.scaling_factor
+    clean = (_init_raw() if raw is None else raw) * parts["vae"].config.scaling_factor
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     x = sched.scale_noise(clean, timesteps[:1], noise)
     with torch.no_grad():
@@ -329,3 +332,29 @@ def test_saved_files_name_pile_t5_as_comfyui_does():
     spec = auraflow.FAMILY.text_encoders[0]
     assert clip_file_name(auraflow.FAMILY, spec) == "pile_t5xl"
     assert spec.prefix == f"text_encoders.{clip_file_name(auraflow.FAMILY, spec)}.transformer."
+
+
+def test_img2img_graph_through_vaeencode_equals_the_scheduler_driven_by_hand(registry, env):
+    """CheckpointLoaderSimple, LoadImage, VAEEncode (the posterior's mean), AddNoise (strength 0.6), KSampler,
+    VAEDecode: against the pipeline's parts driven by hand from diffusers' VAE's own mean of the same picture."""
+    from PIL import Image
+
+    from nodes.sample_image import draw_landscape
+
+    draw_landscape(SIZE, SIZE).save(env.paths.input.root / "scene.png")
+    nodes = checkpoint_loader("tiny-auraflow.safetensors")
+    graph = txt2img_graph(nodes, prompt=PROMPT, negative=NEGATIVE, size=SIZE, seed=9, steps=6, cfg=CFG,
+                          scheduler="simple", latent="EmptyLatentImage")
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "scene.png"}}
+    graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}}
+    graph["12"] = {"class_type": "AddNoise", "inputs": {"model": ["1", 0], "latent": ["11", 0], "strength": 0.6,
+                                                        "seed": 9}}
+    graph["5"]["inputs"]["latent_image"] = ["12", 0]
+    del graph["4"]
+    ours = run(registry, env, parse(graph)).results["6"][0]
+    pixels = torch.from_numpy(np.array(Image.open(env.paths.input.root / "scene.png").convert("RGB"))).float() / 255
+    with torch.no_grad():
+        raw = tiny_auraflow.components()["vae"].encode(pixels.permute(2, 0, 1)[None] * 2 - 1).latent_dist.mean
+    assert (ours - by_hand_img2img(0.6, raw=raw)).abs().max() <= PIXEL_TOL
+    graph["12"]["inputs"]["strength"] = 0.9
+    assert (run(registry, env, parse(graph)).results["6"][0] - ours).abs().max() > 0.02  # strength matters
