@@ -358,3 +358,17 @@ def test_img2img_graph_through_vaeencode_equals_the_scheduler_driven_by_hand(reg
     assert (ours - by_hand_img2img(0.6, raw=raw)).abs().max() <= PIXEL_TOL
     graph["12"]["inputs"]["strength"] = 0.9
     assert (run(registry, env, parse(graph)).results["6"][0] - ours).abs().max() > 0.02  # strength matters
+
+
+def test_comfyuis_graph_shape_with_modelsamplingauraflow_equals_the_pipeline(registry, env):
+    """ComfyUI's AuraFlow example graph: CheckpointLoaderSimple, ModelSamplingAuraFlow (shift 1.73), KSampler: the
+    pipeline's picture; shift 3 gives another."""
+    nodes = checkpoint_loader("tiny-auraflow.safetensors") | {
+        "10": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 1.73}},
+        "_model": ["10", 0]}
+    graph = txt2img_graph(nodes, prompt=PROMPT, negative=NEGATIVE, size=SIZE, seed=5, steps=STEPS, cfg=CFG,
+                          scheduler="simple", latent="EmptyLatentImage")
+    ours = run(registry, env, parse(graph)).results["6"][0].numpy()
+    assert np.abs(ours - diffusers(PROMPT, NEGATIVE, output_type="np")).max() <= PIXEL_TOL
+    graph["10"]["inputs"]["shift"] = 3.0
+    assert np.abs(run(registry, env, parse(graph)).results["6"][0].numpy() - ours).max() > 0.02
