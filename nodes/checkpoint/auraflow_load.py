@@ -122,14 +122,17 @@ def load_single_file(state: Mapping[str, Any], path: Path, dtype: Any, vae_dtype
                      offload: Any = None) -> Loaded:
     """An all-in-one AuraFlow checkpoint (ComfyUI's layout, see the module docstring): the transformer as
     UNETLoader builds it, Pile-T5-XL with its tokenizer (:func:`tokenizer_for`), SDXL's VAE (fp32 unless
-    ``vae_dtype``: SDXL's VAE overflows in fp16). A part missing is a CheckpointError naming it and the split
-    loaders."""
+    ``vae_dtype``: SDXL's VAE overflows in fp16). ``dtype``: a dtype or the model manager's rule, resolved for
+    AuraFlow (nodes.runtime.precision). A part missing is a CheckpointError naming it and the split loaders."""
     import torch
 
     from nodes.checkpoint.load import reading
     from nodes.checkpoint.tensors import shapes_of
     from nodes.checkpoint.umt5_text import build_umt5
     from nodes.families import auraflow as fam
+    from nodes.runtime.precision import resolve
+
+    dtype = resolve(dtype, fam.FAMILY)
 
     name = path.name
     shapes = shapes_of(state)

@@ -214,18 +214,15 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
     ``offload``: see :func:`load_checkpoint`."""
     state = open_state(path)
     shapes = shapes_of(state)
-    from nodes.checkpoint import flux_load, qwen_image21_load, sam3_load, sd3_load
+    from nodes.checkpoint import auraflow_load, flux_load, qwen_image21_load, sam3_load, sd3_load
 
     if sam3_load.is_sam3(shapes):  # SAM 3 / 3.1: a text-prompted detector, not a diffusion model
         with reading(path):
             return sam3_load.load_single_file(state, shapes, resolve(dtype, None), path.name)  # default dtypes
     from nodes.families import flux as flux_family, lumina2 as lumina2_family, sd3 as sd3_family
 
-    from nodes.checkpoint import auraflow_load
-    from nodes.families import auraflow as auraflow_family
-
     if auraflow_load.has_transformer(shapes):  # AuraFlow / Pony V7: an MMDiT, Pile-T5-XL and SDXL's VAE
-        return auraflow_load.load_single_file(state, path, resolve(dtype, auraflow_family.FAMILY), vae_dtype, offload)
+        return auraflow_load.load_single_file(state, path, dtype, vae_dtype, offload)  # resolves its own dtype
     if sd3_family.is_sd3_transformer(shapes):  # SD3: an MMDiT, up to three text encoders, a 16-channel VAE
         with reading(path):
             return sd3_load.load_single_file(state, path.name, resolve(dtype, sd3_family.FAMILY))
