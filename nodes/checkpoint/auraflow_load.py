@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import auraflow_keys as keys
-from nodes.checkpoint.flow_transformers import TransformerFiles, is_pipeline_folder, load_pipeline_folder
+from nodes.checkpoint.flow_transformers import (TransformerFiles, diffusion_model_part, is_pipeline_folder,
+                                                load_pipeline_folder)
 from nodes.checkpoint.load import CheckpointError, Loaded
 
 LABEL = "AuraFlow"
@@ -37,8 +38,6 @@ LABEL = "AuraFlow"
 PILE_T5_VOCAB = 32128
 #: The shared tokenizer folder's name beside a file (see the module docstring).
 SHARED_TOKENIZER = "pile_t5_tokenizer"
-#: What an all-in-one checkpoint holds beside the diffusion model (ComfyUI's prefixes).
-OTHER_PARTS = ("text_encoders.", "vae.", "first_stage_model.")
 
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles).
 FILES = TransformerFiles("AuraFlowTransformer2DModel", keys, "auraflow", LABEL)
@@ -56,19 +55,10 @@ def is_pile_t5(shapes: Mapping[str, tuple], prefix: str) -> bool:
     return embedding is not None and embedding[0] == PILE_T5_VOCAB
 
 
-def _diffusion_model_part(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``state`` without a checkpoint's text encoder and VAE (UNETLoader reads its diffusion model alone)."""
-    from nodes.checkpoint.tensors import renamed_view
-
-    if not any(k.startswith(OTHER_PARTS) for k in state):
-        return state
-    return renamed_view(state, {k: k for k in state if not k.startswith(OTHER_PARTS)})
-
-
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
     """UNETLoader's path (nodes.checkpoint.flow_transformers.TransformerFiles.load) on the file's diffusion model."""
-    return FILES.load(_diffusion_model_part(state), name, dtype, fp8=fp8, offload=offload)
+    return FILES.load(diffusion_model_part(state), name, dtype, fp8=fp8, offload=offload)
 
 
 def _folder_tokenizer(folder: Path) -> Any:

@@ -116,6 +116,20 @@ class TransformerFiles:
         return keyed_layout(self._class(), self.label, self.keys, self._diffusers(state), **extra)
 
 
+#: What an all-in-one checkpoint holds beside the diffusion model (ComfyUI's prefixes).
+OTHER_PARTS = ("text_encoders.", "vae.", "first_stage_model.")
+
+
+def diffusion_model_part(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` without an all-in-one checkpoint's text encoders and VAE (a LazyState stays lazy): ComfyUI's
+    UNETLoader reads a checkpoint's diffusion model alone, and so does Kiln's (Lumina 2's, AuraFlow's)."""
+    from nodes.checkpoint.tensors import renamed_view
+
+    if not any(k.startswith(OTHER_PARTS) for k in state):
+        return state
+    return renamed_view(state, {k: k for k in state if not k.startswith(OTHER_PARTS)})
+
+
 def _own(state: dict[str, Any]) -> dict[str, Any]:
     """A file that holds the module's own names, as it is."""
     return dict(state)

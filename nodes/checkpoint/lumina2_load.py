@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import lumina2_keys as keys
-from nodes.checkpoint.flow_transformers import TransformerFiles, is_pipeline_folder, load_pipeline_folder
+from nodes.checkpoint.flow_transformers import (TransformerFiles, diffusion_model_part, is_pipeline_folder,
+                                                load_pipeline_folder)
 from nodes.checkpoint.load import CheckpointError, Loaded
 
 LABEL = "Lumina 2"
@@ -39,20 +40,6 @@ def refuse_z_image_modulation(state: Mapping[str, Any], what: str) -> None:
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles).
 FILES = TransformerFiles("Lumina2Transformer2DModel", keys, "lumina2", LABEL, refuse=refuse_z_image_modulation)
 build_transformer, file_layout = FILES.build, FILES.layout
-#: What an all-in-one checkpoint holds beside the diffusion model (ComfyUI's prefixes)
-OTHER_PARTS = ("text_encoders.", "vae.", "first_stage_model.")
-
-
-def diffusion_model_part(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``state`` without an all-in-one checkpoint's text encoders and VAE (a LazyState stays lazy): ComfyUI's
-    UNETLoader reads a checkpoint's diffusion model alone, and so does Kiln's."""
-    from nodes.checkpoint.tensors import renamed_view
-
-    if not any(k.startswith(OTHER_PARTS) for k in state):
-        return state
-    return renamed_view(state, {k: k for k in state if not k.startswith(OTHER_PARTS)})
-
-
 def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "",
                           offload: Any = None) -> Loaded:
     """UNETLoader's path (nodes.checkpoint.flow_transformers.TransformerFiles.load) on the file's diffusion
