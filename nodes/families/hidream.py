@@ -14,6 +14,9 @@ latents, conditioned on four text encoders.
   0..1000 scale, T5's states, the Llama layers (layers first), the pooled vector; it predicts the
   negative velocity (the pipeline negates it; so does :class:`HiDreamNetwork`).
 * **Guidance.** Real CFG (Full: KSampler's cfg with a negative); Dev and Fast are distilled to cfg 1.
+* **Editing (HiDream-E1-Full, E1.1).** The same transformer, files and family: a conditioning carrying
+  InstructPixToPixConditioning's ``concat_latent_image`` sets the source picture's latent beside the one
+  being made and the output is cropped back (nodes.families.hidream_edit, ComfyUI's rule).
 * **Latents.** FLUX.1's 16-channel VAE (``ae.safetensors``) and latent format.
 * **Model sampling.** Flow matching with a fixed shift (ComfyUI's default 3; the templates set it with
   ModelSamplingSD3: 3 for Full and Fast, 6 for Dev).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodes.families import flux
+from nodes.families import flux, hidream_edit
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.runtime import precision
@@ -73,7 +76,9 @@ class HiDreamNetwork(WrappedTransformer):
         return int(self.transformer.config.caption_channels[0])
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 **kwargs: Any) -> tuple:
+                 image_cond: "Any" = None, **kwargs: Any) -> tuple:
+        """``image_cond``: an edit's source latent (model space, x's rows), read beside ``x``
+        (nodes.families.hidream_edit); the output is ``x``'s size either way."""
         import torch
 
         b, _, h, w = x.shape
@@ -81,10 +86,17 @@ class HiDreamNetwork(WrappedTransformer):
         check_text_width(LABEL, encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with HiDream's four text encoders: QuadrupleCLIPLoader")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
-        out = self.transformer(hidden_states=x.to(self.dtype), timesteps=time.to(self.dtype),
+        picture: dict[str, Any] = {"hidden_states": x.to(self.dtype)}
+        if image_cond is not None:
+            check_even_latent(LABEL, *image_cond.shape[-2:])
+            tokens, ids, sizes = hidream_edit.joined_tokens(x.to(self.dtype), image_cond,
+                                                            int(self.transformer.config.patch_size))
+            picture = {"hidden_states": tokens, "img_ids": ids, "img_sizes": sizes,
+                       "hidden_states_masks": tokens.new_ones(tokens.shape[:2])}
+        out = self.transformer(timesteps=time.to(self.dtype),
                                encoder_hidden_states_t5=encoder_hidden_states.to(self.device, self.dtype),
-                               return_dict=False, **kwargs)[0]
-        return (-out,)
+                               return_dict=False, **picture, **kwargs)[0]
+        return (-out[..., :h, :w],)
 
 
 class HiDream(FlowFamily):
@@ -123,7 +135,12 @@ class HiDream(FlowFamily):
             pooled.append(p.reshape(1, -1).expand(batch, -1))
             layers.append(llama.expand(batch, -1, -1, -1))
         return {"pooled_embeds": torch.cat(pooled).to(device=device, dtype=dtype),
-                "encoder_hidden_states_llama3": torch.cat(layers).movedim(1, 0).to(device=device, dtype=dtype)}
+                "encoder_hidden_states_llama3": torch.cat(layers).movedim(1, 0).to(device=device, dtype=dtype),
+                **hidream_edit.network_kwargs(extras, batch, self.latent, device, dtype)}
+
+    def call_key(self, extra: dict) -> Any:
+        """An edit's prompts with the source picture and without it are separate calls (hidream_edit)."""
+        return hidream_edit.call_key(extra)
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING as HiDreamImagePipeline.encode_prompt gives it (module docstring). ``texts``: a prompt
