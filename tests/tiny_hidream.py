@@ -28,6 +28,8 @@ TEXTS = ("clip_l_hidream.safetensors", "clip_g_hidream.safetensors", "t5xxl_fp8_
          "llama_3.1_8b_instruct_fp8_scaled.safetensors")
 VAE = "ae.safetensors"
 UNETS = ("hidream_i1_dev_fp8.safetensors", "hidream_i1_fast_fp8.safetensors", "hidream_i1_full_fp8.safetensors")
+#: The E1 templates' transformers (E1 files are I1's key for key: the tiny one serves).
+E1_UNETS = ("hidream_e1_1_bf16.safetensors", "hidream_e1_full_bf16.safetensors")
 
 
 def _clip(kind: str, width: int) -> Any:
@@ -120,12 +122,12 @@ def text_files() -> dict[str, dict]:
 
 def make_models_folder(root: Any) -> Path:
     """diffusion_models/tiny-hidream.safetensors and -prefixed (``model.diffusion_model.``) and the templates'
-    three names (the one tiny transformer), text_encoders/ (the four template names), vae/ae.safetensors (the
-    tiny FLUX VAE)."""
+    names, I1's three and E1's two (the one tiny transformer), text_encoders/ (the four template names),
+    vae/ae.safetensors (the tiny FLUX VAE)."""
     root = Path(root)
     state = dict(components()["transformer"].state_dict())
     save_split_transformer(root / "diffusion_models", "tiny-hidream", state)
-    for name in UNETS:
+    for name in UNETS + E1_UNETS:
         tiny_flux._save(root / "diffusion_models" / name, state)
     for name, state in text_files().items():
         tiny_flux._save(root / "text_encoders" / name, state)
