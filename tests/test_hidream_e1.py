@@ -54,12 +54,19 @@ def _velocity(x, sigma, prompt, source):
     t5, llama, pooled = prompt
     common = dict(timesteps=torch.tensor([sigma * 1000.0]), encoder_hidden_states_t5=t5,
                   encoder_hidden_states_llama3=llama, pooled_embeds=pooled, return_dict=False)
+    h, w = x.shape[-2:]
     if source is None:
-        return -transformer(hidden_states=x, **common)[0]
-    tokens, ids, sizes = _patches(torch.cat([x, source], dim=-1))
+        return -transformer(hidden_states=_wrapped(x), **common)[0][..., :h, :w]
+    tokens, ids, sizes = _patches(_wrapped(torch.cat([x, source], dim=-1)))
     out = transformer(hidden_states=tokens, img_ids=ids, img_sizes=sizes,
                       hidden_states_masks=torch.ones(tokens.shape[:2]), **common)[0]
-    return -out[..., :x.shape[-1]]
+    return -out[..., :h, :w]
+
+
+def _wrapped(latent: torch.Tensor) -> torch.Tensor:
+    """An odd side padded by one row or column wrapped around from the other edge (ComfyUI's rule)."""
+    h, w = latent.shape[-2:]
+    return torch.nn.functional.pad(latent, (0, w % 2, 0, h % 2), mode="circular")
 
 
 def _encode(pipe, text):
@@ -113,7 +120,7 @@ def _of(wf, kind: str):
 def _template(registry, env, name: str, picture_seed: int, width: int, height: int, steps: int = STEPS):
     """The template parsed from its editor file, reading a ``width`` x ``height`` picture (saved at that
     size, so the template's scaling node keeps it: ImageScale at that size, ImageScaleToTotalPixels at
-    its area in 16-pixel steps), its models under their own names, ``steps`` steps. Returns (workflow,
+    its area in 8-pixel steps), its models under their own names, ``steps`` steps. Returns (workflow,
     the picture as uint8)."""
     wf = parse_document(template(name), registry)
     picture = tiny_qwen_image_edit.picture(picture_seed, width, height)
@@ -122,7 +129,7 @@ def _template(registry, env, name: str, picture_seed: int, width: int, height: i
     if name == E1_FULL:
         _of(wf, "ImageScale").inputs.update(width=width, height=height)
     else:
-        _of(wf, "ImageScaleToTotalPixels").inputs.update(megapixels=width * height / 2 ** 20, resolution_steps=16)
+        _of(wf, "ImageScaleToTotalPixels").inputs.update(megapixels=width * height / 2 ** 20, resolution_steps=8)
     _of(wf, "BasicScheduler").inputs["steps"] = steps
     return wf, np.asarray(picture.convert("RGB"))
 
@@ -167,12 +174,13 @@ def _reference_for(pipe, wf, picture, sigmas, cfg_norm, texts=None, source=True)
 
 @pytest.mark.parametrize("name,size,settings", [
     (E1_FULL, (32, 64), ("normal", "euler", 5.0, 2.0, None)),   # joined latent 8 x 8: square
-    (E1_1, (80, 144), ("simple", "euler", 3.0, 1.5, 1.0)),      # joined latent 18 x 20
+    (E1_FULL, (40, 64), ("normal", "euler", 5.0, 2.0, None)),   # 8 x 5 beside 8 x 5: patches straddle the seam
+    (E1_1, (80, 136), ("simple", "euler", 3.0, 1.5, 1.0)),      # 17 x 20, padded to 18 x 20 (the bare call 18 x 10)
 ])
 def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pipe, name, size, settings):
     """Each template from its editor file, as shipped but for the picture's size, the step count and the
     weight dtype, on the tiny files under its own names, equals the hand-driven reference within 1/255
-    per pixel; another source picture, another instruction, or no source at all (the I1 reading of the
+    per pixel, odd latent sides among them (wrapped to whole patches, cropped back); another source picture, another instruction, or no source at all (the I1 reading of the
     same prompts) moves the reference far more than that gap."""
     wf, picture = _template(registry, env, name, 1, *size)
     scheduler, sampler = _of(wf, "BasicScheduler").inputs, _of(wf, "KSamplerSelect").inputs
@@ -201,8 +209,8 @@ def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pi
 
 def test_the_source_sits_beside_the_picture_as_the_transformer_patches_a_wide_latent():
     """The network's joined tokens equal diffusers' own patching of the joined latent where that latent is
-    square (diffusers pads nothing there): the same output, cropped to the picture, bit for bit; the
-    reference's unfold patching agrees with both."""
+    square (diffusers pads nothing there): the same output, cropped to the picture, bit for bit, an odd
+    height wrapped around by hand too; the reference's unfold patching agrees."""
     from nodes.families import hidream
 
     transformer = tiny_hidream.components()["transformer"]
@@ -222,6 +230,13 @@ def test_the_source_sits_beside_the_picture_as_the_transformer_patches_a_wide_la
                    for k in range(2)]
     assert ours.shape == x.shape
     assert torch.equal(ours, -theirs[..., :4])
+    with torch.no_grad():  # an odd height: the joined 7 x 8 latent wrapped to 8 x 8, the output cropped back
+        odd = network(x[..., :7, :], torch.tensor([700.0, 700.0]), t5, image_cond=source[..., :7, :], **common)[0]
+        wrapped = torch.cat([x[..., :7, :], source[..., :7, :]], dim=-1)
+        wrapped = torch.cat([wrapped, wrapped[..., :1, :]], dim=-2)
+        theirs_odd = transformer(hidden_states=wrapped, timesteps=torch.tensor([700.0, 700.0]),
+                                 encoder_hidden_states_t5=t5, return_dict=False, **common)[0]
+    assert odd.shape == (2, 16, 7, 4) and torch.equal(odd, -theirs_odd[..., :7, :4])
     assert torch.allclose(torch.cat(by_hand), ours, atol=1e-5)
     assert (ours - alone).abs().max() > 0.05  # the source is read
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from nodes.families import flux, hidream_edit
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
-from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.input_checks import check_text_width
 from nodes.runtime import precision
 
 LABEL = "HiDream-I1"
@@ -78,19 +78,18 @@ class HiDreamNetwork(WrappedTransformer):
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
                  image_cond: "Any" = None, **kwargs: Any) -> tuple:
         """``image_cond``: an edit's source latent (model space, x's rows), read beside ``x``
-        (nodes.families.hidream_edit); the output is ``x``'s size either way."""
+        (nodes.families.hidream_edit); the output is ``x``'s size either way (an odd side padded to whole
+        patches by wrapping around and cropped back, ComfyUI's rule)."""
         import torch
 
         b, _, h, w = x.shape
-        check_even_latent(LABEL, h, w)
         check_text_width(LABEL, encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with HiDream's four text encoders: QuadrupleCLIPLoader")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
-        picture: dict[str, Any] = {"hidden_states": x.to(self.dtype)}
+        patch = int(self.transformer.config.patch_size)
+        picture: dict[str, Any] = {"hidden_states": hidream_edit.to_patches(x.to(self.dtype), patch)}
         if image_cond is not None:
-            check_even_latent(LABEL, *image_cond.shape[-2:])
-            tokens, ids, sizes = hidream_edit.joined_tokens(x.to(self.dtype), image_cond,
-                                                            int(self.transformer.config.patch_size))
+            tokens, ids, sizes = hidream_edit.joined_tokens(x.to(self.dtype), image_cond, patch)
             picture = {"hidden_states": tokens, "img_ids": ids, "img_sizes": sizes,
                        "hidden_states_masks": tokens.new_ones(tokens.shape[:2])}
         out = self.transformer(timesteps=time.to(self.dtype),
