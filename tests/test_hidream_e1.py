@@ -180,8 +180,9 @@ def _reference_for(pipe, wf, picture, sigmas, cfg_norm, texts=None, source=True)
 def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pipe, name, size, settings):
     """Each template from its editor file, as shipped but for the picture's size, the step count and the
     weight dtype, on the tiny files under its own names, equals the hand-driven reference within 1/255
-    per pixel, odd latent sides among them (wrapped to whole patches, cropped back); another source picture, another instruction, or no source at all (the I1 reading of the
-    same prompts) moves the reference far more than that gap."""
+    per pixel, odd latent sides among them (wrapped to whole patches, cropped back); another source
+    picture, another instruction, or no source at all (the I1 reading of the same prompts) moves the
+    reference far more than that gap."""
     wf, picture = _template(registry, env, name, 1, *size)
     scheduler, sampler = _of(wf, "BasicScheduler").inputs, _of(wf, "KSamplerSelect").inputs
     guider = _of(wf, "DualCFGGuider").inputs
@@ -251,6 +252,19 @@ def test_a_source_of_another_height_is_refused_naming_the_input():
     with pytest.raises(ConditioningError, match="high"):
         network(torch.zeros(1, 16, 8, 4), torch.tensor([500.0]), torch.zeros(1, 7, tiny_hidream.T5),
                 image_cond=torch.zeros(1, 16, 6, 4), **text)
+
+
+def test_a_source_from_another_vae_is_refused_naming_the_input():
+    """Four-channel latents (an SD VAE's) on the conditioning: the message says which VAE to use."""
+    from nodes.families import hidream
+    from nodes.families.base import ConditioningError
+
+    extra = {"pooled_output": torch.zeros(1, tiny_hidream.CLIP_L + tiny_hidream.CLIP_G),
+             hidream.LLAMA: torch.zeros(1, 2, 5, tiny_hidream.LLAMA), "concat_latent_image": torch.zeros(1, 4, 8, 8),
+             "_input": "cond2"}
+    with pytest.raises(ConditioningError, match="this model's VAE") as err:
+        hidream.FAMILY.network_kwargs([extra], 1, (64, 64), torch.device("cpu"), torch.float32)
+    assert err.value.input_name == "cond2"
 
 
 @pytest.mark.parametrize("name", [E1_FULL, E1_1])
