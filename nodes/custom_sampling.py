@@ -361,9 +361,10 @@ def model_sampling_discrete(ctx, model, sampling: str, zsnr: bool):
 
 
 #: ComfyUI's ModelSamplingContinuousEDM choices -> (prediction type, sigma_data) in Kiln's EDM sampling
-#: (nodes.samplers.edm). cosmos_rflow is listed for ComfyUI's workflows and refused.
+#: (nodes.samplers.edm). cosmos_rflow is ComfyUI's ModelSamplingCosmosRFlow (edm.py's ``rflow`` rule, whose
+#: network time is sigma / (sigma + 1) whatever the node's time rule).
 EDM_SAMPLINGS = {"v_prediction": ("v_prediction", 1.0), "edm": ("edm", 0.5), "edm_playground_v2.5": ("edm", 0.5),
-                 "eps": ("epsilon", 1.0), "cosmos_rflow": None}
+                 "eps": ("epsilon", 1.0), "cosmos_rflow": ("rflow", 1.0)}
 _SIGMA_RANGE = dict(min=0.0, max=1000.0, step=0.001, round=False)
 
 
@@ -375,9 +376,6 @@ def _continuous(model, sampling: str, sigma_max: float, sigma_min: float, time: 
 
     if sampling not in choices:
         raise NodeError(f"must be one of {', '.join(choices)}, got {sampling!r}", "sampling")
-    if choices[sampling] is None:
-        raise NodeError(f"{sampling!r} (Cosmos' rectified-flow preconditioning) is not supported: Kiln has no "
-                        "Cosmos models", "sampling")
     if flow.is_flow(model.scheduler_config):
         raise NodeError("this is a flow-matching model (FLUX): it has no EDM sampling", "model")
     low, high = float(sigma_min), float(sigma_max)
@@ -387,7 +385,7 @@ def _continuous(model, sampling: str, sigma_max: float, sigma_min: float, time: 
     if not high > low:
         raise NodeError(f"sigma_max must be above sigma_min ({low}), got {high}", "sigma_max")
     prediction, sigma_data = choices[sampling]
-    config = edm.edm_config(prediction, low, high, sigma_data, time)
+    config = edm.edm_config(prediction, low, high, sigma_data, "rflow" if prediction == "rflow" else time)
     changes: dict = {"scheduler_config": config}
     if sampling == "edm_playground_v2.5":
         from nodes.families.sdxl import PLAYGROUND_LATENT

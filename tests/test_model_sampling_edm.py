@@ -288,7 +288,7 @@ def test_the_loaded_model_keeps_its_sampling(sdxl):
 
 
 @pytest.mark.parametrize("sampling,sigma_max,sigma_min,input_name", [
-    ("cosmos_rflow", 120.0, 0.002, "sampling"), ("lcm", 120.0, 0.002, "sampling"),
+    ("lcm", 120.0, 0.002, "sampling"),
     ("edm", 120.0, 0.0, "sigma_min"), ("edm", 0.001, 0.002, "sigma_max")])
 def test_bad_input_names_the_input(sdxl, sampling, sigma_max, sigma_min, input_name):
     with pytest.raises(NodeError) as err:

@@ -94,17 +94,20 @@ def _t5_skeleton(sub: Mapping[str, Any], what: str, umt5: bool = False) -> Any:
     from the shapes of the transformers-layout tensors ``sub``."""
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+    #: T5 v1.0 (t5-11b, Cosmos' "oldt5") has one ReLU feed-forward input ``wi``; v1.1 / UMT5 a gated-GELU pair.
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi.weight" not in sub
     try:
-        d_ff, d_model = sub["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape
+        d_ff, d_model = sub["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape
         vocab = sub.get("shared.weight", sub.get("encoder.embed_tokens.weight")).shape[0]
         buckets, heads = sub["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
         inner = sub["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
     except (KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{what}: not a T5 v1.1 encoder (no {exc})") from None
+        raise CheckpointError(f"{what}: not a T5 encoder (no {exc})") from None
     layers = len({k.split(".")[2] for k in sub if k.startswith("encoder.block.")})
     config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     config = config_cls(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers,
-                        num_heads=heads, relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu",
+                        num_heads=heads, relative_attention_num_buckets=buckets,
+                        feed_forward_proj="gated-gelu" if gated else "relu",
                         is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
     return _empty(model_cls, config)
 

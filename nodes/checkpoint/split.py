@@ -98,13 +98,13 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
     """(claims the keys, loads the file, the family whose dtypes it computes in), tried in order: where two
     could claim one file, the more specific comes first."""
-    from nodes.checkpoint import (chroma_load, ernie_image_load, fibo2_load, flux2_load, flux3_load, flux_load,
-                                  hidream_load, hunyuan_image_load, ideogram4_load, joyimage_load, kandinsky5_load,
-                                  krea2_load, longcat_load, lumina2_load, ovis_load, pixart_load, qwen_image21_load,
-                                  qwen_image_load, sd3_load, wan_load, z_image_load)
-    from nodes.families import (chroma, ernie_image, fibo2, flux, flux2, flux3, hidream, hunyuan_image, ideogram4,
-                                joyimage, kandinsky5, krea2, longcat, lumina2, ovis, pixart, qwen_image, qwen_image21,
-                                sd3, wan, z_image)
+    from nodes.checkpoint import (chroma_load, cosmos_load, ernie_image_load, fibo2_load, flux2_load, flux3_load,
+                                  flux_load, hidream_load, hunyuan_image_load, ideogram4_load, joyimage_load,
+                                  kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load, pixart_load,
+                                  qwen_image21_load, qwen_image_load, sd3_load, wan_load, z_image_load)
+    from nodes.families import (chroma, cosmos, ernie_image, fibo2, flux, flux2, flux3, hidream, hunyuan_image,
+                                ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2, ovis, pixart, qwen_image,
+                                qwen_image21, sd3, wan, z_image)
 
     from nodes.checkpoint import auraflow_load
     from nodes.families import auraflow
@@ -112,6 +112,7 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
     return ((auraflow_load.has_transformer, auraflow_load.load_transformer_file, auraflow.FAMILY),
             (sd3.is_sd3_transformer, sd3_load.load_transformer_file, sd3.FAMILY),
             (flux3_load.has_transformer, flux3_load.load_transformer_file, flux3.FAMILY),  # FLUX's txt_in too
+            (cosmos_load.has_transformer, cosmos_load.load_transformer_file, cosmos.FAMILY),  # its own key names
             (z_image_load.has_z_image_transformer, z_image_load.load_transformer_file, z_image.FAMILY),
             (lumina2_load.has_transformer, lumina2_load.load_transformer_file, lumina2.FAMILY),  # Z-Image's names
             (fibo2_load.has_transformer, fibo2_load.load_transformer_file, fibo2.FAMILY),

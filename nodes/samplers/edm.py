@@ -19,6 +19,12 @@ ComfyUI runs eps and v_prediction at sigma_data 1 and edm at 0.5. diffusers' EDM
 call the F-prediction ``epsilon`` (their c_out has the EDM sign): their ``epsilon`` at
 sigma_data 0.5 is ``edm`` here, their ``v_prediction`` at sigma_data 1 is ``v_prediction``.
 
+``rflow`` (ComfyUI's ModelSamplingCosmosRFlow, Cosmos Predict2 and Anima): a rectified-flow network on EDM
+levels. Its flow time is ``t = sigma / (sigma + 1)``, which is also the network's time input; it sees
+``x / (1 + sigma)`` (the flow state ``(1 - t) x0 + t eps``), predicts the velocity ``eps - x0``, so
+x0 = ``x / (1 + sigma) - t * out``; noise is added as ``x0 + sigma * noise`` even from the top of the range
+(diffusers' Cosmos2TextToImagePipeline scales its starting noise by sigma_max alike).
+
 ComfyUI keeps its level table in float32 and reads sigma_min/sigma_max from it; Kiln keeps the
 node's numbers exact (as diffusers' EDM schedulers do), a difference of about 1e-7 relative.
 ModelSamplingContinuousV's atan time has no diffusers counterpart.
@@ -50,8 +56,8 @@ if TYPE_CHECKING:
 EDM_CLASS = "EDMEulerScheduler"
 #: Kiln's key for the sigma -> network time rule: "log" (0.25 log sigma) or "atan" (ContinuousV).
 TIME_KEY = "kiln_edm_time"
-TIME_RULES = ("log", "atan")
-PREDICTIONS = ("epsilon", "v_prediction", "edm")
+TIME_RULES = ("log", "atan", "rflow")
+PREDICTIONS = ("epsilon", "v_prediction", "edm", "rflow")
 
 
 def edm_config(prediction_type: str, sigma_min: float, sigma_max: float, sigma_data: float,
@@ -101,16 +107,22 @@ class EDMSchedule(VarianceExploding):
         import torch
 
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        if self.time == "rflow":
+            return sigma / (sigma + 1)
         return sigma.atan() * (2 / math.pi) if self.time == "atan" else 0.25 * sigma.log()
 
     def sigma(self, t: "torch.Tensor | float") -> "torch.Tensor":
         import torch
 
         t = torch.as_tensor(t, dtype=torch.float32)
+        if self.time == "rflow":
+            return t / (1 - t)
         return (t * (math.pi / 2)).tan() if self.time == "atan" else (t / 0.25).exp()
 
     def model_input(self, sample: "torch.Tensor", sigma: float) -> "torch.Tensor":
-        """c_in: the state scaled to unit variance for data of spread sigma_data."""
+        """c_in: the state scaled to unit variance for data of spread sigma_data (``rflow``: the flow state)."""
+        if self.time == "rflow":
+            return sample / (1.0 + sigma)
         return sample / math.sqrt(sigma ** 2 + self.sigma_data ** 2)
 
     def percent_to_sigma(self, percent: float) -> float:
@@ -289,7 +301,10 @@ def follow(spec: "SamplerSpec", config: Mapping[str, Any], sigmas: "torch.Tensor
 
 def start(schedule: EDMSchedule, sigma0: float, noise: "torch.Tensor", x0: "torch.Tensor") -> "torch.Tensor":
     """ComfyUI's noise scaling: from the top of the range (or above) noise * sqrt(1 + sigma^2)
-    is added (diffusers' EDM ``init_noise_sigma``), below it noise * sigma."""
+    is added (diffusers' EDM ``init_noise_sigma``), below it noise * sigma; ``rflow`` models always
+    take noise * sigma (ComfyUI's COSMOS_RFLOW)."""
+    if schedule.time == "rflow":
+        return x0 + noise * sigma0
     full = math.isclose(schedule.sigma_max, sigma0, rel_tol=1e-5) or sigma0 > schedule.sigma_max
     return x0 + noise * (math.sqrt(1.0 + sigma0 ** 2) if full else sigma0)
 

@@ -54,6 +54,8 @@ def denoised_from(prediction_type: str, out: "torch.Tensor", x: "torch.Tensor", 
         return skip - scaled if prediction_type == "v_prediction" else skip + scaled
     if prediction_type == "sample":
         return out
+    if prediction_type == "rflow":  # a rectified flow on EDM levels (nodes.samplers.edm): t = sigma / (sigma + 1)
+        return x / (1.0 + sigma) - out * (sigma / (1.0 + sigma))
     raise ValueError(f"unsupported prediction_type {prediction_type}")
 
 
