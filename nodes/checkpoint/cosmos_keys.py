@@ -44,6 +44,8 @@ for _attn, _ours in (("self_attn.", "attn1."), ("cross_attn.", "attn2.")):
     for _theirs, _mine in (("q_proj.", "to_q."), ("k_proj.", "to_k."), ("v_proj.", "to_v."),
                            ("output_proj.", "to_out.0."), ("q_norm.", "norm_q."), ("k_norm.", "norm_k.")):
         _IN_BLOCK[_attn + _theirs] = _ours + _mine
+#: Anima's LLM adapter: the same names in every layout.
+ADAPTER = "llm_adapter."
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _DIFFUSERS_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.*)$")
 
@@ -82,7 +84,8 @@ def _to_diffusers_name(key: str) -> str | None:
     return None
 
 
-def _to_original_name(key: str) -> str | None:
+def to_original_name(key: str) -> str | None:
+    """The original layout's name of one diffusers key, None for a key outside the map."""
     for theirs, ours in _TOP.items():
         if key.startswith(ours):
             return theirs + key[len(ours):]
@@ -95,11 +98,14 @@ def _to_original_name(key: str) -> str | None:
 
 
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
-    """The DiT's tensors under diffusers' names; an unknown key is a KeyMismatch naming it (``llm_adapter.*``
-    and the dropped buffers are left out)."""
+    """The DiT's tensors under diffusers' names; an unknown key is a KeyMismatch naming it (the dropped buffers
+    are left out; Anima's ``llm_adapter.*`` keeps its names, the module's: nodes.checkpoint.anima_adapter)."""
     out, foreign = {}, []
     for key, value in state.items():
-        if DROPPED.match(key) or key.startswith("llm_adapter."):
+        if DROPPED.match(key):
+            continue
+        if key.startswith(ADAPTER):
+            out[key] = value
             continue
         name = _to_diffusers_name(key)
         if name is None:
@@ -115,10 +121,10 @@ def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`original_to_diffusers` (a diffusers-layout file brought to the original names)."""
     out, foreign = {}, []
     for key, value in state.items():
-        if key.startswith("llm_adapter."):
+        if key.startswith(ADAPTER):
             out[key] = value
             continue
-        name = _to_original_name(key)
+        name = to_original_name(key)
         if name is None:
             foreign.append(key)
         else:
@@ -147,7 +153,12 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     except KeyError as exc:
         raise KeyMismatch(f"missing {exc}") from None
     in_channels = patch_in // 4 - 1  # 2x2 patches of the latent and the padding mask
-    return dict(in_channels=in_channels, out_channels=out // 4, num_attention_heads=hidden // head,
+    adapter = {}
+    if any(k.startswith(ADAPTER) for k in shapes):  # Anima: nodes.checkpoint.anima_adapter.anima_dit's argument
+        from nodes.checkpoint.anima_adapter import adapter_config
+
+        adapter["llm_adapter"] = adapter_config(shapes, ADAPTER)
+    return adapter | dict(in_channels=in_channels, out_channels=out // 4, num_attention_heads=hidden // head,
                 attention_head_dim=head, num_layers=block_count(shapes), mlp_ratio=mlp / hidden,
                 text_embed_dim=text, adaln_lora_dim=lora, max_size=(128, 240, 240), patch_size=(1, 2, 2),
                 rope_scale=(1.0, 4.0, 4.0) if in_channels == 16 else (1.0, 3.0, 3.0), concat_padding_mask=True,

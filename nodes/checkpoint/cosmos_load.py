@@ -31,13 +31,21 @@ def has_adapter(shapes: Any) -> bool:
     return any(k.endswith("llm_adapter.blocks.0.cross_attn.q_proj.weight") for k in shapes)
 
 
-def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
-    """diffusers' CosmosTransformer3DModel from a file's tensors in either layout (linear weights as stored)."""
+def has_anima_transformer(shapes: Any) -> bool:
+    """Anima's DiT and LLM adapter (nodes.checkpoint.anima_adapter), in either layout."""
+    return (keys.is_original(shapes) or keys.is_diffusers(shapes)) and has_adapter(shapes)
+
+
+def build_transformer(state: Mapping[str, Any], what: str, dtype: Any, anima: bool = False) -> Any:
+    """diffusers' CosmosTransformer3DModel from a file's tensors in either layout (linear weights as stored);
+    ``anima``: with Anima's LLM adapter as its ``llm_adapter`` submodule."""
     from diffusers import CosmosTransformer3DModel
 
+    from nodes.checkpoint.anima_adapter import anima_dit
     from nodes.checkpoint.flux_load import transformer_from_file
 
-    return transformer_from_file(state, what, dtype, CosmosTransformer3DModel, LABEL, keys, keys.original_to_diffusers,
+    return transformer_from_file(state, what, dtype, anima_dit if anima else CosmosTransformer3DModel,
+                                 "Anima" if anima else LABEL, keys, keys.original_to_diffusers,
                                  keys.diffusers_to_original, keys.is_diffusers)
 
 
@@ -48,3 +56,14 @@ def load_transformer_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: 
     from nodes.families import cosmos
 
     return transformer_file(state, name, dtype, fp8, build_transformer, cosmos.FAMILY, LABEL)
+
+
+def load_anima_file(state: Mapping[str, Any], name: str, dtype: Any, fp8: str = "", offload: Any = None) -> Loaded:
+    """UNETLoader's path for Anima (``anima-base-v1.0.safetensors``), built in memory."""
+    from nodes.checkpoint.flow_transformers import transformer_file
+    from nodes.families import anima
+
+    def build(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
+        return build_transformer(state, what, dtype, anima=True)
+
+    return transformer_file(state, name, dtype, fp8, build, anima.FAMILY, "Anima")

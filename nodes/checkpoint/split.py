@@ -102,9 +102,9 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
                                   flux_load, hidream_load, hunyuan_image_load, ideogram4_load, joyimage_load,
                                   kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load, pixart_load,
                                   qwen_image21_load, qwen_image_load, sd3_load, wan_load, z_image_load)
-    from nodes.families import (chroma, cosmos, ernie_image, fibo2, flux, flux2, flux3, hidream, hunyuan_image,
-                                ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2, ovis, pixart, qwen_image,
-                                qwen_image21, sd3, wan, z_image)
+    from nodes.families import (anima, chroma, cosmos, ernie_image, fibo2, flux, flux2, flux3, hidream,
+                                hunyuan_image, ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2, ovis, pixart,
+                                qwen_image, qwen_image21, sd3, wan, z_image)
 
     from nodes.checkpoint import auraflow_load
     from nodes.families import auraflow
@@ -113,6 +113,7 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
             (sd3.is_sd3_transformer, sd3_load.load_transformer_file, sd3.FAMILY),
             (flux3_load.has_transformer, flux3_load.load_transformer_file, flux3.FAMILY),  # FLUX's txt_in too
             (cosmos_load.has_transformer, cosmos_load.load_transformer_file, cosmos.FAMILY),  # its own key names
+            (cosmos_load.has_anima_transformer, cosmos_load.load_anima_file, anima.FAMILY),  # Cosmos' + llm_adapter
             (z_image_load.has_z_image_transformer, z_image_load.load_transformer_file, z_image.FAMILY),
             (lumina2_load.has_transformer, lumina2_load.load_transformer_file, lumina2.FAMILY),  # Z-Image's names
             (fibo2_load.has_transformer, fibo2_load.load_transformer_file, fibo2.FAMILY),

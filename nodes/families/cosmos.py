@@ -72,7 +72,8 @@ class CosmosNetwork(WrappedTransformer):
         return int(self.transformer.config.text_embed_dim)
 
     def context(self, encoder_hidden_states: Any, kwargs: dict) -> Any:
-        """What the DiT's cross-attention reads (Anima's adapter output, nodes.families.anima)."""
+        """What the DiT's cross-attention reads: the prompt's states (Anima: its adapter's output,
+        nodes.families.anima)."""
         return encoder_hidden_states
 
     def __call__(self, x: Any, t: Any, encoder_hidden_states: Any, return_dict: bool = False, **kwargs: Any) -> tuple:
@@ -81,8 +82,8 @@ class CosmosNetwork(WrappedTransformer):
         ensure_mask_resize()
         b, _, h, w = x.shape
         check_even_latent(self.label, h, w)
+        check_text_width(self.label, encoder_hidden_states.shape[-1], self.text_width, self.text_hint)
         context = self.context(encoder_hidden_states, kwargs)
-        check_text_width(self.label, context.shape[-1], self.text_width, self.text_hint)
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
         padding = torch.zeros(1, 1, h, w, device=self.device, dtype=self.dtype)
         out = self.transformer(x.unsqueeze(2).to(self.dtype), timestep=time.to(self.dtype),
@@ -124,6 +125,19 @@ class CosmosPredict2(Family):
 
     def wrap_network(self, network: Any) -> Any:
         return network if isinstance(network, CosmosNetwork) else self.network_class(network)
+
+    def lora_modules(self, network: Any) -> dict[str, Any]:
+        """The original layout's module names (``blocks.3.self_attn.q_proj``), which ComfyUI's and kohya's LoRAs
+        for Cosmos Predict2 and Anima use (nodes.checkpoint.cosmos_keys; Anima's adapter keeps its names)."""
+        return {o[: -len(".weight")]: d for d, o in self.original_names(network).items()}
+
+    def original_names(self, network: Any) -> dict[str, str]:
+        """Each weight's name in the original layout (``blocks.3.self_attn.q_proj.weight``)."""
+        from nodes.checkpoint.cosmos_keys import ADAPTER, to_original_name
+
+        names = [n for n, _ in getattr(network, "kiln_network", network).named_parameters()]
+        return {n: n if n.startswith(ADAPTER) else to_original_name(n) for n in names
+                if n.startswith(ADAPTER) or to_original_name(n) is not None}
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING: T5's last hidden state over 512 tokens, the padding masked in T5 and zeroed after
