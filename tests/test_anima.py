@@ -44,7 +44,8 @@ def _rotated(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention(p: dict, prefix: str, x: torch.Tensor, src: torch.Tensor, heads: int) -> torch.Tensor:
-    q, k, v = x @ p[prefix + "q_proj.weight"].T, src @ p[prefix + "k_proj.weight"].T, src @ p[prefix + "v_proj.weight"].T
+    q = x @ p[prefix + "q_proj.weight"].T
+    k, v = src @ p[prefix + "k_proj.weight"].T, src @ p[prefix + "v_proj.weight"].T
     head = q.shape[-1] // heads
     outs = []
     for h in range(heads):
@@ -65,7 +66,8 @@ def _by_hand(module: LLMAdapter, source: torch.Tensor, ids: torch.Tensor) -> tor
         normed = _rms(x, p[b + "norm_self_attn.weight"])
         x = x + _attention(p, b + "self_attn.", normed, normed, module.heads)
         x = x + _attention(p, b + "cross_attn.", _rms(x, p[b + "norm_cross_attn.weight"]), source, module.heads)
-        hidden = torch.nn.functional.gelu(_rms(x, p[b + "norm_mlp.weight"]) @ p[b + "mlp.0.weight"].T + p[b + "mlp.0.bias"])
+        normed = _rms(x, p[b + "norm_mlp.weight"])
+        hidden = torch.nn.functional.gelu(normed @ p[b + "mlp.0.weight"].T + p[b + "mlp.0.bias"])
         x = x + hidden @ p[b + "mlp.2.weight"].T + p[b + "mlp.2.bias"]
     return _rms(x @ p["out_proj.weight"].T + p["out_proj.bias"], p["norm.weight"])
 
