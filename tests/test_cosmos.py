@@ -125,6 +125,18 @@ def test_damaged_file_names_the_file_and_the_keys(env, root):
     assert "blocks.0.cross_attn.extra_proj.weight" in text
 
 
+def test_checkpoint_loader_on_the_transformer_says_which_loaders(env, root):
+    from nodes import loaders
+
+    (root / "checkpoints").mkdir(exist_ok=True)
+    (root / "checkpoints" / "tiny-cosmos-aio.safetensors").write_bytes(
+        (root / "diffusion_models" / "tiny-cosmos.safetensors").read_bytes())
+    with pytest.raises(NodeError) as err:
+        call(loaders.checkpoint_loader, env, ckpt_name="tiny-cosmos-aio.safetensors")
+    assert err.value.input_name == "ckpt_name"
+    assert "Cosmos Predict2 transformer" in str(err.value) and "CLIPLoader (type cosmos)" in str(err.value)
+
+
 def test_a_flux_t5_under_type_cosmos_is_a_t5_too():
     """T5 v1.1 (gated GELU) and v1.0 (ReLU) build from their own keys: the feed-forward decides."""
     from nodes.checkpoint.flux_load import build_t5

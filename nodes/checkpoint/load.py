@@ -236,9 +236,13 @@ def load_single_file(path: Path, dtype: Any, vae_dtype: Any = None, prediction: 
                               "clip_l_hidream, clip_g_hidream, t5xxl and llama_3.1_8b_instruct with "
                               "QuadrupleCLIPLoader and ae.safetensors with VAELoader")
 
-    from nodes.checkpoint import flux3_load
+    from nodes.checkpoint import cosmos_load, flux3_load
 
     for claims, label, text_file, clip_type, vae_file in (  # diffusion models alone: each names its loaders
+            (cosmos_load.has_transformer, "Cosmos Predict2", "oldt5_xxl*.safetensors", "cosmos",
+             "wan_2.1_vae.safetensors"),
+            (cosmos_load.has_anima_transformer, "Anima", "qwen_3_06b_base.safetensors", "stable_diffusion",
+             "qwen_image_vae.safetensors"),
             (flux3_load.has_transformer, "FLUX.3", "qwen3vl_4b*.safetensors", "flux3", "flux2-vae.safetensors"),
             (ideogram4_load.has_transformer, "Ideogram 4", "qwen3vl_8b*.safetensors", "ideogram4",
              "flux2-vae.safetensors"),
