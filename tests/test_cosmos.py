@@ -188,3 +188,36 @@ def test_model_sampling_continuous_edm_cosmos_rflow_is_the_familys(env):
     (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-cosmos.safetensors")
     (patched,) = model_sampling_continuous_edm(Recorder().ctx, model, "cosmos_rflow", 80.0, 0.002)
     assert patched.scheduler_config == cosmos.FAMILY.scheduler_config()
+
+
+def test_skip_layer_guidance_names_why_it_skips_nothing():
+    """ComfyUI's MiniTrainDIT never applies the block replacements SkipLayerGuidanceDiT sets."""
+    from nodes.families.base import ConditioningError
+
+    with pytest.raises(ConditioningError) as err:
+        cosmos.FAMILY.dit_blocks(tiny_cosmos.components()["transformer"])
+    assert "Cosmos Predict2" in str(err.value) and "skip nothing" in str(err.value)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "uni_pc", "res_multistep", "er_sde", "heun"])
+def test_other_samplers_run_and_land_near_euler(sampler):
+    """The continuous-time samplers on the rflow rule: each gives a finite latent, the deterministic ones near
+    euler's at 12 steps (er_sde draws fresh noise: it lands elsewhere, as in ComfyUI)."""
+    from flow_family_files import clip_over, model_over
+    from node_call import Recorder
+    from nodes.sampling import ksampler
+
+    parts = tiny_cosmos.components()
+    model = model_over(cosmos.FAMILY, parts["transformer"])
+    clip = clip_over(cosmos.FAMILY, parts["tokenizer"], parts["text_encoder"])
+    pos, neg = clip.encode(PROMPT), clip.encode(NEGATIVE)
+
+    def latent(name: str) -> torch.Tensor:
+        (out,) = ksampler(Recorder().ctx, model, 3, 12, 4.0, name, "karras", pos, neg,
+                          {"samples": torch.zeros(1, 16, 8, 8)})
+        return out["samples"]
+
+    ours, euler = latent(sampler), latent("euler")
+    assert torch.isfinite(ours).all() and (ours - euler).abs().max() > 1e-3
+    if sampler != "er_sde":
+        assert (ours - euler).abs().max() < 0.5 * euler.abs().max()

@@ -32,7 +32,7 @@ OLD_GPU = precision.DtypeRule("auto", gpu=True, gpu_bf16=False)  # before Ampere
 #: Families ComfyUI runs in bfloat16 or float32 only (supported_inference_dtypes), and ones it starts in float16.
 NEVER_FP16 = {"qwen_image", "qwen_image21", "qwen_image_layered", "hidream", "lumina2", "z-image", "hunyuan_image",
               "hunyuan_image_refiner",
-              "kandinsky5", "joyimage", "ernie_image", "ideogram4"}
+              "kandinsky5", "joyimage", "ernie_image", "ideogram4", "cosmos_predict2", "anima"}
 FP16_FIRST = {"sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "wan21", "pixart_sigma"}
 
 

@@ -66,6 +66,7 @@ class Anima(CosmosPredict2):
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen3", QWEN3_PREFIX),)
     clip_types = ("stable_diffusion",)
     network_class = AnimaNetwork
+    dit_blocks_unreached = "Anima (ComfyUI's Anima, a MiniTrainDIT)"
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint.cosmos_load import has_anima_transformer

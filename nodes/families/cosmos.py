@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import flux, masked_t5
-from nodes.families.base import Family, Shapes, TextEncoderSpec, WrappedTransformer
+from nodes.families.base import Family, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
 from nodes.families.qwen_image import QWEN_LATENT
 from nodes.runtime import precision
@@ -105,6 +105,11 @@ class CosmosPredict2(Family):
     repeats_text = False
     sample_size = 128
     network_class = CosmosNetwork
+    #: ComfyUI's MiniTrainDIT runs every block whatever the skip-layer nodes set: they skip nothing here either
+    #: (nodes.model_patches), and :meth:`dit_blocks` says why (the flow families' rule, FlowFamily.dit_blocks).
+    dit_blocks_unreached = "Cosmos Predict2 (ComfyUI's MiniTrainDIT)"
+    dit_block_lists: dict[str, str] = {}
+    dit_blocks = FlowFamily.dit_blocks
 
     def claims_unet(self, shapes: Shapes) -> bool:
         from nodes.checkpoint.cosmos_load import has_transformer
