@@ -145,6 +145,30 @@ def test_lora_model_only_equals_the_weights_merged_by_hand(env, lora_name):
     assert all(torch.equal(v, base[k]) for k, v in unet_weights(model).items())  # the loaded model is unchanged
 
 
+def test_prompt_weights_scale_the_adapters_t5_rows(env):
+    """ComfyUI's Anima encoder: the Qwen3 side reads the text without the syntax (each weighted piece tokenized on
+    its own, weights 1), each T5 token carries its weight, and the adapter's row of that token is multiplied by it."""
+    from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+
+    (clip,) = call(split_loaders.clip_loader, env, clip_name="qwen_3_06b_base.safetensors", type="stable_diffusion")
+    plain = clip.encode("a cat in a hat")[0][1]
+    states, extra = clip.encode("a (cat:1.5) in a hat")[0]
+    qwen = clip.tokenizers["tokenizer"]
+    pieces = [i for p in ("a ", "cat", " in a hat") for i in qwen(p, add_special_tokens=False).input_ids]
+    assert states.shape[1] == len(pieces) and anima.T5_WEIGHTS not in plain
+    ids, weights = extra[anima.T5_IDS], extra[anima.T5_WEIGHTS]
+    assert ids.tolist() == plain[anima.T5_IDS].tolist() == [t5_tokenizer()("a cat in a hat").input_ids]
+    cat = t5_tokenizer()("cat", add_special_tokens=False).input_ids
+    assert [w for i, w in zip(ids[0].tolist(), weights[0].tolist()) if w != 1.0] == [1.5] * len(cat)
+    (model,) = call(split_loaders.unet_loader, env, unet_name="tiny-anima.safetensors")
+    with model._use_unet() as net, torch.no_grad():
+        wrapped = anima.FAMILY.wrap_network(net)
+        weighted = wrapped.context(states, {"t5_ids": [ids], "t5_weights": [weights]})
+        unweighted = wrapped.context(states, {"t5_ids": [ids]})
+    assert torch.allclose(weighted[0, :ids.shape[1]], unweighted[0, :ids.shape[1]] * weights[0, :, None])
+    assert weighted.shape == (1, 512, tiny_cosmos.TEXT) and weighted[0, ids.shape[1]:].abs().max() == 0
+
+
 # -- ComfyUI's templates ---------------------------------------------------------------------------------
 
 

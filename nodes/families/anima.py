@@ -15,8 +15,10 @@ Anima adds, as ComfyUI runs it (there is no diffusers pipeline):
   tokens, which the DiT attends to. The adapter runs in the network call because it belongs to the
   diffusion model's file, not the text encoder's.
 
-Not done: ComfyUI's prompt-weight syntax (its T5 weights scale the adapter's rows); prompts go to both
-tokenizers as typed.
+* **Weights.** ComfyUI's prompt syntax (``(word:1.2)``) is read as its Anima encoder reads it: the Qwen3 side
+  gets the text without the syntax (its weights are set to 1), the T5 side a weight per token (Kiln's T5 rule,
+  nodes.families.t5_weights), and the adapter's row of each T5 token is multiplied by its weight before the
+  padding (:data:`T5_WEIGHTS`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from nodes.families.cosmos import T5_TOKENS, CosmosNetwork, CosmosPredict2
 
 #: The conditioning key of the prompt's T5 token ids ([1, tokens], int64).
 T5_IDS = "anima_t5_ids"
+#: The conditioning key of each T5 token's prompt weight ([1, tokens]; absent: all 1).
+T5_WEIGHTS = "anima_t5_weights"
 #: Qwen3's pad token, the whole of an empty prompt (ComfyUI's Qwen3Tokenizer min_length 1).
 QWEN_PAD = 151643
 #: Qwen3-0.6B's width: a Qwen3 this wide or narrower is Anima's (Qwen3-1.7B is 2048, Z-Image's 4B 2560 wide).
@@ -54,8 +58,13 @@ class AnimaNetwork(CosmosNetwork):
             raise ConditioningError("an Anima prompt needs its T5 token ids: encode it with this model's text encoder "
                                     "(CLIPLoader type stable_diffusion, qwen_3_06b_base)", "positive")
         adapter = self.transformer.llm_adapter
-        rows = [adapter(encoder_hidden_states[i:i + 1].to(self.device, self.dtype), row.to(self.device).reshape(1, -1))
-                for i, row in enumerate(ids)]
+        weights = kwargs.get("t5_weights") or [None] * len(ids)
+        rows = []
+        for i, row in enumerate(ids):
+            out = adapter(encoder_hidden_states[i:i + 1].to(self.device, self.dtype), row.to(self.device).reshape(1, -1))
+            if weights[i] is not None:  # ComfyUI's prompt weights scale each T5 token's row
+                out = out * weights[i].to(self.device, out.dtype).reshape(1, -1, 1)
+            rows.append(out)
         length = max(T5_TOKENS, *(r.shape[1] for r in rows))
         return torch.cat([torch.nn.functional.pad(r, (0, 0, 0, length - r.shape[1])) for r in rows])
 
@@ -86,11 +95,13 @@ class Anima(CosmosPredict2):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
-        """Each row's T5 ids (a list: prompts of other T5 lengths may share a call)."""
+        """Each row's T5 ids and weights (lists: prompts of other T5 lengths may share a call)."""
         ids = [extra.get(T5_IDS) for extra in extras]
         if any(i is None for i in ids):
             return {}
-        return {"t5_ids": [i for i in ids for _ in range(batch)]}
+        weights = [extra.get(T5_WEIGHTS) for extra in extras]
+        return {"t5_ids": [i for i in ids for _ in range(batch)],
+                "t5_weights": [w for w in weights for _ in range(batch)]}
 
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING: Qwen3's last hidden state of the prompt, its T5 ids beside it (module docstring)."""
@@ -98,17 +109,31 @@ class Anima(CosmosPredict2):
 
         from nodes.checkpoint.qwen3_text import hidden_states
         from nodes.checkpoint.t5_tokenizer import t5_tokenizer
+        from nodes.families import t5_weights
+        from nodes.families.text import prompt_pieces
+        from nodes.prompt_syntax import parse
 
-        prompt = (texts or {}).get("tokenizer", text)
-        ids = clip.tokenizers["tokenizer"](prompt, add_special_tokens=False).input_ids or [QWEN_PAD]
+        parsed = parse((texts or {}).get("tokenizer", text))
+        if report is not None:
+            report.problems += [p for p in parsed.problems if p not in report.problems]
+        qwen_tok, t5_tok = clip.tokenizers["tokenizer"], t5_tokenizer()
+        pieces = prompt_pieces(parsed)[0] if parsed.weighted else [("".join(seg.text for seg in parsed.segments), 1.0)]
+        ids = [i for piece, _ in pieces for i in qwen_tok(piece, add_special_tokens=False).input_ids] or [QWEN_PAD]
         ids = torch.tensor([ids])
-        t5 = torch.tensor([t5_tokenizer()(prompt).input_ids])
+        extra: dict[str, Any] = {}
+        if parsed.weighted:
+            tokens = t5_weights.tokenize(t5_tok, parsed, t5_weights.tokenize(t5_tok, parsed, 1).count + 1)
+            t5 = torch.tensor([tokens.ids])
+            extra[T5_WEIGHTS] = torch.tensor([tokens.weights], dtype=torch.float32)
+        else:
+            t5 = torch.tensor([t5_tok(pieces[0][0]).input_ids])
+        extra[T5_IDS] = t5
         with torch.inference_mode(), clip.encoder("text_encoder") as qwen:
             states = hidden_states(qwen, ids, torch.ones_like(ids), -1)
         if report is not None:
             report.tokens = max(report.tokens, int(ids.shape[1]))
             report.windows = 1
-        return [[states.to("cpu", torch.float32), {T5_IDS: t5}]]
+        return [[states.to("cpu", torch.float32), extra]]
 
 
 FAMILY = Anima()
