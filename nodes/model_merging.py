@@ -190,6 +190,12 @@ QWEN_IMAGE_BLOCKS = ("pos_embeds.", "img_in.", "txt_norm.", "txt_in.", "time_tex
 WAN21_BLOCKS = ("patch_embedding.", "time_embedding.", "time_projection.", "text_embedding.", "img_emb.",
                 *(f"blocks.{i}." for i in range(40)), "head.")
 
+#: Cosmos Predict2's (and Anima's DiT's) original layout: 28 blocks (2B), 36 (14B); Anima's ``llm_adapter.`` is
+#: under none, so it takes the first ratio, as in ComfyUI
+COSMOS_EMBEDDERS = ("pos_embedder.", "x_embedder.", "t_embedder.", "t_embedding_norm.")
+COSMOS_2B_BLOCKS = (*COSMOS_EMBEDDERS, *(f"blocks.{i}." for i in range(28)), "final_layer.")
+COSMOS_14B_BLOCKS = (*COSMOS_EMBEDDERS, *(f"blocks.{i}." for i in range(36)), "final_layer.")
+
 
 def _per_block(node_type: str, blocks: tuple[str, ...], families: tuple[str, ...]):
     """A ComfyUI ModelMerge<family> node: ModelMergeBlocks' rule with one ratio per block (input
@@ -214,3 +220,6 @@ model_merge_sd3_2b = _per_block("ModelMergeSD3_2B", SD3_2B_BLOCKS, ("sd3",))  # 
 model_merge_sd35_large = _per_block("ModelMergeSD35_Large", SD35_LARGE_BLOCKS, ("sd3",))
 model_merge_qwen_image = _per_block("ModelMergeQwenImage", QWEN_IMAGE_BLOCKS, ("qwen_image", "qwen_image_layered"))
 model_merge_wan2_1 = _per_block("ModelMergeWAN2_1", WAN21_BLOCKS, ("wan21",))
+model_merge_cosmos_predict2_2b = _per_block("ModelMergeCosmosPredict2_2B", COSMOS_2B_BLOCKS,
+                                            ("cosmos_predict2", "anima"))
+model_merge_cosmos_predict2_14b = _per_block("ModelMergeCosmosPredict2_14B", COSMOS_14B_BLOCKS, ("cosmos_predict2",))

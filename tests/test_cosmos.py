@@ -221,3 +221,24 @@ def test_other_samplers_run_and_land_near_euler(sampler):
     assert torch.isfinite(ours).all() and (ours - euler).abs().max() > 1e-3
     if sampler != "er_sde":
         assert (ours - euler).abs().max() < 0.5 * euler.abs().max()
+
+
+def test_model_merge_cosmos_predict2_2b_takes_each_original_block_s_ratio():
+    from node_call import model_in_memory
+    from nodes import model_merging as mm
+
+    a, b = tiny_cosmos.build(seed=1)["transformer"], tiny_cosmos.build(seed=2)["transformer"]
+    w1 = {k: v.detach().clone() for k, v in a.named_parameters()}
+    w2 = {k: v.detach().clone() for k, v in b.named_parameters()}
+    ratios = {**{block: 1.0 for block in mm.COSMOS_2B_BLOCKS}, "x_embedder.": 0.1, "t_embedder.": 0.2,
+              "t_embedding_norm.": 0.3, "blocks.1.": 0.4, "final_layer.": 0.5}
+    (merged,) = call(mm.model_merge_cosmos_predict2_2b, None, model1=model_in_memory(cosmos.FAMILY, a),
+                     model2=model_in_memory(cosmos.FAMILY, b), **ratios)
+    with merged.unet() as net:
+        got = {k: v.detach().clone() for k, v in net.named_parameters()}
+    for name, r in {"patch_embed.proj.weight": 0.1, "time_embed.t_embedder.linear_1.weight": 0.2,
+                    "time_embed.norm.weight": 0.3, "transformer_blocks.1.attn2.to_k.weight": 0.4,
+                    "transformer_blocks.0.attn2.to_k.weight": 1.0, "norm_out.linear_1.weight": 0.5,
+                    "proj_out.weight": 0.5}.items():
+        assert not torch.allclose(w1[name], w2[name]), name
+        assert torch.allclose(got[name], r * w1[name] + (1 - r) * w2[name], atol=1e-6), name

@@ -61,7 +61,8 @@ class AnimaNetwork(CosmosNetwork):
         weights = kwargs.get("t5_weights") or [None] * len(ids)
         rows = []
         for i, row in enumerate(ids):
-            out = adapter(encoder_hidden_states[i:i + 1].to(self.device, self.dtype), row.to(self.device).reshape(1, -1))
+            source = encoder_hidden_states[i:i + 1].to(self.device, self.dtype)
+            out = adapter(source, row.to(self.device).reshape(1, -1))
             if weights[i] is not None:  # ComfyUI's prompt weights scale each T5 token's row
                 out = out * weights[i].to(self.device, out.dtype).reshape(1, -1, 1)
             rows.append(out)

@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
 #: The scheduler class an EDM config names (diffusers' EDM Euler scheduler; Kiln only reads the marker).
 EDM_CLASS = "EDMEulerScheduler"
-#: Kiln's key for the sigma -> network time rule: "log" (0.25 log sigma) or "atan" (ContinuousV).
+#: Kiln's key for the sigma -> network time rule: "log" (0.25 log sigma), "atan" (ContinuousV) or "rflow"
+#: (sigma / (sigma + 1), Cosmos').
 TIME_KEY = "kiln_edm_time"
 TIME_RULES = ("log", "atan", "rflow")
 PREDICTIONS = ("epsilon", "v_prediction", "edm", "rflow")
