@@ -140,9 +140,8 @@ def test_a_refiner_file_with_a_stray_key_names_the_file_and_the_key(env, root):
     assert "stray-refiner" in str(exc.value) and "img_attn_extra" in str(exc.value)
 
 
-@pytest.mark.parametrize("name", [VAE, "tiny-hunyuan_image_refiner_vae-original.safetensors"])
-def test_vae_loader_reads_the_refiner_vae_in_the_stacked_layout(env, name):
-    (vae,) = call(loaders.vae_loader, env, vae_name=name)
+def test_vae_loader_reads_the_refiner_vae_in_the_stacked_layout(env):
+    (vae,) = call(loaders.vae_loader, env, vae_name=VAE)
     assert (vae.latent_channels, vae.downscale) == (64, 16)
     want = tiny.components()["vae"].state_dict()
     with vae.module() as module:
@@ -155,19 +154,29 @@ def test_vae_loader_reads_the_refiner_vae_in_the_stacked_layout(env, name):
     assert torch.allclose(latent, torch.cat([mean[:, :, 0]] * 2, dim=1), atol=1e-5)
 
 
+def test_the_same_tensors_in_tencents_names_are_hunyuan_video15s_vae(env):
+    """ComfyUI tells HunyuanVideo 1.5's VAE by its causal convolutions' inner ``.conv`` in Tencent's names (the
+    refiner's released VAE has plain convolutions); those tensors code one frame in 32 channels, not stacked."""
+    (vae,) = call(loaders.vae_loader, env, vae_name="tiny-hunyuan_image_refiner_vae-original.safetensors")
+    assert (vae.latent_channels, vae.downscale) == (32, 16)
+    with vae.module() as module:
+        assert type(module.vae).__name__ == "AutoencoderKLHunyuanVideo15"
+
+
 def test_a_truncated_or_stray_refiner_vae_is_refused_naming_the_file_and_the_key(env, root):
     from flow_family_files import save_state
 
-    state = {k: v for k, v in tiny.vae_original_state().items() if not k.startswith("encoder.conv_in")}
+    full = {k: v.contiguous() for k, v in tiny.components()["vae"].state_dict().items()}
+    state = {k: v for k, v in full.items() if not k.startswith("encoder.conv_in")}
     save_state(root / "vae" / "broken-refiner-vae.safetensors", state)
     with pytest.raises(Exception) as exc:
         call(loaders.vae_loader, env, vae_name="broken-refiner-vae.safetensors")
     assert "broken-refiner-vae" in str(exc.value) and "encoder.conv_in" in str(exc.value)
-    state = dict(tiny.vae_original_state()) | {"decoder.up.0.extra.weight": torch.zeros(2)}
+    state = full | {"decoder.up_blocks.0.extra.weight": torch.zeros(2)}
     save_state(root / "vae" / "stray-refiner-vae.safetensors", state)
     with pytest.raises(Exception) as exc:
         call(loaders.vae_loader, env, vae_name="stray-refiner-vae.safetensors")
-    assert "stray-refiner-vae" in str(exc.value) and "decoder.up.0.extra" in str(exc.value)
+    assert "stray-refiner-vae" in str(exc.value) and "decoder.up_blocks.0.extra" in str(exc.value)
 
 
 # -- conditioning ---------------------------------------------------------------------------------------

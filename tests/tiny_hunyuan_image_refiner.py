@@ -67,7 +67,13 @@ def transformer_state() -> dict:
 
 def vae_original_state() -> dict:
     """The VAE in Tencent's names (``encoder.down.N.block.M``, ``down.N.downsample``, ``mid.block_1``,
-    ``mid.attn_1.q``), diffusers' names mapped back one pattern at a time."""
+    ``mid.attn_1.q``), diffusers' names mapped back one pattern at a time (:func:`original_names`)."""
+    return original_names(components()["vae"].state_dict())
+
+
+def original_names(state: dict) -> dict:
+    """A diffusers-named causal VAE ``state`` (this refiner's or HunyuanVideo 1.5's: one layout) in Tencent's
+    names."""
     import re
 
     back = ((r"^(encoder)\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"\1.down.\2.block.\3."),
@@ -79,7 +85,7 @@ def vae_original_state() -> dict:
             (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
             (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."))
     out = {}
-    for k, v in components()["vae"].state_dict().items():
+    for k, v in state.items():
         for pattern, repl in back:
             k, n = re.subn(pattern, repl, k)
             if n:

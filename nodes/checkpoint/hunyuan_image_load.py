@@ -32,6 +32,10 @@ def has_transformer(keys_: Any) -> bool:
     """A HunyuanImage 2.1 transformer in either layout, with or without ComfyUI's prefix: text to image (its
     ByT5 projection marks it) or the refiner (no ByT5 projection, no HunyuanVideo ``vector_in``; its 3-D patches,
     which the key-only test cannot see, pick its family when loading: :func:`_family_of`)."""
+    from nodes.checkpoint import hunyuan_video15_load
+
+    if hunyuan_video15_load.has_transformer(keys_):  # HunyuanVideo 1.5's: these names and its own
+        return False
     if keys.is_original(keys_) or keys.is_diffusers(keys_):
         return True
     refiner_markers = keys.has_keys(keys_, *(m for m in keys.MARKERS if not m.startswith("byt5_in"))) or (

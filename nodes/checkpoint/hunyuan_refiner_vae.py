@@ -4,8 +4,11 @@ video VAE, 32 channels, 16x) behind the image-VAE surface Kiln's VAE nodes use.
 A picture is one frame. The refiner samples the frame repeated in front and both frames' channels stacked
 (nodes.families.hunyuan_image_refiner), so :class:`RefinerFrameVAE` encodes to that stacked layout,
 [B, 64, h, w] = [raw, raw] (the posterior mean), and decodes the second half, as the pipeline's
-``_restore_image_tokens_order`` keeps it. Read from Tencent's names (:func:`to_diffusers`) or diffusers' in one
-file; the shapes give the config; a key that fits neither fails naming the file and the key.
+``_restore_image_tokens_order`` keeps it. Read from diffusers' names in one file; the shapes give the config; a
+key that does not fit fails naming the file and the key. The same tensors in Tencent's names (``*.conv.conv``,
+``mid.attn_1``) are HunyuanVideo 1.5's VAE file, as ComfyUI tells them (nodes.checkpoint.hunyuan_video15_load,
+which reads them with :func:`to_diffusers` and :func:`vae_config`); the refiner's released VAE has plain
+convolutions, which Kiln does not read.
 """
 from __future__ import annotations
 

@@ -99,12 +99,12 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
     """(claims the keys, loads the file, the family whose dtypes it computes in), tried in order: where two
     could claim one file, the more specific comes first."""
     from nodes.checkpoint import (chroma_load, cosmos_load, ernie_image_load, fibo2_load, flux2_load, flux3_load,
-                                  flux_load, hidream_load, hunyuan_image_load, ideogram4_load, joyimage_load,
-                                  kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load, pixart_load,
-                                  qwen_image21_load, qwen_image_load, sd3_load, wan_load, z_image_load)
+                                  flux_load, hidream_load, hunyuan_image_load, hunyuan_video15_load, ideogram4_load,
+                                  joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
+                                  pixart_load, qwen_image21_load, qwen_image_load, sd3_load, wan_load, z_image_load)
     from nodes.families import (anima, chroma, cosmos, ernie_image, fibo2, flux, flux2, flux3, hidream,
-                                hunyuan_image, ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2, ovis, pixart,
-                                qwen_image, qwen_image21, sd3, wan, z_image)
+                                hunyuan_image, hunyuan_video15, ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2,
+                                ovis, pixart, qwen_image, qwen_image21, sd3, wan, z_image)
 
     from nodes.checkpoint import auraflow_load
     from nodes.families import auraflow
@@ -123,6 +123,8 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
             (krea2_load.has_transformer, krea2_load.load_transformer_file, krea2.FAMILY),
             (wan_load.has_transformer, wan_load.load_transformer_file, wan.FAMILY),
             (kandinsky5_load.has_transformer, kandinsky5_load.load_transformer_file, kandinsky5.FAMILY),
+            (hunyuan_video15_load.has_transformer, hunyuan_video15_load.load_transformer_file,  # HunyuanImage's
+             hunyuan_video15.FAMILY),  # names and more: before it
             (hunyuan_image_load.has_transformer, hunyuan_image_load.load_transformer_file, hunyuan_image.FAMILY),
             (ovis_load.has_transformer, ovis_load.load_transformer_file, ovis.FAMILY),  # FLUX's blocks too
             (hidream_load.has_transformer, hidream_load.load_transformer_file, hidream.FAMILY),

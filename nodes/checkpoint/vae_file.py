@@ -48,8 +48,11 @@ def _build_vae(path: Path, state: Mapping[str, Any], dtype: Any, family: Family)
     from diffusers import AutoencoderKL
     from diffusers.loaders import single_file_utils as sfu
 
-    from nodes.checkpoint import hunyuan_image_load, hunyuan_refiner_vae, qwen_image21_load, qwen_image_vae
+    from nodes.checkpoint import (hunyuan_image_load, hunyuan_refiner_vae, hunyuan_video15_load, qwen_image21_load,
+                                  qwen_image_vae)
 
+    if hunyuan_video15_load.is_vae(shapes_of(state)):  # HunyuanVideo 1.5's (Capybara's) 32-channel video VAE
+        return hunyuan_video15_load.build_vae(plain(state), path.name, dtype)
     if hunyuan_refiner_vae.is_refiner_vae(shapes_of(state)):  # HunyuanImage 2.1 refiner's 32-channel video VAE
         return hunyuan_refiner_vae.build_vae(plain(state), path.name, dtype)
     if hunyuan_image_load.is_vae(shapes_of(state)):  # HunyuanImage 2.1's 64-channel 32x VAE, either layout

@@ -142,6 +142,9 @@ class HunyuanImage(FlowFamily):
     #: Whether a prompt is also encoded in the refiner's template (:data:`REFINER_TEXT`): the CLIP of type
     #: hunyuan_image serves both models, and which one samples is not known when the prompt is encoded.
     encodes_for_refiner = True
+    #: The ByT5 bytes the pipeline encodes (padded, masked) and the DualCLIPLoader type its messages name;
+    #: HunyuanVideo 1.5 (nodes.families.hunyuan_video15) reads the same encoders with its own values.
+    byt5_tokens, clip_type, label = BYT5_TOKENS, "hunyuan_image", LABEL
     inference_dtypes = precision.NO_FP16
     latent = HUNYUAN_IMAGE_LATENT
     text_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "qwen2.5-vl", ""),
@@ -189,6 +192,14 @@ class HunyuanImage(FlowFamily):
         return kwargs | {"byt5": torch.cat(rows).to(device=device, dtype=dtype),
                          "byt5_mask": torch.cat(masks).to(device=device)}
 
+    def glyphs(self, prompt: str) -> str | None:
+        """The prompt's glyph text for ByT5 (:func:`glyph_text`), None without quoted text."""
+        return glyph_text(prompt)
+
+    def prompt_text(self, prompt: str) -> str:
+        """The prompt as the template takes it (as written here)."""
+        return prompt
+
     def encode_text(self, clip: Any, text: str, report: Any = None, texts: dict[str, str] | None = None) -> list:
         """CONDITIONING [1, tokens, Qwen width] with the glyph text's ByT5 states under :data:`BYT5` (module
         docstring) and the refiner template's states under :data:`REFINER_TEXT` (a second pass of the
@@ -201,18 +212,20 @@ class HunyuanImage(FlowFamily):
         tok = clip.tokenizers["tokenizer"]
         extra: dict[str, Any] = {}
         with clip.encoder("text_encoder") as lm:
-            states = qwen_states(tok, lm, prompt, self.template, self.template_tokens, self.max_tokens)
+            states = qwen_states(tok, lm, self.prompt_text(prompt), self.template, self.template_tokens,
+                                 self.max_tokens)
             if self.encodes_for_refiner:
                 extra[REFINER_TEXT] = qwen_states(tok, lm, prompt, REFINER_TEMPLATE, REFINER_TEMPLATE_TOKENS,
                                                   REFINER_MAX_TOKENS)
         with torch.inference_mode():
-            glyph = glyph_text(glyph_source) if self.reads_glyphs else None
+            glyph = self.glyphs(glyph_source) if self.reads_glyphs else None
             if glyph is not None:
                 byt5_tok = clip.tokenizers.get("tokenizer_2")
                 if byt5_tok is None:
-                    raise ConditioningError(f"{LABEL} needs ByT5 for the prompt's quoted text (DualCLIPLoader type "
-                                            "hunyuan_image with qwen_2.5_vl_7b and byt5_small_glyphxl)", "clip")
-                ids = byt5_tok(glyph, padding="max_length", max_length=BYT5_TOKENS, truncation=True,
+                    raise ConditioningError(f"{self.label} needs ByT5 for the prompt's quoted text (DualCLIPLoader "
+                                            f"type {self.clip_type} with qwen_2.5_vl_7b and byt5_small_glyphxl)",
+                                            "clip")
+                ids = byt5_tok(glyph, padding="max_length", max_length=self.byt5_tokens, truncation=True,
                                add_special_tokens=True, return_tensors="pt")
                 with clip.encoder("text_encoder_2") as te:
                     glyph_states = te(input_ids=ids.input_ids.to(te.device),

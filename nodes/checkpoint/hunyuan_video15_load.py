@@ -1,0 +1,91 @@
+"""Loading HunyuanVideo 1.5 (and Capybara, a checkpoint of it) offline: ComfyUI's split files.
+
+* The transformer alone (UNETLoader: ``hunyuanvideo1.5_*.safetensors``, ``capybara_v0.1.safetensors``) in
+  Tencent's original layout (nodes.checkpoint.hunyuan_video15_keys), bare or under
+  ``model.diffusion_model.``, or diffusers' names in one file; FLUX's rule builds it
+  (nodes.checkpoint.flux_load.transformer_from_file: config from the shapes, fp8 scales followed).
+* The VAE (VAELoader, ``hunyuanvideo15_vae_fp16.safetensors``): diffusers' ``AutoencoderKLHunyuanVideo15``
+  (32 channels, 16x, causal in time) from Tencent's names, coding a picture as one frame (:class:`OneFrameVAE`).
+  ComfyUI tells this VAE by its causal convolutions' inner ``.conv`` (``decoder.conv_in.conv.weight``, 32
+  channels: comfy/sd.py); the HunyuanImage 2.1 refiner's released VAE has plain ``decoder.conv_in.weight``.
+  Kiln's refiner VAE (nodes.checkpoint.hunyuan_refiner_vae, diffusers' AutoencoderKLHunyuanImageRefiner) reads
+  the same tensors under diffusers' names, so a file in Tencent's names with the inner ``.conv`` is this
+  VAE and one in diffusers' names the refiner's (the two compute alike on one frame; their latents differ:
+  this one's 32 channels, the refiner's stacked 64).
+* Qwen2.5-VL 7B and ByT5 through DualCLIPLoader type ``hunyuan_video_15``: the same files and builders as
+  HunyuanImage 2.1's (nodes.checkpoint.hunyuan_image_load).
+"""
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from nodes.checkpoint import hunyuan_video15_keys as keys
+from nodes.checkpoint.flow_transformers import TransformerFiles
+from nodes.checkpoint.wrapped_vae import WrappedVAE
+
+LABEL = keys.LABEL
+#: Pixels per latent cell.
+DOWNSCALE = 16
+
+
+def has_transformer(keys_: Any) -> bool:
+    """A HunyuanVideo 1.5 transformer in either layout, with or without ComfyUI's prefix."""
+    return keys.is_original(keys_) or keys.is_diffusers(keys_)
+
+
+FILES = TransformerFiles("HunyuanVideo15Transformer3DModel", keys, "hunyuan_video15", LABEL)
+build_transformer, load_transformer_file, file_layout = FILES.build, FILES.load, FILES.layout
+
+
+# -- the VAE ----------------------------------------------------------------------------------------
+
+
+def is_vae(shapes: Mapping[str, tuple]) -> bool:
+    """HunyuanVideo 1.5's VAE as ComfyUI's file holds it: Tencent's names (``decoder.mid.attn_1``), a
+    32-channel latent into a causal 3-D decoder whose convolutions are named ``*.conv.weight``."""
+    conv = shapes.get("decoder.conv_in.conv.weight")
+    return conv is not None and len(conv) == 5 and conv[1] == 32 and "decoder.mid.attn_1.proj_out.weight" in shapes
+
+
+class OneFrameVAE(WrappedVAE):
+    """The video VAE coding a picture [B, 3, H, W] as one frame: [B, 32, h, w] latents (the frame axis
+    dropped), the posterior's mean and std of that frame."""
+
+    kiln_downscale = DOWNSCALE
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__(vae, shift_factor=None)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
+        dist = self.vae.encode(x.unsqueeze(2)).latent_dist
+        flat = types.SimpleNamespace(mean=dist.mean[:, :, 0], std=dist.std[:, :, 0],
+                                     sample=lambda generator=None: dist.sample(generator)[:, :, 0],
+                                     mode=lambda: dist.mean[:, :, 0])
+        return types.SimpleNamespace(latent_dist=flat)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
+        return types.SimpleNamespace(sample=self.vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0])
+
+
+def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> OneFrameVAE:
+    """The VAE from Tencent's names (the refiner VAE's renames and config rule: the two share the layout); a
+    key that does not fit names the file."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    from nodes.checkpoint.hunyuan_refiner_vae import to_diffusers, vae_config
+    from nodes.checkpoint.load import CheckpointError, _assign, _empty
+    from nodes.checkpoint.tensors import cast_view
+
+    state = to_diffusers(state)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        config = vae_config(shapes)
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(f"{what}: not a complete {LABEL} VAE ({exc} is missing, in diffusers' names)") from None
+    vae = _assign(_empty(AutoencoderKLHunyuanVideo15, config), cast_view(dict(state), dtype), f"{LABEL} VAE ({what})",
+                  dtype)
+    return OneFrameVAE(vae).eval().requires_grad_(False)
