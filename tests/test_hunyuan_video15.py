@@ -204,3 +204,61 @@ def test_a_video_length_is_refused_naming_the_input(registry, env):
     e = outcome.error
     assert (e.node_id, e.node_type, e.input_name) == ("111", "EmptyHunyuanVideo15Latent", "length")
     assert "7 latent frames" in e.message
+
+
+# -- a picture to edit (HunyuanVideo15ImageToVideo) ---------------------------------------------------------
+
+
+def _picture(seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def _edit_graph(image: str, prompt: str, seed: int, steps: int, cfg: float, shift: float,
+                vision: bool = True) -> dict:
+    """The Capybara image-edit template's conditioning in API format: LoadImage, CLIPVisionLoader (SigLIP),
+    CLIPVisionEncode (crop none), HunyuanVideo15ImageToVideo (length 1) into the text-to-image graph."""
+    graph = _graph(prompt, NEGATIVE, seed, steps, cfg, shift)
+    del graph["111"]
+    graph |= {
+        "80": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "81": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "tiny-sigclip.safetensors"}},
+        "79": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["81", 0], "image": ["80", 0],
+                                                            "crop": "none"}},
+        "78": {"class_type": "HunyuanVideo15ImageToVideo", "inputs": {
+            "positive": ["44", 0], "negative": ["93", 0], "vae": ["10", 0], "width": SIZE, "height": SIZE,
+            "length": 1, "batch_size": 1, "start_image": ["80", 0]}},
+    }
+    if vision:
+        graph["78"]["inputs"]["clip_vision_output"] = ["79", 0]
+    graph["91"]["inputs"] |= {"positive": ["78", 0], "negative": ["78", 1]}
+    graph["13"]["inputs"]["latent_image"] = ["78", 2]
+    return graph
+
+
+def test_the_edit_graph_equals_hunyuan_video15_image_to_video_pipeline_at_one_frame(registry, env):
+    """HunyuanVideo15ImageToVideo's picture latent and mask channel and CLIPVisionEncode's SigLIP states give
+    HunyuanVideo15ImageToVideoPipeline's frame (the same rule: VAE mean x scaling_factor, mask 1 on the frame,
+    SiglipVisionModel's last_hidden_state); another picture, or no vision states, changes it clearly more."""
+    _picture().save(env.paths.input.root / "picture.png")
+    _picture(1).save(env.paths.input.root / "other.png")
+    prompt = "the same scene at night"
+    ours = run(registry, env, parse(_edit_graph("picture.png", prompt, 3, 3, 6.0, 7.0))).results["8"][0].numpy()
+    noise = torch.randn((1, 32, SIZE // 16, SIZE // 16), generator=torch.Generator("cpu").manual_seed(3))
+    with torch.no_grad():
+        theirs = tiny.pipeline(6.0, 7.0, edit=True)(
+            image=_picture(), prompt=prompt, negative_prompt=NEGATIVE, num_frames=1,
+            num_inference_steps=3, latents=noise.unsqueeze(2), output_type="np").frames
+    theirs = np.asarray(theirs)[:, 0]
+    assert ours.shape == theirs.shape == (1, SIZE, SIZE, 3)
+    gap = np.abs(ours - theirs).max()
+    print(f"hunyuan_video15 edit gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255, gap
+    other = run(registry, env, parse(_edit_graph("other.png", prompt, 3, 3, 6.0, 7.0))).results["8"][0].numpy()
+    blind = run(registry, env, parse(_edit_graph("picture.png", prompt, 3, 3, 6.0, 7.0, vision=False)))
+    text_only = run(registry, env, parse(_graph(prompt, NEGATIVE, 3, 3, 6.0, 7.0))).results["8"][0].numpy()
+    gaps = [np.abs(ours - o).max() for o in (other, blind.results["8"][0].numpy(), text_only)]
+    print("another picture, no vision states, text only change", [f"{g * 255:.2f}/255" for g in gaps])
+    assert all(g > 10 * gap + 0.01 for g in gaps)

@@ -61,3 +61,51 @@ def test_the_template_runs_and_equals_hunyuan_video15_pipeline(registry, env):
     assert gap <= 1 / 255, gap
     other = Executor(registry, env).run(wf.with_overrides({"103:25.noise_seed": seed + 1})).results["103:8"][0]
     assert np.abs(ours - other.numpy()).max() > 10 * gap + 0.02  # the seed matters: not vacuous
+
+
+EDIT = "Image_capybara_v0_1_image_edit.json"
+
+
+def test_the_edit_template_validates_with_only_its_files_missing(registry, tmp_path):
+    wf, files = template_file_errors(registry, template(EDIT), tmp_path)  # no unknown node type
+    assert files and files <= {("UNETLoader", "unet_name"), ("DualCLIPLoader", "clip_name1"),
+                               ("DualCLIPLoader", "clip_name2"), ("VAELoader", "vae_name"),
+                               ("CLIPVisionLoader", "clip_name"), ("LoadImage", "image")}
+
+
+def test_the_edit_template_runs_and_equals_the_image_to_video_pipeline(registry, env, root):
+    """As shipped (its instruction, negative, seed, 20 steps, cfg 6, shift 7) on the tiny files, its picture
+    already at the tiny size the resize node is set to: HunyuanVideo15ImageToVideoPipeline's frame."""
+    import shutil
+
+    import torch
+
+    from test_hunyuan_video15 import _picture
+
+    shutil.copy(root / "clip_vision" / "tiny-sigclip.safetensors",
+                root / "clip_vision" / "sigclip_vision_patch14_384.safetensors")
+    _picture().save(env.paths.input.root / "wind_woman.png")
+    document = template(EDIT)
+    for sub in document["definitions"]["subgraphs"]:  # the resize node's size (a dotted name: not an override)
+        for node in sub["nodes"]:
+            if node["type"] == "ResizeImageMaskNode":
+                node["widgets_values"][1:3] = [SIZE, SIZE]
+    wf = parse_document(document, registry)
+    assert (wf.nodes["103:105"].inputs["resize_type.width"], wf.nodes["103:105"].inputs["resize_type.height"]) == (
+        SIZE, SIZE)
+    steps, cfg, shift = (wf.nodes["103:17"].inputs["steps"], wf.nodes["103:91"].inputs["cfg"],
+                         wf.nodes["103:67"].inputs["shift"])
+    prompt, negative = wf.nodes["103:44"].inputs["text"], wf.nodes["103:93"].inputs["text"]
+    seed = wf.nodes["103:25"].inputs["noise_seed"]
+    outcome = Executor(registry, env).run(wf)
+    assert outcome.status == "succeeded", outcome.error and outcome.error.message
+    ours = outcome.results["103:8"][0].numpy()
+    noise = torch.randn((1, 32, SIZE // 16, SIZE // 16), generator=torch.Generator("cpu").manual_seed(seed))
+    with torch.no_grad():
+        theirs = tiny.pipeline(float(cfg), float(shift), edit=True)(
+            image=_picture(), prompt=prompt, negative_prompt=negative, num_frames=1, num_inference_steps=steps,
+            latents=noise.unsqueeze(2), output_type="np").frames
+    theirs = np.asarray(theirs)[:, 0]
+    gap = np.abs(ours - theirs).max()
+    print(f"{EDIT}: {gap * 255:.5f}/255")
+    assert ours.shape == theirs.shape and gap <= 1 / 255, gap

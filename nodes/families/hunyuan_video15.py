@@ -18,6 +18,12 @@ differs, from diffusers' ``HunyuanVideo15Pipeline`` and ComfyUI's HunyuanVideo15
   dropped, at most 1000 prompt tokens, the padding the pipeline masks left out. Glyph text: the prompt's
   double-quoted spans (ASCII and Chinese quotes, repeats dropped), ``Text "..."`` joined with ``". "``
   (:func:`glyph_text`), 256 ByT5 bytes with the padding left out; none without quotes.
+* **A picture to edit** (HunyuanVideo15ImageToVideo, nodes.hunyuan_video15_nodes; the Capybara image-edit
+  template): ComfyUI's model puts the picture's latent (model space: x 1.03682) and ``1 - concat_mask`` (1 on the
+  picture's frame) in the conditioning channels and CLIPVisionEncode's SigLIP ``last_hidden_state`` in the image
+  states; ``HunyuanVideo15ImageToVideoPipeline`` does the same (its VAE mean x ``scaling_factor``, mask 1 on the
+  first frame, SiglipVisionModel's ``last_hidden_state``): :meth:`HunyuanVideo15.extra_channels`,
+  :meth:`HunyuanVideo15.network_kwargs`.
 * **Guidance.** Real CFG (the pipeline's ClassifierFreeGuidance; the CFGGuider's ``cfg``); no distilled
   guidance input.
 * **Model sampling.** FlowMatchEuler on the pipeline's grid (``linspace(1, 0, N + 1)[:-1]``, shifted): the
@@ -32,7 +38,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodes.families.base import LatentFormat, Shapes, TextEncoderSpec
+from nodes.families.base import ConditioningError, LatentFormat, Shapes, TextEncoderSpec
 from nodes.families.hunyuan_image import BYT5, HunyuanImage, HunyuanImageNetwork
 from nodes.families.input_checks import check_text_width
 from nodes.runtime import precision
@@ -56,6 +62,9 @@ SHIFT = 7.0
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT,
              "use_dynamic_shifting": False, "prediction_type": "flow"}
 HUNYUAN_VIDEO15_LATENT = LatentFormat(channels=32, scale=1.03682, shift=0.0, downscale=16)
+#: Conditioning keys HunyuanVideo15ImageToVideo sets: the picture's raw latent [1, 32, h, w], ComfyUI's
+#: ``concat_mask`` [1, 1, h, w] (0 where the picture is given) and the CLIP vision output.
+CONCAT_LATENT, CONCAT_MASK, CLIP_VISION = "hv15_concat_latent", "hv15_concat_mask", "hv15_clip_vision"
 
 
 def glyph_text(prompt: str) -> str | None:
@@ -76,17 +85,18 @@ class HunyuanVideo15Network(HunyuanImageNetwork):
         return False
 
     def __call__(self, x: "Any", t: Any, encoder_hidden_states: "Any", return_dict: bool = False,
-                 byt5: "Any" = None, byt5_mask: "Any" = None, cond_latent: "Any" = None, **kwargs: Any) -> tuple:
-        """``x`` [B, 32, h, w]; ``byt5``/``byt5_mask`` as HunyuanImage's (None: no row has glyph text);
-        ``cond_latent`` [B, 33, h, w]: the conditioning latent and its mask channel (None: zeros, text to
-        image). Other keywords (the distilled guidance HunyuanImage's rows carry) are not read."""
+                 byt5: "Any" = None, byt5_mask: "Any" = None, image_embeds: "Any" = None, **kwargs: Any) -> tuple:
+        """``x`` [B, 32, h, w], or [B, 65, h, w] with the conditioning latent and mask channel appended
+        (:meth:`HunyuanVideo15.extra_channels`; absent: zeros, text to image); ``byt5``/``byt5_mask`` as
+        HunyuanImage's (None: no row has glyph text); ``image_embeds`` [B, tokens, width]: the SigLIP states
+        (None: none). Other keywords (the distilled guidance HunyuanImage's rows carry) are not read."""
         import torch
 
         b, _, h, w = x.shape
         check_text_width(LABEL, encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with Qwen2.5-VL 7B and ByT5: DualCLIPLoader type hunyuan_video_15")
         config = self.transformer.config
-        cond = torch.zeros(b, config.in_channels - x.shape[1], h, w) if cond_latent is None else cond_latent
+        cond = torch.zeros(b, config.in_channels - x.shape[1], h, w)
         hidden = torch.cat([x.to(self.device, self.dtype), cond.to(self.device, self.dtype)], dim=1).unsqueeze(2)
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
         states = encoder_hidden_states.to(self.device, self.dtype)
@@ -98,7 +108,8 @@ class HunyuanVideo15Network(HunyuanImageNetwork):
             encoder_attention_mask=torch.ones(states.shape[:2], dtype=torch.long, device=self.device),
             encoder_hidden_states_2=byt5.to(self.device, self.dtype),
             encoder_attention_mask_2=byt5_mask.to(self.device),
-            image_embeds=torch.zeros(b, 0, config.image_embed_dim, device=self.device, dtype=self.dtype),
+            image_embeds=(torch.zeros(b, 0, config.image_embed_dim) if image_embeds is None else image_embeds).to(
+                self.device, self.dtype),
             return_dict=False)
         return (out[0][:, :, 0],)
 
@@ -136,10 +147,48 @@ class HunyuanVideo15(HunyuanImage):
 
     def network_kwargs(self, extras: list[dict], batch: int, image_size: tuple[int, int],
                        device: Any, dtype: Any) -> dict[str, Any]:
-        """The rows' ByT5 states (HunyuanImage's rule), without its distilled guidance."""
+        """The rows' ByT5 states (HunyuanImage's rule), without its distilled guidance; the SigLIP
+        ``last_hidden_state`` of HunyuanVideo15ImageToVideo's clip_vision_output, on every row or none."""
+        import torch
+
         kwargs = super().network_kwargs(extras, batch, image_size, device, dtype)
         kwargs.pop("guidance", None)
+        outputs = [e.get(CLIP_VISION) for e in extras]
+        if all(o is None for o in outputs):
+            return kwargs
+        if any(o is None for o in outputs):
+            raise ConditioningError("both prompts need HunyuanVideo15ImageToVideo's clip_vision_output (connect "
+                                    "both through it)", "negative")
+        states = [o.last_hidden_state.float() for o in outputs]
+        if len({s.shape[1:] for s in states}) > 1:
+            raise ConditioningError("the prompts carry CLIP vision states of other sizes; give both the same "
+                                    "clip_vision_output", "negative")
+        kwargs["image_embeds"] = torch.cat([s[:1].expand(batch, -1, -1) for s in states]).to(device, dtype)
         return kwargs
+
+    def extra_channels(self, x: "Any", conditioning_extras: list[dict]) -> "Any":
+        """The noisy latent, then per conditioning the picture's latent in model space and ``1 -
+        concat_mask`` (HunyuanVideo15ImageToVideo's; zeros for a conditioning without them), when any
+        conditioning has a picture; else the latent alone (the network adds the zeros)."""
+        import torch
+
+        if all(e.get(CONCAT_LATENT) is None for e in conditioning_extras):
+            return x
+        rows = x.shape[0] // max(len(conditioning_extras), 1)
+        blocks = []
+        for extra in conditioning_extras:
+            image, mask = extra.get(CONCAT_LATENT), extra.get(CONCAT_MASK)
+            if image is None:
+                blocks.append(torch.zeros(1, x.shape[1] + 1, *x.shape[-2:]))
+                continue
+            if tuple(image.shape[-2:]) != tuple(x.shape[-2:]):
+                raise ConditioningError(f"HunyuanVideo15ImageToVideo's picture latent {tuple(image.shape)} does not "
+                                        f"fit the latent being sampled {tuple(x.shape)}: use that node's latent",
+                                        "positive")
+            latent = self.latent.to_model(image[:1].to(torch.float32))
+            keep = torch.zeros(1, 1, *x.shape[-2:]) if mask is None else 1.0 - mask[:1].to(torch.float32)
+            blocks.append(torch.cat([latent, keep], dim=1))
+        return torch.cat([x, torch.cat([b.expand(rows, -1, -1, -1) for b in blocks]).to(x.device, x.dtype)], dim=1)
 
 
 FAMILY = HunyuanVideo15()
