@@ -106,8 +106,8 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
                                 hunyuan_image, hunyuan_video15, ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2,
                                 ovis, pixart, qwen_image, qwen_image21, sd3, wan, z_image)
 
-    from nodes.checkpoint import auraflow_load
-    from nodes.families import auraflow
+    from nodes.checkpoint import auraflow_load, omnigen2_load
+    from nodes.families import auraflow, omnigen2
 
     return ((auraflow_load.has_transformer, auraflow_load.load_transformer_file, auraflow.FAMILY),
             (sd3.is_sd3_transformer, sd3_load.load_transformer_file, sd3.FAMILY),
@@ -115,6 +115,7 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
             (cosmos_load.has_transformer, cosmos_load.load_transformer_file, cosmos.FAMILY),  # its own key names
             (cosmos_load.has_anima_transformer, cosmos_load.load_anima_file, anima.FAMILY),  # Cosmos' + llm_adapter
             (z_image_load.has_z_image_transformer, z_image_load.load_transformer_file, z_image.FAMILY),
+            (omnigen2_load.has_transformer, omnigen2_load.load_transformer_file, omnigen2.FAMILY),  # Lumina 2's too
             (lumina2_load.has_transformer, lumina2_load.load_transformer_file, lumina2.FAMILY),  # Z-Image's names
             (fibo2_load.has_transformer, fibo2_load.load_transformer_file, fibo2.FAMILY),
             (ernie_image_load.has_transformer, ernie_image_load.load_transformer_file, ernie_image.FAMILY),

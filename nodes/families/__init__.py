@@ -14,8 +14,8 @@ from nodes.families.base import Family
 #: Checked in this order when detecting a single file (most specific first).
 #: Anima is last: it shares CLIPLoader type stable_diffusion with SD 1.x, whose errors name CLIP-L first.
 #: A module may hold several families (``FAMILIES``, most specific first), e.g. FLUX [schnell] and [dev].
-MODULES = ("sd3", "flux3_distilled", "flux3", "flux2", "flux2_dev", "ernie_image", "ideogram4", "krea2", "fibo2",
-           "joyimage", "kandinsky5", "hunyuan_video15", "hunyuan_image_refiner", "hunyuan_image",
+MODULES = ("sd3", "flux3_distilled", "flux3", "flux2", "flux2_dev", "ernie_image", "ideogram4", "omnigen2", "krea2",
+           "fibo2", "joyimage", "kandinsky5", "hunyuan_video15", "hunyuan_image_refiner", "hunyuan_image",
            "qwen_image_layered", "qwen_image", "qwen_image21", "z_image", "ovis", "longcat", "hidream", "auraflow",
            "cosmos", "pixart", "chroma", "flux", "wan", "lumina2", "sdxl_refiner", "sdxl", "sd2_unclip", "sd2", "sd1",
            "anima")
