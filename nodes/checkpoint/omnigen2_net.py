@@ -242,6 +242,15 @@ class OmniGen2Transformer(nn.Module):
         self.norm_out = NormOut(dim, time_dim, patch_in)
         self.image_index_embedding = nn.Parameter(torch.zeros(MAX_REFERENCES, dim))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (a norm's weight's: never fp8), as a diffusers model reports it."""
+        return self.time_caption_embed.caption_embedder[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.weight.device
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                 references: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The flow velocity [B, C, H, W] at noise level ``sigma`` [B] (0 clean .. 1 noise) of latent ``x``,
@@ -249,7 +258,7 @@ class OmniGen2Transformer(nn.Module):
         reference latents [B, C, h, w] each."""
         if len(references) > MAX_REFERENCES:
             raise ValueError(f"OmniGen2 tells apart at most {MAX_REFERENCES} reference images, got {len(references)}")
-        dtype = self.time_caption_embed.caption_embedder[0].weight.dtype  # never fp8: the compute dtype
+        dtype = self.dtype
         h, w = x.shape[-2:]
         x = pad_even(x.to(dtype))
         hp, wp = x.shape[-2:]
