@@ -153,9 +153,9 @@ def test_qwen25vl_3b_config_from_the_released_shapes():
 
     shapes = {"embed_tokens.weight": (151936, 2048), "norm.weight": (2048,)}
     for i in range(36):
-        shapes |= {f"layers.{i}.self_attn.q_proj.weight": (2048, 2048), f"layers.{i}.self_attn.k_proj.weight": (256, 2048),
-                   f"layers.{i}.self_attn.k_proj.bias": (256,), f"layers.{i}.mlp.gate_proj.weight": (11008, 2048),
-                   f"layers.{i}.input_layernorm.weight": (2048,)}
+        shapes |= {f"layers.{i}.self_attn.q_proj.weight": (2048, 2048),
+                   f"layers.{i}.self_attn.k_proj.weight": (256, 2048), f"layers.{i}.self_attn.k_proj.bias": (256,),
+                   f"layers.{i}.mlp.gate_proj.weight": (11008, 2048), f"layers.{i}.input_layernorm.weight": (2048,)}
     c = text_config(shapes, "qwen_2.5_vl_fp16.safetensors")
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
             c.vocab_size) == (2048, 36, 16, 2, 11008, 151936)
@@ -292,3 +292,18 @@ def test_six_references_are_refused_by_name():
     refs = [torch.zeros(1, 16, 2, 2)] * 6
     with pytest.raises(ValueError, match="at most 5"):
         model(torch.zeros(1, 16, 4, 4), torch.tensor([0.5]), torch.zeros(1, 3, tiny_omnigen2.TEXT), refs)
+
+
+def test_another_reference_layout_is_refused_naming_the_input(registry, env):
+    """OmniGen2 places its references by its own rule: FluxKontextMultiReferenceLatentMethod offset is refused
+    (ComfyUI ignores it), naming the prompt it was set on."""
+    from engine.executor import Executor
+
+    _pictures(env)
+    graph = _graph()
+    graph["m"] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                  "inputs": {"conditioning": graph["11"]["inputs"]["cond1"], "reference_latents_method": "offset"}}
+    graph["11"]["inputs"]["cond1"] = ["m", 0]
+    outcome = Executor(registry, env).run(parse(graph))
+    assert outcome.status != "succeeded"
+    assert "offset" in outcome.error.message and "OmniGen2" in outcome.error.message

@@ -81,18 +81,25 @@ def test_t2i_template_runs_and_its_prompt_and_seed_matter(registry, env):
         assert gap > 4 / 255, what
 
 
-def _edit(registry, env, picture: int = 0):
+def _edit(registry, env, picture: int = 0, second: int | None = None):
+    """The edit template on picture ``picture``; ``second``: its bypassed second-picture nodes switched on
+    (its note: Ctrl + B) with picture ``second`` there."""
     from PIL import Image
 
-    rng = np.random.default_rng(picture)
-    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(env.paths.input.root / f"e{picture}.png")
-    wf = parse_document(template(EDIT), registry)
+    for k in {picture, second} - {None}:
+        rng = np.random.default_rng(k)
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(env.paths.input.root / f"e{k}.png")
+    document = template(EDIT)
+    if second is not None:
+        for node in document["nodes"]:
+            node["mode"] = 0 if node.get("mode") == 4 else node.get("mode", 0)
+    wf = parse_document(document, registry)
     for scale in _of(wf, "ImageScaleToTotalPixels"):
         # about 100 x 100 pixels, in steps of 16: the template feeds this size to EmptySD3LatentImage through
         # GetImageSize, and Kiln's refuses a size that is not a multiple of 16 where ComfyUI's floors it
         scale.inputs.update(megapixels=0.01, resolution_steps=16)
     for load in _of(wf, "LoadImage"):
-        load.inputs["image"] = f"e{picture}.png"
+        load.inputs["image"] = f"e{second if load.id == '33' else picture}.png"
     (sched,) = _of(wf, "BasicScheduler")
     sched.inputs["steps"] = 2
     return wf
@@ -111,4 +118,18 @@ def test_edit_template_runs_and_its_picture_matters(registry, env):
     other = _edit(registry, env, picture=1)
     gap = np.abs(_picture(run(registry, env, other), other) - base).max()
     print(f"edit picture: max |diff| {gap * 255:.1f}/255")
+    assert gap > 4 / 255
+
+
+def test_edit_template_with_its_second_picture_switched_on(registry, env):
+    """Both pictures reach both guided prompts, in order; the second one moves the result."""
+    wf = _edit(registry, env, picture=0, second=2)
+    outcome = run(registry, env, wf)
+    (guider,) = _of(wf, "DualCFGGuider")
+    for name in ("cond1", "cond2"):
+        assert len(outcome.results[guider.inputs[name].node_id][0][0][1]["reference_latents"]) == 2
+    base = _picture(outcome, wf)
+    other = _edit(registry, env, picture=0, second=3)
+    gap = np.abs(_picture(run(registry, env, other), other) - base).max()
+    print(f"edit second picture: max |diff| {gap * 255:.1f}/255")
     assert gap > 4 / 255

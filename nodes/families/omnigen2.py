@@ -96,7 +96,8 @@ class OmniGen2(FlowFamily):
         text = (texts or {}).get("tokenizer", text)
         ids = torch.tensor([template_ids(clip.tokenizers["tokenizer"], text)])
         with torch.inference_mode(), clip.encoder("text_encoder") as lm:
-            states = lm(input_ids=ids.to(lm.device), attention_mask=torch.ones_like(ids).to(lm.device)).last_hidden_state
+            ids = ids.to(lm.device)
+            states = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         if report is not None:
             report.tokens = max(report.tokens, int(states.shape[1]))
             report.windows = 1
