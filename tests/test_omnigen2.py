@@ -307,3 +307,16 @@ def test_another_reference_layout_is_refused_naming_the_input(registry, env):
     outcome = Executor(registry, env).run(parse(graph))
     assert outcome.status != "succeeded"
     assert "offset" in outcome.error.message and "OmniGen2" in outcome.error.message
+
+
+def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
+    """UNETLoader weight_dtype fp8_e4m3fn: the linear weights held in fp8, the sampled latent close to the
+    default one (8-bit weights on a tiny random model: close, not equal)."""
+    from flow_family_files import clip_over, fp8_sampling_gap
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+
+    clip = clip_over(omnigen2.FAMILY, qwen_tokenizer("2.5"), tiny_omnigen2.text_encoder().model)
+    gap = fp8_sampling_gap(env, tiny_omnigen2.UNET, clip, lambda net: net.layers[0].attn.to_q.weight,
+                           prompt=PROMPT, negative=NEGATIVE, scheduler="simple")
+    print(f"fp8 weights: relative max |diff| {gap:.3f}")
+    assert 0 < gap < 0.25
