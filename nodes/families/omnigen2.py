@@ -14,7 +14,9 @@ What differs from its neighbours, and where it lives:
 * **References.** ReferenceLatent's latents on the conditioning (up to five: ``image_index_embedding``
   has five rows), in order, each at its own Omni-RoPE offset (the network's rule; ComfyUI ignores
   ``reference_latents_method`` here, Kiln refuses another method than ``index`` rather than pretend).
-* **Guidance.** DualCFGGuider (the templates: cfg 5 on the prompt, 2 on the pictures) or KSampler's CFG.
+* **Guidance.** DualCFGGuider (the templates: cfg 5 on the prompt, 2 on the pictures) or KSampler's CFG. Its
+  regular style with cond1 = prompt + pictures, cond2 = negative + pictures is OmniGen2's own pipeline's
+  text / image guidance.
 * **Model sampling.** Flow matching with a fixed shift of 2.6 and ``multiplier`` 1 (ComfyUI's sampling
   settings for OmniGen2), BasicScheduler ``simple``.
 * **Latents.** FLUX.1's 16-channel VAE (``ae.safetensors``) and latent format.
