@@ -320,3 +320,10 @@ def test_weight_dtype_fp8_keeps_fp8_linears_and_stays_close(env):
                            prompt=PROMPT, negative=NEGATIVE, scheduler="simple")
     print(f"fp8 weights: relative max |diff| {gap:.3f}")
     assert 0 < gap < 0.25
+
+
+def test_a_head_that_cannot_be_split_in_three_is_refused_naming_the_file():
+    state = {k: v for k, v in tiny_omnigen2.transformer().state_dict().items()}
+    state["layers.0.attn.norm_q.weight"] = torch.ones(16)
+    with pytest.raises(CheckpointError, match="odd-head.safetensors.*width 16"):
+        build_transformer(state, "odd-head.safetensors", torch.float32)

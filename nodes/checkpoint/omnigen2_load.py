@@ -35,11 +35,11 @@ def _count(shapes: Mapping[str, tuple], group: str) -> int:
 
 def rope_axes(head: int) -> tuple[int, int, int]:
     """(40, 40, 40) for the release's 120-wide head (ComfyUI's constant); other widths, three equal even
-    parts (the weights do not say it), refused where the head cannot be split so."""
+    parts (the weights do not say it); a ValueError where the head cannot be split so."""
     if head == sum(AXES_120):
         return AXES_120
     if head % 6:
-        raise CheckpointError(f"an OmniGen2 head of width {head} cannot be split into three even rotary axes")
+        raise ValueError(f"an OmniGen2 head of width {head} cannot be split into three even rotary axes")
     return (head // 3,) * 3
 
 
@@ -67,6 +67,8 @@ def build_transformer(state: Mapping[str, Any], what: str, dtype: Any) -> Any:
         config = transformer_config(shapes_of(state))
     except KeyError as exc:
         raise CheckpointError(f"{what}: not a complete {LABEL} transformer ({exc} is missing)") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
     model = _empty(OmniGen2Transformer, config)
     return scaled_fp8.fill_as_stored(model, state, scales, dtype, what, f"{LABEL} transformer ({what})")
 
