@@ -327,3 +327,21 @@ def test_a_head_that_cannot_be_split_in_three_is_refused_naming_the_file():
     state["layers.0.attn.norm_q.weight"] = torch.ones(16)
     with pytest.raises(CheckpointError, match="odd-head.safetensors.*width 16"):
         build_transformer(state, "odd-head.safetensors", torch.float32)
+
+
+def test_bfloat16_the_gpu_dtype_stays_close_to_float32():
+    """In bfloat16 (what ``auto`` picks on a GPU) the module computes in it (rotation in float32) and stays
+    within a few percent of float32 on the tiny model."""
+    import copy
+
+    model = tiny_omnigen2.transformer()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    x, ctx, refs = torch.randn(1, 16, 8, 10, generator=g), torch.randn(1, 7, 64, generator=g), \
+        [torch.randn(1, 16, 6, 4, generator=g)]
+    with torch.no_grad():
+        full, low = model(x, torch.tensor([0.6]), ctx, refs), half(x, torch.tensor([0.6]), ctx, refs)
+    assert low.dtype == torch.bfloat16
+    gap = ((full - low.float()).abs().max() / full.abs().max()).item()
+    print(f"bfloat16: relative max |diff| {gap:.3f}")
+    assert gap < 0.05
