@@ -130,17 +130,24 @@ def model_sampling_flux(ctx, model, max_shift: float = 1.15, base_shift: float =
     ],
     outputs=[Output("LATENT", T.LATENT)],
     size=Size(width="width", height="height", batch="batch_size"),
+    validate=lambda env, inputs: _typed_sizes_off_grid(inputs),
 )
 def empty_sd3_latent_image(ctx, width: int = 1024, height: int = 1024, batch_size: int = 1):
     """A blank 16-channel latent (SD3 and FLUX): zeros [batch, 16, height/8, width/8].
 
-    FLUX cuts the latent into 2x2 patches, so the size must be a multiple of 16.
+    A size typed on the node must be a multiple of 16 (FLUX cuts the latent into 2x2 patches), and
+    validation says so; a size that arrives through a link (GetImageSize of a picture, as OmniGen2's edit
+    template wires it) is floored to whole latent pixels as ComfyUI does, and the family that cannot take
+    an odd latent side names it when sampling (nodes.families.input_checks.check_even_latent).
     """
     import torch
 
-    for name, value in (("width", width), ("height", height)):
-        if int(value) % FLUX_MULTIPLE:
-            raise NodeError(f"{name} {value} is not a multiple of {FLUX_MULTIPLE}: FLUX and SD3 latents are cut "
-                            f"into 2x2 patches of 8x8 pixels (try {int(value) // FLUX_MULTIPLE * FLUX_MULTIPLE})",
-                            name)
     return ({"samples": torch.zeros([int(batch_size), 16, int(height) // 8, int(width) // 8])},)
+
+
+def _typed_sizes_off_grid(inputs: dict) -> list[tuple[str, str]]:
+    """EmptySD3LatentImage's validation: the typed width or height that is not a multiple of 16."""
+    return [(name, f"{name} {inputs[name]} is not a multiple of {FLUX_MULTIPLE}: FLUX and SD3 latents are cut into "
+                   f"2x2 patches of 8x8 pixels (try {int(inputs[name]) // FLUX_MULTIPLE * FLUX_MULTIPLE})")
+            for name in ("width", "height")
+            if isinstance(inputs.get(name), int) and inputs[name] % FLUX_MULTIPLE]

@@ -239,12 +239,21 @@ def test_damaged_bfl_file_names_family_and_keys(env, root):
     assert "FLUX" in text and "double_blocks.0.img_attn.qkv.weight" in text and "surprise" in text
 
 
-def test_size_not_a_multiple_of_16_is_refused(env):
+def test_a_typed_size_not_a_multiple_of_16_is_refused_and_a_linked_one_floored_as_comfyui_does(registry, env):
+    """Typed on EmptySD3LatentImage, 72 is a validation error naming the node and input; the same number
+    through a link (GetImageSize of a 72-pixel picture, as OmniGen2's edit template wires it) makes the
+    9-pixel latent ComfyUI makes."""
+    from engine.validate import WorkflowInvalid, validate
     from nodes.flux_nodes import empty_sd3_latent_image
 
-    with pytest.raises(NodeError) as err:
-        call(empty_sd3_latent_image, env, width=72, height=64, batch_size=1)
-    assert err.value.input_name == "width" and "multiple of 16" in str(err.value)
+    typed = parse({"1": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 72, "height": 64, "batch_size": 1}},
+                   "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "x"}}})
+    with pytest.raises(WorkflowInvalid) as err:
+        validate(typed, registry, env)
+    (error,) = err.value.errors
+    assert (error.node_id, error.input_name) == ("1", "width") and "multiple of 16" in error.message
+    (latent,) = call(empty_sd3_latent_image, env, width=72, height=64, batch_size=1)
+    assert tuple(latent["samples"].shape) == (1, 16, 8, 9)
 
 
 def test_guidance_on_schnell_is_reported_as_ignored(env):

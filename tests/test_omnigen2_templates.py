@@ -95,9 +95,9 @@ def _edit(registry, env, picture: int = 0, second: int | None = None):
             node["mode"] = 0 if node.get("mode") == 4 else node.get("mode", 0)
     wf = parse_document(document, registry)
     for scale in _of(wf, "ImageScaleToTotalPixels"):
-        # about 100 x 100 pixels, in steps of 16: the template feeds this size to EmptySD3LatentImage through
-        # GetImageSize, and Kiln's refuses a size that is not a multiple of 16 where ComfyUI's floors it
-        scale.inputs.update(megapixels=0.01, resolution_steps=16)
+        # about 100 x 100 pixels in the template's own steps of 1: GetImageSize hands EmptySD3LatentImage a size
+        # that is not a multiple of 16, which it floors to whole latent pixels as ComfyUI's does
+        scale.inputs.update(megapixels=0.01)
     for load in _of(wf, "LoadImage"):
         load.inputs["image"] = f"e{second if load.id == '33' else picture}.png"
     (sched,) = _of(wf, "BasicScheduler")
