@@ -83,6 +83,9 @@ class SamplingPatches:
     #: USOStyleReference's pictures (nodes.uso.StyleReference), in the order they were applied: their style
     #: tokens go in front of the embedded prompt while sampling runs.
     style_references: tuple = ()
+    #: AnimaLLLiteApply's controls (nodes.control.anima_lllite.LLLiteControl), in the order they were applied: their
+    #: corrections go on the DiT's linear inputs while sampling runs.
+    lllite: tuple = ()
 
 
 @dataclass(frozen=True)

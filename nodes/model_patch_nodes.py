@@ -37,15 +37,19 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     """The model manager's loader: a file ComfyUI's ModelPatchLoader reads, if Kiln runs its kind, in the dtype
     of the family it patches (``dtype`` may be the manager's rule: nodes.runtime.precision.resolve)."""
     from nodes.checkpoint.load import CheckpointError, read_state_dict
-    from nodes.control import blockwise
+    from nodes.checkpoint.load import file_metadata
+    from nodes.control import anima_lllite, blockwise
     from nodes.control import z_image as fun
     from nodes import uso
     from nodes.control.load import LoadedControlNet
-    from nodes.families import flux, qwen_image, z_image
+    from nodes.families import anima, flux, qwen_image, z_image
     from nodes.runtime.precision import resolve
 
     state = read_state_dict(path)
-    if uso.is_uso_projector(state):
+    if anima_lllite.is_anima_lllite(state):
+        network, info = anima_lllite.load(state, path.name, resolve(dtype, anima.FAMILY), file_metadata(path))
+        family = anima.FAMILY
+    elif uso.is_uso_projector(state):
         network, info = uso.load(state, path.name, resolve(dtype, flux.FAMILY))
         family = flux.FAMILY
     elif fun.is_fun_controlnet(state):
@@ -58,7 +62,8 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
         keys = sorted(state)
         raise CheckpointError(f"{path.name} is not a model patch Kiln runs: it reads alibaba-pai's Z-Image Fun "
                               f"ControlNet Union ({fun.MARKER}), DiffSynth's Qwen-Image blockwise ControlNets "
-                              f"({blockwise.MARKER}) and USO's style projector ({uso.MARKER}); the file holds "
+                              f"({blockwise.MARKER}), USO's style projector ({uso.MARKER}) and Anima LLLites "
+                              f"({anima_lllite.MARKER}); the file holds "
                               f"{len(keys)} tensors such as "
                               f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
     return LoadedControlNet(family=family, network=network.eval().requires_grad_(False), info=info)
@@ -70,7 +75,7 @@ def load_model_patch(path: Any, dtype: Any) -> Any:
     display_name="ModelPatchLoader",
     inputs=[Input("name", T.COMBO, choices=_patches,
                   tooltip="A model patch in models/model_patches (Z-Image Fun ControlNet Union, DiffSynth's "
-                          "Qwen-Image ControlNets, USO's style projector)")],
+                          "Qwen-Image ControlNets, USO's style projector, Anima LLLites)")],
     outputs=[Output("MODEL_PATCH", MODEL_PATCH)],
     validate=validator(MODEL_PATCH_FOLDER, "name"),
     fingerprint=fingerprinter(MODEL_PATCH_FOLDER, "name"),
@@ -110,6 +115,8 @@ def qwen_image_diffsynth_controlnet(ctx, model, model_patch, vae, image, strengt
     if not isinstance(model_patch, ControlNetHandle):
         raise NodeError(f"model_patch must come from ModelPatchLoader, got {type(model_patch).__name__}",
                         "model_patch")
+    if model_patch.config.get("kind") == "anima-lllite":
+        raise NodeError(f"{model_patch.name} is an Anima LLLite: apply it with AnimaLLLiteApply", "model_patch")
     if model_patch.config.get("kind") == "uso-projector":
         raise NodeError(f"{model_patch.name} is USO's style projector: apply it with USOStyleReference",
                         "model_patch")

@@ -82,6 +82,17 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     raise CheckpointError(f"{name}: unsupported file type {path.suffix!r} (use .safetensors or a diffusers folder)")
 
 
+def file_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's text metadata ({} for other files or none): what some files say beside their
+    tensors (an Anima LLLite's version and layout)."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def open_state(path: Path) -> Mapping[str, Any]:
     """A checkpoint's tensors for building modules: a .safetensors file as a
     :class:`~nodes.checkpoint.tensors.LazyState` (each tensor read and cast when a

@@ -126,7 +126,8 @@ GUIDER_PATCHES = ("cfg_rescale", "pag_scale", "guidance", "perp_neg", "cfg_overr
 NETWORK_PATCHES = {"freeu": "FreeU", "deep_shrink": "PatchModelAddDownscale", "hypertile": "HyperTile",
                    "tome": "TomePatchModel", "reference_kv": "FluxKVCache",
                    "blockwise": "QwenImageDiffsynthControlnet", "model_control": "QwenImageDiffsynthControlnet",
-                   "rope": "ScaleROPE", "hypernetworks": "HypernetworkLoader", "style_references": "USOStyleReference"}
+                   "rope": "ScaleROPE", "hypernetworks": "HypernetworkLoader", "style_references": "USOStyleReference",
+                   "lllite": "AnimaLLLiteApply"}
 #: Pre-CFG guidance rules by the node that makes them (those whose node name is not their class name).
 _NODE_NAMES = {"LatentOperationCFG": "LatentApplyOperationCFG"}
 

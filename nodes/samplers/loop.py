@@ -144,10 +144,10 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
 def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Family, schedule: Any,
           x: "torch.Tensor", generators: list) -> None:
     """Put ``patches``' network hooks (FreeU, Deep Shrink, HyperTile, ToMe, blockwise ControlNets,
-    FluxKVCache, ScaleROPE, hypernetworks, USO style references) on ``network`` until ``hooks`` closes."""
+    FluxKVCache, ScaleROPE, hypernetworks, USO style references, Anima LLLites) on ``network`` until ``hooks`` closes."""
     from nodes import hypernetwork, uso
     from nodes.checkpoint import wan_rope
-    from nodes.control import blockwise
+    from nodes.control import anima_lllite, blockwise
     from nodes.families import deep_shrink, freeu, hypertile, reference_kv, tome
 
     hooks.enter_context(freeu.applied(network, patches.freeu))
@@ -159,6 +159,7 @@ def _hook(hooks: contextlib.ExitStack, network: Any, patches: Any, family: Famil
     hooks.enter_context(wan_rope.applied(network, patches.rope))
     hooks.enter_context(hypernetwork.applied(network, patches.hypernetworks))
     hooks.enter_context(uso.applied(network, patches.style_references))
+    hooks.enter_context(anima_lllite.applied(network, patches.lllite, schedule, family))
 
 
 def _tile_generator(patches: Any, generators: list, x: "torch.Tensor") -> Any:
