@@ -35,6 +35,7 @@ FAMILY_FOLDERS: tuple[tuple[str, str, str], ...] = (
     ("pixart_load", "is_folder", "pixart"),
     ("auraflow_load", "is_folder", "auraflow"),
     ("chroma_load", "is_chroma_folder", "chroma"),  # before FLUX
+    ("cosmos_load", "is_folder", "cosmos"),  # before FLUX: its folders have model_index.json and transformer/
     ("flux_load", "is_flux_folder", "flux"),
 )
 
