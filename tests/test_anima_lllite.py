@@ -181,6 +181,20 @@ def test_a_file_of_another_shape_is_refused_naming_the_input(env, registry):
     assert err.value.input_name == "model_patch" and "AnimaLLLiteApply" in str(err.value)
 
 
+def test_a_damaged_file_is_refused_naming_the_file(env, root):
+    from safetensors.torch import save_file
+
+    from engine.context import NodeError
+
+    state = tiny_anima_lllite.state(3)
+    state["lllite_dit_blocks_1_mlp_layer1.mid.weight"] = state["lllite_dit_blocks_1_mlp_layer1.mid.weight"][:, :5].contiguous()
+    save_file(state, str(root / "model_patches" / "broken-lllite.safetensors"), metadata=tiny_anima_lllite.METADATA[3])
+    with pytest.raises(NodeError) as err:
+        call(model_patch_nodes.model_patch_loader, env, name="broken-lllite.safetensors")
+    assert err.value.input_name == "name" and "broken-lllite.safetensors" in str(err.value)
+    assert "lllite_dit_blocks_1_mlp_layer1.mid.weight" in str(err.value)
+
+
 # -- ComfyUI's templates ---------------------------------------------------------------------------------------
 
 
