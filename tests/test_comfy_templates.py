@@ -39,9 +39,10 @@ LITERAL_ERRORS = {"value_not_in_list", "invalid_input_type", "value_smaller_than
 #: templates hold is implemented (er_sde, gradient_estimation, ...: nodes/samplers/). FIBO 2's edit
 #: templates and Qwen-Image 2.1's turbo edit one link one picture into BatchImagesNode (on their prompt
 #: enhancer's branch), whose first two pictures ComfyUI's schema requires too (autogrow min 2; Kiln's
-#: node: tests/test_comfy_v3_inputs.py).
+#: node: tests/test_comfy_v3_inputs.py). The Anima LLLite inpainting template holds a spare ResizeImageMaskNode
+#: with nothing linked in or out: ComfyUI validates only what feeds an output, Kiln every node (README, Anima LLLite).
 KNOWN = {("SaveImage", "filename_prefix", ""), ("KSampler", "scheduler", "beta57"),
-         ("BatchImagesNode", "images.image1", None)}
+         ("BatchImagesNode", "images.image1", None), ("ResizeImageMaskNode", "input", None)}
 
 
 def _package_dir(module: str) -> Path:
