@@ -16,7 +16,8 @@ FAMILIES = ("image", "latent", "sampling", "loaders", "split_loaders", "text", "
             "math_expression", "resize_batch", "speed_patches", "unclip_nodes", "gligen", "model_patch_nodes", "camera_angle",
             "text_generate", "qwen21_nodes", "conditioning_files", "marigold", "dual_model_nodes",
             "latent_layers", "joyimage_nodes", "sam3_nodes", "hidream_nodes", "lumina2_nodes", "wan_nodes", "painter",
-            "hypernetwork", "uso", "hunyuan_image_nodes", "hunyuan_video15_nodes", "anima_nodes")
+            "hypernetwork", "uso", "hunyuan_image_nodes", "hunyuan_video15_nodes", "anima_nodes",
+            "chroma_radiance_nodes")
 
 
 def register(registry) -> None:

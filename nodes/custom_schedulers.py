@@ -211,13 +211,20 @@ def sd_turbo_scheduler(ctx, model, steps: int, denoise: float):
              outputs=[Output("SIGMAS", T.SIGMAS)])
 def beta_sampling_scheduler(ctx, model, steps: int, alpha: float, beta: float):
     """The ``beta`` schedule with its shape chosen: training levels at the quantiles of
-    Beta(alpha, beta) (0.6, 0.6 is KSampler's ``beta``)."""
+    Beta(alpha, beta) (0.6, 0.6 is KSampler's ``beta``). A flow model's levels are ComfyUI's table of
+    them, its shifted flow times (nodes.samplers.flow.FlowSchedule.level_table), as ComfyUI picks them."""
+    from types import SimpleNamespace
+
+    from nodes.samplers.model_sampling import FlowSampling, for_model
     from nodes.samplers.schedules import beta_levels
 
     for name, value in (("alpha", alpha), ("beta", beta)):
         if float(value) <= 0:
             raise NodeError(f"{name} must be above 0, got {value}", name)
-    return (beta_levels(_discrete_levels(model), int(steps), float(alpha), float(beta)),)
+    sampling = for_model(model)
+    levels = SimpleNamespace(sigmas=sampling.schedule.level_table()) if isinstance(sampling, FlowSampling) \
+        else _discrete_levels(model)
+    return (beta_levels(levels, int(steps), float(alpha), float(beta)),)
 
 
 # -- editing a list -----------------------------------------------------------------------------

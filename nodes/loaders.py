@@ -290,6 +290,22 @@ def diffusers_loader(ctx, model_path: str):
 # -- VAELoader --------------------------------------------------------------------------------
 
 
+def _vae_choices(env: Environment | None) -> list[str]:
+    """The VAE files, then ComfyUI's ``pixel_space`` (nodes.checkpoint.pixel_space), as its VAELoader lists it."""
+    from nodes.checkpoint.pixel_space import NAME
+
+    return _vaes(env) + [NAME]
+
+
+def _pass_through(hook: Callable[[Environment, Mapping[str, Any]], Any], none: Any) -> Callable:
+    """A VAELoader file hook that answers ``none`` for ``pixel_space``, which names no file."""
+    from nodes.checkpoint.pixel_space import NAME
+
+    def hooked(env: Environment, inputs: Mapping[str, Any]) -> Any:
+        return none if inputs.get("vae_name") == NAME else hook(env, inputs)
+    return hooked
+
+
 def _load_vae(path: Path, manager: ModelManager) -> Any:
     from nodes.checkpoint.vae_file import load_vae_file
 
@@ -300,12 +316,13 @@ def _load_vae(path: Path, manager: ModelManager) -> Any:
     "VAELoader",
     category="loaders",
     display_name="Load VAE",
-    inputs=[Input("vae_name", T.COMBO, choices=_vaes,
-                  tooltip="A VAE .safetensors file or diffusers AutoencoderKL folder in models/vae.")],
+    inputs=[Input("vae_name", T.COMBO, choices=_vae_choices,
+                  tooltip="A VAE .safetensors file or diffusers AutoencoderKL folder in models/vae, or "
+                          "pixel_space (the pass-through of pixel-space models: Chroma1-Radiance).")],
     outputs=[Output("VAE", T.VAE)],
-    validate=validator(VAE_FOLDER, "vae_name"),
-    fingerprint=fingerprinter(VAE_FOLDER, "vae_name"),
-    prefetch=prefetcher(VAE_FOLDER, "vae_name", "vae", _load_vae),
+    validate=_pass_through(validator(VAE_FOLDER, "vae_name"), []),
+    fingerprint=_pass_through(fingerprinter(VAE_FOLDER, "vae_name"), "pixel_space"),
+    prefetch=_pass_through(prefetcher(VAE_FOLDER, "vae_name", "vae", _load_vae), None),
 )
 def vae_loader(ctx, vae_name: str):
     """Load a standalone VAE (original or diffusers layout), e.g. to replace a checkpoint's own.
@@ -314,6 +331,10 @@ def vae_loader(ctx, vae_name: str):
     ``latent_scale`` (0.13025 when the name contains "xl", else 0.18215, or the
     folder's config) is informational.
     """
+    from nodes.checkpoint import pixel_space
+
+    if vae_name == pixel_space.NAME:  # no file: the pixels are the latent
+        return (pixel_space.handle(),)
     path = locate(ctx.env, VAE_FOLDER, vae_name, "vae_name")
     manager = model_manager(ctx.env)
     key = file_key(path, "vae")

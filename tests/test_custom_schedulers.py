@@ -77,14 +77,28 @@ def test_sd_turbo_and_beta_pick_the_models_training_levels(sd1):
     assert flat.tolist() == pytest.approx([float(train.sigmas[t]) for t in picks] + [0.0], rel=1e-6)
 
 
-def test_the_model_based_ones_refuse_a_flow_model_naming_model():
+def test_sd_turbo_refuses_a_flow_model_naming_model():
     from test_flux import _model
 
-    for call in (lambda m: sch.sd_turbo_scheduler(CTX, m, 1, 1.0),
-                 lambda m: sch.beta_sampling_scheduler(CTX, m, 4, 0.6, 0.6)):
-        with pytest.raises(NodeError) as err:
-            call(_model("dev"))
-        assert err.value.input_name == "model" and "flow" in str(err.value)
+    with pytest.raises(NodeError) as err:
+        sch.sd_turbo_scheduler(CTX, _model("dev"), 1, 1.0)
+    assert err.value.input_name == "model" and "flow" in str(err.value)
+
+
+def test_beta_sampling_scheduler_picks_comfyuis_flow_table():
+    """On a flow model ComfyUI's BetaSamplingScheduler picks from model_sampling.sigmas: the shifted flow
+    times at t = 1/1000 .. 1 (FLUX [dev] at ComfyUI's default shift, mu = 1.15); written out here."""
+    import math
+
+    import numpy as np
+    from scipy.stats import beta as beta_dist
+    from test_flux import _model
+
+    (ours,) = sch.beta_sampling_scheduler(CTX, _model("dev"), 6, 0.4, 0.4)
+    table = [math.exp(1.15) / (math.exp(1.15) + (1000 / (i + 1) - 1)) for i in range(1000)]
+    picks = np.rint(beta_dist.ppf(1 - np.linspace(0, 1, 6, endpoint=False), 0.4, 0.4) * 999).astype(int)
+    hand = [table[t] for k, t in enumerate(picks) if k == 0 or t != picks[k - 1]] + [0.0]
+    assert ours.tolist() == pytest.approx(hand, abs=1e-6) and len(hand) == 7 and hand[0] == pytest.approx(1.0)
 
 
 def test_set_first_and_extend_intermediate_edit_a_list():

@@ -20,7 +20,8 @@ from nodes.families import chroma as fam
 
 #: diffusers' layout of the approximator (the original names its layers in_layer / out_layer).
 DIFFUSERS_MARKER = "distilled_guidance_layer.layers.0.linear_1.weight"
-#: Chroma1-Radiance's pixel-space head (ComfyUI's chroma_radiance), which Kiln does not build.
+#: Chroma1-Radiance's pixel-space head (ComfyUI's chroma_radiance): UNETLoader reads those files as Radiance
+#: (nodes.checkpoint.chroma_radiance_load) before they reach Chroma's loader.
 RADIANCE = "nerf_"
 
 
@@ -29,10 +30,10 @@ def has_chroma_transformer(shapes: Any) -> bool:
 
 
 def _latent_only(state: Any, what: str) -> None:
-    """Chroma1-Radiance refused by name (both builds)."""
+    """Chroma1-Radiance refused by name (both builds) where it reaches Chroma's loader (not through UNETLoader)."""
     if any(k.startswith(RADIANCE) for k in state):
         raise CheckpointError(f"{what} is Chroma1-Radiance (pixel-space Chroma: {RADIANCE}* keys, no VAE "
-                              "latents); Kiln runs the latent Chroma models (Chroma1-HD, Chroma1-Base) only")
+                              "latents); load it alone with UNETLoader (models/diffusion_models)")
 
 
 #: The transformer file's builds and loader (nodes.checkpoint.flow_transformers.TransformerFiles): either

@@ -98,11 +98,11 @@ def load_unet_file(path: Path, dtype: Any, fp8: str = "", offload: Any = None) -
 def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
     """(claims the keys, loads the file, the family whose dtypes it computes in), tried in order: where two
     could claim one file, the more specific comes first."""
-    from nodes.checkpoint import (chroma_load, cosmos_load, ernie_image_load, fibo2_load, flux2_load, flux3_load,
+    from nodes.checkpoint import (chroma_load, chroma_radiance_load, cosmos_load, ernie_image_load, fibo2_load, flux2_load, flux3_load,
                                   flux_load, hidream_load, hunyuan_image_load, hunyuan_video15_load, ideogram4_load,
                                   joyimage_load, kandinsky5_load, krea2_load, longcat_load, lumina2_load, ovis_load,
                                   pixart_load, qwen_image21_load, qwen_image_load, sd3_load, wan_load, z_image_load)
-    from nodes.families import (anima, chroma, cosmos, ernie_image, fibo2, flux, flux2, flux3, hidream,
+    from nodes.families import (anima, chroma, chroma_radiance, cosmos, ernie_image, fibo2, flux, flux2, flux3, hidream,
                                 hunyuan_image, hunyuan_video15, ideogram4, joyimage, kandinsky5, krea2, longcat, lumina2,
                                 ovis, pixart, qwen_image, qwen_image21, sd3, wan, z_image)
 
@@ -133,6 +133,8 @@ def _transformer_loaders() -> tuple[tuple[Any, Any, Family], ...]:
             (qwen_image_load.has_transformer, qwen_image_load.load_transformer_file, qwen_image.FAMILY),
             (qwen_image21_load.has_transformer, qwen_image21_load.load_transformer_file, qwen_image21.FAMILY),
             (longcat_load.has_transformer, longcat_load.load_transformer_file, longcat.FAMILY),  # FLUX's blocks too
+            (chroma_radiance_load.has_transformer, chroma_radiance_load.load_transformer_file,  # Chroma's trunk:
+             chroma_radiance.FAMILY),  # before Chroma
             (chroma_load.has_chroma_transformer, chroma_load.load_transformer_file, chroma.FAMILY),  # so has Chroma
             (pixart_load.has_transformer, pixart_load.load_transformer_file, pixart.FAMILY),  # PixArt-α / -Σ
             (flux_load.has_flux_transformer, flux_load.load_transformer_file, flux.FAMILY))

@@ -17,7 +17,7 @@ from nodes.families.base import Family
 MODULES = ("sd3", "flux3_distilled", "flux3", "flux2", "flux2_dev", "ernie_image", "ideogram4", "omnigen2", "krea2",
            "fibo2", "joyimage", "kandinsky5", "hunyuan_video15", "hunyuan_image_refiner", "hunyuan_image",
            "qwen_image_layered", "qwen_image", "qwen_image21", "z_image", "ovis", "longcat", "hidream", "auraflow",
-           "cosmos", "pixart", "chroma", "flux", "wan", "lumina2", "sdxl_refiner", "sdxl", "sd2_unclip", "sd2", "sd1",
+           "cosmos", "pixart", "chroma_radiance", "chroma", "flux", "wan", "lumina2", "sdxl_refiner", "sdxl", "sd2_unclip", "sd2", "sd1",
            "anima")
 
 

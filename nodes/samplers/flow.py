@@ -194,10 +194,20 @@ class FlowSchedule:
             return math.inf
         if percent >= 1.0:
             return 0.0
-        t = 1.0 - percent
+        return self.shifted(1.0 - percent)
+
+    def shifted(self, t: float) -> float:
+        """Flow time ``t`` (0 < t <= 1) shifted as the model's sampling shifts it (ComfyUI's rule)."""
         if self._mu is not None:
             return math.exp(self._mu) / (math.exp(self._mu) + (1.0 / t - 1.0))
         return self._shift * t / (1.0 + (self._shift - 1.0) * t)
+
+    def level_table(self) -> "torch.Tensor":
+        """ComfyUI's table of a flow model's levels (``model_sampling.sigmas``): the shifted flow times at
+        timesteps 1..T over T, which its BetaSamplingScheduler picks from."""
+        import torch
+
+        return torch.tensor([self.shifted((i + 1) / self.steps) for i in range(self.steps)], dtype=torch.float32)
 
     @property
     def sigma_min(self) -> float:
