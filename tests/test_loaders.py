@@ -223,7 +223,7 @@ def test_choices_list_files_and_diffusers_folders(tiny_env):
     for variant in tm.VARIANTS:
         assert tm.checkpoint_name(variant) in names and tm.checkpoint_name(variant, "diffusers") in names
     assert not any("/" in n for n in names)  # no files from inside diffusers folders
-    assert loaders.vae_loader.input("vae_name").choice_list(tiny_env) == ["tiny-vae.safetensors"]
+    assert loaders.vae_loader.input("vae_name").choice_list(tiny_env) == ["tiny-vae.safetensors", "pixel_space"]
     schema = loaders.checkpoint_loader.schema(tiny_env)
     assert schema["aliases"] == ["CheckpointLoaderSimple"]
 
