@@ -132,6 +132,17 @@ def test_nerf_head_equals_its_formulas_at_any_tile_size():
     assert all(torch.allclose(outs[t], outs[512], atol=1e-6) for t in (0, 1, 5))
 
 
+def test_a_size_off_the_patch_grid_is_padded_circularly_and_cropped_back():
+    net, _, context, sigma = _inputs(5)
+    x = torch.rand(2, 3, 10, 13, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    padded = torch.cat([torch.cat([x, x[:, :, :, :3]], dim=3), torch.cat([x, x[:, :, :, :3]], dim=3)[:, :, :2]], dim=2)
+    assert padded.shape[-2:] == (12, 16)
+    with torch.no_grad():
+        ours = net.raw(x, sigma, context)
+        whole = net.raw(padded, sigma, context)
+    assert ours.shape == x.shape and torch.allclose(ours, whole[..., :10, :13], atol=1e-6)
+
+
 def test_x0_file_returns_the_velocity_and_a_velocity_file_its_output():
     net, x, context, sigma = _inputs(2)
     with torch.no_grad():

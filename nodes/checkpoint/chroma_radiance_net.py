@@ -205,13 +205,24 @@ class ChromaRadianceTransformer(ModelMixin, ConfigMixin):
         x = torch.nn.functional.fold(x, output_size=(h, w), kernel_size=p, stride=p)
         return self.final_layer(x)
 
+    def tokens_for(self, h: int, w: int) -> int:
+        """The image token count at h x w pixels (the padded size's patches)."""
+        p = self.config.patch_size
+        return -(-h // p) * -(-w // p)
+
     def raw(self, pixels: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What the file's network predicts (the clean image for x0 files, else the velocity)."""
+        """What the file's network predicts (the clean image for x0 files, else the velocity). A size that is
+        not a multiple of the patch is padded circularly at the bottom and right and the output cropped
+        back, ComfyUI's rule (its ``pad_to_patch_size``)."""
         p = self.config.patch_size
+        h, w = pixels.shape[-2:]
+        pad_h, pad_w = (-h) % p, (-w) % p
+        if pad_h or pad_w:
+            pixels = torch.nn.functional.pad(pixels, (0, pad_w, 0, pad_h), mode="circular")
         rows, cols = pixels.shape[-2] // p, pixels.shape[-1] // p
         tokens = self.trunk_tokens(self.embed(pixels), sigma, context, rows, cols, attention_mask)
-        return self.head(pixels, tokens)
+        return self.head(pixels, tokens)[..., :h, :w]
 
     def forward(self, pixels: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,8 +5,8 @@
   returns the flow velocity, converting an x0 file's clean-image prediction as ComfyUI's x0 mode does.
 * **Latent.** The "latent" is the image itself: 3 channels in [-1, 1], one pixel a cell (ComfyUI's
   ``latent_formats.ChromaRadiance``: scale 1, no shift, no downscale). EmptyChromaRadianceLatentImage makes
-  it and VAELoader's ``pixel_space`` codes it (nodes.checkpoint.pixel_space). Sizes must be multiples of
-  the patch (16 in the released files), which EmptyChromaRadianceLatentImage's step of 16 keeps.
+  it and VAELoader's ``pixel_space`` codes it (nodes.checkpoint.pixel_space). Other sizes than multiples
+  of the patch (16 in the released files) are padded circularly and cropped back, as ComfyUI does.
 * **Text, guidance, sampling.** Chroma's: T5-XXL through CLIPLoader type ``chroma`` (T5TokenizerOptions
   as for Chroma), real CFG, FLUX [dev]'s shifted flow schedule (the template fixes it with
   ModelSamplingAuraFlow shift 1).
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import masked_t5
-from nodes.families.base import ConditioningError, LatentFormat, Shapes
+from nodes.families.base import LatentFormat, Shapes
 from nodes.families.chroma import MASK, Chroma
 from nodes.families.base import WrappedTransformer
 from nodes.families.input_checks import check_text_width
@@ -35,17 +35,13 @@ class RadianceNetwork(WrappedTransformer):
         import torch
 
         b, _, h, w = x.shape
-        p = self.transformer.config.patch_size
-        if h % p or w % p:
-            raise ConditioningError(f"a Chroma1-Radiance image needs sizes that are multiples of {p} pixels, got "
-                                    f"{w}x{h} (EmptyChromaRadianceLatentImage's step)", "latent_image")
         check_text_width("Chroma1-Radiance", encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with a T5-XXL: CLIPLoader type chroma")
         sigma = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         mask = None
         if text_mask is not None:
             text_mask = masked_t5.fit_mask(text_mask, encoder_hidden_states.shape[1], "Chroma1-Radiance")
-            image = torch.ones(b, (h // p) * (w // p), device=self.device, dtype=self.dtype)
+            image = torch.ones(b, self.transformer.tokens_for(h, w), device=self.device, dtype=self.dtype)
             mask = torch.cat([text_mask.to(self.device, self.dtype), image], dim=1)
         out = self.transformer(x.to(self.device, self.dtype), sigma.to(self.dtype), encoder_hidden_states,
                                attention_mask=mask)
