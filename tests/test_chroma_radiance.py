@@ -260,3 +260,43 @@ def test_template_runs_from_its_editor_file_and_equals_a_hand_loop(registry, env
     prompt_move = (other_prompt.results[SUB + "298"][0] - ours).abs().mean().item()
     print(f"mean move: seed {seed_move * 255:.2f}/255, prompt {prompt_move * 255:.2f}/255")
     assert seed_move > 20 * max(gap, 1e-4) and prompt_move > 20 * max(gap, 1e-4) and min(seed_move, prompt_move) > 0.01
+
+
+def test_ksampler_with_the_masked_prompt_equals_a_hand_loop_at_comfyuis_fixed_shift(env):
+    """KSampler euler/simple with Kiln's default T5 encoding (diffusers' text mask): the sigmas are FLUX
+    [dev]'s at mu = 1.15 whatever the size (ComfyUI's ModelSamplingFlux default), written out here, and the
+    network sees the mask extended over the image tokens, as Chroma's does."""
+    from nodes.chroma_radiance_nodes import empty_chroma_radiance_latent_image
+    from nodes.families.chroma import MASK
+    from nodes.latent import seeded_noise
+    from nodes.sampling import ksampler
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=FILE)
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=T5, type="chroma")
+    (vae,) = call(loaders.vae_loader, env, vae_name="pixel_space")
+    (latent,) = call(empty_chroma_radiance_latent_image, env, width=32, height=16, batch_size=1)
+    pos, neg = clip.encode("a lighthouse on a cliff"), clip.encode("blurry")
+    (out,) = call(ksampler, env, model=model, seed=7, steps=3, cfg=3.0, sampler_name="euler", scheduler="simple",
+                  positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+    ours = vae.decode(out["samples"])
+    t = torch.linspace(1.0, 1 / 3, 3, dtype=torch.float64)
+    sigmas = torch.cat([math.exp(1.15) / (math.exp(1.15) + (1 / t - 1)), torch.zeros(1, dtype=torch.float64)]).float()
+    net = tiny.network(True)
+    tokens = net.tokens_for(16, 32)
+    (ps, pe), (ns, ne) = pos[0], neg[0]
+    pmask, nmask = (torch.cat([e[MASK].float().reshape(1, -1), torch.ones(1, tokens)], dim=1) for e in (pe, ne))
+    assert pmask[0, :ps.shape[1]].sum() < ps.shape[1]  # the mask hides padding: not vacuous
+
+    def loop(pmask, nmask):
+        x = seeded_noise((1, 3, 16, 32), [7]) * sigmas[0]
+        with torch.no_grad():
+            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+                sig = s.reshape(1)
+                c, u = net(x, sig, ps.float(), attention_mask=pmask), net(x, sig, ns.float(), attention_mask=nmask)
+                x = x + (s_next - s) * (u + 3.0 * (c - u))
+        return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+    hand, unmasked = loop(pmask, nmask), loop(None, None)
+    gap, mask_move = (ours - hand).abs().max().item(), (unmasked - hand).abs().max().item()
+    print(f"KSampler vs hand loop (masked prompt): {gap * 255:.4f}/255; without the mask: {mask_move * 255:.2f}/255")
+    assert gap <= 1 / 255 and ((hand > 0.02) & (hand < 0.98)).float().mean() > 0.3 and mask_move > 10 * gap

@@ -8,8 +8,8 @@
   it and VAELoader's ``pixel_space`` codes it (nodes.checkpoint.pixel_space). Other sizes than multiples
   of the patch (16 in the released files) are padded circularly and cropped back, as ComfyUI does.
 * **Text, guidance, sampling.** Chroma's: T5-XXL through CLIPLoader type ``chroma`` (T5TokenizerOptions
-  as for Chroma), real CFG, FLUX [dev]'s shifted flow schedule (the template fixes it with
-  ModelSamplingAuraFlow shift 1).
+  as for Chroma), real CFG; FLUX [dev]'s flow schedule at ComfyUI's fixed shift (mu 1.15 at every size:
+  ComfyUI's ModelSamplingFlux default; the template fixes it with ModelSamplingAuraFlow shift 1).
 """
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ class ChromaRadiance(Chroma):
     dit_block_lists: dict = {}
     #: CLIPLoader type chroma gives Chroma's T5 handle, whose encoding is Radiance's too.
     clip_types = ()
+
+    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
+        """FLUX [dev]'s flow schedule at ComfyUI's fixed shift: ComfyUI samples Radiance as a FLUX model
+        (ModelSamplingFlux, mu = 1.15 at every size, its 1024 px value), and no diffusers pipeline exists
+        to size it otherwise; ModelSamplingFlux and ModelSamplingAuraFlow change it as for FLUX."""
+        from nodes.samplers import flow
+
+        return {**super().scheduler_config(prediction_type), flow.SHIFT_SEQ_LEN: (flow.DEFAULT_SHIFT_SIZE // 16) ** 2}
 
     def claims_unet(self, shapes: Shapes) -> bool:
         """The NeRF head (nodes.checkpoint.chroma_radiance_load.has_transformer)."""
