@@ -300,3 +300,61 @@ def test_ksampler_with_the_masked_prompt_equals_a_hand_loop_at_comfyuis_fixed_sh
     gap, mask_move = (ours - hand).abs().max().item(), (unmasked - hand).abs().max().item()
     print(f"KSampler vs hand loop (masked prompt): {gap * 255:.4f}/255; without the mask: {mask_move * 255:.2f}/255")
     assert gap <= 1 / 255 and ((hand > 0.02) & (hand < 0.98)).float().mean() > 0.3 and mask_move > 10 * gap
+
+
+def test_older_linear_head_files_read_as_such():
+    """Files before the conv head end in ``nerf_final_layer.{norm.scale,linear.*}`` (ComfyUI's "linear" head)."""
+    from nodes.checkpoint import chroma_radiance_keys as keys
+    from nodes.checkpoint.chroma_radiance_load import build_transformer
+    from nodes.checkpoint.chroma_radiance_net import ChromaRadianceTransformer
+
+    config = dict(tiny.network(True).config)
+    net = ChromaRadianceTransformer(**{**config, "head": "linear", "x0": False}).eval()
+    state = keys.diffusers_to_original(dict(net.state_dict()))
+    assert "nerf_final_layer.linear.weight" in state and not any(k.startswith("nerf_final_layer_conv") for k in state)
+    loaded = build_transformer(state, "old-radiance.safetensors", torch.float32)
+    assert loaded.config.head == "linear" and not loaded.config.x0
+    _, x, context, sigma = _inputs(8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, context), net(x, sigma, context))
+        head = net.nerf_final_layer
+        feats = torch.randn(1, tiny.NERF_HIDDEN, 4, 4)
+        hand = (_rms(feats.movedim(1, -1), head.norm.scale) @ head.linear.weight.T + head.linear.bias).movedim(-1, 1)
+        assert torch.allclose(head(feats), hand, atol=1e-6)
+
+
+def test_img2img_through_pixel_space_equals_a_hand_loop_from_the_picture(env):
+    """VAEEncode (pixel_space) then KSampler at denoise 0.2: ComfyUI's tail of a 20-step schedule (mu 1.15),
+    started from sigma0 * noise + (1 - sigma0) * the picture in -1..1, equals the loop by hand."""
+    from nodes.latent import seeded_noise
+    from nodes.sampling import ksampler
+    from nodes.vae import vae_encode
+
+    (model,) = call(split_loaders.unet_loader, env, unet_name=FILE_V)
+    (clip,) = call(split_loaders.clip_loader, env, clip_name=T5, type="chroma")
+    clip = replace(clip, t5_padding=(1, 0))
+    (vae,) = call(loaders.vae_loader, env, vae_name="pixel_space")
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 32), indexing="ij")
+    image = torch.stack([xx, yy, 1 - xx], dim=-1).unsqueeze(0)
+    (latent,) = call(vae_encode, env, pixels=image, vae=vae)
+    pos, neg = clip.encode("a sunset"), clip.encode("")
+    (out,) = call(ksampler, env, model=model, seed=3, steps=4, cfg=2.0, sampler_name="euler", scheduler="simple",
+                  positive=pos, negative=neg, latent_image=latent, denoise=0.2)
+    ours = vae.decode(out["samples"])
+    t = torch.linspace(1.0, 1 / 20, 20, dtype=torch.float64)
+    sigmas = torch.cat([math.exp(1.15) / (math.exp(1.15) + (1 / t - 1)), torch.zeros(1, dtype=torch.float64)])
+    sigmas = sigmas[16:].float()
+    net = tiny.network(False)
+
+    def loop(start: torch.Tensor) -> torch.Tensor:
+        x = seeded_noise((1, 3, 16, 32), [3]) * sigmas[0] + (1 - sigmas[0]) * start
+        with torch.no_grad():
+            for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+                c, u = net(x, s.reshape(1), pos[0][0].float()), net(x, s.reshape(1), neg[0][0].float())
+                x = x + (s_next - s) * (u + 2.0 * (c - u))
+        return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+    hand, blank = loop(image.permute(0, 3, 1, 2) * 2 - 1), loop(torch.zeros(1, 3, 16, 32))
+    gap, picture_move = (ours - hand).abs().max().item(), (blank - hand).abs().max().item()
+    print(f"img2img (denoise 0.2) vs hand loop: {gap * 255:.4f}/255; from a blank start: {picture_move * 255:.1f}/255")
+    assert gap <= 1 / 255 and ((hand > 0.02) & (hand < 0.98)).float().mean() > 0.3 and picture_move > 10 / 255
