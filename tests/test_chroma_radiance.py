@@ -71,8 +71,9 @@ def test_patch_embedder_is_each_patchs_weights_times_its_pixels():
     p = tiny.PATCH
     with torch.no_grad():
         ours = net.embed(x)
-    hand = torch.stack([torch.stack([w.reshape(w.shape[0], -1) @ x[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
-                                     + b for r in range(2) for c in range(3)]) for i in range(2)])
+    flat = w.reshape(w.shape[0], -1)
+    hand = torch.stack([torch.stack([flat @ x[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1) + b
+                                     for r in range(2) for c in range(3)]) for i in range(2)])
     gap = (ours - hand).abs().max().item()
     print(f"patch embedder vs formula: {gap:.2e}")
     assert gap <= 1e-5
@@ -173,7 +174,8 @@ def test_damaged_radiance_file_names_file_and_keys(env, root):
     state = tiny.original_state(True)
     state.pop("nerf_blocks.1.norm.scale")
     state["nerf_blocks.0.extra.weight"] = torch.zeros(2)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "diffusion_models" / "broken-radiance.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()},
+              str(root / "diffusion_models" / "broken-radiance.safetensors"))
     with pytest.raises(NodeError) as err:
         call(split_loaders.unet_loader, env, unet_name="broken-radiance.safetensors")
     text = str(err.value)

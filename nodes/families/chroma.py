@@ -64,11 +64,8 @@ class ChromaNetwork(WrappedTransformer):
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
         tokens, ids = flux.pack(x), flux.image_ids(h, w, self.device, self.dtype)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=self.device, dtype=self.dtype)
-        mask = None
-        if text_mask is not None:
-            text_mask = masked_t5.fit_mask(text_mask, encoder_hidden_states.shape[1], "Chroma")
-            image = torch.ones(b, tokens.shape[1], device=self.device, dtype=self.dtype)
-            mask = torch.cat([text_mask.to(self.device, self.dtype), image], dim=1)
+        mask = masked_t5.joint_mask(text_mask, encoder_hidden_states.shape[1], tokens.shape[1], "Chroma",
+                                    self.device, self.dtype)
         out = self.transformer(hidden_states=tokens, timestep=time.to(self.dtype),
                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=ids,
                                attention_mask=mask, return_dict=False, **kwargs)[0]

@@ -16,14 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from nodes.families import masked_t5
-from nodes.families.base import LatentFormat, Shapes
+from nodes.families.base import LatentFormat, Shapes, WrappedTransformer
 from nodes.families.chroma import MASK, Chroma
-from nodes.families.base import WrappedTransformer
 from nodes.families.input_checks import check_text_width
 
 #: ComfyUI's ChromaRadiance latent format: the pixels themselves (previewed as they are).
-RADIANCE_LATENT = LatentFormat(channels=3, scale=1.0, shift=0.0, rgb=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
-                               downscale=1)
+RADIANCE_LATENT = LatentFormat(channels=3, scale=1.0, shift=0.0,
+                               rgb=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), downscale=1)
 
 
 class RadianceNetwork(WrappedTransformer):
@@ -38,11 +37,8 @@ class RadianceNetwork(WrappedTransformer):
         check_text_width("Chroma1-Radiance", encoder_hidden_states.shape[-1], self.text_width,
                          "encode the prompt with a T5-XXL: CLIPLoader type chroma")
         sigma = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b) / 1000.0
-        mask = None
-        if text_mask is not None:
-            text_mask = masked_t5.fit_mask(text_mask, encoder_hidden_states.shape[1], "Chroma1-Radiance")
-            image = torch.ones(b, self.transformer.tokens_for(h, w), device=self.device, dtype=self.dtype)
-            mask = torch.cat([text_mask.to(self.device, self.dtype), image], dim=1)
+        mask = masked_t5.joint_mask(text_mask, encoder_hidden_states.shape[1], self.transformer.tokens_for(h, w),
+                                    "Chroma1-Radiance", self.device, self.dtype)
         out = self.transformer(x.to(self.device, self.dtype), sigma.to(self.dtype), encoder_hidden_states,
                                attention_mask=mask)
         return (out,)

@@ -85,3 +85,15 @@ def fit_mask(mask: Any, tokens: int, label: str) -> Any:
                                 "it combined with a prompt encoded another way? encode both with the same CLIP)",
                                 "positive")
     return mask.repeat(1, tokens // length)
+
+
+def joint_mask(text_mask: Any, text_tokens: int, image_tokens: int, label: str, device: Any, dtype: Any) -> Any:
+    """A joint-attention transformer's mask from a prompt's text mask (Chroma's and Chroma1-Radiance's rule):
+    the text mask fitted to the context (:func:`fit_mask`) then ones over the image tokens; None for no mask."""
+    if text_mask is None:
+        return None
+    import torch
+
+    text_mask = fit_mask(text_mask, text_tokens, label)
+    image = torch.ones(text_mask.shape[0], image_tokens, device=device, dtype=dtype)
+    return torch.cat([text_mask.to(device, dtype), image], dim=1)
