@@ -360,3 +360,18 @@ def test_img2img_through_pixel_space_equals_a_hand_loop_from_the_picture(env):
     gap, picture_move = (ours - hand).abs().max().item(), (blank - hand).abs().max().item()
     print(f"img2img (denoise 0.2) vs hand loop: {gap * 255:.4f}/255; from a blank start: {picture_move * 255:.1f}/255")
     assert gap <= 1 / 255 and ((hand > 0.02) & (hand < 0.98)).float().mean() > 0.3 and picture_move > 10 / 255
+
+
+def test_example_workflow_runs_on_the_tiny_files(registry, env):
+    """workflows/chroma-radiance-txt2img.json (KSampler euler/beta at shift 1, T5TokenizerOptions' one pad
+    token, pixel_space) runs on the tiny files under its parameters, and its seed moves the picture."""
+    from engine.workflow import load
+
+    path = Path(__file__).resolve().parent.parent / "workflows" / "chroma-radiance-txt2img.json"
+    outs = []
+    for seed in (1, 2):
+        wf = load(path).with_overrides({"diffusion_model": FILE, "t5xxl": T5, "width": 32, "height": 16,
+                                        "steps": 3, "seed": seed})
+        outs.append(run(registry, env, wf).results["10"][0])
+    assert outs[0].shape == (1, 16, 32, 3) and torch.isfinite(outs[0]).all()
+    assert (outs[0] - outs[1]).abs().mean() > 0.05
