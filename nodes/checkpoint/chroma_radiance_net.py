@@ -27,9 +27,8 @@ they are written here; the trunk (distilled guidance approximator, double and si
   The head runs ``tile`` patches at a time (ComfyUI's ``nerf_tile_size``, 0 = all): a memory knob only,
   each patch being independent of the others until the final layer.
 * **Prediction**: files with the ``__x0__`` marker predict the clean image; the network returns the flow
-  velocity anyway, (x - x0) / sigma, as ComfyUI's x0 mode does (its PR #11197, newer than the ComfyUI
-  source read here: the marker and the rule were read from a ComfyUI-derived model registering the same
-  empty buffer), so the samplers see a flow model.
+  velocity anyway, (x - x0) / sigma, as ComfyUI's x0 mode does (its PR #11197: the ``use_x0`` empty buffer
+  and the conversion after the head), so the samplers see a flow model.
 
 The rules come from ComfyUI's comfy/ldm/chroma_radiance (read, not copied); no reference implementation
 was run against this module (tests/test_chroma_radiance.py checks each part against the formulas above).
