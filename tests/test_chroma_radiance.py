@@ -375,3 +375,27 @@ def test_example_workflow_runs_on_the_tiny_files(registry, env):
         outs.append(run(registry, env, wf).results["10"][0])
     assert outs[0].shape == (1, 16, 32, 3) and torch.isfinite(outs[0]).all()
     assert (outs[0] - outs[1]).abs().mean() > 0.05
+
+
+def test_released_shapes_give_comfyuis_configuration():
+    """At the released sizes (built on the meta device: no memory) the file's shapes give ComfyUI's model
+    detection values: hidden 3072 in 24 heads (rotary axes 16/56/56), 19 double and 38 single blocks, the
+    approximator 64 -> 5120 in 5 layers, patch 16, NeRF width 64, 4 blocks of ratio 4, 8 frequencies, conv head."""
+    from nodes.checkpoint import chroma_radiance_keys as keys
+    from nodes.checkpoint.chroma_radiance_net import ChromaRadianceTransformer
+
+    trunk = dict(patch_size=1, in_channels=3072, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+                 approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)
+    with torch.device("meta"):
+        net = ChromaRadianceTransformer(trunk, joint_attention_dim=4096, x0=True)
+        state = keys.diffusers_to_original(dict(net.state_dict()), x0=True)
+    config = keys.transformer_config({k: tuple(v.shape) for k, v in state.items()})
+    assert config["trunk_config"] == {**trunk, "out_channels": None}
+    assert {k: config[k] for k in ("channels", "patch_size", "nerf_hidden", "nerf_depth", "nerf_mlp_ratio",
+                                   "nerf_freqs", "head", "x0")} == dict(channels=3, patch_size=16, nerf_hidden=64,
+                                                                        nerf_depth=4, nerf_mlp_ratio=4, nerf_freqs=8,
+                                                                        head="conv", x0=True)
+    assert state["double_blocks.0.img_attn.qkv.weight"].shape == (9216, 3072)
+    assert state["single_blocks.0.linear1.weight"].shape == (3072 * 7, 3072)
+    assert not any(k.startswith(("img_in.", "final_layer.")) for k in state)
