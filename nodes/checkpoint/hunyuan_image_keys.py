@@ -87,22 +87,70 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"final_layer\.linear\.", "proj_out."),
     (r"final_layer\.adaLN_modulation\.1\.", "norm_out.linear."),
 )
-_FORWARD = [(re.compile("^" + a + r"(weight|bias)$"), b) for a, b in _RENAMES]
-#: diffusers pattern -> the original's, each capture group filled back in order (:func:`_back`).
-_BACKWARD = [(re.compile("^" + re.escape(b).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w)")
-                         + r"(weight|bias)$"), a) for a, b in _RENAMES]
 #: The refiner's fused self-attention (always fused in the release), split into q, k, v rows.
 _REFINER_QKV = re.compile(r"^txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn_qkv\.(weight|bias)$")
+#: The final adaLN, whose (shift, scale) halves diffusers holds as (scale, shift).
 _SWAPPED = "norm_out.linear."
 
 
-def _rename(name: str) -> str:
-    for rx, out in _FORWARD:
-        m = rx.match(name)
-        if m:
-            *groups, suffix = m.groups()
-            return out.format(*groups) + suffix
-    raise KeyMismatch(f"unexpected key {name!r}")
+class RenameTable:
+    """Tencent's original names <-> diffusers' by a table of (original pattern, diffusers format) rows, the
+    final adaLN's halves swapped and the refiner's q, k, v fused in the original: the rule HunyuanImage 2.1
+    and HunyuanVideo 1.5 (nodes.checkpoint.hunyuan_video15_keys) share, each with its own rows."""
+
+    def __init__(self, renames: tuple[tuple[str, str], ...]) -> None:
+        self.forward = [(re.compile("^" + a + r"(weight|bias)$"), b) for a, b in renames]
+        #: diffusers pattern -> the original's, each capture group filled back in order (:meth:`back`).
+        self.backward = [(re.compile("^" + re.escape(b).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w)")
+                                     + r"(weight|bias)$"), a) for a, b in renames]
+
+    def rename(self, name: str) -> str:
+        """The diffusers name of original ``name``; a name no row fits is a :class:`KeyMismatch`."""
+        for rx, out in self.forward:
+            m = rx.match(name)
+            if m:
+                *groups, suffix = m.groups()
+                return out.format(*groups) + suffix
+        raise KeyMismatch(f"unexpected key {name!r}")
+
+    def back(self, name: str) -> str:
+        """The original name of diffusers ``name``."""
+        for rx, orig in self.backward:
+            m = rx.match(name)
+            if m:
+                *groups, suffix = m.groups()
+                text = orig
+                for g in groups:
+                    text = re.sub(r"\([^)]*\)", g, text, count=1)
+                return text.replace("\\", "") + suffix
+        raise KeyMismatch(f"unexpected key {name!r}")
+
+    def to_diffusers(self, state: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' names for an original-layout state (fused exports split first: :func:`unfuse`)."""
+        out = {}
+        for k, v in unfuse(dict(state)).items():
+            name = self.rename(k)
+            out[name] = _halves_swapped(v) if name.startswith(_SWAPPED) else v
+        return out
+
+    def to_original(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The original layout of a diffusers-layout state, the refiner's q, k, v fused back as released."""
+        import torch
+
+        out: dict[str, Any] = {}
+        for k, v in state.items():
+            out[self.back(k)] = _halves_swapped(v) if k.startswith(_SWAPPED) else v
+        for k in [k for k in out if re.match(r"^txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn_q\.", k)]:
+            base, kind = k.rsplit(".self_attn_q.", 1)
+            out[f"{base}.self_attn_qkv.{kind}"] = torch.cat([out.pop(f"{base}.self_attn_{p}.{kind}") for p in "qkv"])
+        return out
+
+    def original_names(self, names: Any) -> dict[str, str]:
+        """diffusers name -> original name of the same tensor (the refiner's q, k, v all name its fused qkv)."""
+        return {name: re.sub(r"self_attn_[qkv]\.", "self_attn_qkv.", self.back(name)) for name in names}
+
+
+_TABLE = RenameTable(_RENAMES)
 
 
 def _halves_swapped(t: Any) -> Any:
@@ -143,40 +191,12 @@ def unfuse(state: dict[str, Any]) -> dict[str, Any]:
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers' names for an original-layout state (fused exports split first); a key that fits no rule
     is a :class:`KeyMismatch` naming it."""
-    out = {}
-    for k, v in unfuse(dict(state)).items():
-        name = _rename(k)
-        out[name] = _halves_swapped(v) if name.startswith(_SWAPPED) else v
-    return out
-
-
-def _back(name: str) -> str:
-    for rx, orig in _BACKWARD:
-        m = rx.match(name)
-        if m:
-            *groups, suffix = m.groups()
-            text = orig
-            for g in groups:
-                text = re.sub(r"\([^)]*\)", g, text, count=1)
-            return text.replace("\\", "") + suffix
-    raise KeyMismatch(f"unexpected key {name!r}")
+    return _TABLE.to_diffusers(state)
 
 
 def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """The original (split) layout of a diffusers-layout state, the refiner's q, k, v fused back."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        name = _back(k)
-        out[name] = _halves_swapped(v) if k.startswith(_SWAPPED) else v
-    fused: dict[str, Any] = {}
-    for k in list(out):
-        m = re.match(r"^(txt_in\.individual_token_refiner\.blocks\.\d+)\.self_attn_q\.(weight|bias)$", k)
-        if m:
-            parts = [out.pop(f"{m.group(1)}.self_attn_{p}.{m.group(2)}") for p in "qkv"]
-            fused[f"{m.group(1)}.self_attn_qkv.{m.group(2)}"] = torch.cat(parts, dim=0)
-    return {**{k: v for k, v in out.items() if ".self_attn_k." not in k and ".self_attn_v." not in k}, **fused}
+    return _TABLE.to_original(state)
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -217,8 +237,4 @@ def rope_axes(head: int, axes: int) -> tuple[int, ...]:
 
 def original_names(names: Any) -> dict[str, str]:
     """diffusers name -> original name of the same tensor (the refiner's q, k, v all name its fused qkv)."""
-    out = {}
-    for name in names:
-        orig = _back(name)
-        out[name] = re.sub(r"self_attn_[qkv]\.", "self_attn_qkv.", orig)
-    return out
+    return _TABLE.original_names(names)

@@ -13,7 +13,6 @@ the shared rows are HunyuanImage's, read from its table so the two cannot drift 
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from nodes.checkpoint import hunyuan_image_keys as image_keys
@@ -42,11 +41,7 @@ _OWN: tuple[tuple[str, str], ...] = (
 #: HunyuanImage's rows this network shares: everything but its single blocks and time/guidance embedders.
 _SHARED = tuple((a, b) for a, b in image_keys._RENAMES
                 if not a.startswith(("single_blocks", "time_in", "time_r_in", "guidance_in")))
-_RENAMES = _OWN + _SHARED
-_FORWARD = [(re.compile("^" + a + r"(weight|bias)$"), b) for a, b in _RENAMES]
-_BACKWARD = [(re.compile("^" + re.escape(b).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w)")
-                         + r"(weight|bias)$"), a) for a, b in _RENAMES]
-_SWAPPED = "norm_out.linear."
+_TABLE = image_keys.RenameTable(_OWN + _SHARED)
 
 
 def is_original(keys: Any) -> bool:
@@ -59,49 +54,15 @@ def is_diffusers(keys: Any) -> bool:
     return all(k in keys for k in DIFFUSERS_MARKERS)
 
 
-def _rename(name: str) -> str:
-    for rx, out in _FORWARD:
-        m = rx.match(name)
-        if m:
-            *groups, suffix = m.groups()
-            return out.format(*groups) + suffix
-    raise KeyMismatch(f"unexpected key {name!r}")
-
-
-def _back(name: str) -> str:
-    for rx, orig in _BACKWARD:
-        m = rx.match(name)
-        if m:
-            *groups, suffix = m.groups()
-            text = orig
-            for g in groups:
-                text = re.sub(r"\([^)]*\)", g, text, count=1)
-            return text.replace("\\", "") + suffix
-    raise KeyMismatch(f"unexpected key {name!r}")
-
-
 def original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     """diffusers' names for an original-layout state (fused q, k, v split first, HunyuanImage's rule); a key
     that fits no rule is a :class:`KeyMismatch` naming it."""
-    out = {}
-    for k, v in image_keys.unfuse(dict(state)).items():
-        name = _rename(k)
-        out[name] = image_keys._halves_swapped(v) if name.startswith(_SWAPPED) else v
-    return out
+    return _TABLE.to_diffusers(state)
 
 
 def diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """The original layout of a diffusers-layout state (the refiner's q, k, v fused back, as released)."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        out[_back(k)] = image_keys._halves_swapped(v) if k.startswith(_SWAPPED) else v
-    for k in [k for k in out if re.match(r"^txt_in\.individual_token_refiner\.blocks\.\d+\.self_attn_q\.", k)]:
-        base, kind = k.rsplit(".self_attn_q.", 1)
-        parts = [out.pop(f"{base}.self_attn_{p}.{kind}") for p in "qkv"]
-        out[f"{base}.self_attn_qkv.{kind}"] = torch.cat(parts, dim=0)
-    return out
+    return _TABLE.to_original(state)
 
 
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -129,4 +90,4 @@ def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
 
 def original_names(names: Any) -> dict[str, str]:
     """diffusers name -> original name of the same tensor (the refiner's q, k, v all name its fused qkv)."""
-    return {name: re.sub(r"self_attn_[qkv]\.", "self_attn_qkv.", _back(name)) for name in names}
+    return _TABLE.original_names(names)
