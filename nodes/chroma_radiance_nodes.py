@@ -9,24 +9,19 @@ import dataclasses
 from typing import Any
 
 from engine import types as T
-from engine.budget import Size
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.families.chroma_radiance import RADIANCE_LATENT
 from nodes.handles import ModelHandle
-from nodes.latent_ops import MAX_RESOLUTION
+from nodes.latent_ops import EMPTY_LATENT_SIZE, empty_latent_inputs
 
 
 @define_node(
     "EmptyChromaRadianceLatentImage",
     category="latent/chroma_radiance",
-    inputs=[
-        Input("width", T.INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
-        Input("height", T.INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
-        Input("batch_size", T.INT, default=1, min=1, max=4096),
-    ],
+    inputs=empty_latent_inputs(16),
     outputs=[Output("LATENT", T.LATENT)],
-    size=Size(width="width", height="height", batch="batch_size"),
+    size=EMPTY_LATENT_SIZE,
 )
 def empty_chroma_radiance_latent_image(ctx, width: int = 1024, height: int = 1024, batch_size: int = 1):
     """A blank Radiance "latent": zeros [batch, 3, height, width], the pixels themselves (ComfyUI's node)."""

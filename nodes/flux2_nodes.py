@@ -8,24 +8,19 @@ reference images' keys and values within a run (nodes.families.reference_kv).
 from __future__ import annotations
 
 from engine import types as T
-from engine.budget import Size
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.families.flux2 import DOWNSCALE, FLUX2_LATENT
-from nodes.latent_ops import MAX_RESOLUTION
+from nodes.latent_ops import EMPTY_LATENT_SIZE, MAX_RESOLUTION, empty_latent_inputs
 
 
 @define_node(
     "EmptyFlux2LatentImage",
     category="latent",
     display_name="Empty Flux 2 Latent",
-    inputs=[
-        Input("width", T.INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
-        Input("height", T.INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
-        Input("batch_size", T.INT, default=1, min=1, max=4096),
-    ],
+    inputs=empty_latent_inputs(16),
     outputs=[Output("LATENT", T.LATENT)],
-    size=Size(width="width", height="height", batch="batch_size"),
+    size=EMPTY_LATENT_SIZE,
 )
 def empty_flux2_latent_image(ctx, width: int = 1024, height: int = 1024, batch_size: int = 1):
     """A blank FLUX.2 latent: zeros [batch, 128, height/16, width/16] (the VAE's 2x2 patches of its

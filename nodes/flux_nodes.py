@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 from engine import types as T
-from engine.budget import Size
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.conditioning_nodes import with_options
 from nodes.handles import ClipHandle, ModelHandle
-from nodes.latent_ops import MAX_RESOLUTION
+from nodes.latent_ops import EMPTY_LATENT_SIZE, MAX_RESOLUTION, empty_latent_inputs
 
 #: A FLUX latent is cut into 2x2 patches of an 8x-downscaled image: sizes are multiples of 16 pixels.
 FLUX_MULTIPLE = 16
@@ -123,13 +122,9 @@ def model_sampling_flux(ctx, model, max_shift: float = 1.15, base_shift: float =
 @define_node(
     "EmptySD3LatentImage",
     category="latent/sd3",
-    inputs=[
-        Input("width", T.INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
-        Input("height", T.INT, default=1024, min=16, max=MAX_RESOLUTION, step=16),
-        Input("batch_size", T.INT, default=1, min=1, max=4096),
-    ],
+    inputs=empty_latent_inputs(16),
     outputs=[Output("LATENT", T.LATENT)],
-    size=Size(width="width", height="height", batch="batch_size"),
+    size=EMPTY_LATENT_SIZE,
     validate=lambda env, inputs: _typed_sizes_off_grid(inputs),
 )
 def empty_sd3_latent_image(ctx, width: int = 1024, height: int = 1024, batch_size: int = 1):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from engine import types as T
 from engine.context import NodeError
-from engine.budget import Size
 from engine.node import Input, Output, define_node
 from nodes.families.hunyuan_image import HUNYUAN_IMAGE_LATENT, REFINER_TEXT
 from nodes.families.hunyuan_image_refiner import REFINER_LATENT as REFINER
 
-from nodes.latent_ops import MAX_RESOLUTION
+from nodes.latent_ops import EMPTY_LATENT_SIZE, empty_latent_inputs
 #: Pixels per latent cell and the latent's channels.
 MULTIPLE, CHANNELS = HUNYUAN_IMAGE_LATENT.downscale, HUNYUAN_IMAGE_LATENT.channels
 
@@ -22,13 +21,9 @@ MULTIPLE, CHANNELS = HUNYUAN_IMAGE_LATENT.downscale, HUNYUAN_IMAGE_LATENT.channe
 @define_node(
     "EmptyHunyuanImageLatent",
     category="latent",
-    inputs=[
-        Input("width", T.INT, default=2048, min=64, max=MAX_RESOLUTION, step=32),
-        Input("height", T.INT, default=2048, min=64, max=MAX_RESOLUTION, step=32),
-        Input("batch_size", T.INT, default=1, min=1, max=4096),
-    ],
+    inputs=empty_latent_inputs(32, default=2048, least=64),
     outputs=[Output("LATENT", T.LATENT)],
-    size=Size(width="width", height="height", batch="batch_size"),
+    size=EMPTY_LATENT_SIZE,
 )
 def empty_hunyuan_image_latent(ctx, width: int = 2048, height: int = 2048, batch_size: int = 1):
     """A blank HunyuanImage 2.1 latent: zeros [batch, 64, height/32, width/32]. A size that is not a

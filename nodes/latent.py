@@ -15,8 +15,8 @@ from typing import Any
 
 from engine import types as T
 from engine.context import NodeError
-from engine.budget import Size
 from engine.node import Batch, Input, Output, define_node
+from nodes.latent_ops import EMPTY_LATENT_SIZE, empty_latent_inputs
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 LATENT_CHANNELS = 4
@@ -52,13 +52,9 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> Any:
     "EmptyLatentImage",
     category="latent",
     display_name="Empty Latent Image",
-    inputs=[
-        Input("width", T.INT, default=512, min=16, max=16384, step=8),
-        Input("height", T.INT, default=512, min=16, max=16384, step=8),
-        Input("batch_size", T.INT, default=1, min=1, max=4096),
-    ],
+    inputs=empty_latent_inputs(8, default=512),
     outputs=[Output("LATENT", T.LATENT)],
-    size=Size(width="width", height="height", batch="batch_size"),
+    size=EMPTY_LATENT_SIZE,
 )
 def empty_latent_image(ctx, width: int, height: int, batch_size: int = 1):
     """A blank latent to sample an image from text: zeros [batch, 4, height/8, width/8]."""

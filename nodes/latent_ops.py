@@ -22,6 +22,16 @@ from engine.node import Input, Output, define_node
 from nodes.resample import CROP_METHODS, LATENT_METHODS
 
 MAX_RESOLUTION = 16384
+#: How the budget reads an empty-latent node's size (engine.budget.Size).
+EMPTY_LATENT_SIZE = Size(width="width", height="height", batch="batch_size")
+
+
+def empty_latent_inputs(step: int, default: int = 1024, least: int = 16) -> list[Input]:
+    """The inputs ComfyUI's empty-latent nodes share: width and height on the model's pixel grid
+    (``step``), from ``least``, and batch_size."""
+    return [Input("width", T.INT, default=default, min=least, max=MAX_RESOLUTION, step=step),
+            Input("height", T.INT, default=default, min=least, max=MAX_RESOLUTION, step=step),
+            Input("batch_size", T.INT, default=1, min=1, max=4096)]
 #: Pixels per latent cell for SD-family VAEs.
 CELL = 8
 
