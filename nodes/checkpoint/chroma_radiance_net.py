@@ -43,6 +43,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from nodes.families.input_checks import pad_to_patches
+
 #: ComfyUI's default NeRF tile (patches decoded at once), its model detection's value.
 DEFAULT_TILE = 512
 RMS_EPS = 1e-6
@@ -218,9 +220,7 @@ class ChromaRadianceTransformer(ModelMixin, ConfigMixin):
         back, ComfyUI's rule (its ``pad_to_patch_size``)."""
         p = self.config.patch_size
         h, w = pixels.shape[-2:]
-        pad_h, pad_w = (-h) % p, (-w) % p
-        if pad_h or pad_w:
-            pixels = torch.nn.functional.pad(pixels, (0, pad_w, 0, pad_h), mode="circular")
+        pixels = pad_to_patches(pixels, p)
         rows, cols = pixels.shape[-2] // p, pixels.shape[-1] // p
         tokens = self.trunk_tokens(self.embed(pixels), sigma, context, rows, cols, attention_mask)
         return self.head(pixels, tokens)[..., :h, :w]

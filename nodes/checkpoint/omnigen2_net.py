@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nodes.families.input_checks import pad_to_patches
+
 THETA = 10000.0
 PATCH = 2
 #: Rows of ``image_index_embedding``: the most reference images the release can tell apart.
@@ -99,12 +101,6 @@ def unpatchify(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     c = d // (PATCH * PATCH)
     x = tokens.reshape(b, h // PATCH, w // PATCH, PATCH, PATCH, c).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(b, c, h, w)
-
-
-def pad_even(x: torch.Tensor) -> torch.Tensor:
-    """An odd side padded to even by wrapping around (ComfyUI's ``pad_to_patch_size``, mode circular)."""
-    h, w = x.shape[-2:]
-    return x if not (h % PATCH or w % PATCH) else F.pad(x, (0, w % PATCH, 0, h % PATCH), mode="circular")
 
 
 class Attention(nn.Module):
@@ -260,9 +256,9 @@ class OmniGen2Transformer(nn.Module):
             raise ValueError(f"OmniGen2 tells apart at most {MAX_REFERENCES} reference images, got {len(references)}")
         dtype = self.dtype
         h, w = x.shape[-2:]
-        x = pad_even(x.to(dtype))
+        x = pad_to_patches(x.to(dtype), PATCH)
         hp, wp = x.shape[-2:]
-        refs = [pad_even(r.to(dtype)) for r in references]
+        refs = [pad_to_patches(r.to(dtype), PATCH) for r in references]
         tce = self.time_caption_embed
         temb = tce.timestep_embedder(timestep_sinusoid(1.0 - sigma, tce.channels,
                                                        self.config.timestep_scale).to(dtype))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodes.families.base import ConditioningError, LatentFormat
+from nodes.families.input_checks import pad_to_patches
 
 #: Conditioning keys (ComfyUI's names).
 LATENTS = "reference_latents"
@@ -143,8 +144,7 @@ def tokens(refs: References, image: tuple[int, int], pack: Any) -> tuple["Any", 
     sizes = [(int(r.shape[-2]), int(r.shape[-1])) for r in refs.latents]
     for ref, (index, top, left) in zip(refs.latents, placements(sizes, image, refs.method)):
         h, w = ref.shape[-2:]
-        if h % 2 or w % 2:
-            ref = torch.nn.functional.pad(ref, (0, w % 2, 0, h % 2), mode="circular")
+        ref = pad_to_patches(ref, 2)
         chunks.append(pack(ref))
         ids.append(patch_ids(h, w, index, top, left, first.device, first.dtype))
     return torch.cat(chunks, dim=1), torch.cat(ids)

@@ -32,7 +32,7 @@ from typing import Any
 
 from nodes.families import flux, hidream_edit
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
-from nodes.families.input_checks import check_text_width
+from nodes.families.input_checks import check_text_width, pad_to_patches
 from nodes.runtime import precision
 
 LABEL = "HiDream-I1"
@@ -87,7 +87,7 @@ class HiDreamNetwork(WrappedTransformer):
                          "encode the prompt with HiDream's four text encoders: QuadrupleCLIPLoader")
         time = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(b)
         patch = int(self.transformer.config.patch_size)
-        picture: dict[str, Any] = {"hidden_states": hidream_edit.to_patches(x.to(self.dtype), patch)}
+        picture: dict[str, Any] = {"hidden_states": pad_to_patches(x.to(self.dtype), patch)}
         if image_cond is not None:
             tokens, ids, sizes = hidream_edit.joined_tokens(x.to(self.dtype), image_cond, patch)
             picture = {"hidden_states": tokens, "img_ids": ids, "img_sizes": sizes,

@@ -17,7 +17,7 @@ HiDream model then, as this module does:
 
 A latent side of odd length (InstructPixToPixConditioning crops pictures to multiples of 8 pixels, not 16)
 is padded to whole patches by wrapping around, ComfyUI's ``pad_to_patch_size`` rule, for the edit's
-joined latent and the plain picture alike (:func:`to_patches`), and the output is cropped back; with an odd
+joined latent and the plain picture alike (nodes.families.input_checks.pad_to_patches), and the output is cropped back; with an odd
 width the joined latent is even, and the source's first column shares patches with the picture's last.
 
 A conditioning without ``concat_latent_image`` (the DualCFGGuider negative in both templates: the bare
@@ -30,6 +30,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from nodes.families.base import ConditioningError, LatentFormat
+from nodes.families.input_checks import pad_to_patches
 
 #: InstructPixToPixConditioning's key (ComfyUI's name).
 CONCAT = "concat_latent_image"
@@ -64,23 +65,11 @@ def network_kwargs(extras: list[dict], rows_each: int, latent: LatentFormat, dev
     return {IMAGE_COND: torch.cat([one] * len(extras)).to(device=device, dtype=dtype)}
 
 
-def to_patches(latent: "Any", patch: int) -> "Any":
-    """``latent`` [B, C, h, w] padded at the bottom and right to whole ``patch`` x ``patch`` patches by
-    wrapping around (ComfyUI's rule); itself when it already fits."""
-    import torch
-
-    h, w = latent.shape[-2:]
-    bottom, right = -h % patch, -w % patch
-    if not bottom and not right:
-        return latent
-    return torch.nn.functional.pad(latent, (0, right, 0, bottom), mode="circular")
-
-
 def joined_tokens(x: "Any", image_cond: "Any", patch: int) -> tuple["Any", "Any", list[tuple[int, int]]]:
     """The picture ``x`` [B, C, h, w] and its source latent side by side, cut into ``patch`` x ``patch``
     patches: tokens [B, n, patch * patch * C] (features ordered row-in-patch, column-in-patch, channel,
     as the transformer's own patchify orders them), positions [B, n, 3] (0, row, column) over the joined
-    grid (padded to whole patches: :func:`to_patches`), and the grid's size per row of the batch (what the
+    grid (padded to whole patches: input_checks.pad_to_patches), and the grid's size per row of the batch (what the
     transformer unpatches by)."""
     import torch
 
@@ -88,7 +77,7 @@ def joined_tokens(x: "Any", image_cond: "Any", patch: int) -> tuple["Any", "Any"
     if image_cond.shape[-2] != h:
         raise ConditioningError(f"the source image's latent is {image_cond.shape[-2]} high but the picture being "
                                 f"made is {h}: sample InstructPixToPixConditioning's own latent", "positive")
-    joined = to_patches(torch.cat([x, image_cond.to(x)], dim=-1), patch)
+    joined = pad_to_patches(torch.cat([x, image_cond.to(x)], dim=-1), patch)
     rows, cols = joined.shape[-2] // patch, joined.shape[-1] // patch
     tokens = joined.reshape(b, c, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, -1)
     ids = torch.zeros(rows, cols, 3, device=x.device)

@@ -1,8 +1,9 @@
 """What a transformer family checks of its inputs before running, worded alike for every family.
 
 The patch-2 transformers (FLUX, Chroma, Qwen-Image, Z-Image) fold 2x2 latent pixels into a token, so
-an odd latent cannot be patched; every text-conditioned transformer reads conditioning of one width,
-so a prompt encoded by another family's text encoder is refused naming the encoder it needs. The
+an odd latent cannot be patched (the families that take any size, as ComfyUI does, pad it to whole
+patches by wrapping around instead: :func:`pad_to_patches`); every text-conditioned transformer reads
+conditioning of one width, so a prompt encoded by another family's text encoder is refused naming the encoder it needs. The
 checks and their messages are one rule, kept here once.
 """
 from __future__ import annotations
@@ -17,6 +18,19 @@ def check_even_latent(label: str, h: int, w: int) -> None:
     if h % 2 or w % 2:
         raise ConditioningError(f"a {label} latent needs an even size, got {h}x{w} (use multiples of 16 pixels)",
                                 "latent_image")
+
+
+def pad_to_patches(x: "Any", patch: int) -> "Any":
+    """``x`` [..., h, w] padded at the bottom and right to whole ``patch`` x ``patch`` patches by wrapping
+    around (ComfyUI's ``pad_to_patch_size``), for the families that take any size and crop the output back;
+    ``x`` itself when it already fits."""
+    import torch
+
+    h, w = x.shape[-2:]
+    bottom, right = -h % patch, -w % patch
+    if not bottom and not right:
+        return x
+    return torch.nn.functional.pad(x, (0, right, 0, bottom), mode="circular")
 
 
 def check_text_width(label: str, width: int, reads: int, encode_with: str) -> None:

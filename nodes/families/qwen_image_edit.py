@@ -26,6 +26,7 @@ from typing import Any
 
 from nodes.families import flux, flux_references
 from nodes.families.base import ConditioningError
+from nodes.families.input_checks import pad_to_patches
 
 #: The pipelines' (and ComfyUI's) Edit template; the Edit model's picture goes before the prompt.
 EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
@@ -143,9 +144,7 @@ def reference_tokens(refs: flux_references.References) -> tuple["Any", list[tupl
 
     chunks, shapes = [], []
     for ref in refs.latents:
-        h, w = ref.shape[-2:]
-        if h % 2 or w % 2:
-            ref = torch.nn.functional.pad(ref, (0, w % 2, 0, h % 2), mode="circular")
+        ref = pad_to_patches(ref, 2)
         chunks.append(flux.pack(ref))
         shapes.append((1, ref.shape[-2] // 2, ref.shape[-1] // 2))
     return torch.cat(chunks, dim=1), shapes
