@@ -108,6 +108,13 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RefinerFrameVA
     """The VAE from diffusers' names; a key that does not fit names the file."""
     from diffusers import AutoencoderKLHunyuanImageRefiner
 
+    return build_layout(state, what, dtype, AutoencoderKLHunyuanImageRefiner, RefinerFrameVAE, LABEL)
+
+
+def build_layout(state: Mapping[str, Any], what: str, dtype: Any, vae_class: Any, wrapper: Any, label: str) -> Any:
+    """A VAE of this layout (the refiner's, and HunyuanVideo 1.5's, which shares it:
+    nodes.checkpoint.hunyuan_video15_load) as ``vae_class`` behind ``wrapper``: renamed, its config from the
+    shapes, frozen; a key that does not fit names the file and ``label``."""
     from nodes.checkpoint.load import CheckpointError, _assign, _empty
     from nodes.checkpoint.tensors import cast_view
 
@@ -116,7 +123,6 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RefinerFrameVA
     try:
         config = vae_config(shapes)
     except (KeyError, IndexError) as exc:
-        raise CheckpointError(f"{what}: not a complete {LABEL} ({exc} is missing, in diffusers' names)") from None
-    vae = _assign(_empty(AutoencoderKLHunyuanImageRefiner, config), cast_view(dict(state), dtype), f"{LABEL} ({what})",
-                  dtype)
-    return RefinerFrameVAE(vae).eval().requires_grad_(False)
+        raise CheckpointError(f"{what}: not a complete {label} ({exc} is missing, in diffusers' names)") from None
+    vae = _assign(_empty(vae_class, config), cast_view(dict(state), dtype), f"{label} ({what})", dtype)
+    return wrapper(vae).eval().requires_grad_(False)

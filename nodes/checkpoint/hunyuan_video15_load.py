@@ -76,16 +76,6 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> OneFrameVAE:
     key that does not fit names the file."""
     from diffusers import AutoencoderKLHunyuanVideo15
 
-    from nodes.checkpoint.hunyuan_refiner_vae import to_diffusers, vae_config
-    from nodes.checkpoint.load import CheckpointError, _assign, _empty
-    from nodes.checkpoint.tensors import cast_view
+    from nodes.checkpoint.hunyuan_refiner_vae import build_layout
 
-    state = to_diffusers(state)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    try:
-        config = vae_config(shapes)
-    except (KeyError, IndexError) as exc:
-        raise CheckpointError(f"{what}: not a complete {LABEL} VAE ({exc} is missing, in diffusers' names)") from None
-    vae = _assign(_empty(AutoencoderKLHunyuanVideo15, config), cast_view(dict(state), dtype), f"{LABEL} VAE ({what})",
-                  dtype)
-    return OneFrameVAE(vae).eval().requires_grad_(False)
+    return build_layout(state, what, dtype, AutoencoderKLHunyuanVideo15, OneFrameVAE, f"{LABEL} VAE")
