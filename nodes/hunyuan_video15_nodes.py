@@ -14,6 +14,7 @@ from engine import types as T
 from engine.budget import Size
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
+from nodes.conditioning_nodes import with_options
 from nodes.families.hunyuan_video15 import HUNYUAN_VIDEO15_LATENT
 from nodes.handles import VaeHandle
 from nodes.latent_ops import MAX_RESOLUTION
@@ -89,7 +90,8 @@ def hunyuan_video15_image_to_video(ctx, positive: Any, negative: Any, vae: Any, 
         if getattr(clip_vision_output, "last_hidden_state", None) is None:
             raise NodeError("must come from CLIPVisionEncode", "clip_vision_output")
         values[CLIP_VISION] = clip_vision_output
-    return (_tagged(positive, values, "positive"), _tagged(negative, values, "negative"), {"samples": latent})
+    return (with_options(positive, "positive", **values), with_options(negative, "negative", **values),
+            {"samples": latent})
 
 
 def _one_frame(length: int) -> None:
@@ -98,10 +100,3 @@ def _one_frame(length: int) -> None:
     if frames != 1:
         raise NodeError(f"length {length} makes {frames} latent frames; Kiln makes pictures with HunyuanVideo 1.5 "
                         f"(Capybara): use a length of 1 (one frame)", "length")
-
-
-def _tagged(conditioning: Any, values: dict, name: str) -> list:
-    """Each entry of ``conditioning`` with ``values`` set on a copy of its extras."""
-    if not isinstance(conditioning, list):
-        raise NodeError("must be a CONDITIONING", name)
-    return [[t, {**extra, **values}] for t, extra in conditioning]

@@ -18,20 +18,13 @@ from typing import Any
 from engine import types as T
 from engine.context import NodeError
 from engine.node import Input, Output, define_node
+from nodes.conditioning_nodes import with_options
 from nodes.handles import ModelHandle, VaeHandle
 from nodes.latent_ops import MAX_RESOLUTION
 from nodes.style_model import CLIP_VISION_OUTPUT
 
 #: Wan's VAE: 8 pixels a latent cell, 4 frames a latent frame after the first.
 SPATIAL, TEMPORAL = 8, 4
-
-
-def _tagged(conditioning: Any, values: dict, name: str) -> list:
-    """Each entry of ``conditioning`` with ``values`` set on a copy of its extras (ComfyUI's
-    conditioning_set_values)."""
-    if not isinstance(conditioning, list):
-        raise NodeError("must be a CONDITIONING", name)
-    return [[t, {**extra, **values}] for t, extra in conditioning]
 
 
 @define_node(
@@ -81,7 +74,8 @@ def wan_image_to_video(ctx, positive: Any, negative: Any, vae: Any, width: int, 
         if getattr(clip_vision_output, "penultimate_hidden_states", None) is None:
             raise NodeError("must come from CLIPVisionEncode", "clip_vision_output")
         values[CLIP_VISION] = clip_vision_output
-    return (_tagged(positive, values, "positive"), _tagged(negative, values, "negative"), {"samples": latent})
+    return (with_options(positive, "positive", **values), with_options(negative, "negative", **values),
+            {"samples": latent})
 
 
 @define_node(
