@@ -13,13 +13,12 @@ convolutions, which Kiln does not read.
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from nodes.checkpoint.wrapped_vae import WrappedVAE
+from nodes.checkpoint.wrapped_vae import OneFrameVAE
 
 LABEL = "HunyuanImage 2.1 refiner VAE"
 #: Pixels per latent cell.
@@ -82,7 +81,7 @@ def vae_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
                 layers_per_block=layers, spatial_compression_ratio=spatial, temporal_compression_ratio=temporal)
 
 
-class RefinerFrameVAE(WrappedVAE):
+class RefinerFrameVAE(OneFrameVAE):
     """The refiner VAE coding pictures as one frame, in the refiner's stacked latent layout (module docstring)."""
 
     kiln_downscale = DOWNSCALE
@@ -90,18 +89,13 @@ class RefinerFrameVAE(WrappedVAE):
     def __init__(self, vae: Any) -> None:
         super().__init__(vae, latent_channels=2 * int(vae.config.latent_channels), shift_factor=None)
 
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
-        """The posterior of ``x`` [B, 3, H, W] in -1..1 as [B, 64, h, w]: the frame's mean and std stacked twice."""
-        dist = self.vae.encode(x.unsqueeze(2)).latent_dist
-        mean, std = (torch.cat([t[:, :, 0]] * 2, dim=1) for t in (dist.mean, dist.std))
-        flat = types.SimpleNamespace(mean=mean, std=std, mode=lambda: mean,
-                                     sample=lambda generator=None: torch.cat([dist.sample(generator)[:, :, 0]] * 2, 1))
-        return types.SimpleNamespace(latent_dist=flat)
+    def picture_latent(self, frame: torch.Tensor) -> torch.Tensor:
+        """The frame's latent [B, 32, h, w] stacked twice: [B, 64, h, w] (the module docstring's layout)."""
+        return torch.cat([frame] * 2, dim=1)
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
-        """The picture [B, 3, H, W] of a stacked latent: its second frame's channels decoded."""
-        half = z.shape[1] // 2
-        return types.SimpleNamespace(sample=self.vae.decode(z[:, half:].unsqueeze(2), return_dict=False)[0][:, :, 0])
+    def frame_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """A stacked latent's second frame, the one the refiner decodes."""
+        return z[:, z.shape[1] // 2:]
 
 
 def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> RefinerFrameVAE:

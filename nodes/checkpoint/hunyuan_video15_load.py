@@ -5,7 +5,7 @@
   ``model.diffusion_model.``, or diffusers' names in one file; FLUX's rule builds it
   (nodes.checkpoint.flux_load.transformer_from_file: config from the shapes, fp8 scales followed).
 * The VAE (VAELoader, ``hunyuanvideo15_vae_fp16.safetensors``): diffusers' ``AutoencoderKLHunyuanVideo15``
-  (32 channels, 16x, causal in time) from Tencent's names, coding a picture as one frame (:class:`OneFrameVAE`).
+  (32 channels, 16x, causal in time) from Tencent's names, coding a picture as one frame (:class:`PictureVAE`).
   ComfyUI tells this VAE by its causal convolutions' inner ``.conv`` (``decoder.conv_in.conv.weight``, 32
   channels: comfy/sd.py); the HunyuanImage 2.1 refiner's released VAE has plain ``decoder.conv_in.weight``.
   Kiln's refiner VAE (nodes.checkpoint.hunyuan_refiner_vae, diffusers' AutoencoderKLHunyuanImageRefiner) reads
@@ -17,15 +17,12 @@
 """
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from nodes.checkpoint import hunyuan_video15_keys as keys
 from nodes.checkpoint.flow_transformers import TransformerFiles
-from nodes.checkpoint.wrapped_vae import WrappedVAE
+from nodes.checkpoint.wrapped_vae import OneFrameVAE
 
 LABEL = keys.LABEL
 #: Pixels per latent cell.
@@ -51,31 +48,20 @@ def is_vae(shapes: Mapping[str, tuple]) -> bool:
     return conv is not None and len(conv) == 5 and conv[1] == 32 and "decoder.mid.attn_1.proj_out.weight" in shapes
 
 
-class OneFrameVAE(WrappedVAE):
-    """The video VAE coding a picture [B, 3, H, W] as one frame: [B, 32, h, w] latents (the frame axis
-    dropped), the posterior's mean and std of that frame."""
+class PictureVAE(OneFrameVAE):
+    """The video VAE coding a picture [B, 3, H, W] as one frame: [B, 32, h, w] latents."""
 
     kiln_downscale = DOWNSCALE
 
     def __init__(self, vae: Any) -> None:
         super().__init__(vae, shift_factor=None)
 
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
-        dist = self.vae.encode(x.unsqueeze(2)).latent_dist
-        flat = types.SimpleNamespace(mean=dist.mean[:, :, 0], std=dist.std[:, :, 0],
-                                     sample=lambda generator=None: dist.sample(generator)[:, :, 0],
-                                     mode=lambda: dist.mean[:, :, 0])
-        return types.SimpleNamespace(latent_dist=flat)
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
-        return types.SimpleNamespace(sample=self.vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0])
-
-
-def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> OneFrameVAE:
+def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> PictureVAE:
     """The VAE from Tencent's names (the refiner VAE's renames and config rule: the two share the layout); a
     key that does not fit names the file."""
     from diffusers import AutoencoderKLHunyuanVideo15
 
     from nodes.checkpoint.hunyuan_refiner_vae import build_layout
 
-    return build_layout(state, what, dtype, AutoencoderKLHunyuanVideo15, OneFrameVAE, f"{LABEL} VAE")
+    return build_layout(state, what, dtype, AutoencoderKLHunyuanVideo15, PictureVAE, f"{LABEL} VAE")

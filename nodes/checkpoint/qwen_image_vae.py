@@ -9,13 +9,12 @@ ComfyUI's ``qwen_image_vae.safetensors`` keeps the original Wan layout (``encode
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from nodes.checkpoint.wrapped_vae import WrappedVAE
+from nodes.checkpoint.wrapped_vae import OneFrameVAE
 
 #: A key only the Wan/Qwen-Image VAE has, in each layout (its causal 3-D residual blocks' RMS norms).
 ORIGINAL_MARKER = "decoder.middle.0.residual.0.gamma"
@@ -124,7 +123,7 @@ def config_from_shapes(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     return config
 
 
-class FrameVAE(WrappedVAE):
+class FrameVAE(OneFrameVAE):
     """An AutoencoderKLQwenImage behind the image-VAE surface (see the module docstring)."""
 
     def __init__(self, vae: Any) -> None:
@@ -135,14 +134,7 @@ class FrameVAE(WrappedVAE):
         missing = int(getattr(config, "input_channels", getattr(config, "in_channels", 3))) - x.shape[1]
         if missing > 0:  # an RGBA VAE given RGB: opaque (alpha 1 is +1 in the VAE's range; ComfyUI pads so)
             x = torch.cat([x, torch.ones_like(x[:, :1]).expand(-1, missing, -1, -1)], dim=1)
-        dist = self.vae.encode(x.unsqueeze(2)).latent_dist
-        flat = types.SimpleNamespace(mean=dist.mean[:, :, 0], std=dist.std[:, :, 0],
-                                     sample=lambda generator=None: dist.sample(generator)[:, :, 0],
-                                     mode=lambda: dist.mean[:, :, 0])
-        return types.SimpleNamespace(latent_dist=flat)
-
-    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
-        return types.SimpleNamespace(sample=self.vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0])
+        return super().encode(x)
 
     @property
     def video(self) -> bool:
