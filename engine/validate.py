@@ -1,5 +1,8 @@
 """Validation: every problem of a workflow, found before anything runs.
 
+Every problem is found at once; those of nodes no output needs are reported on the plan
+(:attr:`Plan.ignored`) instead of stopping the run, because such nodes never run (ComfyUI's rule).
+
 The result of a successful validation is a :class:`Plan`: the nodes that output
 nodes need, in topological order, with literal inputs coerced and defaults filled.
 Error types use ComfyUI's names where ComfyUI has one, so ComfyUI clients can
@@ -94,6 +97,8 @@ class Plan:
     #: What the plan was checked against (the registry, the folders and the settings, by identity);
     #: None without an environment. :func:`still_valid` reuses a plan only on the same basis.
     basis: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+    #: Problems of nodes no output needs: they do not run, so these are reported, not refused.
+    ignored: list[ValidationError] = field(default_factory=list)
 
     def api_prompt(self) -> dict[str, Any]:
         """ComfyUI's API prompt of what runs, as its ``prompt`` PNG chunk and history carry it."""
@@ -321,12 +326,13 @@ def validate(
         errors.append(ValidationError(DEPENDENCY_CYCLE, f"nodes form a cycle: {path}", first.id, first.type))
 
     targets = _output_targets(workflow, registry, outputs, errors)
-    if errors:
-        raise WorkflowInvalid(errors)
-
     needed: set[str] = set()
     for target in targets:
         needed |= nx.ancestors(graph, target) | {target}
+    errors, ignored = _split_unneeded(errors, needed, bool(targets))
+    if errors:
+        raise WorkflowInvalid(errors)
+
     # A subgraph view filters every edge lookup (4x slower to sort, a third of a small job's
     # validation): the usual case, where every node is needed, sorts the graph itself.
     if len(needed) == graph.number_of_nodes():
@@ -337,7 +343,22 @@ def validate(
     if overruns:
         raise WorkflowInvalid(overruns)
     return Plan(workflow=document, nodes={n: planned[n] for n in order}, order=order, outputs=targets,
-                active=workflow, basis=_basis(registry, env))
+                active=workflow, basis=_basis(registry, env), ignored=ignored)
+
+
+def _split_unneeded(errors: list[ValidationError], needed: set[str],
+                    has_targets: bool) -> tuple[list[ValidationError], list[ValidationError]]:
+    """(what stops the run, what is only reported): a problem of a node no output needs never runs, so it
+    does not stop the run, as in ComfyUI, whose templates carry such spare nodes and whose users keep
+    half-wired ones on the canvas. An unknown node type stops it wherever it is (ComfyUI's rule too: it
+    might have been the output), and so does everything when no output could be found."""
+    if not has_targets:
+        return errors, []
+    stop, ignored = [], []
+    for error in errors:
+        spare = error.node_id is not None and error.node_id not in needed and error.type != UNKNOWN_NODE_TYPE
+        (ignored if spare else stop).append(error)
+    return stop, ignored
 
 
 def _id_sort_key(node_id: str) -> tuple:

@@ -15,6 +15,7 @@ import tiny_anima
 import tiny_anima_lllite
 from engine.executor import Executor
 from engine.formats import parse_document
+from engine.validate import validate
 from flow_family_files import env, models_root, registry, template  # noqa: F401 (fixtures)
 from node_call import call
 from nodes import anima_nodes, model_patch_nodes, split_loaders
@@ -235,10 +236,10 @@ def _inpainting(registry, env, strength: float = 1.0) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(painting).save(folder / "painter-694-1784648658071.png")
     document = template("image_anima_lllite_image_inpainting.json")
-    # its spare ResizeImageMaskNode (696, "resize the input image if it's oversized") has nothing linked in or out:
-    # ComfyUI validates only what feeds an output, Kiln validates every node, so the spare node is left out here
-    document["nodes"] = [n for n in document["nodes"] if n["id"] != 696]
+    # its spare ResizeImageMaskNode (696, "resize the input image if it's oversized") has nothing linked in or
+    # out: no output needs it, so its missing input is reported, not refused, and the template runs as it is
     wf = parse_document(document, registry)
+    assert [e.node_id for e in validate(wf, registry, env).ignored] == ["696"]
     outcome = Executor(registry, env).run(wf.with_overrides({"88:81.width": 64, "88:81.height": 64,
                                                              "88:108.value": 3, "88:87.strength": strength}))
     assert outcome.status == "succeeded", outcome.error and outcome.error.message

@@ -170,6 +170,26 @@ def test_an_invalid_run_is_reported_before_torch_is_imported(project: Path):
     assert proc.stdout.split() == ["2", "False"], proc.stderr
 
 
+def test_a_spare_broken_node_is_noted_and_the_run_goes_on(project: Path):
+    """A node no output needs does not run, so its problem is a note on stderr, not a refusal."""
+    doc = json.loads(json.dumps(RESIZE))
+    doc["nodes"]["9"] = {"type": "ImageResize", "inputs": {"image": ["1", 0], "width": 32, "mode": "nope"}}
+    (project / "spare.json").write_text(json.dumps(doc))
+    proc = kiln("validate", "spare.json", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["nodes"] == ["1", "2", "3"]
+    assert {(e["node_id"], e["input_name"]) for e in report["ignored"]} >= {("9", "mode")}
+    assert "note: not run" in proc.stderr and "node 9 (ImageResize)" in proc.stderr
+    proc = kiln("run", "spare.json", cwd=project, check=True)
+    assert len(proc.stdout.split()) == 1 and "node 9" in proc.stderr
+    doc["nodes"]["3"]["inputs"]["images"] = ["9", 0]  # now an output needs it: refused, exit 2
+    (project / "spare.json").write_text(json.dumps(doc))
+    proc = kiln("run", "spare.json", cwd=project)
+    assert proc.returncode == 2 and "node 9 (ImageResize)" in proc.stderr
+    assert len(list((project / "output").iterdir())) == 1  # nothing more was saved
+
+
 def test_validate_and_run_take_comfyui_editor_files(project: Path):
     """The same editor file the server and the editor accept: LoadImage -> ImageResize -> SaveImage
     saved by ComfyUI's editor (with the upload button's value), run headless; and a subgraph

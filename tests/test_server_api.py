@@ -17,6 +17,10 @@ BROKEN = {"version": 1, "nodes": {
     "3": {"type": "Join", "inputs": {"a": "x", "sep": "+"}},                # not a choice
     "4": {"type": "Show", "inputs": {}},                                    # required input missing
     "5": {"type": "NoSuchNode", "inputs": {}},                              # unknown type
+    "6": {"type": "Format", "inputs": {"value": ["1", 0]}},                # (each above feeds an output)
+    "7": {"type": "Show", "inputs": {"text": ["6", 0]}},
+    "8": {"type": "Show", "inputs": {"text": ["2", 0]}},
+    "10": {"type": "Show", "inputs": {"text": ["3", 0]}},
 }}
 
 
@@ -76,11 +80,34 @@ async def test_validation_errors_are_400_with_every_error(kiln):
     assert jobs["total"] == 0  # nothing was queued
 
 
+async def test_a_spare_broken_node_is_reported_and_the_rest_runs(kiln):
+    """A node no output needs never runs, so its problem does not refuse the job (ComfyUI's rule): /api/jobs
+    names it in the reply, /prompt answers as ComfyUI does, and both jobs run what the outputs need."""
+    doc = show_workflow(2.5)
+    doc["nodes"]["9"] = {"type": "Join", "inputs": {"a": "x", "sep": "+"}}
+    r = await kiln.post("/api/jobs", json={"workflow": doc})
+    assert r.status == 201
+    body = await r.json()
+    assert [(e["node_id"], e["input_name"], e["type"]) for e in body["ignored"]] == [("9", "sep", "value_not_in_list")]
+    job = await wait_status(kiln, body["job_id"])
+    assert job["status"] == "succeeded" and job["outputs"] == {"3": {"text": ["2.5"]}}
+    assert "9" not in job["executed"]
+    prompt = {"1": {"class_type": "Number", "inputs": {"value": 4}},
+              "2": {"class_type": "Format", "inputs": {"value": ["1", 0]}},
+              "3": {"class_type": "Show", "inputs": {"text": ["2", 0]}},
+              "9": {"class_type": "Add", "inputs": {"b": 1}}}
+    r = await kiln.post("/prompt", json={"prompt": prompt})
+    assert r.status == 200 and (await r.json())["node_errors"] == {}
+    job = await wait_status(kiln, (await r.json())["prompt_id"])
+    assert job["outputs"] == {"3": {"text": ["4"]}}
+
+
 async def test_comfy_prompt_400_shape(kiln):
     prompt = {"1": {"class_type": "Number", "inputs": {"value": 5000}},
               "2": {"class_type": "Format", "inputs": {"value": ["1", 0]}},
               "3": {"class_type": "Show", "inputs": {"text": ["2", 0]}},
-              "4": {"class_type": "Join", "inputs": {"a": "x", "sep": "+"}}}
+              "4": {"class_type": "Join", "inputs": {"a": "x", "sep": "+"}},
+              "5": {"class_type": "Show", "inputs": {"text": ["4", 0]}}}
     r = await kiln.post("/prompt", json={"prompt": prompt, "client_id": "c1"})
     assert r.status == 400
     body = await r.json()

@@ -40,7 +40,8 @@ def test_every_error_type_is_reported_with_node_and_input_all_at_once(registry):
         "10": {"type": "Show", "inputs": {"text": ["6", 0]}},
         "11": {"type": "Add", "inputs": {"a": [1, 2, 3]}},                    # malformed link
     }}
-    errors = errors_of(doc, registry)
+    # Every node a target, so every node runs and every problem stops the run (spare nodes: below).
+    errors = errors_of(doc, registry, outputs=list(doc["nodes"]))
     kinds = by_type(errors)
     expect = {
         "value_bigger_than_max": ("1", "Number", "value"),
@@ -64,6 +65,36 @@ def test_every_error_type_is_reported_with_node_and_input_all_at_once(registry):
     assert "NoSuchNode" in kinds["unknown_node_type"][0].message
     as_dict = kinds["required_input_missing"][0].to_dict()
     assert as_dict["extra_info"]["input_name"] == "a" and as_dict["node_id"] == "3"
+
+
+def test_a_spare_node_s_problems_are_reported_but_do_not_stop_the_run(registry):
+    """ComfyUI runs only what its outputs need, and its templates and users' canvases carry spare, half-wired
+    nodes: their problems are reported on the plan; the problems of what runs still all stop it at once."""
+    doc = {"nodes": {
+        "1": {"type": "Number", "inputs": {"value": 2}},
+        "2": {"type": "Format", "inputs": {"value": ["1", 0]}},
+        "3": {"type": "Show", "inputs": {"text": ["2", 0]}},
+        "4": {"type": "Join", "inputs": {"a": "x", "sep": "+"}},              # spare: not a choice
+        "5": {"type": "Add", "inputs": {"b": 1}},                             # spare: required a missing
+        "6": {"type": "Add", "inputs": {"a": ["7", 0]}},                      # spare cycle
+        "7": {"type": "Add", "inputs": {"a": ["6", 0]}},
+    }}
+    plan = validate(parse(doc), registry)
+    assert plan.order == ["1", "2", "3"]
+    ignored = {(e.node_id, e.type) for e in plan.ignored}
+    assert {("4", "value_not_in_list"), ("5", "required_input_missing")} <= ignored
+    assert any(e.type == "dependency_cycle" for e in plan.ignored)
+    # The same problems on nodes an output needs stop it, every one of them reported.
+    doc["nodes"]["8"] = {"type": "Show", "inputs": {"text": ["4", 0]}}
+    doc["nodes"]["9"] = {"type": "Format", "inputs": {"value": ["5", 0]}}
+    doc["nodes"]["10"] = {"type": "Show", "inputs": {"text": ["9", 0]}}
+    stopping = {(e.node_id, e.type) for e in errors_of(doc, registry)}
+    assert {("4", "value_not_in_list"), ("5", "required_input_missing")} <= stopping
+    assert not any(e.type == "dependency_cycle" for e in errors_of(doc, registry))
+    # An unknown node type stops the run wherever it is: it might have been the output (ComfyUI's rule too).
+    del doc["nodes"]["8"], doc["nodes"]["9"], doc["nodes"]["10"]
+    doc["nodes"]["11"] = {"type": "NoSuchNode", "inputs": {}}
+    assert [e.node_id for e in errors_of(doc, registry)] == ["11"]
 
 
 def test_cycle_is_reported(registry):
@@ -111,7 +142,7 @@ def test_invalid_int_values_are_rejected(registry, value):
     doc = {"nodes": {"1": {"type": "Count", "inputs": {"n": value}},
                      "2": {"type": "Format", "inputs": {"value": 1}},
                      "3": {"type": "Show", "inputs": {"text": ["2", 0]}}}}
-    errors = errors_of(doc, registry)
+    errors = errors_of(doc, registry, outputs=["1", "3"])
     assert {(e.node_id, e.input_name) for e in errors} == {("1", "n")}
     assert errors[0].type in ("invalid_input_type", "bad_linked_input")
 

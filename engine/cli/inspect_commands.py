@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from engine.cli.environment import cli_env
-from engine.cli.report import EXIT_OK, emit_json, report_invalid
+from engine.cli.report import EXIT_OK, emit_json, report_ignored, report_invalid
 from engine.cli.workflow_input import UsageProblem, prepare_job
 from engine.registry import default_registry
 
@@ -19,8 +19,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _, plan, _ = prepare_job(args, env, registry)
     except UsageProblem as exc:
         return report_invalid(exc.errors, args.json)
+    report_ignored(plan.ignored)
     if args.json:
-        emit_json(sys.stdout, {"type": "valid", "nodes": plan.order, "outputs": plan.outputs})
+        emit_json(sys.stdout, {"type": "valid", "nodes": plan.order, "outputs": plan.outputs,
+                               "ignored": [e.to_dict() for e in plan.ignored]})
     else:
         print(f"ok: {len(plan.order)} node(s) would run, output node(s): {', '.join(plan.outputs)}")
     return EXIT_OK

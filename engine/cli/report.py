@@ -19,6 +19,12 @@ def emit_json(stream: TextIO, payload: dict[str, Any]) -> None:
     stream.flush()
 
 
+def report_ignored(errors: list[ValidationError]) -> None:
+    """Problems of nodes no output needs: the run goes on without those nodes, and the console says so."""
+    for e in errors:
+        sys.stderr.write(f"note: not run, no output needs it: [{e.type}] {e}\n")
+
+
 def report_invalid(errors: list[ValidationError], as_json: bool) -> int:
     sys.stderr.write(f"invalid workflow: {len(errors)} problem(s)\n")
     for e in errors:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cli.environment import cli_env
-from engine.cli.report import EXIT_INTERRUPTED, EXIT_NODE_FAILED, EXIT_OK, emit_json, report_invalid
+from engine.cli.report import EXIT_INTERRUPTED, EXIT_NODE_FAILED, EXIT_OK, emit_json, report_ignored, report_invalid
 from engine.cli.workflow_input import UsageProblem, prepare_job
 from engine.context import JobInfo
 from engine.paths import PathRefused
@@ -34,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             wf, plan, params = prepare_job(args, env, registry)
         except UsageProblem as exc:
             return report_invalid(exc.errors, args.json)
+        report_ignored(plan.ignored)
         # No device is resolved here: asking imports torch, which an image-only workflow never
         # needs; a model loader's prefetch (started by the executor) imports it in the background.
 

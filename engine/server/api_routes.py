@@ -51,8 +51,10 @@ async def post_job(request: web.Request) -> web.Response:
         return web.json_response(refused_body(exc), status=400)
     if job.status != RUNNING:  # a job a lane started at once was counted by that lane, with its events
         _status_changed(state)
-    reply = web.json_response({"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number},
-                              status=201)
+    answer = {"job_id": job.id, "id": job.id, "status": job.status, "number": job.comfy_number}
+    if job.ignored:
+        answer["ignored"] = [e.to_dict() for e in job.ignored]
+    reply = web.json_response(answer, status=201)
     return await reply_then_release(request, reply, state, job.id)
 
 

@@ -98,6 +98,7 @@ def submit(state: AppState, doc: Any, *, params: Any = None, outputs: Any = None
         job = add_job(lambda start: add(start=start)) if add_job is not None else add()
     except sqlite3.IntegrityError:
         raise SubmitRefused([problem("duplicate_id", f"a job with id '{job_id}' already exists")]) from None
+    job.ignored = plan.ignored
     state.worker.wake()
     return job
 

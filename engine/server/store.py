@@ -138,6 +138,9 @@ class JobRecord:
     worker: str | None = None
     #: A failing node skips only what needs its result (engine.executor, keep_going).
     keep_going: bool = False
+    #: Problems of nodes no output needs, found at submission (engine.validate.Plan.ignored): the reply
+    #: reports them; they are not stored, since the job never runs those nodes.
+    ignored: list[Any] = field(default_factory=list, compare=False)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "JobRecord":
