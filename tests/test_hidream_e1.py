@@ -172,17 +172,17 @@ def _reference_for(pipe, wf, picture, sigmas, cfg_norm, texts=None, source=True)
                      sigmas, guider["cfg_conds"], guider["cfg_cond2_negative"], cfg_norm, source)
 
 
-@pytest.mark.parametrize("name,size,settings", [
-    (E1_FULL, (32, 64), ("normal", "euler", 5.0, 2.0, None)),   # joined latent 8 x 8: square
-    (E1_FULL, (40, 64), ("normal", "euler", 5.0, 2.0, None)),   # 8 x 5 beside 8 x 5: patches straddle the seam
-    (E1_1, (80, 136), ("simple", "euler", 3.0, 1.5, 1.0)),      # 17 x 20, padded to 18 x 20 (the bare call 18 x 10)
+@pytest.mark.parametrize("name,size,settings,not_vacuous", [
+    (E1_FULL, (32, 64), ("normal", "euler", 5.0, 2.0, None), True),   # joined latent 8 x 8: square
+    (E1_FULL, (40, 64), ("normal", "euler", 5.0, 2.0, None), False),  # 8 x 5 beside 8 x 5: patches straddle the seam
+    (E1_1, (80, 136), ("simple", "euler", 3.0, 1.5, 1.0), True),      # 17 x 20, padded to 18 x 20 (the bare call 18 x 10)
 ])
-def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pipe, name, size, settings):
+def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pipe, name, size, settings, not_vacuous):
     """Each template from its editor file, as shipped but for the picture's size, the step count and the
     weight dtype, on the tiny files under its own names, equals the hand-driven reference within 1/255
     per pixel, odd latent sides among them (wrapped to whole patches, cropped back); another source
     picture, another instruction, or no source at all (the I1 reading of the same prompts) moves the
-    reference far more than that gap."""
+    reference far more than that gap (checked once per template: three more references each)."""
     wf, picture = _template(registry, env, name, 1, *size)
     scheduler, sampler = _of(wf, "BasicScheduler").inputs, _of(wf, "KSamplerSelect").inputs
     guider = _of(wf, "DualCFGGuider").inputs
@@ -195,6 +195,10 @@ def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pi
     want = _reference_for(pipe, wf, picture, sigmas, cfg_norm)
     assert ours.shape == want.shape == (size[1], size[0], 3)
     gap = np.abs(ours - want).max()
+    print(f"{name} {size}: gap {gap * 255:.5f}/255")
+    assert gap <= 1 / 255, gap
+    if not not_vacuous:
+        return
     *texts, _ = _texts(wf)
     moved = {
         "another source": _reference_for(pipe, wf, np.asarray(tiny_qwen_image_edit.picture(7, *size).convert("RGB")),
@@ -203,8 +207,7 @@ def test_the_e1_templates_equal_the_transformer_driven_by_hand(registry, env, pi
                                               texts=("make the sky green",) + tuple(texts[1:])),
         "no source": _reference_for(pipe, wf, picture, sigmas, cfg_norm, source=False)}
     moved = {k: float(np.abs(ours - v).max()) for k, v in moved.items()}
-    print(f"{name}: gap {gap * 255:.5f}/255; moved by {', '.join(f'{k} {v * 255:.2f}/255' for k, v in moved.items())}")
-    assert gap <= 1 / 255, gap
+    print(f"moved by {', '.join(f'{k} {v * 255:.2f}/255' for k, v in moved.items())}")
     assert all(v > max(100 * gap, 1 / 255) for v in moved.values()), moved
 
 
