@@ -211,7 +211,7 @@ async def test_cancelling_one_job_of_a_batch_on_the_server_leaves_the_others(aio
     ids = []
     for seed in (1, 2, 3):
         prompt = _prompt(seed)
-        prompt["2"]["inputs"].update(ticks=400, delay=0.01)
+        prompt["2"]["inputs"].update(ticks=200, delay=0.01)
         ids.append((await (await client.post("/prompt", json={"prompt": prompt})).json())["prompt_id"])
     await client.post(f"/api/jobs/{busy_id}/cancel")
     for job_id in ids:  # claimed together
