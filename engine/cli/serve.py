@@ -6,6 +6,8 @@ the server's dependencies still runs ``kiln run``.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 
 from engine.cli.environment import compile_from_args, limits_from_args
@@ -35,7 +37,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                move_damaged_db=args.move_damaged_db, devices=devices_from(args.devices), cluster=args.cluster,
                cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts,
                preview_method=args.preview_method, frontend=args.frontend, batch_jobs=args.batch_jobs)
-    return EXIT_OK
+    end_process(EXIT_OK)
+    return EXIT_OK  # not reached
+
+
+def end_process(code: int) -> None:
+    """End ``kiln serve`` once the server has stopped (its jobs stored, its store closed, its worker
+    threads joined): run the exit handlers (logging's flush, weakref finalisers such as an offload
+    folder's removal), flush the standard streams, and leave without the interpreter's own teardown.
+    After a job has loaded torch and diffusers that teardown is a garbage collection over every
+    imported object: seconds (about 5 s on a 2-core machine) between Ctrl+C or SIGTERM and the exit,
+    with nothing left for it to clean up."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def devices_from(text: str | None) -> list[str] | None:
