@@ -57,7 +57,7 @@ def open_from_library(editor, name: str) -> None:
     page.click("#open")
     page.locator(f'.modal-item[data-value="{name}"]').click()
     page.wait_for_function("name => document.querySelector('#doc-name').textContent === name", arg=name)
-    page.wait_for_timeout(50)  # links are redrawn on the next frame
+    editor.drawn()  # links are redrawn on the next frame
 
 
 def test_shipped_workflows_have_no_overlaps_and_no_hidden_links(editor):
