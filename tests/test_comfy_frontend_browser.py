@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 from PIL import Image
 
-from browser_support import Server, launch_browser
+from browser_support import Server, job_finished, launch_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +149,9 @@ def test_official_frontend_runs_kilns_img2img(browser: Any, server: dict[str, An
     # 3 steps at AddNoise's strength 0.6 sample the last int(3 * 0.6) = 1 step
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 1, progress[-3:]
     assert (folder / "data" / "output" / image["filename"]).is_file()
+    # SaveImage's "executed" message comes before the job is stored as finished, and /history/<id>
+    # answers {} until then (as ComfyUI does): read it once the job has ended.
+    assert job_finished(url, job_id)["status"] == "succeeded"
     history = json.loads(urllib.request.urlopen(f"{url}/history/{executed[-1]['prompt_id']}").read())
     prompt = history[executed[-1]["prompt_id"]]["prompt"][2]
     assert prompt["4"]["inputs"]["image"] == "upload.png" and prompt["8"]["inputs"]["steps"] == 3
