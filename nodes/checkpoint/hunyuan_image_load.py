@@ -1,4 +1,4 @@
-"""Loading HunyuanImage 2.1 offline: ComfyUI's split files.
+"""Loading HunyuanImage 2.1 offline: ComfyUI's split files and diffusers folders.
 
 * The transformer alone (UNETLoader, ``models/diffusion_models/hunyuanimage2.1_bf16.safetensors``, the
   guidance-distilled one, or the refiner ``hunyuanimage2.1_refiner_bf16.safetensors``, told by its 3-D patch
@@ -12,11 +12,16 @@
   ``qwen_2.5_vl_7b*.safetensors`` and a T5 encoder for ``byt5_small_glyphxl_fp16.safetensors`` (T5's names;
   told from T5-XXL by its byte vocabulary: :func:`is_byt5`), whose tokenizer needs no file (transformers'
   ``ByT5Tokenizer``).
+* A diffusers folder (``HunyuanImagePipeline.save_pretrained``: transformer/, vae/, text_encoder/ Qwen2.5-VL,
+  tokenizer/, text_encoder_2/ ByT5, tokenizer_2/, scheduler/; or ``HunyuanImageRefinerPipeline``'s) through
+  CheckpointLoaderSimple / DiffusersLoader (nodes.checkpoint.pipeline_folders): the same builders as the split
+  files, so both give the same modules (:func:`load_folder`).
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import hunyuan_image_keys as keys
@@ -175,3 +180,82 @@ def byt5_tokenizer() -> Any:
     from transformers import ByT5Tokenizer
 
     return ByT5Tokenizer()
+
+
+# -- diffusers folders ------------------------------------------------------------------------------
+
+def is_folder(path: Path) -> bool:
+    """A diffusers HunyuanImage 2.1 folder, text to image or the refiner: its transformer config names
+    diffusers' HunyuanImageTransformer2DModel."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, FILES.model_class)
+
+
+def folder_encoders(path: Path, dtype: Any, build_vae: Any) -> dict[str, Any]:
+    """The VAE (``vae/``, by ``build_vae(state, what, dtype)``: the split file's builder), Qwen2.5-VL
+    (``text_encoder/``) by Qwen-Image's folder rule (nodes.checkpoint.qwen_image_load.vae_and_text_encoder) and,
+    where the folder has it, ByT5 (``text_encoder_2/``) by the folder T5 rule (nodes.checkpoint.flux_load's, the
+    split file's build_t5 with the folder's config): HunyuanImage 2.1's and HunyuanVideo 1.5's folders alike."""
+    from nodes.checkpoint.flux_load import _folder_t5
+    from nodes.checkpoint.qwen_image_load import build_text_model, vae_and_text_encoder
+
+    modules = vae_and_text_encoder(path, dtype, build_text_model, build_vae)
+    if (path / "text_encoder_2").is_dir():
+        modules["text_encoder_2"] = _folder_t5(path / "text_encoder_2", dtype)
+    return modules
+
+
+def folder_tokenizers(path: Path, loaded: Any) -> Any:
+    """``loaded`` with ByT5's tokenizer (``tokenizer_2/``, else transformers' own, which needs no file) when the
+    folder has ByT5; Qwen's (``tokenizer``) is load_pipeline_folder's."""
+    import dataclasses
+
+    from transformers import ByT5Tokenizer
+
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
+
+    if "text_encoder_2" not in loaded.modules:
+        return loaded
+    second = folder_tokenizer(path, ByT5Tokenizer, byt5_tokenizer, "tokenizer_2")
+    return dataclasses.replace(loaded, tokenizers={**loaded.tokenizers, "tokenizer_2": second})
+
+
+def qwen_folder_tokenizer(path: Path) -> Any:
+    """The folder's Qwen tokenizer (``tokenizer/``), else Kiln's Qwen2.5 one (Qwen-Image's folder rule)."""
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
+
+    return folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5"))
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Any:
+    """A diffusers HunyuanImage 2.1 folder (``HunyuanImagePipeline.save_pretrained``: transformer/, vae/,
+    text_encoder/ Qwen2.5-VL, tokenizer/, text_encoder_2/ ByT5, tokenizer_2/, scheduler/, guider/) through
+    nodes.checkpoint.flow_transformers.load_pipeline_folder with the split files' builders (:func:`build_vae`,
+    :func:`folder_encoders`), so both give the same modules; the refiner's (``HunyuanImageRefinerPipeline``:
+    a 3-D patch embedder, the refiner's VAE, no ByT5) as nodes.families.hunyuan_image_refiner. The latent is the
+    family's (as from the split files), the shift the folder's scheduler config over the family's; the guider
+    config is not read (Kiln's graph sets the guidance)."""
+    import importlib
+    import json
+
+    from diffusers import HunyuanImageTransformer2DModel
+
+    from nodes.checkpoint import hunyuan_refiner_vae
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
+
+    try:
+        patch = json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", (1, 1))
+    except (OSError, ValueError):
+        patch = (1, 1)
+    refiner = isinstance(patch, (list, tuple)) and len(patch) == 3
+    family = importlib.import_module(
+        f"nodes.families.{'hunyuan_image_refiner' if refiner else 'hunyuan_image'}").FAMILY
+    vae = hunyuan_refiner_vae.build_vae if refiner else build_vae
+    loaded = load_pipeline_folder(path, dtype, offload, family, LABEL, HunyuanImageTransformer2DModel,
+                                  lambda: folder_encoders(path, dtype, vae), lambda: qwen_folder_tokenizer(path),
+                                  latent_from_vae=False)
+    return folder_tokenizers(path, loaded)

@@ -1,4 +1,5 @@
-"""Loading HunyuanVideo 1.5 (and Capybara, a checkpoint of it) offline: ComfyUI's split files.
+"""Loading HunyuanVideo 1.5 (and Capybara, a checkpoint of it) offline: ComfyUI's split files and diffusers
+folders.
 
 * The transformer alone (UNETLoader: ``hunyuanvideo1.5_*.safetensors``, ``capybara_v0.1.safetensors``) in
   Tencent's original layout (nodes.checkpoint.hunyuan_video15_keys), bare or under
@@ -14,10 +15,15 @@
   this one's 32 channels, the refiner's stacked 64).
 * Qwen2.5-VL 7B and ByT5 through DualCLIPLoader type ``hunyuan_video_15``: the same files and builders as
   HunyuanImage 2.1's (nodes.checkpoint.hunyuan_image_load).
+* A diffusers folder (``HunyuanVideo15Pipeline.save_pretrained``: transformer/, vae/, text_encoder/ Qwen2.5-VL,
+  tokenizer/, text_encoder_2/ ByT5, tokenizer_2/, scheduler/, guider/; the image-to-video pipeline's too)
+  through CheckpointLoaderSimple / DiffusersLoader (nodes.checkpoint.pipeline_folders): the same builders as the
+  split files, so both give the same modules (:func:`load_folder`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint import hunyuan_video15_keys as keys
@@ -65,3 +71,34 @@ def build_vae(state: Mapping[str, Any], what: str, dtype: Any) -> PictureVAE:
     from nodes.checkpoint.hunyuan_refiner_vae import build_layout
 
     return build_layout(state, what, dtype, AutoencoderKLHunyuanVideo15, PictureVAE, f"{LABEL} VAE")
+
+
+# -- diffusers folders ------------------------------------------------------------------------------
+
+
+def is_folder(path: Path) -> bool:
+    """A diffusers HunyuanVideo 1.5 folder (text or image to video): its transformer config names diffusers'
+    HunyuanVideo15Transformer3DModel."""
+    from nodes.checkpoint.flow_transformers import is_pipeline_folder
+
+    return is_pipeline_folder(path, FILES.model_class)
+
+
+def load_folder(path: Path, dtype: Any, offload: Any = None) -> Any:
+    """A diffusers HunyuanVideo 1.5 folder through nodes.checkpoint.flow_transformers.load_pipeline_folder with
+    the split files' builders: the VAE by :func:`build_vae` (diffusers' names pass its renames), Qwen2.5-VL,
+    ByT5 and their tokenizers by HunyuanImage 2.1's folder rules (nodes.checkpoint.hunyuan_image_load, the same
+    encoders). The latent is the family's; the shift the folder's scheduler config over the family's. An
+    image-to-video folder's image_encoder/ (SigLIP) is not read: edits take it through CLIPVisionLoader, as
+    from the split files."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from nodes.checkpoint import hunyuan_image_load as image
+    from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.families import hunyuan_video15
+
+    loaded = load_pipeline_folder(path, dtype, offload, hunyuan_video15.FAMILY, LABEL,
+                                  HunyuanVideo15Transformer3DModel,
+                                  lambda: image.folder_encoders(path, dtype, build_vae),
+                                  lambda: image.qwen_folder_tokenizer(path), latent_from_vae=False)
+    return image.folder_tokenizers(path, loaded)

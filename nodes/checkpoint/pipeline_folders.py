@@ -36,6 +36,8 @@ FAMILY_FOLDERS: tuple[tuple[str, str, str], ...] = (
     ("auraflow_load", "is_folder", "auraflow"),
     ("chroma_load", "is_chroma_folder", "chroma"),  # before FLUX
     ("cosmos_load", "is_folder", "cosmos"),  # before FLUX: its folders have model_index.json and transformer/
+    ("hunyuan_video15_load", "is_folder", "hunyuan_video15"),  # before FLUX (transformer/, text_encoder_2/)
+    ("hunyuan_image_load", "is_folder", "hunyuan_image"),  # before FLUX; the refiner's folders too
     ("flux_load", "is_flux_folder", "flux"),
 )
 
