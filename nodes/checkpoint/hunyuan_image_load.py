@@ -221,16 +221,6 @@ def folder_tokenizers(path: Path, loaded: Any) -> Any:
     return dataclasses.replace(loaded, tokenizers={**loaded.tokenizers, "tokenizer_2": second})
 
 
-def qwen_folder_tokenizer(path: Path) -> Any:
-    """The folder's Qwen tokenizer (``tokenizer/``), else Kiln's Qwen2.5 one (Qwen-Image's folder rule)."""
-    from transformers import AutoTokenizer
-
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
-    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
-
-    return folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5"))
-
-
 def load_folder(path: Path, dtype: Any, offload: Any = None) -> Any:
     """A diffusers HunyuanImage 2.1 folder (``HunyuanImagePipeline.save_pretrained``: transformer/, vae/,
     text_encoder/ Qwen2.5-VL, tokenizer/, text_encoder_2/ ByT5, tokenizer_2/, scheduler/, guider/) through
@@ -246,6 +236,7 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Any:
 
     from nodes.checkpoint import hunyuan_refiner_vae
     from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.checkpoint.qwen_image_load import qwen25_folder_tokenizer
 
     try:
         patch = json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", (1, 1))
@@ -256,6 +247,6 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Any:
         f"nodes.families.{'hunyuan_image_refiner' if refiner else 'hunyuan_image'}").FAMILY
     vae = hunyuan_refiner_vae.build_vae if refiner else build_vae
     loaded = load_pipeline_folder(path, dtype, offload, family, LABEL, HunyuanImageTransformer2DModel,
-                                  lambda: folder_encoders(path, dtype, vae), lambda: qwen_folder_tokenizer(path),
+                                  lambda: folder_encoders(path, dtype, vae), lambda: qwen25_folder_tokenizer(path),
                                   latent_from_vae=False)
     return folder_tokenizers(path, loaded)

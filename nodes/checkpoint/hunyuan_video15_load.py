@@ -95,10 +95,11 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Any:
 
     from nodes.checkpoint import hunyuan_image_load as image
     from nodes.checkpoint.flow_transformers import load_pipeline_folder
+    from nodes.checkpoint.qwen_image_load import qwen25_folder_tokenizer
     from nodes.families import hunyuan_video15
 
     loaded = load_pipeline_folder(path, dtype, offload, hunyuan_video15.FAMILY, LABEL,
                                   HunyuanVideo15Transformer3DModel,
                                   lambda: image.folder_encoders(path, dtype, build_vae),
-                                  lambda: image.qwen_folder_tokenizer(path), latent_from_vae=False)
+                                  lambda: qwen25_folder_tokenizer(path), latent_from_vae=False)
     return image.folder_tokenizers(path, loaded)

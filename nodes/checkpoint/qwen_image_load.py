@@ -172,9 +172,6 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     transformer, Qwen2.5-VL, VAE, its tokenizer; the transformer built straight into disk blocks when
     the manager (``offload``) will page it there, as every family's folder is."""
     from diffusers import QwenImageTransformer2DModel
-    from transformers import AutoTokenizer
-
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
 
     import json
 
@@ -182,8 +179,17 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     family = family_of([LAYERED_MARKER] if config.get("use_additional_t_cond") else [])
     return load_pipeline_folder(path, dtype, offload, family, "Qwen-Image", QwenImageTransformer2DModel,
                                 lambda: vae_and_text_encoder(path, dtype, build_text_model),
-                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
-                                latent_from_vae=False)
+                                lambda: qwen25_folder_tokenizer(path), latent_from_vae=False)
+
+
+def qwen25_folder_tokenizer(path: Path) -> Any:
+    """A Qwen2.5-VL folder's tokenizer (``tokenizer/``), else Kiln's Qwen2.5 one: Qwen-Image's rule, which
+    HunyuanImage 2.1's and HunyuanVideo 1.5's folders share."""
+    from transformers import AutoTokenizer
+
+    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
+
+    return folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5"))
 
 
 def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any = None) -> dict[str, Any]:
