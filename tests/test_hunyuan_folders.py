@@ -27,6 +27,7 @@ VIDEO_SHIFT = 5.0
 
 def _make(root):
     tiny_hunyuan_video15.make_models_folder(root)  # HunyuanImage 2.1's split files too
+    tiny_hunyuan_image_refiner.make_models_folder(root)
     pipes = {IMAGE: tiny_hunyuan_image.pipeline(3.5), REFINER: tiny_hunyuan_image_refiner.pipeline(),
              VIDEO: tiny_hunyuan_video15.pipeline(6.0, VIDEO_SHIFT)}
     for where in ("checkpoints", "diffusers"):
@@ -120,8 +121,25 @@ def _video_graph() -> dict:
     return split, folder, "8"
 
 
-@pytest.mark.parametrize("graphs", [_image_graph, _video_graph], ids=["hunyuan_image", "hunyuan_video15"])
+def _refiner_graph() -> dict:
+    """The refiner's graph (tests/test_hunyuan_image_refiner.py): the split graph's CLIP is DualCLIPLoader type
+    hunyuan_image's (the base family's, encoding the refiner template too), the folder's the refiner family's."""
+    from test_hunyuan_image_refiner import PROMPT, _graph
+
+    split = _graph(PROMPT, 3, 3, 3.25)
+    folder = {k: v for k, v in _graph(PROMPT, 3, 3, 3.25).items() if k not in ("1", "2", "3")}
+    folder["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": REFINER}}
+    folder["6"]["inputs"]["clip"] = folder["8"]["inputs"]["clip"] = ["1", 1]
+    folder["5"]["inputs"]["vae"] = folder["11"]["inputs"]["vae"] = ["1", 2]
+    return split, folder, "11"
+
+
+@pytest.mark.parametrize("graphs", [_image_graph, _video_graph, _refiner_graph],
+                         ids=["hunyuan_image", "hunyuan_video15", "hunyuan_image_refiner"])
 def test_checkpoint_loader_graph_equals_the_split_file_graph(registry, env, graphs):
+    from test_hunyuan_image_refiner import picture
+
+    picture().save(env.paths.input.root / "picture.png")  # the refiner's input
     split, folder, out = graphs()
     ours = run(registry, env, _parse(folder)).results[out][0].numpy()
     theirs = run(registry, env, _parse(split)).results[out][0].numpy()
