@@ -29,11 +29,25 @@ def _make(root):
     tiny_hunyuan_video15.make_models_folder(root)  # HunyuanImage 2.1's split files too
     tiny_hunyuan_image_refiner.make_models_folder(root)
     pipes = {IMAGE: tiny_hunyuan_image.pipeline(3.5), REFINER: tiny_hunyuan_image_refiner.pipeline(),
-             VIDEO: tiny_hunyuan_video15.pipeline(6.0, VIDEO_SHIFT)}
+             VIDEO: _video_pipeline()}
     for where in ("checkpoints", "diffusers"):
         for name, pipe in pipes.items():
             pipe.save_pretrained(str(root / where / name), safe_serialization=True)
     return root
+
+
+def _video_pipeline():
+    """HunyuanVideo15Pipeline as the hub's folders hold it: its text_encoder the bare Qwen2_5_VLTextModel (the
+    pipeline's declared class; ``layers.*`` with no prefix, no vision tower), the tiny model's language model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from flow_family_files import quiet_pipeline
+
+    parts = {k: v for k, v in tiny_hunyuan_video15.components().items() if k != "image_encoder"}
+    parts["text_encoder"] = parts["text_encoder"].model.language_model
+    return quiet_pipeline("HunyuanVideo15Pipeline", parts, guider=ClassifierFreeGuidance(guidance_scale=6.0),
+                          scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=VIDEO_SHIFT))
 
 
 root = models_root(_make, "hunyuan-folder-models")
@@ -66,9 +80,12 @@ def test_the_folder_loads_every_weight_bit_for_bit(env, how, name):
     parts = tiny.components()
     with model.unet() as net:
         _equal(_weights(net), _weights(parts["transformer"]))
-    with clip.encoder("text_encoder") as qwen:  # Qwen2.5-VL: its language model (the tower waits for a picture)
-        got = {k.removeprefix("language_model."): v for k, v in _weights(qwen).items()
-               if k.startswith("language_model.")}
+    with clip.encoder("text_encoder") as qwen:  # Qwen2.5-VL: its language model (a tower waits for a picture)
+        got = _weights(qwen)
+    if any(k.startswith("language_model.") for k in got):  # HunyuanImage's Qwen2_5_VLForConditionalGeneration
+        got = {k.removeprefix("language_model."): v for k, v in got.items() if k.startswith("language_model.")}
+    else:  # HunyuanVideo 1.5's folder: Qwen2_5_VLTextModel alone
+        assert name == VIDEO
     _equal(got, _weights(parts["text_encoder"].model.language_model))
     if "text_encoder_2" in parts:
         with clip.encoder("text_encoder_2") as byt5:
