@@ -116,6 +116,22 @@ def test_the_folder_shift_is_the_folders_scheduler_config(env):
     assert model.scheduler_config["shift"] == VIDEO_SHIFT
 
 
+@pytest.mark.parametrize("name", [IMAGE, REFINER, VIDEO])
+def test_the_folder_loads_in_the_familys_dtype(root, name):
+    """On a bfloat16 GPU's rule every module computes in the family's first dtype (ComfyUI's lists: bfloat16 for
+    HunyuanImage 2.1 and its refiner, float16 for HunyuanVideo 1.5; the refiner's row resolves by HunyuanImage 2.1's list, the same)."""
+    from nodes.checkpoint.load import load_checkpoint
+    from nodes.runtime import precision
+
+    family = CASES[name][1].FAMILY
+    want = precision.resolve(precision.DtypeRule("auto", gpu=True, gpu_bf16=True), family)
+    loaded = load_checkpoint(root / "checkpoints" / name, precision.DtypeRule("auto", gpu=True, gpu_bf16=True))
+    assert loaded.family is family and want == (torch.float16 if name == VIDEO else torch.bfloat16)
+    for part, module in loaded.modules.items():
+        found = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        assert found == {want}, (part, found)
+
+
 def _image_graph() -> dict:
     from test_hunyuan_image import NEGATIVE, PROMPT, _graph
 
