@@ -1,7 +1,7 @@
 """HunyuanImage 2.1 (and its refiner) and HunyuanVideo 1.5 from diffusers folders (``HunyuanImagePipeline``,
-``HunyuanImageRefinerPipeline``, ``HunyuanVideo15Pipeline.save_pretrained``) through CheckpointLoaderSimple and
-DiffusersLoader: the same weights bit for bit as the pipelines' modules and the split files, and the same images as
-the split-file graphs (which tests/test_hunyuan_image.py and tests/test_hunyuan_video15.py prove equal to the
+``HunyuanImageRefinerPipeline``, ``HunyuanVideo15Pipeline`` and ``HunyuanVideo15ImageToVideoPipeline
+.save_pretrained``) through CheckpointLoaderSimple and DiffusersLoader: the same weights bit for bit as the pipelines'
+modules and the split files, in the family's dtype, and the same images as the split-file graphs (which tests/test_hunyuan_image.py and tests/test_hunyuan_video15.py prove equal to the
 pipelines within 1/255)."""
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from nodes.families import hunyuan_image, hunyuan_image_refiner, hunyuan_video15
 
 IMAGE, REFINER, VIDEO = "tiny-hunyuanimage21-diffusers", "tiny-hunyuanimage21-refiner-diffusers", \
     "tiny-hunyuanvideo15-diffusers"
+#: HunyuanVideo15ImageToVideoPipeline's folder: the same modules and an image_encoder/ (SigLIP) Kiln leaves unread.
+VIDEO_I2V = "tiny-hunyuanvideo15-i2v-diffusers"
 #: The tiny video pipeline's saved shift: not the family's 7, so a folder's own scheduler config is seen to count.
 VIDEO_SHIFT = 5.0
 
@@ -29,16 +31,17 @@ def _make(root):
     tiny_hunyuan_video15.make_models_folder(root)  # HunyuanImage 2.1's split files too
     tiny_hunyuan_image_refiner.make_models_folder(root)
     pipes = {IMAGE: tiny_hunyuan_image.pipeline(3.5), REFINER: tiny_hunyuan_image_refiner.pipeline(),
-             VIDEO: _video_pipeline()}
+             VIDEO: _video_pipeline(), VIDEO_I2V: _video_pipeline(edit=True)}
     for where in ("checkpoints", "diffusers"):
         for name, pipe in pipes.items():
             pipe.save_pretrained(str(root / where / name), safe_serialization=True)
     return root
 
 
-def _video_pipeline():
+def _video_pipeline(edit: bool = False):
     """HunyuanVideo15Pipeline as the hub's folders hold it: its text_encoder the bare Qwen2_5_VLTextModel (the
-    pipeline's declared class; ``layers.*`` with no prefix, no vision tower), the tiny model's language model."""
+    pipeline's declared class; ``layers.*`` with no prefix, no vision tower), the tiny model's language model;
+    ``edit``: HunyuanVideo15ImageToVideoPipeline with the tiny SigLIP."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
 
@@ -46,14 +49,23 @@ def _video_pipeline():
 
     parts = {k: v for k, v in tiny_hunyuan_video15.components().items() if k != "image_encoder"}
     parts["text_encoder"] = parts["text_encoder"].model.language_model
-    return quiet_pipeline("HunyuanVideo15Pipeline", parts, guider=ClassifierFreeGuidance(guidance_scale=6.0),
-                          scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=VIDEO_SHIFT))
+    extra = {}
+    if edit:
+        from transformers import SiglipImageProcessor
+
+        size = tiny_hunyuan_video15.SIZE
+        extra = {"image_encoder": tiny_hunyuan_video15.components()["image_encoder"],
+                 "feature_extractor": SiglipImageProcessor(size={"height": size, "width": size})}
+    return quiet_pipeline("HunyuanVideo15ImageToVideoPipeline" if edit else "HunyuanVideo15Pipeline", parts,
+                          guider=ClassifierFreeGuidance(guidance_scale=6.0),
+                          scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=VIDEO_SHIFT),
+                          **extra)
 
 
 root = models_root(_make, "hunyuan-folder-models")
 
 CASES = {IMAGE: (tiny_hunyuan_image, hunyuan_image), REFINER: (tiny_hunyuan_image_refiner, hunyuan_image_refiner),
-         VIDEO: (tiny_hunyuan_video15, hunyuan_video15)}
+         VIDEO: (tiny_hunyuan_video15, hunyuan_video15), VIDEO_I2V: (tiny_hunyuan_video15, hunyuan_video15)}
 
 
 def _weights(module) -> dict:
@@ -71,7 +83,7 @@ def _load(env, how: str, name: str):
     return call(loaders.diffusers_loader, env, model_path=name)
 
 
-@pytest.mark.parametrize("name", [IMAGE, REFINER, VIDEO])
+@pytest.mark.parametrize("name", [IMAGE, REFINER, VIDEO, VIDEO_I2V])
 @pytest.mark.parametrize("how", ["checkpoint", "diffusers"])
 def test_the_folder_loads_every_weight_bit_for_bit(env, how, name):
     tiny, family = CASES[name]
@@ -84,8 +96,8 @@ def test_the_folder_loads_every_weight_bit_for_bit(env, how, name):
         got = _weights(qwen)
     if any(k.startswith("language_model.") for k in got):  # HunyuanImage's Qwen2_5_VLForConditionalGeneration
         got = {k.removeprefix("language_model."): v for k, v in got.items() if k.startswith("language_model.")}
-    else:  # HunyuanVideo 1.5's folder: Qwen2_5_VLTextModel alone
-        assert name == VIDEO
+    else:  # HunyuanVideo 1.5's folders: Qwen2_5_VLTextModel alone
+        assert name in (VIDEO, VIDEO_I2V)
     _equal(got, _weights(parts["text_encoder"].model.language_model))
     if "text_encoder_2" in parts:
         with clip.encoder("text_encoder_2") as byt5:
@@ -119,7 +131,8 @@ def test_the_folder_shift_is_the_folders_scheduler_config(env):
 @pytest.mark.parametrize("name", [IMAGE, REFINER, VIDEO])
 def test_the_folder_loads_in_the_familys_dtype(root, name):
     """On a bfloat16 GPU's rule every module computes in the family's first dtype (ComfyUI's lists: bfloat16 for
-    HunyuanImage 2.1 and its refiner, float16 for HunyuanVideo 1.5; the refiner's row resolves by HunyuanImage 2.1's list, the same)."""
+    HunyuanImage 2.1 and its refiner, float16 for HunyuanVideo 1.5; the refiner's row resolves by HunyuanImage
+    2.1's list, the same)."""
     from nodes.checkpoint.load import load_checkpoint
     from nodes.runtime import precision
 
