@@ -102,6 +102,10 @@ def img2img(seed: int, image: str) -> dict:
         "8": {"type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "fox"}}}}
 
 
+#: A loader job's targets: its text encoder (so the checkpoint loads) and the save; nothing else needs the loader.
+LOADER_TARGETS = {"outputs": ["2", "3"]}
+
+
 def loader_only(ckpt: str) -> dict:
     return {"version": 1, "nodes": {
         "1": {"type": "CheckpointLoader", "inputs": {"ckpt_name": ckpt}},
@@ -239,14 +243,15 @@ async def test_a_checkpoint_a_worker_lacks_goes_to_one_that_has_it(server):
         await wait_status(server, busy, timeout=20)
         busy = await submit(server, slow_workflow(2, ticks=3000))
         holder = (await running_with_progress(server, busy))["worker"]
-    needs_w1 = await submit(server, loader_only("only-w1.safetensors"))
+    needs_w1 = await submit(server, loader_only("only-w1.safetensors"), **LOADER_TARGETS)
     await wait_for(lambda: server.server.app[STATE].worker._jobs.get(needs_w1) is not None and
                    server.server.app[STATE].worker._jobs[needs_w1].excluded, 60, "w2 to refuse the job")
     await server.post(f"/api/jobs/{busy}/cancel")
     done = await wait_status(server, needs_w1, timeout=60)
     assert done["status"] == "succeeded" and done["worker"] == "w1", done["error"]
 
-    nobody = await wait_status(server, await submit(server, loader_only("only-server.safetensors")), timeout=60)
+    lacked = await submit(server, loader_only("only-server.safetensors"), **LOADER_TARGETS)
+    nobody = await wait_status(server, lacked, timeout=60)
     assert nobody["status"] == "failed"
     message = nobody["error"]["message"]
     assert "no worker can run this job" in message and "only-server.safetensors" in message
