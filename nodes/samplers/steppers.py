@@ -75,6 +75,33 @@ def _scheduler_class(name: str) -> Any:
     return getattr(diffusers, name)
 
 
+#: Freshly built schedulers by (class, config, overrides): see :func:`_from_config`.
+_BUILT: dict[str, Any] = {}
+
+
+def _from_config(cls: Any, config: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
+    """``cls.from_config(dict(config), **overrides)``, built once per arguments and copied after.
+
+    diffusers' DPM-2 classes run ``set_timesteps`` over all 1000 training steps in their
+    constructor, a Python loop of about a second on a CPU, before Kiln calls
+    ``set_timesteps`` for the run's own steps; every other class builds in milliseconds. A deep
+    copy of the untouched first build is the same object state (the build is deterministic in
+    its arguments) and costs a millisecond, so each KSampler run after the first gets it so.
+    """
+    import copy
+    import json
+
+    key = json.dumps([cls.__module__, cls.__qualname__, dict(config), dict(overrides)], sort_keys=True,
+                     default=lambda v: repr(v.tolist() if hasattr(v, "tolist") else v))
+    built = _BUILT.get(key)
+    if built is None:
+        built = cls.from_config(dict(config), **overrides)
+        if len(_BUILT) >= 64:
+            _BUILT.clear()
+        _BUILT[key] = built
+    return copy.deepcopy(built)
+
+
 def _overrides(spec: SamplerSpec, **extra: Any) -> dict[str, Any]:
     """Config switches for ``from_config``: this sampler's, then the schedule's.
 
@@ -90,7 +117,7 @@ def _overrides(spec: SamplerSpec, **extra: Any) -> dict[str, Any]:
 def native(spec: SamplerSpec, config: Mapping[str, Any], schedule: str, steps: int) -> Any:
     """diffusers' scheduler for ``spec`` with ``set_timesteps(steps)`` done on its own grid."""
     cls = _scheduler_class(spec.diffusers_class)
-    sched = cls.from_config(dict(config), **_overrides(spec, **DIFFUSERS_FLAGS[schedule]))
+    sched = _from_config(cls, config, _overrides(spec, **DIFFUSERS_FLAGS[schedule]))
     sched.set_timesteps(steps)
     return sched
 
@@ -131,7 +158,7 @@ def follow(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tensor")
         raise ValueError(f"sampler {spec.name} cannot follow a sigma schedule")
     import numpy as np
 
-    sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
+    sched = _from_config(cls, config, _overrides(spec, use_karras_sigmas=True))
     wanted = np.asarray(sigmas.tolist(), dtype=np.float64)
     sched._convert_to_karras = lambda *args, **kwargs: wanted.copy()
     sched.set_timesteps(steps + 1)
@@ -189,7 +216,7 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
         return kiln_stepper(spec, config, sigmas)
     cls = _scheduler_class(spec.diffusers_class)
     if spec.diffusers_class in _HOOKABLE:
-        sched = cls.from_config(dict(config), **_overrides(spec, use_karras_sigmas=True))
+        sched = _from_config(cls, config, _overrides(spec, use_karras_sigmas=True))
         wanted = np.asarray(sigmas[:-1].tolist(), dtype=np.float64)
         sched._convert_to_karras = lambda *args, **kwargs: wanted.copy()
         sched.set_timesteps(steps)
@@ -198,7 +225,7 @@ def on_sigmas(spec: SamplerSpec, config: Mapping[str, Any], sigmas: "torch.Tenso
         # No Karras hook: its step reads only .sigmas and .timesteps, set both.
         from nodes.samplers.schedules import TrainingSchedule
 
-        sched = cls.from_config(dict(config), **_overrides(spec))
+        sched = _from_config(cls, config, _overrides(spec))
         sched.set_timesteps(steps)
         sched.sigmas = sigmas.to(torch.float32).clone()
         sched.timesteps = TrainingSchedule(config).timestep(sigmas[:-1]).to(torch.float32)
