@@ -6,7 +6,9 @@ API:
                      transformer (2 double blocks, 2 refiner blocks, 65 input channels, ByT5 and image
                      projections), vae (AutoencoderKLHunyuanVideo15: 32 channels, 16x), image_encoder (a 2-layer
                      SigLIP at SIZE, the image-to-video pipeline's), the text encoders of
-                     tests/tiny_hunyuan_image.py (a 4-layer Qwen2.5-VL, a 2-layer ByT5), tokenizer (Kiln's
+                     tests/tiny_hunyuan_image.py (a 4-layer Qwen2.5-VL's text model, Qwen2_5_VLTextModel as the
+                     pipeline and the release hold it: the same weights without the 152064-word head the
+                     pipeline never reads; a 2-layer ByT5), tokenizer (Kiln's
                      Qwen2.5 one with Qwen2.5's chat layout for text turns, :data:`CHAT`), tokenizer_2.
     pipeline(cfg, shift, edit) -> HunyuanVideo15Pipeline over them (ClassifierFreeGuidance at ``cfg``,
                      FlowMatchEuler at ``shift``); with ``edit`` HunyuanVideo15ImageToVideoPipeline.
@@ -54,7 +56,7 @@ def build(seed: int = 11) -> dict[str, Any]:
                                                       patch_size=8, hidden_act="gelu_pytorch_tanh"))
     for m in (transformer, vae, siglip):
         m.eval().requires_grad_(False)
-    return {"image_encoder": siglip,"transformer": transformer, "vae": vae, "text_encoder": base["text_encoder"],
+    return {"image_encoder": siglip,"transformer": transformer, "vae": vae, "text_encoder": base["text_encoder"].model.language_model,
             "tokenizer": with_chat_template(base["tokenizer"], CHAT), "text_encoder_2": base["text_encoder_2"],
             "tokenizer_2": base["tokenizer_2"]}
 
