@@ -11,6 +11,7 @@ what it varies changes the picture.
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -32,8 +33,11 @@ UNET, CLIP, VAE = "tiny-krea2.safetensors", "tiny-qwen3vl_4b.safetensors", "tiny
 root = models_root(tiny_krea2.make_models_folder, "krea2-models")
 
 
+@functools.lru_cache(maxsize=None)
 def _reference(prompt: str, seed: int, steps: int, guidance: float, distilled: bool, negative: str | None = None,
                size: int = SIZE) -> np.ndarray:
+    """Krea2Pipeline's image (deterministic: cached, read only; the folder test's two cases each ask for both the
+    Turbo and the Raw picture at the same settings)."""
     with torch.no_grad():
         return tiny_krea2.pipeline(distilled)(
             prompt=prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,
