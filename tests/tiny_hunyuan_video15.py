@@ -56,7 +56,8 @@ def build(seed: int = 11) -> dict[str, Any]:
                                                       patch_size=8, hidden_act="gelu_pytorch_tanh"))
     for m in (transformer, vae, siglip):
         m.eval().requires_grad_(False)
-    return {"image_encoder": siglip,"transformer": transformer, "vae": vae, "text_encoder": base["text_encoder"].model.language_model,
+    return {"image_encoder": siglip, "transformer": transformer, "vae": vae,
+            "text_encoder": base["text_encoder"].model.language_model,
             "tokenizer": with_chat_template(base["tokenizer"], CHAT), "text_encoder_2": base["text_encoder_2"],
             "tokenizer_2": base["tokenizer_2"]}
 
