@@ -223,11 +223,16 @@ def test_a_failing_branch_is_red_and_the_other_branch_still_delivers(editor):
         "2": {"type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "lost"}, "ui": {"pos": [300, 0]}},
         "3": {"type": "LoadImage", "inputs": {"image": "sample.png"}, "ui": {"pos": [0, 400]}},
         "4": {"type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "kept"}, "ui": {"pos": [300, 400]}},
+        # a spare node (no output needs it): its problem is a notice, and the job runs without it
+        "5": {"type": "ImageResize", "inputs": {"width": 8}, "ui": {"pos": [0, 800]}},
     }}
     editor.page.click("#new")
     drop_file(editor, json.dumps(two).encode(), "two.json", "application/json")
-    editor.page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 4")
+    editor.page.wait_for_function("Object.keys(window.kiln.toKiln().nodes).length === 5")
     editor.page.click("#run")
+    notice = editor.page.locator(".toast.warn", has_text="not run")
+    notice.wait_for(timeout=RUN_TIMEOUT_MS)
+    assert "#5 ImageResize" in notice.text_content() and "image" in notice.text_content()
     editor.wait_output_image("4")
     editor.node("1").locator(".node-error").wait_for(timeout=RUN_TIMEOUT_MS)
     assert "not an image" in editor.node("1").locator(".node-error").text_content()

@@ -22,6 +22,14 @@ export function validationErrors(body) {
   return out;
 }
 
+/** The notice for problems of nodes no output needs: the job runs without them (the server's rule). */
+export function notRunNotice(ignored) {
+  const nodes = [...new Set(ignored.map((e) => `#${e.node_id}${e.node_type ? ` ${e.node_type}` : ""}`))];
+  const first = ignored[0];
+  const where = first.input_name ? `${first.input_name}: ` : "";
+  return `not run, no output needs ${nodes.length === 1 ? "it" : "them"}: ${nodes.join(", ")} (${where}${first.message})`;
+}
+
 export class Runner extends EventTarget {
   /**
    * Run queues: each Run submits a job; the canvas follows one job at a time (the
@@ -80,6 +88,7 @@ export class Runner extends EventTarget {
     this.submitting--;
     const id = res.job_id || res.prompt_id;
     this.mine.push(id);
+    if (res.ignored?.length) this.toast(notRunNotice(res.ignored), "warn");
     if (this.graph.applyControls().length) this.onCommit();
     if (!this.running) this.follow(id);
     else { this.toast("queued: it runs when the current job ends"); this.emitState(); }
