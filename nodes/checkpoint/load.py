@@ -122,18 +122,22 @@ def reading(path: Path) -> Iterator[None]:
 
 
 def _empty(cls: Any, config: Any) -> Any:
-    """A module whose parameters are not initialised (they are assigned from the file next).
+    """A module whose parameters are not initialised (they are assigned from the file next):
+    on the meta device, its initialisers skipped (nodes.checkpoint.no_init).
 
-    Without accelerate (a bare torch + diffusers machine) the module is built
-    initialised: slower and briefly one more copy of its weights, but the same result,
-    since every weight is then assigned from the file.
+    Without accelerate (a bare torch + diffusers machine) the parameters are allocated,
+    uninitialised: briefly one more copy of its weights, but the same result, since every
+    weight is then assigned from the file.
     """
+    from nodes.checkpoint.no_init import skipped_init
+
     try:
         from accelerate import init_empty_weights
     except ImportError:
-        return cls(config) if not isinstance(config, dict) else cls(**config)
-
-    with init_empty_weights(include_buffers=False):
+        empty: Any = contextlib.nullcontext()
+    else:
+        empty = init_empty_weights(include_buffers=False)
+    with empty, skipped_init():
         return cls(config) if not isinstance(config, dict) else cls(**config)
 
 
