@@ -38,6 +38,10 @@ class Registry:
         #: Builds the output guard ``(env, mode, checker_name) -> guard`` (see engine.guard);
         #: set by the node library that can classify images.
         self.output_guard_factory: Callable[[Any, str, str], Any] | None = None
+        #: Imports what a model job needs (the model libraries behind the node library's loaders):
+        #: ``kiln serve`` calls it once it listens, so its start stays fast and its first job does
+        #: not wait seconds for imports; set by the node library.
+        self.warm_up: Callable[[], None] | None = None
         #: The model folders the node library's loaders read (listed by the model routes
         #: even while empty); what each holds is engine.model_files' one listing.
         self.model_folders: tuple[str, ...] = ()

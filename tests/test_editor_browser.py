@@ -29,7 +29,8 @@ def fresh_server(tmp_path_factory, tiny_models_dir):
     root = tmp_path_factory.mktemp("fresh")
     (root / "models" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(tiny_models_dir / "checkpoints" / TINY_CKPT, root / "models" / "checkpoints" / DEMO_CKPT)
-    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()})
+    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()},
+                 warm_up=True)
     yield srv
     srv.stop()
 
@@ -526,6 +527,9 @@ def test_a_fresh_server_runs_the_starter_workflow_with_the_checkpoint_it_has(bro
         editor.wait_idle()
         assert "succeeded" in page.locator("#status").text_content()
         print(f"the starter workflow ran in {time.monotonic() - started:.1f} s")
+        # kiln serve imported the model libraries once it listened, before this first job
+        # (Worker.warm_up): the lane logs it before it claims a job
+        assert "model libraries imported in" in (fresh_server.root / "server.log").read_text()
         page.screenshot(path=str(tmp_path / "editor-fresh-server-run.png"))
 
         # The graph has unsaved edits (64 px): New asks before replacing it.

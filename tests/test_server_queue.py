@@ -221,12 +221,13 @@ async def test_kill_9_restart_keeps_queue_history_and_files(tmp_path):
 
 
 async def test_kiln_serve_is_ready_fast(tmp_path):
-    """The real command with the real node library answers within a few seconds, torch not imported."""
+    """The real command with the real node library answers within a few seconds, torch not imported
+    (``--no-warm-up``: otherwise it imports the model libraries once it answers)."""
     port = free_port()
     kiln_bin = Path(sys.executable).parent / "kiln"
     cmd = [str(kiln_bin)] if kiln_bin.exists() else [sys.executable, "-m", "engine.cli"]
     proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--data", str(tmp_path / "data"),
-                             "--models", str(tmp_path / "models"), "--workflows", str(tmp_path / "wf")],
+                             "--models", str(tmp_path / "models"), "--workflows", str(tmp_path / "wf"), "--no-warm-up"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
     try:
         async with aiohttp.ClientSession() as s:

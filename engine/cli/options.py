@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-jobs", type=int, default=BATCH_JOBS_DEFAULT, metavar="N",
                        help="run up to N queued jobs that differ only in their seeds as one sampler batch "
                             f"(default {BATCH_JOBS_DEFAULT}; 1 runs every job alone)")
+    serve.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                       help="do not import the model libraries once listening (they are then imported by "
+                            "the first job that needs them: seconds, on a CPU)")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="serve jobs of a `kiln serve --cluster` server from a Dask scheduler")

@@ -36,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                debug=args.debug,
                move_damaged_db=args.move_damaged_db, devices=devices_from(args.devices), cluster=args.cluster,
                cluster_timeout=args.cluster_timeout, max_attempts=args.max_attempts,
-               preview_method=args.preview_method, frontend=args.frontend, batch_jobs=args.batch_jobs)
+               preview_method=args.preview_method, frontend=args.frontend, batch_jobs=args.batch_jobs,
+               warm_up=args.warm_up)
     end_process(EXIT_OK)
     return EXIT_OK  # not reached
 

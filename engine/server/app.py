@@ -213,9 +213,10 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                env_settings: Settings | None = None, debug: bool = False, move_damaged_db: bool = False,
                devices: list[str] | None = None, cluster: str | None = None, cluster_timeout: float = 10.0,
                max_attempts: int = 3, preview_method: str = "none",
-               frontend: str = "kiln", batch_jobs: int = BATCH_JOBS_DEFAULT) -> None:
+               frontend: str = "kiln", batch_jobs: int = BATCH_JOBS_DEFAULT, warm_up: bool = True) -> None:
     """Serve until interrupted (``kiln serve``); refuses to start (exit 2) with a guard it cannot build
-    or a damaged job database."""
+    or a damaged job database. ``warm_up``: once listening, import the model libraries before the
+    first job asks (Worker.warm_up)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = security.resolve_token(token)
     try:
@@ -258,7 +259,11 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                  ", ".join(f"{k} {v}" for k, v in app[STATE].env.output_guard.describe().items()))
     shown = f"[{host}]" if ":" in host else host
 
+    state = app[STATE]
+
     def ready(_: Any = None) -> None:
         print(f"Kiln serving on http://{shown}:{port}/ (data: {Path(data_dir).resolve()})", flush=True)
+        if warm_up and state.registry.warm_up is not None and isinstance(state.worker, Worker):
+            state.worker.warm_up(state.registry.warm_up)
 
     web.run_app(app, host=host, port=port, print=ready, access_log=None, handle_signals=True)

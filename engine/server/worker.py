@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 import traceback as tb
 from typing import Any, Callable
 
@@ -99,6 +100,8 @@ class Worker:
         self._stop = threading.Event()
         self._progress: dict[str, dict[str, Any]] = {}
         self._inbox = Inbox()
+        #: Set by :meth:`warm_up`; the first lane runs it before it next claims a job.
+        self._warming: Callable[[], None] | None = None
         self._on_lane = threading.local()
         #: Without explicit devices, one lane whose model host picks the best device
         #: lazily, at the first job (finding it imports torch, which startup must not pay for).
@@ -131,6 +134,27 @@ class Worker:
         for lane in self.lanes:
             if lane.thread is not None:
                 lane.thread.join(timeout)
+
+    def warm_up(self, imports: Callable[[], None]) -> None:
+        """Have the first lane find the device and run ``imports`` (Registry.warm_up) before it next
+        claims a job. ``kiln serve`` asks once it listens: the model libraries' imports (seconds) are
+        then paid while the server waits for work, on the lane that runs the first job, and that
+        job starts at once. A job queued meanwhile waits for them, as it would have waited for its
+        own imports."""
+        self._warming = imports
+        self._wake.set()
+
+    def _warm(self, lane: _Lane) -> None:
+        imports, self._warming = self._warming, None
+        started = time.monotonic()
+        try:
+            self._resolve_device(lane)
+            if imports is not None:
+                imports()
+        except Exception:  # the first job imports what it needs and reports what fails
+            log.exception("warming up failed")
+            return
+        log.info("model libraries imported in %.1f s, before the first job", time.monotonic() - started)
 
     def wake(self) -> None:
         """A job was queued: stop waiting for the next poll. The only lane, when it stored the job
@@ -270,6 +294,10 @@ class Worker:
         self._on_lane.yes = True
         lane.idle = True
         while not self._stop.is_set():
+            if self._warming is not None and lane is self.lanes[0]:
+                lane.idle = False  # submissions go to a pool thread meanwhile (engine.server.handoff)
+                self._warm(lane)
+                lane.idle = True
             # Submissions handed to an idle lane: stored here and run next (the first is written as running
             # at once, see add_job), the loop woken at the end.
             fresh: set[str] = set()
