@@ -60,6 +60,23 @@ def test_a_folder_tokenizer_is_read_again_when_its_files_change(tmp_path):
     assert (first.pad_token, again.pad_token) == ("<|endoftext|>", "!")
 
 
+def test_two_folders_holding_the_same_tokenizer_share_one_build(tmp_path):
+    """Keyed by the files' contents, not the folder: a copy elsewhere is not parsed again, one file
+    changed anywhere in it is."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    clip_tokenizer().save_pretrained(str(tmp_path / "a" / "tokenizer"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first = tokenizer_memo.from_folder(CLIPTokenizer, tmp_path / "a", "tokenizer")
+    assert tokenizer_memo.from_folder(CLIPTokenizer, tmp_path / "b", "tokenizer") is first
+    config = tmp_path / "b" / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"model_max_length": 77', '"model_max_length": 76'))
+    changed = tokenizer_memo.from_folder(CLIPTokenizer, tmp_path / "b", "tokenizer")
+    assert changed is not first and (first.model_max_length, changed.model_max_length) == (77, 76)
+
+
 def test_a_full_unload_lets_go_of_every_threads_tokenizers():
     """ComfyUI's /free (the model manager's full unload) drops the kept tokenizers, another thread's too."""
     from nodes.runtime.models import ModelManager
