@@ -103,6 +103,7 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
     pending = None  # a CUDA step's report, sent once the next step is queued (see _stage)
     # the model's network hooks, on DualModelGuider's second network too (ComfyUI runs both with its options)
     hooked = ((network, family), *(dual.apart() if hasattr(dual, "apart") else ()))
+    weights_dtype = network.dtype  # diffusers walks every module to answer: once, not at every step
     with torch.inference_mode(), contextlib.ExitStack() as hooks:
         for each_network, each_family in hooked:
             _hook(hooks, each_network, patches, each_family, schedule, x, generators)
@@ -127,15 +128,15 @@ def run(network: Any, plan: Any, *, positive: Any, negative: Any, cfg: float, ge
                 continue
             staged = (i + 1, *_stage(_shown(result, sched, x), jobs, x))
             if staged[2] is None:
-                _report(staged, len(plan.timesteps), latent, progress, network.dtype)
+                _report(staged, len(plan.timesteps), latent, progress, weights_dtype)
                 continue
             if pending is not None:
-                _report(pending, len(plan.timesteps), latent, progress, network.dtype)
+                _report(pending, len(plan.timesteps), latent, progress, weights_dtype)
             pending = staged
     if pending is not None:
-        _report(pending, len(plan.timesteps), latent, progress, network.dtype)
+        _report(pending, len(plan.timesteps), latent, progress, weights_dtype)
     if not torch.isfinite(x).all():  # the caller reads x anyway: one sync it would make
-        raise Diverged(len(plan.timesteps), len(plan.timesteps), network.dtype)
+        raise Diverged(len(plan.timesteps), len(plan.timesteps), weights_dtype)
     if cache is not None and say is not None:
         say(cache.summary())
     return x

@@ -19,7 +19,9 @@ Every list is descending and ends with 0.0, one entry more than the steps it dri
 """
 from __future__ import annotations
 
+import json
 import math
+import threading
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
@@ -40,14 +42,29 @@ def training_sigmas(config: Mapping[str, Any]) -> "torch.Tensor":
     """sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for t = 0..T-1, float32.
 
     The betas come from diffusers (built from the checkpoint's scheduler config), so
-    every beta schedule diffusers knows is covered without re-deriving it here.
+    every beta schedule diffusers knows is covered without re-deriving it here. Each
+    sampler and schedule node asks; building the scheduler takes milliseconds, so the
+    sigmas of the last few configs are kept (a copy is returned: callers own what they get).
     """
     import torch
     from diffusers import EulerDiscreteScheduler
 
-    sched = EulerDiscreteScheduler.from_config(dict(config))
-    ac = sched.alphas_cumprod.to(torch.float64)
-    return ((1 - ac) / ac).sqrt().to(torch.float32)
+    key = json.dumps(dict(config), sort_keys=True, default=repr)
+    with _TRAINING_LOCK:
+        sigmas = _TRAINING_SIGMAS.pop(key, None)
+    if sigmas is None:
+        ac = EulerDiscreteScheduler.from_config(dict(config)).alphas_cumprod.to(torch.float64)
+        sigmas = ((1 - ac) / ac).sqrt().to(torch.float32)
+    with _TRAINING_LOCK:
+        _TRAINING_SIGMAS[key] = sigmas  # most recently used last
+        while len(_TRAINING_SIGMAS) > 16:
+            del _TRAINING_SIGMAS[next(iter(_TRAINING_SIGMAS))]
+    return sigmas.clone()
+
+
+#: training sigmas by their scheduler config's JSON (see :func:`training_sigmas`); lanes share them
+_TRAINING_SIGMAS: dict[str, "torch.Tensor"] = {}
+_TRAINING_LOCK = threading.Lock()
 
 
 class VarianceExploding:
