@@ -144,11 +144,12 @@ class Server:
 
     ``workflows``: files for its library (None: the tiny img2img pair the editor tests use;
     ``{}``: none). ``extra_args`` go on the command line (e.g. ``--frontend comfyui``).
-    ``warm_up``: import the model libraries once listening, as ``kiln serve`` does by default;
-    off unless a test asks, since it costs seconds of CPU that most modules' jobs never need."""
+    It imports the model libraries once listening, as ``kiln serve`` does by default: a module's
+    first job then finds them imported while the browser worked (measured: the suite's browser
+    tests took about 305 s of worker time so, 330 s with ``--no-warm-up``)."""
 
     def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None, warm_up: bool = False) -> None:
+                 extra_args: list[str] | None = None) -> None:
         self.root, self.data, self.workflows = root, root / "data", root / "workflows"
         (self.data / "input").mkdir(parents=True)
         self.workflows.mkdir()
@@ -167,7 +168,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows),
-             *(extra_args or []), *([] if warm_up else ["--no-warm-up"])],
+             *(extra_args or [])],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

@@ -29,8 +29,7 @@ def fresh_server(tmp_path_factory, tiny_models_dir):
     root = tmp_path_factory.mktemp("fresh")
     (root / "models" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(tiny_models_dir / "checkpoints" / TINY_CKPT, root / "models" / "checkpoints" / DEMO_CKPT)
-    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()},
-                 warm_up=True)
+    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()})
     yield srv
     srv.stop()
 
