@@ -145,8 +145,7 @@ class Server:
     ``workflows``: files for its library (None: the tiny img2img pair the editor tests use;
     ``{}``: none). ``extra_args`` go on the command line (e.g. ``--frontend comfyui``).
     It imports the model libraries once listening, as ``kiln serve`` does by default: a module's
-    first job then finds them imported while the browser worked (measured: the suite's browser
-    tests took about 305 s of worker time so, 330 s with ``--no-warm-up``)."""
+    first model job then finds them imported, the imports having run while the browser worked."""
 
     def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None,
                  extra_args: list[str] | None = None) -> None:
