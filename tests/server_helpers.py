@@ -141,6 +141,12 @@ async def wait_up(session: Any, base: str, proc: subprocess.Popen, timeout: floa
     raise AssertionError("server did not come up")
 
 
+def kiln_command() -> list[str]:
+    """``kiln`` as a shell starts it: the installed console script, else the module."""
+    script = Path(sys.executable).parent / "kiln"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from server_helpers import kiln_command
 
 RESIZE = {
     "version": 1,
@@ -54,9 +55,7 @@ def kiln(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProc
 
 def kiln_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``kiln ARGS`` as a shell starts it: the installed console script in a process of its own."""
-    script = Path(sys.executable).parent / "kiln"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "engine.cli"]
-    return subprocess.run([*command, *args], cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    return subprocess.run([*kiln_command(), *args], cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=120)
 
 

@@ -12,7 +12,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from PIL import Image
 
 import tiny_models as tiny
 from cluster_helpers import Cluster, make_registry, wait_for
-from server_helpers import free_port, save_workflow, slow_workflow, wait_status
+from server_helpers import free_port, kiln_command, save_workflow, slow_workflow, wait_status
 from test_server_ws import comfy_messages_until_done, spin_workflow
 
 from engine import __version__
@@ -297,18 +296,13 @@ async def test_a_server_never_sends_jobs_to_a_worker_of_another_version(aiohttp_
         own.close()
 
 
-def _kiln() -> list[str]:
-    kiln_bin = Path(sys.executable).parent / "kiln"
-    return [str(kiln_bin)] if kiln_bin.exists() else [sys.executable, "-m", "engine.cli"]
-
-
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_an_unreachable_scheduler_is_a_clear_error_not_a_hang(tmp_path, command):
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     args = (["serve", "--cluster", address, "--cluster-timeout", "2", "--port", str(free_port()),
              "--data", str(tmp_path / "data")] if command == "serve" else
             ["worker", address, "--timeout", "2", "--data", str(tmp_path / "w")])
-    done = subprocess.run([*_kiln(), *args], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([*kiln_command(), *args], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 2, done.stderr
     assert f"cannot reach the Dask scheduler at {address}" in done.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from server_helpers import (free_port, kiln, save_workflow, show_workflow, slow_workflow,  # noqa: F401
+from server_helpers import (free_port, kiln, kiln_command, save_workflow, show_workflow, slow_workflow,  # noqa: F401
                             wait_status, wait_up)
 
 from engine.server.store import RESTART_REASON
@@ -224,9 +224,7 @@ async def test_kiln_serve_is_ready_fast(tmp_path):
     """The real command with the real node library answers within a few seconds, torch not imported
     (``--no-warm-up``: otherwise it imports the model libraries once it answers)."""
     port = free_port()
-    kiln_bin = Path(sys.executable).parent / "kiln"
-    cmd = [str(kiln_bin)] if kiln_bin.exists() else [sys.executable, "-m", "engine.cli"]
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--data", str(tmp_path / "data"),
+    proc = subprocess.Popen([*kiln_command(), "serve", "--port", str(port), "--data", str(tmp_path / "data"),
                              "--models", str(tmp_path / "models"), "--workflows", str(tmp_path / "wf"), "--no-warm-up"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
     try:
