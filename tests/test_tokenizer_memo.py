@@ -77,6 +77,26 @@ def test_two_folders_holding_the_same_tokenizer_share_one_build(tmp_path):
     assert changed is not first and (first.model_max_length, changed.model_max_length) == (77, 76)
 
 
+def test_a_file_too_large_to_hash_counts_by_its_size_and_modification_time(tmp_path, monkeypatch):
+    """Weights beside a tokenizer are not read to key it; replacing them (a new mtime) still builds it again."""
+    import os
+
+    from transformers import CLIPTokenizer
+
+    monkeypatch.setattr(tokenizer_memo, "HASHED_BYTES", 1024)  # the limit itself is 64 MB
+    folder = tmp_path / "tokenizer"
+    clip_tokenizer().save_pretrained(str(folder))
+    weights = folder / "weights.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    stamp = weights.stat().st_mtime_ns
+    first = tokenizer_memo.from_folder(CLIPTokenizer, tmp_path, "tokenizer")
+    weights.write_bytes(b"b" * 4096)  # other contents, same size and time: not read, so the same key
+    os.utime(weights, ns=(stamp, stamp))
+    assert tokenizer_memo.from_folder(CLIPTokenizer, tmp_path, "tokenizer") is first
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
+    assert tokenizer_memo.from_folder(CLIPTokenizer, tmp_path, "tokenizer") is not first
+
+
 def test_a_full_unload_lets_go_of_every_threads_tokenizers():
     """ComfyUI's /free (the model manager's full unload) drops the kept tokenizers, another thread's too."""
     from nodes.runtime.models import ModelManager
