@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,9 +13,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-# -- tiny Stable Diffusion models (see tests/tiny_models.py) ---------------------------
 import pytest  # noqa: E402
 
+# -- temporary folders: a module's are emptied when it ends -------------------------------
+# The model files tests write add up to ~18 GB over a session, more than a CI machine's
+# temporary space holds. A passing test's tmp_path goes at once (tmp_path_retention_policy in
+# pyproject.toml); folders a module made through tmp_path_factory are emptied when the module
+# ends, unless one of its tests failed (kept to look at) or a session fixture owns them.
+
+_SESSION_FOLDERS: set[Path] = set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_folders_emptied(request, tmp_path_factory):
+    """Autouse at module scope, so set up before the module's other module fixtures and torn
+    down after them. Folders are emptied, not removed: their numbered names stay taken, so a
+    later module never gets a path that an in-process cache saw with other contents."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        return
+    for folder in set(base.iterdir()) - before - _SESSION_FOLDERS:
+        if folder.is_symlink() or not folder.is_dir():  # pytest's "<name>current" links to the newest
+            continue
+        for child in folder.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def _session_folder(tmp_path_factory, name: str) -> Path:
+    """A temporary folder that lives as long as the test session (for session fixtures)."""
+    folder = tmp_path_factory.mktemp(name)
+    _SESSION_FOLDERS.add(folder)
+    return folder
+
+
+# -- tiny Stable Diffusion models (see tests/tiny_models.py) ---------------------------
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory) -> Path:
@@ -26,7 +64,7 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     import tiny_models
 
     dlog.disable_progress_bar()
-    return tiny_models.make_models_folder(tmp_path_factory.mktemp("models"))
+    return tiny_models.make_models_folder(_session_folder(tmp_path_factory, "models"))
 
 
 @pytest.fixture()

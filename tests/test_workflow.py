@@ -108,7 +108,7 @@ def test_nodes_missing_class_type_are_reported_not_raised():
     assert any(e.node_id == "2" and "class_type" in e.message for e in info.value.errors)
 
 
-def test_comfyui_editor_format_converts_with_the_registry():
+def test_comfyui_editor_format_converts_with_the_registry(tmp_path):
     """A litegraph file: positional widgets (with a seed-control value), a Reroute,
     a bypassed node, a muted branch, a Primitive and a Note."""
     from engine.node import Input, Output, define_node
@@ -162,8 +162,7 @@ def test_comfyui_editor_format_converts_with_the_registry():
     from engine.context import Environment
     from engine.executor import Executor
 
-    import tempfile
-    outcome = Executor(registry, Environment.for_folder(tempfile.mkdtemp())).run(wf)
+    outcome = Executor(registry, Environment.for_folder(tmp_path)).run(wf)
     assert outcome.outputs["7"] == {"text": ["13-prim"]}  # 2*3+7 = 13
 
 

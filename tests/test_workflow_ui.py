@@ -7,7 +7,6 @@ upload button's value. The real templates are in test_comfy_templates.py.
 """
 from __future__ import annotations
 
-import tempfile
 
 import pytest
 
@@ -50,8 +49,8 @@ def registry():
     return reg
 
 
-def run(registry, wf):
-    return Executor(registry, Environment.for_folder(tempfile.mkdtemp())).run(wf)
+def run(registry, wf, folder):
+    return Executor(registry, Environment.for_folder(folder)).run(wf)
 
 
 def node(id_, type_, inputs=(), outputs=(), widgets=None, mode=0, **extra):
@@ -90,7 +89,7 @@ def subgraph(id_, name, nodes, links, inputs=(), outputs=()):
 
 # -- widgets -------------------------------------------------------------------------------
 
-def test_seed_modes_in_every_saved_form(registry):
+def test_seed_modes_in_every_saved_form(registry, tmp_path):
     for saved, mode in (("randomize", "randomize"), ("increment", "increment"), (True, "randomize"),
                         (False, "fixed"), (None, None)):  # None: a mode widget not serialized
         ui = doc([node(1, "Number", outputs=[out("value", "FLOAT", [1])], widgets=[2.0]),
@@ -102,7 +101,7 @@ def test_seed_modes_in_every_saved_form(registry):
         wf = parse(ui, registry)
         assert wf.nodes["2"].inputs == {"a": Link("1", 0), "seed": 7, "scale": 3.0}, saved
         assert wf.nodes["2"].ui.get("controls") == ({"seed": mode} if mode else None)
-        assert run(registry, wf).outputs["4"] == {"text": ["13"]}
+        assert run(registry, wf, tmp_path).outputs["4"] == {"text": ["13"]}
 
 
 def test_a_boolean_is_a_value_when_there_is_no_slot_for_a_mode(registry):
@@ -206,7 +205,7 @@ def instance(id_, type_, x_link, widget_values=None, scale_link=None, outs=((), 
                 outputs=[out("product", "FLOAT", outs[0]), out("text", "STRING", outs[1])], widgets=widget_values)
 
 
-def test_subgraph_expands_with_inputs_outputs_and_promoted_widget_values(registry):
+def test_subgraph_expands_with_inputs_outputs_and_promoted_widget_values(registry, tmp_path):
     ui = doc([node(1, "Number", outputs=[out("value", "FLOAT", [1])], widgets=[3.0]),
               instance(2, SCALE_ID, 1, [5.0], outs=([], [2])),
               node(3, "Show", inputs=[inp("text", "STRING", 2)])],
@@ -215,7 +214,7 @@ def test_subgraph_expands_with_inputs_outputs_and_promoted_widget_values(registr
     assert set(wf.nodes) == {"1", "2:1", "2:2", "3"}
     assert wf.nodes["2:1"].inputs == {"a": Link("1", 0), "b": 5.0}  # the instance's value for the promoted widget
     assert wf.nodes["3"].inputs == {"text": Link("2:2", 0)}
-    assert run(registry, wf).outputs["3"] == {"text": ["15"]}
+    assert run(registry, wf, tmp_path).outputs["3"] == {"text": ["15"]}
     # Without stored values (the proxy-widget files) the inner widget keeps its own value.
     ui["nodes"][1]["widgets_values"] = []
     assert parse(ui, registry).nodes["2:1"].inputs["b"] == 1.0
@@ -226,7 +225,7 @@ def test_subgraph_expands_with_inputs_outputs_and_promoted_widget_values(registr
     assert parse(ui, registry).nodes["2:1"].inputs["b"] == Link("4", 0)
 
 
-def test_nested_subgraphs_carry_values_through_every_level(registry):
+def test_nested_subgraphs_carry_values_through_every_level(registry, tmp_path):
     """Outer(x) = Scale(x) inside, whose 'scale' widget is promoted twice; ids nest as 5:7:1."""
     outer = subgraph(OUTER_ID, "Outer", [
         instance(7, SCALE_ID, 21, None, scale_link=22, outs=([23], [])),
@@ -243,7 +242,7 @@ def test_nested_subgraphs_carry_values_through_every_level(registry):
     assert set(wf.nodes) == {"1", "5:7:1", "5:7:2", "6", "8"}
     assert wf.nodes["5:7:1"].inputs == {"a": Link("1", 0), "b": 4.0}
     assert wf.nodes["6"].inputs == {"value": Link("5:7:1", 0)}
-    assert run(registry, wf).outputs["8"] == {"text": ["8"]}
+    assert run(registry, wf, tmp_path).outputs["8"] == {"text": ["8"]}
 
 
 def test_bypassed_and_muted_instances(registry):
