@@ -144,13 +144,11 @@ class Worker:
         self._warming = imports
         self._wake.set()
 
-    def _warm(self, lane: _Lane) -> None:
-        imports, self._warming = self._warming, None
+    def _warm(self, lane: _Lane, imports: Callable[[], None]) -> None:
         started = time.monotonic()
         try:
             self._resolve_device(lane)
-            if imports is not None:
-                imports()
+            imports()
         except Exception:  # the first job imports what it needs and reports what fails
             log.exception("warming up failed")
             return
@@ -295,8 +293,9 @@ class Worker:
         lane.idle = True
         while not self._stop.is_set():
             if self._warming is not None and lane is self.lanes[0]:
+                imports, self._warming = self._warming, None
                 lane.idle = False  # submissions go to a pool thread meanwhile (engine.server.handoff)
-                self._warm(lane)
+                self._warm(lane, imports)
                 lane.idle = True
             # Submissions handed to an idle lane: stored here and run next (the first is written as running
             # at once, see add_job), the loop woken at the end.
