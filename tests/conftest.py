@@ -45,6 +45,15 @@ def _module_folders_emptied(request, tmp_path_factory):
                 child.unlink(missing_ok=True)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The temporary folder's free space at the end (even under -q): the first thing to read when a
+    run's last modules fail to write their files."""
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    terminalreporter.write_line(f"temporary folder {folder}: {shutil.disk_usage(folder).free / 2**30:.1f} GiB free")
+
+
 def _session_folder(tmp_path_factory, name: str) -> Path:
     """A temporary folder that lives as long as the test session (for session fixtures)."""
     folder = tmp_path_factory.mktemp(name)
