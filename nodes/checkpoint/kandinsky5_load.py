@@ -62,39 +62,31 @@ def is_folder(path: Any) -> bool:
 
 def load_folder(path: Any, dtype: Any, offload: Any = None) -> Loaded:
     """A diffusers Kandinsky 5 folder (``Kandinsky5T2IPipeline.save_pretrained``: transformer, Qwen2.5-VL
-    (Qwen-Image's builder: nodes.checkpoint.qwen_image_load.build_text_model), CLIP-L, FLUX's VAE, their
+    (Qwen-Image's folder rule: nodes.checkpoint.qwen_image_load.folder_text_encoder), CLIP-L, FLUX's VAE, their
     tokenizers (else Kiln's), the scheduler config) through
     nodes.checkpoint.flow_transformers.load_pipeline_folder; the latent is FLUX's format, as from the split
     files, and the modules diffusers keeps in float32 are read again in float32 from ``transformer/``."""
     import dataclasses
 
     from diffusers import AutoencoderKL, Kandinsky5Transformer3DModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from nodes.checkpoint.flow_transformers import load_pipeline_folder
     from nodes.checkpoint.folders import folder_component, folder_state
     from nodes.checkpoint.kept_fp32 import keep_in_fp32
-    from nodes.checkpoint.qwen_image_load import build_text_model
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
-    from nodes.checkpoint.tensors import ShardedState
+    from nodes.checkpoint.qwen_image_load import folder_text_encoder, qwen25_folder_tokenizer
     from nodes.checkpoint.tokenizer import clip_tokenizer
     from nodes.families import kandinsky5 as fam
 
     def others() -> dict[str, Any]:
-        te_files = sorted((path / "text_encoder").glob("*.safetensors"))
-        if not te_files:
-            raise OSError("text_encoder/ holds no .safetensors")
-        from nodes.checkpoint.load import open_state
-
-        qwen = ShardedState({k: state for state in map(open_state, te_files) for k in state})
         return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                "text_encoder": build_text_model(qwen, f"{path.name}/text_encoder", dtype),
+                "text_encoder": folder_text_encoder(path, dtype),
                 "text_encoder_2": folder_component(path / "text_encoder_2", CLIPTextModel, dtype)}
 
     found = folder_state(path / "transformer", dtype)
     files = {} if found is None else found[1]
     loaded = load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, Kandinsky5Transformer3DModel, others,
-                                  lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")),
+                                  lambda: qwen25_folder_tokenizer(path),
                                   latent_from_vae=False, ready=lambda model: keep_in_fp32(model, files),
                                   ready_in_blocks=True)
     second = folder_tokenizer(path, CLIPTokenizer, clip_tokenizer, "tokenizer_2")

@@ -51,25 +51,15 @@ def load_folder(path: Path, dtype: Any, offload: Any = None) -> Loaded:
     scheduler) through nodes.checkpoint.flow_transformers.load_pipeline_folder; the latent's scale and shift
     from the VAE's config. The text processor is not read (Kiln reads pictures with its own, the release's bounds)."""
     from diffusers import AutoencoderKL, LongCatImageTransformer2DModel
-    from transformers import AutoTokenizer
 
     from nodes.checkpoint.flow_transformers import load_pipeline_folder
-    from nodes.checkpoint.tokenizer_memo import folder_tokenizer
     from nodes.checkpoint.folders import folder_component
-    from nodes.checkpoint.load import open_state
-    from nodes.checkpoint.qwen_image_load import build_text_model
-    from nodes.checkpoint.qwen_tokenizer import qwen_tokenizer
-    from nodes.checkpoint.tensors import ShardedState
+    from nodes.checkpoint.qwen_image_load import folder_text_encoder, qwen25_folder_tokenizer
     from nodes.families import longcat as fam
 
     def others() -> dict[str, Any]:
-        files = sorted((path / "text_encoder").glob("*.safetensors"))
-        if not files:
-            raise OSError("text_encoder/ holds no .safetensors")
-        # a lazily read view: the vision tower's tensors are read when a picture first needs them
-        state = ShardedState({k: s for s in map(open_state, files) for k in s})
         return {"vae": folder_component(path / "vae", AutoencoderKL, dtype),
-                "text_encoder": build_text_model(state, f"{path.name}/text_encoder", dtype)}
+                "text_encoder": folder_text_encoder(path, dtype)}
 
     return load_pipeline_folder(path, dtype, offload, fam.FAMILY, LABEL, LongCatImageTransformer2DModel, others,
-                                lambda: folder_tokenizer(path, AutoTokenizer, lambda: qwen_tokenizer("2.5")))
+                                lambda: qwen25_folder_tokenizer(path))

@@ -194,19 +194,29 @@ def qwen25_folder_tokenizer(path: Path) -> Any:
 
 def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any = None) -> dict[str, Any]:
     """A folder's VAE (``vae/``, Qwen-Image's unless ``build_vae(state, what, dtype)`` is given: Qwen-Image
-    2.1's) and its text encoder (``text_encoder/``, built by ``build_text(state, what, dtype)``): the parts
-    Qwen-Image's, Krea 2's and Qwen-Image 2.1's folders share in kind."""
+    2.1's) and its text encoder (folder_text_encoder): the parts Qwen-Image's, Krea 2's and Qwen-Image 2.1's
+    folders share in kind."""
     from nodes.checkpoint import qwen_image_vae
+    from nodes.checkpoint.load import open_state
+
+    vae_files = sorted((path / "vae").glob("*.safetensors"))
+    if not vae_files:
+        raise OSError("vae/ holds no .safetensors")
+    vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
+    return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
+            "text_encoder": folder_text_encoder(path, dtype, build_text)}
+
+
+def folder_text_encoder(path: Path, dtype: Any, build_text: Any = None) -> Any:
+    """A folder's text encoder (``text_encoder/``, built by ``build_text(state, what, dtype)``, Qwen2.5-VL's
+    build_text_model unless given), read from its files as a lazily read view: each tensor is read as the
+    build asks for it, and a part left for later (a Qwen-VL's vision tower: nodes.checkpoint.qwen_vision)
+    holds no memory until then. Qwen-Image's rule, which LongCat-Image's and Kandinsky 5's folders share."""
     from nodes.checkpoint.load import open_state
     from nodes.checkpoint.tensors import ShardedState
 
-    vae_files = sorted((path / "vae").glob("*.safetensors"))
-    te_files = sorted((path / "text_encoder").glob("*.safetensors"))
-    if not vae_files or not te_files:
-        raise OSError("vae/ or text_encoder/ holds no .safetensors")
-    vae_state = {k: v for f in vae_files for k, v in plain(open_state(f)).items()}
-    # the text encoder's files stay a lazily read view: each tensor is read as the build asks for it, and
-    # a part left for later (a Qwen-VL's vision tower: nodes.checkpoint.qwen_vision) holds no memory until then
-    te_state = ShardedState({k: state for state in map(open_state, te_files) for k in state})
-    return {"vae": (build_vae or qwen_image_vae.build)(vae_state, f"{path.name}/vae", dtype),
-            "text_encoder": build_text(te_state, f"{path.name}/text_encoder", dtype)}
+    files = sorted((path / "text_encoder").glob("*.safetensors"))
+    if not files:
+        raise OSError("text_encoder/ holds no .safetensors")
+    state = ShardedState({k: part for part in map(open_state, files) for k in part})
+    return (build_text or build_text_model)(state, f"{path.name}/text_encoder", dtype)
