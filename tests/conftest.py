@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -27,8 +28,8 @@ _SESSION_FOLDERS: set[Path] = set()
 @pytest.fixture(scope="module", autouse=True)
 def _module_folders_emptied(request, tmp_path_factory):
     """Autouse at module scope, so set up before the module's other module fixtures and torn
-    down after them. Folders are emptied, not removed: their numbered names stay taken, so a
-    later module never gets a path that an in-process cache saw with other contents."""
+    down after them. Each folder is made again empty: its numbered name stays taken, so a later
+    module never gets a path that an in-process cache saw with other contents."""
     base = tmp_path_factory.getbasetemp()
     before = set(base.iterdir())
     failed_before = request.session.testsfailed
@@ -36,20 +37,14 @@ def _module_folders_emptied(request, tmp_path_factory):
     if request.session.testsfailed > failed_before:
         return
     for folder in set(base.iterdir()) - before - _SESSION_FOLDERS:
-        if folder.is_symlink() or not folder.is_dir():  # pytest's "<name>current" links to the newest
-            continue
-        for child in folder.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        if folder.is_dir() and not folder.is_symlink():  # pytest's "<name>current" links to the newest
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(exist_ok=True)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The temporary folder's free space at the end (even under -q): the first thing to read when a
     run's last modules fail to write their files."""
-    import tempfile
-
     folder = tempfile.gettempdir()
     terminalreporter.write_line(f"temporary folder {folder}: {shutil.disk_usage(folder).free / 2**30:.1f} GiB free")
 

@@ -2,14 +2,14 @@
 wrote is gone when it ends, what a session fixture or a failing test wrote stays.
 
 The rule runs in an inner pytest session over three small modules, under a copy of the real
-conftest and the real retention setting, with a given base folder so that what is left can be
+conftest and the project's pytest configuration, with a given base folder so that what is left can be
 looked at afterwards."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import textwrap
-import tomllib
 from pathlib import Path
 
 TESTS = Path(__file__).parent
@@ -68,15 +68,14 @@ def test_passing_modules_leave_nothing_and_failing_ones_keep_their_folders(tmp_p
     (project / "conftest.py").write_text((TESTS / "conftest.py").read_text() + SHARED_FIXTURE)
     for name, text in MODULES.items():
         (project / name).write_text(textwrap.dedent(text))
-    pytest_ini = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     base = tmp_path / "base"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", str(project),
-         "--basetemp", str(base), "-o", f"tmp_path_retention_policy={pytest_ini['tmp_path_retention_policy']}",
-         str(project)],
+         "-c", str(TESTS.parent / "pyproject.toml"), "--basetemp", str(base), str(project)],
         cwd=project, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 failed, 3 passed" in proc.stdout, proc.stdout
+    assert f"temporary folder {tempfile.gettempdir()}: " in proc.stdout  # the summary's free-space line
     entries = {p.name for p in base.iterdir()}
     assert (base / "shared0" / "model.bin").read_bytes() == b"1"
     assert (base / "weights0").is_dir() and list((base / "weights0").iterdir()) == []
