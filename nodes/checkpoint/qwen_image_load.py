@@ -207,7 +207,7 @@ def vae_and_text_encoder(path: Path, dtype: Any, build_text: Any, build_vae: Any
             "text_encoder": folder_text_encoder(path, dtype, build_text)}
 
 
-def folder_text_encoder(path: Path, dtype: Any, build_text: Any = None) -> Any:
+def folder_text_encoder(path: Path, dtype: Any, build_text: Any = build_text_model) -> Any:
     """A folder's text encoder (``text_encoder/``, built by ``build_text(state, what, dtype)``, Qwen2.5-VL's
     build_text_model unless given), read from its files as a lazily read view: each tensor is read as the
     build asks for it, and a part left for later (a Qwen-VL's vision tower: nodes.checkpoint.qwen_vision)
@@ -219,4 +219,4 @@ def folder_text_encoder(path: Path, dtype: Any, build_text: Any = None) -> Any:
     if not files:
         raise OSError("text_encoder/ holds no .safetensors")
     state = ShardedState({k: part for part in map(open_state, files) for k in part})
-    return (build_text or build_text_model)(state, f"{path.name}/text_encoder", dtype)
+    return build_text(state, f"{path.name}/text_encoder", dtype)
