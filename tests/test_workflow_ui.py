@@ -7,7 +7,6 @@ upload button's value. The real templates are in test_comfy_templates.py.
 """
 from __future__ import annotations
 
-
 import pytest
 
 import stub_nodes as stubs
