@@ -111,6 +111,23 @@ def test_text_encoding_stacks_layers_9_18_27_of_the_chat_template():
     assert torch.equal(states, want.float())
 
 
+def test_encoding_scores_no_prompt_token():
+    """The folder's Qwen3ForCausalLM is called for its hidden states only: its output head (width x 151k)
+    sees the last token, not the 512 of the chat template (nodes.families.text.without_logits); the states
+    are the pipeline's (the test above)."""
+    from nodes.families.text import without_logits
+
+    encoder = tiny_flux2.components()["text_encoder"]
+    assert without_logits(encoder) == {"logits_to_keep": 1} and without_logits(encoder.model) == {}
+    tokens_scored: list[int] = []
+    hook = encoder.lm_head.register_forward_hook(lambda module, args, out: tokens_scored.append(args[0].shape[1]))
+    try:
+        _clip().encode(PROMPT)
+    finally:
+        hook.remove()
+    assert tokens_scored == [1]
+
+
 def test_sigmas_follow_flux2s_empirical_shift():
     """KSampler's grid is the pipeline's: linspace(1, 1/N, N) shifted at FLUX.2's mu for (tokens, steps)."""
     import math

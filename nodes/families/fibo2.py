@@ -40,6 +40,7 @@ from typing import Any
 from nodes.families import flux2
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.families.text import without_logits
 from nodes.runtime import precision
 
 LABEL = "FIBO 2"
@@ -184,7 +185,7 @@ def encode_raw(clip: Any, text: str, report: Any = None) -> list:
             raise ConditioningError(f"FIBO 2 reads Qwen3-VL's layers up to {deepest} but this text encoder has "
                                     f"{layers} (load qwen3vl_4b*.safetensors with CLIPLoader type fibo2)", "clip")
         device = next(qwen.parameters()).device
-        out = qwen(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        out = qwen(input_ids=ids.to(device), output_hidden_states=True, use_cache=False, **without_logits(qwen))
         dtype = compute_dtype(qwen)
         normed = {}
         for k in sorted({k for b in BUNDLES for k in b}):

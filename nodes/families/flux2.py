@@ -34,6 +34,7 @@ from typing import Any
 from nodes.families import flux, flux_references, reference_kv
 from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.families.text import without_logits
 from nodes.samplers.flow import MU_RULE
 from nodes.runtime import precision
 
@@ -164,7 +165,7 @@ def stacked_states(clip: Any, ids: "Any", mask: "Any", layers: tuple[int, ...], 
         device = next(model.parameters()).device
         given = {} if positions is None else {"position_ids": positions.to(device)}
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                    use_cache=False, **given)
+                    use_cache=False, **given, **without_logits(model))
         return torch.stack([out.hidden_states[k] for k in layers], dim=2).reshape(1, ids.shape[1], -1)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from nodes.families.base import ConditioningError, FlowFamily, LatentFormat, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_text_width
+from nodes.families.text import without_logits
 from nodes.runtime import precision
 
 LABEL = "HunyuanImage 2.1"
@@ -130,7 +131,7 @@ def qwen_states(tok: Any, lm: Any, prompt: str, template: str, drop: int, max_to
     got = tok([template.format(prompt)], max_length=max_tokens + drop, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         out = lm(input_ids=got.input_ids.to(lm.device), attention_mask=got.attention_mask.to(lm.device),
-                 output_hidden_states=True)
+                 output_hidden_states=True, **without_logits(lm))
         return out.hidden_states[TEXT_LAYER][:, drop:].to("cpu", torch.float32)
 
 

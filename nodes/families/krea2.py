@@ -32,6 +32,7 @@ from typing import Any, Callable
 from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.text import without_logits
 from nodes.runtime import precision
 
 UNET_PREFIX = flux.UNET_PREFIX
@@ -190,7 +191,8 @@ def conditioning(clip: Any, inputs: Callable[[Any], dict[str, Any]], report: Any
         given = inputs(qwen)
         ids = given["input_ids"]
         model = qwen if "pixel_values" in given else text_model
-        out = model(**{k: v.to(device) for k, v in given.items()}, output_hidden_states=True, use_cache=False)
+        out = model(**{k: v.to(device) for k, v in given.items()}, output_hidden_states=True, use_cache=False,
+                    **without_logits(model))
         states = torch.stack([out.hidden_states[k] for k in TEXT_LAYERS], dim=2)
     states = states[:, template_end(ids[0].tolist()):]
     states = states.reshape(1, states.shape[1], -1)

@@ -34,6 +34,7 @@ from typing import Any
 from nodes.families import flux, qwen_image
 from nodes.families.base import ConditioningError, FlowFamily, Shapes, TextEncoderSpec, WrappedTransformer
 from nodes.families.input_checks import check_even_latent, check_text_width
+from nodes.families.text import without_logits
 from nodes.families.sdxl import ChannelLatentFormat
 from nodes.runtime import precision
 
@@ -188,7 +189,7 @@ def states_unnormed(qwen: Any, ids: "Any", label: str = LABEL,
     handle = norm.register_forward_hook(lambda module, args, output: args[0])
     try:
         with eager_while_hooked():
-            out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False, **inputs)
+            out = qwen(input_ids=ids, output_hidden_states=True, use_cache=False, **inputs, **without_logits(qwen))
     finally:
         handle.remove()
     return out.hidden_states

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from nodes.prompt_syntax import Parsed, parse
@@ -236,3 +237,26 @@ def pooled_text(clip: Any, text: str) -> "torch.Tensor":
     with torch.inference_mode(), clip.encoder(spec.module) as te:
         out = te(torch.tensor(tokens.windows[:1]).to(te.device), output_hidden_states=False)
     return out.pooler_output.to("cpu", torch.float32)
+
+
+def without_logits(model: Any) -> dict[str, int]:
+    """Keyword arguments that keep ``model`` from scoring every token when it is called for its hidden states.
+
+    A text encoder loaded from a diffusers folder is the whole language model (Qwen3ForCausalLM for FLUX.2
+    [klein], Mistral3ForConditionalGeneration for FLUX.2 [dev], Qwen2.5-VL's and Qwen3-VL's): called as the
+    pipelines call it, it also multiplies every token by its output head, a width x ~150k matrix: about a
+    tenth of a Qwen3-4B prompt's work and a tokens x vocabulary tensor that no image model reads.
+    transformers' ``logits_to_keep`` scores the last token only. The hidden states are the same either way;
+    a model without a head takes no such argument and gets none. Read from the class, so a hook that wraps
+    the instance's ``forward`` (offloading, compiling) does not hide it."""
+    return {"logits_to_keep": 1} if _scores_tokens(type(model)) else {}
+
+
+@lru_cache(maxsize=None)
+def _scores_tokens(cls: type) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
