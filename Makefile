@@ -43,7 +43,10 @@ serve: $(STAMP)
 # fixtures are built once, and each running torch on one thread so the processes do not fight over cores.
 TEST_WORKERS ?= 2
 
+# Bytecode is compiled first: the suite starts dozens of Python processes (kiln serve, kiln run, cluster
+# workers), and where PYTHONDONTWRITEBYTECODE is set (as on this machine) each would compile Kiln's sources again.
 test: $(STAMP) browser
+	$(BIN)/python -m compileall -q engine nodes tests >/dev/null
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 bench: $(STAMP)
