@@ -47,7 +47,7 @@ def server(tmp_path_factory):
 
     workflows = {name: (REPO / "workflows" / name).read_text() for name in SHIPPED}
     models = tiny_models.make_models_folder(tmp_path_factory.mktemp("layout-models"))
-    srv = Server(tmp_path_factory.mktemp("layout"), models, workflows)
+    srv = Server(tmp_path_factory.mktemp("layout"), models, workflows, warm_up=False)  # no model job here
     yield srv
     srv.stop()
 

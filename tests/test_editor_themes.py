@@ -51,7 +51,7 @@ LOW_CONTRAST = """() => {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models_dir):
-    srv = Server(tmp_path_factory.mktemp("themes"), tiny_models_dir)
+    srv = Server(tmp_path_factory.mktemp("themes"), tiny_models_dir, warm_up=False)  # no model job here
     yield srv
     srv.stop()
 
