@@ -29,6 +29,7 @@ from engine.context import Environment, Interrupted, JobInfo, NodeContext, NodeE
 from engine.events import (Event, JobFailed, JobFinished, JobInterrupted, JobStarted, NodeFailed, NodeFinished,
                            NodeMessage, NodesCached, NodeStarted, Preview, Progress)
 from engine.guard import unchecked_images
+from engine.helper_threads import start_helper
 from engine.node import ALWAYS, Result
 from engine.paths import PathRefused
 from engine.registry import Registry
@@ -352,7 +353,8 @@ class _Run:
         return self.outcome
 
     def _start_prefetch(self, run_order: list[str]) -> None:
-        """Start the prefetch hooks of the nodes that will run, in one background thread, in plan order.
+        """Start the prefetch hooks of the nodes that will run, in one background thread, in plan order
+        (a helper of the job's thread: what a loader keeps per thread is kept for that one).
 
         A model loader's hook puts the model into the manager, whose lock makes the
         node's own load wait for it and then find it: the load overlaps whatever runs
@@ -374,7 +376,7 @@ class _Run:
                 except Exception:  # the node reports it when it runs
                     pass
 
-        threading.Thread(target=work, name=f"kiln-prefetch-{self.job_id[:8]}", daemon=True).start()
+        start_helper(work, name=f"kiln-prefetch-{self.job_id[:8]}")
 
     def _run_node(self, node: PlannedNode, signature: str) -> None:
         kwargs = self._inputs(node)  # a lazy input's branch runs first, before this node starts

@@ -19,6 +19,7 @@ from PIL import Image
 from engine import types as T
 from engine.context import Environment, Paths
 from engine.executor import Executor
+from engine.helper_threads import owner
 from engine.node import Input, Output, define_node
 from engine.registry import Registry
 from engine.workflow import parse
@@ -59,6 +60,7 @@ def test_prefetch_starts_before_the_first_node(tmp_path: Path) -> None:
     def prefetch(env, inputs) -> None:
         seen["inputs"] = dict(inputs)
         seen["thread"] = threading.current_thread().name
+        seen["owner"] = owner()
         started.set()
 
     @define_node("WaitForPrefetch", inputs=[Input("value", T.INT, default=1)], outputs=[Output("value", T.INT)])
@@ -82,6 +84,7 @@ def test_prefetch_starts_before_the_first_node(tmp_path: Path) -> None:
     assert outcome.results["2"] == (5,)
     assert seen["inputs"] == {"name": "x.safetensors"}
     assert str(seen["thread"]).startswith("kiln-prefetch-")
+    assert seen["owner"] is threading.current_thread()  # it works for the job's thread (engine/helper_threads.py)
 
 
 def test_no_prefetch_for_cached_nodes(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Tokenizers are built once per thread (nodes/checkpoint/tokenizer_memo.py): a second load on the same
-thread gets the same object, another thread its own, and a folder whose tokenizer files change is read
-again."""
+thread gets the same object, a helper working for that thread (a job's prefetch) too, another thread its
+own, and a folder whose tokenizer files change is read again."""
 from __future__ import annotations
 
 import threading
@@ -28,6 +28,25 @@ def test_the_same_thread_gets_the_same_tokenizer_and_another_thread_its_own():
     # the other thread's is the same tokenizer: same ids, same padding
     assert other("a photo of a cat", padding="max_length", max_length=77).input_ids == \
         first("a photo of a cat", padding="max_length", max_length=77).input_ids
+
+
+def test_a_helper_thread_loads_with_the_tokenizers_of_the_thread_it_works_for():
+    """A job's prefetch thread, new for every job, loads the job's models (engine/helper_threads.py): it
+    finds the tokenizers the job's thread keeps, and what it builds is kept for that thread, so loading the
+    model again in the next job builds none."""
+    from engine.helper_threads import start_helper
+
+    def in_helper(fn):
+        out = []
+        start_helper(lambda: out.append(fn()), "test-helper").join(30)
+        return out[0]
+
+    mine = clip_tokenizer()
+    assert in_helper(clip_tokenizer) is mine
+    built = in_helper(lambda: clip_tokenizer("!"))
+    assert clip_tokenizer("!") is built
+    assert in_helper(lambda: in_helper(clip_tokenizer)) is mine  # a helper's helper works for this thread too
+    assert _in_thread(clip_tokenizer) is not mine  # a thread of its own keeps its own
 
 
 def test_a_failed_build_is_not_kept_and_the_oldest_is_dropped_past_the_bound():

@@ -7,9 +7,11 @@ again (another file, a LoRA-patched copy, a model manager that unloaded it) woul
 
 A transformers fast tokenizer sets padding and truncation on its Rust backend at every call, so
 one instance must not serve two threads at once (the server runs one worker thread per GPU): each
-thread keeps its own. What :func:`kept` returns is shared with later loads on the same thread, so
-callers use it as it is and never change its settings (padding side, special tokens).
-:func:`forget` lets go of them all (the model manager's full unload, ComfyUI's /free).
+thread keeps its own. A helper thread working for another (a job's prefetch, which loads the job's
+models while the job's thread runs, and is new for every job) uses that thread's: it only loads, the
+job's thread encodes (engine/helper_threads.py). What :func:`kept` returns is shared with later loads
+on the same thread, so callers use it as it is and never change its settings (padding side, special
+tokens). :func:`forget` lets go of them all (the model manager's full unload, ComfyUI's /free).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Hashable, TypeVar
 
+from engine.helper_threads import owner
+
 T = TypeVar("T")
 
 #: tokenizers kept per thread, the least recently used dropped first: enough for the four a
@@ -27,44 +31,34 @@ T = TypeVar("T")
 KEPT = 6
 
 
-class _Memo:
-    """One thread's tokenizers, most recently used last (an object of its own, so that :data:`_memos`
-    can hold it weakly)."""
-
-    def __init__(self) -> None:
-        self.entries: OrderedDict[Hashable, Any] = OrderedDict()
-
-
-_local = threading.local()
-#: every live thread's memo, for :func:`forget`; a thread's goes with it
-_memos: weakref.WeakSet[_Memo] = weakref.WeakSet()
+#: each thread's tokenizers (its owner's, see the module's note), most recently used last; dropped
+#: with the thread's object
+_memos: weakref.WeakKeyDictionary[threading.Thread, OrderedDict[Hashable, Any]] = weakref.WeakKeyDictionary()
 #: guards the memos (forget clears other threads' ones); never held while a tokenizer is built
 _lock = threading.Lock()
 
 
 def kept(key: Hashable, build: Callable[[], T]) -> T:
     """The tokenizer this thread built for ``key``, else ``build()`` (kept when it succeeds)."""
-    memo: _Memo | None = getattr(_local, "memo", None)
+    thread = owner()
     with _lock:
-        if memo is None:
-            memo = _local.memo = _Memo()
-            _memos.add(memo)
-        if key in memo.entries:
-            memo.entries.move_to_end(key)
-            return memo.entries[key]
+        memo = _memos.setdefault(thread, OrderedDict())
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key]
     value = build()
     with _lock:
-        memo.entries[key] = value
-        while len(memo.entries) > KEPT:
-            memo.entries.popitem(last=False)
+        memo[key] = value
+        while len(memo) > KEPT:
+            memo.popitem(last=False)
     return value
 
 
 def forget() -> None:
     """Drop every thread's tokenizers; the next load builds them again."""
     with _lock:
-        for memo in _memos:
-            memo.entries.clear()
+        for memo in _memos.values():
+            memo.clear()
 
 
 #: Files up to this size are hashed; a larger one (weights beside a tokenizer) counts by its size and
