@@ -7,15 +7,20 @@ import threading
 
 import pytest
 
+from engine.helper_threads import start_helper
 from nodes.checkpoint import tokenizer_memo
 from nodes.checkpoint.tokenizer import clip_tokenizer
 
 
-def _in_thread(fn):
+def _in_thread(fn, helper: bool = False):
+    """``fn()`` run in another thread: one of its own, or a helper working for this one (a job's prefetch)."""
     out = []
-    t = threading.Thread(target=lambda: out.append(fn()))
-    t.start()
-    t.join()
+    if helper:
+        start_helper(lambda: out.append(fn()), "test-helper").join(30)
+    else:
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
     return out[0]
 
 
@@ -34,18 +39,12 @@ def test_a_helper_thread_loads_with_the_tokenizers_of_the_thread_it_works_for():
     """A job's prefetch thread, new for every job, loads the job's models (engine/helper_threads.py): it
     finds the tokenizers the job's thread keeps, and what it builds is kept for that thread, so loading the
     model again in the next job builds none."""
-    from engine.helper_threads import start_helper
-
-    def in_helper(fn):
-        out = []
-        start_helper(lambda: out.append(fn()), "test-helper").join(30)
-        return out[0]
-
+    tokenizer_memo.forget()  # so that the helper below builds the "!" one (an earlier test kept it)
     mine = clip_tokenizer()
-    assert in_helper(clip_tokenizer) is mine
-    built = in_helper(lambda: clip_tokenizer("!"))
+    assert _in_thread(clip_tokenizer, helper=True) is mine
+    built = _in_thread(lambda: clip_tokenizer("!"), helper=True)
     assert clip_tokenizer("!") is built
-    assert in_helper(lambda: in_helper(clip_tokenizer)) is mine  # a helper's helper works for this thread too
+    assert _in_thread(lambda: _in_thread(clip_tokenizer, helper=True), helper=True) is mine  # a helper's helper too
     assert _in_thread(clip_tokenizer) is not mine  # a thread of its own keeps its own
 
 
