@@ -86,10 +86,12 @@ def tiny_env(tiny_models_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory, tiny_models_dir):
-    """A real ``kiln serve`` on a loopback port, with a data folder of this test module's own."""
+    """A real ``kiln serve`` on a loopback port, with a data folder of this test module's own. A module
+    that sets ``MODEL_JOBS = False`` runs no model job: its server skips the model libraries' warm-up."""
     from browser_support import Server
 
-    srv = Server(tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_")), tiny_models_dir)
+    srv = Server(tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_")), tiny_models_dir,
+                 warm_up=getattr(request.module, "MODEL_JOBS", True))
     yield srv
     srv.stop()
 

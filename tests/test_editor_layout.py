@@ -12,6 +12,7 @@ import pytest
 from browser_support import REPO, Server, drop_file, open_editor
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+MODEL_JOBS = False  # no model job runs here: its servers skip the model libraries' warm-up (conftest.server)
 
 SHIPPED = sorted(p.name for p in (REPO / "workflows").glob("*.json"))
 
@@ -47,7 +48,7 @@ def server(tmp_path_factory):
 
     workflows = {name: (REPO / "workflows" / name).read_text() for name in SHIPPED}
     models = tiny_models.make_models_folder(tmp_path_factory.mktemp("layout-models"))
-    srv = Server(tmp_path_factory.mktemp("layout"), models, workflows, warm_up=False)  # no model job here
+    srv = Server(tmp_path_factory.mktemp("layout"), models, workflows, warm_up=MODEL_JOBS)
     yield srv
     srv.stop()
 

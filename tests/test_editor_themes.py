@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from browser_support import Server, launch_browser, open_editor
+from browser_support import launch_browser, open_editor
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+MODEL_JOBS = False  # no model job runs here: its servers skip the model libraries' warm-up (conftest.server)
 
 #: [text, ratio, colour, background] for every visible text below 4.5:1. Colours are
 #: the computed ones; a translucent background or opacity is blended over what is
@@ -47,13 +48,6 @@ LOW_CONTRAST = """() => {
   for (const f of document.querySelectorAll('input:not([type=range]):not([type=file]), textarea, select')) check(f, f.value || '');
   return out;
 }"""
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models_dir):
-    srv = Server(tmp_path_factory.mktemp("themes"), tiny_models_dir, warm_up=False)  # no model job here
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from PIL import Image
 from browser_support import Server, job_finished, open_comfy_frontend
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+MODEL_JOBS = False  # no model job runs here: its servers skip the model libraries' warm-up (conftest.server)
 
 
 @pytest.fixture
@@ -26,18 +27,10 @@ def comfy_frontend(tmp_path: Path) -> Iterator[Server]:
     """``kiln serve --frontend comfyui`` (no model needed) with a painting in its input folder."""
     (tmp_path / "models").mkdir()
     srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, extra_args=["--frontend", "comfyui"],
-                 warm_up=False)
+                 warm_up=MODEL_JOBS)
     rgba = np.zeros((64, 128, 4), dtype=np.uint8)
     rgba[:, :64] = (255, 0, 0, 255)  # left half painted red, right half untouched
     Image.fromarray(rgba, "RGBA").save(srv.data / "input" / "painter-5-1787.png")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models_dir) -> Iterator[Server]:
-    """Kiln's editor for the second test: conftest's server without the model libraries' warm-up."""
-    srv = Server(tmp_path_factory.mktemp("painter"), tiny_models_dir, warm_up=False)
     yield srv
     srv.stop()
 
