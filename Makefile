@@ -12,10 +12,22 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
+# uv installs the pinned set in seconds where pip takes over a minute (the whole of a fresh venv
+# here: 45 s against 85 s). It compiles the bytecode as pip does: where PYTHONDONTWRITEBYTECODE is
+# set nothing else would, and every process the suite starts would compile torch's sources again.
+# torch's wheel is the one pip's configuration picks (the CPU wheel lying on this project's
+# machines), handed to uv as a file; a torch already installed (a GPU user's CUDA build) satisfies
+# the pin and stays. pip installs everything when uv cannot.
+UV_VERSION := 0.13.10
+TORCH_WHEEL := $(VENV)/torch-wheel
+
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --upgrade pip uv==$(UV_VERSION)
+	$(BIN)/pip show -q torch 2>/dev/null || $(BIN)/pip download -q --no-deps -c requirements.txt torch -d $(TORCH_WHEEL)
+	$(BIN)/uv pip install -q --no-cache --compile-bytecode --python $(BIN)/python $$(ls $(TORCH_WHEEL)/*.whl 2>/dev/null) -r requirements-dev.txt \
+	  || $(BIN)/pip install -q -r requirements-dev.txt
+	rm -rf $(TORCH_WHEEL)
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
