@@ -48,14 +48,33 @@ def with_chat_template(tokenizer: Any, template: str) -> Any:
 
 def quiet_pipeline(cls: Any, parts: dict[str, Any], **extra: Any) -> Any:
     """A diffusers pipeline (a class, or the name of one of diffusers') over the tiny ``parts`` with its
-    progress bar off."""
+    progress bar off, and its language-model text encoders scoring the last token only (below)."""
     if isinstance(cls, str):
         import diffusers
 
         cls = getattr(diffusers, cls)
     pipe = cls(**dict(parts), **extra)
     pipe.set_progress_bar_config(disable=True)
+    for part in parts.values():
+        score_last_token_only(part)
     return pipe
+
+
+def score_last_token_only(model: Any) -> None:
+    """Make ``model`` (a transformers language model; anything else is left alone) score only the last
+    token when its caller does not say otherwise, as Kiln calls it (nodes.families.text.without_logits).
+
+    The pipelines call their text encoders for hidden states, and transformers also runs the output head
+    over every prompt token: with the tiny models' real vocabularies (~152k) and widths of 32 that head is
+    most of a reference encoding's work. The hidden states, and so every result a test compares, are the
+    same; a pipeline that read every token's logits would now fail, not pass. A forward pre-hook on the
+    instance, so the pipelines' own calls get it (tests/test_flux2.py reads Kiln's arguments before it)."""
+    from nodes.families.text import without_logits
+
+    if not without_logits(model) or getattr(model, "_scores_last_token_only", False):
+        return
+    model.register_forward_pre_hook(lambda _m, args, kwargs: (args, {"logits_to_keep": 1, **kwargs}), with_kwargs=True)
+    model._scores_last_token_only = True
 
 
 def pipeline_images(make: Callable[[Any], Any], img2img: Any, **kwargs: Any) -> Any:

@@ -114,18 +114,23 @@ def test_text_encoding_stacks_layers_9_18_27_of_the_chat_template():
 def test_encoding_scores_no_prompt_token():
     """The folder's Qwen3ForCausalLM is called for its hidden states only: its output head (width x 151k)
     sees the last token, not the 512 of the chat template (nodes.families.text.without_logits); the states
-    are the pipeline's (the test above)."""
+    are the pipeline's (the test above). Kiln's own arguments are read ahead of the reference pipelines'
+    hook (flow_family_files.score_last_token_only), which would otherwise supply the same one."""
     from nodes.families.text import without_logits
 
     encoder = tiny_flux2.components()["text_encoder"]
     assert without_logits(encoder) == {"logits_to_keep": 1} and without_logits(encoder.model) == {}
+    asked: list[int | None] = []
     tokens_scored: list[int] = []
-    hook = encoder.lm_head.register_forward_hook(lambda module, args, out: tokens_scored.append(args[0].shape[1]))
+    hooks = [encoder.register_forward_pre_hook(lambda _m, args, kwargs: asked.append(kwargs.get("logits_to_keep")),
+                                               with_kwargs=True, prepend=True),
+             encoder.lm_head.register_forward_hook(lambda _m, args, out: tokens_scored.append(args[0].shape[1]))]
     try:
         _clip().encode(PROMPT)
     finally:
-        hook.remove()
-    assert tokens_scored == [1]
+        for hook in hooks:
+            hook.remove()
+    assert asked == [1] and tokens_scored == [1]
 
 
 def test_sigmas_follow_flux2s_empirical_shift():

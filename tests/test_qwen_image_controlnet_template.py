@@ -25,6 +25,7 @@ import tiny_qwen_image
 from engine.executor import Executor
 from engine.formats import parse_document
 from engine.registry import default_registry
+from flow_family_files import quiet_pipeline
 from node_call import environment_over
 from test_qwen_image_controlnet import at_mean, photo, tiny_controlnet
 from test_qwen_image_loading import SPLIT, _of_type
@@ -106,10 +107,10 @@ def test_template_with_the_whole_image_masked_equals_the_inpaint_pipeline(regist
     ours, pasted = _run(registry, env)
     assert np.abs(ours - pasted).max() <= 1e-5  # the blurred mask is 1 everywhere, to rounding
     at_mean(monkeypatch)
-    pipe = QwenImageControlNetInpaintPipeline(**dict(tiny_qwen_image.components()), controlnet=tiny_controlnet(True))
+    pipe = quiet_pipeline(QwenImageControlNetInpaintPipeline, tiny_qwen_image.components(),
+                          controlnet=tiny_controlnet(True))
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.1,
                                                                  use_dynamic_shifting=False, shift_terminal=None)
-    pipe.set_progress_bar_config(disable=True)
     prompt, negative = _prompts(registry)
     with torch.no_grad():
         theirs = pipe(prompt=prompt, negative_prompt=negative, control_image=photo().movedim(-1, 1) * 2 - 1,

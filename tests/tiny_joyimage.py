@@ -18,7 +18,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from flow_family_files import qwen3vl_comfy_state, save_split_transformer, save_state
+from flow_family_files import quiet_pipeline, qwen3vl_comfy_state, save_split_transformer, save_state
 from tiny_krea2 import _perturb, text_config
 
 HIDDEN, HEADS, LAYERS, TEXT = 64, 2, 2, 32
@@ -83,8 +83,7 @@ def pipeline() -> Any:
     takes the mean, as ComfyUI's and Kiln's VAE encode do."""
     from diffusers import JoyImageEditPipeline
 
-    pipe = JoyImageEditPipeline(**components())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_pipeline(JoyImageEditPipeline, components())
     encode = pipe.vae.encode
 
     class _Mean:
