@@ -55,7 +55,7 @@ def quiet_pipeline(cls: Any, parts: dict[str, Any], **extra: Any) -> Any:
         cls = getattr(diffusers, cls)
     pipe = cls(**dict(parts), **extra)
     pipe.set_progress_bar_config(disable=True)
-    for part in parts.values():
+    for part in pipe.components.values():
         score_last_token_only(part)
     return pipe
 
