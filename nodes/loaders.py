@@ -9,7 +9,9 @@ torch/diffusers are imported only when a model is actually loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -221,7 +223,9 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
                         name=name, extra=info, _peek=lambda: peek("unet"),
                         _compile_note=lambda: manager.compile_pending(key, "unet"))
     clip = ClipHandle(family=loaded.family, tokenizers=loaded.tokenizers,
-                      _use=lambda which, parts=(): use(which, loader, parts), name=name, _peek=peek)
+                      _use=lambda which, parts=(): use(which, loader, parts), name=name, _peek=peek,
+                      _use_head=functools.partial(_folder_head, manager, key, path, loaded.family)
+                      if path.is_dir() else None)
     vae = VaeHandle(latent_scale=loaded.latent.scale, _use_vae=lambda: use("vae", loader), name=name,
                     latent_channels=int(loaded.modules["vae"].config.latent_channels),
                     downscale=int(getattr(loaded.modules["vae"], "kiln_downscale", 8)),
@@ -233,6 +237,31 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
         ctx.message(f"{name} holds no {', '.join(info['missing_text'])}: its CLIP gives zeros in their place "
                     "(ComfyUI's rule); load the encoders with TripleCLIPLoader for the full prompt")
     return (model, clip, vae)
+
+
+def _folder_head(manager: ModelManager, key: tuple, folder: Path, family: Any,
+                 module: str) -> contextlib.AbstractContextManager:
+    """A diffusers folder's output head for encoder ``module``, from the shard of its subfolder (named as the
+    module: ``text_encoder/``) that holds one; None for a tied head (TextGenerate then scores against the
+    token embedding, which is that head)."""
+    from nodes.checkpoint.lm_head import folder_file_with_head
+
+    return use_head(manager, key, module, folder_file_with_head(folder / module), family)
+
+
+@contextlib.contextmanager
+def use_head(manager: ModelManager, key: tuple, module: str, path: Path | None, family: Any) -> Iterator[Any]:
+    """Encoder ``module``'s output head from ``path`` on the device, held by the manager as
+    ``<module>.lm_head`` under a key of its own (loaded on first use, never with the encoder, so a
+    workflow that only encodes prompts never pays for it); None when ``path`` is None."""
+    from nodes.checkpoint.lm_head import build_head
+
+    if path is None:
+        yield None
+        return
+    name = f"{module}.lm_head"
+    with manager.use((*key, name), name, lambda m: {name: build_head(path, m.dtype_rule.for_family(family))}) as head:
+        yield head
 
 
 def _sam3_handles(ctx, manager: ModelManager, key: tuple, loader: Any, loaded: Any, name: str) -> tuple:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from engine.context import NodeError
 from engine.node import Input, Output, define_node
 from nodes.handles import ClipHandle, ModelHandle
 from nodes.loaders import (_acquire, dtype_note, fingerprinter, held_note, list_models, locate, model_manager,
-                           peek_module, validator, widened)
+                           peek_module, use_head, validator, widened)
 from nodes.runtime.models import ModelManager, file_key
 
 UNET_FOLDERS = ("diffusion_models", "unet")
@@ -126,20 +125,13 @@ def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:
                       _use_head=functools.partial(_use_head, manager, key, paths, loaded.family))
 
 
-@contextlib.contextmanager
-def _use_head(manager: ModelManager, key: tuple, paths: list[Path], family: Any, module: str) -> Iterator[Any]:
-    """Encoder ``module``'s output head from its file, held by the manager as ``<module>.lm_head`` under
-    its own key (loaded on first use, never with the encoder); None when the file has none."""
-    from nodes.checkpoint.lm_head import build_head, file_with_head
+def _use_head(manager: ModelManager, key: tuple, paths: list[Path], family: Any,
+              module: str) -> contextlib.AbstractContextManager:
+    """Encoder ``module``'s output head from its file (nodes.loaders.use_head); None when the file has none."""
+    from nodes.checkpoint.lm_head import file_with_head
 
     kind = next(spec.kind for spec in family.text_encoders if spec.module == module)
-    path = file_with_head(paths, kind)
-    if path is None:
-        yield None
-        return
-    name = f"{module}.lm_head"
-    with manager.use((*key, name), name, lambda m: {name: build_head(path, m.dtype_rule.for_family(family))}) as head:
-        yield head
+    return use_head(manager, key, module, file_with_head(paths, kind), family)
 
 
 @define_node(

@@ -161,6 +161,26 @@ def test_greedy_qwen25_vl_equals_transformers_generate(registry, env):
     assert got == expected and len(set(got)) > 3
 
 
+def test_a_diffusers_folder_writes_with_the_head_beside_its_encoder(registry, env, root):
+    """A Qwen-Image diffusers folder through CheckpointLoaderSimple: the loader builds the language model
+    without its head, and TextGenerate reads the head from ``text_encoder/`` (this Qwen2.5-VL does not tie
+    it to the embedding, which writes other text): greedy output is transformers' generate on the weights."""
+    import tiny_qwen_image
+    from flow_family_files import quiet_pipeline
+
+    folder = root / "checkpoints" / "qwen-image-folder"
+    parts = {**tiny_qwen_image.components(), "text_encoder": qwen25_model()}
+    quiet_pipeline("QwenImagePipeline", parts).save_pretrained(str(folder), safe_serialization=True)
+    _, clip, _ = call(registry.get("CheckpointLoaderSimple"), env, ckpt_name=folder.name)
+    spec, lm = language_model(clip.family)
+    ids = prompt_ids(clip.tokenizers[spec.tokenizer], templated(lm, "A red fox", "", False, True))
+    with clip.encoder(spec.module) as encoder, clip.lm_head(spec.module) as head:
+        assert head is not None and torch.equal(head.weight, qwen25_model().lm_head.weight)
+        got = generate(lm.decoder(encoder), head, ids, 16, frozenset(STOPS), None)
+        with_embedding = generate(lm.decoder(encoder), None, ids, 16, frozenset(STOPS), None)
+    assert got == reference_tokens(QWEN25, ids, 16) and got != with_embedding
+
+
 def test_greedy_krea2_qwen3_vl_equals_transformers_generate(registry, env):
     """Krea 2's Qwen3-VL 4B (CLIPLoader type krea2; the template's prompt enhancer) as a chat model: ComfyUI's
     file with a head of its own, equal to transformers' Qwen3-VL causal LM token for token."""

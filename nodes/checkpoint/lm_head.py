@@ -1,7 +1,8 @@
 """The output head (``lm_head.weight``) some causal-LM text-encoder files carry beside the decoder.
 
 The image models read hidden states only, so the text-encoder builders drop the head unread
-(nodes.checkpoint.qwen3_text, nodes.checkpoint.qwen_image_load). TextGenerate needs it to turn the
+(nodes.checkpoint.qwen3_text, nodes.checkpoint.qwen_image_load), from files and diffusers folders alike.
+TextGenerate needs it to turn the
 last hidden state into token scores: this module finds it in the encoder's file and builds it
 as a separate bias-free ``Linear``, which the model manager then holds beside (not inside) the
 encoder, so a workflow that only encodes prompts never pays for a head it does not use.
@@ -36,6 +37,19 @@ def file_with_head(paths: Iterable[Path], kind: str) -> Path | None:
         file = TextFile.read(path)
         if file.kind == kind:
             return path if head_key(file.state.keys()) is not None else None
+    return None
+
+
+def folder_file_with_head(folder: Path) -> Path | None:
+    """Which ``.safetensors`` shard of a diffusers folder's encoder subfolder (``text_encoder/``) holds the
+    language model's head; None when none does (a head tied to the embedding, or no such folder). The
+    folder loaders build the language model without it, as from a file; only the headers are read."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        with safe_open(str(path), framework="pt") as shard:
+            if head_key(shard.keys()) is not None:
+                return path
     return None
 
 

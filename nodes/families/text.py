@@ -242,13 +242,15 @@ def pooled_text(clip: Any, text: str) -> "torch.Tensor":
 def without_logits(model: Any) -> dict[str, int]:
     """Keyword arguments that keep ``model`` from scoring every token when it is called for its hidden states.
 
-    A text encoder loaded from a diffusers folder is the whole language model (Qwen3ForCausalLM for FLUX.2
-    [klein], Mistral3ForConditionalGeneration for FLUX.2 [dev], Qwen2.5-VL's and Qwen3-VL's): called as the
-    pipelines call it, it also multiplies every token by its output head, a width x ~150k matrix: about a
-    tenth of a Qwen3-4B prompt's work and a tokens x vocabulary tensor that no image model reads.
-    transformers' ``logits_to_keep`` scores the last token only. The hidden states are the same either way;
-    a model without a head takes no such argument and gets none. Read from the class, so a hook that wraps
-    the instance's ``forward`` (offloading, compiling) does not hide it."""
+    Kiln's loaders build the language model without its output head, from files and folders alike
+    (nodes.checkpoint.qwen3_text, mistral_text, qwen_image_load, krea2_load, hidream_load), so they never
+    load or run one. A handle over a model someone built in memory may hold the whole one (Qwen3ForCausalLM,
+    Mistral3ForConditionalGeneration, a Qwen-VL), as the diffusers pipelines do: called as they call it, it
+    also multiplies every token by the head, a width x ~150k matrix: about a tenth of a Qwen3-4B prompt's
+    work and a tokens x vocabulary tensor that no image model reads. transformers' ``logits_to_keep`` scores
+    the last token only. The hidden states are the same either way; a model without a head takes no such
+    argument and gets none. Read from the class, so a hook that wraps the instance's ``forward``
+    (offloading, compiling) does not hide it."""
     return {"logits_to_keep": 1} if _scores_tokens(type(model)) else {}
 
 
