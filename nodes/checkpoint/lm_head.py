@@ -1,9 +1,9 @@
 """The output head (``lm_head.weight``) some causal-LM text-encoder files carry beside the decoder.
 
 The image models read hidden states only, so the text-encoder builders drop the head unread
-(nodes.checkpoint.qwen3_text, nodes.checkpoint.qwen_image_load), from files and diffusers folders alike.
-TextGenerate needs it to turn the
-last hidden state into token scores: this module finds it in the encoder's file and builds it
+(nodes.checkpoint.qwen3_text, nodes.checkpoint.qwen_image_load), from files and diffusers folders
+alike. TextGenerate needs it to turn the last hidden state into token scores: this module finds it
+in the encoder's file (or the shard of a folder's ``text_encoder/`` that holds it) and builds it
 as a separate bias-free ``Linear``, which the model manager then holds beside (not inside) the
 encoder, so a workflow that only encodes prompts never pays for a head it does not use.
 
