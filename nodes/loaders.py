@@ -241,26 +241,27 @@ def _checkpoint_handles(ctx, path: Path, name: str, input_name: str, prediction:
 
 def _folder_head(manager: ModelManager, key: tuple, folder: Path, family: Any,
                  module: str) -> contextlib.AbstractContextManager:
-    """A diffusers folder's output head for encoder ``module``, from the shard of its subfolder (named as the
-    module: ``text_encoder/``) that holds one; None for a tied head (TextGenerate then scores against the
-    token embedding, which is that head)."""
-    from nodes.checkpoint.lm_head import folder_file_with_head
+    """A diffusers folder's output head for encoder ``module``, from the weights of its subfolder (named as
+    the module: ``text_encoder/``); None for a tied head (TextGenerate then scores against the token
+    embedding, which is that head)."""
+    from nodes.checkpoint.lm_head import folder_state_with_head, head_from_state
 
-    return use_head(manager, key, module, folder_file_with_head(folder / module), family)
+    state = folder_state_with_head(folder / module, manager.dtype_rule.for_family(family))
+    build = None if state is None else functools.partial(head_from_state, state, f"{folder.name}/{module}")
+    return use_head(manager, key, module, family, build)
 
 
 @contextlib.contextmanager
-def use_head(manager: ModelManager, key: tuple, module: str, path: Path | None, family: Any) -> Iterator[Any]:
-    """Encoder ``module``'s output head from ``path`` on the device, held by the manager as
-    ``<module>.lm_head`` under a key of its own (loaded on first use, never with the encoder, so a
-    workflow that only encodes prompts never pays for it); None when ``path`` is None."""
-    from nodes.checkpoint.lm_head import build_head
-
-    if path is None:
+def use_head(manager: ModelManager, key: tuple, module: str, family: Any,
+             build: Callable[[Any], Any] | None) -> Iterator[Any]:
+    """Encoder ``module``'s output head, ``build(dtype)``, on the device, held by the manager as
+    ``<module>.lm_head`` under a key of its own (built on first use, never with the encoder, so a
+    workflow that only encodes prompts never pays for it); None when there is no ``build``."""
+    if build is None:
         yield None
         return
     name = f"{module}.lm_head"
-    with manager.use((*key, name), name, lambda m: {name: build_head(path, m.dtype_rule.for_family(family))}) as head:
+    with manager.use((*key, name), name, lambda m: {name: build(m.dtype_rule.for_family(family))}) as head:
         yield head
 
 

@@ -128,10 +128,11 @@ def _clip(ctx, names: list[tuple[str, str]], clip_type: str) -> ClipHandle:
 def _use_head(manager: ModelManager, key: tuple, paths: list[Path], family: Any,
               module: str) -> contextlib.AbstractContextManager:
     """Encoder ``module``'s output head from its file (nodes.loaders.use_head); None when the file has none."""
-    from nodes.checkpoint.lm_head import file_with_head
+    from nodes.checkpoint.lm_head import build_head, file_with_head
 
     kind = next(spec.kind for spec in family.text_encoders if spec.module == module)
-    return use_head(manager, key, module, file_with_head(paths, kind), family)
+    path = file_with_head(paths, kind)
+    return use_head(manager, key, module, family, None if path is None else functools.partial(build_head, path))
 
 
 @define_node(

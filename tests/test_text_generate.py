@@ -487,3 +487,36 @@ def test_an_fp8_head_is_widened_times_its_scale(tmp_path):
     assert head.weight.dtype == torch.float32 and head.weight.shape == (8, 4)
     assert torch.equal(head.weight, stored.float() * 0.5)
     assert (head.weight - weight).abs().max() < 0.1 * weight.abs().max()  # fp8 rounding, not a wrong scale
+
+
+def test_a_folders_head_comes_from_the_weights_its_encoder_loads(tmp_path):
+    """``text_encoder/`` as diffusers writes it: the full file beside an fp16 variant, or shards behind an
+    index. The head is read from the file the folder loaders pick for the compute dtype
+    (folders.folder_state), not whichever sorts first; a folder without one (a tied head) gives None."""
+    import json
+
+    from nodes.checkpoint.lm_head import folder_state_with_head, head_from_state
+
+    weight, body = torch.randn(8, 4), {"model.norm.weight": torch.ones(4)}
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    save_file({**body, "lm_head.weight": weight}, str(full / "model.safetensors"))
+    variant = (weight * 2).half()  # other values than the full file's, so the test sees which file was read
+    save_file({**body, "lm_head.weight": variant}, str(full / "model.fp16.safetensors"))
+    for dtype, want in ((torch.float32, weight), (torch.float16, variant)):
+        head = head_from_state(folder_state_with_head(full, dtype), "full", dtype)
+        assert torch.equal(head.weight, want), dtype
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text("{}")
+    save_file(body, str(sharded / "model-00001-of-00002.safetensors"))
+    save_file({"lm_head.weight": weight}, str(sharded / "model-00002-of-00002.safetensors"))
+    shards = {"model.norm.weight": "model-00001-of-00002.safetensors",
+              "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    head = head_from_state(folder_state_with_head(sharded, torch.float32), "sharded", torch.float32)
+    assert torch.equal(head.weight, weight)
+    save_file(body, str(full / "model.safetensors"))  # tied: the full file holds no head
+    assert folder_state_with_head(full, torch.float32) is None
+    assert folder_state_with_head(tmp_path / "none", torch.float32) is None

@@ -3,7 +3,7 @@
 The image models read hidden states only, so the text-encoder builders drop the head unread
 (nodes.checkpoint.qwen3_text, nodes.checkpoint.qwen_image_load), from files and diffusers folders
 alike. TextGenerate needs it to turn the last hidden state into token scores: this module finds it
-in the encoder's file (or the shard of a folder's ``text_encoder/`` that holds it) and builds it
+in the encoder's file (or the weights of a folder's ``text_encoder/``) and builds it
 as a separate bias-free ``Linear``, which the model manager then holds beside (not inside) the
 encoder, so a workflow that only encodes prompts never pays for a head it does not use.
 
@@ -15,7 +15,8 @@ compute dtype, times its scale where the file stores one (ComfyUI's ``scale_weig
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from nodes.checkpoint.load import CheckpointError, open_state
 
@@ -40,36 +41,38 @@ def file_with_head(paths: Iterable[Path], kind: str) -> Path | None:
     return None
 
 
-def folder_file_with_head(folder: Path) -> Path | None:
-    """Which ``.safetensors`` shard of a diffusers folder's encoder subfolder (``text_encoder/``) holds the
-    language model's head; None when none does (a head tied to the embedding, or no such folder). The
-    folder loaders build the language model without it, as from a file; only the headers are read."""
-    from safetensors import safe_open
+def folder_state_with_head(folder: Path, dtype: Any) -> Mapping[str, Any] | None:
+    """The tensors of a diffusers folder's encoder subfolder (``text_encoder/``) when they hold the
+    language model's head: the weights file (variant, shards) the folder loaders read for ``dtype``
+    (nodes.checkpoint.folders.folder_state), so the head comes from the same file as the encoder; None when
+    they hold none (a head tied to the embedding) or there are none. Only the headers are read."""
+    from nodes.checkpoint.folders import folder_state
 
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
-        with safe_open(str(path), framework="pt") as shard:
-            if head_key(shard.keys()) is not None:
-                return path
-    return None
+    found = folder_state(folder, dtype)
+    return found[1] if found is not None and head_key(found[1].keys()) is not None else None
 
 
 def build_head(path: Path, dtype: Any) -> Any:
     """The head of ``path`` as a ``torch.nn.Linear`` (no bias) in ``dtype`` on the CPU."""
+    return head_from_state(open_state(path), path.name, dtype)
+
+
+def head_from_state(state: Mapping[str, Any], name: str, dtype: Any) -> Any:
+    """The head among ``state``'s tensors (``name`` says whose, in errors) as :func:`build_head` builds it."""
     import torch
 
-    state = open_state(path)
     key = head_key(state.keys())
     if key is None:
-        raise CheckpointError(f"{path.name} holds no {WEIGHT}")
+        raise CheckpointError(f"{name} holds no {WEIGHT}")
     weight = state[key]
     if weight.ndim != 2:
-        raise CheckpointError(f"{path.name}: {key} has shape {tuple(weight.shape)}, expected [vocabulary, width]")
+        raise CheckpointError(f"{name}: {key} has shape {tuple(weight.shape)}, expected [vocabulary, width]")
     prefix = key[: -len(WEIGHT)]
     scale = next((state[prefix + s] for s in SCALES if prefix + s in state), None)
     if scale is not None:
         scale = scale.float().reshape(-1)
         if scale.numel() not in (1, weight.shape[0]):
-            raise CheckpointError(f"{path.name}: the head's scale has {scale.numel()} values for "
+            raise CheckpointError(f"{name}: the head's scale has {scale.numel()} values for "
                                   f"{weight.shape[0]} rows")
         weight = weight.float() * (scale if scale.numel() == 1 else scale[:, None])
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
