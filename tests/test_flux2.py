@@ -112,10 +112,11 @@ def test_text_encoding_stacks_layers_9_18_27_of_the_chat_template():
 
 
 def test_encoding_scores_no_prompt_token():
-    """The folder's Qwen3ForCausalLM is called for its hidden states only: its output head (width x 151k)
-    sees the last token, not the 512 of the chat template (nodes.families.text.without_logits); the states
-    are the pipeline's (the test above). Kiln's own arguments are read ahead of the reference pipelines'
-    hook (flow_family_files.score_last_token_only), which would otherwise supply the same one."""
+    """A whole Qwen3ForCausalLM handed in (the tiny pipeline's; Kiln's loaders build none with a head) is called
+    for its hidden states only: its output head (width x 151k) sees the last token, not the 512 of the chat
+    template (nodes.families.text.without_logits); the states are the pipeline's (the test above). Kiln's own
+    arguments are read ahead of the reference pipelines' hook (flow_family_files.score_last_token_only), which
+    would otherwise supply the same one."""
     from nodes.families.text import without_logits
 
     encoder = tiny_flux2.components()["text_encoder"]

@@ -14,8 +14,8 @@ compute dtype, times its scale where the file stores one (ComfyUI's ``scale_weig
 """
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from nodes.checkpoint.load import CheckpointError, open_state
