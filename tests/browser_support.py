@@ -140,16 +140,21 @@ def open_comfy_frontend(browser: Any, url: str, node_type: str) -> tuple[Any, li
 
 
 class Server:
-    """``kiln serve`` as a subprocess on a free loopback port, polled until it answers.
+    """Kiln's server on a free loopback port, with a data folder, a models folder and a workflow library.
+
+    By default it is the server's app (``make_app``, what ``kiln serve`` builds) served from a thread of
+    the test process: a ``kiln serve`` process would first spend seconds of CPU importing the
+    libraries this process already holds, on the path of the test that waits for it.
+    ``process=True`` starts ``kiln serve`` itself, for a test of what the command does (its log, its
+    options); tests/test_server_*.py cover the command's own behaviour.
 
     ``workflows``: files for its library (None: the tiny img2img pair the editor tests use;
-    ``{}``: none). ``extra_args`` go on the command line (e.g. ``--frontend comfyui``).
-    It imports the model libraries once listening, as ``kiln serve`` does by default: a module's
-    first model job then finds them imported, the imports having run while the browser worked.
-    ``warm_up=False`` for a module that runs no model job (``--no-warm-up``: ~7 s of CPU saved)."""
+    ``{}``: none). ``frontend``: ``comfyui`` serves ComfyUI's own frontend at ``/``.
+    Once listening it imports the model libraries, as ``kiln serve`` does by default; ``warm_up=False``
+    for a module that runs no model job (``--no-warm-up``)."""
 
     def __init__(self, root: Path, models: Path, workflows: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None, warm_up: bool = True) -> None:
+                 frontend: str = "kiln", warm_up: bool = True, process: bool = False) -> None:
         self.root, self.data, self.workflows = root, root / "data", root / "workflows"
         (self.data / "input").mkdir(parents=True)
         self.workflows.mkdir()
@@ -163,13 +168,29 @@ class Server:
             (self.workflows / name).write_text(text)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.thread: ThreadedApp | None = None
+        if process:
+            self._start_process(models, frontend, warm_up)
+        else:
+            from engine.server.app import make_app, start_warm_up
+            from engine.server.state import ServerSettings
+
+            app = make_app(self.data, models, self.workflows, port=self.port,
+                           settings=ServerSettings(frontend=frontend))
+            self.thread = ThreadedApp(app, self.port)
+            if warm_up:
+                start_warm_up(app)
+
+    def _start_process(self, models: Path, frontend: str, warm_up: bool) -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
-        self.log = open(root / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows),
-             *(extra_args or []), *([] if warm_up else ["--no-warm-up"])],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        log = self.root / "server.log"
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--data", str(self.data), "--models", str(models), "--workflows", str(self.workflows),
+                 "--frontend", frontend, *([] if warm_up else ["--no-warm-up"])],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -180,12 +201,52 @@ class Server:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"kiln serve did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"kiln serve did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
 
     def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
+        if self.proc is not None:
+            stop_process(self.proc)
+        if self.thread is not None:
+            self.thread.stop()
+
+
+class ThreadedApp:
+    """An aiohttp app served on 127.0.0.1:``port`` by an event loop of its own in a daemon thread,
+    started before the constructor returns; ``stop`` runs the app's shutdown and cleanup (the
+    server's worker ends, its store closes) and ends the thread."""
+
+    def __init__(self, app: Any, port: int, timeout: float = 60) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app, access_log=None)
+        self.timeout = timeout
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"test-server-{port}", daemon=True)
+        self.thread.start()
+
+        async def start() -> None:
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self._call(start())
+
+    def _call(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+        try:
+            self._call(self.runner.cleanup())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(self.timeout)
+            self.loop.close()
 
 
 # -- the editor page ----------------------------------------------------------------------------

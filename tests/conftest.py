@@ -86,7 +86,7 @@ def tiny_env(tiny_models_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory, tiny_models_dir):
-    """A real ``kiln serve`` on a loopback port, with a data folder of this test module's own. A module
+    """Kiln's server on a loopback port (browser_support.Server), with a data folder of this test module's own. A module
     that sets ``MODEL_JOBS = False`` runs no model job: its server skips the model libraries' warm-up."""
     from browser_support import Server
 

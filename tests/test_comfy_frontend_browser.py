@@ -39,7 +39,7 @@ def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
     tiny.save_single_file("sd1", tmp_path / "models" / "checkpoints" / CKPT)
     Image.new("RGB", (96, 80), (30, 120, 200)).save(tmp_path / "upload.png")
-    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, extra_args=["--frontend", "comfyui"])
+    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, frontend="comfyui")
     try:
         yield {"url": srv.url, "dir": srv.root, "upload": tmp_path / "upload.png"}
     finally:

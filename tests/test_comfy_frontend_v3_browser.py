@@ -37,7 +37,7 @@ def browser() -> Iterator[Any]:
 def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
     (tmp_path / "models").mkdir()
     srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={"resize.json": json.dumps(KILN_DOC)},
-                 extra_args=["--frontend", "comfyui"], warm_up=MODEL_JOBS)
+                 frontend="comfyui", warm_up=MODEL_JOBS)
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)], start=1):
         Image.new("RGB", (24, 16), colour).save(srv.data / "input" / f"angle_{i}.png")  # the images it names
     try:

@@ -1,5 +1,5 @@
 """The canvas editor end to end: Debian's Chromium driving the page served by a
-real ``kiln serve`` (a subprocess on a free loopback port) with the tiny
+real Kiln server (browser_support.Server, on a free loopback port) with the tiny
 random-weight model in its models folder.
 
 Every graph edit here is a real mouse or keyboard action at coordinates the page's
@@ -25,11 +25,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def fresh_server(tmp_path_factory, tiny_models_dir):
     """A first start as `make serve` leaves it: one checkpoint, named otherwise than the
-    repository's own workflows/img2img.json expects, and sample.png in the input folder."""
+    repository's own workflows/img2img.json expects, and sample.png in the input folder; the
+    ``kiln serve`` command itself, whose log the test reads."""
     root = tmp_path_factory.mktemp("fresh")
     (root / "models" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(tiny_models_dir / "checkpoints" / TINY_CKPT, root / "models" / "checkpoints" / DEMO_CKPT)
-    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()})
+    srv = Server(root, root / "models", {"img2img.json": (REPO / "workflows" / "img2img.json").read_text()},
+                 process=True)
     yield srv
     srv.stop()
 

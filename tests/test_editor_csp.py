@@ -1,7 +1,7 @@
 """The editor page's security headers, and the editor working under its Content-Security-Policy.
 
 The headers are checked on a real server; then Debian's Chromium opens the page
-from a real ``kiln serve``, records every CSP violation the page reports
+from a real Kiln server, records every CSP violation the page reports
 (``securitypolicyviolation`` events and console errors), adds a node, runs a
 tiny img2img job from the library whose previews and result image are shown.
 """

@@ -3,7 +3,7 @@
 Playwright drives only its own patched Firefox, which cannot be downloaded here,
 so this test speaks the W3C WebDriver BiDi protocol that Firefox serves itself
 (``--remote-debugging-port``) over an aiohttp websocket. It loads the page from a
-real ``kiln serve``, checks that every node of the start-up workflow is drawn,
+real Kiln server, checks that every node of the start-up workflow is drawn,
 clicks Run with a real pointer action and waits for the image on SaveImage, with
 no console error or uncaught exception on the way. A second test uses Firefox's own
 input events for the gestures that differ between browsers: Space held while dragging
@@ -83,7 +83,7 @@ class BiDi:
 
 @contextlib.contextmanager
 def firefox_and_server(tmp_path: Path, models: Path) -> Iterator[tuple[Server, int]]:
-    """A real ``kiln serve`` and a headless Firefox whose WebDriver BiDi agent listens on the yielded port."""
+    """A real Kiln server and a headless Firefox whose WebDriver BiDi agent listens on the yielded port."""
     server = Server(tmp_path / "server", models)
     profile = tmp_path / "profile"
     profile.mkdir()

@@ -1,4 +1,4 @@
-"""The editor's layout (issue 14, item 2), in Chromium against a real ``kiln serve``
+"""The editor's layout (issue 14, item 2), in Chromium against a real Kiln server
 with the repository's own workflows: the shipped graphs open with no two nodes
 touching and no link passing under a node, Tidy up lays out any graph that way,
 the opening zoom keeps text readable, and the page works from a phone to 4K.

@@ -1,4 +1,4 @@
-"""Issue 14's remainder in Chromium against a real ``kiln serve`` with the tiny model:
+"""Issue 14's remainder in Chromium against a real Kiln server with the tiny model:
 reroute points dragged by their handles, the wheel zoom's rule (proportional,
 deltaMode, pinch), and the viewer's A/B between a result and its input picture.
 """

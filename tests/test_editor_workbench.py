@@ -1,4 +1,4 @@
-"""The editor as a daily workbench (issue 14), in Chromium against a real ``kiln serve``
+"""The editor as a daily workbench (issue 14), in Chromium against a real Kiln server
 with the tiny model: work is never lost, runs queue, results come back from the
 server's history, and the result viewer compares. Each new state is saved as a
 screenshot under ``test-artifacts/``.

@@ -26,7 +26,7 @@ MODEL_JOBS = False  # no model job runs here: its servers skip the model librari
 def comfy_frontend(tmp_path: Path) -> Iterator[Server]:
     """``kiln serve --frontend comfyui`` (no model needed) with a painting in its input folder."""
     (tmp_path / "models").mkdir()
-    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, extra_args=["--frontend", "comfyui"],
+    srv = Server(tmp_path / "kiln", tmp_path / "models", workflows={}, frontend="comfyui",
                  warm_up=MODEL_JOBS)
     rgba = np.zeros((64, 128, 4), dtype=np.uint8)
     rgba[:, :64] = (255, 0, 0, 255)  # left half painted red, right half untouched

@@ -206,6 +206,14 @@ def make_app(data_dir: str | Path, models_dir: str | Path | None = None, workflo
     return app
 
 
+def start_warm_up(app: web.Application) -> None:
+    """Once the app listens: have its worker import the model libraries before the first job asks
+    (Worker.warm_up). A cluster server runs no model in its own process, so it has nothing to warm."""
+    state = app[STATE]
+    if state.registry.warm_up is not None and isinstance(state.worker, Worker):
+        state.worker.warm_up(state.registry.warm_up)
+
+
 def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path = "data",
                models_dir: str | Path | None = "models", workflows_dir: str | Path | None = "workflows",
                token: str | None = None, allow_url_images: bool = False, *,
@@ -259,11 +267,9 @@ def run_server(host: str = "127.0.0.1", port: int = 8188, data_dir: str | Path =
                  ", ".join(f"{k} {v}" for k, v in app[STATE].env.output_guard.describe().items()))
     shown = f"[{host}]" if ":" in host else host
 
-    state = app[STATE]
-
     def ready(_: Any = None) -> None:
         print(f"Kiln serving on http://{shown}:{port}/ (data: {Path(data_dir).resolve()})", flush=True)
-        if warm_up and state.registry.warm_up is not None and isinstance(state.worker, Worker):
-            state.worker.warm_up(state.registry.warm_up)
+        if warm_up:
+            start_warm_up(app)
 
     web.run_app(app, host=host, port=port, print=ready, access_log=None, handle_signals=True)
