@@ -14,6 +14,7 @@ import functools
 import importlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 import tiny_krea2
 import tiny_qwen3
-from engine.context import NodeError
+from engine.context import Environment, NodeError
 from engine.formats import parse_document
 from engine.validate import WorkflowInvalid, validate
 from flow_family_files import env, registry, run  # noqa: F401 (fixtures)
@@ -161,17 +162,26 @@ def test_greedy_qwen25_vl_equals_transformers_generate(registry, env):
     assert got == expected and len(set(got)) > 3
 
 
-def test_a_diffusers_folder_writes_with_the_head_beside_its_encoder(registry, env, root):
+@pytest.fixture()
+def own_env(tmp_path: Path) -> Iterator[Environment]:
+    """An Environment over ``tmp_path/models``, a models folder of the test's own: what it writes there
+    leaves the module's ``root`` as its fixture made it."""
+    from node_call import environment_over
+
+    yield from environment_over(tmp_path / "models", tmp_path)
+
+
+def test_a_diffusers_folder_writes_with_the_head_beside_its_encoder(registry, own_env, tmp_path):
     """A Qwen-Image diffusers folder through CheckpointLoaderSimple: the loader builds the language model
     without its head, and TextGenerate reads the head from ``text_encoder/`` (this Qwen2.5-VL does not tie
     it to the embedding, which writes other text): greedy output is transformers' generate on the weights."""
     import tiny_qwen_image
     from flow_family_files import quiet_pipeline
 
-    folder = root / "checkpoints" / "qwen-image-folder"
+    folder = tmp_path / "models" / "checkpoints" / "qwen-image-folder"
     parts = {**tiny_qwen_image.components(), "text_encoder": qwen25_model()}
     quiet_pipeline("QwenImagePipeline", parts).save_pretrained(str(folder), safe_serialization=True)
-    _, clip, _ = call(registry.get("CheckpointLoaderSimple"), env, ckpt_name=folder.name)
+    _, clip, _ = call(registry.get("CheckpointLoaderSimple"), own_env, ckpt_name=folder.name)
     spec, lm = language_model(clip.family)
     ids = prompt_ids(clip.tokenizers[spec.tokenizer], templated(lm, "A red fox", "", False, True))
     with clip.encoder(spec.module) as encoder, clip.lm_head(spec.module) as head:
@@ -419,7 +429,7 @@ def test_comfyuis_llm_qwen3_text_gen_template_runs(registry, env):
 
 
 def test_the_krea2_template_knows_textgenerate(registry):
-    from engine.context import Environment, Paths
+    from engine.context import Paths
 
     wf = parse_document(_template("image_krea2_turbo_t2i.json"), registry)
     gen = [n for n in wf.nodes.values() if n.type == "TextGenerate"]
