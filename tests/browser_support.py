@@ -166,19 +166,20 @@ class Server:
                          "strong.json": json.dumps(tiny_img2img("Strong repaint", 0.9), indent=1)}
         for name, text in workflows.items():
             (self.workflows / name).write_text(text)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.thread: ThreadedApp | None = None
         if process:
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
             self._start_process(models, frontend, warm_up)
         else:
             from engine.server.app import make_app, start_warm_up
             from engine.server.state import ServerSettings
 
-            app = make_app(self.data, models, self.workflows, port=self.port,
-                           settings=ServerSettings(frontend=frontend))
-            self.thread = ThreadedApp(app, self.port)
+            app = make_app(self.data, models, self.workflows, settings=ServerSettings(frontend=frontend))
+            self.thread = ThreadedApp(app)
+            self.port = self.thread.port
+            self.url = f"http://127.0.0.1:{self.port}"
             if warm_up:
                 start_warm_up(app)
 
@@ -212,11 +213,12 @@ class Server:
 
 
 class ThreadedApp:
-    """An aiohttp app served on 127.0.0.1:``port`` by an event loop of its own in a daemon thread,
-    started before the constructor returns; ``stop`` runs the app's shutdown and cleanup (the
-    server's worker ends, its store closes) and ends the thread."""
+    """An aiohttp app served on 127.0.0.1 (``port``: one the system picked as it bound, so no other
+    process can take it in between) by an event loop of its own in a daemon thread, started before
+    the constructor returns; ``stop`` runs the app's shutdown and cleanup (the server's worker ends,
+    its store closes) and ends the thread."""
 
-    def __init__(self, app: Any, port: int, timeout: float = 60) -> None:
+    def __init__(self, app: Any, timeout: float = 60) -> None:
         import asyncio
         import threading
 
@@ -225,13 +227,18 @@ class ThreadedApp:
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(app, access_log=None)
         self.timeout = timeout
-        self.thread = threading.Thread(target=self.loop.run_forever, name=f"test-server-{port}", daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.thread.start()
 
-        async def start() -> None:
+        async def start() -> int:
             await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        self._call(start())
+            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+            return self.runner.addresses[0][1]
+        try:
+            self.port: int = self._call(start())
+        except BaseException:
+            self.stop()
+            raise
 
     def _call(self, coro: Any) -> Any:
         import asyncio
@@ -246,7 +253,8 @@ class ThreadedApp:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(self.timeout)
-            self.loop.close()
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 # -- the editor page ----------------------------------------------------------------------------
