@@ -6,6 +6,7 @@ command that installs it rather than skipping them.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import mimetypes
@@ -14,12 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from server_helpers import free_port
@@ -219,11 +222,6 @@ class ThreadedApp:
     its store closes) and ends the thread."""
 
     def __init__(self, app: Any, timeout: float = 60) -> None:
-        import asyncio
-        import threading
-
-        from aiohttp import web
-
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(app, access_log=None)
         self.timeout = timeout
@@ -241,8 +239,6 @@ class ThreadedApp:
             raise
 
     def _call(self, coro: Any) -> Any:
-        import asyncio
-
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
 
     def stop(self) -> None:
