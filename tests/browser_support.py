@@ -173,7 +173,6 @@ class Server:
         self.thread: ThreadedApp | None = None
         if process:
             self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
             self._start_process(models, frontend, warm_up)
         else:
             from engine.server.app import make_app, start_warm_up
@@ -182,9 +181,12 @@ class Server:
             app = make_app(self.data, models, self.workflows, settings=ServerSettings(frontend=frontend))
             self.thread = ThreadedApp(app)
             self.port = self.thread.port
-            self.url = f"http://127.0.0.1:{self.port}"
             if warm_up:
                 start_warm_up(app)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def _start_process(self, models: Path, frontend: str, warm_up: bool) -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
